@@ -1,0 +1,24 @@
+// Package attest turns a platform's attestation evidence into verified, normalized claims.
+//
+// Evidence is what an agent presents to prove what it is: an AMD SEV-SNP attestation report
+// (with the certificate table the firmware returns beside it) or an Intel TDX quote v4, the
+// agent's HPKE public key, and a statement it makes beside its identity (a clean-memory or
+// erasure statement). The 64-byte REPORT_DATA of every report binds that context:
+//
+//	REPORT_DATA = SHA-512("lethe/v1/evidence" ‖ migration-id ‖ role ‖ nonce ‖
+//	                      SHA-256(hpke-public-key) ‖ SHA-256(statement))
+//
+// [Verifier.Verify] is the one verification path for every platform, real or emulated: it
+// checks the signature chain to a pinned root of trust using an offline collateral cache,
+// checks revocation where collateral allows, checks REPORT_DATA against the expected binding,
+// and returns [Claims]. [Claims.Check] evaluates baseline [Requirements] (minimum TCB, debug,
+// measurements, …) through go-sev-guest's and go-tdx-guest's validate packages.
+//
+// Evidence from an emulated platform names itself (emulated-sev-snp, emulated-tdx) and is
+// accepted only by a Verifier configured with that emulator's roots; the emulators live in
+// package attest/emulate so that production binaries do not link them by accident.
+//
+// This package must never import NATS, Vault or libvirt (a test enforces it), never fetch
+// collateral inside a caller's critical section unless the Verifier was configured to, and
+// never accept evidence whose chain ends anywhere but a configured root.
+package attest

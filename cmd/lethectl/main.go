@@ -1,0 +1,51 @@
+// Command lethectl is the command-line client of Lethe for tenants and operators: it emulates
+// and verifies attestation evidence, writes, signs and tests migration policies, and (with a
+// broker) adopts guests, migrates them and fetches and verifies their receipts.
+//
+// lethectl never holds a guest key. Its offline commands (attest verify, policy test,
+// receipt verify) need nothing but the files they are given.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := newRootCmd().ExecuteContext(ctx)
+	stop()
+	if err != nil {
+		var ee *exitError
+		if errors.As(err, &ee) {
+			os.Exit(ee.code)
+		}
+		fmt.Fprintln(os.Stderr, "lethectl:", err)
+		os.Exit(1)
+	}
+}
+
+// exitError ends lethectl with a code after its output has been printed; nothing more is
+// printed for it.
+type exitError struct{ code int }
+
+func (e *exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "lethectl",
+		Short: "Lethe's client: attestation, policies, migrations and receipts",
+		Long: `lethectl is the command-line client of Lethe, the broker for live migration of
+confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd())
+	return root
+}
