@@ -1,0 +1,137 @@
+// Package receipt defines Lethe's erasure and abort receipts and verifies them offline.
+//
+// A receipt is a JSON document (Receipt) in a DSSE-style envelope (Envelope): a payload type,
+// the payload, and Ed25519 signatures over the DSSE pre-authentication encoding of both. The
+// keybroker signs with a key held in Vault Transit; a tenant pins that key's public half
+// (PEM, see MarshalPublicKeyPEM) and checks receipts with Verify, needing nothing else: this
+// package imports no Vault, NATS or network code and must never do so.
+//
+// A valid signature proves the keybroker issued the receipt. It does not prove more than the
+// keybroker knew: that Vault deleted the named keys and that the evidence it verified carried
+// the statements quoted. Vault snapshots or backups taken while a key existed still hold it;
+// the receipt says so in its caveats.
+package receipt
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+)
+
+// Kind is the value of Receipt.Kind.
+const Kind = "lethe.dev/v1/ErasureReceipt"
+
+// Outcome is how a migration ended.
+type Outcome string
+
+// The outcomes a receipt states.
+const (
+	// OutcomeErased: the migration committed; the source's keys (migration key and epoch e)
+	// are destroyed, so what the guest left on the source is undecryptable.
+	OutcomeErased Outcome = "erased"
+	// OutcomeAborted: the migration aborted; the destination's keys (migration key and epoch
+	// e+1) are destroyed and the guest runs on at the source.
+	OutcomeAborted Outcome = "aborted"
+)
+
+// Receipt is what the keybroker signs when a migration has ended and its keys are destroyed.
+type Receipt struct {
+	Kind        string  `json:"kind"`
+	MigrationID string  `json:"migrationId"`
+	Tenant      string  `json:"tenant"`
+	VM          string  `json:"vm"`
+	Outcome     Outcome `json:"outcome"`
+
+	Policy PolicyRef `json:"policy"`
+
+	// Source and Destination are the two ends' evidence at release.
+	Source      EndClaims `json:"source"`
+	Destination EndClaims `json:"destination"`
+	// CleanMemory is the destination's clean-memory statement, as its evidence carried it.
+	CleanMemory json.RawMessage `json:"cleanMemoryStatement,omitempty"`
+	// Erasure is the source's final evidence (committed migrations only; absent when the
+	// source sent none).
+	Erasure *ErasureEvidence `json:"erasure,omitempty"`
+
+	// FromEpoch is the guest's residency epoch at the source; ToEpoch the destination's.
+	FromEpoch uint64 `json:"fromEpoch"`
+	ToEpoch   uint64 `json:"toEpoch"`
+	// DestroyedKeys are the Vault Transit keys deleted.
+	DestroyedKeys []DestroyedKey `json:"destroyedKeys"`
+
+	// EndedAt is when the keybroker was told of the commit or abort; IssuedAt when it signed.
+	EndedAt  time.Time `json:"endedAt"`
+	IssuedAt time.Time `json:"issuedAt"`
+
+	// Caveats are limits of what the receipt proves, in words.
+	Caveats []string `json:"caveats,omitempty"`
+}
+
+// PolicyRef names the signed policy a migration was released under.
+type PolicyRef struct {
+	Digest attest.HexBytes `json:"digest"`
+	SVN    uint64          `json:"policySvn"`
+}
+
+// EndClaims are the key claims of one end's verified evidence.
+type EndClaims struct {
+	Platform       string          `json:"platform"`
+	EvidenceDigest attest.HexBytes `json:"evidenceDigest"`
+	// Measurement is the SNP launch measurement or the TDX MRTD.
+	Measurement attest.HexBytes `json:"measurement,omitempty"`
+	// TCB is the SNP reported TCB (bl=,tee=,snp=,ucode=) or the TDX TEE TCB SVN in hex.
+	TCB    string          `json:"tcb,omitempty"`
+	ChipID attest.HexBytes `json:"chipId,omitempty"`
+	FMSPC  attest.HexBytes `json:"fmspc,omitempty"`
+}
+
+// ErasureEvidence is the source's final evidence: its digest and its erasure statement.
+type ErasureEvidence struct {
+	EvidenceDigest attest.HexBytes `json:"evidenceDigest"`
+	Statement      json.RawMessage `json:"statement,omitempty"`
+}
+
+// DestroyedKey is a Vault Transit key the keybroker deleted.
+type DestroyedKey struct {
+	Name string `json:"name"`
+	// LatestVersion is the key's last version before deletion (0 if it was already gone
+	// when the keybroker came to delete it).
+	LatestVersion int       `json:"latestVersion"`
+	DestroyedAt   time.Time `json:"destroyedAt"`
+}
+
+// Summarize returns the key claims of verified evidence.
+func Summarize(c *attest.Claims) EndClaims {
+	if c == nil {
+		return EndClaims{}
+	}
+	e := EndClaims{Platform: c.Platform.String(), EvidenceDigest: c.EvidenceDigest}
+	switch {
+	case c.SNP != nil:
+		e.Measurement = c.SNP.Measurement
+		e.TCB = c.SNP.ReportedTCB.String()
+		e.ChipID = c.SNP.ChipID
+	case c.TDX != nil:
+		e.Measurement = c.TDX.MRTD
+		e.TCB = c.TDX.TEETCBSVN.String()
+		e.FMSPC = c.TDX.FMSPC
+	}
+	return e
+}
+
+// Validate checks that r is complete enough to be signed or trusted.
+func (r *Receipt) Validate() error {
+	switch {
+	case r.Kind != Kind:
+		return fmt.Errorf("receipt kind %q, want %q", r.Kind, Kind)
+	case r.MigrationID == "" || r.Tenant == "" || r.VM == "":
+		return fmt.Errorf("receipt lacks its migration, tenant or VM")
+	case r.Outcome != OutcomeErased && r.Outcome != OutcomeAborted:
+		return fmt.Errorf("receipt outcome %q is neither %q nor %q", r.Outcome, OutcomeErased, OutcomeAborted)
+	case len(r.DestroyedKeys) == 0:
+		return fmt.Errorf("receipt names no destroyed key")
+	}
+	return nil
+}
