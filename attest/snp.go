@@ -1,17 +1,569 @@
 package attest
 
 import (
+	"bytes"
 	"context"
+	"crypto/x509"
 	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/google/go-sev-guest/abi"
+	"github.com/google/go-sev-guest/kds"
+	spb "github.com/google/go-sev-guest/proto/sevsnp"
+	"github.com/google/go-sev-guest/validate"
+	"github.com/google/go-sev-guest/verify"
+	"github.com/google/go-sev-guest/verify/trust"
+	"github.com/google/uuid"
 )
 
-// snpVerifier verifies SEV-SNP reports. (Being written.)
-type snpVerifier struct{}
+// snpProductLines are the SEV-SNP product lines whose AMD roots go-sev-guest carries.
+var snpProductLines = []string{"Milan", "Genoa", "Turin"}
 
-func newSNPVerifier(cfg Config, cache *collateralCache) (*snpVerifier, error) { return &snpVerifier{}, nil }
+// snpVerifier verifies SEV-SNP reports through go-sev-guest's verify package, with fresh
+// verify.Options per call (the library writes into them). It is safe for concurrent use: after
+// newSNPVerifier it only reads its fields.
+type snpVerifier struct {
+	now              func() time.Time
+	cache            *collateralCache
+	checkRevocations bool
+	productLine      string
 
-func (v *snpVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Claims, error) {
-	return nil, reject(ReasonPlatform, "SEV-SNP verification not built yet")
+	// amd are AMD's roots built into go-sev-guest, by product line: for PlatformSEVSNP only.
+	amd map[string][]*trust.ProductCerts
+	// emulated are the roots configured for PlatformEmulatedSEVSNP, by product line. Empty: no
+	// emulated evidence is accepted.
+	emulated map[string][]*trust.ProductCerts
 }
 
-func checkSNP(c *SNPClaims, r SNPRequirements) error { return errors.New("not built yet") }
+func newSNPVerifier(cfg Config, cache *collateralCache) (*snpVerifier, error) {
+	v := &snpVerifier{
+		now:              cfg.Now,
+		cache:            cache,
+		checkRevocations: cfg.CheckRevocations,
+		productLine:      cfg.ProductLine,
+		amd:              map[string][]*trust.ProductCerts{},
+		emulated:         map[string][]*trust.ProductCerts{},
+	}
+	if v.now == nil {
+		v.now = time.Now
+	}
+	if v.productLine != "" {
+		if _, err := kds.ParseProductLine(v.productLine); err != nil {
+			return nil, fmt.Errorf("checking product line: %w", err)
+		}
+	}
+	vlekChains := map[string][]byte{
+		"Milan": trust.AskArkMilanVlekBytes,
+		"Genoa": trust.AskArkGenoaVlekBytes,
+		"Turin": trust.AskArkTurinVlekBytes,
+	}
+	for _, line := range snpProductLines {
+		root, err := trust.GetDefaultRootCerts(line)
+		if err != nil {
+			return nil, fmt.Errorf("loading AMD roots: %w", err)
+		}
+		pc := &trust.ProductCerts{Ask: root.ProductCerts.Ask, Ark: root.ProductCerts.Ark}
+		// The published chain files may end in stray whitespace, which the parser refuses.
+		vlek, err := parseSNPProductCerts(bytes.TrimSpace(vlekChains[line]))
+		if err != nil {
+			return nil, fmt.Errorf("loading AMD VLEK roots of %s: %w", line, err)
+		}
+		pc.Asvk = vlek.Asvk
+		v.amd[line] = []*trust.ProductCerts{pc}
+	}
+	for _, r := range cfg.Roots {
+		switch r.Platform {
+		case PlatformSEVSNP:
+			return nil, errors.New("roots for sev-snp cannot be configured: real SEV-SNP evidence verifies against AMD's roots only")
+		case PlatformEmulatedSEVSNP:
+		default:
+			continue
+		}
+		for line, chain := range r.Certificates {
+			if _, err := kds.ParseProductLine(line); err != nil {
+				return nil, fmt.Errorf("loading %v roots: %w", r.Platform, err)
+			}
+			pc, err := parseSNPProductCerts(chain)
+			if err != nil {
+				return nil, fmt.Errorf("loading %v roots of %s: %w", r.Platform, line, err)
+			}
+			v.emulated[line] = append(v.emulated[line], pc)
+		}
+	}
+	return v, nil
+}
+
+// parseSNPProductCerts reads an ASK (or ASVK) and ARK in the KDS cert_chain format.
+func parseSNPProductCerts(chain []byte) (*trust.ProductCerts, error) {
+	ask, ark, err := kds.ParseProductCertChain(chain)
+	if err != nil {
+		return nil, err
+	}
+	pc := &trust.ProductCerts{}
+	ica, err := x509.ParseCertificate(ask)
+	if err != nil {
+		return nil, fmt.Errorf("parsing intermediate certificate: %w", err)
+	}
+	if pc.Ark, err = x509.ParseCertificate(ark); err != nil {
+		return nil, fmt.Errorf("parsing ARK certificate: %w", err)
+	}
+	if len(ica.Subject.CommonName) > 8 && ica.Subject.CommonName[:8] == "SEV-VLEK" {
+		pc.Asvk = ica
+	} else {
+		pc.Ask = ica
+	}
+	return pc, nil
+}
+
+// snpEvidence is raw SEV-SNP evidence taken apart: the report and its certificate table.
+type snpEvidence struct {
+	raw    []byte // the 1184-byte report
+	report *spb.Report
+	certs  *abi.CertTable
+}
+
+// parseSNPEvidence splits raw into the report and the certificate table that may follow it, as
+// configfs-tsm returns them. It checks shape only.
+func parseSNPEvidence(raw []byte) (*snpEvidence, error) {
+	if len(raw) < abi.ReportSize {
+		return nil, fmt.Errorf("SEV-SNP evidence is %d bytes, shorter than a %d-byte report", len(raw), abi.ReportSize)
+	}
+	rep := raw[:abi.ReportSize]
+	if err := abi.ValidateReportFormat(rep); err != nil {
+		return nil, fmt.Errorf("parsing SEV-SNP report: %w", err)
+	}
+	report, err := abi.ReportToProto(rep)
+	if err != nil {
+		return nil, fmt.Errorf("parsing SEV-SNP report: %w", err)
+	}
+	certs, err := parseSNPCertTable(raw[abi.ReportSize:])
+	if err != nil {
+		return nil, err
+	}
+	return &snpEvidence{raw: rep, report: report, certs: certs}, nil
+}
+
+// parseSNPCertTable parses a certificate table. It bounds every entry before handing the table to
+// go-sev-guest's parser, whose offset arithmetic can wrap around.
+func parseSNPCertTable(b []byte) (*abi.CertTable, error) {
+	table := &abi.CertTable{}
+	if len(b) == 0 {
+		return table, nil
+	}
+	headers, err := abi.ParseSnpCertTableHeader(b)
+	if err != nil {
+		return nil, fmt.Errorf("parsing SEV-SNP certificate table: %w", err)
+	}
+	for i, h := range headers {
+		if uint64(h.Offset)+uint64(h.Length) > uint64(len(b)) {
+			return nil, fmt.Errorf("parsing SEV-SNP certificate table: entry %d (offset %d, length %d) is outside the %d-byte table", i, h.Offset, h.Length, len(b))
+		}
+	}
+	if err := table.Unmarshal(b); err != nil {
+		return nil, fmt.Errorf("parsing SEV-SNP certificate table: %w", err)
+	}
+	return table, nil
+}
+
+// certByGUID returns the table's entry with the given GUID, or nil.
+func certByGUID(t *abi.CertTable, guid string) []byte {
+	g := uuid.MustParse(guid)
+	for _, e := range t.Entries {
+		if e.GUID == g && len(e.RawCert) > 0 {
+			return e.RawCert
+		}
+	}
+	return nil
+}
+
+// snpSignerName returns "vcek" or "vlek".
+func snpSignerName(k abi.ReportSigner) string {
+	if k == abi.VlekReportSigner {
+		return "vlek"
+	}
+	return "vcek"
+}
+
+func (v *snpVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Claims, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var roots map[string][]*trust.ProductCerts
+	switch p {
+	case PlatformSEVSNP:
+		roots = v.amd
+	case PlatformEmulatedSEVSNP:
+		if len(v.emulated) == 0 {
+			return nil, reject(ReasonPlatform, "no roots configured for %v: emulated evidence is not accepted", p)
+		}
+		roots = v.emulated
+	default:
+		return nil, reject(ReasonPlatform, "%v is not an SEV-SNP platform", p)
+	}
+	ev, err := parseSNPEvidence(raw)
+	if err != nil {
+		return nil, &RejectError{Reason: ReasonMalformed, Err: err}
+	}
+	report := ev.report
+	info, err := abi.ParseSignerInfo(report.GetSignerInfo())
+	if err != nil {
+		return nil, reject(ReasonMalformed, "parsing signer info: %w", err)
+	}
+	if info.SigningKey != abi.VcekReportSigner && info.SigningKey != abi.VlekReportSigner {
+		return nil, reject(ReasonSignature, "report is signed by %v, not a VCEK or VLEK", info.SigningKey)
+	}
+
+	// The product line: in the report from version 3 on; for version 2, from the certificate
+	// table's platform info, the configured product line, or the endorsement key certificate.
+	line := ""
+	if fms := report.GetCpuid1EaxFms(); fms != 0 {
+		line = kds.ProductLineFromFms(fms)
+		if _, err := kds.ParseProductLine(line); err != nil {
+			return nil, reject(ReasonMalformed, "report names an unknown product (CPUID 0x%08x)", fms)
+		}
+	} else if v.productLine != "" {
+		line = v.productLine
+	} else if blob := certByGUID(ev.certs, abi.ExtraPlatformInfoGUID); blob != nil {
+		if epi, err := abi.ParseExtraPlatformInfo(blob); err == nil {
+			if l := kds.ProductLine(abi.SevProductFromCpuid1Eax(epi.Cpuid1Eax)); l != "Unknown" {
+				line = l
+			}
+		}
+	}
+
+	ekDER, line, err := v.endorsementKey(ctx, ev, info.SigningKey, line, roots)
+	if err != nil {
+		return nil, err
+	}
+	ek, err := x509.ParseCertificate(ekDER)
+	if err != nil {
+		return nil, reject(ReasonChain, "parsing %v certificate: %w", info.SigningKey, err)
+	}
+	exts, err := kds.CertificateExtensions(ek, info.SigningKey)
+	if err != nil {
+		return nil, reject(ReasonChain, "reading %v certificate extensions: %w", info.SigningKey, err)
+	}
+	if line == "" {
+		product, err := kds.ParseProductName(exts.ProductName, info.SigningKey)
+		if err != nil {
+			return nil, reject(ReasonChain, "reading the product of the %v certificate: %w", info.SigningKey, err)
+		}
+		line = kds.ProductLine(product)
+	}
+	candidates := roots[line]
+	if len(candidates) == 0 {
+		return nil, reject(ReasonChain, "no trusted %v roots for product line %q", p, line)
+	}
+
+	now := v.now()
+	if now.Before(ek.NotBefore) || now.After(ek.NotAfter) {
+		return nil, reject(ReasonExpired, "%v certificate is valid from %s until %s, not at %s", info.SigningKey,
+			ek.NotBefore.UTC().Format(time.RFC3339), ek.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	}
+
+	opts := &verify.Options{
+		Now:                 now,
+		DisableCertFetching: true,
+		TrustedRoots:        map[string][]*trust.AMDRootCerts{},
+	}
+	for _, pc := range candidates {
+		opts.TrustedRoots[line] = append(opts.TrustedRoots[line], &trust.AMDRootCerts{ProductLine: line, ProductCerts: pc})
+	}
+	if report.GetCpuid1EaxFms() == 0 && v.productLine != "" {
+		if opts.Product, err = kds.ParseProductLine(v.productLine); err != nil {
+			return nil, reject(ReasonMalformed, "%w", err)
+		}
+	}
+	chain := &spb.CertificateChain{Extras: map[string][]byte{}}
+	if info.SigningKey == abi.VlekReportSigner {
+		chain.VlekCert = ekDER
+	} else {
+		chain.VcekCert = ekDER
+	}
+	att := &spb.Attestation{Report: report, CertificateChain: chain}
+	if err := verify.SnpAttestationContext(ctx, att, opts); err != nil {
+		return nil, diagnoseSNP(ev.raw, ek, info.SigningKey, candidates, now, err)
+	}
+	root := chainRoot(ek, info.SigningKey, candidates, now)
+	if root == nil {
+		return nil, reject(ReasonChain, "%v certificate does not chain to a trusted %v root", info.SigningKey, p)
+	}
+
+	// The report must agree with the certificate that signed it: its REPORTED_TCB is the TCB the
+	// key was certified for, and its CHIP_ID (unless masked) the certified chip.
+	if err := validate.SnpAttestation(att, permissiveSNPOptions()); err != nil {
+		return nil, reject(ReasonChain, "report does not match its %v certificate: %w", info.SigningKey, err)
+	}
+
+	if v.checkRevocations {
+		if err := v.checkSNPRevocation(ctx, ek, info.SigningKey, root, now); err != nil {
+			return nil, err
+		}
+	}
+
+	table := &abi.CertTable{Entries: []abi.CertTableEntry{{GUID: uuid.MustParse(abi.VcekGUID), RawCert: ekDER}}}
+	if info.SigningKey == abi.VlekReportSigner {
+		table.Entries[0].GUID = uuid.MustParse(abi.VlekGUID)
+	}
+	claims := &Claims{ReportData: HexBytes(report.GetReportData()), SNP: snpClaimsOf(report, line, info.SigningKey)}
+	claims.SNP.raw = append(append([]byte(nil), ev.raw...), table.Marshal()...)
+	return claims, nil
+}
+
+// endorsementKey returns the DER certificate of the key that signed the report: from the
+// certificate table, else (VCEK only) from the collateral cache. It returns the product line,
+// which it may learn from where it found the certificate.
+func (v *snpVerifier) endorsementKey(ctx context.Context, ev *snpEvidence, key abi.ReportSigner, line string, roots map[string][]*trust.ProductCerts) ([]byte, string, error) {
+	switch key {
+	case abi.VlekReportSigner:
+		if der := certByGUID(ev.certs, abi.VlekGUID); der != nil {
+			return der, line, nil
+		}
+		return nil, "", reject(ReasonCollateral, "report is signed by a VLEK but its certificate table holds no VLEK certificate")
+	default:
+		if der := certByGUID(ev.certs, abi.VcekGUID); der != nil {
+			return der, line, nil
+		}
+	}
+	chipID := ev.report.GetChipId()
+	if bytes.Equal(chipID, make([]byte, abi.ChipIDSize)) {
+		return nil, "", reject(ReasonCollateral, "report has no VCEK certificate and a masked chip ID, so its VCEK cannot be looked up")
+	}
+	lines := []string{line}
+	if line == "" {
+		lines = nil
+		for _, l := range snpProductLines {
+			if len(roots[l]) > 0 {
+				lines = append(lines, l)
+			}
+		}
+	}
+	getter := snpGetter{v.cache}
+	var errs []error
+	for _, l := range lines {
+		der, err := getter.GetContext(ctx, kds.VCEKCertURL(l, chipID, kds.TCBVersion(ev.report.GetReportedTcb())))
+		if err == nil {
+			return der, l, nil
+		}
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			return nil, "", ctxErr
+		}
+		errs = append(errs, err)
+	}
+	return nil, "", &RejectError{Reason: ReasonCollateral, Err: fmt.Errorf("getting VCEK certificate: %w", errors.Join(errs...))}
+}
+
+// chainRoot returns the root among candidates that the endorsement key certificate chains to at
+// now, or nil.
+func chainRoot(ek *x509.Certificate, key abi.ReportSigner, candidates []*trust.ProductCerts, now time.Time) *trust.ProductCerts {
+	for _, pc := range candidates {
+		opts := pc.X509Options(now, key)
+		if opts == nil {
+			continue
+		}
+		if _, err := ek.Verify(*opts); err == nil {
+			return pc
+		}
+	}
+	return nil
+}
+
+// diagnoseSNP turns a failure of verify.SnpAttestation (whose errors are text) into a rejection
+// with the right reason, by checking the signature and the chain on their own.
+func diagnoseSNP(report []byte, ek *x509.Certificate, key abi.ReportSigner, candidates []*trust.ProductCerts, now time.Time, err error) error {
+	if sigErr := verify.SnpReportSignature(report, ek); sigErr != nil {
+		return reject(ReasonSignature, "verifying SEV-SNP report signature: %w", sigErr)
+	}
+	for _, pc := range candidates {
+		opts := pc.X509Options(now, key)
+		if opts == nil {
+			continue
+		}
+		_, verr := ek.Verify(*opts)
+		if ie, ok := errors.AsType[x509.CertificateInvalidError](verr); ok && ie.Reason == x509.Expired {
+			return reject(ReasonExpired, "verifying %v certificate chain: %w", key, verr)
+		}
+	}
+	return reject(ReasonChain, "verifying %v certificate chain: %w", key, err)
+}
+
+// checkSNPRevocation checks the ARK-signed CRL of the intermediate (from the collateral cache,
+// or fetched if allowed) for the intermediate's and the endorsement key's serial numbers.
+func (v *snpVerifier) checkSNPRevocation(ctx context.Context, ek *x509.Certificate, key abi.ReportSigner, root *trust.ProductCerts, now time.Time) error {
+	ica := root.Ask
+	if key == abi.VlekReportSigner {
+		ica = root.Asvk
+	}
+	if len(ica.CRLDistributionPoints) == 0 {
+		return reject(ReasonCollateral, "the %s certificate names no CRL", ica.Subject.CommonName)
+	}
+	getter := snpGetter{v.cache}
+	var errs []error
+	for _, u := range ica.CRLDistributionPoints {
+		der, err := getter.GetContext(ctx, u)
+		if err != nil {
+			if ctxErr := ctx.Err(); ctxErr != nil {
+				return ctxErr
+			}
+			errs = append(errs, err)
+			continue
+		}
+		crl, err := x509.ParseRevocationList(der)
+		if err != nil {
+			return reject(ReasonCollateral, "parsing CRL %s: %w", u, err)
+		}
+		if err := crl.CheckSignatureFrom(root.Ark); err != nil {
+			return reject(ReasonCollateral, "CRL %s is not signed by the ARK: %w", u, err)
+		}
+		if !crl.NextUpdate.IsZero() && now.After(crl.NextUpdate) {
+			return reject(ReasonExpired, "CRL %s was due for update at %s; refresh the collateral cache", u, crl.NextUpdate.UTC().Format(time.RFC3339))
+		}
+		for _, rc := range crl.RevokedCertificateEntries {
+			switch {
+			case rc.SerialNumber.Cmp(ica.SerialNumber) == 0:
+				return reject(ReasonRevoked, "the %s certificate (serial %x) was revoked at %s", ica.Subject.CommonName, ica.SerialNumber, rc.RevocationTime.UTC().Format(time.RFC3339))
+			case rc.SerialNumber.Cmp(ek.SerialNumber) == 0:
+				return reject(ReasonRevoked, "the %v certificate (serial %x) was revoked at %s", key, ek.SerialNumber, rc.RevocationTime.UTC().Format(time.RFC3339))
+			}
+		}
+		return nil
+	}
+	return &RejectError{Reason: ReasonCollateral, Err: fmt.Errorf("getting CRL: %w", errors.Join(errs...))}
+}
+
+// permissiveSNPOptions are validate.Options that require nothing of the guest: validate then
+// checks only the report's consistency with its certificate (TCB, chip ID, firmware versions).
+func permissiveSNPOptions() *validate.Options {
+	return &validate.Options{
+		GuestPolicy:               abi.SnpPolicy{SMT: true, MigrateMA: true, Debug: true, CXLAllowed: true},
+		PermitProvisionalFirmware: true,
+	}
+}
+
+func snpTCBOf(v uint64) SNPTCB {
+	p := kds.DecomposeTCBVersion(kds.TCBVersion(v))
+	return SNPTCB{BootLoader: p.BlSpl, TEE: p.TeeSpl, SNP: p.SnpSpl, Microcode: p.UcodeSpl}
+}
+
+func (t SNPTCB) parts() kds.TCBParts {
+	return kds.TCBParts{BlSpl: t.BootLoader, TeeSpl: t.TEE, SnpSpl: t.SNP, UcodeSpl: t.Microcode}
+}
+
+func snpClaimsOf(r *spb.Report, line string, key abi.ReportSigner) *SNPClaims {
+	// The policy parsed when the report did (ReportToProto checks it).
+	pol, _ := abi.ParseSnpPolicy(r.GetPolicy())
+	return &SNPClaims{
+		Product:  line,
+		Signer:   snpSignerName(key),
+		Version:  r.GetVersion(),
+		VMPL:     r.GetVmpl(),
+		GuestSVN: r.GetGuestSvn(),
+		Policy: SNPGuestPolicy{
+			ABIMajor: pol.ABIMajor, ABIMinor: pol.ABIMinor, SMT: pol.SMT, MigrateMA: pol.MigrateMA,
+			Debug: pol.Debug, SingleSocket: pol.SingleSocket,
+		},
+		Measurement:  HexBytes(r.GetMeasurement()),
+		HostData:     HexBytes(r.GetHostData()),
+		FamilyID:     HexBytes(r.GetFamilyId()),
+		ImageID:      HexBytes(r.GetImageId()),
+		ChipID:       HexBytes(r.GetChipId()),
+		CurrentTCB:   snpTCBOf(r.GetCurrentTcb()),
+		ReportedTCB:  snpTCBOf(r.GetReportedTcb()),
+		CommittedTCB: snpTCBOf(r.GetCommittedTcb()),
+		LaunchTCB:    snpTCBOf(r.GetLaunchTcb()),
+		// AMD publishes no TCB status for SEV-SNP: policy decides with minimum TCBs.
+		TCBStatus: "unknown",
+	}
+}
+
+// checkSNP evaluates r on c: through go-sev-guest's validate package for what it checks (minimum
+// TCB and launch TCB, guest policy bits, VMPL, host data), with own code for allowlists.
+func checkSNP(c *SNPClaims, r SNPRequirements) error {
+	if len(c.raw) < abi.ReportSize {
+		return &Violation{Rule: "snp", Got: "claims not from a verified report", Want: "verified claims"}
+	}
+	ev, err := parseSNPEvidence(c.raw)
+	if err != nil {
+		return &Violation{Rule: "snp", Got: err.Error(), Want: "verified claims"}
+	}
+	chain := &spb.CertificateChain{
+		VcekCert: certByGUID(ev.certs, abi.VcekGUID),
+		VlekCert: certByGUID(ev.certs, abi.VlekGUID),
+		Extras:   map[string][]byte{},
+	}
+	att := &spb.Attestation{Report: ev.report, CertificateChain: chain}
+	check := func(set func(o *validate.Options)) error {
+		o := permissiveSNPOptions()
+		set(o)
+		return validate.SnpAttestation(att, o)
+	}
+
+	var errs []error
+	tcbRule := func(prefix string, got, min SNPTCB, set func(o *validate.Options)) {
+		if min == (SNPTCB{}) {
+			return
+		}
+		verr := check(set)
+		if verr == nil {
+			return
+		}
+		n := len(errs)
+		for _, comp := range []struct {
+			name     string
+			got, min uint8
+		}{
+			{"bootloader", got.BootLoader, min.BootLoader},
+			{"tee", got.TEE, min.TEE},
+			{"snp", got.SNP, min.SNP},
+			{"microcode", got.Microcode, min.Microcode},
+		} {
+			if comp.got < comp.min {
+				errs = append(errs, &Violation{Rule: prefix + "." + comp.name, Got: fmt.Sprintf("0x%02x", comp.got), Want: fmt.Sprintf("≥ 0x%02x", comp.min)})
+			}
+		}
+		if len(errs) == n {
+			errs = append(errs, &Violation{Rule: prefix, Got: verr.Error(), Want: "≥ " + min.String()})
+		}
+	}
+	tcbRule("snp.tcb", c.ReportedTCB, r.MinimumTCB, func(o *validate.Options) { o.MinimumTCB = r.MinimumTCB.parts() })
+	tcbRule("snp.launchTcb", c.LaunchTCB, r.MinimumLaunchTCB, func(o *validate.Options) { o.MinimumLaunchTCB = r.MinimumLaunchTCB.parts() })
+
+	if !r.AllowDebug && check(func(o *validate.Options) { o.GuestPolicy.Debug = false }) != nil {
+		errs = append(errs, &Violation{Rule: "snp.policy.debug", Got: "debug allowed (the host can read and change the guest's memory)", Want: "debug not allowed"})
+	}
+	if !r.AllowSMT && check(func(o *validate.Options) { o.GuestPolicy.SMT = false }) != nil {
+		errs = append(errs, &Violation{Rule: "snp.policy.smt", Got: "SMT allowed", Want: "SMT not allowed"})
+	}
+	if !r.AllowMigrateMA && check(func(o *validate.Options) { o.GuestPolicy.MigrateMA = false }) != nil {
+		errs = append(errs, &Violation{Rule: "snp.policy.migrateMA", Got: "migration agent allowed", Want: "migration agent not allowed"})
+	}
+	if r.VMPL != nil {
+		want := int(*r.VMPL)
+		if check(func(o *validate.Options) { o.VMPL = &want }) != nil {
+			errs = append(errs, &Violation{Rule: "snp.vmpl", Got: fmt.Sprint(c.VMPL), Want: fmt.Sprint(*r.VMPL)})
+		}
+	}
+	if len(r.HostData) > 0 && check(func(o *validate.Options) { o.HostData = r.HostData }) != nil {
+		errs = append(errs, &Violation{Rule: "snp.hostData", Got: c.HostData.String(), Want: HexBytes(r.HostData).String()})
+	}
+	if len(r.Measurements) > 0 && !slices.ContainsFunc(r.Measurements, func(m []byte) bool { return bytes.Equal(m, c.Measurement) }) {
+		errs = append(errs, &Violation{Rule: "snp.measurement", Got: c.Measurement.String(), Want: "one of " + snpHexList(r.Measurements)})
+	}
+	if len(r.ChipIDs) > 0 && !slices.ContainsFunc(r.ChipIDs, func(id []byte) bool { return bytes.Equal(id, c.ChipID) }) {
+		errs = append(errs, &Violation{Rule: "snp.chipId", Got: c.ChipID.String(), Want: "one of " + snpHexList(r.ChipIDs)})
+	}
+	if len(r.Products) > 0 && !slices.Contains(r.Products, c.Product) {
+		errs = append(errs, &Violation{Rule: "snp.product", Got: c.Product, Want: "one of " + joinNames(r.Products)})
+	}
+	return errors.Join(errs...)
+}
+
+func snpHexList(list [][]byte) string {
+	s := make([]string, len(list))
+	for i, b := range list {
+		s[i] = HexBytes(b).String()
+	}
+	return joinNames(s)
+}

@@ -1,17 +1,457 @@
 package attest
 
 import (
+	"bytes"
 	"context"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
 	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/google/go-tdx-guest/abi"
+	"github.com/google/go-tdx-guest/pcs"
+	pb "github.com/google/go-tdx-guest/proto/tdx"
+	"github.com/google/go-tdx-guest/validate"
+	tdxverify "github.com/google/go-tdx-guest/verify"
 )
 
-// tdxVerifier verifies TDX quotes. (Being written.)
-type tdxVerifier struct{}
+// intelSGXRootCA is Intel's SGX Root CA, the root of every real TDX quote's PCK chain and of
+// Intel PCS's collateral. It is the certificate go-tdx-guest embeds as its default root; Lethe
+// pins it itself so that go-tdx-guest never falls back to its default (which it announces with
+// a log line on stdout) and so that the root real quotes are verified against is visible here.
+const intelSGXRootCA = `-----BEGIN CERTIFICATE-----
+MIICjzCCAjSgAwIBAgIUImUM1lqdNInzg7SVUr9QGzknBqwwCgYIKoZIzj0EAwIw
+aDEaMBgGA1UEAwwRSW50ZWwgU0dYIFJvb3QgQ0ExGjAYBgNVBAoMEUludGVsIENv
+cnBvcmF0aW9uMRQwEgYDVQQHDAtTYW50YSBDbGFyYTELMAkGA1UECAwCQ0ExCzAJ
+BgNVBAYTAlVTMB4XDTE4MDUyMTEwNDUxMFoXDTQ5MTIzMTIzNTk1OVowaDEaMBgG
+A1UEAwwRSW50ZWwgU0dYIFJvb3QgQ0ExGjAYBgNVBAoMEUludGVsIENvcnBvcmF0
+aW9uMRQwEgYDVQQHDAtTYW50YSBDbGFyYTELMAkGA1UECAwCQ0ExCzAJBgNVBAYT
+AlVTMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEC6nEwMDIYZOj/iPWsCzaEKi7
+1OiOSLRFhWGjbnBVJfVnkY4u3IjkDYYL0MxO4mqsyYjlBalTVYxFP2sJBK5zlKOB
+uzCBuDAfBgNVHSMEGDAWgBQiZQzWWp00ifODtJVSv1AbOScGrDBSBgNVHR8ESzBJ
+MEegRaBDhkFodHRwczovL2NlcnRpZmljYXRlcy50cnVzdGVkc2VydmljZXMuaW50
+ZWwuY29tL0ludGVsU0dYUm9vdENBLmRlcjAdBgNVHQ4EFgQUImUM1lqdNInzg7SV
+Ur9QGzknBqwwDgYDVR0PAQH/BAQDAgEGMBIGA1UdEwEB/wQIMAYBAf8CAQEwCgYI
+KoZIzj0EAwIDSQAwRgIhAOW/5QkR+S9CiSDcNoowLuPRLsWGf/Yi7GSX94BgwTwg
+AiEA4J0lrHoMs+Xo5o/sX6O9QWxHRAvZUGOdRQ7cvqRXaqI=
+-----END CERTIFICATE-----
+`
 
-func newTDXVerifier(cfg Config, cache *collateralCache) (*tdxVerifier, error) { return &tdxVerifier{}, nil }
+// Logging: go-tdx-guest's verify package initializes github.com/google/logger to write to
+// stdout, and that logger offers no way to redirect it afterwards. At its default verbosity the
+// only line it prints on the paths Lethe takes is a warning when no trusted roots are given;
+// tdxVerifier always gives them, and never raises the verbosity, so verification prints
+// nothing and CLI output stays clean.
 
-func (v *tdxVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Claims, error) {
-	return nil, reject(ReasonPlatform, "TDX verification not built yet")
+// tdxTCBStatusUnknown is the TCB status of a TDX quote verified without TCB info (no
+// collateral source was configured).
+const tdxTCBStatusUnknown = "unknown"
+
+// maxTDXQuoteSize bounds a quote: a quote v4 with its PCK chain is about 5 KiB.
+const maxTDXQuoteSize = 64 << 10
+
+// CollateralHeadersSuffix is the suffix of a key in Roots.Collateral (and of a file in a collateral
+// directory) that holds, as JSON {"headers": {...}}, the response headers served with the
+// document at the key without the suffix. Intel PCS sends the issuer chains of TCB info, QE
+// identity and CRLs in headers.
+const CollateralHeadersSuffix = ".headers.json"
+
+// tdxTrust is what one root of trust verifies TDX quotes with.
+type tdxTrust struct {
+	root *x509.Certificate
+	pool *x509.CertPool
+	// cache serves the collateral of quotes chaining to root; nil: none can be had.
+	cache *collateralCache
 }
 
-func checkTDX(c *TDXClaims, r TDXRequirements) error { return errors.New("not built yet") }
+// tdxVerifier verifies TDX quotes: real ones against Intel's SGX root with collateral from the
+// offline cache (or Intel PCS when fetching is on), emulated ones against the configured
+// emulator roots with the emulator's collateral only. Safe for concurrent use: every call builds
+// its own go-tdx-guest options, which that library writes into.
+type tdxVerifier struct {
+	cfg      Config
+	intel    tdxTrust
+	emulated []tdxTrust
+}
+
+func newTDXVerifier(cfg Config, cache *collateralCache) (*tdxVerifier, error) {
+	root, err := tdxParseRootPEM([]byte(intelSGXRootCA))
+	if err != nil {
+		return nil, fmt.Errorf("parsing Intel's SGX root: %w", err)
+	}
+	v := &tdxVerifier{cfg: cfg, intel: tdxTrust{root: root, pool: tdxPoolOf(root)}}
+	if cfg.CollateralDir != "" || cfg.Fetch {
+		v.intel.cache = cache
+	}
+	for _, r := range cfg.Roots {
+		switch r.Platform {
+		case PlatformTDX:
+			return nil, errors.New("roots for tdx given: real TDX quotes verify only against Intel's SGX root")
+		case PlatformEmulatedTDX:
+		default:
+			continue
+		}
+		if len(r.Certificates) == 0 {
+			return nil, errors.New("emulated-tdx roots hold no root certificate")
+		}
+		// The emulator's collateral is served from a cache of its own: it is published at Intel
+		// PCS's URLs, so it must never be served for a real quote, nor for another emulator's.
+		ecache := newCollateralCache("", false)
+		for key, body := range r.Collateral {
+			if strings.HasSuffix(key, CollateralHeadersSuffix) {
+				continue
+			}
+			var d collateralDoc
+			if hb, ok := r.Collateral[key+CollateralHeadersSuffix]; ok {
+				if err := json.Unmarshal(hb, &d); err != nil {
+					return nil, fmt.Errorf("reading emulated-tdx collateral headers of %s: %w", key, err)
+				}
+			}
+			ecache.addStatic(key, d.Headers, body)
+		}
+		for name, p := range r.Certificates {
+			root, err := tdxParseRootPEM(p)
+			if err != nil {
+				return nil, fmt.Errorf("parsing emulated-tdx root %q: %w", name, err)
+			}
+			v.emulated = append(v.emulated, tdxTrust{root: root, pool: tdxPoolOf(root), cache: ecache})
+		}
+	}
+	return v, nil
+}
+
+func tdxParseRootPEM(p []byte) (*x509.Certificate, error) {
+	b, _ := pem.Decode(p)
+	if b == nil || b.Type != "CERTIFICATE" {
+		return nil, errors.New("no PEM certificate")
+	}
+	return x509.ParseCertificate(b.Bytes)
+}
+
+func tdxPoolOf(c *x509.Certificate) *x509.CertPool {
+	p := x509.NewCertPool()
+	p.AddCert(c)
+	return p
+}
+
+// parseTDXQuote decodes a raw TDX quote v4. It checks shape only; it proves nothing. Its errors
+// are *RejectError with ReasonMalformed.
+func parseTDXQuote(raw []byte) (_ *pb.QuoteV4, err error) {
+	if len(raw) > maxTDXQuoteSize {
+		return nil, reject(ReasonMalformed, "TDX quote of %d bytes exceeds the %d-byte limit", len(raw), maxTDXQuoteSize)
+	}
+	// go-tdx-guest's parser slices by sizes read from the quote without checking all of them
+	// against its length; a hostile quote must be an error, not a crash.
+	defer func() {
+		if r := recover(); r != nil {
+			err = reject(ReasonMalformed, "parsing TDX quote: inconsistent sizes (%v)", r)
+		}
+	}()
+	q, err := abi.QuoteToProto(raw)
+	if err != nil {
+		return nil, reject(ReasonMalformed, "parsing TDX quote: %w", err)
+	}
+	quote, ok := q.(*pb.QuoteV4)
+	if !ok {
+		return nil, reject(ReasonMalformed, "parsing TDX quote: %T is not a quote v4", q)
+	}
+	return quote, nil
+}
+
+// tdxPCKChain returns the certificates of the quote's PCK chain, leaf first.
+func tdxPCKChain(quote *pb.QuoteV4) ([]*x509.Certificate, error) {
+	rest := quote.GetSignedData().GetCertificationData().GetQeReportCertificationData().GetPckCertificateChainData().GetPckCertChain()
+	var out []*x509.Certificate
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("parsing PCK chain certificate %d: %w", len(out), err)
+		}
+		out = append(out, c)
+	}
+	if len(out) != 3 {
+		return nil, fmt.Errorf("PCK chain has %d certificates, want 3 (PCK, intermediate, root)", len(out))
+	}
+	return out, nil
+}
+
+func (v *tdxVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Claims, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	quote, err := parseTDXQuote(raw)
+	if err != nil {
+		return nil, err
+	}
+	chain, err := tdxPCKChain(quote)
+	if err != nil {
+		return nil, reject(ReasonMalformed, "reading TDX quote: %w", err)
+	}
+	var trust tdxTrust
+	switch p {
+	case PlatformTDX:
+		trust = v.intel
+	case PlatformEmulatedTDX:
+		if len(v.emulated) == 0 {
+			return nil, reject(ReasonPlatform, "emulated-tdx evidence is accepted only by a verifier configured with the emulator's roots, and none are")
+		}
+		found := false
+		for _, t := range v.emulated {
+			if bytes.Equal(t.root.Raw, chain[2].Raw) {
+				trust, found = t, true
+				break
+			}
+		}
+		if !found {
+			return nil, reject(ReasonChain, "verifying TDX quote: its PCK chain ends at a root (%s, serial %x) that is none of the configured emulated-tdx roots", chain[2].Subject, chain[2].SerialNumber)
+		}
+	default:
+		return nil, reject(ReasonPlatform, "%v is not a TDX platform", p)
+	}
+	if v.cfg.CheckRevocations && trust.cache == nil {
+		return nil, reject(ReasonCollateral, "checking TDX revocations needs CRLs: configure a collateral directory or fetching")
+	}
+
+	// Fresh options per call: go-tdx-guest's verify writes its chain and collateral into them.
+	opts := &tdxverify.Options{
+		GetCollateral:    trust.cache != nil,
+		CheckRevocations: v.cfg.CheckRevocations,
+		Now:              v.cfg.Now(),
+		TrustedRoots:     trust.pool,
+	}
+	if trust.cache != nil {
+		// Reads of the offline cache do not block; a fetch does, so it ends with ctx.
+		opts.Getter = tdxGetter{trust.cache}
+		if trust.cache.fetch {
+			opts.Getter = ctxTDXGetter{ctx: ctx, c: trust.cache}
+		}
+	}
+	if err := tdxverify.TdxQuote(quote, opts); err != nil {
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			return nil, ctxErr
+		}
+		return nil, &RejectError{Reason: tdxReason(err), Err: fmt.Errorf("verifying TDX quote: %w", err)}
+	}
+
+	exts, err := pcs.PckCertificateExtensions(chain[0])
+	if err != nil {
+		return nil, reject(ReasonMalformed, "reading the PCK certificate's SGX extensions: %w", err)
+	}
+	fmspc, err := hex.DecodeString(exts.FMSPC)
+	if err != nil {
+		return nil, reject(ReasonMalformed, "reading the PCK certificate's FMSPC: %w", err)
+	}
+	status := tdxTCBStatusUnknown
+	if opts.GetCollateral {
+		// go-tdx-guest rejects every TCB level (of the platform, the TDX module and the QE)
+		// whose status in TCB info or QE identity is not UpToDate.
+		status = string(pcs.TcbComponentStatusUpToDate)
+	}
+	return tdxClaims(quote, raw, fmspc, status), nil
+}
+
+func tdxClaims(quote *pb.QuoteV4, raw, fmspc []byte, status string) *Claims {
+	b := quote.GetTdQuoteBody()
+	h := quote.GetHeader()
+	c := &TDXClaims{
+		TEETCBSVN:     b.GetTeeTcbSvn(),
+		MRSEAM:        b.GetMrSeam(),
+		MRSignerSEAM:  b.GetMrSignerSeam(),
+		SEAMAttribute: b.GetSeamAttributes(),
+		TDAttributes:  b.GetTdAttributes(),
+		Debug:         len(b.GetTdAttributes()) > 0 && b.GetTdAttributes()[0]&tdAttributeDebug != 0,
+		XFAM:          b.GetXfam(),
+		MRTD:          b.GetMrTd(),
+		MRConfigID:    b.GetMrConfigId(),
+		MROwner:       b.GetMrOwner(),
+		MROwnerConfig: b.GetMrOwnerConfig(),
+		QESVN:         binary.LittleEndian.Uint16(h.GetQeSvn()),
+		PCESVN:        binary.LittleEndian.Uint16(h.GetPceSvn()),
+		FMSPC:         fmspc,
+		TCBStatus:     status,
+		raw:           bytes.Clone(raw),
+	}
+	for i, r := range b.GetRtmrs() {
+		if i < len(c.RTMRs) {
+			c.RTMRs[i] = r
+		}
+	}
+	return &Claims{ReportData: b.GetReportData(), TDX: c}
+}
+
+// tdAttributeDebug is bit 0 of TD_ATTRIBUTES (little-endian): the TD is debuggable, so the
+// host can read and write its memory.
+const tdAttributeDebug = 0x01
+
+// ctxTDXGetter adapts the collateral cache to go-tdx-guest's trust.HTTPSGetter for one call,
+// so that a fetch ends with the caller's context (tdxGetter serves reads that never block).
+type ctxTDXGetter struct {
+	ctx context.Context
+	c   *collateralCache
+}
+
+func (g ctxTDXGetter) Get(u string) (map[string][]string, []byte, error) {
+	return g.c.get(g.ctx, u)
+}
+
+// tdxReason maps a go-tdx-guest verification error to a Reason. The library wraps most errors
+// with %v, so its sentinels are matched where they survive and its messages otherwise.
+func tdxReason(err error) Reason {
+	switch {
+	case errors.Is(err, tdxverify.ErrHashVerificationFail), errors.Is(err, tdxverify.ErrSHA56VerificationFail):
+		return ReasonSignature
+	}
+	msg := err.Error()
+	has := func(subs ...string) bool {
+		for _, s := range subs {
+			if strings.Contains(msg, s) {
+				return true
+			}
+		}
+		return false
+	}
+	switch {
+	case has(ErrCollateralMissing.Error(), "unable to receive tcbInfo", "unable to receive QeIdentity",
+		"unable to receive PCK CRL", "unable to receive Root CA CRL", "collateral received is an empty structure",
+		"missing"):
+		return ReasonCollateral
+	case has("revoked"):
+		return ReasonRevoked
+	case has("expired", "not yet valid"):
+		return ReasonExpired
+	case has("failed TCB status check"):
+		return ReasonTCB
+	case has("QuoteV4 invalid", "attestation key in the quote is invalid", "unsupported quote type", "TEE type"):
+		return ReasonMalformed
+	case has("signature verification", "could not verify response body", "unable to verify message digest",
+		"signature to DER"):
+		return ReasonSignature
+	}
+	// Everything else is a certificate, CRL or collateral that does not lead to the pinned root
+	// or does not describe this quote's platform, QE or TDX module.
+	return ReasonChain
+}
+
+// checkTDX evaluates r on c through go-tdx-guest's validate package where it checks the same
+// thing, and with its own code for lists of accepted values, the FMSPC allowlist and debug.
+func checkTDX(c *TDXClaims, r TDXRequirements) error {
+	var errs []error
+	if !r.AllowDebug && c.Debug {
+		errs = append(errs, &Violation{Rule: "tdx.attributes.debug", Got: "debug TD (TD_ATTRIBUTES bit 0 set: the host can read and write its memory)", Want: "no debug"})
+	}
+	if len(r.FMSPCs) > 0 && !tdxContains(r.FMSPCs, c.FMSPC) {
+		errs = append(errs, &Violation{Rule: "tdx.fmspc", Got: hex.EncodeToString(c.FMSPC), Want: "one of " + tdxJoinHex(r.FMSPCs)})
+	}
+	if c.raw == nil {
+		errs = append(errs, &Violation{Rule: "tdx.quote", Got: "claims without a verified quote", Want: "claims returned by Verifier.Verify"})
+		return errors.Join(errs...)
+	}
+	quote, err := parseTDXQuote(c.raw)
+	if err != nil {
+		errs = append(errs, &Violation{Rule: "tdx.quote", Got: err.Error(), Want: "a TDX quote v4"})
+		return errors.Join(errs...)
+	}
+	// validate always checks the architecturally fixed bits of XFAM and TD_ATTRIBUTES beside
+	// what it is asked; its errors on empty options are the baseline that a rule's own check
+	// adds to.
+	baseline := validate.TdxQuote(quote, &validate.Options{})
+	if baseline != nil {
+		errs = append(errs, &Violation{Rule: "tdx.fixedBits", Got: baseline.Error(), Want: "XFAM and TD_ATTRIBUTES within the architecture's fixed bits"})
+	}
+	fails := func(o validate.Options) bool {
+		err := validate.TdxQuote(quote, &o)
+		return tdxCountErrors(err) > tdxCountErrors(baseline)
+	}
+	check := func(rule string, got []byte, size int, candidates [][]byte, opts func([]byte) validate.Options) {
+		if len(candidates) == 0 {
+			return
+		}
+		for _, want := range candidates {
+			if len(want) != size {
+				errs = append(errs, &Violation{Rule: rule, Got: hex.EncodeToString(got), Want: fmt.Sprintf("a valid requirement (%x is %d bytes, not %d)", want, len(want), size)})
+				return
+			}
+		}
+		for _, want := range candidates {
+			if !fails(opts(want)) {
+				return
+			}
+		}
+		errs = append(errs, &Violation{Rule: rule, Got: hex.EncodeToString(got), Want: "one of " + tdxJoinHex(candidates)})
+	}
+
+	if r.MinimumTEETCBSVN != nil {
+		if len(r.MinimumTEETCBSVN) != abi.TeeTcbSvnSize {
+			errs = append(errs, &Violation{Rule: "tdx.teeTcbSvn", Got: c.TEETCBSVN.String(), Want: fmt.Sprintf("a valid minimum (%x is %d bytes, not %d)", r.MinimumTEETCBSVN, len(r.MinimumTEETCBSVN), abi.TeeTcbSvnSize)})
+		} else if fails(validate.Options{TdQuoteBodyOptions: validate.TdQuoteBodyOptions{MinimumTeeTcbSvn: r.MinimumTEETCBSVN}}) {
+			errs = append(errs, &Violation{Rule: "tdx.teeTcbSvn", Got: c.TEETCBSVN.String(), Want: fmt.Sprintf(">= %x component by component", r.MinimumTEETCBSVN)})
+		}
+	}
+	check("tdx.mrseam", c.MRSEAM, abi.MrSeamSize, r.MRSEAMs, func(b []byte) validate.Options {
+		return validate.Options{TdQuoteBodyOptions: validate.TdQuoteBodyOptions{MrSeam: b}}
+	})
+	check("tdx.mrtd", c.MRTD, abi.MrTdSize, r.MRTDs, func(b []byte) validate.Options {
+		return validate.Options{TdQuoteBodyOptions: validate.TdQuoteBodyOptions{MrTd: b}}
+	})
+	for i := range r.RTMRs {
+		check(fmt.Sprintf("tdx.rtmr%d", i), c.RTMRs[i], abi.RtmrSize, r.RTMRs[i], func(b []byte) validate.Options {
+			rtmrs := make([][]byte, len(r.RTMRs))
+			rtmrs[i] = b
+			return validate.Options{TdQuoteBodyOptions: validate.TdQuoteBodyOptions{Rtmrs: rtmrs}}
+		})
+	}
+	if r.TDAttributes != nil {
+		check("tdx.attributes", c.TDAttributes, abi.TdAttributesSize, [][]byte{r.TDAttributes}, func(b []byte) validate.Options {
+			return validate.Options{TdQuoteBodyOptions: validate.TdQuoteBodyOptions{TdAttributes: b}}
+		})
+	}
+	if r.XFAM != nil {
+		check("tdx.xfam", c.XFAM, abi.XfamSize, [][]byte{r.XFAM}, func(b []byte) validate.Options {
+			return validate.Options{TdQuoteBodyOptions: validate.TdQuoteBodyOptions{Xfam: b}}
+		})
+	}
+	if r.MinimumQESVN > 0 && fails(validate.Options{HeaderOptions: validate.HeaderOptions{MinimumQeSvn: r.MinimumQESVN}}) {
+		errs = append(errs, &Violation{Rule: "tdx.qeSvn", Got: fmt.Sprint(c.QESVN), Want: fmt.Sprintf(">= %d", r.MinimumQESVN)})
+	}
+	if r.MinimumPCESVN > 0 && fails(validate.Options{HeaderOptions: validate.HeaderOptions{MinimumPceSvn: r.MinimumPCESVN}}) {
+		errs = append(errs, &Violation{Rule: "tdx.pceSvn", Got: fmt.Sprint(c.PCESVN), Want: fmt.Sprintf(">= %d", r.MinimumPCESVN)})
+	}
+	return errors.Join(errs...)
+}
+
+// tdxCountErrors counts the errors go-tdx-guest combined into err.
+func tdxCountErrors(err error) int {
+	if err == nil {
+		return 0
+	}
+	if m, ok := err.(interface{ Unwrap() []error }); ok {
+		return len(m.Unwrap())
+	}
+	return 1
+}
+
+func tdxContains(list [][]byte, b []byte) bool {
+	for _, x := range list {
+		if bytes.Equal(x, b) {
+			return true
+		}
+	}
+	return false
+}
+
+func tdxJoinHex(list [][]byte) string {
+	s := make([]string, len(list))
+	for i, b := range list {
+		s[i] = hex.EncodeToString(b)
+	}
+	return joinNames(s)
+}

@@ -33,7 +33,9 @@ type RejectError struct {
 	Err    error
 }
 
-func (e *RejectError) Error() string { return fmt.Sprintf("evidence rejected (%s): %v", e.Reason, e.Err) }
+func (e *RejectError) Error() string {
+	return fmt.Sprintf("evidence rejected (%s): %v", e.Reason, e.Err)
+}
 func (e *RejectError) Unwrap() error { return e.Err }
 
 func reject(reason Reason, format string, args ...any) error {
@@ -180,7 +182,9 @@ func (v *Violation) Error() string {
 }
 
 // Requirements are baseline requirements on one end's claims, checked through go-sev-guest's
-// and go-tdx-guest's validate packages. The zero value requires nothing beyond no debug.
+// and go-tdx-guest's validate packages. The zero value forbids debug, SMT and a migration agent
+// (go-sev-guest's reading of a guest policy: the allowed bits are maxima), and requires nothing
+// else.
 type Requirements struct {
 	SNP SNPRequirements
 	TDX TDXRequirements

@@ -1,7 +1,390 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/go-sev-guest/abi"
+	"github.com/google/uuid"
+	"github.com/spf13/cobra"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/attest/emulate"
+)
 
 func newAttestCmd() *cobra.Command {
-	return &cobra.Command{Use: "attest", Short: "Emulate and verify attestation evidence"}
+	cmd := &cobra.Command{
+		Use:   "attest",
+		Short: "Emulate and verify attestation evidence",
+		Long: `Emulate SEV-SNP and TDX evidence in software, and verify evidence (emulated, or captured
+on real hardware) offline against pinned roots of trust.`,
+		Example: `  lethectl attest emulate --platform emulated-sev-snp --report-data 00 --roots-out roots --out ev.json
+  lethectl attest verify ev.json --trust-roots roots --report-data 00`,
+	}
+	cmd.AddCommand(newAttestEmulateCmd(), newAttestVerifyCmd())
+	return cmd
+}
+
+// decodeHexArg decodes a hex flag value (an optional 0x prefix allowed) of at most max bytes,
+// or exactly max bytes when exact is set.
+func decodeHexArg(name, value string, max int, exact bool) ([]byte, error) {
+	var h attest.HexBytes
+	if err := h.UnmarshalText([]byte(value)); err != nil {
+		return nil, fmt.Errorf("--%s: %w", name, err)
+	}
+	switch {
+	case exact && len(h) != max:
+		return nil, fmt.Errorf("--%s is %d bytes, want %d", name, len(h), max)
+	case len(h) > max:
+		return nil, fmt.Errorf("--%s is %d bytes, want at most %d", name, len(h), max)
+	}
+	return h, nil
+}
+
+// parseSNPTCBFlag parses bl=N,tee=N,snp=N,ucode=N (components left out are 0).
+func parseSNPTCBFlag(s string) (*attest.SNPTCB, error) {
+	var tcb attest.SNPTCB
+	for _, part := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(strings.TrimSpace(part), "=")
+		if !ok {
+			return nil, fmt.Errorf("--tcb: %q is not name=value", part)
+		}
+		n, err := strconv.ParseUint(v, 0, 8)
+		if err != nil {
+			return nil, fmt.Errorf("--tcb: %s: %w", k, err)
+		}
+		switch k {
+		case "bl":
+			tcb.BootLoader = uint8(n)
+		case "tee":
+			tcb.TEE = uint8(n)
+		case "snp":
+			tcb.SNP = uint8(n)
+		case "ucode":
+			tcb.Microcode = uint8(n)
+		default:
+			return nil, fmt.Errorf("--tcb: unknown component %q (want bl, tee, snp, ucode)", k)
+		}
+	}
+	return &tcb, nil
+}
+
+func newAttestEmulateCmd() *cobra.Command {
+	var (
+		platform, reportData, measurement, tcb, teeTCBSVN string
+		out, rawOut, rootsOut                             string
+		debug                                             bool
+	)
+	cmd := &cobra.Command{
+		Use:   "emulate --platform PLATFORM --report-data HEX --out FILE",
+		Short: "Make evidence on an emulated SEV-SNP or TDX platform",
+		Long: `Make evidence on an emulated platform (software signing with test roots of trust) and write
+it as Lethe evidence JSON.
+
+With --roots-out, the emulated platform is kept in that directory: its roots (which a verifier
+needs, see "attest verify --trust-roots") and the keys that sign as it, so a second call with the
+same directory signs as the same platform. Without it, the platform is made for this one call and
+its roots are lost. Emulated evidence is for development and CI: it proves nothing about hardware.`,
+		Example: `  # SEV-SNP evidence with a chosen measurement and TCB, roots kept in ./roots
+  lethectl attest emulate --platform emulated-sev-snp --report-data 0011 \
+    --measurement $(printf 'ab%.0s' $(seq 48)) --tcb bl=3,tee=0,snp=8,ucode=115 \
+    --roots-out roots --out snp.json --raw-out snp.bin
+
+  # TDX evidence of a debug TD, signed as the same emulated platform as before
+  lethectl attest emulate --platform emulated-tdx --report-data 0011 --debug \
+    --roots-out roots --out tdx.json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			p, err := attest.ParsePlatform(platform)
+			if err != nil {
+				return err
+			}
+			if !p.Emulated() {
+				return fmt.Errorf("--platform %v is not emulated (want emulated-sev-snp or emulated-tdx)", p)
+			}
+			rd, err := decodeHexArg("report-data", reportData, attest.ReportDataSize, false)
+			if err != nil {
+				return err
+			}
+			opts := emulate.Options{Debug: debug}
+			if measurement != "" {
+				if opts.Measurement, err = decodeHexArg("measurement", measurement, 48, true); err != nil {
+					return err
+				}
+			}
+			if tcb != "" {
+				if !p.IsSNP() {
+					return errors.New("--tcb is for SEV-SNP; TDX takes --tee-tcb-svn")
+				}
+				if opts.TCB, err = parseSNPTCBFlag(tcb); err != nil {
+					return err
+				}
+			}
+			if teeTCBSVN != "" {
+				if !p.IsTDX() {
+					return errors.New("--tee-tcb-svn is for TDX; SEV-SNP takes --tcb")
+				}
+				if opts.TEETCBSVN, err = decodeHexArg("tee-tcb-svn", teeTCBSVN, 16, true); err != nil {
+					return err
+				}
+			}
+
+			var e emulate.Platform
+			if rootsOut != "" {
+				e, err = emulate.Open(rootsOut, p, opts)
+			} else {
+				e, err = emulate.New(p, opts)
+			}
+			if err != nil {
+				return fmt.Errorf("emulating %v: %w", p, err)
+			}
+			var data [attest.ReportDataSize]byte
+			copy(data[:], rd)
+			raw, err := e.Attest(cmd.Context(), data)
+			if err != nil {
+				return fmt.Errorf("emulating %v evidence: %w", p, err)
+			}
+			b, err := json.MarshalIndent(&attest.Evidence{Platform: p, Raw: raw}, "", "  ")
+			if err != nil {
+				return fmt.Errorf("encoding evidence: %w", err)
+			}
+			if err := os.WriteFile(out, append(b, '\n'), 0o644); err != nil {
+				return fmt.Errorf("writing evidence: %w", err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "wrote %v evidence to %s\n", p, out)
+			if rawOut != "" {
+				if err := os.WriteFile(rawOut, raw, 0o644); err != nil {
+					return fmt.Errorf("writing raw evidence: %w", err)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "wrote %d raw bytes to %s\n", len(raw), rawOut)
+			}
+			if rootsOut != "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "%v roots and keys are in %s\n", p, rootsOut)
+			} else {
+				fmt.Fprintln(cmd.ErrOrStderr(), "note: no --roots-out, so this platform's roots are gone and nothing can verify this evidence")
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&platform, "platform", "", "emulated platform: emulated-sev-snp or emulated-tdx")
+	f.StringVar(&reportData, "report-data", "", "REPORT_DATA in hex, up to 64 bytes (zero-padded)")
+	f.StringVar(&measurement, "measurement", "", "launch measurement in hex, 48 bytes (MRTD on TDX)")
+	f.StringVar(&tcb, "tcb", "", "SEV-SNP TCB as bl=N,tee=N,snp=N,ucode=N: the reported, committed, current and launch TCB and the VCEK's")
+	f.StringVar(&teeTCBSVN, "tee-tcb-svn", "", "TDX TEE_TCB_SVN in hex, 16 bytes")
+	f.BoolVar(&debug, "debug", false, "make a debug guest (SNP policy DEBUG, TDX attribute DEBUG)")
+	f.StringVar(&out, "out", "", "file to write the Lethe evidence JSON to")
+	f.StringVar(&rawOut, "raw-out", "", "file to write the raw hardware bytes to (SNP report + certificate table, or TDX quote)")
+	f.StringVar(&rootsOut, "roots-out", "", "directory keeping the emulated platform: its roots and signing keys")
+	for _, name := range []string{"platform", "report-data", "out"} {
+		if err := cmd.MarkFlagRequired(name); err != nil {
+			panic(err)
+		}
+	}
+	return cmd
+}
+
+// readAnyEvidence reads FILE as Lethe evidence JSON, a raw SEV-SNP report (with or without its
+// certificate table), or a raw TDX quote v4. Raw bytes name the real platform unless platform
+// says otherwise.
+func readAnyEvidence(b []byte, platform string) (*attest.Evidence, error) {
+	if t := bytes.TrimSpace(b); len(t) > 0 && t[0] == '{' {
+		ev, err := attest.ParseEvidence(t)
+		if err != nil {
+			return nil, err
+		}
+		if platform != "" && platform != ev.Platform.String() {
+			return nil, fmt.Errorf("--platform %s, but the evidence names %v", platform, ev.Platform)
+		}
+		return ev, nil
+	}
+	var kind attest.Platform
+	switch {
+	case len(b) >= 8 && binary.LittleEndian.Uint16(b[0:2]) == 4 && binary.LittleEndian.Uint32(b[4:8]) == 0x81:
+		kind = attest.PlatformTDX // quote v4 header: version 4, TEE type 0x81 (TDX)
+	case len(b) >= abi.ReportSize && binary.LittleEndian.Uint32(b[0:4]) >= abi.ReportVersion2 && binary.LittleEndian.Uint32(b[0:4]) <= abi.ReportVersion5:
+		kind = attest.PlatformSEVSNP
+	default:
+		return nil, errors.New("reading evidence: not Lethe evidence JSON, an SEV-SNP report or a TDX quote v4")
+	}
+	if platform != "" {
+		p, err := attest.ParsePlatform(platform)
+		if err != nil {
+			return nil, err
+		}
+		if p.IsSNP() != kind.IsSNP() {
+			return nil, fmt.Errorf("--platform %v, but the file holds a raw %v evidence", p, kind)
+		}
+		kind = p
+	}
+	return &attest.Evidence{Platform: kind, Raw: b}, nil
+}
+
+// snpWithVCEK returns SEV-SNP raw evidence whose certificate table holds cert (PEM or DER) as the
+// VCEK, in place of any the table had.
+func snpWithVCEK(raw, cert []byte) ([]byte, error) {
+	if block, _ := pem.Decode(cert); block != nil {
+		cert = block.Bytes
+	}
+	if len(raw) < abi.ReportSize {
+		return nil, errors.New("--vcek: the evidence is too short for an SEV-SNP report")
+	}
+	var table abi.CertTable
+	if err := table.Unmarshal(raw[abi.ReportSize:]); err != nil {
+		return nil, fmt.Errorf("--vcek: reading the evidence's certificate table: %w", err)
+	}
+	vcek := uuid.MustParse(abi.VcekGUID)
+	entries := []abi.CertTableEntry{{GUID: vcek, RawCert: cert}}
+	for _, e := range table.Entries {
+		if e.GUID != vcek {
+			entries = append(entries, e)
+		}
+	}
+	table.Entries = entries
+	return append(bytes.Clone(raw[:abi.ReportSize]), table.Marshal()...), nil
+}
+
+// printClaimsJSON writes claims as indented JSON, byte strings in hex and the statement as the JSON
+// it is.
+func printClaimsJSON(w io.Writer, c *attest.Claims) error {
+	b, err := json.Marshal(c)
+	if err != nil {
+		return fmt.Errorf("encoding claims: %w", err)
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(b, &m); err != nil {
+		return fmt.Errorf("encoding claims: %w", err)
+	}
+	if len(c.Statement) > 0 {
+		if json.Valid(c.Statement) {
+			m["statement"] = json.RawMessage(c.Statement)
+		} else {
+			s, _ := json.Marshal(hex.EncodeToString(c.Statement))
+			m["statement"] = s
+		}
+	}
+	out, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encoding claims: %w", err)
+	}
+	_, err = fmt.Fprintf(w, "%s\n", out)
+	return err
+}
+
+func newAttestVerifyCmd() *cobra.Command {
+	var (
+		reportData, trustRoots, collateral, vcekFile, product, now, platform string
+	)
+	cmd := &cobra.Command{
+		Use:   "verify FILE",
+		Short: "Verify evidence offline and print its claims",
+		Long: `Verify evidence and print its claims as JSON (byte strings in hex). The exit status is 0 only
+when the evidence verifies; a rejection is printed as "rejected (<reason>): <details>" with
+status 1.
+
+FILE is Lethe evidence JSON, a raw SEV-SNP report (1184 bytes, optionally followed by its
+certificate table), or a raw TDX quote v4; raw bytes are taken as real hardware evidence unless
+--platform says otherwise. Real evidence verifies against AMD's and Intel's roots built into
+go-sev-guest and go-tdx-guest, with collateral (VCEK certificates, CRLs, TCB info) from the
+--collateral directory; nothing is fetched. Emulated evidence verifies only against the roots in
+--trust-roots.
+
+Without --report-data the chain is verified and REPORT_DATA is printed, but the binding of the
+evidence to anything is not checked.`,
+		Example: `  # Emulated evidence, with its binding
+  lethectl attest verify ev.json --trust-roots roots --report-data 0011
+
+  # A report captured on a Milan machine (version 2: the product comes from the VCEK), checked
+  # at the time it was captured
+  lethectl attest verify report.bin --vcek vcek.der --product Milan --now 2024-03-01T00:00:00Z
+
+  # A TDX quote with collateral from a cache directory
+  lethectl attest verify quote.dat --collateral cache`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			stderr := cmd.ErrOrStderr()
+			b, err := os.ReadFile(args[0])
+			if err != nil {
+				return fmt.Errorf("reading evidence: %w", err)
+			}
+			ev, err := readAnyEvidence(b, platform)
+			if err != nil {
+				return err
+			}
+			digest := ev.Digest()
+			if vcekFile != "" {
+				if !ev.Platform.IsSNP() {
+					return fmt.Errorf("--vcek is for SEV-SNP evidence, not %v", ev.Platform)
+				}
+				cert, err := os.ReadFile(vcekFile)
+				if err != nil {
+					return fmt.Errorf("reading --vcek: %w", err)
+				}
+				if ev.Raw, err = snpWithVCEK(ev.Raw, cert); err != nil {
+					return err
+				}
+			}
+			cfg := attest.Config{CollateralDir: collateral, ProductLine: product}
+			if trustRoots != "" {
+				if cfg.Roots, err = attest.LoadRoots(trustRoots); err != nil {
+					return err
+				}
+			}
+			if now != "" {
+				t, err := time.Parse(time.RFC3339, now)
+				if err != nil {
+					return fmt.Errorf("--now: %w", err)
+				}
+				cfg.Now = func() time.Time { return t }
+			}
+			want := attest.Expectation{SkipReportData: true}
+			if reportData != "" {
+				rd, err := decodeHexArg("report-data", reportData, attest.ReportDataSize, false)
+				if err != nil {
+					return err
+				}
+				want = attest.Expectation{ReportData: rd}
+			}
+			v, err := attest.NewVerifier(cfg)
+			if err != nil {
+				return err
+			}
+			claims, err := v.Verify(cmd.Context(), ev, want)
+			if re, ok := errors.AsType[*attest.RejectError](err); ok {
+				fmt.Fprintf(stderr, "rejected (%s): %v\n", re.Reason, re.Err)
+				return &exitError{code: 1}
+			}
+			if err != nil {
+				return err
+			}
+			// The digest is of the evidence as given, before --vcek completed it.
+			claims.EvidenceDigest = digest[:]
+			if err := printClaimsJSON(cmd.OutOrStdout(), claims); err != nil {
+				return err
+			}
+			if reportData == "" {
+				fmt.Fprintln(stderr, "note: no --report-data, so the binding was not checked: the evidence is genuine, but not shown to be fresh or bound to anything")
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&reportData, "report-data", "", "expected REPORT_DATA in hex, up to 64 bytes (zero-padded)")
+	f.StringVar(&trustRoots, "trust-roots", "", "directory of extra roots of trust (an emulator's --roots-out)")
+	f.StringVar(&collateral, "collateral", "", "offline collateral cache directory (VCEK certificates, CRLs, TDX TCB info and QE identity)")
+	f.StringVar(&vcekFile, "vcek", "", "VCEK certificate (DER or PEM) of an SEV-SNP report that carries none")
+	f.StringVar(&product, "product", "", "SEV-SNP product line (Milan, Genoa, Turin) of a version 2 report whose VCEK does not say")
+	f.StringVar(&now, "now", "", "verify certificates as of this RFC 3339 time (for captured evidence)")
+	f.StringVar(&platform, "platform", "", "platform of raw evidence: sev-snp (default for a report), tdx (default for a quote), emulated-sev-snp, emulated-tdx")
+	return cmd
 }
