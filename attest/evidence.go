@@ -49,8 +49,10 @@ type Evidence struct {
 	// HPKEPublicKey is the agent's ephemeral HPKE public key for this migration (may be empty
 	// for evidence that releases nothing, such as the source's erasure evidence).
 	HPKEPublicKey []byte `json:"hpkePublicKey,omitempty"`
-	// Statement is canonical JSON that the agent asserts beside its identity.
-	Statement json.RawMessage `json:"statement,omitempty"`
+	// Statement is canonical JSON that the agent asserts beside its identity. It travels
+	// base64-encoded, like Raw, so that re-formatting an evidence file cannot change the bytes
+	// that REPORT_DATA binds.
+	Statement []byte `json:"statement,omitempty"`
 }
 
 // maxEvidenceSize bounds decoded evidence: a report with a full certificate table or a quote

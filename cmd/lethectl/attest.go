@@ -82,7 +82,7 @@ func parseSNPTCBFlag(s string) (*attest.SNPTCB, error) {
 func newAttestEmulateCmd() *cobra.Command {
 	var (
 		platform, reportData, measurement, tcb, teeTCBSVN string
-		out, rawOut, rootsOut                             string
+		out, rawOut, rootsOut, statement                  string
 		debug                                             bool
 	)
 	cmd := &cobra.Command{
@@ -154,7 +154,13 @@ its roots are lost. Emulated evidence is for development and CI: it proves nothi
 			if err != nil {
 				return fmt.Errorf("emulating %v evidence: %w", p, err)
 			}
-			b, err := json.MarshalIndent(&attest.Evidence{Platform: p, Raw: raw}, "", "  ")
+			ev := &attest.Evidence{Platform: p, Raw: raw}
+			if statement != "" {
+				if ev.Statement, err = readStatement(statement); err != nil {
+					return err
+				}
+			}
+			b, err := json.MarshalIndent(ev, "", "  ")
 			if err != nil {
 				return fmt.Errorf("encoding evidence: %w", err)
 			}
@@ -186,12 +192,29 @@ its roots are lost. Emulated evidence is for development and CI: it proves nothi
 	f.StringVar(&out, "out", "", "file to write the Lethe evidence JSON to")
 	f.StringVar(&rawOut, "raw-out", "", "file to write the raw hardware bytes to (SNP report + certificate table, or TDX quote)")
 	f.StringVar(&rootsOut, "roots-out", "", "directory keeping the emulated platform: its roots and signing keys")
+	f.StringVar(&statement, "statement", "", "JSON file of the statement the evidence carries (such as a clean-memory statement); REPORT_DATA stays as --report-data gives it")
 	for _, name := range []string{"platform", "report-data", "out"} {
 		if err := cmd.MarkFlagRequired(name); err != nil {
 			panic(err)
 		}
 	}
 	return cmd
+}
+
+// readStatement reads a statement file and returns it in canonical JSON.
+func readStatement(file string) ([]byte, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("reading statement: %w", err)
+	}
+	if !json.Valid(b) {
+		return nil, fmt.Errorf("reading statement: %s is not JSON", file)
+	}
+	canon, err := attest.CanonicalJSON(json.RawMessage(b))
+	if err != nil {
+		return nil, fmt.Errorf("reading statement: %w", err)
+	}
+	return canon, nil
 }
 
 // readAnyEvidence reads FILE as Lethe evidence JSON, a raw SEV-SNP report (with or without its
