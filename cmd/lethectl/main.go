@@ -47,5 +47,6 @@ confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
 		SilenceErrors: true,
 	}
 	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd())
+	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd())
 	return root
 }

@@ -30,7 +30,7 @@ evidence before registering it with the keybroker.`,
   lethectl policy verify --pub keys/tenant.pub policy.signed
   lethectl policy test policy.signed --pub keys/tenant.pub --source src.json --destination dst.json --trust-roots roots`,
 	}
-	cmd.AddCommand(newPolicyLintCmd(), newPolicySignCmd(), newPolicyVerifyCmd(), newPolicyTestCmd())
+	cmd.AddCommand(newPolicyLintCmd(), newPolicySignCmd(), newPolicyVerifyCmd(), newPolicyTestCmd(), newPolicyApplyCmd())
 	return cmd
 }
 

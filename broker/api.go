@@ -1,0 +1,527 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/nats-io/nats.go/micro"
+)
+
+// maxRequest bounds a broker API request.
+const maxRequest = 1 << 20
+
+// maxPolicyEnvelope bounds a signed policy envelope.
+const maxPolicyEnvelope = 256 << 10
+
+// apiHandler handles one decoded API request.
+type apiHandler func(ctx context.Context, c Caller, data []byte) (any, error)
+
+// endpoint adapts a typed handler to an apiHandler.
+func endpoint[Req any, Resp any](fn func(context.Context, Caller, *Req) (Resp, error)) apiHandler {
+	return func(ctx context.Context, c Caller, data []byte) (any, error) {
+		var req Req
+		if len(data) > 0 {
+			if err := json.Unmarshal(data, &req); err != nil {
+				return nil, fmt.Errorf("%w: decoding request: %w", ErrInvalid, err)
+			}
+		}
+		return fn(ctx, c, &req)
+	}
+}
+
+// serveAPI registers the broker API service. ctx is the broker's run context.
+func (b *Broker) serveAPI(ctx context.Context) (micro.Service, error) {
+	svc, err := micro.AddService(b.nc, micro.Config{
+		Name:        "lethe-broker",
+		Version:     "1.0.0",
+		Description: "Lethe migration broker",
+		QueueGroup:  "lethe-broker",
+		Metadata:    map[string]string{"id": b.cfg.ID},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("registering broker service: %w", err)
+	}
+	handlers := map[Op]apiHandler{
+		OpPolicyApply:      endpoint(b.applyPolicy),
+		OpHostsList:        endpoint(b.listHosts),
+		OpGuestsList:       endpoint(b.listGuests),
+		OpGuestsAdopt:      endpoint(b.adoptGuest),
+		OpMigrationsCreate: endpoint(b.createMigration),
+		OpMigrationsGet:    endpoint(b.getMigration),
+		OpMigrationsList:   endpoint(b.listMigrations),
+		OpMigrationsAbort:  endpoint(b.abortMigration),
+		OpReceiptsGet:      endpoint(b.getReceipt),
+	}
+	sem := make(chan struct{}, b.cfg.MaxConcurrentRequests)
+	for _, op := range Ops {
+		fn := handlers[op]
+		h := micro.HandlerFunc(func(r micro.Request) {
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				return
+			}
+			go func() {
+				defer func() { <-sem }()
+				b.handle(ctx, op, r, fn)
+			}()
+		})
+		name := strings.ReplaceAll(string(op), ".", "_")
+		if err := svc.AddEndpoint("tenant_"+name, h, micro.WithEndpointSubject(SubjectPrefix+".tenant.*."+string(op))); err != nil {
+			_ = svc.Stop()
+			return nil, fmt.Errorf("adding endpoint %s: %w", op, err)
+		}
+		if err := svc.AddEndpoint("operator_"+name, h, micro.WithEndpointSubject(OperatorSubject(op))); err != nil {
+			_ = svc.Stop()
+			return nil, fmt.Errorf("adding endpoint %s: %w", op, err)
+		}
+	}
+	return svc, nil
+}
+
+// handle runs one API request and answers it; errors become wire codes, and internal errors
+// are logged and hidden from the caller.
+func (b *Broker) handle(ctx context.Context, op Op, r micro.Request, fn apiHandler) {
+	resp, err := func() (any, error) {
+		c, err := parseCaller(r.Subject(), op)
+		if err != nil {
+			return nil, err
+		}
+		if len(r.Data()) > maxRequest {
+			return nil, fmt.Errorf("%w: request of %d bytes exceeds %d", ErrInvalid, len(r.Data()), maxRequest)
+		}
+		return fn(ctx, c, r.Data())
+	}()
+	if err != nil {
+		code, desc, internal := wireError(err)
+		if internal {
+			b.log.Error("Request failed", logKeyOp, string(op), logKeyError, err)
+		}
+		_ = r.Error(code, desc, nil)
+		return
+	}
+	if err := r.RespondJSON(resp); err != nil {
+		b.log.Warn("Responding failed", logKeyOp, string(op), logKeyError, err)
+	}
+}
+
+func validVM(vm string) error {
+	if err := agentapi.ValidName(vm); err != nil {
+		return fmt.Errorf("%w: vm: %w", ErrInvalid, err)
+	}
+	return nil
+}
+
+func (b *Broker) applyPolicy(ctx context.Context, c Caller, req *ApplyPolicyRequest) (*ApplyPolicyResponse, error) {
+	tenant, err := c.tenantFor(req.Tenant)
+	if err != nil {
+		return nil, err
+	}
+	key := tenant
+	if req.VM != "" {
+		if err := validVM(req.VM); err != nil {
+			return nil, err
+		}
+		key = GuestKey(tenant, req.VM)
+	}
+	if len(req.Envelope) == 0 || len(req.Envelope) > maxPolicyEnvelope {
+		return nil, fmt.Errorf("%w: policy envelope must be 1 to %d bytes", ErrInvalid, maxPolicyEnvelope)
+	}
+	if b.cfg.ReadPolicy != nil {
+		if _, err := b.cfg.ReadPolicy(req.Envelope); err != nil {
+			return nil, fmt.Errorf("%w: reading policy: %w", ErrInvalid, err)
+		}
+	}
+	data, err := json.Marshal(PolicyRecord{Tenant: tenant, VM: req.VM, Envelope: req.Envelope, Applied: b.now()})
+	if err != nil {
+		return nil, fmt.Errorf("encoding policy record: %w", err)
+	}
+	rev, err := b.store.policies.Put(ctx, key, data)
+	if err != nil {
+		return nil, fmt.Errorf("storing policy: %w", err)
+	}
+	b.log.Info("Policy applied", logKeyTenant, tenant, logKeyVM, req.VM)
+	return &ApplyPolicyResponse{Key: key, Revision: rev}, nil
+}
+
+// policyFor returns the guest's policy (VM-specific first, then tenant-wide) and its key.
+func (b *Broker) policyFor(ctx context.Context, tenant, vm string) (*PolicyRecord, string, error) {
+	for _, key := range []string{GuestKey(tenant, vm), tenant} {
+		p, _, err := getJSON[PolicyRecord](ctx, b.store.policies, key)
+		if errors.Is(err, ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, "", err
+		}
+		return p, key, nil
+	}
+	return nil, "", fmt.Errorf("%w: no policy for tenant %s vm %s", ErrNotFound, tenant, vm)
+}
+
+func (b *Broker) listHosts(ctx context.Context, c Caller, req *ListHostsRequest) (*ListHostsResponse, error) {
+	hosts, err := listJSON[agentapi.HostRecord](ctx, b.store.hosts, ">")
+	if err != nil {
+		return nil, err
+	}
+	now := b.now()
+	resp := &ListHostsResponse{Hosts: []HostView{}}
+	for _, h := range hosts {
+		live, _ := b.fresh(h, now)
+		if !live && !req.All {
+			continue
+		}
+		v := HostView{HostRecord: *h, Live: live}
+		if !c.Operator() {
+			v.Guests = nil
+			for _, g := range h.Guests {
+				if g.Tenant == c.Tenant {
+					v.Guests = append(v.Guests, g)
+				}
+			}
+		}
+		resp.Hosts = append(resp.Hosts, v)
+	}
+	sort.Slice(resp.Hosts, func(i, j int) bool { return resp.Hosts[i].Host < resp.Hosts[j].Host })
+	return resp, nil
+}
+
+func (b *Broker) listGuests(ctx context.Context, c Caller, req *ListGuestsRequest) (*ListGuestsResponse, error) {
+	filter := ">"
+	if !c.Operator() || req.Tenant != "" {
+		tenant, err := c.tenantFor(req.Tenant)
+		if err != nil {
+			return nil, err
+		}
+		filter = tenant + ".*"
+	}
+	guests, err := listJSON[Guest](ctx, b.store.guests, filter)
+	if err != nil {
+		return nil, err
+	}
+	resp := &ListGuestsResponse{Guests: []Guest{}}
+	for _, g := range guests {
+		if c.sees(g.Tenant) {
+			g.WrappedMDK = ""
+			resp.Guests = append(resp.Guests, *g)
+		}
+	}
+	sort.Slice(resp.Guests, func(i, j int) bool {
+		return GuestKey(resp.Guests[i].Tenant, resp.Guests[i].VM) < GuestKey(resp.Guests[j].Tenant, resp.Guests[j].VM)
+	})
+	return resp, nil
+}
+
+// liveHost returns host's record if the host is live.
+func (b *Broker) liveHost(ctx context.Context, host string) (*agentapi.HostRecord, error) {
+	if err := agentapi.ValidName(host); err != nil {
+		return nil, fmt.Errorf("%w: host: %w", ErrInvalid, err)
+	}
+	rec, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, host)
+	if errors.Is(err, ErrNotFound) {
+		return nil, fmt.Errorf("%w: host %s is not registered", ErrFailedPrecondition, host)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if live, why := b.fresh(rec, b.now()); !live {
+		return nil, fmt.Errorf("%w: %s", ErrFailedPrecondition, why)
+	}
+	return rec, nil
+}
+
+// adoptGuest takes in a guest running on a host: the host's agent attests, the keybroker
+// creates epoch 1 and seals MDK_1 to the agent, the broker delivers it and records the guest.
+func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestRequest) (*Guest, error) {
+	tenant, err := c.tenantFor(req.Tenant)
+	if err != nil {
+		return nil, err
+	}
+	if err := validVM(req.VM); err != nil {
+		return nil, err
+	}
+	host, err := b.liveHost(ctx, req.Host)
+	if err != nil {
+		return nil, err
+	}
+	hg := host.Guest(tenant, req.VM)
+	if hg == nil {
+		return nil, fmt.Errorf("%w: host %s does not report guest %s of tenant %s", ErrFailedPrecondition, req.Host, req.VM, tenant)
+	}
+	key := GuestKey(tenant, req.VM)
+	if _, _, err := getJSON[Guest](ctx, b.store.guests, key); err == nil {
+		return nil, fmt.Errorf("%w: guest %s is already adopted", ErrConflict, key)
+	} else if !errors.Is(err, ErrNotFound) {
+		return nil, err
+	}
+	pol, _, err := b.policyFor(ctx, tenant, req.VM)
+	if errors.Is(err, ErrNotFound) {
+		return nil, fmt.Errorf("%w: %w", ErrFailedPrecondition, err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	adoptionID := newID("adopt-")
+	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: adoptionID, Role: attest.RoleAdopt})
+	if err != nil {
+		return nil, fmt.Errorf("getting adoption nonce: %w", err)
+	}
+	ev, err := b.agents.Attest(ctx, req.Host, &agentapi.AttestRequest{
+		MigrationID: adoptionID, Role: attest.RoleAdopt, Nonce: nonce.Nonce, Tenant: tenant, VM: req.VM,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w: attesting host %s: %w", ErrUnavailable, req.Host, err)
+	}
+	ad, err := b.kb.Adopt(ctx, &AdoptRequest{
+		AdoptionID: adoptionID, Tenant: tenant, VM: req.VM, Policy: pol.Envelope,
+		Agent: Attestation{Nonce: nonce.Nonce, Evidence: ev},
+		Host:  KeyBrokerHost{Name: host.Host, Labels: host.Labels, Region: host.Region},
+	})
+	if err != nil {
+		b.log.Warn("Adoption refused", logKeyTenant, tenant, logKeyVM, req.VM, logKeyHost, req.Host, logKeyError, err)
+		return nil, fmt.Errorf("adopting guest: %w", err)
+	}
+	if err := b.agents.Keys(ctx, req.Host, &agentapi.KeysRequest{MigrationID: adoptionID, Role: attest.RoleAdopt, SealedKeys: ad.Sealed}); err != nil {
+		return nil, fmt.Errorf("%w: delivering keys to %s: %w", ErrUnavailable, req.Host, err)
+	}
+	now := b.now()
+	g := &Guest{
+		Tenant: tenant, VM: req.VM, Host: req.Host, Platform: host.Platform, Epoch: ad.Epoch,
+		WrappedMDK: ad.WrappedMDK, MemoryBytes: hg.MemoryBytes, Adopted: now, Updated: now,
+	}
+	if _, err := updateJSON(ctx, b.store.guests, key, g, 0); err != nil {
+		if errors.Is(err, errRevision) {
+			return nil, fmt.Errorf("%w: guest %s was adopted concurrently", ErrConflict, key)
+		}
+		return nil, err
+	}
+	b.log.Info("Guest adopted", logKeyTenant, tenant, logKeyVM, req.VM, logKeyHost, req.Host)
+	g.WrappedMDK = ""
+	return g, nil
+}
+
+// createMigration checks and records a migration request (or answers a dry run). Of two
+// concurrent requests for one guest exactly one proceeds: the guest record's active migration
+// is taken by CAS.
+func (b *Broker) createMigration(ctx context.Context, c Caller, req *CreateMigrationRequest) (*CreateMigrationResponse, error) {
+	tenant, err := c.tenantFor(req.Tenant)
+	if err != nil {
+		return nil, err
+	}
+	if err := validVM(req.VM); err != nil {
+		return nil, err
+	}
+	key := GuestKey(tenant, req.VM)
+	g, grev, err := getJSON[Guest](ctx, b.store.guests, key)
+	if err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return nil, fmt.Errorf("%w: guest %s is not adopted", ErrNotFound, key)
+		}
+		return nil, err
+	}
+	src, err := b.liveHost(ctx, g.Host)
+	if err != nil {
+		return nil, fmt.Errorf("source: %w", err)
+	}
+	hg := src.Guest(tenant, req.VM)
+	if hg == nil {
+		return nil, fmt.Errorf("%w: source host %s does not report guest %s", ErrFailedPrecondition, g.Host, key)
+	}
+	pol, polKey, err := b.policyFor(ctx, tenant, req.VM)
+	if errors.Is(err, ErrNotFound) {
+		return nil, fmt.Errorf("%w: %w", ErrFailedPrecondition, err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	hosts, err := listJSON[agentapi.HostRecord](ctx, b.store.hosts, ">")
+	if err != nil {
+		return nil, err
+	}
+	now := b.now()
+	verdicts, notes := b.verdicts(hosts, g.Host, g.Platform, pol.Envelope, now)
+	if req.DryRun {
+		return &CreateMigrationResponse{DryRun: &DryRun{
+			Tenant: tenant, VM: req.VM, Source: g.Host, Platform: g.Platform, PolicyKey: polKey, Hosts: verdicts, Notes: notes,
+		}}, nil
+	}
+	dest, err := chooseDestination(req.Destination, verdicts, hosts)
+	if err != nil {
+		return nil, err
+	}
+	id := newID("mig-")
+	if g.Migration != "" {
+		cur, _, err := getJSON[Migration](ctx, b.store.migrations, g.Migration)
+		switch {
+		case err == nil && !cur.Phase.Terminal():
+			return nil, fmt.Errorf("%w: guest %s is already migrating (%s)", ErrConflict, key, g.Migration)
+		case err != nil && !errors.Is(err, ErrNotFound):
+			return nil, err
+		}
+		// A finished or missing migration left the guest marked: take the mark over.
+	}
+	g.Migration, g.Updated = id, now
+	if _, err := updateJSON(ctx, b.store.guests, key, g, grev); err != nil {
+		if errors.Is(err, errRevision) {
+			return nil, fmt.Errorf("%w: guest %s changed concurrently (another migration request?)", ErrConflict, key)
+		}
+		return nil, err
+	}
+	m := &Migration{
+		ID: id, Tenant: tenant, VM: req.VM, Source: g.Host, Destination: dest, Platform: g.Platform,
+		MemoryBytes: hg.MemoryBytes, Epoch: g.Epoch, Phase: PhaseRequested, RequestedBy: c.String(),
+		Created: now, PhaseSince: now, Updated: now,
+	}
+	// The Requested event goes out before the record, whose creation starts the drivers.
+	b.publishEvent(Event{MigrationID: id, Kind: EventPhase, Phase: PhaseRequested, Message: "requested by " + c.String()})
+	if _, err := updateJSON(ctx, b.store.migrations, id, m, 0); err != nil {
+		b.publishEvent(Event{MigrationID: id, Kind: EventAudit, Message: "request not recorded"})
+		_ = b.updateGuest(ctx, tenant, req.VM, func(g *Guest) bool {
+			if g.Migration != id {
+				return false
+			}
+			g.Migration = ""
+			return true
+		})
+		return nil, fmt.Errorf("recording migration: %w", err)
+	}
+	b.log.Info("Migration requested", logKeyMigration, id, logKeyTenant, tenant, logKeyVM, req.VM,
+		logKeyHost, dest, "by", c.String())
+	b.drive(ctx, id)
+	return &CreateMigrationResponse{Migration: m.public()}, nil
+}
+
+// chooseDestination returns the requested destination if it passes, or else the passing host
+// with the fewest guests.
+func chooseDestination(requested string, verdicts []HostVerdict, hosts []*agentapi.HostRecord) (string, error) {
+	if requested != "" {
+		if err := agentapi.ValidName(requested); err != nil {
+			return "", fmt.Errorf("%w: destination: %w", ErrInvalid, err)
+		}
+		for _, v := range verdicts {
+			if v.Host != requested {
+				continue
+			}
+			if !v.Pass {
+				return "", fmt.Errorf("%w: destination %s does not pass: %s", ErrFailedPrecondition, requested, strings.Join(v.Reasons, "; "))
+			}
+			return requested, nil
+		}
+		return "", fmt.Errorf("%w: destination %s is not registered", ErrFailedPrecondition, requested)
+	}
+	load := map[string]int{}
+	for _, h := range hosts {
+		load[h.Host] = len(h.Guests)
+	}
+	best := ""
+	for _, v := range verdicts {
+		if v.Pass && (best == "" || load[v.Host] < load[best]) {
+			best = v.Host
+		}
+	}
+	if best == "" {
+		return "", fmt.Errorf("%w: no host passes the pre-filter (try a dry run)", ErrFailedPrecondition)
+	}
+	return best, nil
+}
+
+// visibleMigration returns migration id if the caller may see it.
+func (b *Broker) visibleMigration(ctx context.Context, c Caller, id string) (*Migration, uint64, error) {
+	if err := agentapi.ValidName(id); err != nil {
+		return nil, 0, fmt.Errorf("%w: migration id: %w", ErrInvalid, err)
+	}
+	m, rev, err := getJSON[Migration](ctx, b.store.migrations, id)
+	if err != nil {
+		return nil, 0, err
+	}
+	if !c.sees(m.Tenant) {
+		return nil, 0, fmt.Errorf("%w: migration %s", ErrNotFound, id)
+	}
+	return m, rev, nil
+}
+
+func (b *Broker) getMigration(ctx context.Context, c Caller, req *GetMigrationRequest) (*Migration, error) {
+	m, _, err := b.visibleMigration(ctx, c, req.ID)
+	if err != nil {
+		return nil, err
+	}
+	return m.public(), nil
+}
+
+func (b *Broker) listMigrations(ctx context.Context, c Caller, req *ListMigrationsRequest) (*ListMigrationsResponse, error) {
+	want := ""
+	if !c.Operator() || req.Tenant != "" {
+		t, err := c.tenantFor(req.Tenant)
+		if err != nil {
+			return nil, err
+		}
+		want = t
+	}
+	all, err := listJSON[Migration](ctx, b.store.migrations, ">")
+	if err != nil {
+		return nil, err
+	}
+	resp := &ListMigrationsResponse{Migrations: []*Migration{}}
+	for _, m := range all {
+		if (want != "" && m.Tenant != want) || !c.sees(m.Tenant) || (req.Active && m.Phase.Terminal()) {
+			continue
+		}
+		resp.Migrations = append(resp.Migrations, m.public())
+	}
+	sort.Slice(resp.Migrations, func(i, j int) bool { return resp.Migrations[i].Created.After(resp.Migrations[j].Created) })
+	return resp, nil
+}
+
+// abortMigration moves a migration to Aborting. Once cutover has started only the broker
+// itself (timeout, agent loss) may abort: a request is refused with ErrConflict.
+func (b *Broker) abortMigration(ctx context.Context, c Caller, req *AbortMigrationRequest) (*Migration, error) {
+	for {
+		m, rev, err := b.visibleMigration(ctx, c, req.ID)
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case m.Phase == PhaseAborting || m.Phase == PhaseAborted:
+			return m.public(), nil
+		case !m.Phase.Abortable() || m.Phase == PhaseCuttingOver:
+			return nil, fmt.Errorf("%w: migration %s is %s, past the point of abort", ErrConflict, m.ID, m.Phase)
+		}
+		now := b.now()
+		from := m.Phase
+		m.Phase, m.PhaseSince, m.Updated = PhaseAborting, now, now
+		m.AbortReason = "requested by " + c.String()
+		if req.Reason != "" {
+			m.AbortReason += ": " + req.Reason
+		}
+		if _, err := updateJSON(ctx, b.store.migrations, m.ID, m, rev); err != nil {
+			if errors.Is(err, errRevision) {
+				continue
+			}
+			return nil, err
+		}
+		b.log.Info("Migration phase changed", logKeyMigration, m.ID, logKeyFrom, from, logKeyPhase, PhaseAborting, logKeyReason, m.AbortReason)
+		b.publishEvent(Event{MigrationID: m.ID, Kind: EventPhase, From: from, Phase: PhaseAborting, Message: m.AbortReason})
+		b.drive(ctx, m.ID)
+		return m.public(), nil
+	}
+}
+
+func (b *Broker) getReceipt(ctx context.Context, c Caller, req *GetReceiptRequest) (*Receipt, error) {
+	if err := agentapi.ValidName(req.MigrationID); err != nil {
+		return nil, fmt.Errorf("%w: migration id: %w", ErrInvalid, err)
+	}
+	r, _, err := getJSON[Receipt](ctx, b.store.receipts, req.MigrationID)
+	if err != nil {
+		return nil, err
+	}
+	if !c.sees(r.Tenant) {
+		return nil, fmt.Errorf("%w: receipt of %s", ErrNotFound, req.MigrationID)
+	}
+	return r, nil
+}

@@ -1,0 +1,308 @@
+package broker
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
+)
+
+// Timeouts bound the phases of a migration; a migration that exceeds one is aborted.
+type Timeouts struct {
+	// Start bounds the time from the request to the start of the transfer (Requested,
+	// Attesting, KeysReleased). Zero means 120 s.
+	Start time.Duration
+	// Progress bounds the time without a progress report from the source during the transfer
+	// and cutover. Zero means 150 s (KubeVirt's progress timeout).
+	Progress time.Duration
+	// PerGiB bounds the whole transfer and cutover, per GiB of guest memory (never less than
+	// Progress). Zero means 150 s (KubeVirt's completion timeout per GiB).
+	PerGiB time.Duration
+}
+
+// Config configures a Broker.
+type Config struct {
+	// Conn is the broker's NATS connection. Required. Its user needs the broker's permissions
+	// (see ServerConfig) and, with authentication, the inbox prefix InboxPrefix(RoleBroker, "").
+	Conn *nats.Conn
+	// KeyBroker is the keybroker. Required (usually a KeyBrokerClient).
+	KeyBroker KeyBroker
+	// Logger receives the broker's logs. Nil means slog.Default().
+	Logger *slog.Logger
+	// ID names this broker instance in leases and logs. Empty means a random id.
+	ID string
+	// Now returns the current time. Nil means time.Now. Tests inject a clock here.
+	Now func() time.Time
+	// Timeouts bound the phases; zero fields take their defaults.
+	Timeouts Timeouts
+	// Lease is how long a broker's claim on a migration lasts without renewal. Zero means
+	// 60 s. Another broker takes over a migration whose lease expired.
+	Lease time.Duration
+	// CheckInterval is how often the broker looks for migrations to take over and checks
+	// timeouts and agents. Zero means 1 s.
+	CheckInterval time.Duration
+	// HostTTL is how old a host's heartbeat may be before the host counts as lost; it is also
+	// the TTL of the lethe-hosts bucket. Zero means 30 s.
+	HostTTL time.Duration
+	// AgentTimeout bounds one call to an agent or the keybroker. Zero means 30 s.
+	AgentTimeout time.Duration
+	// Streams is the number of data-plane connections a transfer uses. Zero means 4.
+	Streams int
+	// ReadPolicy extracts the pre-filter from a signed policy envelope. Nil means no policy
+	// pre-filter: destinations are checked for liveness and platform only, and dry runs say so.
+	ReadPolicy PolicyReader
+	// Replicas is the JetStream replication of the buckets and stream. Zero means 1.
+	Replicas int
+	// EventsRetention is how long LETHE_EVENTS keeps events. Zero means 30 days.
+	EventsRetention time.Duration
+	// MaxConcurrentRequests bounds API requests handled at once. Zero means 64.
+	MaxConcurrentRequests int
+}
+
+// Broker runs the migration control plane. Create it with New and run it with Run.
+type Broker struct {
+	cfg    Config
+	log    *slog.Logger
+	nc     *nats.Conn
+	kb     KeyBroker
+	agents *agentapi.Client
+	now    func() time.Time
+
+	ready chan struct{}
+	store *store // set by Run before ready is closed
+
+	mu       sync.Mutex
+	driving  map[string]chan struct{} // migrations driven by this broker → wake-up
+	attached map[string]bool          // migrations whose transfer this broker re-attached to
+	drivers  sync.WaitGroup
+}
+
+// New returns a Broker, or an error if cfg lacks a required field.
+func New(cfg Config) (*Broker, error) {
+	if cfg.Conn == nil {
+		return nil, errors.New("creating broker: Conn is required")
+	}
+	if cfg.KeyBroker == nil {
+		return nil, errors.New("creating broker: KeyBroker is required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.ID == "" {
+		cfg.ID = "broker-" + rand.Text()[:10]
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	setDefault(&cfg.Timeouts.Start, 120*time.Second)
+	setDefault(&cfg.Timeouts.Progress, 150*time.Second)
+	setDefault(&cfg.Timeouts.PerGiB, 150*time.Second)
+	setDefault(&cfg.Lease, 60*time.Second)
+	setDefault(&cfg.CheckInterval, time.Second)
+	setDefault(&cfg.HostTTL, 30*time.Second)
+	setDefault(&cfg.AgentTimeout, 30*time.Second)
+	setDefault(&cfg.EventsRetention, 30*24*time.Hour)
+	if cfg.Streams <= 0 {
+		cfg.Streams = 4
+	}
+	if cfg.Replicas <= 0 {
+		cfg.Replicas = 1
+	}
+	if cfg.MaxConcurrentRequests <= 0 {
+		cfg.MaxConcurrentRequests = 64
+	}
+	return &Broker{
+		cfg:      cfg,
+		log:      cfg.Logger.With(logKeyComponent, "broker", logKeyBroker, cfg.ID),
+		nc:       cfg.Conn,
+		kb:       cfg.KeyBroker,
+		agents:   agentapi.NewClient(cfg.Conn, cfg.AgentTimeout),
+		now:      cfg.Now,
+		ready:    make(chan struct{}),
+		driving:  make(map[string]chan struct{}),
+		attached: make(map[string]bool),
+	}, nil
+}
+
+func setDefault(d *time.Duration, v time.Duration) {
+	if *d <= 0 {
+		*d = v
+	}
+}
+
+// ID returns the broker's instance id.
+func (b *Broker) ID() string { return b.cfg.ID }
+
+// Ready is closed once Run has created the buckets and serves the API.
+func (b *Broker) Ready() <-chan struct{} { return b.ready }
+
+// Run creates the JetStream buckets and stream if needed, serves the broker API, records
+// agents' progress, and drives migrations until ctx ends. It returns nil when ctx ends, or
+// the first error that stops one of its tasks.
+func (b *Broker) Run(ctx context.Context) error {
+	js, err := jetstream.New(b.nc)
+	if err != nil {
+		return fmt.Errorf("opening jetstream: %w", err)
+	}
+	st, err := openStore(ctx, js, storeConfig{
+		replicas:        b.cfg.Replicas,
+		hostTTL:         b.cfg.HostTTL,
+		eventsRetention: b.cfg.EventsRetention,
+	})
+	if err != nil {
+		return err
+	}
+	b.store = st
+
+	g, gctx := errgroup.WithContext(ctx)
+	svc, err := b.serveAPI(gctx)
+	if err != nil {
+		return err
+	}
+	progressSub, err := b.nc.QueueSubscribe(agentapi.ProgressWildcard, "lethe-broker", func(m *nats.Msg) {
+		b.handleProgress(gctx, m)
+	})
+	if err != nil {
+		_ = svc.Stop()
+		return fmt.Errorf("subscribing to agent progress: %w", err)
+	}
+	watcher, err := st.migrations.WatchAll(gctx, jetstream.UpdatesOnly())
+	if err != nil {
+		_ = svc.Stop()
+		_ = progressSub.Unsubscribe()
+		return fmt.Errorf("watching migrations: %w", err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		return fmt.Errorf("flushing subscriptions: %w", err)
+	}
+	b.log.Info("Broker running")
+	close(b.ready)
+
+	g.Go(func() error { return b.watchMigrations(gctx, watcher) })
+	g.Go(func() error { return b.reconcileLoop(gctx) })
+	g.Go(func() error {
+		<-gctx.Done()
+		_ = watcher.Stop()
+		_ = progressSub.Drain()
+		_ = svc.Stop()
+		return nil
+	})
+	err = g.Wait()
+	b.drivers.Wait()
+	b.log.Info("Broker stopped")
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+// watchMigrations wakes the driver of every migration whose record changes.
+func (b *Broker) watchMigrations(ctx context.Context, w jetstream.KeyWatcher) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case e, ok := <-w.Updates():
+			if !ok {
+				return nil
+			}
+			if e == nil || e.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			var m struct {
+				Phase Phase `json:"phase"`
+			}
+			if json.Unmarshal(e.Value(), &m) != nil || m.Phase.Terminal() {
+				continue
+			}
+			b.drive(ctx, e.Key())
+		}
+	}
+}
+
+// reconcileLoop looks, every CheckInterval, at every unfinished migration: one this broker
+// drives gets its timeouts checked; one nobody holds is taken over.
+func (b *Broker) reconcileLoop(ctx context.Context) error {
+	t := time.NewTicker(b.cfg.CheckInterval)
+	defer t.Stop()
+	for {
+		b.reconcile(ctx)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func (b *Broker) reconcile(ctx context.Context) {
+	recs, err := listJSON[Migration](ctx, b.store.migrations, ">")
+	if err != nil {
+		if ctx.Err() == nil {
+			b.log.Warn("Listing migrations failed", logKeyError, err)
+		}
+		return
+	}
+	now := b.now()
+	for _, m := range recs {
+		if m.Phase.Terminal() {
+			continue
+		}
+		if m.Owner != "" && m.Owner != b.cfg.ID && m.LeaseUntil.After(now) {
+			continue
+		}
+		b.drive(ctx, m.ID)
+	}
+}
+
+// drive starts a driver for migration id, or wakes the one already running.
+func (b *Broker) drive(ctx context.Context, id string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if ctx.Err() != nil {
+		return
+	}
+	if wake, ok := b.driving[id]; ok {
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+		return
+	}
+	wake := make(chan struct{}, 1)
+	b.driving[id] = wake
+	b.drivers.Add(1)
+	go func() {
+		defer b.drivers.Done()
+		b.runDriver(ctx, id, wake)
+		b.mu.Lock()
+		delete(b.driving, id)
+		delete(b.attached, id)
+		b.mu.Unlock()
+	}()
+}
+
+// publishEvent publishes ev on the migration's events subject (captured by LETHE_EVENTS).
+func (b *Broker) publishEvent(ev Event) {
+	ev.Time = b.now()
+	ev.Broker = b.cfg.ID
+	data, err := json.Marshal(ev)
+	if err != nil {
+		return
+	}
+	if err := b.nc.Publish(EventsSubject(ev.MigrationID), data); err != nil {
+		b.log.Warn("Publishing event failed", logKeyMigration, ev.MigrationID, logKeyError, err)
+	}
+}
+
+// newID returns a random id that is a valid NATS token and KV key.
+func newID(prefix string) string { return prefix + rand.Text()[:20] }

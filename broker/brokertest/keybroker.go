@@ -1,0 +1,103 @@
+// Package brokertest provides a hand-written fake keybroker implementing broker.KeyBroker, for
+// tests of the broker. It talks to no Vault, verifies nothing and seals nothing: its "sealed
+// keys" and receipts are marked fake. It must never be linked into a production binary.
+package brokertest
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+
+	"github.com/lethe-cc/lethe/broker"
+)
+
+// KeyBroker is a fake keybroker. The zero value is ready to use.
+type KeyBroker struct {
+	// Deny makes Release and Adopt deny with this reason when not empty.
+	Deny string
+
+	mu       sync.Mutex
+	nonces   int
+	releases []broker.ReleaseRequest
+	adopts   []broker.AdoptRequest
+	destroys []broker.DestroyRequest
+	epochs   map[string]uint64 // guest → current epoch, as the keybroker keeps it
+	ended    map[string]bool   // migrations committed
+}
+
+// Nonce implements broker.KeyBroker.
+func (k *KeyBroker) Nonce(_ context.Context, req *broker.NonceRequest) (*broker.NonceResponse, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.nonces++
+	return &broker.NonceResponse{Nonce: fmt.Appendf(nil, "nonce-%d-%s-%s", k.nonces, req.MigrationID, req.Role)}, nil
+}
+
+// Release implements broker.KeyBroker.
+func (k *KeyBroker) Release(_ context.Context, req *broker.ReleaseRequest) (*broker.ReleaseResponse, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.releases = append(k.releases, *req)
+	if k.Deny != "" {
+		return nil, &broker.Error{Code: broker.CodeDenied, Message: k.Deny}
+	}
+	e := k.epochs[req.Tenant+"."+req.VM]
+	return &broker.ReleaseResponse{
+		MigrationID:       req.MigrationID,
+		FromEpoch:         e,
+		ToEpoch:           e + 1,
+		SealedSource:      []byte("fake-sealed-tk-for-" + req.MigrationID),
+		SealedDestination: []byte("fake-sealed-tk-mdk-for-" + req.MigrationID),
+		WrappedMDK:        fmt.Sprintf("vault:v1:fake-%s-%s-e%d", req.Tenant, req.VM, e+1),
+	}, nil
+}
+
+// Adopt implements broker.KeyBroker.
+func (k *KeyBroker) Adopt(_ context.Context, req *broker.AdoptRequest) (*broker.AdoptResponse, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.adopts = append(k.adopts, *req)
+	if k.Deny != "" {
+		return nil, &broker.Error{Code: broker.CodeDenied, Message: k.Deny}
+	}
+	if k.epochs == nil {
+		k.epochs = map[string]uint64{}
+	}
+	k.epochs[req.Tenant+"."+req.VM] = 1
+	return &broker.AdoptResponse{Sealed: []byte("fake-sealed-mdk1"), Epoch: 1,
+		WrappedMDK: fmt.Sprintf("vault:v1:fake-%s-%s-e1", req.Tenant, req.VM)}, nil
+}
+
+// Destroy implements broker.KeyBroker.
+func (k *KeyBroker) Destroy(_ context.Context, req *broker.DestroyRequest) (*broker.DestroyResponse, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.destroys = append(k.destroys, *req)
+	if req.Ending == broker.EndingCommit && !k.ended[req.MigrationID] {
+		if k.ended == nil {
+			k.ended = map[string]bool{}
+		}
+		k.ended[req.MigrationID] = true
+		k.epochs[req.Tenant+"."+req.VM]++
+	}
+	receipt, err := json.Marshal(map[string]string{"payloadType": "fake", "migrationId": req.MigrationID, "ending": string(req.Ending)})
+	if err != nil {
+		return nil, err
+	}
+	return &broker.DestroyResponse{Receipt: receipt}, nil
+}
+
+// Destroys returns the Destroy requests received so far.
+func (k *KeyBroker) Destroys() []broker.DestroyRequest {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([]broker.DestroyRequest(nil), k.destroys...)
+}
+
+// Releases returns the Release requests received so far.
+func (k *KeyBroker) Releases() []broker.ReleaseRequest {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([]broker.ReleaseRequest(nil), k.releases...)
+}

@@ -1,0 +1,98 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+// Client calls the broker API over NATS, as a tenant or as an operator. It is safe for
+// concurrent use. Errors from the broker are *Error values matching the Err* sentinels.
+type Client struct {
+	nc      *nats.Conn
+	caller  Caller
+	timeout time.Duration
+}
+
+// NewTenantClient returns a client calling the API as tenant (on the tenant's subjects; NATS
+// permissions decide whether this connection may).
+func NewTenantClient(nc *nats.Conn, tenant string) *Client {
+	return &Client{nc: nc, caller: Caller{Tenant: tenant}, timeout: 30 * time.Second}
+}
+
+// NewOperatorClient returns a client calling the API as an operator.
+func NewOperatorClient(nc *nats.Conn) *Client {
+	return &Client{nc: nc, timeout: 30 * time.Second}
+}
+
+// ApplyPolicy stores a signed policy envelope.
+func (c *Client) ApplyPolicy(ctx context.Context, req *ApplyPolicyRequest) (*ApplyPolicyResponse, error) {
+	var resp ApplyPolicyResponse
+	return &resp, c.call(ctx, OpPolicyApply, req, &resp)
+}
+
+// ListHosts lists hosts.
+func (c *Client) ListHosts(ctx context.Context, req *ListHostsRequest) (*ListHostsResponse, error) {
+	var resp ListHostsResponse
+	return &resp, c.call(ctx, OpHostsList, req, &resp)
+}
+
+// ListGuests lists guests.
+func (c *Client) ListGuests(ctx context.Context, req *ListGuestsRequest) (*ListGuestsResponse, error) {
+	var resp ListGuestsResponse
+	return &resp, c.call(ctx, OpGuestsList, req, &resp)
+}
+
+// AdoptGuest takes a guest in on its current host.
+func (c *Client) AdoptGuest(ctx context.Context, req *AdoptGuestRequest) (*Guest, error) {
+	var resp Guest
+	return &resp, c.call(ctx, OpGuestsAdopt, req, &resp)
+}
+
+// CreateMigration requests a migration (or a dry run).
+func (c *Client) CreateMigration(ctx context.Context, req *CreateMigrationRequest) (*CreateMigrationResponse, error) {
+	var resp CreateMigrationResponse
+	return &resp, c.call(ctx, OpMigrationsCreate, req, &resp)
+}
+
+// GetMigration returns a migration.
+func (c *Client) GetMigration(ctx context.Context, id string) (*Migration, error) {
+	var resp Migration
+	return &resp, c.call(ctx, OpMigrationsGet, &GetMigrationRequest{ID: id}, &resp)
+}
+
+// ListMigrations lists migrations.
+func (c *Client) ListMigrations(ctx context.Context, req *ListMigrationsRequest) (*ListMigrationsResponse, error) {
+	var resp ListMigrationsResponse
+	return &resp, c.call(ctx, OpMigrationsList, req, &resp)
+}
+
+// AbortMigration asks to abort a migration and returns its record.
+func (c *Client) AbortMigration(ctx context.Context, req *AbortMigrationRequest) (*Migration, error) {
+	var resp Migration
+	return &resp, c.call(ctx, OpMigrationsAbort, req, &resp)
+}
+
+// GetReceipt returns the receipt of a finished migration.
+func (c *Client) GetReceipt(ctx context.Context, migrationID string) (*Receipt, error) {
+	var resp Receipt
+	return &resp, c.call(ctx, OpReceiptsGet, &GetReceiptRequest{MigrationID: migrationID}, &resp)
+}
+
+func (c *Client) call(ctx context.Context, op Op, req, resp any) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.timeout)
+		defer cancel()
+	}
+	subject := OperatorSubject(op)
+	if !c.caller.Operator() {
+		subject = TenantSubject(c.caller.Tenant, op)
+	}
+	if err := request(ctx, c.nc, subject, req, resp); err != nil {
+		return fmt.Errorf("calling broker %s: %w", op, err)
+	}
+	return nil
+}

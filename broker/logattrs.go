@@ -1,0 +1,18 @@
+package broker
+
+// Attribute keys of the broker's structured logs.
+const (
+	logKeyComponent = "component"
+	logKeyBroker    = "broker"
+	logKeyMigration = "migration"
+	logKeyTenant    = "tenant"
+	logKeyVM        = "vm"
+	logKeyHost      = "host"
+	logKeyPhase     = "phase"
+	logKeyFrom      = "from"
+	logKeyReason    = "reason"
+	logKeyOp        = "op"
+	logKeyError     = "error"
+	logKeyOwner     = "owner"
+	logKeyOutcome   = "outcome"
+)

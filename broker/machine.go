@@ -1,0 +1,529 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"golang.org/x/sync/errgroup"
+)
+
+// errNotMine means the migration changed phase or owner under a step; the driver reloads it.
+var errNotMine = errors.New("migration changed phase or owner")
+
+// gib is the number of bytes in a GiB.
+const gib = 1 << 30
+
+// runDriver advances migration id for as long as this broker holds its lease and it is not
+// finished. wake is signalled when the record changes.
+func (b *Broker) runDriver(ctx context.Context, id string, wake <-chan struct{}) {
+	log := b.log.With(logKeyMigration, id)
+	retry := time.NewTicker(b.cfg.CheckInterval)
+	defer retry.Stop()
+	wait := func() {
+		select {
+		case <-ctx.Done():
+		case <-wake:
+		case <-retry.C:
+		}
+	}
+	for ctx.Err() == nil {
+		m, rev, err := getJSON[Migration](ctx, b.store.migrations, id)
+		if errors.Is(err, ErrNotFound) {
+			return
+		}
+		if err != nil {
+			log.Warn("Reading migration failed", logKeyError, err)
+			wait()
+			continue
+		}
+		if m.Phase.Terminal() {
+			return
+		}
+		now := b.now()
+		if m.Owner != "" && m.Owner != b.cfg.ID && m.LeaseUntil.After(now) {
+			return // another broker holds it
+		}
+		if m.Owner != b.cfg.ID || m.LeaseUntil.Sub(now) < b.cfg.Lease/2 {
+			prev := m.Owner
+			m.Owner, m.LeaseUntil, m.Updated = b.cfg.ID, now.Add(b.cfg.Lease), now
+			if _, err := updateJSON(ctx, b.store.migrations, id, m, rev); err != nil {
+				if !errors.Is(err, errRevision) {
+					log.Warn("Claiming migration failed", logKeyError, err)
+					wait()
+				}
+				continue
+			}
+			if prev != "" && prev != b.cfg.ID {
+				log.Info("Took over migration", logKeyOwner, prev, logKeyPhase, m.Phase)
+				b.publishEvent(Event{MigrationID: id, Kind: EventAudit, Phase: m.Phase, Message: "taken over from " + prev})
+			}
+			continue
+		}
+		if m.Phase.Abortable() {
+			if reason := b.abortReason(ctx, m, now); reason != "" {
+				if err := b.abort(ctx, m, reason); err != nil && !errors.Is(err, errNotMine) {
+					log.Warn("Aborting migration failed", logKeyError, err)
+					wait()
+				}
+				continue
+			}
+		}
+		waitNext, err := b.step(ctx, m)
+		switch {
+		case err == nil:
+		case errors.Is(err, errNotMine), errors.Is(err, errRevision):
+			continue
+		case ctx.Err() != nil:
+			return
+		default:
+			log.Warn("Migration step failed", logKeyPhase, m.Phase, logKeyError, err)
+			waitNext = true
+		}
+		if waitNext {
+			wait()
+		}
+	}
+}
+
+// step runs the step of m's phase. It returns true when the driver should wait for a change
+// (progress) before looking again.
+func (b *Broker) step(ctx context.Context, m *Migration) (bool, error) {
+	switch m.Phase {
+	case PhaseRequested:
+		return false, b.transition(ctx, m.ID, PhaseRequested, PhaseAttesting, nil)
+	case PhaseAttesting:
+		return false, b.stepAttest(ctx, m)
+	case PhaseKeysReleased:
+		return false, b.stepKeys(ctx, m)
+	case PhaseTransferring, PhaseCuttingOver:
+		return b.stepTransfer(ctx, m)
+	case PhaseCommitted:
+		return false, b.stepCommit(ctx, m)
+	case PhaseAborting:
+		return false, b.stepAbort(ctx, m)
+	}
+	return true, fmt.Errorf("unknown phase %q", m.Phase)
+}
+
+// transition moves migration id from phase from to phase to, applying mutate, if this broker
+// still owns it in phase from. It renews the lease.
+func (b *Broker) transition(ctx context.Context, id string, from, to Phase, mutate func(*Migration)) error {
+	for {
+		m, rev, err := getJSON[Migration](ctx, b.store.migrations, id)
+		if err != nil {
+			return err
+		}
+		if m.Phase != from || m.Owner != b.cfg.ID {
+			return errNotMine
+		}
+		if mutate != nil {
+			mutate(m)
+		}
+		now := b.now()
+		m.Phase, m.PhaseSince, m.Updated, m.LeaseUntil = to, now, now, now.Add(b.cfg.Lease)
+		if to.Terminal() {
+			m.Finished, m.Owner, m.LeaseUntil = now, "", time.Time{}
+		}
+		if _, err := updateJSON(ctx, b.store.migrations, id, m, rev); err != nil {
+			if errors.Is(err, errRevision) {
+				continue
+			}
+			return err
+		}
+		attrs := []any{logKeyMigration, id, logKeyFrom, from, logKeyPhase, to}
+		if to == PhaseAborting {
+			attrs = append(attrs, logKeyReason, m.AbortReason)
+		}
+		b.log.Info("Migration phase changed", attrs...)
+		b.publishEvent(Event{MigrationID: id, Kind: EventPhase, From: from, Phase: to, Message: m.AbortReason})
+		return nil
+	}
+}
+
+// abort moves m to Aborting for reason.
+func (b *Broker) abort(ctx context.Context, m *Migration, reason string) error {
+	return b.transition(ctx, m.ID, m.Phase, PhaseAborting, func(m *Migration) { m.AbortReason = reason })
+}
+
+// abortReason returns why m must be aborted now (timeout, agent lost), or "".
+func (b *Broker) abortReason(ctx context.Context, m *Migration, now time.Time) string {
+	t := b.cfg.Timeouts
+	switch m.Phase {
+	case PhaseRequested, PhaseAttesting, PhaseKeysReleased:
+		if now.Sub(m.Created) > t.Start {
+			return fmt.Sprintf("timeout: transfer not started within %v", t.Start)
+		}
+	case PhaseTransferring, PhaseCuttingOver:
+		last := m.TransferStarted
+		if m.LastProgress.After(last) {
+			last = m.LastProgress
+		}
+		if now.Sub(last) > t.Progress {
+			return fmt.Sprintf("timeout: no progress for %v", t.Progress)
+		}
+		limit := max(t.Progress, time.Duration(float64(t.PerGiB)*float64(m.MemoryBytes)/gib))
+		if now.Sub(m.TransferStarted) > limit {
+			return fmt.Sprintf("timeout: transfer not complete within %v", limit.Round(time.Second))
+		}
+	}
+	for _, h := range []string{m.Source, m.Destination} {
+		if live, why := b.hostLive(ctx, h, now); !live {
+			return "agent lost: " + why
+		}
+	}
+	return ""
+}
+
+// hostLive reports whether host's record is present and its heartbeat fresh, and if not, why.
+// A failure to read the bucket counts as live: the broker's own trouble is no reason to abort.
+func (b *Broker) hostLive(ctx context.Context, host string, now time.Time) (bool, string) {
+	rec, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, host)
+	if errors.Is(err, ErrNotFound) {
+		return false, fmt.Sprintf("host %s is not registered", host)
+	}
+	if err != nil {
+		b.log.Warn("Reading host failed", logKeyHost, host, logKeyError, err)
+		return true, ""
+	}
+	return b.fresh(rec, now)
+}
+
+func (b *Broker) fresh(rec *agentapi.HostRecord, now time.Time) (bool, string) {
+	if age := now.Sub(rec.Heartbeat); age > b.cfg.HostTTL {
+		return false, fmt.Sprintf("host %s heartbeat is %v old (TTL %v)", rec.Host, age.Round(time.Second), b.cfg.HostTTL)
+	}
+	return true, ""
+}
+
+// stepAttest gathers both agents' evidence under fresh nonces and asks the keybroker for the
+// keys. Rerunning it asks for new nonces and evidence.
+func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
+	pol, _, err := b.policyFor(ctx, m.Tenant, m.VM)
+	if errors.Is(err, ErrNotFound) {
+		return b.abort(ctx, m, "no policy for the guest")
+	}
+	if err != nil {
+		return err
+	}
+	var srcNonce, dstNonce *NonceResponse
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) {
+		srcNonce, err = b.kb.Nonce(gctx, &NonceRequest{MigrationID: m.ID, Role: attest.RoleSource})
+		return err
+	})
+	g.Go(func() (err error) {
+		dstNonce, err = b.kb.Nonce(gctx, &NonceRequest{MigrationID: m.ID, Role: attest.RoleDestination})
+		return err
+	})
+	if err := g.Wait(); err != nil {
+		return fmt.Errorf("getting nonces: %w", err)
+	}
+	var srcEv *attest.Evidence
+	var prep *agentapi.PrepareResponse
+	g, gctx = errgroup.WithContext(ctx)
+	g.Go(func() (err error) {
+		srcEv, err = b.agents.Attest(gctx, m.Source, &agentapi.AttestRequest{
+			MigrationID: m.ID, Role: attest.RoleSource, Nonce: srcNonce.Nonce, Tenant: m.Tenant, VM: m.VM,
+		})
+		if err != nil {
+			return fmt.Errorf("attesting source %s: %w", m.Source, err)
+		}
+		return nil
+	})
+	g.Go(func() (err error) {
+		prep, err = b.agents.Prepare(gctx, m.Destination, &agentapi.PrepareRequest{
+			MigrationID: m.ID, Nonce: dstNonce.Nonce, Tenant: m.Tenant, VM: m.VM, MemoryBytes: m.MemoryBytes,
+		})
+		if err != nil {
+			return fmt.Errorf("preparing destination %s: %w", m.Destination, err)
+		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	dstHost := KeyBrokerHost{Name: m.Destination}
+	if h, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, m.Destination); err == nil {
+		dstHost.Labels, dstHost.Region = h.Labels, h.Region
+	}
+	rel, err := b.kb.Release(ctx, &ReleaseRequest{
+		MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Policy: pol.Envelope,
+		Source:          Attestation{Nonce: srcNonce.Nonce, Evidence: srcEv},
+		Destination:     Attestation{Nonce: dstNonce.Nonce, Evidence: prep.Evidence},
+		DestinationHost: dstHost,
+	})
+	if errors.Is(err, ErrDenied) {
+		b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase, Message: "release denied: " + err.Error()})
+		return b.abort(ctx, m, "denied: "+err.Error())
+	}
+	if err != nil {
+		return fmt.Errorf("releasing keys: %w", err)
+	}
+	if rel.FromEpoch != m.Epoch || rel.ToEpoch != m.Epoch+1 {
+		return b.abort(ctx, m, fmt.Sprintf("keybroker released epochs %d→%d, want %d→%d", rel.FromEpoch, rel.ToEpoch, m.Epoch, m.Epoch+1))
+	}
+	return b.transition(ctx, m.ID, PhaseAttesting, PhaseKeysReleased, func(m *Migration) {
+		m.SourceKeys, m.DestinationKeys = rel.SealedSource, rel.SealedDestination
+		m.NextWrappedMDK = rel.WrappedMDK
+		m.DataEndpoint = prep.DataEndpoint
+		m.Streams = b.cfg.Streams
+		m.SourceEvidence, m.DestinationEvidence = digestHex(srcEv), digestHex(prep.Evidence)
+	})
+}
+
+// stepKeys delivers the sealed keys to both agents (idempotent) and starts the transfer phase.
+func (b *Broker) stepKeys(ctx context.Context, m *Migration) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		return b.agents.Keys(gctx, m.Source, &agentapi.KeysRequest{MigrationID: m.ID, Role: attest.RoleSource, SealedKeys: m.SourceKeys})
+	})
+	g.Go(func() error {
+		return b.agents.Keys(gctx, m.Destination, &agentapi.KeysRequest{MigrationID: m.ID, Role: attest.RoleDestination, SealedKeys: m.DestinationKeys})
+	})
+	if err := g.Wait(); err != nil {
+		return fmt.Errorf("delivering keys: %w", err)
+	}
+	return b.transition(ctx, m.ID, PhaseKeysReleased, PhaseTransferring, func(m *Migration) {
+		now := b.now()
+		m.TransferStarted, m.LastProgress = now, now
+	})
+}
+
+// stepTransfer (re-)attaches to the source's transfer once per driver and follows its
+// progress: cutover, committed, or failed.
+func (b *Broker) stepTransfer(ctx context.Context, m *Migration) (bool, error) {
+	b.mu.Lock()
+	attached := b.attached[m.ID]
+	b.mu.Unlock()
+	if !attached {
+		p, err := b.agents.Transfer(ctx, m.Source, &agentapi.TransferRequest{
+			MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, DataEndpoint: m.DataEndpoint,
+			Streams: m.Streams, ZeroPageElision: m.ZeroPageElision,
+		})
+		if err != nil {
+			return true, fmt.Errorf("starting transfer on %s: %w", m.Source, err)
+		}
+		b.mu.Lock()
+		b.attached[m.ID] = true
+		b.mu.Unlock()
+		p.MigrationID = m.ID
+		if _, err := b.recordProgress(ctx, m.ID, m.Source, p); err != nil {
+			return true, err
+		}
+		return false, nil
+	}
+	if m.Progress == nil {
+		return true, nil
+	}
+	switch m.Progress.Phase {
+	case agentapi.TransferCutover:
+		if m.Phase == PhaseTransferring {
+			return false, b.transition(ctx, m.ID, PhaseTransferring, PhaseCuttingOver, nil)
+		}
+	case agentapi.TransferCommitted:
+		if m.Phase == PhaseTransferring {
+			// The cutover happened even if its report was overtaken: record it.
+			return false, b.transition(ctx, m.ID, PhaseTransferring, PhaseCuttingOver, nil)
+		}
+		return false, b.transition(ctx, m.ID, PhaseCuttingOver, PhaseCommitted, func(m *Migration) {
+			if m.Progress != nil {
+				m.CommitAck = m.Progress.CommitAck
+			}
+		})
+	case agentapi.TransferFailed:
+		return false, b.abort(ctx, m, "transfer failed: "+m.Progress.Error)
+	}
+	return true, nil
+}
+
+// stepCommit erases the source, has the keybroker destroy the source's keys and sign the
+// receipt, stores the receipt and moves the guest to the destination. Every part is
+// idempotent.
+func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
+	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: m.ID, Role: attest.RoleErased})
+	if err != nil {
+		return fmt.Errorf("getting erasure nonce: %w", err)
+	}
+	var note string
+	ev, err := b.agents.Erase(ctx, m.Source, &agentapi.EraseRequest{MigrationID: m.ID, Nonce: nonce.Nonce})
+	if err != nil {
+		live, why := b.hostLive(ctx, m.Source, b.now())
+		if live {
+			return fmt.Errorf("erasing source %s: %w", m.Source, err)
+		}
+		// The source is gone: destroying its keys still erases what it kept.
+		note = "source lost before erasure evidence (" + why + "); its keys are destroyed"
+		ev = nil
+	}
+	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingCommit}
+	if ev != nil {
+		req.Erasure = &Attestation{Nonce: nonce.Nonce, Evidence: ev}
+	}
+	resp, err := b.kb.Destroy(ctx, req)
+	if err != nil {
+		return fmt.Errorf("destroying keys after commit: %w", err)
+	}
+	if err := b.storeReceipt(ctx, m, OutcomeErased, resp.Receipt); err != nil {
+		return err
+	}
+	if err := b.moveGuest(ctx, m); err != nil {
+		return err
+	}
+	return b.transition(ctx, m.ID, PhaseCommitted, PhaseErased, func(m *Migration) {
+		m.ErasureEvidence = digestHex(ev)
+		m.Outcome = OutcomeErased
+		if note != "" {
+			m.Notes = append(m.Notes, note)
+		}
+	})
+}
+
+// stepAbort resumes the guest at the source, scrubs the destination, has the keybroker destroy
+// the migration's keys and sign the abort receipt, and frees the guest. A source that already
+// holds the commit acknowledgement turns the abort into a commit.
+func (b *Broker) stepAbort(ctx context.Context, m *Migration) error {
+	var notes []string
+	src, err := b.agents.Abort(ctx, m.Source, &agentapi.AbortRequest{MigrationID: m.ID, Reason: m.AbortReason})
+	switch {
+	case err != nil && !errors.Is(err, agentapi.ErrNotFound):
+		notes = append(notes, fmt.Sprintf("source %s did not confirm the abort: %v", m.Source, err))
+	case err == nil && src.Committed:
+		b.log.Warn("Source had committed; completing the commit", logKeyMigration, m.ID)
+		return b.transition(ctx, m.ID, PhaseAborting, PhaseCommitted, func(m *Migration) {
+			m.CommitAck = src.CommitAck
+			m.Notes = append(m.Notes, "abort ("+m.AbortReason+") refused by the source: it had committed")
+			m.AbortReason = ""
+		})
+	}
+	_, err = b.agents.Abort(ctx, m.Destination, &agentapi.AbortRequest{MigrationID: m.ID, Reason: m.AbortReason})
+	switch {
+	case err != nil && !errors.Is(err, agentapi.ErrNotFound):
+		notes = append(notes, fmt.Sprintf("destination %s did not confirm the abort: %v", m.Destination, err))
+	}
+	resp, err := b.kb.Destroy(ctx, &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingAbort})
+	if err != nil {
+		return fmt.Errorf("destroying keys after abort: %w", err)
+	}
+	if err := b.storeReceipt(ctx, m, OutcomeAborted, resp.Receipt); err != nil {
+		return err
+	}
+	if err := b.releaseGuest(ctx, m); err != nil {
+		return err
+	}
+	return b.transition(ctx, m.ID, PhaseAborting, PhaseAborted, func(m *Migration) {
+		m.Outcome = OutcomeAborted
+		m.Notes = append(m.Notes, notes...)
+	})
+}
+
+func (b *Broker) storeReceipt(ctx context.Context, m *Migration, outcome string, envelope json.RawMessage) error {
+	r := Receipt{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Outcome: outcome, Envelope: envelope, Stored: b.now()}
+	data, err := json.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("encoding receipt: %w", err)
+	}
+	if _, err := b.store.receipts.Put(ctx, m.ID, data); err != nil {
+		return fmt.Errorf("storing receipt: %w", err)
+	}
+	b.log.Info("Receipt stored", logKeyMigration, m.ID, logKeyOutcome, outcome)
+	b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase, Message: "receipt stored: " + outcome})
+	return nil
+}
+
+// moveGuest moves the guest record to the destination with epoch e+1, once.
+func (b *Broker) moveGuest(ctx context.Context, m *Migration) error {
+	return b.updateGuest(ctx, m.Tenant, m.VM, func(g *Guest) bool {
+		if g.Epoch > m.Epoch {
+			return false // already moved
+		}
+		g.Host, g.Epoch, g.WrappedMDK, g.Migration = m.Destination, m.Epoch+1, m.NextWrappedMDK, ""
+		return true
+	})
+}
+
+// releaseGuest frees the guest after an abort, once.
+func (b *Broker) releaseGuest(ctx context.Context, m *Migration) error {
+	return b.updateGuest(ctx, m.Tenant, m.VM, func(g *Guest) bool {
+		if g.Migration != m.ID {
+			return false
+		}
+		g.Migration = ""
+		return true
+	})
+}
+
+// updateGuest applies change to a guest record by CAS; change returns false to write nothing.
+func (b *Broker) updateGuest(ctx context.Context, tenant, vm string, change func(*Guest) bool) error {
+	key := GuestKey(tenant, vm)
+	for {
+		g, rev, err := getJSON[Guest](ctx, b.store.guests, key)
+		if err != nil {
+			return err
+		}
+		if !change(g) {
+			return nil
+		}
+		g.Updated = b.now()
+		if _, err := updateJSON(ctx, b.store.guests, key, g, rev); err != nil {
+			if errors.Is(err, errRevision) {
+				continue
+			}
+			return err
+		}
+		return nil
+	}
+}
+
+// progressRank orders transfer phases; a report never moves a record's progress backwards.
+func progressRank(p agentapi.TransferPhase) int {
+	switch p {
+	case agentapi.TransferStarted:
+		return 1
+	case agentapi.TransferPrecopy:
+		return 2
+	case agentapi.TransferCutover:
+		return 3
+	case agentapi.TransferCommitted, agentapi.TransferFailed:
+		return 4
+	}
+	return 0
+}
+
+// recordProgress records a progress report of host for migration id. It accepts reports only
+// from the migration's source, during the transfer and cutover, never moving backwards.
+func (b *Broker) recordProgress(ctx context.Context, id, host string, p *agentapi.Progress) (bool, error) {
+	for {
+		m, rev, err := getJSON[Migration](ctx, b.store.migrations, id)
+		if err != nil {
+			return false, err
+		}
+		if m.Source != host {
+			b.log.Warn("Progress from a host that is not the source", logKeyMigration, id, logKeyHost, host)
+			return false, nil
+		}
+		if m.Phase != PhaseTransferring && m.Phase != PhaseCuttingOver {
+			return false, nil
+		}
+		if progressRank(p.Phase) == 0 {
+			b.log.Warn("Progress with an unknown phase", logKeyMigration, id, logKeyPhase, string(p.Phase))
+			return false, nil
+		}
+		if m.Progress != nil && progressRank(p.Phase) < progressRank(m.Progress.Phase) {
+			return false, nil
+		}
+		now := b.now()
+		m.Progress, m.LastProgress, m.Updated = p, now, now
+		if _, err := updateJSON(ctx, b.store.migrations, id, m, rev); err != nil {
+			if errors.Is(err, errRevision) {
+				continue
+			}
+			return false, err
+		}
+		return true, nil
+	}
+}

@@ -1,0 +1,426 @@
+package broker_test
+
+import (
+	"encoding/json"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/nats-io/nats.go"
+)
+
+// phaseEvents collects the phase events of all migrations, in order; the function it returns
+// waits (up to 10 s) until migration id has n phase events and returns them.
+func phaseEvents(t *testing.T, e *env) func(id string, n int) []broker.Phase {
+	t.Helper()
+	var mu sync.Mutex
+	got := map[string][]broker.Phase{}
+	changed := make(chan struct{}, 1)
+	nc := e.srv.Connect(t)
+	_, err := nc.Subscribe(broker.EventsSubjectPrefix+".>", func(m *nats.Msg) {
+		var ev broker.Event
+		if json.Unmarshal(m.Data, &ev) != nil || ev.Kind != broker.EventPhase {
+			return
+		}
+		mu.Lock()
+		got[ev.MigrationID] = append(got[ev.MigrationID], ev.Phase)
+		mu.Unlock()
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return func(id string, n int) []broker.Phase {
+		timeout := time.After(10 * time.Second)
+		for {
+			mu.Lock()
+			p := append([]broker.Phase(nil), got[id]...)
+			mu.Unlock()
+			if len(p) >= n {
+				return p
+			}
+			select {
+			case <-changed:
+			case <-timeout:
+				return p
+			}
+		}
+	}
+}
+
+func TestHappyPath(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	e.agents["h1"].AutoCommit = true
+	events := phaseEvents(t, e)
+	ctx := t.Context()
+
+	resp, err := e.tenant(tenant).CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Migration.ID
+	m := e.waitMigration(id, inPhase(broker.PhaseErased, broker.PhaseAborted))
+	if m.Phase != broker.PhaseErased {
+		t.Fatalf("phase = %s (reason %q), want Erased", m.Phase, m.AbortReason)
+	}
+	// The event stream saw every phase, in order (the Erased event follows the record).
+	want := []broker.Phase{broker.PhaseRequested, broker.PhaseAttesting, broker.PhaseKeysReleased,
+		broker.PhaseTransferring, broker.PhaseCuttingOver, broker.PhaseCommitted, broker.PhaseErased}
+	got := events(id, len(want))
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("phases (-want +got):\n%s", diff)
+	}
+
+	guests, err := e.tenant(tenant).ListGuests(ctx, &broker.ListGuestsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(guests.Guests) != 1 {
+		t.Fatalf("guests = %+v", guests.Guests)
+	}
+	g := guests.Guests[0]
+	if diff := cmp.Diff([]any{"h2", uint64(2), ""}, []any{g.Host, g.Epoch, g.Migration}); diff != "" {
+		t.Errorf("guest host, epoch, migration (-want +got):\n%s", diff)
+	}
+	r, err := e.tenant(tenant).GetReceipt(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Outcome != broker.OutcomeErased || len(r.Envelope) == 0 {
+		t.Errorf("receipt = %+v", r)
+	}
+	d := e.kb.Destroys()
+	if len(d) != 1 || d[0].Ending != broker.EndingCommit || d[0].Erasure == nil || d[0].Erasure.Evidence == nil {
+		t.Errorf("destroys = %+v, want one commit with erasure evidence", d)
+	}
+	if _, erased, _, _ := e.agents["h1"].State(id); !erased {
+		t.Error("source not erased")
+	}
+	got2, err := e.tenant(tenant).GetMigration(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got2.SourceKeys != nil || got2.DestinationKeys != nil || got2.NextWrappedMDK != "" {
+		t.Error("API returned sealed keys or wrapped key")
+	}
+	if got2.SourceEvidence == "" || got2.DestinationEvidence == "" || got2.ErasureEvidence == "" {
+		t.Errorf("evidence digests missing: %+v", got2)
+	}
+}
+
+func TestBrokerKilledMidMigration(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.cfg.Lease = 30 * time.Second
+	_, stopFirst := e.startBroker("first")
+	g := agentapi.HostGuest{Tenant: tenant, VM: vm, MemoryBytes: 1 << 20}
+	src := e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, g)
+	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil, g)
+	e.adopt(tenant, vm, "h1")
+
+	resp, err := e.operator().CreateMigration(t.Context(), &broker.CreateMigrationRequest{Tenant: tenant, VM: vm, Destination: "h2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Migration.ID
+	e.waitMigration(id, func(m *broker.Migration) bool {
+		return m.Phase == broker.PhaseTransferring && m.Progress != nil
+	})
+	stopFirst() // the first broker dies holding the lease
+
+	second, _ := e.startBroker("second")
+	e.clock.Advance(31 * time.Second) // the first broker's lease expires
+	e.waitMigration(id, func(m *broker.Migration) bool { return m.Owner == second.ID() })
+	// The second broker re-attached to the running transfer.
+	e.waitMigration(id, func(m *broker.Migration) bool { return src.CallCount(agentapi.OpTransfer, id) >= 2 })
+	if err := src.Commit(id); err != nil {
+		t.Fatal(err)
+	}
+	m := e.waitMigration(id, inPhase(broker.PhaseErased, broker.PhaseAborted))
+	if m.Phase != broker.PhaseErased {
+		t.Fatalf("phase = %s (reason %q), want Erased", m.Phase, m.AbortReason)
+	}
+}
+
+func TestAgentLostMidTransfer(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Migration.ID
+	e.waitMigration(id, func(m *broker.Migration) bool { return m.Phase == broker.PhaseTransferring && m.Progress != nil })
+	if err := e.agents["h1"].Report(id, agentapi.Progress{Phase: agentapi.TransferPrecopy, Round: 1, Bytes: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	// The destination's host record disappears, as when its heartbeat stops past the TTL.
+	if err := e.kv(broker.HostsBucket).Delete(t.Context(), "h2"); err != nil {
+		t.Fatal(err)
+	}
+	m := e.waitMigration(id, inPhase(broker.PhaseAborted, broker.PhaseErased))
+	if m.Phase != broker.PhaseAborted || !strings.Contains(m.AbortReason, "agent lost") {
+		t.Fatalf("phase %s reason %q, want Aborted for agent lost", m.Phase, m.AbortReason)
+	}
+	if _, _, aborted, resumed := e.agents["h1"].State(id); !aborted || !resumed {
+		t.Errorf("source aborted=%v resumed=%v, want both", aborted, resumed)
+	}
+	if keys, _, aborted, _ := e.agents["h2"].State(id); !aborted || keys {
+		t.Errorf("destination aborted=%v keys=%v, want aborted without keys", aborted, keys)
+	}
+	d := e.kb.Destroys()
+	if len(d) != 1 || d[0].Ending != broker.EndingAbort || d[0].MigrationID != id {
+		t.Errorf("destroys = %+v, want one abort of %s", d, id)
+	}
+	g, err := e.tenant(tenant).ListGuests(t.Context(), &broker.ListGuestsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]any{"h1", uint64(1), ""}, []any{g.Guests[0].Host, g.Guests[0].Epoch, g.Guests[0].Migration}); diff != "" {
+		t.Errorf("guest stays at the source (-want +got):\n%s", diff)
+	}
+	r, err := e.tenant(tenant).GetReceipt(t.Context(), id)
+	if err != nil || r.Outcome != broker.OutcomeAborted {
+		t.Errorf("receipt %+v, %v; want aborted", r, err)
+	}
+}
+
+func TestConcurrentRequestsOneProceeds(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	const n = 8
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	ids := make([]string, n)
+	for i := range n {
+		wg.Go(func() {
+			resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
+			errs[i] = err
+			if err == nil {
+				ids[i] = resp.Migration.ID
+			}
+		})
+	}
+	wg.Wait()
+	ok, conflicts := 0, 0
+	for i, err := range errs {
+		switch {
+		case err == nil:
+			ok++
+			e.waitMigration(ids[i], inPhase(broker.PhaseTransferring))
+		case errors.Is(err, broker.ErrConflict):
+			conflicts++
+		default:
+			t.Errorf("request %d: %v", i, err)
+		}
+	}
+	if ok != 1 || conflicts != n-1 {
+		t.Errorf("%d proceeded, %d conflicts; want 1 and %d", ok, conflicts, n-1)
+	}
+}
+
+func TestTimeouts(t *testing.T) {
+	tests := map[string]struct {
+		advance time.Duration
+		report  bool
+		want    string
+	}{
+		"no progress":        {advance: 151 * time.Second, want: "no progress"},
+		"progress continues": {advance: 100 * time.Second, report: true, want: "not complete"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t, natstest.Options{})
+			e.cfg.Timeouts = broker.Timeouts{Progress: 150 * time.Second, PerGiB: 150 * time.Second}
+			e.standard()
+			resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := resp.Migration.ID
+			e.waitMigration(id, func(m *broker.Migration) bool { return m.Phase == broker.PhaseTransferring && m.Progress != nil })
+			if tc.report {
+				// Progress keeps coming, but the whole transfer exceeds max(150 s, 150 s/GiB × 1 MiB).
+				for i := range 2 {
+					e.clock.Advance(tc.advance)
+					if err := e.agents["h1"].Report(id, agentapi.Progress{Phase: agentapi.TransferPrecopy, Round: i + 1}); err != nil {
+						t.Fatal(err)
+					}
+					e.waitMigration(id, func(m *broker.Migration) bool { return m.Progress.Round == i+1 || m.Phase != broker.PhaseTransferring })
+				}
+			} else {
+				e.clock.Advance(tc.advance)
+			}
+			m := e.waitMigration(id, inPhase(broker.PhaseAborted, broker.PhaseErased))
+			if m.Phase != broker.PhaseAborted || !strings.Contains(m.AbortReason, tc.want) {
+				t.Fatalf("phase %s reason %q, want Aborted for %q", m.Phase, m.AbortReason, tc.want)
+			}
+			if _, _, _, resumed := e.agents["h1"].State(id); !resumed {
+				t.Error("guest not resumed at the source")
+			}
+		})
+	}
+}
+
+func TestAbortRequestedAndDenied(t *testing.T) {
+	t.Run("denied", func(t *testing.T) {
+		e := newEnv(t, natstest.Options{})
+		e.standard()
+		e.kb.Deny = "destination snp.tcb.microcode 0x12 < source 0x14"
+		resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := e.waitMigration(resp.Migration.ID, inPhase(broker.PhaseAborted))
+		if !strings.Contains(m.AbortReason, "microcode") {
+			t.Errorf("reason %q does not carry the denial", m.AbortReason)
+		}
+	})
+	t.Run("requested", func(t *testing.T) {
+		e := newEnv(t, natstest.Options{})
+		e.standard()
+		resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm})
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := resp.Migration.ID
+		e.waitMigration(id, inPhase(broker.PhaseTransferring))
+		if _, err := e.tenant("other").AbortMigration(t.Context(), &broker.AbortMigrationRequest{ID: id}); !errors.Is(err, broker.ErrNotFound) {
+			t.Errorf("another tenant's abort: %v, want ErrNotFound", err)
+		}
+		if _, err := e.tenant(tenant).AbortMigration(t.Context(), &broker.AbortMigrationRequest{ID: id, Reason: "changed my mind"}); err != nil {
+			t.Fatal(err)
+		}
+		m := e.waitMigration(id, inPhase(broker.PhaseAborted))
+		if m.AbortReason != "requested by tenant:acme: changed my mind" {
+			t.Errorf("reason %q", m.AbortReason)
+		}
+		// A new migration of the guest may start once the first is aborted.
+		if _, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm}); err != nil {
+			t.Errorf("new migration after abort: %v", err)
+		}
+	})
+}
+
+func TestTenantIsolation(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	e.agents["h1"].AutoCommit = true
+	ctx := t.Context()
+	resp, err := e.tenant(tenant).CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Migration.ID
+	e.waitMigration(id, inPhase(broker.PhaseErased))
+	other := e.tenant("globex")
+	if _, err := other.GetMigration(ctx, id); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("get: %v, want ErrNotFound", err)
+	}
+	if _, err := other.GetReceipt(ctx, id); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("receipt: %v, want ErrNotFound", err)
+	}
+	list, err := other.ListMigrations(ctx, &broker.ListMigrationsRequest{})
+	if err != nil || len(list.Migrations) != 0 {
+		t.Errorf("list: %d migrations, %v; want none", len(list.Migrations), err)
+	}
+	if _, err := other.CreateMigration(ctx, &broker.CreateMigrationRequest{Tenant: tenant, VM: vm}); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("create for another tenant: %v, want ErrNotFound", err)
+	}
+	hosts, err := other.ListHosts(ctx, &broker.ListHostsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hosts.Hosts {
+		if len(h.Guests) != 0 {
+			t.Errorf("host %s shows another tenant's guests: %+v", h.Host, h.Guests)
+		}
+	}
+	ops, err := e.operator().ListMigrations(ctx, &broker.ListMigrationsRequest{})
+	if err != nil || len(ops.Migrations) != 1 {
+		t.Errorf("operator list: %v, %v", ops, err)
+	}
+}
+
+func TestDryRun(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.cfg.ReadPolicy = func([]byte) (*broker.Prefilter, error) {
+		return &broker.Prefilter{
+			Platforms: []attest.Platform{attest.PlatformEmulatedSEVSNP},
+			Labels:    map[string]string{"zone": "a"},
+			Regions:   []string{"eu"},
+		}, nil
+	}
+	e.startBroker("b1")
+	g := agentapi.HostGuest{Tenant: tenant, VM: vm, MemoryBytes: 1 << 20}
+	e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", map[string]string{"zone": "a"}, g)
+	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", map[string]string{"zone": "a"})
+	e.addAgent("h3", attest.PlatformEmulatedSEVSNP, "us", map[string]string{"zone": "b"})
+	e.addAgent("h4", attest.PlatformEmulatedTDX, "eu", map[string]string{"zone": "a"})
+	e.adopt(tenant, vm, "h1")
+
+	resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &broker.DryRun{
+		Tenant: tenant, VM: vm, Source: "h1", Platform: attest.PlatformEmulatedSEVSNP, PolicyKey: tenant,
+		Hosts: []broker.HostVerdict{
+			{Host: "h1", Reasons: []string{"is the guest's current host"}},
+			{Host: "h2", Pass: true},
+			{Host: "h3", Reasons: []string{`label zone="b", policy requires "a"`, `region "us" not allowed by policy (allowed: eu)`}},
+			{Host: "h4", Reasons: []string{
+				"platform emulated-tdx is not the guest's platform emulated-sev-snp",
+				"platform emulated-tdx not allowed by policy (allowed: emulated-sev-snp)",
+			}},
+		},
+	}
+	if diff := cmp.Diff(want, resp.DryRun); diff != "" {
+		t.Errorf("dry run (-want +got):\n%s", diff)
+	}
+	if resp.Migration != nil {
+		t.Error("dry run created a migration")
+	}
+	if _, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, Destination: "h3"}); !errors.Is(err, broker.ErrFailedPrecondition) {
+		t.Errorf("migrating to a host that fails the pre-filter: %v, want ErrFailedPrecondition", err)
+	}
+	chosen, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if chosen.Migration.Destination != "h2" {
+		t.Errorf("chosen destination %s, want h2", chosen.Migration.Destination)
+	}
+}
+
+func TestStaleHeartbeat(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.cfg.HostTTL = 30 * time.Second
+	e.standard()
+	e.clock.Advance(31 * time.Second)
+	hosts, err := e.operator().ListHosts(t.Context(), &broker.ListHostsRequest{All: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hosts.Hosts {
+		if h.Live {
+			t.Errorf("host %s live after its heartbeat went stale", h.Host)
+		}
+	}
+	if _, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm}); !errors.Is(err, broker.ErrFailedPrecondition) {
+		t.Errorf("migration from a stale host: %v, want ErrFailedPrecondition", err)
+	}
+}

@@ -1,0 +1,170 @@
+package broker
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+)
+
+// Phase is where a migration is in the state machine.
+type Phase string
+
+// The phases of a migration (DESIGN.md, "The migration, phase by phase").
+const (
+	PhaseRequested    Phase = "Requested"
+	PhaseAttesting    Phase = "Attesting"
+	PhaseKeysReleased Phase = "KeysReleased"
+	PhaseTransferring Phase = "Transferring"
+	PhaseCuttingOver  Phase = "CuttingOver"
+	PhaseCommitted    Phase = "Committed"
+	PhaseErased       Phase = "Erased"
+	PhaseAborting     Phase = "Aborting"
+	PhaseAborted      Phase = "Aborted"
+)
+
+// Terminal reports whether nothing more happens to a migration in phase p.
+func (p Phase) Terminal() bool { return p == PhaseErased || p == PhaseAborted }
+
+// Abortable reports whether a migration in phase p can still be aborted (before the commit
+// acknowledgement and not already aborting).
+func (p Phase) Abortable() bool {
+	switch p {
+	case PhaseRequested, PhaseAttesting, PhaseKeysReleased, PhaseTransferring, PhaseCuttingOver:
+		return true
+	}
+	return false
+}
+
+// Outcomes of a finished migration, as in receipts.
+const (
+	OutcomeErased  = "erased"
+	OutcomeAborted = "aborted"
+)
+
+// Migration is the record of one migration, kept in the lethe-migrations bucket.
+type Migration struct {
+	ID          string          `json:"id"`
+	Tenant      string          `json:"tenant"`
+	VM          string          `json:"vm"`
+	Source      string          `json:"source"`
+	Destination string          `json:"destination"`
+	Platform    attest.Platform `json:"platform"`
+	MemoryBytes uint64          `json:"memoryBytes"`
+	// Epoch is the guest's residency epoch at the source (e); a commit makes it e+1.
+	Epoch uint64 `json:"epoch"`
+	Phase Phase  `json:"phase"`
+	// RequestedBy is "tenant:<name>" or "operator".
+	RequestedBy string    `json:"requestedBy"`
+	Created     time.Time `json:"created"`
+	PhaseSince  time.Time `json:"phaseSince"`
+	Updated     time.Time `json:"updated"`
+
+	// Owner is the id of the broker holding the lease, until LeaseUntil.
+	Owner      string    `json:"owner,omitempty"`
+	LeaseUntil time.Time `json:"leaseUntil,omitzero"`
+
+	DataEndpoint    string `json:"dataEndpoint,omitempty"`
+	Streams         int    `json:"streams,omitempty"`
+	ZeroPageElision bool   `json:"zeroPageElision,omitempty"`
+	// SourceKeys and DestinationKeys are the keys the keybroker sealed to each agent; the
+	// broker cannot open them. They are never returned by the API.
+	SourceKeys      []byte `json:"sourceKeys,omitempty"`
+	DestinationKeys []byte `json:"destinationKeys,omitempty"`
+	// NextWrappedMDK is the Vault-wrapped memory data key of epoch e+1.
+	NextWrappedMDK string `json:"nextWrappedMdk,omitempty"`
+	// Evidence digests (hex SHA-256 of the raw attestation bytes).
+	SourceEvidence      string `json:"sourceEvidence,omitempty"`
+	DestinationEvidence string `json:"destinationEvidence,omitempty"`
+	ErasureEvidence     string `json:"erasureEvidence,omitempty"`
+
+	TransferStarted time.Time          `json:"transferStarted,omitzero"`
+	Progress        *agentapi.Progress `json:"progress,omitempty"`
+	LastProgress    time.Time          `json:"lastProgress,omitzero"`
+	CommitAck       []byte             `json:"commitAck,omitempty"`
+
+	AbortReason string `json:"abortReason,omitempty"`
+	// Notes records what went wrong but did not stop the migration (an agent that could not
+	// be reached during an abort, for example).
+	Notes    []string  `json:"notes,omitempty"`
+	Outcome  string    `json:"outcome,omitempty"`
+	Finished time.Time `json:"finished,omitzero"`
+}
+
+// public returns a copy of m without what callers of the API need not see.
+func (m *Migration) public() *Migration {
+	c := *m
+	c.SourceKeys, c.DestinationKeys, c.NextWrappedMDK, c.CommitAck = nil, nil, "", nil
+	return &c
+}
+
+// Guest is the record of a guest Lethe has taken in, kept in the lethe-guests bucket under
+// GuestKey(tenant, vm).
+type Guest struct {
+	Tenant   string          `json:"tenant"`
+	VM       string          `json:"vm"`
+	Host     string          `json:"host"`
+	Platform attest.Platform `json:"platform"`
+	// Epoch is the current residency epoch, from 1.
+	Epoch uint64 `json:"epoch"`
+	// WrappedMDK is the Vault-wrapped memory data key of the current epoch (vault:v1:…).
+	WrappedMDK  string `json:"wrappedMdk,omitempty"`
+	MemoryBytes uint64 `json:"memoryBytes,omitempty"`
+	// Migration is the id of the migration in progress, if any: at most one per guest.
+	Migration string    `json:"migration,omitempty"`
+	Adopted   time.Time `json:"adopted"`
+	Updated   time.Time `json:"updated"`
+}
+
+// GuestKey returns the key of a guest in the lethe-guests bucket.
+func GuestKey(tenant, vm string) string { return tenant + "." + vm }
+
+// PolicyRecord is a tenant's signed policy envelope as applied, kept in the lethe-policies
+// bucket under the tenant's name (tenant-wide) or <tenant>.<vm>.
+type PolicyRecord struct {
+	Tenant string `json:"tenant"`
+	// VM is empty for a tenant-wide policy.
+	VM       string    `json:"vm,omitempty"`
+	Envelope []byte    `json:"envelope"`
+	Applied  time.Time `json:"applied"`
+}
+
+// Receipt is a signed receipt as stored in the lethe-receipts bucket.
+type Receipt struct {
+	MigrationID string `json:"migrationId"`
+	Tenant      string `json:"tenant"`
+	VM          string `json:"vm"`
+	Outcome     string `json:"outcome"`
+	// Envelope is the keybroker's signed receipt (a DSSE-style envelope), verbatim.
+	Envelope json.RawMessage `json:"envelope"`
+	Stored   time.Time       `json:"stored"`
+}
+
+// Event is what the broker publishes on lethe.v1.events.<migration-id> (stream LETHE_EVENTS).
+type Event struct {
+	Time        time.Time          `json:"time"`
+	MigrationID string             `json:"migrationId"`
+	Kind        string             `json:"kind"`
+	Phase       Phase              `json:"phase,omitempty"`
+	From        Phase              `json:"from,omitempty"`
+	Progress    *agentapi.Progress `json:"progress,omitempty"`
+	Message     string             `json:"message,omitempty"`
+	Broker      string             `json:"broker,omitempty"`
+}
+
+// Kinds of events.
+const (
+	EventPhase    = "phase"
+	EventProgress = "progress"
+	EventAudit    = "audit"
+)
+
+func digestHex(ev *attest.Evidence) string {
+	if ev == nil {
+		return ""
+	}
+	d := ev.Digest()
+	return fmt.Sprintf("%x", d[:])
+}

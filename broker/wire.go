@@ -1,0 +1,219 @@
+package broker
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+)
+
+// SubjectPrefix is the prefix of the broker API's subjects.
+const SubjectPrefix = "lethe.v1.broker"
+
+// EventsSubjectPrefix is the prefix of the events subjects, lethe.v1.events.<migration-id>.
+const EventsSubjectPrefix = "lethe.v1.events"
+
+// EventsSubject returns the events subject of a migration.
+func EventsSubject(migrationID string) string { return EventsSubjectPrefix + "." + migrationID }
+
+// Op is an operation of the broker API.
+type Op string
+
+// The operations of the broker API.
+const (
+	OpPolicyApply      Op = "policy.apply"
+	OpHostsList        Op = "hosts.list"
+	OpGuestsList       Op = "guests.list"
+	OpGuestsAdopt      Op = "guests.adopt"
+	OpMigrationsCreate Op = "migrations.create"
+	OpMigrationsGet    Op = "migrations.get"
+	OpMigrationsList   Op = "migrations.list"
+	OpMigrationsAbort  Op = "migrations.abort"
+	OpReceiptsGet      Op = "receipts.get"
+)
+
+// Ops lists every operation of the broker API.
+var Ops = []Op{OpPolicyApply, OpHostsList, OpGuestsList, OpGuestsAdopt, OpMigrationsCreate,
+	OpMigrationsGet, OpMigrationsList, OpMigrationsAbort, OpReceiptsGet}
+
+// TenantSubject returns the subject of op for tenant.
+func TenantSubject(tenant string, op Op) string {
+	return SubjectPrefix + ".tenant." + tenant + "." + string(op)
+}
+
+// OperatorSubject returns the subject of op for operators.
+func OperatorSubject(op Op) string { return SubjectPrefix + ".operator." + string(op) }
+
+// Caller is who called the broker API, as its subject says.
+type Caller struct {
+	// Tenant is the calling tenant; empty for an operator.
+	Tenant string
+}
+
+// Operator reports whether the caller is an operator.
+func (c Caller) Operator() bool { return c.Tenant == "" }
+
+func (c Caller) String() string {
+	if c.Operator() {
+		return "operator"
+	}
+	return "tenant:" + c.Tenant
+}
+
+// parseCaller returns the caller of a request on subject for op.
+func parseCaller(subject string, op Op) (Caller, error) {
+	rest, ok := strings.CutSuffix(subject, "."+string(op))
+	if !ok {
+		return Caller{}, fmt.Errorf("%w: subject %q is not for %s", ErrInvalid, subject, op)
+	}
+	if rest == SubjectPrefix+".operator" {
+		return Caller{}, nil
+	}
+	tenant, ok := strings.CutPrefix(rest, SubjectPrefix+".tenant.")
+	if !ok {
+		return Caller{}, fmt.Errorf("%w: subject %q names no caller", ErrInvalid, subject)
+	}
+	if err := agentapi.ValidName(tenant); err != nil {
+		return Caller{}, fmt.Errorf("%w: tenant: %w", ErrInvalid, err)
+	}
+	return Caller{Tenant: tenant}, nil
+}
+
+// tenantFor returns the tenant a request acts for: a tenant's own name (a request naming
+// another tenant is refused), or for an operator the tenant the request names.
+func (c Caller) tenantFor(requested string) (string, error) {
+	if !c.Operator() {
+		if requested != "" && requested != c.Tenant {
+			return "", fmt.Errorf("%w: tenant %q may not act for tenant %q", ErrNotFound, c.Tenant, requested)
+		}
+		return c.Tenant, nil
+	}
+	if err := agentapi.ValidName(requested); err != nil {
+		return "", fmt.Errorf("%w: tenant: %w", ErrInvalid, err)
+	}
+	return requested, nil
+}
+
+// sees reports whether the caller may see something of tenant.
+func (c Caller) sees(tenant string) bool { return c.Operator() || c.Tenant == tenant }
+
+// ApplyPolicyRequest stores a tenant's signed policy envelope.
+type ApplyPolicyRequest struct {
+	// Tenant: operators only; a tenant applies its own.
+	Tenant string `json:"tenant,omitempty"`
+	// VM scopes the policy to one VM; empty means tenant-wide.
+	VM string `json:"vm,omitempty"`
+	// Envelope is the signed policy, verbatim.
+	Envelope []byte `json:"envelope"`
+}
+
+// ApplyPolicyResponse says where the policy was stored.
+type ApplyPolicyResponse struct {
+	Key      string `json:"key"`
+	Revision uint64 `json:"revision"`
+}
+
+// ListHostsRequest lists hosts.
+type ListHostsRequest struct {
+	// All includes hosts whose heartbeat is stale.
+	All bool `json:"all,omitempty"`
+}
+
+// HostView is a host as the API shows it. Tenants see only their own guests.
+type HostView struct {
+	agentapi.HostRecord
+	// Live reports whether the host's heartbeat is fresh.
+	Live bool `json:"live"`
+}
+
+// ListHostsResponse lists hosts, sorted by name.
+type ListHostsResponse struct {
+	Hosts []HostView `json:"hosts"`
+}
+
+// ListGuestsRequest lists guests.
+type ListGuestsRequest struct {
+	// Tenant filters by tenant (operators); tenants see their own.
+	Tenant string `json:"tenant,omitempty"`
+}
+
+// ListGuestsResponse lists guests, sorted by tenant and VM.
+type ListGuestsResponse struct {
+	Guests []Guest `json:"guests"`
+}
+
+// AdoptGuestRequest takes a guest in: its first residency (epoch 1) on Host.
+type AdoptGuestRequest struct {
+	Tenant string `json:"tenant,omitempty"`
+	VM     string `json:"vm"`
+	Host   string `json:"host"`
+}
+
+// CreateMigrationRequest asks for a migration of a guest.
+type CreateMigrationRequest struct {
+	Tenant string `json:"tenant,omitempty"`
+	VM     string `json:"vm"`
+	// Destination is the host to move to; empty lets the broker choose one that passes the
+	// pre-filter.
+	Destination string `json:"destination,omitempty"`
+	// DryRun reports which hosts would pass the pre-filter, and why others would not, and
+	// starts nothing.
+	DryRun bool `json:"dryRun,omitempty"`
+}
+
+// CreateMigrationResponse is the new migration, or the verdicts of a dry run.
+type CreateMigrationResponse struct {
+	Migration *Migration `json:"migration,omitempty"`
+	DryRun    *DryRun    `json:"dryRun,omitempty"`
+}
+
+// DryRun is the pre-filter's verdict on every live host for a guest.
+type DryRun struct {
+	Tenant   string          `json:"tenant"`
+	VM       string          `json:"vm"`
+	Source   string          `json:"source"`
+	Platform attest.Platform `json:"platform"`
+	// PolicyKey is the policy the pre-filter read.
+	PolicyKey string        `json:"policyKey"`
+	Hosts     []HostVerdict `json:"hosts"`
+	// Notes says what the pre-filter could not check.
+	Notes []string `json:"notes,omitempty"`
+}
+
+// HostVerdict is the pre-filter's verdict on one host.
+type HostVerdict struct {
+	Host string `json:"host"`
+	Pass bool   `json:"pass"`
+	// Reasons says why a host would not pass (empty when it would).
+	Reasons []string `json:"reasons,omitempty"`
+}
+
+// GetMigrationRequest names a migration.
+type GetMigrationRequest struct {
+	ID string `json:"id"`
+}
+
+// ListMigrationsRequest lists migrations.
+type ListMigrationsRequest struct {
+	// Tenant filters by tenant (operators); tenants see their own.
+	Tenant string `json:"tenant,omitempty"`
+	// Active lists only migrations that are not finished.
+	Active bool `json:"active,omitempty"`
+}
+
+// ListMigrationsResponse lists migrations, newest first.
+type ListMigrationsResponse struct {
+	Migrations []*Migration `json:"migrations"`
+}
+
+// AbortMigrationRequest asks to abort a migration.
+type AbortMigrationRequest struct {
+	ID     string `json:"id"`
+	Reason string `json:"reason,omitempty"`
+}
+
+// GetReceiptRequest names the migration whose receipt is wanted.
+type GetReceiptRequest struct {
+	MigrationID string `json:"migrationId"`
+}

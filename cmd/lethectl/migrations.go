@@ -1,0 +1,358 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/nats-io/nats.go"
+	"github.com/spf13/cobra"
+)
+
+// brokerOpts are the settings of commands that call the broker. Precedence: flags, then
+// environment (LETHE_NATS_URL, LETHE_NATS_CREDS, LETHE_NATS_USER, LETHE_NATS_PASSWORD,
+// LETHE_TENANT), then the config file (--config, LETHECTL_CONFIG, or
+// $XDG_CONFIG_HOME/lethe/lethectl.json), then defaults.
+type brokerOpts struct {
+	config   string
+	URL      string `json:"natsUrl"`
+	Creds    string `json:"creds"`
+	User     string `json:"user"`
+	Password string `json:"password"`
+	// Tenant is the tenant to act as; empty acts as an operator.
+	Tenant  string        `json:"tenant"`
+	Timeout time.Duration `json:"-"`
+	output  string
+}
+
+func addBrokerFlags(cmd *cobra.Command, o *brokerOpts, read bool) {
+	f := cmd.Flags()
+	f.StringVar(&o.config, "config", "", "config file (env LETHECTL_CONFIG; default $XDG_CONFIG_HOME/lethe/lethectl.json)")
+	f.StringVar(&o.URL, "nats-url", "", "NATS server URL (env LETHE_NATS_URL; default nats://127.0.0.1:4222)")
+	f.StringVar(&o.Creds, "creds", "", "NATS credentials file (env LETHE_NATS_CREDS)")
+	f.StringVar(&o.User, "user", "", "NATS user (env LETHE_NATS_USER)")
+	f.StringVar(&o.Password, "password", "", "NATS password (env LETHE_NATS_PASSWORD)")
+	f.StringVar(&o.Tenant, "tenant", "", "act as this tenant; empty acts as an operator (env LETHE_TENANT)")
+	f.DurationVar(&o.Timeout, "timeout", 30*time.Second, "timeout of one broker call")
+	if read {
+		f.StringVarP(&o.output, "output", "o", "text", "output format: text or json")
+	}
+}
+
+// resolve fills unset settings from the environment and the config file.
+func (o *brokerOpts) resolve() error {
+	if o.output != "text" && o.output != "json" && o.output != "" {
+		return fmt.Errorf("--output %q: want text or json", o.output)
+	}
+	path := o.config
+	if path == "" {
+		path = os.Getenv("LETHECTL_CONFIG")
+	}
+	explicit := path != ""
+	if path == "" {
+		if dir, err := os.UserConfigDir(); err == nil {
+			path = filepath.Join(dir, "lethe", "lethectl.json")
+		}
+	}
+	var file brokerOpts
+	if path != "" {
+		data, err := os.ReadFile(path)
+		switch {
+		case err == nil:
+			if err := json.Unmarshal(data, &file); err != nil {
+				return fmt.Errorf("reading config %s: %w", path, err)
+			}
+		case explicit || !errors.Is(err, os.ErrNotExist):
+			return fmt.Errorf("reading config: %w", err)
+		}
+	}
+	pick := func(flag *string, env, fromFile, def string) {
+		if *flag != "" {
+			return
+		}
+		if v := os.Getenv(env); v != "" {
+			*flag = v
+		} else if fromFile != "" {
+			*flag = fromFile
+		} else {
+			*flag = def
+		}
+	}
+	pick(&o.URL, "LETHE_NATS_URL", file.URL, nats.DefaultURL)
+	pick(&o.Creds, "LETHE_NATS_CREDS", file.Creds, "")
+	pick(&o.User, "LETHE_NATS_USER", file.User, "")
+	pick(&o.Password, "LETHE_NATS_PASSWORD", file.Password, "")
+	pick(&o.Tenant, "LETHE_TENANT", file.Tenant, "")
+	return nil
+}
+
+// client connects to NATS and returns a broker client and a function that closes it.
+func (o *brokerOpts) client() (*broker.Client, func(), error) {
+	if err := o.resolve(); err != nil {
+		return nil, nil, err
+	}
+	role, name := broker.RoleOperator, ""
+	if o.Tenant != "" {
+		if err := agentapi.ValidName(o.Tenant); err != nil {
+			return nil, nil, fmt.Errorf("--tenant: %w", err)
+		}
+		role, name = broker.RoleTenant, o.Tenant
+	}
+	opts := []nats.Option{nats.Name("lethectl"), nats.CustomInboxPrefix(broker.InboxPrefix(role, name))}
+	if o.Creds != "" {
+		opts = append(opts, nats.UserCredentials(o.Creds))
+	} else if o.User != "" {
+		opts = append(opts, nats.UserInfo(o.User, o.Password))
+	}
+	nc, err := nats.Connect(o.URL, opts...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connecting to %s: %w", o.URL, err)
+	}
+	if o.Tenant != "" {
+		return broker.NewTenantClient(nc, o.Tenant), nc.Close, nil
+	}
+	return broker.NewOperatorClient(nc), nc.Close, nil
+}
+
+// callCtx bounds one broker call.
+func (o *brokerOpts) callCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, o.Timeout)
+}
+
+// show prints v as JSON with --output json, or with text otherwise.
+func (o *brokerOpts) show(w io.Writer, v any, text func(io.Writer)) error {
+	if o.output == "json" {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	text(w)
+	return nil
+}
+
+func table(w io.Writer, header string, rows func(tw io.Writer)) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	rows(tw)
+	tw.Flush()
+}
+
+func newMigrationsCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "migrations", Short: "List, show, watch and abort migrations"}
+	cmd.AddCommand(newMigrationsListCmd(), newMigrationsGetCmd(), newMigrationsWatchCmd(), newMigrationsAbortCmd())
+	return cmd
+}
+
+func newMigrationsListCmd() *cobra.Command {
+	var o brokerOpts
+	var active bool
+	cmd := &cobra.Command{
+		Use:     "list",
+		Short:   "List migrations, newest first",
+		Example: "  lethectl migrations list --active --tenant acme",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, closeFn, err := o.client()
+			if err != nil {
+				return err
+			}
+			defer closeFn()
+			ctx, cancel := o.callCtx(cmd.Context())
+			defer cancel()
+			resp, err := c.ListMigrations(ctx, &broker.ListMigrationsRequest{Active: active})
+			if err != nil {
+				return err
+			}
+			return o.show(cmd.OutOrStdout(), resp, func(w io.Writer) {
+				table(w, "ID\tTENANT\tVM\tSOURCE\tDESTINATION\tPHASE\tCREATED", func(tw io.Writer) {
+					for _, m := range resp.Migrations {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Tenant, m.VM, m.Source, m.Destination, m.Phase, m.Created.Format(time.RFC3339))
+					}
+				})
+			})
+		},
+	}
+	addBrokerFlags(cmd, &o, true)
+	cmd.Flags().BoolVar(&active, "active", false, "only migrations that are not finished")
+	return cmd
+}
+
+func newMigrationsGetCmd() *cobra.Command {
+	var o brokerOpts
+	cmd := &cobra.Command{
+		Use:     "get MIGRATION",
+		Short:   "Show a migration",
+		Example: "  lethectl migrations get mig-ABC -o json",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, closeFn, err := o.client()
+			if err != nil {
+				return err
+			}
+			defer closeFn()
+			ctx, cancel := o.callCtx(cmd.Context())
+			defer cancel()
+			m, err := c.GetMigration(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			return o.show(cmd.OutOrStdout(), m, func(w io.Writer) { printMigration(w, m) })
+		},
+	}
+	addBrokerFlags(cmd, &o, true)
+	return cmd
+}
+
+func printMigration(w io.Writer, m *broker.Migration) {
+	fmt.Fprintf(w, "Migration:    %s\nGuest:        %s/%s (epoch %d, %s)\nFrom → to:    %s → %s\nPhase:        %s (since %s)\nRequested by: %s at %s\n",
+		m.ID, m.Tenant, m.VM, m.Epoch, m.Platform, m.Source, m.Destination, m.Phase, m.PhaseSince.Format(time.RFC3339), m.RequestedBy, m.Created.Format(time.RFC3339))
+	if m.Progress != nil {
+		fmt.Fprintf(w, "Progress:     %s\n", progressLine(m))
+	}
+	if m.AbortReason != "" {
+		fmt.Fprintf(w, "Abort reason: %s\n", m.AbortReason)
+	}
+	for _, n := range m.Notes {
+		fmt.Fprintf(w, "Note:         %s\n", n)
+	}
+	if m.Outcome != "" {
+		fmt.Fprintf(w, "Outcome:      %s at %s\n", m.Outcome, m.Finished.Format(time.RFC3339))
+	}
+}
+
+func newMigrationsWatchCmd() *cobra.Command {
+	var o brokerOpts
+	cmd := &cobra.Command{
+		Use:     "watch MIGRATION",
+		Short:   "Follow a migration with a progress bar until it ends",
+		Example: "  lethectl migrations watch mig-ABC",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, closeFn, err := o.client()
+			if err != nil {
+				return err
+			}
+			defer closeFn()
+			return watchMigration(cmd.Context(), &o, c, args[0], cmd.OutOrStdout(), cmd.ErrOrStderr())
+		},
+	}
+	addBrokerFlags(cmd, &o, true)
+	return cmd
+}
+
+func newMigrationsAbortCmd() *cobra.Command {
+	var o brokerOpts
+	var reason string
+	cmd := &cobra.Command{
+		Use:     "abort MIGRATION",
+		Short:   "Abort a migration (before cutover); the guest stays at the source",
+		Example: "  lethectl migrations abort mig-ABC --reason maintenance-cancelled",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, closeFn, err := o.client()
+			if err != nil {
+				return err
+			}
+			defer closeFn()
+			ctx, cancel := o.callCtx(cmd.Context())
+			defer cancel()
+			m, err := c.AbortMigration(ctx, &broker.AbortMigrationRequest{ID: args[0], Reason: reason})
+			if err != nil {
+				return err
+			}
+			return o.show(cmd.OutOrStdout(), m, func(w io.Writer) { fmt.Fprintf(w, "%s: %s\n", m.ID, m.Phase) })
+		},
+	}
+	addBrokerFlags(cmd, &o, true)
+	cmd.Flags().StringVar(&reason, "reason", "", "why, recorded in the migration and its receipt")
+	return cmd
+}
+
+// watchMigration polls a migration, drawing a progress bar on stderr, until it ends; an
+// aborted migration ends lethectl with status 1.
+func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id string, stdout, stderr io.Writer) error {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	var m *broker.Migration
+	for {
+		cctx, cancel := o.callCtx(ctx)
+		got, err := c.GetMigration(cctx, id)
+		cancel()
+		if err != nil {
+			return err
+		}
+		m = got
+		if o.output != "json" {
+			fmt.Fprintf(stderr, "\r\033[K%s", progressLine(m))
+		}
+		if m.Phase.Terminal() {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			fmt.Fprintln(stderr)
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	if o.output != "json" {
+		fmt.Fprintln(stderr)
+	}
+	if err := o.show(stdout, m, func(w io.Writer) {
+		switch m.Phase {
+		case broker.PhaseErased:
+			fmt.Fprintf(w, "%s: erased: %s/%s now runs on %s; receipt: lethectl receipt get %s\n", m.ID, m.Tenant, m.VM, m.Destination, m.ID)
+		default:
+			fmt.Fprintf(w, "%s: aborted (%s): %s/%s runs on at %s\n", m.ID, m.AbortReason, m.Tenant, m.VM, m.Source)
+		}
+	}); err != nil {
+		return err
+	}
+	if m.Phase != broker.PhaseErased {
+		return &exitError{code: 1}
+	}
+	return nil
+}
+
+// progressLine renders a migration's phase and transfer progress on one line.
+func progressLine(m *broker.Migration) string {
+	p := m.Progress
+	if p == nil || (m.Phase != broker.PhaseTransferring && m.Phase != broker.PhaseCuttingOver) {
+		return string(m.Phase)
+	}
+	total := p.TotalBytes
+	if total == 0 {
+		total = m.MemoryBytes
+	}
+	frac := 0.0
+	if total > 0 {
+		frac = min(1, float64(p.Bytes)/float64(total))
+	}
+	const width = 30
+	n := int(frac * width)
+	bar := strings.Repeat("=", n) + strings.Repeat(" ", width-n)
+	return fmt.Sprintf("[%s] %3.0f%% %s/%s round %d dirty %s/s ETA %s %s",
+		bar, frac*100, bytesText(p.Bytes), bytesText(total), p.Round, bytesText(uint64(p.DirtyRate)), p.ETA.Round(time.Second), m.Phase)
+}
+
+func bytesText(b uint64) string {
+	const unit = 1024
+	if b < unit {
+		return fmt.Sprintf("%d B", b)
+	}
+	div, exp := uint64(unit), 0
+	for n := b / unit; n >= unit; n /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(b)/float64(div), "KMGTPE"[exp])
+}

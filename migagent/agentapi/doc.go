@@ -1,0 +1,46 @@
+// Package agentapi is the contract between the broker and the per-host migration agents: the
+// NATS subjects, the JSON wire structs, a client the broker uses, a server adapter ([Serve])
+// that an agent plugs its implementation ([Handler]) into, and the host registration record
+// that agents keep fresh in JetStream.
+//
+// # Subjects
+//
+// Every agent serves request/reply operations on its own host's subjects:
+//
+//	lethe.v1.agent.<host>.attest    AttestRequest   → attest.Evidence           (source, adopt)
+//	lethe.v1.agent.<host>.prepare   PrepareRequest  → PrepareResponse           (destination)
+//	lethe.v1.agent.<host>.keys      KeysRequest     → KeysResponse              (both)
+//	lethe.v1.agent.<host>.transfer  TransferRequest → Progress                  (source)
+//	lethe.v1.agent.<host>.status    StatusRequest   → Status                    (both)
+//	lethe.v1.agent.<host>.erase     EraseRequest    → attest.Evidence           (source, after commit)
+//	lethe.v1.agent.<host>.abort     AbortRequest    → AbortResponse             (both)
+//
+// A failed operation answers with the NATS micro error headers (Nats-Service-Error-Code and
+// Nats-Service-Error); the client turns them into an [*Error] whose Code is one of the Code*
+// constants.
+//
+// transfer returns at once with the transfer's current state (phase "started" the first
+// time); the source agent then publishes [Progress] on
+//
+//	lethe.v1.agent.<host>.progress.<migration-id>
+//
+// through phases precopy, cutover and finally committed (carrying the destination's commit
+// acknowledgement) or failed. Calling transfer again for the same migration must not start a
+// second transfer: it returns the current state. That is how a broker that took over a
+// migration re-attaches to it.
+//
+// # Host registration
+//
+// An agent registers and heartbeats by putting its [HostRecord] under its host name into the
+// JetStream key-value bucket lethe-hosts ([PutHost], [Heartbeater]). The bucket has a TTL, so
+// the record of a host that stopped heartbeating disappears; the broker also treats a record
+// whose heartbeat is older than its host TTL as lost.
+//
+// # Permissions and security
+//
+// An agent's NATS user may publish only on lethe.v1.agent.<host>.> and $KV.lethe-hosts.<host>,
+// reply to requests it received, and subscribe only to its own subjects and its own inbox prefix
+// ([InboxPrefix]); so an agent cannot answer or report for another host. Nothing secret crosses
+// this API unsealed: keys arrive sealed with HPKE to the agent's ephemeral key, and evidence and
+// statements are public by design. This package must never carry a plaintext key or a page.
+package agentapi

@@ -1,0 +1,237 @@
+package agentapi
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+)
+
+// MaxMessageSize bounds every request and reply of the agent API; evidence with its
+// certificate chain is a few KiB, so anything this large is hostile.
+const MaxMessageSize = 1 << 20
+
+// AttestRequest asks an agent for evidence bound to a migration (role source) or to a
+// guest's first residency (role adopt). The agent makes a fresh HPKE key pair for the
+// migration and binds its public key into the evidence.
+type AttestRequest struct {
+	MigrationID string      `json:"migrationId"`
+	Role        attest.Role `json:"role"`
+	Nonce       []byte      `json:"nonce"`
+	// Tenant and VM name the guest the evidence is for.
+	Tenant string `json:"tenant,omitempty"`
+	VM     string `json:"vm,omitempty"`
+}
+
+// PrepareRequest asks the destination agent to make ready to receive a guest: scrub and check
+// its receive region, make an HPKE key pair, and attest (role destination) with its
+// clean-memory statement.
+type PrepareRequest struct {
+	MigrationID string `json:"migrationId"`
+	Nonce       []byte `json:"nonce"`
+	Tenant      string `json:"tenant,omitempty"`
+	VM          string `json:"vm"`
+	MemoryBytes uint64 `json:"memoryBytes"`
+}
+
+// PrepareResponse is the destination's evidence (its statement is the clean-memory
+// statement) and the host:port its data plane listens on for this migration.
+type PrepareResponse struct {
+	Evidence     *attest.Evidence `json:"evidence"`
+	DataEndpoint string           `json:"dataEndpoint"`
+}
+
+// KeysRequest delivers the keys the keybroker sealed to the agent's HPKE key for a migration
+// (or an adoption). Only the agent can open them.
+type KeysRequest struct {
+	MigrationID string      `json:"migrationId"`
+	Role        attest.Role `json:"role"`
+	SealedKeys  []byte      `json:"sealedKeys"`
+}
+
+// KeysResponse acknowledges that the agent opened its keys.
+type KeysResponse struct {
+	OK bool `json:"ok"`
+}
+
+// TransferRequest asks the source agent to start moving the guest to the destination's data
+// endpoint. It returns at once; a repeated request for the same migration returns the current
+// state and starts nothing.
+type TransferRequest struct {
+	MigrationID  string `json:"migrationId"`
+	Tenant       string `json:"tenant,omitempty"`
+	VM           string `json:"vm,omitempty"`
+	DataEndpoint string `json:"dataEndpoint"`
+	// Streams is the number of parallel data-plane connections; 0 means the agent's default.
+	Streams int `json:"streams,omitempty"`
+	// ZeroPageElision allows sending zero pages as a flag (the tenant's policy decides).
+	ZeroPageElision bool `json:"zeroPageElision"`
+}
+
+// TransferPhase is where a transfer is.
+type TransferPhase string
+
+// The phases of a transfer, as the source reports them.
+const (
+	TransferStarted   TransferPhase = "started"
+	TransferPrecopy   TransferPhase = "precopy"
+	TransferCutover   TransferPhase = "cutover"
+	TransferCommitted TransferPhase = "committed"
+	TransferFailed    TransferPhase = "failed"
+)
+
+// Progress is the state of a transfer: the reply to transfer, and what the source publishes
+// on its progress subject.
+type Progress struct {
+	MigrationID string        `json:"migrationId"`
+	Phase       TransferPhase `json:"phase"`
+	// Bytes and Pages sent so far; TotalBytes is the guest's memory size.
+	Bytes      uint64 `json:"bytes"`
+	Pages      uint64 `json:"pages"`
+	TotalBytes uint64 `json:"totalBytes,omitempty"`
+	// Round is the pre-copy round, from 1.
+	Round int `json:"round"`
+	// DirtyRate is the rate at which the guest dirties memory, in bytes per second.
+	DirtyRate float64 `json:"dirtyRate"`
+	// ETA is the agent's estimate of the time left to converge.
+	ETA time.Duration `json:"eta"`
+	// CommitAck is the destination's commit acknowledgement (MACed with the transfer key), set
+	// in phase committed.
+	CommitAck []byte `json:"commitAck,omitempty"`
+	// Error says why the transfer failed, in phase failed.
+	Error string `json:"error,omitempty"`
+	// Time is when the agent produced this report.
+	Time time.Time `json:"time"`
+}
+
+// StatusRequest asks an agent for its view of a migration.
+type StatusRequest struct {
+	MigrationID string `json:"migrationId"`
+}
+
+// Status is an agent's view of a migration.
+type Status struct {
+	MigrationID string      `json:"migrationId"`
+	Role        attest.Role `json:"role,omitempty"`
+	// Known is false when the agent has never heard of the migration.
+	Known bool `json:"known"`
+	// KeysHeld reports whether the agent still holds keys of the migration.
+	KeysHeld bool      `json:"keysHeld"`
+	Transfer *Progress `json:"transfer,omitempty"`
+	Erased   bool      `json:"erased"`
+	Aborted  bool      `json:"aborted"`
+}
+
+// EraseRequest asks the source, after commit, to zeroize its keys, scrub the guest's pages and
+// spool, and return evidence (role erased) carrying its erasure statement.
+type EraseRequest struct {
+	MigrationID string `json:"migrationId"`
+	Nonce       []byte `json:"nonce"`
+}
+
+// AbortRequest ends a migration before commit: the destination scrubs and zeroizes, the
+// source zeroizes the transfer key and resumes the guest.
+type AbortRequest struct {
+	MigrationID string `json:"migrationId"`
+	Reason      string `json:"reason,omitempty"`
+}
+
+// AbortResponse is the agent's erasure statement for an abort. A source that has already
+// received the commit acknowledgement refuses to abort: it answers Committed with the
+// acknowledgement, and the broker completes the commit instead.
+type AbortResponse struct {
+	Statement json.RawMessage `json:"statement,omitempty"`
+	// Resumed reports that the source resumed the guest.
+	Resumed   bool   `json:"resumed,omitempty"`
+	Committed bool   `json:"committed,omitempty"`
+	CommitAck []byte `json:"commitAck,omitempty"`
+}
+
+// HostRecord is what an agent keeps in the lethe-hosts bucket under its host name.
+type HostRecord struct {
+	Host     string            `json:"host"`
+	Platform attest.Platform   `json:"platform"`
+	Labels   map[string]string `json:"labels,omitempty"`
+	Region   string            `json:"region,omitempty"`
+	// DataAddr is the address the agent's data plane listens on, host:port.
+	DataAddr string `json:"dataAddr,omitempty"`
+	// Guests are the guests running on the host.
+	Guests []HostGuest `json:"guests,omitempty"`
+	// Heartbeat is when the agent wrote this record.
+	Heartbeat time.Time `json:"heartbeat"`
+}
+
+// HostGuest is a guest running on a host.
+type HostGuest struct {
+	Tenant      string `json:"tenant"`
+	VM          string `json:"vm"`
+	MemoryBytes uint64 `json:"memoryBytes"`
+}
+
+// Guest returns the guest named by tenant and vm, or nil.
+func (h *HostRecord) Guest(tenant, vm string) *HostGuest {
+	for i := range h.Guests {
+		if h.Guests[i].Tenant == tenant && h.Guests[i].VM == vm {
+			return &h.Guests[i]
+		}
+	}
+	return nil
+}
+
+// Error codes of the agent API.
+const (
+	CodeBadRequest = "bad_request"
+	CodeNotFound   = "not_found"
+	CodeConflict   = "conflict"
+	CodeInternal   = "internal"
+)
+
+// Error is a failure reported by an agent.
+type Error struct {
+	// Code is one of the Code* constants (or another code the agent chose).
+	Code string
+	// Message is the agent's description.
+	Message string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("agent error %s: %s", e.Code, e.Message) }
+
+// Errors a Handler returns to choose the wire code of its failure; anything else is reported
+// as internal.
+var (
+	// ErrBadRequest: the request is malformed or does not fit the agent's state.
+	ErrBadRequest = errors.New("bad request")
+	// ErrNotFound: the agent does not know the migration or guest.
+	ErrNotFound = errors.New("not found")
+	// ErrConflict: the request contradicts what the agent already did (for example abort
+	// after commit on the destination).
+	ErrConflict = errors.New("conflict")
+)
+
+// Is lets errors.Is match an *Error against ErrBadRequest, ErrNotFound and ErrConflict.
+func (e *Error) Is(target error) bool {
+	switch target {
+	case ErrBadRequest:
+		return e.Code == CodeBadRequest
+	case ErrNotFound:
+		return e.Code == CodeNotFound
+	case ErrConflict:
+		return e.Code == CodeConflict
+	}
+	return false
+}
+
+// errorCode maps a handler's error to its wire code.
+func errorCode(err error) string {
+	switch {
+	case errors.Is(err, ErrBadRequest):
+		return CodeBadRequest
+	case errors.Is(err, ErrNotFound):
+		return CodeNotFound
+	case errors.Is(err, ErrConflict):
+		return CodeConflict
+	}
+	return CodeInternal
+}
