@@ -46,7 +46,7 @@ confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd())
+	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd(), newReceiptCmd(), newTenantCmd())
 	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd())
 	return root
 }

@@ -87,10 +87,14 @@ type EndClaims struct {
 	FMSPC  attest.HexBytes `json:"fmspc,omitempty"`
 }
 
-// ErasureEvidence is the source's final evidence: its digest and its erasure statement.
+// ErasureEvidence is the source's final evidence: its digest and its erasure statement, and
+// whether the tenant's policy accepts that erasure (keys zeroized, within the deadline).
 type ErasureEvidence struct {
 	EvidenceDigest attest.HexBytes `json:"evidenceDigest"`
 	Statement      json.RawMessage `json:"statement,omitempty"`
+	// Accepted says the policy's erasure rules passed; Reasons lists those that failed.
+	Accepted bool     `json:"accepted"`
+	Reasons  []string `json:"reasons,omitempty"`
 }
 
 // DestroyedKey is a Vault Transit key the keybroker deleted.

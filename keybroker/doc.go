@@ -1,0 +1,40 @@
+// Package keybroker releases a confidential guest's keys from Vault to attested agents only,
+// destroys them when a residency or a migration ends, and signs the erasure receipts that
+// prove it.
+//
+// It is the only package in Lethe that talks to Vault. Per guest it keeps, beside the keys,
+// what it must be able to trust (DESIGN.md, "Keys and crypto-erasure"): in a KV v2 mount the
+// tenant's registered Ed25519 policy key and last accepted policySvn, and the guest's
+// residency epoch with its migration in progress; in Transit one key per epoch
+// (lethe-<tenant>-<vm>-e<e>) and one per migration (lethe-mig-<id>), aes256-gcm96, never
+// exportable, never with plaintext backup.
+//
+// [Keybroker.Release] verifies both ends' evidence (in parallel), consumes their nonces,
+// verifies the tenant's signed policy and its policySvn, evaluates it, and only then creates
+// the epoch-(e+1) key and the migration key, draws MDK_{e+1} and the transfer key TK, seals TK
+// to the source and TK and MDK_{e+1} to the destination (package seal) and wipes the
+// plaintexts. Any failure after the keys exist destroys them again (fail closed).
+// [Keybroker.Adopt] creates a guest's first epoch; [Keybroker.Reissue] seals the current
+// epoch's MDK again (Transit decrypt of its wrapped form) to an agent that restarted and
+// attested afresh. [Keybroker.Destroy] ends a migration:
+// commit destroys the migration key and epoch e, abort the migration key and epoch e+1; no
+// request can destroy both epochs of a guest. A destruction that cannot complete because Vault
+// is unreachable is written to a journal file under Config.StateDir (the journal cannot live in
+// Vault, which is what is down) and retried by [Keybroker.Run] until it succeeds; the receipt
+// (package receipt, signed with the Transit ed25519 key lethe-receipt-signing) exists only
+// after every key is gone.
+//
+// Every release and every denial is one audit event ([AuditSink]) carrying evidence digests,
+// the policy digest and svn, the decision and its reasons. The keybroker must never log or
+// audit a key, a sealed blob, a Vault token or raw evidence, never release a key without fresh
+// evidence that satisfies the tenant's signed policy, and never let an untrusted caller (the
+// broker, NATS) choose which Vault key to destroy: it derives key names from its own records.
+//
+// Caveats: plaintext keys are wiped once sealed, but Vault's HTTP responses carry them base64
+// encoded in strings that Go cannot wipe; they are dropped and left to the garbage collector.
+// Nonces live in the memory of one keybroker process, so an agent must return its evidence to
+// the keybroker that issued its nonce. Vault snapshots taken while a key lived still hold it.
+//
+// The API is plain Go with JSON-encodable request and response types (wire.go), so that a thin
+// NATS edge can offer it and tests and tools can call it directly.
+package keybroker

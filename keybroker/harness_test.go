@@ -1,0 +1,299 @@
+package keybroker
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/json"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/attest/emulate"
+	"github.com/lethe-cc/lethe/keybroker/seal"
+	"github.com/lethe-cc/lethe/keybroker/vaulttest"
+	"github.com/lethe-cc/lethe/policy"
+)
+
+const testAdminToken = "admin-secret-for-tests"
+
+// platforms are made once per test binary: emulated platforms generate RSA roots.
+var platforms = sync.OnceValues(func() (map[string]emulate.Platform, error) {
+	out := map[string]emulate.Platform{}
+	for name, tcb := range map[string]*attest.SNPTCB{
+		"source":      nil,
+		"destination": nil,
+		// weak has older microcode than the default TCB: a policy requiring the
+		// destination's TCB to be at least the source's refuses it as a destination.
+		"weak": {BootLoader: 3, TEE: 0, SNP: 8, Microcode: 100},
+	} {
+		p, err := emulate.New(attest.PlatformEmulatedSEVSNP, emulate.Options{TCB: tcb})
+		if err != nil {
+			return nil, err
+		}
+		out[name] = p
+	}
+	return out, nil
+})
+
+// recordingAudit keeps audit events for assertions.
+type recordingAudit struct {
+	mu     sync.Mutex
+	events []Event
+}
+
+func (r *recordingAudit) Audit(_ context.Context, ev Event) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.events = append(r.events, ev)
+}
+
+func (r *recordingAudit) all() []Event {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]Event(nil), r.events...)
+}
+
+func (r *recordingAudit) last(t *testing.T) Event {
+	t.Helper()
+	evs := r.all()
+	if len(evs) == 0 {
+		t.Fatal("no audit event")
+	}
+	return evs[len(evs)-1]
+}
+
+// clock is a settable clock.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// env is a keybroker on a real Vault (behind a proxy the test can cut), emulated SEV-SNP
+// platforms, the real verifier and the real policy package, with tenant "demo" registered.
+type env struct {
+	t         testing.TB
+	vault     *vaulttest.Server
+	proxy     *vaulttest.Proxy
+	admin     *api.Client // straight to Vault, not through the proxy
+	kb        *Keybroker
+	audit     *recordingAudit
+	clock     *clock
+	plats     map[string]emulate.Platform
+	verifier  *attest.Verifier
+	tenantKey ed25519.PrivateKey
+	stateDir  string
+	cfg       Config
+}
+
+type envOption func(*Config)
+
+func newEnv(t testing.TB, opts ...envOption) *env {
+	t.Helper()
+	plats, err := platforms()
+	if err != nil {
+		t.Fatalf("making emulated platforms: %v", err)
+	}
+	var roots []attest.Roots
+	for _, p := range plats {
+		roots = append(roots, p.Roots())
+	}
+	v, err := attest.NewVerifier(attest.Config{Roots: roots})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := vaulttest.Start(t)
+	px := srv.Proxy(t)
+	c, err := vaulttest.NewClient(px.Addr, srv.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{
+		t: t, vault: srv, proxy: px, admin: srv.Client, audit: &recordingAudit{},
+		clock: &clock{t: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}, plats: plats, verifier: v,
+		stateDir: t.TempDir(),
+	}
+	_, e.tenantKey, _ = ed25519.GenerateKey(rand.Reader)
+	e.cfg = Config{
+		Vault: c, Verifier: v, Audit: e.audit, AdminToken: testAdminToken,
+		StateDir: e.stateDir, Now: e.clock.Now, RetryInterval: 10 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(t.Output(), nil)),
+	}
+	for _, o := range opts {
+		o(&e.cfg)
+	}
+	e.kb, err = New(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := e.tenantKey.Public().(ed25519.PublicKey)
+	if _, err := e.kb.RegisterTenant(t.Context(), testAdminToken, RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}); err != nil {
+		t.Fatalf("registering tenant: %v", err)
+	}
+	return e
+}
+
+// signedPolicy returns the CI policy for tenant demo with policySvn svn, signed by the
+// tenant. edit, if not nil, rewrites the YAML first.
+func (e *env) signedPolicy(svn uint64, edit func(string) string) []byte {
+	e.t.Helper()
+	b, err := os.ReadFile("../examples/policies/ci-emulated.yaml")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	y := strings.Replace(string(b), "policySvn: 1", "policySvn: "+strconv.FormatUint(svn, 10), 1)
+	if edit != nil {
+		y = edit(y)
+	}
+	env, err := policy.Sign("ci-emulated.yaml", []byte(y), e.tenantKey)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	out, err := env.Marshal()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return out
+}
+
+// agent is one side's ephemeral key and evidence.
+type agent struct {
+	key *seal.PrivateKey
+	att Attestation
+}
+
+// attest makes evidence on platform plat for (id, role): a fresh HPKE key, a nonce from the
+// keybroker and the statement.
+func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent {
+	e.t.Helper()
+	k, err := seal.GenerateKey()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	n, err := e.kb.IssueNonce(e.t.Context(), NonceRequest{MigrationID: id, Role: role})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	b := attest.Binding{MigrationID: id, Role: role, Nonce: n.Nonce, HPKEPublicKey: k.PublicKey(), Statement: statement}
+	ev, err := attest.Produce(e.t.Context(), e.plats[plat], b)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return &agent{key: k, att: Attestation{Nonce: n.Nonce, Evidence: ev}}
+}
+
+func cleanStatement(t testing.TB) []byte {
+	t.Helper()
+	b, err := attest.CleanMemoryStatement{Zeroed: true, VerifiedZero: true, Bytes: 1 << 30}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func erasureStatement(t testing.TB, id string) []byte {
+	t.Helper()
+	b, err := attest.ErasureStatement{
+		MigrationID: id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData, attest.KeyHPKE},
+		PagesScrubbed: 262144, PageBytesScrubbed: 1 << 30, SpoolBytesScrubbed: 4096,
+	}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// adopt gives vm its first residency on the source platform and returns the response.
+func (e *env) adopt(vm string) *AdoptResponse {
+	e.t.Helper()
+	id := "adopt-" + vm
+	a := e.attest("source", id, attest.RoleAdopt, cleanStatement(e.t))
+	resp, err := e.kb.Adopt(e.t.Context(), &AdoptRequest{
+		AdoptionID: id, Tenant: "demo", VM: vm, Policy: e.signedPolicy(1, nil), Agent: a.att,
+	})
+	if err != nil {
+		e.t.Fatalf("adopting %s: %v", vm, err)
+	}
+	return resp
+}
+
+// migration is a release request with its two agents.
+type migration struct {
+	req      *ReleaseRequest
+	src, dst *agent
+}
+
+// newMigration attests both ends of migration id of vm (source platform "source",
+// destination platform dstPlat) under the policy signed.
+func (e *env) newMigration(id, vm, dstPlat string, signed []byte) *migration {
+	e.t.Helper()
+	src := e.attest("source", id, attest.RoleSource, nil)
+	dst := e.attest(dstPlat, id, attest.RoleDestination, cleanStatement(e.t))
+	return &migration{
+		req: &ReleaseRequest{
+			MigrationID: id, Tenant: "demo", VM: vm, Policy: signed,
+			Source: src.att, Destination: dst.att, DestinationHost: Host{Name: "host-b"},
+		},
+		src: src, dst: dst,
+	}
+}
+
+// transitKeys lists the Transit keys, straight from Vault.
+func (e *env) transitKeys() []string {
+	e.t.Helper()
+	s, err := e.admin.Logical().ListWithContext(e.t.Context(), "transit/keys")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var out []string
+	if s != nil {
+		for _, k := range s.Data["keys"].([]any) {
+			out = append(out, k.(string))
+		}
+	}
+	return out
+}
+
+// transitKeyExists reads a Transit key straight from Vault.
+func (e *env) transitKeyExists(name string) bool {
+	e.t.Helper()
+	s, err := e.admin.Logical().ReadWithContext(e.t.Context(), "transit/keys/"+name)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return s != nil
+}
+
+// guest reads a guest record straight from Vault.
+func (e *env) guest(vm string) guestRecord {
+	e.t.Helper()
+	s, err := e.admin.KVv2(vaulttest.KVMount).Get(e.t.Context(), guestPath("demo", vm))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	b, _ := json.Marshal(s.Data)
+	var g guestRecord
+	if err := json.Unmarshal(b, &g); err != nil {
+		e.t.Fatal(err)
+	}
+	return g
+}

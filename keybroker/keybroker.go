@@ -1,0 +1,344 @@
+package keybroker
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+
+	"github.com/lethe-cc/lethe/attest"
+)
+
+// Errors of the keybroker's API. Each method documents which it returns; all are wrapped, so
+// match them with errors.Is.
+var (
+	// ErrUnauthorized: an admin call without the admin credential.
+	ErrUnauthorized = errors.New("unauthorized")
+	// ErrInvalidRequest: a malformed request (names, missing evidence, bad keys).
+	ErrInvalidRequest = errors.New("invalid request")
+	// ErrEvidenceRejected: evidence did not verify or is not bound to the expected context
+	// (migration, role, nonce, HPKE key, statement). attest.ReasonOf names what failed.
+	ErrEvidenceRejected = errors.New("evidence rejected")
+	// ErrPolicyRejected: the signed policy is not acceptable: bad signature, another tenant,
+	// or a policySvn lower than the last accepted (rollback).
+	ErrPolicyRejected = errors.New("policy rejected")
+	// ErrDenied: the tenant's policy denies the migration or adoption; the error lists the
+	// failing rules.
+	ErrDenied = errors.New("denied by policy")
+	// ErrUnknownTenant: the tenant is not registered.
+	ErrUnknownTenant = errors.New("unknown tenant")
+	// ErrNotAdopted: the guest has no residency yet (see Adopt).
+	ErrNotAdopted = errors.New("guest not adopted")
+	// ErrAlreadyAdopted: Adopt for a guest that already has a residency.
+	ErrAlreadyAdopted = errors.New("guest already adopted")
+	// ErrGuestBusy: another migration of the guest is in progress, or its record changed
+	// concurrently.
+	ErrGuestBusy = errors.New("guest busy")
+	// ErrUnknownMigration: no released migration of that ID for the guest.
+	ErrUnknownMigration = errors.New("unknown migration")
+	// ErrBothEpochs: the request would destroy both epochs of a guest (abort after commit,
+	// commit after abort, or a plan naming the live epoch), so it is refused.
+	ErrBothEpochs = errors.New("refusing to destroy both epochs of a guest")
+	// ErrDestructionPending: Vault could not be reached to destroy keys; the destruction is
+	// journaled and retried by Run until it completes, and the receipt waits for it
+	// (AwaitReceipt). It wraps ErrVaultUnavailable.
+	ErrDestructionPending = errors.New("destruction pending")
+)
+
+// ReceiptSigningKey is the Transit key (type ed25519) that signs receipts.
+const ReceiptSigningKey = "lethe-receipt-signing"
+
+// EvidenceVerifier verifies evidence against an expectation; *attest.Verifier satisfies it.
+type EvidenceVerifier interface {
+	Verify(ctx context.Context, ev *attest.Evidence, want attest.Expectation) (*attest.Claims, error)
+}
+
+// AppRole is an AppRole login.
+type AppRole struct {
+	// Mount is the AppRole auth mount. Empty: "approle".
+	Mount    string
+	RoleID   string
+	SecretID string
+}
+
+// Config configures a Keybroker.
+type Config struct {
+	// Vault is the Vault client (address, TLS, timeouts). Required. With AppRole nil, its
+	// token is used (token auth) and renewed by Run while renewable.
+	Vault *api.Client
+	// AppRole, if set, logs in with AppRole (before the first call and whenever the token
+	// cannot be renewed any more). Nil: token auth.
+	AppRole *AppRole
+	// TransitMount is the Transit secrets engine's mount. Empty: "transit".
+	TransitMount string
+	// KVMount is the KV v2 mount holding tenants, guests and receipts. Empty: "lethe".
+	KVMount string
+
+	// Verifier verifies evidence. Required; *attest.Verifier in production.
+	Verifier EvidenceVerifier
+	// Policy verifies and evaluates signed policies. Nil: package policy.
+	Policy PolicyGate
+	// Audit receives one event per release, adoption, denial and destruction. Nil: SlogAudit
+	// on Logger.
+	Audit AuditSink
+	// Logger is for operational logs. Nil: slog.Default().
+	Logger *slog.Logger
+
+	// AdminToken is the credential of admin calls (RegisterTenant); Run publishes its
+	// SHA-256 in Vault (config/admin). Empty: callers are checked against the digest a running
+	// keybroker published, and refused if there is none.
+	AdminToken string
+	// StateDir holds the destruction journal (one file per pending destruction). Empty: the
+	// journal is kept in memory only, and a destruction pending when the process ends is lost
+	// (tests only; cmd/lethe-keybroker requires a directory).
+	StateDir string
+
+	// NonceTTL is how long a nonce stays valid. Zero: 60 s.
+	NonceTTL time.Duration
+	// MaxNonces bounds the nonces held at once. Zero: 65536.
+	MaxNonces int
+	// RetryInterval is how often Run retries pending destructions. Zero: 5 s.
+	RetryInterval time.Duration
+	// Now is the clock. Nil: time.Now.
+	Now func() time.Time
+}
+
+// Keybroker releases and destroys guests' keys. It is safe for concurrent use.
+type Keybroker struct {
+	cfg    Config
+	log    *slog.Logger
+	audit  AuditSink
+	policy PolicyGate
+	keys   keyStore
+	recs   recordStore
+	vault  *api.Client
+	nonces *nonceStore
+	jnl    *journal
+	now    func() time.Time
+
+	adminDigest [32]byte
+
+	authMu sync.Mutex
+
+	signMu  sync.Mutex
+	signPub ed25519.PublicKey
+}
+
+// New returns a Keybroker for cfg. It does no I/O beyond loading the journal from StateDir.
+func New(cfg Config) (*Keybroker, error) {
+	if cfg.Vault == nil {
+		return nil, errors.New("configuring keybroker: no Vault client")
+	}
+	if cfg.Verifier == nil {
+		return nil, errors.New("configuring keybroker: no evidence verifier")
+	}
+	if cfg.AppRole != nil && (cfg.AppRole.RoleID == "" || cfg.AppRole.SecretID == "") {
+		return nil, errors.New("configuring keybroker: AppRole needs a role ID and a secret ID")
+	}
+	if cfg.TransitMount == "" {
+		cfg.TransitMount = "transit"
+	}
+	if cfg.KVMount == "" {
+		cfg.KVMount = "lethe"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.NonceTTL == 0 {
+		cfg.NonceTTL = 60 * time.Second
+	}
+	if cfg.MaxNonces == 0 {
+		cfg.MaxNonces = 1 << 16
+	}
+	if cfg.RetryInterval == 0 {
+		cfg.RetryInterval = 5 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	k := &Keybroker{
+		cfg:   cfg,
+		log:   cfg.Logger.With(attrComponent, "keybroker"),
+		vault: cfg.Vault,
+		now:   cfg.Now,
+	}
+	k.audit = cfg.Audit
+	if k.audit == nil {
+		k.audit = SlogAudit{Logger: k.log}
+	}
+	k.policy = cfg.Policy
+	if k.policy == nil {
+		k.policy = &policyPackage{}
+	}
+	vc := &vaultClient{c: cfg.Vault, transit: cfg.TransitMount, kv: cfg.KVMount}
+	k.keys, k.recs = vc, vc
+	k.nonces = newNonceStore(cfg.Now, cfg.NonceTTL, cfg.MaxNonces)
+	if cfg.AdminToken != "" {
+		k.adminDigest = sha256.Sum256([]byte(cfg.AdminToken))
+	}
+	var err error
+	if k.jnl, err = openJournal(cfg.StateDir); err != nil {
+		return nil, fmt.Errorf("configuring keybroker: %w", err)
+	}
+	return k, nil
+}
+
+// Run publishes the admin credential's digest, renews the Vault token (or logs in again with
+// AppRole), retries pending destructions every RetryInterval and forgets expired nonces, until
+// ctx ends. It returns nil when ctx ends.
+func (k *Keybroker) Run(ctx context.Context) error {
+	if err := k.publishAdmin(ctx); err != nil {
+		k.log.WarnContext(ctx, "Publishing the admin credential failed; admin calls of other processes are refused until it succeeds", attrError, err.Error())
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { k.renewLoop(ctx) })
+	wg.Go(func() { k.retryLoop(ctx) })
+	wg.Wait()
+	return nil
+}
+
+func (k *Keybroker) retryLoop(ctx context.Context) {
+	t := time.NewTicker(k.cfg.RetryInterval)
+	defer t.Stop()
+	for {
+		k.retryPending(ctx)
+		k.nonces.sweep()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// IssueNonce returns a fresh nonce for one role of a migration, replacing any earlier one for
+// that role. It returns ErrInvalidRequest or ErrNonceStoreFull.
+func (k *Keybroker) IssueNonce(ctx context.Context, req NonceRequest) (*NonceResponse, error) {
+	if err := checkID(req.MigrationID); err != nil {
+		return nil, fmt.Errorf("issuing nonce: %w", err)
+	}
+	if !req.Role.Valid() {
+		return nil, fmt.Errorf("issuing nonce: role %q: %w", req.Role, ErrInvalidRequest)
+	}
+	n, exp, err := k.nonces.issue(req.MigrationID, req.Role)
+	if err != nil {
+		return nil, err
+	}
+	return &NonceResponse{Nonce: n, Expires: exp}, nil
+}
+
+// adminRecord is the digest of the admin credential, in KV at config/admin: a keybroker
+// configured with an admin token publishes it there, so that a process running the core
+// in-process (lethectl) checks callers against the running keybroker's credential.
+type adminRecord struct {
+	TokenSHA256 []byte `json:"tokenSha256"`
+}
+
+const adminPath = "config/admin"
+
+// publishAdmin writes the admin credential's digest to Vault.
+func (k *Keybroker) publishAdmin(ctx context.Context) error {
+	if k.cfg.AdminToken == "" {
+		return nil
+	}
+	if err := k.ensureAuth(ctx); err != nil {
+		return err
+	}
+	var rec adminRecord
+	ver, err := k.recs.get(ctx, adminPath, &rec)
+	if err != nil {
+		return fmt.Errorf("publishing the admin credential: %w", err)
+	}
+	if subtle.ConstantTimeCompare(rec.TokenSHA256, k.adminDigest[:]) == 1 {
+		return nil
+	}
+	if _, err := k.recs.put(ctx, adminPath, &adminRecord{TokenSHA256: k.adminDigest[:]}, ver); err != nil {
+		return fmt.Errorf("publishing the admin credential: %w", err)
+	}
+	return nil
+}
+
+// checkAdmin checks an admin credential in constant time: against Config.AdminToken, or,
+// without one, against the digest a running keybroker published in Vault.
+func (k *Keybroker) checkAdmin(ctx context.Context, token string) error {
+	want := k.adminDigest[:]
+	if k.cfg.AdminToken == "" {
+		if err := k.ensureAuth(ctx); err != nil {
+			return err
+		}
+		var rec adminRecord
+		ver, err := k.recs.get(ctx, adminPath, &rec)
+		if err != nil {
+			return fmt.Errorf("reading the admin credential: %w", err)
+		}
+		if ver == 0 || len(rec.TokenSHA256) != sha256.Size {
+			return fmt.Errorf("no admin credential configured or published: %w", ErrUnauthorized)
+		}
+		want = rec.TokenSHA256
+	}
+	d := sha256.Sum256([]byte(token))
+	if token == "" || subtle.ConstantTimeCompare(d[:], want) != 1 {
+		return ErrUnauthorized
+	}
+	return nil
+}
+
+// Names. Tenants follow policy's alphabet (lowercase letters, digits, dashes); no registered
+// tenant may be another's dash-prefix (see RegisterTenant), and epoch keys end in -e<digits>,
+// so every epoch key name belongs to one guest.
+var (
+	tenantRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+	vmRE     = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+	idRE     = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+)
+
+// reservedTenants would make key names collide with the keybroker's own keys.
+var reservedTenants = []string{"mig", "receipt"}
+
+func checkTenant(t string) error {
+	if !tenantRE.MatchString(t) {
+		return fmt.Errorf("tenant %q is not lowercase letters, digits and dashes: %w", t, ErrInvalidRequest)
+	}
+	for _, r := range reservedTenants {
+		if t == r || len(t) > len(r) && t[:len(r)+1] == r+"-" {
+			return fmt.Errorf("tenant %q is reserved: %w", t, ErrInvalidRequest)
+		}
+	}
+	return nil
+}
+
+func checkGuest(tenant, vm string) error {
+	if err := checkTenant(tenant); err != nil {
+		return err
+	}
+	if !vmRE.MatchString(vm) {
+		return fmt.Errorf("vm %q is not lowercase letters, digits, '.', '_' and '-': %w", vm, ErrInvalidRequest)
+	}
+	return nil
+}
+
+func checkID(id string) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("migration id %q is not letters, digits, '.', '_' and '-' (at most 64): %w", id, ErrInvalidRequest)
+	}
+	return nil
+}
+
+func epochKeyName(tenant, vm string, epoch uint64) string {
+	return "lethe-" + tenant + "-" + vm + "-e" + strconv.FormatUint(epoch, 10)
+}
+
+func migrationKeyName(id string) string { return "lethe-mig-" + id }
+
+func tenantPath(tenant string) string       { return "tenants/" + tenant }
+func guestPath(tenant, vm string) string    { return "guests/" + tenant + "/" + vm }
+func receiptPath(migrationID string) string { return "receipts/" + migrationID }

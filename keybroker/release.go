@@ -1,0 +1,310 @@
+package keybroker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/keybroker/seal"
+)
+
+// Migration states in a guest record.
+const (
+	stateReleasing = "releasing" // keys being created; cleaned up if the release fails
+	stateReleased  = "released"
+	stateCommitted = "committed" // epoch moved on; keys being destroyed
+	stateAborted   = "aborted"   // keys being destroyed
+)
+
+// migrationRecord is a migration in progress, inside its guest's record.
+type migrationRecord struct {
+	ID          string                   `json:"id"`
+	State       string                   `json:"state"`
+	FromEpoch   uint64                   `json:"fromEpoch"`
+	ToEpoch     uint64                   `json:"toEpoch"`
+	WrappedTK   string                   `json:"wrappedTk,omitempty"`
+	WrappedMDK  string                   `json:"wrappedMdk,omitempty"`
+	Policy      receipt.PolicyRef        `json:"policy"`
+	Source      receipt.EndClaims        `json:"source"`
+	Destination receipt.EndClaims        `json:"destination"`
+	CleanMemory json.RawMessage          `json:"cleanMemory,omitempty"`
+	ReleasedAt  time.Time                `json:"releasedAt"`
+	EndedAt     time.Time                `json:"endedAt,omitzero"`
+	Erasure     *receipt.ErasureEvidence `json:"erasure,omitempty"`
+	// SignedPolicy is the tenant's signed policy the migration was released under, for
+	// judging the source's erasure at commit.
+	SignedPolicy []byte `json:"signedPolicy,omitempty"`
+}
+
+// Release verifies both ends of a migration and releases its keys: TK sealed to the source,
+// TK and MDK_{e+1} sealed to the destination. It emits one audit event, allow or deny.
+//
+// It returns ErrInvalidRequest; ErrNonceUnknown, ErrNonceExpired or ErrNonceUsed;
+// ErrEvidenceRejected; ErrUnknownTenant; ErrNotAdopted; ErrPolicyRejected (signature,
+// rollback); ErrDenied (with the policy's reasons); ErrGuestBusy (another migration of the
+// guest is in progress); or ErrVaultUnavailable, in which case nothing was released and any
+// key created was destroyed (or, with Vault gone, journaled for destruction).
+func (k *Keybroker) Release(ctx context.Context, req *ReleaseRequest) (*ReleaseResponse, error) {
+	ev := Event{Kind: EventRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM}
+	if e := req.Source.Evidence; e != nil {
+		d := e.Digest()
+		ev.SourceEvidence = d[:]
+	}
+	if e := req.Destination.Evidence; e != nil {
+		d := e.Digest()
+		ev.DestinationEvidence = d[:]
+	}
+	resp, err := k.release(ctx, req, &ev)
+	if err != nil {
+		err = fmt.Errorf("releasing keys of migration %s: %w", req.MigrationID, err)
+	}
+	k.emit(ctx, &ev, err)
+	return resp, err
+}
+
+// emit completes ev with the outcome of err and sends it to the audit sink.
+func (k *Keybroker) emit(ctx context.Context, ev *Event, err error) {
+	ev.Time = k.now().UTC()
+	switch {
+	case err == nil:
+		ev.Decision = DecisionAllow
+	case errors.Is(err, ErrVaultUnavailable):
+		ev.Decision = DecisionError
+	default:
+		ev.Decision = DecisionDeny
+	}
+	if err != nil && len(ev.Reasons) == 0 {
+		ev.Reasons = []string{err.Error()}
+	}
+	k.audit.Audit(context.WithoutCancel(ctx), *ev)
+}
+
+type verified struct {
+	claims *attest.Claims
+	err    error
+}
+
+// verifyEnd consumes an attestation's nonce result and verifies its evidence bound to role.
+func (k *Keybroker) verifyEnd(ctx context.Context, id string, role attest.Role, a Attestation, needKey bool) verified {
+	if a.Evidence == nil {
+		return verified{err: fmt.Errorf("no %s evidence: %w", role, ErrInvalidRequest)}
+	}
+	if needKey {
+		if err := seal.CheckPublicKey(a.Evidence.HPKEPublicKey); err != nil {
+			return verified{err: fmt.Errorf("%s evidence: %w: %w", role, ErrInvalidRequest, err)}
+		}
+	}
+	b := attest.BindingFor(id, role, a.Nonce, a.Evidence)
+	c, err := k.cfg.Verifier.Verify(ctx, a.Evidence, attest.Expectation{Binding: &b})
+	if err != nil {
+		if ctx.Err() != nil {
+			return verified{err: err}
+		}
+		return verified{err: fmt.Errorf("%s evidence: %w: %w", role, ErrEvidenceRejected, err)}
+	}
+	return verified{claims: c}
+}
+
+func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event) (*ReleaseResponse, error) {
+	if err := checkID(req.MigrationID); err != nil {
+		return nil, err
+	}
+	if err := checkGuest(req.Tenant, req.VM); err != nil {
+		return nil, err
+	}
+	// Single use: both nonces are consumed before anything is verified, so that no replay
+	// can race the first use.
+	if err := errors.Join(
+		k.nonces.consume(req.MigrationID, attest.RoleSource, req.Source.Nonce),
+		k.nonces.consume(req.MigrationID, attest.RoleDestination, req.Destination.Nonce),
+	); err != nil {
+		return nil, err
+	}
+	if err := k.ensureAuth(ctx); err != nil {
+		return nil, err
+	}
+
+	var timings ReleaseTimings
+	start := time.Now()
+	// Verify both ends and read the records, all at once.
+	var (
+		src, dst   verified
+		tenant     *tenantRecord
+		tenantVer  int
+		guest      guestRecord
+		guestVer   int
+		tErr, gErr error
+		wg         sync.WaitGroup
+	)
+	wg.Go(func() { src = k.verifyEnd(ctx, req.MigrationID, attest.RoleSource, req.Source, true) })
+	wg.Go(func() { dst = k.verifyEnd(ctx, req.MigrationID, attest.RoleDestination, req.Destination, true) })
+	wg.Go(func() { tenant, tenantVer, tErr = k.loadTenant(ctx, req.Tenant) })
+	wg.Go(func() { guestVer, gErr = k.recs.get(ctx, guestPath(req.Tenant, req.VM), &guest) })
+	wg.Wait()
+	timings.Verify = time.Since(start)
+	if err := errors.Join(src.err, dst.err); err != nil {
+		for _, e := range []error{src.err, dst.err} {
+			if e != nil {
+				ev.Reasons = append(ev.Reasons, e.Error())
+			}
+		}
+		return nil, err
+	}
+	if err := errors.Join(tErr, gErr); err != nil {
+		return nil, err
+	}
+	if guestVer == 0 || guest.Epoch == 0 {
+		return nil, fmt.Errorf("%s/%s: %w", req.Tenant, req.VM, ErrNotAdopted)
+	}
+	if m := guest.Migration; m != nil {
+		return nil, fmt.Errorf("%s/%s has migration %s %s: %w", req.Tenant, req.VM, m.ID, m.State, ErrGuestBusy)
+	}
+
+	start = time.Now()
+	dec, err := k.decide(req.Policy, tenant, PolicyInput{
+		Tenant: req.Tenant, VM: req.VM, Source: src.claims, Destination: dst.claims, Host: req.DestinationHost,
+	}, ev)
+	timings.Evaluate = time.Since(start)
+	if err != nil {
+		return nil, err
+	}
+
+	start = time.Now()
+	if err := k.acceptSVN(ctx, req.Tenant, tenant, tenantVer, dec.SVN); err != nil {
+		return nil, err
+	}
+	from, to := guest.Epoch, guest.Epoch+1
+	ev.Epoch = to
+	m := &migrationRecord{
+		ID: req.MigrationID, State: stateReleasing, FromEpoch: from, ToEpoch: to,
+		Policy:       receipt.PolicyRef{Digest: dec.Digest, SVN: dec.SVN},
+		Source:       receipt.Summarize(src.claims),
+		Destination:  receipt.Summarize(dst.claims),
+		CleanMemory:  json.RawMessage(dst.claims.Statement),
+		ReleasedAt:   k.now().UTC(),
+		SignedPolicy: req.Policy,
+	}
+	guest.Migration = m
+	epochKey, migKey := epochKeyName(req.Tenant, req.VM, to), migrationKeyName(req.MigrationID)
+	cleanup := &journalEntry{
+		Kind: kindCleanup, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM,
+		Keys: []string{migKey, epochKey}, Epoch: to,
+	}
+	// Reserve the guest and create both keys at once. A release that loses the reservation
+	// to a concurrent one destroys only its migration key: the cleanup leaves an epoch key
+	// alone while another migration holds the guest.
+	var tk, mdk []byte
+	defer func() { clear(tk); clear(mdk) }()
+	var rErr, e1, e2 error
+	var wg2 sync.WaitGroup
+	wg2.Go(func() { guestVer, rErr = k.recs.put(ctx, guestPath(req.Tenant, req.VM), &guest, guestVer) })
+	wg2.Go(func() { e1 = k.keys.createKey(ctx, epochKey, "aes256-gcm96") })
+	wg2.Go(func() { e2 = k.keys.createKey(ctx, migKey, "aes256-gcm96") })
+	wg2.Wait()
+	if rErr != nil {
+		k.abandonRelease(ctx, cleanup)
+		if errors.Is(rErr, errConflict) {
+			return nil, fmt.Errorf("%s/%s: %w", req.Tenant, req.VM, ErrGuestBusy)
+		}
+		return nil, rErr
+	}
+
+	// From here on, the guest is reserved and keys may exist: any failure destroys them.
+	resp, err := func() (*ReleaseResponse, error) {
+		if err := errors.Join(e1, e2); err != nil {
+			return nil, err
+		}
+		var wg sync.WaitGroup
+		var wrappedMDK, wrappedTK string
+		wg.Go(func() { mdk, wrappedMDK, e1 = k.keys.dataKey(ctx, epochKey) })
+		wg.Go(func() { tk, wrappedTK, e2 = k.keys.dataKey(ctx, migKey) })
+		wg.Wait()
+		if err := errors.Join(e1, e2); err != nil {
+			return nil, err
+		}
+		vaultTime := time.Since(start)
+
+		// Seal both key sets while Vault records the release.
+		m.State, m.WrappedTK, m.WrappedMDK = stateReleased, wrappedTK, wrappedMDK
+		var sealedSrc, sealedDst []byte
+		var e3 error
+		var putTime time.Duration
+		wg.Go(func() {
+			start := time.Now()
+			if _, e3 = k.recs.put(ctx, guestPath(req.Tenant, req.VM), &guest, guestVer); errors.Is(e3, errConflict) {
+				e3 = fmt.Errorf("%s/%s: %w", req.Tenant, req.VM, ErrGuestBusy)
+			}
+			putTime = time.Since(start)
+		})
+		wg.Go(func() {
+			start := time.Now()
+			sealedSrc, e1 = seal.Seal(req.Source.Evidence.HPKEPublicKey, req.MigrationID, attest.RoleSource, &seal.Keys{TK: tk})
+			if e1 == nil {
+				sealedDst, e2 = seal.Seal(req.Destination.Evidence.HPKEPublicKey, req.MigrationID, attest.RoleDestination, &seal.Keys{TK: tk, MDK: mdk, Epoch: to})
+			}
+			timings.Seal = time.Since(start)
+		})
+		wg.Wait()
+		clear(tk)
+		clear(mdk)
+		timings.Vault = vaultTime + putTime
+		if err := errors.Join(e1, e2, e3); err != nil {
+			return nil, err
+		}
+		return &ReleaseResponse{
+			MigrationID: req.MigrationID, FromEpoch: from, ToEpoch: to,
+			SealedSource: sealedSrc, SealedDestination: sealedDst, WrappedMDK: wrappedMDK,
+			PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Timings: timings,
+		}, nil
+	}()
+	if err != nil {
+		k.abandonRelease(ctx, cleanup)
+		return nil, err
+	}
+	return resp, nil
+}
+
+// decide runs the policy gate and records the policy's identity and reasons in ev.
+func (k *Keybroker) decide(signed []byte, tenant *tenantRecord, in PolicyInput, ev *Event) (*PolicyDecision, error) {
+	dec, err := k.policy.Decide(signed, tenant.PolicyKey, tenant.PolicySVN, in)
+	if err != nil {
+		if errors.Is(err, ErrPolicyRejected) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: %w", ErrPolicyRejected, err)
+	}
+	ev.PolicyDigest, ev.PolicySVN = dec.Digest, dec.SVN
+	if dec.SVN < tenant.PolicySVN {
+		return nil, fmt.Errorf("policySvn %d is below the %d accepted last: %w", dec.SVN, tenant.PolicySVN, ErrPolicyRejected)
+	}
+	if !dec.Allow {
+		ev.Reasons = append([]string(nil), dec.Reasons...)
+		if len(ev.Reasons) == 0 {
+			ev.Reasons = []string{"denied by default"}
+		}
+		return nil, fmt.Errorf("%w: %s", ErrDenied, strings.Join(ev.Reasons, "; "))
+	}
+	return dec, nil
+}
+
+// abandonRelease destroys the keys of a failed release and clears its reservation, now if
+// Vault answers, else through the journal.
+func (k *Keybroker) abandonRelease(ctx context.Context, e *journalEntry) {
+	ctx = context.WithoutCancel(ctx)
+	e.RequestedAt = k.now().UTC()
+	if err := k.jnl.add(e); err != nil {
+		k.log.ErrorContext(ctx, "Journaling the cleanup of a failed release failed", attrMigration, e.MigrationID, attrError, err.Error())
+	}
+	if pending := k.jnl.get(kindCleanup, e.MigrationID); pending != nil {
+		e = pending
+	}
+	if err := k.attempt(ctx, e); err != nil {
+		k.log.WarnContext(ctx, "Cleanup of a failed release is pending", attrMigration, e.MigrationID, attrError, err.Error())
+	}
+}

@@ -1,0 +1,246 @@
+package keybroker
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/hashicorp/vault/api"
+)
+
+// transitKey is what the keybroker reads of a Transit key.
+type transitKey struct {
+	Type          string
+	LatestVersion int
+	Exportable    bool
+	// PublicKey is the latest version's public key (ed25519 keys only).
+	PublicKey ed25519.PublicKey
+}
+
+// keyStore is the keybroker's view of Vault Transit.
+type keyStore interface {
+	// createKey creates the named key of the given Transit type, never exportable.
+	createKey(ctx context.Context, name, typ string) error
+	// dataKey draws a 256-bit data key under name: its plaintext and its wrapped form.
+	dataKey(ctx context.Context, name string) (plaintext []byte, wrapped string, err error)
+	// decrypt unwraps a wrapped data key.
+	decrypt(ctx context.Context, name, wrapped string) ([]byte, error)
+	// readKey returns the named key, or nil if there is none.
+	readKey(ctx context.Context, name string) (*transitKey, error)
+	// deleteKey allows deletion of the named key and deletes it.
+	deleteKey(ctx context.Context, name string) error
+	// sign signs msg with the named ed25519 key.
+	sign(ctx context.Context, name string, msg []byte) ([]byte, error)
+}
+
+// recordStore is the keybroker's view of Vault's KV v2 engine. Records are JSON objects.
+type recordStore interface {
+	// get decodes the record at path into v and returns its version, or 0 if there is none.
+	get(ctx context.Context, path string, v any) (int, error)
+	// put writes v at path if the record's current version is cas (0: if there is none) and
+	// returns the new version; errConflict if the version moved.
+	put(ctx context.Context, path string, v any, cas int) (int, error)
+	// list returns the names under dir.
+	list(ctx context.Context, dir string) ([]string, error)
+}
+
+// ErrVaultUnavailable is returned (wrapped) when Vault cannot be reached, is sealed, or fails
+// with a server error. Nothing is released when it is returned.
+var ErrVaultUnavailable = errors.New("vault unavailable")
+
+// errConflict is a KV check-and-set mismatch.
+var errConflict = errors.New("record changed concurrently")
+
+// vaultClient implements keyStore and recordStore over Vault's HTTP API.
+type vaultClient struct {
+	c       *api.Client
+	transit string // Transit mount
+	kv      string // KV v2 mount
+}
+
+// classify marks transport failures and server errors as ErrVaultUnavailable.
+func classify(err error) error {
+	if err == nil {
+		return nil
+	}
+	if re, ok := errors.AsType[*api.ResponseError](err); ok && re.StatusCode < 500 && re.StatusCode != http.StatusTooManyRequests {
+		return err
+	}
+	// Transport errors, timeouts (context ones included), 5xx and 429.
+	return fmt.Errorf("%w: %w", ErrVaultUnavailable, err)
+}
+
+func (v *vaultClient) createKey(ctx context.Context, name, typ string) error {
+	_, err := v.c.Logical().WriteWithContext(ctx, v.transit+"/keys/"+name, map[string]any{
+		"type":                   typ,
+		"exportable":             false,
+		"allow_plaintext_backup": false,
+	})
+	if err != nil {
+		return fmt.Errorf("creating transit key %s: %w", name, classify(err))
+	}
+	return nil
+}
+
+func (v *vaultClient) dataKey(ctx context.Context, name string) ([]byte, string, error) {
+	s, err := v.c.Logical().WriteWithContext(ctx, v.transit+"/datakey/plaintext/"+name, map[string]any{"bits": 256})
+	if err != nil {
+		return nil, "", fmt.Errorf("drawing data key under %s: %w", name, classify(err))
+	}
+	if s == nil || s.Data == nil {
+		return nil, "", fmt.Errorf("drawing data key under %s: empty response", name)
+	}
+	pt, _ := s.Data["plaintext"].(string)
+	ct, _ := s.Data["ciphertext"].(string)
+	key, err := base64.StdEncoding.DecodeString(pt)
+	if err != nil || len(key) != 32 || !strings.HasPrefix(ct, "vault:") {
+		return nil, "", fmt.Errorf("drawing data key under %s: malformed response", name)
+	}
+	return key, ct, nil
+}
+
+func (v *vaultClient) decrypt(ctx context.Context, name, wrapped string) ([]byte, error) {
+	s, err := v.c.Logical().WriteWithContext(ctx, v.transit+"/decrypt/"+name, map[string]any{"ciphertext": wrapped})
+	if err != nil {
+		return nil, fmt.Errorf("unwrapping data key under %s: %w", name, classify(err))
+	}
+	if s == nil || s.Data == nil {
+		return nil, fmt.Errorf("unwrapping data key under %s: empty response", name)
+	}
+	pt, _ := s.Data["plaintext"].(string)
+	key, err := base64.StdEncoding.DecodeString(pt)
+	if err != nil {
+		return nil, fmt.Errorf("unwrapping data key under %s: malformed response", name)
+	}
+	return key, nil
+}
+
+func (v *vaultClient) readKey(ctx context.Context, name string) (*transitKey, error) {
+	s, err := v.c.Logical().ReadWithContext(ctx, v.transit+"/keys/"+name)
+	if err != nil {
+		return nil, fmt.Errorf("reading transit key %s: %w", name, classify(err))
+	}
+	if s == nil || s.Data == nil {
+		return nil, nil
+	}
+	k := &transitKey{}
+	k.Type, _ = s.Data["type"].(string)
+	k.Exportable, _ = s.Data["exportable"].(bool)
+	if n, ok := s.Data["latest_version"].(json.Number); ok {
+		i, err := n.Int64()
+		if err != nil {
+			return nil, fmt.Errorf("reading transit key %s: latest_version: %w", name, err)
+		}
+		k.LatestVersion = int(i)
+	}
+	if keys, ok := s.Data["keys"].(map[string]any); ok && k.Type == "ed25519" {
+		latest, _ := keys[strconv.Itoa(k.LatestVersion)].(map[string]any)
+		pub, _ := latest["public_key"].(string)
+		b, err := base64.StdEncoding.DecodeString(pub)
+		if err != nil || len(b) != ed25519.PublicKeySize {
+			return nil, fmt.Errorf("reading transit key %s: malformed public key", name)
+		}
+		k.PublicKey = b
+	}
+	return k, nil
+}
+
+func (v *vaultClient) deleteKey(ctx context.Context, name string) error {
+	if _, err := v.c.Logical().WriteWithContext(ctx, v.transit+"/keys/"+name+"/config", map[string]any{"deletion_allowed": true}); err != nil {
+		return fmt.Errorf("allowing deletion of transit key %s: %w", name, classify(err))
+	}
+	if _, err := v.c.Logical().DeleteWithContext(ctx, v.transit+"/keys/"+name); err != nil {
+		return fmt.Errorf("deleting transit key %s: %w", name, classify(err))
+	}
+	return nil
+}
+
+func (v *vaultClient) sign(ctx context.Context, name string, msg []byte) ([]byte, error) {
+	s, err := v.c.Logical().WriteWithContext(ctx, v.transit+"/sign/"+name, map[string]any{
+		"input": base64.StdEncoding.EncodeToString(msg),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("signing with transit key %s: %w", name, classify(err))
+	}
+	if s == nil || s.Data == nil {
+		return nil, fmt.Errorf("signing with transit key %s: empty response", name)
+	}
+	sig, _ := s.Data["signature"].(string)
+	// vault:v<N>:<base64>
+	parts := strings.SplitN(sig, ":", 3)
+	if len(parts) != 3 || parts[0] != "vault" {
+		return nil, fmt.Errorf("signing with transit key %s: malformed signature", name)
+	}
+	b, err := base64.StdEncoding.DecodeString(parts[2])
+	if err != nil {
+		return nil, fmt.Errorf("signing with transit key %s: malformed signature: %w", name, err)
+	}
+	return b, nil
+}
+
+func (v *vaultClient) get(ctx context.Context, path string, into any) (int, error) {
+	s, err := v.c.KVv2(v.kv).Get(ctx, path)
+	if errors.Is(err, api.ErrSecretNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("reading record %s: %w", path, classify(err))
+	}
+	if s.Data == nil || s.VersionMetadata == nil || s.VersionMetadata.Destroyed || !s.VersionMetadata.DeletionTime.IsZero() {
+		return 0, nil
+	}
+	b, err := json.Marshal(s.Data)
+	if err != nil {
+		return 0, fmt.Errorf("reading record %s: %w", path, err)
+	}
+	if err := json.Unmarshal(b, into); err != nil {
+		return 0, fmt.Errorf("decoding record %s: %w", path, err)
+	}
+	return s.VersionMetadata.Version, nil
+}
+
+func (v *vaultClient) put(ctx context.Context, path string, rec any, cas int) (int, error) {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return 0, fmt.Errorf("writing record %s: %w", path, err)
+	}
+	var data map[string]any
+	if err := json.Unmarshal(b, &data); err != nil {
+		return 0, fmt.Errorf("writing record %s: %w", path, err)
+	}
+	s, err := v.c.KVv2(v.kv).Put(ctx, path, data, api.WithCheckAndSet(cas))
+	if err != nil {
+		if re, ok := errors.AsType[*api.ResponseError](err); ok && re.StatusCode == http.StatusBadRequest && strings.Contains(strings.Join(re.Errors, " "), "check-and-set") {
+			return 0, fmt.Errorf("writing record %s: %w", path, errConflict)
+		}
+		return 0, fmt.Errorf("writing record %s: %w", path, classify(err))
+	}
+	if s == nil || s.VersionMetadata == nil {
+		return 0, fmt.Errorf("writing record %s: empty response", path)
+	}
+	return s.VersionMetadata.Version, nil
+}
+
+func (v *vaultClient) list(ctx context.Context, dir string) ([]string, error) {
+	s, err := v.c.Logical().ListWithContext(ctx, v.kv+"/metadata/"+dir)
+	if err != nil {
+		return nil, fmt.Errorf("listing records under %s: %w", dir, classify(err))
+	}
+	if s == nil || s.Data == nil {
+		return nil, nil
+	}
+	raw, _ := s.Data["keys"].([]any)
+	out := make([]string, 0, len(raw))
+	for _, k := range raw {
+		if name, ok := k.(string); ok {
+			out = append(out, name)
+		}
+	}
+	return out, nil
+}
