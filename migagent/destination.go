@@ -1,0 +1,408 @@
+package migagent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+)
+
+// DestinationConfig configures the destination side of one migration.
+type DestinationConfig struct {
+	// MigrationID names the migration; a source proposing another is refused. Required,
+	// at most 255 bytes.
+	MigrationID string
+	// Region receives the guest's memory; its size must equal the source's. Nil means no
+	// memory transfer (byte stream only).
+	Region *Region
+	// Stream is the local end of the byte stream (the destination hypervisor's incoming
+	// migration connection), as SourceConfig.Stream. Nil means none.
+	Stream io.ReadWriteCloser
+	// LaunchMeasurement is the launch measurement of the freshly launched target context,
+	// stated in the clean-memory statement. Nil means none.
+	LaunchMeasurement []byte
+	// MaxStreams is the most parallel streams accepted. Zero means 16; at most 64.
+	MaxStreams int
+	// ZeroPageElision allows zero pages sent as a flag (policy transport.zeroPageElision).
+	// False refuses a source that proposes it.
+	ZeroPageElision bool
+	// Spool holds what was kept of the incoming guest outside Region; it is scrubbed if the
+	// migration aborts. Nil means none.
+	Spool *Spool
+	// HandshakeTimeout bounds each connection's key confirmation. Zero means 10 s.
+	HandshakeTimeout time.Duration
+	// DrainTimeout bounds the wait, after the acknowledgement, for the source to close its
+	// connections. Zero means 10 s.
+	DrainTimeout time.Duration
+	// Logger receives debug and info records. Nil means none.
+	Logger *slog.Logger
+}
+
+// DestinationResult is what Receive leaves the destination with.
+type DestinationResult struct {
+	// Commit is the acknowledgement sent, when the migration committed.
+	Commit Commit
+	// Erasure, when the migration failed, states what the destination zeroized and scrubbed.
+	Erasure *attest.ErasureStatement
+	// Streams is the number of streams the source used.
+	Streams int
+}
+
+// Destination runs the destination side of one migration: Prepare, then Receive (or Abort).
+// It is single use.
+type Destination struct {
+	cfg      DestinationConfig
+	log      *slog.Logger
+	mu       sync.Mutex
+	prepared bool
+	used     atomic.Bool
+}
+
+// NewDestination checks cfg and fills in defaults.
+func NewDestination(cfg DestinationConfig) (*Destination, error) {
+	if cfg.MigrationID == "" || len(cfg.MigrationID) > maxIDLen {
+		return nil, fmt.Errorf("creating destination: migration id must have 1 to %d bytes", maxIDLen)
+	}
+	if cfg.Region == nil && cfg.Stream == nil {
+		return nil, errors.New("creating destination: nothing to receive (no region, no stream)")
+	}
+	if cfg.MaxStreams < 0 || cfg.MaxStreams > maxStreams {
+		return nil, fmt.Errorf("creating destination: at most %d streams", maxStreams)
+	}
+	if cfg.MaxStreams == 0 {
+		cfg.MaxStreams = 16
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 10 * time.Second
+	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 10 * time.Second
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Destination{cfg: cfg, log: log.With("component", "migagent", "role", "destination", "migration", cfg.MigrationID)}, nil
+}
+
+// Prepare scrubs the receive region (zeroes it and reads it back as zero) and returns the
+// clean-memory statement for the destination's evidence. It returns an error wrapping
+// ErrNotZero if the region does not read back as zero.
+func (d *Destination) Prepare(ctx context.Context) (attest.CleanMemoryStatement, error) {
+	st := attest.CleanMemoryStatement{Type: attest.StatementCleanMemory, LaunchMeasurement: d.cfg.LaunchMeasurement}
+	if d.cfg.Region != nil {
+		if err := ctx.Err(); err != nil {
+			return st, err
+		}
+		n, err := d.cfg.Region.Scrub()
+		if err != nil {
+			return st, fmt.Errorf("scrubbing receive region: %w", err)
+		}
+		st.Zeroed, st.VerifiedZero, st.Bytes = true, true, uint64(n)
+	}
+	d.mu.Lock()
+	d.prepared = true
+	d.mu.Unlock()
+	return st, nil
+}
+
+func (d *Destination) params() handshakeParams {
+	p := handshakeParams{migrationID: d.cfg.MigrationID, streams: d.cfg.MaxStreams}
+	if d.cfg.Region != nil {
+		p.flags |= flagMemory
+		p.pages = uint64(d.cfg.Region.Pages())
+		if d.cfg.ZeroPageElision {
+			p.flags |= flagZeroPages
+		}
+	}
+	if d.cfg.Stream != nil {
+		p.flags |= flagStream
+	}
+	return p
+}
+
+// Receive accepts the source's streams on ln (which it closes when they have all joined or
+// when it returns), confirms keys, receives the transfer, checks it is complete and sends the
+// commit acknowledgement. Connections that fail key confirmation are dropped and Receive
+// keeps listening until ctx ends.
+//
+// Receive destroys keys.TK whatever happens. If the migration fails, it erases the
+// destination (zeroizes keys.TK and keys.MDK, scrubs the region and spool) and returns the
+// erasure statement in the result together with the error. Errors wrap ErrNotPrepared,
+// ErrUsed, ErrIncomplete, ErrPeerAborted, ErrKeyConfirmation (only when ctx ended after
+// failed attempts), or are *FrameError or the transport's.
+func (d *Destination) Receive(ctx context.Context, ln net.Listener, keys Keys) (DestinationResult, error) {
+	defer keys.TK.Destroy()
+	if !d.used.CompareAndSwap(false, true) {
+		ln.Close()
+		return DestinationResult{}, fmt.Errorf("receiving: %w", ErrUsed)
+	}
+	d.mu.Lock()
+	prepared := d.prepared
+	d.mu.Unlock()
+	if d.cfg.Region != nil && !prepared {
+		ln.Close()
+		return DestinationResult{}, fmt.Errorf("receiving: %w", ErrNotPrepared)
+	}
+	res, err := d.receive(ctx, ln, keys)
+	if err != nil {
+		st, eerr := erase(d.cfg.MigrationID, keys, d.cfg.Region, d.cfg.Spool)
+		res.Erasure = &st
+		d.log.Info("Migration failed, destination erased", "error", err)
+		return res, errors.Join(err, eerr)
+	}
+	d.log.Info("Migration committed", "streams", res.Streams)
+	return res, nil
+}
+
+// Abort erases the destination without (or instead of) receiving: it zeroizes the keys it
+// is given and scrubs the region and spool. It returns an error wrapping ErrNotZero if the
+// region did not read back as zero.
+func (d *Destination) Abort(ctx context.Context, keys Keys) (attest.ErasureStatement, error) {
+	d.used.Store(true)
+	return erase(d.cfg.MigrationID, keys, d.cfg.Region, d.cfg.Spool)
+}
+
+type accepted struct {
+	conn       net.Conn
+	index      int
+	params     handshakeParams
+	transcript []byte
+	err        error
+}
+
+// accept runs key confirmation on incoming connections until a source has confirmed keys
+// and joined all its streams.
+func (d *Destination) accept(ctx context.Context, ln net.Listener, ck []byte) ([]net.Conn, []byte, error) {
+	var wg sync.WaitGroup
+	defer wg.Wait() // runs last, after ln is closed and ctx cancelled
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer ln.Close()
+	stopClose := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stopClose()
+
+	results := make(chan accepted)
+	var (
+		mu          sync.Mutex
+		transcript  []byte
+		streams     int
+		established = make(chan struct{})
+	)
+	handle := func(conn net.Conn) {
+		defer wg.Done()
+		stop := withDeadline(ctx, conn, d.cfg.HandshakeTimeout)
+		a := accepted{conn: conn}
+		typ, err := readPrefix(conn)
+		switch {
+		case err != nil:
+			a.err = err
+		case typ == msgHello:
+			mu.Lock()
+			taken := transcript != nil
+			mu.Unlock()
+			if taken {
+				a.err = fmt.Errorf("%w: second hello", ErrHandshake)
+				break
+			}
+			a.params, a.transcript, a.err = serverHello(conn, d.params(), ck)
+			if a.err == nil {
+				mu.Lock()
+				if transcript == nil {
+					transcript, streams = a.transcript, a.params.streams
+					close(established)
+				} else {
+					a.err = fmt.Errorf("%w: second hello", ErrHandshake)
+				}
+				mu.Unlock()
+			}
+		case typ == msgJoin:
+			select {
+			case <-established:
+				a.index, a.err = serverJoin(conn, transcript, streams, ck)
+			case <-ctx.Done():
+				a.err = ctx.Err()
+			}
+		default:
+			a.err = fmt.Errorf("%w: unexpected message %d", ErrHandshake, typ)
+		}
+		stop()
+		if a.err != nil {
+			conn.Close()
+		}
+		select {
+		case results <- a:
+		case <-ctx.Done():
+			if a.err == nil {
+				conn.Close()
+			}
+		}
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				select {
+				case results <- accepted{err: fmt.Errorf("accepting: %w", err), index: -1}:
+				case <-ctx.Done():
+				}
+				return
+			}
+			wg.Add(1)
+			go handle(conn)
+		}
+	}()
+
+	var (
+		conns   []net.Conn
+		lastErr error
+		want    = -1
+		t       []byte
+	)
+	fail := func(err error) ([]net.Conn, []byte, error) {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+		cancel()
+		return nil, nil, err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return fail(errors.Join(ctx.Err(), lastErr))
+		case a := <-results:
+			if a.index == -1 {
+				return fail(errors.Join(a.err, lastErr))
+			}
+			if a.err != nil {
+				d.log.Warn("Rejected a data-plane connection", "error", a.err)
+				lastErr = a.err
+				continue
+			}
+			if a.transcript != nil {
+				want, t = a.params.streams, a.transcript
+				grown := make([]net.Conn, want)
+				copy(grown, conns)
+				conns = grown
+			}
+			if a.index >= len(conns) {
+				grown := make([]net.Conn, a.index+1)
+				copy(grown, conns)
+				conns = grown
+			}
+			if conns[a.index] != nil {
+				a.conn.Close()
+				d.log.Warn("Rejected a duplicate stream", "stream", a.index)
+				continue
+			}
+			conns[a.index] = a.conn
+			if want > 0 && len(conns) == want && !slices.Contains(conns, nil) {
+				return conns, t, nil
+			}
+		}
+	}
+}
+
+func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (DestinationResult, error) {
+	var res DestinationResult
+	ck, err := macKey(keys.TK, d.cfg.MigrationID, confirmInfo)
+	if err != nil {
+		ln.Close()
+		return res, err
+	}
+	defer clear(ck)
+	commitKey, err := macKey(keys.TK, d.cfg.MigrationID, commitInfo)
+	if err != nil {
+		ln.Close()
+		return res, err
+	}
+	defer clear(commitKey)
+	conns, transcript, err := d.accept(ctx, ln, ck)
+	if err != nil {
+		return res, fmt.Errorf("accepting streams: %w", err)
+	}
+	res.Streams = len(conns)
+	sess, err := newSession(ctx, sessionConfig{
+		role: roleDestination, migrationID: d.cfg.MigrationID, tk: keys.TK, transcript: transcript,
+		conns: conns, region: d.cfg.Region, zeroPages: d.cfg.ZeroPageElision, local: d.cfg.Stream, log: d.log,
+	})
+	if err != nil {
+		for _, c := range conns {
+			c.Close()
+		}
+		return res, err
+	}
+	defer sess.close()
+	d.log.Info("Migration transport established", "streams", len(conns))
+	if d.cfg.Stream != nil {
+		go sess.pumpOut(d.cfg.Stream)
+	}
+	fins := make([]finRecord, 0, len(conns))
+	for len(fins) < len(conns) {
+		select {
+		case f := <-sess.fins:
+			fins = append(fins, f)
+		case <-sess.ctx.Done():
+			return res, sess.err()
+		}
+	}
+	if err := d.complete(sess); err != nil {
+		sess.fail(err, true)
+		return res, err
+	}
+	slices.SortFunc(fins, func(a, b finRecord) int { return a.stream - b.stream })
+	t := sess.commitTranscript(fins)
+	res.Commit = Commit{MigrationID: d.cfg.MigrationID, Transcript: t, MAC: mac(commitKey, t)}
+	done := make(chan struct{})
+	ack := append(append([]byte(nil), t...), res.Commit.MAC...)
+	if err := sess.submit(0, sendJob{typ: frameAck, data: ack, done: done}); err != nil {
+		return res, err
+	}
+	if err := sess.wait(done); err != nil {
+		return res, fmt.Errorf("sending the commit acknowledgement: %w", err)
+	}
+	// The acknowledgement is out: from here on the migration is committed. Let the source
+	// close first so that nothing it has not read is reset.
+	drain := time.NewTimer(d.cfg.DrainTimeout)
+	defer drain.Stop()
+	for _, st := range sess.streams {
+		select {
+		case <-st.ended:
+		case <-sess.ctx.Done():
+		case <-drain.C:
+		}
+	}
+	return res, nil
+}
+
+// complete is the destination's completeness check at FIN.
+func (d *Destination) complete(sess *session) error {
+	if r := d.cfg.Region; r != nil {
+		full := r.fullSet()
+		for i, w := range full {
+			if sess.received[i] != w {
+				return fmt.Errorf("%w: pages missing near page %d", ErrIncomplete, i*64)
+			}
+		}
+	}
+	if d.cfg.Stream != nil {
+		select {
+		case <-sess.peerClosed:
+		default:
+			return fmt.Errorf("%w: byte stream not closed", ErrIncomplete)
+		}
+	}
+	return nil
+}

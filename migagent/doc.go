@@ -1,0 +1,57 @@
+// Package migagent is the data plane of a Lethe migration agent: it moves a confidential
+// guest's memory, or a hypervisor's own migration stream, from a source agent to a
+// destination agent over TCP, encrypted end to end under the migration's transfer key TK,
+// and it scrubs and zeroizes what each side must forget.
+//
+// # Transport
+//
+// The source dials the destination with one or more parallel TCP connections ("streams",
+// like QEMU's multifd). The first connection carries key confirmation: each side proves it
+// holds TK with an HMAC-SHA256 over the handshake transcript (migration id, roles, stream
+// count, region geometry, the zero-page setting, and a random nonce from each side). A peer
+// without TK, or a relay that rewrites or replays any part of the handshake, fails there, and
+// neither side sends anything else. The other connections then join with a MAC bound to that
+// transcript.
+//
+// Every stream and direction has its own AES-256-GCM key:
+//
+//	key = HKDF-SHA256(TK, salt = migration id, info = "lethe/v1/stream" ‖ direction ‖ index)
+//
+// where direction is one byte, 's' (source to destination) or 'd' (destination to source),
+// and index is the stream index as a 4-byte big-endian integer. A frame is a 32-byte header
+// (version, type, stream, sequence number, page number or byte offset, page count, sealed
+// length), authenticated as AAD, followed by the sealed payload (at most [MaxPayload] bytes
+// of plaintext). The GCM nonce is the frame's sequence number. A frame that is out of order,
+// repeated, truncated, altered, misrouted or sealed under another key ends the migration with
+// a [*FrameError] wrapping [ErrReorderedFrame], [ErrReplayedFrame], [ErrTruncatedFrame],
+// [ErrFrameAuthentication], [ErrMisroutedFrame] or [ErrMalformedFrame]. Each stream ends with
+// a FIN frame carrying its counts and transcript hash; the destination checks them, and that
+// every page of the region arrived, before it returns a commit acknowledgement MACed with a
+// key derived from TK ([Commit]).
+//
+// Stream keys depend on TK, the migration id, the direction and the index only, so a TK must
+// carry exactly one session: [Source.Run] and [Destination.Receive] are single use and
+// destroy TK when they return.
+//
+// # Sources of data
+//
+// One transport carries two kinds of data: guest memory pages from a [Region] (an
+// in-process region or a memory-mapped guest RAM file) with dirty tracking and pre-copy
+// rounds, and an opaque full-duplex byte stream (the hypervisor's migration stream) with
+// half-close passed on.
+//
+// # Erasure
+//
+// The destination scrubs its receive region (zeroes it and reads it back) before anything
+// arrives, which yields an [attest.CleanMemoryStatement] for its evidence. Anything kept outside the
+// region is sealed under the memory data key MDK in a [Spool]. After commit the source
+// zeroizes TK and MDK, scrubs its region and spool, and returns an [attest.ErasureStatement]; after a
+// failed or aborted transfer the destination does the same with its own. Keys are held as
+// [SecretKey] values in locked memory where the operating system allows.
+//
+// This package must never write a guest page outside the region except sealed under MDK,
+// never send a frame before key confirmation succeeds, never log a key or a page, and never
+// reuse a TK for a second session. Caveat: keys derived for AES-GCM and HMAC are expanded by
+// the Go standard library into ordinary heap memory that is not locked and is only released,
+// not zeroed, when the session ends; the secrets this package holds itself are zeroed.
+package migagent

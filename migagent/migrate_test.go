@@ -1,0 +1,323 @@
+package migagent
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lethe-cc/lethe/attest"
+)
+
+type migration struct {
+	src     *Source
+	dst     *Destination
+	srcRes  SourceResult
+	srcErr  error
+	dstRes  DestinationResult
+	dstErr  error
+	clean   attest.CleanMemoryStatement
+	srcKeys Keys
+	dstKeys Keys
+}
+
+// run runs both sides to completion.
+func (m *migration) run(t *testing.T, ln net.Listener) {
+	t.Helper()
+	ctx := t.Context()
+	var err error
+	m.clean, err = m.dst.Prepare(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { m.dstRes, m.dstErr = m.dst.Receive(ctx, ln, m.dstKeys) })
+	m.srcRes, m.srcErr = m.src.Run(ctx, m.srcKeys)
+	wg.Wait()
+}
+
+func TestMigrateMemoryUnderWorkload(t *testing.T) {
+	tests := map[string]struct {
+		streams   int
+		zeroPages bool
+		pattern   Pattern
+	}{
+		"1-stream":              {streams: 1, pattern: Uniform},
+		"3-streams":             {streams: 3, pattern: Hotspot},
+		"4-streams-zero-elided": {streams: 4, zeroPages: true, pattern: Sequential},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			const size = 32 << 20
+			srcRegion, dstRegion := testRegion(t, size), testRegion(t, size)
+			fillRegion(srcRegion, 1)
+			fillRegion(dstRegion, 2) // a previous guest's data, to be scrubbed
+			w, err := NewWorkload(WorkloadConfig{Region: srcRegion, Rate: 200000, Pattern: tc.pattern, Seed: 3})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, stop := context.WithCancel(t.Context())
+			defer stop()
+			go w.Run(ctx)
+			pauser := &hashingPauser{w: w, r: srcRegion}
+			var progress []Progress
+			ln := listen(t)
+			src, err := NewSource(SourceConfig{
+				MigrationID: "mig-" + name, Peer: ln.Addr().String(), Streams: tc.streams,
+				Region: srcRegion, Guest: pauser, MaxRounds: 5, ConvergedPages: 64,
+				ZeroPageElision: tc.zeroPages, Progress: func(p Progress) { progress = append(progress, p) },
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst, err := NewDestination(DestinationConfig{
+				MigrationID: "mig-" + name, Region: dstRegion, ZeroPageElision: tc.zeroPages,
+				LaunchMeasurement: []byte{1, 2, 3},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			dstMDK := testKey(t, 9)
+			m := &migration{src: src, dst: dst,
+				srcKeys: Keys{TK: testKey(t, 1), MDK: testKey(t, 5)},
+				dstKeys: Keys{TK: testKey(t, 1), MDK: dstMDK}}
+			m.run(t, ln)
+			if m.srcErr != nil || m.dstErr != nil {
+				t.Fatalf("source: %v; destination: %v", m.srcErr, m.dstErr)
+			}
+			if !pauser.paused {
+				t.Fatal("guest never paused")
+			}
+			if got := regionHash(dstRegion); got != pauser.hash {
+				t.Fatal("destination memory differs from the source's at cutover")
+			}
+			if err := m.srcRes.Commit.Verify(testKey(t, 1)); err != nil {
+				t.Fatalf("verifying commit: %v", err)
+			}
+			if diff := cmp.Diff(m.dstRes.Commit, m.srcRes.Commit); diff != "" {
+				t.Errorf("commit (-dst +src):\n%s", diff)
+			}
+			wantClean := attest.CleanMemoryStatement{Type: attest.StatementCleanMemory, Zeroed: true, VerifiedZero: true, Bytes: size, LaunchMeasurement: []byte{1, 2, 3}}
+			if diff := cmp.Diff(wantClean, m.clean); diff != "" {
+				t.Errorf("clean-memory statement (-want +got):\n%s", diff)
+			}
+			wantErasure := attest.ErasureStatement{
+				Type: attest.StatementErasure, MigrationID: "mig-" + name,
+				KeysZeroized:  []string{attest.KeyTransfer, attest.KeyMemoryData},
+				PagesScrubbed: size / PageSize, PageBytesScrubbed: size,
+			}
+			if diff := cmp.Diff(wantErasure, m.srcRes.Erasure); diff != "" {
+				t.Errorf("erasure statement (-want +got):\n%s", diff)
+			}
+			if !isZeroRegion(srcRegion) {
+				t.Error("source region not scrubbed")
+			}
+			if !m.srcKeys.TK.Destroyed() || !m.srcKeys.MDK.Destroyed() || !m.dstKeys.TK.Destroyed() {
+				t.Error("keys not destroyed")
+			}
+			if dstMDK.Destroyed() {
+				t.Error("destination destroyed MDK of the epoch it now holds")
+			}
+			if len(progress) < 2 || !progress[len(progress)-1].Final || progress[0].Pages != srcRegion.Pages() {
+				t.Errorf("progress: %+v", progress)
+			}
+		})
+	}
+}
+
+func isZeroRegion(r *Region) bool {
+	for i := range r.Pages() {
+		if !isZero(r.Page(i)) {
+			return false
+		}
+	}
+	return true
+}
+
+// tamperConn flips one bit of the byte at offset at of what is written through it.
+type tamperConn struct {
+	net.Conn
+	mu sync.Mutex
+	n  int
+	at int
+}
+
+func (c *tamperConn) Write(b []byte) (int, error) {
+	c.mu.Lock()
+	if c.at >= c.n && c.at < c.n+len(b) {
+		b = append([]byte(nil), b...)
+		b[c.at-c.n] ^= 1
+	}
+	c.n += len(b)
+	c.mu.Unlock()
+	return c.Conn.Write(b)
+}
+
+func TestMigrateTamperedPayloadAbortsAndErasesDestination(t *testing.T) {
+	const size = 4 << 20
+	srcRegion, dstRegion := testRegion(t, size), testRegion(t, size)
+	fillRegion(srcRegion, 1)
+	ln := listen(t)
+	first := true
+	var d net.Dialer
+	src, err := NewSource(SourceConfig{
+		MigrationID: "m", Peer: ln.Addr().String(), Region: srcRegion, Streams: 2,
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := d.DialContext(ctx, network, addr)
+			if err != nil || !first {
+				return c, err
+			}
+			first = false
+			// Past the handshake and the first frame header: inside a page payload.
+			return &tamperConn{Conn: c, at: 2000 + headerSize + 100}, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	spool, err := NewSpool(t.TempDir()+"/spool", testKey(t, 9))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := spool.Put(1, []byte("spilled page")); err != nil {
+		t.Fatal(err)
+	}
+	dst, err := NewDestination(DestinationConfig{MigrationID: "m", Region: dstRegion, Spool: spool})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &migration{src: src, dst: dst,
+		srcKeys: Keys{TK: testKey(t, 1), MDK: testKey(t, 5)},
+		dstKeys: Keys{TK: testKey(t, 1), MDK: testKey(t, 9)}}
+	m.run(t, ln)
+	if !errors.Is(m.dstErr, ErrFrameAuthentication) {
+		t.Errorf("destination: got %v, want ErrFrameAuthentication", m.dstErr)
+	}
+	if !errors.Is(m.srcErr, ErrPeerAborted) {
+		t.Errorf("source: got %v, want ErrPeerAborted", m.srcErr)
+	}
+	if m.srcKeys.MDK.Destroyed() {
+		t.Error("source destroyed MDK without a commit")
+	}
+	want := &attest.ErasureStatement{
+		Type: attest.StatementErasure, MigrationID: "m",
+		KeysZeroized:  []string{attest.KeyTransfer, attest.KeyMemoryData},
+		PagesScrubbed: size / PageSize, PageBytesScrubbed: size, SpoolBytesScrubbed: uint64(spool.size),
+	}
+	if diff := cmp.Diff(want, m.dstRes.Erasure); diff != "" {
+		t.Errorf("erasure (-want +got):\n%s", diff)
+	}
+	if !isZeroRegion(dstRegion) {
+		t.Error("destination region not scrubbed")
+	}
+}
+
+// halfConn is one end of an in-memory full-duplex byte stream with half-close.
+type halfConn struct {
+	r *io.PipeReader
+	w *io.PipeWriter
+}
+
+func (c *halfConn) Read(b []byte) (int, error)  { return c.r.Read(b) }
+func (c *halfConn) Write(b []byte) (int, error) { return c.w.Write(b) }
+func (c *halfConn) CloseWrite() error           { return c.w.Close() }
+func (c *halfConn) Close() error                { c.r.Close(); return c.w.Close() }
+
+func duplex() (*halfConn, *halfConn) {
+	ar, bw := io.Pipe()
+	br, aw := io.Pipe()
+	return &halfConn{r: ar, w: aw}, &halfConn{r: br, w: bw}
+}
+
+func TestMigrateByteStream(t *testing.T) {
+	// The source hypervisor talks to srcAgentEnd; the destination hypervisor to dstAgentEnd.
+	srcHyp, srcAgentEnd := duplex()
+	dstHyp, dstAgentEnd := duplex()
+	forward := make([]byte, 3<<20+17)
+	for i := range forward {
+		forward[i] = byte(i * 7)
+	}
+	back := []byte("destination ready; resumed")
+
+	ln := listen(t)
+	src, err := NewSource(SourceConfig{MigrationID: "stream", Peer: ln.Addr().String(), Stream: srcAgentEnd, Streams: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst, err := NewDestination(DestinationConfig{MigrationID: "stream", Stream: dstAgentEnd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var gotForward, gotBack []byte
+	var errs [4]error
+	wg.Go(func() { _, errs[0] = srcHyp.Write(forward); errs[1] = srcHyp.CloseWrite() })
+	wg.Go(func() { gotBack, errs[2] = io.ReadAll(srcHyp) })
+	wg.Go(func() {
+		gotForward, errs[3] = io.ReadAll(dstHyp)
+		dstHyp.Write(back)
+		dstHyp.CloseWrite()
+	})
+	m := &migration{src: src, dst: dst, srcKeys: Keys{TK: testKey(t, 1)}, dstKeys: Keys{TK: testKey(t, 1)}}
+	m.run(t, ln)
+	wg.Wait()
+	if m.srcErr != nil || m.dstErr != nil {
+		t.Fatalf("source: %v; destination: %v", m.srcErr, m.dstErr)
+	}
+	if err := errors.Join(errs[:]...); err != nil {
+		t.Fatal(err)
+	}
+	if string(gotForward) != string(forward) {
+		t.Errorf("forward stream: got %d bytes, want %d", len(gotForward), len(forward))
+	}
+	if diff := cmp.Diff(string(back), string(gotBack)); diff != "" {
+		t.Errorf("back stream (-want +got):\n%s", diff)
+	}
+}
+
+func TestMigrateRefusesMismatch(t *testing.T) {
+	tests := map[string]struct {
+		src SourceConfig
+		dst DestinationConfig
+	}{
+		"migration-id":     {src: SourceConfig{MigrationID: "a"}, dst: DestinationConfig{MigrationID: "b"}},
+		"zero-pages":       {src: SourceConfig{MigrationID: "a", ZeroPageElision: true}, dst: DestinationConfig{MigrationID: "a"}},
+		"too-many-streams": {src: SourceConfig{MigrationID: "a", Streams: 5}, dst: DestinationConfig{MigrationID: "a", MaxStreams: 4}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			ln := listen(t)
+			tc.src.Peer, tc.src.Region = ln.Addr().String(), testRegion(t, 1<<20)
+			tc.dst.Region = testRegion(t, 1<<20)
+			src, err := NewSource(tc.src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst, err := NewDestination(tc.dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := dst.Prepare(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(t.Context())
+			done := make(chan error)
+			go func() {
+				_, err := dst.Receive(ctx, ln, Keys{TK: testKey(t, 1)})
+				done <- err
+			}()
+			_, err = src.Run(t.Context(), Keys{TK: testKey(t, 1)})
+			if !errors.Is(err, ErrKeyConfirmation) {
+				t.Errorf("source: got %v, want ErrKeyConfirmation (destination closed)", err)
+			}
+			cancel()
+			if err := <-done; !errors.Is(err, ErrHandshake) {
+				t.Errorf("destination: got %v, want ErrHandshake", err)
+			}
+		})
+	}
+}

@@ -1,0 +1,385 @@
+package migagent
+
+import (
+	"context"
+	"crypto/hmac"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync/atomic"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+)
+
+// Pauser stops and restarts a guest: the source pauses it before the final round.
+// Pause must not return until no write to guest memory is in progress.
+type Pauser interface {
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+}
+
+// Progress is reported after each pre-copy round and after the final round.
+type Progress struct {
+	// Round counts from 0 (the round that sends every page).
+	Round int
+	// Final says this was the round after the guest was paused.
+	Final bool
+	// Pages and Bytes are what this round sent (Bytes counts page payloads only).
+	Pages int
+	Bytes int64
+	// TotalPages and TotalBytes are what all rounds so far sent.
+	TotalPages int64
+	TotalBytes int64
+	// Dirty is the number of pages written during the round, to be sent next.
+	Dirty int
+	// DirtyRate is pages written per second during the round.
+	DirtyRate float64
+	// Rate is bytes sent per second during the round.
+	Rate float64
+	// ETA estimates the time until the dirty set is small enough to pause; 0 when it already
+	// is, negative when the guest dirties pages faster than they are sent.
+	ETA time.Duration
+	// Elapsed is the time since the transfer started.
+	Elapsed time.Duration
+}
+
+// SourceConfig configures the source side of one migration.
+type SourceConfig struct {
+	// MigrationID names the migration; it salts every key and is checked by the peer.
+	// Required, at most 255 bytes.
+	MigrationID string
+	// Peer is the destination agent's data endpoint, host:port. Required.
+	Peer string
+	// Dial opens a connection to Peer. Nil means a net.Dialer over TCP.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Streams is the number of parallel TCP connections. Zero means 1; at most 64.
+	Streams int
+	// Region is the guest memory to move. Nil means no memory transfer (byte stream only).
+	Region *Region
+	// Guest is paused before the final round and resumed if the migration fails before its
+	// FIN is sent. Nil means nothing writes Region during the transfer.
+	Guest Pauser
+	// Stream is an opaque full-duplex byte stream to carry (the hypervisor's migration
+	// stream). Its end of input is passed on as a half-close, and the peer's half-close is
+	// passed back through CloseWrite if Stream has it; the transfer ends when both
+	// directions are closed. Run closes Stream only if the migration fails. Nil means none.
+	Stream io.ReadWriteCloser
+	// MaxRounds bounds the pre-copy rounds before the final one. Zero means 30.
+	MaxRounds int
+	// ConvergedPages is the dirty-set size at or below which pre-copy stops and the guest is
+	// paused. Zero means 256 pages (1 MiB).
+	ConvergedPages int
+	// ZeroPageElision sends all-zero pages as a flag instead of sealed zeroes. It reveals
+	// which pages are zero: set it only where the tenant's policy allows it
+	// (transport.zeroPageElision). The destination must allow it too.
+	ZeroPageElision bool
+	// Progress, if not nil, is called after every round from Run's goroutine.
+	Progress func(Progress)
+	// Spool holds what was kept of the guest outside Region; it is scrubbed after commit.
+	// Nil means none.
+	Spool *Spool
+	// HandshakeTimeout bounds connecting and key confirmation. Zero means 10 s.
+	HandshakeTimeout time.Duration
+	// Logger receives debug and info records. Nil means none.
+	Logger *slog.Logger
+}
+
+// SourceResult is what a committed migration leaves the source with.
+type SourceResult struct {
+	// Commit is the destination's verified commit acknowledgement.
+	Commit Commit
+	// Erasure states what the source zeroized and scrubbed after commit.
+	Erasure attest.ErasureStatement
+	// Rounds is the number of rounds, the final one included.
+	Rounds int
+	// PagesSent and BytesSent count page payloads over all rounds.
+	PagesSent int64
+	BytesSent int64
+}
+
+// Source runs the source side of one migration. It is single use.
+type Source struct {
+	cfg  SourceConfig
+	log  *slog.Logger
+	used atomic.Bool
+}
+
+// NewSource checks cfg and fills in defaults.
+func NewSource(cfg SourceConfig) (*Source, error) {
+	if cfg.MigrationID == "" || len(cfg.MigrationID) > maxIDLen {
+		return nil, fmt.Errorf("creating source: migration id must have 1 to %d bytes", maxIDLen)
+	}
+	if cfg.Peer == "" {
+		return nil, errors.New("creating source: no peer")
+	}
+	if cfg.Region == nil && cfg.Stream == nil {
+		return nil, errors.New("creating source: nothing to transfer (no region, no stream)")
+	}
+	if cfg.Streams < 0 || cfg.Streams > maxStreams {
+		return nil, fmt.Errorf("creating source: %d streams, want 1 to %d", cfg.Streams, maxStreams)
+	}
+	if cfg.Streams == 0 {
+		cfg.Streams = 1
+	}
+	if cfg.MaxRounds <= 0 {
+		cfg.MaxRounds = 30
+	}
+	if cfg.ConvergedPages <= 0 {
+		cfg.ConvergedPages = 256
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 10 * time.Second
+	}
+	if cfg.Dial == nil {
+		var d net.Dialer
+		cfg.Dial = d.DialContext
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Source{cfg: cfg, log: log.With("component", "migagent", "role", "source", "migration", cfg.MigrationID)}, nil
+}
+
+func (s *Source) params() handshakeParams {
+	p := handshakeParams{migrationID: s.cfg.MigrationID, streams: s.cfg.Streams}
+	if s.cfg.Region != nil {
+		p.flags |= flagMemory
+		p.pages = uint64(s.cfg.Region.Pages())
+		if s.cfg.ZeroPageElision {
+			p.flags |= flagZeroPages
+		}
+	}
+	if s.cfg.Stream != nil {
+		p.flags |= flagStream
+	}
+	return p
+}
+
+// connect dials every stream, runs key confirmation on the first and joins the others.
+func (s *Source) connect(ctx context.Context, tk *SecretKey) (conns []net.Conn, transcript []byte, err error) {
+	defer func() {
+		if err != nil {
+			for _, c := range conns {
+				c.Close()
+			}
+			conns = nil
+		}
+	}()
+	ck, err := macKey(tk, s.cfg.MigrationID, confirmInfo)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer clear(ck)
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
+	defer cancel()
+	for i := range s.cfg.Streams {
+		conn, err := s.cfg.Dial(hctx, "tcp", s.cfg.Peer)
+		if err != nil {
+			return conns, nil, fmt.Errorf("dialing stream %d: %w", i, err)
+		}
+		conns = append(conns, conn)
+		stop := withDeadline(hctx, conn, s.cfg.HandshakeTimeout)
+		if i == 0 {
+			transcript, err = clientHandshake(conn, s.params(), ck)
+		} else {
+			err = join(conn, transcript, i, ck)
+		}
+		stop()
+		if err != nil {
+			return conns, nil, fmt.Errorf("confirming keys: %w", err)
+		}
+	}
+	return conns, transcript, nil
+}
+
+// Run migrates: it connects to the peer and confirms keys, runs pre-copy rounds, pauses the
+// guest, sends the final round and the FINs, waits for the commit acknowledgement, then
+// zeroizes keys.TK and keys.MDK and scrubs the region and spool.
+//
+// Run destroys keys.TK whatever happens; keys.MDK only on commit. If the migration fails
+// before the FIN was sent, Run resumes the guest it paused; after, the outcome is unknown
+// and the guest stays paused (the error wraps ErrCommitUnknown). Errors wrap
+// ErrKeyConfirmation, ErrHandshake, ErrPeerAborted, ErrCommitAck, ErrUsed, or are
+// *FrameError or the transport's.
+func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
+	defer keys.TK.Destroy()
+	if !s.used.CompareAndSwap(false, true) {
+		return SourceResult{}, fmt.Errorf("running source: %w", ErrUsed)
+	}
+	if keys.TK == nil {
+		return SourceResult{}, errors.New("running source: no TK")
+	}
+	conns, transcript, err := s.connect(ctx, keys.TK)
+	if err != nil {
+		return SourceResult{}, err
+	}
+	commitKey, err := macKey(keys.TK, s.cfg.MigrationID, commitInfo)
+	if err != nil {
+		return SourceResult{}, err
+	}
+	defer clear(commitKey)
+	sess, err := newSession(ctx, sessionConfig{
+		role: roleSource, migrationID: s.cfg.MigrationID, tk: keys.TK, transcript: transcript,
+		conns: conns, region: s.cfg.Region, zeroPages: s.cfg.ZeroPageElision, local: s.cfg.Stream, log: s.log,
+	})
+	if err != nil {
+		for _, c := range conns {
+			c.Close()
+		}
+		return SourceResult{}, err
+	}
+	keys.TK.Destroy() // every key the session needs is derived
+	s.log.Info("Migration transport established", "streams", len(conns))
+
+	res, paused, finSent, err := s.transfer(ctx, sess, commitKey)
+	sess.close()
+	if err != nil {
+		if finSent {
+			return SourceResult{}, fmt.Errorf("%w: %w", ErrCommitUnknown, err)
+		}
+		if paused {
+			if rerr := s.cfg.Guest.Resume(context.WithoutCancel(ctx)); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("resuming guest: %w", rerr))
+			}
+		}
+		return SourceResult{}, err
+	}
+	res.Erasure, err = erase(s.cfg.MigrationID, keys, s.cfg.Region, s.cfg.Spool)
+	s.log.Info("Migration committed, source erased", "rounds", res.Rounds, "bytes", res.BytesSent)
+	return res, err
+}
+
+func (s *Source) transfer(ctx context.Context, sess *session, commitKey []byte) (res SourceResult, paused, finSent bool, err error) {
+	pumped := make(chan struct{})
+	if s.cfg.Stream != nil {
+		go func() {
+			defer close(pumped)
+			sess.pumpOut(s.cfg.Stream)
+		}()
+	} else {
+		close(pumped)
+	}
+	start := time.Now()
+	if r := s.cfg.Region; r != nil {
+		r.clearDirty() // everything goes in round 0
+		set := r.fullSet()
+		pages := r.Pages()
+		for round := 0; ; round++ {
+			final := round > 0 && (pages <= s.cfg.ConvergedPages || round >= s.cfg.MaxRounds)
+			if final {
+				if s.cfg.Guest != nil {
+					if err := s.cfg.Guest.Pause(ctx); err != nil {
+						return res, paused, false, fmt.Errorf("pausing guest: %w", err)
+					}
+					paused = true
+				}
+				pages = r.orDirty(set)
+			}
+			t0 := time.Now()
+			if err := sess.sendPageSet(set); err != nil {
+				return res, paused, false, fmt.Errorf("sending round %d: %w", round, err)
+			}
+			d := time.Since(t0)
+			res.Rounds = round + 1
+			res.PagesSent += int64(pages)
+			res.BytesSent += int64(pages) * PageSize
+			p := Progress{
+				Round: round, Final: final, Pages: pages, Bytes: int64(pages) * PageSize,
+				TotalPages: res.PagesSent, TotalBytes: res.BytesSent, Elapsed: time.Since(start),
+			}
+			if !final {
+				clear(set)
+				pages = r.orDirty(set)
+				p.Dirty = pages
+			}
+			if secs := d.Seconds(); secs > 0 {
+				p.Rate = float64(p.Bytes) / secs
+				p.DirtyRate = float64(p.Dirty) / secs
+			}
+			switch net := p.Rate - p.DirtyRate*PageSize; {
+			case p.Dirty <= s.cfg.ConvergedPages:
+			case net > 0:
+				p.ETA = time.Duration(float64(p.Dirty-s.cfg.ConvergedPages) * PageSize / net * float64(time.Second))
+			default:
+				p.ETA = -1
+			}
+			s.log.Debug("Pre-copy round sent", "round", round, "pages", p.Pages, "dirty", p.Dirty)
+			if s.cfg.Progress != nil {
+				s.cfg.Progress(p)
+			}
+			if final {
+				break
+			}
+		}
+	}
+	select {
+	case <-pumped:
+	case <-sess.ctx.Done():
+		return res, paused, false, sess.err()
+	}
+	if s.cfg.Stream != nil {
+		if err := sess.wait(sess.peerClosed); err != nil {
+			return res, paused, false, err
+		}
+	}
+	finSent = true
+	if err := sess.sendFins(); err != nil {
+		return res, paused, finSent, fmt.Errorf("sending FIN: %w", err)
+	}
+	var ack []byte
+	select {
+	case ack = <-sess.acks:
+	case <-sess.ctx.Done():
+		return res, paused, finSent, fmt.Errorf("waiting for the commit acknowledgement: %w", sess.err())
+	}
+	fins := make([]finRecord, len(sess.streams))
+	for i, st := range sess.streams {
+		fins[i] = finRecord{stream: i, hash: st.finHash}
+	}
+	transcript := sess.commitTranscript(fins)
+	if !hmac.Equal(ack[:len(transcript)], transcript) || !hmac.Equal(ack[len(transcript):], mac(commitKey, transcript)) {
+		sess.fail(ErrCommitAck, true)
+		<-sess.ctx.Done()
+		return res, paused, finSent, fmt.Errorf("checking the commit acknowledgement: %w", ErrCommitAck)
+	}
+	res.Commit = Commit{MigrationID: s.cfg.MigrationID, Transcript: transcript, MAC: ack[len(transcript):]}
+	return res, paused, finSent, nil
+}
+
+// erase zeroizes the keys and scrubs the region and spool. The statement says what was done
+// even when an error is returned.
+func erase(migrationID string, keys Keys, region *Region, spool *Spool) (attest.ErasureStatement, error) {
+	st := attest.ErasureStatement{Type: attest.StatementErasure, MigrationID: migrationID, KeysZeroized: []string{}}
+	for _, k := range []struct {
+		name string
+		key  *SecretKey
+	}{{attest.KeyTransfer, keys.TK}, {attest.KeyMemoryData, keys.MDK}} {
+		if k.key == nil {
+			continue
+		}
+		k.key.Destroy()
+		st.KeysZeroized = append(st.KeysZeroized, k.name)
+	}
+	var errs []error
+	if region != nil {
+		n, err := region.Scrub()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("scrubbing region: %w", err))
+		} else {
+			st.PagesScrubbed, st.PageBytesScrubbed = uint64(region.Pages()), uint64(n)
+		}
+	}
+	if spool != nil {
+		n, err := spool.Scrub()
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			st.SpoolBytesScrubbed = uint64(n)
+		}
+	}
+	return st, errors.Join(errs...)
+}
