@@ -96,6 +96,8 @@ type ReleaseResponse struct {
 	WrappedMDK   string          `json:"wrappedMdk"`
 	PolicyDigest json.RawMessage `json:"policyDigest,omitempty"`
 	PolicySVN    uint64          `json:"policySvn,omitempty"`
+	// ZeroPageElision says whether the tenant's policy lets the source skip zero pages.
+	ZeroPageElision bool `json:"zeroPageElision,omitempty"`
 }
 
 // AdoptRequest asks for a guest's first residency.
@@ -137,6 +139,9 @@ type DestroyRequest struct {
 	// Erasure is the source's erasure evidence and its nonce (commit only, when the source
 	// answered).
 	Erasure *Attestation `json:"erasure,omitempty"`
+	// CommitAck is the destination's commit acknowledgement (commit only, when there is one);
+	// the receipt states its digest.
+	CommitAck []byte `json:"commitAck,omitempty"`
 }
 
 // DestroyResponse carries the signed receipt.
@@ -160,8 +165,9 @@ func NewKeyBrokerClient(nc *nats.Conn, timeout time.Duration) *KeyBrokerClient {
 }
 
 // Nonce implements KeyBroker. Keybroker error codes denied, policy_rejected,
-// evidence_rejected and unknown_tenant match ErrDenied; unavailable and busy match
-// ErrUnavailable; others are *Error.
+// evidence_rejected and unknown_tenant match ErrDenied; unavailable, busy and
+// destruction_pending (Vault is down; the keybroker retries the destruction and the broker
+// asks again later) match ErrUnavailable; others are *Error.
 func (c *KeyBrokerClient) Nonce(ctx context.Context, req *NonceRequest) (*NonceResponse, error) {
 	var resp NonceResponse
 	return &resp, c.call(ctx, KeyBrokerOpNonce, req, &resp)
@@ -196,7 +202,7 @@ func (c *KeyBrokerClient) call(ctx context.Context, op string, req, resp any) er
 			switch e.Code {
 			case "denied", "policy_rejected", "evidence_rejected", "unknown_tenant":
 				return fmt.Errorf("calling keybroker %s: %w: %s: %s", op, ErrDenied, e.Code, e.Message)
-			case "unavailable", "busy":
+			case "unavailable", "busy", "destruction_pending":
 				return fmt.Errorf("calling keybroker %s: %w: %s: %s", op, ErrUnavailable, e.Code, e.Message)
 			}
 		}

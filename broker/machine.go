@@ -270,6 +270,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 	return b.transition(ctx, m.ID, PhaseAttesting, PhaseKeysReleased, func(m *Migration) {
 		m.SourceKeys, m.DestinationKeys = rel.SealedSource, rel.SealedDestination
 		m.NextWrappedMDK = rel.WrappedMDK
+		m.ZeroPageElision = rel.ZeroPageElision
 		m.DataEndpoint = prep.DataEndpoint
 		m.Streams = b.cfg.Streams
 		m.SourceEvidence, m.DestinationEvidence = digestHex(srcEv), digestHex(prep.Evidence)
@@ -360,7 +361,7 @@ func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 		note = "source lost before erasure evidence (" + why + "); its keys are destroyed"
 		ev = nil
 	}
-	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingCommit}
+	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingCommit, CommitAck: m.CommitAck}
 	if ev != nil {
 		req.Erasure = &Attestation{Nonce: nonce.Nonce, Evidence: ev}
 	}

@@ -109,7 +109,9 @@ func Permissions(u User) (*server.Permissions, error) {
 				return nil, fmt.Errorf("operator user: %w", err)
 			}
 		}
-		pub = []string{SubjectPrefix + ".operator.>", "$SRV.>"}
+		// Operators register tenants with the keybroker (an admin call, authenticated by the
+		// keybroker's admin token on top of this permission).
+		pub = []string{SubjectPrefix + ".operator.>", "$SRV.>", "lethe.v1.keybroker.tenant.register"}
 		sub = []string{inbox}
 	default:
 		return nil, fmt.Errorf("unknown role %q", u.Role)

@@ -3,6 +3,7 @@ package keybroker
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"time"
@@ -15,6 +16,9 @@ import (
 // snapshotCaveat is stated in every receipt.
 const snapshotCaveat = "Vault snapshots or backups taken while a destroyed key existed still hold it; the operator must handle them"
 
+// maxCommitAck bounds a commit acknowledgement.
+const maxCommitAck = 4096
+
 // receiptRecord is a signed receipt, in KV at receipts/<migration-id>.
 type receiptRecord struct {
 	Envelope *receipt.Envelope `json:"envelope"`
@@ -25,7 +29,13 @@ type receiptRecord struct {
 // epoch-(e+1) key. Then it signs and stores the receipt and returns it. The destruction is
 // journaled before it starts; if Vault cannot be reached it stays journaled, Run retries it
 // until it completes, and Destroy returns ErrDestructionPending (AwaitReceipt waits for the
-// receipt). A repeated request with the same ending is idempotent.
+// receipt). A repeated request with the same ending is idempotent: it returns the same receipt
+// (erasure evidence and commit acknowledgement of a repeat are checked, then ignored).
+//
+// An abort of a migration the keybroker never released, for an adopted guest with no other
+// migration in progress, is recorded, destroys whatever keys of that migration's names exist
+// (a release still in flight loses its reservation and cleans up after itself) and is answered
+// with an abort receipt, so that every abort ends with one.
 //
 // It returns ErrInvalidRequest; ErrNonceUnknown, ErrNonceExpired, ErrNonceUsed or
 // ErrEvidenceRejected for erasure evidence; ErrUnknownMigration; ErrBothEpochs (the
@@ -82,6 +92,16 @@ func (k *Keybroker) destroy(ctx context.Context, req *DestroyRequest, ev *Event)
 			return nil, fmt.Errorf("erasure statement names migration %q: %w", st.MigrationID, ErrEvidenceRejected)
 		}
 		e.Erasure = &receipt.ErasureEvidence{EvidenceDigest: v.claims.EvidenceDigest, Statement: v.claims.Statement}
+	}
+	if len(req.CommitAck) > 0 {
+		if req.Ending != Commit {
+			return nil, fmt.Errorf("a commit acknowledgement comes with a commit only: %w", ErrInvalidRequest)
+		}
+		if len(req.CommitAck) > maxCommitAck {
+			return nil, fmt.Errorf("commit acknowledgement of %d bytes exceeds %d: %w", len(req.CommitAck), maxCommitAck, ErrInvalidRequest)
+		}
+		d := sha256.Sum256(req.CommitAck)
+		e.CommitAckDigest = d[:]
 	}
 	if err := k.jnl.add(e); err != nil {
 		return nil, err
@@ -178,7 +198,21 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 			}
 			return nil
 		}
-		return fmt.Errorf("migration %s of %s/%s: %w", e.MigrationID, e.Tenant, e.VM, ErrUnknownMigration)
+		if e.Ending != Abort || ver == 0 || g.Epoch == 0 || m != nil {
+			return fmt.Errorf("migration %s of %s/%s: %w", e.MigrationID, e.Tenant, e.VM, ErrUnknownMigration)
+		}
+		// An abort before any release (the broker aborts on a denial, a timeout or a lost
+		// agent while attesting): record the migration as aborted, so that a release of it
+		// still in flight loses its reservation, then destroy whatever keys of its name exist
+		// and sign an abort receipt like any other.
+		m = &migrationRecord{
+			ID: e.MigrationID, State: stateAborted, FromEpoch: g.Epoch, ToEpoch: g.Epoch + 1,
+			EndedAt: e.RequestedAt,
+		}
+		g.Migration = m
+		if ver, err = k.recs.put(ctx, path, &g, ver); err != nil {
+			return err
+		}
 	}
 
 	// Move the record to the ending (once).
@@ -192,6 +226,7 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 		case stateReleased:
 			g.Epoch, g.WrappedMDK = m.ToEpoch, m.WrappedMDK
 			m.State, m.EndedAt, m.Erasure = stateCommitted, e.RequestedAt, e.Erasure
+			m.CommitAckDigest = e.CommitAckDigest
 			if ver, err = k.recs.put(ctx, path, &g, ver); err != nil {
 				return err
 			}
@@ -224,9 +259,12 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 	r := &receipt.Receipt{
 		Kind: receipt.Kind, MigrationID: m.ID, Tenant: e.Tenant, VM: e.VM, Outcome: outcome,
 		Policy: m.Policy, Source: m.Source, Destination: m.Destination, CleanMemory: m.CleanMemory,
-		Erasure: m.Erasure, FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch,
+		Erasure: m.Erasure, CommitAckDigest: m.CommitAckDigest, FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch,
 		DestroyedKeys: e.Destroyed, EndedAt: m.EndedAt, IssuedAt: k.now().UTC(),
 		Caveats: []string{snapshotCaveat},
+	}
+	if m.ReleasedAt.IsZero() {
+		r.Caveats = append(r.Caveats, "the migration ended before the keybroker released any key")
 	}
 	if m.Erasure == nil && outcome == receipt.OutcomeErased {
 		r.Caveats = append(r.Caveats, "the source sent no erasure evidence: its scrubbing is not attested")
@@ -347,10 +385,13 @@ func (k *Keybroker) executeCleanup(ctx context.Context, e *journalEntry) error {
 	return nil
 }
 
-// Receipt returns the signed receipt of a migration. It returns ErrDestructionPending while
-// its destruction is journaled, ErrUnknownMigration when there is none, or
-// ErrVaultUnavailable.
+// Receipt returns the signed receipt of a migration. It returns ErrInvalidRequest for a
+// malformed ID, ErrDestructionPending while its destruction is journaled, ErrUnknownMigration
+// when there is none, or ErrVaultUnavailable.
 func (k *Keybroker) Receipt(ctx context.Context, migrationID string) (*receipt.Envelope, error) {
+	if err := checkID(migrationID); err != nil {
+		return nil, fmt.Errorf("receipt: %w", err)
+	}
 	if k.jnl.get(kindDestroy, migrationID) != nil {
 		return nil, fmt.Errorf("receipt of migration %s: %w", migrationID, ErrDestructionPending)
 	}

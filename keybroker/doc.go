@@ -35,6 +35,12 @@
 // Nonces live in the memory of one keybroker process, so an agent must return its evidence to
 // the keybroker that issued its nonce. Vault snapshots taken while a key lived still hold it.
 //
-// The API is plain Go with JSON-encodable request and response types (wire.go), so that a thin
-// NATS edge can offer it and tests and tools can call it directly.
+// Release and Destroy are repeatable, because the broker reruns a step after a crash: a
+// repeated release of a released migration, with fresh nonces and evidence, seals the same
+// migration's keys to the new HPKE keys; a repeated ending returns the same receipt; and an
+// abort of a migration never released still ends with an abort receipt.
+//
+// The API is plain Go with JSON-encodable request and response types (wire.go), so that tests
+// and tools can call it directly; package natsapi offers it over NATS. This package imports
+// no NATS.
 package keybroker

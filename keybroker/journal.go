@@ -34,6 +34,8 @@ type journalEntry struct {
 	// Ending is kindDestroy's commit or abort.
 	Ending  Ending                   `json:"ending,omitempty"`
 	Erasure *receipt.ErasureEvidence `json:"erasure,omitempty"`
+	// CommitAckDigest is the SHA-256 of kindDestroy's commit acknowledgement, if any.
+	CommitAckDigest []byte `json:"commitAckDigest,omitempty"`
 	// Keys and Epoch are kindCleanup's keys and the epoch it must not leave behind.
 	Keys        []string  `json:"keys,omitempty"`
 	Epoch       uint64    `json:"epoch,omitempty"`

@@ -36,6 +36,9 @@ type PolicyDecision struct {
 	SVN     uint64
 	Allow   bool
 	Reasons []string
+	// ZeroPageElision is the policy's transport setting: the source may skip sending zero
+	// pages (which reveals which pages are zero).
+	ZeroPageElision bool
 }
 
 // policyPackage is the PolicyGate of package policy. It remembers the last policies it
@@ -92,7 +95,10 @@ func (g *policyPackage) Decide(signed []byte, tenantKey ed25519.PublicKey, lastS
 		d = policy.Evaluate(p, in.Source, in.Destination, host)
 	}
 	digest := p.Digest()
-	out := &PolicyDecision{Digest: digest[:], SVN: p.Metadata.PolicySVN, Allow: d.Allow}
+	out := &PolicyDecision{
+		Digest: digest[:], SVN: p.Metadata.PolicySVN, Allow: d.Allow,
+		ZeroPageElision: p.Spec.Transport.AllowZeroPageElision,
+	}
 	for _, r := range d.Reasons {
 		out.Reasons = append(out.Reasons, r.Rule+": "+r.Message)
 	}

@@ -37,6 +37,11 @@ type migrationRecord struct {
 	ReleasedAt  time.Time                `json:"releasedAt"`
 	EndedAt     time.Time                `json:"endedAt,omitzero"`
 	Erasure     *receipt.ErasureEvidence `json:"erasure,omitempty"`
+	// CommitAckDigest is the SHA-256 of the commit acknowledgement the commit came with.
+	CommitAckDigest []byte `json:"commitAckDigest,omitempty"`
+	// DestinationHost is the host the keys were released to; a repeated release of the
+	// migration must name the same one.
+	DestinationHost string `json:"destinationHost,omitempty"`
 	// SignedPolicy is the tenant's signed policy the migration was released under, for
 	// judging the source's erasure at commit.
 	SignedPolicy []byte `json:"signedPolicy,omitempty"`
@@ -48,8 +53,15 @@ type migrationRecord struct {
 // It returns ErrInvalidRequest; ErrNonceUnknown, ErrNonceExpired or ErrNonceUsed;
 // ErrEvidenceRejected; ErrUnknownTenant; ErrNotAdopted; ErrPolicyRejected (signature,
 // rollback); ErrDenied (with the policy's reasons); ErrGuestBusy (another migration of the
-// guest is in progress); or ErrVaultUnavailable, in which case nothing was released and any
-// key created was destroyed (or, with Vault gone, journaled for destruction).
+// guest is in progress, or a repeated release names another destination host); or
+// ErrVaultUnavailable, in which case nothing was released and any key created was destroyed
+// (or, with Vault gone, journaled for destruction). A migration ID that already ended is
+// ErrInvalidRequest.
+//
+// Release is repeatable: a request for a migration whose keys were released already (the
+// broker reruns its attestation after a crash) is verified and evaluated like the first, with
+// its own fresh nonces and evidence, and answered with the same migration's keys (same epochs,
+// same wrapped MDK) sealed to the new evidence's HPKE keys.
 func (k *Keybroker) Release(ctx context.Context, req *ReleaseRequest) (*ReleaseResponse, error) {
 	ev := Event{Kind: EventRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM}
 	if e := req.Source.Evidence; e != nil {
@@ -163,7 +175,13 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		return nil, fmt.Errorf("%s/%s: %w", req.Tenant, req.VM, ErrNotAdopted)
 	}
 	if m := guest.Migration; m != nil {
+		if m.ID == req.MigrationID && m.State == stateReleased {
+			return k.releaseAgain(ctx, req, &guest, guestVer, tenant, tenantVer, src.claims, dst.claims, ev, timings)
+		}
 		return nil, fmt.Errorf("%s/%s has migration %s %s: %w", req.Tenant, req.VM, m.ID, m.State, ErrGuestBusy)
+	}
+	if guest.LastMigration == req.MigrationID {
+		return nil, fmt.Errorf("migration %s of %s/%s has already ended: %w", req.MigrationID, req.Tenant, req.VM, ErrInvalidRequest)
 	}
 
 	start = time.Now()
@@ -183,12 +201,13 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 	ev.Epoch = to
 	m := &migrationRecord{
 		ID: req.MigrationID, State: stateReleasing, FromEpoch: from, ToEpoch: to,
-		Policy:       receipt.PolicyRef{Digest: dec.Digest, SVN: dec.SVN},
-		Source:       receipt.Summarize(src.claims),
-		Destination:  receipt.Summarize(dst.claims),
-		CleanMemory:  json.RawMessage(dst.claims.Statement),
-		ReleasedAt:   k.now().UTC(),
-		SignedPolicy: req.Policy,
+		Policy:          receipt.PolicyRef{Digest: dec.Digest, SVN: dec.SVN},
+		Source:          receipt.Summarize(src.claims),
+		Destination:     receipt.Summarize(dst.claims),
+		CleanMemory:     json.RawMessage(dst.claims.Statement),
+		ReleasedAt:      k.now().UTC(),
+		DestinationHost: req.DestinationHost.Name,
+		SignedPolicy:    req.Policy,
 	}
 	guest.Migration = m
 	epochKey, migKey := epochKeyName(req.Tenant, req.VM, to), migrationKeyName(req.MigrationID)
@@ -260,7 +279,8 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		return &ReleaseResponse{
 			MigrationID: req.MigrationID, FromEpoch: from, ToEpoch: to,
 			SealedSource: sealedSrc, SealedDestination: sealedDst, WrappedMDK: wrappedMDK,
-			PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Timings: timings,
+			PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision,
+			Timings: timings,
 		}, nil
 	}()
 	if err != nil {
@@ -268,6 +288,80 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		return nil, err
 	}
 	return resp, nil
+}
+
+// releaseAgain answers a repeated release of a migration whose keys were released already
+// (the broker reruns its attestation step after a crash, with new nonces, new evidence and
+// new HPKE keys). The evidence was verified and the nonces consumed like a first release's;
+// the policy is evaluated again on the new claims; then the migration's existing TK and
+// MDK_{e+1} are unwrapped (Transit decrypt) and sealed to the new keys. Nothing is created,
+// and a failure destroys nothing: the migration stays released, its keys with it. The
+// migration record takes the new evidence and policy, which its receipt will quote.
+//
+// The destination must be the host the keys were first released to: a repeated release
+// re-keys the same two ends, it never adds a third.
+func (k *Keybroker) releaseAgain(ctx context.Context, req *ReleaseRequest, guest *guestRecord, guestVer int, tenant *tenantRecord, tenantVer int, src, dst *attest.Claims, ev *Event, timings ReleaseTimings) (*ReleaseResponse, error) {
+	m := guest.Migration
+	if m.DestinationHost != req.DestinationHost.Name {
+		return nil, fmt.Errorf("migration %s was released to host %q, not %q: %w", m.ID, m.DestinationHost, req.DestinationHost.Name, ErrGuestBusy)
+	}
+	start := time.Now()
+	dec, err := k.decide(req.Policy, tenant, PolicyInput{
+		Tenant: req.Tenant, VM: req.VM, Source: src, Destination: dst, Host: req.DestinationHost,
+	}, ev)
+	timings.Evaluate = time.Since(start)
+	if err != nil {
+		return nil, err
+	}
+	start = time.Now()
+	if err := k.acceptSVN(ctx, req.Tenant, tenant, tenantVer, dec.SVN); err != nil {
+		return nil, err
+	}
+	ev.Epoch = m.ToEpoch
+	var tk, mdk []byte
+	defer func() { clear(tk); clear(mdk) }()
+	var e1, e2 error
+	var wg sync.WaitGroup
+	wg.Go(func() { tk, e1 = k.keys.decrypt(ctx, migrationKeyName(m.ID), m.WrappedTK) })
+	wg.Go(func() { mdk, e2 = k.keys.decrypt(ctx, epochKeyName(req.Tenant, req.VM, m.ToEpoch), m.WrappedMDK) })
+	wg.Wait()
+	if err := errors.Join(e1, e2); err != nil {
+		return nil, fmt.Errorf("unwrapping the keys of migration %s: %w", m.ID, err)
+	}
+	timings.Vault = time.Since(start)
+
+	start = time.Now()
+	sealedSrc, err := seal.Seal(req.Source.Evidence.HPKEPublicKey, m.ID, attest.RoleSource, &seal.Keys{TK: tk})
+	if err != nil {
+		return nil, err
+	}
+	sealedDst, err := seal.Seal(req.Destination.Evidence.HPKEPublicKey, m.ID, attest.RoleDestination, &seal.Keys{TK: tk, MDK: mdk, Epoch: m.ToEpoch})
+	if err != nil {
+		return nil, err
+	}
+	clear(tk)
+	clear(mdk)
+	timings.Seal = time.Since(start)
+
+	// Record the new ends before handing their keys out.
+	start = time.Now()
+	m.Policy = receipt.PolicyRef{Digest: dec.Digest, SVN: dec.SVN}
+	m.Source, m.Destination = receipt.Summarize(src), receipt.Summarize(dst)
+	m.CleanMemory = json.RawMessage(dst.Statement)
+	m.SignedPolicy = req.Policy
+	if _, err := k.recs.put(ctx, guestPath(req.Tenant, req.VM), guest, guestVer); err != nil {
+		if errors.Is(err, errConflict) {
+			return nil, fmt.Errorf("%s/%s: %w", req.Tenant, req.VM, ErrGuestBusy)
+		}
+		return nil, err
+	}
+	timings.Vault += time.Since(start)
+	return &ReleaseResponse{
+		MigrationID: m.ID, FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch,
+		SealedSource: sealedSrc, SealedDestination: sealedDst, WrappedMDK: m.WrappedMDK,
+		PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision,
+		Timings: timings,
+	}, nil
 }
 
 // decide runs the policy gate and records the policy's identity and reasons in ev.

@@ -63,6 +63,9 @@ type ReleaseResponse struct {
 	WrappedMDK   string          `json:"wrappedMdk"`
 	PolicyDigest attest.HexBytes `json:"policyDigest"`
 	PolicySVN    uint64          `json:"policySvn"`
+	// ZeroPageElision says whether the tenant's policy lets the source skip zero pages
+	// (spec.transport.allowZeroPageElision); the broker passes it on to the transfer.
+	ZeroPageElision bool `json:"zeroPageElision"`
 
 	// Timings are how long the phases of the release took, for metrics.
 	Timings ReleaseTimings `json:"-"`
@@ -122,11 +125,33 @@ type DestroyRequest struct {
 	// Erasure is the source's final evidence (role "erased", with its erasure statement);
 	// commit only, optional. The receipt quotes it when present.
 	Erasure *Attestation `json:"erasure,omitempty"`
+	// CommitAck is the destination's commit acknowledgement (MACed with TK), as the broker
+	// received it; commit only, optional. The receipt states its SHA-256; the keybroker does
+	// not check its MAC.
+	CommitAck []byte `json:"commitAck,omitempty"`
 }
 
 // DestroyResponse carries the signed receipt.
 type DestroyResponse struct {
 	Receipt *receipt.Envelope `json:"receipt"`
+}
+
+// ReceiptRequest asks for a migration's signed receipt.
+type ReceiptRequest struct {
+	MigrationID string `json:"migrationId"`
+	// Wait waits (AwaitReceipt, bounded by the server) while the migration's destruction is
+	// pending instead of answering destruction_pending at once.
+	Wait bool `json:"wait,omitempty"`
+}
+
+// ReceiptResponse carries a signed receipt.
+type ReceiptResponse struct {
+	Receipt *receipt.Envelope `json:"receipt"`
+}
+
+// PublicKeyResponse carries the receipt-signing public key, PEM, for tenants to pin.
+type PublicKeyResponse struct {
+	PEM string `json:"pem"`
 }
 
 // RegisterTenantRequest registers a tenant's policy-signing key. It is an admin call.

@@ -1,9 +1,15 @@
 // Command lethe-keybroker runs Lethe's keybroker: it releases guests' keys from Vault only to
-// attested agents, destroys them when a residency or migration ends, and signs receipts.
+// attested agents, destroys them when a residency or migration ends, and signs receipts. It
+// offers its API over NATS (service "lethe-keybroker", subjects lethe.v1.keybroker.…, in a
+// queue group so that several keybrokers share the load), keeps its Vault token alive and
+// retries pending destructions from its journal (--state-dir).
 //
-// It holds Vault credentials and must never print or log them, nor any key. The NATS edge
-// that offers its API to the broker comes later; for now the process keeps its Vault token
-// alive and retries pending destructions from its journal (--state-dir).
+// It holds Vault credentials and must never print or log them, nor any key. In production it
+// connects to NATS with credentials (a creds file, an nkey seed, or a user and password) and
+// refuses to start without them unless --dev is given. It refuses roots of trust of emulated
+// platforms unless --allow-emulated is given: emulated evidence is for development and CI.
+//
+// Settings come from flags, each with an environment variable (LETHE_NATS_URL, …) as default.
 package main
 
 import (
@@ -14,21 +20,128 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/hashicorp/vault/api"
+	"github.com/nats-io/nats.go"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/natsapi"
 )
 
+// inboxPrefix is the keybroker role's inbox prefix (broker.InboxPrefix(broker.RoleKeybroker)).
+const inboxPrefix = "_INBOX.keybroker"
+
+type config struct {
+	natsURL, creds, nkeySeed, user, password string
+	dev                                      bool
+
+	vaultAddr, vaultTokenFile          string
+	roleID, secretIDFile, approleMount string
+	transitMount, kvMount              string
+
+	stateDir, adminTokenFile string
+	trustRoots               []string
+	allowEmulated            bool
+	collateral               string
+	nonceTTL                 time.Duration
+	id, logLevel, exportPub  string
+}
+
 func main() {
-	if err := run(); err != nil {
+	cfg, err := parseFlags(os.Args[1:])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "lethe-keybroker:", err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err = run(ctx, cfg)
+	stop()
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "lethe-keybroker:", err)
 		os.Exit(1)
 	}
+}
+
+func env(name, def string) string {
+	if v, ok := os.LookupEnv(name); ok {
+		return v
+	}
+	return def
+}
+
+func envBool(name string) bool {
+	v, _ := strconv.ParseBool(os.Getenv(name))
+	return v
+}
+
+func envDuration(name string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(os.Getenv(name)); err == nil {
+		return d
+	}
+	return def
+}
+
+// listFlag is a repeatable flag.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, string(os.PathListSeparator)) }
+
+func (l *listFlag) Set(v string) error {
+	*l = append(*l, v)
+	return nil
+}
+
+func parseFlags(args []string) (*config, error) {
+	c := &config{}
+	fs := flag.NewFlagSet("lethe-keybroker", flag.ContinueOnError)
+	fs.StringVar(&c.natsURL, "nats-url", env("LETHE_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_NATS_URL)")
+	fs.StringVar(&c.creds, "creds", env("LETHE_NATS_CREDS", ""), "NATS credentials file (env LETHE_NATS_CREDS)")
+	fs.StringVar(&c.nkeySeed, "nkey", env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
+	fs.StringVar(&c.user, "user", env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
+	fs.StringVar(&c.password, "password", env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
+	fs.BoolVar(&c.dev, "dev", envBool("LETHE_DEV"), "development mode: allow NATS without authentication (env LETHE_DEV)")
+	fs.StringVar(&c.vaultAddr, "vault-addr", env("LETHE_VAULT_ADDR", ""), "Vault address (env LETHE_VAULT_ADDR; default $VAULT_ADDR)")
+	fs.StringVar(&c.vaultTokenFile, "vault-token-file", env("LETHE_VAULT_TOKEN_FILE", ""), "file holding a Vault token, token auth (env LETHE_VAULT_TOKEN_FILE; default $VAULT_TOKEN)")
+	fs.StringVar(&c.roleID, "approle-role-id", env("LETHE_VAULT_ROLE_ID", ""), "AppRole role ID; with --approle-secret-id-file, AppRole auth instead of a token (env LETHE_VAULT_ROLE_ID)")
+	fs.StringVar(&c.secretIDFile, "approle-secret-id-file", env("LETHE_VAULT_SECRET_ID_FILE", ""), "file holding the AppRole secret ID (env LETHE_VAULT_SECRET_ID_FILE)")
+	fs.StringVar(&c.approleMount, "approle-mount", env("LETHE_VAULT_APPROLE_MOUNT", ""), "AppRole auth mount; empty: approle (env LETHE_VAULT_APPROLE_MOUNT)")
+	fs.StringVar(&c.transitMount, "transit-mount", env("LETHE_VAULT_TRANSIT_MOUNT", ""), "Transit mount; empty: transit (env LETHE_VAULT_TRANSIT_MOUNT)")
+	fs.StringVar(&c.kvMount, "kv-mount", env("LETHE_VAULT_KV_MOUNT", ""), "KV v2 mount for tenants, guests and receipts; empty: lethe (env LETHE_VAULT_KV_MOUNT)")
+	fs.StringVar(&c.stateDir, "state-dir", env("LETHE_STATE_DIR", ""), "directory for the destruction journal, required (env LETHE_STATE_DIR)")
+	fs.StringVar(&c.adminTokenFile, "admin-token-file", env("LETHE_ADMIN_TOKEN_FILE", ""), "file holding the admin token of tenant registration; empty: admin calls refused (env LETHE_ADMIN_TOKEN_FILE)")
+	fs.Var((*listFlag)(&c.trustRoots), "trust-roots", "directory of roots of trust (lethectl attest emulate writes those of emulated platforms); repeatable (env LETHE_TRUST_ROOTS, a path list)")
+	fs.BoolVar(&c.allowEmulated, "allow-emulated", envBool("LETHE_ALLOW_EMULATED"), "accept roots of emulated platforms: development and CI only (env LETHE_ALLOW_EMULATED)")
+	fs.StringVar(&c.collateral, "collateral", env("LETHE_COLLATERAL_DIR", ""), "offline collateral cache directory (env LETHE_COLLATERAL_DIR)")
+	fs.DurationVar(&c.nonceTTL, "nonce-ttl", envDuration("LETHE_NONCE_TTL", 60*time.Second), "how long a nonce stays valid (env LETHE_NONCE_TTL)")
+	fs.StringVar(&c.id, "id", env("LETHE_KEYBROKER_ID", ""), "instance id in the service's metadata (env LETHE_KEYBROKER_ID)")
+	fs.StringVar(&c.logLevel, "log-level", env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
+	fs.StringVar(&c.exportPub, "export-pub", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if len(c.trustRoots) == 0 {
+		c.trustRoots = filepath.SplitList(os.Getenv("LETHE_TRUST_ROOTS"))
+	}
+	if c.exportPub != "" {
+		return c, nil
+	}
+	if c.stateDir == "" {
+		return nil, errors.New("--state-dir is required: pending key destructions are journaled there")
+	}
+	if !c.dev && c.creds == "" && c.nkeySeed == "" && c.user == "" {
+		return nil, errors.New("refusing to start without NATS authentication: give --creds, --nkey or --user (or --dev for development)")
+	}
+	return c, nil
 }
 
 // readSecret returns the trimmed contents of path, or "" for an empty path.
@@ -43,89 +156,139 @@ func readSecret(path string) (string, error) {
 	return strings.TrimSpace(string(b)), nil
 }
 
-func run() error {
-	var (
-		vaultAddr      = flag.String("vault-addr", "", "Vault address (default: $VAULT_ADDR)")
-		tokenFile      = flag.String("vault-token-file", "", "file holding a Vault token (default: $VAULT_TOKEN); token auth")
-		roleID         = flag.String("approle-role-id", "", "AppRole role ID; with --approle-secret-id-file, AppRole auth instead of a token")
-		secretIDFile   = flag.String("approle-secret-id-file", "", "file holding the AppRole secret ID")
-		approleMount   = flag.String("approle-mount", "", "AppRole auth mount (default: approle)")
-		transitMount   = flag.String("transit-mount", "", "Transit mount (default: transit)")
-		kvMount        = flag.String("kv-mount", "", "KV v2 mount for tenants, guests and receipts (default: lethe)")
-		stateDir       = flag.String("state-dir", "", "directory for the destruction journal (required)")
-		adminTokenFile = flag.String("admin-token-file", "", "file holding the admin token of tenant registration (default: admin calls disabled)")
-		trustRoots     = flag.String("trust-roots", "", "directory of extra roots of trust, such as emulated platforms' (development only)")
-		collateral     = flag.String("collateral", "", "offline collateral cache directory")
-		nonceTTL       = flag.Duration("nonce-ttl", 60*time.Second, "how long a nonce stays valid")
-		exportPub      = flag.String("export-pub", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
-	)
-	flag.Parse()
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-
-	if *stateDir == "" && *exportPub == "" {
-		return errors.New("--state-dir is required: pending key destructions are journaled there")
+// run wires the keybroker's components and runs them until ctx ends.
+func run(ctx context.Context, c *config) error {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
+		return fmt.Errorf("parsing log level: %w", err)
 	}
+	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	vc, approle, err := vaultClient(c)
+	if err != nil {
+		return err
+	}
+	verifier, err := newVerifier(c, log)
+	if err != nil {
+		return err
+	}
+	admin, err := readSecret(c.adminTokenFile)
+	if err != nil {
+		return err
+	}
+	kb, err := keybroker.New(keybroker.Config{
+		Vault: vc, AppRole: approle, TransitMount: c.transitMount, KVMount: c.kvMount,
+		Verifier: verifier, Logger: log, AdminToken: admin, StateDir: c.stateDir, NonceTTL: c.nonceTTL,
+	})
+	if err != nil {
+		return err
+	}
+	if c.exportPub != "" {
+		return exportPublicKey(ctx, kb, c.exportPub, log)
+	}
+
+	nc, err := connect(c)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	svc, err := natsapi.New(natsapi.Config{Conn: nc, Keybroker: kb, Logger: log, ID: c.id})
+	if err != nil {
+		return err
+	}
+	log.Info("Keybroker running", "vault", vc.Address(), "nats", nc.ConnectedUrlRedacted(), "state_dir", c.stateDir)
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return kb.Run(ctx) })
+	g.Go(func() error { return svc.Run(ctx) })
+	return g.Wait()
+}
+
+// vaultClient returns the Vault client and, for AppRole auth, the login.
+func vaultClient(c *config) (*api.Client, *keybroker.AppRole, error) {
 	vcfg := api.DefaultConfig()
-	if *vaultAddr != "" {
-		vcfg.Address = *vaultAddr
+	if c.vaultAddr != "" {
+		vcfg.Address = c.vaultAddr
 	}
 	vcfg.MaxRetries = 1
 	vcfg.Timeout = 10 * time.Second
 	vc, err := api.NewClient(vcfg)
 	if err != nil {
-		return fmt.Errorf("creating Vault client: %w", err)
+		return nil, nil, fmt.Errorf("creating Vault client: %w", err)
 	}
-	tok, err := readSecret(*tokenFile)
+	tok, err := readSecret(c.vaultTokenFile)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	if tok != "" {
 		vc.SetToken(tok)
 	}
-	var approle *keybroker.AppRole
-	if *roleID != "" {
-		sid, err := readSecret(*secretIDFile)
-		if err != nil {
-			return err
-		}
-		approle = &keybroker.AppRole{Mount: *approleMount, RoleID: *roleID, SecretID: sid}
-		vc.ClearToken()
+	if c.roleID == "" {
+		return vc, nil, nil
 	}
-	admin, err := readSecret(*adminTokenFile)
+	sid, err := readSecret(c.secretIDFile)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	var roots []attest.Roots
-	if *trustRoots != "" {
-		if roots, err = attest.LoadRoots(*trustRoots); err != nil {
-			return err
-		}
-	}
-	verifier, err := attest.NewVerifier(attest.Config{Roots: roots, CollateralDir: *collateral})
-	if err != nil {
-		return err
-	}
-	kb, err := keybroker.New(keybroker.Config{
-		Vault: vc, AppRole: approle, TransitMount: *transitMount, KVMount: *kvMount,
-		Verifier: verifier, Logger: log, AdminToken: admin, StateDir: *stateDir, NonceTTL: *nonceTTL,
-	})
-	if err != nil {
-		return err
-	}
+	vc.ClearToken()
+	return vc, &keybroker.AppRole{Mount: c.approleMount, RoleID: c.roleID, SecretID: sid}, nil
+}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if *exportPub != "" {
-		pem, err := kb.PublicKeyPEM(ctx)
+// newVerifier loads the roots of trust, refusing emulated platforms' without --allow-emulated.
+func newVerifier(c *config, log *slog.Logger) (*attest.Verifier, error) {
+	var roots []attest.Roots
+	for _, dir := range c.trustRoots {
+		rs, err := attest.LoadRoots(dir)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		if err := os.WriteFile(*exportPub, pem, 0o644); err != nil {
-			return fmt.Errorf("writing public key: %w", err)
+		for _, r := range rs {
+			if r.Platform.Emulated() {
+				if !c.allowEmulated {
+					return nil, fmt.Errorf("trust roots %s hold roots of the emulated platform %s: refusing them without --allow-emulated", dir, r.Platform)
+				}
+				log.Warn("Accepting evidence of an emulated platform: development only", "platform", r.Platform.String(), "trust_roots", dir)
+			}
 		}
-		log.Info("Wrote the receipt-signing public key", "file", *exportPub)
-		return nil
+		roots = append(roots, rs...)
 	}
-	log.Info("Keybroker running", "vault", vc.Address(), "state_dir", *stateDir)
-	return kb.Run(ctx)
+	return attest.NewVerifier(attest.Config{Roots: roots, CollateralDir: c.collateral})
+}
+
+// connect connects to NATS as the keybroker.
+func connect(c *config) (*nats.Conn, error) {
+	opts := []nats.Option{
+		nats.Name("lethe-keybroker"),
+		nats.MaxReconnects(-1),
+		nats.CustomInboxPrefix(inboxPrefix),
+	}
+	switch {
+	case c.creds != "":
+		opts = append(opts, nats.UserCredentials(c.creds))
+	case c.nkeySeed != "":
+		o, err := nats.NkeyOptionFromSeed(c.nkeySeed)
+		if err != nil {
+			return nil, fmt.Errorf("reading nkey seed: %w", err)
+		}
+		opts = append(opts, o)
+	case c.user != "":
+		opts = append(opts, nats.UserInfo(c.user, c.password))
+	}
+	nc, err := nats.Connect(c.natsURL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to NATS: %w", err)
+	}
+	return nc, nil
+}
+
+// exportPublicKey writes the receipt-signing public key, PEM, to path.
+func exportPublicKey(ctx context.Context, kb *keybroker.Keybroker, path string, log *slog.Logger) error {
+	pem, err := kb.PublicKeyPEM(ctx)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(path, pem, 0o644); err != nil {
+		return fmt.Errorf("writing public key: %w", err)
+	}
+	log.Info("Wrote the receipt-signing public key", "file", path)
+	return nil
 }

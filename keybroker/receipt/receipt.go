@@ -54,6 +54,11 @@ type Receipt struct {
 	// Erasure is the source's final evidence (committed migrations only; absent when the
 	// source sent none).
 	Erasure *ErasureEvidence `json:"erasure,omitempty"`
+	// CommitAckDigest is the SHA-256 of the destination's commit acknowledgement as the broker
+	// forwarded it (committed migrations only, when there was one). The keybroker does not
+	// check the acknowledgement's MAC: the digest lets whoever holds the acknowledgement match
+	// it to this receipt.
+	CommitAckDigest attest.HexBytes `json:"commitAckDigest,omitempty"`
 
 	// FromEpoch is the guest's residency epoch at the source; ToEpoch the destination's.
 	FromEpoch uint64 `json:"fromEpoch"`

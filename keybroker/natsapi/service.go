@@ -1,0 +1,280 @@
+package natsapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/lethe-cc/lethe/keybroker"
+)
+
+// Log attribute keys.
+const (
+	attrComponent = "component"
+	attrOp        = "op"
+	attrCode      = "code"
+	attrError     = "error"
+	attrTenant    = "tenant"
+)
+
+// MaxRequest bounds a request's size (NATS's default max_payload).
+const MaxRequest = 1 << 20
+
+// maxDescription bounds the error text sent back.
+const maxDescription = 2048
+
+// Config configures a Service.
+type Config struct {
+	// Conn is the NATS connection the service answers on. Required. With authentication, its
+	// user needs to subscribe to lethe.v1.keybroker.> and $SRV.> and to answer requests.
+	Conn *nats.Conn
+	// Keybroker is the core the service offers. Required.
+	Keybroker *keybroker.Keybroker
+	// Logger is for operational logs. Nil: slog.Default().
+	Logger *slog.Logger
+	// ID names this instance in the service's metadata. Empty: none.
+	ID string
+	// QueueGroup is the queue group of every endpoint. Empty: "lethe-keybroker".
+	QueueGroup string
+	// MaxConcurrent bounds the requests handled at once; further requests wait. Zero: 64.
+	MaxConcurrent int
+	// RequestTimeout bounds the handling of one request. Zero: 30 s.
+	RequestTimeout time.Duration
+	// MaxAwait bounds how long a receipt request with Wait waits for a pending destruction.
+	// Zero: 20 s.
+	MaxAwait time.Duration
+}
+
+// Service is the keybroker's NATS micro service.
+type Service struct {
+	cfg     Config
+	kb      *keybroker.Keybroker
+	log     *slog.Logger
+	started chan struct{}
+}
+
+// New returns a Service for cfg. It does no I/O; Run registers the service. It returns an
+// error when Conn or Keybroker is missing.
+func New(cfg Config) (*Service, error) {
+	if cfg.Conn == nil {
+		return nil, errors.New("configuring keybroker service: no NATS connection")
+	}
+	if cfg.Keybroker == nil {
+		return nil, errors.New("configuring keybroker service: no keybroker")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.QueueGroup == "" {
+		cfg.QueueGroup = "lethe-keybroker"
+	}
+	if cfg.MaxConcurrent <= 0 {
+		cfg.MaxConcurrent = 64
+	}
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = 30 * time.Second
+	}
+	if cfg.MaxAwait <= 0 {
+		cfg.MaxAwait = 20 * time.Second
+	}
+	return &Service{
+		cfg: cfg, kb: cfg.Keybroker, log: cfg.Logger.With(attrComponent, "keybroker-nats"),
+		started: make(chan struct{}),
+	}, nil
+}
+
+// Started is closed once Run has registered every endpoint: from then on requests are
+// answered.
+func (s *Service) Started() <-chan struct{} { return s.started }
+
+// handler handles one request's body.
+type handler func(ctx context.Context, data []byte) (any, error)
+
+// endpoint adapts a typed call to a handler. An empty body decodes as the zero request.
+func endpoint[Req, Resp any](fn func(context.Context, *Req) (Resp, error)) handler {
+	return func(ctx context.Context, data []byte) (any, error) {
+		var req Req
+		if len(data) > 0 {
+			if err := json.Unmarshal(data, &req); err != nil {
+				return nil, fmt.Errorf("decoding request: %w: %w", keybroker.ErrInvalidRequest, err)
+			}
+		}
+		return fn(ctx, &req)
+	}
+}
+
+// handlers returns the service's operations.
+func (s *Service) handlers() map[string]handler {
+	k := s.kb
+	return map[string]handler{
+		OpNonce: endpoint(func(ctx context.Context, r *keybroker.NonceRequest) (*keybroker.NonceResponse, error) {
+			return k.IssueNonce(ctx, *r)
+		}),
+		OpRelease: endpoint(k.Release),
+		OpAdopt:   endpoint(k.Adopt),
+		OpReissue: endpoint(k.Reissue),
+		OpDestroy: endpoint(k.Destroy),
+		OpReceipt: endpoint(s.receipt),
+		OpPublicKey: endpoint(func(ctx context.Context, _ *struct{}) (*keybroker.PublicKeyResponse, error) {
+			pem, err := k.PublicKeyPEM(ctx)
+			if err != nil {
+				return nil, err
+			}
+			return &keybroker.PublicKeyResponse{PEM: string(pem)}, nil
+		}),
+		OpTenantRegister: endpoint(s.registerTenant),
+	}
+}
+
+// Run registers the service and answers requests until ctx ends; then it stops the service,
+// lets the requests in progress finish and returns nil. Call it once. It returns an error if
+// the service cannot be registered.
+func (s *Service) Run(ctx context.Context) error {
+	md := map[string]string{}
+	if s.cfg.ID != "" {
+		md["id"] = s.cfg.ID
+	}
+	svc, err := micro.AddService(s.cfg.Conn, micro.Config{
+		Name:        "lethe-keybroker",
+		Version:     "1.0.0",
+		Description: "Lethe keybroker: attestation-gated key release, destruction and receipts",
+		QueueGroup:  s.cfg.QueueGroup,
+		Metadata:    md,
+	})
+	if err != nil {
+		return fmt.Errorf("registering keybroker service: %w", err)
+	}
+	// Requests in progress finish after ctx ends (bounded by RequestTimeout): a release cut
+	// off half-way would only be cleaned up again.
+	base := context.WithoutCancel(ctx)
+	var inflight sync.WaitGroup
+	sem := make(chan struct{}, s.cfg.MaxConcurrent)
+	handlers := s.handlers()
+	for _, op := range Ops {
+		fn := handlers[op]
+		h := micro.HandlerFunc(func(r micro.Request) {
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				_ = r.Error(CodeBusy, "the keybroker is shutting down", nil)
+				return
+			}
+			inflight.Go(func() {
+				defer func() { <-sem }()
+				rctx, cancel := context.WithTimeout(base, s.cfg.RequestTimeout)
+				defer cancel()
+				s.handle(rctx, op, r, fn)
+			})
+		})
+		name := strings.ReplaceAll(op, ".", "_")
+		if err := svc.AddEndpoint(name, h, micro.WithEndpointSubject(Subject(op))); err != nil {
+			_ = svc.Stop()
+			return fmt.Errorf("adding endpoint %s: %w", op, err)
+		}
+	}
+	close(s.started)
+	s.log.InfoContext(ctx, "Keybroker service started", "subjects", SubjectPrefix+".>", "queue_group", s.cfg.QueueGroup)
+	<-ctx.Done()
+	err = svc.Stop()
+	inflight.Wait()
+	if err != nil {
+		return fmt.Errorf("stopping keybroker service: %w", err)
+	}
+	return nil
+}
+
+// handle runs one request and answers it.
+func (s *Service) handle(ctx context.Context, op string, r micro.Request, fn handler) {
+	if len(r.Data()) > MaxRequest {
+		s.respondError(op, r, fmt.Errorf("request of %d bytes exceeds %d: %w", len(r.Data()), MaxRequest, keybroker.ErrInvalidRequest))
+		return
+	}
+	resp, err := fn(ctx, r.Data())
+	if err != nil {
+		s.respondError(op, r, err)
+		return
+	}
+	if err := r.RespondJSON(resp); err != nil {
+		s.log.WarnContext(ctx, "Responding failed", attrOp, op, attrError, err.Error())
+	}
+}
+
+// respondError answers r with err's wire code and description.
+func (s *Service) respondError(op string, r micro.Request, err error) {
+	code, desc := WireError(err)
+	switch code {
+	case "internal", "unavailable":
+		s.log.Error("Request failed", attrOp, op, attrCode, code, attrError, err.Error())
+	default:
+		s.log.Debug("Request refused", attrOp, op, attrCode, code, attrError, err.Error())
+	}
+	if rerr := r.Error(code, desc, nil); rerr != nil {
+		s.log.Warn("Responding failed", attrOp, op, attrError, rerr.Error())
+	}
+}
+
+// WireError maps err to its wire code (keybroker.ErrorCode) and the description sent with it.
+// Internal and unavailable errors get a fixed description, so that no Vault address, Vault
+// error text or other internal detail reaches a caller; other errors concern the request and
+// keep their text (a denial lists the policy rules that failed), on one line and bounded.
+func WireError(err error) (code, description string) {
+	code = keybroker.ErrorCode(err)
+	switch code {
+	case "internal":
+		return code, "internal error"
+	case "unavailable":
+		return code, "the keybroker cannot reach Vault; nothing was released"
+	case "destruction_pending":
+		return code, "Vault is unreachable; the destruction is journaled and retried, and the receipt follows it"
+	}
+	desc := strings.Map(func(r rune) rune {
+		if r == '\r' || r == '\n' {
+			return ' '
+		}
+		return r
+	}, err.Error())
+	if len(desc) > maxDescription {
+		desc = desc[:maxDescription] + "…"
+	}
+	return code, desc
+}
+
+// receipt answers a receipt request, waiting up to MaxAwait for a pending destruction when
+// asked to.
+func (s *Service) receipt(ctx context.Context, req *keybroker.ReceiptRequest) (*keybroker.ReceiptResponse, error) {
+	if !req.Wait {
+		env, err := s.kb.Receipt(ctx, req.MigrationID)
+		if err != nil {
+			return nil, err
+		}
+		return &keybroker.ReceiptResponse{Receipt: env}, nil
+	}
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.MaxAwait)
+	defer cancel()
+	env, err := s.kb.AwaitReceipt(wctx, req.MigrationID)
+	if err != nil {
+		if wctx.Err() != nil && ctx.Err() == nil {
+			return nil, fmt.Errorf("receipt of migration %s after %v: %w", req.MigrationID, s.cfg.MaxAwait, keybroker.ErrDestructionPending)
+		}
+		return nil, err
+	}
+	return &keybroker.ReceiptResponse{Receipt: env}, nil
+}
+
+// registerTenant is the admin call tenant.register. Refused calls are logged without the
+// token.
+func (s *Service) registerTenant(ctx context.Context, req *TenantRegisterRequest) (*keybroker.RegisterTenantResponse, error) {
+	resp, err := s.kb.RegisterTenant(ctx, req.AdminToken, req.RegisterTenantRequest)
+	if errors.Is(err, keybroker.ErrUnauthorized) {
+		s.log.WarnContext(ctx, "Admin call refused", attrOp, OpTenantRegister, attrTenant, req.Tenant)
+	}
+	return resp, err
+}
