@@ -8,7 +8,7 @@ CMDS    := lethectl lethe-broker lethe-keybroker lethe-agent
 # `make test-race` runs the same under -race.
 TESTFLAGS ?= -count=1 -timeout=30m
 
-.PHONY: all build test test-race bench lint vault demo e2e fuzz clean
+.PHONY: all build test test-race bench lint vault demo e2e fuzz clean e2e-libvirt bench-libvirt libvirt-down
 
 all: build
 
@@ -34,7 +34,9 @@ bench: vault
 
 lint:
 	$(GO) vet ./...
+	$(GO) vet -tags libvirt ./e2e/ ./migagent/libvirt/...
 	$(GO) tool staticcheck ./...
+	$(GO) tool staticcheck -tags libvirt ./e2e/ ./migagent/libvirt/...
 
 # fuzz runs each fuzz target for a short while beyond its seed corpus (which `make test` runs).
 FUZZTIME ?= 20s
@@ -50,3 +52,17 @@ demo: build vault
 
 clean:
 	rm -rf $(BIN)
+
+# e2e-libvirt starts two libvirt hosts in network and mount namespaces (installing libvirt and
+# QEMU with apt-get on first use; needs root) and runs the live-migration tests against them.
+LIBVIRT_TESTFLAGS ?= -count=1 -timeout=20m
+e2e-libvirt:
+	bash scripts/libvirt-hosts.sh up
+	$(GO) test -tags libvirt $(LIBVIRT_TESTFLAGS) -run 'Libvirt' ./e2e/ ./migagent/libvirt/...
+
+bench-libvirt:
+	bash scripts/libvirt-hosts.sh up
+	$(GO) test -tags libvirt -run '^$$' -bench 'LibvirtMigration' -benchtime 3x ./e2e/
+
+libvirt-down:
+	bash scripts/libvirt-hosts.sh down

@@ -180,6 +180,11 @@ func (s *Service) Run(ctx context.Context) error {
 			return fmt.Errorf("adding endpoint %s: %w", op, err)
 		}
 	}
+	// Started promises that requests find a responder: the server must have the subscriptions.
+	if err := s.cfg.Conn.FlushTimeout(10 * time.Second); err != nil {
+		_ = svc.Stop()
+		return fmt.Errorf("subscribing keybroker endpoints: %w", err)
+	}
 	close(s.started)
 	s.log.InfoContext(ctx, "Keybroker service started", "subjects", SubjectPrefix+".>", "queue_group", s.cfg.QueueGroup)
 	<-ctx.Done()
