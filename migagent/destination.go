@@ -1,7 +1,9 @@
 package migagent
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -54,6 +56,9 @@ type DestinationResult struct {
 	Erasure *attest.ErasureStatement
 	// Streams is the number of streams the source used.
 	Streams int
+	// MemoryDigest is the SHA-256 of the received region, equal to the digest the source sent
+	// in its FINs (Receive refuses to acknowledge otherwise). Nil without a region.
+	MemoryDigest []byte
 }
 
 // Destination runs the destination side of one migration: Prepare, then Receive (or Abort).
@@ -136,7 +141,9 @@ func (d *Destination) params() handshakeParams {
 //
 // Receive destroys keys.TK whatever happens. If the migration fails, it erases the
 // destination (zeroizes keys.TK and keys.MDK, scrubs the region and spool) and returns the
-// erasure statement in the result together with the error. Errors wrap ErrNotPrepared,
+// erasure statement in the result together with the error. A received region whose SHA-256
+// differs from the memory digest in the source's FINs is not acknowledged: the error wraps
+// ErrIncomplete and says "memory digest mismatch". Errors wrap ErrNotPrepared,
 // ErrUsed, ErrIncomplete, ErrPeerAborted, ErrKeyConfirmation (only when ctx ended after
 // failed attempts), or are *FrameError or the transport's.
 func (d *Destination) Receive(ctx context.Context, ln net.Listener, keys Keys) (DestinationResult, error) {
@@ -362,6 +369,12 @@ func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (
 		sess.fail(err, true)
 		return res, err
 	}
+	digest, err := d.checkDigest(fins)
+	if err != nil {
+		sess.fail(err, true)
+		return res, err
+	}
+	res.MemoryDigest = digest
 	slices.SortFunc(fins, func(a, b finRecord) int { return a.stream - b.stream })
 	t := sess.commitTranscript(fins)
 	res.Commit = Commit{MigrationID: d.cfg.MigrationID, Transcript: t, MAC: mac(commitKey, t)}
@@ -385,6 +398,22 @@ func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (
 		}
 	}
 	return res, nil
+}
+
+// checkDigest hashes the received region and compares it with the memory digest of every
+// FIN. It returns the digest, nil without a region.
+func (d *Destination) checkDigest(fins []finRecord) ([]byte, error) {
+	r := d.cfg.Region
+	if r == nil {
+		return nil, nil
+	}
+	got := sha256.Sum256(r.Bytes())
+	for _, f := range fins {
+		if !bytes.Equal(f.digest, got[:]) {
+			return nil, fmt.Errorf("%w: memory digest mismatch: source sent %x on stream %d, destination received %x", ErrIncomplete, f.digest, f.stream, got)
+		}
+	}
+	return got[:], nil
 }
 
 // complete is the destination's completeness check at FIN.

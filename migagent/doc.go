@@ -25,9 +25,11 @@
 // repeated, truncated, altered, misrouted or sealed under another key ends the migration with
 // a [*FrameError] wrapping [ErrReorderedFrame], [ErrReplayedFrame], [ErrTruncatedFrame],
 // [ErrFrameAuthentication], [ErrMisroutedFrame] or [ErrMalformedFrame]. Each stream ends with
-// a FIN frame carrying its counts and transcript hash; the destination checks them, and that
-// every page of the region arrived, before it returns a commit acknowledgement MACed with a
-// key derived from TK ([Commit]).
+// a FIN frame carrying its counts, its transcript hash and the SHA-256 of the guest memory,
+// which the source computes while the guest is paused after the final round; the destination
+// checks them, that every page of the region arrived, and that its region hashes to that
+// digest, before it returns a commit acknowledgement MACed with a key derived from TK
+// ([Commit]).
 //
 // Stream keys depend on TK, the migration id, the direction and the index only, so a TK must
 // carry exactly one session: [Source.Run] and [Destination.Receive] are single use and

@@ -24,8 +24,10 @@ const (
 	// [c·chunkPages, (c+1)·chunkPages) always travel on stream c mod N, so a newer copy of a
 	// page never overtakes an older one. It is a multiple of 64 so that streams never share
 	// a word of a page bitmap.
-	chunkPages  = maxFramePages
-	finSize     = 4*8 + sha256.Size
+	chunkPages = maxFramePages
+	// finSize is a FIN's payload: four counts, the memory digest, the transcript hash.
+	finSize     = 4*8 + sha256.Size + sha256.Size
+	finDigestAt = 4 * 8
 	ackSize     = sha256.Size + sha256.Size
 	maxAbortLen = 256
 )
@@ -180,17 +182,23 @@ func (w *frameWriter) seal(buf []byte, typ frameType, offset uint64, pages uint3
 	return buf[:n]
 }
 
-// fin returns the FIN payload for everything sealed so far.
-func (w *frameWriter) fin(dst []byte) []byte {
-	dst = finPayload(dst, w.counts, w.hash)
+// fin returns the FIN payload for everything sealed so far, carrying digest, the SHA-256 of
+// the guest memory the source sent (all zero without a memory transfer).
+func (w *frameWriter) fin(dst, digest []byte) []byte {
+	dst = finPayload(dst, w.counts, digest, w.hash)
 	return dst
 }
 
-func finPayload(dst []byte, c counts, h hash.Hash) []byte {
+// finPayload lays a FIN out as frames ‖ pages ‖ zero pages ‖ data bytes (8 bytes each,
+// big endian) ‖ memory digest (32 bytes) ‖ transcript hash (32 bytes).
+func finPayload(dst []byte, c counts, digest []byte, h hash.Hash) []byte {
 	dst = binary.BigEndian.AppendUint64(dst, c.frames)
 	dst = binary.BigEndian.AppendUint64(dst, c.pages)
 	dst = binary.BigEndian.AppendUint64(dst, c.zeroPages)
 	dst = binary.BigEndian.AppendUint64(dst, c.dataBytes)
+	var d [sha256.Size]byte
+	copy(d[:], digest)
+	dst = append(dst, d[:]...)
 	return h.Sum(dst)
 }
 
@@ -275,9 +283,11 @@ func (r *frameReader) account(h header, frame []byte, n int) {
 	}
 }
 
-// checkFin compares a FIN payload with what was received before it, then accounts the FIN.
+// checkFin compares a FIN payload's counts and transcript hash with what was received before
+// it, then accounts the FIN. The memory digest it carries is checked by the destination
+// against its region once every stream has ended.
 func (r *frameReader) checkFin(h header, frame, payload []byte) error {
-	want := finPayload(make([]byte, 0, finSize), r.counts, r.hash)
+	want := finPayload(make([]byte, 0, finSize), r.counts, payload[finDigestAt:finDigestAt+sha256.Size], r.hash)
 	if string(want) != string(payload) {
 		return &FrameError{Stream: r.stream, Seq: h.seq, Type: h.typ.String(), Err: fmt.Errorf("%w: FIN counts or transcript hash differ", ErrIncomplete)}
 	}

@@ -34,7 +34,7 @@ func sealFrames(t testing.TB, n int) [][]byte {
 		page := bytes.Repeat([]byte{byte(i + 1)}, PageSize)
 		frames = append(frames, bytes.Clone(w.seal(nil, framePages, uint64(i), 1, page)))
 	}
-	frames = append(frames, bytes.Clone(w.seal(nil, frameFin, 0, 0, w.fin(nil))))
+	frames = append(frames, bytes.Clone(w.seal(nil, frameFin, 0, 0, w.fin(nil, nil))))
 	return frames
 }
 
@@ -112,7 +112,7 @@ func TestFinMismatch(t *testing.T) {
 	f0 := bytes.Clone(w.seal(nil, framePages, 0, 1, page))
 	// A FIN whose counts say one more page was sent than was.
 	w.counts.pages++
-	fin := bytes.Clone(w.seal(nil, frameFin, 0, 0, w.fin(nil)))
+	fin := bytes.Clone(w.seal(nil, frameFin, 0, 0, w.fin(nil, nil)))
 	err := readAll(t, append(f0, fin...), testAEAD(t, 1))
 	if !errors.Is(err, ErrIncomplete) {
 		t.Fatalf("got %v, want ErrIncomplete", err)

@@ -50,6 +50,7 @@ type outItem struct {
 type finRecord struct {
 	stream int
 	hash   []byte
+	digest []byte // the source's memory digest
 }
 
 // session is an established transport: N streams, each with a sealer and a writer for its
@@ -360,13 +361,13 @@ func (s *session) producePages(i int, set []uint64) error {
 	return nil
 }
 
-// sendFins ends every stream's outbound direction with a FIN and waits until they are
-// written.
-func (s *session) sendFins() error {
+// sendFins ends every stream's outbound direction with a FIN carrying the memory digest and
+// waits until they are written.
+func (s *session) sendFins(digest []byte) error {
 	dones := make([]chan struct{}, len(s.streams))
 	for i := range s.streams {
 		dones[i] = make(chan struct{})
-		if err := s.submit(i, sendJob{typ: frameFin, done: dones[i]}); err != nil {
+		if err := s.submit(i, sendJob{typ: frameFin, data: digest, done: dones[i]}); err != nil {
 			return err
 		}
 	}
@@ -482,7 +483,7 @@ func (st *stream) sealer() {
 		case frameCloseWrite:
 			ok = st.emit(frameCloseWrite, st.sendOff, 0, nil, job.done)
 		case frameFin:
-			scratch = st.w.fin(scratch[:0])
+			scratch = st.w.fin(scratch[:0], job.data)
 			st.finHash = append([]byte(nil), scratch[finSize-sha256.Size:]...)
 			ok = st.emit(frameFin, 0, 0, scratch, job.done)
 		default:
@@ -714,7 +715,11 @@ func (st *stream) dispatch(h header, frame []byte) error {
 			return err
 		}
 		st.finSeen = true
-		s.fins <- finRecord{stream: int(st.index), hash: append([]byte(nil), pt[finSize-sha256.Size:]...)}
+		s.fins <- finRecord{
+			stream: int(st.index),
+			hash:   append([]byte(nil), pt[finSize-sha256.Size:]...),
+			digest: append([]byte(nil), pt[finDigestAt:finDigestAt+sha256.Size]...),
+		}
 	case frameAck:
 		if s.role != roleSource || st.index != 0 {
 			return st.frameErr(h, fmt.Errorf("%w: unexpected acknowledgement", ErrMalformedFrame))

@@ -3,6 +3,7 @@ package migagent
 import (
 	"context"
 	"crypto/hmac"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -98,6 +99,10 @@ type SourceResult struct {
 	// PagesSent and BytesSent count page payloads over all rounds.
 	PagesSent int64
 	BytesSent int64
+	// MemoryDigest is the SHA-256 of the guest's memory as sent: computed over the region
+	// while the guest was paused after the final round, carried in every FIN, and checked by
+	// the destination against what it received before it acknowledged. Nil without a region.
+	MemoryDigest []byte
 }
 
 // Source runs the source side of one migration. It is single use.
@@ -197,7 +202,8 @@ func (s *Source) connect(ctx context.Context, tk *SecretKey) (conns []net.Conn, 
 }
 
 // Run migrates: it connects to the peer and confirms keys, runs pre-copy rounds, pauses the
-// guest, sends the final round and the FINs, waits for the commit acknowledgement, then
+// guest, sends the final round, hashes the paused guest's memory, sends the FINs carrying
+// that digest, waits for the commit acknowledgement, then
 // zeroizes keys.TK and keys.MDK and scrubs the region and spool.
 //
 // Run destroys keys.TK whatever happens; keys.MDK only on commit. If the migration fails
@@ -326,8 +332,16 @@ func (s *Source) transfer(ctx context.Context, sess *session, commitKey []byte) 
 			return res, paused, false, err
 		}
 	}
+	// The guest is paused (or nothing writes the region): its memory is what the destination
+	// must now hold.
+	var digest []byte
+	if r := s.cfg.Region; r != nil {
+		d := sha256.Sum256(r.Bytes())
+		digest = d[:]
+		res.MemoryDigest = digest
+	}
 	finSent = true
-	if err := sess.sendFins(); err != nil {
+	if err := sess.sendFins(digest); err != nil {
 		return res, paused, finSent, fmt.Errorf("sending FIN: %w", err)
 	}
 	var ack []byte

@@ -100,6 +100,10 @@ type Progress struct {
 	// CommitAck is the destination's commit acknowledgement (MACed with the transfer key), set
 	// in phase committed.
 	CommitAck []byte `json:"commitAck,omitempty"`
+	// MemoryDigest is the SHA-256 of the guest's memory at cutover, in phase committed: the
+	// source computes it while the guest is paused after the final round, and the destination
+	// acknowledged only a region with the same digest. A destination's Status carries its own.
+	MemoryDigest attest.HexBytes `json:"memoryDigest,omitempty"`
 	// Error says why the transfer failed, in phase failed.
 	Error string `json:"error,omitempty"`
 	// Time is when the agent produced this report.

@@ -1,0 +1,344 @@
+// Command lethe-agent runs Lethe's migration agent on one host: it serves the agent API to the
+// broker over NATS, keeps the host's record fresh with the guests it holds, attests with the
+// host's SEV-SNP or TDX hardware, and moves guest memory encrypted end to end.
+//
+// It must never print or log a key, a sealed key blob or raw evidence. Attestation is real
+// hardware by default (--attestation auto); the emulated platforms, software signers with test
+// roots of trust, are used only with --attestation emulated-sev-snp|emulated-tdx together with
+// --allow-emulated, and a production keybroker refuses their evidence anyway. In production it
+// must connect to NATS with credentials (a creds file, an nkey seed, or a user and password);
+// --dev allows a connection without authentication.
+//
+// Settings come from flags, each with an environment variable (LETHE_AGENT_HOST, …) as
+// default.
+package main
+
+import (
+	"context"
+	"crypto/sha512"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/attest/emulate"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/lethe-cc/lethe/migagent/node"
+	"github.com/nats-io/nats.go"
+)
+
+type config struct {
+	host, natsURL, creds, nkeySeed, user, password string
+	dev                                            bool
+	dataListen, dataAdvertise                      string
+	attestation                                    string
+	allowEmulated                                  bool
+	emulatorDir, emulatedTCB, emulatedTEETCBSVN    string
+	emulatedChipID                                 string
+	labels                                         map[string]string
+	region                                         string
+	guests                                         []node.GuestSpec
+	workloadRate, streams                          int
+	heartbeat                                      time.Duration
+	logFormat, logLevel                            string
+}
+
+func main() {
+	cfg, err := parseFlags(os.Args[1:])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "lethe-agent:", err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err = run(ctx, cfg)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "lethe-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func env(name, def string) string {
+	if v, ok := os.LookupEnv(name); ok {
+		return v
+	}
+	return def
+}
+
+func envBool(name string) bool {
+	v, _ := strconv.ParseBool(os.Getenv(name))
+	return v
+}
+
+func envInt(name string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil {
+		return n
+	}
+	return def
+}
+
+func envDuration(name string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(os.Getenv(name)); err == nil {
+		return d
+	}
+	return def
+}
+
+// guestFlags collects repeated --guest flags.
+type guestFlags struct{ specs *[]node.GuestSpec }
+
+func (g guestFlags) String() string {
+	if g.specs == nil {
+		return ""
+	}
+	var s []string
+	for _, spec := range *g.specs {
+		s = append(s, spec.String())
+	}
+	return strings.Join(s, " ")
+}
+
+func (g guestFlags) Set(v string) error {
+	spec, err := node.ParseGuestSpec(v)
+	if err != nil {
+		return err
+	}
+	*g.specs = append(*g.specs, spec)
+	return nil
+}
+
+func parseFlags(args []string) (*config, error) {
+	c := &config{}
+	hostname, _ := os.Hostname()
+	hostname, _, _ = strings.Cut(hostname, ".")
+	var labels string
+	fs := flag.NewFlagSet("lethe-agent", flag.ContinueOnError)
+	fs.StringVar(&c.host, "host", env("LETHE_AGENT_HOST", hostname), "this host's name: letters, digits, '-', '_' (env LETHE_AGENT_HOST; default the short host name)")
+	fs.StringVar(&c.natsURL, "nats-url", env("LETHE_AGENT_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_AGENT_NATS_URL)")
+	fs.StringVar(&c.creds, "creds", env("LETHE_AGENT_CREDS", ""), "NATS credentials file (env LETHE_AGENT_CREDS)")
+	fs.StringVar(&c.nkeySeed, "nkey", env("LETHE_AGENT_NKEY", ""), "NATS nkey seed file (env LETHE_AGENT_NKEY)")
+	fs.StringVar(&c.user, "user", env("LETHE_AGENT_USER", ""), "NATS user (env LETHE_AGENT_USER)")
+	fs.StringVar(&c.password, "password", env("LETHE_AGENT_PASSWORD", ""), "NATS password (env LETHE_AGENT_PASSWORD)")
+	fs.BoolVar(&c.dev, "dev", envBool("LETHE_AGENT_DEV"), "development mode: allow NATS without authentication (env LETHE_AGENT_DEV)")
+	fs.StringVar(&c.dataListen, "data-listen", env("LETHE_AGENT_DATA_LISTEN", "127.0.0.1:0"), "host:port of the data plane's listener for incoming migrations; port 0: one ephemeral port per migration (env LETHE_AGENT_DATA_LISTEN)")
+	fs.StringVar(&c.dataAdvertise, "data-advertise", env("LETHE_AGENT_DATA_ADVERTISE", ""), "host or IP sources dial for the data plane; empty: the --data-listen host (env LETHE_AGENT_DATA_ADVERTISE)")
+	fs.StringVar(&c.attestation, "attestation", env("LETHE_AGENT_ATTESTATION", "auto"), "auto (detect SEV-SNP or TDX hardware), sev-snp, tdx, emulated-sev-snp or emulated-tdx (env LETHE_AGENT_ATTESTATION)")
+	fs.BoolVar(&c.allowEmulated, "allow-emulated", envBool("LETHE_AGENT_ALLOW_EMULATED"), "allow an emulated platform (development and CI only) (env LETHE_AGENT_ALLOW_EMULATED)")
+	fs.StringVar(&c.emulatorDir, "emulator-dir", env("LETHE_AGENT_EMULATOR_DIR", ""), "directory of the emulated platform's keys and roots, created if empty; the keybroker trusts its roots (env LETHE_AGENT_EMULATOR_DIR)")
+	fs.StringVar(&c.emulatedTCB, "emulated-tcb", env("LETHE_AGENT_EMULATED_TCB", ""), "emulated SEV-SNP TCB, bl=N,tee=N,snp=N,ucode=N; empty: the emulator's default (env LETHE_AGENT_EMULATED_TCB)")
+	fs.StringVar(&c.emulatedTEETCBSVN, "emulated-tee-tcb-svn", env("LETHE_AGENT_EMULATED_TEE_TCB_SVN", ""), "emulated TDX TEE TCB SVN, 16 bytes hex; empty: the emulator's default (env LETHE_AGENT_EMULATED_TEE_TCB_SVN)")
+	fs.StringVar(&c.emulatedChipID, "emulated-chip-id", env("LETHE_AGENT_EMULATED_CHIP_ID", ""), "emulated SEV-SNP chip ID, 64 bytes hex; empty: derived from --host, so hosts sharing an emulator directory are distinct chips (env LETHE_AGENT_EMULATED_CHIP_ID)")
+	fs.StringVar(&labels, "labels", env("LETHE_AGENT_LABELS", ""), "host labels, k=v,k=v (env LETHE_AGENT_LABELS)")
+	fs.StringVar(&c.region, "region", env("LETHE_AGENT_REGION", ""), "the host's region (env LETHE_AGENT_REGION)")
+	fs.Var(guestFlags{&c.guests}, "guest", "a guest held from the start, tenant/vm=SIZE (SIZE like 256MiB) or tenant/vm=file:PATH; repeatable (env LETHE_AGENT_GUESTS, space-separated)")
+	fs.IntVar(&c.workloadRate, "workload-rate", envInt("LETHE_AGENT_WORKLOAD_RATE", 0), "pages per second each guest's synthetic workload writes; 0: 2000, negative: none (env LETHE_AGENT_WORKLOAD_RATE)")
+	fs.IntVar(&c.streams, "streams", envInt("LETHE_AGENT_STREAMS", 0), "data-plane connections of a transfer whose request names none; 0: 4 (env LETHE_AGENT_STREAMS)")
+	fs.DurationVar(&c.heartbeat, "heartbeat-interval", envDuration("LETHE_AGENT_HEARTBEAT_INTERVAL", 0), "time between host record heartbeats; 0: 5s (env LETHE_AGENT_HEARTBEAT_INTERVAL)")
+	fs.StringVar(&c.logFormat, "log-format", env("LETHE_AGENT_LOG_FORMAT", "text"), "log format: text or json (env LETHE_AGENT_LOG_FORMAT)")
+	fs.StringVar(&c.logLevel, "log-level", env("LETHE_AGENT_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_AGENT_LOG_LEVEL)")
+	if v := os.Getenv("LETHE_AGENT_GUESTS"); v != "" {
+		for _, s := range strings.Fields(v) {
+			if err := (guestFlags{&c.guests}).Set(s); err != nil {
+				return nil, fmt.Errorf("LETHE_AGENT_GUESTS: %w", err)
+			}
+		}
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if err := agentapi.ValidName(c.host); err != nil {
+		return nil, fmt.Errorf("--host: %w", err)
+	}
+	var err error
+	if c.labels, err = parseLabels(labels); err != nil {
+		return nil, err
+	}
+	if !c.dev && c.creds == "" && c.nkeySeed == "" && c.user == "" {
+		return nil, errors.New("refusing to start without NATS authentication: give --creds, --nkey or --user (or --dev for development)")
+	}
+	switch c.logFormat {
+	case "text", "json":
+	default:
+		return nil, fmt.Errorf("--log-format %q: want text or json", c.logFormat)
+	}
+	p, err := attest.ParsePlatform(c.attestation)
+	if c.attestation != "auto" && err != nil {
+		return nil, fmt.Errorf("--attestation %q: want auto, sev-snp, tdx, emulated-sev-snp or emulated-tdx", c.attestation)
+	}
+	if c.attestation != "auto" && p.Emulated() {
+		if !c.allowEmulated {
+			return nil, fmt.Errorf("refusing emulated attestation (%s) without --allow-emulated: emulated platforms prove nothing and are for development and CI only", p)
+		}
+		if c.emulatorDir == "" {
+			return nil, errors.New("--emulator-dir is required with emulated attestation: the keybroker must be given the roots saved there")
+		}
+	}
+	return c, nil
+}
+
+// parseLabels parses k=v,k=v.
+func parseLabels(s string) (map[string]string, error) {
+	if s == "" {
+		return nil, nil
+	}
+	out := map[string]string{}
+	for kv := range strings.SplitSeq(s, ",") {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("--labels: %q is not k=v", kv)
+		}
+		out[k] = v
+	}
+	return out, nil
+}
+
+// parseTCB parses bl=N,tee=N,snp=N,ucode=N (components left out are 0).
+func parseTCB(s string) (*attest.SNPTCB, error) {
+	var t attest.SNPTCB
+	for kv := range strings.SplitSeq(s, ",") {
+		k, v, ok := strings.Cut(kv, "=")
+		n, err := strconv.ParseUint(v, 0, 8)
+		if !ok || err != nil {
+			return nil, fmt.Errorf("--emulated-tcb: %q is not component=N (N from 0 to 255)", kv)
+		}
+		switch k {
+		case "bl":
+			t.BootLoader = uint8(n)
+		case "tee":
+			t.TEE = uint8(n)
+		case "snp":
+			t.SNP = uint8(n)
+		case "ucode":
+			t.Microcode = uint8(n)
+		default:
+			return nil, fmt.Errorf("--emulated-tcb: unknown component %q (bl, tee, snp, ucode)", k)
+		}
+	}
+	return &t, nil
+}
+
+// attester returns the attester --attestation chose.
+func attester(c *config) (attest.Attester, error) {
+	if c.attestation == "auto" {
+		return attest.Detect()
+	}
+	p, err := attest.ParsePlatform(c.attestation)
+	if err != nil {
+		return nil, err
+	}
+	switch p {
+	case attest.PlatformSEVSNP:
+		return attest.NewSNPAttester()
+	case attest.PlatformTDX:
+		return attest.NewTDXAttester()
+	case attest.PlatformEmulatedSEVSNP, attest.PlatformEmulatedTDX:
+		if !c.allowEmulated {
+			return nil, errors.New("emulated attestation needs --allow-emulated")
+		}
+		opts, err := emulatedOptions(c)
+		if err != nil {
+			return nil, err
+		}
+		return emulate.Open(c.emulatorDir, p, opts)
+	}
+	return nil, fmt.Errorf("--attestation %s is not supported", p)
+}
+
+// emulatedOptions builds what the emulated platform reports from the flags.
+func emulatedOptions(c *config) (emulate.Options, error) {
+	var opts emulate.Options
+	if c.emulatedTCB != "" {
+		tcb, err := parseTCB(c.emulatedTCB)
+		if err != nil {
+			return opts, err
+		}
+		opts.TCB = tcb
+	}
+	if c.emulatedTEETCBSVN != "" {
+		b, err := hex.DecodeString(c.emulatedTEETCBSVN)
+		if err != nil || len(b) != 16 {
+			return opts, errors.New("--emulated-tee-tcb-svn: want 16 bytes of hex")
+		}
+		opts.TEETCBSVN = b
+	}
+	if c.emulatedChipID != "" {
+		b, err := hex.DecodeString(c.emulatedChipID)
+		if err != nil || len(b) != sha512.Size {
+			return opts, errors.New("--emulated-chip-id: want 64 bytes of hex")
+		}
+		opts.ChipID = b
+	} else {
+		id := sha512.Sum512([]byte("lethe emulated chip " + c.host))
+		opts.ChipID = id[:]
+	}
+	return opts, nil
+}
+
+func newLogger(c *config) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
+		return nil, fmt.Errorf("parsing log level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if c.logFormat == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+}
+
+// run wires the agent and runs it until ctx ends.
+func run(ctx context.Context, c *config) error {
+	log, err := newLogger(c)
+	if err != nil {
+		return err
+	}
+	att, err := attester(c)
+	if err != nil {
+		return fmt.Errorf("choosing attestation: %w", err)
+	}
+	if att.Platform().Emulated() {
+		log.Warn("Emulated attestation: this host's evidence proves nothing; development and CI only", "platform", att.Platform().String(), "emulator_dir", c.emulatorDir)
+	}
+	opts := []nats.Option{
+		nats.Name("lethe-agent " + c.host),
+		nats.MaxReconnects(-1),
+		nats.CustomInboxPrefix(agentapi.InboxPrefix(c.host)),
+	}
+	switch {
+	case c.creds != "":
+		opts = append(opts, nats.UserCredentials(c.creds))
+	case c.nkeySeed != "":
+		o, err := nats.NkeyOptionFromSeed(c.nkeySeed)
+		if err != nil {
+			return fmt.Errorf("reading nkey seed: %w", err)
+		}
+		opts = append(opts, o)
+	case c.user != "":
+		opts = append(opts, nats.UserInfo(c.user, c.password))
+	}
+	nc, err := nats.Connect(c.natsURL, opts...)
+	if err != nil {
+		return fmt.Errorf("connecting to NATS: %w", err)
+	}
+	defer nc.Close()
+	n, err := node.New(node.Config{
+		Host: c.host, Conn: nc, Attester: att, Labels: c.labels, Region: c.region,
+		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
+		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	return n.Run(ctx)
+}

@@ -1,0 +1,41 @@
+// Package node is the Lethe migration agent: the per-host daemon that serves the agent API
+// (package agentapi) for the broker, keeps its host record fresh in JetStream with the guests
+// it currently holds, and runs the data plane (package migagent) for each migration.
+//
+// A Node holds its guests as migagent Regions (in-process memory or a guest RAM file), each
+// with a synthetic workload that keeps dirtying pages and a memory data key MDK once the guest
+// has a residency (adoption, or the release of the migration that brought it). For a
+// migration the Node:
+//
+//   - attests (role source or adopt): makes an ephemeral HPKE key pair for the migration and
+//     binds its public key into its evidence (attest.Binding); adoption evidence also states
+//     the clean-memory statement of the guest's launch (the agent scrubs an in-process
+//     guest's memory before starting it; a received guest keeps its receive region's);
+//   - prepares (destination): scrubs a fresh receive region, states it clean, attests (role
+//     destination) with that statement and opens a data-plane listener;
+//   - opens the sealed keys with the migration's HPKE key and zeroizes that key at once;
+//   - transfers (source) in the background, reporting progress (precopy, cutover, committed
+//     with the commit acknowledgement and the memory digest, or failed); the destination
+//     receives, checks the memory digest, and resumes the guest on the received region;
+//   - erases (source, after commit): the data plane has zeroized TK and MDK and scrubbed the
+//     guest's pages; the Node attests (role erased) with the erasure statement;
+//   - aborts before commit: the destination scrubs and zeroizes, the source drops TK and
+//     resumes the guest. A source that holds the commit acknowledgement answers with it
+//     instead; a destination that resumed the guest refuses (agentapi.ErrConflict).
+//
+// When Run's context ends, migrations in flight are aborted: keys are zeroized, receive
+// regions scrubbed, and a source guest paused for cutover is resumed.
+//
+// The Node must never send a page unencrypted (pages leave only through migagent's sealed
+// streams), never keep a key after the commit or abort that ends it (TK, the migration's HPKE
+// private key, the MDK of a residency that ended), and never log a key, a sealed key blob,
+// or raw evidence.
+//
+// Caveats: a destination accepts zero-page elision whenever the source proposes it (the source
+// decides, from the tenant's policy as the keybroker reports it to the broker); a source whose
+// FIN went out but whose commit acknowledgement never came cannot know whether the destination
+// resumed the guest: it keeps the guest paused and reports the transfer failed, and resumes it
+// only when the broker aborts the migration (the destination refuses that abort if it had
+// resumed, which the broker must then reconcile). Guests are synthetic: a workload writing a
+// Region stands in for a VM.
+package node
