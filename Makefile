@@ -8,7 +8,7 @@ CMDS    := lethectl lethe-broker lethe-keybroker lethe-agent
 # `make test-race` runs the same under -race.
 TESTFLAGS ?= -count=1 -timeout=30m
 
-.PHONY: all build test test-race bench lint vault demo e2e fuzz clean e2e-libvirt bench-libvirt libvirt-down
+.PHONY: all build test test-race bench lint vault demo demo-attest e2e fuzz clean e2e-libvirt bench-libvirt libvirt-down
 
 all: build
 
@@ -47,8 +47,13 @@ fuzz:
 		done; \
 	done
 
+# demo runs a whole migration on this machine (see scripts/demo.sh); demo-attest shows
+# attestation and policy alone.
 demo: build vault
 	@bash scripts/demo.sh
+
+demo-attest: build
+	@bash scripts/demo-attest.sh
 
 clean:
 	rm -rf $(BIN)

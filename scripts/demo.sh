@@ -1,60 +1,147 @@
 #!/usr/bin/env bash
-# Lethe's demo, part one: attestation and policy, end to end, with emulated platforms.
-# Everything it makes lives in a temporary directory that is removed at the end.
+# Lethe's demo: a whole confidential-VM migration on one machine, with emulated SEV-SNP hosts.
+#
+# It starts a Vault dev server, the broker (with an embedded NATS server and JetStream), the
+# keybroker and three agents — host-a and host-b with good firmware, host-c with older
+# microcode than the policy allows — as separate processes, then, as a tenant:
+#   1. registers its policy key, signs and applies ci-emulated.yaml, adopts a 256 MiB guest
+#      on host-a whose workload keeps dirtying pages,
+#   2. migrates it to host-b with a live progress bar, shows the memory digest the destination
+#      checked, shows the source's Vault keys gone, and verifies the erasure receipt offline,
+#   3. tries to move it on to the weak host-c and shows the denial with its reason,
+# and stops everything it started. Logs stay in the work directory it prints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LETHECTL=${LETHECTL:-bin/lethectl}
-[ -x "$LETHECTL" ] || go build -o bin/lethectl ./cmd/lethectl
+root=$(pwd)
+BIN=$root/bin
+GUEST_SIZE=${GUEST_SIZE:-256MiB}
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
-
-rd=$(head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \n')
-
-for p in emulated-sev-snp emulated-tdx; do
-  say "$p: emulate evidence bound to a fresh REPORT_DATA"
-  run "$LETHECTL" attest emulate --platform "$p" --report-data "$rd" \
-    --roots-out "$work/roots" --out "$work/$p.json"
-  say "$p: verify it against the emulator's roots, binding checked"
-  run "$LETHECTL" attest verify "$work/$p.json" --trust-roots "$work/roots" --report-data "$rd" | head -20
-  echo "  ..."
-  say "$p: a tampered copy (one byte of the signed report flipped) is rejected"
-  python3 - "$work/$p.json" "$work/$p-tampered.json" <<'PY'
-import base64, json, sys
-ev = json.load(open(sys.argv[1]))
-raw = bytearray(base64.b64decode(ev["raw"]))
-raw[0x90] ^= 0x01          # inside the measured part of both an SNP report and a TDX quote
-ev["raw"] = base64.b64encode(bytes(raw)).decode()
-json.dump(ev, open(sys.argv[2], "w"))
-PY
-  if run "$LETHECTL" attest verify "$work/$p-tampered.json" --trust-roots "$work/roots" --report-data "$rd" >/dev/null; then
-    echo "demo: the tampered evidence verified; that is a bug" >&2; exit 1
-  fi
-  say "$p: evidence bound to another REPORT_DATA is rejected"
-  if run "$LETHECTL" attest verify "$work/$p.json" --trust-roots "$work/roots" --report-data 00 >/dev/null; then
-    echo "demo: evidence verified against the wrong binding; that is a bug" >&2; exit 1
-  fi
+for c in lethectl lethe-broker lethe-keybroker lethe-agent vault; do
+  [ -x "$BIN/$c" ] || { echo "demo: $BIN/$c is missing: run 'make demo' (it builds them)" >&2; exit 1; }
 done
 
-say "A tenant signs a policy and tests it against two emulated destinations"
-run "$LETHECTL" keygen --out "$work/tenant"
-run "$LETHECTL" policy sign --key "$work/tenant/tenant.key" examples/policies/ci-emulated.yaml --out "$work/policy.signed"
-run "$LETHECTL" attest emulate --platform emulated-sev-snp --report-data 00 --tcb bl=3,tee=0,snp=20,ucode=0x14 \
-  --roots-out "$work/roots" --out "$work/src.json" >/dev/null
-# A destination states that its receive region was zeroed and read back as zero.
-echo '{"type":"lethe.dev/clean-memory/v1","zeroed":true,"verifiedZero":true,"bytes":268435456}' >"$work/clean.json"
-run "$LETHECTL" attest emulate --platform emulated-sev-snp --report-data 00 --tcb bl=3,tee=0,snp=20,ucode=0x16 \
-  --statement "$work/clean.json" --roots-out "$work/roots" --out "$work/good.json" >/dev/null
-run "$LETHECTL" attest emulate --platform emulated-sev-snp --report-data 00 --tcb bl=3,tee=0,snp=20,ucode=0x12 \
-  --statement "$work/clean.json" --roots-out "$work/roots" --out "$work/weak.json" >/dev/null
-say "to a destination with newer microcode: allowed"
-run "$LETHECTL" policy test "$work/policy.signed" --pub "$work/tenant/tenant.pub" --trust-roots "$work/roots" \
-  --source "$work/src.json" --destination "$work/good.json" || true
-say "to a destination with older microcode: denied, with the reason"
-if run "$LETHECTL" policy test "$work/policy.signed" --pub "$work/tenant/tenant.pub" --trust-roots "$work/roots" \
-  --source "$work/src.json" --destination "$work/weak.json"; then
-  echo "demo: the weak destination was allowed; that is a bug" >&2; exit 1
+work=${DEMO_DIR:-$(mktemp -d /tmp/lethe-demo.XXXXXX)}
+mkdir -p "$work"/{logs,state,keys}
+pids=()
+cleanup() {
+  local rc=$?
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ $rc -eq 0 ]; then
+    printf '\nEverything the demo started is stopped. Logs: %s/logs\n' "$work"
+  else
+    printf '\ndemo: failed (exit %d). Everything it started is stopped. Logs: %s/logs\n' "$rc" "$work" >&2
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
+freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+waitfor() { # waitfor WHAT SECONDS COMMAND...
+  local what=$1 n=$(( $2 * 10 )); shift 2
+  until "$@" >/dev/null 2>&1; do
+    n=$((n-1)); [ $n -gt 0 ] || { echo "demo: $what did not come up; see $work/logs" >&2; return 1; }
+    sleep 0.1
+  done
+}
+start() { # start NAME COMMAND...
+  local name=$1; shift
+  "$@" >"$work/logs/$name.log" 2>&1 &
+  pids+=($!)
+}
+
+nats_port=$(freeport); vault_port=$(freeport)
+export LETHE_NATS_URL=nats://127.0.0.1:$nats_port
+export VAULT_ADDR=http://127.0.0.1:$vault_port
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/keys/vault.token"
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/keys/admin.token"
+chmod 600 "$work/keys/"*.token
+export VAULT_TOKEN=$(cat "$work/keys/vault.token")
+vault() { "$BIN/vault" "$@"; }
+
+bold "Starting Vault (dev server, in memory), NATS with JetStream, the keybroker and the broker"
+start vault "$BIN/vault" server -dev -dev-listen-address="127.0.0.1:$vault_port" -dev-root-token-id="$VAULT_TOKEN"
+waitfor "Vault" 30 vault status
+vault secrets enable transit >/dev/null
+vault secrets enable -path=lethe kv-v2 >/dev/null
+echo "Vault $("$BIN/vault" version | awk '{print $2}') on $VAULT_ADDR, Transit and KV enabled"
+
+start broker env -u LETHE_NATS_URL "$BIN/lethe-broker" --dev --dev-listen "127.0.0.1:$nats_port" --dev-store "$work/state/jetstream" --id broker-1
+waitfor "the broker" 30 "$BIN/lethectl" hosts list
+
+# The emulated platform: one software "AMD" root for every emulated host, as real SNP hosts
+# share AMD's roots; each agent signs as its own chip with its own TCB.
+"$BIN/lethectl" attest emulate --platform emulated-sev-snp --report-data 00 \
+  --roots-out "$work/emulator" --out "$work/state/probe.json" >/dev/null
+start keybroker "$BIN/lethe-keybroker" --dev --allow-emulated --trust-roots "$work/emulator" \
+  --vault-addr "$VAULT_ADDR" --vault-token-file "$work/keys/vault.token" \
+  --admin-token-file "$work/keys/admin.token" --state-dir "$work/state/keybroker"
+"$BIN/lethe-keybroker" --vault-addr "$VAULT_ADDR" --vault-token-file "$work/keys/vault.token" \
+  --state-dir "$work/state/keybroker-pub" --export-pub "$work/keys/keybroker.pub" >/dev/null 2>&1
+echo "keybroker receipt-signing key: $work/keys/keybroker.pub"
+
+bold "Starting three agents with emulated SEV-SNP platforms"
+agent() { # agent HOST UCODE [extra flags]
+  local host=$1 ucode=$2; shift 2
+  start "$host" "$BIN/lethe-agent" --dev --nats-url "$LETHE_NATS_URL" --host "$host" --attestation emulated-sev-snp --allow-emulated \
+    --emulator-dir "$work/emulator" --emulated-tcb "bl=3,tee=0,snp=20,ucode=$ucode" \
+    --region eu-west-1 --labels pool=demo --heartbeat-interval 1s "$@"
+}
+agent host-a 0x73 --guest "demo/web=$GUEST_SIZE" --workload-rate 20000
+agent host-b 0x75
+agent host-c 0x64
+hosts_up() { [ "$("$BIN/lethectl" hosts list -o json | grep -c '"live": *true')" -ge 3 ]; }
+waitfor "the agents" 30 hosts_up
+run "$BIN/lethectl" hosts list
+echo "(host-c's microcode 0x64 is older than host-a's 0x73)"
+
+export LETHE_TENANT=demo
+bold "As the tenant: a key, registered with the keybroker; the policy, signed and applied"
+run "$BIN/lethectl" keygen --out "$work/keys/tenant"
+LETHE_TENANT= run "$BIN/lethectl" tenant register --tenant demo --pub "$work/keys/tenant/tenant.pub" \
+  --admin-token-file "$work/keys/admin.token"
+run "$BIN/lethectl" policy sign --key "$work/keys/tenant/tenant.key" examples/policies/ci-emulated.yaml \
+  --out "$work/policy.signed"
+run "$BIN/lethectl" policy apply "$work/policy.signed"
+
+bold "Adopting the guest on host-a (its first memory key, epoch 1, sealed to host-a's agent)"
+run "$BIN/lethectl" guests adopt web --host host-a
+run "$BIN/lethectl" guests list
+echo
+echo "Vault Transit keys now:"; vault list -format=table transit/keys | sed 's/^/  /'
+
+bold "1. Migrating the guest to host-b while its workload keeps dirtying pages"
+run "$BIN/lethectl" migrate web --to host-b --wait | tee "$work/migrate.out"
+mig=$(grep -o 'mig-[A-Za-z0-9_-]*' "$work/migrate.out" | head -1)
+[ -n "$mig" ] || { echo "demo: no migration id in the output" >&2; exit 1; }
+run "$BIN/lethectl" migrations get "$mig"
+digest=$("$BIN/lethectl" migrations get "$mig" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["progress"]["memoryDigest"])')
+echo
+echo "Guest memory SHA-256, taken by host-a while paused at cutover and recomputed by host-b"
+echo "over what it received (host-b refuses to commit unless they match): $digest"
+echo
+echo "Vault Transit keys now (the epoch-1 key and the migration key are destroyed):"
+vault list -format=table transit/keys | sed 's/^/  /'
+if vault read "transit/keys/lethe-demo-web-e1" >/dev/null 2>&1; then
+  echo "demo: the source's epoch key still exists; that is a bug" >&2; exit 1
 fi
-say "done: attestation and policy work end to end"
+run "$BIN/lethectl" receipt get "$mig" --out "$work/receipt.json"
+run "$BIN/lethectl" receipt verify "$work/receipt.json" --pub "$work/keys/keybroker.pub"
+
+bold "2. Trying to move the guest on to host-c, whose firmware is older than the source's"
+if run "$BIN/lethectl" migrate web --to host-c --wait; then
+  echo "demo: the weak host was accepted; that is a bug" >&2; exit 1
+fi
+run "$BIN/lethectl" guests list
+
+bold "Done"
+cat <<EOF
+The guest moved host-a → host-b encrypted end to end, host-a's keys are gone from Vault, the
+receipt verified offline, and the weak host was refused. Where to look next:
+  logs            $work/logs/{broker,keybroker,host-a,host-b,host-c,vault}.log
+  receipt         $work/receipt.json (lethectl receipt show)
+  configuration   deploy/ and docs/configuration.md
+  protocol        docs/DESIGN.md, docs/protocol.md, docs/receipt.md
+EOF
