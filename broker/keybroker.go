@@ -201,15 +201,33 @@ func (c *KeyBrokerClient) call(ctx context.Context, op string, req, resp any) er
 		if e, ok := errors.AsType[*Error](err); ok {
 			switch e.Code {
 			case "denied", "policy_rejected", "evidence_rejected", "unknown_tenant":
-				return fmt.Errorf("calling keybroker %s: %w: %s: %s", op, ErrDenied, e.Code, e.Message)
+				return &keybrokerError{op: op, class: ErrDenied, wire: e}
 			case "unavailable", "busy", "destruction_pending":
-				return fmt.Errorf("calling keybroker %s: %w: %s: %s", op, ErrUnavailable, e.Code, e.Message)
+				return &keybrokerError{op: op, class: ErrUnavailable, wire: e}
 			}
 		}
 		return fmt.Errorf("calling keybroker %s: %w", op, err)
 	}
 	return nil
 }
+
+// keybrokerError is an error answer of the keybroker that the broker classifies: it matches
+// its class (ErrDenied or ErrUnavailable) and the keybroker's *Error, whose message already
+// names the decision and every failing rule.
+type keybrokerError struct {
+	op    string
+	class error
+	wire  *Error
+}
+
+func (e *keybrokerError) Error() string {
+	if e.wire.Code == e.class.Error() {
+		return fmt.Sprintf("keybroker %s %v: %s", e.op, e.class, e.wire.Message)
+	}
+	return fmt.Sprintf("keybroker %s %v (%s): %s", e.op, e.class, e.wire.Code, e.wire.Message)
+}
+
+func (e *keybrokerError) Unwrap() []error { return []error{e.class, e.wire} }
 
 // maxReply bounds replies read by the broker's clients.
 const maxReply = 4 << 20

@@ -259,7 +259,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 	})
 	if errors.Is(err, ErrDenied) {
 		b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase, Message: "release denied: " + err.Error()})
-		return b.abort(ctx, m, "denied: "+err.Error())
+		return b.abort(ctx, m, err.Error())
 	}
 	if err != nil {
 		return fmt.Errorf("releasing keys: %w", err)

@@ -10,7 +10,6 @@ import (
 	"errors"
 	"log/slog"
 	"os"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -347,9 +346,7 @@ func erasureStatement(t *testing.T, id string) []byte {
 	return b
 }
 
-// code returns the wire code of an error from a client, or "" for none. The broker's client
-// keeps the codes it classifies (ErrDenied, ErrUnavailable) in its error's text only:
-// "calling keybroker <op>: <sentinel>: <code>: <message>".
+// code returns the wire code of an error from a client, or "" for none.
 func code(err error) string {
 	if err == nil {
 		return ""
@@ -359,9 +356,6 @@ func code(err error) string {
 	}
 	if e, ok := errors.AsType[*natsapi.Error](err); ok {
 		return e.Code
-	}
-	if parts := strings.SplitN(err.Error(), ": ", 4); len(parts) == 4 && strings.HasPrefix(parts[0], "calling keybroker ") {
-		return parts[2]
 	}
 	return "not a wire error: " + err.Error()
 }
