@@ -66,6 +66,8 @@ type Config struct {
 	EventsRetention time.Duration
 	// MaxConcurrentRequests bounds API requests handled at once. Zero means 64.
 	MaxConcurrentRequests int
+	// Metrics receives the broker's measurements. Nil means none are taken.
+	Metrics Metrics
 }
 
 // Broker runs the migration control plane. Create it with New and run it with Run.
@@ -119,6 +121,9 @@ func New(cfg Config) (*Broker, error) {
 	}
 	if cfg.MaxConcurrentRequests <= 0 {
 		cfg.MaxConcurrentRequests = 64
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = noMetrics{}
 	}
 	return &Broker{
 		cfg:      cfg,
@@ -198,11 +203,43 @@ func (b *Broker) Run(ctx context.Context) error {
 	})
 	err = g.Wait()
 	b.drivers.Wait()
+	b.releaseLeases(context.WithoutCancel(ctx))
 	b.log.Info("Broker stopped")
 	if ctx.Err() != nil {
 		return nil
 	}
 	return err
+}
+
+// releaseLeases gives up the leases this broker holds when it stops, so that another broker
+// takes its migrations over at once instead of when the leases expire. Every step is
+// idempotent, so the next broker reruns the step this one was cut off in. Failures are logged:
+// the lease then simply expires.
+func (b *Broker) releaseLeases(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	recs, err := listJSON[Migration](ctx, b.store.migrations, ">")
+	if err != nil {
+		b.log.Warn("Listing migrations to release their leases failed", logKeyError, err)
+		return
+	}
+	for _, r := range recs {
+		if r.Phase.Terminal() || r.Owner != b.cfg.ID {
+			continue
+		}
+		m, rev, err := getJSON[Migration](ctx, b.store.migrations, r.ID)
+		if err != nil || m.Owner != b.cfg.ID {
+			continue
+		}
+		m.Owner, m.LeaseUntil = "", time.Time{}
+		if _, err := updateJSON(ctx, b.store.migrations, m.ID, m, rev); err != nil {
+			if !errors.Is(err, errRevision) {
+				b.log.Warn("Releasing a lease failed; it expires instead", logKeyMigration, m.ID, logKeyError, err)
+			}
+			continue
+		}
+		b.log.Info("Lease released for another broker", logKeyMigration, m.ID, logKeyPhase, m.Phase)
+	}
 }
 
 // watchMigrations wakes the driver of every migration whose record changes.
@@ -249,9 +286,17 @@ func (b *Broker) reconcile(ctx context.Context) {
 	if err != nil {
 		if ctx.Err() == nil {
 			b.log.Warn("Listing migrations failed", logKeyError, err)
+			b.cfg.Metrics.NATSError(natsOpKVList)
 		}
 		return
 	}
+	unfinished := map[Phase]int{}
+	for _, m := range recs {
+		if !m.Phase.Terminal() {
+			unfinished[m.Phase]++
+		}
+	}
+	b.cfg.Metrics.Unfinished(unfinished)
 	now := b.now()
 	for _, m := range recs {
 		if m.Phase.Terminal() {
@@ -301,6 +346,7 @@ func (b *Broker) publishEvent(ev Event) {
 	}
 	if err := b.nc.Publish(EventsSubject(ev.MigrationID), data); err != nil {
 		b.log.Warn("Publishing event failed", logKeyMigration, ev.MigrationID, logKeyError, err)
+		b.cfg.Metrics.NATSError(natsOpPublish)
 	}
 }
 

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -38,6 +39,7 @@ func (b *Broker) runDriver(ctx context.Context, id string, wake <-chan struct{})
 		}
 		if err != nil {
 			log.Warn("Reading migration failed", logKeyError, err)
+			b.cfg.Metrics.NATSError(natsOpKVRead)
 			wait()
 			continue
 		}
@@ -125,6 +127,7 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 			mutate(m)
 		}
 		now := b.now()
+		inFrom := now.Sub(cmp.Or(m.PhaseSince, m.Created))
 		m.Phase, m.PhaseSince, m.Updated, m.LeaseUntil = to, now, now, now.Add(b.cfg.Lease)
 		if to.Terminal() {
 			m.Finished, m.Owner, m.LeaseUntil = now, "", time.Time{}
@@ -140,6 +143,7 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 			attrs = append(attrs, logKeyReason, m.AbortReason)
 		}
 		b.log.Info("Migration phase changed", attrs...)
+		b.cfg.Metrics.PhaseChanged(from, to, inFrom)
 		b.publishEvent(Event{MigrationID: id, Kind: EventPhase, From: from, Phase: to, Message: m.AbortReason})
 		return nil
 	}
@@ -203,6 +207,7 @@ func (b *Broker) fresh(rec *agentapi.HostRecord, now time.Time) (bool, string) {
 // stepAttest gathers both agents' evidence under fresh nonces and asks the keybroker for the
 // keys. Rerunning it asks for new nonces and evidence.
 func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
+	start := b.now()
 	pol, _, err := b.policyFor(ctx, m.Tenant, m.VM)
 	if errors.Is(err, ErrNotFound) {
 		return b.abort(ctx, m, "no policy for the guest")
@@ -267,7 +272,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 	if rel.FromEpoch != m.Epoch || rel.ToEpoch != m.Epoch+1 {
 		return b.abort(ctx, m, fmt.Sprintf("keybroker released epochs %d→%d, want %d→%d", rel.FromEpoch, rel.ToEpoch, m.Epoch, m.Epoch+1))
 	}
-	return b.transition(ctx, m.ID, PhaseAttesting, PhaseKeysReleased, func(m *Migration) {
+	err = b.transition(ctx, m.ID, PhaseAttesting, PhaseKeysReleased, func(m *Migration) {
 		m.SourceKeys, m.DestinationKeys = rel.SealedSource, rel.SealedDestination
 		m.NextWrappedMDK = rel.WrappedMDK
 		m.ZeroPageElision = rel.ZeroPageElision
@@ -275,6 +280,10 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		m.Streams = b.cfg.Streams
 		m.SourceEvidence, m.DestinationEvidence = digestHex(srcEv), digestHex(prep.Evidence)
 	})
+	if err == nil {
+		b.cfg.Metrics.Handshake(b.now().Sub(start))
+	}
+	return err
 }
 
 // stepKeys delivers the sealed keys to both agents (idempotent) and starts the transfer phase.

@@ -54,6 +54,19 @@ type ServerConfig struct {
 	Users []User
 	// Dev allows a configuration without users (no authentication).
 	Dev bool
+	// TLS, if set, makes the server require TLS from its clients. Nil: no TLS (development,
+	// or TLS terminated in front of the server).
+	TLS *ServerTLS
+}
+
+// ServerTLS are the TLS files of a NATS server.
+type ServerTLS struct {
+	// Cert and Key are the server's certificate chain and private key (PEM). Required.
+	Cert, Key string
+	// CA verifies client certificates (PEM). Empty: the system roots.
+	CA string
+	// Verify requires every client to present a certificate that CA verifies (mutual TLS).
+	Verify bool
 }
 
 // InboxPrefix returns the inbox prefix a client of role (and name) must connect with
@@ -151,6 +164,19 @@ func WriteServerConfig(w io.Writer, cfg ServerConfig) error {
 		fmt.Fprintf(&b, "  store_dir: %s\n", quote(cfg.StoreDir))
 	}
 	b.WriteString("}\n")
+	if t := cfg.TLS; t != nil {
+		if t.Cert == "" || t.Key == "" {
+			return errors.New("writing server config: TLS needs a certificate and a key")
+		}
+		fmt.Fprintf(&b, "tls {\n  cert_file: %s\n  key_file: %s\n", quote(t.Cert), quote(t.Key))
+		if t.CA != "" {
+			fmt.Fprintf(&b, "  ca_file: %s\n", quote(t.CA))
+		}
+		if t.Verify {
+			b.WriteString("  verify: true\n")
+		}
+		b.WriteString("}\n")
+	}
 	if len(cfg.Users) > 0 {
 		fmt.Fprintf(&b, "accounts {\n  %s {\n    jetstream: enabled\n    users: [\n", account)
 		logins := map[string]bool{}

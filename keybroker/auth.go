@@ -36,7 +36,7 @@ func (k *Keybroker) loginLocked(ctx context.Context) (time.Duration, error) {
 		"secret_id": ar.SecretID,
 	})
 	if err != nil {
-		return 0, fmt.Errorf("logging in to Vault with AppRole: %w", classify(err))
+		return 0, fmt.Errorf("logging in to Vault with AppRole: %w", countVault(k.cfg.Metrics, err))
 	}
 	if s == nil || s.Auth == nil || s.Auth.ClientToken == "" {
 		return 0, errors.New("logging in to Vault with AppRole: no token in the response")
@@ -89,7 +89,7 @@ func (k *Keybroker) tokenTTL(ctx context.Context) (time.Duration, bool, error) {
 	}
 	s, err := k.vault.Auth().Token().LookupSelfWithContext(ctx)
 	if err != nil {
-		return 0, false, fmt.Errorf("looking up the Vault token: %w", classify(err))
+		return 0, false, fmt.Errorf("looking up the Vault token: %w", countVault(k.cfg.Metrics, err))
 	}
 	if s == nil || s.Data == nil {
 		return 0, false, errors.New("looking up the Vault token: empty response")
@@ -113,7 +113,7 @@ func (k *Keybroker) renew(ctx context.Context, renewable bool) error {
 			if err == nil {
 				err = errors.New("no lease in the response")
 			}
-			return fmt.Errorf("renewing the Vault token: %w", classify(err))
+			return fmt.Errorf("renewing the Vault token: %w", countVault(k.cfg.Metrics, err))
 		}
 	}
 	if k.cfg.AppRole == nil {

@@ -110,6 +110,8 @@ type Config struct {
 	RetryInterval time.Duration
 	// Now is the clock. Nil: time.Now.
 	Now func() time.Time
+	// Metrics receives the keybroker's measurements. Nil: none are taken.
+	Metrics Metrics
 }
 
 // Keybroker releases and destroys guests' keys. It is safe for concurrent use.
@@ -165,6 +167,9 @@ func New(cfg Config) (*Keybroker, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = noMetrics{}
+	}
 	k := &Keybroker{
 		cfg:   cfg,
 		log:   cfg.Logger.With(attrComponent, "keybroker"),
@@ -179,7 +184,7 @@ func New(cfg Config) (*Keybroker, error) {
 	if k.policy == nil {
 		k.policy = &policyPackage{}
 	}
-	vc := &vaultClient{c: cfg.Vault, transit: cfg.TransitMount, kv: cfg.KVMount}
+	vc := &vaultClient{c: cfg.Vault, transit: cfg.TransitMount, kv: cfg.KVMount, metrics: cfg.Metrics}
 	k.keys, k.recs = vc, vc
 	k.nonces = newNonceStore(cfg.Now, cfg.NonceTTL, cfg.MaxNonces)
 	if cfg.AdminToken != "" {

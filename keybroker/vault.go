@@ -62,6 +62,8 @@ type vaultClient struct {
 	c       *api.Client
 	transit string // Transit mount
 	kv      string // KV v2 mount
+	// metrics counts Vault's unavailability; nil counts nothing.
+	metrics Metrics
 }
 
 // classify marks transport failures and server errors as ErrVaultUnavailable.
@@ -83,7 +85,7 @@ func (v *vaultClient) createKey(ctx context.Context, name, typ string) error {
 		"allow_plaintext_backup": false,
 	})
 	if err != nil {
-		return fmt.Errorf("creating transit key %s: %w", name, classify(err))
+		return fmt.Errorf("creating transit key %s: %w", name, countVault(v.metrics, err))
 	}
 	return nil
 }
@@ -91,7 +93,7 @@ func (v *vaultClient) createKey(ctx context.Context, name, typ string) error {
 func (v *vaultClient) dataKey(ctx context.Context, name string) ([]byte, string, error) {
 	s, err := v.c.Logical().WriteWithContext(ctx, v.transit+"/datakey/plaintext/"+name, map[string]any{"bits": 256})
 	if err != nil {
-		return nil, "", fmt.Errorf("drawing data key under %s: %w", name, classify(err))
+		return nil, "", fmt.Errorf("drawing data key under %s: %w", name, countVault(v.metrics, err))
 	}
 	if s == nil || s.Data == nil {
 		return nil, "", fmt.Errorf("drawing data key under %s: empty response", name)
@@ -108,7 +110,7 @@ func (v *vaultClient) dataKey(ctx context.Context, name string) ([]byte, string,
 func (v *vaultClient) decrypt(ctx context.Context, name, wrapped string) ([]byte, error) {
 	s, err := v.c.Logical().WriteWithContext(ctx, v.transit+"/decrypt/"+name, map[string]any{"ciphertext": wrapped})
 	if err != nil {
-		return nil, fmt.Errorf("unwrapping data key under %s: %w", name, classify(err))
+		return nil, fmt.Errorf("unwrapping data key under %s: %w", name, countVault(v.metrics, err))
 	}
 	if s == nil || s.Data == nil {
 		return nil, fmt.Errorf("unwrapping data key under %s: empty response", name)
@@ -124,7 +126,7 @@ func (v *vaultClient) decrypt(ctx context.Context, name, wrapped string) ([]byte
 func (v *vaultClient) readKey(ctx context.Context, name string) (*transitKey, error) {
 	s, err := v.c.Logical().ReadWithContext(ctx, v.transit+"/keys/"+name)
 	if err != nil {
-		return nil, fmt.Errorf("reading transit key %s: %w", name, classify(err))
+		return nil, fmt.Errorf("reading transit key %s: %w", name, countVault(v.metrics, err))
 	}
 	if s == nil || s.Data == nil {
 		return nil, nil
@@ -153,10 +155,10 @@ func (v *vaultClient) readKey(ctx context.Context, name string) (*transitKey, er
 
 func (v *vaultClient) deleteKey(ctx context.Context, name string) error {
 	if _, err := v.c.Logical().WriteWithContext(ctx, v.transit+"/keys/"+name+"/config", map[string]any{"deletion_allowed": true}); err != nil {
-		return fmt.Errorf("allowing deletion of transit key %s: %w", name, classify(err))
+		return fmt.Errorf("allowing deletion of transit key %s: %w", name, countVault(v.metrics, err))
 	}
 	if _, err := v.c.Logical().DeleteWithContext(ctx, v.transit+"/keys/"+name); err != nil {
-		return fmt.Errorf("deleting transit key %s: %w", name, classify(err))
+		return fmt.Errorf("deleting transit key %s: %w", name, countVault(v.metrics, err))
 	}
 	return nil
 }
@@ -166,7 +168,7 @@ func (v *vaultClient) sign(ctx context.Context, name string, msg []byte) ([]byte
 		"input": base64.StdEncoding.EncodeToString(msg),
 	})
 	if err != nil {
-		return nil, fmt.Errorf("signing with transit key %s: %w", name, classify(err))
+		return nil, fmt.Errorf("signing with transit key %s: %w", name, countVault(v.metrics, err))
 	}
 	if s == nil || s.Data == nil {
 		return nil, fmt.Errorf("signing with transit key %s: empty response", name)
@@ -190,7 +192,7 @@ func (v *vaultClient) get(ctx context.Context, path string, into any) (int, erro
 		return 0, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("reading record %s: %w", path, classify(err))
+		return 0, fmt.Errorf("reading record %s: %w", path, countVault(v.metrics, err))
 	}
 	if s.Data == nil || s.VersionMetadata == nil || s.VersionMetadata.Destroyed || !s.VersionMetadata.DeletionTime.IsZero() {
 		return 0, nil
@@ -219,7 +221,7 @@ func (v *vaultClient) put(ctx context.Context, path string, rec any, cas int) (i
 		if re, ok := errors.AsType[*api.ResponseError](err); ok && re.StatusCode == http.StatusBadRequest && strings.Contains(strings.Join(re.Errors, " "), "check-and-set") {
 			return 0, fmt.Errorf("writing record %s: %w", path, errConflict)
 		}
-		return 0, fmt.Errorf("writing record %s: %w", path, classify(err))
+		return 0, fmt.Errorf("writing record %s: %w", path, countVault(v.metrics, err))
 	}
 	if s == nil || s.VersionMetadata == nil {
 		return 0, fmt.Errorf("writing record %s: empty response", path)
@@ -230,7 +232,7 @@ func (v *vaultClient) put(ctx context.Context, path string, rec any, cas int) (i
 func (v *vaultClient) list(ctx context.Context, dir string) ([]string, error) {
 	s, err := v.c.Logical().ListWithContext(ctx, v.kv+"/metadata/"+dir)
 	if err != nil {
-		return nil, fmt.Errorf("listing records under %s: %w", dir, classify(err))
+		return nil, fmt.Errorf("listing records under %s: %w", dir, countVault(v.metrics, err))
 	}
 	if s == nil || s.Data == nil {
 		return nil, nil

@@ -6,7 +6,14 @@
 // connection without authentication and, without --nats-url, runs an embedded NATS server with
 // JetStream on loopback for demos.
 //
-// Settings come from flags, each with an environment variable (LETHE_NATS_URL, …) as default.
+// Settings come from flags, environment variables and a YAML configuration file (--config),
+// in that order of precedence; docs/configuration.md lists them. With --metrics-listen it
+// serves Prometheus metrics, /healthz and /readyz. On SIGTERM it stops taking requests, lets
+// its migration steps end and gives up its leases, so that another broker continues its
+// migrations at once.
+//
+// "lethe-broker nats-config USERS.yaml" writes the nats-server configuration (users, their
+// permissions, JetStream, TLS) for the users a YAML file lists; see deploy/nats-users.yaml.
 package main
 
 import (
@@ -22,6 +29,7 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/policy"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
@@ -32,7 +40,9 @@ type config struct {
 	natsURL, creds, nkeySeed, user, password string
 	dev                                      bool
 	devListen, devStore                      string
-	id, logLevel                             string
+	id, logLevel, logFormat                  string
+	configFile, metricsListen                string
+	natsTLS                                  daemon.NATSTLS
 	lease, checkInterval, hostTTL            time.Duration
 	agentTimeout, startTimeout               time.Duration
 	progressTimeout, perGiB                  time.Duration
@@ -40,6 +50,13 @@ type config struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "nats-config" {
+		if err := natsConfig(os.Args[2:], os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, "lethe-broker nats-config:", err)
+			os.Exit(2)
+		}
+		return
+	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "lethe-broker:", err)
@@ -80,19 +97,25 @@ func envInt(name string, def int) int {
 	return def
 }
 
-func parseFlags(args []string) (*config, error) {
-	c := &config{}
+// newFlagSet defines the broker's flags on c, each defaulting to its environment variable.
+func newFlagSet(c *config) *flag.FlagSet {
 	fs := flag.NewFlagSet("lethe-broker", flag.ContinueOnError)
+	fs.StringVar(&c.configFile, "config", env("LETHE_BROKER_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_BROKER_CONFIG)")
 	fs.StringVar(&c.natsURL, "nats-url", env("LETHE_NATS_URL", ""), "NATS server URL (env LETHE_NATS_URL); empty with --dev runs an embedded server")
 	fs.StringVar(&c.creds, "creds", env("LETHE_NATS_CREDS", ""), "NATS credentials file (env LETHE_NATS_CREDS)")
 	fs.StringVar(&c.nkeySeed, "nkey", env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
 	fs.StringVar(&c.user, "user", env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
 	fs.StringVar(&c.password, "password", env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
+	fs.StringVar(&c.natsTLS.CA, "nats-tls-ca", env("LETHE_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_NATS_TLS_CA)")
+	fs.StringVar(&c.natsTLS.Cert, "nats-tls-cert", env("LETHE_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_NATS_TLS_CERT)")
+	fs.StringVar(&c.natsTLS.Key, "nats-tls-key", env("LETHE_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_NATS_TLS_KEY)")
 	fs.BoolVar(&c.dev, "dev", envBool("LETHE_DEV"), "development mode: allow NATS without authentication (env LETHE_DEV)")
 	fs.StringVar(&c.devListen, "dev-listen", env("LETHE_DEV_LISTEN", "127.0.0.1:4222"), "embedded NATS server address in dev mode (env LETHE_DEV_LISTEN)")
 	fs.StringVar(&c.devStore, "dev-store", env("LETHE_DEV_STORE", ""), "embedded JetStream store directory in dev mode; empty: a temporary directory (env LETHE_DEV_STORE)")
 	fs.StringVar(&c.id, "id", env("LETHE_BROKER_ID", ""), "broker instance id; empty: random (env LETHE_BROKER_ID)")
 	fs.StringVar(&c.logLevel, "log-level", env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
+	fs.StringVar(&c.logFormat, "log-format", env("LETHE_LOG_FORMAT", "json"), "log format: text or json (env LETHE_LOG_FORMAT)")
+	fs.StringVar(&c.metricsListen, "metrics-listen", env("LETHE_BROKER_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_BROKER_METRICS_LISTEN)")
 	fs.DurationVar(&c.lease, "lease", envDuration("LETHE_LEASE", 0), "migration lease; 0: 60s (env LETHE_LEASE)")
 	fs.DurationVar(&c.checkInterval, "check-interval", envDuration("LETHE_CHECK_INTERVAL", 0), "timeout and takeover check interval; 0: 1s (env LETHE_CHECK_INTERVAL)")
 	fs.DurationVar(&c.hostTTL, "host-ttl", envDuration("LETHE_HOST_TTL", 0), "host heartbeat TTL; 0: 30s (env LETHE_HOST_TTL)")
@@ -102,7 +125,14 @@ func parseFlags(args []string) (*config, error) {
 	fs.DurationVar(&c.perGiB, "timeout-per-gib", envDuration("LETHE_TIMEOUT_PER_GIB", 0), "transfer timeout per GiB of guest memory; 0: 150s (env LETHE_TIMEOUT_PER_GIB)")
 	fs.IntVar(&c.streams, "streams", envInt("LETHE_STREAMS", 0), "data-plane streams per transfer; 0: 4 (env LETHE_STREAMS)")
 	fs.IntVar(&c.replicas, "replicas", envInt("LETHE_REPLICAS", 0), "JetStream replicas; 0: 1 (env LETHE_REPLICAS)")
-	if err := fs.Parse(args); err != nil {
+	return fs
+}
+
+// parseFlags parses the command line, the environment and the configuration file.
+func parseFlags(args []string) (*config, error) {
+	c := &config{}
+	fs := newFlagSet(c)
+	if err := daemon.Parse(fs, args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -114,18 +144,26 @@ func parseFlags(args []string) (*config, error) {
 	if !c.dev && c.natsURL == "" {
 		return nil, errors.New("--nats-url is required (or --dev for an embedded server)")
 	}
+	if err := daemon.CheckLogFlags(c.logFormat, c.logLevel); err != nil {
+		return nil, err
+	}
+	if _, err := c.natsTLS.Options(); err != nil {
+		return nil, err
+	}
 	return c, nil
 }
 
 // run wires the broker's components and runs them until ctx ends.
 func run(ctx context.Context, c *config) error {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
-		return fmt.Errorf("parsing log level: %w", err)
+	log, err := daemon.NewLogger(os.Stderr, c.logFormat, c.logLevel)
+	if err != nil {
+		return err
 	}
-	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	metrics := daemon.NewMetrics()
 
 	g, ctx := errgroup.WithContext(ctx)
+	// The embedded server outlives the broker, which hands its leases over as it stops.
+	brokerDone := make(chan struct{})
 	url := c.natsURL
 	if url == "" { // dev mode: embedded server
 		ns, err := startDevServer(c, log)
@@ -135,6 +173,7 @@ func run(ctx context.Context, c *config) error {
 		url = ns.ClientURL()
 		g.Go(func() error {
 			<-ctx.Done()
+			<-brokerDone
 			ns.Shutdown()
 			ns.WaitForShutdown()
 			return nil
@@ -145,6 +184,12 @@ func run(ctx context.Context, c *config) error {
 		nats.MaxReconnects(-1),
 		nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleBroker, "")),
 	}
+	opts = append(opts, metrics.NATSOptions(log)...)
+	tlsOpts, err := c.natsTLS.Options()
+	if err != nil {
+		return err
+	}
+	opts = append(opts, tlsOpts...)
 	switch {
 	case c.creds != "":
 		opts = append(opts, nats.UserCredentials(c.creds))
@@ -176,11 +221,22 @@ func run(ctx context.Context, c *config) error {
 		Replicas:      c.replicas,
 		Timeouts:      broker.Timeouts{Start: c.startTimeout, Progress: c.progressTimeout, PerGiB: c.perGiB},
 		ReadPolicy:    readPrefilter,
+		Metrics:       metrics.Broker(),
 	})
 	if err != nil {
 		return err
 	}
-	g.Go(func() error { return b.Run(ctx) })
+	srv := daemon.NewServer(daemon.ServerConfig{
+		Listen:   c.metricsListen,
+		Registry: metrics.Registry,
+		Checks:   []daemon.Check{daemon.NATSConnected(nc), daemon.Started("broker", b.Ready())},
+		Logger:   log,
+	})
+	g.Go(func() error {
+		defer close(brokerDone)
+		return b.Run(ctx)
+	})
+	g.Go(func() error { return srv.Run(ctx) })
 	return g.Wait()
 }
 

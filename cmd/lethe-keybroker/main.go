@@ -9,7 +9,12 @@
 // refuses to start without them unless --dev is given. It refuses roots of trust of emulated
 // platforms unless --allow-emulated is given: emulated evidence is for development and CI.
 //
-// Settings come from flags, each with an environment variable (LETHE_NATS_URL, …) as default.
+// Settings come from flags, environment variables and a YAML configuration file (--config),
+// in that order of precedence; docs/configuration.md lists them. With --metrics-listen it
+// serves Prometheus metrics, /healthz and /readyz (ready: NATS connected, Vault unsealed and
+// reachable, the service started). On SIGTERM it stops taking requests and lets every request
+// in progress finish, so that no key release stops half-way; pending destructions stay
+// journaled under --state-dir for the next start.
 package main
 
 import (
@@ -31,6 +36,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 )
@@ -41,17 +47,22 @@ const inboxPrefix = "_INBOX.keybroker"
 type config struct {
 	natsURL, creds, nkeySeed, user, password string
 	dev                                      bool
+	natsTLS                                  daemon.NATSTLS
 
 	vaultAddr, vaultTokenFile          string
+	vaultCACert                        string
+	vaultClientCert, vaultClientKey    string
 	roleID, secretIDFile, approleMount string
 	transitMount, kvMount              string
 
-	stateDir, adminTokenFile string
-	trustRoots               []string
-	allowEmulated            bool
-	collateral               string
-	nonceTTL                 time.Duration
-	id, logLevel, exportPub  string
+	stateDir, adminTokenFile  string
+	trustRoots                []string
+	allowEmulated             bool
+	collateral                string
+	nonceTTL                  time.Duration
+	id, logLevel, exportPub   string
+	logFormat                 string
+	configFile, metricsListen string
 }
 
 func main() {
@@ -98,16 +109,23 @@ func (l *listFlag) Set(v string) error {
 	return nil
 }
 
-func parseFlags(args []string) (*config, error) {
-	c := &config{}
+// newFlagSet defines the keybroker's flags on c, each defaulting to its environment variable.
+func newFlagSet(c *config) *flag.FlagSet {
 	fs := flag.NewFlagSet("lethe-keybroker", flag.ContinueOnError)
+	fs.StringVar(&c.configFile, "config", env("LETHE_KEYBROKER_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_KEYBROKER_CONFIG)")
 	fs.StringVar(&c.natsURL, "nats-url", env("LETHE_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_NATS_URL)")
 	fs.StringVar(&c.creds, "creds", env("LETHE_NATS_CREDS", ""), "NATS credentials file (env LETHE_NATS_CREDS)")
 	fs.StringVar(&c.nkeySeed, "nkey", env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
 	fs.StringVar(&c.user, "user", env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
 	fs.StringVar(&c.password, "password", env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
+	fs.StringVar(&c.natsTLS.CA, "nats-tls-ca", env("LETHE_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_NATS_TLS_CA)")
+	fs.StringVar(&c.natsTLS.Cert, "nats-tls-cert", env("LETHE_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_NATS_TLS_CERT)")
+	fs.StringVar(&c.natsTLS.Key, "nats-tls-key", env("LETHE_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_NATS_TLS_KEY)")
 	fs.BoolVar(&c.dev, "dev", envBool("LETHE_DEV"), "development mode: allow NATS without authentication (env LETHE_DEV)")
 	fs.StringVar(&c.vaultAddr, "vault-addr", env("LETHE_VAULT_ADDR", ""), "Vault address (env LETHE_VAULT_ADDR; default $VAULT_ADDR)")
+	fs.StringVar(&c.vaultCACert, "vault-ca-cert", env("LETHE_VAULT_CACERT", ""), "CA certificate (PEM) that verifies Vault's TLS certificate (env LETHE_VAULT_CACERT; default $VAULT_CACERT, else the system roots)")
+	fs.StringVar(&c.vaultClientCert, "vault-client-cert", env("LETHE_VAULT_CLIENT_CERT", ""), "client certificate (PEM) for a Vault listener that requires one (env LETHE_VAULT_CLIENT_CERT; default $VAULT_CLIENT_CERT)")
+	fs.StringVar(&c.vaultClientKey, "vault-client-key", env("LETHE_VAULT_CLIENT_KEY", ""), "private key (PEM) of --vault-client-cert (env LETHE_VAULT_CLIENT_KEY; default $VAULT_CLIENT_KEY)")
 	fs.StringVar(&c.vaultTokenFile, "vault-token-file", env("LETHE_VAULT_TOKEN_FILE", ""), "file holding a Vault token, token auth (env LETHE_VAULT_TOKEN_FILE; default $VAULT_TOKEN)")
 	fs.StringVar(&c.roleID, "approle-role-id", env("LETHE_VAULT_ROLE_ID", ""), "AppRole role ID; with --approle-secret-id-file, AppRole auth instead of a token (env LETHE_VAULT_ROLE_ID)")
 	fs.StringVar(&c.secretIDFile, "approle-secret-id-file", env("LETHE_VAULT_SECRET_ID_FILE", ""), "file holding the AppRole secret ID (env LETHE_VAULT_SECRET_ID_FILE)")
@@ -122,8 +140,17 @@ func parseFlags(args []string) (*config, error) {
 	fs.DurationVar(&c.nonceTTL, "nonce-ttl", envDuration("LETHE_NONCE_TTL", 60*time.Second), "how long a nonce stays valid (env LETHE_NONCE_TTL)")
 	fs.StringVar(&c.id, "id", env("LETHE_KEYBROKER_ID", ""), "instance id in the service's metadata (env LETHE_KEYBROKER_ID)")
 	fs.StringVar(&c.logLevel, "log-level", env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
+	fs.StringVar(&c.logFormat, "log-format", env("LETHE_LOG_FORMAT", "json"), "log format: text or json (env LETHE_LOG_FORMAT)")
+	fs.StringVar(&c.metricsListen, "metrics-listen", env("LETHE_KEYBROKER_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_KEYBROKER_METRICS_LISTEN)")
 	fs.StringVar(&c.exportPub, "export-pub", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
-	if err := fs.Parse(args); err != nil {
+	return fs
+}
+
+// parseFlags parses the command line, the environment and the configuration file.
+func parseFlags(args []string) (*config, error) {
+	c := &config{}
+	fs := newFlagSet(c)
+	if err := daemon.Parse(fs, args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -131,6 +158,15 @@ func parseFlags(args []string) (*config, error) {
 	}
 	if len(c.trustRoots) == 0 {
 		c.trustRoots = filepath.SplitList(os.Getenv("LETHE_TRUST_ROOTS"))
+	}
+	if err := daemon.CheckLogFlags(c.logFormat, c.logLevel); err != nil {
+		return nil, err
+	}
+	if _, err := c.natsTLS.Options(); err != nil {
+		return nil, err
+	}
+	if (c.vaultClientCert == "") != (c.vaultClientKey == "") {
+		return nil, errors.New("give both --vault-client-cert and --vault-client-key, or neither")
 	}
 	if c.exportPub != "" {
 		return c, nil
@@ -158,11 +194,12 @@ func readSecret(path string) (string, error) {
 
 // run wires the keybroker's components and runs them until ctx ends.
 func run(ctx context.Context, c *config) error {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
-		return fmt.Errorf("parsing log level: %w", err)
+	log, err := daemon.NewLogger(os.Stderr, c.logFormat, c.logLevel)
+	if err != nil {
+		return err
 	}
-	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	metrics := daemon.NewMetrics()
+	kbMetrics := metrics.Keybroker()
 
 	vc, approle, err := vaultClient(c)
 	if err != nil {
@@ -179,15 +216,17 @@ func run(ctx context.Context, c *config) error {
 	kb, err := keybroker.New(keybroker.Config{
 		Vault: vc, AppRole: approle, TransitMount: c.transitMount, KVMount: c.kvMount,
 		Verifier: verifier, Logger: log, AdminToken: admin, StateDir: c.stateDir, NonceTTL: c.nonceTTL,
+		Metrics: kbMetrics,
 	})
 	if err != nil {
 		return err
 	}
+	kbMetrics.SetBacklog(kb.PendingDestructions)
 	if c.exportPub != "" {
 		return exportPublicKey(ctx, kb, c.exportPub, log)
 	}
 
-	nc, err := connect(c)
+	nc, err := connect(c, metrics.NATSOptions(log))
 	if err != nil {
 		return err
 	}
@@ -197,10 +236,36 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	log.Info("Keybroker running", "vault", vc.Address(), "nats", nc.ConnectedUrlRedacted(), "state_dir", c.stateDir)
+	srv := daemon.NewServer(daemon.ServerConfig{
+		Listen:   c.metricsListen,
+		Registry: metrics.Registry,
+		Checks: []daemon.Check{
+			daemon.NATSConnected(nc),
+			{Name: "vault", Func: func(ctx context.Context) error { return vaultReady(ctx, vc) }},
+			daemon.Started("service", svc.Started()),
+		},
+		Logger: log,
+	})
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return kb.Run(ctx) })
 	g.Go(func() error { return svc.Run(ctx) })
+	g.Go(func() error { return srv.Run(ctx) })
 	return g.Wait()
+}
+
+// vaultReady reports whether Vault answers, initialized and unsealed.
+func vaultReady(ctx context.Context, vc *api.Client) error {
+	h, err := vc.Sys().HealthWithContext(ctx)
+	if err != nil {
+		return fmt.Errorf("checking Vault health: %w", err)
+	}
+	switch {
+	case !h.Initialized:
+		return errors.New("vault is not initialized")
+	case h.Sealed:
+		return errors.New("vault is sealed")
+	}
+	return nil
 }
 
 // vaultClient returns the Vault client and, for AppRole auth, the login.
@@ -211,6 +276,12 @@ func vaultClient(c *config) (*api.Client, *keybroker.AppRole, error) {
 	}
 	vcfg.MaxRetries = 1
 	vcfg.Timeout = 10 * time.Second
+	if c.vaultCACert != "" || c.vaultClientCert != "" {
+		// Unset fields keep what api.DefaultConfig read from VAULT_CACERT and the like.
+		if err := vcfg.ConfigureTLS(&api.TLSConfig{CACert: c.vaultCACert, ClientCert: c.vaultClientCert, ClientKey: c.vaultClientKey}); err != nil {
+			return nil, nil, fmt.Errorf("configuring Vault TLS: %w", err)
+		}
+	}
 	vc, err := api.NewClient(vcfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("creating Vault client: %w", err)
@@ -254,13 +325,19 @@ func newVerifier(c *config, log *slog.Logger) (*attest.Verifier, error) {
 	return attest.NewVerifier(attest.Config{Roots: roots, CollateralDir: c.collateral})
 }
 
-// connect connects to NATS as the keybroker.
-func connect(c *config) (*nats.Conn, error) {
+// connect connects to NATS as the keybroker, with extra options.
+func connect(c *config, extra []nats.Option) (*nats.Conn, error) {
 	opts := []nats.Option{
 		nats.Name("lethe-keybroker"),
 		nats.MaxReconnects(-1),
 		nats.CustomInboxPrefix(inboxPrefix),
 	}
+	opts = append(opts, extra...)
+	tlsOpts, err := c.natsTLS.Options()
+	if err != nil {
+		return nil, err
+	}
+	opts = append(opts, tlsOpts...)
 	switch {
 	case c.creds != "":
 		opts = append(opts, nats.UserCredentials(c.creds))

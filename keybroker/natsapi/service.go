@@ -153,26 +153,48 @@ func (s *Service) Run(ctx context.Context) error {
 		return fmt.Errorf("registering keybroker service: %w", err)
 	}
 	// Requests in progress finish after ctx ends (bounded by RequestTimeout): a release cut
-	// off half-way would only be cleaned up again.
+	// off half-way would only be cleaned up again. A request is admitted (counted in
+	// inflight) under mu, and none is admitted once closing is set, so that inflight.Wait
+	// below waits for every request that started, including those the draining subscriptions
+	// still deliver after ctx ended (which are refused).
 	base := context.WithoutCancel(ctx)
-	var inflight sync.WaitGroup
+	var (
+		mu       sync.Mutex
+		closing  bool
+		inflight sync.WaitGroup
+	)
+	admit := func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if closing || ctx.Err() != nil {
+			return false
+		}
+		inflight.Add(1)
+		return true
+	}
 	sem := make(chan struct{}, s.cfg.MaxConcurrent)
 	handlers := s.handlers()
 	for _, op := range Ops {
 		fn := handlers[op]
 		h := micro.HandlerFunc(func(r micro.Request) {
-			select {
-			case sem <- struct{}{}:
-			case <-ctx.Done():
+			if !admit() {
 				_ = r.Error(CodeBusy, "the keybroker is shutting down", nil)
 				return
 			}
-			inflight.Go(func() {
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				inflight.Done()
+				_ = r.Error(CodeBusy, "the keybroker is shutting down", nil)
+				return
+			}
+			go func() {
+				defer inflight.Done()
 				defer func() { <-sem }()
 				rctx, cancel := context.WithTimeout(base, s.cfg.RequestTimeout)
 				defer cancel()
 				s.handle(rctx, op, r, fn)
-			})
+			}()
 		})
 		name := strings.ReplaceAll(op, ".", "_")
 		if err := svc.AddEndpoint(name, h, micro.WithEndpointSubject(Subject(op))); err != nil {
@@ -188,8 +210,12 @@ func (s *Service) Run(ctx context.Context) error {
 	close(s.started)
 	s.log.InfoContext(ctx, "Keybroker service started", "subjects", SubjectPrefix+".>", "queue_group", s.cfg.QueueGroup)
 	<-ctx.Done()
+	mu.Lock()
+	closing = true
+	mu.Unlock()
 	err = svc.Stop()
 	inflight.Wait()
+	s.log.Info("Keybroker service stopped: every request in progress finished")
 	if err != nil {
 		return fmt.Errorf("stopping keybroker service: %w", err)
 	}

@@ -1,0 +1,36 @@
+package broker
+
+import "time"
+
+// Metrics receives the broker's measurements; cmd/lethe-broker exports them to Prometheus.
+// Methods are called from the broker's goroutines and must not block. Config.Metrics nil
+// means none are taken.
+type Metrics interface {
+	// PhaseChanged records that this broker moved a migration from phase from to phase to
+	// after it spent inFrom in from. A move to Erased or Aborted is the migration's outcome.
+	PhaseChanged(from, to Phase, inFrom time.Duration)
+	// Handshake records the latency of one successful attestation handshake: nonces, both
+	// agents' evidence and the keybroker's release, up to the keys being recorded.
+	Handshake(d time.Duration)
+	// Unfinished records how many unfinished migrations are in each phase, as the broker last
+	// saw the whole record bucket (every broker sees all migrations, not only its own).
+	Unfinished(byPhase map[Phase]int)
+	// NATSError records a failed NATS or JetStream operation of the broker, named by op
+	// ("kv_read", "kv_list", "publish").
+	NATSError(op string)
+}
+
+// The ops of Metrics.NATSError.
+const (
+	natsOpKVRead  = "kv_read"
+	natsOpKVList  = "kv_list"
+	natsOpPublish = "publish"
+)
+
+// noMetrics takes no measurements.
+type noMetrics struct{}
+
+func (noMetrics) PhaseChanged(Phase, Phase, time.Duration) {}
+func (noMetrics) Handshake(time.Duration)                  {}
+func (noMetrics) Unfinished(map[Phase]int)                 {}
+func (noMetrics) NATSError(string)                         {}

@@ -1,0 +1,38 @@
+// Package daemon is the plumbing Lethe's three daemons (lethe-broker, lethe-keybroker,
+// lethe-agent) share: configuration files layered under flags and environment variables,
+// structured logging, and an HTTP endpoint for Prometheus metrics and health checks.
+//
+// # Configuration
+//
+// Every setting of a daemon is a flag of its standard library flag.FlagSet, an environment
+// variable, and a key of its YAML configuration file. A flag's environment variable is named
+// in its usage text as "(env NAME" (see [EnvVar]); the daemon reads it into the flag's default
+// when it defines the flag. [Parse] parses the command line and then fills every flag that
+// neither the command line nor its environment variable set from the file named by the
+// flag "config", so the precedence is flag > environment > file > built-in default. An
+// environment variable set to the empty string counts as unset.
+//
+// The file is one YAML mapping whose keys are exactly the flag names (without dashes in
+// front). Values are scalars; a flag whose usage says "repeatable" also takes a list. The file is read
+// strictly: an unknown key, a duplicate key, a key of a command-line-only flag (one that
+// names no environment variable, such as an action), a value the flag refuses, a null, a
+// nested mapping, or YAML anchors, aliases and tags are errors that name the file, line and
+// column ([ConfigError]).
+//
+// # Logs
+//
+// [NewLogger] makes the slog logger of a daemon: text or JSON, at a level.
+//
+// # Metrics and health
+//
+// [Server] serves /metrics (a registry of the daemon's own, never the global one), /healthz
+// (the process is alive) and /readyz (every readiness [Check] passes: NATS connected, Vault
+// reachable, the service started). It is off unless a daemon is given a listen address, and
+// it is meant for a private network or loopback: it has no authentication. [Metrics] holds a
+// daemon's registry and makes the Prometheus implementations of the metric hooks of
+// packages broker, keybroker and migagent/node, which themselves import no Prometheus.
+//
+// The package must never log or expose a secret: configuration values are not logged, and
+// metrics carry counts, durations and low-cardinality labels only (phases, outcomes, error
+// codes), never migration ids, tenants or keys.
+package daemon
