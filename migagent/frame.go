@@ -210,6 +210,9 @@ type frameReader struct {
 	stream uint32
 	seq    uint64 // next expected, owned by read
 	hdr    [headerSize]byte
+	// ahead is how many bytes of the next header are already in hdr: read asks for them
+	// together with a frame's body, which saves a system call per frame.
+	ahead  int
 	nonce  [12]byte
 	hash   hash.Hash // owned by open
 	counts counts    // owned by open
@@ -223,14 +226,21 @@ func newFrameReader(r io.Reader, aead cipher.AEAD, stream uint32, transcript []b
 
 // read reads the next frame into buf (grown if needed) and checks its header and sequence
 // number. It returns io.EOF, unwrapped, when the stream ends cleanly between frames; other
-// errors are *FrameError or the transport's.
+// errors are *FrameError or the transport's. The frame returned aliases buf, which needs
+// room for the frame plus a header: whatever part of the next header arrived with the
+// frame's body is kept for the next call.
 func (r *frameReader) read(buf []byte) (header, []byte, error) {
-	if _, err := io.ReadFull(r.r, r.hdr[:]); err != nil {
-		if errors.Is(err, io.ErrUnexpectedEOF) {
-			return header{}, nil, r.errorf(header{}, ErrTruncatedFrame)
+	if r.ahead < headerSize {
+		n, err := io.ReadFull(r.r, r.hdr[r.ahead:])
+		r.ahead += n
+		if err != nil {
+			if r.ahead > 0 && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
+				return header{}, nil, r.errorf(header{}, ErrTruncatedFrame)
+			}
+			return header{}, nil, err
 		}
-		return header{}, nil, err
 	}
+	r.ahead = 0
 	h, err := decodeHeader(r.hdr[:])
 	if err != nil {
 		return h, nil, r.errorf(h, err)
@@ -244,14 +254,16 @@ func (r *frameReader) read(buf []byte) (header, []byte, error) {
 		return h, nil, r.errorf(h, fmt.Errorf("%w: sequence %d", ErrReorderedFrame, h.seq))
 	}
 	n := headerSize + int(h.length)
-	buf = grow(buf, n)
+	buf = grow(buf, n+headerSize)
 	copy(buf, r.hdr[:])
-	if _, err := io.ReadFull(r.r, buf[headerSize:n]); err != nil {
+	got, err := io.ReadAtLeast(r.r, buf[headerSize:n+headerSize], n-headerSize)
+	if err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 			return h, nil, r.errorf(h, ErrTruncatedFrame)
 		}
 		return h, nil, err
 	}
+	r.ahead = copy(r.hdr[:], buf[n:headerSize+got])
 	r.seq++
 	return h, buf[:n], nil
 }
