@@ -23,7 +23,7 @@ var snpProductLines = []string{"Milan", "Genoa", "Turin"}
 
 // snpVerifier verifies SEV-SNP reports through go-sev-guest's verify package, with fresh
 // verify.Options per call (the library writes into them). It is safe for concurrent use: after
-// newSNPVerifier it only reads its fields.
+// newSNPVerifier it only reads its fields, but for its caches, which lock.
 type snpVerifier struct {
 	now              func() time.Time
 	cache            *collateralCache
@@ -35,6 +35,12 @@ type snpVerifier struct {
 	// emulated are the roots configured for PlatformEmulatedSEVSNP, by product line. Empty: no
 	// emulated evidence is accepted.
 	emulated map[string][]*trust.ProductCerts
+
+	// chains remembers endorsement key certificates that chained to a root (see
+	// snpChainEntry); crls remembers CRLs whose ARK signature verified, parsed. Both are
+	// this verifier's own (see verifiedCache for why a hit is as good as the work).
+	chains *verifiedCache[*snpChainEntry]
+	crls   *verifiedCache[*x509.RevocationList]
 }
 
 func newSNPVerifier(cfg Config, cache *collateralCache) (*snpVerifier, error) {
@@ -45,6 +51,8 @@ func newSNPVerifier(cfg Config, cache *collateralCache) (*snpVerifier, error) {
 		productLine:      cfg.ProductLine,
 		amd:              map[string][]*trust.ProductCerts{},
 		emulated:         map[string][]*trust.ProductCerts{},
+		chains:           newVerifiedCache[*snpChainEntry](chainCacheSize),
+		crls:             newVerifiedCache[*x509.RevocationList](crlCacheSize),
 	}
 	if v.now == nil {
 		v.now = time.Now
@@ -283,12 +291,23 @@ func (v *snpVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Clai
 		chain.VcekCert = ekDER
 	}
 	att := &spb.Attestation{Report: report, CertificateChain: chain}
-	if err := verify.SnpAttestationContext(ctx, att, opts); err != nil {
-		return nil, diagnoseSNP(ev.raw, ek, info.SigningKey, candidates, now, err)
+	expectProduct := ""
+	if opts.Product != nil {
+		expectProduct = v.productLine
 	}
-	root := chainRoot(ek, info.SigningKey, candidates, now)
+	key := snpChainKey(p, info.SigningKey, report, line, expectProduct, ekDER, candidates)
+	root := v.cachedChainRoot(key, report, ek, candidates, now)
 	if root == nil {
-		return nil, reject(ReasonChain, "%v certificate does not chain to a trusted %v root", info.SigningKey, p)
+		// The full path: what a cold cache or a failed shortcut always takes.
+		if err := verify.SnpAttestationContext(ctx, att, opts); err != nil {
+			return nil, diagnoseSNP(ev.raw, ek, info.SigningKey, candidates, now, err)
+		}
+		var i int
+		var chains [][]*x509.Certificate
+		if root, i, chains = chainRoot(ek, info.SigningKey, candidates, now); root == nil {
+			return nil, reject(ReasonChain, "%v certificate does not chain to a trusted %v root", info.SigningKey, p)
+		}
+		v.rememberChain(key, ek, info.SigningKey, candidates, i, chains)
 	}
 
 	// The report must agree with the certificate that signed it: its REPORTED_TCB is the TCB the
@@ -355,19 +374,114 @@ func (v *snpVerifier) endorsementKey(ctx context.Context, ev *snpEvidence, key a
 	return nil, "", &RejectError{Reason: ReasonCollateral, Err: fmt.Errorf("getting VCEK certificate: %w", errors.Join(errs...))}
 }
 
-// chainRoot returns the root among candidates that the endorsement key certificate chains to at
-// now, or nil.
-func chainRoot(ek *x509.Certificate, key abi.ReportSigner, candidates []*trust.ProductCerts, now time.Time) *trust.ProductCerts {
-	for _, pc := range candidates {
+// chainRoot returns the first root among candidates that the endorsement key certificate
+// chains to at now, its index and the chains that lead there; or nil.
+func chainRoot(ek *x509.Certificate, key abi.ReportSigner, candidates []*trust.ProductCerts, now time.Time) (*trust.ProductCerts, int, [][]*x509.Certificate) {
+	for i, pc := range candidates {
 		opts := pc.X509Options(now, key)
 		if opts == nil {
 			continue
 		}
-		if _, err := ek.Verify(*opts); err == nil {
-			return pc
+		if chains, err := ek.Verify(*opts); err == nil {
+			return pc, i, chains
 		}
 	}
-	return nil
+	return nil, -1, nil
+}
+
+// snpChainEntry records that an endorsement key certificate passed go-sev-guest's checks of
+// its certificate chain (decodeCerts: the certificate's version, algorithms, key, subject,
+// issuer and extensions, and crypto/x509's chain building to the roots) and that the first
+// of the candidate roots it chains to is candidates[root], through chains. Every fact in it
+// but the certificates' validity periods depends only on the bytes snpChainKey hashes.
+type snpChainEntry struct {
+	root   int
+	chains [][]*x509.Certificate
+}
+
+// snpChainKey is the key of the chain entry for endorsement key certificate ekDER of kind
+// key, verified for platform p against candidates (in order) under product line line, with
+// the product line the report states (go-sev-guest's "known product line") and the product
+// the verifier expects of version 2 reports. These are every input go-sev-guest's chain checks
+// read besides the time.
+func snpChainKey(p Platform, key abi.ReportSigner, report *spb.Report, line, expectProduct string, ekDER []byte, candidates []*trust.ProductCerts) cacheKey {
+	known := ""
+	if fms := report.GetCpuid1EaxFms(); fms != 0 {
+		known = kds.ProductLineFromFms(fms)
+	}
+	fields := [][]byte{[]byte(p.String()), []byte(key.String()), []byte(known), []byte(line), []byte(expectProduct), ekDER}
+	for _, pc := range candidates {
+		var ark, ask, asvk []byte
+		if pc.Ark != nil {
+			ark = pc.Ark.Raw
+		}
+		if pc.Ask != nil {
+			ask = pc.Ask.Raw
+		}
+		if pc.Asvk != nil {
+			asvk = pc.Asvk.Raw
+		}
+		fields = append(fields, ark, ask, asvk)
+	}
+	return keyOf("lethe/attest/sev-snp/chain", fields...)
+}
+
+// cachedChainRoot returns the root the endorsement key certificate ek chains to, if the cache
+// knows its chain, a chain it knows is within its validity period at now, and the report's
+// signature verifies with ek. It returns nil otherwise, and the caller takes the full path.
+//
+// A non-nil result is exactly what the full path would find: go-sev-guest's chain checks
+// passed for these bytes once and depend on nothing else but the time; a cached chain valid
+// at now is one crypto/x509 builds at now; the candidates before the cached root can never
+// chain to ek (rememberChain stores nothing otherwise), so the root chainRoot picks at now is
+// the cached one; and the report signature, the one per-report fact, is checked here with the
+// same go-sev-guest function the full path uses.
+func (v *snpVerifier) cachedChainRoot(key cacheKey, report *spb.Report, ek *x509.Certificate, candidates []*trust.ProductCerts, now time.Time) *trust.ProductCerts {
+	e, ok := v.chains.get(key)
+	if !ok || e.root < 0 || e.root >= len(candidates) {
+		return nil
+	}
+	if !slices.ContainsFunc(e.chains, func(c []*x509.Certificate) bool { return validAt(c, now) }) {
+		return nil
+	}
+	if err := verify.SnpProtoReportSignature(report, ek); err != nil {
+		return nil
+	}
+	return candidates[e.root]
+}
+
+// rememberChain stores that ek chained to candidates[root] through chains, after the full path
+// accepted it. It stores nothing when a candidate before root could chain to ek at some other
+// time, because then which root comes first would depend on the time.
+func (v *snpVerifier) rememberChain(key cacheKey, ek *x509.Certificate, signer abi.ReportSigner, candidates []*trust.ProductCerts, root int, chains [][]*x509.Certificate) {
+	if len(chains) == 0 {
+		return
+	}
+	for _, pc := range candidates[:root] {
+		if !neverChains(ek, signer, pc) {
+			return
+		}
+	}
+	v.chains.put(key, &snpChainEntry{root: root, chains: chains})
+}
+
+// neverChains reports whether ek can chain to pc at no time: crypto/x509 would have no
+// certificate to put above ek, because ek is none of pc's certificates and neither pc's
+// intermediate for signer nor its ARK signed it.
+func neverChains(ek *x509.Certificate, signer abi.ReportSigner, pc *trust.ProductCerts) bool {
+	ica := pc.Ask
+	if signer == abi.VlekReportSigner {
+		ica = pc.Asvk
+	}
+	if pc.Ark == nil || ica == nil {
+		return true // chainRoot and go-sev-guest both skip such a root
+	}
+	for _, parent := range []*x509.Certificate{ica, pc.Ark} {
+		if ek.Equal(parent) || ek.CheckSignatureFrom(parent) == nil {
+			return false
+		}
+	}
+	return true
 }
 
 // diagnoseSNP turns a failure of verify.SnpAttestation (whose errors are text) into a rejection
@@ -410,12 +524,18 @@ func (v *snpVerifier) checkSNPRevocation(ctx context.Context, ek *x509.Certifica
 			errs = append(errs, err)
 			continue
 		}
-		crl, err := x509.ParseRevocationList(der)
-		if err != nil {
-			return reject(ReasonCollateral, "parsing CRL %s: %w", u, err)
-		}
-		if err := crl.CheckSignatureFrom(root.Ark); err != nil {
-			return reject(ReasonCollateral, "CRL %s is not signed by the ARK: %w", u, err)
+		// The CRL is read on every call; only its parsing and its signature check, which
+		// depend on nothing but its bytes and the ARK's, are remembered.
+		crlKey := keyOf("lethe/attest/sev-snp/crl", root.Ark.Raw, der)
+		crl, ok := v.crls.get(crlKey)
+		if !ok {
+			if crl, err = x509.ParseRevocationList(der); err != nil {
+				return reject(ReasonCollateral, "parsing CRL %s: %w", u, err)
+			}
+			if err := crl.CheckSignatureFrom(root.Ark); err != nil {
+				return reject(ReasonCollateral, "CRL %s is not signed by the ARK: %w", u, err)
+			}
+			v.crls.put(crlKey, crl)
 		}
 		if !crl.NextUpdate.IsZero() && now.After(crl.NextUpdate) {
 			return reject(ReasonExpired, "CRL %s was due for update at %s; refresh the collateral cache", u, crl.NextUpdate.UTC().Format(time.RFC3339))

@@ -63,6 +63,7 @@ type migrationRecord struct {
 // its own fresh nonces and evidence, and answered with the same migration's keys (same epochs,
 // same wrapped MDK) sealed to the new evidence's HPKE keys.
 func (k *Keybroker) Release(ctx context.Context, req *ReleaseRequest) (*ReleaseResponse, error) {
+	start := time.Now()
 	ev := Event{Kind: EventRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM}
 	if e := req.Source.Evidence; e != nil {
 		d := e.Digest()
@@ -77,6 +78,7 @@ func (k *Keybroker) Release(ctx context.Context, req *ReleaseRequest) (*ReleaseR
 		err = fmt.Errorf("releasing keys of migration %s: %w", req.MigrationID, err)
 	}
 	k.emit(ctx, &ev, err)
+	k.cfg.Metrics.Released(ev.Decision, time.Since(start))
 	return resp, err
 }
 
@@ -94,6 +96,7 @@ func (k *Keybroker) emit(ctx context.Context, ev *Event, err error) {
 	if err != nil && len(ev.Reasons) == 0 {
 		ev.Reasons = []string{err.Error()}
 	}
+	k.cfg.Metrics.Decided(ev.Kind, ev.Decision, ErrorCode(err))
 	k.audit.Audit(context.WithoutCancel(ctx), *ev)
 }
 
@@ -215,16 +218,27 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		Kind: kindCleanup, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM,
 		Keys: []string{migKey, epochKey}, Epoch: to,
 	}
-	// Reserve the guest and create both keys at once. A release that loses the reservation
-	// to a concurrent one destroys only its migration key: the cleanup leaves an epoch key
-	// alone while another migration holds the guest.
+	// Reserve the guest, and meanwhile create both keys and draw MDK_{e+1} and TK from them:
+	// each data key waits only for its own key, not for the reservation. A release that loses
+	// the reservation to a concurrent one clears what it drew, seals nothing, and destroys
+	// only its migration key: the cleanup leaves an epoch key alone while another migration
+	// holds the guest.
 	var tk, mdk []byte
 	defer func() { clear(tk); clear(mdk) }()
+	var wrappedMDK, wrappedTK string
 	var rErr, e1, e2 error
 	var wg2 sync.WaitGroup
 	wg2.Go(func() { guestVer, rErr = k.recs.put(ctx, guestPath(req.Tenant, req.VM), &guest, guestVer) })
-	wg2.Go(func() { e1 = k.keys.createKey(ctx, epochKey, "aes256-gcm96") })
-	wg2.Go(func() { e2 = k.keys.createKey(ctx, migKey, "aes256-gcm96") })
+	wg2.Go(func() {
+		if e1 = k.keys.createKey(ctx, epochKey, "aes256-gcm96"); e1 == nil {
+			mdk, wrappedMDK, e1 = k.keys.dataKey(ctx, epochKey)
+		}
+	})
+	wg2.Go(func() {
+		if e2 = k.keys.createKey(ctx, migKey, "aes256-gcm96"); e2 == nil {
+			tk, wrappedTK, e2 = k.keys.dataKey(ctx, migKey)
+		}
+	})
 	wg2.Wait()
 	if rErr != nil {
 		k.abandonRelease(ctx, cleanup)
@@ -239,14 +253,6 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		if err := errors.Join(e1, e2); err != nil {
 			return nil, err
 		}
-		var wg sync.WaitGroup
-		var wrappedMDK, wrappedTK string
-		wg.Go(func() { mdk, wrappedMDK, e1 = k.keys.dataKey(ctx, epochKey) })
-		wg.Go(func() { tk, wrappedTK, e2 = k.keys.dataKey(ctx, migKey) })
-		wg.Wait()
-		if err := errors.Join(e1, e2); err != nil {
-			return nil, err
-		}
 		vaultTime := time.Since(start)
 
 		// Seal both key sets while Vault records the release.
@@ -254,6 +260,7 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		var sealedSrc, sealedDst []byte
 		var e3 error
 		var putTime time.Duration
+		var wg sync.WaitGroup
 		wg.Go(func() {
 			start := time.Now()
 			if _, e3 = k.recs.put(ctx, guestPath(req.Tenant, req.VM), &guest, guestVer); errors.Is(e3, errConflict) {
