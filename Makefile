@@ -8,7 +8,7 @@ CMDS    := lethectl lethe-broker lethe-keybroker lethe-agent
 # `make test-race` runs the same under -race.
 TESTFLAGS ?= -count=1 -timeout=30m
 
-.PHONY: all build test test-race bench lint vault demo demo-attest e2e fuzz clean e2e-libvirt bench-libvirt libvirt-down
+.PHONY: all build test test-race bench lint vault demo demo-attest e2e fuzz clean docs e2e-libvirt bench-libvirt libvirt-down
 
 all: build
 
@@ -22,15 +22,23 @@ build:
 vault:
 	@bash scripts/vault.sh
 
+# test runs every package's tests, then the end-to-end suite with its table.
 test: vault
-	$(GO) test $(TESTFLAGS) ./...
+	$(GO) test $(TESTFLAGS) $$($(GO) list ./... | grep -v '/e2e$$')
+	@$(MAKE) --no-print-directory e2e
 
 test-race: vault
 	$(GO) test -race $(TESTFLAGS) ./...
 
+# e2e runs the end-to-end, fault and adversarial suite on real NATS, Vault and daemon
+# processes, and prints its table (the data-plane capture needs root / CAP_NET_RAW).
+E2E_TESTFLAGS ?= -count=1 -timeout=20m
+e2e: vault
+	$(GO) test $(E2E_TESTFLAGS) -v -run 'TestE2E|TestCaptureScan' ./e2e/
+
 # bench runs every benchmark against its baseline in one run and writes BENCHMARKS.md.
 bench: vault
-	@bash scripts/bench-report.sh
+	@bash scripts/bench.sh
 
 lint:
 	$(GO) vet ./...
@@ -71,3 +79,7 @@ bench-libvirt:
 
 libvirt-down:
 	bash scripts/libvirt-hosts.sh down
+
+# docs regenerates the configuration reference and the example NATS server config.
+docs:
+	$(GO) test ./cmd/lethe-broker ./cmd/lethe-keybroker ./cmd/lethe-agent -run 'TestConfigurationReference|TestNATSServerConfigExample' -update

@@ -53,7 +53,9 @@ func (b *Broker) verdicts(hosts []*agentapi.HostRecord, source string, p attest.
 		if live, why := b.fresh(h, now); !live {
 			reasons = append(reasons, "not live: "+why)
 		}
-		if h.Platform != p {
+		// The tenant's policy decides which platforms a guest may move to (a move from SEV-SNP
+		// to TDX is the policy's to allow); without one the broker keeps a guest on its own.
+		if pf == nil && h.Platform != p {
 			reasons = append(reasons, fmt.Sprintf("platform %v is not the guest's platform %v", h.Platform, p))
 		}
 		if pfErr != nil {

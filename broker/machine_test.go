@@ -383,7 +383,6 @@ func TestDryRun(t *testing.T) {
 			{Host: "h2", Pass: true},
 			{Host: "h3", Reasons: []string{`label zone="b", policy requires "a"`, `region "us" not allowed by policy (allowed: eu)`}},
 			{Host: "h4", Reasons: []string{
-				"platform emulated-tdx is not the guest's platform emulated-sev-snp",
 				"platform emulated-tdx not allowed by policy (allowed: emulated-sev-snp)",
 			}},
 		},

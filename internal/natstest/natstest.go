@@ -7,6 +7,7 @@
 package natstest
 
 import (
+	"net"
 	"testing"
 	"time"
 
@@ -29,8 +30,11 @@ type Options struct {
 type Server struct {
 	// URL is the client URL of the server, nats://127.0.0.1:PORT.
 	URL string
-	// Server is the underlying nats-server.
+	// Server is the underlying nats-server; Restart replaces it.
 	Server *server.Server
+
+	t    testing.TB
+	opts *server.Options
 }
 
 // Start starts a NATS server with JetStream and registers its shutdown with t.Cleanup.
@@ -52,19 +56,42 @@ func Start(t testing.TB, opts Options) *Server {
 	o.HTTPPort = 0
 	o.Cluster.Port = 0
 	o.LeafNode.Port = 0
-	s, err := server.NewServer(o)
-	if err != nil {
-		t.Fatalf("natstest: creating server: %v", err)
-	}
-	go s.Start()
+	srv := &Server{t: t, opts: o}
+	srv.start()
 	t.Cleanup(func() {
-		s.Shutdown()
-		s.WaitForShutdown()
+		srv.Server.Shutdown()
+		srv.Server.WaitForShutdown()
 	})
-	if !s.ReadyForConnections(readyTimeout) {
-		t.Fatalf("natstest: server not ready for connections within %v", readyTimeout)
+	srv.URL = srv.Server.ClientURL()
+	// A restart must come back on the same port, so that clients reconnect to it.
+	srv.opts.Port = srv.Server.Addr().(*net.TCPAddr).Port
+	return srv
+}
+
+// start creates and starts a server from s.opts and waits until it accepts connections.
+func (s *Server) start() {
+	s.t.Helper()
+	ns, err := server.NewServer(s.opts.Clone())
+	if err != nil {
+		s.t.Fatalf("natstest: creating server: %v", err)
 	}
-	return &Server{URL: s.ClientURL(), Server: s}
+	go ns.Start()
+	if !ns.ReadyForConnections(readyTimeout) {
+		ns.Shutdown()
+		s.t.Fatalf("natstest: server not ready for connections within %v", readyTimeout)
+	}
+	s.Server = ns
+}
+
+// Restart shuts the server down and starts it again on the same port with the same
+// configuration and JetStream store directory, so that streams and key-value buckets survive
+// and clients that reconnect find them. It fails the test if the server does not come back.
+// It must not be called concurrently with itself.
+func (s *Server) Restart() {
+	s.t.Helper()
+	s.Server.Shutdown()
+	s.Server.WaitForShutdown()
+	s.start()
 }
 
 // Connect connects to the server and closes the connection at the end of the test. It fails t
