@@ -68,12 +68,12 @@ clean:
 
 # e2e-libvirt starts two libvirt hosts in network and mount namespaces (installing libvirt and
 # QEMU with apt-get on first use; needs root) and runs the live-migration tests against them.
-LIBVIRT_TESTFLAGS ?= -count=1 -timeout=20m
-e2e-libvirt:
+LIBVIRT_TESTFLAGS ?= -count=1 -timeout=10m
+e2e-libvirt: vault
 	bash scripts/libvirt-hosts.sh up
 	$(GO) test -tags libvirt $(LIBVIRT_TESTFLAGS) -run 'Libvirt' ./e2e/ ./migagent/libvirt/...
 
-bench-libvirt:
+bench-libvirt: vault
 	bash scripts/libvirt-hosts.sh up
 	$(GO) test -tags libvirt -run '^$$' -bench 'LibvirtMigration' -benchtime 3x ./e2e/
 

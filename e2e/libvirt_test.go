@@ -67,18 +67,23 @@ func dialHost(t testing.TB, host string) *libvirt.Conn {
 }
 
 // newTestbed connects to both hosts, removes what an earlier run may have left, and starts
-// the memtest86+ guest called domain on host A; it returns once memtest is testing.
-func newTestbed(t testing.TB, domain string) *testbed {
+// the memtest86+ guest called domain on host A, its configuration changed by opts; it returns
+// once memtest is testing.
+func newTestbed(t testing.TB, domain string, opts ...func(*libvirt.GuestConfig)) *testbed {
 	t.Helper()
 	tb := &testbed{a: dialHost(t, hostA), b: dialHost(t, hostB), domain: domain}
 	ctx := t.Context()
 	tb.removeAll(t)
 	t.Cleanup(func() { tb.removeAll(t) })
 
-	domXML, err := libvirt.GuestXML(libvirt.GuestConfig{
+	cfg := libvirt.GuestConfig{
 		Name:      domain,
 		SerialLog: "/var/log/libvirt/qemu/" + domain + ".serial.log",
-	})
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	domXML, err := libvirt.GuestXML(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,7 +121,8 @@ func memtestStatus(t testing.TB, host, domain string) libvirt.MemtestStatus {
 }
 
 // checkRunsOn checks that the guest runs on host, is gone from (or never reached) other,
-// and that its memtest keeps counting on host with no memory errors.
+// and that its memtest keeps counting on host with no memory errors: its clock goes on from
+// where it was on other (a guest that restarted would count from zero again).
 func (tb *testbed) checkRunsOn(t testing.TB, host string) {
 	t.Helper()
 	ctx := t.Context()
@@ -171,6 +177,13 @@ func (tb *testbed) checkRunsOn(t testing.TB, host string) {
 		first = status()
 		return first.Seen, check(first)
 	})
+	// The log on other ends with what the guest showed there last (memtest's clock counts
+	// with the guest's time, which stands still while it is paused for the cutover).
+	if b, err := os.ReadFile(serialLogOf(other, tb.domain)); err == nil {
+		if before := libvirt.ParseMemtestSerial(b); before.Seen && first.Elapsed+time.Second < before.Elapsed {
+			t.Fatalf("memtest86+ on %s counts from %v, but it was at %v on %s: the guest restarted", host, first.Elapsed, before.Elapsed, other)
+		}
+	}
 	var last libvirt.MemtestStatus
 	waitFor(t, 30*time.Second, "memtest86+ counting on "+host, func() (bool, error) {
 		last = status()
@@ -214,12 +227,12 @@ type unixDialer string
 
 func (d unixDialer) Dial() (net.Conn, error) { return net.Dial("unix", string(d)) }
 
-// relay stands in for the two agents: a "source agent" accepts the source hypervisor's
+// libvirtRelay stands in for the two agents: a "source agent" accepts the source hypervisor's
 // stream on a unix socket on the source host, carries it over plain TCP on loopback to a
 // "destination agent", which dials the destination hypervisor's unix socket. Each side
 // splices its two connections, half-close passed on. The encrypted transport takes the
 // TCP hop's place in the agents.
-type relay struct {
+type libvirtRelay struct {
 	send    libvirt.Endpoint // where the source hypervisor sends
 	receive libvirt.Endpoint // where the destination hypervisor listens
 	srcLn   *libvirt.Listener
@@ -227,19 +240,21 @@ type relay struct {
 	cancel  context.CancelFunc
 	killAt  int64 // bytes from the source after which the relay dies; 0 means never
 	carried atomic.Int64
+	plain   *scanner // what the source hypervisor sent, scanned for plaintext markers
 	wg      sync.WaitGroup
 	err     error // first error of either side, after wait
 	errOnce sync.Once
 }
 
-func startRelay(t testing.TB, from, to, name string, killAt int64) *relay {
+func startLibvirtRelay(t testing.TB, from, to, name string, killAt int64) *libvirtRelay {
 	t.Helper()
 	ctx, cancel := context.WithCancel(t.Context())
-	r := &relay{
+	r := &libvirtRelay{
 		send:    libvirt.UnixEndpoint(migrateSocketOf(from, name)),
 		receive: libvirt.UnixEndpoint(migrateSocketOf(to, name)),
 		cancel:  cancel,
 		killAt:  killAt,
+		plain:   newScanner(plaintextMarkers),
 	}
 	os.Remove(r.receive.Address) // a stale socket would stop the destination from listening
 	var err error
@@ -257,13 +272,13 @@ func startRelay(t testing.TB, from, to, name string, killAt int64) *relay {
 	return r
 }
 
-func (r *relay) fail(err error) {
+func (r *libvirtRelay) fail(err error) {
 	if err != nil {
 		r.errOnce.Do(func() { r.err = err })
 	}
 }
 
-func (r *relay) sourceAgent(ctx context.Context) {
+func (r *libvirtRelay) sourceAgent(ctx context.Context) {
 	defer r.wg.Done()
 	defer r.srcLn.Close()
 	hv, err := r.srcLn.Accept(ctx)
@@ -282,7 +297,7 @@ func (r *relay) sourceAgent(ctx context.Context) {
 	r.fail(err)
 }
 
-func (r *relay) destinationAgent(ctx context.Context) {
+func (r *libvirtRelay) destinationAgent(ctx context.Context) {
 	defer r.wg.Done()
 	stop := context.AfterFunc(ctx, func() { r.tcpLn.Close() })
 	defer stop()
@@ -303,7 +318,7 @@ func (r *relay) destinationAgent(ctx context.Context) {
 }
 
 // stop kills the relay and waits for both sides.
-func (r *relay) stop() error {
+func (r *libvirtRelay) stop() error {
 	r.cancel()
 	r.wg.Wait()
 	return r.err
@@ -311,7 +326,7 @@ func (r *relay) stop() error {
 
 // drain waits up to timeout for both sides to end by themselves (both hypervisors closed
 // their connections), then stops the relay.
-func (r *relay) drain(timeout time.Duration) error {
+func (r *libvirtRelay) drain(timeout time.Duration) error {
 	done := make(chan struct{})
 	go func() { r.wg.Wait(); close(done) }()
 	t := time.NewTimer(timeout)
@@ -327,11 +342,12 @@ func (r *relay) drain(timeout time.Duration) error {
 // have passed, as if both agents died mid-stream.
 type killer struct {
 	net.Conn
-	r *relay
+	r *libvirtRelay
 }
 
 func (k *killer) Read(p []byte) (int, error) {
 	n, err := k.Conn.Read(p)
+	k.r.plain.Write(p[:n])
 	if total := k.r.carried.Add(int64(n)); k.r.killAt > 0 && total >= k.r.killAt {
 		k.r.cancel()
 		return n, errors.New("relay killed")
@@ -348,9 +364,9 @@ func logProgress(t testing.TB) func(libvirt.Progress) {
 	}
 }
 
-func migrateRelayed(t testing.TB, tb *testbed, from, to *libvirt.Conn, fromHost, toHost string, killAt int64) (libvirt.MigrateResult, *relay, error) {
+func migrateRelayed(t testing.TB, tb *testbed, from, to *libvirt.Conn, fromHost, toHost string, killAt int64) (libvirt.MigrateResult, *libvirtRelay, error) {
 	t.Helper()
-	r := startRelay(t, fromHost, toHost, tb.domain, killAt)
+	r := startLibvirtRelay(t, fromHost, toHost, tb.domain, killAt)
 	res, err := libvirt.Migrate(t.Context(), libvirt.MigrateConfig{
 		Source:      from,
 		Destination: to,
@@ -418,6 +434,11 @@ func TestLibvirtRelayedMigration(t *testing.T) {
 	}
 	t.Logf("relayed: %v, downtime %v, %d MiB processed, %d MiB carried, %d iterations",
 		res.Elapsed, res.Stats.Downtime, res.Stats.DataProcessed>>20, r.carried.Load()>>20, res.Stats.Iteration)
+	// The positive control of the Lethe test's wire check: the plaintext stream holds every
+	// marker that the ciphertext must not.
+	if seen := r.plain.seen(); len(seen) != len(plaintextMarkers) {
+		t.Errorf("plaintext stream holds markers %v; want all %d", seen, len(plaintextMarkers))
+	}
 	tb.checkRunsOn(t, hostB)
 }
 
@@ -440,7 +461,7 @@ func TestLibvirtRelayKilledMidStream(t *testing.T) {
 // on abort: the job is aborted, the guest keeps running on A, and B keeps no domain.
 func TestLibvirtMigrationCancelled(t *testing.T) {
 	tb := newTestbed(t, "lethe-memtest-cancelled")
-	r := startRelay(t, hostA, hostB, tb.domain, 0)
+	r := startLibvirtRelay(t, hostA, hostB, tb.domain, 0)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	_, err := libvirt.Migrate(ctx, libvirt.MigrateConfig{
@@ -469,13 +490,24 @@ func TestLibvirtMigrationCancelled(t *testing.T) {
 // BenchmarkLibvirtMigration moves the memtest86+ guest back and forth between the hosts:
 //   - direct: libvirt peer-to-peer, QEMU to QEMU over TCP between the namespaces (no Lethe);
 //   - steps: the step-by-step protocol, QEMU to QEMU over one unix socket (no relay);
-//   - relayed: the step-by-step protocol through the test relay (unix → TCP → unix).
+//   - relayed: the step-by-step protocol through the test relay (unix → TCP → unix);
+//   - lethe: through Lethe (broker, keybroker, Vault, agents), the stream encrypted between
+//     the agents; its wall time runs from the request to the erasure receipt.
 //
 // It reports wall time, downtime and bytes per migration.
 func BenchmarkLibvirtMigration(b *testing.B) {
-	for _, mode := range []string{"direct", "steps", "relayed"} {
+	for _, mode := range []string{"direct", "steps", "relayed", "lethe"} {
 		b.Run(mode, func(b *testing.B) {
-			tb := newTestbed(b, "lethe-memtest-bench-"+mode)
+			var opts []func(*libvirt.GuestConfig)
+			if mode == "lethe" {
+				opts = append(opts, withGuestMetadata)
+			}
+			tb := newTestbed(b, "lethe-memtest-bench-"+mode, opts...)
+			var e *letheEnv
+			if mode == "lethe" {
+				e = startLetheBench(b)
+				b.ResetTimer()
+			}
 			hosts := [2]string{hostA, hostB}
 			conns := [2]*libvirt.Conn{tb.a, tb.b}
 			var wall, down time.Duration
@@ -500,6 +532,8 @@ func BenchmarkLibvirtMigration(b *testing.B) {
 					if _, _, err := migrateRelayed(b, tb, conns[from], conns[to], hosts[from], hosts[to], 0); err != nil {
 						b.Fatal(err)
 					}
+				case "lethe":
+					migrateLethe(b, e, hosts[to])
 				}
 				wall += time.Since(start)
 				st, err := conns[to].JobStats(b.Context(), tb.domain, true)

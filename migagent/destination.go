@@ -353,8 +353,15 @@ func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (
 	}
 	defer sess.close()
 	d.log.Info("Migration transport established", "streams", len(conns))
+	// pumped is closed when the destination's direction of the byte stream has ended.
+	pumped := make(chan struct{})
 	if d.cfg.Stream != nil {
-		go sess.pumpOut(d.cfg.Stream)
+		go func() {
+			defer close(pumped)
+			sess.pumpOut(d.cfg.Stream)
+		}()
+	} else {
+		close(pumped)
 	}
 	fins := make([]finRecord, 0, len(conns))
 	for len(fins) < len(conns) {
@@ -364,6 +371,14 @@ func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (
 		case <-sess.ctx.Done():
 			return res, sess.err()
 		}
+	}
+	// A byte stream is complete when both directions have ended: the local end (the
+	// destination hypervisor, or the agent speaking for it) has said all it had to say
+	// before anything is acknowledged.
+	select {
+	case <-pumped:
+	case <-sess.ctx.Done():
+		return res, sess.err()
 	}
 	if err := d.complete(sess); err != nil {
 		sess.fail(err, true)

@@ -29,7 +29,10 @@
 // which the source computes while the guest is paused after the final round; the destination
 // checks them, that every page of the region arrived, and that its region hashes to that
 // digest, before it returns a commit acknowledgement MACed with a key derived from TK
-// ([Commit]).
+// ([Commit]). A byte stream without a region has no memory digest (its field in the FINs
+// is zero and unchecked): its completeness is the stream's own, every byte sealed in
+// sequence and both directions ended with a half-close, and the destination acknowledges
+// only after both have ended.
 //
 // Stream keys depend on TK, the migration id, the direction and the index only, so a TK must
 // carry exactly one session: [Source.Run] and [Destination.Receive] are single use and

@@ -1,6 +1,9 @@
 // Command lethe-agent runs Lethe's migration agent on one host: it serves the agent API to the
 // broker over NATS, keeps the host's record fresh with the guests it holds, attests with the
-// host's SEV-SNP or TDX hardware, and moves guest memory encrypted end to end.
+// host's SEV-SNP or TDX hardware, and moves guest memory encrypted end to end. With
+// --libvirt-socket its guests are the host's libvirt domains (tenant and VM from the domain's
+// Lethe metadata element, or --libvirt-tenant), whose live migrations it carries through the
+// same encrypted transport.
 //
 // It must never print or log a key, a sealed key blob or raw evidence. Attestation is real
 // hardware by default (--attestation auto); the emulated platforms, software signers with test
@@ -30,9 +33,11 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
+	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/node"
 	"github.com/nats-io/nats.go"
+	"golang.org/x/sync/errgroup"
 )
 
 type config struct {
@@ -50,6 +55,9 @@ type config struct {
 	workloadRate, streams                          int
 	heartbeat                                      time.Duration
 	logFormat, logLevel                            string
+	labelSpec, configFile, metricsListen           string
+	natsTLS                                        daemon.NATSTLS
+	libvirt                                        node.LibvirtConfig
 }
 
 func main() {
@@ -116,18 +124,21 @@ func (g guestFlags) Set(v string) error {
 	return nil
 }
 
-func parseFlags(args []string) (*config, error) {
-	c := &config{}
+// newFlagSet defines the agent's flags on c, each defaulting to its environment variable.
+func newFlagSet(c *config) *flag.FlagSet {
 	hostname, _ := os.Hostname()
 	hostname, _, _ = strings.Cut(hostname, ".")
-	var labels string
 	fs := flag.NewFlagSet("lethe-agent", flag.ContinueOnError)
+	fs.StringVar(&c.configFile, "config", env("LETHE_AGENT_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_AGENT_CONFIG)")
 	fs.StringVar(&c.host, "host", env("LETHE_AGENT_HOST", hostname), "this host's name: letters, digits, '-', '_' (env LETHE_AGENT_HOST; default the short host name)")
 	fs.StringVar(&c.natsURL, "nats-url", env("LETHE_AGENT_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_AGENT_NATS_URL)")
 	fs.StringVar(&c.creds, "creds", env("LETHE_AGENT_CREDS", ""), "NATS credentials file (env LETHE_AGENT_CREDS)")
 	fs.StringVar(&c.nkeySeed, "nkey", env("LETHE_AGENT_NKEY", ""), "NATS nkey seed file (env LETHE_AGENT_NKEY)")
 	fs.StringVar(&c.user, "user", env("LETHE_AGENT_USER", ""), "NATS user (env LETHE_AGENT_USER)")
 	fs.StringVar(&c.password, "password", env("LETHE_AGENT_PASSWORD", ""), "NATS password (env LETHE_AGENT_PASSWORD)")
+	fs.StringVar(&c.natsTLS.CA, "nats-tls-ca", env("LETHE_AGENT_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_AGENT_NATS_TLS_CA)")
+	fs.StringVar(&c.natsTLS.Cert, "nats-tls-cert", env("LETHE_AGENT_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_AGENT_NATS_TLS_CERT)")
+	fs.StringVar(&c.natsTLS.Key, "nats-tls-key", env("LETHE_AGENT_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_AGENT_NATS_TLS_KEY)")
 	fs.BoolVar(&c.dev, "dev", envBool("LETHE_AGENT_DEV"), "development mode: allow NATS without authentication (env LETHE_AGENT_DEV)")
 	fs.StringVar(&c.dataListen, "data-listen", env("LETHE_AGENT_DATA_LISTEN", "127.0.0.1:0"), "host:port of the data plane's listener for incoming migrations; port 0: one ephemeral port per migration (env LETHE_AGENT_DATA_LISTEN)")
 	fs.StringVar(&c.dataAdvertise, "data-advertise", env("LETHE_AGENT_DATA_ADVERTISE", ""), "host or IP sources dial for the data plane; empty: the --data-listen host (env LETHE_AGENT_DATA_ADVERTISE)")
@@ -139,14 +150,34 @@ func parseFlags(args []string) (*config, error) {
 	fs.BoolVar(&c.emulatedDebug, "emulated-debug", envBool("LETHE_AGENT_EMULATED_DEBUG"), "emulate a debug guest (SNP policy DEBUG, TDX attribute DEBUG): for testing that policies refuse it (env LETHE_AGENT_EMULATED_DEBUG)")
 	fs.StringVar(&c.emulatedTEETCBSVN, "emulated-tee-tcb-svn", env("LETHE_AGENT_EMULATED_TEE_TCB_SVN", ""), "emulated TDX TEE TCB SVN, 16 bytes hex; empty: the emulator's default (env LETHE_AGENT_EMULATED_TEE_TCB_SVN)")
 	fs.StringVar(&c.emulatedChipID, "emulated-chip-id", env("LETHE_AGENT_EMULATED_CHIP_ID", ""), "emulated SEV-SNP chip ID, 64 bytes hex; empty: derived from --host, so hosts sharing an emulator directory are distinct chips (env LETHE_AGENT_EMULATED_CHIP_ID)")
-	fs.StringVar(&labels, "labels", env("LETHE_AGENT_LABELS", ""), "host labels, k=v,k=v (env LETHE_AGENT_LABELS)")
+	fs.StringVar(&c.labelSpec, "labels", env("LETHE_AGENT_LABELS", ""), "host labels, k=v,k=v (env LETHE_AGENT_LABELS)")
 	fs.StringVar(&c.region, "region", env("LETHE_AGENT_REGION", ""), "the host's region (env LETHE_AGENT_REGION)")
 	fs.Var(guestFlags{&c.guests}, "guest", "a guest held from the start, tenant/vm=SIZE (SIZE like 256MiB) or tenant/vm=file:PATH; repeatable (env LETHE_AGENT_GUESTS, space-separated)")
 	fs.IntVar(&c.workloadRate, "workload-rate", envInt("LETHE_AGENT_WORKLOAD_RATE", 0), "pages per second each guest's synthetic workload writes; 0: 2000, negative: none (env LETHE_AGENT_WORKLOAD_RATE)")
 	fs.IntVar(&c.streams, "streams", envInt("LETHE_AGENT_STREAMS", 0), "data-plane connections of a transfer whose request names none; 0: 4 (env LETHE_AGENT_STREAMS)")
 	fs.DurationVar(&c.heartbeat, "heartbeat-interval", envDuration("LETHE_AGENT_HEARTBEAT_INTERVAL", 0), "time between host record heartbeats; 0: 5s (env LETHE_AGENT_HEARTBEAT_INTERVAL)")
+	fs.StringVar(&c.libvirt.Socket, "libvirt-socket", env("LETHE_AGENT_LIBVIRT_SOCKET", ""), "libvirtd's read-write unix socket: the host's libvirt domains become the agent's guests and every incoming migration is a libvirt one; empty: no libvirt (env LETHE_AGENT_LIBVIRT_SOCKET)")
+	fs.StringVar(&c.libvirt.MigrateDir, "libvirt-migrate-dir", env("LETHE_AGENT_LIBVIRT_MIGRATE_DIR", ""), "directory of the unix sockets between the agent and the hypervisor, reachable only by both; empty: /run/lethe-agent/migrate (env LETHE_AGENT_LIBVIRT_MIGRATE_DIR)")
+	fs.StringVar(&c.libvirt.Tenant, "libvirt-tenant", env("LETHE_AGENT_LIBVIRT_TENANT", ""), "tenant of running domains whose metadata names no Lethe guest (they are guests under their domain name); empty: only domains with the metadata are guests (env LETHE_AGENT_LIBVIRT_TENANT)")
+	fs.DurationVar(&c.libvirt.Settings.MaxDowntime, "max-downtime", envDuration("LETHE_AGENT_MAX_DOWNTIME", 0), "longest pause of a libvirt guest at cutover; 0: the hypervisor's default (env LETHE_AGENT_MAX_DOWNTIME)")
+	fs.Func("bandwidth", "cap of a libvirt migration in MiB/s; 0: unlimited (env LETHE_AGENT_BANDWIDTH)", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 64)
+		c.libvirt.Settings.Bandwidth = n
+		return err
+	})
+	c.libvirt.Settings.Bandwidth = uint64(max(envInt("LETHE_AGENT_BANDWIDTH", 0), 0))
+	fs.BoolVar(&c.libvirt.Settings.AutoConverge, "auto-converge", envBool("LETHE_AGENT_AUTO_CONVERGE"), "throttle a libvirt guest's vCPUs while pre-copy does not converge (env LETHE_AGENT_AUTO_CONVERGE)")
+	fs.BoolVar(&c.libvirt.Settings.PostCopy, "post-copy", envBool("LETHE_AGENT_POST_COPY"), "allow libvirt migrations to switch to post-copy after 3 pre-copy iterations; a failure after the switch loses the guest: only where the tenant's policy allows it (env LETHE_AGENT_POST_COPY)")
 	fs.StringVar(&c.logFormat, "log-format", env("LETHE_AGENT_LOG_FORMAT", "text"), "log format: text or json (env LETHE_AGENT_LOG_FORMAT)")
 	fs.StringVar(&c.logLevel, "log-level", env("LETHE_AGENT_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_AGENT_LOG_LEVEL)")
+	fs.StringVar(&c.metricsListen, "metrics-listen", env("LETHE_AGENT_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_AGENT_METRICS_LISTEN)")
+	return fs
+}
+
+// parseFlags parses the command line, the environment and the configuration file.
+func parseFlags(args []string) (*config, error) {
+	c := &config{}
+	fs := newFlagSet(c)
 	if v := os.Getenv("LETHE_AGENT_GUESTS"); v != "" {
 		for _, s := range strings.Fields(v) {
 			if err := (guestFlags{&c.guests}).Set(s); err != nil {
@@ -154,7 +185,7 @@ func parseFlags(args []string) (*config, error) {
 			}
 		}
 	}
-	if err := fs.Parse(args); err != nil {
+	if err := daemon.Parse(fs, args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -164,7 +195,7 @@ func parseFlags(args []string) (*config, error) {
 		return nil, fmt.Errorf("--host: %w", err)
 	}
 	var err error
-	if c.labels, err = parseLabels(labels); err != nil {
+	if c.labels, err = parseLabels(c.labelSpec); err != nil {
 		return nil, err
 	}
 	if !c.dev && c.creds == "" && c.nkeySeed == "" && c.user == "" {
@@ -337,6 +368,13 @@ func run(ctx context.Context, c *config) error {
 	case c.user != "":
 		opts = append(opts, nats.UserInfo(c.user, c.password))
 	}
+	metrics := daemon.NewMetrics()
+	opts = append(opts, metrics.NATSOptions(log)...)
+	tlsOpts, err := c.natsTLS.Options()
+	if err != nil {
+		return err
+	}
+	opts = append(opts, tlsOpts...)
 	nc, err := nats.Connect(c.natsURL, opts...)
 	if err != nil {
 		return fmt.Errorf("connecting to NATS: %w", err)
@@ -346,9 +384,20 @@ func run(ctx context.Context, c *config) error {
 		Host: c.host, Conn: nc, Attester: att, Labels: c.labels, Region: c.region,
 		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
 		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, Logger: log,
+		Libvirt: c.libvirt,
+		Metrics: metrics.Agent(),
 	})
 	if err != nil {
 		return err
 	}
-	return n.Run(ctx)
+	srv := daemon.NewServer(daemon.ServerConfig{
+		Listen:   c.metricsListen,
+		Registry: metrics.Registry,
+		Checks:   []daemon.Check{daemon.NATSConnected(nc), daemon.Started("agent", n.Started())},
+		Logger:   log,
+	})
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return n.Run(ctx) })
+	g.Go(func() error { return srv.Run(ctx) })
+	return g.Wait()
 }

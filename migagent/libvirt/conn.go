@@ -212,6 +212,8 @@ type Domain struct {
 	State State
 	// Persistent says the domain is defined (outlives a stop), not transient.
 	Persistent bool
+	// MemoryBytes is the domain's maximum memory.
+	MemoryBytes uint64
 }
 
 // Domains lists the host's domains, running and defined.
@@ -280,7 +282,30 @@ func (c *Conn) describe(d golibvirt.Domain) (Domain, error) {
 	if err != nil {
 		return Domain{}, fmt.Errorf("reading persistence of domain %s: %w", d.Name, notFound(err))
 	}
-	return Domain{Name: d.Name, UUID: formatUUID(d.UUID), State: State(st), Persistent: persistent == 1}, nil
+	_, maxKiB, _, _, _, err := c.lv.DomainGetInfo(d)
+	if err != nil {
+		return Domain{}, fmt.Errorf("reading memory of domain %s: %w", d.Name, notFound(err))
+	}
+	return Domain{Name: d.Name, UUID: formatUUID(d.UUID), State: State(st), Persistent: persistent == 1, MemoryBytes: maxKiB << 10}, nil
+}
+
+// Metadata returns the domain's custom metadata element in the XML namespace uri (as libvirt
+// keeps it in the domain's <metadata>), or "" if the domain has none there. It returns
+// ErrDomainNotFound if there is no domain called name.
+func (c *Conn) Metadata(ctx context.Context, name, uri string) (string, error) {
+	d, err := c.lookup(ctx, name)
+	if err != nil {
+		return "", err
+	}
+	md, err := c.lv.DomainGetMetadata(d, int32(golibvirt.DomainMetadataElement), golibvirt.OptString{uri}, golibvirt.DomainAffectCurrent)
+	var lerr golibvirt.Error
+	if errors.As(err, &lerr) && lerr.Code == uint32(golibvirt.ErrNoDomainMetadata) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("reading metadata of domain %s: %w", name, notFound(err))
+	}
+	return md, nil
 }
 
 // notFound maps libvirt's "no domain" error to ErrDomainNotFound, keeping the original.

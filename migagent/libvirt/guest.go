@@ -36,14 +36,20 @@ type GuestConfig struct {
 	// It is a path on the host where the guest runs: after a migration the destination's
 	// hypervisor opens the same path on its own host.
 	SerialLog string
+	// Metadata is XML to put in the domain's <metadata> as is (elements in their own
+	// namespaces, such as the agent's guest element). Empty means none.
+	Metadata string
 }
 
 type domainXML struct {
-	XMLName xml.Name `xml:"domain"`
-	Type    string   `xml:"type,attr"`
-	Name    string   `xml:"name"`
-	UUID    string   `xml:"uuid,omitempty"`
-	Memory  struct {
+	XMLName  xml.Name `xml:"domain"`
+	Type     string   `xml:"type,attr"`
+	Name     string   `xml:"name"`
+	UUID     string   `xml:"uuid,omitempty"`
+	Metadata *struct {
+		Inner string `xml:",innerxml"`
+	} `xml:"metadata,omitempty"`
+	Memory struct {
 		Unit  string `xml:"unit,attr"`
 		Value int    `xml:",chardata"`
 	} `xml:"memory"`
@@ -126,6 +132,11 @@ func GuestXML(cfg GuestConfig) (string, error) {
 	d.Devices.Serial.Source.Path = cfg.SerialLog
 	d.Devices.Serial.Source.Append = "on"
 	d.Devices.Memballoon.Model = "none"
+	if cfg.Metadata != "" {
+		d.Metadata = &struct {
+			Inner string `xml:",innerxml"`
+		}{Inner: cfg.Metadata}
+	}
 	out, err := xml.MarshalIndent(d, "", "  ")
 	if err != nil {
 		return "", fmt.Errorf("building guest XML: %w", err)

@@ -40,6 +40,20 @@ func TestGuestXML(t *testing.T) {
 	}
 }
 
+func TestGuestXMLMetadata(t *testing.T) {
+	md := `<x:guest xmlns:x="urn:test" tenant="acme"/>`
+	got, err := GuestXML(GuestConfig{Name: "g", SerialLog: "/l.log", Metadata: md})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(got, "<metadata>"+md+"</metadata>") {
+		t.Errorf("GuestXML lacks the metadata:\n%s", got)
+	}
+	if plain, _ := GuestXML(GuestConfig{Name: "g", SerialLog: "/l.log"}); strings.Contains(plain, "<metadata") {
+		t.Errorf("GuestXML has metadata unasked:\n%s", plain)
+	}
+}
+
 func TestGuestXMLRejects(t *testing.T) {
 	for name, cfg := range map[string]GuestConfig{
 		"no name":         {SerialLog: "/x.log"},

@@ -20,4 +20,5 @@ const (
 	attrResumed   = "resumed"
 	attrPlatform  = "platform"
 	attrGuests    = "guests"
+	attrDomain    = "domain"
 )

@@ -23,6 +23,15 @@
 //     resumes the guest. A source that holds the commit acknowledgement answers with it
 //     instead; a destination that resumed the guest refuses (agentapi.ErrConflict).
 //
+// With Config.Libvirt set, the guests are instead the host's libvirt domains (a domain names
+// its tenant and VM in its metadata, or belongs to a configured tenant), and a migration
+// carries the hypervisor's own migration stream through the data plane, with libvirt's
+// migration steps driven on both hosts and their cookies passed in-band (libvirt.go). The
+// destination acknowledges only once the guest runs there; the source confirms it is gone
+// after the acknowledgement, and cancels the migration (the guest runs on) on any failure
+// before it. Such a migration has no memory digest and scrubs no pages: the hypervisor owns
+// the guest's memory.
+//
 // When Run's context ends, migrations in flight are aborted: keys are zeroized, receive
 // regions scrubbed, and a source guest paused for cutover is resumed.
 //
@@ -36,6 +45,6 @@
 // FIN went out but whose commit acknowledgement never came cannot know whether the destination
 // resumed the guest: it keeps the guest paused and reports the transfer failed, and resumes it
 // only when the broker aborts the migration (the destination refuses that abort if it had
-// resumed, which the broker must then reconcile). Guests are synthetic: a workload writing a
-// Region stands in for a VM.
+// resumed, which the broker must then reconcile). Without libvirt, guests are synthetic: a
+// workload writing a Region stands in for a VM.
 package node

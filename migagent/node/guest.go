@@ -89,6 +89,10 @@ type guest struct {
 	tenant, vm string
 	region     *migagent.Region
 	workload   *migagent.Workload
+	// domain is the libvirt domain of a libvirt guest, which has no region and no workload;
+	// memory is its size. Empty for other guests.
+	domain string
+	memory int64
 	// stop ends the workload's goroutine and waits for it; nil while it does not run.
 	stop func()
 	// mdk is the memory data key of the guest's current residency on this host; nil before

@@ -70,6 +70,9 @@ type migration struct {
 	clean      []byte // the encoded clean-memory statement of the receive region
 	failure    string
 	dstErasure *attest.ErasureStatement
+
+	// lv is the libvirt side of a libvirt migration (libvirt.go); nil for other guests.
+	lv *lvMigration
 }
 
 // running reports whether m's task is running. Callers hold Node.mu.
@@ -151,7 +154,7 @@ func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error
 		if req.Role == attest.RoleSource && g.migration != "" {
 			return fmt.Errorf("%w: guest %s/%s is in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, g.migration)
 		}
-		m = &migration{id: req.MigrationID, role: req.Role, tenant: req.Tenant, vm: req.VM, g: g, size: g.region.Size()}
+		m = &migration{id: req.MigrationID, role: req.Role, tenant: req.Tenant, vm: req.VM, g: g, size: g.memoryBytes()}
 		n.migs[m.id] = m
 	case m.role != req.Role || m.g != g:
 		return fmt.Errorf("%w: migration %s is a %s migration of another guest or role", agentapi.ErrConflict, m.id, m.role)
@@ -260,6 +263,9 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 
 // newDestination makes the receive region, the data-plane destination and its listener.
 func (n *Node) newDestination(req *agentapi.PrepareRequest) (*migration, error) {
+	if n.lv != nil {
+		return n.newLibvirtDestination(req)
+	}
 	region, err := migagent.NewRegion(int64(req.MemoryBytes))
 	if err != nil {
 		return nil, fmt.Errorf("making the receive region: %w", err)
@@ -384,6 +390,10 @@ func (n *Node) takeKeys(ctx context.Context, m *migration, keys *seal.Keys) erro
 // receive runs the destination's data plane under ctx; after a commit the guest runs here,
 // its workload under base.
 func (n *Node) receive(ctx, base context.Context, m *migration) {
+	if m.lv != nil {
+		n.receiveLibvirt(ctx, m)
+		return
+	}
 	defer close(m.done)
 	n.mu.Lock()
 	keys := m.keys
@@ -398,6 +408,7 @@ func (n *Node) receive(ctx, base context.Context, m *migration) {
 		m.region.Close()
 		m.region = nil
 		n.log.Warn("Receiving failed; destination erased", attrMigration, m.id, attrError, err)
+		n.cfg.Metrics.MigrationEnded(attest.RoleDestination, OutcomeFailed)
 		return
 	}
 	g, gerr := newGuest(m.tenant, m.vm, m.region, n.cfg.WorkloadRate)
@@ -412,6 +423,7 @@ func (n *Node) receive(ctx, base context.Context, m *migration) {
 	n.guests[g.key()] = g
 	n.startWorkload(base, g)
 	n.hostChanged()
+	n.cfg.Metrics.MigrationEnded(attest.RoleDestination, OutcomeCommitted)
 	n.log.Info("Guest received and resumed", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm,
 		attrEpoch, m.epoch, attrDigest, hex.EncodeToString(res.MemoryDigest))
 }
@@ -440,6 +452,9 @@ func (n *Node) Transfer(ctx context.Context, req *agentapi.TransferRequest, repo
 		return nil, fmt.Errorf("%w: no data endpoint", agentapi.ErrBadRequest)
 	case n.guests[m.g.key()] != m.g:
 		return nil, fmt.Errorf("%w: guest %s/%s left the host", agentapi.ErrNotFound, m.tenant, m.vm)
+	}
+	if m.g.domain != "" {
+		return n.transferLibvirt(ctx, m, req, report)
 	}
 	g := m.g
 	src, err := migagent.NewSource(migagent.SourceConfig{
@@ -498,6 +513,7 @@ func (n *Node) publish(report agentapi.ProgressFunc, p agentapi.Progress) {
 func (n *Node) runSource(ctx context.Context, m *migration, src *migagent.Source, keys migagent.Keys, report agentapi.ProgressFunc) {
 	defer close(m.done)
 	res, err := src.Run(ctx, keys)
+	n.cfg.Metrics.BytesSent(res.BytesSent)
 	g := m.g
 	p := agentapi.Progress{
 		MigrationID: m.id, Bytes: uint64(res.BytesSent), Pages: uint64(res.PagesSent), TotalBytes: uint64(m.size),
@@ -518,6 +534,7 @@ func (n *Node) runSource(ctx context.Context, m *migration, src *migagent.Source
 		paused := m.unknown
 		n.mu.Unlock()
 		n.log.Warn("Transfer failed", attrMigration, m.id, attrError, err, attrPaused, paused)
+		n.cfg.Metrics.MigrationEnded(attest.RoleSource, OutcomeFailed)
 		n.publish(report, p)
 		return
 	}
@@ -546,6 +563,7 @@ func (n *Node) runSource(ctx context.Context, m *migration, src *migagent.Source
 		n.log.Warn("Releasing guest memory failed", attrMigration, m.id, attrError, err)
 	}
 	n.hostChanged()
+	n.cfg.Metrics.MigrationEnded(attest.RoleSource, OutcomeCommitted)
 	n.log.Info("Transfer committed; guest left the host", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm,
 		attrDigest, hex.EncodeToString(res.MemoryDigest))
 	n.publish(report, p)
@@ -683,7 +701,7 @@ func (n *Node) abort(ctx context.Context, m *migration, reason string) (*agentap
 		}
 		g := m.g
 		if m.unknown {
-			if err := g.workload.Resume(context.WithoutCancel(ctx)); err != nil {
+			if err := n.resumeSource(context.WithoutCancel(ctx), m); err != nil {
 				n.log.Error("Resuming the guest failed", attrMigration, m.id, attrError, err)
 			}
 			m.unknown = false
@@ -726,6 +744,9 @@ func (n *Node) abort(ctx context.Context, m *migration, reason string) (*agentap
 		resp.Statement = stmt
 	}
 	m.abortResp = resp
+	if m.role != attest.RoleAdopt {
+		n.cfg.Metrics.MigrationEnded(m.role, OutcomeAborted)
+	}
 	n.log.Info("Migration aborted", attrMigration, m.id, attrRole, string(m.role), attrReason, reason, attrResumed, resp.Resumed)
 	r := *resp
 	return &r, nil

@@ -13,6 +13,7 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/lethe-cc/lethe/migagent/libvirt"
 	"github.com/nats-io/nats.go"
 	"golang.org/x/sync/errgroup"
 )
@@ -57,6 +58,14 @@ type Config struct {
 	Logger *slog.Logger
 	// Now returns the current time. Nil means time.Now.
 	Now func() time.Time
+	// Metrics receives the agent's measurements. Nil means none are taken.
+	Metrics Metrics
+	// Libvirt, with its Socket set, makes the host's libvirt domains the node's guests and
+	// every incoming migration a libvirt migration (see libvirt.go); Guests must then be
+	// empty. The zero value means no libvirt.
+	Libvirt LibvirtConfig
+	// DataDial opens the source's data-plane connections. Nil means TCP.
+	DataDial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Node is a migration agent. Create it with New and run it with Run.
@@ -65,11 +74,15 @@ type Node struct {
 	log     *slog.Logger
 	advHost string
 	changed chan struct{}
+	started chan struct{} // closed once the agent API is served
 	tasks   sync.WaitGroup
 	// prepMu serializes Prepare, which works outside mu.
 	prepMu sync.Mutex
 	// dial opens the source's data-plane connections; nil means TCP. Tests replace it.
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// lv is the connection to the host's libvirtd, set by Run before the agent API is
+	// served; nil without libvirt.
+	lv *libvirt.Conn
 
 	mu       sync.Mutex
 	guests   map[string]*guest
@@ -116,13 +129,21 @@ func New(cfg Config) (*Node, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = noMetrics{}
+	}
+	if err := checkLibvirt(&cfg); err != nil {
+		return nil, fmt.Errorf("creating agent: %w", err)
+	}
 	n := &Node{
 		cfg:     cfg,
 		log:     cfg.Logger.With(attrComponent, "agent", attrHost, cfg.Host),
 		advHost: adv,
 		changed: make(chan struct{}, 1),
+		started: make(chan struct{}),
 		guests:  map[string]*guest{},
 		migs:    map[string]*migration{},
+		dial:    cfg.DataDial,
 	}
 	for _, spec := range cfg.Guests {
 		if _, dup := n.guests[guestKey(spec.Tenant, spec.VM)]; dup {
@@ -146,9 +167,14 @@ func New(cfg Config) (*Node, error) {
 // served, and nil when ctx ends. A Node runs once.
 func (n *Node) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
+	if err := n.startLibvirt(ctx); err != nil {
+		n.shutdown()
+		return err
+	}
 	stop, err := agentapi.Start(ctx, n.cfg.Conn, n.cfg.Host, n)
 	if err != nil {
 		n.shutdown()
+		n.closeLibvirt()
 		return err
 	}
 	n.mu.Lock()
@@ -157,12 +183,14 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	n.mu.Unlock()
 	n.log.Info("Agent started", attrPlatform, n.cfg.Platform.String(), attrGuests, len(n.cfg.Guests))
+	close(n.started)
 	g.Go(func() error {
 		<-ctx.Done()
 		stop()
 		return nil
 	})
 	g.Go(func() error { return n.heartbeat(ctx) })
+	g.Go(func() error { return n.watchLibvirt(ctx) })
 	g.Go(func() error {
 		<-ctx.Done()
 		n.mu.Lock()
@@ -173,9 +201,13 @@ func (n *Node) Run(ctx context.Context) error {
 	})
 	err = g.Wait()
 	n.shutdown()
+	n.closeLibvirt()
 	n.log.Info("Agent stopped")
 	return err
 }
+
+// Started is closed once Run serves the agent API.
+func (n *Node) Started() <-chan struct{} { return n.started }
 
 // errStopping is returned by requests that arrive while the node shuts down.
 var errStopping = errors.New("agent shutting down")
@@ -192,7 +224,7 @@ func (n *Node) spawn(f func()) bool {
 
 // startWorkload starts g's workload under ctx. Callers hold n.mu.
 func (n *Node) startWorkload(ctx context.Context, g *guest) {
-	if n.cfg.WorkloadRate < 0 || g.stop != nil {
+	if n.cfg.WorkloadRate < 0 || g.stop != nil || g.workload == nil {
 		return
 	}
 	wctx, cancel := context.WithCancel(ctx)
@@ -221,7 +253,7 @@ func (n *Node) record() agentapi.HostRecord {
 		DataAddr: n.advHost,
 	}
 	for _, g := range n.guests {
-		rec.Guests = append(rec.Guests, agentapi.HostGuest{Tenant: g.tenant, VM: g.vm, MemoryBytes: uint64(g.region.Size())})
+		rec.Guests = append(rec.Guests, agentapi.HostGuest{Tenant: g.tenant, VM: g.vm, MemoryBytes: uint64(g.memoryBytes())})
 	}
 	slices.SortFunc(rec.Guests, func(a, b agentapi.HostGuest) int {
 		return cmp.Or(cmp.Compare(a.Tenant, b.Tenant), cmp.Compare(a.VM, b.VM))
@@ -264,6 +296,16 @@ func (n *Node) shutdown() {
 	}
 	n.mu.Unlock()
 	for _, m := range migs {
+		n.mu.Lock()
+		unknown := m.unknown
+		n.mu.Unlock()
+		if unknown {
+			// The FIN went out without an acknowledgement: the destination may have resumed
+			// the guest, so resuming it here could run two copies. It stays paused for the
+			// broker to reconcile (see the package doc).
+			n.log.Warn("Leaving the guest paused at shutdown: the commit's outcome is unknown", attrMigration, m.id)
+			continue
+		}
 		if _, err := n.abort(context.Background(), m, "agent shutting down"); err != nil && !errors.Is(err, agentapi.ErrConflict) {
 			n.log.Warn("Aborting migration at shutdown failed", attrMigration, m.id, attrError, err)
 		}
@@ -282,6 +324,10 @@ func (n *Node) closeGuests() {
 		}
 		g.mdk.Destroy()
 		g.mdk = nil
+		if g.region == nil {
+			delete(n.guests, k)
+			continue
+		}
 		if err := g.region.Close(); err != nil {
 			n.log.Warn("Releasing guest memory failed", attrTenant, g.tenant, attrVM, g.vm, attrError, err)
 		}
