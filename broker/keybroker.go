@@ -7,7 +7,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 )
@@ -30,121 +30,52 @@ type KeyBroker interface {
 }
 
 // KeyBrokerSubjectPrefix is the prefix of the keybroker API's subjects.
-const KeyBrokerSubjectPrefix = "lethe.v1.keybroker"
+const KeyBrokerSubjectPrefix = kbwire.SubjectPrefix
 
-// The keybroker API's operations: lethe.v1.keybroker.<op>.
+// The keybroker API's operations the broker calls: lethe.v1.keybroker.<op>.
 const (
-	KeyBrokerOpNonce   = "nonce"
-	KeyBrokerOpRelease = "release"
-	KeyBrokerOpAdopt   = "adopt"
-	KeyBrokerOpDestroy = "destroy"
-	KeyBrokerOpReceipt = "receipt"
+	KeyBrokerOpNonce   = kbwire.OpNonce
+	KeyBrokerOpRelease = kbwire.OpRelease
+	KeyBrokerOpAdopt   = kbwire.OpAdopt
+	KeyBrokerOpDestroy = kbwire.OpDestroy
+	KeyBrokerOpReceipt = kbwire.OpReceipt
 )
 
-// NonceRequest asks for a nonce bound to a migration (or adoption) and a role.
-type NonceRequest struct {
-	MigrationID string      `json:"migrationId"`
-	Role        attest.Role `json:"role"`
-}
-
-// NonceResponse is a fresh nonce.
-type NonceResponse struct {
-	Nonce   []byte    `json:"nonce"`
-	Expires time.Time `json:"expires,omitzero"`
-}
-
-// The structs below are the broker's side of the keybroker's wire format (package
-// keybroker's wire.go): the same JSON, declared here so that the broker does not link the
-// keybroker (and its Vault client).
-
-// Attestation is one agent's evidence and the nonce it was made for.
-type Attestation struct {
-	Nonce    []byte           `json:"nonce"`
-	Evidence *attest.Evidence `json:"evidence"`
-}
-
-// KeyBrokerHost describes the host an agent runs on, from its host record.
-type KeyBrokerHost struct {
-	Name   string            `json:"name"`
-	Labels map[string]string `json:"labels,omitempty"`
-	Region string            `json:"region,omitempty"`
-}
-
-// ReleaseRequest asks for the keys of a migration.
-type ReleaseRequest struct {
-	MigrationID string `json:"migrationId"`
-	Tenant      string `json:"tenant"`
-	VM          string `json:"vm"`
-	// Policy is the tenant's signed policy envelope, verbatim.
-	Policy          []byte        `json:"policy"`
-	Source          Attestation   `json:"source"`
-	Destination     Attestation   `json:"destination"`
-	DestinationHost KeyBrokerHost `json:"destinationHost"`
-}
-
-// ReleaseResponse carries the keys sealed to each agent.
-type ReleaseResponse struct {
-	MigrationID string `json:"migrationId"`
-	// FromEpoch is the guest's epoch at the source (e), ToEpoch the destination's (e+1).
-	FromEpoch uint64 `json:"fromEpoch"`
-	ToEpoch   uint64 `json:"toEpoch"`
-	// SealedSource is TK sealed to the source's HPKE key; SealedDestination is TK and
-	// MDK_{e+1} sealed to the destination's.
-	SealedSource      []byte `json:"sealedSource"`
-	SealedDestination []byte `json:"sealedDestination"`
-	// WrappedMDK is MDK_{e+1} wrapped by Vault.
-	WrappedMDK   string          `json:"wrappedMdk"`
-	PolicyDigest json.RawMessage `json:"policyDigest,omitempty"`
-	PolicySVN    uint64          `json:"policySvn,omitempty"`
-	// ZeroPageElision says whether the tenant's policy lets the source skip zero pages.
-	ZeroPageElision bool `json:"zeroPageElision,omitempty"`
-}
-
-// AdoptRequest asks for a guest's first residency.
-type AdoptRequest struct {
-	AdoptionID string        `json:"adoptionId"`
-	Tenant     string        `json:"tenant"`
-	VM         string        `json:"vm"`
-	Policy     []byte        `json:"policy"`
-	Agent      Attestation   `json:"agent"`
-	Host       KeyBrokerHost `json:"host"`
-}
-
-// AdoptResponse carries MDK_1 sealed to the host's agent.
-type AdoptResponse struct {
-	Epoch        uint64          `json:"epoch"`
-	Sealed       []byte          `json:"sealed"`
-	WrappedMDK   string          `json:"wrappedMdk"`
-	PolicyDigest json.RawMessage `json:"policyDigest,omitempty"`
-	PolicySVN    uint64          `json:"policySvn,omitempty"`
-}
-
-// Ending says which keys Destroy destroys.
-type Ending string
+// The keybroker's requests and responses are those of package kbwire, the keybroker API's
+// wire contract, which the broker links without the keybroker's core (and its Vault client).
+type (
+	// NonceRequest asks for a nonce bound to a migration (or adoption) and a role.
+	NonceRequest = kbwire.NonceRequest
+	// NonceResponse is a fresh nonce.
+	NonceResponse = kbwire.NonceResponse
+	// Attestation is one agent's evidence and the nonce it was made for.
+	Attestation = kbwire.Attestation
+	// KeyBrokerHost describes the host an agent runs on, from its host record.
+	KeyBrokerHost = kbwire.Host
+	// ReleaseRequest asks for the keys of a migration.
+	ReleaseRequest = kbwire.ReleaseRequest
+	// ReleaseResponse carries the keys sealed to each agent.
+	ReleaseResponse = kbwire.ReleaseResponse
+	// AdoptRequest asks for a guest's first residency.
+	AdoptRequest = kbwire.AdoptRequest
+	// AdoptResponse carries MDK_1 sealed to the host's agent.
+	AdoptResponse = kbwire.AdoptResponse
+	// Ending says which keys Destroy destroys.
+	Ending = kbwire.Ending
+	// DestroyRequest ends a migration's keys and asks for its receipt.
+	DestroyRequest = kbwire.DestroyRequest
+)
 
 // The endings of a migration for Destroy.
 const (
 	// EndingCommit destroys the migration key and epoch e.
-	EndingCommit Ending = "commit"
+	EndingCommit = kbwire.Commit
 	// EndingAbort destroys the migration key and epoch e+1.
-	EndingAbort Ending = "abort"
+	EndingAbort = kbwire.Abort
 )
 
-// DestroyRequest ends a migration's keys and asks for its receipt.
-type DestroyRequest struct {
-	MigrationID string `json:"migrationId"`
-	Tenant      string `json:"tenant"`
-	VM          string `json:"vm"`
-	Ending      Ending `json:"ending"`
-	// Erasure is the source's erasure evidence and its nonce (commit only, when the source
-	// answered).
-	Erasure *Attestation `json:"erasure,omitempty"`
-	// CommitAck is the destination's commit acknowledgement (commit only, when there is one);
-	// the receipt states its digest.
-	CommitAck []byte `json:"commitAck,omitempty"`
-}
-
-// DestroyResponse carries the signed receipt.
+// DestroyResponse is the broker's reading of kbwire.DestroyResponse: it keeps the signed
+// receipt envelope as the keybroker encoded it, to store it verbatim, and never parses it.
 type DestroyResponse struct {
 	Receipt json.RawMessage `json:"receipt"`
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/vault/api"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 )
 
@@ -74,7 +75,7 @@ func TestAdminCredentialPublished(t *testing.T) {
 func TestAdopt(t *testing.T) {
 	e := newEnv(t)
 	t.Run("allowed", func(t *testing.T) {
-		a := e.attest("source", "adopt-vm1", attest.RoleAdopt, cleanStatement(t))
+		a := e.attest("source", "adopt-vm1", attest.RoleAdopt, keybrokertest.CleanStatement(t))
 		resp, err := e.kb.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-vm1", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
 		if err != nil {
 			t.Fatal(err)
@@ -94,7 +95,7 @@ func TestAdopt(t *testing.T) {
 		}
 	})
 	t.Run("again", func(t *testing.T) {
-		a := e.attest("source", "adopt-vm1b", attest.RoleAdopt, cleanStatement(t))
+		a := e.attest("source", "adopt-vm1b", attest.RoleAdopt, keybrokertest.CleanStatement(t))
 		_, err := e.kb.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-vm1b", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
 		if !errors.Is(err, ErrAlreadyAdopted) {
 			t.Fatalf("second adoption = %v, want ErrAlreadyAdopted", err)
@@ -105,7 +106,7 @@ func TestAdopt(t *testing.T) {
 		signed := e.signedPolicy(1, func(y string) string {
 			return strings.Replace(y, "    clean:\n", "    hostLabels: {zone: a}\n    clean:\n", 1)
 		})
-		a := e.attest("source", "adopt-vm2", attest.RoleAdopt, cleanStatement(t))
+		a := e.attest("source", "adopt-vm2", attest.RoleAdopt, keybrokertest.CleanStatement(t))
 		_, err := e.kb.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-vm2", Tenant: "demo", VM: "vm2", Policy: signed, Agent: a.att, Host: Host{Name: "h", Labels: map[string]string{"zone": "b"}}})
 		if !errors.Is(err, ErrDenied) {
 			t.Fatalf("Adopt = %v, want ErrDenied", err)

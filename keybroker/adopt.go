@@ -18,11 +18,7 @@ import (
 // ErrEvidenceRejected; ErrUnknownTenant; ErrAlreadyAdopted; ErrGuestBusy; ErrPolicyRejected;
 // ErrDenied; or ErrVaultUnavailable (nothing released; a created key is destroyed).
 func (k *Keybroker) Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error) {
-	ev := Event{Kind: EventAdopt, MigrationID: req.AdoptionID, Tenant: req.Tenant, VM: req.VM}
-	if e := req.Agent.Evidence; e != nil {
-		d := e.Digest()
-		ev.DestinationEvidence = d[:]
-	}
+	ev := agentEvent(EventAdopt, req.AdoptionID, req.Tenant, req.VM, req.Agent)
 	resp, err := k.adopt(ctx, req, &ev)
 	if err != nil {
 		err = fmt.Errorf("adopting %s/%s: %w", req.Tenant, req.VM, err)
@@ -32,48 +28,22 @@ func (k *Keybroker) Adopt(ctx context.Context, req *AdoptRequest) (*AdoptRespons
 }
 
 func (k *Keybroker) adopt(ctx context.Context, req *AdoptRequest, ev *Event) (*AdoptResponse, error) {
-	if err := checkID(req.AdoptionID); err != nil {
-		return nil, err
-	}
-	if err := checkGuest(req.Tenant, req.VM); err != nil {
-		return nil, err
-	}
-	if err := k.nonces.consume(req.AdoptionID, attest.RoleAdopt, req.Agent.Nonce); err != nil {
-		return nil, err
-	}
-	if err := k.ensureAuth(ctx); err != nil {
-		return nil, err
-	}
-	v := k.verifyEnd(ctx, req.AdoptionID, attest.RoleAdopt, req.Agent, true)
-	if v.err != nil {
-		ev.Reasons = []string{v.err.Error()}
-		return nil, v.err
-	}
-	tenant, tenantVer, err := k.loadTenant(ctx, req.Tenant)
+	r := agentRequest{id: req.AdoptionID, tenant: req.Tenant, vm: req.VM, policy: req.Policy, agent: req.Agent, host: req.Host}
+	a, err := k.admitAgent(ctx, r, ev, func(ver int, g *guestRecord) error {
+		if ver != 0 && (g.Epoch != 0 || g.Migration != nil) {
+			return fmt.Errorf("%s/%s is in epoch %d: %w", req.Tenant, req.VM, g.Epoch, ErrAlreadyAdopted)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}
-	path := guestPath(req.Tenant, req.VM)
-	var g guestRecord
-	ver, err := k.recs.get(ctx, path, &g)
-	if err != nil {
-		return nil, err
-	}
-	if ver != 0 && (g.Epoch != 0 || g.Migration != nil) {
-		return nil, fmt.Errorf("%s/%s is in epoch %d: %w", req.Tenant, req.VM, g.Epoch, ErrAlreadyAdopted)
-	}
-	dec, err := k.decide(req.Policy, tenant, PolicyInput{Tenant: req.Tenant, VM: req.VM, Destination: v.claims, Host: req.Host}, ev)
-	if err != nil {
-		return nil, err
-	}
-	if err := k.acceptSVN(ctx, req.Tenant, tenant, tenantVer, dec.SVN); err != nil {
-		return nil, err
-	}
+	path, ver, dec := guestPath(req.Tenant, req.VM), a.guestVer, a.decision
 	ev.Epoch = 1
-	g = guestRecord{Migration: &migrationRecord{
+	g := guestRecord{Migration: &migrationRecord{
 		ID: req.AdoptionID, State: stateReleasing, ToEpoch: 1,
 		Policy:      receipt.PolicyRef{Digest: dec.Digest, SVN: dec.SVN},
-		Destination: receipt.Summarize(v.claims), ReleasedAt: k.now().UTC(),
+		Destination: receipt.Summarize(a.claims), ReleasedAt: k.now().UTC(),
 	}}
 	epochKey := epochKeyName(req.Tenant, req.VM, 1)
 	cleanup := &journalEntry{Kind: kindCleanup, MigrationID: req.AdoptionID, Tenant: req.Tenant, VM: req.VM, Keys: []string{epochKey}, Epoch: 1}
@@ -122,11 +92,7 @@ func (k *Keybroker) adopt(ctx context.Context, req *AdoptRequest, ev *Event) (*A
 // It returns ErrInvalidRequest; the nonce errors; ErrEvidenceRejected; ErrUnknownTenant;
 // ErrNotAdopted; ErrPolicyRejected; ErrDenied; or ErrVaultUnavailable.
 func (k *Keybroker) Reissue(ctx context.Context, req *ReissueRequest) (*ReissueResponse, error) {
-	ev := Event{Kind: EventReissue, MigrationID: req.ReissueID, Tenant: req.Tenant, VM: req.VM}
-	if e := req.Agent.Evidence; e != nil {
-		d := e.Digest()
-		ev.DestinationEvidence = d[:]
-	}
+	ev := agentEvent(EventReissue, req.ReissueID, req.Tenant, req.VM, req.Agent)
 	resp, err := k.reissue(ctx, req, &ev)
 	if err != nil {
 		err = fmt.Errorf("reissuing the key of %s/%s: %w", req.Tenant, req.VM, err)
@@ -136,42 +102,17 @@ func (k *Keybroker) Reissue(ctx context.Context, req *ReissueRequest) (*ReissueR
 }
 
 func (k *Keybroker) reissue(ctx context.Context, req *ReissueRequest, ev *Event) (*ReissueResponse, error) {
-	if err := checkID(req.ReissueID); err != nil {
-		return nil, err
-	}
-	if err := checkGuest(req.Tenant, req.VM); err != nil {
-		return nil, err
-	}
-	if err := k.nonces.consume(req.ReissueID, attest.RoleAdopt, req.Agent.Nonce); err != nil {
-		return nil, err
-	}
-	if err := k.ensureAuth(ctx); err != nil {
-		return nil, err
-	}
-	v := k.verifyEnd(ctx, req.ReissueID, attest.RoleAdopt, req.Agent, true)
-	if v.err != nil {
-		ev.Reasons = []string{v.err.Error()}
-		return nil, v.err
-	}
-	tenant, tenantVer, err := k.loadTenant(ctx, req.Tenant)
+	r := agentRequest{id: req.ReissueID, tenant: req.Tenant, vm: req.VM, policy: req.Policy, agent: req.Agent, host: req.Host}
+	a, err := k.admitAgent(ctx, r, ev, func(ver int, g *guestRecord) error {
+		if ver == 0 || g.Epoch == 0 || g.WrappedMDK == "" {
+			return fmt.Errorf("%s/%s: %w", req.Tenant, req.VM, ErrNotAdopted)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}
-	var g guestRecord
-	ver, err := k.recs.get(ctx, guestPath(req.Tenant, req.VM), &g)
-	if err != nil {
-		return nil, err
-	}
-	if ver == 0 || g.Epoch == 0 || g.WrappedMDK == "" {
-		return nil, fmt.Errorf("%s/%s: %w", req.Tenant, req.VM, ErrNotAdopted)
-	}
-	dec, err := k.decide(req.Policy, tenant, PolicyInput{Tenant: req.Tenant, VM: req.VM, Destination: v.claims, Host: req.Host}, ev)
-	if err != nil {
-		return nil, err
-	}
-	if err := k.acceptSVN(ctx, req.Tenant, tenant, tenantVer, dec.SVN); err != nil {
-		return nil, err
-	}
+	g, dec := a.guest, a.decision
 	ev.Epoch = g.Epoch
 	mdk, err := k.keys.decrypt(ctx, epochKeyName(req.Tenant, req.VM, g.Epoch), g.WrappedMDK)
 	if err != nil {
@@ -183,4 +124,73 @@ func (k *Keybroker) reissue(ctx context.Context, req *ReissueRequest, ev *Event)
 		return nil, err
 	}
 	return &ReissueResponse{Epoch: g.Epoch, Sealed: sealed, PolicyDigest: dec.Digest, PolicySVN: dec.SVN}, nil
+}
+
+// agentRequest is what an adoption and a reissue have in common: one agent, attesting in role
+// "adopt", asks for the MDK of a guest's epoch on its host.
+type agentRequest struct {
+	id, tenant, vm string
+	policy         []byte
+	agent          Attestation
+	host           Host
+}
+
+// agentEvent returns the audit event of an adoption or a reissue, before its outcome.
+func agentEvent(kind EventKind, id, tenant, vm string, agent Attestation) Event {
+	ev := Event{Kind: kind, MigrationID: id, Tenant: tenant, VM: vm}
+	if e := agent.Evidence; e != nil {
+		d := e.Digest()
+		ev.DestinationEvidence = d[:]
+	}
+	return ev
+}
+
+// admission is what admitAgent established.
+type admission struct {
+	claims   *attest.Claims
+	guest    guestRecord
+	guestVer int
+	decision *PolicyDecision
+}
+
+// admitAgent runs the checks an adoption and a reissue share, in order: the request's id and
+// guest, the agent's nonce, Vault's login, the agent's evidence (a failure is ev's reason),
+// the tenant, admissible on the guest's record (its version, 0 when there is none), the
+// tenant's policy and its policySvn. It returns the errors of those steps.
+func (k *Keybroker) admitAgent(ctx context.Context, r agentRequest, ev *Event, admissible func(ver int, g *guestRecord) error) (*admission, error) {
+	if err := checkID(r.id); err != nil {
+		return nil, err
+	}
+	if err := checkGuest(r.tenant, r.vm); err != nil {
+		return nil, err
+	}
+	if err := k.nonces.consume(r.id, attest.RoleAdopt, r.agent.Nonce); err != nil {
+		return nil, err
+	}
+	if err := k.ensureAuth(ctx); err != nil {
+		return nil, err
+	}
+	v := k.verifyEnd(ctx, r.id, attest.RoleAdopt, r.agent, true)
+	if v.err != nil {
+		ev.Reasons = []string{v.err.Error()}
+		return nil, v.err
+	}
+	tenant, tenantVer, err := k.loadTenant(ctx, r.tenant)
+	if err != nil {
+		return nil, err
+	}
+	a := &admission{claims: v.claims}
+	if a.guestVer, err = k.recs.get(ctx, guestPath(r.tenant, r.vm), &a.guest); err != nil {
+		return nil, err
+	}
+	if err := admissible(a.guestVer, &a.guest); err != nil {
+		return nil, err
+	}
+	if a.decision, err = k.decide(r.policy, tenant, PolicyInput{Tenant: r.tenant, VM: r.vm, Destination: v.claims, Host: r.host}, ev); err != nil {
+		return nil, err
+	}
+	if err := k.acceptSVN(ctx, r.tenant, tenant, tenantVer, a.decision.SVN); err != nil {
+		return nil, err
+	}
+	return a, nil
 }

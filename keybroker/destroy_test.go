@@ -9,6 +9,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 )
 
@@ -40,7 +41,7 @@ func (e *env) verifyReceipt(env *receipt.Envelope) *receipt.Receipt {
 func TestCommitErasesSource(t *testing.T) {
 	e := newEnv(t)
 	m, adopted, rel := e.released("m1", "vm1")
-	erased := e.attest("source", "m1", attest.RoleErased, erasureStatement(t, "m1"))
+	erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
 
 	resp, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit, Erasure: &erased.att})
 	if err != nil {
@@ -73,10 +74,10 @@ func TestCommitErasesSource(t *testing.T) {
 	if string(r.Source.EvidenceDigest) != string(srcD[:]) || string(r.Destination.EvidenceDigest) != string(dstD[:]) {
 		t.Errorf("receipt evidence digests differ from the release's")
 	}
-	if r.Erasure == nil || string(r.Erasure.EvidenceDigest) != string(erD[:]) || string(r.Erasure.Statement) != string(erasureStatement(t, "m1")) || !r.Erasure.Accepted {
+	if r.Erasure == nil || string(r.Erasure.EvidenceDigest) != string(erD[:]) || string(r.Erasure.Statement) != string(keybrokertest.ErasureStatement(t, "m1")) || !r.Erasure.Accepted {
 		t.Errorf("receipt erasure %+v", r.Erasure)
 	}
-	if string(r.CleanMemory) != string(cleanStatement(t)) {
+	if string(r.CleanMemory) != string(keybrokertest.CleanStatement(t)) {
 		t.Errorf("receipt clean-memory statement %s", r.CleanMemory)
 	}
 	if r.Policy.SVN != 1 || string(r.Policy.Digest) != string(rel.PolicyDigest) {

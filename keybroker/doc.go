@@ -40,7 +40,7 @@
 // migration's keys to the new HPKE keys; a repeated ending returns the same receipt; and an
 // abort of a migration never released still ends with an abort receipt.
 //
-// The API is plain Go with JSON-encodable request and response types (wire.go), so that tests
-// and tools can call it directly; package natsapi offers it over NATS. This package imports
-// no NATS.
+// The API is plain Go with JSON-encodable request and response types (wire.go, aliases of
+// package kbwire's, which the broker shares), so that tests and tools can call it directly;
+// package natsapi offers it over NATS. This package imports no NATS.
 package keybroker

@@ -17,31 +17,13 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
+	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 	"github.com/lethe-cc/lethe/policy"
 )
 
 const testAdminToken = "admin-secret-for-tests"
-
-// platforms are made once per test binary: emulated platforms generate RSA roots.
-var platforms = sync.OnceValues(func() (map[string]emulate.Platform, error) {
-	out := map[string]emulate.Platform{}
-	for name, tcb := range map[string]*attest.SNPTCB{
-		"source":      nil,
-		"destination": nil,
-		// weak has older microcode than the default TCB: a policy requiring the
-		// destination's TCB to be at least the source's refuses it as a destination.
-		"weak": {BootLoader: 3, TEE: 0, SNP: 8, Microcode: 100},
-	} {
-		p, err := emulate.New(attest.PlatformEmulatedSEVSNP, emulate.Options{TCB: tcb})
-		if err != nil {
-			return nil, err
-		}
-		out[name] = p
-	}
-	return out, nil
-})
 
 // recordingAudit keeps audit events for assertions.
 type recordingAudit struct {
@@ -109,24 +91,10 @@ type envOption func(*Config)
 
 func newEnv(t testing.TB, opts ...envOption) *env {
 	t.Helper()
-	plats, err := platforms()
-	if err != nil {
-		t.Fatalf("making emulated platforms: %v", err)
-	}
-	var roots []attest.Roots
-	for _, p := range plats {
-		roots = append(roots, p.Roots())
-	}
-	v, err := attest.NewVerifier(attest.Config{Roots: roots})
-	if err != nil {
-		t.Fatal(err)
-	}
+	plats := keybrokertest.Platforms(t)
+	v := keybrokertest.Verifier(t, plats)
 	srv := vaulttest.Start(t)
-	px := srv.Proxy(t)
-	c, err := vaulttest.NewClient(px.Addr, srv.Token)
-	if err != nil {
-		t.Fatal(err)
-	}
+	px, c := srv.ProxiedClient(t)
 	e := &env{
 		t: t, vault: srv, proxy: px, admin: srv.Client, audit: &recordingAudit{},
 		clock: &clock{t: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}, plats: plats, verifier: v,
@@ -141,8 +109,8 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 	for _, o := range opts {
 		o(&e.cfg)
 	}
-	e.kb, err = New(e.cfg)
-	if err != nil {
+	var err error
+	if e.kb, err = New(e.cfg); err != nil {
 		t.Fatal(err)
 	}
 	pub := e.tenantKey.Public().(ed25519.PublicKey)
@@ -201,32 +169,11 @@ func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent
 	return &agent{key: k, att: Attestation{Nonce: n.Nonce, Evidence: ev}}
 }
 
-func cleanStatement(t testing.TB) []byte {
-	t.Helper()
-	b, err := attest.CleanMemoryStatement{Zeroed: true, VerifiedZero: true, Bytes: 1 << 30}.Encode()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func erasureStatement(t testing.TB, id string) []byte {
-	t.Helper()
-	b, err := attest.ErasureStatement{
-		MigrationID: id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData, attest.KeyHPKE},
-		PagesScrubbed: 262144, PageBytesScrubbed: 1 << 30, SpoolBytesScrubbed: 4096,
-	}.Encode()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 // adopt gives vm its first residency on the source platform and returns the response.
 func (e *env) adopt(vm string) *AdoptResponse {
 	e.t.Helper()
 	id := "adopt-" + vm
-	a := e.attest("source", id, attest.RoleAdopt, cleanStatement(e.t))
+	a := e.attest("source", id, attest.RoleAdopt, keybrokertest.CleanStatement(e.t))
 	resp, err := e.kb.Adopt(e.t.Context(), &AdoptRequest{
 		AdoptionID: id, Tenant: "demo", VM: vm, Policy: e.signedPolicy(1, nil), Agent: a.att,
 	})
@@ -247,7 +194,7 @@ type migration struct {
 func (e *env) newMigration(id, vm, dstPlat string, signed []byte) *migration {
 	e.t.Helper()
 	src := e.attest("source", id, attest.RoleSource, nil)
-	dst := e.attest(dstPlat, id, attest.RoleDestination, cleanStatement(e.t))
+	dst := e.attest(dstPlat, id, attest.RoleDestination, keybrokertest.CleanStatement(e.t))
 	return &migration{
 		req: &ReleaseRequest{
 			MigrationID: id, Tenant: "demo", VM: vm, Policy: signed,

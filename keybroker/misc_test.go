@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 )
 
@@ -27,7 +28,7 @@ func TestReissueAfterCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The destination agent restarts: a new key pair, fresh evidence, the same MDK_2.
-	a := e.attest("destination", "reissue-1", attest.RoleAdopt, cleanStatement(t))
+	a := e.attest("destination", "reissue-1", attest.RoleAdopt, keybrokertest.CleanStatement(t))
 	resp, err := e.kb.Reissue(t.Context(), &ReissueRequest{ReissueID: "reissue-1", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
 	if err != nil {
 		t.Fatalf("Reissue: %v", err)

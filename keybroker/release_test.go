@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 	"github.com/lethe-cc/lethe/policy"
 )
@@ -172,7 +173,7 @@ func TestReleaseWrongBinding(t *testing.T) {
 	tests := map[string]func(t *testing.T, m *migration){
 		"evidence of another migration": func(t *testing.T, m *migration) {
 			// Evidence made for migration "other" is presented, with m's nonce, for m.
-			other := e.attest("destination", "other", attest.RoleDestination, cleanStatement(t))
+			other := e.attest("destination", "other", attest.RoleDestination, keybrokertest.CleanStatement(t))
 			m.req.Destination.Evidence = other.att.Evidence
 		},
 		"another HPKE key": func(t *testing.T, m *migration) {

@@ -10,6 +10,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 )
 
@@ -129,7 +130,7 @@ func TestRepeatedDestroy(t *testing.T) {
 				t.Errorf("repeated Destroy receipt (-first +repeat):\n%s", diff)
 			}
 			if ending == Commit {
-				erased := e.attest("source", "m1", attest.RoleErased, erasureStatement(t, "m1"))
+				erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
 				third, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit, Erasure: &erased.att})
 				if err != nil {
 					t.Fatalf("repeated Destroy with erasure evidence: %v", err)

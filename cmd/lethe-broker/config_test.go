@@ -9,32 +9,18 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/internal/daemon/daemontest"
 )
 
 var update = flag.Bool("update", false, "rewrite docs/configuration.md and deploy/nats-server.conf")
 
-// clearEnv unsets every LETHE_ variable for the test, so that defaults are the built-in ones.
-func clearEnv(t *testing.T) {
-	t.Helper()
-	for _, kv := range os.Environ() {
-		if k, _, _ := strings.Cut(kv, "="); strings.HasPrefix(k, "LETHE_") {
-			t.Setenv(k, "")
-			os.Unsetenv(k)
-		}
-	}
-}
-
 func TestConfigurationReference(t *testing.T) {
-	clearEnv(t)
-	ref := daemon.Reference(newFlagSet(&config{}), nil)
-	if err := daemon.SyncSection("../../docs/configuration.md", "lethe-broker", ref, *update); err != nil {
-		t.Error(err)
-	}
+	daemontest.ClearEnv(t)
+	daemontest.CheckReference(t, "lethe-broker", newFlagSet(&config{}), nil, *update)
 }
 
 func TestExampleConfig(t *testing.T) {
-	clearEnv(t)
+	daemontest.ClearEnv(t)
 	c, err := parseFlags([]string{"--config", "../../deploy/lethe-broker.yaml"})
 	if err != nil {
 		t.Fatal(err)
@@ -44,7 +30,7 @@ func TestExampleConfig(t *testing.T) {
 		Replicas                                 int
 		Lease                                    time.Duration
 	}
-	got := view{c.natsURL, c.nkeySeed, c.natsTLS.CA, c.id, c.logFormat, c.metricsListen, c.replicas, c.lease}
+	got := view{c.nats.URL, c.nats.NKeySeed, c.nats.TLS.CA, c.id, c.logFormat, c.metricsListen, c.replicas, c.lease}
 	want := view{
 		URL:   "tls://nats-1.lethe.internal:4222,tls://nats-2.lethe.internal:4222,tls://nats-3.lethe.internal:4222",
 		NKey:  "/run/credentials/lethe-broker.service/nats.nk",
@@ -57,7 +43,7 @@ func TestExampleConfig(t *testing.T) {
 }
 
 func TestFlagsOverrideConfig(t *testing.T) {
-	clearEnv(t)
+	daemontest.ClearEnv(t)
 	t.Setenv("LETHE_REPLICAS", "5")
 	c, err := parseFlags([]string{"--config", "../../deploy/lethe-broker.yaml", "--id", "broker-9"})
 	if err != nil {
@@ -69,11 +55,7 @@ func TestFlagsOverrideConfig(t *testing.T) {
 }
 
 func TestEveryFlagIsASetting(t *testing.T) {
-	newFlagSet(&config{}).VisitAll(func(f *flag.Flag) {
-		if daemon.EnvVar(f) == "" {
-			t.Errorf("flag --%s names no environment variable", f.Name)
-		}
-	})
+	daemontest.CheckEveryFlagIsASetting(t, newFlagSet(&config{}))
 }
 
 func TestNATSServerConfigExample(t *testing.T) {

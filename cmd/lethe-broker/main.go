@@ -24,7 +24,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"strconv"
 	"syscall"
 	"time"
 
@@ -32,21 +31,19 @@ import (
 	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/policy"
 	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"golang.org/x/sync/errgroup"
 )
 
 type config struct {
-	natsURL, creds, nkeySeed, user, password string
-	dev                                      bool
-	devListen, devStore                      string
-	id, logLevel, logFormat                  string
-	configFile, metricsListen                string
-	natsTLS                                  daemon.NATSTLS
-	lease, checkInterval, hostTTL            time.Duration
-	agentTimeout, startTimeout               time.Duration
-	progressTimeout, perGiB                  time.Duration
-	streams, replicas                        int
+	nats                          daemon.NATSClient
+	dev                           bool
+	devListen, devStore           string
+	id, logLevel, logFormat       string
+	configFile, metricsListen     string
+	lease, checkInterval, hostTTL time.Duration
+	agentTimeout, startTimeout    time.Duration
+	progressTimeout, perGiB       time.Duration
+	streams, replicas             int
 }
 
 func main() {
@@ -71,60 +68,34 @@ func main() {
 	}
 }
 
-func env(name, def string) string {
-	if v, ok := os.LookupEnv(name); ok {
-		return v
-	}
-	return def
-}
-
-func envBool(name string) bool {
-	v, _ := strconv.ParseBool(os.Getenv(name))
-	return v
-}
-
-func envDuration(name string, def time.Duration) time.Duration {
-	if d, err := time.ParseDuration(os.Getenv(name)); err == nil {
-		return d
-	}
-	return def
-}
-
-func envInt(name string, def int) int {
-	if n, err := strconv.Atoi(os.Getenv(name)); err == nil {
-		return n
-	}
-	return def
-}
-
 // newFlagSet defines the broker's flags on c, each defaulting to its environment variable.
 func newFlagSet(c *config) *flag.FlagSet {
 	fs := flag.NewFlagSet("lethe-broker", flag.ContinueOnError)
-	fs.StringVar(&c.configFile, "config", env("LETHE_BROKER_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_BROKER_CONFIG)")
-	fs.StringVar(&c.natsURL, "nats-url", env("LETHE_NATS_URL", ""), "NATS server URL (env LETHE_NATS_URL); empty with --dev runs an embedded server")
-	fs.StringVar(&c.creds, "creds", env("LETHE_NATS_CREDS", ""), "NATS credentials file (env LETHE_NATS_CREDS)")
-	fs.StringVar(&c.nkeySeed, "nkey", env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
-	fs.StringVar(&c.user, "user", env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
-	fs.StringVar(&c.password, "password", env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
-	fs.StringVar(&c.natsTLS.CA, "nats-tls-ca", env("LETHE_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_NATS_TLS_CA)")
-	fs.StringVar(&c.natsTLS.Cert, "nats-tls-cert", env("LETHE_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_NATS_TLS_CERT)")
-	fs.StringVar(&c.natsTLS.Key, "nats-tls-key", env("LETHE_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_NATS_TLS_KEY)")
-	fs.BoolVar(&c.dev, "dev", envBool("LETHE_DEV"), "development mode: allow NATS without authentication (env LETHE_DEV)")
-	fs.StringVar(&c.devListen, "dev-listen", env("LETHE_DEV_LISTEN", "127.0.0.1:4222"), "embedded NATS server address in dev mode (env LETHE_DEV_LISTEN)")
-	fs.StringVar(&c.devStore, "dev-store", env("LETHE_DEV_STORE", ""), "embedded JetStream store directory in dev mode; empty: a temporary directory (env LETHE_DEV_STORE)")
-	fs.StringVar(&c.id, "id", env("LETHE_BROKER_ID", ""), "broker instance id; empty: random (env LETHE_BROKER_ID)")
-	fs.StringVar(&c.logLevel, "log-level", env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
-	fs.StringVar(&c.logFormat, "log-format", env("LETHE_LOG_FORMAT", "json"), "log format: text or json (env LETHE_LOG_FORMAT)")
-	fs.StringVar(&c.metricsListen, "metrics-listen", env("LETHE_BROKER_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_BROKER_METRICS_LISTEN)")
-	fs.DurationVar(&c.lease, "lease", envDuration("LETHE_LEASE", 0), "migration lease; 0: 60s (env LETHE_LEASE)")
-	fs.DurationVar(&c.checkInterval, "check-interval", envDuration("LETHE_CHECK_INTERVAL", 0), "timeout and takeover check interval; 0: 1s (env LETHE_CHECK_INTERVAL)")
-	fs.DurationVar(&c.hostTTL, "host-ttl", envDuration("LETHE_HOST_TTL", 0), "host heartbeat TTL; 0: 30s (env LETHE_HOST_TTL)")
-	fs.DurationVar(&c.agentTimeout, "agent-timeout", envDuration("LETHE_AGENT_TIMEOUT", 0), "timeout of one agent or keybroker call; 0: 30s (env LETHE_AGENT_TIMEOUT)")
-	fs.DurationVar(&c.startTimeout, "start-timeout", envDuration("LETHE_START_TIMEOUT", 0), "request to transfer start; 0: 120s (env LETHE_START_TIMEOUT)")
-	fs.DurationVar(&c.progressTimeout, "progress-timeout", envDuration("LETHE_PROGRESS_TIMEOUT", 0), "longest time without progress; 0: 150s (env LETHE_PROGRESS_TIMEOUT)")
-	fs.DurationVar(&c.perGiB, "timeout-per-gib", envDuration("LETHE_TIMEOUT_PER_GIB", 0), "transfer timeout per GiB of guest memory; 0: 150s (env LETHE_TIMEOUT_PER_GIB)")
-	fs.IntVar(&c.streams, "streams", envInt("LETHE_STREAMS", 0), "data-plane streams per transfer; 0: 4 (env LETHE_STREAMS)")
-	fs.IntVar(&c.replicas, "replicas", envInt("LETHE_REPLICAS", 0), "JetStream replicas; 0: 1 (env LETHE_REPLICAS)")
+	fs.StringVar(&c.configFile, "config", daemon.Env("LETHE_BROKER_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_BROKER_CONFIG)")
+	fs.StringVar(&c.nats.URL, "nats-url", daemon.Env("LETHE_NATS_URL", ""), "NATS server URL (env LETHE_NATS_URL); empty with --dev runs an embedded server")
+	fs.StringVar(&c.nats.Creds, "creds", daemon.Env("LETHE_NATS_CREDS", ""), "NATS credentials file (env LETHE_NATS_CREDS)")
+	fs.StringVar(&c.nats.NKeySeed, "nkey", daemon.Env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
+	fs.StringVar(&c.nats.User, "user", daemon.Env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
+	fs.StringVar(&c.nats.Password, "password", daemon.Env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
+	fs.StringVar(&c.nats.TLS.CA, "nats-tls-ca", daemon.Env("LETHE_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_NATS_TLS_CA)")
+	fs.StringVar(&c.nats.TLS.Cert, "nats-tls-cert", daemon.Env("LETHE_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_NATS_TLS_CERT)")
+	fs.StringVar(&c.nats.TLS.Key, "nats-tls-key", daemon.Env("LETHE_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_NATS_TLS_KEY)")
+	fs.BoolVar(&c.dev, "dev", daemon.EnvBool("LETHE_DEV"), "development mode: allow NATS without authentication (env LETHE_DEV)")
+	fs.StringVar(&c.devListen, "dev-listen", daemon.Env("LETHE_DEV_LISTEN", "127.0.0.1:4222"), "embedded NATS server address in dev mode (env LETHE_DEV_LISTEN)")
+	fs.StringVar(&c.devStore, "dev-store", daemon.Env("LETHE_DEV_STORE", ""), "embedded JetStream store directory in dev mode; empty: a temporary directory (env LETHE_DEV_STORE)")
+	fs.StringVar(&c.id, "id", daemon.Env("LETHE_BROKER_ID", ""), "broker instance id; empty: random (env LETHE_BROKER_ID)")
+	fs.StringVar(&c.logLevel, "log-level", daemon.Env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
+	fs.StringVar(&c.logFormat, "log-format", daemon.Env("LETHE_LOG_FORMAT", "json"), "log format: text or json (env LETHE_LOG_FORMAT)")
+	fs.StringVar(&c.metricsListen, "metrics-listen", daemon.Env("LETHE_BROKER_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_BROKER_METRICS_LISTEN)")
+	fs.DurationVar(&c.lease, "lease", daemon.EnvDuration("LETHE_LEASE", 0), "migration lease; 0: 60s (env LETHE_LEASE)")
+	fs.DurationVar(&c.checkInterval, "check-interval", daemon.EnvDuration("LETHE_CHECK_INTERVAL", 0), "timeout and takeover check interval; 0: 1s (env LETHE_CHECK_INTERVAL)")
+	fs.DurationVar(&c.hostTTL, "host-ttl", daemon.EnvDuration("LETHE_HOST_TTL", 0), "host heartbeat TTL; 0: 30s (env LETHE_HOST_TTL)")
+	fs.DurationVar(&c.agentTimeout, "agent-timeout", daemon.EnvDuration("LETHE_AGENT_TIMEOUT", 0), "timeout of one agent or keybroker call; 0: 30s (env LETHE_AGENT_TIMEOUT)")
+	fs.DurationVar(&c.startTimeout, "start-timeout", daemon.EnvDuration("LETHE_START_TIMEOUT", 0), "request to transfer start; 0: 120s (env LETHE_START_TIMEOUT)")
+	fs.DurationVar(&c.progressTimeout, "progress-timeout", daemon.EnvDuration("LETHE_PROGRESS_TIMEOUT", 0), "longest time without progress; 0: 150s (env LETHE_PROGRESS_TIMEOUT)")
+	fs.DurationVar(&c.perGiB, "timeout-per-gib", daemon.EnvDuration("LETHE_TIMEOUT_PER_GIB", 0), "transfer timeout per GiB of guest memory; 0: 150s (env LETHE_TIMEOUT_PER_GIB)")
+	fs.IntVar(&c.streams, "streams", daemon.EnvInt("LETHE_STREAMS", 0), "data-plane streams per transfer; 0: 4 (env LETHE_STREAMS)")
+	fs.IntVar(&c.replicas, "replicas", daemon.EnvInt("LETHE_REPLICAS", 0), "JetStream replicas; 0: 1 (env LETHE_REPLICAS)")
 	return fs
 }
 
@@ -138,16 +109,16 @@ func parseFlags(args []string) (*config, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	if !c.dev && c.creds == "" && c.nkeySeed == "" && c.user == "" {
-		return nil, errors.New("refusing to start without NATS authentication: give --creds, --nkey or --user (or --dev for development)")
+	if err := c.nats.CheckAuth(c.dev); err != nil {
+		return nil, err
 	}
-	if !c.dev && c.natsURL == "" {
+	if !c.dev && c.nats.URL == "" {
 		return nil, errors.New("--nats-url is required (or --dev for an embedded server)")
 	}
 	if err := daemon.CheckLogFlags(c.logFormat, c.logLevel); err != nil {
 		return nil, err
 	}
-	if _, err := c.natsTLS.Options(); err != nil {
+	if _, err := c.nats.TLS.Options(); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -164,13 +135,13 @@ func run(ctx context.Context, c *config) error {
 	g, ctx := errgroup.WithContext(ctx)
 	// The embedded server outlives the broker, which hands its leases over as it stops.
 	brokerDone := make(chan struct{})
-	url := c.natsURL
-	if url == "" { // dev mode: embedded server
+	conn := c.nats
+	if conn.URL == "" { // dev mode: embedded server
 		ns, err := startDevServer(c, log)
 		if err != nil {
 			return err
 		}
-		url = ns.ClientURL()
+		conn.URL = ns.ClientURL()
 		g.Go(func() error {
 			<-ctx.Done()
 			<-brokerDone
@@ -179,32 +150,9 @@ func run(ctx context.Context, c *config) error {
 			return nil
 		})
 	}
-	opts := []nats.Option{
-		nats.Name("lethe-broker"),
-		nats.MaxReconnects(-1),
-		nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleBroker, "")),
-	}
-	opts = append(opts, metrics.NATSOptions(log)...)
-	tlsOpts, err := c.natsTLS.Options()
+	nc, err := conn.Connect("lethe-broker", broker.InboxPrefix(broker.RoleBroker, ""), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
-	}
-	opts = append(opts, tlsOpts...)
-	switch {
-	case c.creds != "":
-		opts = append(opts, nats.UserCredentials(c.creds))
-	case c.nkeySeed != "":
-		o, err := nats.NkeyOptionFromSeed(c.nkeySeed)
-		if err != nil {
-			return fmt.Errorf("reading nkey seed: %w", err)
-		}
-		opts = append(opts, o)
-	case c.user != "":
-		opts = append(opts, nats.UserInfo(c.user, c.password))
-	}
-	nc, err := nats.Connect(url, opts...)
-	if err != nil {
-		return fmt.Errorf("connecting to NATS: %w", err)
 	}
 	defer nc.Close()
 

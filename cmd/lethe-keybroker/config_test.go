@@ -9,32 +9,18 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/internal/daemon/daemontest"
 )
 
 var update = flag.Bool("update", false, "rewrite docs/configuration.md")
 
-// clearEnv unsets every LETHE_ variable for the test, so that defaults are the built-in ones.
-func clearEnv(t *testing.T) {
-	t.Helper()
-	for _, kv := range os.Environ() {
-		if k, _, _ := strings.Cut(kv, "="); strings.HasPrefix(k, "LETHE_") {
-			t.Setenv(k, "")
-			os.Unsetenv(k)
-		}
-	}
-}
-
 func TestConfigurationReference(t *testing.T) {
-	clearEnv(t)
-	ref := daemon.Reference(newFlagSet(&config{}), nil)
-	if err := daemon.SyncSection("../../docs/configuration.md", "lethe-keybroker", ref, *update); err != nil {
-		t.Error(err)
-	}
+	daemontest.ClearEnv(t)
+	daemontest.CheckReference(t, "lethe-keybroker", newFlagSet(&config{}), nil, *update)
 }
 
 func TestExampleConfig(t *testing.T) {
-	clearEnv(t)
+	daemontest.ClearEnv(t)
 	c, err := parseFlags([]string{"--config", "../../deploy/lethe-keybroker.yaml"})
 	if err != nil {
 		t.Fatal(err)
@@ -45,7 +31,7 @@ func TestExampleConfig(t *testing.T) {
 		AllowEmulated                                                     bool
 		NonceTTL                                                          time.Duration
 	}
-	got := view{c.vaultAddr, c.vaultCACert, c.roleID, c.secretIDFile, c.stateDir, c.nkeySeed, c.metricsListen, c.trustRoots, c.allowEmulated, c.nonceTTL}
+	got := view{c.vaultAddr, c.vaultCACert, c.roleID, c.secretIDFile, c.stateDir, c.nats.NKeySeed, c.metricsListen, c.trustRoots, c.allowEmulated, c.nonceTTL}
 	want := view{
 		VaultAddr: "https://vault.lethe.internal:8200", VaultCA: "/etc/lethe/tls/vault-ca.crt",
 		RoleID:       "9f2d7c1e-4b1a-4d3e-9a57-2c0b8e6f1a42",
@@ -61,7 +47,7 @@ func TestExampleConfig(t *testing.T) {
 }
 
 func TestExportPubIsCommandLineOnly(t *testing.T) {
-	clearEnv(t)
+	daemontest.ClearEnv(t)
 	path := t.TempDir() + "/kb.yaml"
 	if err := os.WriteFile(path, []byte("export-pub: /tmp/pub.pem\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -73,9 +59,5 @@ func TestExportPubIsCommandLineOnly(t *testing.T) {
 }
 
 func TestEveryFlagIsASetting(t *testing.T) {
-	newFlagSet(&config{}).VisitAll(func(f *flag.Flag) {
-		if daemon.EnvVar(f) == "" && f.Name != "export-pub" {
-			t.Errorf("flag --%s names no environment variable", f.Name)
-		}
-	})
+	daemontest.CheckEveryFlagIsASetting(t, newFlagSet(&config{}), "export-pub")
 }

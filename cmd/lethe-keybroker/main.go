@@ -26,7 +26,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -45,9 +44,8 @@ import (
 const inboxPrefix = "_INBOX.keybroker"
 
 type config struct {
-	natsURL, creds, nkeySeed, user, password string
-	dev                                      bool
-	natsTLS                                  daemon.NATSTLS
+	nats daemon.NATSClient
+	dev  bool
 
 	vaultAddr, vaultTokenFile          string
 	vaultCACert                        string
@@ -80,25 +78,6 @@ func main() {
 	}
 }
 
-func env(name, def string) string {
-	if v, ok := os.LookupEnv(name); ok {
-		return v
-	}
-	return def
-}
-
-func envBool(name string) bool {
-	v, _ := strconv.ParseBool(os.Getenv(name))
-	return v
-}
-
-func envDuration(name string, def time.Duration) time.Duration {
-	if d, err := time.ParseDuration(os.Getenv(name)); err == nil {
-		return d
-	}
-	return def
-}
-
 // listFlag is a repeatable flag.
 type listFlag []string
 
@@ -112,36 +91,36 @@ func (l *listFlag) Set(v string) error {
 // newFlagSet defines the keybroker's flags on c, each defaulting to its environment variable.
 func newFlagSet(c *config) *flag.FlagSet {
 	fs := flag.NewFlagSet("lethe-keybroker", flag.ContinueOnError)
-	fs.StringVar(&c.configFile, "config", env("LETHE_KEYBROKER_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_KEYBROKER_CONFIG)")
-	fs.StringVar(&c.natsURL, "nats-url", env("LETHE_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_NATS_URL)")
-	fs.StringVar(&c.creds, "creds", env("LETHE_NATS_CREDS", ""), "NATS credentials file (env LETHE_NATS_CREDS)")
-	fs.StringVar(&c.nkeySeed, "nkey", env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
-	fs.StringVar(&c.user, "user", env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
-	fs.StringVar(&c.password, "password", env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
-	fs.StringVar(&c.natsTLS.CA, "nats-tls-ca", env("LETHE_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_NATS_TLS_CA)")
-	fs.StringVar(&c.natsTLS.Cert, "nats-tls-cert", env("LETHE_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_NATS_TLS_CERT)")
-	fs.StringVar(&c.natsTLS.Key, "nats-tls-key", env("LETHE_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_NATS_TLS_KEY)")
-	fs.BoolVar(&c.dev, "dev", envBool("LETHE_DEV"), "development mode: allow NATS without authentication (env LETHE_DEV)")
-	fs.StringVar(&c.vaultAddr, "vault-addr", env("LETHE_VAULT_ADDR", ""), "Vault address (env LETHE_VAULT_ADDR; default $VAULT_ADDR)")
-	fs.StringVar(&c.vaultCACert, "vault-ca-cert", env("LETHE_VAULT_CACERT", ""), "CA certificate (PEM) that verifies Vault's TLS certificate (env LETHE_VAULT_CACERT; default $VAULT_CACERT, else the system roots)")
-	fs.StringVar(&c.vaultClientCert, "vault-client-cert", env("LETHE_VAULT_CLIENT_CERT", ""), "client certificate (PEM) for a Vault listener that requires one (env LETHE_VAULT_CLIENT_CERT; default $VAULT_CLIENT_CERT)")
-	fs.StringVar(&c.vaultClientKey, "vault-client-key", env("LETHE_VAULT_CLIENT_KEY", ""), "private key (PEM) of --vault-client-cert (env LETHE_VAULT_CLIENT_KEY; default $VAULT_CLIENT_KEY)")
-	fs.StringVar(&c.vaultTokenFile, "vault-token-file", env("LETHE_VAULT_TOKEN_FILE", ""), "file holding a Vault token, token auth (env LETHE_VAULT_TOKEN_FILE; default $VAULT_TOKEN)")
-	fs.StringVar(&c.roleID, "approle-role-id", env("LETHE_VAULT_ROLE_ID", ""), "AppRole role ID; with --approle-secret-id-file, AppRole auth instead of a token (env LETHE_VAULT_ROLE_ID)")
-	fs.StringVar(&c.secretIDFile, "approle-secret-id-file", env("LETHE_VAULT_SECRET_ID_FILE", ""), "file holding the AppRole secret ID (env LETHE_VAULT_SECRET_ID_FILE)")
-	fs.StringVar(&c.approleMount, "approle-mount", env("LETHE_VAULT_APPROLE_MOUNT", ""), "AppRole auth mount; empty: approle (env LETHE_VAULT_APPROLE_MOUNT)")
-	fs.StringVar(&c.transitMount, "transit-mount", env("LETHE_VAULT_TRANSIT_MOUNT", ""), "Transit mount; empty: transit (env LETHE_VAULT_TRANSIT_MOUNT)")
-	fs.StringVar(&c.kvMount, "kv-mount", env("LETHE_VAULT_KV_MOUNT", ""), "KV v2 mount for tenants, guests and receipts; empty: lethe (env LETHE_VAULT_KV_MOUNT)")
-	fs.StringVar(&c.stateDir, "state-dir", env("LETHE_STATE_DIR", ""), "directory for the destruction journal, required (env LETHE_STATE_DIR)")
-	fs.StringVar(&c.adminTokenFile, "admin-token-file", env("LETHE_ADMIN_TOKEN_FILE", ""), "file holding the admin token of tenant registration; empty: admin calls refused (env LETHE_ADMIN_TOKEN_FILE)")
+	fs.StringVar(&c.configFile, "config", daemon.Env("LETHE_KEYBROKER_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_KEYBROKER_CONFIG)")
+	fs.StringVar(&c.nats.URL, "nats-url", daemon.Env("LETHE_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_NATS_URL)")
+	fs.StringVar(&c.nats.Creds, "creds", daemon.Env("LETHE_NATS_CREDS", ""), "NATS credentials file (env LETHE_NATS_CREDS)")
+	fs.StringVar(&c.nats.NKeySeed, "nkey", daemon.Env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
+	fs.StringVar(&c.nats.User, "user", daemon.Env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
+	fs.StringVar(&c.nats.Password, "password", daemon.Env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
+	fs.StringVar(&c.nats.TLS.CA, "nats-tls-ca", daemon.Env("LETHE_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_NATS_TLS_CA)")
+	fs.StringVar(&c.nats.TLS.Cert, "nats-tls-cert", daemon.Env("LETHE_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_NATS_TLS_CERT)")
+	fs.StringVar(&c.nats.TLS.Key, "nats-tls-key", daemon.Env("LETHE_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_NATS_TLS_KEY)")
+	fs.BoolVar(&c.dev, "dev", daemon.EnvBool("LETHE_DEV"), "development mode: allow NATS without authentication (env LETHE_DEV)")
+	fs.StringVar(&c.vaultAddr, "vault-addr", daemon.Env("LETHE_VAULT_ADDR", ""), "Vault address (env LETHE_VAULT_ADDR; default $VAULT_ADDR)")
+	fs.StringVar(&c.vaultCACert, "vault-ca-cert", daemon.Env("LETHE_VAULT_CACERT", ""), "CA certificate (PEM) that verifies Vault's TLS certificate (env LETHE_VAULT_CACERT; default $VAULT_CACERT, else the system roots)")
+	fs.StringVar(&c.vaultClientCert, "vault-client-cert", daemon.Env("LETHE_VAULT_CLIENT_CERT", ""), "client certificate (PEM) for a Vault listener that requires one (env LETHE_VAULT_CLIENT_CERT; default $VAULT_CLIENT_CERT)")
+	fs.StringVar(&c.vaultClientKey, "vault-client-key", daemon.Env("LETHE_VAULT_CLIENT_KEY", ""), "private key (PEM) of --vault-client-cert (env LETHE_VAULT_CLIENT_KEY; default $VAULT_CLIENT_KEY)")
+	fs.StringVar(&c.vaultTokenFile, "vault-token-file", daemon.Env("LETHE_VAULT_TOKEN_FILE", ""), "file holding a Vault token, token auth (env LETHE_VAULT_TOKEN_FILE; default $VAULT_TOKEN)")
+	fs.StringVar(&c.roleID, "approle-role-id", daemon.Env("LETHE_VAULT_ROLE_ID", ""), "AppRole role ID; with --approle-secret-id-file, AppRole auth instead of a token (env LETHE_VAULT_ROLE_ID)")
+	fs.StringVar(&c.secretIDFile, "approle-secret-id-file", daemon.Env("LETHE_VAULT_SECRET_ID_FILE", ""), "file holding the AppRole secret ID (env LETHE_VAULT_SECRET_ID_FILE)")
+	fs.StringVar(&c.approleMount, "approle-mount", daemon.Env("LETHE_VAULT_APPROLE_MOUNT", ""), "AppRole auth mount; empty: approle (env LETHE_VAULT_APPROLE_MOUNT)")
+	fs.StringVar(&c.transitMount, "transit-mount", daemon.Env("LETHE_VAULT_TRANSIT_MOUNT", ""), "Transit mount; empty: transit (env LETHE_VAULT_TRANSIT_MOUNT)")
+	fs.StringVar(&c.kvMount, "kv-mount", daemon.Env("LETHE_VAULT_KV_MOUNT", ""), "KV v2 mount for tenants, guests and receipts; empty: lethe (env LETHE_VAULT_KV_MOUNT)")
+	fs.StringVar(&c.stateDir, "state-dir", daemon.Env("LETHE_STATE_DIR", ""), "directory for the destruction journal, required (env LETHE_STATE_DIR)")
+	fs.StringVar(&c.adminTokenFile, "admin-token-file", daemon.Env("LETHE_ADMIN_TOKEN_FILE", ""), "file holding the admin token of tenant registration; empty: admin calls refused (env LETHE_ADMIN_TOKEN_FILE)")
 	fs.Var((*listFlag)(&c.trustRoots), "trust-roots", "directory of roots of trust (lethectl attest emulate writes those of emulated platforms); repeatable (env LETHE_TRUST_ROOTS, a path list)")
-	fs.BoolVar(&c.allowEmulated, "allow-emulated", envBool("LETHE_ALLOW_EMULATED"), "accept roots of emulated platforms: development and CI only (env LETHE_ALLOW_EMULATED)")
-	fs.StringVar(&c.collateral, "collateral", env("LETHE_COLLATERAL_DIR", ""), "offline collateral cache directory (env LETHE_COLLATERAL_DIR)")
-	fs.DurationVar(&c.nonceTTL, "nonce-ttl", envDuration("LETHE_NONCE_TTL", 60*time.Second), "how long a nonce stays valid (env LETHE_NONCE_TTL)")
-	fs.StringVar(&c.id, "id", env("LETHE_KEYBROKER_ID", ""), "instance id in the service's metadata (env LETHE_KEYBROKER_ID)")
-	fs.StringVar(&c.logLevel, "log-level", env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
-	fs.StringVar(&c.logFormat, "log-format", env("LETHE_LOG_FORMAT", "json"), "log format: text or json (env LETHE_LOG_FORMAT)")
-	fs.StringVar(&c.metricsListen, "metrics-listen", env("LETHE_KEYBROKER_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_KEYBROKER_METRICS_LISTEN)")
+	fs.BoolVar(&c.allowEmulated, "allow-emulated", daemon.EnvBool("LETHE_ALLOW_EMULATED"), "accept roots of emulated platforms: development and CI only (env LETHE_ALLOW_EMULATED)")
+	fs.StringVar(&c.collateral, "collateral", daemon.Env("LETHE_COLLATERAL_DIR", ""), "offline collateral cache directory (env LETHE_COLLATERAL_DIR)")
+	fs.DurationVar(&c.nonceTTL, "nonce-ttl", daemon.EnvDuration("LETHE_NONCE_TTL", 60*time.Second), "how long a nonce stays valid (env LETHE_NONCE_TTL)")
+	fs.StringVar(&c.id, "id", daemon.Env("LETHE_KEYBROKER_ID", ""), "instance id in the service's metadata (env LETHE_KEYBROKER_ID)")
+	fs.StringVar(&c.logLevel, "log-level", daemon.Env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
+	fs.StringVar(&c.logFormat, "log-format", daemon.Env("LETHE_LOG_FORMAT", "json"), "log format: text or json (env LETHE_LOG_FORMAT)")
+	fs.StringVar(&c.metricsListen, "metrics-listen", daemon.Env("LETHE_KEYBROKER_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_KEYBROKER_METRICS_LISTEN)")
 	fs.StringVar(&c.exportPub, "export-pub", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
 	return fs
 }
@@ -162,7 +141,7 @@ func parseFlags(args []string) (*config, error) {
 	if err := daemon.CheckLogFlags(c.logFormat, c.logLevel); err != nil {
 		return nil, err
 	}
-	if _, err := c.natsTLS.Options(); err != nil {
+	if _, err := c.nats.TLS.Options(); err != nil {
 		return nil, err
 	}
 	if (c.vaultClientCert == "") != (c.vaultClientKey == "") {
@@ -174,8 +153,8 @@ func parseFlags(args []string) (*config, error) {
 	if c.stateDir == "" {
 		return nil, errors.New("--state-dir is required: pending key destructions are journaled there")
 	}
-	if !c.dev && c.creds == "" && c.nkeySeed == "" && c.user == "" {
-		return nil, errors.New("refusing to start without NATS authentication: give --creds, --nkey or --user (or --dev for development)")
+	if err := c.nats.CheckAuth(c.dev); err != nil {
+		return nil, err
 	}
 	return c, nil
 }
@@ -226,7 +205,7 @@ func run(ctx context.Context, c *config) error {
 		return exportPublicKey(ctx, kb, c.exportPub, log)
 	}
 
-	nc, err := connect(c, metrics.NATSOptions(log))
+	nc, err := c.nats.Connect("lethe-keybroker", inboxPrefix, metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}
@@ -323,38 +302,6 @@ func newVerifier(c *config, log *slog.Logger) (*attest.Verifier, error) {
 		roots = append(roots, rs...)
 	}
 	return attest.NewVerifier(attest.Config{Roots: roots, CollateralDir: c.collateral})
-}
-
-// connect connects to NATS as the keybroker, with extra options.
-func connect(c *config, extra []nats.Option) (*nats.Conn, error) {
-	opts := []nats.Option{
-		nats.Name("lethe-keybroker"),
-		nats.MaxReconnects(-1),
-		nats.CustomInboxPrefix(inboxPrefix),
-	}
-	opts = append(opts, extra...)
-	tlsOpts, err := c.natsTLS.Options()
-	if err != nil {
-		return nil, err
-	}
-	opts = append(opts, tlsOpts...)
-	switch {
-	case c.creds != "":
-		opts = append(opts, nats.UserCredentials(c.creds))
-	case c.nkeySeed != "":
-		o, err := nats.NkeyOptionFromSeed(c.nkeySeed)
-		if err != nil {
-			return nil, fmt.Errorf("reading nkey seed: %w", err)
-		}
-		opts = append(opts, o)
-	case c.user != "":
-		opts = append(opts, nats.UserInfo(c.user, c.password))
-	}
-	nc, err := nats.Connect(c.natsURL, opts...)
-	if err != nil {
-		return nil, fmt.Errorf("connecting to NATS: %w", err)
-	}
-	return nc, nil
 }
 
 // exportPublicKey writes the receipt-signing public key, PEM, to path.

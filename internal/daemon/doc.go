@@ -1,15 +1,16 @@
 // Package daemon is the plumbing Lethe's three daemons (lethe-broker, lethe-keybroker,
 // lethe-agent) share: configuration files layered under flags and environment variables,
-// structured logging, and an HTTP endpoint for Prometheus metrics and health checks.
+// structured logging, the NATS connection, and an HTTP endpoint for Prometheus metrics and
+// health checks. Package daemontest holds the checks of every daemon's configuration tests.
 //
 // # Configuration
 //
 // Every setting of a daemon is a flag of its standard library flag.FlagSet, an environment
 // variable, and a key of its YAML configuration file. A flag's environment variable is named
 // in its usage text as "(env NAME" (see [EnvVar]); the daemon reads it into the flag's default
-// when it defines the flag. [Parse] parses the command line and then fills every flag that
-// neither the command line nor its environment variable set from the file named by the
-// flag "config", so the precedence is flag > environment > file > built-in default. An
+// when it defines the flag ([Env], [EnvBool], [EnvInt], [EnvDuration]). [Parse] parses the
+// command line and then fills every flag that neither the command line nor its environment
+// variable set from the file named by the flag "config", so the precedence is flag > environment > file > built-in default. An
 // environment variable set to the empty string counts as unset.
 //
 // The file is one YAML mapping whose keys are exactly the flag names (without dashes in
@@ -22,6 +23,12 @@
 // # Logs
 //
 // [NewLogger] makes the slog logger of a daemon: text or JSON, at a level.
+//
+// # NATS
+//
+// [NATSClient] holds a daemon's NATS settings: [NATSClient.CheckAuth] refuses a connection
+// without authentication outside development mode, and [NATSClient.Connect] connects with the
+// daemon's name, its role's inbox prefix, TLS ([NATSTLS]) and its credentials.
 //
 // # Metrics and health
 //

@@ -2,9 +2,74 @@ package daemon
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/nats-io/nats.go"
 )
+
+// NATSClient are a daemon's settings for its NATS connection: the server, how it
+// authenticates and TLS. The zero value connects to no URL without authentication.
+type NATSClient struct {
+	// URL is the server URL, or a comma-separated list of them.
+	URL string
+	// Creds is a credentials file (JWT and nkey seed). It wins over NKeySeed and User.
+	Creds string
+	// NKeySeed is a file holding an nkey seed. It wins over User.
+	NKeySeed string
+	// User and Password authenticate with a user name and password.
+	User, Password string
+	// TLS are the TLS files; see NATSTLS.
+	TLS NATSTLS
+}
+
+// ErrNoNATSAuth is CheckAuth's error: a daemon refuses to connect without authentication
+// outside development mode.
+var ErrNoNATSAuth = errors.New("refusing to start without NATS authentication: give --creds, --nkey or --user (or --dev for development)")
+
+// CheckAuth returns ErrNoNATSAuth when c names no credentials, no nkey seed and no user,
+// unless dev (development mode) allows that.
+func (c NATSClient) CheckAuth(dev bool) error {
+	if !dev && c.Creds == "" && c.NKeySeed == "" && c.User == "" {
+		return ErrNoNATSAuth
+	}
+	return nil
+}
+
+// Connect connects to c.URL as the client name, with replies on inboxPrefix (the daemon
+// role's, which its NATS permissions allow), reconnecting forever, with c's TLS and
+// authentication and the extra options (a daemon's metrics hooks). It returns an error when
+// c's TLS files are half given, when the nkey seed cannot be read, or when the connection
+// fails.
+func (c NATSClient) Connect(name, inboxPrefix string, extra ...nats.Option) (*nats.Conn, error) {
+	opts := []nats.Option{
+		nats.Name(name),
+		nats.MaxReconnects(-1),
+		nats.CustomInboxPrefix(inboxPrefix),
+	}
+	opts = append(opts, extra...)
+	tlsOpts, err := c.TLS.Options()
+	if err != nil {
+		return nil, err
+	}
+	opts = append(opts, tlsOpts...)
+	switch {
+	case c.Creds != "":
+		opts = append(opts, nats.UserCredentials(c.Creds))
+	case c.NKeySeed != "":
+		o, err := nats.NkeyOptionFromSeed(c.NKeySeed)
+		if err != nil {
+			return nil, fmt.Errorf("reading nkey seed: %w", err)
+		}
+		opts = append(opts, o)
+	case c.User != "":
+		opts = append(opts, nats.UserInfo(c.User, c.Password))
+	}
+	nc, err := nats.Connect(c.URL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to NATS: %w", err)
+	}
+	return nc, nil
+}
 
 // NATSTLS are the TLS files of a NATS client connection.
 type NATSTLS struct {

@@ -4,7 +4,7 @@
 // keybroker imports no NATS and stays usable without it.
 //
 // Every operation is one request-reply on lethe.v1.keybroker.<op> with the JSON of package
-// keybroker's request and response types (wire.go). Errors travel as NATS micro error
+// kbwire (package keybroker's request and response types). Errors travel as NATS micro error
 // headers: the code is keybroker.ErrorCode's, the description the error's text for codes that
 // concern the request (a denial names the failing policy rules) and a fixed text for
 // unavailable and internal errors, whose details stay in the keybroker's log.
@@ -17,29 +17,23 @@ package natsapi
 
 import (
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 )
 
 // SubjectPrefix is the prefix of the keybroker API's subjects.
-const SubjectPrefix = "lethe.v1.keybroker"
+const SubjectPrefix = kbwire.SubjectPrefix
 
-// The operations of the keybroker API: subject SubjectPrefix + "." + op.
+// The operations of the keybroker API: subject SubjectPrefix + "." + op. Package kbwire says
+// which request and response each carries.
 const (
-	// OpNonce: keybroker.NonceRequest → keybroker.NonceResponse.
-	OpNonce = "nonce"
-	// OpRelease: keybroker.ReleaseRequest → keybroker.ReleaseResponse.
-	OpRelease = "release"
-	// OpAdopt: keybroker.AdoptRequest → keybroker.AdoptResponse.
-	OpAdopt = "adopt"
-	// OpReissue: keybroker.ReissueRequest → keybroker.ReissueResponse.
-	OpReissue = "reissue"
-	// OpDestroy: keybroker.DestroyRequest → keybroker.DestroyResponse.
-	OpDestroy = "destroy"
-	// OpReceipt: keybroker.ReceiptRequest → keybroker.ReceiptResponse.
-	OpReceipt = "receipt"
-	// OpPublicKey: no request body → keybroker.PublicKeyResponse.
-	OpPublicKey = "pubkey"
-	// OpTenantRegister: TenantRegisterRequest → keybroker.RegisterTenantResponse (admin).
-	OpTenantRegister = "tenant.register"
+	OpNonce          = kbwire.OpNonce
+	OpRelease        = kbwire.OpRelease
+	OpAdopt          = kbwire.OpAdopt
+	OpReissue        = kbwire.OpReissue
+	OpDestroy        = kbwire.OpDestroy
+	OpReceipt        = kbwire.OpReceipt
+	OpPublicKey      = kbwire.OpPublicKey
+	OpTenantRegister = kbwire.OpTenantRegister
 )
 
 // Ops are the operations the service offers.

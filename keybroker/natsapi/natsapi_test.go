@@ -10,7 +10,6 @@ import (
 	"errors"
 	"log/slog"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +22,7 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/seal"
@@ -31,24 +31,6 @@ import (
 )
 
 const adminToken = "admin-token-for-tests"
-
-// platforms are made once per test binary: emulated platforms generate RSA roots.
-var platforms = sync.OnceValues(func() (map[string]emulate.Platform, error) {
-	out := map[string]emulate.Platform{}
-	for name, tcb := range map[string]*attest.SNPTCB{
-		"source":      nil,
-		"destination": nil,
-		// weak has older microcode than the default: the CI policy refuses it as a destination.
-		"weak": {BootLoader: 3, TEE: 0, SNP: 8, Microcode: 100},
-	} {
-		p, err := emulate.New(attest.PlatformEmulatedSEVSNP, emulate.Options{TCB: tcb})
-		if err != nil {
-			return nil, err
-		}
-		out[name] = p
-	}
-	return out, nil
-})
 
 // env is a keybroker on a real Vault (behind a proxy the test can cut) serving its API on a
 // real NATS server, with tenant "demo" registered over NATS, and the broker's client of it.
@@ -65,24 +47,10 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	plats, err := platforms()
-	if err != nil {
-		t.Fatalf("making emulated platforms: %v", err)
-	}
-	var roots []attest.Roots
-	for _, p := range plats {
-		roots = append(roots, p.Roots())
-	}
-	v, err := attest.NewVerifier(attest.Config{Roots: roots})
-	if err != nil {
-		t.Fatal(err)
-	}
+	plats := keybrokertest.Platforms(t)
+	v := keybrokertest.Verifier(t, plats)
 	srv := vaulttest.Start(t)
-	px := srv.Proxy(t)
-	vc, err := vaulttest.NewClient(px.Addr, srv.Token)
-	if err != nil {
-		t.Fatal(err)
-	}
+	px, vc := srv.ProxiedClient(t)
 	log := slog.New(slog.NewTextHandler(t.Output(), nil))
 	kb, err := keybroker.New(keybroker.Config{
 		Vault: vc, Verifier: v, AdminToken: adminToken, StateDir: t.TempDir(),
@@ -163,19 +131,11 @@ func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent
 	return &agent{key: k, att: broker.Attestation{Nonce: n.Nonce, Evidence: ev}}
 }
 
-func (e *env) clean() []byte {
-	b, err := attest.CleanMemoryStatement{Zeroed: true, VerifiedZero: true, Bytes: 1 << 30}.Encode()
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return b
-}
-
 // adopt gives vm its first residency, over NATS.
 func (e *env) adopt(vm string) *broker.AdoptResponse {
 	e.t.Helper()
 	id := "adopt-" + vm
-	a := e.attest("source", id, attest.RoleAdopt, e.clean())
+	a := e.attest("source", id, attest.RoleAdopt, keybrokertest.CleanStatement(e.t))
 	resp, err := e.kbc.Adopt(e.t.Context(), &broker.AdoptRequest{AdoptionID: id, Tenant: "demo", VM: vm, Policy: e.policy, Agent: a.att})
 	if err != nil {
 		e.t.Fatalf("Adopt(%s): %v", vm, err)
@@ -192,7 +152,7 @@ type migration struct {
 func (e *env) newMigration(id, vm, dstPlat string) *migration {
 	e.t.Helper()
 	src := e.attest("source", id, attest.RoleSource, nil)
-	dst := e.attest(dstPlat, id, attest.RoleDestination, e.clean())
+	dst := e.attest(dstPlat, id, attest.RoleDestination, keybrokertest.CleanStatement(e.t))
 	return &migration{
 		req: &broker.ReleaseRequest{
 			MigrationID: id, Tenant: "demo", VM: vm, Policy: e.policy,
@@ -269,7 +229,7 @@ func TestBrokerClientMigration(t *testing.T) {
 		t.Errorf("the repeated release sealed other keys than the first")
 	}
 
-	erased := e.attest("source", "m1", attest.RoleErased, erasureStatement(t, "m1"))
+	erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
 	ack := []byte("commit-ack-of-m1")
 	destroy := &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit, Erasure: &erased.att, CommitAck: ack}
 	d1, err := e.kbc.Destroy(ctx, destroy)
@@ -304,7 +264,7 @@ func TestBrokerClientMigration(t *testing.T) {
 	}
 
 	// The broker reruns its commit step: a fresh erasure nonce and evidence, the same receipt.
-	erased2 := e.attest("source", "m1", attest.RoleErased, erasureStatement(t, "m1"))
+	erased2 := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
 	destroy.Erasure = &erased2.att
 	d2, err := e.kbc.Destroy(ctx, destroy)
 	if err != nil {
@@ -332,18 +292,6 @@ func envelope(t *testing.T, raw []byte) *receipt.Envelope {
 		t.Fatalf("parsing receipt: %v", err)
 	}
 	return env
-}
-
-func erasureStatement(t *testing.T, id string) []byte {
-	t.Helper()
-	b, err := attest.ErasureStatement{
-		MigrationID: id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData, attest.KeyHPKE},
-		PagesScrubbed: 262144, PageBytesScrubbed: 1 << 30, SpoolBytesScrubbed: 4096,
-	}.Encode()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }
 
 // code returns the wire code of an error from a client, or "" for none.

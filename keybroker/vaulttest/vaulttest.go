@@ -306,6 +306,18 @@ func (s *Server) Proxy(t testing.TB) *Proxy {
 	return p
 }
 
+// ProxiedClient starts a proxy in front of s (see Proxy) and returns it with a client that
+// reaches s through it with the root token, for tests that cut Vault off from their client.
+func (s *Server) ProxiedClient(t testing.TB) (*Proxy, *api.Client) {
+	t.Helper()
+	p := s.Proxy(t)
+	c, err := NewClient(p.Addr, s.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, c
+}
+
 // Cut makes Vault unreachable through the proxy: every request's connection is dropped.
 func (p *Proxy) Cut() { p.Block(func(*http.Request) bool { return true }) }
 

@@ -1,0 +1,218 @@
+package kbwire
+
+import (
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
+)
+
+// SubjectPrefix is the prefix of the keybroker API's subjects: an operation op is served on
+// SubjectPrefix + "." + op.
+const SubjectPrefix = "lethe.v1.keybroker"
+
+// The operations of the keybroker API.
+const (
+	// OpNonce: NonceRequest → NonceResponse.
+	OpNonce = "nonce"
+	// OpRelease: ReleaseRequest → ReleaseResponse.
+	OpRelease = "release"
+	// OpAdopt: AdoptRequest → AdoptResponse.
+	OpAdopt = "adopt"
+	// OpReissue: ReissueRequest → ReissueResponse.
+	OpReissue = "reissue"
+	// OpDestroy: DestroyRequest → DestroyResponse.
+	OpDestroy = "destroy"
+	// OpReceipt: ReceiptRequest → ReceiptResponse.
+	OpReceipt = "receipt"
+	// OpPublicKey: no request body → PublicKeyResponse.
+	OpPublicKey = "pubkey"
+	// OpTenantRegister: RegisterTenantRequest with the admin token (package natsapi's
+	// TenantRegisterRequest) → RegisterTenantResponse.
+	OpTenantRegister = "tenant.register"
+)
+
+// The keybroker's requests and responses. They encode as JSON (byte strings base64, as
+// encoding/json does), so that an edge (NATS, a CLI) can carry them unchanged.
+
+// Host describes the host an agent runs on, as the provider registered it.
+type Host struct {
+	Name   string            `json:"name"`
+	Labels map[string]string `json:"labels,omitempty"`
+	Region string            `json:"region,omitempty"`
+}
+
+// NonceRequest asks for a nonce for one role of a migration (or adoption).
+type NonceRequest struct {
+	MigrationID string      `json:"migrationId"`
+	Role        attest.Role `json:"role"`
+}
+
+// NonceResponse carries a fresh nonce and when it expires.
+type NonceResponse struct {
+	Nonce   []byte    `json:"nonce"`
+	Expires time.Time `json:"expires"`
+}
+
+// Attestation is one agent's evidence and the nonce it was made for.
+type Attestation struct {
+	Nonce    []byte           `json:"nonce"`
+	Evidence *attest.Evidence `json:"evidence"`
+}
+
+// ReleaseRequest asks for the keys of a migration.
+type ReleaseRequest struct {
+	MigrationID string `json:"migrationId"`
+	Tenant      string `json:"tenant"`
+	VM          string `json:"vm"`
+	// Policy is the tenant's signed policy envelope, exactly as the tenant signed it.
+	Policy          []byte      `json:"policy"`
+	Source          Attestation `json:"source"`
+	Destination     Attestation `json:"destination"`
+	DestinationHost Host        `json:"destinationHost"`
+}
+
+// ReleaseResponse carries the keys of a migration, sealed to each agent.
+type ReleaseResponse struct {
+	MigrationID string `json:"migrationId"`
+	// FromEpoch is the guest's epoch at the source; ToEpoch the one the destination starts.
+	FromEpoch uint64 `json:"fromEpoch"`
+	ToEpoch   uint64 `json:"toEpoch"`
+	// SealedSource holds TK for the source agent (seal role "source").
+	SealedSource []byte `json:"sealedSource"`
+	// SealedDestination holds TK and MDK_{ToEpoch} for the destination (role "destination").
+	SealedDestination []byte `json:"sealedDestination"`
+	// WrappedMDK is MDK_{ToEpoch} wrapped by Vault under the epoch key, for the migration
+	// record; only the keybroker can unwrap it, and only while the epoch key lives.
+	WrappedMDK   string          `json:"wrappedMdk"`
+	PolicyDigest attest.HexBytes `json:"policyDigest"`
+	PolicySVN    uint64          `json:"policySvn"`
+	// ZeroPageElision says whether the tenant's policy lets the source skip zero pages
+	// (spec.transport.allowZeroPageElision); the broker passes it on to the transfer.
+	ZeroPageElision bool `json:"zeroPageElision"`
+
+	// Timings are how long the phases of the release took, for the keybroker's metrics. They
+	// do not travel: a decoded response has none.
+	Timings ReleaseTimings `json:"-"`
+}
+
+// ReleaseTimings break a release's latency down.
+type ReleaseTimings struct {
+	// Verify is the wall time of verifying both pieces of evidence (in parallel, beside the
+	// reads of the tenant and guest records).
+	Verify time.Duration
+	// Evaluate is the policy's verification and evaluation.
+	Evaluate time.Duration
+	// Vault is the wall time of the Vault calls after evaluation.
+	Vault time.Duration
+	// Seal is the HPKE sealing of both key sets.
+	Seal time.Duration
+}
+
+// AdoptRequest asks for a guest's first residency.
+type AdoptRequest struct {
+	// AdoptionID names the adoption as a migration ID names a migration (nonce, seal info).
+	AdoptionID string `json:"adoptionId"`
+	Tenant     string `json:"tenant"`
+	VM         string `json:"vm"`
+	Policy     []byte `json:"policy"`
+	// Agent is the evidence of the agent of the host where the guest starts (role "adopt").
+	Agent Attestation `json:"agent"`
+	Host  Host        `json:"host"`
+}
+
+// AdoptResponse carries MDK_1, sealed to the agent (seal role "adopt").
+type AdoptResponse struct {
+	Epoch        uint64          `json:"epoch"`
+	Sealed       []byte          `json:"sealed"`
+	WrappedMDK   string          `json:"wrappedMdk"`
+	PolicyDigest attest.HexBytes `json:"policyDigest"`
+	PolicySVN    uint64          `json:"policySvn"`
+}
+
+// ReissueRequest asks again for the current epoch's MDK, for an agent that restarted.
+type ReissueRequest struct {
+	// ReissueID names the request as a migration ID names a migration (nonce, seal info).
+	ReissueID string `json:"reissueId"`
+	Tenant    string `json:"tenant"`
+	VM        string `json:"vm"`
+	Policy    []byte `json:"policy"`
+	// Agent is the restarted agent's fresh evidence (role "adopt").
+	Agent Attestation `json:"agent"`
+	Host  Host        `json:"host"`
+}
+
+// ReissueResponse carries the current epoch's MDK sealed to the agent (seal role "adopt").
+type ReissueResponse struct {
+	Epoch        uint64          `json:"epoch"`
+	Sealed       []byte          `json:"sealed"`
+	PolicyDigest attest.HexBytes `json:"policyDigest"`
+	PolicySVN    uint64          `json:"policySvn"`
+}
+
+// Ending is how a migration ends.
+type Ending string
+
+// The endings of a migration.
+const (
+	// Commit: the destination runs the guest; the source's keys go (the migration key and
+	// epoch e).
+	Commit Ending = "commit"
+	// Abort: the guest runs on at the source; the destination's keys go (the migration key and
+	// epoch e+1).
+	Abort Ending = "abort"
+)
+
+// DestroyRequest ends a migration and asks for its receipt.
+type DestroyRequest struct {
+	MigrationID string `json:"migrationId"`
+	Tenant      string `json:"tenant"`
+	VM          string `json:"vm"`
+	Ending      Ending `json:"ending"`
+	// Erasure is the source's final evidence (role "erased", with its erasure statement);
+	// commit only, optional. The receipt quotes it when present.
+	Erasure *Attestation `json:"erasure,omitempty"`
+	// CommitAck is the destination's commit acknowledgement (MACed with TK), as the broker
+	// received it; commit only, optional. The receipt states its SHA-256; the keybroker does
+	// not check its MAC.
+	CommitAck []byte `json:"commitAck,omitempty"`
+}
+
+// DestroyResponse carries the signed receipt. A reader that only stores or forwards the
+// receipt may decode it as raw JSON instead (package broker's DestroyResponse does).
+type DestroyResponse struct {
+	Receipt *receipt.Envelope `json:"receipt"`
+}
+
+// ReceiptRequest asks for a migration's signed receipt.
+type ReceiptRequest struct {
+	MigrationID string `json:"migrationId"`
+	// Wait waits (AwaitReceipt, bounded by the server) while the migration's destruction is
+	// pending instead of answering destruction_pending at once.
+	Wait bool `json:"wait,omitempty"`
+}
+
+// ReceiptResponse carries a signed receipt.
+type ReceiptResponse struct {
+	Receipt *receipt.Envelope `json:"receipt"`
+}
+
+// PublicKeyResponse carries the receipt-signing public key, PEM, for tenants to pin.
+type PublicKeyResponse struct {
+	PEM string `json:"pem"`
+}
+
+// RegisterTenantRequest registers a tenant's policy-signing key. It is an admin call.
+type RegisterTenantRequest struct {
+	Tenant string `json:"tenant"`
+	// PolicyKey is the tenant's Ed25519 public key (32 bytes).
+	PolicyKey []byte `json:"policyKey"`
+	// Replace allows replacing the key of a tenant already registered (its policySvn stays).
+	Replace bool `json:"replace,omitempty"`
+}
+
+// RegisterTenantResponse confirms a registration.
+type RegisterTenantResponse struct {
+	Tenant    string `json:"tenant"`
+	PolicySVN uint64 `json:"policySvn"`
+}

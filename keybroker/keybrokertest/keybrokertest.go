@@ -1,0 +1,84 @@
+// Package keybrokertest holds fixtures the keybroker's tests share (package keybroker and its
+// NATS edge, natsapi): emulated SEV-SNP platforms and a verifier that trusts them. Emulated
+// platforms prove nothing; the package is for tests only and must never be linked into a
+// binary.
+package keybrokertest
+
+import (
+	"sync"
+	"testing"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/attest/emulate"
+)
+
+// platforms are made once per test binary: emulated platforms generate RSA roots.
+var platforms = sync.OnceValues(func() (map[string]emulate.Platform, error) {
+	out := map[string]emulate.Platform{}
+	for name, tcb := range map[string]*attest.SNPTCB{
+		"source":      nil,
+		"destination": nil,
+		// weak has older microcode than the default TCB: a policy requiring the
+		// destination's TCB to be at least the source's refuses it as a destination.
+		"weak": {BootLoader: 3, TEE: 0, SNP: 8, Microcode: 100},
+	} {
+		p, err := emulate.New(attest.PlatformEmulatedSEVSNP, emulate.Options{TCB: tcb})
+		if err != nil {
+			return nil, err
+		}
+		out[name] = p
+	}
+	return out, nil
+})
+
+// Platforms returns three emulated SEV-SNP platforms, made once per test binary: "source" and
+// "destination" with the emulator's default TCB, and "weak", whose older microcode a policy
+// that requires the destination's TCB to be at least the source's refuses as a destination.
+// The map is shared: do not change it.
+func Platforms(t testing.TB) map[string]emulate.Platform {
+	t.Helper()
+	plats, err := platforms()
+	if err != nil {
+		t.Fatalf("making emulated platforms: %v", err)
+	}
+	return plats
+}
+
+// Verifier returns a new verifier that trusts the roots of plats.
+func Verifier(t testing.TB, plats map[string]emulate.Platform) *attest.Verifier {
+	t.Helper()
+	var roots []attest.Roots
+	for _, p := range plats {
+		roots = append(roots, p.Roots())
+	}
+	v, err := attest.NewVerifier(attest.Config{Roots: roots})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// CleanStatement returns the clean-memory statement of a destination that zeroed and read
+// back 1 GiB.
+func CleanStatement(t testing.TB) []byte {
+	t.Helper()
+	b, err := attest.CleanMemoryStatement{Zeroed: true, VerifiedZero: true, Bytes: 1 << 30}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// ErasureStatement returns the erasure statement of a source that ended migration id: every
+// key zeroized, 1 GiB of pages and 4 KiB of spool scrubbed.
+func ErasureStatement(t testing.TB, id string) []byte {
+	t.Helper()
+	b, err := attest.ErasureStatement{
+		MigrationID: id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData, attest.KeyHPKE},
+		PagesScrubbed: 262144, PageBytesScrubbed: 1 << 30, SpoolBytesScrubbed: 4096,
+	}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
