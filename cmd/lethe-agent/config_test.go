@@ -9,32 +9,18 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/internal/daemon/daemontest"
 )
 
 var update = flag.Bool("update", false, "rewrite docs/configuration.md")
 
-// clearEnv unsets every LETHE_ variable for the test, so that defaults are the built-in ones.
-func clearEnv(t *testing.T) {
-	t.Helper()
-	for _, kv := range os.Environ() {
-		if k, _, _ := strings.Cut(kv, "="); strings.HasPrefix(k, "LETHE_") {
-			t.Setenv(k, "")
-			os.Unsetenv(k)
-		}
-	}
-}
-
 func TestConfigurationReference(t *testing.T) {
-	clearEnv(t)
-	ref := daemon.Reference(newFlagSet(&config{}), map[string]string{"host": "the short host name"})
-	if err := daemon.SyncSection("../../docs/configuration.md", "lethe-agent", ref, *update); err != nil {
-		t.Error(err)
-	}
+	daemontest.ClearEnv(t)
+	daemontest.CheckReference(t, "lethe-agent", newFlagSet(&config{}), map[string]string{"host": "the short host name"}, *update)
 }
 
 func TestExampleConfig(t *testing.T) {
-	clearEnv(t)
+	daemontest.ClearEnv(t)
 	c, err := parseFlags([]string{"--config", "../../deploy/lethe-agent.yaml"})
 	if err != nil {
 		t.Fatal(err)
@@ -45,7 +31,7 @@ func TestExampleConfig(t *testing.T) {
 		AllowEmulated                                                    bool
 		Heartbeat                                                        time.Duration
 	}
-	got := view{c.host, c.attestation, c.dataListen, c.nkeySeed, c.natsTLS.Cert, c.metricsListen, c.logFormat, c.labels, c.allowEmulated, c.heartbeat}
+	got := view{c.host, c.attestation, c.dataListen, c.nats.NKeySeed, c.nats.TLS.Cert, c.metricsListen, c.logFormat, c.labels, c.allowEmulated, c.heartbeat}
 	want := view{
 		Host: "host-a", Attestation: "auto", DataListen: "10.20.0.11:0",
 		NKey: "/run/credentials/lethe-agent.service/nats.nk", TLSCert: "/etc/lethe/tls/host-a.crt",
@@ -59,7 +45,7 @@ func TestExampleConfig(t *testing.T) {
 }
 
 func TestConfigCannotSneakEmulation(t *testing.T) {
-	clearEnv(t)
+	daemontest.ClearEnv(t)
 	path := t.TempDir() + "/agent.yaml"
 	if err := os.WriteFile(path, []byte("host: h1\ndev: true\nattestation: emulated-sev-snp\nemulator-dir: /tmp/emu\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -70,9 +56,5 @@ func TestConfigCannotSneakEmulation(t *testing.T) {
 }
 
 func TestEveryFlagIsASetting(t *testing.T) {
-	newFlagSet(&config{}).VisitAll(func(f *flag.Flag) {
-		if daemon.EnvVar(f) == "" {
-			t.Errorf("flag --%s names no environment variable", f.Name)
-		}
-	})
+	daemontest.CheckEveryFlagIsASetting(t, newFlagSet(&config{}))
 }

@@ -23,7 +23,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
 	"strconv"
@@ -41,23 +40,23 @@ import (
 )
 
 type config struct {
-	host, natsURL, creds, nkeySeed, user, password string
-	dev                                            bool
-	dataListen, dataAdvertise                      string
-	attestation                                    string
-	allowEmulated                                  bool
-	emulatorDir, emulatedTCB, emulatedTEETCBSVN    string
-	emulatedChipID, emulatedMeasurement            string
-	emulatedDebug                                  bool
-	labels                                         map[string]string
-	region                                         string
-	guests                                         []node.GuestSpec
-	workloadRate, streams                          int
-	heartbeat                                      time.Duration
-	logFormat, logLevel                            string
-	labelSpec, configFile, metricsListen           string
-	natsTLS                                        daemon.NATSTLS
-	libvirt                                        node.LibvirtConfig
+	host                                        string
+	nats                                        daemon.NATSClient
+	dev                                         bool
+	dataListen, dataAdvertise                   string
+	attestation                                 string
+	allowEmulated                               bool
+	emulatorDir, emulatedTCB, emulatedTEETCBSVN string
+	emulatedChipID, emulatedMeasurement         string
+	emulatedDebug                               bool
+	labels                                      map[string]string
+	region                                      string
+	guests                                      []node.GuestSpec
+	workloadRate, streams                       int
+	heartbeat                                   time.Duration
+	logFormat, logLevel                         string
+	labelSpec, configFile, metricsListen        string
+	libvirt                                     node.LibvirtConfig
 }
 
 func main() {
@@ -73,32 +72,6 @@ func main() {
 		fmt.Fprintln(os.Stderr, "lethe-agent:", err)
 		os.Exit(1)
 	}
-}
-
-func env(name, def string) string {
-	if v, ok := os.LookupEnv(name); ok {
-		return v
-	}
-	return def
-}
-
-func envBool(name string) bool {
-	v, _ := strconv.ParseBool(os.Getenv(name))
-	return v
-}
-
-func envInt(name string, def int) int {
-	if n, err := strconv.Atoi(os.Getenv(name)); err == nil {
-		return n
-	}
-	return def
-}
-
-func envDuration(name string, def time.Duration) time.Duration {
-	if d, err := time.ParseDuration(os.Getenv(name)); err == nil {
-		return d
-	}
-	return def
 }
 
 // guestFlags collects repeated --guest flags.
@@ -129,48 +102,48 @@ func newFlagSet(c *config) *flag.FlagSet {
 	hostname, _ := os.Hostname()
 	hostname, _, _ = strings.Cut(hostname, ".")
 	fs := flag.NewFlagSet("lethe-agent", flag.ContinueOnError)
-	fs.StringVar(&c.configFile, "config", env("LETHE_AGENT_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_AGENT_CONFIG)")
-	fs.StringVar(&c.host, "host", env("LETHE_AGENT_HOST", hostname), "this host's name: letters, digits, '-', '_' (env LETHE_AGENT_HOST; default the short host name)")
-	fs.StringVar(&c.natsURL, "nats-url", env("LETHE_AGENT_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_AGENT_NATS_URL)")
-	fs.StringVar(&c.creds, "creds", env("LETHE_AGENT_CREDS", ""), "NATS credentials file (env LETHE_AGENT_CREDS)")
-	fs.StringVar(&c.nkeySeed, "nkey", env("LETHE_AGENT_NKEY", ""), "NATS nkey seed file (env LETHE_AGENT_NKEY)")
-	fs.StringVar(&c.user, "user", env("LETHE_AGENT_USER", ""), "NATS user (env LETHE_AGENT_USER)")
-	fs.StringVar(&c.password, "password", env("LETHE_AGENT_PASSWORD", ""), "NATS password (env LETHE_AGENT_PASSWORD)")
-	fs.StringVar(&c.natsTLS.CA, "nats-tls-ca", env("LETHE_AGENT_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_AGENT_NATS_TLS_CA)")
-	fs.StringVar(&c.natsTLS.Cert, "nats-tls-cert", env("LETHE_AGENT_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_AGENT_NATS_TLS_CERT)")
-	fs.StringVar(&c.natsTLS.Key, "nats-tls-key", env("LETHE_AGENT_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_AGENT_NATS_TLS_KEY)")
-	fs.BoolVar(&c.dev, "dev", envBool("LETHE_AGENT_DEV"), "development mode: allow NATS without authentication (env LETHE_AGENT_DEV)")
-	fs.StringVar(&c.dataListen, "data-listen", env("LETHE_AGENT_DATA_LISTEN", "127.0.0.1:0"), "host:port of the data plane's listener for incoming migrations; port 0: one ephemeral port per migration (env LETHE_AGENT_DATA_LISTEN)")
-	fs.StringVar(&c.dataAdvertise, "data-advertise", env("LETHE_AGENT_DATA_ADVERTISE", ""), "host or IP sources dial for the data plane; empty: the --data-listen host (env LETHE_AGENT_DATA_ADVERTISE)")
-	fs.StringVar(&c.attestation, "attestation", env("LETHE_AGENT_ATTESTATION", "auto"), "auto (detect SEV-SNP or TDX hardware), sev-snp, tdx, emulated-sev-snp or emulated-tdx (env LETHE_AGENT_ATTESTATION)")
-	fs.BoolVar(&c.allowEmulated, "allow-emulated", envBool("LETHE_AGENT_ALLOW_EMULATED"), "allow an emulated platform (development and CI only) (env LETHE_AGENT_ALLOW_EMULATED)")
-	fs.StringVar(&c.emulatorDir, "emulator-dir", env("LETHE_AGENT_EMULATOR_DIR", ""), "directory of the emulated platform's keys and roots, created if empty; the keybroker trusts its roots (env LETHE_AGENT_EMULATOR_DIR)")
-	fs.StringVar(&c.emulatedTCB, "emulated-tcb", env("LETHE_AGENT_EMULATED_TCB", ""), "emulated SEV-SNP TCB, bl=N,tee=N,snp=N,ucode=N; empty: the emulator's default (env LETHE_AGENT_EMULATED_TCB)")
-	fs.StringVar(&c.emulatedMeasurement, "emulated-measurement", env("LETHE_AGENT_EMULATED_MEASUREMENT", ""), "emulated launch measurement (TDX MRTD), 48 bytes hex; empty: zero (env LETHE_AGENT_EMULATED_MEASUREMENT)")
-	fs.BoolVar(&c.emulatedDebug, "emulated-debug", envBool("LETHE_AGENT_EMULATED_DEBUG"), "emulate a debug guest (SNP policy DEBUG, TDX attribute DEBUG): for testing that policies refuse it (env LETHE_AGENT_EMULATED_DEBUG)")
-	fs.StringVar(&c.emulatedTEETCBSVN, "emulated-tee-tcb-svn", env("LETHE_AGENT_EMULATED_TEE_TCB_SVN", ""), "emulated TDX TEE TCB SVN, 16 bytes hex; empty: the emulator's default (env LETHE_AGENT_EMULATED_TEE_TCB_SVN)")
-	fs.StringVar(&c.emulatedChipID, "emulated-chip-id", env("LETHE_AGENT_EMULATED_CHIP_ID", ""), "emulated SEV-SNP chip ID, 64 bytes hex; empty: derived from --host, so hosts sharing an emulator directory are distinct chips (env LETHE_AGENT_EMULATED_CHIP_ID)")
-	fs.StringVar(&c.labelSpec, "labels", env("LETHE_AGENT_LABELS", ""), "host labels, k=v,k=v (env LETHE_AGENT_LABELS)")
-	fs.StringVar(&c.region, "region", env("LETHE_AGENT_REGION", ""), "the host's region (env LETHE_AGENT_REGION)")
+	fs.StringVar(&c.configFile, "config", daemon.Env("LETHE_AGENT_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_AGENT_CONFIG)")
+	fs.StringVar(&c.host, "host", daemon.Env("LETHE_AGENT_HOST", hostname), "this host's name: letters, digits, '-', '_' (env LETHE_AGENT_HOST; default the short host name)")
+	fs.StringVar(&c.nats.URL, "nats-url", daemon.Env("LETHE_AGENT_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_AGENT_NATS_URL)")
+	fs.StringVar(&c.nats.Creds, "creds", daemon.Env("LETHE_AGENT_CREDS", ""), "NATS credentials file (env LETHE_AGENT_CREDS)")
+	fs.StringVar(&c.nats.NKeySeed, "nkey", daemon.Env("LETHE_AGENT_NKEY", ""), "NATS nkey seed file (env LETHE_AGENT_NKEY)")
+	fs.StringVar(&c.nats.User, "user", daemon.Env("LETHE_AGENT_USER", ""), "NATS user (env LETHE_AGENT_USER)")
+	fs.StringVar(&c.nats.Password, "password", daemon.Env("LETHE_AGENT_PASSWORD", ""), "NATS password (env LETHE_AGENT_PASSWORD)")
+	fs.StringVar(&c.nats.TLS.CA, "nats-tls-ca", daemon.Env("LETHE_AGENT_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_AGENT_NATS_TLS_CA)")
+	fs.StringVar(&c.nats.TLS.Cert, "nats-tls-cert", daemon.Env("LETHE_AGENT_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_AGENT_NATS_TLS_CERT)")
+	fs.StringVar(&c.nats.TLS.Key, "nats-tls-key", daemon.Env("LETHE_AGENT_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_AGENT_NATS_TLS_KEY)")
+	fs.BoolVar(&c.dev, "dev", daemon.EnvBool("LETHE_AGENT_DEV"), "development mode: allow NATS without authentication (env LETHE_AGENT_DEV)")
+	fs.StringVar(&c.dataListen, "data-listen", daemon.Env("LETHE_AGENT_DATA_LISTEN", "127.0.0.1:0"), "host:port of the data plane's listener for incoming migrations; port 0: one ephemeral port per migration (env LETHE_AGENT_DATA_LISTEN)")
+	fs.StringVar(&c.dataAdvertise, "data-advertise", daemon.Env("LETHE_AGENT_DATA_ADVERTISE", ""), "host or IP sources dial for the data plane; empty: the --data-listen host (env LETHE_AGENT_DATA_ADVERTISE)")
+	fs.StringVar(&c.attestation, "attestation", daemon.Env("LETHE_AGENT_ATTESTATION", "auto"), "auto (detect SEV-SNP or TDX hardware), sev-snp, tdx, emulated-sev-snp or emulated-tdx (env LETHE_AGENT_ATTESTATION)")
+	fs.BoolVar(&c.allowEmulated, "allow-emulated", daemon.EnvBool("LETHE_AGENT_ALLOW_EMULATED"), "allow an emulated platform (development and CI only) (env LETHE_AGENT_ALLOW_EMULATED)")
+	fs.StringVar(&c.emulatorDir, "emulator-dir", daemon.Env("LETHE_AGENT_EMULATOR_DIR", ""), "directory of the emulated platform's keys and roots, created if empty; the keybroker trusts its roots (env LETHE_AGENT_EMULATOR_DIR)")
+	fs.StringVar(&c.emulatedTCB, "emulated-tcb", daemon.Env("LETHE_AGENT_EMULATED_TCB", ""), "emulated SEV-SNP TCB, bl=N,tee=N,snp=N,ucode=N; empty: the emulator's default (env LETHE_AGENT_EMULATED_TCB)")
+	fs.StringVar(&c.emulatedMeasurement, "emulated-measurement", daemon.Env("LETHE_AGENT_EMULATED_MEASUREMENT", ""), "emulated launch measurement (TDX MRTD), 48 bytes hex; empty: zero (env LETHE_AGENT_EMULATED_MEASUREMENT)")
+	fs.BoolVar(&c.emulatedDebug, "emulated-debug", daemon.EnvBool("LETHE_AGENT_EMULATED_DEBUG"), "emulate a debug guest (SNP policy DEBUG, TDX attribute DEBUG): for testing that policies refuse it (env LETHE_AGENT_EMULATED_DEBUG)")
+	fs.StringVar(&c.emulatedTEETCBSVN, "emulated-tee-tcb-svn", daemon.Env("LETHE_AGENT_EMULATED_TEE_TCB_SVN", ""), "emulated TDX TEE TCB SVN, 16 bytes hex; empty: the emulator's default (env LETHE_AGENT_EMULATED_TEE_TCB_SVN)")
+	fs.StringVar(&c.emulatedChipID, "emulated-chip-id", daemon.Env("LETHE_AGENT_EMULATED_CHIP_ID", ""), "emulated SEV-SNP chip ID, 64 bytes hex; empty: derived from --host, so hosts sharing an emulator directory are distinct chips (env LETHE_AGENT_EMULATED_CHIP_ID)")
+	fs.StringVar(&c.labelSpec, "labels", daemon.Env("LETHE_AGENT_LABELS", ""), "host labels, k=v,k=v (env LETHE_AGENT_LABELS)")
+	fs.StringVar(&c.region, "region", daemon.Env("LETHE_AGENT_REGION", ""), "the host's region (env LETHE_AGENT_REGION)")
 	fs.Var(guestFlags{&c.guests}, "guest", "a guest held from the start, tenant/vm=SIZE (SIZE like 256MiB) or tenant/vm=file:PATH; repeatable (env LETHE_AGENT_GUESTS, space-separated)")
-	fs.IntVar(&c.workloadRate, "workload-rate", envInt("LETHE_AGENT_WORKLOAD_RATE", 0), "pages per second each guest's synthetic workload writes; 0: 2000, negative: none (env LETHE_AGENT_WORKLOAD_RATE)")
-	fs.IntVar(&c.streams, "streams", envInt("LETHE_AGENT_STREAMS", 0), "data-plane connections of a transfer whose request names none; 0: 4 (env LETHE_AGENT_STREAMS)")
-	fs.DurationVar(&c.heartbeat, "heartbeat-interval", envDuration("LETHE_AGENT_HEARTBEAT_INTERVAL", 0), "time between host record heartbeats; 0: 5s (env LETHE_AGENT_HEARTBEAT_INTERVAL)")
-	fs.StringVar(&c.libvirt.Socket, "libvirt-socket", env("LETHE_AGENT_LIBVIRT_SOCKET", ""), "libvirtd's read-write unix socket: the host's libvirt domains become the agent's guests and every incoming migration is a libvirt one; empty: no libvirt (env LETHE_AGENT_LIBVIRT_SOCKET)")
-	fs.StringVar(&c.libvirt.MigrateDir, "libvirt-migrate-dir", env("LETHE_AGENT_LIBVIRT_MIGRATE_DIR", ""), "directory of the unix sockets between the agent and the hypervisor, reachable only by both; empty: /run/lethe-agent/migrate (env LETHE_AGENT_LIBVIRT_MIGRATE_DIR)")
-	fs.StringVar(&c.libvirt.Tenant, "libvirt-tenant", env("LETHE_AGENT_LIBVIRT_TENANT", ""), "tenant of running domains whose metadata names no Lethe guest (they are guests under their domain name); empty: only domains with the metadata are guests (env LETHE_AGENT_LIBVIRT_TENANT)")
-	fs.DurationVar(&c.libvirt.Settings.MaxDowntime, "max-downtime", envDuration("LETHE_AGENT_MAX_DOWNTIME", 0), "longest pause of a libvirt guest at cutover; 0: the hypervisor's default (env LETHE_AGENT_MAX_DOWNTIME)")
+	fs.IntVar(&c.workloadRate, "workload-rate", daemon.EnvInt("LETHE_AGENT_WORKLOAD_RATE", 0), "pages per second each guest's synthetic workload writes; 0: 2000, negative: none (env LETHE_AGENT_WORKLOAD_RATE)")
+	fs.IntVar(&c.streams, "streams", daemon.EnvInt("LETHE_AGENT_STREAMS", 0), "data-plane connections of a transfer whose request names none; 0: 4 (env LETHE_AGENT_STREAMS)")
+	fs.DurationVar(&c.heartbeat, "heartbeat-interval", daemon.EnvDuration("LETHE_AGENT_HEARTBEAT_INTERVAL", 0), "time between host record heartbeats; 0: 5s (env LETHE_AGENT_HEARTBEAT_INTERVAL)")
+	fs.StringVar(&c.libvirt.Socket, "libvirt-socket", daemon.Env("LETHE_AGENT_LIBVIRT_SOCKET", ""), "libvirtd's read-write unix socket: the host's libvirt domains become the agent's guests and every incoming migration is a libvirt one; empty: no libvirt (env LETHE_AGENT_LIBVIRT_SOCKET)")
+	fs.StringVar(&c.libvirt.MigrateDir, "libvirt-migrate-dir", daemon.Env("LETHE_AGENT_LIBVIRT_MIGRATE_DIR", ""), "directory of the unix sockets between the agent and the hypervisor, reachable only by both; empty: /run/lethe-agent/migrate (env LETHE_AGENT_LIBVIRT_MIGRATE_DIR)")
+	fs.StringVar(&c.libvirt.Tenant, "libvirt-tenant", daemon.Env("LETHE_AGENT_LIBVIRT_TENANT", ""), "tenant of running domains whose metadata names no Lethe guest (they are guests under their domain name); empty: only domains with the metadata are guests (env LETHE_AGENT_LIBVIRT_TENANT)")
+	fs.DurationVar(&c.libvirt.Settings.MaxDowntime, "max-downtime", daemon.EnvDuration("LETHE_AGENT_MAX_DOWNTIME", 0), "longest pause of a libvirt guest at cutover; 0: the hypervisor's default (env LETHE_AGENT_MAX_DOWNTIME)")
 	fs.Func("bandwidth", "cap of a libvirt migration in MiB/s; 0: unlimited (env LETHE_AGENT_BANDWIDTH)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 64)
 		c.libvirt.Settings.Bandwidth = n
 		return err
 	})
-	c.libvirt.Settings.Bandwidth = uint64(max(envInt("LETHE_AGENT_BANDWIDTH", 0), 0))
-	fs.BoolVar(&c.libvirt.Settings.AutoConverge, "auto-converge", envBool("LETHE_AGENT_AUTO_CONVERGE"), "throttle a libvirt guest's vCPUs while pre-copy does not converge (env LETHE_AGENT_AUTO_CONVERGE)")
-	fs.BoolVar(&c.libvirt.Settings.PostCopy, "post-copy", envBool("LETHE_AGENT_POST_COPY"), "allow libvirt migrations to switch to post-copy after 3 pre-copy iterations; a failure after the switch loses the guest: only where the tenant's policy allows it (env LETHE_AGENT_POST_COPY)")
-	fs.StringVar(&c.logFormat, "log-format", env("LETHE_AGENT_LOG_FORMAT", "text"), "log format: text or json (env LETHE_AGENT_LOG_FORMAT)")
-	fs.StringVar(&c.logLevel, "log-level", env("LETHE_AGENT_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_AGENT_LOG_LEVEL)")
-	fs.StringVar(&c.metricsListen, "metrics-listen", env("LETHE_AGENT_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_AGENT_METRICS_LISTEN)")
+	c.libvirt.Settings.Bandwidth = uint64(max(daemon.EnvInt("LETHE_AGENT_BANDWIDTH", 0), 0))
+	fs.BoolVar(&c.libvirt.Settings.AutoConverge, "auto-converge", daemon.EnvBool("LETHE_AGENT_AUTO_CONVERGE"), "throttle a libvirt guest's vCPUs while pre-copy does not converge (env LETHE_AGENT_AUTO_CONVERGE)")
+	fs.BoolVar(&c.libvirt.Settings.PostCopy, "post-copy", daemon.EnvBool("LETHE_AGENT_POST_COPY"), "allow libvirt migrations to switch to post-copy after 3 pre-copy iterations; a failure after the switch loses the guest: only where the tenant's policy allows it (env LETHE_AGENT_POST_COPY)")
+	fs.StringVar(&c.logFormat, "log-format", daemon.Env("LETHE_AGENT_LOG_FORMAT", "text"), "log format: text or json (env LETHE_AGENT_LOG_FORMAT)")
+	fs.StringVar(&c.logLevel, "log-level", daemon.Env("LETHE_AGENT_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_AGENT_LOG_LEVEL)")
+	fs.StringVar(&c.metricsListen, "metrics-listen", daemon.Env("LETHE_AGENT_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_AGENT_METRICS_LISTEN)")
 	return fs
 }
 
@@ -198,13 +171,11 @@ func parseFlags(args []string) (*config, error) {
 	if c.labels, err = parseLabels(c.labelSpec); err != nil {
 		return nil, err
 	}
-	if !c.dev && c.creds == "" && c.nkeySeed == "" && c.user == "" {
-		return nil, errors.New("refusing to start without NATS authentication: give --creds, --nkey or --user (or --dev for development)")
+	if err := c.nats.CheckAuth(c.dev); err != nil {
+		return nil, err
 	}
-	switch c.logFormat {
-	case "text", "json":
-	default:
-		return nil, fmt.Errorf("--log-format %q: want text or json", c.logFormat)
+	if err := daemon.CheckLogFlags(c.logFormat, c.logLevel); err != nil {
+		return nil, err
 	}
 	p, err := attest.ParsePlatform(c.attestation)
 	if c.attestation != "auto" && err != nil {
@@ -326,21 +297,9 @@ func emulatedOptions(c *config) (emulate.Options, error) {
 	return opts, nil
 }
 
-func newLogger(c *config) (*slog.Logger, error) {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
-		return nil, fmt.Errorf("parsing log level: %w", err)
-	}
-	opts := &slog.HandlerOptions{Level: level}
-	if c.logFormat == "json" {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
-	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
-}
-
 // run wires the agent and runs it until ctx ends.
 func run(ctx context.Context, c *config) error {
-	log, err := newLogger(c)
+	log, err := daemon.NewLogger(os.Stderr, c.logFormat, c.logLevel)
 	if err != nil {
 		return err
 	}
@@ -351,33 +310,10 @@ func run(ctx context.Context, c *config) error {
 	if att.Platform().Emulated() {
 		log.Warn("Emulated attestation: this host's evidence proves nothing; development and CI only", "platform", att.Platform().String(), "emulator_dir", c.emulatorDir)
 	}
-	opts := []nats.Option{
-		nats.Name("lethe-agent " + c.host),
-		nats.MaxReconnects(-1),
-		nats.CustomInboxPrefix(agentapi.InboxPrefix(c.host)),
-	}
-	switch {
-	case c.creds != "":
-		opts = append(opts, nats.UserCredentials(c.creds))
-	case c.nkeySeed != "":
-		o, err := nats.NkeyOptionFromSeed(c.nkeySeed)
-		if err != nil {
-			return fmt.Errorf("reading nkey seed: %w", err)
-		}
-		opts = append(opts, o)
-	case c.user != "":
-		opts = append(opts, nats.UserInfo(c.user, c.password))
-	}
 	metrics := daemon.NewMetrics()
-	opts = append(opts, metrics.NATSOptions(log)...)
-	tlsOpts, err := c.natsTLS.Options()
+	nc, err := c.nats.Connect("lethe-agent "+c.host, agentapi.InboxPrefix(c.host), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
-	}
-	opts = append(opts, tlsOpts...)
-	nc, err := nats.Connect(c.natsURL, opts...)
-	if err != nil {
-		return fmt.Errorf("connecting to NATS: %w", err)
 	}
 	defer nc.Close()
 	n, err := node.New(node.Config{

@@ -36,6 +36,14 @@ func TestParseFlags(t *testing.T) {
 			args:    []string{"--host", "h1", "--dev", "--attestation", "sgx"},
 			wantErr: "--attestation",
 		},
+		"bad log format": {
+			args:    []string{"--host", "h1", "--dev", "--log-format", "xml"},
+			wantErr: "log format",
+		},
+		"bad log level": {
+			args:    []string{"--host", "h1", "--dev", "--log-level", "loud"},
+			wantErr: "log level",
+		},
 		"full emulated": {
 			args: []string{"--host", "h1", "--dev", "--attestation", "emulated-sev-snp", "--allow-emulated",
 				"--emulator-dir", "/tmp/emu", "--emulated-tcb", "bl=3,tee=0,snp=8,ucode=115",
