@@ -154,7 +154,7 @@ type admission struct {
 }
 
 // admitAgent runs the checks an adoption and a reissue share, in order: the request's id and
-// guest, the agent's nonce, Vault's login, the agent's evidence (a failure is ev's reason),
+// guest, Vault's login, the agent's nonce, the agent's evidence (a failure is ev's reason),
 // the tenant, admissible on the guest's record (its version, 0 when there is none), the
 // tenant's policy and its policySvn. It returns the errors of those steps.
 func (k *Keybroker) admitAgent(ctx context.Context, r agentRequest, ev *Event, admissible func(ver int, g *guestRecord) error) (*admission, error) {
@@ -164,10 +164,7 @@ func (k *Keybroker) admitAgent(ctx context.Context, r agentRequest, ev *Event, a
 	if err := checkGuest(r.tenant, r.vm); err != nil {
 		return nil, err
 	}
-	if err := k.nonces.consume(r.id, attest.RoleAdopt, r.agent.Nonce); err != nil {
-		return nil, err
-	}
-	if err := k.ensureAuth(ctx); err != nil {
+	if err := k.consumeNonce(ctx, r.id, attest.RoleAdopt, r.agent.Nonce); err != nil {
 		return nil, err
 	}
 	v := k.verifyEnd(ctx, r.id, attest.RoleAdopt, r.agent, true)

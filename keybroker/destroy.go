@@ -77,7 +77,7 @@ func (k *Keybroker) destroy(ctx context.Context, req *DestroyRequest, ev *Event)
 			d := a.Evidence.Digest()
 			ev.ErasureEvidence = d[:]
 		}
-		if err := k.nonces.consume(req.MigrationID, attest.RoleErased, a.Nonce); err != nil {
+		if err := k.consumeNonce(ctx, req.MigrationID, attest.RoleErased, a.Nonce); err != nil {
 			return nil, err
 		}
 		v := k.verifyEnd(ctx, req.MigrationID, attest.RoleErased, *a, false)

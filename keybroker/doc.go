@@ -9,6 +9,15 @@
 // (lethe-<tenant>-<vm>-e<e>) and one per migration (lethe-mig-<id>), aes256-gcm96, never
 // exportable, never with plaintext backup.
 //
+// Vault is the only state keybrokers share, so any keybroker of a queue group can answer any
+// request. That holds for nonces too ([Keybroker.IssueNonce]): a nonce carries its expiry and
+// an HMAC over (migration, role, random part, expiry) under a 32-byte nonce key common to the
+// keybrokers on one Vault (drawn once from Transit key lethe-nonce-wrapping, kept wrapped in KV
+// at config/nonce-key, loaded once per process), so any keybroker checks one that another
+// issued without a lookup; and consuming it is one check-and-set-0 write of a mark under
+// nonces/ in KV, which exactly one consumer wins. Run deletes the marks of nonces expired for
+// more than a minute (the clock skew tolerated between keybrokers).
+//
 // [Keybroker.Release] verifies both ends' evidence (in parallel), consumes their nonces,
 // verifies the tenant's signed policy and its policySvn, evaluates it, and only then creates
 // the epoch-(e+1) key and the migration key, draws MDK_{e+1} and the transfer key TK, seals TK
@@ -32,8 +41,10 @@
 //
 // Caveats: plaintext keys are wiped once sealed, but Vault's HTTP responses carry them base64
 // encoded in strings that Go cannot wipe; they are dropped and left to the garbage collector.
-// Nonces live in the memory of one keybroker process, so an agent must return its evidence to
-// the keybroker that issued its nonce. Vault snapshots taken while a key lived still hold it.
+// A nonce issued for a (migration, role) does not void an earlier one: each is valid, once,
+// until its own expiry. Whoever can read the nonce key (Vault's KV and Transit decrypt under
+// lethe-nonce-wrapping) can mint nonces, but none that expires later than a TTL and a minute
+// ahead, nor use one twice. Vault snapshots taken while a key lived still hold it.
 //
 // Release and Destroy are repeatable, because the broker reruns a step after a crash: a
 // repeated release of a released migration, with fresh nonces and evidence, seals the same

@@ -102,9 +102,12 @@ type Config struct {
 	// (tests only; cmd/lethe-keybroker requires a directory).
 	StateDir string
 
-	// NonceTTL is how long a nonce stays valid. Zero: 60 s.
+	// NonceTTL is how long a nonce stays valid. Zero: 60 s. Keybrokers sharing a Vault
+	// should share it: one accepts another's nonce only if it expires within its own TTL
+	// plus a minute of clock skew.
 	NonceTTL time.Duration
-	// MaxNonces bounds the nonces held at once. Zero: 65536.
+	// MaxNonces bounds the live nonces this keybroker has issued (and so the marks of used
+	// nonces it can cause in Vault). Zero: 65536.
 	MaxNonces int
 	// RetryInterval is how often Run retries pending destructions. Zero: 5 s.
 	RetryInterval time.Duration
@@ -186,7 +189,7 @@ func New(cfg Config) (*Keybroker, error) {
 	}
 	vc := &vaultClient{c: cfg.Vault, transit: cfg.TransitMount, kv: cfg.KVMount, metrics: cfg.Metrics}
 	k.keys, k.recs = vc, vc
-	k.nonces = newNonceStore(cfg.Now, cfg.NonceTTL, cfg.MaxNonces)
+	k.nonces = newNonceStore(cfg.Now, cfg.NonceTTL, cfg.MaxNonces, &vaultNonces{keys: vc, recs: vc})
 	if cfg.AdminToken != "" {
 		k.adminDigest = sha256.Sum256([]byte(cfg.AdminToken))
 	}
@@ -197,16 +200,21 @@ func New(cfg Config) (*Keybroker, error) {
 	return k, nil
 }
 
-// Run publishes the admin credential's digest, renews the Vault token (or logs in again with
-// AppRole), retries pending destructions every RetryInterval and forgets expired nonces, until
-// ctx ends. It returns nil when ctx ends.
+// Run publishes the admin credential's digest, loads the nonce key, renews the Vault token (or
+// logs in again with AppRole), retries pending destructions every RetryInterval and, every
+// NonceTTL, deletes the marks of used nonces that have expired, until ctx ends. It returns nil
+// when ctx ends.
 func (k *Keybroker) Run(ctx context.Context) error {
 	if err := k.publishAdmin(ctx); err != nil {
 		k.log.WarnContext(ctx, "Publishing the admin credential failed; admin calls of other processes are refused until it succeeds", attrError, err.Error())
 	}
+	if err := k.loadNonceKey(ctx); err != nil {
+		k.log.WarnContext(ctx, "Loading the nonce key failed; nonces are refused until it loads", attrError, err.Error())
+	}
 	var wg sync.WaitGroup
 	wg.Go(func() { k.renewLoop(ctx) })
 	wg.Go(func() { k.retryLoop(ctx) })
+	wg.Go(func() { k.sweepLoop(ctx) })
 	wg.Wait()
 	return nil
 }
@@ -216,7 +224,6 @@ func (k *Keybroker) retryLoop(ctx context.Context) {
 	defer t.Stop()
 	for {
 		k.retryPending(ctx)
-		k.nonces.sweep()
 		select {
 		case <-ctx.Done():
 			return
@@ -225,8 +232,41 @@ func (k *Keybroker) retryLoop(ctx context.Context) {
 	}
 }
 
-// IssueNonce returns a fresh nonce for one role of a migration, replacing any earlier one for
-// that role. It returns ErrInvalidRequest or ErrNonceStoreFull.
+// sweepLoop deletes the marks of expired nonces every NonceTTL; every keybroker sweeps, and
+// sweeps of the same marks are harmless.
+func (k *Keybroker) sweepLoop(ctx context.Context) {
+	t := time.NewTicker(k.cfg.NonceTTL)
+	defer t.Stop()
+	for {
+		err := k.ensureAuth(ctx)
+		if err == nil {
+			err = k.nonces.sweep(ctx)
+		}
+		if err != nil && ctx.Err() == nil {
+			k.log.WarnContext(ctx, "Sweeping used nonces failed; retried later", attrError, err.Error())
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// loadNonceKey loads the nonce key shared by the keybrokers, creating it if none exists.
+func (k *Keybroker) loadNonceKey(ctx context.Context) error {
+	if err := k.ensureAuth(ctx); err != nil {
+		return err
+	}
+	_, err := k.nonces.macKey(ctx)
+	return err
+}
+
+// IssueNonce returns a fresh nonce for one role of a migration. Any keybroker sharing this
+// one's Vault accepts it, once, until it expires; nonces issued earlier for the same role stay
+// valid until theirs. Once the nonce key is loaded (Run loads it), issuing asks Vault nothing.
+// It returns ErrInvalidRequest, ErrNonceStoreFull, or an error wrapping ErrVaultUnavailable
+// when the nonce key cannot be loaded.
 func (k *Keybroker) IssueNonce(ctx context.Context, req NonceRequest) (*NonceResponse, error) {
 	if err := checkID(req.MigrationID); err != nil {
 		return nil, fmt.Errorf("issuing nonce: %w", err)
@@ -234,11 +274,23 @@ func (k *Keybroker) IssueNonce(ctx context.Context, req NonceRequest) (*NonceRes
 	if !req.Role.Valid() {
 		return nil, fmt.Errorf("issuing nonce: role %q: %w", req.Role, ErrInvalidRequest)
 	}
-	n, exp, err := k.nonces.issue(req.MigrationID, req.Role)
+	if err := k.ensureAuth(ctx); err != nil {
+		return nil, fmt.Errorf("issuing nonce: %w", err)
+	}
+	n, exp, err := k.nonces.issue(ctx, req.MigrationID, req.Role)
 	if err != nil {
 		return nil, err
 	}
 	return &NonceResponse{Nonce: n, Expires: exp}, nil
+}
+
+// consumeNonce consumes the nonce of (id, role). It returns the nonce errors or an error
+// wrapping ErrVaultUnavailable (then nothing may be released).
+func (k *Keybroker) consumeNonce(ctx context.Context, id string, role attest.Role, nonce []byte) error {
+	if err := k.ensureAuth(ctx); err != nil {
+		return err
+	}
+	return k.nonces.consume(ctx, id, role, nonce)
 }
 
 // adminRecord is the digest of the admin credential, in KV at config/admin: a keybroker
@@ -307,7 +359,7 @@ var (
 )
 
 // reservedTenants would make key names collide with the keybroker's own keys.
-var reservedTenants = []string{"mig", "receipt"}
+var reservedTenants = []string{"mig", "receipt", "nonce"}
 
 func checkTenant(t string) error {
 	if !tenantRE.MatchString(t) {

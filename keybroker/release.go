@@ -133,21 +133,22 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 	if err := checkGuest(req.Tenant, req.VM); err != nil {
 		return nil, err
 	}
-	// Single use: both nonces are consumed before anything is verified, so that no replay
-	// can race the first use.
-	if err := errors.Join(
-		k.nonces.consume(req.MigrationID, attest.RoleSource, req.Source.Nonce),
-		k.nonces.consume(req.MigrationID, attest.RoleDestination, req.Destination.Nonce),
-	); err != nil {
+	if err := k.ensureAuth(ctx); err != nil {
 		return nil, err
 	}
-	if err := k.ensureAuth(ctx); err != nil {
+	// Both nonces are checked first, without Vault (a forged or expired one costs nothing
+	// more), then spent while the evidence is verified: one Vault write each, in parallel, that
+	// only one consumer of a nonce wins, whichever keybroker it runs on. Nothing below the
+	// wait acts on a release whose nonces were not both spent by this call.
+	srcNonce, n1 := k.nonces.check(ctx, req.MigrationID, attest.RoleSource, req.Source.Nonce)
+	dstNonce, n2 := k.nonces.check(ctx, req.MigrationID, attest.RoleDestination, req.Destination.Nonce)
+	if err := errors.Join(n1, n2); err != nil {
 		return nil, err
 	}
 
 	var timings ReleaseTimings
 	start := time.Now()
-	// Verify both ends and read the records, all at once.
+	// Spend the nonces, verify both ends and read the records, all at once.
 	var (
 		src, dst   verified
 		tenant     *tenantRecord
@@ -157,12 +158,18 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		tErr, gErr error
 		wg         sync.WaitGroup
 	)
+	wg.Go(func() { n1 = k.nonces.spend(ctx, srcNonce) })
+	wg.Go(func() { n2 = k.nonces.spend(ctx, dstNonce) })
 	wg.Go(func() { src = k.verifyEnd(ctx, req.MigrationID, attest.RoleSource, req.Source, true) })
 	wg.Go(func() { dst = k.verifyEnd(ctx, req.MigrationID, attest.RoleDestination, req.Destination, true) })
 	wg.Go(func() { tenant, tenantVer, tErr = k.loadTenant(ctx, req.Tenant) })
 	wg.Go(func() { guestVer, gErr = k.recs.get(ctx, guestPath(req.Tenant, req.VM), &guest) })
 	wg.Wait()
 	timings.Verify = time.Since(start)
+	// A replay is named as such, whatever its evidence.
+	if err := errors.Join(n1, n2); err != nil {
+		return nil, err
+	}
 	if err := errors.Join(src.err, dst.err); err != nil {
 		for _, e := range []error{src.err, dst.err} {
 			if e != nil {

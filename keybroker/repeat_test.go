@@ -57,7 +57,7 @@ func TestRepeatedRelease(t *testing.T) {
 	if _, err := first.src.key.Open("m1", attest.RoleSource, rel2.SealedSource); err == nil {
 		t.Errorf("the first release's key opens the repeated release's keys")
 	}
-	if got := e.transitKeys(); len(got) != 3 { // e1, e2, mig-m1
+	if got := e.transitKeys(); len(got) != 4 { // e1, e2, mig-m1 and the nonce key's wrapping key
 		t.Errorf("transit keys after a repeated release: %v", got)
 	}
 	if ev := e.audit.last(t); ev.Kind != EventRelease || ev.Decision != DecisionAllow || ev.Epoch != 2 {
@@ -66,7 +66,7 @@ func TestRepeatedRelease(t *testing.T) {
 
 	// A repeat is judged like a first release: another destination host, a replayed nonce
 	// or a destination the policy refuses gets nothing.
-	// Nonces are issued per role, each replacing the last: the cases run in order.
+	// The cases run in order: the last replays the one before.
 	var weak *migration
 	for _, tt := range []struct {
 		name string

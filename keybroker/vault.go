@@ -48,6 +48,8 @@ type recordStore interface {
 	put(ctx context.Context, path string, v any, cas int) (int, error)
 	// list returns the names under dir.
 	list(ctx context.Context, dir string) ([]string, error)
+	// remove deletes the record at path with all its versions; a missing record is no error.
+	remove(ctx context.Context, path string) error
 }
 
 // ErrVaultUnavailable is returned (wrapped) when Vault cannot be reached, is sealed, or fails
@@ -245,4 +247,11 @@ func (v *vaultClient) list(ctx context.Context, dir string) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+func (v *vaultClient) remove(ctx context.Context, path string) error {
+	if err := v.c.KVv2(v.kv).DeleteMetadata(ctx, path); err != nil {
+		return fmt.Errorf("deleting record %s: %w", path, countVault(v.metrics, err))
+	}
+	return nil
 }
