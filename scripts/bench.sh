@@ -58,7 +58,11 @@ bench release.txt ./keybroker/ 'BenchmarkRelease|BenchmarkPrimitives' -benchtime
 bench broker.txt ./broker/ 'BenchmarkMigrations|BenchmarkHosts'
 if [ "${LIBVIRT:-0}" = 1 ]; then
 	bash scripts/libvirt-hosts.sh up >&2
-	go test -tags libvirt -run '^$' -bench 'LibvirtMigration' -benchtime 3x ./e2e/ | tee "$tmp/libvirt.txt" >&2
+	# A failed libvirt run (QEMU under TCG has shown memory errors after some migrations, with
+	# or without Lethe) is reported in BENCHMARKS.md, not hidden, and the other sections stay.
+	if ! go test -tags libvirt -run '^$' -bench 'LibvirtMigration' -benchtime 3x ./e2e/ | tee "$tmp/libvirt.txt" >&2; then
+		libvirt_failed=$(grep -E 'memory errors|FAIL|Error' "$tmp/libvirt.txt" | head -3)
+	fi
 fi
 
 # The primitives of one release, one after another: two evidence verifications, two key
@@ -120,6 +124,14 @@ PY
 		echo
 		table "$tmp/libvirt.txt"
 		echo
+		if [ -n "${libvirt_failed:-}" ]; then
+			echo "**This run failed**; the rows above are the modes that finished:"
+			echo
+			echo '```'
+			echo "$libvirt_failed"
+			echo '```'
+			echo
+		fi
 	fi
 } > "$out"
 
