@@ -52,7 +52,7 @@ start() { # start NAME COMMAND...
   pids+=($!)
 }
 
-nats_port=$(freeport); vault_port=$(freeport)
+nats_port=$(freeport); vault_port=$(freeport); broker_metrics=$(freeport); keybroker_metrics=$(freeport)
 export LETHE_NATS_URL=nats://127.0.0.1:$nats_port
 export VAULT_ADDR=http://127.0.0.1:$vault_port
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/keys/vault.token"
@@ -68,14 +68,17 @@ vault secrets enable transit >/dev/null
 vault secrets enable -path=lethe kv-v2 >/dev/null
 echo "Vault $("$BIN/vault" version | awk '{print $2}') on $VAULT_ADDR, Transit and KV enabled"
 
-start broker env -u LETHE_NATS_URL "$BIN/lethe-broker" --dev --dev-listen "127.0.0.1:$nats_port" --dev-store "$work/state/jetstream" --id broker-1
+# Each daemon runs from its development example in deploy/dev/, with this run's ports and paths.
+start broker env -u LETHE_NATS_URL "$BIN/lethe-broker" --config deploy/dev/lethe-broker.yaml \
+  --dev-listen "127.0.0.1:$nats_port" --dev-store "$work/state/jetstream" --metrics-listen "127.0.0.1:$broker_metrics"
 waitfor "the broker" 30 "$BIN/lethectl" hosts list
 
 # The emulated platform: one software "AMD" root for every emulated host, as real SNP hosts
 # share AMD's roots; each agent signs as its own chip with its own TCB.
 "$BIN/lethectl" attest emulate --platform emulated-sev-snp --report-data 00 \
   --roots-out "$work/emulator" --out "$work/state/probe.json" >/dev/null
-start keybroker "$BIN/lethe-keybroker" --dev --allow-emulated --trust-roots "$work/emulator" \
+start keybroker "$BIN/lethe-keybroker" --config deploy/dev/lethe-keybroker.yaml --metrics-listen "127.0.0.1:$keybroker_metrics" \
+  --nats-url "$LETHE_NATS_URL" --trust-roots "$work/emulator" \
   --vault-addr "$VAULT_ADDR" --vault-token-file "$work/keys/vault.token" \
   --admin-token-file "$work/keys/admin.token" --state-dir "$work/state/keybroker"
 "$BIN/lethe-keybroker" --vault-addr "$VAULT_ADDR" --vault-token-file "$work/keys/vault.token" \
@@ -85,11 +88,10 @@ echo "keybroker receipt-signing key: $work/keys/keybroker.pub"
 bold "Starting three agents with emulated SEV-SNP platforms"
 agent() { # agent HOST UCODE [extra flags]
   local host=$1 ucode=$2; shift 2
-  start "$host" "$BIN/lethe-agent" --dev --nats-url "$LETHE_NATS_URL" --host "$host" --attestation emulated-sev-snp --allow-emulated \
-    --emulator-dir "$work/emulator" --emulated-tcb "bl=3,tee=0,snp=20,ucode=$ucode" \
-    --region eu-west-1 --labels pool=demo --heartbeat-interval 1s "$@"
+  start "$host" "$BIN/lethe-agent" --config deploy/dev/lethe-agent.yaml --nats-url "$LETHE_NATS_URL" \
+    --host "$host" --emulator-dir "$work/emulator" --emulated-tcb "bl=3,tee=0,snp=20,ucode=$ucode" "$@"
 }
-agent host-a 0x73 --guest "demo/web=$GUEST_SIZE" --workload-rate 20000
+agent host-a 0x73 --guest "demo/web=$GUEST_SIZE"
 agent host-b 0x75
 agent host-c 0x64
 hosts_up() { [ "$("$BIN/lethectl" hosts list -o json | grep -c '"live": *true')" -ge 3 ]; }
@@ -136,12 +138,19 @@ if run "$BIN/lethectl" migrate web --to host-c --wait; then
 fi
 run "$BIN/lethectl" guests list
 
+bold "What the broker and keybroker counted (Prometheus, /metrics)"
+curl_metrics() { python3 -c 'import sys,urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())' "$1"; }
+curl_metrics "http://127.0.0.1:$broker_metrics/metrics" | grep -E '^lethe_broker_migrations_finished_total' || true
+curl_metrics "http://127.0.0.1:$keybroker_metrics/metrics" | grep -E '^lethe_keybroker_decisions_total' || true
+
 bold "Done"
 cat <<EOF
 The guest moved host-a → host-b encrypted end to end, host-a's keys are gone from Vault, the
 receipt verified offline, and the weak host was refused. Where to look next:
   logs            $work/logs/{broker,keybroker,host-a,host-b,host-c,vault}.log
   receipt         $work/receipt.json (lethectl receipt show)
-  configuration   deploy/ and docs/configuration.md
+  configuration   deploy/dev/ (what the demo ran), deploy/ (production), docs/configuration.md
+  metrics         while the demo runs: http://127.0.0.1:$broker_metrics/metrics (broker),
+                  http://127.0.0.1:$keybroker_metrics/metrics (keybroker); /healthz and /readyz beside them
   protocol        docs/DESIGN.md, docs/protocol.md, docs/receipt.md
 EOF

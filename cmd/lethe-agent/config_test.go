@@ -58,3 +58,11 @@ func TestConfigCannotSneakEmulation(t *testing.T) {
 func TestEveryFlagIsASetting(t *testing.T) {
 	daemontest.CheckEveryFlagIsASetting(t, newFlagSet(&config{}))
 }
+
+// TestDevConfig loads the development example that make demo starts the daemon from.
+func TestDevConfig(t *testing.T) {
+	daemontest.ClearEnv(t)
+	if _, err := parseFlags([]string{"--config", "../../deploy/dev/lethe-agent.yaml", "--host", "host-a"}); err != nil {
+		t.Fatal(err)
+	}
+}

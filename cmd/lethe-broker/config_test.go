@@ -88,3 +88,11 @@ func TestNATSConfigRefusesUnknownFields(t *testing.T) {
 		t.Errorf("err = %v, want one naming the unknown field", err)
 	}
 }
+
+// TestDevConfig loads the development example that make demo starts the daemon from.
+func TestDevConfig(t *testing.T) {
+	daemontest.ClearEnv(t)
+	if _, err := parseFlags([]string{"--config", "../../deploy/dev/lethe-broker.yaml"}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -61,3 +61,11 @@ func TestExportPubIsCommandLineOnly(t *testing.T) {
 func TestEveryFlagIsASetting(t *testing.T) {
 	daemontest.CheckEveryFlagIsASetting(t, newFlagSet(&config{}), "export-pub")
 }
+
+// TestDevConfig loads the development example that make demo starts the daemon from.
+func TestDevConfig(t *testing.T) {
+	daemontest.ClearEnv(t)
+	if _, err := parseFlags([]string{"--config", "../../deploy/dev/lethe-keybroker.yaml"}); err != nil {
+		t.Fatal(err)
+	}
+}
