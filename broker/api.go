@@ -238,6 +238,9 @@ func (b *Broker) liveHost(ctx context.Context, host string) (*agentapi.HostRecor
 
 // adoptGuest takes in a guest running on a host: the host's agent attests, the keybroker
 // creates epoch 1 and seals MDK_1 to the agent, the broker delivers it and records the guest.
+// Adopting a guest again on the host where it already lives, with no migration in progress,
+// reissues the current epoch's key to that host's agent (an agent that restarted lost it);
+// on any other host it is a conflict.
 func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestRequest) (*Guest, error) {
 	tenant, err := c.tenantFor(req.Tenant)
 	if err != nil {
@@ -255,10 +258,12 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 		return nil, fmt.Errorf("%w: host %s does not report guest %s of tenant %s", ErrFailedPrecondition, req.Host, req.VM, tenant)
 	}
 	key := GuestKey(tenant, req.VM)
-	if _, _, err := getJSON[Guest](ctx, b.store.guests, key); err == nil {
-		return nil, fmt.Errorf("%w: guest %s is already adopted", ErrConflict, key)
-	} else if !errors.Is(err, ErrNotFound) {
+	existing, _, err := getJSON[Guest](ctx, b.store.guests, key)
+	if err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, err
+	}
+	if err == nil && (existing.Host != req.Host || existing.Migration != "") {
+		return nil, fmt.Errorf("%w: guest %s is already adopted, on host %s", ErrConflict, key, existing.Host)
 	}
 	pol, _, err := b.policyFor(ctx, tenant, req.VM)
 	if errors.Is(err, ErrNotFound) {
@@ -266,6 +271,10 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 	}
 	if err != nil {
 		return nil, err
+	}
+	if existing != nil {
+		// The guest lives on this host already: its agent restarted and lost the memory key.
+		return b.reissueKey(ctx, host, existing, pol)
 	}
 	adoptionID := newID("adopt-")
 	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: adoptionID, Role: attest.RoleAdopt})
@@ -302,6 +311,39 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 		return nil, err
 	}
 	b.log.Info("Guest adopted", logKeyTenant, tenant, logKeyVM, req.VM, logKeyHost, req.Host)
+	g.WrappedMDK = ""
+	return g, nil
+}
+
+// reissueKey gives the agent of the host where g lives the memory key of g's current epoch
+// again: the agent attests afresh (role adopt), the keybroker verifies it against the
+// tenant's policy and reseals the key, the broker delivers it. Nothing in the guest record
+// changes.
+func (b *Broker) reissueKey(ctx context.Context, host *agentapi.HostRecord, g *Guest, pol *PolicyRecord) (*Guest, error) {
+	reissueID := newID("reissue-")
+	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: reissueID, Role: attest.RoleAdopt})
+	if err != nil {
+		return nil, fmt.Errorf("getting reissue nonce: %w", err)
+	}
+	ev, err := b.agents.Attest(ctx, host.Host, &agentapi.AttestRequest{
+		MigrationID: reissueID, Role: attest.RoleAdopt, Nonce: nonce.Nonce, Tenant: g.Tenant, VM: g.VM,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w: attesting host %s: %w", ErrUnavailable, host.Host, err)
+	}
+	re, err := b.kb.Reissue(ctx, &ReissueRequest{
+		ReissueID: reissueID, Tenant: g.Tenant, VM: g.VM, Policy: pol.Envelope,
+		Agent: Attestation{Nonce: nonce.Nonce, Evidence: ev},
+		Host:  KeyBrokerHost{Name: host.Host, Labels: host.Labels, Region: host.Region},
+	})
+	if err != nil {
+		b.log.Warn("Key reissue refused", logKeyTenant, g.Tenant, logKeyVM, g.VM, logKeyHost, host.Host, logKeyError, err)
+		return nil, fmt.Errorf("reissuing the guest's key: %w", err)
+	}
+	if err := b.agents.Keys(ctx, host.Host, &agentapi.KeysRequest{MigrationID: reissueID, Role: attest.RoleAdopt, SealedKeys: re.Sealed}); err != nil {
+		return nil, fmt.Errorf("%w: delivering keys to %s: %w", ErrUnavailable, host.Host, err)
+	}
+	b.log.Info("Guest key reissued", logKeyTenant, g.Tenant, logKeyVM, g.VM, logKeyHost, host.Host, logKeyEpoch, re.Epoch)
 	g.WrappedMDK = ""
 	return g, nil
 }

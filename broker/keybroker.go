@@ -23,6 +23,9 @@ type KeyBroker interface {
 	Release(ctx context.Context, req *ReleaseRequest) (*ReleaseResponse, error)
 	// Adopt starts a guest's first residency (epoch 1) on the host whose evidence is given.
 	Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error)
+	// Reissue seals the current epoch's memory key again to the agent of the host where the
+	// guest already lives, for an agent that restarted and lost it.
+	Reissue(ctx context.Context, req *ReissueRequest) (*ReissueResponse, error)
 	// Destroy destroys the keys an outcome ends (commit: migration key and epoch e; abort:
 	// migration key and epoch e+1) and returns the signed receipt. Repeating it for the same
 	// migration and outcome returns the same receipt.
@@ -37,6 +40,7 @@ const (
 	KeyBrokerOpNonce   = kbwire.OpNonce
 	KeyBrokerOpRelease = kbwire.OpRelease
 	KeyBrokerOpAdopt   = kbwire.OpAdopt
+	KeyBrokerOpReissue = kbwire.OpReissue
 	KeyBrokerOpDestroy = kbwire.OpDestroy
 	KeyBrokerOpReceipt = kbwire.OpReceipt
 )
@@ -60,6 +64,10 @@ type (
 	AdoptRequest = kbwire.AdoptRequest
 	// AdoptResponse carries MDK_1 sealed to the host's agent.
 	AdoptResponse = kbwire.AdoptResponse
+	// ReissueRequest asks again for the current epoch's memory key.
+	ReissueRequest = kbwire.ReissueRequest
+	// ReissueResponse carries the current epoch's memory key sealed to the host's agent.
+	ReissueResponse = kbwire.ReissueResponse
 	// Ending says which keys Destroy destroys.
 	Ending = kbwire.Ending
 	// DestroyRequest ends a migration's keys and asks for its receipt.
@@ -114,6 +122,12 @@ func (c *KeyBrokerClient) Release(ctx context.Context, req *ReleaseRequest) (*Re
 func (c *KeyBrokerClient) Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error) {
 	var resp AdoptResponse
 	return &resp, c.call(ctx, KeyBrokerOpAdopt, req, &resp)
+}
+
+// Reissue implements KeyBroker.
+func (c *KeyBrokerClient) Reissue(ctx context.Context, req *ReissueRequest) (*ReissueResponse, error) {
+	var resp ReissueResponse
+	return &resp, c.call(ctx, KeyBrokerOpReissue, req, &resp)
 }
 
 // Destroy implements KeyBroker.

@@ -15,4 +15,5 @@ const (
 	logKeyError     = "error"
 	logKeyOwner     = "owner"
 	logKeyOutcome   = "outcome"
+	logKeyEpoch     = "epoch"
 )

@@ -423,3 +423,33 @@ func TestStaleHeartbeat(t *testing.T) {
 		t.Errorf("migration from a stale host: %v, want ErrFailedPrecondition", err)
 	}
 }
+
+// TestAdoptAgainReissues: adopting a guest again on the host where it lives reissues the
+// current epoch's key to that host's agent (it restarted and lost it); on another host it
+// reissues nothing.
+func TestAdoptAgainReissues(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	ctx := t.Context()
+	c := e.tenant(tenant)
+	if _, err := c.AdoptGuest(ctx, &broker.AdoptGuestRequest{VM: vm, Host: "h2"}); !errors.Is(err, broker.ErrConflict) {
+		t.Errorf("adopting the guest on another host: %v, want ErrConflict", err)
+	}
+	if n := len(e.kb.Reissues()); n != 0 {
+		t.Fatalf("%d reissues after adopting on another host, want 0", n)
+	}
+	g, err := c.AdoptGuest(ctx, &broker.AdoptGuestRequest{VM: vm, Host: "h1"})
+	if err != nil {
+		t.Fatalf("adopting the guest again on its own host: %v", err)
+	}
+	if g.Host != "h1" || g.Epoch != 1 {
+		t.Errorf("guest on %s at epoch %d, want h1 at epoch 1", g.Host, g.Epoch)
+	}
+	re := e.kb.Reissues()
+	if len(re) != 1 || re[0].Tenant != tenant || re[0].VM != vm || re[0].Host.Name != "h1" {
+		t.Fatalf("reissues %+v, want one for %s/%s on h1", re, tenant, vm)
+	}
+	if n := e.agents["h1"].CallCount(agentapi.OpKeys, re[0].ReissueID); n != 1 {
+		t.Errorf("h1 got the reissued key %d times, want 1", n)
+	}
+}

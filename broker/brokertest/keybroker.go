@@ -21,6 +21,7 @@ type KeyBroker struct {
 	nonces   int
 	releases []broker.ReleaseRequest
 	adopts   []broker.AdoptRequest
+	reissues []broker.ReissueRequest
 	destroys []broker.DestroyRequest
 	epochs   map[string]uint64 // guest → current epoch, as the keybroker keeps it
 	ended    map[string]bool   // migrations committed
@@ -67,6 +68,28 @@ func (k *KeyBroker) Adopt(_ context.Context, req *broker.AdoptRequest) (*broker.
 	k.epochs[req.Tenant+"."+req.VM] = 1
 	return &broker.AdoptResponse{Sealed: []byte("fake-sealed-mdk1"), Epoch: 1,
 		WrappedMDK: fmt.Sprintf("vault:v1:fake-%s-%s-e1", req.Tenant, req.VM)}, nil
+}
+
+// Reissue implements broker.KeyBroker: it answers with the guest's current epoch.
+func (k *KeyBroker) Reissue(_ context.Context, req *broker.ReissueRequest) (*broker.ReissueResponse, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.reissues = append(k.reissues, *req)
+	if k.Deny != "" {
+		return nil, &broker.Error{Code: broker.CodeDenied, Message: k.Deny}
+	}
+	e, ok := k.epochs[req.Tenant+"."+req.VM]
+	if !ok {
+		return nil, &broker.Error{Code: "not_adopted", Message: "guest not adopted"}
+	}
+	return &broker.ReissueResponse{Sealed: []byte("fake-sealed-mdk-reissued"), Epoch: e}, nil
+}
+
+// Reissues returns the reissue requests received so far.
+func (k *KeyBroker) Reissues() []broker.ReissueRequest {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([]broker.ReissueRequest(nil), k.reissues...)
 }
 
 // Destroy implements broker.KeyBroker.

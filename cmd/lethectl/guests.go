@@ -53,7 +53,11 @@ func newGuestsAdoptCmd() *cobra.Command {
 		Use:   "adopt GUEST --host HOST",
 		Short: "Take a guest in on its current host (its first residency, epoch 1)",
 		Long: `Adopt a guest: the agent of HOST attests, and if the tenant's signed policy accepts
-that host the keybroker creates the guest's first memory key and seals it to the agent.`,
+that host the keybroker creates the guest's first memory key and seals it to the agent.
+
+Adopting a guest again on the host where it already lives (with no migration in progress)
+reissues its current memory key to that host's agent, after the agent attests afresh: this
+is how an agent that restarted gets the key back. On any other host it is refused.`,
 		Example: "  lethectl guests adopt web --host h1 --tenant acme",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {

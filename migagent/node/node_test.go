@@ -387,6 +387,28 @@ func TestMigrations(t *testing.T) {
 	}
 	epoch1, epoch2 := "lethe-demo-web-e1", "lethe-demo-web-e2"
 
+	t.Run("key reissued to an agent that lost it", func(t *testing.T) {
+		a.n.mu.Lock()
+		g := a.n.guests[guestKey(testTenant, testVM)]
+		g.mdk.Destroy()
+		g.mdk = nil
+		a.n.mu.Unlock()
+		again, err := e.tenant.AdoptGuest(t.Context(), &broker.AdoptGuestRequest{VM: testVM, Host: "host-a"})
+		if err != nil {
+			t.Fatalf("adopting again on host-a: %v", err)
+		}
+		if again.Epoch != 1 || again.Host != "host-a" {
+			t.Fatalf("guest after reissue: %+v, want host-a at epoch 1", again)
+		}
+		a.n.mu.Lock()
+		g = a.n.guests[guestKey(testTenant, testVM)]
+		held, epoch := g.mdk != nil, g.epoch
+		a.n.mu.Unlock()
+		if !held || epoch != 1 {
+			t.Fatalf("host-a holds MDK %v at epoch %d after the reissue, want the epoch-1 key", held, epoch)
+		}
+	})
+
 	t.Run("weak destination is denied", func(t *testing.T) {
 		id := e.migrate("host-weak")
 		m := e.waitEnd(id)
