@@ -221,7 +221,11 @@ func migrateDirect(t testing.TB, from, to, domain string) time.Duration {
 
 // benchSettings are the settings of every migration here, the direct one included: QEMU's
 // default downtime limit, and auto-converge for a guest that rewrites memory without pause.
-var benchSettings = libvirt.Settings{MaxDowntime: 300 * time.Millisecond, AutoConverge: true}
+// QEMU 7.2 under TCG has shown memtest86+ errors on the destination (block-move test, the
+// found value the complement of the expected one: a page the dirty bitmap missed) after
+// migrations that ran many pre-copy iterations, in direct libvirt-to-libvirt migrations too.
+// A 2 s downtime limit converges in about three iterations, where those errors were not seen.
+var benchSettings = libvirt.Settings{MaxDowntime: 2 * time.Second, AutoConverge: true}
 
 type unixDialer string
 
