@@ -7,7 +7,6 @@ import (
 	"compress/flate"
 	"context"
 	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/sha512"
 	"encoding/json"
 	"fmt"
@@ -28,14 +27,12 @@ import (
 	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natstest"
-	"github.com/lethe-cc/lethe/keybroker"
-	"github.com/lethe-cc/lethe/keybroker/natsapi"
+	"github.com/lethe-cc/lethe/internal/stacktest"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/libvirt"
 	"github.com/lethe-cc/lethe/migagent/node"
-	"github.com/lethe-cc/lethe/policy"
 )
 
 const (
@@ -95,94 +92,15 @@ type letheAgent struct {
 
 func newLetheEnv(t testing.TB) *letheEnv {
 	t.Helper()
-	ctx := t.Context()
-	e := &letheEnv{
-		t: t, nats: natstest.Start(t, natstest.Options{}), vault: vaulttest.Start(t),
-		emuDir: t.TempDir(), agents: map[string]*letheAgent{},
-		log: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
-	}
-	if _, err := emulate.Open(e.emuDir, attest.PlatformEmulatedSEVSNP, emulate.Options{}); err != nil {
-		t.Fatal(err)
-	}
-	roots, err := attest.LoadRoots(e.emuDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	verifier, err := attest.NewVerifier(attest.Config{Roots: roots})
-	if err != nil {
-		t.Fatal(err)
-	}
-	vc, err := vaulttest.NewClient(e.vault.Addr, e.vault.Token)
-	if err != nil {
-		t.Fatal(err)
-	}
-	const adminToken = "e2e-libvirt-admin-token"
-	kb, err := keybroker.New(keybroker.Config{
-		Vault: vc, Verifier: verifier, AdminToken: adminToken, StateDir: t.TempDir(),
-		RetryInterval: 100 * time.Millisecond, Logger: e.log.With("component", "keybroker"),
+	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	s := stacktest.Start(t, stacktest.Options{
+		Tenant: letheTenant, PolicyName: "ci-emulated-libvirt.yaml", Policy: []byte(letheLibvirtPolicy),
+		AgentTimeout: 5 * time.Second, Logger: log,
 	})
-	if err != nil {
-		t.Fatal(err)
+	return &letheEnv{
+		t: t, nats: s.NATS, vault: s.Vault, kbPub: s.KeybrokerPub, tenant: s.Tenant, js: s.JS,
+		emuDir: s.EmulatorDir, log: log, agents: map[string]*letheAgent{},
 	}
-	_, tenantKey, _ := ed25519.GenerateKey(rand.Reader)
-	if _, err := kb.RegisterTenant(ctx, adminToken, keybroker.RegisterTenantRequest{
-		Tenant: letheTenant, PolicyKey: tenantKey.Public().(ed25519.PublicKey),
-	}); err != nil {
-		t.Fatalf("registering tenant: %v", err)
-	}
-	if e.kbPub, err = kb.PublicKey(ctx); err != nil {
-		t.Fatal(err)
-	}
-	svc, err := natsapi.New(natsapi.Config{Conn: e.nats.Connect(t), Keybroker: kb, Logger: e.log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.background("keybroker", kb.Run)
-	e.background("keybroker service", svc.Run)
-
-	nc := e.nats.Connect(t)
-	b, err := broker.New(broker.Config{
-		Conn: nc, KeyBroker: broker.NewKeyBrokerClient(nc, 0), Logger: e.log.With("component", "broker"),
-		CheckInterval: 50 * time.Millisecond, AgentTimeout: 5 * time.Second, HostTTL: 30 * time.Second,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.background("broker", b.Run)
-	select {
-	case <-b.Ready():
-	case <-time.After(letheWait):
-		t.Fatal("broker not ready")
-	}
-	if e.js, err = jetstream.New(nc); err != nil {
-		t.Fatal(err)
-	}
-	e.tenant = broker.NewTenantClient(nc, letheTenant)
-	signed, err := policy.Sign("ci-emulated-libvirt.yaml", []byte(letheLibvirtPolicy), tenantKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	envelope, err := signed.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.tenant.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Envelope: envelope}); err != nil {
-		t.Fatalf("applying policy: %v", err)
-	}
-	return e
-}
-
-// background runs f until the test ends.
-func (e *letheEnv) background(name string, f func(context.Context) error) {
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- f(ctx) }()
-	e.t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			e.t.Errorf("%s: %v", name, err)
-		}
-	})
 }
 
 // startAgent starts the agent of a libvirt host, on the shared emulator with its own chip

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/sha512"
 	"encoding/json"
 	"log/slog"
@@ -22,12 +21,10 @@ import (
 	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natstest"
-	"github.com/lethe-cc/lethe/keybroker"
-	"github.com/lethe-cc/lethe/keybroker/natsapi"
+	"github.com/lethe-cc/lethe/internal/stacktest"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
-	"github.com/lethe-cc/lethe/policy"
 )
 
 const (
@@ -62,100 +59,19 @@ type testNode struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	ctx := t.Context()
-	e := &env{
-		t: t, nats: natstest.Start(t, natstest.Options{}), vault: vaulttest.Start(t),
-		emuDir: t.TempDir(), nodes: map[string]*testNode{},
-		log: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo})),
-	}
-	// The shared emulator: its roots are what the keybroker trusts.
-	if _, err := emulate.Open(e.emuDir, attest.PlatformEmulatedSEVSNP, emulate.Options{}); err != nil {
-		t.Fatal(err)
-	}
-	roots, err := attest.LoadRoots(e.emuDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	verifier, err := attest.NewVerifier(attest.Config{Roots: roots})
-	if err != nil {
-		t.Fatal(err)
-	}
-	vc, err := vaulttest.NewClient(e.vault.Addr, e.vault.Token)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, err := keybroker.New(keybroker.Config{
-		Vault: vc, Verifier: verifier, AdminToken: adminToken, StateDir: t.TempDir(),
-		RetryInterval: 100 * time.Millisecond, Logger: e.log.With("component", "keybroker"),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, tenantKey, _ := ed25519.GenerateKey(rand.Reader)
-	if _, err := kb.RegisterTenant(ctx, adminToken, keybroker.RegisterTenantRequest{
-		Tenant: testTenant, PolicyKey: tenantKey.Public().(ed25519.PublicKey),
-	}); err != nil {
-		t.Fatalf("registering tenant: %v", err)
-	}
-	if e.kbPub, err = kb.PublicKey(ctx); err != nil {
-		t.Fatal(err)
-	}
-	svc, err := natsapi.New(natsapi.Config{Conn: e.nats.Connect(t), Keybroker: kb, Logger: e.log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.background("keybroker", kb.Run)
-	e.background("keybroker service", svc.Run)
-
-	nc := e.nats.Connect(t)
-	b, err := broker.New(broker.Config{
-		Conn: nc, KeyBroker: broker.NewKeyBrokerClient(nc, 0), Logger: e.log.With("component", "broker"),
-		CheckInterval: 50 * time.Millisecond, AgentTimeout: 20 * time.Second, HostTTL: 30 * time.Second,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.background("broker", b.Run)
-	select {
-	case <-b.Ready():
-	case <-time.After(waitLimit):
-		t.Fatal("broker not ready")
-	}
-	if e.js, err = jetstream.New(nc); err != nil {
-		t.Fatal(err)
-	}
-	e.agents = agentapi.NewClient(nc, 0)
-	e.tenant = broker.NewTenantClient(nc, testTenant)
-
+	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo}))
 	y, err := os.ReadFile("../../examples/policies/ci-emulated.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	signed, err := policy.Sign("ci-emulated.yaml", y, tenantKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	envelope, err := signed.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.tenant.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Envelope: envelope}); err != nil {
-		t.Fatalf("applying policy: %v", err)
-	}
-	return e
-}
-
-// background runs f until the test ends.
-func (e *env) background(name string, f func(context.Context) error) {
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- f(ctx) }()
-	e.t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			e.t.Errorf("%s: %v", name, err)
-		}
+	s := stacktest.Start(t, stacktest.Options{
+		Tenant: testTenant, PolicyName: "ci-emulated.yaml", Policy: y, AgentTimeout: 20 * time.Second, Logger: log,
 	})
+	return &env{
+		t: t, nats: s.NATS, vault: s.Vault, kbPub: s.KeybrokerPub, tenant: s.Tenant,
+		agents: agentapi.NewClient(s.Conn, 0), js: s.JS, emuDir: s.EmulatorDir, log: log,
+		nodes: map[string]*testNode{},
+	}
 }
 
 // startNode starts an agent for host on the shared emulator with its own chip ID and tcb.

@@ -1,0 +1,156 @@
+// Package stacktest starts Lethe's control plane inside a test process, for tests that add
+// agents on top: a real NATS server with JetStream, a real Vault dev server, the keybroker
+// behind its NATS service trusting one shared emulated SEV-SNP platform, a broker, and a
+// tenant whose signed policy is applied. Every component stops when the test ends.
+//
+// It is for tests only: it uses emulated platforms and a fixed admin token.
+package stacktest
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/attest/emulate"
+	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/natsapi"
+	"github.com/lethe-cc/lethe/keybroker/vaulttest"
+	"github.com/lethe-cc/lethe/policy"
+)
+
+// adminToken is the keybroker's admin token in tests.
+const adminToken = "stacktest-admin-token"
+
+// Options say what the stack's tenant and broker look like.
+type Options struct {
+	// Tenant is the tenant registered with the keybroker. Required.
+	Tenant string
+	// PolicyName and Policy are the tenant's policy file (YAML), signed with the tenant's key
+	// and applied. Required.
+	PolicyName string
+	Policy     []byte
+	// AgentTimeout bounds one broker call to an agent. Zero: the broker's default.
+	AgentTimeout time.Duration
+	// Logger receives every component's logs. Nil: none.
+	Logger *slog.Logger
+}
+
+// Stack is a running control plane.
+type Stack struct {
+	NATS  *natstest.Server
+	Vault *vaulttest.Server
+	// EmulatorDir holds the shared emulated SEV-SNP platform, whose roots the keybroker
+	// trusts; agents open it with their own chip ID and TCB (emulate.Open).
+	EmulatorDir string
+	// KeybrokerPub is the keybroker's receipt-signing public key.
+	KeybrokerPub ed25519.PublicKey
+	// Conn is the broker's connection; JS the JetStream context on it.
+	Conn *nats.Conn
+	JS   jetstream.JetStream
+	// Tenant calls the broker as Options.Tenant.
+	Tenant *broker.Client
+}
+
+// Start starts the stack and stops it when t ends. It fails t if anything cannot start.
+func Start(t testing.TB, o Options) *Stack {
+	t.Helper()
+	ctx := t.Context()
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Stack{NATS: natstest.Start(t, natstest.Options{}), Vault: vaulttest.Start(t), EmulatorDir: t.TempDir()}
+	if _, err := emulate.Open(s.EmulatorDir, attest.PlatformEmulatedSEVSNP, emulate.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	roots, err := attest.LoadRoots(s.EmulatorDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	verifier, err := attest.NewVerifier(attest.Config{Roots: roots})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vc, err := vaulttest.NewClient(s.Vault.Addr, s.Vault.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := keybroker.New(keybroker.Config{
+		Vault: vc, Verifier: verifier, AdminToken: adminToken, StateDir: t.TempDir(),
+		RetryInterval: 100 * time.Millisecond, Logger: log.With("component", "keybroker"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, tenantKey, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kb.RegisterTenant(ctx, adminToken, keybroker.RegisterTenantRequest{
+		Tenant: o.Tenant, PolicyKey: tenantKey.Public().(ed25519.PublicKey),
+	}); err != nil {
+		t.Fatalf("registering tenant: %v", err)
+	}
+	if s.KeybrokerPub, err = kb.PublicKey(ctx); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := natsapi.New(natsapi.Config{Conn: s.NATS.Connect(t), Keybroker: kb, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	background(t, "keybroker", kb.Run)
+	background(t, "keybroker service", svc.Run)
+
+	s.Conn = s.NATS.Connect(t)
+	b, err := broker.New(broker.Config{
+		Conn: s.Conn, KeyBroker: broker.NewKeyBrokerClient(s.Conn, 0), Logger: log.With("component", "broker"),
+		CheckInterval: 50 * time.Millisecond, AgentTimeout: o.AgentTimeout, HostTTL: 30 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	background(t, "broker", b.Run)
+	select {
+	case <-b.Ready():
+	case <-time.After(time.Minute):
+		t.Fatal("broker not ready within a minute")
+	}
+	if s.JS, err = jetstream.New(s.Conn); err != nil {
+		t.Fatal(err)
+	}
+	s.Tenant = broker.NewTenantClient(s.Conn, o.Tenant)
+	signed, err := policy.Sign(o.PolicyName, o.Policy, tenantKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	envelope, err := signed.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Tenant.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Envelope: envelope}); err != nil {
+		t.Fatalf("applying policy: %v", err)
+	}
+	return s
+}
+
+// background runs f until t ends, and reports its error then.
+func background(t testing.TB, name string, f func(context.Context) error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- f(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	})
+}
