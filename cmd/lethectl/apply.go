@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -24,14 +25,9 @@ func newPolicyApplyCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("reading signed policy: %w", err)
 			}
-			c, closeFn, err := o.client()
-			if err != nil {
-				return err
-			}
-			defer closeFn()
-			ctx, cancel := o.callCtx(cmd.Context())
-			defer cancel()
-			resp, err := c.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Tenant: forTenant, VM: vmName, Envelope: envelope})
+			resp, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ApplyPolicyResponse, error) {
+				return c.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Tenant: forTenant, VM: vmName, Envelope: envelope})
+			})
 			if err != nil {
 				return err
 			}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 
@@ -22,14 +23,9 @@ func newGuestsListCmd() *cobra.Command {
 		Example: "  lethectl guests list --tenant acme",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, closeFn, err := o.client()
-			if err != nil {
-				return err
-			}
-			defer closeFn()
-			ctx, cancel := o.callCtx(cmd.Context())
-			defer cancel()
-			resp, err := c.ListGuests(ctx, &broker.ListGuestsRequest{})
+			resp, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ListGuestsResponse, error) {
+				return c.ListGuests(ctx, &broker.ListGuestsRequest{})
+			})
 			if err != nil {
 				return err
 			}
@@ -64,14 +60,9 @@ is how an agent that restarted gets the key back. On any other host it is refuse
 			if host == "" {
 				return fmt.Errorf("--host is required")
 			}
-			c, closeFn, err := o.client()
-			if err != nil {
-				return err
-			}
-			defer closeFn()
-			ctx, cancel := o.callCtx(cmd.Context())
-			defer cancel()
-			g, err := c.AdoptGuest(ctx, &broker.AdoptGuestRequest{Tenant: forTenant, VM: args[0], Host: host})
+			g, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.Guest, error) {
+				return c.AdoptGuest(ctx, &broker.AdoptGuestRequest{Tenant: forTenant, VM: args[0], Host: host})
+			})
 			if err != nil {
 				return err
 			}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"sort"
@@ -25,14 +26,9 @@ func newHostsListCmd() *cobra.Command {
 		Example: "  lethectl hosts list\n  lethectl hosts list --all -o json",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, closeFn, err := o.client()
-			if err != nil {
-				return err
-			}
-			defer closeFn()
-			ctx, cancel := o.callCtx(cmd.Context())
-			defer cancel()
-			resp, err := c.ListHosts(ctx, &broker.ListHostsRequest{All: all})
+			resp, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ListHostsResponse, error) {
+				return c.ListHosts(ctx, &broker.ListHostsRequest{All: all})
+			})
 			if err != nil {
 				return err
 			}

@@ -128,6 +128,20 @@ func (o *brokerOpts) callCtx(ctx context.Context) (context.Context, context.Canc
 	return context.WithTimeout(ctx, o.Timeout)
 }
 
+// callBroker connects to the broker as o says, runs one call with o's timeout, and closes the
+// connection.
+func callBroker[T any](ctx context.Context, o *brokerOpts, call func(context.Context, *broker.Client) (T, error)) (T, error) {
+	c, closeFn, err := o.client()
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	defer closeFn()
+	ctx, cancel := o.callCtx(ctx)
+	defer cancel()
+	return call(ctx, c)
+}
+
 // show prints v as JSON with --output json, or with text otherwise.
 func (o *brokerOpts) show(w io.Writer, v any, text func(io.Writer)) error {
 	if o.output == "json" {
@@ -161,14 +175,9 @@ func newMigrationsListCmd() *cobra.Command {
 		Example: "  lethectl migrations list --active --tenant acme",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, closeFn, err := o.client()
-			if err != nil {
-				return err
-			}
-			defer closeFn()
-			ctx, cancel := o.callCtx(cmd.Context())
-			defer cancel()
-			resp, err := c.ListMigrations(ctx, &broker.ListMigrationsRequest{Active: active})
+			resp, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ListMigrationsResponse, error) {
+				return c.ListMigrations(ctx, &broker.ListMigrationsRequest{Active: active})
+			})
 			if err != nil {
 				return err
 			}
@@ -194,14 +203,9 @@ func newMigrationsGetCmd() *cobra.Command {
 		Example: "  lethectl migrations get mig-ABC -o json",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, closeFn, err := o.client()
-			if err != nil {
-				return err
-			}
-			defer closeFn()
-			ctx, cancel := o.callCtx(cmd.Context())
-			defer cancel()
-			m, err := c.GetMigration(ctx, args[0])
+			m, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.Migration, error) {
+				return c.GetMigration(ctx, args[0])
+			})
 			if err != nil {
 				return err
 			}
@@ -258,14 +262,9 @@ func newMigrationsAbortCmd() *cobra.Command {
 		Example: "  lethectl migrations abort mig-ABC --reason maintenance-cancelled",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, closeFn, err := o.client()
-			if err != nil {
-				return err
-			}
-			defer closeFn()
-			ctx, cancel := o.callCtx(cmd.Context())
-			defer cancel()
-			m, err := c.AbortMigration(ctx, &broker.AbortMigrationRequest{ID: args[0], Reason: reason})
+			m, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.Migration, error) {
+				return c.AbortMigration(ctx, &broker.AbortMigrationRequest{ID: args[0], Reason: reason})
+			})
 			if err != nil {
 				return err
 			}

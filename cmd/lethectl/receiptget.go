@@ -1,11 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/lethe-cc/lethe/broker"
 )
 
 // newReceiptGetCmd is "lethectl receipt get MIGRATION": it fetches a migration's signed
@@ -20,14 +23,9 @@ func newReceiptGetCmd() *cobra.Command {
 		Example: "  lethectl receipt get mig-ABC --out receipt.json && lethectl receipt verify receipt.json --pub keybroker.pub",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, closeFn, err := o.client()
-			if err != nil {
-				return err
-			}
-			defer closeFn()
-			ctx, cancel := o.callCtx(cmd.Context())
-			defer cancel()
-			r, err := c.GetReceipt(ctx, args[0])
+			r, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.Receipt, error) {
+				return c.GetReceipt(ctx, args[0])
+			})
 			if err != nil {
 				return err
 			}
