@@ -3,6 +3,7 @@ package attest
 import (
 	"encoding/hex"
 	"fmt"
+	"strconv"
 	"strings"
 )
 
@@ -54,6 +55,35 @@ type SNPTCB struct {
 // String formats the TCB as bl=N,tee=N,snp=N,ucode=N.
 func (t SNPTCB) String() string {
 	return fmt.Sprintf("bl=%d,tee=%d,snp=%d,ucode=%d", t.BootLoader, t.TEE, t.SNP, t.Microcode)
+}
+
+// ParseSNPTCB parses the form String writes, bl=N,tee=N,snp=N,ucode=N, with N decimal or
+// 0x-hex from 0 to 255; components left out are 0.
+func ParseSNPTCB(s string) (SNPTCB, error) {
+	var t SNPTCB
+	for part := range strings.SplitSeq(s, ",") {
+		k, v, ok := strings.Cut(strings.TrimSpace(part), "=")
+		if !ok {
+			return SNPTCB{}, fmt.Errorf("%q is not component=N", part)
+		}
+		n, err := strconv.ParseUint(v, 0, 8)
+		if err != nil {
+			return SNPTCB{}, fmt.Errorf("%s: %q is not a number from 0 to 255", k, v)
+		}
+		switch k {
+		case "bl":
+			t.BootLoader = uint8(n)
+		case "tee":
+			t.TEE = uint8(n)
+		case "snp":
+			t.SNP = uint8(n)
+		case "ucode":
+			t.Microcode = uint8(n)
+		default:
+			return SNPTCB{}, fmt.Errorf("unknown component %q (want bl, tee, snp, ucode)", k)
+		}
+	}
+	return t, nil
 }
 
 // SNPGuestPolicy are the guest policy bits of an SNP report that policies reason about.

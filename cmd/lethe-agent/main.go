@@ -208,29 +208,13 @@ func parseLabels(s string) (map[string]string, error) {
 	return out, nil
 }
 
-// parseTCB parses bl=N,tee=N,snp=N,ucode=N (components left out are 0).
+// parseTCB parses --emulated-tcb (attest.ParseSNPTCB's form).
 func parseTCB(s string) (*attest.SNPTCB, error) {
-	var t attest.SNPTCB
-	for kv := range strings.SplitSeq(s, ",") {
-		k, v, ok := strings.Cut(kv, "=")
-		n, err := strconv.ParseUint(v, 0, 8)
-		if !ok || err != nil {
-			return nil, fmt.Errorf("--emulated-tcb: %q is not component=N (N from 0 to 255)", kv)
-		}
-		switch k {
-		case "bl":
-			t.BootLoader = uint8(n)
-		case "tee":
-			t.TEE = uint8(n)
-		case "snp":
-			t.SNP = uint8(n)
-		case "ucode":
-			t.Microcode = uint8(n)
-		default:
-			return nil, fmt.Errorf("--emulated-tcb: unknown component %q (bl, tee, snp, ucode)", k)
-		}
+	tcb, err := attest.ParseSNPTCB(s)
+	if err != nil {
+		return nil, fmt.Errorf("--emulated-tcb: %w", err)
 	}
-	return &t, nil
+	return &tcb, nil
 }
 
 // attester returns the attester --attestation chose.

@@ -10,8 +10,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/google/go-sev-guest/abi"
@@ -51,30 +49,11 @@ func decodeHexArg(name, value string, max int, exact bool) ([]byte, error) {
 	return h, nil
 }
 
-// parseSNPTCBFlag parses bl=N,tee=N,snp=N,ucode=N (components left out are 0).
+// parseSNPTCBFlag parses --tcb (attest.ParseSNPTCB's form).
 func parseSNPTCBFlag(s string) (*attest.SNPTCB, error) {
-	var tcb attest.SNPTCB
-	for _, part := range strings.Split(s, ",") {
-		k, v, ok := strings.Cut(strings.TrimSpace(part), "=")
-		if !ok {
-			return nil, fmt.Errorf("--tcb: %q is not name=value", part)
-		}
-		n, err := strconv.ParseUint(v, 0, 8)
-		if err != nil {
-			return nil, fmt.Errorf("--tcb: %s: %w", k, err)
-		}
-		switch k {
-		case "bl":
-			tcb.BootLoader = uint8(n)
-		case "tee":
-			tcb.TEE = uint8(n)
-		case "snp":
-			tcb.SNP = uint8(n)
-		case "ucode":
-			tcb.Microcode = uint8(n)
-		default:
-			return nil, fmt.Errorf("--tcb: unknown component %q (want bl, tee, snp, ucode)", k)
-		}
+	tcb, err := attest.ParseSNPTCB(s)
+	if err != nil {
+		return nil, fmt.Errorf("--tcb: %w", err)
 	}
 	return &tcb, nil
 }
