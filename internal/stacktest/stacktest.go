@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/json"
 	"log/slog"
 	"testing"
 	"time"
@@ -153,4 +154,41 @@ func background(t testing.TB, name string, f func(context.Context) error) {
 			t.Errorf("%s: %v", name, err)
 		}
 	})
+}
+
+// WatchKV follows key in bucket until cond holds for its JSON value and returns that value; it
+// fails t after limit, showing the last value seen.
+func WatchKV[T any](t testing.TB, js jetstream.JetStream, bucket, key string, limit time.Duration, cond func(*T) bool) *T {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), limit)
+	defer cancel()
+	kv, err := js.KeyValue(ctx, bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := kv.Watch(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	var last T
+	for {
+		select {
+		case <-ctx.Done():
+			b, _ := json.Marshal(last)
+			t.Fatalf("%s/%s: condition not met within %v; last value %s", bucket, key, limit, b)
+		case entry := <-w.Updates():
+			if entry == nil || entry.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			var v T
+			if err := json.Unmarshal(entry.Value(), &v); err != nil {
+				t.Fatal(err)
+			}
+			last = v
+			if cond(&v) {
+				return &v
+			}
+		}
+	}
 }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/sha512"
-	"encoding/json"
 	"log/slog"
 	"net"
 	"os"
@@ -118,37 +117,7 @@ func (tn *testNode) stop(t *testing.T) {
 // waitLimit.
 func watch[T any](e *env, bucket, key string, cond func(*T) bool) *T {
 	e.t.Helper()
-	ctx, cancel := context.WithTimeout(e.t.Context(), waitLimit)
-	defer cancel()
-	kv, err := e.js.KeyValue(ctx, bucket)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	w, err := kv.Watch(ctx, key)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	defer w.Stop()
-	var last T
-	for {
-		select {
-		case <-ctx.Done():
-			b, _ := json.Marshal(last)
-			e.t.Fatalf("%s/%s: condition not met; last value %s", bucket, key, b)
-		case entry := <-w.Updates():
-			if entry == nil || entry.Operation() != jetstream.KeyValuePut {
-				continue
-			}
-			var v T
-			if err := json.Unmarshal(entry.Value(), &v); err != nil {
-				e.t.Fatal(err)
-			}
-			last = v
-			if cond(&v) {
-				return &v
-			}
-		}
-	}
+	return stacktest.WatchKV(e.t, e.js, bucket, key, waitLimit, cond)
 }
 
 func (e *env) waitHost(host string, cond func(*agentapi.HostRecord) bool) {
