@@ -120,18 +120,8 @@ func (d *Destination) Prepare(ctx context.Context) (attest.CleanMemoryStatement,
 }
 
 func (d *Destination) params() handshakeParams {
-	p := handshakeParams{migrationID: d.cfg.MigrationID, streams: d.cfg.MaxStreams}
-	if d.cfg.Region != nil {
-		p.flags |= flagMemory
-		p.pages = uint64(d.cfg.Region.Pages())
-		if d.cfg.ZeroPageElision {
-			p.flags |= flagZeroPages
-		}
-	}
-	if d.cfg.Stream != nil {
-		p.flags |= flagStream
-	}
-	return p
+	c := &d.cfg
+	return newHandshakeParams(c.MigrationID, c.MaxStreams, c.Region, c.ZeroPageElision, c.Stream)
 }
 
 // Receive accepts the source's streams on ln (which it closes when they have all joined or

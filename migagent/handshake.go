@@ -59,6 +59,23 @@ type handshakeParams struct {
 	pages       uint64
 }
 
+// newHandshakeParams are what one side proposes: a memory transfer of region (with zero pages
+// as flags when zeroPages), a byte stream, or both.
+func newHandshakeParams(migrationID string, streams int, region *Region, zeroPages bool, stream io.ReadWriteCloser) handshakeParams {
+	p := handshakeParams{migrationID: migrationID, streams: streams}
+	if region != nil {
+		p.flags |= flagMemory
+		p.pages = uint64(region.Pages())
+		if zeroPages {
+			p.flags |= flagZeroPages
+		}
+	}
+	if stream != nil {
+		p.flags |= flagStream
+	}
+	return p
+}
+
 func (p handshakeParams) hello(nonce []byte) []byte {
 	b := append(handshakeMagic[:0:0], handshakeMagic[:]...)
 	b = append(b, msgHello, byte(p.streams))

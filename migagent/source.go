@@ -150,18 +150,8 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 }
 
 func (s *Source) params() handshakeParams {
-	p := handshakeParams{migrationID: s.cfg.MigrationID, streams: s.cfg.Streams}
-	if s.cfg.Region != nil {
-		p.flags |= flagMemory
-		p.pages = uint64(s.cfg.Region.Pages())
-		if s.cfg.ZeroPageElision {
-			p.flags |= flagZeroPages
-		}
-	}
-	if s.cfg.Stream != nil {
-		p.flags |= flagStream
-	}
-	return p
+	c := &s.cfg
+	return newHandshakeParams(c.MigrationID, c.Streams, c.Region, c.ZeroPageElision, c.Stream)
 }
 
 // connect dials every stream, runs key confirmation on the first and joins the others.
