@@ -34,6 +34,12 @@ const (
 	// OutcomeAborted: the migration aborted; the destination's keys (migration key and epoch
 	// e+1) are destroyed and the guest runs on at the source.
 	OutcomeAborted Outcome = "aborted"
+	// OutcomeCommittedUnverifiedErasure: the migration committed (the destination's commit
+	// acknowledgement verified) and the source's keys are destroyed, but the source's erasure
+	// was not proven: it sent no erasure evidence (its host was lost), or its evidence did not
+	// satisfy the tenant's policy (see Erasure.Reasons). What the source kept is undecryptable;
+	// that it scrubbed it is not attested.
+	OutcomeCommittedUnverifiedErasure Outcome = "committed-unverified-erasure"
 )
 
 // Receipt is what the keybroker signs when a migration has ended and its keys are destroyed.
@@ -137,8 +143,10 @@ func (r *Receipt) Validate() error {
 		return fmt.Errorf("receipt kind %q, want %q", r.Kind, Kind)
 	case r.MigrationID == "" || r.Tenant == "" || r.VM == "":
 		return fmt.Errorf("receipt lacks its migration, tenant or VM")
-	case r.Outcome != OutcomeErased && r.Outcome != OutcomeAborted:
-		return fmt.Errorf("receipt outcome %q is neither %q nor %q", r.Outcome, OutcomeErased, OutcomeAborted)
+	case r.Outcome != OutcomeErased && r.Outcome != OutcomeAborted && r.Outcome != OutcomeCommittedUnverifiedErasure:
+		return fmt.Errorf("receipt outcome %q is not %q, %q or %q", r.Outcome, OutcomeErased, OutcomeAborted, OutcomeCommittedUnverifiedErasure)
+	case r.Outcome == OutcomeErased && (r.Erasure == nil || !r.Erasure.Accepted):
+		return fmt.Errorf("receipt says %q without accepted erasure evidence", OutcomeErased)
 	case len(r.DestroyedKeys) == 0:
 		return fmt.Errorf("receipt names no destroyed key")
 	}

@@ -207,3 +207,53 @@ func decode(b []byte) (*Keys, error) {
 	}
 	return k, nil
 }
+
+// SecretSize is the size of the secret Encapsulate and Decapsulate agree on.
+const SecretSize = 32
+
+// Encapsulate makes a fresh secret that only the holder of pub's private key can recover
+// (Decapsulate with the same context): enc is the KEM ciphertext to send, secret the 32 bytes
+// both sides then hold. The data plane uses it to make each end prove it holds the HPKE key
+// its evidence binds. The caller clears secret.
+func Encapsulate(pub []byte, context string) (enc, secret []byte, err error) {
+	pk, err := kem().NewPublicKey(pub)
+	if err != nil {
+		return nil, nil, fmt.Errorf("encapsulating: parsing HPKE public key: %w", err)
+	}
+	enc, s, err := hpke.NewSender(pk, kdf(), hpke.ExportOnly(), []byte(context))
+	if err != nil {
+		return nil, nil, fmt.Errorf("encapsulating: %w", err)
+	}
+	if secret, err = s.Export(exportLabel, SecretSize); err != nil {
+		return nil, nil, fmt.Errorf("encapsulating: %w", err)
+	}
+	return enc, secret, nil
+}
+
+// Decapsulate recovers the secret of a KEM ciphertext made by Encapsulate for k's public key
+// and context. A ciphertext for another key or context yields another secret (ML-KEM rejects
+// implicitly), so a wrong peer shows only when the secrets are used; a malformed one is an
+// error wrapping ErrOpen.
+func (k *PrivateKey) Decapsulate(enc []byte, context string) ([]byte, error) {
+	if k.key == nil {
+		return nil, fmt.Errorf("%w: the private key was zeroized", ErrOpen)
+	}
+	r, err := hpke.NewRecipient(enc, k.key, kdf(), hpke.ExportOnly(), []byte(context))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrOpen, err)
+	}
+	secret, err := r.Export(exportLabel, SecretSize)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrOpen, err)
+	}
+	return secret, nil
+}
+
+// exportLabel is the HPKE exporter context of Encapsulate's secret.
+const exportLabel = "lethe/v1/possession"
+
+// EncapsulatedSize is the size of the KEM ciphertext Encapsulate returns.
+func EncapsulatedSize() int { return encSize }
+
+// encSize is ML-KEM-768's ciphertext (1088 bytes) and an X25519 share (32).
+const encSize = 1088 + 32
