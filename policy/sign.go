@@ -1,19 +1,17 @@
 package policy
 
 import (
-	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/x509"
-	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
+
+	"github.com/lethe-cc/lethe/internal/dsse"
 )
 
 // PayloadType is the DSSE payload type of a signed policy.
@@ -34,48 +32,23 @@ var (
 	ErrRollback = errors.New("policy rollback")
 )
 
-// Envelope is a signed policy: a DSSE envelope whose payload is the exact YAML bytes of the
-// policy and whose signatures are Ed25519 signatures over the payload's pre-authentication
-// encoding (PAE). It encodes as DSSE's JSON (byte strings base64).
-type Envelope struct {
-	PayloadType string      `json:"payloadType"`
-	Payload     []byte      `json:"payload"`
-	Signatures  []Signature `json:"signatures"`
-}
+// Envelope is a signed policy: a DSSE envelope (package dsse) whose payload is the exact YAML
+// bytes of the policy and whose signatures are Ed25519 signatures over the payload's
+// pre-authentication encoding (PAE). It encodes as DSSE's JSON and decodes strictly wherever
+// it is decoded (see package dsse).
+type Envelope dsse.Envelope
 
 // Signature is one signature of an envelope.
-type Signature struct {
-	// KeyID is a hint naming the key (see KeyID); verification does not rely on it.
-	KeyID string `json:"keyid,omitempty"`
-	Sig   []byte `json:"sig"`
+type Signature = dsse.Signature
+
+// UnmarshalJSON decodes an envelope strictly, as ParseEnvelope does but without its checks of
+// size and payload type; see dsse.Envelope.UnmarshalJSON. Errors wrap dsse.ErrMalformed.
+func (env *Envelope) UnmarshalJSON(b []byte) error {
+	return (*dsse.Envelope)(env).UnmarshalJSON(b)
 }
 
-// maxSignatures bounds the signatures an envelope may carry.
-const maxSignatures = 8
-
-// PAE returns DSSE's pre-authentication encoding of a payload: the bytes that are signed.
-func PAE(payloadType string, payload []byte) []byte {
-	var b bytes.Buffer
-	b.WriteString("DSSEv1 ")
-	b.WriteString(strconv.Itoa(len(payloadType)))
-	b.WriteByte(' ')
-	b.WriteString(payloadType)
-	b.WriteByte(' ')
-	b.WriteString(strconv.Itoa(len(payload)))
-	b.WriteByte(' ')
-	b.Write(payload)
-	return b.Bytes()
-}
-
-// KeyID names a public key: "sha256:" and the hex SHA-256 of its PKIX encoding.
-func KeyID(pub ed25519.PublicKey) string {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return ""
-	}
-	sum := sha256.Sum256(der)
-	return "sha256:" + hex.EncodeToString(sum[:])
-}
+// KeyID names a public key: "sha256:" and the hex SHA-256 of its PKIX encoding (dsse.KeyID).
+func KeyID(pub ed25519.PublicKey) string { return dsse.KeyID(pub) }
 
 // Sign parses policyYAML (refusing to sign a policy that does not parse) and returns it in an
 // envelope signed with key.
@@ -86,13 +59,13 @@ func Sign(file string, policyYAML []byte, key ed25519.PrivateKey) (*Envelope, er
 	if len(key) != ed25519.PrivateKeySize {
 		return nil, fmt.Errorf("signing policy: private key is %d bytes, want %d", len(key), ed25519.PrivateKeySize)
 	}
-	payload := bytes.Clone(policyYAML)
-	sig := ed25519.Sign(key, PAE(PayloadType, payload))
-	return &Envelope{
-		PayloadType: PayloadType,
-		Payload:     payload,
-		Signatures:  []Signature{{KeyID: KeyID(key.Public().(ed25519.PublicKey)), Sig: sig}},
-	}, nil
+	env, err := dsse.Sign(PayloadType, policyYAML, key.Public().(ed25519.PublicKey), func(msg []byte) ([]byte, error) {
+		return ed25519.Sign(key, msg), nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("signing policy: %w", err)
+	}
+	return (*Envelope)(env), nil
 }
 
 // Marshal encodes the envelope as JSON.
@@ -104,31 +77,22 @@ func (env *Envelope) Marshal() ([]byte, error) {
 	return append(b, '\n'), nil
 }
 
-// ParseEnvelope decodes an envelope. It checks shape only (payload type, size, at least one
-// signature); it proves nothing.
+// ParseEnvelope decodes an envelope of at most 2*MaxSize bytes strictly (see package dsse:
+// unknown members are ignored, names must match exactly, base64 standard or URL-safe). It
+// checks shape only (payload type, payload size, 1 to dsse.MaxSignatures signatures); it
+// proves nothing. Errors for malformed JSON wrap dsse.ErrMalformed.
 func ParseEnvelope(b []byte) (*Envelope, error) {
-	if len(b) > 2*MaxSize {
-		return nil, fmt.Errorf("decoding envelope: %d bytes exceeds the %d-byte limit", len(b), 2*MaxSize)
-	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	var env Envelope
-	if err := dec.Decode(&env); err != nil {
+	env, err := dsse.Parse(b, 2*MaxSize)
+	if err != nil {
 		return nil, fmt.Errorf("decoding envelope: %w", err)
-	}
-	if dec.More() {
-		return nil, errors.New("decoding envelope: trailing data")
 	}
 	if env.PayloadType != PayloadType {
 		return nil, fmt.Errorf("decoding envelope: payload type %q, want %q", env.PayloadType, PayloadType)
 	}
-	if len(env.Signatures) == 0 || len(env.Signatures) > maxSignatures {
-		return nil, fmt.Errorf("decoding envelope: %d signatures, want 1 to %d", len(env.Signatures), maxSignatures)
-	}
 	if len(env.Payload) > MaxSize {
 		return nil, fmt.Errorf("decoding envelope: payload of %d bytes exceeds the %d-byte limit", len(env.Payload), MaxSize)
 	}
-	return &env, nil
+	return (*Envelope)(env), nil
 }
 
 // Verify decodes a signed policy, checks that a signature over it verifies with pub, and
@@ -146,24 +110,14 @@ func Verify(signed []byte, pub ed25519.PublicKey) (*Policy, error) {
 // Verify checks that a signature of env verifies with pub and parses the payload; see the
 // function Verify.
 func (env *Envelope) Verify(pub ed25519.PublicKey) (*Policy, error) {
-	if len(pub) != ed25519.PublicKeySize {
-		return nil, fmt.Errorf("verifying policy: public key is %d bytes, want %d", len(pub), ed25519.PublicKeySize)
-	}
-	if env.PayloadType != PayloadType {
-		return nil, fmt.Errorf("verifying policy: payload type %q, want %q", env.PayloadType, PayloadType)
-	}
-	msg := PAE(env.PayloadType, env.Payload)
-	verified := false
-	for _, s := range env.Signatures {
-		if ed25519.Verify(pub, msg, s.Sig) {
-			verified = true
-			break
-		}
-	}
-	if !verified {
+	payload, err := (*dsse.Envelope)(env).Verify(PayloadType, pub)
+	switch {
+	case errors.Is(err, dsse.ErrSignature):
 		return nil, fmt.Errorf("verifying policy: %w (key %s)", ErrSignature, KeyID(pub))
+	case err != nil:
+		return nil, fmt.Errorf("verifying policy: %w", err)
 	}
-	p, err := Parse("signed policy", env.Payload)
+	p, err := Parse("signed policy", payload)
 	if err != nil {
 		return nil, fmt.Errorf("verifying policy: %w", err)
 	}

@@ -4,12 +4,16 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"github.com/lethe-cc/lethe/internal/dsse"
 )
 
 func newKey(t testing.TB) (ed25519.PublicKey, ed25519.PrivateKey) {
@@ -84,11 +88,11 @@ func TestVerifyRejects(t *testing.T) {
 		{"tampered signature", mutate(func(e *Envelope) { e.Signatures[0].Sig[0] ^= 1 }), pub, true},
 		{"wrong key", good, otherPub, true},
 		{"signed by another key with our key id", mutate(func(e *Envelope) {
-			e.Signatures[0].Sig = ed25519.Sign(otherPriv, PAE(PayloadType, e.Payload))
+			e.Signatures[0].Sig = ed25519.Sign(otherPriv, dsse.PAE(PayloadType, e.Payload))
 		}), pub, true},
 		{"payload type changed", mutate(func(e *Envelope) { e.PayloadType = "application/json" }), pub, false},
 		{"no signatures", mutate(func(e *Envelope) { e.Signatures = nil }), pub, false},
-		{"unknown field", bytes.Replace(good, []byte(`"payloadType"`), []byte(`"extra": 1, "payloadType"`), 1), pub, false},
+		{"unsigned payload beside the signed one", bytes.Replace(good, []byte(`"payloadType"`), []byte(`"Payload": "", "payloadType"`), 1), pub, false},
 		{"not json", []byte("apiVersion: lethe.dev/v1"), pub, false},
 		{"short key", good, pub[:10], false},
 	}
@@ -105,6 +109,57 @@ func TestVerifyRejects(t *testing.T) {
 	}
 }
 
+// TestParseEnvelopeDSSE checks that a signed policy decodes as DSSE says: unknown members
+// ignored, base64 standard or URL-safe, padded or not; and that names spelled in another case
+// are refused rather than read (package dsse has the whole list).
+func TestParseEnvelopeDSSE(t *testing.T) {
+	pub, priv := newKey(t)
+	env, err := Sign("p.yaml", []byte(minimal), priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig := env.Signatures[0].Sig
+	envelope := func(enc *base64.Encoding, extra string) []byte {
+		return fmt.Appendf(nil, `{%s"payloadType":%q,"payload":%q,"signatures":[{"keyid":%q,"sig":%q}]}`,
+			extra, PayloadType, enc.EncodeToString(env.Payload), KeyID(pub), enc.EncodeToString(sig))
+	}
+	tests := map[string]struct {
+		signed []byte
+		ok     bool
+	}{
+		"standard base64":           {envelope(base64.StdEncoding, ""), true},
+		"standard base64, no pad":   {envelope(base64.RawStdEncoding, ""), true},
+		"URL-safe base64":           {envelope(base64.URLEncoding, ""), true},
+		"URL-safe base64, no pad":   {envelope(base64.RawURLEncoding, ""), true},
+		"unknown member":            {envelope(base64.StdEncoding, `"extra":{"a":[1]},`), true},
+		"Payload beside payload":    {envelope(base64.StdEncoding, `"Payload":"",`), false},
+		"payloadType twice":         {envelope(base64.StdEncoding, fmt.Sprintf(`"payloadType":%q,`, PayloadType)), false},
+		"payload type not policy":   {[]byte(strings.Replace(string(envelope(base64.StdEncoding, "")), PayloadType, "application/json", 1)), false},
+		"trailing data":             {append(envelope(base64.StdEncoding, ""), 'x'), false},
+		"larger than twice MaxSize": {append(envelope(base64.StdEncoding, ""), bytes.Repeat([]byte(" "), 2*MaxSize)...), false},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			p, err := Verify(tc.signed, pub)
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("Verify: %v", err)
+				}
+				if !bytes.Equal(p.Raw(), []byte(minimal)) {
+					t.Errorf("payload %q, want the bytes signed", p.Raw())
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("verified")
+			}
+			if errors.Is(err, ErrSignature) {
+				t.Errorf("Verify = %v, want a decoding error, not ErrSignature", err)
+			}
+		})
+	}
+}
+
 func TestVerifySignedInvalidPolicy(t *testing.T) {
 	// Sign refuses an invalid policy; one signed by other means is still refused on Verify.
 	pub, priv := newKey(t)
@@ -112,7 +167,7 @@ func TestVerifySignedInvalidPolicy(t *testing.T) {
 	if _, err := Sign("bad.yaml", bad, priv); len(ParseErrors(err)) != 1 {
 		t.Fatalf("Sign of an invalid policy: %v", err)
 	}
-	env := Envelope{PayloadType: PayloadType, Payload: bad, Signatures: []Signature{{Sig: ed25519.Sign(priv, PAE(PayloadType, bad))}}}
+	env := Envelope{PayloadType: PayloadType, Payload: bad, Signatures: []Signature{{Sig: ed25519.Sign(priv, dsse.PAE(PayloadType, bad))}}}
 	b, _ := json.Marshal(env)
 	if _, err := Verify(b, pub); len(ParseErrors(err)) != 1 {
 		t.Errorf("Verify of a signed invalid policy: %v", err)
@@ -187,7 +242,7 @@ func FuzzParseEnvelope(f *testing.F) {
 		}
 		ok := false
 		for _, s := range env.Signatures {
-			ok = ok || ed25519.Verify(pub, PAE(PayloadType, env.Payload), s.Sig)
+			ok = ok || ed25519.Verify(pub, dsse.PAE(PayloadType, env.Payload), s.Sig)
 		}
 		if !ok || !bytes.Equal(p.Raw(), env.Payload) {
 			t.Fatal("verified without a valid signature")

@@ -18,10 +18,11 @@ func newReceiptGetCmd() *cobra.Command {
 	var o brokerOpts
 	var out string
 	cmd := &cobra.Command{
-		Use:     "get MIGRATION",
-		Short:   "Fetch a migration's signed receipt from the broker",
-		Example: "  lethectl receipt get mig-ABC --out receipt.json && lethectl receipt verify receipt.json --pub keybroker.pub",
-		Args:    cobra.ExactArgs(1),
+		Use:   "get MIGRATION",
+		Short: "Fetch a migration's signed receipt from the broker",
+		Example: `  lethectl receipt get mig-ABC --out receipt.json
+  lethectl receipt verify receipt.json --pub keybroker.pub --migration mig-ABC --policy policy.signed --require-erased`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			r, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.Receipt, error) {
 				return c.GetReceipt(ctx, args[0])

@@ -3,13 +3,17 @@
 // encoding (PAE) of both. Receipts, signed policies and the keybroker's release grants are
 // all DSSE envelopes, each with its own payload type, and all decode through this package.
 //
-// Decoding is strict where leniency would let two verifiers see different documents:
-// field names must match exactly (Go's encoding/json would take "Payload" for "payload"),
-// a key that appears twice is refused (at every level of the envelope), and byte strings are
-// base64, standard or URL-safe, padded or not, as the DSSE specification allows. Unknown
-// fields are ignored, as DSSE requires. So an envelope that carries a signed payload in
-// "payload" and a second, unsigned one under another spelling is refused, instead of being
-// verified against one payload and shown with the other.
+// Decoding is strict where leniency would let two verifiers see different documents. Member
+// names must match exactly, and a member whose name differs from one of DSSE's only in case
+// ("Payload", "PAYLOADTYPE", "Sig") is refused: Go's encoding/json would read it as that
+// member, other decoders would ignore it. A name that appears twice is refused, in the
+// envelope and in each signature (decoders disagree on which one counts). Byte strings are
+// base64, standard or URL-safe, padded or not, as the DSSE specification allows, but never
+// both alphabets in one string. The input must be UTF-8 with nothing after the envelope.
+// Other members are ignored, as DSSE requires (their values need only be well-formed JSON).
+// So an envelope that carries a signed payload in "payload" and a second, unsigned one under
+// another spelling is refused, instead of being verified against one payload and shown with
+// the other.
 //
 // A key ID is "sha256:" and the hex SHA-256 of the key's PKIX (DER) encoding: a hint that
 // verification does not rely on.
@@ -27,8 +31,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // MaxSignatures bounds the signatures an envelope may carry.
@@ -72,8 +78,11 @@ func PAE(payloadType string, payload []byte) []byte {
 }
 
 // KeyID returns the key ID of an Ed25519 public key: "sha256:" and the hex SHA-256 of its
-// PKIX encoding.
+// PKIX encoding. It returns "" for a key of the wrong size.
 func KeyID(pub ed25519.PublicKey) string {
+	if len(pub) != ed25519.PublicKeySize {
+		return ""
+	}
 	der, err := x509.MarshalPKIXPublicKey(pub)
 	if err != nil {
 		return ""
@@ -124,22 +133,60 @@ func (env *Envelope) Verify(payloadType string, pub ed25519.PublicKey) ([]byte, 
 }
 
 // Parse decodes an envelope strictly; it proves nothing (Verify does). Envelopes larger than
-// maxSize bytes are refused. Errors wrap ErrMalformed.
+// maxSize bytes are refused, and so is JSON null. Errors wrap ErrMalformed.
 func Parse(b []byte, maxSize int) (*Envelope, error) {
 	if len(b) > maxSize {
 		return nil, fmt.Errorf("%w: %d bytes exceeds the %d-byte limit", ErrMalformed, len(b), maxSize)
 	}
 	var env Envelope
-	if err := env.UnmarshalJSON(b); err != nil {
+	if err := env.decode(b); err != nil {
 		return nil, err
 	}
 	return &env, nil
 }
 
 // UnmarshalJSON decodes an envelope strictly, so that an envelope inside any JSON document
-// decodes the same way Parse does. Errors wrap ErrMalformed.
+// decodes the way Parse does. As encoding/json's convention asks, JSON null leaves env
+// unchanged (a null *Envelope field stays nil). Errors wrap ErrMalformed.
 func (env *Envelope) UnmarshalJSON(b []byte) error {
-	fields, err := object(b)
+	if isNull(b) {
+		return nil
+	}
+	return env.decode(b)
+}
+
+// UnmarshalJSON decodes one signature strictly (see the package documentation), as an
+// envelope's UnmarshalJSON does. JSON null leaves s unchanged. Errors wrap ErrMalformed.
+func (s *Signature) UnmarshalJSON(b []byte) error {
+	if isNull(b) {
+		return nil
+	}
+	if !utf8.Valid(b) {
+		return fmt.Errorf("%w: signature: not UTF-8", ErrMalformed)
+	}
+	out, err := decodeSignature(b)
+	if err != nil {
+		return fmt.Errorf("%w: signature: %w", ErrMalformed, err)
+	}
+	*s = out
+	return nil
+}
+
+// The member names of an envelope and of a signature. Only these exact spellings are read.
+var (
+	envelopeMembers  = []string{"payloadType", "payload", "signatures"}
+	signatureMembers = []string{"keyid", "sig"}
+)
+
+// decode decodes b strictly into env, which it changes only on success. Errors wrap
+// ErrMalformed.
+func (env *Envelope) decode(b []byte) error {
+	// encoding/json would replace invalid UTF-8 in strings by U+FFFD, where other decoders
+	// refuse it or keep the bytes.
+	if !utf8.Valid(b) {
+		return fmt.Errorf("%w: not UTF-8", ErrMalformed)
+	}
+	fields, err := object(b, envelopeMembers)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrMalformed, err)
 	}
@@ -148,7 +195,7 @@ func (env *Envelope) UnmarshalJSON(b []byte) error {
 	if !ok {
 		return fmt.Errorf("%w: no payloadType", ErrMalformed)
 	}
-	if err := json.Unmarshal(pt, &out.PayloadType); err != nil {
+	if out.PayloadType, err = stringField(pt); err != nil {
 		return fmt.Errorf("%w: payloadType: %w", ErrMalformed, err)
 	}
 	p, ok := fields["payload"]
@@ -162,6 +209,9 @@ func (env *Envelope) UnmarshalJSON(b []byte) error {
 	if !ok {
 		return fmt.Errorf("%w: no signatures", ErrMalformed)
 	}
+	if len(sigs) == 0 || sigs[0] != '[' {
+		return fmt.Errorf("%w: signatures is not an array", ErrMalformed)
+	}
 	var raw []json.RawMessage
 	if err := json.Unmarshal(sigs, &raw); err != nil {
 		return fmt.Errorf("%w: signatures: %w", ErrMalformed, err)
@@ -170,22 +220,9 @@ func (env *Envelope) UnmarshalJSON(b []byte) error {
 		return fmt.Errorf("%w: %d signatures, want 1 to %d", ErrMalformed, len(raw), MaxSignatures)
 	}
 	for i, r := range raw {
-		sf, err := object(r)
+		s, err := decodeSignature(r)
 		if err != nil {
 			return fmt.Errorf("%w: signature %d: %w", ErrMalformed, i, err)
-		}
-		var s Signature
-		if k, ok := sf["keyid"]; ok {
-			if err := json.Unmarshal(k, &s.KeyID); err != nil {
-				return fmt.Errorf("%w: signature %d keyid: %w", ErrMalformed, i, err)
-			}
-		}
-		sig, ok := sf["sig"]
-		if !ok {
-			return fmt.Errorf("%w: signature %d has no sig", ErrMalformed, i)
-		}
-		if s.Sig, err = base64Field(sig); err != nil {
-			return fmt.Errorf("%w: signature %d sig: %w", ErrMalformed, i, err)
 		}
 		out.Signatures = append(out.Signatures, s)
 	}
@@ -193,9 +230,32 @@ func (env *Envelope) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// object decodes one JSON object into its members, refusing a key that appears twice and
-// anything after the object.
-func object(b []byte) (map[string]json.RawMessage, error) {
+// decodeSignature decodes one signature object strictly.
+func decodeSignature(b []byte) (Signature, error) {
+	var s Signature
+	fields, err := object(b, signatureMembers)
+	if err != nil {
+		return s, err
+	}
+	if k, ok := fields["keyid"]; ok {
+		if s.KeyID, err = stringField(k); err != nil {
+			return s, fmt.Errorf("keyid: %w", err)
+		}
+	}
+	sig, ok := fields["sig"]
+	if !ok {
+		return s, errors.New("no sig")
+	}
+	if s.Sig, err = base64Field(sig); err != nil {
+		return s, fmt.Errorf("sig: %w", err)
+	}
+	return s, nil
+}
+
+// object decodes one JSON object into its members. It refuses a key that appears twice, a
+// key that differs from one of known only in case (which encoding/json would take for it),
+// and anything but white space after the object. Members it does not know are kept unread.
+func object(b []byte, known []string) (map[string]json.RawMessage, error) {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	tok, err := dec.Token()
 	if err != nil {
@@ -214,6 +274,11 @@ func object(b []byte) (map[string]json.RawMessage, error) {
 		if !ok {
 			return nil, errors.New("object key is not a string")
 		}
+		for _, k := range known {
+			if key != k && strings.EqualFold(key, k) {
+				return nil, fmt.Errorf("member %q is not %q", key, k)
+			}
+		}
 		var v json.RawMessage
 		if err := dec.Decode(&v); err != nil {
 			return nil, fmt.Errorf("member %q: %w", key, err)
@@ -226,16 +291,33 @@ func object(b []byte) (map[string]json.RawMessage, error) {
 	if _, err := dec.Token(); err != nil { // the closing brace
 		return nil, err
 	}
-	if _, err := dec.Token(); err == nil {
+	if _, err := dec.Token(); err != io.EOF {
 		return nil, errors.New("data after the object")
 	}
 	return out, nil
 }
 
-// base64Field decodes a JSON string of base64, standard or URL-safe, padded or not.
-func base64Field(raw json.RawMessage) ([]byte, error) {
+// isNull reports whether b is the JSON literal null.
+func isNull(b []byte) bool { return string(bytes.TrimSpace(b)) == "null" }
+
+// stringField decodes a JSON string; null and other types are refused.
+func stringField(raw json.RawMessage) (string, error) {
+	if len(raw) == 0 || raw[0] != '"' {
+		return "", errors.New("not a string")
+	}
 	var s string
 	if err := json.Unmarshal(raw, &s); err != nil {
+		return "", err
+	}
+	return s, nil
+}
+
+// base64Field decodes a JSON string of base64, standard or URL-safe, padded or not. It
+// refuses both alphabets in one string, line breaks, and encodings with non-zero trailing
+// bits (each byte string has one encoding per alphabet and padding).
+func base64Field(raw json.RawMessage) ([]byte, error) {
+	s, err := stringField(raw)
+	if err != nil {
 		return nil, err
 	}
 	if strings.ContainsAny(s, "\r\n") {

@@ -2,14 +2,13 @@ package receipt
 
 import (
 	"crypto/ed25519"
-	"crypto/sha256"
 	"crypto/x509"
-	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"strconv"
+
+	"github.com/lethe-cc/lethe/internal/dsse"
 )
 
 // PayloadType is the DSSE payload type of a receipt.
@@ -18,57 +17,36 @@ const PayloadType = "application/vnd.lethe.receipt+json"
 // MaxEnvelopeSize bounds the envelopes Parse accepts.
 const MaxEnvelopeSize = 1 << 20
 
-// ErrInvalid is returned (wrapped) by Verify for an envelope that is not a valid receipt
-// signed by the given key.
+// ErrInvalid is returned (wrapped) by Parse and Verify for an envelope that is not a valid
+// receipt signed by the given key.
 var ErrInvalid = errors.New("receipt invalid")
 
-// Envelope is a DSSE-style signed envelope.
-type Envelope struct {
-	PayloadType string      `json:"payloadType"`
-	Payload     []byte      `json:"payload"`
-	Signatures  []Signature `json:"signatures"`
+// Envelope is a receipt's DSSE envelope (package dsse: strict decoding, "sha256:" key IDs).
+// It encodes as DSSE's JSON and decodes strictly wherever it is decoded, inside another JSON
+// document (kbwire's DestroyResponse) as with Parse.
+type Envelope dsse.Envelope
+
+// Signature is one signature of an envelope.
+type Signature = dsse.Signature
+
+// UnmarshalJSON decodes an envelope strictly, as Parse does but without its size limit; see
+// dsse.Envelope.UnmarshalJSON. Errors wrap dsse.ErrMalformed.
+func (env *Envelope) UnmarshalJSON(b []byte) error {
+	return (*dsse.Envelope)(env).UnmarshalJSON(b)
 }
 
-// Signature is one signature of an envelope. KeyID is KeyID of the signing public key.
-type Signature struct {
-	KeyID string `json:"keyid"`
-	Sig   []byte `json:"sig"`
-}
+// KeyID returns the identifier of an Ed25519 public key in envelopes: "sha256:" and the hex
+// SHA-256 of its PKIX encoding (dsse.KeyID).
+func KeyID(pub ed25519.PublicKey) string { return dsse.KeyID(pub) }
 
-// PAE returns DSSE's pre-authentication encoding of payloadType and payload: the bytes that
-// are signed.
-func PAE(payloadType string, payload []byte) []byte {
-	b := []byte("DSSEv1 ")
-	b = strconv.AppendInt(b, int64(len(payloadType)), 10)
-	b = append(b, ' ')
-	b = append(b, payloadType...)
-	b = append(b, ' ')
-	b = strconv.AppendInt(b, int64(len(payload)), 10)
-	b = append(b, ' ')
-	return append(b, payload...)
-}
-
-// KeyID returns the identifier of an Ed25519 public key in envelopes: the hex SHA-256 of its
-// PKIX encoding.
-func KeyID(pub ed25519.PublicKey) string {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return ""
-	}
-	sum := sha256.Sum256(der)
-	return hex.EncodeToString(sum[:])
-}
-
-// Parse decodes an envelope. It proves nothing; Verify does.
+// Parse decodes an envelope of at most MaxEnvelopeSize bytes strictly (see package dsse). It
+// proves nothing; Verify does. Errors wrap ErrInvalid and dsse.ErrMalformed.
 func Parse(b []byte) (*Envelope, error) {
-	if len(b) > MaxEnvelopeSize {
-		return nil, fmt.Errorf("decoding receipt envelope: %d bytes exceeds the %d-byte limit", len(b), MaxEnvelopeSize)
+	env, err := dsse.Parse(b, MaxEnvelopeSize)
+	if err != nil {
+		return nil, fmt.Errorf("decoding receipt envelope: %w: %w", ErrInvalid, err)
 	}
-	var env Envelope
-	if err := json.Unmarshal(b, &env); err != nil {
-		return nil, fmt.Errorf("decoding receipt envelope: %w", err)
-	}
-	return &env, nil
+	return (*Envelope)(env), nil
 }
 
 // Decode returns the receipt in env's payload without checking any signature, for display.
@@ -83,30 +61,16 @@ func (env *Envelope) Decode() (*Receipt, error) {
 	return &r, nil
 }
 
-// Verify checks that env carries a valid Ed25519 signature by pub over its payload and that
-// the payload is a complete receipt, and returns the receipt. It returns an error wrapping
-// ErrInvalid when it does not.
+// Verify checks that env has the receipt payload type and a valid Ed25519 signature by pub
+// over its payload, and that the payload is a complete receipt (Receipt.Validate), and returns
+// the receipt. Signatures' key IDs are not consulted. It returns an error wrapping ErrInvalid
+// when the receipt is not valid, and another error for a public key of the wrong size.
 func Verify(env *Envelope, pub ed25519.PublicKey) (*Receipt, error) {
 	if len(pub) != ed25519.PublicKeySize {
 		return nil, fmt.Errorf("verifying receipt: public key is %d bytes, want %d", len(pub), ed25519.PublicKeySize)
 	}
-	if env.PayloadType != PayloadType {
-		return nil, fmt.Errorf("verifying receipt: payload type %q, want %q: %w", env.PayloadType, PayloadType, ErrInvalid)
-	}
-	msg := PAE(env.PayloadType, env.Payload)
-	id := KeyID(pub)
-	ok := false
-	for _, s := range env.Signatures {
-		if s.KeyID != "" && s.KeyID != id {
-			continue
-		}
-		if ed25519.Verify(pub, msg, s.Sig) {
-			ok = true
-			break
-		}
-	}
-	if !ok {
-		return nil, fmt.Errorf("verifying receipt: no valid signature by key %s: %w", id, ErrInvalid)
+	if _, err := (*dsse.Envelope)(env).Verify(PayloadType, pub); err != nil {
+		return nil, fmt.Errorf("verifying receipt: %w: %w", ErrInvalid, err)
 	}
 	r, err := env.Decode()
 	if err != nil {
@@ -120,7 +84,8 @@ func Verify(env *Envelope, pub ed25519.PublicKey) (*Receipt, error) {
 
 // Sign returns an envelope for r signed by sign, which signs the PAE bytes it is given with
 // the Ed25519 key pub and returns the signature. The keybroker's sign calls Vault Transit;
-// tests may use ed25519.Sign.
+// tests may use ed25519.Sign. It refuses an incomplete receipt (Receipt.Validate) and a
+// signature that does not verify with pub.
 func Sign(r *Receipt, pub ed25519.PublicKey, sign func(msg []byte) ([]byte, error)) (*Envelope, error) {
 	if err := r.Validate(); err != nil {
 		return nil, fmt.Errorf("signing receipt: %w", err)
@@ -129,14 +94,11 @@ func Sign(r *Receipt, pub ed25519.PublicKey, sign func(msg []byte) ([]byte, erro
 	if err != nil {
 		return nil, fmt.Errorf("signing receipt: %w", err)
 	}
-	sig, err := sign(PAE(PayloadType, payload))
+	env, err := dsse.Sign(PayloadType, payload, pub, sign)
 	if err != nil {
 		return nil, fmt.Errorf("signing receipt: %w", err)
 	}
-	if !ed25519.Verify(pub, PAE(PayloadType, payload), sig) {
-		return nil, fmt.Errorf("signing receipt: the signature does not verify with key %s", KeyID(pub))
-	}
-	return &Envelope{PayloadType: PayloadType, Payload: payload, Signatures: []Signature{{KeyID: KeyID(pub), Sig: sig}}}, nil
+	return (*Envelope)(env), nil
 }
 
 // MarshalPublicKeyPEM encodes pub as a PEM "PUBLIC KEY" block (PKIX), the form tenants pin.

@@ -1,0 +1,263 @@
+package main
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/policy"
+)
+
+// receiptFiles are the files of a receipt verify test: the keybroker's public key, signed
+// receipts of each outcome, and the signed policy they name.
+type receiptFiles struct {
+	dir, pub, policy, otherPolicy string
+	erased, aborted               string
+	unverified, unverifiedNoEv    string
+	policyDigest                  []byte
+	erasedReceipt                 *receipt.Receipt
+}
+
+func writeReceiptFiles(t *testing.T) *receiptFiles {
+	t.Helper()
+	dir := t.TempDir()
+	f := &receiptFiles{dir: dir}
+	write := func(name string, b []byte) string {
+		t.Helper()
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	kbPriv := ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, ed25519.SeedSize))
+	kbPub := kbPriv.Public().(ed25519.PublicKey)
+	pubPEM, err := receipt.MarshalPublicKeyPEM(kbPub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.pub = write("keybroker.pub", pubPEM)
+
+	tenantKey := ed25519.NewKeyFromSeed(bytes.Repeat([]byte{8}, ed25519.SeedSize))
+	y, err := os.ReadFile(examplePolicy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signPolicy := func(name string, y []byte) string {
+		env, err := policy.Sign(name, y, tenantKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := env.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return write(name+".signed", b)
+	}
+	f.policy = signPolicy("policy", y)
+	f.otherPolicy = signPolicy("other", bytes.Replace(y, []byte("policySvn: 1"), []byte("policySvn: 2"), 1))
+	sum := sha256.Sum256(y)
+	f.policyDigest = sum[:]
+
+	at := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	end := receipt.EndClaims{Platform: "emulated-sev-snp", EvidenceDigest: make([]byte, 32), Measurement: make([]byte, 48), TCB: "bl=3,tee=0,snp=8,ucode=115"}
+	base := func(outcome receipt.Outcome, er *receipt.ErasureEvidence) *receipt.Receipt {
+		return &receipt.Receipt{
+			Kind: receipt.Kind, MigrationID: "m1", Tenant: "demo", VM: "web", Outcome: outcome,
+			Policy: receipt.PolicyRef{Digest: f.policyDigest, SVN: 1},
+			Source: end, Destination: end, Erasure: er,
+			FromEpoch: 1, ToEpoch: 2,
+			DestroyedKeys: []receipt.DestroyedKey{{Name: "lethe-mig-m1", LatestVersion: 1, DestroyedAt: at}, {Name: "lethe-demo-web-e1", LatestVersion: 1, DestroyedAt: at}},
+			EndedAt:       at, IssuedAt: at,
+		}
+	}
+	sign := func(name string, r *receipt.Receipt) string {
+		env, err := receipt.Sign(r, kbPub, func(msg []byte) ([]byte, error) { return ed25519.Sign(kbPriv, msg), nil })
+		if err != nil {
+			t.Fatalf("signing the %s receipt: %v", name, err)
+		}
+		b, err := json.Marshal(env)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return write(name+".receipt", b)
+	}
+	f.erasedReceipt = base(receipt.OutcomeErased, &receipt.ErasureEvidence{EndClaims: end, Statement: json.RawMessage(`{"type":"lethe.dev/erasure/v1"}`), Accepted: true})
+	f.erased = sign("erased", f.erasedReceipt)
+	f.aborted = sign("aborted", base(receipt.OutcomeAborted, nil))
+	f.unverified = sign("unverified", base(receipt.OutcomeCommittedUnverifiedErasure, &receipt.ErasureEvidence{EndClaims: end, Accepted: false, Reasons: []string{"erasure.deadline: 90s after the commit, want at most 60s"}}))
+	f.unverifiedNoEv = sign("unverified-no-evidence", base(receipt.OutcomeCommittedUnverifiedErasure, nil))
+	return f
+}
+
+func TestReceiptVerify(t *testing.T) {
+	f := writeReceiptFiles(t)
+	digest := hex.EncodeToString(f.policyDigest)
+	tests := map[string]struct {
+		args      []string
+		code      int
+		stdout    []string // each must appear
+		stderr    []string
+		notStdout string
+	}{
+		"valid": {args: []string{f.erased}, stdout: []string{"VALID: signed by keybroker key sha256:", "outcome     erased"}},
+		"every expectation met": {
+			args:   []string{f.erased, "--migration", "m1", "--tenant", "demo", "--vm", "web", "--policy", f.policy, "--require-erased"},
+			stdout: []string{"VALID", "matches     migration m1, tenant demo, vm web, policy digest " + digest + ", outcome erased"},
+		},
+		"policy digest met":                         {args: []string{f.erased, "--policy-digest", digest}, stdout: []string{"VALID"}},
+		"policy digest met, upper case with prefix": {args: []string{f.erased, "--policy-digest", "sha256:" + strings.ToUpper(digest)}, stdout: []string{"VALID"}},
+		"another migration": {
+			args: []string{f.erased, "--migration", "m2"}, code: 1,
+			stdout: []string{`MISMATCH: migration "m1" in the receipt, expected "m2"`, "but not the receipt expected"}, notStdout: "VALID",
+		},
+		"another tenant and vm": {
+			args: []string{f.erased, "--tenant", "acme", "--vm", "db"}, code: 1,
+			stdout: []string{`MISMATCH: tenant "demo" in the receipt, expected "acme"`, `MISMATCH: vm "web" in the receipt, expected "db"`},
+		},
+		"another policy": {
+			args: []string{f.erased, "--policy", f.otherPolicy}, code: 1,
+			stdout: []string{"MISMATCH: policy digest " + digest + " (policySvn 1) in the receipt, expected "},
+		},
+		"another policy digest": {
+			args: []string{f.erased, "--policy-digest", strings.Repeat("ab", 32)}, code: 1,
+			stdout: []string{"MISMATCH: policy digest " + digest + " (policySvn 1) in the receipt, expected " + strings.Repeat("ab", 32)},
+		},
+		"aborted, erasure required": {
+			args: []string{f.aborted, "--require-erased"}, code: 1,
+			stdout: []string{`MISMATCH: outcome "aborted" in the receipt, --require-erased expects "erased"`},
+		},
+		"aborted": {args: []string{f.aborted}, stdout: []string{"VALID", "outcome     aborted"}},
+		"erasure not proven": {
+			args: []string{f.unverified},
+			stdout: []string{
+				"VALID", "WARNING: committed, erasure NOT proven: the tenant's policy did not accept the source's erasure evidence: erasure.deadline: 90s after the commit, want at most 60s",
+				"outcome     committed-unverified-erasure: committed, erasure NOT proven (epoch 1 -> 2)",
+			},
+		},
+		"erasure not proven, no evidence": {
+			args:   []string{f.unverifiedNoEv},
+			stdout: []string{"WARNING: committed, erasure NOT proven: the source sent no erasure evidence", "erasure     none"},
+		},
+		"erasure not proven, erasure required": {
+			args: []string{f.unverified, "--require-erased", "--migration", "m1"}, code: 1,
+			stdout:    []string{`MISMATCH: outcome "committed-unverified-erasure" (committed, erasure NOT proven: the tenant's policy did not accept the source's erasure evidence: erasure.deadline: 90s after the commit, want at most 60s), --require-erased expects "erased"`},
+			notStdout: "migration \"m1\"",
+		},
+		"json, mismatch": {
+			args: []string{f.erased, "-o", "json", "--vm", "db"}, code: 1,
+			stderr:    []string{`MISMATCH: vm "web" in the receipt, expected "db"`},
+			notStdout: "{",
+		},
+		"json, erasure not proven": {
+			args:   []string{f.unverified, "-o", "json"},
+			stdout: []string{`"outcome": "committed-unverified-erasure"`},
+			stderr: []string{"WARNING: committed, erasure NOT proven"},
+		},
+		"bad policy digest":         {args: []string{f.erased, "--policy-digest", "abc"}, code: 1, stderr: []string{"--policy-digest"}},
+		"policy and policy digest":  {args: []string{f.erased, "--policy", f.policy, "--policy-digest", digest}, code: 1, stderr: []string{"policy"}},
+		"policy not an envelope":    {args: []string{f.erased, "--policy", examplePolicy}, code: 1, stderr: []string{"signed policy envelope"}},
+		"policy file missing":       {args: []string{f.erased, "--policy", filepath.Join(f.dir, "none")}, code: 1, stderr: []string{"reading policy"}},
+		"a policy is not a receipt": {args: []string{f.policy}, code: 1, stdout: []string{"INVALID: "}},
+		"receipt file missing":      {args: []string{filepath.Join(f.dir, "none")}, code: 1, stderr: []string{"reading receipt"}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			stdout, stderr, code := runLethectl(t, append([]string{"receipt", "verify", "--pub", f.pub}, tc.args...)...)
+			if code != tc.code {
+				t.Errorf("exit %d, want %d\nstdout:\n%s\nstderr:\n%s", code, tc.code, stdout, stderr)
+			}
+			for _, s := range tc.stdout {
+				if !strings.Contains(stdout, s) {
+					t.Errorf("stdout lacks %q:\n%s", s, stdout)
+				}
+			}
+			for _, s := range tc.stderr {
+				if !strings.Contains(stderr, s) {
+					t.Errorf("stderr lacks %q:\n%s", s, stderr)
+				}
+			}
+			if tc.notStdout != "" && strings.Contains(stdout, tc.notStdout) {
+				t.Errorf("stdout has %q:\n%s", tc.notStdout, stdout)
+			}
+		})
+	}
+}
+
+// TestReceiptVerifyJSON checks that -o json prints the receipt, as before the expectations.
+func TestReceiptVerifyJSON(t *testing.T) {
+	f := writeReceiptFiles(t)
+	stdout, stderr, code := runLethectl(t, "receipt", "verify", "--pub", f.pub, f.erased, "-o", "json", "--migration", "m1", "--require-erased")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s%s", code, stdout, stderr)
+	}
+	var got receipt.Receipt
+	if err := json.Unmarshal([]byte(stdout), &got); err != nil {
+		t.Fatalf("decoding the output: %v\n%s", err, stdout)
+	}
+	// Compared as compact JSON: the output is indented, the statement in it too.
+	want, _ := json.Marshal(f.erasedReceipt)
+	printed, _ := json.Marshal(&got)
+	if diff := cmp.Diff(string(want), string(printed)); diff != "" {
+		t.Errorf("receipt (-signed +printed):\n%s", diff)
+	}
+}
+
+// TestReceiptVerifyRefusesAmbiguousEnvelopes checks that verify (and show) refuse envelopes
+// that DSSE decoders read differently, above all a payload under a second spelling of
+// "payload", and bad signatures.
+func TestReceiptVerifyRefusesAmbiguousEnvelopes(t *testing.T) {
+	f := writeReceiptFiles(t)
+	good, err := os.ReadFile(f.erased)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var env map[string]any
+	if err := json.Unmarshal(good, &env); err != nil {
+		t.Fatal(err)
+	}
+	signed := env["payload"].(string)
+	// The unsigned payload: the same receipt, of another migration.
+	p, err := base64.StdEncoding.DecodeString(signed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unsigned := base64.StdEncoding.EncodeToString(bytes.Replace(p, []byte(`"migrationId":"m1"`), []byte(`"migrationId":"m9"`), 1))
+	rest := func(extra string) string {
+		sigs, _ := json.Marshal(env["signatures"])
+		return fmt.Sprintf(`"payloadType":%q,%s"signatures":%s`, env["payloadType"], extra, sigs)
+	}
+	tests := map[string]string{
+		// encoding/json reads the last spelling (the signed one); DSSE verifiers "payload".
+		"signed under Payload, after payload": fmt.Sprintf(`{"payload":%q,"Payload":%q,%s}`, unsigned, signed, rest("")),
+		"signed under payload, Payload after": fmt.Sprintf(`{"payload":%q,"Payload":%q,%s}`, signed, unsigned, rest("")),
+		"payload twice":                       fmt.Sprintf(`{"payload":%q,"payload":%q,%s}`, unsigned, signed, rest("")),
+		"PayloadType":                         strings.Replace(string(good), `"payloadType"`, `"PayloadType"`, 1),
+		"trailing data":                       string(good) + "{}",
+		"tampered payload":                    fmt.Sprintf(`{"payload":%q,%s}`, unsigned, rest("")),
+	}
+	for name, envelope := range tests {
+		t.Run(name, func(t *testing.T) {
+			file := filepath.Join(f.dir, "attack.receipt")
+			if err := os.WriteFile(file, []byte(envelope), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			stdout, stderr, code := runLethectl(t, "receipt", "verify", "--pub", f.pub, file)
+			if code == 0 || !strings.HasPrefix(stdout, "INVALID: ") || strings.Contains(stdout, "VALID: signed") {
+				t.Errorf("verify: exit %d, want 1 and INVALID\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+			}
+		})
+	}
+}
