@@ -41,6 +41,10 @@ type CleanMemoryStatement struct {
 	// LaunchMeasurement is the launch measurement of the target context (48 bytes), empty if
 	// the agent cannot tell.
 	LaunchMeasurement HexBytes `json:"launchMeasurement,omitempty"`
+	// DataEndpoint is the host:port where the destination's data plane listens for this
+	// migration. Bound into the evidence, it is the address the keybroker's grant names and
+	// the only one the source sends to, whatever the broker says.
+	DataEndpoint string `json:"dataEndpoint,omitempty"`
 }
 
 // ErasureStatement is what a source agent asserts in its final evidence after a commit: which

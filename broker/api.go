@@ -296,7 +296,7 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 		b.log.Warn("Adoption refused", logKeyTenant, tenant, logKeyVM, req.VM, logKeyHost, req.Host, logKeyError, err)
 		return nil, fmt.Errorf("adopting guest: %w", err)
 	}
-	if err := b.agents.Keys(ctx, req.Host, &agentapi.KeysRequest{MigrationID: adoptionID, Role: attest.RoleAdopt, SealedKeys: ad.Sealed}); err != nil {
+	if err := b.agents.Keys(ctx, req.Host, &agentapi.KeysRequest{MigrationID: adoptionID, Role: attest.RoleAdopt, SealedKeys: ad.Sealed, Grant: ad.Grant}); err != nil {
 		return nil, fmt.Errorf("%w: delivering keys to %s: %w", ErrUnavailable, req.Host, err)
 	}
 	now := b.now()
@@ -340,7 +340,7 @@ func (b *Broker) reissueKey(ctx context.Context, host *agentapi.HostRecord, g *G
 		b.log.Warn("Key reissue refused", logKeyTenant, g.Tenant, logKeyVM, g.VM, logKeyHost, host.Host, logKeyError, err)
 		return nil, fmt.Errorf("reissuing the guest's key: %w", err)
 	}
-	if err := b.agents.Keys(ctx, host.Host, &agentapi.KeysRequest{MigrationID: reissueID, Role: attest.RoleAdopt, SealedKeys: re.Sealed}); err != nil {
+	if err := b.agents.Keys(ctx, host.Host, &agentapi.KeysRequest{MigrationID: reissueID, Role: attest.RoleAdopt, SealedKeys: re.Sealed, Grant: re.Grant}); err != nil {
 		return nil, fmt.Errorf("%w: delivering keys to %s: %w", ErrUnavailable, host.Host, err)
 	}
 	b.log.Info("Guest key reissued", logKeyTenant, g.Tenant, logKeyVM, g.VM, logKeyHost, host.Host, logKeyEpoch, re.Epoch)

@@ -85,7 +85,11 @@ type Broker struct {
 	mu       sync.Mutex
 	driving  map[string]chan struct{} // migrations driven by this broker → wake-up
 	attached map[string]bool          // migrations whose transfer this broker re-attached to
-	drivers  sync.WaitGroup
+	// erasureRefused holds, per committed migration, why the keybroker refused the source's
+	// erasure evidence: the next commit attempt asks for a receipt that says the erasure is
+	// unverified, so that the source's keys are destroyed all the same.
+	erasureRefused map[string]string
+	drivers        sync.WaitGroup
 }
 
 // New returns a Broker, or an error if cfg lacks a required field.
@@ -126,15 +130,16 @@ func New(cfg Config) (*Broker, error) {
 		cfg.Metrics = noMetrics{}
 	}
 	return &Broker{
-		cfg:      cfg,
-		log:      cfg.Logger.With(logKeyComponent, "broker", logKeyBroker, cfg.ID),
-		nc:       cfg.Conn,
-		kb:       cfg.KeyBroker,
-		agents:   agentapi.NewClient(cfg.Conn, cfg.AgentTimeout),
-		now:      cfg.Now,
-		ready:    make(chan struct{}),
-		driving:  make(map[string]chan struct{}),
-		attached: make(map[string]bool),
+		cfg:            cfg,
+		log:            cfg.Logger.With(logKeyComponent, "broker", logKeyBroker, cfg.ID),
+		nc:             cfg.Conn,
+		kb:             cfg.KeyBroker,
+		agents:         agentapi.NewClient(cfg.Conn, cfg.AgentTimeout),
+		now:            cfg.Now,
+		ready:          make(chan struct{}),
+		driving:        make(map[string]chan struct{}),
+		attached:       make(map[string]bool),
+		erasureRefused: make(map[string]string),
 	}, nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"golang.org/x/sync/errgroup"
 )
@@ -260,7 +261,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Policy: pol.Envelope,
 		Source:          Attestation{Nonce: srcNonce.Nonce, Evidence: srcEv},
 		Destination:     Attestation{Nonce: dstNonce.Nonce, Evidence: prep.Evidence},
-		DestinationHost: dstHost,
+		DestinationHost: dstHost, SourceHost: m.Source,
 	})
 	if errors.Is(err, ErrDenied) {
 		b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase, Message: "release denied: " + err.Error()})
@@ -276,7 +277,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		m.SourceKeys, m.DestinationKeys = rel.SealedSource, rel.SealedDestination
 		m.NextWrappedMDK = rel.WrappedMDK
 		m.ZeroPageElision = rel.ZeroPageElision
-		m.DataEndpoint = prep.DataEndpoint
+		m.DataEndpoint, m.Grant = rel.DataEndpoint, rel.Grant
 		m.Streams = b.cfg.Streams
 		m.SourceEvidence, m.DestinationEvidence = digestHex(srcEv), digestHex(prep.Evidence)
 	})
@@ -290,10 +291,10 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 func (b *Broker) stepKeys(ctx context.Context, m *Migration) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
-		return b.agents.Keys(gctx, m.Source, &agentapi.KeysRequest{MigrationID: m.ID, Role: attest.RoleSource, SealedKeys: m.SourceKeys})
+		return b.agents.Keys(gctx, m.Source, &agentapi.KeysRequest{MigrationID: m.ID, Role: attest.RoleSource, SealedKeys: m.SourceKeys, Grant: m.Grant})
 	})
 	g.Go(func() error {
-		return b.agents.Keys(gctx, m.Destination, &agentapi.KeysRequest{MigrationID: m.ID, Role: attest.RoleDestination, SealedKeys: m.DestinationKeys})
+		return b.agents.Keys(gctx, m.Destination, &agentapi.KeysRequest{MigrationID: m.ID, Role: attest.RoleDestination, SealedKeys: m.DestinationKeys, Grant: m.Grant})
 	})
 	if err := g.Wait(); err != nil {
 		return fmt.Errorf("delivering keys: %w", err)
@@ -371,14 +372,40 @@ func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 		ev = nil
 	}
 	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingCommit, CommitAck: m.CommitAck}
-	if ev != nil {
+	b.mu.Lock()
+	refused := b.erasureRefused[m.ID]
+	b.mu.Unlock()
+	switch {
+	case ev == nil:
+		// Only a lost source goes without erasure evidence, and the receipt says so.
+		req.UnverifiedErasure = true
+	case refused != "":
+		// The keybroker refused this source's erasure evidence before (the tenant's policy
+		// does not accept it): the commit goes on, the receipt says the erasure is unproven,
+		// with the policy's reasons.
+		req.Erasure, req.UnverifiedErasure = &Attestation{Nonce: nonce.Nonce, Evidence: ev}, true
+		note = "the source's erasure evidence was not accepted: " + refused
+	default:
 		req.Erasure = &Attestation{Nonce: nonce.Nonce, Evidence: ev}
 	}
 	resp, err := b.kb.Destroy(ctx, req)
+	if e, ok := errors.AsType[*Error](err); ok && e.Code == "unproven" && req.Erasure != nil && !req.UnverifiedErasure {
+		b.mu.Lock()
+		b.erasureRefused[m.ID] = e.Message
+		b.mu.Unlock()
+		b.log.Warn("The keybroker refused the source's erasure evidence; committing with an unverified erasure", logKeyMigration, m.ID, logKeyError, err)
+	}
 	if err != nil {
 		return fmt.Errorf("destroying keys after commit: %w", err)
 	}
-	if err := b.storeReceipt(ctx, m, OutcomeErased, resp.Receipt); err != nil {
+	b.mu.Lock()
+	delete(b.erasureRefused, m.ID)
+	b.mu.Unlock()
+	outcome, err := receiptOutcome(resp.Receipt)
+	if err != nil {
+		return err
+	}
+	if err := b.storeReceipt(ctx, m, outcome, resp.Receipt); err != nil {
 		return err
 	}
 	if err := b.moveGuest(ctx, m); err != nil {
@@ -386,7 +413,7 @@ func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 	}
 	return b.transition(ctx, m.ID, PhaseCommitted, PhaseErased, func(m *Migration) {
 		m.ErasureEvidence = digestHex(ev)
-		m.Outcome = OutcomeErased
+		m.Outcome = outcome
 		if note != "" {
 			m.Notes = append(m.Notes, note)
 		}
@@ -406,6 +433,13 @@ func (b *Broker) stepAbort(ctx context.Context, m *Migration) error {
 		b.log.Warn("Source had committed; completing the commit", logKeyMigration, m.ID)
 		return b.transition(ctx, m.ID, PhaseAborting, PhaseCommitted, func(m *Migration) {
 			m.CommitAck = src.CommitAck
+			if m.Progress == nil || m.Progress.Phase != agentapi.TransferCommitted {
+				// The committed report was lost: the abort's answer says what it said.
+				m.Progress = &agentapi.Progress{
+					MigrationID: m.ID, Phase: agentapi.TransferCommitted, TotalBytes: m.MemoryBytes,
+					CommitAck: src.CommitAck, MemoryDigest: src.MemoryDigest, Time: b.now(),
+				}
+			}
 			m.Notes = append(m.Notes, "abort ("+m.AbortReason+") refused by the source: it had committed")
 			m.AbortReason = ""
 		})
@@ -429,6 +463,20 @@ func (b *Broker) stepAbort(ctx context.Context, m *Migration) error {
 		m.Outcome = OutcomeAborted
 		m.Notes = append(m.Notes, notes...)
 	})
+}
+
+// receiptOutcome reads the outcome a receipt states (the broker records it; the tenant
+// verifies the signature).
+func receiptOutcome(envelope json.RawMessage) (string, error) {
+	env, err := receipt.Parse(envelope)
+	if err != nil {
+		return "", fmt.Errorf("reading the receipt: %w", err)
+	}
+	r, err := env.Decode()
+	if err != nil {
+		return "", fmt.Errorf("reading the receipt: %w", err)
+	}
+	return string(r.Outcome), nil
 }
 
 func (b *Broker) storeReceipt(ctx context.Context, m *Migration, outcome string, envelope json.RawMessage) error {

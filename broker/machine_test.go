@@ -3,6 +3,7 @@ package broker_test
 import (
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -119,6 +120,37 @@ func TestHappyPath(t *testing.T) {
 	}
 	if got2.SourceEvidence == "" || got2.DestinationEvidence == "" || got2.ErasureEvidence == "" {
 		t.Errorf("evidence digests missing: %+v", got2)
+	}
+}
+
+// TestErasureRefused: when the keybroker refuses the source's erasure evidence (the tenant's
+// policy does not accept it), the broker still commits, asking for a receipt that says the
+// erasure is unverified, so that the source's keys are destroyed all the same.
+func TestErasureRefused(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	e.agents["h1"].AutoCommit = true
+	e.kb.RefuseErasure = "erasure.maxDelay: 10m0s after the commit, allowed 1m0s"
+	ctx := t.Context()
+	resp, err := e.tenant(tenant).CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Migration.ID
+	m := e.waitMigration(id, inPhase(broker.PhaseErased, broker.PhaseAborted))
+	if m.Phase != broker.PhaseErased || m.Outcome != broker.OutcomeCommittedUnverifiedErasure {
+		t.Fatalf("phase %s, outcome %q, want Erased with %s", m.Phase, m.Outcome, broker.OutcomeCommittedUnverifiedErasure)
+	}
+	if !slices.ContainsFunc(m.Notes, func(n string) bool { return strings.Contains(n, "maxDelay") }) {
+		t.Errorf("notes %q do not say why the erasure is unverified", m.Notes)
+	}
+	d := e.kb.Destroys()
+	if len(d) < 2 || d[0].UnverifiedErasure || !d[len(d)-1].UnverifiedErasure || d[len(d)-1].Erasure == nil {
+		t.Errorf("destroys = %+v, want a commit with evidence, then one with evidence and unverifiedErasure", d)
+	}
+	r, err := e.tenant(tenant).GetReceipt(ctx, id)
+	if err != nil || r.Outcome != broker.OutcomeCommittedUnverifiedErasure {
+		t.Errorf("receipt %+v, %v; want outcome %s", r, err, broker.OutcomeCommittedUnverifiedErasure)
 	}
 }
 

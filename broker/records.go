@@ -40,8 +40,11 @@ func (p Phase) Abortable() bool {
 
 // Outcomes of a finished migration, as in receipts.
 const (
-	OutcomeErased  = "erased"
-	OutcomeAborted = "aborted"
+	OutcomeErased = "erased"
+	// OutcomeCommittedUnverifiedErasure: committed, the source's keys destroyed, but its
+	// erasure not attested (the source host was lost before it could attest).
+	OutcomeCommittedUnverifiedErasure = "committed-unverified-erasure"
+	OutcomeAborted                    = "aborted"
 )
 
 // Migration is the record of one migration, kept in the lethe-migrations bucket.
@@ -73,6 +76,9 @@ type Migration struct {
 	// broker cannot open them. They are never returned by the API.
 	SourceKeys      []byte `json:"sourceKeys,omitempty"`
 	DestinationKeys []byte `json:"destinationKeys,omitempty"`
+	// Grant is the keybroker's signed statement of the release, delivered to both agents
+	// with their keys (they refuse keys without it). It is public: it holds no secret.
+	Grant []byte `json:"grant,omitempty"`
 	// NextWrappedMDK is the Vault-wrapped memory data key of epoch e+1.
 	NextWrappedMDK string `json:"nextWrappedMdk,omitempty"`
 	// Evidence digests (hex SHA-256 of the raw attestation bytes).

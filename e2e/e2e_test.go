@@ -86,7 +86,7 @@ var scenarios = []scenario{
 	{"load/50-concurrent-migrations", concurrent50},
 }
 
-func TestE2E(t *testing.T) { runScenarios(t, scenarios) }
+func TestE2E(t *testing.T) { runScenarios(t, slices.Concat(scenarios, maliciousScenarios)) }
 
 func runScenarios(t *testing.T, scenarios []scenario) {
 	e := newEnv(t)
@@ -307,6 +307,7 @@ func (s *scn) releaseRequest(id, vm string, src, dst *agent) *broker.ReleaseRequ
 		Source:          broker.Attestation{Nonce: ns.Nonce, Evidence: evS},
 		Destination:     broker.Attestation{Nonce: nd.Nonce, Evidence: prep.Evidence},
 		DestinationHost: broker.KeyBrokerHost{Name: dst.host, Labels: rec.Labels, Region: rec.Region},
+		SourceHost:      src.host,
 	}
 }
 

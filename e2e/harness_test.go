@@ -30,6 +30,7 @@ import (
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/policy"
@@ -86,17 +87,19 @@ func runMain(m *testing.M) int {
 // recording audit sink), two broker processes, and agents as processes on emulated SEV-SNP and
 // TDX platforms. A loopback capture sees every byte of the agents' data plane.
 type env struct {
-	t       *testing.T
-	dir     string
-	log     *slog.Logger
-	nats    *natstest.Server
-	vault   *vaulttest.Server
-	vproxy  *vaulttest.Proxy
-	kb      *keybroker.Keybroker
-	kbPub   ed25519.PublicKey
-	audit   *auditLog
-	emuDir  string
-	capture *capture
+	t      *testing.T
+	dir    string
+	log    *slog.Logger
+	nats   *natstest.Server
+	vault  *vaulttest.Server
+	vproxy *vaulttest.Proxy
+	kb     *keybroker.Keybroker
+	kbPub  ed25519.PublicKey
+	// kbPubFile is kbPub as PEM, the file every agent pins (--keybroker-pub).
+	kbPubFile string
+	audit     *auditLog
+	emuDir    string
+	capture   *capture
 
 	demoKey, otherKey ed25519.PrivateKey
 	basePolicy        []byte
@@ -207,6 +210,14 @@ func newEnv(t *testing.T) *env {
 		}
 	}
 	if e.kbPub, err = e.kb.PublicKey(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pem, err := receipt.MarshalPublicKeyPEM(e.kbPub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.kbPubFile = filepath.Join(e.dir, "keybroker.pub")
+	if err := os.WriteFile(e.kbPubFile, pem, 0o644); err != nil {
 		t.Fatal(err)
 	}
 
@@ -626,6 +637,7 @@ func (e *env) startAgent(t testing.TB, spec agentSpec) *agent {
 	args := []string{
 		"--host", host, "--nats-url", e.nats.URL, "--user", "agent-" + host, "--password", e.passwords["agent-"+host],
 		"--attestation", spec.platform.String(), "--allow-emulated", "--emulator-dir", e.emuDir,
+		"--keybroker-pub", e.kbPubFile,
 		"--region", "eu", "--workload-rate", "2000", "--streams", "2", "--heartbeat-interval", "300ms",
 		"--log-format", "json",
 	}

@@ -113,7 +113,7 @@ func (e *letheEnv) startAgent(host string, settings libvirt.Settings, dial func(
 		e.t.Fatal(err)
 	}
 	n, err := node.New(node.Config{
-		Host: host, Conn: e.nats.Connect(e.t), Attester: plat, HeartbeatInterval: 500 * time.Millisecond,
+		Host: host, Conn: e.nats.Connect(e.t), Attester: plat, KeybrokerKey: e.kbPub, HeartbeatInterval: 500 * time.Millisecond,
 		Logger: e.log.With("node", host), DataDial: dial,
 		Libvirt: node.LibvirtConfig{
 			Socket: socketOf(host), MigrateDir: filepath.Join(stateDir(), host, "migrate"),

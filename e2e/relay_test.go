@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 )
@@ -38,7 +39,6 @@ const (
 	hsPrefix     = 9 // magic (8) and message type
 	hsHelloFixed = 1 + 2 + 4 + 8 + 32 + 1
 	hsNonceAt    = hsPrefix + 1 + 2 + 4 + 8
-	hsReply      = hsPrefix + 32 + 32
 	hsConfirm    = hsPrefix + 32
 	hsJoin       = hsPrefix + 1 + 32
 	frameHeader  = 32
@@ -222,17 +222,30 @@ func (h *heldWriter) Write(b []byte) (int, error) {
 	return h.w.Write(b)
 }
 
-// mitm answers the source's hello with its own handshake toward the destination.
-func (r *relay) mitm(src, dst net.Conn) {
+// readHello reads a whole hello: its fixed part, the migration id, and the KEM ciphertext to
+// the destination's key with its length.
+func readHello(src io.Reader) ([]byte, error) {
 	hello := make([]byte, hsPrefix+hsHelloFixed)
 	if _, err := io.ReadFull(src, hello); err != nil {
+		return nil, err
+	}
+	rest := make([]byte, int(hello[len(hello)-1])+2)
+	if _, err := io.ReadFull(src, rest); err != nil {
+		return nil, err
+	}
+	enc := make([]byte, binary.BigEndian.Uint16(rest[len(rest)-2:]))
+	if _, err := io.ReadFull(src, enc); err != nil {
+		return nil, err
+	}
+	return slices.Concat(hello, rest, enc), nil
+}
+
+// mitm answers the source's hello with its own handshake toward the destination.
+func (r *relay) mitm(src, dst net.Conn) {
+	hello, err := readHello(src)
+	if err != nil {
 		return
 	}
-	id := make([]byte, hello[len(hello)-1])
-	if _, err := io.ReadFull(src, id); err != nil {
-		return
-	}
-	hello = append(hello, id...)
 	rand.Read(hello[hsNonceAt : hsNonceAt+32]) // our own nonce: a transcript of our own
 	r.mu.Lock()
 	r.mutated = true
@@ -255,15 +268,11 @@ func (r *relay) frames(src net.Conn, out io.Writer, mode relayMode) {
 		return b, nil
 	}
 	// Handshake: hello, then (after the destination's reply) confirm.
-	hello, err := fwd(hsPrefix + hsHelloFixed)
+	hello, err := readHello(src)
 	if err != nil {
 		return
 	}
-	id, err := fwd(int(hello[len(hello)-1]))
-	if err != nil {
-		return
-	}
-	if _, err := out.Write(append(hello, id...)); err != nil {
+	if _, err := out.Write(hello); err != nil {
 		return
 	}
 	confirm, err := fwd(hsConfirm)

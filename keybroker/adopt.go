@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 )
@@ -67,11 +68,15 @@ func (k *Keybroker) adopt(ctx context.Context, req *AdoptRequest, ev *Event) (*A
 		if err != nil {
 			return nil, err
 		}
+		signed, err := k.signGrant(ctx, agentGrant(grant.OpAdopt, r, 0, 1, dec, sealed))
+		if err != nil {
+			return nil, err
+		}
 		g = guestRecord{Epoch: 1, WrappedMDK: wrapped}
 		if _, err := k.recs.put(ctx, path, &g, ver); err != nil {
 			return nil, err
 		}
-		return &AdoptResponse{Epoch: 1, Sealed: sealed, WrappedMDK: wrapped, PolicyDigest: dec.Digest, PolicySVN: dec.SVN}, nil
+		return &AdoptResponse{Epoch: 1, Sealed: sealed, WrappedMDK: wrapped, PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Grant: signed}, nil
 	}()
 	if err != nil {
 		k.abandonRelease(ctx, cleanup)
@@ -123,7 +128,11 @@ func (k *Keybroker) reissue(ctx context.Context, req *ReissueRequest, ev *Event)
 	if err != nil {
 		return nil, err
 	}
-	return &ReissueResponse{Epoch: g.Epoch, Sealed: sealed, PolicyDigest: dec.Digest, PolicySVN: dec.SVN}, nil
+	signed, err := k.signGrant(ctx, agentGrant(grant.OpReissue, r, g.Epoch, g.Epoch, dec, sealed))
+	if err != nil {
+		return nil, err
+	}
+	return &ReissueResponse{Epoch: g.Epoch, Sealed: sealed, PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Grant: signed}, nil
 }
 
 // agentRequest is what an adoption and a reissue have in common: one agent, attesting in role
@@ -133,6 +142,15 @@ type agentRequest struct {
 	policy         []byte
 	agent          Attestation
 	host           Host
+}
+
+// agentGrant is the statement of an adoption or a reissue: MDK_to sealed to one agent.
+func agentGrant(op grant.Op, r agentRequest, from, to uint64, dec *PolicyDecision, sealed []byte) *grant.Grant {
+	return &grant.Grant{
+		Op: op, MigrationID: r.id, Tenant: r.tenant, VM: r.vm, FromEpoch: from, ToEpoch: to,
+		Destination:  grantEnd(r.host.Name, r.agent, sealed),
+		PolicyDigest: dec.Digest, PolicySVN: dec.SVN,
+	}
 }
 
 // agentEvent returns the audit event of an adoption or a reissue, before its outcome.
@@ -165,6 +183,10 @@ func (k *Keybroker) admitAgent(ctx context.Context, r agentRequest, ev *Event, a
 		return nil, err
 	}
 	if err := k.consumeNonce(ctx, r.id, attest.RoleAdopt, r.agent.Nonce); err != nil {
+		return nil, err
+	}
+	if err := k.claimMigrationID(ctx, r.id, r.tenant, r.vm, true); err != nil {
+		ev.Reasons = []string{err.Error()}
 		return nil, err
 	}
 	v := k.verifyEnd(ctx, r.id, attest.RoleAdopt, r.agent, true)

@@ -6,18 +6,17 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/policy"
 )
 
 // snapshotCaveat is stated in every receipt.
 const snapshotCaveat = "Vault snapshots or backups taken while a destroyed key existed still hold it; the operator must handle them"
-
-// maxCommitAck bounds a commit acknowledgement.
-const maxCommitAck = 4096
 
 // receiptRecord is a signed receipt, in KV at receipts/<migration-id>.
 type receiptRecord struct {
@@ -26,22 +25,47 @@ type receiptRecord struct {
 
 // Destroy ends a migration: on commit it moves the guest to epoch e+1 and destroys the
 // migration key and the epoch-e key; on abort it destroys the migration key and the
-// epoch-(e+1) key. Then it signs and stores the receipt and returns it. The destruction is
-// journaled before it starts; if Vault cannot be reached it stays journaled, Run retries it
-// until it completes, and Destroy returns ErrDestructionPending (AwaitReceipt waits for the
-// receipt). A repeated request with the same ending is idempotent: it returns the same receipt
-// (erasure evidence and commit acknowledgement of a repeat are checked, then ignored).
+// epoch-(e+1) key. Then it signs and stores the receipt and returns it.
+//
+// The migration ID must be the guest's: the first request that names an ID (its release, or
+// Destroy) binds it to its guest for good, and a request naming another guest's ID is refused
+// before any key, guest record or receipt is looked at.
+//
+// A commit must be proven before the source's keys go (DESIGN.md, "Roles and trust"). It
+// carries the destination's commit acknowledgement (package grant), whose MAC the keybroker
+// checks under the migration's transfer key, unwrapped from Vault for the purpose and wiped
+// after; and the source's erasure evidence (role erased), which must verify, be bound to this
+// migration, come from the released source (same platform, measurement, and chip ID or FMSPC:
+// receipt.EndClaims.SameEnd) and satisfy the tenant's policy. The receipt then says erased.
+// When the source is lost for good the caller sets UnverifiedErasure: a commit whose
+// acknowledgement verifies but that has no erasure evidence, or evidence the tenant's policy
+// does not accept, then goes ahead, and its receipt says committed-unverified-erasure and what
+// was not proven. Erasure evidence from another end (another chip, another guest image) is
+// refused even then: a lost source sends no evidence, and evidence from elsewhere is an attack.
+//
+// All of this is checked before the destruction is journaled. Once journaled, if Vault cannot
+// be reached, the destruction stays journaled, Run retries it until it completes, and Destroy
+// returns ErrDestructionPending (AwaitReceipt waits for the receipt). A repeated request with
+// the same ending is idempotent: it returns the stored receipt, or completes the destruction
+// already under way, without looking at its acknowledgement or evidence again (the migration
+// key they would be checked with may be gone).
 //
 // An abort of a migration the keybroker never released, for an adopted guest with no other
 // migration in progress, is recorded, destroys whatever keys of that migration's names exist
 // (a release still in flight loses its reservation and cleans up after itself) and is answered
 // with an abort receipt, so that every abort ends with one.
 //
-// It returns ErrInvalidRequest; ErrNonceUnknown, ErrNonceExpired, ErrNonceUsed or
-// ErrEvidenceRejected for erasure evidence; ErrUnknownMigration; ErrBothEpochs (the
-// migration already ended the other way); ErrDestructionPending; or an error wrapping
-// ErrVaultUnavailable when signing the receipt is what failed (the keys are destroyed, the
-// receipt follows through the journal).
+// Every refusal is audited with its reason. Destroy returns ErrInvalidRequest (a malformed
+// request, proof sent with an abort, or a migration ID that belongs to another guest);
+// ErrUnproven (no commit acknowledgement or one that does not verify; no erasure evidence, or
+// evidence the policy does not accept, without UnverifiedErasure); ErrNonceUnknown,
+// ErrNonceExpired, ErrNonceUsed or ErrEvidenceRejected for erasure evidence (that does not
+// verify, names another migration, or comes from another end than the released source: the
+// message names the claim that differs); ErrUnknownMigration; ErrBothEpochs (the migration
+// already ended, or is ending, the other way); ErrGuestBusy (its records changed
+// concurrently; a journaled destruction is retried); ErrDestructionPending; or an error
+// wrapping ErrVaultUnavailable when Vault could not be reached before anything was journaled
+// (nothing was destroyed; ask again).
 func (k *Keybroker) Destroy(ctx context.Context, req *DestroyRequest) (*DestroyResponse, error) {
 	ev := Event{Kind: EventDestroy, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM}
 	env, err := k.destroy(ctx, req, &ev)
@@ -55,67 +79,222 @@ func (k *Keybroker) Destroy(ctx context.Context, req *DestroyRequest) (*DestroyR
 	return &DestroyResponse{Receipt: env}, nil
 }
 
-func (k *Keybroker) destroy(ctx context.Context, req *DestroyRequest, ev *Event) (*receipt.Envelope, error) {
+// checkDestroy checks a destroy request's form: names, ending, and proof with a commit only.
+func checkDestroy(req *DestroyRequest) error {
 	if err := checkID(req.MigrationID); err != nil {
-		return nil, err
+		return err
 	}
 	if err := checkGuest(req.Tenant, req.VM); err != nil {
+		return err
+	}
+	switch req.Ending {
+	case Commit:
+		if len(req.CommitAck) > grant.MaxCommitAck {
+			return fmt.Errorf("commit acknowledgement of %d bytes exceeds %d: %w", len(req.CommitAck), grant.MaxCommitAck, ErrInvalidRequest)
+		}
+	case Abort:
+		if req.Erasure != nil || len(req.CommitAck) > 0 || req.UnverifiedErasure {
+			return fmt.Errorf("erasure evidence, a commit acknowledgement or an unverified erasure come with a commit only: %w", ErrInvalidRequest)
+		}
+	default:
+		return fmt.Errorf("ending %q is neither %q nor %q: %w", req.Ending, Commit, Abort, ErrInvalidRequest)
+	}
+	return nil
+}
+
+func (k *Keybroker) destroy(ctx context.Context, req *DestroyRequest, ev *Event) (*receipt.Envelope, error) {
+	if err := checkDestroy(req); err != nil {
 		return nil, err
 	}
-	if req.Ending != Commit && req.Ending != Abort {
-		return nil, fmt.Errorf("ending %q is neither %q nor %q: %w", req.Ending, Commit, Abort, ErrInvalidRequest)
+	if a := req.Erasure; a != nil && a.Evidence != nil {
+		d := a.Evidence.Digest()
+		ev.ErasureEvidence = d[:]
+	}
+	// A destruction journaled already was checked when it was journaled: a repeat retries it.
+	if p := k.jnl.get(kindDestroy, req.MigrationID); p != nil {
+		if p.Tenant != req.Tenant || p.VM != req.VM {
+			return nil, fmt.Errorf("migration id %s belongs to another guest: %w", req.MigrationID, ErrInvalidRequest)
+		}
+		if p.Ending != req.Ending {
+			return nil, fmt.Errorf("migration %s has a pending %s: %w", req.MigrationID, p.Ending, ErrBothEpochs)
+		}
+		return k.complete(ctx, p)
+	}
+	if err := k.ensureAuth(ctx); err != nil {
+		return nil, err
+	}
+	if err := k.claimMigrationID(ctx, req.MigrationID, req.Tenant, req.VM, false); err != nil {
+		return nil, err
+	}
+	var g guestRecord
+	ver, err := k.recs.get(ctx, guestPath(req.Tenant, req.VM), &g)
+	if err != nil {
+		return nil, err
 	}
 	e := &journalEntry{
 		Kind: kindDestroy, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM,
 		Ending: req.Ending, RequestedAt: k.now().UTC(),
 	}
-	if a := req.Erasure; a != nil {
-		if req.Ending != Commit {
-			return nil, fmt.Errorf("erasure evidence comes with a commit only: %w", ErrInvalidRequest)
+	switch m := g.Migration; {
+	case ver == 0 || m == nil || m.ID != req.MigrationID:
+		// Ended already, by this keybroker or another? A repeat gets the stored receipt.
+		env, err := k.storedReceipt(ctx, req.MigrationID, req.Tenant, req.VM, req.Ending)
+		if !errors.Is(err, ErrUnknownMigration) {
+			return env, err
 		}
-		if a.Evidence != nil {
-			d := a.Evidence.Digest()
-			ev.ErasureEvidence = d[:]
+		if req.Ending == Commit || ver == 0 || g.Epoch == 0 || m != nil {
+			return nil, fmt.Errorf("migration %s of %s/%s: %w", req.MigrationID, req.Tenant, req.VM, ErrUnknownMigration)
 		}
-		if err := k.consumeNonce(ctx, req.MigrationID, attest.RoleErased, a.Nonce); err != nil {
+		// An abort before any release: executeDestroy records it.
+	case req.Ending == Commit && m.State == stateReleased:
+		if err := k.proveCommit(ctx, req, m, e); err != nil {
 			return nil, err
 		}
-		v := k.verifyEnd(ctx, req.MigrationID, attest.RoleErased, *a, false)
-		if v.err != nil {
-			return nil, v.err
-		}
-		st, err := attest.ParseErasureStatement(v.claims.Statement)
-		if err != nil {
-			return nil, fmt.Errorf("erasure evidence: %w: %w", ErrEvidenceRejected, err)
-		}
-		if st.MigrationID != req.MigrationID {
-			return nil, fmt.Errorf("erasure statement names migration %q: %w", st.MigrationID, ErrEvidenceRejected)
-		}
-		e.Erasure = &receipt.ErasureEvidence{EvidenceDigest: v.claims.EvidenceDigest, Statement: v.claims.Statement}
+	case req.Ending == Commit && m.State == stateReleasing:
+		return nil, fmt.Errorf("commit of migration %s whose keys were never released: %w", m.ID, ErrUnknownMigration)
+	case req.Ending == Commit && m.State == stateAborted, req.Ending == Abort && m.State == stateCommitted:
+		return nil, fmt.Errorf("%s of migration %s, which has %s: %w", req.Ending, m.ID, m.State, ErrBothEpochs)
 	}
-	if len(req.CommitAck) > 0 {
-		if req.Ending != Commit {
-			return nil, fmt.Errorf("a commit acknowledgement comes with a commit only: %w", ErrInvalidRequest)
-		}
-		if len(req.CommitAck) > maxCommitAck {
-			return nil, fmt.Errorf("commit acknowledgement of %d bytes exceeds %d: %w", len(req.CommitAck), maxCommitAck, ErrInvalidRequest)
-		}
-		d := sha256.Sum256(req.CommitAck)
-		e.CommitAckDigest = d[:]
-	}
+	// What is left: a proven commit, an abort, or a repeat of an ending already recorded in
+	// the guest record (another keybroker's, or one whose journal was lost), which completes
+	// it as recorded.
 	if err := k.jnl.add(e); err != nil {
 		return nil, err
 	}
 	if pending := k.jnl.get(kindDestroy, req.MigrationID); pending != nil {
 		e = pending
 	}
+	return k.complete(ctx, e)
+}
+
+// proveCommit checks the proof a commit of the released migration m must carry, before
+// anything is journaled or destroyed: the destination's commit acknowledgement, verified under
+// the migration's transfer key, and the source's erasure evidence (unless req asks for an
+// unverified erasure). It records the acknowledgement's digest and the erasure evidence in e
+// and marks e proven. It returns ErrUnproven, the nonce errors, ErrEvidenceRejected, or
+// ErrVaultUnavailable.
+func (k *Keybroker) proveCommit(ctx context.Context, req *DestroyRequest, m *migrationRecord, e *journalEntry) error {
+	// What needs no Vault first.
+	ack, err := grant.ParseCommitAck(req.CommitAck)
+	if err != nil {
+		return fmt.Errorf("%w: the destination's commit acknowledgement: %w", ErrUnproven, err)
+	}
+	if req.Erasure == nil && !req.UnverifiedErasure {
+		return fmt.Errorf("%w: no erasure evidence from the source (a commit whose source is lost asks for an unverified erasure)", ErrUnproven)
+	}
+	tk, err := k.keys.decrypt(ctx, migrationKeyName(m.ID), m.WrappedTK)
+	if err != nil {
+		return fmt.Errorf("unwrapping the transfer key of migration %s: %w", m.ID, err)
+	}
+	err = ack.Verify(tk, m.ID)
+	clear(tk)
+	if err != nil {
+		return fmt.Errorf("%w: the destination's commit acknowledgement: %w", ErrUnproven, err)
+	}
+	d := sha256.Sum256(req.CommitAck)
+	e.CommitAckDigest = d[:]
+	if req.Erasure != nil {
+		er, err := k.verifyErasure(ctx, m, req.Erasure)
+		if err != nil {
+			return err
+		}
+		if !er.Accepted && !req.UnverifiedErasure {
+			return fmt.Errorf("%w: the source's erasure evidence does not satisfy the tenant's policy: %s", ErrUnproven, strings.Join(er.Reasons, "; "))
+		}
+		e.Erasure = er
+	}
+	e.Proven = true
+	return nil
+}
+
+// verifyErasure consumes the nonce of the source's erasure evidence a, verifies the evidence
+// bound to m's migration, checks that its statement names m and that it comes from the end m
+// was released from, and judges it by the tenant's policy. It returns the nonce errors,
+// ErrEvidenceRejected or ErrVaultUnavailable; a policy that does not accept the erasure is no
+// error (see ErasureEvidence.Accepted and Reasons).
+func (k *Keybroker) verifyErasure(ctx context.Context, m *migrationRecord, a *Attestation) (*receipt.ErasureEvidence, error) {
+	if err := k.consumeNonce(ctx, m.ID, attest.RoleErased, a.Nonce); err != nil {
+		return nil, err
+	}
+	v := k.verifyEnd(ctx, m.ID, attest.RoleErased, *a, false)
+	if v.err != nil {
+		return nil, v.err
+	}
+	st, err := attest.ParseErasureStatement(v.claims.Statement)
+	if err != nil {
+		return nil, fmt.Errorf("erasure evidence: %w: %w", ErrEvidenceRejected, err)
+	}
+	if st.MigrationID != m.ID {
+		return nil, fmt.Errorf("erasure statement names migration %q: %w", st.MigrationID, ErrEvidenceRejected)
+	}
+	claims := receipt.Summarize(v.claims)
+	if err := claims.SameEnd(m.Source); err != nil {
+		if mm, ok := errors.AsType[*receipt.ClaimMismatch](err); ok {
+			return nil, fmt.Errorf("erasure evidence from %s %s, the source released was %s %s: %w", mm.Claim, mm.Got, mm.Claim, mm.Want, ErrEvidenceRejected)
+		}
+		return nil, fmt.Errorf("erasure evidence: %w: %w", ErrEvidenceRejected, err)
+	}
+	er := &receipt.ErasureEvidence{EndClaims: claims, Statement: v.claims.Statement}
+	now := k.now().UTC()
+	judgeErasure(er, m, now, now)
+	return er, nil
+}
+
+// complete attempts a journaled destruction and returns its receipt.
+func (k *Keybroker) complete(ctx context.Context, e *journalEntry) (*receipt.Envelope, error) {
 	if err := k.attempt(ctx, e); err != nil {
-		if errors.Is(err, ErrVaultUnavailable) {
+		switch {
+		case errors.Is(err, ErrVaultUnavailable):
 			return nil, fmt.Errorf("%w (journaled; retried until it completes): %w", ErrDestructionPending, err)
+		case errors.Is(err, errConflict) && !errors.Is(err, ErrGuestBusy):
+			return nil, fmt.Errorf("%w (journaled; retried until it completes): %w", ErrGuestBusy, err)
 		}
 		return nil, err
 	}
-	return k.Receipt(ctx, req.MigrationID)
+	return k.storedReceipt(ctx, e.MigrationID, e.Tenant, e.VM, e.Ending)
+}
+
+// storedReceipt returns the stored receipt of migration id after checking that it is the
+// guest's and that the migration ended the way asked. It returns ErrUnknownMigration when
+// there is none, ErrInvalidRequest when it is another guest's, ErrBothEpochs when the
+// migration ended the other way, or ErrVaultUnavailable.
+func (k *Keybroker) storedReceipt(ctx context.Context, id, tenant, vm string, ending Ending) (*receipt.Envelope, error) {
+	var rr receiptRecord
+	ver, err := k.recs.get(ctx, receiptPath(id), &rr)
+	if err != nil {
+		return nil, fmt.Errorf("reading receipt of migration %s: %w", id, err)
+	}
+	if ver == 0 || rr.Envelope == nil {
+		return nil, fmt.Errorf("receipt of migration %s: %w", id, ErrUnknownMigration)
+	}
+	r, err := rr.Envelope.Decode()
+	if err != nil {
+		return nil, fmt.Errorf("decoding the stored receipt of migration %s: %w", id, err)
+	}
+	if err := receiptEnds(r, id, tenant, vm, ending); err != nil {
+		return nil, err
+	}
+	return rr.Envelope, nil
+}
+
+// receiptEnds checks that r, stored under migration ID id, is a receipt of that migration of
+// the guest, and that the migration ended with ending.
+func receiptEnds(r *receipt.Receipt, id, tenant, vm string, ending Ending) error {
+	if r.MigrationID != id || r.Tenant != tenant || r.VM != vm {
+		return fmt.Errorf("migration id %s belongs to another guest: %w", id, ErrInvalidRequest)
+	}
+	if endingOf(r.Outcome) != ending {
+		return fmt.Errorf("migration %s already ended with outcome %s: %w", id, r.Outcome, ErrBothEpochs)
+	}
+	return nil
+}
+
+// endingOf returns the ending a receipt's outcome follows.
+func endingOf(o receipt.Outcome) Ending {
+	if o == receipt.OutcomeAborted {
+		return Abort
+	}
+	return Commit
 }
 
 // attempt tries to complete a journal entry once. On success, or on an error that retrying
@@ -175,8 +354,13 @@ func (k *Keybroker) retryPending(ctx context.Context) {
 
 // executeDestroy moves the guest record to the migration's ending, destroys the keys that
 // ending names and signs the receipt. Every step is idempotent, so a retry picks up where
-// the last attempt stopped.
+// the last attempt stopped. It claims the migration ID for the entry's guest first, so that
+// no entry (a journal file written before IDs were bound, a retry) reaches another guest's
+// keys or receipt, and it moves a released migration to committed only for a proven entry.
 func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
+	if err := k.claimMigrationID(ctx, e.MigrationID, e.Tenant, e.VM, false); err != nil {
+		return err
+	}
 	path := guestPath(e.Tenant, e.VM)
 	var g guestRecord
 	ver, err := k.recs.get(ctx, path, &g)
@@ -186,17 +370,12 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 	m := g.Migration
 	if ver == 0 || m == nil || m.ID != e.MigrationID {
 		// Already completed (by this or another keybroker)?
-		var rr receiptRecord
-		rver, err := k.recs.get(ctx, receiptPath(e.MigrationID), &rr)
-		if err != nil {
-			return err
+		_, err := k.storedReceipt(ctx, e.MigrationID, e.Tenant, e.VM, e.Ending)
+		if err == nil {
+			return k.endMigrationID(ctx, e.MigrationID)
 		}
-		if rver != 0 && rr.Envelope != nil {
-			r, derr := rr.Envelope.Decode()
-			if derr == nil && (r.Outcome == receipt.OutcomeErased) != (e.Ending == Commit) {
-				return fmt.Errorf("migration %s already ended with outcome %s: %w", e.MigrationID, r.Outcome, ErrBothEpochs)
-			}
-			return nil
+		if !errors.Is(err, ErrUnknownMigration) {
+			return err
 		}
 		if e.Ending != Abort || ver == 0 || g.Epoch == 0 || m != nil {
 			return fmt.Errorf("migration %s of %s/%s: %w", e.MigrationID, e.Tenant, e.VM, ErrUnknownMigration)
@@ -204,7 +383,8 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 		// An abort before any release (the broker aborts on a denial, a timeout or a lost
 		// agent while attesting): record the migration as aborted, so that a release of it
 		// still in flight loses its reservation, then destroy whatever keys of its name exist
-		// and sign an abort receipt like any other.
+		// and sign an abort receipt like any other. The ID is this guest's (claimed above), so
+		// the migration key of that name is no other guest's.
 		m = &migrationRecord{
 			ID: e.MigrationID, State: stateAborted, FromEpoch: g.Epoch, ToEpoch: g.Epoch + 1,
 			EndedAt: e.RequestedAt,
@@ -224,6 +404,9 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 		case stateReleasing:
 			return fmt.Errorf("commit of migration %s whose keys were never released: %w", m.ID, ErrUnknownMigration)
 		case stateReleased:
+			if !e.Proven {
+				return fmt.Errorf("%w: commit of migration %s was journaled without its proof", ErrUnproven, m.ID)
+			}
 			g.Epoch, g.WrappedMDK = m.ToEpoch, m.WrappedMDK
 			m.State, m.EndedAt, m.Erasure = stateCommitted, e.RequestedAt, e.Erasure
 			m.CommitAckDigest = e.CommitAckDigest
@@ -251,35 +434,32 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 		return err
 	}
 
-	// Sign and store the receipt, then close the migration.
-	outcome := receipt.OutcomeErased
-	if m.State == stateAborted {
-		outcome = receipt.OutcomeAborted
-	}
+	// Sign and store the receipt, end the ID, then close the migration.
 	r := &receipt.Receipt{
-		Kind: receipt.Kind, MigrationID: m.ID, Tenant: e.Tenant, VM: e.VM, Outcome: outcome,
+		Kind: receipt.Kind, MigrationID: m.ID, Tenant: e.Tenant, VM: e.VM,
 		Policy: m.Policy, Source: m.Source, Destination: m.Destination, CleanMemory: m.CleanMemory,
-		Erasure: m.Erasure, CommitAckDigest: m.CommitAckDigest, FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch,
+		CommitAckDigest: m.CommitAckDigest, FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch,
 		DestroyedKeys: e.Destroyed, EndedAt: m.EndedAt, IssuedAt: k.now().UTC(),
 		Caveats: []string{snapshotCaveat},
 	}
 	if m.ReleasedAt.IsZero() {
 		r.Caveats = append(r.Caveats, "the migration ended before the keybroker released any key")
 	}
-	if m.Erasure == nil && outcome == receipt.OutcomeErased {
-		r.Caveats = append(r.Caveats, "the source sent no erasure evidence: its scrubbing is not attested")
-	}
-	if r.Erasure != nil {
-		judgeErasure(r.Erasure, m, r.IssuedAt)
-		if !r.Erasure.Accepted {
-			r.Caveats = append(r.Caveats, "the source's erasure evidence does not satisfy the tenant's policy: see erasure.reasons")
-		}
-	}
+	r.Outcome, r.Erasure = outcome(m, r.IssuedAt, &r.Caveats)
 	env, err := k.signReceipt(ctx, r)
 	if err != nil {
 		return err
 	}
-	if _, err := k.recs.put(ctx, receiptPath(m.ID), &receiptRecord{Envelope: env}, 0); err != nil && !errors.Is(err, errConflict) {
+	if _, err := k.recs.put(ctx, receiptPath(m.ID), &receiptRecord{Envelope: env}, 0); err != nil {
+		if !errors.Is(err, errConflict) {
+			return err
+		}
+		// Stored by an earlier attempt, or by another keybroker: it must be this guest's.
+		if _, err := k.storedReceipt(ctx, m.ID, e.Tenant, e.VM, e.Ending); err != nil {
+			return err
+		}
+	}
+	if err := k.endMigrationID(ctx, m.ID); err != nil {
 		return err
 	}
 	g.Migration, g.LastMigration = nil, m.ID
@@ -294,8 +474,32 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 	if m.Erasure != nil {
 		ev.ErasureEvidence = m.Erasure.EvidenceDigest
 	}
+	if r.Outcome == receipt.OutcomeCommittedUnverifiedErasure {
+		k.log.WarnContext(ctx, "Migration committed without proof of the source's erasure", attrMigration, m.ID, attrReasons, r.Caveats[len(r.Caveats)-1])
+	}
 	k.emit(ctx, &ev, nil)
 	return nil
+}
+
+// outcome returns the outcome of an ended migration and the erasure evidence its receipt
+// quotes, judged again at now (the policy's deadline runs from the commit to the receipt), and
+// adds to caveats what the receipt does not prove. A commit says erased only with erasure
+// evidence the tenant's policy accepts; without, it says committed-unverified-erasure.
+func outcome(m *migrationRecord, now time.Time, caveats *[]string) (receipt.Outcome, *receipt.ErasureEvidence) {
+	if m.State == stateAborted {
+		return receipt.OutcomeAborted, nil
+	}
+	if m.Erasure == nil {
+		*caveats = append(*caveats, "the source sent no erasure evidence (the commit asked for an unverified erasure): what it kept is under destroyed keys, but that it scrubbed it is not attested")
+		return receipt.OutcomeCommittedUnverifiedErasure, nil
+	}
+	er := *m.Erasure
+	judgeErasure(&er, m, m.EndedAt, now)
+	if !er.Accepted {
+		*caveats = append(*caveats, "the source's erasure evidence does not satisfy the tenant's policy ("+strings.Join(er.Reasons, "; ")+"): what it kept is under destroyed keys, but that it scrubbed it is not attested")
+		return receipt.OutcomeCommittedUnverifiedErasure, &er
+	}
+	return receipt.OutcomeErased, &er
 }
 
 // destructionPlan returns the keys a migration's ending destroys, after checking that they
@@ -345,8 +549,13 @@ outer:
 	return nil
 }
 
-// executeCleanup destroys the keys of a failed release and clears its reservation.
+// executeCleanup destroys the keys of a failed release and clears its reservation. Like
+// executeDestroy it first claims the migration ID for the entry's guest: a migration key of
+// that name that is another guest's is left alone.
 func (k *Keybroker) executeCleanup(ctx context.Context, e *journalEntry) error {
+	if err := k.claimMigrationID(ctx, e.MigrationID, e.Tenant, e.VM, false); err != nil {
+		return err
+	}
 	path := guestPath(e.Tenant, e.VM)
 	var g guestRecord
 	ver, err := k.recs.get(ctx, path, &g)
@@ -483,9 +692,10 @@ func (k *Keybroker) PublicKeyPEM(ctx context.Context) ([]byte, error) {
 }
 
 // judgeErasure evaluates the policy's erasure rules on the source's erasure evidence (already
-// verified, its binding included, when the commit was requested). The policy is the one the
-// migration was released under, read back from the keybroker's own record.
-func judgeErasure(er *receipt.ErasureEvidence, m *migrationRecord, now time.Time) {
+// verified, its binding and its end included, when the commit was requested), committed at
+// committed and judged at now. The policy is the one the migration was released under, read
+// back from the keybroker's own record.
+func judgeErasure(er *receipt.ErasureEvidence, m *migrationRecord, committed, now time.Time) {
 	deny := func(reason string) { er.Accepted, er.Reasons = false, []string{reason} }
 	penv, err := policy.ParseEnvelope(m.SignedPolicy)
 	if err != nil {
@@ -498,7 +708,7 @@ func judgeErasure(er *receipt.ErasureEvidence, m *migrationRecord, now time.Time
 		return
 	}
 	claims := &attest.Claims{EvidenceDigest: er.EvidenceDigest, Statement: er.Statement}
-	d := policy.EvaluateErasure(p, claims, m.ID, m.EndedAt, now)
+	d := policy.EvaluateErasure(p, claims, m.ID, committed, now)
 	er.Accepted, er.Reasons = d.Allow, nil
 	for _, r := range d.Reasons {
 		er.Reasons = append(er.Reasons, r.Rule+": "+r.Message)

@@ -3,12 +3,18 @@ package keybroker
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/json"
 	"errors"
+	"net/http"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 )
@@ -23,6 +29,44 @@ func (e *env) released(id, vm string) (*migration, *AdoptResponse, *ReleaseRespo
 		e.t.Fatalf("Release: %v", err)
 	}
 	return m, ad, resp
+}
+
+// commitAck returns the destination's commit acknowledgement of migration m, MACed under the
+// transfer key its release sealed to the destination (opened with the test agent's HPKE key).
+func commitAck(t testing.TB, m *migration, rel *ReleaseResponse) []byte {
+	t.Helper()
+	keys, err := m.dst.key.Open(m.req.MigrationID, attest.RoleDestination, rel.SealedDestination)
+	if err != nil {
+		t.Fatalf("opening the destination's keys: %v", err)
+	}
+	return ackUnder(t, keys.TK, m.req.MigrationID)
+}
+
+// ackUnder returns a commit acknowledgement of migration id MACed under tk.
+func ackUnder(t testing.TB, tk []byte, id string) []byte {
+	t.Helper()
+	transcript := sha256.Sum256([]byte("transcript of " + id))
+	mac, err := grant.CommitMAC(tk, id, transcript[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(grant.CommitAck{MigrationID: id, Transcript: transcript[:], MAC: mac})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// commit returns a proven commit of a released migration: the destination's commit
+// acknowledgement and erasure evidence made on the source's platform.
+func (e *env) commit(m *migration, rel *ReleaseResponse) *DestroyRequest {
+	e.t.Helper()
+	id := m.req.MigrationID
+	erased := e.attest("source", id, attest.RoleErased, keybrokertest.ErasureStatement(e.t, id))
+	return &DestroyRequest{
+		MigrationID: id, Tenant: m.req.Tenant, VM: m.req.VM, Ending: Commit,
+		CommitAck: commitAck(e.t, m, rel), Erasure: &erased.att,
+	}
 }
 
 func (e *env) verifyReceipt(env *receipt.Envelope) *receipt.Receipt {
@@ -41,9 +85,9 @@ func (e *env) verifyReceipt(env *receipt.Envelope) *receipt.Receipt {
 func TestCommitErasesSource(t *testing.T) {
 	e := newEnv(t)
 	m, adopted, rel := e.released("m1", "vm1")
-	erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
+	req := e.commit(m, rel)
 
-	resp, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit, Erasure: &erased.att})
+	resp, err := e.kb.Destroy(t.Context(), req)
 	if err != nil {
 		t.Fatalf("Destroy(commit): %v", err)
 	}
@@ -64,7 +108,7 @@ func TestCommitErasesSource(t *testing.T) {
 		t.Errorf("guest after commit: epoch %d, migration %+v", g.Epoch, g.Migration)
 	}
 
-	srcD, dstD, erD := m.req.Source.Evidence.Digest(), m.req.Destination.Evidence.Digest(), erased.att.Evidence.Digest()
+	srcD, dstD, erD := m.req.Source.Evidence.Digest(), m.req.Destination.Evidence.Digest(), req.Erasure.Evidence.Digest()
 	if r.Outcome != receipt.OutcomeErased || r.FromEpoch != 1 || r.ToEpoch != 2 {
 		t.Errorf("receipt outcome %s, epochs %d -> %d", r.Outcome, r.FromEpoch, r.ToEpoch)
 	}
@@ -75,7 +119,14 @@ func TestCommitErasesSource(t *testing.T) {
 		t.Errorf("receipt evidence digests differ from the release's")
 	}
 	if r.Erasure == nil || string(r.Erasure.EvidenceDigest) != string(erD[:]) || string(r.Erasure.Statement) != string(keybrokertest.ErasureStatement(t, "m1")) || !r.Erasure.Accepted {
-		t.Errorf("receipt erasure %+v", r.Erasure)
+		t.Fatalf("receipt erasure %+v", r.Erasure)
+	}
+	// The erasure evidence's claims are quoted, and name the source's machine.
+	if err := r.Erasure.SameEnd(r.Source); err != nil || len(r.Erasure.ChipID) == 0 || r.Erasure.Platform != "emulated-sev-snp" {
+		t.Errorf("receipt erasure claims %+v, source %+v: %v", r.Erasure.EndClaims, r.Source, err)
+	}
+	if d := sha256.Sum256(req.CommitAck); !bytes.Equal(r.CommitAckDigest, d[:]) {
+		t.Errorf("receipt commit acknowledgement digest %x, want %x", r.CommitAckDigest, d)
 	}
 	if string(r.CleanMemory) != string(keybrokertest.CleanStatement(t)) {
 		t.Errorf("receipt clean-memory statement %s", r.CleanMemory)
@@ -84,7 +135,8 @@ func TestCommitErasesSource(t *testing.T) {
 		t.Errorf("receipt policy %+v", r.Policy)
 	}
 
-	// Idempotent: the same ending again returns the same receipt.
+	// Idempotent: the same ending again returns the same receipt, without its proof (the
+	// migration key that would check it is gone).
 	again, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit})
 	if err != nil || string(again.Receipt.Payload) != string(resp.Receipt.Payload) {
 		t.Errorf("repeated commit: %v", err)
@@ -131,8 +183,8 @@ func TestAbortErasesDestination(t *testing.T) {
 
 func TestBothEpochsRefused(t *testing.T) {
 	e := newEnv(t)
-	e.released("m1", "vm1")
-	if _, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit}); err != nil {
+	m, _, rel := e.released("m1", "vm1")
+	if _, err := e.kb.Destroy(t.Context(), e.commit(m, rel)); err != nil {
 		t.Fatal(err)
 	}
 	_, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort})
@@ -195,15 +247,42 @@ func TestDestructionPlan(t *testing.T) {
 
 func TestDestroyVaultDown(t *testing.T) {
 	e := newEnv(t)
-	e.released("m1", "vm1")
+	m, _, rel := e.released("m1", "vm1")
 	if _, err := e.kb.PublicKey(t.Context()); err != nil {
 		t.Fatal(err)
 	}
+	req := e.commit(m, rel)
 
+	// With Vault unreachable the commit cannot be proven: nothing is journaled.
 	e.proxy.Cut()
-	_, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit})
+	_, err := e.kb.Destroy(t.Context(), req)
+	e.proxy.Restore()
+	if !errors.Is(err, ErrVaultUnavailable) || errors.Is(err, ErrDestructionPending) {
+		t.Fatalf("Destroy with Vault down = %v, want ErrVaultUnavailable and nothing pending", err)
+	}
+	if ev := e.audit.last(t); ev.Kind != EventDestroy || ev.Decision != DecisionError {
+		t.Errorf("audit event %+v, want a destroy error", ev)
+	}
+
+	// Vault goes away once the commit is proven and journaled: while keys are destroyed.
+	e.proxy.Block(func(r *http.Request) bool { return strings.Contains(r.URL.Path, "/transit/keys/") })
+	_, err = e.kb.Destroy(t.Context(), req)
+	e.proxy.Cut()
 	if !errors.Is(err, ErrDestructionPending) || !errors.Is(err, ErrVaultUnavailable) {
-		t.Fatalf("Destroy with Vault down = %v, want ErrDestructionPending", err)
+		t.Fatalf("Destroy with Vault gone after the proof = %v, want ErrDestructionPending", err)
+	}
+	// A repeat (the broker retrying) finds the destruction journaled, its proof checked.
+	if _, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit}); !errors.Is(err, ErrDestructionPending) {
+		t.Fatalf("repeated Destroy while pending = %v, want ErrDestructionPending", err)
+	}
+	// Neither the journaled entry nor a request can end it the other way, or for another guest.
+	for name, req := range map[string]*DestroyRequest{
+		"abort":         {MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort},
+		"another guest": {MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: Commit},
+	} {
+		if _, err := e.kb.Destroy(t.Context(), req); errors.Is(err, ErrDestructionPending) || !errors.Is(err, ErrBothEpochs) && !errors.Is(err, ErrInvalidRequest) {
+			t.Errorf("%s while the commit is pending = %v, want a refusal", name, err)
+		}
 	}
 	if _, err := e.kb.Receipt(t.Context(), "m1"); !errors.Is(err, ErrDestructionPending) {
 		t.Fatalf("Receipt while pending = %v, want ErrDestructionPending", err)
@@ -260,5 +339,218 @@ func TestTamperedReceiptRejected(t *testing.T) {
 	tampered.Payload = bytes.Replace(resp.Receipt.Payload, []byte(`"aborted"`), []byte(`"erased"`), 1)
 	if _, err := receipt.Verify(&tampered, pub); !errors.Is(err, receipt.ErrInvalid) {
 		t.Fatalf("Verify(tampered) = %v, want ErrInvalid", err)
+	}
+}
+
+// TestCommitRequiresProof: a commit that lacks its proof, or whose proof comes from elsewhere,
+// is refused and audited, and leaves the source's keys and the migration as they were.
+func TestCommitRequiresProof(t *testing.T) {
+	e := newEnv(t)
+	m, _, rel := e.released("m1", "vm1")
+	e.adopt("vm2")
+	other := e.newMigration("m2", "vm2", "destination", e.signedPolicy(1, nil))
+	otherRel, err := e.kb.Release(t.Context(), other.req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	erasure := func(plat string, statement []byte) *Attestation {
+		return &e.attest(plat, "m1", attest.RoleErased, statement).att
+	}
+	good := keybrokertest.ErasureStatement(t, "m1")
+	// The source zeroized the transfer key but not MDK_1: the policy does not accept it.
+	partial, err := attest.ErasureStatement{MigrationID: "m1", KeysZeroized: []string{attest.KeyTransfer}}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ack := commitAck(t, m, rel)
+	forged := ackUnder(t, bytes.Repeat([]byte{7}, 32), "m1")
+	var tampered grant.CommitAck
+	if err := json.Unmarshal(ack, &tampered); err != nil {
+		t.Fatal(err)
+	}
+	tampered.Transcript[0] ^= 1
+	tamperedAck, _ := json.Marshal(tampered)
+
+	// Cases run in order; each makes its own erasure evidence (nonces are single use).
+	tests := []struct {
+		name   string
+		req    func() *DestroyRequest
+		want   error
+		reason string
+	}{
+		{"no commit acknowledgement", func() *DestroyRequest {
+			return &DestroyRequest{Erasure: erasure("source", good)}
+		}, ErrUnproven, "commit acknowledgement"},
+		{"acknowledgement under another key", func() *DestroyRequest {
+			return &DestroyRequest{CommitAck: forged, Erasure: erasure("source", good)}
+		}, ErrUnproven, "does not verify"},
+		{"acknowledgement of another transcript", func() *DestroyRequest {
+			return &DestroyRequest{CommitAck: tamperedAck, Erasure: erasure("source", good)}
+		}, ErrUnproven, "does not verify"},
+		{"acknowledgement of another migration", func() *DestroyRequest {
+			return &DestroyRequest{CommitAck: commitAck(t, other, otherRel), Erasure: erasure("source", good)}
+		}, ErrUnproven, `acknowledges migration "m2"`},
+		{"acknowledgement that is no JSON", func() *DestroyRequest {
+			return &DestroyRequest{CommitAck: []byte("commit-ack"), Erasure: erasure("source", good)}
+		}, ErrUnproven, "commit acknowledgement"},
+		{"no erasure evidence", func() *DestroyRequest {
+			return &DestroyRequest{CommitAck: ack}
+		}, ErrUnproven, "no erasure evidence"},
+		{"erasure the policy refuses", func() *DestroyRequest {
+			return &DestroyRequest{CommitAck: ack, Erasure: erasure("source", partial)}
+		}, ErrUnproven, "did not zeroize key mdk"},
+		{"erasure evidence from another chip", func() *DestroyRequest {
+			return &DestroyRequest{CommitAck: ack, Erasure: erasure("destination", good)}
+		}, ErrEvidenceRejected, "erasure evidence from chip "},
+		{"erasure evidence from another chip, unverified erasure asked", func() *DestroyRequest {
+			return &DestroyRequest{CommitAck: ack, Erasure: erasure("destination", good), UnverifiedErasure: true}
+		}, ErrEvidenceRejected, "the source released was chip "},
+		{"unverified erasure without an acknowledgement", func() *DestroyRequest {
+			return &DestroyRequest{UnverifiedErasure: true}
+		}, ErrUnproven, "commit acknowledgement"},
+		{"proof with an abort", func() *DestroyRequest {
+			return &DestroyRequest{Ending: Abort, CommitAck: ack}
+		}, ErrInvalidRequest, "commit only"},
+	}
+	for _, tt := range tests {
+		req := tt.req()
+		req.MigrationID, req.Tenant, req.VM = "m1", "demo", "vm1"
+		if req.Ending == "" {
+			req.Ending = Commit
+		}
+		_, err := e.kb.Destroy(t.Context(), req)
+		if !errors.Is(err, tt.want) || !strings.Contains(err.Error(), tt.reason) {
+			t.Errorf("%s: Destroy = %v, want %v saying %q", tt.name, err, tt.want, tt.reason)
+			continue
+		}
+		ev := e.audit.last(t)
+		if ev.Kind != EventDestroy || ev.Decision != DecisionDeny || ev.MigrationID != "m1" || ev.VM != "vm1" ||
+			!slices.ContainsFunc(ev.Reasons, func(r string) bool { return strings.Contains(r, tt.reason) }) {
+			t.Errorf("%s: audit event %+v, want a destroy denial saying %q", tt.name, ev, tt.reason)
+		}
+	}
+	if t.Failed() {
+		return
+	}
+	// Nothing moved: both epochs' keys and the migration key live, the migration is released.
+	for _, k := range []string{"lethe-demo-vm1-e1", "lethe-demo-vm1-e2", "lethe-mig-m1", "lethe-mig-m2"} {
+		if !e.transitKeyExists(k) {
+			t.Errorf("a refused commit destroyed %s", k)
+		}
+	}
+	if g := e.guest("vm1"); g.Epoch != 1 || g.Migration == nil || g.Migration.State != stateReleased {
+		t.Fatalf("guest after refused commits: epoch %d, migration %+v", g.Epoch, g.Migration)
+	}
+	// The proven commit goes through.
+	resp, err := e.kb.Destroy(t.Context(), e.commit(m, rel))
+	if err != nil {
+		t.Fatalf("proven commit: %v", err)
+	}
+	if r := e.verifyReceipt(resp.Receipt); r.Outcome != receipt.OutcomeErased {
+		t.Errorf("outcome %s", r.Outcome)
+	}
+}
+
+// TestCommitUnverifiedErasure: with its source lost, a commit whose acknowledgement verifies
+// goes ahead without accepted erasure evidence, and its receipt says what was not proven.
+func TestCommitUnverifiedErasure(t *testing.T) {
+	partial, err := attest.ErasureStatement{MigrationID: "m1", KeysZeroized: []string{attest.KeyTransfer}}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := map[string]struct {
+		statement []byte // nil: no erasure evidence
+		caveat    string
+	}{
+		"no erasure evidence":        {caveat: "the source sent no erasure evidence"},
+		"erasure the policy refuses": {statement: partial, caveat: "does not satisfy the tenant's policy (erasure: source did not zeroize key mdk"},
+	}
+	for name, tt := range tests {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t)
+			m, _, rel := e.released("m1", "vm1")
+			req := &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit, CommitAck: commitAck(t, m, rel), UnverifiedErasure: true}
+			if tt.statement != nil {
+				req.Erasure = &e.attest("source", "m1", attest.RoleErased, tt.statement).att
+			}
+			resp, err := e.kb.Destroy(t.Context(), req)
+			if err != nil {
+				t.Fatalf("Destroy: %v", err)
+			}
+			r := e.verifyReceipt(resp.Receipt)
+			if r.Outcome != receipt.OutcomeCommittedUnverifiedErasure {
+				t.Errorf("outcome %s, want %s", r.Outcome, receipt.OutcomeCommittedUnverifiedErasure)
+			}
+			if !slices.ContainsFunc(r.Caveats, func(c string) bool { return strings.Contains(c, tt.caveat) }) {
+				t.Errorf("caveats %q do not say %q", r.Caveats, tt.caveat)
+			}
+			switch {
+			case tt.statement == nil && r.Erasure != nil:
+				t.Errorf("receipt quotes erasure evidence %+v that was not sent", r.Erasure)
+			case tt.statement != nil && (r.Erasure == nil || r.Erasure.Accepted || r.Erasure.SameEnd(r.Source) != nil):
+				t.Errorf("receipt erasure %+v, want the source's evidence, not accepted", r.Erasure)
+			}
+			// The commit happened: the source's keys are gone, the guest lives in epoch 2.
+			if e.transitKeyExists("lethe-demo-vm1-e1") || e.transitKeyExists("lethe-mig-m1") {
+				t.Errorf("keys left: %v", e.transitKeys())
+			}
+			if g := e.guest("vm1"); g.Epoch != 2 {
+				t.Errorf("guest epoch %d, want 2", g.Epoch)
+			}
+			if ev := e.audit.last(t); ev.Decision != DecisionAllow || ev.Kind != EventDestroy {
+				t.Errorf("audit event %+v", ev)
+			}
+		})
+	}
+}
+
+// TestMigrationIDBoundToGuest: a request naming another guest's migration ID reaches neither
+// that migration's keys nor its receipt.
+func TestMigrationIDBoundToGuest(t *testing.T) {
+	e := newEnv(t)
+	m, _, rel := e.released("m1", "vm1")
+	e.adopt("vm2")
+	before := e.transitKeys()
+
+	refused := func(name string, req *DestroyRequest) {
+		t.Helper()
+		_, err := e.kb.Destroy(t.Context(), req)
+		if !errors.Is(err, ErrInvalidRequest) || !strings.Contains(err.Error(), "belongs to another guest") {
+			t.Errorf("%s: Destroy = %v, want ErrInvalidRequest: belongs to another guest", name, err)
+			return
+		}
+		if ev := e.audit.last(t); ev.Decision != DecisionDeny || ev.VM != req.VM || !strings.Contains(strings.Join(ev.Reasons, " "), "belongs to another guest") {
+			t.Errorf("%s: audit event %+v", name, ev)
+		}
+	}
+	// vm2 aborts vm1's live migration "before its release".
+	refused("abort of another guest's migration", &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: Abort})
+	if diff := cmp.Diff(before, e.transitKeys()); diff != "" {
+		t.Fatalf("another guest's abort changed the keys (-before +after):\n%s", diff)
+	}
+	if g := e.guest("vm2"); g.Migration != nil || g.Epoch != 1 {
+		t.Errorf("vm2 after the refused abort: %+v", g)
+	}
+
+	first, err := e.kb.Destroy(t.Context(), e.commit(m, rel))
+	if err != nil {
+		t.Fatalf("commit of vm1's migration: %v", err)
+	}
+	// Once m1 has ended, vm2 does not get its receipt by asking to end it again.
+	refused("commit naming another guest's ended migration", &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: Commit})
+	refused("abort naming another guest's ended migration", &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: Abort})
+	again, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit})
+	if err != nil || !bytes.Equal(again.Receipt.Payload, first.Receipt.Payload) {
+		t.Errorf("vm1's repeated commit: %v", err)
+	}
+
+	// A receipt stored under an ID with no owner recorded (written before IDs were bound) is
+	// still returned only to its guest.
+	if _, err := e.kb.recs.put(t.Context(), receiptPath("legacy"), &receiptRecord{Envelope: first.Receipt}, 0); err != nil {
+		t.Fatal(err)
+	}
+	refused("abort naming a receipt of another guest", &DestroyRequest{MigrationID: "legacy", Tenant: "demo", VM: "vm2", Ending: Abort})
+	if g := e.guest("vm2"); g.Migration != nil || g.Epoch != 1 {
+		t.Errorf("vm2 after the refused abort: %+v", g)
 	}
 }

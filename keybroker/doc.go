@@ -5,7 +5,9 @@
 // It is the only package in Lethe that talks to Vault. Per guest it keeps, beside the keys,
 // what it must be able to trust (DESIGN.md, "Keys and crypto-erasure"): in a KV v2 mount the
 // tenant's registered Ed25519 policy key and last accepted policySvn, and the guest's
-// residency epoch with its migration in progress; in Transit one key per epoch
+// residency epoch with its migration in progress, and for every migration ID the guest it
+// belongs to (migration-ids/<id>, created check-and-set 0 by the first request that names the
+// ID, marked ended with the receipt, never deleted); in Transit one key per epoch
 // (lethe-<tenant>-<vm>-e<e>) and one per migration (lethe-mig-<id>), aes256-gcm96, never
 // exportable, never with plaintext backup.
 //
@@ -27,7 +29,14 @@
 // epoch's MDK again (Transit decrypt of its wrapped form) to an agent that restarted and
 // attested afresh. [Keybroker.Destroy] ends a migration:
 // commit destroys the migration key and epoch e, abort the migration key and epoch e+1; no
-// request can destroy both epochs of a guest. A destruction that cannot complete because Vault
+// request can destroy both epochs of a guest. A commit must be proven first: the destination's
+// commit acknowledgement, whose MAC the keybroker checks under the migration's TK (unwrapped
+// from Transit for that check only), and the source's erasure evidence, which must come from
+// the source the keys were released to (same platform, measurement, chip ID or FMSPC) and
+// satisfy the tenant's policy for the receipt to say erased. Without that evidence a commit is
+// refused (ErrUnproven) unless the caller declares the source lost (UnverifiedErasure), and
+// its receipt then says committed-unverified-erasure; evidence from another machine or image
+// is refused always. A destruction that cannot complete because Vault
 // is unreachable is written to a journal file under Config.StateDir (the journal cannot live in
 // Vault, which is what is down) and retried by [Keybroker.Run] until it succeeds; the receipt
 // (package receipt, signed with the Transit ed25519 key lethe-receipt-signing) exists only
@@ -46,10 +55,16 @@
 // lethe-nonce-wrapping) can mint nonces, but none that expires later than a TTL and a minute
 // ahead, nor use one twice. Vault snapshots taken while a key lived still hold it.
 //
+// Key names and receipts follow from a migration ID alone (lethe-mig-<id>, receipts/<id>), so
+// an ID is bound to one guest for good: a release, destroy or journaled retry naming another
+// guest's ID is refused (ErrInvalidRequest) before any key or receipt is touched, and an ID
+// that has ended is never released again.
+//
 // Release and Destroy are repeatable, because the broker reruns a step after a crash: a
 // repeated release of a released migration, with fresh nonces and evidence, seals the same
-// migration's keys to the new HPKE keys; a repeated ending returns the same receipt; and an
-// abort of a migration never released still ends with an abort receipt.
+// migration's keys to the new HPKE keys; a repeated ending returns the same receipt without
+// its proof being checked again (the migration key is gone by then; the receipt is the
+// proof); and an abort of a migration never released still ends with an abort receipt.
 //
 // The API is plain Go with JSON-encodable request and response types (wire.go, aliases of
 // package kbwire's, which the broker shares), so that tests and tools can call it directly;

@@ -198,7 +198,7 @@ func (e *env) newMigration(id, vm, dstPlat string, signed []byte) *migration {
 	return &migration{
 		req: &ReleaseRequest{
 			MigrationID: id, Tenant: "demo", VM: vm, Policy: signed,
-			Source: src.att, Destination: dst.att, DestinationHost: Host{Name: "host-b"},
+			Source: src.att, Destination: dst.att, DestinationHost: Host{Name: "host-b"}, SourceHost: "host-a",
 		},
 		src: src, dst: dst,
 	}

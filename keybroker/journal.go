@@ -36,6 +36,10 @@ type journalEntry struct {
 	Erasure *receipt.ErasureEvidence `json:"erasure,omitempty"`
 	// CommitAckDigest is the SHA-256 of kindDestroy's commit acknowledgement, if any.
 	CommitAckDigest []byte `json:"commitAckDigest,omitempty"`
+	// Proven says a commit's acknowledgement verified under the migration's transfer key and
+	// its erasure evidence (if any) came from the released source, before the entry was
+	// written: only a proven entry moves a released migration to committed.
+	Proven bool `json:"proven,omitempty"`
 	// Keys and Epoch are kindCleanup's keys and the epoch it must not leave behind.
 	Keys        []string  `json:"keys,omitempty"`
 	Epoch       uint64    `json:"epoch,omitempty"`

@@ -48,6 +48,11 @@ var (
 	// ErrBothEpochs: the request would destroy both epochs of a guest (abort after commit,
 	// commit after abort, or a plan naming the live epoch), so it is refused.
 	ErrBothEpochs = errors.New("refusing to destroy both epochs of a guest")
+	// ErrUnproven: a commit without the proof that lets the source's keys go: no commit
+	// acknowledgement, or one whose MAC does not verify under the migration's transfer key;
+	// or no erasure evidence from the source, or evidence the tenant's policy does not
+	// accept, and the request did not ask for an unverified erasure (see DestroyRequest).
+	ErrUnproven = errors.New("commit not proven")
 	// ErrDestructionPending: Vault could not be reached to destroy keys; the destruction is
 	// journaled and retried by Run until it completes, and the receipt waits for it
 	// (AwaitReceipt). It wraps ErrVaultUnavailable.

@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 )
@@ -24,7 +25,7 @@ func TestReissueAfterCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit}); err != nil {
+	if _, err := e.kb.Destroy(t.Context(), e.commit(m, rel)); err != nil {
 		t.Fatal(err)
 	}
 	// The destination agent restarts: a new key pair, fresh evidence, the same MDK_2.
@@ -45,16 +46,28 @@ func TestReissueAfterCommit(t *testing.T) {
 	}
 }
 
+// TestCommitWithUnacceptedErasure: erasure evidence the tenant's policy does not accept
+// proves no erasure: the commit is refused, unless the caller declares the source lost, and
+// then the receipt never says erased.
 func TestCommitWithUnacceptedErasure(t *testing.T) {
 	e := newEnv(t)
-	e.released("m1", "vm1")
+	m, _, rel := e.released("m1", "vm1")
 	// The source says it zeroized the transfer key but not MDK_1.
 	st, err := attest.ErasureStatement{MigrationID: "m1", KeysZeroized: []string{attest.KeyTransfer}}.Encode()
 	if err != nil {
 		t.Fatal(err)
 	}
-	erased := e.attest("source", "m1", attest.RoleErased, st)
-	resp, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit, Erasure: &erased.att})
+	req := &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit, CommitAck: commitAck(t, m, rel)}
+	req.Erasure = &e.attest("source", "m1", attest.RoleErased, st).att
+	if _, err := e.kb.Destroy(t.Context(), req); !errors.Is(err, ErrUnproven) {
+		t.Fatalf("Destroy = %v, want ErrUnproven", err)
+	}
+	if !e.transitKeyExists("lethe-demo-vm1-e1") {
+		t.Fatalf("a refused commit destroyed the epoch-1 key")
+	}
+
+	req.Erasure, req.UnverifiedErasure = &e.attest("source", "m1", attest.RoleErased, st).att, true
+	resp, err := e.kb.Destroy(t.Context(), req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +79,7 @@ func TestCommitWithUnacceptedErasure(t *testing.T) {
 	if e.transitKeyExists("lethe-demo-vm1-e1") {
 		t.Errorf("epoch-1 key left")
 	}
-	if r.Outcome != receipt.OutcomeErased {
+	if r.Outcome != receipt.OutcomeCommittedUnverifiedErasure {
 		t.Errorf("outcome %s", r.Outcome)
 	}
 }
@@ -94,6 +107,7 @@ func TestErrorCode(t *testing.T) {
 		"vault":      {fmt.Errorf("x: %w", ErrVaultUnavailable), "unavailable"},
 		"nonce used": {fmt.Errorf("x: %w", ErrNonceUsed), "nonce_used"},
 		"denied":     {fmt.Errorf("x: %w", ErrDenied), "denied"},
+		"unproven":   {fmt.Errorf("x: %w: %w", ErrUnproven, grant.ErrCommitAck), "unproven"},
 		"other":      {fmt.Errorf("boom"), "internal"},
 	}
 	got, want := map[string]string{}, map[string]string{}

@@ -2,6 +2,7 @@ package keybroker
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 )
@@ -156,6 +158,7 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		guest      guestRecord
 		guestVer   int
 		tErr, gErr error
+		cErr       error
 		wg         sync.WaitGroup
 	)
 	wg.Go(func() { n1 = k.nonces.spend(ctx, srcNonce) })
@@ -164,6 +167,7 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 	wg.Go(func() { dst = k.verifyEnd(ctx, req.MigrationID, attest.RoleDestination, req.Destination, true) })
 	wg.Go(func() { tenant, tenantVer, tErr = k.loadTenant(ctx, req.Tenant) })
 	wg.Go(func() { guestVer, gErr = k.recs.get(ctx, guestPath(req.Tenant, req.VM), &guest) })
+	wg.Go(func() { cErr = k.claimMigrationID(ctx, req.MigrationID, req.Tenant, req.VM, true) })
 	wg.Wait()
 	timings.Verify = time.Since(start)
 	// A replay is named as such, whatever its evidence.
@@ -177,6 +181,10 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 			}
 		}
 		return nil, err
+	}
+	if cErr != nil {
+		ev.Reasons = append(ev.Reasons, cErr.Error())
+		return nil, cErr
 	}
 	if err := errors.Join(tErr, gErr); err != nil {
 		return nil, err
@@ -194,6 +202,11 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		return nil, fmt.Errorf("migration %s of %s/%s has already ended: %w", req.MigrationID, req.Tenant, req.VM, ErrInvalidRequest)
 	}
 
+	endpoint, err := dataEndpoint(dst.claims)
+	if err != nil {
+		ev.Reasons = append(ev.Reasons, err.Error())
+		return nil, err
+	}
 	start = time.Now()
 	dec, err := k.decide(req.Policy, tenant, PolicyInput{
 		Tenant: req.Tenant, VM: req.VM, Source: src.claims, Destination: dst.claims, Host: req.DestinationHost,
@@ -275,6 +288,8 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 			}
 			putTime = time.Since(start)
 		})
+		var signed []byte
+		var signTime time.Duration
 		wg.Go(func() {
 			start := time.Now()
 			sealedSrc, e1 = seal.Seal(req.Source.Evidence.HPKEPublicKey, req.MigrationID, attest.RoleSource, &seal.Keys{TK: tk})
@@ -282,11 +297,16 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 				sealedDst, e2 = seal.Seal(req.Destination.Evidence.HPKEPublicKey, req.MigrationID, attest.RoleDestination, &seal.Keys{TK: tk, MDK: mdk, Epoch: to})
 			}
 			timings.Seal = time.Since(start)
+			if e1 == nil && e2 == nil {
+				start = time.Now()
+				signed, e2 = k.signGrant(ctx, releaseGrant(req, from, to, endpoint, dec, sealedSrc, sealedDst))
+				signTime = time.Since(start)
+			}
 		})
 		wg.Wait()
 		clear(tk)
 		clear(mdk)
-		timings.Vault = vaultTime + putTime
+		timings.Vault = vaultTime + max(putTime, signTime)
 		if err := errors.Join(e1, e2, e3); err != nil {
 			return nil, err
 		}
@@ -294,7 +314,7 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 			MigrationID: req.MigrationID, FromEpoch: from, ToEpoch: to,
 			SealedSource: sealedSrc, SealedDestination: sealedDst, WrappedMDK: wrappedMDK,
 			PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision,
-			Timings: timings,
+			Grant: signed, DataEndpoint: endpoint, Timings: timings,
 		}, nil
 	}()
 	if err != nil {
@@ -356,6 +376,17 @@ func (k *Keybroker) releaseAgain(ctx context.Context, req *ReleaseRequest, guest
 	clear(tk)
 	clear(mdk)
 	timings.Seal = time.Since(start)
+	endpoint, err := dataEndpoint(dst)
+	if err != nil {
+		ev.Reasons = append(ev.Reasons, err.Error())
+		return nil, err
+	}
+	start = time.Now()
+	signed, err := k.signGrant(ctx, releaseGrant(req, m.FromEpoch, m.ToEpoch, endpoint, dec, sealedSrc, sealedDst))
+	if err != nil {
+		return nil, err
+	}
+	timings.Vault += time.Since(start)
 
 	// Record the new ends before handing their keys out.
 	start = time.Now()
@@ -374,8 +405,57 @@ func (k *Keybroker) releaseAgain(ctx context.Context, req *ReleaseRequest, guest
 		MigrationID: m.ID, FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch,
 		SealedSource: sealedSrc, SealedDestination: sealedDst, WrappedMDK: m.WrappedMDK,
 		PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision,
-		Timings: timings,
+		Grant: signed, DataEndpoint: endpoint, Timings: timings,
 	}, nil
+}
+
+// dataEndpoint returns the data endpoint the destination's verified clean-memory statement
+// names: the only address a grant sends the source to, whatever the broker says. It returns
+// ErrEvidenceRejected when the statement names none.
+func dataEndpoint(dst *attest.Claims) (string, error) {
+	st, err := attest.ParseCleanMemoryStatement(dst.Statement)
+	if err != nil {
+		return "", fmt.Errorf("destination evidence: %w: %w", ErrEvidenceRejected, err)
+	}
+	if st.DataEndpoint == "" {
+		return "", fmt.Errorf("destination evidence: %w: its clean-memory statement names no data endpoint", ErrEvidenceRejected)
+	}
+	return st.DataEndpoint, nil
+}
+
+// releaseGrant is the statement of a release of req's keys: both ends as verified, the blobs
+// sealed for each, the endpoint the destination attested.
+func releaseGrant(req *ReleaseRequest, from, to uint64, endpoint string, dec *PolicyDecision, sealedSrc, sealedDst []byte) *grant.Grant {
+	return &grant.Grant{
+		Op: grant.OpRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM,
+		FromEpoch: from, ToEpoch: to,
+		Source:       grantEnd(req.SourceHost, req.Source, sealedSrc),
+		Destination:  grantEnd(req.DestinationHost.Name, req.Destination, sealedDst),
+		DataEndpoint: endpoint, ZeroPageElision: dec.ZeroPageElision,
+		PolicyDigest: dec.Digest, PolicySVN: dec.SVN,
+	}
+}
+
+// grantEnd names one agent in a grant: its host, its verified evidence's digest and HPKE key,
+// its nonce, and the digest of the blob sealed for it.
+func grantEnd(host string, a Attestation, sealed []byte) *grant.End {
+	ed := a.Evidence.Digest()
+	sd := sha256.Sum256(sealed)
+	return &grant.End{
+		Host: host, EvidenceDigest: ed[:], HPKEPublicKey: a.Evidence.HPKEPublicKey,
+		Nonce: a.Nonce, SealedDigest: sd[:],
+	}
+}
+
+// signGrant signs g with the keybroker's key (the receipt-signing key in Transit, which
+// agents pin).
+func (k *Keybroker) signGrant(ctx context.Context, g *grant.Grant) ([]byte, error) {
+	pub, err := k.signingKey(ctx)
+	if err != nil {
+		return nil, err
+	}
+	g.Kind, g.IssuedAt = grant.Kind, k.now().UTC()
+	return grant.Sign(g, pub, func(msg []byte) ([]byte, error) { return k.keys.sign(ctx, ReceiptSigningKey, msg) })
 }
 
 // decide runs the policy gate and records the policy's identity and reasons in ev.

@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 	"github.com/lethe-cc/lethe/policy"
@@ -48,6 +49,39 @@ func TestReleaseAllowed(t *testing.T) {
 	if len(dstKeys.MDK) != seal.KeySize || dstKeys.Epoch != 2 {
 		t.Errorf("destination MDK of %d bytes for epoch %d, want %d bytes for epoch 2", len(dstKeys.MDK), dstKeys.Epoch, seal.KeySize)
 	}
+	// The grant is signed by the keybroker's key and authorizes exactly these blobs, to
+	// exactly these ends, at the attested endpoint.
+	pub, err := e.kb.PublicKey(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, end := range []struct {
+		role   attest.Role
+		host   string
+		att    Attestation
+		sealed []byte
+	}{
+		{attest.RoleSource, "host-a", m.req.Source, resp.SealedSource},
+		{attest.RoleDestination, "host-b", m.req.Destination, resp.SealedDestination},
+	} {
+		g, err := grant.Check(resp.Grant, pub, grant.Expectation{
+			Op: grant.OpRelease, MigrationID: "m1", Role: end.role, Tenant: "demo", VM: "vm1", Host: end.host,
+			HPKEPublicKey: end.att.Evidence.HPKEPublicKey, Nonce: end.att.Nonce, Sealed: end.sealed, Epoch: 1,
+		})
+		if err != nil {
+			t.Fatalf("the %s's grant: %v", end.role, err)
+		}
+		if g.DataEndpoint != keybrokertest.DataEndpoint || resp.DataEndpoint != keybrokertest.DataEndpoint {
+			t.Errorf("grant names endpoint %q (response %q), the destination attested %q", g.DataEndpoint, resp.DataEndpoint, keybrokertest.DataEndpoint)
+		}
+	}
+	if _, err := grant.Check(resp.Grant, pub, grant.Expectation{
+		Op: grant.OpRelease, MigrationID: "m1", Role: attest.RoleSource, Tenant: "demo", VM: "vm1", Host: "host-a",
+		HPKEPublicKey: m.req.Source.Evidence.HPKEPublicKey, Nonce: m.req.Source.Nonce, Sealed: resp.SealedDestination,
+	}); !errors.Is(err, grant.ErrRefused) {
+		t.Errorf("the destination's blob passed as the source's: %v", err)
+	}
+
 	// Each blob opens only for its own role and migration.
 	if _, err := m.dst.key.Open("m1", attest.RoleDestination, resp.SealedSource); !errors.Is(err, seal.ErrOpen) {
 		t.Errorf("destination opened the source's blob: %v", err)

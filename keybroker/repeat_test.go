@@ -57,7 +57,7 @@ func TestRepeatedRelease(t *testing.T) {
 	if _, err := first.src.key.Open("m1", attest.RoleSource, rel2.SealedSource); err == nil {
 		t.Errorf("the first release's key opens the repeated release's keys")
 	}
-	if got := e.transitKeys(); len(got) != 4 { // e1, e2, mig-m1 and the nonce key's wrapping key
+	if got := e.transitKeys(); len(got) != 5 { // e1, e2, mig-m1, the nonce key's wrapping key and the signing key
 		t.Errorf("transit keys after a repeated release: %v", got)
 	}
 	if ev := e.audit.last(t); ev.Kind != EventRelease || ev.Decision != DecisionAllow || ev.Epoch != 2 {
@@ -90,7 +90,7 @@ func TestRepeatedRelease(t *testing.T) {
 	}
 
 	// The receipt quotes the ends that hold the keys: the repeated release's.
-	resp, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit})
+	resp, err := e.kb.Destroy(t.Context(), e.commit(again, rel2))
 	if err != nil {
 		t.Fatalf("Destroy: %v", err)
 	}
@@ -111,17 +111,18 @@ func TestRepeatedDestroy(t *testing.T) {
 	for _, ending := range []Ending{Commit, Abort} {
 		t.Run(string(ending), func(t *testing.T) {
 			e := newEnv(t)
-			e.released("m1", "vm1")
+			m, _, rel := e.released("m1", "vm1")
 			req := &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: ending}
 			if ending == Commit {
-				req.CommitAck = []byte("commit-ack")
+				req = e.commit(m, rel)
 			}
 			first, err := e.kb.Destroy(t.Context(), req)
 			if err != nil {
 				t.Fatalf("Destroy: %v", err)
 			}
-			// The broker reruns its step: the same request again, then once more with fresh
-			// erasure evidence (commit) — the same receipt every time.
+			// The broker reruns its step: the same request again (its erasure nonce is spent,
+			// its proof is not looked at again), then once more with fresh erasure evidence
+			// (commit) — the same receipt every time.
 			again, err := e.kb.Destroy(t.Context(), req)
 			if err != nil {
 				t.Fatalf("repeated Destroy: %v", err)
@@ -139,7 +140,7 @@ func TestRepeatedDestroy(t *testing.T) {
 					t.Errorf("repeated Destroy receipt (-first +repeat):\n%s", diff)
 				}
 				r := e.verifyReceipt(first.Receipt)
-				d := sha256.Sum256([]byte("commit-ack"))
+				d := sha256.Sum256(req.CommitAck)
 				if !bytes.Equal(r.CommitAckDigest, d[:]) {
 					t.Errorf("receipt commit ack digest %x, want %x", r.CommitAckDigest, d)
 				}

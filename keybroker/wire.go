@@ -79,6 +79,7 @@ func ErrorCode(err error) string {
 		{ErrGuestBusy, "guest_busy"},
 		{ErrUnknownMigration, "unknown_migration"},
 		{ErrBothEpochs, "both_epochs"},
+		{ErrUnproven, "unproven"},
 		{ErrDestructionPending, "destruction_pending"},
 		{ErrVaultUnavailable, "unavailable"},
 	} {

@@ -108,6 +108,7 @@ func benchLethe(b *testing.B, srcRegion *Region, streams int) {
 	ctx := b.Context()
 	dstRegion := testRegion(b, benchSize)
 	ln := listen(b)
+	ids := newIdentities(b)
 	srcAgent, err := NewSource(SourceConfig{MigrationID: "bench", Peer: ln.Addr().String(), Streams: streams, Region: srcRegion})
 	if err != nil {
 		b.Fatal(err)
@@ -117,31 +118,29 @@ func benchLethe(b *testing.B, srcRegion *Region, streams int) {
 		b.Fatal(err)
 	}
 	tk := testKey(b, 1)
-	ck, err := macKey(tk, "bench", confirmInfo)
-	if err != nil {
-		b.Fatal(err)
-	}
 	type acceptResult struct {
-		conns      []net.Conn
-		transcript []byte
-		err        error
+		conns   []net.Conn
+		session *confirmed
+		err     error
 	}
 	accepted := make(chan acceptResult, 1)
 	go func() {
-		c, t, err := dstAgent.accept(ctx, ln, ck)
-		accepted <- acceptResult{c, t, err}
+		c, hs, err := dstAgent.accept(ctx, ln, ids.destination(Keys{TK: tk}))
+		accepted <- acceptResult{c, hs, err}
 	}()
-	srcConns, transcript, err := srcAgent.connect(ctx, tk)
+	srcConns, hs, err := srcAgent.connect(ctx, ids.source(Keys{TK: tk}))
 	if err != nil {
 		b.Fatal(err)
 	}
+	defer hs.destroy()
 	a := <-accepted
 	if a.err != nil {
 		b.Fatal(a.err)
 	}
+	defer a.session.destroy()
 	var received, target atomic.Int64
 	arrived := make(chan struct{}, 1)
-	dst, err := newSession(ctx, sessionConfig{role: roleDestination, migrationID: "bench", tk: tk, transcript: a.transcript,
+	dst, err := newSession(ctx, sessionConfig{role: roleDestination, secret: a.session.secret, transcript: a.session.transcript,
 		conns: a.conns, region: dstRegion, log: srcAgent.log,
 		onPages: func(n int) {
 			if received.Add(int64(n)) >= target.Load() {
@@ -154,7 +153,7 @@ func benchLethe(b *testing.B, srcRegion *Region, streams int) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	src, err := newSession(ctx, sessionConfig{role: roleSource, migrationID: "bench", tk: tk, transcript: transcript,
+	src, err := newSession(ctx, sessionConfig{role: roleSource, secret: hs.secret, transcript: hs.transcript,
 		conns: srcConns, region: srcRegion, log: srcAgent.log})
 	if err != nil {
 		b.Fatal(err)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 )
 
 // DestinationConfig configures the destination side of one migration.
@@ -125,17 +126,20 @@ func (d *Destination) params() handshakeParams {
 }
 
 // Receive accepts the source's streams on ln (which it closes when they have all joined or
-// when it returns), confirms keys, receives the transfer, checks it is complete and sends the
-// commit acknowledgement. Connections that fail key confirmation are dropped and Receive
-// keeps listening until ctx ends.
+// when it returns), confirms keys (TK, and that each end holds the HPKE key the other's
+// grant names: keys.Identity here, keys.PeerKey there), receives the transfer, checks it is
+// complete and sends the commit acknowledgement, MACed under keys.TK. Connections that fail
+// key confirmation are dropped and Receive keeps listening until ctx ends.
 //
-// Receive destroys keys.TK whatever happens. If the migration fails, it erases the
-// destination (zeroizes keys.TK and keys.MDK, scrubs the region and spool) and returns the
-// erasure statement in the result together with the error. A received region whose SHA-256
-// differs from the memory digest in the source's FINs is not acknowledged: the error wraps
-// ErrIncomplete and says "memory digest mismatch". Errors wrap ErrNotPrepared,
-// ErrUsed, ErrIncomplete, ErrPeerAborted, ErrKeyConfirmation (only when ctx ended after
-// failed attempts), or are *FrameError or the transport's.
+// Receive destroys keys.TK whatever happens, and never keys.Identity. It returns an error,
+// having accepted nothing, if keys.Identity is missing or zeroized or keys.PeerKey is
+// missing or malformed. If the migration fails, it erases the destination (zeroizes keys.TK
+// and keys.MDK, scrubs the region and spool) and returns the erasure statement in the result
+// together with the error. A received region whose SHA-256 differs from the memory digest
+// in the source's FINs is not acknowledged: the error wraps ErrIncomplete and says "memory
+// digest mismatch". Errors wrap ErrNotPrepared, ErrUsed, ErrIncomplete, ErrPeerAborted,
+// ErrKeyConfirmation or ErrHandshake (only when ctx ended after failed attempts), or are
+// *FrameError or the transport's.
 func (d *Destination) Receive(ctx context.Context, ln net.Listener, keys Keys) (DestinationResult, error) {
 	defer keys.TK.Destroy()
 	if !d.used.CompareAndSwap(false, true) {
@@ -148,6 +152,10 @@ func (d *Destination) Receive(ctx context.Context, ln net.Listener, keys Keys) (
 	if d.cfg.Region != nil && !prepared {
 		ln.Close()
 		return DestinationResult{}, fmt.Errorf("receiving: %w", ErrNotPrepared)
+	}
+	if err := checkHandshakeKeys(keys.Identity, keys.PeerKey); err != nil {
+		ln.Close()
+		return DestinationResult{}, fmt.Errorf("receiving: %w", err)
 	}
 	res, err := d.receive(ctx, ln, keys)
 	if err != nil {
@@ -169,18 +177,27 @@ func (d *Destination) Abort(ctx context.Context, keys Keys) (attest.ErasureState
 }
 
 type accepted struct {
-	conn       net.Conn
-	index      int
-	params     handshakeParams
-	transcript []byte
-	err        error
+	conn    net.Conn
+	index   int
+	session *confirmed // the hello's
+	err     error
 }
 
 // accept runs key confirmation on incoming connections until a source has confirmed keys
-// and joined all its streams.
-func (d *Destination) accept(ctx context.Context, ln net.Listener, ck []byte) ([]net.Conn, []byte, error) {
-	var wg sync.WaitGroup
-	defer wg.Wait() // runs last, after ln is closed and ctx cancelled
+// and joined all its streams. The caller destroys the session it returns.
+func (d *Destination) accept(ctx context.Context, ln net.Listener, keys Keys) (_ []net.Conn, _ *confirmed, err error) {
+	var (
+		wg          sync.WaitGroup
+		mu          sync.Mutex
+		session     *confirmed // the first hello that confirmed keys
+		established = make(chan struct{})
+	)
+	defer func() { // runs last, after ln is closed and ctx cancelled
+		wg.Wait()
+		if err != nil {
+			session.destroy()
+		}
+	}()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer ln.Close()
@@ -188,12 +205,6 @@ func (d *Destination) accept(ctx context.Context, ln net.Listener, ck []byte) ([
 	defer stopClose()
 
 	results := make(chan accepted)
-	var (
-		mu          sync.Mutex
-		transcript  []byte
-		streams     int
-		established = make(chan struct{})
-	)
 	handle := func(conn net.Conn) {
 		defer wg.Done()
 		stop := withDeadline(ctx, conn, d.cfg.HandshakeTimeout)
@@ -204,27 +215,31 @@ func (d *Destination) accept(ctx context.Context, ln net.Listener, ck []byte) ([
 			a.err = err
 		case typ == msgHello:
 			mu.Lock()
-			taken := transcript != nil
+			taken := session != nil
 			mu.Unlock()
 			if taken {
 				a.err = fmt.Errorf("%w: second hello", ErrHandshake)
 				break
 			}
-			a.params, a.transcript, a.err = serverHello(conn, d.params(), ck)
+			a.session, a.err = serverHello(conn, d.params(), keys)
 			if a.err == nil {
 				mu.Lock()
-				if transcript == nil {
-					transcript, streams = a.transcript, a.params.streams
+				if session == nil {
+					session = a.session
 					close(established)
 				} else {
-					a.err = fmt.Errorf("%w: second hello", ErrHandshake)
+					a.session.destroy()
+					a.session, a.err = nil, fmt.Errorf("%w: second hello", ErrHandshake)
 				}
 				mu.Unlock()
 			}
 		case typ == msgJoin:
 			select {
 			case <-established:
-				a.index, a.err = serverJoin(conn, transcript, streams, ck)
+				mu.Lock()
+				s := session
+				mu.Unlock()
+				a.index, a.err = serverJoin(conn, s)
 			case <-ctx.Done():
 				a.err = ctx.Err()
 			}
@@ -264,9 +279,9 @@ func (d *Destination) accept(ctx context.Context, ln net.Listener, ck []byte) ([
 		conns   []net.Conn
 		lastErr error
 		want    = -1
-		t       []byte
+		hs      *confirmed
 	)
-	fail := func(err error) ([]net.Conn, []byte, error) {
+	fail := func(err error) ([]net.Conn, *confirmed, error) {
 		for _, c := range conns {
 			if c != nil {
 				c.Close()
@@ -288,8 +303,8 @@ func (d *Destination) accept(ctx context.Context, ln net.Listener, ck []byte) ([
 				lastErr = a.err
 				continue
 			}
-			if a.transcript != nil {
-				want, t = a.params.streams, a.transcript
+			if a.session != nil {
+				want, hs = a.session.params.streams, a.session
 				grown := make([]net.Conn, want)
 				copy(grown, conns)
 				conns = grown
@@ -306,7 +321,7 @@ func (d *Destination) accept(ctx context.Context, ln net.Listener, ck []byte) ([
 			}
 			conns[a.index] = a.conn
 			if want > 0 && len(conns) == want && !slices.Contains(conns, nil) {
-				return conns, t, nil
+				return conns, hs, nil
 			}
 		}
 	}
@@ -314,27 +329,16 @@ func (d *Destination) accept(ctx context.Context, ln net.Listener, ck []byte) ([
 
 func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (DestinationResult, error) {
 	var res DestinationResult
-	ck, err := macKey(keys.TK, d.cfg.MigrationID, confirmInfo)
-	if err != nil {
-		ln.Close()
-		return res, err
-	}
-	defer clear(ck)
-	commitKey, err := macKey(keys.TK, d.cfg.MigrationID, commitInfo)
-	if err != nil {
-		ln.Close()
-		return res, err
-	}
-	defer clear(commitKey)
-	conns, transcript, err := d.accept(ctx, ln, ck)
+	conns, hs, err := d.accept(ctx, ln, keys)
 	if err != nil {
 		return res, fmt.Errorf("accepting streams: %w", err)
 	}
 	res.Streams = len(conns)
 	sess, err := newSession(ctx, sessionConfig{
-		role: roleDestination, migrationID: d.cfg.MigrationID, tk: keys.TK, transcript: transcript,
+		role: roleDestination, secret: hs.secret, transcript: hs.transcript,
 		conns: conns, region: d.cfg.Region, zeroPages: d.cfg.ZeroPageElision, local: d.cfg.Stream, log: d.log,
 	})
+	hs.destroy() // every key the session needs is derived
 	if err != nil {
 		for _, c := range conns {
 			c.Close()
@@ -382,7 +386,16 @@ func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (
 	res.MemoryDigest = digest
 	slices.SortFunc(fins, func(a, b finRecord) int { return a.stream - b.stream })
 	t := sess.commitTranscript(fins)
-	res.Commit = Commit{MigrationID: d.cfg.MigrationID, Transcript: t, MAC: mac(commitKey, t)}
+	var commitMAC []byte
+	if err := keys.TK.use(func(key []byte) error {
+		var err error
+		commitMAC, err = grant.CommitMAC(key, d.cfg.MigrationID, t)
+		return err
+	}); err != nil {
+		sess.fail(err, true)
+		return res, fmt.Errorf("acknowledging the commit: %w", err)
+	}
+	res.Commit = Commit{MigrationID: d.cfg.MigrationID, Transcript: t, MAC: commitMAC}
 	done := make(chan struct{})
 	ack := append(append([]byte(nil), t...), res.Commit.MAC...)
 	if err := sess.submit(0, sendJob{typ: frameAck, data: ack, done: done}); err != nil {

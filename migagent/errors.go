@@ -3,14 +3,18 @@ package migagent
 import (
 	"errors"
 	"fmt"
+
+	"github.com/lethe-cc/lethe/keybroker/grant"
 )
 
 // Errors that end a migration. Functions that return them document which; match them with
 // errors.Is.
 var (
-	// ErrKeyConfirmation means the peer did not prove that it holds TK: it sent a wrong
-	// handshake MAC, a join MAC for another session, or closed the connection during key
-	// confirmation. Nothing else is sent after it.
+	// ErrKeyConfirmation means the peer did not prove that it holds both TK and the HPKE
+	// private key the grant names for it (Keys.PeerKey),
+	// or that it saw the same handshake: it sent a wrong handshake MAC, a join MAC for
+	// another session, or closed the connection during key confirmation. Nothing else is
+	// sent after it.
 	ErrKeyConfirmation = errors.New("key confirmation failed")
 	// ErrHandshake means the peer's handshake was malformed or its parameters (migration id,
 	// stream count, region geometry, zero-page setting) do not match this side's.
@@ -39,9 +43,10 @@ var (
 	// ErrIncomplete means the destination's completeness check failed at FIN: counts or
 	// transcript hashes differ, pages are missing, or the byte stream was not closed.
 	ErrIncomplete = errors.New("transfer incomplete")
-	// ErrCommitAck means the destination's commit acknowledgement is missing or its MAC is
-	// wrong.
-	ErrCommitAck = errors.New("invalid commit acknowledgement")
+	// ErrCommitAck means the destination's commit acknowledgement is malformed, names
+	// another transcript, or its MAC is wrong. It is grant.ErrCommitAck, so errors from
+	// (*Commit).Verify match it too.
+	ErrCommitAck = grant.ErrCommitAck
 	// ErrCommitUnknown means the source sent its FIN but did not receive a valid commit
 	// acknowledgement: the destination may or may not have committed. The guest is left
 	// paused; the caller decides.

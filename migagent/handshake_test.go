@@ -3,6 +3,9 @@ package migagent
 import (
 	"bytes"
 	"context"
+	"crypto/hkdf"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -10,6 +13,10 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lethe-cc/lethe/keybroker/seal"
 )
 
 // recordConn records what is written through it.
@@ -32,19 +39,31 @@ func (c *recordConn) sent() []byte {
 	return bytes.Clone(c.written.Bytes())
 }
 
-func confirmKey(t *testing.T, seed byte, id string) []byte {
-	t.Helper()
-	k, err := macKey(testKey(t, seed), id, confirmInfo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
 var testParams = handshakeParams{migrationID: "mig", streams: 2, flags: flagMemory, pages: 256}
 
+// Sizes of testParams' hello and of a reply.
+var (
+	helloLen = len(testParams.hello(make([]byte, nonceSize), make([]byte, seal.EncapsulatedSize())))
+	replyLen = replyHead + seal.EncapsulatedSize() + sha256.Size
+	// encAt is where enc_d's length starts in testParams' hello.
+	encAt = prefixSize + helloFixed + len(testParams.migrationID)
+)
+
+// handshakeEnds gives each end of a handshake its TK (by seed) and the HPKE keys of ids.
+func handshakeEnds(t *testing.T, ids identities, srcSeed, dstSeed byte) (src, dst Keys) {
+	t.Helper()
+	return ids.source(Keys{TK: testKey(t, srcSeed)}), ids.destination(Keys{TK: testKey(t, dstSeed)})
+}
+
+// handshakeResult is what both ends of one handshake did.
+type handshakeResult struct {
+	srcSent, dstSent []byte
+	src, dst         *confirmed
+	srcErr, dstErr   error
+}
+
 // handshakePair runs both sides of key confirmation over a pipe, through relay if not nil.
-func handshakePair(t *testing.T, srcKey, dstKey []byte, relay func(src, dst net.Conn)) (srcSent, dstSent []byte, srcErr, dstErr error) {
+func handshakePair(t *testing.T, src, dst Keys, relay func(src, dst net.Conn)) handshakeResult {
 	t.Helper()
 	a, b := net.Pipe()
 	srcConn := &recordConn{Conn: a}
@@ -55,6 +74,7 @@ func handshakePair(t *testing.T, srcKey, dstKey []byte, relay func(src, dst net.
 		dstRaw = d
 	}
 	dstConn := &recordConn{Conn: dstRaw}
+	var res handshakeResult
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		defer dstConn.Close()
@@ -66,54 +86,90 @@ func handshakePair(t *testing.T, srcKey, dstKey []byte, relay func(src, dst net.
 			want := testParams
 			want.streams = 4
 			want.flags |= flagZeroPages
-			_, _, err = serverHello(dstConn, want, dstKey)
+			res.dst, err = serverHello(dstConn, want, dst)
 		}
-		dstErr = err
+		res.dstErr = err
 	})
-	_, srcErr = clientHandshake(srcConn, testParams, srcKey)
+	res.src, res.srcErr = clientHandshake(srcConn, testParams, src)
 	srcConn.Close()
 	wg.Wait()
-	return srcConn.sent(), dstConn.sent(), srcErr, dstErr
+	t.Cleanup(func() { res.src.destroy(); res.dst.destroy() })
+	res.srcSent, res.dstSent = srcConn.sent(), dstConn.sent()
+	return res
 }
 
 func TestKeyConfirmation(t *testing.T) {
-	right := confirmKey(t, 1, "mig")
-	wrong := confirmKey(t, 2, "mig")
-	helloLen := len(testParams.hello(make([]byte, nonceSize)))
+	ids := newIdentities(t)
+	impostor := testIdentity(t)
 	tests := map[string]struct {
-		srcKey, dstKey []byte
-		relay          func(src, dst net.Conn)
-		wantSrc        error
-		wantDst        error
-		wantSrcSent    int
-		wantDstSent    int
+		// change makes one end lack what it must prove.
+		change      func(src, dst *Keys)
+		relay       func(src, dst net.Conn)
+		wantSrc     error
+		wantDst     error
+		wantSrcSent int
+		wantDstSent int
 	}{
-		"ok":                {srcKey: right, dstKey: right, wantSrcSent: helloLen + confirmSize, wantDstSent: replySize},
-		"destination-no-tk": {srcKey: right, dstKey: wrong, wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replySize},
-		"source-no-tk":      {srcKey: wrong, dstKey: right, wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replySize},
+		"ok": {wantSrcSent: helloLen + confirmSize, wantDstSent: replyLen},
+		"destination-no-tk": {
+			change:  func(_, dst *Keys) { dst.TK = testKey(t, 2) },
+			wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replyLen,
+		},
+		"source-no-tk": {
+			change:  func(src, _ *Keys) { src.TK = testKey(t, 2) },
+			wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replyLen,
+		},
+		// An agent that holds TK (say, from a repeated release) but not the HPKE key the
+		// source's grant names for the destination.
+		"destination-not-the-granted-key": {
+			change:  func(_, dst *Keys) { dst.Identity = impostor },
+			wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replyLen,
+		},
+		"source-not-the-granted-key": {
+			change:  func(src, _ *Keys) { src.Identity = impostor },
+			wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replyLen,
+		},
+		// The destination's grant names another source than the one that connects.
+		"destination-expects-another-source": {
+			change:  func(_, dst *Keys) { dst.PeerKey = impostor.PublicKey() },
+			wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replyLen,
+		},
 		"relay-rewrites-nonce": {
-			srcKey: right, dstKey: right, wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation,
-			wantSrcSent: helloLen, wantDstSent: replySize,
+			wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replyLen,
 			relay: rewriteRelay(func(hello []byte) { hello[30] ^= 1 }),
 		},
 		"relay-rewrites-streams": {
-			srcKey: right, dstKey: right, wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation,
-			wantSrcSent: helloLen, wantDstSent: replySize,
+			wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replyLen,
 			relay: rewriteRelay(func(hello []byte) { hello[prefixSize] = 3 }),
+		},
+		"relay-rewrites-proof": {
+			wantSrc: ErrKeyConfirmation, wantDst: ErrKeyConfirmation, wantSrcSent: helloLen, wantDstSent: replyLen,
+			relay: rewriteRelay(func(hello []byte) { hello[encAt+encLenSize+100] ^= 1 }),
+		},
+		"relay-rewrites-proof-length": {
+			wantSrc: ErrKeyConfirmation, wantDst: ErrHandshake, wantSrcSent: helloLen, wantDstSent: 0,
+			relay: rewriteRelay(func(hello []byte) { hello[encAt+1]-- }),
 		},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			srcSent, dstSent, srcErr, dstErr := handshakePair(t, tc.srcKey, tc.dstKey, tc.relay)
-			if !errors.Is(srcErr, tc.wantSrc) || (srcErr == nil) != (tc.wantSrc == nil) {
-				t.Errorf("source: got %v, want %v", srcErr, tc.wantSrc)
+			src, dst := handshakeEnds(t, ids, 1, 1)
+			if tc.change != nil {
+				tc.change(&src, &dst)
 			}
-			if !errors.Is(dstErr, tc.wantDst) || (dstErr == nil) != (tc.wantDst == nil) {
-				t.Errorf("destination: got %v, want %v", dstErr, tc.wantDst)
+			r := handshakePair(t, src, dst, tc.relay)
+			if !errors.Is(r.srcErr, tc.wantSrc) || (r.srcErr == nil) != (tc.wantSrc == nil) {
+				t.Errorf("source: got %v, want %v", r.srcErr, tc.wantSrc)
 			}
-			if len(srcSent) != tc.wantSrcSent || len(dstSent) != tc.wantDstSent {
+			if !errors.Is(r.dstErr, tc.wantDst) || (r.dstErr == nil) != (tc.wantDst == nil) {
+				t.Errorf("destination: got %v, want %v", r.dstErr, tc.wantDst)
+			}
+			if len(r.srcSent) != tc.wantSrcSent || len(r.dstSent) != tc.wantDstSent {
 				t.Errorf("sent source %d, destination %d bytes; want %d and %d (nothing after a failed confirmation)",
-					len(srcSent), len(dstSent), tc.wantSrcSent, tc.wantDstSent)
+					len(r.srcSent), len(r.dstSent), tc.wantSrcSent, tc.wantDstSent)
+			}
+			if (r.src == nil) != (r.srcErr != nil) || (r.dst == nil) != (r.dstErr != nil) {
+				t.Errorf("sessions: source %v, destination %v; want one exactly when confirmation succeeded", r.src, r.dst)
 			}
 		})
 	}
@@ -124,7 +180,7 @@ func rewriteRelay(rewrite func(hello []byte)) func(src, dst net.Conn) {
 	return func(src, dst net.Conn) {
 		defer dst.Close()
 		defer src.Close()
-		hello := make([]byte, prefixSize+helloFixed+len(testParams.migrationID))
+		hello := make([]byte, helloLen)
 		if _, err := io.ReadFull(src, hello); err != nil {
 			return
 		}
@@ -137,47 +193,45 @@ func rewriteRelay(rewrite func(hello []byte)) func(src, dst net.Conn) {
 
 func TestReplayedReplyFails(t *testing.T) {
 	// A relay records a destination's reply in one session and replays it in another.
-	key := confirmKey(t, 1, "mig")
-	_, recorded, _, _ := handshakePair(t, key, key, nil)
+	src, dst := handshakeEnds(t, newIdentities(t), 1, 1)
+	recorded := handshakePair(t, src, dst, nil).dstSent
 	a, b := net.Pipe()
 	go func() {
 		defer b.Close()
-		io.ReadFull(b, make([]byte, prefixSize+helloFixed+len(testParams.migrationID)))
+		io.ReadFull(b, make([]byte, helloLen))
 		b.Write(recorded)
 		io.Copy(io.Discard, b)
 	}()
-	src := &recordConn{Conn: a}
-	_, err := clientHandshake(src, testParams, key)
+	conn := &recordConn{Conn: a}
+	_, err := clientHandshake(conn, testParams, src)
 	if !errors.Is(err, ErrKeyConfirmation) {
 		t.Fatalf("got %v, want ErrKeyConfirmation", err)
 	}
-	if got := len(src.sent()); got != prefixSize+helloFixed+len(testParams.migrationID) {
+	if got := len(conn.sent()); got != helloLen {
 		t.Errorf("source sent %d bytes after a failed confirmation", got)
 	}
 }
 
 func TestJoinNeedsTranscriptAndKey(t *testing.T) {
-	key := confirmKey(t, 1, "mig")
-	transcript := bytes.Repeat([]byte{1}, 32)
+	session := &confirmed{params: handshakeParams{streams: 2}, transcript: bytes.Repeat([]byte{1}, 32), confirmKey: bytes.Repeat([]byte{5}, 32)}
 	tests := map[string]struct {
-		key        []byte
-		transcript []byte
-		index      int
-		wantErr    error
+		joiner  *confirmed
+		index   int
+		wantErr error
 	}{
-		"ok":                 {key: key, transcript: transcript, index: 1},
-		"wrong-key":          {key: confirmKey(t, 2, "mig"), transcript: transcript, index: 1, wantErr: ErrKeyConfirmation},
-		"other-session":      {key: key, transcript: bytes.Repeat([]byte{2}, 32), index: 1, wantErr: ErrKeyConfirmation},
-		"index-out-of-range": {key: key, transcript: transcript, index: 2, wantErr: ErrKeyConfirmation},
+		"ok":                 {joiner: session, index: 1},
+		"wrong-key":          {joiner: &confirmed{transcript: session.transcript, confirmKey: bytes.Repeat([]byte{6}, 32)}, index: 1, wantErr: ErrKeyConfirmation},
+		"other-session":      {joiner: &confirmed{transcript: bytes.Repeat([]byte{2}, 32), confirmKey: session.confirmKey}, index: 1, wantErr: ErrKeyConfirmation},
+		"index-out-of-range": {joiner: session, index: 2, wantErr: ErrKeyConfirmation},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
 			a, b := net.Pipe()
-			go func() { join(a, tc.transcript, tc.index, tc.key); a.Close() }()
+			go func() { join(a, tc.joiner, tc.index); a.Close() }()
 			if _, err := readPrefix(b); err != nil {
 				t.Fatal(err)
 			}
-			got, err := serverJoin(b, transcript, 2, key)
+			got, err := serverJoin(b, session)
 			if !errors.Is(err, tc.wantErr) || (err == nil) != (tc.wantErr == nil) {
 				t.Fatalf("got %v, want %v", err, tc.wantErr)
 			}
@@ -188,7 +242,108 @@ func TestJoinNeedsTranscriptAndKey(t *testing.T) {
 	}
 }
 
+func TestSessionSecretIsHKDFOfTKAndBothKEMSecrets(t *testing.T) {
+	ssD, ssS, transcript := bytes.Repeat([]byte{2}, 32), bytes.Repeat([]byte{3}, 32), bytes.Repeat([]byte{4}, 32)
+	ikm := append(append(testKeyBytes(1), ssD...), ssS...)
+	secret, err := newSessionSecret(testKey(t, 1), bytes.Clone(ssD), bytes.Clone(ssS), transcript)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer secret.Destroy()
+	for _, info := range []string{confirmInfo, streamInfoFor(sourceToDestination, 0), streamInfoFor(destinationToSource, 3)} {
+		got, err := expandKey(secret, info)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := hkdf.Key(sha256.New, ikm, transcript, info, 32)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(want, got); diff != "" {
+			t.Errorf("%q key, not HKDF-SHA256(TK ‖ ss_d ‖ ss_s, salt = T, info) (-want +got):\n%s", info, diff)
+		}
+	}
+	if want := streamInfo + "s\x00\x00\x00\x00"; streamInfoFor(sourceToDestination, 0) != want {
+		t.Errorf("stream info %q, want %q", streamInfoFor(sourceToDestination, 0), want)
+	}
+}
+
+func TestNewSessionSecretClearsKEMSecrets(t *testing.T) {
+	ssD, ssS := bytes.Repeat([]byte{2}, 32), bytes.Repeat([]byte{3}, 32)
+	secret, err := newSessionSecret(testKey(t, 1), ssD, ssS, make([]byte, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret.Destroy()
+	if zero := make([]byte, 32); !bytes.Equal(ssD, zero) || !bytes.Equal(ssS, zero) {
+		t.Error("ss_d or ss_s not cleared")
+	}
+}
+
+// TestSessionsUnderOneTKHaveOwnStreamKeys: the keybroker may seal one TK again in a repeated
+// release; a second session under it must not reuse the first one's stream keys, whose GCM
+// nonces are sequence numbers starting at 0.
+func TestSessionsUnderOneTKHaveOwnStreamKeys(t *testing.T) {
+	src, dst := handshakeEnds(t, newIdentities(t), 1, 1)
+	one := handshakePair(t, src, dst, nil)
+	two := handshakePair(t, src, dst, nil)
+	if err := errors.Join(one.srcErr, one.dstErr, two.srcErr, two.dstErr); err != nil {
+		t.Fatal(err)
+	}
+	page := bytes.Repeat([]byte{9}, PageSize)
+	sealed := func(c *confirmed) []byte {
+		aead, err := streamAEAD(c.secret, sourceToDestination, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return newFrameWriter(aead, 0, c.transcript).seal(nil, framePages, 0, 1, page)
+	}
+	open := func(frame []byte, c *confirmed) error {
+		aead, err := streamAEAD(c.secret, sourceToDestination, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := newFrameReader(bytes.NewReader(frame), aead, 0, c.transcript)
+		h, f, err := r.read(nil)
+		if err != nil {
+			return err
+		}
+		_, err = r.open(nil, h, f)
+		return err
+	}
+	tests := map[string]struct {
+		frame   []byte
+		opener  *confirmed
+		wantErr error
+	}{
+		"same-session":        {frame: sealed(one.src), opener: one.dst},
+		"same-session-second": {frame: sealed(two.src), opener: two.dst},
+		"other-session":       {frame: sealed(one.src), opener: two.dst, wantErr: ErrFrameAuthentication},
+		"other-session-back":  {frame: sealed(two.src), opener: one.dst, wantErr: ErrFrameAuthentication},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			err := open(tc.frame, tc.opener)
+			if !errors.Is(err, tc.wantErr) || (err == nil) != (tc.wantErr == nil) {
+				t.Fatalf("got %v, want %v", err, tc.wantErr)
+			}
+		})
+	}
+	k1, err := expandKey(one.src.secret, streamInfoFor(sourceToDestination, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, err := expandKey(two.src.secret, streamInfoFor(sourceToDestination, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(k1, k2) {
+		t.Error("two sessions under one TK derived the same stream key")
+	}
+}
+
 func TestHandshakeTimesOut(t *testing.T) {
+	src, _ := handshakeEnds(t, newIdentities(t), 1, 1)
 	synctest.Test(t, func(t *testing.T) {
 		// A destination that accepts and never answers.
 		a, b := net.Pipe()
@@ -197,7 +352,7 @@ func TestHandshakeTimesOut(t *testing.T) {
 		stop := withDeadline(t.Context(), a, 5*time.Second)
 		defer stop()
 		start := time.Now()
-		_, err := clientHandshake(a, testParams, confirmKey(t, 1, "mig"))
+		_, err := clientHandshake(a, testParams, src)
 		if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, errTimeout(err)) {
 			t.Fatalf("got %v, want a timeout", err)
 		}
@@ -213,4 +368,84 @@ func errTimeout(err error) error {
 		return err
 	}
 	return errors.New("not a timeout")
+}
+
+// scriptConn plays in to whoever reads from it and records what is written.
+type scriptConn struct {
+	net.Conn
+	in      io.Reader
+	written bytes.Buffer
+}
+
+func (c *scriptConn) Read(b []byte) (int, error)  { return c.in.Read(b) }
+func (c *scriptConn) Write(b []byte) (int, error) { return c.written.Write(b) }
+
+func FuzzServerHello(f *testing.F) {
+	ids := newIdentities(f)
+	enc, ss, err := seal.Encapsulate(ids.dst.PublicKey(), possessionDestination+testParams.migrationID)
+	if err != nil {
+		f.Fatal(err)
+	}
+	clear(ss)
+	hello := testParams.hello(make([]byte, nonceSize), enc)
+	f.Add(hello)
+	f.Add(hello[:encAt])
+	f.Add(hello[:encAt+encLenSize+10])
+	short := bytes.Clone(hello[:encAt])
+	f.Add(binary.BigEndian.AppendUint16(short, 0xffff))
+	f.Add(append(bytes.Clone(hello), make([]byte, confirmSize)...))
+	tk := testKey(f, 1)
+	dst := ids.destination(Keys{TK: tk})
+	want := testParams
+	want.flags |= flagZeroPages
+	f.Fuzz(func(t *testing.T, in []byte) {
+		conn := &scriptConn{in: bytes.NewReader(in)}
+		typ, err := readPrefix(conn)
+		if err == nil && typ == msgHello {
+			var c *confirmed
+			c, err = serverHello(conn, want, dst)
+			c.destroy()
+		}
+		switch {
+		case err == nil && typ == msgHello:
+			t.Fatal("key confirmation succeeded without the source's MAC")
+		case err != nil && !errors.Is(err, ErrHandshake) && !errors.Is(err, ErrKeyConfirmation):
+			t.Fatalf("unnamed error: %v", err)
+		case conn.written.Len() != 0 && conn.written.Len() != replyLen:
+			t.Fatalf("destination sent %d bytes, want none or a reply", conn.written.Len())
+		}
+	})
+}
+
+func FuzzClientReply(f *testing.F) {
+	ids := newIdentities(f)
+	src := ids.source(Keys{TK: testKey(f, 1)})
+	enc, ss, err := seal.Encapsulate(ids.src.PublicKey(), possessionSource+testParams.migrationID)
+	if err != nil {
+		f.Fatal(err)
+	}
+	clear(ss)
+	reply := append(handshakeMagic[:0:0], handshakeMagic[:]...)
+	reply = append(reply, msgReply)
+	reply = append(reply, make([]byte, nonceSize)...)
+	reply = binary.BigEndian.AppendUint16(reply, uint16(len(enc)))
+	reply = append(reply, enc...)
+	reply = append(reply, make([]byte, sha256.Size)...)
+	f.Add(reply)
+	f.Add(reply[:replyHead])
+	f.Add(reply[:replyHead+10])
+	f.Add(binary.BigEndian.AppendUint16(bytes.Clone(reply[:replyHead-encLenSize]), 3))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		conn := &scriptConn{in: bytes.NewReader(in)}
+		c, err := clientHandshake(conn, testParams, src)
+		c.destroy()
+		switch {
+		case err == nil:
+			t.Fatal("key confirmation succeeded without the destination's MAC")
+		case !errors.Is(err, ErrHandshake) && !errors.Is(err, ErrKeyConfirmation):
+			t.Fatalf("unnamed error: %v", err)
+		case conn.written.Len() != helloLen:
+			t.Fatalf("source sent %d bytes, want its hello only", conn.written.Len())
+		}
+	})
 }

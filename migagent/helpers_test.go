@@ -4,9 +4,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"testing"
+
+	"github.com/lethe-cc/lethe/keybroker/seal"
 )
 
 func testKey(t testing.TB, seed byte) *SecretKey {
@@ -19,6 +22,39 @@ func testKey(t testing.TB, seed byte) *SecretKey {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return k
+}
+
+// identities are the HPKE keys of the two ends of a test migration, the keys their evidence
+// would bind and their grants name.
+type identities struct {
+	src, dst *seal.PrivateKey
+}
+
+func newIdentities(t testing.TB) identities {
+	t.Helper()
+	return identities{src: testIdentity(t), dst: testIdentity(t)}
+}
+
+func testIdentity(t testing.TB) *seal.PrivateKey {
+	t.Helper()
+	k, err := seal.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(k.Zeroize)
+	return k
+}
+
+// source returns k with the source's identity and the destination's public key.
+func (id identities) source(k Keys) Keys {
+	k.Identity, k.PeerKey = id.src, id.dst.PublicKey()
+	return k
+}
+
+// destination returns k with the destination's identity and the source's public key.
+func (id identities) destination(k Keys) Keys {
+	k.Identity, k.PeerKey = id.dst, id.src.PublicKey()
 	return k
 }
 
@@ -82,3 +118,30 @@ func (p *hashingPauser) Pause(ctx context.Context) error {
 }
 
 func (p *hashingPauser) Resume(ctx context.Context) error { return p.w.Resume(ctx) }
+
+// rejectLog is a log handler that passes on the error of every data-plane connection a
+// Destination rejects, so that a test can wait for the rejection instead of sleeping.
+type rejectLog chan string
+
+// rejections returns a logger for a Destination and the channel its rejections arrive on.
+func rejections() (*slog.Logger, <-chan string) {
+	h := make(rejectLog, 16)
+	return slog.New(h), h
+}
+
+func (h rejectLog) Enabled(context.Context, slog.Level) bool { return true }
+func (h rejectLog) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h rejectLog) WithGroup(string) slog.Handler            { return h }
+
+func (h rejectLog) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != "Rejected a data-plane connection" {
+		return nil
+	}
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key == "error" {
+			h <- a.Value.String()
+		}
+		return true
+	})
+	return nil
+}

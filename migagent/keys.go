@@ -18,7 +18,7 @@ const (
 	destinationToSource direction = 'd'
 )
 
-// Labels of the keys derived from TK and MDK.
+// Labels of the keys derived from the session secret and MDK, and of the commit transcript.
 const (
 	streamInfo  = "lethe/v1/stream"
 	confirmInfo = "lethe/v1/confirm"
@@ -33,6 +33,10 @@ func deriveAEAD(secret, salt []byte, info string) (cipher.AEAD, error) {
 		return nil, fmt.Errorf("deriving key: %w", err)
 	}
 	defer clear(k)
+	return newAEAD(k)
+}
+
+func newAEAD(k []byte) (cipher.AEAD, error) {
 	block, err := aes.NewCipher(k)
 	if err != nil {
 		return nil, fmt.Errorf("creating cipher: %w", err)
@@ -40,33 +44,67 @@ func deriveAEAD(secret, salt []byte, info string) (cipher.AEAD, error) {
 	return cipher.NewGCM(block)
 }
 
-// streamAEAD derives the key of one stream and direction.
-func streamAEAD(tk *SecretKey, migrationID string, dir direction, index uint32) (cipher.AEAD, error) {
-	var info [len(streamInfo) + 1 + 4]byte
-	copy(info[:], streamInfo)
-	info[len(streamInfo)] = byte(dir)
-	binary.BigEndian.PutUint32(info[len(streamInfo)+1:], index)
-	var aead cipher.AEAD
+// newSessionSecret returns the secret every key of one session derives from:
+//
+//	PRK = HKDF-Extract(SHA-256, salt = T, TK ‖ ss_d ‖ ss_s)
+//
+// so that expanding it with info gives HKDF-SHA256(TK ‖ ss_d ‖ ss_s, salt = T, info). It
+// clears ssD and ssS. Two sessions under one TK never share a secret: each end's KEM secret
+// is fresh.
+func newSessionSecret(tk *SecretKey, ssD, ssS, transcript []byte) (*SecretKey, error) {
+	defer clear(ssD)
+	defer clear(ssS)
+	var secret *SecretKey
 	err := tk.use(func(key []byte) error {
-		var err error
-		aead, err = deriveAEAD(key, []byte(migrationID), string(info[:]))
+		ikm := make([]byte, 0, len(key)+len(ssD)+len(ssS))
+		ikm = append(append(append(ikm, key...), ssD...), ssS...)
+		defer clear(ikm)
+		prk, err := hkdf.Extract(sha256.New, ikm, transcript)
+		if err != nil {
+			return err
+		}
+		defer clear(prk)
+		secret, err = NewSecretKey(prk)
 		return err
 	})
-	return aead, err
+	if err != nil {
+		return nil, fmt.Errorf("deriving the session secret: %w", err)
+	}
+	return secret, nil
 }
 
-// macKey derives an HMAC key from TK. The caller clears it.
-func macKey(tk *SecretKey, migrationID, info string) ([]byte, error) {
+// expandKey returns the 32-byte key labelled info of the session whose secret is secret
+// (see newSessionSecret). The caller clears it.
+func expandKey(secret *SecretKey, info string) ([]byte, error) {
 	var k []byte
-	err := tk.use(func(key []byte) error {
+	err := secret.use(func(prk []byte) error {
 		var err error
-		k, err = hkdf.Key(sha256.New, key, []byte(migrationID), info, 32)
+		k, err = hkdf.Expand(sha256.New, prk, info, 32)
 		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("deriving %s key: %w", info, err)
 	}
 	return k, nil
+}
+
+// streamInfoFor is the HKDF info of the key of one stream and direction.
+func streamInfoFor(dir direction, index uint32) string {
+	var info [len(streamInfo) + 1 + 4]byte
+	copy(info[:], streamInfo)
+	info[len(streamInfo)] = byte(dir)
+	binary.BigEndian.PutUint32(info[len(streamInfo)+1:], index)
+	return string(info[:])
+}
+
+// streamAEAD derives the key of one stream and direction from the session secret.
+func streamAEAD(secret *SecretKey, dir direction, index uint32) (cipher.AEAD, error) {
+	k, err := expandKey(secret, streamInfoFor(dir, index))
+	if err != nil {
+		return nil, err
+	}
+	defer clear(k)
+	return newAEAD(k)
 }
 
 func mac(key []byte, parts ...[]byte) []byte {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -14,6 +15,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
+	"github.com/lethe-cc/lethe/keybroker/seal"
 )
 
 type migration struct {
@@ -85,9 +88,10 @@ func TestMigrateMemoryUnderWorkload(t *testing.T) {
 				t.Fatal(err)
 			}
 			dstMDK := testKey(t, 9)
+			ids := newIdentities(t)
 			m := &migration{src: src, dst: dst,
-				srcKeys: Keys{TK: testKey(t, 1), MDK: testKey(t, 5)},
-				dstKeys: Keys{TK: testKey(t, 1), MDK: dstMDK}}
+				srcKeys: ids.source(Keys{TK: testKey(t, 1), MDK: testKey(t, 5)}),
+				dstKeys: ids.destination(Keys{TK: testKey(t, 1), MDK: dstMDK})}
 			m.run(t, ln)
 			if m.srcErr != nil || m.dstErr != nil {
 				t.Fatalf("source: %v; destination: %v", m.srcErr, m.dstErr)
@@ -104,7 +108,7 @@ func TestMigrateMemoryUnderWorkload(t *testing.T) {
 			if want := sha256.Sum256(dstRegion.Bytes()); !bytes.Equal(m.dstRes.MemoryDigest, want[:]) {
 				t.Errorf("destination digest %x is not the SHA-256 of its region %x", m.dstRes.MemoryDigest, want)
 			}
-			if err := m.srcRes.Commit.Verify(testKey(t, 1)); err != nil {
+			if err := m.srcRes.Commit.Verify(testKeyBytes(1), "mig-"+name); err != nil {
 				t.Fatalf("verifying commit: %v", err)
 			}
 			if diff := cmp.Diff(m.dstRes.Commit, m.srcRes.Commit); diff != "" {
@@ -199,9 +203,10 @@ func TestMigrateTamperedPayloadAbortsAndErasesDestination(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ids := newIdentities(t)
 	m := &migration{src: src, dst: dst,
-		srcKeys: Keys{TK: testKey(t, 1), MDK: testKey(t, 5)},
-		dstKeys: Keys{TK: testKey(t, 1), MDK: testKey(t, 9)}}
+		srcKeys: ids.source(Keys{TK: testKey(t, 1), MDK: testKey(t, 5)}),
+		dstKeys: ids.destination(Keys{TK: testKey(t, 1), MDK: testKey(t, 9)})}
 	m.run(t, ln)
 	if !errors.Is(m.dstErr, ErrFrameAuthentication) {
 		t.Errorf("destination: got %v, want ErrFrameAuthentication", m.dstErr)
@@ -271,7 +276,8 @@ func TestMigrateByteStream(t *testing.T) {
 		dstHyp.Write(back)
 		dstHyp.CloseWrite()
 	})
-	m := &migration{src: src, dst: dst, srcKeys: Keys{TK: testKey(t, 1)}, dstKeys: Keys{TK: testKey(t, 1)}}
+	ids := newIdentities(t)
+	m := &migration{src: src, dst: dst, srcKeys: ids.source(Keys{TK: testKey(t, 1)}), dstKeys: ids.destination(Keys{TK: testKey(t, 1)})}
 	m.run(t, ln)
 	wg.Wait()
 	if m.srcErr != nil || m.dstErr != nil {
@@ -302,6 +308,8 @@ func TestMigrateRefusesMismatch(t *testing.T) {
 			ln := listen(t)
 			tc.src.Peer, tc.src.Region = ln.Addr().String(), testRegion(t, 1<<20)
 			tc.dst.Region = testRegion(t, 1<<20)
+			var rejected <-chan string
+			tc.dst.Logger, rejected = rejections()
 			src, err := NewSource(tc.src)
 			if err != nil {
 				t.Fatal(err)
@@ -313,16 +321,18 @@ func TestMigrateRefusesMismatch(t *testing.T) {
 			if _, err := dst.Prepare(t.Context()); err != nil {
 				t.Fatal(err)
 			}
+			ids := newIdentities(t)
 			ctx, cancel := context.WithCancel(t.Context())
 			done := make(chan error)
 			go func() {
-				_, err := dst.Receive(ctx, ln, Keys{TK: testKey(t, 1)})
+				_, err := dst.Receive(ctx, ln, ids.destination(Keys{TK: testKey(t, 1)}))
 				done <- err
 			}()
-			_, err = src.Run(t.Context(), Keys{TK: testKey(t, 1)})
+			_, err = src.Run(t.Context(), ids.source(Keys{TK: testKey(t, 1)}))
 			if !errors.Is(err, ErrKeyConfirmation) {
 				t.Errorf("source: got %v, want ErrKeyConfirmation (destination closed)", err)
 			}
+			<-rejected
 			cancel()
 			if err := <-done; !errors.Is(err, ErrHandshake) {
 				t.Errorf("destination: got %v, want ErrHandshake", err)
@@ -367,9 +377,10 @@ func TestMigrateMemoryDigestMismatchIsNotAcknowledged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ids := newIdentities(t)
 	m := &migration{src: src, dst: dst,
-		srcKeys: Keys{TK: testKey(t, 1), MDK: testKey(t, 5)},
-		dstKeys: Keys{TK: testKey(t, 1), MDK: testKey(t, 9)}}
+		srcKeys: ids.source(Keys{TK: testKey(t, 1), MDK: testKey(t, 5)}),
+		dstKeys: ids.destination(Keys{TK: testKey(t, 1), MDK: testKey(t, 9)})}
 	m.run(t, ln)
 	if !errors.Is(m.dstErr, ErrIncomplete) || !strings.Contains(m.dstErr.Error(), "memory digest mismatch") {
 		t.Errorf("destination: got %v, want ErrIncomplete naming the memory digest mismatch", m.dstErr)
@@ -382,5 +393,236 @@ func TestMigrateMemoryDigestMismatchIsNotAcknowledged(t *testing.T) {
 	}
 	if m.srcKeys.MDK.Destroyed() {
 		t.Error("source destroyed MDK although the migration did not commit")
+	}
+}
+
+// TestMigrateRefusesPeerWithoutGrantedKey: an agent that holds TK (the keybroker may seal it
+// again in a repeated release) but not the HPKE key the other end's grant names cannot take
+// part: key confirmation fails on both sides and not one page leaves the source.
+func TestMigrateRefusesPeerWithoutGrantedKey(t *testing.T) {
+	tests := map[string]struct {
+		// impostor replaces one end's identity with a key no grant names.
+		impostor func(ids *identities, other *seal.PrivateKey)
+	}{
+		"destination": {impostor: func(ids *identities, other *seal.PrivateKey) { ids.dst = other }},
+		"source":      {impostor: func(ids *identities, other *seal.PrivateKey) { ids.src = other }},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			const id = "mig-impostor"
+			granted := newIdentities(t)
+			ln := listen(t)
+			srcRegion, dstRegion := testRegion(t, 1<<20), testRegion(t, 1<<20)
+			fillRegion(srcRegion, 1)
+			var (
+				mu    sync.Mutex
+				conns []*recordConn
+				d     net.Dialer
+			)
+			src, err := NewSource(SourceConfig{
+				MigrationID: id, Peer: ln.Addr().String(), Region: srcRegion, Streams: 2,
+				Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+					c, err := d.DialContext(ctx, network, addr)
+					if err != nil {
+						return nil, err
+					}
+					rc := &recordConn{Conn: c}
+					mu.Lock()
+					conns = append(conns, rc)
+					mu.Unlock()
+					return rc, nil
+				},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			log, rejected := rejections()
+			dst, err := NewDestination(DestinationConfig{MigrationID: id, Region: dstRegion, Logger: log})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Each end expects the granted peer; one end holds another key.
+			srcKeys := granted.source(Keys{TK: testKey(t, 1), MDK: testKey(t, 5)})
+			dstKeys := granted.destination(Keys{TK: testKey(t, 1)})
+			actual := granted
+			tc.impostor(&actual, testIdentity(t))
+			srcKeys.Identity, dstKeys.Identity = actual.src, actual.dst
+			if _, err := dst.Prepare(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(t.Context())
+			type received struct {
+				res DestinationResult
+				err error
+			}
+			done := make(chan received)
+			go func() {
+				res, err := dst.Receive(ctx, ln, dstKeys)
+				done <- received{res, err}
+			}()
+			_, srcErr := src.Run(t.Context(), srcKeys)
+			reason := <-rejected
+			cancel()
+			got := <-done
+			if !strings.Contains(reason, ErrKeyConfirmation.Error()) {
+				t.Errorf("destination rejected the connection with %q, want key confirmation failed", reason)
+			}
+			if !errors.Is(srcErr, ErrKeyConfirmation) || !strings.Contains(srcErr.Error(), "HPKE key") {
+				t.Errorf("source: got %v, want ErrKeyConfirmation naming the HPKE key", srcErr)
+			}
+			if !errors.Is(got.err, ErrKeyConfirmation) {
+				t.Errorf("destination: got %v, want ErrKeyConfirmation", got.err)
+			}
+			if got.res.Streams != 0 {
+				t.Errorf("destination established %d streams", got.res.Streams)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			helloLen := prefixSize + helloFixed + len(id) + encLenSize + seal.EncapsulatedSize()
+			if len(conns) != 1 || len(conns[0].sent()) != helloLen {
+				var sent []int
+				for _, c := range conns {
+					sent = append(sent, len(c.sent()))
+				}
+				t.Errorf("source sent %v bytes on its connections, want its hello (%d bytes) only", sent, helloLen)
+			}
+		})
+	}
+}
+
+// TestCommitAckVerifiesWithGrant: the acknowledgement a real transfer produces is the one the
+// keybroker checks, with nothing but TK and the migration id.
+func TestCommitAckVerifiesWithGrant(t *testing.T) {
+	const id = "mig-commit"
+	srcRegion, dstRegion := testRegion(t, 1<<20), testRegion(t, 1<<20)
+	fillRegion(srcRegion, 1)
+	ln := listen(t)
+	ids := newIdentities(t)
+	src, err := NewSource(SourceConfig{MigrationID: id, Peer: ln.Addr().String(), Region: srcRegion, Streams: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst, err := NewDestination(DestinationConfig{MigrationID: id, Region: dstRegion})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &migration{src: src, dst: dst, srcKeys: ids.source(Keys{TK: testKey(t, 1)}), dstKeys: ids.destination(Keys{TK: testKey(t, 1)})}
+	m.run(t, ln)
+	if m.srcErr != nil || m.dstErr != nil {
+		t.Fatalf("source: %v; destination: %v", m.srcErr, m.dstErr)
+	}
+	encoded, err := json.Marshal(m.srcRes.Commit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parsed, err := grant.ParseCommitAck(encoded)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flipped := *parsed
+	flipped.MAC = bytes.Clone(parsed.MAC)
+	flipped.MAC[7] ^= 1
+	tests := map[string]struct {
+		ack     *grant.CommitAck
+		tk      []byte
+		id      string
+		wantErr error
+	}{
+		"as-received":     {ack: parsed, tk: testKeyBytes(1), id: id},
+		"flipped-mac":     {ack: &flipped, tk: testKeyBytes(1), id: id, wantErr: grant.ErrCommitAck},
+		"other-tk":        {ack: parsed, tk: testKeyBytes(2), id: id, wantErr: grant.ErrCommitAck},
+		"other-migration": {ack: parsed, tk: testKeyBytes(1), id: "mig-other", wantErr: grant.ErrCommitAck},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			err := tc.ack.Verify(tc.tk, tc.id)
+			if !errors.Is(err, tc.wantErr) || (err == nil) != (tc.wantErr == nil) {
+				t.Fatalf("got %v, want %v", err, tc.wantErr)
+			}
+		})
+	}
+	if diff := cmp.Diff(m.dstRes.Commit, m.srcRes.Commit); diff != "" {
+		t.Errorf("commit (-dst +src):\n%s", diff)
+	}
+}
+
+func TestCheckAck(t *testing.T) {
+	transcript := bytes.Repeat([]byte{3}, 32)
+	mac, err := grant.CommitMAC(testKeyBytes(1), "m", transcript)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ack := append(bytes.Clone(transcript), mac...)
+	flip := func(i int) []byte {
+		b := bytes.Clone(ack)
+		b[i] ^= 1
+		return b
+	}
+	tests := map[string]struct {
+		ack     []byte
+		wantErr error
+	}{
+		"ok":                 {ack: ack},
+		"flipped-mac":        {ack: flip(40), wantErr: ErrCommitAck},
+		"another-transcript": {ack: flip(0), wantErr: ErrCommitAck},
+		"transcript-only":    {ack: transcript, wantErr: ErrCommitAck},
+		"short":              {ack: ack[:10], wantErr: ErrCommitAck},
+		"long":               {ack: append(bytes.Clone(ack), 0), wantErr: ErrCommitAck},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			commit := Commit{MigrationID: "m", Transcript: transcript}
+			err := checkAck(&commit, tc.ack, testKey(t, 1))
+			if !errors.Is(err, tc.wantErr) || (err == nil) != (tc.wantErr == nil) {
+				t.Fatalf("got %v, want %v", err, tc.wantErr)
+			}
+			if err == nil && !bytes.Equal(commit.MAC, mac) {
+				t.Errorf("MAC %x, want %x", commit.MAC, mac)
+			}
+		})
+	}
+}
+
+// TestRunRequiresHandshakeKeys: neither end starts without the keys the handshake proves.
+func TestRunRequiresHandshakeKeys(t *testing.T) {
+	ids := newIdentities(t)
+	zeroized := testIdentity(t)
+	zeroized.Zeroize()
+	tests := map[string]struct {
+		identity *seal.PrivateKey
+		peerKey  []byte
+		wantErr  string
+	}{
+		"no-identity":        {peerKey: ids.dst.PublicKey(), wantErr: "no identity key"},
+		"no-peer-key":        {identity: ids.src, wantErr: "no peer key"},
+		"malformed-peer-key": {identity: ids.src, peerKey: ids.dst.PublicKey()[:100], wantErr: "checking the peer key"},
+		"zeroized-identity":  {identity: zeroized, peerKey: ids.dst.PublicKey(), wantErr: "checking the identity key"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			src, err := NewSource(SourceConfig{MigrationID: "m", Peer: "127.0.0.1:1", Region: testRegion(t, PageSize),
+				Dial: func(context.Context, string, string) (net.Conn, error) {
+					t.Error("source dialled")
+					return nil, errors.New("no")
+				}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst, err := NewDestination(DestinationConfig{MigrationID: "m", Stream: &halfConn{}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln := listen(t)
+			_, srcErr := src.Run(t.Context(), Keys{TK: testKey(t, 1), Identity: tc.identity, PeerKey: tc.peerKey})
+			_, dstErr := dst.Receive(t.Context(), ln, Keys{TK: testKey(t, 1), Identity: tc.identity, PeerKey: tc.peerKey})
+			for side, err := range map[string]error{"source": srcErr, "destination": dstErr} {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Errorf("%s: got %v, want %q", side, err, tc.wantErr)
+				}
+			}
+			if _, err := ln.Accept(); err == nil {
+				t.Error("destination left its listener open")
+			}
+		})
 	}
 }

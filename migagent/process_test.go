@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/lethe-cc/lethe/keybroker/seal"
 )
 
 // The destination agent of TestTwoProcesses runs in a child process: the test binary,
@@ -20,6 +22,7 @@ const (
 	envSize    = "LETHE_MIGAGENT_TEST_SIZE"
 	envTK      = "LETHE_MIGAGENT_TEST_TK"
 	envMigID   = "LETHE_MIGAGENT_TEST_MIGRATION"
+	envPeerKey = "LETHE_MIGAGENT_TEST_PEER_KEY" // the source's HPKE public key
 	childAlive = "destination"
 )
 
@@ -34,9 +37,18 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// childDestination prepares a region, prints its data endpoint, receives one migration and
-// prints the hash of every page it then holds.
+// childDestination makes its HPKE key, prepares a region, prints its public key and its data
+// endpoint, receives one migration and prints the hash of every page it then holds.
 func childDestination(ctx context.Context) error {
+	peerKey, err := hex.DecodeString(os.Getenv(envPeerKey))
+	if err != nil {
+		return err
+	}
+	identity, err := seal.GenerateKey()
+	if err != nil {
+		return err
+	}
+	defer identity.Zeroize()
 	size, err := strconv.ParseInt(os.Getenv(envSize), 10, 64)
 	if err != nil {
 		return err
@@ -67,8 +79,9 @@ func childDestination(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	fmt.Printf("KEY %x\n", identity.PublicKey())
 	fmt.Printf("ADDR %s\n", ln.Addr())
-	res, err := dst.Receive(ctx, ln, Keys{TK: tk})
+	res, err := dst.Receive(ctx, ln, Keys{TK: tk, Identity: identity, PeerKey: peerKey})
 	if err != nil {
 		return err
 	}
@@ -82,9 +95,10 @@ func childDestination(ctx context.Context) error {
 func TestTwoProcesses1GiB(t *testing.T) {
 	const size = 1 << 30
 	tkBytes := testKeyBytes(42)
+	identity := testIdentity(t)
 	cmd := exec.CommandContext(t.Context(), os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), envChild+"="+childAlive, envSize+"="+strconv.Itoa(size),
-		envTK+"="+hex.EncodeToString(tkBytes), envMigID+"=mig-1gib")
+		envTK+"="+hex.EncodeToString(tkBytes), envMigID+"=mig-1gib", envPeerKey+"="+hex.EncodeToString(identity.PublicKey()))
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -120,6 +134,10 @@ func TestTwoProcesses1GiB(t *testing.T) {
 	defer stop()
 	go w.Run(ctx)
 	pauser := &hashingPauser{w: w, r: region}
+	peerKey, err := hex.DecodeString(next("KEY"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	addr := next("ADDR")
 	src, err := NewSource(SourceConfig{
 		MigrationID: "mig-1gib", Peer: addr, Streams: 2, Region: region, Guest: pauser,
@@ -133,7 +151,7 @@ func TestTwoProcesses1GiB(t *testing.T) {
 		t.Fatal(err)
 	}
 	tk := testKey(t, 42)
-	res, err := src.Run(t.Context(), Keys{TK: tk})
+	res, err := src.Run(t.Context(), Keys{TK: tk, Identity: identity, PeerKey: peerKey})
 	if err != nil {
 		t.Fatalf("source: %v", err)
 	}

@@ -6,6 +6,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lethe-cc/lethe/keybroker/seal"
 )
 
 // KeySize is the size of TK and MDK: 256 bits.
@@ -98,7 +100,7 @@ func (k *SecretKey) Destroy() {
 	k.b = nil
 }
 
-// Keys are the secrets a migration runs with.
+// Keys are the secrets a migration runs with, and the peer's public key it must meet.
 type Keys struct {
 	// TK is the migration's transfer key. Required. The migration destroys it when it
 	// ends, whatever the outcome.
@@ -107,4 +109,14 @@ type Keys struct {
 	// current epoch, the destination's next one). May be nil when nothing is spooled. The
 	// source destroys it on commit, the destination on abort; otherwise it stays the caller's.
 	MDK *SecretKey
+	// Identity is this agent's ephemeral HPKE key for the migration, the one its evidence
+	// binds; the handshake proves to the peer that this end holds it. Required, and not
+	// zeroized. The migration uses it but never zeroizes it: the caller does, once Run or
+	// Receive has returned.
+	Identity *seal.PrivateKey
+	// PeerKey is the peer's HPKE public key as the keybroker's signed grant names it
+	// (grant.Grant's Destination.HPKEPublicKey for a source, Source.HPKEPublicKey for a
+	// destination); the handshake requires the peer to prove that it holds the private key.
+	// Required.
+	PeerKey []byte
 }

@@ -56,11 +56,10 @@ type finRecord struct {
 // session is an established transport: N streams, each with a sealer and a writer for its
 // outbound direction and a reader and an opener for its inbound one.
 type session struct {
-	role        role
-	migrationID string
-	transcript  []byte
-	streams     []*stream
-	log         *slog.Logger
+	role       role
+	transcript []byte
+	streams    []*stream
+	log        *slog.Logger
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -109,33 +108,33 @@ type stream struct {
 }
 
 type sessionConfig struct {
-	role        role
-	migrationID string
-	tk          *SecretKey
-	transcript  []byte
-	conns       []net.Conn
-	region      *Region
-	zeroPages   bool
-	local       io.ReadWriteCloser
-	onPages     func(n int)
-	log         *slog.Logger
+	role role
+	// secret is the session secret the handshake established (confirmed.secret); the
+	// caller destroys it once newSession returns.
+	secret     *SecretKey
+	transcript []byte
+	conns      []net.Conn
+	region     *Region
+	zeroPages  bool
+	local      io.ReadWriteCloser
+	onPages    func(n int)
+	log        *slog.Logger
 }
 
-// newSession derives the stream keys and starts the streams. Cancelling ctx fails the
-// session.
+// newSession derives the stream keys from the session secret and starts the streams.
+// Cancelling ctx fails the session.
 func newSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 	s := &session{
-		role:        cfg.role,
-		migrationID: cfg.migrationID,
-		transcript:  cfg.transcript,
-		log:         cfg.log,
-		region:      cfg.region,
-		zeroPages:   cfg.zeroPages,
-		onPages:     cfg.onPages,
-		peerClosed:  make(chan struct{}),
-		tornDown:    make(chan struct{}),
-		fins:        make(chan finRecord, len(cfg.conns)),
-		acks:        make(chan []byte, 1),
+		role:       cfg.role,
+		transcript: cfg.transcript,
+		log:        cfg.log,
+		region:     cfg.region,
+		zeroPages:  cfg.zeroPages,
+		onPages:    cfg.onPages,
+		peerClosed: make(chan struct{}),
+		tornDown:   make(chan struct{}),
+		fins:       make(chan finRecord, len(cfg.conns)),
+		acks:       make(chan []byte, 1),
 	}
 	if cfg.local != nil {
 		s.local = cfg.local
@@ -152,11 +151,11 @@ func newSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 		outDir, inDir = inDir, outDir
 	}
 	for i, conn := range cfg.conns {
-		seal, err := streamAEAD(cfg.tk, cfg.migrationID, outDir, uint32(i))
+		seal, err := streamAEAD(cfg.secret, outDir, uint32(i))
 		if err != nil {
 			return nil, fmt.Errorf("deriving stream %d key: %w", i, err)
 		}
-		open, err := streamAEAD(cfg.tk, cfg.migrationID, inDir, uint32(i))
+		open, err := streamAEAD(cfg.secret, inDir, uint32(i))
 		if err != nil {
 			return nil, fmt.Errorf("deriving stream %d key: %w", i, err)
 		}

@@ -1,8 +1,8 @@
 package migagent
 
 import (
+	"bytes"
 	"context"
-	"crypto/hmac"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -154,53 +154,52 @@ func (s *Source) params() handshakeParams {
 	return newHandshakeParams(c.MigrationID, c.Streams, c.Region, c.ZeroPageElision, c.Stream)
 }
 
-// connect dials every stream, runs key confirmation on the first and joins the others.
-func (s *Source) connect(ctx context.Context, tk *SecretKey) (conns []net.Conn, transcript []byte, err error) {
+// connect dials every stream, runs key confirmation on the first and joins the others. The
+// caller destroys the session it returns.
+func (s *Source) connect(ctx context.Context, keys Keys) (conns []net.Conn, session *confirmed, err error) {
 	defer func() {
 		if err != nil {
 			for _, c := range conns {
 				c.Close()
 			}
-			conns = nil
+			session.destroy()
+			conns, session = nil, nil
 		}
 	}()
-	ck, err := macKey(tk, s.cfg.MigrationID, confirmInfo)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer clear(ck)
 	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
 	defer cancel()
 	for i := range s.cfg.Streams {
 		conn, err := s.cfg.Dial(hctx, "tcp", s.cfg.Peer)
 		if err != nil {
-			return conns, nil, fmt.Errorf("dialing stream %d: %w", i, err)
+			return conns, session, fmt.Errorf("dialing stream %d: %w", i, err)
 		}
 		conns = append(conns, conn)
 		stop := withDeadline(hctx, conn, s.cfg.HandshakeTimeout)
 		if i == 0 {
-			transcript, err = clientHandshake(conn, s.params(), ck)
+			session, err = clientHandshake(conn, s.params(), keys)
 		} else {
-			err = join(conn, transcript, i, ck)
+			err = join(conn, session, i)
 		}
 		stop()
 		if err != nil {
-			return conns, nil, fmt.Errorf("confirming keys: %w", err)
+			return conns, session, fmt.Errorf("confirming keys: %w", err)
 		}
 	}
-	return conns, transcript, nil
+	return conns, session, nil
 }
 
-// Run migrates: it connects to the peer and confirms keys, runs pre-copy rounds, pauses the
-// guest, sends the final round, hashes the paused guest's memory, sends the FINs carrying
-// that digest, waits for the commit acknowledgement, then
-// zeroizes keys.TK and keys.MDK and scrubs the region and spool.
+// Run migrates: it connects to the peer and confirms keys (TK, and that each end holds the
+// HPKE key the other's grant names: keys.Identity here, keys.PeerKey there), runs pre-copy rounds, pauses the guest, sends
+// the final round, hashes the paused guest's memory, sends the FINs carrying that digest,
+// waits for the commit acknowledgement and verifies it under keys.TK, then zeroizes keys.TK
+// and keys.MDK and scrubs the region and spool.
 //
-// Run destroys keys.TK whatever happens; keys.MDK only on commit. If the migration fails
-// before the FIN was sent, Run resumes the guest it paused; after, the outcome is unknown
-// and the guest stays paused (the error wraps ErrCommitUnknown). Errors wrap
-// ErrKeyConfirmation, ErrHandshake, ErrPeerAborted, ErrCommitAck, ErrUsed, or are
-// *FrameError or the transport's.
+// Run destroys keys.TK whatever happens, keys.MDK only on commit, and never keys.Identity.
+// It returns an error, having sent nothing, if keys.Identity is missing or zeroized or
+// keys.PeerKey is missing or malformed. If the migration fails before the FIN was sent, Run
+// resumes the guest it paused; after, the outcome is unknown and the guest stays paused
+// (the error wraps ErrCommitUnknown). Errors wrap ErrKeyConfirmation, ErrHandshake,
+// ErrPeerAborted, ErrCommitAck, ErrUsed, or are *FrameError or the transport's.
 func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
 	defer keys.TK.Destroy()
 	if !s.used.CompareAndSwap(false, true) {
@@ -209,29 +208,27 @@ func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
 	if keys.TK == nil {
 		return SourceResult{}, errors.New("running source: no TK")
 	}
-	conns, transcript, err := s.connect(ctx, keys.TK)
+	if err := checkHandshakeKeys(keys.Identity, keys.PeerKey); err != nil {
+		return SourceResult{}, fmt.Errorf("running source: %w", err)
+	}
+	conns, hs, err := s.connect(ctx, keys)
 	if err != nil {
 		return SourceResult{}, err
 	}
-	commitKey, err := macKey(keys.TK, s.cfg.MigrationID, commitInfo)
-	if err != nil {
-		return SourceResult{}, err
-	}
-	defer clear(commitKey)
 	sess, err := newSession(ctx, sessionConfig{
-		role: roleSource, migrationID: s.cfg.MigrationID, tk: keys.TK, transcript: transcript,
+		role: roleSource, secret: hs.secret, transcript: hs.transcript,
 		conns: conns, region: s.cfg.Region, zeroPages: s.cfg.ZeroPageElision, local: s.cfg.Stream, log: s.log,
 	})
+	hs.destroy() // every key the session needs is derived
 	if err != nil {
 		for _, c := range conns {
 			c.Close()
 		}
 		return SourceResult{}, err
 	}
-	keys.TK.Destroy() // every key the session needs is derived
 	s.log.Info("Migration transport established", "streams", len(conns))
 
-	res, paused, finSent, err := s.transfer(ctx, sess, commitKey)
+	res, paused, finSent, err := s.transfer(ctx, sess, keys.TK)
 	sess.close()
 	if err != nil {
 		if finSent {
@@ -249,7 +246,8 @@ func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
 	return res, err
 }
 
-func (s *Source) transfer(ctx context.Context, sess *session, commitKey []byte) (res SourceResult, paused, finSent bool, err error) {
+// transfer runs the rounds, sends the FINs and verifies the commit acknowledgement under tk.
+func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (res SourceResult, paused, finSent bool, err error) {
 	pumped := make(chan struct{})
 	if s.cfg.Stream != nil {
 		go func() {
@@ -344,14 +342,29 @@ func (s *Source) transfer(ctx context.Context, sess *session, commitKey []byte) 
 	for i, st := range sess.streams {
 		fins[i] = finRecord{stream: i, hash: st.finHash}
 	}
-	transcript := sess.commitTranscript(fins)
-	if !hmac.Equal(ack[:len(transcript)], transcript) || !hmac.Equal(ack[len(transcript):], mac(commitKey, transcript)) {
-		sess.fail(ErrCommitAck, true)
+	commit := Commit{MigrationID: s.cfg.MigrationID, Transcript: sess.commitTranscript(fins)}
+	if err := checkAck(&commit, ack, tk); err != nil {
+		sess.fail(err, true)
 		<-sess.ctx.Done()
-		return res, paused, finSent, fmt.Errorf("checking the commit acknowledgement: %w", ErrCommitAck)
+		return res, paused, finSent, fmt.Errorf("checking the commit acknowledgement: %w", err)
 	}
-	res.Commit = Commit{MigrationID: s.cfg.MigrationID, Transcript: transcript, MAC: ack[len(transcript):]}
+	res.Commit = commit
 	return res, paused, finSent, nil
+}
+
+// checkAck checks that ack, the payload of the destination's ACK frame (transcript ‖ MAC),
+// acknowledges the transcript of commit and that its MAC verifies under tk, and sets
+// commit.MAC. Errors wrap ErrCommitAck, or ErrKeyDestroyed.
+func checkAck(commit *Commit, ack []byte, tk *SecretKey) error {
+	n := len(commit.Transcript)
+	if len(ack) != n+sha256.Size {
+		return fmt.Errorf("%w: %d bytes, want %d", ErrCommitAck, len(ack), n+sha256.Size)
+	}
+	if !bytes.Equal(ack[:n], commit.Transcript) {
+		return fmt.Errorf("%w: it acknowledges another transcript", ErrCommitAck)
+	}
+	commit.MAC = ack[n:]
+	return tk.use(func(key []byte) error { return commit.Verify(key, commit.MigrationID) })
 }
 
 // erase zeroizes the keys and scrubs the region and spool. The statement says what was done

@@ -89,7 +89,7 @@ bold "Starting three agents with emulated SEV-SNP platforms"
 agent() { # agent HOST UCODE [extra flags]
   local host=$1 ucode=$2; shift 2
   start "$host" "$BIN/lethe-agent" --config deploy/dev/lethe-agent.yaml --nats-url "$LETHE_NATS_URL" \
-    --host "$host" --emulator-dir "$work/emulator" --emulated-tcb "bl=3,tee=0,snp=20,ucode=$ucode" "$@"
+    --keybroker-pub "$work/keys/keybroker.pub" --host "$host" --emulator-dir "$work/emulator" --emulated-tcb "bl=3,tee=0,snp=20,ucode=$ucode" "$@"
 }
 agent host-a 0x73 --guest "demo/web=$GUEST_SIZE"
 agent host-b 0x75
@@ -130,7 +130,8 @@ if vault read "transit/keys/lethe-demo-web-e1" >/dev/null 2>&1; then
   echo "demo: the source's epoch key still exists; that is a bug" >&2; exit 1
 fi
 run "$BIN/lethectl" receipt get "$mig" --out "$work/receipt.json"
-run "$BIN/lethectl" receipt verify "$work/receipt.json" --pub "$work/keys/keybroker.pub"
+run "$BIN/lethectl" receipt verify "$work/receipt.json" --pub "$work/keys/keybroker.pub" \
+  --migration "$mig" --tenant demo --vm web --require-erased
 
 bold "2. Trying to move the guest on to host-c, whose firmware is older than the source's"
 if run "$BIN/lethectl" migrate web --to host-c --wait; then

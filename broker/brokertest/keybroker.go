@@ -5,17 +5,22 @@ package brokertest
 
 import (
 	"context"
+	"crypto/ed25519"
 	"encoding/json"
 	"fmt"
 	"sync"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
 )
 
 // KeyBroker is a fake keybroker. The zero value is ready to use.
 type KeyBroker struct {
 	// Deny makes Release and Adopt deny with this reason when not empty.
 	Deny string
+	// RefuseErasure makes a commit with erasure evidence fail with code unproven and this
+	// reason, unless it asks for an unverified erasure.
+	RefuseErasure string
 
 	mu       sync.Mutex
 	nonces   int
@@ -97,6 +102,9 @@ func (k *KeyBroker) Destroy(_ context.Context, req *broker.DestroyRequest) (*bro
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.destroys = append(k.destroys, *req)
+	if k.RefuseErasure != "" && req.Erasure != nil && !req.UnverifiedErasure {
+		return nil, &broker.Error{Code: "unproven", Message: k.RefuseErasure}
+	}
 	if req.Ending == broker.EndingCommit && !k.ended[req.MigrationID] {
 		if k.ended == nil {
 			k.ended = map[string]bool{}
@@ -104,12 +112,31 @@ func (k *KeyBroker) Destroy(_ context.Context, req *broker.DestroyRequest) (*bro
 		k.ended[req.MigrationID] = true
 		k.epochs[req.Tenant+"."+req.VM]++
 	}
-	receipt, err := json.Marshal(map[string]string{"payloadType": "fake", "migrationId": req.MigrationID, "ending": string(req.Ending)})
+	r := &receipt.Receipt{
+		Kind: receipt.Kind, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM, Outcome: receipt.OutcomeAborted,
+		DestroyedKeys: []receipt.DestroyedKey{{Name: "lethe-mig-" + req.MigrationID}},
+		Caveats:       []string{"signed by brokertest's fake keybroker"},
+	}
+	switch {
+	case req.Ending == broker.EndingAbort:
+	case req.UnverifiedErasure || req.Erasure == nil:
+		r.Outcome = receipt.OutcomeCommittedUnverifiedErasure
+	default:
+		r.Outcome, r.Erasure = receipt.OutcomeErased, &receipt.ErasureEvidence{Accepted: true}
+	}
+	env, err := receipt.Sign(r, fakeKey.Public().(ed25519.PublicKey), func(msg []byte) ([]byte, error) { return ed25519.Sign(fakeKey, msg), nil })
 	if err != nil {
 		return nil, err
 	}
-	return &broker.DestroyResponse{Receipt: receipt}, nil
+	b, err := json.Marshal(env)
+	if err != nil {
+		return nil, err
+	}
+	return &broker.DestroyResponse{Receipt: b}, nil
 }
+
+// fakeKey signs the fake keybroker's receipts.
+var fakeKey = ed25519.NewKeyFromSeed(make([]byte, ed25519.SeedSize))
 
 // Destroys returns the Destroy requests received so far.
 func (k *KeyBroker) Destroys() []broker.DestroyRequest {

@@ -33,6 +33,7 @@ import (
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/node"
 	"github.com/nats-io/nats.go"
@@ -56,6 +57,7 @@ type config struct {
 	heartbeat                                   time.Duration
 	logFormat, logLevel                         string
 	labelSpec, configFile, metricsListen        string
+	keybrokerPub                                string
 	libvirt                                     node.LibvirtConfig
 }
 
@@ -123,6 +125,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.BoolVar(&c.emulatedDebug, "emulated-debug", daemon.EnvBool("LETHE_AGENT_EMULATED_DEBUG"), "emulate a debug guest (SNP policy DEBUG, TDX attribute DEBUG): for testing that policies refuse it (env LETHE_AGENT_EMULATED_DEBUG)")
 	fs.StringVar(&c.emulatedTEETCBSVN, "emulated-tee-tcb-svn", daemon.Env("LETHE_AGENT_EMULATED_TEE_TCB_SVN", ""), "emulated TDX TEE TCB SVN, 16 bytes hex; empty: the emulator's default (env LETHE_AGENT_EMULATED_TEE_TCB_SVN)")
 	fs.StringVar(&c.emulatedChipID, "emulated-chip-id", daemon.Env("LETHE_AGENT_EMULATED_CHIP_ID", ""), "emulated SEV-SNP chip ID, 64 bytes hex; empty: derived from --host, so hosts sharing an emulator directory are distinct chips (env LETHE_AGENT_EMULATED_CHIP_ID)")
+	fs.StringVar(&c.keybrokerPub, "keybroker-pub", daemon.Env("LETHE_AGENT_KEYBROKER_PUB", ""), "the keybroker's public key, PEM (lethe-keybroker --export-pub writes it); required: the agent accepts sealed keys only with a grant signed by this key (env LETHE_AGENT_KEYBROKER_PUB)")
 	fs.StringVar(&c.labelSpec, "labels", daemon.Env("LETHE_AGENT_LABELS", ""), "host labels, k=v,k=v (env LETHE_AGENT_LABELS)")
 	fs.StringVar(&c.region, "region", daemon.Env("LETHE_AGENT_REGION", ""), "the host's region (env LETHE_AGENT_REGION)")
 	fs.Var(guestFlags{&c.guests}, "guest", "a guest held from the start, tenant/vm=SIZE (SIZE like 256MiB) or tenant/vm=file:PATH; repeatable (env LETHE_AGENT_GUESTS, space-separated)")
@@ -287,6 +290,17 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
+	if c.keybrokerPub == "" {
+		return errors.New("--keybroker-pub is required: the agent accepts keys only with grants signed by the keybroker's key")
+	}
+	pem, err := os.ReadFile(c.keybrokerPub)
+	if err != nil {
+		return fmt.Errorf("reading --keybroker-pub: %w", err)
+	}
+	kbKey, err := receipt.ParsePublicKeyPEM(pem)
+	if err != nil {
+		return fmt.Errorf("--keybroker-pub %s: %w", c.keybrokerPub, err)
+	}
 	att, err := attester(c)
 	if err != nil {
 		return fmt.Errorf("choosing attestation: %w", err)
@@ -301,7 +315,7 @@ func run(ctx context.Context, c *config) error {
 	}
 	defer nc.Close()
 	n, err := node.New(node.Config{
-		Host: c.host, Conn: nc, Attester: att, Labels: c.labels, Region: c.region,
+		Host: c.host, Conn: nc, Attester: att, KeybrokerKey: kbKey, Labels: c.labels, Region: c.region,
 		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
 		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, Logger: log,
 		Libvirt: c.libvirt,

@@ -70,6 +70,8 @@ type ReleaseRequest struct {
 	Source          Attestation `json:"source"`
 	Destination     Attestation `json:"destination"`
 	DestinationHost Host        `json:"destinationHost"`
+	// SourceHost is the host the source agent runs on; the grant names it.
+	SourceHost string `json:"sourceHost"`
 }
 
 // ReleaseResponse carries the keys of a migration, sealed to each agent.
@@ -90,6 +92,11 @@ type ReleaseResponse struct {
 	// ZeroPageElision says whether the tenant's policy lets the source skip zero pages
 	// (spec.transport.allowZeroPageElision); the broker passes it on to the transfer.
 	ZeroPageElision bool `json:"zeroPageElision"`
+	// Grant is the keybroker's signed statement of this release (package grant's DSSE
+	// envelope): both agents get it with their sealed keys and refuse keys without it.
+	Grant []byte `json:"grant"`
+	// DataEndpoint is the destination's data endpoint as its attested statement names it.
+	DataEndpoint string `json:"dataEndpoint"`
 
 	// Timings are how long the phases of the release took, for the keybroker's metrics. They
 	// do not travel: a decoded response has none.
@@ -128,6 +135,8 @@ type AdoptResponse struct {
 	WrappedMDK   string          `json:"wrappedMdk"`
 	PolicyDigest attest.HexBytes `json:"policyDigest"`
 	PolicySVN    uint64          `json:"policySvn"`
+	// Grant is the keybroker's signed statement of the adoption (package grant).
+	Grant []byte `json:"grant"`
 }
 
 // ReissueRequest asks again for the current epoch's MDK, for an agent that restarted.
@@ -148,6 +157,8 @@ type ReissueResponse struct {
 	Sealed       []byte          `json:"sealed"`
 	PolicyDigest attest.HexBytes `json:"policyDigest"`
 	PolicySVN    uint64          `json:"policySvn"`
+	// Grant is the keybroker's signed statement of the reissue (package grant).
+	Grant []byte `json:"grant"`
 }
 
 // Ending is how a migration ends.
@@ -170,12 +181,17 @@ type DestroyRequest struct {
 	VM          string `json:"vm"`
 	Ending      Ending `json:"ending"`
 	// Erasure is the source's final evidence (role "erased", with its erasure statement);
-	// commit only, optional. The receipt quotes it when present.
+	// commit only. A commit without it, or with evidence the tenant's policy does not accept,
+	// is refused unless UnverifiedErasure is set.
 	Erasure *Attestation `json:"erasure,omitempty"`
-	// CommitAck is the destination's commit acknowledgement (MACed with TK), as the broker
-	// received it; commit only, optional. The receipt states its SHA-256; the keybroker does
-	// not check its MAC.
+	// CommitAck is the destination's commit acknowledgement (package grant's CommitAck, MACed
+	// under a key derived from TK), as the source received it; required for a commit. The
+	// keybroker unwraps TK and verifies the MAC before it touches the source's epoch key.
 	CommitAck []byte `json:"commitAck,omitempty"`
+	// UnverifiedErasure asks to commit without proof of the source's erasure (the source host
+	// is lost for good): the receipt then says committed-unverified-erasure, never erased.
+	// Commit only; the commit acknowledgement is still required.
+	UnverifiedErasure bool `json:"unverifiedErasure,omitempty"`
 }
 
 // DestroyResponse carries the signed receipt. A reader that only stores or forwards the

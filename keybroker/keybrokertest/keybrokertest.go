@@ -58,11 +58,14 @@ func Verifier(t testing.TB, plats map[string]emulate.Platform) *attest.Verifier 
 	return v
 }
 
+// DataEndpoint is the data endpoint CleanStatement names.
+const DataEndpoint = "127.0.0.1:7000"
+
 // CleanStatement returns the clean-memory statement of a destination that zeroed and read
-// back 1 GiB.
+// back 1 GiB and listens at DataEndpoint.
 func CleanStatement(t testing.TB) []byte {
 	t.Helper()
-	b, err := attest.CleanMemoryStatement{Zeroed: true, VerifiedZero: true, Bytes: 1 << 30}.Encode()
+	b, err := attest.CleanMemoryStatement{Zeroed: true, VerifiedZero: true, Bytes: 1 << 30, DataEndpoint: DataEndpoint}.Encode()
 	if err != nil {
 		t.Fatal(err)
 	}

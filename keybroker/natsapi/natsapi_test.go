@@ -9,7 +9,9 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"net/http"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -22,6 +24,7 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
@@ -230,7 +233,7 @@ func TestBrokerClientMigration(t *testing.T) {
 	}
 
 	erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
-	ack := []byte("commit-ack-of-m1")
+	ack := commitAck(t, "m1", tk)
 	destroy := &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit, Erasure: &erased.att, CommitAck: ack}
 	d1, err := e.kbc.Destroy(ctx, destroy)
 	if err != nil {
@@ -283,6 +286,22 @@ func TestBrokerClientMigration(t *testing.T) {
 			t.Errorf("%s: receipt differs from the first (-first +got):\n%s", name, diff)
 		}
 	}
+}
+
+// commitAck returns the destination's commit acknowledgement of migration id under the
+// transfer key tk.
+func commitAck(t *testing.T, id string, tk []byte) []byte {
+	t.Helper()
+	transcript := sha256.Sum256([]byte("transcript of " + id))
+	mac, err := grant.CommitMAC(tk, id, transcript[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(grant.CommitAck{MigrationID: id, Transcript: transcript[:], MAC: mac})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 func envelope(t *testing.T, raw []byte) *receipt.Envelope {
@@ -360,6 +379,14 @@ func TestErrorCodes(t *testing.T) {
 			}
 			return &broker.Error{Code: msg.Header.Get(micro.ErrorCodeHeader), Message: msg.Header.Get(micro.ErrorHeader)}
 		}, outcome{"invalid_request", false, false}},
+		{"commit without proof", func() error {
+			m := e.newMigration("m5", "vm2", "destination")
+			if _, err := e.kbc.Release(ctx, m.req); err != nil {
+				return err
+			}
+			_, err := e.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: "m5", Tenant: "demo", VM: "vm2", Ending: broker.EndingCommit, CommitAck: []byte(`{"migrationId":"m5"}`)})
+			return err
+		}, outcome{"unproven", false, false}},
 		{"commit of an unknown migration", func() error {
 			_, err := e.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: "m9", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit})
 			return err
@@ -399,15 +426,20 @@ func TestDestructionPending(t *testing.T) {
 	ctx := t.Context()
 	e.adopt("vm1")
 	m := e.newMigration("m1", "vm1", "destination")
-	if _, err := e.kbc.Release(ctx, m.req); err != nil {
+	rel, err := e.kbc.Release(ctx, m.req)
+	if err != nil {
 		t.Fatalf("Release: %v", err)
 	}
+	tk, _ := m.open(t, rel)
 	if _, err := e.client.PublicKeyPEM(ctx); err != nil { // creates the signing key
 		t.Fatal(err)
 	}
+	erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
+	destroy := &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit, CommitAck: commitAck(t, "m1", tk), Erasure: &erased.att}
+	// Vault goes away once the commit is proven: while the keys are destroyed.
+	e.proxy.Block(func(r *http.Request) bool { return strings.Contains(r.URL.Path, "/transit/keys/") })
+	_, err = e.kbc.Destroy(ctx, destroy)
 	e.proxy.Cut()
-	destroy := &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit}
-	_, err := e.kbc.Destroy(ctx, destroy)
 	if code(err) != "destruction_pending" || !errors.Is(err, broker.ErrUnavailable) {
 		t.Fatalf("Destroy with Vault down = %v, want destruction_pending matching broker.ErrUnavailable", err)
 	}

@@ -13,6 +13,7 @@
 package receipt
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"time"
@@ -60,10 +61,10 @@ type Receipt struct {
 	// Erasure is the source's final evidence (committed migrations only; absent when the
 	// source sent none).
 	Erasure *ErasureEvidence `json:"erasure,omitempty"`
-	// CommitAckDigest is the SHA-256 of the destination's commit acknowledgement as the broker
-	// forwarded it (committed migrations only, when there was one). The keybroker does not
-	// check the acknowledgement's MAC: the digest lets whoever holds the acknowledgement match
-	// it to this receipt.
+	// CommitAckDigest is the SHA-256 of the destination's commit acknowledgement (committed
+	// migrations only), whose MAC under the migration's transfer key the keybroker verified
+	// before it destroyed the source's keys; the digest lets whoever holds the acknowledgement
+	// match it to this receipt.
 	CommitAckDigest attest.HexBytes `json:"commitAckDigest,omitempty"`
 
 	// FromEpoch is the guest's residency epoch at the source; ToEpoch the destination's.
@@ -98,11 +99,16 @@ type EndClaims struct {
 	FMSPC  attest.HexBytes `json:"fmspc,omitempty"`
 }
 
-// ErasureEvidence is the source's final evidence: its digest and its erasure statement, and
-// whether the tenant's policy accepts that erasure (keys zeroized, within the deadline).
+// ErasureEvidence is the source's final evidence: the key claims of that evidence (its digest
+// among them), its erasure statement, and whether the tenant's policy accepts that erasure
+// (keys zeroized, within the deadline). The keybroker quotes it only after checking that its
+// claims name the same end as the receipt's Source (EndClaims.SameEnd): erasure evidence from
+// another chip or another guest image is refused, not quoted.
 type ErasureEvidence struct {
-	EvidenceDigest attest.HexBytes `json:"evidenceDigest"`
-	Statement      json.RawMessage `json:"statement,omitempty"`
+	// EndClaims are the key claims of the erasure evidence, in the JSON object itself
+	// (platform, evidenceDigest, measurement, tcb, chipId, fmspc).
+	EndClaims
+	Statement json.RawMessage `json:"statement,omitempty"`
 	// Accepted says the policy's erasure rules passed; Reasons lists those that failed.
 	Accepted bool     `json:"accepted"`
 	Reasons  []string `json:"reasons,omitempty"`
@@ -134,6 +140,51 @@ func Summarize(c *attest.Claims) EndClaims {
 		e.FMSPC = c.TDX.FMSPC
 	}
 	return e
+}
+
+// ClaimMismatch is an error of SameEnd: the first identifying claim in which two ends differ.
+type ClaimMismatch struct {
+	// Claim names the claim: "platform", "measurement", "chip" (SNP chip ID) or "FMSPC" (TDX).
+	Claim string
+	// Got is the checked end's value, Want the reference end's (hex for byte strings).
+	Got, Want string
+}
+
+func (m *ClaimMismatch) Error() string {
+	return fmt.Sprintf("%s %s, want %s", m.Claim, m.Got, m.Want)
+}
+
+// SameEnd checks that c, the key claims of one piece of evidence, come from the end whose
+// claims are want: the same platform, the same measurement (SNP launch measurement, TDX MRTD),
+// and the same chip ID (SNP) or FMSPC (TDX). It returns nil or a *ClaimMismatch naming the
+// first claim that differs. TCB is not compared: firmware may be updated in place between two
+// reports of one machine. Caveats: an FMSPC names a TDX platform model, not one machine, and an
+// SNP guest whose policy masks the chip ID reports zeros, so for those SameEnd cannot tell
+// machines of the same kind apart.
+func (c EndClaims) SameEnd(want EndClaims) error {
+	if c.Platform != want.Platform {
+		return &ClaimMismatch{Claim: "platform", Got: c.Platform, Want: want.Platform}
+	}
+	for _, f := range []struct {
+		claim     string
+		got, want attest.HexBytes
+	}{
+		{"measurement", c.Measurement, want.Measurement},
+		{"chip", c.ChipID, want.ChipID},
+		{"FMSPC", c.FMSPC, want.FMSPC},
+	} {
+		if !bytes.Equal(f.got, f.want) {
+			return &ClaimMismatch{Claim: f.claim, Got: hexOrNone(f.got), Want: hexOrNone(f.want)}
+		}
+	}
+	return nil
+}
+
+func hexOrNone(b attest.HexBytes) string {
+	if len(b) == 0 {
+		return "(none)"
+	}
+	return b.String()
 }
 
 // Validate checks that r is complete enough to be signed or trusted.

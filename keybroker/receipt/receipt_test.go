@@ -19,7 +19,12 @@ func testReceipt() *Receipt {
 		Source:      EndClaims{Platform: "emulated-sev-snp", EvidenceDigest: make([]byte, 32), TCB: "bl=3,tee=0,snp=8,ucode=115"},
 		Destination: EndClaims{Platform: "emulated-sev-snp", EvidenceDigest: make([]byte, 32)},
 		CleanMemory: json.RawMessage(`{"bytes":1,"type":"lethe.dev/clean-memory/v1","verifiedZero":true,"zeroed":true}`),
-		FromEpoch:   1, ToEpoch: 2,
+		Erasure: &ErasureEvidence{
+			EndClaims: EndClaims{Platform: "emulated-sev-snp", EvidenceDigest: make([]byte, 32), TCB: "bl=3,tee=0,snp=8,ucode=115"},
+			Statement: json.RawMessage(`{"keysZeroized":["tk","mdk","hpke"],"migrationId":"m1","type":"lethe.dev/erasure/v1"}`),
+			Accepted:  true,
+		},
+		FromEpoch: 1, ToEpoch: 2,
 		DestroyedKeys: []DestroyedKey{{Name: "lethe-mig-m1", LatestVersion: 1, DestroyedAt: at}, {Name: "lethe-demo-vm1-e1", LatestVersion: 1, DestroyedAt: at}},
 		EndedAt:       at, IssuedAt: at.Add(time.Second),
 	}
@@ -101,13 +106,6 @@ func TestPublicKeyPEM(t *testing.T) {
 	}
 	if !got.Equal(pub) {
 		t.Errorf("PEM round trip changed the key")
-	}
-}
-
-func TestPAE(t *testing.T) {
-	got := string(PAE("t", []byte("ab")))
-	if want := "DSSEv1 1 t 2 ab"; got != want {
-		t.Errorf("PAE = %q, want %q", got, want)
 	}
 }
 

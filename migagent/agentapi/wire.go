@@ -49,6 +49,11 @@ type KeysRequest struct {
 	MigrationID string      `json:"migrationId"`
 	Role        attest.Role `json:"role"`
 	SealedKeys  []byte      `json:"sealedKeys"`
+	// Grant is the keybroker's signed statement of the release, adoption or reissue (package
+	// grant's DSSE envelope). The agent refuses sealed keys without a grant signed by the
+	// keybroker key it pins that names this migration, role, guest, host, HPKE key, nonce and
+	// these very sealed keys.
+	Grant []byte `json:"grant"`
 }
 
 // KeysResponse acknowledges that the agent opened its keys.
@@ -58,7 +63,8 @@ type KeysResponse struct {
 
 // TransferRequest asks the source agent to start moving the guest to the destination's data
 // endpoint. It returns at once; a repeated request for the same migration returns the current
-// state and starts nothing.
+// state and starts nothing. The agent sends only to the endpoint the keybroker's grant names:
+// a DataEndpoint that differs from it is refused (empty means the grant's).
 type TransferRequest struct {
 	MigrationID  string `json:"migrationId"`
 	Tenant       string `json:"tenant,omitempty"`
@@ -151,6 +157,9 @@ type AbortResponse struct {
 	Resumed   bool   `json:"resumed,omitempty"`
 	Committed bool   `json:"committed,omitempty"`
 	CommitAck []byte `json:"commitAck,omitempty"`
+	// MemoryDigest is the guest memory digest at cutover, with Committed (as the committed
+	// progress report states it, which the broker may have missed).
+	MemoryDigest attest.HexBytes `json:"memoryDigest,omitempty"`
 }
 
 // HostRecord is what an agent keeps in the lethe-hosts bucket under its host name.

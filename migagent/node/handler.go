@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -11,6 +12,7 @@ import (
 	"net"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 	"github.com/lethe-cc/lethe/migagent"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
@@ -33,12 +35,17 @@ type migration struct {
 	tenant, vm string
 	size       int64
 
-	// hpke is the migration's ephemeral HPKE key, until the keys are opened (or the
-	// migration ends). sealed is the SHA-256 of the sealed keys last opened, so that the same
-	// delivery can be repeated.
+	// hpke is the migration's ephemeral HPKE key, which its evidence binds: it opens the
+	// sealed keys, and in the data-plane handshake it proves to the peer that this is the
+	// attested agent. It is zeroized when the transfer (or reception) ends, at once after an
+	// adoption's keys are opened, and by an abort. nonce is the keybroker's nonce the
+	// evidence was bound to. sealed is the SHA-256 of the sealed keys opened, so that the
+	// same delivery can be repeated; grant is the keybroker's signed grant they came with.
 	hpke   *seal.PrivateKey
+	nonce  []byte
 	sealed [sha256.Size]byte
 	opened bool
+	grant  *grant.Grant
 	// cancel ends the migration's task (transfer or reception); done is closed when it has
 	// ended. Nil before the task starts.
 	cancel context.CancelFunc
@@ -73,6 +80,14 @@ type migration struct {
 
 	// lv is the libvirt side of a libvirt migration (libvirt.go); nil for other guests.
 	lv *lvMigration
+}
+
+// zeroizeHPKE wipes m's HPKE key, if it still holds one. Callers hold Node.mu.
+func (m *migration) zeroizeHPKE() {
+	if m.hpke != nil {
+		m.hpke.Zeroize()
+		m.hpke = nil
+	}
 }
 
 // running reports whether m's task is running. Callers hold Node.mu.
@@ -167,7 +182,7 @@ func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error
 	if m.hpke != nil {
 		m.hpke.Zeroize()
 	}
-	m.hpke, m.opened = key, false
+	m.hpke, m.nonce, m.opened = key, bytes.Clone(req.Nonce), false
 	return nil
 }
 
@@ -226,6 +241,9 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		cleanup()
 		return nil, fmt.Errorf("preparing the receive region: %w", err)
 	}
+	// The endpoint is bound into the evidence: the keybroker's grant names it, and the
+	// source sends nowhere else.
+	clean.DataEndpoint = m.endpoint
 	stmt, err := clean.Encode()
 	if err != nil {
 		cleanup()
@@ -255,7 +273,7 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	if m.hpke != nil {
 		m.hpke.Zeroize()
 	}
-	m.hpke, m.clean = key, stmt
+	m.hpke, m.nonce, m.clean = key, bytes.Clone(req.Nonce), stmt
 	n.migs[m.id] = m
 	n.log.Info("Prepared to receive", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrBytes, m.size, attrEndpoint, m.endpoint)
 	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
@@ -291,11 +309,15 @@ func (n *Node) newDestination(req *agentapi.PrepareRequest) (*migration, error) 
 	}, nil
 }
 
-// Keys opens the sealed keys with the migration's HPKE key, which it then zeroizes: the
-// source keeps TK for its transfer, the destination starts receiving with TK and MDK_{e+1},
-// an adoption gives the guest MDK_1. Delivering the same keys again succeeds. It returns
-// ErrNotFound, ErrBadRequest (the keys do not open, or lack a key the role needs) or
-// ErrConflict (the keys were opened already and these are others, or the migration ended).
+// Keys checks the keybroker's grant that comes with the sealed keys and opens them with the
+// migration's HPKE key: the source keeps TK for its transfer, the destination starts
+// receiving with TK and MDK_{e+1}, an adoption gives the guest MDK_1 (and zeroizes the HPKE
+// key at once). The grant must be signed by the pinned keybroker key and name this
+// migration, role, guest, host, HPKE key, nonce and these sealed keys (grant.Check);
+// anything else is refused before the keys are opened, whoever sealed them. Delivering the
+// same keys again succeeds. It returns ErrNotFound, ErrBadRequest (the grant is refused, the
+// keys do not open, or lack a key the role needs) or ErrConflict (the keys were opened
+// already and these are others, or the migration ended).
 func (n *Node) Keys(ctx context.Context, req *agentapi.KeysRequest) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -312,28 +334,64 @@ func (n *Node) Keys(ctx context.Context, req *agentapi.KeysRequest) error {
 		return nil
 	case m.abortResp != nil:
 		return fmt.Errorf("%w: migration %s ended", agentapi.ErrConflict, m.id)
-	case m.hpke == nil:
+	case m.opened:
 		return fmt.Errorf("%w: migration %s has opened other keys", agentapi.ErrConflict, m.id)
+	case m.hpke == nil:
+		return fmt.Errorf("%w: migration %s has no key to open them", agentapi.ErrConflict, m.id)
 	case n.stopping:
 		return errStopping
+	}
+	g, err := n.checkGrant(m, req)
+	if err != nil {
+		n.log.Warn("Keys refused", attrMigration, m.id, attrRole, string(m.role), attrError, err)
+		return fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
 	keys, err := m.hpke.Open(m.id, m.role, req.SealedKeys)
 	if err != nil {
 		return fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
 	defer keys.Zeroize()
-	if err := n.takeKeys(ctx, m, keys); err != nil {
+	if m.role != attest.RoleSource && keys.Epoch != g.ToEpoch {
+		return fmt.Errorf("%w: sealed keys of epoch %d, the grant says %d", agentapi.ErrBadRequest, keys.Epoch, g.ToEpoch)
+	}
+	if err := n.takeKeys(ctx, m, keys, g); err != nil {
 		return err
 	}
-	m.hpke.Zeroize()
-	m.hpke = nil
-	m.opened, m.sealed = true, digest
+	if m.role == attest.RoleAdopt {
+		m.hpke.Zeroize()
+		m.hpke = nil
+	}
+	m.opened, m.sealed, m.grant = true, digest, g
 	n.log.Info("Keys opened", attrMigration, m.id, attrRole, string(m.role), attrEpoch, keys.Epoch)
 	return nil
 }
 
-// takeKeys puts opened keys where m's role needs them. Callers hold n.mu.
-func (n *Node) takeKeys(ctx context.Context, m *migration, keys *seal.Keys) error {
+// checkGrant checks the grant of a keys delivery against what m knows for itself. Callers
+// hold n.mu.
+func (n *Node) checkGrant(m *migration, req *agentapi.KeysRequest) (*grant.Grant, error) {
+	want := grant.Expectation{
+		Op: grant.OpRelease, MigrationID: m.id, Role: m.role, Tenant: m.tenant, VM: m.vm, Host: n.cfg.Host,
+		HPKEPublicKey: m.hpke.PublicKey(), Nonce: m.nonce, Sealed: req.SealedKeys,
+	}
+	switch m.role {
+	case attest.RoleAdopt:
+		// An adoption and a reissue look alike to the agent: either op, never a release.
+		g, err := grant.Verify(req.Grant, n.cfg.KeybrokerKey)
+		if err != nil {
+			return nil, err
+		}
+		want.Op = g.Op
+	case attest.RoleSource:
+		if m.g.mdk != nil {
+			want.Epoch = m.g.epoch
+		}
+	}
+	return grant.Check(req.Grant, n.cfg.KeybrokerKey, want)
+}
+
+// takeKeys puts opened keys where m's role needs them, with what the grant g says of the
+// peer. Callers hold n.mu.
+func (n *Node) takeKeys(ctx context.Context, m *migration, keys *seal.Keys, g *grant.Grant) error {
 	switch m.role {
 	case attest.RoleSource:
 		if len(keys.TK) == 0 {
@@ -371,7 +429,7 @@ func (n *Node) takeKeys(ctx context.Context, m *migration, keys *seal.Keys) erro
 			tk.Destroy()
 			return err
 		}
-		m.keys, m.epoch = migagent.Keys{TK: tk, MDK: mdk}, keys.Epoch
+		m.keys, m.epoch = migagent.Keys{TK: tk, MDK: mdk, Identity: m.hpke, PeerKey: g.Source.HPKEPublicKey}, keys.Epoch
 		rctx, cancel := context.WithCancel(ctx)
 		m.cancel, m.done = cancel, make(chan struct{})
 		if !n.spawn(func() { n.receive(rctx, ctx, m) }) {
@@ -402,6 +460,7 @@ func (n *Node) receive(ctx, base context.Context, m *migration) {
 	res, err := m.dst.Receive(ctx, m.ln, keys)
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	m.zeroizeHPKE()
 	if err != nil {
 		// Receive erased the destination: keys zeroized, region scrubbed.
 		m.failure, m.dstErasure = err.Error(), res.Erasure
@@ -446,10 +505,11 @@ func (n *Node) Transfer(ctx context.Context, req *agentapi.TransferRequest, repo
 		return &p, nil
 	case m.abortResp != nil:
 		return nil, fmt.Errorf("%w: migration %s was aborted", agentapi.ErrConflict, m.id)
-	case m.tk == nil:
+	case m.tk == nil || m.grant == nil || m.hpke == nil:
 		return nil, fmt.Errorf("%w: migration %s has no keys yet", agentapi.ErrBadRequest, m.id)
-	case req.DataEndpoint == "":
-		return nil, fmt.Errorf("%w: no data endpoint", agentapi.ErrBadRequest)
+	case req.DataEndpoint != "" && req.DataEndpoint != m.grant.DataEndpoint:
+		n.log.Warn("Transfer refused: endpoint not granted", attrMigration, m.id, attrEndpoint, req.DataEndpoint)
+		return nil, fmt.Errorf("%w: refusing to send to %s: the keybroker's grant names %s", agentapi.ErrBadRequest, req.DataEndpoint, m.grant.DataEndpoint)
 	case n.guests[m.g.key()] != m.g:
 		return nil, fmt.Errorf("%w: guest %s/%s left the host", agentapi.ErrNotFound, m.tenant, m.vm)
 	}
@@ -458,8 +518,8 @@ func (n *Node) Transfer(ctx context.Context, req *agentapi.TransferRequest, repo
 	}
 	g := m.g
 	src, err := migagent.NewSource(migagent.SourceConfig{
-		MigrationID: m.id, Peer: req.DataEndpoint, Dial: n.dial, Streams: cmp.Or(req.Streams, n.cfg.Streams),
-		Region: g.region, Guest: g.workload, ZeroPageElision: req.ZeroPageElision,
+		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: cmp.Or(req.Streams, n.cfg.Streams),
+		Region: g.region, Guest: g.workload, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
 		MaxRounds: n.cfg.MaxRounds, ConvergedPages: n.cfg.ConvergedPages,
 		Progress: func(p migagent.Progress) { n.onProgress(m, p, report) },
 		Logger:   n.log,
@@ -467,7 +527,7 @@ func (n *Node) Transfer(ctx context.Context, req *agentapi.TransferRequest, repo
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
-	keys := migagent.Keys{TK: m.tk, MDK: g.mdk}
+	keys := migagent.Keys{TK: m.tk, MDK: g.mdk, Identity: m.hpke, PeerKey: m.grant.Destination.HPKEPublicKey}
 	tctx, cancel := context.WithCancel(ctx)
 	m.cancel, m.done = cancel, make(chan struct{})
 	if !n.spawn(func() { n.runSource(tctx, m, src, keys, report) }) {
@@ -477,7 +537,7 @@ func (n *Node) Transfer(ctx context.Context, req *agentapi.TransferRequest, repo
 	}
 	m.tk, m.started = nil, true // the transfer owns TK now
 	m.progress = agentapi.Progress{MigrationID: m.id, Phase: agentapi.TransferStarted, TotalBytes: uint64(m.size), Time: n.cfg.Now()}
-	n.log.Info("Transfer started", attrMigration, m.id, attrEndpoint, req.DataEndpoint)
+	n.log.Info("Transfer started", attrMigration, m.id, attrEndpoint, m.grant.DataEndpoint)
 	p := m.progress
 	return &p, nil
 }
@@ -521,6 +581,7 @@ func (n *Node) runSource(ctx context.Context, m *migration, src *migagent.Source
 	}
 	if len(res.Commit.MAC) == 0 { // not committed
 		n.mu.Lock()
+		m.zeroizeHPKE()
 		m.unknown = errors.Is(err, migagent.ErrCommitUnknown)
 		if m.unknown && errors.Is(err, migagent.ErrPeerAborted) {
 			// The destination said it aborted: resuming cannot make two running copies.
@@ -550,6 +611,7 @@ func (n *Node) runSource(ctx context.Context, m *migration, src *migagent.Source
 	}
 	p.Phase, p.CommitAck, p.MemoryDigest = agentapi.TransferCommitted, ack, res.MemoryDigest
 	n.mu.Lock()
+	m.zeroizeHPKE()
 	m.committed, m.commitAck, m.erasure, m.progress = true, ack, stmt, p
 	delete(n.guests, g.key())
 	g.mdk = nil // destroyed by the data plane
@@ -661,7 +723,7 @@ func (m *migration) ended() (*agentapi.AbortResponse, error) {
 		r := *m.abortResp
 		return &r, nil
 	case m.committed && m.role == attest.RoleSource:
-		return &agentapi.AbortResponse{Committed: true, CommitAck: m.commitAck}, nil
+		return &agentapi.AbortResponse{Committed: true, CommitAck: m.commitAck, MemoryDigest: m.progress.MemoryDigest}, nil
 	case m.committed:
 		return nil, fmt.Errorf("%w: migration %s committed: the destination resumed the guest", agentapi.ErrConflict, m.id)
 	}

@@ -367,6 +367,9 @@ func (n *Node) receiveLibvirt(ctx context.Context, m *migration) {
 		dcancel()
 	}
 	wg.Wait()
+	n.mu.Lock()
+	m.zeroizeHPKE()
+	n.mu.Unlock()
 	if err == nil && !d.finished {
 		// The source ended its stream without the steps: nothing runs here to commit to.
 		err = fmt.Errorf("the stream ended before the guest ran here: %w", cmp.Or(d.err, errors.New("no performed record")))
@@ -547,12 +550,12 @@ func (n *Node) transferLibvirt(ctx context.Context, m *migration, req *agentapi.
 	}
 	tun := newTunnel()
 	src, err := migagent.NewSource(migagent.SourceConfig{
-		MigrationID: m.id, Peer: req.DataEndpoint, Dial: n.dial, Streams: 1, Stream: tun, Logger: n.log,
+		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: 1, Stream: tun, Logger: n.log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
-	keys := migagent.Keys{TK: m.tk, MDK: m.g.mdk}
+	keys := migagent.Keys{TK: m.tk, MDK: m.g.mdk, Identity: m.hpke, PeerKey: m.grant.Destination.HPKEPublicKey}
 	tctx, cancel := context.WithCancel(ctx)
 	m.cancel, m.done, m.lv = cancel, make(chan struct{}), &lvMigration{tun: tun}
 	if !n.spawn(func() { n.runLibvirtSource(tctx, m, src, keys, report) }) {
@@ -562,7 +565,7 @@ func (n *Node) transferLibvirt(ctx context.Context, m *migration, req *agentapi.
 	}
 	m.tk, m.started = nil, true
 	m.progress = agentapi.Progress{MigrationID: m.id, Phase: agentapi.TransferStarted, TotalBytes: uint64(m.size), Time: n.cfg.Now()}
-	n.log.Info("Transfer started", attrMigration, m.id, attrEndpoint, req.DataEndpoint, attrDomain, m.g.domain)
+	n.log.Info("Transfer started", attrMigration, m.id, attrEndpoint, m.grant.DataEndpoint, attrDomain, m.g.domain)
 	p := m.progress
 	return &p, nil
 }
@@ -586,6 +589,9 @@ func (n *Node) runLibvirtSource(ctx context.Context, m *migration, src *migagent
 		MigrationID: m.id, Bytes: d.stats.DataProcessed, TotalBytes: uint64(m.size),
 		Round: int(d.stats.Iteration), Time: n.cfg.Now(),
 	}
+	n.mu.Lock()
+	m.zeroizeHPKE()
+	n.mu.Unlock()
 	if len(res.Commit.MAC) == 0 {
 		if d.err != nil && !errors.Is(d.err, context.Canceled) {
 			err = errors.Join(err, d.err)

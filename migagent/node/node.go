@@ -3,6 +3,7 @@ package node
 import (
 	"cmp"
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -27,6 +28,10 @@ type Config struct {
 	Conn *nats.Conn
 	// Attester produces this host's evidence. Required.
 	Attester attest.Attester
+	// KeybrokerKey is the keybroker's public key (its receipt-signing key, PEM from
+	// lethe-keybroker --export-pub), pinned: the node accepts sealed keys only with a grant
+	// signed by it (package grant). Required.
+	KeybrokerKey ed25519.PublicKey
 	// Platform is the platform the host record states. Zero means Attester.Platform().
 	Platform attest.Platform
 	// Labels and Region describe the host in its record (policies may constrain them). Nil
@@ -96,6 +101,9 @@ type Node struct {
 func New(cfg Config) (*Node, error) {
 	if cfg.Conn == nil || cfg.Attester == nil {
 		return nil, errors.New("creating agent: Conn and Attester are required")
+	}
+	if len(cfg.KeybrokerKey) != ed25519.PublicKeySize {
+		return nil, errors.New("creating agent: the keybroker's public key is required: the agent accepts keys only with grants signed by it")
 	}
 	if err := agentapi.ValidName(cfg.Host); err != nil {
 		return nil, fmt.Errorf("creating agent: host: %w", err)

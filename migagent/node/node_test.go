@@ -82,7 +82,7 @@ func (e *env) startNode(host string, tcb attest.SNPTCB, guests ...GuestSpec) *te
 		e.t.Fatal(err)
 	}
 	n, err := New(Config{
-		Host: host, Conn: e.nats.Connect(e.t), Attester: plat, Labels: map[string]string{"zone": "test"},
+		Host: host, Conn: e.nats.Connect(e.t), Attester: plat, KeybrokerKey: e.kbPub, Labels: map[string]string{"zone": "test"},
 		Region: "eu", Guests: guests, WorkloadRate: 5000, HeartbeatInterval: 500 * time.Millisecond,
 		Logger: e.log.With("node", host),
 	})
@@ -434,11 +434,13 @@ func TestNewRefusesBadConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	nc := natstest.Start(t, natstest.Options{}).Connect(t)
+	kbKey, _, _ := ed25519.GenerateKey(nil)
 	tests := map[string]Config{
-		"no conn":          {Host: "h", Attester: plat},
-		"bad host":         {Host: "h.1", Conn: nc, Attester: plat},
-		"wildcard listen":  {Host: "h", Conn: nc, Attester: plat, DataListen: "0.0.0.0:0"},
-		"duplicate guests": {Host: "h", Conn: nc, Attester: plat, Guests: []GuestSpec{{Tenant: "t", VM: "v", MemoryBytes: 4096}, {Tenant: "t", VM: "v", MemoryBytes: 4096}}},
+		"no conn":          {Host: "h", Attester: plat, KeybrokerKey: kbKey},
+		"no keybroker key": {Host: "h", Conn: nc, Attester: plat},
+		"bad host":         {Host: "h.1", Conn: nc, Attester: plat, KeybrokerKey: kbKey},
+		"wildcard listen":  {Host: "h", Conn: nc, Attester: plat, KeybrokerKey: kbKey, DataListen: "0.0.0.0:0"},
+		"duplicate guests": {Host: "h", Conn: nc, Attester: plat, KeybrokerKey: kbKey, Guests: []GuestSpec{{Tenant: "t", VM: "v", MemoryBytes: 4096}, {Tenant: "t", VM: "v", MemoryBytes: 4096}}},
 	}
 	for name, cfg := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -447,7 +449,7 @@ func TestNewRefusesBadConfig(t *testing.T) {
 			}
 		})
 	}
-	if _, err := New(Config{Host: "h", Conn: nc, Attester: plat, DataListen: "0.0.0.0:0", DataAdvertise: "10.0.0.1"}); err != nil {
+	if _, err := New(Config{Host: "h", Conn: nc, Attester: plat, KeybrokerKey: kbKey, DataListen: "0.0.0.0:0", DataAdvertise: "10.0.0.1"}); err != nil {
 		t.Errorf("wildcard listen with an advertised host: %v", err)
 	}
 }
