@@ -196,7 +196,9 @@ func TestSNPCacheRevocation(t *testing.T) {
 	writeCRL(t, collateral, ark, arkKey, start.Add(24*time.Hour))
 
 	clock := &testClock{t: start}
-	cfg := attest.Config{Roots: roots, CheckRevocations: true, CollateralDir: collateral, Now: clock.Now}
+	// The emulator's collateral is read from collateral, where the test writes its CRLs.
+	roots[0].CollateralDir = collateral
+	cfg := attest.Config{Roots: roots, CheckRevocations: true, Now: clock.Now}
 	warm := newTestVerifier(t, cfg)
 	want := attest.Expectation{Binding: &snpBinding}
 	warmUp(t, warm, ev, want)
@@ -308,7 +310,8 @@ func TestSNPCacheRootOrder(t *testing.T) {
 	collateral := t.TempDir()
 	writeCRL(t, collateral, ark, arkKey, start.Add(24*time.Hour), tmpl.SerialNumber)
 	clock := &testClock{t: start}
-	cfg := attest.Config{Roots: []attest.Roots{later, roots[0]}, CheckRevocations: true, CollateralDir: collateral, Now: clock.Now}
+	later.CollateralDir, roots[0].CollateralDir = collateral, collateral
+	cfg := attest.Config{Roots: []attest.Roots{later, roots[0]}, CheckRevocations: true, Now: clock.Now}
 	warm := newTestVerifier(t, cfg)
 	want := attest.Expectation{Binding: &snpBinding}
 	steps := []struct {

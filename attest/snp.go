@@ -35,6 +35,9 @@ type snpVerifier struct {
 	// emulated are the roots configured for PlatformEmulatedSEVSNP, by product line. Empty: no
 	// emulated evidence is accepted.
 	emulated map[string][]*trust.ProductCerts
+	// emulatorCRLs serves the CRLs of each emulated root (see emulatorCache); the CRLs of
+	// AMD's roots come from cache.
+	emulatorCRLs map[*trust.ProductCerts]*collateralCache
 
 	// chains remembers endorsement key certificates that chained to a root (see
 	// snpChainEntry); crls remembers CRLs whose ARK signature verified, parsed. Both are
@@ -51,6 +54,7 @@ func newSNPVerifier(cfg Config, cache *collateralCache) (*snpVerifier, error) {
 		productLine:      cfg.ProductLine,
 		amd:              map[string][]*trust.ProductCerts{},
 		emulated:         map[string][]*trust.ProductCerts{},
+		emulatorCRLs:     map[*trust.ProductCerts]*collateralCache{},
 		chains:           newVerifiedCache[*snpChainEntry](chainCacheSize),
 		crls:             newVerifiedCache[*x509.RevocationList](crlCacheSize),
 	}
@@ -89,6 +93,10 @@ func newSNPVerifier(cfg Config, cache *collateralCache) (*snpVerifier, error) {
 		default:
 			continue
 		}
+		ecache, err := emulatorCache(r)
+		if err != nil {
+			return nil, err
+		}
 		for line, chain := range r.Certificates {
 			if _, err := kds.ParseProductLine(line); err != nil {
 				return nil, fmt.Errorf("loading %v roots: %w", r.Platform, err)
@@ -98,6 +106,7 @@ func newSNPVerifier(cfg Config, cache *collateralCache) (*snpVerifier, error) {
 				return nil, fmt.Errorf("loading %v roots of %s: %w", r.Platform, line, err)
 			}
 			v.emulated[line] = append(v.emulated[line], pc)
+			v.emulatorCRLs[pc] = ecache
 		}
 	}
 	return v, nil
@@ -503,8 +512,9 @@ func diagnoseSNP(report []byte, ek *x509.Certificate, key abi.ReportSigner, cand
 	return reject(ReasonChain, "verifying %v certificate chain: %w", key, err)
 }
 
-// checkSNPRevocation checks the ARK-signed CRL of the intermediate (from the collateral cache,
-// or fetched if allowed) for the intermediate's and the endorsement key's serial numbers.
+// checkSNPRevocation checks the ARK-signed CRL of the intermediate (for AMD's roots from the
+// collateral cache, or fetched if allowed; for an emulator's, from the emulator's collateral)
+// for the intermediate's and the endorsement key's serial numbers.
 func (v *snpVerifier) checkSNPRevocation(ctx context.Context, ek *x509.Certificate, key abi.ReportSigner, root *trust.ProductCerts, now time.Time) error {
 	ica := root.Ask
 	if key == abi.VlekReportSigner {
@@ -514,6 +524,9 @@ func (v *snpVerifier) checkSNPRevocation(ctx context.Context, ek *x509.Certifica
 		return reject(ReasonCollateral, "the %s certificate names no CRL", ica.Subject.CommonName)
 	}
 	getter := snpGetter{v.cache}
+	if c, ok := v.emulatorCRLs[root]; ok {
+		getter = snpGetter{c}
+	}
 	var errs []error
 	for _, u := range ica.CRLDistributionPoints {
 		der, err := getter.GetContext(ctx, u)

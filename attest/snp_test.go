@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -193,6 +194,15 @@ func TestVerifySNP(t *testing.T) {
 	if savedARK.SerialNumber.Cmp(ark.SerialNumber) != 0 || savedASK.SerialNumber.Cmp(ask.SerialNumber) != 0 {
 		t.Fatal("a saved and reopened platform has other roots")
 	}
+	// crlRoots are the saved roots with the emulator's collateral read from dir: the CRLs
+	// this test writes there stand for what the emulator publishes.
+	crlRoots := func(dir string) []attest.Roots {
+		rs := slices.Clone(savedRoots)
+		for i := range rs {
+			rs[i].CollateralDir = dir
+		}
+		return rs
+	}
 	crlDir := func(serials ...*big.Int) string {
 		dir := t.TempDir()
 		writeCRL(t, dir, savedARK, arkKey, time.Now().Add(24*time.Hour), serials...)
@@ -245,17 +255,17 @@ func TestVerifySNP(t *testing.T) {
 		{name: "not yet valid", cfg: attest.Config{Roots: emu.Roots, Now: pinned(time.Now().AddDate(-1, 0, 0))}, ev: ev, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonExpired},
 		{name: "VCEK from the collateral cache", cfg: attest.Config{Roots: emu.Roots, CollateralDir: vcekDir}, ev: reportOnly, want: attest.Expectation{Binding: &snpBinding}},
 		{name: "VCEK missing", cfg: emu, ev: reportOnly, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonCollateral},
-		{name: "CRL revokes nothing", cfg: attest.Config{Roots: savedRoots, CheckRevocations: true, CollateralDir: crlDir(big.NewInt(12345))}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}},
-		{name: "ASK revoked", cfg: attest.Config{Roots: savedRoots, CheckRevocations: true, CollateralDir: crlDir(savedASK.SerialNumber)}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonRevoked},
-		{name: "VCEK revoked", cfg: attest.Config{Roots: savedRoots, CheckRevocations: true, CollateralDir: crlDir(savedVCEK.SerialNumber)}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonRevoked},
-		{name: "revoked, revocations not checked", cfg: attest.Config{Roots: savedRoots, CollateralDir: crlDir(savedASK.SerialNumber)}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}},
-		{name: "CRL missing", cfg: attest.Config{Roots: savedRoots, CheckRevocations: true, CollateralDir: t.TempDir()}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonCollateral},
-		{name: "CRL not signed by the ARK", cfg: attest.Config{Roots: savedRoots, CheckRevocations: true, CollateralDir: func() string {
+		{name: "CRL revokes nothing", cfg: attest.Config{Roots: crlRoots(crlDir(big.NewInt(12345))), CheckRevocations: true}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}},
+		{name: "ASK revoked", cfg: attest.Config{Roots: crlRoots(crlDir(savedASK.SerialNumber)), CheckRevocations: true}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonRevoked},
+		{name: "VCEK revoked", cfg: attest.Config{Roots: crlRoots(crlDir(savedVCEK.SerialNumber)), CheckRevocations: true}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonRevoked},
+		{name: "revoked, revocations not checked", cfg: attest.Config{Roots: crlRoots(crlDir(savedASK.SerialNumber))}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}},
+		{name: "CRL missing", cfg: attest.Config{Roots: crlRoots(t.TempDir()), CheckRevocations: true}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonCollateral},
+		{name: "CRL not signed by the ARK", cfg: attest.Config{Roots: crlRoots(func() string {
 			dir := t.TempDir()
 			writeCRL(t, dir, savedARK, otherKey, time.Now().Add(time.Hour))
 			return dir
-		}()}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonCollateral},
-		{name: "CRL past its next update", cfg: attest.Config{Roots: savedRoots, CheckRevocations: true, Now: pinned(time.Now().Add(48 * time.Hour)), CollateralDir: crlDir()}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonExpired},
+		}()), CheckRevocations: true}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonCollateral},
+		{name: "CRL past its next update", cfg: attest.Config{Roots: crlRoots(crlDir()), CheckRevocations: true, Now: pinned(time.Now().Add(48 * time.Hour))}, ev: savedEv, want: attest.Expectation{Binding: &snpBinding}, reason: attest.ReasonExpired},
 		{name: "real Milan report", cfg: attest.Config{CollateralDir: realSNPCollateral, Now: pinned(realSNPTime)}, ev: real, want: attest.Expectation{ReportData: realRD}},
 		{name: "real Milan report, product line given", cfg: attest.Config{CollateralDir: realSNPCollateral, Now: pinned(realSNPTime), ProductLine: "Milan"}, ev: real, want: attest.Expectation{ReportData: realRD}},
 		{name: "real Milan report, wrong product line", cfg: attest.Config{CollateralDir: realSNPCollateral, Now: pinned(realSNPTime), ProductLine: "Genoa"}, ev: real, want: attest.Expectation{ReportData: realRD}, reason: attest.ReasonCollateral},

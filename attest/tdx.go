@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"encoding/binary"
 	"encoding/hex"
-	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -47,10 +46,6 @@ AiEA4J0lrHoMs+Xo5o/sX6O9QWxHRAvZUGOdRQ7cvqRXaqI=
 // tdxVerifier always gives them, and never raises the verbosity, so verification prints
 // nothing and CLI output stays clean.
 
-// tdxTCBStatusUnknown is the TCB status of a TDX quote verified without TCB info (no
-// collateral source was configured).
-const tdxTCBStatusUnknown = "unknown"
-
 // maxTDXQuoteSize bounds a quote: a quote v4 with its PCK chain is about 5 KiB.
 const maxTDXQuoteSize = 64 << 10
 
@@ -64,7 +59,8 @@ const CollateralHeadersSuffix = ".headers.json"
 type tdxTrust struct {
 	root *x509.Certificate
 	pool *x509.CertPool
-	// cache serves the collateral of quotes chaining to root; nil: none can be had.
+	// cache serves the collateral of quotes chaining to root; nil: none can be had, and real
+	// quotes are refused (ReasonCollateral).
 	cache *collateralCache
 }
 
@@ -107,18 +103,9 @@ func newTDXVerifier(cfg Config, cache *collateralCache) (*tdxVerifier, error) {
 		}
 		// The emulator's collateral is served from a cache of its own: it is published at Intel
 		// PCS's URLs, so it must never be served for a real quote, nor for another emulator's.
-		ecache := newCollateralCache("", false)
-		for key, body := range r.Collateral {
-			if strings.HasSuffix(key, CollateralHeadersSuffix) {
-				continue
-			}
-			var d collateralDoc
-			if hb, ok := r.Collateral[key+CollateralHeadersSuffix]; ok {
-				if err := json.Unmarshal(hb, &d); err != nil {
-					return nil, fmt.Errorf("reading emulated-tdx collateral headers of %s: %w", key, err)
-				}
-			}
-			ecache.addStatic(key, d.Headers, body)
+		ecache, err := emulatorCache(r)
+		if err != nil {
+			return nil, err
 		}
 		for name, p := range r.Certificates {
 			root, err := tdxParseRootPEM(p)
@@ -224,23 +211,24 @@ func (v *tdxVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Clai
 	default:
 		return nil, reject(ReasonPlatform, "%v is not a TDX platform", p)
 	}
-	if v.cfg.CheckRevocations && trust.cache == nil {
-		return nil, reject(ReasonCollateral, "checking TDX revocations needs CRLs: configure a collateral directory or fetching")
+	if trust.cache == nil {
+		// Without TCB info and QE identity the quote says nothing trustworthy about the TCB
+		// level of the platform, the TDX module and the quoting enclave: refused, never passed
+		// with an unknown status.
+		return nil, reject(ReasonCollateral, "verifying a real TDX quote needs Intel's TCB info and QE identity (and CRLs): configure a collateral directory or fetching")
 	}
 
 	// Fresh options per call: go-tdx-guest's verify writes its chain and collateral into them.
 	opts := &tdxverify.Options{
-		GetCollateral:    trust.cache != nil,
+		GetCollateral:    true,
 		CheckRevocations: v.cfg.CheckRevocations,
 		Now:              v.cfg.Now(),
 		TrustedRoots:     trust.pool,
 	}
-	if trust.cache != nil {
-		// Reads of the offline cache do not block; a fetch does, so it ends with ctx.
-		opts.Getter = tdxGetter{trust.cache}
-		if trust.cache.fetch {
-			opts.Getter = ctxTDXGetter{ctx: ctx, c: trust.cache}
-		}
+	// Reads of the offline cache do not block; a fetch does, so it ends with ctx.
+	opts.Getter = tdxGetter{trust.cache}
+	if trust.cache.fetch {
+		opts.Getter = ctxTDXGetter{ctx: ctx, c: trust.cache}
 	}
 	if err := tdxverify.TdxQuote(quote, opts); err != nil {
 		if ctxErr := ctx.Err(); ctxErr != nil {
@@ -257,13 +245,9 @@ func (v *tdxVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Clai
 	if err != nil {
 		return nil, reject(ReasonMalformed, "reading the PCK certificate's FMSPC: %w", err)
 	}
-	status := tdxTCBStatusUnknown
-	if opts.GetCollateral {
-		// go-tdx-guest rejects every TCB level (of the platform, the TDX module and the QE)
-		// whose status in TCB info or QE identity is not UpToDate.
-		status = string(pcs.TcbComponentStatusUpToDate)
-	}
-	return tdxClaims(quote, raw, fmspc, status), nil
+	// go-tdx-guest rejects every TCB level (of the platform, the TDX module and the QE) whose
+	// status in TCB info or QE identity is not UpToDate.
+	return tdxClaims(quote, raw, fmspc, string(pcs.TcbComponentStatusUpToDate)), nil
 }
 
 func tdxClaims(quote *pb.QuoteV4, raw, fmspc []byte, status string) *Claims {

@@ -32,7 +32,7 @@ func FuzzTDXQuote(f *testing.F) {
 	f.Add([]byte{4, 0, 2, 0, 0x81, 0, 0, 0})
 
 	verifiers := map[attest.Platform]*attest.Verifier{
-		attest.PlatformTDX:         tdxVerifier(f, attest.Config{Now: at(realTDXTime)}),
+		attest.PlatformTDX:         tdxVerifier(f, attest.Config{CollateralDir: realTDXCollateral, Now: at(realTDXTime)}),
 		attest.PlatformEmulatedTDX: tdxVerifier(f, attest.Config{Roots: []attest.Roots{p.Roots()}, CheckRevocations: true}),
 	}
 	f.Fuzz(func(t *testing.T, raw []byte) {

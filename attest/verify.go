@@ -2,6 +2,7 @@ package attest
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -64,7 +65,12 @@ type Config struct {
 	// written to CollateralDir. Off by default: the release path never needs the network once
 	// the cache holds what a report needs.
 	Fetch bool
-	// CheckRevocations checks certificates against CRLs from the collateral cache (or fetched).
+	// CheckRevocations checks certificates against CRLs: for real evidence from CollateralDir
+	// (or fetched), for emulated evidence from the emulator's own collateral (Roots). Off in
+	// the zero value, for offline tools that inspect evidence; lethe-keybroker turns it on
+	// unless told otherwise (--check-revocation=false). Whatever its value, a real TDX quote
+	// is verified only with TCB info and QE identity, so it is refused (ReasonCollateral)
+	// when neither CollateralDir nor Fetch is set.
 	CheckRevocations bool
 	// Now returns the time at which certificates must be valid. Nil: time.Now.
 	Now func() time.Time
@@ -80,9 +86,40 @@ type Roots struct {
 	// TDX: the root CA certificate.
 	Certificates map[string][]byte
 	// Collateral served by an emulated PCS/KDS: TDX TCB info and QE identity (JSON as PCS
-	// serves it), CRLs (DER), keyed by name. Empty for real platforms, whose collateral comes
-	// from CollateralDir.
+	// serves it), CRLs (DER; SEV-SNP's ARK-signed CRL too), keyed by the URL it is published
+	// at, with response headers under the URL plus CollateralHeadersSuffix. Empty for real
+	// platforms, whose collateral comes from Config.CollateralDir.
 	Collateral map[string][]byte
+	// CollateralDir is where the emulator publishes the same collateral as it changes (a
+	// revocation, say), in the layout of the offline collateral cache. When set, a Verifier
+	// reads the emulator's collateral from it on every verification instead of Collateral,
+	// as it reads the real vendors' from Config.CollateralDir. LoadRoots sets it when the
+	// emulator saved one; it is never saved itself.
+	CollateralDir string `json:"-"`
+}
+
+// emulatorCache returns the collateral source of an emulator's roots r: r.CollateralDir if
+// set, else the documents r.Collateral holds. It never reads Config.CollateralDir and never
+// fetches: an emulator publishes at the vendors' URLs, so its documents must never be served
+// for real evidence, nor the vendors' for emulated evidence.
+func emulatorCache(r Roots) (*collateralCache, error) {
+	if r.CollateralDir != "" {
+		return newCollateralCache(r.CollateralDir, false), nil
+	}
+	c := newCollateralCache("", false)
+	for key, body := range r.Collateral {
+		if strings.HasSuffix(key, CollateralHeadersSuffix) {
+			continue
+		}
+		var d collateralDoc
+		if hb, ok := r.Collateral[key+CollateralHeadersSuffix]; ok {
+			if err := json.Unmarshal(hb, &d); err != nil {
+				return nil, fmt.Errorf("reading %v collateral headers of %s: %w", r.Platform, key, err)
+			}
+		}
+		c.addStatic(key, d.Headers, body)
+	}
+	return c, nil
 }
 
 // Expectation is what a verifier checks beyond the chain. Exactly one of Binding and

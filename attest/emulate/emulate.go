@@ -20,10 +20,14 @@ type Options struct {
 	Product     string         // product line, "Milan" (default) or "Genoa"
 	Measurement []byte         // 48 bytes; zero if empty
 	TCB         *attest.SNPTCB // reported, committed, current and launch TCB, and the VCEK's; nil: a fixed default
-	ChipID      []byte         // 64 bytes; random per platform if empty
-	HostData    []byte         // 32 bytes
-	VMPL        uint32
-	MigrateMA   bool
+	// ChipID is the chip: 64 bytes, random per platform if empty. SNP: the report's CHIP_ID
+	// and the VCEK's. TDX: the PPID of the PCK certificate derives from it, so that hosts
+	// sharing an emulator directory are distinct platforms, each with a PCK certificate of
+	// its own; empty: one PPID for the whole emulator.
+	ChipID    []byte
+	HostData  []byte // 32 bytes
+	VMPL      uint32
+	MigrateMA bool
 
 	// TDX.
 	MRTD      []byte    // 48 bytes (also set by Measurement when MRTD is empty)
@@ -42,6 +46,13 @@ type Platform interface {
 	// Save writes the platform's keys and roots under dir/<platform>/, so that Open can sign
 	// as the same platform later. The private keys are written with mode 0600.
 	Save(dir string) error
+	// Revoke revokes the platform's current endorsement key certificate, the SEV-SNP VCEK of
+	// its chip ID and TCB or the TDX PCK of its platform (chip ID) and FMSPC: the emulator's
+	// CRLs list it from now on, in Roots and, after Save, under the saved directory, where a
+	// Verifier given LoadRoots' roots reads them on every verification. Evidence signed under
+	// that certificate is then rejected as revoked (attest.ReasonRevoked) by a Verifier that
+	// checks revocations, as a real platform's is when AMD or Intel revoke its key.
+	Revoke() error
 }
 
 // New returns a new emulated platform with fresh keys.

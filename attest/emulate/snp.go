@@ -1,15 +1,18 @@
 package emulate
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
@@ -18,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/go-sev-guest/abi"
@@ -46,6 +50,9 @@ const (
 
 	snpRootValidity = 25 * 365 * 24 * time.Hour
 	snpVCEKValidity = 7 * 365 * 24 * time.Hour
+	// snpCRLValidity is how long an emulated CRL is current; loading a platform whose CRLs
+	// have less than half of it left issues them again.
+	snpCRLValidity = 30 * 24 * time.Hour
 )
 
 // snpProductLines are the product lines an emulated SEV-SNP platform has roots for.
@@ -61,8 +68,8 @@ var snpCPUID = map[string][3]byte{
 // defaultSNPTCB is the TCB an emulated platform reports when Options.TCB is nil.
 var defaultSNPTCB = attest.SNPTCB{BootLoader: 3, TEE: 0, SNP: 8, Microcode: 115}
 
-// snpPlatform is an emulated SEV-SNP platform. It is immutable once made, so Attest is safe for
-// concurrent use.
+// snpPlatform is an emulated SEV-SNP platform. It is immutable once made but for its CRLs,
+// which mu guards, so Attest is safe for concurrent use.
 type snpPlatform struct {
 	arkKey  *rsa.PrivateKey
 	askKey  *rsa.PrivateKey
@@ -76,6 +83,14 @@ type snpPlatform struct {
 	chipID      [abi.ChipIDSize]byte
 	tcb         kds.TCBVersion
 	opts        Options
+
+	mu sync.Mutex
+	// revoked are the certificates (VCEKs) the emulated KDS lists as revoked; crls are its
+	// ARK-signed CRLs, by product line, published where the ASK says (its CRL distribution
+	// point, AMD's URL for the product line).
+	revoked   []x509.RevocationListEntry
+	crlNumber int64
+	crls      map[string][]byte
 }
 
 func newSNP(opts Options) (Platform, error) {
@@ -95,7 +110,7 @@ func newSNP(opts Options) (Platform, error) {
 		return nil, fmt.Errorf("making emulated VCEK key: %w", err)
 	}
 	p := &snpPlatform{arkKey: arkKey, askKey: askKey, vcekKey: vcekKey,
-		arks: map[string]*x509.Certificate{}, asks: map[string]*x509.Certificate{}}
+		arks: map[string]*x509.Certificate{}, asks: map[string]*x509.Certificate{}, crls: map[string][]byte{}}
 	if _, err := rand.Read(p.chipID[:]); err != nil {
 		return nil, fmt.Errorf("making emulated chip ID: %w", err)
 	}
@@ -108,22 +123,29 @@ func newSNP(opts Options) (Platform, error) {
 	if err := p.configure(opts); err != nil {
 		return nil, err
 	}
+	if err := p.issueCRLs(now); err != nil {
+		return nil, err
+	}
 	return p, nil
 }
 
 // loadSNP reads the platform saved under dir and applies opts to what it reports: the roots
-// stay, the VCEK is certified anew for opts' TCB and chip ID.
+// stay, the VCEK is certified anew for opts' TCB and chip ID (the same certificate, serial
+// number included, for the same TCB and chip, as AMD's KDS serves one), and the revocations
+// stay. CRLs missing or past half their validity are issued again and saved.
 func loadSNP(dir string, opts Options) (Platform, error) {
 	pdir := filepath.Join(dir, attest.PlatformEmulatedSEVSNP.String())
 	roots, err := attest.LoadRoots(dir)
 	if err != nil {
 		return nil, fmt.Errorf("loading emulated SEV-SNP platform: %w", err)
 	}
-	p := &snpPlatform{arks: map[string]*x509.Certificate{}, asks: map[string]*x509.Certificate{}}
+	p := &snpPlatform{arks: map[string]*x509.Certificate{}, asks: map[string]*x509.Certificate{}, crls: map[string][]byte{}}
+	var saved attest.Roots
 	for _, r := range roots {
 		if r.Platform != attest.PlatformEmulatedSEVSNP {
 			continue
 		}
+		saved = r
 		for line, chain := range r.Certificates {
 			ask, ark, err := kds.ParseProductCertChain(chain)
 			if err != nil {
@@ -166,7 +188,79 @@ func loadSNP(dir string, opts Options) (Platform, error) {
 	if err := p.configure(opts); err != nil {
 		return nil, err
 	}
+	if fresh, err := p.loadCRLs(saved); err != nil {
+		return nil, fmt.Errorf("loading emulated SEV-SNP platform: %w", err)
+	} else if !fresh {
+		if err := p.issueCRLs(time.Now()); err != nil {
+			return nil, err
+		}
+		if err := attest.SaveRoots(dir, p.Roots()); err != nil {
+			return nil, fmt.Errorf("loading emulated SEV-SNP platform: %w", err)
+		}
+	}
 	return p, nil
+}
+
+// loadCRLs takes the revocations and CRLs of saved roots and reports whether every product
+// line's CRL is there with more than half its validity left.
+func (p *snpPlatform) loadCRLs(saved attest.Roots) (fresh bool, err error) {
+	fresh = true
+	for line := range p.arks {
+		der, ok := saved.Collateral[snpCRLURL(line)]
+		if !ok {
+			fresh = false
+			continue
+		}
+		crl, err := x509.ParseRevocationList(der)
+		if err != nil {
+			return false, fmt.Errorf("reading its %s CRL: %w", line, err)
+		}
+		if err := crl.CheckSignatureFrom(p.arks[line]); err != nil {
+			return false, fmt.Errorf("its %s CRL is not signed by its ARK: %w", line, err)
+		}
+		if crl.Number != nil && crl.Number.IsInt64() && crl.Number.Int64() > p.crlNumber {
+			p.crlNumber = crl.Number.Int64()
+			p.revoked = crl.RevokedCertificateEntries
+		}
+		if time.Until(crl.NextUpdate) < snpCRLValidity/2 {
+			fresh = false
+		}
+		p.crls[line] = der
+	}
+	return fresh, nil
+}
+
+// snpCRLURL is where AMD publishes the ARK-signed CRL of a product line's ASK, and where the
+// emulated ASK says its CRL is.
+func snpCRLURL(line string) string { return kds.CrlLinkByKey(line, abi.VcekReportSigner) }
+
+// issueCRLs issues every product line's CRL, signed by its ARK, listing p.revoked. The caller
+// holds mu or owns p alone.
+func (p *snpPlatform) issueCRLs(now time.Time) error {
+	p.crlNumber++
+	for line, ark := range p.arks {
+		der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+			Number: big.NewInt(p.crlNumber), ThisUpdate: now.Add(-time.Minute), NextUpdate: now.Add(snpCRLValidity),
+			RevokedCertificateEntries: p.revoked, SignatureAlgorithm: x509.SHA384WithRSAPSS,
+		}, ark, p.arkKey)
+		if err != nil {
+			return fmt.Errorf("issuing the emulated %s CRL: %w", line, err)
+		}
+		p.crls[line] = der
+	}
+	return nil
+}
+
+// Revoke revokes the platform's current VCEK certificate: the CRLs that Roots serves from now
+// on list it, so a Verifier checking revocations with those roots rejects the platform's
+// reports (ReasonRevoked), as it would a real platform whose VCEK AMD revoked. The VCEK is
+// the one certified for the platform's chip ID and TCB: another chip or TCB of the same
+// emulator is not revoked. Save publishes the revocation to a saved platform's directory.
+func (p *snpPlatform) Revoke() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.revoked = append(p.revoked, x509.RevocationListEntry{SerialNumber: p.vcek.SerialNumber, RevocationTime: time.Now().Add(-time.Second)})
+	return p.issueCRLs(time.Now())
 }
 
 func snpKeysEqual(a, b crypto.PublicKey) bool {
@@ -334,6 +428,26 @@ func snpVCEKExtensions(tcb kds.TCBVersion, productName string, hwid []byte) ([]p
 	return exts, nil
 }
 
+// vcekSerial is the serial number of the VCEK certificate for the platform's key, product,
+// chip ID and TCB: the same every time they are the same, as AMD's KDS serves one certificate
+// per chip and TCB, so that a revocation names every process that signs as that chip.
+func (p *snpPlatform) vcekSerial(productName string) *big.Int {
+	h := sha256.New()
+	h.Write([]byte("lethe emulated VCEK serial\x00"))
+	pub, err := p.vcekKey.PublicKey.Bytes()
+	if err != nil {
+		panic(fmt.Sprintf("encoding a P-384 public key: %v", err))
+	}
+	h.Write(pub)
+	h.Write([]byte(productName + "\x00"))
+	h.Write(p.chipID[:])
+	var tcb [8]byte
+	binary.BigEndian.PutUint64(tcb[:], uint64(p.tcb))
+	h.Write(tcb[:])
+	serial := new(big.Int).SetBytes(h.Sum(nil)[:16])
+	return serial.Add(serial.Rsh(serial, 1), big.NewInt(1)) // positive, below 2^127 + 1
+}
+
 // certifyVCEK certifies the VCEK key for the configured product, TCB and chip ID.
 func (p *snpPlatform) certifyVCEK(now time.Time) error {
 	fms := snpCPUID[p.productLine]
@@ -342,12 +456,8 @@ func (p *snpPlatform) certifyVCEK(now time.Time) error {
 	if err != nil {
 		return err
 	}
-	serial, err := snpSerial()
-	if err != nil {
-		return err
-	}
 	tmpl := &x509.Certificate{
-		SerialNumber:       serial,
+		SerialNumber:       p.vcekSerial(productName),
 		Subject:            snpAMDName("SEV-VCEK"),
 		NotBefore:          now.Add(-24 * time.Hour),
 		NotAfter:           now.Add(snpVCEKValidity),
@@ -449,7 +559,7 @@ func snpFixed(b []byte, n int) []byte {
 }
 
 // Roots returns the ARK and ASK of every product line, in the KDS cert_chain format (ASK then
-// ARK, PEM), keyed by product line.
+// ARK, PEM), keyed by product line, and the emulated KDS's CRLs as collateral.
 func (p *snpPlatform) Roots() attest.Roots {
 	certs := map[string][]byte{}
 	for line, ark := range p.arks {
@@ -457,7 +567,13 @@ func (p *snpPlatform) Roots() attest.Roots {
 		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ark.Raw})...)
 		certs[line] = chain
 	}
-	return attest.Roots{Platform: attest.PlatformEmulatedSEVSNP, Certificates: certs}
+	p.mu.Lock()
+	coll := make(map[string][]byte, len(p.crls))
+	for line, der := range p.crls {
+		coll[snpCRLURL(line)] = bytes.Clone(der)
+	}
+	p.mu.Unlock()
+	return attest.Roots{Platform: attest.PlatformEmulatedSEVSNP, Certificates: certs, Collateral: coll}
 }
 
 // Save writes the ARK, ASK and VCEK keys (PKCS #8 PEM, mode 0600) and the chip ID under

@@ -92,10 +92,11 @@ type tdxOptions struct {
 	teeTCBSVN []byte
 	fmspc     []byte
 	mrseam    []byte
+	chipID    []byte // nil: the PPID derives from the PCK key
 }
 
 func tdxOptionsOf(o Options) (tdxOptions, error) {
-	t := tdxOptions{debug: o.Debug}
+	t := tdxOptions{debug: o.Debug, chipID: bytes.Clone(o.ChipID)}
 	sized := func(name string, b []byte, size int, def []byte) ([]byte, error) {
 		if len(b) == 0 {
 			return bytes.Clone(def), nil
@@ -197,6 +198,9 @@ func (e *TDX) Roots() attest.Roots {
 		Collateral:   coll,
 	}
 }
+
+// Revoke implements Platform: it revokes the PCK certificate (RevokePCK).
+func (e *TDX) Revoke() error { return e.RevokePCK() }
 
 // RevokePCK revokes the platform's current PCK certificate: the PCK CRL that Roots serves from
 // now on lists it, so a Verifier checking revocations with those roots rejects the platform's
@@ -318,11 +322,13 @@ func subject(cn string) pkix.Name {
 }
 
 func (e *TDX) issue(tmpl *x509.Certificate, parent string, pub *ecdsa.PublicKey) (*x509.Certificate, error) {
-	sn, err := serialNumber()
-	if err != nil {
-		return nil, err
+	if tmpl.SerialNumber == nil {
+		sn, err := serialNumber()
+		if err != nil {
+			return nil, err
+		}
+		tmpl.SerialNumber = sn
 	}
-	tmpl.SerialNumber = sn
 	tmpl.SignatureAlgorithm = x509.ECDSAWithSHA256
 	skid := sha256.Sum256(rawPublicKey(pub))
 	tmpl.SubjectKeyId = skid[:20]
@@ -426,15 +432,16 @@ func sgxExtension(ppid, fmspc []byte) (pkix.Extension, error) {
 // data every quote carries: the QE report (binding the attestation key) signed by the PCK key,
 // and the PCK chain.
 func (e *TDX) issuePCK(now time.Time) error {
-	ppid := sha256.Sum256(rawPublicKey(&e.keys[tdxKeyPCK].PublicKey))
-	ext, err := sgxExtension(ppid[:16], e.opts.fmspc)
+	ppid := e.ppid()
+	ext, err := sgxExtension(ppid, e.opts.fmspc)
 	if err != nil {
 		return fmt.Errorf("emulating TDX: %w", err)
 	}
 	// Six extensions, as go-tdx-guest requires of a PCK certificate: authority and subject key
 	// IDs, key usage, basic constraints, CRL distribution point, SGX extensions.
 	if e.certs[tdxKeyPCK], err = e.issue(&x509.Certificate{
-		Subject: subject(sgxPCKName), NotBefore: now.Add(-time.Hour), NotAfter: now.Add(leafValidity),
+		SerialNumber: e.pckSerial(ppid),
+		Subject:      subject(sgxPCKName), NotBefore: now.Add(-time.Hour), NotAfter: now.Add(leafValidity),
 		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageContentCommitment, BasicConstraintsValid: true,
 		CRLDistributionPoints: []string{pcs.PckCrlURL("platform")},
 		ExtraExtensions:       []pkix.Extension{ext},
@@ -442,6 +449,25 @@ func (e *TDX) issuePCK(now time.Time) error {
 		return fmt.Errorf("emulating TDX: %w", err)
 	}
 	return e.buildQECert()
+}
+
+// ppid is the platform's PPID: from its chip ID, else from its PCK key.
+func (e *TDX) ppid() []byte {
+	if len(e.opts.chipID) > 0 {
+		d := sha256.Sum256(append([]byte("lethe emulated TDX PPID\x00"), e.opts.chipID...))
+		return d[:16]
+	}
+	d := sha256.Sum256(rawPublicKey(&e.keys[tdxKeyPCK].PublicKey))
+	return d[:16]
+}
+
+// pckSerial is the serial number of the PCK certificate for the platform's PCK key, PPID and
+// FMSPC: the same every time they are the same, so that a revocation names every process
+// that signs as that platform, whichever issued the certificate last.
+func (e *TDX) pckSerial(ppid []byte) *big.Int {
+	d := sha256.Sum256(slices.Concat([]byte("lethe emulated PCK serial\x00"), rawPublicKey(&e.keys[tdxKeyPCK].PublicKey), ppid, e.opts.fmspc))
+	n := new(big.Int).SetBytes(d[:16])
+	return n.Add(n.Rsh(n, 1), big.NewInt(1))
 }
 
 func (e *TDX) qeMRSigner() []byte {
@@ -773,7 +799,7 @@ func loadTDX(dir string, opts Options) (Platform, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loading emulated TDX platform: reading its PCK certificate: %w", err)
 	}
-	if exts.FMSPC != hex.EncodeToString(o.fmspc) || now.Add(collateralValidity).After(e.certs[tdxKeyPCK].NotAfter) {
+	if exts.FMSPC != hex.EncodeToString(o.fmspc) || exts.PPID != hex.EncodeToString(e.ppid()) || now.Add(collateralValidity).After(e.certs[tdxKeyPCK].NotAfter) {
 		err = e.issuePCK(now)
 	} else {
 		err = e.buildQECert()

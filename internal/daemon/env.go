@@ -25,6 +25,15 @@ func EnvBool(name string) bool {
 	return v
 }
 
+// EnvBoolDefault returns the environment variable name as a boolean, or def when it is unset
+// or not a boolean (so that a mistyped value never turns off a check that is on by default).
+func EnvBoolDefault(name string, def bool) bool {
+	if v, err := strconv.ParseBool(os.Getenv(name)); err == nil {
+		return v
+	}
+	return def
+}
+
 // EnvInt returns the environment variable name as an integer, or def when it is unset or not
 // an integer.
 func EnvInt(name string, def int) int {

@@ -67,6 +67,9 @@ type ServerConfig struct {
 	Registry *prometheus.Registry
 	// Checks are the readiness checks of /readyz, run in parallel.
 	Checks []Check
+	// Warnings are settings an operator must see that do not make the daemon unready (a
+	// security check turned off, say): /readyz lists each, as "warning: …", after its answer.
+	Warnings []string
 	// CheckTimeout bounds each readiness check. Zero means 2 s.
 	CheckTimeout time.Duration
 	// ShutdownTimeout bounds the graceful shutdown when Run's context ends. Zero means 5 s.
@@ -111,7 +114,8 @@ func NewServer(cfg ServerConfig) *Server {
 // Handler returns the server's handler (for tests and for mounting elsewhere).
 func (s *Server) Handler() http.Handler { return s.mux }
 
-// readyz answers 200 "ok" when every check passes, else 503 with one line per failing check.
+// readyz answers 200 "ok" when every check passes, else 503 with one line per failing check;
+// either way followed by one "warning: …" line per configured warning.
 func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 	var mu sync.Mutex
 	var failed []string
@@ -135,9 +139,17 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 		for _, f := range failed {
 			fmt.Fprintln(w, f)
 		}
+		s.writeWarnings(w)
 		return
 	}
 	fmt.Fprintln(w, "ok")
+	s.writeWarnings(w)
+}
+
+func (s *Server) writeWarnings(w http.ResponseWriter) {
+	for _, warning := range s.cfg.Warnings {
+		fmt.Fprintln(w, "warning: "+warning)
+	}
 }
 
 // Run listens on cfg.Listen and serves until ctx ends, then shuts down gracefully. With no

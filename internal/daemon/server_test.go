@@ -252,3 +252,28 @@ func TestMetricsDocumented(t *testing.T) {
 		t.Errorf("%d lethe metrics, want 13: update this test and the documentation together", n)
 	}
 }
+
+func TestReadyzWarnings(t *testing.T) {
+	const warning = "revocation: certificates are not checked against CRLs (--check-revocation=false)"
+	for name, tc := range map[string]struct {
+		check    func(context.Context) error
+		wantCode int
+		wantBody string
+	}{
+		"ready":     {check: func(context.Context) error { return nil }, wantCode: 200, wantBody: "ok\nwarning: " + warning + "\n"},
+		"not ready": {check: func(context.Context) error { return errors.New("sealed") }, wantCode: 503, wantBody: "vault: sealed\nwarning: " + warning + "\n"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			s := daemon.NewServer(daemon.ServerConfig{
+				Checks:   []daemon.Check{{Name: "vault", Func: tc.check}},
+				Warnings: []string{warning},
+				Logger:   slog.New(slog.DiscardHandler),
+			})
+			rec := httptest.NewRecorder()
+			s.Handler().ServeHTTP(rec, httptest.NewRequestWithContext(t.Context(), http.MethodGet, "/readyz", nil))
+			if diff := cmp.Diff(tc.wantBody, rec.Body.String()); diff != "" || rec.Code != tc.wantCode {
+				t.Errorf("readyz: code %d (want %d), body (-want +got):\n%s", rec.Code, tc.wantCode, diff)
+			}
+		})
+	}
+}
