@@ -87,12 +87,23 @@ func (b *Broker) serveAPI(ctx context.Context) (micro.Service, error) {
 
 // handle runs one API request and answers it; errors become wire codes, and internal errors
 // are logged and hidden from the caller.
+//
+// A request is answered only on a subject under its caller's own inbox (the tenant's, as the
+// request subject names it, or the operators'): any other reply subject would make the broker
+// publish, with its own permissions (JetStream's API among them), where the sender chose. Such
+// a request is dropped unhandled, logged and counted; so is one whose subject names no caller.
 func (b *Broker) handle(ctx context.Context, op Op, r micro.Request, fn apiHandler) {
+	c, err := parseCaller(r.Subject(), op)
+	if err != nil {
+		b.refuseReply(r.Subject(), r.Reply(), err.Error())
+		return
+	}
+	role, name := c.inbox()
+	if !replyAllowed(r.Reply(), role, name) {
+		b.refuseReply(r.Subject(), r.Reply(), "reply subject is not the caller's inbox")
+		return
+	}
 	resp, err := func() (any, error) {
-		c, err := parseCaller(r.Subject(), op)
-		if err != nil {
-			return nil, err
-		}
 		if len(r.Data()) > maxRequest {
 			return nil, fmt.Errorf("%w: request of %d bytes exceeds %d", ErrInvalid, len(r.Data()), maxRequest)
 		}
@@ -109,6 +120,13 @@ func (b *Broker) handle(ctx context.Context, op Op, r micro.Request, fn apiHandl
 	if err := r.RespondJSON(resp); err != nil {
 		b.log.Warn("Responding failed", logKeyOp, string(op), logKeyError, err)
 	}
+}
+
+// refuseReply logs and counts a request dropped for its reply subject. The reply subject is
+// logged so that the attempt can be traced; no payload is.
+func (b *Broker) refuseReply(subject, reply, why string) {
+	b.log.Warn("Request refused: not answering outside the caller's inbox", logKeySubject, subject, logKeyReply, reply, logKeyReason, why)
+	b.cfg.Metrics.NATSError(natsOpReplyRefused)
 }
 
 func validVM(vm string) error {

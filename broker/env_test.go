@@ -67,7 +67,10 @@ func newEnv(t testing.TB, opts natstest.Options) *env {
 		kb:     &brokertest.KeyBroker{},
 		agents: map[string]*agentapitest.Agent{},
 	}
-	e.connect = func(broker.Role, string) *nats.Conn { return e.srv.Connect(t) }
+	// Servers answer only on their callers' inboxes: each party connects with its own.
+	e.connect = func(role broker.Role, name string) *nats.Conn {
+		return e.srv.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(role, name)))
+	}
 	e.cfg = broker.Config{
 		KeyBroker:     e.kb,
 		Now:           e.clock.Now,

@@ -16,4 +16,6 @@ const (
 	logKeyOwner     = "owner"
 	logKeyOutcome   = "outcome"
 	logKeyEpoch     = "epoch"
+	logKeySubject   = "subject"
+	logKeyReply     = "reply"
 )

@@ -16,7 +16,8 @@ type Metrics interface {
 	// saw the whole record bucket (every broker sees all migrations, not only its own).
 	Unfinished(byPhase map[Phase]int)
 	// NATSError records a failed NATS or JetStream operation of the broker, named by op
-	// ("kv_read", "kv_list", "publish").
+	// ("kv_read", "kv_list", "kv_write", "publish"), or a request refused for a reply subject outside its
+	// caller's inbox ("reply_refused").
 	NATSError(op string)
 }
 
@@ -25,6 +26,9 @@ const (
 	natsOpKVRead  = "kv_read"
 	natsOpKVList  = "kv_list"
 	natsOpPublish = "publish"
+	natsOpKVWrite = "kv_write"
+	// natsOpReplyRefused counts requests dropped for their reply subject.
+	natsOpReplyRefused = "reply_refused"
 )
 
 // noMetrics takes no measurements.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"io"
 	"strconv"
 	"strings"
@@ -83,11 +84,29 @@ func InboxPrefix(role Role, name string) string {
 			return "_INBOX.operator." + name
 		}
 		return "_INBOX.operator"
+	case RoleBroker:
+		return agentapi.BrokerInboxPrefix
 	}
 	return "_INBOX." + string(role)
 }
 
+// replyAllowed reports whether reply is a subject under the inbox prefix of the caller of
+// role and name: the only subjects a server answers on.
+func replyAllowed(reply string, role Role, name string) bool {
+	return strings.HasPrefix(reply, InboxPrefix(role, name)+".")
+}
+
 // Permissions returns u's subject permissions.
+//
+// No user may answer a request through a general response permission (allow_responses):
+// a server answers only under the inbox prefixes of the roles allowed to call it, so that no
+// caller can make it publish, with its own permissions, on a subject of the caller's choosing
+// (JetStream's API above all). Servers check the same before they answer (replyAllowed,
+// agentapi.ReplyPrefix, the keybroker's natsapi.Service). Only the broker may use JetStream,
+// and agents do not even write their own host records: they send heartbeats that the broker
+// stores, because a key-value put allowed on one key could carry a purge or roll-up header
+// for the whole bucket. Nobody may publish on $SRV.>, so no one can make a server answer a
+// service-discovery request on a subject of its choosing either.
 func Permissions(u User) (*server.Permissions, error) {
 	inbox := InboxPrefix(u.Role, u.Name) + ".>"
 	var pub, sub []string
@@ -98,23 +117,35 @@ func Permissions(u User) (*server.Permissions, error) {
 			KeyBrokerSubjectPrefix + ".>",
 			EventsSubjectPrefix + ".>",
 			"$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$KV.>",
+			// Answers to its callers: tenants, operators, agents' heartbeats.
+			InboxPrefix(RoleTenant, "*") + ".>",
+			InboxPrefix(RoleOperator, "") + ".>",
+			agentapi.InboxPrefix("*") + ".>",
 		}
-		sub = []string{SubjectPrefix + ".>", agentapi.ProgressWildcard, "$SRV.>", inbox}
+		sub = []string{SubjectPrefix + ".>", agentapi.ProgressWildcard, agentapi.HeartbeatWildcard, "$SRV.>", inbox}
 	case RoleKeybroker:
-		pub = []string{EventsSubjectPrefix + ".>"}
+		// Answers to its callers: the broker, operators, and tenants (who publish their signed
+		// policies and key rotations to it directly; the signature, not the NATS user, says
+		// whose they are).
+		pub = []string{EventsSubjectPrefix + ".>", InboxPrefix(RoleBroker, "") + ".>", InboxPrefix(RoleOperator, "") + ".>", InboxPrefix(RoleTenant, "*") + ".>"}
 		sub = []string{KeyBrokerSubjectPrefix + ".>", "$SRV.>", inbox}
 	case RoleAgent:
 		if err := agentapi.ValidName(u.Name); err != nil {
 			return nil, fmt.Errorf("agent user: host: %w", err)
 		}
 		own := agentapi.SubjectPrefix + "." + u.Name + ".>"
-		pub = []string{own, agentapi.HostKVSubject(u.Name)}
+		// Answers only to the broker's requests made to this host.
+		pub = []string{own, agentapi.ReplyPrefix(u.Name) + ">"}
 		sub = []string{own, "$SRV.>", inbox}
 	case RoleTenant:
 		if err := agentapi.ValidName(u.Name); err != nil {
 			return nil, fmt.Errorf("tenant user: tenant: %w", err)
 		}
-		pub = []string{SubjectPrefix + ".tenant." + u.Name + ".>"}
+		pub = []string{
+			SubjectPrefix + ".tenant." + u.Name + ".>",
+			KeyBrokerSubjectPrefix + "." + kbwire.OpPolicyPublish,
+			KeyBrokerSubjectPrefix + "." + kbwire.OpTenantRotateKey,
+		}
 		sub = []string{inbox}
 	case RoleOperator:
 		if u.Name != "" {
@@ -122,21 +153,17 @@ func Permissions(u User) (*server.Permissions, error) {
 				return nil, fmt.Errorf("operator user: %w", err)
 			}
 		}
-		// Operators register tenants with the keybroker (an admin call, authenticated by the
-		// keybroker's admin token on top of this permission).
-		pub = []string{SubjectPrefix + ".operator.>", "$SRV.>", "lethe.v1.keybroker.tenant.register"}
+		// Operators register tenants with the keybroker (an admin call, signed with the admin
+		// key the keybroker pins, on top of this permission).
+		pub = []string{SubjectPrefix + ".operator.>", "lethe.v1.keybroker.tenant.register"}
 		sub = []string{inbox}
 	default:
 		return nil, fmt.Errorf("unknown role %q", u.Role)
 	}
-	p := &server.Permissions{
+	return &server.Permissions{
 		Publish:   &server.SubjectPermission{Allow: pub},
 		Subscribe: &server.SubjectPermission{Allow: sub},
-	}
-	if u.Role == RoleBroker || u.Role == RoleKeybroker || u.Role == RoleAgent {
-		p.Response = &server.ResponsePermission{MaxMsgs: 1}
-	}
-	return p, nil
+	}, nil
 }
 
 // WriteServerConfig writes a nats-server configuration for cfg: JetStream, one account with

@@ -51,6 +51,14 @@ type Caller struct {
 	Tenant string
 }
 
+// inbox returns the role and name whose inbox the caller's replies go to.
+func (c Caller) inbox() (Role, string) {
+	if c.Operator() {
+		return RoleOperator, ""
+	}
+	return RoleTenant, c.Tenant
+}
+
 // Operator reports whether the caller is an operator.
 func (c Caller) Operator() bool { return c.Tenant == "" }
 

@@ -8,12 +8,14 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 )
 
 // Log attribute keys.
@@ -23,6 +25,7 @@ const (
 	attrCode      = "code"
 	attrError     = "error"
 	attrTenant    = "tenant"
+	attrReply     = "reply"
 )
 
 // MaxRequest bounds a request's size (NATS's default max_payload).
@@ -34,8 +37,14 @@ const maxDescription = 2048
 // Config configures a Service.
 type Config struct {
 	// Conn is the NATS connection the service answers on. Required. With authentication, its
-	// user needs to subscribe to lethe.v1.keybroker.> and $SRV.> and to answer requests.
+	// user needs to subscribe to lethe.v1.keybroker.> and $SRV.> and to publish on its callers'
+	// inboxes (ReplyPrefixes), and no more: it needs no general response permission.
 	Conn *nats.Conn
+	// ReplyPrefixes are the inbox prefixes of the callers, each ending with a dot: a request
+	// is answered only if its reply subject starts with one of them, and dropped (logged and
+	// counted) otherwise, so that no caller can make the keybroker publish, with its own
+	// permissions, on a subject of the caller's choosing. Nil: DefaultReplyPrefixes.
+	ReplyPrefixes []string
 	// Keybroker is the core the service offers. Required.
 	Keybroker *keybroker.Keybroker
 	// Logger is for operational logs. Nil: slog.Default().
@@ -53,12 +62,25 @@ type Config struct {
 	MaxAwait time.Duration
 }
 
+// DefaultReplyPrefixes are the inboxes of the keybroker's callers in Lethe's NATS
+// configuration: the broker's and the operators' (broker.InboxPrefix of each role, and a dot).
+var DefaultReplyPrefixes = []string{"_INBOX.broker.", "_INBOX.operator."}
+
+// TenantReplyPrefix is the inbox prefix of tenants, who call the keybroker only to publish
+// their signed policies and key rotations: requests of those operations may also be answered
+// there (the signature, not the NATS user, says whose they are), no other.
+const TenantReplyPrefix = "_INBOX.tenant."
+
+// tenantOps are the operations tenants call.
+var tenantOps = map[string]bool{kbwire.OpPolicyPublish: true, kbwire.OpTenantRotateKey: true}
+
 // Service is the keybroker's NATS micro service.
 type Service struct {
 	cfg     Config
 	kb      *keybroker.Keybroker
 	log     *slog.Logger
 	started chan struct{}
+	refused atomic.Uint64
 }
 
 // New returns a Service for cfg. It does no I/O; Run registers the service. It returns an
@@ -81,6 +103,14 @@ func New(cfg Config) (*Service, error) {
 	}
 	if cfg.RequestTimeout <= 0 {
 		cfg.RequestTimeout = 30 * time.Second
+	}
+	if cfg.ReplyPrefixes == nil {
+		cfg.ReplyPrefixes = DefaultReplyPrefixes
+	}
+	for _, p := range cfg.ReplyPrefixes {
+		if !strings.HasSuffix(p, ".") || len(p) < 2 {
+			return nil, fmt.Errorf("configuring keybroker service: reply prefix %q does not end with a dot", p)
+		}
 	}
 	if cfg.MaxAwait <= 0 {
 		cfg.MaxAwait = 20 * time.Second
@@ -130,7 +160,9 @@ func (s *Service) handlers() map[string]handler {
 			}
 			return &keybroker.PublicKeyResponse{PEM: string(pem)}, nil
 		}),
-		OpTenantRegister: endpoint(s.registerTenant),
+		OpTenantRegister:  endpoint(s.registerTenant),
+		OpTenantRotateKey: endpoint(k.RotateKey),
+		OpPolicyPublish:   endpoint(k.PublishPolicy),
 	}
 }
 
@@ -177,6 +209,11 @@ func (s *Service) Run(ctx context.Context) error {
 	for _, op := range Ops {
 		fn := handlers[op]
 		h := micro.HandlerFunc(func(r micro.Request) {
+			if !s.replyAllowed(op, r.Reply()) {
+				s.refused.Add(1)
+				s.log.Warn("Request refused: reply subject is not a caller's inbox", attrOp, op, attrReply, r.Reply())
+				return
+			}
 			if !admit() {
 				_ = r.Error(CodeBusy, "the keybroker is shutting down", nil)
 				return
@@ -220,6 +257,23 @@ func (s *Service) Run(ctx context.Context) error {
 		return fmt.Errorf("stopping keybroker service: %w", err)
 	}
 	return nil
+}
+
+// RefusedReplies returns how many requests the service dropped, unhandled and unanswered,
+// because their reply subject was not under one of Config.ReplyPrefixes.
+func (s *Service) RefusedReplies() uint64 { return s.refused.Load() }
+
+// replyAllowed reports whether reply is under one of the inbox prefixes of op's callers.
+func (s *Service) replyAllowed(op, reply string) bool {
+	if tenantOps[op] && strings.HasPrefix(reply, TenantReplyPrefix) {
+		return true
+	}
+	for _, p := range s.cfg.ReplyPrefixes {
+		if strings.HasPrefix(reply, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // handle runs one request and answers it.
@@ -300,12 +354,12 @@ func (s *Service) receipt(ctx context.Context, req *keybroker.ReceiptRequest) (*
 	return &keybroker.ReceiptResponse{Receipt: env}, nil
 }
 
-// registerTenant is the admin call tenant.register. Refused calls are logged without the
-// token.
+// registerTenant is the admin call tenant.register (a statement signed with the admin key; the
+// keybroker audits it). A refused call is logged too.
 func (s *Service) registerTenant(ctx context.Context, req *TenantRegisterRequest) (*keybroker.RegisterTenantResponse, error) {
-	resp, err := s.kb.RegisterTenant(ctx, req.AdminToken, req.RegisterTenantRequest)
+	resp, err := s.kb.RegisterTenant(ctx, req)
 	if errors.Is(err, keybroker.ErrUnauthorized) {
-		s.log.WarnContext(ctx, "Admin call refused", attrOp, OpTenantRegister, attrTenant, req.Tenant)
+		s.log.WarnContext(ctx, "Admin call refused", attrOp, OpTenantRegister, attrError, err.Error())
 	}
 	return resp, err
 }

@@ -2,6 +2,7 @@ package agentapi
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"time"
@@ -117,20 +118,38 @@ func (c *Client) call(ctx context.Context, host string, op Op, req, resp any) er
 		ctx, cancel = context.WithTimeout(ctx, c.timeout)
 		defer cancel()
 	}
-	return request(ctx, c.nc, Subject(host, op), req, resp)
+	return requestAs(ctx, c.nc, Subject(host, op), ReplyPrefix(host)+rand.Text(), req, resp)
 }
 
-// request sends req as JSON to subject and decodes the reply into resp. A reply carrying NATS
-// micro error headers becomes an *Error.
-func request(ctx context.Context, nc *nats.Conn, subject string, req, resp any) error {
+// requestAs sends req as JSON to subject with the reply subject inbox (which the connection's
+// user must be allowed to subscribe to) and decodes the reply into resp: agents answer only
+// under ReplyPrefix of their own host. A reply carrying NATS micro error headers becomes an
+// *Error.
+func requestAs(ctx context.Context, nc *nats.Conn, subject, inbox string, req, resp any) error {
 	data, err := json.Marshal(req)
 	if err != nil {
 		return fmt.Errorf("encoding %s request: %w", subject, err)
 	}
-	msg, err := nc.RequestWithContext(ctx, subject, data)
+	sub, err := nc.SubscribeSync(inbox)
 	if err != nil {
 		return fmt.Errorf("requesting %s: %w", subject, err)
 	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := nc.PublishMsg(&nats.Msg{Subject: subject, Reply: inbox, Data: data}); err != nil {
+		return fmt.Errorf("requesting %s: %w", subject, err)
+	}
+	msg, err := sub.NextMsgWithContext(ctx)
+	if err != nil {
+		return fmt.Errorf("requesting %s: %w", subject, err)
+	}
+	if len(msg.Data) == 0 && msg.Header.Get("Status") == "503" {
+		return fmt.Errorf("requesting %s: %w", subject, nats.ErrNoResponders)
+	}
+	return decodeReply(subject, msg, resp)
+}
+
+// decodeReply decodes msg, the reply to a request on subject, into resp.
+func decodeReply(subject string, msg *nats.Msg, resp any) error {
 	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
 		return &Error{Code: code, Message: msg.Header.Get(micro.ErrorHeader)}
 	}

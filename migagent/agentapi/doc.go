@@ -31,16 +31,22 @@
 //
 // # Host registration
 //
-// An agent registers and heartbeats by putting its [HostRecord] under its host name into the
-// JetStream key-value bucket lethe-hosts ([PutHost], [Heartbeater]). The bucket has a TTL, so
-// the record of a host that stopped heartbeating disappears; the broker also treats a record
-// whose heartbeat is older than its host TTL as lost.
+// An agent registers and heartbeats by sending its [HostRecord] as a request on
+// lethe.v1.agent.<host>.heartbeat ([PutHost], [Heartbeater]); a broker checks that the record
+// names the host of the subject and writes it into the JetStream key-value bucket lethe-hosts.
+// Agents never write the bucket themselves: NATS permissions cannot filter headers, so an agent
+// allowed to publish on its key could roll up or purge every host's record. The bucket has a
+// TTL, so the record of a host that stopped heartbeating disappears; the broker also treats a
+// record whose heartbeat is older than its host TTL as lost.
 //
 // # Permissions and security
 //
-// An agent's NATS user may publish only on lethe.v1.agent.<host>.> and $KV.lethe-hosts.<host>,
-// reply to requests it received, and subscribe only to its own subjects and its own inbox prefix
-// ([InboxPrefix]); so an agent cannot answer or report for another host. Nothing secret crosses
-// this API unsealed: keys arrive sealed with HPKE to the agent's ephemeral key, and evidence and
-// statements are public by design. This package must never carry a plaintext key or a page.
+// An agent's NATS user may publish only on lethe.v1.agent.<host>.> and on the broker's replies
+// reserved for its host ([ReplyPrefix]), and subscribe only to its own subjects and its own
+// inbox prefix ([InboxPrefix]); so an agent cannot answer or report for another host, and no
+// one can make it publish elsewhere through a reply subject. The server side checks the same:
+// a request whose reply subject is not under [ReplyPrefix] of its host is dropped and logged.
+// Nothing secret crosses this API unsealed: keys arrive sealed with HPKE to the agent's
+// ephemeral key, and evidence and statements are public by design. This package must never
+// carry a plaintext key or a page.
 package agentapi

@@ -2,7 +2,7 @@ package agentapi
 
 import (
 	"context"
-	"encoding/json"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,44 +11,34 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-// PutHost writes rec into the lethe-hosts bucket under rec.Host and waits for JetStream's
-// acknowledgement. It publishes directly on the bucket's subject for the host, so the agent's
-// NATS user needs no JetStream API permission beyond that one subject.
+// PutHost sends rec as a heartbeat on its host's heartbeat subject and waits until a broker
+// has written it into the lethe-hosts bucket under rec.Host. The agent's NATS user needs no
+// JetStream permission at all: only the broker writes the bucket, and it stores a record only
+// under the host whose subject it came on. An error reply becomes an *Error; with no broker
+// running the error matches nats.ErrNoResponders.
 func PutHost(ctx context.Context, nc *nats.Conn, rec *HostRecord) error {
 	if err := ValidName(rec.Host); err != nil {
 		return fmt.Errorf("putting host record: %w", err)
-	}
-	data, err := json.Marshal(rec)
-	if err != nil {
-		return fmt.Errorf("encoding host record: %w", err)
 	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, DefaultTimeout)
 		defer cancel()
 	}
-	msg, err := nc.RequestWithContext(ctx, HostKVSubject(rec.Host), data)
-	if err != nil {
+	var ack HeartbeatResponse
+	// The broker answers only under the host's own inbox prefix, whatever the connection's.
+	if err := requestAs(ctx, nc, HeartbeatSubject(rec.Host), InboxPrefix(rec.Host)+"."+rand.Text(), rec, &ack); err != nil {
 		return fmt.Errorf("putting host record of %s: %w", rec.Host, err)
 	}
-	var ack struct {
-		Stream string `json:"stream"`
-		Seq    uint64 `json:"seq"`
-		Error  *struct {
-			Code        int    `json:"code"`
-			Description string `json:"description"`
-		} `json:"error"`
-	}
-	if err := json.Unmarshal(msg.Data, &ack); err != nil {
-		return fmt.Errorf("decoding host record acknowledgement: %w", err)
-	}
-	if ack.Error != nil {
-		return fmt.Errorf("putting host record of %s: jetstream error %d: %s", rec.Host, ack.Error.Code, ack.Error.Description)
-	}
-	if ack.Seq == 0 {
+	if ack.Revision == 0 {
 		return errors.New("putting host record: no acknowledgement")
 	}
 	return nil
+}
+
+// HeartbeatResponse is the broker's answer to a heartbeat: the revision of the stored record.
+type HeartbeatResponse struct {
+	Revision uint64 `json:"revision"`
 }
 
 // HeartbeaterConfig configures a Heartbeater.

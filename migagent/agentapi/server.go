@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -117,9 +119,18 @@ func Start(ctx context.Context, nc *nats.Conn, host string, h Handler) (stop fun
 			return decodeCall(ctx, b, h.Abort)
 		},
 	}
+	prefix := ReplyPrefix(host)
 	for _, op := range Ops {
 		fn := endpoints[op]
 		handler := micro.HandlerFunc(func(req micro.Request) {
+			// Only the broker calls agents, and it does so under ReplyPrefix(host): any other
+			// reply subject would make the agent publish, with its own permissions, wherever
+			// the sender chose. Such a request is dropped unanswered and unhandled.
+			if !strings.HasPrefix(req.Reply(), prefix) {
+				slog.Default().Warn("Request refused: reply subject is not the broker's inbox for this host",
+					"component", "agentapi", "host", host, "subject", req.Subject(), "reply", req.Reply())
+				return
+			}
 			go respond(ctx, req, fn)
 		})
 		if err := g.AddEndpoint(string(op), handler, micro.WithEndpointQueueGroupDisabled()); err != nil {

@@ -53,13 +53,40 @@ func ParseProgressSubject(subject string) (host, migrationID string, ok bool) {
 	return parts[0], parts[2], true
 }
 
-// HostKVSubject returns the subject an agent publishes its host record on (the key-value
-// bucket's subject for the host's key).
-func HostKVSubject(host string) string { return "$KV." + HostsBucket + "." + host }
+// HeartbeatSubject returns the subject on which host's agent sends its host record (a
+// request: the broker that stores it in the lethe-hosts bucket answers). Agents never write
+// the bucket themselves, so that none can roll up or purge the other hosts' records.
+func HeartbeatSubject(host string) string { return SubjectPrefix + "." + host + ".heartbeat" }
+
+// HeartbeatWildcard matches the heartbeat subjects of every host.
+const HeartbeatWildcard = SubjectPrefix + ".*.heartbeat"
+
+// ParseHeartbeatSubject returns the host of a heartbeat subject.
+func ParseHeartbeatSubject(subject string) (host string, ok bool) {
+	rest, ok := strings.CutPrefix(subject, SubjectPrefix+".")
+	if !ok {
+		return "", false
+	}
+	host, ok = strings.CutSuffix(rest, ".heartbeat")
+	if !ok || ValidName(host) != nil {
+		return "", false
+	}
+	return host, true
+}
 
 // InboxPrefix returns the inbox prefix the agent of host must connect with
 // (nats.CustomInboxPrefix), so that its permissions can confine its replies to itself.
 func InboxPrefix(host string) string { return "_INBOX.agent." + host }
+
+// BrokerInboxPrefix is the inbox prefix of the broker's NATS user, the only caller of the
+// agent API.
+const BrokerInboxPrefix = "_INBOX.broker"
+
+// ReplyPrefix returns the prefix of every reply subject host's agent answers on: the broker
+// calls host under its own inbox, in a part reserved for host, so that an agent may publish
+// only on replies to requests made to it and can neither answer for another host nor reach
+// any other subject (JetStream's API above all) through a reply. It ends with a dot.
+func ReplyPrefix(host string) string { return BrokerInboxPrefix + ".agent." + host + "." }
 
 // maxNameLen bounds host names, tenant names, VM names and migration ids.
 const maxNameLen = 128

@@ -1,0 +1,252 @@
+package broker_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+)
+
+// refusalMetrics counts the broker's NATS error ops, among them refused replies.
+type refusalMetrics struct {
+	mu     sync.Mutex
+	counts map[string]int
+	signal chan struct{}
+}
+
+func newRefusalMetrics() *refusalMetrics {
+	return &refusalMetrics{counts: map[string]int{}, signal: make(chan struct{}, 1)}
+}
+
+func (m *refusalMetrics) PhaseChanged(broker.Phase, broker.Phase, time.Duration) {}
+func (m *refusalMetrics) Handshake(time.Duration)                                {}
+func (m *refusalMetrics) Unfinished(map[broker.Phase]int)                        {}
+func (m *refusalMetrics) NATSError(op string) {
+	m.mu.Lock()
+	m.counts[op]++
+	m.mu.Unlock()
+	select {
+	case m.signal <- struct{}{}:
+	default:
+	}
+}
+
+func (m *refusalMetrics) count(op string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.counts[op]
+}
+
+// waitCount waits until op has been counted n times, and fails the test after 10 s.
+func (m *refusalMetrics) waitCount(t *testing.T, op string, n int) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for m.count(op) < n {
+		select {
+		case <-m.signal:
+		case <-deadline:
+			t.Fatalf("%s counted %d times, want %d", op, m.count(op), n)
+		}
+	}
+}
+
+// outcome is what becomes of one attempt.
+type outcome string
+
+const (
+	allowed   outcome = "allowed"
+	violation outcome = "permission violation"
+	refused   outcome = "refused by the server side"
+)
+
+// TestReplyDeputyMatrix takes every role in turn, connected as its own NATS user to a real
+// server started with the generated configuration, and tries every class of subject: its own,
+// another tenant's or host's, JetStream's API and key-value subjects (with and without a
+// roll-up header), other users' inboxes, and requests whose reply subject is not its own
+// inbox. Publishing is either allowed or a permission violation; a request with a foreign reply
+// subject is refused by the server side (dropped unanswered and counted), and every bucket and
+// stream is still there at the end.
+func TestReplyDeputyMatrix(t *testing.T) {
+	e := authEnv(t)
+	metrics := newRefusalMetrics()
+	e.cfg.Metrics = metrics
+	e.standard()
+	js := e.jetstream()
+	streams := []string{"KV_" + broker.MigrationsBucket, "KV_" + broker.HostsBucket, "KV_" + broker.PoliciesBucket,
+		"KV_" + broker.GuestsBucket, "KV_" + broker.ReceiptsBucket, broker.EventsStream}
+	hostRec := func(host string) []byte {
+		b, _ := json.Marshal(agentapi.HostRecord{Host: host, Platform: attest.PlatformEmulatedSEVSNP, Heartbeat: time.Now()})
+		return b
+	}
+	rollup := nats.Header{"Nats-Rollup": []string{"all"}}
+
+	type attempt struct {
+		role    broker.Role
+		name    string
+		subject string
+		reply   string
+		header  nats.Header
+		data    []byte
+		want    outcome
+	}
+	tests := map[string]attempt{
+		// The broker: its own JetStream, calls, events and answers to its callers.
+		"broker/own events":                 {role: broker.RoleBroker, subject: broker.EventsSubject("m1"), want: allowed},
+		"broker/calls an agent":             {role: broker.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: agentapi.ReplyPrefix("h1") + "x", data: []byte(`{"migrationId":"m0"}`), want: allowed},
+		"broker/own JetStream":              {role: broker.RoleBroker, subject: "$JS.API.STREAM.INFO.KV_lethe-hosts", want: allowed},
+		"broker/answers a tenant":           {role: broker.RoleBroker, subject: "_INBOX.tenant.acme.x", want: allowed},
+		"broker/keybroker's inbox":          {role: broker.RoleBroker, subject: "_INBOX.keybroker.x", want: violation},
+		"broker/forges progress":            {role: broker.RoleBroker, subject: agentapi.ProgressSubject("h1", "m1"), want: violation},
+		"broker/agent with foreign reply":   {role: broker.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", data: []byte(`{"migrationId":"m1"}`), want: refused},
+		"broker/agent with another's reply": {role: broker.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: agentapi.ReplyPrefix("h2") + "x", data: []byte(`{"migrationId":"m1"}`), want: refused},
+
+		// The keybroker: events, and answers to the broker and operators only.
+		"keybroker/own events":          {role: broker.RoleKeybroker, subject: broker.EventsSubject("m1"), want: allowed},
+		"keybroker/answers the broker":  {role: broker.RoleKeybroker, subject: "_INBOX.broker.x", want: allowed},
+		"keybroker/answers an operator": {role: broker.RoleKeybroker, subject: "_INBOX.operator.x", want: allowed},
+		"keybroker/JetStream API":       {role: broker.RoleKeybroker, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
+		"keybroker/KV":                  {role: broker.RoleKeybroker, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
+		"keybroker/KV rollup":           {role: broker.RoleKeybroker, subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
+		"keybroker/a tenant's inbox":    {role: broker.RoleKeybroker, subject: "_INBOX.tenant.acme.x", want: allowed}, // answers policy.publish and tenant.rotate-key
+		"keybroker/an agent's inbox":    {role: broker.RoleKeybroker, subject: "_INBOX.agent.h1.x", want: violation},
+		"keybroker/calls an agent":      {role: broker.RoleKeybroker, subject: agentapi.Subject("h1", agentapi.OpAbort), want: violation},
+
+		// An operator: the broker's operator API and tenant registration.
+		"operator/own API":                  {role: broker.RoleOperator, subject: broker.OperatorSubject(broker.OpHostsList), reply: "_INBOX.operator.x", want: allowed},
+		"operator/registers a tenant":       {role: broker.RoleOperator, subject: "lethe.v1.keybroker.tenant.register", reply: "_INBOX.operator.x", want: allowed},
+		"operator/service discovery":        {role: broker.RoleOperator, subject: "$SRV.PING", reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
+		"operator/JetStream API":            {role: broker.RoleOperator, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
+		"operator/KV rollup":                {role: broker.RoleOperator, subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
+		"operator/a tenant's inbox":         {role: broker.RoleOperator, subject: "_INBOX.tenant.acme.x", want: violation},
+		"operator/the broker's inbox":       {role: broker.RoleOperator, subject: "_INBOX.broker.x", want: violation},
+		"operator/keybroker release":        {role: broker.RoleOperator, subject: "lethe.v1.keybroker.release", want: violation},
+		"operator/broker, JetStream reply":  {role: broker.RoleOperator, subject: broker.OperatorSubject(broker.OpHostsList), reply: "$JS.API.STREAM.DELETE.KV_lethe-migrations", want: refused},
+		"operator/broker, a tenant's inbox": {role: broker.RoleOperator, subject: broker.OperatorSubject(broker.OpHostsList), reply: "_INBOX.tenant.acme.x", want: refused},
+
+		// A tenant: its own broker API only.
+		"tenant/own API":                      {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "_INBOX.tenant.acme.x", want: allowed},
+		"tenant/another tenant's API":         {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("globex", broker.OpMigrationsList), want: violation},
+		"tenant/publishes a policy":           {role: broker.RoleTenant, name: "acme", subject: "lethe.v1.keybroker.policy.publish", reply: "_INBOX.tenant.acme.x", want: allowed},
+		"tenant/keybroker release":            {role: broker.RoleTenant, name: "acme", subject: "lethe.v1.keybroker.release", want: violation},
+		"tenant/JetStream API":                {role: broker.RoleTenant, name: "acme", subject: "$JS.API.STREAM.DELETE.KV_lethe-migrations", want: violation},
+		"tenant/KV":                           {role: broker.RoleTenant, name: "acme", subject: "$KV.lethe-migrations.m1", want: violation},
+		"tenant/KV rollup":                    {role: broker.RoleTenant, name: "acme", subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
+		"tenant/another tenant's inbox":       {role: broker.RoleTenant, name: "acme", subject: "_INBOX.tenant.globex.x", want: violation},
+		"tenant/the broker's inbox":           {role: broker.RoleTenant, name: "acme", subject: "_INBOX.broker.x", want: violation},
+		"tenant/an agent's heartbeat":         {role: broker.RoleTenant, name: "acme", subject: agentapi.HeartbeatSubject("h1"), data: hostRec("h1"), want: violation},
+		"tenant/service discovery":            {role: broker.RoleTenant, name: "acme", subject: "$SRV.PING", want: violation},
+		"tenant/broker, JetStream reply":      {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "$JS.API.STREAM.DELETE.KV_lethe-migrations", data: []byte("{malformed"), want: refused},
+		"tenant/broker, KV reply":             {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsGet), reply: "$KV.lethe-guests.acme.web", data: []byte("{malformed"), want: refused},
+		"tenant/broker, another tenant's box": {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "_INBOX.tenant.globex.x", want: refused},
+
+		// An agent: its own subjects, heartbeats through the broker, answers to calls made to it.
+		"agent/own heartbeat":                 {role: broker.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "_INBOX.agent.h1.x", data: hostRec("h1"), want: allowed},
+		"agent/own progress":                  {role: broker.RoleAgent, name: "h1", subject: agentapi.ProgressSubject("h1", "m1"), want: allowed},
+		"agent/answers a call made to it":     {role: broker.RoleAgent, name: "h1", subject: agentapi.ReplyPrefix("h1") + "x", want: allowed},
+		"agent/another host's heartbeat":      {role: broker.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h2"), data: hostRec("h2"), want: violation},
+		"agent/answers for another host":      {role: broker.RoleAgent, name: "h1", subject: agentapi.ReplyPrefix("h2") + "x", want: violation},
+		"agent/the broker's inbox":            {role: broker.RoleAgent, name: "h1", subject: "_INBOX.broker.x", want: violation},
+		"agent/a tenant's inbox":              {role: broker.RoleAgent, name: "h1", subject: "_INBOX.tenant.acme.x", want: violation},
+		"agent/own host key":                  {role: broker.RoleAgent, name: "h1", subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
+		"agent/own host key, rollup":          {role: broker.RoleAgent, name: "h1", subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
+		"agent/purges the host bucket":        {role: broker.RoleAgent, name: "h1", subject: "$JS.API.STREAM.PURGE.KV_lethe-hosts", want: violation},
+		"agent/calls the keybroker":           {role: broker.RoleAgent, name: "h1", subject: "lethe.v1.keybroker.release", want: violation},
+		"agent/heartbeat, JetStream reply":    {role: broker.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", data: hostRec("h1"), want: refused},
+		"agent/heartbeat, another host's box": {role: broker.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "_INBOX.agent.h2.x", data: hostRec("h1"), want: refused},
+	}
+	h1 := e.agents["h1"]
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			nc, _ := connectAs(t, e, tc.role, tc.name)
+			data := tc.data
+			if data == nil {
+				data = []byte(`{}`)
+			}
+			before := metrics.count("reply_refused")
+			statusCalls := h1.CallCount(agentapi.OpStatus, "m1")
+			msg := &nats.Msg{Subject: tc.subject, Reply: tc.reply, Header: tc.header, Data: data}
+			if err := nc.PublishMsg(msg); err != nil {
+				t.Fatal(err)
+			}
+			if err := nc.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			// A permission violation arrives before the answer to the flush.
+			got := allowed
+			if err := nc.LastError(); err != nil {
+				if !errors.Is(err, nats.ErrPermissionViolation) || !strings.Contains(err.Error(), tc.subject) {
+					t.Fatalf("got %v, want a permission violation on %s or none", err, tc.subject)
+				}
+				got = violation
+			}
+			if got == allowed && tc.want == refused {
+				switch {
+				case tc.role == broker.RoleBroker: // a call to agent h1: it answers a proper call after dropping this one
+					if _, err := agentapi.NewClient(nc, 0).Status(t.Context(), "h1", &agentapi.StatusRequest{MigrationID: "m1"}); err != nil && !errors.Is(err, agentapi.ErrNotFound) {
+						t.Fatal(err)
+					}
+					if n := h1.CallCount(agentapi.OpStatus, "m1"); n != statusCalls+1 {
+						t.Fatalf("agent handled %d status calls, want only the proper one", n-statusCalls)
+					}
+					got = refused
+				default:
+					metrics.waitCount(t, "reply_refused", before+1)
+					got = refused
+				}
+			}
+			if got != tc.want {
+				t.Errorf("%s on %s (reply %q): %s, want %s", tc.role, tc.subject, tc.reply, got, tc.want)
+			}
+		})
+	}
+	for _, s := range streams {
+		if _, err := js.Stream(t.Context(), s); err != nil {
+			t.Errorf("stream %s after the attempts: %v", s, err)
+		}
+	}
+	hosts, err := e.operator().ListHosts(t.Context(), &broker.ListHostsRequest{All: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hosts.Hosts) != 2 {
+		t.Errorf("%d host records after the attempts, want 2", len(hosts.Hosts))
+	}
+}
+
+// TestHeartbeatNamesItsHost shows that the broker stores an agent's heartbeat only under the
+// host whose subject it came on: an agent's record naming another host is refused.
+func TestHeartbeatNamesItsHost(t *testing.T) {
+	e := authEnv(t)
+	e.standard()
+	nc, _ := connectAs(t, e, broker.RoleAgent, "h1")
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	before, err := e.kv(broker.HostsBucket).Get(ctx, "h2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ := json.Marshal(agentapi.HostRecord{Host: "h2", Platform: attest.PlatformEmulatedSEVSNP, Heartbeat: time.Now()})
+	msg, err := nc.RequestMsgWithContext(ctx, &nats.Msg{Subject: agentapi.HeartbeatSubject("h1"), Data: data})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if msg.Header.Get("Nats-Service-Error-Code") != agentapi.CodeBadRequest {
+		t.Errorf("heartbeat of h1 naming h2: answer %q %v, want a bad_request error", msg.Data, msg.Header)
+	}
+	after, err := e.kv(broker.HostsBucket).Get(ctx, "h2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Revision() != before.Revision() {
+		t.Errorf("h2's record changed (revision %d → %d)", before.Revision(), after.Revision())
+	}
+}
