@@ -8,10 +8,12 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/api"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 )
@@ -20,55 +22,67 @@ func TestRegisterTenant(t *testing.T) {
 	e := newEnv(t)
 	pub, _, _ := ed25519.GenerateKey(rand.Reader)
 	other, _, _ := ed25519.GenerateKey(rand.Reader)
+	_, notAdmin, _ := ed25519.GenerateKey(rand.Reader)
+	now := e.clock.Now()
+	signed := func(req RegisterTenantRequest) *AdminRequest {
+		return adminRequest(t, testAdminKey, kbwire.OpTenantRegister, req, now)
+	}
+	replayed := signed(RegisterTenantRequest{Tenant: "replay", PolicyKey: other})
 	tests := map[string]struct {
-		token string
-		req   RegisterTenantRequest
-		want  error
+		req  *AdminRequest
+		want error
 	}{
-		"no admin token":          {token: "", req: RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, want: ErrUnauthorized},
-		"wrong admin token":       {token: "guess", req: RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, want: ErrUnauthorized},
-		"new tenant":              {token: testAdminToken, req: RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}},
-		"same key again":          {token: testAdminToken, req: RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}},
-		"another key":             {token: testAdminToken, req: RegisterTenantRequest{Tenant: "acme", PolicyKey: other}, want: ErrInvalidRequest},
-		"another key, replace":    {token: testAdminToken, req: RegisterTenantRequest{Tenant: "acme", PolicyKey: other, Replace: true}},
-		"dash-prefix of a tenant": {token: testAdminToken, req: RegisterTenantRequest{Tenant: "demo-eu", PolicyKey: pub}, want: ErrInvalidRequest},
-		"reserved name":           {token: testAdminToken, req: RegisterTenantRequest{Tenant: "mig", PolicyKey: pub}, want: ErrInvalidRequest},
-		"bad name":                {token: testAdminToken, req: RegisterTenantRequest{Tenant: "Acme/x", PolicyKey: pub}, want: ErrInvalidRequest},
-		"short key":               {token: testAdminToken, req: RegisterTenantRequest{Tenant: "short", PolicyKey: pub[:31]}, want: ErrInvalidRequest},
+		"no statement":              {req: &AdminRequest{}, want: ErrUnauthorized},
+		"signed by another key":     {req: adminRequest(t, notAdmin, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now), want: ErrUnauthorized},
+		"for another operation":     {req: adminRequest(t, testAdminKey, kbwire.OpPolicyPublish, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now), want: ErrUnauthorized},
+		"expired":                   {req: adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now.Add(-6*time.Minute)), want: ErrUnauthorized},
+		"issued in the future":      {req: adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now.Add(2*time.Minute)), want: ErrUnauthorized},
+		"new tenant":                {req: signed(RegisterTenantRequest{Tenant: "acme", PolicyKey: pub})},
+		"same key again":            {req: signed(RegisterTenantRequest{Tenant: "acme", PolicyKey: pub})},
+		"another key (re-key)":      {req: signed(RegisterTenantRequest{Tenant: "acme", PolicyKey: other}), want: ErrUnauthorized},
+		"another recovery key":      {req: signed(RegisterTenantRequest{Tenant: "acme", PolicyKey: pub, RecoveryKey: other}), want: ErrUnauthorized},
+		"first use":                 {req: replayed},
+		"replayed":                  {req: replayed, want: ErrUnauthorized},
+		"dash-prefix of a tenant":   {req: signed(RegisterTenantRequest{Tenant: "demo-eu", PolicyKey: pub}), want: ErrInvalidRequest},
+		"reserved name":             {req: signed(RegisterTenantRequest{Tenant: "mig", PolicyKey: pub}), want: ErrInvalidRequest},
+		"bad name":                  {req: signed(RegisterTenantRequest{Tenant: "Acme/x", PolicyKey: pub}), want: ErrInvalidRequest},
+		"short key":                 {req: signed(RegisterTenantRequest{Tenant: "short", PolicyKey: pub[:31]}), want: ErrInvalidRequest},
+		"recovery key = policy key": {req: signed(RegisterTenantRequest{Tenant: "same", PolicyKey: pub, RecoveryKey: pub}), want: ErrInvalidRequest},
 	}
 	// Ordered: later cases build on earlier ones.
-	for _, name := range []string{"no admin token", "wrong admin token", "new tenant", "same key again", "another key", "another key, replace", "dash-prefix of a tenant", "reserved name", "bad name", "short key"} {
+	for _, name := range []string{"no statement", "signed by another key", "for another operation", "expired", "issued in the future",
+		"new tenant", "same key again", "another key (re-key)", "another recovery key", "first use", "replayed",
+		"dash-prefix of a tenant", "reserved name", "bad name", "short key", "recovery key = policy key"} {
 		tt := tests[name]
 		t.Run(name, func(t *testing.T) {
-			_, err := e.kb.RegisterTenant(t.Context(), tt.token, tt.req)
+			_, err := e.kb.RegisterTenant(t.Context(), tt.req)
 			if tt.want == nil && err != nil || tt.want != nil && !errors.Is(err, tt.want) {
 				t.Fatalf("RegisterTenant = %v, want %v", err, tt.want)
 			}
+			ev := e.audit.last(t)
+			if ev.Kind != EventTenantRegister || (ev.Decision == DecisionAllow) != (tt.want == nil) || tt.want != nil && len(ev.Reasons) == 0 {
+				t.Errorf("audit %+v", ev)
+			}
 		})
+	}
+	// The re-key was refused: acme's key is still the first.
+	if rec, _, err := e.kb.loadTenant(t.Context(), "acme"); err != nil || !bytes.Equal(rec.PolicyKey, pub) {
+		t.Errorf("acme after an admin re-key: %v, %v", rec, err)
 	}
 }
 
-func TestAdminCredentialPublished(t *testing.T) {
+func TestRegisterTenantWithoutAdminKey(t *testing.T) {
 	e := newEnv(t)
-	pub, _, _ := ed25519.GenerateKey(rand.Reader)
 	cfg := e.cfg
-	cfg.AdminToken, cfg.StateDir = "", t.TempDir()
-	inproc, err := New(cfg) // as lethectl runs the core: no admin token of its own
+	cfg.AdminKey, cfg.StateDir = nil, t.TempDir()
+	kb, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	req := RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}
-	if _, err := inproc.RegisterTenant(t.Context(), testAdminToken, req); !errors.Is(err, ErrUnauthorized) {
-		t.Fatalf("before the keybroker published its credential: %v, want ErrUnauthorized", err)
-	}
-	if err := e.kb.publishAdmin(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := inproc.RegisterTenant(t.Context(), "wrong", req); !errors.Is(err, ErrUnauthorized) {
-		t.Fatalf("wrong token: %v, want ErrUnauthorized", err)
-	}
-	if _, err := inproc.RegisterTenant(t.Context(), testAdminToken, req); err != nil {
-		t.Fatalf("the published token: %v", err)
+	pub, _, _ := ed25519.GenerateKey(rand.Reader)
+	req := adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, e.clock.Now())
+	if _, err := kb.RegisterTenant(t.Context(), req); !errors.Is(err, ErrUnauthorized) {
+		t.Fatalf("a keybroker without an admin key: %v, want ErrUnauthorized", err)
 	}
 }
 

@@ -3,8 +3,6 @@ package keybroker
 import (
 	"context"
 	"crypto/ed25519"
-	"crypto/sha256"
-	"crypto/subtle"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -21,7 +19,9 @@ import (
 // Errors of the keybroker's API. Each method documents which it returns; all are wrapped, so
 // match them with errors.Is.
 var (
-	// ErrUnauthorized: an admin call without the admin credential.
+	// ErrUnauthorized: an admin call not signed by the admin key, expired or replayed, or one
+	// the admin may not make (re-keying a registered tenant); a key rotation not signed by
+	// the tenant's current key or its recovery key.
 	ErrUnauthorized = errors.New("unauthorized")
 	// ErrInvalidRequest: a malformed request (names, missing evidence, bad keys).
 	ErrInvalidRequest = errors.New("invalid request")
@@ -29,7 +29,8 @@ var (
 	// (migration, role, nonce, HPKE key, statement). attest.ReasonOf names what failed.
 	ErrEvidenceRejected = errors.New("evidence rejected")
 	// ErrPolicyRejected: the signed policy is not acceptable: bad signature, another tenant,
-	// or a policySvn lower than the last accepted (rollback).
+	// a selector (spec.guests) that does not cover the guest, or a policySvn below the floor
+	// the tenant published for the policy's name (rollback).
 	ErrPolicyRejected = errors.New("policy rejected")
 	// ErrDenied: the tenant's policy denies the migration or adoption; the error lists the
 	// failing rules.
@@ -52,7 +53,12 @@ var (
 	// acknowledgement, or one whose MAC does not verify under the migration's transfer key;
 	// or no erasure evidence from the source, or evidence the tenant's policy does not
 	// accept, and the request did not ask for an unverified erasure (see DestroyRequest).
-	ErrUnproven = errors.New("commit not proven")
+	ErrUnproven = errors.New("not proven")
+	// ErrErasureRejected: a commit whose source's erasure evidence is genuine and from the
+	// released source but does not satisfy the tenant's policy (its erasure rules); asked again
+	// with UnverifiedErasure, the commit goes on and the receipt says
+	// committed-unverified-erasure with the policy's reasons. It wraps ErrUnproven.
+	ErrErasureRejected = fmt.Errorf("erasure evidence not accepted by the policy: %w", ErrUnproven)
 	// ErrDestructionPending: Vault could not be reached to destroy keys; the destruction is
 	// journaled and retried by Run until it completes, and the receipt waits for it
 	// (AwaitReceipt). It wraps ErrVaultUnavailable.
@@ -90,7 +96,9 @@ type Config struct {
 
 	// Verifier verifies evidence. Required; *attest.Verifier in production.
 	Verifier EvidenceVerifier
-	// Policy verifies and evaluates signed policies. Nil: package policy.
+	// Policy verifies and evaluates signed policies. Nil: package policy. Whatever the gate,
+	// the keybroker refuses a decision whose Guests do not cover the guest or whose SVN is below
+	// the floor of (tenant, Name).
 	Policy PolicyGate
 	// Audit receives one event per release, adoption, denial and destruction. Nil: SlogAudit
 	// on Logger.
@@ -98,10 +106,10 @@ type Config struct {
 	// Logger is for operational logs. Nil: slog.Default().
 	Logger *slog.Logger
 
-	// AdminToken is the credential of admin calls (RegisterTenant); Run publishes its
-	// SHA-256 in Vault (config/admin). Empty: callers are checked against the digest a running
-	// keybroker published, and refused if there is none.
-	AdminToken string
+	// AdminKey is the operator's admin public key (Ed25519): admin calls (RegisterTenant) are
+	// statements signed with its private key, each valid for at most
+	// kbwire.MaxAdminValidity and accepted once. Nil: admin calls are refused.
+	AdminKey ed25519.PublicKey
 	// StateDir holds the destruction journal (one file per pending destruction). Empty: the
 	// journal is kept in memory only, and a destruction pending when the process ends is lost
 	// (tests only; cmd/lethe-keybroker requires a directory).
@@ -135,7 +143,8 @@ type Keybroker struct {
 	jnl    *journal
 	now    func() time.Time
 
-	adminDigest [32]byte
+	// floors are the policySvn floors loadTenant read last, per tenant (see floorCache).
+	floors floorCache
 
 	authMu sync.Mutex
 
@@ -188,16 +197,17 @@ func New(cfg Config) (*Keybroker, error) {
 	if k.audit == nil {
 		k.audit = SlogAudit{Logger: k.log}
 	}
-	k.policy = cfg.Policy
-	if k.policy == nil {
-		k.policy = &policyPackage{}
+	gate := cfg.Policy
+	if gate == nil {
+		gate = &policyPackage{}
+	}
+	k.policy = &tenantGate{inner: gate, floors: &k.floors}
+	if cfg.AdminKey != nil && len(cfg.AdminKey) != ed25519.PublicKeySize {
+		return nil, fmt.Errorf("configuring keybroker: admin key is %d bytes, want %d", len(cfg.AdminKey), ed25519.PublicKeySize)
 	}
 	vc := &vaultClient{c: cfg.Vault, transit: cfg.TransitMount, kv: cfg.KVMount, metrics: cfg.Metrics}
 	k.keys, k.recs = vc, vc
 	k.nonces = newNonceStore(cfg.Now, cfg.NonceTTL, cfg.MaxNonces, &vaultNonces{keys: vc, recs: vc})
-	if cfg.AdminToken != "" {
-		k.adminDigest = sha256.Sum256([]byte(cfg.AdminToken))
-	}
 	var err error
 	if k.jnl, err = openJournal(cfg.StateDir); err != nil {
 		return nil, fmt.Errorf("configuring keybroker: %w", err)
@@ -205,14 +215,11 @@ func New(cfg Config) (*Keybroker, error) {
 	return k, nil
 }
 
-// Run publishes the admin credential's digest, loads the nonce key, renews the Vault token (or
+// Run loads the nonce key, renews the Vault token (or
 // logs in again with AppRole), retries pending destructions every RetryInterval and, every
 // NonceTTL, deletes the marks of used nonces that have expired, until ctx ends. It returns nil
 // when ctx ends.
 func (k *Keybroker) Run(ctx context.Context) error {
-	if err := k.publishAdmin(ctx); err != nil {
-		k.log.WarnContext(ctx, "Publishing the admin credential failed; admin calls of other processes are refused until it succeeds", attrError, err.Error())
-	}
 	if err := k.loadNonceKey(ctx); err != nil {
 		k.log.WarnContext(ctx, "Loading the nonce key failed; nonces are refused until it loads", attrError, err.Error())
 	}
@@ -296,62 +303,6 @@ func (k *Keybroker) consumeNonce(ctx context.Context, id string, role attest.Rol
 		return err
 	}
 	return k.nonces.consume(ctx, id, role, nonce)
-}
-
-// adminRecord is the digest of the admin credential, in KV at config/admin: a keybroker
-// configured with an admin token publishes it there, so that a process running the core
-// in-process (lethectl) checks callers against the running keybroker's credential.
-type adminRecord struct {
-	TokenSHA256 []byte `json:"tokenSha256"`
-}
-
-const adminPath = "config/admin"
-
-// publishAdmin writes the admin credential's digest to Vault.
-func (k *Keybroker) publishAdmin(ctx context.Context) error {
-	if k.cfg.AdminToken == "" {
-		return nil
-	}
-	if err := k.ensureAuth(ctx); err != nil {
-		return err
-	}
-	var rec adminRecord
-	ver, err := k.recs.get(ctx, adminPath, &rec)
-	if err != nil {
-		return fmt.Errorf("publishing the admin credential: %w", err)
-	}
-	if subtle.ConstantTimeCompare(rec.TokenSHA256, k.adminDigest[:]) == 1 {
-		return nil
-	}
-	if _, err := k.recs.put(ctx, adminPath, &adminRecord{TokenSHA256: k.adminDigest[:]}, ver); err != nil {
-		return fmt.Errorf("publishing the admin credential: %w", err)
-	}
-	return nil
-}
-
-// checkAdmin checks an admin credential in constant time: against Config.AdminToken, or,
-// without one, against the digest a running keybroker published in Vault.
-func (k *Keybroker) checkAdmin(ctx context.Context, token string) error {
-	want := k.adminDigest[:]
-	if k.cfg.AdminToken == "" {
-		if err := k.ensureAuth(ctx); err != nil {
-			return err
-		}
-		var rec adminRecord
-		ver, err := k.recs.get(ctx, adminPath, &rec)
-		if err != nil {
-			return fmt.Errorf("reading the admin credential: %w", err)
-		}
-		if ver == 0 || len(rec.TokenSHA256) != sha256.Size {
-			return fmt.Errorf("no admin credential configured or published: %w", ErrUnauthorized)
-		}
-		want = rec.TokenSHA256
-	}
-	d := sha256.Sum256([]byte(token))
-	if token == "" || subtle.ConstantTimeCompare(d[:], want) != 1 {
-		return ErrUnauthorized
-	}
-	return nil
 }
 
 // Names. Tenants follow policy's alphabet (lowercase letters, digits, dashes); no registered

@@ -12,7 +12,8 @@
 //
 // A tenant signs a policy with its Ed25519 key into an [Envelope] (DSSE: the exact YAML bytes
 // and signatures over their pre-authentication encoding). [Verify] checks the signature and
-// parses the payload; [CheckRollback] refuses a policySvn lower than the last one accepted.
+// parses the payload; [CheckRollback] refuses a policySvn lower than the floor of the policy's
+// (tenant, name), which the keybroker raises only when the tenant publishes a policy.
 //
 // [Evaluate] decides a migration from verified claims: it is pure (no I/O, no clock, no
 // randomness), denies by default and names every failing rule with the values involved, so

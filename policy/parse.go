@@ -558,6 +558,12 @@ func (d *decoder) decodeStruct(path string, n ast.Node, v reflect.Value) {
 // name is the alphabet of tenant and policy names: they become parts of Vault key names.
 var name = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 
+// guestPattern is a guest selector: a VM name (the keybroker's alphabet of VM names), such a
+// name's prefix followed by '*', or '*' alone.
+var guestPattern = regexp.MustCompile(`^(\*|[a-z0-9][a-z0-9._-]{0,62}|[a-z0-9][a-z0-9._-]{0,61}\*)$`)
+
+const guestWant = "a VM name (lowercase letters, digits, '.', '_' and '-'), a prefix of one followed by '*', or '*'"
+
 const nameWant = "1 to 63 lowercase letters, digits and dashes, starting and ending with a letter or digit"
 
 // validate checks what the types alone do not.
@@ -576,6 +582,15 @@ func (d *decoder) validate(p *Policy) {
 	}
 	if _, ok := d.pos["metadata.policySvn"]; !ok {
 		d.fail("metadata.policySvn", "expected an integer from 0 to %d, got nothing", uint64(math.MaxUint64))
+	}
+	for i, g := range p.Spec.Guests {
+		path := fmt.Sprintf("spec.guests[%d]", i)
+		switch {
+		case !guestPattern.MatchString(g):
+			d.fail(path, "expected %s, got %q", guestWant, g)
+		case slices.Index(p.Spec.Guests, g) != i:
+			d.fail(path, "duplicate guest pattern %q", g)
+		}
 	}
 	d.validateEnd("spec.source", p.Spec.Source)
 	dst := p.Spec.Destination

@@ -148,7 +148,7 @@ func TestParseErrorKinds(t *testing.T) {
 		want []ParseError
 	}{
 		{"unknown field", minimal + "spec:\n  sorce: {}\n", []ParseError{{Line: 8, Column: 3, Path: "spec.sorce",
-			Message: "unknown field, expected one of source, destination, destinationTcbAtLeastSource, transport, erasure, cel"}}},
+			Message: "unknown field, expected one of guests, source, destination, destinationTcbAtLeastSource, transport, erasure, cel"}}},
 		{"wrong type", minimal + "spec:\n  destinationTcbAtLeastSource: 1\n", []ParseError{{Line: 8, Column: 32, Path: "spec.destinationTcbAtLeastSource",
 			Message: "expected true or false, got an integer"}}},
 		{"bad hex length", minimal + "spec:\n  destination:\n    snp:\n      hostData: abcd\n", []ParseError{{Line: 10, Column: 17, Path: "spec.destination.snp.hostData",
@@ -159,6 +159,14 @@ func TestParseErrorKinds(t *testing.T) {
 			Message: "expected an integer from 0 to 3, got 4"}}},
 		{"overflow", minimal + "spec:\n  source:\n    tdx:\n      minimumQeSvn: 70000\n", []ParseError{{Line: 10, Column: 21, Path: "spec.source.tdx.minimumQeSvn",
 			Message: "expected an integer from 0 to 65535, got 70000"}}},
+		{"bad guest patterns", minimal + "spec:\n  guests: [web-1, 'Web', 'a*b', '-x', web-1, '', 7]\n", []ParseError{
+			{Line: 8, Column: 19, Path: "spec.guests[1]", Message: `expected a VM name (lowercase letters, digits, '.', '_' and '-'), a prefix of one followed by '*', or '*', got "Web"`},
+			{Line: 8, Column: 26, Path: "spec.guests[2]", Message: `expected a VM name (lowercase letters, digits, '.', '_' and '-'), a prefix of one followed by '*', or '*', got "a*b"`},
+			{Line: 8, Column: 33, Path: "spec.guests[3]", Message: `expected a VM name (lowercase letters, digits, '.', '_' and '-'), a prefix of one followed by '*', or '*', got "-x"`},
+			{Line: 8, Column: 39, Path: "spec.guests[4]", Message: `duplicate guest pattern "web-1"`},
+			{Line: 8, Column: 46, Path: "spec.guests[5]", Message: `expected a VM name (lowercase letters, digits, '.', '_' and '-'), a prefix of one followed by '*', or '*', got ""`},
+			{Line: 8, Column: 50, Path: "spec.guests[6]", Message: "expected a string, got an integer"},
+		}},
 		{"no platforms", minimal + "spec:\n  source:\n    platforms: []\n", []ParseError{{Line: 9, Column: 16, Path: "spec.source.platforms",
 			Message: "expected at least one platform (sev-snp, tdx, emulated-sev-snp, emulated-tdx)"}}},
 		{"destination field at source", minimal + "spec:\n  source:\n    regions: [eu]\n", []ParseError{{Line: 9, Column: 5, Path: "spec.source.regions",
@@ -196,6 +204,41 @@ func TestParseErrorKinds(t *testing.T) {
 	}
 }
 
+func TestCovers(t *testing.T) {
+	tests := map[string]struct {
+		guests []string
+		vm     string
+		want   bool
+	}{
+		"no selector covers nothing": {nil, "web-1", false},
+		"exact name":                 {[]string{"payments-db"}, "payments-db", true},
+		"exact name, other guest":    {[]string{"payments-db"}, "payments-db-2", false},
+		"prefix":                     {[]string{"web-*"}, "web-blue", true},
+		"prefix, bare prefix":        {[]string{"web-*"}, "web-", true},
+		"prefix, other guest":        {[]string{"web-*"}, "webshop", false},
+		"star":                       {[]string{"*"}, "anything", true},
+		"one of several":             {[]string{"a", "b-*"}, "b-1", true},
+		"empty vm":                   {[]string{"*"}, "", false},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			if got := CoversGuest(tc.guests, tc.vm); got != tc.want {
+				t.Errorf("CoversGuest(%q, %q) = %v, want %v", tc.guests, tc.vm, got, tc.want)
+			}
+		})
+	}
+	p, err := Parse("p.yaml", []byte(minimal+"spec:\n  guests: [db, 'db-*']\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !p.Covers("db") || !p.Covers("db-replica") || p.Covers("web") {
+		t.Errorf("policy with guests %q: Covers wrong", p.Spec.Guests)
+	}
+	if m, _ := Parse("m.yaml", []byte(minimal)); m.Covers("db") {
+		t.Error("a policy without spec.guests covers a guest")
+	}
+}
+
 func TestExamples(t *testing.T) {
 	files, err := filepath.Glob(filepath.Join("..", "examples", "policies", "*.yaml"))
 	if err != nil {
@@ -215,6 +258,9 @@ func TestExamples(t *testing.T) {
 			}
 			if !p.Spec.DestinationTCBAtLeastSource {
 				t.Error("an example turns off destinationTcbAtLeastSource")
+			}
+			if len(p.Spec.Guests) == 0 {
+				t.Error("an example covers no guest (spec.guests)")
 			}
 		})
 	}

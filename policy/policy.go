@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	_ "embed"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -43,14 +44,20 @@ type Metadata struct {
 	Tenant string `yaml:"tenant"`
 	// Name names the policy within the tenant's; same alphabet as Tenant.
 	Name string `yaml:"name"`
-	// PolicySVN is the policy's security version; a keybroker never accepts a lower one than
-	// it accepted last for the tenant (see CheckRollback).
+	// PolicySVN is the policy's security version. A keybroker keeps a floor per (tenant,
+	// name), which only the tenant raises (by publishing a policy to the keybroker), and never
+	// accepts a policy below it (see CheckRollback).
 	PolicySVN uint64 `yaml:"policySvn"`
 }
 
 // Spec is what a policy requires. Fields not written in the file take their value from
 // DefaultsYAML.
 type Spec struct {
+	// Guests selects the tenant's guests (VM names) the policy covers: each entry is a VM
+	// name, a prefix followed by '*' ("web-*" covers web-1 and web-blue), or "*" alone (every
+	// guest of the tenant). Empty (the default) covers no guest: a keybroker refuses the
+	// policy for every guest. See Covers.
+	Guests []string `yaml:"guests"`
 	// Source is required of the host the guest leaves (and, in adoption, not used).
 	Source EndRequirements `yaml:"source"`
 	// Destination is required of the host the guest goes to (and, in adoption, of the host
@@ -158,6 +165,27 @@ type Transport struct {
 	// AllowZeroPageElision lets the source skip sending zero pages, which reveals which
 	// pages are zero.
 	AllowZeroPageElision bool `yaml:"allowZeroPageElision"`
+}
+
+// Covers reports whether the policy's spec.guests selects guest vm (see Spec.Guests).
+func (p *Policy) Covers(vm string) bool { return CoversGuest(p.Spec.Guests, vm) }
+
+// CoversGuest reports whether one of the guest patterns (Spec.Guests) selects vm: an exact
+// name, or a pattern ending in '*' whose prefix vm starts with. No pattern selects "".
+func CoversGuest(patterns []string, vm string) bool {
+	if vm == "" {
+		return false
+	}
+	for _, g := range patterns {
+		if prefix, ok := strings.CutSuffix(g, "*"); ok {
+			if strings.HasPrefix(vm, prefix) {
+				return true
+			}
+		} else if g == vm {
+			return true
+		}
+	}
+	return false
 }
 
 // Accepts reports whether suite is one of t's cipher suites.

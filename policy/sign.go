@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/lethe-cc/lethe/internal/dsse"
 )
@@ -125,8 +126,8 @@ func (env *Envelope) Verify(pub ed25519.PublicKey) (*Policy, error) {
 }
 
 // CheckRollback returns an error matching ErrRollback if p's policySvn is lower than
-// lastAccepted, the last policySvn accepted for p's tenant. The same policySvn is accepted
-// again.
+// lastAccepted, the floor of p's (tenant, name): the highest policySvn the tenant published. The
+// same policySvn is accepted again.
 func CheckRollback(p *Policy, lastAccepted uint64) error {
 	if p.Metadata.PolicySVN < lastAccepted {
 		return fmt.Errorf("%w: policySvn %d of tenant %s is lower than %d, the last accepted", ErrRollback, p.Metadata.PolicySVN, p.Metadata.Tenant, lastAccepted)
@@ -143,6 +144,16 @@ const (
 // GenerateKey writes a new Ed25519 key pair into dir: PrivateKeyFile (PKCS #8 PEM, mode
 // 0600) and PublicKeyFile (PKIX PEM). It refuses to overwrite an existing key file.
 func GenerateKey(dir string) (ed25519.PublicKey, error) {
+	return GenerateKeyNamed(dir, "tenant")
+}
+
+// GenerateKeyNamed writes a new Ed25519 key pair into dir as name.key (PKCS #8 PEM, mode 0600)
+// and name.pub (PKIX PEM): a tenant's key is "tenant", its recovery key "recovery", the
+// keybroker's admin key "admin". It refuses to overwrite an existing key file.
+func GenerateKeyNamed(dir, name string) (ed25519.PublicKey, error) {
+	if name == "" || strings.ContainsAny(name, `/\`) || name == "." || name == ".." {
+		return nil, fmt.Errorf("generating key: bad key name %q", name)
+	}
 	pub, priv, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("generating key: %w", err)
@@ -158,10 +169,10 @@ func GenerateKey(dir string) (ed25519.PublicKey, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("writing key pair: %w", err)
 	}
-	if err := writeNew(filepath.Join(dir, PrivateKeyFile), pem.EncodeToMemory(&pem.Block{Type: pemPrivate, Bytes: privDER}), 0o600); err != nil {
+	if err := writeNew(filepath.Join(dir, name+".key"), pem.EncodeToMemory(&pem.Block{Type: pemPrivate, Bytes: privDER}), 0o600); err != nil {
 		return nil, err
 	}
-	if err := writeNew(filepath.Join(dir, PublicKeyFile), pubPEM, 0o644); err != nil {
+	if err := writeNew(filepath.Join(dir, name+".pub"), pubPEM, 0o644); err != nil {
 		return nil, err
 	}
 	return pub, nil

@@ -56,7 +56,6 @@ nats_port=$(freeport); vault_port=$(freeport); broker_metrics=$(freeport); keybr
 export LETHE_NATS_URL=nats://127.0.0.1:$nats_port
 export VAULT_ADDR=http://127.0.0.1:$vault_port
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/keys/vault.token"
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/keys/admin.token"
 chmod 600 "$work/keys/"*.token
 export VAULT_TOKEN=$(cat "$work/keys/vault.token")
 vault() { "$BIN/vault" "$@"; }
@@ -77,10 +76,13 @@ waitfor "the broker" 30 "$BIN/lethectl" hosts list
 # share AMD's roots; each agent signs as its own chip with its own TCB.
 "$BIN/lethectl" attest emulate --platform emulated-sev-snp --report-data 00 \
   --roots-out "$work/emulator" --out "$work/state/probe.json" >/dev/null
+# The operator's admin key: the keybroker pins its public half and accepts only admin requests
+# signed by it (short-lived, each used once); no admin secret ever crosses NATS.
+"$BIN/lethectl" keygen --name admin --out "$work/keys/admin" >/dev/null
 start keybroker "$BIN/lethe-keybroker" --config deploy/dev/lethe-keybroker.yaml --metrics-listen "127.0.0.1:$keybroker_metrics" \
   --nats-url "$LETHE_NATS_URL" --trust-roots "$work/emulator" \
   --vault-addr "$VAULT_ADDR" --vault-token-file "$work/keys/vault.token" \
-  --admin-token-file "$work/keys/admin.token" --state-dir "$work/state/keybroker"
+  --admin-pub "$work/keys/admin/admin.pub" --state-dir "$work/state/keybroker"
 "$BIN/lethe-keybroker" --vault-addr "$VAULT_ADDR" --vault-token-file "$work/keys/vault.token" \
   --state-dir "$work/state/keybroker-pub" --export-pub "$work/keys/keybroker.pub" >/dev/null 2>&1
 echo "keybroker receipt-signing key: $work/keys/keybroker.pub"
@@ -103,7 +105,7 @@ export LETHE_TENANT=demo
 bold "As the tenant: a key, registered with the keybroker; the policy, signed and applied"
 run "$BIN/lethectl" keygen --out "$work/keys/tenant"
 LETHE_TENANT= run "$BIN/lethectl" tenant register --tenant demo --pub "$work/keys/tenant/tenant.pub" \
-  --admin-token-file "$work/keys/admin.token"
+  --admin-key "$work/keys/admin/admin.key"
 run "$BIN/lethectl" policy sign --key "$work/keys/tenant/tenant.key" examples/policies/ci-emulated.yaml \
   --out "$work/policy.signed"
 run "$BIN/lethectl" policy apply "$work/policy.signed"

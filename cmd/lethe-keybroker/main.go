@@ -19,6 +19,7 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"flag"
 	"fmt"
@@ -38,6 +39,7 @@ import (
 	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
+	"github.com/lethe-cc/lethe/policy"
 )
 
 // inboxPrefix is the keybroker role's inbox prefix (broker.InboxPrefix(broker.RoleKeybroker)).
@@ -53,10 +55,11 @@ type config struct {
 	roleID, secretIDFile, approleMount string
 	transitMount, kvMount              string
 
-	stateDir, adminTokenFile  string
+	stateDir, adminPubFile    string
 	trustRoots                []string
 	allowEmulated             bool
 	collateral                string
+	checkRevocation           bool
 	nonceTTL                  time.Duration
 	id, logLevel, exportPub   string
 	logFormat                 string
@@ -112,10 +115,11 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.StringVar(&c.transitMount, "transit-mount", daemon.Env("LETHE_VAULT_TRANSIT_MOUNT", ""), "Transit mount; empty: transit (env LETHE_VAULT_TRANSIT_MOUNT)")
 	fs.StringVar(&c.kvMount, "kv-mount", daemon.Env("LETHE_VAULT_KV_MOUNT", ""), "KV v2 mount for tenants, guests and receipts; empty: lethe (env LETHE_VAULT_KV_MOUNT)")
 	fs.StringVar(&c.stateDir, "state-dir", daemon.Env("LETHE_STATE_DIR", ""), "directory for the destruction journal, required (env LETHE_STATE_DIR)")
-	fs.StringVar(&c.adminTokenFile, "admin-token-file", daemon.Env("LETHE_ADMIN_TOKEN_FILE", ""), "file holding the admin token of tenant registration; empty: admin calls refused (env LETHE_ADMIN_TOKEN_FILE)")
+	fs.StringVar(&c.adminPubFile, "admin-pub", daemon.Env("LETHE_ADMIN_PUB", ""), "the operator's admin Ed25519 public key, PEM (lethectl keygen --name admin): admin calls (tenant registration) must be signed by it; empty: admin calls refused (env LETHE_ADMIN_PUB)")
 	fs.Var((*listFlag)(&c.trustRoots), "trust-roots", "directory of roots of trust (lethectl attest emulate writes those of emulated platforms); repeatable (env LETHE_TRUST_ROOTS, a path list)")
 	fs.BoolVar(&c.allowEmulated, "allow-emulated", daemon.EnvBool("LETHE_ALLOW_EMULATED"), "accept roots of emulated platforms: development and CI only (env LETHE_ALLOW_EMULATED)")
 	fs.StringVar(&c.collateral, "collateral", daemon.Env("LETHE_COLLATERAL_DIR", ""), "offline collateral cache directory (env LETHE_COLLATERAL_DIR)")
+	fs.BoolVar(&c.checkRevocation, "check-revocation", daemon.EnvBoolDefault("LETHE_CHECK_REVOCATION", true), "check the certificates of evidence against CRLs (real platforms: from --collateral; emulated ones: the emulator's); false only where no CRL can be had, with a warning in the log and /readyz (env LETHE_CHECK_REVOCATION)")
 	fs.DurationVar(&c.nonceTTL, "nonce-ttl", daemon.EnvDuration("LETHE_NONCE_TTL", 60*time.Second), "how long a nonce stays valid (env LETHE_NONCE_TTL)")
 	fs.StringVar(&c.id, "id", daemon.Env("LETHE_KEYBROKER_ID", ""), "instance id in the service's metadata (env LETHE_KEYBROKER_ID)")
 	fs.StringVar(&c.logLevel, "log-level", daemon.Env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
@@ -188,13 +192,15 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
-	admin, err := readSecret(c.adminTokenFile)
-	if err != nil {
-		return err
+	var admin ed25519.PublicKey
+	if c.adminPubFile != "" {
+		if admin, err = policy.ReadPublicKey(c.adminPubFile); err != nil {
+			return fmt.Errorf("reading the admin public key: %w", err)
+		}
 	}
 	kb, err := keybroker.New(keybroker.Config{
 		Vault: vc, AppRole: approle, TransitMount: c.transitMount, KVMount: c.kvMount,
-		Verifier: verifier, Logger: log, AdminToken: admin, StateDir: c.stateDir, NonceTTL: c.nonceTTL,
+		Verifier: verifier, Logger: log, AdminKey: admin, StateDir: c.stateDir, NonceTTL: c.nonceTTL,
 		Metrics: kbMetrics,
 	})
 	if err != nil {
@@ -223,7 +229,8 @@ func run(ctx context.Context, c *config) error {
 			{Name: "vault", Func: func(ctx context.Context) error { return vaultReady(ctx, vc) }},
 			daemon.Started("service", svc.Started()),
 		},
-		Logger: log,
+		Warnings: verifierWarnings(c),
+		Logger:   log,
 	})
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return kb.Run(ctx) })
@@ -301,7 +308,18 @@ func newVerifier(c *config, log *slog.Logger) (*attest.Verifier, error) {
 		}
 		roots = append(roots, rs...)
 	}
-	return attest.NewVerifier(attest.Config{Roots: roots, CollateralDir: c.collateral})
+	if !c.checkRevocation {
+		log.Warn("Not checking revocation: evidence signed under a revoked VCEK, VLEK or PCK is accepted", "check_revocation", false)
+	}
+	return attest.NewVerifier(attest.Config{Roots: roots, CollateralDir: c.collateral, CheckRevocations: c.checkRevocation})
+}
+
+// verifierWarnings are the /readyz warnings of the verifier's settings.
+func verifierWarnings(c *config) []string {
+	if c.checkRevocation {
+		return nil
+	}
+	return []string{"revocation: not checked (--check-revocation=false): evidence signed under a revoked VCEK, VLEK or PCK is accepted"}
 }
 
 // exportPublicKey writes the receipt-signing public key, PEM, to path.

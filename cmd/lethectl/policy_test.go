@@ -112,7 +112,7 @@ func TestPolicyKeygenSignVerifyLint(t *testing.T) {
 	}
 	_, errOut, code = runLethectl(t, "policy", "lint", bad)
 	wantErr := bad + ":6:17: spec.source.snp.vmpl: expected an integer from 0 to 3, got 9\n" +
-		bad + ":7:3: spec.colour: unknown field, expected one of source, destination, destinationTcbAtLeastSource, transport, erasure, cel\n"
+		bad + ":7:3: spec.colour: unknown field, expected one of guests, source, destination, destinationTcbAtLeastSource, transport, erasure, cel\n"
 	if code != 1 || errOut != wantErr {
 		t.Errorf("lint bad: exit %d, stderr:\n%s\nwant:\n%s", code, errOut, wantErr)
 	}

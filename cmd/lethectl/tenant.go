@@ -1,11 +1,11 @@
 package main
 
 import (
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -13,6 +13,7 @@ import (
 
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/policy"
 )
@@ -20,39 +21,67 @@ import (
 func newTenantCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "tenant",
-		Short: "Register tenants with the keybroker (admin)",
-		Long: `Tenant commands are admin calls to the keybroker: they change what it trusts, so they need the
-keybroker's admin credential.`,
+		Short: "Register tenants with the keybroker (admin) and rotate their keys (tenant)",
+		Long: `register is an admin call to the keybroker, signed with the operator's admin key (the keybroker
+pins its public half, --admin-pub). rotate-key is the tenant's: only a statement signed by the
+tenant's current key (or its recovery key) changes the tenant's key.`,
 	}
-	cmd.AddCommand(newTenantRegisterCmd())
+	cmd.AddCommand(newTenantRegisterCmd(), newTenantRotateKeyCmd())
 	return cmd
+}
+
+// addKeybrokerConnFlags adds the NATS connection flags of the keybroker commands.
+func addKeybrokerConnFlags(cmd *cobra.Command, o *brokerOpts) {
+	f := cmd.Flags()
+	f.StringVar(&o.config, "config", "", "config file (env LETHECTL_CONFIG; default $XDG_CONFIG_HOME/lethe/lethectl.json)")
+	f.StringVar(&o.URL, "nats-url", "", "NATS server URL (env LETHE_NATS_URL; default nats://127.0.0.1:4222)")
+	f.StringVar(&o.Creds, "creds", "", "NATS credentials file (env LETHE_NATS_CREDS)")
+	f.StringVar(&o.User, "user", "", "NATS user (env LETHE_NATS_USER)")
+	f.StringVar(&o.Password, "password", "", "NATS password (env LETHE_NATS_PASSWORD)")
+	f.DurationVar(&o.Timeout, "timeout", 30*time.Second, "timeout of the keybroker call")
+	f.StringVarP(&o.output, "output", "o", "text", "output format: text or json")
+}
+
+// dialNATS connects as o says, with the inbox of role and name.
+func dialNATS(o *brokerOpts, role broker.Role, name string) (*nats.Conn, error) {
+	opts := []nats.Option{nats.Name("lethectl"), nats.CustomInboxPrefix(broker.InboxPrefix(role, name))}
+	if o.Creds != "" {
+		opts = append(opts, nats.UserCredentials(o.Creds))
+	} else if o.User != "" {
+		opts = append(opts, nats.UserInfo(o.User, o.Password))
+	}
+	nc, err := nats.Connect(o.URL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to %s: %w", o.URL, err)
+	}
+	return nc, nil
 }
 
 // tenantRegisterOpts are the settings of "lethectl tenant register".
 type tenantRegisterOpts struct {
-	conn                            brokerOpts
-	tenant, pubFile, adminTokenFile string
-	replace                         bool
+	conn                                 brokerOpts
+	tenant, pubFile, recoveryPub, keyOpt string
+	validity                             time.Duration
 }
 
 func newTenantRegisterCmd() *cobra.Command {
 	var o tenantRegisterOpts
 	cmd := &cobra.Command{
-		Use:   "register --tenant NAME --pub tenant.pub",
-		Short: "Register a tenant's policy-signing public key",
-		Long: `register records a tenant's Ed25519 policy-signing public key (lethectl keygen writes it) with
-the keybroker, which keeps it in Vault beside the keys. From then on the keybroker accepts only
-policies signed by that key, with a policySvn not lower than the last it accepted.
-Re-registering the same key does nothing; another key needs --replace (the tenant's policySvn is
-kept).
+		Use:   "register --tenant NAME --pub tenant.pub --admin-key admin.key",
+		Short: "Register a tenant's policy-signing public key (admin)",
+		Long: `register records a tenant's Ed25519 policy-signing public key (lethectl keygen writes it), and
+optionally a recovery key (--recovery-pub), with the keybroker, which keeps them in Vault beside
+the keys. From then on the keybroker accepts only policies signed by that key, each for the
+guests its spec.guests names, and never below the floor the tenant published for its name.
 
-The call goes over NATS to the keybroker (lethe.v1.keybroker.tenant.register) with the admin
-token read from --admin-token-file (or LETHE_ADMIN_TOKEN), which the keybroker checks against
-its own (its --admin-token-file). The token travels inside the request: use a TLS connection to
-NATS. The connection settings are the broker commands' (--nats-url, --creds, --user, the
-config file).`,
-		Example: `  LETHE_ADMIN_TOKEN=... lethectl tenant register --tenant demo --pub ./keys/tenant.pub
-  lethectl tenant register --tenant demo --pub ./keys/tenant.pub --admin-token-file admin.token --replace`,
+The request is a statement signed with the operator's admin key (--admin-key, or the file
+$LETHE_ADMIN_KEY; lethectl keygen --name admin makes one), valid for --validity (at most 5m)
+and accepted once: no secret crosses NATS. Registering the same keys again does nothing; the
+admin can never change a registered tenant's key (the tenant does: lethectl tenant rotate-key).
+The call goes over NATS to lethe.v1.keybroker.tenant.register, as an operator.`,
+		Example: `  lethectl keygen --name admin --out ./admin
+  lethectl tenant register --tenant demo --pub ./keys/tenant.pub --admin-key ./admin/admin.key
+  lethectl tenant register --tenant acme --pub acme.pub --recovery-pub acme-recovery.pub --admin-key admin.key`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return o.run(cmd)
@@ -61,15 +90,10 @@ config file).`,
 	f := cmd.Flags()
 	f.StringVar(&o.tenant, "tenant", "", "tenant name: lowercase letters, digits and dashes (required)")
 	f.StringVar(&o.pubFile, "pub", "", "the tenant's public key, PEM (required)")
-	f.BoolVar(&o.replace, "replace", false, "replace the key of a tenant already registered")
-	f.StringVar(&o.adminTokenFile, "admin-token-file", "", "file holding the keybroker's admin token (default: $LETHE_ADMIN_TOKEN)")
-	f.StringVar(&o.conn.config, "config", "", "config file (env LETHECTL_CONFIG; default $XDG_CONFIG_HOME/lethe/lethectl.json)")
-	f.StringVar(&o.conn.URL, "nats-url", "", "NATS server URL (env LETHE_NATS_URL; default nats://127.0.0.1:4222)")
-	f.StringVar(&o.conn.Creds, "creds", "", "NATS credentials file (env LETHE_NATS_CREDS)")
-	f.StringVar(&o.conn.User, "user", "", "NATS user (env LETHE_NATS_USER)")
-	f.StringVar(&o.conn.Password, "password", "", "NATS password (env LETHE_NATS_PASSWORD)")
-	f.DurationVar(&o.conn.Timeout, "timeout", 30*time.Second, "timeout of the keybroker call")
-	f.StringVarP(&o.conn.output, "output", "o", "text", "output format: text or json")
+	f.StringVar(&o.recoveryPub, "recovery-pub", "", "the tenant's recovery public key, PEM (optional; kept offline by the tenant)")
+	f.StringVar(&o.keyOpt, "admin-key", "", "the operator's admin private key, PEM (default: the file $LETHE_ADMIN_KEY)")
+	f.DurationVar(&o.validity, "validity", time.Minute, "how long the signed request stays valid (at most 5m)")
+	addKeybrokerConnFlags(cmd, &o.conn)
 	_ = cmd.MarkFlagRequired("tenant")
 	_ = cmd.MarkFlagRequired("pub")
 	return cmd
@@ -79,53 +103,162 @@ func (o *tenantRegisterOpts) run(cmd *cobra.Command) error {
 	if err := checkPolicyOutput(o.conn.output); err != nil {
 		return err
 	}
-	pub, err := policy.ReadPublicKey(o.pubFile)
-	if err != nil {
+	req := keybroker.RegisterTenantRequest{Tenant: o.tenant}
+	var err error
+	if req.PolicyKey, err = policy.ReadPublicKey(o.pubFile); err != nil {
 		return err
 	}
-	admin, err := o.adminToken()
+	if o.recoveryPub != "" {
+		if req.RecoveryKey, err = policy.ReadPublicKey(o.recoveryPub); err != nil {
+			return err
+		}
+	}
+	path := o.keyOpt
+	if path == "" {
+		path = os.Getenv("LETHE_ADMIN_KEY")
+	}
+	if path == "" {
+		return errors.New("no admin key: set --admin-key or LETHE_ADMIN_KEY")
+	}
+	admin, err := policy.ReadPrivateKey(path)
+	if err != nil {
+		return fmt.Errorf("reading admin key: %w", err)
+	}
+	signed, err := kbwire.SignAdmin(kbwire.OpTenantRegister, req, time.Now(), o.validity, admin)
 	if err != nil {
 		return err
 	}
 	if err := o.conn.resolve(); err != nil {
 		return err
 	}
-	opts := []nats.Option{nats.Name("lethectl"), nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleOperator, ""))}
-	if o.conn.Creds != "" {
-		opts = append(opts, nats.UserCredentials(o.conn.Creds))
-	} else if o.conn.User != "" {
-		opts = append(opts, nats.UserInfo(o.conn.User, o.conn.Password))
-	}
-	nc, err := nats.Connect(o.conn.URL, opts...)
+	nc, err := dialNATS(&o.conn, broker.RoleOperator, "")
 	if err != nil {
-		return fmt.Errorf("connecting to %s: %w", o.conn.URL, err)
+		return err
 	}
 	defer nc.Close()
 	ctx, cancel := o.conn.callCtx(cmd.Context())
 	defer cancel()
-	resp, err := natsapi.NewClient(nc, o.conn.Timeout).RegisterTenant(ctx, admin, keybroker.RegisterTenantRequest{
-		Tenant: o.tenant, PolicyKey: pub, Replace: o.replace,
-	})
+	resp, err := natsapi.NewClient(nc, o.conn.Timeout).RegisterTenant(ctx, signed)
 	if err != nil {
 		return fmt.Errorf("registering tenant %s: %w", o.tenant, err)
 	}
 	return o.conn.show(cmd.OutOrStdout(), resp, func(w io.Writer) {
-		fmt.Fprintf(w, "registered tenant %s (key %s, policySvn %d)\n", resp.Tenant, policy.KeyID(pub), resp.PolicySVN)
+		rec := ""
+		if resp.Recovery {
+			rec = ", with a recovery key"
+		}
+		fmt.Fprintf(w, "registered tenant %s (key %s%s)\n", resp.Tenant, resp.KeyID, rec)
 	})
 }
 
-// adminToken reads the admin token from --admin-token-file or LETHE_ADMIN_TOKEN.
-func (o *tenantRegisterOpts) adminToken() (string, error) {
-	admin := os.Getenv("LETHE_ADMIN_TOKEN")
-	if o.adminTokenFile != "" {
-		b, err := os.ReadFile(o.adminTokenFile)
-		if err != nil {
-			return "", fmt.Errorf("reading admin token: %w", err)
+// tenantRotateOpts are the settings of "lethectl tenant rotate-key".
+type tenantRotateOpts struct {
+	conn                                     brokerOpts
+	tenant, keyFile, recoveryKey, currentPub string
+	newPub, newRecoveryPub                   string
+}
+
+func newTenantRotateKeyCmd() *cobra.Command {
+	var o tenantRotateOpts
+	cmd := &cobra.Command{
+		Use:   "rotate-key --tenant NAME --key tenant.key --new-pub new.pub",
+		Short: "Replace the tenant's policy key by a statement signed with the current key (or the recovery key)",
+		Long: `rotate-key replaces the tenant's policy-signing key: it signs a rotation statement naming the
+current key and the new one, with the current private key (--key), and sends it to the keybroker
+(lethe.v1.keybroker.tenant.rotate-key), which accepts it only if the current key signed it. From
+then on only policies signed by the new key are accepted; publish and apply them again. A key
+that was the tenant's never comes back.
+
+If the current key is lost, sign with the recovery key registered at enrolment instead
+(--recovery-key, with --current-pub naming the lost key); the keybroker audits it as a recovery.
+Only a recovery-key statement may replace the recovery key (--new-recovery-pub); the current key
+may only add one where there is none.`,
+		Example: `  lethectl keygen --out ./keys-2
+  lethectl tenant rotate-key --tenant demo --key ./keys/tenant.key --new-pub ./keys-2/tenant.pub
+  lethectl tenant rotate-key --tenant demo --recovery-key ./recovery/recovery.key --current-pub ./keys/tenant.pub --new-pub ./keys-2/tenant.pub`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return o.run(cmd)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.tenant, "tenant", "", "tenant name (required; env LETHE_TENANT)")
+	f.StringVar(&o.keyFile, "key", "", "the current policy private key, PEM (signs the statement)")
+	f.StringVar(&o.recoveryKey, "recovery-key", "", "the recovery private key, PEM (signs instead of a lost --key)")
+	f.StringVar(&o.currentPub, "current-pub", "", "the current policy public key, PEM (required with --recovery-key)")
+	f.StringVar(&o.newPub, "new-pub", "", "the new policy public key, PEM (required)")
+	f.StringVar(&o.newRecoveryPub, "new-recovery-pub", "", "a new recovery public key, PEM (optional)")
+	addKeybrokerConnFlags(cmd, &o.conn)
+	_ = cmd.MarkFlagRequired("new-pub")
+	return cmd
+}
+
+func (o *tenantRotateOpts) run(cmd *cobra.Command) error {
+	if err := checkPolicyOutput(o.conn.output); err != nil {
+		return err
+	}
+	if err := o.conn.resolve(); err != nil {
+		return err
+	}
+	if o.tenant == "" {
+		o.tenant = o.conn.Tenant
+	}
+	if o.tenant == "" {
+		return errors.New("no tenant: set --tenant or LETHE_TENANT")
+	}
+	var signer ed25519.PrivateKey
+	var current ed25519.PublicKey
+	var err error
+	switch {
+	case o.keyFile != "" && o.recoveryKey != "":
+		return errors.New("--key and --recovery-key exclude each other")
+	case o.keyFile != "":
+		if signer, err = policy.ReadPrivateKey(o.keyFile); err != nil {
+			return err
 		}
-		admin = strings.TrimSpace(string(b))
+		current = signer.Public().(ed25519.PublicKey)
+	case o.recoveryKey != "":
+		if o.currentPub == "" {
+			return errors.New("--recovery-key needs --current-pub, the key it replaces")
+		}
+		if signer, err = policy.ReadPrivateKey(o.recoveryKey); err != nil {
+			return err
+		}
+		if current, err = policy.ReadPublicKey(o.currentPub); err != nil {
+			return err
+		}
+	default:
+		return errors.New("no signing key: set --key (or --recovery-key)")
 	}
-	if admin == "" {
-		return "", errors.New("no admin token: set --admin-token-file or LETHE_ADMIN_TOKEN")
+	r := &kbwire.KeyRotation{Tenant: o.tenant, CurrentKeyID: policy.KeyID(current), IssuedAt: time.Now().UTC()}
+	if r.NewKey, err = policy.ReadPublicKey(o.newPub); err != nil {
+		return err
 	}
-	return admin, nil
+	if o.newRecoveryPub != "" {
+		if r.NewRecoveryKey, err = policy.ReadPublicKey(o.newRecoveryPub); err != nil {
+			return err
+		}
+	}
+	signed, err := kbwire.SignRotation(r, signer)
+	if err != nil {
+		return err
+	}
+	nc, err := dialNATS(&o.conn, broker.RoleTenant, o.tenant)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	ctx, cancel := o.conn.callCtx(cmd.Context())
+	defer cancel()
+	resp, err := natsapi.NewClient(nc, o.conn.Timeout).RotateKey(ctx, signed)
+	if err != nil {
+		return fmt.Errorf("rotating the key of tenant %s: %w", o.tenant, err)
+	}
+	return o.conn.show(cmd.OutOrStdout(), resp, func(w io.Writer) {
+		by := "the current key"
+		if resp.Recovery {
+			by = "the recovery key"
+		}
+		fmt.Fprintf(w, "tenant %s now signs with key %s (rotation signed by %s)\n", resp.Tenant, resp.KeyID, by)
+	})
 }

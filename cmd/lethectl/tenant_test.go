@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,22 +15,43 @@ import (
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
+	"github.com/lethe-cc/lethe/policy"
 )
 
-// TestTenantRegisterOverNATS registers a tenant through a keybroker on real NATS and Vault.
+// TestTenantRegisterOverNATS registers a tenant with the admin key and rotates its key, through
+// a keybroker on real NATS and Vault.
 func TestTenantRegisterOverNATS(t *testing.T) {
 	srv := vaulttest.Start(t)
 	v, err := attest.NewVerifier(attest.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	dir := t.TempDir()
+	t.Setenv("XDG_CONFIG_HOME", dir)
+	t.Setenv("LETHECTL_CONFIG", "")
+	t.Setenv("LETHE_ADMIN_KEY", "")
+	t.Setenv("LETHE_TENANT", "")
+	for _, k := range []string{"admin", "tenant", "recovery"} {
+		if out, errOut, code := runLethectl(t, "keygen", "--name", k, "--out", filepath.Join(dir, k)); code != 0 {
+			t.Fatalf("keygen %s: exit %d\n%s%s", k, code, out, errOut)
+		}
+	}
+	if out, errOut, code := runLethectl(t, "keygen", "--out", filepath.Join(dir, "next")); code != 0 {
+		t.Fatalf("keygen: exit %d\n%s%s", code, out, errOut)
+	}
+	adminPub, err := policy.ReadPublicKey(filepath.Join(dir, "admin", "admin.pub"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	log := slog.New(slog.NewTextHandler(t.Output(), nil))
-	kb, err := keybroker.New(keybroker.Config{Vault: srv.Client, Verifier: v, AdminToken: "the-admin-token", Logger: log})
+	kb, err := keybroker.New(keybroker.Config{Vault: srv.Client, Verifier: v, AdminKey: adminPub, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ns := natstest.Start(t, natstest.Options{})
-	svc, err := natsapi.New(natsapi.Config{Conn: ns.Connect(t), Keybroker: kb, Logger: log})
+	svc, err := natsapi.New(natsapi.Config{
+		Conn: ns.Connect(t), Keybroker: kb, Logger: log,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,26 +70,14 @@ func TestTenantRegisterOverNATS(t *testing.T) {
 		t.Fatalf("service ended before it started: %v", err)
 	}
 
-	dir := t.TempDir()
-	t.Setenv("XDG_CONFIG_HOME", dir)
-	t.Setenv("LETHECTL_CONFIG", "")
-	t.Setenv("LETHE_ADMIN_TOKEN", "")
-	if out, errOut, code := runLethectl(t, "keygen", "--out", filepath.Join(dir, "keys")); code != 0 {
-		t.Fatalf("keygen: exit %d\n%s%s", code, out, errOut)
-	}
-	pub := filepath.Join(dir, "keys", "tenant.pub")
-	for name, token := range map[string]string{"good": "the-admin-token", "bad": "not-the-admin-token"} {
-		if err := os.WriteFile(filepath.Join(dir, name+".token"), []byte(token+"\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	args := []string{"tenant", "register", "--tenant", "acme", "--pub", pub, "--nats-url", ns.URL}
+	pub := filepath.Join(dir, "tenant", "tenant.pub")
+	args := []string{"tenant", "register", "--tenant", "acme", "--pub", pub, "--recovery-pub", filepath.Join(dir, "recovery", "recovery.pub"), "--nats-url", ns.URL}
 
-	_, errOut, code := runLethectl(t, append(args, "--admin-token-file", filepath.Join(dir, "bad.token"))...)
+	_, errOut, code := runLethectl(t, append(args, "--admin-key", filepath.Join(dir, "tenant", "tenant.key"))...)
 	if code == 0 || !strings.Contains(errOut, "unauthorized") {
-		t.Errorf("register with a wrong admin token: exit %d, %q; want a failure naming unauthorized", code, errOut)
+		t.Errorf("register signed by another key than the admin's: exit %d, %q; want a failure naming unauthorized", code, errOut)
 	}
-	out, errOut, code := runLethectl(t, append(args, "--admin-token-file", filepath.Join(dir, "good.token"), "-o", "json")...)
+	out, errOut, code := runLethectl(t, append(args, "--admin-key", filepath.Join(dir, "admin", "admin.key"), "-o", "json")...)
 	if code != 0 {
 		t.Fatalf("register: exit %d\n%s%s", code, out, errOut)
 	}
@@ -77,7 +85,26 @@ func TestTenantRegisterOverNATS(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &got); err != nil {
 		t.Fatalf("register output %q: %v", out, err)
 	}
-	if diff := cmp.Diff(keybroker.RegisterTenantResponse{Tenant: "acme"}, got); diff != "" {
+	tenantPub, err := policy.ReadPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(keybroker.RegisterTenantResponse{Tenant: "acme", KeyID: policy.KeyID(tenantPub), Recovery: true}, got); diff != "" {
 		t.Errorf("register output (-want +got):\n%s", diff)
+	}
+	// The admin cannot re-key the tenant.
+	_, errOut, code = runLethectl(t, "tenant", "register", "--tenant", "acme", "--pub", filepath.Join(dir, "next", "tenant.pub"), "--nats-url", ns.URL, "--admin-key", filepath.Join(dir, "admin", "admin.key"))
+	if code == 0 || !strings.Contains(errOut, "unauthorized") {
+		t.Errorf("admin re-key: exit %d, %q; want unauthorized", code, errOut)
+	}
+
+	rotate := []string{"tenant", "rotate-key", "--tenant", "acme", "--new-pub", filepath.Join(dir, "next", "tenant.pub"), "--nats-url", ns.URL}
+	_, errOut, code = runLethectl(t, append(rotate, "--key", filepath.Join(dir, "admin", "admin.key"))...)
+	if code == 0 || !strings.Contains(errOut, "unauthorized") {
+		t.Errorf("rotation signed by another key: exit %d, %q; want unauthorized", code, errOut)
+	}
+	out, errOut, code = runLethectl(t, append(rotate, "--key", filepath.Join(dir, "tenant", "tenant.key"))...)
+	if code != 0 || !strings.Contains(out, "rotation signed by the current key") {
+		t.Fatalf("rotation: exit %d\n%s%s", code, out, errOut)
 	}
 }

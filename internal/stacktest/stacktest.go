@@ -3,7 +3,7 @@
 // behind its NATS service trusting one shared emulated SEV-SNP platform, a broker, and a
 // tenant whose signed policy is applied. Every component stops when the test ends.
 //
-// It is for tests only: it uses emulated platforms and a fixed admin token.
+// It is for tests only: it uses emulated platforms and an admin key made for the stack.
 package stacktest
 
 import (
@@ -23,20 +23,18 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 	"github.com/lethe-cc/lethe/policy"
 )
 
-// adminToken is the keybroker's admin token in tests.
-const adminToken = "stacktest-admin-token"
-
 // Options say what the stack's tenant and broker look like.
 type Options struct {
 	// Tenant is the tenant registered with the keybroker. Required.
 	Tenant string
-	// PolicyName and Policy are the tenant's policy file (YAML), signed with the tenant's key
-	// and applied. Required.
+	// PolicyName and Policy are the tenant's policy file (YAML), signed with the tenant's key,
+	// published to the keybroker and applied. Its spec.guests must cover the guests. Required.
 	PolicyName string
 	Policy     []byte
 	// AgentTimeout bounds one broker call to an agent. Zero: the broker's default.
@@ -85,8 +83,12 @@ func Start(t testing.TB, o Options) *Stack {
 	if err != nil {
 		t.Fatal(err)
 	}
+	adminPub, adminKey, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	kb, err := keybroker.New(keybroker.Config{
-		Vault: vc, Verifier: verifier, AdminToken: adminToken, StateDir: t.TempDir(),
+		Vault: vc, Verifier: verifier, AdminKey: adminPub, StateDir: t.TempDir(),
 		RetryInterval: 100 * time.Millisecond, Logger: log.With("component", "keybroker"),
 	})
 	if err != nil {
@@ -96,22 +98,27 @@ func Start(t testing.TB, o Options) *Stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kb.RegisterTenant(ctx, adminToken, keybroker.RegisterTenantRequest{
+	register, err := kbwire.SignAdmin(kbwire.OpTenantRegister, keybroker.RegisterTenantRequest{
 		Tenant: o.Tenant, PolicyKey: tenantKey.Public().(ed25519.PublicKey),
-	}); err != nil {
+	}, time.Now(), time.Minute, adminKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kb.RegisterTenant(ctx, &keybroker.AdminRequest{Signed: register}); err != nil {
 		t.Fatalf("registering tenant: %v", err)
 	}
 	if s.KeybrokerPub, err = kb.PublicKey(ctx); err != nil {
 		t.Fatal(err)
 	}
-	svc, err := natsapi.New(natsapi.Config{Conn: s.NATS.Connect(t), Keybroker: kb, Logger: log})
+	svc, err := natsapi.New(natsapi.Config{Conn: s.NATS.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleKeybroker, ""))), Keybroker: kb, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
 	background(t, "keybroker", kb.Run)
 	background(t, "keybroker service", svc.Run)
 
-	s.Conn = s.NATS.Connect(t)
+	// Every server answers only on its caller's inbox: each party connects with its own.
+	s.Conn = s.NATS.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleBroker, "")))
 	b, err := broker.New(broker.Config{
 		Conn: s.Conn, KeyBroker: broker.NewKeyBrokerClient(s.Conn, 0), Logger: log.With("component", "broker"),
 		CheckInterval: 50 * time.Millisecond, AgentTimeout: o.AgentTimeout, HostTTL: 30 * time.Second,
@@ -128,7 +135,7 @@ func Start(t testing.TB, o Options) *Stack {
 	if s.JS, err = jetstream.New(s.Conn); err != nil {
 		t.Fatal(err)
 	}
-	s.Tenant = broker.NewTenantClient(s.Conn, o.Tenant)
+	s.Tenant = broker.NewTenantClient(s.NATS.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleTenant, o.Tenant))), o.Tenant)
 	signed, err := policy.Sign(o.PolicyName, o.Policy, tenantKey)
 	if err != nil {
 		t.Fatal(err)
@@ -136,6 +143,10 @@ func Start(t testing.TB, o Options) *Stack {
 	envelope, err := signed.Marshal()
 	if err != nil {
 		t.Fatal(err)
+	}
+	// As lethectl policy apply: published to the keybroker (the floor of its name), then applied.
+	if _, err := kb.PublishPolicy(ctx, &keybroker.PublishPolicyRequest{Policy: envelope}); err != nil {
+		t.Fatalf("publishing policy: %v", err)
 	}
 	if _, err := s.Tenant.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Envelope: envelope}); err != nil {
 		t.Fatalf("applying policy: %v", err)

@@ -27,9 +27,15 @@ const (
 	OpReceipt = "receipt"
 	// OpPublicKey: no request body → PublicKeyResponse.
 	OpPublicKey = "pubkey"
-	// OpTenantRegister: RegisterTenantRequest with the admin token (package natsapi's
-	// TenantRegisterRequest) → RegisterTenantResponse.
+	// OpTenantRegister: AdminRequest (an AdminStatement signed with the admin key, whose
+	// Request is a RegisterTenantRequest) → RegisterTenantResponse.
 	OpTenantRegister = "tenant.register"
+	// OpTenantRotateKey: RotateKeyRequest (a KeyRotation signed by the tenant's current key or
+	// its recovery key) → RotateKeyResponse. Tenants call it.
+	OpTenantRotateKey = "tenant.rotate-key"
+	// OpPolicyPublish: PublishPolicyRequest (a policy envelope signed by the tenant) →
+	// PublishPolicyResponse: raises the floor of the policy's (tenant, name). Tenants call it.
+	OpPolicyPublish = "policy.publish"
 )
 
 // The keybroker's requests and responses. They encode as JSON (byte strings base64, as
@@ -218,17 +224,63 @@ type PublicKeyResponse struct {
 	PEM string `json:"pem"`
 }
 
-// RegisterTenantRequest registers a tenant's policy-signing key. It is an admin call.
+// RegisterTenantRequest registers a tenant's policy-signing key. It is an admin call: it travels
+// as the Request of a signed AdminStatement. It never re-keys a registered tenant (see
+// KeyRotation).
 type RegisterTenantRequest struct {
 	Tenant string `json:"tenant"`
 	// PolicyKey is the tenant's Ed25519 public key (32 bytes).
 	PolicyKey []byte `json:"policyKey"`
-	// Replace allows replacing the key of a tenant already registered (its policySvn stays).
-	Replace bool `json:"replace,omitempty"`
+	// RecoveryKey is an optional second Ed25519 public key (32 bytes), kept offline by the
+	// tenant: a KeyRotation signed by it replaces a lost policy key.
+	RecoveryKey []byte `json:"recoveryKey,omitempty"`
 }
 
 // RegisterTenantResponse confirms a registration.
 type RegisterTenantResponse struct {
-	Tenant    string `json:"tenant"`
+	Tenant string `json:"tenant"`
+	// PolicySVN is the tenant-wide floor of records written before floors were kept per
+	// policy name; 0 for a tenant registered since.
 	PolicySVN uint64 `json:"policySvn"`
+	// KeyID names the registered policy key (dsse.KeyID).
+	KeyID string `json:"keyId,omitempty"`
+	// Recovery says whether a recovery key is registered.
+	Recovery bool `json:"recovery,omitempty"`
+}
+
+// AdminRequest is an admin call: Signed is a DSSE envelope (payload type AdminPayloadType) of
+// an AdminStatement, signed with the admin key whose public key the keybroker pins.
+type AdminRequest struct {
+	Signed []byte `json:"signed"`
+}
+
+// RotateKeyRequest replaces a tenant's policy key: Signed is a DSSE envelope (payload type
+// RotationPayloadType) of a KeyRotation, signed by the tenant's current policy key or by its
+// recovery key.
+type RotateKeyRequest struct {
+	Signed []byte `json:"signed"`
+}
+
+// RotateKeyResponse confirms a rotation.
+type RotateKeyResponse struct {
+	Tenant string `json:"tenant"`
+	// KeyID names the new policy key.
+	KeyID string `json:"keyId"`
+	// Recovery says whether the rotation was signed by the recovery key.
+	Recovery bool `json:"recovery,omitempty"`
+}
+
+// PublishPolicyRequest publishes a tenant's signed policy to the keybroker, which raises the
+// floor of the policy's (tenant, name) to its policySvn.
+type PublishPolicyRequest struct {
+	// Policy is the signed policy envelope, exactly as the tenant signed it.
+	Policy []byte `json:"policy"`
+}
+
+// PublishPolicyResponse says the floor of (Tenant, Name) after the publication.
+type PublishPolicyResponse struct {
+	Tenant string `json:"tenant"`
+	Name   string `json:"name"`
+	// Floor is the lowest policySvn the keybroker now accepts for (Tenant, Name).
+	Floor uint64 `json:"floor"`
 }

@@ -37,7 +37,7 @@ func (e *Error) Is(target error) bool {
 }
 
 // Client calls the keybroker service: the operations tools and tenants need (tenant
-// registration, receipts, the public key). The broker has its own client (broker package).
+// registration, key rotation, policy publication, receipts, the public key). The broker has its own client (broker package).
 type Client struct {
 	nc      *nats.Conn
 	timeout time.Duration
@@ -52,12 +52,32 @@ func NewClient(nc *nats.Conn, timeout time.Duration) *Client {
 	return &Client{nc: nc, timeout: timeout}
 }
 
-// RegisterTenant registers a tenant's policy-signing key with the admin token. It returns an
-// *Error matching keybroker.ErrUnauthorized or keybroker.ErrInvalidRequest (among the errors
-// of keybroker.Keybroker.RegisterTenant), or ErrNoKeybroker.
-func (c *Client) RegisterTenant(ctx context.Context, adminToken string, req keybroker.RegisterTenantRequest) (*keybroker.RegisterTenantResponse, error) {
+// RegisterTenant registers a tenant's policy-signing key with an admin statement (signed is
+// kbwire.SignAdmin's envelope of a keybroker.RegisterTenantRequest). It returns an *Error
+// matching keybroker.ErrUnauthorized or keybroker.ErrInvalidRequest (among the errors of
+// keybroker.Keybroker.RegisterTenant), or ErrNoKeybroker.
+func (c *Client) RegisterTenant(ctx context.Context, signed []byte) (*keybroker.RegisterTenantResponse, error) {
 	var resp keybroker.RegisterTenantResponse
-	err := c.Call(ctx, OpTenantRegister, &TenantRegisterRequest{AdminToken: adminToken, RegisterTenantRequest: req}, &resp)
+	err := c.Call(ctx, OpTenantRegister, &TenantRegisterRequest{Signed: signed}, &resp)
+	return &resp, err
+}
+
+// RotateKey replaces a tenant's policy key with a rotation statement (kbwire.SignRotation,
+// signed by the current or the recovery key). It returns an *Error matching
+// keybroker.ErrUnauthorized, keybroker.ErrInvalidRequest or keybroker.ErrUnknownTenant (among
+// the errors of keybroker.Keybroker.RotateKey), or ErrNoKeybroker.
+func (c *Client) RotateKey(ctx context.Context, signed []byte) (*keybroker.RotateKeyResponse, error) {
+	var resp keybroker.RotateKeyResponse
+	err := c.Call(ctx, OpTenantRotateKey, &keybroker.RotateKeyRequest{Signed: signed}, &resp)
+	return &resp, err
+}
+
+// PublishPolicy publishes a signed policy envelope, raising the floor of its (tenant, name). It
+// returns an *Error matching keybroker.ErrPolicyRejected (a bad signature or a rollback),
+// keybroker.ErrUnknownTenant or keybroker.ErrInvalidRequest, or ErrNoKeybroker.
+func (c *Client) PublishPolicy(ctx context.Context, envelope []byte) (*keybroker.PublishPolicyResponse, error) {
+	var resp keybroker.PublishPolicyResponse
+	err := c.Call(ctx, OpPolicyPublish, &keybroker.PublishPolicyRequest{Policy: envelope}, &resp)
 	return &resp, err
 }
 

@@ -9,10 +9,10 @@
 // concern the request (a denial names the failing policy rules) and a fixed text for
 // unavailable and internal errors, whose details stay in the keybroker's log.
 //
-// The edge must never answer with or log a plaintext key, a Vault token or the admin token.
-// Caveat: tenant.register carries the admin token inside the request; NATS is not trusted for
-// secrecy, so run it over TLS, and give the admin's NATS user alone the right to publish on
-// that subject.
+// The edge must never answer with or log a plaintext key or a Vault token. No bearer secret
+// crosses NATS: tenant.register carries a statement signed with the operator's admin key
+// (short-lived, used once), tenant.rotate-key one signed by the tenant's current or recovery
+// key, and policy.publish a policy signed by the tenant; the keybroker verifies each.
 package natsapi
 
 import (
@@ -26,28 +26,27 @@ const SubjectPrefix = kbwire.SubjectPrefix
 // The operations of the keybroker API: subject SubjectPrefix + "." + op. Package kbwire says
 // which request and response each carries.
 const (
-	OpNonce          = kbwire.OpNonce
-	OpRelease        = kbwire.OpRelease
-	OpAdopt          = kbwire.OpAdopt
-	OpReissue        = kbwire.OpReissue
-	OpDestroy        = kbwire.OpDestroy
-	OpReceipt        = kbwire.OpReceipt
-	OpPublicKey      = kbwire.OpPublicKey
-	OpTenantRegister = kbwire.OpTenantRegister
+	OpNonce           = kbwire.OpNonce
+	OpRelease         = kbwire.OpRelease
+	OpAdopt           = kbwire.OpAdopt
+	OpReissue         = kbwire.OpReissue
+	OpDestroy         = kbwire.OpDestroy
+	OpReceipt         = kbwire.OpReceipt
+	OpPublicKey       = kbwire.OpPublicKey
+	OpTenantRegister  = kbwire.OpTenantRegister
+	OpTenantRotateKey = kbwire.OpTenantRotateKey
+	OpPolicyPublish   = kbwire.OpPolicyPublish
 )
 
 // Ops are the operations the service offers.
-var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister}
+var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister, OpTenantRotateKey, OpPolicyPublish}
 
 // Subject returns the subject of op.
 func Subject(op string) string { return SubjectPrefix + "." + op }
 
-// TenantRegisterRequest is the admin call that registers a tenant: the registration and the
-// keybroker's admin token.
-type TenantRegisterRequest struct {
-	AdminToken string `json:"adminToken"`
-	keybroker.RegisterTenantRequest
-}
+// TenantRegisterRequest is the admin call that registers a tenant: a registration signed with
+// the operator's admin key (kbwire.SignAdmin).
+type TenantRegisterRequest = keybroker.AdminRequest
 
 // Wire error codes beyond keybroker.ErrorCode's, for requests the edge itself refuses.
 const (

@@ -22,9 +22,10 @@ import (
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/dsse"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
-	"github.com/lethe-cc/lethe/keybroker/grant"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
@@ -33,7 +34,27 @@ import (
 	"github.com/lethe-cc/lethe/policy"
 )
 
-const adminToken = "admin-token-for-tests"
+// adminKey is the operator's admin key in tests; the keybroker pins its public half.
+var adminKey = func() ed25519.PrivateKey {
+	_, k, _ := ed25519.GenerateKey(rand.Reader)
+	return k
+}()
+
+// adminSigned signs req as a tenant.register admin request with key.
+func adminSigned(t *testing.T, key ed25519.PrivateKey, req keybroker.RegisterTenantRequest) []byte {
+	t.Helper()
+	return adminSignedAt(t, key, req, time.Now())
+}
+
+// adminSignedAt is adminSigned issued at now.
+func adminSignedAt(t *testing.T, key ed25519.PrivateKey, req keybroker.RegisterTenantRequest, now time.Time) []byte {
+	t.Helper()
+	signed, err := kbwire.SignAdmin(kbwire.OpTenantRegister, req, now, time.Minute, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return signed
+}
 
 // env is a keybroker on a real Vault (behind a proxy the test can cut) serving its API on a
 // real NATS server, with tenant "demo" registered over NATS, and the broker's client of it.
@@ -56,7 +77,7 @@ func newEnv(t *testing.T) *env {
 	px, vc := srv.ProxiedClient(t)
 	log := slog.New(slog.NewTextHandler(t.Output(), nil))
 	kb, err := keybroker.New(keybroker.Config{
-		Vault: vc, Verifier: v, AdminToken: adminToken, StateDir: t.TempDir(),
+		Vault: vc, Verifier: v, AdminKey: adminKey.Public().(ed25519.PublicKey), StateDir: t.TempDir(),
 		RetryInterval: 10 * time.Millisecond, Logger: log,
 	})
 	if err != nil {
@@ -85,7 +106,8 @@ func newEnv(t *testing.T) *env {
 		t.Fatalf("service ended before it started: %v", err)
 	}
 
-	nc := ns.Connect(t)
+	// The keybroker answers only on its callers' inboxes: the broker's, the operators'.
+	nc := ns.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleBroker, "")))
 	e := &env{
 		t: t, proxy: px, nc: nc, plats: plats,
 		kbc:    broker.NewKeyBrokerClient(nc, 0),
@@ -93,7 +115,7 @@ func newEnv(t *testing.T) *env {
 	}
 	var pub ed25519.PublicKey
 	pub, e.tenantKey, _ = ed25519.GenerateKey(rand.Reader)
-	if _, err := e.client.RegisterTenant(t.Context(), adminToken, keybroker.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}); err != nil {
+	if _, err := e.client.RegisterTenant(t.Context(), adminSigned(t, adminKey, keybroker.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub})); err != nil {
 		t.Fatalf("registering tenant over NATS: %v", err)
 	}
 	y, err := os.ReadFile("../../examples/policies/ci-emulated.yaml")
@@ -233,7 +255,7 @@ func TestBrokerClientMigration(t *testing.T) {
 	}
 
 	erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
-	ack := commitAck(t, "m1", tk)
+	ack := keybrokertest.CommitAck(t, tk, "m1")
 	destroy := &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit, Erasure: &erased.att, CommitAck: ack}
 	d1, err := e.kbc.Destroy(ctx, destroy)
 	if err != nil {
@@ -286,22 +308,6 @@ func TestBrokerClientMigration(t *testing.T) {
 			t.Errorf("%s: receipt differs from the first (-first +got):\n%s", name, diff)
 		}
 	}
-}
-
-// commitAck returns the destination's commit acknowledgement of migration id under the
-// transfer key tk.
-func commitAck(t *testing.T, id string, tk []byte) []byte {
-	t.Helper()
-	transcript := sha256.Sum256([]byte("transcript of " + id))
-	mac, err := grant.CommitMAC(tk, id, transcript[:])
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := json.Marshal(grant.CommitAck{MigrationID: id, Transcript: transcript[:], MAC: mac})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }
 
 func envelope(t *testing.T, raw []byte) *receipt.Envelope {
@@ -435,7 +441,7 @@ func TestDestructionPending(t *testing.T) {
 		t.Fatal(err)
 	}
 	erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
-	destroy := &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit, CommitAck: commitAck(t, "m1", tk), Erasure: &erased.att}
+	destroy := &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit, CommitAck: keybrokertest.CommitAck(t, tk, "m1"), Erasure: &erased.att}
 	// Vault goes away once the commit is proven: while the keys are destroyed.
 	e.proxy.Block(func(r *http.Request) bool { return strings.Contains(r.URL.Path, "/transit/keys/") })
 	_, err = e.kbc.Destroy(ctx, destroy)
@@ -472,19 +478,19 @@ func TestDestructionPending(t *testing.T) {
 func TestTenantRegister(t *testing.T) {
 	e := newEnv(t)
 	pub, _, _ := ed25519.GenerateKey(rand.Reader)
+	_, notAdmin, _ := ed25519.GenerateKey(rand.Reader)
 	tests := map[string]struct {
-		token string
-		req   keybroker.RegisterTenantRequest
-		want  string
+		signed []byte
+		want   string
 	}{
-		"wrong admin token": {"not-the-token", keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, "unauthorized"},
-		"no admin token":    {"", keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, "unauthorized"},
-		"bad key":           {adminToken, keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub[:5]}, "invalid_request"},
-		"registered":        {adminToken, keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, ""},
+		"signed by another key": {adminSigned(t, notAdmin, keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}), "unauthorized"},
+		"not signed":            {nil, "unauthorized"},
+		"bad key":               {adminSigned(t, adminKey, keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub[:5]}), "invalid_request"},
+		"registered":            {adminSigned(t, adminKey, keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}), ""},
 	}
 	got, want := map[string]string{}, map[string]string{}
 	for name, tt := range tests {
-		_, err := e.client.RegisterTenant(t.Context(), tt.token, tt.req)
+		_, err := e.client.RegisterTenant(t.Context(), tt.signed)
 		got[name], want[name] = code(err), tt.want
 		if tt.want == "unauthorized" && !errors.Is(err, keybroker.ErrUnauthorized) {
 			t.Errorf("%s: %v does not match keybroker.ErrUnauthorized", name, err)
@@ -492,5 +498,29 @@ func TestTenantRegister(t *testing.T) {
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("tenant.register codes (-want +got):\n%s", diff)
+	}
+}
+
+// TestTenantOps calls policy.publish and tenant.rotate-key over NATS.
+func TestTenantOps(t *testing.T) {
+	e := newEnv(t)
+	resp, err := e.client.PublishPolicy(t.Context(), e.policy)
+	if err != nil || resp.Tenant != "demo" || resp.Floor == 0 {
+		t.Fatalf("policy.publish: %+v, %v", resp, err)
+	}
+	if _, err := e.client.PublishPolicy(t.Context(), []byte("{}")); code(err) != "invalid_request" {
+		t.Errorf("policy.publish of garbage: %v", err)
+	}
+	newPub, _, _ := ed25519.GenerateKey(rand.Reader)
+	cur := e.tenantKey.Public().(ed25519.PublicKey)
+	signed, err := kbwire.SignRotation(&kbwire.KeyRotation{Tenant: "demo", CurrentKeyID: dsse.KeyID(cur), NewKey: newPub}, e.tenantKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.client.RotateKey(t.Context(), signed); err != nil {
+		t.Fatalf("tenant.rotate-key: %v", err)
+	}
+	if _, err := e.client.RotateKey(t.Context(), signed); !errors.Is(err, keybroker.ErrUnauthorized) {
+		t.Errorf("replayed tenant.rotate-key: %v, want unauthorized", err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"github.com/nats-io/nats.go"
 	"log/slog"
 	"os"
 	"slices"
@@ -132,7 +133,7 @@ func newQueueEnv(t *testing.T) (*env, [2]*instance, *clock, *vaulttest.Server) {
 		}
 		in := &instance{audit: &auditLog{}, ns: ns, log: log}
 		in.kb, err = keybroker.New(keybroker.Config{
-			Vault: vc, Verifier: v, AdminToken: adminToken, StateDir: t.TempDir(), Audit: in.audit,
+			Vault: vc, Verifier: v, AdminKey: adminKey.Public().(ed25519.PublicKey), StateDir: t.TempDir(), Audit: in.audit,
 			RetryInterval: 10 * time.Millisecond, Logger: log, Now: clk.Now,
 		})
 		if err != nil {
@@ -149,7 +150,8 @@ func newQueueEnv(t *testing.T) (*env, [2]*instance, *clock, *vaulttest.Server) {
 			}
 		}
 	})
-	nc := ns.Connect(t)
+	// The keybroker answers only on its callers' inboxes: the broker's, the operators'.
+	nc := ns.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleBroker, "")))
 	e := &env{
 		t: t, proxy: px, nc: nc, plats: plats,
 		kbc:    broker.NewKeyBrokerClient(nc, 0),
@@ -157,7 +159,7 @@ func newQueueEnv(t *testing.T) (*env, [2]*instance, *clock, *vaulttest.Server) {
 	}
 	var pub ed25519.PublicKey
 	pub, e.tenantKey, _ = ed25519.GenerateKey(rand.Reader)
-	if _, err := insts[0].kb.RegisterTenant(t.Context(), adminToken, keybroker.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}); err != nil {
+	if _, err := insts[0].kb.RegisterTenant(t.Context(), &keybroker.AdminRequest{Signed: adminSignedAt(t, adminKey, keybroker.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}, clk.Now())}); err != nil {
 		t.Fatalf("registering tenant: %v", err)
 	}
 	y, err := os.ReadFile("../../examples/policies/ci-emulated.yaml")
