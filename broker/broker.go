@@ -85,11 +85,7 @@ type Broker struct {
 	mu       sync.Mutex
 	driving  map[string]chan struct{} // migrations driven by this broker → wake-up
 	attached map[string]bool          // migrations whose transfer this broker re-attached to
-	// erasureRefused holds, per committed migration, why the keybroker refused the source's
-	// erasure evidence: the next commit attempt asks for a receipt that says the erasure is
-	// unverified, so that the source's keys are destroyed all the same.
-	erasureRefused map[string]string
-	drivers        sync.WaitGroup
+	drivers  sync.WaitGroup
 }
 
 // New returns a Broker, or an error if cfg lacks a required field.
@@ -130,16 +126,15 @@ func New(cfg Config) (*Broker, error) {
 		cfg.Metrics = noMetrics{}
 	}
 	return &Broker{
-		cfg:            cfg,
-		log:            cfg.Logger.With(logKeyComponent, "broker", logKeyBroker, cfg.ID),
-		nc:             cfg.Conn,
-		kb:             cfg.KeyBroker,
-		agents:         agentapi.NewClient(cfg.Conn, cfg.AgentTimeout),
-		now:            cfg.Now,
-		ready:          make(chan struct{}),
-		driving:        make(map[string]chan struct{}),
-		attached:       make(map[string]bool),
-		erasureRefused: make(map[string]string),
+		cfg:      cfg,
+		log:      cfg.Logger.With(logKeyComponent, "broker", logKeyBroker, cfg.ID),
+		nc:       cfg.Conn,
+		kb:       cfg.KeyBroker,
+		agents:   agentapi.NewClient(cfg.Conn, cfg.AgentTimeout),
+		now:      cfg.Now,
+		ready:    make(chan struct{}),
+		driving:  make(map[string]chan struct{}),
+		attached: make(map[string]bool),
 	}, nil
 }
 
@@ -156,7 +151,7 @@ func (b *Broker) ID() string { return b.cfg.ID }
 func (b *Broker) Ready() <-chan struct{} { return b.ready }
 
 // Run creates the JetStream buckets and stream if needed, serves the broker API, records
-// agents' progress, and drives migrations until ctx ends. It returns nil when ctx ends, or
+// agents' progress and heartbeats (the broker alone writes the hosts bucket), and drives migrations until ctx ends. It returns nil when ctx ends, or
 // the first error that stops one of its tasks.
 func (b *Broker) Run(ctx context.Context) error {
 	js, err := jetstream.New(b.nc)
@@ -185,10 +180,19 @@ func (b *Broker) Run(ctx context.Context) error {
 		_ = svc.Stop()
 		return fmt.Errorf("subscribing to agent progress: %w", err)
 	}
+	heartbeatSub, err := b.nc.QueueSubscribe(agentapi.HeartbeatWildcard, "lethe-broker", func(m *nats.Msg) {
+		b.handleHeartbeat(gctx, m)
+	})
+	if err != nil {
+		_ = svc.Stop()
+		_ = progressSub.Unsubscribe()
+		return fmt.Errorf("subscribing to agent heartbeats: %w", err)
+	}
 	watcher, err := st.migrations.WatchAll(gctx, jetstream.UpdatesOnly())
 	if err != nil {
 		_ = svc.Stop()
 		_ = progressSub.Unsubscribe()
+		_ = heartbeatSub.Unsubscribe()
 		return fmt.Errorf("watching migrations: %w", err)
 	}
 	if err := b.nc.Flush(); err != nil {
@@ -203,6 +207,7 @@ func (b *Broker) Run(ctx context.Context) error {
 		<-gctx.Done()
 		_ = watcher.Stop()
 		_ = progressSub.Drain()
+		_ = heartbeatSub.Drain()
 		_ = svc.Stop()
 		return nil
 	})

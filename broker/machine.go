@@ -150,6 +150,29 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 	}
 }
 
+// update applies mutate to migration id if this broker still owns it in phase, without
+// changing the phase.
+func (b *Broker) update(ctx context.Context, id string, phase Phase, mutate func(*Migration)) error {
+	for {
+		m, rev, err := getJSON[Migration](ctx, b.store.migrations, id)
+		if err != nil {
+			return err
+		}
+		if m.Phase != phase || m.Owner != b.cfg.ID {
+			return errNotMine
+		}
+		mutate(m)
+		m.Updated = b.now()
+		if _, err := updateJSON(ctx, b.store.migrations, id, m, rev); err != nil {
+			if errors.Is(err, errRevision) {
+				continue
+			}
+			return err
+		}
+		return nil
+	}
+}
+
 // abort moves m to Aborting for reason.
 func (b *Broker) abort(ctx context.Context, m *Migration, reason string) error {
 	return b.transition(ctx, m.ID, m.Phase, PhaseAborting, func(m *Migration) { m.AbortReason = reason })
@@ -356,54 +379,52 @@ func (b *Broker) stepTransfer(ctx context.Context, m *Migration) (bool, error) {
 // receipt, stores the receipt and moves the guest to the destination. Every part is
 // idempotent.
 func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
-	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: m.ID, Role: attest.RoleErased})
-	if err != nil {
-		return fmt.Errorf("getting erasure nonce: %w", err)
-	}
 	var note string
-	ev, err := b.agents.Erase(ctx, m.Source, &agentapi.EraseRequest{MigrationID: m.ID, Nonce: nonce.Nonce})
-	if err != nil {
+	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingCommit, CommitAck: m.CommitAck}
+	ev, nonce, err := b.erasureEvidence(ctx, m.ID, m.Source)
+	unresolved := false
+	switch {
+	case err == nil:
+		req.Erasure = &Attestation{Nonce: nonce, Evidence: ev}
+		if m.ErasureRefused != "" {
+			// The keybroker refused this source's erasure evidence before (the tenant's
+			// policy does not accept it): the commit goes on, the receipt says the erasure is
+			// unproven, with the policy's reasons.
+			req.UnverifiedErasure = true
+			note = "the source's erasure evidence was not accepted: " + m.ErasureRefused
+		}
+	case errors.Is(err, agentapi.ErrConflict):
+		// The source sent its FIN but never got the acknowledgement (the destination's abort
+		// answer brought it): it keeps the guest paused and cannot attest an erasure. The
+		// commit's receipt tells it to drop its copy.
+		unresolved = true
+		req.UnverifiedErasure = true
+		note = "the source never received the commit acknowledgement: its erasure is not attested"
+	default:
 		live, why := b.hostLive(ctx, m.Source, b.now())
 		if live {
-			return fmt.Errorf("erasing source %s: %w", m.Source, err)
+			return fmt.Errorf("getting the source's erasure evidence: %w", err)
 		}
 		// The source is gone: destroying its keys still erases what it kept.
-		note = "source lost before erasure evidence (" + why + "); its keys are destroyed"
-		ev = nil
-	}
-	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingCommit, CommitAck: m.CommitAck}
-	b.mu.Lock()
-	refused := b.erasureRefused[m.ID]
-	b.mu.Unlock()
-	switch {
-	case ev == nil:
-		// Only a lost source goes without erasure evidence, and the receipt says so.
 		req.UnverifiedErasure = true
-	case refused != "":
-		// The keybroker refused this source's erasure evidence before (the tenant's policy
-		// does not accept it): the commit goes on, the receipt says the erasure is unproven,
-		// with the policy's reasons.
-		req.Erasure, req.UnverifiedErasure = &Attestation{Nonce: nonce.Nonce, Evidence: ev}, true
-		note = "the source's erasure evidence was not accepted: " + refused
-	default:
-		req.Erasure = &Attestation{Nonce: nonce.Nonce, Evidence: ev}
+		note = "source lost before erasure evidence (" + why + "); its keys are destroyed"
 	}
 	resp, err := b.kb.Destroy(ctx, req)
-	if e, ok := errors.AsType[*Error](err); ok && e.Code == "unproven" && req.Erasure != nil && !req.UnverifiedErasure {
-		b.mu.Lock()
-		b.erasureRefused[m.ID] = e.Message
-		b.mu.Unlock()
+	if e, ok := errors.AsType[*Error](err); ok && e.Code == "erasure_rejected" && !req.UnverifiedErasure {
 		b.log.Warn("The keybroker refused the source's erasure evidence; committing with an unverified erasure", logKeyMigration, m.ID, logKeyError, err)
+		return b.update(ctx, m.ID, PhaseCommitted, func(m *Migration) { m.ErasureRefused = e.Message })
 	}
 	if err != nil {
 		return fmt.Errorf("destroying keys after commit: %w", err)
 	}
-	b.mu.Lock()
-	delete(b.erasureRefused, m.ID)
-	b.mu.Unlock()
 	outcome, err := receiptOutcome(resp.Receipt)
 	if err != nil {
 		return err
+	}
+	if unresolved {
+		if _, err := b.agents.Abort(ctx, m.Source, &agentapi.AbortRequest{MigrationID: m.ID, Reason: "committed", Receipt: resp.Receipt}); err != nil {
+			note += fmt.Sprintf("; the source did not take the commit receipt: %v", err)
+		}
 	}
 	if err := b.storeReceipt(ctx, m, outcome, resp.Receipt); err != nil {
 		return err
@@ -426,43 +447,103 @@ func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 func (b *Broker) stepAbort(ctx context.Context, m *Migration) error {
 	var notes []string
 	src, err := b.agents.Abort(ctx, m.Source, &agentapi.AbortRequest{MigrationID: m.ID, Reason: m.AbortReason})
+	unresolved := false
 	switch {
 	case err != nil && !errors.Is(err, agentapi.ErrNotFound):
 		notes = append(notes, fmt.Sprintf("source %s did not confirm the abort: %v", m.Source, err))
 	case err == nil && src.Committed:
-		b.log.Warn("Source had committed; completing the commit", logKeyMigration, m.ID)
-		return b.transition(ctx, m.ID, PhaseAborting, PhaseCommitted, func(m *Migration) {
-			m.CommitAck = src.CommitAck
-			if m.Progress == nil || m.Progress.Phase != agentapi.TransferCommitted {
-				// The committed report was lost: the abort's answer says what it said.
-				m.Progress = &agentapi.Progress{
-					MigrationID: m.ID, Phase: agentapi.TransferCommitted, TotalBytes: m.MemoryBytes,
-					CommitAck: src.CommitAck, MemoryDigest: src.MemoryDigest, Time: b.now(),
-				}
-			}
-			m.Notes = append(m.Notes, "abort ("+m.AbortReason+") refused by the source: it had committed")
-			m.AbortReason = ""
-		})
+		return b.abortBecameCommit(ctx, m, "source", src)
+	case err == nil && src.Unresolved:
+		unresolved = true
 	}
-	_, err = b.agents.Abort(ctx, m.Destination, &agentapi.AbortRequest{MigrationID: m.ID, Reason: m.AbortReason})
+	dst, err := b.agents.Abort(ctx, m.Destination, &agentapi.AbortRequest{MigrationID: m.ID, Reason: m.AbortReason})
 	switch {
+	case err == nil && dst.Committed:
+		return b.abortBecameCommit(ctx, m, "destination", dst)
 	case err != nil && !errors.Is(err, agentapi.ErrNotFound):
 		notes = append(notes, fmt.Sprintf("destination %s did not confirm the abort: %v", m.Destination, err))
 	}
-	resp, err := b.kb.Destroy(ctx, &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingAbort})
+	// The keybroker destroys the destination's keys only with its evidence that it erased
+	// what it received and never resumed the guest, or, for a destination lost for good, with
+	// a receipt that says that is unproven.
+	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingAbort}
+	ev, nonce, err := b.erasureEvidence(ctx, m.ID, m.Destination)
+	switch {
+	case err == nil:
+		req.Erasure = &Attestation{Nonce: nonce, Evidence: ev}
+	case errors.Is(err, agentapi.ErrNotFound):
+		// The destination never prepared: no key was released to it.
+	default:
+		live, why := b.hostLive(ctx, m.Destination, b.now())
+		if live {
+			return fmt.Errorf("getting the destination's erasure evidence: %w", err)
+		}
+		req.UnverifiedErasure = true
+		notes = append(notes, "destination lost before its erasure evidence ("+why+"); its keys are destroyed")
+	}
+	resp, err := b.kb.Destroy(ctx, req)
 	if err != nil {
 		return fmt.Errorf("destroying keys after abort: %w", err)
 	}
-	if err := b.storeReceipt(ctx, m, OutcomeAborted, resp.Receipt); err != nil {
+	outcome, err := receiptOutcome(resp.Receipt)
+	if err != nil {
+		return err
+	}
+	if unresolved {
+		// The source could not tell whether the destination resumed the guest: the receipt
+		// tells it.
+		r, err := b.agents.Abort(ctx, m.Source, &agentapi.AbortRequest{MigrationID: m.ID, Reason: m.AbortReason, Receipt: resp.Receipt})
+		switch {
+		case err != nil:
+			notes = append(notes, fmt.Sprintf("source %s did not take the abort receipt: %v", m.Source, err))
+		case r.Unresolved:
+			notes = append(notes, "the source keeps the guest paused: the abort is "+outcome+", so whether the destination resumed the guest is not proven")
+		}
+	}
+	if err := b.storeReceipt(ctx, m, outcome, resp.Receipt); err != nil {
 		return err
 	}
 	if err := b.releaseGuest(ctx, m); err != nil {
 		return err
 	}
 	return b.transition(ctx, m.ID, PhaseAborting, PhaseAborted, func(m *Migration) {
-		m.Outcome = OutcomeAborted
+		m.Outcome = outcome
 		m.Notes = append(m.Notes, notes...)
 	})
+}
+
+// abortBecameCommit completes an abort that one end refused because the migration had
+// committed (the source holds the destination's acknowledgement, or the destination resumed
+// the guest): it moves the migration to Committed with that end's acknowledgement.
+func (b *Broker) abortBecameCommit(ctx context.Context, m *Migration, end string, r *agentapi.AbortResponse) error {
+	b.log.Warn("The migration had committed; completing the commit", logKeyMigration, m.ID, logKeyHost, end)
+	return b.transition(ctx, m.ID, PhaseAborting, PhaseCommitted, func(m *Migration) {
+		m.CommitAck = r.CommitAck
+		if m.Progress == nil || m.Progress.Phase != agentapi.TransferCommitted {
+			// The committed report was lost: the abort's answer says what it said.
+			m.Progress = &agentapi.Progress{
+				MigrationID: m.ID, Phase: agentapi.TransferCommitted, TotalBytes: m.MemoryBytes,
+				CommitAck: r.CommitAck, MemoryDigest: r.MemoryDigest, Time: b.now(),
+			}
+		}
+		m.Notes = append(m.Notes, "abort ("+m.AbortReason+") refused by the "+end+": the migration had committed")
+		m.AbortReason = ""
+	})
+}
+
+// erasureEvidence gets host's evidence (role erased) of its erasure statement for migration
+// id, bound to a fresh keybroker nonce. It returns the agent's errors (ErrNotFound for a
+// migration it never heard of).
+func (b *Broker) erasureEvidence(ctx context.Context, id, host string) (*attest.Evidence, []byte, error) {
+	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: id, Role: attest.RoleErased})
+	if err != nil {
+		return nil, nil, fmt.Errorf("getting an erasure nonce: %w", err)
+	}
+	ev, err := b.agents.Erase(ctx, host, &agentapi.EraseRequest{MigrationID: id, Nonce: nonce.Nonce})
+	if err != nil {
+		return nil, nil, fmt.Errorf("erasing %s: %w", host, err)
+	}
+	return ev, nonce.Nonce, nil
 }
 
 // receiptOutcome reads the outcome a receipt states (the broker records it; the tenant

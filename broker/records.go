@@ -44,7 +44,11 @@ const (
 	// OutcomeCommittedUnverifiedErasure: committed, the source's keys destroyed, but its
 	// erasure not attested (the source host was lost before it could attest).
 	OutcomeCommittedUnverifiedErasure = "committed-unverified-erasure"
-	OutcomeAborted                    = "aborted"
+	// OutcomeAbortedUnverifiedErasure: aborted after the keys were released, the destination's
+	// keys destroyed, but its erasure (and that it never resumed the guest) not attested: its
+	// host was lost before it could attest.
+	OutcomeAbortedUnverifiedErasure = "aborted-unverified-erasure"
+	OutcomeAborted                  = "aborted"
 )
 
 // Migration is the record of one migration, kept in the lethe-migrations bucket.
@@ -90,6 +94,9 @@ type Migration struct {
 	Progress        *agentapi.Progress `json:"progress,omitempty"`
 	LastProgress    time.Time          `json:"lastProgress,omitzero"`
 	CommitAck       []byte             `json:"commitAck,omitempty"`
+	// ErasureRefused is why the keybroker refused the source's erasure evidence (the tenant's
+	// policy does not accept it); the commit then asks for an unverified erasure.
+	ErasureRefused string `json:"erasureRefused,omitempty"`
 
 	AbortReason string `json:"abortReason,omitempty"`
 	// Notes records what went wrong but did not stop the migration (an agent that could not

@@ -86,7 +86,9 @@ var scenarios = []scenario{
 	{"load/50-concurrent-migrations", concurrent50},
 }
 
-func TestE2E(t *testing.T) { runScenarios(t, slices.Concat(scenarios, maliciousScenarios)) }
+func TestE2E(t *testing.T) {
+	runScenarios(t, slices.Concat(scenarios, maliciousScenarios, deputyScenarios, tenantScenarios, verifierScenarios))
+}
 
 func runScenarios(t *testing.T, scenarios []scenario) {
 	e := newEnv(t)
@@ -574,9 +576,14 @@ func fault(phase faultPhase, f func(*faultCtx) func()) func(*scn) {
 	}
 }
 
+// killDestination kills the destination agent. Once keys were released to it, it cannot
+// attest that it erased and never resumed the guest: the receipt says so.
 func killDestination(fc *faultCtx) func() {
 	fc.dst.proc.kill()
 	fc.wantOutcome = broker.OutcomeAborted
+	if fc.phase == atTransferring {
+		fc.wantOutcome = broker.OutcomeAbortedUnverifiedErasure
+	}
 	return nil
 }
 

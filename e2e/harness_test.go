@@ -29,6 +29,7 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
@@ -39,7 +40,6 @@ import (
 const (
 	demoTenant  = "demo"
 	otherTenant = "other"
-	adminToken  = "e2e-admin-token"
 	// waitLimit bounds every wait for an event.
 	waitLimit = 60 * time.Second
 	// guestSize is the memory of a scenario's guest.
@@ -103,6 +103,8 @@ type env struct {
 
 	demoKey, otherKey ed25519.PrivateKey
 	basePolicy        []byte
+	// adminKey signs the operator's admin requests; the keybroker pins its public half.
+	adminKey ed25519.PrivateKey
 
 	passwords map[string]string // NATS login → password
 	hosts     []string          // the pool of agent host names with NATS users
@@ -121,7 +123,7 @@ type env struct {
 }
 
 // hostPool is how many agent host names have NATS users.
-const hostPool = 160
+const hostPool = 240
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
@@ -173,7 +175,7 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	verifier, err := attest.NewVerifier(attest.Config{Roots: roots})
+	verifier, err := attest.NewVerifier(attest.Config{Roots: roots, CheckRevocations: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,8 +183,10 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	adminPub, adminKey, _ := ed25519.GenerateKey(rand.Reader)
+	e.adminKey = adminKey
 	e.kb, err = keybroker.New(keybroker.Config{
-		Vault: vc, Verifier: verifier, AdminToken: adminToken, StateDir: filepath.Join(e.dir, "keybroker"),
+		Vault: vc, Verifier: verifier, AdminKey: adminPub, StateDir: filepath.Join(e.dir, "keybroker"),
 		RetryInterval: 200 * time.Millisecond, Audit: e.audit, Logger: e.log.With("component", "keybroker"),
 	})
 	if err != nil {
@@ -205,7 +209,7 @@ func newEnv(t *testing.T) *env {
 	demoPub, e.demoKey, _ = ed25519.GenerateKey(rand.Reader)
 	otherPub, e.otherKey, _ = ed25519.GenerateKey(rand.Reader)
 	for tenant, pub := range map[string]ed25519.PublicKey{demoTenant: demoPub, otherTenant: otherPub} {
-		if _, err := e.kb.RegisterTenant(ctx, adminToken, keybroker.RegisterTenantRequest{Tenant: tenant, PolicyKey: pub}); err != nil {
+		if _, err := e.kb.RegisterTenant(ctx, e.adminRequest(keybroker.RegisterTenantRequest{Tenant: tenant, PolicyKey: pub})); err != nil {
 			t.Fatalf("registering tenant %s: %v", tenant, err)
 		}
 	}
@@ -240,7 +244,12 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	e.basePolicy = withSVN(y, basePolicySVN)
-	if _, err := e.demo.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Envelope: e.sign(e.basePolicy, e.demoKey)}); err != nil {
+	// As lethectl policy apply: published to the keybroker (the floor), then applied.
+	base := e.sign(e.basePolicy, e.demoKey)
+	if _, err := e.kb.PublishPolicy(ctx, &keybroker.PublishPolicyRequest{Policy: base}); err != nil {
+		t.Fatalf("publishing the tenant policy: %v", err)
+	}
+	if _, err := e.demo.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Envelope: base}); err != nil {
 		t.Fatalf("applying the tenant policy: %v", err)
 	}
 	return e
@@ -276,6 +285,16 @@ func (e *env) background(name string, f func(context.Context) error) {
 			e.t.Errorf("%s: %v", name, err)
 		}
 	})
+}
+
+// adminRequest signs req as the operator's tenant.register request with the admin key.
+func (e *env) adminRequest(req keybroker.RegisterTenantRequest) *keybroker.AdminRequest {
+	e.t.Helper()
+	signed, err := kbwire.SignAdmin(kbwire.OpTenantRegister, req, time.Now(), time.Minute, e.adminKey)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return &keybroker.AdminRequest{Signed: signed}
 }
 
 // sign signs a policy with key and returns the envelope.

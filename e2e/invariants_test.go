@@ -124,7 +124,7 @@ func (s *scn) phase(id string, p broker.Phase) *broker.Migration {
 // expect records how a migration of vm must end, and where vm must then be.
 func (s *scn) expect(id, vm, outcome string, src, dst *agent) {
 	s.migs = append(s.migs, migWant{id: id, outcome: outcome, src: src, dst: dst})
-	if outcome == broker.OutcomeErased {
+	if outcome == broker.OutcomeErased || outcome == broker.OutcomeCommittedUnverifiedErasure {
 		s.guests[vm].at = dst
 	}
 }
@@ -244,7 +244,8 @@ func (s *scn) checkMigration(w migWant, keys []string) []string {
 	if err != nil {
 		return []string{err.Error()}
 	}
-	if w.outcome == broker.OutcomeErased {
+	committed := w.outcome == broker.OutcomeErased || w.outcome == broker.OutcomeCommittedUnverifiedErasure
+	if committed {
 		s.committedBytes += int64(m.MemoryBytes)
 	}
 	if !m.Phase.Terminal() || m.Outcome != w.outcome {
@@ -278,7 +279,7 @@ func (s *scn) checkMigration(w migWant, keys []string) []string {
 
 	alive := func(a *agent) bool { return a != nil && a.proc.running() }
 	switch w.outcome {
-	case broker.OutcomeErased:
+	case broker.OutcomeErased, broker.OutcomeCommittedUnverifiedErasure:
 		if m.Progress == nil || len(m.Progress.MemoryDigest) != 32 {
 			fail("no memory digest in the record")
 			break
@@ -298,7 +299,7 @@ func (s *scn) checkMigration(w migWant, keys []string) []string {
 				fail("source after commit: %+v, %v; want erased, no keys", st, err)
 			}
 		}
-	case broker.OutcomeAborted:
+	case broker.OutcomeAborted, broker.OutcomeAbortedUnverifiedErasure:
 		for _, a := range []*agent{w.src, w.dst} {
 			if !alive(a) {
 				continue

@@ -3,7 +3,6 @@ package e2e
 import (
 	"crypto/ed25519"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/sha512"
 	"encoding/json"
 	"fmt"
@@ -36,6 +35,7 @@ var maliciousScenarios = []scenario{
 	{"malicious-broker/commit-straight-after-release", maliciousBroker(commitUnproven)},
 	{"malicious-broker/commit-with-wrong-mac", maliciousBroker(commitWrongMAC)},
 	{"malicious-broker/erasure-evidence-from-another-chip", maliciousBroker(erasureOtherChip)},
+	{"malicious-broker/abort-after-commit", maliciousBroker(abortAfterCommit)},
 	{"malicious-broker/another-guests-migration-id", otherGuestsID},
 	{"malicious-broker/replayed-old-grant", maliciousBroker(replayGrant)},
 }
@@ -107,12 +107,25 @@ func (s *scn) deliver(r *attackRun) {
 	}
 }
 
-// abortRun ends r as an honest broker's abort would: both agents, then the keybroker, whose
-// receipt must say aborted.
+// abortRun ends r as an honest broker's abort would: both agents, then the keybroker with the
+// destination's erasure evidence (it aborted without resuming the guest), whose receipt must
+// say aborted.
 func (s *scn) abortRun(r *attackRun) {
 	s.t.Helper()
+	ctx := s.t.Context()
 	s.abortAgents(r.id, r.src, r.dst)
-	resp, err := s.kbc.Destroy(s.t.Context(), &broker.DestroyRequest{MigrationID: r.id, Tenant: demoTenant, VM: r.vm, Ending: broker.EndingAbort})
+	nonce, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	ev, err := s.agents.Erase(ctx, r.dst.host, &agentapi.EraseRequest{MigrationID: r.id, Nonce: nonce.Nonce})
+	if err != nil {
+		s.t.Fatalf("getting the destination's erasure evidence for %s: %v", r.id, err)
+	}
+	resp, err := s.kbc.Destroy(ctx, &broker.DestroyRequest{
+		MigrationID: r.id, Tenant: demoTenant, VM: r.vm, Ending: broker.EndingAbort,
+		Erasure: &broker.Attestation{Nonce: nonce.Nonce, Evidence: ev},
+	})
 	if err != nil {
 		s.t.Fatalf("aborting %s at the keybroker: %v", r.id, err)
 	}
@@ -134,15 +147,11 @@ func (s *scn) forge(r *attackRun, role attest.Role, keys *seal.Keys) (sealed, si
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	end := func(host string, at broker.Attestation, blob []byte) *grant.End {
-		ed := at.Evidence.Digest()
-		sd := sha256.Sum256(blob)
-		return &grant.End{Host: host, EvidenceDigest: ed[:], HPKEPublicKey: at.Evidence.HPKEPublicKey, Nonce: at.Nonce, SealedDigest: sd[:]}
-	}
 	g := &grant.Grant{
 		Kind: grant.Kind, Op: grant.OpRelease, MigrationID: r.id, Tenant: demoTenant, VM: r.vm,
 		FromEpoch: 1, ToEpoch: 2, DataEndpoint: r.prep0().DataEndpoint, IssuedAt: time.Now().UTC(),
-		Source: end(r.src.host, r.req.Source, sealed), Destination: end(r.dst.host, r.req.Destination, sealed),
+		Source:      grant.NewEnd(r.src.host, r.req.Source.Evidence, r.req.Source.Nonce, sealed),
+		Destination: grant.NewEnd(r.dst.host, r.req.Destination.Evidence, r.req.Destination.Nonce, sealed),
 	}
 	signed, err = grant.Sign(g, attackerKey.Public().(ed25519.PublicKey), func(msg []byte) ([]byte, error) {
 		return ed25519.Sign(attackerKey, msg), nil
@@ -271,10 +280,9 @@ func forgedAdoption(s *scn) {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	ed, sd := ev.Digest(), sha256.Sum256(sealed)
 	signed, err := grant.Sign(&grant.Grant{
 		Kind: grant.Kind, Op: grant.OpAdopt, MigrationID: id, Tenant: demoTenant, VM: vm, ToEpoch: 1, IssuedAt: time.Now().UTC(),
-		Destination: &grant.End{Host: a.host, EvidenceDigest: ed[:], HPKEPublicKey: ev.HPKEPublicKey, Nonce: n.Nonce, SealedDigest: sd[:]},
+		Destination: grant.NewEnd(a.host, ev, n.Nonce, sealed),
 	}, attackerKey.Public().(ed25519.PublicKey), func(msg []byte) ([]byte, error) { return ed25519.Sign(attackerKey, msg), nil })
 	if err != nil {
 		s.t.Fatal(err)
@@ -311,9 +319,9 @@ func commitUnproven(s *scn, r *attackRun) {
 	s.release(r)
 	s.deliver(r)
 	err := s.commit(r, nil, nil, false)
-	s.refused("a commit without acknowledgement", err, "commit not proven")
+	s.refused("a commit without acknowledgement", err, "commit acknowledgement")
 	err = s.commit(r, nil, nil, true)
-	s.refused("a forced commit without acknowledgement", err, "commit not proven")
+	s.refused("a forced commit without acknowledgement", err, "commit acknowledgement")
 	s.requireEpochKey(r.vm, 1)
 	s.audits = append(s.audits, auditWant{r.id, keybroker.EventDestroy, keybroker.DecisionDeny})
 	s.abortRun(r)
@@ -390,6 +398,48 @@ func erasureOtherChip(s *scn, r *attackRun) {
 	s.outcome = "refused: erasure evidence must come from the released source's chip"
 }
 
+// abortAfterCommit: the migration really commits (the destination resumed the guest, the
+// source erased it), and the broker then asks the keybroker to abort: epoch e+1, the key the
+// guest now runs under, would be destroyed, and a receipt would say the guest runs on at the
+// source, where nothing of it is left.
+func abortAfterCommit(s *scn, r *attackRun) {
+	ctx := s.t.Context()
+	s.release(r)
+	s.deliver(r)
+	ack := s.transferToCommit(r)
+	_, err := s.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: r.id, Tenant: demoTenant, VM: r.vm, Ending: broker.EndingAbort})
+	s.refused("an abort without the destination's evidence", err, "never resumed the guest")
+	// The destination gives none: it resumed the guest, and says so with its acknowledgement.
+	nonce, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	_, err = s.agents.Erase(ctx, r.dst.host, &agentapi.EraseRequest{MigrationID: r.id, Nonce: nonce.Nonce})
+	s.refused("erasure evidence from a destination that resumed the guest", err, "neither a committed source nor an aborted destination")
+	resp, err := s.agents.Abort(ctx, r.dst.host, &agentapi.AbortRequest{MigrationID: r.id, Reason: "broker says so"})
+	if err != nil || !resp.Committed || len(resp.CommitAck) == 0 {
+		s.t.Fatalf("the destination's answer to an abort after it resumed the guest: %+v, %v; want committed with its acknowledgement", resp, err)
+	}
+	s.requireEpochKey(r.vm, 2)
+	s.audits = append(s.audits, auditWant{r.id, keybroker.EventDestroy, keybroker.DecisionDeny})
+
+	// The honest ending: the commit, with the source's erasure evidence.
+	nonce, err = s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	ev, err := s.agents.Erase(ctx, r.src.host, &agentapi.EraseRequest{MigrationID: r.id, Nonce: nonce.Nonce})
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	if err := s.commit(r, ack, &broker.Attestation{Nonce: nonce.Nonce, Evidence: ev}, false); err != nil {
+		s.t.Fatalf("committing: %v", err)
+	}
+	s.moveGuestRecord(r)
+	s.guests[r.vm].at = r.dst
+	s.outcome = "refused: an abort needs the destination's evidence that it never resumed the guest"
+}
+
 // transferToCommit runs r's transfer to the granted endpoint and returns the source's commit
 // acknowledgement.
 func (s *scn) transferToCommit(r *attackRun) []byte {
@@ -464,14 +514,17 @@ func (s *scn) requireEpochKey(vm string, e int) {
 
 // otherGuestsID: the broker names another guest's live migration in requests about its own
 // guest: an abort of "its" migration would destroy the other guest's migration key, a release
-// would tie the other guest's receipt to this one.
+// would tie the other guest's receipt to this one. vm2 migrates from b to c under id r.id; the
+// broker then runs a genuine attestation round of vm1 (on a, to d) under the same id, with
+// nonces the keybroker issued for r.id, so that only the id's owner can refuse the release.
 func otherGuestsID(s *scn) {
 	ctx := s.t.Context()
 	vm1, vm2 := s.vm("g1"), s.vm("g2")
-	a, b := s.agent(snp(snpBase, vm1, vm2)), s.agent(snp(snpBase))
+	a, b := s.agent(snp(snpBase, vm1)), s.agent(snp(snpBase, vm2))
+	c, d := s.agent(snp(snpBase)), s.agent(snp(snpBase))
 	s.adopt(vm1, a)
-	s.adopt(vm2, a)
-	r := s.attest(vm2, a, b)
+	s.adopt(vm2, b)
+	r := s.attest(vm2, b, c)
 	s.release(r)
 	_, err := s.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: r.id, Tenant: demoTenant, VM: vm1, Ending: broker.EndingAbort})
 	s.refused("an abort naming another guest's migration", err, "belongs to another guest")
@@ -483,13 +536,15 @@ func otherGuestsID(s *scn) {
 		s.t.Fatalf("the migration key of %s's migration is gone", vm2)
 	}
 	s.audits = append(s.audits, auditWant{r.id, keybroker.EventDestroy, keybroker.DecisionDeny})
-	r1 := s.releaseRequest(r.id+"x", vm1, a, b)
-	r1.MigrationID = r.id
-	_, err = s.kbc.Release(ctx, r1)
-	if err == nil {
-		s.t.Fatalf("a release of %s under %s's migration id was accepted", vm1, vm2)
-	}
-	s.abortAgents(r.id+"x", a, b)
+
+	// Fresh nonces for r.id and evidence bound to them: everything a release checks before the
+	// migration id is in order.
+	req := s.releaseRequest(r.id, vm1, a, d)
+	_, err = s.kbc.Release(ctx, req)
+	s.refused(fmt.Sprintf("a release of %s under %s's migration id", vm1, vm2), err, "belongs to another guest")
+	s.audits = append(s.audits, auditWant{r.id, keybroker.EventRelease, keybroker.DecisionDeny})
+	s.abortAgents(r.id, a, d)
+	s.requireEpochKey(vm1, 1)
 	s.abortRun(r)
 	s.outcome = "refused: a migration id belongs to one guest"
 }

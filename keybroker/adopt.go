@@ -148,7 +148,7 @@ type agentRequest struct {
 func agentGrant(op grant.Op, r agentRequest, from, to uint64, dec *PolicyDecision, sealed []byte) *grant.Grant {
 	return &grant.Grant{
 		Op: op, MigrationID: r.id, Tenant: r.tenant, VM: r.vm, FromEpoch: from, ToEpoch: to,
-		Destination:  grantEnd(r.host.Name, r.agent, sealed),
+		Destination:  grant.NewEnd(r.host.Name, r.agent.Evidence, r.agent.Nonce, sealed),
 		PolicyDigest: dec.Digest, PolicySVN: dec.SVN,
 	}
 }

@@ -93,8 +93,8 @@ func checkDestroy(req *DestroyRequest) error {
 			return fmt.Errorf("commit acknowledgement of %d bytes exceeds %d: %w", len(req.CommitAck), grant.MaxCommitAck, ErrInvalidRequest)
 		}
 	case Abort:
-		if req.Erasure != nil || len(req.CommitAck) > 0 || req.UnverifiedErasure {
-			return fmt.Errorf("erasure evidence, a commit acknowledgement or an unverified erasure come with a commit only: %w", ErrInvalidRequest)
+		if len(req.CommitAck) > 0 {
+			return fmt.Errorf("a commit acknowledgement comes with a commit only: %w", ErrInvalidRequest)
 		}
 	default:
 		return fmt.Errorf("ending %q is neither %q nor %q: %w", req.Ending, Commit, Abort, ErrInvalidRequest)
@@ -150,6 +150,10 @@ func (k *Keybroker) destroy(ctx context.Context, req *DestroyRequest, ev *Event)
 		if err := k.proveCommit(ctx, req, m, e); err != nil {
 			return nil, err
 		}
+	case req.Ending == Abort && m.State == stateReleased:
+		if err := k.proveAbort(ctx, req, m, e); err != nil {
+			return nil, err
+		}
 	case req.Ending == Commit && m.State == stateReleasing:
 		return nil, fmt.Errorf("commit of migration %s whose keys were never released: %w", m.ID, ErrUnknownMigration)
 	case req.Ending == Commit && m.State == stateAborted, req.Ending == Abort && m.State == stateCommitted:
@@ -199,11 +203,34 @@ func (k *Keybroker) proveCommit(ctx context.Context, req *DestroyRequest, m *mig
 			return err
 		}
 		if !er.Accepted && !req.UnverifiedErasure {
-			return fmt.Errorf("%w: the source's erasure evidence does not satisfy the tenant's policy: %s", ErrUnproven, strings.Join(er.Reasons, "; "))
+			return fmt.Errorf("%w: %s", ErrErasureRejected, strings.Join(er.Reasons, "; "))
 		}
 		e.Erasure = er
 	}
 	e.Proven = true
+	return nil
+}
+
+// proveAbort checks the proof an abort of the released migration m must carry before the
+// destination's keys go: the destination's erasure evidence (role erased, bound to a fresh
+// nonce, from the released destination), which an agent gives only for a migration it aborted
+// without resuming the guest — so it proves the guest runs nowhere but at the source. Without
+// it, req must ask for an unverified erasure (the destination host is lost), and the receipt
+// then says aborted-unverified-erasure. It records the evidence in e and returns ErrUnproven,
+// the nonce errors, ErrEvidenceRejected or ErrVaultUnavailable.
+func (k *Keybroker) proveAbort(ctx context.Context, req *DestroyRequest, m *migrationRecord, e *journalEntry) error {
+	if req.Erasure == nil {
+		if !req.UnverifiedErasure {
+			return fmt.Errorf("%w: no evidence from the destination that it erased what it received and never resumed the guest (an abort whose destination is lost asks for an unverified erasure)", ErrUnproven)
+		}
+		return nil
+	}
+	er, err := k.verifyErasureFrom(ctx, m, req.Erasure, m.Destination, "destination")
+	if err != nil {
+		return err
+	}
+	er.Accepted = true
+	e.Erasure = er
 	return nil
 }
 
@@ -213,6 +240,19 @@ func (k *Keybroker) proveCommit(ctx context.Context, req *DestroyRequest, m *mig
 // ErrEvidenceRejected or ErrVaultUnavailable; a policy that does not accept the erasure is no
 // error (see ErasureEvidence.Accepted and Reasons).
 func (k *Keybroker) verifyErasure(ctx context.Context, m *migrationRecord, a *Attestation) (*receipt.ErasureEvidence, error) {
+	er, err := k.verifyErasureFrom(ctx, m, a, m.Source, "source")
+	if err != nil {
+		return nil, err
+	}
+	now := k.now().UTC()
+	judgeErasure(er, m, now, now)
+	return er, nil
+}
+
+// verifyErasureFrom consumes the nonce of erasure evidence a, verifies the evidence bound to m's
+// migration (role erased), and checks that its statement names m and that it comes from the
+// end released as want (what names it in errors).
+func (k *Keybroker) verifyErasureFrom(ctx context.Context, m *migrationRecord, a *Attestation, want receipt.EndClaims, what string) (*receipt.ErasureEvidence, error) {
 	if err := k.consumeNonce(ctx, m.ID, attest.RoleErased, a.Nonce); err != nil {
 		return nil, err
 	}
@@ -228,16 +268,13 @@ func (k *Keybroker) verifyErasure(ctx context.Context, m *migrationRecord, a *At
 		return nil, fmt.Errorf("erasure statement names migration %q: %w", st.MigrationID, ErrEvidenceRejected)
 	}
 	claims := receipt.Summarize(v.claims)
-	if err := claims.SameEnd(m.Source); err != nil {
+	if err := claims.SameEnd(want); err != nil {
 		if mm, ok := errors.AsType[*receipt.ClaimMismatch](err); ok {
-			return nil, fmt.Errorf("erasure evidence from %s %s, the source released was %s %s: %w", mm.Claim, mm.Got, mm.Claim, mm.Want, ErrEvidenceRejected)
+			return nil, fmt.Errorf("erasure evidence from %s %s, the %s released was %s %s: %w", mm.Claim, mm.Got, what, mm.Claim, mm.Want, ErrEvidenceRejected)
 		}
-		return nil, fmt.Errorf("erasure evidence: %w: %w", ErrEvidenceRejected, err)
+		return nil, fmt.Errorf("checking erasure evidence: %w: %w", ErrEvidenceRejected, err)
 	}
-	er := &receipt.ErasureEvidence{EndClaims: claims, Statement: v.claims.Statement}
-	now := k.now().UTC()
-	judgeErasure(er, m, now, now)
-	return er, nil
+	return &receipt.ErasureEvidence{EndClaims: claims, Statement: v.claims.Statement}, nil
 }
 
 // complete attempts a journaled destruction and returns its receipt.
@@ -291,7 +328,7 @@ func receiptEnds(r *receipt.Receipt, id, tenant, vm string, ending Ending) error
 
 // endingOf returns the ending a receipt's outcome follows.
 func endingOf(o receipt.Outcome) Ending {
-	if o == receipt.OutcomeAborted {
+	if o == receipt.OutcomeAborted || o == receipt.OutcomeAbortedUnverifiedErasure {
 		return Abort
 	}
 	return Commit
@@ -419,7 +456,8 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 		case stateCommitted:
 			return fmt.Errorf("abort of migration %s after its commit: %w", m.ID, ErrBothEpochs)
 		case stateReleasing, stateReleased:
-			m.State, m.EndedAt = stateAborted, e.RequestedAt
+			m.AbortUnverified = m.State == stateReleased && e.Erasure == nil
+			m.State, m.EndedAt, m.Erasure = stateAborted, e.RequestedAt, e.Erasure
 			if ver, err = k.recs.put(ctx, path, &g, ver); err != nil {
 				return err
 			}
@@ -487,7 +525,11 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 // evidence the tenant's policy accepts; without, it says committed-unverified-erasure.
 func outcome(m *migrationRecord, now time.Time, caveats *[]string) (receipt.Outcome, *receipt.ErasureEvidence) {
 	if m.State == stateAborted {
-		return receipt.OutcomeAborted, nil
+		if m.AbortUnverified {
+			*caveats = append(*caveats, "the destination sent no erasure evidence (the abort asked for an unverified erasure): its keys are destroyed, but that it scrubbed what it received and never resumed the guest is not attested")
+			return receipt.OutcomeAbortedUnverifiedErasure, nil
+		}
+		return receipt.OutcomeAborted, m.Erasure
 	}
 	if m.Erasure == nil {
 		*caveats = append(*caveats, "the source sent no erasure evidence (the commit asked for an unverified erasure): what it kept is under destroyed keys, but that it scrubbed it is not attested")

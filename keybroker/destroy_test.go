@@ -39,22 +39,7 @@ func commitAck(t testing.TB, m *migration, rel *ReleaseResponse) []byte {
 	if err != nil {
 		t.Fatalf("opening the destination's keys: %v", err)
 	}
-	return ackUnder(t, keys.TK, m.req.MigrationID)
-}
-
-// ackUnder returns a commit acknowledgement of migration id MACed under tk.
-func ackUnder(t testing.TB, tk []byte, id string) []byte {
-	t.Helper()
-	transcript := sha256.Sum256([]byte("transcript of " + id))
-	mac, err := grant.CommitMAC(tk, id, transcript[:])
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := json.Marshal(grant.CommitAck{MigrationID: id, Transcript: transcript[:], MAC: mac})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
+	return keybrokertest.CommitAck(t, keys.TK, m.req.MigrationID)
 }
 
 // commit returns a proven commit of a released migration: the destination's commit
@@ -158,7 +143,7 @@ func keyNames(ks []receipt.DestroyedKey) []string {
 func TestAbortErasesDestination(t *testing.T) {
 	e := newEnv(t)
 	_, adopted, _ := e.released("m1", "vm1")
-	resp, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort})
+	resp, err := e.kb.Destroy(t.Context(), e.abort("m1", "vm1"))
 	if err != nil {
 		t.Fatalf("Destroy(abort): %v", err)
 	}
@@ -327,7 +312,7 @@ func TestDestroyVaultDown(t *testing.T) {
 func TestTamperedReceiptRejected(t *testing.T) {
 	e := newEnv(t)
 	e.released("m1", "vm1")
-	resp, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort})
+	resp, err := e.kb.Destroy(t.Context(), e.abort("m1", "vm1"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -363,7 +348,7 @@ func TestCommitRequiresProof(t *testing.T) {
 		t.Fatal(err)
 	}
 	ack := commitAck(t, m, rel)
-	forged := ackUnder(t, bytes.Repeat([]byte{7}, 32), "m1")
+	forged := keybrokertest.CommitAck(t, bytes.Repeat([]byte{7}, 32), "m1")
 	var tampered grant.CommitAck
 	if err := json.Unmarshal(ack, &tampered); err != nil {
 		t.Fatal(err)
@@ -552,5 +537,41 @@ func TestMigrationIDBoundToGuest(t *testing.T) {
 	refused("abort naming a receipt of another guest", &DestroyRequest{MigrationID: "legacy", Tenant: "demo", VM: "vm2", Ending: Abort})
 	if g := e.guest("vm2"); g.Migration != nil || g.Epoch != 1 {
 		t.Errorf("vm2 after the refused abort: %+v", g)
+	}
+}
+
+// TestAbortRequiresProof: an abort of a released migration destroys the destination's epoch
+// key only with the destination's evidence that it erased and never resumed the guest, or,
+// asked explicitly (the destination host is lost), with a receipt that says so.
+func TestAbortRequiresProof(t *testing.T) {
+	e := newEnv(t)
+	e.released("m1", "vm1")
+	_, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort})
+	if !errors.Is(err, ErrUnproven) {
+		t.Fatalf("abort without proof = %v, want ErrUnproven", err)
+	}
+	if !e.transitKeyExists("lethe-demo-vm1-e2") || !e.transitKeyExists("lethe-mig-m1") {
+		t.Fatal("an unproven abort destroyed keys")
+	}
+	if ev := e.audit.last(t); ev.Kind != EventDestroy || ev.Decision != DecisionDeny {
+		t.Errorf("audit %+v, want destroy/deny", ev)
+	}
+	// Evidence from the source's chip is not the destination's.
+	wrong := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
+	_, err = e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort, Erasure: &wrong.att})
+	if !errors.Is(err, ErrEvidenceRejected) || !strings.Contains(err.Error(), "the destination released was") {
+		t.Fatalf("abort with the source's evidence = %v, want ErrEvidenceRejected naming the destination", err)
+	}
+
+	resp, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort, UnverifiedErasure: true})
+	if err != nil {
+		t.Fatalf("abort with an unverified erasure: %v", err)
+	}
+	r := e.verifyReceipt(resp.Receipt)
+	if r.Outcome != receipt.OutcomeAbortedUnverifiedErasure || r.Erasure != nil {
+		t.Errorf("outcome %s, erasure %+v; want %s without erasure evidence", r.Outcome, r.Erasure, receipt.OutcomeAbortedUnverifiedErasure)
+	}
+	if e.transitKeyExists("lethe-demo-vm1-e2") || !e.transitKeyExists("lethe-demo-vm1-e1") {
+		t.Error("an unverified abort must destroy epoch 2 and keep epoch 1")
 	}
 }

@@ -17,13 +17,28 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 	"github.com/lethe-cc/lethe/policy"
 )
 
-const testAdminToken = "admin-secret-for-tests"
+// testAdminKey is the operator's admin key in tests; the keybroker pins its public half.
+var testAdminKey = func() ed25519.PrivateKey {
+	_, k, _ := ed25519.GenerateKey(rand.Reader)
+	return k
+}()
+
+// adminRequest signs req as an admin statement for op with key, issued now, valid 5 minutes.
+func adminRequest(t testing.TB, key ed25519.PrivateKey, op string, req any, now time.Time) *AdminRequest {
+	t.Helper()
+	signed, err := kbwire.SignAdmin(op, req, now, kbwire.MaxAdminValidity, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &AdminRequest{Signed: signed}
+}
 
 // recordingAudit keeps audit events for assertions.
 type recordingAudit struct {
@@ -102,7 +117,7 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 	}
 	_, e.tenantKey, _ = ed25519.GenerateKey(rand.Reader)
 	e.cfg = Config{
-		Vault: c, Verifier: v, Audit: e.audit, AdminToken: testAdminToken,
+		Vault: c, Verifier: v, Audit: e.audit, AdminKey: testAdminKey.Public().(ed25519.PublicKey),
 		StateDir: e.stateDir, Now: e.clock.Now, RetryInterval: 10 * time.Millisecond,
 		Logger: slog.New(slog.NewTextHandler(t.Output(), nil)),
 	}
@@ -114,7 +129,7 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 		t.Fatal(err)
 	}
 	pub := e.tenantKey.Public().(ed25519.PublicKey)
-	if _, err := e.kb.RegisterTenant(t.Context(), testAdminToken, RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}); err != nil {
+	if _, err := e.kb.RegisterTenant(t.Context(), adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}, e.clock.Now())); err != nil {
 		t.Fatalf("registering tenant: %v", err)
 	}
 	return e
@@ -167,6 +182,14 @@ func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent
 		e.t.Fatal(err)
 	}
 	return &agent{key: k, att: Attestation{Nonce: n.Nonce, Evidence: ev}}
+}
+
+// abort returns the request of an abort of the released migration id of vm, with the
+// destination's erasure evidence (the released destination platform, "destination").
+func (e *env) abort(id, vm string) *DestroyRequest {
+	e.t.Helper()
+	a := e.attest("destination", id, attest.RoleErased, keybrokertest.ErasureStatement(e.t, id))
+	return &DestroyRequest{MigrationID: id, Tenant: "demo", VM: vm, Ending: Abort, Erasure: &a.att}
 }
 
 // adopt gives vm its first residency on the source platform and returns the response.

@@ -142,8 +142,9 @@ func TestPendingDestructions(t *testing.T) {
 	}
 	// Vault goes away once the abort is journaled (the migration ID is checked first): while
 	// the keys are destroyed.
+	req := e.abort("m1", "vm1")
 	e.proxy.Block(func(r *http.Request) bool { return strings.Contains(r.URL.Path, "/transit/keys/") })
-	_, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort})
+	_, err := e.kb.Destroy(t.Context(), req)
 	e.proxy.Restore()
 	if !errors.Is(err, ErrDestructionPending) {
 		t.Fatalf("Destroy with Vault down = %v, want ErrDestructionPending", err)

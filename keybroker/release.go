@@ -2,7 +2,6 @@ package keybroker
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -26,19 +25,22 @@ const (
 
 // migrationRecord is a migration in progress, inside its guest's record.
 type migrationRecord struct {
-	ID          string                   `json:"id"`
-	State       string                   `json:"state"`
-	FromEpoch   uint64                   `json:"fromEpoch"`
-	ToEpoch     uint64                   `json:"toEpoch"`
-	WrappedTK   string                   `json:"wrappedTk,omitempty"`
-	WrappedMDK  string                   `json:"wrappedMdk,omitempty"`
-	Policy      receipt.PolicyRef        `json:"policy"`
-	Source      receipt.EndClaims        `json:"source"`
-	Destination receipt.EndClaims        `json:"destination"`
-	CleanMemory json.RawMessage          `json:"cleanMemory,omitempty"`
-	ReleasedAt  time.Time                `json:"releasedAt"`
-	EndedAt     time.Time                `json:"endedAt,omitzero"`
-	Erasure     *receipt.ErasureEvidence `json:"erasure,omitempty"`
+	ID    string `json:"id"`
+	State string `json:"state"`
+	// AbortUnverified: the migration aborted after its keys were released, without the
+	// destination's evidence that it erased and never resumed the guest.
+	AbortUnverified bool                     `json:"abortUnverified,omitempty"`
+	FromEpoch       uint64                   `json:"fromEpoch"`
+	ToEpoch         uint64                   `json:"toEpoch"`
+	WrappedTK       string                   `json:"wrappedTk,omitempty"`
+	WrappedMDK      string                   `json:"wrappedMdk,omitempty"`
+	Policy          receipt.PolicyRef        `json:"policy"`
+	Source          receipt.EndClaims        `json:"source"`
+	Destination     receipt.EndClaims        `json:"destination"`
+	CleanMemory     json.RawMessage          `json:"cleanMemory,omitempty"`
+	ReleasedAt      time.Time                `json:"releasedAt"`
+	EndedAt         time.Time                `json:"endedAt,omitzero"`
+	Erasure         *receipt.ErasureEvidence `json:"erasure,omitempty"`
 	// CommitAckDigest is the SHA-256 of the commit acknowledgement the commit came with.
 	CommitAckDigest []byte `json:"commitAckDigest,omitempty"`
 	// DestinationHost is the host the keys were released to; a repeated release of the
@@ -429,21 +431,10 @@ func releaseGrant(req *ReleaseRequest, from, to uint64, endpoint string, dec *Po
 	return &grant.Grant{
 		Op: grant.OpRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM,
 		FromEpoch: from, ToEpoch: to,
-		Source:       grantEnd(req.SourceHost, req.Source, sealedSrc),
-		Destination:  grantEnd(req.DestinationHost.Name, req.Destination, sealedDst),
+		Source:       grant.NewEnd(req.SourceHost, req.Source.Evidence, req.Source.Nonce, sealedSrc),
+		Destination:  grant.NewEnd(req.DestinationHost.Name, req.Destination.Evidence, req.Destination.Nonce, sealedDst),
 		DataEndpoint: endpoint, ZeroPageElision: dec.ZeroPageElision,
 		PolicyDigest: dec.Digest, PolicySVN: dec.SVN,
-	}
-}
-
-// grantEnd names one agent in a grant: its host, its verified evidence's digest and HPKE key,
-// its nonce, and the digest of the blob sealed for it.
-func grantEnd(host string, a Attestation, sealed []byte) *grant.End {
-	ed := a.Evidence.Digest()
-	sd := sha256.Sum256(sealed)
-	return &grant.End{
-		Host: host, EvidenceDigest: ed[:], HPKEPublicKey: a.Evidence.HPKEPublicKey,
-		Nonce: a.Nonce, SealedDigest: sd[:],
 	}
 }
 

@@ -112,7 +112,7 @@ func TestRepeatedDestroy(t *testing.T) {
 		t.Run(string(ending), func(t *testing.T) {
 			e := newEnv(t)
 			m, _, rel := e.released("m1", "vm1")
-			req := &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: ending}
+			req := e.abort("m1", "vm1")
 			if ending == Commit {
 				req = e.commit(m, rel)
 			}

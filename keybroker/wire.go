@@ -79,7 +79,9 @@ func ErrorCode(err error) string {
 		{ErrGuestBusy, "guest_busy"},
 		{ErrUnknownMigration, "unknown_migration"},
 		{ErrBothEpochs, "both_epochs"},
+		{ErrErasureRejected, "erasure_rejected"},
 		{ErrUnproven, "unproven"},
+		{ErrUnsafeKey, "unsafe_key"},
 		{ErrDestructionPending, "destruction_pending"},
 		{ErrVaultUnavailable, "unavailable"},
 	} {

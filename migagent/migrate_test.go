@@ -478,7 +478,7 @@ func TestMigrateRefusesPeerWithoutGrantedKey(t *testing.T) {
 			}
 			mu.Lock()
 			defer mu.Unlock()
-			helloLen := prefixSize + helloFixed + len(id) + encLenSize + seal.EncapsulatedSize()
+			helloLen := prefixSize + helloFixed + len(id) + encLenSize + seal.EncapsulatedSize
 			if len(conns) != 1 || len(conns[0].sent()) != helloLen {
 				var sent []int
 				for _, c := range conns {

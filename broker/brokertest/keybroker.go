@@ -103,7 +103,7 @@ func (k *KeyBroker) Destroy(_ context.Context, req *broker.DestroyRequest) (*bro
 	defer k.mu.Unlock()
 	k.destroys = append(k.destroys, *req)
 	if k.RefuseErasure != "" && req.Erasure != nil && !req.UnverifiedErasure {
-		return nil, &broker.Error{Code: "unproven", Message: k.RefuseErasure}
+		return nil, &broker.Error{Code: "erasure_rejected", Message: k.RefuseErasure}
 	}
 	if req.Ending == broker.EndingCommit && !k.ended[req.MigrationID] {
 		if k.ended == nil {

@@ -299,7 +299,7 @@ func run(ctx context.Context, c *config) error {
 	}
 	kbKey, err := receipt.ParsePublicKeyPEM(pem)
 	if err != nil {
-		return fmt.Errorf("--keybroker-pub %s: %w", c.keybrokerPub, err)
+		return fmt.Errorf("parsing --keybroker-pub %s: %w", c.keybrokerPub, err)
 	}
 	att, err := attester(c)
 	if err != nil {

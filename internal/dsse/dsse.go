@@ -239,7 +239,7 @@ func decodeSignature(b []byte) (Signature, error) {
 	}
 	if k, ok := fields["keyid"]; ok {
 		if s.KeyID, err = stringField(k); err != nil {
-			return s, fmt.Errorf("keyid: %w", err)
+			return s, fmt.Errorf("decoding keyid: %w", err)
 		}
 	}
 	sig, ok := fields["sig"]
@@ -247,7 +247,7 @@ func decodeSignature(b []byte) (Signature, error) {
 		return s, errors.New("no sig")
 	}
 	if s.Sig, err = base64Field(sig); err != nil {
-		return s, fmt.Errorf("sig: %w", err)
+		return s, fmt.Errorf("decoding sig: %w", err)
 	}
 	return s, nil
 }
@@ -281,7 +281,7 @@ func object(b []byte, known []string) (map[string]json.RawMessage, error) {
 		}
 		var v json.RawMessage
 		if err := dec.Decode(&v); err != nil {
-			return nil, fmt.Errorf("member %q: %w", key, err)
+			return nil, fmt.Errorf("decoding member %q: %w", key, err)
 		}
 		if _, dup := out[key]; dup {
 			return nil, fmt.Errorf("member %q appears twice", key)

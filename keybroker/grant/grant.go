@@ -79,13 +79,30 @@ type End struct {
 	SealedDigest attest.HexBytes `json:"sealedDigest"`
 }
 
+// NewEnd names one agent in a grant: its host, the digest and HPKE key of its evidence ev
+// (which the caller has verified), the nonce ev was bound to, and the digest of sealed, the
+// key blob made for it.
+func NewEnd(host string, ev *attest.Evidence, nonce, sealed []byte) *End {
+	ed := ev.Digest()
+	sd := sha256.Sum256(sealed)
+	return &End{
+		Host: host, EvidenceDigest: ed[:], HPKEPublicKey: bytes.Clone(ev.HPKEPublicKey),
+		Nonce: bytes.Clone(nonce), SealedDigest: sd[:],
+	}
+}
+
 // Grant is the keybroker's signed statement of one release, adoption or reissue.
 type Grant struct {
-	Kind        string `json:"kind"`
-	Op          Op     `json:"op"`
+	// Kind is always the constant Kind; Verify refuses any other document.
+	Kind string `json:"kind"`
+	// Op is what the grant was issued for: a release, an adoption or a reissue.
+	Op Op `json:"op"`
+	// MigrationID is the migration (or the adoption's or reissue's operation id) the keys
+	// were released for; the sealed blobs open only under it (seal.Info).
 	MigrationID string `json:"migrationId"`
-	Tenant      string `json:"tenant"`
-	VM          string `json:"vm"`
+	// Tenant and VM name the guest whose keys these are.
+	Tenant string `json:"tenant"`
+	VM     string `json:"vm"`
 	// FromEpoch is the guest's epoch at the source (release), 0 for an adoption, the current
 	// epoch for a reissue; ToEpoch is the epoch of the MDK sealed (release: FromEpoch+1,
 	// adoption: 1, reissue: the current epoch).
@@ -126,15 +143,23 @@ func Sign(g *Grant, pub ed25519.PublicKey, sign func(msg []byte) ([]byte, error)
 }
 
 // Verify checks that envelope is a grant signed by pub and returns it, proving nothing
-// else: Check is what an agent calls. Errors wrap ErrRefused.
+// else: Check is what an agent calls. Errors wrap ErrRefused; a signature that does not
+// verify with pub also wraps dsse.ErrSignature, an envelope that is not a grant's (another
+// payload type) or not well-formed dsse.ErrMalformed.
 func Verify(envelope []byte, pub ed25519.PublicKey) (*Grant, error) {
 	env, err := dsse.Parse(envelope, MaxEnvelopeSize)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrRefused, err)
 	}
+	if env.PayloadType != PayloadType {
+		return nil, fmt.Errorf("%w: payload type %q, not a grant's (%q): %w", ErrRefused, env.PayloadType, PayloadType, dsse.ErrMalformed)
+	}
 	payload, err := env.Verify(PayloadType, pub)
-	if err != nil {
+	switch {
+	case errors.Is(err, dsse.ErrSignature):
 		return nil, fmt.Errorf("%w: not signed by the pinned keybroker key: %w", ErrRefused, err)
+	case err != nil:
+		return nil, fmt.Errorf("%w: %w", ErrRefused, err)
 	}
 	dec := json.NewDecoder(bytes.NewReader(payload))
 	dec.DisallowUnknownFields()
@@ -153,10 +178,13 @@ func Verify(envelope []byte, pub ed25519.PublicKey) (*Grant, error) {
 
 // Expectation is what an agent knows for itself and requires a grant to match.
 type Expectation struct {
-	Op          Op
+	// Op is the operation the agent is taking keys for.
+	Op Op
+	// MigrationID is the migration (or adoption or reissue) id the agent attested under.
 	MigrationID string
 	// Role is the agent's role: source or destination for a release, adopt otherwise.
-	Role       attest.Role
+	Role attest.Role
+	// Tenant and VM name the guest the agent holds or is to receive.
 	Tenant, VM string
 	// Host is the agent's own host.
 	Host string
@@ -201,7 +229,15 @@ func Check(envelope []byte, pub ed25519.PublicKey, want Expectation) (*Grant, er
 	default:
 		return refuse("role %q receives no keys", want.Role)
 	}
-	if (want.Role == attest.RoleAdopt) == (want.Op == OpRelease) {
+	// A release has a source and a destination; an adoption or reissue has one agent.
+	var takesPart bool
+	switch want.Op {
+	case OpRelease:
+		takesPart = want.Role == attest.RoleSource || want.Role == attest.RoleDestination
+	case OpAdopt, OpReissue:
+		takesPart = want.Role == attest.RoleAdopt
+	}
+	if !takesPart {
 		return refuse("role %q does not take part in a %s", want.Role, want.Op)
 	}
 	if own == nil {
@@ -245,14 +281,6 @@ func Check(envelope []byte, pub ed25519.PublicKey, want Expectation) (*Grant, er
 		return refuse("unknown operation %q", g.Op)
 	}
 	return g, nil
-}
-
-// Peer returns the other end of a release grant from role's point of view.
-func (g *Grant) Peer(role attest.Role) *End {
-	if role == attest.RoleSource {
-		return g.Destination
-	}
-	return g.Source
 }
 
 // commitInfo labels the commit acknowledgement's MAC key.

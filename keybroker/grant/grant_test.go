@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/dsse"
 	"github.com/lethe-cc/lethe/keybroker/grant"
@@ -98,10 +100,8 @@ func TestCheckAcceptsGenuineGrants(t *testing.T) {
 			if g.DataEndpoint != "10.0.0.2:4711" || g.ToEpoch != 4 {
 				t.Errorf("grant %+v", g)
 			}
-			peer := g.Peer(want.Role)
-			if want.Role == attest.RoleSource && !bytes.Equal(peer.HPKEPublicKey, f.dstKey) ||
-				want.Role == attest.RoleDestination && !bytes.Equal(peer.HPKEPublicKey, f.srcKey) {
-				t.Errorf("Peer(%s) is not the other end", want.Role)
+			if !bytes.Equal(g.Source.HPKEPublicKey, f.srcKey) || !bytes.Equal(g.Destination.HPKEPublicKey, f.dstKey) {
+				t.Error("the grant Check returned names other HPKE keys than the one signed")
 			}
 		})
 	}
@@ -128,6 +128,8 @@ func TestCheckRefuses(t *testing.T) {
 		envelope func(t *testing.T) []byte
 		want     func() grant.Expectation
 		reason   string
+		// wantErr, if not nil, is an error the refusal must wrap besides ErrRefused.
+		wantErr error
 	}{
 		"no grant": {
 			envelope: func(*testing.T) []byte { return nil },
@@ -135,7 +137,7 @@ func TestCheckRefuses(t *testing.T) {
 		},
 		"signed by another key (the broker's)": {
 			envelope: func(t *testing.T) []byte { return sign(t, f.grant(), otherKey) },
-			want:     f.source, reason: "not signed by the pinned keybroker key",
+			want:     f.source, reason: "not signed by the pinned keybroker key", wantErr: dsse.ErrSignature,
 		},
 		"unsigned": {
 			envelope: func(t *testing.T) []byte {
@@ -155,7 +157,7 @@ func TestCheckRefuses(t *testing.T) {
 				b, _ := json.Marshal(env)
 				return b
 			},
-			want: f.source, reason: "payload type",
+			want: f.source, reason: "not a grant's", wantErr: dsse.ErrMalformed,
 		},
 		"unsigned second payload beside the signed one": {
 			envelope: func(t *testing.T) []byte {
@@ -285,7 +287,23 @@ func TestCheckRefuses(t *testing.T) {
 			if !strings.Contains(err.Error(), tc.reason) {
 				t.Errorf("error %q does not say %q", err, tc.reason)
 			}
+			if tc.wantErr != nil && !errors.Is(err, tc.wantErr) {
+				t.Errorf("error %v does not wrap %v", err, tc.wantErr)
+			}
+			if tc.wantErr != dsse.ErrSignature && errors.Is(err, dsse.ErrSignature) {
+				t.Errorf("error %v blames the signature", err)
+			}
 		})
+	}
+}
+
+func TestNewEnd(t *testing.T) {
+	ev := &attest.Evidence{Platform: attest.PlatformEmulatedSEVSNP, Raw: random(1184), HPKEPublicKey: random(1216)}
+	nonce, sealed := random(32), random(200)
+	got := grant.NewEnd("host-a", ev, nonce, sealed)
+	want := &grant.End{Host: "host-a", EvidenceDigest: digest(ev.Raw), HPKEPublicKey: ev.HPKEPublicKey, Nonce: nonce, SealedDigest: digest(sealed)}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("NewEnd (-want +got):\n%s", diff)
 	}
 }
 

@@ -1,15 +1,19 @@
 // Package keybrokertest holds fixtures the keybroker's tests share (package keybroker and its
-// NATS edge, natsapi): emulated SEV-SNP platforms and a verifier that trusts them. Emulated
+// NATS edge, natsapi): emulated SEV-SNP platforms and a verifier that trusts them, the
+// statements agents make, and the destination's commit acknowledgement. Emulated
 // platforms prove nothing; the package is for tests only and must never be linked into a
 // binary.
 package keybrokertest
 
 import (
+	"crypto/sha256"
+	"encoding/json"
 	"sync"
 	"testing"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 )
 
 // platforms are made once per test binary: emulated platforms generate RSA roots.
@@ -80,6 +84,22 @@ func ErasureStatement(t testing.TB, id string) []byte {
 		MigrationID: id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData, attest.KeyHPKE},
 		PagesScrubbed: 262144, PageBytesScrubbed: 1 << 30, SpoolBytesScrubbed: 4096,
 	}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// CommitAck returns an encoded commit acknowledgement of migration id MACed under tk, as the
+// destination makes one (grant.CommitAck), over a transcript fixed by id.
+func CommitAck(t testing.TB, tk []byte, id string) []byte {
+	t.Helper()
+	transcript := sha256.Sum256([]byte("transcript of " + id))
+	mac, err := grant.CommitMAC(tk, id, transcript[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(grant.CommitAck{MigrationID: id, Transcript: transcript[:], MAC: mac})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -41,6 +41,11 @@ const (
 	// satisfy the tenant's policy (see Erasure.Reasons). What the source kept is undecryptable;
 	// that it scrubbed it is not attested.
 	OutcomeCommittedUnverifiedErasure Outcome = "committed-unverified-erasure"
+	// OutcomeAbortedUnverifiedErasure: the migration aborted after its keys were released and
+	// the destination's keys (migration key and epoch e+1) are destroyed, but the destination
+	// did not prove that it erased what it received and never resumed the guest (its host was
+	// lost): the guest should run on at the source; that it runs nowhere else is not attested.
+	OutcomeAbortedUnverifiedErasure Outcome = "aborted-unverified-erasure"
 )
 
 // Receipt is what the keybroker signs when a migration has ended and its keys are destroyed.
@@ -194,8 +199,8 @@ func (r *Receipt) Validate() error {
 		return fmt.Errorf("receipt kind %q, want %q", r.Kind, Kind)
 	case r.MigrationID == "" || r.Tenant == "" || r.VM == "":
 		return fmt.Errorf("receipt lacks its migration, tenant or VM")
-	case r.Outcome != OutcomeErased && r.Outcome != OutcomeAborted && r.Outcome != OutcomeCommittedUnverifiedErasure:
-		return fmt.Errorf("receipt outcome %q is not %q, %q or %q", r.Outcome, OutcomeErased, OutcomeAborted, OutcomeCommittedUnverifiedErasure)
+	case r.Outcome != OutcomeErased && r.Outcome != OutcomeAborted && r.Outcome != OutcomeCommittedUnverifiedErasure && r.Outcome != OutcomeAbortedUnverifiedErasure:
+		return fmt.Errorf("receipt outcome %q is not %q, %q, %q or %q", r.Outcome, OutcomeErased, OutcomeAborted, OutcomeCommittedUnverifiedErasure, OutcomeAbortedUnverifiedErasure)
 	case r.Outcome == OutcomeErased && (r.Erasure == nil || !r.Erasure.Accepted):
 		return fmt.Errorf("receipt says %q without accepted erasure evidence", OutcomeErased)
 	case len(r.DestroyedKeys) == 0:

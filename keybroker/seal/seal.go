@@ -9,8 +9,12 @@
 // role does not open as another's.
 //
 // The keybroker calls Seal; an agent calls GenerateKey, binds the public key into its
-// evidence, calls Open once the keys arrive, and then Zeroize on the private key and on Keys
-// as soon as it has taken what it needs. This package imports no Vault or network code.
+// evidence, calls Open once the keys arrive, and Zeroize on Keys as soon as it has taken what
+// it needs. The private key outlives Open for a migration: the data-plane handshake makes
+// each end prove it holds it (Encapsulate to the peer's key, Decapsulate with one's own), so a
+// source or destination zeroizes it when its transfer or reception ends or is aborted; an
+// adoption, which has no handshake, zeroizes it as soon as the keys are open. This package
+// imports no Vault or network code.
 //
 // Caveat: Go offers no way to wipe the memory of a parsed crypto/hpke private key. Zeroize
 // wipes the serialized private key this package keeps and drops the parsed one; what the
@@ -103,6 +107,9 @@ func (k *PrivateKey) Zeroize() {
 	k.seed, k.key = nil, nil
 }
 
+// Zeroized reports whether Zeroize was called on k: it can then neither Open nor Decapsulate.
+func (k *PrivateKey) Zeroized() bool { return k.key == nil }
+
 // CheckPublicKey reports whether pub is a well-formed public key of the suite.
 func CheckPublicKey(pub []byte) error {
 	if _, err := kem().NewPublicKey(pub); err != nil {
@@ -134,7 +141,7 @@ func Seal(pub []byte, migrationID string, role attest.Role, keys *Keys) ([]byte,
 // Open decrypts a blob sealed to k for role in migrationID. It returns an error wrapping
 // ErrOpen when the blob does not open (another key, migration or role, or tampering).
 func (k *PrivateKey) Open(migrationID string, role attest.Role, sealed []byte) (*Keys, error) {
-	if k.key == nil {
+	if k.Zeroized() {
 		return nil, fmt.Errorf("%w: the private key was zeroized", ErrOpen)
 	}
 	pt, err := hpke.Open(k.key, kdf(), aead(), Info(migrationID, role), sealed)
@@ -235,7 +242,7 @@ func Encapsulate(pub []byte, context string) (enc, secret []byte, err error) {
 // implicitly), so a wrong peer shows only when the secrets are used; a malformed one is an
 // error wrapping ErrOpen.
 func (k *PrivateKey) Decapsulate(enc []byte, context string) ([]byte, error) {
-	if k.key == nil {
+	if k.Zeroized() {
 		return nil, fmt.Errorf("%w: the private key was zeroized", ErrOpen)
 	}
 	r, err := hpke.NewRecipient(enc, k.key, kdf(), hpke.ExportOnly(), []byte(context))
@@ -252,8 +259,6 @@ func (k *PrivateKey) Decapsulate(enc []byte, context string) ([]byte, error) {
 // exportLabel is the HPKE exporter context of Encapsulate's secret.
 const exportLabel = "lethe/v1/possession"
 
-// EncapsulatedSize is the size of the KEM ciphertext Encapsulate returns.
-func EncapsulatedSize() int { return encSize }
-
-// encSize is ML-KEM-768's ciphertext (1088 bytes) and an X25519 share (32).
-const encSize = 1088 + 32
+// EncapsulatedSize is the size of the KEM ciphertext Encapsulate returns: ML-KEM-768's
+// ciphertext (1088 bytes) and an X25519 share (32).
+const EncapsulatedSize = 1088 + 32

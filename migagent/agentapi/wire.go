@@ -134,8 +134,10 @@ type Status struct {
 	Aborted  bool      `json:"aborted"`
 }
 
-// EraseRequest asks the source, after commit, to zeroize its keys, scrub the guest's pages and
-// spool, and return evidence (role erased) carrying its erasure statement.
+// EraseRequest asks for evidence (role erased) carrying the agent's erasure statement: the
+// source's after a commit (keys zeroized, the guest's pages and spool scrubbed), the
+// destination's after an abort (keys zeroized, the receive region scrubbed, the guest never
+// resumed), which the keybroker requires before it destroys that end's keys.
 type EraseRequest struct {
 	MigrationID string `json:"migrationId"`
 	Nonce       []byte `json:"nonce"`
@@ -146,6 +148,12 @@ type EraseRequest struct {
 type AbortRequest struct {
 	MigrationID string `json:"migrationId"`
 	Reason      string `json:"reason,omitempty"`
+	// Receipt is the keybroker's signed receipt of how the migration ended (the DSSE envelope,
+	// as JSON). A source whose FIN went out without a commit acknowledgement cannot tell
+	// whether the destination resumed the guest, and acts only on it: it resumes the guest for
+	// an aborted receipt (the destination proved it erased and never resumed it), and drops
+	// and scrubs its copy for a committed one. Without such a receipt it answers Unresolved.
+	Receipt json.RawMessage `json:"receipt,omitempty"`
 }
 
 // AbortResponse is the agent's erasure statement for an abort. A source that has already
@@ -160,6 +168,9 @@ type AbortResponse struct {
 	// MemoryDigest is the guest memory digest at cutover, with Committed (as the committed
 	// progress report states it, which the broker may have missed).
 	MemoryDigest attest.HexBytes `json:"memoryDigest,omitempty"`
+	// Unresolved: the source sent its FIN but got no acknowledgement, so it keeps the guest
+	// paused until the request carries the keybroker's receipt of how the migration ended.
+	Unresolved bool `json:"unresolved,omitempty"`
 }
 
 // HostRecord is what an agent keeps in the lethe-hosts bucket under its host name.

@@ -15,6 +15,7 @@ const (
 	attrDigest    = "memory_digest"
 	attrEpoch     = "epoch"
 	attrReason    = "reason"
+	attrOutcome   = "outcome"
 	attrError     = "error"
 	attrPaused    = "guest_paused"
 	attrResumed   = "resumed"

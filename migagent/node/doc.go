@@ -13,7 +13,11 @@
 //     guest's memory before starting it; a received guest keeps its receive region's);
 //   - prepares (destination): scrubs a fresh receive region, states it clean, attests (role
 //     destination) with that statement and opens a data-plane listener;
-//   - opens the sealed keys with the migration's HPKE key and zeroizes that key at once;
+//   - opens the sealed keys with the migration's HPKE key, once the keybroker's grant checks
+//     out for what the Node knows itself (package grant). A source or destination keeps the
+//     HPKE private key until its transfer or reception ends, because the data-plane handshake
+//     makes it prove it holds that key, and zeroizes it then (or when the migration is
+//     aborted); an adoption zeroizes it at once;
 //   - transfers (source) in the background, reporting progress (precopy, cutover, committed
 //     with the commit acknowledgement and the memory digest, or failed); the destination
 //     receives, checks the memory digest, and resumes the guest on the received region;

@@ -13,6 +13,7 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/grant"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 	"github.com/lethe-cc/lethe/migagent"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
@@ -479,6 +480,9 @@ func (n *Node) receive(ctx, base context.Context, m *migration) {
 	}
 	g.mdk, g.epoch, g.launch = keys.MDK, m.epoch, m.clean
 	m.region, m.committed, m.digest = nil, true, res.MemoryDigest
+	if ack, err := json.Marshal(res.Commit); err == nil {
+		m.commitAck = ack
+	}
 	n.guests[g.key()] = g
 	n.startWorkload(base, g)
 	n.hostChanged()
@@ -676,12 +680,17 @@ func (n *Node) Erase(ctx context.Context, req *agentapi.EraseRequest) (*attest.E
 		switch {
 		case m == nil:
 			return fmt.Errorf("%w: migration %s", agentapi.ErrNotFound, req.MigrationID)
-		case m.role != attest.RoleSource:
-			return fmt.Errorf("%w: migration %s is not a source migration here", agentapi.ErrBadRequest, m.id)
-		case !m.committed:
-			return fmt.Errorf("%w: migration %s has not committed", agentapi.ErrConflict, m.id)
+		case m.role == attest.RoleSource && m.committed:
+			stmt = m.erasure
+		case m.role == attest.RoleDestination && m.abortResp != nil:
+			// Only an abort that found the guest not resumed here sets abortResp (see
+			// ended), so this statement also says the guest never ran here.
+			stmt = m.abortResp.Statement
+		case m.role == attest.RoleSource || m.role == attest.RoleDestination:
+			return fmt.Errorf("%w: migration %s is neither a committed source nor an aborted destination here", agentapi.ErrConflict, m.id)
+		default:
+			return fmt.Errorf("%w: migration %s is not a source or destination migration here", agentapi.ErrBadRequest, m.id)
 		}
-		stmt = m.erasure
 		return nil
 	}()
 	n.mu.Unlock()
@@ -713,7 +722,64 @@ func (n *Node) Abort(ctx context.Context, req *agentapi.AbortRequest) (*agentapi
 	if m == nil {
 		return nil, fmt.Errorf("%w: migration %s", agentapi.ErrNotFound, req.MigrationID)
 	}
-	return n.abort(ctx, m, req.Reason)
+	return n.abort(ctx, m, req.Reason, req.Receipt)
+}
+
+// endReceipt verifies proof, the keybroker's receipt of how m ended, with the pinned
+// keybroker key, and returns its outcome. Callers hold n.mu.
+func (n *Node) endReceipt(m *migration, proof json.RawMessage) (receipt.Outcome, error) {
+	if len(proof) == 0 {
+		return "", errors.New("no receipt")
+	}
+	env, err := receipt.Parse(proof)
+	if err != nil {
+		return "", err
+	}
+	r, err := receipt.Verify(env, n.cfg.KeybrokerKey)
+	if err != nil {
+		return "", err
+	}
+	if r.MigrationID != m.id || r.Tenant != m.tenant || r.VM != m.vm {
+		return "", fmt.Errorf("the receipt is of migration %s of %s/%s", r.MigrationID, r.Tenant, r.VM)
+	}
+	return r.Outcome, nil
+}
+
+// dropCommitted ends a source whose transfer's outcome was unknown and that the keybroker's
+// receipt shows committed: the guest runs at the destination, so its copy here is scrubbed
+// and dropped and its memory key zeroized. Callers hold n.mu.
+func (n *Node) dropCommitted(m *migration) {
+	g := m.g
+	if n.guests[g.key()] != g {
+		return
+	}
+	delete(n.guests, g.key())
+	if g.stop != nil {
+		g.stop()
+		g.stop = nil
+	}
+	st := attest.ErasureStatement{MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyHPKE}}
+	if g.mdk != nil {
+		g.mdk.Destroy()
+		g.mdk = nil
+		st.KeysZeroized = append(st.KeysZeroized, attest.KeyMemoryData)
+	}
+	if g.region != nil {
+		if b, err := g.region.Scrub(); err == nil {
+			st.PagesScrubbed, st.PageBytesScrubbed = uint64(b)/migagent.PageSize, uint64(b)
+		}
+		g.region.Close()
+	}
+	if g.domain != "" && n.lv != nil {
+		if err := n.lv.Remove(context.Background(), g.domain); err != nil {
+			n.log.Error("Destroying the source domain failed", attrMigration, m.id, attrError, err)
+		}
+	}
+	if b, err := st.Encode(); err == nil {
+		m.erasure = b
+	}
+	n.hostChanged()
+	n.log.Info("Transfer committed after all; the guest's copy here scrubbed", attrMigration, m.id)
 }
 
 // ended answers an abort of m that is decided already, or returns nil. Callers hold n.mu.
@@ -725,12 +791,14 @@ func (m *migration) ended() (*agentapi.AbortResponse, error) {
 	case m.committed && m.role == attest.RoleSource:
 		return &agentapi.AbortResponse{Committed: true, CommitAck: m.commitAck, MemoryDigest: m.progress.MemoryDigest}, nil
 	case m.committed:
-		return nil, fmt.Errorf("%w: migration %s committed: the destination resumed the guest", agentapi.ErrConflict, m.id)
+		// The destination resumed the guest: it answers with the acknowledgement it sent, so
+		// that the broker completes the commit (the source may never have received it).
+		return &agentapi.AbortResponse{Committed: true, CommitAck: m.commitAck, MemoryDigest: m.digest}, nil
 	}
 	return nil, nil
 }
 
-func (n *Node) abort(ctx context.Context, m *migration, reason string) (*agentapi.AbortResponse, error) {
+func (n *Node) abort(ctx context.Context, m *migration, reason string, proof json.RawMessage) (*agentapi.AbortResponse, error) {
 	n.mu.Lock()
 	if r, err := m.ended(); r != nil || err != nil {
 		n.mu.Unlock()
@@ -763,8 +831,24 @@ func (n *Node) abort(ctx context.Context, m *migration, reason string) (*agentap
 		}
 		g := m.g
 		if m.unknown {
-			if err := n.resumeSource(context.WithoutCancel(ctx), m); err != nil {
-				n.log.Error("Resuming the guest failed", attrMigration, m.id, attrError, err)
+			// Whether the destination resumed the guest is known only to the keybroker.
+			switch outcome, err := n.endReceipt(m, proof); {
+			case err != nil:
+				n.log.Warn("Keeping the guest paused: whether the destination resumed it is unknown", attrMigration, m.id, attrReason, reason, attrError, err)
+				return &agentapi.AbortResponse{Unresolved: true}, nil
+			case outcome == receipt.OutcomeAborted:
+				if err := n.resumeSource(context.WithoutCancel(ctx), m); err != nil {
+					n.log.Error("Resuming the guest failed", attrMigration, m.id, attrError, err)
+				}
+			case outcome == receipt.OutcomeErased || outcome == receipt.OutcomeCommittedUnverifiedErasure:
+				n.dropCommitted(m)
+				resp := &agentapi.AbortResponse{Committed: true}
+				m.unknown, m.committed, m.abortResp = false, true, resp
+				r := *resp
+				return &r, nil
+			default:
+				n.log.Warn("Keeping the guest paused: the abort is not verified", attrMigration, m.id, attrOutcome, string(outcome))
+				return &agentapi.AbortResponse{Unresolved: true}, nil
 			}
 			m.unknown = false
 		}

@@ -314,7 +314,7 @@ func (n *Node) shutdown() {
 			n.log.Warn("Leaving the guest paused at shutdown: the commit's outcome is unknown", attrMigration, m.id)
 			continue
 		}
-		if _, err := n.abort(context.Background(), m, "agent shutting down"); err != nil && !errors.Is(err, agentapi.ErrConflict) {
+		if _, err := n.abort(context.Background(), m, "agent shutting down", nil); err != nil && !errors.Is(err, agentapi.ErrConflict) {
 			n.log.Warn("Aborting migration at shutdown failed", attrMigration, m.id, attrError, err)
 		}
 	}

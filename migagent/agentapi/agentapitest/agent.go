@@ -218,8 +218,9 @@ func (a *Agent) Erase(_ context.Context, req *agentapi.EraseRequest) (*attest.Ev
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	m := a.record(agentapi.OpErase, req.MigrationID)
-	if m.progress == nil || m.progress.Phase != agentapi.TransferCommitted {
-		return nil, fmt.Errorf("%w: %s is not committed", agentapi.ErrConflict, req.MigrationID)
+	committed := m.progress != nil && m.progress.Phase == agentapi.TransferCommitted
+	if !committed && !m.aborted {
+		return nil, fmt.Errorf("%w: %s is neither committed nor aborted", agentapi.ErrConflict, req.MigrationID)
 	}
 	m.keys, m.erased = false, true
 	return a.evidence(req.MigrationID, attest.RoleErased, req.Nonce, map[string]any{"keysZeroized": true, "scrubbedBytes": 1 << 20})
