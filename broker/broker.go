@@ -180,8 +180,23 @@ func (b *Broker) Run(ctx context.Context) error {
 		_ = svc.Stop()
 		return fmt.Errorf("subscribing to agent progress: %w", err)
 	}
+	// Heartbeats are stored side by side (a KV write each), up to maxHeartbeatWriters at once:
+	// one at a time, a busy broker would fall behind the host TTL and hosts would look lost.
+	writers := make(chan struct{}, maxHeartbeatWriters)
+	var storing sync.WaitGroup
 	heartbeatSub, err := b.nc.QueueSubscribe(agentapi.HeartbeatWildcard, "lethe-broker", func(m *nats.Msg) {
-		b.handleHeartbeat(gctx, m)
+		if gctx.Err() != nil {
+			return
+		}
+		select {
+		case writers <- struct{}{}:
+		case <-gctx.Done():
+			return
+		}
+		storing.Go(func() {
+			defer func() { <-writers }()
+			b.handleHeartbeat(gctx, m)
+		})
 	})
 	if err != nil {
 		_ = svc.Stop()
@@ -212,6 +227,7 @@ func (b *Broker) Run(ctx context.Context) error {
 		return nil
 	})
 	err = g.Wait()
+	storing.Wait()
 	b.drivers.Wait()
 	b.releaseLeases(context.WithoutCancel(ctx))
 	b.log.Info("Broker stopped")

@@ -10,6 +10,9 @@ import (
 	"github.com/nats-io/nats.go/micro"
 )
 
+// maxHeartbeatWriters bounds the heartbeats a broker stores at once.
+const maxHeartbeatWriters = 32
+
 // handleHeartbeat stores an agent's host record, sent on its heartbeat subject, in the
 // lethe-hosts bucket. Only the broker writes that bucket: an agent allowed to publish on its
 // own key could send a roll-up or purge header and wipe every host's record. The record must

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"golang.org/x/sync/errgroup"
@@ -381,7 +382,7 @@ func (b *Broker) stepTransfer(ctx context.Context, m *Migration) (bool, error) {
 func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 	var note string
 	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingCommit, CommitAck: m.CommitAck}
-	ev, nonce, err := b.erasureEvidence(ctx, m.ID, m.Source)
+	ev, nonce, err := b.erasureEvidence(ctx, m, m.Source)
 	unresolved := false
 	switch {
 	case err == nil:
@@ -467,7 +468,7 @@ func (b *Broker) stepAbort(ctx context.Context, m *Migration) error {
 	// what it received and never resumed the guest, or, for a destination lost for good, with
 	// a receipt that says that is unproven.
 	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingAbort}
-	ev, nonce, err := b.erasureEvidence(ctx, m.ID, m.Destination)
+	ev, nonce, err := b.erasureEvidence(ctx, m, m.Destination)
 	switch {
 	case err == nil:
 		req.Erasure = &Attestation{Nonce: nonce, Evidence: ev}
@@ -532,14 +533,24 @@ func (b *Broker) abortBecameCommit(ctx context.Context, m *Migration, end string
 }
 
 // erasureEvidence gets host's evidence (role erased) of its erasure statement for migration
-// id, bound to a fresh keybroker nonce. It returns the agent's errors (ErrNotFound for a
-// migration it never heard of).
-func (b *Broker) erasureEvidence(ctx context.Context, id, host string) (*attest.Evidence, []byte, error) {
-	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: id, Role: attest.RoleErased})
+// m, bound to a fresh keybroker nonce and to the HPKE key the keybroker's grant names for that
+// end. It returns the agent's errors (ErrNotFound for a migration it never heard of).
+func (b *Broker) erasureEvidence(ctx context.Context, m *Migration, host string) (*attest.Evidence, []byte, error) {
+	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: m.ID, Role: attest.RoleErased})
 	if err != nil {
 		return nil, nil, fmt.Errorf("getting an erasure nonce: %w", err)
 	}
-	ev, err := b.agents.Erase(ctx, host, &agentapi.EraseRequest{MigrationID: id, Nonce: nonce.Nonce})
+	req := &agentapi.EraseRequest{MigrationID: m.ID, Nonce: nonce.Nonce}
+	if g, err := grant.Parse(m.Grant); err == nil {
+		end := g.Source
+		if host == m.Destination {
+			end = g.Destination
+		}
+		if end != nil {
+			req.HPKEPublicKey = end.HPKEPublicKey
+		}
+	}
+	ev, err := b.agents.Erase(ctx, host, req)
 	if err != nil {
 		return nil, nil, fmt.Errorf("erasing %s: %w", host, err)
 	}

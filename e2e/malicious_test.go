@@ -118,7 +118,16 @@ func (s *scn) abortRun(r *attackRun) {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	ev, err := s.agents.Erase(ctx, r.dst.host, &agentapi.EraseRequest{MigrationID: r.id, Nonce: nonce.Nonce})
+	// Bound to the key the keybroker released to, as the broker asks for it from the grant.
+	req := &agentapi.EraseRequest{MigrationID: r.id, Nonce: nonce.Nonce}
+	if r.rel != nil {
+		g, err := grant.Parse(r.rel.Grant)
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		req.HPKEPublicKey = g.Destination.HPKEPublicKey
+	}
+	ev, err := s.agents.Erase(ctx, r.dst.host, req)
 	if err != nil {
 		s.t.Fatalf("getting the destination's erasure evidence for %s: %v", r.id, err)
 	}
@@ -381,20 +390,7 @@ func erasureOtherChip(s *scn, r *attackRun) {
 	s.requireEpochKey(r.vm, 1)
 	s.audits = append(s.audits, auditWant{r.id, keybroker.EventDestroy, keybroker.DecisionDeny})
 
-	// The source's own erasure evidence completes the commit, as an honest broker would.
-	nonce, err = s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	ev, err := s.agents.Erase(ctx, r.src.host, &agentapi.EraseRequest{MigrationID: r.id, Nonce: nonce.Nonce})
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	if err := s.commit(r, ack, &broker.Attestation{Nonce: nonce.Nonce, Evidence: ev}, false); err != nil {
-		s.t.Fatalf("committing with the source's own erasure evidence: %v", err)
-	}
-	s.moveGuestRecord(r)
-	s.guests[r.vm].at = r.dst
+	s.commitHonestly(r, ack)
 	s.outcome = "refused: erasure evidence must come from the released source's chip"
 }
 
@@ -423,8 +419,16 @@ func abortAfterCommit(s *scn, r *attackRun) {
 	s.requireEpochKey(r.vm, 2)
 	s.audits = append(s.audits, auditWant{r.id, keybroker.EventDestroy, keybroker.DecisionDeny})
 
-	// The honest ending: the commit, with the source's erasure evidence.
-	nonce, err = s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
+	s.commitHonestly(r, ack)
+	s.outcome = "refused: an abort needs the destination's evidence that it never resumed the guest"
+}
+
+// commitHonestly ends r as an honest broker does after a commit: the source's own erasure
+// evidence and the acknowledgement to the keybroker, then the guest record moved.
+func (s *scn) commitHonestly(r *attackRun, ack []byte) {
+	s.t.Helper()
+	ctx := s.t.Context()
+	nonce, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -433,11 +437,10 @@ func abortAfterCommit(s *scn, r *attackRun) {
 		s.t.Fatal(err)
 	}
 	if err := s.commit(r, ack, &broker.Attestation{Nonce: nonce.Nonce, Evidence: ev}, false); err != nil {
-		s.t.Fatalf("committing: %v", err)
+		s.t.Fatalf("committing with the source's own erasure evidence: %v", err)
 	}
 	s.moveGuestRecord(r)
 	s.guests[r.vm].at = r.dst
-	s.outcome = "refused: an abort needs the destination's evidence that it never resumed the guest"
 }
 
 // transferToCommit runs r's transfer to the granted endpoint and returns the source's commit

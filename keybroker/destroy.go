@@ -1,6 +1,7 @@
 package keybroker
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
@@ -225,7 +226,7 @@ func (k *Keybroker) proveAbort(ctx context.Context, req *DestroyRequest, m *migr
 		}
 		return nil
 	}
-	er, err := k.verifyErasureFrom(ctx, m, req.Erasure, m.Destination, "destination")
+	er, err := k.verifyErasureFrom(ctx, m, req.Erasure, m.Destination, m.DestinationKey, "destination")
 	if err != nil {
 		return err
 	}
@@ -240,7 +241,7 @@ func (k *Keybroker) proveAbort(ctx context.Context, req *DestroyRequest, m *migr
 // ErrEvidenceRejected or ErrVaultUnavailable; a policy that does not accept the erasure is no
 // error (see ErasureEvidence.Accepted and Reasons).
 func (k *Keybroker) verifyErasure(ctx context.Context, m *migrationRecord, a *Attestation) (*receipt.ErasureEvidence, error) {
-	er, err := k.verifyErasureFrom(ctx, m, a, m.Source, "source")
+	er, err := k.verifyErasureFrom(ctx, m, a, m.Source, m.SourceKey, "source")
 	if err != nil {
 		return nil, err
 	}
@@ -252,7 +253,7 @@ func (k *Keybroker) verifyErasure(ctx context.Context, m *migrationRecord, a *At
 // verifyErasureFrom consumes the nonce of erasure evidence a, verifies the evidence bound to m's
 // migration (role erased), and checks that its statement names m and that it comes from the
 // end released as want (what names it in errors).
-func (k *Keybroker) verifyErasureFrom(ctx context.Context, m *migrationRecord, a *Attestation, want receipt.EndClaims, what string) (*receipt.ErasureEvidence, error) {
+func (k *Keybroker) verifyErasureFrom(ctx context.Context, m *migrationRecord, a *Attestation, want receipt.EndClaims, wantKey []byte, what string) (*receipt.ErasureEvidence, error) {
 	if err := k.consumeNonce(ctx, m.ID, attest.RoleErased, a.Nonce); err != nil {
 		return nil, err
 	}
@@ -273,6 +274,12 @@ func (k *Keybroker) verifyErasureFrom(ctx context.Context, m *migrationRecord, a
 			return nil, fmt.Errorf("erasure evidence from %s %s, the %s released was %s %s: %w", mm.Claim, mm.Got, what, mm.Claim, mm.Want, ErrEvidenceRejected)
 		}
 		return nil, fmt.Errorf("checking erasure evidence: %w: %w", ErrEvidenceRejected, err)
+	}
+	// Platform claims can be alike on two machines (a TDX FMSPC names a model; an SNP chip ID
+	// can be masked): the evidence must also bind the HPKE key this end attested with in the
+	// release, which no other agent, nor the other end, holds.
+	if d := sha256.Sum256(a.Evidence.HPKEPublicKey); len(wantKey) == 0 || !bytes.Equal(d[:], wantKey) {
+		return nil, fmt.Errorf("erasure evidence does not bind the HPKE key the %s was released to: %w", what, ErrEvidenceRejected)
 	}
 	return &receipt.ErasureEvidence{EndClaims: claims, Statement: v.claims.Statement}, nil
 }
@@ -684,17 +691,15 @@ func (k *Keybroker) signingKey(ctx context.Context) (ed25519.PublicKey, error) {
 	if k.signPub != nil {
 		return k.signPub, nil
 	}
+	// Created if missing; an existing one (another keybroker's) is checked like a new one:
+	// a key that was created exportable or imported would let whoever prepared it sign grants
+	// and receipts in the keybroker's name.
+	if err := k.keys.createKey(ctx, ReceiptSigningKey, "ed25519"); err != nil {
+		return nil, fmt.Errorf("checking the signing key: %w", err)
+	}
 	tk, err := k.keys.readKey(ctx, ReceiptSigningKey)
 	if err != nil {
 		return nil, err
-	}
-	if tk == nil {
-		if err := k.keys.createKey(ctx, ReceiptSigningKey, "ed25519"); err != nil {
-			return nil, err
-		}
-		if tk, err = k.keys.readKey(ctx, ReceiptSigningKey); err != nil {
-			return nil, err
-		}
 	}
 	if tk == nil || tk.Type != "ed25519" || tk.PublicKey == nil {
 		return nil, fmt.Errorf("transit key %s is not an ed25519 key", ReceiptSigningKey)

@@ -17,6 +17,7 @@ import (
 	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/keybroker/seal"
 )
 
 // released adopts vm and releases migration id for it.
@@ -573,5 +574,55 @@ func TestAbortRequiresProof(t *testing.T) {
 	}
 	if e.transitKeyExists("lethe-demo-vm1-e2") || !e.transitKeyExists("lethe-demo-vm1-e1") {
 		t.Error("an unverified abort must destroy epoch 2 and keep epoch 1")
+	}
+}
+
+// TestErasureBindsTheEndsKey: erasure evidence must bind the HPKE key the end attested with
+// in the release, so that another machine with the same claims (a TDX FMSPC names a model, an
+// SNP chip ID can be masked), or the other end of the migration, cannot stand in for it.
+func TestErasureBindsTheEndsKey(t *testing.T) {
+	e := newEnv(t)
+	e.released("m1", "vm1")
+	k, err := seal.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := e.kb.IssueNonce(t.Context(), NonceRequest{MigrationID: "m1", Role: attest.RoleErased})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The destination's own platform and chip, another HPKE key: a look-alike machine.
+	ev, err := attest.Produce(t.Context(), e.plats["destination"], attest.Binding{
+		MigrationID: "m1", Role: attest.RoleErased, Nonce: n.Nonce, HPKEPublicKey: k.PublicKey(),
+		Statement: keybrokertest.ErasureStatement(t, "m1"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort, Erasure: &Attestation{Nonce: n.Nonce, Evidence: ev}})
+	if !errors.Is(err, ErrEvidenceRejected) || !strings.Contains(err.Error(), "does not bind the HPKE key the destination was released to") {
+		t.Fatalf("abort with a look-alike's evidence = %v, want ErrEvidenceRejected naming the HPKE key", err)
+	}
+	if !e.transitKeyExists("lethe-demo-vm1-e2") {
+		t.Fatal("the look-alike's evidence destroyed the destination's key")
+	}
+	if _, err := e.kb.Destroy(t.Context(), e.abort("m1", "vm1")); err != nil {
+		t.Fatalf("abort with the destination's own evidence: %v", err)
+	}
+}
+
+// TestPreparedSigningKeyRefused: a receipt-signing key created by someone else, exportable,
+// is never used: it would let them sign grants and receipts in the keybroker's name.
+func TestPreparedSigningKeyRefused(t *testing.T) {
+	e := newEnv(t)
+	if _, err := e.admin.Logical().WriteWithContext(t.Context(), "transit/keys/"+ReceiptSigningKey, map[string]any{"type": "ed25519", "exportable": true}); err != nil {
+		t.Fatal(err)
+	}
+	fresh, err := New(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fresh.PublicKey(t.Context()); !errors.Is(err, ErrUnsafeKey) {
+		t.Fatalf("PublicKey with an exportable signing key = %v, want ErrUnsafeKey", err)
 	}
 }

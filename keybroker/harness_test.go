@@ -1,9 +1,11 @@
 package keybroker
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/json"
 	"log/slog"
 	"os"
@@ -100,6 +102,9 @@ type env struct {
 	tenantKey ed25519.PrivateKey
 	stateDir  string
 	cfg       Config
+	// keys are the HPKE keys each platform attested with per migration: its erasure evidence
+	// binds the same one, as an agent's does.
+	keys map[[2]string][]*seal.PrivateKey
 }
 
 type envOption func(*Config)
@@ -168,9 +173,21 @@ type agent struct {
 // keybroker and the statement.
 func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent {
 	e.t.Helper()
-	k, err := seal.GenerateKey()
-	if err != nil {
-		e.t.Fatal(err)
+	var k *seal.PrivateKey
+	if role == attest.RoleErased {
+		k = e.releasedKey(plat, id)
+	}
+	if k == nil {
+		var err error
+		if k, err = seal.GenerateKey(); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	if role == attest.RoleSource || role == attest.RoleDestination {
+		if e.keys == nil {
+			e.keys = map[[2]string][]*seal.PrivateKey{}
+		}
+		e.keys[[2]string{plat, id}] = append(e.keys[[2]string{plat, id}], k)
 	}
 	n, err := e.kb.IssueNonce(e.t.Context(), NonceRequest{MigrationID: id, Role: role})
 	if err != nil {
@@ -182,6 +199,33 @@ func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent
 		e.t.Fatal(err)
 	}
 	return &agent{key: k, att: Attestation{Nonce: n.Nonce, Evidence: ev}}
+}
+
+// releasedKey returns the HPKE key plat attested with for migration id that the keybroker
+// released to (its record names the digest), as an agent's erasure evidence binds the key of
+// the release it took part in; nil if none.
+func (e *env) releasedKey(plat, id string) *seal.PrivateKey {
+	e.t.Helper()
+	vms, err := e.kb.recs.list(e.t.Context(), "guests/demo")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, vm := range vms {
+		var g guestRecord
+		if _, err := e.kb.recs.get(e.t.Context(), guestPath("demo", vm), &g); err != nil {
+			e.t.Fatal(err)
+		}
+		if g.Migration == nil || g.Migration.ID != id {
+			continue
+		}
+		for _, k := range e.keys[[2]string{plat, id}] {
+			d := sha256.Sum256(k.PublicKey())
+			if bytes.Equal(d[:], g.Migration.SourceKey) || bytes.Equal(d[:], g.Migration.DestinationKey) {
+				return k
+			}
+		}
+	}
+	return nil
 }
 
 // abort returns the request of an abort of the released migration id of vm, with the

@@ -2,6 +2,7 @@ package keybroker
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,6 +28,10 @@ const (
 type migrationRecord struct {
 	ID    string `json:"id"`
 	State string `json:"state"`
+	// SourceKey and DestinationKey are the SHA-256 of the HPKE public keys the keys were
+	// sealed to: each end's erasure evidence must bind its own.
+	SourceKey      attest.HexBytes `json:"sourceKey,omitempty"`
+	DestinationKey attest.HexBytes `json:"destinationKey,omitempty"`
 	// AbortUnverified: the migration aborted after its keys were released, without the
 	// destination's evidence that it erased and never resumed the guest.
 	AbortUnverified bool                     `json:"abortUnverified,omitempty"`
@@ -232,6 +237,8 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		CleanMemory:     json.RawMessage(dst.claims.Statement),
 		ReleasedAt:      k.now().UTC(),
 		DestinationHost: req.DestinationHost.Name,
+		SourceKey:       keyDigest(req.Source.Evidence.HPKEPublicKey),
+		DestinationKey:  keyDigest(req.Destination.Evidence.HPKEPublicKey),
 		SignedPolicy:    req.Policy,
 	}
 	guest.Migration = m
@@ -394,6 +401,7 @@ func (k *Keybroker) releaseAgain(ctx context.Context, req *ReleaseRequest, guest
 	start = time.Now()
 	m.Policy = receipt.PolicyRef{Digest: dec.Digest, SVN: dec.SVN}
 	m.Source, m.Destination = receipt.Summarize(src), receipt.Summarize(dst)
+	m.SourceKey, m.DestinationKey = keyDigest(req.Source.Evidence.HPKEPublicKey), keyDigest(req.Destination.Evidence.HPKEPublicKey)
 	m.CleanMemory = json.RawMessage(dst.Statement)
 	m.SignedPolicy = req.Policy
 	if _, err := k.recs.put(ctx, guestPath(req.Tenant, req.VM), guest, guestVer); err != nil {
@@ -409,6 +417,12 @@ func (k *Keybroker) releaseAgain(ctx context.Context, req *ReleaseRequest, guest
 		PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision,
 		Grant: signed, DataEndpoint: endpoint, Timings: timings,
 	}, nil
+}
+
+// keyDigest is the SHA-256 of an HPKE public key.
+func keyDigest(pub []byte) []byte {
+	d := sha256.Sum256(pub)
+	return d[:]
 }
 
 // dataEndpoint returns the data endpoint the destination's verified clean-memory statement

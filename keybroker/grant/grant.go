@@ -176,6 +176,24 @@ func Verify(envelope []byte, pub ed25519.PublicKey) (*Grant, error) {
 	return &g, nil
 }
 
+// Parse decodes a grant without checking its signature, for a party that only reads what it
+// names (the broker picks which HPKE key an end's erasure evidence binds); Check is what an
+// agent calls. Errors wrap ErrRefused.
+func Parse(envelope []byte) (*Grant, error) {
+	env, err := dsse.Parse(envelope, MaxEnvelopeSize)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrRefused, err)
+	}
+	if env.PayloadType != PayloadType {
+		return nil, fmt.Errorf("%w: payload type %q is not a grant's", ErrRefused, env.PayloadType)
+	}
+	var g Grant
+	if err := json.Unmarshal(env.Payload, &g); err != nil {
+		return nil, fmt.Errorf("%w: decoding grant: %w", ErrRefused, err)
+	}
+	return &g, nil
+}
+
 // Expectation is what an agent knows for itself and requires a grant to match.
 type Expectation struct {
 	// Op is the operation the agent is taking keys for.

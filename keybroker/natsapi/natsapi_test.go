@@ -67,6 +67,9 @@ type env struct {
 	plats     map[string]emulate.Platform
 	tenantKey ed25519.PrivateKey
 	policy    []byte
+	// keys are the HPKE keys each platform attested with per migration: its erasure evidence
+	// binds the same one, as an agent's does.
+	keys map[[2]string]*seal.PrivateKey
 }
 
 func newEnv(t *testing.T) *env {
@@ -144,9 +147,18 @@ func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent
 	if err != nil {
 		e.t.Fatalf("Nonce(%s, %s): %v", id, role, err)
 	}
-	k, err := seal.GenerateKey()
-	if err != nil {
-		e.t.Fatal(err)
+	k := e.keys[[2]string{plat, id}]
+	if role != attest.RoleErased || k == nil {
+		var err error
+		if k, err = seal.GenerateKey(); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	if role == attest.RoleSource || role == attest.RoleDestination {
+		if e.keys == nil {
+			e.keys = map[[2]string]*seal.PrivateKey{}
+		}
+		e.keys[[2]string{plat, id}] = k
 	}
 	b := attest.Binding{MigrationID: id, Role: role, Nonce: n.Nonce, HPKEPublicKey: k.PublicKey(), Statement: statement}
 	ev, err := attest.Produce(e.t.Context(), e.plats[plat], b)

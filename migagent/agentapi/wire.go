@@ -141,6 +141,10 @@ type Status struct {
 type EraseRequest struct {
 	MigrationID string `json:"migrationId"`
 	Nonce       []byte `json:"nonce"`
+	// HPKEPublicKey is the HPKE public key the evidence binds: the one the keybroker released
+	// to (the grant names it), which must be one this agent attested with for the migration.
+	// Empty: the key of the grant the agent took, or else the last it attested with.
+	HPKEPublicKey []byte `json:"hpkePublicKey,omitempty"`
 }
 
 // AbortRequest ends a migration before commit: the destination scrubs and zeroizes, the

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/grant"
@@ -42,11 +43,16 @@ type migration struct {
 	// adoption's keys are opened, and by an abort. nonce is the keybroker's nonce the
 	// evidence was bound to. sealed is the SHA-256 of the sealed keys opened, so that the
 	// same delivery can be repeated; grant is the keybroker's signed grant they came with.
-	hpke   *seal.PrivateKey
-	nonce  []byte
-	sealed [sha256.Size]byte
-	opened bool
-	grant  *grant.Grant
+	hpke *seal.PrivateKey
+	// hpkePubs are the public halves of the HPKE keys the migration attested with, the last
+	// one last: its erasure evidence binds the one the keybroker released to, so that the
+	// keybroker can tell this end's evidence from any other agent's (platform claims can be
+	// alike on two machines).
+	hpkePubs [][]byte
+	nonce    []byte
+	sealed   [sha256.Size]byte
+	opened   bool
+	grant    *grant.Grant
 	// cancel ends the migration's task (transfer or reception); done is closed when it has
 	// ended. Nil before the task starts.
 	cancel context.CancelFunc
@@ -176,6 +182,10 @@ func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error
 		return fmt.Errorf("%w: migration %s is a %s migration of another guest or role", agentapi.ErrConflict, m.id, m.role)
 	case m.started || m.abortResp != nil:
 		return fmt.Errorf("%w: migration %s already started or ended", agentapi.ErrConflict, m.id)
+	case m.opened:
+		// The keys and grant of this migration name the key attested before: a new one would
+		// only break the handshake.
+		return fmt.Errorf("%w: migration %s already has its keys", agentapi.ErrConflict, m.id)
 	}
 	if req.Role == attest.RoleSource {
 		g.migration = m.id
@@ -184,6 +194,7 @@ func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error
 		m.hpke.Zeroize()
 	}
 	m.hpke, m.nonce, m.opened = key, bytes.Clone(req.Nonce), false
+	m.hpkePubs = append(m.hpkePubs, key.PublicKey())
 	return nil
 }
 
@@ -275,6 +286,7 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		m.hpke.Zeroize()
 	}
 	m.hpke, m.nonce, m.clean = key, bytes.Clone(req.Nonce), stmt
+	m.hpkePubs = append(m.hpkePubs, key.PublicKey())
 	n.migs[m.id] = m
 	n.log.Info("Prepared to receive", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrBytes, m.size, attrEndpoint, m.endpoint)
 	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
@@ -675,7 +687,7 @@ func (n *Node) Erase(ctx context.Context, req *agentapi.EraseRequest) (*attest.E
 	}
 	n.mu.Lock()
 	m := n.migs[req.MigrationID]
-	var stmt []byte
+	var stmt, pub []byte
 	err := func() error {
 		switch {
 		case m == nil:
@@ -691,6 +703,23 @@ func (n *Node) Erase(ctx context.Context, req *agentapi.EraseRequest) (*attest.E
 		default:
 			return fmt.Errorf("%w: migration %s is not a source or destination migration here", agentapi.ErrBadRequest, m.id)
 		}
+		// The key of the release this agent took part in: the one asked for, if this agent
+		// attested with it; else the grant's, if keys came; else the last.
+		switch {
+		case len(req.HPKEPublicKey) > 0:
+			if !slices.ContainsFunc(m.hpkePubs, func(k []byte) bool { return bytes.Equal(k, req.HPKEPublicKey) }) {
+				return fmt.Errorf("%w: migration %s never attested with that HPKE key here", agentapi.ErrBadRequest, m.id)
+			}
+			pub = req.HPKEPublicKey
+		case m.grant != nil:
+			end := m.grant.Source
+			if m.role == attest.RoleDestination {
+				end = m.grant.Destination
+			}
+			pub = end.HPKEPublicKey
+		case len(m.hpkePubs) > 0:
+			pub = m.hpkePubs[len(m.hpkePubs)-1]
+		}
 		return nil
 	}()
 	n.mu.Unlock()
@@ -698,7 +727,7 @@ func (n *Node) Erase(ctx context.Context, req *agentapi.EraseRequest) (*attest.E
 		return nil, err
 	}
 	ev, err := attest.Produce(ctx, n.cfg.Attester, attest.Binding{
-		MigrationID: m.id, Role: attest.RoleErased, Nonce: req.Nonce, Statement: stmt,
+		MigrationID: m.id, Role: attest.RoleErased, Nonce: req.Nonce, HPKEPublicKey: pub, Statement: stmt,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("attesting the erasure: %w", err)
