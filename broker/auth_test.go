@@ -14,6 +14,7 @@ import (
 
 var authUsers = []broker.User{
 	{Role: broker.RoleBroker, Password: "broker-pw"},
+	{Role: broker.RoleBrokerStore, Password: "broker-store-pw"},
 	{Role: broker.RoleKeybroker, Password: "keybroker-pw"},
 	{Role: broker.RoleAgent, Name: "h1", Password: "h1-pw"},
 	{Role: broker.RoleAgent, Name: "h2", Password: "h2-pw"},

@@ -31,9 +31,15 @@ type Timeouts struct {
 
 // Config configures a Broker.
 type Config struct {
-	// Conn is the broker's NATS connection. Required. Its user needs the broker's permissions
-	// (see ServerConfig) and, with authentication, the inbox prefix InboxPrefix(RoleBroker, "").
+	// Conn is the broker's NATS connection, on which it serves its API and calls agents and
+	// the keybroker. Required. Its user needs the broker's permissions (see ServerConfig) and,
+	// with authentication, the inbox prefix InboxPrefix(RoleBroker, "").
 	Conn *nats.Conn
+	// StoreConn is the connection of every JetStream and key-value operation. Its user needs
+	// the permissions of RoleBrokerStore and the inbox prefix InboxPrefix(RoleBrokerStore, "").
+	// Nil means Conn, whose user then needs JetStream rights beside the ones it serves with,
+	// and only the broker's reply checks keep callers from borrowing them.
+	StoreConn *nats.Conn
 	// KeyBroker is the keybroker. Required (usually a KeyBrokerClient).
 	KeyBroker KeyBroker
 	// Logger receives the broker's logs. Nil means slog.Default().
@@ -96,6 +102,9 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.KeyBroker == nil {
 		return nil, errors.New("creating broker: KeyBroker is required")
 	}
+	if cfg.StoreConn == nil {
+		cfg.StoreConn = cfg.Conn
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -154,7 +163,7 @@ func (b *Broker) Ready() <-chan struct{} { return b.ready }
 // agents' progress and heartbeats (the broker alone writes the hosts bucket), and drives migrations until ctx ends. It returns nil when ctx ends, or
 // the first error that stops one of its tasks.
 func (b *Broker) Run(ctx context.Context) error {
-	js, err := jetstream.New(b.nc)
+	js, err := jetstream.New(b.cfg.StoreConn)
 	if err != nil {
 		return fmt.Errorf("opening jetstream: %w", err)
 	}

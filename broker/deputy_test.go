@@ -102,12 +102,27 @@ func TestReplyDeputyMatrix(t *testing.T) {
 		// The broker: its own JetStream, calls, events and answers to its callers.
 		"broker/own events":                 {role: broker.RoleBroker, subject: broker.EventsSubject("m1"), want: allowed},
 		"broker/calls an agent":             {role: broker.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: agentapi.ReplyPrefix("h1") + "x", data: []byte(`{"migrationId":"m0"}`), want: allowed},
-		"broker/own JetStream":              {role: broker.RoleBroker, subject: "$JS.API.STREAM.INFO.KV_lethe-hosts", want: allowed},
+		"broker/JetStream API":              {role: broker.RoleBroker, subject: "$JS.API.STREAM.INFO.KV_lethe-hosts", want: violation},
+		"broker/JetStream delete":           {role: broker.RoleBroker, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
+		"broker/KV":                         {role: broker.RoleBroker, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
+		"broker/KV rollup":                  {role: broker.RoleBroker, subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
 		"broker/answers a tenant":           {role: broker.RoleBroker, subject: "_INBOX.tenant.acme.x", want: allowed},
 		"broker/keybroker's inbox":          {role: broker.RoleBroker, subject: "_INBOX.keybroker.x", want: violation},
 		"broker/forges progress":            {role: broker.RoleBroker, subject: agentapi.ProgressSubject("h1", "m1"), want: violation},
 		"broker/agent with foreign reply":   {role: broker.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", data: []byte(`{"migrationId":"m1"}`), want: refused},
 		"broker/agent with another's reply": {role: broker.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: agentapi.ReplyPrefix("h2") + "x", data: []byte(`{"migrationId":"m1"}`), want: refused},
+
+		// The broker's store user: JetStream and Lethe's buckets, nothing else; it serves nothing.
+		"broker-store/own JetStream":     {role: broker.RoleBrokerStore, subject: "$JS.API.STREAM.INFO.KV_lethe-hosts", reply: "_INBOX.broker-store.x", want: allowed},
+		"broker-store/own bucket":        {role: broker.RoleBrokerStore, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: allowed},
+		"broker-store/foreign bucket":    {role: broker.RoleBrokerStore, subject: "$KV.other.k", want: violation},
+		"broker-store/events":            {role: broker.RoleBrokerStore, subject: broker.EventsSubject("m1"), want: violation},
+		"broker-store/calls an agent":    {role: broker.RoleBrokerStore, subject: agentapi.Subject("h1", agentapi.OpStatus), want: violation},
+		"broker-store/calls keybroker":   {role: broker.RoleBrokerStore, subject: "lethe.v1.keybroker.release", want: violation},
+		"broker-store/answers a tenant":  {role: broker.RoleBrokerStore, subject: "_INBOX.tenant.acme.x", want: violation},
+		"broker-store/answers an agent":  {role: broker.RoleBrokerStore, subject: "_INBOX.agent.h1.x", want: violation},
+		"broker-store/broker's inbox":    {role: broker.RoleBrokerStore, subject: "_INBOX.broker.x", want: violation},
+		"broker-store/service discovery": {role: broker.RoleBrokerStore, subject: "$SRV.PING", want: violation},
 
 		// The keybroker: events, and answers to the broker and operators only.
 		"keybroker/own events":          {role: broker.RoleKeybroker, subject: broker.EventsSubject("m1"), want: allowed},
@@ -248,5 +263,39 @@ func TestHeartbeatNamesItsHost(t *testing.T) {
 	}
 	if after.Revision() != before.Revision() {
 		t.Errorf("h2's record changed (revision %d → %d)", before.Revision(), after.Revision())
+	}
+}
+
+// TestBrokerStoreServesNothing shows that the broker's JetStream user may subscribe to nothing
+// but its own inbox: no request reaches it, so no caller can choose the subject it publishes
+// on with JetStream's rights.
+func TestBrokerStoreServesNothing(t *testing.T) {
+	e := authEnv(t)
+	for _, subject := range []string{
+		broker.SubjectPrefix + ".>",
+		agentapi.HeartbeatWildcard,
+		agentapi.ProgressWildcard,
+		"lethe.v1.keybroker.>",
+		"$SRV.>",
+		"_INBOX.broker.>",
+		">",
+	} {
+		t.Run(subject, func(t *testing.T) {
+			nc, errs := connectAs(t, e, broker.RoleBrokerStore, "")
+			if _, err := nc.SubscribeSync(subject); err != nil {
+				t.Fatal(err)
+			}
+			if err := nc.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case err := <-errs:
+				if !errors.Is(err, nats.ErrPermissionViolation) || !strings.Contains(err.Error(), subject) {
+					t.Fatalf("subscribing to %s: %v, want a permission violation", subject, err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("subscribing to %s: no permission violation", subject)
+			}
+		})
 	}
 }

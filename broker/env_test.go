@@ -85,7 +85,7 @@ func newEnv(t testing.TB, opts natstest.Options) *env {
 
 func (e *env) jetstream() jetstream.JetStream {
 	if e.js == nil {
-		js, err := jetstream.New(e.connect(broker.RoleBroker, ""))
+		js, err := jetstream.New(e.connect(broker.RoleBrokerStore, ""))
 		if err != nil {
 			e.t.Fatal(err)
 		}
@@ -108,6 +108,7 @@ func (e *env) startBroker(id string) (*broker.Broker, func()) {
 	cfg := e.cfg
 	cfg.ID = id
 	cfg.Conn = e.connect(broker.RoleBroker, "")
+	cfg.StoreConn = e.connect(broker.RoleBrokerStore, "")
 	b, err := broker.New(cfg)
 	if err != nil {
 		e.t.Fatal(err)

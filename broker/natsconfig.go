@@ -18,11 +18,15 @@ type Role string
 
 // The roles that get NATS users.
 const (
-	RoleBroker    Role = "broker"
-	RoleKeybroker Role = "keybroker"
-	RoleAgent     Role = "agent"
-	RoleTenant    Role = "tenant"
-	RoleOperator  Role = "operator"
+	RoleBroker Role = "broker"
+	// RoleBrokerStore is the broker's JetStream user (Config.StoreConn): it alone holds
+	// JetStream's API and Lethe's buckets, and it serves nothing, so no caller can make it
+	// publish on a subject of the caller's choosing.
+	RoleBrokerStore Role = "broker-store"
+	RoleKeybroker   Role = "keybroker"
+	RoleAgent       Role = "agent"
+	RoleTenant      Role = "tenant"
+	RoleOperator    Role = "operator"
 )
 
 // ErrNoAuth is returned for a server configuration without users that is not for development.
@@ -102,8 +106,10 @@ func replyAllowed(reply string, role Role, name string) bool {
 // a server answers only under the inbox prefixes of the roles allowed to call it, so that no
 // caller can make it publish, with its own permissions, on a subject of the caller's choosing
 // (JetStream's API above all). Servers check the same before they answer (replyAllowed,
-// agentapi.ReplyPrefix, the keybroker's natsapi.Service). Only the broker may use JetStream,
-// and agents do not even write their own host records: they send heartbeats that the broker
+// agentapi.ReplyPrefix, the keybroker's natsapi.Service). Only the broker's store user
+// (RoleBrokerStore) may use JetStream, and it subscribes to nothing but its own inbox: the
+// broker's serving user, which answers requests, holds no JetStream rights to lend. Agents do
+// not even write their own host records: they send heartbeats that the broker
 // stores, because a key-value put allowed on one key could carry a purge or roll-up header
 // for the whole bucket. Nobody may publish on $SRV.>, so no one can make a server answer a
 // service-discovery request on a subject of its choosing either.
@@ -115,14 +121,22 @@ func Permissions(u User) (*server.Permissions, error) {
 		pub = []string{
 			agentapi.SubjectPrefix + ".*.*", // agent operations, never progress
 			KeyBrokerSubjectPrefix + ".>",
+			// Events: a plain publish that stream LETHE_EVENTS captures, no JetStream right.
 			EventsSubjectPrefix + ".>",
-			"$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$KV.>",
 			// Answers to its callers: tenants, operators, agents' heartbeats.
 			InboxPrefix(RoleTenant, "*") + ".>",
 			InboxPrefix(RoleOperator, "") + ".>",
 			agentapi.InboxPrefix("*") + ".>",
 		}
 		sub = []string{SubjectPrefix + ".>", agentapi.ProgressWildcard, agentapi.HeartbeatWildcard, "$SRV.>", inbox}
+	case RoleBrokerStore:
+		// JetStream's API, flow control and acks of its own consumers (key-value watches),
+		// and Lethe's buckets; its only subscription is its inbox, where JetStream answers.
+		pub = []string{"$JS.API.>", "$JS.FC.>", "$JS.ACK.>"}
+		for _, bucket := range []string{MigrationsBucket, HostsBucket, PoliciesBucket, GuestsBucket, ReceiptsBucket} {
+			pub = append(pub, "$KV."+bucket+".>")
+		}
+		sub = []string{inbox}
 	case RoleKeybroker:
 		// Answers to its callers: the broker, operators, and tenants (who publish their signed
 		// policies and key rotations to it directly; the signature, not the NATS user, says

@@ -144,6 +144,7 @@ func newEnv(t *testing.T) *env {
 	// NATS with a user per role, tenant and host.
 	users := []broker.User{
 		{Role: broker.RoleBroker, Password: e.password("broker")},
+		{Role: broker.RoleBrokerStore, Password: e.password("broker-store")},
 		{Role: broker.RoleKeybroker, Password: e.password("keybroker")},
 		{Role: broker.RoleTenant, Name: demoTenant, Password: e.password("tenant-" + demoTenant)},
 		{Role: broker.RoleTenant, Name: otherTenant, Password: e.password("tenant-" + otherTenant)},
@@ -226,7 +227,8 @@ func newEnv(t *testing.T) *env {
 	}
 
 	e.conn = e.connect("broker", broker.InboxPrefix(broker.RoleBroker, ""))
-	if e.js, err = jetstream.New(e.conn); err != nil {
+	// JetStream only through the broker's store user: the serving user has no JetStream rights.
+	if e.js, err = jetstream.New(e.connect("broker-store", broker.InboxPrefix(broker.RoleBrokerStore, ""))); err != nil {
 		t.Fatal(err)
 	}
 	e.agents = agentapi.NewClient(e.conn, 20*time.Second)
@@ -400,7 +402,8 @@ func (p *proc) tail() string {
 func (e *env) startBroker(id string) *proc {
 	e.t.Helper()
 	p := e.spawn(id, "lethe-broker",
-		"--nats-url", e.nats.URL, "--user", "broker", "--password", e.passwords["broker"], "--id", id,
+		"--nats-url", e.nats.URL, "--user", "broker", "--password", e.passwords["broker"],
+		"--store-user", "broker-store", "--store-password", e.passwords["broker-store"], "--id", id,
 		"--lease", lease.String(), "--check-interval", "200ms", "--host-ttl", hostTTL.String(),
 		"--agent-timeout", "10s", "--start-timeout", "30s", "--progress-timeout", "20s")
 	e.mu.Lock()

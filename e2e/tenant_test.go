@@ -28,7 +28,6 @@ var tenantScenarios = []scenario{
 	{"tenant/key-rotation-signed-by-the-current-key", rotationByCurrentKey},
 }
 
-
 // tenantPolicy is the base policy renamed name, covering guests (a YAML flow list), at svn.
 func (s *scn) tenantPolicy(name, guests string, svn int) []byte {
 	y := replaceLine(s.basePolicy, "  name:", "  name: "+name)

@@ -24,7 +24,6 @@ var verifierScenarios = []scenario{
 	})},
 }
 
-
 // revokedDestination starts a destination agent on a chip whose endorsement key (the SEV-SNP
 // VCEK, the TDX PCK) the emulator revoked, as AMD or Intel revoke a compromised platform's,
 // and migrates a guest to it: the keybroker, which checks revocation as in production, denies

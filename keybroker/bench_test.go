@@ -51,7 +51,7 @@ func BenchmarkRelease(b *testing.B) {
 		evaluate = append(evaluate, resp.Timings.Evaluate)
 		vault = append(vault, resp.Timings.Vault)
 		sealing = append(sealing, resp.Timings.Seal)
-		if _, err := e.kb.Destroy(b.Context(), &DestroyRequest{MigrationID: id, Tenant: "demo", VM: "vm1", Ending: Abort}); err != nil {
+		if _, err := e.kb.Destroy(b.Context(), e.abort(id, "vm1")); err != nil {
 			b.Fatal(err)
 		}
 		b.StartTimer()

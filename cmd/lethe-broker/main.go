@@ -35,7 +35,10 @@ import (
 )
 
 type config struct {
-	nats                          daemon.NATSClient
+	nats daemon.NATSClient
+	// store authenticates the JetStream connection (the broker-store user) to nats's URL with
+	// nats's TLS; without credentials the broker uses its main connection for JetStream.
+	store                         daemon.NATSClient
 	dev                           bool
 	devListen, devStore           string
 	id, logLevel, logFormat       string
@@ -77,6 +80,10 @@ func newFlagSet(c *config) *flag.FlagSet {
 	fs.StringVar(&c.nats.NKeySeed, "nkey", daemon.Env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
 	fs.StringVar(&c.nats.User, "user", daemon.Env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
 	fs.StringVar(&c.nats.Password, "password", daemon.Env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
+	fs.StringVar(&c.store.Creds, "store-creds", daemon.Env("LETHE_BROKER_STORE_CREDS", ""), "NATS credentials file of the broker's JetStream user (role broker-store) (env LETHE_BROKER_STORE_CREDS)")
+	fs.StringVar(&c.store.NKeySeed, "store-nkey", daemon.Env("LETHE_BROKER_STORE_NKEY", ""), "NATS nkey seed file of the broker's JetStream user (env LETHE_BROKER_STORE_NKEY)")
+	fs.StringVar(&c.store.User, "store-user", daemon.Env("LETHE_BROKER_STORE_USER", ""), "NATS user of the broker's JetStream connection; no --store-* credentials: JetStream shares the main connection (env LETHE_BROKER_STORE_USER)")
+	fs.StringVar(&c.store.Password, "store-password", daemon.Env("LETHE_BROKER_STORE_PASSWORD", ""), "NATS password of --store-user (env LETHE_BROKER_STORE_PASSWORD)")
 	fs.StringVar(&c.nats.TLS.CA, "nats-tls-ca", daemon.Env("LETHE_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_NATS_TLS_CA)")
 	fs.StringVar(&c.nats.TLS.Cert, "nats-tls-cert", daemon.Env("LETHE_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_NATS_TLS_CERT)")
 	fs.StringVar(&c.nats.TLS.Key, "nats-tls-key", daemon.Env("LETHE_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_NATS_TLS_KEY)")
@@ -155,9 +162,25 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	defer nc.Close()
+	checks := []daemon.Check{daemon.NATSConnected(nc)}
+	storeNC := nc
+	if c.store.Creds != "" || c.store.NKeySeed != "" || c.store.User != "" {
+		store := c.nats
+		store.Creds, store.NKeySeed, store.User, store.Password = c.store.Creds, c.store.NKeySeed, c.store.User, c.store.Password
+		if storeNC, err = store.Connect("lethe-broker-store", broker.InboxPrefix(broker.RoleBrokerStore, ""), metrics.NATSOptions(log)...); err != nil {
+			return fmt.Errorf("opening the store connection: %w", err)
+		}
+		defer storeNC.Close()
+		storeCheck := daemon.NATSConnected(storeNC)
+		storeCheck.Name = "nats-store"
+		checks = append(checks, storeCheck)
+	} else if !c.dev {
+		log.Warn("No --store-creds, --store-nkey or --store-user: JetStream shares the serving NATS user, whose JetStream rights only the broker's reply checks protect")
+	}
 
 	b, err := broker.New(broker.Config{
 		Conn:          nc,
+		StoreConn:     storeNC,
 		KeyBroker:     broker.NewKeyBrokerClient(nc, c.agentTimeout),
 		Logger:        log,
 		ID:            c.id,
@@ -177,7 +200,7 @@ func run(ctx context.Context, c *config) error {
 	srv := daemon.NewServer(daemon.ServerConfig{
 		Listen:   c.metricsListen,
 		Registry: metrics.Registry,
-		Checks:   []daemon.Check{daemon.NATSConnected(nc), daemon.Started("broker", b.Ready())},
+		Checks:   append(checks, daemon.Started("broker", b.Ready())),
 		Logger:   log,
 	})
 	g.Go(func() error {
