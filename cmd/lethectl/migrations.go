@@ -107,15 +107,9 @@ func (o *brokerOpts) client() (*broker.Client, func(), error) {
 		}
 		role, name = broker.RoleTenant, o.Tenant
 	}
-	opts := []nats.Option{nats.Name("lethectl"), nats.CustomInboxPrefix(broker.InboxPrefix(role, name))}
-	if o.Creds != "" {
-		opts = append(opts, nats.UserCredentials(o.Creds))
-	} else if o.User != "" {
-		opts = append(opts, nats.UserInfo(o.User, o.Password))
-	}
-	nc, err := nats.Connect(o.URL, opts...)
+	nc, err := dialNATS(o, role, name)
 	if err != nil {
-		return nil, nil, fmt.Errorf("connecting to %s: %w", o.URL, err)
+		return nil, nil, err
 	}
 	if o.Tenant != "" {
 		return broker.NewTenantClient(nc, o.Tenant), nc.Close, nil
