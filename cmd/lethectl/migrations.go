@@ -16,6 +16,7 @@ import (
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
 
 // brokerOpts are the settings of commands that call the broker. Precedence: flags, then
@@ -34,13 +35,18 @@ type brokerOpts struct {
 	output  string
 }
 
-func addBrokerFlags(cmd *cobra.Command, o *brokerOpts, read bool) {
-	f := cmd.Flags()
+// addNATSFlags adds the config file and NATS connection flags every networked command has.
+func addNATSFlags(f *pflag.FlagSet, o *brokerOpts) {
 	f.StringVar(&o.config, "config", "", "config file (env LETHECTL_CONFIG; default $XDG_CONFIG_HOME/lethe/lethectl.json)")
 	f.StringVar(&o.URL, "nats-url", "", "NATS server URL (env LETHE_NATS_URL; default nats://127.0.0.1:4222)")
 	f.StringVar(&o.Creds, "creds", "", "NATS credentials file (env LETHE_NATS_CREDS)")
 	f.StringVar(&o.User, "user", "", "NATS user (env LETHE_NATS_USER)")
 	f.StringVar(&o.Password, "password", "", "NATS password (env LETHE_NATS_PASSWORD)")
+}
+
+func addBrokerFlags(cmd *cobra.Command, o *brokerOpts, read bool) {
+	f := cmd.Flags()
+	addNATSFlags(f, o)
 	f.StringVar(&o.Tenant, "tenant", "", "act as this tenant; empty acts as an operator (env LETHE_TENANT)")
 	f.DurationVar(&o.Timeout, "timeout", 30*time.Second, "timeout of one broker call")
 	if read {

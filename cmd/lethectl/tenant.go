@@ -33,11 +33,7 @@ tenant's current key (or its recovery key) changes the tenant's key.`,
 // addKeybrokerConnFlags adds the NATS connection flags of the keybroker commands.
 func addKeybrokerConnFlags(cmd *cobra.Command, o *brokerOpts) {
 	f := cmd.Flags()
-	f.StringVar(&o.config, "config", "", "config file (env LETHECTL_CONFIG; default $XDG_CONFIG_HOME/lethe/lethectl.json)")
-	f.StringVar(&o.URL, "nats-url", "", "NATS server URL (env LETHE_NATS_URL; default nats://127.0.0.1:4222)")
-	f.StringVar(&o.Creds, "creds", "", "NATS credentials file (env LETHE_NATS_CREDS)")
-	f.StringVar(&o.User, "user", "", "NATS user (env LETHE_NATS_USER)")
-	f.StringVar(&o.Password, "password", "", "NATS password (env LETHE_NATS_PASSWORD)")
+	addNATSFlags(f, o)
 	f.DurationVar(&o.Timeout, "timeout", 30*time.Second, "timeout of the keybroker call")
 	f.StringVarP(&o.output, "output", "o", "text", "output format: text or json")
 }
