@@ -116,19 +116,7 @@ func agentDeputy(s *scn) {
 // purge every other key of the bucket), and asks JetStream to purge the bucket.
 func agentRollup(s *scn) {
 	a, b := s.agent(snp(snpBase)), s.agent(snp(snpBase))
-	login := "agent-" + b.host
-	perm := make(chan error, 4)
-	nc, err := nats.Connect(s.nats.URL, nats.UserInfo(login, s.passwords[login]), nats.CustomInboxPrefix(agentapi.InboxPrefix(b.host)),
-		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-			select {
-			case perm <- err:
-			default:
-			}
-		}))
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	defer nc.Close()
+	nc, _ := s.connectAsAgent(s.t, b)
 	attempts := []*nats.Msg{
 		{Subject: "$KV." + broker.HostsBucket + "." + b.host, Header: nats.Header{"Nats-Rollup": []string{"all"}}, Data: []byte(`{}`)},
 		{Subject: "$JS.API.STREAM.PURGE.KV_" + broker.HostsBucket, Data: []byte(`{}`)},

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -456,19 +455,7 @@ func impersonateHost(s *scn) {
 	a, b := s.agent(snp(snpBase, vm)), s.agent(snp(snpBase))
 	s.adopt(vm, a)
 	ctx := s.t.Context()
-	login := "agent-" + b.host
-	perm := make(chan error, 4)
-	nc, err := nats.Connect(s.nats.URL, nats.UserInfo(login, s.passwords[login]), nats.CustomInboxPrefix(agentapi.InboxPrefix(b.host)),
-		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-			select {
-			case perm <- err:
-			default:
-			}
-		}))
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	defer nc.Close()
+	nc, perm := s.connectAsAgent(s.t, b)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		s.t.Fatal(err)

@@ -719,6 +719,27 @@ func (e *env) waitAgent(t testing.TB, a *agent) {
 	})
 }
 
+// connectAsAgent connects with a's NATS user and inbox, as a compromised agent would, until t
+// ends; the channel receives the asynchronous errors (permission violations) the server
+// reports.
+func (e *env) connectAsAgent(t testing.TB, a *agent) (*nats.Conn, <-chan error) {
+	t.Helper()
+	login := "agent-" + a.host
+	perm := make(chan error, 4)
+	nc, err := nats.Connect(e.nats.URL, nats.UserInfo(login, e.passwords[login]), nats.CustomInboxPrefix(agentapi.InboxPrefix(a.host)),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			select {
+			case perm <- err:
+			default:
+			}
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return nc, perm
+}
+
 func freePort(t testing.TB, ip string) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", ip+":0")
