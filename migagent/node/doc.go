@@ -22,10 +22,12 @@
 //     with the commit acknowledgement and the memory digest, or failed); the destination
 //     receives, checks the memory digest, and resumes the guest on the received region;
 //   - erases (source, after commit): the data plane has zeroized TK and MDK and scrubbed the
-//     guest's pages; the Node attests (role erased) with the erasure statement;
-//   - aborts before commit: the destination scrubs and zeroizes, the source drops TK and
-//     resumes the guest. A source that holds the commit acknowledgement answers with it
-//     instead; a destination that resumed the guest refuses (agentapi.ErrConflict).
+//     guest's pages; the Node attests (role erased) with the erasure statement, bound to the
+//     HPKE key the grant names for it;
+//   - aborts before commit: the destination scrubs and zeroizes (and attests that, role
+//     erased, which the keybroker requires before it destroys the destination's keys), the
+//     source drops TK and resumes the guest. A source or a destination that holds the commit
+//     acknowledgement (the destination resumed the guest) answers with it instead.
 //
 // With Config.Libvirt set, the guests are instead the host's libvirt domains (a domain names
 // its tenant and VM in its metadata, or belongs to a configured tenant), and a migration
@@ -47,8 +49,9 @@
 // Caveats: a destination accepts zero-page elision whenever the source proposes it (the source
 // decides, from the tenant's policy as the keybroker reports it to the broker); a source whose
 // FIN went out but whose commit acknowledgement never came cannot know whether the destination
-// resumed the guest: it keeps the guest paused and reports the transfer failed, and resumes it
-// only when the broker aborts the migration (the destination refuses that abort if it had
-// resumed, which the broker must then reconcile). Without libvirt, guests are synthetic: a
-// workload writing a Region stands in for a VM.
+// resumed the guest: it keeps the guest paused and reports the transfer failed, and acts only
+// on the keybroker's signed receipt of how the migration ended (resumes for aborted, drops its
+// copy for committed); an abort without one leaves the guest paused, so no broker can make the
+// guest run in two places. Without libvirt, guests are synthetic: a workload writing a Region
+// stands in for a VM.
 package node
