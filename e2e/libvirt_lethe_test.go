@@ -29,9 +29,9 @@ import (
 	"github.com/lethe-cc/lethe/internal/stacktest"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
+	"github.com/lethe-cc/lethe/migagent"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/libvirt"
-	"github.com/lethe-cc/lethe/migagent/node"
 )
 
 const (
@@ -70,7 +70,7 @@ spec:
 
 // letheEnv is Lethe's control plane for the libvirt hosts: a real NATS server, a real
 // Vault, the keybroker behind its NATS edge and the broker, with an agent (an in-process
-// node.Node on an emulated SEV-SNP platform) per libvirt host.
+// migagent.Node on an emulated SEV-SNP platform) per libvirt host.
 type letheEnv struct {
 	t      testing.TB
 	nats   *natstest.Server
@@ -84,7 +84,7 @@ type letheEnv struct {
 }
 
 type letheAgent struct {
-	n      *node.Node
+	n      *migagent.Node
 	cancel context.CancelFunc
 	done   chan error
 	once   sync.Once
@@ -113,10 +113,10 @@ func (e *letheEnv) startAgent(host string, settings libvirt.Settings, dial func(
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	n, err := node.New(node.Config{
+	n, err := migagent.New(migagent.Config{
 		Host: host, Conn: e.nats.Connect(e.t), Attester: plat, KeybrokerKey: e.kbPub, HeartbeatInterval: 500 * time.Millisecond,
 		Logger: e.log.With("node", host), DataDial: dial,
-		Libvirt: node.LibvirtConfig{
+		Libvirt: migagent.LibvirtConfig{
 			Socket: socketOf(host), MigrateDir: filepath.Join(stateDir(), host, "migrate"),
 			Settings: settings, ProgressInterval: 200 * time.Millisecond,
 		},
@@ -224,7 +224,7 @@ func (e *letheEnv) transitKeys(names ...string) map[string]bool {
 
 // withGuestMetadata makes the test guest the Lethe guest demo/memtest.
 func withGuestMetadata(c *libvirt.GuestConfig) {
-	c.Metadata = node.GuestMetadata(letheTenant, letheVM)
+	c.Metadata = migagent.GuestMetadata(letheTenant, letheVM)
 }
 
 // plaintextMarkers are byte strings of the QEMU migration stream of the memtest86+ guest in

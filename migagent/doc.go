@@ -1,75 +1,57 @@
-// Package migagent is the data plane of a Lethe migration agent: it moves a confidential
-// guest's memory, or a hypervisor's own migration stream, from a source agent to a
-// destination agent over TCP, encrypted end to end under the migration's transfer key TK,
-// and it scrubs and zeroizes what each side must forget.
+// Package migagent is the Lethe migration agent: the per-host daemon that serves the agent API
+// (package agentapi) for the broker, keeps its host record fresh in JetStream with the guests
+// it currently holds, and runs the data plane (package dataplane) for each migration.
 //
-// # Transport
+// A Node holds its guests as dataplane Regions (in-process memory or a guest RAM file), each
+// with a synthetic workload that keeps dirtying pages and a memory data key MDK once the guest
+// has a residency (adoption, or the release of the migration that brought it). For a
+// migration the Node:
 //
-// The source dials the destination with one or more parallel TCP connections ("streams",
-// like QEMU's multifd). The first connection carries key confirmation, which also makes each
-// end prove that it is the attested agent: each end's evidence binds an ephemeral HPKE key
-// ([Keys.Identity]), and the keybroker's grant names the peer's ([Keys.PeerKey]). The
-// source's hello carries a KEM ciphertext to the destination's key, the destination's reply
-// one to the source's (seal.Encapsulate, contexts "lethe/v1/possession/destination" and
-// "lethe/v1/possession/source", each followed by the migration id); each end decapsulates
-// the one it received, so that both hold the secrets ss_d and ss_s, and proves it with an
-// HMAC-SHA256 over the handshake transcript T (migration id, stream count, region geometry,
-// the zero-page setting, a random nonce from each side and both ciphertexts) under
+//   - attests (role source or adopt): makes an ephemeral HPKE key pair for the migration and
+//     binds its public key into its evidence (attest.Binding); adoption evidence also states
+//     the clean-memory statement of the guest's launch (the agent scrubs an in-process
+//     guest's memory before starting it; a received guest keeps its receive region's);
+//   - prepares (destination): scrubs a fresh receive region, states it clean, attests (role
+//     destination) with that statement and opens a data-plane listener;
+//   - opens the sealed keys with the migration's HPKE key, once the keybroker's grant checks
+//     out for what the Node knows itself (package grant). A source or destination keeps the
+//     HPKE private key until its transfer or reception ends, because the data-plane handshake
+//     makes it prove it holds that key, and zeroizes it then (or when the migration is
+//     aborted); an adoption zeroizes it at once;
+//   - transfers (source) in the background, reporting progress (precopy, cutover, committed
+//     with the commit acknowledgement and the memory digest, or failed); the destination
+//     receives, checks the memory digest, and resumes the guest on the received region;
+//   - erases (source, after commit): the data plane has zeroized TK and MDK and scrubbed the
+//     guest's pages; the Node attests (role erased) with the erasure statement, bound to the
+//     HPKE key the grant names for it;
+//   - aborts before commit: the destination scrubs and zeroizes (and attests that, role
+//     erased, which the keybroker requires before it destroys the destination's keys), the
+//     source drops TK and resumes the guest. A source or a destination that holds the commit
+//     acknowledgement (the destination resumed the guest) answers with it instead.
 //
-//	K = HKDF-SHA256(TK ‖ ss_d ‖ ss_s, salt = T, info = "lethe/v1/confirm")
+// With Config.Libvirt set, the guests are instead the host's libvirt domains (a domain names
+// its tenant and VM in its metadata, or belongs to a configured tenant), and a migration
+// carries the hypervisor's own migration stream through the data plane, with libvirt's
+// migration steps driven on both hosts and their cookies passed in-band (libvirt.go). The
+// destination acknowledges only once the guest runs there; the source confirms it is gone
+// after the acknowledgement, and cancels the migration (the guest runs on) on any failure
+// before it. Such a migration has no memory digest and scrubs no pages: the hypervisor owns
+// the guest's memory.
 //
-// A peer without TK, or without the HPKE private key the grant names for it, or a relay
-// that rewrites or replays any part of the handshake, fails there ([ErrKeyConfirmation]),
-// and neither side sends anything else. The other connections then join with a MAC under K
-// bound to T.
+// When Run's context ends, migrations in flight are aborted: keys are zeroized, receive
+// regions scrubbed, and a source guest paused for cutover is resumed.
 //
-// Every stream and direction has its own AES-256-GCM key:
+// The Node must never send a page unencrypted (pages leave only through the data plane's sealed
+// streams), never keep a key after the commit or abort that ends it (TK, the migration's HPKE
+// private key, the MDK of a residency that ended), and never log a key, a sealed key blob,
+// or raw evidence.
 //
-//	key = HKDF-SHA256(TK ‖ ss_d ‖ ss_s, salt = T, info = "lethe/v1/stream" ‖ direction ‖ index)
-//
-// where direction is one byte, 's' (source to destination) or 'd' (destination to source),
-// and index is the stream index as a 4-byte big-endian integer. A frame is a 32-byte header
-// (version, type, stream, sequence number, page number or byte offset, page count, sealed
-// length), authenticated as AAD, followed by the sealed payload (at most [MaxPayload] bytes
-// of plaintext). The GCM nonce is the frame's sequence number, so a stream key must never
-// serve two sessions: ss_d and ss_s are fresh in every session, so no two sessions share a
-// stream key even under one TK, which the keybroker may seal again in a repeated release.
-// A frame that is out of order, repeated, truncated, altered, misrouted or sealed under
-// another key ends the migration with a [*FrameError] wrapping [ErrReorderedFrame],
-// [ErrReplayedFrame], [ErrTruncatedFrame], [ErrFrameAuthentication], [ErrMisroutedFrame] or
-// [ErrMalformedFrame]. Each stream ends with a FIN frame carrying its counts, its transcript
-// hash and the SHA-256 of the guest memory, which the source computes while the guest is
-// paused after the final round; the destination checks them, that every page of the region
-// arrived, and that its region hashes to that digest, before it returns a commit
-// acknowledgement ([Commit], which is grant.CommitAck) MACed with a key derived from TK alone,
-// so that the keybroker, which holds TK but neither KEM secret, can check it. A byte stream
-// without a region has no memory digest (its field in the FINs is zero and unchecked): its
-// completeness is the stream's own, every byte sealed in sequence and both directions ended
-// with a half-close, and the destination acknowledges only after both have ended.
-//
-// [Source.Run] and [Destination.Receive] are single use and destroy TK when they return;
-// they use [Keys.Identity] but never zeroize it (the caller owns it).
-//
-// # Sources of data
-//
-// One transport carries two kinds of data: guest memory pages from a [Region] (an
-// in-process region or a memory-mapped guest RAM file) with dirty tracking and pre-copy
-// rounds, and an opaque full-duplex byte stream (the hypervisor's migration stream) with
-// half-close passed on.
-//
-// # Erasure
-//
-// The destination scrubs its receive region (zeroes it and reads it back) before anything
-// arrives, which yields an [attest.CleanMemoryStatement] for its evidence. Anything kept outside the
-// region is sealed under the memory data key MDK in a [Spool]. After commit the source
-// zeroizes TK and MDK, scrubs its region and spool, and returns an [attest.ErasureStatement]; after a
-// failed or aborted transfer the destination does the same with its own. Keys are held as
-// [SecretKey] values in locked memory where the operating system allows.
-//
-// This package must never write a guest page outside the region except sealed under MDK,
-// never send a frame before key confirmation succeeds, never log a key or a page, and never
-// derive a stream key from TK alone. Caveat: keys derived for AES-GCM and HMAC are expanded by
-// the Go standard library into ordinary heap memory that is not locked and is only released,
-// not zeroed, when the session ends, and so is the HPKE state ss_d and ss_s are exported
-// from; the secrets this package holds itself are zeroed.
+// Caveats: a destination accepts zero-page elision whenever the source proposes it (the source
+// decides, from the tenant's policy as the keybroker reports it to the broker); a source whose
+// FIN went out but whose commit acknowledgement never came cannot know whether the destination
+// resumed the guest: it keeps the guest paused and reports the transfer failed, and acts only
+// on the keybroker's signed receipt of how the migration ended (resumes for aborted, drops its
+// copy for committed); an abort without one leaves the guest paused, so no broker can make the
+// guest run in two places. Without libvirt, guests are synthetic: a workload writing a Region
+// stands in for a VM.
 package migagent

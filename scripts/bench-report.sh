@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench-report.sh runs the data-plane benchmarks of migagent (BenchmarkTransfer and
+# bench-report.sh runs the data-plane benchmarks of migagent/dataplane (BenchmarkTransfer and
 # BenchmarkAESGCM) and writes the "Data plane" section of BENCHMARKS.md: median MB/s of each
 # sub-benchmark over COUNT runs, the ratios the data plane is held to, and the machine.
 #
@@ -15,7 +15,7 @@ raw=$(mktemp)
 trap 'rm -f "$raw" "$raw.section" "$raw.rest"' EXIT
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-go test -run '^$' -bench 'BenchmarkTransfer|BenchmarkAESGCM' -benchtime "$benchtime" -count "$count" ./migagent/ | tee "$raw"
+go test -run '^$' -bench 'BenchmarkTransfer|BenchmarkAESGCM' -benchtime "$benchtime" -count "$count" ./migagent/dataplane/ | tee "$raw"
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # median NAME COLUMN-UNIT: the median of the value before UNIT on the lines of NAME.
@@ -43,7 +43,7 @@ ceiling=$(awk -v p="$plain" -v a="$aes" -v c="$cores" 'BEGIN { printf "%.0f", 1 
 	echo "## Data plane"
 	echo
 	echo "Written by \`scripts/bench-report.sh\` on $(date -u +%Y-%m-%d): \`go test -bench\` of"
-	echo "\`migagent\`, median of $count runs of $benchtime each; every sub-benchmark moves the same"
+	echo "\`migagent/dataplane\`, median of $count runs of $benchtime each; every sub-benchmark moves the same"
 	echo "64 MiB over loopback TCP, both ends in one process."
 	echo
 	echo "Machine: $cores cores, $cpu; $(go version | cut -d' ' -f3-); load average $load_before before, $load_after after."

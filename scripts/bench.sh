@@ -2,7 +2,7 @@
 # bench.sh is `make bench`: it runs every benchmark of Lethe beside the baseline its issue names,
 # in the same run, and writes BENCHMARKS.md with the machine it ran on.
 #
-#   data plane      migagent BenchmarkTransfer: plaintext TCP and TLS 1.3 vs 1, 2, 4 streams
+#   data plane      migagent/dataplane BenchmarkTransfer: plaintext TCP and TLS 1.3 vs 1, 2, 4 streams
 #   attestation     attest BenchmarkVerify, policy BenchmarkEvaluate
 #   key release     keybroker BenchmarkRelease (real Vault) vs BenchmarkPrimitives alone
 #   control plane   broker BenchmarkMigrations and BenchmarkHosts (real NATS)

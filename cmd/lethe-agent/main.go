@@ -34,8 +34,8 @@ import (
 	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/migagent"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
-	"github.com/lethe-cc/lethe/migagent/node"
 	"github.com/nats-io/nats.go"
 	"golang.org/x/sync/errgroup"
 )
@@ -52,13 +52,13 @@ type config struct {
 	emulatedDebug                               bool
 	labels                                      map[string]string
 	region                                      string
-	guests                                      []node.GuestSpec
+	guests                                      []migagent.GuestSpec
 	workloadRate, streams                       int
 	heartbeat                                   time.Duration
 	logFormat, logLevel                         string
 	labelSpec, configFile, metricsListen        string
 	keybrokerPub                                string
-	libvirt                                     node.LibvirtConfig
+	libvirt                                     migagent.LibvirtConfig
 }
 
 func main() {
@@ -77,7 +77,7 @@ func main() {
 }
 
 // guestFlags collects repeated --guest flags.
-type guestFlags struct{ specs *[]node.GuestSpec }
+type guestFlags struct{ specs *[]migagent.GuestSpec }
 
 func (g guestFlags) String() string {
 	if g.specs == nil {
@@ -91,7 +91,7 @@ func (g guestFlags) String() string {
 }
 
 func (g guestFlags) Set(v string) error {
-	spec, err := node.ParseGuestSpec(v)
+	spec, err := migagent.ParseGuestSpec(v)
 	if err != nil {
 		return err
 	}
@@ -314,7 +314,7 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	defer nc.Close()
-	n, err := node.New(node.Config{
+	n, err := migagent.New(migagent.Config{
 		Host: c.host, Conn: nc, Attester: att, KeybrokerKey: kbKey, Labels: c.labels, Region: c.region,
 		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
 		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, Logger: log,

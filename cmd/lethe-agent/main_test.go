@@ -7,7 +7,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
-	"github.com/lethe-cc/lethe/migagent/node"
+	"github.com/lethe-cc/lethe/migagent"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -49,7 +49,7 @@ func TestParseFlags(t *testing.T) {
 				"--emulator-dir", "/tmp/emu", "--emulated-tcb", "bl=3,tee=0,snp=8,ucode=115",
 				"--guest", "acme/web=256MiB", "--guest", "acme/db=1GiB", "--labels", "zone=a,tier=gold"},
 			check: func(t *testing.T, c *config) {
-				want := []node.GuestSpec{{Tenant: "acme", VM: "web", MemoryBytes: 256 << 20}, {Tenant: "acme", VM: "db", MemoryBytes: 1 << 30}}
+				want := []migagent.GuestSpec{{Tenant: "acme", VM: "web", MemoryBytes: 256 << 20}, {Tenant: "acme", VM: "db", MemoryBytes: 1 << 30}}
 				if diff := cmp.Diff(want, c.guests); diff != "" {
 					t.Errorf("guests (-want +got):\n%s", diff)
 				}

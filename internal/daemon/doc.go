@@ -37,7 +37,7 @@
 // reachable, the service started). It is off unless a daemon is given a listen address, and
 // it is meant for a private network or loopback: it has no authentication. [Metrics] holds a
 // daemon's registry and makes the Prometheus implementations of the metric hooks of
-// packages broker, keybroker and migagent/node, which themselves import no Prometheus.
+// packages broker, keybroker and migagent, which themselves import no Prometheus.
 //
 // The package must never log or expose a secret: configuration values are not logged, and
 // metrics carry counts, durations and low-cardinality labels only (phases, outcomes, error

@@ -232,7 +232,7 @@ func (k *KeybrokerMetrics) Released(decision keybroker.Decision, d time.Duration
 // VaultError implements keybroker.Metrics.
 func (k *KeybrokerMetrics) VaultError() { k.vaultErrors.Inc() }
 
-// AgentMetrics implements node.Metrics (package migagent/node), which cmd/lethe-agent checks
+// AgentMetrics implements migagent.Metrics (package migagent), which cmd/lethe-agent checks
 // where it hands it to the agent.
 type AgentMetrics struct {
 	bytesSent     prometheus.Counter

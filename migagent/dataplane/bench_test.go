@@ -1,0 +1,220 @@
+package dataplane
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// benchSize is what one iteration of BenchmarkTransfer moves.
+const benchSize = 64 << 20
+
+func BenchmarkTransfer(b *testing.B) {
+	src := testRegion(b, benchSize)
+	fillRegion(src, 1)
+	b.Run("plaintext", func(b *testing.B) {
+		c, s := tcpPair(b)
+		benchCopy(b, c, s, src)
+	})
+	b.Run("tls13", func(b *testing.B) {
+		c, s := tcpPair(b)
+		cert := selfSigned(b)
+		pool := x509.NewCertPool()
+		pool.AddCert(cert.Leaf)
+		server := tls.Server(s, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})
+		client := tls.Client(c, &tls.Config{RootCAs: pool, ServerName: "lethe", MinVersion: tls.VersionTLS13})
+		errc := make(chan error, 1)
+		go func() { errc <- server.Handshake() }()
+		if err := client.Handshake(); err != nil {
+			b.Fatal(err)
+		}
+		if err := <-errc; err != nil {
+			b.Fatal(err)
+		}
+		b.Logf("TLS cipher suite: %s", tls.CipherSuiteName(client.ConnectionState().CipherSuite))
+		benchCopy(b, client, server, src)
+	})
+	for _, n := range []int{1, 2, 4} {
+		name := fmt.Sprintf("lethe-%dstream", n)
+		if n > 1 {
+			name += "s"
+		}
+		b.Run(name, func(b *testing.B) { benchLethe(b, src, n) })
+	}
+}
+
+func tcpPair(b *testing.B) (client, server net.Conn) {
+	ln := listen(b)
+	done := make(chan net.Conn)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			b.Error(err)
+		}
+		done <- c
+	}()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	server = <-done
+	b.Cleanup(func() { client.Close(); server.Close() })
+	return client, server
+}
+
+// benchCopy moves the region from w to a receive buffer read from r, once per iteration.
+func benchCopy(b *testing.B, w io.Writer, r io.Reader, src *Region) {
+	dst := make([]byte, MaxPayload)
+	data := src.Bytes()
+	b.SetBytes(benchSize)
+	b.ResetTimer()
+	for b.Loop() {
+		errc := make(chan error, 1)
+		go func() {
+			for off := 0; off < len(data); off += MaxPayload {
+				if _, err := w.Write(data[off : off+MaxPayload]); err != nil {
+					errc <- err
+					return
+				}
+			}
+			errc <- nil
+		}()
+		for got := 0; got < len(data); {
+			n, err := r.Read(dst)
+			if err != nil {
+				b.Fatal(err)
+			}
+			got += n
+		}
+		if err := <-errc; err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func benchLethe(b *testing.B, srcRegion *Region, streams int) {
+	ctx := b.Context()
+	dstRegion := testRegion(b, benchSize)
+	ln := listen(b)
+	ids := newIdentities(b)
+	srcAgent, err := NewSource(SourceConfig{MigrationID: "bench", Peer: ln.Addr().String(), Streams: streams, Region: srcRegion})
+	if err != nil {
+		b.Fatal(err)
+	}
+	dstAgent, err := NewDestination(DestinationConfig{MigrationID: "bench", Region: dstRegion})
+	if err != nil {
+		b.Fatal(err)
+	}
+	tk := testKey(b, 1)
+	type acceptResult struct {
+		conns   []net.Conn
+		session *confirmed
+		err     error
+	}
+	accepted := make(chan acceptResult, 1)
+	go func() {
+		c, hs, err := dstAgent.accept(ctx, ln, ids.destination(Keys{TK: tk}))
+		accepted <- acceptResult{c, hs, err}
+	}()
+	srcConns, hs, err := srcAgent.connect(ctx, ids.source(Keys{TK: tk}))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer hs.destroy()
+	a := <-accepted
+	if a.err != nil {
+		b.Fatal(a.err)
+	}
+	defer a.session.destroy()
+	var received, target atomic.Int64
+	arrived := make(chan struct{}, 1)
+	dst, err := newSession(ctx, sessionConfig{role: roleDestination, secret: a.session.secret, transcript: a.session.transcript,
+		conns: a.conns, region: dstRegion, log: srcAgent.log,
+		onPages: func(n int) {
+			if received.Add(int64(n)) >= target.Load() {
+				select {
+				case arrived <- struct{}{}:
+				default:
+				}
+			}
+		}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	src, err := newSession(ctx, sessionConfig{role: roleSource, secret: hs.secret, transcript: hs.transcript,
+		conns: srcConns, region: srcRegion, log: srcAgent.log})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { src.close(); dst.close() }()
+	set := srcRegion.fullSet()
+	b.SetBytes(benchSize)
+	b.ResetTimer()
+	for b.Loop() {
+		target.Add(int64(srcRegion.Pages()))
+		if err := src.sendPageSet(set); err != nil {
+			b.Fatal(err)
+		}
+		for received.Load() < target.Load() {
+			select {
+			case <-arrived:
+			case <-dst.ctx.Done():
+				b.Fatal(dst.err())
+			case <-time.After(time.Minute):
+				b.Fatal("pages did not arrive")
+			}
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(src.mem.Load()+dst.mem.Load())/float64(streams), "B/stream")
+}
+
+func selfSigned(b *testing.B) tls.Certificate {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "lethe"}, DNSNames: []string{"lethe"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+}
+
+func BenchmarkAESGCM(b *testing.B) {
+	block, err := aes.NewCipher(make([]byte, 32))
+	if err != nil {
+		b.Fatal(err)
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pt := make([]byte, MaxPayload)
+	out := make([]byte, 0, MaxPayload+tagSize)
+	nonce := make([]byte, aead.NonceSize())
+	b.SetBytes(MaxPayload)
+	for b.Loop() {
+		out = aead.Seal(out[:0], nonce, pt, nil)
+	}
+}

@@ -1,0 +1,402 @@
+package dataplane
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync/atomic"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+)
+
+// Pauser stops and restarts a guest: the source pauses it before the final round.
+// Pause must not return until no write to guest memory is in progress.
+type Pauser interface {
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+}
+
+// Progress is reported after each pre-copy round and after the final round.
+type Progress struct {
+	// Round counts from 0 (the round that sends every page).
+	Round int
+	// Final says this was the round after the guest was paused.
+	Final bool
+	// Pages and Bytes are what this round sent (Bytes counts page payloads only).
+	Pages int
+	Bytes int64
+	// TotalPages and TotalBytes are what all rounds so far sent.
+	TotalPages int64
+	TotalBytes int64
+	// Dirty is the number of pages written during the round, to be sent next.
+	Dirty int
+	// DirtyRate is pages written per second during the round.
+	DirtyRate float64
+	// Rate is bytes sent per second during the round.
+	Rate float64
+	// ETA estimates the time until the dirty set is small enough to pause; 0 when it already
+	// is, negative when the guest dirties pages faster than they are sent.
+	ETA time.Duration
+	// Elapsed is the time since the transfer started.
+	Elapsed time.Duration
+}
+
+// SourceConfig configures the source side of one migration.
+type SourceConfig struct {
+	// MigrationID names the migration; it salts every key and is checked by the peer.
+	// Required, at most 255 bytes.
+	MigrationID string
+	// Peer is the destination agent's data endpoint, host:port. Required.
+	Peer string
+	// Dial opens a connection to Peer. Nil means a net.Dialer over TCP.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Streams is the number of parallel TCP connections. Zero means 1; at most 64.
+	Streams int
+	// Region is the guest memory to move. Nil means no memory transfer (byte stream only).
+	Region *Region
+	// Guest is paused before the final round and resumed if the migration fails before its
+	// FIN is sent. Nil means nothing writes Region during the transfer.
+	Guest Pauser
+	// Stream is an opaque full-duplex byte stream to carry (the hypervisor's migration
+	// stream). Its end of input is passed on as a half-close, and the peer's half-close is
+	// passed back through CloseWrite if Stream has it; the transfer ends when both
+	// directions are closed. Run closes Stream only if the migration fails. Nil means none.
+	Stream io.ReadWriteCloser
+	// MaxRounds bounds the pre-copy rounds before the final one. Zero means 30.
+	MaxRounds int
+	// ConvergedPages is the dirty-set size at or below which pre-copy stops and the guest is
+	// paused. Zero means 256 pages (1 MiB).
+	ConvergedPages int
+	// ZeroPageElision sends all-zero pages as a flag instead of sealed zeroes. It reveals
+	// which pages are zero: set it only where the tenant's policy allows it
+	// (transport.zeroPageElision). The destination must allow it too.
+	ZeroPageElision bool
+	// Progress, if not nil, is called after every round from Run's goroutine.
+	Progress func(Progress)
+	// Spool holds what was kept of the guest outside Region; it is scrubbed after commit.
+	// Nil means none.
+	Spool *Spool
+	// HandshakeTimeout bounds connecting and key confirmation. Zero means 10 s.
+	HandshakeTimeout time.Duration
+	// Logger receives debug and info records. Nil means none.
+	Logger *slog.Logger
+}
+
+// SourceResult is what a committed migration leaves the source with.
+type SourceResult struct {
+	// Commit is the destination's verified commit acknowledgement.
+	Commit Commit
+	// Erasure states what the source zeroized and scrubbed after commit.
+	Erasure attest.ErasureStatement
+	// Rounds is the number of rounds, the final one included.
+	Rounds int
+	// PagesSent and BytesSent count page payloads over all rounds.
+	PagesSent int64
+	BytesSent int64
+	// MemoryDigest is the SHA-256 of the guest's memory as sent: computed over the region
+	// while the guest was paused after the final round, carried in every FIN, and checked by
+	// the destination against what it received before it acknowledged. Nil without a region.
+	MemoryDigest []byte
+}
+
+// Source runs the source side of one migration. It is single use.
+type Source struct {
+	cfg  SourceConfig
+	log  *slog.Logger
+	used atomic.Bool
+}
+
+// NewSource checks cfg and fills in defaults.
+func NewSource(cfg SourceConfig) (*Source, error) {
+	if cfg.MigrationID == "" || len(cfg.MigrationID) > maxIDLen {
+		return nil, fmt.Errorf("creating source: migration id must have 1 to %d bytes", maxIDLen)
+	}
+	if cfg.Peer == "" {
+		return nil, errors.New("creating source: no peer")
+	}
+	if cfg.Region == nil && cfg.Stream == nil {
+		return nil, errors.New("creating source: nothing to transfer (no region, no stream)")
+	}
+	if cfg.Streams < 0 || cfg.Streams > maxStreams {
+		return nil, fmt.Errorf("creating source: %d streams, want 1 to %d", cfg.Streams, maxStreams)
+	}
+	if cfg.Streams == 0 {
+		cfg.Streams = 1
+	}
+	if cfg.MaxRounds <= 0 {
+		cfg.MaxRounds = 30
+	}
+	if cfg.ConvergedPages <= 0 {
+		cfg.ConvergedPages = 256
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 10 * time.Second
+	}
+	if cfg.Dial == nil {
+		var d net.Dialer
+		cfg.Dial = d.DialContext
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Source{cfg: cfg, log: log.With("component", "migagent", "role", "source", "migration", cfg.MigrationID)}, nil
+}
+
+func (s *Source) params() handshakeParams {
+	c := &s.cfg
+	return newHandshakeParams(c.MigrationID, c.Streams, c.Region, c.ZeroPageElision, c.Stream)
+}
+
+// connect dials every stream, runs key confirmation on the first and joins the others. The
+// caller destroys the session it returns.
+func (s *Source) connect(ctx context.Context, keys Keys) (conns []net.Conn, session *confirmed, err error) {
+	defer func() {
+		if err != nil {
+			for _, c := range conns {
+				c.Close()
+			}
+			session.destroy()
+			conns, session = nil, nil
+		}
+	}()
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
+	defer cancel()
+	for i := range s.cfg.Streams {
+		conn, err := s.cfg.Dial(hctx, "tcp", s.cfg.Peer)
+		if err != nil {
+			return conns, session, fmt.Errorf("dialing stream %d: %w", i, err)
+		}
+		conns = append(conns, conn)
+		stop := withDeadline(hctx, conn, s.cfg.HandshakeTimeout)
+		if i == 0 {
+			session, err = clientHandshake(conn, s.params(), keys)
+		} else {
+			err = join(conn, session, i)
+		}
+		stop()
+		if err != nil {
+			return conns, session, fmt.Errorf("confirming keys: %w", err)
+		}
+	}
+	return conns, session, nil
+}
+
+// Run migrates: it connects to the peer and confirms keys (TK, and that each end holds the
+// HPKE key the other's grant names: keys.Identity here, keys.PeerKey there), runs pre-copy rounds, pauses the guest, sends
+// the final round, hashes the paused guest's memory, sends the FINs carrying that digest,
+// waits for the commit acknowledgement and verifies it under keys.TK, then zeroizes keys.TK
+// and keys.MDK and scrubs the region and spool.
+//
+// Run destroys keys.TK whatever happens, keys.MDK only on commit, and never keys.Identity.
+// It returns an error, having sent nothing, if keys.Identity is missing or zeroized or
+// keys.PeerKey is missing or malformed. If the migration fails before the FIN was sent, Run
+// resumes the guest it paused; after, the outcome is unknown and the guest stays paused
+// (the error wraps ErrCommitUnknown). Errors wrap ErrKeyConfirmation, ErrHandshake,
+// ErrPeerAborted, ErrCommitAck, ErrUsed, or are *FrameError or the transport's.
+func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
+	defer keys.TK.Destroy()
+	if !s.used.CompareAndSwap(false, true) {
+		return SourceResult{}, fmt.Errorf("running source: %w", ErrUsed)
+	}
+	if keys.TK == nil {
+		return SourceResult{}, errors.New("running source: no TK")
+	}
+	if err := checkHandshakeKeys(keys.Identity, keys.PeerKey); err != nil {
+		return SourceResult{}, fmt.Errorf("running source: %w", err)
+	}
+	conns, hs, err := s.connect(ctx, keys)
+	if err != nil {
+		return SourceResult{}, err
+	}
+	sess, err := newSession(ctx, sessionConfig{
+		role: roleSource, secret: hs.secret, transcript: hs.transcript,
+		conns: conns, region: s.cfg.Region, zeroPages: s.cfg.ZeroPageElision, local: s.cfg.Stream, log: s.log,
+	})
+	hs.destroy() // every key the session needs is derived
+	if err != nil {
+		for _, c := range conns {
+			c.Close()
+		}
+		return SourceResult{}, err
+	}
+	s.log.Info("Migration transport established", "streams", len(conns))
+
+	res, paused, finSent, err := s.transfer(ctx, sess, keys.TK)
+	sess.close()
+	if err != nil {
+		if finSent {
+			return SourceResult{}, fmt.Errorf("%w: %w", ErrCommitUnknown, err)
+		}
+		if paused {
+			if rerr := s.cfg.Guest.Resume(context.WithoutCancel(ctx)); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("resuming guest: %w", rerr))
+			}
+		}
+		return SourceResult{}, err
+	}
+	res.Erasure, err = erase(s.cfg.MigrationID, keys, s.cfg.Region, s.cfg.Spool)
+	s.log.Info("Migration committed, source erased", "rounds", res.Rounds, "bytes", res.BytesSent)
+	return res, err
+}
+
+// transfer runs the rounds, sends the FINs and verifies the commit acknowledgement under tk.
+func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (res SourceResult, paused, finSent bool, err error) {
+	pumped := make(chan struct{})
+	if s.cfg.Stream != nil {
+		go func() {
+			defer close(pumped)
+			sess.pumpOut(s.cfg.Stream)
+		}()
+	} else {
+		close(pumped)
+	}
+	start := time.Now()
+	if r := s.cfg.Region; r != nil {
+		r.clearDirty() // everything goes in round 0
+		set := r.fullSet()
+		pages := r.Pages()
+		for round := 0; ; round++ {
+			final := round > 0 && (pages <= s.cfg.ConvergedPages || round >= s.cfg.MaxRounds)
+			if final {
+				if s.cfg.Guest != nil {
+					if err := s.cfg.Guest.Pause(ctx); err != nil {
+						return res, paused, false, fmt.Errorf("pausing guest: %w", err)
+					}
+					paused = true
+				}
+				pages = r.orDirty(set)
+			}
+			t0 := time.Now()
+			if err := sess.sendPageSet(set); err != nil {
+				return res, paused, false, fmt.Errorf("sending round %d: %w", round, err)
+			}
+			d := time.Since(t0)
+			res.Rounds = round + 1
+			res.PagesSent += int64(pages)
+			res.BytesSent += int64(pages) * PageSize
+			p := Progress{
+				Round: round, Final: final, Pages: pages, Bytes: int64(pages) * PageSize,
+				TotalPages: res.PagesSent, TotalBytes: res.BytesSent, Elapsed: time.Since(start),
+			}
+			if !final {
+				clear(set)
+				pages = r.orDirty(set)
+				p.Dirty = pages
+			}
+			if secs := d.Seconds(); secs > 0 {
+				p.Rate = float64(p.Bytes) / secs
+				p.DirtyRate = float64(p.Dirty) / secs
+			}
+			switch net := p.Rate - p.DirtyRate*PageSize; {
+			case p.Dirty <= s.cfg.ConvergedPages:
+			case net > 0:
+				p.ETA = time.Duration(float64(p.Dirty-s.cfg.ConvergedPages) * PageSize / net * float64(time.Second))
+			default:
+				p.ETA = -1
+			}
+			s.log.Debug("Pre-copy round sent", "round", round, "pages", p.Pages, "dirty", p.Dirty)
+			if s.cfg.Progress != nil {
+				s.cfg.Progress(p)
+			}
+			if final {
+				break
+			}
+		}
+	}
+	select {
+	case <-pumped:
+	case <-sess.ctx.Done():
+		return res, paused, false, sess.err()
+	}
+	if s.cfg.Stream != nil {
+		if err := sess.wait(sess.peerClosed); err != nil {
+			return res, paused, false, err
+		}
+	}
+	// The guest is paused (or nothing writes the region): its memory is what the destination
+	// must now hold.
+	var digest []byte
+	if r := s.cfg.Region; r != nil {
+		d := sha256.Sum256(r.Bytes())
+		digest = d[:]
+		res.MemoryDigest = digest
+	}
+	finSent = true
+	if err := sess.sendFins(digest); err != nil {
+		return res, paused, finSent, fmt.Errorf("sending FIN: %w", err)
+	}
+	var ack []byte
+	select {
+	case ack = <-sess.acks:
+	case <-sess.ctx.Done():
+		return res, paused, finSent, fmt.Errorf("waiting for the commit acknowledgement: %w", sess.err())
+	}
+	fins := make([]finRecord, len(sess.streams))
+	for i, st := range sess.streams {
+		fins[i] = finRecord{stream: i, hash: st.finHash}
+	}
+	commit := Commit{MigrationID: s.cfg.MigrationID, Transcript: sess.commitTranscript(fins)}
+	if err := checkAck(&commit, ack, tk); err != nil {
+		sess.fail(err, true)
+		<-sess.ctx.Done()
+		return res, paused, finSent, fmt.Errorf("checking the commit acknowledgement: %w", err)
+	}
+	res.Commit = commit
+	return res, paused, finSent, nil
+}
+
+// checkAck checks that ack, the payload of the destination's ACK frame (transcript ‖ MAC),
+// acknowledges the transcript of commit and that its MAC verifies under tk, and sets
+// commit.MAC. Errors wrap ErrCommitAck, or ErrKeyDestroyed.
+func checkAck(commit *Commit, ack []byte, tk *SecretKey) error {
+	n := len(commit.Transcript)
+	if len(ack) != n+sha256.Size {
+		return fmt.Errorf("%w: %d bytes, want %d", ErrCommitAck, len(ack), n+sha256.Size)
+	}
+	if !bytes.Equal(ack[:n], commit.Transcript) {
+		return fmt.Errorf("%w: it acknowledges another transcript", ErrCommitAck)
+	}
+	commit.MAC = ack[n:]
+	return tk.use(func(key []byte) error { return commit.Verify(key, commit.MigrationID) })
+}
+
+// erase zeroizes the keys and scrubs the region and spool. The statement says what was done
+// even when an error is returned.
+func erase(migrationID string, keys Keys, region *Region, spool *Spool) (attest.ErasureStatement, error) {
+	st := attest.ErasureStatement{Type: attest.StatementErasure, MigrationID: migrationID, KeysZeroized: []string{}}
+	for _, k := range []struct {
+		name string
+		key  *SecretKey
+	}{{attest.KeyTransfer, keys.TK}, {attest.KeyMemoryData, keys.MDK}} {
+		if k.key == nil {
+			continue
+		}
+		k.key.Destroy()
+		st.KeysZeroized = append(st.KeysZeroized, k.name)
+	}
+	var errs []error
+	if region != nil {
+		n, err := region.Scrub()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("scrubbing region: %w", err))
+		} else {
+			st.PagesScrubbed, st.PageBytesScrubbed = uint64(region.Pages()), uint64(n)
+		}
+	}
+	if spool != nil {
+		n, err := spool.Scrub()
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			st.SpoolBytesScrubbed = uint64(n)
+		}
+	}
+	return st, errors.Join(errs...)
+}

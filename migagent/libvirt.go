@@ -1,0 +1,850 @@
+package migagent
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"encoding/json"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/lethe-cc/lethe/migagent/dataplane"
+	"github.com/lethe-cc/lethe/migagent/libvirt"
+)
+
+// Libvirt guests.
+//
+// With LibvirtConfig.Socket set, the node's guests are its host's libvirt domains instead of
+// in-process regions: every running domain that names its guest in its metadata, or every
+// running domain when LibvirtConfig.Tenant is set, is listed in the host record, and every
+// migration into the host is a libvirt migration. The guest's tenant and VM name come from
+// an element in the domain's <metadata>:
+//
+//	<metadata>
+//	  <lethe:guest xmlns:lethe="https://lethe.dev/xmlns/libvirt/guest/1" tenant="acme" vm="web"/>
+//	</metadata>
+//
+// (vm defaults to the domain name); a domain without it belongs to LibvirtConfig.Tenant, if
+// set, under its domain name, and is not a Lethe guest otherwise. The metadata moves with the
+// domain, so the destination checks that the offered domain is the guest the keys were
+// released for.
+//
+// A libvirt migration is the data plane in byte-stream mode (one stream, no region), carrying
+// the tunnel records of libvirt_tunnel.go: the source agent runs Begin and sends the offer
+// in-band; the destination agent runs Prepare with a unix endpoint in MigrateDir, answers
+// with the cookie and feeds the stream to the destination hypervisor; the source runs Perform
+// towards its own unix endpoint and carries what it accepts there. The destination runs
+// Finish, which checks the guest runs, before it ends its direction of the stream; the data
+// plane acknowledges the commit only after both directions ended, and the source then runs
+// Confirm, which checks the guest is gone from the source. On any failure before the
+// acknowledgement the destination cancels Finish (or destroys the domain Finish resumed) and
+// the source cancels Confirm, so the guest runs on at the source.
+//
+// There is no memory digest: the data plane does not see the guest's pages, only the
+// hypervisor's stream, whose integrity it protects frame by frame. The source's erasure is
+// the zeroization of TK and MDK; the hypervisor's memory of the guest is released by libvirt
+// when Confirm ends the source's QEMU process, not scrubbed by the agent. A destination
+// cannot state that its receive memory is clean (the hypervisor's fresh memory is zeroed by
+// the host kernel, which the agent does not verify): its clean-memory statement says zeroed
+// false, and adoption evidence has none, so a policy that requires the statement
+// (destination.clean.requireStatement, on by default) denies libvirt guests.
+
+// GuestMetadataNamespace is the XML namespace of the guest element in a libvirt domain's
+// metadata.
+const GuestMetadataNamespace = "https://lethe.dev/xmlns/libvirt/guest/1"
+
+// LibvirtConfig makes a node drive its host's libvirtd. The zero value means no libvirt.
+type LibvirtConfig struct {
+	// Socket is libvirtd's read-write unix socket. Empty means no libvirt guests.
+	Socket string
+	// MigrateDir is the directory of the unix sockets between the agent and the hypervisor
+	// (one per migration and side); only the agent and the hypervisor may reach it, and it
+	// must be the same path for both. Empty means /run/lethe-agent/migrate.
+	MigrateDir string
+	// Tenant is the tenant of running domains without the guest element in their metadata.
+	// Empty means such domains are not guests.
+	Tenant string
+	// Settings tune the migrations the node sends: max downtime, bandwidth, auto-converge,
+	// post-copy (with PostCopy the agent switches to post-copy after PostCopyAfter
+	// pre-copy iterations; a failure after the switch loses the guest).
+	Settings libvirt.Settings
+	// PostCopyAfter is the pre-copy iteration after which a migration that allows
+	// post-copy switches to it. Zero means 3.
+	PostCopyAfter uint64
+	// PollInterval is the time between refreshes of the domain list. Zero means the heartbeat
+	// interval.
+	PollInterval time.Duration
+	// ProgressInterval is the time between progress reports of a running migration. Zero
+	// means 500 ms.
+	ProgressInterval time.Duration
+}
+
+// lvMigration is the libvirt side of a migration, guarded by Node.mu.
+type lvMigration struct {
+	tun *tunnel
+	// src is the begun migration at the source, kept after a transfer whose outcome is
+	// unknown so that an abort can cancel it (resuming the guest).
+	src *libvirt.Source
+}
+
+// memoryBytes is the guest's memory size.
+func (g *guest) memoryBytes() int64 {
+	if g.region != nil {
+		return g.region.Size()
+	}
+	return g.memory
+}
+
+// checkLibvirt validates cfg.Libvirt and fills in its defaults.
+func checkLibvirt(cfg *Config) error {
+	lc := &cfg.Libvirt
+	if lc.Socket == "" {
+		return nil
+	}
+	if len(cfg.Guests) > 0 {
+		return errors.New("a node with libvirt holds only libvirt guests: configure no other guests")
+	}
+	if lc.Tenant != "" {
+		if err := agentapi.ValidName(lc.Tenant); err != nil {
+			return fmt.Errorf("libvirt tenant: %w", err)
+		}
+	}
+	lc.MigrateDir = cmp.Or(lc.MigrateDir, "/run/lethe-agent/migrate")
+	if !filepath.IsAbs(lc.MigrateDir) {
+		return fmt.Errorf("libvirt migrate dir %q is not absolute", lc.MigrateDir)
+	}
+	if lc.PostCopyAfter == 0 {
+		lc.PostCopyAfter = 3
+	}
+	if lc.PollInterval <= 0 {
+		lc.PollInterval = cfg.HeartbeatInterval
+	}
+	if lc.ProgressInterval <= 0 {
+		lc.ProgressInterval = 500 * time.Millisecond
+	}
+	return nil
+}
+
+// startLibvirt connects to libvirtd and lists its guests, if the node drives libvirt.
+func (n *Node) startLibvirt(ctx context.Context) error {
+	lc := n.cfg.Libvirt
+	if lc.Socket == "" {
+		return nil
+	}
+	if err := os.MkdirAll(lc.MigrateDir, 0o700); err != nil {
+		return fmt.Errorf("making the migration socket directory: %w", err)
+	}
+	conn, err := libvirt.Dial(ctx, libvirt.Config{Socket: lc.Socket, Logger: n.log})
+	if err != nil {
+		return err
+	}
+	n.lv = conn
+	if err := n.syncDomains(ctx); err != nil {
+		conn.Close()
+		n.lv = nil
+		return err
+	}
+	return nil
+}
+
+// closeLibvirt disconnects from libvirtd.
+func (n *Node) closeLibvirt() {
+	if n.lv == nil {
+		return
+	}
+	if err := n.lv.Close(); err != nil {
+		n.log.Warn("Disconnecting from libvirtd failed", attrError, err)
+	}
+}
+
+// watchLibvirt refreshes the guests from the domain list until ctx ends. It returns an error
+// if the connection to libvirtd is lost.
+func (n *Node) watchLibvirt(ctx context.Context) error {
+	if n.lv == nil {
+		return nil
+	}
+	t := time.NewTicker(n.cfg.Libvirt.PollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-n.lv.Disconnected():
+			return errors.New("lost the connection to libvirtd")
+		case <-t.C:
+		}
+		if err := n.syncDomains(ctx); err != nil && ctx.Err() == nil {
+			n.log.Warn("Listing libvirt domains failed", attrError, err)
+		}
+	}
+}
+
+// domainGuest is a running domain that is a guest.
+type domainGuest struct {
+	tenant, vm, domain string
+	memory             int64
+}
+
+// syncDomains makes the node's guests the host's running guest domains: it adds new ones
+// (not those arriving in a migration) and forgets those gone that are not migrating.
+func (n *Node) syncDomains(ctx context.Context) error {
+	doms, err := n.lv.Domains(ctx)
+	if err != nil {
+		return err
+	}
+	found := map[string]domainGuest{}
+	for _, d := range doms {
+		if !d.State.Active() {
+			continue
+		}
+		md, err := n.lv.Metadata(ctx, d.Name, GuestMetadataNamespace)
+		if errors.Is(err, libvirt.ErrDomainNotFound) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		tenant, vm, ok := n.identify(md, d.Name, true)
+		if !ok {
+			continue
+		}
+		found[guestKey(tenant, vm)] = domainGuest{tenant: tenant, vm: vm, domain: d.Name, memory: int64(d.MemoryBytes)}
+	}
+	n.mu.Lock()
+	changed := false
+	for key, dg := range found {
+		if n.guests[key] != nil || n.moving(dg.tenant, dg.vm) {
+			continue
+		}
+		n.guests[key] = &guest{tenant: dg.tenant, vm: dg.vm, domain: dg.domain, memory: dg.memory}
+		n.log.Info("Found libvirt guest", attrTenant, dg.tenant, attrVM, dg.vm, attrDomain, dg.domain)
+		changed = true
+	}
+	for key, g := range n.guests {
+		if _, ok := found[key]; ok || g.domain == "" || g.migration != "" {
+			continue
+		}
+		delete(n.guests, key)
+		g.mdk.Destroy()
+		g.mdk = nil
+		n.log.Info("Libvirt guest left the host", attrTenant, g.tenant, attrVM, g.vm, attrDomain, g.domain)
+		changed = true
+	}
+	n.mu.Unlock()
+	if changed {
+		n.hostChanged()
+	}
+	return nil
+}
+
+// moving reports whether a migration brings the guest here now, or took it away (a domain
+// listed before the source's Confirm must not come back as a guest). Callers hold n.mu.
+func (n *Node) moving(tenant, vm string) bool {
+	for _, m := range n.migs {
+		if m.tenant != tenant || m.vm != vm {
+			continue
+		}
+		switch {
+		case m.role == attest.RoleDestination && m.abortResp == nil && !m.committed && m.failure == "":
+			return true
+		case m.role == attest.RoleSource && m.committed:
+			return true
+		}
+	}
+	return false
+}
+
+// identify names the guest of a domain from the guest element of its whole domain XML, or
+// of the metadata libvirt returned for the namespace (metadata: libvirt strips the
+// namespace), else from the configured tenant.
+func (n *Node) identify(doc, domain string, metadata bool) (tenant, vm string, ok bool) {
+	tenant, vm, found := guestElement(doc, metadata)
+	if !found {
+		tenant = n.cfg.Libvirt.Tenant
+	}
+	vm = cmp.Or(vm, domain)
+	if tenant == "" || errors.Join(agentapi.ValidName(tenant), agentapi.ValidName(vm)) != nil {
+		return "", "", false
+	}
+	return tenant, vm, true
+}
+
+// guestElement finds the guest element in XML: in the agent's namespace, or in any
+// namespace with anyNamespace.
+func guestElement(doc string, anyNamespace bool) (tenant, vm string, found bool) {
+	if doc == "" {
+		return "", "", false
+	}
+	d := xml.NewDecoder(bytes.NewReader([]byte(doc)))
+	for {
+		tok, err := d.Token()
+		if err != nil {
+			return "", "", false
+		}
+		se, ok := tok.(xml.StartElement)
+		if !ok || se.Name.Local != "guest" || (!anyNamespace && se.Name.Space != GuestMetadataNamespace) {
+			continue
+		}
+		for _, a := range se.Attr {
+			switch a.Name.Local {
+			case "tenant":
+				tenant = a.Value
+			case "vm":
+				vm = a.Value
+			}
+		}
+		return tenant, vm, true
+	}
+}
+
+// GuestMetadata is the metadata element that makes a libvirt domain the guest tenant/vm, to
+// put in its <metadata>.
+func GuestMetadata(tenant, vm string) string {
+	var b bytes.Buffer
+	b.WriteString(`<lethe:guest xmlns:lethe="` + GuestMetadataNamespace + `" tenant="`)
+	xml.EscapeText(&b, []byte(tenant))
+	b.WriteString(`" vm="`)
+	xml.EscapeText(&b, []byte(vm))
+	b.WriteString(`"/>`)
+	return b.String()
+}
+
+// socketPath is the unix endpoint of one side of a migration.
+func (n *Node) socketPath(id, side string) string {
+	return filepath.Join(n.cfg.Libvirt.MigrateDir, id+"."+side+".sock")
+}
+
+// --- destination ---
+
+// newLibvirtDestination makes the data-plane destination of an incoming libvirt migration
+// (byte stream only) and its listener.
+func (n *Node) newLibvirtDestination(req *agentapi.PrepareRequest) (*migration, error) {
+	tun := newTunnel()
+	dst, err := dataplane.NewDestination(dataplane.DestinationConfig{
+		MigrationID: req.MigrationID, Stream: tun, MaxStreams: 1, Logger: n.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	ln, endpoint, err := n.listen()
+	if err != nil {
+		return nil, err
+	}
+	return &migration{
+		id: req.MigrationID, role: attest.RoleDestination, tenant: req.Tenant, vm: req.VM, size: int64(req.MemoryBytes),
+		dst: dst, ln: ln, endpoint: endpoint, lv: &lvMigration{tun: tun},
+	}, nil
+}
+
+// receiveLibvirt runs the destination of a libvirt migration under ctx: the data plane and
+// the libvirt steps side by side. After a commit the guest runs here.
+func (n *Node) receiveLibvirt(ctx context.Context, m *migration) {
+	defer close(m.done)
+	n.mu.Lock()
+	keys := m.keys
+	m.keys = dataplane.Keys{}
+	n.mu.Unlock()
+	dctx, dcancel := context.WithCancel(ctx)
+	defer dcancel()
+	var (
+		d   destinationDriver
+		wg  sync.WaitGroup
+		err error
+		res dataplane.DestinationResult
+	)
+	wg.Go(func() { d.run(dctx, n, m) })
+	res, err = m.dst.Receive(ctx, m.ln, keys)
+	if err != nil {
+		dcancel()
+	}
+	wg.Wait()
+	n.mu.Lock()
+	m.zeroizeHPKE()
+	n.mu.Unlock()
+	if err == nil && !d.finished {
+		// The source ended its stream without the steps: nothing runs here to commit to.
+		err = fmt.Errorf("the stream ended before the guest ran here: %w", cmp.Or(d.err, errors.New("no performed record")))
+		keys.MDK.Destroy()
+	}
+	if err != nil {
+		d.cancel(context.WithoutCancel(ctx), n)
+		n.mu.Lock()
+		m.failure, m.dstErasure = err.Error(), res.Erasure
+		if m.dstErasure == nil {
+			m.dstErasure = &attest.ErasureStatement{Type: attest.StatementErasure, MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData}}
+		}
+		n.mu.Unlock()
+		n.log.Warn("Receiving failed; destination erased", attrMigration, m.id, attrError, err)
+		return
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	g := &guest{tenant: m.tenant, vm: m.vm, domain: d.domain, memory: m.size, mdk: keys.MDK, epoch: m.epoch, launch: m.clean}
+	m.committed = true
+	n.guests[g.key()] = g
+	n.hostChanged()
+	n.log.Info("Guest received and running", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm,
+		attrDomain, d.domain, attrEpoch, m.epoch)
+}
+
+// destinationDriver runs the destination's libvirt steps from the tunnel's records.
+type destinationDriver struct {
+	dst      *libvirt.Destination
+	domain   string
+	finished bool // Finish ran and the guest runs here
+	tried    bool // Finish (not cancelled) was called
+	err      error
+}
+
+func (d *destinationDriver) run(ctx context.Context, n *Node, m *migration) {
+	tun := m.lv.tun
+	stop := context.AfterFunc(ctx, func() { tun.end(context.Cause(ctx)) })
+	defer stop()
+	d.err = d.steps(ctx, n, m, tun)
+	if d.err != nil {
+		tun.end(d.err)
+	}
+}
+
+func (d *destinationDriver) steps(ctx context.Context, n *Node, m *migration, tun *tunnel) error {
+	b, err := tun.expect(recOffer)
+	if err != nil {
+		return fmt.Errorf("receiving the offer: %w", err)
+	}
+	var offer libvirt.Offer
+	if err := json.Unmarshal(b, &offer); err != nil {
+		return fmt.Errorf("decoding the offer: %w", err)
+	}
+	if tenant, vm, ok := n.identify(offer.XML, offer.Domain, false); !ok || tenant != m.tenant || vm != m.vm {
+		return fmt.Errorf("checking the offer: domain %q is not guest %s/%s", offer.Domain, m.tenant, m.vm)
+	}
+	ep := libvirt.UnixEndpoint(n.socketPath(m.id, "dst"))
+	if err := os.Remove(ep.Address); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing stale socket: %w", err)
+	}
+	defer os.Remove(ep.Address)
+	dst, acc, err := n.lv.Prepare(ctx, offer, ep)
+	if err != nil {
+		return err
+	}
+	d.dst, d.domain = dst, offer.Domain
+	if err := tun.send(recAccepted, acc.Cookie); err != nil {
+		return err
+	}
+	hv, err := dialHypervisor(ctx, ep)
+	if err != nil {
+		return err
+	}
+	defer hv.Close()
+	stop := context.AfterFunc(ctx, func() { hv.Close() })
+	defer stop()
+	pumped := make(chan error, 1)
+	go func() { pumped <- tun.pumpHypervisor(hv) }()
+	var cookie []byte
+	for cookie == nil {
+		typ, p, err := tun.recv()
+		if err != nil {
+			return fmt.Errorf("receiving the migration stream: %w", noEOF(err))
+		}
+		if ok, err := toHypervisor(hv, typ, p); err != nil {
+			return err
+		} else if ok {
+			continue
+		}
+		if typ != recPerformed {
+			return fmt.Errorf("receiving the migration stream: unexpected record %q", typ)
+		}
+		cookie = p
+	}
+	// The source's stream is complete. The hypervisor ends its side when it has loaded the
+	// guest.
+	if err := awaitEnd(tun, hv, pumped); err != nil {
+		return err
+	}
+	d.tried = true
+	out, err := dst.Finish(ctx, cookie, false)
+	if err != nil {
+		return err
+	}
+	d.finished = true
+	if err := tun.send(recFinished, out); err != nil {
+		return err
+	}
+	tun.end(nil)
+	return nil
+}
+
+// cancel leaves no guest here after a failure: Finish cancelled, or the domain that Finish
+// resumed (or failed to) destroyed.
+func (d *destinationDriver) cancel(ctx context.Context, n *Node) {
+	if d.dst == nil {
+		return
+	}
+	if d.tried {
+		if err := n.lv.Remove(ctx, d.domain); err != nil {
+			n.log.Error("Removing the domain of a failed migration failed", attrDomain, d.domain, attrError, err)
+		}
+		return
+	}
+	if _, err := d.dst.Finish(ctx, nil, true); err != nil {
+		n.log.Error("Cancelling the incoming migration failed", attrDomain, d.domain, attrError, err)
+	}
+}
+
+// endTimeout bounds the wait for a hypervisor to close its side of a complete stream.
+const endTimeout = 10 * time.Second
+
+// awaitEnd waits for the pump of hv to end after the stream is complete; if the hypervisor
+// keeps its connection open, it closes it and sends the end record itself.
+func awaitEnd(tun *tunnel, hv net.Conn, pumped <-chan error) error {
+	t := time.NewTimer(endTimeout)
+	defer t.Stop()
+	select {
+	case err := <-pumped:
+		return err
+	case <-t.C:
+	}
+	hv.Close()
+	if err := <-pumped; err == nil {
+		return nil // it ended just now
+	}
+	return tun.send(recEnd, nil)
+}
+
+// dialHypervisor connects to the destination hypervisor's listener, which appears shortly
+// after Prepare.
+func dialHypervisor(ctx context.Context, ep libvirt.Endpoint) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		c, err := libvirt.DialEndpoint(ctx, ep)
+		if err == nil {
+			return c, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-t.C:
+		}
+	}
+}
+
+// --- source ---
+
+// transferLibvirt starts the transfer of a libvirt guest. Callers hold n.mu and checked the
+// request.
+func (n *Node) transferLibvirt(ctx context.Context, m *migration, req *agentapi.TransferRequest, report agentapi.ProgressFunc) (*agentapi.Progress, error) {
+	if n.lv == nil {
+		return nil, fmt.Errorf("%w: the node does not drive libvirt", agentapi.ErrBadRequest)
+	}
+	tun := newTunnel()
+	src, err := dataplane.NewSource(dataplane.SourceConfig{
+		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: 1, Stream: tun, Logger: n.log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
+	}
+	keys := dataplane.Keys{TK: m.tk, MDK: m.g.mdk, Identity: m.hpke, PeerKey: m.grant.Destination.HPKEPublicKey}
+	tctx, cancel := context.WithCancel(ctx)
+	m.cancel, m.done, m.lv = cancel, make(chan struct{}), &lvMigration{tun: tun}
+	if !n.spawn(func() { n.runLibvirtSource(tctx, m, src, keys, report) }) {
+		cancel()
+		m.cancel, m.done, m.lv = nil, nil, nil
+		return nil, errStopping
+	}
+	m.tk, m.started = nil, true
+	m.progress = agentapi.Progress{MigrationID: m.id, Phase: agentapi.TransferStarted, TotalBytes: uint64(m.size), Time: n.cfg.Now()}
+	n.log.Info("Transfer started", attrMigration, m.id, attrEndpoint, m.grant.DataEndpoint, attrDomain, m.g.domain)
+	p := m.progress
+	return &p, nil
+}
+
+// runLibvirtSource runs the source of a libvirt migration: the data plane and the libvirt
+// steps side by side, then Confirm, and records the outcome.
+func (n *Node) runLibvirtSource(ctx context.Context, m *migration, src *dataplane.Source, keys dataplane.Keys, report agentapi.ProgressFunc) {
+	defer close(m.done)
+	dctx, dcancel := context.WithCancel(ctx)
+	defer dcancel()
+	d := &sourceDriver{n: n, m: m, report: report}
+	var wg sync.WaitGroup
+	wg.Go(func() { d.run(dctx) })
+	res, err := src.Run(ctx, keys)
+	if err != nil {
+		dcancel()
+	}
+	wg.Wait()
+	g := m.g
+	p := agentapi.Progress{
+		MigrationID: m.id, Bytes: d.stats.DataProcessed, TotalBytes: uint64(m.size),
+		Round: int(d.stats.Iteration), Time: n.cfg.Now(),
+	}
+	n.mu.Lock()
+	m.zeroizeHPKE()
+	n.mu.Unlock()
+	if len(res.Commit.MAC) == 0 {
+		if d.err != nil && !errors.Is(d.err, context.Canceled) {
+			err = errors.Join(err, d.err)
+		}
+		unknown := errors.Is(err, dataplane.ErrCommitUnknown) && !errors.Is(err, dataplane.ErrPeerAborted)
+		if !unknown && d.src != nil {
+			if cerr := d.src.Confirm(ctx, nil, true); cerr != nil {
+				n.log.Error("Cancelling the migration at the source failed", attrMigration, m.id, attrError, cerr)
+			}
+		}
+		n.mu.Lock()
+		m.unknown = unknown
+		if unknown {
+			m.lv.src = d.src // an abort cancels it
+		}
+		p.Phase, p.Error = agentapi.TransferFailed, err.Error()
+		m.progress = p
+		n.mu.Unlock()
+		n.log.Warn("Transfer failed", attrMigration, m.id, attrError, err, attrPaused, unknown)
+		n.publish(report, p)
+		return
+	}
+	if err != nil {
+		n.log.Error("Committed, but erasing the source failed", attrMigration, m.id, attrError, err)
+	}
+	// The destination acknowledged after Finish found the guest running there.
+	if cerr := d.src.Confirm(ctx, d.cookie, false); cerr != nil {
+		n.log.Error("Confirming the migration failed; destroying the source domain", attrMigration, m.id, attrError, cerr)
+		if rerr := n.lv.Remove(context.WithoutCancel(ctx), g.domain); rerr != nil {
+			n.log.Error("Destroying the source domain failed", attrMigration, m.id, attrError, rerr)
+		}
+	}
+	ack, aerr := json.Marshal(res.Commit)
+	st := res.Erasure
+	st.KeysZeroized = append(st.KeysZeroized, attest.KeyHPKE)
+	stmt, serr := st.Encode()
+	if e := errors.Join(aerr, serr); e != nil {
+		n.log.Error("Encoding the commit failed", attrMigration, m.id, attrError, e)
+	}
+	p.Phase, p.CommitAck = agentapi.TransferCommitted, ack
+	n.mu.Lock()
+	m.committed, m.commitAck, m.erasure, m.progress = true, ack, stmt, p
+	delete(n.guests, g.key())
+	g.mdk = nil // destroyed by the data plane
+	n.mu.Unlock()
+	n.hostChanged()
+	n.log.Info("Transfer committed; guest left the host", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrDomain, g.domain)
+	n.publish(report, p)
+}
+
+// sourceDriver runs the source's libvirt steps and carries the source hypervisor's stream.
+type sourceDriver struct {
+	n      *Node
+	m      *migration
+	report agentapi.ProgressFunc
+
+	src    *libvirt.Source // after Begin: the migration must end with Confirm
+	cookie []byte          // Finish's, for Confirm
+	stats  libvirt.Progress
+	err    error
+}
+
+func (d *sourceDriver) run(ctx context.Context) {
+	tun := d.m.lv.tun
+	stop := context.AfterFunc(ctx, func() { tun.end(context.Cause(ctx)) })
+	defer stop()
+	d.err = d.steps(ctx, tun)
+	if d.err != nil {
+		tun.end(d.err)
+	}
+}
+
+func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
+	n, m := d.n, d.m
+	src, offer, err := n.lv.Begin(ctx, m.g.domain, n.cfg.Libvirt.Settings)
+	if err != nil {
+		return err
+	}
+	d.src = src
+	b, err := json.Marshal(offer)
+	if err != nil {
+		return fmt.Errorf("encoding the offer: %w", err)
+	}
+	if err := tun.send(recOffer, b); err != nil {
+		return err
+	}
+	accepted, err := tun.expect(recAccepted)
+	if err != nil {
+		return fmt.Errorf("waiting for the destination to prepare: %w", err)
+	}
+	ln, err := libvirt.ListenEndpoint(ctx, libvirt.UnixEndpoint(n.socketPath(m.id, "src")))
+	if err != nil {
+		return err
+	}
+	defer os.Remove(ln.Endpoint().Address)
+	defer ln.Close()
+
+	// Perform runs until the hypervisor has sent everything; ctx's end aborts it.
+	pctx, pcancel := context.WithCancel(ctx)
+	defer pcancel()
+	var (
+		perr      error
+		pcookie   []byte
+		performed = make(chan struct{})
+	)
+	go func() {
+		defer close(performed)
+		stopWatch := d.watchProgress(pctx)
+		pcookie, perr = src.Perform(pctx, libvirt.Accepted{Cookie: accepted}, ln.Endpoint())
+		stopWatch()
+	}()
+	fail := func(err error) error {
+		pcancel()
+		<-performed
+		return err
+	}
+	actx, acancel := context.WithCancel(ctx)
+	go func() {
+		<-performed // Perform failed before the hypervisor connected, or ended
+		acancel()
+	}()
+	hv, err := ln.Accept(actx)
+	if err != nil {
+		<-performed
+		return errors.Join(perr, err)
+	}
+	defer hv.Close()
+	stopConn := context.AfterFunc(ctx, func() { hv.Close() })
+	defer stopConn()
+
+	pumped := make(chan error, 1)
+	go func() { pumped <- tun.pumpHypervisor(hv) }()
+	finished := make(chan error, 1)
+	go func() {
+		for {
+			typ, p, err := tun.recv()
+			if err != nil {
+				finished <- fmt.Errorf("receiving from the destination: %w", noEOF(err))
+				return
+			}
+			if ok, err := toHypervisor(hv, typ, p); err != nil {
+				finished <- err
+				return
+			} else if ok {
+				continue
+			}
+			if typ != recFinished {
+				finished <- fmt.Errorf("receiving from the destination: unexpected record %q", typ)
+				return
+			}
+			d.cookie = p
+			finished <- nil
+			return
+		}
+	}()
+	select {
+	case err := <-pumped:
+		if err != nil {
+			return fail(err)
+		}
+		<-performed
+		if perr != nil {
+			return perr
+		}
+	case err := <-finished:
+		return fail(cmp.Or(err, errors.New("the destination finished before the stream ended")))
+	case <-performed:
+		if perr != nil {
+			return perr
+		}
+		// The stream is complete: the hypervisor closes its side a moment later.
+		if err := awaitEnd(tun, hv, pumped); err != nil {
+			return err
+		}
+	}
+	if st, err := n.lv.JobStats(ctx, m.g.domain, true); err == nil && st.DataProcessed > 0 {
+		d.stats = st
+	}
+	d.publish(agentapi.TransferCutover)
+	if err := tun.send(recPerformed, pcookie); err != nil {
+		return err
+	}
+	if err := <-finished; err != nil {
+		return err
+	}
+	tun.end(nil)
+	return nil
+}
+
+// watchProgress publishes the job's statistics while Perform runs, and switches to
+// post-copy where allowed; the returned stop waits for it to end.
+func (d *sourceDriver) watchProgress(ctx context.Context) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	lc := d.n.cfg.Libvirt
+	go func() {
+		defer close(done)
+		t := time.NewTicker(lc.ProgressInterval)
+		defer t.Stop()
+		postcopy := false
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			p, err := d.src.Progress(ctx)
+			if err != nil || p.Job != libvirt.JobUnbounded {
+				continue
+			}
+			d.stats = p
+			d.publish(agentapi.TransferPrecopy)
+			if lc.Settings.PostCopy && !postcopy && p.Iteration > lc.PostCopyAfter {
+				if err := d.src.StartPostCopy(ctx); err != nil {
+					d.n.log.Warn("Switching to post-copy failed", attrMigration, d.m.id, attrError, err)
+				}
+				postcopy = true
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+// publish records and reports the job's statistics as progress in phase.
+func (d *sourceDriver) publish(phase agentapi.TransferPhase) {
+	s := d.stats
+	p := agentapi.Progress{
+		MigrationID: d.m.id, Phase: phase, Bytes: s.DataProcessed, TotalBytes: uint64(d.m.size),
+		Pages: s.DataProcessed / dataplane.PageSize, Round: int(s.Iteration),
+		DirtyRate: float64(s.DirtyBytesPerSecond()), Time: d.n.cfg.Now(),
+	}
+	if s.MemoryBandwidth > 0 {
+		p.ETA = time.Duration(float64(s.DataRemaining) / float64(s.MemoryBandwidth) * float64(time.Second))
+	}
+	d.n.mu.Lock()
+	d.m.progress = p
+	d.n.mu.Unlock()
+	d.n.log.Debug("Migration progress", attrMigration, d.m.id, attrPhase, string(phase), attrRound, p.Round, attrBytes, p.Bytes,
+		"remaining", s.DataRemaining, "bandwidth", s.MemoryBandwidth, "dirty_rate", p.DirtyRate, "throttle", s.AutoConvergeThrottle)
+	d.n.publish(d.report, p)
+}
+
+// resumeSource resumes a source guest left paused by a transfer whose outcome was unknown.
+func (n *Node) resumeSource(ctx context.Context, m *migration) error {
+	if m.lv == nil {
+		return m.g.workload.Resume(ctx)
+	}
+	if m.lv.src == nil {
+		return nil
+	}
+	src := m.lv.src
+	m.lv.src = nil
+	return src.Confirm(ctx, nil, true)
+}
+
+var _ io.ReadWriteCloser = (*tunnel)(nil)

@@ -1,0 +1,206 @@
+package migagent
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+)
+
+// The byte stream a libvirt migration carries over the data plane is a sequence of tunnel
+// records, each a type byte, a 4-byte big-endian payload length and the payload. Besides the
+// hypervisor's own migration stream it carries the steps' cookies between the agents, so that
+// nothing of the migration but the data plane's ciphertext leaves the hosts and the broker
+// forwards nothing new. In order, from the source (s) and the destination (d):
+//
+//	s→d  offer      the libvirt.Offer of Begin, JSON
+//	d→s  accepted   the cookie of Prepare
+//	s↔d  data…      the hypervisors' migration stream, both ways
+//	s↔d  end        a hypervisor closed its sending side (half-close)
+//	s→d  performed  the cookie of Perform: the stream is complete, the guest paused at the source
+//	d→s  finished   the cookie of Finish: the guest runs at the destination
+//
+// after which each side ends its direction of the byte stream. The records travel inside the
+// data plane's sealed frames: they are as trusted as the attested peer that holds TK.
+const (
+	recOffer     byte = 'O'
+	recAccepted  byte = 'A'
+	recData      byte = 'D'
+	recEnd       byte = 'E'
+	recPerformed byte = 'P'
+	recFinished  byte = 'F'
+)
+
+// maxRecord bounds a record's payload: domain XML and cookies are a few KiB, data records
+// are at most dataChunk.
+const maxRecord = 1 << 20
+
+// dataChunk is the most hypervisor bytes put in one data record.
+const dataChunk = 256 << 10
+
+// errTunnelClosed is what the driver sees once the data plane closed the tunnel.
+var errTunnelClosed = errors.New("data plane closed the tunnel")
+
+// tunnel joins the data plane (migagent's Stream: it reads what to send, writes what was
+// received, and passes the peer's half-close through CloseWrite) and the agent's libvirt
+// driver (send and recv records). Both sides block on each other: the hypervisor is slowed
+// down to what the data plane carries.
+type tunnel struct {
+	outR *io.PipeReader // the data plane reads what the driver sends
+	outW *io.PipeWriter
+	inR  *io.PipeReader // the driver reads what the data plane received
+	inW  *io.PipeWriter
+	rd   *bufio.Reader
+	wmu  sync.Mutex
+}
+
+func newTunnel() *tunnel {
+	t := &tunnel{}
+	t.outR, t.outW = io.Pipe()
+	t.inR, t.inW = io.Pipe()
+	t.rd = bufio.NewReaderSize(t.inR, 64<<10)
+	return t
+}
+
+// Read gives the data plane the next bytes to send; io.EOF once the driver ended its
+// direction.
+func (t *tunnel) Read(p []byte) (int, error) { return t.outR.Read(p) }
+
+// Write hands the driver bytes the data plane received.
+func (t *tunnel) Write(p []byte) (int, error) { return t.inW.Write(p) }
+
+// CloseWrite passes the peer's end of stream on to the driver.
+func (t *tunnel) CloseWrite() error { return t.inW.Close() }
+
+// Close is the data plane giving up: the driver's pending and later calls fail.
+func (t *tunnel) Close() error {
+	t.inW.CloseWithError(errTunnelClosed)
+	t.outR.CloseWithError(errTunnelClosed)
+	return nil
+}
+
+// send writes one record.
+func (t *tunnel) send(typ byte, payload []byte) error {
+	if len(payload) > maxRecord {
+		return fmt.Errorf("sending tunnel record %q: %d bytes", typ, len(payload))
+	}
+	var hdr [5]byte
+	hdr[0] = typ
+	binary.BigEndian.PutUint32(hdr[1:], uint32(len(payload)))
+	t.wmu.Lock()
+	defer t.wmu.Unlock()
+	if _, err := t.outW.Write(hdr[:]); err != nil {
+		return fmt.Errorf("sending tunnel record: %w", err)
+	}
+	if len(payload) > 0 {
+		if _, err := t.outW.Write(payload); err != nil {
+			return fmt.Errorf("sending tunnel record: %w", err)
+		}
+	}
+	return nil
+}
+
+// recv reads one record. It returns io.EOF at a clean end of the peer's direction, and
+// io.ErrUnexpectedEOF for a record cut short.
+func (t *tunnel) recv() (byte, []byte, error) {
+	return readRecord(t.rd)
+}
+
+func readRecord(r io.Reader) (byte, []byte, error) {
+	var hdr [5]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		if errors.Is(err, io.EOF) {
+			return 0, nil, io.EOF
+		}
+		return 0, nil, fmt.Errorf("reading tunnel record: %w", err)
+	}
+	n := binary.BigEndian.Uint32(hdr[1:])
+	switch hdr[0] {
+	case recOffer, recAccepted, recData, recEnd, recPerformed, recFinished:
+	default:
+		return 0, nil, fmt.Errorf("reading tunnel record: unknown type %#x", hdr[0])
+	}
+	if n > maxRecord {
+		return 0, nil, fmt.Errorf("reading tunnel record %q: %d bytes is too long", hdr[0], n)
+	}
+	p := make([]byte, n)
+	if _, err := io.ReadFull(r, p); err != nil {
+		return 0, nil, fmt.Errorf("reading tunnel record %q: %w", hdr[0], noEOF(err))
+	}
+	return hdr[0], p, nil
+}
+
+func noEOF(err error) error {
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// expect reads one record and checks its type.
+func (t *tunnel) expect(typ byte) ([]byte, error) {
+	got, p, err := t.recv()
+	if err != nil {
+		return nil, noEOF(err)
+	}
+	if got != typ {
+		return nil, fmt.Errorf("reading tunnel record: got %q, want %q", got, typ)
+	}
+	return p, nil
+}
+
+// end ends the driver's direction: cleanly with a nil err (the data plane half-closes),
+// else with err (the data plane fails the migration and tells the peer).
+func (t *tunnel) end(err error) {
+	t.wmu.Lock()
+	defer t.wmu.Unlock()
+	if err == nil {
+		t.outW.Close()
+		return
+	}
+	t.outW.CloseWithError(err)
+	t.inR.CloseWithError(err)
+}
+
+// pumpHypervisor sends what the hypervisor writes on hv as data records and an end record
+// at its end of stream.
+func (t *tunnel) pumpHypervisor(hv net.Conn) error {
+	buf := make([]byte, dataChunk)
+	for {
+		n, err := hv.Read(buf)
+		if n > 0 {
+			if serr := t.send(recData, buf[:n]); serr != nil {
+				return serr
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return t.send(recEnd, nil)
+		}
+		if err != nil {
+			return fmt.Errorf("reading the hypervisor's migration stream: %w", err)
+		}
+	}
+}
+
+// toHypervisor writes a data record to hv, or passes an end record on as a half-close. It
+// reports whether rec was one of those.
+func toHypervisor(hv net.Conn, typ byte, p []byte) (bool, error) {
+	switch typ {
+	case recData:
+		if _, err := hv.Write(p); err != nil {
+			return true, fmt.Errorf("writing the hypervisor's migration stream: %w", err)
+		}
+		return true, nil
+	case recEnd:
+		if cw, ok := hv.(interface{ CloseWrite() error }); ok {
+			if err := cw.CloseWrite(); err != nil {
+				return true, fmt.Errorf("half-closing the hypervisor's migration stream: %w", err)
+			}
+		}
+		return true, nil
+	}
+	return false, nil
+}
