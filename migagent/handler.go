@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"slices"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -29,87 +28,6 @@ const maxNonce = 64
 // maxGuestBytes bounds the memory of a guest a destination agrees to receive.
 const maxGuestBytes = 1 << 40
 
-// migration is the node's state of one migration, or of an adoption. Its fields are guarded
-// by Node.mu, except the immutable ones (id, role, tenant, vm, g, dst, size).
-type migration struct {
-	id         string
-	role       attest.Role
-	tenant, vm string
-	size       int64
-
-	// hpke is the migration's ephemeral HPKE key, which its evidence binds: it opens the
-	// sealed keys, and in the data-plane handshake it proves to the peer that this is the
-	// attested agent. It is zeroized when the transfer (or reception) ends, at once after an
-	// adoption's keys are opened, and by an abort. nonce is the keybroker's nonce the
-	// evidence was bound to. sealed is the SHA-256 of the sealed keys opened, so that the
-	// same delivery can be repeated; grant is the keybroker's signed grant they came with.
-	hpke *seal.PrivateKey
-	// hpkePubs are the public halves of the HPKE keys the migration attested with, the last
-	// one last: its erasure evidence binds the one the keybroker released to, so that the
-	// keybroker can tell this end's evidence from any other agent's (platform claims can be
-	// alike on two machines).
-	hpkePubs [][]byte
-	nonce    []byte
-	sealed   [sha256.Size]byte
-	opened   bool
-	grant    *grant.Grant
-	// cancel ends the migration's task (transfer or reception); done is closed when it has
-	// ended. Nil before the task starts.
-	cancel context.CancelFunc
-	done   chan struct{}
-	// committed: the source holds the commit acknowledgement; the destination sent it and
-	// resumed the guest.
-	committed bool
-	abortResp *agentapi.AbortResponse
-
-	// Source (and adoption: g only).
-	g         *guest
-	tk        *dataplane.SecretKey // TK until the transfer takes it
-	started   bool
-	progress  agentapi.Progress
-	commitAck []byte
-	erasure   []byte // the encoded erasure statement, after commit
-	erased    bool
-	// unknown: the FIN went out but no acknowledgement came; the guest is left paused.
-	unknown bool
-
-	// Destination.
-	dst        *dataplane.Destination
-	region     *dataplane.Region // the receive region, until the guest takes it
-	ln         net.Listener
-	endpoint   string
-	keys       dataplane.Keys // TK and MDK_{e+1}, until the reception takes them
-	epoch      uint64
-	digest     []byte
-	clean      []byte // the encoded clean-memory statement of the receive region
-	failure    string
-	dstErasure *attest.ErasureStatement
-
-	// lv is the libvirt side of a libvirt migration (libvirt.go); nil for other guests.
-	lv *lvMigration
-}
-
-// zeroizeHPKE wipes m's HPKE key, if it still holds one. Callers hold Node.mu.
-func (m *migration) zeroizeHPKE() {
-	if m.hpke != nil {
-		m.hpke.Zeroize()
-		m.hpke = nil
-	}
-}
-
-// running reports whether m's task is running. Callers hold Node.mu.
-func (m *migration) running() bool {
-	if m.done == nil {
-		return false
-	}
-	select {
-	case <-m.done:
-		return false
-	default:
-		return true
-	}
-}
-
 func checkIDNonce(id string, nonce []byte) error {
 	if err := agentapi.ValidName(id); err != nil {
 		return fmt.Errorf("%w: migration id: %w", agentapi.ErrBadRequest, err)
@@ -120,11 +38,21 @@ func checkIDNonce(id string, nonce []byte) error {
 	return nil
 }
 
+// lookup returns the migration id, or ErrNotFound.
+func (n *Node) lookup(id string) (*migration, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if m := n.migs[id]; m != nil {
+		return m, nil
+	}
+	return nil, fmt.Errorf("%w: migration %s", agentapi.ErrNotFound, id)
+}
+
 // Attest makes a fresh HPKE key pair for the migration (or adoption) and returns evidence
 // bound to it, role source or adopt. Attesting again for the same migration replaces the key
-// pair, until the transfer starts. It returns ErrBadRequest, ErrNotFound (the guest is not on
+// pair, until the keys are opened. It returns ErrBadRequest, ErrNotFound (the guest is not on
 // this host) or ErrConflict (the guest is migrating in another migration, or this one's
-// transfer started or was aborted).
+// keys were opened or it ended).
 func (n *Node) Attest(ctx context.Context, req *agentapi.AttestRequest) (*attest.Evidence, error) {
 	if err := checkIDNonce(req.MigrationID, req.Nonce); err != nil {
 		return nil, err
@@ -151,8 +79,6 @@ func (n *Node) Attest(ctx context.Context, req *agentapi.AttestRequest) (*attest
 		key.Zeroize()
 		return nil, fmt.Errorf("attesting: %w", err)
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
 	if err := n.register(req, key); err != nil {
 		key.Zeroize()
 		return nil, err
@@ -161,39 +87,53 @@ func (n *Node) Attest(ctx context.Context, req *agentapi.AttestRequest) (*attest
 	return ev, nil
 }
 
-// register records the key pair of an attest request. Callers hold n.mu.
+// register records the key pair of an attest request: a new migration enters attested, an
+// attested one attests again.
 func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error {
+	n.mu.Lock()
 	if n.stopping {
+		n.mu.Unlock()
 		return errStopping
 	}
 	g := n.guests[guestKey(req.Tenant, req.VM)]
 	if g == nil {
+		n.mu.Unlock()
 		return fmt.Errorf("%w: guest %s/%s is not on host %s", agentapi.ErrNotFound, req.Tenant, req.VM, n.cfg.Host)
 	}
 	m := n.migs[req.MigrationID]
-	switch {
-	case m == nil:
+	if m == nil {
 		if req.Role == attest.RoleSource && g.migration != "" {
+			n.mu.Unlock()
 			return fmt.Errorf("%w: guest %s/%s is in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, g.migration)
 		}
-		m = &migration{id: req.MigrationID, role: req.Role, tenant: req.Tenant, vm: req.VM, g: g, size: g.memoryBytes()}
+		m = newMigration(req.MigrationID, req.Role, req.Tenant, req.VM, g.memoryBytes(), phaseAttested)
+		m.g, m.keys.hpke, m.nonce, m.hpkePubs = g, key, bytes.Clone(req.Nonce), [][]byte{key.PublicKey()}
 		n.migs[m.id] = m
+		if req.Role == attest.RoleSource {
+			g.migration = m.id
+		}
+		n.mu.Unlock()
+		return nil
+	}
+	n.mu.Unlock()
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch p := m.phase(); {
 	case m.role != req.Role || m.g != g:
 		return fmt.Errorf("%w: migration %s is a %s migration of another guest or role", agentapi.ErrConflict, m.id, m.role)
-	case m.started || m.abortResp != nil:
-		return fmt.Errorf("%w: migration %s already started or ended", agentapi.ErrConflict, m.id)
-	case m.opened:
+	case p == phaseKeyed || p == phaseAdopted:
 		// The keys and grant of this migration name the key attested before: a new one would
 		// only break the handshake.
 		return fmt.Errorf("%w: migration %s already has its keys", agentapi.ErrConflict, m.id)
+	case p != phaseAttested:
+		return fmt.Errorf("%w: migration %s already started or ended", agentapi.ErrConflict, m.id)
 	}
-	if req.Role == attest.RoleSource {
-		g.migration = m.id
+	if err := m.enter(phaseAttested); err != nil {
+		return err
 	}
-	if m.hpke != nil {
-		m.hpke.Zeroize()
-	}
-	m.hpke, m.nonce, m.opened = key, bytes.Clone(req.Nonce), false
+	m.keys.replaceHPKE(key)
+	m.nonce = bytes.Clone(req.Nonce)
 	m.hpkePubs = append(m.hpkePubs, key.PublicKey())
 	return nil
 }
@@ -213,6 +153,8 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	if req.MemoryBytes == 0 || req.MemoryBytes%dataplane.PageSize != 0 || req.MemoryBytes > maxGuestBytes {
 		return nil, fmt.Errorf("%w: memory of %d bytes is not a positive multiple of the page size up to 1 TiB", agentapi.ErrBadRequest, req.MemoryBytes)
 	}
+	// Preparations run one at a time (they work outside the locks) so that two cannot make
+	// the same migration.
 	n.prepMu.Lock()
 	defer n.prepMu.Unlock()
 	n.mu.Lock()
@@ -227,7 +169,7 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		if m != nil && (m.role != attest.RoleDestination || m.tenant != req.Tenant || m.vm != req.VM || m.size != int64(req.MemoryBytes)) {
 			return fmt.Errorf("%w: migration %s was prepared for another guest or role", agentapi.ErrConflict, m.id)
 		}
-		if m != nil && (m.opened || m.abortResp != nil) {
+		if m != nil && m.phase() != phasePrepared {
 			return fmt.Errorf("%w: migration %s already has its keys or ended", agentapi.ErrConflict, m.id)
 		}
 		return nil
@@ -275,24 +217,25 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		cleanup()
 		return nil, fmt.Errorf("attesting: %w", err)
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if n.stopping || (!fresh && (m.opened || m.abortResp != nil)) {
+	if n.stopping || m.enter(phasePrepared) != nil {
 		key.Zeroize()
 		cleanup()
 		return nil, fmt.Errorf("%w: migration %s changed during prepare", agentapi.ErrConflict, m.id)
 	}
-	if m.hpke != nil {
-		m.hpke.Zeroize()
-	}
-	m.hpke, m.nonce, m.clean = key, bytes.Clone(req.Nonce), stmt
+	m.keys.replaceHPKE(key)
+	m.nonce, m.clean = bytes.Clone(req.Nonce), stmt
 	m.hpkePubs = append(m.hpkePubs, key.PublicKey())
 	n.migs[m.id] = m
 	n.log.Info("Prepared to receive", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrBytes, m.size, attrEndpoint, m.endpoint)
 	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
 }
 
-// newDestination makes the receive region, the data-plane destination and its listener.
+// newDestination makes the receive region, the data-plane destination and its listener of
+// a migration in phase prepared.
 func (n *Node) newDestination(req *agentapi.PrepareRequest) (*migration, error) {
 	if n.lv != nil {
 		return n.newLibvirtDestination(req)
@@ -316,10 +259,9 @@ func (n *Node) newDestination(req *agentapi.PrepareRequest) (*migration, error) 
 		region.Close()
 		return nil, err
 	}
-	return &migration{
-		id: req.MigrationID, role: attest.RoleDestination, tenant: req.Tenant, vm: req.VM, size: int64(req.MemoryBytes),
-		dst: dst, region: region, ln: ln, endpoint: endpoint,
-	}, nil
+	m := newMigration(req.MigrationID, attest.RoleDestination, req.Tenant, req.VM, int64(req.MemoryBytes), phasePrepared)
+	m.dst, m.region, m.ln, m.endpoint = dst, region, ln, endpoint
+	return m, nil
 }
 
 // Keys checks the keybroker's grant that comes with the sealed keys and opens them with the
@@ -332,26 +274,26 @@ func (n *Node) newDestination(req *agentapi.PrepareRequest) (*migration, error) 
 // keys do not open, or lack a key the role needs) or ErrConflict (the keys were opened
 // already and these are others, or the migration ended).
 func (n *Node) Keys(ctx context.Context, req *agentapi.KeysRequest) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	m := n.migs[req.MigrationID]
-	if m == nil {
-		return fmt.Errorf("%w: migration %s", agentapi.ErrNotFound, req.MigrationID)
+	m, err := n.lookup(req.MigrationID)
+	if err != nil {
+		return err
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	if req.Role != m.role {
 		return fmt.Errorf("%w: keys for role %q, the migration's role is %q", agentapi.ErrBadRequest, req.Role, m.role)
 	}
 	digest := sha256.Sum256(req.SealedKeys)
-	switch {
-	case m.opened && digest == m.sealed:
+	switch p := m.phase(); {
+	case m.grant != nil && digest == m.sealed:
 		return nil
-	case m.abortResp != nil:
+	case p == phaseAborted:
 		return fmt.Errorf("%w: migration %s ended", agentapi.ErrConflict, m.id)
-	case m.opened:
+	case m.grant != nil:
 		return fmt.Errorf("%w: migration %s has opened other keys", agentapi.ErrConflict, m.id)
-	case m.hpke == nil:
+	case p != phaseAttested && p != phasePrepared:
 		return fmt.Errorf("%w: migration %s has no key to open them", agentapi.ErrConflict, m.id)
-	case n.stopping:
+	case n.isStopping():
 		return errStopping
 	}
 	g, err := n.checkGrant(m, req)
@@ -359,7 +301,7 @@ func (n *Node) Keys(ctx context.Context, req *agentapi.KeysRequest) error {
 		n.log.Warn("Keys refused", attrMigration, m.id, attrRole, string(m.role), attrError, err)
 		return fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
-	keys, err := m.hpke.Open(m.id, m.role, req.SealedKeys)
+	keys, err := m.keys.hpke.Open(m.id, m.role, req.SealedKeys)
 	if err != nil {
 		return fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
@@ -367,24 +309,29 @@ func (n *Node) Keys(ctx context.Context, req *agentapi.KeysRequest) error {
 	if m.role != attest.RoleSource && keys.Epoch != g.ToEpoch {
 		return fmt.Errorf("%w: sealed keys of epoch %d, the grant says %d", agentapi.ErrBadRequest, keys.Epoch, g.ToEpoch)
 	}
-	if err := n.takeKeys(ctx, m, keys, g); err != nil {
+	// The grant is recorded first: the phase entered next may start the reception, which
+	// reads it.
+	m.sealed, m.grant = digest, g
+	if err := n.takeKeys(m, keys, g); err != nil {
+		m.sealed, m.grant = [sha256.Size]byte{}, nil
 		return err
 	}
-	if m.role == attest.RoleAdopt {
-		m.hpke.Zeroize()
-		m.hpke = nil
-	}
-	m.opened, m.sealed, m.grant = true, digest, g
 	n.log.Info("Keys opened", attrMigration, m.id, attrRole, string(m.role), attrEpoch, keys.Epoch)
 	return nil
 }
 
+func (n *Node) isStopping() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.stopping
+}
+
 // checkGrant checks the grant of a keys delivery against what m knows for itself. Callers
-// hold n.mu.
+// hold m.mu.
 func (n *Node) checkGrant(m *migration, req *agentapi.KeysRequest) (*grant.Grant, error) {
 	want := grant.Expectation{
 		Op: grant.OpRelease, MigrationID: m.id, Role: m.role, Tenant: m.tenant, VM: m.vm, Host: n.cfg.Host,
-		HPKEPublicKey: m.hpke.PublicKey(), Nonce: m.nonce, Sealed: req.SealedKeys,
+		HPKEPublicKey: m.keys.hpke.PublicKey(), Nonce: m.nonce, Sealed: req.SealedKeys,
 	}
 	switch m.role {
 	case attest.RoleAdopt:
@@ -395,16 +342,19 @@ func (n *Node) checkGrant(m *migration, req *agentapi.KeysRequest) (*grant.Grant
 		}
 		want.Op = g.Op
 	case attest.RoleSource:
+		n.mu.Lock()
 		if m.g.mdk != nil {
 			want.Epoch = m.g.epoch
 		}
+		n.mu.Unlock()
 	}
 	return grant.Check(req.Grant, n.cfg.KeybrokerKey, want)
 }
 
 // takeKeys puts opened keys where m's role needs them, with what the grant g says of the
-// peer. Callers hold n.mu.
-func (n *Node) takeKeys(ctx context.Context, m *migration, keys *seal.Keys, g *grant.Grant) error {
+// peer, and moves m on: a source to keyed, an adoption to adopted, a destination to
+// receiving. Callers hold m.mu.
+func (n *Node) takeKeys(m *migration, keys *seal.Keys, g *grant.Grant) error {
 	switch m.role {
 	case attest.RoleSource:
 		if len(keys.TK) == 0 {
@@ -414,17 +364,27 @@ func (n *Node) takeKeys(ctx context.Context, m *migration, keys *seal.Keys, g *g
 		if err != nil {
 			return err
 		}
-		m.tk.Destroy()
-		m.tk = tk
+		if err := m.enter(phaseKeyed); err != nil {
+			tk.Destroy()
+			return err
+		}
+		m.keys.tk = tk
 	case attest.RoleAdopt:
 		if len(keys.MDK) == 0 {
 			return fmt.Errorf("%w: no memory data key in the sealed keys", agentapi.ErrBadRequest)
 		}
-		if n.guests[m.g.key()] != m.g {
-			return fmt.Errorf("%w: guest %s/%s left the host", agentapi.ErrNotFound, m.tenant, m.vm)
-		}
 		mdk, err := dataplane.NewSecretKey(keys.MDK)
 		if err != nil {
+			return err
+		}
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		if n.guests[m.g.key()] != m.g {
+			mdk.Destroy()
+			return fmt.Errorf("%w: guest %s/%s left the host", agentapi.ErrNotFound, m.tenant, m.vm)
+		}
+		if err := m.enter(phaseAdopted); err != nil { // zeroizes the HPKE key
+			mdk.Destroy()
 			return err
 		}
 		m.g.mdk.Destroy()
@@ -442,15 +402,12 @@ func (n *Node) takeKeys(ctx context.Context, m *migration, keys *seal.Keys, g *g
 			tk.Destroy()
 			return err
 		}
-		m.keys, m.epoch = dataplane.Keys{TK: tk, MDK: mdk, Identity: m.hpke, PeerKey: g.Source.HPKEPublicKey}, keys.Epoch
-		rctx, cancel := context.WithCancel(ctx)
-		m.cancel, m.done = cancel, make(chan struct{})
-		if !n.spawn(func() { n.receive(rctx, ctx, m) }) {
-			cancel()
+		m.keys.recv, m.epoch = dataplane.Keys{TK: tk, MDK: mdk, Identity: m.keys.hpke, PeerKey: g.Source.HPKEPublicKey}, keys.Epoch
+		if err := n.start(m, phaseReceiving, func(ctx context.Context) { n.receive(ctx, m) }); err != nil {
 			tk.Destroy()
 			mdk.Destroy()
-			m.keys, m.cancel, m.done = dataplane.Keys{}, nil, nil
-			return errStopping
+			m.keys.recv = dataplane.Keys{}
+			return err
 		}
 	default:
 		return fmt.Errorf("%w: role %q", agentapi.ErrBadRequest, m.role)
@@ -458,49 +415,107 @@ func (n *Node) takeKeys(ctx context.Context, m *migration, keys *seal.Keys, g *g
 	return nil
 }
 
-// receive runs the destination's data plane under ctx; after a commit the guest runs here,
-// its workload under base.
-func (n *Node) receive(ctx, base context.Context, m *migration) {
+// start runs task as m's task, under the node's lifetime (not the request's), and moves m
+// to phase to (sending or receiving). Callers hold m.mu; the task waits for it to be
+// released before it touches m.
+func (n *Node) start(m *migration, to phase, task func(ctx context.Context)) error {
+	ctx, cancel := context.WithCancel(n.life)
+	done := make(chan struct{})
+	n.mu.Lock()
+	ok := n.spawn(func() { defer close(done); task(ctx) })
+	n.mu.Unlock()
+	if !ok {
+		cancel()
+		return errStopping
+	}
+	m.cancel, m.done = cancel, done
+	if err := m.enter(to); err != nil { // cannot happen: callers checked the phase
+		cancel()
+		<-done
+		return err
+	}
+	return nil
+}
+
+// receive runs the destination's data plane under ctx and records how it ended.
+func (n *Node) receive(ctx context.Context, m *migration) {
 	if m.lv != nil {
 		n.receiveLibvirt(ctx, m)
 		return
 	}
-	defer close(m.done)
-	n.mu.Lock()
-	keys := m.keys
-	m.keys = dataplane.Keys{}
-	n.mu.Unlock()
+	keys := m.takeReceiveKeys()
 	res, err := m.dst.Receive(ctx, m.ln, keys)
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	m.zeroizeHPKE()
 	if err != nil {
 		// Receive erased the destination: keys zeroized, region scrubbed.
-		m.failure, m.dstErasure = err.Error(), res.Erasure
-		m.region.Close()
-		m.region = nil
-		n.log.Warn("Receiving failed; destination erased", attrMigration, m.id, attrError, err)
+		n.received(m, nil, &res, err)
+		return
+	}
+	m.mu.Lock()
+	region := m.region
+	m.mu.Unlock()
+	g, err := newGuest(m.tenant, m.vm, region, n.cfg.WorkloadRate)
+	if err != nil { // cannot happen for a valid region; keep nothing
+		keys.MDK.Destroy()
+		n.received(m, nil, nil, fmt.Errorf("taking in the received guest: %w", err))
+		return
+	}
+	g.mdk = keys.MDK
+	n.received(m, g, &res, nil)
+}
+
+// takeReceiveKeys hands the destination's keys to its reception.
+func (m *migration) takeReceiveKeys() dataplane.Keys {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	keys := m.keys.recv
+	m.keys.recv = dataplane.Keys{}
+	return keys
+}
+
+// received ends a reception. With err, m failed, and res (if any) says what the data plane
+// erased; without, g runs here now with the memory data key the reception gave it, and res
+// is the data plane's result (nil for a libvirt guest).
+func (n *Node) received(m *migration, g *guest, res *dataplane.DestinationResult, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err != nil {
+		m.failure = err.Error()
+		if res != nil {
+			m.dstErasure = res.Erasure
+		}
+		if m.dstErasure == nil && m.lv != nil {
+			m.dstErasure = &attest.ErasureStatement{Type: attest.StatementErasure, MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData}}
+		}
+		if m.region != nil {
+			m.region.Close()
+			m.region = nil
+		}
+		if err := m.enter(phaseFailed); err != nil {
+			n.log.Error("Recording the failed reception failed", attrMigration, m.id, attrError, err)
+		}
+		n.log.Warn("Receiving failed; destination erased", attrMigration, m.id, attrError, m.failure)
 		n.cfg.Metrics.MigrationEnded(attest.RoleDestination, OutcomeFailed)
 		return
 	}
-	g, gerr := newGuest(m.tenant, m.vm, m.region, n.cfg.WorkloadRate)
-	if gerr != nil { // cannot happen for a valid region; keep nothing
-		keys.MDK.Destroy()
-		m.failure = gerr.Error()
-		n.log.Error("Taking in the received guest failed", attrMigration, m.id, attrError, gerr)
-		return
+	if res != nil {
+		m.digest = res.MemoryDigest
+		if ack, err := json.Marshal(res.Commit); err == nil {
+			m.commitAck = ack
+		}
 	}
-	g.mdk, g.epoch, g.launch = keys.MDK, m.epoch, m.clean
-	m.region, m.committed, m.digest = nil, true, res.MemoryDigest
-	if ack, err := json.Marshal(res.Commit); err == nil {
-		m.commitAck = ack
+	g.epoch, g.launch = m.epoch, m.clean
+	m.region = nil // the guest's memory now
+	if err := m.enter(phaseCommitted); err != nil {
+		n.log.Error("Recording the committed reception failed", attrMigration, m.id, attrError, err)
 	}
+	n.mu.Lock()
 	n.guests[g.key()] = g
-	n.startWorkload(base, g)
+	n.startWorkload(n.life, g)
+	n.mu.Unlock()
 	n.hostChanged()
 	n.cfg.Metrics.MigrationEnded(attest.RoleDestination, OutcomeCommitted)
 	n.log.Info("Guest received and resumed", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm,
-		attrEpoch, m.epoch, attrDigest, hex.EncodeToString(res.MemoryDigest))
+		attrEpoch, m.epoch, attrDigest, hex.EncodeToString(m.digest))
 }
 
 // Transfer starts moving the guest to req.DataEndpoint in the background and returns the
@@ -508,53 +523,58 @@ func (n *Node) receive(ctx, base context.Context, m *migration) {
 // returns ErrNotFound, ErrBadRequest (no keys yet, no endpoint, a bad stream count) or
 // ErrConflict (the migration was aborted).
 func (n *Node) Transfer(ctx context.Context, req *agentapi.TransferRequest, report agentapi.ProgressFunc) (*agentapi.Progress, error) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	m := n.migs[req.MigrationID]
-	switch {
-	case m == nil:
-		return nil, fmt.Errorf("%w: migration %s", agentapi.ErrNotFound, req.MigrationID)
+	m, err := n.lookup(req.MigrationID)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch p := m.phase(); {
 	case m.role != attest.RoleSource:
 		return nil, fmt.Errorf("%w: migration %s is not a source migration here", agentapi.ErrBadRequest, m.id)
-	case m.started:
-		p := m.progress
+	case m.progress != nil:
+		p := *m.progress
 		return &p, nil
-	case m.abortResp != nil:
+	case p == phaseAborted:
 		return nil, fmt.Errorf("%w: migration %s was aborted", agentapi.ErrConflict, m.id)
-	case m.tk == nil || m.grant == nil || m.hpke == nil:
+	case p != phaseKeyed:
 		return nil, fmt.Errorf("%w: migration %s has no keys yet", agentapi.ErrBadRequest, m.id)
 	case req.DataEndpoint != "" && req.DataEndpoint != m.grant.DataEndpoint:
 		n.log.Warn("Transfer refused: endpoint not granted", attrMigration, m.id, attrEndpoint, req.DataEndpoint)
 		return nil, fmt.Errorf("%w: refusing to send to %s: the keybroker's grant names %s", agentapi.ErrBadRequest, req.DataEndpoint, m.grant.DataEndpoint)
-	case n.guests[m.g.key()] != m.g:
+	}
+	n.mu.Lock()
+	g, mdk := n.guests[m.g.key()], m.g.mdk
+	n.mu.Unlock()
+	if g != m.g {
 		return nil, fmt.Errorf("%w: guest %s/%s left the host", agentapi.ErrNotFound, m.tenant, m.vm)
 	}
-	if m.g.domain != "" {
-		return n.transferLibvirt(ctx, m, req, report)
+	keys := dataplane.Keys{TK: m.keys.tk, MDK: mdk, Identity: m.keys.hpke, PeerKey: m.grant.Destination.HPKEPublicKey}
+	var task func(context.Context)
+	if g.domain != "" {
+		if task, err = n.libvirtSource(m, keys, report); err != nil {
+			return nil, err
+		}
+	} else {
+		src, err := dataplane.NewSource(dataplane.SourceConfig{
+			MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: cmp.Or(req.Streams, n.cfg.Streams),
+			Region: g.region, Guest: g.workload, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
+			MaxRounds: n.cfg.MaxRounds, ConvergedPages: n.cfg.ConvergedPages,
+			Progress: func(p dataplane.Progress) { n.onProgress(m, p, report) },
+			Logger:   n.log,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
+		}
+		task = func(ctx context.Context) { n.runSource(ctx, m, src, keys, report) }
 	}
-	g := m.g
-	src, err := dataplane.NewSource(dataplane.SourceConfig{
-		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: cmp.Or(req.Streams, n.cfg.Streams),
-		Region: g.region, Guest: g.workload, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
-		MaxRounds: n.cfg.MaxRounds, ConvergedPages: n.cfg.ConvergedPages,
-		Progress: func(p dataplane.Progress) { n.onProgress(m, p, report) },
-		Logger:   n.log,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
+	if err := n.start(m, phaseSending, task); err != nil {
+		return nil, err
 	}
-	keys := dataplane.Keys{TK: m.tk, MDK: g.mdk, Identity: m.hpke, PeerKey: m.grant.Destination.HPKEPublicKey}
-	tctx, cancel := context.WithCancel(ctx)
-	m.cancel, m.done = cancel, make(chan struct{})
-	if !n.spawn(func() { n.runSource(tctx, m, src, keys, report) }) {
-		cancel()
-		m.cancel, m.done = nil, nil
-		return nil, errStopping
-	}
-	m.tk, m.started = nil, true // the transfer owns TK now
-	m.progress = agentapi.Progress{MigrationID: m.id, Phase: agentapi.TransferStarted, TotalBytes: uint64(m.size), Time: n.cfg.Now()}
-	n.log.Info("Transfer started", attrMigration, m.id, attrEndpoint, m.grant.DataEndpoint)
-	p := m.progress
+	m.keys.tk = nil // the transfer owns TK now
+	m.progress = &agentapi.Progress{MigrationID: m.id, Phase: agentapi.TransferStarted, TotalBytes: uint64(m.size), Time: n.cfg.Now()}
+	n.log.Info("Transfer started", attrMigration, m.id, attrEndpoint, m.grant.DataEndpoint, attrDomain, g.domain)
+	p := *m.progress
 	return &p, nil
 }
 
@@ -568,11 +588,16 @@ func (n *Node) onProgress(m *migration, p dataplane.Progress, report agentapi.Pr
 	if p.Final {
 		ap.Phase = agentapi.TransferCutover
 	}
-	n.mu.Lock()
-	m.progress = ap
-	n.mu.Unlock()
+	m.setProgress(ap)
 	n.log.Debug("Pre-copy round", attrMigration, m.id, attrRound, ap.Round, attrPhase, string(ap.Phase), attrBytes, ap.Bytes)
 	n.publish(report, ap)
+}
+
+// setProgress records the transfer's latest report.
+func (m *migration) setProgress(p agentapi.Progress) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.progress = &p
 }
 
 func (n *Node) publish(report agentapi.ProgressFunc, p agentapi.Progress) {
@@ -584,145 +609,157 @@ func (n *Node) publish(report agentapi.ProgressFunc, p agentapi.Progress) {
 	}
 }
 
-// runSource runs the source's data plane and records its outcome. On commit the guest leaves
-// the host: the data plane has zeroized TK and MDK and scrubbed its pages.
+// runSource runs the source's data plane. On commit the guest leaves the host: the data
+// plane has zeroized TK and MDK and scrubbed its pages.
 func (n *Node) runSource(ctx context.Context, m *migration, src *dataplane.Source, keys dataplane.Keys, report agentapi.ProgressFunc) {
-	defer close(m.done)
 	res, err := src.Run(ctx, keys)
 	n.cfg.Metrics.BytesSent(res.BytesSent)
 	g := m.g
-	p := agentapi.Progress{
-		MigrationID: m.id, Bytes: uint64(res.BytesSent), Pages: uint64(res.PagesSent), TotalBytes: uint64(m.size),
-		Round: res.Rounds, Time: n.cfg.Now(),
+	out := sendOutcome{
+		progress: agentapi.Progress{
+			MigrationID: m.id, Bytes: uint64(res.BytesSent), Pages: uint64(res.PagesSent), TotalBytes: uint64(m.size),
+			Round: res.Rounds, Time: n.cfg.Now(), MemoryDigest: res.MemoryDigest,
+		},
+		err: err,
 	}
-	if len(res.Commit.MAC) == 0 { // not committed
-		n.mu.Lock()
-		m.zeroizeHPKE()
-		m.unknown = errors.Is(err, dataplane.ErrCommitUnknown)
-		if m.unknown && errors.Is(err, dataplane.ErrPeerAborted) {
+	if len(res.Commit.MAC) == 0 {
+		if errors.Is(err, dataplane.ErrCommitUnknown) && errors.Is(err, dataplane.ErrPeerAborted) {
 			// The destination said it aborted: resuming cannot make two running copies.
-			m.unknown = false
 			if rerr := g.workload.Resume(context.WithoutCancel(ctx)); rerr != nil {
 				n.log.Error("Resuming the guest failed", attrMigration, m.id, attrError, rerr)
 			}
 		}
-		p.Phase, p.Error = agentapi.TransferFailed, err.Error()
-		m.progress = p
-		paused := m.unknown
-		n.mu.Unlock()
-		n.log.Warn("Transfer failed", attrMigration, m.id, attrError, err, attrPaused, paused)
+		n.sent(m, out, report, nil)
+		return
+	}
+	out.commit, out.erasure = &res.Commit, res.Erasure
+	n.sent(m, out, report, func() {
+		if err := g.region.Close(); err != nil {
+			n.log.Warn("Releasing guest memory failed", attrMigration, m.id, attrError, err)
+		}
+	})
+}
+
+// sendOutcome is how a transfer ended, as its backend saw it.
+type sendOutcome struct {
+	// progress holds the transfer's final counters; sent sets its phase and error.
+	progress agentapi.Progress
+	// commit is the destination's acknowledgement; nil if none came.
+	commit *dataplane.Commit
+	// erasure is what the data plane erased at commit.
+	erasure attest.ErasureStatement
+	err     error
+}
+
+// sent ends a transfer. Committed: the guest left the host, its workload is stopped, and
+// release (if not nil) frees what the backend held of it. Not
+// committed: the transfer failed and the guest runs here again, unless the FIN went out
+// without an acknowledgement (dataplane.ErrCommitUnknown without ErrPeerAborted): then the
+// guest stays paused, in doubt, until a receipt says how the migration ended.
+func (n *Node) sent(m *migration, out sendOutcome, report agentapi.ProgressFunc, release func()) {
+	p := out.progress
+	if out.commit == nil {
+		inDoubt := errors.Is(out.err, dataplane.ErrCommitUnknown) && !errors.Is(out.err, dataplane.ErrPeerAborted)
+		p.Phase, p.Error, p.MemoryDigest = agentapi.TransferFailed, out.err.Error(), nil
+		m.mu.Lock()
+		to := phaseFailed
+		if inDoubt {
+			to = phaseInDoubt
+		}
+		if err := m.enter(to); err != nil {
+			n.log.Error("Recording the failed transfer failed", attrMigration, m.id, attrError, err)
+		}
+		m.progress = &p
+		m.mu.Unlock()
+		n.log.Warn("Transfer failed", attrMigration, m.id, attrError, out.err, attrPaused, inDoubt)
 		n.cfg.Metrics.MigrationEnded(attest.RoleSource, OutcomeFailed)
 		n.publish(report, p)
 		return
 	}
-	if err != nil {
-		n.log.Error("Committed, but erasing the source failed", attrMigration, m.id, attrError, err)
+	if out.err != nil {
+		n.log.Error("Committed, but erasing the source failed", attrMigration, m.id, attrError, out.err)
 	}
-	ack, aerr := json.Marshal(res.Commit)
-	st := res.Erasure
+	ack, aerr := json.Marshal(out.commit)
+	st := out.erasure
 	st.KeysZeroized = append(st.KeysZeroized, attest.KeyHPKE)
 	stmt, serr := st.Encode()
 	if e := errors.Join(aerr, serr); e != nil {
 		n.log.Error("Encoding the commit failed", attrMigration, m.id, attrError, e)
 	}
-	p.Phase, p.CommitAck, p.MemoryDigest = agentapi.TransferCommitted, ack, res.MemoryDigest
+	p.Phase, p.CommitAck = agentapi.TransferCommitted, ack
+	g := m.g
+	m.mu.Lock()
+	if err := m.enter(phaseCommitted); err != nil {
+		n.log.Error("Recording the commit failed", attrMigration, m.id, attrError, err)
+	}
+	m.commitAck, m.erasure, m.progress = ack, stmt, &p
 	n.mu.Lock()
-	m.zeroizeHPKE()
-	m.committed, m.commitAck, m.erasure, m.progress = true, ack, stmt, p
 	delete(n.guests, g.key())
 	g.mdk = nil // destroyed by the data plane
 	stop := g.stop
 	g.stop = nil
 	n.mu.Unlock()
+	m.mu.Unlock()
 	if stop != nil {
 		stop()
 	}
-	if err := g.region.Close(); err != nil {
-		n.log.Warn("Releasing guest memory failed", attrMigration, m.id, attrError, err)
+	if release != nil {
+		release()
 	}
 	n.hostChanged()
 	n.cfg.Metrics.MigrationEnded(attest.RoleSource, OutcomeCommitted)
 	n.log.Info("Transfer committed; guest left the host", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm,
-		attrDigest, hex.EncodeToString(res.MemoryDigest))
+		attrDomain, g.domain, attrDigest, hex.EncodeToString(p.MemoryDigest))
 	n.publish(report, p)
 }
 
 // Status returns the node's view of a migration; an unknown one is reported with Known false.
 func (n *Node) Status(ctx context.Context, req *agentapi.StatusRequest) (*agentapi.Status, error) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	m := n.migs[req.MigrationID]
-	if m == nil {
+	m, err := n.lookup(req.MigrationID)
+	if err != nil {
 		return &agentapi.Status{MigrationID: req.MigrationID}, nil
 	}
-	st := &agentapi.Status{MigrationID: m.id, Role: m.role, Known: true, Aborted: m.abortResp != nil}
-	st.KeysHeld = m.hpke != nil || m.tk != nil || m.running()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p := m.phase()
+	st := &agentapi.Status{MigrationID: m.id, Role: m.role, Known: true, Aborted: p == phaseAborted}
+	st.KeysHeld = !m.keys.empty() || p.running()
 	switch m.role {
 	case attest.RoleSource:
-		if m.started {
-			p := m.progress
-			st.Transfer = &p
+		if m.progress != nil {
+			pr := *m.progress
+			st.Transfer = &pr
 		}
 		st.Erased = m.erased
 	case attest.RoleDestination:
 		switch {
-		case m.committed:
+		case p == phaseCommitted:
 			st.Transfer = &agentapi.Progress{MigrationID: m.id, Phase: agentapi.TransferCommitted, TotalBytes: uint64(m.size), MemoryDigest: m.digest}
 		case m.failure != "":
 			st.Transfer = &agentapi.Progress{MigrationID: m.id, Phase: agentapi.TransferFailed, TotalBytes: uint64(m.size), Error: m.failure}
 		}
-		st.Erased = m.dstErasure != nil || m.abortResp != nil
+		st.Erased = m.dstErasure != nil || p == phaseAborted
 	}
 	return st, nil
 }
 
-// Erase returns evidence (role erased, bound to req.Nonce) with the source's erasure
-// statement. The erasure itself happened at commit: the data plane zeroized TK and MDK and
-// scrubbed the guest's pages, and the HPKE key was zeroized when the keys were opened. A
-// repeated call attests the same erasure again. It returns ErrNotFound, ErrBadRequest (not a
-// source migration) or ErrConflict (not committed).
+// Erase returns evidence (role erased, bound to req.Nonce) with the erasure statement of a
+// committed source or an aborted destination. The erasure itself happened then: at commit
+// the data plane zeroized TK and MDK and scrubbed the guest's pages, and every phase after
+// it holds no key. A repeated call attests the same erasure again. It returns ErrNotFound,
+// ErrBadRequest (not a source or destination migration, or an HPKE key this agent never
+// attested with) or ErrConflict (neither committed nor aborted).
 func (n *Node) Erase(ctx context.Context, req *agentapi.EraseRequest) (*attest.Evidence, error) {
 	if err := checkIDNonce(req.MigrationID, req.Nonce); err != nil {
 		return nil, err
 	}
-	n.mu.Lock()
-	m := n.migs[req.MigrationID]
-	var stmt, pub []byte
-	err := func() error {
-		switch {
-		case m == nil:
-			return fmt.Errorf("%w: migration %s", agentapi.ErrNotFound, req.MigrationID)
-		case m.role == attest.RoleSource && m.committed:
-			stmt = m.erasure
-		case m.role == attest.RoleDestination && m.abortResp != nil:
-			// Only an abort that found the guest not resumed here sets abortResp (see
-			// ended), so this statement also says the guest never ran here.
-			stmt = m.abortResp.Statement
-		case m.role == attest.RoleSource || m.role == attest.RoleDestination:
-			return fmt.Errorf("%w: migration %s is neither a committed source nor an aborted destination here", agentapi.ErrConflict, m.id)
-		default:
-			return fmt.Errorf("%w: migration %s is not a source or destination migration here", agentapi.ErrBadRequest, m.id)
-		}
-		// The key of the release this agent took part in: the one asked for, if this agent
-		// attested with it; else the grant's, if keys came; else the last.
-		switch {
-		case len(req.HPKEPublicKey) > 0:
-			if !slices.ContainsFunc(m.hpkePubs, func(k []byte) bool { return bytes.Equal(k, req.HPKEPublicKey) }) {
-				return fmt.Errorf("%w: migration %s never attested with that HPKE key here", agentapi.ErrBadRequest, m.id)
-			}
-			pub = req.HPKEPublicKey
-		case m.grant != nil:
-			end := m.grant.Source
-			if m.role == attest.RoleDestination {
-				end = m.grant.Destination
-			}
-			pub = end.HPKEPublicKey
-		case len(m.hpkePubs) > 0:
-			pub = m.hpkePubs[len(m.hpkePubs)-1]
-		}
-		return nil
-	}()
-	n.mu.Unlock()
+	m, err := n.lookup(req.MigrationID)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	stmt, pub, err := m.erasureToAttest(req.HPKEPublicKey)
+	m.mu.Unlock()
 	if err != nil {
 		return nil, err
 	}
@@ -732,30 +769,65 @@ func (n *Node) Erase(ctx context.Context, req *agentapi.EraseRequest) (*attest.E
 	if err != nil {
 		return nil, fmt.Errorf("attesting the erasure: %w", err)
 	}
-	n.mu.Lock()
+	m.mu.Lock()
 	m.erased = true
-	n.mu.Unlock()
+	m.mu.Unlock()
 	n.log.Info("Erasure attested", attrMigration, m.id)
 	return ev, nil
 }
 
+// erasureToAttest returns the erasure statement m can attest, and the HPKE public key the
+// evidence binds: want, if this agent attested with it; else the grant's, if keys came;
+// else the last. Callers hold m.mu.
+func (m *migration) erasureToAttest(want []byte) (stmt, pub []byte, err error) {
+	switch p := m.phase(); {
+	case m.role == attest.RoleSource && p == phaseCommitted:
+		stmt = m.erasure
+	case m.role == attest.RoleDestination && p == phaseAborted:
+		// A destination enters aborted only when the guest never resumed here (see ended),
+		// so this statement also says the guest never ran here.
+		stmt = m.abortResp.Statement
+	case m.role == attest.RoleSource || m.role == attest.RoleDestination:
+		return nil, nil, fmt.Errorf("%w: migration %s is neither a committed source nor an aborted destination here", agentapi.ErrConflict, m.id)
+	default:
+		return nil, nil, fmt.Errorf("%w: migration %s is not a source or destination migration here", agentapi.ErrBadRequest, m.id)
+	}
+	switch {
+	case len(want) > 0:
+		if !slices.ContainsFunc(m.hpkePubs, func(k []byte) bool { return bytes.Equal(k, want) }) {
+			return nil, nil, fmt.Errorf("%w: migration %s never attested with that HPKE key here", agentapi.ErrBadRequest, m.id)
+		}
+		pub = want
+	case m.grant != nil:
+		end := m.grant.Source
+		if m.role == attest.RoleDestination {
+			end = m.grant.Destination
+		}
+		pub = end.HPKEPublicKey
+	case len(m.hpkePubs) > 0:
+		pub = m.hpkePubs[len(m.hpkePubs)-1]
+	}
+	return stmt, pub, nil
+}
+
 // Abort ends a migration before commit and returns the erasure statement: the destination
 // stops receiving, scrubs its region and zeroizes its keys; the source stops its transfer,
-// zeroizes TK and resumes the guest. A source holding the commit acknowledgement answers
-// Committed with it. A repeated abort returns the same answer. It returns ErrNotFound, or
-// ErrConflict when the destination has resumed the guest.
+// zeroizes TK and resumes the guest. A migration that committed answers Committed with the
+// commit acknowledgement. A source in doubt (its FIN went out without an acknowledgement)
+// acts only on req.Receipt, the keybroker's signed receipt: aborted resumes the guest,
+// committed drops its copy, anything else answers Unresolved and leaves the guest paused. A
+// repeated abort returns the same answer. It returns ErrNotFound, or ctx's error if ctx ends
+// while the migration's task stops.
 func (n *Node) Abort(ctx context.Context, req *agentapi.AbortRequest) (*agentapi.AbortResponse, error) {
-	n.mu.Lock()
-	m := n.migs[req.MigrationID]
-	n.mu.Unlock()
-	if m == nil {
-		return nil, fmt.Errorf("%w: migration %s", agentapi.ErrNotFound, req.MigrationID)
+	m, err := n.lookup(req.MigrationID)
+	if err != nil {
+		return nil, err
 	}
 	return n.abort(ctx, m, req.Reason, req.Receipt)
 }
 
 // endReceipt verifies proof, the keybroker's receipt of how m ended, with the pinned
-// keybroker key, and returns its outcome. Callers hold n.mu.
+// keybroker key, and returns its outcome.
 func (n *Node) endReceipt(m *migration, proof json.RawMessage) (receipt.Outcome, error) {
 	if len(proof) == 0 {
 		return "", errors.New("no receipt")
@@ -774,67 +846,74 @@ func (n *Node) endReceipt(m *migration, proof json.RawMessage) (receipt.Outcome,
 	return r.Outcome, nil
 }
 
-// dropCommitted ends a source whose transfer's outcome was unknown and that the keybroker's
-// receipt shows committed: the guest runs at the destination, so its copy here is scrubbed
-// and dropped and its memory key zeroized. Callers hold n.mu.
-func (n *Node) dropCommitted(m *migration) {
+// dropCommitted ends a source in doubt that the keybroker's receipt shows committed: the
+// guest runs at the destination, so its copy here is scrubbed and dropped and its memory key
+// zeroized. It returns the erasure statement. Callers hold m.mu.
+func (n *Node) dropCommitted(ctx context.Context, m *migration) attest.ErasureStatement {
 	g := m.g
+	st := attest.ErasureStatement{MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyHPKE}}
+	n.mu.Lock()
 	if n.guests[g.key()] != g {
-		return
+		n.mu.Unlock()
+		return st
 	}
 	delete(n.guests, g.key())
-	if g.stop != nil {
-		g.stop()
-		g.stop = nil
+	stop, mdk, region := g.stop, g.mdk, g.region
+	g.stop, g.mdk, g.region = nil, nil, nil
+	n.mu.Unlock()
+	if stop != nil {
+		stop()
 	}
-	st := attest.ErasureStatement{MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyHPKE}}
-	if g.mdk != nil {
-		g.mdk.Destroy()
-		g.mdk = nil
+	if mdk != nil {
+		mdk.Destroy()
 		st.KeysZeroized = append(st.KeysZeroized, attest.KeyMemoryData)
 	}
-	if g.region != nil {
-		if b, err := g.region.Scrub(); err == nil {
+	if region != nil {
+		if b, err := region.Scrub(); err == nil {
 			st.PagesScrubbed, st.PageBytesScrubbed = uint64(b)/dataplane.PageSize, uint64(b)
 		}
-		g.region.Close()
+		region.Close()
 	}
 	if g.domain != "" && n.lv != nil {
-		if err := n.lv.Remove(context.Background(), g.domain); err != nil {
+		if err := n.lv.Remove(ctx, g.domain); err != nil {
 			n.log.Error("Destroying the source domain failed", attrMigration, m.id, attrError, err)
 		}
 	}
-	if b, err := st.Encode(); err == nil {
-		m.erasure = b
-	}
 	n.hostChanged()
 	n.log.Info("Transfer committed after all; the guest's copy here scrubbed", attrMigration, m.id)
+	return st
 }
 
-// ended answers an abort of m that is decided already, or returns nil. Callers hold n.mu.
-func (m *migration) ended() (*agentapi.AbortResponse, error) {
-	switch {
-	case m.abortResp != nil:
+// ended answers an abort of m that is decided already, or returns nil. Callers hold m.mu.
+func (m *migration) ended() *agentapi.AbortResponse {
+	switch m.phase() {
+	case phaseAborted:
 		r := *m.abortResp
-		return &r, nil
-	case m.committed && m.role == attest.RoleSource:
-		return &agentapi.AbortResponse{Committed: true, CommitAck: m.commitAck, MemoryDigest: m.progress.MemoryDigest}, nil
-	case m.committed:
-		// The destination resumed the guest: it answers with the acknowledgement it sent, so
+		return &r
+	case phaseCommitted:
+		// A destination that resumed the guest answers with the acknowledgement it sent, so
 		// that the broker completes the commit (the source may never have received it).
-		return &agentapi.AbortResponse{Committed: true, CommitAck: m.commitAck, MemoryDigest: m.digest}, nil
+		r := &agentapi.AbortResponse{Committed: true, CommitAck: m.commitAck, MemoryDigest: m.digest}
+		if m.role == attest.RoleSource && m.progress != nil {
+			r.MemoryDigest = m.progress.MemoryDigest
+		}
+		return r
 	}
-	return nil, nil
+	return nil
 }
 
 func (n *Node) abort(ctx context.Context, m *migration, reason string, proof json.RawMessage) (*agentapi.AbortResponse, error) {
-	n.mu.Lock()
-	if r, err := m.ended(); r != nil || err != nil {
-		n.mu.Unlock()
-		return r, err
+	m.mu.Lock()
+	if r := m.ended(); r != nil {
+		m.mu.Unlock()
+		return r, nil
 	}
-	cancel, done := m.cancel, m.done
-	n.mu.Unlock()
+	var cancel context.CancelFunc
+	var done chan struct{}
+	if m.phase().running() {
+		cancel, done = m.cancel, m.done
+	}
+	m.mu.Unlock()
 	if cancel != nil {
 		cancel()
 		select {
@@ -843,23 +922,21 @@ func (n *Node) abort(ctx context.Context, m *migration, reason string, proof jso
 			return nil, ctx.Err()
 		}
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if r, err := m.ended(); r != nil || err != nil {
-		return r, err
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if r := m.ended(); r != nil {
+		return r, nil
 	}
 	var st attest.ErasureStatement
 	resp := &agentapi.AbortResponse{}
 	switch m.role {
 	case attest.RoleSource:
-		st = attest.ErasureStatement{MigrationID: m.id, KeysZeroized: []string{}}
-		if m.opened {
-			m.tk.Destroy() // nil once the transfer took it; the transfer destroyed it
-			m.tk = nil
+		st = attest.ErasureStatement{KeysZeroized: []string{}}
+		if m.grant != nil {
+			// TK: zeroized on entering aborted below, or by the transfer that took it.
 			st.KeysZeroized = append(st.KeysZeroized, attest.KeyTransfer)
 		}
-		g := m.g
-		if m.unknown {
+		if m.phase() == phaseInDoubt {
 			// Whether the destination resumed the guest is known only to the keybroker.
 			switch outcome, err := n.endReceipt(m, proof); {
 			case err != nil:
@@ -870,44 +947,43 @@ func (n *Node) abort(ctx context.Context, m *migration, reason string, proof jso
 					n.log.Error("Resuming the guest failed", attrMigration, m.id, attrError, err)
 				}
 			case outcome == receipt.OutcomeErased || outcome == receipt.OutcomeCommittedUnverifiedErasure:
-				n.dropCommitted(m)
-				resp := &agentapi.AbortResponse{Committed: true}
-				m.unknown, m.committed, m.abortResp = false, true, resp
-				r := *resp
-				return &r, nil
+				dropped := n.dropCommitted(context.WithoutCancel(ctx), m)
+				if b, err := dropped.Encode(); err == nil {
+					m.erasure = b
+				}
+				if err := m.enter(phaseCommitted); err != nil {
+					return nil, err
+				}
+				return &agentapi.AbortResponse{Committed: true}, nil
 			default:
 				n.log.Warn("Keeping the guest paused: the abort is not verified", attrMigration, m.id, attrOutcome, string(outcome))
 				return &agentapi.AbortResponse{Unresolved: true}, nil
 			}
-			m.unknown = false
 		}
+		g := m.g
+		n.mu.Lock()
 		if g.migration == m.id {
 			g.migration = ""
 		}
 		resp.Resumed = n.guests[g.key()] == g
+		n.mu.Unlock()
 	case attest.RoleDestination:
-		switch {
-		case m.dstErasure != nil:
+		if m.dstErasure != nil {
 			st = *m.dstErasure
-		default:
+		} else {
 			var err error
-			st, err = m.dst.Abort(ctx, m.keys)
-			if err != nil {
+			if st, err = m.dst.Abort(ctx, m.keys.recv); err != nil {
 				n.log.Error("Scrubbing the receive region failed", attrMigration, m.id, attrError, err)
 			}
+			m.keys.recv = dataplane.Keys{}
 		}
-		m.keys = dataplane.Keys{}
 		m.ln.Close()
 		if m.region != nil {
 			m.region.Close()
 			m.region = nil
 		}
 	}
-	if m.hpke != nil || m.opened {
-		if m.hpke != nil {
-			m.hpke.Zeroize()
-		}
-		m.hpke = nil
+	if m.keys.hpke != nil || m.grant != nil {
 		st.KeysZeroized = append(st.KeysZeroized, attest.KeyHPKE)
 	}
 	if m.role != attest.RoleAdopt {
@@ -917,6 +993,9 @@ func (n *Node) abort(ctx context.Context, m *migration, reason string, proof jso
 			return nil, err
 		}
 		resp.Statement = stmt
+	}
+	if err := m.enter(phaseAborted); err != nil {
+		return nil, err
 	}
 	m.abortResp = resp
 	if m.role != attest.RoleAdopt {

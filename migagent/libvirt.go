@@ -253,10 +253,10 @@ func (n *Node) moving(tenant, vm string) bool {
 		if m.tenant != tenant || m.vm != vm {
 			continue
 		}
-		switch {
-		case m.role == attest.RoleDestination && m.abortResp == nil && !m.committed && m.failure == "":
+		switch p := m.phase(); {
+		case m.role == attest.RoleDestination && (p == phasePrepared || p == phaseReceiving):
 			return true
-		case m.role == attest.RoleSource && m.committed:
+		case m.role == attest.RoleSource && p == phaseCommitted:
 			return true
 		}
 	}
@@ -339,37 +339,27 @@ func (n *Node) newLibvirtDestination(req *agentapi.PrepareRequest) (*migration, 
 	if err != nil {
 		return nil, err
 	}
-	return &migration{
-		id: req.MigrationID, role: attest.RoleDestination, tenant: req.Tenant, vm: req.VM, size: int64(req.MemoryBytes),
-		dst: dst, ln: ln, endpoint: endpoint, lv: &lvMigration{tun: tun},
-	}, nil
+	m := newMigration(req.MigrationID, attest.RoleDestination, req.Tenant, req.VM, int64(req.MemoryBytes), phasePrepared)
+	m.dst, m.ln, m.endpoint, m.lv = dst, ln, endpoint, &lvMigration{tun: tun}
+	return m, nil
 }
 
 // receiveLibvirt runs the destination of a libvirt migration under ctx: the data plane and
 // the libvirt steps side by side. After a commit the guest runs here.
 func (n *Node) receiveLibvirt(ctx context.Context, m *migration) {
-	defer close(m.done)
-	n.mu.Lock()
-	keys := m.keys
-	m.keys = dataplane.Keys{}
-	n.mu.Unlock()
+	keys := m.takeReceiveKeys()
 	dctx, dcancel := context.WithCancel(ctx)
 	defer dcancel()
 	var (
-		d   destinationDriver
-		wg  sync.WaitGroup
-		err error
-		res dataplane.DestinationResult
+		d  destinationDriver
+		wg sync.WaitGroup
 	)
 	wg.Go(func() { d.run(dctx, n, m) })
-	res, err = m.dst.Receive(ctx, m.ln, keys)
+	res, err := m.dst.Receive(ctx, m.ln, keys)
 	if err != nil {
 		dcancel()
 	}
 	wg.Wait()
-	n.mu.Lock()
-	m.zeroizeHPKE()
-	n.mu.Unlock()
 	if err == nil && !d.finished {
 		// The source ended its stream without the steps: nothing runs here to commit to.
 		err = fmt.Errorf("the stream ended before the guest ran here: %w", cmp.Or(d.err, errors.New("no performed record")))
@@ -377,23 +367,11 @@ func (n *Node) receiveLibvirt(ctx context.Context, m *migration) {
 	}
 	if err != nil {
 		d.cancel(context.WithoutCancel(ctx), n)
-		n.mu.Lock()
-		m.failure, m.dstErasure = err.Error(), res.Erasure
-		if m.dstErasure == nil {
-			m.dstErasure = &attest.ErasureStatement{Type: attest.StatementErasure, MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData}}
-		}
-		n.mu.Unlock()
-		n.log.Warn("Receiving failed; destination erased", attrMigration, m.id, attrError, err)
+		n.received(m, nil, &res, err)
 		return
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	g := &guest{tenant: m.tenant, vm: m.vm, domain: d.domain, memory: m.size, mdk: keys.MDK, epoch: m.epoch, launch: m.clean}
-	m.committed = true
-	n.guests[g.key()] = g
-	n.hostChanged()
-	n.log.Info("Guest received and running", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm,
-		attrDomain, d.domain, attrEpoch, m.epoch)
+	g := &guest{tenant: m.tenant, vm: m.vm, domain: d.domain, memory: m.size, mdk: keys.MDK}
+	n.received(m, g, &res, nil)
 }
 
 // destinationDriver runs the destination's libvirt steps from the tunnel's records.
@@ -542,9 +520,9 @@ func dialHypervisor(ctx context.Context, ep libvirt.Endpoint) (net.Conn, error) 
 
 // --- source ---
 
-// transferLibvirt starts the transfer of a libvirt guest. Callers hold n.mu and checked the
-// request.
-func (n *Node) transferLibvirt(ctx context.Context, m *migration, req *agentapi.TransferRequest, report agentapi.ProgressFunc) (*agentapi.Progress, error) {
+// libvirtSource makes the task that transfers a libvirt guest with keys. Callers hold m.mu
+// and checked the request.
+func (n *Node) libvirtSource(m *migration, keys dataplane.Keys, report agentapi.ProgressFunc) (func(context.Context), error) {
 	if n.lv == nil {
 		return nil, fmt.Errorf("%w: the node does not drive libvirt", agentapi.ErrBadRequest)
 	}
@@ -555,25 +533,13 @@ func (n *Node) transferLibvirt(ctx context.Context, m *migration, req *agentapi.
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
-	keys := dataplane.Keys{TK: m.tk, MDK: m.g.mdk, Identity: m.hpke, PeerKey: m.grant.Destination.HPKEPublicKey}
-	tctx, cancel := context.WithCancel(ctx)
-	m.cancel, m.done, m.lv = cancel, make(chan struct{}), &lvMigration{tun: tun}
-	if !n.spawn(func() { n.runLibvirtSource(tctx, m, src, keys, report) }) {
-		cancel()
-		m.cancel, m.done, m.lv = nil, nil, nil
-		return nil, errStopping
-	}
-	m.tk, m.started = nil, true
-	m.progress = agentapi.Progress{MigrationID: m.id, Phase: agentapi.TransferStarted, TotalBytes: uint64(m.size), Time: n.cfg.Now()}
-	n.log.Info("Transfer started", attrMigration, m.id, attrEndpoint, m.grant.DataEndpoint, attrDomain, m.g.domain)
-	p := m.progress
-	return &p, nil
+	m.lv = &lvMigration{tun: tun}
+	return func(ctx context.Context) { n.runLibvirtSource(ctx, m, src, keys, report) }, nil
 }
 
 // runLibvirtSource runs the source of a libvirt migration: the data plane and the libvirt
 // steps side by side, then Confirm, and records the outcome.
 func (n *Node) runLibvirtSource(ctx context.Context, m *migration, src *dataplane.Source, keys dataplane.Keys, report agentapi.ProgressFunc) {
-	defer close(m.done)
 	dctx, dcancel := context.WithCancel(ctx)
 	defer dcancel()
 	d := &sourceDriver{n: n, m: m, report: report}
@@ -585,37 +551,30 @@ func (n *Node) runLibvirtSource(ctx context.Context, m *migration, src *dataplan
 	}
 	wg.Wait()
 	g := m.g
-	p := agentapi.Progress{
-		MigrationID: m.id, Bytes: d.stats.DataProcessed, TotalBytes: uint64(m.size),
-		Round: int(d.stats.Iteration), Time: n.cfg.Now(),
+	out := sendOutcome{
+		progress: agentapi.Progress{
+			MigrationID: m.id, Bytes: d.stats.DataProcessed, TotalBytes: uint64(m.size),
+			Round: int(d.stats.Iteration), Time: n.cfg.Now(),
+		},
+		err: err,
 	}
-	n.mu.Lock()
-	m.zeroizeHPKE()
-	n.mu.Unlock()
 	if len(res.Commit.MAC) == 0 {
 		if d.err != nil && !errors.Is(d.err, context.Canceled) {
-			err = errors.Join(err, d.err)
+			out.err = errors.Join(out.err, d.err)
 		}
-		unknown := errors.Is(err, dataplane.ErrCommitUnknown) && !errors.Is(err, dataplane.ErrPeerAborted)
-		if !unknown && d.src != nil {
+		inDoubt := errors.Is(out.err, dataplane.ErrCommitUnknown) && !errors.Is(out.err, dataplane.ErrPeerAborted)
+		if !inDoubt && d.src != nil {
 			if cerr := d.src.Confirm(ctx, nil, true); cerr != nil {
 				n.log.Error("Cancelling the migration at the source failed", attrMigration, m.id, attrError, cerr)
 			}
 		}
-		n.mu.Lock()
-		m.unknown = unknown
-		if unknown {
+		if inDoubt {
+			m.mu.Lock()
 			m.lv.src = d.src // an abort cancels it
+			m.mu.Unlock()
 		}
-		p.Phase, p.Error = agentapi.TransferFailed, err.Error()
-		m.progress = p
-		n.mu.Unlock()
-		n.log.Warn("Transfer failed", attrMigration, m.id, attrError, err, attrPaused, unknown)
-		n.publish(report, p)
+		n.sent(m, out, report, nil)
 		return
-	}
-	if err != nil {
-		n.log.Error("Committed, but erasing the source failed", attrMigration, m.id, attrError, err)
 	}
 	// The destination acknowledged after Finish found the guest running there.
 	if cerr := d.src.Confirm(ctx, d.cookie, false); cerr != nil {
@@ -624,22 +583,8 @@ func (n *Node) runLibvirtSource(ctx context.Context, m *migration, src *dataplan
 			n.log.Error("Destroying the source domain failed", attrMigration, m.id, attrError, rerr)
 		}
 	}
-	ack, aerr := json.Marshal(res.Commit)
-	st := res.Erasure
-	st.KeysZeroized = append(st.KeysZeroized, attest.KeyHPKE)
-	stmt, serr := st.Encode()
-	if e := errors.Join(aerr, serr); e != nil {
-		n.log.Error("Encoding the commit failed", attrMigration, m.id, attrError, e)
-	}
-	p.Phase, p.CommitAck = agentapi.TransferCommitted, ack
-	n.mu.Lock()
-	m.committed, m.commitAck, m.erasure, m.progress = true, ack, stmt, p
-	delete(n.guests, g.key())
-	g.mdk = nil // destroyed by the data plane
-	n.mu.Unlock()
-	n.hostChanged()
-	n.log.Info("Transfer committed; guest left the host", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrDomain, g.domain)
-	n.publish(report, p)
+	out.commit, out.erasure = &res.Commit, res.Erasure
+	n.sent(m, out, report, nil)
 }
 
 // sourceDriver runs the source's libvirt steps and carries the source hypervisor's stream.
@@ -826,15 +771,14 @@ func (d *sourceDriver) publish(phase agentapi.TransferPhase) {
 	if s.MemoryBandwidth > 0 {
 		p.ETA = time.Duration(float64(s.DataRemaining) / float64(s.MemoryBandwidth) * float64(time.Second))
 	}
-	d.n.mu.Lock()
-	d.m.progress = p
-	d.n.mu.Unlock()
+	d.m.setProgress(p)
 	d.n.log.Debug("Migration progress", attrMigration, d.m.id, attrPhase, string(phase), attrRound, p.Round, attrBytes, p.Bytes,
 		"remaining", s.DataRemaining, "bandwidth", s.MemoryBandwidth, "dirty_rate", p.DirtyRate, "throttle", s.AutoConvergeThrottle)
 	d.n.publish(d.report, p)
 }
 
 // resumeSource resumes a source guest left paused by a transfer whose outcome was unknown.
+// Callers hold m.mu.
 func (n *Node) resumeSource(ctx context.Context, m *migration) error {
 	if m.lv == nil {
 		return m.g.workload.Resume(ctx)

@@ -89,6 +89,14 @@ type Node struct {
 	// served; nil without libvirt.
 	lv *libvirt.Conn
 
+	// life is Run's context: the tasks that requests start (transfers, receptions, the
+	// workloads of received guests) run under it, not under the request's context, which
+	// ends with the request. Set by Run before the agent API is served.
+	life context.Context
+
+	// mu guards the maps, stopping and the guests' mutable fields. It is held only for
+	// lookups and updates, never across I/O, and taken after a migration's own lock (see
+	// state.go), never before it.
 	mu       sync.Mutex
 	guests   map[string]*guest
 	migs     map[string]*migration
@@ -152,6 +160,7 @@ func New(cfg Config) (*Node, error) {
 		guests:  map[string]*guest{},
 		migs:    map[string]*migration{},
 		dial:    cfg.DataDial,
+		life:    context.Background(),
 	}
 	for _, spec := range cfg.Guests {
 		if _, dup := n.guests[guestKey(spec.Tenant, spec.VM)]; dup {
@@ -175,6 +184,7 @@ func New(cfg Config) (*Node, error) {
 // served, and nil when ctx ends. A Node runs once.
 func (n *Node) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
+	n.life = ctx
 	if err := n.startLibvirt(ctx); err != nil {
 		n.shutdown()
 		return err
@@ -293,6 +303,10 @@ func (n *Node) heartbeat(ctx context.Context) error {
 	}
 }
 
+// shutdownTimeout bounds how long shutdown waits for the hypervisor while it aborts the
+// migrations left in flight.
+const shutdownTimeout = 30 * time.Second
+
 // shutdown aborts what is left in flight and releases every key and region. The tasks have
 // ended.
 func (n *Node) shutdown() {
@@ -303,18 +317,17 @@ func (n *Node) shutdown() {
 		migs = append(migs, m)
 	}
 	n.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
 	for _, m := range migs {
-		n.mu.Lock()
-		unknown := m.unknown
-		n.mu.Unlock()
-		if unknown {
+		if m.phase() == phaseInDoubt {
 			// The FIN went out without an acknowledgement: the destination may have resumed
 			// the guest, so resuming it here could run two copies. It stays paused for the
 			// broker to reconcile (see the package doc).
 			n.log.Warn("Leaving the guest paused at shutdown: the commit's outcome is unknown", attrMigration, m.id)
 			continue
 		}
-		if _, err := n.abort(context.Background(), m, "agent shutting down", nil); err != nil && !errors.Is(err, agentapi.ErrConflict) {
+		if _, err := n.abort(ctx, m, "agent shutting down", nil); err != nil && !errors.Is(err, agentapi.ErrConflict) {
 			n.log.Warn("Aborting migration at shutdown failed", attrMigration, m.id, attrError, err)
 		}
 	}

@@ -48,6 +48,8 @@ type env struct {
 	emuDir string
 	log    *slog.Logger
 	nodes  map[string]*testNode
+	// heartbeat is the agents' heartbeat interval.
+	heartbeat time.Duration
 }
 
 type testNode struct {
@@ -58,18 +60,25 @@ type testNode struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
+	return newEnvHostTTL(t, 0)
+}
+
+// newEnvHostTTL is newEnv with a broker that counts a host lost after ttl without a
+// heartbeat (zero: the broker's default).
+func newEnvHostTTL(t *testing.T, ttl time.Duration) *env {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo}))
 	y, err := os.ReadFile("../examples/policies/ci-emulated.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := stacktest.Start(t, stacktest.Options{
-		Tenant: testTenant, PolicyName: "ci-emulated.yaml", Policy: y, AgentTimeout: 20 * time.Second, Logger: log,
+		Tenant: testTenant, PolicyName: "ci-emulated.yaml", Policy: y, AgentTimeout: 20 * time.Second, HostTTL: ttl, Logger: log,
 	})
 	return &env{
 		t: t, nats: s.NATS, vault: s.Vault, kbPub: s.KeybrokerPub, tenant: s.Tenant,
 		agents: agentapi.NewClient(s.Conn, 0), js: s.JS, emuDir: s.EmulatorDir, log: log,
-		nodes: map[string]*testNode{},
+		nodes: map[string]*testNode{}, heartbeat: 500 * time.Millisecond,
 	}
 }
 
@@ -83,7 +92,7 @@ func (e *env) startNode(host string, tcb attest.SNPTCB, guests ...GuestSpec) *te
 	}
 	n, err := New(Config{
 		Host: host, Conn: e.nats.Connect(e.t), Attester: plat, KeybrokerKey: e.kbPub, Labels: map[string]string{"zone": "test"},
-		Region: "eu", Guests: guests, WorkloadRate: 5000, HeartbeatInterval: 500 * time.Millisecond,
+		Region: "eu", Guests: guests, WorkloadRate: 5000, HeartbeatInterval: e.heartbeat,
 		Logger: e.log.With("node", host),
 	})
 	if err != nil {
@@ -333,8 +342,13 @@ func TestMigrations(t *testing.T) {
 		}
 		c.n.mu.Lock()
 		cm := c.n.migs[id]
-		erased := cm != nil && cm.abortResp != nil && cm.keys.TK == nil && cm.region == nil && cm.hpke == nil
 		c.n.mu.Unlock()
+		erased := cm != nil
+		if erased {
+			cm.mu.Lock()
+			erased = cm.phase() == phaseAborted && cm.keys.empty() && cm.region == nil
+			cm.mu.Unlock()
+		}
 		if !erased {
 			t.Error("the stopped destination kept keys or memory of the migration")
 		}
@@ -384,8 +398,11 @@ func TestMigrations(t *testing.T) {
 		}
 		a.n.mu.Lock()
 		am := a.n.migs[id]
-		clean := am.tk == nil && am.hpke == nil && am.erased && a.n.guests[guestKey(testTenant, testVM)] == nil
+		clean := a.n.guests[guestKey(testTenant, testVM)] == nil
 		a.n.mu.Unlock()
+		am.mu.Lock()
+		clean = clean && am.keys.empty() && am.erased && am.phase() == phaseCommitted
+		am.mu.Unlock()
 		if !clean {
 			t.Error("host-a kept the guest or a key after the commit")
 		}

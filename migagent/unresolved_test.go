@@ -59,8 +59,12 @@ func TestUnresolvedSourceResumesOnlyOnProof(t *testing.T) {
 		}
 		a.mu.Lock()
 		m := a.migs[id]
-		m.started, m.unknown = true, true
 		a.mu.Unlock()
+		m.mu.Lock()
+		m.keys.zeroize()
+		m.state.Store(uint32(phaseInDoubt))
+		m.progress = &agentapi.Progress{MigrationID: id, Phase: agentapi.TransferFailed}
+		m.mu.Unlock()
 		return a
 	}
 
@@ -79,7 +83,7 @@ func TestUnresolvedSourceResumesOnlyOnProof(t *testing.T) {
 			}
 		}
 		a.mu.Lock()
-		stillUnknown := a.migs["m-1"].unknown
+		stillUnknown := a.migs["m-1"].phase() == phaseInDoubt
 		a.mu.Unlock()
 		if !stillUnknown || !holds(a) {
 			t.Errorf("after unproven aborts: unknown %v, guest held %v; want the guest kept, paused", stillUnknown, holds(a))

@@ -7,6 +7,7 @@
 package stacktest
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -39,6 +40,9 @@ type Options struct {
 	Policy     []byte
 	// AgentTimeout bounds one broker call to an agent. Zero: the broker's default.
 	AgentTimeout time.Duration
+	// HostTTL is how old a host's heartbeat may be before the broker counts the host lost.
+	// Zero: 30 s.
+	HostTTL time.Duration
 	// Logger receives every component's logs. Nil: none.
 	Logger *slog.Logger
 }
@@ -121,7 +125,7 @@ func Start(t testing.TB, o Options) *Stack {
 	s.Conn = s.NATS.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleBroker, "")))
 	b, err := broker.New(broker.Config{
 		Conn: s.Conn, KeyBroker: broker.NewKeyBrokerClient(s.Conn, 0), Logger: log.With("component", "broker"),
-		CheckInterval: 50 * time.Millisecond, AgentTimeout: o.AgentTimeout, HostTTL: 30 * time.Second,
+		CheckInterval: 50 * time.Millisecond, AgentTimeout: o.AgentTimeout, HostTTL: cmp.Or(o.HostTTL, 30*time.Second),
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -117,11 +117,21 @@ func (r *Region) fullSet() []uint64 {
 	return set
 }
 
+// scrubChunk is how much of a region Scrub zeroes in one call. Zeroing is one
+// non-preemptible call: a whole multi-GiB region at once would hold up the garbage
+// collector's stop-the-world, and with it every goroutine of the process (heartbeats
+// included), for seconds.
+const scrubChunk = 1 << 20
+
 // Scrub zeroes the region and reads it back, returning the bytes scrubbed. For a file
 // mapping it also flushes the zeroes to the file. It returns an error wrapping ErrNotZero if
 // any byte reads back non-zero.
 func (r *Region) Scrub() (int64, error) {
-	clear(r.data)
+	for b := r.data; len(b) > 0; {
+		n := min(len(b), scrubChunk)
+		clear(b[:n])
+		b = b[n:]
+	}
 	if r.file != nil {
 		if err := unix.Msync(r.data, unix.MS_SYNC); err != nil {
 			return 0, fmt.Errorf("flushing scrubbed guest RAM file: %w", err)
