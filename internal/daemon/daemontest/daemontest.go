@@ -32,8 +32,7 @@ func ClearEnv(t *testing.T) {
 
 // CheckReference checks that the section name of ConfigurationDoc is the reference of fs's
 // flags (daemon.Reference, with defaults for the defaults computed from the machine), or
-// rewrites the section when update is set. Build fs after ClearEnv, so that it shows the
-// built-in defaults.
+// rewrites the section when update is set.
 func CheckReference(t *testing.T, name string, fs *daemon.Flags, defaults map[string]string, update bool) {
 	t.Helper()
 	ref := daemon.Reference(fs, defaults)
