@@ -173,8 +173,8 @@ func TestParseErrorKinds(t *testing.T) {
 			Message: "unknown field, expected one of platforms, snp, tdx"}}},
 		{"duplicate", minimal + "spec:\n  cel: 'true'\n  cel: 'false'\n", []ParseError{{Line: 9, Column: 3, Message: `malformed YAML: mapping key "cel" already defined at [8:3]`}}},
 		{"alias", minimal + "spec:\n  source: &s {platforms: [tdx]}\n  destination: *s\n", []ParseError{
-			{Line: 8, Column: 11, Path: "spec.source", Message: "expected plain YAML, got an anchor (anchors, aliases and tags are not allowed in policies)"},
-			{Line: 9, Column: 16, Path: "spec.destination", Message: "expected plain YAML, got an alias (anchors, aliases and tags are not allowed in policies)"},
+			{Line: 8, Column: 11, Path: "spec.source", Message: "expected plain YAML, got an anchor (anchors, aliases and tags are not allowed)"},
+			{Line: 9, Column: 16, Path: "spec.destination", Message: "expected plain YAML, got an alias (anchors, aliases and tags are not allowed)"},
 		}},
 		{"cel type", minimal + "spec:\n  cel: '1 + 2'\n", []ParseError{{Line: 8, Column: 8, Path: "spec.cel", Message: "expected a CEL expression of type bool, got int"}}},
 		{"cel undeclared", minimal + "spec:\n  cel: 'src.platform == \"tdx\"'\n", []ParseError{{Line: 8, Column: 8, Path: "spec.cel",

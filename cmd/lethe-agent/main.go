@@ -21,11 +21,9 @@ import (
 	"crypto/sha512"
 	"encoding/hex"
 	"errors"
-	"flag"
 	"fmt"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -99,54 +97,49 @@ func (g guestFlags) Set(v string) error {
 	return nil
 }
 
-// newFlagSet defines the agent's flags on c, each defaulting to its environment variable.
-func newFlagSet(c *config) *flag.FlagSet {
+// newFlagSet declares the agent's settings on c.
+func newFlagSet(c *config) *daemon.Flags {
 	hostname, _ := os.Hostname()
 	hostname, _, _ = strings.Cut(hostname, ".")
-	fs := flag.NewFlagSet("lethe-agent", flag.ContinueOnError)
-	fs.StringVar(&c.configFile, "config", daemon.Env("LETHE_AGENT_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_AGENT_CONFIG)")
-	fs.StringVar(&c.host, "host", daemon.Env("LETHE_AGENT_HOST", hostname), "this host's name: letters, digits, '-', '_' (env LETHE_AGENT_HOST; default the short host name)")
-	fs.StringVar(&c.nats.URL, "nats-url", daemon.Env("LETHE_AGENT_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_AGENT_NATS_URL)")
-	fs.StringVar(&c.nats.Creds, "creds", daemon.Env("LETHE_AGENT_CREDS", ""), "NATS credentials file (env LETHE_AGENT_CREDS)")
-	fs.StringVar(&c.nats.NKeySeed, "nkey", daemon.Env("LETHE_AGENT_NKEY", ""), "NATS nkey seed file (env LETHE_AGENT_NKEY)")
-	fs.StringVar(&c.nats.User, "user", daemon.Env("LETHE_AGENT_USER", ""), "NATS user (env LETHE_AGENT_USER)")
-	fs.StringVar(&c.nats.Password, "password", daemon.Env("LETHE_AGENT_PASSWORD", ""), "NATS password (env LETHE_AGENT_PASSWORD)")
-	fs.StringVar(&c.nats.TLS.CA, "nats-tls-ca", daemon.Env("LETHE_AGENT_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_AGENT_NATS_TLS_CA)")
-	fs.StringVar(&c.nats.TLS.Cert, "nats-tls-cert", daemon.Env("LETHE_AGENT_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_AGENT_NATS_TLS_CERT)")
-	fs.StringVar(&c.nats.TLS.Key, "nats-tls-key", daemon.Env("LETHE_AGENT_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_AGENT_NATS_TLS_KEY)")
-	fs.BoolVar(&c.dev, "dev", daemon.EnvBool("LETHE_AGENT_DEV"), "development mode: allow NATS without authentication (env LETHE_AGENT_DEV)")
-	fs.StringVar(&c.dataListen, "data-listen", daemon.Env("LETHE_AGENT_DATA_LISTEN", "127.0.0.1:0"), "host:port of the data plane's listener for incoming migrations; port 0: one ephemeral port per migration (env LETHE_AGENT_DATA_LISTEN)")
-	fs.StringVar(&c.dataAdvertise, "data-advertise", daemon.Env("LETHE_AGENT_DATA_ADVERTISE", ""), "host or IP sources dial for the data plane; empty: the --data-listen host (env LETHE_AGENT_DATA_ADVERTISE)")
-	fs.StringVar(&c.attestation, "attestation", daemon.Env("LETHE_AGENT_ATTESTATION", "auto"), "auto (detect SEV-SNP or TDX hardware), sev-snp, tdx, emulated-sev-snp or emulated-tdx (env LETHE_AGENT_ATTESTATION)")
-	fs.BoolVar(&c.allowEmulated, "allow-emulated", daemon.EnvBool("LETHE_AGENT_ALLOW_EMULATED"), "allow an emulated platform (development and CI only) (env LETHE_AGENT_ALLOW_EMULATED)")
-	fs.StringVar(&c.emulatorDir, "emulator-dir", daemon.Env("LETHE_AGENT_EMULATOR_DIR", ""), "directory of the emulated platform's keys and roots, created if empty; the keybroker trusts its roots (env LETHE_AGENT_EMULATOR_DIR)")
-	fs.StringVar(&c.emulatedTCB, "emulated-tcb", daemon.Env("LETHE_AGENT_EMULATED_TCB", ""), "emulated SEV-SNP TCB, bl=N,tee=N,snp=N,ucode=N; empty: the emulator's default (env LETHE_AGENT_EMULATED_TCB)")
-	fs.StringVar(&c.emulatedMeasurement, "emulated-measurement", daemon.Env("LETHE_AGENT_EMULATED_MEASUREMENT", ""), "emulated launch measurement (TDX MRTD), 48 bytes hex; empty: zero (env LETHE_AGENT_EMULATED_MEASUREMENT)")
-	fs.BoolVar(&c.emulatedDebug, "emulated-debug", daemon.EnvBool("LETHE_AGENT_EMULATED_DEBUG"), "emulate a debug guest (SNP policy DEBUG, TDX attribute DEBUG): for testing that policies refuse it (env LETHE_AGENT_EMULATED_DEBUG)")
-	fs.StringVar(&c.emulatedTEETCBSVN, "emulated-tee-tcb-svn", daemon.Env("LETHE_AGENT_EMULATED_TEE_TCB_SVN", ""), "emulated TDX TEE TCB SVN, 16 bytes hex; empty: the emulator's default (env LETHE_AGENT_EMULATED_TEE_TCB_SVN)")
-	fs.StringVar(&c.emulatedChipID, "emulated-chip-id", daemon.Env("LETHE_AGENT_EMULATED_CHIP_ID", ""), "emulated SEV-SNP chip ID, 64 bytes hex; empty: derived from --host, so hosts sharing an emulator directory are distinct chips (env LETHE_AGENT_EMULATED_CHIP_ID)")
-	fs.StringVar(&c.keybrokerPub, "keybroker-pub", daemon.Env("LETHE_AGENT_KEYBROKER_PUB", ""), "the keybroker's public key, PEM (lethe-keybroker --export-pub writes it); required: the agent accepts sealed keys only with a grant signed by this key (env LETHE_AGENT_KEYBROKER_PUB)")
-	fs.StringVar(&c.labelSpec, "labels", daemon.Env("LETHE_AGENT_LABELS", ""), "host labels, k=v,k=v (env LETHE_AGENT_LABELS)")
-	fs.StringVar(&c.region, "region", daemon.Env("LETHE_AGENT_REGION", ""), "the host's region (env LETHE_AGENT_REGION)")
-	fs.Var(guestFlags{&c.guests}, "guest", "a guest held from the start, tenant/vm=SIZE (SIZE like 256MiB) or tenant/vm=file:PATH; repeatable (env LETHE_AGENT_GUESTS, space-separated)")
-	fs.IntVar(&c.workloadRate, "workload-rate", daemon.EnvInt("LETHE_AGENT_WORKLOAD_RATE", 0), "pages per second each guest's synthetic workload writes; 0: 2000, negative: none (env LETHE_AGENT_WORKLOAD_RATE)")
-	fs.IntVar(&c.streams, "streams", daemon.EnvInt("LETHE_AGENT_STREAMS", 0), "data-plane connections of a transfer whose request names none; 0: 4 (env LETHE_AGENT_STREAMS)")
-	fs.DurationVar(&c.heartbeat, "heartbeat-interval", daemon.EnvDuration("LETHE_AGENT_HEARTBEAT_INTERVAL", 0), "time between host record heartbeats; 0: 5s (env LETHE_AGENT_HEARTBEAT_INTERVAL)")
-	fs.StringVar(&c.libvirt.Socket, "libvirt-socket", daemon.Env("LETHE_AGENT_LIBVIRT_SOCKET", ""), "libvirtd's read-write unix socket: the host's libvirt domains become the agent's guests and every incoming migration is a libvirt one; empty: no libvirt (env LETHE_AGENT_LIBVIRT_SOCKET)")
-	fs.StringVar(&c.libvirt.MigrateDir, "libvirt-migrate-dir", daemon.Env("LETHE_AGENT_LIBVIRT_MIGRATE_DIR", ""), "directory of the unix sockets between the agent and the hypervisor, reachable only by both; empty: /run/lethe-agent/migrate (env LETHE_AGENT_LIBVIRT_MIGRATE_DIR)")
-	fs.StringVar(&c.libvirt.Tenant, "libvirt-tenant", daemon.Env("LETHE_AGENT_LIBVIRT_TENANT", ""), "tenant of running domains whose metadata names no Lethe guest (they are guests under their domain name); empty: only domains with the metadata are guests (env LETHE_AGENT_LIBVIRT_TENANT)")
-	fs.DurationVar(&c.libvirt.Settings.MaxDowntime, "max-downtime", daemon.EnvDuration("LETHE_AGENT_MAX_DOWNTIME", 0), "longest pause of a libvirt guest at cutover; 0: the hypervisor's default (env LETHE_AGENT_MAX_DOWNTIME)")
-	fs.Func("bandwidth", "cap of a libvirt migration in MiB/s; 0: unlimited (env LETHE_AGENT_BANDWIDTH)", func(v string) error {
-		n, err := strconv.ParseUint(v, 10, 64)
-		c.libvirt.Settings.Bandwidth = n
-		return err
-	})
-	c.libvirt.Settings.Bandwidth = uint64(max(daemon.EnvInt("LETHE_AGENT_BANDWIDTH", 0), 0))
-	fs.BoolVar(&c.libvirt.Settings.AutoConverge, "auto-converge", daemon.EnvBool("LETHE_AGENT_AUTO_CONVERGE"), "throttle a libvirt guest's vCPUs while pre-copy does not converge (env LETHE_AGENT_AUTO_CONVERGE)")
-	fs.BoolVar(&c.libvirt.Settings.PostCopy, "post-copy", daemon.EnvBool("LETHE_AGENT_POST_COPY"), "allow libvirt migrations to switch to post-copy after 3 pre-copy iterations; a failure after the switch loses the guest: only where the tenant's policy allows it (env LETHE_AGENT_POST_COPY)")
-	fs.StringVar(&c.logFormat, "log-format", daemon.Env("LETHE_AGENT_LOG_FORMAT", "text"), "log format: text or json (env LETHE_AGENT_LOG_FORMAT)")
-	fs.StringVar(&c.logLevel, "log-level", daemon.Env("LETHE_AGENT_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_AGENT_LOG_LEVEL)")
-	fs.StringVar(&c.metricsListen, "metrics-listen", daemon.Env("LETHE_AGENT_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_AGENT_METRICS_LISTEN)")
+	fs := daemon.NewFlags("lethe-agent")
+	fs.String(&c.configFile, "config", "LETHE_AGENT_CONFIG", "", "YAML configuration file whose keys are these flags' names; flags and environment variables override it")
+	fs.String(&c.host, "host", "LETHE_AGENT_HOST", hostname, "this host's name: letters, digits, '-', '_' (default the short host name)")
+	fs.String(&c.nats.URL, "nats-url", "LETHE_AGENT_NATS_URL", nats.DefaultURL, "NATS server URL")
+	fs.String(&c.nats.Creds, "creds", "LETHE_AGENT_CREDS", "", "NATS credentials file")
+	fs.String(&c.nats.NKeySeed, "nkey", "LETHE_AGENT_NKEY", "", "NATS nkey seed file")
+	fs.String(&c.nats.User, "user", "LETHE_AGENT_USER", "", "NATS user")
+	fs.String(&c.nats.Password, "password", "LETHE_AGENT_PASSWORD", "", "NATS password")
+	fs.String(&c.nats.TLS.CA, "nats-tls-ca", "LETHE_AGENT_NATS_TLS_CA", "", "CA certificate (PEM) that verifies the NATS server; empty: the system roots")
+	fs.String(&c.nats.TLS.Cert, "nats-tls-cert", "LETHE_AGENT_NATS_TLS_CERT", "", "client certificate (PEM) for NATS servers that verify clients")
+	fs.String(&c.nats.TLS.Key, "nats-tls-key", "LETHE_AGENT_NATS_TLS_KEY", "", "private key (PEM) of --nats-tls-cert")
+	fs.Bool(&c.dev, "dev", "LETHE_AGENT_DEV", false, "development mode: allow NATS without authentication")
+	fs.String(&c.dataListen, "data-listen", "LETHE_AGENT_DATA_LISTEN", "127.0.0.1:0", "host:port of the data plane's listener for incoming migrations; port 0: one ephemeral port per migration")
+	fs.String(&c.dataAdvertise, "data-advertise", "LETHE_AGENT_DATA_ADVERTISE", "", "host or IP sources dial for the data plane; empty: the --data-listen host")
+	fs.String(&c.attestation, "attestation", "LETHE_AGENT_ATTESTATION", "auto", "auto (detect SEV-SNP or TDX hardware), sev-snp, tdx, emulated-sev-snp or emulated-tdx")
+	fs.Bool(&c.allowEmulated, "allow-emulated", "LETHE_AGENT_ALLOW_EMULATED", false, "allow an emulated platform (development and CI only)")
+	fs.String(&c.emulatorDir, "emulator-dir", "LETHE_AGENT_EMULATOR_DIR", "", "directory of the emulated platform's keys and roots, created if empty; the keybroker trusts its roots")
+	fs.String(&c.emulatedTCB, "emulated-tcb", "LETHE_AGENT_EMULATED_TCB", "", "emulated SEV-SNP TCB, bl=N,tee=N,snp=N,ucode=N; empty: the emulator's default")
+	fs.String(&c.emulatedMeasurement, "emulated-measurement", "LETHE_AGENT_EMULATED_MEASUREMENT", "", "emulated launch measurement (TDX MRTD), 48 bytes hex; empty: zero")
+	fs.Bool(&c.emulatedDebug, "emulated-debug", "LETHE_AGENT_EMULATED_DEBUG", false, "emulate a debug guest (SNP policy DEBUG, TDX attribute DEBUG): for testing that policies refuse it")
+	fs.String(&c.emulatedTEETCBSVN, "emulated-tee-tcb-svn", "LETHE_AGENT_EMULATED_TEE_TCB_SVN", "", "emulated TDX TEE TCB SVN, 16 bytes hex; empty: the emulator's default")
+	fs.String(&c.emulatedChipID, "emulated-chip-id", "LETHE_AGENT_EMULATED_CHIP_ID", "", "emulated SEV-SNP chip ID, 64 bytes hex; empty: derived from --host, so hosts sharing an emulator directory are distinct chips")
+	fs.String(&c.keybrokerPub, "keybroker-pub", "LETHE_AGENT_KEYBROKER_PUB", "", "the keybroker's public key, PEM (lethe-keybroker --export-pub writes it); required: the agent accepts sealed keys only with a grant signed by this key")
+	fs.String(&c.labelSpec, "labels", "LETHE_AGENT_LABELS", "", "host labels, k=v,k=v")
+	fs.String(&c.region, "region", "LETHE_AGENT_REGION", "", "the host's region")
+	fs.List(guestFlags{&c.guests}, "guest", "LETHE_AGENT_GUESTS", strings.Fields, "a guest held from the start, tenant/vm=SIZE (SIZE like 256MiB) or tenant/vm=file:PATH; repeatable (space-separated)")
+	fs.Int(&c.workloadRate, "workload-rate", "LETHE_AGENT_WORKLOAD_RATE", 0, "pages per second each guest's synthetic workload writes; 0: 2000, negative: none")
+	fs.Int(&c.streams, "streams", "LETHE_AGENT_STREAMS", 0, "data-plane connections of a transfer whose request names none; 0: 4")
+	fs.Duration(&c.heartbeat, "heartbeat-interval", "LETHE_AGENT_HEARTBEAT_INTERVAL", 0, "time between host record heartbeats; 0: 5s")
+	fs.String(&c.libvirt.Socket, "libvirt-socket", "LETHE_AGENT_LIBVIRT_SOCKET", "", "libvirtd's read-write unix socket: the host's libvirt domains become the agent's guests and every incoming migration is a libvirt one; empty: no libvirt")
+	fs.String(&c.libvirt.MigrateDir, "libvirt-migrate-dir", "LETHE_AGENT_LIBVIRT_MIGRATE_DIR", "", "directory of the unix sockets between the agent and the hypervisor, reachable only by both; empty: /run/lethe-agent/migrate")
+	fs.String(&c.libvirt.Tenant, "libvirt-tenant", "LETHE_AGENT_LIBVIRT_TENANT", "", "tenant of running domains whose metadata names no Lethe guest (they are guests under their domain name); empty: only domains with the metadata are guests")
+	fs.Duration(&c.libvirt.Settings.MaxDowntime, "max-downtime", "LETHE_AGENT_MAX_DOWNTIME", 0, "longest pause of a libvirt guest at cutover; 0: the hypervisor's default")
+	fs.Uint64(&c.libvirt.Settings.Bandwidth, "bandwidth", "LETHE_AGENT_BANDWIDTH", 0, "cap of a libvirt migration in MiB/s; 0: unlimited")
+	fs.Bool(&c.libvirt.Settings.AutoConverge, "auto-converge", "LETHE_AGENT_AUTO_CONVERGE", false, "throttle a libvirt guest's vCPUs while pre-copy does not converge")
+	fs.Bool(&c.libvirt.Settings.PostCopy, "post-copy", "LETHE_AGENT_POST_COPY", false, "allow libvirt migrations to switch to post-copy after 3 pre-copy iterations; a failure after the switch loses the guest: only where the tenant's policy allows it")
+	fs.String(&c.logFormat, "log-format", "LETHE_AGENT_LOG_FORMAT", "text", "log format: text or json")
+	fs.String(&c.logLevel, "log-level", "LETHE_AGENT_LOG_LEVEL", "info", "log level: debug, info, warn, error")
+	fs.String(&c.metricsListen, "metrics-listen", "LETHE_AGENT_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
 	return fs
 }
 
@@ -154,14 +147,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 func parseFlags(args []string) (*config, error) {
 	c := &config{}
 	fs := newFlagSet(c)
-	if v := os.Getenv("LETHE_AGENT_GUESTS"); v != "" {
-		for _, s := range strings.Fields(v) {
-			if err := (guestFlags{&c.guests}).Set(s); err != nil {
-				return nil, fmt.Errorf("LETHE_AGENT_GUESTS: %w", err)
-			}
-		}
-	}
-	if err := daemon.Parse(fs, args); err != nil {
+	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {

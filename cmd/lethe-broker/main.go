@@ -19,7 +19,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"os"
@@ -71,38 +70,38 @@ func main() {
 	}
 }
 
-// newFlagSet defines the broker's flags on c, each defaulting to its environment variable.
-func newFlagSet(c *config) *flag.FlagSet {
-	fs := flag.NewFlagSet("lethe-broker", flag.ContinueOnError)
-	fs.StringVar(&c.configFile, "config", daemon.Env("LETHE_BROKER_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_BROKER_CONFIG)")
-	fs.StringVar(&c.nats.URL, "nats-url", daemon.Env("LETHE_NATS_URL", ""), "NATS server URL (env LETHE_NATS_URL); empty with --dev runs an embedded server")
-	fs.StringVar(&c.nats.Creds, "creds", daemon.Env("LETHE_NATS_CREDS", ""), "NATS credentials file (env LETHE_NATS_CREDS)")
-	fs.StringVar(&c.nats.NKeySeed, "nkey", daemon.Env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
-	fs.StringVar(&c.nats.User, "user", daemon.Env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
-	fs.StringVar(&c.nats.Password, "password", daemon.Env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
-	fs.StringVar(&c.store.Creds, "store-creds", daemon.Env("LETHE_BROKER_STORE_CREDS", ""), "NATS credentials file of the broker's JetStream user (role broker-store) (env LETHE_BROKER_STORE_CREDS)")
-	fs.StringVar(&c.store.NKeySeed, "store-nkey", daemon.Env("LETHE_BROKER_STORE_NKEY", ""), "NATS nkey seed file of the broker's JetStream user (env LETHE_BROKER_STORE_NKEY)")
-	fs.StringVar(&c.store.User, "store-user", daemon.Env("LETHE_BROKER_STORE_USER", ""), "NATS user of the broker's JetStream connection; no --store-* credentials: JetStream shares the main connection (env LETHE_BROKER_STORE_USER)")
-	fs.StringVar(&c.store.Password, "store-password", daemon.Env("LETHE_BROKER_STORE_PASSWORD", ""), "NATS password of --store-user (env LETHE_BROKER_STORE_PASSWORD)")
-	fs.StringVar(&c.nats.TLS.CA, "nats-tls-ca", daemon.Env("LETHE_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_NATS_TLS_CA)")
-	fs.StringVar(&c.nats.TLS.Cert, "nats-tls-cert", daemon.Env("LETHE_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_NATS_TLS_CERT)")
-	fs.StringVar(&c.nats.TLS.Key, "nats-tls-key", daemon.Env("LETHE_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_NATS_TLS_KEY)")
-	fs.BoolVar(&c.dev, "dev", daemon.EnvBool("LETHE_DEV"), "development mode: allow NATS without authentication (env LETHE_DEV)")
-	fs.StringVar(&c.devListen, "dev-listen", daemon.Env("LETHE_DEV_LISTEN", "127.0.0.1:4222"), "embedded NATS server address in dev mode (env LETHE_DEV_LISTEN)")
-	fs.StringVar(&c.devStore, "dev-store", daemon.Env("LETHE_DEV_STORE", ""), "embedded JetStream store directory in dev mode; empty: a temporary directory (env LETHE_DEV_STORE)")
-	fs.StringVar(&c.id, "id", daemon.Env("LETHE_BROKER_ID", ""), "broker instance id; empty: random (env LETHE_BROKER_ID)")
-	fs.StringVar(&c.logLevel, "log-level", daemon.Env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
-	fs.StringVar(&c.logFormat, "log-format", daemon.Env("LETHE_LOG_FORMAT", "json"), "log format: text or json (env LETHE_LOG_FORMAT)")
-	fs.StringVar(&c.metricsListen, "metrics-listen", daemon.Env("LETHE_BROKER_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_BROKER_METRICS_LISTEN)")
-	fs.DurationVar(&c.lease, "lease", daemon.EnvDuration("LETHE_LEASE", 0), "migration lease; 0: 60s (env LETHE_LEASE)")
-	fs.DurationVar(&c.checkInterval, "check-interval", daemon.EnvDuration("LETHE_CHECK_INTERVAL", 0), "timeout and takeover check interval; 0: 1s (env LETHE_CHECK_INTERVAL)")
-	fs.DurationVar(&c.hostTTL, "host-ttl", daemon.EnvDuration("LETHE_HOST_TTL", 0), "host heartbeat TTL; 0: 30s (env LETHE_HOST_TTL)")
-	fs.DurationVar(&c.agentTimeout, "agent-timeout", daemon.EnvDuration("LETHE_AGENT_TIMEOUT", 0), "timeout of one agent or keybroker call; 0: 30s (env LETHE_AGENT_TIMEOUT)")
-	fs.DurationVar(&c.startTimeout, "start-timeout", daemon.EnvDuration("LETHE_START_TIMEOUT", 0), "request to transfer start; 0: 120s (env LETHE_START_TIMEOUT)")
-	fs.DurationVar(&c.progressTimeout, "progress-timeout", daemon.EnvDuration("LETHE_PROGRESS_TIMEOUT", 0), "longest time without progress; 0: 150s (env LETHE_PROGRESS_TIMEOUT)")
-	fs.DurationVar(&c.perGiB, "timeout-per-gib", daemon.EnvDuration("LETHE_TIMEOUT_PER_GIB", 0), "transfer timeout per GiB of guest memory; 0: 150s (env LETHE_TIMEOUT_PER_GIB)")
-	fs.IntVar(&c.streams, "streams", daemon.EnvInt("LETHE_STREAMS", 0), "data-plane streams per transfer; 0: 4 (env LETHE_STREAMS)")
-	fs.IntVar(&c.replicas, "replicas", daemon.EnvInt("LETHE_REPLICAS", 0), "JetStream replicas; 0: 1 (env LETHE_REPLICAS)")
+// newFlagSet declares the broker's settings on c.
+func newFlagSet(c *config) *daemon.Flags {
+	fs := daemon.NewFlags("lethe-broker")
+	fs.String(&c.configFile, "config", "LETHE_BROKER_CONFIG", "", "YAML configuration file whose keys are these flags' names; flags and environment variables override it")
+	fs.String(&c.nats.URL, "nats-url", "LETHE_NATS_URL", "", "NATS server URL; empty with --dev runs an embedded server")
+	fs.String(&c.nats.Creds, "creds", "LETHE_NATS_CREDS", "", "NATS credentials file")
+	fs.String(&c.nats.NKeySeed, "nkey", "LETHE_NATS_NKEY", "", "NATS nkey seed file")
+	fs.String(&c.nats.User, "user", "LETHE_NATS_USER", "", "NATS user")
+	fs.String(&c.nats.Password, "password", "LETHE_NATS_PASSWORD", "", "NATS password")
+	fs.String(&c.store.Creds, "store-creds", "LETHE_BROKER_STORE_CREDS", "", "NATS credentials file of the broker's JetStream user (role broker-store)")
+	fs.String(&c.store.NKeySeed, "store-nkey", "LETHE_BROKER_STORE_NKEY", "", "NATS nkey seed file of the broker's JetStream user")
+	fs.String(&c.store.User, "store-user", "LETHE_BROKER_STORE_USER", "", "NATS user of the broker's JetStream connection; no --store-* credentials: JetStream shares the main connection")
+	fs.String(&c.store.Password, "store-password", "LETHE_BROKER_STORE_PASSWORD", "", "NATS password of --store-user")
+	fs.String(&c.nats.TLS.CA, "nats-tls-ca", "LETHE_NATS_TLS_CA", "", "CA certificate (PEM) that verifies the NATS server; empty: the system roots")
+	fs.String(&c.nats.TLS.Cert, "nats-tls-cert", "LETHE_NATS_TLS_CERT", "", "client certificate (PEM) for NATS servers that verify clients")
+	fs.String(&c.nats.TLS.Key, "nats-tls-key", "LETHE_NATS_TLS_KEY", "", "private key (PEM) of --nats-tls-cert")
+	fs.Bool(&c.dev, "dev", "LETHE_DEV", false, "development mode: allow NATS without authentication")
+	fs.String(&c.devListen, "dev-listen", "LETHE_DEV_LISTEN", "127.0.0.1:4222", "embedded NATS server address in dev mode")
+	fs.String(&c.devStore, "dev-store", "LETHE_DEV_STORE", "", "embedded JetStream store directory in dev mode; empty: a temporary directory")
+	fs.String(&c.id, "id", "LETHE_BROKER_ID", "", "broker instance id; empty: random")
+	fs.String(&c.logLevel, "log-level", "LETHE_LOG_LEVEL", "info", "log level: debug, info, warn, error")
+	fs.String(&c.logFormat, "log-format", "LETHE_LOG_FORMAT", "json", "log format: text or json")
+	fs.String(&c.metricsListen, "metrics-listen", "LETHE_BROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
+	fs.Duration(&c.lease, "lease", "LETHE_LEASE", 0, "migration lease; 0: 60s")
+	fs.Duration(&c.checkInterval, "check-interval", "LETHE_CHECK_INTERVAL", 0, "timeout and takeover check interval; 0: 1s")
+	fs.Duration(&c.hostTTL, "host-ttl", "LETHE_HOST_TTL", 0, "host heartbeat TTL; 0: 30s")
+	fs.Duration(&c.agentTimeout, "agent-timeout", "LETHE_AGENT_TIMEOUT", 0, "timeout of one agent or keybroker call; 0: 30s")
+	fs.Duration(&c.startTimeout, "start-timeout", "LETHE_START_TIMEOUT", 0, "request to transfer start; 0: 120s")
+	fs.Duration(&c.progressTimeout, "progress-timeout", "LETHE_PROGRESS_TIMEOUT", 0, "longest time without progress; 0: 150s")
+	fs.Duration(&c.perGiB, "timeout-per-gib", "LETHE_TIMEOUT_PER_GIB", 0, "transfer timeout per GiB of guest memory; 0: 150s")
+	fs.Int(&c.streams, "streams", "LETHE_STREAMS", 0, "data-plane streams per transfer; 0: 4")
+	fs.Int(&c.replicas, "replicas", "LETHE_REPLICAS", 0, "JetStream replicas; 0: 1")
 	return fs
 }
 
@@ -110,7 +109,7 @@ func newFlagSet(c *config) *flag.FlagSet {
 func parseFlags(args []string) (*config, error) {
 	c := &config{}
 	fs := newFlagSet(c)
-	if err := daemon.Parse(fs, args); err != nil {
+	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {

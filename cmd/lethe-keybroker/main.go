@@ -21,7 +21,6 @@ import (
 	"context"
 	"crypto/ed25519"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"os"
@@ -91,41 +90,41 @@ func (l *listFlag) Set(v string) error {
 	return nil
 }
 
-// newFlagSet defines the keybroker's flags on c, each defaulting to its environment variable.
-func newFlagSet(c *config) *flag.FlagSet {
-	fs := flag.NewFlagSet("lethe-keybroker", flag.ContinueOnError)
-	fs.StringVar(&c.configFile, "config", daemon.Env("LETHE_KEYBROKER_CONFIG", ""), "YAML configuration file whose keys are these flags' names; flags and environment variables override it (env LETHE_KEYBROKER_CONFIG)")
-	fs.StringVar(&c.nats.URL, "nats-url", daemon.Env("LETHE_NATS_URL", nats.DefaultURL), "NATS server URL (env LETHE_NATS_URL)")
-	fs.StringVar(&c.nats.Creds, "creds", daemon.Env("LETHE_NATS_CREDS", ""), "NATS credentials file (env LETHE_NATS_CREDS)")
-	fs.StringVar(&c.nats.NKeySeed, "nkey", daemon.Env("LETHE_NATS_NKEY", ""), "NATS nkey seed file (env LETHE_NATS_NKEY)")
-	fs.StringVar(&c.nats.User, "user", daemon.Env("LETHE_NATS_USER", ""), "NATS user (env LETHE_NATS_USER)")
-	fs.StringVar(&c.nats.Password, "password", daemon.Env("LETHE_NATS_PASSWORD", ""), "NATS password (env LETHE_NATS_PASSWORD)")
-	fs.StringVar(&c.nats.TLS.CA, "nats-tls-ca", daemon.Env("LETHE_NATS_TLS_CA", ""), "CA certificate (PEM) that verifies the NATS server; empty: the system roots (env LETHE_NATS_TLS_CA)")
-	fs.StringVar(&c.nats.TLS.Cert, "nats-tls-cert", daemon.Env("LETHE_NATS_TLS_CERT", ""), "client certificate (PEM) for NATS servers that verify clients (env LETHE_NATS_TLS_CERT)")
-	fs.StringVar(&c.nats.TLS.Key, "nats-tls-key", daemon.Env("LETHE_NATS_TLS_KEY", ""), "private key (PEM) of --nats-tls-cert (env LETHE_NATS_TLS_KEY)")
-	fs.BoolVar(&c.dev, "dev", daemon.EnvBool("LETHE_DEV"), "development mode: allow NATS without authentication (env LETHE_DEV)")
-	fs.StringVar(&c.vaultAddr, "vault-addr", daemon.Env("LETHE_VAULT_ADDR", ""), "Vault address (env LETHE_VAULT_ADDR; default $VAULT_ADDR)")
-	fs.StringVar(&c.vaultCACert, "vault-ca-cert", daemon.Env("LETHE_VAULT_CACERT", ""), "CA certificate (PEM) that verifies Vault's TLS certificate (env LETHE_VAULT_CACERT; default $VAULT_CACERT, else the system roots)")
-	fs.StringVar(&c.vaultClientCert, "vault-client-cert", daemon.Env("LETHE_VAULT_CLIENT_CERT", ""), "client certificate (PEM) for a Vault listener that requires one (env LETHE_VAULT_CLIENT_CERT; default $VAULT_CLIENT_CERT)")
-	fs.StringVar(&c.vaultClientKey, "vault-client-key", daemon.Env("LETHE_VAULT_CLIENT_KEY", ""), "private key (PEM) of --vault-client-cert (env LETHE_VAULT_CLIENT_KEY; default $VAULT_CLIENT_KEY)")
-	fs.StringVar(&c.vaultTokenFile, "vault-token-file", daemon.Env("LETHE_VAULT_TOKEN_FILE", ""), "file holding a Vault token, token auth (env LETHE_VAULT_TOKEN_FILE; default $VAULT_TOKEN)")
-	fs.StringVar(&c.roleID, "approle-role-id", daemon.Env("LETHE_VAULT_ROLE_ID", ""), "AppRole role ID; with --approle-secret-id-file, AppRole auth instead of a token (env LETHE_VAULT_ROLE_ID)")
-	fs.StringVar(&c.secretIDFile, "approle-secret-id-file", daemon.Env("LETHE_VAULT_SECRET_ID_FILE", ""), "file holding the AppRole secret ID (env LETHE_VAULT_SECRET_ID_FILE)")
-	fs.StringVar(&c.approleMount, "approle-mount", daemon.Env("LETHE_VAULT_APPROLE_MOUNT", ""), "AppRole auth mount; empty: approle (env LETHE_VAULT_APPROLE_MOUNT)")
-	fs.StringVar(&c.transitMount, "transit-mount", daemon.Env("LETHE_VAULT_TRANSIT_MOUNT", ""), "Transit mount; empty: transit (env LETHE_VAULT_TRANSIT_MOUNT)")
-	fs.StringVar(&c.kvMount, "kv-mount", daemon.Env("LETHE_VAULT_KV_MOUNT", ""), "KV v2 mount for tenants, guests and receipts; empty: lethe (env LETHE_VAULT_KV_MOUNT)")
-	fs.StringVar(&c.stateDir, "state-dir", daemon.Env("LETHE_STATE_DIR", ""), "directory for the destruction journal, required (env LETHE_STATE_DIR)")
-	fs.StringVar(&c.adminPubFile, "admin-pub", daemon.Env("LETHE_ADMIN_PUB", ""), "the operator's admin Ed25519 public key, PEM (lethectl keygen --name admin): admin calls (tenant registration) must be signed by it; empty: admin calls refused (env LETHE_ADMIN_PUB)")
-	fs.Var((*listFlag)(&c.trustRoots), "trust-roots", "directory of roots of trust (lethectl attest emulate writes those of emulated platforms); repeatable (env LETHE_TRUST_ROOTS, a path list)")
-	fs.BoolVar(&c.allowEmulated, "allow-emulated", daemon.EnvBool("LETHE_ALLOW_EMULATED"), "accept roots of emulated platforms: development and CI only (env LETHE_ALLOW_EMULATED)")
-	fs.StringVar(&c.collateral, "collateral", daemon.Env("LETHE_COLLATERAL_DIR", ""), "offline collateral cache directory (env LETHE_COLLATERAL_DIR)")
-	fs.BoolVar(&c.checkRevocation, "check-revocation", daemon.EnvBoolDefault("LETHE_CHECK_REVOCATION", true), "check the certificates of evidence against CRLs (real platforms: from --collateral; emulated ones: the emulator's); false only where no CRL can be had, with a warning in the log and /readyz (env LETHE_CHECK_REVOCATION)")
-	fs.DurationVar(&c.nonceTTL, "nonce-ttl", daemon.EnvDuration("LETHE_NONCE_TTL", 60*time.Second), "how long a nonce stays valid (env LETHE_NONCE_TTL)")
-	fs.StringVar(&c.id, "id", daemon.Env("LETHE_KEYBROKER_ID", ""), "instance id in the service's metadata (env LETHE_KEYBROKER_ID)")
-	fs.StringVar(&c.logLevel, "log-level", daemon.Env("LETHE_LOG_LEVEL", "info"), "log level: debug, info, warn, error (env LETHE_LOG_LEVEL)")
-	fs.StringVar(&c.logFormat, "log-format", daemon.Env("LETHE_LOG_FORMAT", "json"), "log format: text or json (env LETHE_LOG_FORMAT)")
-	fs.StringVar(&c.metricsListen, "metrics-listen", daemon.Env("LETHE_KEYBROKER_METRICS_LISTEN", ""), "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none (env LETHE_KEYBROKER_METRICS_LISTEN)")
-	fs.StringVar(&c.exportPub, "export-pub", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
+// newFlagSet declares the keybroker's settings on c.
+func newFlagSet(c *config) *daemon.Flags {
+	fs := daemon.NewFlags("lethe-keybroker")
+	fs.String(&c.configFile, "config", "LETHE_KEYBROKER_CONFIG", "", "YAML configuration file whose keys are these flags' names; flags and environment variables override it")
+	fs.String(&c.nats.URL, "nats-url", "LETHE_NATS_URL", nats.DefaultURL, "NATS server URL")
+	fs.String(&c.nats.Creds, "creds", "LETHE_NATS_CREDS", "", "NATS credentials file")
+	fs.String(&c.nats.NKeySeed, "nkey", "LETHE_NATS_NKEY", "", "NATS nkey seed file")
+	fs.String(&c.nats.User, "user", "LETHE_NATS_USER", "", "NATS user")
+	fs.String(&c.nats.Password, "password", "LETHE_NATS_PASSWORD", "", "NATS password")
+	fs.String(&c.nats.TLS.CA, "nats-tls-ca", "LETHE_NATS_TLS_CA", "", "CA certificate (PEM) that verifies the NATS server; empty: the system roots")
+	fs.String(&c.nats.TLS.Cert, "nats-tls-cert", "LETHE_NATS_TLS_CERT", "", "client certificate (PEM) for NATS servers that verify clients")
+	fs.String(&c.nats.TLS.Key, "nats-tls-key", "LETHE_NATS_TLS_KEY", "", "private key (PEM) of --nats-tls-cert")
+	fs.Bool(&c.dev, "dev", "LETHE_DEV", false, "development mode: allow NATS without authentication")
+	fs.String(&c.vaultAddr, "vault-addr", "LETHE_VAULT_ADDR", "", "Vault address (default $VAULT_ADDR)")
+	fs.String(&c.vaultCACert, "vault-ca-cert", "LETHE_VAULT_CACERT", "", "CA certificate (PEM) that verifies Vault's TLS certificate (default $VAULT_CACERT, else the system roots)")
+	fs.String(&c.vaultClientCert, "vault-client-cert", "LETHE_VAULT_CLIENT_CERT", "", "client certificate (PEM) for a Vault listener that requires one (default $VAULT_CLIENT_CERT)")
+	fs.String(&c.vaultClientKey, "vault-client-key", "LETHE_VAULT_CLIENT_KEY", "", "private key (PEM) of --vault-client-cert (default $VAULT_CLIENT_KEY)")
+	fs.String(&c.vaultTokenFile, "vault-token-file", "LETHE_VAULT_TOKEN_FILE", "", "file holding a Vault token, token auth (default $VAULT_TOKEN)")
+	fs.String(&c.roleID, "approle-role-id", "LETHE_VAULT_ROLE_ID", "", "AppRole role ID; with --approle-secret-id-file, AppRole auth instead of a token")
+	fs.String(&c.secretIDFile, "approle-secret-id-file", "LETHE_VAULT_SECRET_ID_FILE", "", "file holding the AppRole secret ID")
+	fs.String(&c.approleMount, "approle-mount", "LETHE_VAULT_APPROLE_MOUNT", "", "AppRole auth mount; empty: approle")
+	fs.String(&c.transitMount, "transit-mount", "LETHE_VAULT_TRANSIT_MOUNT", "", "Transit mount; empty: transit")
+	fs.String(&c.kvMount, "kv-mount", "LETHE_VAULT_KV_MOUNT", "", "KV v2 mount for tenants, guests and receipts; empty: lethe")
+	fs.String(&c.stateDir, "state-dir", "LETHE_STATE_DIR", "", "directory for the destruction journal, required")
+	fs.String(&c.adminPubFile, "admin-pub", "LETHE_ADMIN_PUB", "", "the operator's admin Ed25519 public key, PEM (lethectl keygen --name admin): admin calls (tenant registration) must be signed by it; empty: admin calls refused")
+	fs.List((*listFlag)(&c.trustRoots), "trust-roots", "LETHE_TRUST_ROOTS", filepath.SplitList, "directory of roots of trust (lethectl attest emulate writes those of emulated platforms); repeatable (a path list)")
+	fs.Bool(&c.allowEmulated, "allow-emulated", "LETHE_ALLOW_EMULATED", false, "accept roots of emulated platforms: development and CI only")
+	fs.String(&c.collateral, "collateral", "LETHE_COLLATERAL_DIR", "", "offline collateral cache directory")
+	fs.Bool(&c.checkRevocation, "check-revocation", "LETHE_CHECK_REVOCATION", true, "check the certificates of evidence against CRLs (real platforms: from --collateral; emulated ones: the emulator's); false only where no CRL can be had, with a warning in the log and /readyz")
+	fs.Duration(&c.nonceTTL, "nonce-ttl", "LETHE_NONCE_TTL", 60*time.Second, "how long a nonce stays valid")
+	fs.String(&c.id, "id", "LETHE_KEYBROKER_ID", "", "instance id in the service's metadata")
+	fs.String(&c.logLevel, "log-level", "LETHE_LOG_LEVEL", "info", "log level: debug, info, warn, error")
+	fs.String(&c.logFormat, "log-format", "LETHE_LOG_FORMAT", "json", "log format: text or json")
+	fs.String(&c.metricsListen, "metrics-listen", "LETHE_KEYBROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
+	fs.String(&c.exportPub, "export-pub", "", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
 	return fs
 }
 
@@ -133,14 +132,11 @@ func newFlagSet(c *config) *flag.FlagSet {
 func parseFlags(args []string) (*config, error) {
 	c := &config{}
 	fs := newFlagSet(c)
-	if err := daemon.Parse(fs, args); err != nil {
+	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	if len(c.trustRoots) == 0 {
-		c.trustRoots = filepath.SplitList(os.Getenv("LETHE_TRUST_ROOTS"))
 	}
 	if err := daemon.CheckLogFlags(c.logFormat, c.logLevel); err != nil {
 		return nil, err

@@ -12,7 +12,8 @@ import (
 
 // TestRevocationCheckedByDefault wires the verifier as the keybroker does, with the roots of an
 // emulator whose VCEK was revoked: by default the evidence is refused as revoked, silently
-// accepted only with --check-revocation=false, which the log and /readyz then warn about.
+// accepted only with --check-revocation=false, which the log and /readyz then warn about. A
+// mistyped LETHE_CHECK_REVOCATION never turns the check off: the keybroker refuses to start.
 func TestRevocationCheckedByDefault(t *testing.T) {
 	dir := t.TempDir()
 	p, err := emulate.Open(dir, attest.PlatformEmulatedSEVSNP, emulate.Options{})
@@ -36,16 +37,23 @@ func TestRevocationCheckedByDefault(t *testing.T) {
 		env    string
 		reason attest.Reason
 		warned bool
+		badEnv bool
 	}{
 		"default":                   {reason: attest.ReasonRevoked},
 		"--check-revocation=false":  {args: []string{"--check-revocation=false"}, warned: true},
 		"LETHE_CHECK_REVOCATION=0":  {env: "0", warned: true},
-		"LETHE_CHECK_REVOCATION=no": {env: "no", reason: attest.ReasonRevoked},
+		"LETHE_CHECK_REVOCATION=no": {env: "no", badEnv: true},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
 			t.Setenv("LETHE_CHECK_REVOCATION", tc.env)
 			c, err := parseFlags(append(append([]string{}, base...), tc.args...))
+			if tc.badEnv {
+				if err == nil || !strings.Contains(err.Error(), "LETHE_CHECK_REVOCATION") {
+					t.Errorf("err = %v, want one naming LETHE_CHECK_REVOCATION", err)
+				}
+				return
+			}
 			if err != nil {
 				t.Fatal(err)
 			}

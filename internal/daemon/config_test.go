@@ -2,7 +2,7 @@ package daemon_test
 
 import (
 	"errors"
-	"flag"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -32,32 +32,30 @@ func (l *listValue) Set(v string) error {
 	return nil
 }
 
-func env(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
-}
-
-// testFlags defines flags the way the daemons do: the environment variable is read into the
-// default and named in the usage.
-func testFlags(s *settings) *flag.FlagSet {
-	fs := flag.NewFlagSet("lethe-test", flag.ContinueOnError)
-	fs.SetOutput(discard{})
-	fs.String("config", env("LETHE_TEST_CONFIG", ""), "configuration file (env LETHE_TEST_CONFIG)")
-	fs.StringVar(&s.URL, "nats-url", env("LETHE_TEST_NATS_URL", "nats://default:4222"), "NATS URL (env LETHE_TEST_NATS_URL)")
-	lease, _ := time.ParseDuration(env("LETHE_TEST_LEASE", "60s"))
-	fs.DurationVar(&s.Lease, "lease", lease, "lease (env LETHE_TEST_LEASE)")
-	fs.IntVar(&s.Streams, "streams", 4, "streams (env LETHE_TEST_STREAMS; 0: 4)")
-	fs.BoolVar(&s.Dev, "dev", env("LETHE_TEST_DEV", "") == "true", "development mode (env LETHE_TEST_DEV)")
-	fs.Var((*listValue)(&s.Roots), "trust-roots", "roots; repeatable (env LETHE_TEST_ROOTS, a path list)")
-	fs.StringVar(&s.Export, "export", "", "write something and exit")
+// testFlags declares settings the way the daemons do.
+func testFlags(s *settings) *daemon.Flags {
+	fs := daemon.NewFlags("lethe-test")
+	fs.SetOutput(io.Discard)
+	var config string
+	fs.String(&config, "config", "LETHE_TEST_CONFIG", "", "configuration file")
+	fs.String(&s.URL, "nats-url", "LETHE_TEST_NATS_URL", "nats://default:4222", "NATS URL")
+	fs.Duration(&s.Lease, "lease", "LETHE_TEST_LEASE", 60*time.Second, "lease")
+	fs.Int(&s.Streams, "streams", "LETHE_TEST_STREAMS", 4, "streams (0: 4)")
+	fs.Bool(&s.Dev, "dev", "LETHE_TEST_DEV", false, "development mode")
+	fs.List((*listValue)(&s.Roots), "trust-roots", "LETHE_TEST_ROOTS", filepath.SplitList, "roots; repeatable (a path list)")
+	fs.String(&s.Export, "export", "", "", "write something and exit")
 	return fs
 }
 
-type discard struct{}
+// testEnv are the variables testFlags reads, and one it does not.
+var testEnv = []string{"LETHE_TEST_CONFIG", "LETHE_TEST_NATS_URL", "LETHE_TEST_LEASE", "LETHE_TEST_DEV", "LETHE_TEST_ROOTS", "LETHE_TEST_STREAMS", "LETHE_TEST_UNKNOWN"}
 
-func (discard) Write(p []byte) (int, error) { return len(p), nil }
+// clearTestEnv sets every variable of testEnv to "", which counts as unset.
+func clearTestEnv(t *testing.T) {
+	for _, k := range testEnv {
+		t.Setenv(k, "")
+	}
+}
 
 func writeFile(t *testing.T, content string) string {
 	t.Helper()
@@ -112,6 +110,24 @@ trust-roots:
 			file: "# nothing set\n",
 			want: settings{URL: "nats://default:4222", Lease: 60 * time.Second, Streams: 4},
 		},
+		"environment over defaults": {
+			env:  map[string]string{"LETHE_TEST_NATS_URL": "nats://env:4222", "LETHE_TEST_LEASE": "2m", "LETHE_TEST_STREAMS": "0x10", "LETHE_TEST_DEV": "true", "LETHE_TEST_ROOTS": "/e1" + string(filepath.ListSeparator) + "/e2"},
+			want: settings{URL: "nats://env:4222", Lease: 2 * time.Minute, Streams: 16, Dev: true, Roots: []string{"/e1", "/e2"}},
+		},
+		"flag over environment": {
+			env:  map[string]string{"LETHE_TEST_LEASE": "2m", "LETHE_TEST_DEV": "true", "LETHE_TEST_ROOTS": "/e1"},
+			args: []string{"--lease", "5s", "--dev=false", "--trust-roots", "/flag"},
+			want: settings{URL: "nats://default:4222", Lease: 5 * time.Second, Streams: 4, Roots: []string{"/flag"}},
+		},
+		"environment list over file list": {
+			env:  map[string]string{"LETHE_TEST_ROOTS": "/e1"},
+			file: file,
+			want: settings{URL: "nats://file:4222", Lease: 90 * time.Second, Streams: 8, Dev: true, Roots: []string{"/e1"}},
+		},
+		"unknown environment variable ignored": {
+			env:  map[string]string{"LETHE_TEST_UNKNOWN": "nats://env:4222"},
+			want: settings{URL: "nats://default:4222", Lease: 60 * time.Second, Streams: 4},
+		},
 		"quoted and hex scalars": {
 			file: "nats-url: \"nats://quoted:4222\"\nstreams: 0x10\n",
 			want: settings{URL: "nats://quoted:4222", Lease: 60 * time.Second, Streams: 16},
@@ -119,9 +135,7 @@ trust-roots:
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			for _, k := range []string{"LETHE_TEST_CONFIG", "LETHE_TEST_NATS_URL", "LETHE_TEST_LEASE", "LETHE_TEST_DEV", "LETHE_TEST_ROOTS", "LETHE_TEST_STREAMS"} {
-				t.Setenv(k, "")
-			}
+			clearTestEnv(t)
 			for k, v := range tc.env {
 				t.Setenv(k, v)
 			}
@@ -130,7 +144,7 @@ trust-roots:
 				args = append([]string{"--config", writeFile(t, tc.file)}, args...)
 			}
 			var got settings
-			if err := daemon.Parse(testFlags(&got), args); err != nil {
+			if err := testFlags(&got).Parse(args); err != nil {
 				t.Fatal(err)
 			}
 			if diff := cmp.Diff(tc.want, got); diff != "" {
@@ -141,9 +155,10 @@ trust-roots:
 }
 
 func TestParseConfigFromEnvironment(t *testing.T) {
+	clearTestEnv(t)
 	t.Setenv("LETHE_TEST_CONFIG", writeFile(t, "streams: 2\n"))
 	var got settings
-	if err := daemon.Parse(testFlags(&got), nil); err != nil {
+	if err := testFlags(&got).Parse(nil); err != nil {
 		t.Fatal(err)
 	}
 	if got.Streams != 2 {
@@ -190,7 +205,7 @@ func TestParseStrictErrors(t *testing.T) {
 		},
 		"alias": {
 			file: "nats-url: &u nats://a:4222\nstreams: *u\n",
-			want: []string{`:1:11: nats-url: expected a plain value, got an anchor (anchors, aliases and tags are not allowed)`, `:2:10: streams: expected a plain value, got an alias (anchors, aliases and tags are not allowed)`},
+			want: []string{`:1:11: nats-url: expected plain YAML, got an anchor (anchors, aliases and tags are not allowed)`, `:2:10: streams: expected plain YAML, got an alias (anchors, aliases and tags are not allowed)`},
 		},
 		"not a mapping": {
 			file: "- a\n- b\n",
@@ -203,10 +218,10 @@ func TestParseStrictErrors(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			t.Setenv("LETHE_TEST_CONFIG", "")
+			clearTestEnv(t)
 			path := writeFile(t, tc.file)
 			var got settings
-			err := daemon.Parse(testFlags(&got), []string{"--config", path})
+			err := testFlags(&got).Parse([]string{"--config", path})
 			if err == nil {
 				t.Fatal("Parse succeeded, want an error")
 			}
@@ -255,40 +270,82 @@ func configErrors(err error) []*daemon.ConfigError {
 }
 
 func TestParseMissingFile(t *testing.T) {
-	t.Setenv("LETHE_TEST_CONFIG", "")
+	clearTestEnv(t)
 	var s settings
-	err := daemon.Parse(testFlags(&s), []string{"--config", filepath.Join(t.TempDir(), "none.yaml")})
+	err := testFlags(&s).Parse([]string{"--config", filepath.Join(t.TempDir(), "none.yaml")})
 	if !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("err = %v, want one wrapping os.ErrNotExist", err)
 	}
 }
 
-func TestEnvVarAndDescription(t *testing.T) {
-	var s settings
-	fs := testFlags(&s)
-	tests := map[string]struct{ env, desc string }{
-		"nats-url":    {"LETHE_TEST_NATS_URL", "NATS URL"},
-		"streams":     {"LETHE_TEST_STREAMS", "streams (0: 4)"},
-		"trust-roots": {"LETHE_TEST_ROOTS", "roots; repeatable (a path list)"},
-		"export":      {"", "write something and exit"},
+func TestParseEnvironmentErrors(t *testing.T) {
+	tests := map[string]struct {
+		env  map[string]string
+		want string
+	}{
+		"duration": {map[string]string{"LETHE_TEST_LEASE": "soon"}, `environment variable LETHE_TEST_LEASE: invalid value "soon": parse error`},
+		"int":      {map[string]string{"LETHE_TEST_STREAMS": "four"}, `environment variable LETHE_TEST_STREAMS: invalid value "four": parse error`},
+		"bool":     {map[string]string{"LETHE_TEST_DEV": "maybe"}, `environment variable LETHE_TEST_DEV: invalid value "maybe": parse error`},
+		"two at once": {map[string]string{"LETHE_TEST_DEV": "maybe", "LETHE_TEST_LEASE": "soon"},
+			"environment variable LETHE_TEST_DEV: invalid value \"maybe\": parse error\nenvironment variable LETHE_TEST_LEASE: invalid value \"soon\": parse error"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			f := fs.Lookup(name)
-			if got := daemon.EnvVar(f); got != tc.env {
+			clearTestEnv(t)
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			var got settings
+			err := testFlags(&got).Parse(nil)
+			if err == nil || err.Error() != tc.want {
+				t.Errorf("err = %v, want %s", err, tc.want)
+			}
+		})
+	}
+	t.Run("flag hides a bad environment variable", func(t *testing.T) {
+		clearTestEnv(t)
+		t.Setenv("LETHE_TEST_LEASE", "soon")
+		var got settings
+		if err := testFlags(&got).Parse([]string{"--lease", "1s"}); err != nil || got.Lease != time.Second {
+			t.Errorf("err = %v, lease %v: want the flag's 1s", err, got.Lease)
+		}
+	})
+}
+
+func TestFlagsDeclaration(t *testing.T) {
+	var s settings
+	fs := testFlags(&s)
+	tests := map[string]struct {
+		env, desc, usage string
+		repeatable       bool
+	}{
+		"nats-url":    {"LETHE_TEST_NATS_URL", "NATS URL", "NATS URL (env LETHE_TEST_NATS_URL)", false},
+		"streams":     {"LETHE_TEST_STREAMS", "streams (0: 4)", "streams (0: 4) (env LETHE_TEST_STREAMS)", false},
+		"trust-roots": {"LETHE_TEST_ROOTS", "roots; repeatable (a path list)", "roots; repeatable (a path list) (env LETHE_TEST_ROOTS)", true},
+		"export":      {"", "write something and exit", "write something and exit", false},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			if got := fs.EnvVar(name); got != tc.env {
 				t.Errorf("EnvVar = %q, want %q", got, tc.env)
 			}
-			if got := daemon.Description(f); got != tc.desc {
+			if got := fs.Description(name); got != tc.desc {
 				t.Errorf("Description = %q, want %q", got, tc.desc)
+			}
+			if got := fs.Lookup(name).Usage; got != tc.usage {
+				t.Errorf("usage in the help = %q, want %q", got, tc.usage)
+			}
+			if got := fs.Repeatable(name); got != tc.repeatable {
+				t.Errorf("Repeatable = %v, want %v", got, tc.repeatable)
 			}
 		})
 	}
 }
 
 func TestReferenceAndReplaceSection(t *testing.T) {
-	for _, k := range []string{"LETHE_TEST_CONFIG", "LETHE_TEST_NATS_URL", "LETHE_TEST_LEASE", "LETHE_TEST_DEV"} {
-		t.Setenv(k, "")
-	}
+	// The reference shows the built-in defaults, whatever the environment says.
+	clearTestEnv(t)
+	t.Setenv("LETHE_TEST_LEASE", "5s")
 	var s settings
 	ref := daemon.Reference(testFlags(&s), map[string]string{"nats-url": "the machine's"})
 	want := "| key / flag | environment | type | default | description |\n" +

@@ -6,19 +6,22 @@
 // # Configuration
 //
 // Every setting of a daemon is a flag of its standard library flag.FlagSet, an environment
-// variable, and a key of its YAML configuration file. A flag's environment variable is named
-// in its usage text as "(env NAME" (see [EnvVar]); the daemon reads it into the flag's default
-// when it defines the flag ([Env], [EnvBool], [EnvInt], [EnvDuration]). [Parse] parses the
-// command line and then fills every flag that neither the command line nor its environment
-// variable set from the file named by the flag "config", so the precedence is flag > environment > file > built-in default. An
-// environment variable set to the empty string counts as unset.
+// variable, and a key of its YAML configuration file. [Flags] declares each setting once: its
+// flag name, its environment variable, its default, its description and the variable its
+// value goes to ([Flags.String], [Flags.Bool], [Flags.Int], [Flags.Uint64], [Flags.Duration],
+// [Flags.List]). [Flags.Parse] parses the command line, then sets every flag the command line
+// did not set from its environment variable, then every flag that neither set from the file
+// named by the flag "config", so the precedence is flag > environment > file > built-in
+// default. An environment variable set to the empty string counts as unset; one whose value
+// its flag refuses is an error that names it. [Reference] makes the table of a daemon's
+// settings that docs/configuration.md holds.
 //
 // The file is one YAML mapping whose keys are exactly the flag names (without dashes in
-// front). Values are scalars; a flag whose usage says "repeatable" also takes a list. The file is read
-// strictly: an unknown key, a duplicate key, a key of a command-line-only flag (one that
-// names no environment variable, such as an action), a value the flag refuses, a null, a
-// nested mapping, or YAML anchors, aliases and tags are errors that name the file, line and
-// column ([ConfigError]).
+// front), read by package internal/strictyaml. Values are scalars; a flag declared with
+// [Flags.List] also takes a list. The file is read strictly: an unknown key, a duplicate key,
+// a key of a command-line-only flag (one declared with no environment variable, such as an
+// action), a value the flag refuses, a null, a nested mapping, or YAML anchors, aliases and
+// tags are errors that name the file, line and column ([ConfigError]).
 //
 // # Logs
 //

@@ -5,64 +5,46 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"regexp"
 	"strings"
 )
 
-// envNoteRE matches the environment note of a usage: "(env NAME)", "(env NAME; more)" or
-// "(env NAME, more)".
-var envNoteRE = regexp.MustCompile(`\s*\(env [A-Z][A-Z0-9_]*(?:[;,] ([^)]*))?\)`)
-
-// Description returns f's usage without its environment note (which Reference shows in a
-// column of its own).
-func Description(f *flag.Flag) string {
-	return strings.TrimSpace(envNoteRE.ReplaceAllStringFunc(f.Usage, func(m string) string {
-		sub := envNoteRE.FindStringSubmatch(m)
-		if sub[1] == "" {
-			return ""
-		}
-		return " (" + sub[1] + ")"
-	}))
-}
-
-// Reference returns the Markdown table of fs's settings: per flag, in name order, its file
+// Reference returns the Markdown table of f's settings: per flag, in name order, its file
 // key and flag, its environment variable, its type, its default and its description.
 // defaults replaces the shown default of the flags it names (a default computed from the
-// machine, such as the host name). The defaults shown are fs's DefValue, so build fs with no
-// LETHE_* variable set.
-func Reference(fs *flag.FlagSet, defaults map[string]string) string {
+// machine, such as the host name).
+func Reference(f *Flags, defaults map[string]string) string {
 	var b strings.Builder
 	b.WriteString("| key / flag | environment | type | default | description |\n")
 	b.WriteString("|---|---|---|---|---|\n")
-	fs.VisitAll(func(f *flag.Flag) {
-		key := "`" + f.Name + "`"
+	f.VisitAll(func(fl *flag.Flag) {
+		key := "`" + fl.Name + "`"
 		env := "—"
-		if e := EnvVar(f); e != "" {
+		if e := f.EnvVar(fl.Name); e != "" {
 			env = "`" + e + "`"
 		}
-		if f.Name == ConfigFlag || EnvVar(f) == "" {
-			key = "`--" + f.Name + "` (command line only)"
-			if f.Name == ConfigFlag {
-				key = "`--" + f.Name + "` (not in the file)"
+		if fl.Name == ConfigFlag || f.EnvVar(fl.Name) == "" {
+			key = "`--" + fl.Name + "` (command line only)"
+			if fl.Name == ConfigFlag {
+				key = "`--" + fl.Name + "` (not in the file)"
 			}
 		}
-		typ, _ := flag.UnquoteUsage(f)
+		typ, _ := flag.UnquoteUsage(fl)
 		switch {
-		case repeatable(f):
+		case f.Repeatable(fl.Name):
 			typ = "list"
 		case typ == "":
 			typ = "bool"
 		case typ == "value":
 			typ = "string"
 		}
-		def, ok := defaults[f.Name]
+		def, ok := defaults[fl.Name]
 		if !ok {
-			def = "`" + f.DefValue + "`"
-			if f.DefValue == "" {
+			def = "`" + fl.DefValue + "`"
+			if fl.DefValue == "" {
 				def = "—"
 			}
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", key, env, typ, def, escapeCell(Description(f)))
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", key, env, typ, def, escapeCell(f.Description(fl.Name)))
 	})
 	return b.String()
 }

@@ -32,9 +32,8 @@ func ClearEnv(t *testing.T) {
 
 // CheckReference checks that the section name of ConfigurationDoc is the reference of fs's
 // flags (daemon.Reference, with defaults for the defaults computed from the machine), or
-// rewrites the section when update is set. Build fs after ClearEnv, so that it shows the
-// built-in defaults.
-func CheckReference(t *testing.T, name string, fs *flag.FlagSet, defaults map[string]string, update bool) {
+// rewrites the section when update is set.
+func CheckReference(t *testing.T, name string, fs *daemon.Flags, defaults map[string]string, update bool) {
 	t.Helper()
 	ref := daemon.Reference(fs, defaults)
 	if err := daemon.SyncSection(ConfigurationDoc, name, ref, update); err != nil {
@@ -44,10 +43,10 @@ func CheckReference(t *testing.T, name string, fs *flag.FlagSet, defaults map[st
 
 // CheckEveryFlagIsASetting checks that every flag of fs but the commandLineOnly ones names its
 // environment variable, and so is a key of the configuration file too.
-func CheckEveryFlagIsASetting(t *testing.T, fs *flag.FlagSet, commandLineOnly ...string) {
+func CheckEveryFlagIsASetting(t *testing.T, fs *daemon.Flags, commandLineOnly ...string) {
 	t.Helper()
 	fs.VisitAll(func(f *flag.Flag) {
-		if daemon.EnvVar(f) == "" && !slices.Contains(commandLineOnly, f.Name) {
+		if fs.EnvVar(f.Name) == "" && !slices.Contains(commandLineOnly, f.Name) {
 			t.Errorf("flag --%s names no environment variable", f.Name)
 		}
 	})
