@@ -1,12 +1,16 @@
 package migagent
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
@@ -340,4 +344,60 @@ func TestLibvirtResumeUnknownSource(t *testing.T) {
 	if d, ok := hv.Domain(lvDomain); !ok || d.State != libvirt.StateRunning {
 		t.Errorf("domain after resuming: %+v, %v; want running", d, ok)
 	}
+}
+
+// relay joins two tunnels as the data plane would, both ways, passing half-closes on and
+// giving up on both when either side fails.
+func relay(a, b *tunnel) {
+	one := func(from, to *tunnel) {
+		if _, err := io.Copy(to, from); err != nil {
+			a.Close()
+			b.Close()
+			return
+		}
+		to.CloseWrite()
+	}
+	go one(a, b)
+	go one(b, a)
+}
+
+// TestLibvirtDriverHypervisorKeepsStreamOpen runs both drivers over a relay instead of the
+// data plane, with a destination hypervisor that never closes its side of the stream: the
+// destination driver waits endTimeout for it, then ends the stream itself, and the guest
+// runs at the destination.
+func TestLibvirtDriverHypervisorKeepsStreamOpen(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		mem := bytes.Repeat([]byte("guest page "), 20000)
+		srcHV, dstHV := libvirttest.New(), libvirttest.New()
+		srcHV.Define(lvDomain, mem, GuestMetadata(testTenant, testVM))
+		dstHV.Script(libvirttest.StepPrepare, libvirttest.Fault{KeepOpen: true})
+		src, dst := lvNode(t, "src", srcHV), lvNode(t, "dst", dstHV)
+		g := &guest{tenant: testTenant, vm: testVM, domain: lvDomain, memory: int64(len(mem))}
+		sm := &migration{id: "lv-1", role: attest.RoleSource, tenant: testTenant, vm: testVM, size: int64(len(mem)), g: g, lv: &lvMigration{tun: newTunnel()}}
+		dm := &migration{id: "lv-1", role: attest.RoleDestination, tenant: testTenant, vm: testVM, size: int64(len(mem)), lv: &lvMigration{tun: newTunnel()}}
+		relay(sm.lv.tun, dm.lv.tun)
+		start := time.Now()
+		sd := &sourceDriver{n: src, m: sm}
+		var dd destinationDriver
+		var wg sync.WaitGroup
+		wg.Go(func() { sd.run(t.Context()) })
+		wg.Go(func() { dd.run(t.Context(), dst, dm) })
+		wg.Wait()
+		if err := errors.Join(sd.err, dd.err); err != nil {
+			t.Fatal(err)
+		}
+		if elapsed := time.Since(start); elapsed < endTimeout {
+			t.Errorf("the migration took %v, less than the %v the destination waits for its hypervisor", elapsed, endTimeout)
+		}
+		want := []libvirttest.Call{{Step: libvirttest.StepPrepare, Domain: lvDomain}, {Step: libvirttest.StepFinish, Domain: lvDomain}}
+		if diff := cmp.Diff(want, dstHV.Calls()); diff != "" {
+			t.Errorf("destination calls (-want +got):\n%s", diff)
+		}
+		if d, ok := dstHV.Domain(lvDomain); !ok || d.State != libvirt.StateRunning || !bytes.Equal(d.Memory, mem) {
+			t.Errorf("destination domain: %v, %v with %d bytes; want running with %d", ok, d.State, len(d.Memory), len(mem))
+		}
+		if !dd.finished || !bytes.Equal(sd.cookie, []byte("Finish:"+lvDomain)) {
+			t.Errorf("finished %v, source holds cookie %q", dd.finished, sd.cookie)
+		}
+	})
 }

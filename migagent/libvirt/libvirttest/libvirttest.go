@@ -10,8 +10,8 @@
 //
 // The streams follow QEMU's shape: the source hypervisor sends the domain's memory and
 // half-closes; the destination hypervisor, having read it all, answers with a short
-// acknowledgement on the return path and closes; only then does Perform return, with the
-// guest paused at the source. Finish resumes the guest at the destination with the memory
+// acknowledgement on the return path and closes; Perform returns once it has the
+// acknowledgement, with the guest paused at the source. Finish resumes the guest at the destination with the memory
 // it received; Confirm ends it at the source, or resumes it there when cancelled.
 //
 // It starts no libvirtd or QEMU and proves nothing about them: the real driver is tested
@@ -50,7 +50,7 @@ const (
 )
 
 // Ack is what a destination hypervisor sends back on the return path once it has read the
-// whole stream; Perform fails unless it receives exactly this before the end of stream.
+// whole stream; Perform fails unless it receives exactly this.
 const Ack = "loaded"
 
 // Call is one recorded step.
@@ -77,6 +77,9 @@ type Fault struct {
 	// and Confirm (cancelled) leave the guest paused at the source; both then return an
 	// error wrapping libvirt.ErrNotRunning, as the real ones do.
 	Paused bool
+	// KeepOpen makes the destination hypervisor of a Prepare keep its connection open after
+	// its acknowledgement instead of closing it.
+	KeepOpen bool
 }
 
 // Hypervisor is one host's in-memory hypervisor. Its methods are safe for concurrent use.
@@ -376,8 +379,7 @@ type Source struct {
 }
 
 // Perform sends the domain's memory to the endpoint to and waits for the destination
-// hypervisor's acknowledgement and end of stream; it then pauses the guest and returns the
-// cookie for Finish. If ctx ends first the stream is cut and the guest runs on.
+// hypervisor's acknowledgement; it then pauses the guest and returns the cookie for Finish. If ctx ends first the stream is cut and the guest runs on.
 func (s *Source) Perform(ctx context.Context, accepted libvirt.Accepted, to libvirt.Endpoint) ([]byte, error) {
 	h := s.h
 	f := h.record(StepPerform, s.name, false)
@@ -431,8 +433,8 @@ func (s *Source) Perform(ctx context.Context, accepted libvirt.Accepted, to libv
 	if err := c.CloseWrite(); err != nil {
 		return nil, s.failed(ctx, err)
 	}
-	back, err := io.ReadAll(c)
-	if err != nil {
+	back := make([]byte, len(Ack))
+	if _, err := io.ReadFull(c, back); err != nil {
 		return nil, s.failed(ctx, err)
 	}
 	if string(back) != Ack {
@@ -526,7 +528,7 @@ func (h *Hypervisor) Prepare(ctx context.Context, offer libvirt.Offer, listen li
 	}
 	h.domains[offer.Domain] = &domain{state: libvirt.StatePaused, metadata: metadataOf(offer.XML)}
 	h.mu.Unlock()
-	dst := &Destination{h: h, name: offer.Domain, ln: ln, loaded: make(chan struct{})}
+	dst := &Destination{h: h, name: offer.Domain, ln: ln, keepOpen: f.KeepOpen, loaded: make(chan struct{})}
 	go dst.load()
 	return dst, libvirt.Accepted{Cookie: cookie(StepPrepare, offer.Domain)}, nil
 }
@@ -540,12 +542,13 @@ func metadataOf(x string) string {
 
 // Destination is the destination side of one migration.
 type Destination struct {
-	h      *Hypervisor
-	name   string
-	ln     *Listener
-	loaded chan struct{} // closed when load ended
-	memory []byte
-	err    error
+	h        *Hypervisor
+	name     string
+	ln       *Listener
+	keepOpen bool
+	loaded   chan struct{} // closed when load ended
+	memory   []byte
+	err      error
 }
 
 // load is the destination hypervisor: it reads the stream to its end, answers and closes.
@@ -557,7 +560,9 @@ func (d *Destination) load() {
 		d.err = err
 		return
 	}
-	defer c.Close()
+	if !d.keepOpen {
+		defer c.Close()
+	}
 	if d.memory, d.err = io.ReadAll(c); d.err != nil {
 		return
 	}
