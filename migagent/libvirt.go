@@ -88,12 +88,103 @@ type LibvirtConfig struct {
 	ProgressInterval time.Duration
 }
 
+// hypervisor is the agent's view of its host's libvirtd: the domains it lists as guests,
+// and the two sides of a migration. libvirtConn is the real one; the tests drive the same
+// code with the in-memory hypervisor of package libvirt/libvirttest.
+type hypervisor interface {
+	domainLister
+	sourceHypervisor
+	destinationHypervisor
+}
+
+// domainLister is what the node reads its guests from.
+type domainLister interface {
+	Domains(ctx context.Context) ([]libvirt.Domain, error)
+	Metadata(ctx context.Context, domain, namespace string) (string, error)
+	// Disconnected is closed when the connection to the hypervisor is lost.
+	Disconnected() <-chan struct{}
+	Close() error
+}
+
+// sourceHypervisor is the source host's side of a migration: Begin, then the migration
+// stream to a local endpoint the agent listens on, and Remove for a domain that Confirm
+// failed to end.
+type sourceHypervisor interface {
+	Begin(ctx context.Context, domain string, s libvirt.Settings) (sourceMigration, libvirt.Offer, error)
+	Listen(ctx context.Context, ep libvirt.Endpoint) (streamListener, error)
+	JobStats(ctx context.Context, domain string, completed bool) (libvirt.Progress, error)
+	Remove(ctx context.Context, domain string) error
+}
+
+// sourceMigration is one begun migration at the source (libvirt.Source): after Begin it
+// must end with Confirm, cancelled if anything failed.
+type sourceMigration interface {
+	Perform(ctx context.Context, accepted libvirt.Accepted, to libvirt.Endpoint) ([]byte, error)
+	Confirm(ctx context.Context, cookie []byte, cancelled bool) error
+	Progress(ctx context.Context) (libvirt.Progress, error)
+	StartPostCopy(ctx context.Context) error
+}
+
+// streamListener is the source agent's endpoint that the source hypervisor sends its
+// migration stream to (libvirt.Listener).
+type streamListener interface {
+	Accept(ctx context.Context) (net.Conn, error)
+	Endpoint() libvirt.Endpoint
+	Close() error
+}
+
+// destinationHypervisor is the destination host's side of a migration: Prepare, the
+// connection to the hypervisor's listener that the agent feeds, and Remove for a domain
+// that Finish resumed in a migration that then failed.
+type destinationHypervisor interface {
+	Prepare(ctx context.Context, offer libvirt.Offer, listen libvirt.Endpoint) (destinationMigration, libvirt.Accepted, error)
+	Dial(ctx context.Context, ep libvirt.Endpoint) (net.Conn, error)
+	Remove(ctx context.Context, domain string) error
+}
+
+// destinationMigration is one prepared migration at the destination (libvirt.Destination):
+// after Prepare it must end with Finish, cancelled if anything failed.
+type destinationMigration interface {
+	Finish(ctx context.Context, cookie []byte, cancelled bool) ([]byte, error)
+}
+
+// libvirtConn is the hypervisor on a connection to libvirtd.
+type libvirtConn struct{ *libvirt.Conn }
+
+func (c libvirtConn) Begin(ctx context.Context, domain string, s libvirt.Settings) (sourceMigration, libvirt.Offer, error) {
+	src, offer, err := c.Conn.Begin(ctx, domain, s)
+	if err != nil {
+		return nil, libvirt.Offer{}, err
+	}
+	return src, offer, nil
+}
+
+func (c libvirtConn) Prepare(ctx context.Context, offer libvirt.Offer, listen libvirt.Endpoint) (destinationMigration, libvirt.Accepted, error) {
+	dst, acc, err := c.Conn.Prepare(ctx, offer, listen)
+	if err != nil {
+		return nil, libvirt.Accepted{}, err
+	}
+	return dst, acc, nil
+}
+
+func (libvirtConn) Listen(ctx context.Context, ep libvirt.Endpoint) (streamListener, error) {
+	ln, err := libvirt.ListenEndpoint(ctx, ep)
+	if err != nil {
+		return nil, err
+	}
+	return ln, nil
+}
+
+func (libvirtConn) Dial(ctx context.Context, ep libvirt.Endpoint) (net.Conn, error) {
+	return libvirt.DialEndpoint(ctx, ep)
+}
+
 // lvMigration is the libvirt side of a migration, guarded by Node.mu.
 type lvMigration struct {
 	tun *tunnel
 	// src is the begun migration at the source, kept after a transfer whose outcome is
 	// unknown so that an abort can cancel it (resuming the guest).
-	src *libvirt.Source
+	src sourceMigration
 }
 
 // memoryBytes is the guest's memory size.
@@ -147,7 +238,7 @@ func (n *Node) startLibvirt(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	n.lv = conn
+	n.lv = libvirtConn{conn}
 	if err := n.syncDomains(ctx); err != nil {
 		conn.Close()
 		n.lv = nil
@@ -376,7 +467,7 @@ func (n *Node) receiveLibvirt(ctx context.Context, m *migration) {
 
 // destinationDriver runs the destination's libvirt steps from the tunnel's records.
 type destinationDriver struct {
-	dst      *libvirt.Destination
+	dst      destinationMigration
 	domain   string
 	finished bool // Finish ran and the guest runs here
 	tried    bool // Finish (not cancelled) was called
@@ -418,7 +509,7 @@ func (d *destinationDriver) steps(ctx context.Context, n *Node, m *migration, tu
 	if err := tun.send(recAccepted, acc.Cookie); err != nil {
 		return err
 	}
-	hv, err := dialHypervisor(ctx, ep)
+	hv, err := dialHypervisor(ctx, n.lv, ep)
 	if err != nil {
 		return err
 	}
@@ -500,13 +591,13 @@ func awaitEnd(tun *tunnel, hv net.Conn, pumped <-chan error) error {
 
 // dialHypervisor connects to the destination hypervisor's listener, which appears shortly
 // after Prepare.
-func dialHypervisor(ctx context.Context, ep libvirt.Endpoint) (net.Conn, error) {
+func dialHypervisor(ctx context.Context, h destinationHypervisor, ep libvirt.Endpoint) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	for {
-		c, err := libvirt.DialEndpoint(ctx, ep)
+		c, err := h.Dial(ctx, ep)
 		if err == nil {
 			return c, nil
 		}
@@ -593,7 +684,7 @@ type sourceDriver struct {
 	m      *migration
 	report agentapi.ProgressFunc
 
-	src    *libvirt.Source // after Begin: the migration must end with Confirm
+	src    sourceMigration // after Begin: the migration must end with Confirm
 	cookie []byte          // Finish's, for Confirm
 	stats  libvirt.Progress
 	err    error
@@ -627,7 +718,7 @@ func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
 	if err != nil {
 		return fmt.Errorf("waiting for the destination to prepare: %w", err)
 	}
-	ln, err := libvirt.ListenEndpoint(ctx, libvirt.UnixEndpoint(n.socketPath(m.id, "src")))
+	ln, err := n.lv.Listen(ctx, libvirt.UnixEndpoint(n.socketPath(m.id, "src")))
 	if err != nil {
 		return err
 	}

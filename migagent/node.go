@@ -14,7 +14,6 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
-	"github.com/lethe-cc/lethe/migagent/libvirt"
 	"github.com/nats-io/nats.go"
 	"golang.org/x/sync/errgroup"
 )
@@ -87,7 +86,7 @@ type Node struct {
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// lv is the connection to the host's libvirtd, set by Run before the agent API is
 	// served; nil without libvirt.
-	lv *libvirt.Conn
+	lv hypervisor
 
 	// life is Run's context: the tasks that requests start (transfers, receptions, the
 	// workloads of received guests) run under it, not under the request's context, which

@@ -22,6 +22,9 @@
 // runs the five steps in one process, with both connections, the way libvirt's own client
 // does, and is the reference for how the agents split them.
 //
+// The agent drives these types through a small interface of its own; package libvirttest
+// is an in-memory hypervisor with the same methods, for the agent's tests without libvirtd.
+//
 // # What it must never do
 //
 // It never sends a migration stream anywhere but a local endpoint: [Endpoint] accepts only
