@@ -61,13 +61,13 @@ func lvNode(t *testing.T, host string, hv *libvirttest.Hypervisor) *Node {
 	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo})).With("node", host)
 	return &Node{
 		cfg: Config{
-			Host: host, Now: time.Now, DataListen: "127.0.0.1:0", Logger: log,
+			Host: host, Now: time.Now, DataListen: "127.0.0.1:0", Logger: log, Metrics: noMetrics{},
 			Libvirt: LibvirtConfig{
 				Socket: "/nonexistent/libvirt-sock", MigrateDir: t.TempDir(), PostCopyAfter: 3,
 				ProgressInterval: 5 * time.Millisecond, PollInterval: time.Hour,
 			},
 		},
-		log: log, advHost: "127.0.0.1", changed: make(chan struct{}, 1),
+		log: log, advHost: "127.0.0.1", changed: make(chan struct{}, 1), life: t.Context(),
 		guests: map[string]*guest{}, migs: map[string]*migration{}, lv: fakeHypervisor{hv},
 	}
 }
@@ -117,29 +117,32 @@ func startLibvirtMigration(t *testing.T, src, dst *Node, mem []byte) *lvMigratio
 	if _, err := dm.dst.Prepare(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	dm.keys = dataplane.Keys{TK: testSecret(t, 1), MDK: testSecret(t, 50), Identity: dstID, PeerKey: srcID.PublicKey()}
-	dm.hpke, dm.done = dstID, make(chan struct{})
-	dctx, dcancel := context.WithCancel(t.Context())
+	dm.mu.Lock()
+	dm.keys = secrets{hpke: dstID, recv: dataplane.Keys{TK: testSecret(t, 1), MDK: testSecret(t, 50), Identity: dstID, PeerKey: srcID.PublicKey()}}
 	dst.mu.Lock()
 	dst.migs[id] = dm
 	dst.mu.Unlock()
-	go dst.receiveLibvirt(dctx, dm)
-
-	g := &guest{tenant: testTenant, vm: testVM, domain: lvDomain, memory: int64(len(mem)), mdk: testSecret(t, 30)}
-	sm := &migration{
-		id: id, role: attest.RoleSource, tenant: testTenant, vm: testVM, size: int64(len(mem)), g: g,
-		tk: testSecret(t, 1), hpke: srcID,
-		grant: &grant.Grant{DataEndpoint: dm.endpoint, Destination: &grant.End{HPKEPublicKey: dstID.PublicKey()}},
-	}
-	sctx, scancel := context.WithCancel(t.Context())
-	src.mu.Lock()
-	src.guests[g.key()] = g
-	src.migs[id] = sm
-	_, err = src.transferLibvirt(sctx, sm, &agentapi.TransferRequest{MigrationID: id}, nil)
-	src.mu.Unlock()
+	err = dst.start(dm, phaseReceiving, func(ctx context.Context) { dst.receive(ctx, dm) })
+	dcancel := dm.cancel
+	dm.mu.Unlock()
 	if err != nil {
 		t.Fatal(err)
 	}
+
+	g := &guest{tenant: testTenant, vm: testVM, domain: lvDomain, memory: int64(len(mem)), mdk: testSecret(t, 30)}
+	sm := newMigration(id, attest.RoleSource, testTenant, testVM, int64(len(mem)), phaseKeyed)
+	sm.g, sm.keys = g, secrets{tk: testSecret(t, 1), hpke: srcID}
+	sm.grant = &grant.Grant{DataEndpoint: dm.endpoint, Destination: &grant.End{HPKEPublicKey: dstID.PublicKey()}}
+	src.mu.Lock()
+	src.guests[g.key()] = g
+	src.migs[id] = sm
+	src.mu.Unlock()
+	if _, err := src.Transfer(t.Context(), &agentapi.TransferRequest{MigrationID: id}, nil); err != nil {
+		t.Fatal(err)
+	}
+	sm.mu.Lock()
+	scancel := sm.cancel
+	sm.mu.Unlock()
 	t.Cleanup(func() { scancel(); dcancel(); src.tasks.Wait() })
 	return &lvMigrationRun{src: src, dst: dst, sm: sm, dm: dm, srcCtxStop: scancel, dstCtxStop: dcancel}
 }
@@ -166,6 +169,10 @@ func domainOf(h *libvirttest.Hypervisor) *libvirttest.DomainState {
 func (r *lvMigrationRun) outcome(srcHV, dstHV *libvirttest.Hypervisor) lvOutcome {
 	<-r.sm.done
 	<-r.dm.done
+	r.sm.mu.Lock()
+	defer r.sm.mu.Unlock()
+	r.dm.mu.Lock()
+	defer r.dm.mu.Unlock()
 	r.src.mu.Lock()
 	defer r.src.mu.Unlock()
 	r.dst.mu.Lock()
@@ -174,8 +181,8 @@ func (r *lvMigrationRun) outcome(srcHV, dstHV *libvirttest.Hypervisor) lvOutcome
 	return lvOutcome{
 		SrcCalls: srcHV.Calls(), DstCalls: dstHV.Calls(),
 		SrcDomain: domainOf(srcHV), DstDomain: domainOf(dstHV),
-		SrcCommitted: r.sm.committed, SrcPhase: r.sm.progress.Phase, SrcGuest: r.src.guests[key] != nil,
-		DstCommitted: r.dm.committed, DstFailed: r.dm.failure != "", DstGuest: r.dst.guests[key] != nil,
+		SrcCommitted: r.sm.phase() == phaseCommitted, SrcPhase: r.sm.progress.Phase, SrcGuest: r.src.guests[key] != nil,
+		DstCommitted: r.dm.phase() == phaseCommitted, DstFailed: r.dm.failure != "", DstGuest: r.dst.guests[key] != nil,
 	}
 }
 
