@@ -29,6 +29,14 @@
 //     source drops TK and resumes the guest. A source or a destination that holds the commit
 //     acknowledgement (the destination resumed the guest) answers with it instead.
 //
+// Each migration is one state machine (state.go): a phase, changed only along the edges of
+// one table, with the migration's keys held in one place and wiped on entry to every phase
+// that holds none, so that "no key after the commit or abort that ends a migration" is one
+// rule rather than a check in each handler. Each migration has its own lock; the node's
+// lock guards only its maps and is never held across I/O, so a long scrub of one
+// migration's memory stalls neither the heartbeats nor the other migrations. A backend
+// (backend.go) holds and moves the guests: in-process memory, or libvirt domains.
+//
 // With Config.Libvirt set, the guests are instead the host's libvirt domains (a domain names
 // its tenant and VM in its metadata, or belongs to a configured tenant), and a migration
 // carries the hypervisor's own migration stream through the data plane, with libvirt's

@@ -2,7 +2,6 @@ package migagent
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -180,7 +179,7 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	}
 	fresh := m == nil
 	if fresh {
-		if m, err = n.newDestination(req); err != nil {
+		if m, err = n.backend.newDestination(req); err != nil {
 			return nil, err
 		}
 	}
@@ -232,36 +231,6 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	n.migs[m.id] = m
 	n.log.Info("Prepared to receive", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrBytes, m.size, attrEndpoint, m.endpoint)
 	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
-}
-
-// newDestination makes the receive region, the data-plane destination and its listener of
-// a migration in phase prepared.
-func (n *Node) newDestination(req *agentapi.PrepareRequest) (*migration, error) {
-	if n.lv != nil {
-		return n.newLibvirtDestination(req)
-	}
-	region, err := dataplane.NewRegion(int64(req.MemoryBytes))
-	if err != nil {
-		return nil, fmt.Errorf("making the receive region: %w", err)
-	}
-	dst, err := dataplane.NewDestination(dataplane.DestinationConfig{
-		MigrationID: req.MigrationID, Region: region,
-		// The source proposes zero-page elision only where the tenant's policy allows it.
-		ZeroPageElision: true,
-		Logger:          n.log,
-	})
-	if err != nil {
-		region.Close()
-		return nil, err
-	}
-	ln, endpoint, err := n.listen()
-	if err != nil {
-		region.Close()
-		return nil, err
-	}
-	m := newMigration(req.MigrationID, attest.RoleDestination, req.Tenant, req.VM, int64(req.MemoryBytes), phasePrepared)
-	m.dst, m.region, m.ln, m.endpoint = dst, region, ln, endpoint
-	return m, nil
 }
 
 // Keys checks the keybroker's grant that comes with the sealed keys and opens them with the
@@ -403,7 +372,7 @@ func (n *Node) takeKeys(m *migration, keys *seal.Keys, g *grant.Grant) error {
 			return err
 		}
 		m.keys.recv, m.epoch = dataplane.Keys{TK: tk, MDK: mdk, Identity: m.keys.hpke, PeerKey: g.Source.HPKEPublicKey}, keys.Epoch
-		if err := n.start(m, phaseReceiving, func(ctx context.Context) { n.receive(ctx, m) }); err != nil {
+		if err := n.start(m, phaseReceiving, func(ctx context.Context) { n.backend.receive(ctx, m) }); err != nil {
 			tk.Destroy()
 			mdk.Destroy()
 			m.keys.recv = dataplane.Keys{}
@@ -437,32 +406,6 @@ func (n *Node) start(m *migration, to phase, task func(ctx context.Context)) err
 	return nil
 }
 
-// receive runs the destination's data plane under ctx and records how it ended.
-func (n *Node) receive(ctx context.Context, m *migration) {
-	if m.lv != nil {
-		n.receiveLibvirt(ctx, m)
-		return
-	}
-	keys := m.takeReceiveKeys()
-	res, err := m.dst.Receive(ctx, m.ln, keys)
-	if err != nil {
-		// Receive erased the destination: keys zeroized, region scrubbed.
-		n.received(m, nil, &res, err)
-		return
-	}
-	m.mu.Lock()
-	region := m.region
-	m.mu.Unlock()
-	g, err := newGuest(m.tenant, m.vm, region, n.cfg.WorkloadRate)
-	if err != nil { // cannot happen for a valid region; keep nothing
-		keys.MDK.Destroy()
-		n.received(m, nil, nil, fmt.Errorf("taking in the received guest: %w", err))
-		return
-	}
-	g.mdk = keys.MDK
-	n.received(m, g, &res, nil)
-}
-
 // takeReceiveKeys hands the destination's keys to its reception.
 func (m *migration) takeReceiveKeys() dataplane.Keys {
 	m.mu.Lock()
@@ -482,9 +425,6 @@ func (n *Node) received(m *migration, g *guest, res *dataplane.DestinationResult
 		m.failure = err.Error()
 		if res != nil {
 			m.dstErasure = res.Erasure
-		}
-		if m.dstErasure == nil && m.lv != nil {
-			m.dstErasure = &attest.ErasureStatement{Type: attest.StatementErasure, MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData}}
 		}
 		if m.region != nil {
 			m.region.Close()
@@ -550,23 +490,9 @@ func (n *Node) Transfer(ctx context.Context, req *agentapi.TransferRequest, repo
 		return nil, fmt.Errorf("%w: guest %s/%s left the host", agentapi.ErrNotFound, m.tenant, m.vm)
 	}
 	keys := dataplane.Keys{TK: m.keys.tk, MDK: mdk, Identity: m.keys.hpke, PeerKey: m.grant.Destination.HPKEPublicKey}
-	var task func(context.Context)
-	if g.domain != "" {
-		if task, err = n.libvirtSource(m, keys, report); err != nil {
-			return nil, err
-		}
-	} else {
-		src, err := dataplane.NewSource(dataplane.SourceConfig{
-			MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: cmp.Or(req.Streams, n.cfg.Streams),
-			Region: g.region, Guest: g.workload, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
-			MaxRounds: n.cfg.MaxRounds, ConvergedPages: n.cfg.ConvergedPages,
-			Progress: func(p dataplane.Progress) { n.onProgress(m, p, report) },
-			Logger:   n.log,
-		})
-		if err != nil {
-			return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
-		}
-		task = func(ctx context.Context) { n.runSource(ctx, m, src, keys, report) }
+	task, err := n.backend.sender(m, req, keys, report)
+	if err != nil {
+		return nil, err
 	}
 	if err := n.start(m, phaseSending, task); err != nil {
 		return nil, err
@@ -607,37 +533,6 @@ func (n *Node) publish(report agentapi.ProgressFunc, p agentapi.Progress) {
 	if err := report(p); err != nil {
 		n.log.Warn("Publishing progress failed", attrMigration, p.MigrationID, attrError, err)
 	}
-}
-
-// runSource runs the source's data plane. On commit the guest leaves the host: the data
-// plane has zeroized TK and MDK and scrubbed its pages.
-func (n *Node) runSource(ctx context.Context, m *migration, src *dataplane.Source, keys dataplane.Keys, report agentapi.ProgressFunc) {
-	res, err := src.Run(ctx, keys)
-	n.cfg.Metrics.BytesSent(res.BytesSent)
-	g := m.g
-	out := sendOutcome{
-		progress: agentapi.Progress{
-			MigrationID: m.id, Bytes: uint64(res.BytesSent), Pages: uint64(res.PagesSent), TotalBytes: uint64(m.size),
-			Round: res.Rounds, Time: n.cfg.Now(), MemoryDigest: res.MemoryDigest,
-		},
-		err: err,
-	}
-	if len(res.Commit.MAC) == 0 {
-		if errors.Is(err, dataplane.ErrCommitUnknown) && errors.Is(err, dataplane.ErrPeerAborted) {
-			// The destination said it aborted: resuming cannot make two running copies.
-			if rerr := g.workload.Resume(context.WithoutCancel(ctx)); rerr != nil {
-				n.log.Error("Resuming the guest failed", attrMigration, m.id, attrError, rerr)
-			}
-		}
-		n.sent(m, out, report, nil)
-		return
-	}
-	out.commit, out.erasure = &res.Commit, res.Erasure
-	n.sent(m, out, report, func() {
-		if err := g.region.Close(); err != nil {
-			n.log.Warn("Releasing guest memory failed", attrMigration, m.id, attrError, err)
-		}
-	})
 }
 
 // sendOutcome is how a transfer ended, as its backend saw it.
@@ -858,8 +753,8 @@ func (n *Node) dropCommitted(ctx context.Context, m *migration) attest.ErasureSt
 		return st
 	}
 	delete(n.guests, g.key())
-	stop, mdk, region := g.stop, g.mdk, g.region
-	g.stop, g.mdk, g.region = nil, nil, nil
+	stop, mdk := g.stop, g.mdk
+	g.stop, g.mdk = nil, nil
 	n.mu.Unlock()
 	if stop != nil {
 		stop()
@@ -868,17 +763,7 @@ func (n *Node) dropCommitted(ctx context.Context, m *migration) attest.ErasureSt
 		mdk.Destroy()
 		st.KeysZeroized = append(st.KeysZeroized, attest.KeyMemoryData)
 	}
-	if region != nil {
-		if b, err := region.Scrub(); err == nil {
-			st.PagesScrubbed, st.PageBytesScrubbed = uint64(b)/dataplane.PageSize, uint64(b)
-		}
-		region.Close()
-	}
-	if g.domain != "" && n.lv != nil {
-		if err := n.lv.Remove(ctx, g.domain); err != nil {
-			n.log.Error("Destroying the source domain failed", attrMigration, m.id, attrError, err)
-		}
-	}
+	n.backend.discard(ctx, g, &st)
 	n.hostChanged()
 	n.log.Info("Transfer committed after all; the guest's copy here scrubbed", attrMigration, m.id)
 	return st
@@ -943,7 +828,7 @@ func (n *Node) abort(ctx context.Context, m *migration, reason string, proof jso
 				n.log.Warn("Keeping the guest paused: whether the destination resumed it is unknown", attrMigration, m.id, attrReason, reason, attrError, err)
 				return &agentapi.AbortResponse{Unresolved: true}, nil
 			case outcome == receipt.OutcomeAborted:
-				if err := n.resumeSource(context.WithoutCancel(ctx), m); err != nil {
+				if err := n.backend.resume(context.WithoutCancel(ctx), m); err != nil {
 					n.log.Error("Resuming the guest failed", attrMigration, m.id, attrError, err)
 				}
 			case outcome == receipt.OutcomeErased || outcome == receipt.OutcomeCommittedUnverifiedErasure:

@@ -416,9 +416,14 @@ func (n *Node) socketPath(id, side string) string {
 
 // --- destination ---
 
-// newLibvirtDestination makes the data-plane destination of an incoming libvirt migration
-// (byte stream only) and its listener.
-func (n *Node) newLibvirtDestination(req *agentapi.PrepareRequest) (*migration, error) {
+// libvirtBackend holds the host's libvirt domains as guests and moves them by carrying the
+// hypervisors' own migration stream through the data plane.
+type libvirtBackend struct{ n *Node }
+
+// newDestination makes the data-plane destination of an incoming libvirt migration (byte
+// stream only) and its listener.
+func (b libvirtBackend) newDestination(req *agentapi.PrepareRequest) (*migration, error) {
+	n := b.n
 	tun := newTunnel()
 	dst, err := dataplane.NewDestination(dataplane.DestinationConfig{
 		MigrationID: req.MigrationID, Stream: tun, MaxStreams: 1, Logger: n.log,
@@ -435,9 +440,10 @@ func (n *Node) newLibvirtDestination(req *agentapi.PrepareRequest) (*migration, 
 	return m, nil
 }
 
-// receiveLibvirt runs the destination of a libvirt migration under ctx: the data plane and
-// the libvirt steps side by side. After a commit the guest runs here.
-func (n *Node) receiveLibvirt(ctx context.Context, m *migration) {
+// receive runs the destination of a libvirt migration under ctx: the data plane and the
+// libvirt steps side by side. After a commit the guest runs here.
+func (b libvirtBackend) receive(ctx context.Context, m *migration) {
+	n := b.n
 	keys := m.takeReceiveKeys()
 	dctx, dcancel := context.WithCancel(ctx)
 	defer dcancel()
@@ -458,6 +464,10 @@ func (n *Node) receiveLibvirt(ctx context.Context, m *migration) {
 	}
 	if err != nil {
 		d.cancel(context.WithoutCancel(ctx), n)
+		if res.Erasure == nil {
+			// The data plane zeroized the keys; the hypervisor held the guest's memory.
+			res.Erasure = &attest.ErasureStatement{Type: attest.StatementErasure, MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData}}
+		}
 		n.received(m, nil, &res, err)
 		return
 	}
@@ -611,9 +621,9 @@ func dialHypervisor(ctx context.Context, h destinationHypervisor, ep libvirt.End
 
 // --- source ---
 
-// libvirtSource makes the task that transfers a libvirt guest with keys. Callers hold m.mu
-// and checked the request.
-func (n *Node) libvirtSource(m *migration, keys dataplane.Keys, report agentapi.ProgressFunc) (func(context.Context), error) {
+// sender returns the task that transfers a libvirt guest with keys.
+func (b libvirtBackend) sender(m *migration, _ *agentapi.TransferRequest, keys dataplane.Keys, report agentapi.ProgressFunc) (func(context.Context), error) {
+	n := b.n
 	if n.lv == nil {
 		return nil, fmt.Errorf("%w: the node does not drive libvirt", agentapi.ErrBadRequest)
 	}
@@ -625,12 +635,13 @@ func (n *Node) libvirtSource(m *migration, keys dataplane.Keys, report agentapi.
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
 	m.lv = &lvMigration{tun: tun}
-	return func(ctx context.Context) { n.runLibvirtSource(ctx, m, src, keys, report) }, nil
+	return func(ctx context.Context) { b.runSource(ctx, m, src, keys, report) }, nil
 }
 
-// runLibvirtSource runs the source of a libvirt migration: the data plane and the libvirt
-// steps side by side, then Confirm, and records the outcome.
-func (n *Node) runLibvirtSource(ctx context.Context, m *migration, src *dataplane.Source, keys dataplane.Keys, report agentapi.ProgressFunc) {
+// runSource runs the source of a libvirt migration: the data plane and the libvirt steps
+// side by side, then Confirm, and records the outcome.
+func (b libvirtBackend) runSource(ctx context.Context, m *migration, src *dataplane.Source, keys dataplane.Keys, report agentapi.ProgressFunc) {
+	n := b.n
 	dctx, dcancel := context.WithCancel(ctx)
 	defer dcancel()
 	d := &sourceDriver{n: n, m: m, report: report}
@@ -868,18 +879,25 @@ func (d *sourceDriver) publish(phase agentapi.TransferPhase) {
 	d.n.publish(d.report, p)
 }
 
-// resumeSource resumes a source guest left paused by a transfer whose outcome was unknown.
-// Callers hold m.mu.
-func (n *Node) resumeSource(ctx context.Context, m *migration) error {
-	if m.lv == nil {
-		return m.g.workload.Resume(ctx)
-	}
-	if m.lv.src == nil {
+// resume cancels the begun migration of a source guest left paused by a transfer in doubt,
+// which resumes the guest. Callers hold m.mu.
+func (libvirtBackend) resume(ctx context.Context, m *migration) error {
+	if m.lv == nil || m.lv.src == nil {
 		return nil
 	}
 	src := m.lv.src
 	m.lv.src = nil
 	return src.Confirm(ctx, nil, true)
+}
+
+// discard destroys the guest's domain.
+func (b libvirtBackend) discard(ctx context.Context, g *guest, _ *attest.ErasureStatement) {
+	if b.n.lv == nil {
+		return
+	}
+	if err := b.n.lv.Remove(ctx, g.domain); err != nil {
+		b.n.log.Error("Destroying the source domain failed", attrDomain, g.domain, attrError, err)
+	}
 }
 
 var _ io.ReadWriteCloser = (*tunnel)(nil)

@@ -59,7 +59,7 @@ const lvDomain = "web-domain"
 // lvNode is a node driving hv, with only what the libvirt migration paths use.
 func lvNode(t *testing.T, host string, hv *libvirttest.Hypervisor) *Node {
 	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo})).With("node", host)
-	return &Node{
+	n := &Node{
 		cfg: Config{
 			Host: host, Now: time.Now, DataListen: "127.0.0.1:0", Logger: log, Metrics: noMetrics{},
 			Libvirt: LibvirtConfig{
@@ -70,6 +70,8 @@ func lvNode(t *testing.T, host string, hv *libvirttest.Hypervisor) *Node {
 		log: log, advHost: "127.0.0.1", changed: make(chan struct{}, 1), life: t.Context(),
 		guests: map[string]*guest{}, migs: map[string]*migration{}, lv: fakeHypervisor{hv},
 	}
+	n.backend = libvirtBackend{n}
+	return n
 }
 
 func testSecret(t *testing.T, seed byte) *dataplane.SecretKey {
@@ -109,7 +111,7 @@ func startLibvirtMigration(t *testing.T, src, dst *Node, mem []byte) *lvMigratio
 	t.Helper()
 	const id = "lv-1"
 	srcID, dstID := testHPKE(t), testHPKE(t)
-	dm, err := dst.newLibvirtDestination(&agentapi.PrepareRequest{MigrationID: id, Tenant: testTenant, VM: testVM, MemoryBytes: uint64(len(mem))})
+	dm, err := dst.backend.newDestination(&agentapi.PrepareRequest{MigrationID: id, Tenant: testTenant, VM: testVM, MemoryBytes: uint64(len(mem))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +124,7 @@ func startLibvirtMigration(t *testing.T, src, dst *Node, mem []byte) *lvMigratio
 	dst.mu.Lock()
 	dst.migs[id] = dm
 	dst.mu.Unlock()
-	err = dst.start(dm, phaseReceiving, func(ctx context.Context) { dst.receive(ctx, dm) })
+	err = dst.start(dm, phaseReceiving, func(ctx context.Context) { dst.backend.receive(ctx, dm) })
 	dcancel := dm.cancel
 	dm.mu.Unlock()
 	if err != nil {
@@ -338,10 +340,10 @@ func TestLibvirtResumeUnknownSource(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := &migration{id: "lv-1", g: &guest{domain: lvDomain}, lv: &lvMigration{src: src}}
-	if err := n.resumeSource(t.Context(), m); err != nil {
+	if err := n.backend.resume(t.Context(), m); err != nil {
 		t.Fatal(err)
 	}
-	if err := n.resumeSource(t.Context(), m); err != nil {
+	if err := n.backend.resume(t.Context(), m); err != nil {
 		t.Fatalf("resuming again: %v", err)
 	}
 	want := []libvirttest.Call{{Step: libvirttest.StepBegin, Domain: lvDomain}, {Step: libvirttest.StepConfirm, Domain: lvDomain, Cancelled: true}}

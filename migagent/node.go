@@ -84,6 +84,9 @@ type Node struct {
 	prepMu sync.Mutex
 	// dial opens the source's data-plane connections; nil means TCP. Tests replace it.
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// backend holds and moves the guests: in-process memory, or libvirt domains with
+	// Config.Libvirt.
+	backend backend
 	// lv is the connection to the host's libvirtd, set by Run before the agent API is
 	// served; nil without libvirt.
 	lv hypervisor
@@ -160,6 +163,10 @@ func New(cfg Config) (*Node, error) {
 		migs:    map[string]*migration{},
 		dial:    cfg.DataDial,
 		life:    context.Background(),
+	}
+	n.backend = memoryBackend{n}
+	if cfg.Libvirt.Socket != "" {
+		n.backend = libvirtBackend{n}
 	}
 	for _, spec := range cfg.Guests {
 		if _, dup := n.guests[guestKey(spec.Tenant, spec.VM)]; dup {
