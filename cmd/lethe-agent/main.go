@@ -33,6 +33,7 @@ import (
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
@@ -309,7 +310,7 @@ func run(ctx context.Context, c *config) error {
 		log.Warn("Emulated attestation: this host's evidence proves nothing; development and CI only", "platform", att.Platform().String(), "emulator_dir", c.emulatorDir)
 	}
 	metrics := daemon.NewMetrics()
-	nc, err := c.nats.Connect("lethe-agent "+c.host, agentapi.InboxPrefix(c.host), metrics.NATSOptions(log)...)
+	nc, err := c.nats.Connect("lethe-agent "+c.host, natsauth.InboxPrefix(natsauth.RoleAgent, c.host), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}

@@ -29,6 +29,7 @@ import (
 
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/policy"
 	"github.com/nats-io/nats-server/v2/server"
 	"golang.org/x/sync/errgroup"
@@ -157,7 +158,7 @@ func run(ctx context.Context, c *config) error {
 			return nil
 		})
 	}
-	nc, err := conn.Connect("lethe-broker", broker.InboxPrefix(broker.RoleBroker, ""), metrics.NATSOptions(log)...)
+	nc, err := conn.Connect("lethe-broker", natsauth.InboxPrefix(natsauth.RoleBroker, ""), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}
@@ -167,7 +168,7 @@ func run(ctx context.Context, c *config) error {
 	if c.store.Creds != "" || c.store.NKeySeed != "" || c.store.User != "" {
 		store := c.nats
 		store.Creds, store.NKeySeed, store.User, store.Password = c.store.Creds, c.store.NKeySeed, c.store.User, c.store.Password
-		if storeNC, err = store.Connect("lethe-broker-store", broker.InboxPrefix(broker.RoleBrokerStore, ""), metrics.NATSOptions(log)...); err != nil {
+		if storeNC, err = store.Connect("lethe-broker-store", natsauth.InboxPrefix(natsauth.RoleBrokerStore, ""), metrics.NATSOptions(log)...); err != nil {
 			return fmt.Errorf("opening the store connection: %w", err)
 		}
 		defer storeNC.Close()
@@ -236,7 +237,7 @@ func startDevServer(c *config, log *slog.Logger) (*server.Server, error) {
 		}
 		store = dir
 	}
-	opts, err := broker.ServerOptions(broker.ServerConfig{Dev: true, Listen: c.devListen, StoreDir: store})
+	opts, err := serverOptions(natsauth.ServerConfig{Dev: true, Listen: c.devListen, StoreDir: store})
 	if err != nil {
 		return nil, err
 	}

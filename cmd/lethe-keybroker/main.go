@@ -37,13 +37,11 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/policy"
 )
-
-// inboxPrefix is the keybroker role's inbox prefix (broker.InboxPrefix(broker.RoleKeybroker)).
-const inboxPrefix = "_INBOX.keybroker"
 
 type config struct {
 	nats daemon.NATSClient
@@ -211,7 +209,7 @@ func run(ctx context.Context, c *config) error {
 		return exportPublicKey(ctx, kb, c.exportPub, log)
 	}
 
-	nc, err := c.nats.Connect("lethe-keybroker", inboxPrefix, metrics.NATSOptions(log)...)
+	nc, err := c.nats.Connect("lethe-keybroker", natsauth.InboxPrefix(natsauth.RoleKeybroker, ""), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}

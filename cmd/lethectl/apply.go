@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 )
@@ -76,7 +77,7 @@ tenant publishes. The keybroker accepts the policy only for the guests its spec.
 
 // publishPolicy publishes envelope to the keybroker as o's tenant.
 func publishPolicy(ctx context.Context, o *brokerOpts, envelope []byte) (*keybroker.PublishPolicyResponse, error) {
-	nc, err := dialNATS(o, broker.RoleTenant, o.Tenant)
+	nc, err := dialNATS(o, natsauth.RoleTenant, o.Tenant)
 	if err != nil {
 		return nil, err
 	}

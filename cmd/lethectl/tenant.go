@@ -11,7 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
 
-	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
@@ -39,8 +39,8 @@ func addKeybrokerConnFlags(cmd *cobra.Command, o *brokerOpts) {
 }
 
 // dialNATS connects as o says, with the inbox of role and name.
-func dialNATS(o *brokerOpts, role broker.Role, name string) (*nats.Conn, error) {
-	opts := []nats.Option{nats.Name("lethectl"), nats.CustomInboxPrefix(broker.InboxPrefix(role, name))}
+func dialNATS(o *brokerOpts, role natsauth.Role, name string) (*nats.Conn, error) {
+	opts := []nats.Option{nats.Name("lethectl"), nats.CustomInboxPrefix(natsauth.InboxPrefix(role, name))}
 	if o.Creds != "" {
 		opts = append(opts, nats.UserCredentials(o.Creds))
 	} else if o.User != "" {
@@ -127,7 +127,7 @@ func (o *tenantRegisterOpts) run(cmd *cobra.Command) error {
 	if err := o.conn.resolve(); err != nil {
 		return err
 	}
-	nc, err := dialNATS(&o.conn, broker.RoleOperator, "")
+	nc, err := dialNATS(&o.conn, natsauth.RoleOperator, "")
 	if err != nil {
 		return err
 	}
@@ -239,7 +239,7 @@ func (o *tenantRotateOpts) run(cmd *cobra.Command) error {
 	if err != nil {
 		return err
 	}
-	nc, err := dialNATS(&o.conn, broker.RoleTenant, o.tenant)
+	nc, err := dialNATS(&o.conn, natsauth.RoleTenant, o.tenant)
 	if err != nil {
 		return err
 	}
