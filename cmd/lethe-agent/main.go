@@ -320,7 +320,7 @@ func run(ctx context.Context, c *config) error {
 		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
 		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, Logger: log,
 		Libvirt: c.libvirt,
-		Metrics: metrics.Agent(),
+		Metrics: newAgentMetrics(metrics),
 	})
 	if err != nil {
 		return err

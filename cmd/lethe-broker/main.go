@@ -193,7 +193,7 @@ func run(ctx context.Context, c *config) error {
 		Replicas:      c.replicas,
 		Timeouts:      broker.Timeouts{Start: c.startTimeout, Progress: c.progressTimeout, PerGiB: c.perGiB},
 		ReadPolicy:    readPrefilter,
-		Metrics:       metrics.Broker(),
+		Metrics:       newBrokerMetrics(metrics),
 	})
 	if err != nil {
 		return err

@@ -180,7 +180,7 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	metrics := daemon.NewMetrics()
-	kbMetrics := metrics.Keybroker()
+	kbMetrics := newKeybrokerMetrics(metrics)
 
 	vc, approle, err := vaultClient(c)
 	if err != nil {
