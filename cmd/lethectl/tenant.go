@@ -12,9 +12,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lethe-cc/lethe/internal/natsauth"
-	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/kbclient"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
-	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/policy"
 )
 
@@ -99,7 +98,7 @@ func (o *tenantRegisterOpts) run(cmd *cobra.Command) error {
 	if err := checkPolicyOutput(o.conn.output); err != nil {
 		return err
 	}
-	req := keybroker.RegisterTenantRequest{Tenant: o.tenant}
+	req := kbwire.RegisterTenantRequest{Tenant: o.tenant}
 	var err error
 	if req.PolicyKey, err = policy.ReadPublicKey(o.pubFile); err != nil {
 		return err
@@ -134,7 +133,7 @@ func (o *tenantRegisterOpts) run(cmd *cobra.Command) error {
 	defer nc.Close()
 	ctx, cancel := o.conn.callCtx(cmd.Context())
 	defer cancel()
-	resp, err := natsapi.NewClient(nc, o.conn.Timeout).RegisterTenant(ctx, signed)
+	resp, err := kbclient.New(nc, o.conn.Timeout).RegisterTenant(ctx, signed)
 	if err != nil {
 		return fmt.Errorf("registering tenant %s: %w", o.tenant, err)
 	}
@@ -246,7 +245,7 @@ func (o *tenantRotateOpts) run(cmd *cobra.Command) error {
 	defer nc.Close()
 	ctx, cancel := o.conn.callCtx(cmd.Context())
 	defer cancel()
-	resp, err := natsapi.NewClient(nc, o.conn.Timeout).RotateKey(ctx, signed)
+	resp, err := kbclient.New(nc, o.conn.Timeout).RotateKey(ctx, signed)
 	if err != nil {
 		return fmt.Errorf("rotating the key of tenant %s: %w", o.tenant, err)
 	}
