@@ -30,6 +30,7 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/version"
 	"github.com/lethe-cc/lethe/policy"
 	"github.com/nats-io/nats-server/v2/server"
 	"golang.org/x/sync/errgroup"
@@ -51,6 +52,10 @@ type config struct {
 }
 
 func main() {
+	if version.Requested(os.Args[1:]) {
+		printVersion(os.Stdout)
+		return
+	}
 	if len(os.Args) > 1 && os.Args[1] == "nats-config" {
 		if err := natsConfig(os.Args[2:], os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, "lethe-broker nats-config:", err)
