@@ -36,12 +36,3 @@ func checkEmulated(c *config, p attest.Platform) error {
 	}
 	return nil
 }
-
-// parseTCB parses --emulated-tcb (attest.ParseSNPTCB's form).
-func parseTCB(s string) (*attest.SNPTCB, error) {
-	tcb, err := attest.ParseSNPTCB(s)
-	if err != nil {
-		return nil, fmt.Errorf("--emulated-tcb: %w", err)
-	}
-	return &tcb, nil
-}

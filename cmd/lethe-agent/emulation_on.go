@@ -6,6 +6,7 @@ import (
 	"crypto/sha512"
 	"encoding/hex"
 	"errors"
+	"fmt"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
@@ -59,4 +60,13 @@ func emulatedOptions(c *config) (emulate.Options, error) {
 		opts.ChipID = id[:]
 	}
 	return opts, nil
+}
+
+// parseTCB parses --emulated-tcb (attest.ParseSNPTCB's form).
+func parseTCB(s string) (*attest.SNPTCB, error) {
+	tcb, err := attest.ParseSNPTCB(s)
+	if err != nil {
+		return nil, fmt.Errorf("--emulated-tcb: %w", err)
+	}
+	return &tcb, nil
 }
