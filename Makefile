@@ -4,19 +4,32 @@
 GO      ?= go
 BIN     := bin
 CMDS    := lethectl lethe-broker lethe-keybroker lethe-agent
+# VERSION, if set, is stamped into every binary (--version); unset, --version reports the Go
+# module's version and VCS revision.
+VERSION ?=
+GOBUILD  = $(GO) build $(if $(VERSION),-ldflags "-X github.com/lethe-cc/lethe/internal/version.Version=$(VERSION)")
 # The default test run: every package, with the race detector off on 2 cores to keep CI short;
 # `make test-race` runs the same under -race.
 TESTFLAGS ?= -count=1 -timeout=30m
 
-.PHONY: all build test test-race bench lint vault demo demo-attest e2e fuzz clean docs e2e-libvirt bench-libvirt libvirt-down
+.PHONY: all build agent-production test test-race bench lint vault demo demo-attest e2e fuzz clean docs e2e-libvirt bench-libvirt libvirt-down
 
 all: build
 
 build:
 	@mkdir -p $(BIN)
 	@for c in $(CMDS); do \
-		if [ -d cmd/$$c ]; then echo "go build -o $(BIN)/$$c ./cmd/$$c"; $(GO) build -o $(BIN)/$$c ./cmd/$$c || exit 1; fi; \
+		if [ -d cmd/$$c ]; then echo "go build -o $(BIN)/$$c ./cmd/$$c"; $(GOBUILD) -o $(BIN)/$$c ./cmd/$$c || exit 1; fi; \
 	done
+
+# agent-production builds the agent as it runs inside a host's TEE: with the build tag
+# lethe_noemulation, so that the attestation emulator (attest/emulate) is not linked at all and
+# the agent attests with SEV-SNP or TDX hardware only. `build` keeps the emulator, which the
+# demo, the tests and CI need.
+agent-production:
+	@mkdir -p $(BIN)/production
+	$(GOBUILD) -tags lethe_noemulation -o $(BIN)/production/lethe-agent ./cmd/lethe-agent
+	$(BIN)/production/lethe-agent --version
 
 # vault builds a real Vault once into a per-user cache and links it as bin/vault.
 vault:

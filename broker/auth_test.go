@@ -8,23 +8,24 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/nats-io/nats.go"
 )
 
-var authUsers = []broker.User{
-	{Role: broker.RoleBroker, Password: "broker-pw"},
-	{Role: broker.RoleBrokerStore, Password: "broker-store-pw"},
-	{Role: broker.RoleKeybroker, Password: "keybroker-pw"},
-	{Role: broker.RoleAgent, Name: "h1", Password: "h1-pw"},
-	{Role: broker.RoleAgent, Name: "h2", Password: "h2-pw"},
-	{Role: broker.RoleTenant, Name: "acme", Password: "acme-pw"},
-	{Role: broker.RoleTenant, Name: "globex", Password: "globex-pw"},
-	{Role: broker.RoleOperator, Password: "operator-pw"},
+var authUsers = []natsauth.User{
+	{Role: natsauth.RoleBroker, Password: "broker-pw"},
+	{Role: natsauth.RoleBrokerStore, Password: "broker-store-pw"},
+	{Role: natsauth.RoleKeybroker, Password: "keybroker-pw"},
+	{Role: natsauth.RoleAgent, Name: "h1", Password: "h1-pw"},
+	{Role: natsauth.RoleAgent, Name: "h2", Password: "h2-pw"},
+	{Role: natsauth.RoleTenant, Name: "acme", Password: "acme-pw"},
+	{Role: natsauth.RoleTenant, Name: "globex", Password: "globex-pw"},
+	{Role: natsauth.RoleOperator, Password: "operator-pw"},
 }
 
 // login returns the user name WriteServerConfig gives a user of role and name.
-func login(role broker.Role, name string) string {
+func login(role natsauth.Role, name string) string {
 	if name == "" {
 		return string(role)
 	}
@@ -35,11 +36,11 @@ func login(role broker.Role, name string) string {
 func authEnv(t *testing.T) *env {
 	t.Helper()
 	var conf bytes.Buffer
-	if err := broker.WriteServerConfig(&conf, broker.ServerConfig{Users: authUsers}); err != nil {
+	if err := natsauth.WriteServerConfig(&conf, natsauth.ServerConfig{Users: authUsers}); err != nil {
 		t.Fatal(err)
 	}
 	e := newEnv(t, natstest.Options{Config: conf.String()})
-	e.connect = func(role broker.Role, name string) *nats.Conn {
+	e.connect = func(role natsauth.Role, name string) *nats.Conn {
 		nc, _ := connectAs(t, e, role, name)
 		return nc
 	}
@@ -48,7 +49,7 @@ func authEnv(t *testing.T) *env {
 
 // connectAs connects as the user of role and name and returns the connection and a channel of
 // its asynchronous errors (permission violations).
-func connectAs(t *testing.T, e *env, role broker.Role, name string) (*nats.Conn, <-chan error) {
+func connectAs(t *testing.T, e *env, role natsauth.Role, name string) (*nats.Conn, <-chan error) {
 	t.Helper()
 	for _, u := range authUsers {
 		if u.Role != role || u.Name != name {
@@ -58,7 +59,7 @@ func connectAs(t *testing.T, e *env, role broker.Role, name string) (*nats.Conn,
 		errs := make(chan error, 16)
 		nc := e.srv.Connect(t,
 			nats.UserInfo(user, u.Password),
-			nats.CustomInboxPrefix(broker.InboxPrefix(role, name)),
+			nats.CustomInboxPrefix(natsauth.InboxPrefix(role, name)),
 			nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 				select {
 				case errs <- err:
@@ -89,25 +90,25 @@ func TestAuthHappyPathAndDenials(t *testing.T) {
 	}
 
 	tests := map[string]struct {
-		role    broker.Role
+		role    natsauth.Role
 		name    string
 		sub     bool
 		subject string
 	}{
-		"tenant reads another tenant's migration": {role: broker.RoleTenant, name: "globex", subject: broker.TenantSubject("acme", broker.OpMigrationsGet)},
-		"tenant reads the migrations bucket":      {role: broker.RoleTenant, name: "globex", subject: "$JS.API.DIRECT.GET.KV_lethe-migrations." + id},
-		"tenant listens to other inboxes":         {role: broker.RoleTenant, name: "globex", sub: true, subject: "_INBOX.>"},
-		"tenant calls an agent":                   {role: broker.RoleTenant, name: "globex", subject: "lethe.v1.agent.h1.keys"},
-		"tenant reads events":                     {role: broker.RoleTenant, name: "globex", sub: true, subject: "lethe.v1.events.>"},
-		"agent reports progress as another host":  {role: broker.RoleAgent, name: "h1", subject: "lethe.v1.agent.h2.progress." + id},
-		"agent registers as another host":         {role: broker.RoleAgent, name: "h1", subject: "$KV.lethe-hosts.h2"},
-		"agent serves another host's requests":    {role: broker.RoleAgent, name: "h1", sub: true, subject: "lethe.v1.agent.h2.>"},
-		"agent calls the keybroker":               {role: broker.RoleAgent, name: "h1", subject: "lethe.v1.keybroker.release"},
-		"agent calls the broker as operator":      {role: broker.RoleAgent, name: "h1", subject: broker.OperatorSubject(broker.OpMigrationsAbort)},
-		"operator calls an agent":                 {role: broker.RoleOperator, subject: "lethe.v1.agent.h1.keys"},
-		"operator calls the keybroker":            {role: broker.RoleOperator, subject: "lethe.v1.keybroker.destroy"},
-		"keybroker calls an agent":                {role: broker.RoleKeybroker, subject: "lethe.v1.agent.h1.abort"},
-		"keybroker forges progress":               {role: broker.RoleKeybroker, subject: "lethe.v1.agent.h1.progress." + id},
+		"tenant reads another tenant's migration": {role: natsauth.RoleTenant, name: "globex", subject: broker.TenantSubject("acme", broker.OpMigrationsGet)},
+		"tenant reads the migrations bucket":      {role: natsauth.RoleTenant, name: "globex", subject: "$JS.API.DIRECT.GET.KV_lethe-migrations." + id},
+		"tenant listens to other inboxes":         {role: natsauth.RoleTenant, name: "globex", sub: true, subject: "_INBOX.>"},
+		"tenant calls an agent":                   {role: natsauth.RoleTenant, name: "globex", subject: "lethe.v1.agent.h1.keys"},
+		"tenant reads events":                     {role: natsauth.RoleTenant, name: "globex", sub: true, subject: "lethe.v1.events.>"},
+		"agent reports progress as another host":  {role: natsauth.RoleAgent, name: "h1", subject: "lethe.v1.agent.h2.progress." + id},
+		"agent registers as another host":         {role: natsauth.RoleAgent, name: "h1", subject: "$KV.lethe-hosts.h2"},
+		"agent serves another host's requests":    {role: natsauth.RoleAgent, name: "h1", sub: true, subject: "lethe.v1.agent.h2.>"},
+		"agent calls the keybroker":               {role: natsauth.RoleAgent, name: "h1", subject: "lethe.v1.keybroker.release"},
+		"agent calls the broker as operator":      {role: natsauth.RoleAgent, name: "h1", subject: broker.OperatorSubject(broker.OpMigrationsAbort)},
+		"operator calls an agent":                 {role: natsauth.RoleOperator, subject: "lethe.v1.agent.h1.keys"},
+		"operator calls the keybroker":            {role: natsauth.RoleOperator, subject: "lethe.v1.keybroker.destroy"},
+		"keybroker calls an agent":                {role: natsauth.RoleKeybroker, subject: "lethe.v1.agent.h1.abort"},
+		"keybroker forges progress":               {role: natsauth.RoleKeybroker, subject: "lethe.v1.agent.h1.progress." + id},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -139,25 +140,4 @@ func TestAuthHappyPathAndDenials(t *testing.T) {
 			t.Error("connected without credentials")
 		}
 	})
-}
-
-func TestServerConfigRequiresAuth(t *testing.T) {
-	var b bytes.Buffer
-	if err := broker.WriteServerConfig(&b, broker.ServerConfig{}); !errors.Is(err, broker.ErrNoAuth) {
-		t.Errorf("production config without users: %v, want ErrNoAuth", err)
-	}
-	if _, err := broker.ServerOptions(broker.ServerConfig{Dev: true}); err != nil {
-		t.Errorf("dev config without users: %v", err)
-	}
-	opts, err := broker.ServerOptions(broker.ServerConfig{Users: authUsers, Listen: "127.0.0.1:4333"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if opts.Port != 4333 || len(opts.Users) != len(authUsers) {
-		t.Errorf("options: port %d, %d users", opts.Port, len(opts.Users))
-	}
-	bad := []broker.User{{Role: broker.RoleAgent, Name: "h1.>", Password: "x"}}
-	if err := broker.WriteServerConfig(&b, broker.ServerConfig{Users: bad}); err == nil {
-		t.Error("agent named with a wildcard accepted")
-	}
 }

@@ -32,11 +32,13 @@ type Timeouts struct {
 // Config configures a Broker.
 type Config struct {
 	// Conn is the broker's NATS connection, on which it serves its API and calls agents and
-	// the keybroker. Required. Its user needs the broker's permissions (see ServerConfig) and,
-	// with authentication, the inbox prefix InboxPrefix(RoleBroker, "").
+	// the keybroker. Required. Its user needs the broker's permissions
+	// (natsauth.UserPermissions) and, with authentication, the inbox prefix
+	// natsauth.InboxPrefix(natsauth.RoleBroker, "").
 	Conn *nats.Conn
 	// StoreConn is the connection of every JetStream and key-value operation. Its user needs
-	// the permissions of RoleBrokerStore and the inbox prefix InboxPrefix(RoleBrokerStore, "").
+	// the permissions of natsauth.RoleBrokerStore and the inbox prefix
+	// natsauth.InboxPrefix(natsauth.RoleBrokerStore, "").
 	// Nil means Conn, whose user then needs JetStream rights beside the ones it serves with,
 	// and only the broker's reply checks keep callers from borrowing them.
 	StoreConn *nats.Conn

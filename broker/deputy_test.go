@@ -13,6 +13,7 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
@@ -90,7 +91,7 @@ func TestReplyDeputyMatrix(t *testing.T) {
 	rollup := nats.Header{"Nats-Rollup": []string{"all"}}
 
 	type attempt struct {
-		role    broker.Role
+		role    natsauth.Role
 		name    string
 		subject string
 		reply   string
@@ -100,83 +101,83 @@ func TestReplyDeputyMatrix(t *testing.T) {
 	}
 	tests := map[string]attempt{
 		// The broker: its own JetStream, calls, events and answers to its callers.
-		"broker/own events":                 {role: broker.RoleBroker, subject: broker.EventsSubject("m1"), want: allowed},
-		"broker/calls an agent":             {role: broker.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: agentapi.ReplyPrefix("h1") + "x", data: []byte(`{"migrationId":"m0"}`), want: allowed},
-		"broker/JetStream API":              {role: broker.RoleBroker, subject: "$JS.API.STREAM.INFO.KV_lethe-hosts", want: violation},
-		"broker/JetStream delete":           {role: broker.RoleBroker, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
-		"broker/KV":                         {role: broker.RoleBroker, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
-		"broker/KV rollup":                  {role: broker.RoleBroker, subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
-		"broker/answers a tenant":           {role: broker.RoleBroker, subject: "_INBOX.tenant.acme.x", want: allowed},
-		"broker/keybroker's inbox":          {role: broker.RoleBroker, subject: "_INBOX.keybroker.x", want: violation},
-		"broker/forges progress":            {role: broker.RoleBroker, subject: agentapi.ProgressSubject("h1", "m1"), want: violation},
-		"broker/agent with foreign reply":   {role: broker.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", data: []byte(`{"migrationId":"m1"}`), want: refused},
-		"broker/agent with another's reply": {role: broker.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: agentapi.ReplyPrefix("h2") + "x", data: []byte(`{"migrationId":"m1"}`), want: refused},
+		"broker/own events":                 {role: natsauth.RoleBroker, subject: broker.EventsSubject("m1"), want: allowed},
+		"broker/calls an agent":             {role: natsauth.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: agentapi.ReplyPrefix("h1") + "x", data: []byte(`{"migrationId":"m0"}`), want: allowed},
+		"broker/JetStream API":              {role: natsauth.RoleBroker, subject: "$JS.API.STREAM.INFO.KV_lethe-hosts", want: violation},
+		"broker/JetStream delete":           {role: natsauth.RoleBroker, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
+		"broker/KV":                         {role: natsauth.RoleBroker, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
+		"broker/KV rollup":                  {role: natsauth.RoleBroker, subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
+		"broker/answers a tenant":           {role: natsauth.RoleBroker, subject: "_INBOX.tenant.acme.x", want: allowed},
+		"broker/keybroker's inbox":          {role: natsauth.RoleBroker, subject: "_INBOX.keybroker.x", want: violation},
+		"broker/forges progress":            {role: natsauth.RoleBroker, subject: agentapi.ProgressSubject("h1", "m1"), want: violation},
+		"broker/agent with foreign reply":   {role: natsauth.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", data: []byte(`{"migrationId":"m1"}`), want: refused},
+		"broker/agent with another's reply": {role: natsauth.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: agentapi.ReplyPrefix("h2") + "x", data: []byte(`{"migrationId":"m1"}`), want: refused},
 
 		// The broker's store user: JetStream and Lethe's buckets, nothing else; it serves nothing.
-		"broker-store/own JetStream":     {role: broker.RoleBrokerStore, subject: "$JS.API.STREAM.INFO.KV_lethe-hosts", reply: "_INBOX.broker-store.x", want: allowed},
-		"broker-store/own bucket":        {role: broker.RoleBrokerStore, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: allowed},
-		"broker-store/foreign bucket":    {role: broker.RoleBrokerStore, subject: "$KV.other.k", want: violation},
-		"broker-store/events":            {role: broker.RoleBrokerStore, subject: broker.EventsSubject("m1"), want: violation},
-		"broker-store/calls an agent":    {role: broker.RoleBrokerStore, subject: agentapi.Subject("h1", agentapi.OpStatus), want: violation},
-		"broker-store/calls keybroker":   {role: broker.RoleBrokerStore, subject: "lethe.v1.keybroker.release", want: violation},
-		"broker-store/answers a tenant":  {role: broker.RoleBrokerStore, subject: "_INBOX.tenant.acme.x", want: violation},
-		"broker-store/answers an agent":  {role: broker.RoleBrokerStore, subject: "_INBOX.agent.h1.x", want: violation},
-		"broker-store/broker's inbox":    {role: broker.RoleBrokerStore, subject: "_INBOX.broker.x", want: violation},
-		"broker-store/service discovery": {role: broker.RoleBrokerStore, subject: "$SRV.PING", want: violation},
+		"broker-store/own JetStream":     {role: natsauth.RoleBrokerStore, subject: "$JS.API.STREAM.INFO.KV_lethe-hosts", reply: "_INBOX.broker-store.x", want: allowed},
+		"broker-store/own bucket":        {role: natsauth.RoleBrokerStore, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: allowed},
+		"broker-store/foreign bucket":    {role: natsauth.RoleBrokerStore, subject: "$KV.other.k", want: violation},
+		"broker-store/events":            {role: natsauth.RoleBrokerStore, subject: broker.EventsSubject("m1"), want: violation},
+		"broker-store/calls an agent":    {role: natsauth.RoleBrokerStore, subject: agentapi.Subject("h1", agentapi.OpStatus), want: violation},
+		"broker-store/calls keybroker":   {role: natsauth.RoleBrokerStore, subject: "lethe.v1.keybroker.release", want: violation},
+		"broker-store/answers a tenant":  {role: natsauth.RoleBrokerStore, subject: "_INBOX.tenant.acme.x", want: violation},
+		"broker-store/answers an agent":  {role: natsauth.RoleBrokerStore, subject: "_INBOX.agent.h1.x", want: violation},
+		"broker-store/broker's inbox":    {role: natsauth.RoleBrokerStore, subject: "_INBOX.broker.x", want: violation},
+		"broker-store/service discovery": {role: natsauth.RoleBrokerStore, subject: "$SRV.PING", want: violation},
 
 		// The keybroker: events, and answers to the broker and operators only.
-		"keybroker/own events":          {role: broker.RoleKeybroker, subject: broker.EventsSubject("m1"), want: allowed},
-		"keybroker/answers the broker":  {role: broker.RoleKeybroker, subject: "_INBOX.broker.x", want: allowed},
-		"keybroker/answers an operator": {role: broker.RoleKeybroker, subject: "_INBOX.operator.x", want: allowed},
-		"keybroker/JetStream API":       {role: broker.RoleKeybroker, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
-		"keybroker/KV":                  {role: broker.RoleKeybroker, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
-		"keybroker/KV rollup":           {role: broker.RoleKeybroker, subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
-		"keybroker/a tenant's inbox":    {role: broker.RoleKeybroker, subject: "_INBOX.tenant.acme.x", want: allowed}, // answers policy.publish and tenant.rotate-key
-		"keybroker/an agent's inbox":    {role: broker.RoleKeybroker, subject: "_INBOX.agent.h1.x", want: violation},
-		"keybroker/calls an agent":      {role: broker.RoleKeybroker, subject: agentapi.Subject("h1", agentapi.OpAbort), want: violation},
+		"keybroker/own events":          {role: natsauth.RoleKeybroker, subject: broker.EventsSubject("m1"), want: allowed},
+		"keybroker/answers the broker":  {role: natsauth.RoleKeybroker, subject: "_INBOX.broker.x", want: allowed},
+		"keybroker/answers an operator": {role: natsauth.RoleKeybroker, subject: "_INBOX.operator.x", want: allowed},
+		"keybroker/JetStream API":       {role: natsauth.RoleKeybroker, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
+		"keybroker/KV":                  {role: natsauth.RoleKeybroker, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
+		"keybroker/KV rollup":           {role: natsauth.RoleKeybroker, subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
+		"keybroker/a tenant's inbox":    {role: natsauth.RoleKeybroker, subject: "_INBOX.tenant.acme.x", want: allowed}, // answers policy.publish and tenant.rotate-key
+		"keybroker/an agent's inbox":    {role: natsauth.RoleKeybroker, subject: "_INBOX.agent.h1.x", want: violation},
+		"keybroker/calls an agent":      {role: natsauth.RoleKeybroker, subject: agentapi.Subject("h1", agentapi.OpAbort), want: violation},
 
 		// An operator: the broker's operator API and tenant registration.
-		"operator/own API":                  {role: broker.RoleOperator, subject: broker.OperatorSubject(broker.OpHostsList), reply: "_INBOX.operator.x", want: allowed},
-		"operator/registers a tenant":       {role: broker.RoleOperator, subject: "lethe.v1.keybroker.tenant.register", reply: "_INBOX.operator.x", want: allowed},
-		"operator/service discovery":        {role: broker.RoleOperator, subject: "$SRV.PING", reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
-		"operator/JetStream API":            {role: broker.RoleOperator, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
-		"operator/KV rollup":                {role: broker.RoleOperator, subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
-		"operator/a tenant's inbox":         {role: broker.RoleOperator, subject: "_INBOX.tenant.acme.x", want: violation},
-		"operator/the broker's inbox":       {role: broker.RoleOperator, subject: "_INBOX.broker.x", want: violation},
-		"operator/keybroker release":        {role: broker.RoleOperator, subject: "lethe.v1.keybroker.release", want: violation},
-		"operator/broker, JetStream reply":  {role: broker.RoleOperator, subject: broker.OperatorSubject(broker.OpHostsList), reply: "$JS.API.STREAM.DELETE.KV_lethe-migrations", want: refused},
-		"operator/broker, a tenant's inbox": {role: broker.RoleOperator, subject: broker.OperatorSubject(broker.OpHostsList), reply: "_INBOX.tenant.acme.x", want: refused},
+		"operator/own API":                  {role: natsauth.RoleOperator, subject: broker.OperatorSubject(broker.OpHostsList), reply: "_INBOX.operator.x", want: allowed},
+		"operator/registers a tenant":       {role: natsauth.RoleOperator, subject: "lethe.v1.keybroker.tenant.register", reply: "_INBOX.operator.x", want: allowed},
+		"operator/service discovery":        {role: natsauth.RoleOperator, subject: "$SRV.PING", reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
+		"operator/JetStream API":            {role: natsauth.RoleOperator, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
+		"operator/KV rollup":                {role: natsauth.RoleOperator, subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
+		"operator/a tenant's inbox":         {role: natsauth.RoleOperator, subject: "_INBOX.tenant.acme.x", want: violation},
+		"operator/the broker's inbox":       {role: natsauth.RoleOperator, subject: "_INBOX.broker.x", want: violation},
+		"operator/keybroker release":        {role: natsauth.RoleOperator, subject: "lethe.v1.keybroker.release", want: violation},
+		"operator/broker, JetStream reply":  {role: natsauth.RoleOperator, subject: broker.OperatorSubject(broker.OpHostsList), reply: "$JS.API.STREAM.DELETE.KV_lethe-migrations", want: refused},
+		"operator/broker, a tenant's inbox": {role: natsauth.RoleOperator, subject: broker.OperatorSubject(broker.OpHostsList), reply: "_INBOX.tenant.acme.x", want: refused},
 
 		// A tenant: its own broker API only.
-		"tenant/own API":                      {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "_INBOX.tenant.acme.x", want: allowed},
-		"tenant/another tenant's API":         {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("globex", broker.OpMigrationsList), want: violation},
-		"tenant/publishes a policy":           {role: broker.RoleTenant, name: "acme", subject: "lethe.v1.keybroker.policy.publish", reply: "_INBOX.tenant.acme.x", want: allowed},
-		"tenant/keybroker release":            {role: broker.RoleTenant, name: "acme", subject: "lethe.v1.keybroker.release", want: violation},
-		"tenant/JetStream API":                {role: broker.RoleTenant, name: "acme", subject: "$JS.API.STREAM.DELETE.KV_lethe-migrations", want: violation},
-		"tenant/KV":                           {role: broker.RoleTenant, name: "acme", subject: "$KV.lethe-migrations.m1", want: violation},
-		"tenant/KV rollup":                    {role: broker.RoleTenant, name: "acme", subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
-		"tenant/another tenant's inbox":       {role: broker.RoleTenant, name: "acme", subject: "_INBOX.tenant.globex.x", want: violation},
-		"tenant/the broker's inbox":           {role: broker.RoleTenant, name: "acme", subject: "_INBOX.broker.x", want: violation},
-		"tenant/an agent's heartbeat":         {role: broker.RoleTenant, name: "acme", subject: agentapi.HeartbeatSubject("h1"), data: hostRec("h1"), want: violation},
-		"tenant/service discovery":            {role: broker.RoleTenant, name: "acme", subject: "$SRV.PING", want: violation},
-		"tenant/broker, JetStream reply":      {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "$JS.API.STREAM.DELETE.KV_lethe-migrations", data: []byte("{malformed"), want: refused},
-		"tenant/broker, KV reply":             {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsGet), reply: "$KV.lethe-guests.acme.web", data: []byte("{malformed"), want: refused},
-		"tenant/broker, another tenant's box": {role: broker.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "_INBOX.tenant.globex.x", want: refused},
+		"tenant/own API":                      {role: natsauth.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "_INBOX.tenant.acme.x", want: allowed},
+		"tenant/another tenant's API":         {role: natsauth.RoleTenant, name: "acme", subject: broker.TenantSubject("globex", broker.OpMigrationsList), want: violation},
+		"tenant/publishes a policy":           {role: natsauth.RoleTenant, name: "acme", subject: "lethe.v1.keybroker.policy.publish", reply: "_INBOX.tenant.acme.x", want: allowed},
+		"tenant/keybroker release":            {role: natsauth.RoleTenant, name: "acme", subject: "lethe.v1.keybroker.release", want: violation},
+		"tenant/JetStream API":                {role: natsauth.RoleTenant, name: "acme", subject: "$JS.API.STREAM.DELETE.KV_lethe-migrations", want: violation},
+		"tenant/KV":                           {role: natsauth.RoleTenant, name: "acme", subject: "$KV.lethe-migrations.m1", want: violation},
+		"tenant/KV rollup":                    {role: natsauth.RoleTenant, name: "acme", subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
+		"tenant/another tenant's inbox":       {role: natsauth.RoleTenant, name: "acme", subject: "_INBOX.tenant.globex.x", want: violation},
+		"tenant/the broker's inbox":           {role: natsauth.RoleTenant, name: "acme", subject: "_INBOX.broker.x", want: violation},
+		"tenant/an agent's heartbeat":         {role: natsauth.RoleTenant, name: "acme", subject: agentapi.HeartbeatSubject("h1"), data: hostRec("h1"), want: violation},
+		"tenant/service discovery":            {role: natsauth.RoleTenant, name: "acme", subject: "$SRV.PING", want: violation},
+		"tenant/broker, JetStream reply":      {role: natsauth.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "$JS.API.STREAM.DELETE.KV_lethe-migrations", data: []byte("{malformed"), want: refused},
+		"tenant/broker, KV reply":             {role: natsauth.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsGet), reply: "$KV.lethe-guests.acme.web", data: []byte("{malformed"), want: refused},
+		"tenant/broker, another tenant's box": {role: natsauth.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "_INBOX.tenant.globex.x", want: refused},
 
 		// An agent: its own subjects, heartbeats through the broker, answers to calls made to it.
-		"agent/own heartbeat":                 {role: broker.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "_INBOX.agent.h1.x", data: hostRec("h1"), want: allowed},
-		"agent/own progress":                  {role: broker.RoleAgent, name: "h1", subject: agentapi.ProgressSubject("h1", "m1"), want: allowed},
-		"agent/answers a call made to it":     {role: broker.RoleAgent, name: "h1", subject: agentapi.ReplyPrefix("h1") + "x", want: allowed},
-		"agent/another host's heartbeat":      {role: broker.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h2"), data: hostRec("h2"), want: violation},
-		"agent/answers for another host":      {role: broker.RoleAgent, name: "h1", subject: agentapi.ReplyPrefix("h2") + "x", want: violation},
-		"agent/the broker's inbox":            {role: broker.RoleAgent, name: "h1", subject: "_INBOX.broker.x", want: violation},
-		"agent/a tenant's inbox":              {role: broker.RoleAgent, name: "h1", subject: "_INBOX.tenant.acme.x", want: violation},
-		"agent/own host key":                  {role: broker.RoleAgent, name: "h1", subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
-		"agent/own host key, rollup":          {role: broker.RoleAgent, name: "h1", subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
-		"agent/purges the host bucket":        {role: broker.RoleAgent, name: "h1", subject: "$JS.API.STREAM.PURGE.KV_lethe-hosts", want: violation},
-		"agent/calls the keybroker":           {role: broker.RoleAgent, name: "h1", subject: "lethe.v1.keybroker.release", want: violation},
-		"agent/heartbeat, JetStream reply":    {role: broker.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", data: hostRec("h1"), want: refused},
-		"agent/heartbeat, another host's box": {role: broker.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "_INBOX.agent.h2.x", data: hostRec("h1"), want: refused},
+		"agent/own heartbeat":                 {role: natsauth.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "_INBOX.agent.h1.x", data: hostRec("h1"), want: allowed},
+		"agent/own progress":                  {role: natsauth.RoleAgent, name: "h1", subject: agentapi.ProgressSubject("h1", "m1"), want: allowed},
+		"agent/answers a call made to it":     {role: natsauth.RoleAgent, name: "h1", subject: agentapi.ReplyPrefix("h1") + "x", want: allowed},
+		"agent/another host's heartbeat":      {role: natsauth.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h2"), data: hostRec("h2"), want: violation},
+		"agent/answers for another host":      {role: natsauth.RoleAgent, name: "h1", subject: agentapi.ReplyPrefix("h2") + "x", want: violation},
+		"agent/the broker's inbox":            {role: natsauth.RoleAgent, name: "h1", subject: "_INBOX.broker.x", want: violation},
+		"agent/a tenant's inbox":              {role: natsauth.RoleAgent, name: "h1", subject: "_INBOX.tenant.acme.x", want: violation},
+		"agent/own host key":                  {role: natsauth.RoleAgent, name: "h1", subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
+		"agent/own host key, rollup":          {role: natsauth.RoleAgent, name: "h1", subject: "$KV.lethe-hosts.h1", header: rollup, data: hostRec("h1"), want: violation},
+		"agent/purges the host bucket":        {role: natsauth.RoleAgent, name: "h1", subject: "$JS.API.STREAM.PURGE.KV_lethe-hosts", want: violation},
+		"agent/calls the keybroker":           {role: natsauth.RoleAgent, name: "h1", subject: "lethe.v1.keybroker.release", want: violation},
+		"agent/heartbeat, JetStream reply":    {role: natsauth.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "$JS.API.STREAM.DELETE.KV_lethe-hosts", data: hostRec("h1"), want: refused},
+		"agent/heartbeat, another host's box": {role: natsauth.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "_INBOX.agent.h2.x", data: hostRec("h1"), want: refused},
 	}
 	h1 := e.agents["h1"]
 	for name, tc := range tests {
@@ -205,7 +206,7 @@ func TestReplyDeputyMatrix(t *testing.T) {
 			}
 			if got == allowed && tc.want == refused {
 				switch {
-				case tc.role == broker.RoleBroker: // a call to agent h1: it answers a proper call after dropping this one
+				case tc.role == natsauth.RoleBroker: // a call to agent h1: it answers a proper call after dropping this one
 					if _, err := agentapi.NewClient(nc, 0).Status(t.Context(), "h1", &agentapi.StatusRequest{MigrationID: "m1"}); err != nil && !errors.Is(err, agentapi.ErrNotFound) {
 						t.Fatal(err)
 					}
@@ -242,7 +243,7 @@ func TestReplyDeputyMatrix(t *testing.T) {
 func TestHeartbeatNamesItsHost(t *testing.T) {
 	e := authEnv(t)
 	e.standard()
-	nc, _ := connectAs(t, e, broker.RoleAgent, "h1")
+	nc, _ := connectAs(t, e, natsauth.RoleAgent, "h1")
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
 	before, err := e.kv(broker.HostsBucket).Get(ctx, "h2")
@@ -281,7 +282,7 @@ func TestBrokerStoreServesNothing(t *testing.T) {
 		">",
 	} {
 		t.Run(subject, func(t *testing.T) {
-			nc, errs := connectAs(t, e, broker.RoleBrokerStore, "")
+			nc, errs := connectAs(t, e, natsauth.RoleBrokerStore, "")
 			if _, err := nc.SubscribeSync(subject); err != nil {
 				t.Fatal(err)
 			}

@@ -88,9 +88,9 @@
 //
 // # NATS security
 //
-// [WriteServerConfig] and [ServerOptions] make the NATS server configuration: one account with
-// a user per role, and permissions such that an agent publishes only on its own host's
-// subjects, a tenant only calls the broker API under its own name and has no JetStream access,
-// and only the broker calls agents and the keybroker. A configuration without users is refused
-// unless it is for development.
+// Package natsauth makes the NATS server configuration (natsauth.WriteServerConfig): one
+// account with a user per role, and permissions such that an agent publishes only on its own
+// host's subjects, a tenant only calls the broker API under its own name and has no JetStream
+// access, and only the broker calls agents and the keybroker. The broker answers a caller only
+// under that caller's inbox prefix (natsauth.ReplyAllowed).
 package broker

@@ -11,6 +11,7 @@ import (
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/broker/brokertest"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/agentapi/agentapitest"
@@ -55,7 +56,7 @@ type env struct {
 	// cfg is the base configuration of brokers started by startBroker.
 	cfg broker.Config
 	// connect opens connections; tests with authentication replace it.
-	connect func(role broker.Role, name string) *nats.Conn
+	connect func(role natsauth.Role, name string) *nats.Conn
 }
 
 func newEnv(t testing.TB, opts natstest.Options) *env {
@@ -68,8 +69,8 @@ func newEnv(t testing.TB, opts natstest.Options) *env {
 		agents: map[string]*agentapitest.Agent{},
 	}
 	// Servers answer only on their callers' inboxes: each party connects with its own.
-	e.connect = func(role broker.Role, name string) *nats.Conn {
-		return e.srv.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(role, name)))
+	e.connect = func(role natsauth.Role, name string) *nats.Conn {
+		return e.srv.Connect(t, nats.CustomInboxPrefix(natsauth.InboxPrefix(role, name)))
 	}
 	e.cfg = broker.Config{
 		KeyBroker:     e.kb,
@@ -85,7 +86,7 @@ func newEnv(t testing.TB, opts natstest.Options) *env {
 
 func (e *env) jetstream() jetstream.JetStream {
 	if e.js == nil {
-		js, err := jetstream.New(e.connect(broker.RoleBrokerStore, ""))
+		js, err := jetstream.New(e.connect(natsauth.RoleBrokerStore, ""))
 		if err != nil {
 			e.t.Fatal(err)
 		}
@@ -107,8 +108,8 @@ func (e *env) startBroker(id string) (*broker.Broker, func()) {
 	e.t.Helper()
 	cfg := e.cfg
 	cfg.ID = id
-	cfg.Conn = e.connect(broker.RoleBroker, "")
-	cfg.StoreConn = e.connect(broker.RoleBrokerStore, "")
+	cfg.Conn = e.connect(natsauth.RoleBroker, "")
+	cfg.StoreConn = e.connect(natsauth.RoleBrokerStore, "")
 	b, err := broker.New(cfg)
 	if err != nil {
 		e.t.Fatal(err)
@@ -139,7 +140,7 @@ func (e *env) addAgent(host string, platform attest.Platform, region string, lab
 	e.t.Helper()
 	a := agentapitest.New(host, platform)
 	a.Now = e.clock.Now
-	nc := e.connect(broker.RoleAgent, host)
+	nc := e.connect(natsauth.RoleAgent, host)
 	ctx, cancel := context.WithCancel(context.Background())
 	stop, err := agentapi.Start(ctx, nc, host, a)
 	if err != nil {
@@ -159,11 +160,11 @@ func (e *env) addAgent(host string, platform attest.Platform, region string, lab
 }
 
 func (e *env) tenant(name string) *broker.Client {
-	return broker.NewTenantClient(e.connect(broker.RoleTenant, name), name)
+	return broker.NewTenantClient(e.connect(natsauth.RoleTenant, name), name)
 }
 
 func (e *env) operator() *broker.Client {
-	return broker.NewOperatorClient(e.connect(broker.RoleOperator, ""))
+	return broker.NewOperatorClient(e.connect(natsauth.RoleOperator, ""))
 }
 
 // standard starts one broker and hosts h1 (with the guest), h2 and applies a policy and adopts

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
@@ -25,7 +26,7 @@ func (b *Broker) handleHeartbeat(ctx context.Context, m *nats.Msg) {
 		b.refuseReply(m.Subject, m.Reply, "not a heartbeat subject")
 		return
 	}
-	if !replyAllowed(m.Reply, RoleAgent, host) {
+	if !replyAllowed(m.Reply, natsauth.RoleAgent, host) {
 		b.refuseReply(m.Subject, m.Reply, "reply subject is not the agent's inbox")
 		return
 	}

@@ -7,17 +7,17 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Names of the broker's JetStream buckets and stream.
 const (
-	MigrationsBucket = "lethe-migrations"
-	HostsBucket      = agentapi.HostsBucket
-	PoliciesBucket   = "lethe-policies"
-	GuestsBucket     = "lethe-guests"
-	ReceiptsBucket   = "lethe-receipts"
+	MigrationsBucket = natsauth.MigrationsBucket
+	HostsBucket      = natsauth.HostsBucket
+	PoliciesBucket   = natsauth.PoliciesBucket
+	GuestsBucket     = natsauth.GuestsBucket
+	ReceiptsBucket   = natsauth.ReceiptsBucket
 	EventsStream     = "LETHE_EVENTS"
 )
 

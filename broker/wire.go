@@ -5,14 +5,15 @@ import (
 	"strings"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
 // SubjectPrefix is the prefix of the broker API's subjects.
-const SubjectPrefix = "lethe.v1.broker"
+const SubjectPrefix = natsauth.BrokerSubjectPrefix
 
 // EventsSubjectPrefix is the prefix of the events subjects, lethe.v1.events.<migration-id>.
-const EventsSubjectPrefix = "lethe.v1.events"
+const EventsSubjectPrefix = natsauth.EventsSubjectPrefix
 
 // EventsSubject returns the events subject of a migration.
 func EventsSubject(migrationID string) string { return EventsSubjectPrefix + "." + migrationID }
@@ -52,11 +53,11 @@ type Caller struct {
 }
 
 // inbox returns the role and name whose inbox the caller's replies go to.
-func (c Caller) inbox() (Role, string) {
+func (c Caller) inbox() (natsauth.Role, string) {
 	if c.Operator() {
-		return RoleOperator, ""
+		return natsauth.RoleOperator, ""
 	}
-	return RoleTenant, c.Tenant
+	return natsauth.RoleTenant, c.Tenant
 }
 
 // Operator reports whether the caller is an operator.

@@ -9,6 +9,7 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
@@ -59,7 +60,7 @@ func (s *scn) sendDeputyRequests(nc *nats.Conn, subject string) {
 // tenantDeputy: a tenant sends malformed requests to its own broker subjects whose reply
 // subjects delete every stream; the broker's error replies would run with its JetStream rights.
 func tenantDeputy(s *scn) {
-	nc := s.connect("tenant-"+otherTenant, broker.InboxPrefix(broker.RoleTenant, otherTenant))
+	nc := s.connect("tenant-"+otherTenant, natsauth.InboxPrefix(natsauth.RoleTenant, otherTenant))
 	for _, op := range broker.Ops {
 		s.sendDeputyRequests(nc, broker.TenantSubject(otherTenant, op))
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
@@ -441,7 +442,7 @@ func crossTenant(s *scn) {
 		s.t.Fatal("tenant other got demo's receipt")
 	}
 	// On the wire: other's connection may not publish on demo's subjects.
-	nc := s.connect("tenant-"+otherTenant, broker.InboxPrefix(broker.RoleTenant, otherTenant))
+	nc := s.connect("tenant-"+otherTenant, natsauth.InboxPrefix(natsauth.RoleTenant, otherTenant))
 	if _, err := nc.Request(broker.TenantSubject(demoTenant, broker.OpGuestsList), []byte(`{}`), 2*time.Second); err == nil {
 		s.t.Fatal("tenant other's connection called the API as demo")
 	}

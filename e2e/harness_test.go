@@ -27,6 +27,7 @@ import (
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
@@ -142,20 +143,20 @@ func newEnv(t *testing.T) *env {
 	e.capture = startCapture(t)
 
 	// NATS with a user per role, tenant and host.
-	users := []broker.User{
-		{Role: broker.RoleBroker, Password: e.password("broker")},
-		{Role: broker.RoleBrokerStore, Password: e.password("broker-store")},
-		{Role: broker.RoleKeybroker, Password: e.password("keybroker")},
-		{Role: broker.RoleTenant, Name: demoTenant, Password: e.password("tenant-" + demoTenant)},
-		{Role: broker.RoleTenant, Name: otherTenant, Password: e.password("tenant-" + otherTenant)},
+	users := []natsauth.User{
+		{Role: natsauth.RoleBroker, Password: e.password("broker")},
+		{Role: natsauth.RoleBrokerStore, Password: e.password("broker-store")},
+		{Role: natsauth.RoleKeybroker, Password: e.password("keybroker")},
+		{Role: natsauth.RoleTenant, Name: demoTenant, Password: e.password("tenant-" + demoTenant)},
+		{Role: natsauth.RoleTenant, Name: otherTenant, Password: e.password("tenant-" + otherTenant)},
 	}
 	for i := range hostPool {
 		h := fmt.Sprintf("h%03d", i+1)
 		e.hosts = append(e.hosts, h)
-		users = append(users, broker.User{Role: broker.RoleAgent, Name: h, Password: e.password("agent-" + h)})
+		users = append(users, natsauth.User{Role: natsauth.RoleAgent, Name: h, Password: e.password("agent-" + h)})
 	}
 	var cfg strings.Builder
-	if err := broker.WriteServerConfig(&cfg, broker.ServerConfig{Users: users}); err != nil {
+	if err := natsauth.WriteServerConfig(&cfg, natsauth.ServerConfig{Users: users}); err != nil {
 		t.Fatal(err)
 	}
 	e.nats = natstest.Start(t, natstest.Options{Config: cfg.String()})
@@ -193,7 +194,7 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kbConn := e.connect("keybroker", broker.InboxPrefix(broker.RoleKeybroker, ""))
+	kbConn := e.connect("keybroker", natsauth.InboxPrefix(natsauth.RoleKeybroker, ""))
 	svc, err := natsapi.New(natsapi.Config{Conn: kbConn, Keybroker: e.kb, Logger: e.log.With("component", "keybroker-nats")})
 	if err != nil {
 		t.Fatal(err)
@@ -226,15 +227,15 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 
-	e.conn = e.connect("broker", broker.InboxPrefix(broker.RoleBroker, ""))
+	e.conn = e.connect("broker", natsauth.InboxPrefix(natsauth.RoleBroker, ""))
 	// JetStream only through the broker's store user: the serving user has no JetStream rights.
-	if e.js, err = jetstream.New(e.connect("broker-store", broker.InboxPrefix(broker.RoleBrokerStore, ""))); err != nil {
+	if e.js, err = jetstream.New(e.connect("broker-store", natsauth.InboxPrefix(natsauth.RoleBrokerStore, ""))); err != nil {
 		t.Fatal(err)
 	}
 	e.agents = agentapi.NewClient(e.conn, 20*time.Second)
 	e.kbc = broker.NewKeyBrokerClient(e.conn, 20*time.Second)
-	e.demo = broker.NewTenantClient(e.connect("tenant-"+demoTenant, broker.InboxPrefix(broker.RoleTenant, demoTenant)), demoTenant)
-	e.other = broker.NewTenantClient(e.connect("tenant-"+otherTenant, broker.InboxPrefix(broker.RoleTenant, otherTenant)), otherTenant)
+	e.demo = broker.NewTenantClient(e.connect("tenant-"+demoTenant, natsauth.InboxPrefix(natsauth.RoleTenant, demoTenant)), demoTenant)
+	e.other = broker.NewTenantClient(e.connect("tenant-"+otherTenant, natsauth.InboxPrefix(natsauth.RoleTenant, otherTenant)), otherTenant)
 
 	for _, id := range []string{"broker-1", "broker-2"} {
 		e.startBroker(id)
@@ -726,7 +727,7 @@ func (e *env) connectAsAgent(t testing.TB, a *agent) (*nats.Conn, <-chan error) 
 	t.Helper()
 	login := "agent-" + a.host
 	perm := make(chan error, 4)
-	nc, err := nats.Connect(e.nats.URL, nats.UserInfo(login, e.passwords[login]), nats.CustomInboxPrefix(agentapi.InboxPrefix(a.host)),
+	nc, err := nats.Connect(e.nats.URL, nats.UserInfo(login, e.passwords[login]), nats.CustomInboxPrefix(natsauth.InboxPrefix(natsauth.RoleAgent, a.host)),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			select {
 			case perm <- err:

@@ -23,7 +23,7 @@ type Config struct {
 	// Host is this host's name, a valid name (agentapi.ValidName). Required.
 	Host string
 	// Conn is the agent's NATS connection. Required. With authentication, its user needs the
-	// agent's permissions and the inbox prefix agentapi.InboxPrefix(Host).
+	// agent's permissions and the inbox prefix natsauth.InboxPrefix(natsauth.RoleAgent, Host).
 	Conn *nats.Conn
 	// Attester produces this host's evidence. Required.
 	Attester attest.Attester

@@ -8,7 +8,9 @@
 // It must never print or log a key, a sealed key blob or raw evidence. Attestation is real
 // hardware by default (--attestation auto); the emulated platforms, software signers with test
 // roots of trust, are used only with --attestation emulated-sev-snp|emulated-tdx together with
-// --allow-emulated, and a production keybroker refuses their evidence anyway. In production it
+// --allow-emulated, and a production keybroker refuses their evidence anyway. Built with the
+// tag lethe_noemulation (make agent-production), the agent does not link the emulator at all
+// and refuses the emulated platforms; --version says which build it is. In production it
 // must connect to NATS with credentials (a creds file, an nkey seed, or a user and password);
 // --dev allows a connection without authentication.
 //
@@ -18,8 +20,6 @@ package main
 
 import (
 	"context"
-	"crypto/sha512"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -29,8 +29,9 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
-	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/version"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
@@ -60,6 +61,10 @@ type config struct {
 }
 
 func main() {
+	if version.Requested(os.Args[1:]) {
+		printVersion(os.Stdout)
+		return
+	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "lethe-agent:", err)
@@ -171,11 +176,8 @@ func parseFlags(args []string) (*config, error) {
 		return nil, fmt.Errorf("--attestation %q: want auto, sev-snp, tdx, emulated-sev-snp or emulated-tdx", c.attestation)
 	}
 	if c.attestation != "auto" && p.Emulated() {
-		if !c.allowEmulated {
-			return nil, fmt.Errorf("refusing emulated attestation (%s) without --allow-emulated: emulated platforms prove nothing and are for development and CI only", p)
-		}
-		if c.emulatorDir == "" {
-			return nil, errors.New("--emulator-dir is required with emulated attestation: the keybroker must be given the roots saved there")
+		if err := checkEmulated(c, p); err != nil {
+			return nil, err
 		}
 	}
 	return c, nil
@@ -197,15 +199,6 @@ func parseLabels(s string) (map[string]string, error) {
 	return out, nil
 }
 
-// parseTCB parses --emulated-tcb (attest.ParseSNPTCB's form).
-func parseTCB(s string) (*attest.SNPTCB, error) {
-	tcb, err := attest.ParseSNPTCB(s)
-	if err != nil {
-		return nil, fmt.Errorf("--emulated-tcb: %w", err)
-	}
-	return &tcb, nil
-}
-
 // attester returns the attester --attestation chose.
 func attester(c *config) (attest.Attester, error) {
 	if c.attestation == "auto" {
@@ -221,53 +214,12 @@ func attester(c *config) (attest.Attester, error) {
 	case attest.PlatformTDX:
 		return attest.NewTDXAttester()
 	case attest.PlatformEmulatedSEVSNP, attest.PlatformEmulatedTDX:
-		if !c.allowEmulated {
-			return nil, errors.New("emulated attestation needs --allow-emulated")
-		}
-		opts, err := emulatedOptions(c)
-		if err != nil {
+		if err := checkEmulated(c, p); err != nil {
 			return nil, err
 		}
-		return emulate.Open(c.emulatorDir, p, opts)
+		return openEmulated(c, p)
 	}
 	return nil, fmt.Errorf("--attestation %s is not supported", p)
-}
-
-// emulatedOptions builds what the emulated platform reports from the flags.
-func emulatedOptions(c *config) (emulate.Options, error) {
-	opts := emulate.Options{Debug: c.emulatedDebug}
-	if c.emulatedMeasurement != "" {
-		b, err := hex.DecodeString(c.emulatedMeasurement)
-		if err != nil || len(b) != 48 {
-			return opts, errors.New("--emulated-measurement: want 48 bytes of hex")
-		}
-		opts.Measurement = b
-	}
-	if c.emulatedTCB != "" {
-		tcb, err := parseTCB(c.emulatedTCB)
-		if err != nil {
-			return opts, err
-		}
-		opts.TCB = tcb
-	}
-	if c.emulatedTEETCBSVN != "" {
-		b, err := hex.DecodeString(c.emulatedTEETCBSVN)
-		if err != nil || len(b) != 16 {
-			return opts, errors.New("--emulated-tee-tcb-svn: want 16 bytes of hex")
-		}
-		opts.TEETCBSVN = b
-	}
-	if c.emulatedChipID != "" {
-		b, err := hex.DecodeString(c.emulatedChipID)
-		if err != nil || len(b) != sha512.Size {
-			return opts, errors.New("--emulated-chip-id: want 64 bytes of hex")
-		}
-		opts.ChipID = b
-	} else {
-		id := sha512.Sum512([]byte("lethe emulated chip " + c.host))
-		opts.ChipID = id[:]
-	}
-	return opts, nil
 }
 
 // run wires the agent and runs it until ctx ends.
@@ -295,7 +247,7 @@ func run(ctx context.Context, c *config) error {
 		log.Warn("Emulated attestation: this host's evidence proves nothing; development and CI only", "platform", att.Platform().String(), "emulator_dir", c.emulatorDir)
 	}
 	metrics := daemon.NewMetrics()
-	nc, err := c.nats.Connect("lethe-agent "+c.host, agentapi.InboxPrefix(c.host), metrics.NATSOptions(log)...)
+	nc, err := c.nats.Connect("lethe-agent "+c.host, natsauth.InboxPrefix(natsauth.RoleAgent, c.host), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}
@@ -305,7 +257,7 @@ func run(ctx context.Context, c *config) error {
 		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
 		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, Logger: log,
 		Libvirt: c.libvirt,
-		Metrics: metrics.Agent(),
+		Metrics: newAgentMetrics(metrics),
 	})
 	if err != nil {
 		return err

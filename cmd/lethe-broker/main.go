@@ -28,6 +28,8 @@ import (
 
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/version"
 	"github.com/lethe-cc/lethe/policy"
 	"github.com/nats-io/nats-server/v2/server"
 	"golang.org/x/sync/errgroup"
@@ -49,6 +51,10 @@ type config struct {
 }
 
 func main() {
+	if version.Requested(os.Args[1:]) {
+		printVersion(os.Stdout)
+		return
+	}
 	if len(os.Args) > 1 && os.Args[1] == "nats-config" {
 		if err := natsConfig(os.Args[2:], os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, "lethe-broker nats-config:", err)
@@ -156,7 +162,7 @@ func run(ctx context.Context, c *config) error {
 			return nil
 		})
 	}
-	nc, err := conn.Connect("lethe-broker", broker.InboxPrefix(broker.RoleBroker, ""), metrics.NATSOptions(log)...)
+	nc, err := conn.Connect("lethe-broker", natsauth.InboxPrefix(natsauth.RoleBroker, ""), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}
@@ -166,7 +172,7 @@ func run(ctx context.Context, c *config) error {
 	if c.store.Creds != "" || c.store.NKeySeed != "" || c.store.User != "" {
 		store := c.nats
 		store.Creds, store.NKeySeed, store.User, store.Password = c.store.Creds, c.store.NKeySeed, c.store.User, c.store.Password
-		if storeNC, err = store.Connect("lethe-broker-store", broker.InboxPrefix(broker.RoleBrokerStore, ""), metrics.NATSOptions(log)...); err != nil {
+		if storeNC, err = store.Connect("lethe-broker-store", natsauth.InboxPrefix(natsauth.RoleBrokerStore, ""), metrics.NATSOptions(log)...); err != nil {
 			return fmt.Errorf("opening the store connection: %w", err)
 		}
 		defer storeNC.Close()
@@ -191,7 +197,7 @@ func run(ctx context.Context, c *config) error {
 		Replicas:      c.replicas,
 		Timeouts:      broker.Timeouts{Start: c.startTimeout, Progress: c.progressTimeout, PerGiB: c.perGiB},
 		ReadPolicy:    readPrefilter,
-		Metrics:       metrics.Broker(),
+		Metrics:       newBrokerMetrics(metrics),
 	})
 	if err != nil {
 		return err
@@ -235,7 +241,7 @@ func startDevServer(c *config, log *slog.Logger) (*server.Server, error) {
 		}
 		store = dir
 	}
-	opts, err := broker.ServerOptions(broker.ServerConfig{Dev: true, Listen: c.devListen, StoreDir: store})
+	opts, err := serverOptions(natsauth.ServerConfig{Dev: true, Listen: c.devListen, StoreDir: store})
 	if err != nil {
 		return nil, err
 	}

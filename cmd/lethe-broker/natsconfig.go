@@ -9,8 +9,9 @@ import (
 	"os"
 
 	"github.com/goccy/go-yaml"
+	"github.com/nats-io/nats-server/v2/server"
 
-	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 )
 
 // natsUsers is the file nats-config reads: the server's settings and Lethe's NATS users.
@@ -30,16 +31,16 @@ type natsUsers struct {
 	} `yaml:"tls"`
 	// Users are the users, one per broker, keybroker, agent host, tenant and operator.
 	Users []struct {
-		Role     broker.Role `yaml:"role"`
-		Name     string      `yaml:"name"`
-		Login    string      `yaml:"login"`
-		Password string      `yaml:"password"`
-		NKey     string      `yaml:"nkey"`
+		Role     natsauth.Role `yaml:"role"`
+		Name     string        `yaml:"name"`
+		Login    string        `yaml:"login"`
+		Password string        `yaml:"password"`
+		NKey     string        `yaml:"nkey"`
 	} `yaml:"users"`
 }
 
 // natsConfig is the subcommand "nats-config [--out FILE] USERS.yaml": it writes the
-// nats-server configuration broker.WriteServerConfig makes for the users file, to stdout or
+// nats-server configuration natsauth.WriteServerConfig makes for the users file, to stdout or
 // --out.
 func natsConfig(args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("lethe-broker nats-config", flag.ContinueOnError)
@@ -79,16 +80,31 @@ func renderNATSConfig(file string, data []byte) ([]byte, error) {
 	if err := yaml.UnmarshalWithOptions(data, &u, yaml.Strict(), yaml.DisallowUnknownField()); err != nil {
 		return nil, fmt.Errorf("decoding users file %s: %w", file, err)
 	}
-	cfg := broker.ServerConfig{Listen: u.Listen, StoreDir: u.StoreDir, Account: u.Account}
+	cfg := natsauth.ServerConfig{Listen: u.Listen, StoreDir: u.StoreDir, Account: u.Account}
 	if u.TLS != nil {
-		cfg.TLS = &broker.ServerTLS{Cert: u.TLS.Cert, Key: u.TLS.Key, CA: u.TLS.CA, Verify: u.TLS.Verify}
+		cfg.TLS = &natsauth.ServerTLS{Cert: u.TLS.Cert, Key: u.TLS.Key, CA: u.TLS.CA, Verify: u.TLS.Verify}
 	}
 	for _, x := range u.Users {
-		cfg.Users = append(cfg.Users, broker.User{Role: x.Role, Name: x.Name, Login: x.Login, Password: x.Password, NKey: x.NKey})
+		cfg.Users = append(cfg.Users, natsauth.User{Role: x.Role, Name: x.Name, Login: x.Login, Password: x.Password, NKey: x.NKey})
 	}
 	var b bytes.Buffer
-	if err := broker.WriteServerConfig(&b, cfg); err != nil {
+	if err := natsauth.WriteServerConfig(&b, cfg); err != nil {
 		return nil, err
 	}
 	return b.Bytes(), nil
+}
+
+// serverOptions returns nats-server options for cfg (for the embedded development server),
+// parsed from the configuration natsauth.WriteServerConfig writes. It returns
+// natsauth.ErrNoAuth as WriteServerConfig does.
+func serverOptions(cfg natsauth.ServerConfig) (*server.Options, error) {
+	var b bytes.Buffer
+	if err := natsauth.WriteServerConfig(&b, cfg); err != nil {
+		return nil, err
+	}
+	o := &server.Options{}
+	if err := o.ProcessConfigString(b.String()); err != nil {
+		return nil, fmt.Errorf("parsing server config: %w", err)
+	}
+	return o, nil
 }

@@ -36,13 +36,12 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/daemon"
+	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/version"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/policy"
 )
-
-// inboxPrefix is the keybroker role's inbox prefix (broker.InboxPrefix(broker.RoleKeybroker)).
-const inboxPrefix = "_INBOX.keybroker"
 
 type config struct {
 	nats daemon.NATSClient
@@ -66,6 +65,10 @@ type config struct {
 }
 
 func main() {
+	if version.Requested(os.Args[1:]) {
+		printVersion(os.Stdout)
+		return
+	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "lethe-keybroker:", err)
@@ -178,7 +181,7 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	metrics := daemon.NewMetrics()
-	kbMetrics := metrics.Keybroker()
+	kbMetrics := newKeybrokerMetrics(metrics)
 
 	vc, approle, err := vaultClient(c)
 	if err != nil {
@@ -207,7 +210,7 @@ func run(ctx context.Context, c *config) error {
 		return exportPublicKey(ctx, kb, c.exportPub, log)
 	}
 
-	nc, err := c.nats.Connect("lethe-keybroker", inboxPrefix, metrics.NATSOptions(log)...)
+	nc, err := c.nats.Connect("lethe-keybroker", natsauth.InboxPrefix(natsauth.RoleKeybroker, ""), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}

@@ -9,15 +9,16 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lethe-cc/lethe/broker"
-	"github.com/lethe-cc/lethe/keybroker"
-	"github.com/lethe-cc/lethe/keybroker/natsapi"
+	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/keybroker/kbclient"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 )
 
 // appliedPolicy is what "lethectl policy apply" prints: the keybroker's floor after the
 // publication (nil when not published) and where the broker stored the policy.
 type appliedPolicy struct {
-	Published *keybroker.PublishPolicyResponse `json:"published,omitempty"`
-	Applied   *broker.ApplyPolicyResponse      `json:"applied"`
+	Published *kbwire.PublishPolicyResponse `json:"published,omitempty"`
+	Applied   *broker.ApplyPolicyResponse   `json:"applied"`
 }
 
 // newPolicyApplyCmd is "lethectl policy apply SIGNED": it publishes a signed policy envelope to
@@ -75,15 +76,15 @@ tenant publishes. The keybroker accepts the policy only for the guests its spec.
 }
 
 // publishPolicy publishes envelope to the keybroker as o's tenant.
-func publishPolicy(ctx context.Context, o *brokerOpts, envelope []byte) (*keybroker.PublishPolicyResponse, error) {
-	nc, err := dialNATS(o, broker.RoleTenant, o.Tenant)
+func publishPolicy(ctx context.Context, o *brokerOpts, envelope []byte) (*kbwire.PublishPolicyResponse, error) {
+	nc, err := dialNATS(o, natsauth.RoleTenant, o.Tenant)
 	if err != nil {
 		return nil, err
 	}
 	defer nc.Close()
 	ctx, cancel := o.callCtx(ctx)
 	defer cancel()
-	resp, err := natsapi.NewClient(nc, o.Timeout).PublishPolicy(ctx, envelope)
+	resp, err := kbclient.New(nc, o.Timeout).PublishPolicy(ctx, envelope)
 	if err != nil {
 		return nil, fmt.Errorf("publishing the policy to the keybroker: %w", err)
 	}

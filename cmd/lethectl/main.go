@@ -15,6 +15,8 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/lethe-cc/lethe/internal/version"
 )
 
 func main() {
@@ -45,7 +47,9 @@ func newRootCmd() *cobra.Command {
 confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       version.String("lethectl"),
 	}
+	root.SetVersionTemplate("{{.Version}}\n")
 	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd(), newReceiptCmd(), newTenantCmd())
 	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd())
 	return root

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
@@ -106,12 +107,12 @@ func (o *brokerOpts) client() (*broker.Client, func(), error) {
 	if err := o.resolve(); err != nil {
 		return nil, nil, err
 	}
-	role, name := broker.RoleOperator, ""
+	role, name := natsauth.RoleOperator, ""
 	if o.Tenant != "" {
 		if err := agentapi.ValidName(o.Tenant); err != nil {
 			return nil, nil, fmt.Errorf("--tenant: %w", err)
 		}
-		role, name = broker.RoleTenant, o.Tenant
+		role, name = natsauth.RoleTenant, o.Tenant
 	}
 	nc, err := dialNATS(o, role, name)
 	if err != nil {

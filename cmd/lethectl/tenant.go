@@ -11,10 +11,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
 
-	"github.com/lethe-cc/lethe/broker"
-	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/keybroker/kbclient"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
-	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/policy"
 )
 
@@ -39,8 +38,8 @@ func addKeybrokerConnFlags(cmd *cobra.Command, o *brokerOpts) {
 }
 
 // dialNATS connects as o says, with the inbox of role and name.
-func dialNATS(o *brokerOpts, role broker.Role, name string) (*nats.Conn, error) {
-	opts := []nats.Option{nats.Name("lethectl"), nats.CustomInboxPrefix(broker.InboxPrefix(role, name))}
+func dialNATS(o *brokerOpts, role natsauth.Role, name string) (*nats.Conn, error) {
+	opts := []nats.Option{nats.Name("lethectl"), nats.CustomInboxPrefix(natsauth.InboxPrefix(role, name))}
 	if o.Creds != "" {
 		opts = append(opts, nats.UserCredentials(o.Creds))
 	} else if o.User != "" {
@@ -99,7 +98,7 @@ func (o *tenantRegisterOpts) run(cmd *cobra.Command) error {
 	if err := checkPolicyOutput(o.conn.output); err != nil {
 		return err
 	}
-	req := keybroker.RegisterTenantRequest{Tenant: o.tenant}
+	req := kbwire.RegisterTenantRequest{Tenant: o.tenant}
 	var err error
 	if req.PolicyKey, err = policy.ReadPublicKey(o.pubFile); err != nil {
 		return err
@@ -127,14 +126,14 @@ func (o *tenantRegisterOpts) run(cmd *cobra.Command) error {
 	if err := o.conn.resolve(); err != nil {
 		return err
 	}
-	nc, err := dialNATS(&o.conn, broker.RoleOperator, "")
+	nc, err := dialNATS(&o.conn, natsauth.RoleOperator, "")
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
 	ctx, cancel := o.conn.callCtx(cmd.Context())
 	defer cancel()
-	resp, err := natsapi.NewClient(nc, o.conn.Timeout).RegisterTenant(ctx, signed)
+	resp, err := kbclient.New(nc, o.conn.Timeout).RegisterTenant(ctx, signed)
 	if err != nil {
 		return fmt.Errorf("registering tenant %s: %w", o.tenant, err)
 	}
@@ -239,14 +238,14 @@ func (o *tenantRotateOpts) run(cmd *cobra.Command) error {
 	if err != nil {
 		return err
 	}
-	nc, err := dialNATS(&o.conn, broker.RoleTenant, o.tenant)
+	nc, err := dialNATS(&o.conn, natsauth.RoleTenant, o.tenant)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
 	ctx, cancel := o.conn.callCtx(cmd.Context())
 	defer cancel()
-	resp, err := natsapi.NewClient(nc, o.conn.Timeout).RotateKey(ctx, signed)
+	resp, err := kbclient.New(nc, o.conn.Timeout).RotateKey(ctx, signed)
 	if err != nil {
 		return fmt.Errorf("rotating the key of tenant %s: %w", o.tenant, err)
 	}

@@ -39,8 +39,11 @@
 // (the process is alive) and /readyz (every readiness [Check] passes: NATS connected, Vault
 // reachable, the service started). It is off unless a daemon is given a listen address, and
 // it is meant for a private network or loopback: it has no authentication. [Metrics] holds a
-// daemon's registry and makes the Prometheus implementations of the metric hooks of
-// packages broker, keybroker and migagent, which themselves import no Prometheus.
+// daemon's registry, with the Go and process collectors and the NATS error counter every
+// daemon has. The Prometheus implementations of the metric hooks of packages broker,
+// keybroker and migagent (which themselves import no Prometheus) live beside the daemon that
+// uses each (cmd/lethe-broker, cmd/lethe-keybroker, cmd/lethe-agent): this package imports
+// none of those packages, so that linking it adds none of them to a binary.
 //
 // The package must never log or expose a secret: configuration values are not logged, and
 // metrics carry counts, durations and low-cardinality labels only (phases, outcomes, error

@@ -9,18 +9,14 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/lethe-cc/lethe/attest"
-	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/daemon"
-	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/internal/daemon/daemontest"
 )
 
 func get(t *testing.T, url string) (int, string) {
@@ -44,7 +40,6 @@ func get(t *testing.T, url string) (int, string) {
 func TestServerEndpoints(t *testing.T) {
 	started := make(chan struct{})
 	m := daemon.NewMetrics()
-	bm := m.Broker()
 	s := daemon.NewServer(daemon.ServerConfig{
 		Registry: m.Registry,
 		Checks: []daemon.Check{
@@ -72,22 +67,12 @@ func TestServerEndpoints(t *testing.T) {
 	close(started)
 	check("/readyz", answer{200, "ok\n"})
 
-	bm.PhaseChanged(broker.PhaseCommitted, broker.PhaseErased, 2*time.Second)
-	bm.Handshake(150 * time.Millisecond)
-	bm.Unfinished(map[broker.Phase]int{broker.PhaseTransferring: 3})
-	bm.NATSError("publish")
+	m.NATSError("publish")
 	code, body := get(t, srv.URL+"/metrics")
 	if code != 200 {
 		t.Fatalf("GET /metrics: %d", code)
 	}
 	for _, want := range []string{
-		`lethe_broker_phase_transitions_total{from="Committed",to="Erased"} 1`,
-		`lethe_broker_migrations_finished_total{outcome="erased"} 1`,
-		`lethe_broker_migrations_finished_total{outcome="aborted"} 0`,
-		`lethe_broker_migrations{phase="Transferring"} 3`,
-		`lethe_broker_migrations{phase="Attesting"} 0`,
-		`lethe_broker_phase_duration_seconds_count{phase="Committed"} 1`,
-		`lethe_broker_handshake_duration_seconds_count 1`,
 		`lethe_nats_errors_total{op="publish"} 1`,
 		`go_goroutines `,
 	} {
@@ -143,50 +128,6 @@ func TestRunWithoutListenWaits(t *testing.T) {
 	}
 }
 
-func TestKeybrokerAndAgentMetrics(t *testing.T) {
-	m := daemon.NewMetrics()
-	k := m.Keybroker()
-	k.SetBacklog(func() int { return 2 })
-	k.Decided(keybroker.EventRelease, keybroker.DecisionDeny, "denied")
-	k.Decided(keybroker.EventRelease, keybroker.DecisionAllow, "")
-	k.Released(keybroker.DecisionAllow, 20*time.Millisecond)
-	k.VaultError()
-	a := m.Agent()
-	a.BytesSent(4096)
-	a.MigrationEnded(attest.RoleSource, "committed")
-	a.LibvirtError("migrate")
-
-	want := `
-# HELP lethe_keybroker_decisions_total Audit events by kind (release, adopt, reissue, destroy), decision (allow, deny, error) and reason (the error code of a denial or error; empty for allow).
-# TYPE lethe_keybroker_decisions_total counter
-lethe_keybroker_decisions_total{decision="allow",kind="release",reason=""} 1
-lethe_keybroker_decisions_total{decision="deny",kind="release",reason="denied"} 1
-# HELP lethe_keybroker_destruction_backlog Key destructions journaled and waiting for Vault.
-# TYPE lethe_keybroker_destruction_backlog gauge
-lethe_keybroker_destruction_backlog 2
-# HELP lethe_keybroker_vault_errors_total Vault calls that failed for want of Vault: unreachable, sealed, or a server error.
-# TYPE lethe_keybroker_vault_errors_total counter
-lethe_keybroker_vault_errors_total 1
-# HELP lethe_agent_bytes_sent_total Guest memory bytes (page payloads) this host sent as a migration source.
-# TYPE lethe_agent_bytes_sent_total counter
-lethe_agent_bytes_sent_total 4096
-# HELP lethe_agent_migrations_total Ends of this host's part in migrations, by role (source, destination) and outcome (committed, failed, aborted).
-# TYPE lethe_agent_migrations_total counter
-lethe_agent_migrations_total{outcome="committed",role="source"} 1
-# HELP lethe_agent_libvirt_errors_total Failed libvirt calls, by operation.
-# TYPE lethe_agent_libvirt_errors_total counter
-lethe_agent_libvirt_errors_total{op="migrate"} 1
-`
-	if err := testutil.GatherAndCompare(m.Registry, strings.NewReader(want),
-		"lethe_keybroker_decisions_total", "lethe_keybroker_destruction_backlog", "lethe_keybroker_vault_errors_total",
-		"lethe_agent_bytes_sent_total", "lethe_agent_migrations_total", "lethe_agent_libvirt_errors_total"); err != nil {
-		t.Error(err)
-	}
-	if n := testutil.CollectAndCount(m.Registry, "lethe_keybroker_release_duration_seconds"); n != 1 {
-		t.Errorf("release duration series = %d, want 1", n)
-	}
-}
-
 func TestNewLogger(t *testing.T) {
 	tests := map[string]struct {
 		format, level string
@@ -219,38 +160,8 @@ func TestNewLogger(t *testing.T) {
 
 func TestMetricsDocumented(t *testing.T) {
 	m := daemon.NewMetrics()
-	b, k, a := m.Broker(), m.Keybroker(), m.Agent()
-	b.PhaseChanged(broker.PhaseAttesting, broker.PhaseKeysReleased, time.Second)
-	b.Handshake(time.Second)
 	m.NATSError("async")
-	k.Decided(keybroker.EventRelease, keybroker.DecisionAllow, "")
-	k.Released(keybroker.DecisionAllow, time.Second)
-	k.VaultError()
-	a.BytesSent(1)
-	a.MigrationEnded(attest.RoleSource, "committed")
-	a.LibvirtError("migrate")
-	families, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	doc, err := os.ReadFile("../../docs/configuration.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, f := range families {
-		name := f.GetName()
-		if !strings.HasPrefix(name, "lethe_") {
-			continue
-		}
-		n++
-		if !strings.Contains(string(doc), "`"+name+"`") {
-			t.Errorf("metric %s is not documented in docs/configuration.md", name)
-		}
-	}
-	if n != 13 {
-		t.Errorf("%d lethe metrics, want 13: update this test and the documentation together", n)
-	}
+	daemontest.MetricsDocumented(t, m.Registry, 1)
 }
 
 func TestReadyzWarnings(t *testing.T) {

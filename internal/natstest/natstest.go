@@ -21,7 +21,7 @@ const readyTimeout = 10 * time.Second
 // Options configures a test server. The zero value is a server without authentication.
 type Options struct {
 	// Config is nats-server configuration text (accounts, users, permissions), as written by
-	// broker.WriteServerConfig. Empty: no authentication. Its listen address and JetStream
+	// natsauth.WriteServerConfig. Empty: no authentication. Its listen address and JetStream
 	// store directory are overridden.
 	Config string
 }

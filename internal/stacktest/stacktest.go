@@ -22,6 +22,7 @@ import (
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
@@ -114,7 +115,7 @@ func Start(t testing.TB, o Options) *Stack {
 	if s.KeybrokerPub, err = kb.PublicKey(ctx); err != nil {
 		t.Fatal(err)
 	}
-	svc, err := natsapi.New(natsapi.Config{Conn: s.NATS.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleKeybroker, ""))), Keybroker: kb, Logger: log})
+	svc, err := natsapi.New(natsapi.Config{Conn: s.NATS.Connect(t, nats.CustomInboxPrefix(natsauth.InboxPrefix(natsauth.RoleKeybroker, ""))), Keybroker: kb, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +123,7 @@ func Start(t testing.TB, o Options) *Stack {
 	background(t, "keybroker service", svc.Run)
 
 	// Every server answers only on its caller's inbox: each party connects with its own.
-	s.Conn = s.NATS.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleBroker, "")))
+	s.Conn = s.NATS.Connect(t, nats.CustomInboxPrefix(natsauth.InboxPrefix(natsauth.RoleBroker, "")))
 	b, err := broker.New(broker.Config{
 		Conn: s.Conn, KeyBroker: broker.NewKeyBrokerClient(s.Conn, 0), Logger: log.With("component", "broker"),
 		CheckInterval: 50 * time.Millisecond, AgentTimeout: o.AgentTimeout, HostTTL: cmp.Or(o.HostTTL, 30*time.Second),
@@ -139,7 +140,7 @@ func Start(t testing.TB, o Options) *Stack {
 	if s.JS, err = jetstream.New(s.Conn); err != nil {
 		t.Fatal(err)
 	}
-	s.Tenant = broker.NewTenantClient(s.NATS.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleTenant, o.Tenant))), o.Tenant)
+	s.Tenant = broker.NewTenantClient(s.NATS.Connect(t, nats.CustomInboxPrefix(natsauth.InboxPrefix(natsauth.RoleTenant, o.Tenant))), o.Tenant)
 	signed, err := policy.Sign(o.PolicyName, o.Policy, tenantKey)
 	if err != nil {
 		t.Fatal(err)

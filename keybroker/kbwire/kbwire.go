@@ -4,12 +4,13 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 )
 
 // SubjectPrefix is the prefix of the keybroker API's subjects: an operation op is served on
 // SubjectPrefix + "." + op.
-const SubjectPrefix = "lethe.v1.keybroker"
+const SubjectPrefix = natsauth.KeybrokerSubjectPrefix
 
 // The operations of the keybroker API.
 const (

@@ -23,6 +23,7 @@ import (
 	"github.com/lethe-cc/lethe/attest/emulate"
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/dsse"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
@@ -110,7 +111,7 @@ func newEnv(t *testing.T) *env {
 	}
 
 	// The keybroker answers only on its callers' inboxes: the broker's, the operators'.
-	nc := ns.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleBroker, "")))
+	nc := ns.Connect(t, nats.CustomInboxPrefix(natsauth.InboxPrefix(natsauth.RoleBroker, "")))
 	e := &env{
 		t: t, proxy: px, nc: nc, plats: plats,
 		kbc:    broker.NewKeyBrokerClient(nc, 0),

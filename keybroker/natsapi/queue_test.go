@@ -17,6 +17,7 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
@@ -151,7 +152,7 @@ func newQueueEnv(t *testing.T) (*env, [2]*instance, *clock, *vaulttest.Server) {
 		}
 	})
 	// The keybroker answers only on its callers' inboxes: the broker's, the operators'.
-	nc := ns.Connect(t, nats.CustomInboxPrefix(broker.InboxPrefix(broker.RoleBroker, "")))
+	nc := ns.Connect(t, nats.CustomInboxPrefix(natsauth.InboxPrefix(natsauth.RoleBroker, "")))
 	e := &env{
 		t: t, proxy: px, nc: nc, plats: plats,
 		kbc:    broker.NewKeyBrokerClient(nc, 0),

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 )
@@ -63,13 +64,13 @@ type Config struct {
 }
 
 // DefaultReplyPrefixes are the inboxes of the keybroker's callers in Lethe's NATS
-// configuration: the broker's and the operators' (broker.InboxPrefix of each role, and a dot).
-var DefaultReplyPrefixes = []string{"_INBOX.broker.", "_INBOX.operator."}
+// configuration: the broker's and the operators' (natsauth.InboxPrefix of each role, and a dot).
+var DefaultReplyPrefixes = []string{natsauth.BrokerInboxPrefix + ".", natsauth.OperatorInboxPrefix + "."}
 
 // TenantReplyPrefix is the inbox prefix of tenants, who call the keybroker only to publish
 // their signed policies and key rotations: requests of those operations may also be answered
 // there (the signature, not the NATS user, says whose they are), no other.
-const TenantReplyPrefix = "_INBOX.tenant."
+const TenantReplyPrefix = natsauth.TenantInboxPrefix + "."
 
 // tenantOps are the operations tenants call.
 var tenantOps = map[string]bool{kbwire.OpPolicyPublish: true, kbwire.OpTenantRotateKey: true}

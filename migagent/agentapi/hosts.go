@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/lethe-cc/lethe/internal/natsauth"
 )
 
 // PutHost sends rec as a heartbeat on its host's heartbeat subject and waits until a broker
@@ -27,7 +29,7 @@ func PutHost(ctx context.Context, nc *nats.Conn, rec *HostRecord) error {
 	}
 	var ack HeartbeatResponse
 	// The broker answers only under the host's own inbox prefix, whatever the connection's.
-	if err := requestAs(ctx, nc, HeartbeatSubject(rec.Host), InboxPrefix(rec.Host)+"."+rand.Text(), rec, &ack); err != nil {
+	if err := requestAs(ctx, nc, HeartbeatSubject(rec.Host), natsauth.InboxPrefix(natsauth.RoleAgent, rec.Host)+"."+rand.Text(), rec, &ack); err != nil {
 		return fmt.Errorf("putting host record of %s: %w", rec.Host, err)
 	}
 	if ack.Revision == 0 {

@@ -1,15 +1,16 @@
 package agentapi
 
 import (
-	"fmt"
 	"strings"
+
+	"github.com/lethe-cc/lethe/internal/natsauth"
 )
 
 // SubjectPrefix is the prefix of every agent subject.
-const SubjectPrefix = "lethe.v1.agent"
+const SubjectPrefix = natsauth.AgentSubjectPrefix
 
 // HostsBucket is the JetStream key-value bucket of host records, keyed by host name.
-const HostsBucket = "lethe-hosts"
+const HostsBucket = natsauth.HostsBucket
 
 // Op is an operation of the agent API.
 type Op string
@@ -38,7 +39,7 @@ func ProgressSubject(host, migrationID string) string {
 }
 
 // ProgressWildcard matches the progress subjects of every host and migration.
-const ProgressWildcard = SubjectPrefix + ".*.progress.*"
+const ProgressWildcard = natsauth.AgentProgressWildcard
 
 // ParseProgressSubject returns the host and migration of a progress subject.
 func ParseProgressSubject(subject string) (host, migrationID string, ok bool) {
@@ -59,7 +60,7 @@ func ParseProgressSubject(subject string) (host, migrationID string, ok bool) {
 func HeartbeatSubject(host string) string { return SubjectPrefix + "." + host + ".heartbeat" }
 
 // HeartbeatWildcard matches the heartbeat subjects of every host.
-const HeartbeatWildcard = SubjectPrefix + ".*.heartbeat"
+const HeartbeatWildcard = natsauth.AgentHeartbeatWildcard
 
 // ParseHeartbeatSubject returns the host of a heartbeat subject.
 func ParseHeartbeatSubject(subject string) (host string, ok bool) {
@@ -74,40 +75,12 @@ func ParseHeartbeatSubject(subject string) (host string, ok bool) {
 	return host, true
 }
 
-// InboxPrefix returns the inbox prefix the agent of host must connect with
-// (nats.CustomInboxPrefix), so that its permissions can confine its replies to itself.
-func InboxPrefix(host string) string { return "_INBOX.agent." + host }
-
-// BrokerInboxPrefix is the inbox prefix of the broker's NATS user, the only caller of the
-// agent API.
-const BrokerInboxPrefix = "_INBOX.broker"
-
-// ReplyPrefix returns the prefix of every reply subject host's agent answers on: the broker
-// calls host under its own inbox, in a part reserved for host, so that an agent may publish
-// only on replies to requests made to it and can neither answer for another host nor reach
-// any other subject (JetStream's API above all) through a reply. It ends with a dot.
-func ReplyPrefix(host string) string { return BrokerInboxPrefix + ".agent." + host + "." }
-
-// maxNameLen bounds host names, tenant names, VM names and migration ids.
-const maxNameLen = 128
+// ReplyPrefix returns the prefix of every reply subject host's agent answers on
+// (natsauth.AgentReplyPrefix): a part of the broker's inbox reserved for host, so that an agent
+// may publish only on replies to requests made to it. It ends with a dot.
+func ReplyPrefix(host string) string { return natsauth.AgentReplyPrefix(host) }
 
 // ValidName reports whether s can be used as one NATS subject token and one key-value key
-// token: 1 to 128 characters of ASCII letters, digits, '-' and '_'. Host names, tenant names,
-// VM names and migration ids must all be valid names.
-func ValidName(s string) error {
-	if s == "" {
-		return fmt.Errorf("empty name")
-	}
-	if len(s) > maxNameLen {
-		return fmt.Errorf("name of %d characters exceeds %d", len(s), maxNameLen)
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_':
-		default:
-			return fmt.Errorf("name %q: character %q not allowed (letters, digits, '-', '_')", s, c)
-		}
-	}
-	return nil
-}
+// token (natsauth.ValidName): 1 to 128 characters of ASCII letters, digits, '-' and '_'. Host
+// names, tenant names, VM names and migration ids must all be valid names.
+func ValidName(s string) error { return natsauth.ValidName(s) }

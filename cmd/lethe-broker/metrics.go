@@ -1,0 +1,95 @@
+package main
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/daemon"
+)
+
+// brokerMetrics implements broker.Metrics on the daemon's registry.
+type brokerMetrics struct {
+	m           *daemon.Metrics
+	transitions *prometheus.CounterVec
+	finished    *prometheus.CounterVec
+	unfinished  *prometheus.GaugeVec
+	durations   *prometheus.HistogramVec
+	handshake   prometheus.Histogram
+}
+
+var _ broker.Metrics = (*brokerMetrics)(nil)
+
+// allPhases are the phases a migration can be in, so that the gauge of each is exported
+// even at zero.
+var allPhases = []broker.Phase{
+	broker.PhaseRequested, broker.PhaseAttesting, broker.PhaseKeysReleased, broker.PhaseTransferring,
+	broker.PhaseCuttingOver, broker.PhaseCommitted, broker.PhaseErased, broker.PhaseAborting, broker.PhaseAborted,
+}
+
+// newBrokerMetrics registers the broker's metrics on m and returns their hooks.
+func newBrokerMetrics(m *daemon.Metrics) *brokerMetrics {
+	b := &brokerMetrics{
+		m: m,
+		transitions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: daemon.MetricsNamespace, Subsystem: "broker", Name: "phase_transitions_total",
+			Help: "Phase transitions this broker made, by phase left (from) and phase entered (to).",
+		}, []string{"from", "to"}),
+		finished: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: daemon.MetricsNamespace, Subsystem: "broker", Name: "migrations_finished_total",
+			Help: "Migrations this broker finished, by outcome (erased, aborted).",
+		}, []string{"outcome"}),
+		unfinished: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: daemon.MetricsNamespace, Subsystem: "broker", Name: "migrations",
+			Help: "Unfinished migrations by phase, as this broker last saw the migration records (all brokers', not only its own).",
+		}, []string{"phase"}),
+		durations: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: daemon.MetricsNamespace, Subsystem: "broker", Name: "phase_duration_seconds",
+			Help:    "Time migrations spent in a phase, recorded when this broker moved them out of it.",
+			Buckets: daemon.PhaseBuckets,
+		}, []string{"phase"}),
+		handshake: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: daemon.MetricsNamespace, Subsystem: "broker", Name: "handshake_duration_seconds",
+			Help:    "Latency of successful attestation handshakes: nonces, both agents' evidence and the keybroker's release, to the keys recorded.",
+			Buckets: daemon.RequestBuckets,
+		}),
+	}
+	m.Registry.MustRegister(b.transitions, b.finished, b.unfinished, b.durations, b.handshake)
+	for _, p := range allPhases {
+		if !p.Terminal() {
+			b.unfinished.WithLabelValues(string(p)).Set(0)
+		}
+	}
+	for _, o := range []string{broker.OutcomeErased, broker.OutcomeAborted} {
+		b.finished.WithLabelValues(o)
+	}
+	return b
+}
+
+// PhaseChanged implements broker.Metrics.
+func (b *brokerMetrics) PhaseChanged(from, to broker.Phase, inFrom time.Duration) {
+	b.transitions.WithLabelValues(string(from), string(to)).Inc()
+	b.durations.WithLabelValues(string(from)).Observe(inFrom.Seconds())
+	switch to {
+	case broker.PhaseErased:
+		b.finished.WithLabelValues(broker.OutcomeErased).Inc()
+	case broker.PhaseAborted:
+		b.finished.WithLabelValues(broker.OutcomeAborted).Inc()
+	}
+}
+
+// Handshake implements broker.Metrics.
+func (b *brokerMetrics) Handshake(d time.Duration) { b.handshake.Observe(d.Seconds()) }
+
+// Unfinished implements broker.Metrics.
+func (b *brokerMetrics) Unfinished(byPhase map[broker.Phase]int) {
+	for _, p := range allPhases {
+		if !p.Terminal() {
+			b.unfinished.WithLabelValues(string(p)).Set(float64(byPhase[p]))
+		}
+	}
+}
+
+// NATSError implements broker.Metrics.
+func (b *brokerMetrics) NATSError(op string) { b.m.NATSError(op) }

@@ -1,0 +1,52 @@
+package kbclient_test
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/keybroker/kbclient"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
+)
+
+func TestClient(t *testing.T) {
+	srv := natstest.Start(t, natstest.Options{})
+	nc := srv.Connect(t)
+	answer := func(op string, f func(*nats.Msg)) {
+		t.Helper()
+		sub, err := nc.Subscribe(kbwire.SubjectPrefix+"."+op, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { sub.Unsubscribe() })
+	}
+	answer(kbwire.OpPublicKey, func(m *nats.Msg) { m.Respond([]byte(`{"pem":"PEM"}`)) })
+	answer(kbwire.OpTenantRotateKey, func(m *nats.Msg) {
+		r := nats.NewMsg(m.Reply)
+		r.Header.Set(micro.ErrorCodeHeader, "unauthorized")
+		r.Header.Set(micro.ErrorHeader, "not signed by the current key")
+		m.RespondMsg(r)
+	})
+	c := kbclient.New(nc, time.Second)
+
+	pem, err := c.PublicKeyPEM(t.Context())
+	if err != nil || string(pem) != "PEM" {
+		t.Errorf("PublicKeyPEM = %q, %v; want PEM", pem, err)
+	}
+	_, err = c.RotateKey(t.Context(), []byte("signed"))
+	e, ok := errors.AsType[*kbclient.Error](err)
+	if !ok {
+		t.Fatalf("RotateKey: %v, want an *Error", err)
+	}
+	if diff := cmp.Diff(&kbclient.Error{Code: "unauthorized", Message: "not signed by the current key"}, e); diff != "" {
+		t.Errorf("RotateKey error (-want +got):\n%s", diff)
+	}
+	if _, err := c.Receipt(t.Context(), "m1", false); !errors.Is(err, kbclient.ErrNoKeybroker) {
+		t.Errorf("Receipt with no keybroker: %v, want ErrNoKeybroker", err)
+	}
+}
