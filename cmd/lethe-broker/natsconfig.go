@@ -8,10 +8,10 @@ import (
 	"io"
 	"os"
 
-	"github.com/goccy/go-yaml"
 	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/strictyaml"
 )
 
 // natsUsers is the file nats-config reads: the server's settings and Lethe's NATS users.
@@ -77,8 +77,12 @@ func natsConfig(args []string, stdout io.Writer) error {
 // renderNATSConfig turns a users file into a nats-server configuration.
 func renderNATSConfig(file string, data []byte) ([]byte, error) {
 	var u natsUsers
-	if err := yaml.UnmarshalWithOptions(data, &u, yaml.Strict(), yaml.DisallowUnknownField()); err != nil {
-		return nil, fmt.Errorf("decoding users file %s: %w", file, err)
+	doc, err := strictyaml.Parse(file, data)
+	if err == nil {
+		_, err = doc.Decode(&u, strictyaml.Options{})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("decoding users file: %w", err)
 	}
 	cfg := natsauth.ServerConfig{Listen: u.Listen, StoreDir: u.StoreDir, Account: u.Account}
 	if u.TLS != nil {
