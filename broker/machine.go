@@ -9,7 +9,9 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/keybroker/grant"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"golang.org/x/sync/errgroup"
@@ -411,7 +413,7 @@ func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 		note = "source lost before erasure evidence (" + why + "); its keys are destroyed"
 	}
 	resp, err := b.kb.Destroy(ctx, req)
-	if e, ok := errors.AsType[*Error](err); ok && e.Code == "erasure_rejected" && !req.UnverifiedErasure {
+	if e, ok := errors.AsType[*wireerr.Error](err); ok && e.Code == kbwire.CodeErasureRejected && !req.UnverifiedErasure {
 		b.log.Warn("The keybroker refused the source's erasure evidence; committing with an unverified erasure", logKeyMigration, m.ID, logKeyError, err)
 		return b.update(ctx, m.ID, PhaseCommitted, func(m *Migration) { m.ErasureRefused = e.Message })
 	}

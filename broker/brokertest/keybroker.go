@@ -11,6 +11,8 @@ import (
 	"sync"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/wireerr"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 )
 
@@ -46,7 +48,7 @@ func (k *KeyBroker) Release(_ context.Context, req *broker.ReleaseRequest) (*bro
 	defer k.mu.Unlock()
 	k.releases = append(k.releases, *req)
 	if k.Deny != "" {
-		return nil, &broker.Error{Code: broker.CodeDenied, Message: k.Deny}
+		return nil, fmt.Errorf("keybroker %w: %w", broker.ErrDenied, wireerr.New(kbwire.CodeDenied, k.Deny))
 	}
 	e := k.epochs[req.Tenant+"."+req.VM]
 	return &broker.ReleaseResponse{
@@ -65,7 +67,7 @@ func (k *KeyBroker) Adopt(_ context.Context, req *broker.AdoptRequest) (*broker.
 	defer k.mu.Unlock()
 	k.adopts = append(k.adopts, *req)
 	if k.Deny != "" {
-		return nil, &broker.Error{Code: broker.CodeDenied, Message: k.Deny}
+		return nil, fmt.Errorf("keybroker %w: %w", broker.ErrDenied, wireerr.New(kbwire.CodeDenied, k.Deny))
 	}
 	if k.epochs == nil {
 		k.epochs = map[string]uint64{}
@@ -81,11 +83,11 @@ func (k *KeyBroker) Reissue(_ context.Context, req *broker.ReissueRequest) (*bro
 	defer k.mu.Unlock()
 	k.reissues = append(k.reissues, *req)
 	if k.Deny != "" {
-		return nil, &broker.Error{Code: broker.CodeDenied, Message: k.Deny}
+		return nil, fmt.Errorf("keybroker %w: %w", broker.ErrDenied, wireerr.New(kbwire.CodeDenied, k.Deny))
 	}
 	e, ok := k.epochs[req.Tenant+"."+req.VM]
 	if !ok {
-		return nil, &broker.Error{Code: "not_adopted", Message: "guest not adopted"}
+		return nil, wireerr.New(kbwire.CodeNotAdopted, "guest not adopted")
 	}
 	return &broker.ReissueResponse{Sealed: []byte("fake-sealed-mdk-reissued"), Epoch: e}, nil
 }
@@ -103,7 +105,7 @@ func (k *KeyBroker) Destroy(_ context.Context, req *broker.DestroyRequest) (*bro
 	defer k.mu.Unlock()
 	k.destroys = append(k.destroys, *req)
 	if k.RefuseErasure != "" && req.Erasure != nil && !req.UnverifiedErasure {
-		return nil, &broker.Error{Code: "erasure_rejected", Message: k.RefuseErasure}
+		return nil, wireerr.New(kbwire.CodeErasureRejected, k.RefuseErasure)
 	}
 	if req.Ending == broker.EndingCommit && !k.ended[req.MigrationID] {
 		if k.ended == nil {

@@ -24,6 +24,7 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/dsse"
 	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
@@ -336,11 +337,8 @@ func code(err error) string {
 	if err == nil {
 		return ""
 	}
-	if e, ok := errors.AsType[*broker.Error](err); ok {
-		return e.Code
-	}
-	if e, ok := errors.AsType[*natsapi.Error](err); ok {
-		return e.Code
+	if e, ok := errors.AsType[*wireerr.Error](err); ok {
+		return string(e.Code)
 	}
 	return "not a wire error: " + err.Error()
 }
@@ -395,7 +393,7 @@ func TestErrorCodes(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			return &broker.Error{Code: msg.Header.Get(micro.ErrorCodeHeader), Message: msg.Header.Get(micro.ErrorHeader)}
+			return wireerr.New(wireerr.Code(msg.Header.Get(micro.ErrorCodeHeader)), msg.Header.Get(micro.ErrorHeader))
 		}, outcome{"invalid_request", false, false}},
 		{"commit without proof", func() error {
 			m := e.newMigration("m5", "vm2", "destination")
@@ -462,7 +460,7 @@ func TestDestructionPending(t *testing.T) {
 		t.Fatalf("Destroy with Vault down = %v, want destruction_pending matching broker.ErrUnavailable", err)
 	}
 	_, err = e.client.Receipt(ctx, "m1", false)
-	if !errors.Is(err, keybroker.ErrDestructionPending) {
+	if !errors.Is(err, kbwire.CodeDestructionPending) {
 		t.Fatalf("Receipt while pending = %v, want ErrDestructionPending", err)
 	}
 	e.proxy.Restore()
@@ -504,8 +502,8 @@ func TestTenantRegister(t *testing.T) {
 	for name, tt := range tests {
 		_, err := e.client.RegisterTenant(t.Context(), tt.signed)
 		got[name], want[name] = code(err), tt.want
-		if tt.want == "unauthorized" && !errors.Is(err, keybroker.ErrUnauthorized) {
-			t.Errorf("%s: %v does not match keybroker.ErrUnauthorized", name, err)
+		if tt.want == "unauthorized" && !errors.Is(err, kbwire.CodeUnauthorized) {
+			t.Errorf("%s: %v does not match kbwire.CodeUnauthorized", name, err)
 		}
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
@@ -532,7 +530,7 @@ func TestTenantOps(t *testing.T) {
 	if _, err := e.client.RotateKey(t.Context(), signed); err != nil {
 		t.Fatalf("tenant.rotate-key: %v", err)
 	}
-	if _, err := e.client.RotateKey(t.Context(), signed); !errors.Is(err, keybroker.ErrUnauthorized) {
+	if _, err := e.client.RotateKey(t.Context(), signed); !errors.Is(err, kbwire.CodeUnauthorized) {
 		t.Errorf("replayed tenant.rotate-key: %v, want unauthorized", err)
 	}
 }
