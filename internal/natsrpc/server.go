@@ -144,6 +144,9 @@ type Server struct {
 	svc  micro.Service
 	log  *slog.Logger
 
+	stopOnce sync.Once
+	stopErr  error
+
 	mu       sync.Mutex
 	closing  bool
 	running  int
@@ -336,8 +339,14 @@ func (s *Server) respondError(r micro.Request, e *wireerr.Error) {
 
 // Stop stops taking requests (requests still delivered are answered busy), unsubscribes, and
 // waits for the handlers in progress up to DrainTimeout. It returns an error if the service
-// did not stop cleanly or handlers were still running at the bound.
+// did not stop cleanly or handlers were still running at the bound. Calling it again returns
+// the first call's result.
 func (s *Server) Stop() error {
+	s.stopOnce.Do(func() { s.stopErr = s.stop() })
+	return s.stopErr
+}
+
+func (s *Server) stop() error {
 	s.mu.Lock()
 	s.closing = true
 	s.mu.Unlock()
