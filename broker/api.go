@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"sort"
 	"strings"
 
@@ -264,7 +265,7 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 		return b.reissueKey(ctx, host, existing, pol)
 	}
 	adoptionID := newID("adopt-")
-	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: adoptionID, Role: attest.RoleAdopt})
+	nonce, err := b.kb.Nonce(ctx, &kbwire.NonceRequest{MigrationID: adoptionID, Role: attest.RoleAdopt})
 	if err != nil {
 		return nil, fmt.Errorf("getting adoption nonce: %w", err)
 	}
@@ -274,10 +275,10 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 	if err != nil {
 		return nil, fmt.Errorf("%w: attesting host %s: %w", ErrUnavailable, req.Host, err)
 	}
-	ad, err := b.kb.Adopt(ctx, &AdoptRequest{
+	ad, err := b.kb.Adopt(ctx, &kbwire.AdoptRequest{
 		AdoptionID: adoptionID, Tenant: tenant, VM: req.VM, Policy: pol.Envelope,
-		Agent: Attestation{Nonce: nonce.Nonce, Evidence: ev},
-		Host:  KeyBrokerHost{Name: host.Host, Labels: host.Labels, Region: host.Region},
+		Agent: kbwire.Attestation{Nonce: nonce.Nonce, Evidence: ev},
+		Host:  kbwire.Host{Name: host.Host, Labels: host.Labels, Region: host.Region},
 	})
 	if err != nil {
 		b.log.Warn("Adoption refused", logKeyTenant, tenant, logKeyVM, req.VM, logKeyHost, req.Host, logKeyError, err)
@@ -308,7 +309,7 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 // changes.
 func (b *Broker) reissueKey(ctx context.Context, host *agentapi.HostRecord, g *Guest, pol *PolicyRecord) (*Guest, error) {
 	reissueID := newID("reissue-")
-	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: reissueID, Role: attest.RoleAdopt})
+	nonce, err := b.kb.Nonce(ctx, &kbwire.NonceRequest{MigrationID: reissueID, Role: attest.RoleAdopt})
 	if err != nil {
 		return nil, fmt.Errorf("getting reissue nonce: %w", err)
 	}
@@ -318,10 +319,10 @@ func (b *Broker) reissueKey(ctx context.Context, host *agentapi.HostRecord, g *G
 	if err != nil {
 		return nil, fmt.Errorf("%w: attesting host %s: %w", ErrUnavailable, host.Host, err)
 	}
-	re, err := b.kb.Reissue(ctx, &ReissueRequest{
+	re, err := b.kb.Reissue(ctx, &kbwire.ReissueRequest{
 		ReissueID: reissueID, Tenant: g.Tenant, VM: g.VM, Policy: pol.Envelope,
-		Agent: Attestation{Nonce: nonce.Nonce, Evidence: ev},
-		Host:  KeyBrokerHost{Name: host.Host, Labels: host.Labels, Region: host.Region},
+		Agent: kbwire.Attestation{Nonce: nonce.Nonce, Evidence: ev},
+		Host:  kbwire.Host{Name: host.Host, Labels: host.Labels, Region: host.Region},
 	})
 	if err != nil {
 		b.log.Warn("Key reissue refused", logKeyTenant, g.Tenant, logKeyVM, g.VM, logKeyHost, host.Host, logKeyError, err)

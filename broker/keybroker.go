@@ -20,70 +20,28 @@ import (
 // a policy denial and ErrUnavailable when the keybroker cannot be reached.
 type KeyBroker interface {
 	// Nonce issues a fresh single-use nonce for (migration, role).
-	Nonce(ctx context.Context, req *NonceRequest) (*NonceResponse, error)
+	Nonce(ctx context.Context, req *kbwire.NonceRequest) (*kbwire.NonceResponse, error)
 	// Release verifies both pieces of evidence and the tenant's signed policy and, if the policy
 	// allows, creates epoch e+1 and the migration key and seals them to the agents.
-	Release(ctx context.Context, req *ReleaseRequest) (*ReleaseResponse, error)
+	Release(ctx context.Context, req *kbwire.ReleaseRequest) (*kbwire.ReleaseResponse, error)
 	// Adopt starts a guest's first residency (epoch 1) on the host whose evidence is given.
-	Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error)
+	Adopt(ctx context.Context, req *kbwire.AdoptRequest) (*kbwire.AdoptResponse, error)
 	// Reissue seals the current epoch's memory key again to the agent of the host where the
 	// guest already lives, for an agent that restarted and lost it.
-	Reissue(ctx context.Context, req *ReissueRequest) (*ReissueResponse, error)
+	Reissue(ctx context.Context, req *kbwire.ReissueRequest) (*kbwire.ReissueResponse, error)
 	// Destroy destroys the keys an outcome ends (commit: migration key and epoch e; abort:
 	// migration key and epoch e+1) and returns the signed receipt. Repeating it for the same
 	// migration and outcome returns the same receipt.
-	Destroy(ctx context.Context, req *DestroyRequest) (*DestroyResponse, error)
+	Destroy(ctx context.Context, req *kbwire.DestroyRequest) (*DestroyResponse, error)
 }
 
-// KeyBrokerSubjectPrefix is the prefix of the keybroker API's subjects.
+// KeyBrokerSubjectPrefix is the prefix of the keybroker API's subjects (kbwire.SubjectPrefix),
+// for the broker's NATS permissions.
 const KeyBrokerSubjectPrefix = kbwire.SubjectPrefix
 
-// The keybroker API's operations the broker calls: lethe.v1.keybroker.<op>.
-const (
-	KeyBrokerOpNonce   = kbwire.OpNonce
-	KeyBrokerOpRelease = kbwire.OpRelease
-	KeyBrokerOpAdopt   = kbwire.OpAdopt
-	KeyBrokerOpReissue = kbwire.OpReissue
-	KeyBrokerOpDestroy = kbwire.OpDestroy
-	KeyBrokerOpReceipt = kbwire.OpReceipt
-)
-
-// The keybroker's requests and responses are those of package kbwire, the keybroker API's
-// wire contract, which the broker links without the keybroker's core (and its Vault client).
-type (
-	// NonceRequest asks for a nonce bound to a migration (or adoption) and a role.
-	NonceRequest = kbwire.NonceRequest
-	// NonceResponse is a fresh nonce.
-	NonceResponse = kbwire.NonceResponse
-	// Attestation is one agent's evidence and the nonce it was made for.
-	Attestation = kbwire.Attestation
-	// KeyBrokerHost describes the host an agent runs on, from its host record.
-	KeyBrokerHost = kbwire.Host
-	// ReleaseRequest asks for the keys of a migration.
-	ReleaseRequest = kbwire.ReleaseRequest
-	// ReleaseResponse carries the keys sealed to each agent.
-	ReleaseResponse = kbwire.ReleaseResponse
-	// AdoptRequest asks for a guest's first residency.
-	AdoptRequest = kbwire.AdoptRequest
-	// AdoptResponse carries MDK_1 sealed to the host's agent.
-	AdoptResponse = kbwire.AdoptResponse
-	// ReissueRequest asks again for the current epoch's memory key.
-	ReissueRequest = kbwire.ReissueRequest
-	// ReissueResponse carries the current epoch's memory key sealed to the host's agent.
-	ReissueResponse = kbwire.ReissueResponse
-	// Ending says which keys Destroy destroys.
-	Ending = kbwire.Ending
-	// DestroyRequest ends a migration's keys and asks for its receipt.
-	DestroyRequest = kbwire.DestroyRequest
-)
-
-// The endings of a migration for Destroy.
-const (
-	// EndingCommit destroys the migration key and epoch e.
-	EndingCommit = kbwire.Commit
-	// EndingAbort destroys the migration key and epoch e+1.
-	EndingAbort = kbwire.Abort
-)
+// The keybroker's subjects, requests and responses are those of package kbwire, the keybroker
+// API's wire contract, which the broker links without the keybroker's core (and its Vault
+// client). Only the destroy response has a reading of the broker's own.
 
 // DestroyResponse is the broker's reading of kbwire.DestroyResponse: it keeps the signed
 // receipt envelope as the keybroker encoded it, to store it verbatim, and never parses it.
@@ -111,28 +69,28 @@ func NewKeyBrokerClient(nc *nats.Conn, timeout time.Duration) *KeyBrokerClient {
 // destruction_pending (Vault is down; the keybroker retries the destruction and the broker
 // asks again later) match ErrUnavailable; each error answer is a *wireerr.Error whose
 // kbwire code matches with errors.Is. No answer at all matches ErrUnavailable.
-func (c *KeyBrokerClient) Nonce(ctx context.Context, req *NonceRequest) (*NonceResponse, error) {
-	return call[NonceResponse](ctx, c, KeyBrokerOpNonce, req)
+func (c *KeyBrokerClient) Nonce(ctx context.Context, req *kbwire.NonceRequest) (*kbwire.NonceResponse, error) {
+	return call[kbwire.NonceResponse](ctx, c, kbwire.OpNonce, req)
 }
 
 // Release implements KeyBroker.
-func (c *KeyBrokerClient) Release(ctx context.Context, req *ReleaseRequest) (*ReleaseResponse, error) {
-	return call[ReleaseResponse](ctx, c, KeyBrokerOpRelease, req)
+func (c *KeyBrokerClient) Release(ctx context.Context, req *kbwire.ReleaseRequest) (*kbwire.ReleaseResponse, error) {
+	return call[kbwire.ReleaseResponse](ctx, c, kbwire.OpRelease, req)
 }
 
 // Adopt implements KeyBroker.
-func (c *KeyBrokerClient) Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error) {
-	return call[AdoptResponse](ctx, c, KeyBrokerOpAdopt, req)
+func (c *KeyBrokerClient) Adopt(ctx context.Context, req *kbwire.AdoptRequest) (*kbwire.AdoptResponse, error) {
+	return call[kbwire.AdoptResponse](ctx, c, kbwire.OpAdopt, req)
 }
 
 // Reissue implements KeyBroker.
-func (c *KeyBrokerClient) Reissue(ctx context.Context, req *ReissueRequest) (*ReissueResponse, error) {
-	return call[ReissueResponse](ctx, c, KeyBrokerOpReissue, req)
+func (c *KeyBrokerClient) Reissue(ctx context.Context, req *kbwire.ReissueRequest) (*kbwire.ReissueResponse, error) {
+	return call[kbwire.ReissueResponse](ctx, c, kbwire.OpReissue, req)
 }
 
 // Destroy implements KeyBroker.
-func (c *KeyBrokerClient) Destroy(ctx context.Context, req *DestroyRequest) (*DestroyResponse, error) {
-	return call[DestroyResponse](ctx, c, KeyBrokerOpDestroy, req)
+func (c *KeyBrokerClient) Destroy(ctx context.Context, req *kbwire.DestroyRequest) (*DestroyResponse, error) {
+	return call[DestroyResponse](ctx, c, kbwire.OpDestroy, req)
 }
 
 // deniedCodes and unavailableCodes classify the keybroker's error answers for the broker.
@@ -142,7 +100,7 @@ var (
 )
 
 func call[Resp, Req any](ctx context.Context, c *KeyBrokerClient, op string, req Req) (*Resp, error) {
-	resp, err := natsrpc.Call[Req, Resp](ctx, c.nc, KeyBrokerSubjectPrefix+"."+op, req,
+	resp, err := natsrpc.Call[Req, Resp](ctx, c.nc, kbwire.SubjectPrefix+"."+op, req,
 		natsrpc.WithTimeout(c.timeout), natsrpc.WithMaxResponse(maxReply))
 	if err == nil {
 		return resp, nil

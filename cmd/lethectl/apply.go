@@ -3,21 +3,21 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"io"
 	"os"
 
 	"github.com/spf13/cobra"
 
 	"github.com/lethe-cc/lethe/broker"
-	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 )
 
 // appliedPolicy is what "lethectl policy apply" prints: the keybroker's floor after the
 // publication (nil when not published) and where the broker stored the policy.
 type appliedPolicy struct {
-	Published *keybroker.PublishPolicyResponse `json:"published,omitempty"`
-	Applied   *broker.ApplyPolicyResponse      `json:"applied"`
+	Published *kbwire.PublishPolicyResponse `json:"published,omitempty"`
+	Applied   *broker.ApplyPolicyResponse   `json:"applied"`
 }
 
 // newPolicyApplyCmd is "lethectl policy apply SIGNED": it publishes a signed policy envelope to
@@ -75,7 +75,7 @@ tenant publishes. The keybroker accepts the policy only for the guests its spec.
 }
 
 // publishPolicy publishes envelope to the keybroker as o's tenant.
-func publishPolicy(ctx context.Context, o *brokerOpts, envelope []byte) (*keybroker.PublishPolicyResponse, error) {
+func publishPolicy(ctx context.Context, o *brokerOpts, envelope []byte) (*kbwire.PublishPolicyResponse, error) {
 	nc, err := dialNATS(o, broker.RoleTenant, o.Tenant)
 	if err != nil {
 		return nil, err

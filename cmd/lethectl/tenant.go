@@ -12,7 +12,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lethe-cc/lethe/broker"
-	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/policy"
@@ -99,7 +98,7 @@ func (o *tenantRegisterOpts) run(cmd *cobra.Command) error {
 	if err := checkPolicyOutput(o.conn.output); err != nil {
 		return err
 	}
-	req := keybroker.RegisterTenantRequest{Tenant: o.tenant}
+	req := kbwire.RegisterTenantRequest{Tenant: o.tenant}
 	var err error
 	if req.PolicyKey, err = policy.ReadPublicKey(o.pubFile); err != nil {
 		return err

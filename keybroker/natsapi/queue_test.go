@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/nats-io/nats.go"
 	"log/slog"
 	"os"
@@ -159,7 +160,7 @@ func newQueueEnv(t *testing.T) (*env, [2]*instance, *clock, *vaulttest.Server) {
 	}
 	var pub ed25519.PublicKey
 	pub, e.tenantKey, _ = ed25519.GenerateKey(rand.Reader)
-	if _, err := insts[0].kb.RegisterTenant(t.Context(), &keybroker.AdminRequest{Signed: adminSignedAt(t, adminKey, keybroker.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}, clk.Now())}); err != nil {
+	if _, err := insts[0].kb.RegisterTenant(t.Context(), &kbwire.AdminRequest{Signed: adminSignedAt(t, adminKey, kbwire.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}, clk.Now())}); err != nil {
 		t.Fatalf("registering tenant: %v", err)
 	}
 	y, err := os.ReadFile("../../examples/policies/ci-emulated.yaml")
@@ -216,7 +217,7 @@ func TestQueueGroup(t *testing.T) {
 
 	// Racing adoptions with one nonce: exactly one wins.
 	ag := e.attest("source", "adopt-vm3", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-	req := &broker.AdoptRequest{AdoptionID: "adopt-vm3", Tenant: "demo", VM: "vm3", Policy: e.policy, Agent: ag.att}
+	req := &kbwire.AdoptRequest{AdoptionID: "adopt-vm3", Tenant: "demo", VM: "vm3", Policy: e.policy, Agent: ag.att}
 	codes := make([]string, 4)
 	var wg sync.WaitGroup
 	for i := range codes {
