@@ -5,12 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"sort"
 	"strings"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/natsrpc"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
-	"github.com/nats-io/nats.go/micro"
 )
 
 // maxRequest bounds a broker API request.
@@ -19,107 +20,76 @@ const maxRequest = 1 << 20
 // maxPolicyEnvelope bounds a signed policy envelope.
 const maxPolicyEnvelope = 256 << 10
 
-// apiHandler handles one decoded API request.
-type apiHandler func(ctx context.Context, c Caller, data []byte) (any, error)
-
-// endpoint adapts a typed handler to an apiHandler.
-func endpoint[Req any, Resp any](fn func(context.Context, Caller, *Req) (Resp, error)) apiHandler {
-	return func(ctx context.Context, c Caller, data []byte) (any, error) {
+// endpoint adapts a typed handler of a caller's request to a natsrpc.Handler for op: the caller
+// is the one the request's subject names.
+func endpoint[Req any, Resp any](op Op, fn func(context.Context, Caller, *Req) (Resp, error)) natsrpc.Handler {
+	return func(ctx context.Context, r *natsrpc.Request) (any, error) {
+		c, err := parseCaller(r.Subject, op)
+		if err != nil {
+			return nil, err
+		}
 		var req Req
-		if len(data) > 0 {
-			if err := json.Unmarshal(data, &req); err != nil {
-				return nil, fmt.Errorf("%w: decoding request: %w", ErrInvalid, err)
-			}
+		if err := natsrpc.Decode(r.Data, &req); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 		}
 		return fn(ctx, c, &req)
 	}
 }
 
-// serveAPI registers the broker API service. ctx is the broker's run context.
-func (b *Broker) serveAPI(ctx context.Context) (micro.Service, error) {
-	svc, err := micro.AddService(b.nc, micro.Config{
-		Name:        "lethe-broker",
-		Version:     "1.0.0",
-		Description: "Lethe migration broker",
-		QueueGroup:  "lethe-broker",
-		Metadata:    map[string]string{"id": b.cfg.ID},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("registering broker service: %w", err)
-	}
-	handlers := map[Op]apiHandler{
-		OpPolicyApply:      endpoint(b.applyPolicy),
-		OpHostsList:        endpoint(b.listHosts),
-		OpGuestsList:       endpoint(b.listGuests),
-		OpGuestsAdopt:      endpoint(b.adoptGuest),
-		OpMigrationsCreate: endpoint(b.createMigration),
-		OpMigrationsGet:    endpoint(b.getMigration),
-		OpMigrationsList:   endpoint(b.listMigrations),
-		OpMigrationsAbort:  endpoint(b.abortMigration),
-		OpReceiptsGet:      endpoint(b.getReceipt),
-	}
-	sem := make(chan struct{}, b.cfg.MaxConcurrentRequests)
-	for _, op := range Ops {
-		fn := handlers[op]
-		h := micro.HandlerFunc(func(r micro.Request) {
-			select {
-			case sem <- struct{}{}:
-			case <-ctx.Done():
-				return
-			}
-			go func() {
-				defer func() { <-sem }()
-				b.handle(ctx, op, r, fn)
-			}()
-		})
-		name := strings.ReplaceAll(string(op), ".", "_")
-		if err := svc.AddEndpoint("tenant_"+name, h, micro.WithEndpointSubject(SubjectPrefix+".tenant.*."+string(op))); err != nil {
-			_ = svc.Stop()
-			return nil, fmt.Errorf("adding endpoint %s: %w", op, err)
-		}
-		if err := svc.AddEndpoint("operator_"+name, h, micro.WithEndpointSubject(OperatorSubject(op))); err != nil {
-			_ = svc.Stop()
-			return nil, fmt.Errorf("adding endpoint %s: %w", op, err)
-		}
-	}
-	return svc, nil
-}
-
-// handle runs one API request and answers it; errors become wire codes, and internal errors
-// are logged and hidden from the caller.
+// serveAPI starts the broker API service. ctx is the broker's run context; the caller stops
+// the returned server.
 //
 // A request is answered only on a subject under its caller's own inbox (the tenant's, as the
 // request subject names it, or the operators'): any other reply subject would make the broker
 // publish, with its own permissions (JetStream's API among them), where the sender chose. Such
 // a request is dropped unhandled, logged and counted; so is one whose subject names no caller.
-func (b *Broker) handle(ctx context.Context, op Op, r micro.Request, fn apiHandler) {
-	c, err := parseCaller(r.Subject(), op)
-	if err != nil {
-		b.refuseReply(r.Subject(), r.Reply(), err.Error())
-		return
+// Errors matching the broker's sentinels are answered with their code (publicError); any other
+// is logged and answered as internal.
+func (b *Broker) serveAPI(ctx context.Context) (*natsrpc.Server, error) {
+	handlers := map[Op]natsrpc.Handler{
+		OpPolicyApply: endpoint(OpPolicyApply, b.applyPolicy),
+		OpHostsList:   endpoint(OpHostsList, b.listHosts),
+		OpGuestsList:  endpoint(OpGuestsList, b.listGuests),
+		OpGuestsAdopt: endpoint(OpGuestsAdopt, b.adoptGuest),
+		OpMigrationsCreate: endpoint(OpMigrationsCreate, func(rctx context.Context, c Caller, r *CreateMigrationRequest) (*CreateMigrationResponse, error) {
+			return b.createMigration(rctx, ctx, c, r)
+		}),
+		OpMigrationsGet:  endpoint(OpMigrationsGet, b.getMigration),
+		OpMigrationsList: endpoint(OpMigrationsList, b.listMigrations),
+		OpMigrationsAbort: endpoint(OpMigrationsAbort, func(rctx context.Context, c Caller, r *AbortMigrationRequest) (*Migration, error) {
+			return b.abortMigration(rctx, ctx, c, r)
+		}),
+		OpReceiptsGet: endpoint(OpReceiptsGet, b.getReceipt),
 	}
-	role, name := c.inbox()
-	if !replyAllowed(r.Reply(), role, name) {
-		b.refuseReply(r.Subject(), r.Reply(), "reply subject is not the caller's inbox")
-		return
-	}
-	resp, err := func() (any, error) {
-		if len(r.Data()) > maxRequest {
-			return nil, fmt.Errorf("%w: request of %d bytes exceeds %d", ErrInvalid, len(r.Data()), maxRequest)
+	var eps []natsrpc.Endpoint
+	for _, op := range Ops {
+		reply := func(subject, reply string) bool {
+			c, err := parseCaller(subject, op)
+			if err != nil {
+				return false
+			}
+			role, name := c.inbox()
+			return replyAllowed(reply, role, name)
 		}
-		return fn(ctx, c, r.Data())
-	}()
+		name := strings.ReplaceAll(string(op), ".", "_")
+		eps = append(eps,
+			natsrpc.Endpoint{Name: "tenant_" + name, Subject: SubjectPrefix + ".tenant.*." + string(op), Handler: handlers[op], Reply: reply},
+			natsrpc.Endpoint{Name: "operator_" + name, Subject: OperatorSubject(op), Handler: handlers[op], Reply: reply})
+	}
+	srv, err := natsrpc.Start(ctx, natsrpc.Config{
+		Conn: b.nc, Name: "lethe-broker", Description: "Lethe migration broker",
+		Metadata: map[string]string{"id": b.cfg.ID}, QueueGroup: "lethe-broker",
+		Endpoints: eps, Public: publicError,
+		InvalidCode: CodeInvalid, BusyCode: CodeUnavailable,
+		MaxConcurrent: b.cfg.MaxConcurrentRequests, MaxRequest: maxRequest,
+		Logger: b.log,
+		// natsrpc logs a refused request with its subject and reply subject.
+		Refused: func(string, string) { b.cfg.Metrics.NATSError(natsOpReplyRefused) },
+	})
 	if err != nil {
-		code, desc, internal := wireError(err)
-		if internal {
-			b.log.Error("Request failed", logKeyOp, string(op), logKeyError, err)
-		}
-		_ = r.Error(code, desc, nil)
-		return
+		return nil, fmt.Errorf("starting broker API: %w", err)
 	}
-	if err := r.RespondJSON(resp); err != nil {
-		b.log.Warn("Responding failed", logKeyOp, string(op), logKeyError, err)
-	}
+	return srv, nil
 }
 
 // refuseReply logs and counts a request dropped for its reply subject. The reply subject is
@@ -295,7 +265,7 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 		return b.reissueKey(ctx, host, existing, pol)
 	}
 	adoptionID := newID("adopt-")
-	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: adoptionID, Role: attest.RoleAdopt})
+	nonce, err := b.kb.Nonce(ctx, &kbwire.NonceRequest{MigrationID: adoptionID, Role: attest.RoleAdopt})
 	if err != nil {
 		return nil, fmt.Errorf("getting adoption nonce: %w", err)
 	}
@@ -305,10 +275,10 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 	if err != nil {
 		return nil, fmt.Errorf("%w: attesting host %s: %w", ErrUnavailable, req.Host, err)
 	}
-	ad, err := b.kb.Adopt(ctx, &AdoptRequest{
+	ad, err := b.kb.Adopt(ctx, &kbwire.AdoptRequest{
 		AdoptionID: adoptionID, Tenant: tenant, VM: req.VM, Policy: pol.Envelope,
-		Agent: Attestation{Nonce: nonce.Nonce, Evidence: ev},
-		Host:  KeyBrokerHost{Name: host.Host, Labels: host.Labels, Region: host.Region},
+		Agent: kbwire.Attestation{Nonce: nonce.Nonce, Evidence: ev},
+		Host:  kbwire.Host{Name: host.Host, Labels: host.Labels, Region: host.Region},
 	})
 	if err != nil {
 		b.log.Warn("Adoption refused", logKeyTenant, tenant, logKeyVM, req.VM, logKeyHost, req.Host, logKeyError, err)
@@ -339,7 +309,7 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 // changes.
 func (b *Broker) reissueKey(ctx context.Context, host *agentapi.HostRecord, g *Guest, pol *PolicyRecord) (*Guest, error) {
 	reissueID := newID("reissue-")
-	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: reissueID, Role: attest.RoleAdopt})
+	nonce, err := b.kb.Nonce(ctx, &kbwire.NonceRequest{MigrationID: reissueID, Role: attest.RoleAdopt})
 	if err != nil {
 		return nil, fmt.Errorf("getting reissue nonce: %w", err)
 	}
@@ -349,10 +319,10 @@ func (b *Broker) reissueKey(ctx context.Context, host *agentapi.HostRecord, g *G
 	if err != nil {
 		return nil, fmt.Errorf("%w: attesting host %s: %w", ErrUnavailable, host.Host, err)
 	}
-	re, err := b.kb.Reissue(ctx, &ReissueRequest{
+	re, err := b.kb.Reissue(ctx, &kbwire.ReissueRequest{
 		ReissueID: reissueID, Tenant: g.Tenant, VM: g.VM, Policy: pol.Envelope,
-		Agent: Attestation{Nonce: nonce.Nonce, Evidence: ev},
-		Host:  KeyBrokerHost{Name: host.Host, Labels: host.Labels, Region: host.Region},
+		Agent: kbwire.Attestation{Nonce: nonce.Nonce, Evidence: ev},
+		Host:  kbwire.Host{Name: host.Host, Labels: host.Labels, Region: host.Region},
 	})
 	if err != nil {
 		b.log.Warn("Key reissue refused", logKeyTenant, g.Tenant, logKeyVM, g.VM, logKeyHost, host.Host, logKeyError, err)
@@ -369,7 +339,9 @@ func (b *Broker) reissueKey(ctx context.Context, host *agentapi.HostRecord, g *G
 // createMigration checks and records a migration request (or answers a dry run). Of two
 // concurrent requests for one guest exactly one proceeds: the guest record's active migration
 // is taken by CAS.
-func (b *Broker) createMigration(ctx context.Context, c Caller, req *CreateMigrationRequest) (*CreateMigrationResponse, error) {
+//
+// The migration's driver runs with run, the broker's run context: it outlives the request.
+func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *CreateMigrationRequest) (*CreateMigrationResponse, error) {
 	tenant, err := c.tenantFor(req.Tenant)
 	if err != nil {
 		return nil, err
@@ -453,7 +425,7 @@ func (b *Broker) createMigration(ctx context.Context, c Caller, req *CreateMigra
 	}
 	b.log.Info("Migration requested", logKeyMigration, id, logKeyTenant, tenant, logKeyVM, req.VM,
 		logKeyHost, dest, "by", c.String())
-	b.drive(ctx, id)
+	b.drive(run, id)
 	return &CreateMigrationResponse{Migration: m.public()}, nil
 }
 
@@ -540,7 +512,9 @@ func (b *Broker) listMigrations(ctx context.Context, c Caller, req *ListMigratio
 
 // abortMigration moves a migration to Aborting. Once cutover has started only the broker
 // itself (timeout, agent loss) may abort: a request is refused with ErrConflict.
-func (b *Broker) abortMigration(ctx context.Context, c Caller, req *AbortMigrationRequest) (*Migration, error) {
+//
+// The migration's driver runs with run, the broker's run context.
+func (b *Broker) abortMigration(ctx, run context.Context, c Caller, req *AbortMigrationRequest) (*Migration, error) {
 	for {
 		m, rev, err := b.visibleMigration(ctx, c, req.ID)
 		if err != nil {
@@ -567,7 +541,7 @@ func (b *Broker) abortMigration(ctx context.Context, c Caller, req *AbortMigrati
 		}
 		b.log.Info("Migration phase changed", logKeyMigration, m.ID, logKeyFrom, from, logKeyPhase, PhaseAborting, logKeyReason, m.AbortReason)
 		b.publishEvent(Event{MigrationID: m.ID, Kind: EventPhase, From: from, Phase: PhaseAborting, Message: m.AbortReason})
-		b.drive(ctx, m.ID)
+		b.drive(run, m.ID)
 		return m.public(), nil
 	}
 }

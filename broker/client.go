@@ -2,14 +2,20 @@ package broker
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/lethe-cc/lethe/internal/natsrpc"
 )
 
 // Client calls the broker API over NATS, as a tenant or as an operator. It is safe for
-// concurrent use. Errors from the broker are *Error values matching the Err* sentinels.
+// concurrent use. An error answer of the broker is a *wireerr.Error matching both its code
+// (CodeNotFound, …) and the code's sentinel (ErrNotFound, …) with errors.Is; no answer at all
+// matches ErrUnavailable.
 type Client struct {
 	nc      *nats.Conn
 	caller  Caller
@@ -82,17 +88,19 @@ func (c *Client) GetReceipt(ctx context.Context, migrationID string) (*Receipt, 
 }
 
 func (c *Client) call(ctx context.Context, op Op, req, resp any) error {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.timeout)
-		defer cancel()
-	}
 	subject := OperatorSubject(op)
 	if !c.caller.Operator() {
 		subject = TenantSubject(c.caller.Tenant, op)
 	}
-	if err := request(ctx, c.nc, subject, req, resp); err != nil {
-		return fmt.Errorf("calling broker %s: %w", op, err)
+	raw, err := natsrpc.Call[any, json.RawMessage](ctx, c.nc, subject, req, natsrpc.WithTimeout(c.timeout), natsrpc.WithMaxResponse(maxReply))
+	switch {
+	case errors.Is(err, natsrpc.ErrNoAnswer):
+		return fmt.Errorf("calling broker %s: %w: %w", op, ErrUnavailable, err)
+	case err != nil:
+		return fmt.Errorf("calling broker %s: %w", op, withSentinel(err))
+	}
+	if err := json.Unmarshal(*raw, resp); err != nil {
+		return fmt.Errorf("decoding broker %s reply: %w", op, err)
 	}
 	return nil
 }

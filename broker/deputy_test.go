@@ -255,7 +255,7 @@ func TestHeartbeatNamesItsHost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if msg.Header.Get("Nats-Service-Error-Code") != agentapi.CodeBadRequest {
+	if msg.Header.Get("Nats-Service-Error-Code") != string(agentapi.CodeBadRequest) {
 		t.Errorf("heartbeat of h1 naming h2: answer %q %v, want a bad_request error", msg.Data, msg.Header)
 	}
 	after, err := e.kv(broker.HostsBucket).Get(ctx, "h2")

@@ -12,7 +12,9 @@
 // # Broker API
 //
 // A NATS micro service named "lethe-broker" in queue group "lethe-broker" (so several brokers
-// share the load). Tenants call subjects that carry their own name, so NATS permissions confine
+// share the load), served through package natsrpc: at most Config.MaxConcurrentRequests
+// requests at once (beyond, the answer is "unavailable"), a deadline per request, drain on
+// shutdown. Tenants call subjects that carry their own name, so NATS permissions confine
 // each tenant to its prefix; operators have one prefix:
 //
 //	lethe.v1.broker.tenant.<tenant>.<op>
@@ -32,8 +34,11 @@
 //
 // The tenant in the subject is the caller's identity: a tenant sees and acts on its own
 // guests, migrations and receipts only (anything else is "not found"), and the Tenant field of
-// a tenant's request must be empty or its own name. Errors are NATS micro errors whose code is
-// one of the Code* constants; [Client] turns them back into the Err* sentinels.
+// a tenant's request must be empty or its own name. Errors are natsrpc error answers whose code
+// is one of the Code* constants, with the error's text for errors that match an Err* sentinel
+// and a fixed text for internal ones; [Client] returns them as *wireerr.Error matching both
+// the code and its Err* sentinel. The keybroker's error answers are classified by their kbwire
+// code (ErrDenied, ErrUnavailable), never by their text.
 //
 // # Agent API and keybroker API
 //

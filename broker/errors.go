@@ -2,22 +2,24 @@ package broker
 
 import (
 	"errors"
-	"fmt"
+
+	"github.com/lethe-cc/lethe/internal/wireerr"
 )
 
-// Error codes of the broker API (NATS micro error codes).
+// Error codes of the broker API. A Client's error answer matches both its code and the
+// sentinel of the code (CodeNotFound and ErrNotFound) with errors.Is.
 const (
-	CodeInvalid            = "invalid"
-	CodeNotFound           = "not_found"
-	CodeConflict           = "conflict"
-	CodeFailedPrecondition = "failed_precondition"
-	CodeDenied             = "denied"
-	CodeUnavailable        = "unavailable"
-	CodeInternal           = "internal"
+	CodeInvalid            wireerr.Code = "invalid"
+	CodeNotFound           wireerr.Code = "not_found"
+	CodeConflict           wireerr.Code = "conflict"
+	CodeFailedPrecondition wireerr.Code = "failed_precondition"
+	CodeDenied             wireerr.Code = "denied"
+	CodeUnavailable        wireerr.Code = "unavailable"
+	CodeInternal                        = wireerr.CodeInternal
 )
 
-// Sentinel errors of the broker, its API and its keybroker client. Errors decoded from the
-// wire are *Error values that match these with errors.Is.
+// Sentinel errors of the broker, its API and its keybroker client. A Client's error answers
+// match these with errors.Is.
 var (
 	// ErrInvalid: a request is malformed.
 	ErrInvalid = errors.New("invalid request")
@@ -37,7 +39,7 @@ var (
 
 var codeOf = []struct {
 	err  error
-	code string
+	code wireerr.Code
 }{
 	{ErrInvalid, CodeInvalid},
 	{ErrNotFound, CodeNotFound},
@@ -47,33 +49,41 @@ var codeOf = []struct {
 	{ErrUnavailable, CodeUnavailable},
 }
 
-// Error is an error received over NATS from the broker API or the keybroker API.
-type Error struct {
-	// Code is one of the Code* constants.
-	Code string
-	// Message is the server's description.
-	Message string
-}
-
-func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
-
-// Is matches e against the sentinel of its code.
-func (e *Error) Is(target error) bool {
-	for _, c := range codeOf {
-		if c.err == target {
-			return c.code == e.Code
-		}
-	}
-	return false
-}
-
-// wireError maps err to a wire code and description. Errors that match no sentinel are
-// internal: their text is replaced, so internals do not leak to callers.
-func wireError(err error) (code, description string, internal bool) {
+// publicError is the broker API's error mapping (natsrpc.Config.Public): an error matching a
+// sentinel is answered with its code and its text; any other is internal (nil), so that
+// internals do not leak to callers. Only the broker's own sentinels count: an error answer of
+// an agent or the keybroker that the broker wraps carries another API's code, never answered
+// as such.
+func publicError(err error) *wireerr.Error {
 	for _, c := range codeOf {
 		if errors.Is(err, c.err) {
-			return c.code, err.Error(), false
+			return wireerr.New(c.code, err.Error())
 		}
 	}
-	return CodeInternal, "internal error", true
+	return nil
+}
+
+// sentinelError is an error answer of the broker API as a Client returns it: it matches the
+// wire error (and so its code) and the broker's sentinel of that code.
+type sentinelError struct {
+	wire     *wireerr.Error
+	sentinel error
+}
+
+func (e *sentinelError) Error() string   { return e.wire.Error() }
+func (e *sentinelError) Unwrap() []error { return []error{e.wire, e.sentinel} }
+
+// withSentinel returns err with the broker sentinel of its code attached, when it is an error
+// answer of the broker API with one of the broker's codes.
+func withSentinel(err error) error {
+	w, ok := errors.AsType[*wireerr.Error](err)
+	if !ok {
+		return err
+	}
+	for _, c := range codeOf {
+		if c.code == w.Code {
+			return &sentinelError{wire: w, sentinel: c.err}
+		}
+	}
+	return err
 }

@@ -34,7 +34,7 @@ func (b *Broker) handleHeartbeat(ctx context.Context, m *nats.Msg) {
 	if err != nil {
 		b.log.Warn("Heartbeat refused", logKeyHost, host, logKeyError, err)
 		reply := nats.NewMsg(m.Reply)
-		reply.Header.Set(micro.ErrorCodeHeader, agentapi.CodeBadRequest)
+		reply.Header.Set(micro.ErrorCodeHeader, string(agentapi.CodeBadRequest))
 		reply.Header.Set(micro.ErrorHeader, err.Error())
 		_ = b.nc.PublishMsg(reply)
 		return

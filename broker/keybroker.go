@@ -5,11 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
-	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
+
+	"github.com/lethe-cc/lethe/internal/natsrpc"
+	"github.com/lethe-cc/lethe/internal/wireerr"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 )
 
 // KeyBroker is the broker's view of the keybroker. The broker forwards evidence and sealed
@@ -17,70 +20,28 @@ import (
 // a policy denial and ErrUnavailable when the keybroker cannot be reached.
 type KeyBroker interface {
 	// Nonce issues a fresh single-use nonce for (migration, role).
-	Nonce(ctx context.Context, req *NonceRequest) (*NonceResponse, error)
+	Nonce(ctx context.Context, req *kbwire.NonceRequest) (*kbwire.NonceResponse, error)
 	// Release verifies both pieces of evidence and the tenant's signed policy and, if the policy
 	// allows, creates epoch e+1 and the migration key and seals them to the agents.
-	Release(ctx context.Context, req *ReleaseRequest) (*ReleaseResponse, error)
+	Release(ctx context.Context, req *kbwire.ReleaseRequest) (*kbwire.ReleaseResponse, error)
 	// Adopt starts a guest's first residency (epoch 1) on the host whose evidence is given.
-	Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error)
+	Adopt(ctx context.Context, req *kbwire.AdoptRequest) (*kbwire.AdoptResponse, error)
 	// Reissue seals the current epoch's memory key again to the agent of the host where the
 	// guest already lives, for an agent that restarted and lost it.
-	Reissue(ctx context.Context, req *ReissueRequest) (*ReissueResponse, error)
+	Reissue(ctx context.Context, req *kbwire.ReissueRequest) (*kbwire.ReissueResponse, error)
 	// Destroy destroys the keys an outcome ends (commit: migration key and epoch e; abort:
 	// migration key and epoch e+1) and returns the signed receipt. Repeating it for the same
 	// migration and outcome returns the same receipt.
-	Destroy(ctx context.Context, req *DestroyRequest) (*DestroyResponse, error)
+	Destroy(ctx context.Context, req *kbwire.DestroyRequest) (*DestroyResponse, error)
 }
 
-// KeyBrokerSubjectPrefix is the prefix of the keybroker API's subjects.
+// KeyBrokerSubjectPrefix is the prefix of the keybroker API's subjects (kbwire.SubjectPrefix),
+// for the broker's NATS permissions.
 const KeyBrokerSubjectPrefix = kbwire.SubjectPrefix
 
-// The keybroker API's operations the broker calls: lethe.v1.keybroker.<op>.
-const (
-	KeyBrokerOpNonce   = kbwire.OpNonce
-	KeyBrokerOpRelease = kbwire.OpRelease
-	KeyBrokerOpAdopt   = kbwire.OpAdopt
-	KeyBrokerOpReissue = kbwire.OpReissue
-	KeyBrokerOpDestroy = kbwire.OpDestroy
-	KeyBrokerOpReceipt = kbwire.OpReceipt
-)
-
-// The keybroker's requests and responses are those of package kbwire, the keybroker API's
-// wire contract, which the broker links without the keybroker's core (and its Vault client).
-type (
-	// NonceRequest asks for a nonce bound to a migration (or adoption) and a role.
-	NonceRequest = kbwire.NonceRequest
-	// NonceResponse is a fresh nonce.
-	NonceResponse = kbwire.NonceResponse
-	// Attestation is one agent's evidence and the nonce it was made for.
-	Attestation = kbwire.Attestation
-	// KeyBrokerHost describes the host an agent runs on, from its host record.
-	KeyBrokerHost = kbwire.Host
-	// ReleaseRequest asks for the keys of a migration.
-	ReleaseRequest = kbwire.ReleaseRequest
-	// ReleaseResponse carries the keys sealed to each agent.
-	ReleaseResponse = kbwire.ReleaseResponse
-	// AdoptRequest asks for a guest's first residency.
-	AdoptRequest = kbwire.AdoptRequest
-	// AdoptResponse carries MDK_1 sealed to the host's agent.
-	AdoptResponse = kbwire.AdoptResponse
-	// ReissueRequest asks again for the current epoch's memory key.
-	ReissueRequest = kbwire.ReissueRequest
-	// ReissueResponse carries the current epoch's memory key sealed to the host's agent.
-	ReissueResponse = kbwire.ReissueResponse
-	// Ending says which keys Destroy destroys.
-	Ending = kbwire.Ending
-	// DestroyRequest ends a migration's keys and asks for its receipt.
-	DestroyRequest = kbwire.DestroyRequest
-)
-
-// The endings of a migration for Destroy.
-const (
-	// EndingCommit destroys the migration key and epoch e.
-	EndingCommit = kbwire.Commit
-	// EndingAbort destroys the migration key and epoch e+1.
-	EndingAbort = kbwire.Abort
-)
+// The keybroker's subjects, requests and responses are those of package kbwire, the keybroker
+// API's wire contract, which the broker links without the keybroker's core (and its Vault
+// client). Only the destroy response has a reading of the broker's own.
 
 // DestroyResponse is the broker's reading of kbwire.DestroyResponse: it keeps the signed
 // receipt envelope as the keybroker encoded it, to store it verbatim, and never parses it.
@@ -106,67 +67,70 @@ func NewKeyBrokerClient(nc *nats.Conn, timeout time.Duration) *KeyBrokerClient {
 // Nonce implements KeyBroker. Keybroker error codes denied, policy_rejected,
 // evidence_rejected and unknown_tenant match ErrDenied; unavailable, busy and
 // destruction_pending (Vault is down; the keybroker retries the destruction and the broker
-// asks again later) match ErrUnavailable; others are *Error.
-func (c *KeyBrokerClient) Nonce(ctx context.Context, req *NonceRequest) (*NonceResponse, error) {
-	var resp NonceResponse
-	return &resp, c.call(ctx, KeyBrokerOpNonce, req, &resp)
+// asks again later) match ErrUnavailable; each error answer is a *wireerr.Error whose
+// kbwire code matches with errors.Is. No answer at all matches ErrUnavailable.
+func (c *KeyBrokerClient) Nonce(ctx context.Context, req *kbwire.NonceRequest) (*kbwire.NonceResponse, error) {
+	return call[kbwire.NonceResponse](ctx, c, kbwire.OpNonce, req)
 }
 
 // Release implements KeyBroker.
-func (c *KeyBrokerClient) Release(ctx context.Context, req *ReleaseRequest) (*ReleaseResponse, error) {
-	var resp ReleaseResponse
-	return &resp, c.call(ctx, KeyBrokerOpRelease, req, &resp)
+func (c *KeyBrokerClient) Release(ctx context.Context, req *kbwire.ReleaseRequest) (*kbwire.ReleaseResponse, error) {
+	return call[kbwire.ReleaseResponse](ctx, c, kbwire.OpRelease, req)
 }
 
 // Adopt implements KeyBroker.
-func (c *KeyBrokerClient) Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error) {
-	var resp AdoptResponse
-	return &resp, c.call(ctx, KeyBrokerOpAdopt, req, &resp)
+func (c *KeyBrokerClient) Adopt(ctx context.Context, req *kbwire.AdoptRequest) (*kbwire.AdoptResponse, error) {
+	return call[kbwire.AdoptResponse](ctx, c, kbwire.OpAdopt, req)
 }
 
 // Reissue implements KeyBroker.
-func (c *KeyBrokerClient) Reissue(ctx context.Context, req *ReissueRequest) (*ReissueResponse, error) {
-	var resp ReissueResponse
-	return &resp, c.call(ctx, KeyBrokerOpReissue, req, &resp)
+func (c *KeyBrokerClient) Reissue(ctx context.Context, req *kbwire.ReissueRequest) (*kbwire.ReissueResponse, error) {
+	return call[kbwire.ReissueResponse](ctx, c, kbwire.OpReissue, req)
 }
 
 // Destroy implements KeyBroker.
-func (c *KeyBrokerClient) Destroy(ctx context.Context, req *DestroyRequest) (*DestroyResponse, error) {
-	var resp DestroyResponse
-	return &resp, c.call(ctx, KeyBrokerOpDestroy, req, &resp)
+func (c *KeyBrokerClient) Destroy(ctx context.Context, req *kbwire.DestroyRequest) (*DestroyResponse, error) {
+	return call[DestroyResponse](ctx, c, kbwire.OpDestroy, req)
 }
 
-func (c *KeyBrokerClient) call(ctx context.Context, op string, req, resp any) error {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.timeout)
-		defer cancel()
+// deniedCodes and unavailableCodes classify the keybroker's error answers for the broker.
+var (
+	deniedCodes      = []wireerr.Code{kbwire.CodeDenied, kbwire.CodePolicyRejected, kbwire.CodeEvidenceRejected, kbwire.CodeUnknownTenant}
+	unavailableCodes = []wireerr.Code{kbwire.CodeUnavailable, kbwire.CodeBusy, kbwire.CodeDestructionPending}
+)
+
+func call[Resp, Req any](ctx context.Context, c *KeyBrokerClient, op string, req Req) (*Resp, error) {
+	resp, err := natsrpc.Call[Req, Resp](ctx, c.nc, kbwire.SubjectPrefix+"."+op, req,
+		natsrpc.WithTimeout(c.timeout), natsrpc.WithMaxResponse(maxReply))
+	if err == nil {
+		return resp, nil
 	}
-	if err := request(ctx, c.nc, KeyBrokerSubjectPrefix+"."+op, req, resp); err != nil {
-		if e, ok := errors.AsType[*Error](err); ok {
-			switch e.Code {
-			case "denied", "policy_rejected", "evidence_rejected", "unknown_tenant":
-				return &keybrokerError{op: op, class: ErrDenied, wire: e}
-			case "unavailable", "busy", "destruction_pending":
-				return &keybrokerError{op: op, class: ErrUnavailable, wire: e}
-			}
+	if e, ok := errors.AsType[*wireerr.Error](err); ok {
+		switch {
+		case slices.Contains(deniedCodes, e.Code):
+			return nil, &keybrokerError{op: op, class: ErrDenied, wire: e}
+		case slices.Contains(unavailableCodes, e.Code):
+			return nil, &keybrokerError{op: op, class: ErrUnavailable, wire: e}
 		}
-		return fmt.Errorf("calling keybroker %s: %w", op, err)
+		return nil, fmt.Errorf("calling keybroker %s: %w", op, err)
 	}
-	return nil
+	if errors.Is(err, natsrpc.ErrNoAnswer) {
+		return nil, fmt.Errorf("calling keybroker %s: %w: %w", op, ErrUnavailable, err)
+	}
+	return nil, fmt.Errorf("calling keybroker %s: %w", op, err)
 }
 
 // keybrokerError is an error answer of the keybroker that the broker classifies: it matches
-// its class (ErrDenied or ErrUnavailable) and the keybroker's *Error, whose message already
-// names the decision and every failing rule.
+// its class (ErrDenied or ErrUnavailable) and the keybroker's error answer (and so its kbwire
+// code), whose message already names the decision and every failing rule.
 type keybrokerError struct {
 	op    string
 	class error
-	wire  *Error
+	wire  *wireerr.Error
 }
 
 func (e *keybrokerError) Error() string {
-	if e.wire.Code == e.class.Error() {
+	if string(e.wire.Code) == e.class.Error() {
 		return fmt.Sprintf("keybroker %s %v: %s", e.op, e.class, e.wire.Message)
 	}
 	return fmt.Sprintf("keybroker %s %v (%s): %s", e.op, e.class, e.wire.Code, e.wire.Message)
@@ -176,26 +140,3 @@ func (e *keybrokerError) Unwrap() []error { return []error{e.class, e.wire} }
 
 // maxReply bounds replies read by the broker's clients.
 const maxReply = 4 << 20
-
-// request sends req as JSON to subject and decodes the reply into resp. A reply with NATS
-// micro error headers becomes an *Error; no responders or a timeout match ErrUnavailable.
-func request(ctx context.Context, nc *nats.Conn, subject string, req, resp any) error {
-	data, err := json.Marshal(req)
-	if err != nil {
-		return fmt.Errorf("encoding request: %w", err)
-	}
-	msg, err := nc.RequestWithContext(ctx, subject, data)
-	if err != nil {
-		return fmt.Errorf("requesting %s: %w: %w", subject, ErrUnavailable, err)
-	}
-	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
-		return &Error{Code: code, Message: msg.Header.Get(micro.ErrorHeader)}
-	}
-	if len(msg.Data) > maxReply {
-		return fmt.Errorf("reading reply of %s: %d bytes exceeds the limit", subject, len(msg.Data))
-	}
-	if err := json.Unmarshal(msg.Data, resp); err != nil {
-		return fmt.Errorf("decoding reply of %s: %w", subject, err)
-	}
-	return nil
-}

@@ -9,7 +9,9 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/keybroker/grant"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"golang.org/x/sync/errgroup"
@@ -240,14 +242,14 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 	if err != nil {
 		return err
 	}
-	var srcNonce, dstNonce *NonceResponse
+	var srcNonce, dstNonce *kbwire.NonceResponse
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() (err error) {
-		srcNonce, err = b.kb.Nonce(gctx, &NonceRequest{MigrationID: m.ID, Role: attest.RoleSource})
+		srcNonce, err = b.kb.Nonce(gctx, &kbwire.NonceRequest{MigrationID: m.ID, Role: attest.RoleSource})
 		return err
 	})
 	g.Go(func() (err error) {
-		dstNonce, err = b.kb.Nonce(gctx, &NonceRequest{MigrationID: m.ID, Role: attest.RoleDestination})
+		dstNonce, err = b.kb.Nonce(gctx, &kbwire.NonceRequest{MigrationID: m.ID, Role: attest.RoleDestination})
 		return err
 	})
 	if err := g.Wait(); err != nil {
@@ -277,14 +279,14 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 	if err := g.Wait(); err != nil {
 		return err
 	}
-	dstHost := KeyBrokerHost{Name: m.Destination}
+	dstHost := kbwire.Host{Name: m.Destination}
 	if h, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, m.Destination); err == nil {
 		dstHost.Labels, dstHost.Region = h.Labels, h.Region
 	}
-	rel, err := b.kb.Release(ctx, &ReleaseRequest{
+	rel, err := b.kb.Release(ctx, &kbwire.ReleaseRequest{
 		MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Policy: pol.Envelope,
-		Source:          Attestation{Nonce: srcNonce.Nonce, Evidence: srcEv},
-		Destination:     Attestation{Nonce: dstNonce.Nonce, Evidence: prep.Evidence},
+		Source:          kbwire.Attestation{Nonce: srcNonce.Nonce, Evidence: srcEv},
+		Destination:     kbwire.Attestation{Nonce: dstNonce.Nonce, Evidence: prep.Evidence},
 		DestinationHost: dstHost, SourceHost: m.Source,
 	})
 	if errors.Is(err, ErrDenied) {
@@ -381,12 +383,12 @@ func (b *Broker) stepTransfer(ctx context.Context, m *Migration) (bool, error) {
 // idempotent.
 func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 	var note string
-	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingCommit, CommitAck: m.CommitAck}
+	req := &kbwire.DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: kbwire.Commit, CommitAck: m.CommitAck}
 	ev, nonce, err := b.erasureEvidence(ctx, m, m.Source)
 	unresolved := false
 	switch {
 	case err == nil:
-		req.Erasure = &Attestation{Nonce: nonce, Evidence: ev}
+		req.Erasure = &kbwire.Attestation{Nonce: nonce, Evidence: ev}
 		if m.ErasureRefused != "" {
 			// The keybroker refused this source's erasure evidence before (the tenant's
 			// policy does not accept it): the commit goes on, the receipt says the erasure is
@@ -411,7 +413,7 @@ func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 		note = "source lost before erasure evidence (" + why + "); its keys are destroyed"
 	}
 	resp, err := b.kb.Destroy(ctx, req)
-	if e, ok := errors.AsType[*Error](err); ok && e.Code == "erasure_rejected" && !req.UnverifiedErasure {
+	if e, ok := errors.AsType[*wireerr.Error](err); ok && e.Code == kbwire.CodeErasureRejected && !req.UnverifiedErasure {
 		b.log.Warn("The keybroker refused the source's erasure evidence; committing with an unverified erasure", logKeyMigration, m.ID, logKeyError, err)
 		return b.update(ctx, m.ID, PhaseCommitted, func(m *Migration) { m.ErasureRefused = e.Message })
 	}
@@ -467,11 +469,11 @@ func (b *Broker) stepAbort(ctx context.Context, m *Migration) error {
 	// The keybroker destroys the destination's keys only with its evidence that it erased
 	// what it received and never resumed the guest, or, for a destination lost for good, with
 	// a receipt that says that is unproven.
-	req := &DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: EndingAbort}
+	req := &kbwire.DestroyRequest{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Ending: kbwire.Abort}
 	ev, nonce, err := b.erasureEvidence(ctx, m, m.Destination)
 	switch {
 	case err == nil:
-		req.Erasure = &Attestation{Nonce: nonce, Evidence: ev}
+		req.Erasure = &kbwire.Attestation{Nonce: nonce, Evidence: ev}
 	case errors.Is(err, agentapi.ErrNotFound):
 		// The destination never prepared: no key was released to it.
 	default:
@@ -536,7 +538,7 @@ func (b *Broker) abortBecameCommit(ctx context.Context, m *Migration, end string
 // m, bound to a fresh keybroker nonce and to the HPKE key the keybroker's grant names for that
 // end. It returns the agent's errors (ErrNotFound for a migration it never heard of).
 func (b *Broker) erasureEvidence(ctx context.Context, m *Migration, host string) (*attest.Evidence, []byte, error) {
-	nonce, err := b.kb.Nonce(ctx, &NonceRequest{MigrationID: m.ID, Role: attest.RoleErased})
+	nonce, err := b.kb.Nonce(ctx, &kbwire.NonceRequest{MigrationID: m.ID, Role: attest.RoleErased})
 	if err != nil {
 		return nil, nil, fmt.Errorf("getting an erasure nonce: %w", err)
 	}

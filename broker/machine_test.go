@@ -3,6 +3,7 @@ package broker_test
 import (
 	"encoding/json"
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"slices"
 	"strings"
 	"sync"
@@ -105,7 +106,7 @@ func TestHappyPath(t *testing.T) {
 		t.Errorf("receipt = %+v", r)
 	}
 	d := e.kb.Destroys()
-	if len(d) != 1 || d[0].Ending != broker.EndingCommit || d[0].Erasure == nil || d[0].Erasure.Evidence == nil {
+	if len(d) != 1 || d[0].Ending != kbwire.Commit || d[0].Erasure == nil || d[0].Erasure.Evidence == nil {
 		t.Errorf("destroys = %+v, want one commit with erasure evidence", d)
 	}
 	if _, erased, _, _ := e.agents["h1"].State(id); !erased {
@@ -214,7 +215,7 @@ func TestAgentLostMidTransfer(t *testing.T) {
 		t.Errorf("destination aborted=%v keys=%v, want aborted without keys", aborted, keys)
 	}
 	d := e.kb.Destroys()
-	if len(d) != 1 || d[0].Ending != broker.EndingAbort || d[0].MigrationID != id {
+	if len(d) != 1 || d[0].Ending != kbwire.Abort || d[0].MigrationID != id {
 		t.Errorf("destroys = %+v, want one abort of %s", d, id)
 	}
 	g, err := e.tenant(tenant).ListGuests(t.Context(), &broker.ListGuestsRequest{})

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"strings"
 	"time"
 
@@ -76,10 +77,10 @@ func tenantDeputy(s *scn) {
 // confined to tenant.register) sends requests whose reply subjects delete every stream.
 func keybrokerDeputy(s *scn) {
 	for _, op := range []string{"nonce", "release", "destroy", "receipt", "public_key", "tenant.register"} {
-		s.sendDeputyRequests(s.conn, broker.KeyBrokerSubjectPrefix+"."+op)
+		s.sendDeputyRequests(s.conn, kbwire.SubjectPrefix+"."+op)
 	}
 	// The keybroker answers a proper request after them.
-	if _, err := s.kbc.Nonce(s.t.Context(), &broker.NonceRequest{MigrationID: "deputy-probe", Role: attest.RoleSource}); err != nil {
+	if _, err := s.kbc.Nonce(s.t.Context(), &kbwire.NonceRequest{MigrationID: "deputy-probe", Role: attest.RoleSource}); err != nil {
 		s.t.Fatal(err)
 	}
 	s.requireStreams()

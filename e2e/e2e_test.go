@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"slices"
 	"strings"
 	"sync"
@@ -254,7 +255,7 @@ func policyAttack(envelope func(*scn) []byte, names string) func(*scn) {
 // real evidence from the source and destination agents, and asks for the keys, after mutate
 // changed the request. The agents' state of the migration is aborted afterwards. It returns
 // the migration id and the keybroker's answer; keys released are destroyed again.
-func (s *scn) directRelease(vm string, src, dst *agent, mutate func(*broker.ReleaseRequest)) (string, error) {
+func (s *scn) directRelease(vm string, src, dst *agent, mutate func(*kbwire.ReleaseRequest)) (string, error) {
 	s.t.Helper()
 	ctx := s.t.Context()
 	id := "adv-" + randomHex(8)
@@ -265,7 +266,7 @@ func (s *scn) directRelease(vm string, src, dst *agent, mutate func(*broker.Rele
 	_, err := s.kbc.Release(ctx, req)
 	if err == nil {
 		s.t.Errorf("the keybroker released keys for %s", id)
-		if _, derr := s.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: id, Tenant: demoTenant, VM: vm, Ending: broker.EndingAbort, UnverifiedErasure: true}); derr != nil {
+		if _, derr := s.kbc.Destroy(ctx, &kbwire.DestroyRequest{MigrationID: id, Tenant: demoTenant, VM: vm, Ending: kbwire.Abort, UnverifiedErasure: true}); derr != nil {
 			s.t.Errorf("destroying the keys of %s: %v", id, derr)
 		}
 	}
@@ -274,14 +275,14 @@ func (s *scn) directRelease(vm string, src, dst *agent, mutate func(*broker.Rele
 }
 
 // releaseRequest builds a genuine release request for migration id of vm from src to dst.
-func (s *scn) releaseRequest(id, vm string, src, dst *agent) *broker.ReleaseRequest {
+func (s *scn) releaseRequest(id, vm string, src, dst *agent) *kbwire.ReleaseRequest {
 	s.t.Helper()
 	ctx := s.t.Context()
-	ns, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: id, Role: attest.RoleSource})
+	ns, err := s.kbc.Nonce(ctx, &kbwire.NonceRequest{MigrationID: id, Role: attest.RoleSource})
 	if err != nil {
 		s.t.Fatalf("getting a source nonce: %v", err)
 	}
-	nd, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: id, Role: attest.RoleDestination})
+	nd, err := s.kbc.Nonce(ctx, &kbwire.NonceRequest{MigrationID: id, Role: attest.RoleDestination})
 	if err != nil {
 		s.t.Fatalf("getting a destination nonce: %v", err)
 	}
@@ -304,11 +305,11 @@ func (s *scn) releaseRequest(id, vm string, src, dst *agent) *broker.ReleaseRequ
 	if err != nil || rec == nil {
 		s.t.Fatalf("reading the destination's host record: %v", err)
 	}
-	return &broker.ReleaseRequest{
+	return &kbwire.ReleaseRequest{
 		MigrationID: id, Tenant: demoTenant, VM: vm, Policy: pol.Envelope,
-		Source:          broker.Attestation{Nonce: ns.Nonce, Evidence: evS},
-		Destination:     broker.Attestation{Nonce: nd.Nonce, Evidence: prep.Evidence},
-		DestinationHost: broker.KeyBrokerHost{Name: dst.host, Labels: rec.Labels, Region: rec.Region},
+		Source:          kbwire.Attestation{Nonce: ns.Nonce, Evidence: evS},
+		Destination:     kbwire.Attestation{Nonce: nd.Nonce, Evidence: prep.Evidence},
+		DestinationHost: kbwire.Host{Name: dst.host, Labels: rec.Labels, Region: rec.Region},
 		SourceHost:      src.host,
 	}
 }
@@ -336,7 +337,7 @@ func evidenceAttack(kind string) func(*scn) {
 		case "hpke":
 			// The broker swaps the destination's HPKE key for its own: the keys would be
 			// sealed to it.
-			id, err = s.directRelease(vm, a, b, func(r *broker.ReleaseRequest) {
+			id, err = s.directRelease(vm, a, b, func(r *kbwire.ReleaseRequest) {
 				k, kerr := seal.GenerateKey()
 				if kerr != nil {
 					s.t.Fatal(kerr)
@@ -364,7 +365,7 @@ func evidenceAttack(kind string) func(*scn) {
 			// Evidence made for migration X, sent with fresh nonces for migration Y.
 			x := s.releaseRequest("adv-"+randomHex(8), vm, a, b)
 			s.abortAgents(x.MigrationID, a, b)
-			id, err = s.directRelease(vm, a, b, func(r *broker.ReleaseRequest) {
+			id, err = s.directRelease(vm, a, b, func(r *kbwire.ReleaseRequest) {
 				r.Source.Evidence, r.Destination.Evidence = x.Source.Evidence, x.Destination.Evidence
 			})
 		}

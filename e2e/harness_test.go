@@ -211,7 +211,7 @@ func newEnv(t *testing.T) *env {
 	demoPub, e.demoKey, _ = ed25519.GenerateKey(rand.Reader)
 	otherPub, e.otherKey, _ = ed25519.GenerateKey(rand.Reader)
 	for tenant, pub := range map[string]ed25519.PublicKey{demoTenant: demoPub, otherTenant: otherPub} {
-		if _, err := e.kb.RegisterTenant(ctx, e.adminRequest(keybroker.RegisterTenantRequest{Tenant: tenant, PolicyKey: pub})); err != nil {
+		if _, err := e.kb.RegisterTenant(ctx, e.adminRequest(kbwire.RegisterTenantRequest{Tenant: tenant, PolicyKey: pub})); err != nil {
 			t.Fatalf("registering tenant %s: %v", tenant, err)
 		}
 	}
@@ -249,7 +249,7 @@ func newEnv(t *testing.T) *env {
 	e.basePolicy = withSVN(y, basePolicySVN)
 	// As lethectl policy apply: published to the keybroker (the floor), then applied.
 	base := e.sign(e.basePolicy, e.demoKey)
-	if _, err := e.kb.PublishPolicy(ctx, &keybroker.PublishPolicyRequest{Policy: base}); err != nil {
+	if _, err := e.kb.PublishPolicy(ctx, &kbwire.PublishPolicyRequest{Policy: base}); err != nil {
 		t.Fatalf("publishing the tenant policy: %v", err)
 	}
 	if _, err := e.demo.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Envelope: base}); err != nil {
@@ -291,13 +291,13 @@ func (e *env) background(name string, f func(context.Context) error) {
 }
 
 // adminRequest signs req as the operator's tenant.register request with the admin key.
-func (e *env) adminRequest(req keybroker.RegisterTenantRequest) *keybroker.AdminRequest {
+func (e *env) adminRequest(req kbwire.RegisterTenantRequest) *kbwire.AdminRequest {
 	e.t.Helper()
 	signed, err := kbwire.SignAdmin(kbwire.OpTenantRegister, req, time.Now(), time.Minute, e.adminKey)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	return &keybroker.AdminRequest{Signed: signed}
+	return &kbwire.AdminRequest{Signed: signed}
 }
 
 // sign signs a policy with key and returns the envelope.

@@ -6,6 +6,7 @@ import (
 	"crypto/sha512"
 	"encoding/json"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"net"
 	"slices"
 	"strings"
@@ -55,9 +56,9 @@ type attackRun struct {
 	id       string
 	vm       string
 	src, dst *agent
-	req      *broker.ReleaseRequest
+	req      *kbwire.ReleaseRequest
 	prep     *agentapi.PrepareResponse
-	rel      *broker.ReleaseResponse
+	rel      *kbwire.ReleaseResponse
 }
 
 // maliciousBroker runs attack on a guest adopted on a fresh SNP host, with a second SNP host as
@@ -114,7 +115,7 @@ func (s *scn) abortRun(r *attackRun) {
 	s.t.Helper()
 	ctx := s.t.Context()
 	s.abortAgents(r.id, r.src, r.dst)
-	nonce, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
+	nonce, err := s.kbc.Nonce(ctx, &kbwire.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -131,9 +132,9 @@ func (s *scn) abortRun(r *attackRun) {
 	if err != nil {
 		s.t.Fatalf("getting the destination's erasure evidence for %s: %v", r.id, err)
 	}
-	resp, err := s.kbc.Destroy(ctx, &broker.DestroyRequest{
-		MigrationID: r.id, Tenant: demoTenant, VM: r.vm, Ending: broker.EndingAbort,
-		Erasure: &broker.Attestation{Nonce: nonce.Nonce, Evidence: ev},
+	resp, err := s.kbc.Destroy(ctx, &kbwire.DestroyRequest{
+		MigrationID: r.id, Tenant: demoTenant, VM: r.vm, Ending: kbwire.Abort,
+		Erasure: &kbwire.Attestation{Nonce: nonce.Nonce, Evidence: ev},
 	})
 	if err != nil {
 		s.t.Fatalf("aborting %s at the keybroker: %v", r.id, err)
@@ -275,7 +276,7 @@ func forgedAdoption(s *scn) {
 	a := s.agent(snp(snpBase, vm))
 	ctx := s.t.Context()
 	id := "adv-adopt-" + randomHex(6)
-	n, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: id, Role: attest.RoleAdopt})
+	n, err := s.kbc.Nonce(ctx, &kbwire.NonceRequest{MigrationID: id, Role: attest.RoleAdopt})
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -364,7 +365,7 @@ func erasureOtherChip(s *scn, r *attackRun) {
 	s.deliver(r)
 	ack := s.transferToCommit(r)
 
-	nonce, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
+	nonce, err := s.kbc.Nonce(ctx, &kbwire.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -385,7 +386,7 @@ func erasureOtherChip(s *scn, r *attackRun) {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	err = s.commit(r, ack, &broker.Attestation{Nonce: nonce.Nonce, Evidence: fake}, false)
+	err = s.commit(r, ack, &kbwire.Attestation{Nonce: nonce.Nonce, Evidence: fake}, false)
 	s.refused("erasure evidence from another chip", err, "chip")
 	s.requireEpochKey(r.vm, 1)
 	s.audits = append(s.audits, auditWant{r.id, keybroker.EventDestroy, keybroker.DecisionDeny})
@@ -403,10 +404,10 @@ func abortAfterCommit(s *scn, r *attackRun) {
 	s.release(r)
 	s.deliver(r)
 	ack := s.transferToCommit(r)
-	_, err := s.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: r.id, Tenant: demoTenant, VM: r.vm, Ending: broker.EndingAbort})
+	_, err := s.kbc.Destroy(ctx, &kbwire.DestroyRequest{MigrationID: r.id, Tenant: demoTenant, VM: r.vm, Ending: kbwire.Abort})
 	s.refused("an abort without the destination's evidence", err, "never resumed the guest")
 	// The destination gives none: it resumed the guest, and says so with its acknowledgement.
-	nonce, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
+	nonce, err := s.kbc.Nonce(ctx, &kbwire.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -428,7 +429,7 @@ func abortAfterCommit(s *scn, r *attackRun) {
 func (s *scn) commitHonestly(r *attackRun, ack []byte) {
 	s.t.Helper()
 	ctx := s.t.Context()
-	nonce, err := s.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
+	nonce, err := s.kbc.Nonce(ctx, &kbwire.NonceRequest{MigrationID: r.id, Role: attest.RoleErased})
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -436,7 +437,7 @@ func (s *scn) commitHonestly(r *attackRun, ack []byte) {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	if err := s.commit(r, ack, &broker.Attestation{Nonce: nonce.Nonce, Evidence: ev}, false); err != nil {
+	if err := s.commit(r, ack, &kbwire.Attestation{Nonce: nonce.Nonce, Evidence: ev}, false); err != nil {
 		s.t.Fatalf("committing with the source's own erasure evidence: %v", err)
 	}
 	s.moveGuestRecord(r)
@@ -495,9 +496,9 @@ func (s *scn) moveGuestRecord(r *attackRun) {
 }
 
 // commit asks the keybroker to commit r.
-func (s *scn) commit(r *attackRun, ack []byte, erasure *broker.Attestation, unverified bool) error {
-	_, err := s.kbc.Destroy(s.t.Context(), &broker.DestroyRequest{
-		MigrationID: r.id, Tenant: demoTenant, VM: r.vm, Ending: broker.EndingCommit,
+func (s *scn) commit(r *attackRun, ack []byte, erasure *kbwire.Attestation, unverified bool) error {
+	_, err := s.kbc.Destroy(s.t.Context(), &kbwire.DestroyRequest{
+		MigrationID: r.id, Tenant: demoTenant, VM: r.vm, Ending: kbwire.Commit,
 		CommitAck: ack, Erasure: erasure, UnverifiedErasure: unverified,
 	})
 	return err
@@ -529,7 +530,7 @@ func otherGuestsID(s *scn) {
 	s.adopt(vm2, b)
 	r := s.attest(vm2, b, c)
 	s.release(r)
-	_, err := s.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: r.id, Tenant: demoTenant, VM: vm1, Ending: broker.EndingAbort})
+	_, err := s.kbc.Destroy(ctx, &kbwire.DestroyRequest{MigrationID: r.id, Tenant: demoTenant, VM: vm1, Ending: kbwire.Abort})
 	s.refused("an abort naming another guest's migration", err, "belongs to another guest")
 	keys, err := s.transitKeys(ctx)
 	if err != nil {

@@ -105,7 +105,7 @@ func stalePolicyKept(s *scn) {
 		s.t.Fatalf("applying policySvn 1: %v", err)
 	}
 	// The tenant raises the floor; the broker never stores the new policy.
-	resp, err := s.kb.PublishPolicy(ctx, &keybroker.PublishPolicyRequest{Policy: s.sign(s.tenantPolicy(name, fmt.Sprintf("[%q]", vm), 2), s.demoKey)})
+	resp, err := s.kb.PublishPolicy(ctx, &kbwire.PublishPolicyRequest{Policy: s.sign(s.tenantPolicy(name, fmt.Sprintf("[%q]", vm), 2), s.demoKey)})
 	if err != nil || resp.Floor != 2 {
 		s.t.Fatalf("publishing policySvn 2: %+v, %v", resp, err)
 	}
@@ -122,7 +122,7 @@ func stalePolicyKept(s *scn) {
 func adminReKey(s *scn) {
 	ctx := s.t.Context()
 	pub, _, _ := ed25519.GenerateKey(rand.Reader)
-	_, err := s.kb.RegisterTenant(ctx, s.adminRequest(keybroker.RegisterTenantRequest{Tenant: demoTenant, PolicyKey: pub}))
+	_, err := s.kb.RegisterTenant(ctx, s.adminRequest(kbwire.RegisterTenantRequest{Tenant: demoTenant, PolicyKey: pub}))
 	if !errors.Is(err, keybroker.ErrUnauthorized) {
 		s.t.Fatalf("the admin re-keyed tenant demo: %v, want ErrUnauthorized", err)
 	}
@@ -130,7 +130,7 @@ func adminReKey(s *scn) {
 		s.t.Errorf("the refused re-key was not audited")
 	}
 	// An admin request is used once: one captured on its way is worth nothing.
-	fresh := s.adminRequest(keybroker.RegisterTenantRequest{Tenant: fmt.Sprintf("t%02d", s.index), PolicyKey: pub})
+	fresh := s.adminRequest(kbwire.RegisterTenantRequest{Tenant: fmt.Sprintf("t%02d", s.index), PolicyKey: pub})
 	if _, err := s.kb.RegisterTenant(ctx, fresh); err != nil {
 		s.t.Fatalf("registering a new tenant: %v", err)
 	}
@@ -149,7 +149,7 @@ func rotationByAnotherKey(s *scn) {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	if _, err := s.kb.RotateKey(s.t.Context(), &keybroker.RotateKeyRequest{Signed: signed}); !errors.Is(err, keybroker.ErrUnauthorized) {
+	if _, err := s.kb.RotateKey(s.t.Context(), &kbwire.RotateKeyRequest{Signed: signed}); !errors.Is(err, keybroker.ErrUnauthorized) {
 		s.t.Fatalf("a rotation signed by another tenant's key: %v, want ErrUnauthorized", err)
 	}
 	if !s.tenantEvent(keybroker.EventRotateKey, demoTenant, keybroker.DecisionDeny) {
@@ -173,7 +173,7 @@ func rotationByCurrentKey(s *scn) {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	if _, err := s.kb.RotateKey(ctx, &keybroker.RotateKeyRequest{Signed: signed}); err != nil {
+	if _, err := s.kb.RotateKey(ctx, &kbwire.RotateKeyRequest{Signed: signed}); err != nil {
 		s.t.Fatalf("rotation signed by the current key: %v", err)
 	}
 	if !s.tenantEvent(keybroker.EventRotateKey, demoTenant, keybroker.DecisionAllow) {
@@ -196,7 +196,7 @@ func rotationByCurrentKey(s *scn) {
 		s.t.Fatalf("re-applying the tenant-wide policy under the new key: %v", err)
 	}
 	// A replay of the rotation (its key is retired) changes nothing.
-	if _, err := s.kb.RotateKey(ctx, &keybroker.RotateKeyRequest{Signed: signed}); !errors.Is(err, keybroker.ErrUnauthorized) {
+	if _, err := s.kb.RotateKey(ctx, &kbwire.RotateKeyRequest{Signed: signed}); !errors.Is(err, keybroker.ErrUnauthorized) {
 		s.t.Errorf("a replayed rotation: %v, want ErrUnauthorized", err)
 	}
 	s.outcome = "rotated: the old key's policy refused (aborted), the new key's committed"

@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/hex"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"slices"
 	"strings"
 
@@ -98,7 +99,7 @@ func preparedKey(name func(id, vm string, epoch uint64) string) func(*scn) {
 			s.t.Fatalf("reading the guest record: %v", err)
 		}
 		var prepared string
-		id, err := s.directRelease(vm, a, b, func(req *broker.ReleaseRequest) {
+		id, err := s.directRelease(vm, a, b, func(req *kbwire.ReleaseRequest) {
 			prepared = name(req.MigrationID, vm, rec.Epoch)
 			if _, err := s.vault.Client.Logical().WriteWithContext(s.t.Context(), vaulttest.TransitMount+"/keys/"+prepared,
 				map[string]any{"type": "aes256-gcm96", "exportable": true}); err != nil {

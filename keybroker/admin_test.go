@@ -24,30 +24,30 @@ func TestRegisterTenant(t *testing.T) {
 	other, _, _ := ed25519.GenerateKey(rand.Reader)
 	_, notAdmin, _ := ed25519.GenerateKey(rand.Reader)
 	now := e.clock.Now()
-	signed := func(req RegisterTenantRequest) *AdminRequest {
+	signed := func(req kbwire.RegisterTenantRequest) *kbwire.AdminRequest {
 		return adminRequest(t, testAdminKey, kbwire.OpTenantRegister, req, now)
 	}
-	replayed := signed(RegisterTenantRequest{Tenant: "replay", PolicyKey: other})
+	replayed := signed(kbwire.RegisterTenantRequest{Tenant: "replay", PolicyKey: other})
 	tests := map[string]struct {
-		req  *AdminRequest
+		req  *kbwire.AdminRequest
 		want error
 	}{
-		"no statement":              {req: &AdminRequest{}, want: ErrUnauthorized},
-		"signed by another key":     {req: adminRequest(t, notAdmin, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now), want: ErrUnauthorized},
-		"for another operation":     {req: adminRequest(t, testAdminKey, kbwire.OpPolicyPublish, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now), want: ErrUnauthorized},
-		"expired":                   {req: adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now.Add(-6*time.Minute)), want: ErrUnauthorized},
-		"issued in the future":      {req: adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now.Add(2*time.Minute)), want: ErrUnauthorized},
-		"new tenant":                {req: signed(RegisterTenantRequest{Tenant: "acme", PolicyKey: pub})},
-		"same key again":            {req: signed(RegisterTenantRequest{Tenant: "acme", PolicyKey: pub})},
-		"another key (re-key)":      {req: signed(RegisterTenantRequest{Tenant: "acme", PolicyKey: other}), want: ErrUnauthorized},
-		"another recovery key":      {req: signed(RegisterTenantRequest{Tenant: "acme", PolicyKey: pub, RecoveryKey: other}), want: ErrUnauthorized},
+		"no statement":              {req: &kbwire.AdminRequest{}, want: ErrUnauthorized},
+		"signed by another key":     {req: adminRequest(t, notAdmin, kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now), want: ErrUnauthorized},
+		"for another operation":     {req: adminRequest(t, testAdminKey, kbwire.OpPolicyPublish, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now), want: ErrUnauthorized},
+		"expired":                   {req: adminRequest(t, testAdminKey, kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now.Add(-6*time.Minute)), want: ErrUnauthorized},
+		"issued in the future":      {req: adminRequest(t, testAdminKey, kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, now.Add(2*time.Minute)), want: ErrUnauthorized},
+		"new tenant":                {req: signed(kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub})},
+		"same key again":            {req: signed(kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub})},
+		"another key (re-key)":      {req: signed(kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: other}), want: ErrUnauthorized},
+		"another recovery key":      {req: signed(kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub, RecoveryKey: other}), want: ErrUnauthorized},
 		"first use":                 {req: replayed},
 		"replayed":                  {req: replayed, want: ErrUnauthorized},
-		"dash-prefix of a tenant":   {req: signed(RegisterTenantRequest{Tenant: "demo-eu", PolicyKey: pub}), want: ErrInvalidRequest},
-		"reserved name":             {req: signed(RegisterTenantRequest{Tenant: "mig", PolicyKey: pub}), want: ErrInvalidRequest},
-		"bad name":                  {req: signed(RegisterTenantRequest{Tenant: "Acme/x", PolicyKey: pub}), want: ErrInvalidRequest},
-		"short key":                 {req: signed(RegisterTenantRequest{Tenant: "short", PolicyKey: pub[:31]}), want: ErrInvalidRequest},
-		"recovery key = policy key": {req: signed(RegisterTenantRequest{Tenant: "same", PolicyKey: pub, RecoveryKey: pub}), want: ErrInvalidRequest},
+		"dash-prefix of a tenant":   {req: signed(kbwire.RegisterTenantRequest{Tenant: "demo-eu", PolicyKey: pub}), want: ErrInvalidRequest},
+		"reserved name":             {req: signed(kbwire.RegisterTenantRequest{Tenant: "mig", PolicyKey: pub}), want: ErrInvalidRequest},
+		"bad name":                  {req: signed(kbwire.RegisterTenantRequest{Tenant: "Acme/x", PolicyKey: pub}), want: ErrInvalidRequest},
+		"short key":                 {req: signed(kbwire.RegisterTenantRequest{Tenant: "short", PolicyKey: pub[:31]}), want: ErrInvalidRequest},
+		"recovery key = policy key": {req: signed(kbwire.RegisterTenantRequest{Tenant: "same", PolicyKey: pub, RecoveryKey: pub}), want: ErrInvalidRequest},
 	}
 	// Ordered: later cases build on earlier ones.
 	for _, name := range []string{"no statement", "signed by another key", "for another operation", "expired", "issued in the future",
@@ -80,7 +80,7 @@ func TestRegisterTenantWithoutAdminKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	pub, _, _ := ed25519.GenerateKey(rand.Reader)
-	req := adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, e.clock.Now())
+	req := adminRequest(t, testAdminKey, kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}, e.clock.Now())
 	if _, err := kb.RegisterTenant(t.Context(), req); !errors.Is(err, ErrUnauthorized) {
 		t.Fatalf("a keybroker without an admin key: %v, want ErrUnauthorized", err)
 	}
@@ -90,7 +90,7 @@ func TestAdopt(t *testing.T) {
 	e := newEnv(t)
 	t.Run("allowed", func(t *testing.T) {
 		a := e.attest("source", "adopt-vm1", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-		resp, err := e.kb.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-vm1", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
+		resp, err := e.kb.Adopt(t.Context(), &kbwire.AdoptRequest{AdoptionID: "adopt-vm1", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -110,7 +110,7 @@ func TestAdopt(t *testing.T) {
 	})
 	t.Run("again", func(t *testing.T) {
 		a := e.attest("source", "adopt-vm1b", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-		_, err := e.kb.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-vm1b", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
+		_, err := e.kb.Adopt(t.Context(), &kbwire.AdoptRequest{AdoptionID: "adopt-vm1b", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
 		if !errors.Is(err, ErrAlreadyAdopted) {
 			t.Fatalf("second adoption = %v, want ErrAlreadyAdopted", err)
 		}
@@ -121,7 +121,7 @@ func TestAdopt(t *testing.T) {
 			return strings.Replace(y, "    clean:\n", "    hostLabels: {zone: a}\n    clean:\n", 1)
 		})
 		a := e.attest("source", "adopt-vm2", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-		_, err := e.kb.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-vm2", Tenant: "demo", VM: "vm2", Policy: signed, Agent: a.att, Host: Host{Name: "h", Labels: map[string]string{"zone": "b"}}})
+		_, err := e.kb.Adopt(t.Context(), &kbwire.AdoptRequest{AdoptionID: "adopt-vm2", Tenant: "demo", VM: "vm2", Policy: signed, Agent: a.att, Host: kbwire.Host{Name: "h", Labels: map[string]string{"zone": "b"}}})
 		if !errors.Is(err, ErrDenied) {
 			t.Fatalf("Adopt = %v, want ErrDenied", err)
 		}

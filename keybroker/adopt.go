@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/grant"
@@ -18,7 +19,7 @@ import (
 // It returns ErrInvalidRequest; ErrNonceUnknown, ErrNonceExpired or ErrNonceUsed;
 // ErrEvidenceRejected; ErrUnknownTenant; ErrAlreadyAdopted; ErrGuestBusy; ErrPolicyRejected;
 // ErrDenied; or ErrVaultUnavailable (nothing released; a created key is destroyed).
-func (k *Keybroker) Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error) {
+func (k *Keybroker) Adopt(ctx context.Context, req *kbwire.AdoptRequest) (*kbwire.AdoptResponse, error) {
 	ev := agentEvent(EventAdopt, req.AdoptionID, req.Tenant, req.VM, req.Agent)
 	resp, err := k.adopt(ctx, req, &ev)
 	if err != nil {
@@ -28,7 +29,7 @@ func (k *Keybroker) Adopt(ctx context.Context, req *AdoptRequest) (*AdoptRespons
 	return resp, err
 }
 
-func (k *Keybroker) adopt(ctx context.Context, req *AdoptRequest, ev *Event) (*AdoptResponse, error) {
+func (k *Keybroker) adopt(ctx context.Context, req *kbwire.AdoptRequest, ev *Event) (*kbwire.AdoptResponse, error) {
 	r := agentRequest{id: req.AdoptionID, tenant: req.Tenant, vm: req.VM, policy: req.Policy, agent: req.Agent, host: req.Host}
 	a, err := k.admitAgent(ctx, r, ev, func(ver int, g *guestRecord) error {
 		if ver != 0 && (g.Epoch != 0 || g.Migration != nil) {
@@ -55,7 +56,7 @@ func (k *Keybroker) adopt(ctx context.Context, req *AdoptRequest, ev *Event) (*A
 		k.abandonRelease(ctx, cleanup)
 		return nil, err
 	}
-	resp, err := func() (*AdoptResponse, error) {
+	resp, err := func() (*kbwire.AdoptResponse, error) {
 		if err := k.keys.createKey(ctx, epochKey, "aes256-gcm96"); err != nil {
 			return nil, err
 		}
@@ -76,7 +77,7 @@ func (k *Keybroker) adopt(ctx context.Context, req *AdoptRequest, ev *Event) (*A
 		if _, err := k.recs.put(ctx, path, &g, ver); err != nil {
 			return nil, err
 		}
-		return &AdoptResponse{Epoch: 1, Sealed: sealed, WrappedMDK: wrapped, PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Grant: signed}, nil
+		return &kbwire.AdoptResponse{Epoch: 1, Sealed: sealed, WrappedMDK: wrapped, PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Grant: signed}, nil
 	}()
 	if err != nil {
 		k.abandonRelease(ctx, cleanup)
@@ -96,7 +97,7 @@ func (k *Keybroker) adopt(ctx context.Context, req *AdoptRequest, ev *Event) (*A
 //
 // It returns ErrInvalidRequest; the nonce errors; ErrEvidenceRejected; ErrUnknownTenant;
 // ErrNotAdopted; ErrPolicyRejected; ErrDenied; or ErrVaultUnavailable.
-func (k *Keybroker) Reissue(ctx context.Context, req *ReissueRequest) (*ReissueResponse, error) {
+func (k *Keybroker) Reissue(ctx context.Context, req *kbwire.ReissueRequest) (*kbwire.ReissueResponse, error) {
 	ev := agentEvent(EventReissue, req.ReissueID, req.Tenant, req.VM, req.Agent)
 	resp, err := k.reissue(ctx, req, &ev)
 	if err != nil {
@@ -106,7 +107,7 @@ func (k *Keybroker) Reissue(ctx context.Context, req *ReissueRequest) (*ReissueR
 	return resp, err
 }
 
-func (k *Keybroker) reissue(ctx context.Context, req *ReissueRequest, ev *Event) (*ReissueResponse, error) {
+func (k *Keybroker) reissue(ctx context.Context, req *kbwire.ReissueRequest, ev *Event) (*kbwire.ReissueResponse, error) {
 	r := agentRequest{id: req.ReissueID, tenant: req.Tenant, vm: req.VM, policy: req.Policy, agent: req.Agent, host: req.Host}
 	a, err := k.admitAgent(ctx, r, ev, func(ver int, g *guestRecord) error {
 		if ver == 0 || g.Epoch == 0 || g.WrappedMDK == "" {
@@ -132,7 +133,7 @@ func (k *Keybroker) reissue(ctx context.Context, req *ReissueRequest, ev *Event)
 	if err != nil {
 		return nil, err
 	}
-	return &ReissueResponse{Epoch: g.Epoch, Sealed: sealed, PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Grant: signed}, nil
+	return &kbwire.ReissueResponse{Epoch: g.Epoch, Sealed: sealed, PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Grant: signed}, nil
 }
 
 // agentRequest is what an adoption and a reissue have in common: one agent, attesting in role
@@ -140,8 +141,8 @@ func (k *Keybroker) reissue(ctx context.Context, req *ReissueRequest, ev *Event)
 type agentRequest struct {
 	id, tenant, vm string
 	policy         []byte
-	agent          Attestation
-	host           Host
+	agent          kbwire.Attestation
+	host           kbwire.Host
 }
 
 // agentGrant is the statement of an adoption or a reissue: MDK_to sealed to one agent.
@@ -154,7 +155,7 @@ func agentGrant(op grant.Op, r agentRequest, from, to uint64, dec *PolicyDecisio
 }
 
 // agentEvent returns the audit event of an adoption or a reissue, before its outcome.
-func agentEvent(kind EventKind, id, tenant, vm string, agent Attestation) Event {
+func agentEvent(kind EventKind, id, tenant, vm string, agent kbwire.Attestation) Event {
 	ev := Event{Kind: kind, MigrationID: id, Tenant: tenant, VM: vm}
 	if e := agent.Evidence; e != nil {
 		d := e.Digest()

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"strings"
 	"time"
 
@@ -67,7 +68,7 @@ type receiptRecord struct {
 // concurrently; a journaled destruction is retried); ErrDestructionPending; or an error
 // wrapping ErrVaultUnavailable when Vault could not be reached before anything was journaled
 // (nothing was destroyed; ask again).
-func (k *Keybroker) Destroy(ctx context.Context, req *DestroyRequest) (*DestroyResponse, error) {
+func (k *Keybroker) Destroy(ctx context.Context, req *kbwire.DestroyRequest) (*kbwire.DestroyResponse, error) {
 	ev := Event{Kind: EventDestroy, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM}
 	env, err := k.destroy(ctx, req, &ev)
 	if err != nil {
@@ -77,11 +78,11 @@ func (k *Keybroker) Destroy(ctx context.Context, req *DestroyRequest) (*DestroyR
 		}
 		return nil, err
 	}
-	return &DestroyResponse{Receipt: env}, nil
+	return &kbwire.DestroyResponse{Receipt: env}, nil
 }
 
 // checkDestroy checks a destroy request's form: names, ending, and proof with a commit only.
-func checkDestroy(req *DestroyRequest) error {
+func checkDestroy(req *kbwire.DestroyRequest) error {
 	if err := checkID(req.MigrationID); err != nil {
 		return err
 	}
@@ -89,21 +90,21 @@ func checkDestroy(req *DestroyRequest) error {
 		return err
 	}
 	switch req.Ending {
-	case Commit:
+	case kbwire.Commit:
 		if len(req.CommitAck) > grant.MaxCommitAck {
 			return fmt.Errorf("commit acknowledgement of %d bytes exceeds %d: %w", len(req.CommitAck), grant.MaxCommitAck, ErrInvalidRequest)
 		}
-	case Abort:
+	case kbwire.Abort:
 		if len(req.CommitAck) > 0 {
 			return fmt.Errorf("a commit acknowledgement comes with a commit only: %w", ErrInvalidRequest)
 		}
 	default:
-		return fmt.Errorf("ending %q is neither %q nor %q: %w", req.Ending, Commit, Abort, ErrInvalidRequest)
+		return fmt.Errorf("ending %q is neither %q nor %q: %w", req.Ending, kbwire.Commit, kbwire.Abort, ErrInvalidRequest)
 	}
 	return nil
 }
 
-func (k *Keybroker) destroy(ctx context.Context, req *DestroyRequest, ev *Event) (*receipt.Envelope, error) {
+func (k *Keybroker) destroy(ctx context.Context, req *kbwire.DestroyRequest, ev *Event) (*receipt.Envelope, error) {
 	if err := checkDestroy(req); err != nil {
 		return nil, err
 	}
@@ -143,21 +144,21 @@ func (k *Keybroker) destroy(ctx context.Context, req *DestroyRequest, ev *Event)
 		if !errors.Is(err, ErrUnknownMigration) {
 			return env, err
 		}
-		if req.Ending == Commit || ver == 0 || g.Epoch == 0 || m != nil {
+		if req.Ending == kbwire.Commit || ver == 0 || g.Epoch == 0 || m != nil {
 			return nil, fmt.Errorf("migration %s of %s/%s: %w", req.MigrationID, req.Tenant, req.VM, ErrUnknownMigration)
 		}
 		// An abort before any release: executeDestroy records it.
-	case req.Ending == Commit && m.State == stateReleased:
+	case req.Ending == kbwire.Commit && m.State == stateReleased:
 		if err := k.proveCommit(ctx, req, m, e); err != nil {
 			return nil, err
 		}
-	case req.Ending == Abort && m.State == stateReleased:
+	case req.Ending == kbwire.Abort && m.State == stateReleased:
 		if err := k.proveAbort(ctx, req, m, e); err != nil {
 			return nil, err
 		}
-	case req.Ending == Commit && m.State == stateReleasing:
+	case req.Ending == kbwire.Commit && m.State == stateReleasing:
 		return nil, fmt.Errorf("commit of migration %s whose keys were never released: %w", m.ID, ErrUnknownMigration)
-	case req.Ending == Commit && m.State == stateAborted, req.Ending == Abort && m.State == stateCommitted:
+	case req.Ending == kbwire.Commit && m.State == stateAborted, req.Ending == kbwire.Abort && m.State == stateCommitted:
 		return nil, fmt.Errorf("%s of migration %s, which has %s: %w", req.Ending, m.ID, m.State, ErrBothEpochs)
 	}
 	// What is left: a proven commit, an abort, or a repeat of an ending already recorded in
@@ -178,7 +179,7 @@ func (k *Keybroker) destroy(ctx context.Context, req *DestroyRequest, ev *Event)
 // unverified erasure). It records the acknowledgement's digest and the erasure evidence in e
 // and marks e proven. It returns ErrUnproven, the nonce errors, ErrEvidenceRejected, or
 // ErrVaultUnavailable.
-func (k *Keybroker) proveCommit(ctx context.Context, req *DestroyRequest, m *migrationRecord, e *journalEntry) error {
+func (k *Keybroker) proveCommit(ctx context.Context, req *kbwire.DestroyRequest, m *migrationRecord, e *journalEntry) error {
 	// What needs no Vault first.
 	ack, err := grant.ParseCommitAck(req.CommitAck)
 	if err != nil {
@@ -219,7 +220,7 @@ func (k *Keybroker) proveCommit(ctx context.Context, req *DestroyRequest, m *mig
 // it, req must ask for an unverified erasure (the destination host is lost), and the receipt
 // then says aborted-unverified-erasure. It records the evidence in e and returns ErrUnproven,
 // the nonce errors, ErrEvidenceRejected or ErrVaultUnavailable.
-func (k *Keybroker) proveAbort(ctx context.Context, req *DestroyRequest, m *migrationRecord, e *journalEntry) error {
+func (k *Keybroker) proveAbort(ctx context.Context, req *kbwire.DestroyRequest, m *migrationRecord, e *journalEntry) error {
 	if req.Erasure == nil {
 		if !req.UnverifiedErasure {
 			return fmt.Errorf("%w: no evidence from the destination that it erased what it received and never resumed the guest (an abort whose destination is lost asks for an unverified erasure)", ErrUnproven)
@@ -240,7 +241,7 @@ func (k *Keybroker) proveAbort(ctx context.Context, req *DestroyRequest, m *migr
 // was released from, and judges it by the tenant's policy. It returns the nonce errors,
 // ErrEvidenceRejected or ErrVaultUnavailable; a policy that does not accept the erasure is no
 // error (see ErasureEvidence.Accepted and Reasons).
-func (k *Keybroker) verifyErasure(ctx context.Context, m *migrationRecord, a *Attestation) (*receipt.ErasureEvidence, error) {
+func (k *Keybroker) verifyErasure(ctx context.Context, m *migrationRecord, a *kbwire.Attestation) (*receipt.ErasureEvidence, error) {
 	er, err := k.verifyErasureFrom(ctx, m, a, m.Source, m.SourceKey, "source")
 	if err != nil {
 		return nil, err
@@ -253,7 +254,7 @@ func (k *Keybroker) verifyErasure(ctx context.Context, m *migrationRecord, a *At
 // verifyErasureFrom consumes the nonce of erasure evidence a, verifies the evidence bound to m's
 // migration (role erased), and checks that its statement names m and that it comes from the
 // end released as want (what names it in errors).
-func (k *Keybroker) verifyErasureFrom(ctx context.Context, m *migrationRecord, a *Attestation, want receipt.EndClaims, wantKey []byte, what string) (*receipt.ErasureEvidence, error) {
+func (k *Keybroker) verifyErasureFrom(ctx context.Context, m *migrationRecord, a *kbwire.Attestation, want receipt.EndClaims, wantKey []byte, what string) (*receipt.ErasureEvidence, error) {
 	if err := k.consumeNonce(ctx, m.ID, attest.RoleErased, a.Nonce); err != nil {
 		return nil, err
 	}
@@ -302,7 +303,7 @@ func (k *Keybroker) complete(ctx context.Context, e *journalEntry) (*receipt.Env
 // guest's and that the migration ended the way asked. It returns ErrUnknownMigration when
 // there is none, ErrInvalidRequest when it is another guest's, ErrBothEpochs when the
 // migration ended the other way, or ErrVaultUnavailable.
-func (k *Keybroker) storedReceipt(ctx context.Context, id, tenant, vm string, ending Ending) (*receipt.Envelope, error) {
+func (k *Keybroker) storedReceipt(ctx context.Context, id, tenant, vm string, ending kbwire.Ending) (*receipt.Envelope, error) {
 	var rr receiptRecord
 	ver, err := k.recs.get(ctx, receiptPath(id), &rr)
 	if err != nil {
@@ -323,7 +324,7 @@ func (k *Keybroker) storedReceipt(ctx context.Context, id, tenant, vm string, en
 
 // receiptEnds checks that r, stored under migration ID id, is a receipt of that migration of
 // the guest, and that the migration ended with ending.
-func receiptEnds(r *receipt.Receipt, id, tenant, vm string, ending Ending) error {
+func receiptEnds(r *receipt.Receipt, id, tenant, vm string, ending kbwire.Ending) error {
 	if r.MigrationID != id || r.Tenant != tenant || r.VM != vm {
 		return fmt.Errorf("migration id %s belongs to another guest: %w", id, ErrInvalidRequest)
 	}
@@ -334,11 +335,11 @@ func receiptEnds(r *receipt.Receipt, id, tenant, vm string, ending Ending) error
 }
 
 // endingOf returns the ending a receipt's outcome follows.
-func endingOf(o receipt.Outcome) Ending {
+func endingOf(o receipt.Outcome) kbwire.Ending {
 	if o == receipt.OutcomeAborted || o == receipt.OutcomeAbortedUnverifiedErasure {
-		return Abort
+		return kbwire.Abort
 	}
-	return Commit
+	return kbwire.Commit
 }
 
 // attempt tries to complete a journal entry once. On success, or on an error that retrying
@@ -421,7 +422,7 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 		if !errors.Is(err, ErrUnknownMigration) {
 			return err
 		}
-		if e.Ending != Abort || ver == 0 || g.Epoch == 0 || m != nil {
+		if e.Ending != kbwire.Abort || ver == 0 || g.Epoch == 0 || m != nil {
 			return fmt.Errorf("migration %s of %s/%s: %w", e.MigrationID, e.Tenant, e.VM, ErrUnknownMigration)
 		}
 		// An abort before any release (the broker aborts on a denial, a timeout or a lost
@@ -441,7 +442,7 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 
 	// Move the record to the ending (once).
 	switch e.Ending {
-	case Commit:
+	case kbwire.Commit:
 		switch m.State {
 		case stateAborted:
 			return fmt.Errorf("commit of migration %s after its abort: %w", m.ID, ErrBothEpochs)
@@ -458,7 +459,7 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 				return err
 			}
 		}
-	case Abort:
+	case kbwire.Abort:
 		switch m.State {
 		case stateCommitted:
 			return fmt.Errorf("abort of migration %s after its commit: %w", m.ID, ErrBothEpochs)

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"net/http"
 	"slices"
 	"strings"
@@ -21,7 +22,7 @@ import (
 )
 
 // released adopts vm and releases migration id for it.
-func (e *env) released(id, vm string) (*migration, *AdoptResponse, *ReleaseResponse) {
+func (e *env) released(id, vm string) (*migration, *kbwire.AdoptResponse, *kbwire.ReleaseResponse) {
 	e.t.Helper()
 	ad := e.adopt(vm)
 	m := e.newMigration(id, vm, "destination", e.signedPolicy(1, nil))
@@ -34,7 +35,7 @@ func (e *env) released(id, vm string) (*migration, *AdoptResponse, *ReleaseRespo
 
 // commitAck returns the destination's commit acknowledgement of migration m, MACed under the
 // transfer key its release sealed to the destination (opened with the test agent's HPKE key).
-func commitAck(t testing.TB, m *migration, rel *ReleaseResponse) []byte {
+func commitAck(t testing.TB, m *migration, rel *kbwire.ReleaseResponse) []byte {
 	t.Helper()
 	keys, err := m.dst.key.Open(m.req.MigrationID, attest.RoleDestination, rel.SealedDestination)
 	if err != nil {
@@ -45,12 +46,12 @@ func commitAck(t testing.TB, m *migration, rel *ReleaseResponse) []byte {
 
 // commit returns a proven commit of a released migration: the destination's commit
 // acknowledgement and erasure evidence made on the source's platform.
-func (e *env) commit(m *migration, rel *ReleaseResponse) *DestroyRequest {
+func (e *env) commit(m *migration, rel *kbwire.ReleaseResponse) *kbwire.DestroyRequest {
 	e.t.Helper()
 	id := m.req.MigrationID
 	erased := e.attest("source", id, attest.RoleErased, keybrokertest.ErasureStatement(e.t, id))
-	return &DestroyRequest{
-		MigrationID: id, Tenant: m.req.Tenant, VM: m.req.VM, Ending: Commit,
+	return &kbwire.DestroyRequest{
+		MigrationID: id, Tenant: m.req.Tenant, VM: m.req.VM, Ending: kbwire.Commit,
 		CommitAck: commitAck(e.t, m, rel), Erasure: &erased.att,
 	}
 }
@@ -123,7 +124,7 @@ func TestCommitErasesSource(t *testing.T) {
 
 	// Idempotent: the same ending again returns the same receipt, without its proof (the
 	// migration key that would check it is gone).
-	again, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit})
+	again, err := e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit})
 	if err != nil || string(again.Receipt.Payload) != string(resp.Receipt.Payload) {
 		t.Errorf("repeated commit: %v", err)
 	}
@@ -173,7 +174,7 @@ func TestBothEpochsRefused(t *testing.T) {
 	if _, err := e.kb.Destroy(t.Context(), e.commit(m, rel)); err != nil {
 		t.Fatal(err)
 	}
-	_, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort})
+	_, err := e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Abort})
 	if !errors.Is(err, ErrBothEpochs) {
 		t.Fatalf("abort after commit = %v, want ErrBothEpochs", err)
 	}
@@ -258,13 +259,13 @@ func TestDestroyVaultDown(t *testing.T) {
 		t.Fatalf("Destroy with Vault gone after the proof = %v, want ErrDestructionPending", err)
 	}
 	// A repeat (the broker retrying) finds the destruction journaled, its proof checked.
-	if _, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit}); !errors.Is(err, ErrDestructionPending) {
+	if _, err := e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit}); !errors.Is(err, ErrDestructionPending) {
 		t.Fatalf("repeated Destroy while pending = %v, want ErrDestructionPending", err)
 	}
 	// Neither the journaled entry nor a request can end it the other way, or for another guest.
-	for name, req := range map[string]*DestroyRequest{
-		"abort":         {MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort},
-		"another guest": {MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: Commit},
+	for name, req := range map[string]*kbwire.DestroyRequest{
+		"abort":         {MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Abort},
+		"another guest": {MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: kbwire.Commit},
 	} {
 		if _, err := e.kb.Destroy(t.Context(), req); errors.Is(err, ErrDestructionPending) || !errors.Is(err, ErrBothEpochs) && !errors.Is(err, ErrInvalidRequest) {
 			t.Errorf("%s while the commit is pending = %v, want a refusal", name, err)
@@ -339,7 +340,7 @@ func TestCommitRequiresProof(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	erasure := func(plat string, statement []byte) *Attestation {
+	erasure := func(plat string, statement []byte) *kbwire.Attestation {
 		return &e.attest(plat, "m1", attest.RoleErased, statement).att
 	}
 	good := keybrokertest.ErasureStatement(t, "m1")
@@ -360,49 +361,49 @@ func TestCommitRequiresProof(t *testing.T) {
 	// Cases run in order; each makes its own erasure evidence (nonces are single use).
 	tests := []struct {
 		name   string
-		req    func() *DestroyRequest
+		req    func() *kbwire.DestroyRequest
 		want   error
 		reason string
 	}{
-		{"no commit acknowledgement", func() *DestroyRequest {
-			return &DestroyRequest{Erasure: erasure("source", good)}
+		{"no commit acknowledgement", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{Erasure: erasure("source", good)}
 		}, ErrUnproven, "commit acknowledgement"},
-		{"acknowledgement under another key", func() *DestroyRequest {
-			return &DestroyRequest{CommitAck: forged, Erasure: erasure("source", good)}
+		{"acknowledgement under another key", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{CommitAck: forged, Erasure: erasure("source", good)}
 		}, ErrUnproven, "does not verify"},
-		{"acknowledgement of another transcript", func() *DestroyRequest {
-			return &DestroyRequest{CommitAck: tamperedAck, Erasure: erasure("source", good)}
+		{"acknowledgement of another transcript", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{CommitAck: tamperedAck, Erasure: erasure("source", good)}
 		}, ErrUnproven, "does not verify"},
-		{"acknowledgement of another migration", func() *DestroyRequest {
-			return &DestroyRequest{CommitAck: commitAck(t, other, otherRel), Erasure: erasure("source", good)}
+		{"acknowledgement of another migration", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{CommitAck: commitAck(t, other, otherRel), Erasure: erasure("source", good)}
 		}, ErrUnproven, `acknowledges migration "m2"`},
-		{"acknowledgement that is no JSON", func() *DestroyRequest {
-			return &DestroyRequest{CommitAck: []byte("commit-ack"), Erasure: erasure("source", good)}
+		{"acknowledgement that is no JSON", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{CommitAck: []byte("commit-ack"), Erasure: erasure("source", good)}
 		}, ErrUnproven, "commit acknowledgement"},
-		{"no erasure evidence", func() *DestroyRequest {
-			return &DestroyRequest{CommitAck: ack}
+		{"no erasure evidence", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{CommitAck: ack}
 		}, ErrUnproven, "no erasure evidence"},
-		{"erasure the policy refuses", func() *DestroyRequest {
-			return &DestroyRequest{CommitAck: ack, Erasure: erasure("source", partial)}
+		{"erasure the policy refuses", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{CommitAck: ack, Erasure: erasure("source", partial)}
 		}, ErrUnproven, "did not zeroize key mdk"},
-		{"erasure evidence from another chip", func() *DestroyRequest {
-			return &DestroyRequest{CommitAck: ack, Erasure: erasure("destination", good)}
+		{"erasure evidence from another chip", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{CommitAck: ack, Erasure: erasure("destination", good)}
 		}, ErrEvidenceRejected, "erasure evidence from chip "},
-		{"erasure evidence from another chip, unverified erasure asked", func() *DestroyRequest {
-			return &DestroyRequest{CommitAck: ack, Erasure: erasure("destination", good), UnverifiedErasure: true}
+		{"erasure evidence from another chip, unverified erasure asked", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{CommitAck: ack, Erasure: erasure("destination", good), UnverifiedErasure: true}
 		}, ErrEvidenceRejected, "the source released was chip "},
-		{"unverified erasure without an acknowledgement", func() *DestroyRequest {
-			return &DestroyRequest{UnverifiedErasure: true}
+		{"unverified erasure without an acknowledgement", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{UnverifiedErasure: true}
 		}, ErrUnproven, "commit acknowledgement"},
-		{"proof with an abort", func() *DestroyRequest {
-			return &DestroyRequest{Ending: Abort, CommitAck: ack}
+		{"proof with an abort", func() *kbwire.DestroyRequest {
+			return &kbwire.DestroyRequest{Ending: kbwire.Abort, CommitAck: ack}
 		}, ErrInvalidRequest, "commit only"},
 	}
 	for _, tt := range tests {
 		req := tt.req()
 		req.MigrationID, req.Tenant, req.VM = "m1", "demo", "vm1"
 		if req.Ending == "" {
-			req.Ending = Commit
+			req.Ending = kbwire.Commit
 		}
 		_, err := e.kb.Destroy(t.Context(), req)
 		if !errors.Is(err, tt.want) || !strings.Contains(err.Error(), tt.reason) {
@@ -455,7 +456,7 @@ func TestCommitUnverifiedErasure(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			e := newEnv(t)
 			m, _, rel := e.released("m1", "vm1")
-			req := &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit, CommitAck: commitAck(t, m, rel), UnverifiedErasure: true}
+			req := &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit, CommitAck: commitAck(t, m, rel), UnverifiedErasure: true}
 			if tt.statement != nil {
 				req.Erasure = &e.attest("source", "m1", attest.RoleErased, tt.statement).att
 			}
@@ -498,7 +499,7 @@ func TestMigrationIDBoundToGuest(t *testing.T) {
 	e.adopt("vm2")
 	before := e.transitKeys()
 
-	refused := func(name string, req *DestroyRequest) {
+	refused := func(name string, req *kbwire.DestroyRequest) {
 		t.Helper()
 		_, err := e.kb.Destroy(t.Context(), req)
 		if !errors.Is(err, ErrInvalidRequest) || !strings.Contains(err.Error(), "belongs to another guest") {
@@ -510,7 +511,7 @@ func TestMigrationIDBoundToGuest(t *testing.T) {
 		}
 	}
 	// vm2 aborts vm1's live migration "before its release".
-	refused("abort of another guest's migration", &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: Abort})
+	refused("abort of another guest's migration", &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: kbwire.Abort})
 	if diff := cmp.Diff(before, e.transitKeys()); diff != "" {
 		t.Fatalf("another guest's abort changed the keys (-before +after):\n%s", diff)
 	}
@@ -523,9 +524,9 @@ func TestMigrationIDBoundToGuest(t *testing.T) {
 		t.Fatalf("commit of vm1's migration: %v", err)
 	}
 	// Once m1 has ended, vm2 does not get its receipt by asking to end it again.
-	refused("commit naming another guest's ended migration", &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: Commit})
-	refused("abort naming another guest's ended migration", &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: Abort})
-	again, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit})
+	refused("commit naming another guest's ended migration", &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: kbwire.Commit})
+	refused("abort naming another guest's ended migration", &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm2", Ending: kbwire.Abort})
+	again, err := e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit})
 	if err != nil || !bytes.Equal(again.Receipt.Payload, first.Receipt.Payload) {
 		t.Errorf("vm1's repeated commit: %v", err)
 	}
@@ -535,7 +536,7 @@ func TestMigrationIDBoundToGuest(t *testing.T) {
 	if _, err := e.kb.recs.put(t.Context(), receiptPath("legacy"), &receiptRecord{Envelope: first.Receipt}, 0); err != nil {
 		t.Fatal(err)
 	}
-	refused("abort naming a receipt of another guest", &DestroyRequest{MigrationID: "legacy", Tenant: "demo", VM: "vm2", Ending: Abort})
+	refused("abort naming a receipt of another guest", &kbwire.DestroyRequest{MigrationID: "legacy", Tenant: "demo", VM: "vm2", Ending: kbwire.Abort})
 	if g := e.guest("vm2"); g.Migration != nil || g.Epoch != 1 {
 		t.Errorf("vm2 after the refused abort: %+v", g)
 	}
@@ -547,7 +548,7 @@ func TestMigrationIDBoundToGuest(t *testing.T) {
 func TestAbortRequiresProof(t *testing.T) {
 	e := newEnv(t)
 	e.released("m1", "vm1")
-	_, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort})
+	_, err := e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Abort})
 	if !errors.Is(err, ErrUnproven) {
 		t.Fatalf("abort without proof = %v, want ErrUnproven", err)
 	}
@@ -559,12 +560,12 @@ func TestAbortRequiresProof(t *testing.T) {
 	}
 	// Evidence from the source's chip is not the destination's.
 	wrong := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
-	_, err = e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort, Erasure: &wrong.att})
+	_, err = e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Abort, Erasure: &wrong.att})
 	if !errors.Is(err, ErrEvidenceRejected) || !strings.Contains(err.Error(), "the destination released was") {
 		t.Fatalf("abort with the source's evidence = %v, want ErrEvidenceRejected naming the destination", err)
 	}
 
-	resp, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort, UnverifiedErasure: true})
+	resp, err := e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Abort, UnverifiedErasure: true})
 	if err != nil {
 		t.Fatalf("abort with an unverified erasure: %v", err)
 	}
@@ -587,7 +588,7 @@ func TestErasureBindsTheEndsKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, err := e.kb.IssueNonce(t.Context(), NonceRequest{MigrationID: "m1", Role: attest.RoleErased})
+	n, err := e.kb.IssueNonce(t.Context(), kbwire.NonceRequest{MigrationID: "m1", Role: attest.RoleErased})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -599,7 +600,7 @@ func TestErasureBindsTheEndsKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort, Erasure: &Attestation{Nonce: n.Nonce, Evidence: ev}})
+	_, err = e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Abort, Erasure: &kbwire.Attestation{Nonce: n.Nonce, Evidence: ev}})
 	if !errors.Is(err, ErrEvidenceRejected) || !strings.Contains(err.Error(), "does not bind the HPKE key the destination was released to") {
 		t.Fatalf("abort with a look-alike's evidence = %v, want ErrEvidenceRejected naming the HPKE key", err)
 	}

@@ -66,7 +66,7 @@
 // its proof being checked again (the migration key is gone by then; the receipt is the
 // proof); and an abort of a migration never released still ends with an abort receipt.
 //
-// The API is plain Go with JSON-encodable request and response types (wire.go, aliases of
-// package kbwire's, which the broker shares), so that tests and tools can call it directly;
+// The API is plain Go with the JSON-encodable request and response types of package kbwire,
+// which the broker shares, so that tests and tools can call it directly;
 // package natsapi offers it over NATS. This package imports no NATS.
 package keybroker

@@ -33,13 +33,13 @@ var testAdminKey = func() ed25519.PrivateKey {
 }()
 
 // adminRequest signs req as an admin statement for op with key, issued now, valid 5 minutes.
-func adminRequest(t testing.TB, key ed25519.PrivateKey, op string, req any, now time.Time) *AdminRequest {
+func adminRequest(t testing.TB, key ed25519.PrivateKey, op string, req any, now time.Time) *kbwire.AdminRequest {
 	t.Helper()
 	signed, err := kbwire.SignAdmin(op, req, now, kbwire.MaxAdminValidity, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &AdminRequest{Signed: signed}
+	return &kbwire.AdminRequest{Signed: signed}
 }
 
 // recordingAudit keeps audit events for assertions.
@@ -134,7 +134,7 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 		t.Fatal(err)
 	}
 	pub := e.tenantKey.Public().(ed25519.PublicKey)
-	if _, err := e.kb.RegisterTenant(t.Context(), adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}, e.clock.Now())); err != nil {
+	if _, err := e.kb.RegisterTenant(t.Context(), adminRequest(t, testAdminKey, kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}, e.clock.Now())); err != nil {
 		t.Fatalf("registering tenant: %v", err)
 	}
 	return e
@@ -166,7 +166,7 @@ func (e *env) signedPolicy(svn uint64, edit func(string) string) []byte {
 // agent is one side's ephemeral key and evidence.
 type agent struct {
 	key *seal.PrivateKey
-	att Attestation
+	att kbwire.Attestation
 }
 
 // attest makes evidence on platform plat for (id, role): a fresh HPKE key, a nonce from the
@@ -189,7 +189,7 @@ func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent
 		}
 		e.keys[[2]string{plat, id}] = append(e.keys[[2]string{plat, id}], k)
 	}
-	n, err := e.kb.IssueNonce(e.t.Context(), NonceRequest{MigrationID: id, Role: role})
+	n, err := e.kb.IssueNonce(e.t.Context(), kbwire.NonceRequest{MigrationID: id, Role: role})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -198,7 +198,7 @@ func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	return &agent{key: k, att: Attestation{Nonce: n.Nonce, Evidence: ev}}
+	return &agent{key: k, att: kbwire.Attestation{Nonce: n.Nonce, Evidence: ev}}
 }
 
 // releasedKey returns the HPKE key plat attested with for migration id that the keybroker
@@ -230,18 +230,18 @@ func (e *env) releasedKey(plat, id string) *seal.PrivateKey {
 
 // abort returns the request of an abort of the released migration id of vm, with the
 // destination's erasure evidence (the released destination platform, "destination").
-func (e *env) abort(id, vm string) *DestroyRequest {
+func (e *env) abort(id, vm string) *kbwire.DestroyRequest {
 	e.t.Helper()
 	a := e.attest("destination", id, attest.RoleErased, keybrokertest.ErasureStatement(e.t, id))
-	return &DestroyRequest{MigrationID: id, Tenant: "demo", VM: vm, Ending: Abort, Erasure: &a.att}
+	return &kbwire.DestroyRequest{MigrationID: id, Tenant: "demo", VM: vm, Ending: kbwire.Abort, Erasure: &a.att}
 }
 
 // adopt gives vm its first residency on the source platform and returns the response.
-func (e *env) adopt(vm string) *AdoptResponse {
+func (e *env) adopt(vm string) *kbwire.AdoptResponse {
 	e.t.Helper()
 	id := "adopt-" + vm
 	a := e.attest("source", id, attest.RoleAdopt, keybrokertest.CleanStatement(e.t))
-	resp, err := e.kb.Adopt(e.t.Context(), &AdoptRequest{
+	resp, err := e.kb.Adopt(e.t.Context(), &kbwire.AdoptRequest{
 		AdoptionID: id, Tenant: "demo", VM: vm, Policy: e.signedPolicy(1, nil), Agent: a.att,
 	})
 	if err != nil {
@@ -252,7 +252,7 @@ func (e *env) adopt(vm string) *AdoptResponse {
 
 // migration is a release request with its two agents.
 type migration struct {
-	req      *ReleaseRequest
+	req      *kbwire.ReleaseRequest
 	src, dst *agent
 }
 
@@ -263,9 +263,9 @@ func (e *env) newMigration(id, vm, dstPlat string, signed []byte) *migration {
 	src := e.attest("source", id, attest.RoleSource, nil)
 	dst := e.attest(dstPlat, id, attest.RoleDestination, keybrokertest.CleanStatement(e.t))
 	return &migration{
-		req: &ReleaseRequest{
+		req: &kbwire.ReleaseRequest{
 			MigrationID: id, Tenant: "demo", VM: vm, Policy: signed,
-			Source: src.att, Destination: dst.att, DestinationHost: Host{Name: "host-b"}, SourceHost: "host-a",
+			Source: src.att, Destination: dst.att, DestinationHost: kbwire.Host{Name: "host-b"}, SourceHost: "host-a",
 		},
 		src: src, dst: dst,
 	}

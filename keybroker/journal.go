@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"os"
 	"path/filepath"
 	"sort"
@@ -32,7 +33,7 @@ type journalEntry struct {
 	Tenant      string `json:"tenant"`
 	VM          string `json:"vm"`
 	// Ending is kindDestroy's commit or abort.
-	Ending  Ending                   `json:"ending,omitempty"`
+	Ending  kbwire.Ending            `json:"ending,omitempty"`
 	Erasure *receipt.ErasureEvidence `json:"erasure,omitempty"`
 	// CommitAckDigest is the SHA-256 of kindDestroy's commit acknowledgement, if any.
 	CommitAckDigest []byte `json:"commitAckDigest,omitempty"`

@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"log/slog"
 	"regexp"
 	"strconv"
@@ -279,7 +280,7 @@ func (k *Keybroker) loadNonceKey(ctx context.Context) error {
 // valid until theirs. Once the nonce key is loaded (Run loads it), issuing asks Vault nothing.
 // It returns ErrInvalidRequest, ErrNonceStoreFull, or an error wrapping ErrVaultUnavailable
 // when the nonce key cannot be loaded.
-func (k *Keybroker) IssueNonce(ctx context.Context, req NonceRequest) (*NonceResponse, error) {
+func (k *Keybroker) IssueNonce(ctx context.Context, req kbwire.NonceRequest) (*kbwire.NonceResponse, error) {
 	if err := checkID(req.MigrationID); err != nil {
 		return nil, fmt.Errorf("issuing nonce: %w", err)
 	}
@@ -293,7 +294,7 @@ func (k *Keybroker) IssueNonce(ctx context.Context, req NonceRequest) (*NonceRes
 	if err != nil {
 		return nil, err
 	}
-	return &NonceResponse{Nonce: n, Expires: exp}, nil
+	return &kbwire.NonceResponse{Nonce: n, Expires: exp}, nil
 }
 
 // consumeNonce consumes the nonce of (id, role). It returns the nonce errors or an error

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"log/slog"
 	"strings"
 	"sync"
@@ -30,7 +31,7 @@ func TestReissueAfterCommit(t *testing.T) {
 	}
 	// The destination agent restarts: a new key pair, fresh evidence, the same MDK_2.
 	a := e.attest("destination", "reissue-1", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-	resp, err := e.kb.Reissue(t.Context(), &ReissueRequest{ReissueID: "reissue-1", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
+	resp, err := e.kb.Reissue(t.Context(), &kbwire.ReissueRequest{ReissueID: "reissue-1", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
 	if err != nil {
 		t.Fatalf("Reissue: %v", err)
 	}
@@ -57,7 +58,7 @@ func TestCommitWithUnacceptedErasure(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	req := &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit, CommitAck: commitAck(t, m, rel)}
+	req := &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit, CommitAck: commitAck(t, m, rel)}
 	req.Erasure = &e.attest("source", "m1", attest.RoleErased, st).att
 	if _, err := e.kb.Destroy(t.Context(), req); !errors.Is(err, ErrUnproven) {
 		t.Fatalf("Destroy = %v, want ErrUnproven", err)
@@ -124,7 +125,7 @@ func TestConcurrentReleasesOfOneGuest(t *testing.T) {
 	e.adopt("vm1")
 	signed := e.signedPolicy(1, nil)
 	ms := []*migration{e.newMigration("ma", "vm1", "destination", signed), e.newMigration("mb", "vm1", "destination", signed)}
-	resps := make([]*ReleaseResponse, len(ms))
+	resps := make([]*kbwire.ReleaseResponse, len(ms))
 	errs := make([]error, len(ms))
 	var wg sync.WaitGroup
 	for i, m := range ms {

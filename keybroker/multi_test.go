@@ -3,6 +3,7 @@ package keybroker
 import (
 	"bytes"
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"sync"
 	"testing"
 	"time"
@@ -67,7 +68,7 @@ func TestNoncesAcrossKeybrokers(t *testing.T) {
 	})
 
 	t.Run("racing consumers", func(t *testing.T) {
-		n, err := a.IssueNonce(ctx, NonceRequest{MigrationID: "m2", Role: attest.RoleSource})
+		n, err := a.IssueNonce(ctx, kbwire.NonceRequest{MigrationID: "m2", Role: attest.RoleSource})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -94,7 +95,7 @@ func TestNoncesAcrossKeybrokers(t *testing.T) {
 
 	t.Run("racing adoptions", func(t *testing.T) {
 		ag := e.attest("source", "adopt-vm3", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-		req := &AdoptRequest{AdoptionID: "adopt-vm3", Tenant: "demo", VM: "vm3", Policy: e.signedPolicy(1, nil), Agent: ag.att}
+		req := &kbwire.AdoptRequest{AdoptionID: "adopt-vm3", Tenant: "demo", VM: "vm3", Policy: e.signedPolicy(1, nil), Agent: ag.att}
 		var errs [2]error
 		var wg sync.WaitGroup
 		for i, kb := range []*Keybroker{a, b} {
@@ -155,7 +156,7 @@ func TestNoncesAcrossKeybrokers(t *testing.T) {
 			}
 			return n
 		}
-		n, err := a.IssueNonce(ctx, NonceRequest{MigrationID: "m5", Role: attest.RoleSource})
+		n, err := a.IssueNonce(ctx, kbwire.NonceRequest{MigrationID: "m5", Role: attest.RoleSource})
 		if err != nil {
 			t.Fatal(err)
 		}

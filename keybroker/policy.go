@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"crypto/sha256"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"sync"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -30,7 +31,7 @@ type PolicyInput struct {
 	// Source is nil for an adoption (there is no source).
 	Source      *attest.Claims
 	Destination *attest.Claims
-	Host        Host
+	Host        kbwire.Host
 }
 
 // PolicyDecision is a verified policy's identity and its decision.

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"strings"
 	"sync"
 	"time"
@@ -71,7 +72,7 @@ type migrationRecord struct {
 // broker reruns its attestation after a crash) is verified and evaluated like the first, with
 // its own fresh nonces and evidence, and answered with the same migration's keys (same epochs,
 // same wrapped MDK) sealed to the new evidence's HPKE keys.
-func (k *Keybroker) Release(ctx context.Context, req *ReleaseRequest) (*ReleaseResponse, error) {
+func (k *Keybroker) Release(ctx context.Context, req *kbwire.ReleaseRequest) (*kbwire.ReleaseResponse, error) {
 	start := time.Now()
 	ev := Event{Kind: EventRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM}
 	if e := req.Source.Evidence; e != nil {
@@ -115,7 +116,7 @@ type verified struct {
 }
 
 // verifyEnd consumes an attestation's nonce result and verifies its evidence bound to role.
-func (k *Keybroker) verifyEnd(ctx context.Context, id string, role attest.Role, a Attestation, needKey bool) verified {
+func (k *Keybroker) verifyEnd(ctx context.Context, id string, role attest.Role, a kbwire.Attestation, needKey bool) verified {
 	if a.Evidence == nil {
 		return verified{err: fmt.Errorf("no %s evidence: %w", role, ErrInvalidRequest)}
 	}
@@ -135,7 +136,7 @@ func (k *Keybroker) verifyEnd(ctx context.Context, id string, role attest.Role, 
 	return verified{claims: c}
 }
 
-func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event) (*ReleaseResponse, error) {
+func (k *Keybroker) release(ctx context.Context, req *kbwire.ReleaseRequest, ev *Event) (*kbwire.ReleaseResponse, error) {
 	if err := checkID(req.MigrationID); err != nil {
 		return nil, err
 	}
@@ -155,7 +156,7 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		return nil, err
 	}
 
-	var timings ReleaseTimings
+	var timings kbwire.ReleaseTimings
 	start := time.Now()
 	// Spend the nonces, verify both ends and read the records, all at once.
 	var (
@@ -278,7 +279,7 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 	}
 
 	// From here on, the guest is reserved and keys may exist: any failure destroys them.
-	resp, err := func() (*ReleaseResponse, error) {
+	resp, err := func() (*kbwire.ReleaseResponse, error) {
 		if err := errors.Join(e1, e2); err != nil {
 			return nil, err
 		}
@@ -319,7 +320,7 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 		if err := errors.Join(e1, e2, e3); err != nil {
 			return nil, err
 		}
-		return &ReleaseResponse{
+		return &kbwire.ReleaseResponse{
 			MigrationID: req.MigrationID, FromEpoch: from, ToEpoch: to,
 			SealedSource: sealedSrc, SealedDestination: sealedDst, WrappedMDK: wrappedMDK,
 			PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision,
@@ -343,7 +344,7 @@ func (k *Keybroker) release(ctx context.Context, req *ReleaseRequest, ev *Event)
 //
 // The destination must be the host the keys were first released to: a repeated release
 // re-keys the same two ends, it never adds a third.
-func (k *Keybroker) releaseAgain(ctx context.Context, req *ReleaseRequest, guest *guestRecord, guestVer int, tenant *tenantRecord, tenantVer int, src, dst *attest.Claims, ev *Event, timings ReleaseTimings) (*ReleaseResponse, error) {
+func (k *Keybroker) releaseAgain(ctx context.Context, req *kbwire.ReleaseRequest, guest *guestRecord, guestVer int, tenant *tenantRecord, tenantVer int, src, dst *attest.Claims, ev *Event, timings kbwire.ReleaseTimings) (*kbwire.ReleaseResponse, error) {
 	m := guest.Migration
 	if m.DestinationHost != req.DestinationHost.Name {
 		return nil, fmt.Errorf("migration %s was released to host %q, not %q: %w", m.ID, m.DestinationHost, req.DestinationHost.Name, ErrGuestBusy)
@@ -411,7 +412,7 @@ func (k *Keybroker) releaseAgain(ctx context.Context, req *ReleaseRequest, guest
 		return nil, err
 	}
 	timings.Vault += time.Since(start)
-	return &ReleaseResponse{
+	return &kbwire.ReleaseResponse{
 		MigrationID: m.ID, FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch,
 		SealedSource: sealedSrc, SealedDestination: sealedDst, WrappedMDK: m.WrappedMDK,
 		PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision,
@@ -441,7 +442,7 @@ func dataEndpoint(dst *attest.Claims) (string, error) {
 
 // releaseGrant is the statement of a release of req's keys: both ends as verified, the blobs
 // sealed for each, the endpoint the destination attested.
-func releaseGrant(req *ReleaseRequest, from, to uint64, endpoint string, dec *PolicyDecision, sealedSrc, sealedDst []byte) *grant.Grant {
+func releaseGrant(req *kbwire.ReleaseRequest, from, to uint64, endpoint string, dec *PolicyDecision, sealedSrc, sealedDst []byte) *grant.Grant {
 	return &grant.Grant{
 		Op: grant.OpRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM,
 		FromEpoch: from, ToEpoch: to,

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"net/http"
 	"slices"
 	"strings"
@@ -58,7 +59,7 @@ func TestReleaseAllowed(t *testing.T) {
 	for _, end := range []struct {
 		role   attest.Role
 		host   string
-		att    Attestation
+		att    kbwire.Attestation
 		sealed []byte
 	}{
 		{attest.RoleSource, "host-a", m.req.Source, resp.SealedSource},
@@ -254,7 +255,7 @@ func TestReleasePolicyRollback(t *testing.T) {
 	e.adopt("vm1")
 	e.adopt("vm2")
 	// The tenant publishes policySvn 3: the floor of its policy's name (floors rise only then).
-	if _, err := e.kb.PublishPolicy(t.Context(), &PublishPolicyRequest{Policy: e.signedPolicy(3, nil)}); err != nil {
+	if _, err := e.kb.PublishPolicy(t.Context(), &kbwire.PublishPolicyRequest{Policy: e.signedPolicy(3, nil)}); err != nil {
 		t.Fatal(err)
 	}
 	m := e.newMigration("m1", "vm1", "destination", e.signedPolicy(3, nil))

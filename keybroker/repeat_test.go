@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"strings"
 	"testing"
 
@@ -15,7 +16,7 @@ import (
 )
 
 // openBoth opens a release's sealed keys with the migration's agents' keys.
-func openBoth(t *testing.T, m *migration, resp *ReleaseResponse) (tk, mdk []byte) {
+func openBoth(t *testing.T, m *migration, resp *kbwire.ReleaseResponse) (tk, mdk []byte) {
 	t.Helper()
 	src, err := m.src.key.Open(m.req.MigrationID, attest.RoleSource, resp.SealedSource)
 	if err != nil {
@@ -70,19 +71,19 @@ func TestRepeatedRelease(t *testing.T) {
 	var weak *migration
 	for _, tt := range []struct {
 		name string
-		req  func() *ReleaseRequest
+		req  func() *kbwire.ReleaseRequest
 		want error
 	}{
-		{"other host", func() *ReleaseRequest {
+		{"other host", func() *kbwire.ReleaseRequest {
 			m := e.newMigration("m1", "vm1", "destination", e.signedPolicy(1, nil))
 			m.req.DestinationHost.Name = "host-c"
 			return m.req
 		}, ErrGuestBusy},
-		{"denied", func() *ReleaseRequest {
+		{"denied", func() *kbwire.ReleaseRequest {
 			weak = e.newMigration("m1", "vm1", "weak", e.signedPolicy(1, nil))
 			return weak.req
 		}, ErrDenied},
-		{"replayed nonces", func() *ReleaseRequest { return weak.req }, ErrNonceUsed},
+		{"replayed nonces", func() *kbwire.ReleaseRequest { return weak.req }, ErrNonceUsed},
 	} {
 		if _, err := e.kb.Release(t.Context(), tt.req()); !errors.Is(err, tt.want) {
 			t.Errorf("%s: Release = %v, want %v", tt.name, err, tt.want)
@@ -108,12 +109,12 @@ func TestRepeatedRelease(t *testing.T) {
 }
 
 func TestRepeatedDestroy(t *testing.T) {
-	for _, ending := range []Ending{Commit, Abort} {
+	for _, ending := range []kbwire.Ending{kbwire.Commit, kbwire.Abort} {
 		t.Run(string(ending), func(t *testing.T) {
 			e := newEnv(t)
 			m, _, rel := e.released("m1", "vm1")
 			req := e.abort("m1", "vm1")
-			if ending == Commit {
+			if ending == kbwire.Commit {
 				req = e.commit(m, rel)
 			}
 			first, err := e.kb.Destroy(t.Context(), req)
@@ -130,9 +131,9 @@ func TestRepeatedDestroy(t *testing.T) {
 			if diff := cmp.Diff(first.Receipt, again.Receipt); diff != "" {
 				t.Errorf("repeated Destroy receipt (-first +repeat):\n%s", diff)
 			}
-			if ending == Commit {
+			if ending == kbwire.Commit {
 				erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
-				third, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit, Erasure: &erased.att})
+				third, err := e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit, Erasure: &erased.att})
 				if err != nil {
 					t.Fatalf("repeated Destroy with erasure evidence: %v", err)
 				}
@@ -165,7 +166,7 @@ func TestAbortBeforeRelease(t *testing.T) {
 	if _, err := e.kb.Release(t.Context(), weak.req); !errors.Is(err, ErrDenied) {
 		t.Fatalf("Release to a weak destination = %v, want ErrDenied", err)
 	}
-	abort := &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Abort}
+	abort := &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Abort}
 	resp, err := e.kb.Destroy(t.Context(), abort)
 	if err != nil {
 		t.Fatalf("Destroy(abort) before release: %v", err)
@@ -196,7 +197,7 @@ func TestAbortBeforeRelease(t *testing.T) {
 	if err != nil || !bytes.Equal(again.Receipt.Payload, resp.Receipt.Payload) {
 		t.Errorf("repeated abort: %v", err)
 	}
-	if _, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: Commit}); !errors.Is(err, ErrBothEpochs) {
+	if _, err := e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit}); !errors.Is(err, ErrBothEpochs) {
 		t.Errorf("commit after the abort = %v, want ErrBothEpochs", err)
 	}
 	late := e.newMigration("m1", "vm1", "destination", e.signedPolicy(1, nil))
@@ -204,7 +205,7 @@ func TestAbortBeforeRelease(t *testing.T) {
 		t.Errorf("Release after the abort = %v, want ErrInvalidRequest", err)
 	}
 	// A commit of a migration never released stays unknown.
-	if _, err := e.kb.Destroy(t.Context(), &DestroyRequest{MigrationID: "m2", Tenant: "demo", VM: "vm1", Ending: Commit}); !errors.Is(err, ErrUnknownMigration) {
+	if _, err := e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{MigrationID: "m2", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit}); !errors.Is(err, ErrUnknownMigration) {
 		t.Errorf("commit of an unknown migration = %v, want ErrUnknownMigration", err)
 	}
 }

@@ -18,20 +18,6 @@ import (
 	"github.com/lethe-cc/lethe/policy"
 )
 
-// The requests and responses of the tenant operations (package kbwire's).
-type (
-	// AdminRequest is an admin call: an AdminStatement signed with the admin key.
-	AdminRequest = kbwire.AdminRequest
-	// RotateKeyRequest carries a KeyRotation signed by the tenant's current or recovery key.
-	RotateKeyRequest = kbwire.RotateKeyRequest
-	// RotateKeyResponse confirms a rotation.
-	RotateKeyResponse = kbwire.RotateKeyResponse
-	// PublishPolicyRequest publishes a tenant's signed policy.
-	PublishPolicyRequest = kbwire.PublishPolicyRequest
-	// PublishPolicyResponse says the floor after a publication.
-	PublishPolicyResponse = kbwire.PublishPolicyResponse
-)
-
 // The audit events of the tenant operations. Each, allowed or refused, is one event naming the
 // tenant; a refusal carries its reason.
 const (
@@ -126,7 +112,7 @@ func (c *floorCache) get(tenant, name string) (uint64, bool) {
 // tenant), ErrInvalidRequest (a bad name or key, or a name that is another tenant's
 // dash-prefix or extension, which would let key names collide), ErrGuestBusy (the tenant's
 // record changed concurrently) or ErrVaultUnavailable.
-func (k *Keybroker) RegisterTenant(ctx context.Context, req *AdminRequest) (*RegisterTenantResponse, error) {
+func (k *Keybroker) RegisterTenant(ctx context.Context, req *kbwire.AdminRequest) (*kbwire.RegisterTenantResponse, error) {
 	ev := Event{Kind: EventTenantRegister}
 	resp, err := k.registerTenant(ctx, req, &ev)
 	if err != nil {
@@ -136,12 +122,12 @@ func (k *Keybroker) RegisterTenant(ctx context.Context, req *AdminRequest) (*Reg
 	return resp, err
 }
 
-func (k *Keybroker) registerTenant(ctx context.Context, areq *AdminRequest, ev *Event) (*RegisterTenantResponse, error) {
+func (k *Keybroker) registerTenant(ctx context.Context, areq *kbwire.AdminRequest, ev *Event) (*kbwire.RegisterTenantResponse, error) {
 	st, err := k.checkAdmin(ctx, areq.Signed, kbwire.OpTenantRegister)
 	if err != nil {
 		return nil, err
 	}
-	var req RegisterTenantRequest
+	var req kbwire.RegisterTenantRequest
 	if err := st.DecodeRequest(&req); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
@@ -189,8 +175,8 @@ func (k *Keybroker) registerTenant(ctx context.Context, areq *AdminRequest, ev *
 	return registered(req.Tenant, &rec), nil
 }
 
-func registered(tenant string, rec *tenantRecord) *RegisterTenantResponse {
-	return &RegisterTenantResponse{Tenant: tenant, PolicySVN: rec.PolicySVN, KeyID: dsse.KeyID(rec.PolicyKey), Recovery: len(rec.RecoveryKey) > 0}
+func registered(tenant string, rec *tenantRecord) *kbwire.RegisterTenantResponse {
+	return &kbwire.RegisterTenantResponse{Tenant: tenant, PolicySVN: rec.PolicySVN, KeyID: dsse.KeyID(rec.PolicyKey), Recovery: len(rec.RecoveryKey) > 0}
 }
 
 // adminRequestRecord marks an admin statement's ID spent, in KV at admin-requests/<digest>.
@@ -246,7 +232,7 @@ func (k *Keybroker) checkAdmin(ctx context.Context, signed []byte, op string) (*
 // ErrUnknownTenant, ErrUnauthorized (a statement naming another key than the current one, or
 // signed by neither the current nor the recovery key, or replacing the recovery key without
 // it), ErrGuestBusy (the record changed concurrently) or ErrVaultUnavailable.
-func (k *Keybroker) RotateKey(ctx context.Context, req *RotateKeyRequest) (*RotateKeyResponse, error) {
+func (k *Keybroker) RotateKey(ctx context.Context, req *kbwire.RotateKeyRequest) (*kbwire.RotateKeyResponse, error) {
 	ev := Event{Kind: EventRotateKey}
 	resp, err := k.rotateKey(ctx, req, &ev)
 	if err != nil {
@@ -256,7 +242,7 @@ func (k *Keybroker) RotateKey(ctx context.Context, req *RotateKeyRequest) (*Rota
 	return resp, err
 }
 
-func (k *Keybroker) rotateKey(ctx context.Context, req *RotateKeyRequest, ev *Event) (*RotateKeyResponse, error) {
+func (k *Keybroker) rotateKey(ctx context.Context, req *kbwire.RotateKeyRequest, ev *Event) (*kbwire.RotateKeyResponse, error) {
 	env, r, err := kbwire.ParseRotation(req.Signed)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
@@ -310,7 +296,7 @@ func (k *Keybroker) rotateKey(ctx context.Context, req *RotateKeyRequest, ev *Ev
 		return nil, err
 	}
 	k.log.InfoContext(ctx, "Tenant key rotated", attrTenant, r.Tenant, "key", newID, "by_recovery_key", byRecovery)
-	return &RotateKeyResponse{Tenant: r.Tenant, KeyID: newID, Recovery: byRecovery}, nil
+	return &kbwire.RotateKeyResponse{Tenant: r.Tenant, KeyID: newID, Recovery: byRecovery}, nil
 }
 
 // PublishPolicy raises the floor of a policy's (tenant, name) to its policySvn: from then on the
@@ -322,7 +308,7 @@ func (k *Keybroker) rotateKey(ctx context.Context, req *RotateKeyRequest, ev *Ev
 // It returns ErrInvalidRequest (an envelope or policy that does not decode), ErrUnknownTenant,
 // ErrPolicyRejected (a bad signature, or a policySvn below the floor, which also matches
 // policy.ErrRollback), ErrGuestBusy (the record kept changing) or ErrVaultUnavailable.
-func (k *Keybroker) PublishPolicy(ctx context.Context, req *PublishPolicyRequest) (*PublishPolicyResponse, error) {
+func (k *Keybroker) PublishPolicy(ctx context.Context, req *kbwire.PublishPolicyRequest) (*kbwire.PublishPolicyResponse, error) {
 	ev := Event{Kind: EventPublishPolicy}
 	resp, err := k.publishPolicy(ctx, req, &ev)
 	if err != nil {
@@ -332,7 +318,7 @@ func (k *Keybroker) PublishPolicy(ctx context.Context, req *PublishPolicyRequest
 	return resp, err
 }
 
-func (k *Keybroker) publishPolicy(ctx context.Context, req *PublishPolicyRequest, ev *Event) (*PublishPolicyResponse, error) {
+func (k *Keybroker) publishPolicy(ctx context.Context, req *kbwire.PublishPolicyRequest, ev *Event) (*kbwire.PublishPolicyResponse, error) {
 	env, err := policy.ParseEnvelope(req.Policy)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
@@ -367,7 +353,7 @@ func (k *Keybroker) publishPolicy(ctx context.Context, req *PublishPolicyRequest
 			return nil, fmt.Errorf("%w: %w", ErrPolicyRejected, err)
 		}
 		if svn == rec.Floors[name] {
-			return &PublishPolicyResponse{Tenant: tenant, Name: name, Floor: floor}, nil
+			return &kbwire.PublishPolicyResponse{Tenant: tenant, Name: name, Floor: floor}, nil
 		}
 		next := *rec
 		next.Floors = make(map[string]uint64, len(rec.Floors)+1)
@@ -379,7 +365,7 @@ func (k *Keybroker) publishPolicy(ctx context.Context, req *PublishPolicyRequest
 		if err == nil {
 			k.floors.observe(tenant, next.Floors)
 			k.log.InfoContext(ctx, "Policy floor raised", attrTenant, tenant, "policy", name, attrPolicySVN, svn)
-			return &PublishPolicyResponse{Tenant: tenant, Name: name, Floor: svn}, nil
+			return &kbwire.PublishPolicyResponse{Tenant: tenant, Name: name, Floor: svn}, nil
 		}
 		if !errors.Is(err, errConflict) {
 			return nil, err

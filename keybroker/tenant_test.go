@@ -43,13 +43,13 @@ func (e *env) policyFor(key ed25519.PrivateKey, name string, svn uint64, guests 
 }
 
 // rotation signs a key rotation of tenant from the key named currentID to newKey.
-func rotation(t *testing.T, tenant string, current ed25519.PublicKey, newKey, newRecovery ed25519.PublicKey, signer ed25519.PrivateKey) *RotateKeyRequest {
+func rotation(t *testing.T, tenant string, current ed25519.PublicKey, newKey, newRecovery ed25519.PublicKey, signer ed25519.PrivateKey) *kbwire.RotateKeyRequest {
 	t.Helper()
 	signed, err := kbwire.SignRotation(&kbwire.KeyRotation{Tenant: tenant, CurrentKeyID: dsse.KeyID(current), NewKey: newKey, NewRecoveryKey: newRecovery}, signer)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &RotateKeyRequest{Signed: signed}
+	return &kbwire.RotateKeyRequest{Signed: signed}
 }
 
 func wantRefused(t *testing.T, e *env, err error, kind EventKind, want error, reason string) {
@@ -77,7 +77,7 @@ func TestPolicySelector(t *testing.T) {
 	})
 	t.Run("adoption of another guest", func(t *testing.T) {
 		a := e.attest("source", "adopt-prod", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-		_, err := e.kb.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-prod", Tenant: "demo", VM: "prod", Policy: sandbox, Agent: a.att})
+		_, err := e.kb.Adopt(t.Context(), &kbwire.AdoptRequest{AdoptionID: "adopt-prod", Tenant: "demo", VM: "prod", Policy: sandbox, Agent: a.att})
 		wantRefused(t, e, err, EventAdopt, ErrPolicyRejected, "not prod")
 		if e.transitKeyExists("lethe-demo-prod-e1") {
 			t.Error("a refused adoption created a key")
@@ -85,7 +85,7 @@ func TestPolicySelector(t *testing.T) {
 	})
 	t.Run("reissue for another guest", func(t *testing.T) {
 		a := e.attest("source", "reissue-vm2", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-		_, err := e.kb.Reissue(t.Context(), &ReissueRequest{ReissueID: "reissue-vm2", Tenant: "demo", VM: "vm2", Policy: sandbox, Agent: a.att})
+		_, err := e.kb.Reissue(t.Context(), &kbwire.ReissueRequest{ReissueID: "reissue-vm2", Tenant: "demo", VM: "vm2", Policy: sandbox, Agent: a.att})
 		wantRefused(t, e, err, EventReissue, ErrPolicyRejected, "not vm2")
 	})
 	t.Run("no selector covers nothing", func(t *testing.T) {
@@ -114,8 +114,8 @@ func TestPublishPolicy(t *testing.T) {
 	_, stranger, _ := ed25519.GenerateKey(rand.Reader)
 	stale := e.signedPolicy(4, nil)
 
-	publish := func(signed []byte) (*PublishPolicyResponse, error) {
-		return e.kb.PublishPolicy(t.Context(), &PublishPolicyRequest{Policy: signed})
+	publish := func(signed []byte) (*kbwire.PublishPolicyResponse, error) {
+		return e.kb.PublishPolicy(t.Context(), &kbwire.PublishPolicyRequest{Policy: signed})
 	}
 	resp, err := publish(e.signedPolicy(5, nil))
 	if err != nil || resp.Tenant != "demo" || resp.Name != "ci-emulated" || resp.Floor != 5 {
@@ -161,7 +161,7 @@ func TestPublishPolicy(t *testing.T) {
 			t.Errorf("%v does not match policy.ErrRollback", err)
 		}
 		a := e.attest("source", "adopt-vm3", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-		_, err = e.kb.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-vm3", Tenant: "demo", VM: "vm3", Policy: stale, Agent: a.att})
+		_, err = e.kb.Adopt(t.Context(), &kbwire.AdoptRequest{AdoptionID: "adopt-vm3", Tenant: "demo", VM: "vm3", Policy: stale, Agent: a.att})
 		wantRefused(t, e, err, EventAdopt, ErrPolicyRejected, "floor")
 	})
 	t.Run("floors are per policy name", func(t *testing.T) {
@@ -184,7 +184,7 @@ func TestPublishPolicy(t *testing.T) {
 			t.Fatal(err)
 		}
 		a := e.attest("source", "adopt-vm4", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-		if _, err := kb2.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-vm4", Tenant: "demo", VM: "vm4", Policy: stale, Agent: a.att}); !errors.Is(err, policy.ErrRollback) {
+		if _, err := kb2.Adopt(t.Context(), &kbwire.AdoptRequest{AdoptionID: "adopt-vm4", Tenant: "demo", VM: "vm4", Policy: stale, Agent: a.att}); !errors.Is(err, policy.ErrRollback) {
 			t.Fatalf("another keybroker adopting under the stale policy: %v, want a rollback", err)
 		}
 	})
@@ -201,7 +201,7 @@ func TestRotateKey(t *testing.T) {
 	otherPub, otherKey, _ := ed25519.GenerateKey(rand.Reader)
 
 	t.Run("admin re-key", func(t *testing.T) {
-		_, err := e.kb.RegisterTenant(t.Context(), adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "demo", PolicyKey: otherPub}, e.clock.Now()))
+		_, err := e.kb.RegisterTenant(t.Context(), adminRequest(t, testAdminKey, kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{Tenant: "demo", PolicyKey: otherPub}, e.clock.Now()))
 		wantRefused(t, e, err, EventTenantRegister, ErrUnauthorized, "only the tenant")
 	})
 	t.Run("signed by another key", func(t *testing.T) {
@@ -213,7 +213,7 @@ func TestRotateKey(t *testing.T) {
 		wantRefused(t, e, err, EventRotateKey, ErrUnauthorized, "replaces key")
 	})
 	t.Run("not a statement", func(t *testing.T) {
-		_, err := e.kb.RotateKey(t.Context(), &RotateKeyRequest{Signed: []byte("{}")})
+		_, err := e.kb.RotateKey(t.Context(), &kbwire.RotateKeyRequest{Signed: []byte("{}")})
 		wantRefused(t, e, err, EventRotateKey, ErrInvalidRequest, "malformed")
 	})
 	rot := rotation(t, "demo", oldPub, newPub, nil, oldKey)
@@ -254,7 +254,7 @@ func TestRecoverKey(t *testing.T) {
 	recPub, recKey, _ := ed25519.GenerateKey(rand.Reader)
 	newPub, newKey, _ := ed25519.GenerateKey(rand.Reader)
 	rec2Pub, _, _ := ed25519.GenerateKey(rand.Reader)
-	resp, err := e.kb.RegisterTenant(t.Context(), adminRequest(t, testAdminKey, kbwire.OpTenantRegister, RegisterTenantRequest{Tenant: "acme", PolicyKey: lostPub, RecoveryKey: recPub}, e.clock.Now()))
+	resp, err := e.kb.RegisterTenant(t.Context(), adminRequest(t, testAdminKey, kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: lostPub, RecoveryKey: recPub}, e.clock.Now()))
 	if err != nil || !resp.Recovery {
 		t.Fatalf("registering acme with a recovery key: %+v, %v", resp, err)
 	}

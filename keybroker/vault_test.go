@@ -2,6 +2,7 @@ package keybroker
 
 import (
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -177,7 +178,7 @@ func TestAdoptRefusesPreparedEpochKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	a := e.attest("source", "adopt-vm9", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-	_, err := e.kb.Adopt(t.Context(), &AdoptRequest{AdoptionID: "adopt-vm9", Tenant: "demo", VM: "vm9", Policy: e.signedPolicy(1, nil), Agent: a.att})
+	_, err := e.kb.Adopt(t.Context(), &kbwire.AdoptRequest{AdoptionID: "adopt-vm9", Tenant: "demo", VM: "vm9", Policy: e.signedPolicy(1, nil), Agent: a.att})
 	if !errors.Is(err, ErrUnsafeKey) {
 		t.Fatalf("Adopt with %s prepared = %v, want ErrUnsafeKey", name, err)
 	}

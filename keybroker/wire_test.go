@@ -2,6 +2,7 @@ package keybroker
 
 import (
 	"encoding/json"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"testing"
 
 	"github.com/lethe-cc/lethe/keybroker/seal"
@@ -13,7 +14,7 @@ func FuzzReleaseRequest(f *testing.F) {
 	f.Add([]byte(`{"migrationId":"m1","tenant":"demo","vm":"vm1","policy":"e30=","source":{"nonce":"AAAA","evidence":{"platform":"emulated-sev-snp","raw":"AA=="}},"destination":{}}`))
 	f.Add([]byte(`{"migrationId":"../x","tenant":"mig","vm":"A"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		var req ReleaseRequest
+		var req kbwire.ReleaseRequest
 		if err := json.Unmarshal(b, &req); err != nil {
 			return
 		}
@@ -25,7 +26,7 @@ func FuzzReleaseRequest(f *testing.F) {
 		if checkGuest(req.Tenant, req.VM) == nil {
 			epochKeyName(req.Tenant, req.VM, 1)
 		}
-		for _, a := range []Attestation{req.Source, req.Destination} {
+		for _, a := range []kbwire.Attestation{req.Source, req.Destination} {
 			if a.Evidence != nil {
 				seal.CheckPublicKey(a.Evidence.HPKEPublicKey)
 			}

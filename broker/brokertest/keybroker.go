@@ -11,6 +11,8 @@ import (
 	"sync"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/wireerr"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 )
 
@@ -24,32 +26,32 @@ type KeyBroker struct {
 
 	mu       sync.Mutex
 	nonces   int
-	releases []broker.ReleaseRequest
-	adopts   []broker.AdoptRequest
-	reissues []broker.ReissueRequest
-	destroys []broker.DestroyRequest
+	releases []kbwire.ReleaseRequest
+	adopts   []kbwire.AdoptRequest
+	reissues []kbwire.ReissueRequest
+	destroys []kbwire.DestroyRequest
 	epochs   map[string]uint64 // guest → current epoch, as the keybroker keeps it
 	ended    map[string]bool   // migrations committed
 }
 
 // Nonce implements broker.KeyBroker.
-func (k *KeyBroker) Nonce(_ context.Context, req *broker.NonceRequest) (*broker.NonceResponse, error) {
+func (k *KeyBroker) Nonce(_ context.Context, req *kbwire.NonceRequest) (*kbwire.NonceResponse, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.nonces++
-	return &broker.NonceResponse{Nonce: fmt.Appendf(nil, "nonce-%d-%s-%s", k.nonces, req.MigrationID, req.Role)}, nil
+	return &kbwire.NonceResponse{Nonce: fmt.Appendf(nil, "nonce-%d-%s-%s", k.nonces, req.MigrationID, req.Role)}, nil
 }
 
 // Release implements broker.KeyBroker.
-func (k *KeyBroker) Release(_ context.Context, req *broker.ReleaseRequest) (*broker.ReleaseResponse, error) {
+func (k *KeyBroker) Release(_ context.Context, req *kbwire.ReleaseRequest) (*kbwire.ReleaseResponse, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.releases = append(k.releases, *req)
 	if k.Deny != "" {
-		return nil, &broker.Error{Code: broker.CodeDenied, Message: k.Deny}
+		return nil, fmt.Errorf("keybroker %w: %w", broker.ErrDenied, wireerr.New(kbwire.CodeDenied, k.Deny))
 	}
 	e := k.epochs[req.Tenant+"."+req.VM]
-	return &broker.ReleaseResponse{
+	return &kbwire.ReleaseResponse{
 		MigrationID:       req.MigrationID,
 		FromEpoch:         e,
 		ToEpoch:           e + 1,
@@ -60,52 +62,52 @@ func (k *KeyBroker) Release(_ context.Context, req *broker.ReleaseRequest) (*bro
 }
 
 // Adopt implements broker.KeyBroker.
-func (k *KeyBroker) Adopt(_ context.Context, req *broker.AdoptRequest) (*broker.AdoptResponse, error) {
+func (k *KeyBroker) Adopt(_ context.Context, req *kbwire.AdoptRequest) (*kbwire.AdoptResponse, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.adopts = append(k.adopts, *req)
 	if k.Deny != "" {
-		return nil, &broker.Error{Code: broker.CodeDenied, Message: k.Deny}
+		return nil, fmt.Errorf("keybroker %w: %w", broker.ErrDenied, wireerr.New(kbwire.CodeDenied, k.Deny))
 	}
 	if k.epochs == nil {
 		k.epochs = map[string]uint64{}
 	}
 	k.epochs[req.Tenant+"."+req.VM] = 1
-	return &broker.AdoptResponse{Sealed: []byte("fake-sealed-mdk1"), Epoch: 1,
+	return &kbwire.AdoptResponse{Sealed: []byte("fake-sealed-mdk1"), Epoch: 1,
 		WrappedMDK: fmt.Sprintf("vault:v1:fake-%s-%s-e1", req.Tenant, req.VM)}, nil
 }
 
 // Reissue implements broker.KeyBroker: it answers with the guest's current epoch.
-func (k *KeyBroker) Reissue(_ context.Context, req *broker.ReissueRequest) (*broker.ReissueResponse, error) {
+func (k *KeyBroker) Reissue(_ context.Context, req *kbwire.ReissueRequest) (*kbwire.ReissueResponse, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.reissues = append(k.reissues, *req)
 	if k.Deny != "" {
-		return nil, &broker.Error{Code: broker.CodeDenied, Message: k.Deny}
+		return nil, fmt.Errorf("keybroker %w: %w", broker.ErrDenied, wireerr.New(kbwire.CodeDenied, k.Deny))
 	}
 	e, ok := k.epochs[req.Tenant+"."+req.VM]
 	if !ok {
-		return nil, &broker.Error{Code: "not_adopted", Message: "guest not adopted"}
+		return nil, wireerr.New(kbwire.CodeNotAdopted, "guest not adopted")
 	}
-	return &broker.ReissueResponse{Sealed: []byte("fake-sealed-mdk-reissued"), Epoch: e}, nil
+	return &kbwire.ReissueResponse{Sealed: []byte("fake-sealed-mdk-reissued"), Epoch: e}, nil
 }
 
 // Reissues returns the reissue requests received so far.
-func (k *KeyBroker) Reissues() []broker.ReissueRequest {
+func (k *KeyBroker) Reissues() []kbwire.ReissueRequest {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return append([]broker.ReissueRequest(nil), k.reissues...)
+	return append([]kbwire.ReissueRequest(nil), k.reissues...)
 }
 
 // Destroy implements broker.KeyBroker.
-func (k *KeyBroker) Destroy(_ context.Context, req *broker.DestroyRequest) (*broker.DestroyResponse, error) {
+func (k *KeyBroker) Destroy(_ context.Context, req *kbwire.DestroyRequest) (*broker.DestroyResponse, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.destroys = append(k.destroys, *req)
 	if k.RefuseErasure != "" && req.Erasure != nil && !req.UnverifiedErasure {
-		return nil, &broker.Error{Code: "erasure_rejected", Message: k.RefuseErasure}
+		return nil, wireerr.New(kbwire.CodeErasureRejected, k.RefuseErasure)
 	}
-	if req.Ending == broker.EndingCommit && !k.ended[req.MigrationID] {
+	if req.Ending == kbwire.Commit && !k.ended[req.MigrationID] {
 		if k.ended == nil {
 			k.ended = map[string]bool{}
 		}
@@ -118,7 +120,7 @@ func (k *KeyBroker) Destroy(_ context.Context, req *broker.DestroyRequest) (*bro
 		Caveats:       []string{"signed by brokertest's fake keybroker"},
 	}
 	switch {
-	case req.Ending == broker.EndingAbort:
+	case req.Ending == kbwire.Abort:
 	case req.UnverifiedErasure || req.Erasure == nil:
 		r.Outcome = receipt.OutcomeCommittedUnverifiedErasure
 	default:
@@ -139,15 +141,15 @@ func (k *KeyBroker) Destroy(_ context.Context, req *broker.DestroyRequest) (*bro
 var fakeKey = ed25519.NewKeyFromSeed(make([]byte, ed25519.SeedSize))
 
 // Destroys returns the Destroy requests received so far.
-func (k *KeyBroker) Destroys() []broker.DestroyRequest {
+func (k *KeyBroker) Destroys() []kbwire.DestroyRequest {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return append([]broker.DestroyRequest(nil), k.destroys...)
+	return append([]kbwire.DestroyRequest(nil), k.destroys...)
 }
 
 // Releases returns the Release requests received so far.
-func (k *KeyBroker) Releases() []broker.ReleaseRequest {
+func (k *KeyBroker) Releases() []kbwire.ReleaseRequest {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return append([]broker.ReleaseRequest(nil), k.releases...)
+	return append([]kbwire.ReleaseRequest(nil), k.releases...)
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"log/slog"
 	"path/filepath"
 	"strings"
@@ -81,7 +82,7 @@ func TestTenantRegisterOverNATS(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("register: exit %d\n%s%s", code, out, errOut)
 	}
-	var got keybroker.RegisterTenantResponse
+	var got kbwire.RegisterTenantResponse
 	if err := json.Unmarshal([]byte(out), &got); err != nil {
 		t.Fatalf("register output %q: %v", out, err)
 	}
@@ -89,7 +90,7 @@ func TestTenantRegisterOverNATS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if diff := cmp.Diff(keybroker.RegisterTenantResponse{Tenant: "acme", KeyID: policy.KeyID(tenantPub), Recovery: true}, got); diff != "" {
+	if diff := cmp.Diff(kbwire.RegisterTenantResponse{Tenant: "acme", KeyID: policy.KeyID(tenantPub), Recovery: true}, got); diff != "" {
 		t.Errorf("register output (-want +got):\n%s", diff)
 	}
 	// The admin cannot re-key the tenant.

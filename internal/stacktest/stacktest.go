@@ -103,13 +103,13 @@ func Start(t testing.TB, o Options) *Stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	register, err := kbwire.SignAdmin(kbwire.OpTenantRegister, keybroker.RegisterTenantRequest{
+	register, err := kbwire.SignAdmin(kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{
 		Tenant: o.Tenant, PolicyKey: tenantKey.Public().(ed25519.PublicKey),
 	}, time.Now(), time.Minute, adminKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kb.RegisterTenant(ctx, &keybroker.AdminRequest{Signed: register}); err != nil {
+	if _, err := kb.RegisterTenant(ctx, &kbwire.AdminRequest{Signed: register}); err != nil {
 		t.Fatalf("registering tenant: %v", err)
 	}
 	if s.KeybrokerPub, err = kb.PublicKey(ctx); err != nil {
@@ -150,7 +150,7 @@ func Start(t testing.TB, o Options) *Stack {
 		t.Fatal(err)
 	}
 	// As lethectl policy apply: published to the keybroker (the floor of its name), then applied.
-	if _, err := kb.PublishPolicy(ctx, &keybroker.PublishPolicyRequest{Policy: envelope}); err != nil {
+	if _, err := kb.PublishPolicy(ctx, &kbwire.PublishPolicyRequest{Policy: envelope}); err != nil {
 		t.Fatalf("publishing policy: %v", err)
 	}
 	if _, err := s.Tenant.ApplyPolicy(ctx, &broker.ApplyPolicyRequest{Envelope: envelope}); err != nil {

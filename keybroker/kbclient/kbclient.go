@@ -1,9 +1,9 @@
 // Package kbclient is a client of the keybroker's NATS API for tools and tenants (lethectl):
 // tenant registration, key rotation, policy publication, receipts and the receipt-signing
-// public key. It speaks the wire contract of package kbwire and links neither the keybroker's
-// core nor its Vault client, so that a tool can call the keybroker without carrying server
-// code. Package natsapi builds its client on this one and adds the matching of error answers
-// with the keybroker's sentinels.
+// public key. It speaks the wire contract of package kbwire over the one request/response edge
+// (internal/natsrpc) and links neither the keybroker's core nor its Vault client, so that a
+// tool can call the keybroker without carrying server code. An error answer of the keybroker
+// is a *wireerr.Error whose code, one of package kbwire's, matches with errors.Is.
 //
 // It holds no secret: what it sends is signed by the caller (kbwire.SignAdmin,
 // kbwire.SignRotation, a signed policy envelope), and it logs nothing.
@@ -11,33 +11,24 @@ package kbclient
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
 
+	"github.com/lethe-cc/lethe/internal/natsrpc"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 )
 
-// ErrNoKeybroker is returned (wrapped) by Client calls when no keybroker answered: none
-// serves the subject, or the request timed out.
+// ErrNoKeybroker is returned (wrapped, with natsrpc.ErrNoAnswer) by Client calls when no
+// keybroker answered: none serves the subject, or the request timed out.
 var ErrNoKeybroker = errors.New("no keybroker answered")
 
-// Error is an error answered by the keybroker service.
-type Error struct {
-	// Code is the wire code of the error (keybroker.ErrorCode's: "unauthorized",
-	// "policy_rejected", "unknown_tenant", …).
-	Code string
-	// Message is the service's description.
-	Message string
-}
-
-func (e *Error) Error() string { return fmt.Sprintf("keybroker: %s: %s", e.Code, e.Message) }
-
-// Client calls the keybroker service. The broker has its own client (package broker).
+// Client calls the keybroker service: the operations tools and tenants need (tenant
+// registration, key rotation, policy publication, receipts, the public key). The broker has
+// its own client (package broker). An error answer of the keybroker is a *wireerr.Error whose
+// code, one of package kbwire's, matches with errors.Is (errors.Is(err, kbwire.CodeUnauthorized)).
 type Client struct {
 	nc      *nats.Conn
 	timeout time.Duration
@@ -54,73 +45,51 @@ func New(nc *nats.Conn, timeout time.Duration) *Client {
 }
 
 // RegisterTenant registers a tenant's policy-signing key with an admin statement (signed is
-// kbwire.SignAdmin's envelope of a kbwire.RegisterTenantRequest). It returns an *Error (codes
-// "unauthorized", "invalid_request") or ErrNoKeybroker.
+// kbwire.SignAdmin's envelope of a kbwire.RegisterTenantRequest). It returns an error matching
+// kbwire.CodeUnauthorized or kbwire.CodeInvalidRequest (among the codes of the errors of
+// keybroker.Keybroker.RegisterTenant), or ErrNoKeybroker.
 func (c *Client) RegisterTenant(ctx context.Context, signed []byte) (*kbwire.RegisterTenantResponse, error) {
-	var resp kbwire.RegisterTenantResponse
-	err := c.Call(ctx, kbwire.OpTenantRegister, &kbwire.AdminRequest{Signed: signed}, &resp)
-	return &resp, err
+	return call[kbwire.RegisterTenantResponse](ctx, c, kbwire.OpTenantRegister, &kbwire.AdminRequest{Signed: signed})
 }
 
 // RotateKey replaces a tenant's policy key with a rotation statement (kbwire.SignRotation,
-// signed by the current or the recovery key). It returns an *Error (codes "unauthorized",
-// "invalid_request", "unknown_tenant") or ErrNoKeybroker.
+// signed by the current or the recovery key). It returns an error matching
+// kbwire.CodeUnauthorized, kbwire.CodeInvalidRequest or kbwire.CodeUnknownTenant (among the
+// codes of the errors of keybroker.Keybroker.RotateKey), or ErrNoKeybroker.
 func (c *Client) RotateKey(ctx context.Context, signed []byte) (*kbwire.RotateKeyResponse, error) {
-	var resp kbwire.RotateKeyResponse
-	err := c.Call(ctx, kbwire.OpTenantRotateKey, &kbwire.RotateKeyRequest{Signed: signed}, &resp)
-	return &resp, err
+	return call[kbwire.RotateKeyResponse](ctx, c, kbwire.OpTenantRotateKey, &kbwire.RotateKeyRequest{Signed: signed})
 }
 
 // PublishPolicy publishes a signed policy envelope, raising the floor of its (tenant, name). It
-// returns an *Error (codes "policy_rejected" for a bad signature or a rollback,
-// "unknown_tenant", "invalid_request") or ErrNoKeybroker.
+// returns an error matching kbwire.CodePolicyRejected (a bad signature or a rollback),
+// kbwire.CodeUnknownTenant or kbwire.CodeInvalidRequest, or ErrNoKeybroker.
 func (c *Client) PublishPolicy(ctx context.Context, envelope []byte) (*kbwire.PublishPolicyResponse, error) {
-	var resp kbwire.PublishPolicyResponse
-	err := c.Call(ctx, kbwire.OpPolicyPublish, &kbwire.PublishPolicyRequest{Policy: envelope}, &resp)
-	return &resp, err
+	return call[kbwire.PublishPolicyResponse](ctx, c, kbwire.OpPolicyPublish, &kbwire.PublishPolicyRequest{Policy: envelope})
 }
 
 // Receipt fetches a migration's signed receipt; with wait, the service waits a while for a
-// pending destruction. It returns an *Error (codes "unknown_migration",
-// "destruction_pending") or ErrNoKeybroker.
+// pending destruction. It returns an error matching kbwire.CodeUnknownMigration or
+// kbwire.CodeDestructionPending, or ErrNoKeybroker.
 func (c *Client) Receipt(ctx context.Context, migrationID string, wait bool) (*kbwire.ReceiptResponse, error) {
-	var resp kbwire.ReceiptResponse
-	err := c.Call(ctx, kbwire.OpReceipt, &kbwire.ReceiptRequest{MigrationID: migrationID, Wait: wait}, &resp)
-	return &resp, err
+	return call[kbwire.ReceiptResponse](ctx, c, kbwire.OpReceipt, &kbwire.ReceiptRequest{MigrationID: migrationID, Wait: wait})
 }
 
-// PublicKeyPEM fetches the receipt-signing public key, PEM. It returns an *Error (code
-// "unavailable" when the keybroker cannot reach Vault) or ErrNoKeybroker.
+// PublicKeyPEM fetches the receipt-signing public key, PEM. It returns an error matching
+// kbwire.CodeUnavailable when the keybroker cannot reach Vault, or ErrNoKeybroker.
 func (c *Client) PublicKeyPEM(ctx context.Context) ([]byte, error) {
-	var resp kbwire.PublicKeyResponse
-	if err := c.Call(ctx, kbwire.OpPublicKey, struct{}{}, &resp); err != nil {
+	resp, err := call[kbwire.PublicKeyResponse](ctx, c, kbwire.OpPublicKey, struct{}{})
+	if err != nil {
 		return nil, err
 	}
 	return []byte(resp.PEM), nil
 }
 
-// Call sends req as JSON to op's subject (kbwire.SubjectPrefix + "." + op) and decodes the
-// reply into resp. It returns an *Error for an error reply, ErrNoKeybroker when none
-// answered, or a decoding error.
-func (c *Client) Call(ctx context.Context, op string, req, resp any) error {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.timeout)
-		defer cancel()
+// call calls op. It returns a *wireerr.Error for an error answer, an error wrapping
+// ErrNoKeybroker when none answered, or a decoding error.
+func call[Resp, Req any](ctx context.Context, c *Client, op string, req Req) (*Resp, error) {
+	resp, err := natsrpc.Call[Req, Resp](ctx, c.nc, kbwire.SubjectPrefix+"."+op, req, natsrpc.WithTimeout(c.timeout))
+	if errors.Is(err, natsrpc.ErrNoAnswer) {
+		return nil, fmt.Errorf("calling keybroker %s: %w: %w", op, ErrNoKeybroker, err)
 	}
-	data, err := json.Marshal(req)
-	if err != nil {
-		return fmt.Errorf("encoding %s request: %w", op, err)
-	}
-	msg, err := c.nc.RequestWithContext(ctx, kbwire.SubjectPrefix+"."+op, data)
-	if err != nil {
-		return fmt.Errorf("calling keybroker %s: %w: %w", op, ErrNoKeybroker, err)
-	}
-	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
-		return &Error{Code: code, Message: msg.Header.Get(micro.ErrorHeader)}
-	}
-	if err := json.Unmarshal(msg.Data, resp); err != nil {
-		return fmt.Errorf("decoding keybroker %s reply: %w", op, err)
-	}
-	return nil
+	return resp, err
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/keybroker/kbclient"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 )
@@ -39,11 +40,11 @@ func TestClient(t *testing.T) {
 		t.Errorf("PublicKeyPEM = %q, %v; want PEM", pem, err)
 	}
 	_, err = c.RotateKey(t.Context(), []byte("signed"))
-	e, ok := errors.AsType[*kbclient.Error](err)
-	if !ok {
-		t.Fatalf("RotateKey: %v, want an *Error", err)
+	e, ok := errors.AsType[*wireerr.Error](err)
+	if !ok || !errors.Is(err, kbwire.CodeUnauthorized) {
+		t.Fatalf("RotateKey: %v, want a *wireerr.Error matching kbwire.CodeUnauthorized", err)
 	}
-	if diff := cmp.Diff(&kbclient.Error{Code: "unauthorized", Message: "not signed by the current key"}, e); diff != "" {
+	if diff := cmp.Diff(&wireerr.Error{Code: kbwire.CodeUnauthorized, Message: "not signed by the current key"}, e); diff != "" {
 		t.Errorf("RotateKey error (-want +got):\n%s", diff)
 	}
 	if _, err := c.Receipt(t.Context(), "m1", false); !errors.Is(err, kbclient.ErrNoKeybroker) {

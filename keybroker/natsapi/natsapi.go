@@ -5,10 +5,12 @@
 // code: package keybroker imports no NATS and stays usable without it.
 //
 // Every operation is one request-reply on lethe.v1.keybroker.<op> with the JSON of package
-// kbwire (package keybroker's request and response types). Errors travel as NATS micro error
-// headers: the code is keybroker.ErrorCode's, the description the error's text for codes that
-// concern the request (a denial names the failing policy rules) and a fixed text for
-// unavailable and internal errors, whose details stay in the keybroker's log.
+// kbwire, served through package natsrpc (admission limit, per-request deadline, drain, reply
+// confinement). Errors travel as natsrpc's error answers: the code is one of kbwire's
+// (keybroker.WireCode), the message the error's text for codes that concern the request (a
+// denial names the failing policy rules) and a fixed text for unavailable and internal errors,
+// whose details stay in the keybroker's log. Requests beyond the concurrency limit, or that
+// arrive while the service stops, are answered kbwire.CodeBusy.
 //
 // The edge must never answer with or log a plaintext key or a Vault token. No bearer secret
 // crosses NATS: tenant.register carries a statement signed with the operator's admin key
@@ -16,10 +18,7 @@
 // key, and policy.publish a policy signed by the tenant; the keybroker verifies each.
 package natsapi
 
-import (
-	"github.com/lethe-cc/lethe/keybroker"
-	"github.com/lethe-cc/lethe/keybroker/kbwire"
-)
+import "github.com/lethe-cc/lethe/keybroker/kbwire"
 
 // SubjectPrefix is the prefix of the keybroker API's subjects.
 const SubjectPrefix = kbwire.SubjectPrefix
@@ -44,17 +43,3 @@ var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt,
 
 // Subject returns the subject of op.
 func Subject(op string) string { return SubjectPrefix + "." + op }
-
-// TenantRegisterRequest is the admin call that registers a tenant: a registration signed with
-// the operator's admin key (kbwire.SignAdmin).
-type TenantRegisterRequest = keybroker.AdminRequest
-
-// Wire error codes beyond keybroker.ErrorCode's, for requests the edge itself refuses.
-const (
-	// CodeInvalidRequest is keybroker.ErrorCode(keybroker.ErrInvalidRequest): a request that
-	// does not decode or is too large.
-	CodeInvalidRequest = "invalid_request"
-	// CodeBusy is keybroker.ErrorCode(keybroker.ErrNonceStoreFull): the service is at its
-	// concurrency limit or shutting down.
-	CodeBusy = "busy"
-)

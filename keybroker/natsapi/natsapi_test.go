@@ -25,7 +25,9 @@ import (
 	"github.com/lethe-cc/lethe/internal/dsse"
 	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/kbclient"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
@@ -42,13 +44,13 @@ var adminKey = func() ed25519.PrivateKey {
 }()
 
 // adminSigned signs req as a tenant.register admin request with key.
-func adminSigned(t *testing.T, key ed25519.PrivateKey, req keybroker.RegisterTenantRequest) []byte {
+func adminSigned(t *testing.T, key ed25519.PrivateKey, req kbwire.RegisterTenantRequest) []byte {
 	t.Helper()
 	return adminSignedAt(t, key, req, time.Now())
 }
 
 // adminSignedAt is adminSigned issued at now.
-func adminSignedAt(t *testing.T, key ed25519.PrivateKey, req keybroker.RegisterTenantRequest, now time.Time) []byte {
+func adminSignedAt(t *testing.T, key ed25519.PrivateKey, req kbwire.RegisterTenantRequest, now time.Time) []byte {
 	t.Helper()
 	signed, err := kbwire.SignAdmin(kbwire.OpTenantRegister, req, now, time.Minute, key)
 	if err != nil {
@@ -64,7 +66,7 @@ type env struct {
 	proxy     *vaulttest.Proxy
 	nc        *nats.Conn
 	kbc       *broker.KeyBrokerClient
-	client    *natsapi.Client
+	client    *kbclient.Client
 	plats     map[string]emulate.Platform
 	tenantKey ed25519.PrivateKey
 	policy    []byte
@@ -115,11 +117,11 @@ func newEnv(t *testing.T) *env {
 	e := &env{
 		t: t, proxy: px, nc: nc, plats: plats,
 		kbc:    broker.NewKeyBrokerClient(nc, 0),
-		client: natsapi.NewClient(nc, 0),
+		client: kbclient.New(nc, 0),
 	}
 	var pub ed25519.PublicKey
 	pub, e.tenantKey, _ = ed25519.GenerateKey(rand.Reader)
-	if _, err := e.client.RegisterTenant(t.Context(), adminSigned(t, adminKey, keybroker.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub})); err != nil {
+	if _, err := e.client.RegisterTenant(t.Context(), adminSigned(t, adminKey, kbwire.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub})); err != nil {
 		t.Fatalf("registering tenant over NATS: %v", err)
 	}
 	y, err := os.ReadFile("../../examples/policies/ci-emulated.yaml")
@@ -139,12 +141,12 @@ func newEnv(t *testing.T) *env {
 // agent is one side's HPKE key and evidence, made for a nonce asked over NATS.
 type agent struct {
 	key *seal.PrivateKey
-	att broker.Attestation
+	att kbwire.Attestation
 }
 
 func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent {
 	e.t.Helper()
-	n, err := e.kbc.Nonce(e.t.Context(), &broker.NonceRequest{MigrationID: id, Role: role})
+	n, err := e.kbc.Nonce(e.t.Context(), &kbwire.NonceRequest{MigrationID: id, Role: role})
 	if err != nil {
 		e.t.Fatalf("Nonce(%s, %s): %v", id, role, err)
 	}
@@ -166,15 +168,15 @@ func (e *env) attest(plat, id string, role attest.Role, statement []byte) *agent
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	return &agent{key: k, att: broker.Attestation{Nonce: n.Nonce, Evidence: ev}}
+	return &agent{key: k, att: kbwire.Attestation{Nonce: n.Nonce, Evidence: ev}}
 }
 
 // adopt gives vm its first residency, over NATS.
-func (e *env) adopt(vm string) *broker.AdoptResponse {
+func (e *env) adopt(vm string) *kbwire.AdoptResponse {
 	e.t.Helper()
 	id := "adopt-" + vm
 	a := e.attest("source", id, attest.RoleAdopt, keybrokertest.CleanStatement(e.t))
-	resp, err := e.kbc.Adopt(e.t.Context(), &broker.AdoptRequest{AdoptionID: id, Tenant: "demo", VM: vm, Policy: e.policy, Agent: a.att})
+	resp, err := e.kbc.Adopt(e.t.Context(), &kbwire.AdoptRequest{AdoptionID: id, Tenant: "demo", VM: vm, Policy: e.policy, Agent: a.att})
 	if err != nil {
 		e.t.Fatalf("Adopt(%s): %v", vm, err)
 	}
@@ -183,7 +185,7 @@ func (e *env) adopt(vm string) *broker.AdoptResponse {
 
 // migration is a release request with its agents.
 type migration struct {
-	req      *broker.ReleaseRequest
+	req      *kbwire.ReleaseRequest
 	src, dst *agent
 }
 
@@ -192,16 +194,16 @@ func (e *env) newMigration(id, vm, dstPlat string) *migration {
 	src := e.attest("source", id, attest.RoleSource, nil)
 	dst := e.attest(dstPlat, id, attest.RoleDestination, keybrokertest.CleanStatement(e.t))
 	return &migration{
-		req: &broker.ReleaseRequest{
+		req: &kbwire.ReleaseRequest{
 			MigrationID: id, Tenant: "demo", VM: vm, Policy: e.policy,
-			Source: src.att, Destination: dst.att, DestinationHost: broker.KeyBrokerHost{Name: "host-b"},
+			Source: src.att, Destination: dst.att, DestinationHost: kbwire.Host{Name: "host-b"},
 		},
 		src: src, dst: dst,
 	}
 }
 
 // open opens a release's sealed keys with its agents' keys and returns TK and MDK.
-func (m *migration) open(t *testing.T, resp *broker.ReleaseResponse) (tk, mdk []byte) {
+func (m *migration) open(t *testing.T, resp *kbwire.ReleaseResponse) (tk, mdk []byte) {
 	t.Helper()
 	s, err := m.src.key.Open(m.req.MigrationID, attest.RoleSource, resp.SealedSource)
 	if err != nil {
@@ -269,7 +271,7 @@ func TestBrokerClientMigration(t *testing.T) {
 
 	erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
 	ack := keybrokertest.CommitAck(t, tk, "m1")
-	destroy := &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit, Erasure: &erased.att, CommitAck: ack}
+	destroy := &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit, Erasure: &erased.att, CommitAck: ack}
 	d1, err := e.kbc.Destroy(ctx, destroy)
 	if err != nil {
 		t.Fatalf("Destroy: %v", err)
@@ -337,11 +339,8 @@ func code(err error) string {
 	if err == nil {
 		return ""
 	}
-	if e, ok := errors.AsType[*broker.Error](err); ok {
-		return e.Code
-	}
-	if e, ok := errors.AsType[*natsapi.Error](err); ok {
-		return e.Code
+	if e, ok := errors.AsType[*wireerr.Error](err); ok {
+		return string(e.Code)
 	}
 	return "not a wire error: " + err.Error()
 }
@@ -359,7 +358,7 @@ func TestErrorCodes(t *testing.T) {
 		Denied      bool
 		Unavailable bool
 	}
-	var replay *broker.ReleaseRequest
+	var replay *kbwire.ReleaseRequest
 	tests := []struct {
 		name string
 		call func() error
@@ -388,7 +387,7 @@ func TestErrorCodes(t *testing.T) {
 			return err
 		}, outcome{"evidence_rejected", true, false}},
 		{"bad migration id", func() error {
-			_, err := e.kbc.Nonce(ctx, &broker.NonceRequest{MigrationID: "../x", Role: attest.RoleSource})
+			_, err := e.kbc.Nonce(ctx, &kbwire.NonceRequest{MigrationID: "../x", Role: attest.RoleSource})
 			return err
 		}, outcome{"invalid_request", false, false}},
 		{"malformed request", func() error {
@@ -396,18 +395,18 @@ func TestErrorCodes(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			return &broker.Error{Code: msg.Header.Get(micro.ErrorCodeHeader), Message: msg.Header.Get(micro.ErrorHeader)}
+			return wireerr.New(wireerr.Code(msg.Header.Get(micro.ErrorCodeHeader)), msg.Header.Get(micro.ErrorHeader))
 		}, outcome{"invalid_request", false, false}},
 		{"commit without proof", func() error {
 			m := e.newMigration("m5", "vm2", "destination")
 			if _, err := e.kbc.Release(ctx, m.req); err != nil {
 				return err
 			}
-			_, err := e.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: "m5", Tenant: "demo", VM: "vm2", Ending: broker.EndingCommit, CommitAck: []byte(`{"migrationId":"m5"}`)})
+			_, err := e.kbc.Destroy(ctx, &kbwire.DestroyRequest{MigrationID: "m5", Tenant: "demo", VM: "vm2", Ending: kbwire.Commit, CommitAck: []byte(`{"migrationId":"m5"}`)})
 			return err
 		}, outcome{"unproven", false, false}},
 		{"commit of an unknown migration", func() error {
-			_, err := e.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: "m9", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit})
+			_, err := e.kbc.Destroy(ctx, &kbwire.DestroyRequest{MigrationID: "m9", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit})
 			return err
 		}, outcome{"unknown_migration", false, false}},
 		{"vault down during release", func() error {
@@ -429,7 +428,7 @@ func TestErrorCodes(t *testing.T) {
 	}
 
 	// The denied migration is aborted by the broker: the abort ends with a receipt.
-	resp, err := e.kbc.Destroy(ctx, &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingAbort})
+	resp, err := e.kbc.Destroy(ctx, &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Abort})
 	if err != nil {
 		t.Fatalf("aborting the denied migration: %v", err)
 	}
@@ -454,7 +453,7 @@ func TestDestructionPending(t *testing.T) {
 		t.Fatal(err)
 	}
 	erased := e.attest("source", "m1", attest.RoleErased, keybrokertest.ErasureStatement(t, "m1"))
-	destroy := &broker.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: broker.EndingCommit, CommitAck: keybrokertest.CommitAck(t, tk, "m1"), Erasure: &erased.att}
+	destroy := &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Commit, CommitAck: keybrokertest.CommitAck(t, tk, "m1"), Erasure: &erased.att}
 	// Vault goes away once the commit is proven: while the keys are destroyed.
 	e.proxy.Block(func(r *http.Request) bool { return strings.Contains(r.URL.Path, "/transit/keys/") })
 	_, err = e.kbc.Destroy(ctx, destroy)
@@ -463,7 +462,7 @@ func TestDestructionPending(t *testing.T) {
 		t.Fatalf("Destroy with Vault down = %v, want destruction_pending matching broker.ErrUnavailable", err)
 	}
 	_, err = e.client.Receipt(ctx, "m1", false)
-	if !errors.Is(err, keybroker.ErrDestructionPending) {
+	if !errors.Is(err, kbwire.CodeDestructionPending) {
 		t.Fatalf("Receipt while pending = %v, want ErrDestructionPending", err)
 	}
 	e.proxy.Restore()
@@ -496,17 +495,17 @@ func TestTenantRegister(t *testing.T) {
 		signed []byte
 		want   string
 	}{
-		"signed by another key": {adminSigned(t, notAdmin, keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}), "unauthorized"},
+		"signed by another key": {adminSigned(t, notAdmin, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}), "unauthorized"},
 		"not signed":            {nil, "unauthorized"},
-		"bad key":               {adminSigned(t, adminKey, keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub[:5]}), "invalid_request"},
-		"registered":            {adminSigned(t, adminKey, keybroker.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}), ""},
+		"bad key":               {adminSigned(t, adminKey, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub[:5]}), "invalid_request"},
+		"registered":            {adminSigned(t, adminKey, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: pub}), ""},
 	}
 	got, want := map[string]string{}, map[string]string{}
 	for name, tt := range tests {
 		_, err := e.client.RegisterTenant(t.Context(), tt.signed)
 		got[name], want[name] = code(err), tt.want
-		if tt.want == "unauthorized" && !errors.Is(err, keybroker.ErrUnauthorized) {
-			t.Errorf("%s: %v does not match keybroker.ErrUnauthorized", name, err)
+		if tt.want == "unauthorized" && !errors.Is(err, kbwire.CodeUnauthorized) {
+			t.Errorf("%s: %v does not match kbwire.CodeUnauthorized", name, err)
 		}
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
@@ -533,7 +532,7 @@ func TestTenantOps(t *testing.T) {
 	if _, err := e.client.RotateKey(t.Context(), signed); err != nil {
 		t.Fatalf("tenant.rotate-key: %v", err)
 	}
-	if _, err := e.client.RotateKey(t.Context(), signed); !errors.Is(err, keybroker.ErrUnauthorized) {
+	if _, err := e.client.RotateKey(t.Context(), signed); !errors.Is(err, kbwire.CodeUnauthorized) {
 		t.Errorf("replayed tenant.rotate-key: %v, want unauthorized", err)
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbclient"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/nats-io/nats.go"
 	"log/slog"
 	"os"
@@ -156,11 +158,11 @@ func newQueueEnv(t *testing.T) (*env, [2]*instance, *clock, *vaulttest.Server) {
 	e := &env{
 		t: t, proxy: px, nc: nc, plats: plats,
 		kbc:    broker.NewKeyBrokerClient(nc, 0),
-		client: natsapi.NewClient(nc, 0),
+		client: kbclient.New(nc, 0),
 	}
 	var pub ed25519.PublicKey
 	pub, e.tenantKey, _ = ed25519.GenerateKey(rand.Reader)
-	if _, err := insts[0].kb.RegisterTenant(t.Context(), &keybroker.AdminRequest{Signed: adminSignedAt(t, adminKey, keybroker.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}, clk.Now())}); err != nil {
+	if _, err := insts[0].kb.RegisterTenant(t.Context(), &kbwire.AdminRequest{Signed: adminSignedAt(t, adminKey, kbwire.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}, clk.Now())}); err != nil {
 		t.Fatalf("registering tenant: %v", err)
 	}
 	y, err := os.ReadFile("../../examples/policies/ci-emulated.yaml")
@@ -217,7 +219,7 @@ func TestQueueGroup(t *testing.T) {
 
 	// Racing adoptions with one nonce: exactly one wins.
 	ag := e.attest("source", "adopt-vm3", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-	req := &broker.AdoptRequest{AdoptionID: "adopt-vm3", Tenant: "demo", VM: "vm3", Policy: e.policy, Agent: ag.att}
+	req := &kbwire.AdoptRequest{AdoptionID: "adopt-vm3", Tenant: "demo", VM: "vm3", Policy: e.policy, Agent: ag.att}
 	codes := make([]string, 4)
 	var wg sync.WaitGroup
 	for i := range codes {

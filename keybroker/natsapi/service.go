@@ -2,19 +2,18 @@ package natsapi
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
 
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/natsrpc"
+	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 )
@@ -25,15 +24,10 @@ const (
 	attrOp        = "op"
 	attrCode      = "code"
 	attrError     = "error"
-	attrTenant    = "tenant"
-	attrReply     = "reply"
 )
 
 // MaxRequest bounds a request's size (NATS's default max_payload).
 const MaxRequest = 1 << 20
-
-// maxDescription bounds the error text sent back.
-const maxDescription = 2048
 
 // Config configures a Service.
 type Config struct {
@@ -54,9 +48,11 @@ type Config struct {
 	ID string
 	// QueueGroup is the queue group of every endpoint. Empty: "lethe-keybroker".
 	QueueGroup string
-	// MaxConcurrent bounds the requests handled at once; further requests wait. Zero: 64.
+	// MaxConcurrent bounds the requests handled at once; further requests are answered
+	// kbwire.CodeBusy. Zero: 64.
 	MaxConcurrent int
-	// RequestTimeout bounds the handling of one request. Zero: 30 s.
+	// RequestTimeout bounds the handling of one request, and how long the service waits for
+	// requests in progress when it stops. Zero: 30 s.
 	RequestTimeout time.Duration
 	// MaxAwait bounds how long a receipt request with Wait waits for a pending destruction.
 	// Zero: 20 s.
@@ -85,7 +81,7 @@ type Service struct {
 }
 
 // New returns a Service for cfg. It does no I/O; Run registers the service. It returns an
-// error when Conn or Keybroker is missing.
+// error when Conn or Keybroker is missing or a reply prefix does not end with a dot.
 func New(cfg Config) (*Service, error) {
 	if cfg.Conn == nil {
 		return nil, errors.New("configuring keybroker service: no NATS connection")
@@ -126,137 +122,73 @@ func New(cfg Config) (*Service, error) {
 // answered.
 func (s *Service) Started() <-chan struct{} { return s.started }
 
-// handler handles one request's body.
-type handler func(ctx context.Context, data []byte) (any, error)
-
-// endpoint adapts a typed call to a handler. An empty body decodes as the zero request.
-func endpoint[Req, Resp any](fn func(context.Context, *Req) (Resp, error)) handler {
-	return func(ctx context.Context, data []byte) (any, error) {
-		var req Req
-		if len(data) > 0 {
-			if err := json.Unmarshal(data, &req); err != nil {
-				return nil, fmt.Errorf("decoding request: %w: %w", keybroker.ErrInvalidRequest, err)
-			}
-		}
-		return fn(ctx, &req)
-	}
-}
-
 // handlers returns the service's operations.
-func (s *Service) handlers() map[string]handler {
+func (s *Service) handlers() map[string]natsrpc.Handler {
 	k := s.kb
-	return map[string]handler{
-		OpNonce: endpoint(func(ctx context.Context, r *keybroker.NonceRequest) (*keybroker.NonceResponse, error) {
+	return map[string]natsrpc.Handler{
+		OpNonce: natsrpc.Typed(func(ctx context.Context, r *kbwire.NonceRequest) (*kbwire.NonceResponse, error) {
 			return k.IssueNonce(ctx, *r)
 		}),
-		OpRelease: endpoint(k.Release),
-		OpAdopt:   endpoint(k.Adopt),
-		OpReissue: endpoint(k.Reissue),
-		OpDestroy: endpoint(k.Destroy),
-		OpReceipt: endpoint(s.receipt),
-		OpPublicKey: endpoint(func(ctx context.Context, _ *struct{}) (*keybroker.PublicKeyResponse, error) {
+		OpRelease: natsrpc.Typed(k.Release),
+		OpAdopt:   natsrpc.Typed(k.Adopt),
+		OpReissue: natsrpc.Typed(k.Reissue),
+		OpDestroy: natsrpc.Typed(k.Destroy),
+		OpReceipt: natsrpc.Typed(s.receipt),
+		OpPublicKey: natsrpc.Typed(func(ctx context.Context, _ *struct{}) (*kbwire.PublicKeyResponse, error) {
 			pem, err := k.PublicKeyPEM(ctx)
 			if err != nil {
 				return nil, err
 			}
-			return &keybroker.PublicKeyResponse{PEM: string(pem)}, nil
+			return &kbwire.PublicKeyResponse{PEM: string(pem)}, nil
 		}),
-		OpTenantRegister:  endpoint(s.registerTenant),
-		OpTenantRotateKey: endpoint(k.RotateKey),
-		OpPolicyPublish:   endpoint(k.PublishPolicy),
+		OpTenantRegister:  natsrpc.Typed(s.registerTenant),
+		OpTenantRotateKey: natsrpc.Typed(k.RotateKey),
+		OpPolicyPublish:   natsrpc.Typed(k.PublishPolicy),
 	}
 }
 
-// Run registers the service and answers requests until ctx ends; then it stops the service,
-// lets the requests in progress finish and returns nil. Call it once. It returns an error if
-// the service cannot be registered.
+// Run registers the service and answers requests until ctx ends; then it stops taking
+// requests, lets those in progress finish (bounded by RequestTimeout) and returns nil. Call it
+// once. It returns an error if the service cannot be registered, or did not stop cleanly.
 func (s *Service) Run(ctx context.Context) error {
 	md := map[string]string{}
 	if s.cfg.ID != "" {
 		md["id"] = s.cfg.ID
 	}
-	svc, err := micro.AddService(s.cfg.Conn, micro.Config{
+	handlers := s.handlers()
+	var eps []natsrpc.Endpoint
+	for _, op := range Ops {
+		reply := natsrpc.ReplyPrefixes(s.cfg.ReplyPrefixes...)
+		if tenantOps[op] {
+			reply = natsrpc.ReplyPrefixes(append([]string{TenantReplyPrefix}, s.cfg.ReplyPrefixes...)...)
+		}
+		eps = append(eps, natsrpc.Endpoint{
+			Name: strings.ReplaceAll(op, ".", "_"), Subject: Subject(op), Handler: handlers[op], Reply: reply,
+		})
+	}
+	srv, err := natsrpc.Start(ctx, natsrpc.Config{
+		Conn:        s.cfg.Conn,
 		Name:        "lethe-keybroker",
-		Version:     "1.0.0",
 		Description: "Lethe keybroker: attestation-gated key release, destruction and receipts",
-		QueueGroup:  s.cfg.QueueGroup,
 		Metadata:    md,
+		QueueGroup:  s.cfg.QueueGroup,
+		Endpoints:   eps,
+		Public:      s.public,
+		InvalidCode: kbwire.CodeInvalidRequest, BusyCode: kbwire.CodeBusy,
+		MaxConcurrent: s.cfg.MaxConcurrent, RequestTimeout: s.cfg.RequestTimeout, MaxRequest: MaxRequest,
+		Logger:  s.log,
+		Refused: func(string, string) { s.refused.Add(1) },
 	})
 	if err != nil {
-		return fmt.Errorf("registering keybroker service: %w", err)
-	}
-	// Requests in progress finish after ctx ends (bounded by RequestTimeout): a release cut
-	// off half-way would only be cleaned up again. A request is admitted (counted in
-	// inflight) under mu, and none is admitted once closing is set, so that inflight.Wait
-	// below waits for every request that started, including those the draining subscriptions
-	// still deliver after ctx ended (which are refused).
-	base := context.WithoutCancel(ctx)
-	var (
-		mu       sync.Mutex
-		closing  bool
-		inflight sync.WaitGroup
-	)
-	admit := func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		if closing || ctx.Err() != nil {
-			return false
-		}
-		inflight.Add(1)
-		return true
-	}
-	sem := make(chan struct{}, s.cfg.MaxConcurrent)
-	handlers := s.handlers()
-	for _, op := range Ops {
-		fn := handlers[op]
-		h := micro.HandlerFunc(func(r micro.Request) {
-			if !s.replyAllowed(op, r.Reply()) {
-				s.refused.Add(1)
-				s.log.Warn("Request refused: reply subject is not a caller's inbox", attrOp, op, attrReply, r.Reply())
-				return
-			}
-			if !admit() {
-				_ = r.Error(CodeBusy, "the keybroker is shutting down", nil)
-				return
-			}
-			select {
-			case sem <- struct{}{}:
-			case <-ctx.Done():
-				inflight.Done()
-				_ = r.Error(CodeBusy, "the keybroker is shutting down", nil)
-				return
-			}
-			go func() {
-				defer inflight.Done()
-				defer func() { <-sem }()
-				rctx, cancel := context.WithTimeout(base, s.cfg.RequestTimeout)
-				defer cancel()
-				s.handle(rctx, op, r, fn)
-			}()
-		})
-		name := strings.ReplaceAll(op, ".", "_")
-		if err := svc.AddEndpoint(name, h, micro.WithEndpointSubject(Subject(op))); err != nil {
-			_ = svc.Stop()
-			return fmt.Errorf("adding endpoint %s: %w", op, err)
-		}
-	}
-	// Started promises that requests find a responder: the server must have the subscriptions.
-	if err := s.cfg.Conn.FlushTimeout(10 * time.Second); err != nil {
-		_ = svc.Stop()
-		return fmt.Errorf("subscribing keybroker endpoints: %w", err)
+		return fmt.Errorf("starting keybroker service: %w", err)
 	}
 	close(s.started)
 	s.log.InfoContext(ctx, "Keybroker service started", "subjects", SubjectPrefix+".>", "queue_group", s.cfg.QueueGroup)
 	<-ctx.Done()
-	mu.Lock()
-	closing = true
-	mu.Unlock()
-	err = svc.Stop()
-	inflight.Wait()
-	s.log.Info("Keybroker service stopped: every request in progress finished")
-	if err != nil {
-		return fmt.Errorf("stopping keybroker service: %w", err)
+	if err := srv.Stop(); err != nil {
+		return err
 	}
+	s.log.Info("Keybroker service stopped: every request in progress finished")
 	return nil
 }
 
@@ -264,84 +196,47 @@ func (s *Service) Run(ctx context.Context) error {
 // because their reply subject was not under one of Config.ReplyPrefixes.
 func (s *Service) RefusedReplies() uint64 { return s.refused.Load() }
 
-// replyAllowed reports whether reply is under one of the inbox prefixes of op's callers.
-func (s *Service) replyAllowed(op, reply string) bool {
-	if tenantOps[op] && strings.HasPrefix(reply, TenantReplyPrefix) {
-		return true
-	}
-	for _, p := range s.cfg.ReplyPrefixes {
-		if strings.HasPrefix(reply, p) {
-			return true
-		}
-	}
-	return false
-}
-
-// handle runs one request and answers it.
-func (s *Service) handle(ctx context.Context, op string, r micro.Request, fn handler) {
-	if len(r.Data()) > MaxRequest {
-		s.respondError(op, r, fmt.Errorf("request of %d bytes exceeds %d: %w", len(r.Data()), MaxRequest, keybroker.ErrInvalidRequest))
-		return
-	}
-	resp, err := fn(ctx, r.Data())
-	if err != nil {
-		s.respondError(op, r, err)
-		return
-	}
-	if err := r.RespondJSON(resp); err != nil {
-		s.log.WarnContext(ctx, "Responding failed", attrOp, op, attrError, err.Error())
-	}
-}
-
-// respondError answers r with err's wire code and description.
-func (s *Service) respondError(op string, r micro.Request, err error) {
-	code, desc := WireError(err)
-	switch code {
-	case "internal", "unavailable":
-		s.log.Error("Request failed", attrOp, op, attrCode, code, attrError, err.Error())
+// public is the service's error mapping (natsrpc.Config.Public): WireError, logged.
+func (s *Service) public(err error) *wireerr.Error {
+	e := WireError(err)
+	switch e.Code {
+	case kbwire.CodeInternal:
+		return nil // natsrpc logs it and answers a fixed text
+	case kbwire.CodeUnavailable:
+		s.log.Error("Request failed", attrCode, string(e.Code), attrError, err.Error())
 	default:
-		s.log.Debug("Request refused", attrOp, op, attrCode, code, attrError, err.Error())
+		s.log.Debug("Request refused", attrCode, string(e.Code), attrError, err.Error())
 	}
-	if rerr := r.Error(code, desc, nil); rerr != nil {
-		s.log.Warn("Responding failed", attrOp, op, attrError, rerr.Error())
-	}
+	return e
 }
 
-// WireError maps err to its wire code (keybroker.ErrorCode) and the description sent with it.
-// Internal and unavailable errors get a fixed description, so that no Vault address, Vault
-// error text or other internal detail reaches a caller; other errors concern the request and
-// keep their text (a denial lists the policy rules that failed), on one line and bounded.
-func WireError(err error) (code, description string) {
-	code = keybroker.ErrorCode(err)
+// WireError maps err to what a caller learns of it: its code (keybroker.WireCode) and a
+// message. Internal and unavailable errors get a fixed message, so that no Vault address,
+// Vault error text or other internal detail reaches a caller; other errors concern the request
+// and keep their text (a denial lists the policy rules that failed). natsrpc puts the message
+// on one line and bounds it.
+func WireError(err error) *wireerr.Error {
+	code := keybroker.WireCode(err)
 	switch code {
-	case "internal":
-		return code, "internal error"
-	case "unavailable":
-		return code, "the keybroker cannot reach Vault; nothing was released"
-	case "destruction_pending":
-		return code, "Vault is unreachable; the destruction is journaled and retried, and the receipt follows it"
+	case kbwire.CodeInternal:
+		return wireerr.New(code, "internal error")
+	case kbwire.CodeUnavailable:
+		return wireerr.New(code, "the keybroker cannot reach Vault; nothing was released")
+	case kbwire.CodeDestructionPending:
+		return wireerr.New(code, "Vault is unreachable; the destruction is journaled and retried, and the receipt follows it")
 	}
-	desc := strings.Map(func(r rune) rune {
-		if r == '\r' || r == '\n' {
-			return ' '
-		}
-		return r
-	}, err.Error())
-	if len(desc) > maxDescription {
-		desc = desc[:maxDescription] + "…"
-	}
-	return code, desc
+	return wireerr.New(code, err.Error())
 }
 
 // receipt answers a receipt request, waiting up to MaxAwait for a pending destruction when
 // asked to.
-func (s *Service) receipt(ctx context.Context, req *keybroker.ReceiptRequest) (*keybroker.ReceiptResponse, error) {
+func (s *Service) receipt(ctx context.Context, req *kbwire.ReceiptRequest) (*kbwire.ReceiptResponse, error) {
 	if !req.Wait {
 		env, err := s.kb.Receipt(ctx, req.MigrationID)
 		if err != nil {
 			return nil, err
 		}
-		return &keybroker.ReceiptResponse{Receipt: env}, nil
+		return &kbwire.ReceiptResponse{Receipt: env}, nil
 	}
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.MaxAwait)
 	defer cancel()
@@ -352,12 +247,12 @@ func (s *Service) receipt(ctx context.Context, req *keybroker.ReceiptRequest) (*
 		}
 		return nil, err
 	}
-	return &keybroker.ReceiptResponse{Receipt: env}, nil
+	return &kbwire.ReceiptResponse{Receipt: env}, nil
 }
 
 // registerTenant is the admin call tenant.register (a statement signed with the admin key; the
 // keybroker audits it). A refused call is logged too.
-func (s *Service) registerTenant(ctx context.Context, req *TenantRegisterRequest) (*keybroker.RegisterTenantResponse, error) {
+func (s *Service) registerTenant(ctx context.Context, req *kbwire.AdminRequest) (*kbwire.RegisterTenantResponse, error) {
 	resp, err := s.kb.RegisterTenant(ctx, req)
 	if errors.Is(err, keybroker.ErrUnauthorized) {
 		s.log.WarnContext(ctx, "Admin call refused", attrOp, OpTenantRegister, attrError, err.Error())

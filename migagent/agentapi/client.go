@@ -2,14 +2,14 @@ package agentapi
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"time"
 
-	"github.com/lethe-cc/lethe/attest"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/natsrpc"
 )
 
 // DefaultTimeout bounds a request whose context has no deadline.
@@ -30,7 +30,9 @@ func NewClient(nc *nats.Conn, timeout time.Duration) *Client {
 	return &Client{nc: nc, timeout: timeout}
 }
 
-// Attest asks host's agent for evidence. Errors from the agent are *Error.
+// Attest asks host's agent for evidence. An error answer of the agent is a *wireerr.Error
+// matching its code and the code's Handler sentinel (ErrNotFound, …); no answer at all wraps
+// natsrpc.ErrNoAnswer (and nats.ErrNoResponders when no agent serves host).
 func (c *Client) Attest(ctx context.Context, host string, req *AttestRequest) (*attest.Evidence, error) {
 	var raw json.RawMessage
 	if err := c.call(ctx, host, OpAttest, req, &raw); err != nil {
@@ -109,58 +111,19 @@ func (c *Client) Abort(ctx context.Context, host string, req *AbortRequest) (*Ab
 	return &resp, nil
 }
 
+// call calls op on host, with a reply subject under ReplyPrefix(host): agents answer only
+// there. An agent's error answer matches its code and the Handler sentinel of the code.
 func (c *Client) call(ctx context.Context, host string, op Op, req, resp any) error {
 	if err := ValidName(host); err != nil {
 		return fmt.Errorf("calling agent %s: %w", op, err)
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.timeout)
-		defer cancel()
-	}
-	return requestAs(ctx, c.nc, Subject(host, op), ReplyPrefix(host)+rand.Text(), req, resp)
-}
-
-// requestAs sends req as JSON to subject with the reply subject inbox (which the connection's
-// user must be allowed to subscribe to) and decodes the reply into resp: agents answer only
-// under ReplyPrefix of their own host. A reply carrying NATS micro error headers becomes an
-// *Error.
-func requestAs(ctx context.Context, nc *nats.Conn, subject, inbox string, req, resp any) error {
-	data, err := json.Marshal(req)
+	raw, err := natsrpc.Call[any, json.RawMessage](ctx, c.nc, Subject(host, op), req,
+		natsrpc.WithTimeout(c.timeout), natsrpc.WithMaxResponse(MaxMessageSize), natsrpc.WithReplyPrefix(ReplyPrefix(host)))
 	if err != nil {
-		return fmt.Errorf("encoding %s request: %w", subject, err)
+		return withSentinel(err)
 	}
-	sub, err := nc.SubscribeSync(inbox)
-	if err != nil {
-		return fmt.Errorf("requesting %s: %w", subject, err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
-	if err := nc.PublishMsg(&nats.Msg{Subject: subject, Reply: inbox, Data: data}); err != nil {
-		return fmt.Errorf("requesting %s: %w", subject, err)
-	}
-	msg, err := sub.NextMsgWithContext(ctx)
-	if err != nil {
-		return fmt.Errorf("requesting %s: %w", subject, err)
-	}
-	if len(msg.Data) == 0 && msg.Header.Get("Status") == "503" {
-		return fmt.Errorf("requesting %s: %w", subject, nats.ErrNoResponders)
-	}
-	return decodeReply(subject, msg, resp)
-}
-
-// decodeReply decodes msg, the reply to a request on subject, into resp.
-func decodeReply(subject string, msg *nats.Msg, resp any) error {
-	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
-		return &Error{Code: code, Message: msg.Header.Get(micro.ErrorHeader)}
-	}
-	if len(msg.Data) > MaxMessageSize {
-		return fmt.Errorf("reading %s reply: %d bytes exceeds the limit", subject, len(msg.Data))
-	}
-	if resp == nil {
-		return nil
-	}
-	if err := json.Unmarshal(msg.Data, resp); err != nil {
-		return fmt.Errorf("decoding %s reply: %w", subject, err)
+	if err := json.Unmarshal(*raw, resp); err != nil {
+		return fmt.Errorf("decoding %s reply of %s: %w", op, host, err)
 	}
 	return nil
 }

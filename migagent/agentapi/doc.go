@@ -15,9 +15,12 @@
 //	lethe.v1.agent.<host>.erase     EraseRequest    → attest.Evidence           (source, after commit)
 //	lethe.v1.agent.<host>.abort     AbortRequest    → AbortResponse             (both)
 //
-// A failed operation answers with the NATS micro error headers (Nats-Service-Error-Code and
-// Nats-Service-Error); the client turns them into an [*Error] whose Code is one of the Code*
-// constants.
+// The server and the client are package natsrpc's: bounded concurrent handlers (CodeBusy
+// beyond), a deadline per request, drain on shutdown. A failed operation answers with the NATS
+// micro error headers (Nats-Service-Error-Code and Nats-Service-Error); the client turns them
+// into a *wireerr.Error whose code is one of the Code* constants, and which also matches the
+// code's Handler sentinel. A Handler error that matches no sentinel is answered as internal,
+// without its text.
 //
 // transfer returns at once with the transfer's current state (phase "started" the first
 // time); the source agent then publishes [Progress] on

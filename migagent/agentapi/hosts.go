@@ -2,7 +2,6 @@ package agentapi
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,26 +10,24 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/natsrpc"
 )
 
 // PutHost sends rec as a heartbeat on its host's heartbeat subject and waits until a broker
 // has written it into the lethe-hosts bucket under rec.Host. The agent's NATS user needs no
 // JetStream permission at all: only the broker writes the bucket, and it stores a record only
-// under the host whose subject it came on. An error reply becomes an *Error; with no broker
-// running the error matches nats.ErrNoResponders.
+// under the host whose subject it came on. An error reply is a *wireerr.Error (CodeBadRequest);
+// with no broker running the error matches nats.ErrNoResponders.
 func PutHost(ctx context.Context, nc *nats.Conn, rec *HostRecord) error {
 	if err := ValidName(rec.Host); err != nil {
 		return fmt.Errorf("putting host record: %w", err)
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, DefaultTimeout)
-		defer cancel()
-	}
-	var ack HeartbeatResponse
 	// The broker answers only under the host's own inbox prefix, whatever the connection's.
-	if err := requestAs(ctx, nc, HeartbeatSubject(rec.Host), natsauth.InboxPrefix(natsauth.RoleAgent, rec.Host)+"."+rand.Text(), rec, &ack); err != nil {
-		return fmt.Errorf("putting host record of %s: %w", rec.Host, err)
+	ack, err := natsrpc.Call[*HostRecord, HeartbeatResponse](ctx, nc, HeartbeatSubject(rec.Host), rec,
+		natsrpc.WithTimeout(DefaultTimeout), natsrpc.WithMaxResponse(MaxMessageSize),
+		natsrpc.WithReplyPrefix(natsauth.InboxPrefix(natsauth.RoleAgent, rec.Host)+"."))
+	if err != nil {
+		return fmt.Errorf("putting host record of %s: %w", rec.Host, withSentinel(err))
 	}
 	if ack.Revision == 0 {
 		return errors.New("putting host record: no acknowledgement")

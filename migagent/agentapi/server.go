@@ -5,18 +5,23 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"strings"
 	"time"
 
-	"github.com/lethe-cc/lethe/attest"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/natsrpc"
 )
 
 // Handler is an agent's implementation of the agent API. Serve calls its methods
-// concurrently, one goroutine per request. A method's error chooses the wire code through
-// ErrBadRequest, ErrNotFound and ErrConflict; any other error is reported as internal, with its
-// text (which must therefore hold no secret).
+// concurrently, up to MaxConcurrent at once (further requests are answered CodeBusy). A
+// method's error chooses the wire code through ErrBadRequest, ErrNotFound and ErrConflict, and
+// its text then goes to the caller (so it must hold no secret); any other error is reported as
+// internal, without its text, which stays in the agent's log.
+//
+// Each call's context ends after RequestTimeout. Work a call starts that outlives the request
+// (the destination's receiver, the transfer) must not run under it: the agent runs such work
+// under its own lifetime.
 type Handler interface {
 	// Attest returns evidence bound to req (role source or adopt).
 	Attest(ctx context.Context, req *AttestRequest) (*attest.Evidence, error)
@@ -27,7 +32,7 @@ type Handler interface {
 	Keys(ctx context.Context, req *KeysRequest) error
 	// Transfer starts the transfer and returns at once with its state; the transfer itself runs
 	// on after Transfer returns and reports through report. A repeated call for the same
-	// migration returns the current state and starts nothing. ctx ends when Serve ends.
+	// migration returns the current state and starts nothing.
 	Transfer(ctx context.Context, req *TransferRequest, report ProgressFunc) (*Progress, error)
 	// Status returns the agent's view of a migration.
 	Status(ctx context.Context, req *StatusRequest) (*Status, error)
@@ -56,116 +61,69 @@ func PublishProgress(nc *nats.Conn, host string, p Progress) error {
 	return nil
 }
 
-// Serve serves the agent API of host on nc with h until ctx ends. It returns an error if the
-// service cannot be registered (for example when host is not a valid name), and nil when ctx
-// ends.
+// MaxConcurrent bounds the requests an agent handles at once.
+const MaxConcurrent = 32
+
+// RequestTimeout bounds the handling of one request.
+const RequestTimeout = 2 * time.Minute
+
+// Serve serves the agent API of host on nc with h until ctx ends; then it stops taking
+// requests and waits for those in progress (bounded by RequestTimeout). It returns an error if
+// the service cannot be registered (for example when host is not a valid name), and nil when
+// ctx ends.
 func Serve(ctx context.Context, nc *nats.Conn, host string, h Handler) error {
 	stop, err := Start(ctx, nc, host, h)
 	if err != nil {
 		return err
 	}
-	defer stop()
 	<-ctx.Done()
+	stop()
 	return nil
 }
 
 // Start is Serve that returns once the endpoints are subscribed on the server, so that a caller
-// can register the host knowing that requests to it find a responder. Handlers run with ctx;
-// stop ends the service.
+// can register the host knowing that requests to it find a responder; stop ends the service
+// and waits for the requests in progress.
+//
+// Only the broker calls agents, and it does so under ReplyPrefix(host): a request with any
+// other reply subject would make the agent publish, with its own permissions, wherever the
+// sender chose. Such a request is dropped unanswered and unhandled, and logged.
 func Start(ctx context.Context, nc *nats.Conn, host string, h Handler) (stop func(), err error) {
 	if err := ValidName(host); err != nil {
 		return nil, fmt.Errorf("serving agent API: host: %w", err)
 	}
-	svc, err := micro.AddService(nc, micro.Config{
-		Name:               "lethe-agent",
-		Version:            "1.0.0",
-		Description:        "Lethe migration agent of host " + host,
-		Metadata:           map[string]string{"host": host},
-		QueueGroupDisabled: true,
+	report := func(p Progress) error { return PublishProgress(nc, host, p) }
+	handlers := map[Op]natsrpc.Handler{
+		OpAttest:  natsrpc.Typed(h.Attest),
+		OpPrepare: natsrpc.Typed(h.Prepare),
+		OpKeys: natsrpc.Typed(func(ctx context.Context, r *KeysRequest) (*KeysResponse, error) {
+			if err := h.Keys(ctx, r); err != nil {
+				return nil, err
+			}
+			return &KeysResponse{OK: true}, nil
+		}),
+		OpTransfer: natsrpc.Typed(func(ctx context.Context, r *TransferRequest) (*Progress, error) {
+			return h.Transfer(ctx, r, report)
+		}),
+		OpStatus: natsrpc.Typed(h.Status),
+		OpErase:  natsrpc.Typed(h.Erase),
+		OpAbort:  natsrpc.Typed(h.Abort),
+	}
+	reply := natsrpc.ReplyPrefixes(ReplyPrefix(host))
+	var eps []natsrpc.Endpoint
+	for _, op := range Ops {
+		eps = append(eps, natsrpc.Endpoint{Name: string(op), Subject: Subject(host, op), Handler: handlers[op], Reply: reply})
+	}
+	srv, err := natsrpc.Start(ctx, natsrpc.Config{
+		Conn: nc, Name: "lethe-agent", Description: "Lethe migration agent of host " + host,
+		Metadata:  map[string]string{"host": host},
+		Endpoints: eps, Public: publicError,
+		InvalidCode: CodeBadRequest, BusyCode: CodeBusy,
+		MaxConcurrent: MaxConcurrent, RequestTimeout: RequestTimeout, MaxRequest: MaxMessageSize,
+		Logger: slog.Default().With("component", "agentapi", "host", host),
 	})
 	if err != nil {
-		return nil, fmt.Errorf("registering agent service: %w", err)
+		return nil, fmt.Errorf("serving agent API: %w", err)
 	}
-	stop = func() { _ = svc.Stop() }
-	report := func(p Progress) error { return PublishProgress(nc, host, p) }
-	g := svc.AddGroup(SubjectPrefix+"."+host, micro.WithGroupQueueGroupDisabled())
-	endpoints := map[Op]func(context.Context, []byte) (any, error){
-		OpAttest: func(ctx context.Context, b []byte) (any, error) {
-			return decodeCall(ctx, b, h.Attest)
-		},
-		OpPrepare: func(ctx context.Context, b []byte) (any, error) {
-			return decodeCall(ctx, b, h.Prepare)
-		},
-		OpKeys: func(ctx context.Context, b []byte) (any, error) {
-			return decodeCall(ctx, b, func(ctx context.Context, r *KeysRequest) (*KeysResponse, error) {
-				if err := h.Keys(ctx, r); err != nil {
-					return nil, err
-				}
-				return &KeysResponse{OK: true}, nil
-			})
-		},
-		OpTransfer: func(ctx context.Context, b []byte) (any, error) {
-			return decodeCall(ctx, b, func(ctx context.Context, r *TransferRequest) (*Progress, error) {
-				return h.Transfer(ctx, r, report)
-			})
-		},
-		OpStatus: func(ctx context.Context, b []byte) (any, error) {
-			return decodeCall(ctx, b, h.Status)
-		},
-		OpErase: func(ctx context.Context, b []byte) (any, error) {
-			return decodeCall(ctx, b, h.Erase)
-		},
-		OpAbort: func(ctx context.Context, b []byte) (any, error) {
-			return decodeCall(ctx, b, h.Abort)
-		},
-	}
-	prefix := ReplyPrefix(host)
-	for _, op := range Ops {
-		fn := endpoints[op]
-		handler := micro.HandlerFunc(func(req micro.Request) {
-			// Only the broker calls agents, and it does so under ReplyPrefix(host): any other
-			// reply subject would make the agent publish, with its own permissions, wherever
-			// the sender chose. Such a request is dropped unanswered and unhandled.
-			if !strings.HasPrefix(req.Reply(), prefix) {
-				slog.Default().Warn("Request refused: reply subject is not the broker's inbox for this host",
-					"component", "agentapi", "host", host, "subject", req.Subject(), "reply", req.Reply())
-				return
-			}
-			go respond(ctx, req, fn)
-		})
-		if err := g.AddEndpoint(string(op), handler, micro.WithEndpointQueueGroupDisabled()); err != nil {
-			stop()
-			return nil, fmt.Errorf("adding agent endpoint %s: %w", op, err)
-		}
-	}
-	if err := nc.FlushTimeout(10 * time.Second); err != nil {
-		stop()
-		return nil, fmt.Errorf("subscribing agent endpoints: %w", err)
-	}
-	return stop, nil
-}
-
-func respond(ctx context.Context, req micro.Request, fn func(context.Context, []byte) (any, error)) {
-	if len(req.Data()) > MaxMessageSize {
-		_ = req.Error(CodeBadRequest, "request too large", nil)
-		return
-	}
-	resp, err := fn(ctx, req.Data())
-	if err != nil {
-		msg := err.Error()
-		if msg == "" {
-			msg = "error"
-		}
-		_ = req.Error(errorCode(err), msg, nil)
-		return
-	}
-	_ = req.RespondJSON(resp)
-}
-
-func decodeCall[Req any, Resp any](ctx context.Context, b []byte, fn func(context.Context, *Req) (Resp, error)) (any, error) {
-	var r Req
-	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("%w: decoding request: %w", ErrBadRequest, err)
-	}
-	return fn(ctx, &r)
+	return func() { _ = srv.Stop() }, nil
 }

@@ -3,10 +3,10 @@ package agentapi
 import (
 	"encoding/json"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/wireerr"
 )
 
 // MaxMessageSize bounds every request and reply of the agent API; evidence with its
@@ -208,26 +208,19 @@ func (h *HostRecord) Guest(tenant, vm string) *HostGuest {
 	return nil
 }
 
-// Error codes of the agent API.
+// Error codes of the agent API. An agent's error answer is a *wireerr.Error that matches its
+// code, and the Handler sentinel of the code (CodeNotFound and ErrNotFound), with errors.Is.
 const (
-	CodeBadRequest = "bad_request"
-	CodeNotFound   = "not_found"
-	CodeConflict   = "conflict"
-	CodeInternal   = "internal"
+	CodeBadRequest wireerr.Code = "bad_request"
+	CodeNotFound   wireerr.Code = "not_found"
+	CodeConflict   wireerr.Code = "conflict"
+	// CodeBusy: the agent is at its limit of concurrent requests, or stopping; try again.
+	CodeBusy     wireerr.Code = "busy"
+	CodeInternal              = wireerr.CodeInternal
 )
 
-// Error is a failure reported by an agent.
-type Error struct {
-	// Code is one of the Code* constants (or another code the agent chose).
-	Code string
-	// Message is the agent's description.
-	Message string
-}
-
-func (e *Error) Error() string { return fmt.Sprintf("agent error %s: %s", e.Code, e.Message) }
-
 // Errors a Handler returns to choose the wire code of its failure; anything else is reported
-// as internal.
+// as internal, without its text.
 var (
 	// ErrBadRequest: the request is malformed or does not fit the agent's state.
 	ErrBadRequest = errors.New("bad request")
@@ -238,28 +231,49 @@ var (
 	ErrConflict = errors.New("conflict")
 )
 
-// Is lets errors.Is match an *Error against ErrBadRequest, ErrNotFound and ErrConflict.
-func (e *Error) Is(target error) bool {
-	switch target {
-	case ErrBadRequest:
-		return e.Code == CodeBadRequest
-	case ErrNotFound:
-		return e.Code == CodeNotFound
-	case ErrConflict:
-		return e.Code == CodeConflict
-	}
-	return false
+// codeOf pairs the Handler sentinels with their codes.
+var codeOf = []struct {
+	err  error
+	code wireerr.Code
+}{
+	{ErrBadRequest, CodeBadRequest},
+	{ErrNotFound, CodeNotFound},
+	{ErrConflict, CodeConflict},
 }
 
-// errorCode maps a handler's error to its wire code.
-func errorCode(err error) string {
-	switch {
-	case errors.Is(err, ErrBadRequest):
-		return CodeBadRequest
-	case errors.Is(err, ErrNotFound):
-		return CodeNotFound
-	case errors.Is(err, ErrConflict):
-		return CodeConflict
+// publicError is the agent API's error mapping (natsrpc.Config.Public): an error matching a
+// Handler sentinel is answered with its code and its text; any other is internal (nil), its
+// text kept in the agent's log.
+func publicError(err error) *wireerr.Error {
+	for _, c := range codeOf {
+		if errors.Is(err, c.err) {
+			return wireerr.New(c.code, err.Error())
+		}
 	}
-	return CodeInternal
+	return nil
+}
+
+// agentError is an agent's error answer as the Client returns it: it matches the wire error
+// (and so its code) and the Handler sentinel of that code.
+type agentError struct {
+	wire     *wireerr.Error
+	sentinel error
+}
+
+func (e *agentError) Error() string   { return "agent error " + e.wire.Error() }
+func (e *agentError) Unwrap() []error { return []error{e.wire, e.sentinel} }
+
+// withSentinel returns err with the Handler sentinel of its code attached, when it is an
+// agent's error answer with one of the agent API's codes.
+func withSentinel(err error) error {
+	w, ok := errors.AsType[*wireerr.Error](err)
+	if !ok {
+		return err
+	}
+	for _, c := range codeOf {
+		if c.code == w.Code {
+			return &agentError{wire: w, sentinel: c.err}
+		}
+	}
+	return err
 }
