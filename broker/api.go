@@ -92,13 +92,6 @@ func (b *Broker) serveAPI(ctx context.Context) (*natsrpc.Server, error) {
 	return srv, nil
 }
 
-// refuseReply logs and counts a request dropped for its reply subject. The reply subject is
-// logged so that the attempt can be traced; no payload is.
-func (b *Broker) refuseReply(subject, reply, why string) {
-	b.log.Warn("Request refused: not answering outside the caller's inbox", logKeySubject, subject, logKeyReply, reply, logKeyReason, why)
-	b.cfg.Metrics.NATSError(natsOpReplyRefused)
-}
-
 func validVM(vm string) error {
 	if err := agentapi.ValidName(vm); err != nil {
 		return fmt.Errorf("%w: vm: %w", ErrInvalid, err)

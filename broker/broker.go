@@ -191,34 +191,17 @@ func (b *Broker) Run(ctx context.Context) error {
 		_ = svc.Stop()
 		return fmt.Errorf("subscribing to agent progress: %w", err)
 	}
-	// Heartbeats are stored side by side (a KV write each), up to maxHeartbeatWriters at once:
-	// one at a time, a busy broker would fall behind the host TTL and hosts would look lost.
-	writers := make(chan struct{}, maxHeartbeatWriters)
-	var storing sync.WaitGroup
-	heartbeatSub, err := b.nc.QueueSubscribe(agentapi.HeartbeatWildcard, "lethe-broker", func(m *nats.Msg) {
-		if gctx.Err() != nil {
-			return
-		}
-		select {
-		case writers <- struct{}{}:
-		case <-gctx.Done():
-			return
-		}
-		storing.Go(func() {
-			defer func() { <-writers }()
-			b.handleHeartbeat(gctx, m)
-		})
-	})
+	heartbeats, err := b.serveHeartbeats(gctx)
 	if err != nil {
 		_ = svc.Stop()
 		_ = progressSub.Unsubscribe()
-		return fmt.Errorf("subscribing to agent heartbeats: %w", err)
+		return err
 	}
 	watcher, err := st.migrations.WatchAll(gctx, jetstream.UpdatesOnly())
 	if err != nil {
 		_ = svc.Stop()
 		_ = progressSub.Unsubscribe()
-		_ = heartbeatSub.Unsubscribe()
+		_ = heartbeats.Stop()
 		return fmt.Errorf("watching migrations: %w", err)
 	}
 	if err := b.nc.Flush(); err != nil {
@@ -233,12 +216,11 @@ func (b *Broker) Run(ctx context.Context) error {
 		<-gctx.Done()
 		_ = watcher.Stop()
 		_ = progressSub.Drain()
-		_ = heartbeatSub.Drain()
+		_ = heartbeats.Stop()
 		_ = svc.Stop()
 		return nil
 	})
 	err = g.Wait()
-	storing.Wait()
 	b.drivers.Wait()
 	b.releaseLeases(context.WithoutCancel(ctx))
 	b.log.Info("Broker stopped")

@@ -3,59 +3,78 @@ package broker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/natsrpc"
+	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
 )
 
-// maxHeartbeatWriters bounds the heartbeats a broker stores at once.
+// maxHeartbeatWriters bounds the heartbeats a broker stores at once: one at a time, a busy
+// broker would fall behind the host TTL and hosts would look lost. A heartbeat over the bound
+// is answered busy, and the agent sends the next one a heartbeat interval later.
 const maxHeartbeatWriters = 32
 
-// handleHeartbeat stores an agent's host record, sent on its heartbeat subject, in the
-// lethe-hosts bucket. Only the broker writes that bucket: an agent allowed to publish on its
-// own key could send a roll-up or purge header and wipe every host's record. The record must
-// name the host of the subject, which only that host's agent may publish on; it is re-encoded,
-// so that nothing but a host record's fields is stored. The answer goes only to that agent's
-// inbox; a heartbeat with another reply subject is dropped, logged and counted.
-func (b *Broker) handleHeartbeat(ctx context.Context, m *nats.Msg) {
-	host, ok := agentapi.ParseHeartbeatSubject(m.Subject)
-	if !ok {
-		b.refuseReply(m.Subject, m.Reply, "not a heartbeat subject")
-		return
-	}
-	if !replyAllowed(m.Reply, natsauth.RoleAgent, host) {
-		b.refuseReply(m.Subject, m.Reply, "reply subject is not the agent's inbox")
-		return
-	}
-	rev, err := b.storeHeartbeat(ctx, host, m.Data)
+// serveHeartbeats answers agents' heartbeats, sent on their hosts' heartbeat subjects, through
+// the one request/response edge (natsrpc): a heartbeat is stored in the lethe-hosts bucket by
+// storeHeartbeat. Only the broker writes that bucket: an agent allowed to publish on its own
+// key could send a roll-up or purge header and wipe every host's record. The answer goes only
+// to the inbox of the agent of the subject's host; a heartbeat with another reply subject is
+// dropped, logged and counted.
+func (b *Broker) serveHeartbeats(ctx context.Context) (*natsrpc.Server, error) {
+	srv, err := natsrpc.Start(ctx, natsrpc.Config{
+		Conn: b.nc, Name: "lethe-broker-heartbeats", Description: "Lethe broker: agents' heartbeats",
+		Metadata: map[string]string{"id": b.cfg.ID}, QueueGroup: "lethe-broker",
+		Endpoints: []natsrpc.Endpoint{{
+			Name: "heartbeat", Subject: agentapi.HeartbeatWildcard,
+			Handler: func(ctx context.Context, r *natsrpc.Request) (any, error) {
+				host, _ := agentapi.ParseHeartbeatSubject(r.Subject) // the reply rule checked it
+				rev, err := b.storeHeartbeat(ctx, host, r.Data)
+				if err != nil {
+					b.log.Warn("Heartbeat refused", logKeyHost, host, logKeyError, err)
+					return nil, err
+				}
+				return agentapi.HeartbeatResponse{Revision: rev}, nil
+			},
+			Reply: func(subject, reply string) bool {
+				host, ok := agentapi.ParseHeartbeatSubject(subject)
+				return ok && replyAllowed(reply, natsauth.RoleAgent, host)
+			},
+		}},
+		Public: func(err error) *wireerr.Error {
+			if errors.Is(err, errBadHeartbeat) {
+				return wireerr.New(agentapi.CodeBadRequest, err.Error())
+			}
+			return nil
+		},
+		InvalidCode: agentapi.CodeBadRequest, BusyCode: agentapi.CodeBusy,
+		MaxConcurrent: maxHeartbeatWriters, MaxRequest: agentapi.MaxMessageSize,
+		Logger:  b.log,
+		Refused: func(string, string) { b.cfg.Metrics.NATSError(natsOpReplyRefused) },
+	})
 	if err != nil {
-		b.log.Warn("Heartbeat refused", logKeyHost, host, logKeyError, err)
-		reply := nats.NewMsg(m.Reply)
-		reply.Header.Set(micro.ErrorCodeHeader, string(agentapi.CodeBadRequest))
-		reply.Header.Set(micro.ErrorHeader, err.Error())
-		_ = b.nc.PublishMsg(reply)
-		return
+		return nil, fmt.Errorf("serving heartbeats: %w", err)
 	}
-	data, _ := json.Marshal(agentapi.HeartbeatResponse{Revision: rev})
-	if err := m.Respond(data); err != nil {
-		b.log.Warn("Answering a heartbeat failed", logKeyHost, host, logKeyError, err)
-	}
+	return srv, nil
 }
+
+// errBadHeartbeat marks a heartbeat refused for what it holds, answered with its reason; a
+// failure to store one is answered as internal.
+var errBadHeartbeat = errors.New("bad heartbeat")
 
 // storeHeartbeat checks a heartbeat of host and writes it into the hosts bucket.
 func (b *Broker) storeHeartbeat(ctx context.Context, host string, data []byte) (uint64, error) {
 	if len(data) > agentapi.MaxMessageSize {
-		return 0, fmt.Errorf("heartbeat of %d bytes exceeds %d", len(data), agentapi.MaxMessageSize)
+		return 0, fmt.Errorf("%w: %d bytes exceeds %d", errBadHeartbeat, len(data), agentapi.MaxMessageSize)
 	}
 	var rec agentapi.HostRecord
 	if err := json.Unmarshal(data, &rec); err != nil {
-		return 0, fmt.Errorf("decoding heartbeat: %w", err)
+		return 0, fmt.Errorf("%w: decoding: %w", errBadHeartbeat, err)
 	}
 	if rec.Host != host {
-		return 0, fmt.Errorf("heartbeat on %s's subject names host %q", host, rec.Host)
+		return 0, fmt.Errorf("%w: on %s's subject, it names host %q", errBadHeartbeat, host, rec.Host)
 	}
 	clean, err := json.Marshal(&rec)
 	if err != nil {
