@@ -788,26 +788,21 @@ func (m *migration) ended() *agentapi.AbortResponse {
 }
 
 func (n *Node) abort(ctx context.Context, m *migration, reason string, proof json.RawMessage) (*agentapi.AbortResponse, error) {
+	// The abort acts only on a phase it checked under the lock it still holds: while it
+	// waits for a task to stop, another request may start one (Keys a reception, Transfer a
+	// transfer), which it must then stop too.
 	m.mu.Lock()
-	if r := m.ended(); r != nil {
+	for m.phase().running() {
+		cancel, done := m.cancel, m.done
 		m.mu.Unlock()
-		return r, nil
-	}
-	var cancel context.CancelFunc
-	var done chan struct{}
-	if m.phase().running() {
-		cancel, done = m.cancel, m.done
-	}
-	m.mu.Unlock()
-	if cancel != nil {
 		cancel()
 		select {
 		case <-done:
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
+		m.mu.Lock()
 	}
-	m.mu.Lock()
 	defer m.mu.Unlock()
 	if r := m.ended(); r != nil {
 		return r, nil
