@@ -152,8 +152,8 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	if req.MemoryBytes == 0 || req.MemoryBytes%dataplane.PageSize != 0 || req.MemoryBytes > maxGuestBytes {
 		return nil, fmt.Errorf("%w: memory of %d bytes is not a positive multiple of the page size up to 1 TiB", agentapi.ErrBadRequest, req.MemoryBytes)
 	}
-	// Preparations run one at a time (they work outside the locks) so that two cannot make
-	// the same migration.
+	// Preparations run one at a time so that two cannot make the same migration: a new one
+	// is in the node's map only once it is prepared.
 	n.prepMu.Lock()
 	defer n.prepMu.Unlock()
 	n.mu.Lock()
@@ -183,10 +183,19 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 			return nil, err
 		}
 	}
+	// The migration's lock is held from here to the end: an abort must not unmap the
+	// region, nor a delivery of keys start receiving into it, while it is scrubbed again.
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.phase() != phasePrepared {
+		return nil, fmt.Errorf("%w: migration %s already has its keys or ended", agentapi.ErrConflict, m.id)
+	}
 	cleanup := func() {
 		if fresh {
 			m.ln.Close()
-			m.region.Close()
+			if m.region != nil { // a libvirt destination has none
+				m.region.Close()
+			}
 		}
 	}
 	clean, err := m.dst.Prepare(ctx)
@@ -216,8 +225,6 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		cleanup()
 		return nil, fmt.Errorf("attesting: %w", err)
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.stopping || m.enter(phasePrepared) != nil {
