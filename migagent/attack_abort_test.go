@@ -16,8 +16,12 @@ import (
 )
 
 // taskBackend is a backend whose transfers run until they are cancelled and then fail, as
-// the data plane's do when cancelled before the FIN.
-type taskBackend struct{ n *Node }
+// the data plane's do when cancelled before the FIN, or until commit is closed and then
+// commit, destroying TK and MDK as the data plane does.
+type taskBackend struct {
+	n      *Node
+	commit chan struct{}
+}
 
 func (taskBackend) newDestination(*agentapi.PrepareRequest) (*migration, error) {
 	return nil, errors.New("no destinations")
@@ -25,9 +29,15 @@ func (taskBackend) newDestination(*agentapi.PrepareRequest) (*migration, error) 
 
 func (b taskBackend) sender(m *migration, _ *agentapi.TransferRequest, keys dataplane.Keys, report agentapi.ProgressFunc) (func(context.Context), error) {
 	return func(ctx context.Context) {
-		<-ctx.Done()
-		keys.TK.Destroy()
-		b.n.sent(m, sendOutcome{progress: agentapi.Progress{MigrationID: m.id}, err: ctx.Err()}, report, nil)
+		select {
+		case <-ctx.Done():
+			keys.TK.Destroy()
+			b.n.sent(m, sendOutcome{progress: agentapi.Progress{MigrationID: m.id}, err: ctx.Err()}, report, nil)
+		case <-b.commit:
+			keys.TK.Destroy()
+			keys.MDK.Destroy()
+			b.n.sent(m, sendOutcome{progress: agentapi.Progress{MigrationID: m.id}, commit: &dataplane.Commit{MigrationID: m.id, MAC: []byte{1}}}, report, nil)
+		}
 	}, nil
 }
 
@@ -43,7 +53,7 @@ func keyedSource(t *testing.T) (*Node, *migration, *guest) {
 		log: slog.New(slog.DiscardHandler), cfg: Config{Metrics: noMetrics{}, Now: time.Now},
 		guests: map[string]*guest{}, migs: map[string]*migration{}, life: t.Context(),
 	}
-	n.backend = taskBackend{n}
+	n.backend = taskBackend{n, make(chan struct{})}
 	g := &guest{tenant: "t", vm: "v", memory: 1 << 20, migration: "m"}
 	n.guests[g.key()] = g
 	hpke, err := seal.GenerateKey()

@@ -248,7 +248,8 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 // anything else is refused before the keys are opened, whoever sealed them. Delivering the
 // same keys again succeeds. It returns ErrNotFound, ErrBadRequest (the grant is refused, the
 // keys do not open, or lack a key the role needs) or ErrConflict (the keys were opened
-// already and these are others, or the migration ended).
+// already and these are others, the migration ended, or an adoption's guest is in a
+// source migration).
 func (n *Node) Keys(ctx context.Context, req *agentapi.KeysRequest) error {
 	m, err := n.lookup(req.MigrationID)
 	if err != nil {
@@ -358,6 +359,12 @@ func (n *Node) takeKeys(m *migration, keys *seal.Keys, g *grant.Grant) error {
 		if n.guests[m.g.key()] != m.g {
 			mdk.Destroy()
 			return fmt.Errorf("%w: guest %s/%s left the host", agentapi.ErrNotFound, m.tenant, m.vm)
+		}
+		if m.g.migration != "" {
+			// The migration's transfer holds the guest's MDK and destroys it when it
+			// commits: a new one now would outlive the residency it is for.
+			mdk.Destroy()
+			return fmt.Errorf("%w: guest %s/%s is in migration %s", agentapi.ErrConflict, m.tenant, m.vm, m.g.migration)
 		}
 		if err := m.enter(phaseAdopted); err != nil { // zeroizes the HPKE key
 			mdk.Destroy()
