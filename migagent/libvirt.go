@@ -464,8 +464,9 @@ func (b libvirtBackend) receive(ctx context.Context, m *migration) {
 	}
 	if err != nil {
 		d.cancel(context.WithoutCancel(ctx), n)
+		keys.MDK.Destroy() // Receive does not when it refuses to start
 		if res.Erasure == nil {
-			// The data plane zeroized the keys; the hypervisor held the guest's memory.
+			// The keys are zeroized; the hypervisor held the guest's memory.
 			res.Erasure = &attest.ErasureStatement{Type: attest.StatementErasure, MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData}}
 		}
 		n.received(m, nil, &res, err)
