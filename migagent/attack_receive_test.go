@@ -61,3 +61,40 @@ func TestReceptionRefusedAtOnceErases(t *testing.T) {
 		t.Error("keys left after the abort")
 	}
 }
+
+// TestPrepareRefusesASecondArrivalOfTheSameGuest prepares two migrations bringing the same
+// guest into the host. Were both to receive it, the second to commit would replace the
+// first's guest in the node's map, whose MDK would then never be destroyed and whose
+// workload would run on unseen. The second Prepare must be refused while the first may
+// still receive; after the first ends without the guest, another may be prepared.
+func TestPrepareRefusesASecondArrivalOfTheSameGuest(t *testing.T) {
+	kbPub, _, _ := ed25519.GenerateKey(rand.Reader)
+	n := unresolvedNode(t, t.TempDir(), "host-c", kbPub)
+	prepare := func(id string) error {
+		nonce := make([]byte, 32)
+		rand.Read(nonce)
+		_, err := n.Prepare(t.Context(), &agentapi.PrepareRequest{MigrationID: id, Nonce: nonce, Tenant: "t", VM: "v", MemoryBytes: 1 << 20})
+		return err
+	}
+	if err := prepare("m-1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := prepare("m-2"); !errors.Is(err, agentapi.ErrConflict) {
+		t.Fatalf("a second arrival of the guest: %v, want a conflict", err)
+	}
+	if err := prepare("m-1"); err != nil {
+		t.Fatalf("preparing the first again: %v", err)
+	}
+	if _, err := n.Abort(t.Context(), &agentapi.AbortRequest{MigrationID: "m-1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := prepare("m-2"); err != nil {
+		t.Fatalf("an arrival after the first was aborted: %v", err)
+	}
+	n.mu.Lock()
+	m := n.migs["m-2"]
+	n.mu.Unlock()
+	if _, err := n.Abort(t.Context(), &agentapi.AbortRequest{MigrationID: m.id}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -141,7 +141,8 @@ func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error
 // data-plane listener and returns evidence (role destination) with the clean-memory statement
 // and the data endpoint. Preparing again before the keys arrive scrubs the same region again
 // and replaces the key pair. It returns ErrBadRequest or ErrConflict (the guest is already on
-// this host, or the migration's keys were delivered or it ended).
+// this host or arriving in another migration, or the migration's keys were delivered or it
+// ended).
 func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agentapi.PrepareResponse, error) {
 	if err := checkIDNonce(req.MigrationID, req.Nonce); err != nil {
 		return nil, err
@@ -170,6 +171,9 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		}
 		if m != nil && m.phase() != phasePrepared {
 			return fmt.Errorf("%w: migration %s already has its keys or ended", agentapi.ErrConflict, m.id)
+		}
+		if o := n.arriving(req.Tenant, req.VM); o != nil && o.id != req.MigrationID {
+			return fmt.Errorf("%w: guest %s/%s is arriving in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, o.id)
 		}
 		return nil
 	}()
@@ -238,6 +242,18 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	n.migs[m.id] = m
 	n.log.Info("Prepared to receive", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrBytes, m.size, attrEndpoint, m.endpoint)
 	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
+}
+
+// arriving returns the migration that may still bring guest tenant/vm here (a destination
+// prepared or receiving), or nil: a guest arrives in one migration at a time, so that no
+// arrival replaces the guest another brought. Callers hold n.mu.
+func (n *Node) arriving(tenant, vm string) *migration {
+	for _, m := range n.migs {
+		if p := m.phase(); m.role == attest.RoleDestination && m.tenant == tenant && m.vm == vm && (p == phasePrepared || p == phaseReceiving) {
+			return m
+		}
+	}
+	return nil
 }
 
 // Keys checks the keybroker's grant that comes with the sealed keys and opens them with the
