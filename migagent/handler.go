@@ -418,6 +418,10 @@ func (n *Node) takeKeys(m *migration, keys *seal.Keys, g *grant.Grant) error {
 // to phase to (sending or receiving). Callers hold m.mu; the task waits for it to be
 // released before it touches m.
 func (n *Node) start(m *migration, to phase, task func(ctx context.Context)) error {
+	// Checked before the task starts: once it runs, it waits for m.mu, which is held here.
+	if from := m.phase(); !slices.Contains(transitions[from], to) {
+		return errPhase{from, to}
+	}
 	ctx, cancel := context.WithCancel(n.life)
 	done := make(chan struct{})
 	n.mu.Lock()
@@ -428,12 +432,7 @@ func (n *Node) start(m *migration, to phase, task func(ctx context.Context)) err
 		return errStopping
 	}
 	m.cancel, m.done = cancel, done
-	if err := m.enter(to); err != nil { // cannot happen: callers checked the phase
-		cancel()
-		<-done
-		return err
-	}
-	return nil
+	return m.enter(to) // allowed: checked above under the same lock
 }
 
 // takeReceiveKeys hands the destination's keys to its reception.
