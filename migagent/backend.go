@@ -118,7 +118,11 @@ func (b memoryBackend) receive(ctx context.Context, m *migration) {
 	keys := m.takeReceiveKeys()
 	res, err := m.dst.Receive(ctx, m.ln, keys)
 	if err != nil {
-		// Receive erased the destination: keys zeroized, region scrubbed.
+		if res.Erasure == nil {
+			// Receive refused to start and erased nothing: erase here (MDK, the region).
+			st, _ := m.dst.Abort(ctx, keys)
+			res.Erasure = &st
+		}
 		n.received(m, nil, &res, err)
 		return
 	}
@@ -127,8 +131,8 @@ func (b memoryBackend) receive(ctx context.Context, m *migration) {
 	m.mu.Unlock()
 	g, err := newGuest(m.tenant, m.vm, region, n.cfg.WorkloadRate)
 	if err != nil { // cannot happen for a valid region; keep nothing
-		keys.MDK.Destroy()
-		n.received(m, nil, nil, fmt.Errorf("taking in the received guest: %w", err))
+		st, _ := m.dst.Abort(ctx, keys)
+		n.received(m, nil, &dataplane.DestinationResult{Erasure: &st}, fmt.Errorf("taking in the received guest: %w", err))
 		return
 	}
 	g.mdk = keys.MDK

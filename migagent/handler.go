@@ -141,7 +141,8 @@ func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error
 // data-plane listener and returns evidence (role destination) with the clean-memory statement
 // and the data endpoint. Preparing again before the keys arrive scrubs the same region again
 // and replaces the key pair. It returns ErrBadRequest or ErrConflict (the guest is already on
-// this host, or the migration's keys were delivered or it ended).
+// this host or arriving in another migration, or the migration's keys were delivered or it
+// ended).
 func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agentapi.PrepareResponse, error) {
 	if err := checkIDNonce(req.MigrationID, req.Nonce); err != nil {
 		return nil, err
@@ -152,8 +153,8 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	if req.MemoryBytes == 0 || req.MemoryBytes%dataplane.PageSize != 0 || req.MemoryBytes > maxGuestBytes {
 		return nil, fmt.Errorf("%w: memory of %d bytes is not a positive multiple of the page size up to 1 TiB", agentapi.ErrBadRequest, req.MemoryBytes)
 	}
-	// Preparations run one at a time (they work outside the locks) so that two cannot make
-	// the same migration.
+	// Preparations run one at a time so that two cannot make the same migration: a new one
+	// is in the node's map only once it is prepared.
 	n.prepMu.Lock()
 	defer n.prepMu.Unlock()
 	n.mu.Lock()
@@ -171,6 +172,9 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		if m != nil && m.phase() != phasePrepared {
 			return fmt.Errorf("%w: migration %s already has its keys or ended", agentapi.ErrConflict, m.id)
 		}
+		if o := n.arriving(req.Tenant, req.VM); o != nil && o.id != req.MigrationID {
+			return fmt.Errorf("%w: guest %s/%s is arriving in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, o.id)
+		}
 		return nil
 	}()
 	n.mu.Unlock()
@@ -183,10 +187,19 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 			return nil, err
 		}
 	}
+	// The migration's lock is held from here to the end: an abort must not unmap the
+	// region, nor a delivery of keys start receiving into it, while it is scrubbed again.
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.phase() != phasePrepared {
+		return nil, fmt.Errorf("%w: migration %s already has its keys or ended", agentapi.ErrConflict, m.id)
+	}
 	cleanup := func() {
 		if fresh {
 			m.ln.Close()
-			m.region.Close()
+			if m.region != nil { // a libvirt destination has none
+				m.region.Close()
+			}
 		}
 	}
 	clean, err := m.dst.Prepare(ctx)
@@ -216,8 +229,6 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		cleanup()
 		return nil, fmt.Errorf("attesting: %w", err)
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.stopping || m.enter(phasePrepared) != nil {
@@ -233,6 +244,18 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
 }
 
+// arriving returns the migration that may still bring guest tenant/vm here (a destination
+// prepared or receiving), or nil: a guest arrives in one migration at a time, so that no
+// arrival replaces the guest another brought. Callers hold n.mu.
+func (n *Node) arriving(tenant, vm string) *migration {
+	for _, m := range n.migs {
+		if p := m.phase(); m.role == attest.RoleDestination && m.tenant == tenant && m.vm == vm && (p == phasePrepared || p == phaseReceiving) {
+			return m
+		}
+	}
+	return nil
+}
+
 // Keys checks the keybroker's grant that comes with the sealed keys and opens them with the
 // migration's HPKE key: the source keeps TK for its transfer, the destination starts
 // receiving with TK and MDK_{e+1}, an adoption gives the guest MDK_1 (and zeroizes the HPKE
@@ -241,7 +264,8 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 // anything else is refused before the keys are opened, whoever sealed them. Delivering the
 // same keys again succeeds. It returns ErrNotFound, ErrBadRequest (the grant is refused, the
 // keys do not open, or lack a key the role needs) or ErrConflict (the keys were opened
-// already and these are others, or the migration ended).
+// already and these are others, the migration ended, or an adoption's guest is in a
+// source migration).
 func (n *Node) Keys(ctx context.Context, req *agentapi.KeysRequest) error {
 	m, err := n.lookup(req.MigrationID)
 	if err != nil {
@@ -352,6 +376,12 @@ func (n *Node) takeKeys(m *migration, keys *seal.Keys, g *grant.Grant) error {
 			mdk.Destroy()
 			return fmt.Errorf("%w: guest %s/%s left the host", agentapi.ErrNotFound, m.tenant, m.vm)
 		}
+		if m.g.migration != "" {
+			// The migration's transfer holds the guest's MDK and destroys it when it
+			// commits: a new one now would outlive the residency it is for.
+			mdk.Destroy()
+			return fmt.Errorf("%w: guest %s/%s is in migration %s", agentapi.ErrConflict, m.tenant, m.vm, m.g.migration)
+		}
 		if err := m.enter(phaseAdopted); err != nil { // zeroizes the HPKE key
 			mdk.Destroy()
 			return err
@@ -388,6 +418,10 @@ func (n *Node) takeKeys(m *migration, keys *seal.Keys, g *grant.Grant) error {
 // to phase to (sending or receiving). Callers hold m.mu; the task waits for it to be
 // released before it touches m.
 func (n *Node) start(m *migration, to phase, task func(ctx context.Context)) error {
+	// Checked before the task starts: once it runs, it waits for m.mu, which is held here.
+	if from := m.phase(); !slices.Contains(transitions[from], to) {
+		return errPhase{from, to}
+	}
 	ctx, cancel := context.WithCancel(n.life)
 	done := make(chan struct{})
 	n.mu.Lock()
@@ -398,12 +432,7 @@ func (n *Node) start(m *migration, to phase, task func(ctx context.Context)) err
 		return errStopping
 	}
 	m.cancel, m.done = cancel, done
-	if err := m.enter(to); err != nil { // cannot happen: callers checked the phase
-		cancel()
-		<-done
-		return err
-	}
-	return nil
+	return m.enter(to) // allowed: checked above under the same lock
 }
 
 // takeReceiveKeys hands the destination's keys to its reception.
@@ -788,26 +817,21 @@ func (m *migration) ended() *agentapi.AbortResponse {
 }
 
 func (n *Node) abort(ctx context.Context, m *migration, reason string, proof json.RawMessage) (*agentapi.AbortResponse, error) {
+	// The abort acts only on a phase it checked under the lock it still holds: while it
+	// waits for a task to stop, another request may start one (Keys a reception, Transfer a
+	// transfer), which it must then stop too.
 	m.mu.Lock()
-	if r := m.ended(); r != nil {
+	for m.phase().running() {
+		cancel, done := m.cancel, m.done
 		m.mu.Unlock()
-		return r, nil
-	}
-	var cancel context.CancelFunc
-	var done chan struct{}
-	if m.phase().running() {
-		cancel, done = m.cancel, m.done
-	}
-	m.mu.Unlock()
-	if cancel != nil {
 		cancel()
 		select {
 		case <-done:
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
+		m.mu.Lock()
 	}
-	m.mu.Lock()
 	defer m.mu.Unlock()
 	if r := m.ended(); r != nil {
 		return r, nil

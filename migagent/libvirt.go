@@ -179,7 +179,7 @@ func (libvirtConn) Dial(ctx context.Context, ep libvirt.Endpoint) (net.Conn, err
 	return libvirt.DialEndpoint(ctx, ep)
 }
 
-// lvMigration is the libvirt side of a migration, guarded by Node.mu.
+// lvMigration is the libvirt side of a migration, guarded by the migration's mu.
 type lvMigration struct {
 	tun *tunnel
 	// src is the begun migration at the source, kept after a transfer whose outcome is
@@ -340,14 +340,11 @@ func (n *Node) syncDomains(ctx context.Context) error {
 // moving reports whether a migration brings the guest here now, or took it away (a domain
 // listed before the source's Confirm must not come back as a guest). Callers hold n.mu.
 func (n *Node) moving(tenant, vm string) bool {
+	if n.arriving(tenant, vm) != nil {
+		return true
+	}
 	for _, m := range n.migs {
-		if m.tenant != tenant || m.vm != vm {
-			continue
-		}
-		switch p := m.phase(); {
-		case m.role == attest.RoleDestination && (p == phasePrepared || p == phaseReceiving):
-			return true
-		case m.role == attest.RoleSource && p == phaseCommitted:
+		if m.role == attest.RoleSource && m.tenant == tenant && m.vm == vm && m.phase() == phaseCommitted {
 			return true
 		}
 	}
@@ -464,8 +461,9 @@ func (b libvirtBackend) receive(ctx context.Context, m *migration) {
 	}
 	if err != nil {
 		d.cancel(context.WithoutCancel(ctx), n)
+		keys.MDK.Destroy() // Receive does not when it refuses to start
 		if res.Erasure == nil {
-			// The data plane zeroized the keys; the hypervisor held the guest's memory.
+			// The keys are zeroized; the hypervisor held the guest's memory.
 			res.Erasure = &attest.ErasureStatement{Type: attest.StatementErasure, MigrationID: m.id, KeysZeroized: []string{attest.KeyTransfer, attest.KeyMemoryData}}
 		}
 		n.received(m, nil, &res, err)

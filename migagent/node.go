@@ -55,8 +55,8 @@ type Config struct {
 	// HeartbeatInterval is the time between host record heartbeats (a change of the guests is
 	// published at once). Zero means 5 s; it must stay well below the broker's host TTL.
 	HeartbeatInterval time.Duration
-	// MaxRounds and ConvergedPages tune pre-copy (migagent.SourceConfig). Zero means
-	// migagent's defaults.
+	// MaxRounds and ConvergedPages tune pre-copy (dataplane.SourceConfig). Zero means the
+	// data plane's defaults.
 	MaxRounds, ConvergedPages int
 	// Logger receives the agent's logs. Nil means slog.Default().
 	Logger *slog.Logger
