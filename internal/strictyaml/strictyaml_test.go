@@ -33,6 +33,7 @@ type doc struct {
 	Tagged   []level           `yaml:"tagged" max:"3"`
 	Flat     `yaml:",inline"`
 	Ignored  string
+	//lint:ignore U1000 an unexported field, which decoding must leave alone
 	internal string
 }
 
