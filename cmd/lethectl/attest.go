@@ -323,7 +323,7 @@ func azureClaims(in *azureInput) (map[string]any, error) {
 	}, nil
 }
 
-const azureNote = "note: an Azure HCL report: its REPORT_DATA is the digest of the HCL runtime data (vTPM keys, VM configuration, user-data), checked above; it carries no Lethe binding, so it is not usable as Lethe evidence"
+const azureNote = "note: an Azure HCL report: its REPORT_DATA is the digest of the HCL runtime data (vTPM keys, VM configuration, user-data), and it matches; it carries no Lethe binding, so it is not usable as Lethe evidence"
 
 // snpWithVCEK returns SEV-SNP raw evidence whose certificate table holds cert (PEM or DER) as the
 // VCEK, in place of any the table had.
