@@ -12,7 +12,7 @@ GOBUILD  = $(GO) build $(if $(VERSION),-ldflags "-X github.com/lethe-cc/lethe/in
 # `make test-race` runs the same under -race.
 TESTFLAGS ?= -count=1 -timeout=30m
 
-.PHONY: all build agent-production test test-race bench lint vault demo demo-attest e2e fuzz clean docs e2e-libvirt bench-libvirt libvirt-down
+.PHONY: all build agent-production test test-race bench lint vault demo demo-attest e2e evidence fuzz clean docs e2e-libvirt bench-libvirt libvirt-down
 
 all: build
 
@@ -48,6 +48,20 @@ test-race: vault
 E2E_TESTFLAGS ?= -count=1 -timeout=20m
 e2e: vault
 	$(GO) test $(E2E_TESTFLAGS) -v -run 'TestE2E|TestCaptureScan' ./e2e/
+
+# evidence runs `lethectl attest verify` over the real evidence corpus (SEV-SNP reports and TDX
+# quotes captured on hardware, kept outside the repository in LETHE_EVIDENCE_DIR, by default
+# ../shared/evidence) and checks every case's verdict. Without the corpus it says so, and fails
+# only in CI (CI=true).
+LETHE_EVIDENCE_DIR ?= $(abspath $(CURDIR)/../shared/evidence)
+evidence:
+	@if [ ! -f "$(LETHE_EVIDENCE_DIR)/SOURCES.md" ]; then \
+		echo "evidence: no evidence corpus at $(LETHE_EVIDENCE_DIR) (set LETHE_EVIDENCE_DIR)"; \
+		if [ "$$CI" = true ]; then exit 1; fi; \
+	else \
+		echo "LETHE_EVIDENCE=1 LETHE_EVIDENCE_DIR=$(LETHE_EVIDENCE_DIR) $(GO) test -count=1 -v -run '^TestEvidenceCorpus$$' ./cmd/lethectl/"; \
+		LETHE_EVIDENCE=1 LETHE_EVIDENCE_DIR=$(LETHE_EVIDENCE_DIR) $(GO) test -count=1 -v -run '^TestEvidenceCorpus$$' ./cmd/lethectl/; \
+	fi
 
 # bench runs every benchmark against its baseline in one run and writes BENCHMARKS.md.
 bench: vault

@@ -196,41 +196,134 @@ func readStatement(file string) ([]byte, error) {
 	return canon, nil
 }
 
+// azureInput is what an Azure CVM's evidence brings beside the SEV-SNP report it wraps: the HCL
+// report, whose runtime data REPORT_DATA binds, and the VCEK chain (PEM) the evidence JSON
+// carries, if any.
+type azureInput struct {
+	hcl  *attest.AzureHCLReport
+	vcek []byte
+}
+
 // readAnyEvidence reads FILE as Lethe evidence JSON, a raw SEV-SNP report (with or without its
-// certificate table), or a raw TDX quote v4. Raw bytes name the real platform unless platform
-// says otherwise.
-func readAnyEvidence(b []byte, platform string) (*attest.Evidence, error) {
+// certificate table), a raw TDX quote (v4 or v5), or an Azure CVM's HCL report, raw or in Azure
+// evidence JSON ("report" and "vcek"). Raw bytes name the real platform unless platform says
+// otherwise. For Azure evidence the SNP report inside is returned as the evidence, with the
+// HCL report beside it.
+func readAnyEvidence(b []byte, platform string) (*attest.Evidence, *azureInput, error) {
 	if t := bytes.TrimSpace(b); len(t) > 0 && t[0] == '{' {
+		if isAzureEvidenceJSON(t) {
+			az, err := attest.ParseAzureEvidence(t)
+			if err != nil {
+				return nil, nil, err
+			}
+			ev, in, err := readAzureHCL(az.Report, platform)
+			if err != nil {
+				return nil, nil, err
+			}
+			in.vcek = az.VCEK
+			return ev, in, nil
+		}
 		ev, err := attest.ParseEvidence(t)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if platform != "" && platform != ev.Platform.String() {
-			return nil, fmt.Errorf("--platform %s, but the evidence names %v", platform, ev.Platform)
+			return nil, nil, fmt.Errorf("--platform %s, but the evidence names %v", platform, ev.Platform)
 		}
-		return ev, nil
+		return ev, nil, nil
+	}
+	if attest.IsAzureHCLReport(b) {
+		return readAzureHCL(b, platform)
 	}
 	var kind attest.Platform
 	switch {
-	case len(b) >= 8 && binary.LittleEndian.Uint16(b[0:2]) == 4 && binary.LittleEndian.Uint32(b[4:8]) == 0x81:
-		kind = attest.PlatformTDX // quote v4 header: version 4, TEE type 0x81 (TDX)
+	case len(b) >= 8 && isTDXQuoteVersion(binary.LittleEndian.Uint16(b[0:2])) && binary.LittleEndian.Uint32(b[4:8]) == 0x81:
+		kind = attest.PlatformTDX // quote header: version 4 or 5, TEE type 0x81 (TDX)
 	case len(b) >= abi.ReportSize && binary.LittleEndian.Uint32(b[0:4]) >= abi.ReportVersion2 && binary.LittleEndian.Uint32(b[0:4]) <= abi.ReportVersion5:
 		kind = attest.PlatformSEVSNP
 	default:
-		return nil, errors.New("reading evidence: not Lethe evidence JSON, an SEV-SNP report or a TDX quote v4")
+		return nil, nil, errors.New("reading evidence: not Lethe evidence JSON, an SEV-SNP report, a TDX quote or an Azure HCL report")
 	}
 	if platform != "" {
 		p, err := attest.ParsePlatform(platform)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if p.IsSNP() != kind.IsSNP() {
-			return nil, fmt.Errorf("--platform %v, but the file holds a raw %v evidence", p, kind)
+			return nil, nil, fmt.Errorf("--platform %v, but the file holds a raw %v evidence", p, kind)
 		}
 		kind = p
 	}
-	return &attest.Evidence{Platform: kind, Raw: b}, nil
+	return &attest.Evidence{Platform: kind, Raw: b}, nil, nil
 }
+
+// isTDXQuoteVersion reports whether v is a TDX quote version verify reads: 4, and 5 (TDX 1.5).
+func isTDXQuoteVersion(v uint16) bool { return v == 4 || v == 5 }
+
+// isAzureEvidenceJSON reports whether t is JSON with a "report" and no "platform": Azure CVM
+// evidence rather than Lethe's.
+func isAzureEvidenceJSON(t []byte) bool {
+	var probe struct {
+		Platform json.RawMessage `json:"platform"`
+		Report   json.RawMessage `json:"report"`
+	}
+	return json.Unmarshal(t, &probe) == nil && probe.Platform == nil && probe.Report != nil
+}
+
+// readAzureHCL reads an Azure HCL report: the SEV-SNP report inside is the evidence.
+func readAzureHCL(b []byte, platform string) (*attest.Evidence, *azureInput, error) {
+	hcl, err := attest.ParseAzureHCLReport(b)
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading evidence: %w", err)
+	}
+	kind := attest.PlatformSEVSNP
+	if platform != "" {
+		if kind, err = attest.ParsePlatform(platform); err != nil {
+			return nil, nil, err
+		}
+		if !kind.IsSNP() {
+			return nil, nil, fmt.Errorf("--platform %v, but the file holds an Azure HCL report, which wraps an SEV-SNP report", kind)
+		}
+	}
+	return &attest.Evidence{Platform: kind, Raw: hcl.SNPReport}, &azureInput{hcl: hcl}, nil
+}
+
+// azureExpectation returns what an HCL report's SNP report must carry: the digest of the HCL
+// runtime data. reportData (--report-data), if given, is the user-data the runtime data must
+// hold, the one value in it that the guest chooses.
+func azureExpectation(in *azureInput, reportData []byte) (attest.Expectation, error) {
+	want := attest.Expectation{ReportData: in.hcl.ReportData()}
+	if reportData == nil {
+		return want, nil
+	}
+	rt, err := in.hcl.Runtime()
+	if err != nil {
+		return want, &attest.RejectError{Reason: attest.ReasonMalformed, Err: err}
+	}
+	got, expected := make([]byte, attest.ReportDataSize), make([]byte, attest.ReportDataSize)
+	copy(got, rt.UserData)
+	copy(expected, reportData)
+	if len(rt.UserData) > attest.ReportDataSize || !bytes.Equal(got, expected) {
+		return want, &attest.RejectError{Reason: attest.ReasonBinding, Err: fmt.Errorf("HCL runtime data user-data %x does not match --report-data %x", []byte(rt.UserData), expected)}
+	}
+	return want, nil
+}
+
+// azureClaims returns what verify prints of an HCL report beside the SNP report's claims.
+func azureClaims(in *azureInput) (map[string]any, error) {
+	rt, err := in.hcl.Runtime()
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{
+		"hclVersion":        in.hcl.Version,
+		"runtimeDataDigest": attest.HexBytes(in.hcl.ReportData()),
+		"runtimeData":       rt,
+		"letheBinding":      false,
+	}, nil
+}
+
+const azureNote = "note: an Azure HCL report: its REPORT_DATA is the digest of the HCL runtime data (vTPM keys, VM configuration, user-data), and it matches; it carries no Lethe binding, so it is not usable as Lethe evidence"
 
 // snpWithVCEK returns SEV-SNP raw evidence whose certificate table holds cert (PEM or DER) as the
 // VCEK, in place of any the table had.
@@ -257,8 +350,8 @@ func snpWithVCEK(raw, cert []byte) ([]byte, error) {
 }
 
 // printClaimsJSON writes claims as indented JSON, byte strings in hex and the statement as the JSON
-// it is.
-func printClaimsJSON(w io.Writer, c *attest.Claims) error {
+// it is, with extra's entries beside them.
+func printClaimsJSON(w io.Writer, c *attest.Claims, extra map[string]any) error {
 	b, err := json.Marshal(c)
 	if err != nil {
 		return fmt.Errorf("encoding claims: %w", err)
@@ -275,6 +368,13 @@ func printClaimsJSON(w io.Writer, c *attest.Claims) error {
 			m["statement"] = s
 		}
 	}
+	for k, v := range extra {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return fmt.Errorf("encoding claims: %w", err)
+		}
+		m[k] = b
+	}
 	out, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encoding claims: %w", err)
@@ -286,6 +386,7 @@ func printClaimsJSON(w io.Writer, c *attest.Claims) error {
 func newAttestVerifyCmd() *cobra.Command {
 	var (
 		reportData, trustRoots, collateral, vcekFile, product, now, platform string
+		checkRevocations                                                     bool
 	)
 	cmd := &cobra.Command{
 		Use:   "verify FILE",
@@ -295,14 +396,20 @@ when the evidence verifies; a rejection is printed as "rejected (<reason>): <det
 status 1.
 
 FILE is Lethe evidence JSON, a raw SEV-SNP report (1184 bytes, optionally followed by its
-certificate table), or a raw TDX quote v4; raw bytes are taken as real hardware evidence unless
+certificate table), a raw TDX quote, or an Azure confidential VM's HCL report (raw, or as Azure
+evidence JSON with "report" and "vcek"); raw bytes are taken as real hardware evidence unless
 --platform says otherwise. Real evidence verifies against AMD's and Intel's roots built into
 go-sev-guest and go-tdx-guest, with collateral (VCEK certificates, CRLs, TCB info) from the
 --collateral directory; nothing is fetched. Emulated evidence verifies only against the roots in
 --trust-roots.
 
 Without --report-data the chain is verified and REPORT_DATA is printed, but the binding of the
-evidence to anything is not checked.`,
+evidence to anything is not checked.
+
+An Azure HCL report is verified for inspection: the SEV-SNP report inside is verified, its
+REPORT_DATA must be the digest of the HCL runtime data (the vTPM keys, the VM configuration and
+the guest's user-data, printed under "azure"), and --report-data, if given, is the user-data.
+Such a report never carries a Lethe binding, so it is not usable as Lethe evidence.`,
 		Example: `  # Emulated evidence, with its binding
   lethectl attest verify ev.json --trust-roots roots --report-data 0011
 
@@ -319,11 +426,17 @@ evidence to anything is not checked.`,
 			if err != nil {
 				return fmt.Errorf("reading evidence: %w", err)
 			}
-			ev, err := readAnyEvidence(b, platform)
+			ev, azure, err := readAnyEvidence(b, platform)
 			if err != nil {
 				return err
 			}
 			digest := ev.Digest()
+			if azure != nil && len(azure.vcek) > 0 && vcekFile == "" {
+				// The VCEK the Azure evidence JSON carries; --vcek overrides it.
+				if ev.Raw, err = snpWithVCEK(ev.Raw, azure.vcek); err != nil {
+					return err
+				}
+			}
 			if vcekFile != "" {
 				if !ev.Platform.IsSNP() {
 					return fmt.Errorf("--vcek is for SEV-SNP evidence, not %v", ev.Platform)
@@ -337,6 +450,7 @@ evidence to anything is not checked.`,
 				}
 			}
 			cfg := attest.Config{CollateralDir: collateral, ProductLine: product}
+			cfg.CheckRevocations = checkRevocations
 			if trustRoots != "" {
 				if cfg.Roots, err = attest.LoadRoots(trustRoots); err != nil {
 					return err
@@ -357,6 +471,13 @@ evidence to anything is not checked.`,
 				}
 				want = attest.Expectation{ReportData: rd}
 			}
+			if azure != nil {
+				want, err = azureExpectation(azure, want.ReportData)
+				if re, ok := errors.AsType[*attest.RejectError](err); ok {
+					fmt.Fprintf(stderr, "rejected (%s): %v\n", re.Reason, re.Err)
+					return &exitError{code: 1}
+				}
+			}
 			v, err := attest.NewVerifier(cfg)
 			if err != nil {
 				return err
@@ -371,8 +492,18 @@ evidence to anything is not checked.`,
 			}
 			// The digest is of the evidence as given, before --vcek completed it.
 			claims.EvidenceDigest = digest[:]
-			if err := printClaimsJSON(cmd.OutOrStdout(), claims); err != nil {
+			var extra map[string]any
+			if azure != nil {
+				if extra, err = azureClaims(azure); err != nil {
+					return err
+				}
+				extra = map[string]any{"azure": extra}
+			}
+			if err := printClaimsJSON(cmd.OutOrStdout(), claims, extra); err != nil {
 				return err
+			}
+			if azure != nil {
+				fmt.Fprintln(stderr, azureNote)
 			}
 			if reportData == "" {
 				fmt.Fprintln(stderr, "note: no --report-data, so the binding was not checked: the evidence is genuine, but not shown to be fresh or bound to anything")
@@ -387,6 +518,7 @@ evidence to anything is not checked.`,
 	f.StringVar(&vcekFile, "vcek", "", "VCEK certificate (DER or PEM) of an SEV-SNP report that carries none")
 	f.StringVar(&product, "product", "", "SEV-SNP product line (Milan, Genoa, Turin) of a version 2 report whose VCEK does not say")
 	f.StringVar(&now, "now", "", "verify certificates as of this RFC 3339 time (for captured evidence)")
+	f.BoolVar(&checkRevocations, "check-revocations", false, "check every certificate against its CRL (AMD's ARK-signed CRLs, Intel's PCK and root CA CRLs) from --collateral; a CRL it does not hold is a rejection (collateral)")
 	f.StringVar(&platform, "platform", "", "platform of raw evidence: sev-snp (default for a report), tdx (default for a quote), emulated-sev-snp, emulated-tdx")
 	return cmd
 }
