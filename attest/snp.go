@@ -642,9 +642,15 @@ func checkSNP(c *SNPClaims, r SNPRequirements) error {
 		Extras:   map[string][]byte{},
 	}
 	att := &spb.Attestation{Report: ev.report, CertificateChain: chain}
+	// go-sev-guest's validate refuses Turin certificates (see snp_turin.go): a Turin report is
+	// checked by checkTurinOptions, its TCBs in Turin's layout.
+	turin := ev.report.GetCpuid1EaxFms() != 0 && kds.ProductLineFromFms(ev.report.GetCpuid1EaxFms()) == snpTurin
 	check := func(set func(o *validate.Options)) error {
 		o := permissiveSNPOptions()
 		set(o)
+		if turin {
+			return checkTurinOptions(ev.report, o)
+		}
 		return validate.SnpAttestation(att, o)
 	}
 
@@ -653,7 +659,17 @@ func checkSNP(c *SNPClaims, r SNPRequirements) error {
 		if min == (SNPTCB{}) {
 			return
 		}
-		verr := check(set)
+		var verr error
+		switch {
+		case turin && !tcbLE(min, got):
+			verr = fmt.Errorf("%v is below %v", got, min)
+		case turin:
+		case min.FMC > 0:
+			// Only Turin on has FMC: a minimum FMC is unmet by the lines before it.
+			verr = fmt.Errorf("a %s report has no FMC", c.Product)
+		default:
+			verr = check(set)
+		}
 		if verr == nil {
 			return
 		}
@@ -662,6 +678,7 @@ func checkSNP(c *SNPClaims, r SNPRequirements) error {
 			name     string
 			got, min uint8
 		}{
+			{"fmc", got.FMC, min.FMC},
 			{"bootloader", got.BootLoader, min.BootLoader},
 			{"tee", got.TEE, min.TEE},
 			{"snp", got.SNP, min.SNP},
@@ -675,8 +692,13 @@ func checkSNP(c *SNPClaims, r SNPRequirements) error {
 			errs = append(errs, &Violation{Rule: prefix, Got: verr.Error(), Want: "≥ " + min.String()})
 		}
 	}
-	tcbRule("snp.tcb", c.ReportedTCB, r.MinimumTCB, func(o *validate.Options) { o.MinimumTCB = r.MinimumTCB.parts() })
-	tcbRule("snp.launchTcb", c.LaunchTCB, r.MinimumLaunchTCB, func(o *validate.Options) { o.MinimumLaunchTCB = r.MinimumLaunchTCB.parts() })
+	line := ""
+	if turin {
+		line = snpTurin
+	}
+	// The TCBs compared are the verified report's, not the claims' copies.
+	tcbRule("snp.tcb", snpTCBOf(line, ev.report.GetReportedTcb()), r.MinimumTCB, func(o *validate.Options) { o.MinimumTCB = r.MinimumTCB.parts() })
+	tcbRule("snp.launchTcb", snpTCBOf(line, ev.report.GetLaunchTcb()), r.MinimumLaunchTCB, func(o *validate.Options) { o.MinimumLaunchTCB = r.MinimumLaunchTCB.parts() })
 
 	if !r.AllowDebug && check(func(o *validate.Options) { o.GuestPolicy.Debug = false }) != nil {
 		errs = append(errs, &Violation{Rule: "snp.policy.debug", Got: "debug allowed (the host can read and change the guest's memory)", Want: "debug not allowed"})

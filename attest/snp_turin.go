@@ -12,6 +12,7 @@ import (
 
 	"github.com/google/go-sev-guest/abi"
 	spb "github.com/google/go-sev-guest/proto/sevsnp"
+	"github.com/google/go-sev-guest/validate"
 	"github.com/google/go-sev-guest/verify"
 	"github.com/google/go-sev-guest/verify/trust"
 )
@@ -131,4 +132,34 @@ func checkTurinReport(r *spb.Report, exts *snpCertExtensions, key abi.ReportSign
 		}
 	}
 	return nil
+}
+
+// checkTurinOptions checks a verified Turin report r against the guest requirements of o that
+// checkSNP sets (the guest policy bits, VMPL and HOST_DATA), as validate.SnpAttestation does
+// for the other lines; checkSNP compares Turin TCBs itself.
+func checkTurinOptions(r *spb.Report, o *validate.Options) error {
+	pol, err := abi.ParseSnpPolicy(r.GetPolicy())
+	if err != nil {
+		return fmt.Errorf("parsing guest policy: %w", err)
+	}
+	var errs []error
+	for _, b := range []struct {
+		name         string
+		got, allowed bool
+	}{
+		{"DEBUG", pol.Debug, o.GuestPolicy.Debug},
+		{"SMT", pol.SMT, o.GuestPolicy.SMT},
+		{"MIGRATE_MA", pol.MigrateMA, o.GuestPolicy.MigrateMA},
+	} {
+		if b.got && !b.allowed {
+			errs = append(errs, fmt.Errorf("guest policy allows %s, which is not allowed", b.name))
+		}
+	}
+	if o.VMPL != nil && uint32(*o.VMPL) != r.GetVmpl() {
+		errs = append(errs, fmt.Errorf("report VMPL %d is not %d", r.GetVmpl(), *o.VMPL))
+	}
+	if len(o.HostData) > 0 && !bytes.Equal(o.HostData, r.GetHostData()) {
+		errs = append(errs, fmt.Errorf("HOST_DATA %x is not %x", r.GetHostData(), o.HostData))
+	}
+	return errors.Join(errs...)
 }
