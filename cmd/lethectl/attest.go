@@ -272,7 +272,9 @@ func snpWithCert(raw, cert []byte, kind string) ([]byte, error) {
 	}
 	var table abi.CertTable
 	if err := table.Unmarshal(raw[abi.ReportSize:]); err != nil {
-		return nil, fmt.Errorf("--%s: reading the evidence's certificate table: %w", kind, err)
+		// Evidence whose table does not parse is malformed with or without the certificate:
+		// left as it is, it is rejected as such, with a rejection line.
+		return raw, nil
 	}
 	id := uuid.MustParse(guid)
 	entries := []abi.CertTableEntry{{GUID: id, RawCert: cert}}

@@ -48,7 +48,7 @@ func decodedEvidence(t *testing.T, p string, decode func(string) ([]byte, error)
 	return out
 }
 
-func TestAttestVerifyVLEK(t *testing.T) {
+func TestAttestVerifyCertificateFlags(t *testing.T) {
 	const (
 		trustee       = "confidential-containers_trustee/deps/verifier/test_data/snp/"
 		constellation = "edgelesssys_constellation/internal/attestation/"
@@ -59,6 +59,8 @@ func TestAttestVerifyVLEK(t *testing.T) {
 	s11VLEK := realEvidence(t, constellation+"snp/testdata/vlek.pem")
 	s12 := decodedEvidence(t, realEvidence(t, constellation+"aws/snp/testdata/report.txt"), base64.StdEncoding.DecodeString)
 	s12VLEK := realEvidence(t, constellation+"aws/snp/testdata/vlek.pem")
+	// S10 as stored: a report and 20 bytes that are no certificate table.
+	s10, s10VCEK := realEvidence(t, constellation+"snp/testdata/attestation.bin"), realEvidence(t, constellation+"snp/testdata/vcek.cert")
 	raw12, err := os.ReadFile(s12)
 	if err != nil {
 		t.Fatal(err)
@@ -80,6 +82,7 @@ func TestAttestVerifyVLEK(t *testing.T) {
 		{name: "S1 VCEK given as --vlek", args: []string{s1, "--vlek", s1VCEK, "--now", "2025-06-01T00:00:00Z"}, wantCode: 2, wantStderr: "a VCEK goes with --vcek"},
 		{name: "S11 --vlek, not its signer", args: []string{s11, "--vlek", s11VLEK, "--now", "2024-01-01T00:00:00Z"}, wantCode: 1, wantStderr: "rejected (signature): "},
 		{name: "S12 --vlek bound to the AK digest", args: []string{s12, "--vlek", s12VLEK, "--now", "2025-06-01T00:00:00Z", "--report-data", akDigest}},
+		{name: "S10 as stored --vcek", args: []string{s10, "--vcek", s10VCEK, "--now", "2025-06-01T00:00:00Z"}, wantCode: 1, wantStderr: "rejected (malformed): parsing SEV-SNP certificate table"},
 		{name: "S12 --vlek, other report data", args: []string{s12, "--vlek", s12VLEK, "--now", "2025-06-01T00:00:00Z", "--report-data", "123abc"}, wantCode: 1, wantStderr: "rejected (binding): "},
 	}
 	for _, tt := range tests {
@@ -91,7 +94,7 @@ func TestAttestVerifyVLEK(t *testing.T) {
 			if !strings.Contains(stderr, tt.wantStderr) {
 				t.Errorf("stderr %q does not contain %q", stderr, tt.wantStderr)
 			}
-			if code == 0 && !strings.Contains(stdout, `"signer": "vlek"`) {
+			if code == 0 && !strings.Contains(stdout, `"signer": "vlek"`) { // every success here is VLEK-signed
 				t.Errorf("claims do not name a VLEK signer:\n%s", stdout)
 			}
 		})
