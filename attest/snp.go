@@ -421,8 +421,8 @@ func chainRoot(ek *x509.Certificate, key abi.ReportSigner, candidates []*trust.P
 // snpChainEntry records that an endorsement key certificate passed go-sev-guest's checks of
 // its certificate chain (decodeCerts: the certificate's version, algorithms, key, subject,
 // issuer and extensions, and crypto/x509's chain building to the roots; for Turin, the same
-// checks in verifyTurin) and that the first
-// of the candidate roots it chains to is candidates[root], through chains. Every fact in it
+// checks in verifyTurin) and that the first of the candidate roots it chains to is
+// candidates[root], through chains. Every fact in it
 // but the certificates' validity periods depends only on the bytes snpChainKey hashes.
 type snpChainEntry struct {
 	root   int

@@ -23,7 +23,8 @@ import (
 // Real SEV-SNP evidence captured on hardware by other projects is not part of the repository:
 // these tests read it from the directory LETHE_REAL_EVIDENCE names (default
 // /work/shared/evidence), laid out as <owner>_<repo>/<path in that repository>, and skip
-// where it is absent, failing instead when CI=true.
+// where it is absent, failing instead when CI=true. Comments and test names number the
+// captures (S1 to S20) as the directory's SOURCES.md does.
 
 func realEvidence(t testing.TB, rel string) []byte {
 	t.Helper()

@@ -12,7 +12,8 @@ import (
 
 // realEvidence returns the path of a real capture in the directory LETHE_REAL_EVIDENCE names
 // (default /work/shared/evidence), which is not part of the repository; the test skips where it
-// is absent, and fails instead when CI=true.
+// is absent, and fails instead when CI=true. Test names number the captures (S1 to S20) as the
+// directory's SOURCES.md does.
 func realEvidence(t *testing.T, rel string) string {
 	t.Helper()
 	dir := os.Getenv("LETHE_REAL_EVIDENCE")
