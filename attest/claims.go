@@ -44,21 +44,30 @@ type Claims struct {
 	TDX *TDXClaims `json:"tdx,omitempty"`
 }
 
-// SNPTCB is an SEV-SNP TCB version, component by component.
+// SNPTCB is an SEV-SNP TCB version, component by component. Where each component sits in the
+// 64-bit TCB_VERSION depends on the product line: Turin added FMC and moved the others (see
+// snpTCBOf); the components mean the same on every line.
 type SNPTCB struct {
+	// FMC is the security patch level of the first mutable code, from Turin on; always 0 on
+	// Milan and Genoa, which have none.
+	FMC        uint8 `json:"fmc" yaml:"fmc,omitempty"`
 	BootLoader uint8 `json:"bl" yaml:"bl"`
 	TEE        uint8 `json:"tee" yaml:"tee"`
 	SNP        uint8 `json:"snp" yaml:"snp"`
 	Microcode  uint8 `json:"ucode" yaml:"ucode"`
 }
 
-// String formats the TCB as bl=N,tee=N,snp=N,ucode=N.
+// String formats the TCB as bl=N,tee=N,snp=N,ucode=N, preceded by fmc=N, when FMC is not 0.
 func (t SNPTCB) String() string {
-	return fmt.Sprintf("bl=%d,tee=%d,snp=%d,ucode=%d", t.BootLoader, t.TEE, t.SNP, t.Microcode)
+	s := fmt.Sprintf("bl=%d,tee=%d,snp=%d,ucode=%d", t.BootLoader, t.TEE, t.SNP, t.Microcode)
+	if t.FMC != 0 {
+		s = fmt.Sprintf("fmc=%d,", t.FMC) + s
+	}
+	return s
 }
 
-// ParseSNPTCB parses the form String writes, bl=N,tee=N,snp=N,ucode=N, with N decimal or
-// 0x-hex from 0 to 255; components left out are 0.
+// ParseSNPTCB parses the form String writes, [fmc=N,]bl=N,tee=N,snp=N,ucode=N, with N decimal
+// or 0x-hex from 0 to 255; components left out are 0.
 func ParseSNPTCB(s string) (SNPTCB, error) {
 	var t SNPTCB
 	for part := range strings.SplitSeq(s, ",") {
@@ -71,6 +80,8 @@ func ParseSNPTCB(s string) (SNPTCB, error) {
 			return SNPTCB{}, fmt.Errorf("%s: %q is not a number from 0 to 255", k, v)
 		}
 		switch k {
+		case "fmc":
+			t.FMC = uint8(n)
 		case "bl":
 			t.BootLoader = uint8(n)
 		case "tee":
@@ -80,7 +91,7 @@ func ParseSNPTCB(s string) (SNPTCB, error) {
 		case "ucode":
 			t.Microcode = uint8(n)
 		default:
-			return SNPTCB{}, fmt.Errorf("unknown component %q (want bl, tee, snp, ucode)", k)
+			return SNPTCB{}, fmt.Errorf("unknown component %q (want fmc, bl, tee, snp, ucode)", k)
 		}
 	}
 	return t, nil

@@ -30,7 +30,9 @@ type snpQuoteProvider interface {
 
 // SNPAttester produces SEV-SNP evidence through go-sev-guest's client: configfs-tsm when the
 // kernel offers it, else /dev/sev-guest. Its raw bytes are the report followed by the
-// certificate table the host provisioned (configfs-tsm's auxblob).
+// certificate table the host provisioned (configfs-tsm's auxblob, or the extended report's
+// certificates), whole: the VCEK, or the VLEK a cloud provider's host provisions (the only
+// way a VLEK reaches the verifier but the operator's collateral cache), under their GUIDs.
 type SNPAttester struct {
 	qp snpQuoteProvider
 }

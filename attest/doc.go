@@ -14,6 +14,19 @@
 // and returns [Claims]. [Claims.Check] evaluates baseline [Requirements] (minimum TCB, debug,
 // measurements, …) through go-sev-guest's and go-tdx-guest's validate packages.
 //
+// SEV-SNP reports from Turin on are the exception: go-sev-guest v0.15.0 refuses Turin's
+// certificates (their fmcSPL extension) and decodes Turin's TCB with the Milan layout, so this
+// package reads the KDS extensions, lays out the TCB (fmc, bl, tee, snp, ucode) and checks a
+// Turin report's signature, certificate chain and consistency with its certificate itself,
+// with crypto/x509 and the library's report parsing.
+//
+// The offline collateral cache keeps each document under its vendor's URL (see
+// collateralCache). An SEV-SNP endorsement key certificate the report's certificate table does
+// not carry is looked up there: a VCEK under its AMD KDS URL (Turin's names the chip by the
+// first 8 bytes of CHIP_ID and takes fmcSPL), a VLEK under the KDS VLEK URL of the report's
+// product line and REPORTED_TCB, which is never fetched, since AMD serves VLEKs to cloud
+// providers only: the operator places it (docs/configuration.md).
+//
 // Evidence from an emulated platform names itself (emulated-sev-snp, emulated-tdx) and is
 // accepted only by a Verifier configured with that emulator's roots; the emulators live in
 // package attest/emulate so that production binaries do not link them by accident.

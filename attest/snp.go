@@ -25,8 +25,11 @@ var snpProductLines = []string{"Milan", "Genoa", "Turin"}
 // verify.Options per call (the library writes into them). It is safe for concurrent use: after
 // newSNPVerifier it only reads its fields, but for its caches, which lock.
 type snpVerifier struct {
-	now              func() time.Time
-	cache            *collateralCache
+	now   func() time.Time
+	cache *collateralCache
+	// vlekCache reads VLEK certificates from the same directory as cache, never fetching:
+	// AMD KDS serves them to cloud providers only (see snpVLEKURL).
+	vlekCache        *collateralCache
 	checkRevocations bool
 	productLine      string
 
@@ -50,6 +53,7 @@ func newSNPVerifier(cfg Config, cache *collateralCache) (*snpVerifier, error) {
 	v := &snpVerifier{
 		now:              cfg.Now,
 		cache:            cache,
+		vlekCache:        newCollateralCache(cfg.CollateralDir, false),
 		checkRevocations: cfg.CheckRevocations,
 		productLine:      cfg.ProductLine,
 		amd:              map[string][]*trust.ProductCerts{},
@@ -258,7 +262,7 @@ func (v *snpVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Clai
 	if err != nil {
 		return nil, reject(ReasonChain, "parsing %v certificate: %w", info.SigningKey, err)
 	}
-	exts, err := kds.CertificateExtensions(ek, info.SigningKey)
+	exts, err := parseSNPCertExtensions(ek, info.SigningKey)
 	if err != nil {
 		return nil, reject(ReasonChain, "reading %v certificate extensions: %w", info.SigningKey, err)
 	}
@@ -308,7 +312,11 @@ func (v *snpVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Clai
 	root := v.cachedChainRoot(key, report, ek, candidates, now)
 	if root == nil {
 		// The full path: what a cold cache or a failed shortcut always takes.
-		if err := verify.SnpAttestationContext(ctx, att, opts); err != nil {
+		if line == snpTurin {
+			if err := verifyTurin(ev.raw, ek, info.SigningKey, candidates, now); err != nil {
+				return nil, err
+			}
+		} else if err := verify.SnpAttestationContext(ctx, att, opts); err != nil {
 			return nil, diagnoseSNP(ev.raw, ek, info.SigningKey, candidates, now, err)
 		}
 		var i int
@@ -321,8 +329,17 @@ func (v *snpVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Clai
 
 	// The report must agree with the certificate that signed it: its REPORTED_TCB is the TCB the
 	// key was certified for, and its CHIP_ID (unless masked) the certified chip.
-	if err := validate.SnpAttestation(att, permissiveSNPOptions()); err != nil {
+	consistent := func() error { return validate.SnpAttestation(att, permissiveSNPOptions()) }
+	if line == snpTurin {
+		consistent = func() error { return checkTurinReport(report, exts, info.SigningKey) }
+	}
+	if err := consistent(); err != nil {
 		return nil, reject(ReasonChain, "report does not match its %v certificate: %w", info.SigningKey, err)
+	}
+	// A product line the caller expects that the verified report contradicts (from version 3
+	// on, the report names its product) is reported, not silently overridden.
+	if v.productLine != "" && report.GetCpuid1EaxFms() != 0 && v.productLine != line {
+		return nil, reject(ReasonChain, "the report is from a %s machine (CPUID 0x%08x), not %s as expected", line, report.GetCpuid1EaxFms(), v.productLine)
 	}
 
 	if v.checkRevocations {
@@ -341,22 +358,22 @@ func (v *snpVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Clai
 }
 
 // endorsementKey returns the DER certificate of the key that signed the report: from the
-// certificate table, else (VCEK only) from the collateral cache. It returns the product line,
+// certificate table, else from the collateral cache (a VCEK under its AMD KDS URL, fetched if
+// the cache may fetch; a VLEK under snpVLEKURL, never fetched). It returns the product line,
 // which it may learn from where it found the certificate.
 func (v *snpVerifier) endorsementKey(ctx context.Context, ev *snpEvidence, key abi.ReportSigner, line string, roots map[string][]*trust.ProductCerts) ([]byte, string, error) {
-	switch key {
-	case abi.VlekReportSigner:
-		if der := certByGUID(ev.certs, abi.VlekGUID); der != nil {
-			return der, line, nil
-		}
-		return nil, "", reject(ReasonCollateral, "report is signed by a VLEK but its certificate table holds no VLEK certificate")
-	default:
-		if der := certByGUID(ev.certs, abi.VcekGUID); der != nil {
-			return der, line, nil
-		}
+	guid, getter := abi.VcekGUID, snpGetter{v.cache}
+	if key == abi.VlekReportSigner {
+		guid, getter = abi.VlekGUID, snpGetter{v.vlekCache}
+	}
+	if der := certByGUID(ev.certs, guid); der != nil {
+		return der, line, nil
+	}
+	if key == abi.VlekReportSigner && v.vlekCache.dir == "" {
+		return nil, "", reject(ReasonCollateral, "report is signed by a VLEK but its certificate table holds no VLEK certificate and there is no collateral cache")
 	}
 	chipID := ev.report.GetChipId()
-	if bytes.Equal(chipID, make([]byte, abi.ChipIDSize)) {
+	if key != abi.VlekReportSigner && bytes.Equal(chipID, make([]byte, abi.ChipIDSize)) {
 		return nil, "", reject(ReasonCollateral, "report has no VCEK certificate and a masked chip ID, so its VCEK cannot be looked up")
 	}
 	lines := []string{line}
@@ -368,10 +385,13 @@ func (v *snpVerifier) endorsementKey(ctx context.Context, ev *snpEvidence, key a
 			}
 		}
 	}
-	getter := snpGetter{v.cache}
 	var errs []error
 	for _, l := range lines {
-		der, err := getter.GetContext(ctx, kds.VCEKCertURL(l, chipID, kds.TCBVersion(ev.report.GetReportedTcb())))
+		u := snpVCEKURL(l, chipID, ev.report.GetReportedTcb())
+		if key == abi.VlekReportSigner {
+			u = snpVLEKURL(l, ev.report.GetReportedTcb())
+		}
+		der, err := getter.GetContext(ctx, u)
 		if err == nil {
 			return der, l, nil
 		}
@@ -380,7 +400,7 @@ func (v *snpVerifier) endorsementKey(ctx context.Context, ev *snpEvidence, key a
 		}
 		errs = append(errs, err)
 	}
-	return nil, "", &RejectError{Reason: ReasonCollateral, Err: fmt.Errorf("getting VCEK certificate: %w", errors.Join(errs...))}
+	return nil, "", &RejectError{Reason: ReasonCollateral, Err: fmt.Errorf("getting %v certificate: %w", key, errors.Join(errs...))}
 }
 
 // chainRoot returns the first root among candidates that the endorsement key certificate
@@ -400,8 +420,9 @@ func chainRoot(ek *x509.Certificate, key abi.ReportSigner, candidates []*trust.P
 
 // snpChainEntry records that an endorsement key certificate passed go-sev-guest's checks of
 // its certificate chain (decodeCerts: the certificate's version, algorithms, key, subject,
-// issuer and extensions, and crypto/x509's chain building to the roots) and that the first
-// of the candidate roots it chains to is candidates[root], through chains. Every fact in it
+// issuer and extensions, and crypto/x509's chain building to the roots; for Turin, the same
+// checks in verifyTurin) and that the first of the candidate roots it chains to is
+// candidates[root], through chains. Every fact in it
 // but the certificates' validity periods depends only on the bytes snpChainKey hashes.
 type snpChainEntry struct {
 	root   int
@@ -575,11 +596,6 @@ func permissiveSNPOptions() *validate.Options {
 	}
 }
 
-func snpTCBOf(v uint64) SNPTCB {
-	p := kds.DecomposeTCBVersion(kds.TCBVersion(v))
-	return SNPTCB{BootLoader: p.BlSpl, TEE: p.TeeSpl, SNP: p.SnpSpl, Microcode: p.UcodeSpl}
-}
-
 func (t SNPTCB) parts() kds.TCBParts {
 	return kds.TCBParts{BlSpl: t.BootLoader, TeeSpl: t.TEE, SnpSpl: t.SNP, UcodeSpl: t.Microcode}
 }
@@ -602,10 +618,10 @@ func snpClaimsOf(r *spb.Report, line string, key abi.ReportSigner) *SNPClaims {
 		FamilyID:     HexBytes(r.GetFamilyId()),
 		ImageID:      HexBytes(r.GetImageId()),
 		ChipID:       HexBytes(r.GetChipId()),
-		CurrentTCB:   snpTCBOf(r.GetCurrentTcb()),
-		ReportedTCB:  snpTCBOf(r.GetReportedTcb()),
-		CommittedTCB: snpTCBOf(r.GetCommittedTcb()),
-		LaunchTCB:    snpTCBOf(r.GetLaunchTcb()),
+		CurrentTCB:   snpTCBOf(line, r.GetCurrentTcb()),
+		ReportedTCB:  snpTCBOf(line, r.GetReportedTcb()),
+		CommittedTCB: snpTCBOf(line, r.GetCommittedTcb()),
+		LaunchTCB:    snpTCBOf(line, r.GetLaunchTcb()),
 		// AMD publishes no TCB status for SEV-SNP: policy decides with minimum TCBs.
 		TCBStatus: "unknown",
 	}
@@ -627,9 +643,15 @@ func checkSNP(c *SNPClaims, r SNPRequirements) error {
 		Extras:   map[string][]byte{},
 	}
 	att := &spb.Attestation{Report: ev.report, CertificateChain: chain}
+	// go-sev-guest's validate refuses Turin certificates (see snp_turin.go): a Turin report is
+	// checked by checkTurinOptions, its TCBs in Turin's layout.
+	turin := ev.report.GetCpuid1EaxFms() != 0 && kds.ProductLineFromFms(ev.report.GetCpuid1EaxFms()) == snpTurin
 	check := func(set func(o *validate.Options)) error {
 		o := permissiveSNPOptions()
 		set(o)
+		if turin {
+			return checkTurinOptions(ev.report, o)
+		}
 		return validate.SnpAttestation(att, o)
 	}
 
@@ -638,7 +660,17 @@ func checkSNP(c *SNPClaims, r SNPRequirements) error {
 		if min == (SNPTCB{}) {
 			return
 		}
-		verr := check(set)
+		var verr error
+		switch {
+		case turin && !tcbLE(min, got):
+			verr = fmt.Errorf("%v is below %v", got, min)
+		case turin:
+		case min.FMC > 0:
+			// Only Turin on has FMC: a minimum FMC is unmet by the lines before it.
+			verr = fmt.Errorf("a %s report has no FMC", c.Product)
+		default:
+			verr = check(set)
+		}
 		if verr == nil {
 			return
 		}
@@ -647,6 +679,7 @@ func checkSNP(c *SNPClaims, r SNPRequirements) error {
 			name     string
 			got, min uint8
 		}{
+			{"fmc", got.FMC, min.FMC},
 			{"bootloader", got.BootLoader, min.BootLoader},
 			{"tee", got.TEE, min.TEE},
 			{"snp", got.SNP, min.SNP},
@@ -660,8 +693,13 @@ func checkSNP(c *SNPClaims, r SNPRequirements) error {
 			errs = append(errs, &Violation{Rule: prefix, Got: verr.Error(), Want: "≥ " + min.String()})
 		}
 	}
-	tcbRule("snp.tcb", c.ReportedTCB, r.MinimumTCB, func(o *validate.Options) { o.MinimumTCB = r.MinimumTCB.parts() })
-	tcbRule("snp.launchTcb", c.LaunchTCB, r.MinimumLaunchTCB, func(o *validate.Options) { o.MinimumLaunchTCB = r.MinimumLaunchTCB.parts() })
+	line := ""
+	if turin {
+		line = snpTurin
+	}
+	// The TCBs compared are the verified report's, not the claims' copies.
+	tcbRule("snp.tcb", snpTCBOf(line, ev.report.GetReportedTcb()), r.MinimumTCB, func(o *validate.Options) { o.MinimumTCB = r.MinimumTCB.parts() })
+	tcbRule("snp.launchTcb", snpTCBOf(line, ev.report.GetLaunchTcb()), r.MinimumLaunchTCB, func(o *validate.Options) { o.MinimumLaunchTCB = r.MinimumLaunchTCB.parts() })
 
 	if !r.AllowDebug && check(func(o *validate.Options) { o.GuestPolicy.Debug = false }) != nil {
 		errs = append(errs, &Violation{Rule: "snp.policy.debug", Got: "debug allowed (the host can read and change the guest's memory)", Want: "debug not allowed"})

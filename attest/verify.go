@@ -75,7 +75,8 @@ type Config struct {
 	// Now returns the time at which certificates must be valid. Nil: time.Now.
 	Now func() time.Time
 	// ProductLine is the SNP product line ("Milan", "Genoa", "Turin") to assume for reports
-	// that do not say (version 2), when the VCEK does not say either. Empty: infer.
+	// that do not say (version 2), when the VCEK does not say either, and to expect of those
+	// that do: a report naming another product is rejected (ReasonChain). Empty: infer.
 	ProductLine string
 }
 

@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"crypto/x509"
+	"encoding/asn1"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -325,23 +327,52 @@ func azureClaims(in *azureInput) (map[string]any, error) {
 
 const azureNote = "note: an Azure HCL report: its REPORT_DATA is the digest of the HCL runtime data (vTPM keys, VM configuration, user-data), and it matches; it carries no Lethe binding, so it is not usable as Lethe evidence"
 
-// snpWithVCEK returns SEV-SNP raw evidence whose certificate table holds cert (PEM or DER) as the
-// VCEK, in place of any the table had.
-func snpWithVCEK(raw, cert []byte) ([]byte, error) {
+// oidKDSCSPID is the AMD KDS extension naming the cloud provider of a VLEK certificate.
+var oidKDSCSPID = asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 3704, 1, 5}
+
+// snpWithCert returns SEV-SNP raw evidence whose certificate table holds cert (PEM or DER) as
+// the endorsement key of kind ("vcek" or "vlek", the flag it came from), under that kind's
+// GUID, in place of any the table had there. It refuses a certificate of the other kind: AMD
+// names the subject SEV-VCEK or SEV-VLEK, and only a VLEK names a cloud provider (CSP ID).
+func snpWithCert(raw, cert []byte, kind string) ([]byte, error) {
 	if block, _ := pem.Decode(cert); block != nil {
 		cert = block.Bytes
 	}
+	c, err := x509.ParseCertificate(cert)
+	if err != nil {
+		return nil, fmt.Errorf("--%s: parsing the certificate: %w", kind, err)
+	}
+	csp := ""
+	for _, ext := range c.Extensions {
+		if ext.Id.Equal(oidKDSCSPID) {
+			if _, err := asn1.UnmarshalWithParams(ext.Value, &csp, "ia5"); err != nil || csp == "" {
+				csp = "unreadable"
+			}
+		}
+	}
+	isVLEK := c.Subject.CommonName == "SEV-VLEK" || csp != ""
+	guid := abi.VcekGUID
+	switch {
+	case kind == "vcek" && isVLEK:
+		return nil, fmt.Errorf("--vcek: the certificate is a VLEK (subject %q, CSP ID %q); pass it with --vlek", c.Subject.CommonName, csp)
+	case kind == "vlek" && !isVLEK:
+		return nil, fmt.Errorf("--vlek: the certificate is not a VLEK (subject %q, no CSP ID); a VCEK goes with --vcek", c.Subject.CommonName)
+	case kind == "vlek":
+		guid = abi.VlekGUID
+	}
 	if len(raw) < abi.ReportSize {
-		return nil, errors.New("--vcek: the evidence is too short for an SEV-SNP report")
+		return nil, fmt.Errorf("--%s: the evidence is too short for an SEV-SNP report", kind)
 	}
 	var table abi.CertTable
 	if err := table.Unmarshal(raw[abi.ReportSize:]); err != nil {
-		return nil, fmt.Errorf("--vcek: reading the evidence's certificate table: %w", err)
+		// Evidence whose table does not parse is malformed with or without the certificate:
+		// left as it is, it is rejected as such, with a rejection line.
+		return raw, nil
 	}
-	vcek := uuid.MustParse(abi.VcekGUID)
-	entries := []abi.CertTableEntry{{GUID: vcek, RawCert: cert}}
+	id := uuid.MustParse(guid)
+	entries := []abi.CertTableEntry{{GUID: id, RawCert: cert}}
 	for _, e := range table.Entries {
-		if e.GUID != vcek {
+		if e.GUID != id {
 			entries = append(entries, e)
 		}
 	}
@@ -387,6 +418,7 @@ func newAttestVerifyCmd() *cobra.Command {
 	var (
 		reportData, trustRoots, collateral, vcekFile, product, now, platform string
 		checkRevocations                                                     bool
+		vlekFile                                                             string
 	)
 	cmd := &cobra.Command{
 		Use:   "verify FILE",
@@ -433,19 +465,23 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
 			digest := ev.Digest()
 			if azure != nil && len(azure.vcek) > 0 && vcekFile == "" {
 				// The VCEK the Azure evidence JSON carries; --vcek overrides it.
-				if ev.Raw, err = snpWithVCEK(ev.Raw, azure.vcek); err != nil {
+				if ev.Raw, err = snpWithCert(ev.Raw, azure.vcek, "vcek"); err != nil {
 					return err
 				}
 			}
-			if vcekFile != "" {
+			for _, flag := range []struct{ kind, file string }{{"vcek", vcekFile}, {"vlek", vlekFile}} {
+				kind, file := flag.kind, flag.file
+				if file == "" {
+					continue
+				}
 				if !ev.Platform.IsSNP() {
-					return fmt.Errorf("--vcek is for SEV-SNP evidence, not %v", ev.Platform)
+					return fmt.Errorf("--%s is for SEV-SNP evidence, not %v", kind, ev.Platform)
 				}
-				cert, err := os.ReadFile(vcekFile)
+				cert, err := os.ReadFile(file)
 				if err != nil {
-					return fmt.Errorf("reading --vcek: %w", err)
+					return fmt.Errorf("reading --%s: %w", kind, err)
 				}
-				if ev.Raw, err = snpWithVCEK(ev.Raw, cert); err != nil {
+				if ev.Raw, err = snpWithCert(ev.Raw, cert, kind); err != nil {
 					return err
 				}
 			}
@@ -490,7 +526,7 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
 			if err != nil {
 				return err
 			}
-			// The digest is of the evidence as given, before --vcek completed it.
+			// The digest is of the evidence as given, before --vcek or --vlek completed it.
 			claims.EvidenceDigest = digest[:]
 			var extra map[string]any
 			if azure != nil {
@@ -516,7 +552,8 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
 	f.StringVar(&trustRoots, "trust-roots", "", "directory of extra roots of trust (an emulator's --roots-out)")
 	f.StringVar(&collateral, "collateral", "", "offline collateral cache directory (VCEK certificates, CRLs, TDX TCB info and QE identity)")
 	f.StringVar(&vcekFile, "vcek", "", "VCEK certificate (DER or PEM) of an SEV-SNP report that carries none")
-	f.StringVar(&product, "product", "", "SEV-SNP product line (Milan, Genoa, Turin) of a version 2 report whose VCEK does not say")
+	f.StringVar(&vlekFile, "vlek", "", "VLEK certificate (DER or PEM) of an SEV-SNP report that carries none (or place it in the --collateral cache under its VLEK name)")
+	f.StringVar(&product, "product", "", "SEV-SNP product line (Milan, Genoa, Turin): assumed for a version 2 report whose VCEK does not say; a later report naming another product is rejected (chain)")
 	f.StringVar(&now, "now", "", "verify certificates as of this RFC 3339 time (for captured evidence)")
 	f.BoolVar(&checkRevocations, "check-revocations", false, "check every certificate against its CRL (AMD's ARK-signed CRLs, Intel's PCK and root CA CRLs) from --collateral; a CRL it does not hold is a rejection (collateral)")
 	f.StringVar(&platform, "platform", "", "platform of raw evidence: sev-snp (default for a report), tdx (default for a quote), emulated-sev-snp, emulated-tdx")
