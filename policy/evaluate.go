@@ -162,6 +162,7 @@ func (e *evaluation) tcbAtLeast(src, dst *attest.Claims) {
 			name     string
 			src, dst uint8
 		}{
+			{"fmc", s.FMC, d.FMC}, // Turin's firmware; zero on Milan and Genoa
 			{"bootloader", s.BootLoader, d.BootLoader},
 			{"tee", s.TEE, d.TEE},
 			{"snp", s.SNP, d.SNP},

@@ -134,6 +134,10 @@ func evalCases(t testing.TB) []evalCase {
 			}},
 		},
 		{
+			name: "deny a lower Turin fmc", source: snpClaims(snp, attest.SNPTCB{FMC: 1, BootLoader: 3, SNP: 0x14, Microcode: 0x14}, nil), dest: snpClaims(snp, tcb, clean),
+			want: deny("destinationTcbAtLeastSource", "destination snp.tcb.fmc 0x00 < source 0x01"),
+		},
+		{
 			name: "allow lower tcb when the rule is off", policy: func(p *Policy) { p.Spec.DestinationTCBAtLeastSource = false },
 			source: snpClaims(snp, tcb, nil), dest: snpClaims(snp, lower, clean), want: allow,
 		},
