@@ -331,16 +331,17 @@ const azureNote = "note: an Azure HCL report: its REPORT_DATA is the digest of t
 var oidKDSCSPID = asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 3704, 1, 5}
 
 // snpWithCert returns SEV-SNP raw evidence whose certificate table holds cert (PEM or DER) as
-// the endorsement key of kind ("vcek" or "vlek", the flag it came from), under that kind's
-// GUID, in place of any the table had there. It refuses a certificate of the other kind: AMD
-// names the subject SEV-VCEK or SEV-VLEK, and only a VLEK names a cloud provider (CSP ID).
-func snpWithCert(raw, cert []byte, kind string) ([]byte, error) {
+// the endorsement key it is, under its kind's GUID, in place of any the table had there. The
+// kind is read from the certificate (AMD names the subject SEV-VCEK or SEV-VLEK, and only a
+// VLEK names a cloud provider, CSP ID), not from the flag it came with (kind, "vcek" or
+// "vlek"): a certificate given with the other flag is filed as what it is, and note says so.
+func snpWithCert(raw, cert []byte, kind string) (_ []byte, note string, _ error) {
 	if block, _ := pem.Decode(cert); block != nil {
 		cert = block.Bytes
 	}
 	c, err := x509.ParseCertificate(cert)
 	if err != nil {
-		return nil, fmt.Errorf("--%s: parsing the certificate: %w", kind, err)
+		return nil, "", fmt.Errorf("--%s: parsing the certificate: %w", kind, err)
 	}
 	csp := ""
 	for _, ext := range c.Extensions {
@@ -354,20 +355,21 @@ func snpWithCert(raw, cert []byte, kind string) ([]byte, error) {
 	guid := abi.VcekGUID
 	switch {
 	case kind == "vcek" && isVLEK:
-		return nil, fmt.Errorf("--vcek: the certificate is a VLEK (subject %q, CSP ID %q); pass it with --vlek", c.Subject.CommonName, csp)
+		note = fmt.Sprintf("note: the --vcek certificate is a VLEK (subject %q, CSP ID %q): filed as the VLEK", c.Subject.CommonName, csp)
+		guid = abi.VlekGUID
 	case kind == "vlek" && !isVLEK:
-		return nil, fmt.Errorf("--vlek: the certificate is not a VLEK (subject %q, no CSP ID); a VCEK goes with --vcek", c.Subject.CommonName)
-	case kind == "vlek":
+		note = fmt.Sprintf("note: the --vlek certificate is a VCEK (subject %q, no CSP ID): filed as the VCEK", c.Subject.CommonName)
+	case isVLEK:
 		guid = abi.VlekGUID
 	}
 	if len(raw) < abi.ReportSize {
-		return nil, fmt.Errorf("--%s: the evidence is too short for an SEV-SNP report", kind)
+		return nil, "", fmt.Errorf("--%s: the evidence is too short for an SEV-SNP report", kind)
 	}
 	var table abi.CertTable
 	if err := table.Unmarshal(raw[abi.ReportSize:]); err != nil {
 		// Evidence whose table does not parse is malformed with or without the certificate:
 		// left as it is, it is rejected as such, with a rejection line.
-		return raw, nil
+		return raw, note, nil
 	}
 	id := uuid.MustParse(guid)
 	entries := []abi.CertTableEntry{{GUID: id, RawCert: cert}}
@@ -377,7 +379,7 @@ func snpWithCert(raw, cert []byte, kind string) ([]byte, error) {
 		}
 	}
 	table.Entries = entries
-	return append(bytes.Clone(raw[:abi.ReportSize]), table.Marshal()...), nil
+	return append(bytes.Clone(raw[:abi.ReportSize]), table.Marshal()...), note, nil
 }
 
 // printClaimsJSON writes claims as indented JSON, byte strings in hex and the statement as the JSON
@@ -465,7 +467,7 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
 			digest := ev.Digest()
 			if azure != nil && len(azure.vcek) > 0 && vcekFile == "" {
 				// The VCEK the Azure evidence JSON carries; --vcek overrides it.
-				if ev.Raw, err = snpWithCert(ev.Raw, azure.vcek, "vcek"); err != nil {
+				if ev.Raw, _, err = snpWithCert(ev.Raw, azure.vcek, "vcek"); err != nil {
 					return err
 				}
 			}
@@ -481,8 +483,12 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
 				if err != nil {
 					return fmt.Errorf("reading --%s: %w", kind, err)
 				}
-				if ev.Raw, err = snpWithCert(ev.Raw, cert, kind); err != nil {
+				var note string
+				if ev.Raw, note, err = snpWithCert(ev.Raw, cert, kind); err != nil {
 					return err
+				}
+				if note != "" {
+					fmt.Fprintln(cmd.ErrOrStderr(), note)
 				}
 			}
 			cfg := attest.Config{CollateralDir: collateral, ProductLine: product}
@@ -551,7 +557,7 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
 	f.StringVar(&reportData, "report-data", "", "expected REPORT_DATA in hex, up to 64 bytes (zero-padded)")
 	f.StringVar(&trustRoots, "trust-roots", "", "directory of extra roots of trust (an emulator's --roots-out)")
 	f.StringVar(&collateral, "collateral", "", "offline collateral cache directory (VCEK certificates, CRLs, TDX TCB info and QE identity)")
-	f.StringVar(&vcekFile, "vcek", "", "VCEK certificate (DER or PEM) of an SEV-SNP report that carries none")
+	f.StringVar(&vcekFile, "vcek", "", "VCEK certificate (DER or PEM) of an SEV-SNP report that carries none (a VLEK given here is filed as the VLEK, with a note)")
 	f.StringVar(&vlekFile, "vlek", "", "VLEK certificate (DER or PEM) of an SEV-SNP report that carries none (or place it in the --collateral cache under its VLEK name)")
 	f.StringVar(&product, "product", "", "SEV-SNP product line (Milan, Genoa, Turin): assumed for a version 2 report whose VCEK does not say; a later report naming another product is rejected (chain)")
 	f.StringVar(&now, "now", "", "verify certificates as of this RFC 3339 time (for captured evidence)")

@@ -36,7 +36,7 @@ var corpusCases = []corpusCase{
 	{name: "trustee/snp-milan-v3-vlek-aws+certtable", evidence: certTable(file(trusteeSNP+"test-vlek-report.bin"), abi.VlekGUID, file(trusteeSNP+"test-vlek.der")),
 		now: "2025-06-01", want: "ok", claims: &snpClaimsCheck{product: "Milan"}},
 	{name: "trustee/snp-milan-v3-vlek-aws+--vcek-flag", evidence: file(trusteeSNP + "test-vlek-report.bin"),
-		flags: flags("--vcek", file(trusteeSNP+"test-vlek.der")), now: "2025-06-01", want: "ok", pending: "cli-vlek: --vcek files a VLEK under the VCEK GUID"},
+		flags: flags("--vcek", file(trusteeSNP+"test-vlek.der")), now: "2025-06-01", want: "ok"},
 	{name: "trustee/snp-milan-v3-vlek-aws-after-vlek-expiry", evidence: certTable(file(trusteeSNP+"test-vlek-report.bin"), abi.VlekGUID, file(trusteeSNP+"test-vlek.der")),
 		now: "2026-01-01", want: "rejected(expired)"},
 	{name: "trustee/az-snp-milan-hcl-report-as-captured", evidence: file(trusteeAzure + "hcl-report.bin"),
@@ -76,8 +76,7 @@ var corpusCases = []corpusCase{
 	{name: "oak/genoa-v5-vcek-from-offline-kds-cache", evidence: oakReport(file(oak + "genoa_oc_evidence.binarypb")),
 		flags: flags("--collateral", kdsVCEK("Genoa", oakReport(file(oak+"genoa_oc_evidence.binarypb")), oakVCEK(file(oak+"genoa_oc_endorsements.binarypb")))), now: "2025-10-01", want: "ok"},
 	{name: "oak/turin-v5-vcek", evidence: oakReport(file(oak + "turin_oc_evidence.binarypb")),
-		flags: flags("--vcek", oakVCEK(file(oak+"turin_oc_endorsements.binarypb"))), now: "2025-10-01", want: "ok", claims: &snpClaimsCheck{product: "Turin"},
-		pending: "turin: go-sev-guest v0.15.0 refuses the Turin VCEK's fmcSPL extension"},
+		flags: flags("--vcek", oakVCEK(file(oak+"turin_oc_endorsements.binarypb"))), now: "2025-10-01", want: "ok", claims: &snpClaimsCheck{product: "Turin"}},
 	// A real TDX quote is verified only with TCB info and QE identity (Config.CheckRevocations'
 	// documentation): SOURCES.md's "ok, tcbStatus unknown" for the chain-only cases is what
 	// Lethe did before it refused TDX evidence without collateral.
@@ -117,7 +116,7 @@ var corpusCases = []corpusCase{
 		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_collateral.json")), "--check-revocations"), now: "2025-07-01", want: "ok",
 		pending: "tdx-fmspc-case: go-tdx-guest v0.3.1 compares FMSPCs case-sensitively"},
 	{name: "lethe/snp-milan-v3-vlek-aws+--vlek-flag", evidence: file(trusteeSNP + "test-vlek-report.bin"),
-		flags: flags("--vlek", file(trusteeSNP+"test-vlek.der")), now: "2025-06-01", want: "ok", pending: "cli-vlek: no --vlek flag"},
+		flags: flags("--vlek", file(trusteeSNP+"test-vlek.der")), now: "2025-06-01", want: "ok"},
 	{name: "lethe/tdx-v5-quote5+pcs-collateral", evidence: file(trustee + "tdx_quote_5.dat"),
 		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_outdated_collateral.json"))), now: "2026-03-01", want: "ok", claims: &tdxClaimsCheck{},
 		pending: "tdx-v5: go-tdx-guest v0.3.1 parses quote v4 only"},
