@@ -126,6 +126,8 @@ type SNPClaims struct {
 
 // TDXClaims are the claims of a verified TDX quote.
 type TDXClaims struct {
+	// QuoteVersion is the quote's version, 4 or 5.
+	QuoteVersion  uint16      `json:"quoteVersion"`
 	TEETCBSVN     HexBytes    `json:"teeTcbSvn"`
 	MRSEAM        HexBytes    `json:"mrSeam"`
 	MRSignerSEAM  HexBytes    `json:"mrSignerSeam"`
@@ -141,6 +143,10 @@ type TDXClaims struct {
 	QESVN         uint16      `json:"qeSvn"`
 	PCESVN        uint16      `json:"pceSvn"`
 	FMSPC         HexBytes    `json:"fmspc"`
+	// TEETCBSVN2 and MRServiceTD are those of a TD report 1.5 (quote v5 of a TDX 1.5 module);
+	// empty otherwise.
+	TEETCBSVN2  HexBytes `json:"teeTcbSvn2,omitempty"`
+	MRServiceTD HexBytes `json:"mrServiceTd,omitempty"`
 	// TCBStatus is the TCB level's status from TCB info ("UpToDate", "OutOfDate", …).
 	TCBStatus string `json:"tcbStatus"`
 

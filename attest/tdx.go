@@ -12,7 +12,6 @@ import (
 	"strings"
 
 	"github.com/google/go-tdx-guest/abi"
-	"github.com/google/go-tdx-guest/pcs"
 	pb "github.com/google/go-tdx-guest/proto/tdx"
 	"github.com/google/go-tdx-guest/validate"
 	tdxverify "github.com/google/go-tdx-guest/verify"
@@ -87,7 +86,14 @@ func newTDXVerifier(cfg Config, cache *collateralCache) (*tdxVerifier, error) {
 		return nil, fmt.Errorf("parsing Intel's SGX root: %w", err)
 	}
 	v := &tdxVerifier{cfg: cfg, intel: tdxTrust{root: root, pool: tdxPoolOf(root)}}
-	if cfg.CollateralDir != "" || cfg.Fetch {
+	switch {
+	case len(cfg.TDXCollateral) > 0:
+		c, err := collateralCacheWith(cfg.CollateralDir, cfg.Fetch, cfg.TDXCollateral, "TDX")
+		if err != nil {
+			return nil, err
+		}
+		v.intel.cache = c
+	case cfg.CollateralDir != "" || cfg.Fetch:
 		v.intel.cache = cache
 	}
 	for _, r := range cfg.Roots {
@@ -156,40 +162,66 @@ func parseTDXQuote(raw []byte) (_ *pb.QuoteV4, err error) {
 	return quote, nil
 }
 
-// tdxPCKChain returns the certificates of the quote's PCK chain, leaf first.
-func tdxPCKChain(quote *pb.QuoteV4) ([]*x509.Certificate, error) {
-	rest := quote.GetSignedData().GetCertificationData().GetQeReportCertificationData().GetPckCertificateChainData().GetPckCertChain()
-	var out []*x509.Certificate
-	for {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
+// tdxParsedQuote is a parsed quote v4 or v5 with its PCK chain; it proves nothing.
+type tdxParsedQuote struct {
+	v4    *pb.QuoteV4 // set for a quote v4
+	v5    *tdxQuoteV5 // set for a quote v5
+	chain []*x509.Certificate
+}
+
+// parseTDXEvidence decodes a raw quote v4 or v5 and its PCK chain. Its errors are *RejectError
+// with ReasonMalformed.
+func parseTDXEvidence(raw []byte) (*tdxParsedQuote, error) {
+	var q tdxParsedQuote
+	var pemChain []byte
+	if tdxQuoteVersion(raw) == tdxQuoteV5Version {
+		v5, err := parseTDXQuoteV5(raw)
 		if err != nil {
-			return nil, fmt.Errorf("parsing PCK chain certificate %d: %w", len(out), err)
+			return nil, err
 		}
-		out = append(out, c)
+		q.v5, pemChain = v5, v5.pckChain
+	} else {
+		v4, err := parseTDXQuote(raw)
+		if err != nil {
+			return nil, err
+		}
+		q.v4 = v4
+		pemChain = v4.GetSignedData().GetCertificationData().GetQeReportCertificationData().GetPckCertificateChainData().GetPckCertChain()
 	}
-	if len(out) != 3 {
-		return nil, fmt.Errorf("PCK chain has %d certificates, want 3 (PCK, intermediate, root)", len(out))
+	chain, err := tdxParsePCKChainPEM(pemChain)
+	if err != nil {
+		return nil, reject(ReasonMalformed, "reading TDX quote: %w", err)
 	}
-	return out, nil
+	q.chain = chain
+	return &q, nil
+}
+
+// facts returns what the TCB step needs of q.
+func (q *tdxParsedQuote) facts() *tdxQuoteFacts {
+	if q.v5 != nil {
+		return q.v5.facts(q.chain)
+	}
+	b := q.v4.GetTdQuoteBody()
+	r := q.v4.GetSignedData().GetCertificationData().GetQeReportCertificationData().GetQeReport()
+	return &tdxQuoteFacts{
+		teeTCBSVN: b.GetTeeTcbSvn(), mrSignerSEAM: b.GetMrSignerSeam(), seamAttributes: b.GetSeamAttributes(),
+		qe: tdxQEReport{
+			miscSelect: r.GetMiscSelect(), attributes: r.GetAttributes(), mrSigner: r.GetMrSigner(),
+			isvProdID: uint16(r.GetIsvProdId()), isvSVN: uint16(r.GetIsvSvn()),
+		},
+		chain: q.chain,
+	}
 }
 
 func (v *tdxVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Claims, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	quote, err := parseTDXQuote(raw)
+	quote, err := parseTDXEvidence(raw)
 	if err != nil {
 		return nil, err
 	}
-	chain, err := tdxPCKChain(quote)
-	if err != nil {
-		return nil, reject(ReasonMalformed, "reading TDX quote: %w", err)
-	}
+	chain := quote.chain
 	var trust tdxTrust
 	switch p {
 	case PlatformTDX:
@@ -217,66 +249,86 @@ func (v *tdxVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Clai
 		// with an unknown status.
 		return nil, reject(ReasonCollateral, "verifying a real TDX quote needs Intel's TCB info and QE identity (and CRLs): configure a collateral directory or fetching")
 	}
-
-	// Fresh options per call: go-tdx-guest's verify writes its chain and collateral into them.
-	opts := &tdxverify.Options{
-		GetCollateral:    true,
-		CheckRevocations: v.cfg.CheckRevocations,
-		Now:              v.cfg.Now(),
-		TrustedRoots:     trust.pool,
-	}
-	// Reads of the offline cache do not block; a fetch does, so it ends with ctx.
-	opts.Getter = tdxGetter{trust.cache}
-	if trust.cache.fetch {
-		opts.Getter = ctxTDXGetter{ctx: ctx, c: trust.cache}
-	}
-	if err := tdxverify.TdxQuote(quote, opts); err != nil {
-		if ctxErr := ctx.Err(); ctxErr != nil {
-			return nil, ctxErr
-		}
-		return nil, &RejectError{Reason: tdxReason(err), Err: fmt.Errorf("verifying TDX quote: %w", err)}
-	}
-
-	exts, err := pcs.PckCertificateExtensions(chain[0])
+	exts, err := tdxPCKExtensions(chain[0])
 	if err != nil {
-		return nil, reject(ReasonMalformed, "reading the PCK certificate's SGX extensions: %w", err)
+		return nil, err
+	}
+	collateral, err := fetchTDXCollateral(ctx, trust.cache, trust.root, exts, chain[0], v.cfg.CheckRevocations)
+	if err != nil {
+		return nil, err
+	}
+
+	// The quote's signatures and PCK chain: go-tdx-guest verifies a quote v4 without its own
+	// collateral step (Lethe's follows), Lethe verifies a quote v5 the same way.
+	now := v.cfg.Now()
+	if quote.v5 != nil {
+		if err := verifyTDXQuoteV5(quote.v5, chain, trust.pool, now); err != nil {
+			return nil, err
+		}
+	} else {
+		opts := &tdxverify.Options{Now: now, TrustedRoots: trust.pool}
+		if err := tdxverify.TdxQuote(quote.v4, opts); err != nil {
+			return nil, &RejectError{Reason: tdxReason(err), Err: fmt.Errorf("verifying TDX quote: %w", err)}
+		}
+	}
+
+	if err := verifyTDXCollateral(collateral, trust.root, chain, now); err != nil {
+		return nil, err
+	}
+	status, err := tdxTCBStatus(collateral, quote.facts(), exts)
+	if err != nil {
+		return nil, err
 	}
 	fmspc, err := hex.DecodeString(exts.FMSPC)
 	if err != nil {
 		return nil, reject(ReasonMalformed, "reading the PCK certificate's FMSPC: %w", err)
 	}
-	// go-tdx-guest rejects every TCB level (of the platform, the TDX module and the QE) whose
-	// status in TCB info or QE identity is not UpToDate.
-	return tdxClaims(quote, raw, fmspc, string(pcs.TcbComponentStatusUpToDate)), nil
+	return quote.claims(raw, fmspc, status), nil
 }
 
-func tdxClaims(quote *pb.QuoteV4, raw, fmspc []byte, status string) *Claims {
-	b := quote.GetTdQuoteBody()
-	h := quote.GetHeader()
+// claims returns the claims of q, verified, with the PCK certificate's FMSPC and the TCB status.
+func (q *tdxParsedQuote) claims(raw, fmspc []byte, status string) *Claims {
+	var body tdxReportBody
+	var version, qeSVN, pceSVN uint16
+	if q.v5 != nil {
+		body, version, qeSVN, pceSVN = q.v5.body, tdxQuoteV5Version, q.v5.qeSVN(), q.v5.pceSVN()
+	} else {
+		b, h := q.v4.GetTdQuoteBody(), q.v4.GetHeader()
+		body = tdxReportBody{
+			teeTCBSVN: b.GetTeeTcbSvn(), mrSEAM: b.GetMrSeam(), mrSignerSEAM: b.GetMrSignerSeam(),
+			seamAttributes: b.GetSeamAttributes(), tdAttributes: b.GetTdAttributes(), xfam: b.GetXfam(),
+			mrTD: b.GetMrTd(), mrConfigID: b.GetMrConfigId(), mrOwner: b.GetMrOwner(), mrOwnerConfig: b.GetMrOwnerConfig(),
+			reportData: b.GetReportData(),
+		}
+		copy(body.rtmrs[:], b.GetRtmrs())
+		version = uint16(h.GetVersion())
+		qeSVN, pceSVN = binary.LittleEndian.Uint16(h.GetQeSvn()), binary.LittleEndian.Uint16(h.GetPceSvn())
+	}
 	c := &TDXClaims{
-		TEETCBSVN:     b.GetTeeTcbSvn(),
-		MRSEAM:        b.GetMrSeam(),
-		MRSignerSEAM:  b.GetMrSignerSeam(),
-		SEAMAttribute: b.GetSeamAttributes(),
-		TDAttributes:  b.GetTdAttributes(),
-		Debug:         len(b.GetTdAttributes()) > 0 && b.GetTdAttributes()[0]&tdAttributeDebug != 0,
-		XFAM:          b.GetXfam(),
-		MRTD:          b.GetMrTd(),
-		MRConfigID:    b.GetMrConfigId(),
-		MROwner:       b.GetMrOwner(),
-		MROwnerConfig: b.GetMrOwnerConfig(),
-		QESVN:         binary.LittleEndian.Uint16(h.GetQeSvn()),
-		PCESVN:        binary.LittleEndian.Uint16(h.GetPceSvn()),
+		QuoteVersion:  version,
+		TEETCBSVN:     bytes.Clone(body.teeTCBSVN),
+		MRSEAM:        bytes.Clone(body.mrSEAM),
+		MRSignerSEAM:  bytes.Clone(body.mrSignerSEAM),
+		SEAMAttribute: bytes.Clone(body.seamAttributes),
+		TDAttributes:  bytes.Clone(body.tdAttributes),
+		Debug:         len(body.tdAttributes) > 0 && body.tdAttributes[0]&tdAttributeDebug != 0,
+		XFAM:          bytes.Clone(body.xfam),
+		MRTD:          bytes.Clone(body.mrTD),
+		MRConfigID:    bytes.Clone(body.mrConfigID),
+		MROwner:       bytes.Clone(body.mrOwner),
+		MROwnerConfig: bytes.Clone(body.mrOwnerConfig),
+		TEETCBSVN2:    bytes.Clone(body.teeTCBSVN2),
+		MRServiceTD:   bytes.Clone(body.mrServiceTD),
+		QESVN:         qeSVN,
+		PCESVN:        pceSVN,
 		FMSPC:         fmspc,
 		TCBStatus:     status,
 		raw:           bytes.Clone(raw),
 	}
-	for i, r := range b.GetRtmrs() {
-		if i < len(c.RTMRs) {
-			c.RTMRs[i] = r
-		}
+	for i, r := range body.rtmrs {
+		c.RTMRs[i] = bytes.Clone(r)
 	}
-	return &Claims{ReportData: b.GetReportData(), TDX: c}
+	return &Claims{ReportData: bytes.Clone(body.reportData), TDX: c}
 }
 
 // tdAttributeDebug is bit 0 of TD_ATTRIBUTES (little-endian): the TD is debuggable, so the
@@ -346,9 +398,9 @@ func checkTDX(c *TDXClaims, r TDXRequirements) error {
 		errs = append(errs, &Violation{Rule: "tdx.quote", Got: "claims without a verified quote", Want: "claims returned by Verifier.Verify"})
 		return errors.Join(errs...)
 	}
-	quote, err := parseTDXQuote(c.raw)
+	quote, err := tdxValidationQuote(c.raw)
 	if err != nil {
-		errs = append(errs, &Violation{Rule: "tdx.quote", Got: err.Error(), Want: "a TDX quote v4"})
+		errs = append(errs, &Violation{Rule: "tdx.quote", Got: err.Error(), Want: "a TDX quote v4 or v5"})
 		return errors.Join(errs...)
 	}
 	// validate always checks the architecturally fixed bits of XFAM and TD_ATTRIBUTES beside

@@ -61,6 +61,11 @@ type Config struct {
 	// CollateralDir is the offline collateral cache (VCEK/VLEK certificates, CRLs, TDX TCB info
 	// and QE identity). Empty: no cache.
 	CollateralDir string
+	// TDXCollateral holds Intel PCS documents for real TDX quotes (TCB info, QE identity, CRLs),
+	// keyed by the URL PCS publishes them at, with response headers under the URL plus
+	// CollateralHeadersSuffix, as in Roots.Collateral; PCCSCollateral converts QuoteCollateralV3
+	// JSON to this form. They are served before CollateralDir. Nil: none.
+	TDXCollateral map[string][]byte
 	// Fetch allows fetching missing collateral from AMD KDS / Intel PCS, rate limited and
 	// written to CollateralDir. Off by default: the release path never needs the network once
 	// the cache holds what a report needs.

@@ -197,7 +197,7 @@ func readStatement(file string) ([]byte, error) {
 }
 
 // readAnyEvidence reads FILE as Lethe evidence JSON, a raw SEV-SNP report (with or without its
-// certificate table), or a raw TDX quote v4. Raw bytes name the real platform unless platform
+// certificate table), or a raw TDX quote (v4 or v5). Raw bytes name the real platform unless platform
 // says otherwise.
 func readAnyEvidence(b []byte, platform string) (*attest.Evidence, error) {
 	if t := bytes.TrimSpace(b); len(t) > 0 && t[0] == '{' {
@@ -212,12 +212,12 @@ func readAnyEvidence(b []byte, platform string) (*attest.Evidence, error) {
 	}
 	var kind attest.Platform
 	switch {
-	case len(b) >= 8 && binary.LittleEndian.Uint16(b[0:2]) == 4 && binary.LittleEndian.Uint32(b[4:8]) == 0x81:
-		kind = attest.PlatformTDX // quote v4 header: version 4, TEE type 0x81 (TDX)
+	case len(b) >= 8 && (binary.LittleEndian.Uint16(b[0:2]) == 4 || binary.LittleEndian.Uint16(b[0:2]) == 5) && binary.LittleEndian.Uint32(b[4:8]) == 0x81:
+		kind = attest.PlatformTDX // quote v4 or v5 header: version, TEE type 0x81 (TDX)
 	case len(b) >= abi.ReportSize && binary.LittleEndian.Uint32(b[0:4]) >= abi.ReportVersion2 && binary.LittleEndian.Uint32(b[0:4]) <= abi.ReportVersion5:
 		kind = attest.PlatformSEVSNP
 	default:
-		return nil, errors.New("reading evidence: not Lethe evidence JSON, an SEV-SNP report or a TDX quote v4")
+		return nil, errors.New("reading evidence: not Lethe evidence JSON, an SEV-SNP report or a TDX quote (v4 or v5)")
 	}
 	if platform != "" {
 		p, err := attest.ParsePlatform(platform)
@@ -295,10 +295,14 @@ when the evidence verifies; a rejection is printed as "rejected (<reason>): <det
 status 1.
 
 FILE is Lethe evidence JSON, a raw SEV-SNP report (1184 bytes, optionally followed by its
-certificate table), or a raw TDX quote v4; raw bytes are taken as real hardware evidence unless
---platform says otherwise. Real evidence verifies against AMD's and Intel's roots built into
-go-sev-guest and go-tdx-guest, with collateral (VCEK certificates, CRLs, TCB info) from the
---collateral directory; nothing is fetched. Emulated evidence verifies only against the roots in
+certificate table), or a raw TDX quote (v4, or v5 of TDX 1.5); raw bytes are taken as real
+hardware evidence unless --platform says otherwise. Real evidence verifies against AMD's and
+Intel's roots built into go-sev-guest and go-tdx-guest, with collateral (VCEK certificates, CRLs,
+TCB info) from --collateral: a directory laid out as Lethe's offline collateral cache, or, for
+TDX, a file of Intel collateral in the QuoteCollateralV3 JSON form (tcb_info, qe_identity, their
+signatures and issuer chains, CRLs) that PCCS clients and DCAP verifiers exchange. Nothing is
+fetched. A real TDX quote is verified only with TCB info and QE identity, and accepted only
+when the platform, its TDX module and its quoting enclave are all rated UpToDate. Emulated evidence verifies only against the roots in
 --trust-roots.
 
 Without --report-data the chain is verified and REPORT_DATA is printed, but the binding of the
@@ -310,8 +314,9 @@ evidence to anything is not checked.`,
   # at the time it was captured
   lethectl attest verify report.bin --vcek vcek.der --product Milan --now 2024-03-01T00:00:00Z
 
-  # A TDX quote with collateral from a cache directory
-  lethectl attest verify quote.dat --collateral cache`,
+  # A TDX quote with collateral from a cache directory, or from a QuoteCollateralV3 JSON file
+  lethectl attest verify quote.dat --collateral cache
+  lethectl attest verify quote.dat --collateral collateral.json --now 2025-07-01T00:00:00Z`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			stderr := cmd.ErrOrStderr()
@@ -336,7 +341,10 @@ evidence to anything is not checked.`,
 					return err
 				}
 			}
-			cfg := attest.Config{CollateralDir: collateral, ProductLine: product}
+			cfg := attest.Config{ProductLine: product}
+			if err := setCollateral(&cfg, collateral); err != nil {
+				return err
+			}
 			if trustRoots != "" {
 				if cfg.Roots, err = attest.LoadRoots(trustRoots); err != nil {
 					return err
@@ -383,10 +391,34 @@ evidence to anything is not checked.`,
 	f := cmd.Flags()
 	f.StringVar(&reportData, "report-data", "", "expected REPORT_DATA in hex, up to 64 bytes (zero-padded)")
 	f.StringVar(&trustRoots, "trust-roots", "", "directory of extra roots of trust (an emulator's --roots-out)")
-	f.StringVar(&collateral, "collateral", "", "offline collateral cache directory (VCEK certificates, CRLs, TDX TCB info and QE identity)")
+	f.StringVar(&collateral, "collateral", "", "offline collateral cache directory (VCEK certificates, CRLs, TDX TCB info and QE identity), or a TDX QuoteCollateralV3 JSON file")
 	f.StringVar(&vcekFile, "vcek", "", "VCEK certificate (DER or PEM) of an SEV-SNP report that carries none")
 	f.StringVar(&product, "product", "", "SEV-SNP product line (Milan, Genoa, Turin) of a version 2 report whose VCEK does not say")
 	f.StringVar(&now, "now", "", "verify certificates as of this RFC 3339 time (for captured evidence)")
 	f.StringVar(&platform, "platform", "", "platform of raw evidence: sev-snp (default for a report), tdx (default for a quote), emulated-sev-snp, emulated-tdx")
 	return cmd
+}
+
+// setCollateral points cfg at --collateral: a directory is the offline collateral cache, a file
+// Intel TDX collateral in the QuoteCollateralV3 JSON form.
+func setCollateral(cfg *attest.Config, path string) error {
+	if path == "" {
+		return nil
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("--collateral: %w", err)
+	}
+	if fi.IsDir() {
+		cfg.CollateralDir = path
+		return nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("--collateral: %w", err)
+	}
+	if cfg.TDXCollateral, err = attest.PCCSCollateral(b); err != nil {
+		return fmt.Errorf("--collateral %s: %w", path, err)
+	}
+	return nil
 }
