@@ -63,17 +63,16 @@ type tdxTrust struct {
 	cache *collateralCache
 }
 
-// tdxVerifier verifies TDX quotes: real ones against Intel's SGX root with collateral from the
-// offline cache (or Intel PCS when fetching is on), emulated ones against the configured
-// emulator roots with the emulator's collateral only. Safe for concurrent use: every call builds
-// its own go-tdx-guest options, which that library writes into.
+// tdxVerifier verifies TDX quotes v4 and v5: real ones against Intel's SGX root with
+// collateral from the offline cache, Config.TDXCollateral (or Intel PCS when fetching is on),
+// emulated ones against the configured emulator roots with the emulator's collateral only.
+// go-tdx-guest verifies a quote v4's signatures and PCK chain; Lethe parses and verifies a quote
+// v5 the same way (tdxv5.go), and does the collateral step for both (tdxtcb.go). Safe for
+// concurrent use: every call builds its own go-tdx-guest options, which that library writes
+// into.
 //
-// Unlike snpVerifier it keeps no cache of verified chains and collateral: go-tdx-guest checks
-// the PCK chain, the signatures of TCB info, QE identity and CRLs, and the quote itself in one
-// call (verify.TdxQuote) and exports no step of it, so skipping the repeated signatures would
-// mean re-implementing its matching of the quote against TCB info and QE identity, the part
-// that must never drift from the library's. Every check is ECDSA P-256; a quote with
-// collateral verifies in about 2 ms.
+// Unlike snpVerifier it keeps no cache of verified chains and collateral: every check is ECDSA
+// P-256, and a quote with collateral verifies in about 2 ms.
 type tdxVerifier struct {
 	cfg      Config
 	intel    tdxTrust
