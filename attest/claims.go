@@ -147,7 +147,9 @@ type TDXClaims struct {
 	// empty otherwise.
 	TEETCBSVN2  HexBytes `json:"teeTcbSvn2,omitempty"`
 	MRServiceTD HexBytes `json:"mrServiceTd,omitempty"`
-	// TCBStatus is the TCB level's status from TCB info ("UpToDate", "OutOfDate", …).
+	// TCBStatus is the status Intel's TCB info and QE identity give the platform's, the TDX
+	// module's and the quoting enclave's TCB levels; a verified quote's is "UpToDate", the only
+	// status Lethe accepts for all three.
 	TCBStatus string `json:"tcbStatus"`
 
 	// raw is the verified quote, kept for validation through go-tdx-guest.

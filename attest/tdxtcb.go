@@ -167,8 +167,15 @@ type tdxCollateral struct {
 	rootCRL *x509.RevocationList
 }
 
-// tdxPCKExtensions reads the PCK leaf's SGX extensions. Its errors are *RejectError.
-func tdxPCKExtensions(pck *x509.Certificate) (*pcs.PckExtensions, error) {
+// tdxPCKExtensions reads the PCK leaf's SGX extensions. It runs before the chain is verified
+// (the FMSPC names the TCB info to read), so a hostile certificate must be an error, not a
+// crash. Its errors are *RejectError.
+func tdxPCKExtensions(pck *x509.Certificate) (_ *pcs.PckExtensions, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = reject(ReasonMalformed, "reading the PCK certificate's SGX extensions: %v", r)
+		}
+	}()
 	exts, err := pcs.PckCertificateExtensions(pck)
 	if err != nil {
 		return nil, reject(ReasonMalformed, "reading the PCK certificate's SGX extensions: %w", err)
