@@ -137,6 +137,8 @@ type SNPClaims struct {
 
 // TDXClaims are the claims of a verified TDX quote.
 type TDXClaims struct {
+	// QuoteVersion is the quote's version, 4 or 5.
+	QuoteVersion  uint16      `json:"quoteVersion"`
 	TEETCBSVN     HexBytes    `json:"teeTcbSvn"`
 	MRSEAM        HexBytes    `json:"mrSeam"`
 	MRSignerSEAM  HexBytes    `json:"mrSignerSeam"`
@@ -152,7 +154,13 @@ type TDXClaims struct {
 	QESVN         uint16      `json:"qeSvn"`
 	PCESVN        uint16      `json:"pceSvn"`
 	FMSPC         HexBytes    `json:"fmspc"`
-	// TCBStatus is the TCB level's status from TCB info ("UpToDate", "OutOfDate", …).
+	// TEETCBSVN2 and MRServiceTD are those of a TD report 1.5 (quote v5 of a TDX 1.5 module);
+	// empty otherwise.
+	TEETCBSVN2  HexBytes `json:"teeTcbSvn2,omitempty"`
+	MRServiceTD HexBytes `json:"mrServiceTd,omitempty"`
+	// TCBStatus is the status Intel's TCB info and QE identity give the platform's, the TDX
+	// module's and the quoting enclave's TCB levels; a verified quote's is "UpToDate", the only
+	// status Lethe accepts for all three.
 	TCBStatus string `json:"tcbStatus"`
 
 	// raw is the verified quote, kept for validation through go-tdx-guest.

@@ -168,10 +168,3 @@ func (g snpGetter) GetContext(ctx context.Context, u string) ([]byte, error) {
 	_, b, err := g.c.get(ctx, u)
 	return b, err
 }
-
-// tdxGetter adapts the cache to go-tdx-guest's trust.HTTPSGetter.
-type tdxGetter struct{ c *collateralCache }
-
-func (g tdxGetter) Get(u string) (map[string][]string, []byte, error) {
-	return g.c.get(context.Background(), u)
-}

@@ -126,8 +126,8 @@ func (a *TDXAttester) Attest(ctx context.Context, reportData [ReportDataSize]byt
 	if err != nil {
 		return nil, fmt.Errorf("getting TDX quote: %w", err)
 	}
-	if len(raw) < 2 || raw[0] != 4 || raw[1] != 0 {
-		return nil, errors.New("getting TDX quote: the platform returned a quote that is not version 4")
+	if v := tdxQuoteVersion(raw); v != 4 && v != tdxQuoteV5Version {
+		return nil, fmt.Errorf("getting TDX quote: the platform returned a quote of version %d, not 4 or 5", v)
 	}
 	return raw, nil
 }

@@ -1,9 +1,9 @@
 // Package attest turns a platform's attestation evidence into verified, normalized claims.
 //
 // Evidence is what an agent presents to prove what it is: an AMD SEV-SNP attestation report
-// (with the certificate table the firmware returns beside it) or an Intel TDX quote v4, the
-// agent's HPKE public key, and a statement it makes beside its identity (a clean-memory or
-// erasure statement). The 64-byte REPORT_DATA of every report binds that context:
+// (with the certificate table the firmware returns beside it) or an Intel TDX quote (v4, or v5
+// of TDX 1.5), the agent's HPKE public key, and a statement it makes beside its identity (a
+// clean-memory or erasure statement). The 64-byte REPORT_DATA of every report binds that context:
 //
 //	REPORT_DATA = SHA-512("lethe/v1/evidence" ‖ migration-id ‖ role ‖ nonce ‖
 //	                      SHA-256(hpke-public-key) ‖ SHA-256(statement))

@@ -44,7 +44,7 @@ type Evidence struct {
 	// Platform says how Raw is to be read and which roots may sign it.
 	Platform Platform `json:"platform"`
 	// Raw is, for SEV-SNP, the 1184-byte attestation report followed by its certificate table
-	// exactly as configfs-tsm's auxblob returns it (the table may be empty); for TDX, a quote v4.
+	// exactly as configfs-tsm's auxblob returns it (the table may be empty); for TDX, a quote v4 or v5.
 	Raw []byte `json:"raw"`
 	// HPKEPublicKey is the agent's ephemeral HPKE public key for this migration (may be empty
 	// for evidence that releases nothing, such as the source's erasure evidence).

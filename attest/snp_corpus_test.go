@@ -8,7 +8,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/pem"
-	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,32 +17,17 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-sev-guest/abi"
 	"github.com/google/uuid"
+
+	"github.com/lethe-cc/lethe/internal/evidencetest"
 )
 
 // Real SEV-SNP evidence captured on hardware by other projects is not part of the repository:
-// these tests read it from the directory LETHE_REAL_EVIDENCE names (default
-// /work/shared/evidence), laid out as <owner>_<repo>/<path in that repository>, and skip
-// where it is absent, failing instead when CI=true. Comments and test names number the
-// captures (S1 to S20) as the directory's SOURCES.md does.
+// these tests read it through package evidencetest (LETHE_EVIDENCE_DIR), laid out as
+// <owner>_<repo>/<path in that repository>, and skip where it is absent, failing instead
+// when CI=true. Comments and test names number the captures (S1 to S20) as the corpus's
+// SOURCES.md does.
 
-func realEvidence(t testing.TB, rel string) []byte {
-	t.Helper()
-	dir := os.Getenv("LETHE_REAL_EVIDENCE")
-	if dir == "" {
-		dir = "/work/shared/evidence"
-	}
-	b, err := os.ReadFile(filepath.Join(dir, filepath.FromSlash(rel)))
-	if errors.Is(err, os.ErrNotExist) {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("real evidence %s is missing: %v", rel, err)
-		}
-		t.Skipf("real evidence %s is not here: %v", rel, err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
+func realEvidence(t testing.TB, rel string) []byte { return evidencetest.Read(t, rel) }
 
 // protoField returns the first length-delimited field at path (field numbers, outermost
 // first) of a protobuf message, walking its wire format; nil if there is none.

@@ -10,9 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/google/go-tdx-guest/abi"
-	"github.com/google/go-tdx-guest/pcs"
 	pb "github.com/google/go-tdx-guest/proto/tdx"
 	"github.com/google/go-tdx-guest/validate"
 	tdxverify "github.com/google/go-tdx-guest/verify"
@@ -64,17 +64,16 @@ type tdxTrust struct {
 	cache *collateralCache
 }
 
-// tdxVerifier verifies TDX quotes: real ones against Intel's SGX root with collateral from the
-// offline cache (or Intel PCS when fetching is on), emulated ones against the configured
-// emulator roots with the emulator's collateral only. Safe for concurrent use: every call builds
-// its own go-tdx-guest options, which that library writes into.
+// tdxVerifier verifies TDX quotes v4 and v5: real ones against Intel's SGX root with
+// collateral from the offline cache, Config.TDXCollateral (or Intel PCS when fetching is on),
+// emulated ones against the configured emulator roots with the emulator's collateral only.
+// go-tdx-guest verifies a quote v4's signatures and PCK chain; Lethe parses and verifies a quote
+// v5 the same way (tdxv5.go), and does the collateral step for both (tdxtcb.go). Safe for
+// concurrent use: every call builds its own go-tdx-guest options, which that library writes
+// into.
 //
-// Unlike snpVerifier it keeps no cache of verified chains and collateral: go-tdx-guest checks
-// the PCK chain, the signatures of TCB info, QE identity and CRLs, and the quote itself in one
-// call (verify.TdxQuote) and exports no step of it, so skipping the repeated signatures would
-// mean re-implementing its matching of the quote against TCB info and QE identity, the part
-// that must never drift from the library's. Every check is ECDSA P-256; a quote with
-// collateral verifies in about 2 ms.
+// Unlike snpVerifier it keeps no cache of verified chains and collateral: every check is ECDSA
+// P-256, and a quote with collateral verifies in about 2 ms.
 type tdxVerifier struct {
 	cfg      Config
 	intel    tdxTrust
@@ -87,7 +86,14 @@ func newTDXVerifier(cfg Config, cache *collateralCache) (*tdxVerifier, error) {
 		return nil, fmt.Errorf("parsing Intel's SGX root: %w", err)
 	}
 	v := &tdxVerifier{cfg: cfg, intel: tdxTrust{root: root, pool: tdxPoolOf(root)}}
-	if cfg.CollateralDir != "" || cfg.Fetch {
+	switch {
+	case len(cfg.TDXCollateral) > 0:
+		c, err := collateralCacheWith(cfg.CollateralDir, cfg.Fetch, cfg.TDXCollateral, "TDX")
+		if err != nil {
+			return nil, err
+		}
+		v.intel.cache = c
+	case cfg.CollateralDir != "" || cfg.Fetch:
 		v.intel.cache = cache
 	}
 	for _, r := range cfg.Roots {
@@ -156,40 +162,66 @@ func parseTDXQuote(raw []byte) (_ *pb.QuoteV4, err error) {
 	return quote, nil
 }
 
-// tdxPCKChain returns the certificates of the quote's PCK chain, leaf first.
-func tdxPCKChain(quote *pb.QuoteV4) ([]*x509.Certificate, error) {
-	rest := quote.GetSignedData().GetCertificationData().GetQeReportCertificationData().GetPckCertificateChainData().GetPckCertChain()
-	var out []*x509.Certificate
-	for {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
+// tdxParsedQuote is a parsed quote v4 or v5 with its PCK chain; it proves nothing.
+type tdxParsedQuote struct {
+	v4    *pb.QuoteV4 // set for a quote v4
+	v5    *tdxQuoteV5 // set for a quote v5
+	chain []*x509.Certificate
+}
+
+// parseTDXEvidence decodes a raw quote v4 or v5 and its PCK chain. Its errors are *RejectError
+// with ReasonMalformed.
+func parseTDXEvidence(raw []byte) (*tdxParsedQuote, error) {
+	var q tdxParsedQuote
+	var pemChain []byte
+	if tdxQuoteVersion(raw) == tdxQuoteV5Version {
+		v5, err := parseTDXQuoteV5(raw)
 		if err != nil {
-			return nil, fmt.Errorf("parsing PCK chain certificate %d: %w", len(out), err)
+			return nil, err
 		}
-		out = append(out, c)
+		q.v5, pemChain = v5, v5.pckChain
+	} else {
+		v4, err := parseTDXQuote(raw)
+		if err != nil {
+			return nil, err
+		}
+		q.v4 = v4
+		pemChain = v4.GetSignedData().GetCertificationData().GetQeReportCertificationData().GetPckCertificateChainData().GetPckCertChain()
 	}
-	if len(out) != 3 {
-		return nil, fmt.Errorf("PCK chain has %d certificates, want 3 (PCK, intermediate, root)", len(out))
+	chain, err := tdxParsePCKChainPEM(pemChain)
+	if err != nil {
+		return nil, reject(ReasonMalformed, "reading TDX quote: %w", err)
 	}
-	return out, nil
+	q.chain = chain
+	return &q, nil
+}
+
+// facts returns what the TCB step needs of q.
+func (q *tdxParsedQuote) facts() *tdxQuoteFacts {
+	if q.v5 != nil {
+		return q.v5.facts(q.chain)
+	}
+	b := q.v4.GetTdQuoteBody()
+	r := q.v4.GetSignedData().GetCertificationData().GetQeReportCertificationData().GetQeReport()
+	return &tdxQuoteFacts{
+		teeTCBSVN: b.GetTeeTcbSvn(), mrSignerSEAM: b.GetMrSignerSeam(), seamAttributes: b.GetSeamAttributes(),
+		qe: tdxQEReport{
+			miscSelect: r.GetMiscSelect(), attributes: r.GetAttributes(), mrSigner: r.GetMrSigner(),
+			isvProdID: uint16(r.GetIsvProdId()), isvSVN: uint16(r.GetIsvSvn()),
+		},
+		chain: q.chain,
+	}
 }
 
 func (v *tdxVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Claims, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	quote, err := parseTDXQuote(raw)
+	quote, err := parseTDXEvidence(raw)
 	if err != nil {
 		return nil, err
 	}
-	chain, err := tdxPCKChain(quote)
-	if err != nil {
-		return nil, reject(ReasonMalformed, "reading TDX quote: %w", err)
-	}
+	chain := quote.chain
 	var trust tdxTrust
 	switch p {
 	case PlatformTDX:
@@ -214,85 +246,122 @@ func (v *tdxVerifier) verify(ctx context.Context, p Platform, raw []byte) (*Clai
 	if trust.cache == nil {
 		// Without TCB info and QE identity the quote says nothing trustworthy about the TCB
 		// level of the platform, the TDX module and the quoting enclave: refused, never passed
-		// with an unknown status.
-		return nil, reject(ReasonCollateral, "verifying a real TDX quote needs Intel's TCB info and QE identity (and CRLs): configure a collateral directory or fetching")
-	}
-
-	// Fresh options per call: go-tdx-guest's verify writes its chain and collateral into them.
-	opts := &tdxverify.Options{
-		GetCollateral:    true,
-		CheckRevocations: v.cfg.CheckRevocations,
-		Now:              v.cfg.Now(),
-		TrustedRoots:     trust.pool,
-	}
-	// Reads of the offline cache do not block; a fetch does, so it ends with ctx.
-	opts.Getter = tdxGetter{trust.cache}
-	if trust.cache.fetch {
-		opts.Getter = ctxTDXGetter{ctx: ctx, c: trust.cache}
-	}
-	if err := tdxverify.TdxQuote(quote, opts); err != nil {
-		if ctxErr := ctx.Err(); ctxErr != nil {
-			return nil, ctxErr
+		// with an unknown status, unless the caller asked for the chain alone.
+		if !v.cfg.TDXChainOnly || v.cfg.CheckRevocations {
+			return nil, reject(ReasonCollateral, "verifying a real TDX quote needs Intel's TCB info and QE identity (and CRLs): configure a collateral directory or fetching")
 		}
-		return nil, &RejectError{Reason: tdxReason(err), Err: fmt.Errorf("verifying TDX quote: %w", err)}
+		return v.verifyChainOnly(quote, chain, trust, raw)
+	}
+	exts, err := tdxPCKExtensions(chain[0])
+	if err != nil {
+		return nil, err
+	}
+	collateral, err := fetchTDXCollateral(ctx, trust.cache, trust.root, exts, chain[0], v.cfg.CheckRevocations)
+	if err != nil {
+		return nil, err
 	}
 
-	exts, err := pcs.PckCertificateExtensions(chain[0])
+	now := v.cfg.Now()
+	if err := quote.verifySignatures(chain, trust.pool, now); err != nil {
+		return nil, err
+	}
+
+	if err := verifyTDXCollateral(collateral, trust.root, chain, now); err != nil {
+		return nil, err
+	}
+	status, err := tdxTCBStatus(collateral, quote.facts(), exts)
 	if err != nil {
-		return nil, reject(ReasonMalformed, "reading the PCK certificate's SGX extensions: %w", err)
+		return nil, err
 	}
 	fmspc, err := hex.DecodeString(exts.FMSPC)
 	if err != nil {
 		return nil, reject(ReasonMalformed, "reading the PCK certificate's FMSPC: %w", err)
 	}
-	// go-tdx-guest rejects every TCB level (of the platform, the TDX module and the QE) whose
-	// status in TCB info or QE identity is not UpToDate.
-	return tdxClaims(quote, raw, fmspc, string(pcs.TcbComponentStatusUpToDate)), nil
+	return quote.claims(raw, fmspc, status), nil
 }
 
-func tdxClaims(quote *pb.QuoteV4, raw, fmspc []byte, status string) *Claims {
-	b := quote.GetTdQuoteBody()
-	h := quote.GetHeader()
+// verifySignatures verifies the quote's signatures and its PCK chain to a root in pool at now:
+// go-tdx-guest verifies a quote v4 without its own collateral step (Lethe's follows), Lethe
+// verifies a quote v5 the same way.
+func (q *tdxParsedQuote) verifySignatures(chain []*x509.Certificate, pool *x509.CertPool, now time.Time) error {
+	if q.v5 != nil {
+		return verifyTDXQuoteV5(q.v5, chain, pool, now)
+	}
+	if err := tdxverify.TdxQuote(q.v4, &tdxverify.Options{Now: now, TrustedRoots: pool}); err != nil {
+		return &RejectError{Reason: tdxReason(err), Err: fmt.Errorf("verifying TDX quote: %w", err)}
+	}
+	return nil
+}
+
+// TDXStatusUnknown is the TCB status of a quote verified by its signatures and PCK chain
+// alone (Config.TDXChainOnly): no TCB info says what its TCB level is.
+const TDXStatusUnknown = "Unknown"
+
+// verifyChainOnly verifies quote's signatures and PCK chain to trust's root, and nothing of its
+// TCB level (Config.TDXChainOnly).
+func (v *tdxVerifier) verifyChainOnly(quote *tdxParsedQuote, chain []*x509.Certificate, trust tdxTrust, raw []byte) (*Claims, error) {
+	if err := quote.verifySignatures(chain, trust.pool, v.cfg.Now()); err != nil {
+		return nil, err
+	}
+	exts, err := tdxPCKExtensions(chain[0])
+	if err != nil {
+		return nil, err
+	}
+	fmspc, err := hex.DecodeString(exts.FMSPC)
+	if err != nil {
+		return nil, reject(ReasonMalformed, "reading the PCK certificate's FMSPC: %w", err)
+	}
+	return quote.claims(raw, fmspc, TDXStatusUnknown), nil
+}
+
+// claims returns the claims of q, verified, with the PCK certificate's FMSPC and the TCB status.
+func (q *tdxParsedQuote) claims(raw, fmspc []byte, status string) *Claims {
+	var body tdxReportBody
+	var version, qeSVN, pceSVN uint16
+	if q.v5 != nil {
+		body, version, qeSVN, pceSVN = q.v5.body, tdxQuoteV5Version, q.v5.qeSVN(), q.v5.pceSVN()
+	} else {
+		b, h := q.v4.GetTdQuoteBody(), q.v4.GetHeader()
+		body = tdxReportBody{
+			teeTCBSVN: b.GetTeeTcbSvn(), mrSEAM: b.GetMrSeam(), mrSignerSEAM: b.GetMrSignerSeam(),
+			seamAttributes: b.GetSeamAttributes(), tdAttributes: b.GetTdAttributes(), xfam: b.GetXfam(),
+			mrTD: b.GetMrTd(), mrConfigID: b.GetMrConfigId(), mrOwner: b.GetMrOwner(), mrOwnerConfig: b.GetMrOwnerConfig(),
+			reportData: b.GetReportData(),
+		}
+		copy(body.rtmrs[:], b.GetRtmrs())
+		version = uint16(h.GetVersion())
+		qeSVN, pceSVN = binary.LittleEndian.Uint16(h.GetQeSvn()), binary.LittleEndian.Uint16(h.GetPceSvn())
+	}
 	c := &TDXClaims{
-		TEETCBSVN:     b.GetTeeTcbSvn(),
-		MRSEAM:        b.GetMrSeam(),
-		MRSignerSEAM:  b.GetMrSignerSeam(),
-		SEAMAttribute: b.GetSeamAttributes(),
-		TDAttributes:  b.GetTdAttributes(),
-		Debug:         len(b.GetTdAttributes()) > 0 && b.GetTdAttributes()[0]&tdAttributeDebug != 0,
-		XFAM:          b.GetXfam(),
-		MRTD:          b.GetMrTd(),
-		MRConfigID:    b.GetMrConfigId(),
-		MROwner:       b.GetMrOwner(),
-		MROwnerConfig: b.GetMrOwnerConfig(),
-		QESVN:         binary.LittleEndian.Uint16(h.GetQeSvn()),
-		PCESVN:        binary.LittleEndian.Uint16(h.GetPceSvn()),
+		QuoteVersion:  version,
+		TEETCBSVN:     bytes.Clone(body.teeTCBSVN),
+		MRSEAM:        bytes.Clone(body.mrSEAM),
+		MRSignerSEAM:  bytes.Clone(body.mrSignerSEAM),
+		SEAMAttribute: bytes.Clone(body.seamAttributes),
+		TDAttributes:  bytes.Clone(body.tdAttributes),
+		Debug:         len(body.tdAttributes) > 0 && body.tdAttributes[0]&tdAttributeDebug != 0,
+		XFAM:          bytes.Clone(body.xfam),
+		MRTD:          bytes.Clone(body.mrTD),
+		MRConfigID:    bytes.Clone(body.mrConfigID),
+		MROwner:       bytes.Clone(body.mrOwner),
+		MROwnerConfig: bytes.Clone(body.mrOwnerConfig),
+		TEETCBSVN2:    bytes.Clone(body.teeTCBSVN2),
+		MRServiceTD:   bytes.Clone(body.mrServiceTD),
+		QESVN:         qeSVN,
+		PCESVN:        pceSVN,
 		FMSPC:         fmspc,
 		TCBStatus:     status,
 		raw:           bytes.Clone(raw),
 	}
-	for i, r := range b.GetRtmrs() {
-		if i < len(c.RTMRs) {
-			c.RTMRs[i] = r
-		}
+	for i, r := range body.rtmrs {
+		c.RTMRs[i] = bytes.Clone(r)
 	}
-	return &Claims{ReportData: b.GetReportData(), TDX: c}
+	return &Claims{ReportData: bytes.Clone(body.reportData), TDX: c}
 }
 
 // tdAttributeDebug is bit 0 of TD_ATTRIBUTES (little-endian): the TD is debuggable, so the
 // host can read and write its memory.
 const tdAttributeDebug = 0x01
-
-// ctxTDXGetter adapts the collateral cache to go-tdx-guest's trust.HTTPSGetter for one call,
-// so that a fetch ends with the caller's context (tdxGetter serves reads that never block).
-type ctxTDXGetter struct {
-	ctx context.Context
-	c   *collateralCache
-}
-
-func (g ctxTDXGetter) Get(u string) (map[string][]string, []byte, error) {
-	return g.c.get(g.ctx, u)
-}
 
 // tdxReason maps a go-tdx-guest verification error to a Reason. The library wraps most errors
 // with %v, so its sentinels are matched where they survive and its messages otherwise.
@@ -346,9 +415,9 @@ func checkTDX(c *TDXClaims, r TDXRequirements) error {
 		errs = append(errs, &Violation{Rule: "tdx.quote", Got: "claims without a verified quote", Want: "claims returned by Verifier.Verify"})
 		return errors.Join(errs...)
 	}
-	quote, err := parseTDXQuote(c.raw)
+	quote, err := tdxValidationQuote(c.raw)
 	if err != nil {
-		errs = append(errs, &Violation{Rule: "tdx.quote", Got: err.Error(), Want: "a TDX quote v4"})
+		errs = append(errs, &Violation{Rule: "tdx.quote", Got: err.Error(), Want: "a TDX quote v4 or v5"})
 		return errors.Join(errs...)
 	}
 	// validate always checks the architecturally fixed bits of XFAM and TD_ATTRIBUTES beside

@@ -280,6 +280,10 @@ func TestVerifyTDXReal(t *testing.T) {
 		"PCK expired":                {cfg: attest.Config{CollateralDir: realTDXCollateral, Now: at(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))}, reason: attest.ReasonExpired},
 		"collateral missing":         {cfg: attest.Config{CollateralDir: t.TempDir(), Now: at(realTDXTime)}, reason: attest.ReasonCollateral},
 		"revocations without CRLs":   {cfg: attest.Config{CheckRevocations: true, Now: at(realTDXTime)}, reason: attest.ReasonCollateral},
+		"chain only":                 {cfg: attest.Config{TDXChainOnly: true, Now: at(realTDXTime)}, wantStatus: attest.TDXStatusUnknown},
+		"chain only, PCK expired":    {cfg: attest.Config{TDXChainOnly: true, Now: at(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))}, reason: attest.ReasonExpired},
+		"chain only, revocations":    {cfg: attest.Config{TDXChainOnly: true, CheckRevocations: true, Now: at(realTDXTime)}, reason: attest.ReasonCollateral},
+		"chain only with collateral": {cfg: attest.Config{TDXChainOnly: true, CollateralDir: realTDXCollateral, Now: at(realTDXTime)}, reason: attest.ReasonTCB, errHas: noLevel},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {

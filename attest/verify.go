@@ -61,6 +61,11 @@ type Config struct {
 	// CollateralDir is the offline collateral cache (VCEK/VLEK certificates, CRLs, TDX TCB info
 	// and QE identity). Empty: no cache.
 	CollateralDir string
+	// TDXCollateral holds Intel PCS documents for real TDX quotes (TCB info, QE identity, CRLs),
+	// keyed by the URL PCS publishes them at, with response headers under the URL plus
+	// CollateralHeadersSuffix, as in Roots.Collateral; PCCSCollateral converts QuoteCollateralV3
+	// JSON to this form. They are served before CollateralDir. Nil: none.
+	TDXCollateral map[string][]byte
 	// Fetch allows fetching missing collateral from AMD KDS / Intel PCS, rate limited and
 	// written to CollateralDir. Off by default: the release path never needs the network once
 	// the cache holds what a report needs.
@@ -72,6 +77,13 @@ type Config struct {
 	// is verified only with TCB info and QE identity, so it is refused (ReasonCollateral)
 	// when neither CollateralDir nor Fetch is set.
 	CheckRevocations bool
+	// TDXChainOnly verifies a real TDX quote that comes without TCB info and QE identity (no
+	// collateral configured) by its signatures and PCK chain alone, instead of refusing it
+	// (ReasonCollateral): its claims then say TCBStatus TDXStatusUnknown. It is for tools that
+	// inspect evidence (lethectl attest verify --chain-only); the keybroker never sets it. It
+	// changes nothing when collateral is configured, or with CheckRevocations (CRLs are
+	// collateral too).
+	TDXChainOnly bool
 	// Now returns the time at which certificates must be valid. Nil: time.Now.
 	Now func() time.Time
 	// ProductLine is the SNP product line ("Milan", "Genoa", "Turin") to assume for reports

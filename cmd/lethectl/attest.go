@@ -419,7 +419,7 @@ func printClaimsJSON(w io.Writer, c *attest.Claims, extra map[string]any) error 
 func newAttestVerifyCmd() *cobra.Command {
 	var (
 		reportData, trustRoots, collateral, vcekFile, product, now, platform string
-		checkRevocations                                                     bool
+		checkRevocations, chainOnly                                          bool
 		vlekFile                                                             string
 	)
 	cmd := &cobra.Command{
@@ -430,12 +430,16 @@ when the evidence verifies; a rejection is printed as "rejected (<reason>): <det
 status 1.
 
 FILE is Lethe evidence JSON, a raw SEV-SNP report (1184 bytes, optionally followed by its
-certificate table), a raw TDX quote, or an Azure confidential VM's HCL report (raw, or as Azure
-evidence JSON with "report" and "vcek"); raw bytes are taken as real hardware evidence unless
---platform says otherwise. Real evidence verifies against AMD's and Intel's roots built into
-go-sev-guest and go-tdx-guest, with collateral (VCEK certificates, CRLs, TCB info) from the
---collateral directory; nothing is fetched. Emulated evidence verifies only against the roots in
---trust-roots.
+certificate table), a raw TDX quote (v4, or v5 of TDX 1.5), or an Azure confidential VM's HCL
+report (raw, or as Azure evidence JSON with "report" and "vcek"); raw bytes are taken as real
+hardware evidence unless --platform says otherwise. Real evidence verifies against AMD's and
+Intel's roots built into go-sev-guest and go-tdx-guest, with collateral (VCEK certificates, CRLs,
+TCB info) from --collateral: a directory laid out as Lethe's offline collateral cache, or, for
+TDX, a file of Intel collateral in the QuoteCollateralV3 JSON form (tcb_info, qe_identity, their
+signatures and issuer chains, CRLs) that PCCS clients and DCAP verifiers exchange. Nothing is
+fetched. A real TDX quote is verified only with TCB info and QE identity, and accepted only
+when the platform, its TDX module and its quoting enclave are all rated UpToDate. Emulated
+evidence verifies only against the roots in --trust-roots.
 
 Without --report-data the chain is verified and REPORT_DATA is printed, but the binding of the
 evidence to anything is not checked.
@@ -451,8 +455,9 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
   # at the time it was captured
   lethectl attest verify report.bin --vcek vcek.der --product Milan --now 2024-03-01T00:00:00Z
 
-  # A TDX quote with collateral from a cache directory
-  lethectl attest verify quote.dat --collateral cache`,
+  # A TDX quote with collateral from a cache directory, or from a QuoteCollateralV3 JSON file
+  lethectl attest verify quote.dat --collateral cache
+  lethectl attest verify quote.dat --collateral collateral.json --now 2025-07-01T00:00:00Z`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			stderr := cmd.ErrOrStderr()
@@ -491,8 +496,10 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
 					fmt.Fprintln(cmd.ErrOrStderr(), note)
 				}
 			}
-			cfg := attest.Config{CollateralDir: collateral, ProductLine: product}
-			cfg.CheckRevocations = checkRevocations
+			cfg := attest.Config{ProductLine: product, CheckRevocations: checkRevocations, TDXChainOnly: chainOnly}
+			if err := setCollateral(&cfg, collateral); err != nil {
+				return err
+			}
 			if trustRoots != "" {
 				if cfg.Roots, err = attest.LoadRoots(trustRoots); err != nil {
 					return err
@@ -547,6 +554,9 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
 			if azure != nil {
 				fmt.Fprintln(stderr, azureNote)
 			}
+			if claims.TDX != nil && claims.TDX.TCBStatus == attest.TDXStatusUnknown {
+				fmt.Fprintln(stderr, "note: --chain-only: the quote's signatures and PCK chain verify, but without TCB info and QE identity its TCB level is unknown; the keybroker refuses such evidence")
+			}
 			if reportData == "" {
 				fmt.Fprintln(stderr, "note: no --report-data, so the binding was not checked: the evidence is genuine, but not shown to be fresh or bound to anything")
 			}
@@ -556,12 +566,37 @@ Such a report never carries a Lethe binding, so it is not usable as Lethe eviden
 	f := cmd.Flags()
 	f.StringVar(&reportData, "report-data", "", "expected REPORT_DATA in hex, up to 64 bytes (zero-padded)")
 	f.StringVar(&trustRoots, "trust-roots", "", "directory of extra roots of trust (an emulator's --roots-out)")
-	f.StringVar(&collateral, "collateral", "", "offline collateral cache directory (VCEK certificates, CRLs, TDX TCB info and QE identity)")
+	f.StringVar(&collateral, "collateral", "", "offline collateral cache directory (VCEK certificates, CRLs, TDX TCB info and QE identity), or a TDX QuoteCollateralV3 JSON file")
 	f.StringVar(&vcekFile, "vcek", "", "VCEK certificate (DER or PEM) of an SEV-SNP report that carries none (a VLEK given here is filed as the VLEK, with a note)")
 	f.StringVar(&vlekFile, "vlek", "", "VLEK certificate (DER or PEM) of an SEV-SNP report that carries none (or place it in the --collateral cache under its VLEK name)")
 	f.StringVar(&product, "product", "", "SEV-SNP product line (Milan, Genoa, Turin): assumed for a version 2 report whose VCEK does not say; a later report naming another product is rejected (chain)")
 	f.StringVar(&now, "now", "", "verify certificates as of this RFC 3339 time (for captured evidence)")
 	f.BoolVar(&checkRevocations, "check-revocations", false, "check every certificate against its CRL (AMD's ARK-signed CRLs, Intel's PCK and root CA CRLs) from --collateral; a CRL it does not hold is a rejection (collateral)")
+	f.BoolVar(&chainOnly, "chain-only", false, "verify a real TDX quote given no --collateral by its signatures and PCK chain alone, its TCB status then Unknown (the keybroker never accepts that)")
 	f.StringVar(&platform, "platform", "", "platform of raw evidence: sev-snp (default for a report), tdx (default for a quote), emulated-sev-snp, emulated-tdx")
 	return cmd
+}
+
+// setCollateral points cfg at --collateral: a directory is the offline collateral cache, a file
+// Intel TDX collateral in the QuoteCollateralV3 JSON form.
+func setCollateral(cfg *attest.Config, path string) error {
+	if path == "" {
+		return nil
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("--collateral: %w", err)
+	}
+	if fi.IsDir() {
+		cfg.CollateralDir = path
+		return nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("--collateral: %w", err)
+	}
+	if cfg.TDXCollateral, err = attest.PCCSCollateral(b); err != nil {
+		return fmt.Errorf("--collateral %s: %w", path, err)
+	}
+	return nil
 }

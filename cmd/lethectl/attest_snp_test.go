@@ -4,32 +4,17 @@ import (
 	"cmp"
 	"encoding/base64"
 	"encoding/hex"
-	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/lethe-cc/lethe/internal/evidencetest"
 )
 
-// realEvidence returns the path of a real capture in the directory LETHE_REAL_EVIDENCE names
-// (default /work/shared/evidence), which is not part of the repository; the test skips where it
-// is absent, and fails instead when CI=true. Test names number the captures (S1 to S20) as the
-// directory's SOURCES.md does.
-func realEvidence(t *testing.T, rel string) string {
-	t.Helper()
-	dir := os.Getenv("LETHE_REAL_EVIDENCE")
-	if dir == "" {
-		dir = "/work/shared/evidence"
-	}
-	p := filepath.Join(dir, filepath.FromSlash(rel))
-	if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("real evidence %s is missing: %v", rel, err)
-		}
-		t.Skipf("real evidence %s is not here: %v", rel, err)
-	}
-	return p
-}
+// realEvidence returns the path of a real capture of the evidence corpus (package
+// evidencetest). Test names number the captures (S1 to S20) as the corpus's SOURCES.md does.
+func realEvidence(t *testing.T, rel string) string { return evidencetest.Path(t, rel) }
 
 // decodedEvidence writes the bytes of the text file at p (hex or base64) to a temporary file,
 // as lethectl takes raw reports.

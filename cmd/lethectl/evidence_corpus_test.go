@@ -18,6 +18,8 @@ import (
 
 	"github.com/google/go-sev-guest/abi"
 	"github.com/google/uuid"
+
+	"github.com/lethe-cc/lethe/internal/evidencetest"
 )
 
 // The evidence corpus: real SEV-SNP reports and TDX quotes captured by other projects, kept
@@ -77,30 +79,29 @@ var corpusCases = []corpusCase{
 		flags: flags("--collateral", kdsVCEK("Genoa", oakReport(file(oak+"genoa_oc_evidence.binarypb")), oakVCEK(file(oak+"genoa_oc_endorsements.binarypb")))), now: "2025-10-01", want: "ok"},
 	{name: "oak/turin-v5-vcek", evidence: oakReport(file(oak + "turin_oc_evidence.binarypb")),
 		flags: flags("--vcek", oakVCEK(file(oak+"turin_oc_endorsements.binarypb"))), now: "2025-10-01", want: "ok", claims: &snpClaimsCheck{product: "Turin"}},
-	// A real TDX quote is verified only with TCB info and QE identity (Config.CheckRevocations'
-	// documentation): SOURCES.md's "ok, tcbStatus unknown" for the chain-only cases is what
-	// Lethe did before it refused TDX evidence without collateral.
-	{name: "dcap-qvl/tdx-v4-chain-only", evidence: file(dcapQVL + "tdx_quote"), now: "2025-07-01", want: "rejected(collateral)"},
+	// SOURCES.md's chain-only TDX cases: signatures and PCK chain, "tcbStatus unknown". Lethe
+	// verifies a real TDX quote only with TCB info and QE identity, unless asked for the chain
+	// alone (--chain-only, which the keybroker never accepts); the same quotes without the flag
+	// are Lethe's cases "lethe/tdx-…-no-collateral" below.
+	{name: "dcap-qvl/tdx-v4-chain-only", evidence: file(dcapQVL + "tdx_quote"), flags: flags("--chain-only"), now: "2025-07-01", want: "ok",
+		claims: &tdxClaimsCheck{status: "Unknown"}},
 	{name: "dcap-qvl/tdx-v4+pcs-collateral", evidence: file(dcapQVL + "tdx_quote"),
-		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_collateral.json"))), now: "2025-07-01", want: "ok", claims: &tdxClaimsCheck{},
-		pending: "tdx-fmspc-case: go-tdx-guest v0.3.1 compares FMSPCs case-sensitively"},
+		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_collateral.json"))), now: "2025-07-01", want: "ok", claims: &tdxClaimsCheck{status: "UpToDate"}},
 	{name: "dcap-qvl/tdx-v4+pcs-collateral-after-nextUpdate", evidence: file(dcapQVL + "tdx_quote"),
 		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_collateral.json"))), now: "2025-08-01", want: "rejected(expired)"},
 	{name: "dcap-qvl/tdx-v4-report-data-bit-flipped", evidence: flip(file(dcapQVL+"tdx_quote"), tdxV4ReportDataAt, 0),
 		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_collateral.json"))), now: "2025-07-01", want: "rejected(signature)"},
-	{name: "dcap-qvl/tdx-v4-tappd", evidence: hexFile(file(dcapQVL + "quote-from-tappd.hex")), now: "2025-07-01", want: "rejected(collateral)"},
+	{name: "dcap-qvl/tdx-v4-tappd", evidence: hexFile(file(dcapQVL + "quote-from-tappd.hex")), flags: flags("--chain-only"), now: "2025-07-01", want: "ok"},
 	{name: "dcap-qvl/tdx-v5-outdated+pcs-collateral", evidence: file(dcapQVL + "tdx_quote_outdated"),
-		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_outdated_collateral.json"))), now: "2026-03-01", want: "rejected(tcb)",
-		pending: "tdx-v5: go-tdx-guest v0.3.1 parses quote v4 only"},
-	{name: "trustee/tdx-v4-quote4-debug-td", evidence: file(trustee + "tdx_quote_4.dat"), now: "2025-06-01", want: "rejected(collateral)"},
-	{name: "trustee/tdx-v5-quote5", evidence: file(trustee + "tdx_quote_5.dat"), now: "2025-06-01", want: "rejected(collateral)",
-		pending: "tdx-v5: go-tdx-guest v0.3.1 parses quote v4 only"},
-	{name: "trustee/tdx-v4-quote6-chain-only", evidence: file(trustee + "tdx_quote_6.dat"), now: "2025-11-01", want: "rejected(collateral)"},
+		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_outdated_collateral.json"))), now: "2026-03-01", want: "rejected(tcb)"},
+	{name: "trustee/tdx-v4-quote4-debug-td", evidence: file(trustee + "tdx_quote_4.dat"), flags: flags("--chain-only"), now: "2025-06-01", want: "ok"},
+	{name: "trustee/tdx-v5-quote5", evidence: file(trustee + "tdx_quote_5.dat"), flags: flags("--chain-only"), now: "2025-06-01", want: "ok",
+		claims: &tdxClaimsCheck{status: "Unknown"}},
+	{name: "trustee/tdx-v4-quote6-chain-only", evidence: file(trustee + "tdx_quote_6.dat"), flags: flags("--chain-only"), now: "2025-11-01", want: "ok"},
 	{name: "trustee/tdx-v4-quote6+pcs-collateral-outofdate", evidence: file(trustee + "tdx_quote_6.dat"),
-		flags: flags("--collateral", pcsResponses(file(trustee+"tcbInfo.json"), file(trustee+"enclaveIdentity.json"), file(dcapQVL+"tdx_quote_collateral.json"))), now: "2025-11-01", want: "rejected(tcb)",
-		pending: "tdx-fmspc-case: go-tdx-guest v0.3.1 compares FMSPCs case-sensitively"},
-	{name: "trustee/az-tdx-v4-td-quote", evidence: file(trustee + "az-tdx-vtpm/td-quote.bin"), now: "2025-06-01", want: "rejected(collateral)"},
-	{name: "oak/tdx-v4-in-8000-byte-buffer", evidence: oakReport(file(oak + "tdx_oc_evidence.binarypb")), now: "2025-06-01", want: "rejected(collateral)"},
+		flags: flags("--collateral", pcsResponses(file(trustee+"tcbInfo.json"), file(trustee+"enclaveIdentity.json"), file(dcapQVL+"tdx_quote_collateral.json"))), now: "2025-11-01", want: "rejected(tcb)"},
+	{name: "trustee/az-tdx-v4-td-quote", evidence: file(trustee + "az-tdx-vtpm/td-quote.bin"), flags: flags("--chain-only"), now: "2025-06-01", want: "ok"},
+	{name: "oak/tdx-v4-in-8000-byte-buffer", evidence: oakReport(file(oak + "tdx_oc_evidence.binarypb")), flags: flags("--chain-only"), now: "2025-06-01", want: "ok"},
 
 	// Lethe's own cases beyond SOURCES.md's table.
 	{name: "lethe/az-snp-genoa-evidence-json", evidence: file(trusteeAzure + "evidence-genoa.json"), now: "2025-06-01", want: "ok"},
@@ -113,13 +114,18 @@ var corpusCases = []corpusCase{
 	{name: "lethe/snp-milan-v2-check-revocations-no-crl", evidence: file(trusteeSNP + "test-report.bin"),
 		flags: flags("--vcek", file(trusteeSNP+"test-vcek.der"), "--check-revocations"), now: "2025-06-01", want: "rejected(collateral)"},
 	{name: "lethe/tdx-v4+pcs-collateral-check-revocations", evidence: file(dcapQVL + "tdx_quote"),
-		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_collateral.json")), "--check-revocations"), now: "2025-07-01", want: "ok",
-		pending: "tdx-fmspc-case: go-tdx-guest v0.3.1 compares FMSPCs case-sensitively"},
+		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_collateral.json")), "--check-revocations"), now: "2025-07-01", want: "ok"},
 	{name: "lethe/snp-milan-v3-vlek-aws+--vlek-flag", evidence: file(trusteeSNP + "test-vlek-report.bin"),
 		flags: flags("--vlek", file(trusteeSNP+"test-vlek.der")), now: "2025-06-01", want: "ok"},
 	{name: "lethe/tdx-v5-quote5+pcs-collateral", evidence: file(trustee + "tdx_quote_5.dat"),
-		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_outdated_collateral.json"))), now: "2026-03-01", want: "ok", claims: &tdxClaimsCheck{},
-		pending: "tdx-v5: go-tdx-guest v0.3.1 parses quote v4 only"},
+		flags: flags("--collateral", pcsCollateral(file(dcapQVL+"tdx_quote_outdated_collateral.json"))), now: "2026-03-01", want: "rejected(tcb)"},
+	{name: "lethe/tdx-v4-no-collateral", evidence: file(dcapQVL + "tdx_quote"), now: "2025-07-01", want: "rejected(collateral)"},
+	{name: "lethe/tdx-v5-no-collateral", evidence: file(trustee + "tdx_quote_5.dat"), now: "2025-06-01", want: "rejected(collateral)"},
+	{name: "lethe/tdx-v4-chain-only-report-data-bit-flipped", evidence: flip(file(dcapQVL+"tdx_quote"), tdxV4ReportDataAt, 0),
+		flags: flags("--chain-only"), now: "2025-07-01", want: "rejected(signature)"},
+	{name: "lethe/tdx-v4-chain-only-check-revocations", evidence: file(dcapQVL + "tdx_quote"), flags: flags("--chain-only", "--check-revocations"), now: "2025-07-01", want: "rejected(collateral)"},
+	{name: "lethe/tdx-v5-outdated-chain-only", evidence: file(dcapQVL + "tdx_quote_outdated"), flags: flags("--chain-only"), now: "2026-03-01", want: "ok",
+		claims: &tdxClaimsCheck{status: "Unknown"}},
 }
 
 // Where the corpus's files are, below LETHE_EVIDENCE_DIR.
@@ -498,24 +504,13 @@ type flagArg any
 
 func flags(args ...flagArg) []flagArg { return args }
 
-func evidenceDir(t *testing.T) string {
-	if d := os.Getenv("LETHE_EVIDENCE_DIR"); d != "" {
-		return d
-	}
-	abs, err := filepath.Abs(filepath.Join("..", "..", "..", "shared", "evidence"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return abs
-}
-
 // TestEvidenceCorpus runs the evidence corpus; `make evidence` sets LETHE_EVIDENCE=1 for it.
 // Without the corpus it is skipped, or fails when CI=true.
 func TestEvidenceCorpus(t *testing.T) {
 	if os.Getenv("LETHE_EVIDENCE") != "1" {
 		t.Skip("the real evidence corpus runs with LETHE_EVIDENCE=1 (make evidence)")
 	}
-	c := &corpus{dir: evidenceDir(t), tmp: t.TempDir()}
+	c := &corpus{dir: evidencetest.Dir(), tmp: t.TempDir()}
 	if _, err := os.Stat(filepath.Join(c.dir, "SOURCES.md")); err != nil {
 		if os.Getenv("CI") == "true" {
 			t.Fatalf("no evidence corpus at %s (LETHE_EVIDENCE_DIR): %v", c.dir, err)
@@ -694,18 +689,21 @@ func snpLineOf(family, model byte) string {
 
 // tdxClaimsCheck reads a TDX quote (v4: TD report after the 48-byte header; v5: after the
 // header and a 6-byte body descriptor) and the FMSPC of its PCK certificate.
-type tdxClaimsCheck struct{}
+// tdxClaimsCheck checks a TDX quote's claims against its bytes, and the TCB status Lethe
+// gave it.
+type tdxClaimsCheck struct{ status string }
 
-func (tdxClaimsCheck) check(t *testing.T, q []byte, claims map[string]any) {
+func (c tdxClaimsCheck) check(t *testing.T, q []byte, claims map[string]any) {
 	t.Helper()
 	le := binary.LittleEndian
 	got, _ := claims["tdx"].(map[string]any)
 	if got == nil {
 		t.Fatalf("no TDX claims: %v", claims)
 	}
-	body := q[48:]
-	if v := le.Uint16(q[0:]); v == 5 {
-		body = q[48+6:]
+	body, v := q[48:], le.Uint16(q[0:])
+	bodyType := uint16(0)
+	if v == 5 {
+		bodyType, body = le.Uint16(q[48:]), q[48+6:] // the body descriptor: type, size
 	} else if v != 4 {
 		t.Fatalf("quote version %d", v)
 	}
@@ -725,6 +723,11 @@ func (tdxClaimsCheck) check(t *testing.T, q []byte, claims map[string]any) {
 		"qeSvn":          float64(le.Uint16(q[8:])),
 		"pceSvn":         float64(le.Uint16(q[10:])),
 		"fmspc":          hex.EncodeToString(pckFMSPC(t, q)),
+		"quoteVersion":   float64(v),
+		"tcbStatus":      c.status,
+	}
+	if bodyType == 3 { // TD report 1.5: TEE_TCB_SVN_2 and MRSERVICETD after REPORT_DATA
+		want["teeTcbSvn2"], want["mrServiceTd"] = h(584, 16), h(600, 48)
 	}
 	for k, w := range want {
 		if got[k] != w {
