@@ -37,53 +37,21 @@ var (
 	ErrUnavailable = errors.New("unavailable")
 )
 
-var codeOf = []struct {
-	err  error
-	code wireerr.Code
-}{
-	{ErrInvalid, CodeInvalid},
-	{ErrNotFound, CodeNotFound},
-	{ErrConflict, CodeConflict},
-	{ErrFailedPrecondition, CodeFailedPrecondition},
-	{ErrDenied, CodeDenied},
-	{ErrUnavailable, CodeUnavailable},
+// codes pairs the broker API's sentinels with their codes. The API answers with it
+// (codes.Public): an error matching a sentinel with its code and text, any other as internal,
+// so that internals do not leak to callers. Only the broker's own sentinels count: an error
+// answer of an agent or the keybroker that the broker wraps carries another API's code, never
+// answered as such. A Client returns error answers that match both the code and the sentinel
+// (codes.Sentinel).
+var codes = wireerr.Table{
+	{Err: ErrInvalid, Code: CodeInvalid},
+	{Err: ErrNotFound, Code: CodeNotFound},
+	{Err: ErrConflict, Code: CodeConflict},
+	{Err: ErrFailedPrecondition, Code: CodeFailedPrecondition},
+	{Err: ErrDenied, Code: CodeDenied},
+	{Err: ErrUnavailable, Code: CodeUnavailable},
 }
-
-// publicError is the broker API's error mapping (natsrpc.Config.Public): an error matching a
-// sentinel is answered with its code and its text; any other is internal (nil), so that
-// internals do not leak to callers. Only the broker's own sentinels count: an error answer of
-// an agent or the keybroker that the broker wraps carries another API's code, never answered
-// as such.
-func publicError(err error) *wireerr.Error {
-	for _, c := range codeOf {
-		if errors.Is(err, c.err) {
-			return wireerr.New(c.code, err.Error())
-		}
-	}
-	return nil
-}
-
-// sentinelError is an error answer of the broker API as a Client returns it: it matches the
-// wire error (and so its code) and the broker's sentinel of that code.
-type sentinelError struct {
-	wire     *wireerr.Error
-	sentinel error
-}
-
-func (e *sentinelError) Error() string   { return e.wire.Error() }
-func (e *sentinelError) Unwrap() []error { return []error{e.wire, e.sentinel} }
 
 // withSentinel returns err with the broker sentinel of its code attached, when it is an error
 // answer of the broker API with one of the broker's codes.
-func withSentinel(err error) error {
-	w, ok := errors.AsType[*wireerr.Error](err)
-	if !ok {
-		return err
-	}
-	for _, c := range codeOf {
-		if c.code == w.Code {
-			return &sentinelError{wire: w, sentinel: c.err}
-		}
-	}
-	return err
-}
+func withSentinel(err error) error { return codes.Sentinel(err, "") }

@@ -1,8 +1,6 @@
 package keybroker
 
 import (
-	"errors"
-
 	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 )
@@ -18,37 +16,32 @@ func WireCode(err error) wireerr.Code {
 	if err == nil {
 		return ""
 	}
-	for _, c := range codes {
-		if errors.Is(err, c.err) {
-			return c.code
-		}
+	if code, ok := codes.Code(err); ok {
+		return code
 	}
 	return kbwire.CodeInternal
 }
 
 // codes pairs the keybroker's sentinels with their wire codes, the first match winning.
-var codes = []struct {
-	err  error
-	code wireerr.Code
-}{
-	{ErrUnauthorized, kbwire.CodeUnauthorized},
-	{ErrInvalidRequest, kbwire.CodeInvalidRequest},
-	{ErrNonceUnknown, kbwire.CodeNonceUnknown},
-	{ErrNonceExpired, kbwire.CodeNonceExpired},
-	{ErrNonceUsed, kbwire.CodeNonceUsed},
-	{ErrNonceStoreFull, kbwire.CodeBusy},
-	{ErrEvidenceRejected, kbwire.CodeEvidenceRejected},
-	{ErrPolicyRejected, kbwire.CodePolicyRejected},
-	{ErrDenied, kbwire.CodeDenied},
-	{ErrUnknownTenant, kbwire.CodeUnknownTenant},
-	{ErrNotAdopted, kbwire.CodeNotAdopted},
-	{ErrAlreadyAdopted, kbwire.CodeAlreadyAdopted},
-	{ErrGuestBusy, kbwire.CodeGuestBusy},
-	{ErrUnknownMigration, kbwire.CodeUnknownMigration},
-	{ErrBothEpochs, kbwire.CodeBothEpochs},
-	{ErrErasureRejected, kbwire.CodeErasureRejected},
-	{ErrUnproven, kbwire.CodeUnproven},
-	{ErrUnsafeKey, kbwire.CodeUnsafeKey},
-	{ErrDestructionPending, kbwire.CodeDestructionPending},
-	{ErrVaultUnavailable, kbwire.CodeUnavailable},
+var codes = wireerr.Table{
+	{Err: ErrUnauthorized, Code: kbwire.CodeUnauthorized},
+	{Err: ErrInvalidRequest, Code: kbwire.CodeInvalidRequest},
+	{Err: ErrNonceUnknown, Code: kbwire.CodeNonceUnknown},
+	{Err: ErrNonceExpired, Code: kbwire.CodeNonceExpired},
+	{Err: ErrNonceUsed, Code: kbwire.CodeNonceUsed},
+	{Err: ErrNonceStoreFull, Code: kbwire.CodeBusy},
+	{Err: ErrEvidenceRejected, Code: kbwire.CodeEvidenceRejected},
+	{Err: ErrPolicyRejected, Code: kbwire.CodePolicyRejected},
+	{Err: ErrDenied, Code: kbwire.CodeDenied},
+	{Err: ErrUnknownTenant, Code: kbwire.CodeUnknownTenant},
+	{Err: ErrNotAdopted, Code: kbwire.CodeNotAdopted},
+	{Err: ErrAlreadyAdopted, Code: kbwire.CodeAlreadyAdopted},
+	{Err: ErrGuestBusy, Code: kbwire.CodeGuestBusy},
+	{Err: ErrUnknownMigration, Code: kbwire.CodeUnknownMigration},
+	{Err: ErrBothEpochs, Code: kbwire.CodeBothEpochs},
+	{Err: ErrErasureRejected, Code: kbwire.CodeErasureRejected},
+	{Err: ErrUnproven, Code: kbwire.CodeUnproven},
+	{Err: ErrUnsafeKey, Code: kbwire.CodeUnsafeKey},
+	{Err: ErrDestructionPending, Code: kbwire.CodeDestructionPending},
+	{Err: ErrVaultUnavailable, Code: kbwire.CodeUnavailable},
 }

@@ -20,19 +20,19 @@ type inner struct {
 }
 
 type doc struct {
-	Name     string            `yaml:"name"`
-	Count    uint8             `yaml:"count"`
-	Delta    int16             `yaml:"delta"`
-	On       bool              `yaml:"on"`
-	Wait     time.Duration     `yaml:"wait"`
-	Items    []string          `yaml:"items"`
-	Labels   map[string]string `yaml:"labels"`
-	Inner    inner             `yaml:"inner"`
-	Ptr      *uint32           `yaml:"ptr"`
-	Code     upper             `yaml:"code"`
-	Tagged   []level           `yaml:"tagged" max:"3"`
-	Flat     `yaml:",inline"`
-	Ignored  string
+	Name    string            `yaml:"name"`
+	Count   uint8             `yaml:"count"`
+	Delta   int16             `yaml:"delta"`
+	On      bool              `yaml:"on"`
+	Wait    time.Duration     `yaml:"wait"`
+	Items   []string          `yaml:"items"`
+	Labels  map[string]string `yaml:"labels"`
+	Inner   inner             `yaml:"inner"`
+	Ptr     *uint32           `yaml:"ptr"`
+	Code    upper             `yaml:"code"`
+	Tagged  []level           `yaml:"tagged" max:"3"`
+	Flat    `yaml:",inline"`
+	Ignored string
 	//lint:ignore U1000 an unexported field, which decoding must leave alone
 	internal string
 }

@@ -117,7 +117,7 @@ func Start(ctx context.Context, nc *nats.Conn, host string, h Handler) (stop fun
 	srv, err := natsrpc.Start(ctx, natsrpc.Config{
 		Conn: nc, Name: "lethe-agent", Description: "Lethe migration agent of host " + host,
 		Metadata:  map[string]string{"host": host},
-		Endpoints: eps, Public: publicError,
+		Endpoints: eps, Public: codes.Public,
 		InvalidCode: CodeBadRequest, BusyCode: CodeBusy,
 		MaxConcurrent: MaxConcurrent, RequestTimeout: RequestTimeout, MaxRequest: MaxMessageSize,
 		Logger: slog.Default().With("component", "agentapi", "host", host),

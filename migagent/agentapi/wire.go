@@ -231,49 +231,15 @@ var (
 	ErrConflict = errors.New("conflict")
 )
 
-// codeOf pairs the Handler sentinels with their codes.
-var codeOf = []struct {
-	err  error
-	code wireerr.Code
-}{
-	{ErrBadRequest, CodeBadRequest},
-	{ErrNotFound, CodeNotFound},
-	{ErrConflict, CodeConflict},
+// codes pairs the Handler sentinels with their codes. The server answers with it
+// (codes.Public: any other error is internal, its text kept in the agent's log); the Client
+// returns error answers that match both the code and the sentinel (codes.Sentinel).
+var codes = wireerr.Table{
+	{Err: ErrBadRequest, Code: CodeBadRequest},
+	{Err: ErrNotFound, Code: CodeNotFound},
+	{Err: ErrConflict, Code: CodeConflict},
 }
-
-// publicError is the agent API's error mapping (natsrpc.Config.Public): an error matching a
-// Handler sentinel is answered with its code and its text; any other is internal (nil), its
-// text kept in the agent's log.
-func publicError(err error) *wireerr.Error {
-	for _, c := range codeOf {
-		if errors.Is(err, c.err) {
-			return wireerr.New(c.code, err.Error())
-		}
-	}
-	return nil
-}
-
-// agentError is an agent's error answer as the Client returns it: it matches the wire error
-// (and so its code) and the Handler sentinel of that code.
-type agentError struct {
-	wire     *wireerr.Error
-	sentinel error
-}
-
-func (e *agentError) Error() string   { return "agent error " + e.wire.Error() }
-func (e *agentError) Unwrap() []error { return []error{e.wire, e.sentinel} }
 
 // withSentinel returns err with the Handler sentinel of its code attached, when it is an
 // agent's error answer with one of the agent API's codes.
-func withSentinel(err error) error {
-	w, ok := errors.AsType[*wireerr.Error](err)
-	if !ok {
-		return err
-	}
-	for _, c := range codeOf {
-		if c.code == w.Code {
-			return &agentError{wire: w, sentinel: c.err}
-		}
-	}
-	return err
-}
+func withSentinel(err error) error { return codes.Sentinel(err, "agent error ") }
