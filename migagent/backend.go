@@ -5,6 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
@@ -40,6 +43,11 @@ type memoryBackend struct{ n *Node }
 // a migration in phase prepared.
 func (b memoryBackend) newDestination(req *agentapi.PrepareRequest) (*migration, error) {
 	n := b.n
+	// A guest larger than the memory the host has free would be received until the kernel
+	// killed the agent, taking every other migration with it: refused up front.
+	if avail, err := memAvailable(); err == nil && req.MemoryBytes > avail {
+		return nil, fmt.Errorf("%w: a guest of %d bytes does not fit in the %d bytes of memory available on host %s", agentapi.ErrConflict, req.MemoryBytes, avail, n.cfg.Host)
+	}
 	region, err := dataplane.NewRegion(int64(req.MemoryBytes))
 	if err != nil {
 		return nil, fmt.Errorf("making the receive region: %w", err)
@@ -161,4 +169,30 @@ func (b memoryBackend) discard(_ context.Context, g *guest, st *attest.ErasureSt
 	if err := region.Close(); err != nil {
 		b.n.log.Warn("Releasing guest memory failed", attrTenant, g.tenant, attrVM, g.vm, attrError, err)
 	}
+}
+
+// memAvailable returns the memory the kernel estimates is available for new allocations
+// without swapping (MemAvailable in /proc/meminfo), in bytes.
+func memAvailable() (uint64, error) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	return parseMemAvailable(b)
+}
+
+func parseMemAvailable(meminfo []byte) (uint64, error) {
+	for line := range strings.Lines(string(meminfo)) {
+		rest, ok := strings.CutPrefix(line, "MemAvailable:")
+		if !ok {
+			continue
+		}
+		kib, unit, _ := strings.Cut(strings.TrimSpace(rest), " ")
+		n, err := strconv.ParseUint(kib, 10, 64)
+		if err != nil || strings.TrimSpace(unit) != "kB" {
+			return 0, fmt.Errorf("reading MemAvailable %q", strings.TrimSpace(rest))
+		}
+		return n << 10, nil
+	}
+	return 0, errors.New("no MemAvailable in /proc/meminfo")
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/seal"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/dataplane"
 )
 
@@ -180,4 +181,31 @@ func TestAbortAfterTaskEnds(t *testing.T) {
 			t.Fatalf("a repeated abort answered %+v, %v; want %+v", again, err, r)
 		}
 	})
+}
+
+func TestParseMemAvailable(t *testing.T) {
+	got, err := parseMemAvailable([]byte("MemTotal:       24576000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"))
+	if err != nil || got != 20000000<<10 {
+		t.Errorf("parseMemAvailable = %d, %v; want %d", got, err, uint64(20000000)<<10)
+	}
+	for _, bad := range []string{"MemTotal: 1 kB\n", "MemAvailable: lots kB\n", "MemAvailable: 12 MB\n"} {
+		if _, err := parseMemAvailable([]byte(bad)); err == nil {
+			t.Errorf("parseMemAvailable(%q) succeeded", bad)
+		}
+	}
+}
+
+// TestPrepareRefusesAGuestLargerThanTheHostsMemory shows a destination refusing, before it
+// maps anything, a guest that cannot fit in the memory available.
+func TestPrepareRefusesAGuestLargerThanTheHostsMemory(t *testing.T) {
+	avail, err := memAvailable()
+	if err != nil {
+		t.Skip(err)
+	}
+	n := &Node{cfg: Config{Host: "h"}}
+	size := (avail/dataplane.PageSize + 1) * dataplane.PageSize * 2
+	_, err = memoryBackend{n}.newDestination(&agentapi.PrepareRequest{MigrationID: "m", Tenant: "t", VM: "v", MemoryBytes: size})
+	if !errors.Is(err, agentapi.ErrConflict) || !strings.Contains(err.Error(), "does not fit") {
+		t.Fatalf("preparing %d bytes with %d available: %v, want a conflict saying it does not fit", size, avail, err)
+	}
 }
