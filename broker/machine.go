@@ -584,7 +584,7 @@ func receiptOutcome(envelope json.RawMessage) (string, error) {
 }
 
 func (b *Broker) storeReceipt(ctx context.Context, m *Migration, outcome string, envelope json.RawMessage) error {
-	r := Receipt{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Outcome: outcome, Envelope: envelope, Stored: b.now()}
+	r := Receipt{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Outcome: outcome, Envelope: envelope, Stored: b.now(), Downtime: m.Downtime}
 	data, err := json.Marshal(r)
 	if err != nil {
 		return fmt.Errorf("encoding receipt: %w", err)

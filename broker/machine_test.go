@@ -545,6 +545,10 @@ func TestDowntimeAndTimeline(t *testing.T) {
 	if diff := cmp.Diff(want, phases); diff != "" {
 		t.Errorf("timeline (-want +got):\n%s", diff)
 	}
+	r, err := e.tenant(tenant).GetReceipt(ctx, id)
+	if err != nil || r.Downtime != agentapitest.FakeDowntime {
+		t.Errorf("receipt %+v, %v; want its metadata to carry the downtime", r, err)
+	}
 	select {
 	case ev := <-committed:
 		if ev.Downtime != agentapitest.FakeDowntime {

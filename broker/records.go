@@ -193,6 +193,9 @@ type Receipt struct {
 	// Envelope is the keybroker's signed receipt (a DSSE-style envelope), verbatim.
 	Envelope json.RawMessage `json:"envelope"`
 	Stored   time.Time       `json:"stored"`
+	// Downtime is the migration record's downtime (Migration.Downtime), kept beside the
+	// receipt for whoever reads it: it is not part of the signed receipt, and nothing signs it.
+	Downtime time.Duration `json:"downtime,omitempty"`
 }
 
 // Event is what the broker publishes on lethe.v1.events.<migration-id> (stream LETHE_EVENTS).
