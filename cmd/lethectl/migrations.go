@@ -321,6 +321,9 @@ func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id str
 		switch m.Phase {
 		case broker.PhaseErased:
 			fmt.Fprintf(w, "%s: erased: %s/%s now runs on %s; receipt: lethectl receipt get %s\n", m.ID, m.Tenant, m.VM, m.Destination, m.ID)
+			if m.Downtime > 0 {
+				fmt.Fprintf(w, "%s: paused %s at cutover, %s in all\n", m.ID, durationText(m.Downtime), durationText(m.Finished.Sub(m.Created)))
+			}
 		default:
 			fmt.Fprintf(w, "%s: aborted (%s): %s/%s runs on at %s\n", m.ID, m.AbortReason, m.Tenant, m.VM, m.Source)
 		}
