@@ -87,3 +87,27 @@ type nopPauser struct{}
 
 func (nopPauser) Pause(context.Context) error  { return nil }
 func (nopPauser) Resume(context.Context) error { return nil }
+
+// TestLibvirtRounds checks the rounds a libvirt source reports: libvirt's job statistics
+// count bytes over all iterations, and a round is what they moved while one iteration held.
+func TestLibvirtRounds(t *testing.T) {
+	const mib = 1 << 20
+	d := &sourceDriver{}
+	for _, s := range []libvirt.Progress{
+		{Iteration: 1, DataProcessed: 10 * mib, MemoryBandwidth: 100 * mib},
+		{Iteration: 1, DataProcessed: 60 * mib, MemoryBandwidth: 100 * mib},
+		{Iteration: 2, DataProcessed: 70 * mib, MemoryBandwidth: 50 * mib, DirtyRate: 256, PageSize: 4096},
+	} {
+		d.stats = s
+		d.round(false)
+	}
+	d.stats = libvirt.Progress{Iteration: 2, DataProcessed: 72 * mib, MemoryBandwidth: 40 * mib, Downtime: 30 * time.Millisecond}
+	d.round(true)
+	want := []agentapi.RoundStats{
+		{Round: 1, Pages: 60 * mib / dataplane.PageSize, Bytes: 60 * mib, Throughput: 100 * mib, Duration: 600 * time.Millisecond},
+		{Round: 2, Final: true, Pages: 12 * mib / dataplane.PageSize, Bytes: 12 * mib, Throughput: 40 * mib, Duration: 300 * time.Millisecond},
+	}
+	if diff := cmp.Diff(want, d.rounds); diff != "" {
+		t.Errorf("rounds (-want +got):\n%s", diff)
+	}
+}
