@@ -75,8 +75,8 @@ func TestTransferLog(t *testing.T) {
 	if diff := cmp.Diff(want, tl.rounds); diff != "" {
 		t.Errorf("rounds (-want +got):\n%s", diff)
 	}
-	if rate != 1<<24 {
-		t.Errorf("last send rate %v, want %v", rate, 1<<24)
+	if rate != 1<<30 {
+		t.Errorf("last send rate %v, want the pre-copy round's %v", rate, 1<<30)
 	}
 	if d := tl.downtime(now.Add(40 * time.Millisecond)); d != 40*time.Millisecond {
 		t.Errorf("downtime = %v, want 40ms", d)

@@ -562,7 +562,8 @@ type transferLog struct {
 	now      func() time.Time
 	rounds   []agentapi.RoundStats
 	pausedAt time.Time
-	// sendRate, if not nil, is told each round's throughput (bytes per second).
+	// sendRate, if not nil, is told the throughput of each pre-copy round but the final one
+	// (bytes per second); the final round is too small to measure the link.
 	sendRate func(float64)
 }
 
@@ -579,7 +580,7 @@ func (tl *transferLog) round(p dataplane.Progress) {
 		Round: p.Round + 1, Final: p.Final, Pages: uint64(p.Pages), Bytes: uint64(p.Bytes),
 		DirtyRate: p.DirtyRate * dataplane.PageSize, Throughput: p.Rate, Duration: d,
 	})
-	if tl.sendRate != nil && p.Rate > 0 {
+	if tl.sendRate != nil && p.Rate > 0 && !p.Final {
 		tl.sendRate(p.Rate)
 	}
 }
