@@ -401,7 +401,7 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 	m := &Migration{
 		ID: id, Tenant: tenant, VM: req.VM, Source: g.Host, Destination: dest, Platform: g.Platform,
 		MemoryBytes: hg.MemoryBytes, Epoch: g.Epoch, Phase: PhaseRequested, RequestedBy: c.String(),
-		Created: now, PhaseSince: now, Updated: now,
+		Created: now, PhaseSince: now, Updated: now, Timeline: []PhaseEntry{{Phase: PhaseRequested, Entered: now}},
 	}
 	// The Requested event goes out before the record, whose creation starts the drivers.
 	b.publishEvent(Event{MigrationID: id, Kind: EventPhase, Phase: PhaseRequested, Message: "requested by " + c.String()})
@@ -521,7 +521,7 @@ func (b *Broker) abortMigration(ctx, run context.Context, c Caller, req *AbortMi
 		}
 		now := b.now()
 		from := m.Phase
-		m.Phase, m.PhaseSince, m.Updated = PhaseAborting, now, now
+		m.enter(PhaseAborting, now)
 		m.AbortReason = "requested by " + c.String()
 		if req.Reason != "" {
 			m.AbortReason += ": " + req.Reason

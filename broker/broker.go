@@ -65,6 +65,10 @@ type Config struct {
 	AgentTimeout time.Duration
 	// Streams is the number of data-plane connections a transfer uses. Zero means 4.
 	Streams int
+	// MaxDowntime is the operator's limit on how long a guest may be paused at cutover; a
+	// tenant's policy may lower it for its migrations (spec.transport.maxDowntime), never
+	// raise it. Zero means the broker sets none (the agents' own limits hold).
+	MaxDowntime time.Duration
 	// ReadPolicy extracts the pre-filter from a signed policy envelope. Nil means no policy
 	// pre-filter: destinations are checked for liveness and platform only, and dry runs say so.
 	ReadPolicy PolicyReader

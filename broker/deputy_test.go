@@ -30,6 +30,7 @@ func newRefusalMetrics() *refusalMetrics {
 
 func (m *refusalMetrics) PhaseChanged(broker.Phase, broker.Phase, time.Duration) {}
 func (m *refusalMetrics) Handshake(time.Duration)                                {}
+func (m *refusalMetrics) Downtime(time.Duration)                                 {}
 func (m *refusalMetrics) Unfinished(map[broker.Phase]int)                        {}
 func (m *refusalMetrics) NATSError(op string) {
 	m.mu.Lock()

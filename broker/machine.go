@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,6 +13,7 @@ import (
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/lethe-cc/lethe/policy"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -131,8 +131,8 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 			mutate(m)
 		}
 		now := b.now()
-		inFrom := now.Sub(cmp.Or(m.PhaseSince, m.Created))
-		m.Phase, m.PhaseSince, m.Updated, m.LeaseUntil = to, now, now, now.Add(b.cfg.Lease)
+		inFrom := m.enter(to, now)
+		m.LeaseUntil = now.Add(b.cfg.Lease)
 		if to.Terminal() {
 			m.Finished, m.Owner, m.LeaseUntil = now, "", time.Time{}
 		}
@@ -148,7 +148,14 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 		}
 		b.log.Info("Migration phase changed", attrs...)
 		b.cfg.Metrics.PhaseChanged(from, to, inFrom)
-		b.publishEvent(Event{MigrationID: id, Kind: EventPhase, From: from, Phase: to, Message: m.AbortReason})
+		ev := Event{MigrationID: id, Kind: EventPhase, From: from, Phase: to, Message: m.AbortReason, InFrom: inFrom}
+		if to == PhaseCommitted {
+			ev.Downtime = m.Downtime
+			if m.Downtime > 0 {
+				b.cfg.Metrics.Downtime(m.Downtime)
+			}
+		}
+		b.publishEvent(ev)
 		return nil
 	}
 }
@@ -303,6 +310,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		m.SourceKeys, m.DestinationKeys = rel.SealedSource, rel.SealedDestination
 		m.NextWrappedMDK = rel.WrappedMDK
 		m.ZeroPageElision = rel.ZeroPageElision
+		m.MaxDowntime = policy.EffectiveMaxDowntime(b.cfg.MaxDowntime, rel.MaxDowntime)
 		m.DataEndpoint, m.Grant = rel.DataEndpoint, rel.Grant
 		m.Streams = b.cfg.Streams
 		m.SourceEvidence, m.DestinationEvidence = digestHex(srcEv), digestHex(prep.Evidence)
@@ -340,7 +348,7 @@ func (b *Broker) stepTransfer(ctx context.Context, m *Migration) (bool, error) {
 	if !attached {
 		p, err := b.agents.Transfer(ctx, m.Source, &agentapi.TransferRequest{
 			MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, DataEndpoint: m.DataEndpoint,
-			Streams: m.Streams, ZeroPageElision: m.ZeroPageElision,
+			Streams: m.Streams, ZeroPageElision: m.ZeroPageElision, MaxDowntime: m.MaxDowntime,
 		})
 		if err != nil {
 			return true, fmt.Errorf("starting transfer on %s: %w", m.Source, err)
@@ -370,6 +378,7 @@ func (b *Broker) stepTransfer(ctx context.Context, m *Migration) (bool, error) {
 		return false, b.transition(ctx, m.ID, PhaseCuttingOver, PhaseCommitted, func(m *Migration) {
 			if m.Progress != nil {
 				m.CommitAck = m.Progress.CommitAck
+				m.Downtime, m.DowntimeSource, m.Rounds = m.Progress.Downtime, m.Progress.DowntimeSource, m.Progress.Rounds
 			}
 		})
 	case agentapi.TransferFailed:
@@ -529,6 +538,7 @@ func (b *Broker) abortBecameCommit(ctx context.Context, m *Migration, end string
 				CommitAck: r.CommitAck, MemoryDigest: r.MemoryDigest, Time: b.now(),
 			}
 		}
+		m.Downtime, m.DowntimeSource, m.Rounds = m.Progress.Downtime, m.Progress.DowntimeSource, m.Progress.Rounds
 		m.Notes = append(m.Notes, "abort ("+m.AbortReason+") refused by the "+end+": the migration had committed")
 		m.AbortReason = ""
 	})
@@ -574,7 +584,7 @@ func receiptOutcome(envelope json.RawMessage) (string, error) {
 }
 
 func (b *Broker) storeReceipt(ctx context.Context, m *Migration, outcome string, envelope json.RawMessage) error {
-	r := Receipt{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Outcome: outcome, Envelope: envelope, Stored: b.now()}
+	r := Receipt{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Outcome: outcome, Envelope: envelope, Stored: b.now(), Downtime: m.Downtime}
 	data, err := json.Marshal(r)
 	if err != nil {
 		return fmt.Errorf("encoding receipt: %w", err)

@@ -15,6 +15,7 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/lethe-cc/lethe/migagent/agentapi/agentapitest"
 	"github.com/nats-io/nats.go"
 )
 
@@ -484,5 +485,76 @@ func TestAdoptAgainReissues(t *testing.T) {
 	}
 	if n := e.agents["h1"].CallCount(agentapi.OpKeys, re[0].ReissueID); n != 1 {
 		t.Errorf("h1 got the reissued key %d times, want 1", n)
+	}
+}
+
+// TestDowntimeAndTimeline checks a committed migration's record carries the downtime and
+// rounds its source reported, the timeline of every phase it entered, and the downtime limit
+// the tenant's policy tightened; and that the event of the Committed phase carries the
+// downtime.
+func TestDowntimeAndTimeline(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.cfg.MaxDowntime = 300 * time.Millisecond
+	e.kb.MaxDowntime = 100 * time.Millisecond
+	e.standard()
+	e.agents["h1"].AutoCommit = true
+	nc := e.srv.Connect(t)
+	committed := make(chan broker.Event, 1)
+	_, err := nc.Subscribe(broker.EventsSubjectPrefix+".>", func(m *nats.Msg) {
+		var ev broker.Event
+		if json.Unmarshal(m.Data, &ev) == nil && ev.Kind == broker.EventPhase && ev.Phase == broker.PhaseCommitted {
+			committed <- ev
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	resp, err := e.tenant(tenant).CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Migration.ID
+	if m := e.waitMigration(id, inPhase(broker.PhaseErased, broker.PhaseAborted)); m.Phase != broker.PhaseErased {
+		t.Fatalf("phase = %s (reason %q), want Erased", m.Phase, m.AbortReason)
+	}
+	m, err := e.tenant(tenant).GetMigration(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]any{agentapitest.FakeDowntime, agentapi.DowntimeAgent, agentapitest.FakeRounds, 100 * time.Millisecond},
+		[]any{m.Downtime, m.DowntimeSource, m.Rounds, m.MaxDowntime}); diff != "" {
+		t.Errorf("downtime, its source, rounds, limit (-want +got):\n%s", diff)
+	}
+	var phases []broker.Phase
+	for i, p := range m.Timeline {
+		phases = append(phases, p.Phase)
+		last := i == len(m.Timeline)-1
+		if p.Entered.IsZero() || (last && p.Duration != 0) || (!last && p.Duration < 0) {
+			t.Errorf("timeline entry %d = %+v", i, p)
+		}
+		if !last && !p.Entered.Add(p.Duration).Equal(m.Timeline[i+1].Entered) {
+			t.Errorf("timeline entry %d ends at %v, the next begins at %v", i, p.Entered.Add(p.Duration), m.Timeline[i+1].Entered)
+		}
+	}
+	want := []broker.Phase{broker.PhaseRequested, broker.PhaseAttesting, broker.PhaseKeysReleased,
+		broker.PhaseTransferring, broker.PhaseCuttingOver, broker.PhaseCommitted, broker.PhaseErased}
+	if diff := cmp.Diff(want, phases); diff != "" {
+		t.Errorf("timeline (-want +got):\n%s", diff)
+	}
+	r, err := e.tenant(tenant).GetReceipt(ctx, id)
+	if err != nil || r.Downtime != agentapitest.FakeDowntime {
+		t.Errorf("receipt %+v, %v; want its metadata to carry the downtime", r, err)
+	}
+	select {
+	case ev := <-committed:
+		if ev.Downtime != agentapitest.FakeDowntime {
+			t.Errorf("Committed event downtime = %v, want %v", ev.Downtime, agentapitest.FakeDowntime)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no Committed event")
 	}
 }

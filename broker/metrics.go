@@ -12,6 +12,9 @@ type Metrics interface {
 	// Handshake records the latency of one successful attestation handshake: nonces, both
 	// agents' evidence and the keybroker's release, up to the keys being recorded.
 	Handshake(d time.Duration)
+	// Downtime records how long the guest of a migration this broker committed was paused,
+	// as its source measured it.
+	Downtime(d time.Duration)
 	// Unfinished records how many unfinished migrations are in each phase, as the broker last
 	// saw the whole record bucket (every broker sees all migrations, not only its own).
 	Unfinished(byPhase map[Phase]int)
@@ -36,5 +39,6 @@ type noMetrics struct{}
 
 func (noMetrics) PhaseChanged(Phase, Phase, time.Duration) {}
 func (noMetrics) Handshake(time.Duration)                  {}
+func (noMetrics) Downtime(time.Duration)                   {}
 func (noMetrics) Unfinished(map[Phase]int)                 {}
 func (noMetrics) NATSError(string)                         {}

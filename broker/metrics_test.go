@@ -11,6 +11,7 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/lethe-cc/lethe/migagent/agentapi/agentapitest"
 )
 
 // recordingMetrics is a broker.Metrics that records what it is given.
@@ -20,6 +21,7 @@ type recordingMetrics struct {
 	handshakes  []time.Duration
 	unfinished  []map[broker.Phase]int
 	natsErrors  []string
+	downtimes   []time.Duration
 	finished    chan broker.Phase // receives each terminal phase entered
 }
 
@@ -46,6 +48,12 @@ func (r *recordingMetrics) Unfinished(byPhase map[broker.Phase]int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.unfinished = append(r.unfinished, byPhase)
+}
+
+func (r *recordingMetrics) Downtime(d time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.downtimes = append(r.downtimes, d)
 }
 
 func (r *recordingMetrics) NATSError(op string) {
@@ -80,6 +88,9 @@ func TestMetricsHooks(t *testing.T) {
 	}
 	if diff := cmp.Diff(want, rec.transitions); diff != "" {
 		t.Errorf("transitions (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff([]time.Duration{agentapitest.FakeDowntime}, rec.downtimes); diff != "" {
+		t.Errorf("downtimes (-want +got):\n%s", diff)
 	}
 	if len(rec.handshakes) != 1 {
 		t.Errorf("handshakes = %v, want one", rec.handshakes)

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"time"
@@ -68,6 +69,9 @@ type Migration struct {
 	Created     time.Time `json:"created"`
 	PhaseSince  time.Time `json:"phaseSince"`
 	Updated     time.Time `json:"updated"`
+	// Timeline lists the phases the migration entered, in order: when, and how long it
+	// stayed (zero for the phase it is in).
+	Timeline []PhaseEntry `json:"timeline,omitempty"`
 
 	// Owner is the id of the broker holding the lease, until LeaseUntil.
 	Owner      string    `json:"owner,omitempty"`
@@ -76,6 +80,9 @@ type Migration struct {
 	DataEndpoint    string `json:"dataEndpoint,omitempty"`
 	Streams         int    `json:"streams,omitempty"`
 	ZeroPageElision bool   `json:"zeroPageElision,omitempty"`
+	// MaxDowntime is the transfer's downtime limit: the broker's (Config.MaxDowntime), lowered
+	// to the tenant's policy's (spec.transport.maxDowntime). Zero means the agent's own.
+	MaxDowntime time.Duration `json:"maxDowntime,omitempty"`
 	// SourceKeys and DestinationKeys are the keys the keybroker sealed to each agent; the
 	// broker cannot open them. They are never returned by the API.
 	SourceKeys      []byte `json:"sourceKeys,omitempty"`
@@ -94,6 +101,13 @@ type Migration struct {
 	Progress        *agentapi.Progress `json:"progress,omitempty"`
 	LastProgress    time.Time          `json:"lastProgress,omitzero"`
 	CommitAck       []byte             `json:"commitAck,omitempty"`
+	// Downtime is how long the guest was paused at cutover, as the source reported with its
+	// commit; DowntimeSource says who measured it (agentapi.DowntimeHypervisor or
+	// DowntimeAgent). Zero until committed, or if the source did not measure it.
+	Downtime       time.Duration `json:"downtime,omitempty"`
+	DowntimeSource string        `json:"downtimeSource,omitempty"`
+	// Rounds are the source's pre-copy rounds, as it reported them with its commit.
+	Rounds []agentapi.RoundStats `json:"rounds,omitempty"`
 	// ErasureRefused is why the keybroker refused the source's erasure evidence (the tenant's
 	// policy does not accept it); the commit then asks for an unverified erasure.
 	ErasureRefused string `json:"erasureRefused,omitempty"`
@@ -104,6 +118,32 @@ type Migration struct {
 	Notes    []string  `json:"notes,omitempty"`
 	Outcome  string    `json:"outcome,omitempty"`
 	Finished time.Time `json:"finished,omitzero"`
+}
+
+// PhaseEntry is one phase of a migration's timeline.
+type PhaseEntry struct {
+	Phase   Phase     `json:"phase"`
+	Entered time.Time `json:"entered"`
+	// Duration is the time spent in the phase; zero while the migration is in it.
+	Duration time.Duration `json:"duration,omitempty"`
+}
+
+// maxTimeline bounds a record's timeline; phases past it are not listed (a migration has at
+// most seven).
+const maxTimeline = 16
+
+// enter moves m to phase p at now and records it in the timeline, closing the entry of the
+// phase it leaves. It returns the time spent in the phase left.
+func (m *Migration) enter(p Phase, now time.Time) time.Duration {
+	inFrom := now.Sub(cmp.Or(m.PhaseSince, m.Created))
+	if n := len(m.Timeline); n > 0 {
+		m.Timeline[n-1].Duration = now.Sub(m.Timeline[n-1].Entered)
+	}
+	if len(m.Timeline) < maxTimeline {
+		m.Timeline = append(m.Timeline, PhaseEntry{Phase: p, Entered: now})
+	}
+	m.Phase, m.PhaseSince, m.Updated = p, now, now
+	return inFrom
 }
 
 // public returns a copy of m without what callers of the API need not see.
@@ -153,6 +193,9 @@ type Receipt struct {
 	// Envelope is the keybroker's signed receipt (a DSSE-style envelope), verbatim.
 	Envelope json.RawMessage `json:"envelope"`
 	Stored   time.Time       `json:"stored"`
+	// Downtime is the migration record's downtime (Migration.Downtime), kept beside the
+	// receipt for whoever reads it: it is not part of the signed receipt, and nothing signs it.
+	Downtime time.Duration `json:"downtime,omitempty"`
 }
 
 // Event is what the broker publishes on lethe.v1.events.<migration-id> (stream LETHE_EVENTS).
@@ -165,6 +208,10 @@ type Event struct {
 	Progress    *agentapi.Progress `json:"progress,omitempty"`
 	Message     string             `json:"message,omitempty"`
 	Broker      string             `json:"broker,omitempty"`
+	// InFrom is the time the migration spent in phase From, on a phase event.
+	InFrom time.Duration `json:"inFrom,omitempty"`
+	// Downtime is how long the guest was paused, on the event of the phase Committed.
+	Downtime time.Duration `json:"downtime,omitempty"`
 }
 
 // Kinds of events.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"sync"
+	"time"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/policy"
@@ -48,6 +49,9 @@ type PolicyDecision struct {
 	// ZeroPageElision is the policy's transport setting: the source may skip sending zero
 	// pages (which reveals which pages are zero).
 	ZeroPageElision bool
+	// MaxDowntime is the policy's downtime limit (spec.transport.maxDowntime); zero means the
+	// tenant sets none.
+	MaxDowntime time.Duration
 }
 
 // policyPackage is the PolicyGate of package policy. It remembers the last policies it
@@ -108,6 +112,7 @@ func (g *policyPackage) Decide(signed []byte, tenantKey ed25519.PublicKey, lastS
 		Digest: digest[:], SVN: p.Metadata.PolicySVN, Allow: d.Allow,
 		Name: p.Metadata.Name, Guests: p.Spec.Guests,
 		ZeroPageElision: p.Spec.Transport.AllowZeroPageElision,
+		MaxDowntime:     p.Spec.Transport.MaxDowntime,
 	}
 	for _, r := range d.Reasons {
 		out.Reasons = append(out.Reasons, r.Rule+": "+r.Message)

@@ -323,7 +323,7 @@ func (k *Keybroker) release(ctx context.Context, req *kbwire.ReleaseRequest, ev 
 		return &kbwire.ReleaseResponse{
 			MigrationID: req.MigrationID, FromEpoch: from, ToEpoch: to,
 			SealedSource: sealedSrc, SealedDestination: sealedDst, WrappedMDK: wrappedMDK,
-			PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision,
+			PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision, MaxDowntime: dec.MaxDowntime,
 			Grant: signed, DataEndpoint: endpoint, Timings: timings,
 		}, nil
 	}()
@@ -415,7 +415,7 @@ func (k *Keybroker) releaseAgain(ctx context.Context, req *kbwire.ReleaseRequest
 	return &kbwire.ReleaseResponse{
 		MigrationID: m.ID, FromEpoch: m.FromEpoch, ToEpoch: m.ToEpoch,
 		SealedSource: sealedSrc, SealedDestination: sealedDst, WrappedMDK: m.WrappedMDK,
-		PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision,
+		PolicyDigest: dec.Digest, PolicySVN: dec.SVN, ZeroPageElision: dec.ZeroPageElision, MaxDowntime: dec.MaxDowntime,
 		Grant: signed, DataEndpoint: endpoint, Timings: timings,
 	}, nil
 }

@@ -7,6 +7,7 @@ import (
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 
@@ -210,22 +211,25 @@ func TestAbortBeforeRelease(t *testing.T) {
 	}
 }
 
-func TestReleaseZeroPageElision(t *testing.T) {
+// TestReleaseTransportTerms checks the release response carries the policy's transport terms
+// the broker passes on to the transfer: zero-page elision and the downtime limit.
+func TestReleaseTransportTerms(t *testing.T) {
 	e := newEnv(t)
 	e.adopt("vm1")
 	e.adopt("vm2")
 	allow := e.signedPolicy(2, func(y string) string {
-		return strings.Replace(y, "  erasure:\n", "  transport:\n    allowZeroPageElision: true\n  erasure:\n", 1)
+		return strings.Replace(y, "  erasure:\n", "  transport:\n    allowZeroPageElision: true\n    maxDowntime: 150ms\n  erasure:\n", 1)
 	})
 	// In order: the second policy's svn 2 becomes the last accepted.
 	for _, tt := range []struct {
-		name   string
-		vm     string
-		signed []byte
-		want   bool
+		name     string
+		vm       string
+		signed   []byte
+		want     bool
+		downtime time.Duration
 	}{
-		{"default", "vm1", e.signedPolicy(1, nil), false},
-		{"allowed", "vm2", allow, true},
+		{"default", "vm1", e.signedPolicy(1, nil), false, 0},
+		{"allowed", "vm2", allow, true, 150 * time.Millisecond},
 	} {
 		name := tt.name
 		m := e.newMigration("m-"+tt.vm, tt.vm, "destination", tt.signed)
@@ -235,6 +239,9 @@ func TestReleaseZeroPageElision(t *testing.T) {
 		}
 		if resp.ZeroPageElision != tt.want {
 			t.Errorf("%s: ZeroPageElision = %v, want %v", name, resp.ZeroPageElision, tt.want)
+		}
+		if resp.MaxDowntime != tt.downtime {
+			t.Errorf("%s: MaxDowntime = %v, want %v", name, resp.MaxDowntime, tt.downtime)
 		}
 	}
 }

@@ -75,32 +75,45 @@ func (b memoryBackend) newDestination(req *agentapi.PrepareRequest) (*migration,
 // sender returns the task that runs the data plane's pre-copy of m's guest.
 func (b memoryBackend) sender(m *migration, req *agentapi.TransferRequest, keys dataplane.Keys, report agentapi.ProgressFunc) (func(context.Context), error) {
 	n, g := b.n, m.g
+	tl := &transferLog{now: n.cfg.Now, sendRate: n.sendRate.Store}
+	var guest dataplane.Pauser
+	if g.workload != nil {
+		guest = pauseClock{Pauser: g.workload, tl: tl}
+	}
+	// The downtime limit becomes the dirty set that fits it at this node's last measured
+	// throughput. dataplane.SourceConfig has no limit of its own yet, which would use each
+	// round's throughput instead.
+	converged := convergedPages(req.MaxDowntime, n.sendRate.Load(), n.cfg.ConvergedPages)
 	src, err := dataplane.NewSource(dataplane.SourceConfig{
 		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: cmp.Or(req.Streams, n.cfg.Streams),
-		Region: g.region, Guest: g.workload, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
-		MaxRounds: n.cfg.MaxRounds, ConvergedPages: n.cfg.ConvergedPages,
-		Progress: func(p dataplane.Progress) { n.onProgress(m, p, report) },
+		Region: g.region, Guest: guest, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
+		MaxRounds: n.cfg.MaxRounds, ConvergedPages: converged,
+		Progress: func(p dataplane.Progress) { n.onProgress(m, tl, p, report) },
 		Logger:   n.log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
-	return func(ctx context.Context) { b.runSource(ctx, m, src, keys, report) }, nil
+	return func(ctx context.Context) { b.runSource(ctx, m, src, tl, keys, report) }, nil
 }
 
 // runSource runs the source's data plane. On commit the guest leaves the host: the data
 // plane has zeroized TK and MDK and scrubbed its pages.
-func (b memoryBackend) runSource(ctx context.Context, m *migration, src *dataplane.Source, keys dataplane.Keys, report agentapi.ProgressFunc) {
+func (b memoryBackend) runSource(ctx context.Context, m *migration, src *dataplane.Source, tl *transferLog, keys dataplane.Keys, report agentapi.ProgressFunc) {
 	n := b.n
 	res, err := src.Run(ctx, keys)
+	end := n.cfg.Now()
 	n.cfg.Metrics.BytesSent(res.BytesSent)
 	g := m.g
 	out := sendOutcome{
 		progress: agentapi.Progress{
 			MigrationID: m.id, Bytes: uint64(res.BytesSent), Pages: uint64(res.PagesSent), TotalBytes: uint64(m.size),
-			Round: res.Rounds, Time: n.cfg.Now(), MemoryDigest: res.MemoryDigest,
+			Round: res.Rounds, Time: end, MemoryDigest: res.MemoryDigest, Rounds: tl.rounds,
 		},
 		err: err,
+	}
+	if len(res.Commit.MAC) != 0 {
+		out.progress.Downtime, out.progress.DowntimeSource = tl.downtime(end), agentapi.DowntimeAgent
 	}
 	if len(res.Commit.MAC) == 0 {
 		if errors.Is(err, dataplane.ErrCommitUnknown) && errors.Is(err, dataplane.ErrPeerAborted) {

@@ -8,7 +8,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
+	"sync/atomic"
+	"time"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/grant"
@@ -533,20 +536,99 @@ func (n *Node) Transfer(ctx context.Context, req *agentapi.TransferRequest, repo
 	return &p, nil
 }
 
-// onProgress records and publishes a pre-copy round.
-func (n *Node) onProgress(m *migration, p dataplane.Progress, report agentapi.ProgressFunc) {
+// onProgress records and publishes a pre-copy round, and notes it in tl.
+func (n *Node) onProgress(m *migration, tl *transferLog, p dataplane.Progress, report agentapi.ProgressFunc) {
 	ap := agentapi.Progress{
 		MigrationID: m.id, Phase: agentapi.TransferPrecopy,
 		Bytes: uint64(p.TotalBytes), Pages: uint64(p.TotalPages), TotalBytes: uint64(m.size),
 		Round: p.Round + 1, DirtyRate: p.DirtyRate * dataplane.PageSize, ETA: max(p.ETA, 0), Time: n.cfg.Now(),
+		Throughput: p.Rate,
+		// The data plane's ETA is negative when the guest dirties pages faster than they go.
+		NotConverging: p.ETA < 0 && !p.Final,
 	}
 	if p.Final {
 		ap.Phase = agentapi.TransferCutover
 	}
+	tl.round(p)
 	m.setProgress(ap)
 	n.log.Debug("Pre-copy round", attrMigration, m.id, attrRound, ap.Round, attrPhase, string(ap.Phase), attrBytes, ap.Bytes)
 	n.publish(report, ap)
 }
+
+// transferLog is what the agent measures of one transfer beside the data plane: its rounds
+// and when it paused the guest. The data plane's goroutine writes it (Progress and Pause);
+// the backend reads it after Source.Run returns, so it needs no lock.
+type transferLog struct {
+	now      func() time.Time
+	rounds   []agentapi.RoundStats
+	pausedAt time.Time
+	// sendRate, if not nil, is told the throughput of each pre-copy round but the final one
+	// (bytes per second); the final round is too small to measure the link.
+	sendRate func(float64)
+}
+
+// round notes a round the data plane reported.
+func (tl *transferLog) round(p dataplane.Progress) {
+	var d time.Duration
+	if p.Rate > 0 {
+		d = time.Duration(float64(p.Bytes) / p.Rate * float64(time.Second))
+	}
+	if len(tl.rounds) == agentapi.MaxRounds {
+		tl.rounds = tl.rounds[1:]
+	}
+	tl.rounds = append(tl.rounds, agentapi.RoundStats{
+		Round: p.Round + 1, Final: p.Final, Pages: uint64(p.Pages), Bytes: uint64(p.Bytes),
+		DirtyRate: p.DirtyRate * dataplane.PageSize, Throughput: p.Rate, Duration: d,
+	})
+	if tl.sendRate != nil && p.Rate > 0 && !p.Final {
+		tl.sendRate(p.Rate)
+	}
+}
+
+// downtime is how long the guest was paused, measured by the agent: from its pause to end,
+// when Source.Run returned after the commit acknowledgement. Run returns only after it
+// zeroized the keys and scrubbed the guest's pages, so this is an upper bound. Zero if the
+// guest was never paused.
+//
+// It is the hook for the data plane's own measurement: once dataplane.SourceResult carries
+// Downtime (pause to commit acknowledgement), the backend reports that instead.
+func (tl *transferLog) downtime(end time.Time) time.Duration {
+	if tl.pausedAt.IsZero() {
+		return 0
+	}
+	return end.Sub(tl.pausedAt)
+}
+
+// pauseClock is a guest's Pauser that notes in tl when the data plane paused the guest.
+type pauseClock struct {
+	dataplane.Pauser
+	tl *transferLog
+}
+
+// Pause notes the time and pauses the guest.
+func (c pauseClock) Pause(ctx context.Context) error {
+	c.tl.pausedAt = c.tl.now()
+	return c.Pauser.Pause(ctx)
+}
+
+// convergedPages is the dirty-set size at which pre-copy may pause the guest so that sending
+// it takes at most limit at rate bytes per second: the pages that fit the downtime limit at
+// the measured throughput. Without a limit or a measured rate it is fallback.
+func convergedPages(limit time.Duration, rate float64, fallback int) int {
+	if limit <= 0 || rate <= 0 {
+		return fallback
+	}
+	return max(1, int(rate*limit.Seconds()/dataplane.PageSize))
+}
+
+// rateGauge holds a rate (bytes per second) that goroutines store and load concurrently.
+type rateGauge struct{ bits atomic.Uint64 }
+
+// Store sets the rate.
+func (g *rateGauge) Store(r float64) { g.bits.Store(math.Float64bits(r)) }
+
+// Load returns the rate last stored, 0 if none.
+func (g *rateGauge) Load() float64 { return math.Float64frombits(g.bits.Load()) }
 
 // setProgress records the transfer's latest report.
 func (m *migration) setProgress(p agentapi.Progress) {

@@ -185,6 +185,9 @@ type lvMigration struct {
 	// src is the begun migration at the source, kept after a transfer whose outcome is
 	// unknown so that an abort can cancel it (resuming the guest).
 	src sourceMigration
+	// maxDowntime is the transfer's downtime limit (TransferRequest.MaxDowntime), zero for
+	// the agent's own.
+	maxDowntime time.Duration
 }
 
 // memoryBytes is the guest's memory size.
@@ -620,7 +623,7 @@ func dialHypervisor(ctx context.Context, h destinationHypervisor, ep libvirt.End
 // --- source ---
 
 // sender returns the task that transfers a libvirt guest with keys.
-func (b libvirtBackend) sender(m *migration, _ *agentapi.TransferRequest, keys dataplane.Keys, report agentapi.ProgressFunc) (func(context.Context), error) {
+func (b libvirtBackend) sender(m *migration, req *agentapi.TransferRequest, keys dataplane.Keys, report agentapi.ProgressFunc) (func(context.Context), error) {
 	n := b.n
 	if n.lv == nil {
 		return nil, fmt.Errorf("%w: the node does not drive libvirt", agentapi.ErrBadRequest)
@@ -632,7 +635,7 @@ func (b libvirtBackend) sender(m *migration, _ *agentapi.TransferRequest, keys d
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
-	m.lv = &lvMigration{tun: tun}
+	m.lv = &lvMigration{tun: tun, maxDowntime: req.MaxDowntime}
 	return func(ctx context.Context) { b.runSource(ctx, m, src, keys, report) }, nil
 }
 
@@ -654,9 +657,13 @@ func (b libvirtBackend) runSource(ctx context.Context, m *migration, src *datapl
 	out := sendOutcome{
 		progress: agentapi.Progress{
 			MigrationID: m.id, Bytes: d.stats.DataProcessed, TotalBytes: uint64(m.size),
-			Round: int(d.stats.Iteration), Time: n.cfg.Now(),
+			Round: int(d.stats.Iteration), Time: n.cfg.Now(), Rounds: d.rounds,
 		},
 		err: err,
+	}
+	if len(res.Commit.MAC) != 0 && d.stats.Downtime > 0 {
+		// The completed job's statistics: how long the hypervisor kept the guest paused.
+		out.progress.Downtime, out.progress.DowntimeSource = d.stats.Downtime, agentapi.DowntimeHypervisor
 	}
 	if len(res.Commit.MAC) == 0 {
 		if d.err != nil && !errors.Is(d.err, context.Canceled) {
@@ -696,7 +703,11 @@ type sourceDriver struct {
 	src    sourceMigration // after Begin: the migration must end with Confirm
 	cookie []byte          // Finish's, for Confirm
 	stats  libvirt.Progress
-	err    error
+	rounds []agentapi.RoundStats // one per iteration seen, the last one still growing
+	// roundBase and processed are the bytes sent before the current iteration and as of the
+	// last statistics.
+	roundBase, processed uint64
+	err                  error
 }
 
 func (d *sourceDriver) run(ctx context.Context) {
@@ -711,7 +722,7 @@ func (d *sourceDriver) run(ctx context.Context) {
 
 func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
 	n, m := d.n, d.m
-	src, offer, err := n.lv.Begin(ctx, m.g.domain, n.cfg.Libvirt.Settings)
+	src, offer, err := n.lv.Begin(ctx, m.g.domain, sourceSettings(n.cfg.Libvirt.Settings, m.lv.maxDowntime))
 	if err != nil {
 		return err
 	}
@@ -868,13 +879,56 @@ func (d *sourceDriver) publish(phase agentapi.TransferPhase) {
 		Pages: s.DataProcessed / dataplane.PageSize, Round: int(s.Iteration),
 		DirtyRate: float64(s.DirtyBytesPerSecond()), Time: d.n.cfg.Now(),
 	}
+	p.Throughput = float64(s.MemoryBandwidth)
 	if s.MemoryBandwidth > 0 {
 		p.ETA = time.Duration(float64(s.DataRemaining) / float64(s.MemoryBandwidth) * float64(time.Second))
 	}
+	// Past the first pass, a guest that dirties memory as fast as it is sent never converges.
+	if phase == agentapi.TransferPrecopy && s.Iteration > 1 && s.DirtyBytesPerSecond() >= s.MemoryBandwidth && s.MemoryBandwidth > 0 {
+		p.NotConverging, p.ETA = true, 0
+	}
+	d.round(phase == agentapi.TransferCutover)
 	d.m.setProgress(p)
 	d.n.log.Debug("Migration progress", attrMigration, d.m.id, attrPhase, string(phase), attrRound, p.Round, attrBytes, p.Bytes,
 		"remaining", s.DataRemaining, "bandwidth", s.MemoryBandwidth, "dirty_rate", p.DirtyRate, "throttle", s.AutoConvergeThrottle)
 	d.n.publish(d.report, p)
+}
+
+// round notes the job's statistics in the summary of the current iteration: libvirt
+// reports counters, not rounds, so a round is what the counters moved while one iteration
+// number held.
+func (d *sourceDriver) round(final bool) {
+	s := d.stats
+	if n := len(d.rounds); n == 0 || uint64(d.rounds[n-1].Round) != s.Iteration {
+		if n == agentapi.MaxRounds {
+			d.rounds = d.rounds[1:]
+		}
+		d.rounds = append(d.rounds, agentapi.RoundStats{Round: int(s.Iteration)})
+		d.roundBase = d.processed
+	}
+	d.processed = max(d.processed, s.DataProcessed)
+	r := &d.rounds[len(d.rounds)-1]
+	r.Final = final
+	r.Bytes = d.processed - d.roundBase
+	r.Pages = r.Bytes / dataplane.PageSize
+	r.DirtyRate, r.Throughput = float64(s.DirtyBytesPerSecond()), float64(s.MemoryBandwidth)
+	if r.Throughput > 0 {
+		r.Duration = time.Duration(float64(r.Bytes) / r.Throughput * float64(time.Second))
+	}
+}
+
+// sourceSettings are the source's libvirt settings for a transfer with downtime limit
+// limit: the agent's own, with its limit lowered to limit (never raised) and auto-converge
+// allowed, so that a guest that dirties memory too fast is throttled until it fits.
+func sourceSettings(s libvirt.Settings, limit time.Duration) libvirt.Settings {
+	if limit <= 0 {
+		return s
+	}
+	if s.MaxDowntime <= 0 || limit < s.MaxDowntime {
+		s.MaxDowntime = limit
+	}
+	s.AutoConverge = true
+	return s
 }
 
 // resume cancels the begun migration of a source guest left paused by a transfer in doubt,

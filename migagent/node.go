@@ -103,6 +103,9 @@ type Node struct {
 	guests   map[string]*guest
 	migs     map[string]*migration
 	stopping bool
+	// sendRate is the data plane's last measured throughput as a source, which turns a
+	// transfer's downtime limit into a dirty-set size.
+	sendRate rateGauge
 }
 
 // New checks cfg, fills in defaults and makes the configured guests' memory. It returns an

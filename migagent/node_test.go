@@ -379,6 +379,14 @@ func TestMigrations(t *testing.T) {
 			t.Fatalf("memory digests differ: source %x, destination %+v", m.Progress.MemoryDigest, st.Transfer)
 		}
 		t.Logf("memory digest %s after %d rounds", m.Progress.MemoryDigest, m.Progress.Round)
+		// The source measured the pause and reported its rounds, the final one last.
+		if m.Downtime <= 0 || m.DowntimeSource != agentapi.DowntimeAgent {
+			t.Errorf("downtime %v measured by %q, want a positive one by the agent", m.Downtime, m.DowntimeSource)
+		}
+		if n := len(m.Rounds); n != m.Progress.Round || n == 0 || !m.Rounds[n-1].Final || m.Rounds[0].Pages == 0 {
+			t.Errorf("rounds %+v, want %d ending with the final one", m.Rounds, m.Progress.Round)
+		}
+		t.Logf("downtime %v (agent's measurement, an upper bound)", m.Downtime)
 		if rc := e.receipt(id); rc.Outcome != receipt.OutcomeErased {
 			t.Errorf("receipt outcome %s, want erased", rc.Outcome)
 		}

@@ -209,6 +209,9 @@ func (c *checker) validate(p *Policy) {
 			c.fail(fmt.Sprintf("spec.transport.cipherSuites[%d]", i), "expected one of %s, got %q", strings.Join(CipherSuites, ", "), s)
 		}
 	}
+	if md := p.Spec.Transport.MaxDowntime; md != 0 && (md < time.Millisecond || md > MaxDowntimeLimit) {
+		c.fail("spec.transport.maxDowntime", "expected 0 or a duration from 1ms to %v, got %v", MaxDowntimeLimit, md)
+	}
 	if dl := p.Spec.Erasure.Deadline; dl < time.Second || dl > 24*time.Hour {
 		c.fail("spec.erasure.deadline", "expected a duration from 1s to 24h, got %v", dl)
 	}

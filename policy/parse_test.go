@@ -50,6 +50,7 @@ func TestDefaults(t *testing.T) {
 		d.Source.SNP.AllowMigrateMA, false,
 		d.Transport.CipherSuites, []string{CipherSuiteAES256GCM},
 		d.Transport.AllowZeroPageElision, false,
+		d.Transport.MaxDowntime, time.Duration(0),
 		d.Erasure.Deadline, 10 * time.Minute,
 		d.CEL, "",
 	}
@@ -78,7 +79,7 @@ func TestParseFull(t *testing.T) {
     regions: [eu]
     clean: {launchMeasurement: ` + strings.Repeat("ab", 48) + `}
   destinationTcbAtLeastSource: false
-  transport: {allowZeroPageElision: true}
+  transport: {allowZeroPageElision: true, maxDowntime: 250ms}
   erasure: {deadline: 90s}
   cel: destination.platform == "tdx"
 `
@@ -101,6 +102,7 @@ func TestParseFull(t *testing.T) {
 	want.Destination.Clean.LaunchMeasurement = repeat(0xab, 48)
 	want.DestinationTCBAtLeastSource = false
 	want.Transport.AllowZeroPageElision = true
+	want.Transport.MaxDowntime = 250 * time.Millisecond
 	want.Erasure.Deadline = 90 * time.Second
 	want.CEL = `destination.platform == "tdx"`
 	if diff := cmp.Diff(want, p.Spec); diff != "" {
@@ -167,6 +169,10 @@ func TestParseErrorKinds(t *testing.T) {
 			{Line: 8, Column: 46, Path: "spec.guests[5]", Message: `expected a VM name (lowercase letters, digits, '.', '_' and '-'), a prefix of one followed by '*', or '*', got ""`},
 			{Line: 8, Column: 50, Path: "spec.guests[6]", Message: "expected a string, got an integer"},
 		}},
+		{"downtime limit too long", minimal + "spec:\n  transport: {maxDowntime: 1h}\n", []ParseError{{Line: 8, Column: 28, Path: "spec.transport.maxDowntime",
+			Message: "expected 0 or a duration from 1ms to 10m0s, got 1h0m0s"}}},
+		{"negative downtime limit", minimal + "spec:\n  transport: {maxDowntime: -1s}\n", []ParseError{{Line: 8, Column: 28, Path: "spec.transport.maxDowntime",
+			Message: "expected 0 or a duration from 1ms to 10m0s, got -1s"}}},
 		{"no platforms", minimal + "spec:\n  source:\n    platforms: []\n", []ParseError{{Line: 9, Column: 16, Path: "spec.source.platforms",
 			Message: "expected at least one platform (sev-snp, tdx, emulated-sev-snp, emulated-tdx)"}}},
 		{"destination field at source", minimal + "spec:\n  source:\n    regions: [eu]\n", []ParseError{{Line: 9, Column: 5, Path: "spec.source.regions",
@@ -334,4 +340,26 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("error without position: %v", err)
 		}
 	})
+}
+
+func TestEffectiveMaxDowntime(t *testing.T) {
+	const ms = time.Millisecond
+	tests := map[string]struct {
+		operator, tenant, want time.Duration
+	}{
+		"tenant lowers":        {operator: 300 * ms, tenant: 100 * ms, want: 100 * ms},
+		"tenant cannot raise":  {operator: 300 * ms, tenant: 2000 * ms, want: 300 * ms},
+		"tenant sets none":     {operator: 300 * ms, tenant: 0, want: 300 * ms},
+		"operator sets none":   {operator: 0, tenant: 50 * ms, want: 50 * ms},
+		"neither sets one":     {},
+		"negative is no limit": {operator: -ms, tenant: 0, want: 0},
+		"equal limits":         {operator: 300 * ms, tenant: 300 * ms, want: 300 * ms},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			if got := EffectiveMaxDowntime(tc.operator, tc.tenant); got != tc.want {
+				t.Errorf("EffectiveMaxDowntime(%v, %v) = %v, want %v", tc.operator, tc.tenant, got, tc.want)
+			}
+		})
+	}
 }

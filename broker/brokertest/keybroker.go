@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/wireerr"
@@ -23,6 +24,9 @@ type KeyBroker struct {
 	// RefuseErasure makes a commit with erasure evidence fail with code unproven and this
 	// reason, unless it asks for an unverified erasure.
 	RefuseErasure string
+	// MaxDowntime is the tenant's downtime limit a release reports, as a policy's
+	// spec.transport.maxDowntime; zero for none.
+	MaxDowntime time.Duration
 
 	mu       sync.Mutex
 	nonces   int
@@ -58,6 +62,7 @@ func (k *KeyBroker) Release(_ context.Context, req *kbwire.ReleaseRequest) (*kbw
 		SealedSource:      []byte("fake-sealed-tk-for-" + req.MigrationID),
 		SealedDestination: []byte("fake-sealed-tk-mdk-for-" + req.MigrationID),
 		WrappedMDK:        fmt.Sprintf("vault:v1:fake-%s-%s-e%d", req.Tenant, req.VM, e+1),
+		MaxDowntime:       k.MaxDowntime,
 	}, nil
 }
 

@@ -48,6 +48,7 @@ type config struct {
 	agentTimeout, startTimeout    time.Duration
 	progressTimeout, perGiB       time.Duration
 	streams, replicas             int
+	maxDowntime                   time.Duration
 }
 
 func main() {
@@ -107,6 +108,7 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.Duration(&c.progressTimeout, "progress-timeout", "LETHE_PROGRESS_TIMEOUT", 0, "longest time without progress; 0: 150s")
 	fs.Duration(&c.perGiB, "timeout-per-gib", "LETHE_TIMEOUT_PER_GIB", 0, "transfer timeout per GiB of guest memory; 0: 150s")
 	fs.Int(&c.streams, "streams", "LETHE_STREAMS", 0, "data-plane streams per transfer; 0: 4")
+	fs.Duration(&c.maxDowntime, "max-downtime", "LETHE_MAX_DOWNTIME", 0, "longest pause of a guest at cutover, which a tenant's policy may lower (spec.transport.maxDowntime); 0: the agents' own limits")
 	fs.Int(&c.replicas, "replicas", "LETHE_REPLICAS", 0, "JetStream replicas; 0: 1")
 	return fs
 }
@@ -194,6 +196,7 @@ func run(ctx context.Context, c *config) error {
 		HostTTL:       c.hostTTL,
 		AgentTimeout:  c.agentTimeout,
 		Streams:       c.streams,
+		MaxDowntime:   c.maxDowntime,
 		Replicas:      c.replicas,
 		Timeouts:      broker.Timeouts{Start: c.startTimeout, Progress: c.progressTimeout, PerGiB: c.perGiB},
 		ReadPolicy:    readPrefilter,

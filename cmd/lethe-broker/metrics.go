@@ -17,9 +17,14 @@ type brokerMetrics struct {
 	unfinished  *prometheus.GaugeVec
 	durations   *prometheus.HistogramVec
 	handshake   prometheus.Histogram
+	downtime    prometheus.Histogram
 }
 
 var _ broker.Metrics = (*brokerMetrics)(nil)
+
+// downtimeBuckets span the pauses worth telling apart: tens of milliseconds (what live
+// migration aims at) to the minute a full-memory pass of a large guest would take.
+var downtimeBuckets = []float64{.01, .025, .05, .1, .2, .3, .5, .9, 1.5, 3, 6, 15, 60}
 
 // allPhases are the phases a migration can be in, so that the gauge of each is exported
 // even at zero.
@@ -54,8 +59,13 @@ func newBrokerMetrics(m *daemon.Metrics) *brokerMetrics {
 			Help:    "Latency of successful attestation handshakes: nonces, both agents' evidence and the keybroker's release, to the keys recorded.",
 			Buckets: daemon.RequestBuckets,
 		}),
+		downtime: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: daemon.MetricsNamespace, Subsystem: "migration", Name: "downtime_seconds",
+			Help:    "How long guests were paused at cutover, as their sources measured it, for the migrations this broker committed.",
+			Buckets: downtimeBuckets,
+		}),
 	}
-	m.Registry.MustRegister(b.transitions, b.finished, b.unfinished, b.durations, b.handshake)
+	m.Registry.MustRegister(b.transitions, b.finished, b.unfinished, b.durations, b.handshake, b.downtime)
 	for _, p := range allPhases {
 		if !p.Terminal() {
 			b.unfinished.WithLabelValues(string(p)).Set(0)
@@ -78,6 +88,9 @@ func (b *brokerMetrics) PhaseChanged(from, to broker.Phase, inFrom time.Duration
 		b.finished.WithLabelValues(broker.OutcomeAborted).Inc()
 	}
 }
+
+// Downtime implements broker.Metrics.
+func (b *brokerMetrics) Downtime(d time.Duration) { b.downtime.Observe(d.Seconds()) }
 
 // Handshake implements broker.Metrics.
 func (b *brokerMetrics) Handshake(d time.Duration) { b.handshake.Observe(d.Seconds()) }

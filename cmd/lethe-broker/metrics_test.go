@@ -17,6 +17,7 @@ func TestBrokerMetrics(t *testing.T) {
 	b := newBrokerMetrics(m)
 	b.PhaseChanged(broker.PhaseCommitted, broker.PhaseErased, 2*time.Second)
 	b.Handshake(150 * time.Millisecond)
+	b.Downtime(40 * time.Millisecond)
 	b.Unfinished(map[broker.Phase]int{broker.PhaseTransferring: 3})
 	b.NATSError("publish")
 
@@ -45,10 +46,10 @@ lethe_nats_errors_total{op="publish"} 1
 		"lethe_broker_phase_transitions_total", "lethe_broker_migrations_finished_total", "lethe_broker_migrations", "lethe_nats_errors_total"); err != nil {
 		t.Error(err)
 	}
-	for name, n := range map[string]int{"lethe_broker_phase_duration_seconds": 1, "lethe_broker_handshake_duration_seconds": 1} {
+	for name, n := range map[string]int{"lethe_broker_phase_duration_seconds": 1, "lethe_broker_handshake_duration_seconds": 1, "lethe_migration_downtime_seconds": 1} {
 		if got := testutil.CollectAndCount(m.Registry, name); got != n {
 			t.Errorf("%s: %d series, want %d", name, got, n)
 		}
 	}
-	daemontest.MetricsDocumented(t, m.Registry, 6)
+	daemontest.MetricsDocumented(t, m.Registry, 7)
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -232,6 +234,14 @@ func printMigration(w io.Writer, m *broker.Migration) {
 	if m.Outcome != "" {
 		fmt.Fprintf(w, "Outcome:      %s at %s\n", m.Outcome, m.Finished.Format(time.RFC3339))
 	}
+	if m.MaxDowntime > 0 {
+		fmt.Fprintf(w, "Max downtime: %s\n", durationText(m.MaxDowntime))
+	}
+	if m.Downtime > 0 {
+		fmt.Fprintf(w, "Downtime:     %s (measured by the %s)\n", durationText(m.Downtime), cmp.Or(m.DowntimeSource, "source"))
+	}
+	printTimeline(w, m)
+	printRounds(w, m)
 }
 
 func newMigrationsWatchCmd() *cobra.Command {
@@ -311,6 +321,9 @@ func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id str
 		switch m.Phase {
 		case broker.PhaseErased:
 			fmt.Fprintf(w, "%s: erased: %s/%s now runs on %s; receipt: lethectl receipt get %s\n", m.ID, m.Tenant, m.VM, m.Destination, m.ID)
+			if m.Downtime > 0 {
+				fmt.Fprintf(w, "%s: paused %s at cutover, %s in all\n", m.ID, durationText(m.Downtime), durationText(m.Finished.Sub(m.Created)))
+			}
 		default:
 			fmt.Fprintf(w, "%s: aborted (%s): %s/%s runs on at %s\n", m.ID, m.AbortReason, m.Tenant, m.VM, m.Source)
 		}
@@ -340,8 +353,55 @@ func progressLine(m *broker.Migration) string {
 	const width = 30
 	n := int(frac * width)
 	bar := strings.Repeat("=", n) + strings.Repeat(" ", width-n)
-	return fmt.Sprintf("[%s] %3.0f%% %s/%s round %d dirty %s/s ETA %s %s",
-		bar, frac*100, bytesText(p.Bytes), bytesText(total), p.Round, bytesText(uint64(p.DirtyRate)), p.ETA.Round(time.Second), m.Phase)
+	eta := "ETA " + p.ETA.Round(time.Second).String()
+	if p.NotConverging {
+		eta = "not converging"
+	}
+	return fmt.Sprintf("[%s] %3.0f%% %s/%s round %d dirty %s/s %s %s",
+		bar, frac*100, bytesText(p.Bytes), bytesText(total), p.Round, bytesText(uint64(p.DirtyRate)), eta, m.Phase)
+}
+
+// printTimeline writes the phases m entered, when, and how long each lasted.
+func printTimeline(w io.Writer, m *broker.Migration) {
+	if len(m.Timeline) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "Timeline:")
+	table(w, "  PHASE\tENTERED\tDURATION", func(tw io.Writer) {
+		for i, e := range m.Timeline {
+			d := "-"
+			if i < len(m.Timeline)-1 {
+				d = durationText(e.Duration)
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%s\n", e.Phase, e.Entered.Format(time.RFC3339Nano), d)
+		}
+	})
+}
+
+// printRounds writes m's pre-copy rounds.
+func printRounds(w io.Writer, m *broker.Migration) {
+	if len(m.Rounds) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "Rounds:")
+	table(w, "  ROUND\tPAGES\tBYTES\tDIRTY/S\tTHROUGHPUT/S\tDURATION", func(tw io.Writer) {
+		for _, r := range m.Rounds {
+			round := strconv.Itoa(r.Round)
+			if r.Final {
+				round += " (final)"
+			}
+			fmt.Fprintf(tw, "  %s\t%d\t%s\t%s\t%s\t%s\n", round, r.Pages, bytesText(r.Bytes),
+				bytesText(uint64(r.DirtyRate)), bytesText(uint64(r.Throughput)), durationText(r.Duration))
+		}
+	})
+}
+
+// durationText rounds d to what a reader compares: milliseconds below a minute.
+func durationText(d time.Duration) string {
+	if d < time.Minute {
+		return d.Round(time.Millisecond).String()
+	}
+	return d.Round(time.Second).String()
 }
 
 func bytesText(b uint64) string {

@@ -99,6 +99,9 @@ type ReleaseResponse struct {
 	// ZeroPageElision says whether the tenant's policy lets the source skip zero pages
 	// (spec.transport.allowZeroPageElision); the broker passes it on to the transfer.
 	ZeroPageElision bool `json:"zeroPageElision"`
+	// MaxDowntime is the tenant's downtime limit (spec.transport.maxDowntime), zero for none;
+	// the broker lowers its own limit to it, never raises it.
+	MaxDowntime time.Duration `json:"maxDowntime,omitempty"`
 	// Grant is the keybroker's signed statement of this release (package grant's DSSE
 	// envelope): both agents get it with their sealed keys and refuse keys without it.
 	Grant []byte `json:"grant"`

@@ -74,6 +74,10 @@ type TransferRequest struct {
 	Streams int `json:"streams,omitempty"`
 	// ZeroPageElision allows sending zero pages as a flag (the tenant's policy decides).
 	ZeroPageElision bool `json:"zeroPageElision"`
+	// MaxDowntime is the longest the guest may be paused at cutover: the operator's limit,
+	// lowered to the tenant's policy's. Pre-copy goes on until the dirty set fits it at the
+	// measured throughput. Zero means the agent's own limit.
+	MaxDowntime time.Duration `json:"maxDowntime,omitempty"`
 }
 
 // TransferPhase is where a transfer is.
@@ -101,8 +105,22 @@ type Progress struct {
 	Round int `json:"round"`
 	// DirtyRate is the rate at which the guest dirties memory, in bytes per second.
 	DirtyRate float64 `json:"dirtyRate"`
-	// ETA is the agent's estimate of the time left to converge.
+	// ETA is the agent's estimate of the time left to converge; meaningless (zero) while
+	// NotConverging.
 	ETA time.Duration `json:"eta"`
+	// NotConverging says the guest dirties memory faster than pre-copy sends it, so that the
+	// dirty set does not shrink towards the downtime limit: there is no ETA.
+	NotConverging bool `json:"notConverging,omitempty"`
+	// Throughput is the rate of the last round, in bytes per second.
+	Throughput float64 `json:"throughput,omitempty"`
+	// Downtime is how long the guest was paused, from the pause before the final round to
+	// the destination's commit acknowledgement, in phase committed. See DowntimeSource.
+	Downtime time.Duration `json:"downtime,omitempty"`
+	// DowntimeSource says who measured Downtime: DowntimeHypervisor (libvirt's job
+	// statistics) or DowntimeAgent (the source agent's clock).
+	DowntimeSource string `json:"downtimeSource,omitempty"`
+	// Rounds summarises the pre-copy rounds, the final one last, in phase committed.
+	Rounds []RoundStats `json:"rounds,omitempty"`
 	// CommitAck is the destination's commit acknowledgement (MACed with the transfer key), set
 	// in phase committed.
 	CommitAck []byte `json:"commitAck,omitempty"`
@@ -114,6 +132,35 @@ type Progress struct {
 	Error string `json:"error,omitempty"`
 	// Time is when the agent produced this report.
 	Time time.Time `json:"time"`
+}
+
+// Who measured a Progress's Downtime.
+const (
+	// DowntimeHypervisor is the hypervisor's own measurement (libvirt's job statistics).
+	DowntimeHypervisor = "hypervisor"
+	// DowntimeAgent is the source agent's: from its pause of the guest to the end of the
+	// data plane's run after the commit acknowledgement, an upper bound.
+	DowntimeAgent = "agent"
+)
+
+// MaxRounds bounds Progress.Rounds; a transfer with more rounds reports its last ones.
+const MaxRounds = 64
+
+// RoundStats summarises one pre-copy round.
+type RoundStats struct {
+	// Round counts from 1.
+	Round int `json:"round"`
+	// Final marks the round sent while the guest was paused.
+	Final bool `json:"final,omitempty"`
+	// Pages and Bytes are what the round sent.
+	Pages uint64 `json:"pages"`
+	Bytes uint64 `json:"bytes"`
+	// DirtyRate is how fast the guest dirtied memory during the round, bytes per second.
+	DirtyRate float64 `json:"dirtyRate"`
+	// Throughput is how fast the round sent, bytes per second.
+	Throughput float64 `json:"throughput"`
+	// Duration is how long the round took.
+	Duration time.Duration `json:"duration"`
 }
 
 // StatusRequest asks an agent for its view of a migration.

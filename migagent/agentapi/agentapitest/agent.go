@@ -164,6 +164,15 @@ func (a *Agent) Transfer(_ context.Context, req *agentapi.TransferRequest, repor
 	return &p, nil
 }
 
+// FakeDowntime and FakeRounds are what Commit reports as the transfer's downtime and rounds.
+var (
+	FakeDowntime = 42 * time.Millisecond
+	FakeRounds   = []agentapi.RoundStats{
+		{Round: 1, Pages: 256, Bytes: 1 << 20, DirtyRate: 4096, Throughput: 1 << 30, Duration: time.Millisecond},
+		{Round: 2, Final: true, Pages: 1, Bytes: 4096, Throughput: 1 << 22, Duration: time.Millisecond},
+	}
+)
+
 // Report publishes p for migration id as the transfer's progress (and keeps it as its state).
 func (a *Agent) Report(id string, p agentapi.Progress) error {
 	a.mu.Lock()
@@ -185,7 +194,8 @@ func (a *Agent) Commit(id string) error {
 	steps := []agentapi.Progress{
 		{Phase: agentapi.TransferPrecopy, Bytes: 1 << 20, Pages: 256, TotalBytes: 1 << 20, Round: 1, DirtyRate: 4096, ETA: time.Second},
 		{Phase: agentapi.TransferCutover, Bytes: 1 << 20, Pages: 256, TotalBytes: 1 << 20, Round: 2},
-		{Phase: agentapi.TransferCommitted, Bytes: 1 << 20, Pages: 256, TotalBytes: 1 << 20, Round: 2, CommitAck: []byte("fake-commit-ack")},
+		{Phase: agentapi.TransferCommitted, Bytes: 1 << 20, Pages: 256, TotalBytes: 1 << 20, Round: 2, CommitAck: []byte("fake-commit-ack"),
+			Downtime: FakeDowntime, DowntimeSource: agentapi.DowntimeAgent, Rounds: FakeRounds},
 	}
 	for _, p := range steps {
 		if err := a.Report(id, p); err != nil {

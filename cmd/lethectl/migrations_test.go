@@ -1,0 +1,95 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+)
+
+// committedMigration is a finished migration as the broker records it.
+func committedMigration() *broker.Migration {
+	t0 := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	return &broker.Migration{
+		ID: "mig-A", Tenant: "demo", VM: "web", Source: "h1", Destination: "h2", Platform: attest.PlatformSEVSNP, Epoch: 1,
+		Phase: broker.PhaseErased, PhaseSince: at(2500), RequestedBy: "tenant:demo", Created: t0,
+		Outcome: broker.OutcomeErased, Finished: at(2500),
+		MaxDowntime: 300 * time.Millisecond, Downtime: 42 * time.Millisecond, DowntimeSource: agentapi.DowntimeAgent,
+		Timeline: []broker.PhaseEntry{
+			{Phase: broker.PhaseRequested, Entered: at(0), Duration: 5 * time.Millisecond},
+			{Phase: broker.PhaseTransferring, Entered: at(5), Duration: 1800 * time.Millisecond},
+			{Phase: broker.PhaseErased, Entered: at(2500)},
+		},
+		Rounds: []agentapi.RoundStats{
+			{Round: 1, Pages: 256, Bytes: 1 << 20, DirtyRate: 4096, Throughput: 1 << 30, Duration: time.Millisecond},
+			{Round: 2, Final: true, Pages: 1, Bytes: 4096, Throughput: 1 << 22, Duration: time.Millisecond},
+		},
+	}
+}
+
+func TestPrintMigrationShowsDowntimeTimelineRounds(t *testing.T) {
+	var b bytes.Buffer
+	printMigration(&b, committedMigration())
+	want := `Migration:    mig-A
+Guest:        demo/web (epoch 1, sev-snp)
+From → to:    h1 → h2
+Phase:        Erased (since 2026-12-05T10:00:02Z)
+Requested by: tenant:demo at 2026-12-05T10:00:00Z
+Outcome:      erased at 2026-12-05T10:00:02Z
+Max downtime: 300ms
+Downtime:     42ms (measured by the agent)
+Timeline:
+  PHASE         ENTERED                   DURATION
+  Requested     2026-12-05T10:00:00Z      5ms
+  Transferring  2026-12-05T10:00:00.005Z  1.8s
+  Erased        2026-12-05T10:00:02.5Z    -
+Rounds:
+  ROUND      PAGES  BYTES    DIRTY/S  THROUGHPUT/S  DURATION
+  1          256    1.0 MiB  4.0 KiB  1.0 GiB       1ms
+  2 (final)  1      4.0 KiB  0 B      4.0 MiB       1ms
+`
+	if diff := cmp.Diff(want, b.String()); diff != "" {
+		t.Errorf("output (-want +got):\n%s", diff)
+	}
+}
+
+func TestMigrationJSONCarriesDowntimeTimelineRounds(t *testing.T) {
+	var b bytes.Buffer
+	o := brokerOpts{output: "json"}
+	if err := o.show(&b, committedMigration(), nil); err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Downtime time.Duration         `json:"downtime"`
+		Timeline []broker.PhaseEntry   `json:"timeline"`
+		Rounds   []agentapi.RoundStats `json:"rounds"`
+	}
+	if err := json.Unmarshal(b.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	m := committedMigration()
+	if diff := cmp.Diff([]any{m.Downtime, m.Timeline, m.Rounds}, []any{got.Downtime, got.Timeline, got.Rounds}); diff != "" {
+		t.Errorf("JSON (-want +got):\n%s", diff)
+	}
+}
+
+func TestProgressLineNotConverging(t *testing.T) {
+	m := &broker.Migration{Phase: broker.PhaseTransferring, MemoryBytes: 1 << 30, Progress: &agentapi.Progress{
+		Phase: agentapi.TransferPrecopy, Bytes: 1 << 29, TotalBytes: 1 << 30, Round: 7, DirtyRate: 1 << 27, NotConverging: true,
+	}}
+	if got := progressLine(m); !strings.Contains(got, "not converging") || strings.Contains(got, "ETA") {
+		t.Errorf("progress line %q, want one saying not converging instead of an ETA", got)
+	}
+	m.Progress.NotConverging, m.Progress.ETA = false, 3*time.Second
+	if got := progressLine(m); !strings.Contains(got, "ETA 3s") {
+		t.Errorf("progress line %q, want ETA 3s", got)
+	}
+}

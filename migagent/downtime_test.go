@@ -1,0 +1,113 @@
+package migagent
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/lethe-cc/lethe/migagent/dataplane"
+	"github.com/lethe-cc/lethe/migagent/libvirt"
+)
+
+func TestConvergedPages(t *testing.T) {
+	const mibps = 1 << 20
+	tests := map[string]struct {
+		limit time.Duration
+		rate  float64
+		want  int
+	}{
+		"no limit":              {rate: 100 * mibps, want: 256},
+		"no measured rate":      {limit: 300 * time.Millisecond, want: 256},
+		"limit at the rate":     {limit: 300 * time.Millisecond, rate: 100 * mibps, want: 30 * mibps / dataplane.PageSize},
+		"tight limit":           {limit: time.Millisecond, rate: 4 * mibps, want: 1},
+		"at least one page":     {limit: time.Microsecond, rate: 1 * mibps, want: 1},
+		"negative is unlimited": {limit: -time.Second, rate: 100 * mibps, want: 256},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			if got := convergedPages(tc.limit, tc.rate, 256); got != tc.want {
+				t.Errorf("convergedPages(%v, %v) = %d, want %d", tc.limit, tc.rate, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestSourceSettings(t *testing.T) {
+	const ms = time.Millisecond
+	tests := map[string]struct {
+		agent libvirt.Settings
+		limit time.Duration
+		want  libvirt.Settings
+	}{
+		"no limit keeps the agent's": {agent: libvirt.Settings{MaxDowntime: 300 * ms}, want: libvirt.Settings{MaxDowntime: 300 * ms}},
+		"a lower limit wins":         {agent: libvirt.Settings{MaxDowntime: 300 * ms}, limit: 100 * ms, want: libvirt.Settings{MaxDowntime: 100 * ms, AutoConverge: true}},
+		"a higher limit does not":    {agent: libvirt.Settings{MaxDowntime: 300 * ms}, limit: time.Second, want: libvirt.Settings{MaxDowntime: 300 * ms, AutoConverge: true}},
+		"the agent sets none":        {agent: libvirt.Settings{PostCopy: true}, limit: 50 * ms, want: libvirt.Settings{MaxDowntime: 50 * ms, AutoConverge: true, PostCopy: true}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			if diff := cmp.Diff(tc.want, sourceSettings(tc.agent, tc.limit)); diff != "" {
+				t.Errorf("settings (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestTransferLog(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	var rate float64
+	tl := &transferLog{now: func() time.Time { return now }, sendRate: func(r float64) { rate = r }}
+	if d := tl.downtime(now); d != 0 {
+		t.Errorf("downtime before a pause = %v, want 0", d)
+	}
+	tl.round(dataplane.Progress{Round: 0, Pages: 256, Bytes: 1 << 20, DirtyRate: 10, Rate: 1 << 30, Dirty: 4})
+	if err := (pauseClock{Pauser: nopPauser{}, tl: tl}).Pause(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	tl.round(dataplane.Progress{Round: 1, Final: true, Pages: 4, Bytes: 4 * dataplane.PageSize, Rate: 1 << 24})
+	want := []agentapi.RoundStats{
+		{Round: 1, Pages: 256, Bytes: 1 << 20, DirtyRate: 10 * dataplane.PageSize, Throughput: 1 << 30, Duration: time.Second / 1024},
+		{Round: 2, Final: true, Pages: 4, Bytes: 4 * dataplane.PageSize, Throughput: 1 << 24, Duration: time.Second / 1024},
+	}
+	if diff := cmp.Diff(want, tl.rounds); diff != "" {
+		t.Errorf("rounds (-want +got):\n%s", diff)
+	}
+	if rate != 1<<30 {
+		t.Errorf("last send rate %v, want the pre-copy round's %v", rate, 1<<30)
+	}
+	if d := tl.downtime(now.Add(40 * time.Millisecond)); d != 40*time.Millisecond {
+		t.Errorf("downtime = %v, want 40ms", d)
+	}
+}
+
+type nopPauser struct{}
+
+func (nopPauser) Pause(context.Context) error  { return nil }
+func (nopPauser) Resume(context.Context) error { return nil }
+
+// TestLibvirtRounds checks the rounds a libvirt source reports: libvirt's job statistics
+// count bytes over all iterations, and a round is what they moved while one iteration held.
+func TestLibvirtRounds(t *testing.T) {
+	const mib = 1 << 20
+	d := &sourceDriver{}
+	for _, s := range []libvirt.Progress{
+		{Iteration: 1, DataProcessed: 10 * mib, MemoryBandwidth: 100 * mib},
+		{Iteration: 1, DataProcessed: 60 * mib, MemoryBandwidth: 100 * mib},
+		{Iteration: 2, DataProcessed: 70 * mib, MemoryBandwidth: 50 * mib, DirtyRate: 256, PageSize: 4096},
+	} {
+		d.stats = s
+		d.round(false)
+	}
+	d.stats = libvirt.Progress{Iteration: 2, DataProcessed: 72 * mib, MemoryBandwidth: 40 * mib, Downtime: 30 * time.Millisecond}
+	d.round(true)
+	want := []agentapi.RoundStats{
+		{Round: 1, Pages: 60 * mib / dataplane.PageSize, Bytes: 60 * mib, Throughput: 100 * mib, Duration: 600 * time.Millisecond},
+		{Round: 2, Final: true, Pages: 12 * mib / dataplane.PageSize, Bytes: 12 * mib, Throughput: 40 * mib, Duration: 300 * time.Millisecond},
+	}
+	if diff := cmp.Diff(want, d.rounds); diff != "" {
+		t.Errorf("rounds (-want +got):\n%s", diff)
+	}
+}
