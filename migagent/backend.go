@@ -90,7 +90,7 @@ func (b memoryBackend) runSource(ctx context.Context, m *migration, src *datapla
 	out := sendOutcome{
 		progress: agentapi.Progress{
 			MigrationID: m.id, Bytes: uint64(res.BytesSent), Pages: uint64(res.PagesSent), TotalBytes: uint64(m.size),
-			Round: res.Rounds, Time: n.cfg.Now(), MemoryDigest: res.MemoryDigest,
+			Round: len(res.Rounds), Time: n.cfg.Now(), MemoryDigest: res.MemoryDigest,
 		},
 		err: err,
 	}

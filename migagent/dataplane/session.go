@@ -72,7 +72,8 @@ type session struct {
 
 	// Inbound dispatch.
 	region     *Region
-	received   []uint64 // destination: pages received at least once
+	digests    *chunkDigests // of the pages sent (source) or written (destination); nil without a region
+	received   []uint64      // destination: pages received at least once
 	zeroPages  bool
 	local      io.Writer // byte stream sink
 	localClose func() error
@@ -105,6 +106,9 @@ type stream struct {
 	sendOff uint64 // owned by the sealer
 	finHash []byte // set by the sealer before its FIN is written
 	recvOff uint64 // owned by the opener
+	// cursor hashes the chunks of this stream as the sealer sends them (source) or the
+	// opener writes them (destination).
+	cursor chunkCursor
 }
 
 type sessionConfig struct {
@@ -143,8 +147,11 @@ func newSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 			s.localWrite = cw.CloseWrite
 		}
 	}
-	if s.region != nil && s.role == roleDestination {
-		s.received = make([]uint64, (s.region.Pages()+63)/64)
+	if s.region != nil {
+		s.digests = newChunkDigests(s.region)
+		if s.role == roleDestination {
+			s.received = make([]uint64, (s.region.Pages()+63)/64)
+		}
 	}
 	outDir, inDir := sourceToDestination, destinationToSource
 	if s.role == roleDestination {
@@ -160,17 +167,18 @@ func newSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 			return nil, fmt.Errorf("deriving stream %d key: %w", i, err)
 		}
 		s.streams = append(s.streams, &stream{
-			s:     s,
-			index: uint32(i),
-			conn:  conn,
-			w:     newFrameWriter(seal, uint32(i), cfg.transcript),
-			jobs:  make(chan sendJob, 64),
-			out:   make(chan outItem, defaultDepth),
-			free:  make(chan *frameBuf, defaultDepth),
-			r:     newFrameReader(conn, open, uint32(i), cfg.transcript),
-			rout:  make(chan *frameBuf, defaultDepth),
-			rfree: make(chan *frameBuf, defaultDepth),
-			ended: make(chan struct{}),
+			s:      s,
+			index:  uint32(i),
+			conn:   conn,
+			w:      newFrameWriter(seal, uint32(i), cfg.transcript),
+			jobs:   make(chan sendJob, 64),
+			out:    make(chan outItem, defaultDepth),
+			free:   make(chan *frameBuf, defaultDepth),
+			r:      newFrameReader(conn, open, uint32(i), cfg.transcript),
+			rout:   make(chan *frameBuf, defaultDepth),
+			rfree:  make(chan *frameBuf, defaultDepth),
+			ended:  make(chan struct{}),
+			cursor: chunkCursor{digests: s.digests, chunk: -1},
 		})
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
@@ -468,6 +476,9 @@ func (st *stream) sealer() {
 		ok := true
 		switch job.typ {
 		case frameMarker:
+			// Everything queued before the marker is sent: its chunks' digests are final
+			// unless a later round sends them again.
+			st.cursor.settle()
 			select {
 			case st.out <- outItem{done: job.done}:
 			case <-s.ctx.Done():
@@ -497,6 +508,7 @@ func (st *stream) sealer() {
 // sealPages seals pages [first, first+n), as zero-page flags where allowed.
 func (st *stream) sealPages(first uint64, n uint32) bool {
 	r := st.s.region
+	st.cursor.touch(int(first / chunkPages))
 	if !st.s.zeroPages {
 		return st.emit(framePages, first, n, r.pageRange(int(first), int(n)), nil)
 	}
@@ -657,6 +669,7 @@ func (st *stream) dispatch(h header, frame []byte) error {
 		if int((h.offset/chunkPages)%uint64(len(s.streams))) != int(st.index) {
 			return st.frameErr(h, fmt.Errorf("%w: pages %d+%d belong to another stream", ErrMisroutedFrame, h.offset, h.pages))
 		}
+		st.cursor.touch(int(h.offset / chunkPages))
 		dst := s.region.pageRange(int(h.offset), int(h.pages))
 		if h.typ == framePages {
 			if _, err := st.r.open(dst[:0:len(dst)], h, frame); err != nil {
@@ -714,6 +727,7 @@ func (st *stream) dispatch(h header, frame []byte) error {
 			return err
 		}
 		st.finSeen = true
+		st.cursor.settle() // this stream writes no more pages
 		s.fins <- finRecord{
 			stream: int(st.index),
 			hash:   append([]byte(nil), pt[finSize-sha256.Size:]...),
