@@ -2,7 +2,7 @@ package dataplane
 
 import (
 	"bytes"
-		"crypto/sha256"
+	"crypto/sha256"
 	"encoding/binary"
 	"testing"
 )
@@ -63,4 +63,3 @@ func TestMigrateDigestIsOfWhatWasSent(t *testing.T) {
 		t.Errorf("downtime %v, rounds %+v: want a positive downtime and a final round", m.srcRes.Downtime, m.srcRes.Rounds)
 	}
 }
-
