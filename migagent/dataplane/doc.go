@@ -39,7 +39,7 @@
 // [ErrReplayedFrame], [ErrTruncatedFrame], [ErrFrameAuthentication], [ErrMisroutedFrame] or
 // [ErrMalformedFrame]. Each stream ends with a FIN frame carrying its counts, its transcript
 // hash and the memory digest: the memory root ([MemoryRoot]), a SHA-256 over the SHA-256 of
-// each 1 MiB chunk. Each end keeps its chunk digests as it goes, the source of each chunk as
+// each 256 KiB chunk. Each end keeps its chunk digests as it goes, the source of each chunk as
 // it last sent it, the destination of each chunk as it last wrote it, so that the pause
 // before cutover hashes only the chunks of the final round, not the whole memory. The
 // destination checks the FINs, that every page of the region arrived, and that the root of

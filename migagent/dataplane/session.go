@@ -509,7 +509,7 @@ func (st *stream) sealer() {
 // sealPages seals pages [first, first+n), as zero-page flags where allowed.
 func (st *stream) sealPages(first uint64, n uint32) bool {
 	r := st.s.region
-	st.cursor.touch(int(first / chunkPages))
+	st.cursor.touch(int(first), int(n))
 	if !st.s.zeroPages {
 		return st.emit(framePages, first, n, r.pageRange(int(first), int(n)), nil)
 	}
@@ -670,7 +670,7 @@ func (st *stream) dispatch(h header, frame []byte) error {
 		if int((h.offset/chunkPages)%uint64(len(s.streams))) != int(st.index) {
 			return st.frameErr(h, fmt.Errorf("%w: pages %d+%d belong to another stream", ErrMisroutedFrame, h.offset, h.pages))
 		}
-		st.cursor.touch(int(h.offset / chunkPages))
+		st.cursor.touch(int(h.offset), int(h.pages))
 		dst := s.region.pageRange(int(h.offset), int(h.pages))
 		if h.typ == framePages {
 			if _, err := st.r.open(dst[:0:len(dst)], h, frame); err != nil {
