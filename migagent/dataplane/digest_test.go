@@ -16,9 +16,13 @@ func TestMemoryRootDefinition(t *testing.T) {
 	h := sha256.New()
 	h.Write([]byte("lethe/v1/memory"))
 	h.Write(binary.BigEndian.AppendUint64(nil, size))
-	for off := 0; off < size; off += 256 << 10 {
-		sum := sha256.Sum256(r.Bytes()[off:min(off+256<<10, size)])
-		h.Write(sum[:])
+	for first := 0; first < r.Pages(); first += 64 {
+		c := sha256.New()
+		for i := first; i < min(first+64, r.Pages()); i++ {
+			p := sha256.Sum256(r.Page(i))
+			c.Write(p[:])
+		}
+		h.Write(c.Sum(nil))
 	}
 	if got, want := MemoryRoot(r), h.Sum(nil); !bytes.Equal(got, want) {
 		t.Errorf("MemoryRoot = %x, want %x", got, want)

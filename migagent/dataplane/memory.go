@@ -40,6 +40,10 @@ func NewRegion(size int64) (*Region, error) {
 		return nil, fmt.Errorf("mapping region of %d bytes: %w", size, err)
 	}
 	_ = unix.Madvise(data, unix.MADV_DONTDUMP)
+	// Transparent huge pages where the kernel offers them: a first touch faults in 2 MiB, not
+	// 4 KiB, and a first read maps the huge zero page, so checking a fresh region reads as
+	// zero (Clean) and receiving into it take 512 times fewer page faults.
+	_ = unix.Madvise(data, unix.MADV_HUGEPAGE)
 	r := newRegion(data, nil)
 	r.fresh.Store(true)
 	return r, nil

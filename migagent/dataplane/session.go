@@ -507,11 +507,17 @@ func (st *stream) sealer() {
 }
 
 // sealPages seals pages [first, first+n), as zero-page flags where allowed.
+// Each page's digest is then set from the region: if the page changed since it was sealed,
+// it is dirty and will be sent, and hashed, again.
 func (st *stream) sealPages(first uint64, n uint32) bool {
-	r := st.s.region
+	r, d := st.s.region, st.s.digests
 	st.cursor.touch(int(first), int(n))
 	if !st.s.zeroPages {
-		return st.emit(framePages, first, n, r.pageRange(int(first), int(n)), nil)
+		if !st.emit(framePages, first, n, r.pageRange(int(first), int(n)), nil) {
+			return false
+		}
+		d.hashPages(int(first), int(n))
+		return true
 	}
 	start, startZero := uint32(0), isZero(r.Page(int(first)))
 	for k := uint32(1); k <= n; k++ {
@@ -522,14 +528,17 @@ func (st *stream) sealPages(first uint64, n uint32) bool {
 		if k < n && z == startZero {
 			continue
 		}
-		var ok bool
+		runFirst, runN := first+uint64(start), k-start
 		if startZero {
-			ok = st.emit(frameZeroPages, first+uint64(start), k-start, nil, nil)
+			if !st.emit(frameZeroPages, runFirst, runN, nil, nil) {
+				return false
+			}
+			d.zeroPages(int(runFirst), int(runN))
 		} else {
-			ok = st.emit(framePages, first+uint64(start), k-start, r.pageRange(int(first+uint64(start)), int(k-start)), nil)
-		}
-		if !ok {
-			return false
+			if !st.emit(framePages, runFirst, runN, r.pageRange(int(runFirst), int(runN)), nil) {
+				return false
+			}
+			d.hashPages(int(runFirst), int(runN))
 		}
 		start, startZero = k, z
 	}
@@ -676,11 +685,13 @@ func (st *stream) dispatch(h header, frame []byte) error {
 			if _, err := st.r.open(dst[:0:len(dst)], h, frame); err != nil {
 				return err
 			}
+			s.digests.hashPages(int(h.offset), int(h.pages))
 		} else {
 			if _, err := st.r.open(inPlace, h, frame); err != nil {
 				return err
 			}
 			clear(dst)
+			s.digests.zeroPages(int(h.offset), int(h.pages))
 		}
 		for p := h.offset; p < h.offset+uint64(h.pages); p++ {
 			s.received[p/64] |= 1 << (p % 64)
