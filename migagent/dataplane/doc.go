@@ -38,12 +38,12 @@
 // another key ends the migration with a [*FrameError] wrapping [ErrReorderedFrame],
 // [ErrReplayedFrame], [ErrTruncatedFrame], [ErrFrameAuthentication], [ErrMisroutedFrame] or
 // [ErrMalformedFrame]. Each stream ends with a FIN frame carrying its counts, its transcript
-// hash and the memory digest: the memory root ([MemoryRoot]), a SHA-256 over the SHA-256 of
-// each 256 KiB chunk. Each end keeps its chunk digests as it goes, the source of each chunk as
-// it last sent it, the destination of each chunk as it last wrote it, so that the pause
-// before cutover hashes only the chunks of the final round, not the whole memory. The
-// destination checks the FINs, that every page of the region arrived, and that the root of
-// what it wrote equals the digest, before it returns a commit
+// hash and the memory digest: the memory root ([MemoryRoot]), a SHA-256 over the digests of
+// 64-page chunks, each a SHA-256 over its pages' SHA-256s. Each end keeps these digests as it
+// goes, the source of each page as it last sent it, the destination of each page as it last
+// wrote it, so that the pause before cutover hashes only the pages of the final round, not
+// the whole memory. The destination checks the FINs, that every page of the region arrived,
+// and that the root of what it wrote equals the digest, before it returns a commit
 // acknowledgement ([Commit], which is grant.CommitAck) MACed with a key derived from TK alone,
 // so that the keybroker, which holds TK but neither KEM secret, can check it. A byte stream
 // without a region has no memory digest (its field in the FINs is zero and unchecked): its
