@@ -106,8 +106,9 @@ type stream struct {
 	sendOff uint64 // owned by the sealer
 	finHash []byte // set by the sealer before its FIN is written
 	recvOff uint64 // owned by the opener
-	// cursor hashes the chunks of this stream as the sealer sends them (source) or the
-	// opener writes them (destination).
+	// hashes carries to the hasher, in order, the pages the sealer has sent (source) or the
+	// opener has written (destination); the hasher alone uses cursor.
+	hashes chan hashJob
 	cursor chunkCursor
 }
 
@@ -179,12 +180,14 @@ func newSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 			rout:   make(chan *frameBuf, defaultDepth),
 			rfree:  make(chan *frameBuf, defaultDepth),
 			ended:  make(chan struct{}),
+			hashes: make(chan hashJob, 4*defaultDepth),
 			cursor: chunkCursor{digests: s.digests, chunk: -1},
 		})
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	for _, st := range s.streams {
-		s.wg.Add(4)
+		s.wg.Add(5)
+		go st.hasher()
 		go st.sealer()
 		go st.writer()
 		go st.reader()
@@ -477,9 +480,12 @@ func (st *stream) sealer() {
 		ok := true
 		switch job.typ {
 		case frameMarker:
-			// Everything queued before the marker is sent: its chunks' digests are final
-			// unless a later round sends them again.
-			st.cursor.settle()
+			// Everything queued before the marker is sent once the marker is written, and
+			// hashed once the hasher has settled: the round's digests are final unless a
+			// later round sends the pages again.
+			if !st.settleDigests() {
+				return
+			}
 			select {
 			case st.out <- outItem{done: job.done}:
 			case <-s.ctx.Done():
@@ -510,14 +516,10 @@ func (st *stream) sealer() {
 // Each page's digest is then set from the region: if the page changed since it was sealed,
 // it is dirty and will be sent, and hashed, again.
 func (st *stream) sealPages(first uint64, n uint32) bool {
-	r, d := st.s.region, st.s.digests
-	st.cursor.touch(int(first), int(n))
+	r := st.s.region
 	if !st.s.zeroPages {
-		if !st.emit(framePages, first, n, r.pageRange(int(first), int(n)), nil) {
-			return false
-		}
-		d.hashPages(int(first), int(n))
-		return true
+		return st.emit(framePages, first, n, r.pageRange(int(first), int(n)), nil) &&
+			st.hashPages(hashJob{first: int(first), n: int(n)})
 	}
 	start, startZero := uint32(0), isZero(r.Page(int(first)))
 	for k := uint32(1); k <= n; k++ {
@@ -530,19 +532,80 @@ func (st *stream) sealPages(first uint64, n uint32) bool {
 		}
 		runFirst, runN := first+uint64(start), k-start
 		if startZero {
-			if !st.emit(frameZeroPages, runFirst, runN, nil, nil) {
+			if !st.emit(frameZeroPages, runFirst, runN, nil, nil) || !st.hashPages(hashJob{first: int(runFirst), n: int(runN), zero: true}) {
 				return false
 			}
-			d.zeroPages(int(runFirst), int(runN))
 		} else {
-			if !st.emit(framePages, runFirst, runN, r.pageRange(int(runFirst), int(runN)), nil) {
+			if !st.emit(framePages, runFirst, runN, r.pageRange(int(runFirst), int(runN)), nil) || !st.hashPages(hashJob{first: int(runFirst), n: int(runN)}) {
 				return false
 			}
-			d.hashPages(int(runFirst), int(runN))
 		}
 		start, startZero = k, z
 	}
 	return true
+}
+
+// hashJob asks a stream's hasher to set the digests of pages [first, first+n), zero pages if
+// zero, or, with done, to settle its chunk digests and close done.
+type hashJob struct {
+	first, n int
+	zero     bool
+	done     chan struct{}
+}
+
+// hashPages queues the hashing of pages just sent or written. It returns false if the
+// session ended.
+func (st *stream) hashPages(j hashJob) bool {
+	select {
+	case st.hashes <- j:
+		return true
+	case <-st.s.ctx.Done():
+		return false
+	}
+}
+
+// settleDigests waits until the hasher has hashed every page queued so far and settled the
+// chunk digests. It returns false if the session ended.
+func (st *stream) settleDigests() bool {
+	done := make(chan struct{})
+	if !st.hashPages(hashJob{done: done}) {
+		return false
+	}
+	select {
+	case <-done:
+		return true
+	case <-st.s.ctx.Done():
+		return false
+	}
+}
+
+// hasher sets page and chunk digests, in the order the pages were sent or written, beside
+// the sealer or opener so that hashing does not hold up the stream. A page's digest is set
+// after it was sealed (source: if the page changed since, it is dirty and will be sent, and
+// hashed, again) or written (destination: the last write of a page is followed by its last
+// hash, since jobs are in order).
+func (st *stream) hasher() {
+	defer st.s.wg.Done()
+	d := st.s.digests
+	for {
+		var j hashJob
+		select {
+		case j = <-st.hashes:
+		case <-st.s.ctx.Done():
+			return
+		}
+		switch {
+		case j.done != nil:
+			st.cursor.settle()
+			close(j.done)
+		case j.zero:
+			st.cursor.touch(j.first, j.n)
+			d.zeroPages(j.first, j.n)
+		default:
+			st.cursor.touch(j.first, j.n)
+			d.hashPages(j.first, j.n)
+		}
+	}
 }
 
 func (st *stream) writer() {
@@ -679,19 +742,19 @@ func (st *stream) dispatch(h header, frame []byte) error {
 		if int((h.offset/chunkPages)%uint64(len(s.streams))) != int(st.index) {
 			return st.frameErr(h, fmt.Errorf("%w: pages %d+%d belong to another stream", ErrMisroutedFrame, h.offset, h.pages))
 		}
-		st.cursor.touch(int(h.offset), int(h.pages))
 		dst := s.region.pageRange(int(h.offset), int(h.pages))
 		if h.typ == framePages {
 			if _, err := st.r.open(dst[:0:len(dst)], h, frame); err != nil {
 				return err
 			}
-			s.digests.hashPages(int(h.offset), int(h.pages))
 		} else {
 			if _, err := st.r.open(inPlace, h, frame); err != nil {
 				return err
 			}
 			clear(dst)
-			s.digests.zeroPages(int(h.offset), int(h.pages))
+		}
+		if !st.hashPages(hashJob{first: int(h.offset), n: int(h.pages), zero: h.typ == frameZeroPages}) {
+			return s.err()
 		}
 		for p := h.offset; p < h.offset+uint64(h.pages); p++ {
 			s.received[p/64] |= 1 << (p % 64)
@@ -739,7 +802,9 @@ func (st *stream) dispatch(h header, frame []byte) error {
 			return err
 		}
 		st.finSeen = true
-		st.cursor.settle() // this stream writes no more pages
+		if s.region != nil && !st.settleDigests() { // this stream writes no more pages
+			return s.err()
+		}
 		s.fins <- finRecord{
 			stream: int(st.index),
 			hash:   append([]byte(nil), pt[finSize-sha256.Size:]...),
