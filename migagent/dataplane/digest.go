@@ -26,9 +26,9 @@ var zeroPageDigest = sha256.Sum256(zeroPage[:])
 //	root     = SHA-256("lethe/v1/memory" ‖ uint64-BE(region bytes) ‖ chunk(0) ‖ … ‖ chunk(n-1))
 //
 // A digest chunk lies inside one chunk of stream assignment (chunkPages), so each page and
-// chunk digest is only ever set by the goroutine of one stream: they need no lock, and are
-// read by the session only after that goroutine has signalled, through a channel, that it is
-// done. A dirty page costs its own hash (4 KiB) and its chunk's (2 KiB), whatever the size
+// chunk digest is only ever set by the hasher of one stream: they need no lock, and are read
+// by the session only after that hasher has signalled, through a channel, that it has
+// settled (at the end of each round on the source, at the stream's FIN on the destination). A dirty page costs its own hash (4 KiB) and its chunk's (2 KiB), whatever the size
 // of memory.
 type chunkDigests struct {
 	region *Region
