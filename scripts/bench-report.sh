@@ -83,14 +83,17 @@ ceiling=$(awk -v p="$plain" -v a="$aes" -v c="$cores" 'BEGIN { printf "%.0f", 1 
 	echo "is \`Destination.Prepare\` of a new receive region. chunk-digests is the data plane as it is"
 	echo "(page and chunk digests kept as pages are sent and written, a fresh region read back as"
 	echo "zero); full-hash is the baseline, in the same run: all memory hashed in the pause on both"
-	echo "sides and the receive region scrubbed."
+	echo "sides and the receive region scrubbed (zeroes written, on huge pages where the kernel gives"
+	echo "them)."
 	echo
 	echo "| guest | downtime ms | baseline downtime ms | total ms | baseline total ms | prepare ms | baseline prepare ms |"
 	echo "|---|---:|---:|---:|---:|---:|---:|"
 	for size in 256 1024 2048; do
 		row="| $size MiB |"
 		for metric in downtime-ms total-ms prepare-ms; do
-			row="$row $(median "BenchmarkDowntime/${size}MiB/chunk-digests" "$metric") | $(median "BenchmarkDowntime/${size}MiB/full-hash" "$metric") |"
+			for mode in chunk-digests full-hash; do
+				row="$row $(median "BenchmarkDowntime/${size}MiB/$mode" "$metric" | awk '{ printf "%.0f", $1 }') |"
+			done
 		done
 		echo "$row"
 	done
