@@ -78,10 +78,10 @@ type SourceConfig struct {
 	// (transport.zeroPageElision). The destination must allow it too.
 	ZeroPageElision bool
 	// RehashPausedMemory hashes the whole region again while the guest is paused, instead of
-	// keeping each chunk's digest from when it was last sent. The memory digest then also
+	// keeping each page's digest from when it was last sent. The memory digest then also
 	// catches a writer that bypasses dirty tracking (writes a page without MarkDirty, or
 	// after Pause returned), at the cost of a full pass over memory in the pause. False
-	// trusts the Region contract and hashes in the pause only the chunks of the final round.
+	// trusts the Region contract and hashes in the pause only the pages of the final round.
 	RehashPausedMemory bool
 	// Progress, if not nil, is called after every round from Run's goroutine.
 	Progress func(Progress)
@@ -110,8 +110,8 @@ type SourceResult struct {
 	// acknowledgement, after which the destination may resume the guest.
 	Downtime time.Duration
 	// MemoryDigest is the memory root (see MemoryRoot) of the guest's memory as sent: each
-	// chunk's SHA-256 is of its pages as last sent, the chunks of the final round hashed while
-	// the guest was paused. It is carried in every FIN and checked by the destination against
+	// page's SHA-256 is of the page as last sent, the pages of the final round hashed while
+	// the guest was paused (all of them with RehashPausedMemory). It is carried in every FIN and checked by the destination against
 	// the root of what it received before it acknowledged. Nil without a region.
 	MemoryDigest []byte
 }
@@ -220,7 +220,7 @@ func (s *Source) connect(ctx context.Context, keys Keys) (conns []net.Conn, sess
 // Run migrates: it connects to the peer and confirms keys (TK, and that each end holds the
 // HPKE key the other's grant names: keys.Identity here, keys.PeerKey there), runs pre-copy rounds, pauses the guest, sends
 // the final round, completes the memory root of what it sent (hashing, while the guest is
-// paused, only the chunks of the final round), sends the FINs carrying that digest,
+// paused, only the pages of the final round), sends the FINs carrying that digest,
 // waits for the commit acknowledgement and verifies it under keys.TK, then zeroizes keys.TK
 // and keys.MDK and scrubs the region and spool.
 //
@@ -354,8 +354,8 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 			return res, paused, false, err
 		}
 	}
-	// The guest is paused (or nothing writes the region): every chunk's digest is of its
-	// pages as last sent, which is the paused memory under the Region contract.
+	// The guest is paused (or nothing writes the region): every page's digest is of the page
+	// as last sent, which is the paused memory under the Region contract.
 	var digest []byte
 	if s.cfg.Region != nil {
 		if s.cfg.RehashPausedMemory {
