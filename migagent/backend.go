@@ -75,10 +75,10 @@ func (b memoryBackend) newDestination(req *agentapi.PrepareRequest) (*migration,
 // sender returns the task that runs the data plane's pre-copy of m's guest.
 func (b memoryBackend) sender(m *migration, req *agentapi.TransferRequest, keys dataplane.Keys, report agentapi.ProgressFunc) (func(context.Context), error) {
 	n, g := b.n, m.g
-	tl := &transferLog{now: n.cfg.Now, sendRate: n.sendRate.Store}
+	tl := &transferLog{sendRate: n.sendRate.Store}
 	var guest dataplane.Pauser
 	if g.workload != nil {
-		guest = pauseClock{Pauser: g.workload, tl: tl}
+		guest = g.workload
 	}
 	// The downtime limit becomes the dirty set that fits it at this node's last measured
 	// throughput. dataplane.SourceConfig has no limit of its own yet, which would use each
@@ -108,12 +108,12 @@ func (b memoryBackend) runSource(ctx context.Context, m *migration, src *datapla
 	out := sendOutcome{
 		progress: agentapi.Progress{
 			MigrationID: m.id, Bytes: uint64(res.BytesSent), Pages: uint64(res.PagesSent), TotalBytes: uint64(m.size),
-			Round: res.Rounds, Time: end, MemoryDigest: res.MemoryDigest, Rounds: tl.rounds,
+			Round: len(res.Rounds), Time: end, MemoryDigest: res.MemoryDigest, Rounds: tl.rounds,
 		},
 		err: err,
 	}
 	if len(res.Commit.MAC) != 0 {
-		out.progress.Downtime, out.progress.DowntimeSource = tl.downtime(end), agentapi.DowntimeAgent
+		out.progress.Downtime, out.progress.DowntimeSource = res.Downtime, agentapi.DowntimeAgent
 	}
 	if len(res.Commit.MAC) == 0 {
 		if errors.Is(err, dataplane.ErrCommitUnknown) && errors.Is(err, dataplane.ErrPeerAborted) {

@@ -1,7 +1,6 @@
 package migagent
 
 import (
-	"context"
 	"testing"
 	"time"
 
@@ -57,16 +56,9 @@ func TestSourceSettings(t *testing.T) {
 }
 
 func TestTransferLog(t *testing.T) {
-	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	var rate float64
-	tl := &transferLog{now: func() time.Time { return now }, sendRate: func(r float64) { rate = r }}
-	if d := tl.downtime(now); d != 0 {
-		t.Errorf("downtime before a pause = %v, want 0", d)
-	}
+	tl := &transferLog{sendRate: func(r float64) { rate = r }}
 	tl.round(dataplane.Progress{Round: 0, Pages: 256, Bytes: 1 << 20, DirtyRate: 10, Rate: 1 << 30, Dirty: 4})
-	if err := (pauseClock{Pauser: nopPauser{}, tl: tl}).Pause(t.Context()); err != nil {
-		t.Fatal(err)
-	}
 	tl.round(dataplane.Progress{Round: 1, Final: true, Pages: 4, Bytes: 4 * dataplane.PageSize, Rate: 1 << 24})
 	want := []agentapi.RoundStats{
 		{Round: 1, Pages: 256, Bytes: 1 << 20, DirtyRate: 10 * dataplane.PageSize, Throughput: 1 << 30, Duration: time.Second / 1024},
@@ -78,15 +70,7 @@ func TestTransferLog(t *testing.T) {
 	if rate != 1<<30 {
 		t.Errorf("last send rate %v, want the pre-copy round's %v", rate, 1<<30)
 	}
-	if d := tl.downtime(now.Add(40 * time.Millisecond)); d != 40*time.Millisecond {
-		t.Errorf("downtime = %v, want 40ms", d)
-	}
 }
-
-type nopPauser struct{}
-
-func (nopPauser) Pause(context.Context) error  { return nil }
-func (nopPauser) Resume(context.Context) error { return nil }
 
 // TestLibvirtRounds checks the rounds a libvirt source reports: libvirt's job statistics
 // count bytes over all iterations, and a round is what they moved while one iteration held.

@@ -555,13 +555,12 @@ func (n *Node) onProgress(m *migration, tl *transferLog, p dataplane.Progress, r
 	n.publish(report, ap)
 }
 
-// transferLog is what the agent measures of one transfer beside the data plane: its rounds
-// and when it paused the guest. The data plane's goroutine writes it (Progress and Pause);
-// the backend reads it after Source.Run returns, so it needs no lock.
+// transferLog is what the agent notes of one transfer's rounds as the data plane reports them
+// (the data plane measures the pause itself: SourceResult.Downtime). The data plane's
+// goroutine writes it (Progress); the backend reads it after Source.Run returns, so it needs
+// no lock.
 type transferLog struct {
-	now      func() time.Time
-	rounds   []agentapi.RoundStats
-	pausedAt time.Time
+	rounds []agentapi.RoundStats
 	// sendRate, if not nil, is told the throughput of each pre-copy round but the final one
 	// (bytes per second); the final round is too small to measure the link.
 	sendRate func(float64)
@@ -583,32 +582,6 @@ func (tl *transferLog) round(p dataplane.Progress) {
 	if tl.sendRate != nil && p.Rate > 0 && !p.Final {
 		tl.sendRate(p.Rate)
 	}
-}
-
-// downtime is how long the guest was paused, measured by the agent: from its pause to end,
-// when Source.Run returned after the commit acknowledgement. Run returns only after it
-// zeroized the keys and scrubbed the guest's pages, so this is an upper bound. Zero if the
-// guest was never paused.
-//
-// It is the hook for the data plane's own measurement: once dataplane.SourceResult carries
-// Downtime (pause to commit acknowledgement), the backend reports that instead.
-func (tl *transferLog) downtime(end time.Time) time.Duration {
-	if tl.pausedAt.IsZero() {
-		return 0
-	}
-	return end.Sub(tl.pausedAt)
-}
-
-// pauseClock is a guest's Pauser that notes in tl when the data plane paused the guest.
-type pauseClock struct {
-	dataplane.Pauser
-	tl *transferLog
-}
-
-// Pause notes the time and pauses the guest.
-func (c pauseClock) Pause(ctx context.Context) error {
-	c.tl.pausedAt = c.tl.now()
-	return c.Pauser.Pause(ctx)
 }
 
 // convergedPages is the dirty-set size at which pre-copy may pause the guest so that sending

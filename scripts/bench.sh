@@ -3,6 +3,7 @@
 # in the same run, and writes BENCHMARKS.md with the machine it ran on.
 #
 #   data plane      migagent/dataplane BenchmarkTransfer: plaintext TCP and TLS 1.3 vs 1, 2, 4 streams
+#                   and BenchmarkDowntime: 256 MiB to 2 GiB guests vs the full-hash pause
 #   attestation     attest BenchmarkVerify, policy BenchmarkEvaluate
 #   key release     keybroker BenchmarkRelease (real Vault) vs BenchmarkPrimitives alone
 #   control plane   broker BenchmarkMigrations and BenchmarkHosts (real NATS)

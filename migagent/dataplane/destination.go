@@ -3,7 +3,6 @@ package dataplane
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -47,6 +46,10 @@ type DestinationConfig struct {
 	DrainTimeout time.Duration
 	// Logger receives debug and info records. Nil means none.
 	Logger *slog.Logger
+
+	// rehashReceived hashes the whole received region again at FIN, as the data plane did
+	// before chunk digests: the baseline of the downtime benchmark.
+	rehashReceived bool
 }
 
 // DestinationResult is what Receive leaves the destination with.
@@ -57,8 +60,9 @@ type DestinationResult struct {
 	Erasure *attest.ErasureStatement
 	// Streams is the number of streams the source used.
 	Streams int
-	// MemoryDigest is the SHA-256 of the received region, equal to the digest the source sent
-	// in its FINs (Receive refuses to acknowledge otherwise). Nil without a region.
+	// MemoryDigest is the memory root (see MemoryRoot) of the received region, equal to the
+	// digest the source sent in its FINs (Receive refuses to acknowledge otherwise). Nil
+	// without a region.
 	MemoryDigest []byte
 }
 
@@ -99,19 +103,23 @@ func NewDestination(cfg DestinationConfig) (*Destination, error) {
 	return &Destination{cfg: cfg, log: log.With("component", "migagent", "role", "destination", "migration", cfg.MigrationID)}, nil
 }
 
-// Prepare scrubs the receive region (zeroes it and reads it back as zero) and returns the
-// clean-memory statement for the destination's evidence. It returns an error wrapping
-// ErrNotZero if the region does not read back as zero.
+// Prepare makes sure the receive region is zero (Region.Clean: a fresh anonymous region,
+// zero-filled by the kernel, is read back as zero without being written; any other region is
+// scrubbed, zeroes written and read back) and returns the clean-memory statement for the
+// destination's evidence: Zeroed (by the kernel's zero fill or by the scrub) and VerifiedZero
+// (every byte read back as zero). It returns an error wrapping ErrNotZero if the region does
+// not read back as zero.
 func (d *Destination) Prepare(ctx context.Context) (attest.CleanMemoryStatement, error) {
 	st := attest.CleanMemoryStatement{Type: attest.StatementCleanMemory, LaunchMeasurement: d.cfg.LaunchMeasurement}
 	if d.cfg.Region != nil {
 		if err := ctx.Err(); err != nil {
 			return st, err
 		}
-		n, err := d.cfg.Region.Scrub()
+		n, scrubbed, err := d.cfg.Region.Clean()
 		if err != nil {
-			return st, fmt.Errorf("scrubbing receive region: %w", err)
+			return st, fmt.Errorf("cleaning receive region: %w", err)
 		}
+		d.log.Debug("Receive region verified zero", "bytes", n, "scrubbed", scrubbed)
 		st.Zeroed, st.VerifiedZero, st.Bytes = true, true, uint64(n)
 	}
 	d.mu.Lock()
@@ -135,7 +143,7 @@ func (d *Destination) params() handshakeParams {
 // having accepted nothing, if keys.Identity is missing or zeroized or keys.PeerKey is
 // missing or malformed. If the migration fails, it erases the destination (zeroizes keys.TK
 // and keys.MDK, scrubs the region and spool) and returns the erasure statement in the result
-// together with the error. A received region whose SHA-256 differs from the memory digest
+// together with the error. A received region whose memory root differs from the memory digest
 // in the source's FINs is not acknowledged: the error wraps ErrIncomplete and says "memory
 // digest mismatch". Errors wrap ErrNotPrepared, ErrUsed, ErrIncomplete, ErrPeerAborted,
 // ErrKeyConfirmation or ErrHandshake (only when ctx ended after failed attempts), or are
@@ -378,7 +386,7 @@ func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (
 		sess.fail(err, true)
 		return res, err
 	}
-	digest, err := d.checkDigest(fins)
+	digest, err := d.checkDigest(sess, fins)
 	if err != nil {
 		sess.fail(err, true)
 		return res, err
@@ -418,20 +426,24 @@ func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (
 	return res, nil
 }
 
-// checkDigest hashes the received region and compares it with the memory digest of every
-// FIN. It returns the digest, nil without a region.
-func (d *Destination) checkDigest(fins []finRecord) ([]byte, error) {
-	r := d.cfg.Region
-	if r == nil {
+// checkDigest computes the memory root of the received region and compares it with the
+// memory digest of every FIN. It returns the root, nil without a region. Every chunk was
+// hashed by its stream's opener after the last page written to it (the FINs are in, so every
+// opener is done with pages), and nothing else writes the region: only the root is left.
+func (d *Destination) checkDigest(sess *session, fins []finRecord) ([]byte, error) {
+	if d.cfg.Region == nil {
 		return nil, nil
 	}
-	got := sha256.Sum256(r.Bytes())
+	if d.cfg.rehashReceived {
+		sess.digests.hashAll()
+	}
+	got := sess.digests.root()
 	for _, f := range fins {
-		if !bytes.Equal(f.digest, got[:]) {
+		if !bytes.Equal(f.digest, got) {
 			return nil, fmt.Errorf("%w: memory digest mismatch: source sent %x on stream %d, destination received %x", ErrIncomplete, f.digest, f.stream, got)
 		}
 	}
-	return got[:], nil
+	return got, nil
 }
 
 // complete is the destination's completeness check at FIN.

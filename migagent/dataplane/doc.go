@@ -38,9 +38,12 @@
 // another key ends the migration with a [*FrameError] wrapping [ErrReorderedFrame],
 // [ErrReplayedFrame], [ErrTruncatedFrame], [ErrFrameAuthentication], [ErrMisroutedFrame] or
 // [ErrMalformedFrame]. Each stream ends with a FIN frame carrying its counts, its transcript
-// hash and the SHA-256 of the guest memory, which the source computes while the guest is
-// paused after the final round; the destination checks them, that every page of the region
-// arrived, and that its region hashes to that digest, before it returns a commit
+// hash and the memory digest: the memory root ([MemoryRoot]), a SHA-256 over the digests of
+// 64-page chunks, each a SHA-256 over its pages' SHA-256s. Each end keeps these digests as it
+// goes, the source of each page as it last sent it, the destination of each page as it last
+// wrote it, so that the pause before cutover hashes only the pages of the final round, not
+// the whole memory. The destination checks the FINs, that every page of the region arrived,
+// and that the root of what it wrote equals the digest, before it returns a commit
 // acknowledgement ([Commit], which is grant.CommitAck) MACed with a key derived from TK alone,
 // so that the keybroker, which holds TK but neither KEM secret, can check it. A byte stream
 // without a region has no memory digest (its field in the FINs is zero and unchecked): its
@@ -59,12 +62,20 @@
 //
 // # Erasure
 //
-// The destination scrubs its receive region (zeroes it and reads it back) before anything
-// arrives, which yields an [attest.CleanMemoryStatement] for its evidence. Anything kept outside the
+// The destination makes sure its receive region is zero before anything arrives
+// ([Region.Clean]: a fresh anonymous region, which the kernel zero-fills, is read back as zero
+// without being written; any other is scrubbed, zeroed and read back), which yields an
+// [attest.CleanMemoryStatement] for its evidence. Anything kept outside the
 // region is sealed under the memory data key MDK in a [Spool]. After commit the source
 // zeroizes TK and MDK, scrubs its region and spool, and returns an [attest.ErasureStatement]; after a
 // failed or aborted transfer the destination does the same with its own. Keys are held as
 // [SecretKey] values in locked memory where the operating system allows.
+//
+// The source's memory digest is of what it sent, which is the paused guest's memory only if
+// every writer of the region honours its contract (write, then MarkDirty; nothing writes
+// after Pause returns). [SourceConfig.RehashPausedMemory] hashes the paused memory itself
+// instead, catching a writer that does not, at the cost of a pass over all memory in the
+// pause.
 //
 // This package must never write a guest page outside the region except sealed under MDK,
 // never send a frame before key confirmation succeeds, never log a key or a page, and never

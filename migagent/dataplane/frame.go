@@ -182,7 +182,7 @@ func (w *frameWriter) seal(buf []byte, typ frameType, offset uint64, pages uint3
 	return buf[:n]
 }
 
-// fin returns the FIN payload for everything sealed so far, carrying digest, the SHA-256 of
+// fin returns the FIN payload for everything sealed so far, carrying digest, the memory root of
 // the guest memory the source sent (all zero without a memory transfer).
 func (w *frameWriter) fin(dst, digest []byte) []byte {
 	dst = finPayload(dst, w.counts, digest, w.hash)
@@ -297,7 +297,7 @@ func (r *frameReader) account(h header, frame []byte, n int) {
 
 // checkFin compares a FIN payload's counts and transcript hash with what was received before
 // it, then accounts the FIN. The memory digest it carries is checked by the destination
-// against its region once every stream has ended.
+// against the memory root of its region once every stream has ended.
 func (r *frameReader) checkFin(h header, frame, payload []byte) error {
 	want := finPayload(make([]byte, 0, finSize), r.counts, payload[finDigestAt:finDigestAt+sha256.Size], r.hash)
 	if string(want) != string(payload) {

@@ -72,7 +72,8 @@ type session struct {
 
 	// Inbound dispatch.
 	region     *Region
-	received   []uint64 // destination: pages received at least once
+	digests    *chunkDigests // of the pages sent (source) or written (destination); nil without a region
+	received   []uint64      // destination: pages received at least once
 	zeroPages  bool
 	local      io.Writer // byte stream sink
 	localClose func() error
@@ -105,6 +106,10 @@ type stream struct {
 	sendOff uint64 // owned by the sealer
 	finHash []byte // set by the sealer before its FIN is written
 	recvOff uint64 // owned by the opener
+	// hashes carries to the hasher, in order, the pages the sealer has sent (source) or the
+	// opener has written (destination); the hasher alone uses cursor.
+	hashes chan hashJob
+	cursor chunkCursor
 }
 
 type sessionConfig struct {
@@ -143,8 +148,12 @@ func newSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 			s.localWrite = cw.CloseWrite
 		}
 	}
-	if s.region != nil && s.role == roleDestination {
-		s.received = make([]uint64, (s.region.Pages()+63)/64)
+	if s.region != nil {
+		s.region.fresh.Store(false) // a transfer writes it (destination) or it was the guest's
+		s.digests = newChunkDigests(s.region)
+		if s.role == roleDestination {
+			s.received = make([]uint64, (s.region.Pages()+63)/64)
+		}
 	}
 	outDir, inDir := sourceToDestination, destinationToSource
 	if s.role == roleDestination {
@@ -160,22 +169,25 @@ func newSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 			return nil, fmt.Errorf("deriving stream %d key: %w", i, err)
 		}
 		s.streams = append(s.streams, &stream{
-			s:     s,
-			index: uint32(i),
-			conn:  conn,
-			w:     newFrameWriter(seal, uint32(i), cfg.transcript),
-			jobs:  make(chan sendJob, 64),
-			out:   make(chan outItem, defaultDepth),
-			free:  make(chan *frameBuf, defaultDepth),
-			r:     newFrameReader(conn, open, uint32(i), cfg.transcript),
-			rout:  make(chan *frameBuf, defaultDepth),
-			rfree: make(chan *frameBuf, defaultDepth),
-			ended: make(chan struct{}),
+			s:      s,
+			index:  uint32(i),
+			conn:   conn,
+			w:      newFrameWriter(seal, uint32(i), cfg.transcript),
+			jobs:   make(chan sendJob, 64),
+			out:    make(chan outItem, defaultDepth),
+			free:   make(chan *frameBuf, defaultDepth),
+			r:      newFrameReader(conn, open, uint32(i), cfg.transcript),
+			rout:   make(chan *frameBuf, defaultDepth),
+			rfree:  make(chan *frameBuf, defaultDepth),
+			ended:  make(chan struct{}),
+			hashes: make(chan hashJob, 4*defaultDepth),
+			cursor: chunkCursor{digests: s.digests, chunk: -1},
 		})
 	}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	for _, st := range s.streams {
-		s.wg.Add(4)
+		s.wg.Add(5)
+		go st.hasher()
 		go st.sealer()
 		go st.writer()
 		go st.reader()
@@ -468,6 +480,12 @@ func (st *stream) sealer() {
 		ok := true
 		switch job.typ {
 		case frameMarker:
+			// Everything queued before the marker is sent once the marker is written, and
+			// hashed once the hasher has settled: the round's digests are final unless a
+			// later round sends the pages again.
+			if !st.settleDigests() {
+				return
+			}
 			select {
 			case st.out <- outItem{done: job.done}:
 			case <-s.ctx.Done():
@@ -495,10 +513,13 @@ func (st *stream) sealer() {
 }
 
 // sealPages seals pages [first, first+n), as zero-page flags where allowed.
+// Each page's digest is then set from the region: if the page changed since it was sealed,
+// it is dirty and will be sent, and hashed, again.
 func (st *stream) sealPages(first uint64, n uint32) bool {
 	r := st.s.region
 	if !st.s.zeroPages {
-		return st.emit(framePages, first, n, r.pageRange(int(first), int(n)), nil)
+		return st.emit(framePages, first, n, r.pageRange(int(first), int(n)), nil) &&
+			st.hashPages(hashJob{first: int(first), n: int(n)})
 	}
 	start, startZero := uint32(0), isZero(r.Page(int(first)))
 	for k := uint32(1); k <= n; k++ {
@@ -509,18 +530,82 @@ func (st *stream) sealPages(first uint64, n uint32) bool {
 		if k < n && z == startZero {
 			continue
 		}
-		var ok bool
+		runFirst, runN := first+uint64(start), k-start
 		if startZero {
-			ok = st.emit(frameZeroPages, first+uint64(start), k-start, nil, nil)
+			if !st.emit(frameZeroPages, runFirst, runN, nil, nil) || !st.hashPages(hashJob{first: int(runFirst), n: int(runN), zero: true}) {
+				return false
+			}
 		} else {
-			ok = st.emit(framePages, first+uint64(start), k-start, r.pageRange(int(first+uint64(start)), int(k-start)), nil)
-		}
-		if !ok {
-			return false
+			if !st.emit(framePages, runFirst, runN, r.pageRange(int(runFirst), int(runN)), nil) || !st.hashPages(hashJob{first: int(runFirst), n: int(runN)}) {
+				return false
+			}
 		}
 		start, startZero = k, z
 	}
 	return true
+}
+
+// hashJob asks a stream's hasher to set the digests of pages [first, first+n), zero pages if
+// zero, or, with done, to settle its chunk digests and close done.
+type hashJob struct {
+	first, n int
+	zero     bool
+	done     chan struct{}
+}
+
+// hashPages queues the hashing of pages just sent or written. It returns false if the
+// session ended.
+func (st *stream) hashPages(j hashJob) bool {
+	select {
+	case st.hashes <- j:
+		return true
+	case <-st.s.ctx.Done():
+		return false
+	}
+}
+
+// settleDigests waits until the hasher has hashed every page queued so far and settled the
+// chunk digests. It returns false if the session ended.
+func (st *stream) settleDigests() bool {
+	done := make(chan struct{})
+	if !st.hashPages(hashJob{done: done}) {
+		return false
+	}
+	select {
+	case <-done:
+		return true
+	case <-st.s.ctx.Done():
+		return false
+	}
+}
+
+// hasher sets page and chunk digests, in the order the pages were sent or written, beside
+// the sealer or opener so that hashing does not hold up the stream. A page's digest is set
+// after it was sealed (source: if the page changed since, it is dirty and will be sent, and
+// hashed, again) or written (destination: the last write of a page is followed by its last
+// hash, since jobs are in order).
+func (st *stream) hasher() {
+	defer st.s.wg.Done()
+	d := st.s.digests
+	for {
+		var j hashJob
+		select {
+		case j = <-st.hashes:
+		case <-st.s.ctx.Done():
+			return
+		}
+		switch {
+		case j.done != nil:
+			st.cursor.settle()
+			close(j.done)
+		case j.zero:
+			st.cursor.touch(j.first, j.n)
+			d.zeroPages(j.first, j.n)
+		default:
+			st.cursor.touch(j.first, j.n)
+			d.hashPages(j.first, j.n)
+		}
+	}
 }
 
 func (st *stream) writer() {
@@ -668,6 +753,9 @@ func (st *stream) dispatch(h header, frame []byte) error {
 			}
 			clear(dst)
 		}
+		if !st.hashPages(hashJob{first: int(h.offset), n: int(h.pages), zero: h.typ == frameZeroPages}) {
+			return s.err()
+		}
 		for p := h.offset; p < h.offset+uint64(h.pages); p++ {
 			s.received[p/64] |= 1 << (p % 64)
 		}
@@ -714,6 +802,9 @@ func (st *stream) dispatch(h header, frame []byte) error {
 			return err
 		}
 		st.finSeen = true
+		if s.region != nil && !st.settleDigests() { // this stream writes no more pages
+			return s.err()
+		}
 		s.fins <- finRecord{
 			stream: int(st.index),
 			hash:   append([]byte(nil), pt[finSize-sha256.Size:]...),

@@ -77,6 +77,12 @@ type SourceConfig struct {
 	// which pages are zero: set it only where the tenant's policy allows it
 	// (transport.zeroPageElision). The destination must allow it too.
 	ZeroPageElision bool
+	// RehashPausedMemory hashes the whole region again while the guest is paused, instead of
+	// keeping each page's digest from when it was last sent. The memory digest then also
+	// catches a writer that bypasses dirty tracking (writes a page without MarkDirty, or
+	// after Pause returned), at the cost of a full pass over memory in the pause. False
+	// trusts the Region contract and hashes in the pause only the pages of the final round.
+	RehashPausedMemory bool
 	// Progress, if not nil, is called after every round from Run's goroutine.
 	Progress func(Progress)
 	// Spool holds what was kept of the guest outside Region; it is scrubbed after commit.
@@ -94,15 +100,38 @@ type SourceResult struct {
 	Commit Commit
 	// Erasure states what the source zeroized and scrubbed after commit.
 	Erasure attest.ErasureStatement
-	// Rounds is the number of rounds, the final one included.
-	Rounds int
+	// Rounds is one entry per round, the final one included. Nil without a region.
+	Rounds []RoundStats
 	// PagesSent and BytesSent count page payloads over all rounds.
 	PagesSent int64
 	BytesSent int64
-	// MemoryDigest is the SHA-256 of the guest's memory as sent: computed over the region
-	// while the guest was paused after the final round, carried in every FIN, and checked by
-	// the destination against what it received before it acknowledged. Nil without a region.
+	// Downtime is how long the guest was paused before the commit: from the call to
+	// Guest.Pause (or, without a Guest, the start of the final round) to the verified commit
+	// acknowledgement, after which the destination may resume the guest.
+	Downtime time.Duration
+	// MemoryDigest is the memory root (see MemoryRoot) of the guest's memory as sent: each
+	// page's SHA-256 is of the page as last sent, the pages of the final round hashed while
+	// the guest was paused (all of them with RehashPausedMemory). It is carried in every FIN and checked by the destination against
+	// the root of what it received before it acknowledged. Nil without a region.
 	MemoryDigest []byte
+}
+
+// RoundStats is what one pre-copy round, or the final round, sent.
+type RoundStats struct {
+	// Round counts from 0 (the round that sends every page).
+	Round int
+	// Final says this was the round after the guest was paused.
+	Final bool
+	// Pages and Bytes are what the round sent (Bytes counts page payloads only).
+	Pages int
+	Bytes int64
+	// Dirty is the number of pages written during the round, to be sent next; 0 for the
+	// final round.
+	Dirty int
+	// DirtyRate is pages written per second during the round.
+	DirtyRate float64
+	// Duration is the time the round took to send.
+	Duration time.Duration
 }
 
 // Source runs the source side of one migration. It is single use.
@@ -190,7 +219,8 @@ func (s *Source) connect(ctx context.Context, keys Keys) (conns []net.Conn, sess
 
 // Run migrates: it connects to the peer and confirms keys (TK, and that each end holds the
 // HPKE key the other's grant names: keys.Identity here, keys.PeerKey there), runs pre-copy rounds, pauses the guest, sends
-// the final round, hashes the paused guest's memory, sends the FINs carrying that digest,
+// the final round, completes the memory root of what it sent (hashing, while the guest is
+// paused, only the pages of the final round), sends the FINs carrying that digest,
 // waits for the commit acknowledgement and verifies it under keys.TK, then zeroizes keys.TK
 // and keys.MDK and scrubs the region and spool.
 //
@@ -242,7 +272,7 @@ func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
 		return SourceResult{}, err
 	}
 	res.Erasure, err = erase(s.cfg.MigrationID, keys, s.cfg.Region, s.cfg.Spool)
-	s.log.Info("Migration committed, source erased", "rounds", res.Rounds, "bytes", res.BytesSent)
+	s.log.Info("Migration committed, source erased", "rounds", len(res.Rounds), "bytes", res.BytesSent, "downtime", res.Downtime)
 	return res, err
 }
 
@@ -258,6 +288,7 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 		close(pumped)
 	}
 	start := time.Now()
+	var pausedAt time.Time
 	if r := s.cfg.Region; r != nil {
 		r.clearDirty() // everything goes in round 0
 		set := r.fullSet()
@@ -265,6 +296,7 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 		for round := 0; ; round++ {
 			final := round > 0 && (pages <= s.cfg.ConvergedPages || round >= s.cfg.MaxRounds)
 			if final {
+				pausedAt = time.Now()
 				if s.cfg.Guest != nil {
 					if err := s.cfg.Guest.Pause(ctx); err != nil {
 						return res, paused, false, fmt.Errorf("pausing guest: %w", err)
@@ -278,7 +310,6 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 				return res, paused, false, fmt.Errorf("sending round %d: %w", round, err)
 			}
 			d := time.Since(t0)
-			res.Rounds = round + 1
 			res.PagesSent += int64(pages)
 			res.BytesSent += int64(pages) * PageSize
 			p := Progress{
@@ -294,6 +325,9 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 				p.Rate = float64(p.Bytes) / secs
 				p.DirtyRate = float64(p.Dirty) / secs
 			}
+			res.Rounds = append(res.Rounds, RoundStats{
+				Round: round, Final: final, Pages: p.Pages, Bytes: p.Bytes, Dirty: p.Dirty, DirtyRate: p.DirtyRate, Duration: d,
+			})
 			switch net := p.Rate - p.DirtyRate*PageSize; {
 			case p.Dirty <= s.cfg.ConvergedPages:
 			case net > 0:
@@ -320,12 +354,14 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 			return res, paused, false, err
 		}
 	}
-	// The guest is paused (or nothing writes the region): its memory is what the destination
-	// must now hold.
+	// The guest is paused (or nothing writes the region): every page's digest is of the page
+	// as last sent, which is the paused memory under the Region contract.
 	var digest []byte
-	if r := s.cfg.Region; r != nil {
-		d := sha256.Sum256(r.Bytes())
-		digest = d[:]
+	if s.cfg.Region != nil {
+		if s.cfg.RehashPausedMemory {
+			sess.digests.hashAll()
+		}
+		digest = sess.digests.root()
 		res.MemoryDigest = digest
 	}
 	finSent = true
@@ -349,6 +385,9 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 		return res, paused, finSent, fmt.Errorf("checking the commit acknowledgement: %w", err)
 	}
 	res.Commit = commit
+	if !pausedAt.IsZero() {
+		res.Downtime = time.Since(pausedAt)
+	}
 	return res, paused, finSent, nil
 }
 
