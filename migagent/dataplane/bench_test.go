@@ -229,8 +229,7 @@ func BenchmarkAESGCM(b *testing.B) {
 //
 // Each size runs twice: chunk-digests is the data plane as it is; full-hash is the baseline
 // that hashes all of memory in the pause on both sides (RehashPausedMemory, and the
-// destination's rehashReceived) and scrubs the receive region in Prepare, as the data plane
-// did before chunk digests and fresh-region checks.
+// destination's rehashReceived), as the data plane did before chunk digests.
 func BenchmarkDowntime(b *testing.B) {
 	for _, size := range []int64{256 << 20, 1 << 30, 2 << 30} {
 		for _, mode := range []string{"chunk-digests", "full-hash"} {
@@ -251,9 +250,6 @@ func benchDowntime(b *testing.B, size int64, fullHash bool) {
 		dst, err := NewRegion(size)
 		if err != nil {
 			b.Fatal(err)
-		}
-		if fullHash {
-			dst.fresh.Store(false)
 		}
 		w, err := NewWorkload(WorkloadConfig{Region: src, Rate: 20000, Pattern: Uniform, Seed: 3})
 		if err != nil {
@@ -310,26 +306,18 @@ func benchDowntime(b *testing.B, size int64, fullHash bool) {
 	b.ReportMetric(float64(prepare.Milliseconds())/n, "prepare-ms")
 }
 
-// BenchmarkPrepare makes a 256 MiB receive region and prepares it: fresh (read back as zero,
-// not written) against scrubbed (zeroes written and read back, the baseline).
+// BenchmarkPrepare makes a 256 MiB receive region and scrubs it, as Destination.Prepare does.
 func BenchmarkPrepare(b *testing.B) {
 	const size = 256 << 20
-	for _, mode := range []string{"fresh", "scrubbed"} {
-		b.Run(mode, func(b *testing.B) {
-			b.SetBytes(size)
-			for b.Loop() {
-				r, err := NewRegion(size)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if mode == "scrubbed" {
-					r.fresh.Store(false)
-				}
-				if _, _, err := r.Clean(); err != nil {
-					b.Fatal(err)
-				}
-				r.Close()
-			}
-		})
+	b.SetBytes(size)
+	for b.Loop() {
+		r, err := NewRegion(size)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := r.Scrub(); err != nil {
+			b.Fatal(err)
+		}
+		r.Close()
 	}
 }

@@ -103,23 +103,19 @@ func NewDestination(cfg DestinationConfig) (*Destination, error) {
 	return &Destination{cfg: cfg, log: log.With("component", "migagent", "role", "destination", "migration", cfg.MigrationID)}, nil
 }
 
-// Prepare makes sure the receive region is zero (Region.Clean: a fresh anonymous region,
-// zero-filled by the kernel, is read back as zero without being written; any other region is
-// scrubbed, zeroes written and read back) and returns the clean-memory statement for the
-// destination's evidence: Zeroed (by the kernel's zero fill or by the scrub) and VerifiedZero
-// (every byte read back as zero). It returns an error wrapping ErrNotZero if the region does
-// not read back as zero.
+// Prepare scrubs the receive region (zeroes written, then every byte read back) and returns
+// the clean-memory statement for the destination's evidence: Zeroed and VerifiedZero. It
+// returns an error wrapping ErrNotZero if the region does not read back as zero.
 func (d *Destination) Prepare(ctx context.Context) (attest.CleanMemoryStatement, error) {
 	st := attest.CleanMemoryStatement{Type: attest.StatementCleanMemory, LaunchMeasurement: d.cfg.LaunchMeasurement}
 	if d.cfg.Region != nil {
 		if err := ctx.Err(); err != nil {
 			return st, err
 		}
-		n, scrubbed, err := d.cfg.Region.Clean()
+		n, err := d.cfg.Region.Scrub()
 		if err != nil {
-			return st, fmt.Errorf("cleaning receive region: %w", err)
+			return st, fmt.Errorf("scrubbing receive region: %w", err)
 		}
-		d.log.Debug("Receive region verified zero", "bytes", n, "scrubbed", scrubbed)
 		st.Zeroed, st.VerifiedZero, st.Bytes = true, true, uint64(n)
 	}
 	d.mu.Lock()

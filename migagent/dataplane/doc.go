@@ -62,10 +62,8 @@
 //
 // # Erasure
 //
-// The destination makes sure its receive region is zero before anything arrives
-// ([Region.Clean]: a fresh anonymous region, which the kernel zero-fills, is read back as zero
-// without being written; any other is scrubbed, zeroed and read back), which yields an
-// [attest.CleanMemoryStatement] for its evidence. Anything kept outside the
+// The destination scrubs its receive region before anything arrives (zeroes written, then
+// read back: [Region.Scrub]), which yields an [attest.CleanMemoryStatement] for its evidence. Anything kept outside the
 // region is sealed under the memory data key MDK in a [Spool]. After commit the source
 // zeroizes TK and MDK, scrubs its region and spool, and returns an [attest.ErasureStatement]; after a
 // failed or aborted transfer the destination does the same with its own. Keys are held as

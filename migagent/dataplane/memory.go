@@ -23,10 +23,6 @@ type Region struct {
 	pages int
 	dirty []atomic.Uint64
 	file  *os.File
-	// fresh says the region was mapped by NewRegion and has since been neither used by a
-	// transfer nor scrubbed: unless the caller wrote it through Page or Bytes, it is still the
-	// kernel's zero fill.
-	fresh atomic.Bool
 }
 
 // NewRegion maps size bytes of anonymous memory, zero-filled. size must be a positive
@@ -41,12 +37,11 @@ func NewRegion(size int64) (*Region, error) {
 	}
 	_ = unix.Madvise(data, unix.MADV_DONTDUMP)
 	// Transparent huge pages where the kernel offers them: a first touch faults in 2 MiB, not
-	// 4 KiB, and a first read maps the huge zero page, so checking a fresh region reads as
-	// zero (Clean) and receiving into it take 512 times fewer page faults.
+	// 4 KiB, so scrubbing a new region and receiving into it take 512 times fewer page faults
+	// (a 1 GiB scrub: 0.22 s here, against 1.1 s to read a never-written region back as zero
+	// through 4 KiB zero-page mappings, and about 5 s to scrub it without huge pages).
 	_ = unix.Madvise(data, unix.MADV_HUGEPAGE)
-	r := newRegion(data, nil)
-	r.fresh.Store(true)
-	return r, nil
+	return newRegion(data, nil), nil
 }
 
 // OpenRegionFile maps the guest RAM file at path, shared and read-write: writes through the
@@ -133,30 +128,10 @@ func (r *Region) fullSet() []uint64 {
 // included), for seconds.
 const scrubChunk = 1 << 20
 
-// Clean makes sure the region reads as zero before a transfer writes it, returning the bytes
-// checked and whether it wrote zeroes (scrubbed) to get there.
-//
-// A fresh region (made by NewRegion, not yet used by a transfer nor scrubbed) is anonymous
-// memory that the kernel zero-fills on first touch: Clean does not write it, it reads every
-// byte back and checks it is zero. Reading untouched anonymous memory maps the kernel's
-// shared zero page, so this costs page-table entries, not memory, and no page is faulted in
-// until the transfer writes it. If any byte of a fresh region reads non-zero (the caller
-// wrote it), and for a region that is not fresh (a file mapping, or one already used or
-// scrubbed), Clean scrubs it as Scrub does. Either way, when it returns nil every byte of the
-// region has been read back as zero. It returns an error wrapping ErrNotZero otherwise.
-func (r *Region) Clean() (n int64, scrubbed bool, err error) {
-	if r.fresh.Swap(false) && r.readsZero() == nil {
-		return int64(len(r.data)), false, nil
-	}
-	n, err = r.Scrub()
-	return n, true, err
-}
-
 // Scrub zeroes the region and reads it back, returning the bytes scrubbed. For a file
 // mapping it also flushes the zeroes to the file. It returns an error wrapping ErrNotZero if
 // any byte reads back non-zero.
 func (r *Region) Scrub() (int64, error) {
-	r.fresh.Store(false)
 	for b := r.data; len(b) > 0; {
 		n := min(len(b), scrubChunk)
 		clear(b[:n])

@@ -149,7 +149,6 @@ func newSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 		}
 	}
 	if s.region != nil {
-		s.region.fresh.Store(false) // a transfer writes it (destination) or it was the guest's
 		s.digests = newChunkDigests(s.region)
 		if s.role == roleDestination {
 			s.received = make([]uint64, (s.region.Pages()+63)/64)
