@@ -147,7 +147,7 @@ func (g linuxGuest) config(t testing.TB) func(*libvirt.GuestConfig) {
 		cfg.MemoryMiB = g.MemoryMiB
 		cfg.Kernel = kernel
 		cfg.Initrd = initrd
-		cfg.Cmdline = fmt.Sprintf("console=ttyS0,115200 quiet loglevel=1 panic=-1 mitigations=off nokaslr "+
+		cfg.Cmdline = fmt.Sprintf("console=ttyS0,115200 quiet panic=-1 mitigations=off nokaslr "+
 			"lethe_mem_mib=%d lethe_rate=%d", g.RegionMiB, g.Rate)
 	}
 }
@@ -239,8 +239,12 @@ func (tb *testbed) checkLinuxRunsOn(t testing.TB, host string) {
 	}
 	from := fi.Size()
 	var st guestStatus
+	silent := time.Now().Add(time.Minute)
 	waitFor(t, 3*time.Minute, "two verdicts of the Linux guest on "+host, func() (bool, error) {
 		st = readGuestStatus(t, host, tb.domain, from)
+		if st.Alive == 0 && time.Now().After(silent) {
+			return false, fmt.Errorf("the Linux guest on %s has said nothing for a minute: hung (serial log kept at %s)", host, keepLog(path, from))
+		}
 		if len(st.BadLines) > 0 || slices.ContainsFunc(st.Sweeps, func(s guestSweep) bool { return s.Bad > 0 }) {
 			return false, fmt.Errorf("guest on %s found bad pages: sweeps %+v, %q (serial log kept at %s)", host, st.Sweeps, st.BadLines, keepLog(path, from))
 		}
