@@ -357,6 +357,7 @@ func BenchmarkLibvirtLinuxMigration(b *testing.B) {
 					}
 					down += st.Downtime
 					bytes += st.DataProcessed
+					b.Logf("migration %d to %s: %v, downtime %v, %d MiB, %d iterations", i+1, hosts[to], time.Since(start), st.Downtime, st.DataProcessed>>20, st.Iteration)
 				}
 				b.ReportMetric(float64(wall.Milliseconds())/float64(b.N), "wall-ms/op")
 				b.ReportMetric(float64(down.Milliseconds())/float64(b.N), "downtime-ms/op")
