@@ -232,7 +232,7 @@ func migrateDirect(t testing.TB, from, to, domain string) time.Duration {
 	return migrateDirectWith(t, from, to, domain, benchSettings)
 }
 
-// migrateDirectWith is migrateDirect with the downtime limit of settings.
+// migrateDirectWith is migrateDirect with the downtime limit and bandwidth of settings.
 func migrateDirectWith(t testing.TB, from, to, domain string, settings libvirt.Settings) time.Duration {
 	t.Helper()
 	l := golibvirt.NewWithDialer(unixDialer(socketOf(from)))
@@ -249,6 +249,11 @@ func migrateDirectWith(t testing.TB, from, to, domain string, settings libvirt.S
 		golibvirt.MigrateAutoConverge
 	if err := l.DomainMigrateSetMaxDowntime(dom, uint64(settings.MaxDowntime.Milliseconds()), 0); err != nil {
 		t.Fatal(err)
+	}
+	if settings.Bandwidth > 0 {
+		if err := l.DomainMigrateSetMaxSpeed(dom, settings.Bandwidth, 0); err != nil {
+			t.Fatal(err)
+		}
 	}
 	start := time.Now()
 	if _, err := l.DomainMigratePerform3Params(dom, golibvirt.OptString{dconn}, nil, nil, flags); err != nil {
