@@ -300,7 +300,8 @@ func envInt(name string, def int) int {
 // TestLibvirtDirectLinuxMigration is the Linux guest's baseline: libvirt to libvirt, no
 // Lethe in the path, A to B and back LETHE_LIBVIRT_ROUNDS times with LETHE_LIBVIRT_LOAD
 // goroutines spinning, as in TestLibvirtLetheLinuxMigration; LETHE_LIBVIRT_BANDWIDTH (MiB/s,
-// default unlimited) slows the stream down to what Lethe's path carries.
+// default unlimited) slows the stream down to what Lethe's path carries, and
+// LETHE_LIBVIRT_AUTOCONVERGE=0 turns auto-converge off.
 func TestLibvirtDirectLinuxMigration(t *testing.T) {
 	tb := newLinuxTestbed(t, "lethe-linux-direct", ciLinuxGuest)
 	loadCPU(t, envInt("LETHE_LIBVIRT_LOAD", 0))
@@ -310,6 +311,7 @@ func TestLibvirtDirectLinuxMigration(t *testing.T) {
 		from, to := i%2, 1-i%2
 		settings := benchSettings
 		settings.Bandwidth = uint64(envInt("LETHE_LIBVIRT_BANDWIDTH", 0))
+		settings.AutoConverge = envInt("LETHE_LIBVIRT_AUTOCONVERGE", 1) != 0
 		took := migrateDirectWith(t, hosts[from], hosts[to], tb.domain, settings)
 		stats, err := conns[to].JobStats(t.Context(), tb.domain, true)
 		if err != nil {

@@ -232,7 +232,8 @@ func migrateDirect(t testing.TB, from, to, domain string) time.Duration {
 	return migrateDirectWith(t, from, to, domain, benchSettings)
 }
 
-// migrateDirectWith is migrateDirect with the downtime limit and bandwidth of settings.
+// migrateDirectWith is migrateDirect with the downtime limit, bandwidth and auto-converge of
+// settings.
 func migrateDirectWith(t testing.TB, from, to, domain string, settings libvirt.Settings) time.Duration {
 	t.Helper()
 	l := golibvirt.NewWithDialer(unixDialer(socketOf(from)))
@@ -245,8 +246,10 @@ func migrateDirectWith(t testing.TB, from, to, domain string, settings libvirt.S
 		t.Fatal(err)
 	}
 	dconn := "qemu+unix:///system?socket=" + socketOf(to)
-	flags := golibvirt.MigrateLive | golibvirt.MigratePeer2peer | golibvirt.MigratePersistDest | golibvirt.MigrateUndefineSource |
-		golibvirt.MigrateAutoConverge
+	flags := golibvirt.MigrateLive | golibvirt.MigratePeer2peer | golibvirt.MigratePersistDest | golibvirt.MigrateUndefineSource
+	if settings.AutoConverge {
+		flags |= golibvirt.MigrateAutoConverge
+	}
 	if err := l.DomainMigrateSetMaxDowntime(dom, uint64(settings.MaxDowntime.Milliseconds()), 0); err != nil {
 		t.Fatal(err)
 	}
