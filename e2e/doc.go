@@ -3,5 +3,7 @@
 // test helpers and must never be imported.
 //
 // Tests that need two libvirt hosts carry the build tag libvirt and run with
-// `make e2e-libvirt`, which starts the hosts first (scripts/libvirt-hosts.sh up).
+// `make e2e-libvirt`, which starts the hosts first (scripts/libvirt-hosts.sh up). Their Linux
+// guest runs the program in e2e/guestload as its init, which the tests build and pack into
+// an initramfs themselves.
 package e2e

@@ -37,6 +37,8 @@ import (
 const (
 	letheTenant = "demo"
 	letheVM     = "memtest"
+	// letheLinuxVM is the Linux guest's name in Lethe.
+	letheLinuxVM = "linux"
 	// letheWait bounds every wait for the control plane.
 	letheWait = 3 * time.Minute
 )
@@ -52,7 +54,7 @@ metadata:
   name: ci-emulated-libvirt
   policySvn: 1
 spec:
-  guests: [memtest]
+  guests: [memtest, linux]
   source:
     platforms: [emulated-sev-snp]
     snp:
@@ -81,6 +83,8 @@ type letheEnv struct {
 	emuDir string
 	log    *slog.Logger
 	agents map[string]*letheAgent
+	// vm is the guest's name in Lethe: letheVM unless a test sets another.
+	vm string
 }
 
 type letheAgent struct {
@@ -99,7 +103,7 @@ func newLetheEnv(t testing.TB) *letheEnv {
 	})
 	return &letheEnv{
 		t: t, nats: s.NATS, vault: s.Vault, kbPub: s.KeybrokerPub, tenant: s.Tenant, js: s.JS,
-		emuDir: s.EmulatorDir, log: log, agents: map[string]*letheAgent{},
+		emuDir: s.EmulatorDir, log: log, agents: map[string]*letheAgent{}, vm: letheVM,
 	}
 }
 
@@ -158,7 +162,7 @@ func watchKV[T any](e *letheEnv, bucket, key string, cond func(*T) bool) *T {
 func (e *letheEnv) waitGuest(host string, want bool) {
 	e.t.Helper()
 	watchKV(e, agentapi.HostsBucket, host, func(r *agentapi.HostRecord) bool {
-		return (r.Guest(letheTenant, letheVM) != nil) == want
+		return (r.Guest(letheTenant, e.vm) != nil) == want
 	})
 }
 
@@ -166,7 +170,7 @@ func (e *letheEnv) waitGuest(host string, want bool) {
 func (e *letheEnv) adopt(host string) {
 	e.t.Helper()
 	e.waitGuest(host, true)
-	g, err := e.tenant.AdoptGuest(e.t.Context(), &broker.AdoptGuestRequest{VM: letheVM, Host: host})
+	g, err := e.tenant.AdoptGuest(e.t.Context(), &broker.AdoptGuestRequest{VM: e.vm, Host: host})
 	if err != nil {
 		e.t.Fatalf("adopting: %v", err)
 	}
@@ -178,7 +182,7 @@ func (e *letheEnv) adopt(host string) {
 // migrate moves the guest to dst through Lethe and returns the migration when it ended.
 func (e *letheEnv) migrate(dst string) *broker.Migration {
 	e.t.Helper()
-	resp, err := e.tenant.CreateMigration(e.t.Context(), &broker.CreateMigrationRequest{VM: letheVM, Destination: dst})
+	resp, err := e.tenant.CreateMigration(e.t.Context(), &broker.CreateMigrationRequest{VM: e.vm, Destination: dst})
 	if err != nil {
 		e.t.Fatalf("migrating to %s: %v", dst, err)
 	}
@@ -225,6 +229,11 @@ func (e *letheEnv) transitKeys(names ...string) map[string]bool {
 // withGuestMetadata makes the test guest the Lethe guest demo/memtest.
 func withGuestMetadata(c *libvirt.GuestConfig) {
 	c.Metadata = migagent.GuestMetadata(letheTenant, letheVM)
+}
+
+// withLinuxMetadata makes the test guest the Lethe guest demo/linux.
+func withLinuxMetadata(c *libvirt.GuestConfig) {
+	c.Metadata = migagent.GuestMetadata(letheTenant, letheLinuxVM)
 }
 
 // plaintextMarkers are byte strings of the QEMU migration stream of the memtest86+ guest in
@@ -419,6 +428,44 @@ func TestLibvirtLetheMigration(t *testing.T) {
 	e.waitGuest(hostA, false)
 }
 
+// TestLibvirtLetheLinuxMigration live-migrates the 1 GiB Linux guest through Lethe, from A
+// to B and back LETHE_LIBVIRT_ROUNDS times (default 1), with LETHE_LIBVIRT_LOAD goroutines
+// (default 0) spinning beside it. After each migration the guest must go on where it was and
+// find, in two whole sweeps at the destination, every page of its region as it last wrote it:
+// a page lost or carried stale by the dirty tracking or by the agents' tunnel is a bad page.
+func TestLibvirtLetheLinuxMigration(t *testing.T) {
+	e := newLetheEnv(t)
+	e.vm = letheLinuxVM
+	tb := newLinuxTestbed(t, "lethe-linux-lethe", ciLinuxGuest, withLinuxMetadata)
+	rec := newWireRecorder(t)
+	e.startAgent(hostA, benchSettings, rec.dial)
+	e.startAgent(hostB, benchSettings, rec.dial)
+	e.adopt(hostA)
+	loadCPU(t, envInt("LETHE_LIBVIRT_LOAD", 0))
+
+	hosts := [2]string{hostA, hostB}
+	conns := [2]*libvirt.Conn{tb.a, tb.b}
+	for i := range 2 * envInt("LETHE_LIBVIRT_ROUNDS", 1) {
+		to := 1 - i%2
+		start := time.Now()
+		m := e.migrate(hosts[to])
+		took := time.Since(start)
+		if m.Phase != broker.PhaseErased {
+			t.Fatalf("migration %d: phase %s (reason %q, notes %q), want Erased", i+1, m.Phase, m.AbortReason, m.Notes)
+		}
+		stats, err := conns[to].JobStats(t.Context(), tb.domain, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("migration %d to %s through Lethe: %v from request to erasure, downtime %v, %d MiB, %d iterations",
+			i+1, hosts[to], took, stats.Downtime, stats.DataProcessed>>20, stats.Iteration)
+		tb.checkRunsOn(t, hosts[to])
+		e.waitGuest(hosts[to], true)
+		e.waitGuest(hosts[1-to], false)
+	}
+	rec.checkCiphertext(t, int64(ciLinuxGuest.RegionMiB)<<20)
+}
+
 // TestLibvirtLetheDestinationStopped stops the destination agent mid-stream: libvirt's job
 // fails, the guest keeps running on A, B keeps no domain, the keys of the migration and of
 // the destination's epoch are destroyed, and the receipt says aborted.
@@ -475,9 +522,15 @@ func migrateLethe(b *testing.B, e *letheEnv, to string) {
 
 // startLetheBench sets up Lethe for the benchmark: both agents, the guest adopted on A.
 func startLetheBench(b *testing.B) *letheEnv {
+	return startLetheBenchWith(b, letheVM, benchSettings)
+}
+
+// startLetheBenchWith is startLetheBench for the guest vm, the agents migrating with settings.
+func startLetheBenchWith(b *testing.B, vm string, settings libvirt.Settings) *letheEnv {
 	e := newLetheEnv(b)
-	e.startAgent(hostA, benchSettings, nil)
-	e.startAgent(hostB, benchSettings, nil)
+	e.vm = vm
+	e.startAgent(hostA, settings, nil)
+	e.startAgent(hostB, settings, nil)
 	e.adopt(hostA)
 	return e
 }

@@ -49,10 +49,12 @@ func migrateSocketOf(host, name string) string {
 	return filepath.Join(stateDir(), host, "migrate", name+".sock")
 }
 
-// testbed is the two hosts and a memtest86+ guest running on one of them.
+// testbed is the two hosts and a guest running on one of them: memtest86+, or the Linux
+// guest (linuxGuest).
 type testbed struct {
 	a, b   *libvirt.Conn
 	domain string
+	linux  bool
 }
 
 func dialHost(t testing.TB, host string) *libvirt.Conn {
@@ -70,6 +72,27 @@ func dialHost(t testing.TB, host string) *libvirt.Conn {
 // the memtest86+ guest called domain on host A, its configuration changed by opts; it returns
 // once memtest is testing.
 func newTestbed(t testing.TB, domain string, opts ...func(*libvirt.GuestConfig)) *testbed {
+	t.Helper()
+	tb := startTestbed(t, domain, opts...)
+	// Wait until memtest has been rewriting memory for a couple of seconds of its own time.
+	waitFor(t, 60*time.Second, "memtest86+ testing on "+hostA, func() (bool, error) {
+		st := memtestStatus(t, hostA, domain)
+		return st.Seen && st.Elapsed >= 2*time.Second, nil
+	})
+	return tb
+}
+
+// newLinuxTestbed is newTestbed with the Linux guest g; it returns once the guest has written
+// its region and is rewriting it.
+func newLinuxTestbed(t testing.TB, domain string, g linuxGuest, opts ...func(*libvirt.GuestConfig)) *testbed {
+	t.Helper()
+	tb := startTestbed(t, domain, append([]func(*libvirt.GuestConfig){g.config(t)}, opts...)...)
+	tb.linux = true
+	waitLinuxReady(t, hostA, domain)
+	return tb
+}
+
+func startTestbed(t testing.TB, domain string, opts ...func(*libvirt.GuestConfig)) *testbed {
 	t.Helper()
 	tb := &testbed{a: dialHost(t, hostA), b: dialHost(t, hostB), domain: domain}
 	ctx := t.Context()
@@ -93,11 +116,6 @@ func newTestbed(t testing.TB, domain string, opts ...func(*libvirt.GuestConfig))
 	if err := tb.a.Start(ctx, domain); err != nil {
 		t.Fatal(err)
 	}
-	// Wait until memtest has been rewriting memory for a couple of seconds of its own time.
-	waitFor(t, 60*time.Second, "memtest86+ testing on "+hostA, func() (bool, error) {
-		st := memtestStatus(t, hostA, domain)
-		return st.Seen && st.Elapsed >= 2*time.Second, nil
-	})
 	return tb
 }
 
@@ -123,29 +141,15 @@ func memtestStatus(t testing.TB, host, domain string) libvirt.MemtestStatus {
 // checkRunsOn checks that the guest runs on host, is gone from (or never reached) other,
 // and that its memtest keeps counting on host with no memory errors: its clock goes on from
 // where it was on other (a guest that restarted would count from zero again).
+//
+// For the Linux guest it is checkLinuxRunsOn.
 func (tb *testbed) checkRunsOn(t testing.TB, host string) {
 	t.Helper()
-	ctx := t.Context()
-	on, off, other := tb.a, tb.b, hostB
-	if host == hostB {
-		on, off, other = tb.b, tb.a, hostA
+	if tb.linux {
+		tb.checkLinuxRunsOn(t, host)
+		return
 	}
-	st, err := on.State(ctx, tb.domain)
-	if err != nil || st != libvirt.StateRunning {
-		t.Fatalf("%s on %s: state %v, %v; want running", tb.domain, host, st, err)
-	}
-	if _, err := off.State(ctx, tb.domain); !errors.Is(err, libvirt.ErrDomainNotFound) {
-		t.Fatalf("%s on %s: %v; want %v", tb.domain, other, err, libvirt.ErrDomainNotFound)
-	}
-	doms, err := off.Domains(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range doms {
-		if d.Name == tb.domain {
-			t.Fatalf("%s still listed on %s: %+v", tb.domain, other, d)
-		}
-	}
+	other := tb.checkPlacement(t, host)
 	// The log on host may also hold the output of an earlier visit, and the guest prints its
 	// screen a character at a time, so a migration can cut a line between two hosts' logs:
 	// read only what this host's hypervisor writes from now on.
@@ -192,10 +196,45 @@ func (tb *testbed) checkRunsOn(t testing.TB, host string) {
 	t.Logf("memtest86+ on %s: time %v → %v, pass %d, errors %d", host, first.Elapsed, last.Elapsed, last.Pass, last.Errors)
 }
 
+// checkPlacement checks that the guest runs on host and is gone from (or never reached) the
+// other host, which it returns.
+func (tb *testbed) checkPlacement(t testing.TB, host string) string {
+	t.Helper()
+	ctx := t.Context()
+	on, off, other := tb.a, tb.b, hostB
+	if host == hostB {
+		on, off, other = tb.b, tb.a, hostA
+	}
+	st, err := on.State(ctx, tb.domain)
+	if err != nil || st != libvirt.StateRunning {
+		t.Fatalf("%s on %s: state %v, %v; want running", tb.domain, host, st, err)
+	}
+	if _, err := off.State(ctx, tb.domain); !errors.Is(err, libvirt.ErrDomainNotFound) {
+		t.Fatalf("%s on %s: %v; want %v", tb.domain, other, err, libvirt.ErrDomainNotFound)
+	}
+	doms, err := off.Domains(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range doms {
+		if d.Name == tb.domain {
+			t.Fatalf("%s still listed on %s: %+v", tb.domain, other, d)
+		}
+	}
+	return other
+}
+
 // migrateDirect is the baseline: a managed peer-to-peer migration from A's libvirtd straight
 // to B's, the stream over the veth between the hosts' network namespaces (B's qemu.conf
 // migration_host names B's address there). No Lethe code carries anything.
 func migrateDirect(t testing.TB, from, to, domain string) time.Duration {
+	t.Helper()
+	return migrateDirectWith(t, from, to, domain, benchSettings)
+}
+
+// migrateDirectWith is migrateDirect with the downtime limit, bandwidth and auto-converge of
+// settings.
+func migrateDirectWith(t testing.TB, from, to, domain string, settings libvirt.Settings) time.Duration {
 	t.Helper()
 	l := golibvirt.NewWithDialer(unixDialer(socketOf(from)))
 	if err := l.ConnectToURI(golibvirt.QEMUSystem); err != nil {
@@ -207,10 +246,17 @@ func migrateDirect(t testing.TB, from, to, domain string) time.Duration {
 		t.Fatal(err)
 	}
 	dconn := "qemu+unix:///system?socket=" + socketOf(to)
-	flags := golibvirt.MigrateLive | golibvirt.MigratePeer2peer | golibvirt.MigratePersistDest | golibvirt.MigrateUndefineSource |
-		golibvirt.MigrateAutoConverge
-	if err := l.DomainMigrateSetMaxDowntime(dom, uint64(benchSettings.MaxDowntime.Milliseconds()), 0); err != nil {
+	flags := golibvirt.MigrateLive | golibvirt.MigratePeer2peer | golibvirt.MigratePersistDest | golibvirt.MigrateUndefineSource
+	if settings.AutoConverge {
+		flags |= golibvirt.MigrateAutoConverge
+	}
+	if err := l.DomainMigrateSetMaxDowntime(dom, uint64(settings.MaxDowntime.Milliseconds()), 0); err != nil {
 		t.Fatal(err)
+	}
+	if settings.Bandwidth > 0 {
+		if err := l.DomainMigrateSetMaxSpeed(dom, settings.Bandwidth, 0); err != nil {
+			t.Fatal(err)
+		}
 	}
 	start := time.Now()
 	if _, err := l.DomainMigratePerform3Params(dom, golibvirt.OptString{dconn}, nil, nil, flags); err != nil {

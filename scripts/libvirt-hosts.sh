@@ -12,7 +12,8 @@
 #
 # so `virsh -c 'qemu+unix:///system?socket=…'` and Go code can dial it. Guests use TCG.
 #
-#   install  apt-get the packages (run as root); create the libvirt-qemu user and group
+#   install  apt-get the packages (run as root: libvirt, QEMU, and the guests' kernels, memtest86+
+#            and Debian's Linux); create the libvirt-qemu user and group
 #   up       start both hosts (idempotent; runs install first if libvirtd is missing)
 #   down     kill everything the hosts run, delete the namespaces
 #   status   print each host's state and socket
@@ -28,7 +29,7 @@ declare -A VETH=([lethe-a]=lethe-a0 [lethe-b]=lethe-b0)
 declare -A UUID=([lethe-a]=6c657468-6500-4a00-8000-0000000000a1 [lethe-b]=6c657468-6500-4b00-8000-0000000000b2)
 PREFIX=30
 BINDS=(/etc/libvirt /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt)
-PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 memtest86+ iproute2 util-linux)
+PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 memtest86+ linux-image-amd64 iproute2 util-linux)
 
 log() { printf 'libvirt-hosts: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -49,6 +50,9 @@ cmd_install() {
 	if [ ${#missing[@]} -gt 0 ]; then
 		log "installing ${missing[*]}"
 		export DEBIAN_FRONTEND=noninteractive
+		# The Linux guest boots with the tests' own initramfs: skip building Debian's, which
+		# takes minutes.
+		export INITRD=No
 		apt-get update -qq
 		apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 	fi
@@ -57,6 +61,8 @@ cmd_install() {
 		useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --no-create-home \
 			--shell /usr/sbin/nologin libvirt-qemu
 	[ -r /boot/memtest86+x64.bin ] || die "memtest86+ installed but /boot/memtest86+x64.bin is missing"
+	# The Linux guest boots Debian's kernel directly, with the tests' own initramfs.
+	compgen -G '/boot/vmlinuz-*' >/dev/null || die "linux-image-amd64 installed but no /boot/vmlinuz-*"
 }
 
 write_config() {
@@ -141,6 +147,7 @@ wait_host() {
 cmd_up() {
 	need_root
 	command -v libvirtd >/dev/null || [ -x /usr/sbin/libvirtd ] || cmd_install
+	compgen -G '/boot/vmlinuz-*' >/dev/null || cmd_install
 	getent passwd libvirt-qemu >/dev/null || cmd_install
 	mkdir -p "$STATE"
 	setup_net

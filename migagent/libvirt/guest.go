@@ -29,6 +29,8 @@ type GuestConfig struct {
 	Type string
 	// Kernel is the absolute path of the image to boot. Empty means MemtestKernel.
 	Kernel string
+	// Initrd is the absolute path of the initramfs the kernel unpacks. Empty means none.
+	Initrd string
 	// Cmdline is the kernel command line. Empty means "console=ttyS0,115200", which makes
 	// memtest86+ draw its screen on the serial port.
 	Cmdline string
@@ -61,6 +63,7 @@ type domainXML struct {
 			Value   string `xml:",chardata"`
 		} `xml:"type"`
 		Kernel  string `xml:"kernel"`
+		Initrd  string `xml:"initrd,omitempty"`
 		Cmdline string `xml:"cmdline"`
 	} `xml:"os"`
 	OnPoweroff string `xml:"on_poweroff"`
@@ -125,6 +128,7 @@ func GuestXML(cfg GuestConfig) (string, error) {
 	d.OS.Type.Machine = "pc"
 	d.OS.Type.Value = "hvm"
 	d.OS.Kernel = cfg.Kernel
+	d.OS.Initrd = cfg.Initrd
 	d.OS.Cmdline = cfg.Cmdline
 	d.OnPoweroff, d.OnReboot, d.OnCrash = "destroy", "restart", "destroy"
 	d.Devices.Controller.Type, d.Devices.Controller.Model = "usb", "none"

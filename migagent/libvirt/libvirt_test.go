@@ -54,6 +54,19 @@ func TestGuestXMLMetadata(t *testing.T) {
 	}
 }
 
+func TestGuestXMLInitrd(t *testing.T) {
+	got, err := GuestXML(GuestConfig{Name: "g", SerialLog: "/l.log", Kernel: "/boot/vmlinuz", Initrd: "/i.cpio", Cmdline: "quiet"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "<kernel>/boot/vmlinuz</kernel>\n    <initrd>/i.cpio</initrd>\n    <cmdline>quiet</cmdline>"; !strings.Contains(got, want) {
+		t.Errorf("GuestXML lacks %q, in that order:\n%s", want, got)
+	}
+	if plain, _ := GuestXML(GuestConfig{Name: "g", SerialLog: "/l.log"}); strings.Contains(plain, "<initrd") {
+		t.Errorf("GuestXML has an initrd unasked:\n%s", plain)
+	}
+}
+
 func TestGuestXMLRejects(t *testing.T) {
 	for name, cfg := range map[string]GuestConfig{
 		"no name":         {SerialLog: "/x.log"},
