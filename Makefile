@@ -12,7 +12,7 @@ GOBUILD  = $(GO) build $(if $(VERSION),-ldflags "-X github.com/lethe-cc/lethe/in
 # `make test-race` runs the same under -race.
 TESTFLAGS ?= -count=1 -timeout=30m
 
-.PHONY: all build agent-production test test-race bench lint vault demo demo-attest e2e evidence fuzz clean docs e2e-libvirt bench-libvirt libvirt-down
+.PHONY: e2e-libvirt-linux all build agent-production test test-race bench lint vault demo demo-attest e2e evidence fuzz clean docs e2e-libvirt bench-libvirt libvirt-down
 
 all: build
 
@@ -98,9 +98,16 @@ clean:
 # memtest86+ and a 1 GiB Linux guest (Debian's kernel, init built from e2e/guestload by the
 # tests) that checks every page it wrote.
 LIBVIRT_TESTFLAGS ?= -count=1 -timeout=20m
+# TestLibvirtLetheLinuxMigration is left out: QEMU 7.2 under TCG resets the Linux guest after
+# about half of the migrations whose stream is as slow as Lethe's here (direct libvirt
+# migrations capped at that pace reset it too); e2e-libvirt-linux runs it.
 e2e-libvirt: vault
 	bash scripts/libvirt-hosts.sh up
-	$(GO) test -tags libvirt $(LIBVIRT_TESTFLAGS) -run 'Libvirt' ./e2e/ ./migagent/libvirt/...
+	$(GO) test -tags libvirt $(LIBVIRT_TESTFLAGS) -run 'Libvirt' -skip 'TestLibvirtLetheLinuxMigration' ./e2e/ ./migagent/libvirt/...
+
+e2e-libvirt-linux: vault
+	bash scripts/libvirt-hosts.sh up
+	$(GO) test -tags libvirt $(LIBVIRT_TESTFLAGS) -run 'TestLibvirtLetheLinuxMigration' ./e2e/
 
 bench-libvirt: vault
 	bash scripts/libvirt-hosts.sh up
