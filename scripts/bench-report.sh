@@ -81,10 +81,9 @@ ceiling=$(awk -v p="$plain" -v a="$aes" -v c="$cores" 'BEGIN { printf "%.0f", 1 
 	echo "${DOWNTIME_COUNT:-$count} runs. Downtime is from pausing the guest to the verified commit"
 	echo "(\`SourceResult.Downtime\`); total is \`Source.Run\` (erasure of the source included); prepare"
 	echo "is \`Destination.Prepare\` of a new receive region. chunk-digests is the data plane as it is"
-	echo "(page and chunk digests kept as pages are sent and written, a fresh region read back as"
-	echo "zero); full-hash is the baseline, in the same run: all memory hashed in the pause on both"
-	echo "sides and the receive region scrubbed (zeroes written, on huge pages where the kernel gives"
-	echo "them)."
+	echo "(page and chunk digests kept as pages are sent and written); full-hash is the baseline, in"
+	echo "the same run: all memory hashed in the pause on both sides. Both scrub the receive region"
+	echo "(zeroes written, on huge pages where the kernel gives them)."
 	echo
 	echo "| guest | downtime ms | baseline downtime ms | total ms | baseline total ms | prepare ms | baseline prepare ms |"
 	echo "|---|---:|---:|---:|---:|---:|---:|"
