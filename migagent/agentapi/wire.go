@@ -124,9 +124,10 @@ type Progress struct {
 	// CommitAck is the destination's commit acknowledgement (MACed with the transfer key), set
 	// in phase committed.
 	CommitAck []byte `json:"commitAck,omitempty"`
-	// MemoryDigest is the memory root of the guest at cutover (dataplane.MemoryRoot: a hash over page and chunk digests, docs/protocol.md), in phase committed: the
-	// source computes it while the guest is paused after the final round, and the destination
-	// acknowledged only a region with the same digest. A destination's Status carries its own.
+	// MemoryDigest is the guest's memory root at cutover, in phase committed (a hash over page
+	// and chunk digests kept as pages move, docs/protocol.md): the source completes it while
+	// the guest is paused after the final round, and the destination acknowledged only a
+	// region with the same root. A destination's Status carries its own.
 	MemoryDigest attest.HexBytes `json:"memoryDigest,omitempty"`
 	// Error says why the transfer failed, in phase failed.
 	Error string `json:"error,omitempty"`
