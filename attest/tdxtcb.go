@@ -303,24 +303,31 @@ func tdxIssuerChain(s string) (signer, root *x509.Certificate, err error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("URL-decoding: %w", err)
 	}
-	var certs []*x509.Certificate
-	rest := []byte(p)
-	for {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			return nil, nil, fmt.Errorf("parsing certificate %d: %w", len(certs), err)
-		}
-		certs = append(certs, c)
+	certs, rest, err := tdxPEMCertificates([]byte(p))
+	if err != nil {
+		return nil, nil, err
 	}
 	if len(certs) != 2 || len(bytes.TrimSpace(rest)) != 0 {
 		return nil, nil, fmt.Errorf("%d PEM certificates, want 2 (signer, root)", len(certs))
 	}
 	return certs[0], certs[1], nil
+}
+
+// tdxPEMCertificates parses the PEM certificates at the start of b, in order, and returns
+// them with what follows them.
+func tdxPEMCertificates(b []byte) (certs []*x509.Certificate, rest []byte, err error) {
+	rest = b
+	for {
+		block, next := pem.Decode(rest)
+		if block == nil {
+			return certs, rest, nil
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, nil, fmt.Errorf("parsing certificate %d: %w", len(certs), err)
+		}
+		certs, rest = append(certs, c), next
+	}
 }
 
 // tdxCheckValidity rejects (ReasonExpired) a certificate outside its validity at now.

@@ -7,7 +7,6 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/binary"
-	"encoding/pem"
 	"fmt"
 	"math/big"
 	"time"
@@ -305,19 +304,10 @@ func tdxVerifyRS(pub *ecdsa.PublicKey, msg, sig []byte) bool {
 
 // tdxParsePCKChainPEM returns the certificates of a PEM PCK chain, leaf first: exactly three,
 // with nothing after them but an optional NUL byte.
-func tdxParsePCKChainPEM(rest []byte) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	for {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("parsing PCK chain certificate %d: %w", len(out), err)
-		}
-		out = append(out, c)
+func tdxParsePCKChainPEM(b []byte) ([]*x509.Certificate, error) {
+	out, rest, err := tdxPEMCertificates(b)
+	if err != nil {
+		return nil, fmt.Errorf("parsing the PCK chain: %w", err)
 	}
 	if len(out) != 3 {
 		return nil, fmt.Errorf("PCK chain has %d certificates, want 3 (PCK, intermediate, root)", len(out))
