@@ -40,6 +40,44 @@ func checkIDNonce(id string, nonce []byte) error {
 	return nil
 }
 
+// Bounds on what a broker can make an agent hold. A migration holds little once it ended (its
+// answers to a repeated abort or erase), but a broker attesting or preparing without end would
+// otherwise grow the agent's memory without bound.
+var (
+	// maxLive is how many migrations may be in a phase that is not final at once; a new one
+	// beyond it is refused.
+	maxLive = 256
+	// maxKept is how many migrations the node remembers; beyond it the oldest ended one
+	// (committed or aborted) is forgotten to make room.
+	maxKept = 4096
+	// maxAttestations is how many times one migration may attest or prepare.
+	maxAttestations = 16
+)
+
+// admit makes room for a new migration: it refuses one beyond maxLive migrations in flight,
+// and forgets the oldest ended migration when the node remembers maxKept. Callers hold n.mu.
+func (n *Node) admit() error {
+	live := 0
+	var oldest *migration
+	for _, m := range n.migs {
+		switch m.phase() {
+		case phaseCommitted, phaseAborted:
+			if oldest == nil || m.seq < oldest.seq {
+				oldest = m
+			}
+		default:
+			live++
+		}
+	}
+	if live >= maxLive {
+		return fmt.Errorf("%w: %d migrations in flight on host %s, the most it takes", agentapi.ErrConflict, live, n.cfg.Host)
+	}
+	if len(n.migs) >= maxKept && oldest != nil {
+		delete(n.migs, oldest.id)
+	}
+	return nil
+}
+
 // lookup returns the migration id, or ErrNotFound.
 func (n *Node) lookup(id string) (*migration, error) {
 	n.mu.Lock()
@@ -108,6 +146,10 @@ func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error
 			n.mu.Unlock()
 			return fmt.Errorf("%w: guest %s/%s is in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, g.migration)
 		}
+		if err := n.admit(); err != nil {
+			n.mu.Unlock()
+			return err
+		}
 		m = newMigration(req.MigrationID, req.Role, req.Tenant, req.VM, g.memoryBytes(), phaseAttested)
 		m.g, m.keys.hpke, m.nonce, m.hpkePubs = g, key, bytes.Clone(req.Nonce), [][]byte{key.PublicKey()}
 		n.migs[m.id] = m
@@ -130,6 +172,8 @@ func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error
 		return fmt.Errorf("%w: migration %s already has its keys", agentapi.ErrConflict, m.id)
 	case p != phaseAttested:
 		return fmt.Errorf("%w: migration %s already started or ended", agentapi.ErrConflict, m.id)
+	case len(m.hpkePubs) >= maxAttestations:
+		return fmt.Errorf("%w: migration %s attested %d times already", agentapi.ErrConflict, m.id, len(m.hpkePubs))
 	}
 	if err := m.enter(phaseAttested); err != nil {
 		return err
@@ -178,6 +222,9 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		if o := n.arriving(req.Tenant, req.VM); o != nil && o.id != req.MigrationID {
 			return fmt.Errorf("%w: guest %s/%s is arriving in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, o.id)
 		}
+		if m == nil {
+			return n.admit()
+		}
 		return nil
 	}()
 	n.mu.Unlock()
@@ -196,6 +243,9 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	defer m.mu.Unlock()
 	if m.phase() != phasePrepared {
 		return nil, fmt.Errorf("%w: migration %s already has its keys or ended", agentapi.ErrConflict, m.id)
+	}
+	if len(m.hpkePubs) >= maxAttestations {
+		return nil, fmt.Errorf("%w: migration %s was prepared %d times already", agentapi.ErrConflict, m.id, len(m.hpkePubs))
 	}
 	cleanup := func() {
 		if fresh {

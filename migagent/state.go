@@ -162,6 +162,7 @@ type migration struct {
 	tenant, vm string
 	size       int64
 	g          *guest // the source's or adoption's guest; nil for a destination
+	seq        uint64 // the order in which the node made its migrations
 
 	// state is the phase, written by enter under mu and readable without it.
 	state atomic.Uint32
@@ -214,9 +215,12 @@ type migration struct {
 	lv *lvMigration
 }
 
+// migrationSeq numbers migrations in the order they are made.
+var migrationSeq atomic.Uint64
+
 // newMigration returns a migration of role in phase p.
 func newMigration(id string, role attest.Role, tenant, vm string, size int64, p phase) *migration {
-	m := &migration{id: id, role: role, tenant: tenant, vm: vm, size: size}
+	m := &migration{id: id, role: role, tenant: tenant, vm: vm, size: size, seq: migrationSeq.Add(1)}
 	m.state.Store(uint32(p))
 	return m
 }
