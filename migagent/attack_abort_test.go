@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"sync"
 	"testing"
 	"time"
 
@@ -76,50 +75,55 @@ func keyedSource(t *testing.T) (*Node, *migration, *guest) {
 	return n, m, g
 }
 
-// TestAbortActsOnThePhaseItChecked lets a Transfer take the migration's lock between the
-// abort's look at the phase (keyed: nothing runs) and its acting on it. The abort must not
-// act on a phase it did not check: here it would let the guest go (clearing its migration,
-// so that another source migration of it could start) while its transfer runs, and then
-// fail to enter aborted from sending. It must stop the transfer it finds and abort after it.
-//
-// The interleaving is forced with the mutex's starvation mode: once a waiter has waited
-// more than a millisecond, an unlock hands the lock to the longest waiter, so the abort's
-// first unlock hands it to the waiting Transfer.
+// TestAbortActsOnThePhaseItChecked: an abort acts only on the phase it checked under the
+// lock it still holds, in whichever order it and a Transfer of the same migration take the
+// migration's lock. Transfer first: the abort finds the transfer running, stops it and aborts
+// after it ended. Abort first: the migration is aborted and the Transfer refused. Either way
+// the guest is let go only once nothing runs, and no key is left. (Before, an abort let go of
+// the lock between its look at the phase and its acting on it: a Transfer in that gap left
+// the guest released while its transfer ran, and the abort failing to leave sending.)
 func TestAbortActsOnThePhaseItChecked(t *testing.T) {
-	n, m, g := keyedSource(t)
-	m.mu.Lock()
-	var (
-		wg   sync.WaitGroup
-		resp *agentapi.AbortResponse
-		aerr error
-	)
-	wg.Go(func() { resp, aerr = n.Abort(t.Context(), &agentapi.AbortRequest{MigrationID: m.id, Reason: "test"}) })
-	time.Sleep(20 * time.Millisecond) // the abort waits for m.mu
-	wg.Go(func() {
-		if _, err := n.Transfer(t.Context(), &agentapi.TransferRequest{MigrationID: m.id}, nil); err != nil && !errors.Is(err, agentapi.ErrConflict) {
-			t.Errorf("transfer: %v", err)
+	abort := func(t *testing.T, n *Node, m *migration) {
+		t.Helper()
+		resp, err := n.Abort(t.Context(), &agentapi.AbortRequest{MigrationID: m.id, Reason: "test"})
+		if err != nil || resp.Unresolved {
+			t.Fatalf("abort: %+v, %v", resp, err)
 		}
-	})
-	time.Sleep(20 * time.Millisecond) // the transfer waits behind it
-	// Unlock and lock again at once: the woken abort finds the lock taken, has waited long
-	// enough to starve, and puts the mutex in starvation mode.
-	m.mu.Unlock()
-	m.mu.Lock()
-	time.Sleep(20 * time.Millisecond)
-	m.mu.Unlock()
-	wg.Wait()
-
-	if aerr != nil {
-		t.Fatalf("abort: %v", aerr)
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.phase() != phaseAborted || !m.keys.empty() || resp.Unresolved {
-		t.Errorf("after the abort: phase %s, keys held %v, answer %+v", m.phase(), !m.keys.empty(), resp)
+	transfer := func(n *Node, m *migration) error {
+		_, err := n.Transfer(t.Context(), &agentapi.TransferRequest{MigrationID: m.id}, nil)
+		return err
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if g.migration != "" {
-		t.Errorf("the aborted migration still holds the guest")
+	for name, run := range map[string]func(t *testing.T, n *Node, m *migration){
+		"transfer first": func(t *testing.T, n *Node, m *migration) {
+			if err := transfer(n, m); err != nil {
+				t.Fatalf("transfer: %v", err)
+			}
+			if p := m.phase(); p != phaseSending {
+				t.Fatalf("after the transfer started: phase %s", p)
+			}
+			abort(t, n, m)
+		},
+		"abort first": func(t *testing.T, n *Node, m *migration) {
+			abort(t, n, m)
+			if err := transfer(n, m); !errors.Is(err, agentapi.ErrConflict) {
+				t.Fatalf("transfer after the abort: %v, want a conflict", err)
+			}
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			n, m, g := keyedSource(t)
+			run(t, n, m)
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			if m.phase() != phaseAborted || !m.keys.empty() {
+				t.Errorf("after the abort: phase %s, keys held %v", m.phase(), !m.keys.empty())
+			}
+			n.mu.Lock()
+			defer n.mu.Unlock()
+			if g.migration != "" {
+				t.Errorf("the aborted migration still holds the guest")
+			}
+		})
 	}
 }

@@ -200,7 +200,7 @@ func TestParseMemAvailable(t *testing.T) {
 func TestPrepareRefusesAGuestLargerThanTheHostsMemory(t *testing.T) {
 	avail, err := memAvailable()
 	if err != nil {
-		t.Skip(err)
+		t.Fatal(err) // the agent runs on Linux, which always has /proc/meminfo
 	}
 	n := &Node{cfg: Config{Host: "h"}}
 	size := (avail/dataplane.PageSize + 1) * dataplane.PageSize * 2
