@@ -5,9 +5,11 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/attest/emulate"
+	"github.com/lethe-cc/lethe/internal/evidencetest"
 )
 
 // TestRevocationCheckedByDefault wires the verifier as the keybroker does, with the roots of an
@@ -70,6 +72,42 @@ func TestRevocationCheckedByDefault(t *testing.T) {
 			readyz := len(verifierWarnings(c)) > 0
 			if logged != tc.warned || readyz != tc.warned {
 				t.Errorf("warned in the log %v, in /readyz %v; want %v", logged, readyz, tc.warned)
+			}
+		})
+	}
+}
+
+// TestTDXWithoutCollateralRefused plays a destination that presents a genuine TDX quote (a real
+// capture) to a keybroker that holds no Intel collateral: the keybroker's verifier refuses it
+// (collateral), with or without revocation checks, and never passes it on its signatures and
+// PCK chain alone as `lethectl attest verify --chain-only` may (attest.Config.TDXChainOnly,
+// which no keybroker flag sets).
+func TestTDXWithoutCollateralRefused(t *testing.T) {
+	ev := &attest.Evidence{Platform: attest.PlatformTDX, Raw: evidencetest.Read(t, "Phala-Network_dcap-qvl/sample/tdx_quote")}
+	at := func() time.Time { return time.Date(2025, 7, 1, 0, 0, 0, 0, time.UTC) }
+	chainOnly, err := attest.NewVerifier(attest.Config{TDXChainOnly: true, Now: at})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := chainOnly.Verify(t.Context(), ev, attest.Expectation{SkipReportData: true}); err != nil {
+		t.Fatalf("the quote does not verify even by its chain: %v", err)
+	}
+	for name, args := range map[string][]string{
+		"default":                  nil,
+		"--check-revocation=false": {"--check-revocation=false"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c, err := parseFlags(append([]string{"--dev", "--state-dir", t.TempDir()}, args...))
+			if err != nil {
+				t.Fatal(err)
+			}
+			v, err := newVerifier(c, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = v.Verify(t.Context(), ev, attest.Expectation{SkipReportData: true})
+			if got := attest.ReasonOf(err); got != attest.ReasonCollateral {
+				t.Errorf("the keybroker's verifier: reason %q (%v), want collateral", got, err)
 			}
 		})
 	}
