@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/lethe-cc/lethe/internal/errtree"
 )
 
 // Reason names what a rejection is about, so that callers, audit events and operators see one
@@ -281,24 +283,6 @@ func (c *Claims) Check(r Requirements) error {
 }
 
 // Violations returns the violations in err's tree.
-func Violations(err error) []*Violation {
-	var out []*Violation
-	var walk func(error)
-	walk = func(err error) {
-		switch e := err.(type) {
-		case nil:
-		case *Violation:
-			out = append(out, e)
-		case interface{ Unwrap() []error }:
-			for _, x := range e.Unwrap() {
-				walk(x)
-			}
-		case interface{ Unwrap() error }:
-			walk(e.Unwrap())
-		}
-	}
-	walk(err)
-	return out
-}
+func Violations(err error) []*Violation { return errtree.All[*Violation](err) }
 
 func joinNames(items []string) string { return strings.Join(items, ", ") }

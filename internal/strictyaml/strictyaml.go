@@ -8,8 +8,9 @@
 // column, and decoding goes on after one, so that a file's problems are reported together.
 //
 // Parsing is goccy/go-yaml's; a panic in it is recovered and reported as malformed YAML, since
-// the bytes may be hostile. The package imports nothing but goccy/go-yaml and the standard
-// library, and it must stay that way: policy, a leaf package, depends on it.
+// the bytes may be hostile. The package imports nothing but goccy/go-yaml, internal/errtree
+// (standard library only) and the standard library, and it must stay that way: policy, a
+// leaf package, depends on it.
 package strictyaml
 
 import (
@@ -21,6 +22,8 @@ import (
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
 	"github.com/goccy/go-yaml/parser"
+
+	"github.com/lethe-cc/lethe/internal/errtree"
 )
 
 // Error is one problem in a YAML document, at a position.
@@ -52,25 +55,7 @@ func (e *Error) Error() string {
 }
 
 // Errors returns the *Error values in err's tree, in order.
-func Errors(err error) []*Error {
-	var out []*Error
-	var walk func(error)
-	walk = func(err error) {
-		switch e := err.(type) {
-		case nil:
-		case *Error:
-			out = append(out, e)
-		case interface{ Unwrap() []error }:
-			for _, x := range e.Unwrap() {
-				walk(x)
-			}
-		case interface{ Unwrap() error }:
-			walk(e.Unwrap())
-		}
-	}
-	walk(err)
-	return out
-}
+func Errors(err error) []*Error { return errtree.All[*Error](err) }
 
 // Join returns errs sorted by position (stably) and joined with errors.Join; nil if there is
 // none.
