@@ -10,6 +10,7 @@ import (
 	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/seal"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
 
 // Adopt starts a guest's first residency: if the tenant's policy accepts the agent's host as
@@ -73,6 +74,9 @@ func (k *Keybroker) adopt(ctx context.Context, req *kbwire.AdoptRequest, ev *Eve
 		if err != nil {
 			return nil, err
 		}
+		if _, err := k.logDecision(ctx, grantEntry(tlog.KindAdopt, r, 0, 1, signed, ev)); err != nil {
+			return nil, err
+		}
 		g = guestRecord{Epoch: 1, WrappedMDK: wrapped}
 		if _, err := k.recs.put(ctx, path, &g, ver); err != nil {
 			return nil, err
@@ -133,6 +137,9 @@ func (k *Keybroker) reissue(ctx context.Context, req *kbwire.ReissueRequest, ev 
 	if err != nil {
 		return nil, err
 	}
+	if _, err := k.logDecision(ctx, grantEntry(tlog.KindReissue, r, g.Epoch, g.Epoch, signed, ev)); err != nil {
+		return nil, err
+	}
 	return &kbwire.ReissueResponse{Epoch: g.Epoch, Sealed: sealed, PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Grant: signed}, nil
 }
 
@@ -151,6 +158,14 @@ func agentGrant(op grant.Op, r agentRequest, from, to uint64, dec *PolicyDecisio
 		Op: op, MigrationID: r.id, Tenant: r.tenant, VM: r.vm, FromEpoch: from, ToEpoch: to,
 		Destination:  grant.NewEnd(r.host.Name, r.agent.Evidence, r.agent.Nonce, sealed),
 		PolicyDigest: dec.Digest, PolicySVN: dec.SVN,
+	}
+}
+
+// grantEntry is the log entry of an adoption or a reissue whose grant is signed.
+func grantEntry(kind tlog.Kind, r agentRequest, from, to uint64, signed []byte, ev *Event) *tlog.Entry {
+	return &tlog.Entry{
+		Kind: kind, Tenant: r.tenant, VM: r.vm, MigrationID: r.id, FromEpoch: from, ToEpoch: to,
+		Host: r.host.Name, Statement: tlog.StatementDigest(signed), Evidence: evidenceOf(ev),
 	}
 }
 

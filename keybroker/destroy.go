@@ -14,6 +14,7 @@ import (
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/policy"
 )
 
@@ -78,7 +79,24 @@ func (k *Keybroker) Destroy(ctx context.Context, req *kbwire.DestroyRequest) (*k
 		}
 		return nil, err
 	}
-	return &kbwire.DestroyResponse{Receipt: env}, nil
+	resp := &kbwire.DestroyResponse{Receipt: env}
+	resp.Log = k.ReceiptInclusion(ctx, env)
+	return resp, nil
+}
+
+// ReceiptInclusion proves that the log entry of a receipt's ending is in the residency log,
+// or returns nil (and logs why) if the log cannot answer now: the receipt stands without it,
+// and the proof can be fetched again later.
+func (k *Keybroker) ReceiptInclusion(ctx context.Context, env *receipt.Envelope) *tlog.Inclusion {
+	r, err := env.Decode()
+	if err == nil {
+		var inc *tlog.Inclusion
+		if inc, err = k.receiptInclusion(ctx, r.Tenant, r.VM, r.MigrationID); err == nil {
+			return inc
+		}
+	}
+	k.log.WarnContext(ctx, "Proving a receipt's log entry failed", attrError, err.Error())
+	return nil
 }
 
 // checkDestroy checks a destroy request's form: names, ending, and proof with a commit only.
@@ -501,9 +519,15 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 			return err
 		}
 		// Stored by an earlier attempt, or by another keybroker: it must be this guest's.
-		if _, err := k.storedReceipt(ctx, m.ID, e.Tenant, e.VM, e.Ending); err != nil {
+		if env, err = k.storedReceipt(ctx, m.ID, e.Tenant, e.VM, e.Ending); err != nil {
 			return err
 		}
+		if r, err = env.Decode(); err != nil {
+			return err
+		}
+	}
+	if _, err := k.logDecision(ctx, endingEntry(r, env)); err != nil {
+		return err
 	}
 	if err := k.endMigrationID(ctx, m.ID); err != nil {
 		return err
@@ -525,6 +549,30 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 	}
 	k.emit(ctx, &ev, nil)
 	return nil
+}
+
+// endingEntry is the log entry of a migration's ending: its receipt r, signed in env.
+func endingEntry(r *receipt.Receipt, env *receipt.Envelope) *tlog.Entry {
+	e := &tlog.Entry{
+		Kind: tlog.KindCommit, Tenant: r.Tenant, VM: r.VM, MigrationID: r.MigrationID,
+		FromEpoch: r.FromEpoch, ToEpoch: r.ToEpoch, Statement: tlog.StatementDigest(env.Payload),
+		Outcome: string(r.Outcome),
+	}
+	if endingOf(r.Outcome) == kbwire.Abort {
+		e.Kind = tlog.KindAbort
+	}
+	for _, d := range []attest.HexBytes{r.Source.EvidenceDigest, r.Destination.EvidenceDigest} {
+		if len(d) > 0 {
+			e.Evidence = append(e.Evidence, d)
+		}
+	}
+	if r.Erasure != nil {
+		e.Evidence = append(e.Evidence, r.Erasure.EvidenceDigest)
+	}
+	for _, k := range r.DestroyedKeys {
+		e.DestroyedKeys = append(e.DestroyedKeys, k.Name)
+	}
+	return e
 }
 
 // outcome returns the outcome of an ended migration and the erasure evidence its receipt
@@ -632,6 +680,13 @@ func (k *Keybroker) executeCleanup(ctx context.Context, e *journalEntry) error {
 		}
 	}
 	if err := k.destroyKeys(ctx, e, keys); err != nil {
+		return err
+	}
+	entry := &tlog.Entry{
+		Kind: tlog.KindCleanup, Tenant: e.Tenant, VM: e.VM, MigrationID: e.MigrationID,
+		FromEpoch: e.Epoch - 1, ToEpoch: e.Epoch, DestroyedKeys: keys,
+	}
+	if _, err := k.logDecision(ctx, entry); err != nil {
 		return err
 	}
 	if ver != 0 && g.Migration != nil && g.Migration.ID == e.MigrationID {

@@ -6,9 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"log/slog"
 	"regexp"
-	"strconv"
 	"sync"
 	"time"
 
@@ -129,6 +129,15 @@ type Config struct {
 	Now func() time.Time
 	// Metrics receives the keybroker's measurements. Nil: none are taken.
 	Metrics Metrics
+
+	// LogOrigin names the residency log in its checkpoints (C2SP origin: a unique name
+	// without spaces or '+', such as "kb.example.com/lethe"); tenants verify checkpoints
+	// against it and the receipt-signing key. Keybrokers on one Vault must share it. Empty:
+	// DefaultLogOrigin.
+	LogOrigin string
+	// LogWitnesses are the verifier keys (tlog.WitnessSigner.VerifierKey) of the witnesses
+	// whose cosignatures the keybroker stores with its checkpoints. Nil: none.
+	LogWitnesses []string
 }
 
 // Keybroker releases and destroys guests' keys. It is safe for concurrent use.
@@ -142,6 +151,7 @@ type Keybroker struct {
 	vault  *api.Client
 	nonces *nonceStore
 	jnl    *journal
+	rlog   *residencyLog
 	now    func() time.Time
 
 	// floors are the policySvn floors loadTenant read last, per tenant (see floorCache).
@@ -208,6 +218,24 @@ func New(cfg Config) (*Keybroker, error) {
 	}
 	vc := &vaultClient{c: cfg.Vault, transit: cfg.TransitMount, kv: cfg.KVMount, metrics: cfg.Metrics}
 	k.keys, k.recs = vc, vc
+	if cfg.LogOrigin == "" {
+		cfg.LogOrigin = DefaultLogOrigin
+	}
+	if _, err := tlog.ParseCheckpoint(tlog.Checkpoint{Origin: cfg.LogOrigin, Root: make([]byte, 32)}.Text()); err != nil {
+		return nil, fmt.Errorf("configuring keybroker: log origin %q: no spaces or '+'", cfg.LogOrigin)
+	}
+	k.rlog = &residencyLog{
+		recs: vc, origin: cfg.LogOrigin,
+		sign: func(ctx context.Context, msg []byte) ([]byte, error) { return vc.sign(ctx, ReceiptSigningKey, msg) },
+		pub:  k.signingKey,
+	}
+	for _, w := range cfg.LogWitnesses {
+		v, err := tlog.ParseWitnessKey(w)
+		if err != nil {
+			return nil, fmt.Errorf("configuring keybroker: %w", err)
+		}
+		k.rlog.witnesses = append(k.rlog.witnesses, v)
+	}
 	k.nonces = newNonceStore(cfg.Now, cfg.NonceTTL, cfg.MaxNonces, &vaultNonces{keys: vc, recs: vc})
 	var err error
 	if k.jnl, err = openJournal(cfg.StateDir); err != nil {
@@ -348,10 +376,10 @@ func checkID(id string) error {
 }
 
 func epochKeyName(tenant, vm string, epoch uint64) string {
-	return "lethe-" + tenant + "-" + vm + "-e" + strconv.FormatUint(epoch, 10)
+	return tlog.EpochKey(tenant, vm, epoch)
 }
 
-func migrationKeyName(id string) string { return "lethe-mig-" + id }
+func migrationKeyName(id string) string { return tlog.MigrationKey(id) }
 
 func tenantPath(tenant string) string       { return "tenants/" + tenant }
 func guestPath(tenant, vm string) string    { return "guests/" + tenant + "/" + vm }

@@ -15,6 +15,7 @@ import (
 	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/seal"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
 
 // Migration states in a guest record.
@@ -108,6 +109,9 @@ func (k *Keybroker) emit(ctx context.Context, ev *Event, err error) {
 	}
 	k.cfg.Metrics.Decided(ev.Kind, ev.Decision, ErrorCode(err))
 	k.audit.Audit(context.WithoutCancel(ctx), *ev)
+	if ev.Decision == DecisionDeny {
+		k.logDenial(context.WithoutCancel(ctx), ev)
+	}
 }
 
 type verified struct {
@@ -310,6 +314,9 @@ func (k *Keybroker) release(ctx context.Context, req *kbwire.ReleaseRequest, ev 
 			if e1 == nil && e2 == nil {
 				start = time.Now()
 				signed, e2 = k.signGrant(ctx, releaseGrant(req, from, to, endpoint, dec, sealedSrc, sealedDst))
+				if e2 == nil {
+					_, e2 = k.logDecision(ctx, releaseEntry(req, from, to, signed, ev))
+				}
 				signTime = time.Since(start)
 			}
 		})
@@ -396,6 +403,9 @@ func (k *Keybroker) releaseAgain(ctx context.Context, req *kbwire.ReleaseRequest
 	if err != nil {
 		return nil, err
 	}
+	if _, err := k.logDecision(ctx, releaseEntry(req, m.FromEpoch, m.ToEpoch, signed, ev)); err != nil {
+		return nil, err
+	}
 	timings.Vault += time.Since(start)
 
 	// Record the new ends before handing their keys out.
@@ -450,6 +460,15 @@ func releaseGrant(req *kbwire.ReleaseRequest, from, to uint64, endpoint string, 
 		Destination:  grant.NewEnd(req.DestinationHost.Name, req.Destination.Evidence, req.Destination.Nonce, sealedDst),
 		DataEndpoint: endpoint, ZeroPageElision: dec.ZeroPageElision,
 		PolicyDigest: dec.Digest, PolicySVN: dec.SVN,
+	}
+}
+
+// releaseEntry is the log entry of a release whose grant is signed.
+func releaseEntry(req *kbwire.ReleaseRequest, from, to uint64, signed []byte, ev *Event) *tlog.Entry {
+	return &tlog.Entry{
+		Kind: tlog.KindRelease, Tenant: req.Tenant, VM: req.VM, MigrationID: req.MigrationID,
+		FromEpoch: from, ToEpoch: to, Host: req.DestinationHost.Name,
+		Statement: tlog.StatementDigest(signed), Evidence: evidenceOf(ev),
 	}
 }
 

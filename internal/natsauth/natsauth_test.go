@@ -116,7 +116,13 @@ func TestKeybrokerSubjects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{natsauth.BrokerSubjectPrefix + ".tenant.acme.>", subject(kbwire.OpPolicyPublish), subject(kbwire.OpTenantRotateKey)}
+	logOps := kbwire.SubjectPrefix + ".log.>"
+	for _, op := range []string{kbwire.OpLogCheckpoint, kbwire.OpLogConsistency, kbwire.OpLogHistory, kbwire.OpLogCosign} {
+		if !strings.HasPrefix(subject(op), strings.TrimSuffix(logOps, ">")) {
+			t.Errorf("log operation %s is not under %s", op, logOps)
+		}
+	}
+	want := []string{natsauth.BrokerSubjectPrefix + ".tenant.acme.>", subject(kbwire.OpPolicyPublish), subject(kbwire.OpTenantRotateKey), logOps}
 	if diff := cmp.Diff(want, tenant.Publish); diff != "" {
 		t.Errorf("tenant's publish permissions (-want +got):\n%s", diff)
 	}
@@ -124,7 +130,7 @@ func TestKeybrokerSubjects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want = []string{natsauth.BrokerSubjectPrefix + ".operator.>", subject(kbwire.OpTenantRegister)}
+	want = []string{natsauth.BrokerSubjectPrefix + ".operator.>", subject(kbwire.OpTenantRegister), logOps}
 	if diff := cmp.Diff(want, operator.Publish); diff != "" {
 		t.Errorf("operator's publish permissions (-want +got):\n%s", diff)
 	}

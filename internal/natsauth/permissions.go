@@ -84,6 +84,7 @@ func UserPermissions(u User) (Permissions, error) {
 			BrokerSubjectPrefix + ".tenant." + u.Name + ".>",
 			keybrokerPolicyPublish,
 			keybrokerTenantRotateKey,
+			keybrokerLog,
 		}
 		sub = []string{inbox}
 	case RoleOperator:
@@ -94,7 +95,7 @@ func UserPermissions(u User) (Permissions, error) {
 		}
 		// Operators register tenants with the keybroker (an admin call, signed with the admin
 		// key the keybroker pins, on top of this permission).
-		pub = []string{BrokerSubjectPrefix + ".operator.>", keybrokerTenantRegister}
+		pub = []string{BrokerSubjectPrefix + ".operator.>", keybrokerTenantRegister, keybrokerLog}
 		sub = []string{inbox}
 	default:
 		return Permissions{}, fmt.Errorf("unknown role %q", u.Role)

@@ -27,6 +27,10 @@ const (
 	keybrokerPolicyPublish   = KeybrokerSubjectPrefix + ".policy.publish"
 	keybrokerTenantRotateKey = KeybrokerSubjectPrefix + ".tenant.rotate-key"
 	keybrokerTenantRegister  = KeybrokerSubjectPrefix + ".tenant.register"
+	// keybrokerLog are the residency log's operations (kbwire's OpLog*), which tenants,
+	// operators and witnesses call: the log's proofs are public, a guest's history its
+	// tenant's (the keybroker answers a tenant's inbox about its own guests only).
+	keybrokerLog = KeybrokerSubjectPrefix + ".log.>"
 )
 
 // The JetStream key-value buckets of the broker, the only ones its store user may use.

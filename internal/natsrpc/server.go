@@ -39,6 +39,9 @@ var ErrInvalidRequest = errors.New("invalid request")
 type Request struct {
 	// Subject is the subject the request was sent on.
 	Subject string
+	// Reply is its reply subject, which the endpoint's ReplyFunc admitted: with NATS
+	// permissions that confine each user's inbox, it says who will read the answer.
+	Reply string
 	// Data is the request's body, at most Config.MaxRequest bytes.
 	Data []byte
 }
@@ -298,7 +301,7 @@ func (s *Server) handle(ctx context.Context, ep Endpoint, r micro.Request) {
 	if n := len(r.Data()); n > s.cfg.MaxRequest {
 		err = fmt.Errorf("%w: request of %d bytes exceeds %d", ErrInvalidRequest, n, s.cfg.MaxRequest)
 	} else {
-		resp, err = ep.Handler(ctx, &Request{Subject: r.Subject(), Data: r.Data()})
+		resp, err = ep.Handler(ctx, &Request{Subject: r.Subject(), Reply: r.Reply(), Data: r.Data()})
 	}
 	if err != nil {
 		s.respondError(r, s.public(r.Subject(), err))

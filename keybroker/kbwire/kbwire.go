@@ -6,6 +6,7 @@ import (
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
 
 // SubjectPrefix is the prefix of the keybroker API's subjects: an operation op is served on
@@ -37,6 +38,17 @@ const (
 	// OpPolicyPublish: PublishPolicyRequest (a policy envelope signed by the tenant) →
 	// PublishPolicyResponse: raises the floor of the policy's (tenant, name). Tenants call it.
 	OpPolicyPublish = "policy.publish"
+	// OpLogCheckpoint: LogCheckpointRequest → LogCheckpointResponse: a signed checkpoint of the
+	// residency log. Anyone with a keybroker role may call it (tenants, operators, witnesses).
+	OpLogCheckpoint = "log.checkpoint"
+	// OpLogConsistency: LogConsistencyRequest → LogConsistencyResponse.
+	OpLogConsistency = "log.consistency"
+	// OpLogHistory: LogHistoryRequest → tlog.History: a guest's entries with inclusion proofs.
+	// A tenant is answered only about its own guests.
+	OpLogHistory = "log.history"
+	// OpLogCosign: LogCosignRequest (a checkpoint cosigned by a witness) →
+	// LogCheckpointResponse (the checkpoint with every cosignature it has).
+	OpLogCosign = "log.cosign"
 )
 
 // The keybroker's requests and responses. They encode as JSON (byte strings base64, as
@@ -208,6 +220,8 @@ type DestroyRequest struct {
 // receipt may decode it as raw JSON instead (package broker's DestroyResponse does).
 type DestroyResponse struct {
 	Receipt *receipt.Envelope `json:"receipt"`
+	// Log proves that the ending's entry, which names the receipt, is in the residency log.
+	Log *tlog.Inclusion `json:"log,omitempty"`
 }
 
 // ReceiptRequest asks for a migration's signed receipt.
@@ -221,6 +235,8 @@ type ReceiptRequest struct {
 // ReceiptResponse carries a signed receipt.
 type ReceiptResponse struct {
 	Receipt *receipt.Envelope `json:"receipt"`
+	// Log proves that the ending's entry, which names the receipt, is in the residency log.
+	Log *tlog.Inclusion `json:"log,omitempty"`
 }
 
 // PublicKeyResponse carries the receipt-signing public key, PEM, for tenants to pin.
@@ -287,4 +303,43 @@ type PublishPolicyResponse struct {
 	Name   string `json:"name"`
 	// Floor is the lowest policySvn the keybroker now accepts for (Tenant, Name).
 	Floor uint64 `json:"floor"`
+}
+
+// LogCheckpointRequest asks for a signed checkpoint of the residency log.
+type LogCheckpointRequest struct {
+	// Witnessed asks for the newest checkpoint a witness cosigned rather than the newest.
+	Witnessed bool `json:"witnessed,omitempty"`
+}
+
+// LogCheckpointResponse carries a signed checkpoint (a C2SP signed note) with its witnesses'
+// cosignatures.
+type LogCheckpointResponse struct {
+	Checkpoint []byte `json:"checkpoint"`
+}
+
+// LogConsistencyRequest asks for the proof that the log of From entries is a prefix of the log
+// of To entries.
+type LogConsistencyRequest struct {
+	From uint64 `json:"from"`
+	To   uint64 `json:"to"`
+}
+
+// LogConsistencyResponse carries a consistency proof (RFC 9162).
+type LogConsistencyResponse struct {
+	Proof [][]byte `json:"proof"`
+}
+
+// LogHistoryRequest asks for a guest's entries of the residency log, each with its inclusion
+// proof against one checkpoint.
+type LogHistoryRequest struct {
+	Tenant string `json:"tenant"`
+	VM     string `json:"vm"`
+	// Witnessed proves them against the newest checkpoint a witness cosigned (which may not
+	// hold the newest entries yet).
+	Witnessed bool `json:"witnessed,omitempty"`
+}
+
+// LogCosignRequest carries a checkpoint the log signed, cosigned by a witness.
+type LogCosignRequest struct {
+	Checkpoint []byte `json:"checkpoint"`
 }

@@ -36,10 +36,14 @@ const (
 	OpTenantRegister  = kbwire.OpTenantRegister
 	OpTenantRotateKey = kbwire.OpTenantRotateKey
 	OpPolicyPublish   = kbwire.OpPolicyPublish
+	OpLogCheckpoint   = kbwire.OpLogCheckpoint
+	OpLogConsistency  = kbwire.OpLogConsistency
+	OpLogHistory      = kbwire.OpLogHistory
+	OpLogCosign       = kbwire.OpLogCosign
 )
 
 // Ops are the operations the service offers.
-var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister, OpTenantRotateKey, OpPolicyPublish}
+var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister, OpTenantRotateKey, OpPolicyPublish, OpLogCheckpoint, OpLogConsistency, OpLogHistory, OpLogCosign}
 
 // Subject returns the subject of op.
 func Subject(op string) string { return SubjectPrefix + "." + op }

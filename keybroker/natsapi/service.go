@@ -68,8 +68,12 @@ var DefaultReplyPrefixes = []string{natsauth.BrokerInboxPrefix + ".", natsauth.O
 // there (the signature, not the NATS user, says whose they are), no other.
 const TenantReplyPrefix = natsauth.TenantInboxPrefix + "."
 
-// tenantOps are the operations tenants call.
-var tenantOps = map[string]bool{kbwire.OpPolicyPublish: true, kbwire.OpTenantRotateKey: true}
+// tenantOps are the operations tenants call. The log's are public but for a guest's history,
+// which a tenant is answered only about its own guests (historyFor).
+var tenantOps = map[string]bool{
+	kbwire.OpPolicyPublish: true, kbwire.OpTenantRotateKey: true,
+	kbwire.OpLogCheckpoint: true, kbwire.OpLogConsistency: true, kbwire.OpLogHistory: true, kbwire.OpLogCosign: true,
+}
 
 // Service is the keybroker's NATS micro service.
 type Service struct {
@@ -144,7 +148,26 @@ func (s *Service) handlers() map[string]natsrpc.Handler {
 		OpTenantRegister:  natsrpc.Typed(s.registerTenant),
 		OpTenantRotateKey: natsrpc.Typed(k.RotateKey),
 		OpPolicyPublish:   natsrpc.Typed(k.PublishPolicy),
+		OpLogCheckpoint:   natsrpc.Typed(k.LogCheckpoint),
+		OpLogConsistency:  natsrpc.Typed(k.LogConsistency),
+		OpLogHistory:      s.history,
+		OpLogCosign:       natsrpc.Typed(k.LogCosign),
 	}
+}
+
+// history answers a guest's history: to the broker and operators for any guest, to a tenant
+// (whose inbox, _INBOX.tenant.<tenant>, NATS confines to it) for its own guests only.
+func (s *Service) history(ctx context.Context, r *natsrpc.Request) (any, error) {
+	var req kbwire.LogHistoryRequest
+	if err := natsrpc.Decode(r.Data, &req); err != nil {
+		return nil, err
+	}
+	if rest, ok := strings.CutPrefix(r.Reply, TenantReplyPrefix); ok {
+		if tenant, _, _ := strings.Cut(rest, "."); tenant != req.Tenant {
+			return nil, fmt.Errorf("the history of %s/%s is its tenant's to read: %w", req.Tenant, req.VM, keybroker.ErrUnauthorized)
+		}
+	}
+	return s.kb.LogHistory(ctx, &req)
 }
 
 // Run registers the service and answers requests until ctx ends; then it stops taking
@@ -236,7 +259,7 @@ func (s *Service) receipt(ctx context.Context, req *kbwire.ReceiptRequest) (*kbw
 		if err != nil {
 			return nil, err
 		}
-		return &kbwire.ReceiptResponse{Receipt: env}, nil
+		return &kbwire.ReceiptResponse{Receipt: env, Log: s.kb.ReceiptInclusion(ctx, env)}, nil
 	}
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.MaxAwait)
 	defer cancel()
@@ -247,7 +270,7 @@ func (s *Service) receipt(ctx context.Context, req *kbwire.ReceiptRequest) (*kbw
 		}
 		return nil, err
 	}
-	return &kbwire.ReceiptResponse{Receipt: env}, nil
+	return &kbwire.ReceiptResponse{Receipt: env, Log: s.kb.ReceiptInclusion(ctx, env)}, nil
 }
 
 // registerTenant is the admin call tenant.register (a statement signed with the admin key; the

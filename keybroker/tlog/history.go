@@ -234,3 +234,33 @@ func CheckExtends(prev, next Checkpoint, proof [][]byte) error {
 // ErrInconsistent: a checkpoint does not extend an earlier one of the same log: the log was
 // rewritten, or different parties are shown different logs.
 var ErrInconsistent = errors.New("checkpoint inconsistent with an earlier one")
+
+// Inclusion is one entry of the log with its inclusion proof against a signed checkpoint: what
+// travels with a receipt.
+type Inclusion struct {
+	Checkpoint []byte      `json:"checkpoint"`
+	Entry      ProvenEntry `json:"entry"`
+}
+
+// VerifyReceipt checks that a receipt's ending is in the log: inc's entry is included in the
+// checkpoint cp (opened from inc.Checkpoint), is a commit or abort of migrationID, and names
+// the receipt whose signed payload is payload. It returns the entry, or an error wrapping
+// ErrIncomplete or ErrMalformed.
+func VerifyReceipt(cp *Signed, inc *Inclusion, migrationID string, payload []byte) (*Entry, error) {
+	e, err := ParseEntry(inc.Entry.Leaf)
+	if err != nil {
+		return nil, err
+	}
+	if err := VerifyInclusion(inc.Entry.Index, cp.Size, LeafHash(inc.Entry.Leaf), inc.Entry.Proof, cp.Root); err != nil {
+		return nil, fmt.Errorf("%w: the receipt's entry is not in the log: %w", ErrIncomplete, err)
+	}
+	switch {
+	case e.Kind != KindCommit && e.Kind != KindAbort:
+		return nil, fmt.Errorf("%w: the entry is a %s, not an ending", ErrIncomplete, e.Kind)
+	case e.MigrationID != migrationID:
+		return nil, fmt.Errorf("%w: the entry is of migration %s, not %s", ErrIncomplete, e.MigrationID, migrationID)
+	case !bytes.Equal(e.Statement, StatementDigest(payload)):
+		return nil, fmt.Errorf("%w: the entry names another receipt", ErrIncomplete)
+	}
+	return e, nil
+}

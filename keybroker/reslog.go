@@ -1,0 +1,437 @@
+package keybroker
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+
+	"github.com/transparency-dev/merkle/compact"
+	"github.com/transparency-dev/merkle/rfc6962"
+	"golang.org/x/mod/sumdb/note"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/lethe-cc/lethe/keybroker/tlog"
+)
+
+// The residency log (package tlog, docs/log.md) lives in the KV mount beside the keybroker's
+// other records, so that it survives any keybroker and every keybroker on one Vault appends
+// to one tree:
+//
+//	log/entries/<i>          leaf i, created check-and-set 0: whoever creates it owns index i
+//	log/guests/<t>/<vm>      the guest's newest entry (seq, index, leaf hash, kind, migration)
+//	log/head                 the tree's size and its compact range (the right border's hashes)
+//	log/checkpoints/<size>   a signed checkpoint of that size, with witnesses' cosignatures
+//	log/checkpoint           the size of the newest checkpoint; log/witnessed, of the newest
+//	                         one a witness cosigned
+//
+// An append reads the head (size n) and then the guest's record, writes entry n with the
+// guest's next seq, then advances the guest's record and then the head. Entry n's
+// check-and-set 0 is the one point of serialization: two appends never share an index, and
+// because the head passes n only after the guest's record took entry n, an append that read
+// head n saw every earlier entry of its guest, so two entries never share a seq. An append
+// that finds entry n taken first finishes it (guest record, head) for whoever wrote it, who
+// may have died in between, and tries n+1; so the log never stalls on a dead keybroker.
+//
+// Each keybroker keeps the tree in memory (tlog.Tree), read from log/entries and checked
+// against the head's compact range, to answer proofs.
+const (
+	logEntriesDir    = "log/entries/"
+	logHeadPath      = "log/head"
+	logCheckpointDir = "log/checkpoints/"
+	logLatestPath    = "log/checkpoint"
+	logWitnessedPath = "log/witnessed"
+)
+
+func logGuestPath(tenant, vm string) string { return "log/guests/" + tenant + "/" + vm }
+func logEntryPath(i uint64) string          { return logEntriesDir + strconv.FormatUint(i, 10) }
+func logCheckpointPath(size uint64) string  { return logCheckpointDir + strconv.FormatUint(size, 10) }
+
+// DefaultLogOrigin is the residency log's origin (its name in checkpoints) when
+// Config.LogOrigin is empty.
+const DefaultLogOrigin = "lethe-keybroker"
+
+// ErrLogCorrupted: the log's storage does not match its head (an entry altered or removed in
+// Vault behind the keybroker's back). The keybroker then refuses to append or prove.
+var ErrLogCorrupted = errors.New("residency log storage corrupted")
+
+type logEntryRecord struct {
+	Leaf []byte `json:"leaf"`
+}
+
+type logGuestRecord struct {
+	Seq       uint64    `json:"seq"`
+	Last      tlog.Link `json:"last"`
+	Kind      tlog.Kind `json:"kind"`
+	Migration string    `json:"migration"`
+}
+
+type logHeadRecord struct {
+	Size  uint64   `json:"size"`
+	Range [][]byte `json:"range"`
+}
+
+type logCheckpointRecord struct {
+	Note []byte `json:"note"`
+}
+
+type logPointerRecord struct {
+	Size uint64 `json:"size"`
+}
+
+var rangeFactory = compact.RangeFactory{Hash: rfc6962.DefaultHasher.HashChildren}
+
+// root returns the root hash of the head's tree.
+func (h *logHeadRecord) root() ([]byte, error) {
+	r, err := rangeFactory.NewRange(0, h.Size, h.Range)
+	if err != nil {
+		return nil, fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
+	}
+	if h.Size == 0 {
+		return rfc6962.DefaultHasher.EmptyRoot(), nil
+	}
+	root, err := r.GetRootHash(nil)
+	if err != nil {
+		return nil, fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
+	}
+	return root, nil
+}
+
+// residencyLog appends to the residency log and proves what it holds.
+type residencyLog struct {
+	recs      recordStore
+	origin    string
+	witnesses []*tlog.WitnessVerifier
+	// sign signs with the keybroker's key; pub returns its public half.
+	sign func(ctx context.Context, msg []byte) ([]byte, error)
+	pub  func(ctx context.Context) (ed25519.PublicKey, error)
+
+	mu   sync.Mutex // guards tree; held while it catches up with Vault
+	tree tlog.Tree
+}
+
+// maxAppendAttempts bounds how many indexes an append tries before giving up: each failure is
+// another keybroker's append winning the index, so this is contention, not an error loop.
+const maxAppendAttempts = 1000
+
+// append adds e (Seq, Prev and Time are set here) and returns its index. A commit, abort or
+// cleanup already the guest's newest entry is not appended again (an ending retried from the
+// journal): its index is returned.
+func (l *residencyLog) append(ctx context.Context, e *tlog.Entry) (uint64, error) {
+	e.Type = tlog.EntryType
+	for range maxAppendAttempts {
+		var head logHeadRecord
+		if _, err := l.recs.get(ctx, logHeadPath, &head); err != nil {
+			return 0, fmt.Errorf("appending to the residency log: %w", err)
+		}
+		var g logGuestRecord
+		if _, err := l.recs.get(ctx, logGuestPath(e.Tenant, e.VM), &g); err != nil {
+			return 0, fmt.Errorf("appending to the residency log: %w", err)
+		}
+		switch e.Kind {
+		case tlog.KindCommit, tlog.KindAbort, tlog.KindCleanup:
+			if g.Seq > 0 && g.Kind == e.Kind && g.Migration == e.MigrationID {
+				return g.Last.Index, nil
+			}
+		}
+		e.Seq, e.Prev = g.Seq+1, nil
+		if g.Seq > 0 {
+			last := g.Last
+			e.Prev = &last
+		}
+		leaf, err := e.Marshal()
+		if err != nil {
+			return 0, err
+		}
+		n := head.Size
+		if _, err := l.recs.put(ctx, logEntryPath(n), &logEntryRecord{Leaf: leaf}, 0); err != nil {
+			if !errors.Is(err, errConflict) {
+				return 0, fmt.Errorf("appending to the residency log: %w", err)
+			}
+			if err := l.finishEntry(ctx, n); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		if err := l.finish(ctx, n, e, leaf); err != nil {
+			return 0, err
+		}
+		return n, nil
+	}
+	return 0, fmt.Errorf("appending to the residency log: %d indexes taken by others in a row: %w", maxAppendAttempts, ErrVaultUnavailable)
+}
+
+// finishEntry finishes the append of entry n, written by someone else.
+func (l *residencyLog) finishEntry(ctx context.Context, n uint64) error {
+	var rec logEntryRecord
+	ver, err := l.recs.get(ctx, logEntryPath(n), &rec)
+	if err != nil {
+		return fmt.Errorf("appending to the residency log: %w", err)
+	}
+	if ver == 0 {
+		return fmt.Errorf("%w: entry %d vanished", ErrLogCorrupted, n)
+	}
+	e, err := tlog.ParseEntry(rec.Leaf)
+	if err != nil {
+		return fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, n, err)
+	}
+	return l.finish(ctx, n, e, rec.Leaf)
+}
+
+// finish moves the guest's record, then the head, past entry n (e, whose leaf is leaf). Each
+// step is skipped if someone did it already.
+func (l *residencyLog) finish(ctx context.Context, n uint64, e *tlog.Entry, leaf []byte) error {
+	hash := tlog.LeafHash(leaf)
+	gpath := logGuestPath(e.Tenant, e.VM)
+	for {
+		var g logGuestRecord
+		ver, err := l.recs.get(ctx, gpath, &g)
+		if err != nil {
+			return fmt.Errorf("appending to the residency log: %w", err)
+		}
+		if g.Seq >= e.Seq {
+			break
+		}
+		if g.Seq+1 != e.Seq {
+			return fmt.Errorf("%w: entry %d has seq %d, the guest's newest is %d", ErrLogCorrupted, n, e.Seq, g.Seq)
+		}
+		next := logGuestRecord{Seq: e.Seq, Last: tlog.Link{Index: n, Hash: hash}, Kind: e.Kind, Migration: e.MigrationID}
+		if _, err := l.recs.put(ctx, gpath, &next, ver); err == nil {
+			break
+		} else if !errors.Is(err, errConflict) {
+			return fmt.Errorf("appending to the residency log: %w", err)
+		}
+	}
+	for {
+		var head logHeadRecord
+		ver, err := l.recs.get(ctx, logHeadPath, &head)
+		if err != nil {
+			return fmt.Errorf("appending to the residency log: %w", err)
+		}
+		if head.Size > n {
+			return nil
+		}
+		if head.Size < n {
+			return fmt.Errorf("%w: entry %d exists while the head is %d", ErrLogCorrupted, n, head.Size)
+		}
+		r, err := rangeFactory.NewRange(0, head.Size, head.Range)
+		if err != nil {
+			return fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
+		}
+		if err := r.Append(hash, nil); err != nil {
+			return fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
+		}
+		if _, err := l.recs.put(ctx, logHeadPath, &logHeadRecord{Size: n + 1, Range: r.Hashes()}, ver); err == nil {
+			return nil
+		} else if !errors.Is(err, errConflict) {
+			return fmt.Errorf("appending to the residency log: %w", err)
+		}
+	}
+}
+
+// syncTree brings the in-memory tree up to the head (at least size leaves) and checks its
+// root against the head's. The caller holds l.mu.
+func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecord, error) {
+	var head logHeadRecord
+	if _, err := l.recs.get(ctx, logHeadPath, &head); err != nil {
+		return nil, fmt.Errorf("reading the residency log: %w", err)
+	}
+	if head.Size < size {
+		return nil, fmt.Errorf("reading the residency log: size %d asked, the log has %d: %w", size, head.Size, ErrInvalidRequest)
+	}
+	from := l.tree.Size()
+	if from > head.Size {
+		return nil, fmt.Errorf("%w: the head went back from %d to %d", ErrLogCorrupted, from, head.Size)
+	}
+	// Read the missing leaves, a batch at a time, in parallel.
+	const batch = 64
+	for lo := from; lo < head.Size; lo += batch {
+		hi := min(lo+batch, head.Size)
+		hashes := make([][]byte, hi-lo)
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(16)
+		for i := lo; i < hi; i++ {
+			g.Go(func() error {
+				var rec logEntryRecord
+				ver, err := l.recs.get(gctx, logEntryPath(i), &rec)
+				if err != nil {
+					return fmt.Errorf("reading the residency log: %w", err)
+				}
+				if ver == 0 {
+					return fmt.Errorf("%w: entry %d is missing", ErrLogCorrupted, i)
+				}
+				hashes[i-lo] = tlog.LeafHash(rec.Leaf)
+				return nil
+			})
+		}
+		if err := g.Wait(); err != nil {
+			return nil, err
+		}
+		for _, h := range hashes {
+			l.tree.Append(h)
+		}
+	}
+	want, err := head.root()
+	if err != nil {
+		return nil, err
+	}
+	got, err := l.tree.Root(head.Size)
+	if err != nil {
+		return nil, err
+	}
+	if !bytes.Equal(got, want) {
+		// Forget what was read: the next call reads it again, and fails again until the
+		// operator restores what was altered.
+		l.tree = tlog.Tree{}
+		return nil, fmt.Errorf("%w: the entries do not hash to the head's root at size %d", ErrLogCorrupted, head.Size)
+	}
+	return &head, nil
+}
+
+// checkpoint returns a signed checkpoint of the head (at least minSize entries): the stored one
+// of that size, or a new one, signed and stored. With witnessed, it returns the newest
+// checkpoint a witness cosigned instead (ErrInvalidRequest if there is none of at least
+// minSize entries).
+func (l *residencyLog) checkpoint(ctx context.Context, minSize uint64, witnessed bool) (*tlog.Signed, error) {
+	if witnessed {
+		var p logPointerRecord
+		ver, err := l.recs.get(ctx, logWitnessedPath, &p)
+		if err != nil {
+			return nil, fmt.Errorf("reading the residency log's checkpoint: %w", err)
+		}
+		if ver == 0 || p.Size < minSize {
+			return nil, fmt.Errorf("no witnessed checkpoint of at least %d entries yet: %w", minSize, ErrInvalidRequest)
+		}
+		return l.storedCheckpoint(ctx, p.Size)
+	}
+	var head logHeadRecord
+	if _, err := l.recs.get(ctx, logHeadPath, &head); err != nil {
+		return nil, fmt.Errorf("reading the residency log: %w", err)
+	}
+	if head.Size < minSize {
+		return nil, fmt.Errorf("checkpoint of %d entries asked, the log has %d: %w", minSize, head.Size, ErrInvalidRequest)
+	}
+	var rec logCheckpointRecord
+	ver, err := l.recs.get(ctx, logCheckpointPath(head.Size), &rec)
+	if err != nil {
+		return nil, fmt.Errorf("reading the residency log's checkpoint: %w", err)
+	}
+	if ver == 0 {
+		// Ed25519 is deterministic: keybrokers that sign the same size race to store the
+		// same bytes.
+		root, err := head.root()
+		if err != nil {
+			return nil, err
+		}
+		pub, err := l.pub(ctx)
+		if err != nil {
+			return nil, err
+		}
+		signed, err := tlog.Sign(tlog.Checkpoint{Origin: l.origin, Size: head.Size, Root: root}, pub, func(msg []byte) ([]byte, error) {
+			return l.sign(ctx, msg)
+		})
+		if err != nil {
+			return nil, err
+		}
+		if _, err := l.recs.put(ctx, logCheckpointPath(head.Size), &logCheckpointRecord{Note: signed}, 0); err != nil && !errors.Is(err, errConflict) {
+			return nil, fmt.Errorf("storing the residency log's checkpoint: %w", err)
+		}
+		if err := l.raise(ctx, logLatestPath, head.Size); err != nil {
+			return nil, err
+		}
+	}
+	return l.storedCheckpoint(ctx, head.Size)
+}
+
+// raise moves the pointer at path up to size (never down).
+func (l *residencyLog) raise(ctx context.Context, path string, size uint64) error {
+	for {
+		var p logPointerRecord
+		ver, err := l.recs.get(ctx, path, &p)
+		if err != nil {
+			return fmt.Errorf("storing the residency log's checkpoint: %w", err)
+		}
+		if ver != 0 && p.Size >= size {
+			return nil
+		}
+		if _, err := l.recs.put(ctx, path, &logPointerRecord{Size: size}, ver); err == nil {
+			return nil
+		} else if !errors.Is(err, errConflict) {
+			return fmt.Errorf("storing the residency log's checkpoint: %w", err)
+		}
+	}
+}
+
+// storedCheckpoint returns the stored checkpoint of that size, verified with the keybroker's
+// own key (a checkpoint altered in Vault is not served).
+func (l *residencyLog) storedCheckpoint(ctx context.Context, size uint64) (*tlog.Signed, error) {
+	var rec logCheckpointRecord
+	ver, err := l.recs.get(ctx, logCheckpointPath(size), &rec)
+	if err != nil {
+		return nil, fmt.Errorf("reading the residency log's checkpoint: %w", err)
+	}
+	if ver == 0 {
+		return nil, fmt.Errorf("%w: no checkpoint of size %d", ErrLogCorrupted, size)
+	}
+	v, err := l.verifier(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s, err := tlog.Open(rec.Note, v, l.witnesses, 0)
+	if err != nil {
+		return nil, fmt.Errorf("%w: checkpoint of size %d: %w", ErrLogCorrupted, size, err)
+	}
+	return s, nil
+}
+
+func (l *residencyLog) verifier(ctx context.Context) (note.Verifier, error) {
+	pub, err := l.pub(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return tlog.LogVerifier(l.origin, pub)
+}
+
+// cosign adds a witness's cosignatures of a stored checkpoint. It returns ErrInvalidRequest
+// for a checkpoint the log never signed or cosignatures no configured witness made.
+func (l *residencyLog) cosign(ctx context.Context, cosigned []byte) (*tlog.Signed, error) {
+	if len(l.witnesses) == 0 {
+		return nil, fmt.Errorf("this keybroker has no witnesses configured: %w", ErrInvalidRequest)
+	}
+	text, _, _ := bytes.Cut(cosigned, []byte("\n\n"))
+	c, err := tlog.ParseCheckpoint(string(text) + "\n")
+	if err != nil {
+		return nil, fmt.Errorf("cosigning: %w: %w", ErrInvalidRequest, err)
+	}
+	for range maxAppendAttempts {
+		var rec logCheckpointRecord
+		ver, err := l.recs.get(ctx, logCheckpointPath(c.Size), &rec)
+		if err != nil {
+			return nil, fmt.Errorf("reading the residency log's checkpoint: %w", err)
+		}
+		if ver == 0 {
+			return nil, fmt.Errorf("cosigning: the log signed no checkpoint of size %d: %w", c.Size, ErrInvalidRequest)
+		}
+		merged, err := tlog.AddCosignatures(rec.Note, cosigned, l.witnesses)
+		if err != nil {
+			return nil, fmt.Errorf("cosigning: %w: %w", ErrInvalidRequest, err)
+		}
+		if bytes.Equal(merged, rec.Note) {
+			return nil, fmt.Errorf("cosigning: no new cosignature by a configured witness: %w", ErrInvalidRequest)
+		}
+		if _, err := l.recs.put(ctx, logCheckpointPath(c.Size), &logCheckpointRecord{Note: merged}, ver); err != nil {
+			if errors.Is(err, errConflict) {
+				continue
+			}
+			return nil, fmt.Errorf("storing a cosigned checkpoint: %w", err)
+		}
+		break
+	}
+	if err := l.raise(ctx, logWitnessedPath, c.Size); err != nil {
+		return nil, err
+	}
+	return l.storedCheckpoint(ctx, c.Size)
+}
