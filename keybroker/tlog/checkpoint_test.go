@@ -36,7 +36,7 @@ func testCheckpoint(t *testing.T, size uint64) Checkpoint {
 	return Checkpoint{Origin: testOrigin, Size: size, Root: root}
 }
 
-func signCheckpoint(t *testing.T, c Checkpoint, k ed25519.PrivateKey) []byte {
+func signCheckpoint(t testing.TB, c Checkpoint, k ed25519.PrivateKey) []byte {
 	t.Helper()
 	b, err := Sign(c, k.Public().(ed25519.PublicKey), signWith(k))
 	if err != nil {
@@ -45,7 +45,7 @@ func signCheckpoint(t *testing.T, c Checkpoint, k ed25519.PrivateKey) []byte {
 	return b
 }
 
-func logVerifier(t *testing.T, origin string, k ed25519.PrivateKey) note.Verifier {
+func logVerifier(t testing.TB, origin string, k ed25519.PrivateKey) note.Verifier {
 	t.Helper()
 	v, err := LogVerifier(origin, k.Public().(ed25519.PublicKey))
 	if err != nil {
