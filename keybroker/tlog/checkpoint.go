@@ -49,7 +49,11 @@ func ParseCheckpoint(text string) (Checkpoint, error) {
 	if !validName(origin) {
 		return Checkpoint{}, fmt.Errorf("decoding checkpoint: %w: origin %q", ErrMalformed, origin)
 	}
-	return Checkpoint{Origin: origin, Size: size, Root: root}, nil
+	c := Checkpoint{Origin: origin, Size: size, Root: root}
+	if c.Text() != text {
+		return Checkpoint{}, fmt.Errorf("decoding checkpoint: %w: root hash not in canonical base64", ErrMalformed)
+	}
+	return c, nil
 }
 
 // validName says whether s may name a key in a note: not empty, no spaces, no "+".

@@ -128,6 +128,12 @@ func ParseEntry(leaf []byte) (*Entry, error) {
 	case (e.Seq == 1) != (e.Prev == nil):
 		return nil, fmt.Errorf("decoding log entry: %w: seq %d with prev %v", ErrMalformed, e.Seq, e.Prev != nil)
 	}
+	// One encoding only: Go's decoder folds case, keeps the last of duplicated fields and
+	// reads hex loosely, so a leaf the keybroker did not write could read one way here and
+	// another in a second verifier.
+	if b, err := e.Marshal(); err != nil || !bytes.Equal(b, leaf) {
+		return nil, fmt.Errorf("decoding log entry: %w: not as the keybroker encodes it", ErrMalformed)
+	}
 	return &e, nil
 }
 

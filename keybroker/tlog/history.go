@@ -100,6 +100,8 @@ func VerifyHistory(cp *Signed, h *History) (*HistoryReport, error) {
 			fail("entry %d: names a previous entry %d, but none came before", pe.Index, e.Prev.Index)
 		case prev != nil && (e.Prev == nil || e.Prev.Index != prev.Index || !bytes.Equal(e.Prev.Hash, prev.Hash)):
 			fail("entry %d: does not name the guest's previous entry %d: the chain is broken", pe.Index, prev.Index)
+		case prev != nil && pe.Index <= prev.Index:
+			fail("entry %d: comes after the guest's entry %d in its chain but not in the log", pe.Index, prev.Index)
 		}
 		prev = &Link{Index: pe.Index, Hash: hash}
 		rep.Entries = append(rep.Entries, e)
