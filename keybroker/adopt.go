@@ -74,7 +74,7 @@ func (k *Keybroker) adopt(ctx context.Context, req *kbwire.AdoptRequest, ev *Eve
 		if err != nil {
 			return nil, err
 		}
-		if _, err := k.logDecision(ctx, grantEntry(tlog.KindAdopt, r, 0, 1, signed, ev)); err != nil {
+		if _, err := k.logDecision(ctx, grantEntry(tlog.KindAdopt, r, 0, 1, signed, ev), false); err != nil {
 			return nil, err
 		}
 		g = guestRecord{Epoch: 1, WrappedMDK: wrapped}
@@ -137,7 +137,7 @@ func (k *Keybroker) reissue(ctx context.Context, req *kbwire.ReissueRequest, ev 
 	if err != nil {
 		return nil, err
 	}
-	if _, err := k.logDecision(ctx, grantEntry(tlog.KindReissue, r, g.Epoch, g.Epoch, signed, ev)); err != nil {
+	if _, err := k.logDecision(ctx, grantEntry(tlog.KindReissue, r, g.Epoch, g.Epoch, signed, ev), false); err != nil {
 		return nil, err
 	}
 	return &kbwire.ReissueResponse{Epoch: g.Epoch, Sealed: sealed, PolicyDigest: dec.Digest, PolicySVN: dec.SVN, Grant: signed}, nil

@@ -526,7 +526,7 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 			return err
 		}
 	}
-	if _, err := k.logDecision(ctx, endingEntry(r, env)); err != nil {
+	if _, err := k.logDecision(ctx, endingEntry(r, env), true); err != nil {
 		return err
 	}
 	if err := k.endMigrationID(ctx, m.ID); err != nil {
@@ -686,7 +686,7 @@ func (k *Keybroker) executeCleanup(ctx context.Context, e *journalEntry) error {
 		Kind: tlog.KindCleanup, Tenant: e.Tenant, VM: e.VM, MigrationID: e.MigrationID,
 		FromEpoch: e.Epoch - 1, ToEpoch: e.Epoch, DestroyedKeys: keys,
 	}
-	if _, err := k.logDecision(ctx, entry); err != nil {
+	if _, err := k.logDecision(ctx, entry, true); err != nil {
 		return err
 	}
 	if ver != 0 && g.Migration != nil && g.Migration.ID == e.MigrationID {

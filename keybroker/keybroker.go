@@ -225,7 +225,7 @@ func New(cfg Config) (*Keybroker, error) {
 		return nil, fmt.Errorf("configuring keybroker: log origin %q: no spaces or '+'", cfg.LogOrigin)
 	}
 	k.rlog = &residencyLog{
-		recs: vc, origin: cfg.LogOrigin,
+		recs: vc, logger: k.log, origin: cfg.LogOrigin,
 		sign: func(ctx context.Context, msg []byte) ([]byte, error) { return vc.sign(ctx, ReceiptSigningKey, msg) },
 		pub:  k.signingKey,
 	}
@@ -247,7 +247,8 @@ func New(cfg Config) (*Keybroker, error) {
 // Run loads the nonce key, renews the Vault token (or
 // logs in again with AppRole), retries pending destructions every RetryInterval and, every
 // NonceTTL, deletes the marks of used nonces that have expired, until ctx ends. It returns nil
-// when ctx ends.
+// when ctx ends, once the residency log's entries it was finishing in the background are
+// finished (each bounded by 30 s).
 func (k *Keybroker) Run(ctx context.Context) error {
 	if err := k.loadNonceKey(ctx); err != nil {
 		k.log.WarnContext(ctx, "Loading the nonce key failed; nonces are refused until it loads", attrError, err.Error())
@@ -257,6 +258,7 @@ func (k *Keybroker) Run(ctx context.Context) error {
 	wg.Go(func() { k.retryLoop(ctx) })
 	wg.Go(func() { k.sweepLoop(ctx) })
 	wg.Wait()
+	k.rlog.finishing.Wait()
 	return nil
 }
 

@@ -12,12 +12,12 @@ import (
 // maxHistory bounds the entries of one guest that LogHistory returns.
 const maxHistory = 100_000
 
-// logDecision appends the entry of a key decision to the residency log. A release, adoption
-// or reissue that cannot be logged fails (its keys are destroyed): no key leaves the
-// keybroker without its entry.
-func (k *Keybroker) logDecision(ctx context.Context, e *tlog.Entry) (uint64, error) {
+// logDecision appends the entry of a key decision to the residency log (settle: see
+// residencyLog.append). A release, adoption or reissue that cannot be logged fails (its keys
+// are destroyed): no key leaves the keybroker without its entry.
+func (k *Keybroker) logDecision(ctx context.Context, e *tlog.Entry, settle bool) (uint64, error) {
 	e.Time = k.now().UTC()
-	return k.rlog.append(ctx, e)
+	return k.rlog.append(ctx, e, settle)
 }
 
 // logDenial appends a denial, for a guest of a registered tenant; a failure to log it is
@@ -34,7 +34,7 @@ func (k *Keybroker) logDenial(ctx context.Context, ev *Event) {
 		Kind: tlog.KindDeny, Tenant: ev.Tenant, VM: ev.VM, MigrationID: ev.MigrationID,
 		Op: string(ev.Kind), Reasons: ev.Reasons, Evidence: evidenceOf(ev),
 	}
-	if _, err := k.logDecision(ctx, e); err != nil {
+	if _, err := k.logDecision(ctx, e, true); err != nil {
 		k.log.WarnContext(ctx, "Logging a denial in the residency log failed", attrMigration, ev.MigrationID, attrError, err.Error())
 	}
 }

@@ -315,7 +315,9 @@ func (k *Keybroker) release(ctx context.Context, req *kbwire.ReleaseRequest, ev 
 				start = time.Now()
 				signed, e2 = k.signGrant(ctx, releaseGrant(req, from, to, endpoint, dec, sealedSrc, sealedDst))
 				if e2 == nil {
-					_, e2 = k.logDecision(ctx, releaseEntry(req, from, to, signed, ev))
+					logStart := time.Now()
+					_, e2 = k.logDecision(ctx, releaseEntry(req, from, to, signed, ev), false)
+					timings.Log = time.Since(logStart)
 				}
 				signTime = time.Since(start)
 			}
@@ -403,7 +405,7 @@ func (k *Keybroker) releaseAgain(ctx context.Context, req *kbwire.ReleaseRequest
 	if err != nil {
 		return nil, err
 	}
-	if _, err := k.logDecision(ctx, releaseEntry(req, m.FromEpoch, m.ToEpoch, signed, ev)); err != nil {
+	if _, err := k.logDecision(ctx, releaseEntry(req, m.FromEpoch, m.ToEpoch, signed, ev), false); err != nil {
 		return nil, err
 	}
 	timings.Vault += time.Since(start)

@@ -291,7 +291,7 @@ func TestResidencyLogConcurrentKeybrokers(t *testing.T) {
 			wg.Go(func() {
 				_, err := kb.logDecision(ctx, &tlog.Entry{
 					Kind: tlog.KindDeny, Tenant: "demo", VM: fmt.Sprintf("vm%d", g), MigrationID: fmt.Sprintf("m%d-%d", g, i), Op: "release",
-				})
+				}, (g+i)%3 == 0)
 				errs <- err
 			})
 		}

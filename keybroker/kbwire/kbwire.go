@@ -136,6 +136,9 @@ type ReleaseTimings struct {
 	Vault time.Duration
 	// Seal is the HPKE sealing of both key sets.
 	Seal time.Duration
+	// Log is the append of the release's entry to the residency log (after the grant is
+	// signed, beside the record of the release in Vault).
+	Log time.Duration
 }
 
 // AdoptRequest asks for a guest's first residency.
