@@ -54,7 +54,7 @@
 //	KV lethe-hosts       host records written by agents (agentapi.HostRecord), with a TTL
 //	KV lethe-policies    signed policy envelopes, key <tenant> or <tenant>.<vm>
 //	KV lethe-guests      guests (Guest): tenant, host, epoch, wrapped memory key, active migration
-//	KV lethe-receipts    signed receipts (Receipt), key = migration id
+//	KV lethe-receipts    signed receipts with their residency-log proofs (Receipt), key = migration id
 //	stream LETHE_EVENTS  lethe.v1.events.<migration-id>: transitions, progress, audit
 //
 // # The state machine

@@ -44,9 +44,13 @@ const KeyBrokerSubjectPrefix = kbwire.SubjectPrefix
 // client). Only the destroy response has a reading of the broker's own.
 
 // DestroyResponse is the broker's reading of kbwire.DestroyResponse: it keeps the signed
-// receipt envelope as the keybroker encoded it, to store it verbatim, and never parses it.
+// receipt envelope and the residency log's proof (a tlog.Inclusion) as the keybroker encoded
+// them, to store them verbatim, and never parses the proof: the tenant verifies it.
 type DestroyResponse struct {
 	Receipt json.RawMessage `json:"receipt"`
+	// Log is the proof that the migration's ending is in the residency log; absent when the
+	// keybroker sent none.
+	Log json.RawMessage `json:"log,omitempty"`
 }
 
 // KeyBrokerClient is the NATS client of the keybroker API; it implements KeyBroker.

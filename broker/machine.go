@@ -438,7 +438,7 @@ func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 			note += fmt.Sprintf("; the source did not take the commit receipt: %v", err)
 		}
 	}
-	if err := b.storeReceipt(ctx, m, outcome, resp.Receipt); err != nil {
+	if err := b.storeReceipt(ctx, m, outcome, resp); err != nil {
 		return err
 	}
 	if err := b.moveGuest(ctx, m); err != nil {
@@ -512,7 +512,7 @@ func (b *Broker) stepAbort(ctx context.Context, m *Migration) error {
 			notes = append(notes, "the source keeps the guest paused: the abort is "+outcome+", so whether the destination resumed the guest is not proven")
 		}
 	}
-	if err := b.storeReceipt(ctx, m, outcome, resp.Receipt); err != nil {
+	if err := b.storeReceipt(ctx, m, outcome, resp); err != nil {
 		return err
 	}
 	if err := b.releaseGuest(ctx, m); err != nil {
@@ -583,8 +583,9 @@ func receiptOutcome(envelope json.RawMessage) (string, error) {
 	return string(r.Outcome), nil
 }
 
-func (b *Broker) storeReceipt(ctx context.Context, m *Migration, outcome string, envelope json.RawMessage) error {
-	r := Receipt{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Outcome: outcome, Envelope: envelope, Stored: b.now(), Downtime: m.Downtime}
+// storeReceipt stores the keybroker's receipt and its log proof, verbatim.
+func (b *Broker) storeReceipt(ctx context.Context, m *Migration, outcome string, resp *DestroyResponse) error {
+	r := Receipt{MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, Outcome: outcome, Envelope: resp.Receipt, Log: resp.Log, Stored: b.now(), Downtime: m.Downtime}
 	data, err := json.Marshal(r)
 	if err != nil {
 		return fmt.Errorf("encoding receipt: %w", err)

@@ -13,7 +13,10 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/broker/brokertest"
 	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/agentapi/agentapitest"
 	"github.com/nats-io/nats.go"
@@ -106,6 +109,7 @@ func TestHappyPath(t *testing.T) {
 	if r.Outcome != broker.OutcomeErased || len(r.Envelope) == 0 {
 		t.Errorf("receipt = %+v", r)
 	}
+	checkReceiptLog(t, r, tlog.KindCommit)
 	d := e.kb.Destroys()
 	if len(d) != 1 || d[0].Ending != kbwire.Commit || d[0].Erasure == nil || d[0].Erasure.Evidence == nil {
 		t.Errorf("destroys = %+v, want one commit with erasure evidence", d)
@@ -128,6 +132,39 @@ func TestHappyPath(t *testing.T) {
 // TestErasureRefused: when the keybroker refuses the source's erasure evidence (the tenant's
 // policy does not accept it), the broker still commits, asking for a receipt that says the
 // erasure is unverified, so that the source's keys are destroyed all the same.
+// checkReceiptLog checks that a stored receipt kept the keybroker's log proof as it was sent:
+// it still proves that the migration's ending, of kind want, is in the log and names this
+// receipt.
+func checkReceiptLog(t *testing.T, r *broker.Receipt, want tlog.Kind) {
+	t.Helper()
+	if len(r.Log) == 0 {
+		t.Fatal("the stored receipt has no log proof")
+	}
+	var inc tlog.Inclusion
+	if err := json.Unmarshal(r.Log, &inc); err != nil {
+		t.Fatalf("decoding the log proof: %v", err)
+	}
+	v, err := tlog.LogVerifier(brokertest.LogOrigin, brokertest.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp, err := tlog.Open(inc.Checkpoint, v, nil, 0)
+	if err != nil {
+		t.Fatalf("opening the proof's checkpoint: %v", err)
+	}
+	env, err := receipt.Parse(r.Envelope)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry, err := tlog.VerifyReceipt(cp, &inc, r.MigrationID, env.Payload)
+	if err != nil {
+		t.Fatalf("the stored log proof does not prove the receipt: %v", err)
+	}
+	if entry.Kind != want {
+		t.Errorf("the logged ending is a %s, want %s", entry.Kind, want)
+	}
+}
+
 func TestErasureRefused(t *testing.T) {
 	e := newEnv(t, natstest.Options{})
 	e.standard()
@@ -342,6 +379,11 @@ func TestAbortRequestedAndDenied(t *testing.T) {
 		if m.AbortReason != "requested by tenant:acme: changed my mind" {
 			t.Errorf("reason %q", m.AbortReason)
 		}
+		r, err := e.tenant(tenant).GetReceipt(t.Context(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkReceiptLog(t, r, tlog.KindAbort)
 		// A new migration of the guest may start once the first is aborted.
 		if _, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm}); err != nil {
 			t.Errorf("new migration after abort: %v", err)

@@ -192,7 +192,11 @@ type Receipt struct {
 	Outcome     string `json:"outcome"`
 	// Envelope is the keybroker's signed receipt (a DSSE-style envelope), verbatim.
 	Envelope json.RawMessage `json:"envelope"`
-	Stored   time.Time       `json:"stored"`
+	// Log is the keybroker's proof (a tlog.Inclusion, JSON) that the migration's ending, an
+	// entry naming this receipt, is in the residency log, verbatim; absent when the keybroker
+	// sent none. The broker does not check it: lethectl receipt verify does.
+	Log    json.RawMessage `json:"log,omitempty"`
+	Stored time.Time       `json:"stored"`
 	// Downtime is the migration record's downtime (Migration.Downtime), kept beside the
 	// receipt for whoever reads it: it is not part of the signed receipt, and nothing signs it.
 	Downtime time.Duration `json:"downtime,omitempty"`

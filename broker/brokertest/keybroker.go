@@ -1,6 +1,7 @@
 // Package brokertest provides a hand-written fake keybroker implementing broker.KeyBroker, for
 // tests of the broker. It talks to no Vault, verifies nothing and seals nothing: its "sealed
-// keys" and receipts are marked fake. It must never be linked into a production binary.
+// keys" and receipts are marked fake, and its residency log (in memory) holds only the
+// endings it signed receipts for. It must never be linked into a production binary.
 package brokertest
 
 import (
@@ -15,6 +16,7 @@ import (
 	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
 
 // KeyBroker is a fake keybroker. The zero value is ready to use.
@@ -36,6 +38,9 @@ type KeyBroker struct {
 	destroys []kbwire.DestroyRequest
 	epochs   map[string]uint64 // guest → current epoch, as the keybroker keeps it
 	ended    map[string]bool   // migrations committed
+	log      tlog.Tree         // the endings' entries
+	heads    map[string]tlog.Link
+	seqs     map[string]uint64
 }
 
 // Nonce implements broker.KeyBroker.
@@ -139,10 +144,64 @@ func (k *KeyBroker) Destroy(_ context.Context, req *kbwire.DestroyRequest) (*bro
 	if err != nil {
 		return nil, err
 	}
-	return &broker.DestroyResponse{Receipt: b}, nil
+	inc, err := k.logEnding(req, r, env.Payload)
+	if err != nil {
+		return nil, err
+	}
+	return &broker.DestroyResponse{Receipt: b, Log: inc}, nil
 }
 
-// fakeKey signs the fake keybroker's receipts.
+// LogOrigin names the fake keybroker's residency log in its checkpoints, which are signed
+// with the key of PublicKey.
+const LogOrigin = "brokertest.lethe.invalid/log"
+
+// PublicKey returns the public key of the fake keybroker's receipts and checkpoints.
+func PublicKey() ed25519.PublicKey { return fakeKey.Public().(ed25519.PublicKey) }
+
+// logEnding appends the entry of a migration's ending, naming the receipt whose payload is
+// given, and returns its inclusion proof against a fresh checkpoint (tlog.Inclusion, JSON).
+// Called with k.mu held.
+func (k *KeyBroker) logEnding(req *kbwire.DestroyRequest, r *receipt.Receipt, payload []byte) (json.RawMessage, error) {
+	if k.heads == nil {
+		k.heads, k.seqs = map[string]tlog.Link{}, map[string]uint64{}
+	}
+	guest := req.Tenant + "." + req.VM
+	kind := tlog.KindCommit
+	if req.Ending == kbwire.Abort {
+		kind = tlog.KindAbort
+	}
+	e := &tlog.Entry{
+		Type: tlog.EntryType, Kind: kind, Tenant: req.Tenant, VM: req.VM, Seq: k.seqs[guest] + 1,
+		MigrationID: req.MigrationID, Statement: tlog.StatementDigest(payload), Outcome: string(r.Outcome),
+	}
+	if head, ok := k.heads[guest]; ok {
+		e.Prev = &head
+	}
+	leaf, err := e.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	index := k.log.Size()
+	k.log.Append(tlog.LeafHash(leaf))
+	k.seqs[guest], k.heads[guest] = e.Seq, tlog.Link{Index: index, Hash: tlog.LeafHash(leaf)}
+	size := k.log.Size()
+	root, err := k.log.Root(size)
+	if err != nil {
+		return nil, err
+	}
+	proof, err := k.log.InclusionProof(index, size)
+	if err != nil {
+		return nil, err
+	}
+	cp, err := tlog.Sign(tlog.Checkpoint{Origin: LogOrigin, Size: size, Root: root}, PublicKey(),
+		func(msg []byte) ([]byte, error) { return ed25519.Sign(fakeKey, msg), nil })
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(&tlog.Inclusion{Checkpoint: cp, Entry: tlog.ProvenEntry{Index: index, Leaf: leaf, Proof: proof}})
+}
+
+// fakeKey signs the fake keybroker's receipts and checkpoints.
 var fakeKey = ed25519.NewKeyFromSeed(make([]byte, ed25519.SeedSize))
 
 // Destroys returns the Destroy requests received so far.

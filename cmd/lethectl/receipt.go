@@ -2,18 +2,21 @@ package main
 
 import (
 	"bytes"
+	"crypto/ed25519"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/policy"
 )
 
@@ -32,6 +35,7 @@ keybroker's public key (lethe-keybroker --export-pub writes it).`,
 func newReceiptVerifyCmd() *cobra.Command {
 	var (
 		pubFile, output, policyFile, policyDigest string
+		logProof, logOrigin                       string
 		want                                      receiptExpectations
 	)
 	cmd := &cobra.Command{
@@ -49,11 +53,20 @@ receipt's JSON is printed only when it passes; INVALID and MISMATCH lines go to 
 
 A receipt with outcome committed-unverified-erasure is valid: the migration committed and the
 source's keys are destroyed, but the source's erasure is not proven. verify says so under VALID,
-with the reasons; --require-erased refuses it.`,
+with the reasons; --require-erased refuses it.
+
+With a log proof (--log-proof, or RECEIPT.log.json when it exists, as receipt get writes it)
+verify also checks that the migration's ending is in the keybroker's residency log: the
+checkpoint is signed by the same key (--pub) under the log's name (the checkpoint's origin,
+or --log-origin), the inclusion proof leads from the entry to the checkpoint's root, and the
+entry is the commit or abort of this receipt's migration naming this receipt. It prints the
+entry's index and the checkpoint's size; a proof that fails any check prints INVALID LOG
+PROOF and what failed. --require-logged refuses a receipt without a proof.`,
 		Example: `  lethectl receipt verify m-42.receipt --pub keybroker.pub
   lethectl receipt verify m-42.receipt --pub keybroker.pub --migration m-42 --tenant demo --vm web \
       --policy policy.signed --require-erased
-  lethectl receipt verify m-42.receipt --pub keybroker.pub --policy-digest 3f1c... -o json`,
+  lethectl receipt verify m-42.receipt --pub keybroker.pub --policy-digest 3f1c... -o json
+  lethectl receipt verify m-42.receipt --pub keybroker.pub --log-proof m-42.log.json --require-logged`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkPolicyOutput(output); err != nil {
@@ -88,7 +101,15 @@ with the reasons; --require-erased refuses it.`,
 			if err != nil {
 				return err
 			}
-			if bad := want.mismatches(r); len(bad) > 0 {
+			bad := want.mismatches(r)
+			logFile, err := logProofFile(args[0], logProof)
+			if err != nil {
+				return err
+			}
+			if logFile == "" && want.requireLogged {
+				bad = append(bad, fmt.Sprintf("no log proof (--log-proof, or %s), --require-logged expects one", args[0]+logProofSuffix))
+			}
+			if len(bad) > 0 {
 				for _, m := range bad {
 					fmt.Fprintf(verdict, "MISMATCH: %s\n", m)
 				}
@@ -98,13 +119,32 @@ with the reasons; --require-erased refuses it.`,
 				}
 				return &exitError{code: 1}
 			}
+			var logged *loggedEnding
+			if logFile != "" {
+				b, err := os.ReadFile(logFile)
+				if err != nil {
+					return fmt.Errorf("reading log proof: %w", err)
+				}
+				if logged, err = verifyLogProof(b, pub, logOrigin, r.MigrationID, env.Payload); err != nil {
+					fmt.Fprintf(verdict, "INVALID LOG PROOF: %s: %v\n", logFile, err)
+					return &exitError{code: 1}
+				}
+			}
 			if output == "json" {
 				if r.Outcome == receipt.OutcomeCommittedUnverifiedErasure {
 					fmt.Fprintf(verdict, "WARNING: committed, erasure NOT proven: %s\n", erasureReasons(r))
 				}
+				if logged != nil {
+					fmt.Fprintf(verdict, "LOGGED: %s\n", logged)
+				}
 				return writeReceiptJSON(out, r)
 			}
 			fmt.Fprintf(out, "VALID: signed by keybroker key %s\n", receipt.KeyID(pub))
+			if logged != nil {
+				fmt.Fprintf(out, "LOGGED: %s\n", logged)
+			} else {
+				fmt.Fprintf(out, "NOT CHECKED: no log proof given: nothing here shows the ending is in the residency log (--log-proof)\n")
+			}
 			if r.Outcome == receipt.OutcomeCommittedUnverifiedErasure {
 				fmt.Fprintf(out, "WARNING: committed, erasure NOT proven: %s\n", erasureReasons(r))
 			}
@@ -124,6 +164,9 @@ with the reasons; --require-erased refuses it.`,
 	f.StringVar(&policyFile, "policy", "", "require the receipt to name this signed policy (the envelope you applied): the SHA-256 of its payload")
 	f.StringVar(&policyDigest, "policy-digest", "", "require the receipt to name the policy of this SHA-256 digest, hex")
 	f.BoolVar(&want.requireErased, "require-erased", false, `require the outcome "erased": committed, with the source's erasure proven`)
+	f.StringVar(&logProof, "log-proof", "", "the residency log's proof that the receipt's ending is logged, JSON (default: RECEIPT.log.json, when it exists)")
+	f.StringVar(&logOrigin, "log-origin", "", "require the log proof's checkpoint to be of the log of this name (default: the name it states)")
+	f.BoolVar(&want.requireLogged, "require-logged", false, "require a log proof: refuse a receipt whose ending is not proven to be in the residency log")
 	_ = cmd.MarkFlagRequired("pub")
 	cmd.MarkFlagsMutuallyExclusive("policy", "policy-digest")
 	return cmd
@@ -135,6 +178,7 @@ type receiptExpectations struct {
 	migrationID, tenant, vm string
 	policyDigest            []byte
 	requireErased           bool
+	requireLogged           bool
 }
 
 // mismatches returns, one a line, how r differs from what is expected.
@@ -177,7 +221,82 @@ func (want *receiptExpectations) String() string {
 	if want.requireErased {
 		s = append(s, "outcome erased")
 	}
+	if want.requireLogged {
+		s = append(s, "logged")
+	}
 	return strings.Join(s, ", ")
+}
+
+// logProofFile returns the log proof to check for the receipt in receiptFile: flag when
+// given, else the receipt's sidecar (receiptFile+logProofSuffix) when it exists, else "".
+func logProofFile(receiptFile, flag string) (string, error) {
+	if flag != "" {
+		return flag, nil
+	}
+	sidecar := receiptFile + logProofSuffix
+	switch _, err := os.Stat(sidecar); {
+	case err == nil:
+		return sidecar, nil
+	case errors.Is(err, fs.ErrNotExist):
+		return "", nil
+	default:
+		return "", fmt.Errorf("looking for the log proof: %w", err)
+	}
+}
+
+// maxLogProof bounds a log proof file: a checkpoint, an entry and 64 hashes take a few KiB.
+const maxLogProof = 1 << 20
+
+// loggedEnding is what a log proof that verified established.
+type loggedEnding struct {
+	origin      string
+	index, size uint64
+	kind        tlog.Kind
+	witnesses   []string
+}
+
+func (l *loggedEnding) String() string {
+	s := fmt.Sprintf("the %s is entry %d of the residency log %s (checkpoint of size %d, signed by the same key)", l.kind, l.index, l.origin, l.size)
+	if len(l.witnesses) > 0 {
+		s += ", cosigned by " + strings.Join(l.witnesses, ", ")
+	}
+	return s
+}
+
+// verifyLogProof checks a log proof (a tlog.Inclusion, JSON) of the receipt of migrationID
+// whose signed payload is payload: its checkpoint is signed by pub as the log origin (the
+// origin it states when origin is empty), and its entry is included in it and is the ending
+// of that migration naming that receipt. Its errors name the check that failed.
+func verifyLogProof(b []byte, pub ed25519.PublicKey, origin, migrationID string, payload []byte) (*loggedEnding, error) {
+	if len(b) > maxLogProof {
+		return nil, fmt.Errorf("decoding the proof: %d bytes, at most %d", len(b), maxLogProof)
+	}
+	var inc tlog.Inclusion
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if err := d.Decode(&inc); err != nil {
+		return nil, fmt.Errorf("decoding the proof: %w", err)
+	}
+	if _, err := d.Token(); err != io.EOF {
+		return nil, errors.New("decoding the proof: data after it")
+	}
+	if origin == "" {
+		line, _, _ := bytes.Cut(inc.Checkpoint, []byte("\n"))
+		origin = string(line)
+	}
+	v, err := tlog.LogVerifier(origin, pub)
+	if err != nil {
+		return nil, fmt.Errorf("checking the checkpoint's signature: log name %q: %w", origin, err)
+	}
+	cp, err := tlog.Open(inc.Checkpoint, v, nil, 0)
+	if err != nil {
+		return nil, fmt.Errorf("checking the checkpoint's signature by the keybroker key %s as log %q: %w", receipt.KeyID(pub), origin, err)
+	}
+	e, err := tlog.VerifyReceipt(cp, &inc, migrationID, payload)
+	if err != nil {
+		return nil, fmt.Errorf("checking that the log's checkpoint of size %d holds this receipt's ending: %w", cp.Size, err)
+	}
+	return &loggedEnding{origin: cp.Origin, index: inc.Entry.Index, size: cp.Size, kind: e.Kind, witnesses: cp.Witnesses}, nil
 }
 
 // expectedPolicyDigest returns the policy digest a receipt must name: the SHA-256 of the

@@ -16,7 +16,9 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/policy"
 )
 
@@ -260,4 +262,304 @@ func TestReceiptVerifyRefusesAmbiguousEnvelopes(t *testing.T) {
 			}
 		})
 	}
+}
+
+// logProofFiles are the files of a log proof test: proofs of the erased receipt's ending
+// against checkpoints of a log of a few guests' entries, good and bad.
+type logProofFiles struct {
+	good, otherReceipt, notEnding, tamperedProof, tamperedEntry, otherKey, malformed string
+	// sidecar is a copy of the erased receipt with the good proof beside it (FILE.log.json).
+	sidecar string
+}
+
+const testLogOrigin = "kb.test/log"
+
+func writeLogProofFiles(t *testing.T, f *receiptFiles) *logProofFiles {
+	t.Helper()
+	kbPriv := ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, ed25519.SeedSize)) // the receipts' key
+	otherPriv := ed25519.NewKeyFromSeed(bytes.Repeat([]byte{9}, ed25519.SeedSize))
+	payload := func(file string) []byte {
+		t.Helper()
+		env, err := readReceipt(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return env.Payload
+	}
+	at := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	var tr tlog.Tree
+	var leaves [][]byte
+	heads := map[string]*tlog.Link{} // each guest's newest entry
+	seqs := map[string]uint64{}
+	add := func(e tlog.Entry) uint64 {
+		t.Helper()
+		guest := e.Tenant + "/" + e.VM
+		seqs[guest]++
+		e.Type, e.Time, e.Seq, e.Prev = tlog.EntryType, at, seqs[guest], heads[guest]
+		leaf, err := e.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := tr.Size()
+		tr.Append(tlog.LeafHash(leaf))
+		leaves = append(leaves, leaf)
+		heads[guest] = &tlog.Link{Index: i, Hash: tlog.LeafHash(leaf)}
+		return i
+	}
+	add(tlog.Entry{Kind: tlog.KindAdopt, Tenant: "demo", VM: "web", MigrationID: "a1", ToEpoch: 1, Host: "h1"})
+	add(tlog.Entry{Kind: tlog.KindAdopt, Tenant: "demo", VM: "db", MigrationID: "a2", ToEpoch: 1, Host: "h1"})
+	release := add(tlog.Entry{Kind: tlog.KindRelease, Tenant: "demo", VM: "web", MigrationID: "m1", FromEpoch: 1, ToEpoch: 2, Host: "h2"})
+	// The aborted receipt is of m1 too: a proof of its ending is a proof of another receipt.
+	aborted := add(tlog.Entry{Kind: tlog.KindAbort, Tenant: "demo", VM: "web", MigrationID: "m1", FromEpoch: 1, ToEpoch: 2, Statement: tlog.StatementDigest(payload(f.aborted)), Outcome: "aborted"})
+	erased := add(tlog.Entry{Kind: tlog.KindCommit, Tenant: "demo", VM: "web", MigrationID: "m1", FromEpoch: 1, ToEpoch: 2, Statement: tlog.StatementDigest(payload(f.erased)), Outcome: "erased"})
+	add(tlog.Entry{Kind: tlog.KindDeny, Tenant: "demo", VM: "db", MigrationID: "m2", Op: "release", Reasons: []string{"no"}})
+
+	size := tr.Size()
+	root, err := tr.Root(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkpoint := func(priv ed25519.PrivateKey) []byte {
+		t.Helper()
+		cp, err := tlog.Sign(tlog.Checkpoint{Origin: testLogOrigin, Size: size, Root: root}, priv.Public().(ed25519.PublicKey),
+			func(msg []byte) ([]byte, error) { return ed25519.Sign(priv, msg), nil })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cp
+	}
+	inclusion := func(i uint64, priv ed25519.PrivateKey) *tlog.Inclusion {
+		t.Helper()
+		p, err := tr.InclusionProof(i, size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &tlog.Inclusion{Checkpoint: checkpoint(priv), Entry: tlog.ProvenEntry{Index: i, Leaf: leaves[i], Proof: p}}
+	}
+	write := func(name string, inc *tlog.Inclusion) string {
+		t.Helper()
+		b, err := json.Marshal(inc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(f.dir, name)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	l := &logProofFiles{}
+	l.good = write("good.log.json", inclusion(erased, kbPriv))
+	l.otherReceipt = write("other-receipt.log.json", inclusion(aborted, kbPriv))
+	l.notEnding = write("not-ending.log.json", inclusion(release, kbPriv))
+	bad := inclusion(erased, kbPriv)
+	bad.Entry.Proof[0][0] ^= 1
+	l.tamperedProof = write("tampered-proof.log.json", bad)
+	bad = inclusion(erased, kbPriv)
+	bad.Entry.Leaf = bytes.Replace(bad.Entry.Leaf, []byte(`"outcome":"erased"`), []byte(`"outcome":"aborted"`), 1)
+	l.tamperedEntry = write("tampered-entry.log.json", bad)
+	l.otherKey = write("other-key.log.json", inclusion(erased, otherPriv))
+	l.malformed = filepath.Join(f.dir, "malformed.log.json")
+	if err := os.WriteFile(l.malformed, []byte(`{"checkpoint":"","entry":{},"extra":1}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	sidecarDir := t.TempDir()
+	l.sidecar = filepath.Join(sidecarDir, "m1.receipt")
+	for from, to := range map[string]string{f.erased: l.sidecar, l.good: l.sidecar + ".log.json"} {
+		b, err := os.ReadFile(from)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(to, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return l
+}
+
+func TestReceiptVerifyLogProof(t *testing.T) {
+	f := writeReceiptFiles(t)
+	l := writeLogProofFiles(t, f)
+	logged := "LOGGED: the commit is entry 4 of the residency log " + testLogOrigin + " (checkpoint of size 6, signed by the same key)"
+	tests := map[string]struct {
+		args      []string
+		code      int
+		stdout    []string // each must appear
+		stderr    []string
+		notStdout string
+	}{
+		"valid":                  {args: []string{f.erased, "--log-proof", l.good}, stdout: []string{"VALID: signed", logged, "outcome     erased"}},
+		"valid, logged required": {args: []string{f.erased, "--log-proof", l.good, "--require-logged", "--require-erased"}, stdout: []string{logged, "matches     outcome erased, logged"}},
+		"beside the receipt":     {args: []string{l.sidecar, "--require-logged"}, stdout: []string{logged}},
+		"log named":              {args: []string{f.erased, "--log-proof", l.good, "--log-origin", testLogOrigin}, stdout: []string{logged}},
+		"json":                   {args: []string{f.erased, "--log-proof", l.good, "-o", "json"}, stdout: []string{`"outcome": "erased"`}, stderr: []string{logged}},
+		"no proof":               {args: []string{f.erased}, stdout: []string{"VALID", "NOT CHECKED: no log proof given"}, notStdout: "LOGGED"},
+		"no proof, logged required": {
+			args: []string{f.erased, "--require-logged"}, code: 1,
+			stdout: []string{"MISMATCH: no log proof (--log-proof, or " + f.erased + ".log.json), --require-logged expects one"}, notStdout: "VALID: signed",
+		},
+		"proof of another receipt": {
+			args: []string{f.erased, "--log-proof", l.otherReceipt}, code: 1,
+			stdout:    []string{"INVALID LOG PROOF: " + l.otherReceipt + ": checking that the log's checkpoint of size 6 holds this receipt's ending: ", "the entry names another receipt"},
+			notStdout: "VALID: signed",
+		},
+		"proof of another receipt, json": {
+			args: []string{f.erased, "--log-proof", l.otherReceipt, "-o", "json"}, code: 1,
+			stderr: []string{"INVALID LOG PROOF: ", "the entry names another receipt"}, notStdout: "{",
+		},
+		"proof of a release": {
+			args: []string{f.erased, "--log-proof", l.notEnding}, code: 1,
+			stdout: []string{"INVALID LOG PROOF: ", "the entry is a release, not an ending"},
+		},
+		"tampered proof": {
+			args: []string{f.erased, "--log-proof", l.tamperedProof}, code: 1,
+			stdout: []string{"INVALID LOG PROOF: ", "the receipt's entry is not in the log"},
+		},
+		"tampered entry": {
+			args: []string{f.erased, "--log-proof", l.tamperedEntry}, code: 1,
+			stdout: []string{"INVALID LOG PROOF: ", "the receipt's entry is not in the log"},
+		},
+		"checkpoint signed by another key": {
+			args: []string{f.erased, "--log-proof", l.otherKey}, code: 1,
+			stdout: []string{"INVALID LOG PROOF: " + l.otherKey + ": checking the checkpoint's signature by the keybroker key sha256:", `as log "` + testLogOrigin + `"`, "checkpoint not signed by the log's key"},
+		},
+		"another log": {
+			args: []string{f.erased, "--log-proof", l.good, "--log-origin", "other.test/log"}, code: 1,
+			stdout: []string{`INVALID LOG PROOF: `, `as log "other.test/log"`, "checkpoint not signed by the log's key"},
+		},
+		"malformed proof": {
+			args: []string{f.erased, "--log-proof", l.malformed}, code: 1,
+			stdout: []string{"INVALID LOG PROOF: " + l.malformed + ": decoding the proof: ", "extra"},
+		},
+		"proof file missing": {args: []string{f.erased, "--log-proof", filepath.Join(f.dir, "none")}, code: 1, stderr: []string{"reading log proof"}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			stdout, stderr, code := runLethectl(t, append([]string{"receipt", "verify", "--pub", f.pub}, tc.args...)...)
+			if code != tc.code {
+				t.Errorf("exit %d, want %d\nstdout:\n%s\nstderr:\n%s", code, tc.code, stdout, stderr)
+			}
+			for _, s := range tc.stdout {
+				if !strings.Contains(stdout, s) {
+					t.Errorf("stdout lacks %q:\n%s", s, stdout)
+				}
+			}
+			for _, s := range tc.stderr {
+				if !strings.Contains(stderr, s) {
+					t.Errorf("stderr lacks %q:\n%s", s, stderr)
+				}
+			}
+			if tc.notStdout != "" && strings.Contains(stdout, tc.notStdout) {
+				t.Errorf("stdout has %q:\n%s", tc.notStdout, stdout)
+			}
+		})
+	}
+}
+
+// TestSaveReceipt checks where receipt get writes a receipt and its log proof.
+func TestSaveReceipt(t *testing.T) {
+	envelope, proof := []byte(`{"payload":"e30="}`), []byte(`{"checkpoint":"Y3A="}`)
+	tests := map[string]struct {
+		log         []byte
+		out, logOut string // relative to a fresh directory; "" for none
+		wantLogFile string
+		wantFiles   map[string]string
+	}{
+		"beside the receipt": {
+			log: proof, out: "r.json", wantLogFile: "r.json.log.json",
+			wantFiles: map[string]string{"r.json": string(envelope) + "\n", "r.json.log.json": string(proof) + "\n"},
+		},
+		"named": {
+			log: proof, out: "r.json", logOut: "p.json", wantLogFile: "p.json",
+			wantFiles: map[string]string{"r.json": string(envelope) + "\n", "p.json": string(proof) + "\n"},
+		},
+		"proof only": {
+			log: proof, logOut: "p.json", wantLogFile: "p.json",
+			wantFiles: map[string]string{"p.json": string(proof) + "\n"},
+		},
+		"no proof held": {
+			out: "r.json", logOut: "p.json",
+			wantFiles: map[string]string{"r.json": string(envelope) + "\n"},
+		},
+		"nothing asked": {log: proof, wantFiles: map[string]string{}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			in := func(name string) string {
+				if name == "" {
+					return ""
+				}
+				return filepath.Join(dir, name)
+			}
+			logFile, err := saveReceipt(&broker.Receipt{Envelope: envelope, Log: tc.log}, in(tc.out), in(tc.logOut))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if logFile != in(tc.wantLogFile) {
+				t.Errorf("log proof written to %q, want %q", logFile, in(tc.wantLogFile))
+			}
+			got := map[string]string{}
+			entries, err := os.ReadDir(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range entries {
+				b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+				if err != nil {
+					t.Fatal(err)
+				}
+				got[e.Name()] = string(b)
+			}
+			if diff := cmp.Diff(tc.wantFiles, got); diff != "" {
+				t.Errorf("files (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// FuzzLogProof feeds verifyLogProof, which decodes a log proof from an untrusted file, arbitrary
+// bytes: it must refuse them with an error, never panic, and never accept a proof of a receipt
+// the log does not name.
+func FuzzLogProof(f *testing.F) {
+	kbPriv := ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, ed25519.SeedSize))
+	var tr tlog.Tree
+	payload := []byte(`{"receipt":"seed"}`)
+	e := tlog.Entry{Type: tlog.EntryType, Kind: tlog.KindCommit, Tenant: "demo", VM: "web", Seq: 1, MigrationID: "m1", Statement: tlog.StatementDigest(payload)}
+	leaf, err := e.Marshal()
+	if err != nil {
+		f.Fatal(err)
+	}
+	tr.Append(tlog.LeafHash(leaf))
+	tr.Append(tlog.LeafHash([]byte("other")))
+	root, err := tr.Root(2)
+	if err != nil {
+		f.Fatal(err)
+	}
+	p, err := tr.InclusionProof(0, 2)
+	if err != nil {
+		f.Fatal(err)
+	}
+	cp, err := tlog.Sign(tlog.Checkpoint{Origin: testLogOrigin, Size: 2, Root: root}, kbPriv.Public().(ed25519.PublicKey),
+		func(msg []byte) ([]byte, error) { return ed25519.Sign(kbPriv, msg), nil })
+	if err != nil {
+		f.Fatal(err)
+	}
+	good, err := json.Marshal(&tlog.Inclusion{Checkpoint: cp, Entry: tlog.ProvenEntry{Index: 0, Leaf: leaf, Proof: p}})
+	if err != nil {
+		f.Fatal(err)
+	}
+	pub := kbPriv.Public().(ed25519.PublicKey)
+	if _, err := verifyLogProof(good, pub, "", "m1", payload); err != nil {
+		f.Fatalf("the seed proof does not verify: %v", err)
+	}
+	f.Add(good)
+	f.Add([]byte(`{"checkpoint":"","entry":{"index":0,"leaf":"","proof":[]}}`))
+	f.Add([]byte(`{}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if _, err := verifyLogProof(b, pub, "", "m1", []byte(`{"receipt":"another"}`)); err == nil {
+			t.Errorf("a proof of another receipt verified: %q", b)
+		}
+	})
 }
