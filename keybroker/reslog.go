@@ -384,6 +384,10 @@ func (l *residencyLog) storedCheckpoint(ctx context.Context, size uint64) (*tlog
 	if err != nil {
 		return nil, fmt.Errorf("%w: checkpoint of size %d: %w", ErrLogCorrupted, size, err)
 	}
+	// A genuine checkpoint of another size, stored here, would prove a shorter log.
+	if s.Size != size {
+		return nil, fmt.Errorf("%w: the checkpoint stored for size %d is of size %d", ErrLogCorrupted, size, s.Size)
+	}
 	return s, nil
 }
 
