@@ -150,6 +150,42 @@ func TestAttackLogStoredCheckpointSwapped(t *testing.T) {
 	}
 }
 
+// TestAttackLogGuestRecordRolledBack (claims 2 and 6): someone with KV write access rolls a
+// guest's log record back to an older entry of the guest, to hide a migration. The keybroker
+// must not serve the shortened chain as the guest's history, nor fork the chain at the next
+// append.
+func TestAttackLogGuestRecordRolledBack(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	e.adopt("vm1")
+	e.migrateVM("m1", "vm1")
+	saved := e.kvGet(logGuestPath("demo", "vm1"))
+	e.migrateVM("m2", "vm1") // the migration to hide
+	pinned := e.pin(e.kb)
+
+	// The record as it was after m1: seq 3, the commit of m1. The history is still the
+	// log's: m2 is in it.
+	e.kvPut(logGuestPath("demo", "vm1"), saved)
+	const full = "adopt:adopt-vm1 release:m1 commit:m1 release:m2 commit:m2"
+	if rep, err := e.auditHistory(e.second(), "vm1", pinned); err != nil {
+		t.Errorf("history with a rolled-back guest record: %v", err)
+	} else if got := kinds(rep); got != full {
+		t.Errorf("a rolled-back guest record hid entries: the history is %q, want %q", got, full)
+	}
+
+	// The next decision chains onto the rolled-back record (the keybroker trusts it when
+	// appending): the fork is in the log for every verifier to see, never a shorter chain
+	// that verifies.
+	if _, err := e.second().logDecision(ctx, &tlog.Entry{Kind: tlog.KindDeny, Tenant: "demo", VM: "vm1", MigrationID: "m-next", Op: "release"}); err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := e.auditHistory(e.second(), "vm1", pinned); err == nil {
+		t.Errorf("after an append on the rolled-back record, the history verifies: %q", kinds(rep))
+	} else if !errors.Is(err, tlog.ErrIncomplete) && !errors.Is(err, ErrLogCorrupted) {
+		t.Errorf("history of the forked chain = %v, want ErrIncomplete or ErrLogCorrupted", err)
+	}
+}
+
 // Keep imports used by later tests.
 var (
 	_ = bytes.Equal

@@ -109,8 +109,12 @@ type residencyLog struct {
 	sign func(ctx context.Context, msg []byte) ([]byte, error)
 	pub  func(ctx context.Context) (ed25519.PublicKey, error)
 
-	mu   sync.Mutex // guards tree; held while it catches up with Vault
+	mu   sync.Mutex // guards tree and guests; held while they catch up with Vault
 	tree tlog.Tree
+	// guests are the indexes of each guest's entries in tree ("<tenant>/<vm>"), oldest first:
+	// a guest's history is read from them, not from its log/guests record, which whoever
+	// writes to the KV mount could roll back to hide the guest's newest entries.
+	guests map[string][]uint64
 }
 
 // maxAppendAttempts bounds how many indexes an append tries before giving up: each failure is
@@ -251,6 +255,7 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 	for lo := from; lo < head.Size; lo += batch {
 		hi := min(lo+batch, head.Size)
 		hashes := make([][]byte, hi-lo)
+		owners := make([]string, hi-lo)
 		g, gctx := errgroup.WithContext(ctx)
 		g.SetLimit(16)
 		for i := lo; i < hi; i++ {
@@ -263,14 +268,22 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 				if ver == 0 {
 					return fmt.Errorf("%w: entry %d is missing", ErrLogCorrupted, i)
 				}
-				hashes[i-lo] = tlog.LeafHash(rec.Leaf)
+				e, err := tlog.ParseEntry(rec.Leaf)
+				if err != nil {
+					return fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, i, err)
+				}
+				hashes[i-lo], owners[i-lo] = tlog.LeafHash(rec.Leaf), e.Tenant+"/"+e.VM
 				return nil
 			})
 		}
 		if err := g.Wait(); err != nil {
 			return nil, err
 		}
-		for _, h := range hashes {
+		if l.guests == nil {
+			l.guests = map[string][]uint64{}
+		}
+		for j, h := range hashes {
+			l.guests[owners[j]] = append(l.guests[owners[j]], l.tree.Size())
 			l.tree.Append(h)
 		}
 	}
@@ -285,7 +298,7 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 	if !bytes.Equal(got, want) {
 		// Forget what was read: the next call reads it again, and fails again until the
 		// operator restores what was altered.
-		l.tree = tlog.Tree{}
+		l.tree, l.guests = tlog.Tree{}, nil
 		return nil, fmt.Errorf("%w: the entries do not hash to the head's root at size %d", ErrLogCorrupted, head.Size)
 	}
 	return &head, nil
