@@ -2,21 +2,17 @@ package keybroker
 
 import (
 	"bytes"
-	"crypto/ed25519"
-	"crypto/rand"
+	"context"
 	"errors"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
-	"golang.org/x/mod/sumdb/note"
-
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
-	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 )
 
 // Attacks on the residency log: each test states a claim and asserts that the attack on it
@@ -186,15 +182,255 @@ func TestAttackLogGuestRecordRolledBack(t *testing.T) {
 	}
 }
 
-// Keep imports used by later tests.
-var (
-	_ = bytes.Equal
-	_ = ed25519.GenerateKey
-	_ = rand.Reader
-	_ = http.MethodGet
-	_ = time.Second
-	_ = note.Sign
-	_ = attest.RoleAdopt
-	_ = keybrokertest.CleanStatement
-	_ = vaulttest.KVMount
-)
+// statements returns the statements of vm's entries of kind, by migration.
+func statements(rep *tlog.HistoryReport, kind tlog.Kind) map[string][][]byte {
+	out := map[string][][]byte{}
+	for _, en := range rep.Entries {
+		if en.Kind == kind {
+			out[en.MigrationID] = append(out[en.MigrationID], en.Statement)
+		}
+	}
+	return out
+}
+
+// TestAttackLogEveryGrantHasItsEntry (claim 1): every grant that leaves the keybroker (an
+// adoption, a release, a repeated release, a reissue) is in the guest's history, named by its
+// digest; and none of them leaves while its entry cannot be appended.
+func TestAttackLogEveryGrantHasItsEntry(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	var grants []struct {
+		kind tlog.Kind
+		id   string
+		g    []byte
+	}
+	add := func(kind tlog.Kind, id string, g []byte) {
+		grants = append(grants, struct {
+			kind tlog.Kind
+			id   string
+			g    []byte
+		}{kind, id, g})
+	}
+	ad := e.adopt("vm1")
+	add(tlog.KindAdopt, "adopt-vm1", ad.Grant)
+	m := e.newMigration("m1", "vm1", "destination", e.signedPolicy(1, nil))
+	rel, err := e.kb.Release(ctx, m.req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	add(tlog.KindRelease, "m1", rel.Grant)
+	again := e.newMigration("m1", "vm1", "destination", e.signedPolicy(1, nil)) // the broker repeats its attestation
+	rel2, err := e.kb.Release(ctx, again.req)
+	if err != nil {
+		t.Fatalf("repeated release: %v", err)
+	}
+	add(tlog.KindRelease, "m1", rel2.Grant)
+	if _, err := e.kb.Destroy(ctx, e.commit(again, rel2)); err != nil {
+		t.Fatal(err)
+	}
+	a := e.attest("destination", "reissue-1", attest.RoleAdopt, keybrokertest.CleanStatement(t))
+	ri, err := e.kb.Reissue(ctx, &kbwire.ReissueRequest{ReissueID: "reissue-1", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a.att})
+	if err != nil {
+		t.Fatal(err)
+	}
+	add(tlog.KindReissue, "reissue-1", ri.Grant)
+
+	rep, err := e.auditHistory(e.second(), "vm1", nil)
+	if err != nil {
+		t.Fatalf("history: %v", err)
+	}
+	for _, g := range grants {
+		found := false
+		for _, st := range statements(rep, g.kind)[g.id] {
+			found = found || bytes.Equal(st, tlog.StatementDigest(g.g))
+		}
+		if !found {
+			t.Errorf("the %s grant of %s left the keybroker without its entry", g.kind, g.id)
+		}
+	}
+
+	// With the log unwritable, nothing leaves: not an adoption, a release, a repeated release
+	// or a reissue.
+	head := e.kvGet(logHeadPath)
+	m2 := e.newMigration("m2", "vm1", "destination", e.signedPolicy(1, nil))
+	if _, err := e.kb.Release(ctx, m2.req); err != nil {
+		t.Fatal(err)
+	}
+	m2again := e.newMigration("m2", "vm1", "destination", e.signedPolicy(1, nil))
+	a2 := e.attest("destination", "reissue-2", attest.RoleAdopt, keybrokertest.CleanStatement(t))
+	a3 := e.attest("source", "adopt-vm2", attest.RoleAdopt, keybrokertest.CleanStatement(t))
+	e.kvPut(logHeadPath, map[string]any{"size": "garbage"})
+	defer e.kvPut(logHeadPath, head)
+	if r, err := e.kb.Release(ctx, m2again.req); err == nil || r != nil {
+		t.Errorf("a repeated release went through without its entry: %v", err)
+	}
+	if r, err := e.kb.Reissue(ctx, &kbwire.ReissueRequest{ReissueID: "reissue-2", Tenant: "demo", VM: "vm1", Policy: e.signedPolicy(1, nil), Agent: a2.att}); err == nil || r != nil {
+		t.Errorf("a reissue went through without its entry: %v", err)
+	}
+	if r, err := e.kb.Adopt(ctx, &kbwire.AdoptRequest{AdoptionID: "adopt-vm2", Tenant: "demo", VM: "vm2", Policy: e.signedPolicy(1, nil), Agent: a3.att}); err == nil || r != nil {
+		t.Errorf("an adoption went through without its entry: %v", err)
+	}
+	if e.transitKeyExists(epochKeyName("demo", "vm2", 1)) {
+		t.Error("the epoch key of the adoption that could not be logged was not destroyed")
+	}
+}
+
+// TestAttackLogDeadAppender (claim 2): a keybroker that dies after writing log/entries/<n>,
+// before moving the guest's record and the head, leaves an entry that the next append (by
+// another keybroker, for the same guest or another) finishes: the chain stays unbroken and the
+// tree whole.
+func TestAttackLogDeadAppender(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	e.adopt("vm1")
+	e.adopt("vm2")
+	for _, other := range []string{"vm1", "vm2"} {
+		// The first step of an append of a denial of vm1, as the dead keybroker made it.
+		head := e.headOf()
+		var g logGuestRecord
+		if _, err := e.kb.recs.get(ctx, logGuestPath("demo", "vm1"), &g); err != nil {
+			t.Fatal(err)
+		}
+		last := g.Last
+		dead := &tlog.Entry{Type: tlog.EntryType, Kind: tlog.KindDeny, Tenant: "demo", VM: "vm1", Seq: g.Seq + 1, Prev: &last,
+			MigrationID: "m-dead-" + other, Op: "release", Time: time.Now().UTC()}
+		leaf, err := dead.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.kb.recs.put(ctx, logEntryPath(head.Size), &logEntryRecord{Leaf: leaf}, 0); err != nil {
+			t.Fatal(err)
+		}
+		// Another keybroker appends next.
+		if _, err := e.second().logDecision(ctx, &tlog.Entry{Kind: tlog.KindDeny, Tenant: "demo", VM: other, MigrationID: "m-after-" + other, Op: "release"}); err != nil {
+			t.Fatalf("appending after a dead appender: %v", err)
+		}
+		if got := e.headOf().Size; got != head.Size+2 {
+			t.Errorf("head %d after the dead entry %d and one more, want %d", got, head.Size, head.Size+2)
+		}
+	}
+	for _, vm := range []string{"vm1", "vm2"} {
+		if _, err := e.auditHistory(e.second(), vm, nil); err != nil {
+			t.Errorf("%s after dead appenders: %v", vm, err)
+		}
+	}
+	rep, err := e.auditHistory(e.second(), "vm1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "adopt:adopt-vm1 deny:m-dead-vm1 deny:m-after-vm1 deny:m-dead-vm2"; kinds(rep) != want {
+		t.Errorf("vm1's history %q, want %q", kinds(rep), want)
+	}
+}
+
+// TestAttackLogDenials (claim 4): denials are logged only for guests of registered tenants,
+// and any number of them, interleaved with a guest's migrations, leave its history
+// verifiable.
+func TestAttackLogDenials(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	deny := func(id, tenant, vm string) {
+		t.Helper()
+		m := e.newMigration(id, "vm1", "destination", e.signedPolicy(1, nil))
+		m.req.Tenant, m.req.VM = tenant, vm
+		m.req.Source.Nonce = nil // a request the keybroker refuses
+		if _, err := e.kb.Release(ctx, m.req); err == nil {
+			t.Fatalf("release %s went through", id)
+		}
+	}
+	deny("d0", "demo", "vm1") // before the adoption
+	e.adopt("vm1")
+	deny("d1", "demo", "vm1")
+	m := e.newMigration("m1", "vm1", "destination", e.signedPolicy(1, nil))
+	rel, err := e.kb.Release(ctx, m.req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deny("d2", "demo", "vm1") // while m1 is in progress
+	deny("m1", "demo", "vm1") // naming the migration in progress
+	if _, err := e.kb.Destroy(ctx, e.commit(m, rel)); err != nil {
+		t.Fatal(err)
+	}
+	deny("d3", "demo", "vm1")
+	if _, err := e.kb.Destroy(ctx, &kbwire.DestroyRequest{MigrationID: "m1", Tenant: "demo", VM: "vm1", Ending: kbwire.Abort}); err == nil {
+		t.Fatal("an abort after the commit went through")
+	}
+	rep, err := e.auditHistory(e.second(), "vm1", nil)
+	if err != nil {
+		t.Fatalf("a history with denials interleaved: %v", err)
+	}
+	if rep.Live != 2 || rep.Denials < 5 {
+		t.Errorf("live epoch %d, %d denials; want 2 and at least 5", rep.Live, rep.Denials)
+	}
+
+	size := e.headOf().Size
+	deny("x1", "nobody", "vm1")    // an unregistered tenant
+	deny("x2", "demo/x", "vm1")    // a tenant name with a path in it
+	deny("x3", "demo", "../head")  // a guest name with a path in it
+	deny("x4", "demo", "vm1/../x") // idem
+	if got := e.headOf().Size; got != size {
+		t.Errorf("denials for unregistered tenants or malformed names appended %d entries", got-size)
+	}
+	if _, err := e.kb.recs.get(ctx, logGuestPath("nobody", "vm1"), &logGuestRecord{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAttackLogRetriedEnding (claim 5): a commit retried from the destruction journal after its
+// receipt was stored and its entry appended, and another entry of the guest appended in
+// between, names the stored receipt again, never another.
+func TestAttackLogRetriedEnding(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	e.adopt("vm1")
+	m := e.newMigration("m1", "vm1", "destination", e.signedPolicy(1, nil))
+	rel, err := e.kb.Release(ctx, m.req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Vault stops taking the migration ID's end: the receipt is stored, the entry appended,
+	// the migration not closed.
+	e.proxy.Block(func(r *http.Request) bool {
+		return r.Method != http.MethodGet && strings.Contains(r.URL.Path, "/data/migration-ids/m1")
+	})
+	_, err = e.kb.Destroy(ctx, e.commit(m, rel))
+	if !errors.Is(err, ErrDestructionPending) {
+		e.proxy.Restore()
+		t.Fatalf("Destroy with the migration's end blocked = %v, want ErrDestructionPending", err)
+	}
+	var stored receiptRecord
+	if ver, err := e.kb.recs.get(ctx, receiptPath("m1"), &stored); err != nil || ver == 0 {
+		e.proxy.Restore()
+		t.Fatalf("the receipt was not stored before the failure (%v): the attack needs it", err)
+	}
+	// Another decision of the guest in between, so the guest's newest entry is no longer the
+	// commit.
+	if _, err := e.second().logDecision(ctx, &tlog.Entry{Kind: tlog.KindDeny, Tenant: "demo", VM: "vm1", MigrationID: "m-between", Op: "release"}); err != nil {
+		t.Fatal(err)
+	}
+	e.proxy.Restore()
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error)
+	go func() { done <- e.kb.Run(runCtx) }()
+	env, err := e.kb.AwaitReceipt(ctx, "m1")
+	cancel()
+	<-done
+	if err != nil {
+		t.Fatalf("AwaitReceipt: %v", err)
+	}
+	if !bytes.Equal(env.Payload, stored.Envelope.Payload) {
+		t.Error("the retried commit signed another receipt than the stored one")
+	}
+	rep, err := e.auditHistory(e.second(), "vm1", nil)
+	if err != nil {
+		t.Fatalf("history after the retried commit: %v", err)
+	}
+	for _, st := range statements(rep, tlog.KindCommit)["m1"] {
+		if !bytes.Equal(st, tlog.StatementDigest(stored.Envelope.Payload)) {
+			t.Error("a commit entry of m1 names a receipt other than the stored one")
+		}
+	}
+	if len(statements(rep, tlog.KindAbort)["m1"]) != 0 {
+		t.Error("the retried commit appended an abort")
+	}
+}
