@@ -3,16 +3,21 @@ package keybroker
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"errors"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	"golang.org/x/mod/sumdb/note"
+
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
+	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 )
 
 // Attacks on the residency log: each test states a claim and asserts that the attack on it
@@ -432,5 +437,248 @@ func TestAttackLogRetriedEnding(t *testing.T) {
 	}
 	if len(statements(rep, tlog.KindAbort)["m1"]) != 0 {
 		t.Error("the retried commit appended an abort")
+	}
+}
+
+// tamperEnv is a log of two guests with a pinned checkpoint (after vm1's first migration) and
+// the checkpoint of vm1's second migration's receipt, the newest one the tenant has seen.
+type tamperEnv struct {
+	*env
+	pinned, seen *tlog.Signed
+	savedHead    map[string]any // the head at the pinned size
+	savedGuest   map[string]any // vm1's record at the pinned size
+}
+
+func newTamperEnv(t *testing.T) *tamperEnv {
+	e := newEnv(t)
+	e.adopt("vm1") // 0
+	e.adopt("vm2") // 1
+	e.migrateVM("m1", "vm1")
+	te := &tamperEnv{env: e, pinned: e.pin(e.kb), savedHead: e.kvGet(logHeadPath), savedGuest: e.kvGet(logGuestPath("demo", "vm1"))}
+	resp := e.migrateVM("m2", "vm1")
+	if resp.Log == nil {
+		t.Fatal("no log proof with the receipt")
+	}
+	var err error
+	if te.seen, err = tlog.Open(resp.Log.Checkpoint, e.logVerifier(), nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.auditHistory(e.second(), "vm1", te.seen); err != nil {
+		t.Fatalf("the untouched history: %v", err)
+	}
+	return te
+}
+
+// alter rewrites entry i with edit applied.
+func (te *tamperEnv) alter(i uint64, edit func(*tlog.Entry)) {
+	te.t.Helper()
+	en, err := tlog.ParseEntry(te.leafAt(i))
+	if err != nil {
+		te.t.Fatal(err)
+	}
+	edit(en)
+	leaf, err := en.Marshal()
+	if err != nil {
+		te.t.Fatal(err)
+	}
+	te.kvPut(logEntryPath(i), map[string]any{"leaf": leaf})
+}
+
+// deleteCheckpoints removes every stored checkpoint of at least size from, and the pointers.
+func (te *tamperEnv) deleteCheckpoints(from uint64) {
+	te.t.Helper()
+	kv := te.admin.KVv2(vaulttest.KVMount)
+	for size := from; size <= te.headOf().Size+2; size++ {
+		if err := kv.DeleteMetadata(te.t.Context(), logCheckpointPath(size)); err != nil {
+			te.t.Fatal(err)
+		}
+	}
+	for _, p := range []string{logLatestPath, logWitnessedPath} {
+		if err := kv.DeleteMetadata(te.t.Context(), p); err != nil {
+			te.t.Fatal(err)
+		}
+	}
+}
+
+// TestAttackLogStorageTampering (claim 6): someone with write access to Vault's KV mount, but
+// not the signing key, alters, reorders, deletes or rewinds the log; the head is no defence
+// (it is unsigned, and recomputed), so each must be caught by a fresh keybroker, by the
+// tenant's verification of the history, or by the checkpoint the tenant saw last.
+func TestAttackLogStorageTampering(t *testing.T) {
+	refused := func(t *testing.T, te *tamperEnv, what string) {
+		t.Helper()
+		for name, kb := range map[string]*Keybroker{"fresh keybroker": te.second(), "running keybroker": te.kb} {
+			if rep, err := te.auditHistory(kb, "vm1", te.seen); err == nil {
+				t.Errorf("%s: %s: the history verifies: %q", name, what, kinds(rep))
+			}
+		}
+	}
+	t.Run("entry altered, head recomputed", func(t *testing.T) {
+		te := newTamperEnv(t)
+		te.alter(3, func(en *tlog.Entry) { en.DestroyedKeys = nil }) // the commit of m1
+		te.forgeHead(te.headOf().Size)
+		refused(t, te, "an altered entry")
+	})
+	t.Run("entry altered, head recomputed, checkpoints deleted", func(t *testing.T) {
+		te := newTamperEnv(t)
+		te.alter(2, func(en *tlog.Entry) { en.Host = "host-innocent" }) // the release of m1
+		te.forgeHead(te.headOf().Size)
+		te.deleteCheckpoints(1)
+		refused(t, te, "an altered entry, re-signed")
+	})
+	t.Run("entries reordered, head recomputed", func(t *testing.T) {
+		te := newTamperEnv(t)
+		l2, l3 := te.leafAt(2), te.leafAt(3)
+		te.kvPut(logEntryPath(2), map[string]any{"leaf": l3})
+		te.kvPut(logEntryPath(3), map[string]any{"leaf": l2})
+		te.forgeHead(te.headOf().Size)
+		refused(t, te, "reordered entries")
+	})
+	t.Run("entry deleted, later ones moved down", func(t *testing.T) {
+		te := newTamperEnv(t)
+		size := te.headOf().Size
+		for i := uint64(4); i+1 < size; i++ { // drop the release of m2
+			te.kvPut(logEntryPath(i), map[string]any{"leaf": te.leafAt(i + 1)})
+		}
+		if err := te.admin.KVv2(vaulttest.KVMount).DeleteMetadata(t.Context(), logEntryPath(size-1)); err != nil {
+			t.Fatal(err)
+		}
+		te.forgeHead(size - 1)
+		te.deleteCheckpoints(1)
+		refused(t, te, "a deleted entry")
+	})
+	t.Run("log truncated to the pinned size", func(t *testing.T) {
+		te := newTamperEnv(t)
+		size := te.headOf().Size
+		for i := te.pinned.Size; i < size; i++ {
+			if err := te.admin.KVv2(vaulttest.KVMount).DeleteMetadata(t.Context(), logEntryPath(i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		te.kvPut(logHeadPath, te.savedHead)
+		te.kvPut(logGuestPath("demo", "vm1"), te.savedGuest)
+		te.deleteCheckpoints(te.pinned.Size + 1)
+		refused(t, te, "a truncated log")
+	})
+	t.Run("head rewound", func(t *testing.T) {
+		te := newTamperEnv(t)
+		te.kvPut(logHeadPath, te.savedHead)
+		refused(t, te, "a rewound head")
+		// The entries are still there: the next append moves the head over them again.
+		if _, err := te.kb.logDecision(t.Context(), &tlog.Entry{Kind: tlog.KindDeny, Tenant: "demo", VM: "vm2", MigrationID: "m-heal", Op: "release"}); err != nil {
+			t.Fatalf("appending after the head was rewound: %v", err)
+		}
+		if _, err := te.auditHistory(te.second(), "vm1", te.seen); err != nil {
+			t.Errorf("the history once an append healed the head: %v", err)
+		}
+	})
+}
+
+// TestAttackLogCosign (claim 7): only configured witnesses' cosignatures of the very
+// checkpoint the log signed are stored, each once, and a witness counts once however many
+// cosignatures it made.
+func TestAttackLogCosign(t *testing.T) {
+	_, wkey, _ := ed25519.GenerateKey(rand.Reader)
+	w, err := tlog.NewWitnessSigner("witness.example", wkey, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, other, _ := ed25519.GenerateKey(rand.Reader)
+	impostor, err := tlog.NewWitnessSigner("witness.example", other, nil) // w's name, another key
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, func(c *Config) { c.LogWitnesses = []string{w.VerifierKey()} })
+	ctx := t.Context()
+	e.adopt("vm1")
+	old := e.pin(e.kb)
+	e.adopt("vm2")
+	cur := e.pin(e.kb)
+	wv, err := tlog.ParseWitnessKey(w.VerifierKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cosign := func(text string, s note.Signer) []byte {
+		t.Helper()
+		b, err := note.Sign(&note.Note{Text: text}, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	stored := func() []byte {
+		t.Helper()
+		var rec logCheckpointRecord
+		if _, err := e.kb.recs.get(ctx, logCheckpointPath(cur.Size), &rec); err != nil {
+			t.Fatal(err)
+		}
+		return rec.Note
+	}
+	forged := tlog.Checkpoint{Origin: cur.Origin, Size: cur.Size, Root: make([]byte, 32)}
+	good := cosign(cur.Text(), w)
+	goodSig := good[bytes.LastIndex(good, []byte("\n\n"))+2:]
+	oldSig := func() []byte {
+		b := cosign(old.Text(), w)
+		return b[bytes.LastIndex(b, []byte("\n\n"))+2:]
+	}()
+	for name, req := range map[string][]byte{
+		"an impostor under the witness's name":      cosign(cur.Text(), impostor),
+		"the witness, over another root":            cosign(forged.Text(), w),
+		"the witness's cosignature of another text": append([]byte(cur.Text()+"\n"), oldSig...),
+	} {
+		before := stored()
+		if _, err := e.kb.LogCosign(ctx, &kbwire.LogCosignRequest{Checkpoint: req}); err == nil {
+			t.Errorf("%s: cosign accepted", name)
+		}
+		if !bytes.Equal(stored(), before) {
+			t.Errorf("%s: the stored checkpoint changed", name)
+		}
+	}
+	if _, err := e.kb.LogCheckpoint(ctx, &kbwire.LogCheckpointRequest{Witnessed: true}); err == nil {
+		t.Error("a witnessed checkpoint exists before any genuine cosignature")
+	}
+
+	// A genuine cosignature arrives after a line no witness signed: only the cosignature is
+	// stored.
+	withJunk := append([]byte(cur.Text()+"\n— junk AAAA\n"), goodSig...)
+	if _, err := e.kb.LogCosign(ctx, &kbwire.LogCosignRequest{Checkpoint: withJunk}); err != nil {
+		t.Fatalf("a genuine cosignature: %v", err)
+	}
+	once := stored()
+	if bytes.Contains(once, []byte("junk")) {
+		t.Error("a signature line no configured witness made was stored")
+	}
+	if _, err := e.kb.LogCosign(ctx, &kbwire.LogCosignRequest{Checkpoint: good}); !errors.Is(err, ErrInvalidRequest) {
+		t.Errorf("a replayed cosignature = %v, want ErrInvalidRequest", err)
+	}
+	if !bytes.Equal(stored(), once) {
+		t.Error("a replayed cosignature was stored again")
+	}
+	// The old checkpoint's cosignature, replayed for it, does not move the witnessed
+	// checkpoint back.
+	if _, err := e.kb.LogCosign(ctx, &kbwire.LogCosignRequest{Checkpoint: append([]byte(old.Text()+"\n"), oldSig...)}); err != nil {
+		t.Fatalf("cosigning the older checkpoint: %v", err)
+	}
+	got, err := e.kb.LogCheckpoint(ctx, &kbwire.LogCheckpointRequest{Witnessed: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wcp, err := tlog.Open(got.Checkpoint, e.logVerifier(), []*tlog.WitnessVerifier{wv}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wcp.Size != cur.Size {
+		t.Errorf("the witnessed checkpoint went back to size %d from %d", wcp.Size, cur.Size)
+	}
+	// A second cosignature by the same witness (another time) counts once.
+	later, err := tlog.NewWitnessSigner("witness.example", wkey, func() time.Time { return time.Now().Add(time.Hour) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.kb.LogCosign(ctx, &kbwire.LogCosignRequest{Checkpoint: cosign(cur.Text(), later)}); err != nil {
+		t.Logf("a second cosignature by the same witness: %v", err)
+	}
+	if _, err := tlog.Open(stored(), e.logVerifier(), []*tlog.WitnessVerifier{wv}, 2); !errors.Is(err, tlog.ErrTooFewWitnesses) {
+		t.Errorf("one witness cosigning twice, two required = %v, want ErrTooFewWitnesses", err)
 	}
 }
