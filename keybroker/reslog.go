@@ -37,7 +37,9 @@ import (
 // may have died in between, and tries n+1; so the log never stalls on a dead keybroker.
 //
 // Each keybroker keeps the tree in memory (tlog.Tree), read from log/entries and checked
-// against the head's compact range, to answer proofs.
+// against the head's compact range, to answer proofs, with the indexes of each guest's
+// entries: a guest's history is read from those, while its log/guests record only tells the
+// next append the guest's newest entry.
 const (
 	logEntriesDir    = "log/entries/"
 	logHeadPath      = "log/head"
