@@ -376,8 +376,8 @@ func TestAttackLogDenials(t *testing.T) {
 	if got := e.headOf().Size; got != size {
 		t.Errorf("denials for unregistered tenants or malformed names appended %d entries", got-size)
 	}
-	if _, err := e.kb.recs.get(ctx, logGuestPath("nobody", "vm1"), &logGuestRecord{}); err != nil {
-		t.Fatal(err)
+	if ver, err := e.kb.recs.get(ctx, logGuestPath("nobody", "vm1"), &logGuestRecord{}); err != nil || ver != 0 {
+		t.Errorf("the unregistered tenant's guest has a log record (version %d, %v)", ver, err)
 	}
 }
 
