@@ -118,6 +118,9 @@ type env struct {
 	kbc    *broker.KeyBrokerClient
 	demo   *broker.Client
 	other  *broker.Client
+	// demoNC and otherNC are the two tenants' own NATS connections (the residency log's
+	// history is read over them, as lethectl does).
+	demoNC, otherNC *nats.Conn
 
 	mu      sync.Mutex
 	brokers map[string]*proc
@@ -234,8 +237,10 @@ func newEnv(t *testing.T) *env {
 	}
 	e.agents = agentapi.NewClient(e.conn, 20*time.Second)
 	e.kbc = broker.NewKeyBrokerClient(e.conn, 20*time.Second)
-	e.demo = broker.NewTenantClient(e.connect("tenant-"+demoTenant, natsauth.InboxPrefix(natsauth.RoleTenant, demoTenant)), demoTenant)
-	e.other = broker.NewTenantClient(e.connect("tenant-"+otherTenant, natsauth.InboxPrefix(natsauth.RoleTenant, otherTenant)), otherTenant)
+	e.demoNC = e.connect("tenant-"+demoTenant, natsauth.InboxPrefix(natsauth.RoleTenant, demoTenant))
+	e.otherNC = e.connect("tenant-"+otherTenant, natsauth.InboxPrefix(natsauth.RoleTenant, otherTenant))
+	e.demo = broker.NewTenantClient(e.demoNC, demoTenant)
+	e.other = broker.NewTenantClient(e.otherNC, otherTenant)
 
 	for _, id := range []string{"broker-1", "broker-2"} {
 		e.startBroker(id)

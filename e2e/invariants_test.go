@@ -11,8 +11,11 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsrpc"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
@@ -196,6 +199,7 @@ func (s *scn) check() []string {
 			if rec.Host != want || rec.Migration != "" {
 				fail("guest record of %s: host %s, migration %q; want host %s and no migration", vm, rec.Host, rec.Migration, want)
 			}
+			bad = append(bad, s.checkHistory(vm, rec.Epoch)...)
 			if wantKey := fmt.Sprintf("lethe-%s-%s-e%d", demoTenant, vm, rec.Epoch); !slices.Equal(epochKeys, []string{wantKey}) {
 				fail("epoch keys of %s: %v, want exactly [%s]", vm, epochKeys, wantKey)
 			}
@@ -213,6 +217,56 @@ func (s *scn) check() []string {
 		}
 	}
 
+	return bad
+}
+
+// checkHistory verifies a guest's residency log as its tenant does: read over the tenant's
+// own NATS connection, every entry in the log signed by the keybroker's key, the chain
+// complete from the adoption, no migration of it left released, the live epoch the one the
+// broker records, and an ending entry for every migration of the scenario that released keys.
+func (s *scn) checkHistory(vm string, epoch uint64) []string {
+	var bad []string
+	fail := func(format string, args ...any) {
+		bad = append(bad, fmt.Sprintf("history of %s: "+format, append([]any{vm}, args...)...))
+	}
+	ctx := s.t.Context()
+	h, err := natsrpc.Call[kbwire.LogHistoryRequest, tlog.History](ctx, s.demoNC, kbwire.SubjectPrefix+"."+kbwire.OpLogHistory,
+		kbwire.LogHistoryRequest{Tenant: demoTenant, VM: vm}, natsrpc.WithMaxResponse(8<<20))
+	if err != nil {
+		return []string{fmt.Sprintf("history of %s: %v", vm, err)}
+	}
+	v, err := tlog.LogVerifier(s.kb.LogOrigin(), s.kbPub)
+	if err != nil {
+		return []string{err.Error()}
+	}
+	cp, err := tlog.Open(h.Checkpoint, v, nil, 0)
+	if err != nil {
+		return []string{fmt.Sprintf("history of %s: %v", vm, err)}
+	}
+	rep, err := tlog.VerifyHistory(cp, h)
+	if err != nil {
+		fail("%v", err)
+	}
+	if rep == nil {
+		return bad
+	}
+	if rep.Live != epoch {
+		fail("live epoch %d, the broker's record says %d", rep.Live, epoch)
+	}
+	if len(rep.InProgress) > 0 {
+		fail("migrations %v released and never ended", rep.InProgress)
+	}
+	for _, w := range s.migs {
+		m, err := s.migration(ctx, w.id)
+		if err != nil || m.VM != vm || m.SourceEvidence == "" {
+			continue
+		}
+		if !slices.ContainsFunc(rep.Entries, func(e *tlog.Entry) bool {
+			return e.MigrationID == w.id && e.Outcome == w.outcome && (e.Kind == tlog.KindCommit || e.Kind == tlog.KindAbort)
+		}) {
+			fail("no %s ending of migration %s", w.outcome, w.id)
+		}
+	}
 	return bad
 }
 

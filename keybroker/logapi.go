@@ -1,6 +1,7 @@
 package keybroker
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 
@@ -87,9 +88,12 @@ func (k *Keybroker) LogConsistency(ctx context.Context, req *kbwire.LogConsisten
 }
 
 // LogHistory returns a guest's entries, oldest first, each with its inclusion proof against
-// one signed checkpoint (the newest, or with Witnessed the newest a witness cosigned, in which
-// case entries it does not hold yet are left out). A guest the log never saw has no entries.
-// It returns ErrInvalidRequest, ErrLogCorrupted, or ErrVaultUnavailable.
+// one signed checkpoint (the newest, or with Witnessed the newest a witness cosigned; entries
+// it does not hold yet are left out). The entries are every entry of the log that names the
+// guest, found by reading the log itself, so that a guest record rolled back in Vault hides
+// none of them; a broken chain is served as it is, for the tenant's verifier to refuse. A
+// guest the log never saw has no entries. It returns ErrInvalidRequest, ErrLogCorrupted, or
+// ErrVaultUnavailable.
 func (k *Keybroker) LogHistory(ctx context.Context, req *kbwire.LogHistoryRequest) (*tlog.History, error) {
 	if err := checkGuest(req.Tenant, req.VM); err != nil {
 		return nil, err
@@ -97,20 +101,7 @@ func (k *Keybroker) LogHistory(ctx context.Context, req *kbwire.LogHistoryReques
 	if err := k.ensureAuth(ctx); err != nil {
 		return nil, err
 	}
-	entries, err := k.guestEntries(ctx, req.Tenant, req.VM)
-	if err != nil {
-		return nil, err
-	}
-	var minSize uint64
-	if len(entries) > 0 {
-		minSize = entries[len(entries)-1].Index + 1
-	}
-	var cp *tlog.Signed
-	if req.Witnessed {
-		cp, err = k.rlog.checkpoint(ctx, 0, true)
-	} else {
-		cp, err = k.rlog.checkpoint(ctx, minSize, false)
-	}
+	cp, err := k.rlog.checkpoint(ctx, 0, req.Witnessed)
 	if err != nil {
 		return nil, err
 	}
@@ -120,11 +111,27 @@ func (k *Keybroker) LogHistory(ctx context.Context, req *kbwire.LogHistoryReques
 	if _, err := k.rlog.syncTree(ctx, cp.Size); err != nil {
 		return nil, err
 	}
-	for _, pe := range entries {
-		if pe.Index >= cp.Size {
+	for _, i := range k.rlog.guests[req.Tenant+"/"+req.VM] {
+		if i >= cp.Size {
 			break
 		}
-		if pe.Proof, err = k.rlog.tree.InclusionProof(pe.Index, cp.Size); err != nil {
+		if len(h.Entries) == maxHistory {
+			return nil, fmt.Errorf("%s/%s has more than %d entries: %w", req.Tenant, req.VM, maxHistory, ErrInvalidRequest)
+		}
+		var rec logEntryRecord
+		ver, err := k.recs.get(ctx, logEntryPath(i), &rec)
+		if err != nil {
+			return nil, fmt.Errorf("reading the residency log: %w", err)
+		}
+		want, err := k.rlog.tree.LeafHash(i)
+		if err != nil {
+			return nil, err
+		}
+		if ver == 0 || !bytes.Equal(tlog.LeafHash(rec.Leaf), want) {
+			return nil, fmt.Errorf("%w: entry %d of %s/%s was removed or altered", ErrLogCorrupted, i, req.Tenant, req.VM)
+		}
+		pe := tlog.ProvenEntry{Index: i, Leaf: rec.Leaf}
+		if pe.Proof, err = k.rlog.tree.InclusionProof(i, cp.Size); err != nil {
 			return nil, err
 		}
 		h.Entries = append(h.Entries, pe)

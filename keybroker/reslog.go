@@ -39,7 +39,9 @@ import (
 // may have died in between, and tries n+1; so the log never stalls on a dead keybroker.
 //
 // Each keybroker keeps the tree in memory (tlog.Tree), read from log/entries and checked
-// against the head's compact range, to answer proofs.
+// against the head's compact range, to answer proofs, with the indexes of each guest's
+// entries: a guest's history is read from those, while its log/guests record only tells the
+// next append the guest's newest entry.
 const (
 	logEntriesDir    = "log/entries/"
 	logHeadPath      = "log/head"
@@ -115,8 +117,12 @@ type residencyLog struct {
 	// finishing are the background finishes of appends (append with settle false).
 	finishing sync.WaitGroup
 
-	mu   sync.Mutex // guards tree; held while it catches up with Vault
+	mu   sync.Mutex // guards tree and guests; held while they catch up with Vault
 	tree tlog.Tree
+	// guests are the indexes of each guest's entries in tree ("<tenant>/<vm>"), oldest first:
+	// a guest's history is read from them, not from its log/guests record, which whoever
+	// writes to the KV mount could roll back to hide the guest's newest entries.
+	guests map[string][]uint64
 }
 
 // finishTimeout bounds a background finish of an entry.
@@ -298,6 +304,7 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 	for lo := from; lo < head.Size; lo += batch {
 		hi := min(lo+batch, head.Size)
 		hashes := make([][]byte, hi-lo)
+		owners := make([]string, hi-lo)
 		g, gctx := errgroup.WithContext(ctx)
 		g.SetLimit(16)
 		for i := lo; i < hi; i++ {
@@ -310,14 +317,22 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 				if ver == 0 {
 					return fmt.Errorf("%w: entry %d is missing", ErrLogCorrupted, i)
 				}
-				hashes[i-lo] = tlog.LeafHash(rec.Leaf)
+				e, err := tlog.ParseEntry(rec.Leaf)
+				if err != nil {
+					return fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, i, err)
+				}
+				hashes[i-lo], owners[i-lo] = tlog.LeafHash(rec.Leaf), e.Tenant+"/"+e.VM
 				return nil
 			})
 		}
 		if err := g.Wait(); err != nil {
 			return nil, err
 		}
-		for _, h := range hashes {
+		if l.guests == nil {
+			l.guests = map[string][]uint64{}
+		}
+		for j, h := range hashes {
+			l.guests[owners[j]] = append(l.guests[owners[j]], l.tree.Size())
 			l.tree.Append(h)
 		}
 	}
@@ -332,7 +347,7 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 	if !bytes.Equal(got, want) {
 		// Forget what was read: the next call reads it again, and fails again until the
 		// operator restores what was altered.
-		l.tree = tlog.Tree{}
+		l.tree, l.guests = tlog.Tree{}, nil
 		return nil, fmt.Errorf("%w: the entries do not hash to the head's root at size %d", ErrLogCorrupted, head.Size)
 	}
 	return head, nil
@@ -430,6 +445,10 @@ func (l *residencyLog) storedCheckpoint(ctx context.Context, size uint64) (*tlog
 	s, err := tlog.Open(rec.Note, v, l.witnesses, 0)
 	if err != nil {
 		return nil, fmt.Errorf("%w: checkpoint of size %d: %w", ErrLogCorrupted, size, err)
+	}
+	// A genuine checkpoint of another size, stored here, would prove a shorter log.
+	if s.Size != size {
+		return nil, fmt.Errorf("%w: the checkpoint stored for size %d is of size %d", ErrLogCorrupted, size, s.Size)
 	}
 	return s, nil
 }
