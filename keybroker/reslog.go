@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -114,7 +115,12 @@ type residencyLog struct {
 	sign func(ctx context.Context, msg []byte) ([]byte, error)
 	pub  func(ctx context.Context) (ed25519.PublicKey, error)
 
-	// finishing are the background finishes of appends (append with settle false).
+	// qmu guards queue and leading: the appends waiting for the next batch, and whether a
+	// goroutine is writing batches.
+	qmu     sync.Mutex
+	queue   []*appendReq
+	leading bool
+	// finishing is that goroutine.
 	finishing sync.WaitGroup
 
 	mu   sync.Mutex // guards tree and guests; held while they catch up with Vault
@@ -125,74 +131,300 @@ type residencyLog struct {
 	guests map[string][]uint64
 }
 
-// finishTimeout bounds a background finish of an entry.
+// finishTimeout bounds the writing of one batch of appends.
 const finishTimeout = 30 * time.Second
 
 // maxAppendAttempts bounds how many indexes an append tries before giving up: each failure is
 // another keybroker's append winning the index, so this is contention, not an error loop.
 const maxAppendAttempts = 1000
 
+// appendReq is one append waiting for its batch.
+type appendReq struct {
+	e *tlog.Entry
+	// index and err are set before written is closed.
+	index uint64
+	err   error
+	// written is closed once the entry is written (or failed), settled once the head is past
+	// it (or finishing it failed: err says so).
+	written, settled chan struct{}
+}
+
 // append adds e (Seq, Prev and Time are set here) and returns its index. A commit, abort or
 // cleanup already the guest's newest entry is not appended again (an ending retried from the
 // journal): its index is returned.
 //
-// The entry is in the log once entry n is written: from then on any append or checkpoint
-// finishes it. With settle false, append returns then and finishes the guest's record and
-// the head in the background (three Vault round trips on the caller's path instead of five);
-// with settle true, it returns once the head is past the entry, so that a checkpoint and a
-// proof of it can follow at once.
+// Appends of one keybroker are written in batches, one batch at a time, by a goroutine that
+// takes whatever is queued when the last batch ends (group commit): a batch of k costs about
+// k+4 Vault round trips, where k appends racing each other would cost O(k²) in conflicts.
+// The entry is in the log once it is written: from then on any append or checkpoint
+// finishes it. With settle false, append returns then (the guest's record and the head
+// follow in the same batch); with settle true, it returns once the head is past the entry,
+// so that a checkpoint and a proof of it can follow at once. If ctx ends first, append
+// returns ctx's error and the entry may still be appended.
 func (l *residencyLog) append(ctx context.Context, e *tlog.Entry, settle bool) (uint64, error) {
 	e.Type = tlog.EntryType
-	for range maxAppendAttempts {
+	r := &appendReq{e: e, written: make(chan struct{}), settled: make(chan struct{})}
+	l.qmu.Lock()
+	l.queue = append(l.queue, r)
+	if !l.leading {
+		l.leading = true
+		l.finishing.Go(func() { l.lead(ctx) })
+	}
+	l.qmu.Unlock()
+	wait := r.written
+	if settle {
+		wait = r.settled
+	}
+	select {
+	case <-wait:
+		return r.index, r.err
+	case <-ctx.Done():
+		return 0, fmt.Errorf("appending to the residency log: %w", ctx.Err())
+	}
+}
+
+// lead writes queued appends, a batch at a time, until the queue is empty.
+func (l *residencyLog) lead(ctx context.Context) {
+	ctx = context.WithoutCancel(ctx)
+	for {
+		l.qmu.Lock()
+		batch := l.queue
+		l.queue = nil
+		if len(batch) == 0 {
+			l.leading = false
+			l.qmu.Unlock()
+			return
+		}
+		l.qmu.Unlock()
+		bctx, cancel := context.WithTimeout(ctx, finishTimeout)
+		l.appendBatch(bctx, batch)
+		cancel()
+	}
+}
+
+// guestState is a guest's log/guests record as a batch reads and plans it.
+type guestState struct {
+	rec     logGuestRecord
+	fromSeq uint64 // the record's seq when read
+	planned bool   // rec is an entry of this batch, not yet written
+}
+
+// appendBatch appends batch in order and completes every request in it.
+func (l *residencyLog) appendBatch(ctx context.Context, batch []*appendReq) {
+	fail := func(rs []*appendReq, err error) {
+		for _, r := range rs {
+			r.err = err
+			close(r.written)
+			close(r.settled)
+		}
+	}
+	pending := batch
+	for attempt := 0; len(pending) > 0; attempt++ {
+		if attempt == maxAppendAttempts {
+			fail(pending, fmt.Errorf("appending to the residency log: %d indexes taken by others in a row: %w", maxAppendAttempts, ErrVaultUnavailable))
+			return
+		}
+		// The head first, then the guests' records: see the comment on the layout.
 		var head logHeadRecord
 		if _, err := l.recs.get(ctx, logHeadPath, &head); err != nil {
-			return 0, fmt.Errorf("appending to the residency log: %w", err)
+			fail(pending, fmt.Errorf("appending to the residency log: %w", err))
+			return
 		}
-		var g logGuestRecord
-		if _, err := l.recs.get(ctx, logGuestPath(e.Tenant, e.VM), &g); err != nil {
-			return 0, fmt.Errorf("appending to the residency log: %w", err)
-		}
-		switch e.Kind {
-		case tlog.KindCommit, tlog.KindAbort, tlog.KindCleanup:
-			if g.Seq > 0 && g.Kind == e.Kind && g.Migration == e.MigrationID {
-				return g.Last.Index, nil
-			}
-		}
-		e.Seq, e.Prev = g.Seq+1, nil
-		if g.Seq > 0 {
-			last := g.Last
-			e.Prev = &last
-		}
-		leaf, err := e.Marshal()
+		guests, err := l.readGuests(ctx, pending)
 		if err != nil {
-			return 0, err
+			fail(pending, err)
+			return
 		}
+
+		// Plan: seq and prev of each entry, in order, at indexes n, n+1, ….
 		n := head.Size
-		if _, err := l.recs.put(ctx, logEntryPath(n), &logEntryRecord{Leaf: leaf}, 0); err != nil {
-			if !errors.Is(err, errConflict) {
-				return 0, fmt.Errorf("appending to the residency log: %w", err)
+		var plan []*appendReq
+		var leaves, hashes [][]byte
+		var next []*appendReq // left for the next round
+		for _, r := range pending {
+			st := guests[guestKey(r.e.Tenant, r.e.VM)]
+			switch r.e.Kind {
+			case tlog.KindCommit, tlog.KindAbort, tlog.KindCleanup:
+				if st.rec.Seq > 0 && st.rec.Kind == r.e.Kind && st.rec.Migration == r.e.MigrationID {
+					if st.planned { // the same ending earlier in this batch: once it is written
+						next = append(next, r)
+						continue
+					}
+					r.index = st.rec.Last.Index
+					close(r.written)
+					close(r.settled)
+					continue
+				}
 			}
-			if err := l.finishEntry(ctx, n); err != nil {
-				return 0, err
+			r.e.Seq, r.e.Prev = st.rec.Seq+1, nil
+			if st.rec.Seq > 0 {
+				last := st.rec.Last
+				r.e.Prev = &last
 			}
+			leaf, err := r.e.Marshal()
+			if err != nil {
+				fail([]*appendReq{r}, err)
+				continue
+			}
+			i := n + uint64(len(plan))
+			hash := tlog.LeafHash(leaf)
+			st.rec = logGuestRecord{Seq: r.e.Seq, Last: tlog.Link{Index: i, Hash: hash}, Kind: r.e.Kind, Migration: r.e.MigrationID}
+			st.planned = true
+			plan, leaves, hashes = append(plan, r), append(leaves, leaf), append(hashes, hash)
+		}
+
+		// Write, in order, until an index is taken.
+		wrote := 0
+		var taken bool
+		for i, r := range plan {
+			if _, err := l.recs.put(ctx, logEntryPath(n+uint64(i)), &logEntryRecord{Leaf: leaves[i]}, 0); err != nil {
+				if errors.Is(err, errConflict) {
+					taken = true
+				} else {
+					fail(plan[i:], fmt.Errorf("appending to the residency log: %w", err))
+					plan = plan[:i]
+				}
+				break
+			}
+			r.index = n + uint64(i)
+			close(r.written)
+			wrote++
+		}
+		if taken {
+			next = append(plan[wrote:], next...)
+		}
+		written := plan[:wrote]
+
+		// Settle what was written: the guests' records, then the head.
+		err = l.settleBatch(ctx, n, written, hashes[:wrote])
+		for _, r := range written {
+			r.err = err
+			close(r.settled)
+		}
+		if err != nil {
+			fail(next, err)
+			return
+		}
+		if taken {
+			if err := l.finishEntry(ctx, n+uint64(wrote)); err != nil {
+				fail(next, err)
+				return
+			}
+		}
+		pending = next
+	}
+}
+
+func guestKey(tenant, vm string) string { return tenant + "/" + vm }
+
+// readGuests reads the log/guests records of the guests of rs, in parallel.
+func (l *residencyLog) readGuests(ctx context.Context, rs []*appendReq) (map[string]*guestState, error) {
+	guests := map[string]*guestState{}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	for _, r := range rs {
+		k := guestKey(r.e.Tenant, r.e.VM)
+		if guests[k] != nil {
 			continue
 		}
-		if !settle {
-			l.finishing.Go(func() {
-				ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finishTimeout)
-				defer cancel()
-				if err := l.finish(ctx, n, e, leaf); err != nil {
-					l.logger.WarnContext(ctx, "Finishing a residency log entry failed; the next append or checkpoint finishes it", attrError, err.Error())
-				}
-			})
-			return n, nil
-		}
-		if err := l.finish(ctx, n, e, leaf); err != nil {
-			return 0, err
-		}
-		return n, nil
+		st := &guestState{}
+		guests[k] = st
+		g.Go(func() error {
+			if _, err := l.recs.get(gctx, logGuestPath(r.e.Tenant, r.e.VM), &st.rec); err != nil {
+				return fmt.Errorf("appending to the residency log: %w", err)
+			}
+			st.fromSeq = st.rec.Seq
+			return nil
+		})
 	}
-	return 0, fmt.Errorf("appending to the residency log: %d indexes taken by others in a row: %w", maxAppendAttempts, ErrVaultUnavailable)
+	return guests, g.Wait()
+}
+
+// settleBatch moves the records of the guests of written (entries n, n+1, … with hashes)
+// past their entries, then the head past them all.
+func (l *residencyLog) settleBatch(ctx context.Context, n uint64, written []*appendReq, hashes [][]byte) error {
+	if len(written) == 0 {
+		return nil
+	}
+	// Each guest's newest entry in the batch, and its seq before the batch.
+	newest := map[string]logGuestRecord{}
+	before := map[string]uint64{}
+	for i, r := range written {
+		k := guestKey(r.e.Tenant, r.e.VM)
+		if _, ok := before[k]; !ok {
+			before[k] = r.e.Seq - 1
+		}
+		newest[k] = logGuestRecord{Seq: r.e.Seq, Last: tlog.Link{Index: n + uint64(i), Hash: hashes[i]}, Kind: r.e.Kind, Migration: r.e.MigrationID}
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	for k, rec := range newest {
+		g.Go(func() error {
+			tenant, vm, _ := strings.Cut(k, "/")
+			return l.advanceGuest(gctx, tenant, vm, before[k], rec)
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	return l.advanceHead(ctx, n, hashes)
+}
+
+// advanceGuest moves a guest's record from seq from (or later) to rec, unless it is there
+// already.
+func (l *residencyLog) advanceGuest(ctx context.Context, tenant, vm string, from uint64, rec logGuestRecord) error {
+	path := logGuestPath(tenant, vm)
+	for {
+		var g logGuestRecord
+		ver, err := l.recs.get(ctx, path, &g)
+		if err != nil {
+			return fmt.Errorf("appending to the residency log: %w", err)
+		}
+		if g.Seq >= rec.Seq {
+			return nil
+		}
+		if g.Seq < from {
+			return fmt.Errorf("%w: %s/%s's newest entry went back from seq %d to %d", ErrLogCorrupted, tenant, vm, from, g.Seq)
+		}
+		if _, err := l.recs.put(ctx, path, &rec, ver); err == nil {
+			return nil
+		} else if !errors.Is(err, errConflict) {
+			return fmt.Errorf("appending to the residency log: %w", err)
+		}
+	}
+}
+
+// advanceHead moves the head past entries n, n+1, … (with hashes), unless it is there
+// already.
+func (l *residencyLog) advanceHead(ctx context.Context, n uint64, hashes [][]byte) error {
+	end := n + uint64(len(hashes))
+	for {
+		var head logHeadRecord
+		ver, err := l.recs.get(ctx, logHeadPath, &head)
+		if err != nil {
+			return fmt.Errorf("appending to the residency log: %w", err)
+		}
+		if head.Size >= end {
+			return nil
+		}
+		if head.Size < n {
+			return fmt.Errorf("%w: entry %d exists while the head is %d", ErrLogCorrupted, n, head.Size)
+		}
+		r, err := rangeFactory.NewRange(0, head.Size, head.Range)
+		if err != nil {
+			return fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
+		}
+		for _, h := range hashes[head.Size-n:] {
+			if err := r.Append(h, nil); err != nil {
+				return fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
+			}
+		}
+		if _, err := l.recs.put(ctx, logHeadPath, &logHeadRecord{Size: end, Range: r.Hashes()}, ver); err == nil {
+			return nil
+		} else if !errors.Is(err, errConflict) {
+			return fmt.Errorf("appending to the residency log: %w", err)
+		}
+	}
 }
 
 // finishEntry finishes the append of entry n, written by someone else.
@@ -216,51 +448,11 @@ func (l *residencyLog) finishEntry(ctx context.Context, n uint64) error {
 // step is skipped if someone did it already.
 func (l *residencyLog) finish(ctx context.Context, n uint64, e *tlog.Entry, leaf []byte) error {
 	hash := tlog.LeafHash(leaf)
-	gpath := logGuestPath(e.Tenant, e.VM)
-	for {
-		var g logGuestRecord
-		ver, err := l.recs.get(ctx, gpath, &g)
-		if err != nil {
-			return fmt.Errorf("appending to the residency log: %w", err)
-		}
-		if g.Seq >= e.Seq {
-			break
-		}
-		if g.Seq+1 != e.Seq {
-			return fmt.Errorf("%w: entry %d has seq %d, the guest's newest is %d", ErrLogCorrupted, n, e.Seq, g.Seq)
-		}
-		next := logGuestRecord{Seq: e.Seq, Last: tlog.Link{Index: n, Hash: hash}, Kind: e.Kind, Migration: e.MigrationID}
-		if _, err := l.recs.put(ctx, gpath, &next, ver); err == nil {
-			break
-		} else if !errors.Is(err, errConflict) {
-			return fmt.Errorf("appending to the residency log: %w", err)
-		}
+	rec := logGuestRecord{Seq: e.Seq, Last: tlog.Link{Index: n, Hash: hash}, Kind: e.Kind, Migration: e.MigrationID}
+	if err := l.advanceGuest(ctx, e.Tenant, e.VM, e.Seq-1, rec); err != nil {
+		return err
 	}
-	for {
-		var head logHeadRecord
-		ver, err := l.recs.get(ctx, logHeadPath, &head)
-		if err != nil {
-			return fmt.Errorf("appending to the residency log: %w", err)
-		}
-		if head.Size > n {
-			return nil
-		}
-		if head.Size < n {
-			return fmt.Errorf("%w: entry %d exists while the head is %d", ErrLogCorrupted, n, head.Size)
-		}
-		r, err := rangeFactory.NewRange(0, head.Size, head.Range)
-		if err != nil {
-			return fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
-		}
-		if err := r.Append(hash, nil); err != nil {
-			return fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
-		}
-		if _, err := l.recs.put(ctx, logHeadPath, &logHeadRecord{Size: n + 1, Range: r.Hashes()}, ver); err == nil {
-			return nil
-		} else if !errors.Is(err, errConflict) {
-			return fmt.Errorf("appending to the residency log: %w", err)
-		}
-	}
+	return l.advanceHead(ctx, n, [][]byte{hash})
 }
 
 // settledHead finishes the entries written past the head (appends whose finishing is still
