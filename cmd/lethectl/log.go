@@ -173,9 +173,10 @@ func extends(ctx context.Context, src logSource, prev, next *tlog.Signed) ([][]b
 	return proof, tlog.CheckExtends(prev.Checkpoint, next.Checkpoint, proof)
 }
 
-// inconsistency says what a checkpoint that does not extend an earlier one means.
-func inconsistency(err error, prev, next *tlog.Signed) string {
-	return fmt.Sprintf("INCONSISTENT: %v\nThe keybroker signed a log of size %d (root %s) that does not extend the log of size %d (root %s) it signed before:\n"+
+// inconsistency says what a checkpoint that does not extend an earlier one means; it wraps
+// err (tlog.ErrInconsistent).
+func inconsistency(err error, prev, next *tlog.Signed) error {
+	return fmt.Errorf("INCONSISTENT: %w\nThe keybroker signed a log of size %d (root %s) that does not extend the log of size %d (root %s) it signed before:\n"+
 		"it shows different parties different logs (a split view) or it rewrote its log. Keep both signed checkpoints: together they prove it.",
 		err, next.Size, base64.StdEncoding.EncodeToString(next.Root), prev.Size, base64.StdEncoding.EncodeToString(prev.Root))
 }
@@ -514,7 +515,7 @@ func (w *witness) round(ctx context.Context) error {
 		}
 		if _, err := extends(ctx, w.src, prev, next); err != nil {
 			if errors.Is(err, tlog.ErrInconsistent) {
-				return fmt.Errorf("refusing to cosign: %s", inconsistency(err, prev, next))
+				return fmt.Errorf("refusing to cosign: %w", inconsistency(err, prev, next))
 			}
 			return err
 		}
@@ -760,7 +761,7 @@ func checkHistory(ctx context.Context, src logSource, c historyCheck) (*historyO
 				if !errors.Is(err, tlog.ErrInconsistent) {
 					return nil, err
 				}
-				out.Failure = errors.New(inconsistency(err, older, newer))
+				out.Failure = inconsistency(err, older, newer)
 				return out, nil
 			}
 		}
@@ -828,11 +829,11 @@ func (h *historyOutcome) print(w io.Writer, verify bool) {
 				fmt.Fprintf(tw, "?\t%d\t(undecodable)\t\t\t\t\t\n", pe.Index)
 				continue
 			}
-			outcome := e.Outcome
+			outcome, epochs := e.Outcome, fmt.Sprintf("%d->%d", e.FromEpoch, e.ToEpoch)
 			if e.Kind == tlog.KindDeny {
-				outcome = "denied " + e.Op + ": " + strings.Join(e.Reasons, "; ")
+				outcome, epochs = "denied "+e.Op+": "+strings.Join(e.Reasons, "; "), "-"
 			}
-			fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d->%d\t%s\t%s\t%s\n", e.Seq, pe.Index, e.Kind, e.MigrationID, e.FromEpoch, e.ToEpoch, e.Host, outcome, e.Time.Format(time.RFC3339))
+			fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Seq, pe.Index, e.Kind, e.MigrationID, epochs, e.Host, outcome, e.Time.Format(time.RFC3339))
 		}
 	})
 	if h.Failure != nil {
