@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,8 +15,13 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
+	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 )
 
 // testLog is a residency log kept in the test: a tlog.Tree of entries whose checkpoints are
@@ -445,5 +451,89 @@ func TestCheckpointVerifyFlags(t *testing.T) {
 	vw.witnesses, vw.minWitnesses = []*tlog.WitnessVerifier{w}, 1
 	if _, err := vw.open(l.checkpoint()); !errors.Is(err, tlog.ErrTooFewWitnesses) {
 		t.Errorf("open requiring a witness that did not cosign: %v, want ErrTooFewWitnesses", err)
+	}
+}
+
+// TestLogOverNATS runs the log commands against a keybroker on real NATS and Vault that knows
+// one witness: the witness cosigns the newest checkpoint, a tenant pins it and finds it
+// witnessed, and a guest the log never saw has an empty history that verifies.
+func TestLogOverNATS(t *testing.T) {
+	srv := vaulttest.Start(t)
+	dir := t.TempDir()
+	t.Setenv("XDG_CONFIG_HOME", dir)
+	t.Setenv("LETHECTL_CONFIG", "")
+	t.Setenv("LETHE_TENANT", "")
+	key := filepath.Join(dir, "witness.key")
+	out, errOut, code := runLethectl(t, "log", "witness", "keygen", "--name", "w.example", "--out", key, "-o", "json")
+	if code != 0 {
+		t.Fatalf("keygen: exit %d\n%s%s", code, out, errOut)
+	}
+	var wk struct{ VerifierKey string }
+	if err := json.Unmarshal([]byte(out), &wk); err != nil {
+		t.Fatal(err)
+	}
+	v, err := attest.NewVerifier(attest.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(t.Output(), nil))
+	kb, err := keybroker.New(keybroker.Config{Vault: srv.Client, Verifier: v, Logger: log, LogOrigin: "kb.test/lethe", LogWitnesses: []string{wk.VerifierKey}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pem, err := kb.PublicKeyPEM(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := filepath.Join(dir, "keybroker.pub")
+	if err := os.WriteFile(pub, pem, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ns := natstest.Start(t, natstest.Options{})
+	svc, err := natsapi.New(natsapi.Config{Conn: ns.Connect(t), Keybroker: kb, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- svc.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	select {
+	case <-svc.Started():
+	case err := <-done:
+		t.Fatalf("service ended before it started: %v", err)
+	}
+	run := func(args ...string) string {
+		t.Helper()
+		out, errOut, code := runLethectl(t, append(args, "--nats-url", ns.URL)...)
+		if code != 0 {
+			t.Fatalf("%s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
+		}
+		return out
+	}
+
+	state := filepath.Join(dir, "witness.state")
+	if out := run("log", "witness", "run", "--once", "--key", key, "--state", state, "--pub", pub); !strings.Contains(out, "cosigned size 0") {
+		t.Errorf("witness run: %q, want a cosignature of size 0", out)
+	}
+	pinned := filepath.Join(dir, "pinned")
+	var cp checkpointView
+	if err := json.Unmarshal([]byte(run("log", "checkpoint", "--witnessed", "--pub", pub, "--witness", wk.VerifierKey, "--out", pinned, "-o", "json")), &cp); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(checkpointView{Origin: "kb.test/lethe", Size: 0, Root: cp.Root, Witnesses: []string{"w.example"}}, cp); diff != "" {
+		t.Errorf("witnessed checkpoint (-want +got):\n%s", diff)
+	}
+	if out := run("log", "prove-consistency", pinned, "--pub", pub); !strings.Contains(out, "CONSISTENT") {
+		t.Errorf("prove-consistency: %q", out)
+	}
+	out = run("guests", "history", "web", "--for", "acme", "--verify", "--pub", pub, "--witness", wk.VerifierKey, "--witnessed", "--pinned", pinned)
+	if !strings.Contains(out, "VERIFIED: 0 entries of acme/web") || !strings.Contains(out, "live epoch  none") {
+		t.Errorf("history of a guest the log never saw: %q", out)
 	}
 }
