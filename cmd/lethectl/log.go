@@ -52,6 +52,63 @@ func (o *brokerOpts) keybroker() (*kbclient.Client, func(), error) {
 	return kbclient.New(nc, o.Timeout), nc.Close, nil
 }
 
+// lazyKeybroker is a logSource that connects on its first call: a command that may need no
+// proof (two checkpoints of one size) then needs no NATS.
+type lazyKeybroker struct {
+	o       *brokerOpts
+	c       *kbclient.Client
+	closeFn func()
+}
+
+func (l *lazyKeybroker) client() (*kbclient.Client, error) {
+	if l.c == nil {
+		c, closeFn, err := l.o.keybroker()
+		if err != nil {
+			return nil, err
+		}
+		l.c, l.closeFn = c, closeFn
+	}
+	return l.c, nil
+}
+
+func (l *lazyKeybroker) close() {
+	if l.closeFn != nil {
+		l.closeFn()
+	}
+}
+
+func (l *lazyKeybroker) LogCheckpoint(ctx context.Context, witnessed bool) ([]byte, error) {
+	c, err := l.client()
+	if err != nil {
+		return nil, err
+	}
+	return c.LogCheckpoint(ctx, witnessed)
+}
+
+func (l *lazyKeybroker) LogConsistency(ctx context.Context, from, to uint64) ([][]byte, error) {
+	c, err := l.client()
+	if err != nil {
+		return nil, err
+	}
+	return c.LogConsistency(ctx, from, to)
+}
+
+func (l *lazyKeybroker) LogHistory(ctx context.Context, tenant, vm string, witnessed bool) (*tlog.History, error) {
+	c, err := l.client()
+	if err != nil {
+		return nil, err
+	}
+	return c.LogHistory(ctx, tenant, vm, witnessed)
+}
+
+func (l *lazyKeybroker) LogCosign(ctx context.Context, cosigned []byte) ([]byte, error) {
+	c, err := l.client()
+	if err != nil {
+		return nil, err
+	}
+	return c.LogCosign(ctx, cosigned)
+}
+
 // logTrust is what a checkpoint is verified against: the keybroker's receipt-signing key, the
 // log's origin, and the witnesses of which at least minWitnesses must have cosigned.
 type logTrust struct {
@@ -343,11 +400,8 @@ then exits 1 saying so. Witness requirements (--witness, --min-witnesses) apply 
 			if err != nil {
 				return fmt.Errorf("%s: %w", args[0], err)
 			}
-			c, closeFn, err := o.keybroker()
-			if err != nil {
-				return err
-			}
-			defer closeFn()
+			c := &lazyKeybroker{o: &o}
+			defer c.close()
 			ctx, cancel := o.callCtx(cmd.Context())
 			defer cancel()
 			var newSigned []byte

@@ -236,9 +236,16 @@ func TestHistoryBundle(t *testing.T) {
 	e, _ := tlog.ParseEntry(tampered.History.Entries[0].Leaf)
 	e.Host = "evil-host"
 	tampered.History.Entries[0].Leaf, _ = e.Marshal()
-	out, _, code = runLethectl(t, args(write("tampered", tampered))...)
+	pin, err := os.ReadFile(pinned)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _, code = runLethectl(t, append(args(write("tampered", tampered)), "--update-pinned")...)
 	if code != 1 || !strings.Contains(out, "INVALID: ") || !strings.Contains(out, "entry 0 (seq 1): not in the log of checkpoint 8") {
 		t.Errorf("altered entry: exit %d, want 1 naming the entry not in the log:\n%s", code, out)
+	}
+	if after, _ := os.ReadFile(pinned); !bytes.Equal(after, pin) {
+		t.Error("--update-pinned moved the pin although the history did not verify")
 	}
 
 	removed := cloneBundle(t, good)
@@ -535,5 +542,31 @@ func TestLogOverNATS(t *testing.T) {
 	out = run("guests", "history", "web", "--for", "acme", "--verify", "--pub", pub, "--witness", wk.VerifierKey, "--witnessed", "--pinned", pinned)
 	if !strings.Contains(out, "VERIFIED: 0 entries of acme/web") || !strings.Contains(out, "live epoch  none") {
 		t.Errorf("history of a guest the log never saw: %q", out)
+	}
+}
+
+// TestProveConsistencySplitView gives prove-consistency two checkpoints of one size with two
+// roots, both signed by the keybroker: it exits 1 naming a split view, without any network.
+func TestProveConsistencySplitView(t *testing.T) {
+	l := newTestLog(t)
+	l.migrate("acme", "web")
+	dir := t.TempDir()
+	pub := l.writePub(dir)
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	if err := os.WriteFile(a, l.checkpoint(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(b, sameSizeFork(t, l).checkpoint(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("LETHECTL_CONFIG", "")
+	t.Setenv("XDG_CONFIG_HOME", dir)
+	out, errOut, code := runLethectl(t, "log", "prove-consistency", a, a, "--pub", pub, "--nats-url", "nats://127.0.0.1:1")
+	if code != 0 || !strings.Contains(out, "CONSISTENT: the log of size 4 extends the log of size 4") {
+		t.Errorf("a checkpoint against itself: exit %d\n%s%s", code, out, errOut)
+	}
+	_, errOut, code = runLethectl(t, "log", "prove-consistency", a, b, "--pub", pub, "--nats-url", "nats://127.0.0.1:1")
+	if code != 1 || !strings.Contains(errOut, "INCONSISTENT: ") || !strings.Contains(errOut, "split view") {
+		t.Errorf("two roots of one size: exit %d, %q; want 1 naming a split view", code, errOut)
 	}
 }
