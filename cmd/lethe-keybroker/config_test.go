@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/ed25519"
 	"flag"
 	"os"
 	"strings"
@@ -10,6 +11,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/internal/daemon/daemontest"
+	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
 
 var update = flag.Bool("update", false, "rewrite docs/configuration.md")
@@ -67,5 +70,78 @@ func TestDevConfig(t *testing.T) {
 	daemontest.ClearEnv(t)
 	if _, err := parseFlags([]string{"--config", "../../deploy/dev/lethe-keybroker.yaml"}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestLogSettings reads the residency log's origin and witnesses from the configuration file
+// and the environment, and refuses an origin or a witness key the log could not use.
+func TestLogSettings(t *testing.T) {
+	var vkeys []string
+	for _, name := range []string{"w1.example", "w2.example"} {
+		_, priv, err := ed25519.GenerateKey(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w, err := tlog.NewWitnessSigner(name, priv, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vkeys = append(vkeys, w.VerifierKey())
+	}
+	base := []string{"--state-dir", t.TempDir(), "--dev"}
+	type view struct {
+		Origin    string
+		Witnesses []string
+	}
+	for _, tc := range []struct {
+		name, yaml string
+		env        map[string]string
+		args       []string
+		want       view
+		wantErr    string
+	}{
+		{name: "default", want: view{Origin: keybroker.DefaultLogOrigin}},
+		{
+			name: "yaml",
+			yaml: "log-origin: kb.example.com/lethe\nlog-witness:\n  - " + vkeys[0] + "\n  - " + vkeys[1] + "\n",
+			want: view{Origin: "kb.example.com/lethe", Witnesses: vkeys},
+		},
+		{
+			name: "env over yaml",
+			yaml: "log-origin: kb.example.com/lethe\n",
+			env:  map[string]string{"LETHE_KEYBROKER_LOG_ORIGIN": "other/lethe", "LETHE_KEYBROKER_LOG_WITNESS": vkeys[0] + " " + vkeys[1]},
+			want: view{Origin: "other/lethe", Witnesses: vkeys},
+		},
+		{name: "flags", args: []string{"--log-witness", vkeys[1]}, want: view{Origin: keybroker.DefaultLogOrigin, Witnesses: vkeys[1:]}},
+		{name: "origin with a space", args: []string{"--log-origin", "my log"}, wantErr: "--log-origin"},
+		{name: "bad witness key", args: []string{"--log-witness", "w1.example+0000+AAAA"}, wantErr: "--log-witness"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			daemontest.ClearEnv(t)
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			args := append([]string(nil), base...)
+			if tc.yaml != "" {
+				path := t.TempDir() + "/kb.yaml"
+				if err := os.WriteFile(path, []byte(tc.yaml), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				args = append(args, "--config", path)
+			}
+			c, err := parseFlags(append(args, tc.args...))
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err = %v, want one naming %s", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tc.want, view{c.logOrigin, c.logWitnesses}); diff != "" {
+				t.Errorf("log settings (-want +got):\n%s", diff)
+			}
+		})
 	}
 }

@@ -20,6 +20,7 @@ package main
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -40,6 +41,7 @@ import (
 	"github.com/lethe-cc/lethe/internal/version"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/policy"
 )
 
@@ -62,6 +64,8 @@ type config struct {
 	id, logLevel, exportPub   string
 	logFormat                 string
 	configFile, metricsListen string
+	logOrigin                 string
+	logWitnesses              []string
 }
 
 func main() {
@@ -126,6 +130,8 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.String(&c.id, "id", "LETHE_KEYBROKER_ID", "", "instance id in the service's metadata")
 	fs.String(&c.logLevel, "log-level", "LETHE_LOG_LEVEL", "info", "log level: debug, info, warn, error")
 	fs.String(&c.logFormat, "log-format", "LETHE_LOG_FORMAT", "json", "log format: text or json")
+	fs.String(&c.logOrigin, "log-origin", "LETHE_KEYBROKER_LOG_ORIGIN", keybroker.DefaultLogOrigin, "the residency log's name in its checkpoints (no spaces or '+'), which tenants verify with the receipt-signing key; keybrokers on one Vault must share it")
+	fs.List((*listFlag)(&c.logWitnesses), "log-witness", "LETHE_KEYBROKER_LOG_WITNESS", strings.Fields, "verifier key of a witness whose cosignatures of the residency log's checkpoints are kept (lethectl log witness keygen prints it); repeatable (space-separated)")
 	fs.String(&c.metricsListen, "metrics-listen", "LETHE_KEYBROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
 	fs.String(&c.exportPub, "export-pub", "", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
 	return fs
@@ -149,6 +155,14 @@ func parseFlags(args []string) (*config, error) {
 	}
 	if (c.vaultClientCert == "") != (c.vaultClientKey == "") {
 		return nil, errors.New("give both --vault-client-cert and --vault-client-key, or neither")
+	}
+	if _, err := tlog.ParseCheckpoint(tlog.Checkpoint{Origin: c.logOrigin, Root: make([]byte, sha256.Size)}.Text()); err != nil {
+		return nil, fmt.Errorf("--log-origin %q: a name without spaces or '+'", c.logOrigin)
+	}
+	for _, w := range c.logWitnesses {
+		if _, err := tlog.ParseWitnessKey(w); err != nil {
+			return nil, fmt.Errorf("--log-witness: %w", err)
+		}
 	}
 	if c.exportPub != "" {
 		return c, nil
@@ -200,7 +214,7 @@ func run(ctx context.Context, c *config) error {
 	kb, err := keybroker.New(keybroker.Config{
 		Vault: vc, AppRole: approle, TransitMount: c.transitMount, KVMount: c.kvMount,
 		Verifier: verifier, Logger: log, AdminKey: admin, StateDir: c.stateDir, NonceTTL: c.nonceTTL,
-		Metrics: kbMetrics,
+		Metrics: kbMetrics, LogOrigin: c.logOrigin, LogWitnesses: c.logWitnesses,
 	})
 	if err != nil {
 		return err
@@ -219,7 +233,7 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
-	log.Info("Keybroker running", "vault", vc.Address(), "nats", nc.ConnectedUrlRedacted(), "state_dir", c.stateDir)
+	log.Info("Keybroker running", "vault", vc.Address(), "nats", nc.ConnectedUrlRedacted(), "state_dir", c.stateDir, "log_origin", c.logOrigin, "log_witnesses", len(c.logWitnesses))
 	srv := daemon.NewServer(daemon.ServerConfig{
 		Listen:   c.metricsListen,
 		Registry: metrics.Registry,

@@ -2,16 +2,19 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"os"
 
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/spf13/cobra"
 )
 
 func newGuestsCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "guests", Short: "Adopt and list guests"}
-	cmd.AddCommand(newGuestsListCmd(), newGuestsAdoptCmd())
+	cmd := &cobra.Command{Use: "guests", Short: "Adopt and list guests; audit a guest's residency history"}
+	cmd.AddCommand(newGuestsListCmd(), newGuestsAdoptCmd(), newGuestsHistoryCmd())
 	return cmd
 }
 
@@ -74,5 +77,124 @@ is how an agent that restarted gets the key back. On any other host it is refuse
 	addBrokerFlags(cmd, &o, true)
 	cmd.Flags().StringVar(&host, "host", "", "the host the guest runs on")
 	cmd.Flags().StringVar(&forTenant, "for", "", "operators: the tenant that owns the guest")
+	return cmd
+}
+
+func newGuestsHistoryCmd() *cobra.Command {
+	var (
+		o                             brokerOpts
+		trust                         logTrust
+		forTenant, bundle, fromBundle string
+		c                             historyCheck
+		verify                        bool
+	)
+	cmd := &cobra.Command{
+		Use:   "history VM [--verify --pub keybroker.pub] [--pinned FILE]",
+		Short: "Show a guest's residency history from the keybroker's log, and verify it is complete",
+		Long: `history fetches the guest's entries of the keybroker's residency log, each with its inclusion
+proof against one signed checkpoint, and prints them: every adoption, release, reissue, denial,
+commit, abort and cleanup of its keys, with the host the keys went to.
+
+With --verify (and --pub) it verifies the checkpoint's signature and the witnesses required
+(--witness, --min-witnesses), that every entry is in the log, and that the entries are the
+guest's complete chain from its adoption, whose epochs follow one another and whose endings
+destroyed the keys they had to: then it prints where the guest's keys have lived. With --pinned
+it also checks that the checkpoint and the one in that file are of one log (a keybroker that
+rewrote its log, or shows you another log than others, fails here); --update-pinned then writes
+the newer checkpoint to that file, only once everything verified (and creates it the first time).
+
+It exits 1 when the history does not verify, naming each problem. --bundle saves what was
+fetched; --from-bundle verifies such a file offline, with no NATS. What it cannot prove: that
+the keybroker did not withhold entries newer than the last it answered with.`,
+		Example: `  lethectl guests history web --tenant acme
+  lethectl guests history web --tenant acme --verify --pub keybroker.pub --pinned acme.checkpoint --update-pinned
+  lethectl guests history web --tenant acme --verify --pub keybroker.pub --witness "$W1" --witnessed --bundle web.history
+  lethectl guests history web --tenant acme --pub keybroker.pub --from-bundle web.history`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := o.resolve(); err != nil {
+				return err
+			}
+			c.vm, c.tenant = args[0], forTenant
+			if c.tenant == "" {
+				c.tenant = o.Tenant
+			}
+			var src logSource
+			if fromBundle != "" {
+				b, err := os.ReadFile(fromBundle)
+				if err != nil {
+					return fmt.Errorf("reading bundle: %w", err)
+				}
+				var hb historyBundle
+				if err := json.Unmarshal(b, &hb); err != nil || hb.History == nil {
+					return fmt.Errorf("bundle %s: not a history bundle: %v", fromBundle, err)
+				}
+				if c.tenant == "" {
+					c.tenant = hb.History.Tenant
+				}
+				src, verify = bundleSource{&hb}, true
+			}
+			if c.tenant == "" {
+				return errors.New("no tenant: set --tenant (or --for) or LETHE_TENANT")
+			}
+			if c.updatePinned && c.pinned == "" {
+				return errors.New("--update-pinned needs --pinned")
+			}
+			if verify || c.pinned != "" {
+				if trust.pubFile == "" {
+					return errors.New("--verify needs --pub, the keybroker's public key")
+				}
+				v, err := trust.load()
+				if err != nil {
+					return err
+				}
+				c.trust = v
+			}
+			var rec *recordingSource
+			if src == nil {
+				kc, closeFn, err := o.keybroker()
+				if err != nil {
+					return err
+				}
+				defer closeFn()
+				rec = &recordingSource{logSource: kc}
+				src = rec
+			}
+			ctx, cancel := o.callCtx(cmd.Context())
+			defer cancel()
+			res, err := checkHistory(ctx, src, c)
+			if err != nil {
+				return err
+			}
+			if bundle != "" && rec != nil {
+				b, err := json.MarshalIndent(historyBundle{History: res.History, Consistency: rec.proof}, "", "  ")
+				if err != nil {
+					return err
+				}
+				if err := writeFileAtomic(bundle, append(b, '\n'), 0o644); err != nil {
+					return err
+				}
+			}
+			verified := c.trust != nil
+			if err := o.show(cmd.OutOrStdout(), res.view(verified), func(w io.Writer) { res.print(w, verified) }); err != nil {
+				return err
+			}
+			if res.Failure != nil {
+				return &exitError{code: 1}
+			}
+			return nil
+		},
+	}
+	addBrokerFlags(cmd, &o, true)
+	addLogTrustFlags(cmd, &trust, false)
+	f := cmd.Flags()
+	f.StringVar(&forTenant, "for", "", "operators: the tenant that owns the guest")
+	f.BoolVar(&verify, "verify", false, "verify the history (needs --pub)")
+	f.StringVar(&c.pinned, "pinned", "", "a checkpoint you pinned (log checkpoint --out): the history's must be of the same log")
+	f.BoolVar(&c.updatePinned, "update-pinned", false, "write the history's checkpoint to --pinned once everything verified")
+	f.BoolVar(&c.witnessed, "witnessed", false, "prove the entries against the newest checkpoint a witness cosigned (it may not hold the newest entries yet)")
+	f.StringVar(&bundle, "bundle", "", "save what was fetched (the history and the consistency proof) to this file, for --from-bundle")
+	f.StringVar(&fromBundle, "from-bundle", "", "verify a saved bundle offline, with no NATS (implies --verify)")
+	cmd.MarkFlagsMutuallyExclusive("bundle", "from-bundle")
 	return cmd
 }

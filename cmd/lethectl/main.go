@@ -51,6 +51,6 @@ confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
 	}
 	root.SetVersionTemplate("{{.Version}}\n")
 	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd(), newReceiptCmd(), newTenantCmd())
-	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd())
+	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd(), newLogCmd())
 	return root
 }

@@ -1,7 +1,8 @@
 // Package kbclient is a client of the keybroker's NATS API for tools and tenants (lethectl):
-// tenant registration, key rotation, policy publication, receipts and the receipt-signing
-// public key. It speaks the wire contract of package kbwire over the one request/response edge
-// (internal/natsrpc) and links neither the keybroker's core nor its Vault client, so that a
+// tenant registration, key rotation, policy publication, receipts, the receipt-signing public
+// key, and the residency log's checkpoints, proofs, guest histories and witness cosignatures
+// (which it fetches as they come: package tlog verifies them). It speaks the wire contract of
+// package kbwire over the one request/response edge (internal/natsrpc) and links neither the keybroker's core nor its Vault client, so that a
 // tool can call the keybroker without carrying server code. An error answer of the keybroker
 // is a *wireerr.Error whose code, one of package kbwire's, matches with errors.Is.
 //
@@ -19,6 +20,7 @@ import (
 
 	"github.com/lethe-cc/lethe/internal/natsrpc"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
 
 // ErrNoKeybroker is returned (wrapped, with natsrpc.ErrNoAnswer) by Client calls when no
@@ -26,7 +28,8 @@ import (
 var ErrNoKeybroker = errors.New("no keybroker answered")
 
 // Client calls the keybroker service: the operations tools and tenants need (tenant
-// registration, key rotation, policy publication, receipts, the public key). The broker has
+// registration, key rotation, policy publication, receipts, the public key, the residency
+// log). The broker has
 // its own client (package broker). An error answer of the keybroker is a *wireerr.Error whose
 // code, one of package kbwire's, matches with errors.Is (errors.Is(err, kbwire.CodeUnauthorized)).
 type Client struct {
@@ -82,6 +85,52 @@ func (c *Client) PublicKeyPEM(ctx context.Context) ([]byte, error) {
 		return nil, err
 	}
 	return []byte(resp.PEM), nil
+}
+
+// LogCheckpoint fetches a signed checkpoint of the residency log (a C2SP signed note with its
+// witnesses' cosignatures): the newest, or with witnessed the newest a witness cosigned. The
+// caller verifies it (tlog.Open). It returns an error matching kbwire.CodeInvalidRequest (no
+// witnessed checkpoint yet) or kbwire.CodeUnavailable, or ErrNoKeybroker.
+func (c *Client) LogCheckpoint(ctx context.Context, witnessed bool) ([]byte, error) {
+	resp, err := call[kbwire.LogCheckpointResponse](ctx, c, kbwire.OpLogCheckpoint, &kbwire.LogCheckpointRequest{Witnessed: witnessed})
+	if err != nil {
+		return nil, err
+	}
+	return resp.Checkpoint, nil
+}
+
+// LogConsistency fetches the proof (RFC 9162) that the log of from entries is a prefix of the
+// log of to entries; the caller checks it (tlog.CheckExtends). It returns an error matching
+// kbwire.CodeInvalidRequest (sizes out of order or beyond the log) or kbwire.CodeUnavailable,
+// or ErrNoKeybroker.
+func (c *Client) LogConsistency(ctx context.Context, from, to uint64) ([][]byte, error) {
+	resp, err := call[kbwire.LogConsistencyResponse](ctx, c, kbwire.OpLogConsistency, &kbwire.LogConsistencyRequest{From: from, To: to})
+	if err != nil {
+		return nil, err
+	}
+	return resp.Proof, nil
+}
+
+// LogHistory fetches a guest's entries of the residency log, each with its inclusion proof
+// against the checkpoint the history carries (with witnessed, the newest a witness cosigned);
+// the caller verifies it (tlog.Open, tlog.VerifyHistory). A tenant may read its own guests'
+// only. It returns an error matching kbwire.CodeUnauthorized (another tenant's guest),
+// kbwire.CodeInvalidRequest or kbwire.CodeUnavailable, or ErrNoKeybroker.
+func (c *Client) LogHistory(ctx context.Context, tenant, vm string, witnessed bool) (*tlog.History, error) {
+	return call[tlog.History](ctx, c, kbwire.OpLogHistory, &kbwire.LogHistoryRequest{Tenant: tenant, VM: vm, Witnessed: witnessed})
+}
+
+// LogCosign submits a checkpoint the log signed, cosigned by a witness (the signed note with
+// the witness's cosignature line added), and returns the checkpoint with every cosignature the
+// keybroker now holds for it. It returns an error matching kbwire.CodeInvalidRequest (among
+// others: the keybroker knows no witness of that key, or the log signed no such checkpoint) or
+// kbwire.CodeUnavailable, or ErrNoKeybroker.
+func (c *Client) LogCosign(ctx context.Context, cosigned []byte) ([]byte, error) {
+	resp, err := call[kbwire.LogCheckpointResponse](ctx, c, kbwire.OpLogCosign, &kbwire.LogCosignRequest{Checkpoint: cosigned})
+	if err != nil {
+		return nil, err
+	}
+	return resp.Checkpoint, nil
 }
 
 // call calls op. It returns a *wireerr.Error for an error answer, an error wrapping

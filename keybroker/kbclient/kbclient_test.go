@@ -33,6 +33,7 @@ func TestClient(t *testing.T) {
 		r.Header.Set(micro.ErrorHeader, "not signed by the current key")
 		m.RespondMsg(r)
 	})
+	answer(kbwire.OpLogConsistency, func(m *nats.Msg) { m.Respond([]byte(`{"proof":["AQI="]}`)) })
 	c := kbclient.New(nc, time.Second)
 
 	pem, err := c.PublicKeyPEM(t.Context())
@@ -46,6 +47,13 @@ func TestClient(t *testing.T) {
 	}
 	if diff := cmp.Diff(&wireerr.Error{Code: kbwire.CodeUnauthorized, Message: "not signed by the current key"}, e); diff != "" {
 		t.Errorf("RotateKey error (-want +got):\n%s", diff)
+	}
+	proof, err := c.LogConsistency(t.Context(), 1, 2)
+	if diff := cmp.Diff([][]byte{{1, 2}}, proof); diff != "" || err != nil {
+		t.Errorf("LogConsistency: %v (-want +got):\n%s", err, diff)
+	}
+	if _, err := c.LogHistory(t.Context(), "acme", "web", false); !errors.Is(err, kbclient.ErrNoKeybroker) {
+		t.Errorf("LogHistory with no keybroker: %v, want ErrNoKeybroker", err)
 	}
 	if _, err := c.Receipt(t.Context(), "m1", false); !errors.Is(err, kbclient.ErrNoKeybroker) {
 		t.Errorf("Receipt with no keybroker: %v, want ErrNoKeybroker", err)
