@@ -135,6 +135,10 @@ type Config struct {
 	// against it and the receipt-signing key. Keybrokers on one Vault must share it. Empty:
 	// DefaultLogOrigin.
 	LogOrigin string
+	// LogCheckpointInterval is how often Run signs a checkpoint of the residency log when it
+	// has grown: entries not yet under a signed checkpoint could be rewritten by whoever can
+	// write to the KV mount, so this bounds that window. Zero: 1 s.
+	LogCheckpointInterval time.Duration
 	// LogWitnesses are the verifier keys (tlog.WitnessSigner.VerifierKey) of the witnesses
 	// whose cosignatures the keybroker stores with its checkpoints. Nil: none.
 	LogWitnesses []string
@@ -195,6 +199,9 @@ func New(cfg Config) (*Keybroker, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.LogCheckpointInterval == 0 {
+		cfg.LogCheckpointInterval = time.Second
+	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = noMetrics{}
 	}
@@ -244,11 +251,11 @@ func New(cfg Config) (*Keybroker, error) {
 	return k, nil
 }
 
-// Run loads the nonce key, renews the Vault token (or
-// logs in again with AppRole), retries pending destructions every RetryInterval and, every
-// NonceTTL, deletes the marks of used nonces that have expired, until ctx ends. It returns nil
-// when ctx ends, once the residency log's entries it was finishing in the background are
-// finished (each bounded by 30 s).
+// Run loads the nonce key, renews the Vault token (or logs in again with AppRole), retries
+// pending destructions every RetryInterval, every NonceTTL deletes the marks of used nonces
+// that have expired, and every LogCheckpointInterval signs a checkpoint of the residency log
+// if it grew, until ctx ends. It returns nil when ctx ends, once the residency log's appends it
+// was writing are written (each batch bounded by 30 s).
 func (k *Keybroker) Run(ctx context.Context) error {
 	if err := k.loadNonceKey(ctx); err != nil {
 		k.log.WarnContext(ctx, "Loading the nonce key failed; nonces are refused until it loads", attrError, err.Error())
@@ -257,6 +264,7 @@ func (k *Keybroker) Run(ctx context.Context) error {
 	wg.Go(func() { k.renewLoop(ctx) })
 	wg.Go(func() { k.retryLoop(ctx) })
 	wg.Go(func() { k.sweepLoop(ctx) })
+	wg.Go(func() { k.checkpointLoop(ctx) })
 	wg.Wait()
 	k.rlog.finishing.Wait()
 	return nil
@@ -277,6 +285,23 @@ func (k *Keybroker) retryLoop(ctx context.Context) {
 
 // sweepLoop deletes the marks of expired nonces every NonceTTL; every keybroker sweeps, and
 // sweeps of the same marks are harmless.
+// checkpointLoop signs a checkpoint of the residency log every LogCheckpointInterval if the
+// log has grown.
+func (k *Keybroker) checkpointLoop(ctx context.Context) {
+	t := time.NewTicker(k.cfg.LogCheckpointInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if _, err := k.rlog.checkpoint(ctx, 0, false); err != nil && ctx.Err() == nil {
+			k.log.WarnContext(ctx, "Signing a checkpoint of the residency log failed; retried later", attrError, err.Error())
+		}
+	}
+}
+
 func (k *Keybroker) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(k.cfg.NonceTTL)
 	defer t.Stop()

@@ -193,7 +193,7 @@ func (k *Keybroker) receiptInclusion(ctx context.Context, tenant, vm, migrationI
 			continue
 		}
 		pe := entries[i]
-		cp, err := k.rlog.checkpoint(ctx, pe.Index+1, false)
+		cp, err := k.rlog.covering(ctx, pe.Index+1)
 		if err != nil {
 			return nil, err
 		}

@@ -600,6 +600,21 @@ func (l *residencyLog) checkpoint(ctx context.Context, minSize uint64, witnessed
 	return l.storedCheckpoint(ctx, head.Size)
 }
 
+// covering returns a signed checkpoint of at least minSize entries: the newest one signed if
+// it is large enough (under load, receipts share checkpoints instead of each signing one),
+// else a new one.
+func (l *residencyLog) covering(ctx context.Context, minSize uint64) (*tlog.Signed, error) {
+	var p logPointerRecord
+	ver, err := l.recs.get(ctx, logLatestPath, &p)
+	if err != nil {
+		return nil, fmt.Errorf("reading the residency log's checkpoint: %w", err)
+	}
+	if ver != 0 && p.Size >= minSize {
+		return l.storedCheckpoint(ctx, p.Size)
+	}
+	return l.checkpoint(ctx, minSize, false)
+}
+
 // raise moves the pointer at path up to size (never down).
 func (l *residencyLog) raise(ctx context.Context, path string, size uint64) error {
 	for {

@@ -234,7 +234,7 @@ func extends(ctx context.Context, src logSource, prev, next *tlog.Signed) ([][]b
 // err (tlog.ErrInconsistent).
 func inconsistency(err error, prev, next *tlog.Signed) error {
 	return fmt.Errorf("INCONSISTENT: %w\nThe keybroker signed a log of size %d (root %s) that does not extend the log of size %d (root %s) it signed before:\n"+
-		"it shows different parties different logs (a split view) or it rewrote its log. Keep both signed checkpoints: together they prove it.",
+		"it shows different parties different logs (a split view) or it rewrote its log; keep both signed checkpoints: together they prove it",
 		err, next.Size, base64.StdEncoding.EncodeToString(next.Root), prev.Size, base64.StdEncoding.EncodeToString(prev.Root))
 }
 
