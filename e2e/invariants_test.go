@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"slices"
@@ -270,6 +271,29 @@ func (s *scn) checkHistory(vm string, epoch uint64) []string {
 	return bad
 }
 
+// checkReceiptLogged verifies a receipt's log proof as lethectl receipt verify
+// --require-logged does: the checkpoint signed by the keybroker's key, the ending's entry in
+// it, naming this very receipt.
+func (s *scn) checkReceiptLogged(raw []byte, id string, env *receipt.Envelope) error {
+	if len(raw) == 0 {
+		return fmt.Errorf("none")
+	}
+	var inc tlog.Inclusion
+	if err := json.Unmarshal(raw, &inc); err != nil {
+		return err
+	}
+	v, err := tlog.LogVerifier(s.kb.LogOrigin(), s.kbPub)
+	if err != nil {
+		return err
+	}
+	cp, err := tlog.Open(inc.Checkpoint, v, nil, 0)
+	if err != nil {
+		return err
+	}
+	_, err = tlog.VerifyReceipt(cp, &inc, id, env.Payload)
+	return err
+}
+
 // checkWire verifies that no plaintext page crossed the data plane and that the capture saw
 // at least the memory of the committed migrations.
 func (s *scn) checkWire() []string {
@@ -317,6 +341,8 @@ func (s *scn) checkMigration(w migWant, keys []string) []string {
 		fail("the receipt does not verify offline: %v", err)
 	} else if string(rc.Outcome) != w.outcome || rc.MigrationID != w.id || rc.VM != m.VM || rc.Tenant != demoTenant {
 		fail("receipt states %s of %s (%s/%s), want %s", rc.Outcome, rc.MigrationID, rc.Tenant, rc.VM, w.outcome)
+	} else if err := s.checkReceiptLogged(r.Log, w.id, env); err != nil {
+		fail("the receipt's log proof: %v", err)
 	}
 
 	evs := s.audit.of(w.id)

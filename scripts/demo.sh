@@ -115,6 +115,10 @@ run "$BIN/lethectl" guests adopt web --host host-a
 run "$BIN/lethectl" guests list
 echo
 echo "Vault Transit keys now:"; vault list -format=table transit/keys | sed 's/^/  /'
+echo
+echo "The tenant pins the keybroker's residency log as it is now: every later key decision"
+echo "about its guest must extend this checkpoint."
+run "$BIN/lethectl" log checkpoint --pub "$work/keys/keybroker.pub" --out "$work/pinned.checkpoint"
 
 bold "1. Migrating the guest to host-b while its workload keeps dirtying pages"
 run "$BIN/lethectl" migrate web --to host-b --wait | tee "$work/migrate.out"
@@ -133,13 +137,17 @@ if vault read "transit/keys/lethe-demo-web-e1" >/dev/null 2>&1; then
 fi
 run "$BIN/lethectl" receipt get "$mig" --out "$work/receipt.json"
 run "$BIN/lethectl" receipt verify "$work/receipt.json" --pub "$work/keys/keybroker.pub" \
-  --migration "$mig" --tenant demo --vm web --require-erased
+  --migration "$mig" --tenant demo --vm web --require-erased --require-logged
 
 bold "2. Trying to move the guest on to host-c, whose firmware is older than the source's"
 if run "$BIN/lethectl" migrate web --to host-c --wait; then
   echo "demo: the weak host was accepted; that is a bug" >&2; exit 1
 fi
 run "$BIN/lethectl" guests list
+
+bold "3. The guest's whole residency history, verified against the checkpoint pinned at adoption"
+run "$BIN/lethectl" guests history web --verify --pub "$work/keys/keybroker.pub" \
+  --pinned "$work/pinned.checkpoint" --update-pinned
 
 bold "What the broker and keybroker counted (Prometheus, /metrics)"
 curl_metrics() { python3 -c 'import sys,urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())' "$1"; }
@@ -149,11 +157,12 @@ curl_metrics "http://127.0.0.1:$keybroker_metrics/metrics" | grep -E '^lethe_key
 bold "Done"
 cat <<EOF
 The guest moved host-a → host-b encrypted end to end, host-a's keys are gone from Vault, the
-receipt verified offline, and the weak host was refused. Where to look next:
+receipt verified offline, the weak host was refused, and the guest's residency history
+verified complete against the checkpoint pinned at adoption. Where to look next:
   logs            $work/logs/{broker,keybroker,host-a,host-b,host-c,vault}.log
   receipt         $work/receipt.json (lethectl receipt show)
   configuration   deploy/dev/ (what the demo ran), deploy/ (production), docs/configuration.md
   metrics         while the demo runs: http://127.0.0.1:$broker_metrics/metrics (broker),
                   http://127.0.0.1:$keybroker_metrics/metrics (keybroker); /healthz and /readyz beside them
-  protocol        docs/DESIGN.md, docs/protocol.md, docs/receipt.md
+  protocol        docs/DESIGN.md, docs/protocol.md, docs/receipt.md, docs/log.md
 EOF
