@@ -514,6 +514,10 @@ type faultCtx struct {
 	phase  faultPhase
 	// wantOutcome is how the migration must end after the fault.
 	wantOutcome string
+	// ifReleased, if set, is how it must end instead if the keybroker released its keys after
+	// all: a release the broker had asked for just before the fault, waiting for Vault,
+	// completes once Vault is back.
+	ifReleased string
 }
 
 // fault runs a migration, holds it at phase (Vault cut for Attesting: the release cannot
@@ -554,6 +558,12 @@ func fault(phase faultPhase, f func(*faultCtx) func()) func(*scn) {
 		if after != nil {
 			after()
 		}
+		if fc.ifReleased != "" {
+			s.end(fc.id)
+			if hasEvent(s.audit.of(fc.id), keybroker.EventRelease, keybroker.DecisionAllow) {
+				fc.wantOutcome = fc.ifReleased
+			}
+		}
 		m := s.requireEnd(fc.id, vm, fc.wantOutcome, fc.src, fc.dst)
 		s.outcome = m.Outcome
 		if m.AbortReason != "" {
@@ -572,6 +582,10 @@ func killDestination(fc *faultCtx) func() {
 	fc.wantOutcome = broker.OutcomeAborted
 	if fc.phase == atTransferring {
 		fc.wantOutcome = broker.OutcomeAbortedUnverifiedErasure
+	} else {
+		// The broker may have had the destination's evidence, and a release waiting for
+		// Vault, before the kill.
+		fc.ifReleased = broker.OutcomeAbortedUnverifiedErasure
 	}
 	return nil
 }

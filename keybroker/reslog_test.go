@@ -31,20 +31,6 @@ func (e *env) logVerifier() note.Verifier {
 	return v
 }
 
-// history fetches and verifies vm's history as lethectl guests history --verify does.
-func (e *env) history(kb *Keybroker, vm string) (*tlog.HistoryReport, error) {
-	e.t.Helper()
-	h, err := kb.LogHistory(e.t.Context(), &kbwire.LogHistoryRequest{Tenant: "demo", VM: vm})
-	if err != nil {
-		return nil, err
-	}
-	cp, err := tlog.Open(h.Checkpoint, e.logVerifier(), nil, 0)
-	if err != nil {
-		return nil, err
-	}
-	return tlog.VerifyHistory(cp, h)
-}
-
 // kvPut writes a record straight into Vault, as someone with write access to the KV mount
 // (not the keybroker) can.
 func (e *env) kvPut(path string, data map[string]any) {
@@ -110,7 +96,7 @@ func TestResidencyLogHistory(t *testing.T) {
 	}
 	receipts = append(receipts, migrate("m3", true))
 
-	rep, err := e.history(e.kb, "vm1")
+	rep, err := e.auditHistory(e.kb, "vm1", nil)
 	if err != nil {
 		t.Fatalf("verifying vm1's history: %v", err)
 	}
@@ -169,7 +155,7 @@ func TestResidencyLogHistory(t *testing.T) {
 	}
 
 	// A second keybroker on the same Vault (a fresh process) tells the same history.
-	rep2, err := e.history(e.second(), "vm1")
+	rep2, err := e.auditHistory(e.second(), "vm1", nil)
 	if err != nil || len(rep2.Entries) != len(rep.Entries) {
 		t.Errorf("the second keybroker's history: %d entries, %v", len(rep2.Entries), err)
 	}
@@ -193,7 +179,7 @@ func TestResidencyLogTampering(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := e.history(e.kb, "vm1"); err != nil {
+	if _, err := e.auditHistory(e.kb, "vm1", nil); err != nil {
 		t.Fatalf("the untouched history: %v", err)
 	}
 	pinned, err := e.kb.LogCheckpoint(ctx, &kbwire.LogCheckpointRequest{})
@@ -224,7 +210,7 @@ func TestResidencyLogTampering(t *testing.T) {
 		leaf, _ := en.Marshal()
 		e.kvPut(logEntryPath(2), map[string]any{"leaf": leaf})
 		fresh := e.second() // no tree in memory yet
-		if _, err := e.history(fresh, "vm1"); !errors.Is(err, ErrLogCorrupted) && !errors.Is(err, tlog.ErrIncomplete) {
+		if _, err := e.auditHistory(fresh, "vm1", nil); !errors.Is(err, ErrLogCorrupted) && !errors.Is(err, tlog.ErrIncomplete) {
 			t.Errorf("history after altering an entry = %v, want ErrLogCorrupted or ErrIncomplete", err)
 		}
 	})
@@ -235,7 +221,7 @@ func TestResidencyLogTampering(t *testing.T) {
 		if err := e.admin.KVv2(vaulttest.KVMount).DeleteMetadata(ctx, logEntryPath(3)); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.history(e.second(), "vm1"); !errors.Is(err, ErrLogCorrupted) {
+		if _, err := e.auditHistory(e.second(), "vm1", nil); !errors.Is(err, ErrLogCorrupted) {
 			t.Errorf("history after deleting an entry = %v, want ErrLogCorrupted", err)
 		}
 	})
@@ -270,7 +256,7 @@ func TestResidencyLogTampering(t *testing.T) {
 		}
 	})
 
-	if _, err := e.history(e.second(), "vm1"); err != nil {
+	if _, err := e.auditHistory(e.second(), "vm1", nil); err != nil {
 		t.Errorf("the history once storage is restored: %v", err)
 	}
 }
@@ -304,7 +290,7 @@ func TestResidencyLogConcurrentKeybrokers(t *testing.T) {
 		}
 	}
 	for g := range guests {
-		rep, err := e.history(kbs[g%2], fmt.Sprintf("vm%d", g))
+		rep, err := e.auditHistory(kbs[g%2], fmt.Sprintf("vm%d", g), nil)
 		if err != nil {
 			t.Fatalf("vm%d: %v", g, err)
 		}

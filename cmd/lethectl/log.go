@@ -16,11 +16,9 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/mod/sumdb/note"
 
-	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker/kbclient"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
-	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
 // logSource is what lethectl asks of the keybroker's residency log (kbclient.Client): what it
@@ -35,17 +33,7 @@ type logSource interface {
 // keybroker connects to NATS as o says (as a tenant with --tenant, else as an operator) and
 // returns a keybroker client and a function that closes it.
 func (o *brokerOpts) keybroker() (*kbclient.Client, func(), error) {
-	if err := o.resolve(); err != nil {
-		return nil, nil, err
-	}
-	role, name := natsauth.RoleOperator, ""
-	if o.Tenant != "" {
-		if err := agentapi.ValidName(o.Tenant); err != nil {
-			return nil, nil, fmt.Errorf("--tenant: %w", err)
-		}
-		role, name = natsauth.RoleTenant, o.Tenant
-	}
-	nc, err := dialNATS(o, role, name)
+	nc, err := o.dial()
 	if err != nil {
 		return nil, nil, err
 	}

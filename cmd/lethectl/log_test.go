@@ -16,9 +16,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
-	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker"
-	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
@@ -496,25 +494,7 @@ func TestLogOverNATS(t *testing.T) {
 	if err := os.WriteFile(pub, pem, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	ns := natstest.Start(t, natstest.Options{})
-	svc, err := natsapi.New(natsapi.Config{Conn: ns.Connect(t), Keybroker: kb, Logger: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- svc.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	select {
-	case <-svc.Started():
-	case err := <-done:
-		t.Fatalf("service ended before it started: %v", err)
-	}
+	ns := serveKeybroker(t, kb, log)
 	run := func(args ...string) string {
 		t.Helper()
 		out, errOut, code := runLethectl(t, append(args, "--nats-url", ns.URL)...)

@@ -104,19 +104,24 @@ func (o *brokerOpts) resolve() error {
 	return nil
 }
 
-// client connects to NATS and returns a broker client and a function that closes it.
-func (o *brokerOpts) client() (*broker.Client, func(), error) {
+// dial connects to NATS as o says: as a tenant with --tenant, else as an operator.
+func (o *brokerOpts) dial() (*nats.Conn, error) {
 	if err := o.resolve(); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	role, name := natsauth.RoleOperator, ""
 	if o.Tenant != "" {
 		if err := agentapi.ValidName(o.Tenant); err != nil {
-			return nil, nil, fmt.Errorf("--tenant: %w", err)
+			return nil, fmt.Errorf("--tenant: %w", err)
 		}
 		role, name = natsauth.RoleTenant, o.Tenant
 	}
-	nc, err := dialNATS(o, role, name)
+	return dialNATS(o, role, name)
+}
+
+// client connects to NATS and returns a broker client and a function that closes it.
+func (o *brokerOpts) client() (*broker.Client, func(), error) {
+	nc, err := o.dial()
 	if err != nil {
 		return nil, nil, err
 	}

@@ -24,6 +24,41 @@ import (
 
 // receiptFiles are the files of a receipt verify test: the keybroker's public key, signed
 // receipts of each outcome, and the signed policy they name.
+// verifyCase is one run of lethectl receipt verify and what it must print.
+type verifyCase struct {
+	args      []string
+	code      int
+	stdout    []string // each must appear
+	stderr    []string
+	notStdout string
+}
+
+// runVerifyCases runs each case as "lethectl receipt verify --pub pub ARGS…".
+func runVerifyCases(t *testing.T, pub string, tests map[string]verifyCase) {
+	t.Helper()
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			stdout, stderr, code := runLethectl(t, append([]string{"receipt", "verify", "--pub", pub}, tc.args...)...)
+			if code != tc.code {
+				t.Errorf("exit %d, want %d\nstdout:\n%s\nstderr:\n%s", code, tc.code, stdout, stderr)
+			}
+			for _, s := range tc.stdout {
+				if !strings.Contains(stdout, s) {
+					t.Errorf("stdout lacks %q:\n%s", s, stdout)
+				}
+			}
+			for _, s := range tc.stderr {
+				if !strings.Contains(stderr, s) {
+					t.Errorf("stderr lacks %q:\n%s", s, stderr)
+				}
+			}
+			if tc.notStdout != "" && strings.Contains(stdout, tc.notStdout) {
+				t.Errorf("stdout has %q:\n%s", tc.notStdout, stdout)
+			}
+		})
+	}
+}
+
 type receiptFiles struct {
 	dir, pub, policy, otherPolicy string
 	erased, aborted               string
@@ -107,13 +142,7 @@ func writeReceiptFiles(t *testing.T) *receiptFiles {
 func TestReceiptVerify(t *testing.T) {
 	f := writeReceiptFiles(t)
 	digest := hex.EncodeToString(f.policyDigest)
-	tests := map[string]struct {
-		args      []string
-		code      int
-		stdout    []string // each must appear
-		stderr    []string
-		notStdout string
-	}{
+	tests := map[string]verifyCase{
 		"valid": {args: []string{f.erased}, stdout: []string{"VALID: signed by keybroker key sha256:", "outcome     erased"}},
 		"every expectation met": {
 			args:   []string{f.erased, "--migration", "m1", "--tenant", "demo", "--vm", "web", "--policy", f.policy, "--require-erased"},
@@ -175,27 +204,7 @@ func TestReceiptVerify(t *testing.T) {
 		"a policy is not a receipt": {args: []string{f.policy}, code: 1, stdout: []string{"INVALID: "}},
 		"receipt file missing":      {args: []string{filepath.Join(f.dir, "none")}, code: 1, stderr: []string{"reading receipt"}},
 	}
-	for name, tc := range tests {
-		t.Run(name, func(t *testing.T) {
-			stdout, stderr, code := runLethectl(t, append([]string{"receipt", "verify", "--pub", f.pub}, tc.args...)...)
-			if code != tc.code {
-				t.Errorf("exit %d, want %d\nstdout:\n%s\nstderr:\n%s", code, tc.code, stdout, stderr)
-			}
-			for _, s := range tc.stdout {
-				if !strings.Contains(stdout, s) {
-					t.Errorf("stdout lacks %q:\n%s", s, stdout)
-				}
-			}
-			for _, s := range tc.stderr {
-				if !strings.Contains(stderr, s) {
-					t.Errorf("stderr lacks %q:\n%s", s, stderr)
-				}
-			}
-			if tc.notStdout != "" && strings.Contains(stdout, tc.notStdout) {
-				t.Errorf("stdout has %q:\n%s", tc.notStdout, stdout)
-			}
-		})
-	}
+	runVerifyCases(t, f.pub, tests)
 }
 
 // TestReceiptVerifyJSON checks that -o json prints the receipt, as before the expectations.
@@ -382,13 +391,7 @@ func TestReceiptVerifyLogProof(t *testing.T) {
 	f := writeReceiptFiles(t)
 	l := writeLogProofFiles(t, f)
 	logged := "LOGGED: the commit is entry 4 of the residency log " + testLogOrigin + " (checkpoint of size 6, signed by the same key)"
-	tests := map[string]struct {
-		args      []string
-		code      int
-		stdout    []string // each must appear
-		stderr    []string
-		notStdout string
-	}{
+	tests := map[string]verifyCase{
 		"valid":                  {args: []string{f.erased, "--log-proof", l.good}, stdout: []string{"VALID: signed", logged, "outcome     erased"}},
 		"valid, logged required": {args: []string{f.erased, "--log-proof", l.good, "--require-logged", "--require-erased"}, stdout: []string{logged, "matches     outcome erased, logged"}},
 		"beside the receipt":     {args: []string{l.sidecar, "--require-logged"}, stdout: []string{logged}},
@@ -434,27 +437,7 @@ func TestReceiptVerifyLogProof(t *testing.T) {
 		},
 		"proof file missing": {args: []string{f.erased, "--log-proof", filepath.Join(f.dir, "none")}, code: 1, stderr: []string{"reading log proof"}},
 	}
-	for name, tc := range tests {
-		t.Run(name, func(t *testing.T) {
-			stdout, stderr, code := runLethectl(t, append([]string{"receipt", "verify", "--pub", f.pub}, tc.args...)...)
-			if code != tc.code {
-				t.Errorf("exit %d, want %d\nstdout:\n%s\nstderr:\n%s", code, tc.code, stdout, stderr)
-			}
-			for _, s := range tc.stdout {
-				if !strings.Contains(stdout, s) {
-					t.Errorf("stdout lacks %q:\n%s", s, stdout)
-				}
-			}
-			for _, s := range tc.stderr {
-				if !strings.Contains(stderr, s) {
-					t.Errorf("stderr lacks %q:\n%s", s, stderr)
-				}
-			}
-			if tc.notStdout != "" && strings.Contains(stdout, tc.notStdout) {
-				t.Errorf("stdout has %q:\n%s", tc.notStdout, stdout)
-			}
-		})
-	}
+	runVerifyCases(t, f.pub, tests)
 }
 
 // TestSaveReceipt checks where receipt get writes a receipt and its log proof.

@@ -49,27 +49,7 @@ func TestTenantRegisterOverNATS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ns := natstest.Start(t, natstest.Options{})
-	svc, err := natsapi.New(natsapi.Config{
-		Conn: ns.Connect(t), Keybroker: kb, Logger: log,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- svc.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	select {
-	case <-svc.Started():
-	case err := <-done:
-		t.Fatalf("service ended before it started: %v", err)
-	}
+	ns := serveKeybroker(t, kb, log)
 
 	pub := filepath.Join(dir, "tenant", "tenant.pub")
 	args := []string{"tenant", "register", "--tenant", "acme", "--pub", pub, "--recovery-pub", filepath.Join(dir, "recovery", "recovery.pub"), "--nats-url", ns.URL}
@@ -108,4 +88,29 @@ func TestTenantRegisterOverNATS(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "rotation signed by the current key") {
 		t.Fatalf("rotation: exit %d\n%s%s", code, out, errOut)
 	}
+}
+
+// serveKeybroker serves kb's NATS API on an in-process NATS server until the test ends.
+func serveKeybroker(t *testing.T, kb *keybroker.Keybroker, log *slog.Logger) *natstest.Server {
+	t.Helper()
+	ns := natstest.Start(t, natstest.Options{})
+	svc, err := natsapi.New(natsapi.Config{Conn: ns.Connect(t), Keybroker: kb, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- svc.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	select {
+	case <-svc.Started():
+	case err := <-done:
+		t.Fatalf("service ended before it started: %v", err)
+	}
+	return ns
 }
