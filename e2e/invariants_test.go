@@ -12,9 +12,8 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/broker"
-	"github.com/lethe-cc/lethe/internal/natsrpc"
 	"github.com/lethe-cc/lethe/keybroker"
-	"github.com/lethe-cc/lethe/keybroker/kbwire"
+	"github.com/lethe-cc/lethe/keybroker/kbclient"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
@@ -231,8 +230,7 @@ func (s *scn) checkHistory(vm string, epoch uint64) []string {
 		bad = append(bad, fmt.Sprintf("history of %s: "+format, append([]any{vm}, args...)...))
 	}
 	ctx := s.t.Context()
-	h, err := natsrpc.Call[kbwire.LogHistoryRequest, tlog.History](ctx, s.demoNC, kbwire.SubjectPrefix+"."+kbwire.OpLogHistory,
-		kbwire.LogHistoryRequest{Tenant: demoTenant, VM: vm}, natsrpc.WithMaxResponse(8<<20))
+	h, err := kbclient.New(s.demoNC, 20*time.Second).LogHistory(ctx, demoTenant, vm, false)
 	if err != nil {
 		return []string{fmt.Sprintf("history of %s: %v", vm, err)}
 	}

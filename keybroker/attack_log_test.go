@@ -256,7 +256,6 @@ func TestAttackLogEveryGrantHasItsEntry(t *testing.T) {
 
 	// With the log unwritable, nothing leaves: not an adoption, a release, a repeated release
 	// or a reissue.
-	head := e.kvGet(logHeadPath)
 	m2 := e.newMigration("m2", "vm1", "destination", e.signedPolicy(1, nil))
 	if _, err := e.kb.Release(ctx, m2.req); err != nil {
 		t.Fatal(err)
@@ -264,8 +263,7 @@ func TestAttackLogEveryGrantHasItsEntry(t *testing.T) {
 	m2again := e.newMigration("m2", "vm1", "destination", e.signedPolicy(1, nil))
 	a2 := e.attest("destination", "reissue-2", attest.RoleAdopt, keybrokertest.CleanStatement(t))
 	a3 := e.attest("source", "adopt-vm2", attest.RoleAdopt, keybrokertest.CleanStatement(t))
-	e.kvPut(logHeadPath, map[string]any{"size": "garbage"})
-	defer e.kvPut(logHeadPath, head)
+	e.jamLog()
 	if r, err := e.kb.Release(ctx, m2again.req); err == nil || r != nil {
 		t.Errorf("a repeated release went through without its entry: %v", err)
 	}
@@ -291,7 +289,7 @@ func TestAttackLogDeadAppender(t *testing.T) {
 	e.adopt("vm2")
 	for _, other := range []string{"vm1", "vm2"} {
 		// The first step of an append of a denial of vm1, as the dead keybroker made it.
-		e.kb.rlog.finishing.Wait() // the adoptions' entries settled
+		e.kb.rlog.waitIdle() // the adoptions' entries settled
 		head := e.headOf()
 		var g logGuestRecord
 		if _, err := e.kb.recs.get(ctx, logGuestPath("demo", "vm1"), &g); err != nil {

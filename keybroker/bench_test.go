@@ -196,5 +196,5 @@ func (e *env) direct() {
 	if e.kb, err = New(e.cfg); err != nil {
 		e.t.Fatal(err)
 	}
-	e.t.Cleanup(e.kb.rlog.finishing.Wait)
+	e.t.Cleanup(e.kb.rlog.waitIdle)
 }

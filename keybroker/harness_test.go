@@ -133,7 +133,7 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 	if e.kb, err = New(e.cfg); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { e.kb.rlog.finishing.Wait() }) // before Vault stops
+	t.Cleanup(func() { e.kb.rlog.waitIdle() }) // before Vault stops
 	pub := e.tenantKey.Public().(ed25519.PublicKey)
 	if _, err := e.kb.RegisterTenant(t.Context(), adminRequest(t, testAdminKey, kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub}, e.clock.Now())); err != nil {
 		t.Fatalf("registering tenant: %v", err)

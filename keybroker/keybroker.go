@@ -199,6 +199,9 @@ func New(cfg Config) (*Keybroker, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.LogCheckpointInterval < 0 {
+		return nil, fmt.Errorf("configuring keybroker: log checkpoint interval %v is negative", cfg.LogCheckpointInterval)
+	}
 	if cfg.LogCheckpointInterval == 0 {
 		cfg.LogCheckpointInterval = time.Second
 	}
@@ -232,7 +235,7 @@ func New(cfg Config) (*Keybroker, error) {
 		return nil, fmt.Errorf("configuring keybroker: log origin %q: no spaces or '+'", cfg.LogOrigin)
 	}
 	k.rlog = &residencyLog{
-		recs: vc, logger: k.log, origin: cfg.LogOrigin,
+		recs: vc, origin: cfg.LogOrigin,
 		sign: func(ctx context.Context, msg []byte) ([]byte, error) { return vc.sign(ctx, ReceiptSigningKey, msg) },
 		pub:  k.signingKey,
 	}
@@ -266,7 +269,7 @@ func (k *Keybroker) Run(ctx context.Context) error {
 	wg.Go(func() { k.sweepLoop(ctx) })
 	wg.Go(func() { k.checkpointLoop(ctx) })
 	wg.Wait()
-	k.rlog.finishing.Wait()
+	k.rlog.waitIdle()
 	return nil
 }
 
@@ -283,8 +286,6 @@ func (k *Keybroker) retryLoop(ctx context.Context) {
 	}
 }
 
-// sweepLoop deletes the marks of expired nonces every NonceTTL; every keybroker sweeps, and
-// sweeps of the same marks are harmless.
 // checkpointLoop signs a checkpoint of the residency log every LogCheckpointInterval if the
 // log has grown.
 func (k *Keybroker) checkpointLoop(ctx context.Context) {
@@ -302,6 +303,8 @@ func (k *Keybroker) checkpointLoop(ctx context.Context) {
 	}
 }
 
+// sweepLoop deletes the marks of expired nonces every NonceTTL; every keybroker sweeps, and
+// sweeps of the same marks are harmless.
 func (k *Keybroker) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(k.cfg.NonceTTL)
 	defer t.Stop()

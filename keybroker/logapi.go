@@ -1,17 +1,15 @@
 package keybroker
 
 import (
-	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"time"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
-
-// maxHistory bounds the entries of one guest that LogHistory returns.
-const maxHistory = 100_000
 
 // logDecision appends the entry of a key decision to the residency log (settle: see
 // residencyLog.append). A release, adoption or reissue that cannot be logged fails (its keys
@@ -20,6 +18,9 @@ func (k *Keybroker) logDecision(ctx context.Context, e *tlog.Entry, settle bool)
 	e.Time = k.now().UTC()
 	return k.rlog.append(ctx, e, settle)
 }
+
+// denialLogTimeout bounds how long a denial waits for its log entry.
+const denialLogTimeout = 5 * time.Second
 
 // logDenial appends a denial, for a guest of a registered tenant; a failure to log it is
 // logged, and the denial stands.
@@ -35,7 +36,11 @@ func (k *Keybroker) logDenial(ctx context.Context, ev *Event) {
 		Kind: tlog.KindDeny, Tenant: ev.Tenant, VM: ev.VM, MigrationID: ev.MigrationID,
 		Op: string(ev.Kind), Reasons: ev.Reasons, Evidence: evidenceOf(ev),
 	}
-	if _, err := k.logDecision(ctx, e, true); err != nil {
+	// Written, not settled: the denial's answer waits for one batch at most, and no longer
+	// than denialLogTimeout.
+	ctx, cancel := context.WithTimeout(ctx, denialLogTimeout)
+	defer cancel()
+	if _, err := k.logDecision(ctx, e, false); err != nil {
 		k.log.WarnContext(ctx, "Logging a denial in the residency log failed", attrMigration, ev.MigrationID, attrError, err.Error())
 	}
 }
@@ -87,13 +92,19 @@ func (k *Keybroker) LogConsistency(ctx context.Context, req *kbwire.LogConsisten
 	return &kbwire.LogConsistencyResponse{Proof: p}, nil
 }
 
+// maxHistoryPage bounds the entries of one LogHistory answer (about 2.5 KB each, under
+// NATS's 1 MiB payload).
+const maxHistoryPage = 200
+
 // LogHistory returns a guest's entries, oldest first, each with its inclusion proof against
-// one signed checkpoint (the newest, or with Witnessed the newest a witness cosigned; entries
-// it does not hold yet are left out). The entries are every entry of the log that names the
-// guest, found by reading the log itself, so that a guest record rolled back in Vault hides
-// none of them; a broken chain is served as it is, for the tenant's verifier to refuse. A
-// guest the log never saw has no entries. It returns ErrInvalidRequest, ErrLogCorrupted, or
-// ErrVaultUnavailable.
+// one signed checkpoint: the newest, with Witnessed the newest a witness cosigned, or with
+// Size the stored checkpoint of that size (entries it does not hold yet are left out). It
+// answers at most 200 entries from FromSeq on; History.Next, if not 0, is the FromSeq of the
+// next page, to ask with Size set to this checkpoint's. The entries are every entry of the
+// log that names the guest, found by reading the log itself, so that a guest record rolled
+// back in Vault hides none of them; a broken chain is served as it is, for the tenant's
+// verifier to refuse. A guest the log never saw has no entries. It returns
+// ErrInvalidRequest, ErrLogCorrupted, or ErrVaultUnavailable.
 func (k *Keybroker) LogHistory(ctx context.Context, req *kbwire.LogHistoryRequest) (*tlog.History, error) {
 	if err := checkGuest(req.Tenant, req.VM); err != nil {
 		return nil, err
@@ -101,111 +112,59 @@ func (k *Keybroker) LogHistory(ctx context.Context, req *kbwire.LogHistoryReques
 	if err := k.ensureAuth(ctx); err != nil {
 		return nil, err
 	}
-	cp, err := k.rlog.checkpoint(ctx, 0, req.Witnessed)
+	var cp *tlog.Signed
+	var err error
+	if req.Size != 0 {
+		cp, err = k.rlog.storedCheckpoint(ctx, req.Size)
+		if errors.Is(err, ErrLogCorrupted) {
+			err = fmt.Errorf("no checkpoint of size %d: %w", req.Size, ErrInvalidRequest)
+		}
+	} else {
+		cp, err = k.rlog.checkpoint(ctx, 0, req.Witnessed)
+	}
 	if err != nil {
 		return nil, err
 	}
-	h := &tlog.History{Tenant: req.Tenant, VM: req.VM, Checkpoint: cp.Note}
-	k.rlog.mu.Lock()
-	defer k.rlog.mu.Unlock()
-	if _, err := k.rlog.syncTree(ctx, cp.Size); err != nil {
+	from := max(req.FromSeq, 1) - 1
+	page, err := k.rlog.proveGuest(ctx, req.Tenant, req.VM, cp.Size, from, maxHistoryPage)
+	if err != nil {
 		return nil, err
 	}
-	for _, i := range k.rlog.guests[req.Tenant+"/"+req.VM] {
-		if i >= cp.Size {
-			break
-		}
-		if len(h.Entries) == maxHistory {
-			return nil, fmt.Errorf("%s/%s has more than %d entries: %w", req.Tenant, req.VM, maxHistory, ErrInvalidRequest)
-		}
-		var rec logEntryRecord
-		ver, err := k.recs.get(ctx, logEntryPath(i), &rec)
-		if err != nil {
-			return nil, fmt.Errorf("reading the residency log: %w", err)
-		}
-		want, err := k.rlog.tree.LeafHash(i)
-		if err != nil {
-			return nil, err
-		}
-		if ver == 0 || !bytes.Equal(tlog.LeafHash(rec.Leaf), want) {
-			return nil, fmt.Errorf("%w: entry %d of %s/%s was removed or altered", ErrLogCorrupted, i, req.Tenant, req.VM)
-		}
-		pe := tlog.ProvenEntry{Index: i, Leaf: rec.Leaf}
-		if pe.Proof, err = k.rlog.tree.InclusionProof(i, cp.Size); err != nil {
-			return nil, err
-		}
-		h.Entries = append(h.Entries, pe)
+	h := &tlog.History{Tenant: req.Tenant, VM: req.VM, Checkpoint: cp.Note, Entries: page.entries}
+	if page.more {
+		h.Next = from + uint64(len(page.entries)) + 1
 	}
 	return h, nil
 }
 
-// guestEntries reads a guest's entries, newest to oldest along their Prev links, and returns
-// them oldest first, without proofs.
-func (k *Keybroker) guestEntries(ctx context.Context, tenant, vm string) ([]tlog.ProvenEntry, error) {
-	var g logGuestRecord
-	ver, err := k.recs.get(ctx, logGuestPath(tenant, vm), &g)
-	if err != nil || ver == 0 {
-		return nil, err
-	}
-	var out []tlog.ProvenEntry
-	next := &g.Last
-	for next != nil {
-		if len(out) == maxHistory {
-			return nil, fmt.Errorf("%s/%s has more than %d entries: %w", tenant, vm, maxHistory, ErrInvalidRequest)
-		}
-		var rec logEntryRecord
-		ver, err := k.recs.get(ctx, logEntryPath(next.Index), &rec)
-		if err != nil {
-			return nil, fmt.Errorf("reading the residency log: %w", err)
-		}
-		if ver == 0 {
-			return nil, fmt.Errorf("%w: entry %d of %s/%s is missing", ErrLogCorrupted, next.Index, tenant, vm)
-		}
-		e, err := tlog.ParseEntry(rec.Leaf)
-		if err != nil {
-			return nil, fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, next.Index, err)
-		}
-		// A broken link is served as it is: the tenant's verifier says what is wrong.
-		out = append(out, tlog.ProvenEntry{Index: next.Index, Leaf: rec.Leaf})
-		if e.Tenant != tenant || e.VM != vm || (e.Prev != nil && e.Prev.Index >= next.Index) {
-			break
-		}
-		next = e.Prev
-	}
-	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
-		out[i], out[j] = out[j], out[i]
-	}
-	return out, nil
-}
-
-// receiptInclusion proves the log entry of a migration's ending, which names its receipt.
+// receiptInclusion proves the log entry of a migration's ending, which names its receipt:
+// the guest's newest commit or abort of that migration.
 func (k *Keybroker) receiptInclusion(ctx context.Context, tenant, vm, migrationID string) (*tlog.Inclusion, error) {
-	entries, err := k.guestEntries(ctx, tenant, vm)
+	idx, err := k.rlog.guestIndexes(ctx, tenant, vm)
 	if err != nil {
 		return nil, err
 	}
-	for i := len(entries) - 1; i >= 0; i-- {
-		e, err := tlog.ParseEntry(entries[i].Leaf)
+	for i := len(idx) - 1; i >= 0; i-- {
+		var rec logEntryRecord
+		if _, err := k.recs.get(ctx, logEntryPath(idx[i]), &rec); err != nil {
+			return nil, fmt.Errorf("reading the residency log: %w", err)
+		}
+		e, err := tlog.ParseEntry(rec.Leaf)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %w", ErrLogCorrupted, err)
+			return nil, fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, idx[i], err)
 		}
 		if e.MigrationID != migrationID || (e.Kind != tlog.KindCommit && e.Kind != tlog.KindAbort) {
 			continue
 		}
-		pe := entries[i]
-		cp, err := k.rlog.covering(ctx, pe.Index+1)
+		cp, err := k.rlog.covering(ctx, idx[i]+1)
 		if err != nil {
 			return nil, err
 		}
-		k.rlog.mu.Lock()
-		defer k.rlog.mu.Unlock()
-		if _, err := k.rlog.syncTree(ctx, cp.Size); err != nil {
+		page, err := k.rlog.prove(ctx, cp.Size, []uint64{idx[i]})
+		if err != nil {
 			return nil, err
 		}
-		if pe.Proof, err = k.rlog.tree.InclusionProof(pe.Index, cp.Size); err != nil {
-			return nil, err
-		}
-		return &tlog.Inclusion{Checkpoint: cp.Note, Entry: pe}, nil
+		return &tlog.Inclusion{Checkpoint: cp.Note, Entry: page[0]}, nil
 	}
 	return nil, fmt.Errorf("no log entry for the ending of migration %s: %w", migrationID, ErrUnknownMigration)
 }

@@ -29,7 +29,7 @@ func (e *env) second() *Keybroker {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	e.t.Cleanup(kb.rlog.finishing.Wait)
+	e.t.Cleanup(kb.rlog.waitIdle)
 	return kb
 }
 

@@ -6,9 +6,8 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
-	"log/slog"
+	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -108,20 +107,21 @@ func (h *logHeadRecord) root() ([]byte, error) {
 // residencyLog appends to the residency log and proves what it holds.
 type residencyLog struct {
 	recs      recordStore
-	logger    *slog.Logger
 	origin    string
 	witnesses []*tlog.WitnessVerifier
 	// sign signs with the keybroker's key; pub returns its public half.
 	sign func(ctx context.Context, msg []byte) ([]byte, error)
 	pub  func(ctx context.Context) (ed25519.PublicKey, error)
 
-	// qmu guards queue and leading: the appends waiting for the next batch, and whether a
-	// goroutine is writing batches.
+	// qmu guards queue, leading and idle: the appends waiting for the next batch, whether a
+	// goroutine (the leader) is writing batches, and a channel closed when it stops.
 	qmu     sync.Mutex
 	queue   []*appendReq
 	leading bool
-	// finishing is that goroutine.
-	finishing sync.WaitGroup
+	idle    chan struct{}
+	// cache is the leader's view after its last settled batch; only the leader touches it
+	// (leaders follow one another through qmu).
+	cache appendCache
 
 	mu   sync.Mutex // guards tree and guests; held while they catch up with Vault
 	tree tlog.Tree
@@ -130,6 +130,20 @@ type residencyLog struct {
 	// writes to the KV mount could roll back to hide the guest's newest entries.
 	guests map[string][]uint64
 }
+
+// appendCache is what a leader knows once its batch settled with nobody else appending: the
+// next index and the records of the guests it wrote. Any append by
+// another keybroker since then must have created entry next first, so a batch that creates
+// entry next proves the cache still true; one that finds it taken drops the cache and reads
+// Vault again. With it, an append costs one create before it is written.
+type appendCache struct {
+	valid  bool
+	next   uint64
+	guests map[string]logGuestRecord
+}
+
+// maxCachedGuests bounds appendCache.guests.
+const maxCachedGuests = 4096
 
 // finishTimeout bounds the writing of one batch of appends.
 const finishTimeout = 30 * time.Second
@@ -141,17 +155,18 @@ const maxAppendAttempts = 1000
 // appendReq is one append waiting for its batch.
 type appendReq struct {
 	e *tlog.Entry
-	// index and err are set before written is closed.
-	index uint64
-	err   error
+	// index and writeErr are set before written is closed; settleErr before settled is.
+	index               uint64
+	writeErr, settleErr error
 	// written is closed once the entry is written (or failed), settled once the head is past
-	// it (or finishing it failed: err says so).
+	// it (or finishing it failed).
 	written, settled chan struct{}
 }
 
 // append adds e (Seq, Prev and Time are set here) and returns its index. A commit, abort or
 // cleanup already the guest's newest entry is not appended again (an ending retried from the
-// journal): its index is returned.
+// journal): its index is returned, perhaps before the head is past it (settledHead finishes
+// it).
 //
 // Appends of one keybroker are written in batches, one batch at a time, by a goroutine that
 // takes whatever is queued when the last batch ends (group commit): a batch of k costs about
@@ -167,8 +182,8 @@ func (l *residencyLog) append(ctx context.Context, e *tlog.Entry, settle bool) (
 	l.qmu.Lock()
 	l.queue = append(l.queue, r)
 	if !l.leading {
-		l.leading = true
-		l.finishing.Go(func() { l.lead(ctx) })
+		l.leading, l.idle = true, make(chan struct{})
+		go l.lead(context.WithoutCancel(ctx))
 	}
 	l.qmu.Unlock()
 	wait := r.written
@@ -177,21 +192,27 @@ func (l *residencyLog) append(ctx context.Context, e *tlog.Entry, settle bool) (
 	}
 	select {
 	case <-wait:
-		return r.index, r.err
 	case <-ctx.Done():
 		return 0, fmt.Errorf("appending to the residency log: %w", ctx.Err())
 	}
+	if r.writeErr != nil {
+		return 0, r.writeErr
+	}
+	if settle && r.settleErr != nil {
+		return 0, r.settleErr
+	}
+	return r.index, nil
 }
 
 // lead writes queued appends, a batch at a time, until the queue is empty.
 func (l *residencyLog) lead(ctx context.Context) {
-	ctx = context.WithoutCancel(ctx)
 	for {
 		l.qmu.Lock()
 		batch := l.queue
 		l.queue = nil
 		if len(batch) == 0 {
 			l.leading = false
+			close(l.idle)
 			l.qmu.Unlock()
 			return
 		}
@@ -202,18 +223,32 @@ func (l *residencyLog) lead(ctx context.Context) {
 	}
 }
 
+// waitIdle waits until no batch is being written (appends queued after it returns start a
+// new one).
+func (l *residencyLog) waitIdle() {
+	for {
+		l.qmu.Lock()
+		leading, idle := l.leading, l.idle
+		l.qmu.Unlock()
+		if !leading {
+			return
+		}
+		<-idle
+	}
+}
+
 // guestState is a guest's log/guests record as a batch reads and plans it.
 type guestState struct {
-	rec     logGuestRecord
-	fromSeq uint64 // the record's seq when read
-	planned bool   // rec is an entry of this batch, not yet written
+	tenant, vm string
+	rec        logGuestRecord
+	planned    bool // rec is an entry of this batch, not yet written
 }
 
 // appendBatch appends batch in order and completes every request in it.
 func (l *residencyLog) appendBatch(ctx context.Context, batch []*appendReq) {
 	fail := func(rs []*appendReq, err error) {
 		for _, r := range rs {
-			r.err = err
+			r.writeErr, r.settleErr = err, err
 			close(r.written)
 			close(r.settled)
 		}
@@ -224,20 +259,26 @@ func (l *residencyLog) appendBatch(ctx context.Context, batch []*appendReq) {
 			fail(pending, fmt.Errorf("appending to the residency log: %d indexes taken by others in a row: %w", maxAppendAttempts, ErrVaultUnavailable))
 			return
 		}
-		// The head first, then the guests' records: see the comment on the layout.
-		var head logHeadRecord
-		if _, err := l.recs.get(ctx, logHeadPath, &head); err != nil {
-			fail(pending, fmt.Errorf("appending to the residency log: %w", err))
-			return
+		// The head first, then the guests' records: see the comment on the layout. With a
+		// valid cache the head is known, and the create of its next entry checks it.
+		c := l.cache
+		l.cache.valid = false
+		n := c.next
+		if !c.valid {
+			var head logHeadRecord
+			if _, err := l.recs.get(ctx, logHeadPath, &head); err != nil {
+				fail(pending, fmt.Errorf("appending to the residency log: %w", err))
+				return
+			}
+			n, c.guests = head.Size, nil
 		}
-		guests, err := l.readGuests(ctx, pending)
+		guests, err := l.readGuests(ctx, pending, c.guests)
 		if err != nil {
 			fail(pending, err)
 			return
 		}
 
 		// Plan: seq and prev of each entry, in order, at indexes n, n+1, ….
-		n := head.Size
 		var plan []*appendReq
 		var leaves, hashes [][]byte
 		var next []*appendReq // left for the next round
@@ -296,9 +337,9 @@ func (l *residencyLog) appendBatch(ctx context.Context, batch []*appendReq) {
 		written := plan[:wrote]
 
 		// Settle what was written: the guests' records, then the head.
-		err = l.settleBatch(ctx, n, written, hashes[:wrote])
+		moved, err := l.settleBatch(ctx, n, written, hashes[:wrote])
 		for _, r := range written {
-			r.err = err
+			r.settleErr = err
 			close(r.settled)
 		}
 		if err != nil {
@@ -310,6 +351,14 @@ func (l *residencyLog) appendBatch(ctx context.Context, batch []*appendReq) {
 				fail(next, err)
 				return
 			}
+		} else if moved {
+			l.cache = appendCache{valid: true, next: n + uint64(wrote), guests: c.guests}
+			if l.cache.guests == nil || len(l.cache.guests) > maxCachedGuests {
+				l.cache.guests = map[string]logGuestRecord{}
+			}
+			for k, st := range guests {
+				l.cache.guests[k] = st.rec
+			}
 		}
 		pending = next
 	}
@@ -317,8 +366,9 @@ func (l *residencyLog) appendBatch(ctx context.Context, batch []*appendReq) {
 
 func guestKey(tenant, vm string) string { return tenant + "/" + vm }
 
-// readGuests reads the log/guests records of the guests of rs, in parallel.
-func (l *residencyLog) readGuests(ctx context.Context, rs []*appendReq) (map[string]*guestState, error) {
+// readGuests returns the log/guests records of the guests of rs: cached ones from cached, the
+// others read from Vault, in parallel.
+func (l *residencyLog) readGuests(ctx context.Context, rs []*appendReq, cached map[string]logGuestRecord) (map[string]*guestState, error) {
 	guests := map[string]*guestState{}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
@@ -327,13 +377,16 @@ func (l *residencyLog) readGuests(ctx context.Context, rs []*appendReq) (map[str
 		if guests[k] != nil {
 			continue
 		}
-		st := &guestState{}
+		st := &guestState{tenant: r.e.Tenant, vm: r.e.VM}
 		guests[k] = st
+		if rec, ok := cached[k]; ok {
+			st.rec = rec
+			continue
+		}
 		g.Go(func() error {
-			if _, err := l.recs.get(gctx, logGuestPath(r.e.Tenant, r.e.VM), &st.rec); err != nil {
+			if _, err := l.recs.get(gctx, logGuestPath(st.tenant, st.vm), &st.rec); err != nil {
 				return fmt.Errorf("appending to the residency log: %w", err)
 			}
-			st.fromSeq = st.rec.Seq
 			return nil
 		})
 	}
@@ -341,31 +394,33 @@ func (l *residencyLog) readGuests(ctx context.Context, rs []*appendReq) (map[str
 }
 
 // settleBatch moves the records of the guests of written (entries n, n+1, … with hashes)
-// past their entries, then the head past them all.
-func (l *residencyLog) settleBatch(ctx context.Context, n uint64, written []*appendReq, hashes [][]byte) error {
+// past their entries, then the head past them all. It says whether it moved the head itself
+// (not if another keybroker had moved it).
+func (l *residencyLog) settleBatch(ctx context.Context, n uint64, written []*appendReq, hashes [][]byte) (bool, error) {
 	if len(written) == 0 {
-		return nil
+		return false, nil
 	}
 	// Each guest's newest entry in the batch, and its seq before the batch.
-	newest := map[string]logGuestRecord{}
-	before := map[string]uint64{}
+	type move struct {
+		tenant, vm string
+		from       uint64
+		to         logGuestRecord
+	}
+	moves := map[string]*move{}
 	for i, r := range written {
 		k := guestKey(r.e.Tenant, r.e.VM)
-		if _, ok := before[k]; !ok {
-			before[k] = r.e.Seq - 1
+		if moves[k] == nil {
+			moves[k] = &move{tenant: r.e.Tenant, vm: r.e.VM, from: r.e.Seq - 1}
 		}
-		newest[k] = logGuestRecord{Seq: r.e.Seq, Last: tlog.Link{Index: n + uint64(i), Hash: hashes[i]}, Kind: r.e.Kind, Migration: r.e.MigrationID}
+		moves[k].to = logGuestRecord{Seq: r.e.Seq, Last: tlog.Link{Index: n + uint64(i), Hash: hashes[i]}, Kind: r.e.Kind, Migration: r.e.MigrationID}
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
-	for k, rec := range newest {
-		g.Go(func() error {
-			tenant, vm, _ := strings.Cut(k, "/")
-			return l.advanceGuest(gctx, tenant, vm, before[k], rec)
-		})
+	for _, m := range moves {
+		g.Go(func() error { return l.advanceGuest(gctx, m.tenant, m.vm, m.from, m.to) })
 	}
 	if err := g.Wait(); err != nil {
-		return err
+		return false, err
 	}
 	return l.advanceHead(ctx, n, hashes)
 }
@@ -394,35 +449,39 @@ func (l *residencyLog) advanceGuest(ctx context.Context, tenant, vm string, from
 	}
 }
 
-// advanceHead moves the head past entries n, n+1, … (with hashes), unless it is there
-// already.
-func (l *residencyLog) advanceHead(ctx context.Context, n uint64, hashes [][]byte) error {
+// advanceHead moves the head past entries n, n+1, … (with hashes), finishing first any
+// entry between the head and n (a head rewound in Vault). It says whether it moved the head
+// itself (not if the head was past them already).
+func (l *residencyLog) advanceHead(ctx context.Context, n uint64, hashes [][]byte) (bool, error) {
 	end := n + uint64(len(hashes))
 	for {
 		var head logHeadRecord
 		ver, err := l.recs.get(ctx, logHeadPath, &head)
 		if err != nil {
-			return fmt.Errorf("appending to the residency log: %w", err)
+			return false, fmt.Errorf("appending to the residency log: %w", err)
 		}
 		if head.Size >= end {
-			return nil
+			return false, nil
 		}
 		if head.Size < n {
-			return fmt.Errorf("%w: entry %d exists while the head is %d", ErrLogCorrupted, n, head.Size)
+			if err := l.finishEntry(ctx, head.Size); err != nil {
+				return false, err
+			}
+			continue
 		}
 		r, err := rangeFactory.NewRange(0, head.Size, head.Range)
 		if err != nil {
-			return fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
+			return false, fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
 		}
 		for _, h := range hashes[head.Size-n:] {
 			if err := r.Append(h, nil); err != nil {
-				return fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
+				return false, fmt.Errorf("%w: head: %w", ErrLogCorrupted, err)
 			}
 		}
 		if _, err := l.recs.put(ctx, logHeadPath, &logHeadRecord{Size: end, Range: r.Hashes()}, ver); err == nil {
-			return nil
+			return true, nil
 		} else if !errors.Is(err, errConflict) {
-			return fmt.Errorf("appending to the residency log: %w", err)
+			return false, fmt.Errorf("appending to the residency log: %w", err)
 		}
 	}
 }
@@ -452,7 +511,8 @@ func (l *residencyLog) finish(ctx context.Context, n uint64, e *tlog.Entry, leaf
 	if err := l.advanceGuest(ctx, e.Tenant, e.VM, e.Seq-1, rec); err != nil {
 		return err
 	}
-	return l.advanceHead(ctx, n, [][]byte{hash})
+	_, err := l.advanceHead(ctx, n, [][]byte{hash})
+	return err
 }
 
 // settledHead finishes the entries written past the head (appends whose finishing is still
@@ -475,6 +535,95 @@ func (l *residencyLog) settledHead(ctx context.Context) (*logHeadRecord, error) 
 			return nil, err
 		}
 	}
+}
+
+// guestIndexes returns the indexes of a guest's entries in the settled log, oldest first.
+func (l *residencyLog) guestIndexes(ctx context.Context, tenant, vm string) ([]uint64, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, err := l.syncTree(ctx, 0); err != nil {
+		return nil, err
+	}
+	return slices.Clone(l.guests[guestKey(tenant, vm)]), nil
+}
+
+// guestPage is a page of a guest's entries with their proofs.
+type guestPage struct {
+	entries []tlog.ProvenEntry
+	more    bool
+}
+
+// proveGuest returns up to limit of a guest's entries under size (from its from-th, from 0),
+// with their inclusion proofs in the tree of size leaves.
+func (l *residencyLog) proveGuest(ctx context.Context, tenant, vm string, size, from uint64, limit int) (*guestPage, error) {
+	l.mu.Lock()
+	if _, err := l.syncTree(ctx, size); err != nil {
+		l.mu.Unlock()
+		return nil, err
+	}
+	var all []uint64
+	for _, i := range l.guests[guestKey(tenant, vm)] {
+		if i < size {
+			all = append(all, i)
+		}
+	}
+	l.mu.Unlock()
+	page := &guestPage{}
+	if from >= uint64(len(all)) {
+		return page, nil
+	}
+	idx := all[from:]
+	if len(idx) > limit {
+		idx, page.more = idx[:limit], true
+	}
+	var err error
+	page.entries, err = l.prove(ctx, size, idx)
+	return page, err
+}
+
+// prove returns the entries at idx with their inclusion proofs in the tree of size leaves:
+// the proofs from the tree in memory (under mu), the leaves read from Vault after (in
+// parallel, outside the lock), each checked against the tree's leaf hash.
+func (l *residencyLog) prove(ctx context.Context, size uint64, idx []uint64) ([]tlog.ProvenEntry, error) {
+	out := make([]tlog.ProvenEntry, len(idx))
+	want := make([][]byte, len(idx))
+	l.mu.Lock()
+	if _, err := l.syncTree(ctx, size); err != nil {
+		l.mu.Unlock()
+		return nil, err
+	}
+	for j, i := range idx {
+		var err error
+		if want[j], err = l.tree.LeafHash(i); err == nil {
+			out[j].Index = i
+			out[j].Proof, err = l.tree.InclusionProof(i, size)
+		}
+		if err != nil {
+			l.mu.Unlock()
+			return nil, err
+		}
+	}
+	l.mu.Unlock()
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	for j, i := range idx {
+		g.Go(func() error {
+			var rec logEntryRecord
+			ver, err := l.recs.get(gctx, logEntryPath(i), &rec)
+			if err != nil {
+				return fmt.Errorf("reading the residency log: %w", err)
+			}
+			if ver == 0 || !bytes.Equal(tlog.LeafHash(rec.Leaf), want[j]) {
+				return fmt.Errorf("%w: entry %d was removed or altered", ErrLogCorrupted, i)
+			}
+			out[j].Leaf = rec.Leaf
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // syncTree brings the in-memory tree up to the head (at least size leaves) and checks its
@@ -513,7 +662,7 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 				if err != nil {
 					return fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, i, err)
 				}
-				hashes[i-lo], owners[i-lo] = tlog.LeafHash(rec.Leaf), e.Tenant+"/"+e.VM
+				hashes[i-lo], owners[i-lo] = tlog.LeafHash(rec.Leaf), guestKey(e.Tenant, e.VM)
 				return nil
 			})
 		}
@@ -561,6 +710,37 @@ func (l *residencyLog) checkpoint(ctx context.Context, minSize uint64, witnessed
 		}
 		return l.storedCheckpoint(ctx, p.Size)
 	}
+	if stored, err := l.stored(ctx, minSize); stored != nil || err != nil {
+		return stored, err
+	}
+	root, size, err := l.extension(ctx, minSize)
+	if err != nil {
+		return nil, err
+	}
+	// Ed25519 is deterministic: keybrokers that sign the same size race to store the same
+	// bytes.
+	pub, err := l.pub(ctx)
+	if err != nil {
+		return nil, err
+	}
+	signed, err := tlog.Sign(tlog.Checkpoint{Origin: l.origin, Size: size, Root: root}, pub, func(msg []byte) ([]byte, error) {
+		return l.sign(ctx, msg)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if _, err := l.recs.put(ctx, logCheckpointPath(size), &logCheckpointRecord{Note: signed}, 0); err != nil && !errors.Is(err, errConflict) {
+		return nil, fmt.Errorf("storing the residency log's checkpoint: %w", err)
+	}
+	if err := l.raise(ctx, logLatestPath, size); err != nil {
+		return nil, err
+	}
+	return l.storedCheckpoint(ctx, size)
+}
+
+// stored returns the newest signed checkpoint if it is of the settled head's size (nothing
+// to sign), or nil.
+func (l *residencyLog) stored(ctx context.Context, minSize uint64) (*tlog.Signed, error) {
 	head, err := l.settledHead(ctx)
 	if err != nil {
 		return nil, err
@@ -568,36 +748,51 @@ func (l *residencyLog) checkpoint(ctx context.Context, minSize uint64, witnessed
 	if head.Size < minSize {
 		return nil, fmt.Errorf("checkpoint of %d entries asked, the log has %d: %w", minSize, head.Size, ErrInvalidRequest)
 	}
-	var rec logCheckpointRecord
-	ver, err := l.recs.get(ctx, logCheckpointPath(head.Size), &rec)
+	var p logPointerRecord
+	if ver, err := l.recs.get(ctx, logLatestPath, &p); err != nil || ver == 0 || p.Size != head.Size {
+		return nil, err
+	}
+	return l.storedCheckpoint(ctx, p.Size)
+}
+
+// extension returns the root and size of the log to sign next: the tree as this keybroker
+// read and checked it (syncTree), which must extend the newest checkpoint it signed before.
+// Whoever rewrites entries in Vault and recomputes the head cannot get that signed: a
+// keybroker that read the entries before sees them change, and any keybroker sees that the
+// tree no longer has the signed checkpoint's root at its size (ErrLogCorrupted).
+func (l *residencyLog) extension(ctx context.Context, minSize uint64) ([]byte, uint64, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	head, err := l.syncTree(ctx, minSize)
 	if err != nil {
-		return nil, fmt.Errorf("reading the residency log's checkpoint: %w", err)
+		return nil, 0, err
 	}
-	if ver == 0 {
-		// Ed25519 is deterministic: keybrokers that sign the same size race to store the
-		// same bytes.
-		root, err := head.root()
+	var p logPointerRecord
+	ver, err := l.recs.get(ctx, logLatestPath, &p)
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading the residency log's checkpoint: %w", err)
+	}
+	if ver != 0 {
+		if p.Size > head.Size {
+			return nil, 0, fmt.Errorf("%w: the log has %d entries, less than the checkpoint of %d it signed", ErrLogCorrupted, head.Size, p.Size)
+		}
+		prev, err := l.storedCheckpoint(ctx, p.Size)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
-		pub, err := l.pub(ctx)
+		root, err := l.tree.Root(p.Size)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
-		signed, err := tlog.Sign(tlog.Checkpoint{Origin: l.origin, Size: head.Size, Root: root}, pub, func(msg []byte) ([]byte, error) {
-			return l.sign(ctx, msg)
-		})
-		if err != nil {
-			return nil, err
-		}
-		if _, err := l.recs.put(ctx, logCheckpointPath(head.Size), &logCheckpointRecord{Note: signed}, 0); err != nil && !errors.Is(err, errConflict) {
-			return nil, fmt.Errorf("storing the residency log's checkpoint: %w", err)
-		}
-		if err := l.raise(ctx, logLatestPath, head.Size); err != nil {
-			return nil, err
+		if !bytes.Equal(root, prev.Root) {
+			return nil, 0, fmt.Errorf("%w: the log no longer extends the checkpoint of size %d it signed", ErrLogCorrupted, p.Size)
 		}
 	}
-	return l.storedCheckpoint(ctx, head.Size)
+	root, err := l.tree.Root(head.Size)
+	if err != nil {
+		return nil, 0, err
+	}
+	return root, head.Size, nil
 }
 
 // covering returns a signed checkpoint of at least minSize entries: the newest one signed if

@@ -1,6 +1,7 @@
 package keybroker
 
 import (
+	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
@@ -29,6 +30,23 @@ func (e *env) logVerifier() note.Verifier {
 		e.t.Fatal(err)
 	}
 	return v
+}
+
+// jamLog makes the residency log refuse every append until the test ends: the next index is
+// taken by a leaf that is no entry (as whoever can write to the KV mount can do).
+func (e *env) jamLog() {
+	e.t.Helper()
+	e.kb.rlog.waitIdle()
+	var head logHeadRecord
+	if _, err := e.kb.recs.get(e.t.Context(), logHeadPath, &head); err != nil {
+		e.t.Fatal(err)
+	}
+	e.kvPut(logEntryPath(head.Size), map[string]any{"leaf": []byte("not an entry")})
+	e.t.Cleanup(func() {
+		if err := e.admin.KVv2(vaulttest.KVMount).DeleteMetadata(context.Background(), logEntryPath(head.Size)); err != nil {
+			e.t.Error(err)
+		}
+	})
 }
 
 // kvPut writes a record straight into Vault, as someone with write access to the KV mount
@@ -380,14 +398,108 @@ func TestResidencyLogReleaseNeedsItsEntry(t *testing.T) {
 	ctx := t.Context()
 	e.adopt("vm1")
 	m := e.newMigration("m1", "vm1", "destination", e.signedPolicy(1, nil))
-	// A head the keybroker cannot read: no entry can be appended.
-	e.kvPut(logHeadPath, map[string]any{"size": "garbage"})
+	e.jamLog()
 	if _, err := e.kb.Release(ctx, m.req); err == nil {
 		t.Fatal("a release went through without its log entry")
 	}
 	for _, k := range e.transitKeys() {
 		if k == migrationKeyName("m1") || k == epochKeyName("demo", "vm1", 2) {
 			t.Errorf("key %s of the failed release still exists", k)
+		}
+	}
+}
+
+// TestResidencyLogHistoryPages: a history longer than one NATS answer comes in pages proven
+// against one checkpoint; the client puts them together and the whole verifies, while a
+// single page alone does not pass for the whole.
+func TestResidencyLogHistoryPages(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	e.adopt("vm1")
+	const denials = 2*maxHistoryPage + 50
+	var wg sync.WaitGroup
+	for i := range denials {
+		wg.Go(func() {
+			if _, err := e.kb.logDecision(ctx, &tlog.Entry{Kind: tlog.KindDeny, Tenant: "demo", VM: "vm1", MigrationID: fmt.Sprintf("m-%d", i), Op: "release"}, true); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	first, err := e.kb.LogHistory(ctx, &kbwire.LogHistoryRequest{Tenant: "demo", VM: "vm1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(first.Entries) != maxHistoryPage || first.Next != maxHistoryPage+1 {
+		t.Fatalf("first page: %d entries, next %d; want %d, %d", len(first.Entries), first.Next, maxHistoryPage, maxHistoryPage+1)
+	}
+	cp, err := tlog.Open(first.Checkpoint, e.logVerifier(), nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tlog.VerifyHistory(cp, first); !errors.Is(err, tlog.ErrIncomplete) {
+		t.Errorf("one page verified as a whole history: %v", err)
+	}
+	whole := *first
+	for whole.Next != 0 {
+		page, err := e.kb.LogHistory(ctx, &kbwire.LogHistoryRequest{Tenant: "demo", VM: "vm1", Size: cp.Size, FromSeq: whole.Next})
+		if err != nil {
+			t.Fatal(err)
+		}
+		whole.Entries, whole.Next = append(whole.Entries, page.Entries...), page.Next
+	}
+	rep, err := tlog.VerifyHistory(cp, &whole)
+	if err != nil {
+		t.Fatalf("the pages together: %v", err)
+	}
+	if rep.Denials != denials || rep.Live != 1 {
+		t.Errorf("the pages together: %d denials, live epoch %d; want %d, 1", rep.Denials, rep.Live, denials)
+	}
+}
+
+// TestResidencyLogRefusesToSignARewrite: whoever rewrites an entry already under a signed
+// checkpoint and recomputes the head (all a KV writer can do without the signing key) cannot
+// get the rewrite signed: a fresh keybroker finds that the tree no longer has the signed
+// checkpoint's root.
+func TestResidencyLogRefusesToSignARewrite(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	e.adopt("vm1")
+	e.adopt("vm2")
+	if _, err := e.kb.LogCheckpoint(ctx, &kbwire.LogCheckpointRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	var rec logEntryRecord
+	if _, err := e.kb.recs.get(ctx, logEntryPath(0), &rec); err != nil {
+		t.Fatal(err)
+	}
+	en, err := tlog.ParseEntry(rec.Leaf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	en.Host = "host-innocent"
+	leaf, _ := en.Marshal()
+	e.kvPut(logEntryPath(0), map[string]any{"leaf": leaf})
+	// The head recomputed over the stored leaves, as the attacker can.
+	var head logHeadRecord
+	if _, err := e.kb.recs.get(ctx, logHeadPath, &head); err != nil {
+		t.Fatal(err)
+	}
+	r := rangeFactory.NewEmptyRange(0)
+	for i := range head.Size {
+		var lr logEntryRecord
+		if _, err := e.kb.recs.get(ctx, logEntryPath(i), &lr); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Append(tlog.LeafHash(lr.Leaf), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.kvPut(logHeadPath, map[string]any{"size": head.Size, "range": r.Hashes()})
+	e.adopt("vm3") // the log grows: the next checkpoint would cover the rewrite
+	for name, kb := range map[string]*Keybroker{"fresh keybroker": e.second(), "running keybroker": e.kb} {
+		if _, err := kb.LogCheckpoint(ctx, &kbwire.LogCheckpointRequest{}); !errors.Is(err, ErrLogCorrupted) {
+			t.Errorf("%s: signing a checkpoint over a rewritten entry = %v, want ErrLogCorrupted", name, err)
 		}
 	}
 }

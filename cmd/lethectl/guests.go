@@ -127,7 +127,7 @@ the keybroker did not withhold entries newer than the last it answered with.`,
 				}
 				var hb historyBundle
 				if err := json.Unmarshal(b, &hb); err != nil || hb.History == nil {
-					return fmt.Errorf("bundle %s: not a history bundle: %v", fromBundle, err)
+					return fmt.Errorf("bundle %s: not a history bundle: %w", fromBundle, err)
 				}
 				if c.tenant == "" {
 					c.tenant = hb.History.Tenant

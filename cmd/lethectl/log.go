@@ -576,7 +576,7 @@ func (w *witness) round(ctx context.Context) error {
 		}
 		back, err := w.log.openWith(result, []*tlog.WitnessVerifier{w.self}, 1)
 		if err != nil || back.Size != next.Size || !bytes.Equal(back.Root, next.Root) {
-			return fmt.Errorf("the keybroker answered the cosignature of size %d with another checkpoint or without it: %v", next.Size, err)
+			return fmt.Errorf("the keybroker answered the cosignature of size %d with another checkpoint or without it: %w", next.Size, err)
 		}
 	}
 	if err := writeFileAtomic(w.state, result, 0o644); err != nil {

@@ -11,6 +11,7 @@
 package kbclient
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -112,12 +113,47 @@ func (c *Client) LogConsistency(ctx context.Context, from, to uint64) ([][]byte,
 }
 
 // LogHistory fetches a guest's entries of the residency log, each with its inclusion proof
-// against the checkpoint the history carries (with witnessed, the newest a witness cosigned);
-// the caller verifies it (tlog.Open, tlog.VerifyHistory). A tenant may read its own guests'
-// only. It returns an error matching kbwire.CodeUnauthorized (another tenant's guest),
-// kbwire.CodeInvalidRequest or kbwire.CodeUnavailable, or ErrNoKeybroker.
+// against the checkpoint the history carries (with witnessed, the newest a witness cosigned),
+// a page at a time until the whole chain is there; the caller verifies it (tlog.Open,
+// tlog.VerifyHistory). A tenant may read its own guests' only. It returns an error matching
+// kbwire.CodeUnauthorized (another tenant's guest), kbwire.CodeInvalidRequest or
+// kbwire.CodeUnavailable, or ErrNoKeybroker; or an error if a page is proven against another
+// checkpoint than the first.
 func (c *Client) LogHistory(ctx context.Context, tenant, vm string, witnessed bool) (*tlog.History, error) {
-	return call[tlog.History](ctx, c, kbwire.OpLogHistory, &kbwire.LogHistoryRequest{Tenant: tenant, VM: vm, Witnessed: witnessed})
+	req := &kbwire.LogHistoryRequest{Tenant: tenant, VM: vm, Witnessed: witnessed}
+	h, err := call[tlog.History](ctx, c, kbwire.OpLogHistory, req)
+	if err != nil || h.Next == 0 {
+		return h, err
+	}
+	text, _, _ := bytes.Cut(h.Checkpoint, []byte("\n\n"))
+	cp, err := tlog.ParseCheckpoint(string(text) + "\n")
+	if err != nil {
+		return nil, fmt.Errorf("reading the history of %s/%s: %w", tenant, vm, err)
+	}
+	req.Size = cp.Size
+	for h.Next != 0 {
+		req.FromSeq = h.Next
+		page, err := call[tlog.History](ctx, c, kbwire.OpLogHistory, req)
+		if err != nil {
+			return nil, err
+		}
+		if !sameCheckpoint(page.Checkpoint, h.Checkpoint) {
+			return nil, fmt.Errorf("reading the history of %s/%s: a page came proven against another checkpoint", tenant, vm)
+		}
+		if len(page.Entries) == 0 && page.Next != 0 {
+			return nil, fmt.Errorf("reading the history of %s/%s: an empty page", tenant, vm)
+		}
+		h.Entries, h.Next = append(h.Entries, page.Entries...), page.Next
+	}
+	return h, nil
+}
+
+// sameCheckpoint says whether two signed notes are of the same checkpoint text (witnesses may
+// have cosigned it between two pages).
+func sameCheckpoint(a, b []byte) bool {
+	ta, _, _ := bytes.Cut(a, []byte("\n\n"))
+	tb, _, _ := bytes.Cut(b, []byte("\n\n"))
+	return bytes.Equal(ta, tb)
 }
 
 // LogCosign submits a checkpoint the log signed, cosigned by a witness (the signed note with

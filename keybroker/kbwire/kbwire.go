@@ -340,6 +340,12 @@ type LogHistoryRequest struct {
 	// Witnessed proves them against the newest checkpoint a witness cosigned (which may not
 	// hold the newest entries yet).
 	Witnessed bool `json:"witnessed,omitempty"`
+	// Size proves them against the stored checkpoint of that size instead: the one of the
+	// first page, when asking for the next.
+	Size uint64 `json:"size,omitempty"`
+	// FromSeq is the first entry wanted (its seq; 0 or 1: from the first). An answer holds
+	// at most 200 entries; tlog.History.Next says where the next page starts.
+	FromSeq uint64 `json:"fromSeq,omitempty"`
 }
 
 // LogCosignRequest carries a checkpoint the log signed, cosigned by a witness.

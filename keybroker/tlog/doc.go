@@ -2,8 +2,9 @@
 // hashing and proofs) of every key decision the keybroker makes, with signed checkpoints
 // (C2SP tlog-checkpoint, in the signed-note format) and witness cosignatures (C2SP
 // tlog-cosignature), and verifies what a tenant needs offline: that an entry is in the log,
-// that one checkpoint extends another, and that a guest's history is complete from its
-// adoption to its newest entry.
+// that one checkpoint extends another, and that the guest history it is given is complete
+// from the guest's first entry up to its last (whether later entries were withheld it cannot
+// tell: see below).
 //
 // A receipt proves one migration the tenant knows of. The log answers for those it does not:
 // every adoption, release, reissue, denial, commit, abort and cleanup is an Entry; the entries

@@ -21,6 +21,9 @@ type History struct {
 	VM         string        `json:"vm"`
 	Checkpoint []byte        `json:"checkpoint"`
 	Entries    []ProvenEntry `json:"entries"`
+	// Next, if not 0, says the answer holds only part of the chain: the next part starts at
+	// that seq (a server pages long histories). VerifyHistory refuses a part.
+	Next uint64 `json:"next,omitempty"`
 }
 
 // Residency is one epoch of a guest: where its key was sealed and whether it has ended.
@@ -67,6 +70,9 @@ func VerifyHistory(cp *Signed, h *History) (*HistoryReport, error) {
 	var problems []error
 	fail := func(format string, args ...any) { problems = append(problems, fmt.Errorf(format, args...)) }
 
+	if h.Next != 0 {
+		fail("the answer holds the chain only up to seq %d: fetch the rest", h.Next-1)
+	}
 	var prev *Link
 	released := map[string]*Entry{}
 	ended := map[string]*Entry{}
