@@ -1,9 +1,11 @@
 // Command lethectl is the command-line client of Lethe for tenants and operators: it emulates
-// and verifies attestation evidence, writes, signs and tests migration policies, and (with a
-// broker) adopts guests, migrates them and fetches and verifies their receipts.
+// and verifies attestation evidence, writes, signs and tests migration policies, (with a
+// broker) adopts guests, migrates them and fetches and verifies their receipts, and (with a
+// keybroker) fetches and verifies a guest's residency history, checkpoints of the residency
+// log and their consistency, and runs a witness of that log.
 //
 // lethectl never holds a guest key. Its offline commands (attest verify, policy test,
-// receipt verify) need nothing but the files they are given.
+// receipt verify, guests history --from-bundle) need nothing but the files they are given.
 package main
 
 import (
