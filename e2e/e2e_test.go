@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lethe-cc/lethe/keybroker/kbclient"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"slices"
 	"strings"
 	"sync"
@@ -126,7 +128,38 @@ func runScenarios(t *testing.T, scenarios []scenario) {
 			}
 		})
 	}
+	t.Run("residency-log-audit", func(t *testing.T) { auditResidencyLog(t, e) })
 	t.Logf("suite ran in %v", time.Since(start).Round(time.Second))
+}
+
+// auditResidencyLog is the monitor's check of the whole residency log after every scenario (lethectl
+// log audit): every leaf fetched as an operator (here, the broker's connection), hashing to
+// the keybroker's signed checkpoint, and every guest's history in it complete, whatever the
+// scenarios did to the guests, the broker, NATS or Vault.
+func auditResidencyLog(t *testing.T, e *env) {
+	ctx := t.Context()
+	c := kbclient.New(e.conn, 30*time.Second)
+	signed, err := c.LogCheckpoint(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := tlog.LogVerifier(e.kb.LogOrigin(), e.kbPub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp, err := tlog.Open(signed, v, nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaves, err := c.LogEntries(ctx, 0, cp.Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := tlog.Audit(cp, leaves)
+	if err != nil {
+		t.Fatalf("the residency log of %d entries does not audit: %v", cp.Size, err)
+	}
+	t.Logf("residency log: %d entries of %d guests, every history complete", cp.Size, len(rep.Guests))
 }
 
 // Policy variants.

@@ -169,6 +169,32 @@ func (k *Keybroker) receiptInclusion(ctx context.Context, tenant, vm, migrationI
 	return nil, fmt.Errorf("no log entry for the ending of migration %s: %w", migrationID, ErrUnknownMigration)
 }
 
+// LogEntries returns leaves [From, To) of the residency log (at most kbwire.MaxLogEntries,
+// To at most the settled head's size), each checked against the keybroker's tree, for a
+// monitor that verifies every guest's history (tlog.Audit). It returns ErrInvalidRequest,
+// ErrLogCorrupted, or ErrVaultUnavailable.
+func (k *Keybroker) LogEntries(ctx context.Context, req *kbwire.LogEntriesRequest) (*kbwire.LogEntriesResponse, error) {
+	if req.From > req.To || req.To-req.From > kbwire.MaxLogEntries {
+		return nil, fmt.Errorf("leaves %d to %d: at most %d, in order: %w", req.From, req.To, kbwire.MaxLogEntries, ErrInvalidRequest)
+	}
+	if err := k.ensureAuth(ctx); err != nil {
+		return nil, err
+	}
+	idx := make([]uint64, 0, req.To-req.From)
+	for i := req.From; i < req.To; i++ {
+		idx = append(idx, i)
+	}
+	entries, err := k.rlog.prove(ctx, req.To, idx)
+	if err != nil {
+		return nil, err
+	}
+	resp := &kbwire.LogEntriesResponse{Leaves: make([][]byte, len(entries))}
+	for i, e := range entries {
+		resp.Leaves[i] = e.Leaf
+	}
+	return resp, nil
+}
+
 // LogCosign adds a witness's cosignature to a checkpoint the log signed; only witnesses in
 // Config.LogWitnesses are taken. It returns ErrInvalidRequest, ErrLogCorrupted, or
 // ErrVaultUnavailable.

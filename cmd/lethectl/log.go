@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -87,6 +88,14 @@ func (l *lazyKeybroker) LogHistory(ctx context.Context, tenant, vm string, witne
 		return nil, err
 	}
 	return c.LogHistory(ctx, tenant, vm, witnessed)
+}
+
+func (l *lazyKeybroker) LogEntries(ctx context.Context, from, to uint64) ([][]byte, error) {
+	c, err := l.client()
+	if err != nil {
+		return nil, err
+	}
+	return c.LogEntries(ctx, from, to)
 }
 
 func (l *lazyKeybroker) LogCosign(ctx context.Context, cosigned []byte) ([]byte, error) {
@@ -280,7 +289,7 @@ Pin a checkpoint (log checkpoint --out) and check later ones against it (log pro
 guests history --pinned): a log that does not extend it was rewritten, or is not the log others
 are shown. guests history verifies a guest's complete history.`,
 	}
-	cmd.AddCommand(newLogCheckpointCmd(), newLogProveConsistencyCmd(), newLogWitnessCmd())
+	cmd.AddCommand(newLogCheckpointCmd(), newLogProveConsistencyCmd(), newLogWitnessCmd(), newLogAuditCmd())
 	return cmd
 }
 
@@ -914,4 +923,158 @@ func (h *historyOutcome) print(w io.Writer, verify bool) {
 	if h.PinMoved {
 		fmt.Fprintln(w, "pinned checkpoint updated")
 	}
+}
+
+// guestAuditView is one guest of an audit, as printed.
+type guestAuditView struct {
+	Tenant      string   `json:"tenant"`
+	VM          string   `json:"vm"`
+	Entries     int      `json:"entries"`
+	NewestSeq   uint64   `json:"newestSeq"`
+	NewestIndex uint64   `json:"newestIndex"`
+	LiveEpoch   uint64   `json:"liveEpoch"`
+	InProgress  []string `json:"inProgress,omitempty"`
+	Problems    []string `json:"problems,omitempty"`
+}
+
+func newLogAuditCmd() *cobra.Command {
+	var (
+		o            brokerOpts
+		trust        logTrust
+		pinned       string
+		updatePinned bool
+		guest        string
+	)
+	cmd := &cobra.Command{
+		Use:   "audit --pub keybroker.pub [--pinned FILE] [--guest TENANT/VM]",
+		Short: "Monitor the whole residency log: every guest's history, complete",
+		Long: `audit is the log's monitor: it fetches the newest checkpoint and every leaf of the log (operators
+only: the leaves name every tenant's guests), checks that the leaves hash to the checkpoint's root
+and, with --pinned, that the log extends the checkpoint pinned before; then it verifies every
+guest's history from the log itself, so that nothing can be withheld from it. It prints each
+guest's number of entries and newest seq: a tenant whose own history (guests history) ends
+earlier under the same checkpoint was shown less than the log holds. It exits 1 if any guest's
+history is not complete, naming each problem. --update-pinned moves the pin after a clean audit.`,
+		Example: `  lethectl log audit --pub keybroker.pub --pinned monitor.checkpoint --update-pinned
+  lethectl log audit --pub keybroker.pub --guest acme/web -o json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if updatePinned && pinned == "" {
+				return errors.New("--update-pinned needs --pinned")
+			}
+			v, err := trust.load()
+			if err != nil {
+				return err
+			}
+			c := &lazyKeybroker{o: &o}
+			defer c.close()
+			ctx, cancel := o.callCtx(cmd.Context())
+			defer cancel()
+			signed, err := c.LogCheckpoint(ctx, false)
+			if err != nil {
+				return fmt.Errorf("fetching the log's checkpoint: %w", err)
+			}
+			cp, err := v.open(signed)
+			if err != nil {
+				fmt.Fprintf(cmd.ErrOrStderr(), "INVALID: the log's checkpoint: %v\n", err)
+				return &exitError{code: 1}
+			}
+			if pinned != "" {
+				pinSigned, err := readCheckpointFile(pinned, cmd.InOrStdin())
+				if err != nil {
+					return err
+				}
+				pin, err := v.openLogOnly(pinSigned)
+				if err != nil {
+					return fmt.Errorf("%s: %w", pinned, err)
+				}
+				if _, err := extends(ctx, c, pin, cp); err != nil {
+					if errors.Is(err, tlog.ErrInconsistent) {
+						fmt.Fprintln(cmd.ErrOrStderr(), inconsistency(err, pin, cp))
+						return &exitError{code: 1}
+					}
+					return err
+				}
+			}
+			leaves, err := c.LogEntries(ctx, 0, cp.Size)
+			if err != nil {
+				return fmt.Errorf("fetching the log's leaves: %w", err)
+			}
+			rep, auditErr := tlog.Audit(cp, leaves)
+			if rep == nil {
+				fmt.Fprintf(cmd.ErrOrStderr(), "INVALID: %v\n", auditErr)
+				return &exitError{code: 1}
+			}
+			var views []guestAuditView
+			for _, g := range rep.Guests {
+				if guest != "" && g.Tenant+"/"+g.VM != guest {
+					continue
+				}
+				gv := guestAuditView{Tenant: g.Tenant, VM: g.VM, Entries: g.Entries, NewestSeq: g.NewestSeq, NewestIndex: g.NewestIndex}
+				if g.Report != nil {
+					gv.LiveEpoch, gv.InProgress = g.Report.Live, g.Report.InProgress
+				}
+				if g.Err != nil {
+					gv.Problems = problems(g.Err)
+				}
+				views = append(views, gv)
+			}
+			if guest != "" && len(views) == 0 {
+				return fmt.Errorf("the log of size %d has no entry of %s", cp.Size, guest)
+			}
+			result := struct {
+				Checkpoint checkpointView   `json:"checkpoint"`
+				Guests     []guestAuditView `json:"guests"`
+			}{viewCheckpoint(cp), views}
+			if err := o.show(cmd.OutOrStdout(), result, func(w io.Writer) {
+				tw := tabwriter.NewWriter(w, 0, 2, 2, ' ', 0)
+				fmt.Fprintln(tw, "GUEST\tENTRIES\tNEWEST SEQ\tNEWEST INDEX\tLIVE EPOCH\tSTATUS")
+				for _, g := range views {
+					status := "complete"
+					if len(g.InProgress) > 0 {
+						status = "complete, in progress: " + strings.Join(g.InProgress, ",")
+					}
+					if len(g.Problems) > 0 {
+						status = fmt.Sprintf("INVALID (%d problems)", len(g.Problems))
+					}
+					fmt.Fprintf(tw, "%s/%s\t%d\t%d\t%d\t%d\t%s\n", g.Tenant, g.VM, g.Entries, g.NewestSeq, g.NewestIndex, g.LiveEpoch, status)
+				}
+				tw.Flush()
+				for _, g := range views {
+					for _, p := range g.Problems {
+						fmt.Fprintf(w, "INVALID: %s/%s: %s\n", g.Tenant, g.VM, p)
+					}
+				}
+				fmt.Fprintf(w, "audited %d entries of %d guests in log %s of size %d\n", cp.Size, len(rep.Guests), cp.Origin, cp.Size)
+			}); err != nil {
+				return err
+			}
+			if auditErr != nil {
+				return &exitError{code: 1}
+			}
+			if updatePinned {
+				if err := writeFileAtomic(pinned, cp.Note, 0o644); err != nil {
+					return err
+				}
+			}
+			return nil
+		},
+	}
+	addBrokerFlags(cmd, &o, true)
+	addLogTrustFlags(cmd, &trust, true)
+	cmd.Flags().StringVar(&pinned, "pinned", "", "a checkpoint pinned before (log checkpoint --out): the log must extend it")
+	cmd.Flags().BoolVar(&updatePinned, "update-pinned", false, "write the audited checkpoint to --pinned once every history verified")
+	cmd.Flags().StringVar(&guest, "guest", "", "show only this guest (TENANT/VM); every guest is still verified")
+	return cmd
+}
+
+// problems splits a joined error into its lines.
+func problems(err error) []string {
+	var out []string
+	for _, l := range strings.Split(err.Error(), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			out = append(out, l)
+		}
+	}
+	return out
 }

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -482,7 +484,8 @@ func TestLogOverNATS(t *testing.T) {
 		t.Fatal(err)
 	}
 	log := slog.New(slog.NewTextHandler(t.Output(), nil))
-	kb, err := keybroker.New(keybroker.Config{Vault: srv.Client, Verifier: v, Logger: log, LogOrigin: "kb.test/lethe", LogWitnesses: []string{wk.VerifierKey}})
+	adminPub, adminKey, _ := ed25519.GenerateKey(rand.Reader)
+	kb, err := keybroker.New(keybroker.Config{Vault: srv.Client, Verifier: v, Logger: log, LogOrigin: "kb.test/lethe", LogWitnesses: []string{wk.VerifierKey}, AdminKey: adminPub})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -522,6 +525,35 @@ func TestLogOverNATS(t *testing.T) {
 	out = run("guests", "history", "web", "--for", "acme", "--verify", "--pub", pub, "--witness", wk.VerifierKey, "--witnessed", "--pinned", pinned)
 	if !strings.Contains(out, "VERIFIED: 0 entries of acme/web") || !strings.Contains(out, "live epoch  none") {
 		t.Errorf("history of a guest the log never saw: %q", out)
+	}
+
+	// The monitor: two denials of a registered tenant's guests in the log, every history
+	// complete, the pin moved.
+	tenantPub, _, _ := ed25519.GenerateKey(rand.Reader)
+	signed, err := kbwire.SignAdmin(kbwire.OpTenantRegister, kbwire.RegisterTenantRequest{Tenant: "acme", PolicyKey: tenantPub}, time.Now(), kbwire.MaxAdminValidity, adminKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kb.RegisterTenant(t.Context(), &kbwire.AdminRequest{Signed: signed}); err != nil {
+		t.Fatal(err)
+	}
+	for _, vm := range []string{"web", "db"} {
+		if _, err := kb.Release(t.Context(), &kbwire.ReleaseRequest{MigrationID: "m-" + vm, Tenant: "acme", VM: vm}); err == nil {
+			t.Fatal("a release without evidence went through")
+		}
+	}
+	out = run("log", "audit", "--pub", pub, "--pinned", pinned, "--update-pinned")
+	for _, want := range []string{"acme/db", "acme/web", "complete", "audited 2 entries of 2 guests in log kb.test/lethe of size 2"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log audit lacks %q:\n%s", want, out)
+		}
+	}
+	if b, err := os.ReadFile(pinned); err != nil || !strings.HasPrefix(string(b), "kb.test/lethe\n2\n") {
+		t.Errorf("the pin after a clean audit: %q, %v", b, err)
+	}
+	// A tenant's connection is not answered the leaves.
+	if out, errOut, code := runLethectl(t, "log", "audit", "--pub", pub, "--tenant", "acme", "--nats-url", ns.URL, "--timeout", "2s"); code == 0 {
+		t.Errorf("a tenant audited the whole log:\n%s%s", out, errOut)
 	}
 }
 

@@ -117,7 +117,7 @@ func TestKeybrokerSubjects(t *testing.T) {
 		t.Fatal(err)
 	}
 	logOps := kbwire.SubjectPrefix + ".log.>"
-	for _, op := range []string{kbwire.OpLogCheckpoint, kbwire.OpLogConsistency, kbwire.OpLogHistory, kbwire.OpLogCosign} {
+	for _, op := range []string{kbwire.OpLogCheckpoint, kbwire.OpLogConsistency, kbwire.OpLogHistory, kbwire.OpLogCosign, kbwire.OpLogEntries} {
 		if !strings.HasPrefix(subject(op), strings.TrimSuffix(logOps, ">")) {
 			t.Errorf("log operation %s is not under %s", op, logOps)
 		}

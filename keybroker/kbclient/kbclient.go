@@ -156,6 +156,26 @@ func sameCheckpoint(a, b []byte) bool {
 	return bytes.Equal(ta, tb)
 }
 
+// LogEntries fetches leaves [from, to) of the residency log, a page of kbwire.MaxLogEntries
+// at a time, for a monitor (tlog.Audit). Operators only: a tenant's request is not answered.
+// It returns an error matching kbwire.CodeInvalidRequest (beyond the log) or
+// kbwire.CodeUnavailable, or ErrNoKeybroker.
+func (c *Client) LogEntries(ctx context.Context, from, to uint64) ([][]byte, error) {
+	var leaves [][]byte
+	for from < to {
+		end := min(to, from+kbwire.MaxLogEntries)
+		resp, err := call[kbwire.LogEntriesResponse](ctx, c, kbwire.OpLogEntries, &kbwire.LogEntriesRequest{From: from, To: end})
+		if err != nil {
+			return nil, err
+		}
+		if uint64(len(resp.Leaves)) != end-from {
+			return nil, fmt.Errorf("fetching leaves %d to %d: %d answered", from, end, len(resp.Leaves))
+		}
+		leaves, from = append(leaves, resp.Leaves...), end
+	}
+	return leaves, nil
+}
+
 // LogCosign submits a checkpoint the log signed, cosigned by a witness (the signed note with
 // the witness's cosignature line added), and returns the checkpoint with every cosignature the
 // keybroker now holds for it. It returns an error matching kbwire.CodeInvalidRequest (among

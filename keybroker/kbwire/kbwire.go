@@ -49,6 +49,9 @@ const (
 	// OpLogCosign: LogCosignRequest (a checkpoint cosigned by a witness) →
 	// LogCheckpointResponse (the checkpoint with every cosignature it has).
 	OpLogCosign = "log.cosign"
+	// OpLogEntries: LogEntriesRequest → LogEntriesResponse: the log's leaves, for a monitor.
+	// Operators (and the broker) only: the leaves name every tenant's guests.
+	OpLogEntries = "log.entries"
 )
 
 // The keybroker's requests and responses. They encode as JSON (byte strings base64, as
@@ -351,4 +354,18 @@ type LogHistoryRequest struct {
 // LogCosignRequest carries a checkpoint the log signed, cosigned by a witness.
 type LogCosignRequest struct {
 	Checkpoint []byte `json:"checkpoint"`
+}
+
+// MaxLogEntries bounds the leaves of one LogEntriesResponse.
+const MaxLogEntries = 256
+
+// LogEntriesRequest asks for leaves [From, To) of the residency log (at most MaxLogEntries).
+type LogEntriesRequest struct {
+	From uint64 `json:"from"`
+	To   uint64 `json:"to"`
+}
+
+// LogEntriesResponse carries leaves of the residency log, in order from the request's From.
+type LogEntriesResponse struct {
+	Leaves [][]byte `json:"leaves"`
 }

@@ -40,10 +40,11 @@ const (
 	OpLogConsistency  = kbwire.OpLogConsistency
 	OpLogHistory      = kbwire.OpLogHistory
 	OpLogCosign       = kbwire.OpLogCosign
+	OpLogEntries      = kbwire.OpLogEntries
 )
 
 // Ops are the operations the service offers.
-var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister, OpTenantRotateKey, OpPolicyPublish, OpLogCheckpoint, OpLogConsistency, OpLogHistory, OpLogCosign}
+var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister, OpTenantRotateKey, OpPolicyPublish, OpLogCheckpoint, OpLogConsistency, OpLogHistory, OpLogCosign, OpLogEntries}
 
 // Subject returns the subject of op.
 func Subject(op string) string { return SubjectPrefix + "." + op }

@@ -69,7 +69,8 @@ var DefaultReplyPrefixes = []string{natsauth.BrokerInboxPrefix + ".", natsauth.O
 const TenantReplyPrefix = natsauth.TenantInboxPrefix + "."
 
 // tenantOps are the operations tenants call. The log's are public but for a guest's history,
-// which a tenant is answered only about its own guests (historyFor).
+// which a tenant is answered only about its own guests (history), and its leaves
+// (log.entries), which name every tenant's guests and go to operators only.
 var tenantOps = map[string]bool{
 	kbwire.OpPolicyPublish: true, kbwire.OpTenantRotateKey: true,
 	kbwire.OpLogCheckpoint: true, kbwire.OpLogConsistency: true, kbwire.OpLogHistory: true, kbwire.OpLogCosign: true,
@@ -152,6 +153,7 @@ func (s *Service) handlers() map[string]natsrpc.Handler {
 		OpLogConsistency:  natsrpc.Typed(k.LogConsistency),
 		OpLogHistory:      s.history,
 		OpLogCosign:       natsrpc.Typed(k.LogCosign),
+		OpLogEntries:      natsrpc.Typed(k.LogEntries),
 	}
 }
 
