@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"github.com/lethe-cc/lethe/keybroker/kbclient"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"slices"
 	"strings"
@@ -160,6 +161,15 @@ func auditResidencyLog(t *testing.T, e *env) {
 		t.Fatalf("the residency log of %d entries does not audit: %v", cp.Size, err)
 	}
 	t.Logf("residency log: %d entries of %d guests, every history complete", cp.Size, len(rep.Guests))
+
+	// A tenant, with its own NATS permissions, gets the key it verifies all this with.
+	k, err := kbclient.New(e.demoNC, 30*time.Second).PublicKey(ctx)
+	if err != nil {
+		t.Fatalf("the tenant fetching the keybroker's key: %v", err)
+	}
+	if pub, err := receipt.ParsePublicKeyPEM([]byte(k.PEM)); err != nil || !pub.Equal(e.kbPub) || k.LogOrigin != e.kb.LogOrigin() {
+		t.Errorf("the tenant fetched key %x (log %q), %v; want the keybroker's %x (log %q)", pub, k.LogOrigin, err, e.kbPub, e.kb.LogOrigin())
+	}
 }
 
 // Policy variants.

@@ -109,6 +109,10 @@ LETHE_TENANT= run "$BIN/lethectl" tenant register --tenant demo --pub "$work/key
 run "$BIN/lethectl" policy sign --key "$work/keys/tenant/tenant.key" examples/policies/ci-emulated.yaml \
   --out "$work/policy.signed"
 run "$BIN/lethectl" policy apply "$work/policy.signed"
+echo
+echo "The tenant fetches the keybroker's key, which signs its receipts and the residency log"
+echo "(and compares its key ID with the one its provider publishes elsewhere):"
+run "$BIN/lethectl" keybroker pubkey --out "$work/keys/tenant-keybroker.pub"
 
 bold "Adopting the guest on host-a (its first memory key, epoch 1, sealed to host-a's agent)"
 run "$BIN/lethectl" guests adopt web --host host-a
@@ -118,7 +122,7 @@ echo "Vault Transit keys now:"; vault list -format=table transit/keys | sed 's/^
 echo
 echo "The tenant pins the keybroker's residency log as it is now: every later key decision"
 echo "about its guest must extend this checkpoint."
-run "$BIN/lethectl" log checkpoint --pub "$work/keys/keybroker.pub" --out "$work/pinned.checkpoint"
+run "$BIN/lethectl" log checkpoint --pub "$work/keys/tenant-keybroker.pub" --out "$work/pinned.checkpoint"
 
 bold "1. Migrating the guest to host-b while its workload keeps dirtying pages"
 run "$BIN/lethectl" migrate web --to host-b --wait | tee "$work/migrate.out"
@@ -136,7 +140,7 @@ if vault read "transit/keys/lethe-demo-web-e1" >/dev/null 2>&1; then
   echo "demo: the source's epoch key still exists; that is a bug" >&2; exit 1
 fi
 run "$BIN/lethectl" receipt get "$mig" --out "$work/receipt.json"
-run "$BIN/lethectl" receipt verify "$work/receipt.json" --pub "$work/keys/keybroker.pub" \
+run "$BIN/lethectl" receipt verify "$work/receipt.json" --pub "$work/keys/tenant-keybroker.pub" \
   --migration "$mig" --tenant demo --vm web --require-erased --require-logged
 
 bold "2. Trying to move the guest on to host-c, whose firmware is older than the source's"
@@ -146,7 +150,7 @@ fi
 run "$BIN/lethectl" guests list
 
 bold "3. The guest's whole residency history, verified against the checkpoint pinned at adoption"
-run "$BIN/lethectl" guests history web --verify --pub "$work/keys/keybroker.pub" \
+run "$BIN/lethectl" guests history web --verify --pub "$work/keys/tenant-keybroker.pub" \
   --pinned "$work/pinned.checkpoint" --update-pinned
 
 bold "What the broker and keybroker counted (Prometheus, /metrics)"

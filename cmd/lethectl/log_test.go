@@ -507,6 +507,13 @@ func TestLogOverNATS(t *testing.T) {
 		return out
 	}
 
+	// The key a tenant fetches is the keybroker's, with the log's name.
+	fetched := filepath.Join(dir, "fetched.pub")
+	out = run("keybroker", "pubkey", "--tenant", "acme", "--out", fetched)
+	if b, err := os.ReadFile(fetched); err != nil || string(b) != string(pem) || !strings.Contains(out, "log origin  kb.test/lethe") {
+		t.Errorf("keybroker pubkey: %q, file %q, %v", out, b, err)
+	}
+
 	state := filepath.Join(dir, "witness.state")
 	if out := run("log", "witness", "run", "--once", "--key", key, "--state", state, "--pub", pub); !strings.Contains(out, "cosigned size 0") {
 		t.Errorf("witness run: %q, want a cosignature of size 0", out)

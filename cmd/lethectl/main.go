@@ -53,6 +53,6 @@ confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
 	}
 	root.SetVersionTemplate("{{.Version}}\n")
 	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd(), newReceiptCmd(), newTenantCmd())
-	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd(), newLogCmd())
+	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd(), newLogCmd(), newKeybrokerCmd())
 	return root
 }

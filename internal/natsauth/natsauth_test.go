@@ -122,7 +122,7 @@ func TestKeybrokerSubjects(t *testing.T) {
 			t.Errorf("log operation %s is not under %s", op, logOps)
 		}
 	}
-	want := []string{natsauth.BrokerSubjectPrefix + ".tenant.acme.>", subject(kbwire.OpPolicyPublish), subject(kbwire.OpTenantRotateKey), logOps}
+	want := []string{natsauth.BrokerSubjectPrefix + ".tenant.acme.>", subject(kbwire.OpPolicyPublish), subject(kbwire.OpTenantRotateKey), logOps, subject(kbwire.OpPublicKey)}
 	if diff := cmp.Diff(want, tenant.Publish); diff != "" {
 		t.Errorf("tenant's publish permissions (-want +got):\n%s", diff)
 	}
@@ -130,7 +130,7 @@ func TestKeybrokerSubjects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want = []string{natsauth.BrokerSubjectPrefix + ".operator.>", subject(kbwire.OpTenantRegister), logOps}
+	want = []string{natsauth.BrokerSubjectPrefix + ".operator.>", subject(kbwire.OpTenantRegister), logOps, subject(kbwire.OpPublicKey)}
 	if diff := cmp.Diff(want, operator.Publish); diff != "" {
 		t.Errorf("operator's publish permissions (-want +got):\n%s", diff)
 	}

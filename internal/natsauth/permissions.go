@@ -85,6 +85,7 @@ func UserPermissions(u User) (Permissions, error) {
 			keybrokerPolicyPublish,
 			keybrokerTenantRotateKey,
 			keybrokerLog,
+			keybrokerPublicKey,
 		}
 		sub = []string{inbox}
 	case RoleOperator:
@@ -95,7 +96,7 @@ func UserPermissions(u User) (Permissions, error) {
 		}
 		// Operators register tenants with the keybroker (an admin call, signed with the admin
 		// key the keybroker pins, on top of this permission).
-		pub = []string{BrokerSubjectPrefix + ".operator.>", keybrokerTenantRegister, keybrokerLog}
+		pub = []string{BrokerSubjectPrefix + ".operator.>", keybrokerTenantRegister, keybrokerLog, keybrokerPublicKey}
 		sub = []string{inbox}
 	default:
 		return Permissions{}, fmt.Errorf("unknown role %q", u.Role)

@@ -31,6 +31,9 @@ const (
 	// operators and witnesses call: the log's proofs are public, a guest's history its
 	// tenant's (the keybroker answers a tenant's inbox about its own guests only).
 	keybrokerLog = KeybrokerSubjectPrefix + ".log.>"
+	// keybrokerPublicKey is the receipt-signing key's operation (kbwire's OpPublicKey): the
+	// key tenants verify receipts and the log with.
+	keybrokerPublicKey = KeybrokerSubjectPrefix + ".pubkey"
 )
 
 // The JetStream key-value buckets of the broker, the only ones its store user may use.

@@ -88,6 +88,14 @@ func (c *Client) PublicKeyPEM(ctx context.Context) ([]byte, error) {
 	return []byte(resp.PEM), nil
 }
 
+// PublicKey fetches the receipt-signing public key (PEM) and the residency log's origin. Over
+// NATS they are only as trustworthy as NATS: compare the key's ID (receipt.KeyID) with the one
+// the provider publishes elsewhere before pinning it. It returns an error matching
+// kbwire.CodeUnavailable, or ErrNoKeybroker.
+func (c *Client) PublicKey(ctx context.Context) (*kbwire.PublicKeyResponse, error) {
+	return call[kbwire.PublicKeyResponse](ctx, c, kbwire.OpPublicKey, struct{}{})
+}
+
 // LogCheckpoint fetches a signed checkpoint of the residency log (a C2SP signed note with its
 // witnesses' cosignatures): the newest, or with witnessed the newest a witness cosigned. The
 // caller verifies it (tlog.Open). It returns an error matching kbwire.CodeInvalidRequest (no

@@ -27,7 +27,7 @@ const (
 	OpDestroy = "destroy"
 	// OpReceipt: ReceiptRequest → ReceiptResponse.
 	OpReceipt = "receipt"
-	// OpPublicKey: no request body → PublicKeyResponse.
+	// OpPublicKey: no request body → PublicKeyResponse. Tenants and operators may call it.
 	OpPublicKey = "pubkey"
 	// OpTenantRegister: AdminRequest (an AdminStatement signed with the admin key, whose
 	// Request is a RegisterTenantRequest) → RegisterTenantResponse.
@@ -248,6 +248,8 @@ type ReceiptResponse struct {
 // PublicKeyResponse carries the receipt-signing public key, PEM, for tenants to pin.
 type PublicKeyResponse struct {
 	PEM string `json:"pem"`
+	// LogOrigin is the residency log's name in its checkpoints, verified with this key.
+	LogOrigin string `json:"logOrigin,omitempty"`
 }
 
 // RegisterTenantRequest registers a tenant's policy-signing key. It is an admin call: it travels

@@ -49,9 +49,9 @@ func TestRefusesForeignReplySubjects(t *testing.T) {
 			}
 		}
 	}
-	// A tenant's inbox is refused for every operation but the six tenants call (publishing
-	// policies, rotating keys, the residency log's four).
-	want := uint64(len(natsapi.Ops)*len(replies) - 6)
+	// A tenant's inbox is refused for every operation but the seven tenants call (publishing
+	// policies, rotating keys, the public key, the residency log's four).
+	want := uint64(len(natsapi.Ops)*len(replies) - 7)
 	deadline := time.Now().Add(10 * time.Second)
 	for svc.RefusedReplies() < want {
 		if time.Now().After(deadline) {

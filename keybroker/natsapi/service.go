@@ -72,7 +72,7 @@ const TenantReplyPrefix = natsauth.TenantInboxPrefix + "."
 // which a tenant is answered only about its own guests (history), and its leaves
 // (log.entries), which name every tenant's guests and go to operators only.
 var tenantOps = map[string]bool{
-	kbwire.OpPolicyPublish: true, kbwire.OpTenantRotateKey: true,
+	kbwire.OpPolicyPublish: true, kbwire.OpTenantRotateKey: true, kbwire.OpPublicKey: true,
 	kbwire.OpLogCheckpoint: true, kbwire.OpLogConsistency: true, kbwire.OpLogHistory: true, kbwire.OpLogCosign: true,
 }
 
@@ -144,7 +144,7 @@ func (s *Service) handlers() map[string]natsrpc.Handler {
 			if err != nil {
 				return nil, err
 			}
-			return &kbwire.PublicKeyResponse{PEM: string(pem)}, nil
+			return &kbwire.PublicKeyResponse{PEM: string(pem), LogOrigin: k.LogOrigin()}, nil
 		}),
 		OpTenantRegister:  natsrpc.Typed(s.registerTenant),
 		OpTenantRotateKey: natsrpc.Typed(k.RotateKey),
