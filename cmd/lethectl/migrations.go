@@ -293,35 +293,38 @@ func newMigrationsAbortCmd() *cobra.Command {
 }
 
 // watchMigration polls a migration, drawing a progress bar on stderr, until it ends; an
-// aborted migration ends lethectl with status 1.
+// aborted migration ends lethectl with status 1. Interrupted (Ctrl-C), it says that the
+// migration goes on and how to follow or abort it, and ends with status 130.
 func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id string, stdout, stderr io.Writer) error {
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
+	out := newProgressOut(stderr, o.output != "json")
 	var m *broker.Migration
 	for {
 		cctx, cancel := o.callCtx(ctx)
 		got, err := c.GetMigration(cctx, id)
 		cancel()
+		if ctx.Err() != nil {
+			out.end()
+			return interrupted(stderr, id, m)
+		}
 		if err != nil {
+			out.end()
 			return err
 		}
 		m = got
-		if o.output != "json" {
-			fmt.Fprintf(stderr, "\r\033[K%s", progressLine(m))
-		}
+		out.show(progressLine(m))
 		if m.Phase.Terminal() {
 			break
 		}
 		select {
 		case <-ctx.Done():
-			fmt.Fprintln(stderr)
-			return ctx.Err()
+			out.end()
+			return interrupted(stderr, id, m)
 		case <-t.C:
 		}
 	}
-	if o.output != "json" {
-		fmt.Fprintln(stderr)
-	}
+	out.end()
 	if err := o.show(stdout, m, func(w io.Writer) {
 		switch m.Phase {
 		case broker.PhaseErased:
@@ -339,6 +342,60 @@ func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id str
 		return &exitError{code: 1}
 	}
 	return nil
+}
+
+// progressOut draws progress lines: on a terminal, one line redrawn in place; elsewhere (a
+// pipe, a log file), a plain line each time it changes, with no control characters.
+type progressOut struct {
+	w       io.Writer
+	on, tty bool
+	last    string
+	drawn   bool
+}
+
+func newProgressOut(w io.Writer, on bool) *progressOut {
+	return &progressOut{w: w, on: on, tty: isTerminal(w)}
+}
+
+func (p *progressOut) show(line string) {
+	switch {
+	case !p.on:
+	case p.tty:
+		fmt.Fprintf(p.w, "\r\033[K%s", line)
+		p.drawn = true
+	case line != p.last:
+		fmt.Fprintln(p.w, line)
+	}
+	p.last = line
+}
+
+// end ends the line redrawn in place.
+func (p *progressOut) end() {
+	if p.drawn {
+		fmt.Fprintln(p.w)
+		p.drawn = false
+	}
+}
+
+// isTerminal says whether w is a terminal (a character device).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// interrupted tells, when lethectl stops following a migration (Ctrl-C), that the migration
+// goes on without it, and how to follow or abort it.
+func interrupted(w io.Writer, id string, m *broker.Migration) error {
+	phase := "still running"
+	if m != nil {
+		phase = "in phase " + string(m.Phase)
+	}
+	fmt.Fprintf(w, "interrupted: migration %s goes on (%s); follow it with `lethectl migrations watch %s`, abort it with `lethectl migrations abort %s`\n", id, phase, id, id)
+	return &exitError{code: 130}
 }
 
 // progressLine renders a migration's phase and transfer progress on one line.

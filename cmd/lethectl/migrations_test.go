@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -91,5 +92,45 @@ func TestProgressLineNotConverging(t *testing.T) {
 	m.Progress.NotConverging, m.Progress.ETA = false, 3*time.Second
 	if got := progressLine(m); !strings.Contains(got, "ETA 3s") {
 		t.Errorf("progress line %q, want ETA 3s", got)
+	}
+}
+
+// TestProgressOutInAPipe: written to anything but a terminal, progress is plain lines, one per
+// change, with no control characters.
+func TestProgressOutInAPipe(t *testing.T) {
+	var b bytes.Buffer
+	p := newProgressOut(&b, true)
+	for _, l := range []string{"Attesting", "Attesting", "Transferring 10%", "Transferring 10%", "Transferring 50%"} {
+		p.show(l)
+	}
+	p.end()
+	if got, want := b.String(), "Attesting\nTransferring 10%\nTransferring 50%\n"; got != want {
+		t.Errorf("progress in a pipe:\n%q\nwant\n%q", got, want)
+	}
+	if strings.ContainsAny(b.String(), "\r\033") {
+		t.Error("control characters in a pipe")
+	}
+	var quiet bytes.Buffer
+	q := newProgressOut(&quiet, false)
+	q.show("Attesting")
+	q.end()
+	if quiet.Len() != 0 {
+		t.Errorf("progress with -o json: %q", quiet.String())
+	}
+}
+
+// TestInterruptedSaysTheMigrationGoesOn: Ctrl-C while following a migration says how to follow
+// or abort it, not "context canceled", and ends with 130.
+func TestInterruptedSaysTheMigrationGoesOn(t *testing.T) {
+	var b bytes.Buffer
+	err := interrupted(&b, "mig-1", &broker.Migration{ID: "mig-1", Phase: broker.PhaseTransferring})
+	var ee *exitError
+	if !errors.As(err, &ee) || ee.code != 130 {
+		t.Fatalf("interrupted = %v, want exit 130", err)
+	}
+	for _, want := range []string{"migration mig-1 goes on", "Transferring", "lethectl migrations watch mig-1", "lethectl migrations abort mig-1"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("interrupted message %q lacks %q", b.String(), want)
+		}
 	}
 }
