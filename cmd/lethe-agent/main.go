@@ -67,8 +67,7 @@ func main() {
 	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "lethe-agent:", err)
-		os.Exit(2)
+		os.Exit(daemon.StartError(os.Stderr, "lethe-agent", err))
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err = run(ctx, cfg)

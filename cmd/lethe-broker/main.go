@@ -65,8 +65,7 @@ func main() {
 	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "lethe-broker:", err)
-		os.Exit(2)
+		os.Exit(daemon.StartError(os.Stderr, "lethe-broker", err))
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err = run(ctx, cfg)
@@ -80,6 +79,16 @@ func main() {
 // newFlagSet declares the broker's settings on c.
 func newFlagSet(c *config) *daemon.Flags {
 	fs := daemon.NewFlags("lethe-broker")
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage:
+  lethe-broker [flags]               run the broker
+  lethe-broker nats-config [flags]   print the NATS server configuration of Lethe's users
+  lethe-broker --version
+
+Flags (each also an environment variable and a key of the --config file):
+`)
+		fs.PrintDefaults()
+	}
 	fs.String(&c.configFile, "config", "LETHE_BROKER_CONFIG", "", "YAML configuration file whose keys are these flags' names; flags and environment variables override it")
 	fs.String(&c.nats.URL, "nats-url", "LETHE_NATS_URL", "", "NATS server URL; empty with --dev runs an embedded server")
 	fs.String(&c.nats.Creds, "creds", "LETHE_NATS_CREDS", "", "NATS credentials file")

@@ -75,8 +75,7 @@ func main() {
 	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "lethe-keybroker:", err)
-		os.Exit(2)
+		os.Exit(daemon.StartError(os.Stderr, "lethe-keybroker", err))
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err = run(ctx, cfg)

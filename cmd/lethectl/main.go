@@ -54,5 +54,13 @@ confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
 	root.SetVersionTemplate("{{.Version}}\n")
 	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd(), newReceiptCmd(), newTenantCmd())
 	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd(), newLogCmd(), newKeybrokerCmd())
+	root.AddCommand(&cobra.Command{
+		Use:   "version",
+		Short: "Print lethectl's version (as --version does)",
+		Args:  cobra.NoArgs,
+		Run: func(cmd *cobra.Command, _ []string) {
+			fmt.Fprintln(cmd.OutOrStdout(), version.String("lethectl"))
+		},
+	})
 	return root
 }

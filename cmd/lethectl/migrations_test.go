@@ -134,3 +134,12 @@ func TestInterruptedSaysTheMigrationGoesOn(t *testing.T) {
 		}
 	}
 }
+
+// TestVersionCommand: "lethectl version" prints what --version prints.
+func TestVersionCommand(t *testing.T) {
+	a, _, code1 := runLethectl(t, "version")
+	b, _, code2 := runLethectl(t, "--version")
+	if code1 != 0 || code2 != 0 || a != b || !strings.HasPrefix(a, "lethectl ") {
+		t.Errorf("version: %q (exit %d); --version: %q (exit %d)", a, code1, b, code2)
+	}
+}

@@ -168,3 +168,14 @@ func decodeConfig(file string, data []byte) (strictyaml.Settings, error) {
 	}
 	return settings, nil
 }
+
+// StartError reports a daemon's error from parsing its settings on w and returns its exit
+// status: 0 for --help (flag.ErrHelp: the usage was printed, which is what was asked), 2 for
+// anything else, printed after the daemon's name.
+func StartError(w io.Writer, name string, err error) int {
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	fmt.Fprintf(w, "%s: %v\n", name, err)
+	return 2
+}

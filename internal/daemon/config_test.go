@@ -1,7 +1,10 @@
 package daemon_test
 
 import (
+	"bytes"
 	"errors"
+	"flag"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -371,5 +374,17 @@ func TestReferenceAndReplaceSection(t *testing.T) {
 	}
 	if _, err := daemon.ReplaceSection(doc, "y", ""); err == nil {
 		t.Error("ReplaceSection without markers succeeded")
+	}
+}
+
+// TestStartError: --help is a success (its usage was printed); any other error is reported
+// after the daemon's name, with status 2.
+func TestStartError(t *testing.T) {
+	var b bytes.Buffer
+	if code := daemon.StartError(&b, "lethe-x", fmt.Errorf("parsing: %w", flag.ErrHelp)); code != 0 || b.Len() != 0 {
+		t.Errorf("--help: status %d, printed %q; want 0 and nothing more", code, b.String())
+	}
+	if code := daemon.StartError(&b, "lethe-x", errors.New("--nats-url is required")); code != 2 || b.String() != "lethe-x: --nats-url is required\n" {
+		t.Errorf("a bad setting: status %d, printed %q", code, b.String())
 	}
 }
