@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/lethe-cc/lethe/policy"
 	"io"
 	"os"
 
@@ -37,7 +38,12 @@ floor of the policy's (tenant, metadata.name) to its policySvn, so that no older
 name is accepted again, whatever the broker keeps. Then it stores the policy with the broker.
 
 An operator applying a tenant's policy (--for) does not publish: the floor moves only when the
-tenant publishes. The keybroker accepts the policy only for the guests its spec.guests names.`,
+tenant publishes. The keybroker accepts the policy only for the guests its spec.guests names.
+
+Without --tenant or --for, apply acts as the tenant the policy names. A policy of another
+tenant than the one you act as is refused before anything is sent, and an unsigned policy
+file is answered with how to sign it. The keybroker refuses, at publication, a signature by
+another key than the tenant's and a policySvn below the floor of its name.`,
 		Example: "  lethectl policy apply policy.signed.json --tenant acme\n  lethectl policy apply web.signed.json --vm web\n  lethectl policy apply acme.signed.json --for acme   # an operator: no publication",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -45,8 +51,20 @@ tenant publishes. The keybroker accepts the policy only for the guests its spec.
 			if err != nil {
 				return fmt.Errorf("reading signed policy: %w", err)
 			}
+			tenant, err := signedPolicyTenant(args[0], envelope)
+			if err != nil {
+				return err
+			}
 			if err := o.resolve(); err != nil {
 				return err
+			}
+			switch {
+			case forTenant != "" && forTenant != tenant:
+				return fmt.Errorf("%s is tenant %s's policy, not %s's (--for)", args[0], tenant, forTenant)
+			case forTenant == "" && o.Tenant != "" && o.Tenant != tenant:
+				return fmt.Errorf("%s is tenant %s's policy; you act as tenant %s: apply it as %s", args[0], tenant, o.Tenant, tenant)
+			case forTenant == "" && o.Tenant == "":
+				o.Tenant = tenant // the policy says whose it is
 			}
 			var out appliedPolicy
 			if forTenant == "" && o.Tenant != "" && !noPublish {
@@ -73,6 +91,23 @@ tenant publishes. The keybroker accepts the policy only for the guests its spec.
 	cmd.Flags().StringVar(&forTenant, "for", "", "operators: the tenant whose signed policy this is (not published)")
 	cmd.Flags().BoolVar(&noPublish, "no-publish", false, "store with the broker only; the keybroker's floor does not move")
 	return cmd
+}
+
+// signedPolicyTenant returns the tenant a signed policy names (its signature is the
+// keybroker's to check), or says how to sign a policy given unsigned.
+func signedPolicyTenant(file string, b []byte) (string, error) {
+	env, err := policy.ParseEnvelope(b)
+	if err != nil {
+		if _, perr := policy.Parse(file, b); perr == nil {
+			return "", fmt.Errorf("%s is a policy that is not signed: sign it first (lethectl policy sign --key TENANT.key %s --out %s.signed) and apply the signed file", file, file, file)
+		}
+		return "", fmt.Errorf("reading signed policy %s: %w", file, err)
+	}
+	p, err := policy.Parse(file, env.Payload)
+	if err != nil {
+		return "", fmt.Errorf("reading signed policy %s: %w", file, err)
+	}
+	return p.Metadata.Tenant, nil
 }
 
 // publishPolicy publishes envelope to the keybroker as o's tenant.

@@ -191,3 +191,38 @@ func TestPolicyTestEmulated(t *testing.T) {
 		t.Errorf("policy test without the emulator's roots: exit %d, %+v", code, res.Decision)
 	}
 }
+
+// TestPolicyApplyAnswersUpFront: apply refuses, before anything is sent, an unsigned policy
+// (saying how to sign it) and a policy of another tenant than the one you act as.
+func TestPolicyApplyAnswersUpFront(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("LETHECTL_CONFIG", "")
+	t.Setenv("XDG_CONFIG_HOME", dir)
+	t.Setenv("LETHE_TENANT", "")
+	keys := filepath.Join(dir, "keys")
+	signed := filepath.Join(dir, "policy.signed")
+	if _, _, code := runLethectl(t, "keygen", "--out", keys); code != 0 {
+		t.Fatal("keygen failed")
+	}
+	if _, _, code := runLethectl(t, "policy", "sign", "--key", filepath.Join(keys, "tenant.key"), examplePolicy, "--out", signed); code != 0 {
+		t.Fatal("sign failed")
+	}
+	nowhere := []string{"--nats-url", "nats://127.0.0.1:1", "--timeout", "1s"}
+	tests := map[string]struct {
+		args []string
+		want string
+	}{
+		"unsigned":       {[]string{examplePolicy}, "is a policy that is not signed: sign it first (lethectl policy sign --key TENANT.key"},
+		"another tenant": {[]string{signed, "--tenant", "acme"}, "is tenant demo's policy; you act as tenant acme"},
+		"operator --for": {[]string{signed, "--for", "acme"}, "is tenant demo's policy, not acme's (--for)"},
+		"not a policy":   {[]string{filepath.Join(keys, "tenant.pub")}, "reading signed policy"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			_, errOut, code := runLethectl(t, append(append([]string{"policy", "apply"}, tc.args...), nowhere...)...)
+			if code == 0 || !strings.Contains(errOut, tc.want) {
+				t.Errorf("exit %d, stderr %q; want it to say %q", code, errOut, tc.want)
+			}
+		})
+	}
+}
