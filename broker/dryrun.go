@@ -30,10 +30,16 @@ type PolicyReader func(envelope []byte) (*Prefilter, error)
 // noPrefilterNote is said in every dry run when no PolicyReader is configured.
 const noPrefilterNote = "policy pre-filter not configured: only liveness and platform checked"
 
+// UncheckedNote is said in every dry run: what a pass does not promise. The rest of the
+// policy needs both ends' verified evidence, which only the keybroker sees, at release.
+const UncheckedNote = "a pass is the pre-filter's (liveness, platform, labels, regions); not checked before evidence exists: " +
+	"TCB levels (minimum TCB, destinationTcbAtLeastSource), measurements, guest policy bits, the CEL rule: " +
+	"the keybroker evaluates them on fresh evidence at release and may still refuse a host that passes here"
+
 // verdicts judges every host in hosts as a destination for guest g (on platform p, at host
 // source) under the policy envelope.
 func (b *Broker) verdicts(hosts []*agentapi.HostRecord, source string, p attest.Platform, envelope []byte, now time.Time) ([]HostVerdict, []string) {
-	var notes []string
+	notes := []string{UncheckedNote}
 	var pf *Prefilter
 	var pfErr error
 	if b.cfg.ReadPolicy == nil {

@@ -41,9 +41,13 @@ rate, ETA) and prints the outcome; an aborted migration exits with status 1.`,
 					for _, n := range d.Notes {
 						fmt.Fprintf(w, "note: %s\n", n)
 					}
-					table(w, "HOST\tPASS\tWHY NOT", func(tw io.Writer) {
+					table(w, "HOST\tPRE-FILTER\tWHY NOT", func(tw io.Writer) {
 						for _, v := range d.Hosts {
-							fmt.Fprintf(tw, "%s\t%v\t%s\n", v.Host, v.Pass, strings.Join(v.Reasons, "; "))
+							verdict := "fails"
+							if v.Pass {
+								verdict = "passes"
+							}
+							fmt.Fprintf(tw, "%s\t%s\t%s\n", v.Host, verdict, strings.Join(v.Reasons, "; "))
 						}
 					})
 				})
