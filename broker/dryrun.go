@@ -32,7 +32,7 @@ const noPrefilterNote = "policy pre-filter not configured: only liveness and pla
 
 // UncheckedNote is said in every dry run: what a pass does not promise. The rest of the
 // policy needs both ends' verified evidence, which only the keybroker sees, at release.
-const UncheckedNote = "a pass is the pre-filter's (liveness, platform, labels, regions); not checked before evidence exists: " +
+const UncheckedNote = "a pass is the pre-filter's; not checked before evidence exists: " +
 	"TCB levels (minimum TCB, destinationTcbAtLeastSource), measurements, guest policy bits, the CEL rule: " +
 	"the keybroker evaluates them on fresh evidence at release and may still refuse a host that passes here"
 

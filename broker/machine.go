@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/wireerr"
 	"github.com/lethe-cc/lethe/keybroker/grant"
@@ -14,7 +16,6 @@ import (
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/policy"
-	"golang.org/x/sync/errgroup"
 )
 
 // errNotMine means the migration changed phase or owner under a step; the driver reloads it.

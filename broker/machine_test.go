@@ -3,7 +3,6 @@ package broker_test
 import (
 	"encoding/json"
 	"errors"
-	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"slices"
 	"strings"
 	"sync"
@@ -11,15 +10,17 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/nats-io/nats.go"
+
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/broker/brokertest"
 	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/agentapi/agentapitest"
-	"github.com/nats-io/nats.go"
 )
 
 // phaseEvents collects the phase events of all migrations, in order; the function it returns

@@ -4,10 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/lethe-cc/lethe/keybroker/kbclient"
-	"github.com/lethe-cc/lethe/keybroker/kbwire"
-	"github.com/lethe-cc/lethe/keybroker/receipt"
-	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"slices"
 	"strings"
 	"sync"
@@ -20,7 +16,11 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/kbclient"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/seal"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
@@ -130,6 +130,7 @@ func runScenarios(t *testing.T, scenarios []scenario) {
 		})
 	}
 	t.Run("residency-log-audit", func(t *testing.T) { auditResidencyLog(t, e) })
+	t.Run("tenant-fetches-keybroker-key", func(t *testing.T) { tenantFetchesKey(t, e) })
 	t.Logf("suite ran in %v", time.Since(start).Round(time.Second))
 }
 
@@ -161,9 +162,12 @@ func auditResidencyLog(t *testing.T, e *env) {
 		t.Fatalf("the residency log of %d entries does not audit: %v", cp.Size, err)
 	}
 	t.Logf("residency log: %d entries of %d guests, every history complete", cp.Size, len(rep.Guests))
+}
 
-	// A tenant, with its own NATS permissions, gets the key it verifies all this with.
-	k, err := kbclient.New(e.demoNC, 30*time.Second).PublicKey(ctx)
+// tenantFetchesKey: a tenant, with its own NATS permissions, gets the key it verifies receipts
+// and the log with (lethectl keybroker pubkey).
+func tenantFetchesKey(t *testing.T, e *env) {
+	k, err := kbclient.New(e.demoNC, 30*time.Second).PublicKey(t.Context())
 	if err != nil {
 		t.Fatalf("the tenant fetching the keybroker's key: %v", err)
 	}

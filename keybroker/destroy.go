@@ -7,12 +7,12 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"strings"
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/grant"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/policy"

@@ -5,8 +5,6 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
-	"github.com/lethe-cc/lethe/keybroker/kbwire"
-	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"log/slog"
 	"regexp"
 	"sync"
@@ -15,6 +13,8 @@ import (
 	"github.com/hashicorp/vault/api"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
+	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
 
 // Errors of the keybroker's API. Each method documents which it returns; all are wrapped, so

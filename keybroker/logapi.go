@@ -184,7 +184,7 @@ func (k *Keybroker) LogEntries(ctx context.Context, req *kbwire.LogEntriesReques
 	for i := req.From; i < req.To; i++ {
 		idx = append(idx, i)
 	}
-	entries, err := k.rlog.prove(ctx, req.To, idx)
+	entries, err := k.rlog.read(ctx, req.To, idx, false)
 	if err != nil {
 		return nil, err
 	}

@@ -3,7 +3,6 @@ package keybroker
 import (
 	"bytes"
 	"errors"
-	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"sync"
 	"testing"
 	"time"
@@ -11,6 +10,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/keybrokertest"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 )

@@ -585,6 +585,11 @@ func (l *residencyLog) proveGuest(ctx context.Context, tenant, vm string, size, 
 // the proofs from the tree in memory (under mu), the leaves read from Vault after (in
 // parallel, outside the lock), each checked against the tree's leaf hash.
 func (l *residencyLog) prove(ctx context.Context, size uint64, idx []uint64) ([]tlog.ProvenEntry, error) {
+	return l.read(ctx, size, idx, true)
+}
+
+// read is prove, with proofs only if withProofs.
+func (l *residencyLog) read(ctx context.Context, size uint64, idx []uint64, withProofs bool) ([]tlog.ProvenEntry, error) {
 	out := make([]tlog.ProvenEntry, len(idx))
 	want := make([][]byte, len(idx))
 	l.mu.Lock()
@@ -596,7 +601,9 @@ func (l *residencyLog) prove(ctx context.Context, size uint64, idx []uint64) ([]
 		var err error
 		if want[j], err = l.tree.LeafHash(i); err == nil {
 			out[j].Index = i
-			out[j].Proof, err = l.tree.InclusionProof(i, size)
+			if withProofs {
+				out[j].Proof, err = l.tree.InclusionProof(i, size)
+			}
 		}
 		if err != nil {
 			l.mu.Unlock()

@@ -113,6 +113,9 @@ echo
 echo "The tenant fetches the keybroker's key, which signs its receipts and the residency log"
 echo "(and compares its key ID with the one its provider publishes elsewhere):"
 run "$BIN/lethectl" keybroker pubkey --out "$work/keys/tenant-keybroker.pub"
+cmp -s "$work/keys/tenant-keybroker.pub" "$work/keys/keybroker.pub" || {
+  echo "demo: the key fetched over NATS is not the one the keybroker exported" >&2; exit 1; }
+echo "(the same key the keybroker exported at start)"
 
 bold "Adopting the guest on host-a (its first memory key, epoch 1, sealed to host-a's agent)"
 run "$BIN/lethectl" guests adopt web --host host-a

@@ -28,6 +28,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"golang.org/x/sync/errgroup"
+
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/internal/natsauth"
@@ -35,8 +38,6 @@ import (
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
-	"github.com/nats-io/nats.go"
-	"golang.org/x/sync/errgroup"
 )
 
 type config struct {

@@ -26,13 +26,14 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+	"golang.org/x/sync/errgroup"
+
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/version"
 	"github.com/lethe-cc/lethe/policy"
-	"github.com/nats-io/nats-server/v2/server"
-	"golang.org/x/sync/errgroup"
 )
 
 type config struct {
@@ -58,8 +59,7 @@ func main() {
 	}
 	if len(os.Args) > 1 && os.Args[1] == "nats-config" {
 		if err := natsConfig(os.Args[2:], os.Stdout); err != nil {
-			fmt.Fprintln(os.Stderr, "lethe-broker nats-config:", err)
-			os.Exit(2)
+			os.Exit(daemon.StartError(os.Stderr, "lethe-broker nats-config", err))
 		}
 		return
 	}
@@ -82,7 +82,8 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage:
   lethe-broker [flags]               run the broker
-  lethe-broker nats-config [flags]   print the NATS server configuration of Lethe's users
+  lethe-broker nats-config [--out FILE] USERS.yaml
+                                     write the NATS server configuration of Lethe's users
   lethe-broker --version
 
 Flags (each also an environment variable and a key of the --config file):

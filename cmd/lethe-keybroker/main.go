@@ -41,6 +41,7 @@ import (
 	"github.com/lethe-cc/lethe/internal/version"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
+	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
 	"github.com/lethe-cc/lethe/policy"
 )
@@ -343,6 +344,11 @@ func exportPublicKey(ctx context.Context, kb *keybroker.Keybroker, path string, 
 	if err := os.WriteFile(path, pem, 0o644); err != nil {
 		return fmt.Errorf("writing public key: %w", err)
 	}
-	log.Info("Wrote the receipt-signing public key", "file", path)
+	pub, err := receipt.ParsePublicKeyPEM(pem)
+	if err != nil {
+		return err
+	}
+	log.Info("Wrote the receipt-signing public key", "file", path, "key_id", receipt.KeyID(pub))
+	fmt.Fprintf(os.Stderr, "receipt-signing key %s written to %s\n", receipt.KeyID(pub), path)
 	return nil
 }

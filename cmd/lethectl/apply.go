@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"github.com/lethe-cc/lethe/policy"
 	"io"
 	"os"
 
@@ -13,6 +12,7 @@ import (
 	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/keybroker/kbclient"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
+	"github.com/lethe-cc/lethe/policy"
 )
 
 // appliedPolicy is what "lethectl policy apply" prints: the keybroker's floor after the
@@ -40,9 +40,9 @@ name is accepted again, whatever the broker keeps. Then it stores the policy wit
 An operator applying a tenant's policy (--for) does not publish: the floor moves only when the
 tenant publishes. The keybroker accepts the policy only for the guests its spec.guests names.
 
-Without --tenant or --for, apply acts as the tenant the policy names. A policy of another
-tenant than the one you act as is refused before anything is sent, and an unsigned policy
-file is answered with how to sign it. The keybroker refuses, at publication, a signature by
+A policy of another tenant than the one you act as (or than --for) is refused before
+anything is sent, naming the policy's tenant, and an unsigned policy file is answered with
+how to sign it. The keybroker refuses, at publication, a signature by
 another key than the tenant's and a policySvn below the floor of its name.`,
 		Example: "  lethectl policy apply policy.signed.json --tenant acme\n  lethectl policy apply web.signed.json --vm web\n  lethectl policy apply acme.signed.json --for acme   # an operator: no publication",
 		Args:    cobra.ExactArgs(1),
@@ -64,7 +64,7 @@ another key than the tenant's and a policySvn below the floor of its name.`,
 			case forTenant == "" && o.Tenant != "" && o.Tenant != tenant:
 				return fmt.Errorf("%s is tenant %s's policy; you act as tenant %s: apply it as %s", args[0], tenant, o.Tenant, tenant)
 			case forTenant == "" && o.Tenant == "":
-				o.Tenant = tenant // the policy says whose it is
+				return fmt.Errorf("%s is tenant %s's policy: apply it as that tenant (--tenant %s), or as an operator for it (--for %s, which does not publish it)", args[0], tenant, tenant, tenant)
 			}
 			var out appliedPolicy
 			if forTenant == "" && o.Tenant != "" && !noPublish {

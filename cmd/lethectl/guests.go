@@ -8,8 +8,9 @@ import (
 	"io"
 	"os"
 
-	"github.com/lethe-cc/lethe/broker"
 	"github.com/spf13/cobra"
+
+	"github.com/lethe-cc/lethe/broker"
 )
 
 func newGuestsCmd() *cobra.Command {

@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"os"
 
 	"github.com/spf13/cobra"
 
@@ -62,7 +61,7 @@ you pin the key. --out writes the key (PEM) to a file.`,
 			}
 			k := keybrokerKey{KeyID: receipt.KeyID(pub), LogOrigin: resp.LogOrigin, PEM: resp.PEM}
 			if out != "" {
-				if err := os.WriteFile(out, []byte(resp.PEM), 0o644); err != nil {
+				if err := writeFileAtomic(out, []byte(resp.PEM), 0o644); err != nil {
 					return fmt.Errorf("writing the public key: %w", err)
 				}
 				k.Written = out
@@ -77,7 +76,7 @@ you pin the key. --out writes the key (PEM) to a file.`,
 				} else {
 					fmt.Fprint(w, k.PEM)
 				}
-				fmt.Fprintln(w, "Compare the key ID with the one your provider publishes by another channel before you pin it.")
+				fmt.Fprintln(cmd.ErrOrStderr(), "Compare the key ID with the one your provider publishes by another channel (lethe-keybroker logs it as key_id) before you pin it.")
 			})
 		},
 	}

@@ -962,6 +962,12 @@ history is not complete, naming each problem. --update-pinned moves the pin afte
 			if updatePinned && pinned == "" {
 				return errors.New("--update-pinned needs --pinned")
 			}
+			if err := o.resolve(); err != nil {
+				return err
+			}
+			if o.Tenant != "" {
+				return fmt.Errorf("log audit reads every tenant's entries: operators only (you act as tenant %s: unset --tenant and LETHE_TENANT)", o.Tenant)
+			}
 			v, err := trust.load()
 			if err != nil {
 				return err
@@ -1045,6 +1051,9 @@ history is not complete, naming each problem. --update-pinned moves the pin afte
 						fmt.Fprintf(w, "INVALID: %s/%s: %s\n", g.Tenant, g.VM, p)
 					}
 				}
+				if others := failedElsewhere(rep, guest); others > 0 {
+					fmt.Fprintf(w, "INVALID: %d other guests' histories are not complete (run without --guest)\n", others)
+				}
 				fmt.Fprintf(w, "audited %d entries of %d guests in log %s of size %d\n", cp.Size, len(rep.Guests), cp.Origin, cp.Size)
 			}); err != nil {
 				return err
@@ -1066,6 +1075,20 @@ history is not complete, naming each problem. --update-pinned moves the pin afte
 	cmd.Flags().BoolVar(&updatePinned, "update-pinned", false, "write the audited checkpoint to --pinned once every history verified")
 	cmd.Flags().StringVar(&guest, "guest", "", "show only this guest (TENANT/VM); every guest is still verified")
 	return cmd
+}
+
+// failedElsewhere counts the guests whose history failed, other than the one shown.
+func failedElsewhere(rep *tlog.AuditReport, shown string) int {
+	if shown == "" {
+		return 0
+	}
+	n := 0
+	for _, g := range rep.Guests {
+		if g.Err != nil && g.Tenant+"/"+g.VM != shown {
+			n++
+		}
+	}
+	return n
 }
 
 // problems splits a joined error into its lines.

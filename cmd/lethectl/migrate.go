@@ -5,8 +5,9 @@ import (
 	"io"
 	"strings"
 
-	"github.com/lethe-cc/lethe/broker"
 	"github.com/spf13/cobra"
+
+	"github.com/lethe-cc/lethe/broker"
 )
 
 func newMigrateCmd() *cobra.Command {

@@ -14,12 +14,13 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/lethe-cc/lethe/broker"
-	"github.com/lethe-cc/lethe/internal/natsauth"
-	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+
+	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
 // brokerOpts are the settings of commands that call the broker. Precedence: flags, then
@@ -293,8 +294,8 @@ func newMigrationsAbortCmd() *cobra.Command {
 }
 
 // watchMigration polls a migration, drawing a progress bar on stderr, until it ends; an
-// aborted migration ends lethectl with status 1. Interrupted (Ctrl-C), it says that the
-// migration goes on and how to follow or abort it, and ends with status 130.
+// aborted migration ends lethectl with status 1. Interrupted (Ctrl-C or SIGTERM), it says
+// that the migration goes on and how to follow or abort it, and ends with status 130.
 func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id string, stdout, stderr io.Writer) error {
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
@@ -313,7 +314,7 @@ func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id str
 			return err
 		}
 		m = got
-		out.show(progressLine(m))
+		out.show(progressKey(m), progressLine(m))
 		if m.Phase.Terminal() {
 			break
 		}
@@ -357,16 +358,35 @@ func newProgressOut(w io.Writer, on bool) *progressOut {
 	return &progressOut{w: w, on: on, tty: isTerminal(w)}
 }
 
-func (p *progressOut) show(line string) {
+// show draws line; outside a terminal, only when key (what is worth a new line) changed.
+func (p *progressOut) show(key, line string) {
 	switch {
 	case !p.on:
 	case p.tty:
 		fmt.Fprintf(p.w, "\r\033[K%s", line)
 		p.drawn = true
-	case line != p.last:
+	case key != p.last:
 		fmt.Fprintln(p.w, line)
 	}
-	p.last = line
+	p.last = key
+}
+
+// progressKey is what changes a migration's progress enough for a new plain line: its phase,
+// its pre-copy round, or a tenth more of its memory sent.
+func progressKey(m *broker.Migration) string {
+	p := m.Progress
+	if p == nil {
+		return string(m.Phase)
+	}
+	total := p.TotalBytes
+	if total == 0 {
+		total = m.MemoryBytes
+	}
+	tenth := uint64(0)
+	if total > 0 {
+		tenth = min(10, p.Bytes*10/total)
+	}
+	return fmt.Sprintf("%s/%d/%d", m.Phase, p.Round, tenth)
 }
 
 // end ends the line redrawn in place.

@@ -100,8 +100,8 @@ func TestProgressLineNotConverging(t *testing.T) {
 func TestProgressOutInAPipe(t *testing.T) {
 	var b bytes.Buffer
 	p := newProgressOut(&b, true)
-	for _, l := range []string{"Attesting", "Attesting", "Transferring 10%", "Transferring 10%", "Transferring 50%"} {
-		p.show(l)
+	for _, l := range [][2]string{{"a", "Attesting"}, {"a", "Attesting"}, {"t1", "Transferring 10%"}, {"t1", "Transferring 11%"}, {"t5", "Transferring 50%"}} {
+		p.show(l[0], l[1])
 	}
 	p.end()
 	if got, want := b.String(), "Attesting\nTransferring 10%\nTransferring 50%\n"; got != want {
@@ -112,7 +112,7 @@ func TestProgressOutInAPipe(t *testing.T) {
 	}
 	var quiet bytes.Buffer
 	q := newProgressOut(&quiet, false)
-	q.show("Attesting")
+	q.show("a", "Attesting")
 	q.end()
 	if quiet.Len() != 0 {
 		t.Errorf("progress with -o json: %q", quiet.String())

@@ -215,6 +215,7 @@ func TestPolicyApplyAnswersUpFront(t *testing.T) {
 		"unsigned":       {[]string{examplePolicy}, "is a policy that is not signed: sign it first (lethectl policy sign --key TENANT.key"},
 		"another tenant": {[]string{signed, "--tenant", "acme"}, "is tenant demo's policy; you act as tenant acme"},
 		"operator --for": {[]string{signed, "--for", "acme"}, "is tenant demo's policy, not acme's (--for)"},
+		"nobody named":   {[]string{signed}, "is tenant demo's policy: apply it as that tenant (--tenant demo), or as an operator for it (--for demo"},
 		"not a policy":   {[]string{filepath.Join(keys, "tenant.pub")}, "reading signed policy"},
 	}
 	for name, tc := range tests {

@@ -64,8 +64,10 @@ type Config struct {
 var DefaultReplyPrefixes = []string{natsauth.BrokerInboxPrefix + ".", natsauth.OperatorInboxPrefix + "."}
 
 // TenantReplyPrefix is the inbox prefix of tenants, who call the keybroker only to publish
-// their signed policies and key rotations: requests of those operations may also be answered
-// there (the signature, not the NATS user, says whose they are), no other.
+// their signed policies and key rotations (the signature, not the NATS user, says whose they
+// are), for its public key, and for the residency log's checkpoints, consistency proofs,
+// cosignatures and their own guests' histories: requests of those operations may also be
+// answered there, no other.
 const TenantReplyPrefix = natsauth.TenantInboxPrefix + "."
 
 // tenantOps are the operations tenants call. The log's are public but for a guest's history,
