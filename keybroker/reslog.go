@@ -876,8 +876,7 @@ func (l *residencyLog) cosign(ctx context.Context, cosigned []byte) (*tlog.Signe
 	if len(l.witnesses) == 0 {
 		return nil, fmt.Errorf("this keybroker has no witnesses configured: %w", ErrInvalidRequest)
 	}
-	text, _, _ := bytes.Cut(cosigned, []byte("\n\n"))
-	c, err := tlog.ParseCheckpoint(string(text) + "\n")
+	c, err := tlog.ParseUnverified(cosigned)
 	if err != nil {
 		return nil, fmt.Errorf("cosigning: %w: %w", ErrInvalidRequest, err)
 	}

@@ -11,7 +11,6 @@
 package kbclient
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -133,8 +132,7 @@ func (c *Client) LogHistory(ctx context.Context, tenant, vm string, witnessed bo
 	if err != nil || h.Next == 0 {
 		return h, err
 	}
-	text, _, _ := bytes.Cut(h.Checkpoint, []byte("\n\n"))
-	cp, err := tlog.ParseCheckpoint(string(text) + "\n")
+	cp, err := tlog.ParseUnverified(h.Checkpoint)
 	if err != nil {
 		return nil, fmt.Errorf("reading the history of %s/%s: %w", tenant, vm, err)
 	}
@@ -145,7 +143,9 @@ func (c *Client) LogHistory(ctx context.Context, tenant, vm string, witnessed bo
 		if err != nil {
 			return nil, err
 		}
-		if !sameCheckpoint(page.Checkpoint, h.Checkpoint) {
+		// Witnesses may have cosigned the checkpoint between two pages: the same text is the
+		// same checkpoint.
+		if pcp, err := tlog.ParseUnverified(page.Checkpoint); err != nil || pcp.Text() != cp.Text() {
 			return nil, fmt.Errorf("reading the history of %s/%s: a page came proven against another checkpoint", tenant, vm)
 		}
 		if len(page.Entries) == 0 && page.Next != 0 {
@@ -154,14 +154,6 @@ func (c *Client) LogHistory(ctx context.Context, tenant, vm string, witnessed bo
 		h.Entries, h.Next = append(h.Entries, page.Entries...), page.Next
 	}
 	return h, nil
-}
-
-// sameCheckpoint says whether two signed notes are of the same checkpoint text (witnesses may
-// have cosigned it between two pages).
-func sameCheckpoint(a, b []byte) bool {
-	ta, _, _ := bytes.Cut(a, []byte("\n\n"))
-	tb, _, _ := bytes.Cut(b, []byte("\n\n"))
-	return bytes.Equal(ta, tb)
 }
 
 // LogEntries fetches leaves [from, to) of the residency log, a page of kbwire.MaxLogEntries

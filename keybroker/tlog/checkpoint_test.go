@@ -511,3 +511,17 @@ func FuzzParseCheckpoint(f *testing.F) {
 		}
 	})
 }
+
+// TestParseUnverified reads which checkpoint a signed note is, cosigned or not, and refuses
+// what is not a signed note.
+func TestParseUnverified(t *testing.T) {
+	c := testCheckpoint(t, 7)
+	signed := signCheckpoint(t, c, testKey(1))
+	got, err := ParseUnverified(signed)
+	if err != nil || got.Text() != c.Text() {
+		t.Fatalf("ParseUnverified = %q, %v; want %q", got.Text(), err, c.Text())
+	}
+	if _, err := ParseUnverified([]byte(c.Text())); !errors.Is(err, ErrMalformed) {
+		t.Errorf("an unsigned text: %v, want ErrMalformed", err)
+	}
+}
