@@ -22,6 +22,20 @@ type NATSClient struct {
 	TLS NATSTLS
 }
 
+// DeclareAuth declares on fs the settings of c's authentication and TLS, the same in every
+// daemon: --creds, --nkey, --user, --password, read from the environment variables
+// authEnv+"CREDS", "NKEY", "USER", "PASSWORD", and --nats-tls-ca, --nats-tls-cert,
+// --nats-tls-key from tlsEnv+"CA", "CERT", "KEY".
+func (c *NATSClient) DeclareAuth(fs *Flags, authEnv, tlsEnv string) {
+	fs.String(&c.Creds, "creds", authEnv+"CREDS", "", "NATS credentials file")
+	fs.String(&c.NKeySeed, "nkey", authEnv+"NKEY", "", "NATS nkey seed file")
+	fs.String(&c.User, "user", authEnv+"USER", "", "NATS user")
+	fs.String(&c.Password, "password", authEnv+"PASSWORD", "", "NATS password")
+	fs.String(&c.TLS.CA, "nats-tls-ca", tlsEnv+"CA", "", "CA certificate (PEM) that verifies the NATS server; empty: the system roots")
+	fs.String(&c.TLS.Cert, "nats-tls-cert", tlsEnv+"CERT", "", "client certificate (PEM) for NATS servers that verify clients")
+	fs.String(&c.TLS.Key, "nats-tls-key", tlsEnv+"KEY", "", "private key (PEM) of --nats-tls-cert")
+}
+
 // ErrNoNATSAuth is CheckAuth's error: a daemon refuses to connect without authentication
 // outside development mode.
 var ErrNoNATSAuth = errors.New("refusing to start without NATS authentication: give --creds, --nkey or --user (or --dev for development)")
