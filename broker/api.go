@@ -5,12 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"sort"
 	"strings"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natsrpc"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
@@ -61,7 +62,21 @@ func (b *Broker) serveAPI(ctx context.Context) (*natsrpc.Server, error) {
 		}),
 		OpReceiptsGet: endpoint(OpReceiptsGet, b.getReceipt),
 	}
+	operatorHandlers := map[Op]natsrpc.Handler{
+		OpHostsCordon:    endpoint(OpHostsCordon, b.cordonHost),
+		OpHostsUncordon:  endpoint(OpHostsUncordon, b.uncordonHost),
+		OpFleetDrain:     endpoint(OpFleetDrain, b.drainHost),
+		OpFleetEvacuate:  endpoint(OpFleetEvacuate, b.evacuate),
+		OpFleetRebalance: endpoint(OpFleetRebalance, b.rebalance),
+		OpFleetGet:       endpoint(OpFleetGet, b.getFleetOp),
+		OpFleetList:      endpoint(OpFleetList, b.listFleetOps),
+		OpFleetAbort:     endpoint(OpFleetAbort, b.abortFleetOp),
+	}
+	operatorReply := func(_, reply string) bool { return replyAllowed(reply, natsauth.RoleOperator, "") }
 	var eps []natsrpc.Endpoint
+	for _, op := range OperatorOps {
+		eps = append(eps, natsrpc.Endpoint{Name: "operator_" + strings.ReplaceAll(string(op), ".", "_"), Subject: OperatorSubject(op), Handler: operatorHandlers[op], Reply: operatorReply})
+	}
 	for _, op := range Ops {
 		reply := func(subject, reply string) bool {
 			c, err := parseCaller(subject, op)
@@ -147,7 +162,7 @@ func (b *Broker) policyFor(ctx context.Context, tenant, vm string) (*PolicyRecor
 }
 
 func (b *Broker) listHosts(ctx context.Context, c Caller, req *ListHostsRequest) (*ListHostsResponse, error) {
-	hosts, err := listJSON[agentapi.HostRecord](ctx, b.store.hosts, ">")
+	view, hosts, err := b.newFleetView(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -158,8 +173,14 @@ func (b *Broker) listHosts(ctx context.Context, c Caller, req *ListHostsRequest)
 		if !live && !req.All {
 			continue
 		}
-		v := HostView{HostRecord: *h, Live: live}
-		if !c.Operator() {
+		v := HostView{HostRecord: *h, Live: live, State: view.state(h.Host), CommittedBytes: h.CommittedBytes()}
+		if c.Operator() {
+			v.StateRecord = view.states[h.Host]
+			v.ArrivingBytes, v.Incoming, v.Outgoing = view.arriving[h.Host], view.incoming[h.Host], view.outgoing[h.Host]
+		} else {
+			// A tenant sees whether it may land on a host, not the operator's reasons, nor
+			// what other tenants have where.
+			v.CommittedBytes, v.MemoryBytes, v.AllocatableBytes = 0, 0, 0
 			v.Guests = nil
 			for _, g := range h.Guests {
 				if g.Tenant == c.Tenant {
@@ -365,18 +386,19 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 	if err != nil {
 		return nil, err
 	}
-	hosts, err := listJSON[agentapi.HostRecord](ctx, b.store.hosts, ">")
+	view, hosts, err := b.newFleetView(ctx)
 	if err != nil {
 		return nil, err
 	}
 	now := b.now()
 	verdicts, notes := b.verdicts(hosts, g.Host, g.Platform, pol.Envelope, now)
+	ranked := b.place(view, verdicts, hg.MemoryBytes, src.TCB, req.place)
 	if req.DryRun {
 		return &CreateMigrationResponse{DryRun: &DryRun{
-			Tenant: tenant, VM: req.VM, Source: g.Host, Platform: g.Platform, PolicyKey: polKey, Hosts: verdicts, Notes: notes,
+			Tenant: tenant, VM: req.VM, Source: g.Host, Platform: g.Platform, PolicyKey: polKey, Hosts: verdicts, Order: ranked, Notes: notes,
 		}}, nil
 	}
-	dest, err := chooseDestination(req.Destination, verdicts, hosts)
+	dests, err := choose(req.Destination, verdicts, ranked)
 	if err != nil {
 		return nil, err
 	}
@@ -399,8 +421,8 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 		return nil, err
 	}
 	m := &Migration{
-		ID: id, Tenant: tenant, VM: req.VM, Source: g.Host, Destination: dest, Platform: g.Platform,
-		MemoryBytes: hg.MemoryBytes, Epoch: g.Epoch, Phase: PhaseRequested, RequestedBy: c.String(),
+		ID: id, Tenant: tenant, VM: req.VM, Source: g.Host, Destination: dests[0], Platform: g.Platform,
+		MemoryBytes: hg.MemoryBytes, Epoch: g.Epoch, Phase: PhaseRequested, RequestedBy: c.String() + viaOpOrNone(req.operation),
 		Created: now, PhaseSince: now, Updated: now, Timeline: []PhaseEntry{{Phase: PhaseRequested, Entered: now}},
 	}
 	// The Requested event goes out before the record, whose creation starts the drivers.
@@ -416,44 +438,11 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 		})
 		return nil, fmt.Errorf("recording migration: %w", err)
 	}
+	b.noteActive(m)
 	b.log.Info("Migration requested", logKeyMigration, id, logKeyTenant, tenant, logKeyVM, req.VM,
-		logKeyHost, dest, "by", c.String())
+		logKeyHost, m.Destination, "by", c.String())
 	b.drive(run, id)
 	return &CreateMigrationResponse{Migration: m.public()}, nil
-}
-
-// chooseDestination returns the requested destination if it passes, or else the passing host
-// with the fewest guests.
-func chooseDestination(requested string, verdicts []HostVerdict, hosts []*agentapi.HostRecord) (string, error) {
-	if requested != "" {
-		if err := agentapi.ValidName(requested); err != nil {
-			return "", fmt.Errorf("%w: destination: %w", ErrInvalid, err)
-		}
-		for _, v := range verdicts {
-			if v.Host != requested {
-				continue
-			}
-			if !v.Pass {
-				return "", fmt.Errorf("%w: destination %s does not pass: %s", ErrFailedPrecondition, requested, strings.Join(v.Reasons, "; "))
-			}
-			return requested, nil
-		}
-		return "", fmt.Errorf("%w: destination %s is not registered", ErrFailedPrecondition, requested)
-	}
-	load := map[string]int{}
-	for _, h := range hosts {
-		load[h.Host] = len(h.Guests)
-	}
-	best := ""
-	for _, v := range verdicts {
-		if v.Pass && (best == "" || load[v.Host] < load[best]) {
-			best = v.Host
-		}
-	}
-	if best == "" {
-		return "", fmt.Errorf("%w: no host passes the pre-filter (try a dry run)", ErrFailedPrecondition)
-	}
-	return best, nil
 }
 
 // visibleMigration returns migration id if the caller may see it.

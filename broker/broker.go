@@ -80,6 +80,24 @@ type Config struct {
 	MaxConcurrentRequests int
 	// Metrics receives the broker's measurements. Nil means none are taken.
 	Metrics Metrics
+	// Fleet tunes placement and fleet operations; zero fields take their defaults.
+	Fleet FleetConfig
+}
+
+// FleetConfig tunes placement and fleet operations (drain, evacuate, rebalance).
+type FleetConfig struct {
+	// PlacementOrder ranks the hosts that qualify for a guest (see placement.go): keys of
+	// PlacementKeys. Nil means tcb, memory.
+	PlacementOrder []string
+	// MaxParallel is the most migrations a fleet operation lets run across the cluster at
+	// once, counting those started by hand. Zero means 5.
+	MaxParallel int
+	// PerSource and PerDestination are the most migrations out of and into one host at once.
+	// Zero means 2 each.
+	PerSource, PerDestination int
+	// RebalanceThreshold is the fraction of a host's allocatable memory a rebalance brings
+	// its committed memory under. Zero means 0.8.
+	RebalanceThreshold float64
 }
 
 // Broker runs the migration control plane. Create it with New and run it with Run.
@@ -98,6 +116,21 @@ type Broker struct {
 	driving  map[string]chan struct{} // migrations driven by this broker → wake-up
 	attached map[string]bool          // migrations whose transfer this broker re-attached to
 	drivers  sync.WaitGroup
+	// opsDriving are the fleet operations this broker drives → wake-up; run is Run's
+	// context, under which drivers outlive requests. Both guarded by mu.
+	opsDriving map[string]chan struct{}
+	run        context.Context
+
+	// activeMu guards active: the unfinished migrations as reconcile last listed them, with
+	// those this broker created since (see noteActive).
+	activeMu sync.Mutex
+	active   map[string]activeMigration
+}
+
+// activeMigration is what placement needs of a migration in flight.
+type activeMigration struct {
+	Source, Destination string
+	MemoryBytes         uint64
 }
 
 // New returns a Broker, or an error if cfg lacks a required field.
@@ -140,16 +173,36 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = noMetrics{}
 	}
+	if cfg.Fleet.PlacementOrder == nil {
+		cfg.Fleet.PlacementOrder = []string{PlaceByTCB, PlaceByMemory}
+	}
+	if err := CheckPlacementOrder(cfg.Fleet.PlacementOrder); err != nil {
+		return nil, fmt.Errorf("creating broker: %w", err)
+	}
+	if cfg.Fleet.MaxParallel <= 0 {
+		cfg.Fleet.MaxParallel = 5
+	}
+	if cfg.Fleet.PerSource <= 0 {
+		cfg.Fleet.PerSource = 2
+	}
+	if cfg.Fleet.PerDestination <= 0 {
+		cfg.Fleet.PerDestination = 2
+	}
+	if cfg.Fleet.RebalanceThreshold <= 0 || cfg.Fleet.RebalanceThreshold > 1 {
+		cfg.Fleet.RebalanceThreshold = 0.8
+	}
 	return &Broker{
-		cfg:      cfg,
-		log:      cfg.Logger.With(logKeyComponent, "broker", logKeyBroker, cfg.ID),
-		nc:       cfg.Conn,
-		kb:       cfg.KeyBroker,
-		agents:   agentapi.NewClient(cfg.Conn, cfg.AgentTimeout),
-		now:      cfg.Now,
-		ready:    make(chan struct{}),
-		driving:  make(map[string]chan struct{}),
-		attached: make(map[string]bool),
+		cfg:        cfg,
+		log:        cfg.Logger.With(logKeyComponent, "broker", logKeyBroker, cfg.ID),
+		nc:         cfg.Conn,
+		kb:         cfg.KeyBroker,
+		agents:     agentapi.NewClient(cfg.Conn, cfg.AgentTimeout),
+		now:        cfg.Now,
+		ready:      make(chan struct{}),
+		driving:    make(map[string]chan struct{}),
+		attached:   make(map[string]bool),
+		opsDriving: make(map[string]chan struct{}),
+		active:     make(map[string]activeMigration),
 	}, nil
 }
 
@@ -184,6 +237,9 @@ func (b *Broker) Run(ctx context.Context) error {
 	b.store = st
 
 	g, gctx := errgroup.WithContext(ctx)
+	b.mu.Lock()
+	b.run = gctx
+	b.mu.Unlock()
 	svc, err := b.serveAPI(gctx)
 	if err != nil {
 		return err
@@ -263,6 +319,26 @@ func (b *Broker) releaseLeases(ctx context.Context) {
 		}
 		b.log.Info("Lease released for another broker", logKeyMigration, m.ID, logKeyPhase, m.Phase)
 	}
+	ops, err := listJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+">")
+	if err != nil {
+		b.log.Warn("Listing fleet operations to release their leases failed", logKeyError, err)
+		return
+	}
+	for _, op := range ops {
+		if op.State.Terminal() || op.Owner != b.cfg.ID {
+			continue
+		}
+		_, err := b.updateOp(ctx, op.ID, false, func(op *FleetOp) bool {
+			if op.Owner != b.cfg.ID {
+				return false
+			}
+			op.Owner, op.LeaseUntil = "", time.Time{}
+			return true
+		})
+		if err != nil {
+			b.log.Warn("Releasing a fleet operation's lease failed; it expires instead", "operation", op.ID, logKeyError, err)
+		}
+	}
 }
 
 // watchMigrations wakes the driver of every migration whose record changes.
@@ -296,6 +372,7 @@ func (b *Broker) reconcileLoop(ctx context.Context) error {
 	defer t.Stop()
 	for {
 		b.reconcile(ctx)
+		b.reconcileOps(ctx)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -314,11 +391,16 @@ func (b *Broker) reconcile(ctx context.Context) {
 		return
 	}
 	unfinished := map[Phase]int{}
+	active := map[string]activeMigration{}
 	for _, m := range recs {
 		if !m.Phase.Terminal() {
 			unfinished[m.Phase]++
+			active[m.ID] = activeMigration{m.Source, m.Destination, m.MemoryBytes}
 		}
 	}
+	b.activeMu.Lock()
+	b.active = active
+	b.activeMu.Unlock()
 	b.cfg.Metrics.Unfinished(unfinished)
 	now := b.now()
 	for _, m := range recs {
@@ -330,6 +412,25 @@ func (b *Broker) reconcile(ctx context.Context) {
 		}
 		b.drive(ctx, m.ID)
 	}
+}
+
+// noteActive adds a migration this broker just created to the snapshot of those in flight,
+// so that placement counts it before reconcile next lists the bucket.
+func (b *Broker) noteActive(m *Migration) {
+	b.activeMu.Lock()
+	b.active[m.ID] = activeMigration{m.Source, m.Destination, m.MemoryBytes}
+	b.activeMu.Unlock()
+}
+
+// activeMigrations returns the snapshot of the migrations in flight.
+func (b *Broker) activeMigrations() []activeMigration {
+	b.activeMu.Lock()
+	defer b.activeMu.Unlock()
+	out := make([]activeMigration, 0, len(b.active))
+	for _, m := range b.active {
+		out = append(out, m)
+	}
+	return out
 }
 
 // drive starts a driver for migration id, or wakes the one already running.

@@ -104,3 +104,52 @@ func (c *Client) call(ctx context.Context, op Op, req, resp any) error {
 	}
 	return nil
 }
+
+// CordonHost keeps new guests off a host (operators only).
+func (c *Client) CordonHost(ctx context.Context, req *CordonRequest) (*HostStateRecord, error) {
+	var resp HostStateRecord
+	return &resp, c.call(ctx, OpHostsCordon, req, &resp)
+}
+
+// UncordonHost makes a host schedulable again (operators only).
+func (c *Client) UncordonHost(ctx context.Context, req *UncordonRequest) (*HostStateRecord, error) {
+	var resp HostStateRecord
+	return &resp, c.call(ctx, OpHostsUncordon, req, &resp)
+}
+
+// Drain cordons a host and moves its guests off it, or plans it (operators only).
+func (c *Client) Drain(ctx context.Context, req *DrainRequest) (*FleetOpResponse, error) {
+	var resp FleetOpResponse
+	return &resp, c.call(ctx, OpFleetDrain, req, &resp)
+}
+
+// Evacuate drains the hosts below a TCB, or plans it (operators only).
+func (c *Client) Evacuate(ctx context.Context, req *EvacuateRequest) (*FleetOpResponse, error) {
+	var resp FleetOpResponse
+	return &resp, c.call(ctx, OpFleetEvacuate, req, &resp)
+}
+
+// Rebalance plans and runs moves that bring hosts under a committed-memory threshold
+// (operators only).
+func (c *Client) Rebalance(ctx context.Context, req *RebalanceRequest) (*FleetOpResponse, error) {
+	var resp FleetOpResponse
+	return &resp, c.call(ctx, OpFleetRebalance, req, &resp)
+}
+
+// GetFleetOp returns a fleet operation (operators only).
+func (c *Client) GetFleetOp(ctx context.Context, id string) (*FleetOpView, error) {
+	var resp FleetOpView
+	return &resp, c.call(ctx, OpFleetGet, &GetFleetOpRequest{ID: id}, &resp)
+}
+
+// ListFleetOps lists fleet operations, newest first (operators only).
+func (c *Client) ListFleetOps(ctx context.Context, req *ListFleetOpsRequest) (*ListFleetOpsResponse, error) {
+	var resp ListFleetOpsResponse
+	return &resp, c.call(ctx, OpFleetList, req, &resp)
+}
+
+// AbortFleetOp aborts a fleet operation (operators only).
+func (c *Client) AbortFleetOp(ctx context.Context, req *AbortFleetOpRequest) (*FleetOpView, error) {
+	var resp FleetOpView
+	return &resp, c.call(ctx, OpFleetAbort, req, &resp)
+}

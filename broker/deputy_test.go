@@ -32,6 +32,8 @@ func (m *refusalMetrics) PhaseChanged(broker.Phase, broker.Phase, time.Duration)
 func (m *refusalMetrics) Handshake(time.Duration)                                {}
 func (m *refusalMetrics) Downtime(time.Duration)                                 {}
 func (m *refusalMetrics) Unfinished(map[broker.Phase]int)                        {}
+func (m *refusalMetrics) FleetGuest(string, string, time.Duration)               {}
+func (m *refusalMetrics) FleetQueue(int, int)                                    {}
 func (m *refusalMetrics) NATSError(op string) {
 	m.mu.Lock()
 	m.counts[op]++

@@ -21,6 +21,10 @@ type Prefilter struct {
 	Labels map[string]string
 	// Regions the destination must be in; empty allows any.
 	Regions []string
+	// MinimumTCB is the lowest TCB the policy accepts of a destination, if it states one
+	// (SEV-SNP minimumTcb, TDX minimumTeeTcbSvn); the broker compares the TCBs hosts report
+	// against it only to list the guests a new minimum would move (an evacuation's dry run).
+	MinimumTCB *attest.HostTCB
 }
 
 // PolicyReader extracts the pre-filter from a signed policy envelope. It must not need the

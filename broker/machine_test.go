@@ -456,6 +456,7 @@ func TestDryRun(t *testing.T) {
 	want := &broker.DryRun{
 		Tenant: tenant, VM: vm, Source: "h1", Platform: attest.PlatformEmulatedSEVSNP, PolicyKey: tenant,
 		Notes: []string{broker.UncheckedNote},
+		Order: []string{"h2"},
 		Hosts: []broker.HostVerdict{
 			{Host: "h1", Reasons: []string{"is the guest's current host"}},
 			{Host: "h2", Pass: true},

@@ -22,6 +22,13 @@ type Metrics interface {
 	// ("kv_read", "kv_list", "kv_write", "publish"), or a request refused for a reply subject outside its
 	// caller's inbox ("reply_refused").
 	NATSError(op string)
+	// FleetGuest records that a guest of a fleet operation of kind (drain, evacuate,
+	// rebalance) ended in status (moved, failed, stuck, skipped) after d in flight (zero if
+	// its migration never started).
+	FleetGuest(kind, status string, d time.Duration)
+	// FleetQueue records the guests of unfinished fleet operations waiting and migrating, as
+	// the broker last saw them all.
+	FleetQueue(waiting, migrating int)
 }
 
 // The ops of Metrics.NATSError.
@@ -42,3 +49,5 @@ func (noMetrics) Handshake(time.Duration)                  {}
 func (noMetrics) Downtime(time.Duration)                   {}
 func (noMetrics) Unfinished(map[Phase]int)                 {}
 func (noMetrics) NATSError(string)                         {}
+func (noMetrics) FleetGuest(string, string, time.Duration) {}
+func (noMetrics) FleetQueue(int, int)                      {}

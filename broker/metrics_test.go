@@ -38,6 +38,9 @@ func (r *recordingMetrics) PhaseChanged(from, to broker.Phase, inFrom time.Durat
 	}
 }
 
+func (r *recordingMetrics) FleetGuest(string, string, time.Duration) {}
+func (r *recordingMetrics) FleetQueue(int, int)                      {}
+
 func (r *recordingMetrics) Handshake(d time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -18,6 +18,7 @@ const (
 	PoliciesBucket   = natsauth.PoliciesBucket
 	GuestsBucket     = natsauth.GuestsBucket
 	ReceiptsBucket   = natsauth.ReceiptsBucket
+	FleetBucket      = natsauth.FleetBucket
 	EventsStream     = "LETHE_EVENTS"
 )
 
@@ -29,6 +30,7 @@ type store struct {
 	policies   jetstream.KeyValue
 	guests     jetstream.KeyValue
 	receipts   jetstream.KeyValue
+	fleet      jetstream.KeyValue
 }
 
 // storeConfig sizes the buckets.
@@ -50,6 +52,7 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 		{&s.policies, jetstream.KeyValueConfig{Bucket: PoliciesBucket, Description: "Lethe signed tenant policies", History: 5}},
 		{&s.guests, jetstream.KeyValueConfig{Bucket: GuestsBucket, Description: "Lethe guests: host, epoch, wrapped memory key", History: 5}},
 		{&s.receipts, jetstream.KeyValueConfig{Bucket: ReceiptsBucket, Description: "Lethe signed receipts", History: 1}},
+		{&s.fleet, jetstream.KeyValueConfig{Bucket: FleetBucket, Description: "Lethe host states and fleet operations", History: 5}},
 	}
 	for _, b := range buckets {
 		b.cfg.Replicas = cfg.replicas

@@ -134,6 +134,16 @@ type HostView struct {
 	agentapi.HostRecord
 	// Live reports whether the host's heartbeat is fresh.
 	Live bool `json:"live"`
+	// State is the operator's word on the host (schedulable when nothing was said); the
+	// rest of StateRecord says who said it, why and when.
+	State       HostState        `json:"state"`
+	StateRecord *HostStateRecord `json:"stateRecord,omitempty"`
+	// CommittedBytes is the memory of the guests the host runs; ArrivingBytes that of the
+	// guests migrating to it. Incoming and Outgoing count its migrations in flight.
+	CommittedBytes uint64 `json:"committedBytes"`
+	ArrivingBytes  uint64 `json:"arrivingBytes,omitempty"`
+	Incoming       int    `json:"incoming,omitempty"`
+	Outgoing       int    `json:"outgoing,omitempty"`
 }
 
 // ListHostsResponse lists hosts, sorted by name.
@@ -169,6 +179,11 @@ type CreateMigrationRequest struct {
 	// DryRun reports which hosts would pass the pre-filter, and why others would not, and
 	// starts nothing.
 	DryRun bool `json:"dryRun,omitempty"`
+
+	// place narrows placement for a fleet operation's migrations, and operation names it;
+	// never set from the wire.
+	place     placeOpts
+	operation string
 }
 
 // CreateMigrationResponse is the new migration, or the verdicts of a dry run.
@@ -186,6 +201,9 @@ type DryRun struct {
 	// PolicyKey is the policy the pre-filter read.
 	PolicyKey string        `json:"policyKey"`
 	Hosts     []HostVerdict `json:"hosts"`
+	// Order is the passing hosts in the order placement would try them (Config.Fleet's
+	// PlacementOrder): the first is where the guest would go.
+	Order []string `json:"order,omitempty"`
 	// Notes says what the pre-filter could not check.
 	Notes []string `json:"notes,omitempty"`
 }

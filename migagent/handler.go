@@ -2,6 +2,7 @@ package migagent
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -223,7 +224,7 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 			return fmt.Errorf("%w: guest %s/%s is arriving in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, o.id)
 		}
 		if m == nil {
-			return n.admit()
+			return cmp.Or(n.admit(), n.fits(req.MemoryBytes))
 		}
 		return nil
 	}()
@@ -295,6 +296,31 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	n.migs[m.id] = m
 	n.log.Info("Prepared to receive", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrBytes, m.size, attrEndpoint, m.endpoint)
 	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
+}
+
+// fits returns ErrConflict if a guest of size bytes does not fit in what the host offers
+// (Config.AllocatableBytes) beside the guests it runs and the ones arriving. The broker's
+// placement makes the same reckoning from the host record; this check keeps a broker that
+// does not (or lies about the record) from overcommitting the host. Called with n.mu held.
+func (n *Node) fits(size uint64) error {
+	offer := cmp.Or(n.cfg.AllocatableBytes, n.memTotal)
+	if offer == 0 {
+		return nil
+	}
+	var used uint64
+	for _, g := range n.guests {
+		used += uint64(g.memoryBytes())
+	}
+	for _, m := range n.migs {
+		if p := m.phase(); m.role == attest.RoleDestination && (p == phasePrepared || p == phaseReceiving) {
+			used += uint64(m.size)
+		}
+	}
+	if used+size > offer {
+		return fmt.Errorf("%w: a guest of %d MiB does not fit on host %s: it offers %d MiB, %d MiB are committed or arriving",
+			agentapi.ErrConflict, size>>20, n.cfg.Host, offer>>20, used>>20)
+	}
+	return nil
 }
 
 // arriving returns the migration that may still bring guest tenant/vm here (a destination

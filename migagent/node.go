@@ -70,6 +70,9 @@ type Config struct {
 	Libvirt LibvirtConfig
 	// DataDial opens the source's data-plane connections. Nil means TCP.
 	DataDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// AllocatableBytes is how much memory the host offers guests, stated in its record for
+	// the broker's placement. Zero means all of the host's memory (MemTotal).
+	AllocatableBytes uint64
 }
 
 // Node is a migration agent. Create it with New and run it with Run.
@@ -106,6 +109,10 @@ type Node struct {
 	// sendRate is the data plane's last measured throughput as a source, which turns a
 	// transfer's downtime limit into a dirty-set size.
 	sendRate rateGauge
+	// memTotal is the host's memory (MemTotal; zero where it cannot be read). tcb is the TCB
+	// level the host's own evidence reported when Run started; nil if it could not be read.
+	memTotal uint64
+	tcb      *attest.HostTCB
 }
 
 // New checks cfg, fills in defaults and makes the configured guests' memory. It returns an
@@ -167,6 +174,7 @@ func New(cfg Config) (*Node, error) {
 		dial:    cfg.DataDial,
 		life:    context.Background(),
 	}
+	n.memTotal = hostMemory()
 	n.backend = memoryBackend{n}
 	if cfg.Libvirt.Socket != "" {
 		n.backend = libvirtBackend{n}
@@ -209,6 +217,7 @@ func (n *Node) Run(ctx context.Context) error {
 		n.startWorkload(ctx, gu)
 	}
 	n.mu.Unlock()
+	n.readTCB(ctx)
 	n.log.Info("Agent started", attrPlatform, n.cfg.Platform.String(), attrGuests, len(n.cfg.Guests))
 	close(n.started)
 	g.Go(func() error {
@@ -277,7 +286,7 @@ func (n *Node) record() agentapi.HostRecord {
 	defer n.mu.Unlock()
 	rec := agentapi.HostRecord{
 		Host: n.cfg.Host, Platform: n.cfg.Platform, Labels: n.cfg.Labels, Region: n.cfg.Region,
-		DataAddr: n.advHost,
+		DataAddr: n.advHost, MemoryBytes: n.memTotal, AllocatableBytes: cmp.Or(n.cfg.AllocatableBytes, n.memTotal), TCB: n.tcb,
 	}
 	for _, g := range n.guests {
 		rec.Guests = append(rec.Guests, agentapi.HostGuest{Tenant: g.tenant, VM: g.vm, MemoryBytes: uint64(g.memoryBytes())})

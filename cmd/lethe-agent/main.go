@@ -54,6 +54,8 @@ type config struct {
 	region                                      string
 	guests                                      []migagent.GuestSpec
 	workloadRate, streams                       int
+	allocatable                                 string
+	allocatableBytes                            uint64
 	heartbeat                                   time.Duration
 	logFormat, logLevel                         string
 	labelSpec, configFile, metricsListen        string
@@ -127,6 +129,7 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.String(&c.region, "region", "LETHE_AGENT_REGION", "", "the host's region")
 	fs.List(guestFlags{&c.guests}, "guest", "LETHE_AGENT_GUESTS", strings.Fields, "a guest held from the start, tenant/vm=SIZE (SIZE like 256MiB) or tenant/vm=file:PATH; repeatable (space-separated)")
 	fs.Int(&c.workloadRate, "workload-rate", "LETHE_AGENT_WORKLOAD_RATE", 0, "pages per second each guest's synthetic workload writes; 0: 2000, negative: none")
+	fs.String(&c.allocatable, "allocatable-memory", "LETHE_AGENT_ALLOCATABLE_MEMORY", "", "memory the host offers guests, like 48GiB: the broker places no more on it, and the agent refuses a migration beyond it; empty: all of the host's memory")
 	fs.Int(&c.streams, "streams", "LETHE_AGENT_STREAMS", 0, "data-plane connections of a transfer whose request names none; 0: 4")
 	fs.Duration(&c.heartbeat, "heartbeat-interval", "LETHE_AGENT_HEARTBEAT_INTERVAL", 0, "time between host record heartbeats; 0: 5s")
 	fs.String(&c.libvirt.Socket, "libvirt-socket", "LETHE_AGENT_LIBVIRT_SOCKET", "", "libvirtd's read-write unix socket: the host's libvirt domains become the agent's guests and every incoming migration is a libvirt one; empty: no libvirt")
@@ -158,6 +161,13 @@ func parseFlags(args []string) (*config, error) {
 	var err error
 	if c.labels, err = parseLabels(c.labelSpec); err != nil {
 		return nil, err
+	}
+	if c.allocatable != "" {
+		n, err := migagent.ParseSize(c.allocatable)
+		if err != nil {
+			return nil, fmt.Errorf("--allocatable-memory: %w", err)
+		}
+		c.allocatableBytes = uint64(n)
 	}
 	if err := c.nats.CheckAuth(c.dev); err != nil {
 		return nil, err
@@ -249,7 +259,7 @@ func run(ctx context.Context, c *config) error {
 	n, err := migagent.New(migagent.Config{
 		Host: c.host, Conn: nc, Attester: att, KeybrokerKey: kbKey, Labels: c.labels, Region: c.region,
 		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
-		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, Logger: log,
+		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, AllocatableBytes: c.allocatableBytes, Logger: log,
 		Libvirt: c.libvirt,
 		Metrics: newAgentMetrics(metrics),
 	})

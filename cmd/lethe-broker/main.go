@@ -23,12 +23,14 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/internal/natsauth"
@@ -50,6 +52,9 @@ type config struct {
 	progressTimeout, perGiB       time.Duration
 	streams, replicas             int
 	maxDowntime                   time.Duration
+	placementOrder                string
+	fleet                         broker.FleetConfig
+	rebalancePercent              int
 }
 
 func main() {
@@ -114,6 +119,11 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Int(&c.streams, "streams", "LETHE_STREAMS", 0, "data-plane streams per transfer; 0: 4")
 	fs.Duration(&c.maxDowntime, "max-downtime", "LETHE_MAX_DOWNTIME", 0, "longest pause of a guest at cutover, which a tenant's policy may lower (spec.transport.maxDowntime); 0: the agents' own limits")
 	fs.Int(&c.replicas, "replicas", "LETHE_REPLICAS", 0, "JetStream replicas; 0: 1")
+	fs.String(&c.placementOrder, "placement-order", "LETHE_PLACEMENT_ORDER", "tcb,memory", "how hosts that qualify for a guest are ranked, keys in order: tcb (TCB at least the source's first), memory (least committed first), guests (fewest first)")
+	fs.Int(&c.fleet.MaxParallel, "fleet-max-parallel", "LETHE_FLEET_MAX_PARALLEL", 0, "most migrations a fleet operation (drain, evacuate, rebalance) lets run across the cluster, counting all; 0: 5")
+	fs.Int(&c.fleet.PerSource, "fleet-per-source", "LETHE_FLEET_PER_SOURCE", 0, "most migrations a fleet operation lets run out of one host; 0: 2")
+	fs.Int(&c.fleet.PerDestination, "fleet-per-destination", "LETHE_FLEET_PER_DESTINATION", 0, "most migrations a fleet operation lets run into one host; 0: 2")
+	fs.Int(&c.rebalancePercent, "rebalance-threshold", "LETHE_REBALANCE_THRESHOLD", 0, "percentage of a host's allocatable memory a rebalance brings its committed memory under; 0: 80")
 	return fs
 }
 
@@ -139,6 +149,17 @@ func parseFlags(args []string) (*config, error) {
 	if _, err := c.nats.TLS.Options(); err != nil {
 		return nil, err
 	}
+	c.fleet.PlacementOrder = strings.Split(strings.ReplaceAll(c.placementOrder, " ", ""), ",")
+	if err := broker.CheckPlacementOrder(c.fleet.PlacementOrder); err != nil {
+		return nil, fmt.Errorf("--placement-order: %w", err)
+	}
+	if c.fleet.MaxParallel < 0 || c.fleet.PerSource < 0 || c.fleet.PerDestination < 0 {
+		return nil, errors.New("--fleet-max-parallel, --fleet-per-source and --fleet-per-destination must not be negative")
+	}
+	if c.rebalancePercent < 0 || c.rebalancePercent > 100 {
+		return nil, errors.New("--rebalance-threshold: want a percentage from 0 to 100")
+	}
+	c.fleet.RebalanceThreshold = float64(c.rebalancePercent) / 100
 	return c, nil
 }
 
@@ -204,6 +225,7 @@ func run(ctx context.Context, c *config) error {
 		Replicas:      c.replicas,
 		Timeouts:      broker.Timeouts{Start: c.startTimeout, Progress: c.progressTimeout, PerGiB: c.perGiB},
 		ReadPolicy:    readPrefilter,
+		Fleet:         c.fleet,
 		Metrics:       newBrokerMetrics(metrics),
 	})
 	if err != nil {
@@ -235,7 +257,17 @@ func readPrefilter(envelope []byte) (*broker.Prefilter, error) {
 		return nil, err
 	}
 	d := p.Spec.Destination
-	return &broker.Prefilter{Platforms: d.Platforms, Labels: d.HostLabels, Regions: d.Regions}, nil
+	pf := &broker.Prefilter{Platforms: d.Platforms, Labels: d.HostLabels, Regions: d.Regions}
+	// One minimum per platform: a host is compared with its own platform's.
+	var floor attest.HostTCB
+	if t := d.SNP.MinimumTCB; t != (attest.SNPTCB{}) {
+		floor.SNP = &t
+	}
+	floor.TDX = d.TDX.MinimumTEETCBSVN
+	if floor.SNP != nil || len(floor.TDX) > 0 {
+		pf.MinimumTCB = &floor
+	}
+	return pf, nil
 }
 
 // startDevServer starts an embedded NATS server with JetStream and no authentication.

@@ -18,6 +18,9 @@ type brokerMetrics struct {
 	durations   *prometheus.HistogramVec
 	handshake   prometheus.Histogram
 	downtime    prometheus.Histogram
+	fleetGuests *prometheus.CounterVec
+	fleetTime   *prometheus.HistogramVec
+	fleetQueue  *prometheus.GaugeVec
 }
 
 var _ broker.Metrics = (*brokerMetrics)(nil)
@@ -64,8 +67,21 @@ func newBrokerMetrics(m *daemon.Metrics) *brokerMetrics {
 			Help:    "How long guests were paused at cutover, as their sources measured it, for the migrations this broker committed.",
 			Buckets: downtimeBuckets,
 		}),
+		fleetGuests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: daemon.MetricsNamespace, Subsystem: "fleet", Name: "guests_total",
+			Help: "Guests of fleet operations (drain, evacuate, rebalance) this broker saw end, by kind and status (moved, failed, stuck, skipped).",
+		}, []string{"kind", "status"}),
+		fleetTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: daemon.MetricsNamespace, Subsystem: "fleet", Name: "guest_duration_seconds",
+			Help:    "Time from the start of a fleet operation's migration to its end, by kind.",
+			Buckets: daemon.PhaseBuckets,
+		}, []string{"kind"}),
+		fleetQueue: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: daemon.MetricsNamespace, Subsystem: "fleet", Name: "guests",
+			Help: "Guests of unfinished fleet operations by status (waiting, migrating), as this broker last saw them all.",
+		}, []string{"status"}),
 	}
-	m.Registry.MustRegister(b.transitions, b.finished, b.unfinished, b.durations, b.handshake, b.downtime)
+	m.Registry.MustRegister(b.transitions, b.finished, b.unfinished, b.durations, b.handshake, b.downtime, b.fleetGuests, b.fleetTime, b.fleetQueue)
 	for _, p := range allPhases {
 		if !p.Terminal() {
 			b.unfinished.WithLabelValues(string(p)).Set(0)
@@ -106,3 +122,17 @@ func (b *brokerMetrics) Unfinished(byPhase map[broker.Phase]int) {
 
 // NATSError implements broker.Metrics.
 func (b *brokerMetrics) NATSError(op string) { b.m.NATSError(op) }
+
+// FleetGuest implements broker.Metrics.
+func (b *brokerMetrics) FleetGuest(kind, status string, d time.Duration) {
+	b.fleetGuests.WithLabelValues(kind, status).Inc()
+	if d > 0 {
+		b.fleetTime.WithLabelValues(kind).Observe(d.Seconds())
+	}
+}
+
+// FleetQueue implements broker.Metrics.
+func (b *brokerMetrics) FleetQueue(waiting, migrating int) {
+	b.fleetQueue.WithLabelValues("waiting").Set(float64(waiting))
+	b.fleetQueue.WithLabelValues("migrating").Set(float64(migrating))
+}

@@ -43,6 +43,8 @@ const (
 	PoliciesBucket   = "lethe-policies"
 	GuestsBucket     = "lethe-guests"
 	ReceiptsBucket   = "lethe-receipts"
+	// FleetBucket holds the operator's host states and the fleet operations.
+	FleetBucket = "lethe-fleet"
 )
 
 // maxNameLen bounds host names, tenant names, VM names and migration ids.

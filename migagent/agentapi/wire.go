@@ -235,6 +235,14 @@ type HostRecord struct {
 	DataAddr string `json:"dataAddr,omitempty"`
 	// Guests are the guests running on the host.
 	Guests []HostGuest `json:"guests,omitempty"`
+	// MemoryBytes is the host's physical memory; AllocatableBytes what of it the agent may
+	// give guests (its setting, by default all of MemoryBytes). Zero means not reported.
+	MemoryBytes      uint64 `json:"memoryBytes,omitempty"`
+	AllocatableBytes uint64 `json:"allocatableBytes,omitempty"`
+	// TCB is the TCB level the host's evidence reports, read by the agent from its own
+	// evidence without verifying it: advice for placement, never a reason to release keys.
+	// Nil means unknown.
+	TCB *attest.HostTCB `json:"tcb,omitempty"`
 	// Heartbeat is when the agent wrote this record.
 	Heartbeat time.Time `json:"heartbeat"`
 }
@@ -244,6 +252,15 @@ type HostGuest struct {
 	Tenant      string `json:"tenant"`
 	VM          string `json:"vm"`
 	MemoryBytes uint64 `json:"memoryBytes"`
+}
+
+// CommittedBytes is the memory of the guests the host runs.
+func (h *HostRecord) CommittedBytes() uint64 {
+	var n uint64
+	for _, g := range h.Guests {
+		n += g.MemoryBytes
+	}
+	return n
 }
 
 // Guest returns the guest named by tenant and vm, or nil.

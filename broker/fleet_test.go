@@ -1,0 +1,262 @@
+package broker_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+)
+
+// putHost rewrites host's record as its agent's heartbeat would.
+func (e *env) putHost(rec agentapi.HostRecord) {
+	e.t.Helper()
+	rec.Heartbeat = e.clock.Now()
+	if err := agentapi.PutHost(context.Background(), e.connect(natsauth.RoleAgent, rec.Host), &rec); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func snpTCB(ucode uint8) *attest.HostTCB {
+	return &attest.HostTCB{SNP: &attest.SNPTCB{BootLoader: 3, SNP: 8, Microcode: ucode}}
+}
+
+func TestCordonKeepsNewGuestsOff(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	e.addAgent("h3", attest.PlatformEmulatedSEVSNP, "eu", nil)
+	ctx := t.Context()
+	op := e.operator()
+
+	if _, err := e.tenant(tenant).CordonHost(ctx, &broker.CordonRequest{Host: "h2"}); !errors.Is(err, broker.ErrUnavailable) {
+		t.Fatalf("a tenant cordoning a host: %v, want no answer (the operation is not served to tenants)", err)
+	}
+	st, err := op.CordonHost(ctx, &broker.CordonRequest{Host: "h2", Reason: "firmware update"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.State != broker.HostCordoned || st.By != "operator" || st.Reason != "firmware update" {
+		t.Errorf("cordon: %+v", st)
+	}
+	dry, err := e.tenant(tenant).CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(dry.DryRun.Order, []string{"h3"}) {
+		t.Errorf("dry run order %v, want [h3]", dry.DryRun.Order)
+	}
+	for _, v := range dry.DryRun.Hosts {
+		if v.Host == "h2" && (v.Pass || !strings.Contains(strings.Join(v.Reasons, ";"), "cordoned by operator: firmware update")) {
+			t.Errorf("h2's verdict %+v, want cordoned with the reason", v)
+		}
+	}
+	if _, err := e.tenant(tenant).CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, Destination: "h2"}); !errors.Is(err, broker.ErrFailedPrecondition) || !strings.Contains(err.Error(), "cordoned") {
+		t.Errorf("a migration to the cordoned host: %v, want refused as cordoned", err)
+	}
+	hosts, err := op.ListHosts(ctx, &broker.ListHostsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hosts.Hosts {
+		want := broker.HostSchedulable
+		if h.Host == "h2" {
+			want = broker.HostCordoned
+		}
+		if h.State != want {
+			t.Errorf("host %s listed %s, want %s", h.Host, h.State, want)
+		}
+	}
+	if _, err := op.UncordonHost(ctx, &broker.UncordonRequest{Host: "h2"}); err != nil {
+		t.Fatal(err)
+	}
+	dry, err = e.tenant(tenant).CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(dry.DryRun.Order, "h2") {
+		t.Errorf("after uncordon, order %v lacks h2", dry.DryRun.Order)
+	}
+}
+
+func TestPlacementRanksByTCBThenMemoryAndFits(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.startBroker("b1")
+	g := agentapi.HostGuest{Tenant: tenant, VM: vm, MemoryBytes: 512 << 20}
+	other := func(n int, mib uint64) agentapi.HostGuest {
+		return agentapi.HostGuest{Tenant: "other", VM: fmt.Sprintf("g%d", n), MemoryBytes: mib << 20}
+	}
+	for _, h := range []agentapi.HostRecord{
+		{Host: "src", TCB: snpTCB(115), AllocatableBytes: 4 << 30, Guests: []agentapi.HostGuest{g}},
+		// Below the source's TCB: last, however empty.
+		{Host: "old", TCB: snpTCB(100), AllocatableBytes: 8 << 30},
+		// At least the source's, half full.
+		{Host: "busy", TCB: snpTCB(115), AllocatableBytes: 4 << 30, Guests: []agentapi.HostGuest{other(1, 2048)}},
+		// At least the source's, a quarter full: first.
+		{Host: "calm", TCB: snpTCB(120), AllocatableBytes: 4 << 30, Guests: []agentapi.HostGuest{other(2, 1024)}},
+		// TCB unknown: after those known to suffice.
+		{Host: "unknown", AllocatableBytes: 4 << 30},
+		// No room for 512 MiB.
+		{Host: "full", TCB: snpTCB(120), AllocatableBytes: 1 << 30, Guests: []agentapi.HostGuest{other(3, 768)}},
+	} {
+		h.Platform, h.Region, h.DataAddr = attest.PlatformEmulatedSEVSNP, "eu", h.Host+":1"
+		e.addAgent(h.Host, attest.PlatformEmulatedSEVSNP, "eu", nil)
+		e.putHost(h)
+	}
+	e.adopt(tenant, vm, "src")
+	dry, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"calm", "busy", "unknown", "old"}; !slices.Equal(dry.DryRun.Order, want) {
+		t.Errorf("order %v, want %v", dry.DryRun.Order, want)
+	}
+	for _, v := range dry.DryRun.Hosts {
+		if v.Host == "full" && (v.Pass || !strings.Contains(strings.Join(v.Reasons, ";"), "no room: 256 MiB free")) {
+			t.Errorf("full's verdict %+v, want no room", v)
+		}
+	}
+	resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Migration.Destination != "calm" {
+		t.Errorf("placed on %s, want calm", resp.Migration.Destination)
+	}
+}
+
+// TestDrainKeepsLimitsAndSurvivesItsBroker drains a host of six guests onto two hosts with at
+// most one migration into each host and two in all, stopping the broker that drives it
+// half-way: a second broker finishes it, and every guest moves once.
+func TestDrainKeepsLimitsAndSurvivesItsBroker(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	_, stop1 := e.startBroker("b1")
+	const n = 6
+	var guests []agentapi.HostGuest
+	for i := range n {
+		guests = append(guests, agentapi.HostGuest{Tenant: tenant, VM: fmt.Sprintf("vm%d", i), MemoryBytes: 1 << 20})
+	}
+	e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, guests...)
+	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil)
+	e.addAgent("h3", attest.PlatformEmulatedSEVSNP, "eu", nil)
+	for _, g := range guests {
+		e.adopt(tenant, g.VM, "h1")
+	}
+	ctx := t.Context()
+	op := e.operator()
+	resp, err := op.Drain(ctx, &broker.DrainRequest{Host: "h1", Reason: "kernel update", Limits: broker.Limits{MaxParallel: 2, PerDestination: 1, PerSource: 5}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Operation.ID
+	if resp.Operation.Counts.Total != n {
+		t.Fatalf("drain of %d guests, want %d", resp.Operation.Counts.Total, n)
+	}
+	committed := map[string]bool{}
+	stopped := false
+	deadline := time.Now().Add(60 * time.Second)
+	var last *broker.FleetOpView
+	for time.Now().Before(deadline) {
+		v, err := op.GetFleetOp(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = v
+		if v.State.Terminal() {
+			break
+		}
+		into := map[string]int{}
+		for _, it := range v.Items {
+			if it.Status != broker.ItemMigrating {
+				continue
+			}
+			into[it.To]++
+			if !committed[it.Migration] && e.agents["h1"].Commit(it.Migration) == nil {
+				committed[it.Migration] = true
+			}
+		}
+		if v.Counts.Migrating > 2 {
+			t.Errorf("%d migrations in flight, limit 2", v.Counts.Migrating)
+		}
+		for h, k := range into {
+			if k > 1 {
+				t.Errorf("%d migrations into %s, limit 1", k, h)
+			}
+		}
+		if !stopped && v.Counts.Moved >= 2 {
+			stop1()
+			stopped = true
+			e.startBroker("b2")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if last == nil || last.State != broker.FleetDone || last.Counts.Moved != n {
+		t.Fatalf("drain ended %+v, want done with %d moved", last, n)
+	}
+	if !stopped {
+		t.Error("the first broker was never stopped mid-drain")
+	}
+	for _, it := range last.Items {
+		if it.Outcome != broker.OutcomeErased || it.Migration == "" {
+			t.Errorf("%s: %s %s, want erased with its migration", it.VM, it.Status, it.Outcome)
+		}
+	}
+	hosts, err := op.ListHosts(ctx, &broker.ListHostsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hosts.Hosts {
+		if h.Host == "h1" && (h.State != broker.HostMaintenance || h.StateRecord == nil || !strings.Contains(h.StateRecord.Reason, id)) {
+			t.Errorf("h1 after the drain: %s %+v, want maintenance naming %s", h.State, h.StateRecord, id)
+		}
+	}
+	if _, err := op.UncordonHost(ctx, &broker.UncordonRequest{Host: "h1"}); err != nil {
+		t.Errorf("uncordon after the drain: %v", err)
+	}
+}
+
+// TestDrainReportsAGuestNoHostAdmits: a guest whose only other host is cordoned is stuck,
+// with the reason, and stays; the drain still ends.
+func TestDrainReportsAGuestNoHostAdmits(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	e.agents["h1"].AutoCommit = true
+	ctx := t.Context()
+	op := e.operator()
+	if _, err := op.CordonHost(ctx, &broker.CordonRequest{Host: "h2", Reason: "full"}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := op.Drain(ctx, &broker.DrainRequest{Host: "h1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v *broker.FleetOpView
+	for range 500 {
+		if v, err = op.GetFleetOp(ctx, resp.Operation.ID); err != nil {
+			t.Fatal(err)
+		}
+		if v.State.Terminal() {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if v.State != broker.FleetDone || v.Counts.Stuck != 1 || !strings.Contains(v.Items[0].Reason, "h2: cordoned by operator: full") {
+		t.Fatalf("drain ended %s with %+v, items %+v; want done, the guest stuck with h2's reason", v.State, v.Counts, v.Items)
+	}
+	hosts, err := op.ListHosts(ctx, &broker.ListHostsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hosts.Hosts {
+		if h.Host == "h1" && h.State != broker.HostCordoned {
+			t.Errorf("h1 after a drain that left a guest: %s, want cordoned", h.State)
+		}
+	}
+}

@@ -1,0 +1,379 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// runCtx returns the broker's run context, under which drivers run beyond the request that
+// started them.
+func (b *Broker) runCtx() context.Context {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.run
+}
+
+// driveOp starts a driver for fleet operation id, or wakes the one already running.
+func (b *Broker) driveOp(ctx context.Context, id string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if ctx == nil || ctx.Err() != nil {
+		return
+	}
+	if wake, ok := b.opsDriving[id]; ok {
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+		return
+	}
+	wake := make(chan struct{}, 1)
+	b.opsDriving[id] = wake
+	b.drivers.Add(1)
+	go func() {
+		defer b.drivers.Done()
+		b.runOpDriver(ctx, id, wake)
+		b.mu.Lock()
+		delete(b.opsDriving, id)
+		b.mu.Unlock()
+	}()
+}
+
+// reconcileOps drives every unfinished fleet operation whose lease is free or expired.
+func (b *Broker) reconcileOps(ctx context.Context) {
+	ops, err := listJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+">")
+	if err != nil {
+		if ctx.Err() == nil {
+			b.log.Warn("Listing fleet operations failed", logKeyError, err)
+			b.cfg.Metrics.NATSError(natsOpKVList)
+		}
+		return
+	}
+	now := b.now()
+	waiting, migrating := 0, 0
+	for _, op := range ops {
+		if op.State.Terminal() {
+			continue
+		}
+		c := op.Counts()
+		waiting += c.Waiting
+		migrating += c.Migrating
+		if op.Owner == b.cfg.ID || op.Owner == "" || !op.LeaseUntil.After(now) {
+			b.driveOp(ctx, op.ID)
+		}
+	}
+	b.cfg.Metrics.FleetQueue(waiting, migrating)
+}
+
+// runOpDriver advances operation id, a step per CheckInterval or wake-up, while this broker
+// holds its lease and it is not finished.
+func (b *Broker) runOpDriver(ctx context.Context, id string, wake <-chan struct{}) {
+	log := b.log.With("operation", id)
+	t := time.NewTicker(b.cfg.CheckInterval)
+	defer t.Stop()
+	for ctx.Err() == nil {
+		op, rev, err := getJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+id)
+		if errors.Is(err, ErrNotFound) {
+			return
+		}
+		if err == nil && op.State.Terminal() {
+			return
+		}
+		if err == nil {
+			now := b.now()
+			if op.Owner != "" && op.Owner != b.cfg.ID && op.LeaseUntil.After(now) {
+				return // another broker holds it
+			}
+			if op.Owner != b.cfg.ID {
+				prev := op.Owner
+				op.Owner, op.LeaseUntil = b.cfg.ID, now.Add(b.cfg.Lease)
+				if _, err := updateJSON(ctx, b.store.fleet, fleetOpPrefix+id, op, rev); err != nil {
+					if !errors.Is(err, errRevision) {
+						log.Warn("Taking the fleet operation's lease failed", logKeyError, err)
+					}
+					continue
+				}
+				if prev != "" {
+					log.Info("Fleet operation taken over", "from", prev)
+				}
+			}
+			err = b.stepOp(ctx, id)
+		}
+		if errors.Is(err, errNotMine) {
+			continue
+		}
+		if err != nil && ctx.Err() == nil {
+			log.Warn("Fleet operation step failed; retrying", logKeyError, err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-wake:
+		case <-t.C:
+		}
+	}
+}
+
+// stepOp brings operation id up to date with its migrations, then starts what its limits
+// allow, or finishes it.
+func (b *Broker) stepOp(ctx context.Context, id string) error {
+	op, _, err := getJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+id)
+	if err != nil {
+		return err
+	}
+	if err := b.settleItems(ctx, op); err != nil {
+		return err
+	}
+	op, _, err = getJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+id)
+	if err != nil {
+		return err
+	}
+	now := b.now()
+	stopping := op.State == FleetAborting || (!op.Deadline.IsZero() && now.After(op.Deadline))
+	if stopping {
+		why := "operation aborted"
+		if op.State != FleetAborting {
+			why = "operation timed out"
+		}
+		if op.State == FleetAborting {
+			b.abortItems(ctx, op)
+		}
+		if _, err := b.updateOp(ctx, id, true, func(op *FleetOp) bool {
+			for i := range op.Items {
+				if op.Items[i].Status == ItemWaiting {
+					op.Items[i].Status, op.Items[i].Reason, op.Items[i].Ended = ItemSkipped, why, now
+				}
+			}
+			return true
+		}); err != nil {
+			return err
+		}
+	} else if err := b.startItems(ctx, op); err != nil {
+		return err
+	}
+	return b.finishOp(ctx, id)
+}
+
+// settleItems records the end of every migration of op that ended.
+func (b *Broker) settleItems(ctx context.Context, op *FleetOp) error {
+	type end struct {
+		status  FleetItemStatus
+		to      string
+		outcome string
+		reason  string
+		at      time.Time
+	}
+	ends := map[int]end{}
+	for i, it := range op.Items {
+		if it.Status != ItemMigrating {
+			continue
+		}
+		m, _, err := getJSON[Migration](ctx, b.store.migrations, it.Migration)
+		if errors.Is(err, ErrNotFound) {
+			ends[i] = end{status: ItemFailed, reason: "migration record gone", at: b.now()}
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if !m.Phase.Terminal() {
+			continue
+		}
+		e := end{to: m.Destination, outcome: m.Outcome, at: m.Finished}
+		switch m.Outcome {
+		case OutcomeErased, OutcomeCommittedUnverifiedErasure:
+			e.status = ItemMoved
+		default:
+			e.status, e.reason = ItemFailed, m.AbortReason
+		}
+		ends[i] = e
+	}
+	if len(ends) == 0 {
+		return nil
+	}
+	_, err := b.updateOp(ctx, op.ID, true, func(cur *FleetOp) bool {
+		for i, e := range ends {
+			it := &cur.Items[i]
+			if it.Status != ItemMigrating {
+				continue
+			}
+			it.Status, it.Outcome, it.Reason, it.Ended = e.status, e.outcome, e.reason, e.at
+			if e.to != "" {
+				it.To = e.to
+			}
+			b.cfg.Metrics.FleetGuest(string(cur.Kind), string(it.Status), it.Ended.Sub(it.Started))
+			b.publishOpEvent(cur, fmt.Sprintf("%s/%s %s (%s → %s) %s", it.Tenant, it.VM, it.Status, it.From, it.To, strings.TrimSpace(it.Outcome+" "+it.Reason)))
+		}
+		return true
+	})
+	return err
+}
+
+// abortItems aborts op's migrations in flight that can still be aborted.
+func (b *Broker) abortItems(ctx context.Context, op *FleetOp) {
+	for _, it := range op.Items {
+		if it.Status != ItemMigrating {
+			continue
+		}
+		_, err := b.abortMigration(ctx, b.runCtx(), Caller{}, &AbortMigrationRequest{ID: it.Migration, Reason: "fleet operation " + op.ID + " aborted"})
+		if err != nil && !errors.Is(err, ErrConflict) {
+			b.log.Warn("Aborting a fleet operation's migration failed", "operation", op.ID, logKeyMigration, it.Migration, logKeyError, err)
+		}
+	}
+}
+
+// startItems starts the migrations of op's waiting guests that its limits allow now.
+func (b *Broker) startItems(ctx context.Context, op *FleetOp) error {
+	v, _, err := b.newFleetView(ctx)
+	if err != nil {
+		return err
+	}
+	l := op.Limits
+	migrating := op.Counts().Migrating
+	for i, it := range op.Items {
+		if it.Status != ItemWaiting {
+			continue
+		}
+		if v.active >= l.MaxParallel {
+			return nil
+		}
+		if v.outgoing[it.From] >= l.PerSource {
+			continue
+		}
+		exclude := map[string]string{}
+		for h, n := range v.incoming {
+			if n >= l.PerDestination {
+				exclude[h] = fmt.Sprintf("at its limit of %d incoming migrations", l.PerDestination)
+			}
+		}
+		if it.To != "" && exclude[it.To] != "" {
+			continue
+		}
+		st, mig, reason := b.startItem(ctx, op, &it, placeOpts{exclude: exclude, minTCB: op.MinTCB})
+		switch {
+		case st == ItemWaiting && reason == "":
+			continue
+		case st == ItemStuck && (len(exclude) > 0 || migrating > 0):
+			// A host may be ruled out only for the moment (its incoming limit, memory that
+			// a guest in flight will free): try again when something ends.
+			continue
+		}
+		now := b.now()
+		if _, err := b.updateOp(ctx, op.ID, true, func(cur *FleetOp) bool {
+			c := &cur.Items[i]
+			if c.Status != ItemWaiting {
+				return false
+			}
+			c.Status, c.Reason = st, reason
+			if mig != nil {
+				c.Migration, c.To, c.Started = mig.ID, mig.Destination, now
+			} else {
+				c.Ended = now
+				b.cfg.Metrics.FleetGuest(string(cur.Kind), string(st), 0)
+			}
+			return true
+		}); err != nil {
+			return err
+		}
+		if mig != nil {
+			migrating++
+			v.add(mig.Source, mig.Destination, mig.MemoryBytes)
+			b.publishOpEvent(op, fmt.Sprintf("%s/%s migrating %s → %s (%s)", it.Tenant, it.VM, mig.Source, mig.Destination, mig.ID))
+		} else {
+			b.publishOpEvent(op, fmt.Sprintf("%s/%s %s: %s", it.Tenant, it.VM, st, reason))
+		}
+	}
+	return nil
+}
+
+// startItem starts the migration of one waiting guest. It returns the guest's new status:
+// migrating with its migration; waiting with no reason to try again later; or stuck,
+// failed or skipped with why.
+func (b *Broker) startItem(ctx context.Context, op *FleetOp, it *FleetItem, o placeOpts) (FleetItemStatus, *Migration, string) {
+	g, _, err := getJSON[Guest](ctx, b.store.guests, GuestKey(it.Tenant, it.VM))
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return ItemSkipped, nil, "the guest is no longer adopted"
+	case err != nil:
+		return ItemWaiting, nil, ""
+	}
+	if g.Migration != "" {
+		m, _, err := getJSON[Migration](ctx, b.store.migrations, g.Migration)
+		switch {
+		case err != nil && !errors.Is(err, ErrNotFound):
+			return ItemWaiting, nil, ""
+		case err == nil && !m.Phase.Terminal() && strings.HasSuffix(m.RequestedBy, viaOp(op.ID)):
+			return ItemMigrating, m, "" // started by this operation, before a broker stopped
+		case err == nil && !m.Phase.Terminal():
+			return ItemWaiting, nil, "" // someone else moves it: see where it ends
+		}
+	}
+	if g.Host != it.From {
+		return ItemSkipped, nil, "the guest moved to " + g.Host + " meanwhile"
+	}
+	resp, err := b.createMigration(ctx, b.runCtx(), Caller{}, &CreateMigrationRequest{
+		Tenant: it.Tenant, VM: it.VM, Destination: it.To, place: o, operation: op.ID,
+	})
+	switch {
+	case err == nil:
+		return ItemMigrating, resp.Migration, ""
+	case errors.Is(err, errNoHost):
+		return ItemStuck, nil, err.Error()
+	case errors.Is(err, ErrConflict), errors.Is(err, ErrUnavailable):
+		return ItemWaiting, nil, ""
+	case errors.Is(err, ErrFailedPrecondition), errors.Is(err, ErrInvalid), errors.Is(err, ErrNotFound):
+		return ItemFailed, nil, err.Error()
+	}
+	b.log.Warn("Starting a fleet operation's migration failed; retrying", "operation", op.ID, logKeyTenant, it.Tenant, logKeyVM, it.VM, logKeyError, err)
+	return ItemWaiting, nil, ""
+}
+
+// finishOp ends operation id when none of its guests is waiting or migrating, and says what
+// became of its hosts: maintenance when a drain moved all their guests, cordoned otherwise.
+func (b *Broker) finishOp(ctx context.Context, id string) error {
+	op, err := b.updateOp(ctx, id, true, func(op *FleetOp) bool {
+		c := op.Counts()
+		if c.Waiting+c.Migrating > 0 {
+			return false
+		}
+		if op.State == FleetAborting {
+			op.State = FleetAborted
+		} else {
+			op.State = FleetDone
+		}
+		return true
+	})
+	if err != nil || !op.State.Terminal() {
+		return err
+	}
+	left := map[string]int{}
+	if guests, err := listJSON[Guest](ctx, b.store.guests, ">"); err == nil {
+		for _, g := range guests {
+			left[g.Host]++
+		}
+	}
+	for _, h := range op.Hosts {
+		_, err := b.setHostState(ctx, h, func(cur *HostStateRecord) (*HostStateRecord, error) {
+			if cur == nil || cur.Operation != op.ID {
+				return nil, nil // someone changed it since
+			}
+			next := *cur
+			next.Since, next.Operation = b.now(), ""
+			if op.State == FleetDone && left[h] == 0 {
+				next.State, next.Reason = HostMaintenance, fmt.Sprintf("%s %s: every guest moved off", op.Kind, op.ID)
+			} else {
+				next.State, next.Reason = HostCordoned, fmt.Sprintf("%s %s %s; %d guests remain", op.Kind, op.ID, op.State, left[h])
+			}
+			return &next, nil
+		})
+		if err != nil {
+			b.log.Warn("Setting a drained host's state failed", logKeyHost, h, logKeyError, err)
+		}
+	}
+	c := op.Counts()
+	b.log.Info("Fleet operation finished", "operation", op.ID, "state", op.State, "moved", c.Moved, "failed", c.Failed, "stuck", c.Stuck, "skipped", c.Skipped)
+	b.publishOpEvent(op, fmt.Sprintf("%s %s: %d moved, %d failed, %d stuck, %d skipped", op.Kind, op.State, c.Moved, c.Failed, c.Stuck, c.Skipped))
+	return nil
+}
