@@ -19,7 +19,8 @@ import (
 // Timeouts bound the phases of a migration; a migration that exceeds one is aborted.
 type Timeouts struct {
 	// Start bounds the time from the request to the start of the transfer (Requested,
-	// Attesting, KeysReleased). Zero means 120 s.
+	// Attesting, KeysReleased), counted again from each fallback to another destination after
+	// a denial. Zero means 120 s.
 	Start time.Duration
 	// Progress bounds the time without a progress report from the source during the transfer
 	// and cutover. Zero means 150 s (KubeVirt's progress timeout).
@@ -69,6 +70,10 @@ type Config struct {
 	// tenant's policy may lower it for its migrations (spec.transport.maxDowntime), never
 	// raise it. Zero means the broker sets none (the agents' own limits hold).
 	MaxDowntime time.Duration
+	// MaxAttempts bounds the destinations one migration asks the keybroker to release to: after
+	// a denial it tries its next candidate until it has tried this many. Zero means 3; 1 means
+	// a denial always aborts.
+	MaxAttempts int
 	// ReadPolicy extracts the pre-filter from a signed policy envelope. Nil means no policy
 	// pre-filter: destinations are checked for liveness and platform only, and dry runs say so.
 	ReadPolicy PolicyReader
@@ -163,6 +168,9 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.EventsRetention, 30*24*time.Hour)
 	if cfg.Streams <= 0 {
 		cfg.Streams = 4
+	}
+	if cfg.MaxAttempts <= 0 {
+		cfg.MaxAttempts = 3
 	}
 	if cfg.Replicas <= 0 {
 		cfg.Replicas = 1

@@ -18,4 +18,6 @@ const (
 	logKeyEpoch     = "epoch"
 	logKeySubject   = "subject"
 	logKeyReply     = "reply"
+	// logKeyNext is the destination a migration falls back to.
+	logKeyNext = "next"
 )

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -194,7 +196,12 @@ func (b *Broker) abortReason(ctx context.Context, m *Migration, now time.Time) s
 	t := b.cfg.Timeouts
 	switch m.Phase {
 	case PhaseRequested, PhaseAttesting, PhaseKeysReleased:
-		if now.Sub(m.Created) > t.Start {
+		// Each fallback to another destination has the whole time again.
+		since := m.Created
+		if n := len(m.Attempts); n > 0 && m.Attempts[n-1].At.After(since) {
+			since = m.Attempts[n-1].At
+		}
+		if now.Sub(since) > t.Start {
 			return fmt.Sprintf("timeout: transfer not started within %v", t.Start)
 		}
 	case PhaseTransferring, PhaseCuttingOver:
@@ -298,8 +305,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		DestinationHost: dstHost, SourceHost: m.Source,
 	})
 	if errors.Is(err, ErrDenied) {
-		b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase, Message: "release denied: " + err.Error()})
-		return b.abort(ctx, m, err.Error())
+		return b.denied(ctx, m, err)
 	}
 	if err != nil {
 		return fmt.Errorf("releasing keys: %w", err)
@@ -320,6 +326,134 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		b.cfg.Metrics.Handshake(b.now().Sub(start))
 	}
 	return err
+}
+
+// denied answers the keybroker's denial err of the release to m's destination. With an
+// untried candidate left, fewer than Config.MaxAttempts destinations tried, and a denial that
+// is the destination's (not of the tenant or its policy as a whole), the migration falls back
+// to that candidate: the denied destination is recorded as an attempt and told to drop its
+// preparation, and the migration stays in Attesting, whose step runs again with fresh nonces
+// and evidence. Otherwise the migration aborts.
+func (b *Broker) denied(ctx context.Context, m *Migration, err error) error {
+	now := b.now()
+	tried := Attempt{Destination: m.Destination, Reason: denialReason(err), At: now}
+	next, rest, skipped := "", m.Candidates, []string(nil)
+	if destinationDenial(err) && len(m.Attempts)+1 < b.cfg.MaxAttempts {
+		next, rest, skipped = b.nextCandidate(ctx, m, now)
+	}
+	if next == "" {
+		b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase, Message: "release denied: " + err.Error()})
+		if len(m.Attempts) == 0 {
+			return b.abort(ctx, m, err.Error())
+		}
+		return b.abort(ctx, m, deniedEverywhere(append(slices.Clone(m.Attempts), tried)))
+	}
+	denied := m.Destination
+	err = b.update(ctx, m.ID, PhaseAttesting, func(m *Migration) {
+		m.Attempts = append(m.Attempts, tried)
+		m.Destination, m.Candidates = next, rest
+		m.Notes = append(m.Notes, skipped...)
+	})
+	if err != nil {
+		return err
+	}
+	b.log.Info("Release denied; trying the next destination", logKeyMigration, m.ID, logKeyHost, denied, logKeyReason, tried.Reason, logKeyNext, next)
+	b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase,
+		Message: fmt.Sprintf("release denied for %s: %s; trying %s", denied, tried.Reason, next)})
+	// The record names the new destination first: a broker that stops here leaves the denied
+	// one to the migration's end, which asks every denied destination that has not confirmed.
+	if err := b.dropPreparation(ctx, m.ID, denied, "release denied: "+tried.Reason); err != nil {
+		b.log.Warn("A denied destination did not drop its preparation", logKeyMigration, m.ID, logKeyHost, denied, logKeyError, err)
+		return nil
+	}
+	return b.markDropped(ctx, m.ID, PhaseAttesting, []string{denied})
+}
+
+// destinationDenial reports whether denial err may be the destination's, so that another
+// destination may be allowed: a rejected policy or an unknown tenant is refused everywhere.
+func destinationDenial(err error) bool {
+	return !errors.Is(err, kbwire.CodePolicyRejected) && !errors.Is(err, kbwire.CodeUnknownTenant)
+}
+
+// denialReason returns the keybroker's message of a denial (its decision and every failing
+// rule), or the whole error when it carries none.
+func denialReason(err error) string {
+	if e, ok := errors.AsType[*wireerr.Error](err); ok && e.Message != "" {
+		return e.Message
+	}
+	return err.Error()
+}
+
+// deniedEverywhere is the abort reason of a migration whose every destination was denied.
+func deniedEverywhere(attempts []Attempt) string {
+	parts := make([]string, len(attempts))
+	for i, a := range attempts {
+		parts[i] = a.Destination + ": " + a.Reason
+	}
+	return fmt.Sprintf("release denied for each of %d destinations: %s", len(attempts), strings.Join(parts, "; "))
+}
+
+// nextCandidate returns the first of m's candidates that is neither the source nor a
+// destination already tried and whose host is live, the candidates after it, and a note for
+// each candidate passed over. It returns "" when none is left.
+func (b *Broker) nextCandidate(ctx context.Context, m *Migration, now time.Time) (string, []string, []string) {
+	var notes []string
+	for i, h := range m.Candidates {
+		tried := h == m.Source || h == m.Destination || slices.ContainsFunc(m.Attempts, func(a Attempt) bool { return a.Destination == h })
+		if tried {
+			continue
+		}
+		if live, why := b.hostLive(ctx, h, now); !live {
+			notes = append(notes, "candidate destination passed over: "+why)
+			continue
+		}
+		return h, slices.Clone(m.Candidates[i+1:]), notes
+	}
+	return "", nil, notes
+}
+
+// dropPreparation tells host, a destination the keybroker denied, to drop what it prepared
+// for migration id: its HPKE key, its data-plane listener and receive region. No key was
+// released to it. An agent that never heard of the migration has nothing to drop.
+func (b *Broker) dropPreparation(ctx context.Context, id, host, reason string) error {
+	_, err := b.agents.Abort(ctx, host, &agentapi.AbortRequest{MigrationID: id, Reason: reason})
+	if err != nil && !errors.Is(err, agentapi.ErrNotFound) {
+		return fmt.Errorf("aborting on denied destination %s: %w", host, err)
+	}
+	return nil
+}
+
+// dropDenied asks each denied destination of m that has not confirmed it to drop its
+// preparation. It returns those that confirmed and a note for each that did not.
+func (b *Broker) dropDenied(ctx context.Context, m *Migration) (dropped, notes []string) {
+	for _, a := range m.Attempts {
+		if a.Dropped {
+			continue
+		}
+		if err := b.dropPreparation(ctx, m.ID, a.Destination, "release denied: "+a.Reason); err != nil {
+			notes = append(notes, fmt.Sprintf("denied destination %s did not confirm it dropped its preparation: %v", a.Destination, err))
+			continue
+		}
+		dropped = append(dropped, a.Destination)
+	}
+	return dropped, notes
+}
+
+// markDropped records that hosts, denied destinations of migration id, dropped their
+// preparation.
+func (b *Broker) markDropped(ctx context.Context, id string, phase Phase, hosts []string) error {
+	if len(hosts) == 0 {
+		return nil
+	}
+	return b.update(ctx, id, phase, func(m *Migration) { setDropped(m, hosts) })
+}
+
+func setDropped(m *Migration, hosts []string) {
+	for i := range m.Attempts {
+		if slices.Contains(hosts, m.Attempts[i].Destination) {
+			m.Attempts[i].Dropped = true
+		}
+	}
 }
 
 // stepKeys delivers the sealed keys to both agents (idempotent) and starts the transfer phase.
@@ -445,12 +579,15 @@ func (b *Broker) stepCommit(ctx context.Context, m *Migration) error {
 	if err := b.moveGuest(ctx, m); err != nil {
 		return err
 	}
+	dropped, dropNotes := b.dropDenied(ctx, m)
 	return b.transition(ctx, m.ID, PhaseCommitted, PhaseErased, func(m *Migration) {
 		m.ErasureEvidence = digestHex(ev)
 		m.Outcome = outcome
 		if note != "" {
 			m.Notes = append(m.Notes, note)
 		}
+		m.Notes = append(m.Notes, dropNotes...)
+		setDropped(m, dropped)
 	})
 }
 
@@ -476,6 +613,8 @@ func (b *Broker) stepAbort(ctx context.Context, m *Migration) error {
 	case err != nil && !errors.Is(err, agentapi.ErrNotFound):
 		notes = append(notes, fmt.Sprintf("destination %s did not confirm the abort: %v", m.Destination, err))
 	}
+	dropped, dropNotes := b.dropDenied(ctx, m)
+	notes = append(notes, dropNotes...)
 	// The keybroker destroys the destination's keys only with its evidence that it erased
 	// what it received and never resumed the guest, or, for a destination lost for good, with
 	// a receipt that says that is unproven.
@@ -522,6 +661,7 @@ func (b *Broker) stepAbort(ctx context.Context, m *Migration) error {
 	return b.transition(ctx, m.ID, PhaseAborting, PhaseAborted, func(m *Migration) {
 		m.Outcome = outcome
 		m.Notes = append(m.Notes, notes...)
+		setDropped(m, dropped)
 	})
 }
 

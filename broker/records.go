@@ -73,6 +73,15 @@ type Migration struct {
 	// stayed (zero for the phase it is in).
 	Timeline []PhaseEntry `json:"timeline,omitempty"`
 
+	// Candidates are the hosts the broker may fall back to, best first, when the keybroker
+	// denies the release to Destination. Set at creation only when the broker chose the
+	// destination (an operator's or tenant's requested destination has none); each fallback
+	// takes the first and removes it.
+	Candidates []string `json:"candidates,omitempty"`
+	// Attempts are the destinations the keybroker denied, in order, each with its reason; the
+	// current Destination is not among them.
+	Attempts []Attempt `json:"attempts,omitempty"`
+
 	// Owner is the id of the broker holding the lease, until LeaseUntil.
 	Owner      string    `json:"owner,omitempty"`
 	LeaseUntil time.Time `json:"leaseUntil,omitzero"`
@@ -118,6 +127,17 @@ type Migration struct {
 	Notes    []string  `json:"notes,omitempty"`
 	Outcome  string    `json:"outcome,omitempty"`
 	Finished time.Time `json:"finished,omitzero"`
+}
+
+// Attempt is a destination the keybroker denied the release to.
+type Attempt struct {
+	Destination string `json:"destination"`
+	// Reason is the keybroker's denial, with every failing rule.
+	Reason string    `json:"reason"`
+	At     time.Time `json:"at"`
+	// Dropped says the destination confirmed it dropped its preparation (its HPKE key, its
+	// data-plane listener and receive region). Until it does, the migration's end asks again.
+	Dropped bool `json:"dropped,omitempty"`
 }
 
 // PhaseEntry is one phase of a migration's timeline.

@@ -246,8 +246,22 @@ func printMigration(w io.Writer, m *broker.Migration) {
 	if m.Downtime > 0 {
 		fmt.Fprintf(w, "Downtime:     %s (measured by the %s)\n", durationText(m.Downtime), cmp.Or(m.DowntimeSource, "source"))
 	}
+	printAttempts(w, m)
 	printTimeline(w, m)
 	printRounds(w, m)
+}
+
+// printAttempts writes the destinations the keybroker denied before m's, and why.
+func printAttempts(w io.Writer, m *broker.Migration) {
+	if len(m.Attempts) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "Denied destinations:")
+	table(w, "  DESTINATION\tDENIED AT\tREASON", func(tw io.Writer) {
+		for _, a := range m.Attempts {
+			fmt.Fprintf(tw, "  %s\t%s\t%s\n", a.Destination, a.At.Format(time.RFC3339), a.Reason)
+		}
+	})
 }
 
 func newMigrationsWatchCmd() *cobra.Command {

@@ -62,6 +62,29 @@ Rounds:
 	}
 }
 
+func TestPrintMigrationShowsDeniedDestinations(t *testing.T) {
+	m := committedMigration()
+	m.Destination = "h4"
+	m.Attempts = []broker.Attempt{
+		{Destination: "h2", Reason: "destination snp.tcb.microcode 0x12 < source 0x14", At: m.Created, Dropped: true},
+		{Destination: "h3", Reason: "region us not allowed", At: m.Created.Add(time.Second)},
+	}
+	m.Timeline, m.Rounds = nil, nil
+	var b bytes.Buffer
+	printMigration(&b, m)
+	want := `Denied destinations:
+  DESTINATION  DENIED AT             REASON
+  h2           2026-12-05T10:00:00Z  destination snp.tcb.microcode 0x12 < source 0x14
+  h3           2026-12-05T10:00:01Z  region us not allowed
+`
+	got := b.String()
+	if i := strings.Index(got, "Denied destinations:"); i < 0 {
+		t.Fatalf("output lacks the denied destinations:\n%s", got)
+	} else if diff := cmp.Diff(want, got[i:]); diff != "" {
+		t.Errorf("denied destinations (-want +got):\n%s", diff)
+	}
+}
+
 func TestMigrationJSONCarriesDowntimeTimelineRounds(t *testing.T) {
 	var b bytes.Buffer
 	o := brokerOpts{output: "json"}
