@@ -425,6 +425,10 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 		MemoryBytes: hg.MemoryBytes, Epoch: g.Epoch, Phase: PhaseRequested, RequestedBy: c.String() + viaOpOrNone(req.operation),
 		Created: now, PhaseSince: now, Updated: now, Timeline: []PhaseEntry{{Phase: PhaseRequested, Entered: now}},
 	}
+	if req.Destination == "" {
+		// Placement's next choices, for when the first refuses.
+		m.Candidates = dests[1:min(len(dests), b.cfg.MaxAttempts)]
+	}
 	// The Requested event goes out before the record, whose creation starts the drivers.
 	b.publishEvent(Event{MigrationID: id, Kind: EventPhase, Phase: PhaseRequested, Message: "requested by " + c.String()})
 	if _, err := updateJSON(ctx, b.store.migrations, id, m, 0); err != nil {

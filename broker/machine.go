@@ -292,6 +292,11 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		return nil
 	})
 	if err := g.Wait(); err != nil {
+		if prep == nil && errors.Is(err, agentapi.ErrConflict) && strings.HasPrefix(err.Error(), "preparing destination") {
+			// The destination refuses the guest (no room, its limit of migrations): as
+			// with a denial, another candidate may take it.
+			return b.denied(ctx, m, err, "destination refused")
+		}
 		return err
 	}
 	dstHost := kbwire.Host{Name: m.Destination}
@@ -305,7 +310,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		DestinationHost: dstHost, SourceHost: m.Source,
 	})
 	if errors.Is(err, ErrDenied) {
-		return b.denied(ctx, m, err)
+		return b.denied(ctx, m, err, "release denied")
 	}
 	if err != nil {
 		return fmt.Errorf("releasing keys: %w", err)
@@ -334,7 +339,10 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 // to that candidate: the denied destination is recorded as an attempt and told to drop its
 // preparation, and the migration stays in Attesting, whose step runs again with fresh nonces
 // and evidence. Otherwise the migration aborts.
-func (b *Broker) denied(ctx context.Context, m *Migration, err error) error {
+//
+// what names the refusal in events and the abort reason: "release denied" for the keybroker's,
+// "destination refused" for an agent that cannot take the guest.
+func (b *Broker) denied(ctx context.Context, m *Migration, err error, what string) error {
 	now := b.now()
 	tried := Attempt{Destination: m.Destination, Reason: denialReason(err), At: now}
 	next, rest, skipped := "", m.Candidates, []string(nil)
@@ -342,7 +350,7 @@ func (b *Broker) denied(ctx context.Context, m *Migration, err error) error {
 		next, rest, skipped = b.nextCandidate(ctx, m, now)
 	}
 	if next == "" {
-		b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase, Message: "release denied: " + err.Error()})
+		b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase, Message: what + ": " + err.Error()})
 		if len(m.Attempts) == 0 {
 			return b.abort(ctx, m, err.Error())
 		}
@@ -357,12 +365,12 @@ func (b *Broker) denied(ctx context.Context, m *Migration, err error) error {
 	if err != nil {
 		return err
 	}
-	b.log.Info("Release denied; trying the next destination", logKeyMigration, m.ID, logKeyHost, denied, logKeyReason, tried.Reason, logKeyNext, next)
+	b.log.Info("Destination refused; trying the next one", logKeyMigration, m.ID, logKeyHost, denied, logKeyReason, tried.Reason, logKeyNext, next)
 	b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase,
-		Message: fmt.Sprintf("release denied for %s: %s; trying %s", denied, tried.Reason, next)})
+		Message: fmt.Sprintf("%s for %s: %s; trying %s", what, denied, tried.Reason, next)})
 	// The record names the new destination first: a broker that stops here leaves the denied
 	// one to the migration's end, which asks every denied destination that has not confirmed.
-	if err := b.dropPreparation(ctx, m.ID, denied, "release denied: "+tried.Reason); err != nil {
+	if err := b.dropPreparation(ctx, m.ID, denied, what+": "+tried.Reason); err != nil {
 		b.log.Warn("A denied destination did not drop its preparation", logKeyMigration, m.ID, logKeyHost, denied, logKeyError, err)
 		return nil
 	}

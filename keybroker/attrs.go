@@ -7,6 +7,7 @@ const (
 	attrMigration         = "migration"
 	attrTenant            = "tenant"
 	attrVM                = "vm"
+	attrHost              = "host"
 	attrDecision          = "decision"
 	attrReasons           = "reasons"
 	attrSourceDigest      = "source_evidence"

@@ -47,7 +47,9 @@ type Event struct {
 	MigrationID string    `json:"migrationId"`
 	Tenant      string    `json:"tenant"`
 	VM          string    `json:"vm"`
-	Decision    Decision  `json:"decision"`
+	// Host is the destination host a release names (its denial says which host was refused).
+	Host     string   `json:"host,omitempty"`
+	Decision Decision `json:"decision"`
 	// Reasons say why a request was denied or failed, one rule or failure each.
 	Reasons []string `json:"reasons,omitempty"`
 
@@ -80,6 +82,9 @@ func (s SlogAudit) Audit(ctx context.Context, ev Event) {
 		slog.String(attrTenant, ev.Tenant),
 		slog.String(attrVM, ev.VM),
 		slog.String(attrDecision, string(ev.Decision)),
+	}
+	if ev.Host != "" {
+		attrs = append(attrs, slog.String(attrHost, ev.Host))
 	}
 	if len(ev.Reasons) > 0 {
 		attrs = append(attrs, slog.Any(attrReasons, ev.Reasons))

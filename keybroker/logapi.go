@@ -33,7 +33,7 @@ func (k *Keybroker) logDenial(ctx context.Context, ev *Event) {
 		return
 	}
 	e := &tlog.Entry{
-		Kind: tlog.KindDeny, Tenant: ev.Tenant, VM: ev.VM, MigrationID: ev.MigrationID,
+		Kind: tlog.KindDeny, Tenant: ev.Tenant, VM: ev.VM, MigrationID: ev.MigrationID, Host: ev.Host,
 		Op: string(ev.Kind), Reasons: ev.Reasons, Evidence: evidenceOf(ev),
 	}
 	// Written, not settled: the denial's answer waits for one batch at most, and no longer

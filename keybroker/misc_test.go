@@ -88,10 +88,10 @@ func TestCommitWithUnacceptedErasure(t *testing.T) {
 func TestSlogAudit(t *testing.T) {
 	var buf bytes.Buffer
 	SlogAudit{Logger: slog.New(slog.NewJSONHandler(&buf, nil))}.Audit(context.Background(), Event{
-		Kind: EventRelease, MigrationID: "m1", Tenant: "demo", VM: "vm1", Decision: DecisionDeny,
+		Kind: EventRelease, MigrationID: "m1", Tenant: "demo", VM: "vm1", Host: "host-b", Decision: DecisionDeny,
 		Reasons: []string{"destinationTcbAtLeastSource: microcode"}, SourceEvidence: []byte{1, 2}, PolicyDigest: []byte{3}, PolicySVN: 4,
 	})
-	for _, want := range []string{`"event":"release"`, `"decision":"deny"`, `"source_evidence":"0102"`, `"policy_digest":"03"`, `"policy_svn":4`, `"level":"WARN"`, `microcode`} {
+	for _, want := range []string{`"event":"release"`, `"decision":"deny"`, `"source_evidence":"0102"`, `"policy_digest":"03"`, `"policy_svn":4`, `"host":"host-b"`, `"level":"WARN"`, `microcode`} {
 		if !strings.Contains(buf.String(), want) {
 			t.Errorf("audit record %s lacks %s", buf.String(), want)
 		}

@@ -75,7 +75,7 @@ type migrationRecord struct {
 // same wrapped MDK) sealed to the new evidence's HPKE keys.
 func (k *Keybroker) Release(ctx context.Context, req *kbwire.ReleaseRequest) (*kbwire.ReleaseResponse, error) {
 	start := time.Now()
-	ev := Event{Kind: EventRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM}
+	ev := Event{Kind: EventRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM, Host: req.DestinationHost.Name}
 	if e := req.Source.Evidence; e != nil {
 		d := e.Digest()
 		ev.SourceEvidence = d[:]

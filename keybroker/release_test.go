@@ -112,7 +112,7 @@ func TestReleaseAllowed(t *testing.T) {
 	ev := e.audit.last(t)
 	srcD, dstD := m.req.Source.Evidence.Digest(), m.req.Destination.Evidence.Digest()
 	want := Event{
-		Kind: EventRelease, MigrationID: "m1", Tenant: "demo", VM: "vm1", Decision: DecisionAllow,
+		Kind: EventRelease, MigrationID: "m1", Tenant: "demo", VM: "vm1", Host: "host-b", Decision: DecisionAllow,
 		SourceEvidence: srcD[:], DestinationEvidence: dstD[:], PolicyDigest: resp.PolicyDigest, PolicySVN: 1, Epoch: 2,
 	}
 	if diff := cmp.Diff(want, ev, cmpIgnoreTime); diff != "" {

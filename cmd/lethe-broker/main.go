@@ -54,7 +54,7 @@ type config struct {
 	maxDowntime                   time.Duration
 	placementOrder                string
 	fleet                         broker.FleetConfig
-	rebalancePercent              int
+	rebalancePercent, maxAttempts int
 }
 
 func main() {
@@ -119,6 +119,7 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Int(&c.streams, "streams", "LETHE_STREAMS", 0, "data-plane streams per transfer; 0: 4")
 	fs.Duration(&c.maxDowntime, "max-downtime", "LETHE_MAX_DOWNTIME", 0, "longest pause of a guest at cutover, which a tenant's policy may lower (spec.transport.maxDowntime); 0: the agents' own limits")
 	fs.Int(&c.replicas, "replicas", "LETHE_REPLICAS", 0, "JetStream replicas; 0: 1")
+	fs.Int(&c.maxAttempts, "max-attempts", "LETHE_MAX_ATTEMPTS", 0, "destinations one migration tries when the keybroker or a destination refuses the one placement chose; 0: 3, 1: never fall back")
 	fs.String(&c.placementOrder, "placement-order", "LETHE_PLACEMENT_ORDER", "tcb,memory", "how hosts that qualify for a guest are ranked, keys in order: tcb (TCB at least the source's first), memory (least committed first), guests (fewest first)")
 	fs.Int(&c.fleet.MaxParallel, "fleet-max-parallel", "LETHE_FLEET_MAX_PARALLEL", 0, "most migrations a fleet operation (drain, evacuate, rebalance) lets run across the cluster, counting all; 0: 5")
 	fs.Int(&c.fleet.PerSource, "fleet-per-source", "LETHE_FLEET_PER_SOURCE", 0, "most migrations a fleet operation lets run out of one host; 0: 2")
@@ -226,6 +227,7 @@ func run(ctx context.Context, c *config) error {
 		Timeouts:      broker.Timeouts{Start: c.startTimeout, Progress: c.progressTimeout, PerGiB: c.perGiB},
 		ReadPolicy:    readPrefilter,
 		Fleet:         c.fleet,
+		MaxAttempts:   c.maxAttempts,
 		Metrics:       newBrokerMetrics(metrics),
 	})
 	if err != nil {

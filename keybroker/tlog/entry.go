@@ -72,7 +72,8 @@ type Entry struct {
 	FromEpoch   uint64 `json:"fromEpoch"`
 	ToEpoch     uint64 `json:"toEpoch"`
 	// Host is the host the keys were sealed to (adopt, reissue; the destination of a
-	// release), as the keybroker's signed statement names it.
+	// release), as the keybroker's signed statement names it; for a denied release, the
+	// destination refused.
 	Host string `json:"host,omitempty"`
 	// Statement is the SHA-256 of the signed statement of the decision: the grant of an
 	// adoption, release or reissue (as the agent received it), the payload of the receipt of a
