@@ -1,0 +1,165 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"testing"
+)
+
+// A guest that writes its whole memory every millisecond dirties it faster than any round
+// can send it: without throttling, pre-copy never converges.
+const (
+	convergeSize  = 8 << 20
+	convergeRate  = 2_000_000
+	convergePages = 256
+)
+
+// runConverging migrates a region under a workload that does not converge unless throttled,
+// with auto-converge on or off, and returns the workload, the source's result and its error.
+// tweak, if not nil, changes the source's configuration.
+func runConverging(t *testing.T, autoConverge bool, tweak func(*SourceConfig)) (*Workload, SourceResult, error) {
+	t.Helper()
+	srcRegion, dstRegion := testRegion(t, convergeSize), testRegion(t, convergeSize)
+	fillRegion(srcRegion, 1)
+	w, err := NewWorkload(WorkloadConfig{Region: srcRegion, Rate: convergeRate, Pattern: Sequential})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(t.Context())
+	defer stop()
+	go w.Run(ctx)
+	ln := listen(t)
+	cfg := SourceConfig{
+		MigrationID: "converge", Peer: ln.Addr().String(), Region: srcRegion, Guest: w,
+		MaxRounds: 25, ConvergedPages: convergePages, AutoConverge: autoConverge,
+	}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	src, err := NewSource(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst, err := NewDestination(DestinationConfig{MigrationID: "converge", Region: dstRegion})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := newIdentities(t)
+	m := &migration{src: src, dst: dst,
+		srcKeys: ids.source(Keys{TK: testKey(t, 1), MDK: testKey(t, 5)}),
+		dstKeys: ids.destination(Keys{TK: testKey(t, 1), MDK: testKey(t, 9)})}
+	m.run(t, ln)
+	return w, m.srcRes, m.srcErr
+}
+
+func maxThrottle(rounds []RoundStats) int {
+	m := 0
+	for _, r := range rounds {
+		m = max(m, r.Throttle)
+	}
+	return m
+}
+
+// running says whether w is neither paused nor throttled.
+func running(w *Workload) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return !w.paused && w.Throttling() == 0
+}
+
+func TestAutoConverge(t *testing.T) {
+	tests := map[string]struct {
+		on       bool
+		converge bool
+	}{
+		"on":  {on: true, converge: true},
+		"off": {on: false, converge: false},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			w, res, err := runConverging(t, tc.on, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range res.Rounds {
+				t.Logf("round %d: %d pages, %d dirty, throttle %d%% (final %v)", r.Round, r.Pages, r.Dirty, r.Throttle, r.Final)
+			}
+			last := res.Rounds[len(res.Rounds)-1]
+			if converged := last.Pages <= convergePages; converged != tc.converge {
+				t.Errorf("final round sent %d pages after %d rounds (converged at %d): converged %v, want %v",
+					last.Pages, len(res.Rounds), convergePages, converged, tc.converge)
+			}
+			if rose := maxThrottle(res.Rounds) > 0; rose != tc.on {
+				t.Errorf("throttle rose to %d%%, want a rise %v", maxThrottle(res.Rounds), tc.on)
+			}
+			if prev := res.Rounds[0].Throttle; prev != 0 {
+				t.Errorf("round 0 throttled by %d%%", prev)
+			}
+			for i, r := range res.Rounds[1:] {
+				if prev := res.Rounds[i].Throttle; r.Throttle < prev || r.Throttle > throttleMax {
+					t.Errorf("round %d throttled by %d%% after %d%%", r.Round, r.Throttle, prev)
+				}
+			}
+			if w.Throttling() != 0 {
+				t.Errorf("throttle of %d%% not lifted after commit", w.Throttling())
+			}
+		})
+	}
+}
+
+// cuttingPauser pauses the workload it embeds (and throttles it, through the embedded
+// Throttle), then cuts the source's connections: the final round fails after the pause.
+type cuttingPauser struct {
+	*Workload
+	mu       sync.Mutex
+	conns    []net.Conn
+	throttle int // at the pause
+}
+
+func (p *cuttingPauser) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, network, addr)
+	if err == nil {
+		p.mu.Lock()
+		p.conns = append(p.conns, c)
+		p.mu.Unlock()
+	}
+	return c, err
+}
+
+func (p *cuttingPauser) Pause(ctx context.Context) error {
+	if err := p.Workload.Pause(ctx); err != nil {
+		return err
+	}
+	p.throttle = p.Throttling()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	return nil
+}
+
+// TestAutoConvergeLiftedOnFailure fails a migration after the guest was throttled and paused:
+// the guest is resumed, at its full rate.
+func TestAutoConvergeLiftedOnFailure(t *testing.T) {
+	var p cuttingPauser
+	w, res, err := runConverging(t, true, func(c *SourceConfig) {
+		p.Workload = c.Guest.(*Workload)
+		c.Guest, c.Dial = &p, p.dial
+	})
+	if err == nil || errors.Is(err, ErrCommitUnknown) {
+		t.Fatalf("source: got %v, want a failure before the FIN", err)
+	}
+	if len(res.Rounds) != 0 {
+		t.Errorf("failed migration returned %d rounds", len(res.Rounds))
+	}
+	if p.throttle == 0 {
+		t.Error("guest not throttled when it was paused")
+	}
+	if !running(w) {
+		t.Errorf("guest not resumed at full rate: throttle %d%%", w.Throttling())
+	}
+}
