@@ -163,3 +163,32 @@ func TestAutoConvergeLiftedOnFailure(t *testing.T) {
 		t.Errorf("guest not resumed at full rate: throttle %d%%", w.Throttling())
 	}
 }
+
+func TestNextThrottle(t *testing.T) {
+	tests := map[string]struct {
+		noThrottler bool
+		throttle    int
+		sent, dirty int
+		want        int
+	}{
+		"fits the limit":                {sent: 1000, dirty: 256, want: 0},
+		"shrinks by half":               {sent: 1000, dirty: 500, want: 0},
+		"first round not converging":    {sent: 1000, dirty: 501, want: 20},
+		"next round not converging":     {throttle: 20, sent: 1000, dirty: 900, want: 30},
+		"steps to the max":              {throttle: 90, sent: 1000, dirty: 900, want: 99},
+		"stays at the max":              {throttle: 99, sent: 1000, dirty: 900, want: 99},
+		"converging keeps the throttle": {throttle: 50, sent: 1000, dirty: 100, want: 50},
+		"no throttler":                  {noThrottler: true, sent: 1000, dirty: 1000, want: 0},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			s := &Source{cfg: SourceConfig{ConvergedPages: 256}, throttle: tc.throttle}
+			if !tc.noThrottler {
+				s.throttler = &Workload{}
+			}
+			if got := s.nextThrottle(tc.sent, tc.dirty); got != tc.want {
+				t.Errorf("nextThrottle(%d, %d) at %d%% = %d%%, want %d%%", tc.sent, tc.dirty, tc.throttle, got, tc.want)
+			}
+		})
+	}
+}
