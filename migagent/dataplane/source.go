@@ -389,7 +389,6 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 				break
 			}
 			s.setThrottle(ctx, s.nextThrottle(p.Pages, p.Dirty))
-
 		}
 	}
 	select {
