@@ -82,12 +82,13 @@ func (b memoryBackend) sender(m *migration, req *agentapi.TransferRequest, keys 
 	}
 	// The downtime limit becomes the dirty set that fits it at this node's last measured
 	// throughput. dataplane.SourceConfig has no limit of its own yet, which would use each
-	// round's throughput instead.
+	// round's throughput instead. Under a limit, a guest that dirties memory too fast for
+	// that dirty set is throttled until it fits (auto-converge), as libvirt guests are.
 	converged := convergedPages(req.MaxDowntime, n.sendRate.Load(), n.cfg.ConvergedPages)
 	src, err := dataplane.NewSource(dataplane.SourceConfig{
 		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: cmp.Or(req.Streams, n.cfg.Streams),
 		Region: g.region, Guest: guest, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
-		MaxRounds: n.cfg.MaxRounds, ConvergedPages: converged,
+		MaxRounds: n.cfg.MaxRounds, ConvergedPages: converged, AutoConverge: req.MaxDowntime > 0 && !n.cfg.NoAutoConverge,
 		Progress: func(p dataplane.Progress) { n.onProgress(m, tl, p, report) },
 		Logger:   n.log,
 	})

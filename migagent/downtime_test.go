@@ -59,10 +59,10 @@ func TestTransferLog(t *testing.T) {
 	var rate float64
 	tl := &transferLog{sendRate: func(r float64) { rate = r }}
 	tl.round(dataplane.Progress{Round: 0, Pages: 256, Bytes: 1 << 20, DirtyRate: 10, Rate: 1 << 30, Dirty: 4})
-	tl.round(dataplane.Progress{Round: 1, Final: true, Pages: 4, Bytes: 4 * dataplane.PageSize, Rate: 1 << 24})
+	tl.round(dataplane.Progress{Round: 1, Final: true, Pages: 4, Bytes: 4 * dataplane.PageSize, Rate: 1 << 24, Throttle: 20})
 	want := []agentapi.RoundStats{
 		{Round: 1, Pages: 256, Bytes: 1 << 20, DirtyRate: 10 * dataplane.PageSize, Throughput: 1 << 30, Duration: time.Second / 1024},
-		{Round: 2, Final: true, Pages: 4, Bytes: 4 * dataplane.PageSize, Throughput: 1 << 24, Duration: time.Second / 1024},
+		{Round: 2, Final: true, Pages: 4, Bytes: 4 * dataplane.PageSize, Throughput: 1 << 24, Duration: time.Second / 1024, Throttle: 20},
 	}
 	if diff := cmp.Diff(want, tl.rounds); diff != "" {
 		t.Errorf("rounds (-want +got):\n%s", diff)
@@ -85,11 +85,11 @@ func TestLibvirtRounds(t *testing.T) {
 		d.stats = s
 		d.round(false)
 	}
-	d.stats = libvirt.Progress{Iteration: 2, DataProcessed: 72 * mib, MemoryBandwidth: 40 * mib, Downtime: 30 * time.Millisecond}
+	d.stats = libvirt.Progress{Iteration: 2, DataProcessed: 72 * mib, MemoryBandwidth: 40 * mib, Downtime: 30 * time.Millisecond, AutoConvergeThrottle: 30}
 	d.round(true)
 	want := []agentapi.RoundStats{
 		{Round: 1, Pages: 60 * mib / dataplane.PageSize, Bytes: 60 * mib, Throughput: 100 * mib, Duration: 600 * time.Millisecond},
-		{Round: 2, Final: true, Pages: 12 * mib / dataplane.PageSize, Bytes: 12 * mib, Throughput: 40 * mib, Duration: 300 * time.Millisecond},
+		{Round: 2, Final: true, Pages: 12 * mib / dataplane.PageSize, Bytes: 12 * mib, Throughput: 40 * mib, Duration: 300 * time.Millisecond, Throttle: 30},
 	}
 	if diff := cmp.Diff(want, d.rounds); diff != "" {
 		t.Errorf("rounds (-want +got):\n%s", diff)

@@ -618,7 +618,7 @@ func (n *Node) onProgress(m *migration, tl *transferLog, p dataplane.Progress, r
 		MigrationID: m.id, Phase: agentapi.TransferPrecopy,
 		Bytes: uint64(p.TotalBytes), Pages: uint64(p.TotalPages), TotalBytes: uint64(m.size),
 		Round: p.Round + 1, DirtyRate: p.DirtyRate * dataplane.PageSize, ETA: max(p.ETA, 0), Time: n.cfg.Now(),
-		Throughput: p.Rate,
+		Throughput: p.Rate, Throttle: p.Throttle,
 		// The data plane's ETA is negative when the guest dirties pages faster than they go.
 		NotConverging: p.ETA < 0 && !p.Final,
 	}
@@ -653,7 +653,7 @@ func (tl *transferLog) round(p dataplane.Progress) {
 	}
 	tl.rounds = append(tl.rounds, agentapi.RoundStats{
 		Round: p.Round + 1, Final: p.Final, Pages: uint64(p.Pages), Bytes: uint64(p.Bytes),
-		DirtyRate: p.DirtyRate * dataplane.PageSize, Throughput: p.Rate, Duration: d,
+		DirtyRate: p.DirtyRate * dataplane.PageSize, Throughput: p.Rate, Duration: d, Throttle: p.Throttle,
 	})
 	if tl.sendRate != nil && p.Rate > 0 && !p.Final {
 		tl.sendRate(p.Rate)

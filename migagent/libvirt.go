@@ -879,7 +879,7 @@ func (d *sourceDriver) publish(phase agentapi.TransferPhase) {
 		Pages: s.DataProcessed / dataplane.PageSize, Round: int(s.Iteration),
 		DirtyRate: float64(s.DirtyBytesPerSecond()), Time: d.n.cfg.Now(),
 	}
-	p.Throughput = float64(s.MemoryBandwidth)
+	p.Throughput, p.Throttle = float64(s.MemoryBandwidth), int(s.AutoConvergeThrottle)
 	if s.MemoryBandwidth > 0 {
 		p.ETA = time.Duration(float64(s.DataRemaining) / float64(s.MemoryBandwidth) * float64(time.Second))
 	}
@@ -911,7 +911,7 @@ func (d *sourceDriver) round(final bool) {
 	r.Final = final
 	r.Bytes = d.processed - d.roundBase
 	r.Pages = r.Bytes / dataplane.PageSize
-	r.DirtyRate, r.Throughput = float64(s.DirtyBytesPerSecond()), float64(s.MemoryBandwidth)
+	r.DirtyRate, r.Throughput, r.Throttle = float64(s.DirtyBytesPerSecond()), float64(s.MemoryBandwidth), int(s.AutoConvergeThrottle)
 	if r.Throughput > 0 {
 		r.Duration = time.Duration(float64(r.Bytes) / r.Throughput * float64(time.Second))
 	}

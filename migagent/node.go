@@ -58,6 +58,10 @@ type Config struct {
 	// MaxRounds and ConvergedPages tune pre-copy (dataplane.SourceConfig). Zero means the
 	// data plane's defaults.
 	MaxRounds, ConvergedPages int
+	// NoAutoConverge keeps pre-copy from throttling an in-process guest's workload when the
+	// guest dirties memory too fast to converge (dataplane.SourceConfig.AutoConverge). False
+	// (the zero value) throttles it in every transfer with a downtime limit.
+	NoAutoConverge bool
 	// Logger receives the agent's logs. Nil means slog.Default().
 	Logger *slog.Logger
 	// Now returns the current time. Nil means time.Now.

@@ -56,6 +56,7 @@ type config struct {
 	workloadRate, streams                       int
 	allocatable                                 string
 	allocatableBytes                            uint64
+	workloadAutoConverge                        bool
 	heartbeat                                   time.Duration
 	logFormat, logLevel                         string
 	labelSpec, configFile, metricsListen        string
@@ -130,6 +131,7 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.List(guestFlags{&c.guests}, "guest", "LETHE_AGENT_GUESTS", strings.Fields, "a guest held from the start, tenant/vm=SIZE (SIZE like 256MiB) or tenant/vm=file:PATH; repeatable (space-separated)")
 	fs.Int(&c.workloadRate, "workload-rate", "LETHE_AGENT_WORKLOAD_RATE", 0, "pages per second each guest's synthetic workload writes; 0: 2000, negative: none")
 	fs.String(&c.allocatable, "allocatable-memory", "LETHE_AGENT_ALLOCATABLE_MEMORY", "", "memory the host offers guests, like 48GiB: the broker places no more on it, and the agent refuses a migration beyond it; empty: all of the host's memory")
+	fs.Bool(&c.workloadAutoConverge, "workload-auto-converge", "LETHE_AGENT_WORKLOAD_AUTO_CONVERGE", true, "throttle an in-process guest's workload while pre-copy does not converge, in transfers with a downtime limit (libvirt guests: auto-converge)")
 	fs.Int(&c.streams, "streams", "LETHE_AGENT_STREAMS", 0, "data-plane connections of a transfer whose request names none; 0: 4")
 	fs.Duration(&c.heartbeat, "heartbeat-interval", "LETHE_AGENT_HEARTBEAT_INTERVAL", 0, "time between host record heartbeats; 0: 5s")
 	fs.String(&c.libvirt.Socket, "libvirt-socket", "LETHE_AGENT_LIBVIRT_SOCKET", "", "libvirtd's read-write unix socket: the host's libvirt domains become the agent's guests and every incoming migration is a libvirt one; empty: no libvirt")
@@ -259,7 +261,7 @@ func run(ctx context.Context, c *config) error {
 	n, err := migagent.New(migagent.Config{
 		Host: c.host, Conn: nc, Attester: att, KeybrokerKey: kbKey, Labels: c.labels, Region: c.region,
 		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
-		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, AllocatableBytes: c.allocatableBytes, Logger: log,
+		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, AllocatableBytes: c.allocatableBytes, NoAutoConverge: !c.workloadAutoConverge, Logger: log,
 		Libvirt: c.libvirt,
 		Metrics: newAgentMetrics(metrics),
 	})

@@ -113,6 +113,9 @@ type Progress struct {
 	NotConverging bool `json:"notConverging,omitempty"`
 	// Throughput is the rate of the last round, in bytes per second.
 	Throughput float64 `json:"throughput,omitempty"`
+	// Throttle is the percentage by which auto-converge slowed the guest during the last
+	// round; 0 (omitted) for none.
+	Throttle int `json:"throttle,omitempty"`
 	// Downtime is how long the guest was paused, from the pause before the final round to
 	// the destination's commit acknowledgement, in phase committed. See DowntimeSource.
 	Downtime time.Duration `json:"downtime,omitempty"`
@@ -162,6 +165,9 @@ type RoundStats struct {
 	Throughput float64 `json:"throughput"`
 	// Duration is how long the round took.
 	Duration time.Duration `json:"duration"`
+	// Throttle is the percentage by which auto-converge slowed the guest during the round; 0
+	// (omitted) for none.
+	Throttle int `json:"throttle,omitempty"`
 }
 
 // StatusRequest asks an agent for its view of a migration.

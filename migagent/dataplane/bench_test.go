@@ -230,20 +230,41 @@ func BenchmarkAESGCM(b *testing.B) {
 // Each size runs twice: chunk-digests is the data plane as it is; full-hash is the baseline
 // that hashes all of memory in the pause on both sides (RehashPausedMemory, and the
 // destination's rehashReceived), as the data plane did before chunk digests.
+//
+// A 16 MiB guest whose workload writes all of its memory every few milliseconds (2,000,000
+// sequential page writes per second), which pre-copy cannot converge without throttling,
+// runs with auto-converge (auto-converge) and without (no-throttle, paused after 30 rounds);
+// its lines also report rounds and final-pages, the pages sent while the guest was paused.
 func BenchmarkDowntime(b *testing.B) {
 	for _, size := range []int64{256 << 20, 1 << 30, 2 << 30} {
 		for _, mode := range []string{"chunk-digests", "full-hash"} {
 			b.Run(fmt.Sprintf("%dMiB/%s", size>>20, mode), func(b *testing.B) {
-				benchDowntime(b, size, mode == "full-hash")
+				benchDowntime(b, size, downtimeCase{fullHash: mode == "full-hash", rate: 20000, pattern: Uniform})
 			})
 		}
 	}
+	for _, mode := range []string{"auto-converge", "no-throttle"} {
+		b.Run("16MiB-hot/"+mode, func(b *testing.B) {
+			benchDowntime(b, 16<<20, downtimeCase{rate: 2_000_000, pattern: Sequential, autoConverge: mode == "auto-converge", rounds: true})
+		})
+	}
 }
 
-func benchDowntime(b *testing.B, size int64, fullHash bool) {
+// downtimeCase is the workload and settings of one BenchmarkDowntime case.
+type downtimeCase struct {
+	fullHash     bool
+	rate         int
+	pattern      Pattern
+	autoConverge bool
+	// rounds reports the rounds and the final round's pages as metrics.
+	rounds bool
+}
+
+func benchDowntime(b *testing.B, size int64, tc downtimeCase) {
 	src := testRegion(b, size)
 	ids := newIdentities(b)
 	var downtime, total, prepare time.Duration
+	var rounds, finalPages int
 	for b.Loop() {
 		b.StopTimer()
 		fillRegion(src, 1)
@@ -251,7 +272,7 @@ func benchDowntime(b *testing.B, size int64, fullHash bool) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		w, err := NewWorkload(WorkloadConfig{Region: src, Rate: 20000, Pattern: Uniform, Seed: 3})
+		w, err := NewWorkload(WorkloadConfig{Region: src, Rate: tc.rate, Pattern: tc.pattern, Seed: 3})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -260,12 +281,12 @@ func benchDowntime(b *testing.B, size int64, fullHash bool) {
 		ln := listen(b)
 		srcAgent, err := NewSource(SourceConfig{
 			MigrationID: "bench", Peer: ln.Addr().String(), Streams: 2, Region: src, Guest: w,
-			RehashPausedMemory: fullHash,
+			RehashPausedMemory: tc.fullHash, AutoConverge: tc.autoConverge,
 		})
 		if err != nil {
 			b.Fatal(err)
 		}
-		dstAgent, err := NewDestination(DestinationConfig{MigrationID: "bench", Region: dst, rehashReceived: fullHash})
+		dstAgent, err := NewDestination(DestinationConfig{MigrationID: "bench", Region: dst, rehashReceived: tc.fullHash})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -291,8 +312,10 @@ func benchDowntime(b *testing.B, size int64, fullHash bool) {
 			b.Fatal(err)
 		}
 		downtime += res.Downtime
+		rounds += len(res.Rounds)
+		finalPages += res.Rounds[len(res.Rounds)-1].Pages
 		for _, r := range res.Rounds {
-			b.Logf("round %d: %d pages in %v, %d dirty (final %v)", r.Round, r.Pages, r.Duration, r.Dirty, r.Final)
+			b.Logf("round %d: %d pages in %v, %d dirty, throttle %d%% (final %v)", r.Round, r.Pages, r.Duration, r.Dirty, r.Throttle, r.Final)
 		}
 
 		b.StopTimer()
@@ -304,6 +327,10 @@ func benchDowntime(b *testing.B, size int64, fullHash bool) {
 	b.ReportMetric(float64(downtime.Milliseconds())/n, "downtime-ms")
 	b.ReportMetric(float64(total.Milliseconds())/n, "total-ms")
 	b.ReportMetric(float64(prepare.Milliseconds())/n, "prepare-ms")
+	if tc.rounds {
+		b.ReportMetric(float64(rounds)/n, "rounds")
+		b.ReportMetric(float64(finalPages)/n, "final-pages")
+	}
 }
 
 // BenchmarkPrepare makes a 256 MiB receive region and scrubs it, as Destination.Prepare does.

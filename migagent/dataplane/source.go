@@ -22,6 +22,24 @@ type Pauser interface {
 	Resume(ctx context.Context) error
 }
 
+// Throttler is what a Guest implements to be slowed down while pre-copy does not converge
+// (SourceConfig.AutoConverge).
+type Throttler interface {
+	// Throttle slows the guest to (100 - percent)% of its speed: percent is from 0 (no
+	// throttle, full speed) to 99.
+	Throttle(ctx context.Context, percent int) error
+}
+
+// Auto-converge steps the throttle as QEMU's auto-converge does by default.
+const (
+	// throttleInitial is the throttle after the first round that did not converge.
+	throttleInitial = 20
+	// throttleIncrement is added after each further round that did not converge.
+	throttleIncrement = 10
+	// throttleMax is the most the guest is throttled.
+	throttleMax = 99
+)
+
 // Progress is reported after each pre-copy round and after the final round.
 type Progress struct {
 	// Round counts from 0 (the round that sends every page).
@@ -45,6 +63,9 @@ type Progress struct {
 	ETA time.Duration
 	// Elapsed is the time since the transfer started.
 	Elapsed time.Duration
+	// Throttle is the percentage by which auto-converge slowed the guest during the round (for
+	// the final round, until the pause); 0 for none.
+	Throttle int
 }
 
 // SourceConfig configures the source side of one migration.
@@ -83,6 +104,12 @@ type SourceConfig struct {
 	// after Pause returned), at the cost of a full pass over memory in the pause. False
 	// trusts the Region contract and hashes in the pause only the pages of the final round.
 	RehashPausedMemory bool
+	// AutoConverge throttles Guest, if it is a Throttler, while pre-copy does not converge: after
+	// each round whose dirty set is larger than ConvergedPages and more than half the pages
+	// the round sent, the throttle starts at 20% or rises by 10 points, up to 99%. It is
+	// lifted when Run returns, before a paused guest is resumed. A guest that still does not
+	// converge at 99% is paused after MaxRounds all the same. False never throttles.
+	AutoConverge bool
 	// Progress, if not nil, is called after every round from Run's goroutine.
 	Progress func(Progress)
 	// Spool holds what was kept of the guest outside Region; it is scrubbed after commit.
@@ -132,6 +159,9 @@ type RoundStats struct {
 	DirtyRate float64
 	// Duration is the time the round took to send.
 	Duration time.Duration
+	// Throttle is the percentage by which auto-converge slowed the guest during the round;
+	// 0 for none.
+	Throttle int
 }
 
 // Source runs the source side of one migration. It is single use.
@@ -139,6 +169,10 @@ type Source struct {
 	cfg  SourceConfig
 	log  *slog.Logger
 	used atomic.Bool
+	// throttler is Guest if auto-converge may throttle it, else nil; throttle is its current
+	// throttle. Only Run's goroutine uses them.
+	throttler Throttler
+	throttle  int
 }
 
 // NewSource checks cfg and fills in defaults.
@@ -175,7 +209,11 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Source{cfg: cfg, log: log.With("component", "migagent", "role", "source", "migration", cfg.MigrationID)}, nil
+	s := &Source{cfg: cfg, log: log.With("component", "migagent", "role", "source", "migration", cfg.MigrationID)}
+	if cfg.AutoConverge {
+		s.throttler, _ = cfg.Guest.(Throttler)
+	}
+	return s, nil
 }
 
 func (s *Source) params() handshakeParams {
@@ -227,7 +265,8 @@ func (s *Source) connect(ctx context.Context, keys Keys) (conns []net.Conn, sess
 // Run destroys keys.TK whatever happens, keys.MDK only on commit, and never keys.Identity.
 // It returns an error, having sent nothing, if keys.Identity is missing or zeroized or
 // keys.PeerKey is missing or malformed. If the migration fails before the FIN was sent, Run
-// resumes the guest it paused; after, the outcome is unknown and the guest stays paused
+// resumes the guest it paused; a throttle auto-converge set is lifted first, whatever the
+// outcome. After the FIN was sent, the outcome is unknown and the guest stays paused
 // (the error wraps ErrCommitUnknown). Errors wrap ErrKeyConfirmation, ErrHandshake,
 // ErrPeerAborted, ErrCommitAck, ErrUsed, or are *FrameError or the transport's.
 func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
@@ -260,6 +299,7 @@ func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
 
 	res, paused, finSent, err := s.transfer(ctx, sess, keys.TK)
 	sess.close()
+	s.setThrottle(context.WithoutCancel(ctx), 0)
 	if err != nil {
 		if finSent {
 			return SourceResult{}, fmt.Errorf("%w: %w", ErrCommitUnknown, err)
@@ -295,6 +335,10 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 		pages := r.Pages()
 		for round := 0; ; round++ {
 			final := round > 0 && (pages <= s.cfg.ConvergedPages || round >= s.cfg.MaxRounds)
+			if final && pages > s.cfg.ConvergedPages {
+				s.log.Warn("Pre-copy did not converge, pausing the guest all the same",
+					"rounds", round, "dirty", pages, "converged_pages", s.cfg.ConvergedPages, "throttle", s.throttle)
+			}
 			if final {
 				pausedAt = time.Now()
 				if s.cfg.Guest != nil {
@@ -315,6 +359,7 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 			p := Progress{
 				Round: round, Final: final, Pages: pages, Bytes: int64(pages) * PageSize,
 				TotalPages: res.PagesSent, TotalBytes: res.BytesSent, Elapsed: time.Since(start),
+				Throttle: s.throttle,
 			}
 			if !final {
 				clear(set)
@@ -327,6 +372,7 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 			}
 			res.Rounds = append(res.Rounds, RoundStats{
 				Round: round, Final: final, Pages: p.Pages, Bytes: p.Bytes, Dirty: p.Dirty, DirtyRate: p.DirtyRate, Duration: d,
+				Throttle: p.Throttle,
 			})
 			switch net := p.Rate - p.DirtyRate*PageSize; {
 			case p.Dirty <= s.cfg.ConvergedPages:
@@ -335,13 +381,14 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 			default:
 				p.ETA = -1
 			}
-			s.log.Debug("Pre-copy round sent", "round", round, "pages", p.Pages, "dirty", p.Dirty)
+			s.log.Debug("Pre-copy round sent", "round", round, "pages", p.Pages, "dirty", p.Dirty, "throttle", p.Throttle)
 			if s.cfg.Progress != nil {
 				s.cfg.Progress(p)
 			}
 			if final {
 				break
 			}
+			s.setThrottle(ctx, s.nextThrottle(p.Pages, p.Dirty))
 		}
 	}
 	select {
@@ -389,6 +436,37 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 		res.Downtime = time.Since(pausedAt)
 	}
 	return res, paused, finSent, nil
+}
+
+// nextThrottle is the throttle for the round after one that sent sent pages and left dirty
+// pages to send. Pre-copy converges while the dirty set fits ConvergedPages or is at most
+// half of what the round sent (QEMU's trigger); otherwise the throttle starts or steps up.
+func (s *Source) nextThrottle(sent, dirty int) int {
+	switch {
+	case s.throttler == nil || dirty <= s.cfg.ConvergedPages || 2*dirty <= sent:
+		return s.throttle
+	case s.throttle == 0:
+		return throttleInitial
+	}
+	return min(s.throttle+throttleIncrement, throttleMax)
+}
+
+// setThrottle throttles the guest by percent if it is not already. A guest that refuses is
+// logged and left as it was: the migration goes on, and may pause the guest after MaxRounds.
+func (s *Source) setThrottle(ctx context.Context, percent int) {
+	if s.throttler == nil || percent == s.throttle {
+		return
+	}
+	if err := s.throttler.Throttle(ctx, percent); err != nil {
+		s.log.Warn("Throttling the guest failed", "throttle", percent, "error", err)
+		return
+	}
+	if percent == 0 {
+		s.log.Info("Guest throttle lifted", "throttle", s.throttle)
+	} else {
+		s.log.Info("Guest throttled for pre-copy to converge", "throttle", percent)
+	}
+	s.throttle = percent
 }
 
 // checkAck checks that ack, the payload of the destination's ACK frame (transcript ‖ MAC),

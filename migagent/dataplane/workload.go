@@ -51,7 +51,8 @@ type WorkloadConfig struct {
 }
 
 // Workload is a synthetic guest for tests and benchmarks: it writes pages of a Region at a
-// set rate and pattern and marks them dirty, until its context ends. It implements Pauser.
+// set rate and pattern and marks them dirty, until its context ends. It implements Pauser,
+// and Throttler by writing at a fraction of its rate.
 type Workload struct {
 	cfg     WorkloadConfig
 	mu      sync.Mutex
@@ -60,6 +61,8 @@ type Workload struct {
 	rng     *rand.Rand
 	counter uint64
 	written atomic.Int64
+	// throttle is the percentage by which the rate is lowered.
+	throttle atomic.Int32
 }
 
 // NewWorkload checks cfg and fills in defaults.
@@ -92,7 +95,7 @@ func (w *Workload) Run(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		carry += perTick
+		carry += perTick * float64(100-w.throttle.Load()) / 100
 		n := int(carry)
 		carry -= float64(n)
 		w.write(n)
@@ -146,6 +149,18 @@ func (w *Workload) Resume(context.Context) error {
 	w.mu.Unlock()
 	return nil
 }
+
+// Throttle lowers the write rate by percent, from 0 (the configured rate) to 99.
+func (w *Workload) Throttle(_ context.Context, percent int) error {
+	if percent < 0 || percent > 99 {
+		return fmt.Errorf("throttling workload: %d%%, want 0 to 99", percent)
+	}
+	w.throttle.Store(int32(percent))
+	return nil
+}
+
+// Throttling returns the percentage by which the write rate is lowered.
+func (w *Workload) Throttling() int { return int(w.throttle.Load()) }
 
 // Written returns how many page writes the workload has made.
 func (w *Workload) Written() int64 { return w.written.Load() }
