@@ -71,6 +71,7 @@ var scenarios = []scenario{
 	// Identity attacks.
 	{"adversarial/tenant-acts-on-another-tenants-guest", crossTenant},
 	{"adversarial/agent-speaks-for-another-host", impersonateHost},
+	{"adversarial/agent-advertises-a-tcb-it-lacks", advertisedTCB},
 
 	// Faults.
 	{"fault/destination-killed@attesting", fault(atAttesting, killDestination)},
