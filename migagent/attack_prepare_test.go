@@ -129,3 +129,34 @@ func TestPrepareOfLibvirtDestinationFailsCleanly(t *testing.T) {
 		t.Errorf("a failed Prepare left migrations %v", n.migs)
 	}
 }
+
+// TestPrepareRefusesBeyondAllocatableMemory: a broker that ignores the host's stated
+// capacity (or lies about its record) cannot overcommit the host. Guests arriving count as
+// committed until they end; after one is aborted its memory is free again.
+func TestPrepareRefusesBeyondAllocatableMemory(t *testing.T) {
+	kbPub, _, _ := ed25519.GenerateKey(rand.Reader)
+	n := unresolvedNode(t, t.TempDir(), "host-c", kbPub)
+	n.cfg.AllocatableBytes = 3 << 20
+	prepare := func(id, vm string, size uint64) error {
+		nonce := make([]byte, 32)
+		rand.Read(nonce)
+		_, err := n.Prepare(t.Context(), &agentapi.PrepareRequest{MigrationID: id, Nonce: nonce, Tenant: "t", VM: vm, MemoryBytes: size})
+		return err
+	}
+	if err := prepare("m-1", "a", 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	err := prepare("m-2", "b", 2<<20)
+	if !errors.Is(err, agentapi.ErrConflict) || !strings.Contains(err.Error(), "does not fit") || !strings.Contains(err.Error(), "2 MiB are committed or arriving") {
+		t.Fatalf("a second 2 MiB guest on a host offering 3 MiB: %v, want a conflict saying what is committed", err)
+	}
+	if err := prepare("m-3", "c", 1<<20); err != nil {
+		t.Fatalf("a 1 MiB guest that fits: %v", err)
+	}
+	if _, err := n.Abort(t.Context(), &agentapi.AbortRequest{MigrationID: "m-1", Reason: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := prepare("m-2", "b", 2<<20); err != nil {
+		t.Fatalf("after the first arrival was aborted: %v", err)
+	}
+}
