@@ -553,7 +553,8 @@ func (b *Broker) abortFleetOp(ctx context.Context, c Caller, req *AbortFleetOpRe
 
 // updateOp applies change to operation id by compare-and-swap, reading it again after a lost
 // race; change returns false to leave it as it is. With own, the change applies only while
-// this broker holds the lease, and renews it. It returns the operation as it now is.
+// this broker holds the lease, and renews it (even without a change, once half of it is
+// gone). It returns the operation as it now is.
 func (b *Broker) updateOp(ctx context.Context, id string, own bool, change func(*FleetOp) bool) (*FleetOp, error) {
 	for {
 		op, rev, err := getJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+id)
@@ -561,14 +562,18 @@ func (b *Broker) updateOp(ctx context.Context, id string, own bool, change func(
 			return nil, err
 		}
 		now := b.now()
+		renew := false
 		if own {
 			if op.Owner != b.cfg.ID {
 				return nil, errNotMine
 			}
-			op.LeaseUntil = now.Add(b.cfg.Lease)
+			renew = op.LeaseUntil.Sub(now) < b.cfg.Lease/2
 		}
-		if !change(op) && !own {
+		if !change(op) && !renew {
 			return op, nil
+		}
+		if own {
+			op.LeaseUntil = now.Add(b.cfg.Lease)
 		}
 		op.Updated = now
 		if op.State.Terminal() {
