@@ -136,6 +136,8 @@ type Broker struct {
 type activeMigration struct {
 	Source, Destination string
 	MemoryBytes         uint64
+	// noted is when noteActive added it; zero for one reconcile listed.
+	noted time.Time
 }
 
 // New returns a Broker, or an error if cfg lacks a required field.
@@ -390,6 +392,7 @@ func (b *Broker) reconcileLoop(ctx context.Context) error {
 }
 
 func (b *Broker) reconcile(ctx context.Context) {
+	listed := time.Now()
 	recs, err := listJSON[Migration](ctx, b.store.migrations, ">")
 	if err != nil {
 		if ctx.Err() == nil {
@@ -400,13 +403,21 @@ func (b *Broker) reconcile(ctx context.Context) {
 	}
 	unfinished := map[Phase]int{}
 	active := map[string]activeMigration{}
+	seen := map[string]bool{}
 	for _, m := range recs {
+		seen[m.ID] = true
 		if !m.Phase.Terminal() {
 			unfinished[m.Phase]++
-			active[m.ID] = activeMigration{m.Source, m.Destination, m.MemoryBytes}
+			active[m.ID] = activeMigration{Source: m.Source, Destination: m.Destination, MemoryBytes: m.MemoryBytes}
 		}
 	}
 	b.activeMu.Lock()
+	for id, m := range b.active {
+		// Created while the list was read: the list may have missed it.
+		if !seen[id] && m.noted.After(listed) {
+			active[id] = m
+		}
+	}
 	b.active = active
 	b.activeMu.Unlock()
 	b.cfg.Metrics.Unfinished(unfinished)
@@ -426,7 +437,7 @@ func (b *Broker) reconcile(ctx context.Context) {
 // so that placement counts it before reconcile next lists the bucket.
 func (b *Broker) noteActive(m *Migration) {
 	b.activeMu.Lock()
-	b.active[m.ID] = activeMigration{m.Source, m.Destination, m.MemoryBytes}
+	b.active[m.ID] = activeMigration{Source: m.Source, Destination: m.Destination, MemoryBytes: m.MemoryBytes, noted: time.Now()}
 	b.activeMu.Unlock()
 }
 

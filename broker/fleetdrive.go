@@ -330,47 +330,56 @@ func (b *Broker) startItem(ctx context.Context, op *FleetOp, it *FleetItem, o pl
 	return ItemWaiting, nil, ""
 }
 
-// finishOp ends operation id when none of its guests is waiting or migrating, and says what
-// became of its hosts: maintenance when a drain moved all their guests, cordoned otherwise.
+// finishOp ends operation id when none of its guests is waiting or migrating. It first says
+// what became of its hosts — maintenance when a drain moved all their guests, cordoned
+// otherwise — so that an operation seen ended has its hosts' states set.
 func (b *Broker) finishOp(ctx context.Context, id string) error {
-	op, err := b.updateOp(ctx, id, true, func(op *FleetOp) bool {
-		c := op.Counts()
-		if c.Waiting+c.Migrating > 0 {
-			return false
-		}
-		if op.State == FleetAborting {
-			op.State = FleetAborted
-		} else {
-			op.State = FleetDone
-		}
-		return true
-	})
-	if err != nil || !op.State.Terminal() {
+	op, err := b.updateOp(ctx, id, true, func(*FleetOp) bool { return false })
+	if err != nil {
 		return err
 	}
+	if c := op.Counts(); c.Waiting+c.Migrating > 0 {
+		return nil
+	}
+	final := FleetDone
+	if op.State == FleetAborting {
+		final = FleetAborted
+	}
 	left := map[string]int{}
-	if guests, err := listJSON[Guest](ctx, b.store.guests, ">"); err == nil {
-		for _, g := range guests {
-			left[g.Host]++
-		}
+	guests, err := listJSON[Guest](ctx, b.store.guests, ">")
+	if err != nil {
+		return err
+	}
+	for _, g := range guests {
+		left[g.Host]++
 	}
 	for _, h := range op.Hosts {
 		_, err := b.setHostState(ctx, h, func(cur *HostStateRecord) (*HostStateRecord, error) {
 			if cur == nil || cur.Operation != op.ID {
-				return nil, nil // someone changed it since
+				return nil, nil // someone changed it since, or a previous try set it
 			}
 			next := *cur
 			next.Since, next.Operation = b.now(), ""
-			if op.State == FleetDone && left[h] == 0 {
+			if final == FleetDone && left[h] == 0 {
 				next.State, next.Reason = HostMaintenance, fmt.Sprintf("%s %s: every guest moved off", op.Kind, op.ID)
 			} else {
-				next.State, next.Reason = HostCordoned, fmt.Sprintf("%s %s %s; %d guests remain", op.Kind, op.ID, op.State, left[h])
+				next.State, next.Reason = HostCordoned, fmt.Sprintf("%s %s %s; %d guests remain", op.Kind, op.ID, final, left[h])
 			}
 			return &next, nil
 		})
 		if err != nil {
-			b.log.Warn("Setting a drained host's state failed", logKeyHost, h, logKeyError, err)
+			return fmt.Errorf("setting the state of drained host %s: %w", h, err)
 		}
+	}
+	op, err = b.updateOp(ctx, id, true, func(op *FleetOp) bool {
+		if op.State.Terminal() {
+			return false
+		}
+		op.State = final
+		return true
+	})
+	if err != nil {
+		return err
 	}
 	c := op.Counts()
 	b.log.Info("Fleet operation finished", "operation", op.ID, "state", op.State, "moved", c.Moved, "failed", c.Failed, "stuck", c.Stuck, "skipped", c.Skipped)
