@@ -89,20 +89,22 @@ func startFleetOp(cmd *cobra.Command, o *brokerOpts, command string, dryRun, wai
 
 // fleetTarget names what an operation does: "drain of h1".
 func fleetTarget(v *broker.FleetOpView) string {
-	switch {
-	case v.Kind == broker.FleetEvacuate && v.MinTCB != nil:
-		return fmt.Sprintf("evacuate of %s (below TCB %s)", orNone(strings.Join(v.Hosts, ",")), v.MinTCB)
-	case len(v.Hosts) > 0:
-		return fmt.Sprintf("%s of %s", v.Kind, strings.Join(v.Hosts, ","))
+	s := string(v.Kind)
+	if v.Kind == broker.FleetEvacuate && v.MinTCB != nil {
+		s += " below TCB " + v.MinTCB.String()
 	}
-	return string(v.Kind)
-}
-
-func orNone(s string) string {
-	if s == "" {
-		return "no host"
+	if len(v.Hosts) > 0 {
+		s += " of " + strings.Join(v.Hosts, ",")
 	}
 	return s
+}
+
+// guests counts guests in words: "1 guest", "2 guests".
+func guests(n int) string {
+	if n == 1 {
+		return "1 guest"
+	}
+	return fmt.Sprintf("%d guests", n)
 }
 
 // printPlan writes what an operation moves: the hosts concerned, committed memory before and
@@ -117,7 +119,7 @@ func printPlan(w io.Writer, resp *broker.FleetOpResponse) {
 	if v.State == "" {
 		verb = "would move"
 	}
-	fmt.Fprintf(w, "%s %s %d guests (%s)\n", fleetTarget(v), verb, len(v.Items), bytesText(v.Counts.BytesTotal))
+	fmt.Fprintf(w, "%s %s %s (%s)\n", fleetTarget(v), verb, guests(len(v.Items)), bytesText(v.Counts.BytesTotal))
 	if p := resp.Plan; p != nil && len(p.Hosts) > 0 {
 		table(w, "HOST\tTCB\tALLOCATABLE\tCOMMITTED BEFORE → AFTER", func(tw io.Writer) {
 			for _, h := range p.Hosts {
@@ -240,8 +242,8 @@ func fleetProgressLine(v *broker.FleetOpView) string {
 // printFleetResult writes how an operation ended and every guest's fate.
 func printFleetResult(w io.Writer, v *broker.FleetOpView) {
 	c := v.Counts
-	fmt.Fprintf(w, "%s: %s %s: %d moved, %d failed, %d stuck, %d skipped of %d guests\n",
-		v.ID, fleetTarget(v), v.State, c.Moved, c.Failed, c.Stuck, c.Skipped, c.Total)
+	fmt.Fprintf(w, "%s: %s %s: %d moved, %d failed, %d stuck, %d skipped of %s\n",
+		v.ID, fleetTarget(v), v.State, c.Moved, c.Failed, c.Stuck, c.Skipped, guests(c.Total))
 	if v.AbortReason != "" {
 		fmt.Fprintf(w, "aborted: %s\n", v.AbortReason)
 	}
@@ -279,7 +281,7 @@ func dash(s string) string {
 func fleetInterrupted(w io.Writer, id string, v *broker.FleetOpView) error {
 	where := "still running"
 	if v != nil {
-		where = fmt.Sprintf("%s, %d of %d guests moved", v.State, v.Counts.Moved, v.Counts.Total)
+		where = fmt.Sprintf("%s, %d of %s moved", v.State, v.Counts.Moved, guests(v.Counts.Total))
 	}
 	fmt.Fprintf(w, "interrupted: fleet operation %s goes on (%s); follow it with `lethectl fleet watch %s`, abort it with `lethectl fleet abort %s`\n", id, where, id, id)
 	return &exitError{code: 130}

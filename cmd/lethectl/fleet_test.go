@@ -276,7 +276,7 @@ func TestPrintPlanRebalance(t *testing.T) {
 			Notes: []string{"host h4 reports no allocatable memory: left out"},
 		},
 	})
-	want := `rebalance would move 1 guests (1.0 GiB)
+	want := `rebalance would move 1 guest (1.0 GiB)
 HOST  TCB                         ALLOCATABLE  COMMITTED BEFORE → AFTER
 h1    -                           4.0 GiB      3.5 GiB (88%) → 2.5 GiB (62%)
 h3    bl=3,tee=0,snp=8,ucode=120  4.0 GiB      1.0 GiB (25%) → 2.0 GiB (50%)
