@@ -1,8 +1,9 @@
 // Command lethectl is the command-line client of Lethe for tenants and operators: it emulates
 // and verifies attestation evidence, writes, signs and tests migration policies, (with a
-// broker) adopts guests, migrates them and fetches and verifies their receipts, and (with a
-// keybroker) fetches and verifies a guest's residency history, checkpoints of the residency
-// log and their consistency, and runs a witness of that log.
+// broker) adopts guests, migrates them, fetches and verifies their receipts and (operators)
+// cordons, drains, evacuates and rebalances hosts, and (with a keybroker) fetches and
+// verifies a guest's residency history, checkpoints of the residency log and their
+// consistency, and runs a witness of that log.
 //
 // lethectl never holds a guest key. Its offline commands (attest verify, policy test,
 // receipt verify, guests history --from-bundle) need nothing but the files they are given.
@@ -54,6 +55,7 @@ confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
 	root.SetVersionTemplate("{{.Version}}\n")
 	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd(), newReceiptCmd(), newTenantCmd())
 	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd(), newLogCmd(), newKeybrokerCmd())
+	root.AddCommand(newRebalanceCmd(), newFleetCmd())
 	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "Print lethectl's version (as --version does)",
