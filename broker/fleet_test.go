@@ -313,3 +313,37 @@ func watchInFlight(t *testing.T, e *env) func() (int, map[string]int) {
 		return peakAll, maps.Clone(peakInto)
 	}
 }
+
+// TestDrainDryRunPlansAndChangesNothing: the plan names each guest's destination and each
+// host's memory before and after, and the host stays schedulable.
+func TestDrainDryRunPlansAndChangesNothing(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	ctx := t.Context()
+	op := e.operator()
+	resp, err := op.Drain(ctx, &broker.DrainRequest{Host: "h1", DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Operation.State != "" || len(resp.Operation.Items) != 1 || resp.Operation.Items[0].To != "h2" {
+		t.Fatalf("dry run: %+v, want one guest planned to h2 and no state", resp.Operation)
+	}
+	got := map[string][2]uint64{}
+	for _, h := range resp.Plan.Hosts {
+		got[h.Host] = [2]uint64{h.CommittedBefore, h.CommittedAfter}
+	}
+	if want := (map[string][2]uint64{"h1": {guestMiB << 20, 0}, "h2": {guestMiB << 20, 2 * guestMiB << 20}}); !maps.Equal(got, want) {
+		t.Errorf("committed before/after %v, want %v", got, want)
+	}
+	ops, err := op.ListFleetOps(ctx, &broker.ListFleetOpsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hosts, err := op.ListHosts(ctx, &broker.ListHostsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ops.Operations) != 0 || hosts.Hosts[0].State != broker.HostSchedulable {
+		t.Errorf("after a dry run: %d operations recorded, h1 %s", len(ops.Operations), hosts.Hosts[0].State)
+	}
+}

@@ -93,6 +93,7 @@ func (b *Broker) planItems(ctx context.Context, v *fleetView, items []FleetItem,
 		it := &items[i]
 		if it.To != "" {
 			v.add(it.From, it.To, it.MemoryBytes)
+			v.leaving[it.From] += it.MemoryBytes
 			continue
 		}
 		ranked, verdicts, err := b.rank(ctx, v, it, o)
@@ -105,6 +106,7 @@ func (b *Broker) planItems(ctx context.Context, v *fleetView, items []FleetItem,
 		}
 		it.To = ranked[0]
 		v.add(it.From, it.To, it.MemoryBytes)
+		v.leaving[it.From] += it.MemoryBytes
 	}
 	return nil
 }
