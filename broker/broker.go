@@ -125,6 +125,10 @@ type Broker struct {
 	// context, under which drivers outlive requests. Both guarded by mu.
 	opsDriving map[string]chan struct{}
 	run        context.Context
+	// fleetLeadUntil is when this broker's lease on driving fleet operations ends (zero:
+	// it does not lead); guarded by mu. fleetMu serializes the fleet operations' starts.
+	fleetLeadUntil time.Time
+	fleetMu        sync.Mutex
 
 	// activeMu guards active: the unfinished migrations as reconcile last listed them, with
 	// those this broker created since (see noteActive).
@@ -328,6 +332,11 @@ func (b *Broker) releaseLeases(ctx context.Context) {
 			continue
 		}
 		b.log.Info("Lease released for another broker", logKeyMigration, m.ID, logKeyPhase, m.Phase)
+	}
+	if cur, rev, err := getJSON[fleetLeader](ctx, b.store.fleet, fleetLeaderKey); err == nil && cur.Owner == b.cfg.ID {
+		if _, err := updateJSON(ctx, b.store.fleet, fleetLeaderKey, fleetLeader{}, rev); err != nil {
+			b.log.Warn("Releasing the fleet leader's lease failed; it expires instead", logKeyError, err)
+		}
 	}
 	ops, err := listJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+">")
 	if err != nil {

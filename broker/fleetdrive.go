@@ -42,8 +42,67 @@ func (b *Broker) driveOp(ctx context.Context, id string) {
 	}()
 }
 
-// reconcileOps drives every unfinished fleet operation whose lease is free or expired.
+// fleetLeaderKey is the key of the lethe-fleet bucket naming the broker that drives fleet
+// operations: one broker starts every fleet migration, under the fleetMu of its process, so
+// that two operations (or two brokers) never both take the last slot of a limit.
+const fleetLeaderKey = "leader"
+
+// fleetLeader is the record under fleetLeaderKey.
+type fleetLeader struct {
+	Owner      string    `json:"owner"`
+	LeaseUntil time.Time `json:"leaseUntil"`
+}
+
+// leadFleet takes or renews the fleet leader's lease and reports whether this broker holds it.
+func (b *Broker) leadFleet(ctx context.Context) bool {
+	now := b.now()
+	cur, rev, err := getJSON[fleetLeader](ctx, b.store.fleet, fleetLeaderKey)
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return false
+	}
+	if cur != nil && cur.Owner != b.cfg.ID && cur.LeaseUntil.After(now) {
+		b.setFleetLead(time.Time{})
+		return false
+	}
+	if cur != nil && cur.Owner == b.cfg.ID && cur.LeaseUntil.Sub(now) > b.cfg.Lease/2 {
+		b.setFleetLead(cur.LeaseUntil)
+		return true
+	}
+	next := fleetLeader{Owner: b.cfg.ID, LeaseUntil: now.Add(b.cfg.Lease)}
+	if _, err := updateJSON(ctx, b.store.fleet, fleetLeaderKey, next, rev); err != nil {
+		return false
+	}
+	if cur == nil || cur.Owner != b.cfg.ID {
+		b.log.Info("Driving fleet operations", "previous", func() string {
+			if cur == nil {
+				return ""
+			}
+			return cur.Owner
+		}())
+	}
+	b.setFleetLead(next.LeaseUntil)
+	return true
+}
+
+// setFleetLead records until when this broker leads the fleet (zero: it does not).
+func (b *Broker) setFleetLead(until time.Time) {
+	b.mu.Lock()
+	b.fleetLeadUntil = until
+	b.mu.Unlock()
+}
+
+// leadsFleet reports whether this broker's fleet leader lease is still running.
+func (b *Broker) leadsFleet() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.fleetLeadUntil.After(b.now())
+}
+
+// reconcileOps, on the fleet's leader, drives every unfinished fleet operation.
 func (b *Broker) reconcileOps(ctx context.Context) {
+	if !b.leadFleet(ctx) {
+		return
+	}
 	ops, err := listJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+">")
 	if err != nil {
 		if ctx.Err() == nil {
@@ -75,6 +134,9 @@ func (b *Broker) runOpDriver(ctx context.Context, id string, wake <-chan struct{
 	t := time.NewTicker(b.cfg.CheckInterval)
 	defer t.Stop()
 	for ctx.Err() == nil {
+		if !b.leadsFleet() {
+			return // reconcileOps starts it again here if this broker leads again
+		}
 		op, rev, err := getJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+id)
 		if errors.Is(err, ErrNotFound) {
 			return
@@ -224,8 +286,11 @@ func (b *Broker) abortItems(ctx context.Context, op *FleetOp) {
 	}
 }
 
-// startItems starts the migrations of op's waiting guests that its limits allow now.
+// startItems starts the migrations of op's waiting guests that its limits allow now. One
+// operation at a time: each reads the migrations the one before it started.
 func (b *Broker) startItems(ctx context.Context, op *FleetOp) error {
+	b.fleetMu.Lock()
+	defer b.fleetMu.Unlock()
 	v, _, err := b.newFleetView(ctx)
 	if err != nil {
 		return err
