@@ -80,8 +80,14 @@ func (s *scn) fleetAgents(specs ...agentSpec) []*agent {
 // placement chooses among this scenario's hosts only.
 func (s *scn) awaitFleetQuiet() {
 	s.t.Helper()
-	poll(s.t, "the hosts of earlier scenarios to expire", func() (bool, string) {
-		recs, err := s.hostRecords(s.t.Context())
+	s.awaitQuiet(s.t)
+}
+
+// awaitQuiet waits until no host counts as live.
+func (e *env) awaitQuiet(t testing.TB) {
+	t.Helper()
+	poll(t, "the hosts of earlier runs to expire", func() (bool, string) {
+		recs, err := e.hostRecords(t.Context())
 		if err != nil {
 			return false, err.Error()
 		}
@@ -589,4 +595,71 @@ func rebalanceSkewed(s *scn) {
 		s.t.Errorf("after the rebalance: %v", err)
 	}
 	s.outcome = fmt.Sprintf("planned and made %d moves (budget %d): hosts at %s, all under %.0f%%", op.Counts.Moved, maxMoves, strings.Join(loads, ", "), threshold*100)
+}
+
+// BenchmarkDrain weighs a drain against the guests moved by hand, in one run on one stack:
+//   - one-by-one: k guests migrated one after the other, each waited for until its source
+//     erased it (lethectl migrate --wait), the broker choosing the destination;
+//   - drain: a host of k guests drained with the broker's default limits.
+//
+// Both move k guests of 4 MiB from one host onto three, and report guests moved per minute.
+func BenchmarkDrain(b *testing.B) {
+	const k = 10
+	e := newEnv(b)
+	for _, mode := range []string{"one-by-one", "drain"} {
+		b.Run(mode, func(b *testing.B) {
+			var elapsed time.Duration
+			for i := range b.N {
+				b.StopTimer()
+				var vms []string
+				for g := range k {
+					vms = append(vms, fmt.Sprintf("bench-%s-%d-%02d", mode, i, g))
+				}
+				e.awaitQuiet(b)
+				src := e.startAgent(b, fleetSpec(snp(snpBase, vms...), 64))
+				for range 3 {
+					e.startAgent(b, fleetSpec(snp(snpBase), 64))
+				}
+				for _, vm := range vms {
+					if _, err := e.demo.AdoptGuest(b.Context(), &broker.AdoptGuestRequest{VM: vm, Host: src.host}); err != nil {
+						b.Fatalf("adopting %s: %v", vm, err)
+					}
+				}
+				b.StartTimer()
+				start := time.Now()
+				switch mode {
+				case "one-by-one":
+					for _, vm := range vms {
+						resp, err := e.demo.CreateMigration(b.Context(), &broker.CreateMigrationRequest{VM: vm})
+						if err != nil {
+							b.Fatalf("migrating %s: %v", vm, err)
+						}
+						m := e.watchMigration(b, resp.Migration.ID, func(m *broker.Migration) bool { return m.Phase.Terminal() })
+						if m.Outcome != broker.OutcomeErased {
+							b.Fatalf("migration %s of %s ended %s: %s", m.ID, vm, m.Outcome, m.AbortReason)
+						}
+					}
+				case "drain":
+					resp, err := e.ops.Drain(b.Context(), &broker.DrainRequest{Host: src.host, Reason: "benchmark"})
+					if err != nil {
+						b.Fatalf("draining %s: %v", src.host, err)
+					}
+					var op *broker.FleetOpView
+					poll(b, "the drain", func() (bool, string) {
+						op, err = e.ops.GetFleetOp(b.Context(), resp.Operation.ID)
+						if err != nil {
+							return false, err.Error()
+						}
+						return op.State.Terminal(), fmt.Sprintf("%s %+v", op.State, op.Counts)
+					})
+					if op.State != broker.FleetDone || op.Counts.Moved != k {
+						b.Fatalf("drain %s ended %s: %+v", op.ID, op.State, op.Counts)
+					}
+				}
+				elapsed += time.Since(start)
+			}
+			b.ReportMetric(float64(k*b.N)/elapsed.Minutes(), "guests/min")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
 }
