@@ -259,9 +259,9 @@ type concurrency struct {
 	total, perSource, perDestination int
 }
 
-// opConcurrency computes op's concurrency from its migrations' records: each was in flight
-// from its creation to its end.
-func (s *scn) opConcurrency(op *broker.FleetOpView) concurrency {
+// opConcurrency computes the concurrency of ops' migrations from their records: each was in
+// flight from its creation to its end.
+func (s *scn) opConcurrency(ops ...*broker.FleetOpView) concurrency {
 	s.t.Helper()
 	type edge struct {
 		at       time.Time
@@ -269,18 +269,20 @@ func (s *scn) opConcurrency(op *broker.FleetOpView) concurrency {
 		src, dst string
 	}
 	var edges []edge
-	for _, it := range op.Items {
-		if it.Migration == "" {
-			continue
+	for _, op := range ops {
+		for _, it := range op.Items {
+			if it.Migration == "" {
+				continue
+			}
+			m, err := s.migration(s.t.Context(), it.Migration)
+			if err != nil {
+				s.t.Fatal(err)
+			}
+			if m.Finished.IsZero() {
+				s.t.Fatalf("migration %s of %s has not finished", m.ID, op.ID)
+			}
+			edges = append(edges, edge{m.Created, 1, m.Source, m.Destination}, edge{m.Finished, -1, m.Source, m.Destination})
 		}
-		m, err := s.migration(s.t.Context(), it.Migration)
-		if err != nil {
-			s.t.Fatal(err)
-		}
-		if m.Finished.IsZero() {
-			s.t.Fatalf("migration %s of %s has not finished", m.ID, op.ID)
-		}
-		edges = append(edges, edge{m.Created, 1, m.Source, m.Destination}, edge{m.Finished, -1, m.Source, m.Destination})
 	}
 	// An end at the very instant of a start counts first: the start saw it ended.
 	slices.SortFunc(edges, func(a, b edge) int { return cmp.Or(a.at.Compare(b.at), cmp.Compare(a.delta, b.delta)) })
