@@ -26,6 +26,7 @@ var fleetScenarios = []scenario{
 	{"fleet/drain-with-a-guest-no-host-admits", drainStuckGuest},
 	{"fleet/broker-killed-mid-drain", drainBrokerKilled},
 	{"fleet/evacuate-below-tcb", evacuateWeakTCB},
+	{"fleet/four-drains-share-the-cluster-limits", drainsShareLimits},
 }
 
 func TestE2EFleet(t *testing.T) {
@@ -664,4 +665,51 @@ func BenchmarkDrain(b *testing.B) {
 			b.ReportMetric(0, "ns/op")
 		})
 	}
+}
+
+// drainsShareLimits drains four hosts at once, each operation with the same limits: the
+// limits count every migration in flight across the cluster, not only an operation's own, so
+// the four together keep within them, whichever broker drives each.
+func drainsShareLimits(s *scn) {
+	var specs []agentSpec
+	var all []string
+	for h := range 4 {
+		vms := s.vms(fmt.Sprintf("l%d-", h), 2)
+		all = append(all, vms...)
+		specs = append(specs, fleetSpec(snp(snpBase, vms...), 64))
+	}
+	specs = append(specs, fleetSpec(snp(snpBase), 64), fleetSpec(snp(snpBase), 64))
+	agents := s.fleetAgents(specs...)
+	s.probeOnly(all)
+	limits := broker.Limits{MaxParallel: 2, PerSource: 1, PerDestination: 1}
+	var ids []string
+	for _, src := range agents[:4] {
+		resp, err := s.ops.Drain(s.t.Context(), &broker.DrainRequest{Host: src.host, Reason: "e2e: maintenance", Limits: limits})
+		if err != nil {
+			s.t.Fatalf("draining %s: %v", src.host, err)
+		}
+		ids = append(ids, resp.Operation.ID)
+	}
+	// Which broker drives each operation: the request went to either.
+	drivers := map[string]int{}
+	for _, id := range ids {
+		op := s.waitOpFor(id, func(op *broker.FleetOpView) bool { return op.Owner != "" || op.State.Terminal() })
+		drivers[cmp.Or(op.Owner, "?")]++
+	}
+	var ops []*broker.FleetOpView
+	for _, id := range ids {
+		op := s.waitOp(id)
+		if op.State != broker.FleetDone || op.Counts.Moved != 2 {
+			s.t.Fatalf("drain %s ended %s: %+v", op.ID, op.State, op.Counts)
+		}
+		s.expectItems(op, byHost(agents...), nil)
+		ops = append(ops, op)
+	}
+	c := s.opConcurrency(ops...)
+	if c.total > limits.MaxParallel || c.perSource > limits.PerSource || c.perDestination > limits.PerDestination {
+		s.t.Errorf("the four drains had in flight at once: %d in all, %d out of one host, %d into one host; limits %+v", c.total, c.perSource, c.perDestination, limits)
+	}
+	s.t.Logf("drivers of the four drains: %v", drivers)
+	s.outcome = fmt.Sprintf("8 of 8 moved; at most %d/%d/%d in flight (all/out/in), limits %d/%d/%d; drivers %v",
+		c.total, c.perSource, c.perDestination, limits.MaxParallel, limits.PerSource, limits.PerDestination, drivers)
 }
