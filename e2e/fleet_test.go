@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -255,9 +256,10 @@ func (s *scn) awaitHostState(host string, state broker.HostState) broker.HostVie
 }
 
 // concurrency is the most migrations of an operation that were in flight at once: across
-// the cluster, out of one host, and into one host.
+// the cluster, out of one host, and into one host; and when each was, for failure messages.
 type concurrency struct {
 	total, perSource, perDestination int
+	timeline                         []string
 }
 
 // opConcurrency computes the concurrency of ops' migrations from their records: each was in
@@ -270,6 +272,13 @@ func (s *scn) opConcurrency(ops ...*broker.FleetOpView) concurrency {
 		src, dst string
 	}
 	var edges []edge
+	var c concurrency
+	var first time.Time
+	for _, op := range ops {
+		if first.IsZero() || op.Created.Before(first) {
+			first = op.Created
+		}
+	}
 	for _, op := range ops {
 		for _, it := range op.Items {
 			if it.Migration == "" {
@@ -283,11 +292,12 @@ func (s *scn) opConcurrency(ops ...*broker.FleetOpView) concurrency {
 				s.t.Fatalf("migration %s of %s has not finished", m.ID, op.ID)
 			}
 			edges = append(edges, edge{m.Created, 1, m.Source, m.Destination}, edge{m.Finished, -1, m.Source, m.Destination})
+			c.timeline = append(c.timeline, fmt.Sprintf("%s %s→%s %v–%v", m.ID, m.Source, m.Destination,
+				m.Created.Sub(first).Round(time.Millisecond), m.Finished.Sub(first).Round(time.Millisecond)))
 		}
 	}
 	// An end at the very instant of a start counts first: the start saw it ended.
 	slices.SortFunc(edges, func(a, b edge) int { return cmp.Or(a.at.Compare(b.at), cmp.Compare(a.delta, b.delta)) })
-	var c concurrency
 	total := 0
 	out, in := map[string]int{}, map[string]int{}
 	for _, e := range edges {
@@ -301,12 +311,14 @@ func (s *scn) opConcurrency(ops ...*broker.FleetOpView) concurrency {
 	return c
 }
 
-// checkLimits fails unless op's migrations kept within l.
-func (s *scn) checkLimits(op *broker.FleetOpView, l broker.Limits) concurrency {
+// checkLimits fails unless the migrations of ops kept within l together.
+func (s *scn) checkLimits(l broker.Limits, ops ...*broker.FleetOpView) concurrency {
 	s.t.Helper()
-	c := s.opConcurrency(op)
+	c := s.opConcurrency(ops...)
 	if c.total > l.MaxParallel || c.perSource > l.PerSource || c.perDestination > l.PerDestination {
-		s.t.Errorf("in flight at once: %d in all, %d out of one host, %d into one host; limits %+v", c.total, c.perSource, c.perDestination, l)
+		slices.Sort(c.timeline)
+		s.t.Errorf("in flight at once: %d in all, %d out of one host, %d into one host; limits %+v; migrations (created–finished):\n%s",
+			c.total, c.perSource, c.perDestination, l, strings.Join(c.timeline, "\n"))
 	}
 	return c
 }
@@ -348,6 +360,9 @@ func drainOntoCapacities(s *scn) {
 	if err != nil {
 		s.t.Fatalf("draining %s: %v", src.host, err)
 	}
+	if _, err := s.ops.UncordonHost(s.t.Context(), &broker.UncordonRequest{Host: src.host}); !errors.Is(err, broker.ErrConflict) {
+		s.t.Errorf("uncordoning %s while it drains: %v, want a conflict", src.host, err)
+	}
 	op := s.waitOp(resp.Operation.ID)
 	elapsed := time.Since(start)
 	s.checkCapacity(w, agents)
@@ -355,7 +370,7 @@ func drainOntoCapacities(s *scn) {
 		s.t.Fatalf("drain %s ended %s: %+v", op.ID, op.State, op.Counts)
 	}
 	s.expectItems(op, byHost(agents...), nil)
-	c := s.checkLimits(op, limits)
+	c := s.checkLimits(limits, op)
 
 	s.awaitHostState(src.host, broker.HostMaintenance)
 	landed := map[string]int{}
@@ -371,16 +386,21 @@ func drainOntoCapacities(s *scn) {
 }
 
 // drainStuckGuest drains a host one of whose guests has a policy that admits no other host
-// (a host label none has): the drain ends done with that guest stuck, saying why; it still
-// runs on the source, and the others moved.
+// (a host label none has), beside a host the operator cordoned: the drain ends done with that
+// guest stuck, saying why; it still runs on the source, the others moved, none onto the
+// cordoned host, and the source is schedulable again once uncordoned.
 func drainStuckGuest(s *scn) {
 	vms := s.vms("k", 5)
 	stuck := vms[0]
-	agents := s.fleetAgents(fleetSpec(snp(snpBase, vms...), 64), fleetSpec(snp(snpBase), 64), fleetSpec(snp(snpBase), 64))
-	src := agents[0]
+	agents := s.fleetAgents(fleetSpec(snp(snpBase, vms...), 64), fleetSpec(snp(snpBase), 64), fleetSpec(snp(snpBase), 64),
+		fleetSpec(snp(snpBase), 64))
+	src, cordoned := agents[0], agents[3]
 	s.probeOnly(vms)
 	if err := s.policy(stuck, secureZone(s.basePolicy)); err != nil {
 		s.t.Fatalf("applying the policy of %s: %v", stuck, err)
+	}
+	if _, err := s.ops.CordonHost(s.t.Context(), &broker.CordonRequest{Host: cordoned.host, Reason: "e2e: cordoned"}); err != nil {
+		s.t.Fatalf("cordoning %s: %v", cordoned.host, err)
 	}
 	resp, err := s.ops.Drain(s.t.Context(), &broker.DrainRequest{Host: src.host, Reason: "e2e: maintenance"})
 	if err != nil {
@@ -402,6 +422,14 @@ func drainStuckGuest(s *scn) {
 			s.t.Errorf("stuck reason %q does not say why %s does not admit the guest (its zone label)", reason, a.host)
 		}
 	}
+	if !strings.Contains(reason, "cordoned by operator: e2e: cordoned") {
+		s.t.Errorf("stuck reason %q does not say that %s is cordoned", reason, cordoned.host)
+	}
+	for _, it := range op.Items {
+		if it.To == cordoned.host {
+			s.t.Errorf("guest %s moved onto the cordoned host %s", it.VM, it.To)
+		}
+	}
 	// Where it runs: its guest record and the source's host record.
 	g, ok, err := getKV[broker.Guest](s.t.Context(), s.js, broker.GuestsBucket, broker.GuestKey(demoTenant, stuck))
 	if err != nil || !ok || g.Host != src.host || g.Migration != "" {
@@ -412,6 +440,11 @@ func drainStuckGuest(s *scn) {
 		s.t.Errorf("source host record: %+v, %v; want the stuck guest alone", rec, err)
 	}
 	s.awaitHostState(src.host, broker.HostCordoned)
+	for _, a := range []*agent{src, cordoned} {
+		if st, err := s.ops.UncordonHost(s.t.Context(), &broker.UncordonRequest{Host: a.host}); err != nil || st.State != broker.HostSchedulable {
+			s.t.Errorf("uncordoning %s: %+v, %v; want schedulable", a.host, st, err)
+		}
+	}
 	s.outcome = fmt.Sprintf("done: %d moved, %s stuck (%s); source cordoned", op.Counts.Moved, stuck, shorten(reason))
 }
 
@@ -444,7 +477,7 @@ func drainBrokerKilled(s *scn) {
 		s.t.Fatalf("drain %s ended %s after its broker was killed: %+v", op.ID, op.State, op.Counts)
 	}
 	s.expectItems(op, byHost(agents...), nil)
-	s.checkLimits(op, limits)
+	s.checkLimits(limits, op)
 	// The other broker says it took the operation over.
 	var heir *proc
 	s.mu.Lock()
@@ -705,10 +738,7 @@ func drainsShareLimits(s *scn) {
 		s.expectItems(op, byHost(agents...), nil)
 		ops = append(ops, op)
 	}
-	c := s.opConcurrency(ops...)
-	if c.total > limits.MaxParallel || c.perSource > limits.PerSource || c.perDestination > limits.PerDestination {
-		s.t.Errorf("the four drains had in flight at once: %d in all, %d out of one host, %d into one host; limits %+v", c.total, c.perSource, c.perDestination, limits)
-	}
+	c := s.checkLimits(limits, ops...)
 	s.t.Logf("drivers of the four drains: %v", drivers)
 	s.outcome = fmt.Sprintf("8 of 8 moved; at most %d/%d/%d in flight (all/out/in), limits %d/%d/%d; drivers %v",
 		c.total, c.perSource, c.perDestination, limits.MaxParallel, limits.PerSource, limits.PerDestination, drivers)
