@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -19,8 +20,8 @@ import (
 // rebalances hosts through the broker API, the guests move in ordinary migrations, and the
 // suite's invariants hold after each.
 
-// fleetScenarios run in an environment of their own (TestE2EFleet). The rebalance comes
-// first: it weighs every host the broker knows, and the fleet starts empty.
+// fleetScenarios run in an environment of their own (TestE2EFleet). Each starts once the
+// hosts of the one before have expired, so that placement sees its own hosts alone.
 var fleetScenarios = []scenario{
 	{"fleet/rebalance-skewed-fleet", rebalanceSkewed},
 	{"fleet/drain-20-guests-onto-three-capacities", drainOntoCapacities},
@@ -530,7 +531,7 @@ func evacuateWeakTCB(s *scn) {
 			s.t.Errorf("the dry run plans %s onto %s, not a host at or above %s", it.VM, it.To, snpBase)
 		}
 	}
-	if !mapsEqual(listed, on) {
+	if !maps.Equal(listed, on) {
 		s.t.Errorf("the dry run lists guests %v, want %v", listed, on)
 	}
 	if ops, err := s.ops.ListFleetOps(s.t.Context(), &broker.ListFleetOpsRequest{Active: true}); err != nil || len(ops.Operations) != 0 {
@@ -557,18 +558,6 @@ func evacuateWeakTCB(s *scn) {
 		}
 	}
 	s.outcome = fmt.Sprintf("dry run listed %d hosts, %d guests; %d moved onto hosts at or above the TCB", len(plan.Operation.Hosts), len(plan.Operation.Items), op.Counts.Moved)
-}
-
-func mapsEqual(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
 }
 
 // rebalanceSkewed rebalances a fleet of one host near full and two empty ones: the dry run's
