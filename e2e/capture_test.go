@@ -50,7 +50,7 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 // startCapture opens a packet socket on the loopback interface. It needs CAP_NET_RAW and
 // fails the test without it: the suite must not pass without having looked at the wire.
-func startCapture(t *testing.T) *capture {
+func startCapture(t testing.TB) *capture {
 	t.Helper()
 	lo, err := net.InterfaceByName("lo")
 	if err != nil {

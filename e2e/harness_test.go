@@ -88,7 +88,7 @@ func runMain(m *testing.M) int {
 // recording audit sink), two broker processes, and agents as processes on emulated SEV-SNP and
 // TDX platforms. A loopback capture sees every byte of the agents' data plane.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	log    *slog.Logger
 	nats   *natstest.Server
@@ -118,6 +118,8 @@ type env struct {
 	kbc    *broker.KeyBrokerClient
 	demo   *broker.Client
 	other  *broker.Client
+	// ops calls the broker API as an operator (fleet operations, host states).
+	ops *broker.Client
 	// demoNC and otherNC are the two tenants' own NATS connections (the residency log's
 	// history is read over them, as lethectl does).
 	demoNC, otherNC *nats.Conn
@@ -129,7 +131,7 @@ type env struct {
 // hostPool is how many agent host names have NATS users.
 const hostPool = 240
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	ctx := t.Context()
 	e := &env{
@@ -152,6 +154,7 @@ func newEnv(t *testing.T) *env {
 		{Role: natsauth.RoleKeybroker, Password: e.password("keybroker")},
 		{Role: natsauth.RoleTenant, Name: demoTenant, Password: e.password("tenant-" + demoTenant)},
 		{Role: natsauth.RoleTenant, Name: otherTenant, Password: e.password("tenant-" + otherTenant)},
+		{Role: natsauth.RoleOperator, Password: e.password("operator")},
 	}
 	for i := range hostPool {
 		h := fmt.Sprintf("h%03d", i+1)
@@ -241,6 +244,7 @@ func newEnv(t *testing.T) *env {
 	e.otherNC = e.connect("tenant-"+otherTenant, natsauth.InboxPrefix(natsauth.RoleTenant, otherTenant))
 	e.demo = broker.NewTenantClient(e.demoNC, demoTenant)
 	e.other = broker.NewTenantClient(e.otherNC, otherTenant)
+	e.ops = broker.NewOperatorClient(e.connect("operator", natsauth.InboxPrefix(natsauth.RoleOperator, "")))
 
 	for _, id := range []string{"broker-1", "broker-2"} {
 		e.startBroker(id)
@@ -617,6 +621,9 @@ type agentSpec struct {
 	labels string
 	guests []string // VM names of tenant demo, each of size (empty: guestSize)
 	size   string
+	// allocatable is the memory the host offers guests (--allocatable-memory); empty: all of
+	// the machine's.
+	allocatable string
 	// relay puts a relay the test controls in front of the agent's data-plane listener.
 	relay bool
 	// extra flags.
@@ -680,6 +687,9 @@ func (e *env) startAgent(t testing.TB, spec agentSpec) *agent {
 		args = append(args, "--emulated-tee-tcb-svn", spec.tcb)
 	default:
 		args = append(args, "--emulated-tcb", spec.tcb)
+	}
+	if spec.allocatable != "" {
+		args = append(args, "--allocatable-memory", spec.allocatable)
 	}
 	for _, g := range spec.guests {
 		args = append(args, "--guest", demoTenant+"/"+g+"="+cmp.Or(spec.size, guestSize))
