@@ -43,6 +43,15 @@ const defaultMaxMoves = 10
 // viaOp is the suffix of RequestedBy of a migration a fleet operation started.
 func viaOp(id string) string { return " via " + id }
 
+// opOf returns the fleet operation a migration's RequestedBy names, or "".
+func opOf(requestedBy string) string {
+	_, id, ok := strings.Cut(requestedBy, viaOp(""))
+	if !ok || agentapi.ValidName(id) != nil {
+		return ""
+	}
+	return id
+}
+
 // viaOpOrNone is viaOp(id), or "" without an operation.
 func viaOpOrNone(id string) string {
 	if id == "" {

@@ -159,6 +159,13 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 			}
 		}
 		b.publishEvent(ev)
+		if to.Terminal() {
+			// A fleet operation waiting for a slot starts its next migration now, not at
+			// its next check.
+			if op := opOf(m.RequestedBy); op != "" {
+				b.driveOp(b.runCtx(), op)
+			}
+		}
 		return nil
 	}
 }
