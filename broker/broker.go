@@ -463,12 +463,18 @@ func (b *Broker) activeMigrations() []activeMigration {
 
 // drive starts a driver for migration id, or wakes the one already running.
 func (b *Broker) drive(ctx context.Context, id string) {
+	b.startOrWake(ctx, b.driving, id, b.runDriver, func() { delete(b.attached, id) })
+}
+
+// startOrWake wakes the driver of id in driving, or starts run as it, under ctx. When run
+// returns, id leaves driving and forget runs, both under b.mu.
+func (b *Broker) startOrWake(ctx context.Context, driving map[string]chan struct{}, id string, run func(context.Context, string, <-chan struct{}), forget func()) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if ctx.Err() != nil {
+	if ctx == nil || ctx.Err() != nil {
 		return
 	}
-	if wake, ok := b.driving[id]; ok {
+	if wake, ok := driving[id]; ok {
 		select {
 		case wake <- struct{}{}:
 		default:
@@ -476,14 +482,16 @@ func (b *Broker) drive(ctx context.Context, id string) {
 		return
 	}
 	wake := make(chan struct{}, 1)
-	b.driving[id] = wake
+	driving[id] = wake
 	b.drivers.Add(1)
 	go func() {
 		defer b.drivers.Done()
-		b.runDriver(ctx, id, wake)
+		run(ctx, id, wake)
 		b.mu.Lock()
-		delete(b.driving, id)
-		delete(b.attached, id)
+		delete(driving, id)
+		if forget != nil {
+			forget()
+		}
 		b.mu.Unlock()
 	}()
 }

@@ -18,28 +18,7 @@ func (b *Broker) runCtx() context.Context {
 
 // driveOp starts a driver for fleet operation id, or wakes the one already running.
 func (b *Broker) driveOp(ctx context.Context, id string) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if ctx == nil || ctx.Err() != nil {
-		return
-	}
-	if wake, ok := b.opsDriving[id]; ok {
-		select {
-		case wake <- struct{}{}:
-		default:
-		}
-		return
-	}
-	wake := make(chan struct{}, 1)
-	b.opsDriving[id] = wake
-	b.drivers.Add(1)
-	go func() {
-		defer b.drivers.Done()
-		b.runOpDriver(ctx, id, wake)
-		b.mu.Lock()
-		delete(b.opsDriving, id)
-		b.mu.Unlock()
-	}()
+	b.startOrWake(ctx, b.opsDriving, id, b.runOpDriver, nil)
 }
 
 // fleetLeaderKey is the key of the lethe-fleet bucket naming the broker that drives fleet

@@ -2,14 +2,17 @@
 # Lethe's demo: a whole confidential-VM migration on one machine, with emulated SEV-SNP hosts.
 #
 # It starts a Vault dev server, the broker (with an embedded NATS server and JetStream), the
-# keybroker and three agents — host-a and host-b with good firmware, host-c with older
-# microcode than the policy allows — as separate processes, then, as a tenant:
+# keybroker and four agents — host-a and host-b with good firmware, host-c with older
+# microcode than the policy allows, host-d with the newest — as separate processes, then, as
+# a tenant:
 #   1. registers its policy key, signs and applies ci-emulated.yaml, adopts a 256 MiB guest
 #      on host-a whose workload keeps dirtying pages,
 #   2. migrates it to host-b with a live progress bar, shows the memory digest the destination
 #      checked, shows the source's Vault keys gone, and verifies the erasure receipt offline,
 #   3. tries to move it on to the weak host-c and shows the denial with its reason,
-# and stops everything it started. Logs stay in the work directory it prints.
+# then, as the operator, drains host-b (the broker places the guest on host-d, the only host
+# whose firmware is at least host-b's), and, as the tenant again, verifies the guest's whole
+# residency history. It stops everything it started. Logs stay in the work directory it prints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -87,7 +90,7 @@ start keybroker "$BIN/lethe-keybroker" --config deploy/dev/lethe-keybroker.yaml 
   --state-dir "$work/state/keybroker-pub" --export-pub "$work/keys/keybroker.pub" >/dev/null 2>&1
 echo "keybroker receipt-signing key: $work/keys/keybroker.pub"
 
-bold "Starting three agents with emulated SEV-SNP platforms"
+bold "Starting four agents with emulated SEV-SNP platforms"
 agent() { # agent HOST UCODE [extra flags]
   local host=$1 ucode=$2; shift 2
   start "$host" "$BIN/lethe-agent" --config deploy/dev/lethe-agent.yaml --nats-url "$LETHE_NATS_URL" \
@@ -96,10 +99,11 @@ agent() { # agent HOST UCODE [extra flags]
 agent host-a 0x73 --guest "demo/web=$GUEST_SIZE"
 agent host-b 0x75
 agent host-c 0x64
-hosts_up() { [ "$("$BIN/lethectl" hosts list -o json | grep -c '"live": *true')" -ge 3 ]; }
+agent host-d 0x80
+hosts_up() { [ "$("$BIN/lethectl" hosts list -o json | grep -c '"live": *true')" -ge 4 ]; }
 waitfor "the agents" 30 hosts_up
 run "$BIN/lethectl" hosts list
-echo "(host-c's microcode 0x64 is older than host-a's 0x73)"
+echo "(host-c's microcode 0x64 is older than host-a's 0x73; host-d's 0x80 is the newest)"
 
 export LETHE_TENANT=demo
 bold "As the tenant: a key, registered with the keybroker; the policy, signed and applied"
@@ -152,7 +156,12 @@ if run "$BIN/lethectl" migrate web --to host-c --wait; then
 fi
 run "$BIN/lethectl" guests list
 
-bold "3. The guest's whole residency history, verified against the checkpoint pinned at adoption"
+bold "3. The operator drains host-b for maintenance: placement prefers a host whose firmware is at least the source's"
+LETHE_TENANT= run "$BIN/lethectl" hosts drain host-b --reason "firmware update" --wait
+LETHE_TENANT= run "$BIN/lethectl" hosts list
+run "$BIN/lethectl" guests list
+
+bold "4. The guest's whole residency history, verified against the checkpoint pinned at adoption"
 run "$BIN/lethectl" guests history web --verify --pub "$work/keys/tenant-keybroker.pub" \
   --pinned "$work/pinned.checkpoint" --update-pinned
 
@@ -164,9 +173,10 @@ curl_metrics "http://127.0.0.1:$keybroker_metrics/metrics" | grep -E '^lethe_key
 bold "Done"
 cat <<EOF
 The guest moved host-a → host-b encrypted end to end, host-a's keys are gone from Vault, the
-receipt verified offline, the weak host was refused, and the guest's residency history
-verified complete against the checkpoint pinned at adoption. Where to look next:
-  logs            $work/logs/{broker,keybroker,host-a,host-b,host-c,vault}.log
+receipt verified offline, the weak host was refused, the drain of host-b moved it on to the
+newest host with a receipt of its own, and the guest's residency history verified complete
+against the checkpoint pinned at adoption. Where to look next:
+  logs            $work/logs/{broker,keybroker,host-a,host-b,host-c,host-d,vault}.log
   receipt         $work/receipt.json (lethectl receipt show)
   configuration   deploy/dev/ (what the demo ran), deploy/ (production), docs/configuration.md
   metrics         while the demo runs: http://127.0.0.1:$broker_metrics/metrics (broker),
