@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -622,6 +623,9 @@ func rebalanceSkewed(s *scn) {
 	s.outcome = fmt.Sprintf("planned and made %d moves (budget %d): hosts at %s, all under %.0f%%", op.Counts.Moved, maxMoves, strings.Join(loads, ", "), threshold*100)
 }
 
+// benchRuns numbers BenchmarkDrain's iterations across runs, for unique guest names.
+var benchRuns atomic.Int64
+
 // BenchmarkDrain weighs a drain against the guests moved by hand, in one run on one stack:
 //   - one-by-one: k guests migrated one after the other, each waited for until its source
 //     erased it (lethectl migrate --wait), the broker choosing the destination;
@@ -634,11 +638,12 @@ func BenchmarkDrain(b *testing.B) {
 	for _, mode := range []string{"one-by-one", "drain"} {
 		b.Run(mode, func(b *testing.B) {
 			var elapsed time.Duration
-			for i := range b.N {
+			for range b.N {
 				b.StopTimer()
 				var vms []string
+				run := benchRuns.Add(1) // -count runs the benchmark again on the same stack
 				for g := range k {
-					vms = append(vms, fmt.Sprintf("bench-%s-%d-%02d", mode, i, g))
+					vms = append(vms, fmt.Sprintf("bench-%s-%d-%02d", mode, run, g))
 				}
 				e.awaitQuiet(b)
 				src := e.startAgent(b, fleetSpec(snp(snpBase, vms...), 64))
