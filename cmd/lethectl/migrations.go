@@ -267,7 +267,7 @@ func newMigrationsWatchCmd() *cobra.Command {
 	var o brokerOpts
 	cmd := &cobra.Command{
 		Use:     "watch MIGRATION",
-		Short:   "Follow a migration with a progress bar until it ends",
+		Short:   "Follow a migration's progress until it ends, then print a summary",
 		Example: "  lethectl migrations watch mig-ABC",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {

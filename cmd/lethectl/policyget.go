@@ -32,6 +32,17 @@ type heldPolicy struct {
 	Unreadable string `json:"unreadable,omitempty"`
 }
 
+// needTenant refuses an operator's command that names no tenant with --for.
+func needTenant(o *brokerOpts, forTenant, command string) error {
+	if err := o.resolve(); err != nil {
+		return err
+	}
+	if o.Tenant == "" && forTenant == "" {
+		return fmt.Errorf("%s: as an operator, name the tenant with --for TENANT (or act as it with --tenant)", command)
+	}
+	return nil
+}
+
 func readHeldPolicy(v broker.PolicyView) heldPolicy {
 	h := heldPolicy{PolicyView: v}
 	env, err := policy.ParseEnvelope(v.Envelope)
@@ -77,6 +88,9 @@ as signed; -o json all of it, the envelope too. Operators name the tenant with -
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			asYAML := policyOutput(&o)
+			if err := needTenant(&o, forTenant, "policy get"); err != nil {
+				return err
+			}
 			v, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.PolicyView, error) {
 				return c.GetPolicy(ctx, &broker.GetPolicyRequest{Tenant: forTenant, VM: vmName})
 			})
@@ -127,6 +141,9 @@ when it was applied. Operators name the tenant with --for.`,
 		Example: "  lethectl policy history --tenant acme\n  lethectl policy history --for acme --vm web -o json",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := needTenant(&o, forTenant, "policy history"); err != nil {
+				return err
+			}
 			resp, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.PolicyHistoryResponse, error) {
 				return c.PolicyHistory(ctx, &broker.PolicyHistoryRequest{Tenant: forTenant, VM: vmName})
 			})

@@ -262,7 +262,7 @@ func printSummary(w io.Writer, m *broker.Migration) {
 	if moved > 0 {
 		of := ""
 		if total := totalBytes(m); total > 0 {
-			of = " of " + bytesText(total) + " of memory"
+			of = " of a " + bytesText(total) + " guest"
 		}
 		fmt.Fprintf(w, "  Data moved:   %s (%d pages)%s\n", bytesText(moved), pages, of)
 	}
