@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -12,6 +13,9 @@ import (
 // maxEventsReply bounds the bytes of events in one migrations.events reply, well under
 // NATS's default maximum payload.
 const maxEventsReply = 256 << 10
+
+// eventsConsumerIdle is how long the server keeps the consumer of a page of events unused.
+const eventsConsumerIdle = 5 * time.Second
 
 // migrationEvents returns a page of the events of a migration the caller sees, read from
 // stream LETHE_EVENTS with the broker's own connection: tenants have no JetStream rights, and
@@ -24,7 +28,12 @@ func (b *Broker) migrationEvents(ctx context.Context, c Caller, req *MigrationEv
 	if limit <= 0 || limit > MaxEventsPage {
 		limit = MaxEventsPage
 	}
-	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{EventsSubject(req.ID)}, DeliverPolicy: jetstream.DeliverAllPolicy}
+	// An ephemeral consumer per page, which the server drops soon after (a follower asks for a
+	// page every 500 ms: with the default of 5 min, thousands would linger).
+	cfg := jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{EventsSubject(req.ID)}, DeliverPolicy: jetstream.DeliverAllPolicy,
+		InactiveThreshold: eventsConsumerIdle,
+	}
 	if req.After > 0 {
 		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, req.After+1
 	}

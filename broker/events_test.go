@@ -94,6 +94,20 @@ func TestMigrationEventsPagedAndOwnersOnly(t *testing.T) {
 	if len(byOperator) < len(evs) {
 		t.Errorf("operator read %d events, tenant %d", len(byOperator), len(evs))
 	}
+	// Each page's consumer is dropped by the server soon after: followers leave none behind.
+	stream, err := e.jetstream().Stream(ctx, broker.EventsStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	consumers := stream.ListConsumers(ctx)
+	for info := range consumers.Info() {
+		if th := info.Config.InactiveThreshold; th == 0 || th > 5*time.Second {
+			t.Errorf("consumer %s of %s kept for %s when idle", info.Name, broker.EventsStream, th)
+		}
+	}
+	if err := consumers.Err(); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := e.tenant("globex").MigrationEvents(ctx, &broker.MigrationEventsRequest{ID: id}); !errors.Is(err, broker.ErrNotFound) {
 		t.Errorf("another tenant reading the events: %v, want ErrNotFound", err)
 	}
