@@ -60,7 +60,10 @@ func (b *Broker) serveAPI(ctx context.Context) (*natsrpc.Server, error) {
 		OpMigrationsAbort: endpoint(OpMigrationsAbort, func(rctx context.Context, c Caller, r *AbortMigrationRequest) (*Migration, error) {
 			return b.abortMigration(rctx, ctx, c, r)
 		}),
-		OpReceiptsGet: endpoint(OpReceiptsGet, b.getReceipt),
+		OpReceiptsGet:      endpoint(OpReceiptsGet, b.getReceipt),
+		OpMigrationsEvents: endpoint(OpMigrationsEvents, b.migrationEvents),
+		OpPolicyGet:        endpoint(OpPolicyGet, b.getPolicy),
+		OpPolicyHistory:    endpoint(OpPolicyHistory, b.policyHistory),
 	}
 	operatorHandlers := map[Op]natsrpc.Handler{
 		OpHostsCordon:    endpoint(OpHostsCordon, b.cordonHost),

@@ -153,3 +153,21 @@ func (c *Client) AbortFleetOp(ctx context.Context, req *AbortFleetOpRequest) (*F
 	var resp FleetOpView
 	return &resp, c.call(ctx, OpFleetAbort, req, &resp)
 }
+
+// MigrationEvents returns a page of a migration's events (see MigrationEventsRequest).
+func (c *Client) MigrationEvents(ctx context.Context, req *MigrationEventsRequest) (*MigrationEventsResponse, error) {
+	var resp MigrationEventsResponse
+	return &resp, c.call(ctx, OpMigrationsEvents, req, &resp)
+}
+
+// GetPolicy returns the policy the broker holds for a tenant or VM.
+func (c *Client) GetPolicy(ctx context.Context, req *GetPolicyRequest) (*PolicyView, error) {
+	var resp PolicyView
+	return &resp, c.call(ctx, OpPolicyGet, req, &resp)
+}
+
+// PolicyHistory returns the revisions the broker keeps of a policy, oldest first.
+func (c *Client) PolicyHistory(ctx context.Context, req *PolicyHistoryRequest) (*PolicyHistoryResponse, error) {
+	var resp PolicyHistoryResponse
+	return &resp, c.call(ctx, OpPolicyHistory, req, &resp)
+}

@@ -31,6 +31,9 @@
 //	migrations.list    ListMigrationsRequest   → ListMigrationsResponse
 //	migrations.abort   AbortMigrationRequest   → Migration
 //	receipts.get       GetReceiptRequest       → Receipt
+//	migrations.events  MigrationEventsRequest  → MigrationEventsResponse (a page of LETHE_EVENTS)
+//	policy.get         GetPolicyRequest        → PolicyView
+//	policy.history     PolicyHistoryRequest    → PolicyHistoryResponse
 //
 // The tenant in the subject is the caller's identity: a tenant sees and acts on its own
 // guests, migrations and receipts only (anything else is "not found"), and the Tenant field of

@@ -32,11 +32,15 @@ const (
 	OpMigrationsList   Op = "migrations.list"
 	OpMigrationsAbort  Op = "migrations.abort"
 	OpReceiptsGet      Op = "receipts.get"
+	OpMigrationsEvents Op = "migrations.events"
+	OpPolicyGet        Op = "policy.get"
+	OpPolicyHistory    Op = "policy.history"
 )
 
 // Ops lists every operation of the broker API.
 var Ops = []Op{OpPolicyApply, OpHostsList, OpGuestsList, OpGuestsAdopt, OpMigrationsCreate,
-	OpMigrationsGet, OpMigrationsList, OpMigrationsAbort, OpReceiptsGet}
+	OpMigrationsGet, OpMigrationsList, OpMigrationsAbort, OpReceiptsGet, OpMigrationsEvents,
+	OpPolicyGet, OpPolicyHistory}
 
 // TenantSubject returns the subject of op for tenant.
 func TenantSubject(tenant string, op Op) string {
@@ -243,4 +247,65 @@ type AbortMigrationRequest struct {
 // GetReceiptRequest names the migration whose receipt is wanted.
 type GetReceiptRequest struct {
 	MigrationID string `json:"migrationId"`
+}
+
+// MigrationEventsRequest reads a page of a migration's events from stream LETHE_EVENTS.
+type MigrationEventsRequest struct {
+	ID string `json:"id"`
+	// After is the stream sequence of the last event already read; 0 reads from the first.
+	After uint64 `json:"after,omitempty"`
+	// Limit bounds the events returned. Zero or more than MaxEventsPage means MaxEventsPage.
+	Limit int `json:"limit,omitempty"`
+}
+
+// MaxEventsPage is the most events one migrations.events reply carries; a reply also stops
+// short of maxEventsReply bytes.
+const MaxEventsPage = 200
+
+// MigrationEventsResponse is a page of a migration's events, oldest first.
+type MigrationEventsResponse struct {
+	Events []StoredEvent `json:"events"`
+	// Next is the sequence to pass as After for the next page: the last event's, or the
+	// request's After when there was none.
+	Next uint64 `json:"next"`
+	// More says that events past this page were already stored when it was read.
+	More bool `json:"more,omitempty"`
+}
+
+// StoredEvent is an event as stream LETHE_EVENTS keeps it.
+type StoredEvent struct {
+	// Seq is the event's sequence in the stream.
+	Seq   uint64 `json:"seq"`
+	Event Event  `json:"event"`
+}
+
+// GetPolicyRequest reads the policy the broker holds for a tenant or one of its VMs.
+type GetPolicyRequest struct {
+	// Tenant: operators only; a tenant reads its own.
+	Tenant string `json:"tenant,omitempty"`
+	// VM reads the policy that applies to this VM: its own, else the tenant-wide one. Empty
+	// reads the tenant-wide policy.
+	VM string `json:"vm,omitempty"`
+}
+
+// PolicyView is one revision of a policy in the lethe-policies bucket.
+type PolicyView struct {
+	// Key is the policy's key: <tenant> (tenant-wide) or <tenant>.<vm>.
+	Key      string `json:"key"`
+	Revision uint64 `json:"revision"`
+	PolicyRecord
+}
+
+// PolicyHistoryRequest lists the revisions the broker keeps of a policy (the bucket keeps
+// the last 5 of each key).
+type PolicyHistoryRequest struct {
+	// Tenant: operators only; a tenant reads its own.
+	Tenant string `json:"tenant,omitempty"`
+	// VM names the VM-specific policy; empty means the tenant-wide one.
+	VM string `json:"vm,omitempty"`
+}
+
+// PolicyHistoryResponse lists a policy's revisions, oldest first.
+type PolicyHistoryResponse struct {
+	Revisions []PolicyView `json:"revisions"`
 }

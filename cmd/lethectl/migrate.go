@@ -19,8 +19,11 @@ func newMigrateCmd() *cobra.Command {
 		Short: "Migrate a guest to another host",
 		Long: `Request a live migration of GUEST. Without --to the broker picks a host that passes the
 tenant's policy pre-filter. --dry-run reports, for every host, whether it would pass and why
-not, and starts nothing. --wait follows the migration with a progress bar (bytes, round, dirty
-rate, ETA) and prints the outcome; an aborted migration exits with status 1.`,
+not, and starts nothing. --wait follows the migration with a progress line on stderr (memory
+sent, round, throughput, elapsed time, dirty rate, time left or "not converging"), redrawn in
+place and fitted to the width on a terminal, plain lines elsewhere, and ends with a summary
+(elapsed time, data moved, rounds, downtime, the receipt); an aborted migration exits with
+status 1.`,
 		Example: "  lethectl migrate web --to h2 --wait --tenant acme\n  lethectl migrate web --dry-run",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -70,6 +73,6 @@ rate, ETA) and prints the outcome; an aborted migration exits with status 1.`,
 	f.StringVar(&to, "to", "", "destination host (default: one the broker chooses)")
 	f.StringVar(&forTenant, "for", "", "operators: the tenant that owns the guest")
 	f.BoolVar(&dryRun, "dry-run", false, "only report which hosts would pass the policy pre-filter")
-	f.BoolVar(&wait, "wait", false, "follow the migration with a progress bar until it ends")
+	f.BoolVar(&wait, "wait", false, "follow the migration's progress until it ends, then print a summary")
 	return cmd
 }

@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -170,8 +169,8 @@ func table(w io.Writer, header string, rows func(tw io.Writer)) {
 }
 
 func newMigrationsCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "migrations", Short: "List, show, watch and abort migrations"}
-	cmd.AddCommand(newMigrationsListCmd(), newMigrationsGetCmd(), newMigrationsWatchCmd(), newMigrationsAbortCmd())
+	cmd := &cobra.Command{Use: "migrations", Short: "List, show, watch and abort migrations and read their events"}
+	cmd.AddCommand(newMigrationsListCmd(), newMigrationsGetCmd(), newMigrationsWatchCmd(), newMigrationsEventsCmd(), newMigrationsAbortCmd())
 	return cmd
 }
 
@@ -268,7 +267,7 @@ func newMigrationsWatchCmd() *cobra.Command {
 	var o brokerOpts
 	cmd := &cobra.Command{
 		Use:     "watch MIGRATION",
-		Short:   "Follow a migration with a progress bar until it ends",
+		Short:   "Follow a migration's progress until it ends, then print a summary",
 		Example: "  lethectl migrations watch mig-ABC",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -307,13 +306,15 @@ func newMigrationsAbortCmd() *cobra.Command {
 	return cmd
 }
 
-// watchMigration polls a migration, drawing a progress bar on stderr, until it ends; an
-// aborted migration ends lethectl with status 1. Interrupted (Ctrl-C or SIGTERM), it says
+// watchMigration polls a migration every 500 ms, drawing its progress on stderr (see
+// progressOut), until it ends, then prints its summary; an aborted migration ends lethectl
+// with status 1. Interrupted (Ctrl-C or SIGTERM), it says
 // that the migration goes on and how to follow or abort it, and ends with status 130.
 func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id string, stdout, stderr io.Writer) error {
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
 	out := newProgressOut(stderr, o.output != "json")
+	view := &progressView{now: time.Now}
 	var m *broker.Migration
 	for {
 		cctx, cancel := o.callCtx(ctx)
@@ -328,7 +329,7 @@ func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id str
 			return err
 		}
 		m = got
-		out.show(progressKey(m), progressLine(m))
+		out.draw(progressKey(m), func(width int) string { return view.line(m, width) })
 		if m.Phase.Terminal() {
 			break
 		}
@@ -340,85 +341,13 @@ func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id str
 		}
 	}
 	out.end()
-	if err := o.show(stdout, m, func(w io.Writer) {
-		switch m.Phase {
-		case broker.PhaseErased:
-			fmt.Fprintf(w, "%s: erased: %s/%s now runs on %s; receipt: lethectl receipt get %s\n", m.ID, m.Tenant, m.VM, m.Destination, m.ID)
-			if m.Downtime > 0 {
-				fmt.Fprintf(w, "%s: paused %s at cutover, %s in all\n", m.ID, durationText(m.Downtime), durationText(m.Finished.Sub(m.Created)))
-			}
-		default:
-			fmt.Fprintf(w, "%s: aborted (%s): %s/%s runs on at %s\n", m.ID, m.AbortReason, m.Tenant, m.VM, m.Source)
-		}
-	}); err != nil {
+	if err := o.show(stdout, m, func(w io.Writer) { printSummary(w, m) }); err != nil {
 		return err
 	}
 	if m.Phase != broker.PhaseErased {
 		return &exitError{code: 1}
 	}
 	return nil
-}
-
-// progressOut draws progress lines: on a terminal, one line redrawn in place; elsewhere (a
-// pipe, a log file), a plain line each time it changes, with no control characters.
-type progressOut struct {
-	w       io.Writer
-	on, tty bool
-	last    string
-	drawn   bool
-}
-
-func newProgressOut(w io.Writer, on bool) *progressOut {
-	return &progressOut{w: w, on: on, tty: isTerminal(w)}
-}
-
-// show draws line; outside a terminal, only when key (what is worth a new line) changed.
-func (p *progressOut) show(key, line string) {
-	switch {
-	case !p.on:
-	case p.tty:
-		fmt.Fprintf(p.w, "\r\033[K%s", line)
-		p.drawn = true
-	case key != p.last:
-		fmt.Fprintln(p.w, line)
-	}
-	p.last = key
-}
-
-// progressKey is what changes a migration's progress enough for a new plain line: its phase,
-// its pre-copy round, or a tenth more of its memory sent.
-func progressKey(m *broker.Migration) string {
-	p := m.Progress
-	if p == nil {
-		return string(m.Phase)
-	}
-	total := p.TotalBytes
-	if total == 0 {
-		total = m.MemoryBytes
-	}
-	tenth := uint64(0)
-	if total > 0 {
-		tenth = min(10, p.Bytes*10/total)
-	}
-	return fmt.Sprintf("%s/%d/%d", m.Phase, p.Round, tenth)
-}
-
-// end ends the line redrawn in place.
-func (p *progressOut) end() {
-	if p.drawn {
-		fmt.Fprintln(p.w)
-		p.drawn = false
-	}
-}
-
-// isTerminal says whether w is a terminal (a character device).
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	fi, err := f.Stat()
-	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
 // interrupted tells, when lethectl stops following a migration (Ctrl-C), that the migration
@@ -430,31 +359,6 @@ func interrupted(w io.Writer, id string, m *broker.Migration) error {
 	}
 	fmt.Fprintf(w, "interrupted: migration %s goes on (%s); follow it with `lethectl migrations watch %s`, abort it with `lethectl migrations abort %s`\n", id, phase, id, id)
 	return &exitError{code: 130}
-}
-
-// progressLine renders a migration's phase and transfer progress on one line.
-func progressLine(m *broker.Migration) string {
-	p := m.Progress
-	if p == nil || (m.Phase != broker.PhaseTransferring && m.Phase != broker.PhaseCuttingOver) {
-		return string(m.Phase)
-	}
-	total := p.TotalBytes
-	if total == 0 {
-		total = m.MemoryBytes
-	}
-	frac := 0.0
-	if total > 0 {
-		frac = min(1, float64(p.Bytes)/float64(total))
-	}
-	const width = 30
-	n := int(frac * width)
-	bar := strings.Repeat("=", n) + strings.Repeat(" ", width-n)
-	eta := "ETA " + p.ETA.Round(time.Second).String()
-	if p.NotConverging {
-		eta = "not converging"
-	}
-	return fmt.Sprintf("[%s] %3.0f%% %s/%s round %d dirty %s/s %s %s",
-		bar, frac*100, bytesText(p.Bytes), bytesText(total), p.Round, bytesText(uint64(p.DirtyRate)), eta, m.Phase)
 }
 
 // printTimeline writes the phases m entered, when, and how long each lasted.

@@ -105,19 +105,6 @@ func TestMigrationJSONCarriesDowntimeTimelineRounds(t *testing.T) {
 	}
 }
 
-func TestProgressLineNotConverging(t *testing.T) {
-	m := &broker.Migration{Phase: broker.PhaseTransferring, MemoryBytes: 1 << 30, Progress: &agentapi.Progress{
-		Phase: agentapi.TransferPrecopy, Bytes: 1 << 29, TotalBytes: 1 << 30, Round: 7, DirtyRate: 1 << 27, NotConverging: true,
-	}}
-	if got := progressLine(m); !strings.Contains(got, "not converging") || strings.Contains(got, "ETA") {
-		t.Errorf("progress line %q, want one saying not converging instead of an ETA", got)
-	}
-	m.Progress.NotConverging, m.Progress.ETA = false, 3*time.Second
-	if got := progressLine(m); !strings.Contains(got, "ETA 3s") {
-		t.Errorf("progress line %q, want ETA 3s", got)
-	}
-}
-
 // TestProgressOutInAPipe: written to anything but a terminal, progress is plain lines, one per
 // change, with no control characters.
 func TestProgressOutInAPipe(t *testing.T) {

@@ -20,7 +20,7 @@ import (
 func newPolicyCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "policy",
-		Short: "Lint, sign, verify and test migration policies",
+		Short: "Lint, sign, verify, test and apply migration policies; show those the broker holds",
 		Long: `A migration policy (YAML, apiVersion lethe.dev/v1, kind MigrationPolicy) says where a tenant's
 guest may live and move. Write one, lint it, sign it with the tenant's key, and test it against
 evidence before registering it with the keybroker.`,
@@ -30,7 +30,8 @@ evidence before registering it with the keybroker.`,
   lethectl policy verify --pub keys/tenant.pub policy.signed
   lethectl policy test policy.signed --pub keys/tenant.pub --source src.json --destination dst.json --trust-roots roots`,
 	}
-	cmd.AddCommand(newPolicyLintCmd(), newPolicySignCmd(), newPolicyVerifyCmd(), newPolicyTestCmd(), newPolicyApplyCmd())
+	cmd.AddCommand(newPolicyLintCmd(), newPolicySignCmd(), newPolicyVerifyCmd(), newPolicyTestCmd(), newPolicyApplyCmd(),
+		newPolicyGetCmd(), newPolicyHistoryCmd())
 	return cmd
 }
 
