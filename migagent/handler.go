@@ -625,7 +625,9 @@ func (n *Node) onProgress(m *migration, tl *transferLog, p dataplane.Progress, r
 	if p.Final {
 		ap.Phase = agentapi.TransferCutover
 	}
-	tl.round(p)
+	if !p.InRound {
+		tl.round(p)
+	}
 	m.setProgress(ap)
 	n.log.Debug("Pre-copy round", attrMigration, m.id, attrRound, ap.Round, attrPhase, string(ap.Phase), attrBytes, ap.Bytes)
 	n.publish(report, ap)

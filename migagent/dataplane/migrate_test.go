@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 
@@ -75,6 +76,7 @@ func TestMigrateMemoryUnderWorkload(t *testing.T) {
 				MigrationID: "mig-" + name, Peer: ln.Addr().String(), Streams: tc.streams,
 				Region: srcRegion, Guest: pauser, MaxRounds: 5, ConvergedPages: 64,
 				ZeroPageElision: tc.zeroPages, Progress: func(p Progress) { progress = append(progress, p) },
+				ProgressInterval: time.Millisecond,
 			})
 			if err != nil {
 				t.Fatal(err)
@@ -134,10 +136,39 @@ func TestMigrateMemoryUnderWorkload(t *testing.T) {
 			if dstMDK.Destroyed() {
 				t.Error("destination destroyed MDK of the epoch it now holds")
 			}
-			if len(progress) < 2 || !progress[len(progress)-1].Final || progress[0].Pages != srcRegion.Pages() {
-				t.Errorf("progress: %+v", progress)
-			}
+			checkProgress(t, progress, srcRegion.Pages())
+
 		})
+	}
+}
+
+// checkProgress checks a source's reports: one per round, the first of all pages, the last
+// final; between them, reports within a round (a round of 32 MiB lasts longer than the 1 ms
+// interval) whose totals only grow, up to the round's own report.
+func checkProgress(t *testing.T, progress []Progress, pages int) {
+	t.Helper()
+	var rounds []Progress
+	inRound := 0
+	var last int64
+	for _, p := range progress {
+		if p.TotalBytes < last {
+			t.Errorf("progress went back: %d bytes after %d (%+v)", p.TotalBytes, last, p)
+		}
+		last = p.TotalBytes
+		if !p.InRound {
+			rounds = append(rounds, p)
+			continue
+		}
+		inRound++
+		if p.Final && len(rounds) == 0 || p.Pages < 0 || p.Pages > pages {
+			t.Errorf("report within round %d: %+v", p.Round, p)
+		}
+	}
+	if len(rounds) < 2 || !rounds[len(rounds)-1].Final || rounds[0].Pages != pages {
+		t.Errorf("round reports: %+v", rounds)
+	}
+	if inRound == 0 {
+		t.Error("no report within a round")
 	}
 }
 

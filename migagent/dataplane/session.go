@@ -84,6 +84,9 @@ type session struct {
 	acks       chan []byte
 
 	mem atomic.Int64 // bytes of frame buffers allocated
+	// queued counts the pages handed to the streams to send (source), for progress within a
+	// round.
+	queued atomic.Int64
 }
 
 type stream struct {
@@ -358,6 +361,7 @@ func (s *session) producePages(i int, set []uint64) error {
 					if err := s.submit(i, sendJob{typ: framePages, first: uint64(runStart), pages: uint32(run)}); err != nil {
 						return err
 					}
+					s.queued.Add(int64(run))
 					run = 0
 				}
 			}
@@ -366,6 +370,7 @@ func (s *session) producePages(i int, set []uint64) error {
 			if err := s.submit(i, sendJob{typ: framePages, first: uint64(runStart), pages: uint32(run)}); err != nil {
 				return err
 			}
+			s.queued.Add(int64(run))
 		}
 	}
 	return nil

@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -66,6 +67,11 @@ type Progress struct {
 	// Throttle is the percentage by which auto-converge slowed the guest during the round (for
 	// the final round, until the pause); 0 for none.
 	Throttle int
+	// InRound marks a report made while the round is still sending (every
+	// SourceConfig.ProgressInterval): Pages, Bytes and Rate are the round's so far, the totals
+	// include them, Dirty and DirtyRate are not known yet, and ETA is the time to send the
+	// rest of the round at Rate.
+	InRound bool
 }
 
 // SourceConfig configures the source side of one migration.
@@ -110,8 +116,12 @@ type SourceConfig struct {
 	// lifted when Run returns, before a paused guest is resumed. A guest that still does not
 	// converge at 99% is paused after MaxRounds all the same. False never throttles.
 	AutoConverge bool
-	// Progress, if not nil, is called after every round from Run's goroutine.
+	// Progress, if not nil, is called from Run's goroutine after every round, and every
+	// ProgressInterval while a round is sending (Progress.InRound).
 	Progress func(Progress)
+	// ProgressInterval is the time between reports within a round. Zero means 1 s; negative,
+	// reports after rounds only.
+	ProgressInterval time.Duration
 	// Spool holds what was kept of the guest outside Region; it is scrubbed after commit.
 	// Nil means none.
 	Spool *Spool
@@ -350,7 +360,8 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 				pages = r.orDirty(set)
 			}
 			t0 := time.Now()
-			if err := sess.sendPageSet(set); err != nil {
+			base := Progress{Round: round, Final: final, TotalPages: res.PagesSent, TotalBytes: res.BytesSent}
+			if err := s.sendRound(sess, set, pages, base, start); err != nil {
 				return res, paused, false, fmt.Errorf("sending round %d: %w", round, err)
 			}
 			d := time.Since(t0)
@@ -467,6 +478,42 @@ func (s *Source) setThrottle(ctx context.Context, percent int) {
 		s.log.Info("Guest throttled for pre-copy to converge", "throttle", percent)
 	}
 	s.throttle = percent
+}
+
+// sendRound sends the pages of set (n of them) and, every ProgressInterval until they are
+// handed to the streams, reports the round's progress so far from Run's goroutine, so that a
+// long round (the first one sends all of memory) is not silent. base holds the round's number
+// and the totals before it; start is when the transfer started.
+func (s *Source) sendRound(sess *session, set []uint64, n int, base Progress, start time.Time) error {
+	if s.cfg.Progress == nil || s.cfg.ProgressInterval < 0 {
+		return sess.sendPageSet(set)
+	}
+	done := make(chan error, 1)
+	from := sess.queued.Load()
+	t0 := time.Now()
+	go func() { done <- sess.sendPageSet(set) }()
+	t := time.NewTicker(cmp.Or(s.cfg.ProgressInterval, time.Second))
+	defer t.Stop()
+	for {
+		select {
+		case err := <-done:
+			return err
+		case <-t.C:
+		}
+		sent := int(sess.queued.Load() - from)
+		p := base
+		p.InRound, p.Pages, p.Bytes = true, sent, int64(sent)*PageSize
+		p.TotalPages += int64(sent)
+		p.TotalBytes += p.Bytes
+		p.Elapsed = time.Since(start)
+		if secs := time.Since(t0).Seconds(); secs > 0 {
+			p.Rate = float64(p.Bytes) / secs
+		}
+		if p.Rate > 0 && n > sent {
+			p.ETA = time.Duration(float64(n-sent) * PageSize / p.Rate * float64(time.Second))
+		}
+		s.cfg.Progress(p)
+	}
 }
 
 // checkAck checks that ack, the payload of the destination's ACK frame (transcript ‖ MAC),
