@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lethe-cc/lethe/internal/trace"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -85,6 +86,9 @@ type Config struct {
 	MaxConcurrentRequests int
 	// Metrics receives the broker's measurements. Nil means none are taken.
 	Metrics Metrics
+	// Tracer records a span per phase of each migration this broker moves out of it, in the
+	// migration's trace (internal/trace). Nil means no tracing.
+	Tracer *trace.Tracer
 	// Fleet tunes placement and fleet operations; zero fields take their defaults.
 	Fleet FleetConfig
 }

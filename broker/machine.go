@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -151,6 +152,7 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 		}
 		b.log.Info("Migration phase changed", attrs...)
 		b.cfg.Metrics.PhaseChanged(from, to, inFrom)
+		b.tracePhase(ctx, m, from, to, now.Add(-inFrom), now)
 		ev := Event{MigrationID: id, Kind: EventPhase, From: from, Phase: to, Message: m.AbortReason, InFrom: inFrom}
 		if to == PhaseCommitted {
 			ev.Downtime = m.Downtime
@@ -167,6 +169,27 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 			}
 		}
 		return nil
+	}
+}
+
+// tracePhase records the phase from that m left at end as a span, and a terminal phase to as
+// an instant one, so that a migration's trace holds every phase it went through whichever
+// broker moved it.
+func (b *Broker) tracePhase(ctx context.Context, m *Migration, from, to Phase, start, end time.Time) {
+	if b.cfg.Tracer == nil {
+		return
+	}
+	attrs := []attribute.KeyValue{
+		attribute.String("lethe.source", m.Source), attribute.String("lethe.destination", m.Destination),
+		attribute.String("lethe.next_phase", string(to)), attribute.String("lethe.broker", b.cfg.ID),
+	}
+	reason := ""
+	if to == PhaseAborting {
+		reason = m.AbortReason
+	}
+	b.cfg.Tracer.Phase(ctx, m.ID, string(from), start, end, reason, attrs...)
+	if to.Terminal() {
+		b.cfg.Tracer.Phase(ctx, m.ID, string(to), end, end, "", attrs[:2]...)
 	}
 }
 

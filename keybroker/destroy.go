@@ -71,7 +71,9 @@ type receiptRecord struct {
 // (nothing was destroyed; ask again).
 func (k *Keybroker) Destroy(ctx context.Context, req *kbwire.DestroyRequest) (*kbwire.DestroyResponse, error) {
 	ev := Event{Kind: EventDestroy, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM}
+	span := k.cfg.Tracer.Start(ctx, req.MigrationID, "keybroker."+string(req.Ending))
 	env, err := k.destroy(ctx, req, &ev)
+	span.End(spanError(err))
 	if err != nil {
 		err = fmt.Errorf("destroying keys of migration %s: %w", req.MigrationID, err)
 		if !errors.Is(err, ErrDestructionPending) {

@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/vault/api"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/internal/trace"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
@@ -129,6 +130,9 @@ type Config struct {
 	Now func() time.Time
 	// Metrics receives the keybroker's measurements. Nil: none are taken.
 	Metrics Metrics
+	// Tracer records a span for each release and destruction (commit or abort) in the
+	// migration's trace (internal/trace). Nil: no tracing.
+	Tracer *trace.Tracer
 
 	// LogOrigin names the residency log in its checkpoints (C2SP origin: a unique name
 	// without spaces or '+', such as "kb.example.com/lethe"); tenants verify checkpoints

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
@@ -76,6 +78,7 @@ type migrationRecord struct {
 func (k *Keybroker) Release(ctx context.Context, req *kbwire.ReleaseRequest) (*kbwire.ReleaseResponse, error) {
 	start := time.Now()
 	ev := Event{Kind: EventRelease, MigrationID: req.MigrationID, Tenant: req.Tenant, VM: req.VM, Host: req.DestinationHost.Name}
+	span := k.cfg.Tracer.Start(ctx, req.MigrationID, "keybroker.release", attribute.String("lethe.destination", req.DestinationHost.Name))
 	if e := req.Source.Evidence; e != nil {
 		d := e.Digest()
 		ev.SourceEvidence = d[:]
@@ -90,7 +93,17 @@ func (k *Keybroker) Release(ctx context.Context, req *kbwire.ReleaseRequest) (*k
 	}
 	k.emit(ctx, &ev, err)
 	k.cfg.Metrics.Released(ev.Decision, time.Since(start))
+	span.End(spanError(err), attribute.String("lethe.decision", string(ev.Decision)))
 	return resp, err
+}
+
+// spanError is what a span records of err: its wire code only, since messages may name claims
+// of evidence.
+func spanError(err error) error {
+	if err == nil {
+		return nil
+	}
+	return errors.New(ErrorCode(err))
 }
 
 // emit completes ev with the outcome of err and sends it to the audit sink.

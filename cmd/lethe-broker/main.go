@@ -34,6 +34,7 @@ import (
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/trace"
 	"github.com/lethe-cc/lethe/internal/version"
 	"github.com/lethe-cc/lethe/policy"
 )
@@ -55,6 +56,7 @@ type config struct {
 	placementOrder                string
 	fleet                         broker.FleetConfig
 	rebalancePercent, maxAttempts int
+	otlpEndpoint                  string
 }
 
 func main() {
@@ -125,6 +127,7 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Int(&c.fleet.PerSource, "fleet-per-source", "LETHE_FLEET_PER_SOURCE", 0, "most migrations a fleet operation lets run out of one host; 0: 2")
 	fs.Int(&c.fleet.PerDestination, "fleet-per-destination", "LETHE_FLEET_PER_DESTINATION", 0, "most migrations a fleet operation lets run into one host; 0: 2")
 	fs.Int(&c.rebalancePercent, "rebalance-threshold", "LETHE_REBALANCE_THRESHOLD", 0, "percentage of a host's allocatable memory a rebalance brings its committed memory under; 0: 80")
+	fs.String(&c.otlpEndpoint, "otlp-endpoint", "LETHE_OTLP_ENDPOINT", "", "OTLP/HTTP collector (host:port, or an http:// or https:// URL) receiving a span per phase of each migration this broker moves, in the migration's trace (docs/deploying.md); empty: no tracing")
 	return fs
 }
 
@@ -171,6 +174,11 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	metrics := daemon.NewMetrics()
+	tracer, stopTracing, err := trace.Open(ctx, c.otlpEndpoint, "lethe-broker", version.Version, "github.com/lethe-cc/lethe/broker")
+	if err != nil {
+		return fmt.Errorf("--otlp-endpoint: %w", err)
+	}
+	defer stopTracing()
 
 	g, ctx := errgroup.WithContext(ctx)
 	// The embedded server outlives the broker, which hands its leases over as it stops.
@@ -229,6 +237,7 @@ func run(ctx context.Context, c *config) error {
 		Fleet:         c.fleet,
 		MaxAttempts:   c.maxAttempts,
 		Metrics:       newBrokerMetrics(metrics),
+		Tracer:        tracer,
 	})
 	if err != nil {
 		return err

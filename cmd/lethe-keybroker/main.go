@@ -38,6 +38,7 @@ import (
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/daemon"
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/trace"
 	"github.com/lethe-cc/lethe/internal/version"
 	"github.com/lethe-cc/lethe/keybroker"
 	"github.com/lethe-cc/lethe/keybroker/natsapi"
@@ -67,6 +68,7 @@ type config struct {
 	configFile, metricsListen string
 	logOrigin                 string
 	logWitnesses              []string
+	otlpEndpoint              string
 }
 
 func main() {
@@ -127,6 +129,7 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.String(&c.logOrigin, "log-origin", "LETHE_KEYBROKER_LOG_ORIGIN", keybroker.DefaultLogOrigin, "the residency log's name in its checkpoints (no spaces or '+'), which tenants verify with the receipt-signing key; keybrokers on one Vault must share it")
 	fs.List((*listFlag)(&c.logWitnesses), "log-witness", "LETHE_KEYBROKER_LOG_WITNESS", strings.Fields, "verifier key of a witness whose cosignatures of the residency log's checkpoints are kept (lethectl log witness keygen prints it); repeatable (space-separated)")
 	fs.String(&c.metricsListen, "metrics-listen", "LETHE_KEYBROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
+	fs.String(&c.otlpEndpoint, "otlp-endpoint", "LETHE_OTLP_ENDPOINT", "", "OTLP/HTTP collector (host:port, or an http:// or https:// URL) receiving a span per release and destruction, in the migration's trace (docs/deploying.md); empty: no tracing")
 	fs.String(&c.exportPub, "export-pub", "", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
 	return fs
 }
@@ -190,6 +193,11 @@ func run(ctx context.Context, c *config) error {
 	}
 	metrics := daemon.NewMetrics()
 	kbMetrics := newKeybrokerMetrics(metrics)
+	tracer, stopTracing, err := trace.Open(ctx, c.otlpEndpoint, "lethe-keybroker", version.Version, "github.com/lethe-cc/lethe/keybroker")
+	if err != nil {
+		return fmt.Errorf("--otlp-endpoint: %w", err)
+	}
+	defer stopTracing()
 
 	vc, approle, err := vaultClient(c)
 	if err != nil {
@@ -208,7 +216,7 @@ func run(ctx context.Context, c *config) error {
 	kb, err := keybroker.New(keybroker.Config{
 		Vault: vc, AppRole: approle, TransitMount: c.transitMount, KVMount: c.kvMount,
 		Verifier: verifier, Logger: log, AdminKey: admin, StateDir: c.stateDir, NonceTTL: c.nonceTTL,
-		Metrics: kbMetrics, LogOrigin: c.logOrigin, LogWitnesses: c.logWitnesses,
+		Metrics: kbMetrics, LogOrigin: c.logOrigin, LogWitnesses: c.logWitnesses, Tracer: tracer,
 	})
 	if err != nil {
 		return err
