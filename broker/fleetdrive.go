@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 )
@@ -375,8 +376,9 @@ func (b *Broker) startItem(ctx context.Context, op *FleetOp, it *FleetItem, o pl
 }
 
 // finishOp ends operation id when none of its guests is waiting or migrating. It first says
-// what became of its hosts — maintenance when a drain moved all their guests, cordoned
-// otherwise — so that an operation seen ended has its hosts' states set.
+// what became of its hosts — maintenance when a drain moved all their guests and none is
+// migrating into them, cordoned otherwise — so that an operation seen ended has its hosts'
+// states set.
 func (b *Broker) finishOp(ctx context.Context, id string) error {
 	op, err := b.updateOp(ctx, id, true, func(*FleetOp) bool { return false })
 	if err != nil {
@@ -396,6 +398,17 @@ func (b *Broker) finishOp(ctx context.Context, id string) error {
 	}
 	for _, g := range guests {
 		left[g.Host]++
+		if g.Migration == "" {
+			continue
+		}
+		// A guest on its way into a drained host will be on it: the host is not empty.
+		m, _, err := getJSON[Migration](ctx, b.store.migrations, g.Migration)
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			return err
+		}
+		if err == nil && !m.Phase.Terminal() && m.Destination != g.Host && slices.Contains(op.Hosts, m.Destination) {
+			left[m.Destination]++
+		}
 	}
 	for _, h := range op.Hosts {
 		_, err := b.setHostState(ctx, h, func(cur *HostStateRecord) (*HostStateRecord, error) {

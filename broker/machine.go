@@ -409,8 +409,8 @@ func deniedEverywhere(attempts []Attempt) string {
 }
 
 // nextCandidate returns the first of m's candidates that is neither the source nor a
-// destination already tried and whose host is live, the candidates after it, and a note for
-// each candidate passed over. It returns "" when none is left.
+// destination already tried, whose host is live and not cordoned, the candidates after it,
+// and a note for each candidate passed over. It returns "" when none is left.
 func (b *Broker) nextCandidate(ctx context.Context, m *Migration, now time.Time) (string, []string, []string) {
 	var notes []string
 	for i, h := range m.Candidates {
@@ -420,6 +420,12 @@ func (b *Broker) nextCandidate(ctx context.Context, m *Migration, now time.Time)
 		}
 		if live, why := b.hostLive(ctx, h, now); !live {
 			notes = append(notes, "candidate destination passed over: "+why)
+			continue
+		}
+		// Placement ranked the candidates when the migration was created: a host the
+		// operator cordoned or drains since takes no new guest.
+		if st, _, err := getJSON[HostStateRecord](ctx, b.store.fleet, hostStatePrefix+h); err == nil && st.State != HostSchedulable {
+			notes = append(notes, fmt.Sprintf("candidate destination passed over: host %s is %s by %s", h, st.State, st.By))
 			continue
 		}
 		return h, slices.Clone(m.Candidates[i+1:]), notes
