@@ -306,6 +306,11 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		}
 		return err
 	}
+	if below, err := b.belowOpTCB(ctx, m, prep.Evidence); err != nil {
+		return err
+	} else if below != nil {
+		return b.denied(ctx, m, below, "destination refused")
+	}
 	dstHost := kbwire.Host{Name: m.Destination}
 	if h, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, m.Destination); err == nil {
 		dstHost.Labels, dstHost.Region = h.Labels, h.Region
@@ -338,6 +343,33 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		b.cfg.Metrics.Handshake(b.now().Sub(start))
 	}
 	return err
+}
+
+// belowOpTCB returns a refusal when m was started by an operation that requires a minimum
+// TCB (evacuate) and the destination's evidence states a TCB below it, or none. Placement
+// read the TCB from the host's record, which its agent writes and may lie in; the evidence is
+// what the keybroker verifies, so a destination that passes here and at the release is known
+// to be at the operation's level. The error is reading the operation's.
+func (b *Broker) belowOpTCB(ctx context.Context, m *Migration, ev *attest.Evidence) (below, err error) {
+	id := opOf(m.RequestedBy)
+	if id == "" {
+		return nil, nil
+	}
+	op, _, err := getJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+id)
+	if errors.Is(err, ErrNotFound) || (err == nil && op.MinTCB == nil) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading fleet operation %s: %w", id, err)
+	}
+	tcb, err := attest.PeekTCB(ev)
+	if err != nil {
+		return fmt.Errorf("the destination's evidence states no TCB, %s needs at least %s: %w", op.ID, op.MinTCB, err), nil
+	}
+	if at, comparable := tcb.AtLeast(*op.MinTCB); !comparable || !at {
+		return fmt.Errorf("the destination's evidence states TCB %s, below the %s %s needs", tcb, op.MinTCB, op.ID), nil
+	}
+	return nil, nil
 }
 
 // denied answers the keybroker's denial err of the release to m's destination. With an
