@@ -2,11 +2,19 @@ package broker_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
+	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
 // waitFleetOp polls operation id until it ends, and fails the test after 10 s.
@@ -22,7 +30,7 @@ func waitFleetOp(t *testing.T, op *broker.Client, id string) *broker.FleetOpView
 			return v
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("operation %s still %s: %+v", id, v.State, v.Items)
+			t.Fatalf("operation %s still %s: %+v", id, v.State, v.Counts)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -91,5 +99,118 @@ func TestFallbackSkipsACandidateCordonedSince(t *testing.T) {
 	m := e.waitMigration(id, inPhase(broker.PhaseErased, broker.PhaseAborted))
 	if m.Destination != "h4" {
 		t.Errorf("the fallback went to %s (phase %s, attempts %+v), want h4: h3 is cordoned", m.Destination, m.Phase, m.Attempts)
+	}
+}
+
+// TestFleetRecordsAndOperationsAreTheBrokers: with the real NATS permissions of every other
+// user, no one but the broker's store user may write the lethe-fleet bucket (the leader's
+// lease, an operation's record, a host's state), read it, or reach the fleet operations: a
+// tenant cannot publish on the operator subjects, its own subject of a fleet operation has no
+// server, and it cannot subscribe to the events where operations and host states are told.
+func TestFleetRecordsAndOperationsAreTheBrokers(t *testing.T) {
+	e := authEnv(t)
+	e.standard()
+	kv := "$KV." + broker.FleetBucket + "."
+	op := []byte(`{"id":"op-forged","kind":"drain","state":"running","hosts":["h1"],"items":[]}`)
+	users := []struct {
+		role natsauth.Role
+		name string
+	}{
+		{natsauth.RoleTenant, "acme"}, {natsauth.RoleAgent, "h1"}, {natsauth.RoleOperator, ""},
+		{natsauth.RoleBroker, ""}, {natsauth.RoleKeybroker, ""},
+	}
+	for _, u := range users {
+		for _, subject := range []string{kv + "leader", kv + "op.op-forged", kv + "host.h2", "$JS.API.DIRECT.GET.KV_" + broker.FleetBucket} {
+			t.Run(string(u.role)+"/"+subject, func(t *testing.T) {
+				nc, _ := connectAs(t, e, u.role, u.name)
+				if err := nc.Publish(subject, op); err != nil {
+					t.Fatal(err)
+				}
+				if err := nc.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				if err := nc.LastError(); !errors.Is(err, nats.ErrPermissionViolation) {
+					t.Errorf("%s publishing on %s: %v, want a permission violation", u.role, subject, err)
+				}
+			})
+		}
+	}
+	tenantNC, _ := connectAs(t, e, natsauth.RoleTenant, "acme")
+	if err := tenantNC.Publish(broker.OperatorSubject(broker.OpFleetDrain), []byte(`{"host":"h1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tenantNC.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tenantNC.LastError(); !errors.Is(err, nats.ErrPermissionViolation) {
+		t.Errorf("a tenant publishing a drain on the operator subject: %v, want a permission violation", err)
+	}
+	for _, fop := range broker.OperatorOps {
+		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+		_, err := tenantNC.RequestWithContext(ctx, broker.TenantSubject("acme", fop), []byte(`{"host":"h1","id":"op-x"}`))
+		cancel()
+		if !errors.Is(err, nats.ErrNoResponders) && !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("a tenant's %s on its own subject: %v, want no server", fop, err)
+		}
+	}
+	subNC, errs := connectAs(t, e, natsauth.RoleTenant, "acme")
+	if _, err := subNC.SubscribeSync(broker.EventsSubjectPrefix + ".>"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-errs:
+		if !errors.Is(err, nats.ErrPermissionViolation) || !strings.Contains(err.Error(), broker.EventsSubjectPrefix) {
+			t.Errorf("a tenant subscribing to the events: %v, want a permission violation", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("a tenant subscribed to the events without a permission violation")
+	}
+	if st, err := e.operator().ListFleetOps(t.Context(), &broker.ListFleetOpsRequest{}); err != nil || len(st.Operations) != 0 {
+		t.Errorf("fleet operations after the attempts: %+v, %v; want none", st, err)
+	}
+	if h := hostState(t, e.operator(), "h1"); h.State != broker.HostSchedulable {
+		t.Errorf("h1 after the attempts: %s, want schedulable", h.State)
+	}
+}
+
+// TestDrainOfManyStuckGuestsEnds: a drain whose every guest is stuck records, for each, every
+// host's reason. With many hosts, each cordoned with a long reason (an operator's, up to
+// maxReason), and many guests, the operation's record outgrows a NATS message unless the
+// reasons are bounded: its updates then fail for ever, and the drain never ends.
+func TestDrainOfManyStuckGuestsEnds(t *testing.T) {
+	const guests, hosts = 80, 30
+	e := newEnv(t, natstest.Options{})
+	e.startBroker("b1")
+	var gs []agentapi.HostGuest
+	for i := range guests {
+		gs = append(gs, agentapi.HostGuest{Tenant: tenant, VM: fmt.Sprintf("vm%02d", i), MemoryBytes: 1 << 20})
+	}
+	e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, gs...)
+	for _, g := range gs {
+		e.adopt(tenant, g.VM, "h1")
+	}
+	ctx := t.Context()
+	op := e.operator()
+	reason := strings.Repeat("r", 500)
+	for i := range hosts {
+		h := fmt.Sprintf("c%02d", i)
+		e.addAgent(h, attest.PlatformEmulatedSEVSNP, "eu", nil)
+		if _, err := op.CordonHost(ctx, &broker.CordonRequest{Host: h, Reason: reason}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp, err := op.Drain(ctx, &broker.DrainRequest{Host: "h1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := waitFleetOp(t, op, resp.Operation.ID)
+	if v.State != broker.FleetDone || v.Counts.Stuck != guests {
+		t.Errorf("drain ended %s with %+v, want done with %d stuck", v.State, v.Counts, guests)
+	}
+	for _, it := range v.Items {
+		if !strings.Contains(it.Reason, "cordoned by operator") {
+			t.Errorf("%s stuck for %q, want the hosts' reasons", it.VM, it.Reason)
+			break
+		}
 	}
 }

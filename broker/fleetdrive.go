@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // runCtx returns the broker's run context, under which drivers run beyond the request that
@@ -228,7 +229,7 @@ func (b *Broker) settleItems(ctx context.Context, op *FleetOp) error {
 		case OutcomeErased, OutcomeCommittedUnverifiedErasure:
 			e.status = ItemMoved
 		default:
-			e.status, e.reason = ItemFailed, m.AbortReason
+			e.status, e.reason = ItemFailed, itemReason(m.AbortReason, len(op.Items))
 		}
 		ends[i] = e
 	}
@@ -311,7 +312,7 @@ func (b *Broker) startItems(ctx context.Context, op *FleetOp) error {
 			if c.Status != ItemWaiting {
 				return false
 			}
-			c.Status, c.Reason = st, reason
+			c.Status, c.Reason = st, itemReason(reason, len(cur.Items))
 			if mig != nil {
 				c.Migration, c.To, c.Started = mig.ID, mig.Destination, now
 			} else {
@@ -373,6 +374,29 @@ func (b *Broker) startItem(ctx context.Context, op *FleetOp, it *FleetItem, o pl
 	}
 	b.log.Warn("Starting a fleet operation's migration failed; retrying", "operation", op.ID, logKeyTenant, it.Tenant, logKeyVM, it.VM, logKeyError, err)
 	return ItemWaiting, nil, ""
+}
+
+// itemReasonsBytes bounds the reasons a fleet operation records for its guests, all
+// together: a stuck guest's lists every host's, and the operation's record is one NATS
+// message. Each guest's share is at least minItemReason bytes; a dry run of the guest's
+// migration gives the whole.
+const (
+	itemReasonsBytes = 256 << 10
+	minItemReason    = 128
+)
+
+// itemReason returns why, cut to its share of an operation of n guests.
+func itemReason(why string, n int) string {
+	limit := max(minItemReason, itemReasonsBytes/max(n, 1))
+	if len(why) <= limit {
+		return why
+	}
+	const more = "…"
+	cut := limit - len(more)
+	for cut > 0 && !utf8.RuneStart(why[cut]) {
+		cut--
+	}
+	return why[:cut] + more
 }
 
 // finishOp ends operation id when none of its guests is waiting or migrating. It first says
