@@ -214,3 +214,89 @@ func TestDrainOfManyStuckGuestsEnds(t *testing.T) {
 		}
 	}
 }
+
+// TestAbortRacesACommitInADrain: an operator aborts a drain while its migration in flight
+// commits. Whichever wins, the operation ends aborted, says of each guest what became of it
+// (moved where the guest now is, or failed or skipped where it still runs), starts nothing
+// more, and leaves the drained host cordoned with its guests, not in maintenance.
+func TestAbortRacesACommitInADrain(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.startBroker("b1")
+	var gs []agentapi.HostGuest
+	for i := range 3 {
+		gs = append(gs, agentapi.HostGuest{Tenant: tenant, VM: fmt.Sprintf("vm%d", i), MemoryBytes: 1 << 20})
+	}
+	e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, gs...)
+	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil)
+	for _, g := range gs {
+		e.adopt(tenant, g.VM, "h1")
+	}
+	ctx := t.Context()
+	op := e.operator()
+	resp, err := op.Drain(ctx, &broker.DrainRequest{Host: "h1", Limits: broker.Limits{MaxParallel: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mig string
+	for deadline := time.Now().Add(10 * time.Second); mig == ""; {
+		if time.Now().After(deadline) {
+			t.Fatal("no migration of the drain started")
+		}
+		v, err := op.GetFleetOp(ctx, resp.Operation.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, it := range v.Items {
+			if it.Status == broker.ItemMigrating {
+				mig = it.Migration
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	e.waitMigration(mig, inPhase(broker.PhaseTransferring))
+	done := make(chan error, 1)
+	go func() { done <- e.agents["h1"].Commit(mig) }()
+	if _, err := op.AbortFleetOp(ctx, &broker.AbortFleetOpRequest{ID: resp.Operation.ID, Reason: "changed my mind"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Logf("commit after the abort: %v", err)
+	}
+	v := waitFleetOp(t, op, resp.Operation.ID)
+	if v.State != broker.FleetAborted {
+		t.Errorf("operation ended %s, want aborted", v.State)
+	}
+	guests, err := op.ListGuests(ctx, &broker.ListGuestsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	on := map[string]broker.Guest{}
+	for _, g := range guests.Guests {
+		on[g.VM] = g
+	}
+	left := 0
+	for _, it := range v.Items {
+		g := on[it.VM]
+		switch it.Status {
+		case broker.ItemMoved:
+			if g.Host != "h2" {
+				t.Errorf("%s moved, yet its guest is on %s", it.VM, g.Host)
+			}
+		case broker.ItemFailed, broker.ItemSkipped:
+			left++
+			if g.Host != "h1" {
+				t.Errorf("%s %s, yet its guest is on %s", it.VM, it.Status, g.Host)
+			}
+		default:
+			t.Errorf("%s ended %s", it.VM, it.Status)
+		}
+		if g.Migration != "" {
+			if m, err := op.GetMigration(ctx, g.Migration); err == nil && !m.Phase.Terminal() {
+				t.Errorf("%s still migrating (%s, %s) after the abort", it.VM, m.ID, m.Phase)
+			}
+		}
+	}
+	if h := hostState(t, op, "h1"); left > 0 && h.State != broker.HostCordoned {
+		t.Errorf("h1 after the aborted drain left %d guests: %s, want cordoned", left, h.State)
+	}
+}
