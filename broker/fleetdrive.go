@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // runCtx returns the broker's run context, under which drivers run beyond the request that
@@ -227,7 +229,7 @@ func (b *Broker) settleItems(ctx context.Context, op *FleetOp) error {
 		case OutcomeErased, OutcomeCommittedUnverifiedErasure:
 			e.status = ItemMoved
 		default:
-			e.status, e.reason = ItemFailed, m.AbortReason
+			e.status, e.reason = ItemFailed, itemReason(m.AbortReason, len(op.Items))
 		}
 		ends[i] = e
 	}
@@ -310,7 +312,7 @@ func (b *Broker) startItems(ctx context.Context, op *FleetOp) error {
 			if c.Status != ItemWaiting {
 				return false
 			}
-			c.Status, c.Reason = st, reason
+			c.Status, c.Reason = st, itemReason(reason, len(cur.Items))
 			if mig != nil {
 				c.Migration, c.To, c.Started = mig.ID, mig.Destination, now
 			} else {
@@ -374,9 +376,33 @@ func (b *Broker) startItem(ctx context.Context, op *FleetOp, it *FleetItem, o pl
 	return ItemWaiting, nil, ""
 }
 
+// itemReasonsBytes bounds the reasons a fleet operation records for its guests, all
+// together: a stuck guest's lists every host's, and the operation's record is one NATS
+// message. Each guest's share is at least minItemReason bytes; a dry run of the guest's
+// migration gives the whole.
+const (
+	itemReasonsBytes = 256 << 10
+	minItemReason    = 128
+)
+
+// itemReason returns why, cut to its share of an operation of n guests.
+func itemReason(why string, n int) string {
+	limit := max(minItemReason, itemReasonsBytes/max(n, 1))
+	if len(why) <= limit {
+		return why
+	}
+	const more = "…"
+	cut := limit - len(more)
+	for cut > 0 && !utf8.RuneStart(why[cut]) {
+		cut--
+	}
+	return why[:cut] + more
+}
+
 // finishOp ends operation id when none of its guests is waiting or migrating. It first says
-// what became of its hosts — maintenance when a drain moved all their guests, cordoned
-// otherwise — so that an operation seen ended has its hosts' states set.
+// what became of its hosts — maintenance when a drain moved all their guests and none is
+// migrating into them, cordoned otherwise — so that an operation seen ended has its hosts'
+// states set.
 func (b *Broker) finishOp(ctx context.Context, id string) error {
 	op, err := b.updateOp(ctx, id, true, func(*FleetOp) bool { return false })
 	if err != nil {
@@ -396,6 +422,17 @@ func (b *Broker) finishOp(ctx context.Context, id string) error {
 	}
 	for _, g := range guests {
 		left[g.Host]++
+		if g.Migration == "" {
+			continue
+		}
+		// A guest on its way into a drained host will be on it: the host is not empty.
+		m, _, err := getJSON[Migration](ctx, b.store.migrations, g.Migration)
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			return err
+		}
+		if err == nil && !m.Phase.Terminal() && m.Destination != g.Host && slices.Contains(op.Hosts, m.Destination) {
+			left[m.Destination]++
+		}
 	}
 	for _, h := range op.Hosts {
 		_, err := b.setHostState(ctx, h, func(cur *HostStateRecord) (*HostStateRecord, error) {

@@ -110,7 +110,7 @@ func (b *Broker) planItems(ctx context.Context, v *fleetView, items []FleetItem,
 			return err
 		}
 		if len(ranked) == 0 {
-			it.Status, it.Reason = ItemStuck, stuckReason(verdicts)
+			it.Status, it.Reason = ItemStuck, itemReason(stuckReason(verdicts), len(items))
 			continue
 		}
 		it.To = ranked[0]

@@ -329,6 +329,11 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		}
 		return err
 	}
+	if below, err := b.belowOpTCB(ctx, m, prep.Evidence); err != nil {
+		return err
+	} else if below != nil {
+		return b.denied(ctx, m, below, "destination refused")
+	}
 	dstHost := kbwire.Host{Name: m.Destination}
 	if h, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, m.Destination); err == nil {
 		dstHost.Labels, dstHost.Region = h.Labels, h.Region
@@ -361,6 +366,33 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		b.cfg.Metrics.Handshake(b.now().Sub(start))
 	}
 	return err
+}
+
+// belowOpTCB returns a refusal when m was started by an operation that requires a minimum
+// TCB (evacuate) and the destination's evidence states a TCB below it, or none. Placement
+// read the TCB from the host's record, which its agent writes and may lie in; the evidence is
+// what the keybroker verifies, so a destination that passes here and at the release is known
+// to be at the operation's level. The error is reading the operation's.
+func (b *Broker) belowOpTCB(ctx context.Context, m *Migration, ev *attest.Evidence) (below, err error) {
+	id := opOf(m.RequestedBy)
+	if id == "" {
+		return nil, nil
+	}
+	op, _, err := getJSON[FleetOp](ctx, b.store.fleet, fleetOpPrefix+id)
+	if errors.Is(err, ErrNotFound) || (err == nil && op.MinTCB == nil) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading fleet operation %s: %w", id, err)
+	}
+	tcb, err := attest.PeekTCB(ev)
+	if err != nil {
+		return fmt.Errorf("the destination's evidence states no TCB, %s needs at least %s: %w", op.ID, op.MinTCB, err), nil
+	}
+	if at, comparable := tcb.AtLeast(*op.MinTCB); !comparable || !at {
+		return fmt.Errorf("the destination's evidence states TCB %s, below the %s %s needs", tcb, op.MinTCB, op.ID), nil
+	}
+	return nil, nil
 }
 
 // denied answers the keybroker's denial err of the release to m's destination. With an
@@ -432,8 +464,8 @@ func deniedEverywhere(attempts []Attempt) string {
 }
 
 // nextCandidate returns the first of m's candidates that is neither the source nor a
-// destination already tried and whose host is live, the candidates after it, and a note for
-// each candidate passed over. It returns "" when none is left.
+// destination already tried, whose host is live and not cordoned, the candidates after it,
+// and a note for each candidate passed over. It returns "" when none is left.
 func (b *Broker) nextCandidate(ctx context.Context, m *Migration, now time.Time) (string, []string, []string) {
 	var notes []string
 	for i, h := range m.Candidates {
@@ -443,6 +475,12 @@ func (b *Broker) nextCandidate(ctx context.Context, m *Migration, now time.Time)
 		}
 		if live, why := b.hostLive(ctx, h, now); !live {
 			notes = append(notes, "candidate destination passed over: "+why)
+			continue
+		}
+		// Placement ranked the candidates when the migration was created: a host the
+		// operator cordoned or drains since takes no new guest.
+		if st, _, err := getJSON[HostStateRecord](ctx, b.store.fleet, hostStatePrefix+h); err == nil && st.State != HostSchedulable {
+			notes = append(notes, fmt.Sprintf("candidate destination passed over: host %s is %s by %s", h, st.State, st.By))
 			continue
 		}
 		return h, slices.Clone(m.Candidates[i+1:]), notes
