@@ -395,7 +395,9 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 	}
 	now := b.now()
 	verdicts, notes := b.verdicts(hosts, g.Host, g.Platform, pol.Envelope, now)
-	ranked := b.place(view, verdicts, hg.MemoryBytes, src.TCB, req.place)
+	o := req.place
+	o.tenant = !c.Operator()
+	ranked := b.place(view, verdicts, hg.MemoryBytes, src.TCB, o)
 	if req.DryRun {
 		return &CreateMigrationResponse{DryRun: &DryRun{
 			Tenant: tenant, VM: req.VM, Source: g.Host, Platform: g.Platform, PolicyKey: polKey, Hosts: verdicts, Order: ranked, Notes: notes,

@@ -59,8 +59,17 @@ func TestCordonKeepsNewGuestsOff(t *testing.T) {
 		t.Errorf("dry run order %v, want [h3]", dry.DryRun.Order)
 	}
 	for _, v := range dry.DryRun.Hosts {
+		if v.Host == "h2" && (v.Pass || strings.Join(v.Reasons, ";") != "cordoned: takes no new guests") {
+			t.Errorf("h2's verdict for the tenant %+v, want cordoned without the operator's reason", v)
+		}
+	}
+	odry, err := op.CreateMigration(ctx, &broker.CreateMigrationRequest{Tenant: tenant, VM: vm, DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range odry.DryRun.Hosts {
 		if v.Host == "h2" && (v.Pass || !strings.Contains(strings.Join(v.Reasons, ";"), "cordoned by operator: firmware update")) {
-			t.Errorf("h2's verdict %+v, want cordoned with the reason", v)
+			t.Errorf("h2's verdict for the operator %+v, want cordoned with the reason", v)
 		}
 	}
 	if _, err := e.tenant(tenant).CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, Destination: "h2"}); !errors.Is(err, broker.ErrFailedPrecondition) || !strings.Contains(err.Error(), "cordoned") {
@@ -116,7 +125,7 @@ func TestPlacementRanksByTCBThenMemoryAndFits(t *testing.T) {
 		e.putHost(h)
 	}
 	e.adopt(tenant, vm, "src")
-	dry, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, DryRun: true})
+	dry, err := e.operator().CreateMigration(t.Context(), &broker.CreateMigrationRequest{Tenant: tenant, VM: vm, DryRun: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,6 +135,15 @@ func TestPlacementRanksByTCBThenMemoryAndFits(t *testing.T) {
 	for _, v := range dry.DryRun.Hosts {
 		if v.Host == "full" && (v.Pass || !strings.Contains(strings.Join(v.Reasons, ";"), "no room: 256 MiB free")) {
 			t.Errorf("full's verdict %+v, want no room", v)
+		}
+	}
+	tdry, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range tdry.DryRun.Hosts {
+		if v.Host == "full" && strings.Join(v.Reasons, ";") != "no room for the guest's 512 MiB" {
+			t.Errorf("full's verdict for the tenant %+v, want no room without other tenants' figures", v)
 		}
 	}
 	resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm})

@@ -148,6 +148,9 @@ type placeOpts struct {
 	exclude map[string]string
 	// minTCB, if set, is the TCB every destination must be known to reach.
 	minTCB *attest.HostTCB
+	// tenant words the reasons for a tenant, who may learn whether a host takes its guest
+	// but not the operator's reasons nor how much memory other tenants' guests hold.
+	tenant bool
 }
 
 // place judges the hosts of verdicts (the pre-filter's) as destinations of a guest of size
@@ -161,11 +164,19 @@ func (b *Broker) place(v *fleetView, verdicts []HostVerdict, size uint64, srcTCB
 		switch st := v.states[vd.Host]; {
 		case st == nil || st.State == HostSchedulable:
 		default:
-			why = append(why, fmt.Sprintf("%s by %s: %s", st.State, st.By, cmp.Or(st.Reason, "no reason given")))
+			if o.tenant {
+				why = append(why, fmt.Sprintf("%s: takes no new guests", st.State))
+			} else {
+				why = append(why, fmt.Sprintf("%s by %s: %s", st.State, st.By, cmp.Or(st.Reason, "no reason given")))
+			}
 		}
 		if free, limited := v.free(vd.Host); limited && free < size {
-			why = append(why, fmt.Sprintf("no room: %d MiB free of %d MiB allocatable, the guest needs %d MiB",
-				free>>20, v.hosts[vd.Host].AllocatableBytes>>20, size>>20))
+			if o.tenant {
+				why = append(why, fmt.Sprintf("no room for the guest's %d MiB", size>>20))
+			} else {
+				why = append(why, fmt.Sprintf("no room: %d MiB free of %d MiB allocatable, the guest needs %d MiB",
+					free>>20, v.hosts[vd.Host].AllocatableBytes>>20, size>>20))
+			}
 		}
 		if r, ex := o.exclude[vd.Host]; ex {
 			why = append(why, r)
