@@ -37,6 +37,9 @@ import (
 // maxFleetItems bounds the guests of one operation (the record must fit in a NATS message).
 const maxFleetItems = 2000
 
+// maxListedOps bounds fleet.list's answer: the newest operations, without their guests.
+const maxListedOps = 200
+
 // defaultMaxMoves is a rebalance's move budget when the request names none.
 const defaultMaxMoves = 10
 
@@ -525,9 +528,14 @@ func (b *Broker) listFleetOps(ctx context.Context, c Caller, req *ListFleetOpsRe
 		if req.Active && op.State.Terminal() {
 			continue
 		}
-		resp.Operations = append(resp.Operations, b.view(op))
+		v := b.view(op)
+		v.Items = nil // the counts say enough; fleet.get has them
+		resp.Operations = append(resp.Operations, v)
 	}
 	slices.SortFunc(resp.Operations, func(a, c *FleetOpView) int { return c.Created.Compare(a.Created) })
+	if len(resp.Operations) > maxListedOps {
+		resp.Operations, resp.More = resp.Operations[:maxListedOps], true
+	}
 	return resp, nil
 }
 

@@ -300,9 +300,12 @@ type ListFleetOpsRequest struct {
 	Active bool `json:"active,omitempty"`
 }
 
-// ListFleetOpsResponse lists fleet operations.
+// ListFleetOpsResponse lists fleet operations, newest first, without their guests (see
+// GetFleetOp).
 type ListFleetOpsResponse struct {
 	Operations []*FleetOpView `json:"operations"`
+	// More says older operations were left out (the answer holds the newest 200).
+	More bool `json:"more,omitempty"`
 }
 
 // AbortFleetOpRequest aborts a fleet operation: no migration starts any more, and those in
