@@ -4,9 +4,10 @@
 GO      ?= go
 BIN     := bin
 CMDS    := lethectl lethe-broker lethe-keybroker lethe-agent
-# VERSION, if set, is stamped into every binary (--version); unset, --version reports the Go
-# module's version and VCS revision.
-VERSION ?=
+# VERSION is stamped into every binary (--version, the startup log, lethe_build_info): by
+# default the nearest tag of the checkout (with -N-gREV past it, -dirty if modified); with no
+# tag, --version reports the Go module's version. The VCS revision is always recorded.
+VERSION ?= $(shell git describe --tags --dirty 2>/dev/null)
 GOBUILD  = $(GO) build $(if $(VERSION),-ldflags "-X github.com/lethe-cc/lethe/internal/version.Version=$(VERSION)")
 # The default test run: every package, with the race detector off on 2 cores to keep CI short;
 # `make test-race` runs the same under -race.

@@ -170,6 +170,7 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
+	log.Info("Starting", "version", version.String("lethe-broker"))
 	metrics := daemon.NewMetrics()
 
 	g, ctx := errgroup.WithContext(ctx)

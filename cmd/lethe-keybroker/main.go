@@ -188,6 +188,7 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
+	log.Info("Starting", "version", version.String("lethe-keybroker"))
 	metrics := daemon.NewMetrics()
 	kbMetrics := newKeybrokerMetrics(metrics)
 
