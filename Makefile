@@ -120,3 +120,47 @@ libvirt-down:
 # docs regenerates the configuration reference and the example NATS server config.
 docs:
 	$(GO) test ./cmd/lethe-broker ./cmd/lethe-keybroker ./cmd/lethe-agent -run 'TestConfigurationReference|TestNATSServerConfigExample' -update
+
+# --- Releases and installation ---------------------------------------------------------------
+# release builds the release into DIST for each platform of PLATFORMS: reproducible archives,
+# SBOMs, the daemons' OCI images, SHA256SUMS and its signature (see scripts/release.sh; sign
+# with LETHE_RELEASE_KEY). install copies the binaries, systemd units, documentation, shell
+# completions and man pages under DESTDIR$(PREFIX), as packagers expect.
+DIST      ?= dist
+PLATFORMS ?= linux/amd64 linux/arm64
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
+DAEMONS   := lethe-broker lethe-keybroker lethe-agent
+
+.PHONY: release install completions man
+
+release:
+	@DIST="$(DIST)" PLATFORMS="$(PLATFORMS)" VERSION="$(VERSION)" GO="$(GO)" bash scripts/release.sh
+
+completions: build
+	@mkdir -p $(BIN)/completions
+	$(BIN)/lethectl completion bash > $(BIN)/completions/lethectl.bash
+	$(BIN)/lethectl completion zsh > $(BIN)/completions/_lethectl
+	$(BIN)/lethectl completion fish > $(BIN)/completions/lethectl.fish
+
+man: build
+	@rm -rf $(BIN)/man && mkdir -p $(BIN)/man
+	$(BIN)/lethectl man $(BIN)/man
+
+install: build completions man
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSTEMDDIR) $(DESTDIR)$(PREFIX)/share/doc/lethe \
+		$(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	install -m 0755 $(addprefix $(BIN)/,$(CMDS)) $(DESTDIR)$(PREFIX)/bin/
+	@for d in $(DAEMONS); do \
+		echo "install $$d.service"; \
+		sed 's#/usr/local/bin/#$(PREFIX)/bin/#g; s#/usr/share/doc/lethe/#$(PREFIX)/share/doc/lethe/#g' \
+			deploy/systemd/$$d.service > $(DESTDIR)$(SYSTEMDDIR)/$$d.service || exit 1; \
+		chmod 0644 $(DESTDIR)$(SYSTEMDDIR)/$$d.service; \
+	done
+	install -m 0644 README.md docs/*.md deploy/*.yaml deploy/nats-server.conf $(DESTDIR)$(PREFIX)/share/doc/lethe/
+	install -m 0644 $(BIN)/man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 0644 $(BIN)/completions/lethectl.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/lethectl
+	install -m 0644 $(BIN)/completions/_lethectl $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_lethectl
+	install -m 0644 $(BIN)/completions/lethectl.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/lethectl.fish
