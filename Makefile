@@ -144,13 +144,23 @@ completions: build
 	$(BIN)/lethectl completion zsh > $(BIN)/completions/_lethectl
 	$(BIN)/lethectl completion fish > $(BIN)/completions/lethectl.fish
 
+# man writes lethectl's pages (section 1, one per command) and the daemons' (section 8, their
+# --help as it stands).
 man: build
 	@rm -rf $(BIN)/man && mkdir -p $(BIN)/man
 	$(BIN)/lethectl man $(BIN)/man
+	@for d in $(DAEMONS); do \
+		echo "$(BIN)/$$d --help > $(BIN)/man/$$d.8"; \
+		{ printf '.TH "%s" 8 "" "Lethe" "Lethe Manual"\n.SH NAME\n%s \\- a daemon of Lethe\n.SH SYNOPSIS\n.nf\n' \
+			"$$(echo $$d | tr a-z A-Z)" "$$d"; \
+		  $(BIN)/$$d --help 2>&1 | sed 's/\\/\\e/g; s/^[.'"'"']/\\\&&/'; \
+		  printf '.fi\n.SH SEE ALSO\n\\fBlethectl\\fP(1)\n'; } > $(BIN)/man/$$d.8 || exit 1; \
+	done
 
 install: build completions man
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSTEMDDIR) $(DESTDIR)$(PREFIX)/share/doc/lethe \
-		$(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man8 \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions \
 		$(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 	install -m 0755 $(addprefix $(BIN)/,$(CMDS)) $(DESTDIR)$(PREFIX)/bin/
 	@for d in $(DAEMONS); do \
@@ -161,6 +171,7 @@ install: build completions man
 	done
 	install -m 0644 README.md docs/*.md deploy/*.yaml deploy/nats-server.conf $(DESTDIR)$(PREFIX)/share/doc/lethe/
 	install -m 0644 $(BIN)/man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 0644 $(BIN)/man/*.8 $(DESTDIR)$(PREFIX)/share/man/man8/
 	install -m 0644 $(BIN)/completions/lethectl.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/lethectl
 	install -m 0644 $(BIN)/completions/_lethectl $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_lethectl
 	install -m 0644 $(BIN)/completions/lethectl.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/lethectl.fish
