@@ -4,9 +4,10 @@
 GO      ?= go
 BIN     := bin
 CMDS    := lethectl lethe-broker lethe-keybroker lethe-agent
-# VERSION, if set, is stamped into every binary (--version); unset, --version reports the Go
-# module's version and VCS revision.
-VERSION ?=
+# VERSION is stamped into every binary (--version, the startup log, lethe_build_info): by
+# default the nearest tag of the checkout (with -N-gREV past it, -dirty if modified); with no
+# tag, --version reports the Go module's version. The VCS revision is always recorded.
+VERSION ?= $(shell git describe --tags --dirty 2>/dev/null)
 GOBUILD  = $(GO) build $(if $(VERSION),-ldflags "-X github.com/lethe-cc/lethe/internal/version.Version=$(VERSION)")
 # The default test run: every package, with the race detector off on 2 cores to keep CI short;
 # `make test-race` runs the same under -race.
@@ -119,3 +120,58 @@ libvirt-down:
 # docs regenerates the configuration reference and the example NATS server config.
 docs:
 	$(GO) test ./cmd/lethe-broker ./cmd/lethe-keybroker ./cmd/lethe-agent -run 'TestConfigurationReference|TestNATSServerConfigExample' -update
+
+# --- Releases and installation ---------------------------------------------------------------
+# release builds the release into DIST for each platform of PLATFORMS: reproducible archives,
+# SBOMs, the daemons' OCI images, SHA256SUMS and its signature (see scripts/release.sh; sign
+# with LETHE_RELEASE_KEY). install copies the binaries, systemd units, documentation, shell
+# completions and man pages under DESTDIR$(PREFIX), as packagers expect.
+DIST      ?= dist
+PLATFORMS ?= linux/amd64 linux/arm64
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
+DAEMONS   := lethe-broker lethe-keybroker lethe-agent
+
+.PHONY: release install completions man
+
+release:
+	@DIST="$(DIST)" PLATFORMS="$(PLATFORMS)" VERSION="$(VERSION)" GO="$(GO)" bash scripts/release.sh
+
+completions: build
+	@mkdir -p $(BIN)/completions
+	$(BIN)/lethectl completion bash > $(BIN)/completions/lethectl.bash
+	$(BIN)/lethectl completion zsh > $(BIN)/completions/_lethectl
+	$(BIN)/lethectl completion fish > $(BIN)/completions/lethectl.fish
+
+# man writes lethectl's pages (section 1, one per command) and the daemons' (section 8, their
+# --help as it stands).
+man: build
+	@rm -rf $(BIN)/man && mkdir -p $(BIN)/man
+	$(BIN)/lethectl man $(BIN)/man
+	@for d in $(DAEMONS); do \
+		echo "$(BIN)/$$d --help > $(BIN)/man/$$d.8"; \
+		{ printf '.TH "%s" 8 "" "Lethe" "Lethe Manual"\n.SH NAME\n%s \\- a daemon of Lethe\n.SH SYNOPSIS\n.nf\n' \
+			"$$(echo $$d | tr a-z A-Z)" "$$d"; \
+		  $(BIN)/$$d --help 2>&1 | sed 's/\\/\\e/g; s/^[.'"'"']/\\\&&/'; \
+		  printf '.fi\n.SH SEE ALSO\n\\fBlethectl\\fP(1)\n'; } > $(BIN)/man/$$d.8 || exit 1; \
+	done
+
+install: build completions man
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSTEMDDIR) $(DESTDIR)$(PREFIX)/share/doc/lethe \
+		$(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man8 \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	install -m 0755 $(addprefix $(BIN)/,$(CMDS)) $(DESTDIR)$(PREFIX)/bin/
+	@for d in $(DAEMONS); do \
+		echo "install $$d.service"; \
+		sed 's#/usr/local/bin/#$(PREFIX)/bin/#g; s#/usr/share/doc/lethe/#$(PREFIX)/share/doc/lethe/#g' \
+			deploy/systemd/$$d.service > $(DESTDIR)$(SYSTEMDDIR)/$$d.service || exit 1; \
+		chmod 0644 $(DESTDIR)$(SYSTEMDDIR)/$$d.service; \
+	done
+	install -m 0644 README.md docs/*.md deploy/*.yaml deploy/nats-server.conf $(DESTDIR)$(PREFIX)/share/doc/lethe/
+	install -m 0644 $(BIN)/man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 0644 $(BIN)/man/*.8 $(DESTDIR)$(PREFIX)/share/man/man8/
+	install -m 0644 $(BIN)/completions/lethectl.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/lethectl
+	install -m 0644 $(BIN)/completions/_lethectl $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_lethectl
+	install -m 0644 $(BIN)/completions/lethectl.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/lethectl.fish

@@ -234,6 +234,7 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
+	log.Info("Starting", "version", version.String("lethe-agent"))
 	if c.keybrokerPub == "" {
 		return errors.New("--keybroker-pub is required: the agent accepts keys only with grants signed by the keybroker's key")
 	}

@@ -35,5 +35,5 @@ lethe_agent_libvirt_errors_total{op="migrate"} 1
 		"lethe_agent_bytes_sent_total", "lethe_agent_migrations_total", "lethe_agent_libvirt_errors_total"); err != nil {
 		t.Error(err)
 	}
-	daemontest.MetricsDocumented(t, m.Registry, 4)
+	daemontest.MetricsDocumented(t, m.Registry, 5)
 }

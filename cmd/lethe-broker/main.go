@@ -173,6 +173,7 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
+	log.Info("Starting", "version", version.String("lethe-broker"))
 	metrics := daemon.NewMetrics()
 	tracer, stopTracing, err := trace.Open(ctx, c.otlpEndpoint, "lethe-broker", version.Version, "github.com/lethe-cc/lethe/broker")
 	if err != nil {

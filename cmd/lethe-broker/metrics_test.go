@@ -51,5 +51,5 @@ lethe_nats_errors_total{op="publish"} 1
 			t.Errorf("%s: %d series, want %d", name, got, n)
 		}
 	}
-	daemontest.MetricsDocumented(t, m.Registry, 7)
+	daemontest.MetricsDocumented(t, m.Registry, 8)
 }

@@ -191,6 +191,7 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
+	log.Info("Starting", "version", version.String("lethe-keybroker"))
 	metrics := daemon.NewMetrics()
 	kbMetrics := newKeybrokerMetrics(metrics)
 	tracer, stopTracing, err := trace.Open(ctx, c.otlpEndpoint, "lethe-keybroker", version.Version, "github.com/lethe-cc/lethe/keybroker")

@@ -41,5 +41,5 @@ lethe_keybroker_vault_errors_total 1
 	if n := testutil.CollectAndCount(m.Registry, "lethe_keybroker_release_duration_seconds"); n != 1 {
 		t.Errorf("release duration series = %d, want 1", n)
 	}
-	daemontest.MetricsDocumented(t, m.Registry, 5)
+	daemontest.MetricsDocumented(t, m.Registry, 6)
 }

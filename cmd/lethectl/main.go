@@ -64,5 +64,7 @@ confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
 			fmt.Fprintln(cmd.OutOrStdout(), version.String("lethectl"))
 		},
 	})
+	root.AddCommand(newManCmd())
+	addCompletions(root)
 	return root
 }

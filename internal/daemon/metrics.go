@@ -6,6 +6,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/lethe-cc/lethe/internal/version"
 )
 
 // MetricsNamespace prefixes every metric of Lethe (prometheus.Opts.Namespace).
@@ -22,7 +24,7 @@ var (
 )
 
 // Metrics is a daemon's Prometheus registry (its own, never the global one) with the Go and
-// process collectors and the NATS error counter every daemon has. Each daemon registers the
+// process collectors, the build information and the NATS error counter every daemon has. Each daemon registers the
 // implementation of its own package's metric hooks on Registry (cmd/lethe-broker,
 // cmd/lethe-keybroker, cmd/lethe-agent), so that this package links none of those packages.
 type Metrics struct {
@@ -32,8 +34,9 @@ type Metrics struct {
 	natsErrors *prometheus.CounterVec
 }
 
-// NewMetrics returns a registry with the Go runtime and process collectors and
-// lethe_nats_errors_total.
+// NewMetrics returns a registry with the Go runtime and process collectors,
+// lethe_build_info{version,revision,goversion} (always 1: which build of Lethe is running, as
+// --version says) and lethe_nats_errors_total.
 func NewMetrics() *Metrics {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
@@ -47,7 +50,12 @@ func NewMetrics() *Metrics {
 			Help: "NATS errors: asynchronous connection errors (op=async), disconnections (op=disconnect) and failed operations of the daemon (op=kv_read, kv_list, publish).",
 		}, []string{"op"}),
 	}
-	reg.MustRegister(m.natsErrors)
+	build := version.Info()
+	reg.MustRegister(m.natsErrors, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: MetricsNamespace, Name: "build_info",
+		Help:        "Which build of Lethe is running (always 1): its version, VCS revision and Go release, as --version says.",
+		ConstLabels: prometheus.Labels{"version": build.Version, "revision": build.Revision, "goversion": build.GoVersion},
+	}, func() float64 { return 1 }))
 	return m
 }
 

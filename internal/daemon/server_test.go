@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -75,6 +76,7 @@ func TestServerEndpoints(t *testing.T) {
 	for _, want := range []string{
 		`lethe_nats_errors_total{op="publish"} 1`,
 		`go_goroutines `,
+		`lethe_build_info{goversion="` + runtime.Version() + `",revision="`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %q", want)
@@ -161,7 +163,7 @@ func TestNewLogger(t *testing.T) {
 func TestMetricsDocumented(t *testing.T) {
 	m := daemon.NewMetrics()
 	m.NATSError("async")
-	daemontest.MetricsDocumented(t, m.Registry, 1)
+	daemontest.MetricsDocumented(t, m.Registry, 2)
 }
 
 func TestReadyzWarnings(t *testing.T) {

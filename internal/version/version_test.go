@@ -29,3 +29,16 @@ func TestRequested(t *testing.T) {
 		}
 	}
 }
+
+func TestInfo(t *testing.T) {
+	Version = "v1.2.3"
+	t.Cleanup(func() { Version = "" })
+	b := Info()
+	if b.Version != "v1.2.3" || b.GoVersion != runtime.Version() {
+		t.Errorf("Info = %+v, want version v1.2.3 and Go %s", b, runtime.Version())
+	}
+	Version = ""
+	if b := Info(); b.Version == "" {
+		t.Error("Info without a stamp has an empty version, want the module's or devel")
+	}
+}
