@@ -41,6 +41,8 @@ import (
 )
 
 type config struct {
+	// deprecated are the warnings of deprecated settings, logged at start.
+	deprecated                                  []string
 	host                                        string
 	nats                                        daemon.NATSClient
 	dev                                         bool
@@ -113,7 +115,10 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.String(&c.configFile, "config", "LETHE_AGENT_CONFIG", "", "YAML configuration file whose keys are these flags' names; flags and environment variables override it")
 	fs.String(&c.host, "host", "LETHE_AGENT_HOST", hostname, "this host's name: letters, digits, '-', '_' (default the short host name)")
 	fs.String(&c.nats.URL, "nats-url", "LETHE_AGENT_NATS_URL", nats.DefaultURL, "NATS server URL")
-	c.nats.DeclareAuth(fs, "LETHE_AGENT_", "LETHE_AGENT_NATS_TLS_")
+	c.nats.DeclareAuth(fs, "LETHE_AGENT_NATS_", "LETHE_AGENT_NATS_TLS_")
+	for _, name := range []string{"creds", "nkey", "user", "password"} {
+		fs.Alias(name, "LETHE_AGENT_"+strings.ToUpper(name))
+	}
 	fs.Bool(&c.dev, "dev", "LETHE_AGENT_DEV", false, "development mode: allow NATS without authentication")
 	fs.String(&c.dataListen, "data-listen", "LETHE_AGENT_DATA_LISTEN", "127.0.0.1:0", "host:port of the data plane's listener for incoming migrations; port 0: one ephemeral port per migration")
 	fs.String(&c.dataAdvertise, "data-advertise", "LETHE_AGENT_DATA_ADVERTISE", "", "host or IP sources dial for the data plane; empty: the --data-listen host")
@@ -157,6 +162,7 @@ func parseFlags(args []string) (*config, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	c.deprecated = fs.Deprecations()
 	if err := agentapi.ValidName(c.host); err != nil {
 		return nil, fmt.Errorf("--host: %w", err)
 	}
@@ -234,6 +240,7 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
+	daemon.LogDeprecations(log, c.deprecated)
 	if c.keybrokerPub == "" {
 		return errors.New("--keybroker-pub is required: the agent accepts keys only with grants signed by the keybroker's key")
 	}

@@ -47,8 +47,10 @@ import (
 )
 
 type config struct {
-	nats daemon.NATSClient
-	dev  bool
+	// deprecated are the warnings of deprecated settings, logged at start.
+	deprecated []string
+	nats       daemon.NATSClient
+	dev        bool
 
 	vaultAddr, vaultTokenFile          string
 	vaultCACert                        string
@@ -101,7 +103,7 @@ func (l *listFlag) Set(v string) error {
 func newFlagSet(c *config) *daemon.Flags {
 	fs := daemon.NewFlags("lethe-keybroker")
 	fs.String(&c.configFile, "config", "LETHE_KEYBROKER_CONFIG", "", "YAML configuration file whose keys are these flags' names; flags and environment variables override it")
-	fs.String(&c.nats.URL, "nats-url", "LETHE_NATS_URL", nats.DefaultURL, "NATS server URL")
+	fs.String(&c.nats.URL, "nats-url", "LETHE_KEYBROKER_NATS_URL", nats.DefaultURL, "NATS server URL")
 	c.nats.DeclareAuth(fs, "LETHE_NATS_", "LETHE_NATS_TLS_")
 	fs.Bool(&c.dev, "dev", "LETHE_DEV", false, "development mode: allow NATS without authentication")
 	fs.String(&c.vaultAddr, "vault-addr", "LETHE_VAULT_ADDR", "", "Vault address (default $VAULT_ADDR)")
@@ -128,6 +130,8 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.List((*listFlag)(&c.logWitnesses), "log-witness", "LETHE_KEYBROKER_LOG_WITNESS", strings.Fields, "verifier key of a witness whose cosignatures of the residency log's checkpoints are kept (lethectl log witness keygen prints it); repeatable (space-separated)")
 	fs.String(&c.metricsListen, "metrics-listen", "LETHE_KEYBROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
 	fs.String(&c.exportPub, "export-pub", "", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
+	// Every variable is the keybroker's own, LETHE_KEYBROKER_…; LETHE_NATS_URL is lethectl's.
+	fs.Namespace("LETHE_KEYBROKER_", "LETHE_NATS_URL")
 	return fs
 }
 
@@ -141,6 +145,7 @@ func parseFlags(args []string) (*config, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	c.deprecated = fs.Deprecations()
 	if err := daemon.CheckLogFlags(c.logFormat, c.logLevel); err != nil {
 		return nil, err
 	}
@@ -188,6 +193,7 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return err
 	}
+	daemon.LogDeprecations(log, c.deprecated)
 	metrics := daemon.NewMetrics()
 	kbMetrics := newKeybrokerMetrics(metrics)
 
