@@ -12,12 +12,13 @@
 // Settings come from flags, environment variables and a YAML configuration file (--config),
 // in that order of precedence; docs/configuration.md lists them. With --metrics-listen it
 // serves Prometheus metrics, /healthz and /readyz (ready: NATS connected, Vault unsealed and
-// reachable, the service started). On SIGTERM it stops taking requests and lets every request
+// reachable with its Transit and KV mounts, the service started). On SIGTERM it stops taking requests and lets every request
 // in progress finish, so that no key release stops half-way; pending destructions stay
 // journaled under --state-dir for the next start.
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
@@ -239,7 +240,7 @@ func run(ctx context.Context, c *config) error {
 		Registry: metrics.Registry,
 		Checks: []daemon.Check{
 			daemon.NATSConnected(nc),
-			{Name: "vault", Func: func(ctx context.Context) error { return vaultReady(ctx, vc) }},
+			{Name: "vault", Func: func(ctx context.Context) error { return vaultReady(ctx, vc, c.transitMount, c.kvMount) }},
 			daemon.Started("service", svc.Started()),
 		},
 		Warnings: verifierWarnings(c),
@@ -252,8 +253,10 @@ func run(ctx context.Context, c *config) error {
 	return g.Wait()
 }
 
-// vaultReady reports whether Vault answers, initialized and unsealed.
-func vaultReady(ctx context.Context, vc *api.Client) error {
+// vaultReady reports whether Vault answers, initialized and unsealed, with the Transit
+// mount transit and the KV version 2 mount kv (empty: the keybroker's defaults) in place:
+// the error names a missing or mistyped mount and how to enable it.
+func vaultReady(ctx context.Context, vc *api.Client, transit, kv string) error {
 	h, err := vc.Sys().HealthWithContext(ctx)
 	if err != nil {
 		return fmt.Errorf("checking Vault health: %w", err)
@@ -263,6 +266,40 @@ func vaultReady(ctx context.Context, vc *api.Client) error {
 		return errors.New("vault is not initialized")
 	case h.Sealed:
 		return errors.New("vault is sealed")
+	}
+	return errors.Join(
+		checkMount(ctx, vc, cmp.Or(transit, "transit"), "transit", ""),
+		checkMount(ctx, vc, cmp.Or(kv, "lethe"), "kv", "2"),
+	)
+}
+
+// checkMount returns an error unless Vault has a secrets engine of type typ (and, for kv,
+// options version) mounted at path. It asks sys/internal/ui/mounts, which answers any token
+// with a capability under the mount, as the keybroker's has.
+func checkMount(ctx context.Context, vc *api.Client, path, typ, version string) error {
+	enable := fmt.Sprintf("vault secrets enable -path=%s %s", path, typ)
+	if version != "" {
+		enable = fmt.Sprintf("vault secrets enable -path=%s %s-v%s", path, typ, version)
+	}
+	s, err := vc.Logical().ReadWithContext(ctx, "sys/internal/ui/mounts/"+path)
+	if err != nil || s == nil || s.Data == nil {
+		if re, ok := errors.AsType[*api.ResponseError](err); err == nil || ok && re.StatusCode < 500 {
+			return fmt.Errorf("vault has no %s mount at %s/ (%s)", typ, path, enable)
+		}
+		return fmt.Errorf("checking Vault mount %s/: %w", path, err)
+	}
+	got, _ := s.Data["type"].(string)
+	opts, _ := s.Data["options"].(map[string]any)
+	gotVersion, _ := opts["version"].(string)
+	if got != typ || version != "" && gotVersion != version {
+		if got == "kv" {
+			got += " v" + cmp.Or(gotVersion, "1")
+		}
+		want := typ
+		if version != "" {
+			want += " v" + version
+		}
+		return fmt.Errorf("vault mount %s/ is %s, want %s (%s)", path, got, want, enable)
 	}
 	return nil
 }
