@@ -12,9 +12,9 @@
 // Settings come from flags, environment variables and a YAML configuration file (--config),
 // in that order of precedence; docs/configuration.md lists them. With --metrics-listen it
 // serves Prometheus metrics, /healthz and /readyz (ready: NATS connected, Vault unsealed and
-// reachable with its Transit and KV mounts, the service started). On SIGTERM it stops taking requests and lets every request
-// in progress finish, so that no key release stops half-way; pending destructions stay
-// journaled under --state-dir for the next start.
+// reachable with its Transit and KV mounts, the service started). On SIGTERM it stops taking
+// requests and lets every request in progress finish, so that no key release stops half-way;
+// pending destructions stay journaled under --state-dir for the next start.
 package main
 
 import (
