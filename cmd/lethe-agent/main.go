@@ -241,6 +241,13 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	daemon.LogDeprecations(log, c.deprecated)
+	// An in-process guest's memory is allocated and written at start: one larger than the
+	// host's available memory would fill it until the kernel killed the agent.
+	if avail, err := migagent.MemAvailable(); err == nil {
+		if err := checkGuestSizes(c.guests, avail); err != nil {
+			return err
+		}
+	}
 	if c.keybrokerPub == "" {
 		return errors.New("--keybroker-pub is required: the agent accepts keys only with grants signed by the keybroker's key")
 	}
@@ -265,12 +272,14 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	defer nc.Close()
-	n, err := migagent.New(migagent.Config{
-		Host: c.host, Conn: nc, Attester: att, KeybrokerKey: kbKey, Labels: c.labels, Region: c.region,
-		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
-		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, AllocatableBytes: c.allocatableBytes, NoAutoConverge: !c.workloadAutoConverge, Logger: log,
-		Libvirt: c.libvirt,
-		Metrics: newAgentMetrics(metrics),
+	n, err := cancellable(ctx, func() (*migagent.Node, error) {
+		return migagent.New(migagent.Config{
+			Host: c.host, Conn: nc, Attester: att, KeybrokerKey: kbKey, Labels: c.labels, Region: c.region,
+			DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
+			Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, AllocatableBytes: c.allocatableBytes, NoAutoConverge: !c.workloadAutoConverge, Logger: log,
+			Libvirt: c.libvirt,
+			Metrics: newAgentMetrics(metrics),
+		})
 	})
 	if err != nil {
 		return err
