@@ -281,6 +281,10 @@ func run(ctx context.Context, c *config) error {
 			Metrics: newAgentMetrics(metrics),
 		})
 	})
+	if err != nil && ctx.Err() != nil {
+		log.Info("Agent stopped while making its guests")
+		return nil
+	}
 	if err != nil {
 		return err
 	}
