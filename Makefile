@@ -91,6 +91,19 @@ demo: build vault
 demo-attest: build
 	@bash scripts/demo-attest.sh
 
+# dev-up starts a development stack that stays up (Vault, the broker with NATS, the keybroker,
+# three agents, the tenant demo) on free ports, in .dev/ (LETHE_DEV_DIR), and prints the
+# exports that point lethectl at it; dev-down stops it; dev-clean also removes its state.
+.PHONY: dev-up dev-down dev-clean
+dev-up: build vault
+	@bash scripts/dev.sh up
+
+dev-down:
+	@bash scripts/dev.sh down
+
+dev-clean:
+	@bash scripts/dev.sh clean
+
 clean:
 	rm -rf $(BIN)
 

@@ -45,7 +45,7 @@ func (b memoryBackend) newDestination(req *agentapi.PrepareRequest) (*migration,
 	n := b.n
 	// A guest larger than the memory the host has free would be received until the kernel
 	// killed the agent, taking every other migration with it: refused up front.
-	if avail, err := memAvailable(); err == nil && req.MemoryBytes > avail {
+	if avail, err := MemAvailable(); err == nil && req.MemoryBytes > avail {
 		return nil, fmt.Errorf("%w: a guest of %d bytes does not fit in the %d bytes of memory available on host %s", agentapi.ErrConflict, req.MemoryBytes, avail, n.cfg.Host)
 	}
 	region, err := dataplane.NewRegion(int64(req.MemoryBytes))
@@ -185,9 +185,9 @@ func (b memoryBackend) discard(_ context.Context, g *guest, st *attest.ErasureSt
 	}
 }
 
-// memAvailable returns the memory the kernel estimates is available for new allocations
+// MemAvailable returns the memory the kernel estimates is available for new allocations
 // without swapping (MemAvailable in /proc/meminfo), in bytes.
-func memAvailable() (uint64, error) {
+func MemAvailable() (uint64, error) {
 	b, err := os.ReadFile("/proc/meminfo")
 	if err != nil {
 		return 0, err

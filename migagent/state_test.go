@@ -198,7 +198,7 @@ func TestParseMemAvailable(t *testing.T) {
 // TestPrepareRefusesAGuestLargerThanTheHostsMemory shows a destination refusing, before it
 // maps anything, a guest that cannot fit in the memory available.
 func TestPrepareRefusesAGuestLargerThanTheHostsMemory(t *testing.T) {
-	avail, err := memAvailable()
+	avail, err := MemAvailable()
 	if err != nil {
 		t.Fatal(err) // the agent runs on Linux, which always has /proc/meminfo
 	}

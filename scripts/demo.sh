@@ -19,13 +19,9 @@ root=$(pwd)
 BIN=$root/bin
 GUEST_SIZE=${GUEST_SIZE:-256MiB}
 
-for c in lethectl lethe-broker lethe-keybroker lethe-agent vault; do
-  [ -x "$BIN/$c" ] || { echo "demo: $BIN/$c is missing: run 'make demo' (it builds them)" >&2; exit 1; }
-done
-
 work=${DEMO_DIR:-$(mktemp -d /tmp/lethe-demo.XXXXXX)}
-mkdir -p "$work"/{logs,state,keys}
-pids=()
+# shellcheck source=scripts/stack.sh
+. scripts/stack.sh
 cleanup() {
   local rc=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -39,69 +35,24 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-waitfor() { # waitfor WHAT SECONDS COMMAND...
-  local what=$1 n=$(( $2 * 10 )); shift 2
-  until "$@" >/dev/null 2>&1; do
-    n=$((n-1)); [ $n -gt 0 ] || { echo "demo: $what did not come up; see $work/logs" >&2; return 1; }
-    sleep 0.1
-  done
-}
-start() { # start NAME COMMAND...
-  local name=$1; shift
-  "$@" >"$work/logs/$name.log" 2>&1 &
-  pids+=($!)
-}
 
-nats_port=$(freeport); vault_port=$(freeport); broker_metrics=$(freeport); keybroker_metrics=$(freeport)
-export LETHE_NATS_URL=nats://127.0.0.1:$nats_port
-export VAULT_ADDR=http://127.0.0.1:$vault_port
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/keys/vault.token"
-chmod 600 "$work/keys/"*.token
-export VAULT_TOKEN=$(cat "$work/keys/vault.token")
-vault() { "$BIN/vault" "$@"; }
+stack_init
 
 bold "Starting Vault (dev server, in memory), NATS with JetStream, the keybroker and the broker"
-start vault "$BIN/vault" server -dev -dev-listen-address="127.0.0.1:$vault_port" -dev-root-token-id="$VAULT_TOKEN"
-waitfor "Vault" 30 vault status
-vault secrets enable transit >/dev/null
-vault secrets enable -path=lethe kv-v2 >/dev/null
+stack_vault
 echo "Vault $("$BIN/vault" version | awk '{print $2}') on $VAULT_ADDR, Transit and KV enabled"
-
 # Each daemon runs from its development example in deploy/dev/, with this run's ports and paths.
-start broker env -u LETHE_NATS_URL "$BIN/lethe-broker" --config deploy/dev/lethe-broker.yaml \
-  --dev-listen "127.0.0.1:$nats_port" --dev-store "$work/state/jetstream" --metrics-listen "127.0.0.1:$broker_metrics"
-waitfor "the broker" 30 "$BIN/lethectl" hosts list
-
-# The emulated platform: one software "AMD" root for every emulated host, as real SNP hosts
-# share AMD's roots; each agent signs as its own chip with its own TCB.
-"$BIN/lethectl" attest emulate --platform emulated-sev-snp --report-data 00 \
-  --roots-out "$work/emulator" --out "$work/state/probe.json" >/dev/null
-# The operator's admin key: the keybroker pins its public half and accepts only admin requests
-# signed by it (short-lived, each used once); no admin secret ever crosses NATS.
-"$BIN/lethectl" keygen --name admin --out "$work/keys/admin" >/dev/null
-start keybroker "$BIN/lethe-keybroker" --config deploy/dev/lethe-keybroker.yaml --metrics-listen "127.0.0.1:$keybroker_metrics" \
-  --nats-url "$LETHE_NATS_URL" --trust-roots "$work/emulator" \
-  --vault-addr "$VAULT_ADDR" --vault-token-file "$work/keys/vault.token" \
-  --admin-pub "$work/keys/admin/admin.pub" --state-dir "$work/state/keybroker"
-"$BIN/lethe-keybroker" --vault-addr "$VAULT_ADDR" --vault-token-file "$work/keys/vault.token" \
-  --state-dir "$work/state/keybroker-pub" --export-pub "$work/keys/keybroker.pub" >/dev/null 2>&1
+stack_broker
+stack_keybroker
 echo "keybroker receipt-signing key: $work/keys/keybroker.pub"
 
 bold "Starting four agents with emulated SEV-SNP platforms"
-agent() { # agent HOST UCODE [extra flags]
-  local host=$1 ucode=$2; shift 2
-  start "$host" "$BIN/lethe-agent" --config deploy/dev/lethe-agent.yaml --nats-url "$LETHE_NATS_URL" \
-    --keybroker-pub "$work/keys/keybroker.pub" --host "$host" --emulator-dir "$work/emulator" --emulated-tcb "bl=3,tee=0,snp=20,ucode=$ucode" "$@"
-}
-agent host-a 0x73 --guest "demo/web=$GUEST_SIZE"
-agent host-b 0x75
-agent host-c 0x64
-agent host-d 0x80
-hosts_up() { [ "$("$BIN/lethectl" hosts list -o json | grep -c '"live": *true')" -ge 4 ]; }
-waitfor "the agents" 30 hosts_up
+stack_agent host-a 0x73 --guest "demo/web=$GUEST_SIZE"
+stack_agent host-b 0x75
+stack_agent host-c 0x64
+stack_agent host-d 0x80
+stack_wait_hosts 4
 run "$BIN/lethectl" hosts list
 echo "(host-c's microcode 0x64 is older than host-a's 0x73; host-d's 0x80 is the newest)"
 

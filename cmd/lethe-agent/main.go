@@ -41,6 +41,8 @@ import (
 )
 
 type config struct {
+	// deprecated are the warnings of deprecated settings, logged at start.
+	deprecated                                  []string
 	host                                        string
 	nats                                        daemon.NATSClient
 	dev                                         bool
@@ -113,7 +115,10 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.String(&c.configFile, "config", "LETHE_AGENT_CONFIG", "", "YAML configuration file whose keys are these flags' names; flags and environment variables override it")
 	fs.String(&c.host, "host", "LETHE_AGENT_HOST", hostname, "this host's name: letters, digits, '-', '_' (default the short host name)")
 	fs.String(&c.nats.URL, "nats-url", "LETHE_AGENT_NATS_URL", nats.DefaultURL, "NATS server URL")
-	c.nats.DeclareAuth(fs, "LETHE_AGENT_", "LETHE_AGENT_NATS_TLS_")
+	c.nats.DeclareAuth(fs, "LETHE_AGENT_NATS_", "LETHE_AGENT_NATS_TLS_")
+	for _, name := range []string{"creds", "nkey", "user", "password"} {
+		fs.Alias(name, "LETHE_AGENT_"+strings.ToUpper(name))
+	}
 	fs.Bool(&c.dev, "dev", "LETHE_AGENT_DEV", false, "development mode: allow NATS without authentication")
 	fs.String(&c.dataListen, "data-listen", "LETHE_AGENT_DATA_LISTEN", "127.0.0.1:0", "host:port of the data plane's listener for incoming migrations; port 0: one ephemeral port per migration")
 	fs.String(&c.dataAdvertise, "data-advertise", "LETHE_AGENT_DATA_ADVERTISE", "", "host or IP sources dial for the data plane; empty: the --data-listen host")
@@ -157,6 +162,7 @@ func parseFlags(args []string) (*config, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	c.deprecated = fs.Deprecations()
 	if err := agentapi.ValidName(c.host); err != nil {
 		return nil, fmt.Errorf("--host: %w", err)
 	}
@@ -235,6 +241,14 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	log.Info("Starting", "version", version.String("lethe-agent"))
+	daemon.LogDeprecations(log, c.deprecated)
+	// An in-process guest's memory is allocated and written at start: one larger than the
+	// host's available memory would fill it until the kernel killed the agent.
+	if avail, err := migagent.MemAvailable(); err == nil {
+		if err := checkGuestSizes(c.guests, avail); err != nil {
+			return err
+		}
+	}
 	if c.keybrokerPub == "" {
 		return errors.New("--keybroker-pub is required: the agent accepts keys only with grants signed by the keybroker's key")
 	}
@@ -259,13 +273,19 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	defer nc.Close()
-	n, err := migagent.New(migagent.Config{
-		Host: c.host, Conn: nc, Attester: att, KeybrokerKey: kbKey, Labels: c.labels, Region: c.region,
-		DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
-		Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, AllocatableBytes: c.allocatableBytes, NoAutoConverge: !c.workloadAutoConverge, Logger: log,
-		Libvirt: c.libvirt,
-		Metrics: newAgentMetrics(metrics),
+	n, err := cancellable(ctx, func() (*migagent.Node, error) {
+		return migagent.New(migagent.Config{
+			Host: c.host, Conn: nc, Attester: att, KeybrokerKey: kbKey, Labels: c.labels, Region: c.region,
+			DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
+			Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, AllocatableBytes: c.allocatableBytes, NoAutoConverge: !c.workloadAutoConverge, Logger: log,
+			Libvirt: c.libvirt,
+			Metrics: newAgentMetrics(metrics),
+		})
 	})
+	if err != nil && ctx.Err() != nil {
+		log.Info("Agent stopped while making its guests")
+		return nil
+	}
 	if err != nil {
 		return err
 	}

@@ -21,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -57,6 +58,8 @@ type config struct {
 	fleet                         broker.FleetConfig
 	rebalancePercent, maxAttempts int
 	otlpEndpoint                  string
+	// deprecated are the warnings of deprecated settings, logged at start.
+	deprecated []string
 }
 
 func main() {
@@ -98,12 +101,12 @@ Flags (each also an environment variable and a key of the --config file):
 		fs.PrintDefaults()
 	}
 	fs.String(&c.configFile, "config", "LETHE_BROKER_CONFIG", "", "YAML configuration file whose keys are these flags' names; flags and environment variables override it")
-	fs.String(&c.nats.URL, "nats-url", "LETHE_NATS_URL", "", "NATS server URL; empty with --dev runs an embedded server")
+	fs.String(&c.nats.URL, "nats-url", "LETHE_BROKER_NATS_URL", "", "NATS server URL; empty with --dev runs an embedded server (at --dev-listen, which it may not be given with)")
 	c.nats.DeclareAuth(fs, "LETHE_NATS_", "LETHE_NATS_TLS_")
 	fs.String(&c.store.Creds, "store-creds", "LETHE_BROKER_STORE_CREDS", "", "NATS credentials file of the broker's JetStream user (role broker-store)")
 	fs.String(&c.store.NKeySeed, "store-nkey", "LETHE_BROKER_STORE_NKEY", "", "NATS nkey seed file of the broker's JetStream user")
 	fs.String(&c.store.User, "store-user", "LETHE_BROKER_STORE_USER", "", "NATS user of the broker's JetStream connection; no --store-* credentials: JetStream shares the main connection")
-	fs.String(&c.store.Password, "store-password", "LETHE_BROKER_STORE_PASSWORD", "", "NATS password of --store-user")
+	fs.Secret(&c.store.Password, "store-password", "LETHE_BROKER_STORE_PASSWORD", "NATS password of --store-user")
 	fs.Bool(&c.dev, "dev", "LETHE_DEV", false, "development mode: allow NATS without authentication")
 	fs.String(&c.devListen, "dev-listen", "LETHE_DEV_LISTEN", "127.0.0.1:4222", "embedded NATS server address in dev mode")
 	fs.String(&c.devStore, "dev-store", "LETHE_DEV_STORE", "", "embedded JetStream store directory in dev mode; empty: a temporary directory")
@@ -121,13 +124,15 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Int(&c.streams, "streams", "LETHE_STREAMS", 0, "data-plane streams per transfer; 0: 4")
 	fs.Duration(&c.maxDowntime, "max-downtime", "LETHE_MAX_DOWNTIME", 0, "longest pause of a guest at cutover, which a tenant's policy may lower (spec.transport.maxDowntime); 0: the agents' own limits")
 	fs.Int(&c.replicas, "replicas", "LETHE_REPLICAS", 0, "JetStream replicas; 0: 1")
-	fs.Int(&c.maxAttempts, "max-attempts", "LETHE_MAX_ATTEMPTS", 0, "destinations one migration tries when the keybroker or a destination refuses the one placement chose; 0: 3, 1: never fall back")
-	fs.String(&c.placementOrder, "placement-order", "LETHE_PLACEMENT_ORDER", "tcb,memory", "how hosts that qualify for a guest are ranked, keys in order: tcb (TCB at least the source's first), memory (least committed first), guests (fewest first)")
-	fs.Int(&c.fleet.MaxParallel, "fleet-max-parallel", "LETHE_FLEET_MAX_PARALLEL", 0, "most migrations a fleet operation (drain, evacuate, rebalance) lets run across the cluster, counting all; 0: 5")
-	fs.Int(&c.fleet.PerSource, "fleet-per-source", "LETHE_FLEET_PER_SOURCE", 0, "most migrations a fleet operation lets run out of one host; 0: 2")
-	fs.Int(&c.fleet.PerDestination, "fleet-per-destination", "LETHE_FLEET_PER_DESTINATION", 0, "most migrations a fleet operation lets run into one host; 0: 2")
-	fs.Int(&c.rebalancePercent, "rebalance-threshold", "LETHE_REBALANCE_THRESHOLD", 0, "percentage of a host's allocatable memory a rebalance brings its committed memory under; 0: 80")
-	fs.String(&c.otlpEndpoint, "otlp-endpoint", "LETHE_OTLP_ENDPOINT", "", "OTLP/HTTP collector (host:port, or an http:// or https:// URL) receiving a span per phase of each migration this broker moves, in the migration's trace (docs/deploying.md); empty: no tracing")
+	fs.Int(&c.maxAttempts, "max-attempts", "LETHE_BROKER_MAX_ATTEMPTS", 0, "destinations one migration tries when the keybroker or a destination refuses the one placement chose; 0: 3, 1: never fall back")
+	fs.String(&c.placementOrder, "placement-order", "LETHE_BROKER_PLACEMENT_ORDER", "tcb,memory", "how hosts that qualify for a guest are ranked, keys in order: tcb (TCB at least the source's first), memory (least committed first), guests (fewest first)")
+	fs.Int(&c.fleet.MaxParallel, "fleet-max-parallel", "LETHE_BROKER_FLEET_MAX_PARALLEL", 0, "most migrations a fleet operation (drain, evacuate, rebalance) lets run across the cluster, counting all; 0: 5")
+	fs.Int(&c.fleet.PerSource, "fleet-per-source", "LETHE_BROKER_FLEET_PER_SOURCE", 0, "most migrations a fleet operation lets run out of one host; 0: 2")
+	fs.Int(&c.fleet.PerDestination, "fleet-per-destination", "LETHE_BROKER_FLEET_PER_DESTINATION", 0, "most migrations a fleet operation lets run into one host; 0: 2")
+	fs.Int(&c.rebalancePercent, "rebalance-threshold", "LETHE_BROKER_REBALANCE_THRESHOLD", 0, "percentage of a host's allocatable memory a rebalance brings its committed memory under; 0: 80")
+	fs.String(&c.otlpEndpoint, "otlp-endpoint", "LETHE_BROKER_OTLP_ENDPOINT", "", "OTLP/HTTP collector (host:port, or an http:// or https:// URL) receiving a span per phase of each migration this broker moves, in the migration's trace (docs/deploying.md); empty: no tracing")
+	// Every variable is the broker's own, LETHE_BROKER_…; LETHE_NATS_URL is lethectl's.
+	fs.Namespace("LETHE_BROKER_", "LETHE_NATS_URL")
 	return fs
 }
 
@@ -147,6 +152,10 @@ func parseFlags(args []string) (*config, error) {
 	if !c.dev && c.nats.URL == "" {
 		return nil, errors.New("--nats-url is required (or --dev for an embedded server)")
 	}
+	if c.nats.URL != "" && (fs.IsSet("dev-listen") || fs.IsSet("dev-store")) {
+		return nil, errors.New("--dev-listen and --dev-store configure the embedded NATS server, which --nats-url replaces: give one or the other")
+	}
+	c.deprecated = fs.Deprecations()
 	if err := daemon.CheckLogFlags(c.logFormat, c.logLevel); err != nil {
 		return nil, err
 	}
@@ -174,6 +183,7 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	log.Info("Starting", "version", version.String("lethe-broker"))
+	daemon.LogDeprecations(log, c.deprecated)
 	metrics := daemon.NewMetrics()
 	tracer, stopTracing, err := trace.Open(ctx, c.otlpEndpoint, "lethe-broker", version.Version, "github.com/lethe-cc/lethe/broker")
 	if err != nil {
@@ -297,6 +307,13 @@ func startDevServer(c *config, log *slog.Logger) (*server.Server, error) {
 		return nil, err
 	}
 	opts.NoSigs = true
+	// The server fails to listen only in its log, which is off: try the address first, so
+	// that a busy port is named rather than reported as a server that never got ready.
+	ln, err := net.Listen("tcp", c.devListen)
+	if err != nil {
+		return nil, fmt.Errorf("starting the embedded NATS server: %w", err)
+	}
+	ln.Close()
 	ns, err := server.NewServer(opts)
 	if err != nil {
 		return nil, fmt.Errorf("creating embedded NATS server: %w", err)

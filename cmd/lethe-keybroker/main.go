@@ -12,12 +12,13 @@
 // Settings come from flags, environment variables and a YAML configuration file (--config),
 // in that order of precedence; docs/configuration.md lists them. With --metrics-listen it
 // serves Prometheus metrics, /healthz and /readyz (ready: NATS connected, Vault unsealed and
-// reachable, the service started). On SIGTERM it stops taking requests and lets every request
-// in progress finish, so that no key release stops half-way; pending destructions stay
-// journaled under --state-dir for the next start.
+// reachable with its Transit and KV mounts, the service started). On SIGTERM it stops taking
+// requests and lets every request in progress finish, so that no key release stops half-way;
+// pending destructions stay journaled under --state-dir for the next start.
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
@@ -48,8 +49,10 @@ import (
 )
 
 type config struct {
-	nats daemon.NATSClient
-	dev  bool
+	// deprecated are the warnings of deprecated settings, logged at start.
+	deprecated []string
+	nats       daemon.NATSClient
+	dev        bool
 
 	vaultAddr, vaultTokenFile          string
 	vaultCACert                        string
@@ -103,7 +106,7 @@ func (l *listFlag) Set(v string) error {
 func newFlagSet(c *config) *daemon.Flags {
 	fs := daemon.NewFlags("lethe-keybroker")
 	fs.String(&c.configFile, "config", "LETHE_KEYBROKER_CONFIG", "", "YAML configuration file whose keys are these flags' names; flags and environment variables override it")
-	fs.String(&c.nats.URL, "nats-url", "LETHE_NATS_URL", nats.DefaultURL, "NATS server URL")
+	fs.String(&c.nats.URL, "nats-url", "LETHE_KEYBROKER_NATS_URL", nats.DefaultURL, "NATS server URL")
 	c.nats.DeclareAuth(fs, "LETHE_NATS_", "LETHE_NATS_TLS_")
 	fs.Bool(&c.dev, "dev", "LETHE_DEV", false, "development mode: allow NATS without authentication")
 	fs.String(&c.vaultAddr, "vault-addr", "LETHE_VAULT_ADDR", "", "Vault address (default $VAULT_ADDR)")
@@ -129,8 +132,10 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.String(&c.logOrigin, "log-origin", "LETHE_KEYBROKER_LOG_ORIGIN", keybroker.DefaultLogOrigin, "the residency log's name in its checkpoints (no spaces or '+'), which tenants verify with the receipt-signing key; keybrokers on one Vault must share it")
 	fs.List((*listFlag)(&c.logWitnesses), "log-witness", "LETHE_KEYBROKER_LOG_WITNESS", strings.Fields, "verifier key of a witness whose cosignatures of the residency log's checkpoints are kept (lethectl log witness keygen prints it); repeatable (space-separated)")
 	fs.String(&c.metricsListen, "metrics-listen", "LETHE_KEYBROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
-	fs.String(&c.otlpEndpoint, "otlp-endpoint", "LETHE_OTLP_ENDPOINT", "", "OTLP/HTTP collector (host:port, or an http:// or https:// URL) receiving a span per release and destruction, in the migration's trace (docs/deploying.md); empty: no tracing")
+	fs.String(&c.otlpEndpoint, "otlp-endpoint", "LETHE_KEYBROKER_OTLP_ENDPOINT", "", "OTLP/HTTP collector (host:port, or an http:// or https:// URL) receiving a span per release and destruction, in the migration's trace (docs/deploying.md); empty: no tracing")
 	fs.String(&c.exportPub, "export-pub", "", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
+	// Every variable is the keybroker's own, LETHE_KEYBROKER_…; LETHE_NATS_URL is lethectl's.
+	fs.Namespace("LETHE_KEYBROKER_", "LETHE_NATS_URL")
 	return fs
 }
 
@@ -144,6 +149,7 @@ func parseFlags(args []string) (*config, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	c.deprecated = fs.Deprecations()
 	if err := daemon.CheckLogFlags(c.logFormat, c.logLevel); err != nil {
 		return nil, err
 	}
@@ -192,6 +198,7 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	log.Info("Starting", "version", version.String("lethe-keybroker"))
+	daemon.LogDeprecations(log, c.deprecated)
 	metrics := daemon.NewMetrics()
 	kbMetrics := newKeybrokerMetrics(metrics)
 	tracer, stopTracing, err := trace.Open(ctx, c.otlpEndpoint, "lethe-keybroker", version.Version, "github.com/lethe-cc/lethe/keybroker")
@@ -242,7 +249,7 @@ func run(ctx context.Context, c *config) error {
 		Registry: metrics.Registry,
 		Checks: []daemon.Check{
 			daemon.NATSConnected(nc),
-			{Name: "vault", Func: func(ctx context.Context) error { return vaultReady(ctx, vc) }},
+			{Name: "vault", Func: func(ctx context.Context) error { return vaultReady(ctx, vc, c.transitMount, c.kvMount) }},
 			daemon.Started("service", svc.Started()),
 		},
 		Warnings: verifierWarnings(c),
@@ -255,8 +262,10 @@ func run(ctx context.Context, c *config) error {
 	return g.Wait()
 }
 
-// vaultReady reports whether Vault answers, initialized and unsealed.
-func vaultReady(ctx context.Context, vc *api.Client) error {
+// vaultReady reports whether Vault answers, initialized and unsealed, with the Transit
+// mount transit and the KV version 2 mount kv (empty: the keybroker's defaults) in place:
+// the error names a missing or mistyped mount and how to enable it.
+func vaultReady(ctx context.Context, vc *api.Client, transit, kv string) error {
 	h, err := vc.Sys().HealthWithContext(ctx)
 	if err != nil {
 		return fmt.Errorf("checking Vault health: %w", err)
@@ -266,6 +275,40 @@ func vaultReady(ctx context.Context, vc *api.Client) error {
 		return errors.New("vault is not initialized")
 	case h.Sealed:
 		return errors.New("vault is sealed")
+	}
+	return errors.Join(
+		checkMount(ctx, vc, cmp.Or(transit, "transit"), "transit", ""),
+		checkMount(ctx, vc, cmp.Or(kv, "lethe"), "kv", "2"),
+	)
+}
+
+// checkMount returns an error unless Vault has a secrets engine of type typ (and, for kv,
+// options version) mounted at path. It asks sys/internal/ui/mounts, which answers any token
+// with a capability under the mount, as the keybroker's has.
+func checkMount(ctx context.Context, vc *api.Client, path, typ, version string) error {
+	enable := fmt.Sprintf("vault secrets enable -path=%s %s", path, typ)
+	if version != "" {
+		enable = fmt.Sprintf("vault secrets enable -path=%s %s-v%s", path, typ, version)
+	}
+	s, err := vc.Logical().ReadWithContext(ctx, "sys/internal/ui/mounts/"+path)
+	if err != nil || s == nil || s.Data == nil {
+		if re, ok := errors.AsType[*api.ResponseError](err); err == nil || ok && re.StatusCode < 500 {
+			return fmt.Errorf("vault has no %s mount at %s/ (%s)", typ, path, enable)
+		}
+		return fmt.Errorf("checking Vault mount %s/: %w", path, err)
+	}
+	got, _ := s.Data["type"].(string)
+	opts, _ := s.Data["options"].(map[string]any)
+	gotVersion, _ := opts["version"].(string)
+	if got != typ || version != "" && gotVersion != version {
+		if got == "kv" {
+			got += " v" + cmp.Or(gotVersion, "1")
+		}
+		want := typ
+		if version != "" {
+			want += " v" + version
+		}
+		return fmt.Errorf("vault mount %s/ is %s, want %s (%s)", path, got, want, enable)
 	}
 	return nil
 }

@@ -4,11 +4,9 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strconv"
 	"text/tabwriter"
 	"time"
@@ -24,27 +22,27 @@ import (
 
 // brokerOpts are the settings of commands that call the broker. Precedence: flags, then
 // environment (LETHE_NATS_URL, LETHE_NATS_CREDS, LETHE_NATS_USER, LETHE_NATS_PASSWORD,
-// LETHE_TENANT), then the config file (--config, LETHECTL_CONFIG, or
-// $XDG_CONFIG_HOME/lethe/lethectl.json), then defaults.
+// LETHE_TENANT), then the config file (--config, LETHE_CONFIG, or
+// $XDG_CONFIG_HOME/lethe/lethectl.yaml; see configFile), then defaults.
 type brokerOpts struct {
 	config   string
-	URL      string `json:"natsUrl"`
-	Creds    string `json:"creds"`
-	User     string `json:"user"`
-	Password string `json:"password"`
+	URL      string
+	Creds    string
+	User     string
+	Password string
 	// Tenant is the tenant to act as; empty acts as an operator.
-	Tenant  string        `json:"tenant"`
-	Timeout time.Duration `json:"-"`
+	Tenant  string
+	Timeout time.Duration
 	output  string
 }
 
 // addNATSFlags adds the config file and NATS connection flags every networked command has.
 func addNATSFlags(f *pflag.FlagSet, o *brokerOpts) {
-	f.StringVar(&o.config, "config", "", "config file (env LETHECTL_CONFIG; default $XDG_CONFIG_HOME/lethe/lethectl.json)")
+	f.StringVar(&o.config, "config", "", "YAML config file whose keys are these flags' names (env LETHE_CONFIG; default $XDG_CONFIG_HOME/lethe/lethectl.yaml)")
 	f.StringVar(&o.URL, "nats-url", "", "NATS server URL (env LETHE_NATS_URL; default nats://127.0.0.1:4222)")
 	f.StringVar(&o.Creds, "creds", "", "NATS credentials file (env LETHE_NATS_CREDS)")
 	f.StringVar(&o.User, "user", "", "NATS user (env LETHE_NATS_USER)")
-	f.StringVar(&o.Password, "password", "", "NATS password (env LETHE_NATS_PASSWORD)")
+	f.StringVar(&o.Password, "password", "", "NATS password (env LETHE_NATS_PASSWORD, or LETHE_NATS_PASSWORD_FILE naming a file that holds it)")
 }
 
 func addBrokerFlags(cmd *cobra.Command, o *brokerOpts, read bool) {
@@ -62,27 +60,10 @@ func (o *brokerOpts) resolve() error {
 	if o.output != "text" && o.output != "json" && o.output != "" {
 		return fmt.Errorf("--output %q: want text or json", o.output)
 	}
-	path := o.config
-	if path == "" {
-		path = os.Getenv("LETHECTL_CONFIG")
-	}
-	explicit := path != ""
-	if path == "" {
-		if dir, err := os.UserConfigDir(); err == nil {
-			path = filepath.Join(dir, "lethe", "lethectl.json")
-		}
-	}
-	var file brokerOpts
-	if path != "" {
-		data, err := os.ReadFile(path)
-		switch {
-		case err == nil:
-			if err := json.Unmarshal(data, &file); err != nil {
-				return fmt.Errorf("reading config %s: %w", path, err)
-			}
-		case explicit || !errors.Is(err, os.ErrNotExist):
-			return fmt.Errorf("reading config: %w", err)
-		}
+	path, named := configPath(o.config, os.Stderr)
+	file, err := readConfigFile(path, named, os.Stderr)
+	if err != nil {
+		return err
 	}
 	pick := func(flag *string, env, fromFile, def string) {
 		if *flag != "" {
@@ -96,10 +77,16 @@ func (o *brokerOpts) resolve() error {
 			*flag = def
 		}
 	}
-	pick(&o.URL, "LETHE_NATS_URL", file.URL, nats.DefaultURL)
+	pick(&o.URL, "LETHE_NATS_URL", file.NATSURL, nats.DefaultURL)
 	pick(&o.Creds, "LETHE_NATS_CREDS", file.Creds, "")
 	pick(&o.User, "LETHE_NATS_USER", file.User, "")
-	pick(&o.Password, "LETHE_NATS_PASSWORD", file.Password, "")
+	if o.Password == "" {
+		pw, err := envSecret("LETHE_NATS_PASSWORD")
+		if err != nil {
+			return err
+		}
+		o.Password = cmp.Or(pw, file.Password)
+	}
 	pick(&o.Tenant, "LETHE_TENANT", file.Tenant, "")
 	return nil
 }

@@ -36,6 +36,7 @@ func (f *Flags) Parse(args []string) error {
 	if err != nil {
 		return err
 	}
+	f.set = set
 	cf := f.Lookup(ConfigFlag)
 	if cf == nil || cf.Value.String() == "" {
 		return nil
@@ -111,6 +112,7 @@ func (f *Flags) apply(file string, data []byte, set map[string]bool) error {
 		return errors.Join(errs...)
 	}
 	for _, s := range todo {
+		set[s.Key] = true
 		for _, v := range s.Values {
 			if err := f.Set(s.Key, v.Text); err != nil {
 				errs = append(errs, fail(file, v.Position, s.Key, "invalid value %q: %v", v.Text, err))

@@ -13,7 +13,11 @@
 // did not set from its environment variable, then every flag that neither set from the file
 // named by the flag "config", so the precedence is flag > environment > file > built-in
 // default. An environment variable set to the empty string counts as unset; one whose value
-// its flag refuses is an error that names it. [Reference] makes the table of a daemon's
+// its flag refuses is an error that names it. Each daemon's variables are under its own
+// prefix ([Flags.Namespace]: LETHE_BROKER_, LETHE_KEYBROKER_, LETHE_AGENT_); a renamed
+// variable stays readable as an alias ([Flags.Alias]) and [Flags.Deprecations] says so once
+// at start. A secret ([Flags.Secret]) can instead come from the file its variable's _FILE
+// twin names. [Reference] makes the table of a daemon's
 // settings that docs/configuration.md holds.
 //
 // The file is one YAML mapping whose keys are exactly the flag names (without dashes in

@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -17,6 +19,10 @@ import (
 type Flags struct {
 	*flag.FlagSet
 	settings map[string]setting
+	// deprecated lists the deprecated environment variables Parse read, one warning each.
+	deprecated []string
+	// set holds the flags the command line, the environment or the file set, after Parse.
+	set map[string]bool
 }
 
 // setting is what Flags knows of a flag beyond the FlagSet.
@@ -26,6 +32,10 @@ type setting struct {
 	usage string
 	// split, for a repeatable flag, cuts its environment variable into values; nil for others.
 	split func(string) []string
+	// aliases are former names of env, still read (after env) with a deprecation warning.
+	aliases []string
+	// secret: env+"_FILE" names a file holding the value (for passwords and tokens).
+	secret bool
 }
 
 // NewFlags returns the empty settings of the daemon name. Its FlagSet returns errors (so that
@@ -38,9 +48,20 @@ func NewFlags(name string) *Flags {
 // the end of its usage, as the help shows it.
 func (f *Flags) declare(name, env, usage string, split func(string) []string) {
 	f.settings[name] = setting{env: env, usage: usage, split: split}
-	if env != "" {
-		f.Lookup(name).Usage = usage + " (env " + env + ")"
+	f.note(name)
+}
+
+// note puts the environment note at the end of the usage of the flag name.
+func (f *Flags) note(name string) {
+	s := f.settings[name]
+	if s.env == "" {
+		return
 	}
+	n := s.env
+	if s.secret {
+		n += " or " + s.env + "_FILE"
+	}
+	f.Lookup(name).Usage = s.usage + " (env " + n + ")"
 }
 
 // String declares a string setting: the flag name, the environment variable env ("" for the
@@ -73,6 +94,63 @@ func (f *Flags) Duration(p *time.Duration, name, env string, def time.Duration, 
 	f.DurationVar(p, name, def, usage)
 	f.declare(name, env, usage, nil)
 }
+
+// Secret declares a string setting that holds a secret (a password): besides env, the
+// variable env+"_FILE" names a file whose contents, without a trailing newline, are the
+// value, so that the secret need not be in the environment (systemd credentials, Docker and
+// Kubernetes secrets). See String.
+func (f *Flags) Secret(p *string, name, env, usage string) {
+	f.String(p, name, env, "", usage)
+	s := f.settings[name]
+	s.secret = env != ""
+	f.settings[name] = s
+	f.note(name)
+}
+
+// Alias makes old, a former environment variable of the flag name, still set it when the
+// current one is unset; Parse records a deprecation warning (Deprecations) when it does.
+// It panics if name is not a setting with an environment variable: a programming error.
+func (f *Flags) Alias(name, old string) {
+	s, ok := f.settings[name]
+	if !ok || s.env == "" {
+		panic("daemon: alias of " + name + ", which has no environment variable")
+	}
+	s.aliases = append(s.aliases, old)
+	f.settings[name] = s
+}
+
+// Namespace renames the environment variable of every setting that is not under prefix
+// (such as "LETHE_BROKER_") to prefix followed by its name without "LETHE_", so that
+// LETHE_LEASE becomes LETHE_BROKER_LEASE, and keeps the former name as an alias (Alias)
+// unless it is one of retired, which are no longer read at all (LETHE_NATS_URL is lethectl's:
+// a daemon that read it would follow a variable meant for the CLI). Call it after declaring
+// every setting.
+func (f *Flags) Namespace(prefix string, retired ...string) {
+	for name, s := range f.settings {
+		if s.env == "" || strings.HasPrefix(s.env, prefix) {
+			continue
+		}
+		old := s.env
+		s.env = prefix + strings.TrimPrefix(old, "LETHE_")
+		if !slices.Contains(retired, old) {
+			s.aliases = append(s.aliases, old)
+		}
+		f.settings[name] = s
+		f.note(name)
+	}
+}
+
+// Aliases returns the deprecated environment variables of the flag name, which Parse still
+// reads.
+func (f *Flags) Aliases(name string) []string { return slices.Clone(f.settings[name].aliases) }
+
+// Deprecations returns a warning per deprecated environment variable Parse read, naming its
+// replacement, for the daemon to log once at start.
+func (f *Flags) Deprecations() []string { return slices.Clone(f.deprecated) }
+
+// IsSet reports whether the command line, the environment or the configuration file set the
+// flag name (as opposed to its default), after Parse.
+func (f *Flags) IsSet(name string) bool { return f.set[name] }
 
 // List declares a repeatable setting: v collects the values of the repeated flag, of the
 // list the configuration file gives, or of its environment variable cut by split (such as
@@ -113,7 +191,11 @@ func (f *Flags) applyEnv() (map[string]bool, error) {
 		if set[fl.Name] || s.env == "" {
 			return
 		}
-		v := os.Getenv(s.env)
+		v, from, err := f.lookupEnv(s)
+		if err != nil {
+			errs = append(errs, err)
+			return
+		}
 		if v == "" {
 			return
 		}
@@ -124,7 +206,10 @@ func (f *Flags) applyEnv() (map[string]bool, error) {
 		}
 		for _, x := range values {
 			if err := f.Set(fl.Name, x); err != nil {
-				errs = append(errs, fmt.Errorf("environment variable %s: invalid value %q: %w", s.env, x, err))
+				if s.secret {
+					x = "(hidden)" // never print a secret
+				}
+				errs = append(errs, fmt.Errorf("environment variable %s: invalid value %q: %w", from, x, err))
 				return
 			}
 		}
@@ -133,4 +218,35 @@ func (f *Flags) applyEnv() (map[string]bool, error) {
 		return nil, errors.Join(errs...)
 	}
 	return set, nil
+}
+
+// lookupEnv returns the value of the setting s from the environment and the variable it came
+// from: its variable, else (for a secret) the file its _FILE variable names, else its first
+// alias that is set, recording a deprecation warning. Both a secret's variable and its
+// _FILE variable set is an error, as is a _FILE variable whose file cannot be read.
+func (f *Flags) lookupEnv(s setting) (value, from string, err error) {
+	v := os.Getenv(s.env)
+	if s.secret {
+		file := os.Getenv(s.env + "_FILE")
+		switch {
+		case file != "" && v != "":
+			return "", "", fmt.Errorf("environment variables %s and %s_FILE are both set: give one", s.env, s.env)
+		case file != "":
+			data, err := os.ReadFile(file)
+			if err != nil {
+				return "", "", fmt.Errorf("environment variable %s_FILE: reading the secret: %w", s.env, err)
+			}
+			return strings.TrimRight(string(data), "\r\n"), s.env + "_FILE", nil
+		}
+	}
+	if v != "" {
+		return v, s.env, nil
+	}
+	for _, old := range s.aliases {
+		if v := os.Getenv(old); v != "" {
+			f.deprecated = append(f.deprecated, fmt.Sprintf("environment variable %s is deprecated: use %s", old, s.env))
+			return v, old, nil
+		}
+	}
+	return "", "", nil
 }

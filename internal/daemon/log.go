@@ -35,3 +35,10 @@ func CheckLogFlags(format, level string) error {
 	_, err := NewLogger(io.Discard, format, level)
 	return err
 }
+
+// LogDeprecations logs each of warnings (Flags.Deprecations) once, at start.
+func LogDeprecations(log *slog.Logger, warnings []string) {
+	for _, w := range warnings {
+		log.Warn("Deprecated setting", "warning", w)
+	}
+}

@@ -24,13 +24,13 @@ type NATSClient struct {
 
 // DeclareAuth declares on fs the settings of c's authentication and TLS, the same in every
 // daemon: --creds, --nkey, --user, --password, read from the environment variables
-// authEnv+"CREDS", "NKEY", "USER", "PASSWORD", and --nats-tls-ca, --nats-tls-cert,
+// authEnv+"CREDS", "NKEY", "USER", "PASSWORD" (or the file "PASSWORD_FILE" names), and --nats-tls-ca, --nats-tls-cert,
 // --nats-tls-key from tlsEnv+"CA", "CERT", "KEY".
 func (c *NATSClient) DeclareAuth(fs *Flags, authEnv, tlsEnv string) {
 	fs.String(&c.Creds, "creds", authEnv+"CREDS", "", "NATS credentials file")
 	fs.String(&c.NKeySeed, "nkey", authEnv+"NKEY", "", "NATS nkey seed file")
 	fs.String(&c.User, "user", authEnv+"USER", "", "NATS user")
-	fs.String(&c.Password, "password", authEnv+"PASSWORD", "", "NATS password")
+	fs.Secret(&c.Password, "password", authEnv+"PASSWORD", "NATS password")
 	fs.String(&c.TLS.CA, "nats-tls-ca", tlsEnv+"CA", "", "CA certificate (PEM) that verifies the NATS server; empty: the system roots")
 	fs.String(&c.TLS.Cert, "nats-tls-cert", tlsEnv+"CERT", "", "client certificate (PEM) for NATS servers that verify clients")
 	fs.String(&c.TLS.Key, "nats-tls-key", tlsEnv+"KEY", "", "private key (PEM) of --nats-tls-cert")

@@ -21,6 +21,12 @@ func Reference(f *Flags, defaults map[string]string) string {
 		env := "—"
 		if e := f.EnvVar(fl.Name); e != "" {
 			env = "`" + e + "`"
+			if f.settings[fl.Name].secret {
+				env += " or `" + e + "_FILE`"
+			}
+			if a := f.Aliases(fl.Name); len(a) > 0 {
+				env += " (formerly `" + strings.Join(a, "`, `") + "`)"
+			}
 		}
 		if fl.Name == ConfigFlag || f.EnvVar(fl.Name) == "" {
 			key = "`--" + fl.Name + "` (command line only)"
