@@ -225,6 +225,7 @@ func TestHistoryBundle(t *testing.T) {
 	good := historyBundle{History: res.History, Consistency: rec.proof}
 	t.Setenv("LETHE_TENANT", "")
 	t.Setenv("LETHECTL_CONFIG", "")
+	t.Setenv("LETHE_CONFIG", "")
 	t.Setenv("XDG_CONFIG_HOME", dir)
 	args := func(bundle string) []string {
 		return []string{"guests", "history", "web", "--pub", pub, "--pinned", pinned, "--from-bundle", bundle}
@@ -471,6 +472,7 @@ func TestLogOverNATS(t *testing.T) {
 	dir := t.TempDir()
 	t.Setenv("XDG_CONFIG_HOME", dir)
 	t.Setenv("LETHECTL_CONFIG", "")
+	t.Setenv("LETHE_CONFIG", "")
 	t.Setenv("LETHE_TENANT", "")
 	key := filepath.Join(dir, "witness.key")
 	out, errOut, code := runLethectl(t, "log", "witness", "keygen", "--name", "w.example", "--out", key, "-o", "json")
@@ -586,6 +588,7 @@ func TestProveConsistencySplitView(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("LETHECTL_CONFIG", "")
+	t.Setenv("LETHE_CONFIG", "")
 	t.Setenv("XDG_CONFIG_HOME", dir)
 	out, errOut, code := runLethectl(t, "log", "prove-consistency", a, a, "--pub", pub, "--nats-url", "nats://127.0.0.1:1")
 	if code != 0 || !strings.Contains(out, "CONSISTENT: the log of size 4 extends the log of size 4") {

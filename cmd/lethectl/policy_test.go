@@ -197,6 +197,7 @@ func TestPolicyTestEmulated(t *testing.T) {
 func TestPolicyApplyAnswersUpFront(t *testing.T) {
 	dir := t.TempDir()
 	t.Setenv("LETHECTL_CONFIG", "")
+	t.Setenv("LETHE_CONFIG", "")
 	t.Setenv("XDG_CONFIG_HOME", dir)
 	t.Setenv("LETHE_TENANT", "")
 	keys := filepath.Join(dir, "keys")

@@ -30,6 +30,7 @@ func TestTenantRegisterOverNATS(t *testing.T) {
 	dir := t.TempDir()
 	t.Setenv("XDG_CONFIG_HOME", dir)
 	t.Setenv("LETHECTL_CONFIG", "")
+	t.Setenv("LETHE_CONFIG", "")
 	t.Setenv("LETHE_ADMIN_KEY", "")
 	t.Setenv("LETHE_TENANT", "")
 	for _, k := range []string{"admin", "tenant", "recovery"} {
