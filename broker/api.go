@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -407,7 +408,7 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 	if err != nil {
 		return nil, err
 	}
-	id := newID("mig-")
+	id := cmp.Or(req.id, newID("mig-"))
 	if g.Migration != "" {
 		cur, _, err := getJSON[Migration](ctx, b.store.migrations, g.Migration)
 		switch {
@@ -417,6 +418,11 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 			return nil, err
 		}
 		// A finished or missing migration left the guest marked: take the mark over.
+	}
+	if req.ahead != nil {
+		if err := req.ahead(); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
 	}
 	g.Migration, g.Updated = id, now
 	if _, err := updateJSON(ctx, b.store.guests, key, g, grev); err != nil {

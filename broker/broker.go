@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"sync"
 	"time"
 
@@ -454,15 +455,11 @@ func (b *Broker) noteActive(m *Migration) {
 	b.activeMu.Unlock()
 }
 
-// activeMigrations returns the snapshot of the migrations in flight.
-func (b *Broker) activeMigrations() []activeMigration {
+// activeMigrations returns the snapshot of the migrations in flight, by id.
+func (b *Broker) activeMigrations() map[string]activeMigration {
 	b.activeMu.Lock()
 	defer b.activeMu.Unlock()
-	out := make([]activeMigration, 0, len(b.active))
-	for _, m := range b.active {
-		out = append(out, m)
-	}
-	return out
+	return maps.Clone(b.active)
 }
 
 // drive starts a driver for migration id, or wakes the one already running.

@@ -215,7 +215,8 @@ func (b *Broker) settleItems(ctx context.Context, op *FleetOp) error {
 		}
 		m, _, err := getJSON[Migration](ctx, b.store.migrations, it.Migration)
 		if errors.Is(err, ErrNotFound) {
-			ends[i] = end{status: ItemFailed, reason: "migration record gone", at: b.now()}
+			// Named ahead and never created: its broker stopped in between.
+			ends[i] = end{status: ItemWaiting}
 			continue
 		}
 		if err != nil {
@@ -239,7 +240,11 @@ func (b *Broker) settleItems(ctx context.Context, op *FleetOp) error {
 	_, err := b.updateOp(ctx, op.ID, true, func(cur *FleetOp) bool {
 		for i, e := range ends {
 			it := &cur.Items[i]
-			if it.Status != ItemMigrating {
+			if it.Status != ItemMigrating || it.Migration != op.Items[i].Migration {
+				continue
+			}
+			if e.status == ItemWaiting {
+				it.Status, it.Migration, it.Started = ItemWaiting, "", time.Time{}
 				continue
 			}
 			it.Status, it.Outcome, it.Reason, it.Ended = e.status, e.outcome, e.reason, e.at
@@ -276,6 +281,13 @@ func (b *Broker) startItems(ctx context.Context, op *FleetOp) error {
 	if err != nil {
 		return err
 	}
+	// The operation's record is the authority on its own migrations: one the snapshot lacks
+	// (a listing of the bucket can miss a record written while it reads) still counts.
+	for _, it := range op.Items {
+		if it.Status == ItemMigrating && it.To != "" && !v.ids[it.Migration] {
+			v.add(it.From, it.To, it.MemoryBytes)
+		}
+	}
 	l := op.Limits
 	migrating := op.Counts().Migrating
 	for i, it := range op.Items {
@@ -297,31 +309,37 @@ func (b *Broker) startItems(ctx context.Context, op *FleetOp) error {
 		if it.To != "" && exclude[it.To] != "" {
 			continue
 		}
-		st, mig, reason := b.startItem(ctx, op, &it, placeOpts{exclude: exclude, minTCB: op.MinTCB})
-		switch {
-		case st == ItemWaiting && reason == "":
-			continue
-		case st == ItemStuck && (len(exclude) > 0 || migrating > 0):
+		st, mig, ahead, reason := b.startItem(ctx, op, i, &it, placeOpts{exclude: exclude, minTCB: op.MinTCB})
+		if st == ItemStuck && (len(exclude) > 0 || migrating > 0) {
 			// A host may be ruled out only for the moment (its incoming limit, memory that
 			// a guest in flight will free): try again when something ends.
+			st, reason = ItemWaiting, ""
+		}
+		if st == ItemWaiting && ahead == "" {
 			continue
 		}
 		now := b.now()
 		if _, err := b.updateOp(ctx, op.ID, true, func(cur *FleetOp) bool {
 			c := &cur.Items[i]
-			if c.Status != ItemWaiting {
+			if c.Status != ItemWaiting && (c.Status != ItemMigrating || c.Migration != ahead) {
 				return false
 			}
 			c.Status, c.Reason = st, itemReason(reason, len(cur.Items))
-			if mig != nil {
+			switch {
+			case mig != nil:
 				c.Migration, c.To, c.Started = mig.ID, mig.Destination, now
-			} else {
-				c.Ended = now
+			case st == ItemWaiting:
+				c.Migration, c.Started = "", time.Time{}
+			default:
+				c.Migration, c.Ended = "", now
 				b.cfg.Metrics.FleetGuest(string(cur.Kind), string(st), 0)
 			}
 			return true
 		}); err != nil {
 			return err
+		}
+		if st == ItemWaiting {
+			continue
 		}
 		if mig != nil {
 			migrating++
@@ -334,46 +352,68 @@ func (b *Broker) startItems(ctx context.Context, op *FleetOp) error {
 	return nil
 }
 
-// startItem starts the migration of one waiting guest. It returns the guest's new status:
-// migrating with its migration; waiting with no reason to try again later; or stuck,
-// failed or skipped with why.
-func (b *Broker) startItem(ctx context.Context, op *FleetOp, it *FleetItem, o placeOpts) (FleetItemStatus, *Migration, string) {
+// startItem starts the migration of waiting guest i of op. It returns the guest's new
+// status: migrating with its migration; waiting with no reason, to try again later; or
+// stuck, failed or skipped with why. ahead is the id the item was recorded with before the
+// migration was created (empty if it got that far): the operation names its migration
+// before the migration exists, so that a broker that takes the operation over after a crash
+// finds it, even ended (the guest's record forgets a migration once it ends); settleItems
+// puts an item back to waiting whose migration was never created.
+func (b *Broker) startItem(ctx context.Context, op *FleetOp, i int, it *FleetItem, o placeOpts) (st FleetItemStatus, m *Migration, ahead, why string) {
 	g, _, err := getJSON[Guest](ctx, b.store.guests, GuestKey(it.Tenant, it.VM))
 	switch {
 	case errors.Is(err, ErrNotFound):
-		return ItemSkipped, nil, "the guest is no longer adopted"
+		return ItemSkipped, nil, "", "the guest is no longer adopted"
 	case err != nil:
-		return ItemWaiting, nil, ""
+		return ItemWaiting, nil, "", ""
 	}
 	if g.Migration != "" {
 		m, _, err := getJSON[Migration](ctx, b.store.migrations, g.Migration)
 		switch {
 		case err != nil && !errors.Is(err, ErrNotFound):
-			return ItemWaiting, nil, ""
-		case err == nil && !m.Phase.Terminal() && strings.HasSuffix(m.RequestedBy, viaOp(op.ID)):
-			return ItemMigrating, m, "" // started by this operation, before a broker stopped
+			return ItemWaiting, nil, "", ""
 		case err == nil && !m.Phase.Terminal():
-			return ItemWaiting, nil, "" // someone else moves it: see where it ends
+			return ItemWaiting, nil, "", "" // someone else moves it: see where it ends
 		}
 	}
 	if g.Host != it.From {
-		return ItemSkipped, nil, "the guest moved to " + g.Host + " meanwhile"
+		return ItemSkipped, nil, "", "the guest moved to " + g.Host + " meanwhile"
 	}
+	id := newID("mig-")
 	resp, err := b.createMigration(ctx, b.runCtx(), Caller{}, &CreateMigrationRequest{
-		Tenant: it.Tenant, VM: it.VM, Destination: it.To, place: o, operation: op.ID,
+		Tenant: it.Tenant, VM: it.VM, Destination: it.To, place: o, operation: op.ID, id: id,
+		// Once placement found a host, and before anything is written of the migration.
+		ahead: func() error {
+			applied := false
+			_, err := b.updateOp(ctx, op.ID, true, func(cur *FleetOp) bool {
+				c := &cur.Items[i]
+				if applied = c.Status == ItemWaiting; applied {
+					c.Status, c.Migration, c.Started = ItemMigrating, id, b.now()
+				}
+				return applied
+			})
+			switch {
+			case err != nil:
+				return err
+			case !applied:
+				return errors.New("the operation's guest is no longer waiting")
+			}
+			ahead = id
+			return nil
+		},
 	})
 	switch {
 	case err == nil:
-		return ItemMigrating, resp.Migration, ""
+		return ItemMigrating, resp.Migration, ahead, ""
 	case errors.Is(err, errNoHost):
-		return ItemStuck, nil, err.Error()
+		return ItemStuck, nil, ahead, err.Error()
 	case errors.Is(err, ErrConflict), errors.Is(err, ErrUnavailable):
-		return ItemWaiting, nil, ""
+		return ItemWaiting, nil, ahead, ""
 	case errors.Is(err, ErrFailedPrecondition), errors.Is(err, ErrInvalid), errors.Is(err, ErrNotFound):
-		return ItemFailed, nil, err.Error()
+		return ItemFailed, nil, ahead, err.Error()
 	}
 	b.log.Warn("Starting a fleet operation's migration failed; retrying", "operation", op.ID, logKeyTenant, it.Tenant, logKeyVM, it.VM, logKeyError, err)
-	return ItemWaiting, nil, ""
+	return ItemWaiting, nil, ahead, ""
 }
 
 // itemReasonsBytes bounds the reasons a fleet operation records for its guests, all

@@ -30,9 +30,11 @@ import (
 //   - after the deadline no migration starts, and an abort aborts the migrations in flight
 //     that can still be aborted.
 //
-// Steps are idempotent. The operation's record is updated by compare-and-swap after every
-// migration started, and a migration carries the operation's id in RequestedBy, so that a
-// broker that takes over finds a migration its predecessor started but did not record.
+// Steps are idempotent. The operation's record is updated by compare-and-swap; it names each
+// migration before creating it (with the id it will have), so that a broker that takes over
+// finds every migration its predecessor started, even one that has ended since, and puts back
+// to waiting a guest whose migration was never created. A migration also carries the
+// operation's id in RequestedBy, for the record and for waking the operation when it ends.
 
 // maxFleetItems bounds the guests of one operation (the record must fit in a NATS message).
 const maxFleetItems = 2000

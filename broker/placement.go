@@ -64,6 +64,8 @@ type fleetView struct {
 	arriving           map[string]uint64
 	incoming, outgoing map[string]int
 	active             int
+	// ids are the migrations in flight counted.
+	ids map[string]bool
 	// leaving is the memory planned to leave each host (a rebalance's plan); it counts as
 	// free only in plans.
 	leaving map[string]uint64
@@ -83,7 +85,7 @@ func (b *Broker) newFleetView(ctx context.Context) (*fleetView, []*agentapi.Host
 	v := &fleetView{
 		hosts: map[string]*agentapi.HostRecord{}, states: map[string]*HostStateRecord{},
 		arriving: map[string]uint64{}, incoming: map[string]int{}, outgoing: map[string]int{},
-		leaving: map[string]uint64{},
+		leaving: map[string]uint64{}, ids: map[string]bool{},
 	}
 	for _, h := range hosts {
 		v.hosts[h.Host] = h
@@ -91,8 +93,9 @@ func (b *Broker) newFleetView(ctx context.Context) (*fleetView, []*agentapi.Host
 	for _, s := range states {
 		v.states[s.Host] = s
 	}
-	for _, m := range b.activeMigrations() {
+	for id, m := range b.activeMigrations() {
 		v.add(m.Source, m.Destination, m.MemoryBytes)
+		v.ids[id] = true
 	}
 	return v, hosts, nil
 }

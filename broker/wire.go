@@ -188,6 +188,11 @@ type CreateMigrationRequest struct {
 	// never set from the wire.
 	place     placeOpts
 	operation string
+	// id is the migration's id, chosen ahead by a fleet operation; empty: a new one. ahead,
+	// if set, is called once a destination is chosen and before the migration is recorded;
+	// its error ends the request.
+	id    string
+	ahead func() error
 }
 
 // CreateMigrationResponse is the new migration, or the verdicts of a dry run.
