@@ -42,7 +42,7 @@ func TestAuditorReadsOperatorActions(t *testing.T) {
 	}
 
 	auditor, errs := connectAs(t, e, natsauth.RoleAuditor, "")
-	js, err := jetstream.New(auditor)
+	js, err := jetstream.NewWithAPIPrefix(auditor, natsauth.AuditorAPIPrefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +115,37 @@ func TestAuditorReadsOperatorActions(t *testing.T) {
 	if err := js.DeleteStream(ctx, broker.AuditStream); err == nil {
 		t.Error("the auditor deleted the audit stream")
 	}
-	if _, err := e.jetstream().Stream(ctx, broker.AuditStream); err != nil {
-		t.Errorf("audit stream after the auditor's attempts: %v", err)
+	// JetStream answers on the reply subject a request names; the auditor's answers stay in
+	// its own account, so naming an audit subject adds nothing to the stream.
+	stream, err := e.jetstream().Stream(ctx, broker.AuditStream)
+	if err != nil {
+		t.Fatalf("audit stream after the auditor's attempts: %v", err)
+	}
+	before := stream.CachedInfo().State.Msgs
+	for _, s := range []string{"STREAM.INFO.LETHE_AUDIT", "CONSUMER.MSG.NEXT.LETHE_AUDIT." + cons.CachedInfo().Name} {
+		if err := auditor.PublishRequest(natsauth.AuditorAPIPrefix+"."+s, broker.AuditSubject(broker.AuditHostState), []byte(`{"batch":10}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := auditor.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// A record published after the requests is stored after anything they could add.
+	bk, _ := connectAs(t, e, natsauth.RoleBroker, "")
+	if err := bk.Publish(broker.AuditSubject(broker.AuditHostState), []byte(`{"schema":"lethe.audit/v1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	for range 100 {
+		info, err := stream.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State.Msgs > before {
+			if info.State.Msgs != before+1 {
+				t.Errorf("the stream grew by %d messages, want only the broker's 1", info.State.Msgs-before)
+			}
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

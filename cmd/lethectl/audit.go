@@ -29,6 +29,7 @@ func newAuditTailCmd() *cobra.Command {
 	var o brokerOpts
 	var follow bool
 	var since time.Duration
+	var apiPrefix string
 	cmd := &cobra.Command{
 		Use:   "tail [--since D] [--follow]",
 		Short: "Print the audit records of stream LETHE_AUDIT",
@@ -53,7 +54,7 @@ skipped and counted on standard error.`,
 			if since > 0 {
 				start = time.Now().Add(-since)
 			}
-			skipped, err := tailAudit(cmd.Context(), nc, start, follow, o.output == "json", cmd.OutOrStdout())
+			skipped, err := tailAudit(cmd.Context(), nc, apiPrefix, start, follow, o.output == "json", cmd.OutOrStdout())
 			if skipped > 0 {
 				fmt.Fprintf(cmd.ErrOrStderr(), "%d messages on audit subjects were not audit records\n", skipped)
 			}
@@ -64,6 +65,7 @@ skipped and counted on standard error.`,
 	cmd.Flags().StringVarP(&o.output, "output", "o", "text", "output format: text or json")
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new records until interrupted")
 	cmd.Flags().DurationVar(&since, "since", 0, "print the records of this last while only (0: from the start)")
+	cmd.Flags().StringVar(&apiPrefix, "js-api-prefix", natsauth.AuditorAPIPrefix, "JetStream API prefix: the auditors' account imports the audit stream's API under "+natsauth.AuditorAPIPrefix+"; $JS.API on a server without authentication")
 	return cmd
 }
 
@@ -87,11 +89,11 @@ type auditLine struct {
 	Detail      string    `json:"detail"`
 }
 
-// tailAudit prints the records of the audit stream from start (zero: the first) and returns
-// how many messages it skipped as not records. Without follow it stops at the last record the
-// stream held when it began.
-func tailAudit(ctx context.Context, nc *nats.Conn, start time.Time, follow, asJSON bool, w io.Writer) (int, error) {
-	js, err := jetstream.New(nc)
+// tailAudit prints the records of the audit stream, reached under JetStream API prefix
+// apiPrefix, from start (zero: the first) and returns how many messages it skipped as not
+// records. Without follow it stops at the last record the stream held when it began.
+func tailAudit(ctx context.Context, nc *nats.Conn, apiPrefix string, start time.Time, follow, asJSON bool, w io.Writer) (int, error) {
+	js, err := jetstream.NewWithAPIPrefix(nc, apiPrefix)
 	if err != nil {
 		return 0, err
 	}

@@ -9,7 +9,8 @@ import (
 	"github.com/lethe-cc/lethe/internal/natsauth"
 )
 
-// TestAuditTail: the broker's records of a policy, an adoption and a cordon come out of
+// TestAuditTail: (on a server without authentication, where the API has no prefix) the
+// broker's records of a policy, an adoption and a cordon come out of
 // LETHE_AUDIT oldest first, as text and as JSON lines; a message that is not a record is
 // skipped and counted.
 func TestAuditTail(t *testing.T) {
@@ -27,7 +28,7 @@ func TestAuditTail(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	out, errOut, code := f.run("audit", "tail")
+	out, errOut, code := f.run("audit", "tail", "--js-api-prefix", "$JS.API")
 	if code != 0 {
 		t.Fatalf("audit tail: exit %d: %s", code, errOut)
 	}
@@ -48,7 +49,7 @@ func TestAuditTail(t *testing.T) {
 		t.Errorf("audit tail's standard error %q does not count the message that is not a record", errOut)
 	}
 
-	out, _, code = f.run("audit", "tail", "--since", "1h", "-o", "json")
+	out, _, code = f.run("audit", "tail", "--js-api-prefix", "$JS.API", "--since", "1h", "-o", "json")
 	if code != 0 {
 		t.Fatalf("audit tail -o json: exit %d", code)
 	}

@@ -111,23 +111,38 @@ func UserPermissions(u User) (Permissions, error) {
 	return Permissions{Publish: pub, Subscribe: sub}, nil
 }
 
-// AuditorPublish returns the subjects an auditor may publish on: JetStream's API for reading
-// AuditStream through ephemeral consumers (nats.go's ordered consumer) and nothing else.
+// AuditorAPIPrefix is the JetStream API prefix of auditors (jetstream.NewWithAPIPrefix): in
+// their own account (AuditorAccount), $JS.LETHE.API.<x> is $JS.API.<x> of Lethe's account,
+// imported for the audit stream's read operations alone.
+const AuditorAPIPrefix = "$JS.LETHE.API"
+
+// auditorAPI are the JetStream API operations of AuditStream an auditor may call: look at
+// the stream, and create, look at, pull from and delete its consumers.
+var auditorAPI = []string{
+	"STREAM.INFO." + AuditStream,
+	"CONSUMER.CREATE." + AuditStream + ".>",
+	"CONSUMER.INFO." + AuditStream + ".>",
+	"CONSUMER.MSG.NEXT." + AuditStream + ".>",
+	"CONSUMER.DELETE." + AuditStream + ".>",
+}
+
+// AuditorPublish returns the subjects an auditor may publish on, in its own account: the
+// audit stream's read operations under AuditorAPIPrefix, and nothing else.
 //
 // An auditor may look at the stream, create, look at, pull from and delete consumers of it:
 // none of these changes a stored record. It may not update, purge or delete the stream or
 // its messages (the stream also denies deletes and purges to everyone), read any other stream
-// or bucket, publish an audit record, or call a service. What it can spend is consumers,
-// which the stream's MaxConsumers bounds, and each expires once idle; deleting a consumer
-// stops another auditor's read, never loses a record. Ordered consumers acknowledge nothing
-// and pull, so no $JS.ACK or $JS.FC subject is needed.
+// or bucket, publish an audit record, or call a service. It lives in an account of its own
+// (AuditorAccount) that imports these operations alone, so JetStream's answers, whatever
+// reply subject the auditor names, go back to that account: it cannot make JetStream
+// publish in Lethe's. What it can spend is consumers, which the stream's MaxConsumers
+// bounds, and each expires once idle; deleting a consumer stops another auditor's read, never
+// loses a record. Ordered consumers acknowledge nothing and pull, so no $JS.ACK or $JS.FC
+// subject is needed.
 func AuditorPublish() []string {
-	api := "$JS.API."
-	return []string{
-		api + "STREAM.INFO." + AuditStream,
-		api + "CONSUMER.CREATE." + AuditStream + ".>",
-		api + "CONSUMER.INFO." + AuditStream + ".>",
-		api + "CONSUMER.MSG.NEXT." + AuditStream + ".>",
-		api + "CONSUMER.DELETE." + AuditStream + ".>",
+	out := make([]string, len(auditorAPI))
+	for i, op := range auditorAPI {
+		out[i] = AuditorAPIPrefix + "." + op
 	}
+	return out
 }
