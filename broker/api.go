@@ -147,6 +147,7 @@ func (b *Broker) applyPolicy(ctx context.Context, c Caller, req *ApplyPolicyRequ
 		return nil, fmt.Errorf("storing policy: %w", err)
 	}
 	b.log.Info("Policy applied", logKeyTenant, tenant, logKeyVM, req.VM)
+	b.publishAudit(AuditRecord{Action: AuditPolicyApply, By: c.String(), Target: key, Tenant: tenant, VM: req.VM, Detail: fmt.Sprintf("revision %d", rev)})
 	return &ApplyPolicyResponse{Key: key, Revision: rev}, nil
 }
 
@@ -317,6 +318,7 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 		return nil, err
 	}
 	b.log.Info("Guest adopted", logKeyTenant, tenant, logKeyVM, req.VM, logKeyHost, req.Host)
+	b.publishAudit(AuditRecord{Action: AuditGuestAdopt, By: c.String(), Target: key, Tenant: tenant, VM: req.VM, Host: req.Host})
 	g.WrappedMDK = ""
 	return g, nil
 }
@@ -454,6 +456,8 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 		return nil, fmt.Errorf("recording migration: %w", err)
 	}
 	b.noteActive(m)
+	b.publishAudit(AuditRecord{Action: AuditMigrationRequest, By: c.String(), Target: id, Tenant: tenant, VM: req.VM, Host: m.Destination,
+		Operation: req.operation, Detail: m.Source + " → " + m.Destination})
 	b.log.Info("Migration requested", logKeyMigration, id, logKeyTenant, tenant, logKeyVM, req.VM,
 		logKeyHost, m.Destination, "by", c.String())
 	b.drive(run, id)
@@ -538,6 +542,7 @@ func (b *Broker) abortMigration(ctx, run context.Context, c Caller, req *AbortMi
 		}
 		b.log.Info("Migration phase changed", logKeyMigration, m.ID, logKeyFrom, from, logKeyPhase, PhaseAborting, logKeyReason, m.AbortReason)
 		b.publishEvent(Event{MigrationID: m.ID, Kind: EventPhase, From: from, Phase: PhaseAborting, Message: m.AbortReason})
+		b.publishAudit(AuditRecord{Action: AuditMigrationAbort, By: c.String(), Target: m.ID, Reason: req.Reason, Tenant: m.Tenant, VM: m.VM, State: string(from)})
 		b.drive(run, m.ID)
 		return m.public(), nil
 	}

@@ -22,6 +22,7 @@ var authUsers = []natsauth.User{
 	{Role: natsauth.RoleTenant, Name: "acme", Password: "acme-pw"},
 	{Role: natsauth.RoleTenant, Name: "globex", Password: "globex-pw"},
 	{Role: natsauth.RoleOperator, Password: "operator-pw"},
+	{Role: natsauth.RoleAuditor, Password: "auditor-pw"},
 }
 
 // login returns the user name WriteServerConfig gives a user of role and name.

@@ -83,6 +83,8 @@ type Config struct {
 	Replicas int
 	// EventsRetention is how long LETHE_EVENTS keeps events. Zero means 30 days.
 	EventsRetention time.Duration
+	// AuditRetention is how long LETHE_AUDIT keeps audit records. Zero means 365 days.
+	AuditRetention time.Duration
 	// MaxConcurrentRequests bounds API requests handled at once. Zero means 64.
 	MaxConcurrentRequests int
 	// Metrics receives the broker's measurements. Nil means none are taken.
@@ -177,6 +179,7 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.HostTTL, 30*time.Second)
 	setDefault(&cfg.AgentTimeout, 30*time.Second)
 	setDefault(&cfg.EventsRetention, 30*24*time.Hour)
+	setDefault(&cfg.AuditRetention, 365*24*time.Hour)
 	if cfg.Streams <= 0 {
 		cfg.Streams = 4
 	}
@@ -249,6 +252,7 @@ func (b *Broker) Run(ctx context.Context) error {
 		replicas:        b.cfg.Replicas,
 		hostTTL:         b.cfg.HostTTL,
 		eventsRetention: b.cfg.EventsRetention,
+		auditRetention:  b.cfg.AuditRetention,
 	})
 	if err != nil {
 		return err

@@ -86,7 +86,7 @@ func TestReplyDeputyMatrix(t *testing.T) {
 	e.standard()
 	js := e.jetstream()
 	streams := []string{"KV_" + broker.MigrationsBucket, "KV_" + broker.HostsBucket, "KV_" + broker.PoliciesBucket,
-		"KV_" + broker.GuestsBucket, "KV_" + broker.ReceiptsBucket, broker.EventsStream}
+		"KV_" + broker.GuestsBucket, "KV_" + broker.ReceiptsBucket, broker.EventsStream, broker.AuditStream}
 	hostRec := func(host string) []byte {
 		b, _ := json.Marshal(agentapi.HostRecord{Host: host, Platform: attest.PlatformEmulatedSEVSNP, Heartbeat: time.Now()})
 		return b
@@ -105,6 +105,8 @@ func TestReplyDeputyMatrix(t *testing.T) {
 	tests := map[string]attempt{
 		// The broker: its own JetStream, calls, events and answers to its callers.
 		"broker/own events":                 {role: natsauth.RoleBroker, subject: broker.EventsSubject("m1"), want: allowed},
+		"broker/own audit records":          {role: natsauth.RoleBroker, subject: broker.AuditSubject(broker.AuditHostState), want: allowed},
+		"broker/the keybroker's audit":      {role: natsauth.RoleBroker, subject: "lethe.v1.audit.keybroker.release", want: violation},
 		"broker/calls an agent":             {role: natsauth.RoleBroker, subject: agentapi.Subject("h1", agentapi.OpStatus), reply: agentapi.ReplyPrefix("h1") + "x", data: []byte(`{"migrationId":"m0"}`), want: allowed},
 		"broker/JetStream API":              {role: natsauth.RoleBroker, subject: "$JS.API.STREAM.INFO.KV_lethe-hosts", want: violation},
 		"broker/JetStream delete":           {role: natsauth.RoleBroker, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
@@ -130,6 +132,8 @@ func TestReplyDeputyMatrix(t *testing.T) {
 
 		// The keybroker: events, and answers to the broker and operators only.
 		"keybroker/own events":          {role: natsauth.RoleKeybroker, subject: broker.EventsSubject("m1"), want: allowed},
+		"keybroker/own audit records":   {role: natsauth.RoleKeybroker, subject: "lethe.v1.audit.keybroker.release", want: allowed},
+		"keybroker/the broker's audit":  {role: natsauth.RoleKeybroker, subject: broker.AuditSubject(broker.AuditHostState), want: violation},
 		"keybroker/answers the broker":  {role: natsauth.RoleKeybroker, subject: "_INBOX.broker.x", want: allowed},
 		"keybroker/answers an operator": {role: natsauth.RoleKeybroker, subject: "_INBOX.operator.x", want: allowed},
 		"keybroker/JetStream API":       {role: natsauth.RoleKeybroker, subject: "$JS.API.STREAM.DELETE.KV_lethe-hosts", want: violation},
@@ -166,6 +170,29 @@ func TestReplyDeputyMatrix(t *testing.T) {
 		"tenant/broker, JetStream reply":      {role: natsauth.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "$JS.API.STREAM.DELETE.KV_lethe-migrations", data: []byte("{malformed"), want: refused},
 		"tenant/broker, KV reply":             {role: natsauth.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsGet), reply: "$KV.lethe-guests.acme.web", data: []byte("{malformed"), want: refused},
 		"tenant/broker, another tenant's box": {role: natsauth.RoleTenant, name: "acme", subject: broker.TenantSubject("acme", broker.OpMigrationsList), reply: "_INBOX.tenant.globex.x", want: refused},
+
+		// An auditor: reading LETHE_AUDIT through JetStream's API, nothing else.
+		"auditor/audit stream info":         {role: natsauth.RoleAuditor, subject: "$JS.LETHE.API.STREAM.INFO.LETHE_AUDIT", reply: "_INBOX.auditor.x", want: allowed},
+		"auditor/publishes an audit record": {role: natsauth.RoleAuditor, subject: broker.AuditSubject(broker.AuditHostState), want: violation},
+		"auditor/forges a keybroker record": {role: natsauth.RoleAuditor, subject: "lethe.v1.audit.keybroker.release", want: violation},
+		"auditor/deletes the audit stream":  {role: natsauth.RoleAuditor, subject: "$JS.API.STREAM.DELETE.LETHE_AUDIT", want: violation},
+		"auditor/purges the audit stream":   {role: natsauth.RoleAuditor, subject: "$JS.API.STREAM.PURGE.LETHE_AUDIT", want: violation},
+		"auditor/purges it, imported":       {role: natsauth.RoleAuditor, subject: "$JS.LETHE.API.STREAM.PURGE.LETHE_AUDIT", want: violation},
+		"auditor/deletes it, imported":      {role: natsauth.RoleAuditor, subject: "$JS.LETHE.API.STREAM.DELETE.LETHE_AUDIT", want: violation},
+		"auditor/updates the audit stream":  {role: natsauth.RoleAuditor, subject: "$JS.API.STREAM.UPDATE.LETHE_AUDIT", want: violation},
+		"auditor/deletes an audit record":   {role: natsauth.RoleAuditor, subject: "$JS.API.STREAM.MSG.DELETE.LETHE_AUDIT", want: violation},
+		"auditor/reads the events stream":   {role: natsauth.RoleAuditor, subject: "$JS.API.CONSUMER.CREATE.LETHE_EVENTS.c1", want: violation},
+		"auditor/events stream info":        {role: natsauth.RoleAuditor, subject: "$JS.API.STREAM.INFO.LETHE_EVENTS", want: violation},
+		"auditor/events, imported":          {role: natsauth.RoleAuditor, subject: "$JS.LETHE.API.CONSUMER.CREATE.LETHE_EVENTS.c1", want: violation},
+		"auditor/reads a bucket":            {role: natsauth.RoleAuditor, subject: "$JS.API.DIRECT.GET.KV_lethe-guests", want: violation},
+		"auditor/writes a bucket":           {role: natsauth.RoleAuditor, subject: "$KV.lethe-hosts.h1", data: hostRec("h1"), want: violation},
+		"auditor/lists streams":             {role: natsauth.RoleAuditor, subject: "$JS.API.STREAM.LIST", want: violation},
+		"auditor/calls the broker":          {role: natsauth.RoleAuditor, subject: broker.OperatorSubject(broker.OpHostsList), want: violation},
+		"auditor/calls the keybroker":       {role: natsauth.RoleAuditor, subject: "lethe.v1.keybroker.pubkey", want: violation},
+		"auditor/calls an agent":            {role: natsauth.RoleAuditor, subject: agentapi.Subject("h1", agentapi.OpStatus), want: violation},
+		"auditor/publishes an event":        {role: natsauth.RoleAuditor, subject: broker.EventsSubject("m1"), want: violation},
+		"auditor/an operator's inbox":       {role: natsauth.RoleAuditor, subject: "_INBOX.operator.x", want: violation},
+		"auditor/service discovery":         {role: natsauth.RoleAuditor, subject: "$SRV.PING", want: violation},
 
 		// An agent: its own subjects, heartbeats through the broker, answers to calls made to it.
 		"agent/own heartbeat":                 {role: natsauth.RoleAgent, name: "h1", subject: agentapi.HeartbeatSubject("h1"), reply: "_INBOX.agent.h1.x", data: hostRec("h1"), want: allowed},

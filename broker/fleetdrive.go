@@ -505,5 +505,7 @@ func (b *Broker) finishOp(ctx context.Context, id string) error {
 	c := op.Counts()
 	b.log.Info("Fleet operation finished", "operation", op.ID, "state", op.State, "moved", c.Moved, "failed", c.Failed, "stuck", c.Stuck, "skipped", c.Skipped)
 	b.publishOpEvent(op, fmt.Sprintf("%s %s: %d moved, %d failed, %d stuck, %d skipped", op.Kind, op.State, c.Moved, c.Failed, c.Stuck, c.Skipped))
+	b.publishAudit(AuditRecord{Action: AuditFleetFinish, By: op.RequestedBy, Target: op.ID, State: string(op.State),
+		Detail: fmt.Sprintf("%s: %d moved, %d failed, %d stuck, %d skipped", op.Kind, c.Moved, c.Failed, c.Stuck, c.Skipped)})
 	return nil
 }

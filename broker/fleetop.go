@@ -189,6 +189,8 @@ func (b *Broker) startFleetOp(ctx, run context.Context, op *FleetOp) error {
 	}
 	b.log.Info("Fleet operation started", "operation", op.ID, "kind", op.Kind, "hosts", op.Hosts, "guests", len(op.Items), "by", op.RequestedBy)
 	b.publishOpEvent(op, fmt.Sprintf("%s started by %s: %d guests", op.Kind, op.RequestedBy, len(op.Items)))
+	b.publishAudit(AuditRecord{Action: AuditFleetStart, By: op.RequestedBy, Target: op.ID, Reason: op.Reason, State: string(op.State),
+		Detail: fmt.Sprintf("%s of %s: %d guests", op.Kind, strings.Join(op.Hosts, ", "), len(op.Items))})
 	b.driveOp(run, op.ID)
 	return nil
 }
@@ -567,6 +569,7 @@ func (b *Broker) abortFleetOp(ctx context.Context, c Caller, req *AbortFleetOpRe
 	}
 	if op.State == FleetAborting {
 		b.publishOpEvent(op, "aborting: "+op.AbortReason)
+		b.publishAudit(AuditRecord{Action: AuditFleetAbort, By: c.String(), Target: op.ID, Reason: req.Reason, State: string(op.State), Detail: string(op.Kind)})
 		b.driveOp(b.runCtx(), op.ID)
 	}
 	return b.view(op), nil

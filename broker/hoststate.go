@@ -47,6 +47,7 @@ func (b *Broker) setHostState(ctx context.Context, host string, change func(cur 
 		}
 		b.log.Info("Host state changed", logKeyHost, host, "state", next.State, "by", next.By, logKeyReason, next.Reason)
 		b.publishEvent(Event{MigrationID: "host-" + host, Kind: EventAudit, Message: fmt.Sprintf("host %s %s by %s: %s", host, next.State, next.By, next.Reason)})
+		b.publishAudit(AuditRecord{Action: AuditHostState, By: next.By, Target: host, Host: host, Reason: next.Reason, State: string(next.State), Operation: next.Operation})
 		return next, nil
 	}
 }

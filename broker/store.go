@@ -20,7 +20,13 @@ const (
 	ReceiptsBucket   = natsauth.ReceiptsBucket
 	FleetBucket      = natsauth.FleetBucket
 	EventsStream     = "LETHE_EVENTS"
+	// AuditStream keeps the audit records of the broker and the keybroker (docs/audit.md).
+	AuditStream = natsauth.AuditStream
 )
+
+// auditMaxConsumers bounds the consumers of AuditStream, all of them auditors' readers
+// (lethectl audit tail, the nats CLI): what an auditor may create is bounded by it.
+const auditMaxConsumers = 64
 
 // store holds the broker's JetStream state.
 type store struct {
@@ -38,6 +44,7 @@ type storeConfig struct {
 	replicas        int
 	hostTTL         time.Duration
 	eventsRetention time.Duration
+	auditRetention  time.Duration
 }
 
 // openStore creates (or updates) the buckets and the events stream and returns handles on them.
@@ -73,6 +80,22 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 	})
 	if err != nil {
 		return nil, fmt.Errorf("creating stream %s: %w", EventsStream, err)
+	}
+	// The audit stream refuses message deletes and purges, even to the broker: records leave
+	// it by age alone.
+	_, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:         AuditStream,
+		Description:  "Lethe audit records of the broker and the keybroker (docs/audit.md)",
+		Subjects:     []string{natsauth.AuditSubjectPrefix + ".>"},
+		MaxAge:       cfg.auditRetention,
+		MaxConsumers: auditMaxConsumers,
+		DenyDelete:   true,
+		DenyPurge:    true,
+		Storage:      jetstream.FileStorage,
+		Replicas:     cfg.replicas,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating stream %s: %w", AuditStream, err)
 	}
 	return s, nil
 }

@@ -14,6 +14,22 @@ type AuditSink interface {
 	Audit(ctx context.Context, ev Event)
 }
 
+// AuditSchema names the version of Event's JSON form (docs/audit.md): fields may be added
+// under it, never renamed, retyped or removed; a breaking change takes a new schema and a new
+// subject prefix.
+const AuditSchema = "lethe.audit/v1"
+
+// AuditSinks is an AuditSink that hands each event to every sink in turn (the log and the
+// audit stream, say).
+type AuditSinks []AuditSink
+
+// Audit implements AuditSink.
+func (s AuditSinks) Audit(ctx context.Context, ev Event) {
+	for _, sink := range s {
+		sink.Audit(ctx, ev)
+	}
+}
+
 // EventKind is what an audit event records.
 type EventKind string
 
@@ -40,8 +56,10 @@ const (
 )
 
 // Event is one audit record. It carries digests, never keys, tokens, sealed blobs or raw
-// evidence.
+// evidence. Its JSON field names are the schema AuditSchema documented in docs/audit.md.
 type Event struct {
+	// Schema is AuditSchema, set on every event the keybroker emits.
+	Schema      string    `json:"schema"`
 	Kind        EventKind `json:"kind"`
 	Time        time.Time `json:"time"`
 	MigrationID string    `json:"migrationId"`

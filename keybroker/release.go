@@ -108,6 +108,7 @@ func spanError(err error) error {
 
 // emit completes ev with the outcome of err and sends it to the audit sink.
 func (k *Keybroker) emit(ctx context.Context, ev *Event, err error) {
+	ev.Schema = AuditSchema
 	ev.Time = k.now().UTC()
 	switch {
 	case err == nil:

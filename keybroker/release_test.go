@@ -112,7 +112,7 @@ func TestReleaseAllowed(t *testing.T) {
 	ev := e.audit.last(t)
 	srcD, dstD := m.req.Source.Evidence.Digest(), m.req.Destination.Evidence.Digest()
 	want := Event{
-		Kind: EventRelease, MigrationID: "m1", Tenant: "demo", VM: "vm1", Host: "host-b", Decision: DecisionAllow,
+		Schema: AuditSchema, Kind: EventRelease, MigrationID: "m1", Tenant: "demo", VM: "vm1", Host: "host-b", Decision: DecisionAllow,
 		SourceEvidence: srcD[:], DestinationEvidence: dstD[:], PolicyDigest: resp.PolicyDigest, PolicySVN: 1, Epoch: 2,
 	}
 	if diff := cmp.Diff(want, ev, cmpIgnoreTime); diff != "" {
@@ -153,7 +153,7 @@ func TestReleaseDeniedByPolicy(t *testing.T) {
 		t.Fatalf("Release = %v, want ErrDenied", err)
 	}
 	ev := e.audit.last(t)
-	if ev.Decision != DecisionDeny || ev.Kind != EventRelease || len(ev.PolicyDigest) == 0 {
+	if ev.Decision != DecisionDeny || ev.Schema != AuditSchema || ev.Kind != EventRelease || len(ev.PolicyDigest) == 0 {
 		t.Errorf("audit event %+v, want a release denial with the policy digest", ev)
 	}
 	if !slices.ContainsFunc(ev.Reasons, func(r string) bool {

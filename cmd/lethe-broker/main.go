@@ -53,7 +53,7 @@ type config struct {
 	agentTimeout, startTimeout    time.Duration
 	progressTimeout, perGiB       time.Duration
 	streams, replicas             int
-	maxDowntime                   time.Duration
+	maxDowntime, auditRetention   time.Duration
 	placementOrder                string
 	fleet                         broker.FleetConfig
 	rebalancePercent, maxAttempts int
@@ -124,6 +124,7 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Int(&c.streams, "streams", "LETHE_STREAMS", 0, "data-plane streams per transfer; 0: 4")
 	fs.Duration(&c.maxDowntime, "max-downtime", "LETHE_MAX_DOWNTIME", 0, "longest pause of a guest at cutover, which a tenant's policy may lower (spec.transport.maxDowntime); 0: the agents' own limits")
 	fs.Int(&c.replicas, "replicas", "LETHE_REPLICAS", 0, "JetStream replicas; 0: 1")
+	fs.Duration(&c.auditRetention, "audit-retention", "LETHE_BROKER_AUDIT_RETENTION", 0, "how long stream LETHE_AUDIT keeps audit records (docs/audit.md); 0: 8760h (365 days)")
 	fs.Int(&c.maxAttempts, "max-attempts", "LETHE_BROKER_MAX_ATTEMPTS", 0, "destinations one migration tries when the keybroker or a destination refuses the one placement chose; 0: 3, 1: never fall back")
 	fs.String(&c.placementOrder, "placement-order", "LETHE_BROKER_PLACEMENT_ORDER", "tcb,memory", "how hosts that qualify for a guest are ranked, keys in order: tcb (TCB at least the source's first), memory (least committed first), guests (fewest first)")
 	fs.Int(&c.fleet.MaxParallel, "fleet-max-parallel", "LETHE_BROKER_FLEET_MAX_PARALLEL", 0, "most migrations a fleet operation (drain, evacuate, rebalance) lets run across the cluster, counting all; 0: 5")
@@ -249,6 +250,8 @@ func run(ctx context.Context, c *config) error {
 		MaxAttempts:   c.maxAttempts,
 		Metrics:       newBrokerMetrics(metrics),
 		Tracer:        tracer,
+
+		AuditRetention: c.auditRetention,
 	})
 	if err != nil {
 		return err

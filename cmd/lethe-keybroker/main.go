@@ -221,7 +221,9 @@ func run(ctx context.Context, c *config) error {
 			return fmt.Errorf("reading the admin public key: %w", err)
 		}
 	}
+	auditPub := &natsapi.AuditPublisher{Failed: func() { metrics.NATSError("publish") }}
 	kb, err := keybroker.New(keybroker.Config{
+		Audit: keybroker.AuditSinks{keybroker.SlogAudit{Logger: log.With("component", "keybroker")}, auditPub},
 		Vault: vc, AppRole: approle, TransitMount: c.transitMount, KVMount: c.kvMount,
 		Verifier: verifier, Logger: log, AdminKey: admin, StateDir: c.stateDir, NonceTTL: c.nonceTTL,
 		Metrics: kbMetrics, LogOrigin: c.logOrigin, LogWitnesses: c.logWitnesses, Tracer: tracer,
@@ -239,6 +241,7 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	defer nc.Close()
+	auditPub.SetConn(nc)
 	svc, err := natsapi.New(natsapi.Config{Conn: nc, Keybroker: kb, Logger: log, ID: c.id})
 	if err != nil {
 		return err

@@ -55,7 +55,7 @@ confidential VMs (AMD SEV-SNP and Intel TDX guests).`,
 	root.SetVersionTemplate("{{.Version}}\n")
 	root.AddCommand(newAttestCmd(), newPolicyCmd(), newKeygenCmd(), newReceiptCmd(), newTenantCmd())
 	root.AddCommand(newHostsCmd(), newGuestsCmd(), newMigrateCmd(), newMigrationsCmd(), newLogCmd(), newKeybrokerCmd())
-	root.AddCommand(newRebalanceCmd(), newFleetCmd())
+	root.AddCommand(newRebalanceCmd(), newFleetCmd(), newAuditCmd())
 	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "Print lethectl's version (as --version does)",

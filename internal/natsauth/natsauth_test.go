@@ -20,6 +20,7 @@ var users = []natsauth.User{
 	{Role: natsauth.RoleAgent, Name: "h1", Password: "h1-pw"},
 	{Role: natsauth.RoleTenant, Name: "acme", Password: "acme-pw"},
 	{Role: natsauth.RoleOperator, NKey: "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4"},
+	{Role: natsauth.RoleAuditor, Password: "auditor-pw"},
 }
 
 // TestServerConfigParses checks that nats-server accepts the configuration WriteServerConfig
@@ -93,6 +94,7 @@ func TestInboxPrefix(t *testing.T) {
 		{natsauth.RoleTenant, "acme", "_INBOX.tenant.acme"},
 		{natsauth.RoleOperator, "", "_INBOX.operator"},
 		{natsauth.RoleOperator, "alice", "_INBOX.operator.alice"},
+		{natsauth.RoleAuditor, "", "_INBOX.auditor"},
 	} {
 		if got := natsauth.InboxPrefix(tc.role, tc.name); got != tc.want {
 			t.Errorf("InboxPrefix(%s, %q) = %q, want %q", tc.role, tc.name, got, tc.want)
@@ -133,5 +135,43 @@ func TestKeybrokerSubjects(t *testing.T) {
 	want = []string{natsauth.BrokerSubjectPrefix + ".operator.>", subject(kbwire.OpTenantRegister), logOps, subject(kbwire.OpPublicKey)}
 	if diff := cmp.Diff(want, operator.Publish); diff != "" {
 		t.Errorf("operator's publish permissions (-want +got):\n%s", diff)
+	}
+}
+
+// TestAuditorPermissions pins what an auditor may do: read stream LETHE_AUDIT through
+// JetStream's API and receive on its own inbox; every other right is a change of this test.
+// The broker and the keybroker each publish audit records under their own prefix only.
+func TestAuditorPermissions(t *testing.T) {
+	got, err := natsauth.UserPermissions(natsauth.User{Role: natsauth.RoleAuditor})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := natsauth.Permissions{
+		Publish: []string{
+			"$JS.LETHE.API.STREAM.INFO.LETHE_AUDIT",
+			"$JS.LETHE.API.CONSUMER.CREATE.LETHE_AUDIT.>",
+			"$JS.LETHE.API.CONSUMER.INFO.LETHE_AUDIT.>",
+			"$JS.LETHE.API.CONSUMER.MSG.NEXT.LETHE_AUDIT.>",
+			"$JS.LETHE.API.CONSUMER.DELETE.LETHE_AUDIT.>",
+		},
+		Subscribe: []string{"_INBOX.auditor.>"},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("auditor's permissions (-want +got):\n%s", diff)
+	}
+	for role, own := range map[natsauth.Role]string{natsauth.RoleBroker: "lethe.v1.audit.broker.>", natsauth.RoleKeybroker: "lethe.v1.audit.keybroker.>"} {
+		p, err := natsauth.UserPermissions(natsauth.User{Role: role})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var audit []string
+		for _, s := range p.Publish {
+			if strings.HasPrefix(s, natsauth.AuditSubjectPrefix) {
+				audit = append(audit, s)
+			}
+		}
+		if diff := cmp.Diff([]string{own}, audit); diff != "" {
+			t.Errorf("%s's audit subjects (-want +got):\n%s", role, diff)
+		}
 	}
 }

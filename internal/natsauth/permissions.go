@@ -16,6 +16,9 @@ const (
 	RoleAgent       Role = "agent"
 	RoleTenant      Role = "tenant"
 	RoleOperator    Role = "operator"
+	// RoleAuditor reads the audit stream (AuditStream) and nothing else: no other stream, no
+	// bucket, no service (docs/audit.md).
+	RoleAuditor Role = "auditor"
 )
 
 // Permissions are the subjects a user may publish on and subscribe to (nats-server's
@@ -46,8 +49,10 @@ func UserPermissions(u User) (Permissions, error) {
 		pub = []string{
 			AgentSubjectPrefix + ".*.*", // agent operations, never progress
 			KeybrokerSubjectPrefix + ".>",
-			// Events: a plain publish that stream LETHE_EVENTS captures, no JetStream right.
+			// Events and audit records: plain publishes that streams LETHE_EVENTS and
+			// LETHE_AUDIT capture, no JetStream right; audit records under its own prefix only.
 			EventsSubjectPrefix + ".>",
+			BrokerAuditPrefix + ".>",
 			// Answers to its callers: tenants, operators, agents' heartbeats.
 			InboxPrefix(RoleTenant, "*") + ".>",
 			InboxPrefix(RoleOperator, "") + ".>",
@@ -66,7 +71,7 @@ func UserPermissions(u User) (Permissions, error) {
 		// Answers to its callers: the broker, operators, and tenants (who publish their signed
 		// policies and key rotations to it directly; the signature, not the NATS user, says
 		// whose they are).
-		pub = []string{EventsSubjectPrefix + ".>", InboxPrefix(RoleBroker, "") + ".>", InboxPrefix(RoleOperator, "") + ".>", InboxPrefix(RoleTenant, "*") + ".>"}
+		pub = []string{EventsSubjectPrefix + ".>", KeybrokerAuditPrefix + ".>", InboxPrefix(RoleBroker, "") + ".>", InboxPrefix(RoleOperator, "") + ".>", InboxPrefix(RoleTenant, "*") + ".>"}
 		sub = []string{KeybrokerSubjectPrefix + ".>", "$SRV.>", inbox}
 	case RoleAgent:
 		if err := ValidName(u.Name); err != nil {
@@ -98,8 +103,46 @@ func UserPermissions(u User) (Permissions, error) {
 		// key the keybroker pins, on top of this permission).
 		pub = []string{BrokerSubjectPrefix + ".operator.>", keybrokerTenantRegister, keybrokerLog, keybrokerPublicKey}
 		sub = []string{inbox}
+	case RoleAuditor:
+		pub, sub = AuditorPublish(), []string{inbox}
 	default:
 		return Permissions{}, fmt.Errorf("unknown role %q", u.Role)
 	}
 	return Permissions{Publish: pub, Subscribe: sub}, nil
+}
+
+// AuditorAPIPrefix is the JetStream API prefix of auditors (jetstream.NewWithAPIPrefix): in
+// their own account (AuditorAccount), $JS.LETHE.API.<x> is $JS.API.<x> of Lethe's account,
+// imported for the audit stream's read operations alone.
+const AuditorAPIPrefix = "$JS.LETHE.API"
+
+// auditorAPI are the JetStream API operations of AuditStream an auditor may call: look at
+// the stream, and create, look at, pull from and delete its consumers.
+var auditorAPI = []string{
+	"STREAM.INFO." + AuditStream,
+	"CONSUMER.CREATE." + AuditStream + ".>",
+	"CONSUMER.INFO." + AuditStream + ".>",
+	"CONSUMER.MSG.NEXT." + AuditStream + ".>",
+	"CONSUMER.DELETE." + AuditStream + ".>",
+}
+
+// AuditorPublish returns the subjects an auditor may publish on, in its own account: the
+// audit stream's read operations under AuditorAPIPrefix, and nothing else.
+//
+// An auditor may look at the stream, create, look at, pull from and delete consumers of it:
+// none of these changes a stored record. It may not update, purge or delete the stream or
+// its messages (the stream also denies deletes and purges to everyone), read any other stream
+// or bucket, publish an audit record, or call a service. It lives in an account of its own
+// (AuditorAccount) that imports these operations alone, so JetStream's answers, whatever
+// reply subject the auditor names, go back to that account: it cannot make JetStream
+// publish in Lethe's. What it can spend is consumers, which the stream's MaxConsumers
+// bounds, and each expires once idle; deleting a consumer stops another auditor's read, never
+// loses a record. Ordered consumers acknowledge nothing and pull, so no $JS.ACK or $JS.FC
+// subject is needed.
+func AuditorPublish() []string {
+	out := make([]string, len(auditorAPI))
+	for i, op := range auditorAPI {
+		out[i] = AuditorAPIPrefix + "." + op
+	}
+	return out
 }

@@ -19,6 +19,16 @@ const (
 	AgentProgressWildcard = AgentSubjectPrefix + ".*.progress.*"
 	// AgentHeartbeatWildcard matches the heartbeat subjects of every host.
 	AgentHeartbeatWildcard = AgentSubjectPrefix + ".*.heartbeat"
+	// AuditSubjectPrefix is the prefix of the audit subjects: the keybroker publishes on
+	// lethe.v1.audit.keybroker.<kind>, the broker on lethe.v1.audit.broker.<action>
+	// (docs/audit.md). A breaking change of the records' schema takes a new prefix.
+	AuditSubjectPrefix = "lethe.v1.audit"
+	// KeybrokerAuditPrefix and BrokerAuditPrefix are the audit subjects of each publisher.
+	KeybrokerAuditPrefix = AuditSubjectPrefix + ".keybroker"
+	BrokerAuditPrefix    = AuditSubjectPrefix + ".broker"
+	// AuditStream is the JetStream stream that keeps the audit subjects, the only one the
+	// auditor role may read.
+	AuditStream = "LETHE_AUDIT"
 )
 
 // The keybroker operations callable by tenants and operators (kbwire's OpPolicyPublish,
@@ -83,6 +93,9 @@ const (
 	TenantInboxPrefix = "_INBOX.tenant"
 	// AgentInboxPrefix is the root of the agents' inbox prefixes, _INBOX.agent.<host>.
 	AgentInboxPrefix = "_INBOX.agent"
+	// AuditorInboxPrefix is the inbox prefix of auditors, where JetStream answers them and
+	// delivers the audit stream's messages.
+	AuditorInboxPrefix = "_INBOX.auditor"
 )
 
 // InboxPrefix returns the inbox prefix a client of role (and name) must connect with
@@ -102,6 +115,8 @@ func InboxPrefix(role Role, name string) string {
 		return OperatorInboxPrefix
 	case RoleBroker:
 		return BrokerInboxPrefix
+	case RoleAuditor:
+		return AuditorInboxPrefix
 	}
 	return "_INBOX." + string(role)
 }

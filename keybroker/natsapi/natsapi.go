@@ -1,8 +1,9 @@
 // Package natsapi offers the keybroker's API over NATS: a micro service "lethe-keybroker" in a
 // queue group, so that several keybrokers serve one set of subjects, and a client of its
 // admin and tenant-facing operations (package kbclient's, whose errors match the keybroker's
-// sentinels; lethectl uses kbclient itself). With kbclient, it is the keybroker's only NATS
-// code: package keybroker imports no NATS and stays usable without it.
+// sentinels; lethectl uses kbclient itself), and the publisher of the keybroker's audit events
+// on the audit stream (AuditPublisher). With kbclient, it is the keybroker's only NATS code:
+// package keybroker imports no NATS and stays usable without it.
 //
 // Every operation is one request-reply on lethe.v1.keybroker.<op> with the JSON of package
 // kbwire, served through package natsrpc (admission limit, per-request deadline, drain, reply

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -73,6 +74,11 @@ type env struct {
 	// keys are the HPKE keys each platform attested with per migration: its erasure evidence
 	// binds the same one, as an agent's does.
 	keys map[[2]string]*seal.PrivateKey
+	// ns is the NATS server; audit publishes the keybroker's audit events on it and counts
+	// those it could not in auditFailed.
+	ns          *natstest.Server
+	audit       *natsapi.AuditPublisher
+	auditFailed atomic.Int64
 }
 
 func newEnv(t *testing.T) *env {
@@ -82,14 +88,19 @@ func newEnv(t *testing.T) *env {
 	srv := vaulttest.Start(t)
 	px, vc := srv.ProxiedClient(t)
 	log := slog.New(slog.NewTextHandler(t.Output(), nil))
+	e := &env{t: t, proxy: px, plats: plats}
+	e.audit = &natsapi.AuditPublisher{Failed: func() { e.auditFailed.Add(1) }}
 	kb, err := keybroker.New(keybroker.Config{
 		Vault: vc, Verifier: v, AdminKey: adminKey.Public().(ed25519.PublicKey), StateDir: t.TempDir(),
 		RetryInterval: 10 * time.Millisecond, Logger: log,
+		Audit: keybroker.AuditSinks{keybroker.SlogAudit{Logger: log}, e.audit},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ns := natstest.Start(t, natstest.Options{})
+	e.ns = ns
+	e.audit.SetConn(ns.Connect(t))
 	svc, err := natsapi.New(natsapi.Config{Conn: ns.Connect(t), Keybroker: kb, Logger: log})
 	if err != nil {
 		t.Fatal(err)
@@ -114,11 +125,7 @@ func newEnv(t *testing.T) *env {
 
 	// The keybroker answers only on its callers' inboxes: the broker's, the operators'.
 	nc := ns.Connect(t, nats.CustomInboxPrefix(natsauth.InboxPrefix(natsauth.RoleBroker, "")))
-	e := &env{
-		t: t, proxy: px, nc: nc, plats: plats,
-		kbc:    broker.NewKeyBrokerClient(nc, 0),
-		client: kbclient.New(nc, 0),
-	}
+	e.nc, e.kbc, e.client = nc, broker.NewKeyBrokerClient(nc, 0), kbclient.New(nc, 0)
 	var pub ed25519.PublicKey
 	pub, e.tenantKey, _ = ed25519.GenerateKey(rand.Reader)
 	if _, err := e.client.RegisterTenant(t.Context(), adminSigned(t, adminKey, kbwire.RegisterTenantRequest{Tenant: "demo", PolicyKey: pub})); err != nil {
