@@ -1,15 +1,12 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/broker"
-	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
 // fleetAttackScenarios are the attacks on fleet operations that need real agents and their
@@ -37,39 +34,8 @@ func evacuationLiar(s *scn) {
 	s.adopt(vm, a)
 
 	ctx := s.t.Context()
-	rec, ok, err := getKV[agentapi.HostRecord](ctx, s.js, broker.HostsBucket, b.host)
-	if err != nil || !ok {
-		s.t.Fatalf("host record of %s: %v", b.host, err)
-	}
-	high, err := attest.ParseHostTCB(snpHigher)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	forged := *rec
-	forged.TCB, forged.AllocatableBytes, forged.Guests = &high, 1<<50, nil
-	nc, _ := s.connectAsAgent(s.t, b)
-	fctx, stop := context.WithCancel(ctx)
+	stop := forgeHighTCB(s, b)
 	defer stop()
-	go func() {
-		t := time.NewTicker(100 * time.Millisecond)
-		defer t.Stop()
-		for {
-			forged.Heartbeat = time.Now()
-			_ = agentapi.PutHost(fctx, nc, &forged)
-			select {
-			case <-fctx.Done():
-				return
-			case <-t.C:
-			}
-		}
-	}()
-	poll(s.t, "the forged record of "+b.host, func() (bool, string) {
-		r, ok, err := getKV[agentapi.HostRecord](ctx, s.js, broker.HostsBucket, b.host)
-		if err != nil || !ok || r.TCB == nil || !r.TCB.Equal(high) {
-			return false, "not yet stored"
-		}
-		return true, ""
-	})
 
 	resp, err := s.ops.Evacuate(ctx, &broker.EvacuateRequest{BelowTCB: snpBase, Reason: "e2e: microcode update"})
 	if err != nil {

@@ -32,42 +32,8 @@ func advertisedTCB(s *scn) {
 	}
 
 	ctx := s.t.Context()
-	rec, ok, err := getKV[agentapi.HostRecord](ctx, s.js, broker.HostsBucket, b.host)
-	if err != nil || !ok {
-		s.t.Fatalf("host record of %s: %v", b.host, err)
-	}
-	if rec.TCB == nil || rec.TCB.SNP == nil || rec.TCB.SNP.Microcode != 100 {
-		s.t.Fatalf("host %s states TCB %v, want its platform's (ucode 100)", b.host, rec.TCB)
-	}
-	high, err := attest.ParseHostTCB(snpHigher)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	forged := *rec
-	forged.TCB, forged.AllocatableBytes, forged.Guests = &high, 1<<50, nil
-	nc, _ := s.connectAsAgent(s.t, b)
-	fctx, stop := context.WithCancel(ctx)
+	stop := forgeHighTCB(s, b)
 	defer stop()
-	go func() {
-		t := time.NewTicker(100 * time.Millisecond)
-		defer t.Stop()
-		for {
-			forged.Heartbeat = time.Now()
-			_ = agentapi.PutHost(fctx, nc, &forged)
-			select {
-			case <-fctx.Done():
-				return
-			case <-t.C:
-			}
-		}
-	}()
-	poll(s.t, "the forged record of "+b.host, func() (bool, string) {
-		r, ok, err := getKV[agentapi.HostRecord](ctx, s.js, broker.HostsBucket, b.host)
-		if err != nil || !ok || r.TCB == nil || !r.TCB.Equal(high) {
-			return false, "not yet stored"
-		}
-		return true, ""
-	})
 
 	dry, err := s.demo.CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, DryRun: true})
 	if err != nil {
@@ -98,4 +64,48 @@ func firstLine(s string) string {
 		return s[i:min(len(s), i+40)]
 	}
 	return s
+}
+
+// forgeHighTCB makes host b, whose platform reports ucode 100, heartbeat with its agent's real
+// NATS permissions a record that claims snpHigher and a vast empty host, until stop is called
+// (b's own agent must heartbeat only at its start: --heartbeat-interval 1h). It returns once
+// the broker stores the forged record.
+func forgeHighTCB(s *scn, b *agent) (stop func()) {
+	ctx := s.t.Context()
+	rec, ok, err := getKV[agentapi.HostRecord](ctx, s.js, broker.HostsBucket, b.host)
+	if err != nil || !ok {
+		s.t.Fatalf("host record of %s: %v", b.host, err)
+	}
+	if rec.TCB == nil || rec.TCB.SNP == nil || rec.TCB.SNP.Microcode != 100 {
+		s.t.Fatalf("host %s states TCB %v, want its platform's (ucode 100)", b.host, rec.TCB)
+	}
+	high, err := attest.ParseHostTCB(snpHigher)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	forged := *rec
+	forged.TCB, forged.AllocatableBytes, forged.Guests = &high, 1<<50, nil
+	nc, _ := s.connectAsAgent(s.t, b)
+	fctx, cancel := context.WithCancel(ctx)
+	go func() {
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			forged.Heartbeat = time.Now()
+			_ = agentapi.PutHost(fctx, nc, &forged)
+			select {
+			case <-fctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	poll(s.t, "the forged record of "+b.host, func() (bool, string) {
+		r, ok, err := getKV[agentapi.HostRecord](ctx, s.js, broker.HostsBucket, b.host)
+		if err != nil || !ok || r.TCB == nil || !r.TCB.Equal(high) {
+			return false, "not yet stored"
+		}
+		return true, ""
+	})
+	return cancel
 }
