@@ -149,6 +149,9 @@ type activeMigration struct {
 	MemoryBytes         uint64
 	// noted is when noteActive added it; zero for one reconcile listed.
 	noted time.Time
+	// missed says the last listing did not see it: a listing of the bucket has been seen to
+	// miss a record that is there, so it takes two in a row to drop one.
+	missed bool
 }
 
 // New returns a Broker, or an error if cfg lacks a required field.
@@ -431,8 +434,12 @@ func (b *Broker) reconcile(ctx context.Context) {
 	}
 	b.activeMu.Lock()
 	for id, m := range b.active {
-		// Created while the list was read: the list may have missed it.
-		if !seen[id] && m.noted.After(listed) {
+		switch {
+		case seen[id]:
+		case m.noted.After(listed): // created while the list was read
+			active[id] = m
+		case !m.missed: // missed by this listing: dropped if the next misses it too
+			m.missed = true
 			active[id] = m
 		}
 	}
