@@ -233,3 +233,46 @@ func inPhase(phases ...broker.Phase) func(*broker.Migration) bool {
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// waitFleetOp returns fleet operation id as an operator gets it once cond holds, looking
+// again whenever a record of the fleet or migrations bucket changes (an operation moves on
+// only when one of them does); it fails the test after 60 s.
+func (e *env) waitFleetOp(id string, cond func(*broker.FleetOpView) bool) *broker.FleetOpView {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	changed := make(chan struct{}, 1)
+	for _, bucket := range []string{broker.FleetBucket, broker.MigrationsBucket} {
+		w, err := e.kv(bucket).WatchAll(ctx, jetstream.UpdatesOnly())
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		go func() {
+			defer func() { _ = w.Stop() }()
+			for range w.Updates() {
+				select {
+				case changed <- struct{}{}:
+				default:
+				}
+			}
+		}()
+	}
+	op := e.operator()
+	for {
+		v, err := op.GetFleetOp(ctx, id)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		if cond(v) {
+			return v
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			e.t.Fatalf("operation %s still %s: %+v", id, v.State, v.Counts)
+		}
+	}
+}
+
+// opEnded is a waitFleetOp condition: the operation is done or aborted.
+func opEnded(v *broker.FleetOpView) bool { return v.State.Terminal() }

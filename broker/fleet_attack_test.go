@@ -17,25 +17,6 @@ import (
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
-// waitFleetOp polls operation id until it ends, and fails the test after 10 s.
-func waitFleetOp(t *testing.T, op *broker.Client, id string) *broker.FleetOpView {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		v, err := op.GetFleetOp(t.Context(), id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if v.State.Terminal() {
-			return v
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("operation %s still %s: %+v", id, v.State, v.Counts)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // hostState returns host's state as an operator lists it.
 func hostState(t *testing.T, op *broker.Client, host string) *broker.HostView {
 	t.Helper()
@@ -69,7 +50,7 @@ func TestDrainOfAHostAGuestIsMigratingInto(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v := waitFleetOp(t, op, resp.Operation.ID)
+	v := e.waitFleetOp(resp.Operation.ID, opEnded)
 	if err := e.agents["h1"].Commit(mig.Migration.ID); err != nil {
 		t.Fatal(err)
 	}
@@ -203,7 +184,7 @@ func TestDrainOfManyStuckGuestsEnds(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v := waitFleetOp(t, op, resp.Operation.ID)
+	v := e.waitFleetOp(resp.Operation.ID, opEnded)
 	if v.State != broker.FleetDone || v.Counts.Stuck != guests {
 		t.Errorf("drain ended %s with %+v, want done with %d stuck", v.State, v.Counts, guests)
 	}
@@ -238,21 +219,14 @@ func TestAbortRacesACommitInADrain(t *testing.T) {
 		t.Fatal(err)
 	}
 	var mig string
-	for deadline := time.Now().Add(10 * time.Second); mig == ""; {
-		if time.Now().After(deadline) {
-			t.Fatal("no migration of the drain started")
-		}
-		v, err := op.GetFleetOp(ctx, resp.Operation.ID)
-		if err != nil {
-			t.Fatal(err)
-		}
+	e.waitFleetOp(resp.Operation.ID, func(v *broker.FleetOpView) bool {
 		for _, it := range v.Items {
 			if it.Status == broker.ItemMigrating {
 				mig = it.Migration
 			}
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return mig != ""
+	})
 	e.waitMigration(mig, inPhase(broker.PhaseTransferring))
 	done := make(chan error, 1)
 	go func() { done <- e.agents["h1"].Commit(mig) }()
@@ -262,7 +236,7 @@ func TestAbortRacesACommitInADrain(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Logf("commit after the abort: %v", err)
 	}
-	v := waitFleetOp(t, op, resp.Operation.ID)
+	v := e.waitFleetOp(resp.Operation.ID, opEnded)
 	if v.State != broker.FleetAborted {
 		t.Errorf("operation ended %s, want aborted", v.State)
 	}

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -187,17 +186,7 @@ func TestDrainKeepsLimitsAndSurvivesItsBroker(t *testing.T) {
 	peak := watchInFlight(t, e)
 	committed := map[string]bool{}
 	stopped := false
-	deadline := time.Now().Add(60 * time.Second)
-	var last *broker.FleetOpView
-	for time.Now().Before(deadline) {
-		v, err := op.GetFleetOp(ctx, id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		last = v
-		if v.State.Terminal() {
-			break
-		}
+	last := e.waitFleetOp(id, func(v *broker.FleetOpView) bool {
 		for _, it := range v.Items {
 			if it.Status == broker.ItemMigrating && !committed[it.Migration] && e.agents["h1"].Commit(it.Migration) == nil {
 				committed[it.Migration] = true
@@ -208,9 +197,9 @@ func TestDrainKeepsLimitsAndSurvivesItsBroker(t *testing.T) {
 			stopped = true
 			e.startBroker("b2")
 		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if last == nil || last.State != broker.FleetDone || last.Counts.Moved != n {
+		return v.State.Terminal()
+	})
+	if last.State != broker.FleetDone || last.Counts.Moved != n {
 		t.Fatalf("drain ended %+v, want done with %d moved", last, n)
 	}
 	if !stopped {
@@ -262,16 +251,7 @@ func TestDrainReportsAGuestNoHostAdmits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var v *broker.FleetOpView
-	for range 500 {
-		if v, err = op.GetFleetOp(ctx, resp.Operation.ID); err != nil {
-			t.Fatal(err)
-		}
-		if v.State.Terminal() {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	v := e.waitFleetOp(resp.Operation.ID, opEnded)
 	if v.State != broker.FleetDone || v.Counts.Stuck != 1 || !strings.Contains(v.Items[0].Reason, "h2: cordoned by operator: full") {
 		t.Fatalf("drain ended %s with %+v, items %+v; want done, the guest stuck with h2's reason", v.State, v.Counts, v.Items)
 	}

@@ -7,6 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natsauth"
 )
 
@@ -33,21 +36,26 @@ func TestAuditTail(t *testing.T) {
 		"broker/policy-apply", "broker/guest-adopt", "broker/policy-apply",
 		`broker/host-state            by=operator target=h2 host=h2 state=cordoned reason="firmware update"`,
 	}
-	// The broker publishes its records after it answers: the stream may not hold the last yet.
-	var out, errOut string
-	var lines []string
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		var code int
-		out, errOut, code = f.run("audit", "tail", "--js-api-prefix", "$JS.API")
-		if code != 0 {
-			t.Fatalf("audit tail: exit %d: %s", code, errOut)
-		}
-		lines = strings.Split(strings.TrimSpace(out), "\n")
-		if len(lines) >= len(want) && strings.Contains(errOut, "1 messages") || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
+	// The broker publishes its records on its own connection as it answers: wait until the
+	// stream holds all five messages (four records and the one that is not).
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
 	}
+	stored, err := js.OrderedConsumer(t.Context(), broker.AuditStream, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range len(want) + 1 {
+		if _, err := stored.Next(jetstream.FetchMaxWait(10 * time.Second)); err != nil {
+			t.Fatalf("waiting for audit message %d in the stream: %v", i+1, err)
+		}
+	}
+	out, errOut, code := f.run("audit", "tail", "--js-api-prefix", "$JS.API")
+	if code != 0 {
+		t.Fatalf("audit tail: exit %d: %s", code, errOut)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
 	if len(lines) != len(want) {
 		t.Fatalf("audit tail printed %d records, want %d:\n%s", len(lines), len(want), out)
 	}
@@ -60,7 +68,7 @@ func TestAuditTail(t *testing.T) {
 		t.Errorf("audit tail's standard error %q does not count the message that is not a record", errOut)
 	}
 
-	out, _, code := f.run("audit", "tail", "--js-api-prefix", "$JS.API", "--since", "1h", "-o", "json")
+	out, _, code = f.run("audit", "tail", "--js-api-prefix", "$JS.API", "--since", "1h", "-o", "json")
 	if code != 0 {
 		t.Fatalf("audit tail -o json: exit %d", code)
 	}
