@@ -183,35 +183,19 @@ func shareText(committed, allocatable uint64) string {
 // Interrupted (Ctrl-C or SIGTERM), it says that the operation goes on and how to follow or
 // abort it, and ends with status 130.
 func watchFleetOp(ctx context.Context, o *brokerOpts, c *broker.Client, id string, stdout, stderr io.Writer) error {
-	t := time.NewTicker(500 * time.Millisecond)
-	defer t.Stop()
 	out := newProgressOut(stderr, o.output != "json")
-	var v *broker.FleetOpView
-	for {
-		cctx, cancel := o.callCtx(ctx)
-		got, err := c.GetFleetOp(cctx, id)
-		cancel()
-		if ctx.Err() != nil {
-			out.end()
-			return fleetInterrupted(stderr, id, v)
-		}
-		if err != nil {
-			out.end()
-			return operatorsOnly(o, "fleet watch", err)
-		}
-		v = got
-		out.show(fleetProgressKey(v), fleetProgressLine(v))
-		if v.State.Terminal() {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			out.end()
-			return fleetInterrupted(stderr, id, v)
-		case <-t.C:
-		}
+	v, stopped, err := follow(ctx, o, out,
+		func(ctx context.Context) (*broker.FleetOpView, error) { return c.GetFleetOp(ctx, id) },
+		func(v *broker.FleetOpView) bool {
+			out.show(fleetProgressKey(v), fleetProgressLine(v))
+			return v.State.Terminal()
+		})
+	switch {
+	case stopped:
+		return fleetInterrupted(stderr, id, v)
+	case err != nil:
+		return operatorsOnly(o, "fleet watch", err)
 	}
-	out.end()
 	if err := o.show(stdout, v, func(w io.Writer) { printFleetResult(w, v) }); err != nil {
 		return err
 	}

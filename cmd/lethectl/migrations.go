@@ -298,36 +298,20 @@ func newMigrationsAbortCmd() *cobra.Command {
 // with status 1. Interrupted (Ctrl-C or SIGTERM), it says
 // that the migration goes on and how to follow or abort it, and ends with status 130.
 func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id string, stdout, stderr io.Writer) error {
-	t := time.NewTicker(500 * time.Millisecond)
-	defer t.Stop()
 	out := newProgressOut(stderr, o.output != "json")
 	view := &progressView{now: time.Now}
-	var m *broker.Migration
-	for {
-		cctx, cancel := o.callCtx(ctx)
-		got, err := c.GetMigration(cctx, id)
-		cancel()
-		if ctx.Err() != nil {
-			out.end()
-			return interrupted(stderr, id, m)
-		}
-		if err != nil {
-			out.end()
-			return err
-		}
-		m = got
-		out.draw(progressKey(m), func(width int) string { return view.line(m, width) })
-		if m.Phase.Terminal() {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			out.end()
-			return interrupted(stderr, id, m)
-		case <-t.C:
-		}
+	m, stopped, err := follow(ctx, o, out,
+		func(ctx context.Context) (*broker.Migration, error) { return c.GetMigration(ctx, id) },
+		func(m *broker.Migration) bool {
+			out.draw(progressKey(m), func(width int) string { return view.line(m, width) })
+			return m.Phase.Terminal()
+		})
+	switch {
+	case stopped:
+		return interrupted(stderr, id, m)
+	case err != nil:
+		return err
 	}
-	out.end()
 	if err := o.show(stdout, m, func(w io.Writer) { printSummary(w, m) }); err != nil {
 		return err
 	}
@@ -335,6 +319,35 @@ func watchMigration(ctx context.Context, o *brokerOpts, c *broker.Client, id str
 		return &exitError{code: 1}
 	}
 	return nil
+}
+
+// follow asks get every 500 ms and hands each answer to shown, which draws it and says
+// whether it is the last, until it is or ctx ends. It returns the last answer (nil if none
+// came), whether ctx ended first, and get's error; out is ended in every case.
+func follow[T any](ctx context.Context, o *brokerOpts, out *progressOut, get func(context.Context) (*T, error), shown func(*T) bool) (last *T, stopped bool, err error) {
+	defer out.end()
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		cctx, cancel := o.callCtx(ctx)
+		got, err := get(cctx)
+		cancel()
+		if ctx.Err() != nil {
+			return last, true, nil
+		}
+		if err != nil {
+			return last, false, err
+		}
+		last = got
+		if shown(last) {
+			return last, false, nil
+		}
+		select {
+		case <-ctx.Done():
+			return last, true, nil
+		case <-t.C:
+		}
+	}
 }
 
 // interrupted tells, when lethectl stops following a migration (Ctrl-C), that the migration
