@@ -226,6 +226,24 @@ func TestDenialFallsBackToNextCandidate(t *testing.T) {
 	}
 }
 
+// TestRefusedPreparationFallsBack: a destination that will not prepare the guest (no room)
+// costs an attempt, as a denial does, and the migration moves on to its next candidate.
+func TestRefusedPreparationFallsBack(t *testing.T) {
+	e := fallbackEnv(t, nil, nil)
+	e.agents["h2"].RefusePrepare = fmt.Errorf("%w: a guest of 1 MiB does not fit on host h2", agentapi.ErrConflict)
+	id := startMigration(t, e, "h2", "h3")
+	m := e.waitMigration(id, inPhase(broker.PhaseErased, broker.PhaseAborted))
+	if m.Phase != broker.PhaseErased || m.Destination != "h3" {
+		t.Fatalf("phase %s on %s (reason %q), want Erased on h3", m.Phase, m.Destination, m.AbortReason)
+	}
+	if len(m.Attempts) != 1 || m.Attempts[0].Destination != "h2" || !strings.Contains(m.Attempts[0].Reason, "does not fit") {
+		t.Errorf("attempts %+v, want h2's refusal", m.Attempts)
+	}
+	if n := len(e.kb.Releases()); n != 1 {
+		t.Errorf("%d releases, want one (to h3): a refused preparation is not sent to the keybroker", n)
+	}
+}
+
 func TestDenialEverywhereAborts(t *testing.T) {
 	e := fallbackEnv(t, map[string]string{"h2": "reason two", "h3": "reason three", "h4": "reason four"}, nil)
 	id := startMigration(t, e, "h2", "h3", "h4")

@@ -312,20 +312,22 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		}
 		return nil
 	})
+	var prepErr error // the destination's own answer, read after Wait
 	g.Go(func() (err error) {
 		prep, err = b.agents.Prepare(gctx, m.Destination, &agentapi.PrepareRequest{
 			MigrationID: m.ID, Nonce: dstNonce.Nonce, Tenant: m.Tenant, VM: m.VM, MemoryBytes: m.MemoryBytes,
 		})
 		if err != nil {
-			return fmt.Errorf("preparing destination %s: %w", m.Destination, err)
+			prepErr = fmt.Errorf("preparing destination %s: %w", m.Destination, err)
+			return prepErr
 		}
 		return nil
 	})
 	if err := g.Wait(); err != nil {
-		if prep == nil && errors.Is(err, agentapi.ErrConflict) && strings.HasPrefix(err.Error(), "preparing destination") {
+		if errors.Is(prepErr, agentapi.ErrConflict) {
 			// The destination refuses the guest (no room, its limit of migrations): as
 			// with a denial, another candidate may take it.
-			return b.denied(ctx, m, err, "destination refused")
+			return b.denied(ctx, m, prepErr, "destination refused")
 		}
 		return err
 	}

@@ -33,6 +33,9 @@ type Agent struct {
 	AutoCommit bool
 	// Now stamps progress reports. Nil means time.Now.
 	Now func() time.Time
+	// RefusePrepare, if not nil, is Prepare's answer: a destination that will not take the
+	// guest (a real agent answers agentapi.ErrConflict when it has no room).
+	RefusePrepare error
 
 	mu         sync.Mutex
 	calls      []Call
@@ -122,6 +125,10 @@ func (a *Agent) Attest(_ context.Context, req *agentapi.AttestRequest) (*attest.
 func (a *Agent) Prepare(_ context.Context, req *agentapi.PrepareRequest) (*agentapi.PrepareResponse, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.RefusePrepare != nil {
+		a.calls = append(a.calls, Call{Op: agentapi.OpPrepare, MigrationID: req.MigrationID})
+		return nil, a.RefusePrepare
+	}
 	m := a.record(agentapi.OpPrepare, req.MigrationID)
 	m.role = attest.RoleDestination
 	ev, err := a.evidence(req.MigrationID, attest.RoleDestination, req.Nonce, map[string]any{"zeroed": true, "bytes": req.MemoryBytes})
