@@ -396,6 +396,14 @@ func (b *Broker) createMigration(ctx, run context.Context, c Caller, req *Create
 	if err != nil {
 		return nil, err
 	}
+	if req.Destination != "" && view.hosts[req.Destination] == nil {
+		// The listing may miss a host whose heartbeat replaced its record meanwhile (see
+		// listJSON): a destination asked for by name is read by name.
+		if h, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, req.Destination); err == nil {
+			view.hosts[h.Host] = h
+			hosts = append(hosts, h)
+		}
+	}
 	now := b.now()
 	verdicts, notes := b.verdicts(hosts, g.Host, g.Platform, pol.Envelope, now)
 	o := req.place

@@ -142,7 +142,10 @@ func updateJSON(ctx context.Context, kv jetstream.KeyValue, key string, v any, r
 }
 
 // listJSON reads every value of kv whose key matches filter (">" for all) in one pass of an
-// ordered consumer, rather than one request per key.
+// ordered consumer, rather than one request per key. It can miss a key rewritten while it
+// reads: in a bucket that keeps one revision (the hosts', at every heartbeat) the revision
+// the listing started from is gone, and the new one comes after the listing ends. Callers
+// that need one key read it by name (getJSON); the others see it at their next listing.
 func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) ([]*T, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
