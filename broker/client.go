@@ -69,10 +69,28 @@ func (c *Client) GetMigration(ctx context.Context, id string) (*Migration, error
 	return &resp, c.call(ctx, OpMigrationsGet, &GetMigrationRequest{ID: id}, &resp)
 }
 
-// ListMigrations lists migrations.
+// ListMigrations returns a page of migrations; its Next, passed as the next request's After,
+// reads the following page.
 func (c *Client) ListMigrations(ctx context.Context, req *ListMigrationsRequest) (*ListMigrationsResponse, error) {
 	var resp ListMigrationsResponse
 	return &resp, c.call(ctx, OpMigrationsList, req, &resp)
+}
+
+// ListAllMigrations follows the pages of req's listing, from req.After to the last page, and
+// returns the migrations of all of them, newest first.
+func (c *Client) ListAllMigrations(ctx context.Context, req ListMigrationsRequest) ([]*Migration, error) {
+	var all []*Migration
+	for {
+		resp, err := c.ListMigrations(ctx, &req)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, resp.Migrations...)
+		if resp.Next == "" {
+			return all, nil
+		}
+		req.After = resp.Next
+	}
 }
 
 // AbortMigration asks to abort a migration and returns its record.

@@ -28,7 +28,7 @@
 //	guests.adopt       AdoptGuestRequest       → Guest
 //	migrations.create  CreateMigrationRequest  → CreateMigrationResponse (DryRun: only the verdicts)
 //	migrations.get     GetMigrationRequest     → Migration
-//	migrations.list    ListMigrationsRequest   → ListMigrationsResponse
+//	migrations.list    ListMigrationsRequest   → ListMigrationsResponse (a page, newest first)
 //	migrations.abort   AbortMigrationRequest   → Migration
 //	receipts.get       GetReceiptRequest       → Receipt
 //	migrations.events  MigrationEventsRequest  → MigrationEventsResponse (a page of LETHE_EVENTS)

@@ -230,17 +230,49 @@ type GetMigrationRequest struct {
 	ID string `json:"id"`
 }
 
-// ListMigrationsRequest lists migrations.
+// ListMigrationsRequest asks for a page of migrations, newest first (by creation time, then
+// by id). The filters combine: a migration is listed if it passes all of them.
 type ListMigrationsRequest struct {
 	// Tenant filters by tenant (operators); tenants see their own.
 	Tenant string `json:"tenant,omitempty"`
-	// Active lists only migrations that are not finished.
+	// VM filters by guest name.
+	VM string `json:"vm,omitempty"`
+	// State filters by state: ListActive (not finished), ListEnded (finished), or empty for
+	// both.
+	State string `json:"state,omitempty"`
+	// Active is State ListActive, kept for older clients.
 	Active bool `json:"active,omitempty"`
+	// Limit is the most migrations a page holds. Zero means DefaultListLimit; more than
+	// MaxListLimit is refused. A page also stops short of MaxListBytes of records, so that
+	// it always fits NATS's payload limit.
+	Limit int `json:"limit,omitempty"`
+	// After is the Next of the previous page; empty starts at the newest migration.
+	After string `json:"after,omitempty"`
 }
 
-// ListMigrationsResponse lists migrations, newest first.
+// States a migrations listing filters by (ListMigrationsRequest.State).
+const (
+	ListActive = "active"
+	ListEnded  = "ended"
+)
+
+// Bounds of a page of migrations.list.
+const (
+	// DefaultListLimit is the size of a page whose request names no limit.
+	DefaultListLimit = 100
+	// MaxListLimit is the largest limit a request may name.
+	MaxListLimit = 500
+	// MaxListBytes bounds the encoded records of one page: half of NATS's default 1 MiB
+	// maximum payload, so the page fits with room for the reply's envelope.
+	MaxListBytes = 512 << 10
+)
+
+// ListMigrationsResponse is a page of migrations, newest first.
 type ListMigrationsResponse struct {
 	Migrations []*Migration `json:"migrations"`
+	// Next is the token of the following page (the request's After); empty on the last page.
+	// It is opaque: a client passes it back unchanged.
+	Next string `json:"next,omitempty"`
 }
 
 // AbortMigrationRequest asks to abort a migration.

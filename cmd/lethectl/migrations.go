@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -163,15 +164,32 @@ func newMigrationsCmd() *cobra.Command {
 
 func newMigrationsListCmd() *cobra.Command {
 	var o brokerOpts
-	var active bool
+	var active, ended, all bool
+	var req broker.ListMigrationsRequest
 	cmd := &cobra.Command{
-		Use:     "list",
-		Short:   "List migrations, newest first",
-		Example: "  lethectl migrations list --active --tenant acme",
+		Use:   "list",
+		Short: "List migrations, newest first, a page at a time",
+		Long: `List migrations, newest first (by creation time, then id), a page at a time: --limit
+migrations (default ` + fmt.Sprint(broker.DefaultListLimit) + `, at most ` + fmt.Sprint(broker.MaxListLimit) + `). When more exist, the text output ends with a
+hint on stderr and the JSON output carries "next": pass it to --after for the next page, or
+give --all to read every page.`,
+		Example: "  lethectl migrations list --active --tenant acme\n  lethectl migrations list --vm web --all -o json",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch {
+			case active && ended:
+				return errors.New("--active and --ended exclude each other")
+			case active:
+				req.State = broker.ListActive
+			case ended:
+				req.State = broker.ListEnded
+			}
 			resp, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ListMigrationsResponse, error) {
-				return c.ListMigrations(ctx, &broker.ListMigrationsRequest{Active: active})
+				if all {
+					ms, err := c.ListAllMigrations(ctx, req)
+					return &broker.ListMigrationsResponse{Migrations: ms}, err
+				}
+				return c.ListMigrations(ctx, &req)
 			})
 			if err != nil {
 				return err
@@ -182,11 +200,20 @@ func newMigrationsListCmd() *cobra.Command {
 						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Tenant, m.VM, m.Source, m.Destination, m.Phase, m.Created.Format(time.RFC3339))
 					}
 				})
+				if resp.Next != "" {
+					fmt.Fprintf(cmd.ErrOrStderr(), "More migrations: --after %s for the next page, or --all.\n", resp.Next)
+				}
 			})
 		},
 	}
 	addBrokerFlags(cmd, &o, true)
-	cmd.Flags().BoolVar(&active, "active", false, "only migrations that are not finished")
+	f := cmd.Flags()
+	f.BoolVar(&active, "active", false, "only migrations that are not finished")
+	f.BoolVar(&ended, "ended", false, "only finished migrations")
+	f.StringVar(&req.VM, "vm", "", "only migrations of this guest")
+	f.IntVar(&req.Limit, "limit", 0, fmt.Sprintf("migrations per page (0: %d; at most %d)", broker.DefaultListLimit, broker.MaxListLimit))
+	f.StringVar(&req.After, "after", "", "start after the page whose next token this is")
+	f.BoolVar(&all, "all", false, "read every page")
 	return cmd
 }
 
