@@ -481,7 +481,7 @@ func (b *Broker) visibleMigration(ctx context.Context, c Caller, id string) (*Mi
 	if err := agentapi.ValidName(id); err != nil {
 		return nil, 0, fmt.Errorf("%w: migration id: %w", ErrInvalid, err)
 	}
-	m, rev, err := getJSON[Migration](ctx, b.store.migrations, id)
+	m, rev, err := b.findMigration(ctx, id)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -529,6 +529,22 @@ func (b *Broker) listMigrations(ctx context.Context, c Caller, req *ListMigratio
 	all, err := listJSON[Migration](ctx, b.store.migrations, ">")
 	if err != nil {
 		return nil, err
+	}
+	if req.Archived {
+		archived, err := listJSON[Migration](ctx, b.store.archive, ">")
+		if err != nil {
+			return nil, err
+		}
+		// A migration being archived is in both buckets for a moment: list it once.
+		live := make(map[string]bool, len(all))
+		for _, m := range all {
+			live[m.ID] = true
+		}
+		for _, m := range archived {
+			if !live[m.ID] {
+				all = append(all, m)
+			}
+		}
 	}
 	var match []*Migration
 	for _, m := range all {

@@ -60,8 +60,8 @@ func TestListMigrationsPages(t *testing.T) {
 	e.startBroker("b1")
 	const n = 2000
 	kv := e.kv(broker.MigrationsBucket)
-	ids := seedMigrations(t, kv, tenant, n, 1300, e.clock.Now().Add(-time.Hour))
-	big := seedMigrations(t, kv, "bigco", 600, 4000, e.clock.Now().Add(-time.Hour))
+	ids := seedMigrations(t, kv, tenant, n, 1300, e.clock.Now().Add(-30*time.Minute))
+	big := seedMigrations(t, kv, "bigco", 600, 4000, e.clock.Now().Add(-30*time.Minute))
 	ctx := context.Background()
 
 	for _, tc := range []struct {

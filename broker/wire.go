@@ -242,6 +242,9 @@ type ListMigrationsRequest struct {
 	State string `json:"state,omitempty"`
 	// Active is State ListActive, kept for older clients.
 	Active bool `json:"active,omitempty"`
+	// Archived also lists the ended migrations moved to the archive (Config.EndedGrace). Such
+	// a listing reads the whole archive, so it costs in proportion to the history kept.
+	Archived bool `json:"archived,omitempty"`
 	// Limit is the most migrations a page holds. Zero means DefaultListLimit; more than
 	// MaxListLimit is refused. A page also stops short of MaxListBytes of records, so that
 	// it always fits NATS's payload limit.
