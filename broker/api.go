@@ -66,6 +66,7 @@ func (b *Broker) serveAPI(ctx context.Context) (*natsrpc.Server, error) {
 			return b.abortMigration(rctx, ctx, c, r)
 		}),
 		OpReceiptsGet:      endpoint(OpReceiptsGet, b.getReceipt),
+		OpReceiptsList:     endpoint(OpReceiptsList, b.listReceipts),
 		OpMigrationsEvents: endpoint(OpMigrationsEvents, b.migrationEvents),
 		OpPolicyGet:        endpoint(OpPolicyGet, b.getPolicy),
 		OpPolicyHistory:    endpoint(OpPolicyHistory, b.policyHistory),
@@ -674,4 +675,48 @@ func (b *Broker) getReceipt(ctx context.Context, c Caller, req *GetReceiptReques
 		return nil, fmt.Errorf("%w: receipt of %s", ErrNotFound, req.MigrationID)
 	}
 	return r, nil
+}
+
+// listReceipts returns a page of the caller's receipts (an operator's: of every tenant, or of
+// req.Tenant), by migration id. It reads the whole receipts bucket, which keeps receipts for
+// Config.ReceiptRetention: it is for exports, not for every check.
+func (b *Broker) listReceipts(ctx context.Context, c Caller, req *ListReceiptsRequest) (*ListReceiptsResponse, error) {
+	want := ""
+	if !c.Operator() || req.Tenant != "" {
+		t, err := c.tenantFor(req.Tenant)
+		if err != nil {
+			return nil, err
+		}
+		want = t
+	}
+	limit := cmp.Or(req.Limit, DefaultListLimit)
+	if limit < 0 || limit > MaxListLimit {
+		return nil, fmt.Errorf("%w: limit %d: want 1 to %d", ErrInvalid, req.Limit, MaxListLimit)
+	}
+	all, err := listJSON[Receipt](ctx, b.store.receipts, ">")
+	if err != nil {
+		return nil, err
+	}
+	var match []*Receipt
+	for _, r := range all {
+		if (want == "" || r.Tenant == want) && c.sees(r.Tenant) && r.MigrationID > req.After {
+			match = append(match, r)
+		}
+	}
+	slices.SortFunc(match, func(x, y *Receipt) int { return strings.Compare(x.MigrationID, y.MigrationID) })
+	resp := &ListReceiptsResponse{Receipts: []*Receipt{}}
+	size := 0
+	for _, r := range match {
+		data, err := json.Marshal(r)
+		if err != nil {
+			return nil, fmt.Errorf("encoding receipt %s: %w", r.MigrationID, err)
+		}
+		if len(resp.Receipts) == limit || (size+len(data)+1 > MaxListBytes && len(resp.Receipts) > 0) {
+			resp.Next = resp.Receipts[len(resp.Receipts)-1].MigrationID
+			break
+		}
+		size += len(data) + 1
+		resp.Receipts = append(resp.Receipts, r)
+	}
+	return resp, nil
 }

@@ -105,6 +105,13 @@ func (c *Client) GetReceipt(ctx context.Context, migrationID string) (*Receipt, 
 	return &resp, c.call(ctx, OpReceiptsGet, &GetReceiptRequest{MigrationID: migrationID}, &resp)
 }
 
+// ListReceipts returns a page of receipts; its Next, passed as the next request's After,
+// reads the following page.
+func (c *Client) ListReceipts(ctx context.Context, req *ListReceiptsRequest) (*ListReceiptsResponse, error) {
+	var resp ListReceiptsResponse
+	return &resp, c.call(ctx, OpReceiptsList, req, &resp)
+}
+
 func (c *Client) call(ctx context.Context, op Op, req, resp any) error {
 	subject := OperatorSubject(op)
 	if !c.caller.Operator() {

@@ -139,3 +139,53 @@ func TestListMigrationsPages(t *testing.T) {
 		}
 	}
 }
+
+// TestListReceiptsPages lists a tenant's 600 receipts in pages: each once, by migration id,
+// none of another tenant's.
+func TestListReceiptsPages(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.startBroker("b1")
+	ctx := t.Context()
+	kv := e.kv(broker.ReceiptsBucket)
+	put := func(tenant string, i int) {
+		r := broker.Receipt{MigrationID: fmt.Sprintf("mig-%s-%04d", tenant, i), Tenant: tenant, VM: "web", Outcome: broker.OutcomeErased,
+			Envelope: json.RawMessage(`"` + strings.Repeat("e", 2000) + `"`), Stored: e.clock.Now()}
+		data, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := kv.Put(ctx, r.MigrationID, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 600 {
+		put(tenant, i)
+	}
+	put("other", 0)
+	req := &broker.ListReceiptsRequest{}
+	var got []string
+	for pages := 0; ; pages++ {
+		resp, err := e.tenant(tenant).ListReceipts(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Receipts) > broker.DefaultListLimit || pages > 600 {
+			t.Fatalf("page %d: %d receipts", pages, len(resp.Receipts))
+		}
+		for _, r := range resp.Receipts {
+			got = append(got, r.MigrationID)
+		}
+		if resp.Next == "" {
+			break
+		}
+		req.After = resp.Next
+	}
+	if len(got) != 600 {
+		t.Fatalf("listed %d receipts, want 600", len(got))
+	}
+	for i, id := range got {
+		if want := fmt.Sprintf("mig-%s-%04d", tenant, i); id != want {
+			t.Fatalf("receipt %d is %s, want %s", i, id, want)
+		}
+	}
+}

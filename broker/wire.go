@@ -32,6 +32,7 @@ const (
 	OpMigrationsList   Op = "migrations.list"
 	OpMigrationsAbort  Op = "migrations.abort"
 	OpReceiptsGet      Op = "receipts.get"
+	OpReceiptsList     Op = "receipts.list"
 	OpMigrationsEvents Op = "migrations.events"
 	OpPolicyGet        Op = "policy.get"
 	OpPolicyHistory    Op = "policy.history"
@@ -39,8 +40,8 @@ const (
 
 // Ops lists every operation of the broker API.
 var Ops = []Op{OpPolicyApply, OpHostsList, OpGuestsList, OpGuestsAdopt, OpMigrationsCreate,
-	OpMigrationsGet, OpMigrationsList, OpMigrationsAbort, OpReceiptsGet, OpMigrationsEvents,
-	OpPolicyGet, OpPolicyHistory}
+	OpMigrationsGet, OpMigrationsList, OpMigrationsAbort, OpReceiptsGet, OpReceiptsList,
+	OpMigrationsEvents, OpPolicyGet, OpPolicyHistory}
 
 // TenantSubject returns the subject of op for tenant.
 func TenantSubject(tenant string, op Op) string {
@@ -287,6 +288,24 @@ type AbortMigrationRequest struct {
 // GetReceiptRequest names the migration whose receipt is wanted.
 type GetReceiptRequest struct {
 	MigrationID string `json:"migrationId"`
+}
+
+// ListReceiptsRequest asks for a page of receipts, by migration id. Its bounds are those of
+// ListMigrationsRequest: Limit up to MaxListLimit, a page up to MaxListBytes.
+type ListReceiptsRequest struct {
+	// Tenant filters by tenant (operators); tenants see their own.
+	Tenant string `json:"tenant,omitempty"`
+	// Limit is the most receipts a page holds. Zero means DefaultListLimit.
+	Limit int `json:"limit,omitempty"`
+	// After is the Next of the previous page; empty starts at the first.
+	After string `json:"after,omitempty"`
+}
+
+// ListReceiptsResponse is a page of receipts, by migration id.
+type ListReceiptsResponse struct {
+	Receipts []*Receipt `json:"receipts"`
+	// Next is the token of the following page; empty on the last page.
+	Next string `json:"next,omitempty"`
 }
 
 // MigrationEventsRequest reads a page of a migration's events from stream LETHE_EVENTS.

@@ -186,6 +186,8 @@ give --all to read every page.`,
 			}
 			resp, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ListMigrationsResponse, error) {
 				if all {
+					// Fewer, fuller pages: a listing with the archive reads it whole for each.
+					req.Limit = cmp.Or(req.Limit, broker.MaxListLimit)
 					ms, err := c.ListAllMigrations(ctx, req)
 					return &broker.ListMigrationsResponse{Migrations: ms}, err
 				}
@@ -214,6 +216,7 @@ give --all to read every page.`,
 	f.IntVar(&req.Limit, "limit", 0, fmt.Sprintf("migrations per page (0: %d; at most %d)", broker.DefaultListLimit, broker.MaxListLimit))
 	f.StringVar(&req.After, "after", "", "start after the page whose next token this is")
 	f.BoolVar(&all, "all", false, "read every page")
+	f.BoolVar(&req.Archived, "archived", false, "also list the ended migrations the broker archived (slower: it reads the whole archive)")
 	return cmd
 }
 
