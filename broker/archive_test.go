@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/broker"
-	"github.com/lethe-cc/lethe/internal/natstest"
 )
 
 // liveMessages returns how many messages the live migrations bucket's stream holds: records,
@@ -41,9 +40,10 @@ func waitLiveEmpty(t testing.TB, e *env) {
 // TestEndedMigrationsArchived runs a migration to its end and lets EndedGrace pass: the
 // migration leaves the live bucket without a trace (no record, no delete marker), and the
 // tenant still gets it, its events and its receipt, lists it with Archived, and cannot
-// bring it back by aborting it.
+// bring it back by aborting it. The broker runs with Lethe's NATS permissions: its store
+// user's rights suffice to archive.
 func TestEndedMigrationsArchived(t *testing.T) {
-	e := newEnv(t, natstest.Options{})
+	e := authEnv(t)
 	e.cfg.EndedGrace = time.Minute
 	e.standard()
 	e.agents["h1"].AutoCommit = true
@@ -88,10 +88,10 @@ func TestEndedMigrationsArchived(t *testing.T) {
 	if err != nil || len(all) != seeded+1 {
 		t.Errorf("listing with the archive: %d migrations, %v; want %d", len(all), err, seeded+1)
 	}
-	if other, err := e.tenant("other").ListAllMigrations(ctx, broker.ListMigrationsRequest{Archived: true}); err != nil || len(other) != 0 {
+	if other, err := e.tenant("globex").ListAllMigrations(ctx, broker.ListMigrationsRequest{Archived: true}); err != nil || len(other) != 0 {
 		t.Errorf("another tenant lists %d archived migrations, %v; want none", len(other), err)
 	}
-	if _, err := e.tenant("other").GetMigration(ctx, id); !errors.Is(err, broker.ErrNotFound) {
+	if _, err := e.tenant("globex").GetMigration(ctx, id); !errors.Is(err, broker.ErrNotFound) {
 		t.Errorf("another tenant gets the archived migration: %v, want ErrNotFound", err)
 	}
 
