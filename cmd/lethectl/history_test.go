@@ -65,7 +65,7 @@ func TestMigrationsListPagesAndReceiptExport(t *testing.T) {
 	if rows := strings.Count(out, "\n") - 1; code != 0 || rows != 100 || !strings.Contains(errOut, "More migrations: --after ") {
 		t.Errorf("one page: exit %d, %d rows, stderr %q; want 100 rows and a hint", code, rows, errOut)
 	}
-	out, errOut, code = f.run("migrations", "list", "--tenant", "acme", "--all", "-o", "json")
+	out, errOut, code = f.run("migrations", "list", "--tenant", "acme", "--limit", "100", "--all", "-o", "json")
 	var all broker.ListMigrationsResponse
 	if err := json.Unmarshal([]byte(out), &all); code != 0 || err != nil || len(all.Migrations) != 250 || all.Next != "" {
 		t.Errorf("--all -o json: exit %d (%s), %v, %d migrations, next %q; want 250 and no next", code, errOut, err, len(all.Migrations), all.Next)

@@ -124,6 +124,26 @@ func (o *brokerOpts) callCtx(ctx context.Context) (context.Context, context.Canc
 	return context.WithTimeout(ctx, o.Timeout)
 }
 
+// callPages connects to the broker as o says and calls page with after "" and then with each
+// token it returns, until it returns "" or an error. Each call has o's timeout of its own: a
+// long listing is many calls.
+func callPages(ctx context.Context, o *brokerOpts, page func(ctx context.Context, c *broker.Client, after string) (next string, err error)) error {
+	c, closeFn, err := o.client()
+	if err != nil {
+		return err
+	}
+	defer closeFn()
+	after := ""
+	for {
+		cctx, cancel := o.callCtx(ctx)
+		after, err = page(cctx, c, after)
+		cancel()
+		if err != nil || after == "" {
+			return err
+		}
+	}
+}
+
 // callBroker connects to the broker as o says, runs one call with o's timeout, and closes the
 // connection.
 func callBroker[T any](ctx context.Context, o *brokerOpts, call func(context.Context, *broker.Client) (T, error)) (T, error) {
@@ -184,15 +204,26 @@ give --all to read every page.`,
 			case ended:
 				req.State = broker.ListEnded
 			}
-			resp, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ListMigrationsResponse, error) {
-				if all {
-					// Fewer, fuller pages: a listing with the archive reads it whole for each.
-					req.Limit = cmp.Or(req.Limit, broker.MaxListLimit)
-					ms, err := c.ListAllMigrations(ctx, req)
-					return &broker.ListMigrationsResponse{Migrations: ms}, err
-				}
-				return c.ListMigrations(ctx, &req)
-			})
+			var resp *broker.ListMigrationsResponse
+			var err error
+			if all {
+				// Fewer, fuller pages: a listing with the archive reads it whole for each.
+				req.Limit = cmp.Or(req.Limit, broker.MaxListLimit)
+				resp = &broker.ListMigrationsResponse{Migrations: []*broker.Migration{}}
+				err = callPages(cmd.Context(), &o, func(ctx context.Context, c *broker.Client, after string) (string, error) {
+					req.After = cmp.Or(after, req.After)
+					page, err := c.ListMigrations(ctx, &req)
+					if err != nil {
+						return "", err
+					}
+					resp.Migrations = append(resp.Migrations, page.Migrations...)
+					return page.Next, nil
+				})
+			} else {
+				resp, err = callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ListMigrationsResponse, error) {
+					return c.ListMigrations(ctx, &req)
+				})
+			}
 			if err != nil {
 				return err
 			}

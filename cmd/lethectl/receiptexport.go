@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 
 	"github.com/spf13/cobra"
@@ -38,8 +37,22 @@ tenant's. Each line holds the signed envelope ("envelope") and the residency log
 				defer f.Close()
 				w = f
 			}
-			n, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (int, error) {
-				return exportReceipts(ctx, c, w)
+			enc := json.NewEncoder(w)
+			req := &broker.ListReceiptsRequest{Limit: broker.MaxListLimit}
+			n := 0
+			err := callPages(cmd.Context(), &o, func(ctx context.Context, c *broker.Client, after string) (string, error) {
+				req.After = after
+				resp, err := c.ListReceipts(ctx, req)
+				if err != nil {
+					return "", err
+				}
+				for _, r := range resp.Receipts {
+					if err := enc.Encode(r); err != nil {
+						return "", fmt.Errorf("writing receipts: %w", err)
+					}
+					n++
+				}
+				return resp.Next, nil
 			})
 			if err != nil {
 				return err
@@ -56,28 +69,4 @@ tenant's. Each line holds the signed envelope ("envelope") and the residency log
 	addBrokerFlags(cmd, &o, false)
 	cmd.Flags().StringVar(&out, "out", "", "write to this file instead of standard output")
 	return cmd
-}
-
-// exportReceipts writes every page of the caller's receipts to w as JSON lines and returns
-// how many it wrote.
-func exportReceipts(ctx context.Context, c *broker.Client, w io.Writer) (int, error) {
-	enc := json.NewEncoder(w)
-	req := &broker.ListReceiptsRequest{Limit: broker.MaxListLimit}
-	n := 0
-	for {
-		resp, err := c.ListReceipts(ctx, req)
-		if err != nil {
-			return n, err
-		}
-		for _, r := range resp.Receipts {
-			if err := enc.Encode(r); err != nil {
-				return n, fmt.Errorf("writing receipts: %w", err)
-			}
-			n++
-		}
-		if resp.Next == "" {
-			return n, nil
-		}
-		req.After = resp.Next
-	}
 }
