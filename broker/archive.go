@@ -20,10 +20,9 @@ const ArchiveBucket = natsauth.ArchiveBucket
 // Every broker reads every record of MigrationsBucket at each check (reconcile), so that
 // bucket holds the live set only: the migrations in flight and those ended less than
 // Config.EndedGrace ago. Reconcile moves an ended migration older than that to ArchiveBucket:
-// it copies the record there, deletes it from MigrationsBucket if it is still at the revision
-// it copied (so a record changed meanwhile is copied again later, never lost), and purges the
-// key's messages, delete marker included, so that no trace of it is left for the next listing
-// to read. ArchiveBucket keeps a record for Config.ArchiveRetention; migrations.get, .events
+// it copies the record there and purges the key from MigrationsBucket up to the revision it
+// copied (so a record changed meanwhile stays and is copied again later, never lost), leaving
+// no delete marker for the next listing to read. ArchiveBucket keeps a record for Config.ArchiveRetention; migrations.get, .events
 // and .abort read it there when the live bucket no longer has it, and migrations.list reads it
 // when asked (ListMigrationsRequest.Archived).
 
@@ -65,8 +64,10 @@ func (b *Broker) archiveEnded(ctx context.Context, recs []*Migration, now time.T
 	}
 }
 
-// archive moves migration id, ended, from the live bucket to the archive. A record that
-// changed since it was read, or that another broker archived first, is left as it is.
+// archive moves migration id, ended, from the live bucket to the archive: it copies the
+// record, then purges the key's messages up to the revision it copied. A revision written
+// after the copy (none is, to an ended migration, but nothing forbids it) stays, and the next
+// check copies it again. The purge leaves no delete marker for the next listing to read.
 func (b *Broker) archive(ctx context.Context, stream jetstream.Stream, id string) error {
 	e, err := b.store.migrations.Get(ctx, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -78,14 +79,9 @@ func (b *Broker) archive(ctx context.Context, stream jetstream.Stream, id string
 	if _, err := b.store.archive.Put(ctx, id, e.Value()); err != nil {
 		return fmt.Errorf("writing %s: %w", ArchiveBucket, err)
 	}
-	if err := b.store.migrations.Delete(ctx, id, jetstream.LastRevision(e.Revision())); err != nil {
-		if errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
-			return nil // changed or archived meanwhile: the next check looks again
-		}
-		return fmt.Errorf("deleting from %s: %w", MigrationsBucket, err)
-	}
-	if err := stream.Purge(ctx, jetstream.WithPurgeSubject("$KV."+MigrationsBucket+"."+id)); err != nil {
-		return fmt.Errorf("purging the delete marker: %w", err)
+	err = stream.Purge(ctx, jetstream.WithPurgeSubject("$KV."+MigrationsBucket+"."+id), jetstream.WithPurgeSequence(e.Revision()+1))
+	if err != nil {
+		return fmt.Errorf("purging from %s: %w", MigrationsBucket, err)
 	}
 	return nil
 }
