@@ -3,11 +3,15 @@ package broker
 import (
 	"cmp"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/natsauth"
@@ -62,6 +66,7 @@ func (b *Broker) serveAPI(ctx context.Context) (*natsrpc.Server, error) {
 			return b.abortMigration(rctx, ctx, c, r)
 		}),
 		OpReceiptsGet:      endpoint(OpReceiptsGet, b.getReceipt),
+		OpReceiptsList:     endpoint(OpReceiptsList, b.listReceipts),
 		OpMigrationsEvents: endpoint(OpMigrationsEvents, b.migrationEvents),
 		OpPolicyGet:        endpoint(OpPolicyGet, b.getPolicy),
 		OpPolicyHistory:    endpoint(OpPolicyHistory, b.policyHistory),
@@ -477,7 +482,7 @@ func (b *Broker) visibleMigration(ctx context.Context, c Caller, id string) (*Mi
 	if err := agentapi.ValidName(id); err != nil {
 		return nil, 0, fmt.Errorf("%w: migration id: %w", ErrInvalid, err)
 	}
-	m, rev, err := getJSON[Migration](ctx, b.store.migrations, id)
+	m, rev, err := b.findMigration(ctx, id)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -504,19 +509,121 @@ func (b *Broker) listMigrations(ctx context.Context, c Caller, req *ListMigratio
 		}
 		want = t
 	}
+	state := req.State
+	if req.Active && state == "" {
+		state = ListActive
+	}
+	if state != "" && state != ListActive && state != ListEnded {
+		return nil, fmt.Errorf("%w: state %q: want %s or %s", ErrInvalid, state, ListActive, ListEnded)
+	}
+	limit := cmp.Or(req.Limit, DefaultListLimit)
+	if limit < 0 || limit > MaxListLimit {
+		return nil, fmt.Errorf("%w: limit %d: want 1 to %d", ErrInvalid, req.Limit, MaxListLimit)
+	}
+	var after listCursor
+	if req.After != "" {
+		var err error
+		if after, err = parseListCursor(req.After); err != nil {
+			return nil, err
+		}
+	}
 	all, err := listJSON[Migration](ctx, b.store.migrations, ">")
 	if err != nil {
 		return nil, err
 	}
-	resp := &ListMigrationsResponse{Migrations: []*Migration{}}
+	if req.Archived {
+		archived, err := listJSON[Migration](ctx, b.store.archive, ">")
+		if err != nil {
+			return nil, err
+		}
+		// A migration being archived is in both buckets for a moment: list it once.
+		live := make(map[string]bool, len(all))
+		for _, m := range all {
+			live[m.ID] = true
+		}
+		for _, m := range archived {
+			if !live[m.ID] {
+				all = append(all, m)
+			}
+		}
+	}
+	var match []*Migration
 	for _, m := range all {
-		if (want != "" && m.Tenant != want) || !c.sees(m.Tenant) || (req.Active && m.Phase.Terminal()) {
+		if (want != "" && m.Tenant != want) || !c.sees(m.Tenant) || (req.VM != "" && m.VM != req.VM) ||
+			(state == ListActive && m.Phase.Terminal()) || (state == ListEnded && !m.Phase.Terminal()) {
 			continue
 		}
-		resp.Migrations = append(resp.Migrations, m.public())
+		if req.After != "" && !after.before(m) {
+			continue
+		}
+		match = append(match, m)
 	}
-	sort.Slice(resp.Migrations, func(i, j int) bool { return resp.Migrations[i].Created.After(resp.Migrations[j].Created) })
+	slices.SortFunc(match, func(x, y *Migration) int {
+		return cmp.Or(y.Created.Compare(x.Created), strings.Compare(y.ID, x.ID))
+	})
+	return migrationsPage(match, limit)
+}
+
+// migrationsPage returns the first limit migrations of ms (sorted newest first) whose
+// encoding fits MaxListBytes, and the token of the next page if ms holds more.
+func migrationsPage(ms []*Migration, limit int) (*ListMigrationsResponse, error) {
+	resp := &ListMigrationsResponse{Migrations: []*Migration{}}
+	size := 0
+	for _, m := range ms {
+		if len(resp.Migrations) == limit {
+			break
+		}
+		p := m.public()
+		data, err := json.Marshal(p)
+		if err != nil {
+			return nil, fmt.Errorf("encoding migration %s: %w", m.ID, err)
+		}
+		if size+len(data)+1 > MaxListBytes && len(resp.Migrations) > 0 {
+			break
+		}
+		size += len(data) + 1
+		resp.Migrations = append(resp.Migrations, p)
+	}
+	if len(resp.Migrations) < len(ms) {
+		last := resp.Migrations[len(resp.Migrations)-1]
+		resp.Next = listCursor{created: last.Created, id: last.ID}.String()
+	}
 	return resp, nil
+}
+
+// listCursor is where a page of migrations.list ended: the creation time and id of its last
+// migration. Its text form, the page's Next, is opaque to clients.
+type listCursor struct {
+	created time.Time
+	id      string
+}
+
+func (c listCursor) String() string {
+	return base64.RawURLEncoding.EncodeToString(fmt.Appendf(nil, "%d/%s", c.created.UnixNano(), c.id))
+}
+
+func parseListCursor(s string) (listCursor, error) {
+	raw, err := base64.RawURLEncoding.DecodeString(s)
+	if err != nil {
+		return listCursor{}, fmt.Errorf("%w: after: not a page token", ErrInvalid)
+	}
+	ns, id, ok := strings.Cut(string(raw), "/")
+	n, err := strconv.ParseInt(ns, 10, 64)
+	if !ok || err != nil || id == "" {
+		return listCursor{}, fmt.Errorf("%w: after: not a page token", ErrInvalid)
+	}
+	return listCursor{created: time.Unix(0, n), id: id}, nil
+}
+
+// before says m comes after the cursor in the listing's order (newest first, then by id
+// descending), that is on a later page.
+func (c listCursor) before(m *Migration) bool {
+	switch n := m.Created.UnixNano(); {
+	case n != c.created.UnixNano():
+		return n < c.created.UnixNano()
+	default:
+		return m.ID < c.id
+	}
 }
 
 // abortMigration moves a migration to Aborting. Once cutover has started only the broker
@@ -568,4 +675,48 @@ func (b *Broker) getReceipt(ctx context.Context, c Caller, req *GetReceiptReques
 		return nil, fmt.Errorf("%w: receipt of %s", ErrNotFound, req.MigrationID)
 	}
 	return r, nil
+}
+
+// listReceipts returns a page of the caller's receipts (an operator's: of every tenant, or of
+// req.Tenant), by migration id. It reads the whole receipts bucket, which keeps receipts for
+// Config.ReceiptRetention: it is for exports, not for every check.
+func (b *Broker) listReceipts(ctx context.Context, c Caller, req *ListReceiptsRequest) (*ListReceiptsResponse, error) {
+	want := ""
+	if !c.Operator() || req.Tenant != "" {
+		t, err := c.tenantFor(req.Tenant)
+		if err != nil {
+			return nil, err
+		}
+		want = t
+	}
+	limit := cmp.Or(req.Limit, DefaultListLimit)
+	if limit < 0 || limit > MaxListLimit {
+		return nil, fmt.Errorf("%w: limit %d: want 1 to %d", ErrInvalid, req.Limit, MaxListLimit)
+	}
+	all, err := listJSON[Receipt](ctx, b.store.receipts, ">")
+	if err != nil {
+		return nil, err
+	}
+	var match []*Receipt
+	for _, r := range all {
+		if (want == "" || r.Tenant == want) && c.sees(r.Tenant) && r.MigrationID > req.After {
+			match = append(match, r)
+		}
+	}
+	slices.SortFunc(match, func(x, y *Receipt) int { return strings.Compare(x.MigrationID, y.MigrationID) })
+	resp := &ListReceiptsResponse{Receipts: []*Receipt{}}
+	size := 0
+	for _, r := range match {
+		data, err := json.Marshal(r)
+		if err != nil {
+			return nil, fmt.Errorf("encoding receipt %s: %w", r.MigrationID, err)
+		}
+		if len(resp.Receipts) == limit || (size+len(data)+1 > MaxListBytes && len(resp.Receipts) > 0) {
+			resp.Next = resp.Receipts[len(resp.Receipts)-1].MigrationID
+			break
+		}
+		size += len(data) + 1
+		resp.Receipts = append(resp.Receipts, r)
+	}
+	return resp, nil
 }

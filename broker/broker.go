@@ -85,6 +85,15 @@ type Config struct {
 	EventsRetention time.Duration
 	// AuditRetention is how long LETHE_AUDIT keeps audit records. Zero means 365 days.
 	AuditRetention time.Duration
+	// EndedGrace is how long an ended migration stays in the live bucket, which every check
+	// reads whole, before it moves to the archive bucket (archive.go). Zero means 1 hour.
+	EndedGrace time.Duration
+	// ArchiveRetention is how long the archive keeps an ended migration, counted from when it
+	// moved there. Zero means 365 days; negative keeps it for ever.
+	ArchiveRetention time.Duration
+	// ReceiptRetention is how long the receipts bucket keeps a receipt. Zero keeps receipts
+	// for ever: a tenant may need one long after its migration (lethectl receipt export).
+	ReceiptRetention time.Duration
 	// MaxConcurrentRequests bounds API requests handled at once. Zero means 64.
 	MaxConcurrentRequests int
 	// Metrics receives the broker's measurements. Nil means none are taken.
@@ -183,6 +192,14 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.AgentTimeout, 30*time.Second)
 	setDefault(&cfg.EventsRetention, 30*24*time.Hour)
 	setDefault(&cfg.AuditRetention, 365*24*time.Hour)
+	setDefault(&cfg.EndedGrace, time.Hour)
+	switch {
+	case cfg.ArchiveRetention == 0:
+		cfg.ArchiveRetention = 365 * 24 * time.Hour
+	case cfg.ArchiveRetention < 0:
+		cfg.ArchiveRetention = 0 // the bucket's TTL: none
+	}
+	cfg.ReceiptRetention = max(cfg.ReceiptRetention, 0)
 	if cfg.Streams <= 0 {
 		cfg.Streams = 4
 	}
@@ -252,10 +269,12 @@ func (b *Broker) Run(ctx context.Context) error {
 		return fmt.Errorf("opening jetstream: %w", err)
 	}
 	st, err := openStore(ctx, js, storeConfig{
-		replicas:        b.cfg.Replicas,
-		hostTTL:         b.cfg.HostTTL,
-		eventsRetention: b.cfg.EventsRetention,
-		auditRetention:  b.cfg.AuditRetention,
+		replicas:         b.cfg.Replicas,
+		hostTTL:          b.cfg.HostTTL,
+		eventsRetention:  b.cfg.EventsRetention,
+		auditRetention:   b.cfg.AuditRetention,
+		archiveRetention: b.cfg.ArchiveRetention,
+		receiptRetention: b.cfg.ReceiptRetention,
 	})
 	if err != nil {
 		return err
@@ -397,7 +416,9 @@ func (b *Broker) watchMigrations(ctx context.Context, w jetstream.KeyWatcher) er
 }
 
 // reconcileLoop looks, every CheckInterval, at every unfinished migration: one this broker
-// drives gets its timeouts checked; one nobody holds is taken over.
+// drives gets its timeouts checked; one nobody holds is taken over. It reads the live bucket
+// only: ended migrations leave it for the archive after EndedGrace (archive.go), so a check
+// costs in proportion to the migrations in flight, not to the history.
 func (b *Broker) reconcileLoop(ctx context.Context) error {
 	t := time.NewTicker(b.cfg.CheckInterval)
 	defer t.Stop()
@@ -456,6 +477,7 @@ func (b *Broker) reconcile(ctx context.Context) {
 		}
 		b.drive(ctx, m.ID)
 	}
+	b.archiveEnded(ctx, recs, now)
 }
 
 // noteActive adds a migration this broker just created to the snapshot of those in flight,

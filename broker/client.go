@@ -69,10 +69,28 @@ func (c *Client) GetMigration(ctx context.Context, id string) (*Migration, error
 	return &resp, c.call(ctx, OpMigrationsGet, &GetMigrationRequest{ID: id}, &resp)
 }
 
-// ListMigrations lists migrations.
+// ListMigrations returns a page of migrations; its Next, passed as the next request's After,
+// reads the following page.
 func (c *Client) ListMigrations(ctx context.Context, req *ListMigrationsRequest) (*ListMigrationsResponse, error) {
 	var resp ListMigrationsResponse
 	return &resp, c.call(ctx, OpMigrationsList, req, &resp)
+}
+
+// ListAllMigrations follows the pages of req's listing, from req.After to the last page, and
+// returns the migrations of all of them, newest first.
+func (c *Client) ListAllMigrations(ctx context.Context, req ListMigrationsRequest) ([]*Migration, error) {
+	var all []*Migration
+	for {
+		resp, err := c.ListMigrations(ctx, &req)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, resp.Migrations...)
+		if resp.Next == "" {
+			return all, nil
+		}
+		req.After = resp.Next
+	}
 }
 
 // AbortMigration asks to abort a migration and returns its record.
@@ -85,6 +103,13 @@ func (c *Client) AbortMigration(ctx context.Context, req *AbortMigrationRequest)
 func (c *Client) GetReceipt(ctx context.Context, migrationID string) (*Receipt, error) {
 	var resp Receipt
 	return &resp, c.call(ctx, OpReceiptsGet, &GetReceiptRequest{MigrationID: migrationID}, &resp)
+}
+
+// ListReceipts returns a page of receipts; its Next, passed as the next request's After,
+// reads the following page.
+func (c *Client) ListReceipts(ctx context.Context, req *ListReceiptsRequest) (*ListReceiptsResponse, error) {
+	var resp ListReceiptsResponse
+	return &resp, c.call(ctx, OpReceiptsList, req, &resp)
 }
 
 func (c *Client) call(ctx context.Context, op Op, req, resp any) error {

@@ -28,9 +28,10 @@
 //	guests.adopt       AdoptGuestRequest       → Guest
 //	migrations.create  CreateMigrationRequest  → CreateMigrationResponse (DryRun: only the verdicts)
 //	migrations.get     GetMigrationRequest     → Migration
-//	migrations.list    ListMigrationsRequest   → ListMigrationsResponse
+//	migrations.list    ListMigrationsRequest   → ListMigrationsResponse (a page, newest first)
 //	migrations.abort   AbortMigrationRequest   → Migration
 //	receipts.get       GetReceiptRequest       → Receipt
+//	receipts.list      ListReceiptsRequest     → ListReceiptsResponse (a page, by migration id)
 //	migrations.events  MigrationEventsRequest  → MigrationEventsResponse (a page of LETHE_EVENTS)
 //	policy.get         GetPolicyRequest        → PolicyView
 //	policy.history     PolicyHistoryRequest    → PolicyHistoryResponse

@@ -213,7 +213,7 @@ func (b *Broker) settleItems(ctx context.Context, op *FleetOp) error {
 		if it.Status != ItemMigrating {
 			continue
 		}
-		m, _, err := getJSON[Migration](ctx, b.store.migrations, it.Migration)
+		m, _, err := b.findMigration(ctx, it.Migration)
 		if errors.Is(err, ErrNotFound) {
 			// Named ahead and never created: its broker stopped in between.
 			ends[i] = end{status: ItemWaiting}

@@ -37,6 +37,7 @@ type store struct {
 	guests     jetstream.KeyValue
 	receipts   jetstream.KeyValue
 	fleet      jetstream.KeyValue
+	archive    jetstream.KeyValue
 }
 
 // storeConfig sizes the buckets.
@@ -45,6 +46,10 @@ type storeConfig struct {
 	hostTTL         time.Duration
 	eventsRetention time.Duration
 	auditRetention  time.Duration
+	// archiveRetention and receiptRetention are the TTLs of the archive and the receipts'
+	// buckets; zero keeps their records for ever.
+	archiveRetention time.Duration
+	receiptRetention time.Duration
 }
 
 // openStore creates (or updates) the buckets and the events stream and returns handles on them.
@@ -58,8 +63,9 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 		{&s.hosts, jetstream.KeyValueConfig{Bucket: HostsBucket, Description: "Lethe host records and heartbeats", History: 1, TTL: cfg.hostTTL}},
 		{&s.policies, jetstream.KeyValueConfig{Bucket: PoliciesBucket, Description: "Lethe signed tenant policies", History: 5}},
 		{&s.guests, jetstream.KeyValueConfig{Bucket: GuestsBucket, Description: "Lethe guests: host, epoch, wrapped memory key", History: 5}},
-		{&s.receipts, jetstream.KeyValueConfig{Bucket: ReceiptsBucket, Description: "Lethe signed receipts", History: 1}},
+		{&s.receipts, jetstream.KeyValueConfig{Bucket: ReceiptsBucket, Description: "Lethe signed receipts", History: 1, TTL: cfg.receiptRetention}},
 		{&s.fleet, jetstream.KeyValueConfig{Bucket: FleetBucket, Description: "Lethe host states and fleet operations", History: 5}},
+		{&s.archive, jetstream.KeyValueConfig{Bucket: ArchiveBucket, Description: "Lethe ended migrations, out of the live set", History: 1, TTL: cfg.archiveRetention}},
 	}
 	for _, b := range buckets {
 		b.cfg.Replicas = cfg.replicas

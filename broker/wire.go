@@ -32,6 +32,7 @@ const (
 	OpMigrationsList   Op = "migrations.list"
 	OpMigrationsAbort  Op = "migrations.abort"
 	OpReceiptsGet      Op = "receipts.get"
+	OpReceiptsList     Op = "receipts.list"
 	OpMigrationsEvents Op = "migrations.events"
 	OpPolicyGet        Op = "policy.get"
 	OpPolicyHistory    Op = "policy.history"
@@ -39,8 +40,8 @@ const (
 
 // Ops lists every operation of the broker API.
 var Ops = []Op{OpPolicyApply, OpHostsList, OpGuestsList, OpGuestsAdopt, OpMigrationsCreate,
-	OpMigrationsGet, OpMigrationsList, OpMigrationsAbort, OpReceiptsGet, OpMigrationsEvents,
-	OpPolicyGet, OpPolicyHistory}
+	OpMigrationsGet, OpMigrationsList, OpMigrationsAbort, OpReceiptsGet, OpReceiptsList,
+	OpMigrationsEvents, OpPolicyGet, OpPolicyHistory}
 
 // TenantSubject returns the subject of op for tenant.
 func TenantSubject(tenant string, op Op) string {
@@ -230,17 +231,52 @@ type GetMigrationRequest struct {
 	ID string `json:"id"`
 }
 
-// ListMigrationsRequest lists migrations.
+// ListMigrationsRequest asks for a page of migrations, newest first (by creation time, then
+// by id). The filters combine: a migration is listed if it passes all of them.
 type ListMigrationsRequest struct {
 	// Tenant filters by tenant (operators); tenants see their own.
 	Tenant string `json:"tenant,omitempty"`
-	// Active lists only migrations that are not finished.
+	// VM filters by guest name.
+	VM string `json:"vm,omitempty"`
+	// State filters by state: ListActive (not finished), ListEnded (finished), or empty for
+	// both.
+	State string `json:"state,omitempty"`
+	// Active is State ListActive, kept for older clients.
 	Active bool `json:"active,omitempty"`
+	// Archived also lists the ended migrations moved to the archive (Config.EndedGrace). Such
+	// a listing reads the whole archive, so it costs in proportion to the history kept.
+	Archived bool `json:"archived,omitempty"`
+	// Limit is the most migrations a page holds. Zero means DefaultListLimit; more than
+	// MaxListLimit is refused. A page also stops short of MaxListBytes of records, so that
+	// it always fits NATS's payload limit.
+	Limit int `json:"limit,omitempty"`
+	// After is the Next of the previous page; empty starts at the newest migration.
+	After string `json:"after,omitempty"`
 }
 
-// ListMigrationsResponse lists migrations, newest first.
+// States a migrations listing filters by (ListMigrationsRequest.State).
+const (
+	ListActive = "active"
+	ListEnded  = "ended"
+)
+
+// Bounds of a page of migrations.list.
+const (
+	// DefaultListLimit is the size of a page whose request names no limit.
+	DefaultListLimit = 100
+	// MaxListLimit is the largest limit a request may name.
+	MaxListLimit = 500
+	// MaxListBytes bounds the encoded records of one page: half of NATS's default 1 MiB
+	// maximum payload, so the page fits with room for the reply's envelope.
+	MaxListBytes = 512 << 10
+)
+
+// ListMigrationsResponse is a page of migrations, newest first.
 type ListMigrationsResponse struct {
 	Migrations []*Migration `json:"migrations"`
+	// Next is the token of the following page (the request's After); empty on the last page.
+	// It is opaque: a client passes it back unchanged.
+	Next string `json:"next,omitempty"`
 }
 
 // AbortMigrationRequest asks to abort a migration.
@@ -252,6 +288,24 @@ type AbortMigrationRequest struct {
 // GetReceiptRequest names the migration whose receipt is wanted.
 type GetReceiptRequest struct {
 	MigrationID string `json:"migrationId"`
+}
+
+// ListReceiptsRequest asks for a page of receipts, by migration id. Its bounds are those of
+// ListMigrationsRequest: Limit up to MaxListLimit, a page up to MaxListBytes.
+type ListReceiptsRequest struct {
+	// Tenant filters by tenant (operators); tenants see their own.
+	Tenant string `json:"tenant,omitempty"`
+	// Limit is the most receipts a page holds. Zero means DefaultListLimit.
+	Limit int `json:"limit,omitempty"`
+	// After is the Next of the previous page; empty starts at the first.
+	After string `json:"after,omitempty"`
+}
+
+// ListReceiptsResponse is a page of receipts, by migration id.
+type ListReceiptsResponse struct {
+	Receipts []*Receipt `json:"receipts"`
+	// Next is the token of the following page; empty on the last page.
+	Next string `json:"next,omitempty"`
 }
 
 // MigrationEventsRequest reads a page of a migration's events from stream LETHE_EVENTS.

@@ -54,6 +54,8 @@ type config struct {
 	progressTimeout, perGiB       time.Duration
 	streams, replicas             int
 	maxDowntime, auditRetention   time.Duration
+	endedGrace, archiveRetention  time.Duration
+	receiptRetention              time.Duration
 	placementOrder                string
 	fleet                         broker.FleetConfig
 	rebalancePercent, maxAttempts int
@@ -125,6 +127,9 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Duration(&c.maxDowntime, "max-downtime", "LETHE_MAX_DOWNTIME", 0, "longest pause of a guest at cutover, which a tenant's policy may lower (spec.transport.maxDowntime); 0: the agents' own limits")
 	fs.Int(&c.replicas, "replicas", "LETHE_REPLICAS", 0, "JetStream replicas; 0: 1")
 	fs.Duration(&c.auditRetention, "audit-retention", "LETHE_BROKER_AUDIT_RETENTION", 0, "how long stream LETHE_AUDIT keeps audit records (docs/audit.md); 0: 8760h (365 days)")
+	fs.Duration(&c.endedGrace, "ended-grace", "LETHE_BROKER_ENDED_GRACE", 0, "how long an ended migration stays in bucket lethe-migrations, which every check reads whole, before it moves to bucket lethe-archive; 0: 1h")
+	fs.Duration(&c.archiveRetention, "archive-retention", "LETHE_BROKER_ARCHIVE_RETENTION", 0, "how long bucket lethe-archive keeps an ended migration, from when it moved there; 0: 8760h (365 days), negative: for ever")
+	fs.Duration(&c.receiptRetention, "receipt-retention", "LETHE_BROKER_RECEIPT_RETENTION", 0, "how long bucket lethe-receipts keeps a signed receipt; 0: for ever")
 	fs.Int(&c.maxAttempts, "max-attempts", "LETHE_BROKER_MAX_ATTEMPTS", 0, "destinations one migration tries when the keybroker or a destination refuses the one placement chose; 0: 3, 1: never fall back")
 	fs.String(&c.placementOrder, "placement-order", "LETHE_BROKER_PLACEMENT_ORDER", "tcb,memory", "how hosts that qualify for a guest are ranked, keys in order: tcb (TCB at least the source's first), memory (least committed first), guests (fewest first)")
 	fs.Int(&c.fleet.MaxParallel, "fleet-max-parallel", "LETHE_BROKER_FLEET_MAX_PARALLEL", 0, "most migrations a fleet operation (drain, evacuate, rebalance) lets run across the cluster, counting all; 0: 5")
@@ -251,7 +256,10 @@ func run(ctx context.Context, c *config) error {
 		Metrics:       newBrokerMetrics(metrics),
 		Tracer:        tracer,
 
-		AuditRetention: c.auditRetention,
+		AuditRetention:   c.auditRetention,
+		EndedGrace:       c.endedGrace,
+		ArchiveRetention: c.archiveRetention,
+		ReceiptRetention: c.receiptRetention,
 	})
 	if err != nil {
 		return err

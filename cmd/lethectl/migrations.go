@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -123,6 +124,26 @@ func (o *brokerOpts) callCtx(ctx context.Context) (context.Context, context.Canc
 	return context.WithTimeout(ctx, o.Timeout)
 }
 
+// callPages connects to the broker as o says and calls page with after "" and then with each
+// token it returns, until it returns "" or an error. Each call has o's timeout of its own: a
+// long listing is many calls.
+func callPages(ctx context.Context, o *brokerOpts, page func(ctx context.Context, c *broker.Client, after string) (next string, err error)) error {
+	c, closeFn, err := o.client()
+	if err != nil {
+		return err
+	}
+	defer closeFn()
+	after := ""
+	for {
+		cctx, cancel := o.callCtx(ctx)
+		after, err = page(cctx, c, after)
+		cancel()
+		if err != nil || after == "" {
+			return err
+		}
+	}
+}
+
 // callBroker connects to the broker as o says, runs one call with o's timeout, and closes the
 // connection.
 func callBroker[T any](ctx context.Context, o *brokerOpts, call func(context.Context, *broker.Client) (T, error)) (T, error) {
@@ -163,16 +184,46 @@ func newMigrationsCmd() *cobra.Command {
 
 func newMigrationsListCmd() *cobra.Command {
 	var o brokerOpts
-	var active bool
+	var active, ended, all bool
+	var req broker.ListMigrationsRequest
 	cmd := &cobra.Command{
-		Use:     "list",
-		Short:   "List migrations, newest first",
-		Example: "  lethectl migrations list --active --tenant acme",
+		Use:   "list",
+		Short: "List migrations, newest first, a page at a time",
+		Long: `List migrations, newest first (by creation time, then id), a page at a time: --limit
+migrations (default ` + fmt.Sprint(broker.DefaultListLimit) + `, at most ` + fmt.Sprint(broker.MaxListLimit) + `). When more exist, the text output ends with a
+hint on stderr and the JSON output carries "next": pass it to --after for the next page, or
+give --all to read every page.`,
+		Example: "  lethectl migrations list --active --tenant acme\n  lethectl migrations list --vm web --all -o json",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			resp, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ListMigrationsResponse, error) {
-				return c.ListMigrations(ctx, &broker.ListMigrationsRequest{Active: active})
-			})
+			switch {
+			case active && ended:
+				return errors.New("--active and --ended exclude each other")
+			case active:
+				req.State = broker.ListActive
+			case ended:
+				req.State = broker.ListEnded
+			}
+			var resp *broker.ListMigrationsResponse
+			var err error
+			if all {
+				// Fewer, fuller pages: a listing with the archive reads it whole for each.
+				req.Limit = cmp.Or(req.Limit, broker.MaxListLimit)
+				resp = &broker.ListMigrationsResponse{Migrations: []*broker.Migration{}}
+				err = callPages(cmd.Context(), &o, func(ctx context.Context, c *broker.Client, after string) (string, error) {
+					req.After = cmp.Or(after, req.After)
+					page, err := c.ListMigrations(ctx, &req)
+					if err != nil {
+						return "", err
+					}
+					resp.Migrations = append(resp.Migrations, page.Migrations...)
+					return page.Next, nil
+				})
+			} else {
+				resp, err = callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.ListMigrationsResponse, error) {
+					return c.ListMigrations(ctx, &req)
+				})
+			}
 			if err != nil {
 				return err
 			}
@@ -182,11 +233,21 @@ func newMigrationsListCmd() *cobra.Command {
 						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Tenant, m.VM, m.Source, m.Destination, m.Phase, m.Created.Format(time.RFC3339))
 					}
 				})
+				if resp.Next != "" {
+					fmt.Fprintf(cmd.ErrOrStderr(), "More migrations: --after %s for the next page, or --all.\n", resp.Next)
+				}
 			})
 		},
 	}
 	addBrokerFlags(cmd, &o, true)
-	cmd.Flags().BoolVar(&active, "active", false, "only migrations that are not finished")
+	f := cmd.Flags()
+	f.BoolVar(&active, "active", false, "only migrations that are not finished")
+	f.BoolVar(&ended, "ended", false, "only finished migrations")
+	f.StringVar(&req.VM, "vm", "", "only migrations of this guest")
+	f.IntVar(&req.Limit, "limit", 0, fmt.Sprintf("migrations per page (0: %d; at most %d)", broker.DefaultListLimit, broker.MaxListLimit))
+	f.StringVar(&req.After, "after", "", "start after the page whose next token this is")
+	f.BoolVar(&all, "all", false, "read every page")
+	f.BoolVar(&req.Archived, "archived", false, "also list the ended migrations the broker archived (slower: it reads the whole archive)")
 	return cmd
 }
 

@@ -28,7 +28,7 @@ func newReceiptCmd() *cobra.Command {
 which keys, when, and what both ends' evidence said. It verifies offline with nothing but the
 keybroker's public key (lethe-keybroker --export-pub writes it).`,
 	}
-	cmd.AddCommand(newReceiptVerifyCmd(), newReceiptShowCmd(), newReceiptGetCmd())
+	cmd.AddCommand(newReceiptVerifyCmd(), newReceiptShowCmd(), newReceiptGetCmd(), newReceiptExportCmd())
 	return cmd
 }
 

@@ -3,6 +3,7 @@ package natsauth_test
 import (
 	"bytes"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -172,6 +173,23 @@ func TestAuditorPermissions(t *testing.T) {
 		}
 		if diff := cmp.Diff([]string{own}, audit); diff != "" {
 			t.Errorf("%s's audit subjects (-want +got):\n%s", role, diff)
+		}
+	}
+}
+
+// TestBucketPermissions pins who may write the broker's buckets: the broker's store user, and
+// no one else, whatever their role.
+func TestBucketPermissions(t *testing.T) {
+	for _, u := range users {
+		p, err := natsauth.UserPermissions(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, bucket := range natsauth.Buckets {
+			subject := "$KV." + bucket + ".>"
+			if got, want := slices.Contains(p.Publish, subject), u.Role == natsauth.RoleBrokerStore; got != want {
+				t.Errorf("%s may publish on %s: %t, want %t", u.Role, subject, got, want)
+			}
 		}
 	}
 }

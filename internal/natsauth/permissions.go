@@ -63,7 +63,7 @@ func UserPermissions(u User) (Permissions, error) {
 		// JetStream's API, flow control and acks of its own consumers (key-value watches),
 		// and Lethe's buckets; its only subscription is its inbox, where JetStream answers.
 		pub = []string{"$JS.API.>", "$JS.FC.>", "$JS.ACK.>"}
-		for _, bucket := range []string{MigrationsBucket, HostsBucket, PoliciesBucket, GuestsBucket, ReceiptsBucket, FleetBucket} {
+		for _, bucket := range Buckets {
 			pub = append(pub, "$KV."+bucket+".>")
 		}
 		sub = []string{inbox}

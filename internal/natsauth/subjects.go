@@ -55,7 +55,13 @@ const (
 	ReceiptsBucket   = "lethe-receipts"
 	// FleetBucket holds the operator's host states and the fleet operations.
 	FleetBucket = "lethe-fleet"
+	// ArchiveBucket holds the ended migrations moved out of MigrationsBucket, whose every
+	// record the broker reads at each check.
+	ArchiveBucket = "lethe-archive"
 )
+
+// Buckets lists the broker's key-value buckets.
+var Buckets = []string{MigrationsBucket, HostsBucket, PoliciesBucket, GuestsBucket, ReceiptsBucket, FleetBucket, ArchiveBucket}
 
 // maxNameLen bounds host names, tenant names, VM names and migration ids.
 const maxNameLen = 128
