@@ -233,7 +233,8 @@ func runScaleLevel(b *testing.B, e *env, n int) scaleResult {
 
 	w := watchEnds(b, e)
 	defer w.stop()
-	procs := scaleProcs(e, agents)
+	procs := scaleProcs()
+	marks := markLogs(e)
 	sampler := startSampler(procs)
 
 	var (
@@ -306,6 +307,9 @@ wait:
 		}
 	}
 	r.elapsed = last.Sub(begin)
+	for _, w := range marks.warnings() {
+		b.Logf("%d in flight: brokers logged %s", n, w)
+	}
 	r.errs = errs
 	return r
 }
@@ -456,19 +460,32 @@ type scaleProc struct {
 	pid  int
 }
 
-// scaleProcs lists the brokers, the agents and this process (keybroker-e2e: the keybroker,
-// NATS and the harness).
-func scaleProcs(e *env, agents []*agent) []scaleProc {
+// scaleProcs lists this process (keybroker-e2e: the keybroker, the harness and, on the
+// single-node stack, NATS) and its children (brokers, agents, Vault, and whatever else a
+// stack runs as processes), each of the kind its command names.
+func scaleProcs() []scaleProc {
 	out := []scaleProc{{"keybroker-e2e", os.Getpid()}}
-	e.mu.Lock()
-	for _, p := range e.brokers {
-		if p.running() {
-			out = append(out, scaleProc{"broker", p.cmd.Process.Pid})
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
 		}
-	}
-	e.mu.Unlock()
-	for _, a := range agents {
-		out = append(out, scaleProc{"agent", a.proc.cmd.Process.Pid})
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...
+		s := string(b)
+		lp, rp := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if lp < 0 || rp < lp {
+			continue
+		}
+		f := strings.Fields(s[rp+1:])
+		if len(f) < 2 || f[1] != strconv.Itoa(os.Getpid()) {
+			continue
+		}
+		out = append(out, scaleProc{strings.TrimPrefix(s[lp+1:rp], "lethe-"), pid})
 	}
 	return out
 }
@@ -553,4 +570,52 @@ func cpuSeconds(pid int) float64 {
 	ut, _ := strconv.ParseFloat(f[11], 64)
 	st, _ := strconv.ParseFloat(f[12], 64)
 	return (ut + st) / 100
+}
+
+// logMarks remembers where each broker's log ended, so that a level's warnings can be read.
+type logMarks map[string]int64
+
+func markLogs(e *env) logMarks {
+	marks := logMarks{}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, p := range e.brokers {
+		if fi, err := os.Stat(p.log); err == nil {
+			marks[p.log] = fi.Size()
+		}
+	}
+	return marks
+}
+
+// warnings counts the warnings and errors the brokers logged since the marks, by message, each
+// with the first one's error.
+func (marks logMarks) warnings() []string {
+	type count struct {
+		n     int
+		first string
+	}
+	counts := map[string]*count{}
+	for path, off := range marks {
+		b, err := os.ReadFile(path)
+		if err != nil || int64(len(b)) < off {
+			continue
+		}
+		for line := range strings.Lines(string(b[off:])) {
+			var rec struct{ Level, Msg, Error string }
+			if json.Unmarshal([]byte(line), &rec) != nil || (rec.Level != "WARN" && rec.Level != "ERROR") {
+				continue
+			}
+			c := counts[rec.Msg]
+			if c == nil {
+				c = &count{first: rec.Error}
+				counts[rec.Msg] = c
+			}
+			c.n++
+		}
+	}
+	var out []string
+	for _, msg := range slices.SortedFunc(maps.Keys(counts), func(a, b string) int { return counts[b].n - counts[a].n }) {
+		out = append(out, fmt.Sprintf("%d× %s (first: %s)", counts[msg].n, msg, counts[msg].first))
+	}
+	return out
 }
