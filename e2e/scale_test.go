@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -176,9 +177,31 @@ func (r *scaleResult) report(b *testing.B, n int) {
 		phases = append(phases, fmt.Sprintf("%s %.2g/%.2g", p, quantile(d, 0.5).Seconds(), quantile(d, 0.99).Seconds()))
 	}
 	b.Logf("%d in flight: seconds in each phase, p50/p99: %s", n, strings.Join(phases, ", "))
+	for _, c := range errorKinds(r.errs) {
+		b.Logf("%d in flight: errors: %s", n, c)
+	}
 	if len(r.errs) > 0 {
 		b.Errorf("%d errors of %d migrations; the first: %s", len(r.errs), n, r.errs[0])
 	}
+}
+
+// errorKinds counts errs by their text with the names of migrations, guests and hosts
+// taken out, most frequent first, each with its first error.
+func errorKinds(errs []string) []string {
+	names := regexp.MustCompile(`mig-[0-9A-Z]+|scale-[0-9]+-[0-9]+|\bh[0-9]{3}\b|[0-9]+(\.[0-9]+)?(ms|s|m)\b`)
+	counts, first := map[string]int{}, map[string]string{}
+	for _, e := range errs {
+		k := names.ReplaceAllString(e, "…")
+		if counts[k] == 0 {
+			first[k] = e
+		}
+		counts[k]++
+	}
+	var out []string
+	for _, k := range slices.SortedFunc(maps.Keys(counts), func(a, b string) int { return counts[b] - counts[a] }) {
+		out = append(out, fmt.Sprintf("%d× %s", counts[k], first[k]))
+	}
+	return out
 }
 
 // quantile returns the q quantile of sorted d, or zero if d is empty.
