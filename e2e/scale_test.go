@@ -47,12 +47,14 @@ const (
 	scaleSubmitters = 16
 )
 
-// scaleBrokerFlags restore the broker's shipped timeouts and check interval over the short
-// ones the suite's scenarios use: a queue of a thousand migrations would otherwise run into a
-// 30 s start timeout, and reconcile every 200 ms, that no deployment has.
+// scaleBrokerFlags restore the broker's shipped timeouts, host TTL and check interval over the
+// short ones the suite's scenarios use: a queue of a thousand migrations would otherwise run
+// into a 30 s start timeout, and reconcile every 200 ms, that no deployment has; and an agent
+// starved of CPU for 4 s would count as lost. (A level's destinations are named, so hosts of
+// an earlier level that still count as live for the longer TTL take no part.)
 var scaleBrokerFlags = []string{
 	"--lease", "60s", "--check-interval", "1s", "--agent-timeout", "30s",
-	"--start-timeout", "120s", "--progress-timeout", "150s",
+	"--start-timeout", "120s", "--progress-timeout", "150s", "--host-ttl", "30s",
 }
 
 // withScaleBrokers restarts e's brokers with scaleBrokerFlags (the last value of a flag wins).
