@@ -83,8 +83,10 @@ func withScaleBrokers(e *env) *env {
 // each migration's time from its request to its erasure, the errors (a refused request, a
 // migration that did not end erased, or one that did not end in time: the benchmark fails on
 // any, with the first one's text), and the peak RSS and the CPU time of each kind of process
-// during the level. The keybroker and NATS run in the test's own process: its figures are
-// keybroker-e2e-*.
+// during the level: the keybroker runs in the test's own process (with NATS, on the
+// single-node stack), whose figures are keybroker-e2e-*; every child process (brokers, agents,
+// Vault, and whatever else a stack runs) is measured under the name of its command. It logs
+// where the time went: each phase's p50 and p99, the brokers' warnings, the errors by kind.
 //
 // Run it with -benchtime 1x: an iteration is a whole level.
 func BenchmarkScale(b *testing.B) {
