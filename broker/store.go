@@ -48,6 +48,14 @@ type storeConfig struct {
 }
 
 // openStore creates (or updates) the buckets and the events stream and returns handles on them.
+//
+// Every bucket's stream refuses direct gets (AllowDirect false), and its handle is bound
+// after that, so that each Get goes to the stream's leader. A direct get may be answered by
+// any replica, one behind the last acknowledged write among them: the broker decides its side
+// effects (an agent's attestation, a key release) on what it reads and then writes with a
+// compare-and-swap, and a stale read would make it run them again. The buckets' streams are
+// written from storeStreamConfig, never by the key-value API's create or update, which turns
+// direct gets back on: a broker starting beside running ones leaves them as they are.
 func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*store, error) {
 	s := &store{js: js}
 	buckets := []struct {
@@ -64,9 +72,12 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 	for _, b := range buckets {
 		b.cfg.Replicas = cfg.replicas
 		b.cfg.Storage = jetstream.FileStorage
-		kv, err := js.CreateOrUpdateKeyValue(ctx, b.cfg)
-		if err != nil {
+		if _, err := js.CreateOrUpdateStream(ctx, storeStreamConfig(b.cfg)); err != nil {
 			return nil, fmt.Errorf("creating bucket %s: %w", b.cfg.Bucket, err)
+		}
+		kv, err := js.KeyValue(ctx, b.cfg.Bucket)
+		if err != nil {
+			return nil, fmt.Errorf("opening bucket %s: %w", b.cfg.Bucket, err)
 		}
 		*b.kv = kv
 	}
@@ -98,6 +109,36 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 		return nil, fmt.Errorf("creating stream %s: %w", AuditStream, err)
 	}
 	return s, nil
+}
+
+// storeStreamConfig is the stream of key-value bucket cfg as nats.go's key-value API writes it
+// (jetstream's prepareKeyValueConfig, for a bucket that neither mirrors nor sources), except
+// that it refuses direct gets: see openStore.
+func storeStreamConfig(cfg jetstream.KeyValueConfig) jetstream.StreamConfig {
+	history := int64(max(cfg.History, 1))
+	// The duplicate window is the key-value API's: 2 minutes, or the TTL when shorter.
+	duplicates := 2 * time.Minute
+	if cfg.TTL > 0 && cfg.TTL < duplicates {
+		duplicates = cfg.TTL
+	}
+	return jetstream.StreamConfig{
+		Name:              "KV_" + cfg.Bucket,
+		Description:       cfg.Description,
+		Subjects:          []string{"$KV." + cfg.Bucket + ".>"},
+		MaxMsgsPerSubject: history,
+		MaxBytes:          -1,
+		MaxAge:            cfg.TTL,
+		MaxMsgSize:        -1,
+		Storage:           cfg.Storage,
+		Replicas:          max(cfg.Replicas, 1),
+		AllowRollup:       true,
+		DenyDelete:        true,
+		Duplicates:        duplicates,
+		MaxMsgs:           -1,
+		MaxConsumers:      -1,
+		AllowDirect:       false,
+		Discard:           jetstream.DiscardNew,
+	}
 }
 
 // getJSON reads key from kv into a new T. A missing key matches ErrNotFound.
