@@ -243,6 +243,36 @@ func (b *Broker) ID() string { return b.cfg.ID }
 // Ready is closed once Run has created the buckets and serves the API.
 func (b *Broker) Ready() <-chan struct{} { return b.ready }
 
+// storeReadyTimeout bounds StoreReady's question when its context has no deadline.
+const storeReadyTimeout = 2 * time.Second
+
+// StoreReady returns nil when JetStream answers for the broker's store: the migrations
+// bucket's stream has a leader, which tells its state within ctx (2 s if ctx has no
+// deadline). On a cluster that lost its quorum the stream has no leader, and the broker can
+// neither read nor write a record. The error matches ErrUnavailable, also before Run
+// opened the store.
+func (b *Broker) StoreReady(ctx context.Context) error {
+	select {
+	case <-b.ready:
+	default:
+		return fmt.Errorf("%w: the store is not open yet", ErrUnavailable)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, storeReadyTimeout)
+		defer cancel()
+	}
+	s, err := b.store.js.Stream(ctx, "KV_"+MigrationsBucket)
+	if err != nil {
+		return fmt.Errorf("asking JetStream for the migrations bucket: %w", &unavailableError{err: err})
+	}
+	// A server that is not the leader answers too, when the stream has none.
+	if c := s.CachedInfo().Cluster; c != nil && c.Leader == "" {
+		return fmt.Errorf("%w: the migrations bucket's stream has no leader (JetStream without quorum)", ErrUnavailable)
+	}
+	return nil
+}
+
 // Run creates the JetStream buckets and stream if needed, serves the broker API, records
 // agents' progress and heartbeats (the broker alone writes the hosts bucket), and drives migrations until ctx ends. It returns nil when ctx ends, or
 // the first error that stops one of its tasks.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -141,14 +142,23 @@ func storeStreamConfig(cfg jetstream.KeyValueConfig) jetstream.StreamConfig {
 	}
 }
 
-// getJSON reads key from kv into a new T. A missing key matches ErrNotFound.
+// storeCallTimeout bounds one read or write of a record, within the caller's deadline: one
+// takes milliseconds, and a cluster that cannot answer in this long has lost its quorum or is
+// electing a leader. An API request then answers "unavailable" well before its caller gives up
+// (natsrpc's and the Client's 30 s), and a migration's driver tries again.
+const storeCallTimeout = 5 * time.Second
+
+// getJSON reads key from kv into a new T. A missing key matches ErrNotFound; JetStream not
+// answering within storeCallTimeout, ErrUnavailable.
 func getJSON[T any](ctx context.Context, kv jetstream.KeyValue, key string) (*T, uint64, error) {
+	ctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
+	defer cancel()
 	e, err := kv.Get(ctx, key)
 	if err != nil {
 		if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
 			return nil, 0, fmt.Errorf("%w: %s %q", ErrNotFound, kv.Bucket(), key)
 		}
-		return nil, 0, fmt.Errorf("reading %s %q: %w", kv.Bucket(), key, err)
+		return nil, 0, fmt.Errorf("reading %s %q: %w", kv.Bucket(), key, storeError(err))
 	}
 	v := new(T)
 	if err := json.Unmarshal(e.Value(), v); err != nil {
@@ -161,8 +171,11 @@ func getJSON[T any](ctx context.Context, kv jetstream.KeyValue, key string) (*T,
 var errRevision = errors.New("revision changed")
 
 // updateJSON writes v under key if the key is still at rev (0: if the key does not exist).
-// A lost race matches errRevision.
+// A lost race matches errRevision; JetStream not answering within storeCallTimeout,
+// ErrUnavailable.
 func updateJSON(ctx context.Context, kv jetstream.KeyValue, key string, v any, rev uint64) (uint64, error) {
+	ctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
+	defer cancel()
 	data, err := json.Marshal(v)
 	if err != nil {
 		return 0, fmt.Errorf("encoding %s %q: %w", kv.Bucket(), key, err)
@@ -177,7 +190,7 @@ func updateJSON(ctx context.Context, kv jetstream.KeyValue, key string, v any, r
 		if errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
 			return 0, fmt.Errorf("writing %s %q: %w", kv.Bucket(), key, errRevision)
 		}
-		return 0, fmt.Errorf("writing %s %q: %w", kv.Bucket(), key, err)
+		return 0, fmt.Errorf("writing %s %q: %w", kv.Bucket(), key, storeError(err))
 	}
 	return n, nil
 }
@@ -195,14 +208,14 @@ func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) 
 	}
 	w, err := kv.Watch(ctx, filter, jetstream.IgnoreDeletes())
 	if err != nil {
-		return nil, fmt.Errorf("listing %s: %w", kv.Bucket(), err)
+		return nil, fmt.Errorf("listing %s: %w", kv.Bucket(), storeError(err))
 	}
 	defer w.Stop()
 	var out []*T
 	for {
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("listing %s: %w", kv.Bucket(), ctx.Err())
+			return nil, fmt.Errorf("listing %s: %w", kv.Bucket(), storeError(ctx.Err()))
 		case e, ok := <-w.Updates():
 			if !ok {
 				return nil, fmt.Errorf("listing %s: watcher closed", kv.Bucket())
@@ -218,3 +231,40 @@ func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) 
 		}
 	}
 }
+
+// storeError returns err, a failure of a JetStream call, marked with ErrUnavailable when it
+// says JetStream could not answer (no quorum or leader, no connection, no answer in time)
+// rather than what was asked is wrong: the API then answers "unavailable" with the cause,
+// and the caller may try again.
+func storeError(err error) error {
+	if err == nil || !storeUnavailable(err) {
+		return err
+	}
+	return &unavailableError{err: err}
+}
+
+// storeUnavailable reports whether err, a failure of a JetStream call, says JetStream could
+// not answer.
+func storeUnavailable(err error) bool {
+	for _, e := range []error{
+		context.DeadlineExceeded, nats.ErrTimeout, nats.ErrNoResponders, nats.ErrConnectionClosed,
+		nats.ErrConnectionDraining, nats.ErrDisconnected, nats.ErrConnectionReconnecting,
+		jetstream.ErrNoStreamResponse, jetstream.ErrServerShutdown,
+	} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	// JetStream's own "temporarily unavailable" answers: no meta leader or stream leader,
+	// cluster without quorum.
+	if e, ok := errors.AsType[*jetstream.APIError](err); ok && e.Code == 503 {
+		return true
+	}
+	return false
+}
+
+// unavailableError is a store failure that matches ErrUnavailable as well as its cause.
+type unavailableError struct{ err error }
+
+func (e *unavailableError) Error() string   { return "JetStream unavailable: " + e.err.Error() }
+func (e *unavailableError) Unwrap() []error { return []error{ErrUnavailable, e.err} }

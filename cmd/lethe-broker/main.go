@@ -8,7 +8,8 @@
 //
 // Settings come from flags, environment variables and a YAML configuration file (--config),
 // in that order of precedence; docs/configuration.md lists them. With --metrics-listen it
-// serves Prometheus metrics, /healthz and /readyz. On SIGTERM it stops taking requests, lets
+// serves Prometheus metrics, /healthz and /readyz (ready: NATS connected, the broker running,
+// and JetStream with a quorum: the migrations bucket's stream has a leader). On SIGTERM it stops taking requests, lets
 // its migration steps end and gives up its leases, so that another broker continues its
 // migrations at once.
 //
@@ -259,8 +260,10 @@ func run(ctx context.Context, c *config) error {
 	srv := daemon.NewServer(daemon.ServerConfig{
 		Listen:   c.metricsListen,
 		Registry: metrics.Registry,
-		Checks:   append(checks, daemon.Started("broker", b.Ready())),
-		Logger:   log,
+		// Ready only while JetStream has a quorum: without one, the broker can neither read
+		// nor write a record, and its API answers unavailable.
+		Checks: append(checks, daemon.Started("broker", b.Ready()), daemon.Check{Name: "jetstream", Func: b.StoreReady}),
+		Logger: log,
 	})
 	g.Go(func() error {
 		defer close(brokerDone)
