@@ -211,7 +211,7 @@ func run(ctx context.Context, c *config) error {
 			return nil
 		})
 	}
-	nc, err := conn.Connect("lethe-broker", natsauth.InboxPrefix(natsauth.RoleBroker, ""), metrics.NATSOptions(log)...)
+	nc, err := conn.Connect(ctx, log, "lethe-broker", natsauth.InboxPrefix(natsauth.RoleBroker, ""), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}
@@ -221,7 +221,7 @@ func run(ctx context.Context, c *config) error {
 	if c.store.Creds != "" || c.store.NKeySeed != "" || c.store.User != "" {
 		store := c.nats
 		store.Creds, store.NKeySeed, store.User, store.Password = c.store.Creds, c.store.NKeySeed, c.store.User, c.store.Password
-		if storeNC, err = store.Connect("lethe-broker-store", natsauth.InboxPrefix(natsauth.RoleBrokerStore, ""), metrics.NATSOptions(log)...); err != nil {
+		if storeNC, err = store.Connect(ctx, log, "lethe-broker-store", natsauth.InboxPrefix(natsauth.RoleBrokerStore, ""), metrics.NATSOptions(log)...); err != nil {
 			return fmt.Errorf("opening the store connection: %w", err)
 		}
 		defer storeNC.Close()
