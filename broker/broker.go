@@ -56,7 +56,10 @@ type Config struct {
 	// Timeouts bound the phases; zero fields take their defaults.
 	Timeouts Timeouts
 	// Lease is how long a broker's claim on a migration lasts without renewal. Zero means
-	// 60 s. Another broker takes over a migration whose lease expired.
+	// 15 s. Another broker takes over a migration whose lease expired: a killed broker's
+	// migrations wait this long, at most, plus CheckInterval. The broker renews its leases
+	// well inside it (see the package doc), so a short lease costs a write every few seconds
+	// per migration in flight, never a migration.
 	Lease time.Duration
 	// CheckInterval is how often the broker looks for migrations to take over and checks
 	// timeouts and agents. Zero means 1 s.
@@ -177,7 +180,7 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.Timeouts.Start, 120*time.Second)
 	setDefault(&cfg.Timeouts.Progress, 150*time.Second)
 	setDefault(&cfg.Timeouts.PerGiB, 150*time.Second)
-	setDefault(&cfg.Lease, 60*time.Second)
+	setDefault(&cfg.Lease, 15*time.Second)
 	setDefault(&cfg.CheckInterval, time.Second)
 	setDefault(&cfg.HostTTL, 30*time.Second)
 	setDefault(&cfg.AgentTimeout, 30*time.Second)
@@ -398,6 +401,34 @@ func (b *Broker) releaseLeases(ctx context.Context) {
 		})
 		if err != nil {
 			b.log.Warn("Releasing a fleet operation's lease failed; it expires instead", "operation", op.ID, logKeyError, err)
+		}
+	}
+}
+
+// holdLease renews this broker's lease on migration id every third of the lease until ctx
+// ends (the end of a step), so that a step longer than the lease, made of calls to agents and
+// the keybroker of up to AgentTimeout each, does not lose its migration to another broker
+// while it runs. It stops once the migration is no longer this broker's or has ended. A
+// renewal that fails is tried at the next tick: the lease outlasts two of them.
+func (b *Broker) holdLease(ctx context.Context, id string) {
+	t := time.NewTicker(b.cfg.Lease / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		m, rev, err := getJSON[Migration](ctx, b.store.migrations, id)
+		if err != nil {
+			continue
+		}
+		if m.Owner != b.cfg.ID || m.Phase.Terminal() {
+			return
+		}
+		m.LeaseUntil = b.now().Add(b.cfg.Lease)
+		if _, err := updateJSON(ctx, b.store.migrations, id, m, rev); err != nil && !errors.Is(err, errRevision) && ctx.Err() == nil {
+			b.log.Warn("Renewing a lease failed", logKeyMigration, id, logKeyError, err)
 		}
 	}
 }
