@@ -5,11 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
 )
 
 // Names of the broker's JetStream buckets and stream.
@@ -199,7 +203,8 @@ func updateJSON(ctx context.Context, kv jetstream.KeyValue, key string, v any, r
 // ordered consumer, rather than one request per key. It can miss a key rewritten while it
 // reads: in a bucket that keeps one revision (the hosts', at every heartbeat) the revision
 // the listing started from is gone, and the new one comes after the listing ends. Callers
-// that need one key read it by name (getJSON); the others see it at their next listing.
+// that need one key read it by name (getJSON), those that need every host listHosts; the
+// others see it at their next listing.
 func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) ([]*T, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
@@ -231,6 +236,51 @@ func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) 
 		}
 	}
 }
+
+// listHosts reads every host record by name. The names come from the hosts bucket's stream,
+// which its leader tells at once (the subjects it holds), and each record is then read like
+// any other (getJSON). listJSON can miss a host whose heartbeat rewrites its record while the
+// listing runs (see there): under the heartbeats of many hosts, placement and fleet
+// operations would then skip a live host. A host whose record goes away between the two
+// steps is left out.
+func (s *store) listHosts(ctx context.Context) ([]*agentapi.HostRecord, error) {
+	ctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
+	defer cancel()
+	stream, err := s.js.Stream(ctx, "KV_"+HostsBucket)
+	if err != nil {
+		return nil, fmt.Errorf("listing %s: %w", HostsBucket, storeError(err))
+	}
+	prefix := "$KV." + HostsBucket + "."
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(prefix+">"))
+	if err != nil {
+		return nil, fmt.Errorf("listing %s: %w", HostsBucket, storeError(err))
+	}
+	names := make([]string, 0, len(info.State.Subjects))
+	for subject := range info.State.Subjects {
+		names = append(names, strings.TrimPrefix(subject, prefix))
+	}
+	slices.Sort(names)
+	recs := make([]*agentapi.HostRecord, len(names))
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(listReaders)
+	for i, name := range names {
+		g.Go(func() error {
+			rec, _, err := getJSON[agentapi.HostRecord](gctx, s.hosts, name)
+			if errors.Is(err, ErrNotFound) {
+				return nil
+			}
+			recs[i] = rec
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(recs, func(r *agentapi.HostRecord) bool { return r == nil }), nil
+}
+
+// listReaders bounds the reads by name of one listing at once.
+const listReaders = 16
 
 // storeError returns err, a failure of a JetStream call, marked with ErrUnavailable when it
 // says JetStream could not answer (no quorum or leader, no connection, no answer in time)

@@ -1,11 +1,15 @@
 package broker
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
 	"testing"
 	"time"
 
+	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -116,5 +120,59 @@ func TestOpenStoreKeepsDirectGetsOff(t *testing.T) {
 				t.Errorf("stream KV_%s allows direct gets", bucket)
 			}
 		}
+	}
+}
+
+// TestListHostsUnderHeartbeats lists the hosts while every host's heartbeat rewrites its
+// record: no listing may miss a live host, as placement and fleet operations would then skip
+// it.
+func TestListHostsUnderHeartbeats(t *testing.T) {
+	srv := natstest.Start(t, natstest.Options{})
+	js, err := jetstream.New(srv.Connect(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := openStore(t.Context(), js, storeConfig{replicas: 1, hostTTL: time.Minute, eventsRetention: time.Hour, auditRetention: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const hosts = 40
+	beat := func(i int) error {
+		rec := agentapi.HostRecord{Host: fmt.Sprintf("h%02d", i), Platform: attest.PlatformEmulatedSEVSNP, Heartbeat: time.Now()}
+		data, err := json.Marshal(rec)
+		if err != nil {
+			return err
+		}
+		_, err = st.hosts.Put(t.Context(), rec.Host, data)
+		return err
+	}
+	for i := range hosts {
+		if err := beat(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, stop := context.WithCancel(t.Context())
+	churned := make(chan error, 1)
+	go func() {
+		for i := 0; ctx.Err() == nil; i++ {
+			if err := beat(i % hosts); err != nil && ctx.Err() == nil {
+				churned <- err
+				return
+			}
+		}
+		churned <- nil
+	}()
+	for range 50 {
+		recs, err := st.listHosts(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(recs) != hosts {
+			t.Errorf("a listing under heartbeats found %d of %d hosts", len(recs), hosts)
+		}
+	}
+	stop()
+	if err := <-churned; err != nil {
+		t.Fatal(err)
 	}
 }
