@@ -49,8 +49,8 @@ func endpoint[Req any, Resp any](op Op, fn func(context.Context, Caller, *Req) (
 // request subject names it, or the operators'): any other reply subject would make the broker
 // publish, with its own permissions (JetStream's API among them), where the sender chose. Such
 // a request is dropped unhandled, logged and counted; so is one whose subject names no caller.
-// Errors matching the broker's sentinels are answered with their code (codes.Public); any other
-// is logged and answered as internal.
+// Errors matching the broker's sentinels are answered with their code, and JetStream's failures to
+// answer as unavailable (publicError); any other is logged and answered as internal.
 func (b *Broker) serveAPI(ctx context.Context) (*natsrpc.Server, error) {
 	handlers := map[Op]natsrpc.Handler{
 		OpPolicyApply: endpoint(OpPolicyApply, b.applyPolicy),
@@ -103,7 +103,7 @@ func (b *Broker) serveAPI(ctx context.Context) (*natsrpc.Server, error) {
 	srv, err := natsrpc.Start(ctx, natsrpc.Config{
 		Conn: b.nc, Name: "lethe-broker", Description: "Lethe migration broker",
 		Metadata: map[string]string{"id": b.cfg.ID}, QueueGroup: "lethe-broker",
-		Endpoints: eps, Public: codes.Public,
+		Endpoints: eps, Public: publicError,
 		InvalidCode: CodeInvalid, BusyCode: CodeUnavailable,
 		MaxConcurrent: b.cfg.MaxConcurrentRequests, MaxRequest: maxRequest,
 		Logger: b.log,

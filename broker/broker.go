@@ -56,7 +56,10 @@ type Config struct {
 	// Timeouts bound the phases; zero fields take their defaults.
 	Timeouts Timeouts
 	// Lease is how long a broker's claim on a migration lasts without renewal. Zero means
-	// 60 s. Another broker takes over a migration whose lease expired.
+	// 15 s. Another broker takes over a migration whose lease expired: a killed broker's
+	// migrations wait this long, at most, plus CheckInterval. The broker renews its leases
+	// well inside it (see the package doc), so a short lease costs a write every few seconds
+	// per migration in flight, never a migration.
 	Lease time.Duration
 	// CheckInterval is how often the broker looks for migrations to take over and checks
 	// timeouts and agents. Zero means 1 s.
@@ -186,7 +189,7 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.Timeouts.Start, 120*time.Second)
 	setDefault(&cfg.Timeouts.Progress, 150*time.Second)
 	setDefault(&cfg.Timeouts.PerGiB, 150*time.Second)
-	setDefault(&cfg.Lease, 60*time.Second)
+	setDefault(&cfg.Lease, 15*time.Second)
 	setDefault(&cfg.CheckInterval, time.Second)
 	setDefault(&cfg.HostTTL, 30*time.Second)
 	setDefault(&cfg.AgentTimeout, 30*time.Second)
@@ -259,6 +262,36 @@ func (b *Broker) ID() string { return b.cfg.ID }
 
 // Ready is closed once Run has created the buckets and serves the API.
 func (b *Broker) Ready() <-chan struct{} { return b.ready }
+
+// storeReadyTimeout bounds StoreReady's question when its context has no deadline.
+const storeReadyTimeout = 2 * time.Second
+
+// StoreReady returns nil when JetStream answers for the broker's store: the migrations
+// bucket's stream has a leader, which tells its state within ctx (2 s if ctx has no
+// deadline). On a cluster that lost its quorum the stream has no leader, and the broker can
+// neither read nor write a record. The error matches ErrUnavailable, also before Run
+// opened the store.
+func (b *Broker) StoreReady(ctx context.Context) error {
+	select {
+	case <-b.ready:
+	default:
+		return fmt.Errorf("%w: the store is not open yet", ErrUnavailable)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, storeReadyTimeout)
+		defer cancel()
+	}
+	s, err := b.store.js.Stream(ctx, "KV_"+MigrationsBucket)
+	if err != nil {
+		return fmt.Errorf("asking JetStream for the migrations bucket: %w", &unavailableError{err: err})
+	}
+	// A server that is not the leader answers too, when the stream has none.
+	if c := s.CachedInfo().Cluster; c != nil && c.Leader == "" {
+		return fmt.Errorf("%w: the migrations bucket's stream has no leader (JetStream without quorum)", ErrUnavailable)
+	}
+	return nil
+}
 
 // Run creates the JetStream buckets and stream if needed, serves the broker API, records
 // agents' progress and heartbeats (the broker alone writes the hosts bucket), and drives migrations until ctx ends. It returns nil when ctx ends, or
@@ -387,6 +420,34 @@ func (b *Broker) releaseLeases(ctx context.Context) {
 		})
 		if err != nil {
 			b.log.Warn("Releasing a fleet operation's lease failed; it expires instead", "operation", op.ID, logKeyError, err)
+		}
+	}
+}
+
+// holdLease renews this broker's lease on migration id every third of the lease until ctx
+// ends (the end of a step), so that a step longer than the lease, made of calls to agents and
+// the keybroker of up to AgentTimeout each, does not lose its migration to another broker
+// while it runs. It stops once the migration is no longer this broker's or has ended. A
+// renewal that fails is tried at the next tick: the lease outlasts two of them.
+func (b *Broker) holdLease(ctx context.Context, id string) {
+	t := time.NewTicker(b.cfg.Lease / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		m, rev, err := getJSON[Migration](ctx, b.store.migrations, id)
+		if err != nil {
+			continue
+		}
+		if m.Owner != b.cfg.ID || m.Phase.Terminal() {
+			return
+		}
+		m.LeaseUntil = b.now().Add(b.cfg.Lease)
+		if _, err := updateJSON(ctx, b.store.migrations, id, m, rev); err != nil && !errors.Is(err, errRevision) && ctx.Err() == nil {
+			b.log.Warn("Renewing a lease failed", logKeyMigration, id, logKeyError, err)
 		}
 	}
 }

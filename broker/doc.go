@@ -74,6 +74,16 @@
 // sealed keys again, Transferring calls the source's transfer again (which re-attaches), and
 // Committed and Aborting repeat erase, destroy and the receipt.
 //
+// The lease (Config.Lease) lasts 15 s by default, and a broker renews it while it holds the
+// migration: at each look at the record once less than half is left, and every third of it
+// while a step runs, however long the step's calls to agents and the keybroker take
+// (Config.AgentTimeout each). So a killed broker's migrations continue on another broker
+// within the lease and a check interval, and a live broker does not lose a migration in the
+// middle of a step. The transfer itself never waits on a broker: the agents move pages
+// between themselves, the source's progress reports are recorded by whichever broker hears
+// them, and the broker that takes a transfer over re-attaches to it, never aborts it for the
+// change of owner.
+//
 //   - Requested: migrations.create checked the guest (adopted, on a live source host, not
 //     migrating: the guest record's active migration is taken by CAS, so of two concurrent
 //     requests exactly one proceeds), the tenant's policy, and the destination.

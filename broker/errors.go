@@ -55,3 +55,17 @@ var codes = wireerr.Table{
 // withSentinel returns err with the broker sentinel of its code attached, when it is an error
 // answer of the broker API with one of the broker's codes.
 func withSentinel(err error) error { return codes.Sentinel(err, "") }
+
+// publicError is the broker API's answer to err (natsrpc.Config.Public): codes.Public, and
+// for an error no sentinel marks that says JetStream could not answer (a store call not
+// wrapped by storeError), unavailable with its cause rather than internal, so that a caller
+// can tell a cluster without quorum from a bug and try again.
+func publicError(err error) *wireerr.Error {
+	if e := codes.Public(err); e != nil {
+		return e
+	}
+	if storeUnavailable(err) {
+		return wireerr.New(CodeUnavailable, err.Error())
+	}
+	return nil
+}

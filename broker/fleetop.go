@@ -279,7 +279,7 @@ func (b *Broker) evacuate(ctx context.Context, c Caller, req *EvacuateRequest) (
 	if err != nil {
 		return nil, fmt.Errorf("%w: below TCB: %w", ErrInvalid, err)
 	}
-	hosts, err := listJSON[agentapi.HostRecord](ctx, b.store.hosts, ">")
+	hosts, err := b.store.listHosts(ctx)
 	if err != nil {
 		return nil, err
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natsrpc"
@@ -44,8 +45,12 @@ func (b *Broker) serveHeartbeats(ctx context.Context) (*natsrpc.Server, error) {
 			},
 		}},
 		Public: func(err error) *wireerr.Error {
-			if errors.Is(err, errBadHeartbeat) {
+			switch {
+			case errors.Is(err, errBadHeartbeat):
 				return wireerr.New(agentapi.CodeBadRequest, err.Error())
+			case errors.Is(err, ErrUnavailable):
+				// JetStream did not store it in time: the agent sends it again.
+				return wireerr.New(agentapi.CodeBusy, err.Error())
 			}
 			return nil
 		},
@@ -59,6 +64,11 @@ func (b *Broker) serveHeartbeats(ctx context.Context) (*natsrpc.Server, error) {
 	}
 	return srv, nil
 }
+
+// heartbeatStoreTimeout bounds the write of one heartbeat: below the agent's bound on the
+// whole heartbeat (its interval, 5 s by default), so that the agent hears why it failed and
+// sends it again at once (agentapi.Heartbeater) instead of waiting out its own timeout.
+const heartbeatStoreTimeout = 3 * time.Second
 
 // errBadHeartbeat marks a heartbeat refused for what it holds, answered with its reason; a
 // failure to store one is answered as internal.
@@ -80,10 +90,12 @@ func (b *Broker) storeHeartbeat(ctx context.Context, host string, data []byte) (
 	if err != nil {
 		return 0, fmt.Errorf("encoding host record: %w", err)
 	}
+	ctx, cancel := context.WithTimeout(ctx, heartbeatStoreTimeout)
+	defer cancel()
 	rev, err := b.store.hosts.Put(ctx, host, clean)
 	if err != nil {
 		b.cfg.Metrics.NATSError(natsOpKVWrite)
-		return 0, fmt.Errorf("storing host record: %w", err)
+		return 0, fmt.Errorf("storing host record: %w", storeError(err))
 	}
 	return rev, nil
 }

@@ -83,7 +83,10 @@ func (b *Broker) runDriver(ctx context.Context, id string, wake <-chan struct{})
 				continue
 			}
 		}
-		waitNext, err := b.step(ctx, m)
+		stepCtx, endStep := context.WithCancel(ctx)
+		go b.holdLease(stepCtx, id)
+		waitNext, err := b.step(stepCtx, m)
+		endStep()
 		switch {
 		case err == nil:
 		case errors.Is(err, errNotMine), errors.Is(err, errRevision):

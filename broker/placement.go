@@ -74,7 +74,7 @@ type fleetView struct {
 // newFleetView reads the hosts and their states, and takes the migrations in flight from the
 // broker's snapshot (see noteActive).
 func (b *Broker) newFleetView(ctx context.Context) (*fleetView, []*agentapi.HostRecord, error) {
-	hosts, err := listJSON[agentapi.HostRecord](ctx, b.store.hosts, ">")
+	hosts, err := b.store.listHosts(ctx)
 	if err != nil {
 		return nil, nil, err
 	}

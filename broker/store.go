@@ -5,10 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
 )
 
 // Names of the broker's JetStream buckets and stream.
@@ -53,6 +58,14 @@ type storeConfig struct {
 }
 
 // openStore creates (or updates) the buckets and the events stream and returns handles on them.
+//
+// Every bucket's stream refuses direct gets (AllowDirect false), and its handle is bound
+// after that, so that each Get goes to the stream's leader. A direct get may be answered by
+// any replica, one behind the last acknowledged write among them: the broker decides its side
+// effects (an agent's attestation, a key release) on what it reads and then writes with a
+// compare-and-swap, and a stale read would make it run them again. The buckets' streams are
+// written from storeStreamConfig, never by the key-value API's create or update, which turns
+// direct gets back on: a broker starting beside running ones leaves them as they are.
 func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*store, error) {
 	s := &store{js: js}
 	buckets := []struct {
@@ -70,9 +83,12 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 	for _, b := range buckets {
 		b.cfg.Replicas = cfg.replicas
 		b.cfg.Storage = jetstream.FileStorage
-		kv, err := js.CreateOrUpdateKeyValue(ctx, b.cfg)
-		if err != nil {
+		if _, err := js.CreateOrUpdateStream(ctx, storeStreamConfig(b.cfg)); err != nil {
 			return nil, fmt.Errorf("creating bucket %s: %w", b.cfg.Bucket, err)
+		}
+		kv, err := js.KeyValue(ctx, b.cfg.Bucket)
+		if err != nil {
+			return nil, fmt.Errorf("opening bucket %s: %w", b.cfg.Bucket, err)
 		}
 		*b.kv = kv
 	}
@@ -106,14 +122,53 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 	return s, nil
 }
 
-// getJSON reads key from kv into a new T. A missing key matches ErrNotFound.
+// storeStreamConfig is the stream of key-value bucket cfg as nats.go's key-value API writes it
+// (jetstream's prepareKeyValueConfig, for a bucket that neither mirrors nor sources), except
+// that it refuses direct gets: see openStore.
+func storeStreamConfig(cfg jetstream.KeyValueConfig) jetstream.StreamConfig {
+	history := int64(max(cfg.History, 1))
+	// The duplicate window is the key-value API's: 2 minutes, or the TTL when shorter.
+	duplicates := 2 * time.Minute
+	if cfg.TTL > 0 && cfg.TTL < duplicates {
+		duplicates = cfg.TTL
+	}
+	return jetstream.StreamConfig{
+		Name:              "KV_" + cfg.Bucket,
+		Description:       cfg.Description,
+		Subjects:          []string{"$KV." + cfg.Bucket + ".>"},
+		MaxMsgsPerSubject: history,
+		MaxBytes:          -1,
+		MaxAge:            cfg.TTL,
+		MaxMsgSize:        -1,
+		Storage:           cfg.Storage,
+		Replicas:          max(cfg.Replicas, 1),
+		AllowRollup:       true,
+		DenyDelete:        true,
+		Duplicates:        duplicates,
+		MaxMsgs:           -1,
+		MaxConsumers:      -1,
+		AllowDirect:       false,
+		Discard:           jetstream.DiscardNew,
+	}
+}
+
+// storeCallTimeout bounds one read or write of a record, within the caller's deadline: one
+// takes milliseconds, and a cluster that cannot answer in this long has lost its quorum or is
+// electing a leader. An API request then answers "unavailable" well before its caller gives up
+// (natsrpc's and the Client's 30 s), and a migration's driver tries again.
+const storeCallTimeout = 5 * time.Second
+
+// getJSON reads key from kv into a new T. A missing key matches ErrNotFound; JetStream not
+// answering within storeCallTimeout, ErrUnavailable.
 func getJSON[T any](ctx context.Context, kv jetstream.KeyValue, key string) (*T, uint64, error) {
+	ctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
+	defer cancel()
 	e, err := kv.Get(ctx, key)
 	if err != nil {
 		if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
 			return nil, 0, fmt.Errorf("%w: %s %q", ErrNotFound, kv.Bucket(), key)
 		}
-		return nil, 0, fmt.Errorf("reading %s %q: %w", kv.Bucket(), key, err)
+		return nil, 0, fmt.Errorf("reading %s %q: %w", kv.Bucket(), key, storeError(err))
 	}
 	v := new(T)
 	if err := json.Unmarshal(e.Value(), v); err != nil {
@@ -126,8 +181,11 @@ func getJSON[T any](ctx context.Context, kv jetstream.KeyValue, key string) (*T,
 var errRevision = errors.New("revision changed")
 
 // updateJSON writes v under key if the key is still at rev (0: if the key does not exist).
-// A lost race matches errRevision.
+// A lost race matches errRevision; JetStream not answering within storeCallTimeout,
+// ErrUnavailable.
 func updateJSON(ctx context.Context, kv jetstream.KeyValue, key string, v any, rev uint64) (uint64, error) {
+	ctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
+	defer cancel()
 	data, err := json.Marshal(v)
 	if err != nil {
 		return 0, fmt.Errorf("encoding %s %q: %w", kv.Bucket(), key, err)
@@ -142,7 +200,7 @@ func updateJSON(ctx context.Context, kv jetstream.KeyValue, key string, v any, r
 		if errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
 			return 0, fmt.Errorf("writing %s %q: %w", kv.Bucket(), key, errRevision)
 		}
-		return 0, fmt.Errorf("writing %s %q: %w", kv.Bucket(), key, err)
+		return 0, fmt.Errorf("writing %s %q: %w", kv.Bucket(), key, storeError(err))
 	}
 	return n, nil
 }
@@ -151,7 +209,8 @@ func updateJSON(ctx context.Context, kv jetstream.KeyValue, key string, v any, r
 // ordered consumer, rather than one request per key. It can miss a key rewritten while it
 // reads: in a bucket that keeps one revision (the hosts', at every heartbeat) the revision
 // the listing started from is gone, and the new one comes after the listing ends. Callers
-// that need one key read it by name (getJSON); the others see it at their next listing.
+// that need one key read it by name (getJSON), those that need every host listHosts; the
+// others see it at their next listing.
 func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) ([]*T, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
@@ -160,14 +219,14 @@ func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) 
 	}
 	w, err := kv.Watch(ctx, filter, jetstream.IgnoreDeletes())
 	if err != nil {
-		return nil, fmt.Errorf("listing %s: %w", kv.Bucket(), err)
+		return nil, fmt.Errorf("listing %s: %w", kv.Bucket(), storeError(err))
 	}
 	defer w.Stop()
 	var out []*T
 	for {
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("listing %s: %w", kv.Bucket(), ctx.Err())
+			return nil, fmt.Errorf("listing %s: %w", kv.Bucket(), storeError(ctx.Err()))
 		case e, ok := <-w.Updates():
 			if !ok {
 				return nil, fmt.Errorf("listing %s: watcher closed", kv.Bucket())
@@ -183,3 +242,85 @@ func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) 
 		}
 	}
 }
+
+// listHosts reads every host record by name. The names come from the hosts bucket's stream,
+// which its leader tells at once (the subjects it holds), and each record is then read like
+// any other (getJSON). listJSON can miss a host whose heartbeat rewrites its record while the
+// listing runs (see there): under the heartbeats of many hosts, placement and fleet
+// operations would then skip a live host. A host whose record goes away between the two
+// steps is left out.
+func (s *store) listHosts(ctx context.Context) ([]*agentapi.HostRecord, error) {
+	ctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
+	defer cancel()
+	stream, err := s.js.Stream(ctx, "KV_"+HostsBucket)
+	if err != nil {
+		return nil, fmt.Errorf("listing %s: %w", HostsBucket, storeError(err))
+	}
+	prefix := "$KV." + HostsBucket + "."
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(prefix+">"))
+	if err != nil {
+		return nil, fmt.Errorf("listing %s: %w", HostsBucket, storeError(err))
+	}
+	names := make([]string, 0, len(info.State.Subjects))
+	for subject := range info.State.Subjects {
+		names = append(names, strings.TrimPrefix(subject, prefix))
+	}
+	slices.Sort(names)
+	recs := make([]*agentapi.HostRecord, len(names))
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(listReaders)
+	for i, name := range names {
+		g.Go(func() error {
+			rec, _, err := getJSON[agentapi.HostRecord](gctx, s.hosts, name)
+			if errors.Is(err, ErrNotFound) {
+				return nil
+			}
+			recs[i] = rec
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(recs, func(r *agentapi.HostRecord) bool { return r == nil }), nil
+}
+
+// listReaders bounds the reads by name of one listing at once.
+const listReaders = 16
+
+// storeError returns err, a failure of a JetStream call, marked with ErrUnavailable when it
+// says JetStream could not answer (no quorum or leader, no connection, no answer in time)
+// rather than what was asked is wrong: the API then answers "unavailable" with the cause,
+// and the caller may try again.
+func storeError(err error) error {
+	if err == nil || !storeUnavailable(err) {
+		return err
+	}
+	return &unavailableError{err: err}
+}
+
+// storeUnavailable reports whether err, a failure of a JetStream call, says JetStream could
+// not answer.
+func storeUnavailable(err error) bool {
+	for _, e := range []error{
+		context.DeadlineExceeded, nats.ErrTimeout, nats.ErrNoResponders, nats.ErrConnectionClosed,
+		nats.ErrConnectionDraining, nats.ErrDisconnected, nats.ErrConnectionReconnecting,
+		jetstream.ErrNoStreamResponse, jetstream.ErrServerShutdown,
+	} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	// JetStream's own "temporarily unavailable" answers: no meta leader or stream leader,
+	// cluster without quorum.
+	if e, ok := errors.AsType[*jetstream.APIError](err); ok && e.Code == 503 {
+		return true
+	}
+	return false
+}
+
+// unavailableError is a store failure that matches ErrUnavailable as well as its cause.
+type unavailableError struct{ err error }
+
+func (e *unavailableError) Error() string   { return "JetStream unavailable: " + e.err.Error() }
+func (e *unavailableError) Unwrap() []error { return []error{ErrUnavailable, e.err} }

@@ -21,8 +21,10 @@ func TestABrokerCannotGrowTheAgentWithoutBound(t *testing.T) {
 
 	kb, _, _ := ed25519.GenerateKey(rand.Reader)
 	n := unresolvedNode(t, t.TempDir(), "host-a", kb, GuestSpec{Tenant: "demo", VM: "web", MemoryBytes: 1 << 20})
-	nonce := make([]byte, 32)
 	attestAdopt := func(id string) error {
+		// A new nonce each time: the same one would be the same attempt, answered again.
+		nonce := make([]byte, 32)
+		rand.Read(nonce)
 		_, err := n.Attest(t.Context(), &agentapi.AttestRequest{MigrationID: id, Role: attest.RoleAdopt, Nonce: nonce, Tenant: "demo", VM: "web"})
 		return err
 	}

@@ -90,16 +90,28 @@ func (n *Node) lookup(id string) (*migration, error) {
 }
 
 // Attest makes a fresh HPKE key pair for the migration (or adoption) and returns evidence
-// bound to it, role source or adopt. Attesting again for the same migration replaces the key
-// pair, until the keys are opened. It returns ErrBadRequest, ErrNotFound (the guest is not on
+// bound to it, role source or adopt. It returns ErrBadRequest, ErrNotFound (the guest is not on
 // this host) or ErrConflict (the guest is migrating in another migration, or this one's
 // keys were opened or it ended).
+//
+// Attesting again for the same migration, until its keys are opened, is how a broker retries:
+// after a timeout, a takeover, or a read of the migration's record from before its own write.
+// The same nonce is the same attempt: it answers the evidence it answered, with the same key.
+// Another nonce is a new attempt with a new key pair, and the earlier attempts' keys are kept
+// (up to maxAttestations in all) until keys sealed to one of them are opened, when the
+// others are zeroized: the keybroker may have sealed keys to an earlier attempt that a broker
+// stored before it retried, and those must still open. Each key opens only keys whose grant
+// names it and its nonce, so keeping one opens nothing the keybroker did not release to it.
 func (n *Node) Attest(ctx context.Context, req *agentapi.AttestRequest) (*attest.Evidence, error) {
 	if err := checkIDNonce(req.MigrationID, req.Nonce); err != nil {
 		return nil, err
 	}
 	if req.Role != attest.RoleSource && req.Role != attest.RoleAdopt {
 		return nil, fmt.Errorf("%w: attest role %q, want source or adopt", agentapi.ErrBadRequest, req.Role)
+	}
+	if ev := n.repeatedAttest(req); ev != nil {
+		n.log.Info("Attested again with the same nonce", attrMigration, req.MigrationID, attrRole, string(req.Role))
+		return ev, nil
 	}
 	var stmt []byte
 	if req.Role == attest.RoleAdopt {
@@ -120,45 +132,68 @@ func (n *Node) Attest(ctx context.Context, req *agentapi.AttestRequest) (*attest
 		key.Zeroize()
 		return nil, fmt.Errorf("attesting: %w", err)
 	}
-	if err := n.register(req, key); err != nil {
+	answer, err := n.register(req, attempt{nonce: req.Nonce, key: key, evidence: ev})
+	if err != nil {
 		key.Zeroize()
 		return nil, err
 	}
+	if answer != ev {
+		key.Zeroize() // a concurrent request with the same nonce registered first
+	}
 	n.log.Info("Attested", attrMigration, req.MigrationID, attrRole, string(req.Role), attrTenant, req.Tenant, attrVM, req.VM)
-	return ev, nil
+	return answer, nil
 }
 
-// register records the key pair of an attest request: a new migration enters attested, an
-// attested one attests again.
-func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error {
+// repeatedAttest returns the evidence an attested migration answered req's nonce with, or nil
+// if req is not the repeat of an attempt of it.
+func (n *Node) repeatedAttest(req *agentapi.AttestRequest) *attest.Evidence {
+	n.mu.Lock()
+	m := n.migs[req.MigrationID]
+	n.mu.Unlock()
+	if m == nil {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.phase() != phaseAttested || m.role != req.Role || m.tenant != req.Tenant || m.vm != req.VM {
+		return nil
+	}
+	return m.answered(req.Nonce)
+}
+
+// register records attempt a of an attest request: a new migration enters attested, an
+// attested one attests again. It returns the evidence to answer: a's, or that of an attempt
+// with the same nonce registered first.
+func (n *Node) register(req *agentapi.AttestRequest, a attempt) (*attest.Evidence, error) {
 	n.mu.Lock()
 	if n.stopping {
 		n.mu.Unlock()
-		return errStopping
+		return nil, errStopping
 	}
 	g := n.guests[guestKey(req.Tenant, req.VM)]
 	if g == nil {
 		n.mu.Unlock()
-		return fmt.Errorf("%w: guest %s/%s is not on host %s", agentapi.ErrNotFound, req.Tenant, req.VM, n.cfg.Host)
+		return nil, fmt.Errorf("%w: guest %s/%s is not on host %s", agentapi.ErrNotFound, req.Tenant, req.VM, n.cfg.Host)
 	}
 	m := n.migs[req.MigrationID]
 	if m == nil {
 		if req.Role == attest.RoleSource && g.migration != "" {
 			n.mu.Unlock()
-			return fmt.Errorf("%w: guest %s/%s is in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, g.migration)
+			return nil, fmt.Errorf("%w: guest %s/%s is in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, g.migration)
 		}
 		if err := n.admit(); err != nil {
 			n.mu.Unlock()
-			return err
+			return nil, err
 		}
 		m = newMigration(req.MigrationID, req.Role, req.Tenant, req.VM, g.memoryBytes(), phaseAttested)
-		m.g, m.keys.hpke, m.nonce, m.hpkePubs = g, key, bytes.Clone(req.Nonce), [][]byte{key.PublicKey()}
+		m.g = g
+		m.newAttempt(a)
 		n.migs[m.id] = m
 		if req.Role == attest.RoleSource {
 			g.migration = m.id
 		}
 		n.mu.Unlock()
-		return nil
+		return a.evidence, nil
 	}
 	n.mu.Unlock()
 
@@ -166,29 +201,32 @@ func (n *Node) register(req *agentapi.AttestRequest, key *seal.PrivateKey) error
 	defer m.mu.Unlock()
 	switch p := m.phase(); {
 	case m.role != req.Role || m.g != g:
-		return fmt.Errorf("%w: migration %s is a %s migration of another guest or role", agentapi.ErrConflict, m.id, m.role)
+		return nil, fmt.Errorf("%w: migration %s is a %s migration of another guest or role", agentapi.ErrConflict, m.id, m.role)
 	case p == phaseKeyed || p == phaseAdopted:
 		// The keys and grant of this migration name the key attested before: a new one would
 		// only break the handshake.
-		return fmt.Errorf("%w: migration %s already has its keys", agentapi.ErrConflict, m.id)
+		return nil, fmt.Errorf("%w: migration %s already has its keys", agentapi.ErrConflict, m.id)
 	case p != phaseAttested:
-		return fmt.Errorf("%w: migration %s already started or ended", agentapi.ErrConflict, m.id)
-	case len(m.hpkePubs) >= maxAttestations:
-		return fmt.Errorf("%w: migration %s attested %d times already", agentapi.ErrConflict, m.id, len(m.hpkePubs))
+		return nil, fmt.Errorf("%w: migration %s already started or ended", agentapi.ErrConflict, m.id)
+	}
+	if ev := m.answered(a.nonce); ev != nil {
+		return ev, nil
+	}
+	if len(m.hpkePubs) >= maxAttestations {
+		return nil, fmt.Errorf("%w: migration %s attested %d times already", agentapi.ErrConflict, m.id, len(m.hpkePubs))
 	}
 	if err := m.enter(phaseAttested); err != nil {
-		return err
+		return nil, err
 	}
-	m.keys.replaceHPKE(key)
-	m.nonce = bytes.Clone(req.Nonce)
-	m.hpkePubs = append(m.hpkePubs, key.PublicKey())
-	return nil
+	m.newAttempt(a)
+	return a.evidence, nil
 }
 
 // Prepare scrubs a fresh receive region for the guest, makes an HPKE key pair, opens a
 // data-plane listener and returns evidence (role destination) with the clean-memory statement
-// and the data endpoint. Preparing again before the keys arrive scrubs the same region again
-// and replaces the key pair. It returns ErrBadRequest or ErrConflict (the guest is already on
+// and the data endpoint. Preparing again before the keys arrive follows Attest's rule: with
+// the same nonce it answers the same evidence, with another it scrubs the same region again
+// and makes a new key pair, keeping the earlier ones until keys are opened. It returns ErrBadRequest or ErrConflict (the guest is already on
 // this host or arriving in another migration, or the migration's keys were delivered or it
 // ended).
 func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agentapi.PrepareResponse, error) {
@@ -245,6 +283,10 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	if m.phase() != phasePrepared {
 		return nil, fmt.Errorf("%w: migration %s already has its keys or ended", agentapi.ErrConflict, m.id)
 	}
+	if ev := m.answered(req.Nonce); ev != nil {
+		n.log.Info("Prepared again with the same nonce", attrMigration, m.id)
+		return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
+	}
 	if len(m.hpkePubs) >= maxAttestations {
 		return nil, fmt.Errorf("%w: migration %s was prepared %d times already", agentapi.ErrConflict, m.id, len(m.hpkePubs))
 	}
@@ -290,9 +332,7 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		cleanup()
 		return nil, fmt.Errorf("%w: migration %s changed during prepare", agentapi.ErrConflict, m.id)
 	}
-	m.keys.replaceHPKE(key)
-	m.nonce, m.clean = bytes.Clone(req.Nonce), stmt
-	m.hpkePubs = append(m.hpkePubs, key.PublicKey())
+	m.newAttempt(attempt{nonce: req.Nonce, key: key, evidence: ev, clean: stmt})
 	n.migs[m.id] = m
 	n.log.Info("Prepared to receive", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrBytes, m.size, attrEndpoint, m.endpoint)
 	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
@@ -369,6 +409,17 @@ func (n *Node) Keys(ctx context.Context, req *agentapi.KeysRequest) error {
 		return errStopping
 	}
 	g, err := n.checkGrant(m, req)
+	for i := range m.keys.earlier {
+		if err == nil {
+			break
+		}
+		// Keys sealed to an earlier attempt, which a broker stored before it retried.
+		a := m.keys.earlier[i]
+		if g2, err2 := n.checkGrantFor(m, req, a.key.PublicKey(), a.nonce); err2 == nil {
+			m.useEarlier(i)
+			g, err = g2, nil
+		}
+	}
 	if err != nil {
 		n.log.Warn("Keys refused", attrMigration, m.id, attrRole, string(m.role), attrError, err)
 		return fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
@@ -388,6 +439,7 @@ func (n *Node) Keys(ctx context.Context, req *agentapi.KeysRequest) error {
 		m.sealed, m.grant = [sha256.Size]byte{}, nil
 		return err
 	}
+	m.keys.dropEarlier()
 	n.log.Info("Keys opened", attrMigration, m.id, attrRole, string(m.role), attrEpoch, keys.Epoch)
 	return nil
 }
@@ -398,12 +450,18 @@ func (n *Node) isStopping() bool {
 	return n.stopping
 }
 
-// checkGrant checks the grant of a keys delivery against what m knows for itself. Callers
-// hold m.mu.
+// checkGrant checks the grant of a keys delivery against what m knows for itself, its
+// current attempt's key and nonce. Callers hold m.mu.
 func (n *Node) checkGrant(m *migration, req *agentapi.KeysRequest) (*grant.Grant, error) {
+	return n.checkGrantFor(m, req, m.keys.hpke.PublicKey(), m.nonce)
+}
+
+// checkGrantFor is checkGrant for the attempt of HPKE public key pub and nonce. Callers hold
+// m.mu.
+func (n *Node) checkGrantFor(m *migration, req *agentapi.KeysRequest, pub, nonce []byte) (*grant.Grant, error) {
 	want := grant.Expectation{
 		Op: grant.OpRelease, MigrationID: m.id, Role: m.role, Tenant: m.tenant, VM: m.vm, Host: n.cfg.Host,
-		HPKEPublicKey: m.keys.hpke.PublicKey(), Nonce: m.nonce, Sealed: req.SealedKeys,
+		HPKEPublicKey: pub, Nonce: nonce, Sealed: req.SealedKeys,
 	}
 	switch m.role {
 	case attest.RoleAdopt:

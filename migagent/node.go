@@ -302,7 +302,10 @@ func (n *Node) record() agentapi.HostRecord {
 }
 
 // heartbeat writes the host record at once, then every interval and whenever the guests
-// change, from one goroutine so that an older record never overwrites a newer one.
+// change, from one goroutine so that an older record never overwrites a newer one. Each
+// heartbeat is bounded by the interval, and a failed one is sent again after a fifth of it
+// (agentapi.Heartbeater), so that a NATS server going away costs a host a few seconds of
+// heartbeats, never its TTL.
 func (n *Node) heartbeat(ctx context.Context) error {
 	hb, err := agentapi.NewHeartbeater(agentapi.HeartbeaterConfig{
 		Conn: n.cfg.Conn, Record: n.record, Interval: n.cfg.HeartbeatInterval, Now: n.cfg.Now, Logger: n.log,
@@ -310,12 +313,15 @@ func (n *Node) heartbeat(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	t := time.NewTicker(n.cfg.HeartbeatInterval)
+	t := time.NewTimer(n.cfg.HeartbeatInterval)
 	defer t.Stop()
 	for {
-		if err := hb.Beat(ctx); err != nil && ctx.Err() == nil {
+		err := hb.Beat(ctx)
+		if err != nil && ctx.Err() == nil {
 			n.log.Warn("Heartbeat failed", attrError, err)
 		}
+		// A failed heartbeat goes again soon: the host's record must not age to its TTL.
+		t.Reset(hb.Next(err))
 		select {
 		case <-ctx.Done():
 			return nil

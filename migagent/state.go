@@ -1,6 +1,7 @@
 package migagent
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -121,11 +122,24 @@ type secrets struct {
 	// sealed keys, and in the data-plane handshake it proves to the peer that this is the
 	// attested agent.
 	hpke *seal.PrivateKey
+	// earlier are the migration's earlier attempts (attests or preparations answering
+	// another nonce), until keys are opened: keys the keybroker sealed to one of them, stored
+	// by a broker before a retry of its made the next, must still open (see Node.Attest).
+	earlier []attempt
 	// tk is a source's TK, from the opening of its keys until its transfer takes it.
 	tk *dataplane.SecretKey
 	// recv are a destination's TK and MDK_{e+1}, from the opening of its keys until its
 	// reception takes them.
 	recv dataplane.Keys
+}
+
+// attempt is one attestation of a migration: the keybroker's nonce it answered, the HPKE
+// key its evidence binds, the evidence, and a destination's clean-memory statement in it.
+type attempt struct {
+	nonce    []byte
+	key      *seal.PrivateKey
+	evidence *attest.Evidence
+	clean    []byte
 }
 
 // zeroize wipes every key still held. The keys a running task took are its own to wipe.
@@ -134,6 +148,7 @@ func (s *secrets) zeroize() {
 		s.hpke.Zeroize()
 		s.hpke = nil
 	}
+	s.dropEarlier()
 	s.tk.Destroy()
 	s.tk = nil
 	s.recv.TK.Destroy()
@@ -141,17 +156,54 @@ func (s *secrets) zeroize() {
 	s.recv = dataplane.Keys{}
 }
 
-// replaceHPKE zeroizes the HPKE key held, if any, and holds key instead.
-func (s *secrets) replaceHPKE(key *seal.PrivateKey) {
-	if s.hpke != nil {
-		s.hpke.Zeroize()
+// dropEarlier zeroizes the keys of the earlier attempts.
+func (s *secrets) dropEarlier() {
+	for _, a := range s.earlier {
+		a.key.Zeroize()
 	}
-	s.hpke = key
+	s.earlier = nil
 }
 
 // empty reports whether no key is held.
 func (s *secrets) empty() bool {
-	return s.hpke == nil && s.tk == nil && s.recv.TK == nil && s.recv.MDK == nil
+	return s.hpke == nil && len(s.earlier) == 0 && s.tk == nil && s.recv.TK == nil && s.recv.MDK == nil
+}
+
+// newAttempt makes a its current attempt; the current one, if any, joins the earlier ones.
+// Callers hold m.mu.
+func (m *migration) newAttempt(a attempt) {
+	if m.keys.hpke != nil {
+		m.keys.earlier = append(m.keys.earlier, m.current())
+	}
+	m.keys.hpke, m.nonce, m.evidence, m.clean = a.key, bytes.Clone(a.nonce), a.evidence, a.clean
+	m.hpkePubs = append(m.hpkePubs, a.key.PublicKey())
+}
+
+// current returns m's current attempt. Callers hold m.mu.
+func (m *migration) current() attempt {
+	return attempt{nonce: m.nonce, key: m.keys.hpke, evidence: m.evidence, clean: m.clean}
+}
+
+// answered returns the evidence of m's attempt that answered nonce, or nil if none did.
+// Callers hold m.mu.
+func (m *migration) answered(nonce []byte) *attest.Evidence {
+	if m.keys.hpke != nil && bytes.Equal(m.nonce, nonce) {
+		return m.evidence
+	}
+	for _, a := range m.keys.earlier {
+		if bytes.Equal(a.nonce, nonce) {
+			return a.evidence
+		}
+	}
+	return nil
+}
+
+// useEarlier makes m's earlier attempt i its current one, and the current one an earlier one.
+// Callers hold m.mu.
+func (m *migration) useEarlier(i int) {
+	a := m.keys.earlier[i]
+	m.keys.earlier[i] = m.current()
+	m.keys.hpke, m.nonce, m.evidence, m.clean = a.key, a.nonce, a.evidence, a.clean
 }
 
 // migration is the node's state of one migration, or of an adoption.
@@ -175,8 +227,10 @@ type migration struct {
 	// keybroker can tell this end's evidence from any other agent's (platform claims can be
 	// alike on two machines).
 	hpkePubs [][]byte
-	// nonce is the keybroker's nonce the last evidence was bound to.
-	nonce []byte
+	// nonce is the keybroker's nonce the current attempt's evidence answered (keys.hpke's),
+	// and evidence that evidence.
+	nonce    []byte
+	evidence *attest.Evidence
 	// sealed is the SHA-256 of the sealed keys opened, so that the same delivery can be
 	// repeated; grant is the keybroker's signed grant they came with. Set on leaving
 	// attested or prepared for keyed, receiving or adopted.

@@ -268,7 +268,7 @@ func run(ctx context.Context, c *config) error {
 		log.Warn("Emulated attestation: this host's evidence proves nothing; development and CI only", "platform", att.Platform().String(), "emulator_dir", c.emulatorDir)
 	}
 	metrics := daemon.NewMetrics()
-	nc, err := c.nats.Connect("lethe-agent "+c.host, natsauth.InboxPrefix(natsauth.RoleAgent, c.host), metrics.NATSOptions(log)...)
+	nc, err := c.nats.Connect(ctx, log, "lethe-agent "+c.host, natsauth.InboxPrefix(natsauth.RoleAgent, c.host), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}

@@ -8,7 +8,8 @@
 //
 // Settings come from flags, environment variables and a YAML configuration file (--config),
 // in that order of precedence; docs/configuration.md lists them. With --metrics-listen it
-// serves Prometheus metrics, /healthz and /readyz. On SIGTERM it stops taking requests, lets
+// serves Prometheus metrics, /healthz and /readyz (ready: NATS connected, the broker running,
+// and JetStream with a quorum: the migrations bucket's stream has a leader). On SIGTERM it stops taking requests, lets
 // its migration steps end and gives up its leases, so that another broker continues its
 // migrations at once.
 //
@@ -116,7 +117,7 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.String(&c.logLevel, "log-level", "LETHE_LOG_LEVEL", "info", "log level: debug, info, warn, error")
 	fs.String(&c.logFormat, "log-format", "LETHE_LOG_FORMAT", "json", "log format: text or json")
 	fs.String(&c.metricsListen, "metrics-listen", "LETHE_BROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
-	fs.Duration(&c.lease, "lease", "LETHE_LEASE", 0, "migration lease; 0: 60s")
+	fs.Duration(&c.lease, "lease", "LETHE_LEASE", 0, "how long a broker's claim on a migration lasts unrenewed: a killed broker's migrations continue on another broker within it (plus --check-interval); renewed at half of it and every third of it while a step runs; 0: 15s")
 	fs.Duration(&c.checkInterval, "check-interval", "LETHE_CHECK_INTERVAL", 0, "timeout and takeover check interval; 0: 1s")
 	fs.Duration(&c.hostTTL, "host-ttl", "LETHE_HOST_TTL", 0, "host heartbeat TTL; 0: 30s")
 	fs.Duration(&c.agentTimeout, "agent-timeout", "LETHE_AGENT_TIMEOUT", 0, "timeout of one agent or keybroker call; 0: 30s")
@@ -215,7 +216,7 @@ func run(ctx context.Context, c *config) error {
 			return nil
 		})
 	}
-	nc, err := conn.Connect("lethe-broker", natsauth.InboxPrefix(natsauth.RoleBroker, ""), metrics.NATSOptions(log)...)
+	nc, err := conn.Connect(ctx, log, "lethe-broker", natsauth.InboxPrefix(natsauth.RoleBroker, ""), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}
@@ -225,7 +226,7 @@ func run(ctx context.Context, c *config) error {
 	if c.store.Creds != "" || c.store.NKeySeed != "" || c.store.User != "" {
 		store := c.nats
 		store.Creds, store.NKeySeed, store.User, store.Password = c.store.Creds, c.store.NKeySeed, c.store.User, c.store.Password
-		if storeNC, err = store.Connect("lethe-broker-store", natsauth.InboxPrefix(natsauth.RoleBrokerStore, ""), metrics.NATSOptions(log)...); err != nil {
+		if storeNC, err = store.Connect(ctx, log, "lethe-broker-store", natsauth.InboxPrefix(natsauth.RoleBrokerStore, ""), metrics.NATSOptions(log)...); err != nil {
 			return fmt.Errorf("opening the store connection: %w", err)
 		}
 		defer storeNC.Close()
@@ -267,8 +268,10 @@ func run(ctx context.Context, c *config) error {
 	srv := daemon.NewServer(daemon.ServerConfig{
 		Listen:   c.metricsListen,
 		Registry: metrics.Registry,
-		Checks:   append(checks, daemon.Started("broker", b.Ready())),
-		Logger:   log,
+		// Ready only while JetStream has a quorum: without one, the broker can neither read
+		// nor write a record, and its API answers unavailable.
+		Checks: append(checks, daemon.Started("broker", b.Ready()), daemon.Check{Name: "jetstream", Func: b.StoreReady}),
+		Logger: log,
 	})
 	g.Go(func() error {
 		defer close(brokerDone)

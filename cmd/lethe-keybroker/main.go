@@ -236,7 +236,7 @@ func run(ctx context.Context, c *config) error {
 		return exportPublicKey(ctx, kb, c.exportPub, log)
 	}
 
-	nc, err := c.nats.Connect("lethe-keybroker", natsauth.InboxPrefix(natsauth.RoleKeybroker, ""), metrics.NATSOptions(log)...)
+	nc, err := c.nats.Connect(ctx, log, "lethe-keybroker", natsauth.InboxPrefix(natsauth.RoleKeybroker, ""), metrics.NATSOptions(log)...)
 	if err != nil {
 		return err
 	}

@@ -35,7 +35,9 @@
 //
 // [NATSClient] holds a daemon's NATS settings: [NATSClient.CheckAuth] refuses a connection
 // without authentication outside development mode, and [NATSClient.Connect] connects with the
-// daemon's name, its role's inbox prefix, TLS ([NATSTLS]) and its credentials.
+// daemon's name, its role's inbox prefix, TLS ([NATSTLS]) and its credentials; a daemon that
+// starts before NATS, or while a NATS node is down, waits for it, logging each failed
+// attempt with the URLs it tried, and then reconnects forever.
 //
 // # Metrics and health
 //

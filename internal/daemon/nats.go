@@ -1,8 +1,13 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net/url"
+	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 )
@@ -49,12 +54,19 @@ func (c NATSClient) CheckAuth(dev bool) error {
 	return nil
 }
 
+// connectRetry is the pause between two attempts of Connect to reach NATS at start.
+const connectRetry = 2 * time.Second
+
 // Connect connects to c.URL as the client name, with replies on inboxPrefix (the daemon
 // role's, which its NATS permissions allow), reconnecting forever, with c's TLS and
-// authentication and the extra options (a daemon's metrics hooks). It returns an error when
-// c's TLS files are half given, when the nkey seed cannot be read, or when the connection
-// fails.
-func (c NATSClient) Connect(name, inboxPrefix string, extra ...nats.Option) (*nats.Conn, error) {
+// authentication and the extra options (a daemon's metrics hooks).
+//
+// A daemon may start before NATS does, or while a NATS node is down: Connect tries every URL
+// of c.URL, logs each failed attempt on log with the URLs it tried and the cause, and tries
+// again every 2 s until it connects or ctx ends. It returns an error when c's TLS files are
+// half given, when the nkey seed cannot be read, or with ctx's error when ctx ends first, the
+// last attempt's error joined to it.
+func (c NATSClient) Connect(ctx context.Context, log *slog.Logger, name, inboxPrefix string, extra ...nats.Option) (*nats.Conn, error) {
 	opts := []nats.Option{
 		nats.Name(name),
 		nats.MaxReconnects(-1),
@@ -78,11 +90,36 @@ func (c NATSClient) Connect(name, inboxPrefix string, extra ...nats.Option) (*na
 	case c.User != "":
 		opts = append(opts, nats.UserInfo(c.User, c.Password))
 	}
-	nc, err := nats.Connect(c.URL, opts...)
-	if err != nil {
-		return nil, fmt.Errorf("connecting to NATS: %w", err)
+	urls := RedactURLs(c.URL)
+	for attempt := 1; ; attempt++ {
+		nc, err := nats.Connect(c.URL, opts...)
+		if err == nil {
+			return nc, nil
+		}
+		err = fmt.Errorf("connecting to NATS at %s: %w", urls, err)
+		log.Warn("Connecting to NATS failed; trying again", "nats", urls, "attempt", attempt, "retry_in", connectRetry, "error", err)
+		t := time.NewTimer(connectRetry)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, errors.Join(ctx.Err(), err)
+		case <-t.C:
+		}
 	}
-	return nc, nil
+}
+
+// RedactURLs returns urls, a comma-separated list of NATS server URLs, with any password in
+// them replaced, fit for a log or an error message.
+func RedactURLs(urls string) string {
+	parts := strings.Split(urls, ",")
+	for i, p := range parts {
+		p = strings.TrimSpace(p)
+		if u, err := url.Parse(p); err == nil && u.User != nil {
+			p = u.Redacted()
+		}
+		parts[i] = p
+	}
+	return strings.Join(parts, ",")
 }
 
 // NATSTLS are the TLS files of a NATS client connection.

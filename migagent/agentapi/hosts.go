@@ -49,6 +49,13 @@ type HeartbeaterConfig struct {
 	Record func() HostRecord
 	// Interval between heartbeats. Zero means 5 s; it must stay well below the bucket's TTL.
 	Interval time.Duration
+	// Timeout bounds one heartbeat, so that a heartbeat lost with a NATS server that went
+	// away is sent again long before the host's TTL runs out, rather than waited for as long
+	// as the TTL itself. Zero means Interval.
+	Timeout time.Duration
+	// RetryInterval is the time before a heartbeat that failed is sent again. Zero means a
+	// fifth of Interval.
+	RetryInterval time.Duration
 	// Now returns the current time. Nil means time.Now.
 	Now func() time.Time
 	// Logger receives failed heartbeats. Nil means slog.Default().
@@ -66,6 +73,12 @@ func NewHeartbeater(cfg HeartbeaterConfig) (*Heartbeater, error) {
 	if cfg.Interval <= 0 {
 		cfg.Interval = 5 * time.Second
 	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = cfg.Interval
+	}
+	if cfg.RetryInterval <= 0 {
+		cfg.RetryInterval = cfg.Interval / 5
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -75,26 +88,39 @@ func NewHeartbeater(cfg HeartbeaterConfig) (*Heartbeater, error) {
 	return &Heartbeater{cfg: cfg}, nil
 }
 
-// Beat writes the host record once.
+// Beat writes the host record once, within Timeout.
 func (h *Heartbeater) Beat(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, h.cfg.Timeout)
+	defer cancel()
 	rec := h.cfg.Record()
 	rec.Heartbeat = h.cfg.Now()
 	return PutHost(ctx, h.cfg.Conn, &rec)
 }
 
+// Next returns how long to wait, after a heartbeat that returned err, before the next one:
+// Interval after a heartbeat that went through, RetryInterval after one that failed.
+func (h *Heartbeater) Next(err error) time.Duration {
+	if err != nil {
+		return h.cfg.RetryInterval
+	}
+	return h.cfg.Interval
+}
+
 // Run writes the host record at once and then every interval until ctx ends. A failed
-// heartbeat is logged and retried at the next interval; Run returns nil when ctx ends.
+// heartbeat is logged and sent again after RetryInterval; Run returns nil when ctx ends.
 func (h *Heartbeater) Run(ctx context.Context) error {
-	t := time.NewTicker(h.cfg.Interval)
+	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
-		if err := h.Beat(ctx); err != nil && ctx.Err() == nil {
-			h.cfg.Logger.Warn("Heartbeat failed", "error", err)
-		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
 		}
+		err := h.Beat(ctx)
+		if err != nil && ctx.Err() == nil {
+			h.cfg.Logger.Warn("Heartbeat failed", "error", err)
+		}
+		t.Reset(h.Next(err))
 	}
 }
