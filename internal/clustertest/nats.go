@@ -439,3 +439,11 @@ func goCmd(dir string, args ...string) (string, error) {
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
+
+// Logs returns the end of what node i printed, for failure messages.
+func (c *NATS) Logs(i int) string {
+	n := c.nodes[i]
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.proc.tail()
+}
