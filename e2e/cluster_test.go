@@ -438,4 +438,3 @@ func buildKeybroker(t testing.TB) {
 		t.Fatalf("building lethe-keybroker: %v\n%s", err, out)
 	}
 }
-

@@ -2,12 +2,14 @@ package clustertest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/vault/api"
 
@@ -110,7 +112,9 @@ func StartVaultHA(t testing.TB) *VaultHA {
 		vaulttest.TransitMount: {Type: "transit"},
 		vaulttest.KVMount:      {Type: "kv", Options: map[string]string{"version": "2"}},
 	} {
-		if _, err := waitFor(ctx, func(ctx context.Context) (struct{}, error) { return struct{}{}, c.Sys().MountWithContext(ctx, path, in) }); err != nil {
+		if _, err := waitFor(ctx, func(ctx context.Context) (struct{}, error) {
+			return struct{}{}, c.Sys().MountWithContext(ctx, path, in)
+		}); err != nil {
 			t.Fatalf("clustertest: enabling %s: %v", path, err)
 		}
 	}
@@ -187,6 +191,31 @@ func (v *VaultHA) unseal(ctx context.Context, i int) {
 	}); err != nil {
 		v.t.Fatalf("clustertest: unsealing Vault node %d: %v\n%s", i, err, v.tail(i))
 	}
+}
+
+// leaderSeenBy returns the index of the leader node i names, -1 if it names none, -2 if it is
+// sealed.
+func (v *VaultHA) leaderSeenBy(ctx context.Context, i int) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	c := v.client(i, "")
+	st, err := c.Sys().SealStatusWithContext(ctx)
+	if err != nil {
+		return -1, err
+	}
+	if st.Sealed {
+		return -2, nil
+	}
+	l, err := c.Sys().LeaderWithContext(ctx)
+	if err != nil {
+		return -1, err
+	}
+	for j := range v.nodes {
+		if l.LeaderAddress == v.NodeAddr(j) {
+			return j, nil
+		}
+	}
+	return -1, nil
 }
 
 // voters succeeds once the Raft configuration has every node as a voter.
@@ -302,39 +331,31 @@ func (v *VaultHA) Leader() int {
 	return i
 }
 
-// leader asks the running, unsealed nodes which is active; they must agree, on a node that
-// runs.
+// leader asks the running, unsealed nodes which is active; those that answer within two
+// seconds must agree, on a node that runs.
 func (v *VaultHA) leader(ctx context.Context) (int, error) {
 	got := -1
+	var errs []error
 	for i := range v.nodes {
 		if !v.running(i) {
 			continue
 		}
-		c := v.client(i, "")
-		st, err := c.Sys().SealStatusWithContext(ctx)
-		if err != nil {
-			return -1, fmt.Errorf("node %d: %w", i, err)
-		}
-		if st.Sealed {
-			continue
-		}
-		l, err := c.Sys().LeaderWithContext(ctx)
-		if err != nil {
-			return -1, fmt.Errorf("node %d: %w", i, err)
-		}
-		at := -1
-		for j := range v.nodes {
-			if l.LeaderAddress == v.NodeAddr(j) {
-				at = j
-			}
-		}
+		at, err := v.leaderSeenBy(ctx, i)
 		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("node %d: %w", i, err))
+			continue
+		case at == -2:
+			continue // sealed
 		case at < 0:
-			return -1, fmt.Errorf("node %d knows no leader (%q)", i, l.LeaderAddress)
+			return -1, fmt.Errorf("node %d knows no leader", i)
 		case got >= 0 && at != got:
 			return -1, fmt.Errorf("nodes disagree on the leader: %d, %d", got, at)
 		}
 		got = at
+	}
+	if got < 0 && len(errs) > 0 {
+		return -1, errors.Join(errs...)
 	}
 	if got < 0 {
 		return -1, fmt.Errorf("no node unsealed")
