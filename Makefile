@@ -13,7 +13,7 @@ GOBUILD  = $(GO) build $(if $(VERSION),-ldflags "-X github.com/lethe-cc/lethe/in
 # `make test-race` runs the same under -race.
 TESTFLAGS ?= -count=1 -timeout=30m
 
-.PHONY: e2e-libvirt-linux all build agent-production test test-race bench lint vault demo demo-attest e2e evidence fuzz clean docs e2e-libvirt bench-libvirt libvirt-down
+.PHONY: e2e-libvirt-linux all build agent-production test test-race bench lint vault demo demo-attest e2e evidence fuzz clean docs e2e-libvirt bench-libvirt libvirt-down e2e-cluster
 
 all: build
 
@@ -49,6 +49,14 @@ test-race: vault
 E2E_TESTFLAGS ?= -count=1 -timeout=20m
 e2e: vault
 	$(GO) test $(E2E_TESTFLAGS) -v -run 'TestE2E|TestCaptureScan' ./e2e/
+
+# e2e-cluster runs migrations through the faults of a cluster — NATS leaders killed, a node
+# partitioned, quorum lost, a broker, a keybroker and the Vault leader killed — on three
+# nats-server processes (built once from the module go.mod requires), a three-node Vault HA
+# cluster, two brokers and two keybrokers.
+E2E_CLUSTER_TESTFLAGS ?= -count=1 -timeout=15m
+e2e-cluster: vault
+	$(GO) test $(E2E_CLUSTER_TESTFLAGS) -v -run 'TestCluster' ./e2e/
 
 # evidence runs `lethectl attest verify` over the real evidence corpus (SEV-SNP reports and TDX
 # quotes captured on hardware, kept outside the repository in LETHE_EVIDENCE_DIR, by default

@@ -267,6 +267,15 @@ func newEnv(t testing.TB) *env {
 	return e
 }
 
+// logOrigin is the residency log's origin: the in-process keybroker's, or, where the
+// keybrokers are processes (TestCluster), the default they run with.
+func (e *env) logOrigin() string {
+	if e.kb == nil {
+		return keybroker.DefaultLogOrigin
+	}
+	return e.kb.LogOrigin()
+}
+
 func (e *env) password(login string) string {
 	pw := "pw-" + rand.Text()
 	e.passwords[login] = pw
@@ -771,6 +780,9 @@ func freePort(t testing.TB, ip string) string {
 type auditLog struct {
 	mu     sync.Mutex
 	events []keybroker.Event
+	// read, if set, returns every event so far from where the keybrokers record them (the
+	// logs of keybroker processes, in TestCluster); of calls it before each lookup.
+	read func() []keybroker.Event
 }
 
 // Audit implements keybroker.AuditSink.
@@ -782,6 +794,12 @@ func (a *auditLog) Audit(_ context.Context, ev keybroker.Event) {
 
 // of returns the events of a migration (or adoption) id.
 func (a *auditLog) of(id string) []keybroker.Event {
+	if a.read != nil {
+		evs := a.read()
+		a.mu.Lock()
+		a.events = evs
+		a.mu.Unlock()
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var out []keybroker.Event

@@ -234,7 +234,7 @@ func (s *scn) checkHistory(vm string, epoch uint64) []string {
 	if err != nil {
 		return []string{fmt.Sprintf("history of %s: %v", vm, err)}
 	}
-	v, err := tlog.LogVerifier(s.kb.LogOrigin(), s.kbPub)
+	v, err := tlog.LogVerifier(s.logOrigin(), s.kbPub)
 	if err != nil {
 		return []string{err.Error()}
 	}
@@ -280,7 +280,7 @@ func (s *scn) checkReceiptLogged(raw []byte, id string, env *receipt.Envelope) e
 	if err := json.Unmarshal(raw, &inc); err != nil {
 		return err
 	}
-	v, err := tlog.LogVerifier(s.kb.LogOrigin(), s.kbPub)
+	v, err := tlog.LogVerifier(s.logOrigin(), s.kbPub)
 	if err != nil {
 		return err
 	}
