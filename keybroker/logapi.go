@@ -80,11 +80,11 @@ func (k *Keybroker) LogConsistency(ctx context.Context, req *kbwire.LogConsisten
 	if err := k.ensureAuth(ctx); err != nil {
 		return nil, err
 	}
-	k.rlog.mu.Lock()
-	defer k.rlog.mu.Unlock()
 	if _, err := k.rlog.syncTree(ctx, req.To); err != nil {
 		return nil, err
 	}
+	k.rlog.mu.Lock()
+	defer k.rlog.mu.Unlock()
 	p, err := k.rlog.tree.ConsistencyProof(req.From, req.To)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)

@@ -123,8 +123,12 @@ type residencyLog struct {
 	// (leaders follow one another through qmu).
 	cache appendCache
 
-	mu   sync.Mutex // guards tree and guests; held while they catch up with Vault
-	tree tlog.Tree
+	// syncMu serializes catching tree and guests up with Vault (syncTree's reads of the
+	// missing leaves, and forgetting them when they do not match the head), so that
+	// concurrent callers read each leaf once. It is held across Vault reads; mu never is.
+	syncMu sync.Mutex
+	mu     sync.Mutex // guards tree and guests; held only while they are read or changed in memory
+	tree   tlog.Tree
 	// guests are the indexes of each guest's entries in tree ("<tenant>/<vm>"), oldest first:
 	// a guest's history is read from them, not from its log/guests record, which whoever
 	// writes to the KV mount could roll back to hide the guest's newest entries.
@@ -539,11 +543,11 @@ func (l *residencyLog) settledHead(ctx context.Context) (*logHeadRecord, error) 
 
 // guestIndexes returns the indexes of a guest's entries in the settled log, oldest first.
 func (l *residencyLog) guestIndexes(ctx context.Context, tenant, vm string) ([]uint64, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	if _, err := l.syncTree(ctx, 0); err != nil {
 		return nil, err
 	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	return slices.Clone(l.guests[guestKey(tenant, vm)]), nil
 }
 
@@ -556,11 +560,10 @@ type guestPage struct {
 // proveGuest returns up to limit of a guest's entries under size (from its from-th, from 0),
 // with their inclusion proofs in the tree of size leaves.
 func (l *residencyLog) proveGuest(ctx context.Context, tenant, vm string, size, from uint64, limit int) (*guestPage, error) {
-	l.mu.Lock()
 	if _, err := l.syncTree(ctx, size); err != nil {
-		l.mu.Unlock()
 		return nil, err
 	}
+	l.mu.Lock()
 	var all []uint64
 	for _, i := range l.guests[guestKey(tenant, vm)] {
 		if i < size {
@@ -582,8 +585,9 @@ func (l *residencyLog) proveGuest(ctx context.Context, tenant, vm string, size, 
 }
 
 // prove returns the entries at idx with their inclusion proofs in the tree of size leaves:
-// the proofs from the tree in memory (under mu), the leaves read from Vault after (in
-// parallel, outside the lock), each checked against the tree's leaf hash.
+// the proofs from the tree in memory (under mu; the tree is first caught up with Vault if it
+// has fewer than size leaves), the leaves read from Vault after (in parallel, outside the
+// lock), each checked against the tree's leaf hash.
 func (l *residencyLog) prove(ctx context.Context, size uint64, idx []uint64) ([]tlog.ProvenEntry, error) {
 	return l.read(ctx, size, idx, true)
 }
@@ -592,11 +596,15 @@ func (l *residencyLog) prove(ctx context.Context, size uint64, idx []uint64) ([]
 func (l *residencyLog) read(ctx context.Context, size uint64, idx []uint64, withProofs bool) ([]tlog.ProvenEntry, error) {
 	out := make([]tlog.ProvenEntry, len(idx))
 	want := make([][]byte, len(idx))
-	l.mu.Lock()
-	if _, err := l.syncTree(ctx, size); err != nil {
-		l.mu.Unlock()
-		return nil, err
+	// A tree that holds size leaves already was checked against a head of at least that
+	// size: proofs in it need no Vault read (a tree whose entries were altered since fails
+	// the leaf check below, and the next catch-up).
+	if l.size() < size {
+		if _, err := l.syncTree(ctx, size); err != nil {
+			return nil, err
+		}
 	}
+	l.mu.Lock()
 	for j, i := range idx {
 		var err error
 		if want[j], err = l.tree.LeafHash(i); err == nil {
@@ -633,9 +641,20 @@ func (l *residencyLog) read(ctx context.Context, size uint64, idx []uint64, with
 	return out, nil
 }
 
-// syncTree brings the in-memory tree up to the head (at least size leaves) and checks its
-// root against the head's. The caller holds l.mu.
+// size returns how many leaves the in-memory tree holds.
+func (l *residencyLog) size() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.tree.Size()
+}
+
+// syncTree brings the in-memory tree up to the settled head (which must have at least size
+// leaves), checks its root against the head's and returns the head. No Vault round trip
+// happens under l.mu: the head is read first, then the missing leaves under l.syncMu only
+// (callers whose head the tree covers already skip it), and l.mu is taken to add them.
 func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecord, error) {
+	// The tree holds the leaves of a head read before this one: a smaller head went back.
+	floor := l.size()
 	head, err := l.settledHead(ctx)
 	if err != nil {
 		return nil, err
@@ -643,16 +662,71 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 	if head.Size < size {
 		return nil, fmt.Errorf("reading the residency log: size %d asked, the log has %d: %w", size, head.Size, ErrInvalidRequest)
 	}
-	from := l.tree.Size()
-	if from > head.Size {
-		return nil, fmt.Errorf("%w: the head went back from %d to %d", ErrLogCorrupted, from, head.Size)
+	if head.Size < floor {
+		return nil, fmt.Errorf("%w: the head went back from %d to %d", ErrLogCorrupted, floor, head.Size)
 	}
-	// Read the missing leaves, a batch at a time, in parallel.
+	want, err := head.root()
+	if err != nil {
+		return nil, err
+	}
+	if l.covers(head.Size, want) {
+		return head, nil
+	}
+
+	l.syncMu.Lock()
+	defer l.syncMu.Unlock()
+	// Only syncMu's holder adds leaves or forgets them: from stays the tree's size until
+	// they are added below. Another caller may have read past head.Size already (its head
+	// was newer): then only the root is checked.
+	from := l.size()
+	hashes, owners, err := l.readLeaves(ctx, from, head.Size)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.guests == nil {
+		l.guests = map[string][]uint64{}
+	}
+	for j, h := range hashes {
+		l.guests[owners[j]] = append(l.guests[owners[j]], l.tree.Size())
+		l.tree.Append(h)
+	}
+	got, err := l.tree.Root(head.Size)
+	if err != nil {
+		return nil, err
+	}
+	if !bytes.Equal(got, want) {
+		// Forget what was read: the next call reads it again, and fails again until the
+		// operator restores what was altered.
+		l.tree, l.guests = tlog.Tree{}, nil
+		return nil, fmt.Errorf("%w: the entries do not hash to the head's root at size %d", ErrLogCorrupted, head.Size)
+	}
+	return head, nil
+}
+
+// covers says whether the in-memory tree has size leaves whose root is want.
+func (l *residencyLog) covers(size uint64, want []byte) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.tree.Size() < size {
+		return false
+	}
+	got, err := l.tree.Root(size)
+	return err == nil && bytes.Equal(got, want)
+}
+
+// readLeaves reads leaves [from, to) from Vault, a batch at a time, in parallel, and returns
+// their hashes and their guests ("<tenant>/<vm>").
+func (l *residencyLog) readLeaves(ctx context.Context, from, to uint64) ([][]byte, []string, error) {
+	if from >= to {
+		return nil, nil, nil
+	}
+	hashes := make([][]byte, to-from)
+	owners := make([]string, to-from)
 	const batch = 64
-	for lo := from; lo < head.Size; lo += batch {
-		hi := min(lo+batch, head.Size)
-		hashes := make([][]byte, hi-lo)
-		owners := make([]string, hi-lo)
+	for lo := from; lo < to; lo += batch {
+		hi := min(lo+batch, to)
 		g, gctx := errgroup.WithContext(ctx)
 		g.SetLimit(16)
 		for i := lo; i < hi; i++ {
@@ -669,36 +743,15 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 				if err != nil {
 					return fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, i, err)
 				}
-				hashes[i-lo], owners[i-lo] = tlog.LeafHash(rec.Leaf), guestKey(e.Tenant, e.VM)
+				hashes[i-from], owners[i-from] = tlog.LeafHash(rec.Leaf), guestKey(e.Tenant, e.VM)
 				return nil
 			})
 		}
 		if err := g.Wait(); err != nil {
-			return nil, err
-		}
-		if l.guests == nil {
-			l.guests = map[string][]uint64{}
-		}
-		for j, h := range hashes {
-			l.guests[owners[j]] = append(l.guests[owners[j]], l.tree.Size())
-			l.tree.Append(h)
+			return nil, nil, err
 		}
 	}
-	want, err := head.root()
-	if err != nil {
-		return nil, err
-	}
-	got, err := l.tree.Root(head.Size)
-	if err != nil {
-		return nil, err
-	}
-	if !bytes.Equal(got, want) {
-		// Forget what was read: the next call reads it again, and fails again until the
-		// operator restores what was altered.
-		l.tree, l.guests = tlog.Tree{}, nil
-		return nil, fmt.Errorf("%w: the entries do not hash to the head's root at size %d", ErrLogCorrupted, head.Size)
-	}
-	return head, nil
+	return hashes, owners, nil
 }
 
 // checkpoint returns a signed checkpoint of the head (at least minSize entries): the stored one
@@ -717,10 +770,14 @@ func (l *residencyLog) checkpoint(ctx context.Context, minSize uint64, witnessed
 		}
 		return l.storedCheckpoint(ctx, p.Size)
 	}
-	if stored, err := l.stored(ctx, minSize); stored != nil || err != nil {
+	head, err := l.syncTree(ctx, minSize)
+	if err != nil {
+		return nil, err
+	}
+	if stored, err := l.stored(ctx, head); stored != nil || err != nil {
 		return stored, err
 	}
-	root, size, err := l.extension(ctx, minSize)
+	root, size, err := l.extension(ctx, head)
 	if err != nil {
 		return nil, err
 	}
@@ -747,14 +804,7 @@ func (l *residencyLog) checkpoint(ctx context.Context, minSize uint64, witnessed
 
 // stored returns the newest signed checkpoint if it is of the settled head's size (nothing
 // to sign), or nil.
-func (l *residencyLog) stored(ctx context.Context, minSize uint64) (*tlog.Signed, error) {
-	head, err := l.settledHead(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if head.Size < minSize {
-		return nil, fmt.Errorf("checkpoint of %d entries asked, the log has %d: %w", minSize, head.Size, ErrInvalidRequest)
-	}
+func (l *residencyLog) stored(ctx context.Context, head *logHeadRecord) (*tlog.Signed, error) {
 	var p logPointerRecord
 	if ver, err := l.recs.get(ctx, logLatestPath, &p); err != nil || ver == 0 || p.Size != head.Size {
 		return nil, err
@@ -763,30 +813,38 @@ func (l *residencyLog) stored(ctx context.Context, minSize uint64) (*tlog.Signed
 }
 
 // extension returns the root and size of the log to sign next: the tree as this keybroker
-// read and checked it (syncTree), which must extend the newest checkpoint it signed before.
+// read and checked it against head (syncTree), which must extend the newest checkpoint it
+// signed before.
 // Whoever rewrites entries in Vault and recomputes the head cannot get that signed: a
 // keybroker that read the entries before sees them change, and any keybroker sees that the
 // tree no longer has the signed checkpoint's root at its size (ErrLogCorrupted).
-func (l *residencyLog) extension(ctx context.Context, minSize uint64) ([]byte, uint64, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	head, err := l.syncTree(ctx, minSize)
-	if err != nil {
-		return nil, 0, err
-	}
+func (l *residencyLog) extension(ctx context.Context, head *logHeadRecord) ([]byte, uint64, error) {
 	var p logPointerRecord
 	ver, err := l.recs.get(ctx, logLatestPath, &p)
 	if err != nil {
 		return nil, 0, fmt.Errorf("reading the residency log's checkpoint: %w", err)
 	}
+	var prev *tlog.Signed
 	if ver != 0 {
 		if p.Size > head.Size {
 			return nil, 0, fmt.Errorf("%w: the log has %d entries, less than the checkpoint of %d it signed", ErrLogCorrupted, head.Size, p.Size)
 		}
-		prev, err := l.storedCheckpoint(ctx, p.Size)
-		if err != nil {
+		if prev, err = l.storedCheckpoint(ctx, p.Size); err != nil {
 			return nil, 0, err
 		}
+	}
+	// The tree may have been forgotten and read again since syncTree checked it against
+	// head: what is signed is a tree whose root at head.Size is still head's.
+	want, err := head.root()
+	if err != nil {
+		return nil, 0, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if got, err := l.tree.Root(head.Size); err != nil || !bytes.Equal(got, want) {
+		return nil, 0, fmt.Errorf("%w: the log changed while its checkpoint was being signed", ErrLogCorrupted)
+	}
+	if prev != nil {
 		root, err := l.tree.Root(p.Size)
 		if err != nil {
 			return nil, 0, err

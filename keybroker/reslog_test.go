@@ -317,9 +317,7 @@ func TestResidencyLogConcurrentKeybrokers(t *testing.T) {
 		}
 	}
 	for _, kb := range kbs {
-		kb.rlog.mu.Lock()
 		head, err := kb.rlog.syncTree(ctx, 0)
-		kb.rlog.mu.Unlock()
 		if err != nil {
 			t.Fatal(err)
 		}
