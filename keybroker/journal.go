@@ -178,11 +178,13 @@ func (j *journal) save(e *journalEntry) error {
 	return j.write(e)
 }
 
-// finish removes e (completed, or dropped with err) and wakes its waiters.
+// finish removes e (completed, or dropped with err) and wakes its waiters. The caller holds
+// e.mu.
 func (j *journal) finish(e *journalEntry, err error) error {
 	j.mu.Lock()
-	defer j.mu.Unlock()
-	if j.entries[e.name()] != e {
+	pending := j.entries[e.name()] == e
+	j.mu.Unlock()
+	if !pending {
 		return nil
 	}
 	if j.dir != "" {
@@ -190,7 +192,11 @@ func (j *journal) finish(e *journalEntry, err error) error {
 			return fmt.Errorf("removing journal entry %s: %w", e.name(), rerr)
 		}
 	}
-	delete(j.entries, e.name())
+	j.mu.Lock()
+	if j.entries[e.name()] == e {
+		delete(j.entries, e.name())
+	}
+	j.mu.Unlock()
 	e.err = err
 	close(e.done)
 	return nil

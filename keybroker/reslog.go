@@ -650,22 +650,14 @@ func (l *residencyLog) size() uint64 {
 
 // syncTree brings the in-memory tree up to the settled head (which must have at least size
 // leaves), checks its root against the head's and returns the head. No Vault round trip
-// happens under l.mu: the head is read first, then the missing leaves under l.syncMu only
-// (callers whose head the tree covers already skip it), and l.mu is taken to add them.
+// happens under l.mu: the head is read first, and a caller whose head the tree covers
+// already is done; the others wait for l.syncMu, whose holder reads a fresh head (so that
+// one catch-up serves every caller that waited for it), then the missing leaves, and takes
+// l.mu only to add them.
 func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecord, error) {
 	// The tree holds the leaves of a head read before this one: a smaller head went back.
 	floor := l.size()
-	head, err := l.settledHead(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if head.Size < size {
-		return nil, fmt.Errorf("reading the residency log: size %d asked, the log has %d: %w", size, head.Size, ErrInvalidRequest)
-	}
-	if head.Size < floor {
-		return nil, fmt.Errorf("%w: the head went back from %d to %d", ErrLogCorrupted, floor, head.Size)
-	}
-	want, err := head.root()
+	head, want, err := l.readHead(ctx, size, floor)
 	if err != nil {
 		return nil, err
 	}
@@ -675,11 +667,17 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 
 	l.syncMu.Lock()
 	defer l.syncMu.Unlock()
+	if l.covers(head.Size, want) { // caught up while this call waited
+		return head, nil
+	}
+	fresh, freshWant, err := l.readHead(ctx, size, head.Size)
+	if err != nil {
+		return nil, err
+	}
 	// Only syncMu's holder adds leaves or forgets them: from stays the tree's size until
-	// they are added below. Another caller may have read past head.Size already (its head
-	// was newer): then only the root is checked.
+	// they are added below.
 	from := l.size()
-	hashes, owners, err := l.readLeaves(ctx, from, head.Size)
+	hashes, owners, err := l.readLeaves(ctx, from, fresh.Size)
 	if err != nil {
 		return nil, err
 	}
@@ -692,17 +690,42 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 		l.guests[owners[j]] = append(l.guests[owners[j]], l.tree.Size())
 		l.tree.Append(h)
 	}
-	got, err := l.tree.Root(head.Size)
+	for _, h := range []struct {
+		size uint64
+		root []byte
+	}{{head.Size, want}, {fresh.Size, freshWant}} {
+		got, err := l.tree.Root(h.size)
+		if err != nil {
+			return nil, err
+		}
+		if !bytes.Equal(got, h.root) {
+			// Forget what was read: the next call reads it again, and fails again until
+			// the operator restores what was altered.
+			l.tree, l.guests = tlog.Tree{}, nil
+			return nil, fmt.Errorf("%w: the entries do not hash to the head's root at size %d", ErrLogCorrupted, h.size)
+		}
+	}
+	return fresh, nil
+}
+
+// readHead returns the settled head and its root, after checking that it has at least size
+// leaves (else ErrInvalidRequest) and did not go back below floor (else ErrLogCorrupted).
+func (l *residencyLog) readHead(ctx context.Context, size, floor uint64) (*logHeadRecord, []byte, error) {
+	head, err := l.settledHead(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if !bytes.Equal(got, want) {
-		// Forget what was read: the next call reads it again, and fails again until the
-		// operator restores what was altered.
-		l.tree, l.guests = tlog.Tree{}, nil
-		return nil, fmt.Errorf("%w: the entries do not hash to the head's root at size %d", ErrLogCorrupted, head.Size)
+	if head.Size < size {
+		return nil, nil, fmt.Errorf("reading the residency log: size %d asked, the log has %d: %w", size, head.Size, ErrInvalidRequest)
 	}
-	return head, nil
+	if head.Size < floor {
+		return nil, nil, fmt.Errorf("%w: the head went back from %d to %d", ErrLogCorrupted, floor, head.Size)
+	}
+	root, err := head.root()
+	if err != nil {
+		return nil, nil, err
+	}
+	return head, root, nil
 }
 
 // covers says whether the in-memory tree has size leaves whose root is want.
