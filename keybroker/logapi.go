@@ -160,11 +160,11 @@ func (k *Keybroker) receiptInclusion(ctx context.Context, tenant, vm, migrationI
 		if err != nil {
 			return nil, err
 		}
-		page, err := k.rlog.prove(ctx, cp.Size, []uint64{idx[i]})
+		entry, err := k.rlog.proveLeaf(ctx, cp.Size, idx[i], rec.Leaf)
 		if err != nil {
 			return nil, err
 		}
-		return &tlog.Inclusion{Checkpoint: cp.Note, Entry: page[0]}, nil
+		return &tlog.Inclusion{Checkpoint: cp.Note, Entry: entry}, nil
 	}
 	return nil, fmt.Errorf("no log entry for the ending of migration %s: %w", migrationID, ErrUnknownMigration)
 }

@@ -133,6 +133,10 @@ type residencyLog struct {
 	// a guest's history is read from them, not from its log/guests record, which whoever
 	// writes to the KV mount could roll back to hide the guest's newest entries.
 	guests map[string][]uint64
+	// cp is the newest checkpoint covering signed (as stored and verified), guarded by mu;
+	// cpMu serializes covering's signing, across Vault round trips.
+	cp   *tlog.Signed
+	cpMu sync.Mutex
 }
 
 // appendCache is what a leader knows once its batch settled with nobody else appending: the
@@ -594,31 +598,10 @@ func (l *residencyLog) prove(ctx context.Context, size uint64, idx []uint64) ([]
 
 // read is prove, with proofs only if withProofs.
 func (l *residencyLog) read(ctx context.Context, size uint64, idx []uint64, withProofs bool) ([]tlog.ProvenEntry, error) {
-	out := make([]tlog.ProvenEntry, len(idx))
-	want := make([][]byte, len(idx))
-	// A tree that holds size leaves already was checked against a head of at least that
-	// size: proofs in it need no Vault read (a tree whose entries were altered since fails
-	// the leaf check below, and the next catch-up).
-	if l.size() < size {
-		if _, err := l.syncTree(ctx, size); err != nil {
-			return nil, err
-		}
+	out, want, err := l.proofs(ctx, size, idx, withProofs)
+	if err != nil {
+		return nil, err
 	}
-	l.mu.Lock()
-	for j, i := range idx {
-		var err error
-		if want[j], err = l.tree.LeafHash(i); err == nil {
-			out[j].Index = i
-			if withProofs {
-				out[j].Proof, err = l.tree.InclusionProof(i, size)
-			}
-		}
-		if err != nil {
-			l.mu.Unlock()
-			return nil, err
-		}
-	}
-	l.mu.Unlock()
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
 	for j, i := range idx {
@@ -646,6 +629,50 @@ func (l *residencyLog) size() uint64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.tree.Size()
+}
+
+// proofs returns the indexes idx with their inclusion proofs in the tree of size leaves (if
+// withProofs), and their leaf hashes, all from the tree in memory. A tree that holds size
+// leaves already was checked against a head of at least that size: proofs in it need no
+// Vault read (leaves altered since fail the caller's check against the hashes, and the next
+// catch-up).
+func (l *residencyLog) proofs(ctx context.Context, size uint64, idx []uint64, withProofs bool) ([]tlog.ProvenEntry, [][]byte, error) {
+	if l.size() < size {
+		if _, err := l.syncTree(ctx, size); err != nil {
+			return nil, nil, err
+		}
+	}
+	out := make([]tlog.ProvenEntry, len(idx))
+	want := make([][]byte, len(idx))
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for j, i := range idx {
+		var err error
+		if want[j], err = l.tree.LeafHash(i); err == nil {
+			out[j].Index = i
+			if withProofs {
+				out[j].Proof, err = l.tree.InclusionProof(i, size)
+			}
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+	}
+	return out, want, nil
+}
+
+// proveLeaf returns entry i, whose leaf the caller read already, with its inclusion proof in
+// the tree of size leaves, after checking the leaf against the tree's.
+func (l *residencyLog) proveLeaf(ctx context.Context, size, i uint64, leaf []byte) (tlog.ProvenEntry, error) {
+	out, want, err := l.proofs(ctx, size, []uint64{i}, true)
+	if err != nil {
+		return tlog.ProvenEntry{}, err
+	}
+	if !bytes.Equal(tlog.LeafHash(leaf), want[0]) {
+		return tlog.ProvenEntry{}, fmt.Errorf("%w: entry %d was altered", ErrLogCorrupted, i)
+	}
+	out[0].Leaf = leaf
+	return out[0], nil
 }
 
 // syncTree brings the in-memory tree up to the settled head (which must have at least size
@@ -885,8 +912,12 @@ func (l *residencyLog) extension(ctx context.Context, head *logHeadRecord) ([]by
 
 // covering returns a signed checkpoint of at least minSize entries: the newest one signed if
 // it is large enough (under load, receipts share checkpoints instead of each signing one),
-// else a new one.
+// else a new one. Callers that need a new one sign one at a time (cpMu): those that waited
+// take the one signed meanwhile if it is large enough, which this keybroker keeps (cp).
 func (l *residencyLog) covering(ctx context.Context, minSize uint64) (*tlog.Signed, error) {
+	if cp := l.signedCovering(minSize); cp != nil {
+		return cp, nil
+	}
 	var p logPointerRecord
 	ver, err := l.recs.get(ctx, logLatestPath, &p)
 	if err != nil {
@@ -895,7 +926,32 @@ func (l *residencyLog) covering(ctx context.Context, minSize uint64) (*tlog.Sign
 	if ver != 0 && p.Size >= minSize {
 		return l.storedCheckpoint(ctx, p.Size)
 	}
-	return l.checkpoint(ctx, minSize, false)
+	l.cpMu.Lock()
+	defer l.cpMu.Unlock()
+	if cp := l.signedCovering(minSize); cp != nil {
+		return cp, nil
+	}
+	cp, err := l.checkpoint(ctx, minSize, false)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	if l.cp == nil || cp.Size > l.cp.Size {
+		l.cp = cp
+	}
+	l.mu.Unlock()
+	return cp, nil
+}
+
+// signedCovering returns the newest checkpoint covering signed if it has at least minSize
+// entries, or nil.
+func (l *residencyLog) signedCovering(minSize uint64) *tlog.Signed {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.cp != nil && l.cp.Size >= minSize {
+		return l.cp
+	}
+	return nil
 }
 
 // raise moves the pointer at path up to size (never down).
