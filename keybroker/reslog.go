@@ -545,9 +545,11 @@ func (l *residencyLog) settledHead(ctx context.Context) (*logHeadRecord, error) 
 	}
 }
 
-// guestIndexes returns the indexes of a guest's entries in the settled log, oldest first.
-func (l *residencyLog) guestIndexes(ctx context.Context, tenant, vm string) ([]uint64, error) {
-	if _, err := l.syncTree(ctx, 0); err != nil {
+// guestIndexes returns the indexes of a guest's entries under the head, oldest first: the
+// settled head if settle, else the head as it is, without finishing the entries written past
+// it (settledHead).
+func (l *residencyLog) guestIndexes(ctx context.Context, tenant, vm string, settle bool) ([]uint64, error) {
+	if _, err := l.syncTo(ctx, 0, settle); err != nil {
 		return nil, err
 	}
 	l.mu.Lock()
@@ -638,7 +640,7 @@ func (l *residencyLog) size() uint64 {
 // catch-up).
 func (l *residencyLog) proofs(ctx context.Context, size uint64, idx []uint64, withProofs bool) ([]tlog.ProvenEntry, [][]byte, error) {
 	if l.size() < size {
-		if _, err := l.syncTree(ctx, size); err != nil {
+		if _, err := l.syncTo(ctx, size, false); err != nil {
 			return nil, nil, err
 		}
 	}
@@ -682,9 +684,17 @@ func (l *residencyLog) proveLeaf(ctx context.Context, size, i uint64, leaf []byt
 // one catch-up serves every caller that waited for it), then the missing leaves, and takes
 // l.mu only to add them.
 func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecord, error) {
+	return l.syncTo(ctx, size, true)
+}
+
+// syncTo is syncTree, with the head as it is unless settle (or it has fewer than size
+// leaves): entries written past it are then left to their appenders and the next settled
+// read. Under load the head is always a batch behind the entries written, and every reader
+// finishing those entries at once multiplied the Vault round trips of the appends.
+func (l *residencyLog) syncTo(ctx context.Context, size uint64, settle bool) (*logHeadRecord, error) {
 	// The tree holds the leaves of a head read before this one: a smaller head went back.
 	floor := l.size()
-	head, want, err := l.readHead(ctx, size, floor)
+	head, want, err := l.readHead(ctx, size, floor, settle)
 	if err != nil {
 		return nil, err
 	}
@@ -697,7 +707,7 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 	if l.covers(head.Size, want) { // caught up while this call waited
 		return head, nil
 	}
-	fresh, freshWant, err := l.readHead(ctx, size, head.Size)
+	fresh, freshWant, err := l.readHead(ctx, size, head.Size, settle)
 	if err != nil {
 		return nil, err
 	}
@@ -735,12 +745,22 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 	return fresh, nil
 }
 
-// readHead returns the settled head and its root, after checking that it has at least size
-// leaves (else ErrInvalidRequest) and did not go back below floor (else ErrLogCorrupted).
-func (l *residencyLog) readHead(ctx context.Context, size, floor uint64) (*logHeadRecord, []byte, error) {
-	head, err := l.settledHead(ctx)
-	if err != nil {
-		return nil, nil, err
+// readHead returns the head (settled if settle, or if it has fewer than size leaves) and its
+// root, after checking that it has at least size leaves (else ErrInvalidRequest) and did not
+// go back below floor (else ErrLogCorrupted).
+func (l *residencyLog) readHead(ctx context.Context, size, floor uint64, settle bool) (*logHeadRecord, []byte, error) {
+	head := &logHeadRecord{}
+	if !settle {
+		if _, err := l.recs.get(ctx, logHeadPath, head); err != nil {
+			return nil, nil, fmt.Errorf("reading the residency log: %w", err)
+		}
+		settle = head.Size < size
+	}
+	if settle {
+		var err error
+		if head, err = l.settledHead(ctx); err != nil {
+			return nil, nil, err
+		}
 	}
 	if head.Size < size {
 		return nil, nil, fmt.Errorf("reading the residency log: size %d asked, the log has %d: %w", size, head.Size, ErrInvalidRequest)
@@ -820,7 +840,10 @@ func (l *residencyLog) checkpoint(ctx context.Context, minSize uint64, witnessed
 		}
 		return l.storedCheckpoint(ctx, p.Size)
 	}
-	head, err := l.syncTree(ctx, minSize)
+	// A checkpoint for entries the head is past already (a receipt's) signs the head as it
+	// is; one of the log as it is (the API's, the periodic one) settles the entries written
+	// past it first, finishing appends whose keybroker died.
+	head, err := l.syncTo(ctx, minSize, minSize == 0)
 	if err != nil {
 		return nil, err
 	}
