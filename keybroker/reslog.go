@@ -707,7 +707,9 @@ func (l *residencyLog) syncTo(ctx context.Context, size uint64, settle bool) (*l
 	if l.covers(head.Size, want) { // caught up while this call waited
 		return head, nil
 	}
-	fresh, freshWant, err := l.readHead(ctx, size, head.Size, settle)
+	// Not settled: head is (if the caller asked), and settling under syncMu would hold up
+	// every caller behind it.
+	fresh, freshWant, err := l.readHead(ctx, size, head.Size, false)
 	if err != nil {
 		return nil, err
 	}
