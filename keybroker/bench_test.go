@@ -7,10 +7,12 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/seal"
 	"github.com/lethe-cc/lethe/keybroker/vaulttest"
 )
@@ -197,4 +199,66 @@ func (e *env) direct() {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(e.kb.rlog.waitIdle)
+}
+
+// BenchmarkDestroy measures Destroy under concurrency with a real Vault on loopback and the
+// journal on disk: parallel goroutines, each ending migrations of its own adopted guest (an
+// abort before any release, which records the abort, journals it, destroys the keys of its
+// names, signs and stores the receipt, appends its log entry and proves it in a checkpoint:
+// every step of a commit's ending but the proof's verification). It reports destroys/s and
+// the p50 and p99 of one Destroy. Destroys of different guests share only the keybroker's
+// locks (the residency log, the journal), Vault and the disk, so destroys/s should grow with
+// parallelism until Vault or the disk is the limit.
+func BenchmarkDestroy(b *testing.B) {
+	for _, parallel := range []int{1, 16, 64} {
+		b.Run(fmt.Sprintf("parallel=%d", parallel), func(b *testing.B) { benchmarkDestroy(b, parallel) })
+	}
+}
+
+func benchmarkDestroy(b *testing.B, parallel int) {
+	e := newEnv(b)
+	e.direct()
+	for w := range parallel {
+		e.adopt(fmt.Sprintf("vm%d", w))
+	}
+	var (
+		next  atomic.Int64
+		mu    sync.Mutex
+		total []time.Duration
+		wg    sync.WaitGroup
+	)
+	b.ResetTimer()
+	start := time.Now()
+	for w := range parallel {
+		vm := fmt.Sprintf("vm%d", w)
+		wg.Go(func() {
+			for {
+				i := next.Add(1)
+				if i > int64(b.N) {
+					return
+				}
+				req := &kbwire.DestroyRequest{MigrationID: fmt.Sprintf("bench-%d", i), Tenant: "demo", VM: vm, Ending: kbwire.Abort}
+				t0 := time.Now()
+				resp, err := e.kb.Destroy(b.Context(), req)
+				d := time.Since(t0)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				if resp.Log == nil {
+					b.Error("no inclusion proof with the receipt")
+					return
+				}
+				mu.Lock()
+				total = append(total, d)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "destroys/s")
+	b.ReportMetric(ms(percentile(total, 50)), "p50-ms")
+	b.ReportMetric(ms(percentile(total, 99)), "p99-ms")
 }

@@ -80,11 +80,11 @@ func (k *Keybroker) LogConsistency(ctx context.Context, req *kbwire.LogConsisten
 	if err := k.ensureAuth(ctx); err != nil {
 		return nil, err
 	}
-	k.rlog.mu.Lock()
-	defer k.rlog.mu.Unlock()
 	if _, err := k.rlog.syncTree(ctx, req.To); err != nil {
 		return nil, err
 	}
+	k.rlog.mu.Lock()
+	defer k.rlog.mu.Unlock()
 	p, err := k.rlog.tree.ConsistencyProof(req.From, req.To)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
@@ -138,33 +138,37 @@ func (k *Keybroker) LogHistory(ctx context.Context, req *kbwire.LogHistoryReques
 }
 
 // receiptInclusion proves the log entry of a migration's ending, which names its receipt:
-// the guest's newest commit or abort of that migration.
+// the guest's newest commit or abort of that migration. It looks under the head as it is
+// first (an ending returns from its append once the head is past it), then under the
+// settled head (a retried ending whose append another attempt had written).
 func (k *Keybroker) receiptInclusion(ctx context.Context, tenant, vm, migrationID string) (*tlog.Inclusion, error) {
-	idx, err := k.rlog.guestIndexes(ctx, tenant, vm)
-	if err != nil {
-		return nil, err
-	}
-	for i := len(idx) - 1; i >= 0; i-- {
-		var rec logEntryRecord
-		if _, err := k.recs.get(ctx, logEntryPath(idx[i]), &rec); err != nil {
-			return nil, fmt.Errorf("reading the residency log: %w", err)
-		}
-		e, err := tlog.ParseEntry(rec.Leaf)
-		if err != nil {
-			return nil, fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, idx[i], err)
-		}
-		if e.MigrationID != migrationID || (e.Kind != tlog.KindCommit && e.Kind != tlog.KindAbort) {
-			continue
-		}
-		cp, err := k.rlog.covering(ctx, idx[i]+1)
+	for _, settle := range []bool{false, true} {
+		idx, err := k.rlog.guestIndexes(ctx, tenant, vm, settle)
 		if err != nil {
 			return nil, err
 		}
-		page, err := k.rlog.prove(ctx, cp.Size, []uint64{idx[i]})
-		if err != nil {
-			return nil, err
+		for i := len(idx) - 1; i >= 0; i-- {
+			var rec logEntryRecord
+			if _, err := k.recs.get(ctx, logEntryPath(idx[i]), &rec); err != nil {
+				return nil, fmt.Errorf("reading the residency log: %w", err)
+			}
+			e, err := tlog.ParseEntry(rec.Leaf)
+			if err != nil {
+				return nil, fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, idx[i], err)
+			}
+			if e.MigrationID != migrationID || (e.Kind != tlog.KindCommit && e.Kind != tlog.KindAbort) {
+				continue
+			}
+			cp, err := k.rlog.covering(ctx, idx[i]+1)
+			if err != nil {
+				return nil, err
+			}
+			entry, err := k.rlog.proveLeaf(ctx, cp.Size, idx[i], rec.Leaf)
+			if err != nil {
+				return nil, err
+			}
+			return &tlog.Inclusion{Checkpoint: cp.Note, Entry: entry}, nil
 		}
-		return &tlog.Inclusion{Checkpoint: cp.Note, Entry: page[0]}, nil
 	}
 	return nil, fmt.Errorf("no log entry for the ending of migration %s: %w", migrationID, ErrUnknownMigration)
 }

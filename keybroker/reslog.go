@@ -123,12 +123,20 @@ type residencyLog struct {
 	// (leaders follow one another through qmu).
 	cache appendCache
 
-	mu   sync.Mutex // guards tree and guests; held while they catch up with Vault
-	tree tlog.Tree
+	// syncMu serializes catching tree and guests up with Vault (syncTree's reads of the
+	// missing leaves, and forgetting them when they do not match the head), so that
+	// concurrent callers read each leaf once. It is held across Vault reads; mu never is.
+	syncMu sync.Mutex
+	mu     sync.Mutex // guards tree and guests; held only while they are read or changed in memory
+	tree   tlog.Tree
 	// guests are the indexes of each guest's entries in tree ("<tenant>/<vm>"), oldest first:
 	// a guest's history is read from them, not from its log/guests record, which whoever
 	// writes to the KV mount could roll back to hide the guest's newest entries.
 	guests map[string][]uint64
+	// cp is the newest checkpoint covering signed (as stored and verified), guarded by mu;
+	// cpMu serializes covering's signing, across Vault round trips.
+	cp   *tlog.Signed
+	cpMu sync.Mutex
 }
 
 // appendCache is what a leader knows once its batch settled with nobody else appending: the
@@ -537,13 +545,15 @@ func (l *residencyLog) settledHead(ctx context.Context) (*logHeadRecord, error) 
 	}
 }
 
-// guestIndexes returns the indexes of a guest's entries in the settled log, oldest first.
-func (l *residencyLog) guestIndexes(ctx context.Context, tenant, vm string) ([]uint64, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if _, err := l.syncTree(ctx, 0); err != nil {
+// guestIndexes returns the indexes of a guest's entries under the head, oldest first: the
+// settled head if settle, else the head as it is, without finishing the entries written past
+// it (settledHead).
+func (l *residencyLog) guestIndexes(ctx context.Context, tenant, vm string, settle bool) ([]uint64, error) {
+	if _, err := l.syncTo(ctx, 0, settle); err != nil {
 		return nil, err
 	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	return slices.Clone(l.guests[guestKey(tenant, vm)]), nil
 }
 
@@ -556,11 +566,10 @@ type guestPage struct {
 // proveGuest returns up to limit of a guest's entries under size (from its from-th, from 0),
 // with their inclusion proofs in the tree of size leaves.
 func (l *residencyLog) proveGuest(ctx context.Context, tenant, vm string, size, from uint64, limit int) (*guestPage, error) {
-	l.mu.Lock()
 	if _, err := l.syncTree(ctx, size); err != nil {
-		l.mu.Unlock()
 		return nil, err
 	}
+	l.mu.Lock()
 	var all []uint64
 	for _, i := range l.guests[guestKey(tenant, vm)] {
 		if i < size {
@@ -582,35 +591,19 @@ func (l *residencyLog) proveGuest(ctx context.Context, tenant, vm string, size, 
 }
 
 // prove returns the entries at idx with their inclusion proofs in the tree of size leaves:
-// the proofs from the tree in memory (under mu), the leaves read from Vault after (in
-// parallel, outside the lock), each checked against the tree's leaf hash.
+// the proofs from the tree in memory (under mu; the tree is first caught up with Vault if it
+// has fewer than size leaves), the leaves read from Vault after (in parallel, outside the
+// lock), each checked against the tree's leaf hash.
 func (l *residencyLog) prove(ctx context.Context, size uint64, idx []uint64) ([]tlog.ProvenEntry, error) {
 	return l.read(ctx, size, idx, true)
 }
 
 // read is prove, with proofs only if withProofs.
 func (l *residencyLog) read(ctx context.Context, size uint64, idx []uint64, withProofs bool) ([]tlog.ProvenEntry, error) {
-	out := make([]tlog.ProvenEntry, len(idx))
-	want := make([][]byte, len(idx))
-	l.mu.Lock()
-	if _, err := l.syncTree(ctx, size); err != nil {
-		l.mu.Unlock()
+	out, want, err := l.proofs(ctx, size, idx, withProofs)
+	if err != nil {
 		return nil, err
 	}
-	for j, i := range idx {
-		var err error
-		if want[j], err = l.tree.LeafHash(i); err == nil {
-			out[j].Index = i
-			if withProofs {
-				out[j].Proof, err = l.tree.InclusionProof(i, size)
-			}
-		}
-		if err != nil {
-			l.mu.Unlock()
-			return nil, err
-		}
-	}
-	l.mu.Unlock()
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
 	for j, i := range idx {
@@ -633,26 +626,179 @@ func (l *residencyLog) read(ctx context.Context, size uint64, idx []uint64, with
 	return out, nil
 }
 
-// syncTree brings the in-memory tree up to the head (at least size leaves) and checks its
-// root against the head's. The caller holds l.mu.
+// size returns how many leaves the in-memory tree holds.
+func (l *residencyLog) size() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.tree.Size()
+}
+
+// proofs returns the indexes idx with their inclusion proofs in the tree of size leaves (if
+// withProofs), and their leaf hashes, all from the tree in memory. A tree that holds size
+// leaves already was checked against a head of at least that size: proofs in it need no
+// Vault read (leaves altered since fail the caller's check against the hashes, and the next
+// catch-up).
+func (l *residencyLog) proofs(ctx context.Context, size uint64, idx []uint64, withProofs bool) ([]tlog.ProvenEntry, [][]byte, error) {
+	if l.size() < size {
+		if _, err := l.syncTo(ctx, size, false); err != nil {
+			return nil, nil, err
+		}
+	}
+	out := make([]tlog.ProvenEntry, len(idx))
+	want := make([][]byte, len(idx))
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for j, i := range idx {
+		var err error
+		if want[j], err = l.tree.LeafHash(i); err == nil {
+			out[j].Index = i
+			if withProofs {
+				out[j].Proof, err = l.tree.InclusionProof(i, size)
+			}
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+	}
+	return out, want, nil
+}
+
+// proveLeaf returns entry i, whose leaf the caller read already, with its inclusion proof in
+// the tree of size leaves, after checking the leaf against the tree's.
+func (l *residencyLog) proveLeaf(ctx context.Context, size, i uint64, leaf []byte) (tlog.ProvenEntry, error) {
+	out, want, err := l.proofs(ctx, size, []uint64{i}, true)
+	if err != nil {
+		return tlog.ProvenEntry{}, err
+	}
+	if !bytes.Equal(tlog.LeafHash(leaf), want[0]) {
+		return tlog.ProvenEntry{}, fmt.Errorf("%w: entry %d was altered", ErrLogCorrupted, i)
+	}
+	out[0].Leaf = leaf
+	return out[0], nil
+}
+
+// syncTree brings the in-memory tree up to the settled head (which must have at least size
+// leaves), checks its root against the head's and returns the head. No Vault round trip
+// happens under l.mu: the head is read first, and a caller whose head the tree covers
+// already is done; the others wait for l.syncMu, whose holder reads a fresh head (so that
+// one catch-up serves every caller that waited for it), then the missing leaves, and takes
+// l.mu only to add them.
 func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecord, error) {
-	head, err := l.settledHead(ctx)
+	return l.syncTo(ctx, size, true)
+}
+
+// syncTo is syncTree, with the head as it is unless settle (or it has fewer than size
+// leaves): entries written past it are then left to their appenders and the next settled
+// read. Under load the head is always a batch behind the entries written, and every reader
+// finishing those entries at once multiplied the Vault round trips of the appends.
+func (l *residencyLog) syncTo(ctx context.Context, size uint64, settle bool) (*logHeadRecord, error) {
+	// The tree holds the leaves of a head read before this one: a smaller head went back.
+	floor := l.size()
+	head, want, err := l.readHead(ctx, size, floor, settle)
 	if err != nil {
 		return nil, err
 	}
+	if l.covers(head.Size, want) {
+		return head, nil
+	}
+
+	l.syncMu.Lock()
+	defer l.syncMu.Unlock()
+	if l.covers(head.Size, want) { // caught up while this call waited
+		return head, nil
+	}
+	// Not settled: head is (if the caller asked), and settling under syncMu would hold up
+	// every caller behind it.
+	fresh, freshWant, err := l.readHead(ctx, size, head.Size, false)
+	if err != nil {
+		return nil, err
+	}
+	// Only syncMu's holder adds leaves or forgets them: from stays the tree's size until
+	// they are added below.
+	from := l.size()
+	hashes, owners, err := l.readLeaves(ctx, from, fresh.Size)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.guests == nil {
+		l.guests = map[string][]uint64{}
+	}
+	for j, h := range hashes {
+		l.guests[owners[j]] = append(l.guests[owners[j]], l.tree.Size())
+		l.tree.Append(h)
+	}
+	for _, h := range []struct {
+		size uint64
+		root []byte
+	}{{head.Size, want}, {fresh.Size, freshWant}} {
+		got, err := l.tree.Root(h.size)
+		if err != nil {
+			return nil, err
+		}
+		if !bytes.Equal(got, h.root) {
+			// Forget what was read: the next call reads it again, and fails again until
+			// the operator restores what was altered.
+			l.tree, l.guests = tlog.Tree{}, nil
+			return nil, fmt.Errorf("%w: the entries do not hash to the head's root at size %d", ErrLogCorrupted, h.size)
+		}
+	}
+	return fresh, nil
+}
+
+// readHead returns the head (settled if settle, or if it has fewer than size leaves) and its
+// root, after checking that it has at least size leaves (else ErrInvalidRequest) and did not
+// go back below floor (else ErrLogCorrupted).
+func (l *residencyLog) readHead(ctx context.Context, size, floor uint64, settle bool) (*logHeadRecord, []byte, error) {
+	head := &logHeadRecord{}
+	if !settle {
+		if _, err := l.recs.get(ctx, logHeadPath, head); err != nil {
+			return nil, nil, fmt.Errorf("reading the residency log: %w", err)
+		}
+		settle = head.Size < size
+	}
+	if settle {
+		var err error
+		if head, err = l.settledHead(ctx); err != nil {
+			return nil, nil, err
+		}
+	}
 	if head.Size < size {
-		return nil, fmt.Errorf("reading the residency log: size %d asked, the log has %d: %w", size, head.Size, ErrInvalidRequest)
+		return nil, nil, fmt.Errorf("reading the residency log: size %d asked, the log has %d: %w", size, head.Size, ErrInvalidRequest)
 	}
-	from := l.tree.Size()
-	if from > head.Size {
-		return nil, fmt.Errorf("%w: the head went back from %d to %d", ErrLogCorrupted, from, head.Size)
+	if head.Size < floor {
+		return nil, nil, fmt.Errorf("%w: the head went back from %d to %d", ErrLogCorrupted, floor, head.Size)
 	}
-	// Read the missing leaves, a batch at a time, in parallel.
+	root, err := head.root()
+	if err != nil {
+		return nil, nil, err
+	}
+	return head, root, nil
+}
+
+// covers says whether the in-memory tree has size leaves whose root is want.
+func (l *residencyLog) covers(size uint64, want []byte) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.tree.Size() < size {
+		return false
+	}
+	got, err := l.tree.Root(size)
+	return err == nil && bytes.Equal(got, want)
+}
+
+// readLeaves reads leaves [from, to) from Vault, a batch at a time, in parallel, and returns
+// their hashes and their guests ("<tenant>/<vm>").
+func (l *residencyLog) readLeaves(ctx context.Context, from, to uint64) ([][]byte, []string, error) {
+	if from >= to {
+		return nil, nil, nil
+	}
+	hashes := make([][]byte, to-from)
+	owners := make([]string, to-from)
 	const batch = 64
-	for lo := from; lo < head.Size; lo += batch {
-		hi := min(lo+batch, head.Size)
-		hashes := make([][]byte, hi-lo)
-		owners := make([]string, hi-lo)
+	for lo := from; lo < to; lo += batch {
+		hi := min(lo+batch, to)
 		g, gctx := errgroup.WithContext(ctx)
 		g.SetLimit(16)
 		for i := lo; i < hi; i++ {
@@ -669,36 +815,15 @@ func (l *residencyLog) syncTree(ctx context.Context, size uint64) (*logHeadRecor
 				if err != nil {
 					return fmt.Errorf("%w: entry %d: %w", ErrLogCorrupted, i, err)
 				}
-				hashes[i-lo], owners[i-lo] = tlog.LeafHash(rec.Leaf), guestKey(e.Tenant, e.VM)
+				hashes[i-from], owners[i-from] = tlog.LeafHash(rec.Leaf), guestKey(e.Tenant, e.VM)
 				return nil
 			})
 		}
 		if err := g.Wait(); err != nil {
-			return nil, err
-		}
-		if l.guests == nil {
-			l.guests = map[string][]uint64{}
-		}
-		for j, h := range hashes {
-			l.guests[owners[j]] = append(l.guests[owners[j]], l.tree.Size())
-			l.tree.Append(h)
+			return nil, nil, err
 		}
 	}
-	want, err := head.root()
-	if err != nil {
-		return nil, err
-	}
-	got, err := l.tree.Root(head.Size)
-	if err != nil {
-		return nil, err
-	}
-	if !bytes.Equal(got, want) {
-		// Forget what was read: the next call reads it again, and fails again until the
-		// operator restores what was altered.
-		l.tree, l.guests = tlog.Tree{}, nil
-		return nil, fmt.Errorf("%w: the entries do not hash to the head's root at size %d", ErrLogCorrupted, head.Size)
-	}
-	return head, nil
+	return hashes, owners, nil
 }
 
 // checkpoint returns a signed checkpoint of the head (at least minSize entries): the stored one
@@ -717,10 +842,17 @@ func (l *residencyLog) checkpoint(ctx context.Context, minSize uint64, witnessed
 		}
 		return l.storedCheckpoint(ctx, p.Size)
 	}
-	if stored, err := l.stored(ctx, minSize); stored != nil || err != nil {
+	// A checkpoint for entries the head is past already (a receipt's) signs the head as it
+	// is; one of the log as it is (the API's, the periodic one) settles the entries written
+	// past it first, finishing appends whose keybroker died.
+	head, err := l.syncTo(ctx, minSize, minSize == 0)
+	if err != nil {
+		return nil, err
+	}
+	if stored, err := l.stored(ctx, head); stored != nil || err != nil {
 		return stored, err
 	}
-	root, size, err := l.extension(ctx, minSize)
+	root, size, err := l.extension(ctx, head)
 	if err != nil {
 		return nil, err
 	}
@@ -747,14 +879,7 @@ func (l *residencyLog) checkpoint(ctx context.Context, minSize uint64, witnessed
 
 // stored returns the newest signed checkpoint if it is of the settled head's size (nothing
 // to sign), or nil.
-func (l *residencyLog) stored(ctx context.Context, minSize uint64) (*tlog.Signed, error) {
-	head, err := l.settledHead(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if head.Size < minSize {
-		return nil, fmt.Errorf("checkpoint of %d entries asked, the log has %d: %w", minSize, head.Size, ErrInvalidRequest)
-	}
+func (l *residencyLog) stored(ctx context.Context, head *logHeadRecord) (*tlog.Signed, error) {
 	var p logPointerRecord
 	if ver, err := l.recs.get(ctx, logLatestPath, &p); err != nil || ver == 0 || p.Size != head.Size {
 		return nil, err
@@ -763,30 +888,38 @@ func (l *residencyLog) stored(ctx context.Context, minSize uint64) (*tlog.Signed
 }
 
 // extension returns the root and size of the log to sign next: the tree as this keybroker
-// read and checked it (syncTree), which must extend the newest checkpoint it signed before.
+// read and checked it against head (syncTree), which must extend the newest checkpoint it
+// signed before.
 // Whoever rewrites entries in Vault and recomputes the head cannot get that signed: a
 // keybroker that read the entries before sees them change, and any keybroker sees that the
 // tree no longer has the signed checkpoint's root at its size (ErrLogCorrupted).
-func (l *residencyLog) extension(ctx context.Context, minSize uint64) ([]byte, uint64, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	head, err := l.syncTree(ctx, minSize)
-	if err != nil {
-		return nil, 0, err
-	}
+func (l *residencyLog) extension(ctx context.Context, head *logHeadRecord) ([]byte, uint64, error) {
 	var p logPointerRecord
 	ver, err := l.recs.get(ctx, logLatestPath, &p)
 	if err != nil {
 		return nil, 0, fmt.Errorf("reading the residency log's checkpoint: %w", err)
 	}
+	var prev *tlog.Signed
 	if ver != 0 {
 		if p.Size > head.Size {
 			return nil, 0, fmt.Errorf("%w: the log has %d entries, less than the checkpoint of %d it signed", ErrLogCorrupted, head.Size, p.Size)
 		}
-		prev, err := l.storedCheckpoint(ctx, p.Size)
-		if err != nil {
+		if prev, err = l.storedCheckpoint(ctx, p.Size); err != nil {
 			return nil, 0, err
 		}
+	}
+	// The tree may have been forgotten and read again since syncTree checked it against
+	// head: what is signed is a tree whose root at head.Size is still head's.
+	want, err := head.root()
+	if err != nil {
+		return nil, 0, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if got, err := l.tree.Root(head.Size); err != nil || !bytes.Equal(got, want) {
+		return nil, 0, fmt.Errorf("%w: the log changed while its checkpoint was being signed", ErrLogCorrupted)
+	}
+	if prev != nil {
 		root, err := l.tree.Root(p.Size)
 		if err != nil {
 			return nil, 0, err
@@ -804,8 +937,12 @@ func (l *residencyLog) extension(ctx context.Context, minSize uint64) ([]byte, u
 
 // covering returns a signed checkpoint of at least minSize entries: the newest one signed if
 // it is large enough (under load, receipts share checkpoints instead of each signing one),
-// else a new one.
+// else a new one. Callers that need a new one sign one at a time (cpMu): those that waited
+// take the one signed meanwhile if it is large enough, which this keybroker keeps (cp).
 func (l *residencyLog) covering(ctx context.Context, minSize uint64) (*tlog.Signed, error) {
+	if cp := l.signedCovering(minSize); cp != nil {
+		return cp, nil
+	}
 	var p logPointerRecord
 	ver, err := l.recs.get(ctx, logLatestPath, &p)
 	if err != nil {
@@ -814,7 +951,32 @@ func (l *residencyLog) covering(ctx context.Context, minSize uint64) (*tlog.Sign
 	if ver != 0 && p.Size >= minSize {
 		return l.storedCheckpoint(ctx, p.Size)
 	}
-	return l.checkpoint(ctx, minSize, false)
+	l.cpMu.Lock()
+	defer l.cpMu.Unlock()
+	if cp := l.signedCovering(minSize); cp != nil {
+		return cp, nil
+	}
+	cp, err := l.checkpoint(ctx, minSize, false)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	if l.cp == nil || cp.Size > l.cp.Size {
+		l.cp = cp
+	}
+	l.mu.Unlock()
+	return cp, nil
+}
+
+// signedCovering returns the newest checkpoint covering signed if it has at least minSize
+// entries, or nil.
+func (l *residencyLog) signedCovering(minSize uint64) *tlog.Signed {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.cp != nil && l.cp.Size >= minSize {
+		return l.cp
+	}
+	return nil
 }
 
 // raise moves the pointer at path up to size (never down).

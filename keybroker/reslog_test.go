@@ -317,9 +317,7 @@ func TestResidencyLogConcurrentKeybrokers(t *testing.T) {
 		}
 	}
 	for _, kb := range kbs {
-		kb.rlog.mu.Lock()
 		head, err := kb.rlog.syncTree(ctx, 0)
-		kb.rlog.mu.Unlock()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -500,6 +498,44 @@ func TestResidencyLogRefusesToSignARewrite(t *testing.T) {
 	for name, kb := range map[string]*Keybroker{"fresh keybroker": e.second(), "running keybroker": e.kb} {
 		if _, err := kb.LogCheckpoint(ctx, &kbwire.LogCheckpointRequest{}); !errors.Is(err, ErrLogCorrupted) {
 			t.Errorf("%s: signing a checkpoint over a rewritten entry = %v, want ErrLogCorrupted", name, err)
+		}
+	}
+}
+
+// TestResidencyLogConcurrentReceipts: destructions of many guests at once (which catch the
+// tree up together and share the checkpoints they sign) each come with a proof that their
+// ending is in the log, naming their receipt, in a checkpoint the keybroker signed.
+func TestResidencyLogConcurrentReceipts(t *testing.T) {
+	e := newEnv(t)
+	const guests = 12
+	for g := range guests {
+		e.adopt(fmt.Sprintf("vm%d", g))
+	}
+	resps := make([]*kbwire.DestroyResponse, guests)
+	errs := make([]error, guests)
+	var wg sync.WaitGroup
+	for g := range guests {
+		wg.Go(func() {
+			resps[g], errs[g] = e.kb.Destroy(t.Context(), &kbwire.DestroyRequest{
+				MigrationID: fmt.Sprintf("m%d", g), Tenant: "demo", VM: fmt.Sprintf("vm%d", g), Ending: kbwire.Abort,
+			})
+		})
+	}
+	wg.Wait()
+	v := e.logVerifier()
+	for g, resp := range resps {
+		if errs[g] != nil {
+			t.Fatalf("destroying m%d: %v", g, errs[g])
+		}
+		if resp.Log == nil {
+			t.Fatalf("the receipt of m%d came without its log proof", g)
+		}
+		cp, err := tlog.Open(resp.Log.Checkpoint, v, nil, 0)
+		if err != nil {
+			t.Fatalf("m%d: %v", g, err)
+		}
+		if _, err := tlog.VerifyReceipt(cp, resp.Log, fmt.Sprintf("m%d", g), resp.Receipt.Payload); err != nil {
+			t.Errorf("receipt of m%d: %v", g, err)
 		}
 	}
 }

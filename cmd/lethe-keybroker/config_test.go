@@ -12,6 +12,7 @@ import (
 
 	"github.com/lethe-cc/lethe/internal/daemon/daemontest"
 	"github.com/lethe-cc/lethe/keybroker"
+	"github.com/lethe-cc/lethe/keybroker/natsapi"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
 )
 
@@ -141,6 +142,44 @@ func TestLogSettings(t *testing.T) {
 			}
 			if diff := cmp.Diff(tc.want, view{c.logOrigin, c.logWitnesses}); diff != "" {
 				t.Errorf("log settings (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestMaxConcurrent: the NATS edge's limit of requests in flight defaults to one sized for
+// fleets, is read from the environment, and must be positive.
+func TestMaxConcurrent(t *testing.T) {
+	base := []string{"--state-dir", t.TempDir(), "--dev"}
+	for _, tc := range []struct {
+		name    string
+		env     map[string]string
+		args    []string
+		want    int
+		wantErr bool
+	}{
+		{name: "default", want: natsapi.DefaultMaxConcurrent},
+		{name: "env", env: map[string]string{"LETHE_KEYBROKER_MAX_CONCURRENT": "4096"}, want: 4096},
+		{name: "flag", args: []string{"--max-concurrent", "256"}, want: 256},
+		{name: "zero", args: []string{"--max-concurrent", "0"}, wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			daemontest.ClearEnv(t)
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			c, err := parseFlags(append(append([]string(nil), base...), tc.args...))
+			if tc.wantErr {
+				if err == nil || !strings.Contains(err.Error(), "--max-concurrent") {
+					t.Fatalf("err = %v, want one naming --max-concurrent", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.maxConcurrent != tc.want {
+				t.Errorf("max concurrent = %d, want %d", c.maxConcurrent, tc.want)
 			}
 		})
 	}

@@ -72,6 +72,7 @@ type config struct {
 	logOrigin                 string
 	logWitnesses              []string
 	otlpEndpoint              string
+	maxConcurrent             int
 }
 
 func main() {
@@ -133,6 +134,7 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.List((*listFlag)(&c.logWitnesses), "log-witness", "LETHE_KEYBROKER_LOG_WITNESS", strings.Fields, "verifier key of a witness whose cosignatures of the residency log's checkpoints are kept (lethectl log witness keygen prints it); repeatable (space-separated)")
 	fs.String(&c.metricsListen, "metrics-listen", "LETHE_KEYBROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
 	fs.String(&c.otlpEndpoint, "otlp-endpoint", "LETHE_KEYBROKER_OTLP_ENDPOINT", "", "OTLP/HTTP collector (host:port, or an http:// or https:// URL) receiving a span per release and destruction, in the migration's trace (docs/deploying.md); empty: no tracing")
+	fs.Int(&c.maxConcurrent, "max-concurrent", "LETHE_KEYBROKER_MAX_CONCURRENT", natsapi.DefaultMaxConcurrent, "most requests handled at once; further ones are answered busy and retried a second later: at least the migrations all brokers run at once (one request each at a time)")
 	fs.String(&c.exportPub, "export-pub", "", "", "write the receipt-signing public key (PEM) to this file, creating the key if needed, and exit")
 	// Every variable is the keybroker's own, LETHE_KEYBROKER_…; LETHE_NATS_URL is lethectl's.
 	fs.Namespace("LETHE_KEYBROKER_", "LETHE_NATS_URL")
@@ -166,6 +168,9 @@ func parseFlags(args []string) (*config, error) {
 		if _, err := tlog.ParseWitnessKey(w); err != nil {
 			return nil, fmt.Errorf("--log-witness: %w", err)
 		}
+	}
+	if c.maxConcurrent <= 0 {
+		return nil, fmt.Errorf("--max-concurrent %d: want a positive number", c.maxConcurrent)
 	}
 	if c.exportPub != "" {
 		return c, nil
@@ -242,7 +247,7 @@ func run(ctx context.Context, c *config) error {
 	}
 	defer nc.Close()
 	auditPub.SetConn(nc)
-	svc, err := natsapi.New(natsapi.Config{Conn: nc, Keybroker: kb, Logger: log, ID: c.id})
+	svc, err := natsapi.New(natsapi.Config{Conn: nc, Keybroker: kb, Logger: log, ID: c.id, MaxConcurrent: c.maxConcurrent})
 	if err != nil {
 		return err
 	}

@@ -29,6 +29,15 @@ const (
 // MaxRequest bounds a request's size (NATS's default max_payload).
 const MaxRequest = 1 << 20
 
+// DefaultMaxConcurrent is Config.MaxConcurrent's default. A migration has at most one
+// keybroker request in flight at a time (a nonce, a release, a destruction, a wait for a
+// receipt), so the limit must exceed the migrations a fleet runs at once across all its
+// brokers: a request refused busy is retried by its broker a check interval (a second) later,
+// which turned 200 concurrent migrations into thousands of retries at the old limit of 64. A
+// request waiting for Vault costs a goroutine and its decoded request (a few KiB; at most
+// MaxRequest), and Vault, not this limit, sets the pace.
+const DefaultMaxConcurrent = 1024
+
 // Config configures a Service.
 type Config struct {
 	// Conn is the NATS connection the service answers on. Required. With authentication, its
@@ -49,7 +58,7 @@ type Config struct {
 	// QueueGroup is the queue group of every endpoint. Empty: "lethe-keybroker".
 	QueueGroup string
 	// MaxConcurrent bounds the requests handled at once; further requests are answered
-	// kbwire.CodeBusy. Zero: 64.
+	// kbwire.CodeBusy. Zero: DefaultMaxConcurrent.
 	MaxConcurrent int
 	// RequestTimeout bounds the handling of one request, and how long the service waits for
 	// requests in progress when it stops. Zero: 30 s.
@@ -103,7 +112,7 @@ func New(cfg Config) (*Service, error) {
 		cfg.QueueGroup = "lethe-keybroker"
 	}
 	if cfg.MaxConcurrent <= 0 {
-		cfg.MaxConcurrent = 64
+		cfg.MaxConcurrent = DefaultMaxConcurrent
 	}
 	if cfg.RequestTimeout <= 0 {
 		cfg.RequestTimeout = 30 * time.Second
