@@ -7,7 +7,10 @@
 #   attestation     attest BenchmarkVerify, policy BenchmarkEvaluate
 #   key release     keybroker BenchmarkRelease (real Vault; logged vs the log in memory) vs
 #                   BenchmarkPrimitives alone
-#   control plane   broker BenchmarkMigrations and BenchmarkHosts (real NATS)
+#   control plane   broker BenchmarkMigrations and BenchmarkHosts (real NATS); BenchmarkReconcile
+#                   and BenchmarkHistoryReads: a check and a tenant's reads with 10,000 ended
+#                   migrations archived vs none vs left in the live bucket
+#   destruction     keybroker BenchmarkDestroy at 1, 16 and 64 callers (real Vault)
 #   fleet           e2e BenchmarkDrain: a drain vs the same guests migrated one by one (real
 #                   stack; the e2e data-plane capture needs root / CAP_NET_RAW)
 #   scale           e2e BenchmarkScale: 50, 200 and 1,000 migrations at once on each stack
@@ -62,6 +65,8 @@ bench attest.txt ./attest/ 'BenchmarkVerify' -benchmem
 bench policy.txt ./policy/ 'BenchmarkEvaluate' -benchmem
 bench release.txt ./keybroker/ 'BenchmarkRelease|BenchmarkPrimitives' -benchtime 200x
 bench broker.txt ./broker/ 'BenchmarkMigrations|BenchmarkHosts'
+bench history.txt ./broker/ 'BenchmarkReconcile|BenchmarkHistoryReads'
+bench destroy.txt ./keybroker/ 'BenchmarkDestroy' -benchtime 100x
 # The fleet benchmark runs the whole stack as processes; a failed run is reported in
 # BENCHMARKS.md, and the other sections stay.
 if ! bench fleet.txt ./e2e/ 'BenchmarkDrain' -benchtime 1x; then
@@ -129,12 +134,25 @@ PY
 	echo
 	table "$tmp/release.txt"
 	echo
+	echo "Destructions (the ending of a migration: journal, Transit keys destroyed, receipt signed"
+	echo "with its log proof) by 1, 16 and 64 callers at once against the same Vault: destroys of"
+	echo "different guests share only the keybroker's locks, Vault and the disk."
+	echo
+	table "$tmp/destroy.txt"
+	echo
 	echo "## Control plane"
 	echo
 	echo "Migrations of tiny guests per second through one broker (fake agents and keybroker,"
 	echo "real NATS JetStream), and 1,000 emulated hosts heartbeating into the hosts bucket."
 	echo
 	table "$tmp/broker.txt"
+	echo
+	echo "One check of a broker (what it does every \`--check-interval\`) with no history, with"
+	echo "10,000 ended migrations archived, and, as the baseline, the same 10,000 left in the live"
+	echo "bucket every check reads; then what a tenant reads with the 10,000 archived: one by id,"
+	echo "a page of the live listing, a page of the listing with the archive."
+	echo
+	table "$tmp/history.txt"
 	echo
 	echo "## Fleet operations"
 	echo
