@@ -42,6 +42,10 @@ const slotPrefix = "slot."
 // defaultMaxMigrationsPerHost is Config.MaxMigrationsPerHost's default.
 const defaultMaxMigrationsPerHost = 32
 
+// waitingNews is how often, at most, a waiting migration's record is rewritten to say what it
+// waits for now.
+const waitingNews = 30 * time.Second
+
 // errWaiting is a migration waiting in Requested for a place: its driver looks again when a
 // place is given back, or after waitingCheck.
 var errWaiting = errors.New("waiting for admission")
@@ -117,7 +121,9 @@ func (b *Broker) wait(ctx context.Context, m *Migration, reason string) error {
 		b.waiting[m.ID] = waiter{source: m.Source, destination: m.Destination, since: m.Created}
 	}
 	b.waitingMu.Unlock()
-	if m.Waiting == reason {
+	// A migration waiting on two busy hosts would name one, then the other: the record
+	// says what it waits for, rewritten at most every waitingNews.
+	if m.Waiting == reason || m.Waiting != "" && b.now().Sub(m.Updated) < waitingNews {
 		return errWaiting
 	}
 	if err := b.update(ctx, m.ID, PhaseRequested, func(m *Migration) { m.Waiting = reason }); err != nil {

@@ -2,6 +2,7 @@ package broker_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"testing"
@@ -12,6 +13,8 @@ import (
 	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
 )
 
 // limitHost states in host's record that its agent takes limit migrations at once.
@@ -139,5 +142,78 @@ func TestAWaitingMigrationAbortsOnTheQueueTimeout(t *testing.T) {
 	m := e.waitMigration(ids[1], inPhase(broker.PhaseAborted))
 	if want := "timeout: not admitted within 30m0s (waiting: host h1 has 1 migrations in flight"; !strings.HasPrefix(m.AbortReason, want) {
 		t.Errorf("abort reason %q, want it to start %q", m.AbortReason, want)
+	}
+}
+
+// TestTwoBrokersAdmitNoMoreThanAHostsLimit: migrations requested of two brokers at once, to a
+// destination that takes two: the brokers serialize on the host's places, so that the
+// migrations bucket never holds more than two admitted and unfinished at once, and all of
+// them end erased.
+func TestTwoBrokersAdmitNoMoreThanAHostsLimit(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.cfg.MaxMigrationsPerHost = 2
+	e.startBroker("b1")
+	e.startBroker("b2")
+	var guests []agentapi.HostGuest
+	for i := range 6 {
+		guests = append(guests, agentapi.HostGuest{Tenant: tenant, VM: fmt.Sprint("vm-", i), MemoryBytes: guestMiB << 20})
+	}
+	src := e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, guests...)
+	src.AutoCommit = true
+	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil)
+	for _, g := range guests {
+		e.adopt(tenant, g.VM, "h1")
+	}
+
+	w, err := e.kv(broker.MigrationsBucket).WatchAll(t.Context(), jetstream.UpdatesOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	most := make(chan int, 1)
+	go func() {
+		phases, peak := map[string]broker.Phase{}, 0
+		for entry := range w.Updates() {
+			var m broker.Migration
+			if entry == nil || entry.Operation() != jetstream.KeyValuePut || json.Unmarshal(entry.Value(), &m) != nil {
+				continue
+			}
+			phases[m.ID] = m.Phase
+			admitted := 0
+			for _, p := range phases {
+				if p != broker.PhaseRequested && !p.Terminal() {
+					admitted++
+				}
+			}
+			peak = max(peak, admitted)
+			select {
+			case <-most:
+			default:
+			}
+			most <- peak
+		}
+	}()
+
+	ids := make([]string, len(guests))
+	var g errgroup.Group
+	for i, guest := range guests {
+		g.Go(func() error {
+			resp, err := e.tenant(tenant).CreateMigration(context.Background(), &broker.CreateMigrationRequest{VM: guest.VM, Destination: "h2"})
+			if err == nil {
+				ids[i] = resp.Migration.ID
+			}
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if m := e.waitMigration(id, inPhase(broker.PhaseErased, broker.PhaseAborted)); m.Phase != broker.PhaseErased {
+			t.Errorf("migration %s: %s (%q), want Erased", id, m.Phase, m.AbortReason)
+		}
+	}
+	if peak := <-most; peak > 2 {
+		t.Errorf("%d migrations admitted at once to a host that takes 2", peak)
 	}
 }
