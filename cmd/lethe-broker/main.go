@@ -124,7 +124,7 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Duration(&c.hostTTL, "host-ttl", "LETHE_HOST_TTL", 0, "host heartbeat TTL; 0: 30s")
 	fs.Duration(&c.agentTimeout, "agent-timeout", "LETHE_AGENT_TIMEOUT", 0, "timeout of one agent or keybroker call; 0: 30s")
 	fs.Duration(&c.startTimeout, "start-timeout", "LETHE_START_TIMEOUT", 0, "admission to transfer start; 0: 120s")
-	fs.Duration(&c.queueTimeout, "queue-timeout", "LETHE_QUEUE_TIMEOUT", 0, "request to admission: how long a migration waits for a place on its hosts before it is aborted; 0: 30m")
+	fs.Duration(&c.queueTimeout, "queue-timeout", "LETHE_BROKER_QUEUE_TIMEOUT", 0, "request to admission: how long a migration waits for a place on its hosts before it is aborted; 0: 30m")
 	fs.Int(&c.maxMigrationsPerHost, "max-migrations-per-host", "LETHE_BROKER_MAX_MIGRATIONS_PER_HOST", 0, "migrations a host takes part in at once, as source or destination, lowered to what its agent states (lethe-agent --max-migrations); more wait in Requested for a place; 0: 32")
 	fs.Duration(&c.progressTimeout, "progress-timeout", "LETHE_PROGRESS_TIMEOUT", 0, "longest time without progress; 0: 150s")
 	fs.Duration(&c.perGiB, "timeout-per-gib", "LETHE_TIMEOUT_PER_GIB", 0, "transfer timeout per GiB of guest memory; 0: 150s")
