@@ -57,14 +57,16 @@ var (
 
 // admit makes room for a new migration: it refuses one beyond the node's limit of migrations
 // in flight (Config.MaxMigrations), counting the preparation under way that is not in the map
-// yet, and forgets the oldest ended migration when the node remembers maxKept. Callers hold
-// n.mu.
+// yet, and forgets the oldest ended migration (committed, aborted or adopted) when the node
+// remembers maxKept. Callers hold n.mu.
 func (n *Node) admit() error {
 	live := n.preparing
 	var oldest *migration
 	for _, m := range n.migs {
 		switch m.phase() {
-		case phaseCommitted, phaseAborted:
+		case phaseCommitted, phaseAborted, phaseAdopted:
+			// An adoption ends when its guest has its key: it holds nothing more, and a
+			// host whose guests were all adopted still takes its full count of migrations.
 			if oldest == nil || m.seq < oldest.seq {
 				oldest = m
 			}

@@ -18,7 +18,8 @@ import (
 // TestTheLimitOfMigrationsInFlightIsStrictAndAdvertised: the agent states its limit
 // (Config.MaxMigrations) in its host record, and holds it while a preparation is under way:
 // a new migration's preparation is in the node's map only once it is prepared, and an
-// attestation meanwhile must not take the place it holds.
+// attestation meanwhile must not take the place it holds. An adoption that ended (its guest
+// has its key) takes no place.
 func TestTheLimitOfMigrationsInFlightIsStrictAndAdvertised(t *testing.T) {
 	kb, _, _ := ed25519.GenerateKey(rand.Reader)
 	chip := sha512.Sum512([]byte("host-l"))
@@ -42,6 +43,20 @@ func TestTheLimitOfMigrationsInFlightIsStrictAndAdvertised(t *testing.T) {
 		b := make([]byte, 32)
 		rand.Read(b)
 		return b
+	}
+	// An adoption counts while it attests, not once its guest has its key.
+	if _, err := n.Attest(t.Context(), &agentapi.AttestRequest{MigrationID: "adopt-a", Role: attest.RoleAdopt, Nonce: nonce(), Tenant: "demo", VM: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	adoption, err := n.lookup("adopt-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	adoption.mu.Lock()
+	err = adoption.enter(phaseAdopted)
+	adoption.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
 	}
 	attestSource := func(id, vm string) error {
 		_, err := n.Attest(t.Context(), &agentapi.AttestRequest{MigrationID: id, Role: attest.RoleSource, Nonce: nonce(), Tenant: "demo", VM: vm})
