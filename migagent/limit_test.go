@@ -73,7 +73,11 @@ func TestTheLimitOfMigrationsInFlightIsStrictAndAdvertised(t *testing.T) {
 		_, err := n.Prepare(ctx, &agentapi.PrepareRequest{MigrationID: "m-2", Nonce: nonce(), Tenant: "demo", VM: "in", MemoryBytes: 1 << 20})
 		prepared <- err
 	}()
-	<-ctx.reached
+	select {
+	case <-ctx.reached:
+	case err := <-prepared:
+		t.Fatalf("the second migration's preparation ended before it paused: %v", err)
+	}
 	if err := attestSource("m-3", "b"); !errors.Is(err, agentapi.ErrConflict) {
 		t.Errorf("a third migration while the second is being prepared: %v, want a conflict", err)
 	}
