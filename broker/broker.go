@@ -20,10 +20,13 @@ import (
 
 // Timeouts bound the phases of a migration; a migration that exceeds one is aborted.
 type Timeouts struct {
-	// Start bounds the time from the request to the start of the transfer (Requested,
-	// Attesting, KeysReleased), counted again from each fallback to another destination after
-	// a denial. Zero means 120 s.
+	// Start bounds the time from the admission to the start of the transfer (Attesting,
+	// KeysReleased), counted again from each fallback to another destination after a
+	// denial. Zero means 120 s.
 	Start time.Duration
+	// Queue bounds the time a migration waits in Requested for its hosts to admit it (see
+	// admission.go), from the request. Zero means 30 min.
+	Queue time.Duration
 	// Progress bounds the time without a progress report from the source during the transfer
 	// and cutover. Zero means 150 s (KubeVirt's progress timeout).
 	Progress time.Duration
@@ -61,6 +64,10 @@ type Config struct {
 	// well inside it (see the package doc), so a short lease costs a write every few seconds
 	// per migration in flight, never a migration.
 	Lease time.Duration
+	// MaxMigrationsPerHost is how many migrations a host takes part in at once, as source
+	// or destination, lowered to what the host's agent states it takes; a migration beyond it
+	// waits in Requested (see admission.go). Zero means 32.
+	MaxMigrationsPerHost int
 	// CheckInterval is how often the broker looks for migrations to take over and checks
 	// timeouts and agents. Zero means 1 s.
 	CheckInterval time.Duration
@@ -153,6 +160,12 @@ type Broker struct {
 	// those this broker created since (see noteActive).
 	activeMu sync.Mutex
 	active   map[string]activeMigration
+
+	// waitingMu guards waiting, the migrations this broker drives that wait for admission,
+	// and reclaimed, when it last reclaimed each host's places (see admission.go).
+	waitingMu sync.Mutex
+	waiting   map[string]waiter
+	reclaimed map[string]time.Time
 }
 
 // activeMigration is what placement needs of a migration in flight.
@@ -187,6 +200,7 @@ func New(cfg Config) (*Broker, error) {
 		cfg.Now = time.Now
 	}
 	setDefault(&cfg.Timeouts.Start, 120*time.Second)
+	setDefault(&cfg.Timeouts.Queue, 30*time.Minute)
 	setDefault(&cfg.Timeouts.Progress, 150*time.Second)
 	setDefault(&cfg.Timeouts.PerGiB, 150*time.Second)
 	setDefault(&cfg.Lease, 15*time.Second)
@@ -208,6 +222,9 @@ func New(cfg Config) (*Broker, error) {
 	}
 	if cfg.MaxAttempts <= 0 {
 		cfg.MaxAttempts = 3
+	}
+	if cfg.MaxMigrationsPerHost <= 0 {
+		cfg.MaxMigrationsPerHost = defaultMaxMigrationsPerHost
 	}
 	if cfg.Replicas <= 0 {
 		cfg.Replicas = 1

@@ -87,6 +87,8 @@
 //   - Requested: migrations.create checked the guest (adopted, on a live source host, not
 //     migrating: the guest record's active migration is taken by CAS, so of two concurrent
 //     requests exactly one proceeds), the tenant's policy, and the destination.
+//     It waits there until its source and destination each have a place for it (admission.go:
+//     Config.MaxMigrationsPerHost, lowered to what the host's agent states), saying why.
 //   - Attesting: a keybroker nonce per role; the source attests, the destination prepares
 //     (clean-memory statement, data endpoint); the keybroker releases keys or denies.
 //   - KeysReleased: the sealed keys are delivered to each agent.
@@ -101,7 +103,8 @@
 //     migration goes on to Committed instead.
 //
 // A migration aborts on request (until cutover starts), on denial, on a phase timeout
-// ([Timeouts]: to the transfer's start, without progress, and per GiB of guest memory), and on
+// ([Timeouts]: in the queue for admission, from the admission to the transfer's start, without
+// progress, and per GiB of guest memory), and on
 // the loss of an agent (its host record gone from lethe-hosts or its heartbeat older than the
 // host TTL).
 //

@@ -24,6 +24,10 @@ import (
 // errNotMine means the migration changed phase or owner under a step; the driver reloads it.
 var errNotMine = errors.New("migration changed phase or owner")
 
+// waitingCheck is how many CheckIntervals a migration waiting for admission waits before it
+// looks again unwoken.
+const waitingCheck = 5
+
 // gib is the number of bytes in a GiB.
 const gib = 1 << 30
 
@@ -91,6 +95,15 @@ func (b *Broker) runDriver(ctx context.Context, id string, wake <-chan struct{})
 		case err == nil:
 		case errors.Is(err, errNotMine), errors.Is(err, errRevision):
 			continue
+		case errors.Is(err, errWaiting):
+			// A place given back wakes the migration that waited longest for it; the
+			// others look again now and then, and check their queue timeout.
+			select {
+			case <-ctx.Done():
+			case <-wake:
+			case <-time.After(min(waitingCheck*b.cfg.CheckInterval, b.cfg.Lease/3)):
+			}
+			continue
 		case ctx.Err() != nil:
 			return
 		default:
@@ -108,7 +121,7 @@ func (b *Broker) runDriver(ctx context.Context, id string, wake <-chan struct{})
 func (b *Broker) step(ctx context.Context, m *Migration) (bool, error) {
 	switch m.Phase {
 	case PhaseRequested:
-		return false, b.transition(ctx, m.ID, PhaseRequested, PhaseAttesting, nil)
+		return false, b.stepAdmit(ctx, m)
 	case PhaseAttesting:
 		return false, b.stepAttest(ctx, m)
 	case PhaseKeysReleased:
@@ -165,6 +178,12 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 		}
 		b.publishEvent(ev)
 		if to.Terminal() {
+			b.unwait(id)
+			hosts := []string{m.Source, m.Destination}
+			for _, a := range m.Attempts {
+				hosts = append(hosts, a.Destination)
+			}
+			b.giveSlots(ctx, id, hosts...)
 			// A fleet operation waiting for a slot starts its next migration now, not at
 			// its next check.
 			if op := opOf(m.RequestedBy); op != "" {
@@ -228,9 +247,17 @@ func (b *Broker) abort(ctx context.Context, m *Migration, reason string) error {
 func (b *Broker) abortReason(ctx context.Context, m *Migration, now time.Time) string {
 	t := b.cfg.Timeouts
 	switch m.Phase {
-	case PhaseRequested, PhaseAttesting, PhaseKeysReleased:
-		// Each fallback to another destination has the whole time again.
+	case PhaseRequested:
+		if reason := b.queueReason(m, now); reason != "" {
+			return reason
+		}
+	case PhaseAttesting, PhaseKeysReleased:
+		// The time counts from the admission; each fallback to another destination has the
+		// whole time again.
 		since := m.Created
+		if m.Admitted.After(since) {
+			since = m.Admitted
+		}
 		if n := len(m.Attempts); n > 0 && m.Attempts[n-1].At.After(since) {
 			since = m.Attempts[n-1].At
 		}
@@ -432,6 +459,7 @@ func (b *Broker) denied(ctx context.Context, m *Migration, err error, what strin
 	if err != nil {
 		return err
 	}
+	b.moveSlot(ctx, m.ID, denied, next)
 	b.log.Info("Destination refused; trying the next one", logKeyMigration, m.ID, logKeyHost, denied, logKeyReason, tried.Reason, logKeyNext, next)
 	b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase,
 		Message: fmt.Sprintf("%s for %s: %s; trying %s", what, denied, tried.Reason, next)})

@@ -18,8 +18,11 @@ import (
 // cordoned it (HostStateRecord), it has room for the guest's memory beside the guests it runs
 // and those arriving (agentapi.HostRecord.AllocatableBytes; a host that reports none is not
 // limited), and the caller does not exclude it (a fleet operation excludes hosts at their
-// limit of incoming migrations, or below an evacuation's TCB). The qualifying hosts are ranked
-// by the keys of FleetConfig.PlacementOrder, in order:
+// limit of incoming migrations, or below an evacuation's TCB). The qualifying hosts with a
+// place for another migration come first (see admission.go; counted from the broker's
+// snapshot of the migrations in flight): a host at its limit qualifies still, and a
+// migration placed there waits for admission. Then they are ranked by the keys of
+// FleetConfig.PlacementOrder, in order:
 //
 //	tcb     hosts whose reported TCB is at least the source's first, then those that cannot be
 //	        compared (unknown, another platform), then those below: a destination below the
@@ -27,8 +30,7 @@ import (
 //	memory  least committed first: (committed + arriving) / allocatable
 //	guests  fewest guests first
 //
-// and then by name. The broker's ranking is advice, as the pre-filter is: the keybroker
-// decides on verified evidence, and a host it refuses costs an attempt (Config.MaxAttempts),
+// and then by name. The broker's ranking is advice, as the pre-filter is: the keybroker decides on verified evidence, and a host it refuses costs an attempt (Config.MaxAttempts),
 // after which the next candidate is tried.
 
 // The keys of FleetConfig.PlacementOrder.
@@ -220,7 +222,19 @@ func (b *Broker) place(v *fleetView, verdicts []HostVerdict, size uint64, srcTCB
 		}
 		return 0
 	}
+	// Hosts with a place for another migration come first (see admission.go): a host at its
+	// limit qualifies still, but the migration would wait there for one.
+	full := func(host string) bool {
+		limit := b.cfg.MaxMigrationsPerHost
+		if h := v.hosts[host]; h != nil && h.MaxMigrations > 0 {
+			limit = min(limit, h.MaxMigrations)
+		}
+		return v.incoming[host]+v.outgoing[host] >= limit
+	}
 	slices.SortFunc(ok, func(a, c string) int {
+		if r := cmpBool(full(a), full(c)); r != 0 {
+			return r
+		}
 		for _, k := range b.cfg.Fleet.PlacementOrder {
 			var r int
 			switch k {
@@ -238,6 +252,17 @@ func (b *Broker) place(v *fleetView, verdicts []HostVerdict, size uint64, srcTCB
 		return strings.Compare(a, c)
 	})
 	return ok
+}
+
+// cmpBool orders false before true.
+func cmpBool(a, c bool) int {
+	switch {
+	case a == c:
+		return 0
+	case a:
+		return 1
+	}
+	return -1
 }
 
 // errNoHost is placement finding no qualifying host; its text is the pre-filter's and

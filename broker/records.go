@@ -67,8 +67,12 @@ type Migration struct {
 	// RequestedBy is "tenant:<name>" or "operator".
 	RequestedBy string    `json:"requestedBy"`
 	Created     time.Time `json:"created"`
-	PhaseSince  time.Time `json:"phaseSince"`
-	Updated     time.Time `json:"updated"`
+	// Admitted is when the migration's hosts admitted it out of Requested (see admission.go);
+	// zero before. Waiting says, while it waits in Requested, for what.
+	Admitted   time.Time `json:"admitted,omitzero"`
+	Waiting    string    `json:"waiting,omitempty"`
+	PhaseSince time.Time `json:"phaseSince"`
+	Updated    time.Time `json:"updated"`
 	// Timeline lists the phases the migration entered, in order: when, and how long it
 	// stayed (zero for the phase it is in).
 	Timeline []PhaseEntry `json:"timeline,omitempty"`

@@ -15,9 +15,9 @@ import (
 // end: the agent refuses migrations beyond its bound in flight and attestations beyond its
 // bound per migration, and forgets the oldest ended migrations to make room for new ones.
 func TestABrokerCannotGrowTheAgentWithoutBound(t *testing.T) {
-	live, kept, atts := maxLive, maxKept, maxAttestations
-	maxLive, maxKept, maxAttestations = 3, 5, 2
-	t.Cleanup(func() { maxLive, maxKept, maxAttestations = live, kept, atts })
+	live, kept, atts := defaultMaxLive, maxKept, maxAttestations
+	defaultMaxLive, maxKept, maxAttestations = 3, 5, 2
+	t.Cleanup(func() { defaultMaxLive, maxKept, maxAttestations = live, kept, atts })
 
 	kb, _, _ := ed25519.GenerateKey(rand.Reader)
 	n := unresolvedNode(t, t.TempDir(), "host-a", kb, GuestSpec{Tenant: "demo", VM: "web", MemoryBytes: 1 << 20})

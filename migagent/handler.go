@@ -45,9 +45,9 @@ func checkIDNonce(id string, nonce []byte) error {
 // answers to a repeated abort or erase), but a broker attesting or preparing without end would
 // otherwise grow the agent's memory without bound.
 var (
-	// maxLive is how many migrations may be in a phase that is not final at once; a new one
-	// beyond it is refused.
-	maxLive = 256
+	// defaultMaxLive is how many migrations may be in a phase that is not final at once when
+	// Config.MaxMigrations is zero; a new one beyond the limit is refused.
+	defaultMaxLive = 256
 	// maxKept is how many migrations the node remembers; beyond it the oldest ended one
 	// (committed or aborted) is forgotten to make room.
 	maxKept = 4096
@@ -55,14 +55,18 @@ var (
 	maxAttestations = 16
 )
 
-// admit makes room for a new migration: it refuses one beyond maxLive migrations in flight,
-// and forgets the oldest ended migration when the node remembers maxKept. Callers hold n.mu.
+// admit makes room for a new migration: it refuses one beyond the node's limit of migrations
+// in flight (Config.MaxMigrations), counting the preparation under way that is not in the map
+// yet, and forgets the oldest ended migration (committed, aborted or adopted) when the node
+// remembers maxKept. Callers hold n.mu.
 func (n *Node) admit() error {
-	live := 0
+	live := n.preparing
 	var oldest *migration
 	for _, m := range n.migs {
 		switch m.phase() {
-		case phaseCommitted, phaseAborted:
+		case phaseCommitted, phaseAborted, phaseAdopted:
+			// An adoption ends when its guest has its key: it holds nothing more, and a
+			// host whose guests were all adopted still takes its full count of migrations.
 			if oldest == nil || m.seq < oldest.seq {
 				oldest = m
 			}
@@ -70,7 +74,7 @@ func (n *Node) admit() error {
 			live++
 		}
 	}
-	if live >= maxLive {
+	if live >= n.maxLive {
 		return fmt.Errorf("%w: %d migrations in flight on host %s, the most it takes", agentapi.ErrConflict, live, n.cfg.Host)
 	}
 	if len(n.migs) >= maxKept && oldest != nil {
@@ -262,7 +266,13 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 			return fmt.Errorf("%w: guest %s/%s is arriving in migration %s", agentapi.ErrConflict, req.Tenant, req.VM, o.id)
 		}
 		if m == nil {
-			return cmp.Or(n.admit(), n.fits(req.MemoryBytes))
+			if err := cmp.Or(n.admit(), n.fits(req.MemoryBytes)); err != nil {
+				return err
+			}
+			// The new migration enters the map only once it is prepared: until then it
+			// holds its place in the limit here, so that an attestation meanwhile cannot
+			// take the last one too.
+			n.preparing++
 		}
 		return nil
 	}()
@@ -271,6 +281,13 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 		return nil, err
 	}
 	fresh := m == nil
+	if fresh {
+		defer func() {
+			n.mu.Lock()
+			n.preparing--
+			n.mu.Unlock()
+		}()
+	}
 	if fresh {
 		if m, err = n.backend.newDestination(req); err != nil {
 			return nil, err

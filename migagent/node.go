@@ -77,6 +77,11 @@ type Config struct {
 	// AllocatableBytes is how much memory the host offers guests, stated in its record for
 	// the broker's placement. Zero means all of the host's memory (MemTotal).
 	AllocatableBytes uint64
+	// MaxMigrations is how many migrations, as source or destination, the agent holds in
+	// flight at once, stated in its record so that brokers admit no more; the agent refuses
+	// one beyond it (ErrConflict). Each holds HPKE keys, evidence and, as a destination, a
+	// listener and a receive region. Zero means 256.
+	MaxMigrations int
 }
 
 // Node is a migration agent. Create it with New and run it with Run.
@@ -110,6 +115,9 @@ type Node struct {
 	guests   map[string]*guest
 	migs     map[string]*migration
 	stopping bool
+	// maxLive is the limit of migrations in flight (Config.MaxMigrations); preparing counts
+	// the preparation under way whose migration is not in migs yet (see admit).
+	maxLive, preparing int
 	// sendRate is the data plane's last measured throughput as a source, which turns a
 	// transfer's downtime limit into a dirty-set size.
 	sendRate rateGauge
@@ -177,6 +185,10 @@ func New(cfg Config) (*Node, error) {
 		migs:    map[string]*migration{},
 		dial:    cfg.DataDial,
 		life:    context.Background(),
+		maxLive: cmp.Or(cfg.MaxMigrations, defaultMaxLive),
+	}
+	if cfg.MaxMigrations < 0 {
+		return nil, fmt.Errorf("creating agent: a limit of %d migrations in flight", cfg.MaxMigrations)
 	}
 	n.memTotal = hostMemory()
 	n.backend = memoryBackend{n}
@@ -291,6 +303,7 @@ func (n *Node) record() agentapi.HostRecord {
 	rec := agentapi.HostRecord{
 		Host: n.cfg.Host, Platform: n.cfg.Platform, Labels: n.cfg.Labels, Region: n.cfg.Region,
 		DataAddr: n.advHost, MemoryBytes: n.memTotal, AllocatableBytes: cmp.Or(n.cfg.AllocatableBytes, n.memTotal), TCB: n.tcb,
+		MaxMigrations: n.maxLive,
 	}
 	for _, g := range n.guests {
 		rec.Guests = append(rec.Guests, agentapi.HostGuest{Tenant: g.tenant, VM: g.vm, MemoryBytes: uint64(g.memoryBytes())})

@@ -58,6 +58,7 @@ type config struct {
 	workloadRate, streams                       int
 	allocatable                                 string
 	allocatableBytes                            uint64
+	maxMigrations                               int
 	workloadAutoConverge                        bool
 	heartbeat                                   time.Duration
 	logFormat, logLevel                         string
@@ -136,6 +137,7 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.List(guestFlags{&c.guests}, "guest", "LETHE_AGENT_GUESTS", strings.Fields, "a guest held from the start, tenant/vm=SIZE (SIZE like 256MiB) or tenant/vm=file:PATH; repeatable (space-separated)")
 	fs.Int(&c.workloadRate, "workload-rate", "LETHE_AGENT_WORKLOAD_RATE", 0, "pages per second each guest's synthetic workload writes; 0: 2000, negative: none")
 	fs.String(&c.allocatable, "allocatable-memory", "LETHE_AGENT_ALLOCATABLE_MEMORY", "", "memory the host offers guests, like 48GiB: the broker places no more on it, and the agent refuses a migration beyond it; empty: all of the host's memory")
+	fs.Int(&c.maxMigrations, "max-migrations", "LETHE_AGENT_MAX_MIGRATIONS", 256, "migrations the agent holds in flight at once, as source or destination (each holds keys, evidence and, arriving, a listener and receive region); it refuses one beyond it, and states it in its host record so that brokers admit no more")
 	fs.Bool(&c.workloadAutoConverge, "workload-auto-converge", "LETHE_AGENT_WORKLOAD_AUTO_CONVERGE", true, "throttle an in-process guest's workload while pre-copy does not converge, in transfers with a downtime limit (libvirt guests: auto-converge)")
 	fs.Int(&c.streams, "streams", "LETHE_AGENT_STREAMS", 0, "data-plane connections of a transfer whose request names none; 0: 4")
 	fs.Duration(&c.heartbeat, "heartbeat-interval", "LETHE_AGENT_HEARTBEAT_INTERVAL", 0, "time between host record heartbeats; 0: 5s")
@@ -176,6 +178,9 @@ func parseFlags(args []string) (*config, error) {
 			return nil, fmt.Errorf("--allocatable-memory: %w", err)
 		}
 		c.allocatableBytes = uint64(n)
+	}
+	if c.maxMigrations < 1 {
+		return nil, fmt.Errorf("--max-migrations: %d, want at least 1", c.maxMigrations)
 	}
 	if err := c.nats.CheckAuth(c.dev); err != nil {
 		return nil, err
@@ -277,7 +282,7 @@ func run(ctx context.Context, c *config) error {
 		return migagent.New(migagent.Config{
 			Host: c.host, Conn: nc, Attester: att, KeybrokerKey: kbKey, Labels: c.labels, Region: c.region,
 			DataListen: c.dataListen, DataAdvertise: c.dataAdvertise, Streams: c.streams,
-			Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, AllocatableBytes: c.allocatableBytes, NoAutoConverge: !c.workloadAutoConverge, Logger: log,
+			Guests: c.guests, WorkloadRate: c.workloadRate, HeartbeatInterval: c.heartbeat, AllocatableBytes: c.allocatableBytes, MaxMigrations: c.maxMigrations, NoAutoConverge: !c.workloadAutoConverge, Logger: log,
 			Libvirt: c.libvirt,
 			Metrics: newAgentMetrics(metrics),
 		})

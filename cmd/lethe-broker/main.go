@@ -52,6 +52,8 @@ type config struct {
 	configFile, metricsListen     string
 	lease, checkInterval, hostTTL time.Duration
 	agentTimeout, startTimeout    time.Duration
+	queueTimeout                  time.Duration
+	maxMigrationsPerHost          int
 	progressTimeout, perGiB       time.Duration
 	streams, replicas             int
 	maxDowntime, auditRetention   time.Duration
@@ -121,7 +123,9 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Duration(&c.checkInterval, "check-interval", "LETHE_CHECK_INTERVAL", 0, "timeout and takeover check interval; 0: 1s")
 	fs.Duration(&c.hostTTL, "host-ttl", "LETHE_HOST_TTL", 0, "host heartbeat TTL; 0: 30s")
 	fs.Duration(&c.agentTimeout, "agent-timeout", "LETHE_AGENT_TIMEOUT", 0, "timeout of one agent or keybroker call; 0: 30s")
-	fs.Duration(&c.startTimeout, "start-timeout", "LETHE_START_TIMEOUT", 0, "request to transfer start; 0: 120s")
+	fs.Duration(&c.startTimeout, "start-timeout", "LETHE_START_TIMEOUT", 0, "admission to transfer start; 0: 120s")
+	fs.Duration(&c.queueTimeout, "queue-timeout", "LETHE_BROKER_QUEUE_TIMEOUT", 0, "request to admission: how long a migration waits for a place on its hosts before it is aborted; 0: 30m")
+	fs.Int(&c.maxMigrationsPerHost, "max-migrations-per-host", "LETHE_BROKER_MAX_MIGRATIONS_PER_HOST", 0, "migrations a host takes part in at once, as source or destination, lowered to what its agent states (lethe-agent --max-migrations); more wait in Requested for a place; 0: 32")
 	fs.Duration(&c.progressTimeout, "progress-timeout", "LETHE_PROGRESS_TIMEOUT", 0, "longest time without progress; 0: 150s")
 	fs.Duration(&c.perGiB, "timeout-per-gib", "LETHE_TIMEOUT_PER_GIB", 0, "transfer timeout per GiB of guest memory; 0: 150s")
 	fs.Int(&c.streams, "streams", "LETHE_STREAMS", 0, "data-plane streams per transfer; 0: 4")
@@ -238,24 +242,25 @@ func run(ctx context.Context, c *config) error {
 	}
 
 	b, err := broker.New(broker.Config{
-		Conn:          nc,
-		StoreConn:     storeNC,
-		KeyBroker:     broker.NewKeyBrokerClient(nc, c.agentTimeout),
-		Logger:        log,
-		ID:            c.id,
-		Lease:         c.lease,
-		CheckInterval: c.checkInterval,
-		HostTTL:       c.hostTTL,
-		AgentTimeout:  c.agentTimeout,
-		Streams:       c.streams,
-		MaxDowntime:   c.maxDowntime,
-		Replicas:      c.replicas,
-		Timeouts:      broker.Timeouts{Start: c.startTimeout, Progress: c.progressTimeout, PerGiB: c.perGiB},
-		ReadPolicy:    readPrefilter,
-		Fleet:         c.fleet,
-		MaxAttempts:   c.maxAttempts,
-		Metrics:       newBrokerMetrics(metrics),
-		Tracer:        tracer,
+		Conn:                 nc,
+		StoreConn:            storeNC,
+		KeyBroker:            broker.NewKeyBrokerClient(nc, c.agentTimeout),
+		Logger:               log,
+		ID:                   c.id,
+		Lease:                c.lease,
+		CheckInterval:        c.checkInterval,
+		HostTTL:              c.hostTTL,
+		AgentTimeout:         c.agentTimeout,
+		Streams:              c.streams,
+		MaxDowntime:          c.maxDowntime,
+		Replicas:             c.replicas,
+		Timeouts:             broker.Timeouts{Start: c.startTimeout, Queue: c.queueTimeout, Progress: c.progressTimeout, PerGiB: c.perGiB},
+		MaxMigrationsPerHost: c.maxMigrationsPerHost,
+		ReadPolicy:           readPrefilter,
+		Fleet:                c.fleet,
+		MaxAttempts:          c.maxAttempts,
+		Metrics:              newBrokerMetrics(metrics),
+		Tracer:               tracer,
 
 		AuditRetention:   c.auditRetention,
 		EndedGrace:       c.endedGrace,

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -277,6 +278,9 @@ func printMigration(w io.Writer, m *broker.Migration) {
 		m.ID, m.Tenant, m.VM, m.Epoch, m.Platform, m.Source, m.Destination, m.Phase, m.PhaseSince.Format(time.RFC3339), m.RequestedBy, m.Created.Format(time.RFC3339))
 	if m.Progress != nil {
 		fmt.Fprintf(w, "Progress:     %s\n", progressLine(m))
+	}
+	if m.Phase == broker.PhaseRequested && m.Waiting != "" {
+		fmt.Fprintf(w, "Waiting:      %s\n", strings.TrimPrefix(m.Waiting, "waiting: "))
 	}
 	if m.AbortReason != "" {
 		fmt.Fprintf(w, "Abort reason: %s\n", m.AbortReason)

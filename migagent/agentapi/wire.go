@@ -245,6 +245,10 @@ type HostRecord struct {
 	// give guests (its setting, by default all of MemoryBytes). Zero means not reported.
 	MemoryBytes      uint64 `json:"memoryBytes,omitempty"`
 	AllocatableBytes uint64 `json:"allocatableBytes,omitempty"`
+	// MaxMigrations is how many migrations the agent holds in flight at once, as source or
+	// destination; it refuses one beyond it. Brokers admit no more to the host. Zero means
+	// not reported (an older agent): brokers then apply only their own limit.
+	MaxMigrations int `json:"maxMigrations,omitempty"`
 	// TCB is the TCB level the host's evidence reports, read by the agent from its own
 	// evidence without verifying it: advice for placement, never a reason to release keys.
 	// Nil means unknown.
