@@ -308,6 +308,7 @@ func (b *Broker) Run(ctx context.Context) error {
 		auditRetention:   b.cfg.AuditRetention,
 		archiveRetention: b.cfg.ArchiveRetention,
 		receiptRetention: b.cfg.ReceiptRetention,
+		log:              b.log,
 	})
 	if err != nil {
 		return err
@@ -335,12 +336,11 @@ func (b *Broker) Run(ctx context.Context) error {
 		_ = progressSub.Unsubscribe()
 		return err
 	}
-	watcher, err := st.migrations.WatchAll(gctx, jetstream.UpdatesOnly())
+	// The first watch is made before the broker says it runs, so that a record written after
+	// that wakes its driver; one that cannot be made yet is made again by watchMigrations.
+	watcher, err := b.watchAll(gctx)
 	if err != nil {
-		_ = svc.Stop()
-		_ = progressSub.Unsubscribe()
-		_ = heartbeats.Stop()
-		return fmt.Errorf("watching migrations: %w", err)
+		b.log.Warn("Watching the migrations failed; watching again", logKeyRetryIn, watchRetryMin, logKeyError, err)
 	}
 	if err := b.nc.Flush(); err != nil {
 		return fmt.Errorf("flushing subscriptions: %w", err)
@@ -352,7 +352,6 @@ func (b *Broker) Run(ctx context.Context) error {
 	g.Go(func() error { return b.reconcileLoop(gctx) })
 	g.Go(func() error {
 		<-gctx.Done()
-		_ = watcher.Stop()
 		_ = progressSub.Drain()
 		_ = heartbeats.Stop()
 		_ = svc.Stop()
@@ -452,15 +451,67 @@ func (b *Broker) holdLease(ctx context.Context, id string) {
 	}
 }
 
-// watchMigrations wakes the driver of every migration whose record changes.
+// Pauses before watching the migrations again: the first, doubled after each watch that
+// could not be made or ended at once, up to the last.
+const (
+	watchRetryMin = 100 * time.Millisecond
+	watchRetryMax = 5 * time.Second
+)
+
+// watchMigrations wakes the driver of every migration whose record changes, until ctx ends;
+// it follows w first, unless nil.
+//
+// Its watch is an ordered consumer. nats.go makes it again after a gap or missed heartbeats,
+// but a cluster can end it (a recreation JetStream refuses closes it) or leave its creation
+// unanswered (a consumer placed on a node that just died): so each creation is bounded by
+// storeCallTimeout, and a watch that ends is made again, after a pause. The reconcile loop
+// drives every migration meanwhile, every CheckInterval.
 func (b *Broker) watchMigrations(ctx context.Context, w jetstream.KeyWatcher) error {
+	pause := watchRetryMin
 	for {
+		var err error
+		if w == nil {
+			w, err = b.watchAll(ctx)
+		}
+		if w != nil {
+			began := time.Now()
+			b.followMigrations(ctx, w)
+			_ = w.Stop()
+			w, err = nil, errors.New("the watch ended")
+			if time.Since(began) > watchRetryMax {
+				pause = watchRetryMin
+			}
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		b.log.Warn("Watching the migrations failed; watching again", logKeyRetryIn, pause, logKeyError, err)
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, watchRetryMax)
+	}
+}
+
+// watchAll watches the migrations bucket for new versions, within storeCallTimeout.
+func (b *Broker) watchAll(ctx context.Context) (jetstream.KeyWatcher, error) {
+	ctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
+	defer cancel()
+	return b.store.migrations.WatchAll(ctx, jetstream.UpdatesOnly())
+}
+
+// followMigrations wakes the driver of every migration whose record w delivers, until ctx or
+// w ends.
+func (b *Broker) followMigrations(ctx context.Context, w jetstream.KeyWatcher) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
 		case e, ok := <-w.Updates():
 			if !ok {
-				return nil
+				return
 			}
 			if e == nil || e.Operation() != jetstream.KeyValuePut {
 				continue

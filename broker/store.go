@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
@@ -55,6 +56,45 @@ type storeConfig struct {
 	// buckets; zero keeps their records for ever.
 	archiveRetention time.Duration
 	receiptRetention time.Duration
+	// log reports each creation of a stream tried again; nil logs nothing.
+	log *slog.Logger
+}
+
+// Pauses between two tries of a stream's creation: the first, doubled after each try up to
+// the last.
+const (
+	createRetryMin = 100 * time.Millisecond
+	createRetryMax = 2 * time.Second
+)
+
+// createStream creates stream cfg, or updates it to cfg, trying again while ctx lives when
+// JetStream does not answer (each try bounded by storeCallTimeout) or says the stream is in
+// use. Two brokers starting together create the same clustered streams at once, and
+// nats-server may answer neither creation (nats-server issue #3677), or one broker's update
+// may find the stream the other one is creating: the stream exists once one creation went
+// through, and the next try finds it and updates it to the same configuration.
+func createStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig, log *slog.Logger) error {
+	pause := createRetryMin
+	for try := 1; ; try++ {
+		tctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
+		_, err := js.CreateOrUpdateStream(tctx, cfg)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil || !(storeUnavailable(err) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse)) {
+			return err
+		}
+		if log != nil {
+			log.Warn("Creating a stream failed; trying again", logKeyStream, cfg.Name, logKeyTry, try, logKeyRetryIn, pause, logKeyError, err)
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, createRetryMax)
+	}
 }
 
 // openStore creates (or updates) the buckets and the events stream and returns handles on them.
@@ -83,7 +123,7 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 	for _, b := range buckets {
 		b.cfg.Replicas = cfg.replicas
 		b.cfg.Storage = jetstream.FileStorage
-		if _, err := js.CreateOrUpdateStream(ctx, storeStreamConfig(b.cfg)); err != nil {
+		if err := createStream(ctx, js, storeStreamConfig(b.cfg), cfg.log); err != nil {
 			return nil, fmt.Errorf("creating bucket %s: %w", b.cfg.Bucket, err)
 		}
 		kv, err := js.KeyValue(ctx, b.cfg.Bucket)
@@ -92,20 +132,20 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 		}
 		*b.kv = kv
 	}
-	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	err := createStream(ctx, js, jetstream.StreamConfig{
 		Name:        EventsStream,
 		Description: "Lethe migration events: transitions, progress, audit",
 		Subjects:    []string{EventsSubjectPrefix + ".>"},
 		MaxAge:      cfg.eventsRetention,
 		Storage:     jetstream.FileStorage,
 		Replicas:    cfg.replicas,
-	})
+	}, cfg.log)
 	if err != nil {
 		return nil, fmt.Errorf("creating stream %s: %w", EventsStream, err)
 	}
 	// The audit stream refuses message deletes and purges, even to the broker: records leave
 	// it by age alone.
-	_, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	err = createStream(ctx, js, jetstream.StreamConfig{
 		Name:         AuditStream,
 		Description:  "Lethe audit records of the broker and the keybroker (docs/audit.md)",
 		Subjects:     []string{natsauth.AuditSubjectPrefix + ".>"},
@@ -115,7 +155,7 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 		DenyPurge:    true,
 		Storage:      jetstream.FileStorage,
 		Replicas:     cfg.replicas,
-	})
+	}, cfg.log)
 	if err != nil {
 		return nil, fmt.Errorf("creating stream %s: %w", AuditStream, err)
 	}
