@@ -82,7 +82,10 @@ func TestCluster(t *testing.T) {
 				env: c.env, t: t, index: i + 1,
 				guests: map[string]*guestWant{}, vmPolicies: map[string]bool{}, noProbe: map[string]string{},
 			}
+			// Whatever the scenario did, the next one starts on a whole, healthy cluster.
+			t.Cleanup(func() { c.restore(t) })
 			sc.run(s)
+			c.restore(t)
 			// check then probe: the probe is the new migration that must commit after the fault.
 			bad := s.check()
 			bad = append(bad, s.probe()...)
@@ -315,12 +318,10 @@ func newCluster(t *testing.T) *cluster {
 		t.Fatalf("registering tenant %s: %v", demoTenant, err)
 	}
 
-	// One broker first, the second once the buckets exist: two brokers creating the same R3
-	// buckets at once both time out (nats-server answers neither of two concurrent creations
-	// of one clustered stream), and a broker exits when it cannot open its store.
+	// Both brokers at once: each creates the R3 buckets.
 	c.startBroker("broker-1")
-	e.waitBuckets()
 	c.startBroker("broker-2")
+	e.waitBuckets()
 
 	y, err := os.ReadFile("../examples/policies/ci-emulated.yaml")
 	if err != nil {
@@ -359,6 +360,33 @@ func (c *cluster) brokerProcs() []*proc {
 		ps = append(ps, p)
 	}
 	return ps
+}
+
+// restore undoes what a scenario did: it heals the NATS partitions, starts every NATS node,
+// Vault node, keybroker and broker that does not run, and waits until the NATS cluster is
+// healthy (a meta leader, every stream led with its replicas current), Vault has a leader,
+// the keybrokers are ready and the broker API answers.
+func (c *cluster) restore(t testing.TB) {
+	t.Helper()
+	c.natsc.Restore()
+	c.vaultc.Restore()
+	for _, p := range c.kbs {
+		if !p.running() {
+			t.Logf("restarting %s", p.name)
+			c.restart(p)
+		}
+		c.waitKeybroker(t, p)
+	}
+	for _, p := range c.brokerProcs() {
+		if !p.running() {
+			t.Logf("restarting %s", p.name)
+			c.restart(p)
+		}
+	}
+	poll(t, "the broker API", func() (bool, string) {
+		_, err := c.demo.ListHosts(t.Context(), &broker.ListHostsRequest{})
+		return err == nil, fmt.Sprint(err)
+	})
 }
 
 // waitKeybroker waits until the keybroker process p is ready (its /readyz).

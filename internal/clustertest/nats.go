@@ -305,7 +305,11 @@ type jsz struct {
 		Streams []struct {
 			Name    string `json:"name"`
 			Cluster *struct {
-				Leader string `json:"leader"`
+				Leader   string `json:"leader"`
+				Replicas []struct {
+					Name    string `json:"name"`
+					Current bool   `json:"current"`
+				} `json:"replicas"`
 			} `json:"cluster"`
 		} `json:"stream_detail"`
 	} `json:"account_details"`
@@ -446,4 +450,66 @@ func (c *NATS) Logs(i int) string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.proc.tail()
+}
+
+// Running reports whether node i's process runs.
+func (c *NATS) Running(i int) bool { return c.running(i) }
+
+// Restore undoes the faults a test made: it heals every partition, starts every node that
+// does not run, and waits until the cluster is healthy (see WaitHealthy).
+func (c *NATS) Restore() {
+	c.t.Helper()
+	for i := range c.nodes {
+		c.Heal(i)
+	}
+	for i := range c.nodes {
+		if !c.running(i) {
+			c.startNode(i)
+		}
+	}
+	c.WaitHealthy()
+}
+
+// WaitHealthy waits until every node runs and answers its health check, the nodes agree on a
+// meta leader, and every stream has a leader and every replica current; it fails the test if
+// that does not happen within a minute.
+func (c *NATS) WaitHealthy() {
+	c.t.Helper()
+	for i := range c.nodes {
+		c.waitHealthy(i)
+	}
+	ctx, cancel := context.WithTimeout(c.t.Context(), startLimit)
+	defer cancel()
+	if _, err := waitFor(ctx, c.healthy); err != nil {
+		c.t.Fatalf("clustertest: NATS cluster not healthy: %v", err)
+	}
+}
+
+// healthy checks, on every node, the meta leader and each stream's leader and replicas.
+func (c *NATS) healthy(ctx context.Context) (struct{}, error) {
+	if _, err := c.metaLeader(ctx); err != nil {
+		return struct{}{}, err
+	}
+	for _, n := range c.nodes {
+		var z jsz
+		if err := getJSON(ctx, fmt.Sprintf("http://%s/jsz?accounts=true&streams=true", hostPort(n.http)), &z); err != nil {
+			return struct{}{}, fmt.Errorf("%s: %w", n.name, err)
+		}
+		for _, a := range z.Accounts {
+			for _, s := range a.Streams {
+				if s.Cluster == nil {
+					continue
+				}
+				if s.Cluster.Leader == "" {
+					return struct{}{}, fmt.Errorf("%s: stream %s has no leader", n.name, s.Name)
+				}
+				for _, r := range s.Cluster.Replicas {
+					if !r.Current {
+						return struct{}{}, fmt.Errorf("%s: stream %s's replica on %s is not current", n.name, s.Name, r.Name)
+					}
+				}
+			}
+		}
+	}
+	return struct{}{}, nil
 }
