@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -157,20 +158,52 @@ func loseQuorum(fc *faultCtx) func() {
 	}
 }
 
-// killKeybrokerAtRelease kills one keybroker process as the broker asks for the keys' release;
-// the other one serves the broker's retry.
+// killKeybrokerAtRelease kills one keybroker process the moment the broker asks for the
+// keys' release: a copy of the request, on the keybroker API's subject, is the signal. When
+// the killed keybroker was the one serving it, the broker gets no answer and runs the step
+// again (new nonces, new evidence), which the other keybroker serves; when it was the other,
+// the release completes. Either way the migration must commit.
 func killKeybrokerAtRelease(s *scn) {
 	c := clusterOf(s)
 	vm := s.vm("g")
 	a, b := s.agent(snp(snpBase, vm)), s.agent(snp(snpHigher))
 	s.adopt(vm, a)
+
+	nc := s.connect("keybroker", natsauth.InboxPrefix(natsauth.RoleKeybroker, ""))
+	defer nc.Close()
+	killed := make(chan struct{})
+	var once sync.Once
+	sub, err := nc.Subscribe(kbwire.SubjectPrefix+"."+kbwire.OpRelease, func(msg *nats.Msg) {
+		var req struct {
+			VM string `json:"vm"`
+		}
+		if json.Unmarshal(msg.Data, &req) != nil || req.VM != vm {
+			return
+		}
+		once.Do(func() {
+			c.kbs[0].kill()
+			close(killed)
+		})
+	})
+	if err != nil {
+		s.t.Fatalf("watching the release requests: %v", err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.Flush(); err != nil {
+		s.t.Fatal(err)
+	}
 	id := s.migrate(vm, b)
-	s.phase(id, broker.PhaseAttesting)
-	c.kbs[0].kill()
+	select {
+	case <-killed:
+		s.t.Logf("killed %s at the release request of %s", c.kbs[0].name, id)
+	case <-time.After(waitLimit):
+		s.t.Fatal("the broker asked for no release")
+	}
 	m := s.requireEnd(id, vm, broker.OutcomeErased, a, b)
 	s.outcome = m.Outcome
-	c.restart(c.kbs[0])
-	c.waitKeybroker(s.t, c.kbs[0])
+	if len(m.Notes) > 0 {
+		s.outcome += " (" + shorten(strings.Join(m.Notes, "; ")) + ")"
+	}
 }
 
 // killKeybrokerAtDestroy kills one keybroker process as the migration commits, when the
