@@ -495,11 +495,50 @@ func (b *Broker) watchMigrations(ctx context.Context, w jetstream.KeyWatcher) er
 	}
 }
 
-// watchAll watches the migrations bucket for new versions, within storeCallTimeout.
+// watchAll watches the migrations bucket for new versions until ctx ends or the watch is
+// stopped, waiting storeCallTimeout at most for its creation. The watch lives as long as the
+// context its creation is given, so that context is not the bounded one: a creation not
+// answered in time is cancelled through it.
 func (b *Broker) watchAll(ctx context.Context) (jetstream.KeyWatcher, error) {
-	ctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
-	defer cancel()
-	return b.store.migrations.WatchAll(ctx, jetstream.UpdatesOnly())
+	wctx, cancel := context.WithCancel(ctx)
+	type made struct {
+		w   jetstream.KeyWatcher
+		err error
+	}
+	ch := make(chan made, 1)
+	go func() {
+		w, err := b.store.migrations.WatchAll(wctx, jetstream.UpdatesOnly())
+		ch <- made{w, err}
+	}()
+	t := time.NewTimer(storeCallTimeout)
+	defer t.Stop()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			cancel()
+			return nil, r.err
+		}
+		return &cancelWatcher{KeyWatcher: r.w, cancel: cancel}, nil
+	case <-t.C:
+		cancel()
+		go func() {
+			if r := <-ch; r.w != nil {
+				_ = r.w.Stop()
+			}
+		}()
+		return nil, fmt.Errorf("watching the migrations: %w: no answer within %v", ErrUnavailable, storeCallTimeout)
+	}
+}
+
+// cancelWatcher is a watch that also cancels the context it lives by when stopped.
+type cancelWatcher struct {
+	jetstream.KeyWatcher
+	cancel context.CancelFunc
+}
+
+func (w *cancelWatcher) Stop() error {
+	defer w.cancel()
+	return w.KeyWatcher.Stop()
 }
 
 // followMigrations wakes the driver of every migration whose record w delivers, until ctx or

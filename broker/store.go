@@ -61,22 +61,25 @@ type storeConfig struct {
 }
 
 // Pauses between two tries of a stream's creation: the first, doubled after each try up to
-// the last.
+// the last. The first try waits createFirstWait for JetStream's answer, each next one twice
+// as long up to storeCallTimeout: a creation takes milliseconds, and one left unanswered
+// (see createStream) is done when tried again.
 const (
-	createRetryMin = 100 * time.Millisecond
-	createRetryMax = 2 * time.Second
+	createRetryMin  = 100 * time.Millisecond
+	createRetryMax  = 2 * time.Second
+	createFirstWait = time.Second
 )
 
 // createStream creates stream cfg, or updates it to cfg, trying again while ctx lives when
-// JetStream does not answer (each try bounded by storeCallTimeout) or says the stream is in
+// JetStream does not answer in time (see createFirstWait) or says the stream is in
 // use. Two brokers starting together create the same clustered streams at once, and
 // nats-server may answer neither creation (nats-server issue #3677), or one broker's update
 // may find the stream the other one is creating: the stream exists once one creation went
 // through, and the next try finds it and updates it to the same configuration.
 func createStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig, log *slog.Logger) error {
-	pause := createRetryMin
+	pause, wait := createRetryMin, createFirstWait
 	for try := 1; ; try++ {
-		tctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
+		tctx, cancel := context.WithTimeout(ctx, wait)
 		_, err := js.CreateOrUpdateStream(tctx, cfg)
 		cancel()
 		if err == nil {
@@ -93,7 +96,7 @@ func createStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.Str
 			return err
 		case <-time.After(pause):
 		}
-		pause = min(2*pause, createRetryMax)
+		pause, wait = min(2*pause, createRetryMax), min(2*wait, storeCallTimeout)
 	}
 }
 

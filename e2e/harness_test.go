@@ -561,13 +561,11 @@ func (e *env) watchMigration(t testing.TB, id string, f func(*broker.Migration) 
 	}
 	for {
 		if kv, err := e.bucket(ctx, broker.MigrationsBucket); err == nil {
-			wctx, wcancel := context.WithTimeout(ctx, watchCallTimeout)
-			w, err := kv.Watch(wctx, id)
+			wctx, wcancel := context.WithCancel(ctx)
+			w := watchKey(wctx, kv, id)
+			m := e.follow(ctx, kv, id, w, see)
 			wcancel()
-			if err != nil {
-				w = nil
-			}
-			if m := e.follow(ctx, kv, id, w, see); m != nil {
+			if m != nil {
 				return m
 			}
 		}
@@ -589,6 +587,27 @@ const (
 	// watchPollInterval is how often watchMigration reads the record beside its watch.
 	watchPollInterval = time.Second
 )
+
+// watchKey watches key of kv until ctx ends, or returns nil if the watch is not made within
+// watchCallTimeout. The watch lives as long as the context its creation is given, so that
+// context is not the bounded one: the caller cancels ctx, which also cancels a creation left
+// unanswered.
+func watchKey(ctx context.Context, kv jetstream.KeyValue, key string) jetstream.KeyWatcher {
+	ch := make(chan jetstream.KeyWatcher, 1)
+	go func() {
+		w, err := kv.Watch(ctx, key)
+		if err != nil {
+			w = nil
+		}
+		ch <- w
+	}()
+	select {
+	case w := <-ch:
+		return w
+	case <-time.After(watchCallTimeout):
+		return nil
+	}
+}
 
 // bucket opens bucket, within watchCallTimeout.
 func (e *env) bucket(ctx context.Context, bucket string) (jetstream.KeyValue, error) {

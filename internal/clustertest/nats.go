@@ -406,14 +406,19 @@ func getJSON(ctx context.Context, url string, v any) error {
 func waitFor[T any](ctx context.Context, f func(context.Context) (T, error)) (T, error) {
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
+	var last error
 	for {
 		v, err := f(ctx)
 		if err == nil {
 			return v, nil
 		}
+		// The try that ctx's end cut short says less than the one before it.
+		if ctx.Err() == nil || last == nil {
+			last = err
+		}
 		select {
 		case <-ctx.Done():
-			return v, fmt.Errorf("%w (last: %v)", ctx.Err(), err)
+			return v, fmt.Errorf("%w (last: %v)", ctx.Err(), last)
 		case <-tick.C:
 		}
 	}
