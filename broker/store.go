@@ -70,6 +70,20 @@ const (
 	createFirstWait = time.Second
 )
 
+// openBucket opens bucket, just created, trying again while ctx lives when JetStream does not
+// answer in time or does not know it yet: the node that answers may not have learnt of a
+// stream another broker's creation made.
+func openBucket(ctx context.Context, js jetstream.JetStream, bucket string, log *slog.Logger) (jetstream.KeyValue, error) {
+	var kv jetstream.KeyValue
+	err := retryStore(ctx, log, "KV_"+bucket, func(ctx context.Context) (err error) {
+		kv, err = js.KeyValue(ctx, bucket)
+		return err
+	}, func(err error) bool {
+		return storeUnavailable(err) || errors.Is(err, jetstream.ErrBucketNotFound) || errors.Is(err, jetstream.ErrStreamNotFound)
+	})
+	return kv, err
+}
+
 // createStream creates stream cfg, or updates it to cfg, trying again while ctx lives when
 // JetStream does not answer in time (see createFirstWait) or says the stream is in
 // use. Two brokers starting together create the same clustered streams at once, and
@@ -77,19 +91,31 @@ const (
 // may find the stream the other one is creating: the stream exists once one creation went
 // through, and the next try finds it and updates it to the same configuration.
 func createStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig, log *slog.Logger) error {
+	return retryStore(ctx, log, cfg.Name, func(ctx context.Context) error {
+		_, err := js.CreateOrUpdateStream(ctx, cfg)
+		return err
+	}, func(err error) bool {
+		return storeUnavailable(err) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse)
+	})
+}
+
+// retryStore calls f until it succeeds, or fails with an error again does not accept, or ctx
+// ends; each try waits createFirstWait for JetStream, twice as long as the one before up to
+// storeCallTimeout, and each failure is logged with stream, the stream f works on.
+func retryStore(ctx context.Context, log *slog.Logger, stream string, f func(context.Context) error, again func(error) bool) error {
 	pause, wait := createRetryMin, createFirstWait
 	for try := 1; ; try++ {
 		tctx, cancel := context.WithTimeout(ctx, wait)
-		_, err := js.CreateOrUpdateStream(tctx, cfg)
+		err := f(tctx)
 		cancel()
 		if err == nil {
 			return nil
 		}
-		if ctx.Err() != nil || !(storeUnavailable(err) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse)) {
+		if ctx.Err() != nil || !again(err) {
 			return err
 		}
 		if log != nil {
-			log.Warn("Creating a stream failed; trying again", logKeyStream, cfg.Name, logKeyTry, try, logKeyRetryIn, pause, logKeyError, err)
+			log.Warn("Creating or opening a stream failed; trying again", logKeyStream, stream, logKeyTry, try, logKeyRetryIn, pause, logKeyError, err)
 		}
 		select {
 		case <-ctx.Done():
@@ -129,7 +155,7 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 		if err := createStream(ctx, js, storeStreamConfig(b.cfg), cfg.log); err != nil {
 			return nil, fmt.Errorf("creating bucket %s: %w", b.cfg.Bucket, err)
 		}
-		kv, err := js.KeyValue(ctx, b.cfg.Bucket)
+		kv, err := openBucket(ctx, js, b.cfg.Bucket, cfg.log)
 		if err != nil {
 			return nil, fmt.Errorf("opening bucket %s: %w", b.cfg.Bucket, err)
 		}

@@ -490,11 +490,14 @@ func (c *NATS) WaitHealthy() {
 	}
 }
 
-// healthy checks, on every node, the meta leader and each stream's leader and replicas.
+// healthy checks the meta leader, and each stream's leader on every node and its replicas on
+// its leader.
 func (c *NATS) healthy(ctx context.Context) (struct{}, error) {
 	if _, err := c.metaLeader(ctx); err != nil {
 		return struct{}{}, err
 	}
+	// led is every stream seen by its leader; seen, every stream.
+	led, seen := map[string]bool{}, map[string]bool{}
 	for _, n := range c.nodes {
 		var z jsz
 		if err := getJSON(ctx, fmt.Sprintf("http://%s/jsz?accounts=true&streams=true", hostPort(n.http)), &z); err != nil {
@@ -505,15 +508,26 @@ func (c *NATS) healthy(ctx context.Context) (struct{}, error) {
 				if s.Cluster == nil {
 					continue
 				}
+				seen[s.Name] = true
 				if s.Cluster.Leader == "" {
 					return struct{}{}, fmt.Errorf("%s: stream %s has no leader", n.name, s.Name)
 				}
+				// Only the leader tracks its followers: another node's view of them is stale.
+				if s.Cluster.Leader != n.name {
+					continue
+				}
+				led[s.Name] = true
 				for _, r := range s.Cluster.Replicas {
 					if !r.Current {
 						return struct{}{}, fmt.Errorf("%s: stream %s's replica on %s is not current", n.name, s.Name, r.Name)
 					}
 				}
 			}
+		}
+	}
+	for name := range seen {
+		if !led[name] {
+			return struct{}{}, fmt.Errorf("stream %s: its leader does not report it", name)
 		}
 	}
 	return struct{}{}, nil
