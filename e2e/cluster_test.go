@@ -126,19 +126,23 @@ func killMetaLeader(fc *faultCtx) func() {
 	}
 }
 
-// partitionStreamLeader cuts the leader of the migrations stream off from the other nodes;
-// its clients stay connected to it.
+// partitionStreamLeader cuts the leader of the migrations stream off from the other nodes
+// while the migration transfers; its clients stay connected to it. The partition lasts until
+// the other two nodes elected a new leader of the stream: agents and brokers connected to the
+// cut node are unreachable meanwhile, and the migration must go on once it is healed, without
+// a write of the stale leader's side.
 func partitionStreamLeader(fc *faultCtx) func() {
 	c := clusterOf(fc.s)
 	i := c.natsc.StreamLeader(migrationsStream)
 	fc.s.t.Logf("partitioning NATS node %s, leader of %s", c.natsc.Name(i), migrationsStream)
 	c.natsc.Partition(i)
 	fc.s.t.Cleanup(func() { c.natsc.Heal(i) })
+	j := c.natsc.StreamLeaderWithout(migrationsStream, i)
+	fc.s.t.Logf("NATS node %s leads %s without %s; healing", c.natsc.Name(j), migrationsStream, c.natsc.Name(i))
+	c.natsc.Heal(i)
 	fc.wantOutcome = broker.OutcomeErased
 	return func() {
 		fc.s.end(fc.id)
-		c.natsc.Heal(i)
-		c.natsc.StreamLeader(migrationsStream)
 	}
 }
 

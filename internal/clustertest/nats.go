@@ -296,6 +296,26 @@ func (c *NATS) StreamLeader(stream string) int {
 	return c.Index(name)
 }
 
+// StreamLeaderWithout returns the index of the leader of stream that the nodes other than
+// node i agree on, a node other than i, waiting up to a minute; it fails the test when there
+// is none. With node i partitioned, it is the leader the majority elected.
+func (c *NATS) StreamLeaderWithout(stream string, i int) int {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(c.t.Context(), startLimit)
+	defer cancel()
+	name, err := waitFor(ctx, func(ctx context.Context) (string, error) {
+		name, err := c.agreedWithout(ctx, i, "/jsz?accounts=true&streams=true", streamLeaderOf(stream))
+		if err == nil && name == c.nodes[i].name {
+			return "", fmt.Errorf("the nodes other than %s still name it the leader of %s", name, stream)
+		}
+		return name, err
+	})
+	if err != nil {
+		c.t.Fatalf("clustertest: stream %s has no leader without %s: %v", stream, c.nodes[i].name, err)
+	}
+	return c.Index(name)
+}
+
 // jsz is the part of a node's /jsz answer the leaders are read from.
 type jsz struct {
 	Meta *struct {
@@ -327,7 +347,12 @@ func (c *NATS) metaLeader(ctx context.Context) (string, error) {
 }
 
 func (c *NATS) streamLeader(ctx context.Context, stream string) (string, error) {
-	return c.agreed(ctx, "/jsz?accounts=true&streams=true", func(z *jsz) string {
+	return c.agreed(ctx, "/jsz?accounts=true&streams=true", streamLeaderOf(stream))
+}
+
+// streamLeaderOf reads the leader of stream from a /jsz answer.
+func streamLeaderOf(stream string) func(*jsz) string {
+	return func(z *jsz) string {
 		for _, a := range z.Accounts {
 			for _, s := range a.Streams {
 				if s.Name == stream && s.Cluster != nil {
@@ -336,7 +361,7 @@ func (c *NATS) streamLeader(ctx context.Context, stream string) (string, error) 
 			}
 		}
 		return ""
-	})
+	}
 }
 
 func (c *NATS) running(i int) bool {
@@ -349,8 +374,16 @@ func (c *NATS) running(i int) bool {
 // agreed reads path on every running node and returns the leader they all name, a node that
 // runs.
 func (c *NATS) agreed(ctx context.Context, path string, leader func(*jsz) string) (string, error) {
+	return c.agreedWithout(ctx, -1, path, leader)
+}
+
+// agreedWithout is agreed, not asking node skip.
+func (c *NATS) agreedWithout(ctx context.Context, skip int, path string, leader func(*jsz) string) (string, error) {
 	var got string
-	for _, n := range c.nodes {
+	for j, n := range c.nodes {
+		if j == skip {
+			continue
+		}
 		n.mu.Lock()
 		p := n.proc
 		n.mu.Unlock()
