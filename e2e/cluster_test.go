@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/json"
@@ -83,10 +84,17 @@ func TestCluster(t *testing.T) {
 				env: c.env, t: t, index: i + 1,
 				guests: map[string]*guestWant{}, vmPolicies: map[string]bool{}, noProbe: map[string]string{},
 			}
-			// Whatever the scenario did, the next one starts on a whole, healthy cluster.
-			t.Cleanup(func() { c.restore(t) })
+			// Whatever the scenario did, the next one starts on a whole, healthy cluster; a
+			// scenario that stopped short is restored by the cleanup.
+			restored := false
+			t.Cleanup(func() {
+				if !restored {
+					c.restore(t)
+				}
+			})
 			sc.run(s)
 			c.restore(t)
+			restored = true
 			// check then probe: the probe is the new migration that must commit after the fault.
 			bad := s.check()
 			bad = append(bad, s.probe()...)
@@ -405,6 +413,8 @@ func (c *cluster) brokerProcs() []*proc {
 // the keybrokers are ready and the broker API answers.
 func (c *cluster) restore(t testing.TB) {
 	t.Helper()
+	// Not t.Context(): a cleanup runs after it ends.
+	ctx := context.WithoutCancel(t.Context())
 	c.natsc.Restore()
 	c.vaultc.Restore()
 	for _, p := range c.kbs {
@@ -412,7 +422,7 @@ func (c *cluster) restore(t testing.TB) {
 			t.Logf("restarting %s", p.name)
 			c.restart(p)
 		}
-		c.waitKeybroker(t, p)
+		c.waitKeybrokerCtx(ctx, t, p)
 	}
 	for _, p := range c.brokerProcs() {
 		if !p.running() {
@@ -420,14 +430,23 @@ func (c *cluster) restore(t testing.TB) {
 			c.restart(p)
 		}
 	}
-	poll(t, "the broker API", func() (bool, string) {
-		_, err := c.demo.ListHosts(t.Context(), &broker.ListHostsRequest{})
+	err := pollErr(ctx, waitLimit, func() (bool, string) {
+		_, err := c.demo.ListHosts(ctx, &broker.ListHostsRequest{})
 		return err == nil, fmt.Sprint(err)
 	})
+	if err != nil {
+		t.Fatalf("waiting for the broker API: %v", err)
+	}
 }
 
 // waitKeybroker waits until the keybroker process p is ready (its /readyz).
 func (c *cluster) waitKeybroker(t testing.TB, p *proc) {
+	t.Helper()
+	c.waitKeybrokerCtx(t.Context(), t, p)
+}
+
+// waitKeybrokerCtx is waitKeybroker within ctx.
+func (c *cluster) waitKeybrokerCtx(ctx context.Context, t testing.TB, p *proc) {
 	t.Helper()
 	var addr string
 	for i, a := range p.args {
@@ -435,7 +454,7 @@ func (c *cluster) waitKeybroker(t testing.TB, p *proc) {
 			addr = p.args[i+1]
 		}
 	}
-	poll(t, p.name+" ready", func() (bool, string) {
+	err := pollErr(ctx, waitLimit, func() (bool, string) {
 		if !p.running() {
 			t.Fatalf("%s exited:\n%s", p.name, p.tail())
 		}
@@ -446,6 +465,9 @@ func (c *cluster) waitKeybroker(t testing.TB, p *proc) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK, resp.Status
 	})
+	if err != nil {
+		t.Fatalf("waiting for %s ready: %v", p.name, err)
+	}
 }
 
 // readAudit reads the audit events from the keybroker processes' logs (one JSON record each,
