@@ -340,7 +340,7 @@ func (b *Broker) Run(ctx context.Context) error {
 	// that wakes its driver; one that cannot be made yet is made again by watchMigrations.
 	watcher, err := b.watchAll(gctx)
 	if err != nil {
-		b.log.Warn("Watching the migrations failed; watching again", logKeyRetryIn, watchRetryMin, logKeyError, err)
+		b.log.Warn("Watching the migrations failed; watching again", logKeyError, err)
 	}
 	if err := b.nc.Flush(); err != nil {
 		return fmt.Errorf("flushing subscriptions: %w", err)
@@ -463,9 +463,9 @@ const (
 //
 // Its watch is an ordered consumer. nats.go makes it again after a gap or missed heartbeats,
 // but a cluster can end it (a recreation JetStream refuses closes it) or leave its creation
-// unanswered (a consumer placed on a node that just died): so each creation is bounded by
-// storeCallTimeout, and a watch that ends is made again, after a pause. The reconcile loop
-// drives every migration meanwhile, every CheckInterval.
+// unanswered (seen for a minute after a stream's leader was killed): so each creation is
+// bounded by storeCallTimeout, and a watch that ends is made again, after a pause. The
+// reconcile loop drives every migration meanwhile, every CheckInterval.
 func (b *Broker) watchMigrations(ctx context.Context, w jetstream.KeyWatcher) error {
 	pause := watchRetryMin
 	for {

@@ -537,9 +537,9 @@ func (e *env) migration(ctx context.Context, id string) (*broker.Migration, erro
 // watchMigration calls f with every version of migration id's record until f returns true,
 // and fails t after waitLimit.
 //
-// The watch is an ordered consumer, which a cluster can leave silent: its creation is not
-// answered when the consumer is placed on a node that just died, and its recreation after a
-// fault may fail for good. So each creation is bounded by watchCallTimeout, and the record is
+// The watch is an ordered consumer, which a cluster can leave silent: its creation may go
+// unanswered after a node was killed (seen for a minute), and its recreation after a fault
+// may fail for good. So each creation is bounded by watchCallTimeout, and the record is
 // also read every watchPollInterval: f sees every version while the watch works, and the
 // current one at least every watchPollInterval when it does not.
 func (e *env) watchMigration(t testing.TB, id string, f func(*broker.Migration) bool) *broker.Migration {
