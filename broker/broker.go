@@ -325,6 +325,7 @@ func (b *Broker) Run(ctx context.Context) error {
 		auditRetention:   b.cfg.AuditRetention,
 		archiveRetention: b.cfg.ArchiveRetention,
 		receiptRetention: b.cfg.ReceiptRetention,
+		log:              b.log,
 	})
 	if err != nil {
 		return err
@@ -352,12 +353,11 @@ func (b *Broker) Run(ctx context.Context) error {
 		_ = progressSub.Unsubscribe()
 		return err
 	}
-	watcher, err := st.migrations.WatchAll(gctx, jetstream.UpdatesOnly())
+	// The first watch is made before the broker says it runs, so that a record written after
+	// that wakes its driver; one that cannot be made yet is made again by watchMigrations.
+	watcher, err := b.watchAll(gctx)
 	if err != nil {
-		_ = svc.Stop()
-		_ = progressSub.Unsubscribe()
-		_ = heartbeats.Stop()
-		return fmt.Errorf("watching migrations: %w", err)
+		b.log.Warn("Watching the migrations failed; watching again", logKeyError, err)
 	}
 	if err := b.nc.Flush(); err != nil {
 		return fmt.Errorf("flushing subscriptions: %w", err)
@@ -369,7 +369,6 @@ func (b *Broker) Run(ctx context.Context) error {
 	g.Go(func() error { return b.reconcileLoop(gctx) })
 	g.Go(func() error {
 		<-gctx.Done()
-		_ = watcher.Stop()
 		_ = progressSub.Drain()
 		_ = heartbeats.Stop()
 		_ = svc.Stop()
@@ -469,15 +468,106 @@ func (b *Broker) holdLease(ctx context.Context, id string) {
 	}
 }
 
-// watchMigrations wakes the driver of every migration whose record changes.
+// Pauses before watching the migrations again: the first, doubled after each watch that
+// could not be made or ended at once, up to the last.
+const (
+	watchRetryMin = 100 * time.Millisecond
+	watchRetryMax = 5 * time.Second
+)
+
+// watchMigrations wakes the driver of every migration whose record changes, until ctx ends;
+// it follows w first, unless nil.
+//
+// Its watch is an ordered consumer. nats.go makes it again after a gap or missed heartbeats,
+// but a cluster can end it (a recreation JetStream refuses closes it) or leave its creation
+// unanswered (seen for a minute after a stream's leader was killed): so each creation is
+// bounded by storeCallTimeout, and a watch that ends is made again, after a pause. The
+// reconcile loop drives every migration meanwhile, every CheckInterval.
 func (b *Broker) watchMigrations(ctx context.Context, w jetstream.KeyWatcher) error {
+	pause := watchRetryMin
 	for {
+		var err error
+		if w == nil {
+			w, err = b.watchAll(ctx)
+		}
+		if w != nil {
+			began := time.Now()
+			b.followMigrations(ctx, w)
+			_ = w.Stop()
+			w, err = nil, errors.New("the watch ended")
+			if time.Since(began) > watchRetryMax {
+				pause = watchRetryMin
+			}
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		b.log.Warn("Watching the migrations failed; watching again", logKeyRetryIn, pause, logKeyError, err)
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, watchRetryMax)
+	}
+}
+
+// watchAll watches the migrations bucket for new versions until ctx ends or the watch is
+// stopped, waiting storeCallTimeout at most for its creation. The watch lives as long as the
+// context its creation is given, so that context is not the bounded one: a creation not
+// answered in time is cancelled through it.
+func (b *Broker) watchAll(ctx context.Context) (jetstream.KeyWatcher, error) {
+	wctx, cancel := context.WithCancel(ctx)
+	type made struct {
+		w   jetstream.KeyWatcher
+		err error
+	}
+	ch := make(chan made, 1)
+	go func() {
+		w, err := b.store.migrations.WatchAll(wctx, jetstream.UpdatesOnly())
+		ch <- made{w, err}
+	}()
+	t := time.NewTimer(storeCallTimeout)
+	defer t.Stop()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			cancel()
+			return nil, r.err
+		}
+		return &cancelWatcher{KeyWatcher: r.w, cancel: cancel}, nil
+	case <-t.C:
+		cancel()
+		go func() {
+			if r := <-ch; r.w != nil {
+				_ = r.w.Stop()
+			}
+		}()
+		return nil, fmt.Errorf("watching the migrations: %w: no answer within %v", ErrUnavailable, storeCallTimeout)
+	}
+}
+
+// cancelWatcher is a watch that also cancels the context it lives by when stopped.
+type cancelWatcher struct {
+	jetstream.KeyWatcher
+	cancel context.CancelFunc
+}
+
+func (w *cancelWatcher) Stop() error {
+	defer w.cancel()
+	return w.KeyWatcher.Stop()
+}
+
+// followMigrations wakes the driver of every migration whose record w delivers, until ctx or
+// w ends.
+func (b *Broker) followMigrations(ctx context.Context, w jetstream.KeyWatcher) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
 		case e, ok := <-w.Updates():
 			if !ok {
-				return nil
+				return
 			}
 			if e == nil || e.Operation() != jetstream.KeyValuePut {
 				continue

@@ -18,6 +18,10 @@ const (
 	logKeyEpoch     = "epoch"
 	logKeySubject   = "subject"
 	logKeyReply     = "reply"
+	logKeyStream    = "stream"
+	logKeyTry       = "try"
+	// logKeyRetryIn is the pause before the next try.
+	logKeyRetryIn = "retry_in"
 	// logKeyNext is the destination a migration falls back to.
 	logKeyNext = "next"
 )

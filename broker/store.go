@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
@@ -55,6 +56,74 @@ type storeConfig struct {
 	// buckets; zero keeps their records for ever.
 	archiveRetention time.Duration
 	receiptRetention time.Duration
+	// log reports each creation of a stream tried again; nil logs nothing.
+	log *slog.Logger
+}
+
+// Pauses between two tries of a stream's creation: the first, doubled after each try up to
+// the last. The first try waits createFirstWait for JetStream's answer, each next one twice
+// as long up to storeCallTimeout: a creation takes milliseconds, and one left unanswered
+// (see createStream) is done when tried again.
+const (
+	createRetryMin  = 100 * time.Millisecond
+	createRetryMax  = 2 * time.Second
+	createFirstWait = time.Second
+)
+
+// openBucket opens bucket, just created, trying again while ctx lives when JetStream does not
+// answer in time or does not know it yet: the node that answers may not have learnt of a
+// stream another broker's creation made.
+func openBucket(ctx context.Context, js jetstream.JetStream, bucket string, log *slog.Logger) (jetstream.KeyValue, error) {
+	var kv jetstream.KeyValue
+	err := retryStore(ctx, log, "KV_"+bucket, func(ctx context.Context) (err error) {
+		kv, err = js.KeyValue(ctx, bucket)
+		return err
+	}, func(err error) bool {
+		return storeUnavailable(err) || errors.Is(err, jetstream.ErrBucketNotFound) || errors.Is(err, jetstream.ErrStreamNotFound)
+	})
+	return kv, err
+}
+
+// createStream creates stream cfg, or updates it to cfg, trying again while ctx lives when
+// JetStream does not answer in time (see createFirstWait) or says the stream is in
+// use. Two brokers starting together create the same clustered streams at once, and
+// nats-server may answer neither creation (nats-server issue #3677), or one broker's update
+// may find the stream the other one is creating: the stream exists once one creation went
+// through, and the next try finds it and updates it to the same configuration.
+func createStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig, log *slog.Logger) error {
+	return retryStore(ctx, log, cfg.Name, func(ctx context.Context) error {
+		_, err := js.CreateOrUpdateStream(ctx, cfg)
+		return err
+	}, func(err error) bool {
+		return storeUnavailable(err) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse)
+	})
+}
+
+// retryStore calls f until it succeeds, or fails with an error again does not accept, or ctx
+// ends; each try waits createFirstWait for JetStream, twice as long as the one before up to
+// storeCallTimeout, and each failure is logged with stream, the stream f works on.
+func retryStore(ctx context.Context, log *slog.Logger, stream string, f func(context.Context) error, again func(error) bool) error {
+	pause, wait := createRetryMin, createFirstWait
+	for try := 1; ; try++ {
+		tctx, cancel := context.WithTimeout(ctx, wait)
+		err := f(tctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil || !again(err) {
+			return err
+		}
+		if log != nil {
+			log.Warn("Creating or opening a stream failed; trying again", logKeyStream, stream, logKeyTry, try, logKeyRetryIn, pause, logKeyError, err)
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(pause):
+		}
+		pause, wait = min(2*pause, createRetryMax), min(2*wait, storeCallTimeout)
+	}
 }
 
 // openStore creates (or updates) the buckets and the events stream and returns handles on them.
@@ -83,29 +152,29 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 	for _, b := range buckets {
 		b.cfg.Replicas = cfg.replicas
 		b.cfg.Storage = jetstream.FileStorage
-		if _, err := js.CreateOrUpdateStream(ctx, storeStreamConfig(b.cfg)); err != nil {
+		if err := createStream(ctx, js, storeStreamConfig(b.cfg), cfg.log); err != nil {
 			return nil, fmt.Errorf("creating bucket %s: %w", b.cfg.Bucket, err)
 		}
-		kv, err := js.KeyValue(ctx, b.cfg.Bucket)
+		kv, err := openBucket(ctx, js, b.cfg.Bucket, cfg.log)
 		if err != nil {
 			return nil, fmt.Errorf("opening bucket %s: %w", b.cfg.Bucket, err)
 		}
 		*b.kv = kv
 	}
-	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	err := createStream(ctx, js, jetstream.StreamConfig{
 		Name:        EventsStream,
 		Description: "Lethe migration events: transitions, progress, audit",
 		Subjects:    []string{EventsSubjectPrefix + ".>"},
 		MaxAge:      cfg.eventsRetention,
 		Storage:     jetstream.FileStorage,
 		Replicas:    cfg.replicas,
-	})
+	}, cfg.log)
 	if err != nil {
 		return nil, fmt.Errorf("creating stream %s: %w", EventsStream, err)
 	}
 	// The audit stream refuses message deletes and purges, even to the broker: records leave
 	// it by age alone.
-	_, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	err = createStream(ctx, js, jetstream.StreamConfig{
 		Name:         AuditStream,
 		Description:  "Lethe audit records of the broker and the keybroker (docs/audit.md)",
 		Subjects:     []string{natsauth.AuditSubjectPrefix + ".>"},
@@ -115,7 +184,7 @@ func openStore(ctx context.Context, js jetstream.JetStream, cfg storeConfig) (*s
 		DenyPurge:    true,
 		Storage:      jetstream.FileStorage,
 		Replicas:     cfg.replicas,
-	})
+	}, cfg.log)
 	if err != nil {
 		return nil, fmt.Errorf("creating stream %s: %w", AuditStream, err)
 	}

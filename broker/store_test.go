@@ -176,3 +176,27 @@ func TestListHostsUnderHeartbeats(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestOpenStoreConcurrently opens the store of two brokers at once on a three-node cluster,
+// each connected to a different node, as two brokers starting together do: both must open
+// it, though nats-server may answer neither of two concurrent creations of one clustered
+// stream.
+func TestOpenStoreConcurrently(t *testing.T) {
+	c := natstest.StartCluster(t, 3, natstest.Options{})
+	errs := make(chan error, 2)
+	for i := range 2 {
+		js, err := jetstream.New(c.Nodes[i].Connect(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			_, err := openStore(t.Context(), js, storeConfig{replicas: 3, hostTTL: time.Minute, eventsRetention: time.Hour, auditRetention: time.Hour})
+			errs <- err
+		}()
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Errorf("opening the store: %v", err)
+		}
+	}
+}

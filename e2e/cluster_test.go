@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/json"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -82,7 +84,17 @@ func TestCluster(t *testing.T) {
 				env: c.env, t: t, index: i + 1,
 				guests: map[string]*guestWant{}, vmPolicies: map[string]bool{}, noProbe: map[string]string{},
 			}
+			// Whatever the scenario did, the next one starts on a whole, healthy cluster; a
+			// scenario that stopped short is restored by the cleanup.
+			restored := false
+			t.Cleanup(func() {
+				if !restored {
+					c.restore(t)
+				}
+			})
 			sc.run(s)
+			c.restore(t)
+			restored = true
 			// check then probe: the probe is the new migration that must commit after the fault.
 			bad := s.check()
 			bad = append(bad, s.probe()...)
@@ -122,19 +134,23 @@ func killMetaLeader(fc *faultCtx) func() {
 	}
 }
 
-// partitionStreamLeader cuts the leader of the migrations stream off from the other nodes;
-// its clients stay connected to it.
+// partitionStreamLeader cuts the leader of the migrations stream off from the other nodes
+// while the migration transfers; its clients stay connected to it. The partition lasts until
+// the other two nodes elected a new leader of the stream: agents and brokers connected to the
+// cut node are unreachable meanwhile, and the migration must go on once it is healed, without
+// a write of the stale leader's side.
 func partitionStreamLeader(fc *faultCtx) func() {
 	c := clusterOf(fc.s)
 	i := c.natsc.StreamLeader(migrationsStream)
 	fc.s.t.Logf("partitioning NATS node %s, leader of %s", c.natsc.Name(i), migrationsStream)
 	c.natsc.Partition(i)
 	fc.s.t.Cleanup(func() { c.natsc.Heal(i) })
+	j := c.natsc.StreamLeaderWithout(migrationsStream, i)
+	fc.s.t.Logf("NATS node %s leads %s without %s; healing", c.natsc.Name(j), migrationsStream, c.natsc.Name(i))
+	c.natsc.Heal(i)
 	fc.wantOutcome = broker.OutcomeErased
 	return func() {
 		fc.s.end(fc.id)
-		c.natsc.Heal(i)
-		c.natsc.StreamLeader(migrationsStream)
 	}
 }
 
@@ -154,21 +170,81 @@ func loseQuorum(fc *faultCtx) func() {
 	}
 }
 
-// killKeybrokerAtRelease kills one keybroker process as the broker asks for the keys' release;
-// the other one serves the broker's retry.
+// killKeybrokerAtRelease kills one keybroker process the moment the broker asks for the
+// keys' release: a copy of the request, on the keybroker API's subject, is the signal. When
+// the killed keybroker was the one serving it, the broker gets no answer and runs the step
+// again (new nonces, new evidence), which the other keybroker serves; when it was the other,
+// the release completes. Either way the migration must commit. The queue group picks the
+// keybroker, so the scenario migrates the guest again, to a new destination, until a second
+// release request shows that the killed keybroker held the first, up to releaseKillTries
+// times.
 func killKeybrokerAtRelease(s *scn) {
 	c := clusterOf(s)
 	vm := s.vm("g")
-	a, b := s.agent(snp(snpBase, vm)), s.agent(snp(snpHigher))
-	s.adopt(vm, a)
-	id := s.migrate(vm, b)
-	s.phase(id, broker.PhaseAttesting)
-	c.kbs[0].kill()
-	m := s.requireEnd(id, vm, broker.OutcomeErased, a, b)
-	s.outcome = m.Outcome
-	c.restart(c.kbs[0])
-	c.waitKeybroker(s.t, c.kbs[0])
+	src := s.agent(snp(snpBase, vm))
+	s.adopt(vm, src)
+
+	nc := s.connect("keybroker", natsauth.InboxPrefix(natsauth.RoleKeybroker, ""))
+	defer nc.Close()
+	var mu sync.Mutex
+	requests := 0
+	killed := make(chan struct{}, 1)
+	sub, err := nc.Subscribe(kbwire.SubjectPrefix+"."+kbwire.OpRelease, func(msg *nats.Msg) {
+		var req struct {
+			VM string `json:"vm"`
+		}
+		if json.Unmarshal(msg.Data, &req) != nil || req.VM != vm {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if requests++; requests == 1 {
+			c.kbs[0].kill()
+			killed <- struct{}{}
+		}
+	})
+	if err != nil {
+		s.t.Fatalf("watching the release requests: %v", err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.Flush(); err != nil {
+		s.t.Fatal(err)
+	}
+	for try := 1; ; try++ {
+		mu.Lock()
+		requests = 0
+		mu.Unlock()
+		dst := s.agent(snp(snpHigher))
+		id := s.migrate(vm, dst)
+		select {
+		case <-killed:
+		case <-time.After(waitLimit):
+			s.t.Fatal("the broker asked for no release")
+		}
+		m := s.requireEnd(id, vm, broker.OutcomeErased, src, dst)
+		s.outcome = m.Outcome
+		mu.Lock()
+		n := requests
+		mu.Unlock()
+		if n > 1 {
+			s.t.Logf("try %d: %s held the release request of %s; the broker asked %d times", try, c.kbs[0].name, id, n)
+			s.outcome += fmt.Sprintf(" (the killed keybroker held the release; %d requests)", n)
+			return
+		}
+		s.t.Logf("try %d: %s was killed at the release request of %s, which the other keybroker held", try, c.kbs[0].name, id)
+		if try == releaseKillTries {
+			s.outcome += fmt.Sprintf(" (the other keybroker held the release %d times)", try)
+			return
+		}
+		c.restart(c.kbs[0])
+		c.waitKeybroker(s.t, c.kbs[0])
+		src = dst
+	}
 }
+
+// releaseKillTries bounds the migrations of killKeybrokerAtRelease: the killed keybroker
+// holds the release in one of two, so it holds none of them once in 64.
+const releaseKillTries = 6
 
 // killKeybrokerAtDestroy kills one keybroker process as the migration commits, when the
 // broker asks for the migration key's destruction.
@@ -237,7 +313,7 @@ func newCluster(t *testing.T) *cluster {
 		{Role: natsauth.RoleTenant, Name: demoTenant, Password: e.password("tenant-" + demoTenant)},
 		{Role: natsauth.RoleOperator, Password: e.password("operator")},
 	}
-	for i := range 40 {
+	for i := range 60 {
 		h := fmt.Sprintf("h%03d", i+1)
 		e.hosts = append(e.hosts, h)
 		users = append(users, natsauth.User{Role: natsauth.RoleAgent, Name: h, Password: e.password("agent-" + h)})
@@ -315,12 +391,10 @@ func newCluster(t *testing.T) *cluster {
 		t.Fatalf("registering tenant %s: %v", demoTenant, err)
 	}
 
-	// One broker first, the second once the buckets exist: two brokers creating the same R3
-	// buckets at once both time out (nats-server answers neither of two concurrent creations
-	// of one clustered stream), and a broker exits when it cannot open its store.
+	// Both brokers at once: each creates the R3 buckets.
 	c.startBroker("broker-1")
-	e.waitBuckets()
 	c.startBroker("broker-2")
+	e.waitBuckets()
 
 	y, err := os.ReadFile("../examples/policies/ci-emulated.yaml")
 	if err != nil {
@@ -361,8 +435,46 @@ func (c *cluster) brokerProcs() []*proc {
 	return ps
 }
 
+// restore undoes what a scenario did: it heals the NATS partitions, starts every NATS node,
+// Vault node, keybroker and broker that does not run, and waits until the NATS cluster is
+// healthy (a meta leader, every stream led with its replicas current), Vault has a leader,
+// the keybrokers are ready and the broker API answers.
+func (c *cluster) restore(t testing.TB) {
+	t.Helper()
+	// Not t.Context(): a cleanup runs after it ends.
+	ctx := context.WithoutCancel(t.Context())
+	c.natsc.Restore()
+	c.vaultc.Restore()
+	for _, p := range c.kbs {
+		if !p.running() {
+			t.Logf("restarting %s", p.name)
+			c.restart(p)
+		}
+		c.waitKeybrokerCtx(ctx, t, p)
+	}
+	for _, p := range c.brokerProcs() {
+		if !p.running() {
+			t.Logf("restarting %s", p.name)
+			c.restart(p)
+		}
+	}
+	err := pollErr(ctx, waitLimit, func() (bool, string) {
+		_, err := c.demo.ListHosts(ctx, &broker.ListHostsRequest{})
+		return err == nil, fmt.Sprint(err)
+	})
+	if err != nil {
+		t.Fatalf("waiting for the broker API: %v", err)
+	}
+}
+
 // waitKeybroker waits until the keybroker process p is ready (its /readyz).
 func (c *cluster) waitKeybroker(t testing.TB, p *proc) {
+	t.Helper()
+	c.waitKeybrokerCtx(t.Context(), t, p)
+}
+
+// waitKeybrokerCtx is waitKeybroker within ctx.
+func (c *cluster) waitKeybrokerCtx(ctx context.Context, t testing.TB, p *proc) {
 	t.Helper()
 	var addr string
 	for i, a := range p.args {
@@ -370,7 +482,7 @@ func (c *cluster) waitKeybroker(t testing.TB, p *proc) {
 			addr = p.args[i+1]
 		}
 	}
-	poll(t, p.name+" ready", func() (bool, string) {
+	err := pollErr(ctx, waitLimit, func() (bool, string) {
 		if !p.running() {
 			t.Fatalf("%s exited:\n%s", p.name, p.tail())
 		}
@@ -381,6 +493,9 @@ func (c *cluster) waitKeybroker(t testing.TB, p *proc) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK, resp.Status
 	})
+	if err != nil {
+		t.Fatalf("waiting for %s ready: %v", p.name, err)
+	}
 }
 
 // readAudit reads the audit events from the keybroker processes' logs (one JSON record each,

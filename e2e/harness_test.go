@@ -536,49 +536,130 @@ func (e *env) migration(ctx context.Context, id string) (*broker.Migration, erro
 
 // watchMigration calls f with every version of migration id's record until f returns true,
 // and fails t after waitLimit.
+//
+// The watch is an ordered consumer, which a cluster can leave silent: its creation may go
+// unanswered after a node was killed (seen for a minute), and its recreation after a fault
+// may fail for good. So each creation is bounded by watchCallTimeout, and the record is
+// also read every watchPollInterval: f sees every version while the watch works, and the
+// current one at least every watchPollInterval when it does not.
 func (e *env) watchMigration(t testing.TB, id string, f func(*broker.Migration) bool) *broker.Migration {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), waitLimit)
 	defer cancel()
 	var last *broker.Migration
+	var rev uint64
+	see := func(entry jetstream.KeyValueEntry) *broker.Migration {
+		var m broker.Migration
+		if entry.Revision() <= rev || json.Unmarshal(entry.Value(), &m) != nil {
+			return nil
+		}
+		rev, last = entry.Revision(), &m
+		if f(&m) {
+			return &m
+		}
+		return nil
+	}
 	for {
-		kv, err := e.js.KeyValue(ctx, broker.MigrationsBucket)
-		if err == nil {
-			var w jetstream.KeyWatcher
-			if w, err = kv.Watch(ctx, id); err == nil {
-				if m := e.follow(ctx, w, &last, f); m != nil {
-					return m
-				}
+		if kv, err := e.bucket(ctx, broker.MigrationsBucket); err == nil {
+			wctx, wcancel := context.WithCancel(ctx)
+			w := watchKey(wctx, kv, id)
+			m := e.follow(ctx, kv, id, w, see)
+			wcancel()
+			if m != nil {
+				return m
 			}
 		}
 		if ctx.Err() != nil {
 			b, _ := json.Marshal(last)
 			t.Fatalf("migration %s: condition not met within %v; last record %s", id, waitLimit, b)
 		}
-		// The watch ended (NATS restarted): watch again.
+		// The watch could not be made, or ended (NATS restarted): watch again.
+		select {
+		case <-ctx.Done():
+		case <-time.After(watchPollInterval):
+		}
 	}
 }
 
-func (e *env) follow(ctx context.Context, w jetstream.KeyWatcher, last **broker.Migration, f func(*broker.Migration) bool) *broker.Migration {
-	defer w.Stop()
+const (
+	// watchCallTimeout bounds the creation of a watch and each read of a record.
+	watchCallTimeout = 5 * time.Second
+	// watchPollInterval is how often watchMigration reads the record beside its watch.
+	watchPollInterval = time.Second
+)
+
+// watchKey watches key of kv until ctx ends, or returns nil if the watch is not made within
+// watchCallTimeout. The watch lives as long as the context its creation is given, so that
+// context is not the bounded one: the caller cancels ctx, which also cancels a creation left
+// unanswered.
+func watchKey(ctx context.Context, kv jetstream.KeyValue, key string) jetstream.KeyWatcher {
+	ch := make(chan jetstream.KeyWatcher, 1)
+	go func() {
+		w, err := kv.Watch(ctx, key)
+		if err != nil {
+			w = nil
+		}
+		ch <- w
+	}()
+	select {
+	case w := <-ch:
+		return w
+	case <-time.After(watchCallTimeout):
+		return nil
+	}
+}
+
+// bucket opens bucket, within watchCallTimeout.
+func (e *env) bucket(ctx context.Context, bucket string) (jetstream.KeyValue, error) {
+	ctx, cancel := context.WithTimeout(ctx, watchCallTimeout)
+	defer cancel()
+	return e.js.KeyValue(ctx, bucket)
+}
+
+// follow passes to see each version of key that w (nil: none) delivers, and the current one
+// every watchPollInterval, until see returns a record, ctx ends, w ends, or ten reads in a row
+// find a version the watch has not delivered.
+func (e *env) follow(ctx context.Context, kv jetstream.KeyValue, key string, w jetstream.KeyWatcher, see func(jetstream.KeyValueEntry) *broker.Migration) *broker.Migration {
+	var updates <-chan jetstream.KeyValueEntry
+	if w != nil {
+		defer w.Stop()
+		updates = w.Updates()
+	}
+	tick := time.NewTicker(watchPollInterval)
+	defer tick.Stop()
+	// stale counts the reads in a row that found a version newer than the watch delivered.
+	var watched uint64
+	stale := 0
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case entry, ok := <-w.Updates():
+		case entry, ok := <-updates:
 			if !ok {
 				return nil
 			}
 			if entry == nil || entry.Operation() != jetstream.KeyValuePut {
 				continue
 			}
-			var m broker.Migration
-			if json.Unmarshal(entry.Value(), &m) != nil {
+			watched, stale = entry.Revision(), 0
+			if m := see(entry); m != nil {
+				return m
+			}
+		case <-tick.C:
+			rctx, cancel := context.WithTimeout(ctx, watchCallTimeout)
+			entry, err := kv.Get(rctx, key)
+			cancel()
+			if err != nil {
 				continue
 			}
-			*last = &m
-			if f(&m) {
-				return &m
+			if m := see(entry); m != nil {
+				return m
+			}
+			if entry.Revision() > watched {
+				stale++
+			}
+			if w == nil || stale >= 10 {
+				return nil
 			}
 		}
 	}

@@ -107,7 +107,12 @@ func put(t *testing.T, kv jetstream.KeyValue, key, value string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
-	if _, err := waitFor(ctx, func(ctx context.Context) (uint64, error) { return kv.Put(ctx, key, []byte(value)) }); err != nil {
+	// Each try is bounded: a write sent just as a partition heals may never be acknowledged.
+	if _, err := waitFor(ctx, func(ctx context.Context) (uint64, error) {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		return kv.Put(ctx, key, []byte(value))
+	}); err != nil {
 		t.Fatalf("writing %s: %v", key, err)
 	}
 }

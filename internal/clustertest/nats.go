@@ -296,6 +296,26 @@ func (c *NATS) StreamLeader(stream string) int {
 	return c.Index(name)
 }
 
+// StreamLeaderWithout returns the index of the leader of stream that the nodes other than
+// node i agree on, a node other than i, waiting up to a minute; it fails the test when there
+// is none. With node i partitioned, it is the leader the majority elected.
+func (c *NATS) StreamLeaderWithout(stream string, i int) int {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(c.t.Context(), startLimit)
+	defer cancel()
+	name, err := waitFor(ctx, func(ctx context.Context) (string, error) {
+		name, err := c.agreedWithout(ctx, i, "/jsz?accounts=true&streams=true", streamLeaderOf(stream))
+		if err == nil && name == c.nodes[i].name {
+			return "", fmt.Errorf("the nodes other than %s still name it the leader of %s", name, stream)
+		}
+		return name, err
+	})
+	if err != nil {
+		c.t.Fatalf("clustertest: stream %s has no leader without %s: %v", stream, c.nodes[i].name, err)
+	}
+	return c.Index(name)
+}
+
 // jsz is the part of a node's /jsz answer the leaders are read from.
 type jsz struct {
 	Meta *struct {
@@ -305,7 +325,11 @@ type jsz struct {
 		Streams []struct {
 			Name    string `json:"name"`
 			Cluster *struct {
-				Leader string `json:"leader"`
+				Leader   string `json:"leader"`
+				Replicas []struct {
+					Name    string `json:"name"`
+					Current bool   `json:"current"`
+				} `json:"replicas"`
 			} `json:"cluster"`
 		} `json:"stream_detail"`
 	} `json:"account_details"`
@@ -323,7 +347,12 @@ func (c *NATS) metaLeader(ctx context.Context) (string, error) {
 }
 
 func (c *NATS) streamLeader(ctx context.Context, stream string) (string, error) {
-	return c.agreed(ctx, "/jsz?accounts=true&streams=true", func(z *jsz) string {
+	return c.agreed(ctx, "/jsz?accounts=true&streams=true", streamLeaderOf(stream))
+}
+
+// streamLeaderOf reads the leader of stream from a /jsz answer.
+func streamLeaderOf(stream string) func(*jsz) string {
+	return func(z *jsz) string {
 		for _, a := range z.Accounts {
 			for _, s := range a.Streams {
 				if s.Name == stream && s.Cluster != nil {
@@ -332,7 +361,7 @@ func (c *NATS) streamLeader(ctx context.Context, stream string) (string, error) 
 			}
 		}
 		return ""
-	})
+	}
 }
 
 func (c *NATS) running(i int) bool {
@@ -345,8 +374,16 @@ func (c *NATS) running(i int) bool {
 // agreed reads path on every running node and returns the leader they all name, a node that
 // runs.
 func (c *NATS) agreed(ctx context.Context, path string, leader func(*jsz) string) (string, error) {
+	return c.agreedWithout(ctx, -1, path, leader)
+}
+
+// agreedWithout is agreed, not asking node skip.
+func (c *NATS) agreedWithout(ctx context.Context, skip int, path string, leader func(*jsz) string) (string, error) {
 	var got string
-	for _, n := range c.nodes {
+	for j, n := range c.nodes {
+		if j == skip {
+			continue
+		}
 		n.mu.Lock()
 		p := n.proc
 		n.mu.Unlock()
@@ -402,14 +439,19 @@ func getJSON(ctx context.Context, url string, v any) error {
 func waitFor[T any](ctx context.Context, f func(context.Context) (T, error)) (T, error) {
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
+	var last error
 	for {
 		v, err := f(ctx)
 		if err == nil {
 			return v, nil
 		}
+		// The try that ctx's end cut short says less than the one before it.
+		if ctx.Err() == nil || last == nil {
+			last = err
+		}
 		select {
 		case <-ctx.Done():
-			return v, fmt.Errorf("%w (last: %v)", ctx.Err(), err)
+			return v, fmt.Errorf("%w (last: %v)", ctx.Err(), last)
 		case <-tick.C:
 		}
 	}
@@ -446,4 +488,80 @@ func (c *NATS) Logs(i int) string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.proc.tail()
+}
+
+// Running reports whether node i's process runs.
+func (c *NATS) Running(i int) bool { return c.running(i) }
+
+// Restore undoes the faults a test made: it heals every partition, starts every node that
+// does not run, and waits until the cluster is healthy (see WaitHealthy).
+func (c *NATS) Restore() {
+	c.t.Helper()
+	for i := range c.nodes {
+		c.Heal(i)
+	}
+	for i := range c.nodes {
+		if !c.running(i) {
+			c.startNode(i)
+		}
+	}
+	c.WaitHealthy()
+}
+
+// WaitHealthy waits until every node runs and answers its health check, the nodes agree on a
+// meta leader, and every stream has a leader and every replica current; it fails the test if
+// that does not happen within a minute.
+func (c *NATS) WaitHealthy() {
+	c.t.Helper()
+	for i := range c.nodes {
+		c.waitHealthy(i)
+	}
+	ctx, cancel := context.WithTimeout(c.t.Context(), startLimit)
+	defer cancel()
+	if _, err := waitFor(ctx, c.healthy); err != nil {
+		c.t.Fatalf("clustertest: NATS cluster not healthy: %v", err)
+	}
+}
+
+// healthy checks the meta leader, and each stream's leader on every node and its replicas on
+// its leader.
+func (c *NATS) healthy(ctx context.Context) (struct{}, error) {
+	if _, err := c.metaLeader(ctx); err != nil {
+		return struct{}{}, err
+	}
+	// led is every stream seen by its leader; seen, every stream.
+	led, seen := map[string]bool{}, map[string]bool{}
+	for _, n := range c.nodes {
+		var z jsz
+		if err := getJSON(ctx, fmt.Sprintf("http://%s/jsz?accounts=true&streams=true", hostPort(n.http)), &z); err != nil {
+			return struct{}{}, fmt.Errorf("%s: %w", n.name, err)
+		}
+		for _, a := range z.Accounts {
+			for _, s := range a.Streams {
+				if s.Cluster == nil {
+					continue
+				}
+				seen[s.Name] = true
+				if s.Cluster.Leader == "" {
+					return struct{}{}, fmt.Errorf("%s: stream %s has no leader", n.name, s.Name)
+				}
+				// Only the leader tracks its followers: another node's view of them is stale.
+				if s.Cluster.Leader != n.name {
+					continue
+				}
+				led[s.Name] = true
+				for _, r := range s.Cluster.Replicas {
+					if !r.Current {
+						return struct{}{}, fmt.Errorf("%s: stream %s's replica on %s is not current", n.name, s.Name, r.Name)
+					}
+				}
+			}
+		}
+	}
+	for name := range seen {
+		if !led[name] {
+			return struct{}{}, fmt.Errorf("stream %s: its leader does not report it", name)
+		}
+	}
+	return struct{}{}, nil
 }

@@ -365,3 +365,15 @@ func (v *VaultHA) leader(ctx context.Context) (int, error) {
 	}
 	return got, nil
 }
+
+// Restore starts every node that does not run, unseals it, and waits until the cluster has a
+// leader.
+func (v *VaultHA) Restore() {
+	v.t.Helper()
+	for i := range v.nodes {
+		if !v.running(i) {
+			v.Restart(i)
+		}
+	}
+	v.Leader()
+}
