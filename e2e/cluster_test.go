@@ -276,7 +276,7 @@ func killVaultLeader(fc *faultCtx) func() {
 
 // newCluster starts the clusters, two keybroker and two broker processes, registers the
 // tenants and applies the base policy.
-func newCluster(t *testing.T) *cluster {
+func newCluster(t testing.TB) *cluster {
 	t.Helper()
 	ctx := t.Context()
 	e := &env{

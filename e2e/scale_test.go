@@ -26,6 +26,8 @@ var scaleStacks = []struct {
 	start func(testing.TB) *env
 }{
 	{"single", func(tb testing.TB) *env { return withScaleBrokers(newEnv(tb)) }},
+	// Three nats-server processes with R3 buckets, Vault HA, two keybroker processes.
+	{"cluster", func(tb testing.TB) *env { return withScaleBrokers(newCluster(tb).env) }},
 }
 
 // scaleLevels are the numbers of migrations BenchmarkScale starts at once.
@@ -53,7 +55,7 @@ const (
 // starved of CPU for 4 s would count as lost. (A level's destinations are named, so hosts of
 // an earlier level that still count as live for the longer TTL take no part.)
 var scaleBrokerFlags = []string{
-	"--lease", "60s", "--check-interval", "1s", "--agent-timeout", "30s",
+	"--lease", "15s", "--check-interval", "1s", "--agent-timeout", "30s",
 	"--start-timeout", "120s", "--progress-timeout", "150s", "--host-ttl", "30s",
 }
 
