@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"time"
 
@@ -16,7 +17,9 @@ import (
 // A migration leaves Requested only when its source and its destination each have a place
 // for it: a host has hostLimit places (Config.MaxMigrationsPerHost, lowered to what the
 // host's agent states it takes, agentapi.HostRecord.MaxMigrations), and each admitted
-// migration holds one on both of its hosts until it ends. Until then it waits in Requested,
+// migration holds one on both of its hosts until it ends; one tenant's migrations hold at most
+// Config.TenantShare of a host's places, so that a tenant naming a host for many of its guests
+// leaves places there for the others. Until then it waits in Requested,
 // its record saying why (Migration.Waiting), for at most Timeouts.Queue; its start timeout
 // counts from its admission (Migration.Admitted). An agent refuses a migration beyond its own
 // limit, and that refusal aborts the migration: admission is what keeps brokers below it.
@@ -40,7 +43,7 @@ import (
 const slotPrefix = "slot."
 
 // defaultMaxMigrationsPerHost is Config.MaxMigrationsPerHost's default.
-const defaultMaxMigrationsPerHost = 32
+const defaultMaxMigrationsPerHost = 64
 
 // waitingNews is how often, at most, a waiting migration's record is rewritten to say what it
 // waits for now.
@@ -55,6 +58,14 @@ type hostSlots struct {
 	Host string `json:"host"`
 	// Migrations are the migrations holding a place on the host, each with when it took it.
 	Migrations map[string]time.Time `json:"migrations"`
+	// Tenants are the tenants of the migrations holding a place, by migration id.
+	Tenants map[string]string `json:"tenants,omitempty"`
+}
+
+// tenantShare is how many of a host's limit places one tenant's migrations may hold:
+// Config.TenantShare of them, rounded up.
+func (b *Broker) tenantShare(limit int) int {
+	return int(math.Ceil(float64(limit) * b.cfg.TenantShare))
 }
 
 // hostLimit returns how many migrations host takes part in at once: the broker's limit,
@@ -86,8 +97,11 @@ func (b *Broker) stepAdmit(ctx context.Context, m *Migration) error {
 		}
 	}
 	for i, h := range hosts {
-		n, took, err := b.takeSlot(ctx, h, m.ID, limits[i])
-		if err == nil && !took {
+		n, mine, took, err := b.takeSlot(ctx, h, m.ID, m.Tenant, limits[i])
+		switch {
+		case err == nil && !took && n < limits[i]:
+			err = b.wait(ctx, m, fmt.Sprintf("waiting: tenant %s has %d migrations in flight on host %s, the most one tenant has there", m.Tenant, mine, h))
+		case err == nil && !took:
 			err = b.wait(ctx, m, fmt.Sprintf("waiting: host %s has %d migrations in flight, the most it takes", h, n))
 		}
 		if err != nil {
@@ -199,23 +213,33 @@ func (b *Broker) changeSlots(ctx context.Context, host string, change func(*host
 	}
 }
 
-// takeSlot takes a place on host for migration id if fewer than limit are held (limit < 0:
-// whatever the count). It reports how many were held and whether id holds one now.
-func (b *Broker) takeSlot(ctx context.Context, host, id string, limit int) (int, bool, error) {
-	held, took := 0, false
+// takeSlot takes a place on host for migration id of tenant if fewer than limit are held and
+// tenant holds fewer than b.tenantShare(limit) (limit < 0: whatever the counts). It reports how
+// many were held, how many by tenant, and whether id holds one now.
+func (b *Broker) takeSlot(ctx context.Context, host, id, tenant string, limit int) (int, int, bool, error) {
+	held, mine, took := 0, 0, false
 	err := b.changeSlots(ctx, host, func(s *hostSlots) bool {
-		held = len(s.Migrations)
+		held, mine = len(s.Migrations), 0
 		if _, ok := s.Migrations[id]; ok {
 			took = true
 			return false
 		}
-		took = limit < 0 || held < limit
+		for other := range s.Migrations {
+			if s.Tenants[other] == tenant {
+				mine++
+			}
+		}
+		took = limit < 0 || held < limit && mine < b.tenantShare(limit)
 		if took {
 			s.Migrations[id] = b.now()
+			if s.Tenants == nil {
+				s.Tenants = map[string]string{}
+			}
+			s.Tenants[id] = tenant
 		}
 		return took
 	})
-	return held, took && err == nil, err
+	return held, mine, took && err == nil, err
 }
 
 // giveSlot gives migration id's place on host back and wakes a migration waiting for it. A
@@ -225,6 +249,7 @@ func (b *Broker) giveSlot(ctx context.Context, host, id string) {
 	err := b.changeSlots(ctx, host, func(s *hostSlots) bool {
 		_, gave = s.Migrations[id]
 		delete(s.Migrations, id)
+		delete(s.Tenants, id)
 		return gave
 	})
 	if err != nil {
@@ -276,6 +301,7 @@ func (b *Broker) reclaim(ctx context.Context, host string, held int) int {
 		for id, at := range s.Migrations {
 			if _, ok := active[id]; !ok && at.Before(cutoff) {
 				delete(s.Migrations, id)
+				delete(s.Tenants, id)
 			}
 		}
 		held = len(s.Migrations)
@@ -289,8 +315,8 @@ func (b *Broker) reclaim(ctx context.Context, host string, held int) int {
 
 // moveSlot moves migration id's place from host from to host to, whatever to's count: a
 // fallback to another destination of a migration admitted already.
-func (b *Broker) moveSlot(ctx context.Context, id, from, to string) {
-	if _, _, err := b.takeSlot(ctx, to, id, -1); err != nil {
+func (b *Broker) moveSlot(ctx context.Context, id, tenant, from, to string) {
+	if _, _, _, err := b.takeSlot(ctx, to, id, tenant, -1); err != nil {
 		b.log.Warn("Taking a place on the next destination failed", logKeyMigration, id, logKeyHost, to, logKeyError, err)
 	}
 	b.giveSlot(ctx, from, id)

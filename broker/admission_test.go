@@ -34,6 +34,8 @@ func (e *env) limitHost(host string, limit int, guests ...agentapi.HostGuest) {
 func TestMigrationsBeyondAHostsLimitWaitAndProceed(t *testing.T) {
 	e := newEnv(t, natstest.Options{})
 	e.cfg.MaxMigrationsPerHost = 10
+	// One tenant: the host's limit, not the tenant's share, is under test.
+	e.cfg.TenantShare = 1
 	e.startBroker("b1")
 	var guests []agentapi.HostGuest
 	for i := range 4 {
@@ -120,6 +122,8 @@ func TestMigrationsBeyondAHostsLimitWaitAndProceed(t *testing.T) {
 func TestAWaitingMigrationAbortsOnTheQueueTimeout(t *testing.T) {
 	e := newEnv(t, natstest.Options{})
 	e.cfg.MaxMigrationsPerHost = 1
+	// One tenant: the host's limit, not the tenant's share, is under test.
+	e.cfg.TenantShare = 1
 	e.startBroker("b1")
 	guests := []agentapi.HostGuest{
 		{Tenant: tenant, VM: "vm-0", MemoryBytes: guestMiB << 20}, {Tenant: tenant, VM: "vm-1", MemoryBytes: guestMiB << 20},
@@ -152,6 +156,8 @@ func TestAWaitingMigrationAbortsOnTheQueueTimeout(t *testing.T) {
 func TestTwoBrokersAdmitNoMoreThanAHostsLimit(t *testing.T) {
 	e := newEnv(t, natstest.Options{})
 	e.cfg.MaxMigrationsPerHost = 2
+	// One tenant: the host's limit, not the tenant's share, is under test.
+	e.cfg.TenantShare = 1
 	e.startBroker("b1")
 	e.startBroker("b2")
 	var guests []agentapi.HostGuest

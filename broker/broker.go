@@ -66,8 +66,13 @@ type Config struct {
 	Lease time.Duration
 	// MaxMigrationsPerHost is how many migrations a host takes part in at once, as source
 	// or destination, lowered to what the host's agent states it takes; a migration beyond it
-	// waits in Requested (see admission.go). Zero means 32.
+	// waits in Requested (see admission.go). Zero means 64.
 	MaxMigrationsPerHost int
+	// TenantShare is the share of a host's places one tenant's migrations may hold, in
+	// (0, 1]: without it, a tenant naming one host as the destination of as many guests as the
+	// host has places keeps every other tenant's migrations there waiting until their queue
+	// timeout. Zero means 0.5; 1 lets one tenant hold them all.
+	TenantShare float64
 	// CheckInterval is how often the broker looks for migrations to take over and checks
 	// timeouts and agents. Zero means 1 s.
 	CheckInterval time.Duration
@@ -226,6 +231,10 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.MaxMigrationsPerHost <= 0 {
 		cfg.MaxMigrationsPerHost = defaultMaxMigrationsPerHost
 	}
+	if cfg.TenantShare <= 0 {
+		cfg.TenantShare = 0.5
+	}
+	cfg.TenantShare = min(cfg.TenantShare, 1)
 	if cfg.Replicas <= 0 {
 		cfg.Replicas = 1
 	}

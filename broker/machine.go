@@ -459,7 +459,7 @@ func (b *Broker) denied(ctx context.Context, m *Migration, err error, what strin
 	if err != nil {
 		return err
 	}
-	b.moveSlot(ctx, m.ID, denied, next)
+	b.moveSlot(ctx, m.ID, m.Tenant, denied, next)
 	b.log.Info("Destination refused; trying the next one", logKeyMigration, m.ID, logKeyHost, denied, logKeyReason, tried.Reason, logKeyNext, next)
 	b.publishEvent(Event{MigrationID: m.ID, Kind: EventAudit, Phase: m.Phase,
 		Message: fmt.Sprintf("%s for %s: %s; trying %s", what, denied, tried.Reason, next)})
