@@ -568,12 +568,19 @@ func replayGrant(s *scn, r *attackRun) {
 	s.refused("an old grant for a new migration", err, "grant names migration")
 	s.abortAgents(r2.id, r.src, r.dst)
 
-	// The same migration id, attested again (new HPKE keys and nonces).
+	// The same migration id, attested again (new HPKE keys and nonces). An agent keeps the
+	// earlier attempt's key until keys open under one attempt, so that a broker retrying a
+	// step does not break keys the keybroker already sealed: the first attempt's grant opens
+	// them. Once keys opened, no other keys open in that migration, whatever grant comes with
+	// them.
 	r3 := s.attest(r.vm, r.src, r.dst)
 	s.release(r3)
 	s.releaseRequest(r3.id, r.vm, r.src, r.dst) // both agents attest again: new HPKE keys
-	err = s.agents.Keys(ctx, r.dst.host, &agentapi.KeysRequest{MigrationID: r3.id, Role: attest.RoleDestination, SealedKeys: r3.rel.SealedDestination, Grant: r3.rel.Grant})
-	s.refused("a grant from before the agents attested again", err, "HPKE key")
+	if err := s.agents.Keys(ctx, r.dst.host, &agentapi.KeysRequest{MigrationID: r3.id, Role: attest.RoleDestination, SealedKeys: r3.rel.SealedDestination, Grant: r3.rel.Grant}); err != nil {
+		s.t.Fatalf("the keys of the first attempt, under its grant, after the agents attested again: %v", err)
+	}
+	err = s.agents.Keys(ctx, r.dst.host, &agentapi.KeysRequest{MigrationID: r3.id, Role: attest.RoleDestination, SealedKeys: old.SealedDestination, Grant: old.Grant})
+	s.refused("other keys after keys opened", err, "opened other keys")
 	s.abortRun(r3)
-	s.outcome = "refused: a grant names one migration and one attestation of each end"
+	s.outcome = "refused: a grant names one migration and one attestation of each end, and keys open once"
 }
