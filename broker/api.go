@@ -205,12 +205,12 @@ func (b *Broker) listHosts(ctx context.Context, c Caller, req *ListHostsRequest)
 }
 
 func (b *Broker) listGuests(ctx context.Context, c Caller, req *ListGuestsRequest) (*ListGuestsResponse, error) {
+	tenant, err := c.listScope(req.Tenant)
+	if err != nil {
+		return nil, err
+	}
 	filter := ">"
-	if !c.Operator() || req.Tenant != "" {
-		tenant, err := c.tenantFor(req.Tenant)
-		if err != nil {
-			return nil, err
-		}
+	if tenant != "" {
 		filter = tenant + ".*"
 	}
 	guests, err := listJSON[Guest](ctx, b.store.guests, filter)
@@ -501,13 +501,9 @@ func (b *Broker) getMigration(ctx context.Context, c Caller, req *GetMigrationRe
 }
 
 func (b *Broker) listMigrations(ctx context.Context, c Caller, req *ListMigrationsRequest) (*ListMigrationsResponse, error) {
-	want := ""
-	if !c.Operator() || req.Tenant != "" {
-		t, err := c.tenantFor(req.Tenant)
-		if err != nil {
-			return nil, err
-		}
-		want = t
+	want, err := c.listScope(req.Tenant)
+	if err != nil {
+		return nil, err
 	}
 	state := req.State
 	if req.Active && state == "" {
@@ -681,13 +677,9 @@ func (b *Broker) getReceipt(ctx context.Context, c Caller, req *GetReceiptReques
 // req.Tenant), by migration id. It reads the whole receipts bucket, which keeps receipts for
 // Config.ReceiptRetention: it is for exports, not for every check.
 func (b *Broker) listReceipts(ctx context.Context, c Caller, req *ListReceiptsRequest) (*ListReceiptsResponse, error) {
-	want := ""
-	if !c.Operator() || req.Tenant != "" {
-		t, err := c.tenantFor(req.Tenant)
-		if err != nil {
-			return nil, err
-		}
-		want = t
+	want, err := c.listScope(req.Tenant)
+	if err != nil {
+		return nil, err
 	}
 	limit := cmp.Or(req.Limit, DefaultListLimit)
 	if limit < 0 || limit > MaxListLimit {

@@ -109,6 +109,15 @@ func (c Caller) tenantFor(requested string) (string, error) {
 	return requested, nil
 }
 
+// listScope is the tenant a listing of requested covers: the caller's own for a tenant, and
+// for an operator requested, or "" (every tenant) when requested is empty.
+func (c Caller) listScope(requested string) (string, error) {
+	if c.Operator() && requested == "" {
+		return "", nil
+	}
+	return c.tenantFor(requested)
+}
+
 // sees reports whether the caller may see something of tenant.
 func (c Caller) sees(tenant string) bool { return c.Operator() || c.Tenant == tenant }
 
