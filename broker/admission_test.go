@@ -223,3 +223,74 @@ func TestTwoBrokersAdmitNoMoreThanAHostsLimit(t *testing.T) {
 		t.Errorf("%d migrations admitted at once to a host that takes 2", peak)
 	}
 }
+
+// TestAPlaceGivenBackElsewhereWakesAWaitingMigration: a place given back by another broker
+// (here, the test writing the places record as one would) lets in the migration that waits
+// for it at once, through the watch of the places; the waiting broker's own checks are an
+// hour apart, so nothing else would.
+func TestAPlaceGivenBackElsewhereWakesAWaitingMigration(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.cfg.MaxMigrationsPerHost = 1
+	e.cfg.TenantShare = 1
+	e.cfg.CheckInterval, e.cfg.Lease = time.Hour, time.Hour
+	b1, _ := e.startBroker("b1")
+	guests := []agentapi.HostGuest{
+		{Tenant: tenant, VM: "vm-0", MemoryBytes: guestMiB << 20}, {Tenant: tenant, VM: "vm-1", MemoryBytes: guestMiB << 20},
+	}
+	e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, guests...)
+	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil)
+	var ids []string
+	for _, g := range guests {
+		e.adopt(tenant, g.VM, "h1")
+		resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: g.VM, Destination: "h2"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, resp.Migration.ID)
+		e.waitMigration(resp.Migration.ID, func(m *broker.Migration) bool {
+			return m.Phase == broker.PhaseTransferring && m.Progress != nil || m.Waiting != ""
+		})
+	}
+	// The waiting driver's own writes wake it through the migrations watch: the places are
+	// given back only once it sleeps after the last of them.
+	last, err := e.kv(broker.MigrationsBucket).Get(t.Context(), ids[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !b1.Asleep(ids[1], last.Revision()); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the waiting migration's driver never slept")
+		}
+		if last, err = e.kv(broker.MigrationsBucket).Get(t.Context(), ids[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fleet := e.kv(broker.FleetBucket)
+	for _, host := range []string{"h1", "h2"} {
+		entry, err := fleet.Get(t.Context(), "slot."+host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var places struct {
+			Host       string            `json:"host"`
+			Migrations map[string]any    `json:"migrations"`
+			Tenants    map[string]string `json:"tenants"`
+		}
+		if err := json.Unmarshal(entry.Value(), &places); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := places.Migrations[ids[0]]; !ok {
+			t.Fatalf("host %s's places %s do not hold the admitted migration", host, entry.Value())
+		}
+		delete(places.Migrations, ids[0])
+		delete(places.Tenants, ids[0])
+		data, _ := json.Marshal(places)
+		if _, err := fleet.Update(t.Context(), "slot."+host, data, entry.Revision()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := e.waitMigration(ids[1], func(m *broker.Migration) bool { return m.Phase != broker.PhaseRequested })
+	if m.Phase != broker.PhaseAttesting && m.Phase != broker.PhaseKeysReleased && m.Phase != broker.PhaseTransferring {
+		t.Errorf("waiting migration %s (%q) once its places were given back, want it admitted", m.Phase, m.AbortReason)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"maps"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lethe-cc/lethe/internal/trace"
@@ -166,11 +167,17 @@ type Broker struct {
 	activeMu sync.Mutex
 	active   map[string]activeMigration
 
-	// waitingMu guards waiting, the migrations this broker drives that wait for admission,
-	// and reclaimed, when it last reclaimed each host's places (see admission.go).
-	waitingMu sync.Mutex
-	waiting   map[string]waiter
-	reclaimed map[string]time.Time
+	// waitingMu guards waiting, the migrations this broker drives that wait for admission;
+	// reclaimed, when it last reclaimed each host's places; and places, the view of every
+	// host's places, whole while placesSeen (see admission.go).
+	// watched is the revision of the migrations bucket the watch delivered last.
+	watched atomic.Uint64
+
+	waitingMu  sync.Mutex
+	waiting    map[string]waiter
+	reclaimed  map[string]time.Time
+	places     map[string]*hostSlots
+	placesSeen bool
 }
 
 // activeMigration is what placement needs of a migration in flight.
@@ -364,7 +371,7 @@ func (b *Broker) Run(ctx context.Context) error {
 	}
 	// The first watch is made before the broker says it runs, so that a record written after
 	// that wakes its driver; one that cannot be made yet is made again by watchMigrations.
-	watcher, err := b.watchAll(gctx)
+	watcher, err := watchBounded(gctx, b.store.migrations, ">", jetstream.UpdatesOnly())
 	if err != nil {
 		b.log.Warn("Watching the migrations failed; watching again", logKeyError, err)
 	}
@@ -375,6 +382,7 @@ func (b *Broker) Run(ctx context.Context) error {
 	close(b.ready)
 
 	g.Go(func() error { return b.watchMigrations(gctx, watcher) })
+	g.Go(func() error { b.watchPlaces(gctx); return nil })
 	g.Go(func() error { return b.reconcileLoop(gctx) })
 	g.Go(func() error {
 		<-gctx.Done()
@@ -485,23 +493,33 @@ const (
 )
 
 // watchMigrations wakes the driver of every migration whose record changes, until ctx ends;
-// it follows w first, unless nil.
+// it follows w first, unless nil. The reconcile loop drives every migration meanwhile, every
+// CheckInterval.
+func (b *Broker) watchMigrations(ctx context.Context, w jetstream.KeyWatcher) error {
+	b.keepWatching(ctx, "the migrations", w, func(ctx context.Context) (jetstream.KeyWatcher, error) {
+		return watchBounded(ctx, b.store.migrations, ">", jetstream.UpdatesOnly())
+	}, b.followMigrations)
+	return nil
+}
+
+// keepWatching follows w (made by watch if nil) with follow until ctx ends, and makes a
+// watch again, after a pause, whenever one could not be made or ended.
 //
-// Its watch is an ordered consumer. nats.go makes it again after a gap or missed heartbeats,
+// A watch is an ordered consumer. nats.go makes it again after a gap or missed heartbeats,
 // but a cluster can end it (a recreation JetStream refuses closes it) or leave its creation
 // unanswered (seen for a minute after a stream's leader was killed): so each creation is
-// bounded by storeCallTimeout, and a watch that ends is made again, after a pause. The
-// reconcile loop drives every migration meanwhile, every CheckInterval.
-func (b *Broker) watchMigrations(ctx context.Context, w jetstream.KeyWatcher) error {
+// bounded (watchBounded), and a watch that ends is made again.
+func (b *Broker) keepWatching(ctx context.Context, what string, w jetstream.KeyWatcher,
+	watch func(context.Context) (jetstream.KeyWatcher, error), follow func(context.Context, jetstream.KeyWatcher)) {
 	pause := watchRetryMin
 	for {
 		var err error
 		if w == nil {
-			w, err = b.watchAll(ctx)
+			w, err = watch(ctx)
 		}
 		if w != nil {
 			began := time.Now()
-			b.followMigrations(ctx, w)
+			follow(ctx, w)
 			_ = w.Stop()
 			w, err = nil, errors.New("the watch ended")
 			if time.Since(began) > watchRetryMax {
@@ -509,23 +527,23 @@ func (b *Broker) watchMigrations(ctx context.Context, w jetstream.KeyWatcher) er
 			}
 		}
 		if ctx.Err() != nil {
-			return nil
+			return
 		}
-		b.log.Warn("Watching the migrations failed; watching again", logKeyRetryIn, pause, logKeyError, err)
+		b.log.Warn("Watching "+what+" failed; watching again", logKeyRetryIn, pause, logKeyError, err)
 		select {
 		case <-ctx.Done():
-			return nil
+			return
 		case <-time.After(pause):
 		}
 		pause = min(2*pause, watchRetryMax)
 	}
 }
 
-// watchAll watches the migrations bucket for new versions until ctx ends or the watch is
-// stopped, waiting storeCallTimeout at most for its creation. The watch lives as long as the
-// context its creation is given, so that context is not the bounded one: a creation not
-// answered in time is cancelled through it.
-func (b *Broker) watchAll(ctx context.Context) (jetstream.KeyWatcher, error) {
+// watchBounded watches kv's keys that match filter until ctx ends or the watch is stopped,
+// waiting storeCallTimeout at most for its creation. The watch lives as long as the context
+// its creation is given, so that context is not the bounded one: a creation not answered in
+// time is cancelled through it.
+func watchBounded(ctx context.Context, kv jetstream.KeyValue, filter string, opts ...jetstream.WatchOpt) (jetstream.KeyWatcher, error) {
 	wctx, cancel := context.WithCancel(ctx)
 	type made struct {
 		w   jetstream.KeyWatcher
@@ -533,7 +551,7 @@ func (b *Broker) watchAll(ctx context.Context) (jetstream.KeyWatcher, error) {
 	}
 	ch := make(chan made, 1)
 	go func() {
-		w, err := b.store.migrations.WatchAll(wctx, jetstream.UpdatesOnly())
+		w, err := kv.Watch(wctx, filter, opts...)
 		ch <- made{w, err}
 	}()
 	t := time.NewTimer(storeCallTimeout)
@@ -552,7 +570,7 @@ func (b *Broker) watchAll(ctx context.Context) (jetstream.KeyWatcher, error) {
 				_ = r.w.Stop()
 			}
 		}()
-		return nil, fmt.Errorf("watching the migrations: %w: no answer within %v", ErrUnavailable, storeCallTimeout)
+		return nil, fmt.Errorf("watching %s: %w: no answer within %v", kv.Bucket(), ErrUnavailable, storeCallTimeout)
 	}
 }
 
@@ -578,16 +596,16 @@ func (b *Broker) followMigrations(ctx context.Context, w jetstream.KeyWatcher) {
 			if !ok {
 				return
 			}
-			if e == nil || e.Operation() != jetstream.KeyValuePut {
+			if e == nil {
 				continue
 			}
 			var m struct {
 				Phase Phase `json:"phase"`
 			}
-			if json.Unmarshal(e.Value(), &m) != nil || m.Phase.Terminal() {
-				continue
+			if e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &m) == nil && !m.Phase.Terminal() {
+				b.drive(ctx, e.Key())
 			}
-			b.drive(ctx, e.Key())
+			b.watched.Store(e.Revision())
 		}
 	}
 }
@@ -652,7 +670,9 @@ func (b *Broker) reconcile(ctx context.Context) {
 		if m.Owner != "" && m.Owner != b.cfg.ID && m.LeaseUntil.After(now) {
 			continue
 		}
-		b.drive(ctx, m.ID)
+		// A driver that runs checks its own timeouts: waking a thousand of them every
+		// interval would cost each a look at its hosts, for nothing.
+		b.startDriver(ctx, m.ID)
 	}
 	b.archiveEnded(ctx, recs, now)
 }
@@ -674,30 +694,45 @@ func (b *Broker) activeMigrations() map[string]activeMigration {
 
 // drive starts a driver for migration id, or wakes the one already running.
 func (b *Broker) drive(ctx context.Context, id string) {
-	b.startOrWake(ctx, b.driving, id, b.runDriver, func() { delete(b.attached, id) })
+	b.startOrWake(ctx, b.driving, id, b.runDriver, b.forgetDriver(id), true)
 }
 
-// startOrWake wakes the driver of id in driving, or starts run as it, under ctx. When run
-// returns, id leaves driving and forget runs, both under b.mu.
-func (b *Broker) startOrWake(ctx context.Context, driving map[string]chan struct{}, id string, run func(context.Context, string, <-chan struct{}), forget func()) {
+// startDriver starts a driver for migration id unless one runs.
+func (b *Broker) startDriver(ctx context.Context, id string) {
+	b.startOrWake(ctx, b.driving, id, b.runDriver, b.forgetDriver(id), false)
+}
+
+// forgetDriver returns what to forget, under b.mu, when migration id's driver returns.
+func (b *Broker) forgetDriver(id string) func() {
+	return func() {
+		delete(b.attached, id)
+		b.unwait(id)
+	}
+}
+
+// startOrWake wakes the driver of id in driving (if wake), or starts run as it, under ctx.
+// When run returns, id leaves driving and forget runs, both under b.mu.
+func (b *Broker) startOrWake(ctx context.Context, driving map[string]chan struct{}, id string, run func(context.Context, string, <-chan struct{}), forget func(), wake bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if ctx == nil || ctx.Err() != nil {
 		return
 	}
-	if wake, ok := driving[id]; ok {
-		select {
-		case wake <- struct{}{}:
-		default:
+	if ch, ok := driving[id]; ok {
+		if wake {
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
 		}
 		return
 	}
-	wake := make(chan struct{}, 1)
-	driving[id] = wake
+	ch := make(chan struct{}, 1)
+	driving[id] = ch
 	b.drivers.Add(1)
 	go func() {
 		defer b.drivers.Done()
-		run(ctx, id, wake)
+		run(ctx, id, ch)
 		b.mu.Lock()
 		delete(driving, id)
 		if forget != nil {

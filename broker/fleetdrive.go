@@ -20,7 +20,7 @@ func (b *Broker) runCtx() context.Context {
 
 // driveOp starts a driver for fleet operation id, or wakes the one already running.
 func (b *Broker) driveOp(ctx context.Context, id string) {
-	b.startOrWake(ctx, b.opsDriving, id, b.runOpDriver, nil)
+	b.startOrWake(ctx, b.opsDriving, id, b.runOpDriver, nil, true)
 }
 
 // fleetLeaderKey is the key of the lethe-fleet bucket naming the broker that drives fleet

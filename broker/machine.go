@@ -25,7 +25,7 @@ import (
 var errNotMine = errors.New("migration changed phase or owner")
 
 // waitingCheck is how many CheckIntervals a migration waiting for admission waits before it
-// looks again unwoken.
+// looks again unwoken while the places of hosts are not watched (admission.go).
 const waitingCheck = 5
 
 // gib is the number of bytes in a GiB.
@@ -62,9 +62,13 @@ func (b *Broker) runDriver(ctx context.Context, id string, wake <-chan struct{})
 		if m.Owner != "" && m.Owner != b.cfg.ID && m.LeaseUntil.After(now) {
 			return // another broker holds it
 		}
-		if m.Owner != b.cfg.ID || m.LeaseUntil.Sub(now) < b.cfg.Lease/2 {
+		lease := b.cfg.Lease
+		if m.Phase == PhaseRequested && m.Waiting != "" {
+			_, lease = b.waitingFor()
+		}
+		if m.Owner != b.cfg.ID || m.LeaseUntil.Sub(now) < lease/2 {
 			prev := m.Owner
-			m.Owner, m.LeaseUntil, m.Updated = b.cfg.ID, now.Add(b.cfg.Lease), now
+			m.Owner, m.LeaseUntil, m.Updated = b.cfg.ID, now.Add(lease), now
 			if _, err := updateJSON(ctx, b.store.migrations, id, m, rev); err != nil {
 				if !errors.Is(err, errRevision) {
 					log.Warn("Claiming migration failed", logKeyError, err)
@@ -96,13 +100,16 @@ func (b *Broker) runDriver(ctx context.Context, id string, wake <-chan struct{})
 		case errors.Is(err, errNotMine), errors.Is(err, errRevision):
 			continue
 		case errors.Is(err, errWaiting):
-			// A place given back wakes the migration that waited longest for it; the
-			// others look again now and then, and check their queue timeout.
+			// A place given back wakes the migrations it lets in; the others look again
+			// now and then, and check their queue timeout.
+			sleep, _ := b.waitingFor()
+			b.setAsleep(id, true)
 			select {
 			case <-ctx.Done():
 			case <-wake:
-			case <-time.After(min(waitingCheck*b.cfg.CheckInterval, b.cfg.Lease/3)):
+			case <-time.After(sleep):
 			}
+			b.setAsleep(id, false)
 			continue
 		case ctx.Err() != nil:
 			return

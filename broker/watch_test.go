@@ -20,7 +20,7 @@ type endingKV struct {
 	live chan jetstream.KeyValueEntry
 }
 
-func (kv *endingKV) WatchAll(context.Context, ...jetstream.WatchOpt) (jetstream.KeyWatcher, error) {
+func (kv *endingKV) Watch(context.Context, string, ...jetstream.WatchOpt) (jetstream.KeyWatcher, error) {
 	switch n := kv.watches.Add(1); {
 	case n == kv.last:
 		return &fakeWatcher{updates: kv.live}, nil
