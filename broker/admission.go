@@ -13,8 +13,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
 // Admission: how many migrations a host takes part in at once.
@@ -96,7 +94,7 @@ func (b *Broker) tenantShare(limit int) int {
 // lowered to what its agent states. A host whose record cannot be read has the broker's.
 func (b *Broker) hostLimit(ctx context.Context, host string) int {
 	limit := b.cfg.MaxMigrationsPerHost
-	if rec, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, host); err == nil && rec.MaxMigrations > 0 {
+	if rec, err := b.hostRecord(ctx, host); err == nil && rec.MaxMigrations > 0 {
 		limit = min(limit, rec.MaxMigrations)
 	}
 	return limit

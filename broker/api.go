@@ -235,7 +235,7 @@ func (b *Broker) liveHost(ctx context.Context, host string) (*agentapi.HostRecor
 	if err := agentapi.ValidName(host); err != nil {
 		return nil, fmt.Errorf("%w: host: %w", ErrInvalid, err)
 	}
-	rec, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, host)
+	rec, err := b.hostRecord(ctx, host)
 	if errors.Is(err, ErrNotFound) {
 		return nil, fmt.Errorf("%w: host %s is not registered", ErrFailedPrecondition, host)
 	}

@@ -173,6 +173,11 @@ type Broker struct {
 	// watched is the revision of the migrations bucket the watch delivered last.
 	watched atomic.Uint64
 
+	// hostRecsMu guards hostRecs, the view of the host records (hostview.go); nil while
+	// the hosts are not watched.
+	hostRecsMu sync.Mutex
+	hostRecs   map[string]*agentapi.HostRecord
+
 	waitingMu  sync.Mutex
 	waiting    map[string]waiter
 	reclaimed  map[string]time.Time
@@ -383,6 +388,7 @@ func (b *Broker) Run(ctx context.Context) error {
 
 	g.Go(func() error { return b.watchMigrations(gctx, watcher) })
 	g.Go(func() error { b.watchPlaces(gctx); return nil })
+	g.Go(func() error { b.watchHosts(gctx); return nil })
 	g.Go(func() error { return b.reconcileLoop(gctx) })
 	g.Go(func() error {
 		<-gctx.Done()

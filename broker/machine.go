@@ -295,7 +295,7 @@ func (b *Broker) abortReason(ctx context.Context, m *Migration, now time.Time) s
 // hostLive reports whether host's record is present and its heartbeat fresh, and if not, why.
 // A failure to read the bucket counts as live: the broker's own trouble is no reason to abort.
 func (b *Broker) hostLive(ctx context.Context, host string, now time.Time) (bool, string) {
-	rec, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, host)
+	rec, err := b.hostRecord(ctx, host)
 	if errors.Is(err, ErrNotFound) {
 		return false, fmt.Sprintf("host %s is not registered", host)
 	}
@@ -374,7 +374,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		return b.denied(ctx, m, below, "destination refused")
 	}
 	dstHost := kbwire.Host{Name: m.Destination}
-	if h, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, m.Destination); err == nil {
+	if h, err := b.hostRecord(ctx, m.Destination); err == nil {
 		dstHost.Labels, dstHost.Region = h.Labels, h.Region
 	}
 	rel, err := b.kb.Release(ctx, &kbwire.ReleaseRequest{
