@@ -120,7 +120,7 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.String(&c.logLevel, "log-level", "LETHE_LOG_LEVEL", "info", "log level: debug, info, warn, error")
 	fs.String(&c.logFormat, "log-format", "LETHE_LOG_FORMAT", "json", "log format: text or json")
 	fs.String(&c.metricsListen, "metrics-listen", "LETHE_BROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
-	fs.Duration(&c.lease, "lease", "LETHE_LEASE", 0, "how long a broker's claim on a migration lasts unrenewed: a killed broker's migrations continue on another broker within it (plus --check-interval); renewed at half of it and every third of it while a step runs; 0: 15s")
+	fs.Duration(&c.lease, "lease", "LETHE_LEASE", 0, "how long a broker's claim on a migration lasts unrenewed: a killed broker's migrations continue on another broker within it (plus --check-interval; 4× it for one queued for admission); renewed at half of it and every third of it while a step runs; 0: 15s")
 	fs.Duration(&c.checkInterval, "check-interval", "LETHE_CHECK_INTERVAL", 0, "timeout and takeover check interval; 0: 1s")
 	fs.Duration(&c.hostTTL, "host-ttl", "LETHE_HOST_TTL", 0, "host heartbeat TTL; 0: 30s")
 	fs.Duration(&c.agentTimeout, "agent-timeout", "LETHE_AGENT_TIMEOUT", 0, "timeout of one agent or keybroker call; 0: 30s")
