@@ -3,13 +3,12 @@
 package broker_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -70,19 +69,22 @@ func TestAuditDocNATSCLI(t *testing.T) {
 
 	// The guide's command follows the stream: it stops once it has printed the records so far.
 	count := strconv.FormatUint(meta.Sequence.Stream, 10)
-	out := runNATS(t, cli, nil, append(args, "--count", count, "--server", e.srv.URL)...)
+	out := runNATS(t, cli, slices.Concat(args, []string{"--count", count, "--server", e.srv.URL})...)
 	if !printed(out) || strings.Contains(out, violation) {
 		t.Errorf("nats %s printed\n%s\nwant the record on %s, %s, and no %q", strings.Join(args, " "), out, rec.Subject(), rec.Data(), violation)
 	}
 
-	// stream view, with the same connection flags: it pages on a terminal alone.
-	connect, _, ok := strings.Cut(strings.Join(args, "\x00"), "\x00sub\x00")
-	if !ok {
+	// stream view, with the same connection flags, on a terminal (it pages on one alone) and
+	// a page as long as the stream: it shows the records, then waits at its prompt for the next
+	// page while the server refuses its acknowledgements.
+	sub := slices.Index(args, "sub")
+	if sub < 0 {
 		t.Fatalf("the guide's command %q is not a sub command", args)
 	}
-	view := append(strings.Split(connect, "\x00"), "stream", "view", broker.AuditStream, "--server", e.srv.URL)
-	out = runNATS(t, cli, openTerminal(t), view...)
-	if !printed(out) || !strings.Contains(out, violation+` for Publish to "$JS.ACK.`+broker.AuditStream) {
+	view := slices.Concat(args[:sub], []string{"stream", "view", broker.AuditStream, count, "--server", e.srv.URL})
+	refused := violation + ` for Publish to "$JS.ACK.` + broker.AuditStream
+	out, ok := runInTerminal(t, cli, func(out string) bool { return printed(out) && strings.Contains(out, refused) }, view...)
+	if !ok {
 		t.Errorf("nats %s printed\n%s\nwant the record on %s, %s, and its refused acknowledgement", strings.Join(view, " "), out, rec.Subject(), rec.Data())
 	}
 
@@ -179,35 +181,58 @@ func shellWords(line string) ([]string, error) {
 	return words, nil
 }
 
-// runNATS runs the nats CLI bin with args, on the terminal term if it is not nil, in an empty
-// home so that no configuration context of the machine's applies, and returns what it printed.
-func runNATS(t *testing.T, bin string, term *terminal, args ...string) string {
+// natsEnv is the nats CLI's environment: an empty home, so that no configuration context of
+// the machine's applies.
+func natsEnv(t *testing.T) []string {
+	home := t.TempDir()
+	return []string{"HOME=" + home, "XDG_CONFIG_HOME=" + home, "TERM=dumb"}
+}
+
+// runNATS runs the nats CLI bin with args until it exits and returns what it printed.
+func runNATS(t *testing.T, bin string, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
-	home := t.TempDir()
-	cmd.Env = []string{"HOME=" + home, "XDG_CONFIG_HOME=" + home, "TERM=dumb"}
-	var out bytes.Buffer
-	if term == nil {
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Run(); err != nil {
-			t.Fatalf("nats %s: %v\n%s", strings.Join(args, " "), err, out.String())
-		}
-		return out.String()
+	cmd.Env = natsEnv(t)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("nats %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
+	return string(out)
+}
+
+// runInTerminal runs the nats CLI bin with args on a pseudo-terminal until what it printed
+// satisfies done, then stops it. It returns what the CLI printed and whether done was
+// satisfied before the CLI exited or a minute passed.
+func runInTerminal(t *testing.T, bin string, done func(out string) bool, args ...string) (string, bool) {
+	t.Helper()
+	term := openTerminal(t)
 	defer term.master.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Env = natsEnv(t)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = term.slave, term.slave, term.slave
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	term.slave.Close()
-	// The master reads until the CLI, the slave's last holder, exits (EIO on Linux).
-	_, _ = io.Copy(&out, term.master)
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("nats %s: %v\n%s", strings.Join(args, " "), err, out.String())
+	var out strings.Builder
+	ok := false
+	buf := make([]byte, 4096)
+	// Reads end when the CLI, the slave's last holder, exits (EIO on Linux).
+	for !ok {
+		n, err := term.master.Read(buf)
+		out.Write(buf[:n])
+		ok = done(out.String())
+		if err != nil {
+			break
+		}
 	}
-	return out.String()
+	cancel()
+	_ = cmd.Wait()
+	return out.String(), ok
 }
 
 // terminal is a pseudo-terminal: a program runs on slave, and master reads what it prints.
