@@ -9,6 +9,10 @@
 // (`make vault`), as keybroker/vaulttest finds it. A test that needs a cluster fails, never
 // skips, when it cannot start one.
 //
+// NATSCLI builds the nats CLI, at the version NATSCLIVersion pins, into the same cache
+// (nats-VERSION), for tests that run the commands the guides give; its modules stay out of
+// the project's go.mod.
+//
 // The clusters listen on loopback only and keep their data in the test's temporary
 // directory. This package is for tests only and must never be linked into a production
 // binary.

@@ -68,6 +68,19 @@ func NATSBinary() (string, error) {
 		return "", fmt.Errorf("finding the version of %s: %w", natsModule, err)
 	}
 	version := strings.TrimSpace(out)
+	return cached("nats-server", version, func(path string) error {
+		if out, err := goCmd(root, "build", "-o", path, natsModule); err != nil {
+			return fmt.Errorf("building nats-server %s: %w\n%s", version, err, out)
+		}
+		return nil
+	})
+}
+
+// cached returns the path of the binary name-version in the per-user cache,
+// ${XDG_CACHE_HOME:-$HOME/.cache}/lethe, calling build to write it at the path it is given the
+// first time. What build writes is renamed into place once build returns, so that an
+// interrupted build never leaves a broken binary behind.
+func cached(name, version string, build func(path string) error) (string, error) {
 	cache, err := os.UserCacheDir()
 	if xdg := os.Getenv("XDG_CACHE_HOME"); xdg != "" {
 		cache, err = xdg, nil
@@ -76,23 +89,22 @@ func NATSBinary() (string, error) {
 		return "", fmt.Errorf("finding the cache directory: %w", err)
 	}
 	dir := filepath.Join(cache, "lethe")
-	bin := filepath.Join(dir, "nats-server-"+version)
+	bin := filepath.Join(dir, name+"-"+version)
 	if _, err := os.Stat(bin); err == nil {
 		return bin, nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
 	}
-	tmp, err := os.CreateTemp(dir, "nats-server-"+version+".*.tmp")
+	tmp, err := os.CreateTemp(dir, name+"-"+version+".*.tmp")
 	if err != nil {
 		return "", err
 	}
 	tmp.Close()
 	defer os.Remove(tmp.Name())
-	if out, err := goCmd(root, "build", "-o", tmp.Name(), natsModule); err != nil {
-		return "", fmt.Errorf("building nats-server %s: %w\n%s", version, err, out)
+	if err := build(tmp.Name()); err != nil {
+		return "", err
 	}
-	// Renamed into place: an interrupted build never leaves a broken binary behind.
 	if err := os.Rename(tmp.Name(), bin); err != nil {
 		return "", err
 	}
