@@ -27,6 +27,7 @@ const (
 	OpHostsList        Op = "hosts.list"
 	OpGuestsList       Op = "guests.list"
 	OpGuestsAdopt      Op = "guests.adopt"
+	OpGuestsForget     Op = "guests.forget"
 	OpMigrationsCreate Op = "migrations.create"
 	OpMigrationsGet    Op = "migrations.get"
 	OpMigrationsList   Op = "migrations.list"
@@ -39,7 +40,7 @@ const (
 )
 
 // Ops lists every operation of the broker API.
-var Ops = []Op{OpPolicyApply, OpHostsList, OpGuestsList, OpGuestsAdopt, OpMigrationsCreate,
+var Ops = []Op{OpPolicyApply, OpHostsList, OpGuestsList, OpGuestsAdopt, OpGuestsForget, OpMigrationsCreate,
 	OpMigrationsGet, OpMigrationsList, OpMigrationsAbort, OpReceiptsGet, OpReceiptsList,
 	OpMigrationsEvents, OpPolicyGet, OpPolicyHistory}
 
@@ -181,6 +182,16 @@ type AdoptGuestRequest struct {
 	Tenant string `json:"tenant,omitempty"`
 	VM     string `json:"vm"`
 	Host   string `json:"host"`
+}
+
+// ForgetGuestRequest drops the broker's record of a guest whose VM is gone for good (see
+// guests.forget in the package documentation).
+type ForgetGuestRequest struct {
+	// Tenant: operators only; a tenant forgets its own guests.
+	Tenant string `json:"tenant,omitempty"`
+	VM     string `json:"vm"`
+	// Reason is why, recorded in the audit record.
+	Reason string `json:"reason,omitempty"`
 }
 
 // CreateMigrationRequest asks for a migration of a guest.

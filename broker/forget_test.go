@@ -1,0 +1,149 @@
+package broker_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+
+	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/migagent/agentapi"
+)
+
+// report makes host's agent report guests (none: the VM was deleted).
+func (e *env) report(host string, guests ...agentapi.HostGuest) {
+	e.t.Helper()
+	rec := e.agents[host].Record("eu", nil, guests...)
+	nc := e.connect(natsauth.RoleAgent, host)
+	if err := agentapi.PutHost(context.Background(), nc, &rec); err != nil {
+		e.t.Fatalf("registering %s: %v", host, err)
+	}
+	if err := nc.Flush(); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// TestForgetGuest: a tenant forgets its guest once the VM is gone, with a reason the audit
+// record keeps; the guest is then neither listed nor migratable, and its name can be adopted
+// again at the broker.
+func TestForgetGuest(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	ctx := t.Context()
+	acme := e.tenant(tenant)
+	audit := e.srv.Connect(t)
+	sub, err := audit.SubscribeSync(broker.AuditSubject(broker.AuditGuestForget))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := audit.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	_, err = acme.ForgetGuest(ctx, &broker.ForgetGuestRequest{VM: vm, Reason: "deleted"})
+	if !errors.Is(err, broker.ErrFailedPrecondition) || !strings.Contains(err.Error(), "still runs guest acme.web") {
+		t.Fatalf("forgetting a guest its live host still runs: %v, want ErrFailedPrecondition", err)
+	}
+
+	e.report("h1") // the VM is deleted
+	g, err := acme.ForgetGuest(ctx, &broker.ForgetGuestRequest{VM: vm, Reason: "VM deleted for good"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.Tenant != tenant || g.VM != vm || g.Host != "h1" || g.Epoch != 1 || g.WrappedMDK != "" {
+		t.Errorf("forgotten record %+v: want acme/web on h1, epoch 1, no wrapped key", g)
+	}
+	msg, err := sub.NextMsg(10 * time.Second)
+	if err != nil {
+		t.Fatalf("no audit record of the forget: %v", err)
+	}
+	var rec broker.AuditRecord
+	if err := json.Unmarshal(msg.Data, &rec); err != nil {
+		t.Fatal(err)
+	}
+	want := broker.AuditRecord{Schema: broker.AuditSchema, Action: broker.AuditGuestForget, Broker: "b1", By: "tenant:acme",
+		Target: "acme.web", Reason: "VM deleted for good", Tenant: tenant, VM: vm, Host: "h1"}
+	if diff := cmp.Diff(want, rec, cmpopts.IgnoreFields(broker.AuditRecord{}, "Time", "Detail")); diff != "" {
+		t.Errorf("audit record (-want +got):\n%s", diff)
+	}
+	if !strings.Contains(rec.Detail, "stays in the keybroker") {
+		t.Errorf("audit detail %q does not say the key stays", rec.Detail)
+	}
+
+	list, err := acme.ListGuests(ctx, &broker.ListGuestsRequest{})
+	if err != nil || len(list.Guests) != 0 {
+		t.Errorf("guests after the forget: %+v, %v; want none", list, err)
+	}
+	if _, err := acme.ForgetGuest(ctx, &broker.ForgetGuestRequest{VM: vm}); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("forgetting it again: %v, want ErrNotFound", err)
+	}
+	if _, err := acme.CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, Destination: "h2"}); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("migrating a forgotten guest: %v, want ErrNotFound", err)
+	}
+
+	// A VM of that name runs again: the broker takes it in afresh.
+	e.report("h1", agentapi.HostGuest{Tenant: tenant, VM: vm, MemoryBytes: guestMiB << 20})
+	g, err = acme.AdoptGuest(ctx, &broker.AdoptGuestRequest{VM: vm, Host: "h1"})
+	if err != nil {
+		t.Fatalf("adopting the name again: %v", err)
+	}
+	if g.Epoch != 1 || g.Host != "h1" {
+		t.Errorf("adopted again: %+v", g)
+	}
+}
+
+// TestForgetDuringAMigration: a guest whose migration is in flight is not forgotten; the
+// answer names the migration and how to abort it.
+func TestForgetDuringAMigration(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	ctx := t.Context()
+	acme := e.tenant(tenant)
+	resp, err := acme.CreateMigration(ctx, &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Migration.ID
+	e.report("h1") // even with its VM gone from the source's report
+	_, err = e.operator().ForgetGuest(ctx, &broker.ForgetGuestRequest{Tenant: tenant, VM: vm, Reason: "gone"})
+	if !errors.Is(err, broker.ErrConflict) || !strings.Contains(err.Error(), id) || !strings.Contains(err.Error(), "lethectl migrations abort "+id) {
+		t.Fatalf("forgetting a migrating guest: %v, want ErrConflict naming %s and how to abort it", err, id)
+	}
+	if _, err := acme.AbortMigration(ctx, &broker.AbortMigrationRequest{ID: id}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitMigration(id, inPhase(broker.PhaseAborted))
+	if _, err := e.operator().ForgetGuest(ctx, &broker.ForgetGuestRequest{Tenant: tenant, VM: vm, Reason: "gone"}); err != nil {
+		t.Fatalf("forgetting once the migration ended: %v", err)
+	}
+}
+
+// TestOperatorForgetsAGuestOfALostHost: an operator forgets any tenant's guest whose host is
+// gone (its heartbeat stopped); it must name the tenant.
+func TestOperatorForgetsAGuestOfALostHost(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	ctx := t.Context()
+	op := e.operator()
+	if _, err := op.ForgetGuest(ctx, &broker.ForgetGuestRequest{VM: vm}); !errors.Is(err, broker.ErrInvalid) {
+		t.Errorf("an operator naming no tenant: %v, want ErrInvalid", err)
+	}
+	if _, err := op.ForgetGuest(ctx, &broker.ForgetGuestRequest{Tenant: tenant, VM: vm, Reason: strings.Repeat("x", 513)}); !errors.Is(err, broker.ErrInvalid) {
+		t.Errorf("a reason of 513 bytes: %v, want ErrInvalid", err)
+	}
+	e.clock.Advance(2 * time.Hour) // past the host TTL: h1 is decommissioned
+	g, err := op.ForgetGuest(ctx, &broker.ForgetGuestRequest{Tenant: tenant, VM: vm, Reason: "h1 decommissioned"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.Host != "h1" {
+		t.Errorf("forgotten record %+v", g)
+	}
+}
