@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -12,8 +14,11 @@ import (
 	"github.com/google/go-cmp/cmp/cmpopts"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/broker/brokertest"
 	"github.com/lethe-cc/lethe/internal/natsauth"
 	"github.com/lethe-cc/lethe/internal/natstest"
+	"github.com/lethe-cc/lethe/internal/wireerr"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
@@ -30,11 +35,36 @@ func (e *env) report(host string, guests ...agentapi.HostGuest) {
 	}
 }
 
+// keptKeys is a keybroker that, as the real one, refuses to adopt a guest it holds already:
+// a forgotten guest's, whose key the broker does not destroy.
+type keptKeys struct {
+	*brokertest.KeyBroker
+	mu      sync.Mutex
+	adopted map[string]bool
+}
+
+func (k *keptKeys) Adopt(ctx context.Context, req *kbwire.AdoptRequest) (*kbwire.AdoptResponse, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	key := broker.GuestKey(req.Tenant, req.VM)
+	if k.adopted[key] {
+		return nil, fmt.Errorf("calling keybroker adopt: %w", wireerr.New(kbwire.CodeAlreadyAdopted, "adopting "+key+": in epoch 1: guest already adopted"))
+	}
+	resp, err := k.KeyBroker.Adopt(ctx, req)
+	if err == nil {
+		k.adopted[key] = true
+	}
+	return resp, err
+}
+
 // TestForgetGuest: a tenant forgets its guest once the VM is gone, with a reason the audit
-// record keeps; the guest is then neither listed nor migratable, and its name can be adopted
-// again at the broker.
+// record keeps; the guest is then neither listed nor migratable. Its name is free at the
+// broker, but the keybroker, which still holds the guest's key, refuses to adopt it again,
+// and the broker says so.
 func TestForgetGuest(t *testing.T) {
 	e := newEnv(t, natstest.Options{})
+	kb := &keptKeys{KeyBroker: e.kb, adopted: map[string]bool{}}
+	e.cfg.KeyBroker = kb
 	e.standard()
 	ctx := t.Context()
 	acme := e.tenant(tenant)
@@ -88,8 +118,18 @@ func TestForgetGuest(t *testing.T) {
 		t.Errorf("migrating a forgotten guest: %v, want ErrNotFound", err)
 	}
 
-	// A VM of that name runs again: the broker takes it in afresh.
+	// A VM of that name runs again: the broker has no record of it, and asks the keybroker,
+	// which still holds the forgotten guest.
 	e.report("h1", agentapi.HostGuest{Tenant: tenant, VM: vm, MemoryBytes: guestMiB << 20})
+	_, err = acme.AdoptGuest(ctx, &broker.AdoptGuestRequest{VM: vm, Host: "h1"})
+	if !errors.Is(err, broker.ErrConflict) || !strings.Contains(err.Error(), "the keybroker still holds guest acme.web") {
+		t.Errorf("adopting a forgotten guest's name again: %v, want ErrConflict saying the keybroker holds it", err)
+	}
+	// Were the keybroker to let the guest go (nothing makes it yet), the broker's deleted
+	// record is no obstacle: the name is adopted afresh.
+	kb.mu.Lock()
+	delete(kb.adopted, broker.GuestKey(tenant, vm))
+	kb.mu.Unlock()
 	g, err = acme.AdoptGuest(ctx, &broker.AdoptGuestRequest{VM: vm, Host: "h1"})
 	if err != nil {
 		t.Fatalf("adopting the name again: %v", err)

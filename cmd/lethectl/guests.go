@@ -1,21 +1,25 @@
 package main
 
 import (
+	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/lethe-cc/lethe/broker"
 )
 
 func newGuestsCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "guests", Short: "Adopt and list guests; audit a guest's residency history"}
-	cmd.AddCommand(newGuestsListCmd(), newGuestsAdoptCmd(), newGuestsHistoryCmd())
+	cmd := &cobra.Command{Use: "guests", Short: "Adopt, list and forget guests; audit a guest's residency history"}
+	cmd.AddCommand(newGuestsListCmd(), newGuestsAdoptCmd(), newGuestsForgetCmd(), newGuestsHistoryCmd())
 	return cmd
 }
 
@@ -79,6 +83,95 @@ is how an agent that restarted gets the key back. On any other host it is refuse
 	cmd.Flags().StringVar(&host, "host", "", "the host the guest runs on")
 	cmd.Flags().StringVar(&forTenant, "for", "", "operators: the tenant that owns the guest")
 	return cmd
+}
+
+func newGuestsForgetCmd() *cobra.Command {
+	var o brokerOpts
+	var forTenant, reason string
+	var yes bool
+	cmd := &cobra.Command{
+		Use:   "forget GUEST [--reason R] [--yes]",
+		Short: "Drop the broker's record of a guest whose VM is gone for good (its key stays)",
+		Long: `Forget a guest whose VM is gone for good (deleted, or its host decommissioned): the
+broker drops its record, so that it is no longer listed, migrated nor counted in fleet
+operations. The audit record (guest-forget) names who forgot it and --reason.
+
+It is refused while a migration of the guest is in flight (abort it first, with
+lethectl migrations abort), and while the guest's host is live and still runs it. A tenant
+forgets its own guests only; operators any, naming the tenant with --for.
+
+The guest's memory key is NOT destroyed: it stays in Vault, and the keybroker still holds
+the guest, so it refuses to adopt a guest of that name again. The residency log has no entry
+that records a guest's key destroyed outside a migration yet.
+
+It asks for confirmation on a terminal; with no terminal (a script) it needs --yes.`,
+		Example: `  lethectl guests forget web --reason "VM deleted"
+  lethectl guests forget web --for acme --reason "host h1 decommissioned" --yes`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vm := args[0]
+			if err := o.resolve(); err != nil {
+				return err
+			}
+			name := vm
+			if t := cmp.Or(forTenant, o.Tenant); t != "" {
+				name = t + "/" + vm
+			}
+			if !yes {
+				ok, err := confirm(cmd.InOrStdin(), cmd.ErrOrStderr(),
+					fmt.Sprintf("Forget guest %s? The broker drops its record; its key stays in the keybroker, which will not adopt the name again.", name))
+				if err != nil {
+					return fmt.Errorf("forgetting %s: %w", name, err)
+				}
+				if !ok {
+					return fmt.Errorf("forgetting %s: not confirmed", name)
+				}
+			}
+			g, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.Guest, error) {
+				return c.ForgetGuest(ctx, &broker.ForgetGuestRequest{Tenant: forTenant, VM: vm, Reason: reason})
+			})
+			if err != nil {
+				return err
+			}
+			return o.show(cmd.OutOrStdout(), g, func(w io.Writer) {
+				fmt.Fprintf(w, "forgot %s/%s (was on %s, epoch %d); its key stays in the keybroker\n", g.Tenant, g.VM, g.Host, g.Epoch)
+			})
+		},
+	}
+	addBrokerFlags(cmd, &o, true)
+	f := cmd.Flags()
+	f.StringVar(&forTenant, "for", "", "operators: the tenant that owns the guest")
+	f.StringVar(&reason, "reason", "", "why, recorded in the audit record")
+	f.BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation (needed when stdin is not a terminal)")
+	return cmd
+}
+
+// errNoTerminal is returned by confirm when there is no terminal to ask on.
+var errNoTerminal = errors.New("stdin is not a terminal to confirm on: pass --yes")
+
+// isTerminal reports whether r is a terminal; tests replace it.
+var isTerminal = func(r io.Reader) bool {
+	f, ok := r.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// confirm asks question on w and reads the answer from in, a terminal: only "y" or "yes"
+// confirms. It returns errNoTerminal when in is not a terminal, so that a script never
+// confirms by accident.
+func confirm(in io.Reader, w io.Writer, question string) (bool, error) {
+	if !isTerminal(in) {
+		return false, errNoTerminal
+	}
+	fmt.Fprintf(w, "%s [y/N] ", question)
+	answer, err := bufio.NewReader(in).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return false, fmt.Errorf("reading the answer: %w", err)
+	}
+	switch strings.ToLower(strings.TrimSpace(answer)) {
+	case "y", "yes":
+		return true, nil
+	}
+	return false, nil
 }
 
 func newGuestsHistoryCmd() *cobra.Command {
