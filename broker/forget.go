@@ -17,8 +17,9 @@ import (
 const markGrace = time.Minute
 
 // forgetGuest drops the broker's record of a guest whose VM is gone for good (deleted, or its
-// host decommissioned), so that the name may be adopted again. A tenant forgets its own
-// guests only (another tenant's is not found); an operator any guest.
+// host decommissioned), so that it is no longer listed nor migrated and the broker would take
+// the name in afresh. A tenant forgets its own guests only (another tenant's is not found); an
+// operator any guest.
 //
 // It refuses, with ErrConflict, while a migration of the guest is in flight (naming it and how
 // to abort it), and with ErrFailedPrecondition while the guest's host is live and still
