@@ -380,6 +380,8 @@ func (k *Keybroker) attempt(ctx context.Context, e *journalEntry) error {
 			err = k.executeDestroy(ctx, e)
 		case kindCleanup:
 			err = k.executeCleanup(ctx, e)
+		case kindForget:
+			err = k.executeForget(ctx, e)
 		default:
 			err = fmt.Errorf("unknown journal entry kind %q", e.Kind)
 		}

@@ -36,6 +36,7 @@ const (
 	OpPublicKey       = kbwire.OpPublicKey
 	OpTenantRegister  = kbwire.OpTenantRegister
 	OpTenantRotateKey = kbwire.OpTenantRotateKey
+	OpGuestForget     = kbwire.OpGuestForget
 	OpPolicyPublish   = kbwire.OpPolicyPublish
 	OpLogCheckpoint   = kbwire.OpLogCheckpoint
 	OpLogConsistency  = kbwire.OpLogConsistency
@@ -45,7 +46,7 @@ const (
 )
 
 // Ops are the operations the service offers.
-var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister, OpTenantRotateKey, OpPolicyPublish, OpLogCheckpoint, OpLogConsistency, OpLogHistory, OpLogCosign, OpLogEntries}
+var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister, OpTenantRotateKey, OpGuestForget, OpPolicyPublish, OpLogCheckpoint, OpLogConsistency, OpLogHistory, OpLogCosign, OpLogEntries}
 
 // Subject returns the subject of op.
 func Subject(op string) string { return SubjectPrefix + "." + op }
