@@ -1,10 +1,13 @@
 package keybroker
 
 import (
+	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -167,5 +170,56 @@ func TestForgetRefused(t *testing.T) {
 	}
 	if !e.transitKeyExists(key) {
 		t.Error("a replayed forget destroyed the new adoption's key")
+	}
+}
+
+// TestForgetRetried: Vault stops taking the guest's record after the forget destroyed the key
+// and logged it; the forget stays journaled, Run completes it, and the history holds one forget
+// entry, so that it still verifies.
+func TestForgetRetried(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	e.adopt("vm1")
+	var writes atomic.Int32
+	e.proxy.Block(func(r *http.Request) bool {
+		// The first write of the guest's record (the hold) goes through, the last does not.
+		return r.Method != http.MethodGet && strings.Contains(r.URL.Path, "/data/guests/demo/vm1") && writes.Add(1) > 1
+	})
+	_, err := e.kb.Forget(ctx, forgetRequest(t, e.tenantKey, true, "vm1", e.clock.Now()))
+	if !errors.Is(err, ErrDestructionPending) {
+		e.proxy.Restore()
+		t.Fatalf("Forget with the guest's record blocked = %v, want ErrDestructionPending", err)
+	}
+	if e.transitKeyExists(epochKeyName("demo", "vm1", 1)) {
+		t.Error("the key survived the forget's first attempt")
+	}
+	id := e.audit.last(t).MigrationID
+	pending := e.kb.jnl.get(kindForget, id)
+	if pending == nil {
+		e.proxy.Restore()
+		t.Fatalf("forget %s not journaled", id)
+	}
+	e.proxy.Restore()
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error)
+	go func() { done <- e.kb.Run(runCtx) }()
+	select {
+	case <-pending.done:
+	case <-ctx.Done():
+	}
+	cancel()
+	<-done
+	if g := e.guest("vm1"); g.Epoch != 0 || g.Migration != nil {
+		t.Fatalf("guest record after the retried forget: %+v", g)
+	}
+	rep, err := e.auditHistory(e.kb, "vm1", nil)
+	if err != nil {
+		t.Fatalf("history after the retried forget: %v", err)
+	}
+	if got := kinds(rep); got != "adopt:adopt-vm1 forget:"+id {
+		t.Errorf("history after the retried forget: %s", got)
+	}
+	if _, err := e.adoptAs("adopt-vm1-again", "vm1"); err != nil {
+		t.Errorf("adopting again after the retried forget: %v", err)
 	}
 }
