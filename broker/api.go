@@ -308,9 +308,9 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 	if err != nil {
 		b.log.Warn("Adoption refused", logKeyTenant, tenant, logKeyVM, req.VM, logKeyHost, req.Host, logKeyError, err)
 		if errors.Is(err, kbwire.CodeAlreadyAdopted) {
-			// The broker has no record of the guest but the keybroker has: the guest was
-			// forgotten (guests.forget), and its key stayed in the keybroker.
-			return nil, fmt.Errorf("%w: the keybroker still holds guest %s and its key (a guest forgotten keeps them): %w", ErrConflict, key, err)
+			// The broker has no record of the guest but the keybroker has: the broker's record
+			// went without the keybroker's forget (guests.forget asks the keybroker first).
+			return nil, fmt.Errorf("%w: the keybroker still holds guest %s and its key, of which the broker has no record: %w", ErrConflict, key, err)
 		}
 		return nil, fmt.Errorf("adopting guest: %w", err)
 	}

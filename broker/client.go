@@ -57,8 +57,8 @@ func (c *Client) AdoptGuest(ctx context.Context, req *AdoptGuestRequest) (*Guest
 	return &resp, c.call(ctx, OpGuestsAdopt, req, &resp)
 }
 
-// ForgetGuest drops the broker's record of a guest whose VM is gone, and returns the record
-// as it was.
+// ForgetGuest forgets a guest whose VM is gone (the keybroker destroys its key, on
+// req.Signed; the broker drops its record), and returns the record as it was.
 func (c *Client) ForgetGuest(ctx context.Context, req *ForgetGuestRequest) (*Guest, error) {
 	var resp Guest
 	return &resp, c.call(ctx, OpGuestsForget, req, &resp)

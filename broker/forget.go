@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
@@ -16,10 +18,10 @@ import (
 // apart); an older mark whose migration is nowhere is stale.
 const markGrace = time.Minute
 
-// forgetGuest drops the broker's record of a guest whose VM is gone for good (deleted, or its
-// host decommissioned), so that it is no longer listed nor migrated and the broker would take
-// the name in afresh. A tenant forgets its own guests only (another tenant's is not found); an
-// operator any guest.
+// forgetGuest forgets a guest whose VM is gone for good (deleted, or its host
+// decommissioned): the keybroker destroys its key, and the broker drops its record, so that it
+// is no longer listed nor migrated and the name can be adopted again. A tenant forgets its own
+// guests only (another tenant's is not found); an operator any guest.
 //
 // It refuses, with ErrConflict, while a migration of the guest is in flight (naming it and how
 // to abort it), and with ErrFailedPrecondition while the guest's host is live and still
@@ -27,10 +29,14 @@ const markGrace = time.Minute
 // give its host's agent its key again. The record is deleted by compare-and-swap, so that a
 // migration requested meanwhile either finds no guest or makes the forget fail.
 //
-// The keybroker is not told: the guest's current epoch key stays in Vault, and the keybroker
-// still holds the guest as adopted (it refuses to adopt the name again), because its residency
-// log has no entry that records a guest's keys destroyed outside a migration (docs/log.md).
-// The forget is one audit record (AuditGuestForget) with the caller's reason.
+// Once its own checks pass, it asks the keybroker (guest.forget) with req.Signed, the
+// statement the caller signed with its tenant's policy key or the operator's admin key: the
+// broker is not trusted with the guest's key, and cannot forge that statement. Only once the
+// keybroker destroyed the key (or holds no such guest: a forget interrupted before the
+// broker's record went) is the record deleted; a refusal deletes nothing (ErrDenied for a
+// statement the keybroker does not accept, ErrConflict while a migration holds keys,
+// ErrInvalid for a malformed one, ErrUnavailable). The forget is one audit record
+// (AuditGuestForget) with the caller's reason.
 func (b *Broker) forgetGuest(ctx context.Context, c Caller, req *ForgetGuestRequest) (*Guest, error) {
 	tenant, err := c.tenantFor(req.Tenant)
 	if err != nil {
@@ -42,6 +48,9 @@ func (b *Broker) forgetGuest(ctx context.Context, c Caller, req *ForgetGuestRequ
 	if len(req.Reason) > maxReason {
 		return nil, fmt.Errorf("%w: reason longer than %d bytes", ErrInvalid, maxReason)
 	}
+	if len(req.Signed) == 0 {
+		return nil, fmt.Errorf("%w: a forget needs a statement signed with the tenant's policy key or the admin key (lethectl guests forget signs it)", ErrInvalid)
+	}
 	key := GuestKey(tenant, req.VM)
 	for {
 		g, rev, err := getJSON[Guest](ctx, b.store.guests, key)
@@ -52,6 +61,11 @@ func (b *Broker) forgetGuest(ctx context.Context, c Caller, req *ForgetGuestRequ
 			return nil, err
 		}
 		if err := b.forgettable(ctx, g); err != nil {
+			return nil, err
+		}
+		detail, err := b.forgetKeys(ctx, tenant, req)
+		if err != nil {
+			b.log.Warn("Forget refused by the keybroker", logKeyTenant, tenant, logKeyVM, req.VM, "by", c.String(), logKeyError, err)
 			return nil, err
 		}
 		dctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
@@ -67,10 +81,30 @@ func (b *Broker) forgetGuest(ctx context.Context, c Caller, req *ForgetGuestRequ
 			"by", c.String(), logKeyReason, req.Reason)
 		b.publishAudit(AuditRecord{Action: AuditGuestForget, By: c.String(), Target: key, Reason: req.Reason,
 			Tenant: tenant, VM: req.VM, Host: g.Host,
-			Detail: fmt.Sprintf("epoch %d; its key stays in the keybroker", g.Epoch)})
+			Detail: fmt.Sprintf("epoch %d; %s", g.Epoch, detail)})
 		g.WrappedMDK = ""
 		return g, nil
 	}
+}
+
+// forgetKeys asks the keybroker to forget the guest on req's signed statement, and returns
+// what it did, for the audit record. A guest the keybroker does not hold (forgotten there
+// already) is no refusal.
+func (b *Broker) forgetKeys(ctx context.Context, tenant string, req *ForgetGuestRequest) (string, error) {
+	resp, err := b.kb.Forget(ctx, &kbwire.ForgetRequest{Tenant: tenant, VM: req.VM, Signed: req.Signed})
+	switch {
+	case err == nil:
+		return fmt.Sprintf("the keybroker destroyed %s (%s, signed by the %s)", strings.Join(resp.DestroyedKeys, ", "), resp.ForgetID, resp.By), nil
+	case errors.Is(err, kbwire.CodeNotAdopted):
+		return "the keybroker held no key of it", nil
+	case errors.Is(err, kbwire.CodeUnauthorized):
+		return "", fmt.Errorf("%w: the keybroker refused the forget's statement: %w", ErrDenied, err)
+	case errors.Is(err, kbwire.CodeGuestBusy):
+		return "", fmt.Errorf("%w: %w", ErrConflict, err)
+	case errors.Is(err, kbwire.CodeInvalidRequest):
+		return "", fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	return "", fmt.Errorf("forgetting the guest's key: %w", err)
 }
 
 // forgettable returns why g may not be forgotten now, or nil.

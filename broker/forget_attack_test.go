@@ -23,9 +23,9 @@ func TestTenantCannotForgetAnotherTenantsGuest(t *testing.T) {
 	ctx := t.Context()
 	globex := e.tenant("globex")
 	for name, req := range map[string]*broker.ForgetGuestRequest{
-		"naming acme":           {Tenant: tenant, VM: vm, Reason: "mine now"},
-		"in its own namespace":  {VM: vm},
-		"with acme's guest key": {VM: broker.GuestKey(tenant, vm)},
+		"naming acme":           {Tenant: tenant, VM: vm, Reason: "mine now", Signed: signed},
+		"in its own namespace":  {VM: vm, Signed: signed},
+		"with acme's guest key": {VM: broker.GuestKey(tenant, vm), Signed: signed},
 	} {
 		if _, err := globex.ForgetGuest(ctx, req); err == nil || !errors.Is(err, broker.ErrNotFound) && !errors.Is(err, broker.ErrInvalid) {
 			t.Errorf("globex forgetting acme's guest %s: %v, want not found or invalid", name, err)
@@ -61,7 +61,7 @@ func TestTenantCannotForgetAnotherTenantsGuest(t *testing.T) {
 		t.Fatalf("acme's guests after globex's attempts: %+v, want web", list.Guests)
 	}
 	// acme itself may.
-	if _, err := e.tenant(tenant).ForgetGuest(ctx, &broker.ForgetGuestRequest{VM: vm, Reason: "deleted"}); err != nil {
+	if _, err := e.tenant(tenant).ForgetGuest(ctx, &broker.ForgetGuestRequest{VM: vm, Reason: "deleted", Signed: signed}); err != nil {
 		t.Errorf("acme forgetting its own guest: %v", err)
 	}
 }

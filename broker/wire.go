@@ -184,14 +184,19 @@ type AdoptGuestRequest struct {
 	Host   string `json:"host"`
 }
 
-// ForgetGuestRequest drops the broker's record of a guest whose VM is gone for good (see
-// guests.forget in the package documentation).
+// ForgetGuestRequest forgets a guest whose VM is gone for good: the keybroker destroys its key
+// and the broker drops its record (see guests.forget in the package documentation).
 type ForgetGuestRequest struct {
 	// Tenant: operators only; a tenant forgets its own guests.
 	Tenant string `json:"tenant,omitempty"`
 	VM     string `json:"vm"`
 	// Reason is why, recorded in the audit record.
 	Reason string `json:"reason,omitempty"`
+	// Signed is the statement that asks the keybroker for the forget, which the broker passes
+	// on and cannot forge: kbwire.SignTenant's (the tenant's policy key) or kbwire.SignAdmin's
+	// (the operator's admin key) envelope of a kbwire.ForgetGuestRequest naming the guest, for
+	// kbwire.OpGuestForget (lethectl guests forget signs it).
+	Signed []byte `json:"signed"`
 }
 
 // CreateMigrationRequest asks for a migration of a guest.
