@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"io"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/lethe-cc/lethe/attest"
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
+	"github.com/lethe-cc/lethe/policy"
 )
 
 // terminal makes confirm take stdin for a terminal (tty) or not, for the test.
@@ -39,21 +42,36 @@ func (f *fleet) report(host string, vms ...string) {
 	}
 }
 
+// TestGuestsForget: lethectl signs the forget (the tenant's key, or the admin's for an
+// operator) and the broker passes it to the keybroker (here brokertest's, which verifies
+// nothing: the real one's checks are keybroker's tests).
 func TestGuestsForget(t *testing.T) {
 	f := newFleet(t)
-	f.addHost("h1", 115, "web", "db")
-	f.report("h1", "db") // web's VM was deleted
+	f.addHost("h1", 115, "web", "db", "api")
+	f.report("h1", "db") // web's and api's VMs were deleted
+	keys := t.TempDir()
+	for _, name := range []string{"tenant", "admin"} {
+		if _, err := policy.GenerateKeyNamed(keys, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tenantKey, adminKey := filepath.Join(keys, "tenant.key"), filepath.Join(keys, "admin.key")
+	t.Setenv("LETHE_ADMIN_KEY", "")
 
 	terminal(t, false)
-	_, errOut, code := f.run("guests", "forget", "web", "--for", "acme")
+	_, errOut, code := f.run("guests", "forget", "web", "--for", "acme", "--admin-key", adminKey)
 	if code == 0 || !strings.Contains(errOut, "forgetting acme/web: stdin is not a terminal to confirm on: pass --yes") {
 		t.Errorf("forget in a script without --yes: exit %d, %q; want a refusal asking for --yes", code, errOut)
 	}
-	_, errOut, code = f.run("guests", "forget", "web", "--tenant", "globex", "--for", "acme", "--yes")
+	_, errOut, code = f.run("guests", "forget", "web", "--for", "acme", "--yes")
+	if code == 0 || !strings.Contains(errOut, "no key to sign the forget with") {
+		t.Errorf("forget with no key: exit %d, %q; want a refusal asking for a key", code, errOut)
+	}
+	_, errOut, code = f.run("guests", "forget", "web", "--tenant", "globex", "--for", "acme", "--key", tenantKey, "--yes")
 	if code == 0 || !strings.Contains(errOut, "not_found") && !strings.Contains(errOut, "not found") {
 		t.Errorf("tenant globex forgetting acme's guest: exit %d, %q; want not found", code, errOut)
 	}
-	_, errOut, code = f.run("guests", "forget", "db", "--for", "acme", "--yes")
+	_, errOut, code = f.run("guests", "forget", "db", "--for", "acme", "--admin-key", adminKey, "--yes")
 	if code == 0 || !strings.Contains(errOut, "host h1 is live and still runs guest acme.db") {
 		t.Errorf("forgetting a running guest: exit %d, %q; want a refusal", code, errOut)
 	}
@@ -62,13 +80,27 @@ func TestGuestsForget(t *testing.T) {
 		t.Fatalf("a refused forget dropped the guest:\n%s", out)
 	}
 
-	out, errOut, code = f.run("guests", "forget", "web", "--tenant", "acme", "--reason", "VM deleted", "--yes")
-	if code != 0 || out != "forgot acme/web (was on h1, epoch 1); its key stays in the keybroker\n" {
-		t.Fatalf("forget --yes: exit %d, %q %q", code, out, errOut)
+	out, errOut, code = f.run("guests", "forget", "web", "--tenant", "acme", "--key", tenantKey, "--reason", "VM deleted", "--yes")
+	if code != 0 || out != "forgot acme/web (was on h1, epoch 1); its key is destroyed\n" {
+		t.Fatalf("forget --key --yes: exit %d, %q %q", code, out, errOut)
+	}
+	t.Setenv("LETHE_ADMIN_KEY", adminKey)
+	out, errOut, code = f.run("guests", "forget", "api", "--for", "acme", "--yes")
+	if code != 0 || out != "forgot acme/api (was on h1, epoch 1); its key is destroyed\n" {
+		t.Fatalf("forget by an operator with $LETHE_ADMIN_KEY: exit %d, %q %q", code, out, errOut)
 	}
 	out, _, _ = f.run("guests", "list")
-	if strings.Contains(out, "web") || !strings.Contains(out, "acme    db") {
-		t.Errorf("guests list after forgetting web:\n%s", out)
+	if strings.Contains(out, "web") || strings.Contains(out, "api") || !strings.Contains(out, "acme    db") {
+		t.Errorf("guests list after forgetting web and api:\n%s", out)
+	}
+	forgets := f.kb.Forgets()
+	if len(forgets) != 2 {
+		t.Fatalf("the keybroker was asked %d forgets, want 2", len(forgets))
+	}
+	for i, want := range []string{kbwire.TenantPayloadType, kbwire.AdminPayloadType} {
+		if typ, err := kbwire.StatementType(forgets[i].Signed); err != nil || typ != want {
+			t.Errorf("forget %d signed as %q (%v), want %q", i, typ, err, want)
+		}
 	}
 }
 
