@@ -16,7 +16,9 @@
 // The edge must never answer with or log a plaintext key or a Vault token. No bearer secret
 // crosses NATS: tenant.register carries a statement signed with the operator's admin key
 // (short-lived, used once), tenant.rotate-key one signed by the tenant's current or recovery
-// key, and policy.publish a policy signed by the tenant; the keybroker verifies each.
+// key, guest.forget one signed by the guest's tenant or the admin (short-lived, used once; the
+// broker carries it), and policy.publish a policy signed by the tenant; the keybroker verifies
+// each.
 package natsapi
 
 import "github.com/lethe-cc/lethe/keybroker/kbwire"
