@@ -412,8 +412,11 @@ func (k *Keybroker) retryPending(ctx context.Context) {
 			k.log.WarnContext(ctx, "Pending destruction still waiting for Vault", attrMigration, e.MigrationID, attrAttempt, e.Attempts, attrError, err.Error())
 		default:
 			k.log.ErrorContext(ctx, "Pending destruction refused", attrMigration, e.MigrationID, attrError, err.Error())
-			if e.Kind == kindDestroy {
+			switch e.Kind {
+			case kindDestroy:
 				k.emit(ctx, &Event{Kind: EventDestroy, MigrationID: e.MigrationID, Tenant: e.Tenant, VM: e.VM}, err)
+			case kindForget:
+				k.emit(ctx, forgetEvent(e), err)
 			}
 		}
 	}

@@ -23,7 +23,9 @@ import (
 //
 // It refuses while a migration of the guest holds keys (released, or being released or
 // destroyed): the migration must be committed or aborted first. The destruction is journaled
-// like a migration's (Run retries it if Vault fails half-way). Every call is audited.
+// like a migration's (Run retries it if Vault fails half-way). Every call is audited
+// (EventForget): a refusal by Forget, the forget itself once the guest's record is released
+// (by Run's retry, for one that was pending).
 //
 // It returns ErrInvalidRequest (a malformed request or statement, one naming another guest),
 // ErrUnauthorized (no valid signature of the tenant or the admin, a statement for another
@@ -35,8 +37,10 @@ func (k *Keybroker) Forget(ctx context.Context, req *kbwire.ForgetRequest) (*kbw
 	resp, err := k.forget(ctx, req, &ev)
 	if err != nil {
 		err = fmt.Errorf("forgetting %s/%s: %w", req.Tenant, req.VM, err)
+		if !errors.Is(err, ErrDestructionPending) {
+			k.emit(ctx, &ev, err)
+		}
 	}
-	k.emit(ctx, &ev, err)
 	return resp, err
 }
 
@@ -70,7 +74,7 @@ func (k *Keybroker) forget(ctx context.Context, req *kbwire.ForgetRequest, ev *E
 	digest := sha256.Sum256(req.Signed)
 	e := &journalEntry{
 		Kind: kindForget, MigrationID: id, Tenant: req.Tenant, VM: req.VM, Epoch: g.Epoch,
-		Statement: digest[:], RequestedAt: k.now().UTC(),
+		Statement: digest[:], Signer: by, Reason: fr.Reason, RequestedAt: k.now().UTC(),
 	}
 	ev.Epoch = g.Epoch
 	if err := k.jnl.add(e); err != nil {
@@ -86,8 +90,16 @@ func (k *Keybroker) forget(ctx context.Context, req *kbwire.ForgetRequest, ev *E
 	for _, d := range e.Destroyed {
 		resp.DestroyedKeys = append(resp.DestroyedKeys, d.Name)
 	}
-	ev.Keys = resp.DestroyedKeys
 	return resp, nil
+}
+
+// forgetEvent is the audit event of a journaled forget.
+func forgetEvent(e *journalEntry) *Event {
+	ev := &Event{Kind: EventForget, MigrationID: e.MigrationID, Tenant: e.Tenant, VM: e.VM, Epoch: e.Epoch, By: e.Signer, Reason: e.Reason}
+	for _, d := range e.Destroyed {
+		ev.Keys = append(ev.Keys, d.Name)
+	}
+	return ev
 }
 
 // The signers of a forget's statement, as ForgetResponse.By and the audit event name them.
@@ -222,5 +234,6 @@ func (k *Keybroker) executeForget(ctx context.Context, e *journalEntry) error {
 		return err
 	}
 	k.log.InfoContext(ctx, "Guest forgotten", attrTenant, e.Tenant, attrVM, e.VM, attrMigration, e.MigrationID, attrKeys, keys)
+	k.emit(ctx, forgetEvent(e), nil)
 	return nil
 }

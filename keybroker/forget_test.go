@@ -193,12 +193,17 @@ func TestForgetRetried(t *testing.T) {
 	if e.transitKeyExists(epochKeyName("demo", "vm1", 1)) {
 		t.Error("the key survived the forget's first attempt")
 	}
-	id := e.audit.last(t).MigrationID
-	pending := e.kb.jnl.get(kindForget, id)
+	var pending *journalEntry
+	for _, p := range e.kb.jnl.pending() {
+		if p.Kind == kindForget {
+			pending = p
+		}
+	}
 	if pending == nil {
 		e.proxy.Restore()
-		t.Fatalf("forget %s not journaled", id)
+		t.Fatal("the forget is not journaled")
 	}
+	id := pending.MigrationID
 	e.proxy.Restore()
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error)
@@ -211,6 +216,9 @@ func TestForgetRetried(t *testing.T) {
 	<-done
 	if g := e.guest("vm1"); g.Epoch != 0 || g.Migration != nil {
 		t.Fatalf("guest record after the retried forget: %+v", g)
+	}
+	if ev := e.audit.last(t); ev.Kind != EventForget || ev.Decision != DecisionAllow || ev.MigrationID != id || ev.By != "tenant" || ev.Reason != "VM deleted" {
+		t.Errorf("audit event of the retried forget: %+v", ev)
 	}
 	rep, err := e.auditHistory(e.kb, "vm1", nil)
 	if err != nil {

@@ -49,8 +49,11 @@ type journalEntry struct {
 	Keys        []string  `json:"keys,omitempty"`
 	Epoch       uint64    `json:"epoch,omitempty"`
 	RequestedAt time.Time `json:"requestedAt"`
-	// Statement is the SHA-256 of kindForget's signed statement, which its log entry names.
+	// Statement is the SHA-256 of kindForget's signed statement, which its log entry names;
+	// Signer ("admin" or "tenant") and Reason are who signed it and why, for its audit event.
 	Statement []byte `json:"statement,omitempty"`
+	Signer    string `json:"signer,omitempty"`
+	Reason    string `json:"reason,omitempty"`
 	// Destroyed are the keys deleted so far, with their last versions.
 	Destroyed []receipt.DestroyedKey `json:"destroyed,omitempty"`
 	Attempts  int                    `json:"attempts"`
