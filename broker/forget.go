@@ -27,7 +27,9 @@ const markGrace = time.Minute
 // to abort it), and with ErrFailedPrecondition while the guest's host is live and still
 // reports the guest: a running guest is not forgotten, since nothing could then migrate it nor
 // give its host's agent its key again. The record is deleted by compare-and-swap, so that a
-// migration requested meanwhile either finds no guest or makes the forget fail.
+// migration requested meanwhile either finds no guest or makes the forget fail (after the
+// keybroker's part: that migration is then refused its keys and aborts, and a forget asked
+// again drops the record).
 //
 // Once its own checks pass, it asks the keybroker (guest.forget) with req.Signed, the
 // statement the caller signed with its tenant's policy key or the operator's admin key: the
@@ -52,6 +54,7 @@ func (b *Broker) forgetGuest(ctx context.Context, c Caller, req *ForgetGuestRequ
 		return nil, fmt.Errorf("%w: a forget needs a statement signed with the tenant's policy key or the admin key (lethectl guests forget signs it)", ErrInvalid)
 	}
 	key := GuestKey(tenant, req.VM)
+	var detail string // what the keybroker did, once it did
 	for {
 		g, rev, err := getJSON[Guest](ctx, b.store.guests, key)
 		if errors.Is(err, ErrNotFound) {
@@ -63,10 +66,11 @@ func (b *Broker) forgetGuest(ctx context.Context, c Caller, req *ForgetGuestRequ
 		if err := b.forgettable(ctx, g); err != nil {
 			return nil, err
 		}
-		detail, err := b.forgetKeys(ctx, tenant, req)
-		if err != nil {
-			b.log.Warn("Forget refused by the keybroker", logKeyTenant, tenant, logKeyVM, req.VM, "by", c.String(), logKeyError, err)
-			return nil, err
+		if detail == "" {
+			if detail, err = b.forgetKeys(ctx, tenant, req); err != nil {
+				b.log.Warn("Forget refused by the keybroker", logKeyTenant, tenant, logKeyVM, req.VM, "by", c.String(), logKeyError, err)
+				return nil, err
+			}
 		}
 		dctx, cancel := context.WithTimeout(ctx, storeCallTimeout)
 		err = b.store.guests.Delete(dctx, key, jetstream.LastRevision(rev))
