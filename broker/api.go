@@ -53,10 +53,11 @@ func endpoint[Req any, Resp any](op Op, fn func(context.Context, Caller, *Req) (
 // answer as unavailable (publicError); any other is logged and answered as internal.
 func (b *Broker) serveAPI(ctx context.Context) (*natsrpc.Server, error) {
 	handlers := map[Op]natsrpc.Handler{
-		OpPolicyApply: endpoint(OpPolicyApply, b.applyPolicy),
-		OpHostsList:   endpoint(OpHostsList, b.listHosts),
-		OpGuestsList:  endpoint(OpGuestsList, b.listGuests),
-		OpGuestsAdopt: endpoint(OpGuestsAdopt, b.adoptGuest),
+		OpPolicyApply:  endpoint(OpPolicyApply, b.applyPolicy),
+		OpHostsList:    endpoint(OpHostsList, b.listHosts),
+		OpGuestsList:   endpoint(OpGuestsList, b.listGuests),
+		OpGuestsAdopt:  endpoint(OpGuestsAdopt, b.adoptGuest),
+		OpGuestsForget: endpoint(OpGuestsForget, b.forgetGuest),
 		OpMigrationsCreate: endpoint(OpMigrationsCreate, func(rctx context.Context, c Caller, r *CreateMigrationRequest) (*CreateMigrationResponse, error) {
 			return b.createMigration(rctx, ctx, c, r)
 		}),
@@ -306,6 +307,11 @@ func (b *Broker) adoptGuest(ctx context.Context, c Caller, req *AdoptGuestReques
 	})
 	if err != nil {
 		b.log.Warn("Adoption refused", logKeyTenant, tenant, logKeyVM, req.VM, logKeyHost, req.Host, logKeyError, err)
+		if errors.Is(err, kbwire.CodeAlreadyAdopted) {
+			// The broker has no record of the guest but the keybroker has: the broker's record
+			// went without the keybroker's forget (guests.forget asks the keybroker first).
+			return nil, fmt.Errorf("%w: the keybroker still holds guest %s and its key, of which the broker has no record: %w", ErrConflict, key, err)
+		}
 		return nil, fmt.Errorf("adopting guest: %w", err)
 	}
 	if err := b.agents.Keys(ctx, req.Host, &agentapi.KeysRequest{MigrationID: adoptionID, Role: attest.RoleAdopt, SealedKeys: ad.Sealed, Grant: ad.Grant}); err != nil {

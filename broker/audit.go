@@ -33,6 +33,9 @@ const (
 	AuditPolicyApply AuditAction = "policy-apply"
 	// AuditGuestAdopt: a guest was adopted on a host (its first memory key released there).
 	AuditGuestAdopt AuditAction = "guest-adopt"
+	// AuditGuestForget: the broker's record of a guest whose VM is gone was dropped; Host is
+	// where it lived, Reason the caller's. Its key stays in the keybroker.
+	AuditGuestForget AuditAction = "guest-forget"
 	// AuditMigrationRequest and AuditMigrationAbort: a migration was requested, or a request
 	// to abort it accepted; Target is the migration's id.
 	AuditMigrationRequest AuditAction = "migration-request"

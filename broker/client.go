@@ -57,6 +57,13 @@ func (c *Client) AdoptGuest(ctx context.Context, req *AdoptGuestRequest) (*Guest
 	return &resp, c.call(ctx, OpGuestsAdopt, req, &resp)
 }
 
+// ForgetGuest forgets a guest whose VM is gone (the keybroker destroys its key, on
+// req.Signed; the broker drops its record), and returns the record as it was.
+func (c *Client) ForgetGuest(ctx context.Context, req *ForgetGuestRequest) (*Guest, error) {
+	var resp Guest
+	return &resp, c.call(ctx, OpGuestsForget, req, &resp)
+}
+
 // CreateMigration requests a migration (or a dry run).
 func (c *Client) CreateMigration(ctx context.Context, req *CreateMigrationRequest) (*CreateMigrationResponse, error) {
 	var resp CreateMigrationResponse

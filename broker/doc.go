@@ -26,6 +26,7 @@
 //	hosts.list         ListHostsRequest        → ListHostsResponse
 //	guests.list        ListGuestsRequest       → ListGuestsResponse
 //	guests.adopt       AdoptGuestRequest       → Guest
+//	guests.forget      ForgetGuestRequest      → Guest (the record forgotten; the keybroker destroyed its key)
 //	migrations.create  CreateMigrationRequest  → CreateMigrationResponse (DryRun: only the verdicts)
 //	migrations.get     GetMigrationRequest     → Migration
 //	migrations.list    ListMigrationsRequest   → ListMigrationsResponse (a page, newest first)

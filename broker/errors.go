@@ -31,7 +31,7 @@ var (
 	// ErrFailedPrecondition: the system is not in a state that allows the request (no policy,
 	// source host not live, destination incompatible).
 	ErrFailedPrecondition = errors.New("failed precondition")
-	// ErrDenied: the keybroker denied a release or adoption.
+	// ErrDenied: the keybroker denied a release or adoption, or refused a forget's statement.
 	ErrDenied = errors.New("denied")
 	// ErrUnavailable: a component the request needs did not answer.
 	ErrUnavailable = errors.New("unavailable")

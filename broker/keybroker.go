@@ -33,6 +33,10 @@ type KeyBroker interface {
 	// migration key and epoch e+1) and returns the signed receipt. Repeating it for the same
 	// migration and outcome returns the same receipt.
 	Destroy(ctx context.Context, req *kbwire.DestroyRequest) (*DestroyResponse, error)
+	// Forget destroys the live epoch's key of a guest whose VM is gone and drops the
+	// keybroker's record of it, on the statement its tenant or an admin signed (the broker
+	// passes it on and cannot forge it).
+	Forget(ctx context.Context, req *kbwire.ForgetRequest) (*kbwire.ForgetResponse, error)
 }
 
 // KeyBrokerSubjectPrefix is the prefix of the keybroker API's subjects (kbwire.SubjectPrefix),
@@ -90,6 +94,11 @@ func (c *KeyBrokerClient) Adopt(ctx context.Context, req *kbwire.AdoptRequest) (
 // Reissue implements KeyBroker.
 func (c *KeyBrokerClient) Reissue(ctx context.Context, req *kbwire.ReissueRequest) (*kbwire.ReissueResponse, error) {
 	return call[kbwire.ReissueResponse](ctx, c, kbwire.OpReissue, req)
+}
+
+// Forget implements KeyBroker.
+func (c *KeyBrokerClient) Forget(ctx context.Context, req *kbwire.ForgetRequest) (*kbwire.ForgetResponse, error) {
+	return call[kbwire.ForgetResponse](ctx, c, kbwire.OpGuestForget, req)
 }
 
 // Destroy implements KeyBroker.

@@ -27,6 +27,7 @@ const (
 	OpHostsList        Op = "hosts.list"
 	OpGuestsList       Op = "guests.list"
 	OpGuestsAdopt      Op = "guests.adopt"
+	OpGuestsForget     Op = "guests.forget"
 	OpMigrationsCreate Op = "migrations.create"
 	OpMigrationsGet    Op = "migrations.get"
 	OpMigrationsList   Op = "migrations.list"
@@ -39,7 +40,7 @@ const (
 )
 
 // Ops lists every operation of the broker API.
-var Ops = []Op{OpPolicyApply, OpHostsList, OpGuestsList, OpGuestsAdopt, OpMigrationsCreate,
+var Ops = []Op{OpPolicyApply, OpHostsList, OpGuestsList, OpGuestsAdopt, OpGuestsForget, OpMigrationsCreate,
 	OpMigrationsGet, OpMigrationsList, OpMigrationsAbort, OpReceiptsGet, OpReceiptsList,
 	OpMigrationsEvents, OpPolicyGet, OpPolicyHistory}
 
@@ -181,6 +182,21 @@ type AdoptGuestRequest struct {
 	Tenant string `json:"tenant,omitempty"`
 	VM     string `json:"vm"`
 	Host   string `json:"host"`
+}
+
+// ForgetGuestRequest forgets a guest whose VM is gone for good: the keybroker destroys its key
+// and the broker drops its record (see guests.forget in the package documentation).
+type ForgetGuestRequest struct {
+	// Tenant: operators only; a tenant forgets its own guests.
+	Tenant string `json:"tenant,omitempty"`
+	VM     string `json:"vm"`
+	// Reason is why, recorded in the audit record.
+	Reason string `json:"reason,omitempty"`
+	// Signed is the statement that asks the keybroker for the forget, which the broker passes
+	// on and cannot forge: kbwire.SignTenant's (the tenant's policy key) or kbwire.SignAdmin's
+	// (the operator's admin key) envelope of a kbwire.ForgetGuestRequest naming the guest, for
+	// kbwire.OpGuestForget (lethectl guests forget signs it).
+	Signed []byte `json:"signed"`
 }
 
 // CreateMigrationRequest asks for a migration of a guest.

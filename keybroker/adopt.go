@@ -117,6 +117,9 @@ func (k *Keybroker) reissue(ctx context.Context, req *kbwire.ReissueRequest, ev 
 		if ver == 0 || g.Epoch == 0 || g.WrappedMDK == "" {
 			return fmt.Errorf("%s/%s: %w", req.Tenant, req.VM, ErrNotAdopted)
 		}
+		if g.Migration != nil && g.Migration.State == stateForgetting {
+			return fmt.Errorf("%s/%s is being forgotten: %w", req.Tenant, req.VM, ErrNotAdopted)
+		}
 		return nil
 	})
 	if err != nil {

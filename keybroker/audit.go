@@ -39,6 +39,9 @@ const (
 	EventAdopt   EventKind = "adopt"
 	EventReissue EventKind = "reissue"
 	EventDestroy EventKind = "destroy"
+	// EventForget: a guest was forgotten on a signed statement (its tenant's or an admin's):
+	// its live epoch's key destroyed (Keys), or the request refused.
+	EventForget EventKind = "forget"
 )
 
 // Decision is the outcome an audit event records.
@@ -80,6 +83,9 @@ type Event struct {
 	// keys destroyed are named in Keys.
 	Epoch uint64   `json:"epoch,omitempty"`
 	Keys  []string `json:"keys,omitempty"`
+	// By is who signed a forget's statement ("admin" or "tenant"), Reason why it says.
+	By     string `json:"by,omitempty"`
+	Reason string `json:"reason,omitempty"`
 }
 
 // SlogAudit is an AuditSink that writes each event as one structured log record at level

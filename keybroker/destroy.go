@@ -380,6 +380,8 @@ func (k *Keybroker) attempt(ctx context.Context, e *journalEntry) error {
 			err = k.executeDestroy(ctx, e)
 		case kindCleanup:
 			err = k.executeCleanup(ctx, e)
+		case kindForget:
+			err = k.executeForget(ctx, e)
 		default:
 			err = fmt.Errorf("unknown journal entry kind %q", e.Kind)
 		}
@@ -410,8 +412,11 @@ func (k *Keybroker) retryPending(ctx context.Context) {
 			k.log.WarnContext(ctx, "Pending destruction still waiting for Vault", attrMigration, e.MigrationID, attrAttempt, e.Attempts, attrError, err.Error())
 		default:
 			k.log.ErrorContext(ctx, "Pending destruction refused", attrMigration, e.MigrationID, attrError, err.Error())
-			if e.Kind == kindDestroy {
+			switch e.Kind {
+			case kindDestroy:
 				k.emit(ctx, &Event{Kind: EventDestroy, MigrationID: e.MigrationID, Tenant: e.Tenant, VM: e.VM}, err)
+			case kindForget:
+				k.emit(ctx, forgetEvent(e), err)
 			}
 		}
 	}

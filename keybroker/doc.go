@@ -60,6 +60,11 @@
 // guest's ID is refused (ErrInvalidRequest) before any key or receipt is touched, and an ID
 // that has ended is never released again.
 //
+// [Keybroker.Forget] forgets a guest whose VM is gone for good: on a statement signed by its
+// tenant's policy key or the admin key (never on the broker's word), it destroys the live
+// epoch's key, logs a forget and releases the guest's record, so that the name can be adopted
+// again; it is journaled and retried like a destruction.
+//
 // Release and Destroy are repeatable, because the broker reruns a step after a crash: a
 // repeated release of a released migration, with fresh nonces and evidence, seals the same
 // migration's keys to the new HPKE keys; a repeated ending returns the same receipt without

@@ -23,6 +23,9 @@ const (
 	// kindCleanup: a failed release whose keys (if any were created) must be destroyed and
 	// whose reservation must be cleared. No receipt.
 	kindCleanup = "cleanup"
+	// kindForget: a forgotten guest whose live epoch's key must be destroyed, whose forget
+	// must be logged and whose record must be released. No receipt.
+	kindForget = "forget"
 )
 
 // journalEntry is a destruction that must complete. It is written before the first attempt
@@ -41,10 +44,16 @@ type journalEntry struct {
 	// its erasure evidence (if any) came from the released source, before the entry was
 	// written: only a proven entry moves a released migration to committed.
 	Proven bool `json:"proven,omitempty"`
-	// Keys and Epoch are kindCleanup's keys and the epoch it must not leave behind.
+	// Keys and Epoch are kindCleanup's keys and the epoch it must not leave behind; Epoch is
+	// also kindForget's live epoch, whose key it destroys.
 	Keys        []string  `json:"keys,omitempty"`
 	Epoch       uint64    `json:"epoch,omitempty"`
 	RequestedAt time.Time `json:"requestedAt"`
+	// Statement is the SHA-256 of kindForget's signed statement, which its log entry names;
+	// Signer ("admin" or "tenant") and Reason are who signed it and why, for its audit event.
+	Statement []byte `json:"statement,omitempty"`
+	Signer    string `json:"signer,omitempty"`
+	Reason    string `json:"reason,omitempty"`
 	// Destroyed are the keys deleted so far, with their last versions.
 	Destroyed []receipt.DestroyedKey `json:"destroyed,omitempty"`
 	Attempts  int                    `json:"attempts"`

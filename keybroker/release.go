@@ -26,6 +26,9 @@ const (
 	stateReleased  = "released"
 	stateCommitted = "committed" // epoch moved on; keys being destroyed
 	stateAborted   = "aborted"   // keys being destroyed
+	// stateForgetting holds a guest being forgotten (Forget): its live epoch's key is being
+	// destroyed, so that no release, reissue nor adoption uses the guest meanwhile.
+	stateForgetting = "forgetting"
 )
 
 // migrationRecord is a migration in progress, inside its guest's record.

@@ -171,9 +171,9 @@ type appendReq struct {
 	written, settled chan struct{}
 }
 
-// append adds e (Seq, Prev and Time are set here) and returns its index. A commit, abort or
-// cleanup already the guest's newest entry is not appended again (an ending retried from the
-// journal): its index is returned, perhaps before the head is past it (settledHead finishes
+// append adds e (Seq, Prev and Time are set here) and returns its index. A commit, abort,
+// cleanup or forget already the guest's newest entry is not appended again (an ending retried
+// from the journal): its index is returned, perhaps before the head is past it (settledHead finishes
 // it).
 //
 // Appends of one keybroker are written in batches, one batch at a time, by a goroutine that
@@ -293,7 +293,7 @@ func (l *residencyLog) appendBatch(ctx context.Context, batch []*appendReq) {
 		for _, r := range pending {
 			st := guests[guestKey(r.e.Tenant, r.e.VM)]
 			switch r.e.Kind {
-			case tlog.KindCommit, tlog.KindAbort, tlog.KindCleanup:
+			case tlog.KindCommit, tlog.KindAbort, tlog.KindCleanup, tlog.KindForget:
 				if st.rec.Seq > 0 && st.rec.Kind == r.e.Kind && st.rec.Migration == r.e.MigrationID {
 					if st.planned { // the same ending earlier in this batch: once it is written
 						next = append(next, r)

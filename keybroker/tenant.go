@@ -185,11 +185,25 @@ type adminRequestRecord struct {
 	Expires time.Time `json:"expires"`
 }
 
-// checkAdmin verifies an admin statement for op: signed with Config.AdminKey, for op, issued
-// no later than a minute from now, unexpired, valid for at most kbwire.MaxAdminValidity; then it
-// spends the statement's ID (a create-only record in Vault, which one call wins). It returns
-// ErrUnauthorized or ErrVaultUnavailable.
+// checkAdmin verifies an admin statement for op (verifyAdmin), then spends the statement's
+// ID (spendStatement). It returns ErrUnauthorized or ErrVaultUnavailable.
 func (k *Keybroker) checkAdmin(ctx context.Context, signed []byte, op string) (*kbwire.AdminStatement, error) {
+	st, err := k.verifyAdmin(signed, op)
+	if err != nil {
+		return nil, err
+	}
+	if err := k.ensureAuth(ctx); err != nil {
+		return nil, err
+	}
+	if err := k.spendStatement(ctx, st); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// verifyAdmin verifies an admin statement for op: signed with Config.AdminKey, and current
+// (checkStatement). It spends nothing. It returns ErrUnauthorized.
+func (k *Keybroker) verifyAdmin(signed []byte, op string) (*kbwire.AdminStatement, error) {
 	if len(k.cfg.AdminKey) != ed25519.PublicKeySize {
 		return nil, fmt.Errorf("no admin key configured: %w", ErrUnauthorized)
 	}
@@ -197,28 +211,43 @@ func (k *Keybroker) checkAdmin(ctx context.Context, signed []byte, op string) (*
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrUnauthorized, err)
 	}
-	now := k.now()
-	switch {
-	case st.Op != op:
-		return nil, fmt.Errorf("admin statement for %q, not %q: %w", st.Op, op, ErrUnauthorized)
-	case st.Expires.Sub(st.IssuedAt) > kbwire.MaxAdminValidity || !st.Expires.After(st.IssuedAt):
-		return nil, fmt.Errorf("admin statement valid from %v to %v, longer than %v: %w", st.IssuedAt, st.Expires, kbwire.MaxAdminValidity, ErrUnauthorized)
-	case st.IssuedAt.After(now.Add(adminSkew)):
-		return nil, fmt.Errorf("admin statement issued in the future (%v): %w", st.IssuedAt, ErrUnauthorized)
-	case !now.Before(st.Expires):
-		return nil, fmt.Errorf("admin statement expired at %v: %w", st.Expires, ErrUnauthorized)
-	}
-	if err := k.ensureAuth(ctx); err != nil {
-		return nil, err
-	}
-	d := sha256.Sum256([]byte(st.ID))
-	if _, err := k.recs.put(ctx, "admin-requests/"+hex.EncodeToString(d[:]), &adminRequestRecord{Op: st.Op, Expires: st.Expires}, 0); err != nil {
-		if errors.Is(err, errConflict) {
-			return nil, fmt.Errorf("admin statement %s already used: %w", st.ID, ErrUnauthorized)
-		}
+	if err := k.checkStatement(st, op); err != nil {
 		return nil, err
 	}
 	return st, nil
+}
+
+// checkStatement checks a verified admin or tenant statement: for op, issued no later than a
+// minute from now, unexpired, valid for at most kbwire.MaxAdminValidity. It returns
+// ErrUnauthorized.
+func (k *Keybroker) checkStatement(st *kbwire.AdminStatement, op string) error {
+	now := k.now()
+	switch {
+	case st.Op != op:
+		return fmt.Errorf("statement for %q, not %q: %w", st.Op, op, ErrUnauthorized)
+	case st.Expires.Sub(st.IssuedAt) > kbwire.MaxAdminValidity || !st.Expires.After(st.IssuedAt):
+		return fmt.Errorf("statement valid from %v to %v, longer than %v: %w", st.IssuedAt, st.Expires, kbwire.MaxAdminValidity, ErrUnauthorized)
+	case st.IssuedAt.After(now.Add(adminSkew)):
+		return fmt.Errorf("statement issued in the future (%v): %w", st.IssuedAt, ErrUnauthorized)
+	case !now.Before(st.Expires):
+		return fmt.Errorf("statement expired at %v: %w", st.Expires, ErrUnauthorized)
+	}
+	return nil
+}
+
+// spendStatement spends a verified statement's ID: a create-only record in Vault, which one
+// call wins, so that a statement is used at most once (admin and tenant statements share the
+// records: their IDs are 128 random bits). It returns ErrUnauthorized for an ID already spent,
+// or ErrVaultUnavailable.
+func (k *Keybroker) spendStatement(ctx context.Context, st *kbwire.AdminStatement) error {
+	d := sha256.Sum256([]byte(st.ID))
+	if _, err := k.recs.put(ctx, "admin-requests/"+hex.EncodeToString(d[:]), &adminRequestRecord{Op: st.Op, Expires: st.Expires}, 0); err != nil {
+		if errors.Is(err, errConflict) {
+			return fmt.Errorf("statement %s already used: %w", st.ID, ErrUnauthorized)
+		}
+		return err
+	}
+	return nil
 }
 
 // RotateKey replaces a tenant's policy key by the one a KeyRotation names. The statement must

@@ -43,11 +43,13 @@ type env struct {
 	vault  *vaulttest.Server
 	kbPub  ed25519.PublicKey
 	tenant *broker.Client
-	agents *agentapi.Client
-	js     jetstream.JetStream
-	emuDir string
-	log    *slog.Logger
-	nodes  map[string]*testNode
+	// tenantKey is the tenant's policy key.
+	tenantKey ed25519.PrivateKey
+	agents    *agentapi.Client
+	js        jetstream.JetStream
+	emuDir    string
+	log       *slog.Logger
+	nodes     map[string]*testNode
 	// heartbeat is the agents' heartbeat interval.
 	heartbeat time.Duration
 }
@@ -76,7 +78,7 @@ func newEnvHostTTL(t *testing.T, ttl time.Duration) *env {
 		Tenant: testTenant, PolicyName: "ci-emulated.yaml", Policy: y, AgentTimeout: 20 * time.Second, HostTTL: ttl, Logger: log,
 	})
 	return &env{
-		t: t, nats: s.NATS, vault: s.Vault, kbPub: s.KeybrokerPub, tenant: s.Tenant,
+		t: t, nats: s.NATS, vault: s.Vault, kbPub: s.KeybrokerPub, tenant: s.Tenant, tenantKey: s.TenantKey,
 		agents: agentapi.NewClient(s.Conn, 0), js: s.JS, emuDir: s.EmulatorDir, log: log,
 		nodes: map[string]*testNode{}, heartbeat: 500 * time.Millisecond,
 	}

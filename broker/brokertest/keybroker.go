@@ -29,6 +29,8 @@ type KeyBroker struct {
 	// MaxDowntime is the tenant's downtime limit a release reports, as a policy's
 	// spec.transport.maxDowntime; zero for none.
 	MaxDowntime time.Duration
+	// RefuseForget makes Forget refuse with code unauthorized and this reason when not empty.
+	RefuseForget string
 
 	mu       sync.Mutex
 	nonces   int
@@ -36,6 +38,7 @@ type KeyBroker struct {
 	adopts   []kbwire.AdoptRequest
 	reissues []kbwire.ReissueRequest
 	destroys []kbwire.DestroyRequest
+	forgets  []kbwire.ForgetRequest
 	epochs   map[string]uint64 // guest → current epoch, as the keybroker keeps it
 	ended    map[string]bool   // migrations committed
 	log      tlog.Tree         // the endings' entries
@@ -107,6 +110,32 @@ func (k *KeyBroker) Reissues() []kbwire.ReissueRequest {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return append([]kbwire.ReissueRequest(nil), k.reissues...)
+}
+
+// Forget implements broker.KeyBroker: it verifies no statement, and forgets an adopted
+// guest's epoch.
+func (k *KeyBroker) Forget(_ context.Context, req *kbwire.ForgetRequest) (*kbwire.ForgetResponse, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.forgets = append(k.forgets, *req)
+	if k.RefuseForget != "" {
+		return nil, wireerr.New(kbwire.CodeUnauthorized, k.RefuseForget)
+	}
+	key := req.Tenant + "." + req.VM
+	e := k.epochs[key]
+	if e == 0 {
+		return nil, wireerr.New(kbwire.CodeNotAdopted, "guest not adopted")
+	}
+	delete(k.epochs, key)
+	name := fmt.Sprintf("lethe-%s-%s-e%d", req.Tenant, req.VM, e)
+	return &kbwire.ForgetResponse{Tenant: req.Tenant, VM: req.VM, ForgetID: "forget-fake", Epoch: e, DestroyedKeys: []string{name}, By: "tenant"}, nil
+}
+
+// Forgets returns the forget requests received so far.
+func (k *KeyBroker) Forgets() []kbwire.ForgetRequest {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([]kbwire.ForgetRequest(nil), k.forgets...)
 }
 
 // Destroy implements broker.KeyBroker.

@@ -80,6 +80,7 @@ var (
 	argCompletions = map[string]liveNames{
 		"lethectl migrate":           guestNames,
 		"lethectl guests history":    guestNames,
+		"lethectl guests forget":     guestNames,
 		"lethectl hosts cordon":      hostNames,
 		"lethectl hosts uncordon":    hostNames,
 		"lethectl hosts drain":       hostNames,

@@ -27,6 +27,7 @@ import (
 type fleet struct {
 	t      *testing.T
 	srv    *natstest.Server
+	kb     *brokertest.KeyBroker
 	agents map[string]*agentapitest.Agent
 }
 
@@ -36,9 +37,9 @@ func newFleet(t *testing.T) *fleet {
 	for _, k := range []string{"LETHECTL_CONFIG", "LETHE_TENANT", "LETHE_NATS_URL", "LETHE_NATS_CREDS", "LETHE_NATS_USER", "LETHE_NATS_PASSWORD"} {
 		t.Setenv(k, "")
 	}
-	f := &fleet{t: t, srv: natstest.Start(t, natstest.Options{}), agents: map[string]*agentapitest.Agent{}}
+	f := &fleet{t: t, srv: natstest.Start(t, natstest.Options{}), kb: &brokertest.KeyBroker{}, agents: map[string]*agentapitest.Agent{}}
 	b, err := broker.New(broker.Config{
-		Conn: f.connect(natsauth.RoleBroker, ""), KeyBroker: &brokertest.KeyBroker{},
+		Conn: f.connect(natsauth.RoleBroker, ""), KeyBroker: f.kb,
 		CheckInterval: 20 * time.Millisecond, HostTTL: time.Hour, AgentTimeout: 5 * time.Second,
 		Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})

@@ -1,21 +1,28 @@
 package main
 
 import (
+	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/lethe-cc/lethe/broker"
+	"github.com/lethe-cc/lethe/keybroker/kbwire"
+	"github.com/lethe-cc/lethe/policy"
 )
 
 func newGuestsCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "guests", Short: "Adopt and list guests; audit a guest's residency history"}
-	cmd.AddCommand(newGuestsListCmd(), newGuestsAdoptCmd(), newGuestsHistoryCmd())
+	cmd := &cobra.Command{Use: "guests", Short: "Adopt, list and forget guests; audit a guest's residency history"}
+	cmd.AddCommand(newGuestsListCmd(), newGuestsAdoptCmd(), newGuestsForgetCmd(), newGuestsHistoryCmd())
 	return cmd
 }
 
@@ -79,6 +86,134 @@ is how an agent that restarted gets the key back. On any other host it is refuse
 	cmd.Flags().StringVar(&host, "host", "", "the host the guest runs on")
 	cmd.Flags().StringVar(&forTenant, "for", "", "operators: the tenant that owns the guest")
 	return cmd
+}
+
+func newGuestsForgetCmd() *cobra.Command {
+	var o brokerOpts
+	var forTenant, reason, keyFile, adminKeyFile string
+	var validity time.Duration
+	var yes bool
+	cmd := &cobra.Command{
+		Use:   "forget GUEST (--key tenant.key | --admin-key admin.key) [--reason R] [--yes]",
+		Short: "Forget a guest whose VM is gone for good: its memory key is destroyed",
+		Long: `Forget a guest whose VM is gone for good (deleted, or its host decommissioned): the
+keybroker destroys its memory key in Vault and logs a forget entry in the residency log, and
+the broker drops its record, so that it is no longer listed, migrated nor counted in fleet
+operations, and a guest of that name can be adopted again (from epoch 1). It cannot be undone:
+whatever of the guest's memory was kept anywhere can never be decrypted again.
+
+The broker is not trusted with the guest's key, so the forget is a statement signed here and
+passed through it to the keybroker: with the tenant's policy key (--key tenant.key, as
+lethectl policy sign), or, for an operator, with the admin key (--admin-key, or the file
+$LETHE_ADMIN_KEY, as lethectl tenant register). It is valid for --validity (at most 5m) and
+accepted once.
+
+It is refused while a migration of the guest is in flight (abort it first, with
+lethectl migrations abort), and while the guest's host is live and still runs it. A tenant
+forgets its own guests only; operators any, naming the tenant with --for. The audit records
+(the broker's guest-forget, the keybroker's forget) name who forgot it and --reason.
+
+It asks for confirmation on a terminal; with no terminal (a script) it needs --yes.`,
+		Example: `  lethectl guests forget web --key keys/tenant.key --reason "VM deleted"
+  lethectl guests forget web --for acme --admin-key admin/admin.key --reason "host h1 decommissioned" --yes`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vm := args[0]
+			if err := o.resolve(); err != nil {
+				return err
+			}
+			tenant := cmp.Or(forTenant, o.Tenant)
+			name := vm
+			if tenant != "" {
+				name = tenant + "/" + vm
+			}
+			signed, err := signForget(tenant, vm, reason, keyFile, adminKeyFile, validity)
+			if err != nil {
+				return fmt.Errorf("forgetting %s: %w", name, err)
+			}
+			if !yes {
+				ok, err := confirm(cmd.InOrStdin(), cmd.ErrOrStderr(),
+					fmt.Sprintf("Forget guest %s? Its memory key is destroyed and the broker drops its record; this cannot be undone.", name))
+				if err != nil {
+					return fmt.Errorf("forgetting %s: %w", name, err)
+				}
+				if !ok {
+					return fmt.Errorf("forgetting %s: not confirmed", name)
+				}
+			}
+			g, err := callBroker(cmd.Context(), &o, func(ctx context.Context, c *broker.Client) (*broker.Guest, error) {
+				return c.ForgetGuest(ctx, &broker.ForgetGuestRequest{Tenant: forTenant, VM: vm, Reason: reason, Signed: signed})
+			})
+			if err != nil {
+				return err
+			}
+			return o.show(cmd.OutOrStdout(), g, func(w io.Writer) {
+				fmt.Fprintf(w, "forgot %s/%s (was on %s, epoch %d); its key is destroyed\n", g.Tenant, g.VM, g.Host, g.Epoch)
+			})
+		},
+	}
+	addBrokerFlags(cmd, &o, true)
+	f := cmd.Flags()
+	f.StringVar(&forTenant, "for", "", "operators: the tenant that owns the guest")
+	f.StringVar(&reason, "reason", "", "why, recorded in the audit records")
+	f.StringVar(&keyFile, "key", "", "the tenant's private policy key, tenant.key, to sign the forget with")
+	f.StringVar(&adminKeyFile, "admin-key", "", "operators: the admin private key, PEM, to sign the forget with (default: the file $LETHE_ADMIN_KEY)")
+	f.DurationVar(&validity, "validity", time.Minute, "how long the signed forget stays valid (at most 5m)")
+	f.BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation (needed when stdin is not a terminal)")
+	return cmd
+}
+
+// signForget signs the keybroker's forget of tenant's vm: with the tenant's policy key
+// (keyFile), or else with the admin key (adminKeyFile, or the file $LETHE_ADMIN_KEY).
+func signForget(tenant, vm, reason, keyFile, adminKeyFile string, validity time.Duration) ([]byte, error) {
+	if tenant == "" {
+		return nil, errors.New("the signed forget names the guest's tenant: set --tenant, or --for")
+	}
+	req := kbwire.ForgetGuestRequest{Tenant: tenant, VM: vm, Reason: reason}
+	if keyFile != "" {
+		key, err := policy.ReadPrivateKey(keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading the tenant's key: %w", err)
+		}
+		return kbwire.SignTenant(kbwire.OpGuestForget, req, time.Now(), validity, key)
+	}
+	path := cmp.Or(adminKeyFile, os.Getenv("LETHE_ADMIN_KEY"))
+	if path == "" {
+		return nil, errors.New("no key to sign the forget with: --key (the tenant's policy key), or --admin-key or LETHE_ADMIN_KEY (an operator's admin key)")
+	}
+	key, err := policy.ReadPrivateKey(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading admin key: %w", err)
+	}
+	return kbwire.SignAdmin(kbwire.OpGuestForget, req, time.Now(), validity, key)
+}
+
+// errNoTerminal is returned by confirm when there is no terminal to ask on.
+var errNoTerminal = errors.New("stdin is not a terminal to confirm on: pass --yes")
+
+// isTerminal reports whether r is a terminal; tests replace it.
+var isTerminal = func(r io.Reader) bool {
+	f, ok := r.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// confirm asks question on w and reads the answer from in, a terminal: only "y" or "yes"
+// confirms. It returns errNoTerminal when in is not a terminal, so that a script never
+// confirms by accident.
+func confirm(in io.Reader, w io.Writer, question string) (bool, error) {
+	if !isTerminal(in) {
+		return false, errNoTerminal
+	}
+	fmt.Fprintf(w, "%s [y/N] ", question)
+	answer, err := bufio.NewReader(in).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return false, fmt.Errorf("reading the answer: %w", err)
+	}
+	switch strings.ToLower(strings.TrimSpace(answer)) {
+	case "y", "yes":
+		return true, nil
+	}
+	return false, nil
 }
 
 func newGuestsHistoryCmd() *cobra.Command {

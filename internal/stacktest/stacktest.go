@@ -60,8 +60,10 @@ type Stack struct {
 	// Conn is the broker's connection; JS the JetStream context on it.
 	Conn *nats.Conn
 	JS   jetstream.JetStream
-	// Tenant calls the broker as Options.Tenant.
-	Tenant *broker.Client
+	// Tenant calls the broker as Options.Tenant; TenantKey is that tenant's policy key, which
+	// signs what the tenant asks of the keybroker (a forget).
+	Tenant    *broker.Client
+	TenantKey ed25519.PrivateKey
 }
 
 // Start starts the stack and stops it when t ends. It fails t if anything cannot start.
@@ -140,6 +142,7 @@ func Start(t testing.TB, o Options) *Stack {
 	if s.JS, err = jetstream.New(s.Conn); err != nil {
 		t.Fatal(err)
 	}
+	s.TenantKey = tenantKey
 	s.Tenant = broker.NewTenantClient(s.NATS.Connect(t, nats.CustomInboxPrefix(natsauth.InboxPrefix(natsauth.RoleTenant, o.Tenant))), o.Tenant)
 	signed, err := policy.Sign(o.PolicyName, o.Policy, tenantKey)
 	if err != nil {

@@ -63,6 +63,15 @@ func (c *Client) RotateKey(ctx context.Context, signed []byte) (*kbwire.RotateKe
 	return call[kbwire.RotateKeyResponse](ctx, c, kbwire.OpTenantRotateKey, &kbwire.RotateKeyRequest{Signed: signed})
 }
 
+// Forget forgets a guest whose VM is gone for good: signed is its tenant's statement
+// (kbwire.SignTenant) or an admin's (kbwire.SignAdmin) of a kbwire.ForgetGuestRequest naming
+// tenant and vm, for kbwire.OpGuestForget. It returns an error matching
+// kbwire.CodeUnauthorized, kbwire.CodeNotAdopted or kbwire.CodeGuestBusy (among the codes of
+// the errors of keybroker.Keybroker.Forget), or ErrNoKeybroker.
+func (c *Client) Forget(ctx context.Context, tenant, vm string, signed []byte) (*kbwire.ForgetResponse, error) {
+	return call[kbwire.ForgetResponse](ctx, c, kbwire.OpGuestForget, &kbwire.ForgetRequest{Tenant: tenant, VM: vm, Signed: signed})
+}
+
 // PublishPolicy publishes a signed policy envelope, raising the floor of its (tenant, name). It
 // returns an error matching kbwire.CodePolicyRejected (a bad signature or a rollback),
 // kbwire.CodeUnknownTenant or kbwire.CodeInvalidRequest, or ErrNoKeybroker.

@@ -35,6 +35,11 @@ const (
 	// OpTenantRotateKey: RotateKeyRequest (a KeyRotation signed by the tenant's current key or
 	// its recovery key) → RotateKeyResponse. Tenants call it.
 	OpTenantRotateKey = "tenant.rotate-key"
+	// OpGuestForget: ForgetRequest (an AdminStatement signed with the admin key, or a
+	// TenantStatement signed with the guest's tenant's policy key, whose Request is a
+	// ForgetGuestRequest) → ForgetResponse: the guest's live key is destroyed and it may be
+	// adopted again. The broker calls it (guests.forget), passing on the caller's statement.
+	OpGuestForget = "guest.forget"
 	// OpPolicyPublish: PublishPolicyRequest (a policy envelope signed by the tenant) →
 	// PublishPolicyResponse: raises the floor of the policy's (tenant, name). Tenants call it.
 	OpPolicyPublish = "policy.publish"
@@ -280,6 +285,39 @@ type RegisterTenantResponse struct {
 // an AdminStatement, signed with the admin key whose public key the keybroker pins.
 type AdminRequest struct {
 	Signed []byte `json:"signed"`
+}
+
+// ForgetGuestRequest asks the keybroker to forget a guest whose VM is gone for good. It
+// travels as the Request of a signed AdminStatement or TenantStatement for OpGuestForget, so
+// that the broker, which carries it, cannot make it up nor change it.
+type ForgetGuestRequest struct {
+	Tenant string `json:"tenant"`
+	VM     string `json:"vm"`
+	// Reason is why (audited).
+	Reason string `json:"reason,omitempty"`
+}
+
+// ForgetRequest is the call OpGuestForget: Tenant and VM name the guest, and Signed is the
+// statement that asks for it (a DSSE envelope of an AdminStatement, payload type
+// AdminPayloadType, or of a TenantStatement, TenantPayloadType), whose ForgetGuestRequest
+// must name the same guest.
+type ForgetRequest struct {
+	Tenant string `json:"tenant"`
+	VM     string `json:"vm"`
+	Signed []byte `json:"signed"`
+}
+
+// ForgetResponse says what a forget destroyed.
+type ForgetResponse struct {
+	Tenant string `json:"tenant"`
+	VM     string `json:"vm"`
+	// ForgetID names the forget (its log entry's migrationId).
+	ForgetID string `json:"forgetId"`
+	// Epoch is the epoch that was live; DestroyedKeys its key.
+	Epoch         uint64   `json:"epoch"`
+	DestroyedKeys []string `json:"destroyedKeys"`
+	// By is who signed the statement: "admin" or "tenant".
+	By string `json:"by"`
 }
 
 // RotateKeyRequest replaces a tenant's policy key: Signed is a DSSE envelope (payload type

@@ -13,14 +13,17 @@ import (
 	"github.com/lethe-cc/lethe/internal/dsse"
 )
 
-// The signed statements of the keybroker's admin and tenant-key operations. Both are DSSE
+// The signed statements of the keybroker's admin and tenant operations. All are DSSE
 // envelopes (package dsse) whose payload is the statement's JSON; no bearer secret travels.
 const (
 	// AdminPayloadType is the DSSE payload type of an AdminStatement.
 	AdminPayloadType = "application/vnd.lethe.admin-request+json"
+	// TenantPayloadType is the DSSE payload type of a TenantStatement.
+	TenantPayloadType = "application/vnd.lethe.tenant-request+json"
 	// RotationPayloadType is the DSSE payload type of a KeyRotation.
 	RotationPayloadType = "application/vnd.lethe.key-rotation+json"
-	// MaxAdminValidity is the longest an AdminStatement may be valid (Expires − IssuedAt).
+	// MaxAdminValidity is the longest an AdminStatement or a TenantStatement may be valid
+	// (Expires − IssuedAt).
 	MaxAdminValidity = 5 * time.Minute
 	// maxStatement bounds a signed statement's size.
 	maxStatement = 64 << 10
@@ -39,6 +42,11 @@ type AdminStatement struct {
 	// Request is the operation's request (a RegisterTenantRequest for OpTenantRegister).
 	Request json.RawMessage `json:"request"`
 }
+
+// TenantStatement is a tenant's call, signed with its policy key: the same statement as an
+// admin's, under TenantPayloadType, accepted once, only before Expires, and only for the
+// operation it names and the tenant its Request names.
+type TenantStatement = AdminStatement
 
 // KeyRotation is a tenant's statement that its policy key changes: signed by the current
 // policy key, or, when that key is lost, by the recovery key registered with the tenant.
@@ -65,15 +73,26 @@ var ErrStatement = errors.New("malformed signed statement")
 // SignAdmin returns the envelope of an AdminStatement for op and req, issued at now and valid
 // for validity (at most MaxAdminValidity), with a random ID, signed with key.
 func SignAdmin(op string, req any, now time.Time, validity time.Duration, key ed25519.PrivateKey) ([]byte, error) {
+	return signRequest(AdminPayloadType, op, req, now, validity, key)
+}
+
+// SignTenant returns the envelope of a TenantStatement for op and req, issued at now and valid
+// for validity (at most MaxAdminValidity), with a random ID, signed with key (the tenant's
+// policy key).
+func SignTenant(op string, req any, now time.Time, validity time.Duration, key ed25519.PrivateKey) ([]byte, error) {
+	return signRequest(TenantPayloadType, op, req, now, validity, key)
+}
+
+func signRequest(payloadType, op string, req any, now time.Time, validity time.Duration, key ed25519.PrivateKey) ([]byte, error) {
 	if validity <= 0 || validity > MaxAdminValidity {
-		return nil, fmt.Errorf("signing admin request: validity %v, want up to %v", validity, MaxAdminValidity)
+		return nil, fmt.Errorf("signing %s request: validity %v, want up to %v", op, validity, MaxAdminValidity)
 	}
 	body, err := json.Marshal(req)
 	if err != nil {
-		return nil, fmt.Errorf("signing admin request: %w", err)
+		return nil, fmt.Errorf("signing %s request: %w", op, err)
 	}
 	st := AdminStatement{Op: op, ID: randomID(), IssuedAt: now.UTC(), Expires: now.UTC().Add(validity), Request: body}
-	return signStatement(AdminPayloadType, &st, key)
+	return signStatement(payloadType, &st, key)
 }
 
 // OpenAdmin verifies an admin envelope with the admin public key and decodes its statement.
@@ -88,12 +107,46 @@ func OpenAdmin(signed []byte, pub ed25519.PublicKey) (*AdminStatement, error) {
 	if err != nil {
 		return nil, fmt.Errorf("verifying admin request: %w", err)
 	}
+	return decodeRequest(payload)
+}
+
+// StatementType returns the payload type of a signed statement's envelope, unverified: which
+// key it must be verified with (AdminPayloadType: the admin key; TenantPayloadType: the
+// tenant's). It returns an error wrapping ErrStatement.
+func StatementType(signed []byte) (string, error) {
+	env, err := dsse.Parse(signed, maxStatement)
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", ErrStatement, err)
+	}
+	return env.PayloadType, nil
+}
+
+// ParseTenant decodes a TenantStatement's envelope and statement without verifying any
+// signature: the keybroker verifies the envelope (PayloadType TenantPayloadType) with the key
+// of the tenant the statement's Request names. It returns an error wrapping ErrStatement.
+func ParseTenant(signed []byte) (*dsse.Envelope, *TenantStatement, error) {
+	env, err := dsse.Parse(signed, maxStatement)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %w", ErrStatement, err)
+	}
+	if env.PayloadType != TenantPayloadType {
+		return nil, nil, fmt.Errorf("%w: payload type %q, want %q", ErrStatement, env.PayloadType, TenantPayloadType)
+	}
+	st, err := decodeRequest(env.Payload)
+	if err != nil {
+		return nil, nil, err
+	}
+	return env, st, nil
+}
+
+// decodeRequest decodes an admin or tenant statement and checks its shape.
+func decodeRequest(payload []byte) (*AdminStatement, error) {
 	var st AdminStatement
 	if err := decodeStrict(payload, &st); err != nil {
 		return nil, err
 	}
 	if st.Op == "" || st.ID == "" || len(st.ID) > 128 || st.IssuedAt.IsZero() || st.Expires.IsZero() || len(st.Request) == 0 {
-		return nil, fmt.Errorf("%w: admin statement without op, id, times or request", ErrStatement)
+		return nil, fmt.Errorf("%w: statement without op, id, times or request", ErrStatement)
 	}
 	return &st, nil
 }

@@ -16,7 +16,9 @@
 // The edge must never answer with or log a plaintext key or a Vault token. No bearer secret
 // crosses NATS: tenant.register carries a statement signed with the operator's admin key
 // (short-lived, used once), tenant.rotate-key one signed by the tenant's current or recovery
-// key, and policy.publish a policy signed by the tenant; the keybroker verifies each.
+// key, guest.forget one signed by the guest's tenant or the admin (short-lived, used once; the
+// broker carries it), and policy.publish a policy signed by the tenant; the keybroker verifies
+// each.
 package natsapi
 
 import "github.com/lethe-cc/lethe/keybroker/kbwire"
@@ -36,6 +38,7 @@ const (
 	OpPublicKey       = kbwire.OpPublicKey
 	OpTenantRegister  = kbwire.OpTenantRegister
 	OpTenantRotateKey = kbwire.OpTenantRotateKey
+	OpGuestForget     = kbwire.OpGuestForget
 	OpPolicyPublish   = kbwire.OpPolicyPublish
 	OpLogCheckpoint   = kbwire.OpLogCheckpoint
 	OpLogConsistency  = kbwire.OpLogConsistency
@@ -45,7 +48,7 @@ const (
 )
 
 // Ops are the operations the service offers.
-var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister, OpTenantRotateKey, OpPolicyPublish, OpLogCheckpoint, OpLogConsistency, OpLogHistory, OpLogCosign, OpLogEntries}
+var Ops = []string{OpNonce, OpRelease, OpAdopt, OpReissue, OpDestroy, OpReceipt, OpPublicKey, OpTenantRegister, OpTenantRotateKey, OpGuestForget, OpPolicyPublish, OpLogCheckpoint, OpLogConsistency, OpLogHistory, OpLogCosign, OpLogEntries}
 
 // Subject returns the subject of op.
 func Subject(op string) string { return SubjectPrefix + "." + op }

@@ -159,6 +159,7 @@ func (s *Service) handlers() map[string]natsrpc.Handler {
 		}),
 		OpTenantRegister:  natsrpc.Typed(s.registerTenant),
 		OpTenantRotateKey: natsrpc.Typed(k.RotateKey),
+		OpGuestForget:     natsrpc.Typed(s.forget),
 		OpPolicyPublish:   natsrpc.Typed(k.PublishPolicy),
 		OpLogCheckpoint:   natsrpc.Typed(k.LogCheckpoint),
 		OpLogConsistency:  natsrpc.Typed(k.LogConsistency),
@@ -284,6 +285,17 @@ func (s *Service) receipt(ctx context.Context, req *kbwire.ReceiptRequest) (*kbw
 		return nil, err
 	}
 	return &kbwire.ReceiptResponse{Receipt: env, Log: s.kb.ReceiptInclusion(ctx, env)}, nil
+}
+
+// forget is guest.forget, which the broker calls with its caller's signed statement (the
+// keybroker verifies and audits it). A call refused for its signature is logged too: the
+// broker, who carried it, may be the one forging it.
+func (s *Service) forget(ctx context.Context, req *kbwire.ForgetRequest) (*kbwire.ForgetResponse, error) {
+	resp, err := s.kb.Forget(ctx, req)
+	if errors.Is(err, keybroker.ErrUnauthorized) {
+		s.log.WarnContext(ctx, "Forget refused", attrOp, OpGuestForget, attrError, err.Error())
+	}
+	return resp, err
 }
 
 // registerTenant is the admin call tenant.register (a statement signed with the admin key; the

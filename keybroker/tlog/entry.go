@@ -45,9 +45,15 @@ const (
 	// KindCleanup: a release or adoption failed after its keys were created; they are
 	// destroyed (DestroyedKeys). No receipt.
 	KindCleanup Kind = "cleanup"
+	// KindForget: the guest was forgotten (its VM gone for good), on a statement signed by
+	// its tenant or the operator's admin key: the live epoch's key is destroyed
+	// (DestroyedKeys) and the guest is no longer adopted. FromEpoch is the epoch that was
+	// live, ToEpoch 0; MigrationID names the forget; Statement is the digest of the signed
+	// statement. The guest may be adopted again.
+	KindForget Kind = "forget"
 )
 
-var kinds = map[Kind]bool{KindAdopt: true, KindRelease: true, KindReissue: true, KindDeny: true, KindCommit: true, KindAbort: true, KindCleanup: true}
+var kinds = map[Kind]bool{KindAdopt: true, KindRelease: true, KindReissue: true, KindDeny: true, KindCommit: true, KindAbort: true, KindCleanup: true, KindForget: true}
 
 // Link names an entry of the log: its index and its leaf hash.
 type Link struct {
@@ -67,7 +73,7 @@ type Entry struct {
 	Seq  uint64 `json:"seq"`
 	Prev *Link  `json:"prev,omitempty"`
 
-	// MigrationID is the migration, adoption or reissue the decision belongs to.
+	// MigrationID is the migration, adoption, reissue or forget the decision belongs to.
 	MigrationID string `json:"migrationId"`
 	FromEpoch   uint64 `json:"fromEpoch"`
 	ToEpoch     uint64 `json:"toEpoch"`
@@ -77,14 +83,14 @@ type Entry struct {
 	Host string `json:"host,omitempty"`
 	// Statement is the SHA-256 of the signed statement of the decision: the grant of an
 	// adoption, release or reissue (as the agent received it), the payload of the receipt of a
-	// commit or abort.
+	// commit or abort, the signed statement that asked for a forget.
 	Statement attest.HexBytes `json:"statement,omitempty"`
 	// Evidence are the digests of the evidence the decision rested on (source, destination,
 	// erasure), as the receipt and audit events quote them.
 	Evidence []attest.HexBytes `json:"evidence,omitempty"`
 	// Outcome is a commit's or abort's receipt outcome.
 	Outcome string `json:"outcome,omitempty"`
-	// DestroyedKeys are the Vault Transit keys a commit, abort or cleanup destroyed.
+	// DestroyedKeys are the Vault Transit keys a commit, abort, cleanup or forget destroyed.
 	DestroyedKeys []string `json:"destroyedKeys,omitempty"`
 	// Op and Reasons are a denial's request (adopt, release, reissue, destroy) and reasons.
 	Op      string   `json:"op,omitempty"`

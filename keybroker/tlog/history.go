@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
+	"strings"
 )
 
 // ProvenEntry is a leaf of the log with its index and its inclusion proof against a
@@ -34,8 +36,9 @@ type Residency struct {
 	Hosts []string
 	// Began is the migration (or adoption) that began it.
 	Began string
-	// Ended is the migration whose commit ended it ("" while it is the live epoch); its keys
-	// were destroyed by that commit (VerifyHistory checks it).
+	// Ended is the migration whose commit ended it, or the forget that destroyed its key (""
+	// while it is the live epoch); its keys were destroyed by that commit or forget
+	// (VerifyHistory checks it).
 	Ended string
 }
 
@@ -43,8 +46,10 @@ type Residency struct {
 type HistoryReport struct {
 	Checkpoint Checkpoint
 	Entries    []*Entry
-	// Live is the guest's live epoch after the newest entry (0: not adopted).
-	Live        uint64
+	// Live is the guest's live epoch after the newest entry (0: not adopted, or forgotten).
+	Live uint64
+	// Residencies are the guest's epochs, oldest first; a guest forgotten and adopted again
+	// has an epoch 1 for each adoption.
 	Residencies []Residency
 	// InProgress are migrations released and not ended yet.
 	InProgress []string
@@ -60,8 +65,10 @@ var ErrIncomplete = errors.New("history not complete")
 // the guest's chain from Seq 1 (each naming the previous one by index and leaf hash), whose
 // decisions follow one another: one adoption into epoch 1, each release from the live epoch to
 // the next, each commit of a released migration destroying the migration key and the epoch it
-// leaves, each abort destroying the migration key and the epoch it abandons. A commit or abort
-// repeated with the same statement (a retried ending) counts once.
+// leaves, each abort destroying the migration key and the epoch it abandons, each forget
+// destroying the live epoch's key while no migration is released (the guest may then be
+// adopted again). A commit or abort repeated with the same statement (a retried ending)
+// counts once.
 //
 // It returns ErrIncomplete (joined with each problem) or, for undecodable entries,
 // ErrMalformed.
@@ -77,8 +84,12 @@ func VerifyHistory(cp *Signed, h *History) (*HistoryReport, error) {
 	released := map[string]*Entry{}
 	ended := map[string]*Entry{}
 	var adoption string
+	// life is the index in rep.Residencies of the current adoption's first epoch: a guest
+	// forgotten and adopted again starts a new life, whose epochs begin again at 1.
+	life := 0
+	// residency returns the current life's residency of epoch e, adding it if it has none.
 	residency := func(e uint64) *Residency {
-		for i := range rep.Residencies {
+		for i := len(rep.Residencies) - 1; i >= life; i-- {
 			if rep.Residencies[i].Epoch == e {
 				return &rep.Residencies[i]
 			}
@@ -121,7 +132,7 @@ func VerifyHistory(cp *Signed, h *History) (*HistoryReport, error) {
 				fail("%s: adoption into epoch %d while epoch %d is live", at, e.ToEpoch, rep.Live)
 				continue
 			}
-			rep.Live, adoption = 1, e.MigrationID
+			rep.Live, adoption, life = 1, e.MigrationID, len(rep.Residencies)
 			r := residency(1)
 			r.Began, r.Hosts, r.Ended = e.MigrationID, []string{e.Host}, ""
 		case KindReissue:
@@ -182,11 +193,11 @@ func VerifyHistory(cp *Signed, h *History) (*HistoryReport, error) {
 			next.Began, next.Hosts = e.MigrationID, []string{r.Host}
 		case KindCleanup:
 			switch {
-			case e.MigrationID == adoption && rep.Live == 1 && len(rep.Residencies) == 1:
+			case e.MigrationID == adoption && rep.Live == 1 && len(rep.Residencies) == life+1:
 				if !destroys(e, EpochKey(e.Tenant, e.VM, 1)) {
 					fail("%s: does not destroy epoch 1", at)
 				}
-				rep.Live, adoption, rep.Residencies = 0, "", nil
+				rep.Live, adoption, rep.Residencies = 0, "", rep.Residencies[:life]
 			case released[e.MigrationID] != nil:
 				r := released[e.MigrationID]
 				if !destroys(e, MigrationKey(e.MigrationID), EpochKey(e.Tenant, e.VM, r.ToEpoch)) {
@@ -194,6 +205,21 @@ func VerifyHistory(cp *Signed, h *History) (*HistoryReport, error) {
 				}
 				delete(released, e.MigrationID)
 			}
+		case KindForget:
+			if rep.Live == 0 || e.FromEpoch != rep.Live || e.ToEpoch != 0 {
+				fail("%s: forget of epoch %d to %d while epoch %d is live", at, e.FromEpoch, e.ToEpoch, rep.Live)
+				continue
+			}
+			if len(released) > 0 {
+				fail("%s: forgotten while migration %s is released and not ended", at, strings.Join(slices.Sorted(maps.Keys(released)), ", "))
+				continue
+			}
+			if !destroys(e, EpochKey(e.Tenant, e.VM, rep.Live)) {
+				fail("%s: does not destroy epoch %d", at, rep.Live)
+				continue
+			}
+			residency(rep.Live).Ended = e.MigrationID
+			rep.Live, adoption, life = 0, "", len(rep.Residencies)
 		}
 	}
 	for id := range released {

@@ -517,3 +517,111 @@ func FuzzParseEntry(f *testing.F) {
 		}
 	})
 }
+
+// TestVerifyHistoryForget: a forget destroys the live epoch's key and ends the guest's
+// adoption, after which it may be adopted again; a forget of a guest not adopted, of another
+// epoch than the live one, keeping the key, or while a migration is released and not ended
+// is refused.
+func TestVerifyHistoryForget(t *testing.T) {
+	g := func(e Entry) Entry { e.Tenant, e.VM = "acme", "vm3"; return e }
+	adopt := func(id, host string) Entry {
+		return g(Entry{Kind: KindAdopt, MigrationID: id, ToEpoch: 1, Host: host})
+	}
+	forget := func(id string, from uint64, keys ...string) Entry {
+		return g(Entry{Kind: KindForget, MigrationID: id, FromEpoch: from, Statement: digest("statement " + id), DestroyedKeys: keys})
+	}
+	release := g(Entry{Kind: KindRelease, MigrationID: "m1", FromEpoch: 1, ToEpoch: 2, Host: "h2"})
+	commit := g(Entry{Kind: KindCommit, MigrationID: "m1", FromEpoch: 1, ToEpoch: 2, Statement: digest("receipt m1"),
+		DestroyedKeys: []string{MigrationKey("m1"), EpochKey("acme", "vm3", 1)}})
+	verify := func(t *testing.T, entries []Entry) (*HistoryReport, error) {
+		t.Helper()
+		l := newTestLog(t)
+		for _, e := range entries {
+			l.add(e)
+		}
+		cp, h := l.history("acme", "vm3")
+		return VerifyHistory(cp, h)
+	}
+
+	t.Run("adopted, migrated, forgotten, adopted again", func(t *testing.T) {
+		rep, err := verify(t, []Entry{
+			adopt("adopt-1", "h1"), release, commit,
+			forget("f1", 2, EpochKey("acme", "vm3", 2)),
+			adopt("adopt-2", "h3"),
+		})
+		if err != nil {
+			t.Fatalf("VerifyHistory: %v", err)
+		}
+		want := []Residency{
+			{Epoch: 1, Hosts: []string{"h1"}, Began: "adopt-1", Ended: "m1"},
+			{Epoch: 2, Hosts: []string{"h2"}, Began: "m1", Ended: "f1"},
+			{Epoch: 1, Hosts: []string{"h3"}, Began: "adopt-2"},
+		}
+		if diff := cmp.Diff(want, rep.Residencies); diff != "" || rep.Live != 1 {
+			t.Errorf("VerifyHistory: live %d, residencies (-want +got):\n%s", rep.Live, diff)
+		}
+	})
+	t.Run("forgotten", func(t *testing.T) {
+		rep, err := verify(t, []Entry{adopt("adopt-1", "h1"), forget("f1", 1, EpochKey("acme", "vm3", 1))})
+		if err != nil {
+			t.Fatalf("VerifyHistory: %v", err)
+		}
+		if rep.Live != 0 || len(rep.Residencies) != 1 || rep.Residencies[0].Ended != "f1" {
+			t.Errorf("VerifyHistory: live %d, residencies %+v; want not adopted, epoch 1 ended by f1", rep.Live, rep.Residencies)
+		}
+	})
+	t.Run("failed adoption after a forget", func(t *testing.T) {
+		rep, err := verify(t, []Entry{
+			adopt("adopt-1", "h1"), forget("f1", 1, EpochKey("acme", "vm3", 1)),
+			adopt("adopt-2", "h2"), g(Entry{Kind: KindCleanup, MigrationID: "adopt-2", DestroyedKeys: []string{EpochKey("acme", "vm3", 1)}}),
+		})
+		if err != nil {
+			t.Fatalf("VerifyHistory: %v", err)
+		}
+		want := []Residency{{Epoch: 1, Hosts: []string{"h1"}, Began: "adopt-1", Ended: "f1"}}
+		if diff := cmp.Diff(want, rep.Residencies); diff != "" || rep.Live != 0 {
+			t.Errorf("VerifyHistory: live %d, residencies (-want +got):\n%s", rep.Live, diff)
+		}
+	})
+
+	for name, tt := range map[string]struct {
+		entries []Entry
+		want    string
+	}{
+		"never adopted": {
+			entries: []Entry{forget("f1", 0, EpochKey("acme", "vm3", 0))},
+			want:    "forget of epoch 0 to 0 while epoch 0 is live",
+		},
+		"forgotten twice": {
+			entries: []Entry{adopt("adopt-1", "h1"), forget("f1", 1, EpochKey("acme", "vm3", 1)), forget("f2", 1, EpochKey("acme", "vm3", 1))},
+			want:    "forget of epoch 1 to 0 while epoch 0 is live",
+		},
+		"another epoch than the live one": {
+			entries: []Entry{adopt("adopt-1", "h1"), release, commit, forget("f1", 1, EpochKey("acme", "vm3", 1))},
+			want:    "forget of epoch 1 to 0 while epoch 2 is live",
+		},
+		"not to epoch 0": {
+			entries: []Entry{adopt("adopt-1", "h1"), func() Entry { e := forget("f1", 1, EpochKey("acme", "vm3", 1)); e.ToEpoch = 2; return e }()},
+			want:    "forget of epoch 1 to 2 while epoch 1 is live",
+		},
+		"key kept": {
+			entries: []Entry{adopt("adopt-1", "h1"), forget("f1", 1)},
+			want:    "does not destroy epoch 1",
+		},
+		"during a released migration": {
+			entries: []Entry{adopt("adopt-1", "h1"), release, forget("f1", 1, EpochKey("acme", "vm3", 1))},
+			want:    "forgotten while migration m1 is released and not ended",
+		},
+		"adopted again without a forget": {
+			entries: []Entry{adopt("adopt-1", "h1"), forget("f1", 1), adopt("adopt-2", "h2")},
+			want:    "adoption into epoch 1 while epoch 1 is live",
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := verify(t, tt.entries)
+			if !errors.Is(err, ErrIncomplete) || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("VerifyHistory: %v, want ErrIncomplete: %s", err, tt.want)
+			}
+		})
+	}
+}
