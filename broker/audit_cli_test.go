@@ -16,11 +16,11 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"golang.org/x/sys/unix"
 
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/clustertest"
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/ptytest"
 )
 
 // auditDoc is the auditors' guide, whose nats CLI command TestAuditDocNATSCLI runs.
@@ -207,23 +207,23 @@ func runNATS(t *testing.T, bin string, args ...string) string {
 // satisfied before the CLI exited or a minute passed.
 func runInTerminal(t *testing.T, bin string, done func(out string) bool, args ...string) (string, bool) {
 	t.Helper()
-	term := openTerminal(t)
-	defer term.master.Close()
+	master, slave := ptytest.Open(t, 50, 200)
+	defer master.Close()
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = natsEnv(t)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = term.slave, term.slave, term.slave
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	term.slave.Close()
+	slave.Close()
 	var out strings.Builder
 	ok := false
 	buf := make([]byte, 4096)
 	// Reads end when the CLI, the slave's last holder, exits (EIO on Linux).
 	for !ok {
-		n, err := term.master.Read(buf)
+		n, err := master.Read(buf)
 		out.Write(buf[:n])
 		ok = done(out.String())
 		if err != nil {
@@ -233,35 +233,4 @@ func runInTerminal(t *testing.T, bin string, done func(out string) bool, args ..
 	cancel()
 	_ = cmd.Wait()
 	return out.String(), ok
-}
-
-// terminal is a pseudo-terminal: a program runs on slave, and master reads what it prints.
-type terminal struct{ master, slave *os.File }
-
-// openTerminal opens a pseudo-terminal. Where there are none it skips t, or fails it when
-// CI=true.
-func openTerminal(t *testing.T) *terminal {
-	t.Helper()
-	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("no pseudo-terminals: %v (CI must offer /dev/ptmx)", err)
-		}
-		t.Skipf("no pseudo-terminals here: %v", err)
-	}
-	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
-		t.Fatalf("unlocking the pty: %v", err)
-	}
-	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
-	if err != nil {
-		t.Fatalf("naming the pty: %v", err)
-	}
-	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		t.Fatalf("opening the pty's slave: %v", err)
-	}
-	if err := unix.IoctlSetWinsize(int(s.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 50, Col: 200}); err != nil {
-		t.Fatalf("sizing the pty: %v", err)
-	}
-	return &terminal{master: m, slave: s}
 }

@@ -4,7 +4,6 @@ package main
 
 import (
 	"bytes"
-	"fmt"
 	"io"
 	"os"
 	"regexp"
@@ -14,39 +13,11 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/lethe-cc/lethe/broker"
 	"github.com/lethe-cc/lethe/internal/natsauth"
+	"github.com/lethe-cc/lethe/internal/ptytest"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
-
-// openPTY opens a pseudo-terminal of cols columns and returns its master and slave ends.
-func openPTY(t *testing.T, cols uint16) (master, slave *os.File) {
-	t.Helper()
-	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("no pseudo-terminals: %v (CI must offer /dev/ptmx)", err)
-		}
-		t.Skipf("no pseudo-terminals here: %v", err)
-	}
-	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
-		t.Fatalf("unlocking the pty: %v", err)
-	}
-	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
-	if err != nil {
-		t.Fatalf("naming the pty: %v", err)
-	}
-	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		t.Fatalf("opening the pty's slave: %v", err)
-	}
-	if err := unix.IoctlSetWinsize(int(s.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 24, Col: cols}); err != nil {
-		t.Fatalf("sizing the pty: %v", err)
-	}
-	return m, s
-}
 
 // capture collects what is read from r until it ends.
 type capture struct {
@@ -147,7 +118,7 @@ func migrateWaitTo(t *testing.T, stderr *os.File, out *capture) string {
 // and the migration ends with its summary.
 func TestMigrateWaitOnATerminal(t *testing.T) {
 	const cols = 60
-	master, slave := openPTY(t, cols)
+	master, slave := ptytest.Open(t, 24, cols)
 	defer master.Close()
 	out := newCapture(master)
 	stdout := migrateWaitTo(t, slave, out)
