@@ -320,32 +320,24 @@ func (b *Broker) followPlaces(ctx context.Context, w jetstream.KeyWatcher) {
 		b.waitingMu.Unlock()
 	}()
 	places := map[string]*hostSlots{}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case e, ok := <-w.Updates():
-			if !ok {
-				return
+	eachUpdate(ctx, w, func(e jetstream.KeyValueEntry) {
+		b.waitingMu.Lock()
+		if e == nil { // every record delivered: the view is whole
+			b.places, b.placesSeen = places, true
+		} else {
+			host := strings.TrimPrefix(e.Key(), slotPrefix)
+			s := new(hostSlots)
+			if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), s) != nil {
+				s = &hostSlots{Host: host}
 			}
-			b.waitingMu.Lock()
-			if e == nil { // every record delivered: the view is whole
-				b.places, b.placesSeen = places, true
-			} else {
-				host := strings.TrimPrefix(e.Key(), slotPrefix)
-				s := new(hostSlots)
-				if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), s) != nil {
-					s = &hostSlots{Host: host}
-				}
-				places[host] = s
-			}
-			seen := b.placesSeen
-			b.waitingMu.Unlock()
-			if seen {
-				b.wakeAdmissible()
-			}
+			places[host] = s
 		}
-	}
+		seen := b.placesSeen
+		b.waitingMu.Unlock()
+		if seen {
+			b.wakeAdmissible()
+		}
+	})
 }
 
 // placesOf returns host's places as the view has them while the places are watched (and

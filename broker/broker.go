@@ -594,6 +594,23 @@ func (w *cancelWatcher) Stop() error {
 // followMigrations wakes the driver of every migration whose record w delivers, until ctx or
 // w ends.
 func (b *Broker) followMigrations(ctx context.Context, w jetstream.KeyWatcher) {
+	eachUpdate(ctx, w, func(e jetstream.KeyValueEntry) {
+		if e == nil {
+			return
+		}
+		var m struct {
+			Phase Phase `json:"phase"`
+		}
+		if e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &m) == nil && !m.Phase.Terminal() {
+			b.drive(ctx, e.Key())
+		}
+		b.watched.Store(e.Revision())
+	})
+}
+
+// eachUpdate calls f with every entry w delivers (nil: the end of its first delivery of every
+// key) until ctx or w ends.
+func eachUpdate(ctx context.Context, w jetstream.KeyWatcher, f func(jetstream.KeyValueEntry)) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -602,16 +619,7 @@ func (b *Broker) followMigrations(ctx context.Context, w jetstream.KeyWatcher) {
 			if !ok {
 				return
 			}
-			if e == nil {
-				continue
-			}
-			var m struct {
-				Phase Phase `json:"phase"`
-			}
-			if e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &m) == nil && !m.Phase.Terminal() {
-				b.drive(ctx, e.Key())
-			}
-			b.watched.Store(e.Revision())
+			f(e)
 		}
 	}
 }

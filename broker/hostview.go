@@ -34,28 +34,20 @@ func (b *Broker) watchHosts(ctx context.Context) {
 func (b *Broker) followHosts(ctx context.Context, w jetstream.KeyWatcher) {
 	defer b.setHostRecs(nil)
 	recs := map[string]*agentapi.HostRecord{}
-	for {
-		select {
-		case <-ctx.Done():
+	eachUpdate(ctx, w, func(e jetstream.KeyValueEntry) {
+		if e == nil {
+			b.setHostRecs(recs)
 			return
-		case e, ok := <-w.Updates():
-			if !ok {
-				return
-			}
-			if e == nil {
-				b.setHostRecs(recs)
-				continue
-			}
-			rec := new(agentapi.HostRecord)
-			b.hostRecsMu.Lock()
-			if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), rec) != nil {
-				delete(recs, e.Key())
-			} else {
-				recs[e.Key()] = rec
-			}
-			b.hostRecsMu.Unlock()
 		}
-	}
+		rec := new(agentapi.HostRecord)
+		b.hostRecsMu.Lock()
+		if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), rec) != nil {
+			delete(recs, e.Key())
+		} else {
+			recs[e.Key()] = rec
+		}
+		b.hostRecsMu.Unlock()
+	})
 }
 
 // setHostRecs makes recs the view (nil: none).
