@@ -74,6 +74,10 @@ type Config struct {
 	// host has places keeps every other tenant's migrations there waiting until their queue
 	// timeout. Zero means 0.5; 1 lets one tenant hold them all.
 	TenantShare float64
+	// MaxKeyBrokerCalls is how many key releases, and how many destructions, this broker
+	// asks of the keybrokers at once; the others wait their turn in the broker (kbbound.go).
+	// Zero means 32.
+	MaxKeyBrokerCalls int
 	// CheckInterval is how often the broker looks for migrations to take over and checks
 	// timeouts and agents. Zero means 1 s.
 	CheckInterval time.Duration
@@ -246,6 +250,9 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.TenantShare <= 0 {
 		cfg.TenantShare = 0.5
 	}
+	if cfg.MaxKeyBrokerCalls <= 0 {
+		cfg.MaxKeyBrokerCalls = defaultMaxKeyBrokerCalls
+	}
 	cfg.TenantShare = min(cfg.TenantShare, 1)
 	if cfg.Replicas <= 0 {
 		cfg.Replicas = 1
@@ -278,7 +285,7 @@ func New(cfg Config) (*Broker, error) {
 		cfg:        cfg,
 		log:        cfg.Logger.With(logKeyComponent, "broker", logKeyBroker, cfg.ID),
 		nc:         cfg.Conn,
-		kb:         cfg.KeyBroker,
+		kb:         newBoundedKeyBroker(cfg.KeyBroker, cfg.MaxKeyBrokerCalls),
 		agents:     agentapi.NewClient(cfg.Conn, cfg.AgentTimeout),
 		now:        cfg.Now,
 		ready:      make(chan struct{}),

@@ -15,3 +15,8 @@ func (b *Broker) Asleep(id string, rev uint64) bool {
 	defer b.waitingMu.Unlock()
 	return b.waiting[id].asleep && !pending && b.watched.Load() >= rev
 }
+
+// KeyBrokerCallsWaiting returns how many keybroker calls wait for a slot.
+func (b *Broker) KeyBrokerCallsWaiting() int {
+	return int(b.kb.(*boundedKeyBroker).waiting.Load())
+}

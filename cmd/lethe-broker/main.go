@@ -54,6 +54,7 @@ type config struct {
 	agentTimeout, startTimeout    time.Duration
 	queueTimeout                  time.Duration
 	maxMigrationsPerHost          int
+	maxKeyBrokerCalls             int
 	tenantSharePercent            int
 	progressTimeout, perGiB       time.Duration
 	streams, replicas             int
@@ -126,6 +127,7 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Duration(&c.agentTimeout, "agent-timeout", "LETHE_AGENT_TIMEOUT", 0, "timeout of one agent or keybroker call; 0: 30s")
 	fs.Duration(&c.startTimeout, "start-timeout", "LETHE_START_TIMEOUT", 0, "admission to transfer start; 0: 120s")
 	fs.Duration(&c.queueTimeout, "queue-timeout", "LETHE_BROKER_QUEUE_TIMEOUT", 0, "request to admission: how long a migration waits for a place on its hosts before it is aborted; 0: 30m")
+	fs.Int(&c.maxKeyBrokerCalls, "max-keybroker-calls", "LETHE_BROKER_MAX_KEYBROKER_CALLS", 0, "key releases and destructions this broker asks of the keybrokers at once; more wait their turn in the broker, so that a slow Vault does not make them time out and be asked again; 0: 32")
 	fs.Int(&c.maxMigrationsPerHost, "max-migrations-per-host", "LETHE_BROKER_MAX_MIGRATIONS_PER_HOST", 0, "migrations a host takes part in at once, as source or destination, lowered to what its agent states (lethe-agent --max-migrations); more wait in Requested for a place; 0: 64")
 	fs.Int(&c.tenantSharePercent, "tenant-share", "LETHE_BROKER_TENANT_SHARE", 0, "percent of a host's places one tenant's migrations may hold, so that no tenant keeps the others' migrations to or from a host waiting; 100: no bound; 0: 50")
 	fs.Duration(&c.progressTimeout, "progress-timeout", "LETHE_PROGRESS_TIMEOUT", 0, "longest time without progress; 0: 150s")
@@ -258,6 +260,7 @@ func run(ctx context.Context, c *config) error {
 		Replicas:             c.replicas,
 		Timeouts:             broker.Timeouts{Start: c.startTimeout, Queue: c.queueTimeout, Progress: c.progressTimeout, PerGiB: c.perGiB},
 		MaxMigrationsPerHost: c.maxMigrationsPerHost,
+		MaxKeyBrokerCalls:    c.maxKeyBrokerCalls,
 		TenantShare:          float64(c.tenantSharePercent) / 100,
 		ReadPolicy:           readPrefilter,
 		Fleet:                c.fleet,
