@@ -27,6 +27,25 @@ func (e *env) limitHost(host string, limit int, guests ...agentapi.HostGuest) {
 	}
 }
 
+// guestsOf returns n guests of tenant, vm-0 to vm-<n-1>.
+func guestsOf(n int) []agentapi.HostGuest {
+	guests := make([]agentapi.HostGuest, n)
+	for i := range guests {
+		guests[i] = agentapi.HostGuest{Tenant: tenant, VM: fmt.Sprint("vm-", i), MemoryBytes: guestMiB << 20}
+	}
+	return guests
+}
+
+// migrateTo asks, as tenant, for the migration of its guest vm to host dst.
+func (e *env) migrateTo(vm, dst string) *broker.CreateMigrationResponse {
+	e.t.Helper()
+	resp, err := e.tenant(tenant).CreateMigration(context.Background(), &broker.CreateMigrationRequest{VM: vm, Destination: dst})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return resp
+}
+
 // TestMigrationsBeyondAHostsLimitWaitAndProceed: four migrations to a destination whose agent
 // takes two at once. Two are admitted; the others wait in Requested, saying for what, past
 // the start timeout, and are admitted as the first ones end. None aborts, and the
@@ -37,10 +56,7 @@ func TestMigrationsBeyondAHostsLimitWaitAndProceed(t *testing.T) {
 	// One tenant: the host's limit, not the tenant's share, is under test.
 	e.cfg.TenantShare = 1
 	e.startBroker("b1")
-	var guests []agentapi.HostGuest
-	for i := range 4 {
-		guests = append(guests, agentapi.HostGuest{Tenant: tenant, VM: fmt.Sprint("vm-", i), MemoryBytes: guestMiB << 20})
-	}
+	guests := guestsOf(4)
 	src := e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, guests...)
 	dst := e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil)
 	e.limitHost("h2", 2)
@@ -50,10 +66,7 @@ func TestMigrationsBeyondAHostsLimitWaitAndProceed(t *testing.T) {
 
 	var ids []string
 	for _, g := range guests {
-		resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: g.VM, Destination: "h2"})
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := e.migrateTo(g.VM, "h2")
 		ids = append(ids, resp.Migration.ID)
 	}
 	admittedOrWaiting := func(m *broker.Migration) bool {
@@ -125,18 +138,13 @@ func TestAWaitingMigrationAbortsOnTheQueueTimeout(t *testing.T) {
 	// One tenant: the host's limit, not the tenant's share, is under test.
 	e.cfg.TenantShare = 1
 	e.startBroker("b1")
-	guests := []agentapi.HostGuest{
-		{Tenant: tenant, VM: "vm-0", MemoryBytes: guestMiB << 20}, {Tenant: tenant, VM: "vm-1", MemoryBytes: guestMiB << 20},
-	}
+	guests := guestsOf(2)
 	e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, guests...)
 	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil)
 	var ids []string
 	for _, g := range guests {
 		e.adopt(tenant, g.VM, "h1")
-		resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: g.VM, Destination: "h2"})
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := e.migrateTo(g.VM, "h2")
 		ids = append(ids, resp.Migration.ID)
 		e.waitMigration(resp.Migration.ID, func(m *broker.Migration) bool {
 			return m.Phase == broker.PhaseTransferring && m.Progress != nil || m.Waiting != ""
@@ -160,10 +168,7 @@ func TestTwoBrokersAdmitNoMoreThanAHostsLimit(t *testing.T) {
 	e.cfg.TenantShare = 1
 	e.startBroker("b1")
 	e.startBroker("b2")
-	var guests []agentapi.HostGuest
-	for i := range 6 {
-		guests = append(guests, agentapi.HostGuest{Tenant: tenant, VM: fmt.Sprint("vm-", i), MemoryBytes: guestMiB << 20})
-	}
+	guests := guestsOf(6)
 	src := e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, guests...)
 	src.AutoCommit = true
 	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil)
@@ -234,18 +239,13 @@ func TestAPlaceGivenBackElsewhereWakesAWaitingMigration(t *testing.T) {
 	e.cfg.TenantShare = 1
 	e.cfg.CheckInterval, e.cfg.Lease = time.Hour, time.Hour
 	b1, _ := e.startBroker("b1")
-	guests := []agentapi.HostGuest{
-		{Tenant: tenant, VM: "vm-0", MemoryBytes: guestMiB << 20}, {Tenant: tenant, VM: "vm-1", MemoryBytes: guestMiB << 20},
-	}
+	guests := guestsOf(2)
 	e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, guests...)
 	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil)
 	var ids []string
 	for _, g := range guests {
 		e.adopt(tenant, g.VM, "h1")
-		resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: g.VM, Destination: "h2"})
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := e.migrateTo(g.VM, "h2")
 		ids = append(ids, resp.Migration.ID)
 		e.waitMigration(resp.Migration.ID, func(m *broker.Migration) bool {
 			return m.Phase == broker.PhaseTransferring && m.Progress != nil || m.Waiting != ""

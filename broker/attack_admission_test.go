@@ -1,7 +1,6 @@
 package broker_test
 
 import (
-	"fmt"
 	"testing"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -19,10 +18,7 @@ func TestAttackOneTenantHoldsEveryPlaceOfAHost(t *testing.T) {
 	e := newEnv(t, natstest.Options{})
 	e.cfg.MaxMigrationsPerHost = 10
 	e.startBroker("b1")
-	var guests []agentapi.HostGuest
-	for i := range 4 {
-		guests = append(guests, agentapi.HostGuest{Tenant: tenant, VM: fmt.Sprint("vm-", i), MemoryBytes: guestMiB << 20})
-	}
+	guests := guestsOf(4)
 	victim := agentapi.HostGuest{Tenant: "globex", VM: "db", MemoryBytes: guestMiB << 20}
 	e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, guests...)
 	e.addAgent("h3", attest.PlatformEmulatedSEVSNP, "eu", nil, victim)
@@ -36,10 +32,7 @@ func TestAttackOneTenantHoldsEveryPlaceOfAHost(t *testing.T) {
 	// The attacker asks first, for every place of h2.
 	var held int
 	for _, g := range guests {
-		resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: g.VM, Destination: "h2"})
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := e.migrateTo(g.VM, "h2")
 		m := e.waitMigration(resp.Migration.ID, func(m *broker.Migration) bool {
 			return m.Phase == broker.PhaseTransferring && m.Progress != nil || m.Phase == broker.PhaseRequested && m.Waiting != "" || m.Phase.Terminal()
 		})

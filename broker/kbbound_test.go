@@ -12,7 +12,6 @@ import (
 	"github.com/lethe-cc/lethe/broker/brokertest"
 	"github.com/lethe-cc/lethe/internal/natstest"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
-	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
 // slowDestroys is a keybroker whose destructions each hold until let go, counting how many
@@ -55,20 +54,14 @@ func TestKeyBrokerCallsAreBounded(t *testing.T) {
 	e.cfg.MaxKeyBrokerCalls = 2
 	e.cfg.TenantShare = 1
 	b1, _ := e.startBroker("b1")
-	var guests []agentapi.HostGuest
-	for i := range 6 {
-		guests = append(guests, agentapi.HostGuest{Tenant: tenant, VM: fmt.Sprint("vm-", i), MemoryBytes: guestMiB << 20})
-	}
+	guests := guestsOf(6)
 	src := e.addAgent("h1", attest.PlatformEmulatedSEVSNP, "eu", nil, guests...)
 	src.AutoCommit = true
 	e.addAgent("h2", attest.PlatformEmulatedSEVSNP, "eu", nil)
 	var ids []string
 	for _, g := range guests {
 		e.adopt(tenant, g.VM, "h1")
-		resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: g.VM, Destination: "h2"})
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := e.migrateTo(g.VM, "h2")
 		ids = append(ids, resp.Migration.ID)
 	}
 	// Two destructions reach the keybroker and are held there; the four others wait in the
