@@ -1,6 +1,7 @@
 package broker_test
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -17,7 +18,8 @@ import (
 // from the migration id, with a span per phase in order.
 func TestTraceSpanPerPhase(t *testing.T) {
 	exp := tracetest.NewInMemoryExporter()
-	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp))
+	ended := &endedSpans{spans: make(chan struct{}, 64)}
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp), sdktrace.WithSpanProcessor(ended))
 	e := newEnv(t, natstest.Options{})
 	e.cfg.Tracer = trace.NewTracer(tp, "github.com/lethe-cc/lethe/broker")
 	e.standard()
@@ -31,14 +33,15 @@ func TestTraceSpanPerPhase(t *testing.T) {
 	if m := e.waitMigration(id, inPhase(broker.PhaseErased, broker.PhaseAborted)); m.Phase != broker.PhaseErased {
 		t.Fatalf("phase = %s (reason %q), want Erased", m.Phase, m.AbortReason)
 	}
-	// The broker records a phase's span after it writes the phase: the record may be read
+	// The broker ends a phase's span after it writes the phase: the record may be read
 	// before the span of its last phase is ended.
 	want := []string{"Requested", "Attesting", "KeysReleased", "Transferring", "CuttingOver", "Committed", "Erased"}
-	for deadline := time.Now().Add(10 * time.Second); len(exp.GetSpans()) < len(want) && time.Now().Before(deadline); {
-		if err := tp.ForceFlush(t.Context()); err != nil {
-			t.Fatal(err)
+	for range want {
+		select {
+		case <-ended.spans:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%d spans ended, want %d", len(exp.GetSpans()), len(want))
 		}
-		time.Sleep(10 * time.Millisecond)
 	}
 
 	var names []string
@@ -57,3 +60,11 @@ func TestTraceSpanPerPhase(t *testing.T) {
 		t.Errorf("trace ids (-want +got):\n%s", diff)
 	}
 }
+
+// endedSpans is a span processor that signals every span ended.
+type endedSpans struct{ spans chan struct{} }
+
+func (p *endedSpans) OnStart(context.Context, sdktrace.ReadWriteSpan) {}
+func (p *endedSpans) OnEnd(sdktrace.ReadOnlySpan)                     { p.spans <- struct{}{} }
+func (p *endedSpans) Shutdown(context.Context) error                  { return nil }
+func (p *endedSpans) ForceFlush(context.Context) error                { return nil }
