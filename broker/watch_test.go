@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -40,24 +41,23 @@ func (w *fakeWatcher) Stop() error                             { return nil }
 
 // TestWatchMigrationsAgain ends the broker's watch of the migrations, and fails its creation:
 // the broker must watch again each time, until a watch stays, and stop when its context ends.
+// Its pauses between watches pass in a synctest bubble's time.
 func TestWatchMigrationsAgain(t *testing.T) {
-	kv := &endingKV{last: 4, live: make(chan jetstream.KeyValueEntry)}
-	b := &Broker{store: &store{migrations: kv}, log: slog.New(slog.DiscardHandler)}
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- b.watchMigrations(ctx, nil) }()
-	deadline := time.Now().Add(30 * time.Second)
-	for kv.watches.Load() < kv.last {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d watches made, want %d", kv.watches.Load(), kv.last)
+	synctest.Test(t, func(t *testing.T) {
+		kv := &endingKV{last: 4, live: make(chan jetstream.KeyValueEntry)}
+		b := &Broker{store: &store{migrations: kv}, log: slog.New(slog.DiscardHandler)}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- b.watchMigrations(ctx, nil) }()
+		// Longer than every pause before the last watch together; then it follows that one.
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		if n := kv.watches.Load(); n != kv.last {
+			t.Errorf("%d watches made, want %d: a watch that stays must be followed", n, kv.last)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Errorf("watchMigrations: %v", err)
-	}
-	if n := kv.watches.Load(); n != kv.last {
-		t.Errorf("%d watches made, want %d: a watch that stays must be followed", n, kv.last)
-	}
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("watchMigrations: %v", err)
+		}
+	})
 }
