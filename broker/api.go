@@ -236,7 +236,9 @@ func (b *Broker) liveHost(ctx context.Context, host string) (*agentapi.HostRecor
 	if err := agentapi.ValidName(host); err != nil {
 		return nil, fmt.Errorf("%w: host: %w", ErrInvalid, err)
 	}
-	rec, err := b.hostRecord(ctx, host)
+	// Read from the bucket, not the view (hostview.go): the request is answered on the
+	// guests the host reports now.
+	rec, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, host)
 	if errors.Is(err, ErrNotFound) {
 		return nil, fmt.Errorf("%w: host %s is not registered", ErrFailedPrecondition, host)
 	}

@@ -17,8 +17,11 @@ import (
 // has a record of tens of KiB, and its heartbeat rewrites it every few seconds; read from the
 // bucket at every look of every driver, decoding it took a quarter of a busy broker's CPU.
 //
-// The view answers only what it can answer truthfully: a record it holds with a fresh
-// heartbeat. A host it does not hold (a watch's first delivery can miss a key rewritten while
+// The view serves only a driver's frequent looks (is the host live, how many migrations does
+// it take), where a record a watch left behind by up to a host TTL costs nothing: what a
+// request or a key release is judged on (the guests a host reports, its labels) is read from
+// the bucket. The view answers only what it can answer truthfully: a record it holds with a
+// fresh heartbeat. A host it does not hold (a watch's first delivery can miss a key rewritten while
 // it runs: see listJSON), or holds with a stale heartbeat (its watch may have stalled), is read
 // from the bucket, so that the view never makes a live host look lost.
 

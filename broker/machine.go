@@ -374,7 +374,8 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		return b.denied(ctx, m, below, "destination refused")
 	}
 	dstHost := kbwire.Host{Name: m.Destination}
-	if h, err := b.hostRecord(ctx, m.Destination); err == nil {
+	// The labels the policy judges are read from the bucket, not the view (hostview.go).
+	if h, _, err := getJSON[agentapi.HostRecord](ctx, b.store.hosts, m.Destination); err == nil {
 		dstHost.Labels, dstHost.Region = h.Labels, h.Region
 	}
 	rel, err := b.kb.Release(ctx, &kbwire.ReleaseRequest{
