@@ -147,7 +147,7 @@ func FuzzReadRecord(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r := bytes.NewReader(b)
 		for {
-			typ, p, err := readRecord(r)
+			typ, p, err := readRecord(r, nil)
 			if err != nil {
 				return
 			}

@@ -54,6 +54,7 @@ type tunnel struct {
 	inR  *io.PipeReader // the driver reads what the data plane received
 	inW  *io.PipeWriter
 	rd   *bufio.Reader
+	data []byte // the memory of received data records, reused
 	wmu  sync.Mutex
 }
 
@@ -87,30 +88,43 @@ func (t *tunnel) send(typ byte, payload []byte) error {
 	if len(payload) > maxRecord {
 		return fmt.Errorf("sending tunnel record %q: %d bytes", typ, len(payload))
 	}
-	var hdr [5]byte
-	hdr[0] = typ
-	binary.BigEndian.PutUint32(hdr[1:], uint32(len(payload)))
+	rec := make([]byte, recordHeader+len(payload))
+	copy(rec[recordHeader:], payload)
+	return t.write(typ, rec)
+}
+
+// recordHeader is the size of a record's type and length.
+const recordHeader = 5
+
+// write fills in the header of rec, a record with its payload after recordHeader bytes,
+// and writes it whole: the data plane then reads a record in one piece, not its header in
+// a frame of its own.
+func (t *tunnel) write(typ byte, rec []byte) error {
+	rec[0] = typ
+	binary.BigEndian.PutUint32(rec[1:recordHeader], uint32(len(rec)-recordHeader))
 	t.wmu.Lock()
 	defer t.wmu.Unlock()
-	if _, err := t.outW.Write(hdr[:]); err != nil {
+	if _, err := t.outW.Write(rec); err != nil {
 		return fmt.Errorf("sending tunnel record: %w", err)
-	}
-	if len(payload) > 0 {
-		if _, err := t.outW.Write(payload); err != nil {
-			return fmt.Errorf("sending tunnel record: %w", err)
-		}
 	}
 	return nil
 }
 
 // recv reads one record. It returns io.EOF at a clean end of the peer's direction, and
-// io.ErrUnexpectedEOF for a record cut short.
+// io.ErrUnexpectedEOF for a record cut short. A data record's payload is valid only until
+// the next recv.
 func (t *tunnel) recv() (byte, []byte, error) {
-	return readRecord(t.rd)
+	typ, p, err := readRecord(t.rd, t.data)
+	if typ == recData {
+		t.data = p[:0]
+	}
+	return typ, p, err
 }
 
-func readRecord(r io.Reader) (byte, []byte, error) {
-	var hdr [5]byte
+// readRecord reads one record from r; a data record's payload goes in buf's memory when it
+// fits.
+func readRecord(r io.Reader, buf []byte) (byte, []byte, error) {
+	var hdr [recordHeader]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		if errors.Is(err, io.EOF) {
 			return 0, nil, io.EOF
@@ -126,7 +140,12 @@ func readRecord(r io.Reader) (byte, []byte, error) {
 	if n > maxRecord {
 		return 0, nil, fmt.Errorf("reading tunnel record %q: %d bytes is too long", hdr[0], n)
 	}
-	p := make([]byte, n)
+	var p []byte
+	if hdr[0] == recData && int(n) <= cap(buf) {
+		p = buf[:n]
+	} else {
+		p = make([]byte, n)
+	}
 	if _, err := io.ReadFull(r, p); err != nil {
 		return 0, nil, fmt.Errorf("reading tunnel record %q: %w", hdr[0], noEOF(err))
 	}
@@ -168,11 +187,11 @@ func (t *tunnel) end(err error) {
 // pumpHypervisor sends what the hypervisor writes on hv as data records and an end record
 // at its end of stream.
 func (t *tunnel) pumpHypervisor(hv net.Conn) error {
-	buf := make([]byte, dataChunk)
+	rec := make([]byte, recordHeader+dataChunk)
 	for {
-		n, err := hv.Read(buf)
+		n, err := hv.Read(rec[recordHeader:])
 		if n > 0 {
-			if serr := t.send(recData, buf[:n]); serr != nil {
+			if serr := t.write(recData, rec[:recordHeader+n]); serr != nil {
 				return serr
 			}
 		}
