@@ -28,6 +28,9 @@ type DestinationConfig struct {
 	// Stream is the local end of the byte stream (the destination hypervisor's incoming
 	// migration connection), as SourceConfig.Stream. Nil means none.
 	Stream io.ReadWriteCloser
+	// Lanes allows a source to send a byte stream on every stream (SourceConfig.Lanes): it
+	// gives the local end of the one on stream i, from 1. Nil refuses such a source.
+	Lanes func(i int) io.ReadWriteCloser
 	// LaunchMeasurement is the launch measurement of the freshly launched target context,
 	// stated in the clean-memory statement. Nil means none.
 	LaunchMeasurement []byte
@@ -126,7 +129,7 @@ func (d *Destination) Prepare(ctx context.Context) (attest.CleanMemoryStatement,
 
 func (d *Destination) params() handshakeParams {
 	c := &d.cfg
-	return newHandshakeParams(c.MigrationID, c.MaxStreams, c.Region, c.ZeroPageElision, c.Stream)
+	return newHandshakeParams(c.MigrationID, c.MaxStreams, c.Region, c.ZeroPageElision, c.Stream, c.Lanes != nil)
 }
 
 // Receive accepts the source's streams on ln (which it closes when they have all joined or
@@ -340,7 +343,7 @@ func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (
 	res.Streams = len(conns)
 	sess, err := newSession(ctx, sessionConfig{
 		role: roleDestination, secret: hs.secret, transcript: hs.transcript,
-		conns: conns, region: d.cfg.Region, zeroPages: d.cfg.ZeroPageElision, local: d.cfg.Stream, log: d.log,
+		conns: conns, region: d.cfg.Region, zeroPages: d.cfg.ZeroPageElision, local: d.cfg.Stream, lanes: hs.lanes(d.cfg.Lanes), log: d.log,
 	})
 	hs.destroy() // every key the session needs is derived
 	if err != nil {
@@ -352,15 +355,7 @@ func (d *Destination) receive(ctx context.Context, ln net.Listener, keys Keys) (
 	defer sess.close()
 	d.log.Info("Migration transport established", "streams", len(conns))
 	// pumped is closed when the destination's direction of the byte stream has ended.
-	pumped := make(chan struct{})
-	if d.cfg.Stream != nil {
-		go func() {
-			defer close(pumped)
-			sess.pumpOut(d.cfg.Stream)
-		}()
-	} else {
-		close(pumped)
-	}
+	pumped := sess.pumpLanes()
 	fins := make([]finRecord, 0, len(conns))
 	for len(fins) < len(conns) {
 		select {
@@ -452,12 +447,8 @@ func (d *Destination) complete(sess *session) error {
 			}
 		}
 	}
-	if d.cfg.Stream != nil {
-		select {
-		case <-sess.peerClosed:
-		default:
-			return fmt.Errorf("%w: byte stream not closed", ErrIncomplete)
-		}
+	if !sess.peerClosedEach() {
+		return fmt.Errorf("%w: byte stream not closed", ErrIncomplete)
 	}
 	return nil
 }

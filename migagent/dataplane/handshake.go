@@ -68,6 +68,9 @@ const (
 	flagMemory    = 1 << 0
 	flagStream    = 1 << 1
 	flagZeroPages = 1 << 2
+	// flagLanes: every stream after the first carries a byte stream of its own (a lane),
+	// beside the one on stream 0.
+	flagLanes = 1 << 3
 )
 
 // handshakeParams is what the source proposes and the destination checks.
@@ -79,8 +82,9 @@ type handshakeParams struct {
 }
 
 // newHandshakeParams are what one side proposes: a memory transfer of region (with zero pages
-// as flags when zeroPages), a byte stream, or both.
-func newHandshakeParams(migrationID string, streams int, region *Region, zeroPages bool, stream io.ReadWriteCloser) handshakeParams {
+// as flags when zeroPages), a byte stream, with lanes a byte stream on every stream, or
+// these together.
+func newHandshakeParams(migrationID string, streams int, region *Region, zeroPages bool, stream io.ReadWriteCloser, lanes bool) handshakeParams {
 	p := handshakeParams{migrationID: migrationID, streams: streams}
 	if region != nil {
 		p.flags |= flagMemory
@@ -91,6 +95,9 @@ func newHandshakeParams(migrationID string, streams int, region *Region, zeroPag
 	}
 	if stream != nil {
 		p.flags |= flagStream
+		if lanes {
+			p.flags |= flagLanes
+		}
 	}
 	return p
 }
@@ -311,7 +318,7 @@ func serverHello(conn net.Conn, want handshakeParams, keys Keys) (*confirmed, er
 	case got.flags&matched != want.flags&matched:
 		return nil, fmt.Errorf("%w: source offers memory/stream %#x, destination expects %#x", ErrHandshake, got.flags&matched, want.flags&matched)
 	case got.flags&^want.flags != 0:
-		return nil, fmt.Errorf("%w: flags %#x not allowed (zero-page elision?)", ErrHandshake, got.flags&^want.flags)
+		return nil, fmt.Errorf("%w: flags %#x not allowed (zero-page elision, lanes?)", ErrHandshake, got.flags&^want.flags)
 	case got.pages != want.pages:
 		return nil, fmt.Errorf("%w: region of %d pages, want %d", ErrHandshake, got.pages, want.pages)
 	}
@@ -376,4 +383,12 @@ func serverJoin(conn net.Conn, c *confirmed) (int, error) {
 		return 0, fmt.Errorf("%w: join of stream %d does not verify", ErrKeyConfirmation, index)
 	}
 	return index, nil
+}
+
+// lanes is f if the handshake settled on lanes, else nil.
+func (c *confirmed) lanes(f func(int) io.ReadWriteCloser) func(int) io.ReadWriteCloser {
+	if c.params.flags&flagLanes == 0 {
+		return nil
+	}
+	return f
 }

@@ -71,17 +71,16 @@ type session struct {
 	closing  atomic.Bool
 
 	// Inbound dispatch.
-	region     *Region
-	digests    *chunkDigests // of the pages sent (source) or written (destination); nil without a region
-	received   []uint64      // destination: pages received at least once
-	zeroPages  bool
-	local      io.Writer // byte stream sink
-	localClose func() error
-	localWrite func() error // CloseWrite of the byte stream sink
-	peerClosed chan struct{}
-	onPages    func(n int)
-	fins       chan finRecord
-	acks       chan []byte
+	region    *Region
+	digests   *chunkDigests // of the pages sent (source) or written (destination); nil without a region
+	received  []uint64      // destination: pages received at least once
+	zeroPages bool
+	// lanes are the local ends of the byte streams, by stream index: the byte stream on
+	// stream 0 and, with lanes, one on each further stream; nil where none.
+	lanes   []*lane
+	onPages func(n int)
+	fins    chan finRecord
+	acks    chan []byte
 
 	mem atomic.Int64 // bytes of frame buffers allocated
 	// queued counts the pages handed to the streams to send (source), for progress within a
@@ -125,8 +124,36 @@ type sessionConfig struct {
 	region     *Region
 	zeroPages  bool
 	local      io.ReadWriteCloser
-	onPages    func(n int)
-	log        *slog.Logger
+	// lanes gives the byte stream carried on each stream after the first; nil means only
+	// stream 0 carries one.
+	lanes   func(i int) io.ReadWriteCloser
+	onPages func(n int)
+	log     *slog.Logger
+}
+
+// lane is the local end of the byte stream one stream carries.
+type lane struct {
+	rw         io.ReadWriteCloser
+	closeWrite func() error // rw's CloseWrite, nil if it has none
+	peerClosed chan struct{}
+}
+
+// ended reports whether the peer has half-closed the lane.
+func (l *lane) ended() bool {
+	select {
+	case <-l.peerClosed:
+		return true
+	default:
+		return false
+	}
+}
+
+func newLane(rw io.ReadWriteCloser) *lane {
+	l := &lane{rw: rw, peerClosed: make(chan struct{})}
+	if cw, ok := rw.(interface{ CloseWrite() error }); ok {
+		l.closeWrite = cw.CloseWrite
+	}
+	return l
 }
 
 // newSession derives the stream keys from the session secret and starts the streams.
@@ -139,16 +166,15 @@ func newSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 		region:     cfg.region,
 		zeroPages:  cfg.zeroPages,
 		onPages:    cfg.onPages,
-		peerClosed: make(chan struct{}),
 		tornDown:   make(chan struct{}),
 		fins:       make(chan finRecord, len(cfg.conns)),
 		acks:       make(chan []byte, 1),
 	}
 	if cfg.local != nil {
-		s.local = cfg.local
-		s.localClose = cfg.local.Close
-		if cw, ok := cfg.local.(interface{ CloseWrite() error }); ok {
-			s.localWrite = cw.CloseWrite
+		s.lanes = make([]*lane, len(cfg.conns))
+		s.lanes[0] = newLane(cfg.local)
+		for i := 1; i < len(s.lanes) && cfg.lanes != nil; i++ {
+			s.lanes[i] = newLane(cfg.lanes(i))
 		}
 	}
 	if s.region != nil {
@@ -258,8 +284,12 @@ func (s *session) closeConns() {
 	for _, st := range s.streams {
 		_ = st.conn.Close()
 	}
-	if s.localClose != nil && s.ctx.Err() != nil {
-		_ = s.localClose()
+	if s.ctx.Err() != nil {
+		for _, l := range s.lanes {
+			if l != nil {
+				_ = l.rw.Close()
+			}
+		}
 	}
 }
 
@@ -405,29 +435,76 @@ func (s *session) commitTranscript(fins []finRecord) []byte {
 	return h.Sum(nil)
 }
 
-// pumpOut copies the local byte stream to the peer, then half-closes.
-func (s *session) pumpOut(local io.Reader) {
+// pumpLanes copies every local byte stream to the peer, each on its own stream; the
+// channel it returns is closed when all of them have ended (at once without byte streams).
+func (s *session) pumpLanes() <-chan struct{} {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, l := range s.lanes {
+		if l != nil {
+			wg.Go(func() { s.pumpOut(i, l.rw) })
+		}
+	}
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	return done
+}
+
+// pumpOut copies one local byte stream to the peer on stream i, then half-closes.
+func (s *session) pumpOut(i int, local io.Reader) {
 	buf := make([]byte, MaxPayload)
 	for {
 		n, err := local.Read(buf)
 		if n > 0 {
 			done := make(chan struct{})
-			if s.submit(0, sendJob{typ: frameData, data: buf[:n], done: done}) != nil || s.wait(done) != nil {
+			if s.submit(i, sendJob{typ: frameData, data: buf[:n], done: done}) != nil || s.wait(done) != nil {
 				return
 			}
 		}
 		if errors.Is(err, io.EOF) {
 			done := make(chan struct{})
-			if s.submit(0, sendJob{typ: frameCloseWrite, done: done}) == nil {
+			if s.submit(i, sendJob{typ: frameCloseWrite, done: done}) == nil {
 				_ = s.wait(done)
 			}
 			return
 		}
 		if err != nil {
-			s.fail(fmt.Errorf("reading local byte stream: %w", err), true)
+			s.fail(fmt.Errorf("reading local byte stream %d: %w", i, err), true)
 			return
 		}
 	}
+}
+
+// peerClosedAll waits until the peer has ended every byte stream it sends.
+func (s *session) peerClosedAll() error {
+	for _, l := range s.lanes {
+		if l != nil {
+			if err := s.wait(l.peerClosed); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// peerClosedEach reports whether the peer has ended every byte stream it sends.
+func (s *session) peerClosedEach() bool {
+	for _, l := range s.lanes {
+		if l != nil && !l.ended() {
+			return false
+		}
+	}
+	return true
+}
+
+// lane is the local end of the byte stream stream i carries, nil if none.
+func (s *session) lane(i uint32) *lane {
+	if int(i) < len(s.lanes) {
+		return s.lanes[i]
+	}
+	return nil
 }
 
 // --- per-stream goroutines ---
@@ -767,8 +844,12 @@ func (st *stream) dispatch(h header, frame []byte) error {
 			s.onPages(int(h.pages))
 		}
 	case frameData:
-		if s.local == nil || st.index != 0 {
+		l := s.lane(st.index)
+		if l == nil {
 			return st.frameErr(h, fmt.Errorf("%w: no byte stream here", ErrMalformedFrame))
+		}
+		if l.ended() {
+			return st.frameErr(h, fmt.Errorf("%w: data after close-write", ErrMalformedFrame))
 		}
 		if h.offset != st.recvOff {
 			return st.frameErr(h, fmt.Errorf("%w: byte offset %d, want %d", ErrMalformedFrame, h.offset, st.recvOff))
@@ -778,22 +859,23 @@ func (st *stream) dispatch(h header, frame []byte) error {
 			return err
 		}
 		st.recvOff += uint64(len(pt))
-		if _, err := s.local.Write(pt); err != nil {
-			return fmt.Errorf("writing local byte stream: %w", err)
+		if _, err := l.rw.Write(pt); err != nil {
+			return fmt.Errorf("writing local byte stream %d: %w", st.index, err)
 		}
 	case frameCloseWrite:
-		if s.local == nil || st.index != 0 || h.offset != st.recvOff {
+		l := s.lane(st.index)
+		if l == nil || l.ended() || h.offset != st.recvOff {
 			return st.frameErr(h, fmt.Errorf("%w: unexpected close-write", ErrMalformedFrame))
 		}
 		if _, err := st.r.open(inPlace, h, frame); err != nil {
 			return err
 		}
-		if s.localWrite != nil {
-			if err := s.localWrite(); err != nil {
-				return fmt.Errorf("half-closing local byte stream: %w", err)
+		if l.closeWrite != nil {
+			if err := l.closeWrite(); err != nil {
+				return fmt.Errorf("half-closing local byte stream %d: %w", st.index, err)
 			}
 		}
-		close(s.peerClosed)
+		close(l.peerClosed)
 	case frameFin:
 		if s.role != roleDestination {
 			return st.frameErr(h, fmt.Errorf("%w: FIN from the destination", ErrMalformedFrame))

@@ -95,6 +95,10 @@ type SourceConfig struct {
 	// passed back through CloseWrite if Stream has it; the transfer ends when both
 	// directions are closed. Run closes Stream only if the migration fails. Nil means none.
 	Stream io.ReadWriteCloser
+	// Lanes, with Stream and more than one stream, gives the byte stream that stream i
+	// (from 1) carries beside Stream on stream 0, under the same rules: the hypervisor's
+	// multifd channels. The destination must allow lanes. Nil means only Stream.
+	Lanes func(i int) io.ReadWriteCloser
 	// MaxRounds bounds the pre-copy rounds before the final one. Zero means 30.
 	MaxRounds int
 	// ConvergedPages is the dirty-set size at or below which pre-copy stops and the guest is
@@ -228,7 +232,7 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 
 func (s *Source) params() handshakeParams {
 	c := &s.cfg
-	return newHandshakeParams(c.MigrationID, c.Streams, c.Region, c.ZeroPageElision, c.Stream)
+	return newHandshakeParams(c.MigrationID, c.Streams, c.Region, c.ZeroPageElision, c.Stream, c.Lanes != nil && c.Streams > 1)
 }
 
 // connect dials every stream, runs key confirmation on the first and joins the others. The
@@ -296,7 +300,7 @@ func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
 	}
 	sess, err := newSession(ctx, sessionConfig{
 		role: roleSource, secret: hs.secret, transcript: hs.transcript,
-		conns: conns, region: s.cfg.Region, zeroPages: s.cfg.ZeroPageElision, local: s.cfg.Stream, log: s.log,
+		conns: conns, region: s.cfg.Region, zeroPages: s.cfg.ZeroPageElision, local: s.cfg.Stream, lanes: hs.lanes(s.cfg.Lanes), log: s.log,
 	})
 	hs.destroy() // every key the session needs is derived
 	if err != nil {
@@ -328,15 +332,7 @@ func (s *Source) Run(ctx context.Context, keys Keys) (SourceResult, error) {
 
 // transfer runs the rounds, sends the FINs and verifies the commit acknowledgement under tk.
 func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (res SourceResult, paused, finSent bool, err error) {
-	pumped := make(chan struct{})
-	if s.cfg.Stream != nil {
-		go func() {
-			defer close(pumped)
-			sess.pumpOut(s.cfg.Stream)
-		}()
-	} else {
-		close(pumped)
-	}
+	pumped := sess.pumpLanes()
 	start := time.Now()
 	var pausedAt time.Time
 	if r := s.cfg.Region; r != nil {
@@ -407,10 +403,8 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 	case <-sess.ctx.Done():
 		return res, paused, false, sess.err()
 	}
-	if s.cfg.Stream != nil {
-		if err := sess.wait(sess.peerClosed); err != nil {
-			return res, paused, false, err
-		}
+	if err := sess.peerClosedAll(); err != nil {
+		return res, paused, false, err
 	}
 	// The guest is paused (or nothing writes the region): every page's digest is of the page
 	// as last sent, which is the paused memory under the Region contract.

@@ -1,0 +1,152 @@
+package dataplane
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"testing"
+)
+
+// TestMigrateLanes carries three byte streams, one per stream, both ways: each arrives
+// whole and in order on its own lane, and each end's half-close reaches the other.
+func TestMigrateLanes(t *testing.T) {
+	const lanes = 3
+	var srcHyp, srcEnd, dstHyp, dstEnd [lanes]*halfConn
+	for i := range lanes {
+		srcHyp[i], srcEnd[i] = duplex()
+		dstHyp[i], dstEnd[i] = duplex()
+	}
+	forward := func(i int) []byte { return bytes.Repeat([]byte{byte('a' + i)}, (i+1)<<20+i) }
+	back := func(i int) []byte { return fmt.Appendf(nil, "lane %d loaded", i) }
+
+	ln := listen(t)
+	src, err := NewSource(SourceConfig{
+		MigrationID: "lanes", Peer: ln.Addr().String(), Streams: lanes,
+		Stream: srcEnd[0], Lanes: func(i int) io.ReadWriteCloser { return srcEnd[i] },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst, err := NewDestination(DestinationConfig{
+		MigrationID: "lanes", MaxStreams: lanes,
+		Stream: dstEnd[0], Lanes: func(i int) io.ReadWriteCloser { return dstEnd[i] },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var gotForward, gotBack [lanes][]byte
+	errs := make([]error, 4*lanes)
+	for i := range lanes {
+		wg.Go(func() { _, errs[4*i] = srcHyp[i].Write(forward(i)); errs[4*i+1] = srcHyp[i].CloseWrite() })
+		wg.Go(func() { gotBack[i], errs[4*i+2] = io.ReadAll(srcHyp[i]) })
+		wg.Go(func() {
+			gotForward[i], errs[4*i+3] = io.ReadAll(dstHyp[i])
+			dstHyp[i].Write(back(i))
+			dstHyp[i].CloseWrite()
+		})
+	}
+	ids := newIdentities(t)
+	m := &migration{src: src, dst: dst, srcKeys: ids.source(Keys{TK: testKey(t, 1)}), dstKeys: ids.destination(Keys{TK: testKey(t, 1)})}
+	m.run(t, ln)
+	wg.Wait()
+	if m.srcErr != nil || m.dstErr != nil {
+		t.Fatalf("source: %v; destination: %v", m.srcErr, m.dstErr)
+	}
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	for i := range lanes {
+		if !bytes.Equal(gotForward[i], forward(i)) {
+			t.Errorf("lane %d forward: got %d bytes, want %d", i, len(gotForward[i]), len(forward(i)))
+		}
+		if !bytes.Equal(gotBack[i], back(i)) {
+			t.Errorf("lane %d back: got %q, want %q", i, gotBack[i], back(i))
+		}
+	}
+}
+
+// TestLanesNeedTheDestinationsConsent: a destination that gives no lanes refuses a source
+// that would send a byte stream on every stream, instead of dropping what those carry.
+func TestLanesNeedTheDestinationsConsent(t *testing.T) {
+	_, srcEnd := duplex()
+	_, dstEnd := duplex()
+	ln := listen(t)
+	src, err := NewSource(SourceConfig{
+		MigrationID: "lanes", Peer: ln.Addr().String(), Streams: 2,
+		Stream: srcEnd, Lanes: func(int) io.ReadWriteCloser { _, e := duplex(); return e },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	logger, rejected := rejections()
+	dst, err := NewDestination(DestinationConfig{MigrationID: "lanes", Stream: dstEnd, Logger: logger})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := newIdentities(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := dst.Receive(t.Context(), ln, ids.destination(Keys{TK: testKey(t, 1)}))
+		done <- err
+	}()
+	if _, err := src.Run(t.Context(), ids.source(Keys{TK: testKey(t, 1)})); !errors.Is(err, ErrKeyConfirmation) {
+		t.Errorf("source: got %v, want ErrKeyConfirmation (destination closed)", err)
+	}
+	if r := <-rejected; !bytes.Contains([]byte(r), []byte("not allowed")) {
+		t.Errorf("destination logged %q, want the flags refused", r)
+	}
+	ln.Close()
+	if err := <-done; !errors.Is(err, ErrHandshake) {
+		t.Errorf("destination: got %v, want ErrHandshake", err)
+	}
+}
+
+// TestLaneFramesAfterCloseWrite: a peer that half-closes a lane and then sends on it, or
+// closes it again, fails the session with a malformed frame; nothing reaches the lane after
+// its end.
+func TestLaneFramesAfterCloseWrite(t *testing.T) {
+	for _, then := range []frameType{frameData, frameCloseWrite} {
+		t.Run(then.String(), func(t *testing.T) {
+			a, b := net.Pipe()
+			_, srcEnd := duplex()
+			dstHyp, dstEnd := duplex()
+			cfg := sessionConfig{secret: testKey(t, 9), transcript: []byte("t"), conns: []net.Conn{a}, local: srcEnd, log: slog.New(slog.DiscardHandler)}
+			cfg.role = roleSource
+			src, err := newSession(t.Context(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer src.close()
+			cfg.role, cfg.conns, cfg.local, cfg.secret = roleDestination, []net.Conn{b}, dstEnd, testKey(t, 9)
+			dst, err := newSession(t.Context(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dst.close()
+			got := make(chan []byte, 1)
+			go func() { p, _ := io.ReadAll(dstHyp); got <- p }()
+			send := func(job sendJob) {
+				job.done = make(chan struct{})
+				if err := src.submit(0, job); err != nil {
+					t.Fatal(err)
+				}
+				<-job.done
+			}
+			send(sendJob{typ: frameData, data: []byte("before")})
+			send(sendJob{typ: frameCloseWrite})
+			send(sendJob{typ: then, data: []byte("after")})
+			<-dst.ctx.Done()
+			if err := dst.err(); !errors.Is(err, ErrMalformedFrame) {
+				t.Errorf("destination: got %v, want ErrMalformedFrame", err)
+			}
+			if p := <-got; string(p) != "before" {
+				t.Errorf("the lane got %q, want only what came before its end", p)
+			}
+		})
+	}
+}
