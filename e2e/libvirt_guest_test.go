@@ -312,6 +312,7 @@ func TestLibvirtDirectLinuxMigration(t *testing.T) {
 		settings := benchSettings
 		settings.Bandwidth = uint64(envInt("LETHE_LIBVIRT_BANDWIDTH", 0))
 		settings.AutoConverge = envInt("LETHE_LIBVIRT_AUTOCONVERGE", 1) != 0
+		settings.Parallel = envInt("LETHE_LIBVIRT_PARALLEL", 0)
 		took := migrateDirectWith(t, hosts[from], hosts[to], tb.domain, settings)
 		stats, err := conns[to].JobStats(t.Context(), tb.domain, true)
 		if err != nil {
@@ -329,7 +330,7 @@ func TestLibvirtDirectLinuxMigration(t *testing.T) {
 // downtime and bytes per migration, and checks the guest's memory after the last one.
 func BenchmarkLibvirtLinuxMigration(b *testing.B) {
 	for _, limit := range []time.Duration{300 * time.Millisecond, time.Second} {
-		settings := libvirt.Settings{MaxDowntime: limit, AutoConverge: true}
+		settings := libvirt.Settings{MaxDowntime: limit, AutoConverge: true, Parallel: envInt("LETHE_LIBVIRT_PARALLEL", 0)}
 		for _, mode := range []string{"direct", "lethe"} {
 			b.Run(fmt.Sprintf("downtime=%v/%s", limit, mode), func(b *testing.B) {
 				var opts []func(*libvirt.GuestConfig)

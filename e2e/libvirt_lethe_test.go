@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -250,6 +251,10 @@ var plaintextMarkers = [][]byte{
 	[]byte("Memtest86+"),
 }
 
+// multifdMagic opens each of QEMU's multifd channels: its magic and version, in the clear
+// on a plain multifd connection.
+var multifdMagic = []byte("\x11\x22\x33\x44\x00\x00\x00\x01")
+
 // scanner counts bytes and finds markers in a stream read in chunks.
 type scanner struct {
 	mu      sync.Mutex
@@ -319,20 +324,25 @@ func (s *scanner) compressRatio() float64 {
 // data-plane connection the source opens goes to a relay listener of its own, which dials
 // the destination's endpoint and copies both ways, scanning every byte.
 type wireRecorder struct {
-	t    testing.TB
-	up   *scanner // source to destination
-	down *scanner // destination to source
-	wg   sync.WaitGroup
+	t     testing.TB
+	up    *scanner // source to destination
+	down  *scanner // destination to source
+	conns atomic.Int32
+	wg    sync.WaitGroup
 }
 
-func newWireRecorder(t testing.TB) *wireRecorder {
-	r := &wireRecorder{t: t, up: newScanner(plaintextMarkers), down: newScanner(plaintextMarkers)}
+// newWireRecorder records the agents' traffic and looks for plaintextMarkers and extra
+// markers in it.
+func newWireRecorder(t testing.TB, extra ...[]byte) *wireRecorder {
+	markers := append(slices.Clone(plaintextMarkers), extra...)
+	r := &wireRecorder{t: t, up: newScanner(markers), down: newScanner(markers)}
 	t.Cleanup(r.wg.Wait)
 	return r
 }
 
 // dial is the source agent's data-plane dialer.
 func (r *wireRecorder) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	r.conns.Add(1)
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", "127.0.0.1:0")
 	if err != nil {
@@ -391,41 +401,56 @@ func (r *wireRecorder) checkCiphertext(t testing.TB, atLeast int64) {
 		r.up.n.Load()>>20, r.down.n.Load()>>10, r.up.compressRatio())
 }
 
-// TestLibvirtLetheMigration live-migrates the memtest86+ guest from A to B through Lethe.
+// TestLibvirtLetheMigration live-migrates the memtest86+ guest from A to B through Lethe:
+// on QEMU's single migration stream, and with two multifd channels, each carried on a
+// data-plane connection of its own beside the main one.
 func TestLibvirtLetheMigration(t *testing.T) {
-	e := newLetheEnv(t)
-	tb := newTestbed(t, "lethe-memtest-lethe", withGuestMetadata)
-	rec := newWireRecorder(t)
-	e.startAgent(hostA, benchSettings, rec.dial)
-	e.startAgent(hostB, benchSettings, nil)
-	e.adopt(hostA)
+	for _, parallel := range []int{0, 2} {
+		name := "single"
+		if parallel > 0 {
+			name = "multifd"
+		}
+		t.Run(name, func(t *testing.T) {
+			e := newLetheEnv(t)
+			tb := newTestbed(t, "lethe-memtest-lethe-"+name, withGuestMetadata)
+			rec := newWireRecorder(t, multifdMagic)
+			settings := benchSettings
+			settings.Parallel = parallel
+			e.startAgent(hostA, settings, rec.dial)
+			e.startAgent(hostB, settings, nil)
+			e.adopt(hostA)
 
-	start := time.Now()
-	m := e.migrate(hostB)
-	took := time.Since(start)
-	if m.Phase != broker.PhaseErased {
-		t.Fatalf("phase %s (reason %q, notes %q), want Erased", m.Phase, m.AbortReason, m.Notes)
-	}
-	stats, err := tb.b.JobStats(t.Context(), tb.domain, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("through Lethe: %v from request to erasure, downtime %v, %d MiB, %d iterations",
-		took, stats.Downtime, stats.DataProcessed>>20, stats.Iteration)
-	tb.checkRunsOn(t, hostB)
-	rec.checkCiphertext(t, int64(stats.DataProcessed))
+			start := time.Now()
+			m := e.migrate(hostB)
+			took := time.Since(start)
+			if m.Phase != broker.PhaseErased {
+				t.Fatalf("phase %s (reason %q, notes %q), want Erased", m.Phase, m.AbortReason, m.Notes)
+			}
+			stats, err := tb.b.JobStats(t.Context(), tb.domain, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("through Lethe: %v from request to erasure, downtime %v, %d MiB, %d iterations",
+				took, stats.Downtime, stats.DataProcessed>>20, stats.Iteration)
+			tb.checkRunsOn(t, hostB)
+			rec.checkCiphertext(t, int64(stats.DataProcessed))
+			if got, want := rec.conns.Load(), int32(1+parallel); got != want {
+				t.Errorf("the source opened %d data-plane connections, want %d", got, want)
+			}
 
-	rc := e.receipt(m.ID)
-	if rc.Outcome != receipt.OutcomeErased {
-		t.Errorf("receipt outcome %s, want erased", rc.Outcome)
+			rc := e.receipt(m.ID)
+			if rc.Outcome != receipt.OutcomeErased {
+				t.Errorf("receipt outcome %s, want erased", rc.Outcome)
+			}
+			epoch1, epoch2 := "lethe-demo-memtest-e1", "lethe-demo-memtest-e2"
+			want := map[string]bool{"lethe-mig-" + m.ID: false, epoch1: false, epoch2: true}
+			if diff := cmp.Diff(want, e.transitKeys("lethe-mig-"+m.ID, epoch1, epoch2)); diff != "" {
+				t.Errorf("Vault keys (-want +got):\n%s", diff)
+			}
+			e.waitGuest(hostB, true)
+			e.waitGuest(hostA, false)
+		})
 	}
-	epoch1, epoch2 := "lethe-demo-memtest-e1", "lethe-demo-memtest-e2"
-	want := map[string]bool{"lethe-mig-" + m.ID: false, epoch1: false, epoch2: true}
-	if diff := cmp.Diff(want, e.transitKeys("lethe-mig-"+m.ID, epoch1, epoch2)); diff != "" {
-		t.Errorf("Vault keys (-want +got):\n%s", diff)
-	}
-	e.waitGuest(hostB, true)
-	e.waitGuest(hostA, false)
 }
 
 // TestLibvirtLetheLinuxMigration live-migrates the 1 GiB Linux guest through Lethe, from A

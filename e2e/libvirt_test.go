@@ -250,6 +250,11 @@ func migrateDirectWith(t testing.TB, from, to, domain string, settings libvirt.S
 	if settings.AutoConverge {
 		flags |= golibvirt.MigrateAutoConverge
 	}
+	var params []golibvirt.TypedParam
+	if settings.Parallel > 0 {
+		flags |= golibvirt.MigrateParallel
+		params = append(params, golibvirt.TypedParam{Field: golibvirt.MigrateParamParallelConnections, Value: *golibvirt.NewTypedParamValueInt(int32(settings.Parallel))})
+	}
 	if err := l.DomainMigrateSetMaxDowntime(dom, uint64(settings.MaxDowntime.Milliseconds()), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +264,7 @@ func migrateDirectWith(t testing.TB, from, to, domain string, settings libvirt.S
 		}
 	}
 	start := time.Now()
-	if _, err := l.DomainMigratePerform3Params(dom, golibvirt.OptString{dconn}, nil, nil, flags); err != nil {
+	if _, err := l.DomainMigratePerform3Params(dom, golibvirt.OptString{dconn}, params, nil, flags); err != nil {
 		t.Fatalf("migrating %s directly from %s to %s: %v", domain, from, to, err)
 	}
 	return time.Since(start)

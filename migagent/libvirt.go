@@ -216,6 +216,9 @@ func checkLibvirt(cfg *Config) error {
 	if !filepath.IsAbs(lc.MigrateDir) {
 		return fmt.Errorf("libvirt migrate dir %q is not absolute", lc.MigrateDir)
 	}
+	if lc.Settings.Parallel < 0 || lc.Settings.Parallel > MaxParallel {
+		return fmt.Errorf("libvirt parallel connections %d: want 0 to %d", lc.Settings.Parallel, MaxParallel)
+	}
 	if lc.PostCopyAfter == 0 {
 		lc.PostCopyAfter = 3
 	}
@@ -426,7 +429,7 @@ func (b libvirtBackend) newDestination(req *agentapi.PrepareRequest) (*migration
 	n := b.n
 	tun := newTunnel()
 	dst, err := dataplane.NewDestination(dataplane.DestinationConfig{
-		MigrationID: req.MigrationID, Stream: tun, MaxStreams: 1, Logger: n.log,
+		MigrationID: req.MigrationID, Stream: tun, Lanes: tun.lane, MaxStreams: 1 + MaxParallel, Logger: n.log,
 	})
 	if err != nil {
 		return nil, err
@@ -457,6 +460,7 @@ func (b libvirtBackend) receive(ctx context.Context, m *migration) {
 		dcancel()
 	}
 	wg.Wait()
+	m.lv.tun.closeLanes()
 	if err == nil && !d.finished {
 		// The source ended its stream without the steps: nothing runs here to commit to.
 		err = fmt.Errorf("the stream ended before the guest ran here: %w", cmp.Or(d.err, errors.New("no performed record")))
@@ -507,6 +511,11 @@ func (d *destinationDriver) steps(ctx context.Context, n *Node, m *migration, tu
 	if tenant, vm, ok := n.identify(offer.XML, offer.Domain, false); !ok || tenant != m.tenant || vm != m.vm {
 		return fmt.Errorf("checking the offer: domain %q is not guest %s/%s", offer.Domain, m.tenant, m.vm)
 	}
+	// The session's lanes exist before the offer arrives on stream 0.
+	lanes := tun.hvLanes()
+	if offer.Parallel != len(lanes) {
+		return fmt.Errorf("checking the offer: %d multifd channels over %d lanes", offer.Parallel, len(lanes))
+	}
 	ep := libvirt.UnixEndpoint(n.socketPath(m.id, "dst"))
 	if err := os.Remove(ep.Address); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing stale socket: %w", err)
@@ -527,6 +536,14 @@ func (d *destinationDriver) steps(ctx context.Context, n *Node, m *migration, tu
 	defer hv.Close()
 	stop := context.AfterFunc(ctx, func() { hv.Close() })
 	defer stop()
+	// The multifd channels follow the main one, which the hypervisor takes first.
+	for i, l := range lanes {
+		c, err := dialHypervisor(ctx, n.lv, ep)
+		if err != nil {
+			return fmt.Errorf("connecting multifd channel %d: %w", i+1, err)
+		}
+		l.attach(c)
+	}
 	pumped := make(chan error, 1)
 	go func() { pumped <- tun.pumpHypervisor(hv) }()
 	var cookie []byte
@@ -629,8 +646,9 @@ func (b libvirtBackend) sender(m *migration, req *agentapi.TransferRequest, keys
 		return nil, fmt.Errorf("%w: the node does not drive libvirt", agentapi.ErrBadRequest)
 	}
 	tun := newTunnel()
+	parallel := n.cfg.Libvirt.Settings.Parallel
 	src, err := dataplane.NewSource(dataplane.SourceConfig{
-		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: 1, Stream: tun, Logger: n.log,
+		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: 1 + parallel, Stream: tun, Lanes: tun.lane, Logger: n.log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
@@ -653,6 +671,7 @@ func (b libvirtBackend) runSource(ctx context.Context, m *migration, src *datapl
 		dcancel()
 	}
 	wg.Wait()
+	m.lv.tun.closeLanes()
 	g := m.g
 	out := sendOutcome{
 		progress: agentapi.Progress{
@@ -777,6 +796,8 @@ func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
 	defer hv.Close()
 	stopConn := context.AfterFunc(ctx, func() { hv.Close() })
 	defer stopConn()
+	// The multifd channels connect after the main one, in order.
+	go acceptLanes(actx, ln, tun, n.cfg.Libvirt.Settings.Parallel)
 
 	pumped := make(chan error, 1)
 	go func() { pumped <- tun.pumpHypervisor(hv) }()
@@ -835,6 +856,21 @@ func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
 	}
 	tun.end(nil)
 	return nil
+}
+
+// acceptLanes attaches the next parallel connections the hypervisor makes to the lanes,
+// in order. If one does not come the lanes left are closed, which fails the transfer.
+func acceptLanes(ctx context.Context, ln streamListener, tun *tunnel, parallel int) {
+	for i := 1; i <= parallel; i++ {
+		c, err := ln.Accept(ctx)
+		if err != nil {
+			for ; i <= parallel; i++ {
+				tun.hvLane(i).Close()
+			}
+			return
+		}
+		tun.hvLane(i).attach(c)
+	}
 }
 
 // watchProgress publishes the job's statistics while Perform runs, and switches to
@@ -920,6 +956,9 @@ func (d *sourceDriver) round(final bool) {
 // sourceSettings are the source's libvirt settings for a transfer with downtime limit
 // limit: the agent's own, with its limit lowered to limit (never raised) and auto-converge
 // allowed, so that a guest that dirties memory too fast is throttled until it fits.
+// MaxParallel is the most multifd channels a libvirt migration may use.
+const MaxParallel = 16
+
 func sourceSettings(s libvirt.Settings, limit time.Duration) libvirt.Settings {
 	if limit <= 0 {
 		return s

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"sync"
 )
 
@@ -56,6 +57,9 @@ type tunnel struct {
 	rd   *bufio.Reader
 	data []byte // the memory of received data records, reused
 	wmu  sync.Mutex
+
+	lmu   sync.Mutex
+	lanes []*hvLane // lane i is lanes[i-1]
 }
 
 func newTunnel() *tunnel {
@@ -182,6 +186,7 @@ func (t *tunnel) end(err error) {
 	}
 	t.outW.CloseWithError(err)
 	t.inR.CloseWithError(err)
+	t.closeLanes()
 }
 
 // pumpHypervisor sends what the hypervisor writes on hv as data records and an end record
@@ -222,4 +227,107 @@ func toHypervisor(hv net.Conn, typ byte, p []byte) (bool, error) {
 		return true, nil
 	}
 	return false, nil
+}
+
+// A hypervisor that migrates over several connections (QEMU's multifd channels, beside its
+// main one) gets one lane per extra connection: a data-plane stream of its own
+// (dataplane.SourceConfig.Lanes), which carries that connection's bytes as they are, with
+// no records. The lanes exist from the start of the data plane's session; each waits for
+// the agent to attach its hypervisor connection, which the source accepts and the
+// destination dials after the main one (QEMU takes the first connection for its main
+// channel).
+
+// hvLane is the local end of one lane: a hypervisor connection, once attached.
+type hvLane struct {
+	ready chan struct{} // closed by attach or Close
+	once  sync.Once
+	conn  net.Conn // set before ready is closed; nil if the lane was closed first
+}
+
+func newHVLane() *hvLane { return &hvLane{ready: make(chan struct{})} }
+
+// attach gives the lane its hypervisor connection; a lane already closed closes it.
+func (l *hvLane) attach(c net.Conn) {
+	attached := false
+	l.once.Do(func() {
+		l.conn, attached = c, true
+		close(l.ready)
+	})
+	if !attached {
+		c.Close()
+	}
+}
+
+func (l *hvLane) get() (net.Conn, error) {
+	<-l.ready
+	if l.conn == nil {
+		return nil, errTunnelClosed
+	}
+	return l.conn, nil
+}
+
+// Read gives the data plane what the hypervisor sent on the connection.
+func (l *hvLane) Read(p []byte) (int, error) {
+	c, err := l.get()
+	if err != nil {
+		return 0, err
+	}
+	return c.Read(p)
+}
+
+// Write hands the hypervisor what the data plane received for it.
+func (l *hvLane) Write(p []byte) (int, error) {
+	c, err := l.get()
+	if err != nil {
+		return 0, err
+	}
+	return c.Write(p)
+}
+
+// CloseWrite passes the peer's end of the lane on to the hypervisor.
+func (l *hvLane) CloseWrite() error {
+	c, err := l.get()
+	if err != nil {
+		return err
+	}
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// Close closes the connection, or the lane before any was attached.
+func (l *hvLane) Close() error {
+	l.once.Do(func() { close(l.ready) })
+	if l.conn != nil {
+		return l.conn.Close()
+	}
+	return nil
+}
+
+// lane is dataplane's Lanes: the local end of lane i, from 1.
+func (t *tunnel) lane(i int) io.ReadWriteCloser { return t.hvLane(i) }
+
+// hvLane is lane i, from 1, made on first use.
+func (t *tunnel) hvLane(i int) *hvLane {
+	t.lmu.Lock()
+	defer t.lmu.Unlock()
+	for len(t.lanes) < i {
+		t.lanes = append(t.lanes, newHVLane())
+	}
+	return t.lanes[i-1]
+}
+
+// hvLanes are the lanes the data plane's session carries (none before it started).
+func (t *tunnel) hvLanes() []*hvLane {
+	t.lmu.Lock()
+	defer t.lmu.Unlock()
+	return slices.Clone(t.lanes)
+}
+
+// closeLanes closes every lane's connection.
+func (t *tunnel) closeLanes() {
+	for _, l := range t.hvLanes() {
+		l.Close()
+	}
 }

@@ -147,6 +147,7 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.Duration(&c.libvirt.Settings.MaxDowntime, "max-downtime", "LETHE_AGENT_MAX_DOWNTIME", 0, "longest pause of a libvirt guest at cutover; 0: the hypervisor's default")
 	fs.Uint64(&c.libvirt.Settings.Bandwidth, "bandwidth", "LETHE_AGENT_BANDWIDTH", 0, "cap of a libvirt migration in MiB/s; 0: unlimited")
 	fs.Bool(&c.libvirt.Settings.AutoConverge, "auto-converge", "LETHE_AGENT_AUTO_CONVERGE", false, "throttle a libvirt guest's vCPUs while pre-copy does not converge")
+	fs.Int(&c.libvirt.Settings.Parallel, "parallel-connections", "LETHE_AGENT_PARALLEL_CONNECTIONS", 0, "multifd channels of the libvirt migrations the agent sends, each carried on a data-plane connection of its own beside the main one (0 to 16; the destination's agent must be as recent); 0: QEMU's single migration stream")
 	fs.Bool(&c.libvirt.Settings.PostCopy, "post-copy", "LETHE_AGENT_POST_COPY", false, "allow libvirt migrations to switch to post-copy after 3 pre-copy iterations; a failure after the switch loses the guest: only where the tenant's policy allows it")
 	fs.String(&c.logFormat, "log-format", "LETHE_AGENT_LOG_FORMAT", "text", "log format: text or json")
 	fs.String(&c.logLevel, "log-level", "LETHE_AGENT_LOG_LEVEL", "info", "log level: debug, info, warn, error")

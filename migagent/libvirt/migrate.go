@@ -38,6 +38,10 @@ type Settings struct {
 	// guest then runs at the destination while pages still arrive, and a failure after the
 	// switch loses it. Set it only where the tenant's policy allows it.
 	PostCopy bool
+	// Parallel is the number of multifd channels the hypervisor moves memory over, beside
+	// its main channel (VIR_MIGRATE_PARALLEL): Parallel+1 connections. Zero means none,
+	// everything on the main channel.
+	Parallel int
 }
 
 // Offer is what the source's Begin hands to the destination's Prepare through the control
@@ -54,6 +58,9 @@ type Offer struct {
 	Flags uint64 `json:"flags"`
 	// Bandwidth is Settings.Bandwidth, MiB/s.
 	Bandwidth uint64 `json:"bandwidth,omitempty"`
+	// Parallel is Settings.Parallel: the multifd channels, with the main one Parallel+1
+	// connections to the destination's endpoint, the main one first. Zero means one.
+	Parallel int `json:"parallel,omitempty"`
 }
 
 // Accepted is the destination's answer to an Offer, for the source's Perform.
@@ -102,6 +109,9 @@ func (c *Conn) Begin(ctx context.Context, name string, s Settings) (*Source, Off
 	if s.PostCopy {
 		flags |= golibvirt.MigratePostcopy
 	}
+	if s.Parallel > 0 {
+		flags |= golibvirt.MigrateParallel
+	}
 	src := &Source{c: c, dom: dom, settings: s, flags: flags}
 	cookie, domXML, err := c.lv.DomainMigrateBegin3Params(dom, src.params(), uint32(flags))
 	if err != nil {
@@ -114,7 +124,7 @@ func (c *Conn) Begin(ctx context.Context, name string, s Settings) (*Source, Off
 		}
 	}
 	c.log.Info("Began migration", attrDomain, name)
-	return src, Offer{Domain: name, XML: domXML, Cookie: cookie, Flags: uint64(flags), Bandwidth: s.Bandwidth}, nil
+	return src, Offer{Domain: name, XML: domXML, Cookie: cookie, Flags: uint64(flags), Bandwidth: s.Bandwidth, Parallel: s.Parallel}, nil
 }
 
 func (s *Source) params() []golibvirt.TypedParam {
@@ -122,7 +132,15 @@ func (s *Source) params() []golibvirt.TypedParam {
 	if s.settings.Bandwidth > 0 {
 		ps = append(ps, golibvirt.TypedParam{Field: golibvirt.MigrateParamBandwidth, Value: *golibvirt.NewTypedParamValueUllong(s.settings.Bandwidth)})
 	}
-	return ps
+	return append(ps, parallelParams(s.settings.Parallel)...)
+}
+
+// parallelParams are the migration parameters for n multifd channels.
+func parallelParams(n int) []golibvirt.TypedParam {
+	if n <= 0 {
+		return nil
+	}
+	return []golibvirt.TypedParam{{Field: golibvirt.MigrateParamParallelConnections, Value: *golibvirt.NewTypedParamValueInt(int32(n))}}
 }
 
 // cancel ends a begun migration that will not go on.
@@ -164,6 +182,7 @@ func (c *Conn) Prepare(ctx context.Context, offer Offer, listen Endpoint) (*Dest
 	if offer.Bandwidth > 0 {
 		ps = append(ps, golibvirt.TypedParam{Field: golibvirt.MigrateParamBandwidth, Value: *golibvirt.NewTypedParamValueUllong(offer.Bandwidth)})
 	}
+	ps = append(ps, parallelParams(offer.Parallel)...)
 	cookie, _, err := c.lv.DomainMigratePrepare3Params(ps, offer.Cookie, destinationFlags(offer.Flags))
 	if err != nil {
 		return nil, Accepted{}, fmt.Errorf("preparing incoming migration of domain %s: %w", offer.Domain, err)
