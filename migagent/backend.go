@@ -75,20 +75,20 @@ func (b memoryBackend) newDestination(req *agentapi.PrepareRequest) (*migration,
 // sender returns the task that runs the data plane's pre-copy of m's guest.
 func (b memoryBackend) sender(m *migration, req *agentapi.TransferRequest, keys dataplane.Keys, report agentapi.ProgressFunc) (func(context.Context), error) {
 	n, g := b.n, m.g
-	tl := &transferLog{sendRate: n.sendRate.Store}
+	tl := &transferLog{}
 	var guest dataplane.Pauser
 	if g.workload != nil {
 		guest = g.workload
 	}
-	// The downtime limit becomes the dirty set that fits it at this node's last measured
-	// throughput. dataplane.SourceConfig has no limit of its own yet, which would use each
-	// round's throughput instead. Under a limit, a guest that dirties memory too fast for
-	// that dirty set is throttled until it fits (auto-converge), as libvirt guests are.
-	converged := convergedPages(req.MaxDowntime, n.sendRate.Load(), n.cfg.ConvergedPages)
+	// Under a downtime limit the data plane pauses the guest once the dirty set fits the
+	// limit at the throughput it measures, throttles a guest that dirties memory too fast for
+	// that (auto-converge), as libvirt guests are, and gives up without pausing one that
+	// still does not fit after MaxRounds.
 	src, err := dataplane.NewSource(dataplane.SourceConfig{
 		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: cmp.Or(req.Streams, n.cfg.Streams),
 		Region: g.region, Guest: guest, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
-		MaxRounds: n.cfg.MaxRounds, ConvergedPages: converged, AutoConverge: req.MaxDowntime > 0 && !n.cfg.NoAutoConverge,
+		MaxRounds: n.cfg.MaxRounds, ConvergedPages: n.cfg.ConvergedPages, MaxDowntime: req.MaxDowntime,
+		AutoConverge: req.MaxDowntime > 0 && !n.cfg.NoAutoConverge,
 		Progress: func(p dataplane.Progress) { n.onProgress(m, tl, p, report) },
 		Logger:   n.log,
 	})

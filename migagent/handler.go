@@ -9,9 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -714,9 +712,6 @@ func (n *Node) onProgress(m *migration, tl *transferLog, p dataplane.Progress, r
 // no lock.
 type transferLog struct {
 	rounds []agentapi.RoundStats
-	// sendRate, if not nil, is told the throughput of each pre-copy round but the final one
-	// (bytes per second); the final round is too small to measure the link.
-	sendRate func(float64)
 }
 
 // round notes a round the data plane reported.
@@ -732,29 +727,7 @@ func (tl *transferLog) round(p dataplane.Progress) {
 		Round: p.Round + 1, Final: p.Final, Pages: uint64(p.Pages), Bytes: uint64(p.Bytes),
 		DirtyRate: p.DirtyRate * dataplane.PageSize, Throughput: p.Rate, Duration: d, Throttle: p.Throttle,
 	})
-	if tl.sendRate != nil && p.Rate > 0 && !p.Final {
-		tl.sendRate(p.Rate)
-	}
 }
-
-// convergedPages is the dirty-set size at which pre-copy may pause the guest so that sending
-// it takes at most limit at rate bytes per second: the pages that fit the downtime limit at
-// the measured throughput. Without a limit or a measured rate it is fallback.
-func convergedPages(limit time.Duration, rate float64, fallback int) int {
-	if limit <= 0 || rate <= 0 {
-		return fallback
-	}
-	return max(1, int(rate*limit.Seconds()/dataplane.PageSize))
-}
-
-// rateGauge holds a rate (bytes per second) that goroutines store and load concurrently.
-type rateGauge struct{ bits atomic.Uint64 }
-
-// Store sets the rate.
-func (g *rateGauge) Store(r float64) { g.bits.Store(math.Float64bits(r)) }
-
-// Load returns the rate last stored, 0 if none.
-func (g *rateGauge) Load() float64 { return math.Float64frombits(g.bits.Load()) }
 
 // setProgress records the transfer's latest report.
 func (m *migration) setProgress(p agentapi.Progress) {

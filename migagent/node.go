@@ -118,9 +118,6 @@ type Node struct {
 	// maxLive is the limit of migrations in flight (Config.MaxMigrations); preparing counts
 	// the preparation under way whose migration is not in migs yet (see admit).
 	maxLive, preparing int
-	// sendRate is the data plane's last measured throughput as a source, which turns a
-	// transfer's downtime limit into a dirty-set size.
-	sendRate rateGauge
 	// memTotal is the host's memory (MemTotal; zero where it cannot be read). tcb is the TCB
 	// level the host's own evidence reported when Run started; nil if it could not be read.
 	memTotal uint64

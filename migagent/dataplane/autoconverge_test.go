@@ -5,7 +5,9 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // A guest that writes its whole memory every millisecond dirties it faster than any round
@@ -20,9 +22,9 @@ const (
 )
 
 // runConverging migrates a region under a workload that does not converge unless throttled,
-// with auto-converge on or off, and returns the workload, the source's result and its error.
+// with auto-converge on or off, and returns the workload and the migration's outcome.
 // tweak, if not nil, changes the source's configuration.
-func runConverging(t *testing.T, autoConverge bool, tweak func(*SourceConfig)) (*Workload, SourceResult, error) {
+func runConverging(t *testing.T, autoConverge bool, tweak func(*SourceConfig)) (*Workload, *migration) {
 	t.Helper()
 	srcRegion, dstRegion := testRegion(t, convergeSize), testRegion(t, convergeSize)
 	fillRegion(srcRegion, 1)
@@ -61,7 +63,7 @@ func runConverging(t *testing.T, autoConverge bool, tweak func(*SourceConfig)) (
 		srcKeys: ids.source(Keys{TK: testKey(t, 1), MDK: testKey(t, 5)}),
 		dstKeys: ids.destination(Keys{TK: testKey(t, 1), MDK: testKey(t, 9)})}
 	m.run(t, ln)
-	return w, m.srcRes, m.srcErr
+	return w, m
 }
 
 func maxThrottle(rounds []RoundStats) int {
@@ -89,7 +91,8 @@ func TestAutoConverge(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			w, res, err := runConverging(t, tc.on, nil)
+			w, m := runConverging(t, tc.on, nil)
+			res, err := m.srcRes, m.srcErr
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -163,10 +166,11 @@ func (p *cuttingPauser) Pause(ctx context.Context) error {
 // the guest is resumed, at its full rate.
 func TestAutoConvergeLiftedOnFailure(t *testing.T) {
 	var p cuttingPauser
-	w, res, err := runConverging(t, true, func(c *SourceConfig) {
+	w, m := runConverging(t, true, func(c *SourceConfig) {
 		p.Workload = c.Guest.(*Workload)
 		c.Guest, c.Dial = &p, p.dial
 	})
+	res, err := m.srcRes, m.srcErr
 	if err == nil || errors.Is(err, ErrCommitUnknown) {
 		t.Fatalf("source: got %v, want a failure before the FIN", err)
 	}
@@ -179,6 +183,56 @@ func TestAutoConvergeLiftedOnFailure(t *testing.T) {
 	if !running(w) {
 		t.Errorf("guest not resumed at full rate: throttle %d%%", w.Throttling())
 	}
+}
+
+// TestDowntimeLimit: under MaxDowntime, pre-copy stops as soon as the dirty set would be
+// sent within the limit at the measured throughput; a guest that cannot get there, even
+// throttled to 99%, is not paused at all: the migration ends with ErrNotConverging, the
+// destination is told, and the guest runs on at full rate.
+func TestDowntimeLimit(t *testing.T) {
+	t.Run("generous", func(t *testing.T) {
+		// All of memory is sent within 10 s at any throughput this test sees, so the
+		// dirty set after round 0 converges at once, unthrottled.
+		_, m := runConverging(t, false, func(c *SourceConfig) { c.MaxDowntime = 10 * time.Second })
+		if m.srcErr != nil || m.dstErr != nil {
+			t.Fatalf("source: %v; destination: %v", m.srcErr, m.dstErr)
+		}
+		if got := len(m.srcRes.Rounds); got != 2 {
+			t.Errorf("%d rounds, want round 0 and the final one", got)
+		}
+	})
+	t.Run("unreachable", func(t *testing.T) {
+		// Nothing is sent within a microsecond: even at 99% the guest dirties more.
+		var p countingPauser
+		w, m := runConverging(t, true, func(c *SourceConfig) {
+			p.Workload = c.Guest.(*Workload)
+			c.Guest, c.MaxDowntime, c.MaxRounds = &p, time.Microsecond, 12
+		})
+		if !errors.Is(m.srcErr, ErrNotConverging) || errors.Is(m.srcErr, ErrCommitUnknown) {
+			t.Fatalf("source: got %v, want ErrNotConverging before any FIN", m.srcErr)
+		}
+		t.Log(m.srcErr)
+		if !errors.Is(m.dstErr, ErrPeerAborted) {
+			t.Errorf("destination: got %v, want ErrPeerAborted", m.dstErr)
+		}
+		if !running(w) {
+			t.Errorf("guest paused or still throttled (%d%%) after the migration gave up", w.Throttling())
+		}
+		if n := p.pauses.Load(); n != 0 {
+			t.Errorf("guest paused %d times, want never", n)
+		}
+	})
+}
+
+// countingPauser counts the pauses of the workload it embeds (and throttles).
+type countingPauser struct {
+	*Workload
+	pauses atomic.Int32
+}
+
+func (p *countingPauser) Pause(ctx context.Context) error {
+	p.pauses.Add(1)
+	return p.Workload.Pause(ctx)
 }
 
 func TestNextThrottle(t *testing.T) {
@@ -199,7 +253,7 @@ func TestNextThrottle(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			s := &Source{cfg: SourceConfig{ConvergedPages: 256}, throttle: tc.throttle}
+			s := &Source{converged: 256, throttle: tc.throttle}
 			if !tc.noThrottler {
 				s.throttler = &Workload{}
 			}

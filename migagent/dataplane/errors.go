@@ -51,6 +51,10 @@ var (
 	// acknowledgement: the destination may or may not have committed. The guest is left
 	// paused; the caller decides.
 	ErrCommitUnknown = errors.New("commit outcome unknown")
+	// ErrNotConverging means pre-copy could not bring the dirty set within what the source's
+	// MaxDowntime allows in MaxRounds rounds: the source ended the migration without pausing
+	// the guest.
+	ErrNotConverging = errors.New("pre-copy did not converge within the downtime limit")
 	// ErrPeerAborted means the peer ended the migration and said why.
 	ErrPeerAborted = errors.New("peer aborted the migration")
 

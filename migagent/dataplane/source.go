@@ -102,8 +102,14 @@ type SourceConfig struct {
 	// MaxRounds bounds the pre-copy rounds before the final one. Zero means 30.
 	MaxRounds int
 	// ConvergedPages is the dirty-set size at or below which pre-copy stops and the guest is
-	// paused. Zero means 256 pages (1 MiB).
+	// paused, without MaxDowntime. Zero means 256 pages (1 MiB).
 	ConvergedPages int
+	// MaxDowntime is the longest the final round may keep the guest paused. Pre-copy then
+	// goes on until the dirty set would be sent within it at the highest throughput the
+	// rounds have measured (instead of ConvergedPages), and if after MaxRounds it still
+	// would not, Run fails with ErrNotConverging without pausing the guest. Zero means no
+	// limit: a guest that does not converge is paused after MaxRounds all the same.
+	MaxDowntime time.Duration
 	// ZeroPageElision sends all-zero pages as a flag instead of sealed zeroes. It reveals
 	// which pages are zero: set it only where the tenant's policy allows it
 	// (transport.zeroPageElision). The destination must allow it too.
@@ -118,7 +124,8 @@ type SourceConfig struct {
 	// each round whose dirty set is larger than ConvergedPages and more than half the pages
 	// the round sent, the throttle starts at 20% or rises by 10 points, up to 99%. It is
 	// lifted when Run returns, before a paused guest is resumed. A guest that still does not
-	// converge at 99% is paused after MaxRounds all the same. False never throttles.
+	// converge at 99% is paused after MaxRounds all the same, or not at all under
+	// MaxDowntime. False never throttles.
 	AutoConverge bool
 	// Progress, if not nil, is called from Run's goroutine after every round, and every
 	// ProgressInterval while a round is sending (Progress.InRound).
@@ -187,6 +194,11 @@ type Source struct {
 	// throttle. Only Run's goroutine uses them.
 	throttler Throttler
 	throttle  int
+	// converged is the dirty-set size at or below which pre-copy stops: ConvergedPages, or
+	// under MaxDowntime what the best throughput so far sends within it; rate is that
+	// throughput, bytes per second. Only Run's goroutine uses them.
+	converged int
+	rate      float64
 }
 
 // NewSource checks cfg and fills in defaults.
@@ -339,11 +351,17 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 		r.clearDirty() // everything goes in round 0
 		set := r.fullSet()
 		pages := r.Pages()
+		s.converged = s.cfg.ConvergedPages
 		for round := 0; ; round++ {
-			final := round > 0 && (pages <= s.cfg.ConvergedPages || round >= s.cfg.MaxRounds)
-			if final && pages > s.cfg.ConvergedPages {
+			final := round > 0 && (pages <= s.converged || round >= s.cfg.MaxRounds)
+			if final && pages > s.converged {
+				if s.cfg.MaxDowntime > 0 {
+					err := s.notConverging(round, pages)
+					sess.fail(err, true)
+					return res, false, false, err
+				}
 				s.log.Warn("Pre-copy did not converge, pausing the guest all the same",
-					"rounds", round, "dirty", pages, "converged_pages", s.cfg.ConvergedPages, "throttle", s.throttle)
+					"rounds", round, "dirty", pages, "converged_pages", s.converged, "throttle", s.throttle)
 			}
 			if final {
 				pausedAt = time.Now()
@@ -377,14 +395,17 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 				p.Rate = float64(p.Bytes) / secs
 				p.DirtyRate = float64(p.Dirty) / secs
 			}
+			if round == 0 || p.Pages >= measurePages {
+				s.measured(p.Rate)
+			}
 			res.Rounds = append(res.Rounds, RoundStats{
 				Round: round, Final: final, Pages: p.Pages, Bytes: p.Bytes, Dirty: p.Dirty, DirtyRate: p.DirtyRate, Duration: d,
 				Throttle: p.Throttle,
 			})
 			switch net := p.Rate - p.DirtyRate*PageSize; {
-			case p.Dirty <= s.cfg.ConvergedPages:
+			case p.Dirty <= s.converged:
 			case net > 0:
-				p.ETA = time.Duration(float64(p.Dirty-s.cfg.ConvergedPages) * PageSize / net * float64(time.Second))
+				p.ETA = time.Duration(float64(p.Dirty-s.converged) * PageSize / net * float64(time.Second))
 			default:
 				p.ETA = -1
 			}
@@ -443,12 +464,38 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 	return res, paused, finSent, nil
 }
 
+// measurePages is the smallest pre-copy round, after the first, whose throughput counts:
+// a smaller one measures latency more than throughput.
+const measurePages = 256
+
+// measured takes a round's throughput (bytes per second): under MaxDowntime the dirty set
+// that converges is what the best throughput so far sends within the limit.
+func (s *Source) measured(rate float64) {
+	if s.cfg.MaxDowntime <= 0 || rate <= s.rate {
+		return
+	}
+	s.rate = rate
+	s.converged = max(1, int(rate*s.cfg.MaxDowntime.Seconds()/PageSize))
+}
+
+// notConverging is the error of a pre-copy that after round rounds still leaves pages
+// dirty, more than MaxDowntime allows.
+func (s *Source) notConverging(round, pages int) error {
+	pause := "an unknown pause"
+	if s.rate > 0 {
+		d := time.Duration(float64(pages) * PageSize / s.rate * float64(time.Second))
+		pause = fmt.Sprintf("a pause of about %v at %.0f MB/s", d.Round(max(d/100, time.Microsecond)), s.rate/1e6)
+	}
+	return fmt.Errorf("%w: after %d rounds (throttle %d%%) %d pages are still dirty, %s, over the %v limit; the guest was not paused",
+		ErrNotConverging, round, s.throttle, pages, pause, s.cfg.MaxDowntime)
+}
+
 // nextThrottle is the throttle for the round after one that sent sent pages and left dirty
-// pages to send. Pre-copy converges while the dirty set fits ConvergedPages or is at most
+// pages to send. Pre-copy converges while the dirty set fits the converged size or is at most
 // half of what the round sent (QEMU's trigger); otherwise the throttle starts or steps up.
 func (s *Source) nextThrottle(sent, dirty int) int {
 	switch {
-	case s.throttler == nil || dirty <= s.cfg.ConvergedPages || 2*dirty <= sent:
+	case s.throttler == nil || dirty <= s.converged || 2*dirty <= sent:
 		return s.throttle
 	case s.throttle == 0:
 		return throttleInitial
