@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -325,38 +326,50 @@ func TestLibvirtDirectLinuxMigration(t *testing.T) {
 }
 
 // BenchmarkLibvirtLinuxMigration moves the 1 GiB Linux guest back and forth between the
-// hosts, directly (libvirt peer-to-peer) and through Lethe, under a 300 ms and a 1 s
-// downtime limit. It reports wall time (for Lethe from the request to the erasure receipt),
-// downtime and bytes per migration, and checks the guest's memory after the last one.
+// hosts, directly (libvirt peer-to-peer) and through Lethe, each on QEMU's single migration
+// stream and with two multifd channels, under a 300 ms and a 1 s downtime limit. It reports
+// wall time (for Lethe from the request to the erasure receipt), downtime and bytes per
+// migration, and where the CPU went: the machine's busy CPU time (both hosts, both QEMUs
+// and the guest's vCPU share these cores) and this process's (the agents, and the broker and
+// keybroker of the Lethe modes); it checks the guest's memory after the last one.
 func BenchmarkLibvirtLinuxMigration(b *testing.B) {
 	for _, limit := range []time.Duration{300 * time.Millisecond, time.Second} {
-		settings := libvirt.Settings{MaxDowntime: limit, AutoConverge: true, Parallel: envInt("LETHE_LIBVIRT_PARALLEL", 0)}
-		for _, mode := range []string{"direct", "lethe"} {
+		for _, mode := range []string{"direct", "lethe", "direct-multifd", "lethe-multifd"} {
 			b.Run(fmt.Sprintf("downtime=%v/%s", limit, mode), func(b *testing.B) {
+				settings := libvirt.Settings{MaxDowntime: limit, AutoConverge: true}
+				if strings.HasSuffix(mode, "-multifd") {
+					settings.Parallel = 2
+				}
+				lethe := strings.HasPrefix(mode, "lethe")
 				var opts []func(*libvirt.GuestConfig)
-				if mode == "lethe" {
+				if lethe {
 					opts = append(opts, withLinuxMetadata)
 				}
 				tb := newLinuxTestbed(b, "lethe-linux-bench-"+mode, ciLinuxGuest, opts...)
 				var e *letheEnv
-				if mode == "lethe" {
+				if lethe {
 					e = startLetheBenchWith(b, letheLinuxVM, settings)
 				}
+				logs := serialLogSizes(b, tb.domain)
 				b.ResetTimer()
 				hosts := [2]string{hostA, hostB}
 				conns := [2]*libvirt.Conn{tb.a, tb.b}
 				var wall, down time.Duration
 				var bytes uint64
+				var machineCPU, selfCPU float64
+				var arrived int64 // where the last destination's serial log was before the guest arrived
 				for i := range b.N {
 					from, to := i%2, 1-i%2
-					start := time.Now()
-					switch mode {
-					case "direct":
-						migrateDirectWith(b, hosts[from], hosts[to], tb.domain, settings)
-					case "lethe":
+					arrived = serialLogSizes(b, tb.domain)[hosts[to]]
+					start, machine0, self0 := time.Now(), machineBusySeconds(), cpuSeconds(os.Getpid())
+					if lethe {
 						migrateLethe(b, e, hosts[to])
+					} else {
+						migrateDirectWith(b, hosts[from], hosts[to], tb.domain, settings)
 					}
 					wall += time.Since(start)
+					machineCPU += machineBusySeconds() - machine0
+					selfCPU += cpuSeconds(os.Getpid()) - self0
 					st, err := conns[to].JobStats(b.Context(), tb.domain, true)
 					if err != nil {
 						b.Fatal(err)
@@ -365,15 +378,94 @@ func BenchmarkLibvirtLinuxMigration(b *testing.B) {
 					bytes += st.DataProcessed
 					b.Logf("migration %d to %s: %v, downtime %v, %d MiB, %d iterations", i+1, hosts[to], time.Since(start), st.Downtime, st.DataProcessed>>20, st.Iteration)
 				}
-				b.ReportMetric(float64(wall.Milliseconds())/float64(b.N), "wall-ms/op")
-				b.ReportMetric(float64(down.Milliseconds())/float64(b.N), "downtime-ms/op")
-				b.ReportMetric(float64(bytes>>20)/float64(b.N), "MiB/op")
+				n := float64(b.N)
+				b.ReportMetric(float64(wall.Milliseconds())/n, "wall-ms/op")
+				b.ReportMetric(float64(down.Milliseconds())/n, "downtime-ms/op")
+				b.ReportMetric(float64(bytes>>20)/n, "MiB/op")
+				b.ReportMetric(machineCPU/n, "machine-cpu-s/op")
+				b.ReportMetric(selfCPU/n, "agents-cpu-s/op")
+				b.ReportMetric(100*machineCPU/(wall.Seconds()*float64(runtime.NumCPU())), "busy-%")
 				b.SetBytes(int64(bytes) / int64(b.N))
 				b.StopTimer()
-				tb.checkRunsOn(b, hosts[b.N%2])
+				// QEMU 7.2 under TCG sometimes resets this guest after a migration, with or
+				// without Lethe in the path (README, Not done yet): a reset is counted, not a
+				// failure, so that every mode's figures are measured. A page found bad is a
+				// failure either way.
+				awaitLinuxVerdict(b, hosts[b.N%2], tb.domain, arrived)
+				boots, bad := linuxBootsSince(b, tb.domain, logs)
+				b.ReportMetric(float64(boots), "resets")
+				if len(bad) > 0 {
+					b.Fatalf("the Linux guest found bad pages: %q", bad)
+				}
+				if boots == 0 {
+					tb.checkRunsOn(b, hosts[b.N%2])
+				}
 			})
 		}
 	}
+}
+
+// awaitLinuxVerdict waits until the Linux guest on host, whose serial log there is read from
+// offset from, has swept its region twice or booted again.
+func awaitLinuxVerdict(t testing.TB, host, domain string, from int64) {
+	t.Helper()
+	waitFor(t, 3*time.Minute, "a verdict or a boot of the Linux guest on "+host, func() (bool, error) {
+		st := readGuestStatus(t, host, domain, from)
+		return st.Ready > 0 || len(st.Sweeps) >= 2 || len(st.BadLines) > 0, nil
+	})
+}
+
+// serialLogSizes is where each host's serial log of domain ends now.
+func serialLogSizes(t testing.TB, domain string) map[string]int64 {
+	t.Helper()
+	sizes := map[string]int64{}
+	for _, host := range []string{hostA, hostB} {
+		fi, err := os.Stat(serialLogOf(host, domain))
+		switch {
+		case err == nil:
+			sizes[host] = fi.Size()
+		case !errors.Is(err, os.ErrNotExist):
+			t.Fatal(err)
+		}
+	}
+	return sizes
+}
+
+// linuxBootsSince counts the Linux guest's boots in the hosts' serial logs after the
+// offsets in from, and returns what it reported as bad there.
+func linuxBootsSince(t testing.TB, domain string, from map[string]int64) (boots int, bad []string) {
+	t.Helper()
+	for _, host := range []string{hostA, hostB} {
+		st := readGuestStatus(t, host, domain, from[host])
+		boots += st.Ready
+		bad = append(bad, st.BadLines...)
+		for _, sw := range st.Sweeps {
+			if sw.Bad > 0 {
+				bad = append(bad, fmt.Sprintf("%s: a sweep of %d pages found %d bad", host, sw.Pages, sw.Bad))
+			}
+		}
+	}
+	return boots, bad
+}
+
+// machineBusySeconds is the CPU time all cores have spent busy since boot (/proc/stat: user,
+// nice, system, irq, softirq and steal); zero if it cannot be read.
+func machineBusySeconds() float64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0
+	}
+	var busy float64
+	for _, i := range []int{1, 2, 3, 6, 7, 8} {
+		v, _ := strconv.ParseFloat(f[i], 64)
+		busy += v
+	}
+	return busy / 100 // clock ticks, 100 a second on Linux
 }
 
 // TestLibvirtRelayedLinuxMigration is the Linux guest through the step-by-step protocol and

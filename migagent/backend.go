@@ -89,8 +89,8 @@ func (b memoryBackend) sender(m *migration, req *agentapi.TransferRequest, keys 
 		Region: g.region, Guest: guest, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
 		MaxRounds: n.cfg.MaxRounds, ConvergedPages: n.cfg.ConvergedPages, MaxDowntime: req.MaxDowntime,
 		AutoConverge: req.MaxDowntime > 0 && !n.cfg.NoAutoConverge,
-		Progress: func(p dataplane.Progress) { n.onProgress(m, tl, p, report) },
-		Logger:   n.log,
+		Progress:     func(p dataplane.Progress) { n.onProgress(m, tl, p, report) },
+		Logger:       n.log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
