@@ -87,7 +87,7 @@ ceiling=$(awk -v p="$plain" -v a="$aes" -v c="$cores" 'BEGIN { printf "%.0f", 1 
 	echo
 	echo "| guest | downtime ms | baseline downtime ms | total ms | baseline total ms | prepare ms | baseline prepare ms |"
 	echo "|---|---:|---:|---:|---:|---:|---:|"
-	for size in 256 1024 2048; do
+	for size in 256 1024 2048 4096; do
 		row="| $size MiB |"
 		for metric in downtime-ms total-ms prepare-ms; do
 			for mode in chunk-digests full-hash; do

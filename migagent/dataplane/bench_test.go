@@ -220,7 +220,7 @@ func BenchmarkAESGCM(b *testing.B) {
 	}
 }
 
-// BenchmarkDowntime migrates guests of 256 MiB, 1 GiB and 2 GiB, each under the same
+// BenchmarkDowntime migrates guests of 256 MiB, 1 GiB, 2 GiB and 4 GiB, each under the same
 // workload (20,000 uniformly random page writes per second) over two streams, and reports:
 //
 //	downtime-ms  SourceResult.Downtime: from pausing the guest to the verified commit
@@ -236,7 +236,7 @@ func BenchmarkAESGCM(b *testing.B) {
 // runs with auto-converge (auto-converge) and without (no-throttle, paused after 30 rounds);
 // its lines also report rounds and final-pages, the pages sent while the guest was paused.
 func BenchmarkDowntime(b *testing.B) {
-	for _, size := range []int64{256 << 20, 1 << 30, 2 << 30} {
+	for _, size := range []int64{256 << 20, 1 << 30, 2 << 30, 4 << 30} {
 		for _, mode := range []string{"chunk-digests", "full-hash"} {
 			b.Run(fmt.Sprintf("%dMiB/%s", size>>20, mode), func(b *testing.B) {
 				benchDowntime(b, size, downtimeCase{fullHash: mode == "full-hash", rate: 20000, pattern: Uniform})

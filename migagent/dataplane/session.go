@@ -452,14 +452,30 @@ func (s *session) pumpLanes() <-chan struct{} {
 	return done
 }
 
+// pumpDepth is how many reads of a local byte stream may wait to be sealed: the next read
+// goes on while earlier ones are sealed, so the local writer (a hypervisor, whose socket
+// buffer is small) is not held up by the sealing.
+const pumpDepth = 4
+
 // pumpOut copies one local byte stream to the peer on stream i, then half-closes.
 func (s *session) pumpOut(i int, local io.Reader) {
-	buf := make([]byte, MaxPayload)
-	for {
+	var (
+		bufs  [pumpDepth][]byte
+		dones [pumpDepth]chan struct{}
+	)
+	for k := 0; ; k = (k + 1) % pumpDepth {
+		if dones[k] != nil && s.wait(dones[k]) != nil {
+			return // the buffer is free again once its frame is sealed
+		}
+		if bufs[k] == nil {
+			bufs[k] = make([]byte, MaxPayload)
+		}
+		buf := bufs[k]
 		n, err := local.Read(buf)
+		dones[k] = nil
 		if n > 0 {
-			done := make(chan struct{})
-			if s.submit(i, sendJob{typ: frameData, data: buf[:n], done: done}) != nil || s.wait(done) != nil {
+			dones[k] = make(chan struct{})
+			if s.submit(i, sendJob{typ: frameData, data: buf[:n], done: dones[k]}) != nil {
 				return
 			}
 		}

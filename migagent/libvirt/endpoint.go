@@ -131,8 +131,17 @@ func DialEndpoint(ctx context.Context, e Endpoint) (net.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dialing migration endpoint %s: %w", e, err)
 	}
+	// A unix socket's queue is bounded by its sender's buffer, by default about 200 KiB:
+	// a larger one lets the agent hand over what it received while the hypervisor is still
+	// loading what came before (the kernel caps it at net.core.wmem_max).
+	if uc, ok := c.(*net.UnixConn); ok {
+		_ = uc.SetWriteBuffer(hypervisorBuffer)
+	}
 	return c, nil
 }
+
+// hypervisorBuffer is the send buffer the destination agent asks for towards its hypervisor.
+const hypervisorBuffer = 4 << 20
 
 // SpliceResult counts what Splice copied.
 type SpliceResult struct {
