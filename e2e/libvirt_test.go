@@ -542,25 +542,44 @@ func TestLibvirtMigrationCancelled(t *testing.T) {
 	tb.checkRunsOn(t, hostA)
 }
 
-// BenchmarkLibvirtMigration moves the memtest86+ guest back and forth between the hosts:
+// BenchmarkLibvirtMigration moves the memtest86+ guest back and forth between the hosts,
+// at a 2 s downtime limit:
 //   - direct: libvirt peer-to-peer, QEMU to QEMU over TCP between the namespaces (no Lethe);
 //   - steps: the step-by-step protocol, QEMU to QEMU over one unix socket (no relay);
 //   - relayed: the step-by-step protocol through the test relay (unix → TCP → unix);
 //   - lethe: through Lethe (broker, keybroker, Vault, agents), the stream encrypted between
-//     the agents; its wall time runs from the request to the erasure receipt.
+//     the agents; its wall time runs from the request to the erasure receipt;
+//
+// and, direct and through Lethe, at a 300 ms and a 1 s limit (downtime=…/direct|lethe),
+// where QEMU under TCG runs more pre-copy iterations and has shown memory errors in the
+// guest with or without Lethe in the path (README, Not done yet): there the errors memtest86+
+// reports after the last migration are a metric (memtest-errors), not a failure.
 //
 // It reports wall time, downtime and bytes per migration.
 func BenchmarkLibvirtMigration(b *testing.B) {
-	for _, mode := range []string{"direct", "steps", "relayed", "lethe"} {
-		b.Run(mode, func(b *testing.B) {
+	type mode struct {
+		name  string
+		limit time.Duration // zero: benchSettings, errors fail
+	}
+	modes := []mode{{"direct", 0}, {"steps", 0}, {"relayed", 0}, {"lethe", 0}}
+	for _, limit := range []time.Duration{300 * time.Millisecond, time.Second} {
+		modes = append(modes, mode{"direct", limit}, mode{"lethe", limit})
+	}
+	for _, md := range modes {
+		name, settings := md.name, benchSettings
+		if md.limit > 0 {
+			name = fmt.Sprintf("downtime=%v/%s", md.limit, md.name)
+			settings.MaxDowntime = md.limit
+		}
+		b.Run(name, func(b *testing.B) {
 			var opts []func(*libvirt.GuestConfig)
-			if mode == "lethe" {
+			if md.name == "lethe" {
 				opts = append(opts, withGuestMetadata)
 			}
-			tb := newTestbed(b, "lethe-memtest-bench-"+mode, opts...)
+			tb := newTestbed(b, "lethe-memtest-bench-"+strings.NewReplacer("=", "-", "/", "-").Replace(name), opts...)
 			var e *letheEnv
-			if mode == "lethe" {
-				e = startLetheBench(b)
+			if md.name == "lethe" {
+				e = startLetheBenchWith(b, letheVM, settings)
 				b.ResetTimer()
 			}
 			hosts := [2]string{hostA, hostB}
@@ -570,9 +589,9 @@ func BenchmarkLibvirtMigration(b *testing.B) {
 			for i := range b.N {
 				from, to := i%2, 1-i%2
 				start := time.Now()
-				switch mode {
+				switch md.name {
 				case "direct":
-					migrateDirect(b, hosts[from], hosts[to], tb.domain)
+					migrateDirectWith(b, hosts[from], hosts[to], tb.domain, settings)
 				case "steps":
 					ep := libvirt.UnixEndpoint(migrateSocketOf(hosts[to], tb.domain))
 					os.Remove(ep.Address)
@@ -604,9 +623,42 @@ func BenchmarkLibvirtMigration(b *testing.B) {
 			b.SetBytes(int64(bytes) / int64(b.N))
 			final := hosts[b.N%2]
 			b.StopTimer()
-			tb.checkRunsOn(b, final)
+			if md.limit == 0 {
+				tb.checkRunsOn(b, final)
+				return
+			}
+			b.ReportMetric(float64(memtestErrors(b, tb, final)), "memtest-errors")
 		})
 	}
+}
+
+// memtestErrors waits until memtest86+ has counted two seconds on host after the guest
+// arrived there, and returns the memory errors it reports then.
+func memtestErrors(t testing.TB, tb *testbed, host string) int {
+	t.Helper()
+	tb.checkPlacement(t, host)
+	path := serialLogOf(host, tb.domain)
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := func() libvirt.MemtestStatus {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return libvirt.ParseMemtestSerial(b[min(fi.Size(), int64(len(b))):])
+	}
+	var first, last libvirt.MemtestStatus
+	waitFor(t, 30*time.Second, "memtest86+ output on "+host, func() (bool, error) {
+		first = status()
+		return first.Seen, nil
+	})
+	waitFor(t, 30*time.Second, "memtest86+ counting on "+host, func() (bool, error) {
+		last = status()
+		return last.Elapsed >= first.Elapsed+2*time.Second, nil
+	})
+	return last.Errors
 }
 
 // waitFor polls cond until it holds, fails, or timeout passes.

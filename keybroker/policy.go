@@ -52,6 +52,8 @@ type PolicyDecision struct {
 	// MaxDowntime is the policy's downtime limit (spec.transport.maxDowntime); zero means the
 	// tenant sets none.
 	MaxDowntime time.Duration
+	// PostCopy is the policy's spec.transport.allowPostCopy.
+	PostCopy bool
 }
 
 // policyPackage is the PolicyGate of package policy. It remembers the last policies it
@@ -113,6 +115,7 @@ func (g *policyPackage) Decide(signed []byte, tenantKey ed25519.PublicKey, lastS
 		Name: p.Metadata.Name, Guests: p.Spec.Guests,
 		ZeroPageElision: p.Spec.Transport.AllowZeroPageElision,
 		MaxDowntime:     p.Spec.Transport.MaxDowntime,
+		PostCopy:        p.Spec.Transport.AllowPostCopy,
 	}
 	for _, r := range d.Reasons {
 		out.Reasons = append(out.Reasons, r.Rule+": "+r.Message)

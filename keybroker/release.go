@@ -477,7 +477,7 @@ func releaseGrant(req *kbwire.ReleaseRequest, from, to uint64, endpoint string, 
 		FromEpoch: from, ToEpoch: to,
 		Source:       grant.NewEnd(req.SourceHost, req.Source.Evidence, req.Source.Nonce, sealedSrc),
 		Destination:  grant.NewEnd(req.DestinationHost.Name, req.Destination.Evidence, req.Destination.Nonce, sealedDst),
-		DataEndpoint: endpoint, ZeroPageElision: dec.ZeroPageElision,
+		DataEndpoint: endpoint, ZeroPageElision: dec.ZeroPageElision, MaxDowntime: dec.MaxDowntime, PostCopy: dec.PostCopy,
 		PolicyDigest: dec.Digest, PolicySVN: dec.SVN,
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"errors"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"strings"
 	"testing"
@@ -212,13 +213,14 @@ func TestAbortBeforeRelease(t *testing.T) {
 }
 
 // TestReleaseTransportTerms checks the release response carries the policy's transport terms
-// the broker passes on to the transfer: zero-page elision and the downtime limit.
+// the broker passes on to the transfer (zero-page elision and the downtime limit), and that
+// the signed grant the agents act on states them, with post-copy: a broker cannot loosen them.
 func TestReleaseTransportTerms(t *testing.T) {
 	e := newEnv(t)
 	e.adopt("vm1")
 	e.adopt("vm2")
 	allow := e.signedPolicy(2, func(y string) string {
-		return strings.Replace(y, "  erasure:\n", "  transport:\n    allowZeroPageElision: true\n    maxDowntime: 150ms\n  erasure:\n", 1)
+		return strings.Replace(y, "  erasure:\n", "  transport:\n    allowZeroPageElision: true\n    maxDowntime: 150ms\n    allowPostCopy: true\n  erasure:\n", 1)
 	})
 	// In order: the second policy's svn 2 becomes the last accepted.
 	for _, tt := range []struct {
@@ -243,5 +245,19 @@ func TestReleaseTransportTerms(t *testing.T) {
 		if resp.MaxDowntime != tt.downtime {
 			t.Errorf("%s: MaxDowntime = %v, want %v", name, resp.MaxDowntime, tt.downtime)
 		}
+		g, err := grant.Parse(resp.Grant)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if got := (terms{g.ZeroPageElision, g.MaxDowntime, g.PostCopy}); got != (terms{tt.want, tt.downtime, tt.want}) {
+			t.Errorf("%s: the grant states %+v, want %+v", name, got, terms{tt.want, tt.downtime, tt.want})
+		}
 	}
+}
+
+// terms are a grant's transport terms.
+type terms struct {
+	zeroPages bool
+	downtime  time.Duration
+	postCopy  bool
 }

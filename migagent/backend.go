@@ -80,6 +80,7 @@ func (b memoryBackend) sender(m *migration, req *agentapi.TransferRequest, keys 
 	if g.workload != nil {
 		guest = g.workload
 	}
+	limit := downtimeLimit(req.MaxDowntime, m.grant)
 	// Under a downtime limit the data plane pauses the guest once the dirty set fits the
 	// limit at the throughput it measures, throttles a guest that dirties memory too fast for
 	// that (auto-converge), as libvirt guests are, and gives up without pausing one that
@@ -87,8 +88,8 @@ func (b memoryBackend) sender(m *migration, req *agentapi.TransferRequest, keys 
 	src, err := dataplane.NewSource(dataplane.SourceConfig{
 		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: cmp.Or(req.Streams, n.cfg.Streams),
 		Region: g.region, Guest: guest, ZeroPageElision: req.ZeroPageElision && m.grant.ZeroPageElision,
-		MaxRounds: n.cfg.MaxRounds, ConvergedPages: n.cfg.ConvergedPages, MaxDowntime: req.MaxDowntime,
-		AutoConverge: req.MaxDowntime > 0 && !n.cfg.NoAutoConverge,
+		MaxRounds: n.cfg.MaxRounds, ConvergedPages: n.cfg.ConvergedPages, MaxDowntime: limit,
+		AutoConverge: limit > 0 && !n.cfg.NoAutoConverge,
 		Progress:     func(p dataplane.Progress) { n.onProgress(m, tl, p, report) },
 		Logger:       n.log,
 	})

@@ -6,6 +6,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/dataplane"
 	"github.com/lethe-cc/lethe/migagent/libvirt"
@@ -26,6 +27,37 @@ func TestSourceSettings(t *testing.T) {
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
 			if diff := cmp.Diff(tc.want, sourceSettings(tc.agent, tc.limit)); diff != "" {
+				t.Errorf("settings (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestTransferSettings: the broker's downtime limit is held to the tenant's, as the
+// keybroker signed it in the grant (a broker that asks for no limit, or a looser one, gets
+// the tenant's); post-copy needs the operator's setting and the tenant's policy both.
+func TestTransferSettings(t *testing.T) {
+	const ms = time.Millisecond
+	agent := libvirt.Settings{MaxDowntime: 2000 * ms, PostCopy: true, Parallel: 2}
+	tests := map[string]struct {
+		agent libvirt.Settings
+		req   time.Duration
+		grant *grant.Grant
+		want  libvirt.Settings
+	}{
+		"no limits":                        {agent: agent, grant: &grant.Grant{}, want: libvirt.Settings{MaxDowntime: 2000 * ms, Parallel: 2}},
+		"the broker's limit":               {agent: agent, req: 500 * ms, grant: &grant.Grant{}, want: libvirt.Settings{MaxDowntime: 500 * ms, AutoConverge: true, Parallel: 2}},
+		"a broker that drops the tenant's": {agent: agent, grant: &grant.Grant{MaxDowntime: 100 * ms}, want: libvirt.Settings{MaxDowntime: 100 * ms, AutoConverge: true, Parallel: 2}},
+		"a broker looser than the tenant":  {agent: agent, req: time.Second, grant: &grant.Grant{MaxDowntime: 100 * ms}, want: libvirt.Settings{MaxDowntime: 100 * ms, AutoConverge: true, Parallel: 2}},
+		"a broker tighter than the tenant": {agent: agent, req: 50 * ms, grant: &grant.Grant{MaxDowntime: 100 * ms}, want: libvirt.Settings{MaxDowntime: 50 * ms, AutoConverge: true, Parallel: 2}},
+		"post-copy, both allow":            {agent: agent, grant: &grant.Grant{PostCopy: true}, want: libvirt.Settings{MaxDowntime: 2000 * ms, PostCopy: true, Parallel: 2}},
+		"post-copy, the tenant does not":   {agent: agent, grant: &grant.Grant{}, want: libvirt.Settings{MaxDowntime: 2000 * ms, Parallel: 2}},
+		"post-copy, the operator does not": {agent: libvirt.Settings{}, grant: &grant.Grant{PostCopy: true}, want: libvirt.Settings{}},
+		"no grant":                         {agent: agent, req: 50 * ms, want: libvirt.Settings{MaxDowntime: 50 * ms, AutoConverge: true, Parallel: 2}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			if diff := cmp.Diff(tc.want, transferSettings(tc.agent, tc.req, tc.grant)); diff != "" {
 				t.Errorf("settings (-want +got):\n%s", diff)
 			}
 		})

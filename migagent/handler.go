@@ -729,6 +729,23 @@ func (tl *transferLog) round(p dataplane.Progress) {
 	})
 }
 
+// downtimeLimit is a transfer's downtime limit: the broker's (req), held to the tenant's as
+// the keybroker signed it in the grant, so that a broker cannot loosen what the tenant's
+// policy asks. Zero means none.
+func downtimeLimit(req time.Duration, g *grant.Grant) time.Duration {
+	tenant := time.Duration(0)
+	if g != nil {
+		tenant = g.MaxDowntime
+	}
+	switch {
+	case tenant <= 0:
+		return max(req, 0)
+	case req <= 0:
+		return tenant
+	}
+	return min(req, tenant)
+}
+
 // setProgress records the transfer's latest report.
 func (m *migration) setProgress(p agentapi.Progress) {
 	m.mu.Lock()

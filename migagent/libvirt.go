@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
+	"github.com/lethe-cc/lethe/keybroker/grant"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 	"github.com/lethe-cc/lethe/migagent/dataplane"
 	"github.com/lethe-cc/lethe/migagent/libvirt"
@@ -74,8 +75,9 @@ type LibvirtConfig struct {
 	// Empty means such domains are not guests.
 	Tenant string
 	// Settings tune the migrations the node sends: max downtime, bandwidth, auto-converge,
-	// post-copy (with PostCopy the agent switches to post-copy after PostCopyAfter
-	// pre-copy iterations; a failure after the switch loses the guest).
+	// post-copy (with PostCopy the agent switches a migration whose grant allows it to
+	// post-copy after PostCopyAfter pre-copy iterations; a failure after the switch loses
+	// the guest), multifd channels (Parallel, also the most a migration here may bring).
 	Settings libvirt.Settings
 	// PostCopyAfter is the pre-copy iteration after which a migration that allows
 	// post-copy switches to it. Zero means 3.
@@ -185,9 +187,9 @@ type lvMigration struct {
 	// src is the begun migration at the source, kept after a transfer whose outcome is
 	// unknown so that an abort can cancel it (resuming the guest).
 	src sourceMigration
-	// maxDowntime is the transfer's downtime limit (TransferRequest.MaxDowntime), zero for
-	// the agent's own.
-	maxDowntime time.Duration
+	// settings are the source's settings for this transfer (sourceSettings): the agent's,
+	// held to the transfer's downtime limit, post-copy only where the grant allows it.
+	settings libvirt.Settings
 }
 
 // memoryBytes is the guest's memory size.
@@ -197,6 +199,9 @@ func (g *guest) memoryBytes() int64 {
 	}
 	return g.memory
 }
+
+// MaxParallel is the most multifd channels a libvirt migration may use.
+const MaxParallel = 16
 
 // checkLibvirt validates cfg.Libvirt and fills in its defaults.
 func checkLibvirt(cfg *Config) error {
@@ -427,10 +432,14 @@ type libvirtBackend struct{ n *Node }
 // stream only) and its listener.
 func (b libvirtBackend) newDestination(req *agentapi.PrepareRequest) (*migration, error) {
 	n := b.n
-	tun := newTunnel()
-	dst, err := dataplane.NewDestination(dataplane.DestinationConfig{
-		MigrationID: req.MigrationID, Stream: tun, Lanes: tun.lane, MaxStreams: 1 + MaxParallel, Logger: n.log,
-	})
+	tun := newTunnel(false)
+	cfg := dataplane.DestinationConfig{MigrationID: req.MigrationID, Stream: tun, MaxStreams: 1, Logger: n.log}
+	if p := n.cfg.Libvirt.Settings.Parallel; p > 0 {
+		// As many multifd channels as this agent would send, and no more: each lane costs
+		// the destination its frame and read buffers.
+		cfg.Lanes, cfg.MaxStreams = tun.lane, 1+p
+	}
+	dst, err := dataplane.NewDestination(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -573,6 +582,7 @@ func (d *destinationDriver) steps(ctx context.Context, n *Node, m *migration, tu
 		return err
 	}
 	d.finished = true
+	tun.finishLanes() // the hypervisor loaded the guest: its channels end now
 	if err := tun.send(recFinished, out); err != nil {
 		return err
 	}
@@ -645,7 +655,7 @@ func (b libvirtBackend) sender(m *migration, req *agentapi.TransferRequest, keys
 	if n.lv == nil {
 		return nil, fmt.Errorf("%w: the node does not drive libvirt", agentapi.ErrBadRequest)
 	}
-	tun := newTunnel()
+	tun := newTunnel(true)
 	parallel := n.cfg.Libvirt.Settings.Parallel
 	src, err := dataplane.NewSource(dataplane.SourceConfig{
 		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: 1 + parallel, Stream: tun, Lanes: tun.lane, Logger: n.log,
@@ -653,7 +663,7 @@ func (b libvirtBackend) sender(m *migration, req *agentapi.TransferRequest, keys
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
-	m.lv = &lvMigration{tun: tun, maxDowntime: req.MaxDowntime}
+	m.lv = &lvMigration{tun: tun, settings: transferSettings(n.cfg.Libvirt.Settings, req.MaxDowntime, m.grant)}
 	return func(ctx context.Context) { b.runSource(ctx, m, src, keys, report) }, nil
 }
 
@@ -741,7 +751,7 @@ func (d *sourceDriver) run(ctx context.Context) {
 
 func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
 	n, m := d.n, d.m
-	src, offer, err := n.lv.Begin(ctx, m.g.domain, sourceSettings(n.cfg.Libvirt.Settings, m.lv.maxDowntime))
+	src, offer, err := n.lv.Begin(ctx, m.g.domain, m.lv.settings)
 	if err != nil {
 		return err
 	}
@@ -796,7 +806,7 @@ func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
 	defer hv.Close()
 	stopConn := context.AfterFunc(ctx, func() { hv.Close() })
 	defer stopConn()
-	// The multifd channels connect after the main one, in order.
+	// The multifd channels connect after the main one.
 	go acceptLanes(actx, ln, tun, n.cfg.Libvirt.Settings.Parallel)
 
 	pumped := make(chan error, 1)
@@ -844,6 +854,7 @@ func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
 			return err
 		}
 	}
+	tun.finishLanes() // the hypervisor sent everything: its channels end now
 	if st, err := n.lv.JobStats(ctx, m.g.domain, true); err == nil && st.DataProcessed > 0 {
 		d.stats = st
 	}
@@ -859,7 +870,8 @@ func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
 }
 
 // acceptLanes attaches the next parallel connections the hypervisor makes to the lanes,
-// in order. If one does not come the lanes left are closed, which fails the transfer.
+// one each (which channel a connection carries is in its first packet). If one does not
+// come the lanes left are closed, which fails the transfer.
 func acceptLanes(ctx context.Context, ln streamListener, tun *tunnel, parallel int) {
 	for i := 1; i <= parallel; i++ {
 		c, err := ln.Accept(ctx)
@@ -878,7 +890,7 @@ func acceptLanes(ctx context.Context, ln streamListener, tun *tunnel, parallel i
 func (d *sourceDriver) watchProgress(ctx context.Context) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
-	lc := d.n.cfg.Libvirt
+	lc, settings := d.n.cfg.Libvirt, d.m.lv.settings
 	go func() {
 		defer close(done)
 		t := time.NewTicker(lc.ProgressInterval)
@@ -896,7 +908,7 @@ func (d *sourceDriver) watchProgress(ctx context.Context) (stop func()) {
 			}
 			d.stats = p
 			d.publish(agentapi.TransferPrecopy)
-			if lc.Settings.PostCopy && !postcopy && p.Iteration > lc.PostCopyAfter {
+			if settings.PostCopy && !postcopy && p.Iteration > lc.PostCopyAfter {
 				if err := d.src.StartPostCopy(ctx); err != nil {
 					d.n.log.Warn("Switching to post-copy failed", attrMigration, d.m.id, attrError, err)
 				}
@@ -953,12 +965,19 @@ func (d *sourceDriver) round(final bool) {
 	}
 }
 
+// transferSettings are the source's libvirt settings for one transfer: the agent's, held to
+// the transfer's downtime limit (downtimeLimit of the broker's limit req and grant g), with
+// post-copy only if the operator allows it (the agent's setting) and the tenant's policy
+// too, as the grant says: a failure after the switch loses the guest.
+func transferSettings(agent libvirt.Settings, req time.Duration, g *grant.Grant) libvirt.Settings {
+	s := sourceSettings(agent, downtimeLimit(req, g))
+	s.PostCopy = s.PostCopy && g != nil && g.PostCopy
+	return s
+}
+
 // sourceSettings are the source's libvirt settings for a transfer with downtime limit
 // limit: the agent's own, with its limit lowered to limit (never raised) and auto-converge
 // allowed, so that a guest that dirties memory too fast is throttled until it fits.
-// MaxParallel is the most multifd channels a libvirt migration may use.
-const MaxParallel = 16
-
 func sourceSettings(s libvirt.Settings, limit time.Duration) libvirt.Settings {
 	if limit <= 0 {
 		return s

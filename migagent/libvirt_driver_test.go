@@ -382,8 +382,8 @@ func TestLibvirtDriverHypervisorKeepsStreamOpen(t *testing.T) {
 		dstHV.Script(libvirttest.StepPrepare, libvirttest.Fault{KeepOpen: true})
 		src, dst := lvNode(t, "src", srcHV), lvNode(t, "dst", dstHV)
 		g := &guest{tenant: testTenant, vm: testVM, domain: lvDomain, memory: int64(len(mem))}
-		sm := &migration{id: "lv-1", role: attest.RoleSource, tenant: testTenant, vm: testVM, size: int64(len(mem)), g: g, lv: &lvMigration{tun: newTunnel()}}
-		dm := &migration{id: "lv-1", role: attest.RoleDestination, tenant: testTenant, vm: testVM, size: int64(len(mem)), lv: &lvMigration{tun: newTunnel()}}
+		sm := &migration{id: "lv-1", role: attest.RoleSource, tenant: testTenant, vm: testVM, size: int64(len(mem)), g: g, lv: &lvMigration{tun: newTunnel(true)}}
+		dm := &migration{id: "lv-1", role: attest.RoleDestination, tenant: testTenant, vm: testVM, size: int64(len(mem)), lv: &lvMigration{tun: newTunnel(false)}}
 		relay(sm.lv.tun, dm.lv.tun)
 		start := time.Now()
 		sd := &sourceDriver{n: src, m: sm}

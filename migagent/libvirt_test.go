@@ -14,7 +14,7 @@ import (
 // TestTunnelRecords sends records one way through a tunnel (driver to data plane) and back
 // in (data plane to driver), with the half-close passed on as the end of records.
 func TestTunnelRecords(t *testing.T) {
-	tun := newTunnel()
+	tun := newTunnel(false)
 	want := []struct {
 		typ byte
 		p   []byte
@@ -57,7 +57,7 @@ func TestTunnelRecords(t *testing.T) {
 
 // TestTunnelClosed checks that the data plane closing the tunnel ends the driver's calls.
 func TestTunnelClosed(t *testing.T) {
-	tun := newTunnel()
+	tun := newTunnel(false)
 	tun.Close()
 	if err := tun.send(recData, []byte("x")); !errors.Is(err, errTunnelClosed) {
 		t.Errorf("send after Close: %v", err)

@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"time"
 )
 
 // The byte stream a libvirt migration carries over the data plane is a sequence of tunnel
@@ -58,12 +59,14 @@ type tunnel struct {
 	data []byte // the memory of received data records, reused
 	wmu  sync.Mutex
 
-	lmu   sync.Mutex
-	lanes []*hvLane // lane i is lanes[i-1]
+	lmu    sync.Mutex
+	lanes  []*hvLane // lane i is lanes[i-1]
+	source bool      // the source's end: its lanes only send
 }
 
-func newTunnel() *tunnel {
-	t := &tunnel{}
+// newTunnel makes the tunnel of one migration, at the source or at the destination.
+func newTunnel(source bool) *tunnel {
+	t := &tunnel{source: source}
 	t.outR, t.outW = io.Pipe()
 	t.inR, t.inW = io.Pipe()
 	t.rd = bufio.NewReaderSize(t.inR, 64<<10)
@@ -234,17 +237,29 @@ func toHypervisor(hv net.Conn, typ byte, p []byte) (bool, error) {
 // (dataplane.SourceConfig.Lanes), which carries that connection's bytes as they are, with
 // no records. The lanes exist from the start of the data plane's session; each waits for
 // the agent to attach its hypervisor connection, which the source accepts and the
-// destination dials after the main one (QEMU takes the first connection for its main
-// channel).
+// destination dials after the main one. Only the main connection must come first (QEMU
+// takes the first for its main channel); the channels connect in any order among
+// themselves, and each names itself in its first packet, so lane i need not carry
+// channel i.
 
 // hvLane is the local end of one lane: a hypervisor connection, once attached.
 type hvLane struct {
 	ready chan struct{} // closed by attach or Close
 	once  sync.Once
 	conn  net.Conn // set before ready is closed; nil if the lane was closed first
+	// eof is closed when the hypervisor has ended its side (Read returned io.EOF), closed
+	// when the lane was closed.
+	eof, closed       chan struct{}
+	eofOnce, shutOnce sync.Once
+	// sendOnly refuses what the peer sends on the lane: QEMU's multifd channels carry
+	// nothing from the destination to the source, so at the source nothing may be written
+	// to them (the hypervisor would not read it, and the writer would wait for ever).
+	sendOnly bool
 }
 
-func newHVLane() *hvLane { return &hvLane{ready: make(chan struct{})} }
+func newHVLane(sendOnly bool) *hvLane {
+	return &hvLane{ready: make(chan struct{}), eof: make(chan struct{}), closed: make(chan struct{}), sendOnly: sendOnly}
+}
 
 // attach gives the lane its hypervisor connection; a lane already closed closes it.
 func (l *hvLane) attach(c net.Conn) {
@@ -272,16 +287,46 @@ func (l *hvLane) Read(p []byte) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	return c.Read(p)
+	n, err := c.Read(p)
+	if errors.Is(err, io.EOF) {
+		l.eofOnce.Do(func() { close(l.eof) })
+	}
+	return n, err
 }
+
+// errLaneSendOnly is what the peer gets for writing on a lane that carries nothing back.
+var errLaneSendOnly = errors.New("a multifd channel carries nothing back to the source")
 
 // Write hands the hypervisor what the data plane received for it.
 func (l *hvLane) Write(p []byte) (int, error) {
+	if l.sendOnly {
+		return 0, errLaneSendOnly
+	}
 	c, err := l.get()
 	if err != nil {
 		return 0, err
 	}
 	return c.Write(p)
+}
+
+// finish waits up to timeout for the hypervisor to end its side of the lane, as it does
+// once the migration completed, and otherwise ends it for it (shutting the connection for
+// reading), so that the data plane reads the lane's end either way.
+func (l *hvLane) finish(timeout time.Duration) {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-l.eof:
+		return
+	case <-l.closed:
+		return
+	case <-t.C:
+	}
+	if c, err := l.get(); err == nil {
+		if cr, ok := c.(interface{ CloseRead() error }); ok {
+			_ = cr.CloseRead()
+		}
+	}
 }
 
 // CloseWrite passes the peer's end of the lane on to the hypervisor.
@@ -299,6 +344,7 @@ func (l *hvLane) CloseWrite() error {
 // Close closes the connection, or the lane before any was attached.
 func (l *hvLane) Close() error {
 	l.once.Do(func() { close(l.ready) })
+	l.shutOnce.Do(func() { close(l.closed) })
 	if l.conn != nil {
 		return l.conn.Close()
 	}
@@ -308,12 +354,20 @@ func (l *hvLane) Close() error {
 // lane is dataplane's Lanes: the local end of lane i, from 1.
 func (t *tunnel) lane(i int) io.ReadWriteCloser { return t.hvLane(i) }
 
+// finishLanes ends every lane whose hypervisor does not end it within endTimeout (see
+// hvLane.finish); it returns at once and does the waiting in the background.
+func (t *tunnel) finishLanes() {
+	for _, l := range t.hvLanes() {
+		go l.finish(endTimeout)
+	}
+}
+
 // hvLane is lane i, from 1, made on first use.
 func (t *tunnel) hvLane(i int) *hvLane {
 	t.lmu.Lock()
 	defer t.lmu.Unlock()
 	for len(t.lanes) < i {
-		t.lanes = append(t.lanes, newHVLane())
+		t.lanes = append(t.lanes, newHVLane(t.source))
 	}
 	return t.lanes[i-1]
 }

@@ -79,7 +79,7 @@ func TestParseFull(t *testing.T) {
     regions: [eu]
     clean: {launchMeasurement: ` + strings.Repeat("ab", 48) + `}
   destinationTcbAtLeastSource: false
-  transport: {allowZeroPageElision: true, maxDowntime: 250ms}
+  transport: {allowZeroPageElision: true, maxDowntime: 250ms, allowPostCopy: true}
   erasure: {deadline: 90s}
   cel: destination.platform == "tdx"
 `
@@ -103,6 +103,7 @@ func TestParseFull(t *testing.T) {
 	want.DestinationTCBAtLeastSource = false
 	want.Transport.AllowZeroPageElision = true
 	want.Transport.MaxDowntime = 250 * time.Millisecond
+	want.Transport.AllowPostCopy = true
 	want.Erasure.Deadline = 90 * time.Second
 	want.CEL = `destination.platform == "tdx"`
 	if diff := cmp.Diff(want, p.Spec); diff != "" {

@@ -169,6 +169,10 @@ type Transport struct {
 	// 10m). It only tightens the operator's limit: the broker takes the smaller of the two
 	// (see EffectiveMaxDowntime). Zero leaves the operator's limit.
 	MaxDowntime time.Duration `yaml:"maxDowntime"`
+	// AllowPostCopy lets a libvirt migration that does not converge switch to post-copy,
+	// where the agent's operator allows it too: the guest then runs at the destination
+	// while its remaining pages arrive, and a failure after the switch loses it.
+	AllowPostCopy bool `yaml:"allowPostCopy"`
 }
 
 // MaxDowntimeLimit is the largest spec.transport.maxDowntime a policy may write.

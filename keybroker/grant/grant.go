@@ -118,6 +118,12 @@ type Grant struct {
 	DataEndpoint string `json:"dataEndpoint,omitempty"`
 	// ZeroPageElision says the tenant's policy lets the source skip zero pages (release).
 	ZeroPageElision bool `json:"zeroPageElision,omitempty"`
+	// MaxDowntime is the tenant's downtime limit (spec.transport.maxDowntime; release), zero
+	// for none: the source holds a transfer to it whatever limit the broker asks for.
+	MaxDowntime time.Duration `json:"maxDowntime,omitempty"`
+	// PostCopy says the tenant's policy lets a libvirt migration switch to post-copy
+	// (spec.transport.allowPostCopy; release).
+	PostCopy bool `json:"postCopy,omitempty"`
 	// PolicyDigest and PolicySVN name the tenant's signed policy that allowed the grant.
 	PolicyDigest attest.HexBytes `json:"policyDigest"`
 	PolicySVN    uint64          `json:"policySvn"`

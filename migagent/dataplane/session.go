@@ -82,10 +82,11 @@ type session struct {
 	fins    chan finRecord
 	acks    chan []byte
 
-	mem atomic.Int64 // bytes of frame buffers allocated
+	mem atomic.Int64 // bytes of frame buffers, and of byte-stream read buffers, allocated
 	// queued counts the pages handed to the streams to send (source), for progress within a
-	// round.
-	queued atomic.Int64
+	// round; zeroSent those of them sent as zero-page flags, which cost no payload.
+	queued   atomic.Int64
+	zeroSent atomic.Int64
 }
 
 type stream struct {
@@ -469,6 +470,7 @@ func (s *session) pumpOut(i int, local io.Reader) {
 		}
 		if bufs[k] == nil {
 			bufs[k] = make([]byte, MaxPayload)
+			s.mem.Add(MaxPayload)
 		}
 		buf := bufs[k]
 		n, err := local.Read(buf)
@@ -632,6 +634,7 @@ func (st *stream) sealPages(first uint64, n uint32) bool {
 			if !st.emit(frameZeroPages, runFirst, runN, nil, nil) || !st.hashPages(hashJob{first: int(runFirst), n: int(runN), zero: true}) {
 				return false
 			}
+			st.s.zeroSent.Add(int64(runN))
 		} else {
 			if !st.emit(framePages, runFirst, runN, r.pageRange(int(runFirst), int(runN)), nil) || !st.hashPages(hashJob{first: int(runFirst), n: int(runN)}) {
 				return false

@@ -105,8 +105,8 @@ type SourceConfig struct {
 	// paused, without MaxDowntime. Zero means 256 pages (1 MiB).
 	ConvergedPages int
 	// MaxDowntime is the longest the final round may keep the guest paused. Pre-copy then
-	// goes on until the dirty set would be sent within it at the highest throughput the
-	// rounds have measured (instead of ConvergedPages), and if after MaxRounds it still
+	// goes on until the dirty set would be sent within it at the throughput the rounds have
+	// measured (instead of ConvergedPages), and if after MaxRounds it still
 	// would not, Run fails with ErrNotConverging without pausing the guest. Zero means no
 	// limit: a guest that does not converge is paused after MaxRounds all the same.
 	MaxDowntime time.Duration
@@ -121,7 +121,7 @@ type SourceConfig struct {
 	// trusts the Region contract and hashes in the pause only the pages of the final round.
 	RehashPausedMemory bool
 	// AutoConverge throttles Guest, if it is a Throttler, while pre-copy does not converge: after
-	// each round whose dirty set is larger than ConvergedPages and more than half the pages
+	// each round whose dirty set is larger than the converged size and more than half the pages
 	// the round sent, the throttle starts at 20% or rises by 10 points, up to 99%. It is
 	// lifted when Run returns, before a paused guest is resumed. A guest that still does not
 	// converge at 99% is paused after MaxRounds all the same, or not at all under
@@ -195,10 +195,13 @@ type Source struct {
 	throttler Throttler
 	throttle  int
 	// converged is the dirty-set size at or below which pre-copy stops: ConvergedPages, or
-	// under MaxDowntime what the best throughput so far sends within it; rate is that
-	// throughput, bytes per second. Only Run's goroutine uses them.
-	converged int
-	rate      float64
+	// under MaxDowntime what the measured throughput sends within it. The throughput is
+	// sentBytes (page payloads sealed, not zero-page flags) over sendTime, over all rounds
+	// so far: the first, which sends all of memory, weighs most, and the little a short
+	// round leaves in socket buffers when it ends cannot inflate it much. Only Run's
+	// goroutine uses them.
+	converged           int
+	sentBytes, sendTime float64
 }
 
 // NewSource checks cfg and fills in defaults.
@@ -352,6 +355,7 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 		set := r.fullSet()
 		pages := r.Pages()
 		s.converged = s.cfg.ConvergedPages
+		var zeroBefore int64 // pages sent as zero-page flags before this round
 		for round := 0; ; round++ {
 			final := round > 0 && (pages <= s.converged || round >= s.cfg.MaxRounds)
 			if final && pages > s.converged {
@@ -395,9 +399,9 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 				p.Rate = float64(p.Bytes) / secs
 				p.DirtyRate = float64(p.Dirty) / secs
 			}
-			if round == 0 || p.Pages >= measurePages {
-				s.measured(p.Rate)
-			}
+			zero := sess.zeroSent.Load()
+			s.measured(int64(pages-int(zero-zeroBefore))*PageSize, d)
+			zeroBefore = zero
 			res.Rounds = append(res.Rounds, RoundStats{
 				Round: round, Final: final, Pages: p.Pages, Bytes: p.Bytes, Dirty: p.Dirty, DirtyRate: p.DirtyRate, Duration: d,
 				Throttle: p.Throttle,
@@ -464,27 +468,35 @@ func (s *Source) transfer(ctx context.Context, sess *session, tk *SecretKey) (re
 	return res, paused, finSent, nil
 }
 
-// measurePages is the smallest pre-copy round, after the first, whose throughput counts:
-// a smaller one measures latency more than throughput.
-const measurePages = 256
-
-// measured takes a round's throughput (bytes per second): under MaxDowntime the dirty set
-// that converges is what the best throughput so far sends within the limit.
-func (s *Source) measured(rate float64) {
-	if s.cfg.MaxDowntime <= 0 || rate <= s.rate {
+// measured takes what a round sealed as page payloads and how long it took: under
+// MaxDowntime the dirty set that converges is what the throughput so far sends within the
+// limit.
+func (s *Source) measured(bytes int64, d time.Duration) {
+	if s.cfg.MaxDowntime <= 0 || d <= 0 {
 		return
 	}
-	s.rate = rate
-	s.converged = max(1, int(rate*s.cfg.MaxDowntime.Seconds()/PageSize))
+	s.sentBytes += float64(bytes)
+	s.sendTime += d.Seconds()
+	if r := s.rate(); r > 0 {
+		s.converged = max(1, int(r*s.cfg.MaxDowntime.Seconds()/PageSize))
+	}
+}
+
+// rate is the measured throughput in bytes per second, 0 before any.
+func (s *Source) rate() float64 {
+	if s.sendTime <= 0 {
+		return 0
+	}
+	return s.sentBytes / s.sendTime
 }
 
 // notConverging is the error of a pre-copy that after round rounds still leaves pages
 // dirty, more than MaxDowntime allows.
 func (s *Source) notConverging(round, pages int) error {
 	pause := "an unknown pause"
-	if s.rate > 0 {
-		d := time.Duration(float64(pages) * PageSize / s.rate * float64(time.Second))
-		pause = fmt.Sprintf("a pause of about %v at %.0f MB/s", d.Round(max(d/100, time.Microsecond)), s.rate/1e6)
+	if r := s.rate(); r > 0 {
+		d := time.Duration(float64(pages) * PageSize / r * float64(time.Second))
+		pause = fmt.Sprintf("a pause of about %v at %.0f MB/s", d.Round(max(d/100, time.Microsecond)), r/1e6)
 	}
 	return fmt.Errorf("%w: after %d rounds (throttle %d%%) %d pages are still dirty, %s, over the %v limit; the guest was not paused",
 		ErrNotConverging, round, s.throttle, pages, pause, s.cfg.MaxDowntime)
