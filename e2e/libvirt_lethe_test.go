@@ -545,12 +545,8 @@ func migrateLethe(b *testing.B, e *letheEnv, to string) {
 	}
 }
 
-// startLetheBench sets up Lethe for the benchmark: both agents, the guest adopted on A.
-func startLetheBench(b *testing.B) *letheEnv {
-	return startLetheBenchWith(b, letheVM, benchSettings)
-}
-
-// startLetheBenchWith is startLetheBench for the guest vm, the agents migrating with settings.
+// startLetheBenchWith sets up Lethe for a benchmark of the guest vm: both agents, migrating
+// with settings, and the guest adopted on A.
 func startLetheBenchWith(b *testing.B, vm string, settings libvirt.Settings) *letheEnv {
 	e := newLetheEnv(b)
 	e.vm = vm
