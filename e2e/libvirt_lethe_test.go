@@ -75,7 +75,9 @@ spec:
 // Vault, the keybroker behind its NATS edge and the broker, with an agent (an in-process
 // migagent.Node on an emulated SEV-SNP platform) per libvirt host.
 type letheEnv struct {
-	t      testing.TB
+	// postCopyAfter is the agents' LibvirtConfig.PostCopyAfter, zero for their default.
+	postCopyAfter uint64
+	t             testing.TB
 	nats   *natstest.Server
 	vault  *vaulttest.Server
 	kbPub  ed25519.PublicKey
@@ -97,9 +99,15 @@ type letheAgent struct {
 
 func newLetheEnv(t testing.TB) *letheEnv {
 	t.Helper()
+	return newLetheEnvWith(t, letheLibvirtPolicy)
+}
+
+// newLetheEnvWith is newLetheEnv with the tenant's policy (YAML) policy.
+func newLetheEnvWith(t testing.TB, policy string) *letheEnv {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	s := stacktest.Start(t, stacktest.Options{
-		Tenant: letheTenant, PolicyName: "ci-emulated-libvirt.yaml", Policy: []byte(letheLibvirtPolicy),
+		Tenant: letheTenant, PolicyName: "ci-emulated-libvirt.yaml", Policy: []byte(policy),
 		AgentTimeout: 5 * time.Second, Logger: log,
 	})
 	return &letheEnv{
@@ -123,7 +131,7 @@ func (e *letheEnv) startAgent(host string, settings libvirt.Settings, dial func(
 		Logger: e.log.With("node", host), DataDial: dial,
 		Libvirt: migagent.LibvirtConfig{
 			Socket: socketOf(host), MigrateDir: filepath.Join(stateDir(), host, "migrate"),
-			Settings: settings, ProgressInterval: 200 * time.Millisecond,
+			Settings: settings, ProgressInterval: 200 * time.Millisecond, PostCopyAfter: e.postCopyAfter,
 		},
 	})
 	if err != nil {
@@ -451,6 +459,36 @@ func TestLibvirtLetheMigration(t *testing.T) {
 			e.waitGuest(hostA, false)
 		})
 	}
+}
+
+// TestLibvirtLethePostCopy moves the memtest86+ guest under a downtime limit it cannot meet
+// (1 ms, no auto-converge), for a tenant whose policy allows post-copy and agents whose
+// operator does: after the first pre-copy pass the source switches to post-copy, the guest
+// runs at the destination while the pages it touches are fetched from the source over
+// QEMU's return path (both ways through the agents' stream), and the migration ends
+// erased with the guest's memory intact.
+func TestLibvirtLethePostCopy(t *testing.T) {
+	e := newLetheEnvWith(t, strings.Replace(letheLibvirtPolicy, "  erasure:\n", "  transport:\n    allowPostCopy: true\n  erasure:\n", 1))
+	e.postCopyAfter = 1
+	tb := newTestbed(t, "lethe-memtest-postcopy", withGuestMetadata)
+	settings := libvirt.Settings{MaxDowntime: time.Millisecond, PostCopy: true}
+	e.startAgent(hostA, settings, nil)
+	e.startAgent(hostB, settings, nil)
+	e.adopt(hostA)
+
+	m := e.migrate(hostB)
+	if m.Phase != broker.PhaseErased {
+		t.Fatalf("phase %s (reason %q, notes %q), want Erased", m.Phase, m.AbortReason, m.Notes)
+	}
+	if m.Progress == nil || !m.Progress.PostCopy {
+		t.Errorf("the migration's record does not say it switched to post-copy: progress %+v", m.Progress)
+	}
+	stats, err := tb.b.JobStats(t.Context(), tb.domain, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("through Lethe in post-copy: downtime %v, %d MiB, %d iterations", stats.Downtime, stats.DataProcessed>>20, stats.Iteration)
+	tb.checkRunsOn(t, hostB)
 }
 
 // TestLibvirtLetheLinuxMigration live-migrates the 1 GiB Linux guest through Lethe, from A

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lethe-cc/lethe/attest"
@@ -686,7 +687,7 @@ func (b libvirtBackend) runSource(ctx context.Context, m *migration, src *datapl
 	out := sendOutcome{
 		progress: agentapi.Progress{
 			MigrationID: m.id, Bytes: d.stats.DataProcessed, TotalBytes: uint64(m.size),
-			Round: int(d.stats.Iteration), Time: n.cfg.Now(), Rounds: d.rounds,
+			Round: int(d.stats.Iteration), Time: n.cfg.Now(), Rounds: d.rounds, PostCopy: d.postCopy.Load(),
 		},
 		err: err,
 	}
@@ -729,8 +730,9 @@ type sourceDriver struct {
 	m      *migration
 	report agentapi.ProgressFunc
 
-	src    sourceMigration // after Begin: the migration must end with Confirm
-	cookie []byte          // Finish's, for Confirm
+	src      sourceMigration // after Begin: the migration must end with Confirm
+	cookie   []byte          // Finish's, for Confirm
+	postCopy atomic.Bool     // the migration switched to post-copy
 	stats  libvirt.Progress
 	rounds []agentapi.RoundStats // one per iteration seen, the last one still growing
 	// roundBase and processed are the bytes sent before the current iteration and as of the
@@ -911,6 +913,9 @@ func (d *sourceDriver) watchProgress(ctx context.Context) (stop func()) {
 			if settings.PostCopy && !postcopy && p.Iteration > lc.PostCopyAfter {
 				if err := d.src.StartPostCopy(ctx); err != nil {
 					d.n.log.Warn("Switching to post-copy failed", attrMigration, d.m.id, attrError, err)
+				} else {
+					d.postCopy.Store(true)
+					d.n.log.Info("Switched to post-copy", attrMigration, d.m.id, attrRound, p.Iteration)
 				}
 				postcopy = true
 			}
@@ -925,7 +930,7 @@ func (d *sourceDriver) publish(phase agentapi.TransferPhase) {
 	p := agentapi.Progress{
 		MigrationID: d.m.id, Phase: phase, Bytes: s.DataProcessed, TotalBytes: uint64(d.m.size),
 		Pages: s.DataProcessed / dataplane.PageSize, Round: int(s.Iteration),
-		DirtyRate: float64(s.DirtyBytesPerSecond()), Time: d.n.cfg.Now(),
+		DirtyRate: float64(s.DirtyBytesPerSecond()), Time: d.n.cfg.Now(), PostCopy: d.postCopy.Load(),
 	}
 	p.Throughput, p.Throttle = float64(s.MemoryBandwidth), int(s.AutoConvergeThrottle)
 	if s.MemoryBandwidth > 0 {

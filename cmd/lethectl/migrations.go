@@ -294,6 +294,9 @@ func printMigration(w io.Writer, m *broker.Migration) {
 	if m.MaxDowntime > 0 {
 		fmt.Fprintf(w, "Max downtime: %s\n", durationText(m.MaxDowntime))
 	}
+	if m.Progress != nil && m.Progress.PostCopy {
+		fmt.Fprintf(w, "Post-copy:    yes (the guest ran at the destination while its last pages arrived)\n")
+	}
 	if m.Downtime > 0 {
 		fmt.Fprintf(w, "Downtime:     %s (measured by the %s)\n", durationText(m.Downtime), cmp.Or(m.DowntimeSource, "source"))
 	}

@@ -124,6 +124,9 @@ type Progress struct {
 	DowntimeSource string `json:"downtimeSource,omitempty"`
 	// Rounds summarises the pre-copy rounds, the final one last, in phase committed.
 	Rounds []RoundStats `json:"rounds,omitempty"`
+	// PostCopy says the (libvirt) source switched the migration to post-copy: the guest has
+	// run at the destination since, while its last pages arrived.
+	PostCopy bool `json:"postCopy,omitempty"`
 	// CommitAck is the destination's commit acknowledgement (MACed with the transfer key), set
 	// in phase committed.
 	CommitAck []byte `json:"commitAck,omitempty"`
