@@ -209,7 +209,11 @@ PY
 		echo "machine-cpu-s is the CPU time all cores spent busy during a migration (both hosts,"
 		echo "both QEMUs, the guest's vCPU), agents-cpu-s the benchmark process's (the agents, and"
 		echo "broker and keybroker in the Lethe modes), busy-% the first over wall time × cores;"
-		echo "resets counts the Linux guest's reboots (QEMU under TCG; README, Not done yet)."
+		echo "resets and hangs count the Linux guest's reboots and silences after the last migration,"
+		echo "memtest-errors memtest86+'s errors at the 300 ms and 1 s limits (QEMU under TCG, with or"
+		echo "without Lethe: README, Not done yet). Under TCG, QEMU's downtime varies widely from one"
+		echo "migration to the next in both paths (it stops pre-copy on its own estimate): compare"
+		echo "means of several migrations, not single ones."
 		echo
 		table "$tmp/libvirt.txt"
 		echo
