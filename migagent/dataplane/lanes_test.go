@@ -11,69 +11,78 @@ import (
 	"testing"
 )
 
-// TestMigrateLanes carries three byte streams, one per stream, both ways: each arrives
-// whole and in order on its own lane, and each end's half-close reaches the other.
-func TestMigrateLanes(t *testing.T) {
-	const lanes = 3
-	var srcHyp, srcEnd, dstHyp, dstEnd [lanes]*halfConn
-	for i := range lanes {
-		srcHyp[i], srcEnd[i] = duplex()
-		dstHyp[i], dstEnd[i] = duplex()
-	}
-	forward := func(i int) []byte {
-		// A counter, so that bytes moved within a lane would show.
-		b := make([]byte, (i+1)<<20+i)
-		for k := range b {
-			b[k] = byte(k*7 + k>>9 + i)
-		}
-		return b
-	}
-	back := func(i int) []byte { return fmt.Appendf(nil, "lane %d loaded", i) }
+// TestMigrateByteStreams carries byte streams both ways: one on stream 0 of two streams (a
+// hypervisor's single migration stream), and three lanes, one per stream (its multifd
+// channels too). Each arrives whole and in order on its own lane, and each end's half-close
+// reaches the other.
+func TestMigrateByteStreams(t *testing.T) {
+	for name, tc := range map[string]struct{ streams, lanes int }{
+		"one byte stream":       {streams: 2, lanes: 1},
+		"a lane on each stream": {streams: 3, lanes: 3},
+	} {
+		t.Run(name, func(t *testing.T) {
+			srcHyp, srcEnd := make([]*halfConn, tc.lanes), make([]*halfConn, tc.lanes)
+			dstHyp, dstEnd := make([]*halfConn, tc.lanes), make([]*halfConn, tc.lanes)
+			for i := range tc.lanes {
+				srcHyp[i], srcEnd[i] = duplex()
+				dstHyp[i], dstEnd[i] = duplex()
+			}
+			forward := func(i int) []byte {
+				// A counter, so that bytes moved within a lane would show.
+				b := make([]byte, (i+3)<<20+17*i)
+				for k := range b {
+					b[k] = byte(k*7 + k>>9 + i)
+				}
+				return b
+			}
+			back := func(i int) []byte { return fmt.Appendf(nil, "lane %d loaded; resumed", i) }
 
-	ln := listen(t)
-	src, err := NewSource(SourceConfig{
-		MigrationID: "lanes", Peer: ln.Addr().String(), Streams: lanes,
-		Stream: srcEnd[0], Lanes: func(i int) io.ReadWriteCloser { return srcEnd[i] },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dst, err := NewDestination(DestinationConfig{
-		MigrationID: "lanes", MaxStreams: lanes,
-		Stream: dstEnd[0], Lanes: func(i int) io.ReadWriteCloser { return dstEnd[i] },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var gotForward, gotBack [lanes][]byte
-	errs := make([]error, 4*lanes)
-	for i := range lanes {
-		wg.Go(func() { _, errs[4*i] = srcHyp[i].Write(forward(i)); errs[4*i+1] = srcHyp[i].CloseWrite() })
-		wg.Go(func() { gotBack[i], errs[4*i+2] = io.ReadAll(srcHyp[i]) })
-		wg.Go(func() {
-			gotForward[i], errs[4*i+3] = io.ReadAll(dstHyp[i])
-			dstHyp[i].Write(back(i))
-			dstHyp[i].CloseWrite()
+			ln := listen(t)
+			srcCfg := SourceConfig{MigrationID: "lanes", Peer: ln.Addr().String(), Streams: tc.streams, Stream: srcEnd[0]}
+			dstCfg := DestinationConfig{MigrationID: "lanes", MaxStreams: tc.streams, Stream: dstEnd[0]}
+			if tc.lanes > 1 {
+				srcCfg.Lanes = func(i int) io.ReadWriteCloser { return srcEnd[i] }
+				dstCfg.Lanes = func(i int) io.ReadWriteCloser { return dstEnd[i] }
+			}
+			src, err := NewSource(srcCfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst, err := NewDestination(dstCfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var wg sync.WaitGroup
+			gotForward, gotBack := make([][]byte, tc.lanes), make([][]byte, tc.lanes)
+			errs := make([]error, 4*tc.lanes)
+			for i := range tc.lanes {
+				wg.Go(func() { _, errs[4*i] = srcHyp[i].Write(forward(i)); errs[4*i+1] = srcHyp[i].CloseWrite() })
+				wg.Go(func() { gotBack[i], errs[4*i+2] = io.ReadAll(srcHyp[i]) })
+				wg.Go(func() {
+					gotForward[i], errs[4*i+3] = io.ReadAll(dstHyp[i])
+					dstHyp[i].Write(back(i))
+					dstHyp[i].CloseWrite()
+				})
+			}
+			ids := newIdentities(t)
+			m := &migration{src: src, dst: dst, srcKeys: ids.source(Keys{TK: testKey(t, 1)}), dstKeys: ids.destination(Keys{TK: testKey(t, 1)})}
+			m.run(t, ln)
+			wg.Wait()
+			if m.srcErr != nil || m.dstErr != nil {
+				t.Fatalf("source: %v; destination: %v", m.srcErr, m.dstErr)
+			}
+			if err := errors.Join(errs...); err != nil {
+				t.Fatal(err)
+			}
+			for i := range tc.lanes {
+				if !bytes.Equal(gotForward[i], forward(i)) {
+					t.Errorf("lane %d forward: got %d bytes, want %d (or bytes out of place)", i, len(gotForward[i]), len(forward(i)))
+				}
+				if !bytes.Equal(gotBack[i], back(i)) {
+					t.Errorf("lane %d back: got %q, want %q", i, gotBack[i], back(i))
+				}
+			}
 		})
-	}
-	ids := newIdentities(t)
-	m := &migration{src: src, dst: dst, srcKeys: ids.source(Keys{TK: testKey(t, 1)}), dstKeys: ids.destination(Keys{TK: testKey(t, 1)})}
-	m.run(t, ln)
-	wg.Wait()
-	if m.srcErr != nil || m.dstErr != nil {
-		t.Fatalf("source: %v; destination: %v", m.srcErr, m.dstErr)
-	}
-	if err := errors.Join(errs...); err != nil {
-		t.Fatal(err)
-	}
-	for i := range lanes {
-		if !bytes.Equal(gotForward[i], forward(i)) {
-			t.Errorf("lane %d forward: got %d bytes, want %d", i, len(gotForward[i]), len(forward(i)))
-		}
-		if !bytes.Equal(gotBack[i], back(i)) {
-			t.Errorf("lane %d back: got %q, want %q", i, gotBack[i], back(i))
-		}
 	}
 }
 

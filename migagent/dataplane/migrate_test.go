@@ -277,53 +277,6 @@ func duplex() (*halfConn, *halfConn) {
 	return &halfConn{r: ar, w: aw}, &halfConn{r: br, w: bw}
 }
 
-func TestMigrateByteStream(t *testing.T) {
-	// The source hypervisor talks to srcAgentEnd; the destination hypervisor to dstAgentEnd.
-	srcHyp, srcAgentEnd := duplex()
-	dstHyp, dstAgentEnd := duplex()
-	forward := make([]byte, 3<<20+17)
-	for i := range forward {
-		forward[i] = byte(i * 7)
-	}
-	back := []byte("destination ready; resumed")
-
-	ln := listen(t)
-	src, err := NewSource(SourceConfig{MigrationID: "stream", Peer: ln.Addr().String(), Stream: srcAgentEnd, Streams: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dst, err := NewDestination(DestinationConfig{MigrationID: "stream", Stream: dstAgentEnd})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var gotForward, gotBack []byte
-	var errs [4]error
-	wg.Go(func() { _, errs[0] = srcHyp.Write(forward); errs[1] = srcHyp.CloseWrite() })
-	wg.Go(func() { gotBack, errs[2] = io.ReadAll(srcHyp) })
-	wg.Go(func() {
-		gotForward, errs[3] = io.ReadAll(dstHyp)
-		dstHyp.Write(back)
-		dstHyp.CloseWrite()
-	})
-	ids := newIdentities(t)
-	m := &migration{src: src, dst: dst, srcKeys: ids.source(Keys{TK: testKey(t, 1)}), dstKeys: ids.destination(Keys{TK: testKey(t, 1)})}
-	m.run(t, ln)
-	wg.Wait()
-	if m.srcErr != nil || m.dstErr != nil {
-		t.Fatalf("source: %v; destination: %v", m.srcErr, m.dstErr)
-	}
-	if err := errors.Join(errs[:]...); err != nil {
-		t.Fatal(err)
-	}
-	if string(gotForward) != string(forward) {
-		t.Errorf("forward stream: got %d bytes, want %d", len(gotForward), len(forward))
-	}
-	if diff := cmp.Diff(string(back), string(gotBack)); diff != "" {
-		t.Errorf("back stream (-want +got):\n%s", diff)
-	}
-}
-
 func TestMigrateRefusesMismatch(t *testing.T) {
 	tests := map[string]struct {
 		src SourceConfig
