@@ -411,7 +411,10 @@ func newCluster(t testing.TB) *cluster {
 	return c
 }
 
-// startBroker starts a broker process as env.startBroker does, with R3 buckets.
+// startBroker starts a broker process as env.startBroker does, with R3 buckets and a 30 s
+// progress timeout: a partition lasts until the other nodes elected new leaders, which has
+// taken close to 20 s here, and a migration held through it must still be within its
+// transfer limit once it heals.
 func (c *cluster) startBroker(id string) {
 	c.t.Helper()
 	p := c.spawn(id, "lethe-broker",
@@ -419,7 +422,7 @@ func (c *cluster) startBroker(id string) {
 		"--store-user", "broker-store", "--store-password", c.passwords["broker-store"], "--id", id,
 		"--replicas", "3",
 		"--lease", lease.String(), "--check-interval", "200ms", "--host-ttl", hostTTL.String(),
-		"--agent-timeout", "10s", "--start-timeout", "30s", "--progress-timeout", "20s")
+		"--agent-timeout", "10s", "--start-timeout", "30s", "--progress-timeout", "30s")
 	c.mu.Lock()
 	c.brokers[id] = p
 	c.mu.Unlock()
