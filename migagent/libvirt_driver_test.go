@@ -106,8 +106,9 @@ type lvMigrationRun struct {
 }
 
 // startLibvirtMigration starts moving the source's guest domain (memory mem) to dst, with
-// the real data plane between the nodes' tunnels.
-func startLibvirtMigration(t *testing.T, src, dst *Node, mem []byte) *lvMigrationRun {
+// the real data plane between the nodes' tunnels. broker, if not nil, changes the source's
+// transfer request and grant as a broker's request and the keybroker's grant would.
+func startLibvirtMigration(t *testing.T, src, dst *Node, mem []byte, broker ...func(*agentapi.TransferRequest, *grant.Grant)) *lvMigrationRun {
 	t.Helper()
 	const id = "lv-1"
 	srcID, dstID := testHPKE(t), testHPKE(t)
@@ -139,7 +140,11 @@ func startLibvirtMigration(t *testing.T, src, dst *Node, mem []byte) *lvMigratio
 	src.guests[g.key()] = g
 	src.migs[id] = sm
 	src.mu.Unlock()
-	if _, err := src.Transfer(t.Context(), &agentapi.TransferRequest{MigrationID: id}, nil); err != nil {
+	req := &agentapi.TransferRequest{MigrationID: id}
+	for _, f := range broker {
+		f(req, sm.grant)
+	}
+	if _, err := src.Transfer(t.Context(), req, nil); err != nil {
 		t.Fatal(err)
 	}
 	sm.mu.Lock()
@@ -409,4 +414,29 @@ func TestLibvirtDriverHypervisorKeepsStreamOpen(t *testing.T) {
 			t.Errorf("finished %v, source holds cookie %q", dd.finished, sd.cookie)
 		}
 	})
+}
+
+// TestLibvirtSourceHoldsToTheGrant: the broker is the attacker. It asks the source for a
+// transfer with no downtime limit, or a looser one than the tenant's policy, to an agent whose
+// operator allows post-copy; the keybroker's grant states the tenant's 100 ms and no
+// post-copy. The source begins the migration under the tenant's limit, without post-copy.
+func TestLibvirtSourceHoldsToTheGrant(t *testing.T) {
+	mem := make([]byte, 1<<20)
+	for name, asked := range map[string]time.Duration{"no limit": 0, "a looser limit": time.Second} {
+		t.Run(name, func(t *testing.T) {
+			srcHV, dstHV := libvirttest.New(), libvirttest.New()
+			srcHV.Define(lvDomain, mem, GuestMetadata(testTenant, testVM))
+			src, dst := lvNode(t, "src", srcHV), lvNode(t, "dst", dstHV)
+			src.cfg.Libvirt.Settings = libvirt.Settings{MaxDowntime: 2 * time.Second, PostCopy: true}
+			run := startLibvirtMigration(t, src, dst, mem, func(req *agentapi.TransferRequest, g *grant.Grant) {
+				req.MaxDowntime = asked
+				g.MaxDowntime, g.PostCopy = 100*time.Millisecond, false
+			})
+			run.outcome(srcHV, dstHV)
+			want := []libvirt.Settings{{MaxDowntime: 100 * time.Millisecond, AutoConverge: true}}
+			if diff := cmp.Diff(want, srcHV.BegunSettings()); diff != "" {
+				t.Errorf("settings the source began with (-want +got):\n%s", diff)
+			}
+		})
+	}
 }

@@ -90,6 +90,7 @@ type Hypervisor struct {
 	faults    map[Step]Fault
 	hung      map[Step]chan struct{}
 	calls     []Call
+	begun     []libvirt.Settings
 	closed    chan struct{}
 	closeOnce sync.Once
 }
@@ -155,6 +156,13 @@ func (h *Hypervisor) hungLocked(step Step) chan struct{} {
 		h.hung[step] = c
 	}
 	return c
+}
+
+// BegunSettings returns the settings of every Begin so far, in order.
+func (h *Hypervisor) BegunSettings() []libvirt.Settings {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.begun)
 }
 
 // Calls returns the steps recorded so far, in order.
@@ -263,6 +271,7 @@ func (h *Hypervisor) Begin(ctx context.Context, name string, s libvirt.Settings)
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.begun = append(h.begun, s)
 	d := h.domains[name]
 	switch {
 	case d == nil:
