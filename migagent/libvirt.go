@@ -733,8 +733,8 @@ type sourceDriver struct {
 	src      sourceMigration // after Begin: the migration must end with Confirm
 	cookie   []byte          // Finish's, for Confirm
 	postCopy atomic.Bool     // the migration switched to post-copy
-	stats  libvirt.Progress
-	rounds []agentapi.RoundStats // one per iteration seen, the last one still growing
+	stats    libvirt.Progress
+	rounds   []agentapi.RoundStats // one per iteration seen, the last one still growing
 	// roundBase and processed are the bytes sent before the current iteration and as of the
 	// last statistics.
 	roundBase, processed uint64
