@@ -78,14 +78,14 @@ type letheEnv struct {
 	// postCopyAfter is the agents' LibvirtConfig.PostCopyAfter, zero for their default.
 	postCopyAfter uint64
 	t             testing.TB
-	nats   *natstest.Server
-	vault  *vaulttest.Server
-	kbPub  ed25519.PublicKey
-	tenant *broker.Client
-	js     jetstream.JetStream
-	emuDir string
-	log    *slog.Logger
-	agents map[string]*letheAgent
+	nats          *natstest.Server
+	vault         *vaulttest.Server
+	kbPub         ed25519.PublicKey
+	tenant        *broker.Client
+	js            jetstream.JetStream
+	emuDir        string
+	log           *slog.Logger
+	agents        map[string]*letheAgent
 	// vm is the guest's name in Lethe: letheVM unless a test sets another.
 	vm string
 }
