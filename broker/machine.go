@@ -18,7 +18,6 @@ import (
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/receipt"
 	"github.com/lethe-cc/lethe/migagent/agentapi"
-	"github.com/lethe-cc/lethe/policy"
 )
 
 // errNotMine means the migration changed phase or owner under a step; the driver reloads it.
@@ -397,7 +396,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		m.SourceKeys, m.DestinationKeys = rel.SealedSource, rel.SealedDestination
 		m.NextWrappedMDK = rel.WrappedMDK
 		m.ZeroPageElision = rel.ZeroPageElision
-		m.MaxDowntime = policy.EffectiveMaxDowntime(b.cfg.MaxDowntime, rel.MaxDowntime)
+		m.MaxDowntime = agentapi.DowntimeLimit(b.cfg.MaxDowntime, rel.MaxDowntime)
 		m.DataEndpoint, m.Grant = rel.DataEndpoint, rel.Grant
 		m.Streams = b.cfg.Streams
 		m.SourceEvidence, m.DestinationEvidence = digestHex(srcEv), digestHex(prep.Evidence)

@@ -733,17 +733,10 @@ func (tl *transferLog) round(p dataplane.Progress) {
 // the keybroker signed it in the grant, so that a broker cannot loosen what the tenant's
 // policy asks. Zero means none.
 func downtimeLimit(req time.Duration, g *grant.Grant) time.Duration {
-	tenant := time.Duration(0)
-	if g != nil {
-		tenant = g.MaxDowntime
+	if g == nil {
+		return agentapi.DowntimeLimit(req, 0)
 	}
-	switch {
-	case tenant <= 0:
-		return max(req, 0)
-	case req <= 0:
-		return tenant
-	}
-	return min(req, tenant)
+	return agentapi.DowntimeLimit(req, g.MaxDowntime)
 }
 
 // setProgress records the transfer's latest report.

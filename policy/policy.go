@@ -166,8 +166,8 @@ type Transport struct {
 	// pages are zero.
 	AllowZeroPageElision bool `yaml:"allowZeroPageElision"`
 	// MaxDowntime is the longest the tenant lets its guest be paused at cutover (0 or 1ms to
-	// 10m). It only tightens the operator's limit: the broker takes the smaller of the two
-	// (see EffectiveMaxDowntime). Zero leaves the operator's limit.
+	// 10m). It only tightens the operator's limit: the broker, and the source agent from the
+	// keybroker's grant, take the smaller of the two. Zero leaves the operator's limit.
 	MaxDowntime time.Duration `yaml:"maxDowntime"`
 	// AllowPostCopy lets a libvirt migration that does not converge switch to post-copy,
 	// where the agent's operator allows it too: the guest then runs at the destination
@@ -177,19 +177,6 @@ type Transport struct {
 
 // MaxDowntimeLimit is the largest spec.transport.maxDowntime a policy may write.
 const MaxDowntimeLimit = 10 * time.Minute
-
-// EffectiveMaxDowntime is the downtime limit of a migration: the operator's limit, lowered to
-// the tenant's where the tenant's is smaller. A tenant never raises it. Zero on either side
-// means that side sets no limit; zero on both means none.
-func EffectiveMaxDowntime(operator, tenant time.Duration) time.Duration {
-	switch {
-	case tenant <= 0:
-		return max(operator, 0)
-	case operator <= 0:
-		return tenant
-	}
-	return min(operator, tenant)
-}
 
 // Covers reports whether the policy's spec.guests selects guest vm (see Spec.Guests).
 func (p *Policy) Covers(vm string) bool { return CoversGuest(p.Spec.Guests, vm) }

@@ -321,3 +321,18 @@ var codes = wireerr.Table{
 // withSentinel returns err with the Handler sentinel of its code attached, when it is an
 // agent's error answer with one of the agent API's codes.
 func withSentinel(err error) error { return codes.Sentinel(err, "agent error ") }
+
+// DowntimeLimit is the downtime limit of a migration: the operator's limit, lowered to the
+// tenant's (its policy's spec.transport.maxDowntime) where the tenant's is smaller. A tenant
+// never raises it. Zero on either side means that side sets no limit; zero on both means
+// none. The broker sets TransferRequest.MaxDowntime to it, and the source agent takes it
+// again of that request and the grant's limit, so that a broker cannot loosen the tenant's.
+func DowntimeLimit(operator, tenant time.Duration) time.Duration {
+	switch {
+	case tenant <= 0:
+		return max(operator, 0)
+	case operator <= 0:
+		return tenant
+	}
+	return min(operator, tenant)
+}
