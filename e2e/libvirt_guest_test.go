@@ -345,6 +345,7 @@ func BenchmarkLibvirtLinuxMigration(b *testing.B) {
 				if lethe {
 					opts = append(opts, withLinuxMetadata)
 				}
+				qmp := recordQMP(b, hostA, hostB)
 				tb := newLinuxTestbed(b, "lethe-linux-bench-"+mode, ciLinuxGuest, opts...)
 				var e *letheEnv
 				if lethe {
@@ -355,6 +356,7 @@ func BenchmarkLibvirtLinuxMigration(b *testing.B) {
 				hosts := [2]string{hostA, hostB}
 				conns := [2]*libvirt.Conn{tb.a, tb.b}
 				var wall, down time.Duration
+				var pause cutover
 				var bytes uint64
 				var machineCPU, selfCPU float64
 				var arrived int64 // where the last destination's serial log was before the guest arrived
@@ -376,11 +378,14 @@ func BenchmarkLibvirtLinuxMigration(b *testing.B) {
 					}
 					down += st.Downtime
 					bytes += st.DataProcessed
-					b.Logf("migration %d to %s: %v, downtime %v, %d MiB, %d iterations", i+1, hosts[to], time.Since(start), st.Downtime, st.DataProcessed>>20, st.Iteration)
+					c := qmp.cutover(b, tb.domain, hosts[from], hosts[to], start)
+					pause = pause.add(c)
+					b.Logf("migration %d to %s: %v, downtime %v (%v), %d MiB, %d iterations", i+1, hosts[to], time.Since(start), st.Downtime, c, st.DataProcessed>>20, st.Iteration)
 				}
 				n := float64(b.N)
 				b.ReportMetric(float64(wall.Milliseconds())/n, "wall-ms/op")
 				b.ReportMetric(float64(down.Milliseconds())/n, "downtime-ms/op")
+				pause.report(b)
 				b.ReportMetric(float64(bytes>>20)/n, "MiB/op")
 				b.ReportMetric(machineCPU/n, "machine-cpu-s/op")
 				b.ReportMetric(selfCPU/n, "agents-cpu-s/op")

@@ -576,6 +576,7 @@ func BenchmarkLibvirtMigration(b *testing.B) {
 			if md.name == "lethe" {
 				opts = append(opts, withGuestMetadata)
 			}
+			qmp := recordQMP(b, hostA, hostB)
 			tb := newTestbed(b, "lethe-memtest-bench-"+strings.NewReplacer("=", "-", "/", "-").Replace(name), opts...)
 			var e *letheEnv
 			if md.name == "lethe" {
@@ -585,6 +586,7 @@ func BenchmarkLibvirtMigration(b *testing.B) {
 			hosts := [2]string{hostA, hostB}
 			conns := [2]*libvirt.Conn{tb.a, tb.b}
 			var wall, down time.Duration
+			var pause cutover
 			var bytes uint64
 			for i := range b.N {
 				from, to := i%2, 1-i%2
@@ -616,9 +618,13 @@ func BenchmarkLibvirtMigration(b *testing.B) {
 				}
 				down += st.Downtime
 				bytes += st.DataProcessed
+				c := qmp.cutover(b, tb.domain, hosts[from], hosts[to], start)
+				pause = pause.add(c)
+				b.Logf("migration %d to %s: %v, downtime %v (%v), %d MiB, %d iterations", i+1, hosts[to], time.Since(start), st.Downtime, c, st.DataProcessed>>20, st.Iteration)
 			}
 			b.ReportMetric(float64(wall.Milliseconds())/float64(b.N), "wall-ms/op")
 			b.ReportMetric(float64(down.Milliseconds())/float64(b.N), "downtime-ms/op")
+			pause.report(b)
 			b.ReportMetric(float64(bytes>>20)/float64(b.N), "MiB/op")
 			b.SetBytes(int64(bytes) / int64(b.N))
 			final := hosts[b.N%2]

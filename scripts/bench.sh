@@ -211,9 +211,14 @@ PY
 		echo "broker and keybroker in the Lethe modes), busy-% the first over wall time × cores;"
 		echo "resets and hangs count the Linux guest's reboots and silences after the last migration,"
 		echo "memtest-errors memtest86+'s errors at the 300 ms and 1 s limits (QEMU under TCG, with or"
-		echo "without Lethe: README, Not done yet). Under TCG, QEMU's downtime varies widely from one"
-		echo "migration to the next in both paths (it stops pre-copy on its own estimate): compare"
-		echo "means of several migrations, not single ones."
+		echo "without Lethe: README, Not done yet). The pause is taken apart by QEMU's own event"
+		echo "timestamps on both hosts: final-round-ms from the source's STOP to its MIGRATION"
+		echo "completed (the last dirty pages and device state written into the stream),"
+		echo "delivery-ms from there to the destination's MIGRATION completed (what was still in"
+		echo "flight between the QEMUs), handover-ms from there to the destination's RESUME"
+		echo "(libvirt's Finish; through Lethe, the agents' exchange that leads to it). Under TCG the"
+		echo "final round varies widely from one migration to the next in both paths (QEMU stops"
+		echo "pre-copy on its own estimate): compare means of several migrations, not single ones."
 		echo
 		table "$tmp/libvirt.txt"
 		echo
