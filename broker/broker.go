@@ -118,8 +118,9 @@ type Config struct {
 	MaxConcurrentRequests int
 	// Metrics receives the broker's measurements. Nil means none are taken.
 	Metrics Metrics
-	// Tracer records a span per phase of each migration this broker moves out of it, in the
-	// migration's trace (internal/trace). Nil means no tracing.
+	// Tracer records a span per phase of each migration this broker moves out of it, and the
+	// source agent's rounds and pause from its committed report, in the migration's trace
+	// (internal/trace). Nil means no tracing.
 	Tracer *trace.Tracer
 	// Fleet tunes placement and fleet operations; zero fields take their defaults.
 	Fleet FleetConfig

@@ -202,7 +202,9 @@ func (b *Broker) transition(ctx context.Context, id string, from, to Phase, muta
 
 // tracePhase records the phase from that m left at end as a span, and a terminal phase to as
 // an instant one, so that a migration's trace holds every phase it went through whichever
-// broker moved it.
+// broker moved it. On the commit it records the source agent's transfer too (traceAgent):
+// the transition to Committed happens once, where a committed report may arrive more than
+// once.
 func (b *Broker) tracePhase(ctx context.Context, m *Migration, from, to Phase, start, end time.Time) {
 	if b.cfg.Tracer == nil {
 		return
@@ -216,8 +218,62 @@ func (b *Broker) tracePhase(ctx context.Context, m *Migration, from, to Phase, s
 		reason = m.AbortReason
 	}
 	b.cfg.Tracer.Phase(ctx, m.ID, string(from), start, end, reason, attrs...)
+	if to == PhaseCommitted {
+		b.traceAgent(ctx, m)
+	}
 	if to.Terminal() {
 		b.cfg.Tracer.Phase(ctx, m.ID, string(to), end, end, "", attrs[:2]...)
+	}
+}
+
+// traceAgent records the source agent's transfer of committed migration m from the agent's
+// committed report: a span per pre-copy round it summarised and one for the guest's pause.
+// The agent exports nothing itself (it links no OpenTelemetry); these spans hold only what it
+// already reports to the broker, never its commit acknowledgement or memory digest.
+//
+// The report says how long each round and the pause took, not when. The rounds ran back to
+// back and the commit report followed the final one, so they are laid out backwards from the
+// report's Time, and the pause, Downtime long, ends there too. These times are the agent's
+// clock, not the broker's, and the rounds are drawn later than they ran by the gap between
+// the end of the final round and the report (the commit's exchange with the destination);
+// a round's duration is the agent's own, its bytes over its throughput.
+func (b *Broker) traceAgent(ctx context.Context, m *Migration) {
+	p := m.Progress
+	if p == nil || p.Phase != agentapi.TransferCommitted || p.Time.IsZero() {
+		// No committed report, or one without a time to lay it out from. (Where an abort's
+		// answer stands in for a lost report, it has no rounds and no downtime: nothing is
+		// recorded either.)
+		return
+	}
+	// The report is the source's word: a span per round within the wire's bound, none of
+	// negative length.
+	rounds := p.Rounds
+	if len(rounds) > agentapi.MaxRounds {
+		rounds = rounds[len(rounds)-agentapi.MaxRounds:]
+	}
+	source := attribute.String("lethe.source", m.Source)
+	var sent time.Duration
+	for _, r := range rounds {
+		sent += max(r.Duration, 0)
+	}
+	start := p.Time.Add(-sent)
+	for _, r := range rounds {
+		name := fmt.Sprintf("agent round %d", r.Round)
+		if r.Final {
+			name = "agent final round"
+		}
+		end := start.Add(max(r.Duration, 0))
+		b.cfg.Tracer.Phase(ctx, m.ID, name, start, end, "", source,
+			attribute.Int("lethe.round", r.Round), attribute.Bool("lethe.final", r.Final),
+			attribute.Int64("lethe.pages", int64(r.Pages)), attribute.Int64("lethe.bytes", int64(r.Bytes)),
+			attribute.Float64("lethe.dirty_rate", r.DirtyRate), attribute.Float64("lethe.throughput", r.Throughput),
+			attribute.Int("lethe.throttle", r.Throttle))
+		start = end
+	}
+	// A source that measured no downtime (libvirt without the statistic) has no pause to draw.
+	if p.Downtime > 0 {
+		b.cfg.Tracer.Phase(ctx, m.ID, "agent cutover pause", p.Time.Add(-p.Downtime), p.Time, "", source,
+			attribute.String("lethe.downtime_source", p.DowntimeSource), attribute.Bool("lethe.post_copy", p.PostCopy))
 	}
 }
 

@@ -20,7 +20,7 @@ var agentForbidden = deptest.Forbidden{
 	"github.com/lethe-cc/lethe/broker":            "the broker's core (its wire types are in agentapi)",
 	"github.com/lethe-cc/lethe/keybroker":         "the keybroker's core (grant, receipt and kbwire are leaves)",
 	"github.com/lethe-cc/lethe/internal/natstest": "test server",
-	"go.opentelemetry.io/...":                     "tracing exporters: timing data leaving the TEE; the broker's Transferring span is the agent's transfer",
+	"go.opentelemetry.io/...":                     "tracing exporters: timing data leaving the TEE; the broker records the agent's rounds from its reports",
 }
 
 func TestDeps(t *testing.T) {

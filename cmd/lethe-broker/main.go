@@ -145,7 +145,7 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.Int(&c.fleet.PerSource, "fleet-per-source", "LETHE_BROKER_FLEET_PER_SOURCE", 0, "most migrations a fleet operation lets run out of one host; 0: 2")
 	fs.Int(&c.fleet.PerDestination, "fleet-per-destination", "LETHE_BROKER_FLEET_PER_DESTINATION", 0, "most migrations a fleet operation lets run into one host; 0: 2")
 	fs.Int(&c.rebalancePercent, "rebalance-threshold", "LETHE_BROKER_REBALANCE_THRESHOLD", 0, "percentage of a host's allocatable memory a rebalance brings its committed memory under; 0: 80")
-	fs.String(&c.otlpEndpoint, "otlp-endpoint", "LETHE_BROKER_OTLP_ENDPOINT", "", "OTLP/HTTP collector (host:port, or an http:// or https:// URL) receiving a span per phase of each migration this broker moves, in the migration's trace (docs/deploying.md); empty: no tracing")
+	fs.String(&c.otlpEndpoint, "otlp-endpoint", "LETHE_BROKER_OTLP_ENDPOINT", "", "OTLP/HTTP collector (host:port, or an http:// or https:// URL) receiving a span per phase of each migration this broker moves and its source agent's rounds and pause, in the migration's trace (docs/deploying.md); empty: no tracing")
 	// Every variable is the broker's own, LETHE_BROKER_…; LETHE_NATS_URL is lethectl's.
 	fs.Namespace("LETHE_BROKER_", "LETHE_NATS_URL")
 	return fs

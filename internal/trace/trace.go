@@ -1,6 +1,7 @@
 // Package trace records a migration as one OpenTelemetry trace across the processes that take
 // part in it: a span per phase in the broker, spans for the keybroker's release, destruction
-// and abort.
+// and abort, and spans for the source agent's pre-copy rounds and pause, which the broker
+// records from the agent's committed report.
 //
 // # One trace per migration, without propagation
 //
@@ -13,10 +14,14 @@
 // say nothing about a migration that its id does not: they are a hash of it.
 //
 // Tracing is off unless a daemon is given an OTLP endpoint (NewProvider); a nil *Tracer
-// records nothing, so callers need no check. Spans carry names, phases, hosts, outcomes and
-// error codes only: never a key, a sealed blob, a token or evidence. The agent links none of
-// this (cmd/lethe-agent's deps test forbids it): it runs inside the host's TEE, where every
-// linked package is attack surface, and its transfer is the broker's Transferring span.
+// records nothing, so callers need no check. Spans carry names, phases, hosts, outcomes, error
+// codes and the sizes, rates and durations of the agent's rounds only: never a key, a sealed
+// blob, a token, a MAC, a digest or evidence.
+//
+// The agent links none of this (cmd/lethe-agent's deps test forbids it): it runs inside the
+// host's TEE, where every linked package is attack surface, and it exports nothing. Its rounds
+// and pause are spans the broker records from the report the agent already sends, timed by
+// the agent's clock and placed by working back from the report's time, so approximately.
 package trace
 
 import (
@@ -142,8 +147,9 @@ func (s *Span) End(err error, attrs ...attribute.KeyValue) {
 	s.s.End()
 }
 
-// Phase records a span that has already happened: phase name of migration migrationID, from
-// start to end, failed with reason if reason is not empty.
+// Phase records a span that has already happened: phase name of migration migrationID (a
+// phase of the broker's, or a part of the agent's transfer the broker learnt of from its
+// report), from start to end, failed with reason if reason is not empty.
 func (t *Tracer) Phase(ctx context.Context, migrationID, name string, start, end time.Time, reason string, attrs ...attribute.KeyValue) {
 	if t == nil {
 		return
