@@ -85,6 +85,7 @@ var scenarios = []scenario{
 	{"fault/vault-cut@transferring (commit waits for Vault)", fault(atTransferring, cutVault)},
 	{"fault/vault-cut@attesting", fault(atAttesting, cutVault)},
 	{"fault/network-cut@transferring", fault(atTransferring, cutNetwork)},
+	{"fault/not-converging (the guest is never paused)", notConverging},
 
 	// Load.
 	{"load/two-requests-for-one-guest", sameGuestTwice},
@@ -717,6 +718,32 @@ func cutNetwork(fc *faultCtx) func() {
 	fc.dst.relay.Cut()
 	fc.wantOutcome = broker.OutcomeAborted
 	return nil
+}
+
+// notConverging migrates a guest that rewrites its hot tenth (6.4 MiB) faster than any final
+// round could send it within the tenant's downtime limit of 1 ms, with auto-converge off: the
+// source must end pre-copy without pausing it, the migration must abort naming why, and the
+// guest must run on at the source, the released keys destroyed (the invariants).
+func notConverging(s *scn) {
+	vm := s.vm("g")
+	src := snp(snpBase)
+	src.guests, src.size = []string{vm}, "64MiB"
+	src.extra = append(src.extra, "--workload-rate", "1000000", "--workload-auto-converge=false")
+	a, b := s.agent(src), s.agent(snp(snpBase))
+	limited := strings.Replace(string(s.basePolicy), "  erasure:\n", "  transport:\n    maxDowntime: 1ms\n  erasure:\n", 1)
+	if err := s.policy(vm, []byte(limited)); err != nil {
+		s.t.Fatalf("applying the policy with a 1 ms downtime limit: %v", err)
+	}
+	s.adopt(vm, a)
+	id := s.migrate(vm, b)
+	m := s.requireEnd(id, vm, broker.OutcomeAborted, a, b)
+	if !strings.Contains(m.AbortReason, "did not converge") {
+		s.t.Fatalf("abort reason %q; want one saying pre-copy did not converge", m.AbortReason)
+	}
+	if m.Progress == nil || m.Progress.Downtime != 0 {
+		s.t.Fatalf("the source reported %+v; want a report without a pause", m.Progress)
+	}
+	s.outcome = fmt.Sprintf("aborted before any pause: %s", m.AbortReason)
 }
 
 // sameGuestTwice asks for two migrations of one guest at once: exactly one may proceed.
