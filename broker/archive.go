@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -17,8 +18,8 @@ const ArchiveBucket = natsauth.ArchiveBucket
 
 // The live set and the archive.
 //
-// Every broker reads every record of MigrationsBucket at each check (reconcile), so that
-// bucket holds the live set only: the migrations in flight and those ended less than
+// Every broker looks at every record of MigrationsBucket at each check (reconcile, through
+// its live view), so that bucket holds the live set only: the migrations in flight and those ended less than
 // Config.EndedGrace ago. Reconcile moves an ended migration older than that to ArchiveBucket:
 // it copies the record there and purges the key from MigrationsBucket up to the revision it
 // copied (so a record changed meanwhile stays and is copied again later, never lost), leaving
@@ -54,12 +55,16 @@ func (b *Broker) archiveEnded(ctx context.Context, recs []*Migration, now time.T
 			}
 		}
 		n++
-		if err := b.archive(ctx, stream, r.ID); err != nil {
+		upTo, err := b.archive(ctx, stream, r.ID)
+		if err != nil {
 			if ctx.Err() == nil {
 				b.log.Warn("Archiving an ended migration failed; the next check tries again", logKeyMigration, r.ID, logKeyError, err)
 			}
 			continue
 		}
+		// The purge leaves no marker for the watch to deliver: the view forgets the record
+		// here (live.go).
+		b.live.remove(r.ID, upTo)
 		b.log.Debug("Migration archived", logKeyMigration, r.ID)
 	}
 }
@@ -68,22 +73,24 @@ func (b *Broker) archiveEnded(ctx context.Context, recs []*Migration, now time.T
 // record, then purges the key's messages up to the revision it copied. A revision written
 // after the copy (none is, to an ended migration, but nothing forbids it) stays, and the next
 // check copies it again. The purge leaves no delete marker for the next listing to read.
-func (b *Broker) archive(ctx context.Context, stream jetstream.Stream, id string) error {
+// It returns the revision the key is purged up to: every revision, when another broker
+// archived it first.
+func (b *Broker) archive(ctx context.Context, stream jetstream.Stream, id string) (uint64, error) {
 	e, err := b.store.migrations.Get(ctx, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil // archived by another broker
+		return math.MaxUint64, nil // archived by another broker
 	}
 	if err != nil {
-		return fmt.Errorf("reading migration: %w", err)
+		return 0, fmt.Errorf("reading migration: %w", err)
 	}
 	if _, err := b.store.archive.Put(ctx, id, e.Value()); err != nil {
-		return fmt.Errorf("writing %s: %w", ArchiveBucket, err)
+		return 0, fmt.Errorf("writing %s: %w", ArchiveBucket, err)
 	}
 	err = stream.Purge(ctx, jetstream.WithPurgeSubject("$KV."+MigrationsBucket+"."+id), jetstream.WithPurgeSequence(e.Revision()+1))
 	if err != nil {
-		return fmt.Errorf("purging from %s: %w", MigrationsBucket, err)
+		return 0, fmt.Errorf("purging from %s: %w", MigrationsBucket, err)
 	}
-	return nil
+	return e.Revision(), nil
 }
 
 // findMigration reads migration id from the live bucket, or from the archive if it was

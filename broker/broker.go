@@ -81,6 +81,10 @@ type Config struct {
 	// CheckInterval is how often the broker looks for migrations to take over and checks
 	// timeouts and agents. Zero means 1 s.
 	CheckInterval time.Duration
+	// RelistInterval is how often the broker lists the migrations bucket to refill its view
+	// of the live migrations, which the watch keeps up to date between listings (live.go).
+	// Zero means 30 s.
+	RelistInterval time.Duration
 	// HostTTL is how old a host's heartbeat may be before the host counts as lost; it is also
 	// the TTL of the lethe-hosts bucket. Zero means 30 s.
 	HostTTL time.Duration
@@ -175,8 +179,10 @@ type Broker struct {
 	// waitingMu guards waiting, the migrations this broker drives that wait for admission;
 	// reclaimed, when it last reclaimed each host's places; and places, the view of every
 	// host's places, whole while placesSeen (see admission.go).
-	// watched is the revision of the migrations bucket the watch delivered last.
+	// watched is the revision of the migrations bucket the watch delivered last; live is
+	// the view of the live migrations it feeds (live.go).
 	watched atomic.Uint64
+	live    *liveView
 
 	// hostRecsMu guards hostRecs, the view of the host records (hostview.go); nil while
 	// the hosts are not watched.
@@ -227,6 +233,7 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.Timeouts.PerGiB, 150*time.Second)
 	setDefault(&cfg.Lease, 15*time.Second)
 	setDefault(&cfg.CheckInterval, time.Second)
+	setDefault(&cfg.RelistInterval, 30*time.Second)
 	setDefault(&cfg.HostTTL, 30*time.Second)
 	setDefault(&cfg.AgentTimeout, 30*time.Second)
 	setDefault(&cfg.EventsRetention, 30*24*time.Hour)
@@ -294,6 +301,7 @@ func New(cfg Config) (*Broker, error) {
 		attached:   make(map[string]bool),
 		opsDriving: make(map[string]chan struct{}),
 		active:     make(map[string]activeMigration),
+		live:       newLiveView(),
 	}, nil
 }
 
@@ -599,17 +607,15 @@ func (w *cancelWatcher) Stop() error {
 	return w.KeyWatcher.Stop()
 }
 
-// followMigrations wakes the driver of every migration whose record w delivers, until ctx or
-// w ends.
+// followMigrations keeps the live view (live.go) and wakes the driver of every unfinished
+// migration whose record w delivers, until ctx or w ends.
 func (b *Broker) followMigrations(ctx context.Context, w jetstream.KeyWatcher) {
+	b.live.watchBegan(time.Now())
 	eachUpdate(ctx, w, func(e jetstream.KeyValueEntry) {
 		if e == nil {
 			return
 		}
-		var m struct {
-			Phase Phase `json:"phase"`
-		}
-		if e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &m) == nil && !m.Phase.Terminal() {
+		if m := b.live.follow(e); m != nil && !m.Phase.Terminal() {
 			b.drive(ctx, e.Key())
 		}
 		b.watched.Store(e.Revision())
@@ -633,9 +639,10 @@ func eachUpdate(ctx context.Context, w jetstream.KeyWatcher, f func(jetstream.Ke
 }
 
 // reconcileLoop looks, every CheckInterval, at every unfinished migration: one this broker
-// drives gets its timeouts checked; one nobody holds is taken over. It reads the live bucket
-// only: ended migrations leave it for the archive after EndedGrace (archive.go), so a check
-// costs in proportion to the migrations in flight, not to the history.
+// drives gets its timeouts checked; one nobody holds is taken over. It reads the live view
+// (live.go), which holds the live bucket only: ended migrations leave it for the archive
+// after EndedGrace (archive.go), so a check costs in proportion to the migrations in flight,
+// not to the history, and reads NATS only when the view is refilled.
 func (b *Broker) reconcileLoop(ctx context.Context) error {
 	t := time.NewTicker(b.cfg.CheckInterval)
 	defer t.Stop()
@@ -652,7 +659,7 @@ func (b *Broker) reconcileLoop(ctx context.Context) error {
 
 func (b *Broker) reconcile(ctx context.Context) {
 	listed := time.Now()
-	recs, err := listJSON[Migration](ctx, b.store.migrations, ">")
+	recs, err := b.liveRecords(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			b.log.Warn("Listing migrations failed", logKeyError, err)

@@ -281,6 +281,26 @@ func updateJSON(ctx context.Context, kv jetstream.KeyValue, key string, v any, r
 // that need one key read it by name (getJSON), those that need every host listHosts; the
 // others see it at their next listing.
 func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) ([]*T, error) {
+	entries, err := listEntries[T](ctx, kv, filter)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*T, len(entries))
+	for i, e := range entries {
+		out[i] = e.value
+	}
+	return out, nil
+}
+
+// kvEntry is a decoded value of a bucket with its key and revision.
+type kvEntry[T any] struct {
+	key   string
+	rev   uint64
+	value *T
+}
+
+// listEntries is listJSON with each value's key and revision.
+func listEntries[T any](ctx context.Context, kv jetstream.KeyValue, filter string) ([]kvEntry[T], error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, 30*time.Second)
@@ -291,7 +311,7 @@ func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) 
 		return nil, fmt.Errorf("listing %s: %w", kv.Bucket(), storeError(err))
 	}
 	defer w.Stop()
-	var out []*T
+	var out []kvEntry[T]
 	for {
 		select {
 		case <-ctx.Done():
@@ -307,7 +327,7 @@ func listJSON[T any](ctx context.Context, kv jetstream.KeyValue, filter string) 
 			if err := json.Unmarshal(e.Value(), v); err != nil {
 				return nil, fmt.Errorf("decoding %s %q: %w", kv.Bucket(), e.Key(), err)
 			}
-			out = append(out, v)
+			out = append(out, kvEntry[T]{key: e.Key(), rev: e.Revision(), value: v})
 		}
 	}
 }

@@ -45,7 +45,7 @@ func (w *fakeWatcher) Stop() error                             { return nil }
 func TestWatchMigrationsAgain(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		kv := &endingKV{last: 4, live: make(chan jetstream.KeyValueEntry)}
-		b := &Broker{store: &store{migrations: kv}, log: slog.New(slog.DiscardHandler)}
+		b := &Broker{store: &store{migrations: kv}, log: slog.New(slog.DiscardHandler), live: newLiveView()}
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error, 1)
 		go func() { done <- b.watchMigrations(ctx, nil) }()

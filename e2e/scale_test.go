@@ -28,6 +28,12 @@ var scaleStacks = []struct {
 	{"single", func(tb testing.TB) *env { return withScaleBrokers(newEnv(tb)) }},
 	// Three nats-server processes with R3 buckets, Vault HA, two keybroker processes.
 	{"cluster", func(tb testing.TB) *env { return withScaleBrokers(newCluster(tb).env) }},
+	// The same, its brokers listing the migrations bucket at every check instead of reading
+	// the view their watch keeps (as every check did before the view): the baseline of the
+	// cluster's row.
+	{"cluster/listing-each-check", func(tb testing.TB) *env {
+		return withScaleBrokers(newCluster(tb).env, "--relist-interval", "1ns")
+	}},
 }
 
 // scaleLevels are the numbers of migrations BenchmarkScale starts at once.
@@ -59,8 +65,9 @@ var scaleBrokerFlags = []string{
 	"--start-timeout", "120s", "--progress-timeout", "150s", "--host-ttl", "30s",
 }
 
-// withScaleBrokers restarts e's brokers with scaleBrokerFlags (the last value of a flag wins).
-func withScaleBrokers(e *env) *env {
+// withScaleBrokers restarts e's brokers with scaleBrokerFlags and extra (the last value of a
+// flag wins).
+func withScaleBrokers(e *env, extra ...string) *env {
 	e.t.Helper()
 	e.mu.Lock()
 	procs := make([]*proc, 0, len(e.brokers))
@@ -70,7 +77,7 @@ func withScaleBrokers(e *env) *env {
 	e.mu.Unlock()
 	for _, p := range procs {
 		p.stop()
-		p.args = append(p.args, scaleBrokerFlags...)
+		p.args = append(append(p.args, scaleBrokerFlags...), extra...)
 		e.start(p)
 	}
 	e.waitBuckets()

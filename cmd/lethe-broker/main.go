@@ -45,26 +45,26 @@ type config struct {
 	nats daemon.NATSClient
 	// store authenticates the JetStream connection (the broker-store user) to nats's URL with
 	// nats's TLS; without credentials the broker uses its main connection for JetStream.
-	store                         daemon.NATSClient
-	dev                           bool
-	devListen, devStore           string
-	id, logLevel, logFormat       string
-	configFile, metricsListen     string
-	lease, checkInterval, hostTTL time.Duration
-	agentTimeout, startTimeout    time.Duration
-	queueTimeout                  time.Duration
-	maxMigrationsPerHost          int
-	maxKeyBrokerCalls             int
-	tenantSharePercent            int
-	progressTimeout, perGiB       time.Duration
-	streams, replicas             int
-	maxDowntime, auditRetention   time.Duration
-	endedGrace, archiveRetention  time.Duration
-	receiptRetention              time.Duration
-	placementOrder                string
-	fleet                         broker.FleetConfig
-	rebalancePercent, maxAttempts int
-	otlpEndpoint                  string
+	store                                         daemon.NATSClient
+	dev                                           bool
+	devListen, devStore                           string
+	id, logLevel, logFormat                       string
+	configFile, metricsListen                     string
+	lease, checkInterval, relistInterval, hostTTL time.Duration
+	agentTimeout, startTimeout                    time.Duration
+	queueTimeout                                  time.Duration
+	maxMigrationsPerHost                          int
+	maxKeyBrokerCalls                             int
+	tenantSharePercent                            int
+	progressTimeout, perGiB                       time.Duration
+	streams, replicas                             int
+	maxDowntime, auditRetention                   time.Duration
+	endedGrace, archiveRetention                  time.Duration
+	receiptRetention                              time.Duration
+	placementOrder                                string
+	fleet                                         broker.FleetConfig
+	rebalancePercent, maxAttempts                 int
+	otlpEndpoint                                  string
 	// deprecated are the warnings of deprecated settings, logged at start.
 	deprecated []string
 }
@@ -123,6 +123,7 @@ Flags (each also an environment variable and a key of the --config file):
 	fs.String(&c.metricsListen, "metrics-listen", "LETHE_BROKER_METRICS_LISTEN", "", "host:port serving /metrics, /healthz and /readyz, without authentication; empty: none")
 	fs.Duration(&c.lease, "lease", "LETHE_LEASE", 0, "how long a broker's claim on a migration lasts unrenewed: a killed broker's migrations continue on another broker within it (plus --check-interval; 4× it for one queued for admission); renewed at half of it and every third of it while a step runs; 0: 15s")
 	fs.Duration(&c.checkInterval, "check-interval", "LETHE_CHECK_INTERVAL", 0, "timeout and takeover check interval; 0: 1s")
+	fs.Duration(&c.relistInterval, "relist-interval", "LETHE_BROKER_RELIST_INTERVAL", 0, "how often the broker lists the live migrations to refill the view its watch keeps between listings (checks read the view); 0: 30s")
 	fs.Duration(&c.hostTTL, "host-ttl", "LETHE_HOST_TTL", 0, "host heartbeat TTL; 0: 30s")
 	fs.Duration(&c.agentTimeout, "agent-timeout", "LETHE_AGENT_TIMEOUT", 0, "timeout of one agent or keybroker call; 0: 30s")
 	fs.Duration(&c.startTimeout, "start-timeout", "LETHE_START_TIMEOUT", 0, "admission to transfer start; 0: 120s")
@@ -253,6 +254,7 @@ func run(ctx context.Context, c *config) error {
 		ID:                   c.id,
 		Lease:                c.lease,
 		CheckInterval:        c.checkInterval,
+		RelistInterval:       c.relistInterval,
 		HostTTL:              c.hostTTL,
 		AgentTimeout:         c.agentTimeout,
 		Streams:              c.streams,
