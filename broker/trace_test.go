@@ -17,16 +17,23 @@ import (
 	"github.com/lethe-cc/lethe/migagent/agentapi"
 )
 
-// TestTraceSpanPerPhase checks that a migration is one trace, whose id every process derives
-// from the migration id, with a span per phase in order, and the source agent's rounds and
-// pause recorded as the migration commits.
-func TestTraceSpanPerPhase(t *testing.T) {
+// newTracedEnv is the standard env with a tracer whose spans go to exp, each signalled on
+// ended as it ends.
+func newTracedEnv(t *testing.T) (*env, *tracetest.InMemoryExporter, *endedSpans) {
 	exp := tracetest.NewInMemoryExporter()
 	ended := &endedSpans{spans: make(chan struct{}, 64)}
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp), sdktrace.WithSpanProcessor(ended))
 	e := newEnv(t, natstest.Options{})
 	e.cfg.Tracer = trace.NewTracer(tp, "github.com/lethe-cc/lethe/broker")
 	e.standard()
+	return e, exp, ended
+}
+
+// TestTraceSpanPerPhase checks that a migration is one trace, whose id every process derives
+// from the migration id, with a span per phase in order, and the source agent's rounds and
+// pause recorded as the migration commits.
+func TestTraceSpanPerPhase(t *testing.T) {
+	e, exp, ended := newTracedEnv(t)
 	e.agents["h1"].AutoCommit = true
 
 	resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
@@ -70,12 +77,7 @@ func TestTraceSpanPerPhase(t *testing.T) {
 // round and one for the pause in the migration's trace, laid out backwards from the report's
 // time, with what the report says of them and nothing of its acknowledgement or digest.
 func TestTraceAgentTransfer(t *testing.T) {
-	exp := tracetest.NewInMemoryExporter()
-	ended := &endedSpans{spans: make(chan struct{}, 64)}
-	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp), sdktrace.WithSpanProcessor(ended))
-	e := newEnv(t, natstest.Options{})
-	e.cfg.Tracer = trace.NewTracer(tp, "github.com/lethe-cc/lethe/broker")
-	e.standard()
+	e, exp, ended := newTracedEnv(t)
 
 	resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
 	if err != nil {
