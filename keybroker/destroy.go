@@ -66,7 +66,8 @@ type receiptRecord struct {
 // verify, names another migration, or comes from another end than the released source: the
 // message names the claim that differs); ErrUnknownMigration; ErrBothEpochs (the migration
 // already ended, or is ending, the other way); ErrGuestBusy (its records changed
-// concurrently; a journaled destruction is retried); ErrDestructionPending; or an error
+// concurrently, or a commit waits for a reissue of the epoch it ends to be logged; a
+// journaled destruction is retried); ErrDestructionPending; or an error
 // wrapping ErrVaultUnavailable when Vault could not be reached before anything was journaled
 // (nothing was destroyed; ask again).
 func (k *Keybroker) Destroy(ctx context.Context, req *kbwire.DestroyRequest) (*kbwire.DestroyResponse, error) {
@@ -477,6 +478,11 @@ func (k *Keybroker) executeDestroy(ctx context.Context, e *journalEntry) error {
 			if !e.Proven {
 				return fmt.Errorf("%w: commit of migration %s was journaled without its proof", ErrUnproven, m.ID)
 			}
+			// The epoch the commit ends must not have a reissue's entry still to come.
+			if r := g.Reissuing; r.holds(k.now()) {
+				return fmt.Errorf("commit of migration %s waits for reissue %s of epoch %d: %w", m.ID, r.ID, g.Epoch, errConflict)
+			}
+			g.Reissuing = nil // lapsed
 			g.Epoch, g.WrappedMDK = m.ToEpoch, m.WrappedMDK
 			m.State, m.EndedAt, m.Erasure = stateCommitted, e.RequestedAt, e.Erasure
 			m.CommitAckDigest = e.CommitAckDigest

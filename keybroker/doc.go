@@ -63,7 +63,10 @@
 // [Keybroker.Forget] forgets a guest whose VM is gone for good: on a statement signed by its
 // tenant's policy key or the admin key (never on the broker's word), it destroys the live
 // epoch's key, logs a forget and releases the guest's record, so that the name can be adopted
-// again; it is journaled and retried like a destruction.
+// again; it is journaled and retried like a destruction. A reissue holds the guest's record
+// from before it unwraps the key until its log entry is written (reissueMarker), across
+// keybrokers, so that no forget or commit ends the epoch in between and the guest's history
+// keeps verifying.
 //
 // Release and Destroy are repeatable, because the broker reruns a step after a crash: a
 // repeated release of a released migration, with fresh nonces and evidence, seals the same

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/lethe-cc/lethe/keybroker/kbwire"
 	"github.com/lethe-cc/lethe/keybroker/tlog"
@@ -22,16 +23,18 @@ import (
 // kbwire.MaxAdminValidity, and never used before (its ID is spent, as RegisterTenant's is).
 //
 // It refuses while a migration of the guest holds keys (released, or being released or
-// destroyed): the migration must be committed or aborted first. The destruction is journaled
-// like a migration's (Run retries it if Vault fails half-way). Every call is audited
+// destroyed): the migration must be committed or aborted first; and while a reissue of the
+// guest's key holds it (reissueMarker), whose log entry must come first. The destruction is
+// journaled like a migration's (Run retries it if Vault fails half-way). Every call is audited
 // (EventForget): a refusal by Forget, the forget itself once the guest's record is released
 // (by Run's retry, for one that was pending).
 //
 // It returns ErrInvalidRequest (a malformed request or statement, one naming another guest),
 // ErrUnauthorized (no valid signature of the tenant or the admin, a statement for another
 // operation, expired, too long-lived or replayed), ErrUnknownTenant, ErrNotAdopted, ErrGuestBusy
-// (a migration holds keys, or the record changed meanwhile), ErrDestructionPending (journaled;
-// Vault failed, the forget completes later) or ErrVaultUnavailable (nothing was destroyed).
+// (a migration holds keys, a reissue holds the guest, or the record changed meanwhile),
+// ErrDestructionPending (journaled; Vault failed, the forget completes later) or
+// ErrVaultUnavailable (nothing was destroyed).
 func (k *Keybroker) Forget(ctx context.Context, req *kbwire.ForgetRequest) (*kbwire.ForgetResponse, error) {
 	ev := Event{Kind: EventForget, Tenant: req.Tenant, VM: req.VM}
 	resp, err := k.forget(ctx, req, &ev)
@@ -63,7 +66,7 @@ func (k *Keybroker) forget(ctx context.Context, req *kbwire.ForgetRequest, ev *E
 	if err != nil {
 		return nil, err
 	}
-	if err := forgettable(req.Tenant, req.VM, ver, &g); err != nil {
+	if err := forgettable(req.Tenant, req.VM, ver, &g, k.now()); err != nil {
 		return nil, err
 	}
 	// Spent only now, so that a statement refused for the guest's state is not lost; a
@@ -173,12 +176,15 @@ func forgetID(st *kbwire.AdminStatement) string {
 }
 
 // forgettable returns why the guest, whose record (version ver) is g, may not be forgotten
-// now, or nil: it must be adopted, with no migration holding its keys.
-func forgettable(tenant, vm string, ver int, g *guestRecord) error {
+// at now, or nil: it must be adopted, with no reissue holding it and no migration holding its
+// keys.
+func forgettable(tenant, vm string, ver int, g *guestRecord, now time.Time) error {
 	m := g.Migration
 	switch {
 	case ver == 0 || g.Epoch == 0:
 		return fmt.Errorf("%s/%s: %w", tenant, vm, ErrNotAdopted)
+	case g.Reissuing.holds(now):
+		return fmt.Errorf("reissue %s of %s/%s's key holds it until its entry is logged: try again in a moment: %w", g.Reissuing.ID, tenant, vm, ErrGuestBusy)
 	case m == nil:
 		return nil
 	case m.State == stateReleasing || m.State == stateReleased:
@@ -188,10 +194,11 @@ func forgettable(tenant, vm string, ver int, g *guestRecord) error {
 }
 
 // executeForget holds the guest (stateForgetting, so that no release, reissue nor adoption
-// uses it meanwhile), destroys its live epoch's key, logs the forget and releases the guest's
-// record (epoch 0, its last migration the forget). Every step is idempotent, so a retry picks
-// up where the last attempt stopped. A guest that changed before it was held is not touched:
-// the entry is dropped with ErrGuestBusy or ErrNotAdopted.
+// uses it meanwhile; never while a reissue holds it, see reissueMarker), destroys its live
+// epoch's key, logs the forget and releases the guest's record (epoch 0, its last migration
+// the forget). Every step is idempotent, so a retry picks up where the last attempt stopped.
+// A guest that changed before it was held is not touched: the entry is dropped with
+// ErrGuestBusy or ErrNotAdopted.
 func (k *Keybroker) executeForget(ctx context.Context, e *journalEntry) error {
 	path := guestPath(e.Tenant, e.VM)
 	var g guestRecord
@@ -207,13 +214,15 @@ func (k *Keybroker) executeForget(ctx context.Context, e *journalEntry) error {
 	case ver != 0 && g.Epoch != e.Epoch:
 		return fmt.Errorf("%s/%s moved from epoch %d to %d: %w", e.Tenant, e.VM, e.Epoch, g.Epoch, ErrGuestBusy)
 	default:
-		if err := forgettable(e.Tenant, e.VM, ver, &g); err != nil {
+		if err := forgettable(e.Tenant, e.VM, ver, &g, k.now()); err != nil {
 			return err
 		}
 		g.Migration = &migrationRecord{ID: e.MigrationID, State: stateForgetting, FromEpoch: g.Epoch}
+		g.Reissuing = nil // lapsed
 		if ver, err = k.recs.put(ctx, path, &g, ver); err != nil {
 			if errors.Is(err, errConflict) {
-				// Not retried: the guest changed (a release began) before it was held.
+				// Not retried: the guest changed (a release or a reissue began) before it was
+				// held.
 				return fmt.Errorf("%s/%s changed while being forgotten: %w", e.Tenant, e.VM, ErrGuestBusy)
 			}
 			return err

@@ -169,6 +169,9 @@ type appendReq struct {
 	// written is closed once the entry is written (or failed), settled once the head is past
 	// it (or finishing it failed).
 	written, settled chan struct{}
+	// notAfter is the deadline of the append's ctx (zero: none): a batch planned after it
+	// does not write the entry.
+	notAfter time.Time
 }
 
 // append adds e (Seq, Prev and Time are set here) and returns its index. A commit, abort,
@@ -183,10 +186,13 @@ type appendReq struct {
 // finishes it. With settle false, append returns then (the guest's record and the head
 // follow in the same batch); with settle true, it returns once the head is past the entry,
 // so that a checkpoint and a proof of it can follow at once. If ctx ends first, append
-// returns ctx's error and the entry may still be appended.
+// returns ctx's error and the entry may still be appended, but never by a batch planned after
+// ctx's deadline: an append with a deadline d is written before d + finishTimeout, or not at
+// all (a reissue counts on it, see reissueHold).
 func (l *residencyLog) append(ctx context.Context, e *tlog.Entry, settle bool) (uint64, error) {
 	e.Type = tlog.EntryType
 	r := &appendReq{e: e, written: make(chan struct{}), settled: make(chan struct{})}
+	r.notAfter, _ = ctx.Deadline()
 	l.qmu.Lock()
 	l.queue = append(l.queue, r)
 	if !l.leading {
@@ -291,6 +297,10 @@ func (l *residencyLog) appendBatch(ctx context.Context, batch []*appendReq) {
 		var leaves, hashes [][]byte
 		var next []*appendReq // left for the next round
 		for _, r := range pending {
+			if !r.notAfter.IsZero() && !time.Now().Before(r.notAfter) {
+				fail([]*appendReq{r}, fmt.Errorf("appending to the residency log: not written by its deadline: %w", context.DeadlineExceeded))
+				continue
+			}
 			st := guests[guestKey(r.e.Tenant, r.e.VM)]
 			switch r.e.Kind {
 			case tlog.KindCommit, tlog.KindAbort, tlog.KindCleanup, tlog.KindForget:

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/mod/sumdb/note"
 
@@ -404,6 +405,34 @@ func TestResidencyLogReleaseNeedsItsEntry(t *testing.T) {
 		if k == migrationKeyName("m1") || k == epochKeyName("demo", "vm1", 2) {
 			t.Errorf("key %s of the failed release still exists", k)
 		}
+	}
+}
+
+// TestResidencyLogAppendAfterDeadline: an append whose deadline passed before a batch took it
+// is never written (a reissue's hold on its guest counts on it), and the next one is.
+func TestResidencyLogAppendAfterDeadline(t *testing.T) {
+	e := newEnv(t)
+	e.adopt("vm1")
+	e.kb.rlog.waitIdle()
+	before := e.headOf().Size
+	late, cancel := context.WithDeadline(t.Context(), time.Now().Add(-time.Millisecond))
+	defer cancel()
+	if _, err := e.kb.logDecision(late, &tlog.Entry{Kind: tlog.KindDeny, Tenant: "demo", VM: "vm1", MigrationID: "m-late", Op: "release"}, false); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("append past its deadline: %v, want context.DeadlineExceeded", err)
+	}
+	e.kb.rlog.waitIdle()
+	if got := e.headOf().Size; got != before {
+		t.Fatalf("the log grew from %d to %d entries by an append past its deadline", before, got)
+	}
+	if _, err := e.kb.logDecision(t.Context(), &tlog.Entry{Kind: tlog.KindDeny, Tenant: "demo", VM: "vm1", MigrationID: "m-next", Op: "release"}, true); err != nil {
+		t.Fatalf("the next append: %v", err)
+	}
+	rep, err := e.auditHistory(e.kb, "vm1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := kinds(rep), "adopt:adopt-vm1 deny:m-next"; got != want {
+		t.Errorf("vm1's history %s, want %s", got, want)
 	}
 }
 

@@ -61,6 +61,9 @@ type guestRecord struct {
 	Migration *migrationRecord `json:"migration,omitempty"`
 	// LastMigration is the ID of the last migration that ended with a receipt.
 	LastMigration string `json:"lastMigration,omitempty"`
+	// Reissuing is the reissue that holds the live epoch while it logs its entry, until its
+	// marker's Until (see reissueHold).
+	Reissuing *reissueMarker `json:"reissuing,omitempty"`
 }
 
 // floorCache holds, per tenant, the policySvn floors loadTenant read last (merged upwards, as
