@@ -31,7 +31,7 @@ var scaleStacks = []struct {
 	// The same, its brokers listing the migrations bucket at every check instead of reading
 	// the view their watch keeps (as every check did before the view): the baseline of the
 	// cluster's row.
-	{"cluster/listing-each-check", func(tb testing.TB) *env {
+	{"cluster-listing-each-check", func(tb testing.TB) *env {
 		return withScaleBrokers(newCluster(tb).env, "--relist-interval", "1ns")
 	}},
 }
