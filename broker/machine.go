@@ -454,7 +454,7 @@ func (b *Broker) stepAttest(ctx context.Context, m *Migration) error {
 		m.ZeroPageElision = rel.ZeroPageElision
 		m.MaxDowntime = agentapi.DowntimeLimit(b.cfg.MaxDowntime, rel.MaxDowntime)
 		m.DataEndpoint, m.Grant = rel.DataEndpoint, rel.Grant
-		m.Streams = b.cfg.Streams
+		m.Streams, m.DestinationLanes = b.cfg.Streams, prep.Lanes
 		m.SourceEvidence, m.DestinationEvidence = digestHex(srcEv), digestHex(prep.Evidence)
 	})
 	if err == nil {
@@ -656,6 +656,7 @@ func (b *Broker) stepTransfer(ctx context.Context, m *Migration) (bool, error) {
 		p, err := b.agents.Transfer(ctx, m.Source, &agentapi.TransferRequest{
 			MigrationID: m.ID, Tenant: m.Tenant, VM: m.VM, DataEndpoint: m.DataEndpoint,
 			Streams: m.Streams, ZeroPageElision: m.ZeroPageElision, MaxDowntime: m.MaxDowntime,
+			Lanes: m.DestinationLanes,
 		})
 		if err != nil {
 			return true, fmt.Errorf("starting transfer on %s: %w", m.Source, err)

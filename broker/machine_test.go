@@ -603,3 +603,25 @@ func TestDowntimeAndTimeline(t *testing.T) {
 		t.Fatal("no Committed event")
 	}
 }
+
+// TestTransferCarriesTheDestinationsLanes: the lanes the destination says it accepts when it
+// prepares reach the source with the transfer request, so that a source set to more multifd
+// channels carries no more than the destination takes.
+func TestTransferCarriesTheDestinationsLanes(t *testing.T) {
+	e := newEnv(t, natstest.Options{})
+	e.standard()
+	e.agents["h1"].AutoCommit = true
+	e.agents["h2"].Lanes = 3
+	resp, err := e.tenant(tenant).CreateMigration(t.Context(), &broker.CreateMigrationRequest{VM: vm, Destination: "h2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Migration.ID
+	if m := e.waitMigration(id, inPhase(broker.PhaseErased, broker.PhaseAborted)); m.Phase != broker.PhaseErased {
+		t.Fatalf("phase = %s (reason %q), want Erased", m.Phase, m.AbortReason)
+	}
+	req, ok := e.agents["h1"].TransferRequest(id)
+	if !ok || req.Lanes != 3 {
+		t.Errorf("the source's transfer request (received %v) has %d lanes, want the destination's 3", ok, req.Lanes)
+	}
+}

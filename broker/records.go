@@ -93,6 +93,9 @@ type Migration struct {
 	DataEndpoint    string `json:"dataEndpoint,omitempty"`
 	Streams         int    `json:"streams,omitempty"`
 	ZeroPageElision bool   `json:"zeroPageElision,omitempty"`
+	// DestinationLanes is what the destination said it accepts beyond the first stream
+	// (agentapi.PrepareResponse.Lanes), passed to the source with the transfer.
+	DestinationLanes int `json:"destinationLanes,omitempty"`
 	// MaxDowntime is the transfer's downtime limit: the broker's (Config.MaxDowntime), lowered
 	// to the tenant's policy's (spec.transport.maxDowntime). Zero means the agent's own.
 	MaxDowntime time.Duration `json:"maxDowntime,omitempty"`

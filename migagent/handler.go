@@ -300,7 +300,7 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	}
 	if ev := m.answered(req.Nonce); ev != nil {
 		n.log.Info("Prepared again with the same nonce", attrMigration, m.id)
-		return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
+		return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint, Lanes: m.lanes}, nil
 	}
 	if len(m.hpkePubs) >= maxAttestations {
 		return nil, fmt.Errorf("%w: migration %s was prepared %d times already", agentapi.ErrConflict, m.id, len(m.hpkePubs))
@@ -350,7 +350,7 @@ func (n *Node) Prepare(ctx context.Context, req *agentapi.PrepareRequest) (*agen
 	m.newAttempt(attempt{nonce: req.Nonce, key: key, evidence: ev, clean: stmt})
 	n.migs[m.id] = m
 	n.log.Info("Prepared to receive", attrMigration, m.id, attrTenant, m.tenant, attrVM, m.vm, attrBytes, m.size, attrEndpoint, m.endpoint)
-	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint}, nil
+	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: m.endpoint, Lanes: m.lanes}, nil
 }
 
 // fits returns ErrConflict if a guest of size bytes does not fit in what the host offers

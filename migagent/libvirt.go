@@ -450,6 +450,7 @@ func (b libvirtBackend) newDestination(req *agentapi.PrepareRequest) (*migration
 	}
 	m := newMigration(req.MigrationID, attest.RoleDestination, req.Tenant, req.VM, int64(req.MemoryBytes), phasePrepared)
 	m.dst, m.ln, m.endpoint, m.lv = dst, ln, endpoint, &lvMigration{tun: tun}
+	m.lanes = n.cfg.Libvirt.Settings.Parallel
 	return m, nil
 }
 
@@ -657,16 +658,23 @@ func (b libvirtBackend) sender(m *migration, req *agentapi.TransferRequest, keys
 		return nil, fmt.Errorf("%w: the node does not drive libvirt", agentapi.ErrBadRequest)
 	}
 	tun := newTunnel(true)
-	parallel := n.cfg.Libvirt.Settings.Parallel
+	settings := transferSettings(n.cfg.Libvirt.Settings, req.MaxDowntime, m.grant)
+	settings.Parallel = sourceParallel(settings.Parallel, req.Lanes)
+	parallel := settings.Parallel
 	src, err := dataplane.NewSource(dataplane.SourceConfig{
 		MigrationID: m.id, Peer: m.grant.DataEndpoint, Dial: n.dial, Streams: 1 + parallel, Stream: tun, Lanes: tun.lane, Logger: n.log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", agentapi.ErrBadRequest, err)
 	}
-	m.lv = &lvMigration{tun: tun, settings: transferSettings(n.cfg.Libvirt.Settings, req.MaxDowntime, m.grant)}
+	m.lv = &lvMigration{tun: tun, settings: settings}
 	return func(ctx context.Context) { b.runSource(ctx, m, src, keys, report) }, nil
 }
+
+// sourceParallel is how many multifd channels a source set to carry own carries to a
+// destination that accepts lanes of them (TransferRequest.Lanes): the fewer. A destination
+// that predates lanes, or a broker that does not pass them on, answers 0: one stream.
+func sourceParallel(own, lanes int) int { return max(0, min(own, lanes)) }
 
 // runSource runs the source of a libvirt migration: the data plane and the libvirt steps
 // side by side, then Confirm, and records the outcome.
@@ -809,7 +817,7 @@ func (d *sourceDriver) steps(ctx context.Context, tun *tunnel) error {
 	stopConn := context.AfterFunc(ctx, func() { hv.Close() })
 	defer stopConn()
 	// The multifd channels connect after the main one.
-	go acceptLanes(actx, ln, tun, n.cfg.Libvirt.Settings.Parallel)
+	go acceptLanes(actx, ln, tun, m.lv.settings.Parallel)
 
 	pumped := make(chan error, 1)
 	go func() { pumped <- tun.pumpHypervisor(hv) }()

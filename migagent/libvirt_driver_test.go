@@ -440,3 +440,40 @@ func TestLibvirtSourceHoldsToTheGrant(t *testing.T) {
 		})
 	}
 }
+
+// TestLibvirtSourceCarriesTheLanesTheDestinationTakes: a source set to carry two multifd
+// channels migrates to a destination that takes none (an agent that predates lanes, or one set
+// to 0; the transfer request's Lanes is what it answered) on one stream, where it would
+// otherwise be refused at the handshake and leave the guest where it was.
+func TestLibvirtSourceCarriesTheLanesTheDestinationTakes(t *testing.T) {
+	mem := make([]byte, 1<<20)
+	srcHV, dstHV := libvirttest.New(), libvirttest.New()
+	srcHV.Define(lvDomain, mem, GuestMetadata(testTenant, testVM))
+	src, dst := lvNode(t, "src", srcHV), lvNode(t, "dst", dstHV)
+	src.cfg.Libvirt.Settings = libvirt.Settings{MaxDowntime: 2 * time.Second, Parallel: 2}
+	run := startLibvirtMigration(t, src, dst, mem, func(req *agentapi.TransferRequest, _ *grant.Grant) { req.Lanes = 0 })
+	ended := make(chan lvOutcome, 1)
+	go func() { ended <- run.outcome(srcHV, dstHV) }()
+	select {
+	case o := <-ended:
+		if !o.SrcCommitted || !o.DstCommitted {
+			t.Fatalf("source committed %v, destination committed %v (failed %v); want both", o.SrcCommitted, o.DstCommitted, o.DstFailed)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the migration did not end within 30 s (source began with %+v)", srcHV.BegunSettings())
+	}
+	want := []libvirt.Settings{{MaxDowntime: 2 * time.Second}}
+	if diff := cmp.Diff(want, srcHV.BegunSettings()); diff != "" {
+		t.Errorf("settings the source began with (-want +got):\n%s", diff)
+	}
+}
+
+func TestSourceParallel(t *testing.T) {
+	for _, tc := range []struct{ own, lanes, want int }{
+		{0, 0, 0}, {2, 0, 0}, {2, 1, 1}, {2, 2, 2}, {2, 8, 2}, {0, 4, 0}, {2, -1, 0},
+	} {
+		if got := sourceParallel(tc.own, tc.lanes); got != tc.want {
+			t.Errorf("sourceParallel(%d, %d) = %d, want %d", tc.own, tc.lanes, got, tc.want)
+		}
+	}
+}

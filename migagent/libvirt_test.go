@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -52,6 +53,31 @@ func TestTunnelRecords(t *testing.T) {
 	}
 	if _, _, err := tun.recv(); !errors.Is(err, io.EOF) {
 		t.Fatalf("after the last record: %v, want EOF", err)
+	}
+}
+
+// TestTunnelFailsUnderABlockedWrite: the driver's write blocks on a data plane that no longer
+// reads (its handshake was refused); ending the tunnel with an error must not wait for that
+// write, and must end it.
+func TestTunnelFailsUnderABlockedWrite(t *testing.T) {
+	tun := newTunnel(true)
+	sent := make(chan error, 1)
+	go func() { sent <- tun.send(recOffer, []byte("offer")) }()
+	time.Sleep(20 * time.Millisecond) // the send blocks: nothing reads
+	ended := make(chan struct{})
+	go func() { tun.end(errors.New("data plane failed")); close(ended) }()
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("ending the tunnel with an error waited for the blocked write")
+	}
+	select {
+	case err := <-sent:
+		if err == nil {
+			t.Error("the blocked send succeeded after the tunnel ended with an error")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the blocked send did not end with the tunnel")
 	}
 }
 

@@ -179,11 +179,13 @@ func (t *tunnel) expect(typ byte) ([]byte, error) {
 }
 
 // end ends the driver's direction: cleanly with a nil err (the data plane half-closes),
-// else with err (the data plane fails the migration and tells the peer).
+// after the record being written, else with err (the data plane fails the migration and
+// tells the peer) at once. A failure does not wait for the write lock: a write blocked on a
+// data plane that no longer reads (its handshake refused) holds it until the pipe closes.
 func (t *tunnel) end(err error) {
-	t.wmu.Lock()
-	defer t.wmu.Unlock()
 	if err == nil {
+		t.wmu.Lock()
+		defer t.wmu.Unlock()
 		t.outW.Close()
 		return
 	}

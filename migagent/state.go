@@ -264,6 +264,9 @@ type migration struct {
 	endpoint string
 	clean    []byte
 	epoch    uint64
+	// lanes is how many lanes beyond the first stream the destination accepts
+	// (PrepareResponse.Lanes).
+	lanes int
 
 	// lv is the libvirt side of a libvirt migration (libvirt.go); nil for other guests.
 	lv *lvMigration

@@ -147,7 +147,7 @@ func newFlagSet(c *config) *daemon.Flags {
 	fs.Duration(&c.libvirt.Settings.MaxDowntime, "max-downtime", "LETHE_AGENT_MAX_DOWNTIME", 0, "longest pause of a libvirt guest at cutover; 0: the hypervisor's default")
 	fs.Uint64(&c.libvirt.Settings.Bandwidth, "bandwidth", "LETHE_AGENT_BANDWIDTH", 0, "cap of a libvirt migration in MiB/s; 0: unlimited")
 	fs.Bool(&c.libvirt.Settings.AutoConverge, "auto-converge", "LETHE_AGENT_AUTO_CONVERGE", false, "throttle a libvirt guest's vCPUs while pre-copy does not converge")
-	fs.Int(&c.libvirt.Settings.Parallel, "parallel-connections", "LETHE_AGENT_PARALLEL_CONNECTIONS", 0, "multifd channels of the libvirt migrations the agent sends, and the most it accepts, each carried on a data-plane connection of its own beside the main one (0 to 16; set the same on every agent); 0: QEMU's single migration stream")
+	fs.Int(&c.libvirt.Settings.Parallel, "parallel-connections", "LETHE_AGENT_PARALLEL_CONNECTIONS", 0, "multifd channels of the libvirt migrations the agent sends, and the most it accepts, each carried on a data-plane connection of its own beside the main one (0 to 16; a migration uses the fewer of the source's and the destination's); 0: QEMU's single migration stream")
 	fs.Bool(&c.libvirt.Settings.PostCopy, "post-copy", "LETHE_AGENT_POST_COPY", false, "allow libvirt migrations to switch to post-copy after 3 pre-copy iterations, those whose tenant's policy allows it too (spec.transport.allowPostCopy, stated in the grant); a failure after the switch loses the guest")
 	fs.String(&c.logFormat, "log-format", "LETHE_AGENT_LOG_FORMAT", "text", "log format: text or json")
 	fs.String(&c.logLevel, "log-level", "LETHE_AGENT_LOG_LEVEL", "info", "log level: debug, info, warn, error")

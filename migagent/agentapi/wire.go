@@ -41,6 +41,10 @@ type PrepareRequest struct {
 type PrepareResponse struct {
 	Evidence     *attest.Evidence `json:"evidence"`
 	DataEndpoint string           `json:"dataEndpoint"`
+	// Lanes is how many byte streams beyond the first (a libvirt migration's multifd
+	// channels) the destination accepts for this migration: 0 for none, which is also what
+	// an agent that predates lanes answers. The broker passes it on (TransferRequest.Lanes).
+	Lanes int `json:"lanes,omitempty"`
 }
 
 // KeysRequest delivers the keys the keybroker sealed to the agent's HPKE key for a migration
@@ -78,6 +82,13 @@ type TransferRequest struct {
 	// lowered to the tenant's policy's. Pre-copy goes on until the dirty set fits it at the
 	// measured throughput. Zero means the agent's own limit.
 	MaxDowntime time.Duration `json:"maxDowntime,omitempty"`
+	// Lanes is the destination's PrepareResponse.Lanes: a libvirt source carries at most
+	// this many multifd channels, fewer than its own setting if the destination takes fewer
+	// (one that predates lanes, or is set lower), so that agents of different settings or
+	// versions still migrate, on one stream at worst. A broker that lies about it gains a
+	// refused handshake or a slower stream, nothing more: the destination accepts only the
+	// lanes it allows.
+	Lanes int `json:"lanes,omitempty"`
 }
 
 // TransferPhase is where a transfer is.

@@ -36,6 +36,8 @@ type Agent struct {
 	// RefusePrepare, if not nil, is Prepare's answer: a destination that will not take the
 	// guest (a real agent answers agentapi.ErrConflict when it has no room).
 	RefusePrepare error
+	// Lanes is what Prepare answers the destination accepts beyond the first stream.
+	Lanes int
 
 	mu         sync.Mutex
 	calls      []Call
@@ -44,6 +46,7 @@ type Agent struct {
 
 type migration struct {
 	role     attest.Role
+	transfer agentapi.TransferRequest // the first transfer request
 	report   agentapi.ProgressFunc
 	progress *agentapi.Progress
 	keys     bool
@@ -92,6 +95,17 @@ func (a *Agent) CallCount(op agentapi.Op, id string) int {
 	return n
 }
 
+// TransferRequest returns the first transfer request the fake received for migration id.
+func (a *Agent) TransferRequest(id string) (agentapi.TransferRequest, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m, ok := a.migrations[id]
+	if !ok || m.progress == nil {
+		return agentapi.TransferRequest{}, false
+	}
+	return m.transfer, true
+}
+
 // State reports what the fake did for migration id: holds keys, erased, aborted, resumed.
 func (a *Agent) State(id string) (keys, erased, aborted, resumed bool) {
 	a.mu.Lock()
@@ -135,7 +149,7 @@ func (a *Agent) Prepare(_ context.Context, req *agentapi.PrepareRequest) (*agent
 	if err != nil {
 		return nil, err
 	}
-	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: a.Host + ".data:7400"}, nil
+	return &agentapi.PrepareResponse{Evidence: ev, DataEndpoint: a.Host + ".data:7400", Lanes: a.Lanes}, nil
 }
 
 // Keys implements agentapi.Handler.
@@ -163,6 +177,7 @@ func (a *Agent) Transfer(_ context.Context, req *agentapi.TransferRequest, repor
 		p := *m.progress
 		return &p, nil
 	}
+	m.transfer = *req
 	m.progress = &agentapi.Progress{MigrationID: req.MigrationID, Phase: agentapi.TransferStarted, TotalBytes: 1 << 20, Time: a.now()}
 	p := *m.progress
 	if a.AutoCommit {
