@@ -120,6 +120,7 @@ func (e *env) startBroker(id string) (*broker.Broker, func()) {
 	select {
 	case <-b.Ready():
 	case err := <-done:
+		done <- err // for stop, which waits for it
 		e.t.Fatalf("broker %s stopped before ready: %v", id, err)
 	}
 	var once sync.Once

@@ -3,6 +3,7 @@ package broker_test
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -27,6 +28,7 @@ func TestUnavailableWithoutQuorum(t *testing.T) {
 	b, err := broker.New(broker.Config{
 		Conn: connect(natsauth.RoleBroker), StoreConn: connect(natsauth.RoleBrokerStore),
 		KeyBroker: &brokertest.KeyBroker{}, Replicas: 3, CheckInterval: 100 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(t.Output(), nil)),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -38,6 +40,7 @@ func TestUnavailableWithoutQuorum(t *testing.T) {
 	select {
 	case <-b.Ready():
 	case err := <-done:
+		done <- err // for the cleanup, which waits for it
 		t.Fatalf("broker stopped before ready: %v", err)
 	}
 	if err := b.StoreReady(t.Context()); err != nil {

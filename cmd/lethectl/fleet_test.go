@@ -58,6 +58,7 @@ func newFleet(t *testing.T) *fleet {
 	select {
 	case <-b.Ready():
 	case err := <-done:
+		done <- err // for the cleanup, which waits for it
 		t.Fatalf("broker stopped before ready: %v", err)
 	}
 	return f
