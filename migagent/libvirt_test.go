@@ -63,7 +63,11 @@ func TestTunnelFailsUnderABlockedWrite(t *testing.T) {
 	tun := newTunnel(true)
 	sent := make(chan error, 1)
 	go func() { sent <- tun.send(recOffer, []byte("offer")) }()
-	time.Sleep(20 * time.Millisecond) // the send blocks: nothing reads
+	// The data plane reads one byte and no more: the send is then inside its write, holding
+	// the write lock, and stays there.
+	if _, err := tun.Read(make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
 	ended := make(chan struct{})
 	go func() { tun.end(errors.New("data plane failed")); close(ended) }()
 	select {
