@@ -95,9 +95,21 @@ func createStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.Str
 		_, err := js.CreateOrUpdateStream(ctx, cfg)
 		return err
 	}, func(err error) bool {
-		return storeUnavailable(err) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse)
+		return storeUnavailable(err) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) || noPeersYet(err)
 	})
 }
+
+// noPeersYet says JetStream could not place a replicated stream: "no suitable peers for
+// placement", which a cluster just started answers until its meta leader has heard from every
+// peer (seen in CI on a fresh three-node cluster). A cluster smaller than the replicas asked
+// for answers the same for good: the broker then keeps trying, not ready, and logs it.
+func noPeersYet(err error) bool {
+	e, ok := errors.AsType[*jetstream.APIError](err)
+	return ok && e.ErrorCode == jsErrCodeClusterNoPeers
+}
+
+// jsErrCodeClusterNoPeers is nats-server's JSClusterNoPeersErrF, which nats.go names not.
+const jsErrCodeClusterNoPeers jetstream.ErrorCode = 10005
 
 // retryStore calls f until it succeeds, or fails with an error again does not accept, or ctx
 // ends; each try waits createFirstWait for JetStream, twice as long as the one before up to
